@@ -1,0 +1,511 @@
+//! Evaluation of one op on concrete tensors: the single place that maps IR ops to kernels.
+//! Used by the interpreter and by constant folding.
+
+use super::kernels::{conv, elementwise as ew, gemm, pool, shape_ops as so};
+use crate::bail;
+use crate::error::Result;
+use crate::ir::op::{Gemm, Op};
+use crate::ir::tensor::dispatch;
+use crate::ir::{DType, Tensor};
+use ndarray::{ArrayD, IxDyn};
+use std::sync::Arc;
+
+/// Take ownership of a tensor, copying only if it is still shared.
+fn owned(t: Arc<Tensor>) -> Tensor {
+    Arc::try_unwrap(t).unwrap_or_else(|a| (*a).clone())
+}
+
+fn f32_std(t: &Tensor) -> Result<std::borrow::Cow<'_, [f32]>> {
+    let a = t.as_f32()?;
+    Ok(match a.as_slice() {
+        Some(s) => std::borrow::Cow::Borrowed(s),
+        None => std::borrow::Cow::Owned(a.iter().copied().collect()),
+    })
+}
+
+fn shape4(t: &Tensor, what: &str) -> Result<[usize; 4]> {
+    match t.shape() {
+        &[n, c, h, w] => Ok([n, c, h, w]),
+        s => bail!("{what} expects a 4-D NCHW input, got shape {s:?}"),
+    }
+}
+
+pub fn eval_op(op: &Op, mut args: Vec<Arc<Tensor>>) -> Result<Vec<Tensor>> {
+    let arity = |n: usize, args: &[Arc<Tensor>]| -> Result<()> {
+        if args.len() < n {
+            bail!("expects {n} inputs, got {}", args.len());
+        }
+        Ok(())
+    };
+    let out = match op {
+        Op::Input => bail!("graph inputs are not evaluated"),
+        Op::Const(t) => (**t).clone(),
+        Op::Conv(c) => {
+            arity(2, &args)?;
+            let xs = shape4(&args[0], "Conv")?;
+            let w = &args[1];
+            let ws = w.shape();
+            if ws.len() != 4 || ws[1] * c.group != xs[1] || ws[0] % c.group != 0 {
+                bail!(
+                    "weight {:?} with group {} does not fit input {:?}",
+                    ws,
+                    c.group,
+                    xs
+                );
+            }
+            let bias = args.get(2).map(|b| f32_std(b)).transpose()?;
+            if bias.as_ref().is_some_and(|b| b.len() != ws[0]) {
+                bail!(
+                    "bias has {} values for {} output channels",
+                    bias.unwrap().len(),
+                    ws[0]
+                );
+            }
+            Tensor::F32(conv::conv2d(
+                &f32_std(&args[0])?,
+                xs,
+                &f32_std(w)?,
+                ws[0],
+                bias.as_deref(),
+                c,
+            )?)
+        }
+        Op::BatchNorm { epsilon } => {
+            arity(5, &args)?;
+            let p: Vec<Vec<f32>> = args[1..5]
+                .iter()
+                .map(|t| Ok(f32_std(t)?.into_owned()))
+                .collect::<Result<_>>()?;
+            let mut x = owned(args.swap_remove(0))
+                .into_f32()?
+                .as_standard_layout()
+                .into_owned();
+            let shape = x.shape().to_vec();
+            if shape.len() < 2 || p.iter().any(|v| v.len() != shape[1]) {
+                bail!("parameters do not match input {:?}", shape);
+            }
+            ew::batchnorm(
+                x.as_slice_mut().expect("standard"),
+                &shape,
+                [&p[0], &p[1], &p[2], &p[3]],
+                *epsilon,
+            );
+            Tensor::F32(x)
+        }
+        Op::Unary(u) => {
+            arity(1, &args)?;
+            let mut x = owned(args.swap_remove(0))
+                .into_f32()?
+                .as_standard_layout()
+                .into_owned();
+            ew::apply_unary(*u, x.as_slice_mut().expect("standard"));
+            Tensor::F32(x)
+        }
+        Op::Binary(b) => {
+            arity(2, &args)?;
+            let rhs = args.pop().unwrap();
+            let lhs = args.pop().unwrap();
+            match (&*lhs, &*rhs) {
+                (Tensor::F32(_), Tensor::F32(r)) => {
+                    Tensor::F32(ew::binary_f32(*b, owned(lhs.clone()).into_f32()?, r)?)
+                }
+                (Tensor::I64(l), Tensor::I64(r)) => Tensor::I64(ew::binary_int(*b, l, r)?),
+                (Tensor::I32(l), Tensor::I32(r)) => Tensor::I32(ew::binary_int(*b, l, r)?),
+                (l, r) => bail!("unsupported operand types {} and {}", l.dtype(), r.dtype()),
+            }
+        }
+        Op::Sum => {
+            arity(1, &args)?;
+            let mut acc = owned(args.remove(0)).into_f32()?;
+            for t in &args {
+                acc = ew::binary_f32(crate::ir::op::Binary::Add, acc, t.as_f32()?)?;
+            }
+            Tensor::F32(acc)
+        }
+        Op::Pool(p) => {
+            arity(1, &args)?;
+            Tensor::F32(pool::pool2d(
+                &f32_std(&args[0])?,
+                shape4(&args[0], "pooling")?,
+                p,
+            )?)
+        }
+        Op::GlobalPool { max } => {
+            arity(1, &args)?;
+            if args[0].shape().len() < 3 {
+                bail!("expects an N×C×spatial input, got {:?}", args[0].shape());
+            }
+            Tensor::F32(pool::global_pool(
+                &f32_std(&args[0])?,
+                args[0].shape(),
+                *max,
+            ))
+        }
+        Op::Lrn {
+            size,
+            alpha,
+            beta,
+            bias,
+        } => {
+            arity(1, &args)?;
+            if args[0].shape().len() < 2 {
+                bail!("expects an N×C×… input");
+            }
+            Tensor::F32(pool::lrn(
+                &f32_std(&args[0])?,
+                args[0].shape(),
+                *size,
+                *alpha,
+                *beta,
+                *bias,
+            ))
+        }
+        Op::Concat { axis } => {
+            arity(1, &args)?;
+            let ax = so::norm_axis(*axis, args[0].shape().len())?;
+            macro_rules! cat {
+                ($v:ident) => {{
+                    let parts: Vec<&ArrayD<_>> = args
+                        .iter()
+                        .map(|t| match &**t {
+                            Tensor::$v(a) => Ok(a),
+                            o => bail!("Concat inputs have different types ({})", o.dtype()),
+                        })
+                        .collect::<Result<_>>()?;
+                    Tensor::$v(so::concat(&parts, ax)?)
+                }};
+            }
+            match &*args[0] {
+                Tensor::F32(_) => cat!(F32),
+                Tensor::I64(_) => cat!(I64),
+                Tensor::I32(_) => cat!(I32),
+                t => bail!("Concat of {} tensors is not supported", t.dtype()),
+            }
+        }
+        Op::Flatten { axis } => {
+            arity(1, &args)?;
+            let s = args[0].shape();
+            let a = if *axis < 0 {
+                *axis + s.len() as i64
+            } else {
+                *axis
+            } as usize;
+            if a > s.len() {
+                bail!("axis {axis} out of range for rank {}", s.len());
+            }
+            let shape = [s[..a].iter().product(), s[a..].iter().product()];
+            reshape_any(owned(args.swap_remove(0)), &shape)?
+        }
+        Op::Reshape { allowzero } => {
+            arity(2, &args)?;
+            let target = so::reshape_target(args[0].shape(), &args[1].to_i64_vec()?, *allowzero)?;
+            reshape_any(owned(args.swap_remove(0)), &target)?
+        }
+        Op::Squeeze { axes } => {
+            arity(1, &args)?;
+            let s = args[0].shape().to_vec();
+            let drop: Vec<usize> = match axes {
+                Some(a) => a
+                    .iter()
+                    .map(|&x| so::norm_axis(x, s.len()))
+                    .collect::<Result<_>>()?,
+                None => (0..s.len()).filter(|&i| s[i] == 1).collect(),
+            };
+            if let Some(&d) = drop.iter().find(|&&d| s[d] != 1) {
+                bail!("cannot squeeze axis {d} of size {}", s[d]);
+            }
+            let shape: Vec<usize> = s
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| !drop.contains(i))
+                .map(|(_, d)| *d)
+                .collect();
+            reshape_any(owned(args.swap_remove(0)), &shape)?
+        }
+        Op::Unsqueeze { axes } => {
+            arity(1, &args)?;
+            let r = args[0].shape().len() + axes.len();
+            let mut norm: Vec<usize> = axes
+                .iter()
+                .map(|&a| so::norm_axis(a, r))
+                .collect::<Result<_>>()?;
+            norm.sort();
+            let mut shape = args[0].shape().to_vec();
+            for a in norm {
+                shape.insert(a, 1);
+            }
+            reshape_any(owned(args.swap_remove(0)), &shape)?
+        }
+        Op::Transpose { perm } => {
+            arity(1, &args)?;
+            let r = args[0].shape().len();
+            let p: Vec<usize> = perm.clone().unwrap_or_else(|| (0..r).rev().collect());
+            let mut check = p.clone();
+            check.sort();
+            if check != (0..r).collect::<Vec<_>>() {
+                bail!("perm {p:?} is not a permutation of rank {r}");
+            }
+            dispatch!(owned(args.swap_remove(0)), a => wrap(so::transpose(a, &p)))
+        }
+        Op::Gemm(g) => {
+            arity(2, &args)?;
+            Tensor::F32(gemm_op(g, &args)?)
+        }
+        Op::MatMul => {
+            arity(2, &args)?;
+            Tensor::F32(matmul_op(args[0].as_f32()?, args[1].as_f32()?)?)
+        }
+        Op::Softmax { axis, legacy, log } => {
+            arity(1, &args)?;
+            let ax = so::norm_axis(*axis, args[0].shape().len())?;
+            let x = owned(args.swap_remove(0))
+                .into_f32()?
+                .as_standard_layout()
+                .into_owned();
+            Tensor::F32(ew::softmax(x, ax, *legacy, *log))
+        }
+        Op::Slice {
+            starts,
+            ends,
+            axes,
+            steps,
+        } => {
+            arity(1, &args)?;
+            let r = args[0].shape().len();
+            let mut picks: Vec<Option<Vec<usize>>> = vec![None; r];
+            for (i, &ax) in axes.iter().enumerate() {
+                let a = so::norm_axis(ax, r)?;
+                picks[a] = Some(crate::ir::infer::slice_indices(
+                    args[0].shape()[a] as i64,
+                    starts[i],
+                    ends[i],
+                    steps[i],
+                )?);
+            }
+            dispatch!(&*args[0], a => {
+                let mut cur = a.clone();
+                for (ax, p) in picks.iter().enumerate() {
+                    if let Some(p) = p {
+                        cur = cur.select(ndarray::Axis(ax), p);
+                    }
+                }
+                wrap(cur)
+            })
+        }
+        Op::ReduceMean { axes, keepdims } => {
+            arity(1, &args)?;
+            let r = args[0].shape().len();
+            let ax: Vec<usize> = match axes {
+                Some(a) => a
+                    .iter()
+                    .map(|&x| so::norm_axis(x, r))
+                    .collect::<Result<_>>()?,
+                None => (0..r).collect(),
+            };
+            Tensor::F32(so::reduce_mean(args[0].as_f32()?, &ax, *keepdims))
+        }
+        Op::Pad { pads, value } => {
+            arity(1, &args)?;
+            match &*args[0] {
+                Tensor::F32(a) => Tensor::F32(so::pad(a, pads, *value)?),
+                Tensor::I64(a) => Tensor::I64(so::pad(a, pads, *value as i64)?),
+                t => bail!("Pad of {} tensors is not supported", t.dtype()),
+            }
+        }
+        Op::Shape { start, end } => {
+            arity(1, &args)?;
+            let s = args[0].shape();
+            let r = s.len() as i64;
+            let clamp = |v: i64| (if v < 0 { v + r } else { v }).clamp(0, r) as usize;
+            let (a, b) = (clamp(*start), clamp(end.unwrap_or(r)));
+            Tensor::i64_vec(if a < b {
+                s[a..b].iter().map(|&d| d as i64).collect()
+            } else {
+                vec![]
+            })
+        }
+        Op::Gather { axis } => {
+            arity(2, &args)?;
+            let ax = so::norm_axis(*axis, args[0].shape().len())?;
+            let idx = args[1].to_i64_vec()?;
+            let ishape = args[1].shape().to_vec();
+            dispatch!(&*args[0], a => wrap(so::gather(a, ax, &idx, &ishape)?))
+        }
+        Op::Cast { to } => {
+            arity(1, &args)?;
+            args[0].cast(*to)
+        }
+        Op::ConstantOfShape { value } => {
+            arity(1, &args)?;
+            let shape: Vec<usize> = args[0]
+                .to_i64_vec()?
+                .into_iter()
+                .map(|d| {
+                    usize::try_from(d)
+                        .map_err(|_| crate::error::Error::Other(format!("negative dimension {d}")))
+                })
+                .collect::<Result<_>>()?;
+            match value.dtype() {
+                DType::I64 => Tensor::I64(ArrayD::from_elem(IxDyn(&shape), value.to_i64_vec()?[0])),
+                DType::I32 => Tensor::I32(ArrayD::from_elem(
+                    IxDyn(&shape),
+                    value.to_i64_vec()?[0] as i32,
+                )),
+                _ => Tensor::F32(ArrayD::from_elem(IxDyn(&shape), value.to_f32_vec()[0])),
+            }
+        }
+    };
+    Ok(vec![out])
+}
+
+/// Wrap an array back into the matching tensor variant.
+trait Wrap {
+    fn wrap(self) -> Tensor;
+}
+macro_rules! impl_wrap {
+    ($t:ty, $v:ident) => {
+        impl Wrap for ArrayD<$t> {
+            fn wrap(self) -> Tensor {
+                Tensor::$v(self)
+            }
+        }
+    };
+}
+impl_wrap!(f32, F32);
+impl_wrap!(i64, I64);
+impl_wrap!(i32, I32);
+impl_wrap!(u8, U8);
+impl_wrap!(i8, I8);
+impl_wrap!(bool, Bool);
+fn wrap<A: Wrap>(a: A) -> Tensor {
+    a.wrap()
+}
+
+fn reshape_any(t: Tensor, shape: &[usize]) -> Result<Tensor> {
+    dispatch!(t, a => Ok(wrap(so::reshape(a, shape)?)))
+}
+
+/// `alpha · op(A) · op(B) + beta · C`, with C broadcast to the output.
+fn gemm_op(g: &Gemm, args: &[Arc<Tensor>]) -> Result<ArrayD<f32>> {
+    let (a, b) = (args[0].as_f32()?, args[1].as_f32()?);
+    if a.ndim() != 2 || b.ndim() != 2 {
+        bail!(
+            "Gemm needs 2-D inputs, got {:?} and {:?}",
+            a.shape(),
+            b.shape()
+        );
+    }
+    let (a, b) = (a.as_standard_layout(), b.as_standard_layout());
+    let (ar, ac) = (a.shape()[0], a.shape()[1]);
+    let (br, bc) = (b.shape()[0], b.shape()[1]);
+    let (m, k) = if g.trans_a { (ac, ar) } else { (ar, ac) };
+    let (kb, n) = if g.trans_b { (bc, br) } else { (br, bc) };
+    if k != kb {
+        bail!(
+            "inner dimensions differ: A {:?} B {:?} (transA={}, transB={})",
+            a.shape(),
+            b.shape(),
+            g.trans_a,
+            g.trans_b
+        );
+    }
+    let mut out = ArrayD::<f32>::zeros(IxDyn(&[m, n]));
+    let has_c = args.len() > 2 && g.beta != 0.0;
+    if has_c {
+        let c = args[2].as_f32()?;
+        let cb = c.broadcast(IxDyn(&[m, n])).ok_or_else(|| {
+            crate::error::Error::Other(format!(
+                "C {:?} does not broadcast to [{m}, {n}]",
+                c.shape()
+            ))
+        })?;
+        out.zip_mut_with(&cb, |o, &v| *o = g.beta * v);
+    }
+    let am = Mat::row_major(a.as_slice().unwrap(), ac);
+    let bm = Mat::row_major(b.as_slice().unwrap(), bc);
+    let am = if g.trans_a { am.transposed() } else { am };
+    let bm = if g.trans_b { bm.transposed() } else { bm };
+    gemm::matmul(
+        m,
+        n,
+        k,
+        am,
+        bm,
+        out.as_slice_mut().unwrap(),
+        n,
+        has_c,
+        g.alpha,
+        true,
+    );
+    Ok(out)
+}
+
+use gemm::Mat;
+
+/// numpy `matmul` with batch broadcasting and 1-D promotion.
+pub fn matmul_op(a: &ArrayD<f32>, b: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+    if a.ndim() == 0 || b.ndim() == 0 {
+        bail!("MatMul operands must have rank ≥ 1");
+    }
+    let a2 = if a.ndim() == 1 {
+        a.clone().insert_axis(ndarray::Axis(0))
+    } else {
+        a.clone()
+    };
+    let b2 = if b.ndim() == 1 {
+        b.clone().insert_axis(ndarray::Axis(1))
+    } else {
+        b.clone()
+    };
+    let (m, k) = (a2.shape()[a2.ndim() - 2], a2.shape()[a2.ndim() - 1]);
+    let (kb, n) = (b2.shape()[b2.ndim() - 2], b2.shape()[b2.ndim() - 1]);
+    if k != kb {
+        bail!("inner dimensions differ: {:?} × {:?}", a.shape(), b.shape());
+    }
+    let batch = ew::broadcast_shape(&a2.shape()[..a2.ndim() - 2], &b2.shape()[..b2.ndim() - 2])?;
+    let mut full_a = batch.clone();
+    full_a.extend([m, k]);
+    let mut full_b = batch.clone();
+    full_b.extend([k, n]);
+    let av = a2
+        .broadcast(IxDyn(&full_a))
+        .expect("checked")
+        .as_standard_layout()
+        .into_owned();
+    let bv = b2
+        .broadcast(IxDyn(&full_b))
+        .expect("checked")
+        .as_standard_layout()
+        .into_owned();
+    let nb: usize = batch.iter().product();
+    let mut out_shape = batch.clone();
+    out_shape.extend([m, n]);
+    let mut out = ArrayD::<f32>::zeros(IxDyn(&out_shape));
+    let (asl, bsl, osl) = (
+        av.as_slice().unwrap(),
+        bv.as_slice().unwrap(),
+        out.as_slice_mut().unwrap(),
+    );
+    for i in 0..nb {
+        gemm::matmul(
+            m,
+            n,
+            k,
+            Mat::row_major(&asl[i * m * k..(i + 1) * m * k], k),
+            Mat::row_major(&bsl[i * k * n..(i + 1) * k * n], n),
+            &mut osl[i * m * n..(i + 1) * m * n],
+            n,
+            false,
+            1.0,
+            true,
+        );
+    }
+    let mut final_shape = batch;
+    if a.ndim() > 1 {
+        final_shape.push(m);
+    }
+    if b.ndim() > 1 {
+        final_shape.push(n);
+    }
+    so::reshape(out, &final_shape)
+}

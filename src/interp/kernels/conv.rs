@@ -1,0 +1,79 @@
+//! 2-D convolution as im2col + GEMM, per image and per group. Images run in parallel when the
+//! batch can keep every thread busy; otherwise the GEMM itself is parallel.
+
+use super::gemm::{matmul, Mat};
+use super::im2col::im2col;
+use crate::error::Result;
+use crate::ir::op::{Conv, Padding};
+use ndarray::{ArrayD, IxDyn};
+use rayon::prelude::*;
+
+/// `x`: `[N, C, H, W]` (standard layout), `w`: `[M, C/group, kh, kw]`, `bias`: `[M]`.
+pub fn conv2d(
+    x: &[f32],
+    xshape: [usize; 4],
+    w: &[f32],
+    m: usize,
+    bias: Option<&[f32]>,
+    conv: &Conv,
+) -> Result<ArrayD<f32>> {
+    let [n, c, h, wd] = xshape;
+    let win = &conv.window;
+    let geo = win.resolve([h, wd])?;
+    let g = conv.group;
+    let (cg, mg) = (c / g, m / g);
+    let [kh, kw] = win.kernel;
+    let k = cg * kh * kw;
+    let p = geo.out[0] * geo.out[1];
+    let pointwise = k == cg
+        && win.strides == [1, 1]
+        && geo.pads == [0; 4]
+        && matches!(win.padding, Padding::Explicit(_) | Padding::Valid);
+    let mut out = vec![0f32; n * m * p];
+    let image = |img: usize, dst: &mut [f32], cols: &mut Vec<f32>, parallel_gemm: bool| {
+        let xi = &x[img * c * h * wd..(img + 1) * c * h * wd];
+        for gi in 0..g {
+            let xg = &xi[gi * cg * h * wd..(gi + 1) * cg * h * wd];
+            let b: &[f32] = if pointwise {
+                xg
+            } else {
+                cols.resize(k * p, 0.0);
+                im2col(xg, cg, [h, wd], win, &geo, cols);
+                cols
+            };
+            let dst_g = &mut dst[gi * mg * p..(gi + 1) * mg * p];
+            if let Some(bias) = bias {
+                for (row, &bv) in dst_g.chunks_mut(p).zip(&bias[gi * mg..(gi + 1) * mg]) {
+                    row.fill(bv);
+                }
+            }
+            let wg = Mat::row_major(&w[gi * mg * k..(gi + 1) * mg * k], k);
+            matmul(
+                mg,
+                p,
+                k,
+                wg,
+                Mat::row_major(b, p),
+                dst_g,
+                p,
+                bias.is_some(),
+                1.0,
+                parallel_gemm,
+            );
+        }
+    };
+    if n >= rayon::current_num_threads() && n > 1 {
+        out.par_chunks_mut(m * p)
+            .enumerate()
+            .for_each_init(Vec::new, |cols, (img, dst)| image(img, dst, cols, false));
+    } else {
+        let mut cols = Vec::new();
+        for (img, dst) in out.chunks_mut(m * p).enumerate() {
+            image(img, dst, &mut cols, true);
+        }
+    }
+    Ok(
+        ArrayD::from_shape_vec(IxDyn(&[n, m, geo.out[0], geo.out[1]]), out)
+            .expect("conv output size"),
+    )
+}

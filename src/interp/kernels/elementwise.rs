@@ -1,0 +1,167 @@
+//! Elementwise kernels: activations (in place), broadcasting arithmetic, BatchNorm, Softmax.
+
+use crate::bail;
+use crate::error::Result;
+use crate::ir::op::{Binary, Unary};
+use ndarray::{ArrayD, Axis, Zip};
+use rayon::prelude::*;
+
+const PAR_MIN: usize = 1 << 15;
+
+pub fn apply_unary(u: Unary, data: &mut [f32]) {
+    let f = move |v: f32| -> f32 {
+        match u {
+            Unary::Relu => v.max(0.0),
+            Unary::LeakyRelu { alpha } => {
+                if v >= 0.0 {
+                    v
+                } else {
+                    alpha * v
+                }
+            }
+            Unary::Sigmoid => 1.0 / (1.0 + (-v).exp()),
+            Unary::Tanh => v.tanh(),
+            Unary::HardSigmoid { alpha, beta } => (alpha * v + beta).clamp(0.0, 1.0),
+            Unary::HardSwish => v * (v / 6.0 + 0.5).clamp(0.0, 1.0),
+            Unary::Clip { min, max } => v.max(min).min(max),
+            Unary::Identity => v,
+        }
+    };
+    if u == Unary::Identity {
+        return;
+    }
+    if data.len() >= PAR_MIN {
+        data.par_chunks_mut(8192)
+            .for_each(|c| c.iter_mut().for_each(|v| *v = f(*v)));
+    } else {
+        data.iter_mut().for_each(|v| *v = f(*v));
+    }
+}
+
+/// numpy-broadcasting arithmetic. Same-shape operands are combined in place into `a`.
+pub fn binary_f32(op: Binary, mut a: ArrayD<f32>, b: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+    let f = move |x: f32, y: f32| match op {
+        Binary::Add => x + y,
+        Binary::Sub => x - y,
+        Binary::Mul => x * y,
+        Binary::Div => x / y,
+    };
+    if a.shape() == b.shape() || b.broadcast(a.raw_dim()).is_some() {
+        let bb = b.broadcast(a.raw_dim()).expect("checked above");
+        Zip::from(&mut a)
+            .and(&bb)
+            .par_for_each(|x, &y| *x = f(*x, y));
+        return Ok(a);
+    }
+    broadcast_with(&a, b, f)
+}
+
+pub fn binary_int<T>(op: Binary, a: &ArrayD<T>, b: &ArrayD<T>) -> Result<ArrayD<T>>
+where
+    T: Copy
+        + Send
+        + Sync
+        + std::ops::Add<Output = T>
+        + std::ops::Sub<Output = T>
+        + std::ops::Mul<Output = T>
+        + std::ops::Div<Output = T>
+        + PartialEq
+        + Default,
+{
+    if op == Binary::Div && b.iter().any(|&v| v == T::default()) {
+        bail!("integer division by zero");
+    }
+    broadcast_with(a, b, move |x, y| match op {
+        Binary::Add => x + y,
+        Binary::Sub => x - y,
+        Binary::Mul => x * y,
+        Binary::Div => x / y,
+    })
+}
+
+fn broadcast_with<T: Copy + Send + Sync, F: Fn(T, T) -> T + Sync>(
+    a: &ArrayD<T>,
+    b: &ArrayD<T>,
+    f: F,
+) -> Result<ArrayD<T>> {
+    let shape = broadcast_shape(a.shape(), b.shape())?;
+    let (Some(av), Some(bv)) = (a.broadcast(shape.clone()), b.broadcast(shape.clone())) else {
+        bail!("cannot broadcast {:?} with {:?}", a.shape(), b.shape());
+    };
+    Ok(Zip::from(&av).and(&bv).map_collect(|&x, &y| f(x, y)))
+}
+
+pub fn broadcast_shape(a: &[usize], b: &[usize]) -> Result<Vec<usize>> {
+    let r = a.len().max(b.len());
+    (0..r)
+        .map(|i| {
+            let da = if i + a.len() >= r {
+                a[i + a.len() - r]
+            } else {
+                1
+            };
+            let db = if i + b.len() >= r {
+                b[i + b.len() - r]
+            } else {
+                1
+            };
+            match (da, db) {
+                (x, y) if x == y => Ok(x),
+                (1, y) => Ok(y),
+                (x, 1) => Ok(x),
+                (x, y) => Err(crate::error::Error::Other(format!(
+                    "cannot broadcast {a:?} with {b:?} ({x} vs {y})"
+                ))),
+            }
+        })
+        .collect()
+}
+
+/// Inference BatchNorm on `[N, C, …]`: one scale and shift per channel, applied in place.
+pub fn batchnorm(x: &mut [f32], shape: &[usize], params: [&[f32]; 4], eps: f32) {
+    let c = shape[1];
+    let plane: usize = shape[2..].iter().product();
+    let [scale, bias, mean, var] = params;
+    let (s, t): (Vec<f32>, Vec<f32>) = (0..c)
+        .map(|i| {
+            let s = scale[i] / (var[i] + eps).sqrt();
+            (s, bias[i] - mean[i] * s)
+        })
+        .unzip();
+    x.par_chunks_mut(plane.max(1))
+        .enumerate()
+        .for_each(|(i, p)| {
+            let ch = i % c;
+            p.iter_mut().for_each(|v| *v = *v * s[ch] + t[ch]);
+        });
+}
+
+/// Softmax along `axis`; `legacy` (opset < 13) flattens to 2-D at `axis` first.
+pub fn softmax(mut x: ArrayD<f32>, axis: usize, legacy: bool, log: bool) -> ArrayD<f32> {
+    let shape = x.shape().to_vec();
+    if legacy {
+        let rows: usize = shape[..axis].iter().product();
+        let cols: usize = shape[axis..].iter().product();
+        let mut flat = x
+            .into_shape_with_order((rows, cols))
+            .expect("standard layout")
+            .into_dyn();
+        softmax_lanes(&mut flat, 1, log);
+        return flat.into_shape_with_order(shape).expect("same size");
+    }
+    softmax_lanes(&mut x, axis, log);
+    x
+}
+
+fn softmax_lanes(x: &mut ArrayD<f32>, axis: usize, log: bool) {
+    for mut lane in x.lanes_mut(Axis(axis)) {
+        let m = lane.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let sum: f32 = lane.iter().map(|v| (v - m).exp()).sum();
+        if log {
+            let lse = m + sum.ln();
+            lane.iter_mut().for_each(|v| *v -= lse);
+        } else {
+            lane.iter_mut().for_each(|v| *v = (*v - m).exp() / sum);
+        }
+    }
+}

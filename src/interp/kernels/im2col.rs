@@ -1,0 +1,42 @@
+//! im2col: unfold the receptive fields of one image into a `(C·kh·kw) × (oh·ow)` matrix whose
+//! row order `(c, i, j)` matches a `[M, C, kh, kw]` weight flattened to `M × (C·kh·kw)`.
+
+use crate::ir::op::Window;
+use crate::ir::window::Geometry;
+
+/// `x`: one image `C×H×W`; `cols`: `(C·kh·kw) × (oh·ow)`, fully overwritten (zeros in padding).
+pub fn im2col(x: &[f32], c: usize, hw: [usize; 2], win: &Window, geo: &Geometry, cols: &mut [f32]) {
+    let [h, w] = hw;
+    let [kh, kw] = win.kernel;
+    let [oh, ow] = geo.out;
+    let p = oh * ow;
+    debug_assert_eq!(cols.len(), c * kh * kw * p);
+    debug_assert_eq!(x.len(), c * h * w);
+    for ch in 0..c {
+        let plane = &x[ch * h * w..(ch + 1) * h * w];
+        for i in 0..kh {
+            for j in 0..kw {
+                let row = &mut cols[((ch * kh + i) * kw + j) * p..][..p];
+                let di = (i * win.dilations[0]) as isize - geo.pads[0] as isize;
+                let dj = (j * win.dilations[1]) as isize - geo.pads[1] as isize;
+                for y in 0..oh {
+                    let sy = (y * win.strides[0]) as isize + di;
+                    let out = &mut row[y * ow..(y + 1) * ow];
+                    if sy < 0 || sy >= h as isize {
+                        out.fill(0.0);
+                        continue;
+                    }
+                    let src = &plane[sy as usize * w..(sy as usize + 1) * w];
+                    for (x_out, o) in out.iter_mut().enumerate() {
+                        let sx = (x_out * win.strides[1]) as isize + dj;
+                        *o = if sx >= 0 && sx < w as isize {
+                            src[sx as usize]
+                        } else {
+                            0.0
+                        };
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,8 @@
+//! Numeric kernels. Kernels take slices and plain numbers, never the graph.
+
+pub mod conv;
+pub mod elementwise;
+pub mod gemm;
+pub mod im2col;
+pub mod pool;
+pub mod shape_ops;

@@ -1,0 +1,140 @@
+//! Data-movement ops, generic over the element type: reshape, transpose, concat, pad, gather,
+//! and the mean reduction.
+
+use crate::bail;
+use crate::error::Result;
+use ndarray::{ArrayD, Axis, IxDyn, Slice};
+
+pub fn norm_axis(axis: i64, rank: usize) -> Result<usize> {
+    let r = rank as i64;
+    if axis < -r || axis >= r.max(1) {
+        bail!("axis {axis} out of range for rank {rank}");
+    }
+    Ok(if axis < 0 { axis + r } else { axis } as usize)
+}
+
+/// Reshape to a concrete shape (data kept when already in standard layout).
+pub fn reshape<T: Clone>(a: ArrayD<T>, shape: &[usize]) -> Result<ArrayD<T>> {
+    let from = a.shape().to_vec();
+    let a = if a.is_standard_layout() {
+        a
+    } else {
+        a.as_standard_layout().into_owned()
+    };
+    a.into_shape_with_order(IxDyn(shape))
+        .map_err(|_| crate::error::Error::Other(format!("cannot reshape {from:?} into {shape:?}")))
+}
+
+/// Resolve an ONNX Reshape target (`0` copies, `-1` infers) against a concrete input shape.
+pub fn reshape_target(input: &[usize], target: &[i64], allowzero: bool) -> Result<Vec<usize>> {
+    let total: usize = input.iter().product();
+    let mut out = Vec::with_capacity(target.len());
+    let mut infer = None;
+    for (i, &t) in target.iter().enumerate() {
+        match t {
+            0 if !allowzero => {
+                out.push(*input.get(i).ok_or_else(|| {
+                    crate::error::Error::Other(format!("0 at {i} has no input dim"))
+                })?)
+            }
+            -1 if infer.is_none() => {
+                infer = Some(i);
+                out.push(1);
+            }
+            t if t >= 0 => out.push(t as usize),
+            t => bail!("invalid reshape target {target:?} (entry {t})"),
+        }
+    }
+    let known: usize = out.iter().product();
+    if let Some(i) = infer {
+        if known == 0 || total % known != 0 {
+            bail!("cannot reshape {input:?} into {target:?}");
+        }
+        out[i] = total / known;
+    } else if known != total {
+        bail!("cannot reshape {input:?} into {target:?}");
+    }
+    Ok(out)
+}
+
+pub fn transpose<T: Clone>(a: ArrayD<T>, perm: &[usize]) -> ArrayD<T> {
+    a.permuted_axes(IxDyn(perm))
+        .as_standard_layout()
+        .into_owned()
+}
+
+pub fn concat<T: Clone>(parts: &[&ArrayD<T>], axis: usize) -> Result<ArrayD<T>> {
+    let views: Vec<_> = parts.iter().map(|a| a.view()).collect();
+    ndarray::concatenate(Axis(axis), &views)
+        .map_err(|e| crate::error::Error::Other(format!("Concat: {e}")))
+}
+
+/// Constant padding; negative pads crop. `pads = [begin…, end…]`.
+pub fn pad<T: Clone>(a: &ArrayD<T>, pads: &[i64], value: T) -> Result<ArrayD<T>> {
+    let r = a.ndim();
+    if pads.len() != 2 * r {
+        bail!("{} pads for a rank-{r} tensor", pads.len());
+    }
+    let mut out_shape = Vec::with_capacity(r);
+    for (i, &n) in a.shape().iter().enumerate() {
+        let s = n as i64 + pads[i] + pads[i + r];
+        if s < 0 {
+            bail!("pads {pads:?} remove more than the whole axis {i}");
+        }
+        out_shape.push(s as usize);
+    }
+    let mut out = ArrayD::from_elem(IxDyn(&out_shape), value);
+    let src = a.slice_each_axis(|ax| {
+        let i = ax.axis.index();
+        let (b, e) = ((-pads[i]).max(0) as usize, (-pads[i + r]).max(0) as usize);
+        Slice::from(b.min(ax.len)..ax.len.saturating_sub(e).max(b.min(ax.len)))
+    });
+    let mut dst = out.slice_each_axis_mut(|ax| {
+        let i = ax.axis.index();
+        let b = pads[i].max(0) as usize;
+        Slice::from(b..b + src.shape()[i])
+    });
+    dst.assign(&src);
+    Ok(out)
+}
+
+pub fn gather<T: Clone>(
+    a: &ArrayD<T>,
+    axis: usize,
+    indices: &[i64],
+    ishape: &[usize],
+) -> Result<ArrayD<T>> {
+    let n = a.shape()[axis] as i64;
+    let idx: Vec<usize> = indices
+        .iter()
+        .map(|&i| {
+            let j = if i < 0 { i + n } else { i };
+            if (0..n).contains(&j) {
+                Ok(j as usize)
+            } else {
+                Err(crate::error::Error::Other(format!(
+                    "index {i} out of range for axis of size {n}"
+                )))
+            }
+        })
+        .collect::<Result<_>>()?;
+    let picked = a.select(Axis(axis), &idx);
+    let mut shape = a.shape()[..axis].to_vec();
+    shape.extend_from_slice(ishape);
+    shape.extend_from_slice(&a.shape()[axis + 1..]);
+    reshape(picked, &shape)
+}
+
+pub fn reduce_mean(a: &ArrayD<f32>, axes: &[usize], keepdims: bool) -> ArrayD<f32> {
+    let mut sorted = axes.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut out = a.clone();
+    for &ax in sorted.iter().rev() {
+        out = out.mean_axis(Axis(ax)).expect("non-empty axis");
+        if keepdims {
+            out.insert_axis_inplace(Axis(ax));
+        }
+    }
+    out
+}

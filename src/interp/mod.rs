@@ -1,0 +1,158 @@
+//! The interpreter: schedule once (topological order), then run with buffers freed after their
+//! last use. Tensors whose last consumer is an elementwise op are updated in place.
+
+pub mod eval;
+pub mod kernels;
+
+use crate::error::{Error, Result};
+use crate::ir::{Dim, Graph, Op, Outlet, Tensor};
+use petgraph::stable_graph::NodeIndex;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+struct Step {
+    node: NodeIndex,
+    /// Value ids of the inputs, by port.
+    args: Vec<usize>,
+    /// Value id of each output slot.
+    outs: Vec<usize>,
+}
+
+/// A compiled schedule for one graph.
+pub struct Plan<'g> {
+    graph: &'g Graph,
+    steps: Vec<Step>,
+    /// How many times each value is read (consumers + graph outputs).
+    uses: Vec<usize>,
+    inputs: Vec<usize>,
+    outputs: Vec<usize>,
+}
+
+impl<'g> Plan<'g> {
+    pub fn new(graph: &'g Graph) -> Result<Plan<'g>> {
+        let order = graph.topo_order()?;
+        let mut ids: HashMap<Outlet, usize> = HashMap::new();
+        let mut steps = Vec::with_capacity(order.len());
+        let mut uses = Vec::new();
+        for n in order {
+            let outs: Vec<usize> = (0..graph.node(n).outputs.len())
+                .map(|slot| {
+                    ids.insert(Outlet::new(n, slot), uses.len());
+                    uses.push(0);
+                    uses.len() - 1
+                })
+                .collect();
+            let args: Vec<usize> = graph.inputs_of(n).iter().map(|o| ids[o]).collect();
+            for &a in &args {
+                uses[a] += 1;
+            }
+            steps.push(Step {
+                node: n,
+                args,
+                outs,
+            });
+        }
+        let outputs: Vec<usize> = graph.outputs.iter().map(|(_, o)| ids[o]).collect();
+        for &o in &outputs {
+            uses[o] += 1;
+        }
+        let inputs = graph
+            .inputs
+            .iter()
+            .map(|n| ids[&Outlet::new(*n, 0)])
+            .collect();
+        Ok(Plan {
+            graph,
+            steps,
+            uses,
+            inputs,
+            outputs,
+        })
+    }
+
+    /// Check the runtime inputs against the declared input facts (the batch may be anything).
+    fn check_inputs(&self, inputs: &[Tensor]) -> Result<()> {
+        if inputs.len() != self.inputs.len() {
+            return Err(Error::Input(format!(
+                "the model has {} input(s), {} given",
+                self.inputs.len(),
+                inputs.len()
+            )));
+        }
+        for (t, &n) in inputs.iter().zip(&self.graph.inputs) {
+            let node = self.graph.node(n);
+            let Some(f) = node.outputs[0].fact.as_ref() else {
+                continue;
+            };
+            let ok = t.dtype() == f.dtype
+                && t.shape().len() == f.rank()
+                && t.shape().iter().zip(&f.shape).all(|(&d, want)| match want {
+                    Dim::Known(k) => d as i64 == *k,
+                    Dim::Batch(_) => true,
+                });
+            if !ok {
+                return Err(Error::Input(format!(
+                    "input '{}' expects {}, got {}{:?}",
+                    node.name,
+                    f.shape_string(),
+                    t.dtype(),
+                    t.shape()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>> {
+        self.check_inputs(&inputs)?;
+        let mut values: Vec<Option<Arc<Tensor>>> = vec![None; self.uses.len()];
+        let mut left = self.uses.clone();
+        for (t, &id) in inputs.into_iter().zip(&self.inputs) {
+            values[id] = Some(Arc::new(t));
+        }
+        for step in &self.steps {
+            let node = self.graph.node(step.node);
+            match &node.op {
+                Op::Input => continue,
+                Op::Const(t) => {
+                    values[step.outs[0]] = Some(t.clone());
+                    continue;
+                }
+                _ => {}
+            }
+            let mut args = Vec::with_capacity(step.args.len());
+            for &a in &step.args {
+                left[a] -= 1;
+                let v = if left[a] == 0 {
+                    values[a].take()
+                } else {
+                    values[a].clone()
+                };
+                args.push(v.ok_or_else(|| {
+                    Error::node(&node.name, node.op.name(), "input value missing")
+                })?);
+            }
+            let outs = eval::eval_op(&node.op, args)
+                .map_err(|e| Error::node(&node.name, node.op.name(), e.to_string()))?;
+            for (t, &id) in outs.into_iter().zip(&step.outs) {
+                if self.uses[id] > 0 {
+                    values[id] = Some(Arc::new(t));
+                }
+            }
+        }
+        self.outputs
+            .iter()
+            .map(|&id| {
+                let v = values[id]
+                    .clone()
+                    .ok_or_else(|| Error::Other("graph output was not computed".into()))?;
+                Ok(Arc::try_unwrap(v).unwrap_or_else(|a| (*a).clone()))
+            })
+            .collect()
+    }
+}
+
+/// Convenience: schedule and run once.
+pub fn run(graph: &Graph, inputs: Vec<Tensor>) -> Result<Vec<Tensor>> {
+    Plan::new(graph)?.run(inputs)
+}

@@ -1,0 +1,292 @@
+//! The graph: a petgraph `StableDiGraph` whose edges carry the producer's output slot and the
+//! consumer's input port. A value is an [`Outlet`] `(node, slot)`.
+//!
+//! Invariants (checked by [`Graph::verify`]): every node's input ports are 0..n without gaps or
+//! duplicates, edges point at existing output slots, the graph is acyclic, graph outputs name
+//! existing outlets, and every Input node is listed in `inputs`.
+
+use super::fact::Fact;
+use super::op::Op;
+use crate::error::{Error, Result};
+use petgraph::stable_graph::{NodeIndex, StableDiGraph};
+use petgraph::visit::EdgeRef;
+use petgraph::Direction;
+use std::collections::{BTreeMap, BinaryHeap};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Outlet {
+    pub node: NodeIndex,
+    pub slot: usize,
+}
+
+impl Outlet {
+    pub fn new(node: NodeIndex, slot: usize) -> Outlet {
+        Outlet { node, slot }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Wire {
+    pub src_slot: usize,
+    pub dst_port: usize,
+}
+
+#[derive(Clone, Debug)]
+pub struct Node {
+    pub name: String,
+    pub op: Op,
+    /// One per output slot: the value's name (from ONNX) and its inferred fact.
+    pub outputs: Vec<Value>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Value {
+    pub name: String,
+    pub fact: Option<Fact>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Graph {
+    pub g: StableDiGraph<Node, Wire>,
+    /// Input nodes in declaration order.
+    pub inputs: Vec<NodeIndex>,
+    /// Named graph outputs.
+    pub outputs: Vec<(String, Outlet)>,
+    /// Free-form key/values carried to `.tcv` metadata (opset of the source, producer, …).
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl Graph {
+    pub fn new() -> Graph {
+        Graph::default()
+    }
+
+    /// Add a node wired to `inputs` (port i ← inputs[i]) with `n_outputs` unnamed output values.
+    pub fn add_node(&mut self, name: &str, op: Op, inputs: &[Outlet]) -> NodeIndex {
+        let n_out = op.num_outputs();
+        let outputs = (0..n_out)
+            .map(|i| Value {
+                name: if i == 0 {
+                    name.to_string()
+                } else {
+                    format!("{name}:{i}")
+                },
+                fact: None,
+            })
+            .collect();
+        let idx = self.g.add_node(Node {
+            name: name.to_string(),
+            op,
+            outputs,
+        });
+        for (port, src) in inputs.iter().enumerate() {
+            self.g.add_edge(
+                src.node,
+                idx,
+                Wire {
+                    src_slot: src.slot,
+                    dst_port: port,
+                },
+            );
+        }
+        idx
+    }
+
+    pub fn node(&self, n: NodeIndex) -> &Node {
+        &self.g[n]
+    }
+    pub fn node_mut(&mut self, n: NodeIndex) -> &mut Node {
+        &mut self.g[n]
+    }
+
+    /// The node's inputs ordered by port.
+    pub fn inputs_of(&self, n: NodeIndex) -> Vec<Outlet> {
+        let mut v: Vec<(usize, Outlet)> = self
+            .g
+            .edges_directed(n, Direction::Incoming)
+            .map(|e| {
+                (
+                    e.weight().dst_port,
+                    Outlet::new(e.source(), e.weight().src_slot),
+                )
+            })
+            .collect();
+        v.sort_by_key(|(p, _)| *p);
+        v.into_iter().map(|(_, o)| o).collect()
+    }
+
+    /// Consumers of an outlet as `(node, port)`, sorted for determinism.
+    pub fn consumers(&self, o: Outlet) -> Vec<(NodeIndex, usize)> {
+        let mut v: Vec<(NodeIndex, usize)> = self
+            .g
+            .edges_directed(o.node, Direction::Outgoing)
+            .filter(|e| e.weight().src_slot == o.slot)
+            .map(|e| (e.target(), e.weight().dst_port))
+            .collect();
+        v.sort();
+        v
+    }
+
+    pub fn fact(&self, o: Outlet) -> Option<&Fact> {
+        self.g[o.node].outputs.get(o.slot)?.fact.as_ref()
+    }
+
+    /// The constant tensor behind an outlet, if it is produced by a Const node.
+    pub fn const_value(&self, o: Outlet) -> Option<&std::sync::Arc<super::Tensor>> {
+        match &self.g[o.node].op {
+            Op::Const(t) => Some(t),
+            _ => None,
+        }
+    }
+
+    /// Redirect every consumer of `from` (and graph outputs) to `to`.
+    pub fn replace_uses(&mut self, from: Outlet, to: Outlet) {
+        let edges: Vec<_> = self
+            .g
+            .edges_directed(from.node, Direction::Outgoing)
+            .filter(|e| e.weight().src_slot == from.slot)
+            .map(|e| (e.id(), e.target(), e.weight().dst_port))
+            .collect();
+        for (id, target, port) in edges {
+            self.g.remove_edge(id);
+            self.g.add_edge(
+                to.node,
+                target,
+                Wire {
+                    src_slot: to.slot,
+                    dst_port: port,
+                },
+            );
+        }
+        for (_, o) in self.outputs.iter_mut() {
+            if *o == from {
+                *o = to;
+            }
+        }
+    }
+
+    /// Deterministic topological order: Kahn's algorithm, smallest node index first, so the
+    /// order follows insertion order wherever dependencies allow.
+    pub fn topo_order(&self) -> Result<Vec<NodeIndex>> {
+        let mut indeg: BTreeMap<NodeIndex, usize> = BTreeMap::new();
+        for n in self.g.node_indices() {
+            indeg.insert(n, self.g.edges_directed(n, Direction::Incoming).count());
+        }
+        let mut ready: BinaryHeap<std::cmp::Reverse<NodeIndex>> = indeg
+            .iter()
+            .filter(|(_, &d)| d == 0)
+            .map(|(&n, _)| std::cmp::Reverse(n))
+            .collect();
+        let mut order = Vec::with_capacity(indeg.len());
+        while let Some(std::cmp::Reverse(n)) = ready.pop() {
+            order.push(n);
+            for e in self.g.edges_directed(n, Direction::Outgoing) {
+                let d = indeg.get_mut(&e.target()).expect("edge target exists");
+                *d -= 1;
+                if *d == 0 {
+                    ready.push(std::cmp::Reverse(e.target()));
+                }
+            }
+        }
+        if order.len() != indeg.len() {
+            let stuck: Vec<String> = indeg
+                .iter()
+                .filter(|(n, _)| !order.contains(n))
+                .take(5)
+                .map(|(n, _)| self.g[*n].name.clone())
+                .collect();
+            return Err(Error::Other(format!(
+                "graph has a cycle through nodes {}",
+                stuck.join(", ")
+            )));
+        }
+        Ok(order)
+    }
+
+    /// Remove nodes that no graph output depends on (Input nodes are kept).
+    pub fn remove_dead(&mut self) -> usize {
+        let mut live = std::collections::HashSet::new();
+        let mut stack: Vec<NodeIndex> = self.outputs.iter().map(|(_, o)| o.node).collect();
+        stack.extend(self.inputs.iter().copied());
+        while let Some(n) = stack.pop() {
+            if live.insert(n) {
+                stack.extend(self.g.neighbors_directed(n, Direction::Incoming));
+            }
+        }
+        let dead: Vec<NodeIndex> = self
+            .g
+            .node_indices()
+            .filter(|n| !live.contains(n))
+            .collect();
+        for n in &dead {
+            self.g.remove_node(*n);
+        }
+        dead.len()
+    }
+
+    /// Find a node by its name.
+    pub fn find(&self, name: &str) -> Option<NodeIndex> {
+        self.g.node_indices().find(|&n| self.g[n].name == name)
+    }
+
+    /// Structural verification; returns every problem found, not just the first.
+    pub fn verify(&self) -> Result<()> {
+        let mut errs = Vec::new();
+        for n in self.g.node_indices() {
+            let node = &self.g[n];
+            let mut ports: Vec<usize> = self
+                .g
+                .edges_directed(n, Direction::Incoming)
+                .map(|e| e.weight().dst_port)
+                .collect();
+            ports.sort();
+            if ports.iter().enumerate().any(|(i, &p)| i != p) {
+                errs.push(format!(
+                    "node {} ({}): input ports {:?} have gaps or duplicates",
+                    node.name,
+                    node.op.name(),
+                    ports
+                ));
+            }
+            for e in self.g.edges_directed(n, Direction::Incoming) {
+                if e.weight().src_slot >= self.g[e.source()].outputs.len() {
+                    errs.push(format!(
+                        "node {} ({}): port {} reads missing output slot {} of {}",
+                        node.name,
+                        node.op.name(),
+                        e.weight().dst_port,
+                        e.weight().src_slot,
+                        self.g[e.source()].name
+                    ));
+                }
+            }
+            if matches!(node.op, Op::Input) && !self.inputs.contains(&n) {
+                errs.push(format!(
+                    "node {}: Input node not listed as graph input",
+                    node.name
+                ));
+            }
+        }
+        for (name, o) in &self.outputs {
+            if !self.g.contains_node(o.node) || o.slot >= self.g[o.node].outputs.len() {
+                errs.push(format!("graph output {name} points at a missing value"));
+            }
+        }
+        for i in &self.inputs {
+            if !self.g.contains_node(*i) {
+                errs.push("a graph input node was removed".to_string());
+            }
+        }
+        if let Err(e) = self.topo_order() {
+            errs.push(e.to_string());
+        }
+        if errs.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::Other(format!(
+                "graph verification failed:\n  {}",
+                errs.join("\n  ")
+            )))
+        }
+    }
+}

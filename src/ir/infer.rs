@@ -1,0 +1,602 @@
+//! Shape inference: every value gets a dtype and a shape whose only unknown may be the batch.
+//! Small integer values (shapes) are propagated symbolically so Reshape targets built from
+//! `Shape` of a batch-dynamic tensor still give a static output shape.
+
+use super::fact::{dims_product, Dim, Fact};
+use super::graph::Graph;
+use super::op::{Binary, Op};
+use super::tensor::DType;
+use crate::error::{Error, Result};
+
+/// Re-infer every node's output facts in topological order. Input nodes keep their facts.
+pub fn infer_graph(graph: &mut Graph) -> Result<()> {
+    for n in graph.topo_order()? {
+        if matches!(graph.node(n).op, Op::Input) {
+            continue;
+        }
+        let ins = graph.inputs_of(n);
+        let mut facts = Vec::with_capacity(ins.len());
+        for o in &ins {
+            let node = graph.node(n);
+            let f = graph.fact(*o).ok_or_else(|| {
+                Error::node(&node.name, node.op.name(), "an input has no inferred shape")
+            })?;
+            facts.push(f.clone());
+        }
+        let node = graph.node(n);
+        let out = infer_op(&node.op, &facts)
+            .map_err(|e| Error::node(&node.name, node.op.name(), e.to_string()))?;
+        for (v, f) in graph.node_mut(n).outputs.iter_mut().zip(out) {
+            v.fact = Some(f);
+        }
+    }
+    Ok(())
+}
+
+fn err<T>(msg: impl Into<String>) -> Result<T> {
+    Err(Error::Other(msg.into()))
+}
+
+fn norm_axis(axis: i64, rank: usize) -> Result<usize> {
+    let r = rank as i64;
+    if axis < -r || axis >= r.max(1) {
+        return err(format!("axis {axis} out of range for rank {rank}"));
+    }
+    Ok(if axis < 0 { axis + r } else { axis } as usize)
+}
+
+fn product_dim(dims: &[Dim]) -> Result<Dim> {
+    match dims_product(dims) {
+        (k, 0) => Ok(Dim::Known(k)),
+        (k, 1) => Ok(Dim::Batch(k)),
+        _ => err("shape has the batch symbol twice in one product"),
+    }
+}
+
+pub fn broadcast(a: &[Dim], b: &[Dim]) -> Result<Vec<Dim>> {
+    let r = a.len().max(b.len());
+    let mut out = Vec::with_capacity(r);
+    for i in 0..r {
+        let da = if i + a.len() >= r {
+            a[i + a.len() - r]
+        } else {
+            Dim::Known(1)
+        };
+        let db = if i + b.len() >= r {
+            b[i + b.len() - r]
+        } else {
+            Dim::Known(1)
+        };
+        out.push(match (da, db) {
+            (x, y) if x == y => x,
+            (Dim::Known(1), y) => y,
+            (x, Dim::Known(1)) => x,
+            (x, y) => return err(format!("cannot broadcast dimension {x} with {y}")),
+        });
+    }
+    Ok(out)
+}
+
+fn spatial(f: &Fact, what: &str) -> Result<[usize; 2]> {
+    if f.rank() != 4 {
+        return err(format!(
+            "{what} expects a 4-D NCHW input, got {}",
+            f.shape_string()
+        ));
+    }
+    match (f.shape[2], f.shape[3]) {
+        (Dim::Known(h), Dim::Known(w)) => Ok([h as usize, w as usize]),
+        _ => err("spatial dimensions must be known"),
+    }
+}
+
+fn same(f: &Fact) -> Fact {
+    Fact::new(f.dtype, f.shape.clone())
+}
+
+/// Output facts of one op given its input facts.
+pub fn infer_op(op: &Op, ins: &[Fact]) -> Result<Vec<Fact>> {
+    let need = |n: usize| -> Result<()> {
+        if ins.len() < n {
+            return err(format!("expects at least {n} inputs, got {}", ins.len()));
+        }
+        Ok(())
+    };
+    let f = match op {
+        Op::Input => return err("Input facts are declared, not inferred"),
+        Op::Const(t) => Fact::of_tensor(t),
+        Op::Conv(c) => {
+            need(2)?;
+            let (x, w) = (&ins[0], &ins[1]);
+            let hw = spatial(x, "Conv")?;
+            if w.rank() != 4 {
+                return err(format!("weight must be 4-D, got {}", w.shape_string()));
+            }
+            let wc = w.shape[1].known().unwrap_or(0) * c.group as i64;
+            if x.shape[1] != Dim::Known(wc) {
+                return err(format!(
+                    "input has {} channels but weight {} with group {} expects {wc}",
+                    x.shape[1],
+                    w.shape_string(),
+                    c.group
+                ));
+            }
+            let g = c.window.resolve(hw)?;
+            Fact::new(
+                DType::F32,
+                vec![
+                    x.shape[0],
+                    w.shape[0],
+                    Dim::Known(g.out[0] as i64),
+                    Dim::Known(g.out[1] as i64),
+                ],
+            )
+        }
+        Op::BatchNorm { .. } => {
+            need(5)?;
+            let c = ins[0].shape.get(1).copied();
+            for p in &ins[1..5] {
+                if p.rank() != 1 || Some(p.shape[0]) != c {
+                    return err(format!(
+                        "parameter {} does not match {} channels of input {}",
+                        p.shape_string(),
+                        c.map(|d| d.to_string()).unwrap_or_default(),
+                        ins[0].shape_string()
+                    ));
+                }
+            }
+            same(&ins[0])
+        }
+        Op::Unary(_) | Op::Lrn { .. } => {
+            need(1)?;
+            same(&ins[0])
+        }
+        Op::Softmax { axis, .. } => {
+            need(1)?;
+            norm_axis(*axis, ins[0].rank())?;
+            same(&ins[0])
+        }
+        Op::Binary(b) => {
+            need(2)?;
+            if ins[0].dtype != ins[1].dtype {
+                return err(format!(
+                    "operand types differ: {} vs {}",
+                    ins[0].dtype, ins[1].dtype
+                ));
+            }
+            let mut f = Fact::new(ins[0].dtype, broadcast(&ins[0].shape, &ins[1].shape)?);
+            f.value = fold_int_binary(*b, &ins[0], &ins[1]);
+            f
+        }
+        Op::Sum => {
+            need(1)?;
+            let mut shape = ins[0].shape.clone();
+            for i in &ins[1..] {
+                shape = broadcast(&shape, &i.shape)?;
+            }
+            Fact::new(ins[0].dtype, shape)
+        }
+        Op::Pool(p) => {
+            need(1)?;
+            let g = p.window.resolve(spatial(&ins[0], "pooling")?)?;
+            let s = &ins[0].shape;
+            Fact::new(
+                DType::F32,
+                vec![
+                    s[0],
+                    s[1],
+                    Dim::Known(g.out[0] as i64),
+                    Dim::Known(g.out[1] as i64),
+                ],
+            )
+        }
+        Op::GlobalPool { .. } => {
+            need(1)?;
+            let s = &ins[0].shape;
+            if s.len() < 3 {
+                return err("global pooling needs an N×C×spatial input");
+            }
+            let mut out = s[..2].to_vec();
+            out.extend(std::iter::repeat_n(Dim::Known(1), s.len() - 2));
+            Fact::new(DType::F32, out)
+        }
+        Op::Concat { axis } => {
+            need(1)?;
+            let a = norm_axis(*axis, ins[0].rank())?;
+            let mut shape = ins[0].shape.clone();
+            for i in &ins[1..] {
+                if i.rank() != shape.len() {
+                    return err("Concat inputs have different ranks");
+                }
+                for (d, (x, y)) in shape.iter_mut().zip(&i.shape).enumerate() {
+                    if d == a {
+                        *x = match (*x, *y) {
+                            (Dim::Known(p), Dim::Known(q)) => Dim::Known(p + q),
+                            (Dim::Batch(p), Dim::Batch(q)) => Dim::Batch(p + q),
+                            _ => {
+                                return err("cannot concatenate a batch dimension with a fixed one")
+                            }
+                        };
+                    } else if x != y {
+                        return err(format!("Concat inputs differ on axis {d}: {x} vs {y}"));
+                    }
+                }
+            }
+            let mut f = Fact::new(ins[0].dtype, shape);
+            if ins.iter().all(|i| i.value.is_some() && i.rank() == 1) {
+                f.value = Some(ins.iter().flat_map(|i| i.value.clone().unwrap()).collect());
+            }
+            f
+        }
+        Op::Flatten { axis } => {
+            need(1)?;
+            let r = ins[0].rank();
+            let a = if *axis < 0 {
+                (*axis + r as i64) as usize
+            } else {
+                *axis as usize
+            };
+            if a > r {
+                return err(format!("axis {axis} out of range for rank {r}"));
+            }
+            let s = &ins[0].shape;
+            Fact::new(
+                ins[0].dtype,
+                vec![product_dim(&s[..a])?, product_dim(&s[a..])?],
+            )
+        }
+        Op::Reshape { allowzero } => {
+            need(2)?;
+            let target = ins[1].value.clone().ok_or_else(|| {
+                Error::Other("the target shape is not known statically".to_string())
+            })?;
+            Fact::new(
+                ins[0].dtype,
+                reshape_dims(&ins[0].shape, &target, *allowzero)?,
+            )
+        }
+        Op::Transpose { perm } => {
+            need(1)?;
+            let r = ins[0].rank();
+            let p: Vec<usize> = perm.clone().unwrap_or_else(|| (0..r).rev().collect());
+            let mut sorted = p.clone();
+            sorted.sort();
+            if sorted != (0..r).collect::<Vec<_>>() {
+                return err(format!("perm {p:?} is not a permutation of rank {r}"));
+            }
+            Fact::new(ins[0].dtype, p.iter().map(|&i| ins[0].shape[i]).collect())
+        }
+        Op::Squeeze { axes } => {
+            need(1)?;
+            let s = &ins[0].shape;
+            let drop: Vec<usize> = match axes {
+                Some(a) => a
+                    .iter()
+                    .map(|&x| norm_axis(x, s.len()))
+                    .collect::<Result<_>>()?,
+                None => (0..s.len()).filter(|&i| s[i] == Dim::Known(1)).collect(),
+            };
+            for &d in &drop {
+                if s[d] != Dim::Known(1) {
+                    return err(format!("cannot squeeze axis {d} of size {}", s[d]));
+                }
+            }
+            let mut f = Fact::new(
+                ins[0].dtype,
+                s.iter()
+                    .enumerate()
+                    .filter(|(i, _)| !drop.contains(i))
+                    .map(|(_, d)| *d)
+                    .collect(),
+            );
+            f.value = ins[0].value.clone();
+            f
+        }
+        Op::Unsqueeze { axes } => {
+            need(1)?;
+            let r = ins[0].rank() + axes.len();
+            let mut norm: Vec<usize> = axes
+                .iter()
+                .map(|&a| norm_axis(a, r))
+                .collect::<Result<_>>()?;
+            norm.sort();
+            let mut shape = ins[0].shape.clone();
+            for a in norm {
+                shape.insert(a, Dim::Known(1));
+            }
+            let mut f = Fact::new(ins[0].dtype, shape);
+            f.value = ins[0].value.clone();
+            f
+        }
+        Op::Gemm(g) => {
+            need(2)?;
+            let (a, b) = (&ins[0], &ins[1]);
+            if a.rank() != 2 || b.rank() != 2 {
+                return err(format!(
+                    "Gemm needs 2-D inputs, got {} and {}",
+                    a.shape_string(),
+                    b.shape_string()
+                ));
+            }
+            let (m, ka) = if g.trans_a {
+                (a.shape[1], a.shape[0])
+            } else {
+                (a.shape[0], a.shape[1])
+            };
+            let (kb, n) = if g.trans_b {
+                (b.shape[1], b.shape[0])
+            } else {
+                (b.shape[0], b.shape[1])
+            };
+            if ka != kb {
+                return err(format!("inner dimensions differ: {ka} vs {kb}"));
+            }
+            let out = vec![m, n];
+            if ins.len() > 2 {
+                broadcast(&out, &ins[2].shape)?;
+            }
+            Fact::new(DType::F32, out)
+        }
+        Op::MatMul => {
+            need(2)?;
+            Fact::new(DType::F32, matmul_shape(&ins[0].shape, &ins[1].shape)?)
+        }
+        Op::ReduceMean { axes, keepdims } => {
+            need(1)?;
+            let s = &ins[0].shape;
+            let red: Vec<usize> = match axes {
+                Some(a) => a
+                    .iter()
+                    .map(|&x| norm_axis(x, s.len()))
+                    .collect::<Result<_>>()?,
+                None => (0..s.len()).collect(),
+            };
+            let shape = s
+                .iter()
+                .enumerate()
+                .filter_map(|(i, d)| match (red.contains(&i), keepdims) {
+                    (true, true) => Some(Dim::Known(1)),
+                    (true, false) => None,
+                    (false, _) => Some(*d),
+                })
+                .collect();
+            Fact::new(ins[0].dtype, shape)
+        }
+        Op::Pad { pads, .. } => {
+            need(1)?;
+            let s = &ins[0].shape;
+            if pads.len() != 2 * s.len() {
+                return err(format!("{} pads for a rank-{} input", pads.len(), s.len()));
+            }
+            let mut out = s.clone();
+            for (i, d) in out.iter_mut().enumerate() {
+                let add = pads[i] + pads[i + s.len()];
+                *d = match *d {
+                    Dim::Known(v) if v + add >= 0 => Dim::Known(v + add),
+                    Dim::Batch(k) if add == 0 => Dim::Batch(k),
+                    _ => {
+                        return err(format!(
+                            "invalid pads {pads:?} for {}",
+                            ins[0].shape_string()
+                        ))
+                    }
+                };
+            }
+            Fact::new(ins[0].dtype, out)
+        }
+        Op::Slice {
+            starts,
+            ends,
+            axes,
+            steps,
+        } => {
+            need(1)?;
+            let mut shape = ins[0].shape.clone();
+            let mut value = ins[0].value.clone();
+            for (i, &ax) in axes.iter().enumerate() {
+                let a = norm_axis(ax, shape.len())?;
+                let n = match shape[a] {
+                    Dim::Known(n) => n,
+                    Dim::Batch(_)
+                        if starts[i] == 0 && ends[i] >= i32::MAX as i64 && steps[i] == 1 =>
+                    {
+                        continue
+                    }
+                    Dim::Batch(_) => return err("cannot slice the batch dimension"),
+                };
+                let idx = slice_indices(n, starts[i], ends[i], steps[i])?;
+                shape[a] = Dim::Known(idx.len() as i64);
+                if let (Some(v), 0) = (&value, a) {
+                    value = Some(idx.iter().map(|&j| v[j]).collect());
+                }
+            }
+            let mut f = Fact::new(ins[0].dtype, shape);
+            if ins[0].rank() == 1 {
+                f.value = value;
+            }
+            f
+        }
+        Op::Shape { start, end } => {
+            need(1)?;
+            let r = ins[0].rank() as i64;
+            let clamp = |v: i64| (if v < 0 { v + r } else { v }).clamp(0, r) as usize;
+            let (s, e) = (clamp(*start), clamp(end.unwrap_or(r)));
+            let dims = if s < e {
+                ins[0].shape[s..e].to_vec()
+            } else {
+                vec![]
+            };
+            let mut f = Fact::known(DType::I64, &[dims.len()]);
+            f.value = Some(dims);
+            f
+        }
+        Op::Gather { axis } => {
+            need(2)?;
+            let (d, idx) = (&ins[0], &ins[1]);
+            let a = norm_axis(*axis, d.rank())?;
+            let mut shape = d.shape[..a].to_vec();
+            shape.extend(idx.shape.iter().copied());
+            shape.extend(d.shape[a + 1..].iter().copied());
+            let mut f = Fact::new(d.dtype, shape);
+            if let (Some(dv), Some(iv), 1) = (&d.value, &idx.value, d.rank()) {
+                let n = dv.len() as i64;
+                f.value = iv
+                    .iter()
+                    .map(|i| match i {
+                        Dim::Known(i) if (-n..n).contains(i) => {
+                            Some(dv[(if *i < 0 { i + n } else { *i }) as usize])
+                        }
+                        _ => None,
+                    })
+                    .collect();
+            }
+            f
+        }
+        Op::Cast { to } => {
+            need(1)?;
+            let mut f = Fact::new(*to, ins[0].shape.clone());
+            if *to != DType::F32 && ins[0].dtype != DType::F32 {
+                f.value = ins[0].value.clone();
+            }
+            f
+        }
+        Op::ConstantOfShape { value } => {
+            need(1)?;
+            let shape = ins[0]
+                .value
+                .clone()
+                .ok_or_else(|| Error::Other("the output shape is not known statically".into()))?;
+            Fact::new(value.dtype(), shape)
+        }
+    };
+    Ok(vec![f])
+}
+
+/// Integer arithmetic on known shape values (e.g. `Shape * 2`), when both sides are known.
+fn fold_int_binary(op: Binary, a: &Fact, b: &Fact) -> Option<Vec<Dim>> {
+    if a.dtype == DType::F32 {
+        return None;
+    }
+    let (av, bv) = (a.value.as_ref()?, b.value.as_ref()?);
+    let n = av.len().max(bv.len());
+    if !(av.len() == n || av.len() == 1) || !(bv.len() == n || bv.len() == 1) {
+        return None;
+    }
+    (0..n)
+        .map(|i| {
+            let x = av[if av.len() == 1 { 0 } else { i }];
+            let y = bv[if bv.len() == 1 { 0 } else { i }];
+            match (op, x, y) {
+                (Binary::Add, Dim::Known(p), Dim::Known(q)) => Some(Dim::Known(p + q)),
+                (Binary::Sub, Dim::Known(p), Dim::Known(q)) => Some(Dim::Known(p - q)),
+                (Binary::Mul, Dim::Known(p), Dim::Known(q)) => Some(Dim::Known(p * q)),
+                (Binary::Mul, Dim::Batch(p), Dim::Known(q))
+                | (Binary::Mul, Dim::Known(q), Dim::Batch(p)) => Some(Dim::Batch(p * q)),
+                (Binary::Div, Dim::Known(p), Dim::Known(q)) if q != 0 => {
+                    Some(Dim::Known(p.div_euclid(q)))
+                }
+                (Binary::Div, Dim::Batch(p), Dim::Known(q)) if q != 0 && p % q == 0 => {
+                    Some(Dim::Batch(p / q))
+                }
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+/// ONNX Reshape on symbolic dims: `0` copies the input dim (unless allowzero), `-1` is inferred.
+pub fn reshape_dims(input: &[Dim], target: &[Dim], allowzero: bool) -> Result<Vec<Dim>> {
+    let mut out = Vec::with_capacity(target.len());
+    let mut infer_at = None;
+    for (i, t) in target.iter().enumerate() {
+        match t {
+            Dim::Known(0) if !allowzero => out.push(*input.get(i).ok_or_else(|| {
+                Error::Other(format!("0 at position {i} has no input dim to copy"))
+            })?),
+            Dim::Known(-1) => {
+                if infer_at.replace(i).is_some() {
+                    return err("more than one -1 in the target shape");
+                }
+                out.push(Dim::Known(1));
+            }
+            Dim::Known(v) if *v < 0 => return err(format!("invalid target dimension {v}")),
+            d => out.push(*d),
+        }
+    }
+    let (kin, pin) = dims_product(input);
+    let (kout, pout) = dims_product(&out);
+    match infer_at {
+        Some(i) => {
+            if kout == 0 || kin % kout != 0 || pin < pout || pin - pout > 1 {
+                return err(format!("cannot infer -1 reshaping {input:?} to {target:?}"));
+            }
+            out[i] = if pin == pout {
+                Dim::Known(kin / kout)
+            } else {
+                Dim::Batch(kin / kout)
+            };
+        }
+        None => {
+            if (kin, pin) != (kout, pout) {
+                let s = |d: &[Dim]| {
+                    d.iter()
+                        .map(|x| x.to_string())
+                        .collect::<Vec<_>>()
+                        .join(",")
+                };
+                return err(format!("cannot reshape [{}] into [{}]", s(input), s(&out)));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// numpy `matmul` shape rules (1-D operands promoted and the added axis removed).
+pub fn matmul_shape(a: &[Dim], b: &[Dim]) -> Result<Vec<Dim>> {
+    if a.is_empty() || b.is_empty() {
+        return err("MatMul operands must have rank ≥ 1");
+    }
+    let a2: Vec<Dim> = if a.len() == 1 {
+        vec![Dim::Known(1), a[0]]
+    } else {
+        a.to_vec()
+    };
+    let b2: Vec<Dim> = if b.len() == 1 {
+        vec![b[0], Dim::Known(1)]
+    } else {
+        b.to_vec()
+    };
+    let (m, ka) = (a2[a2.len() - 2], a2[a2.len() - 1]);
+    let (kb, n) = (b2[b2.len() - 2], b2[b2.len() - 1]);
+    if ka != kb {
+        return err(format!("inner dimensions differ: {ka} vs {kb}"));
+    }
+    let mut out = broadcast(&a2[..a2.len() - 2], &b2[..b2.len() - 2])?;
+    if a.len() > 1 {
+        out.push(m);
+    }
+    if b.len() > 1 {
+        out.push(n);
+    }
+    Ok(out)
+}
+
+/// The indices an ONNX Slice selects on an axis of length `n` (clamping rules of the spec).
+pub fn slice_indices(n: i64, start: i64, end: i64, step: i64) -> Result<Vec<usize>> {
+    if step == 0 {
+        return err("slice step must not be 0");
+    }
+    let norm = |v: i64| if v < 0 { v + n } else { v };
+    let (s, e) = if step > 0 {
+        (norm(start).clamp(0, n), norm(end).clamp(0, n))
+    } else {
+        (norm(start).clamp(-1, n - 1), norm(end).clamp(-1, n - 1))
+    };
+    let mut out = Vec::new();
+    let mut i = s;
+    while (step > 0 && i < e) || (step < 0 && i > e) {
+        out.push(i as usize);
+        i += step;
+    }
+    Ok(out)
+}

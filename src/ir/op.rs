@@ -1,0 +1,313 @@
+//! The closed set of operations tabconv understands. Opset quirks are resolved by the importer,
+//! so each op has exactly one form here (e.g. Clip bounds and Squeeze axes are attributes).
+
+use super::tensor::{DType, Tensor};
+use std::sync::Arc;
+
+/// Spatial padding of a 2-D window op. `Same*` and `Valid` are resolved against the input size
+/// at shape-inference / run time, as ONNX `auto_pad` requires.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Padding {
+    /// `[top, left, bottom, right]`
+    Explicit([usize; 4]),
+    SameUpper,
+    SameLower,
+    Valid,
+}
+
+/// Geometry shared by Conv and the pooling ops (always 2-D: 1-D inputs are rejected at import).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Window {
+    pub kernel: [usize; 2],
+    pub strides: [usize; 2],
+    pub dilations: [usize; 2],
+    pub padding: Padding,
+    pub ceil_mode: bool,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Conv {
+    pub window: Window,
+    pub group: usize,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum PoolKind {
+    Max,
+    Avg { count_include_pad: bool },
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Pool {
+    pub kind: PoolKind,
+    pub window: Window,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Unary {
+    Relu,
+    LeakyRelu {
+        alpha: f32,
+    },
+    Sigmoid,
+    Tanh,
+    HardSigmoid {
+        alpha: f32,
+        beta: f32,
+    },
+    HardSwish,
+    Clip {
+        min: f32,
+        max: f32,
+    },
+    /// Identity, and Dropout in inference.
+    Identity,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Binary {
+    Add,
+    Sub,
+    Mul,
+    Div,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Gemm {
+    pub alpha: f32,
+    pub beta: f32,
+    pub trans_a: bool,
+    pub trans_b: bool,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Op {
+    /// A graph input; its declared fact is the node's output fact.
+    Input,
+    Const(Arc<Tensor>),
+    /// inputs: x, w, [bias]
+    Conv(Conv),
+    /// inputs: x, scale, bias, mean, var
+    BatchNorm {
+        epsilon: f32,
+    },
+    Unary(Unary),
+    /// inputs: a, b (numpy broadcasting)
+    Binary(Binary),
+    /// n-ary elementwise sum with broadcasting
+    Sum,
+    Pool(Pool),
+    GlobalPool {
+        max: bool,
+    },
+    Lrn {
+        size: usize,
+        alpha: f32,
+        beta: f32,
+        bias: f32,
+    },
+    Concat {
+        axis: i64,
+    },
+    Flatten {
+        axis: i64,
+    },
+    /// inputs: data, shape (runtime i64 tensor, ONNX semantics for 0 and -1)
+    Reshape {
+        allowzero: bool,
+    },
+    Transpose {
+        perm: Option<Vec<usize>>,
+    },
+    Squeeze {
+        axes: Option<Vec<i64>>,
+    },
+    Unsqueeze {
+        axes: Vec<i64>,
+    },
+    /// inputs: a, b, [c]
+    Gemm(Gemm),
+    MatMul,
+    /// `legacy`: opset < 13 semantics (flatten to 2-D at `axis`, normalise over the tail).
+    Softmax {
+        axis: i64,
+        legacy: bool,
+        log: bool,
+    },
+    /// Strided slice with per-axis `[start, end)` already clamped by ONNX rules at run time.
+    Slice {
+        starts: Vec<i64>,
+        ends: Vec<i64>,
+        axes: Vec<i64>,
+        steps: Vec<i64>,
+    },
+    ReduceMean {
+        axes: Option<Vec<i64>>,
+        keepdims: bool,
+    },
+    /// Constant-mode pad: `pads` as ONNX `[x1_begin, x2_begin, …, x1_end, x2_end, …]`.
+    Pad {
+        pads: Vec<i64>,
+        value: f32,
+    },
+    Shape {
+        start: i64,
+        end: Option<i64>,
+    },
+    /// inputs: data, indices
+    Gather {
+        axis: i64,
+    },
+    Cast {
+        to: DType,
+    },
+    /// input: shape (i64)
+    ConstantOfShape {
+        value: Arc<Tensor>,
+    },
+}
+
+impl Op {
+    /// Name used in dumps, histograms and errors (ONNX op names where one exists).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Input => "Input",
+            Op::Const(_) => "Const",
+            Op::Conv(_) => "Conv",
+            Op::BatchNorm { .. } => "BatchNormalization",
+            Op::Unary(u) => match u {
+                Unary::Relu => "Relu",
+                Unary::LeakyRelu { .. } => "LeakyRelu",
+                Unary::Sigmoid => "Sigmoid",
+                Unary::Tanh => "Tanh",
+                Unary::HardSigmoid { .. } => "HardSigmoid",
+                Unary::HardSwish => "HardSwish",
+                Unary::Clip { .. } => "Clip",
+                Unary::Identity => "Identity",
+            },
+            Op::Binary(b) => match b {
+                Binary::Add => "Add",
+                Binary::Sub => "Sub",
+                Binary::Mul => "Mul",
+                Binary::Div => "Div",
+            },
+            Op::Sum => "Sum",
+            Op::Pool(p) => match p.kind {
+                PoolKind::Max => "MaxPool",
+                PoolKind::Avg { .. } => "AveragePool",
+            },
+            Op::GlobalPool { max: true } => "GlobalMaxPool",
+            Op::GlobalPool { max: false } => "GlobalAveragePool",
+            Op::Lrn { .. } => "LRN",
+            Op::Concat { .. } => "Concat",
+            Op::Flatten { .. } => "Flatten",
+            Op::Reshape { .. } => "Reshape",
+            Op::Transpose { .. } => "Transpose",
+            Op::Squeeze { .. } => "Squeeze",
+            Op::Unsqueeze { .. } => "Unsqueeze",
+            Op::Gemm(_) => "Gemm",
+            Op::MatMul => "MatMul",
+            Op::Softmax { log: false, .. } => "Softmax",
+            Op::Softmax { log: true, .. } => "LogSoftmax",
+            Op::Slice { .. } => "Slice",
+            Op::ReduceMean { .. } => "ReduceMean",
+            Op::Pad { .. } => "Pad",
+            Op::Shape { .. } => "Shape",
+            Op::Gather { .. } => "Gather",
+            Op::Cast { .. } => "Cast",
+            Op::ConstantOfShape { .. } => "ConstantOfShape",
+        }
+    }
+
+    /// Attributes in a stable, readable form for the IR dump (never raw weights).
+    pub fn attrs(&self) -> String {
+        fn window(w: &Window) -> String {
+            let pad = match &w.padding {
+                Padding::Explicit(p) => format!("pads={p:?}"),
+                other => format!("auto_pad={other:?}"),
+            };
+            let mut s = format!("kernel={:?} strides={:?} {pad}", w.kernel, w.strides);
+            if w.dilations != [1, 1] {
+                s += &format!(" dilations={:?}", w.dilations);
+            }
+            if w.ceil_mode {
+                s += " ceil_mode";
+            }
+            s
+        }
+        match self {
+            Op::Input | Op::Sum | Op::MatMul | Op::Binary(_) => String::new(),
+            Op::Const(t) => t.summary(),
+            Op::Conv(c) => {
+                let mut s = window(&c.window);
+                if c.group != 1 {
+                    s += &format!(" group={}", c.group);
+                }
+                s
+            }
+            Op::BatchNorm { epsilon } => format!("epsilon={epsilon:e}"),
+            Op::Unary(u) => match u {
+                Unary::LeakyRelu { alpha } => format!("alpha={alpha}"),
+                Unary::HardSigmoid { alpha, beta } => format!("alpha={alpha} beta={beta}"),
+                Unary::Clip { min, max } => format!("min={min} max={max}"),
+                _ => String::new(),
+            },
+            Op::Pool(p) => {
+                let mut s = window(&p.window);
+                if let PoolKind::Avg {
+                    count_include_pad: true,
+                } = p.kind
+                {
+                    s += " count_include_pad";
+                }
+                s
+            }
+            Op::GlobalPool { .. } => String::new(),
+            Op::Lrn {
+                size,
+                alpha,
+                beta,
+                bias,
+            } => format!("size={size} alpha={alpha:e} beta={beta} bias={bias}"),
+            Op::Concat { axis } => format!("axis={axis}"),
+            Op::Flatten { axis } => format!("axis={axis}"),
+            Op::Reshape { allowzero } => {
+                if *allowzero {
+                    "allowzero".into()
+                } else {
+                    String::new()
+                }
+            }
+            Op::Transpose { perm } => format!("perm={perm:?}"),
+            Op::Squeeze { axes } => format!("axes={axes:?}"),
+            Op::Unsqueeze { axes } => format!("axes={axes:?}"),
+            Op::Gemm(g) => format!(
+                "alpha={} beta={} transA={} transB={}",
+                g.alpha, g.beta, g.trans_a as u8, g.trans_b as u8
+            ),
+            Op::Slice {
+                starts,
+                ends,
+                axes,
+                steps,
+            } => {
+                format!("starts={starts:?} ends={ends:?} axes={axes:?} steps={steps:?}")
+            }
+            Op::Softmax { axis, legacy, .. } => {
+                format!("axis={axis}{}", if *legacy { " legacy-2d" } else { "" })
+            }
+            Op::ReduceMean { axes, keepdims } => {
+                format!("axes={axes:?} keepdims={}", *keepdims as u8)
+            }
+            Op::Pad { pads, value } => format!("pads={pads:?} value={value}"),
+            Op::Shape { start, end } => format!("start={start} end={end:?}"),
+            Op::Gather { axis } => format!("axis={axis}"),
+            Op::Cast { to } => format!("to={to}"),
+            Op::ConstantOfShape { value } => format!("value={}", value.summary()),
+        }
+    }
+
+    pub fn num_outputs(&self) -> usize {
+        1
+    }
+}

@@ -1,0 +1,13 @@
+//! tabconv: compile ONNX CNNs into product-quantized table-lookup models.
+//!
+//! Data flow: `onnx` (decode + import) → `ir::Graph` → `passes` → `interp` (execute).
+//! See docs/ARCHITECTURE.md for the map of modules and their invariants.
+
+pub mod data;
+pub mod error;
+pub mod interp;
+pub mod ir;
+pub mod model;
+pub mod onnx;
+
+pub use error::{Error, Result};

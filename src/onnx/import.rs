@@ -1,0 +1,802 @@
+//! ONNX → IR import. Nodes are converted in file order (ONNX guarantees a topological order),
+//! each op's opset form normalised into one IR form, and every node whose inputs are all
+//! constant (including `Shape` of a statically-shaped value) is folded on the spot, so shape
+//! sub-graphs feeding Reshape, Squeeze, Pad … disappear before the rest of the import sees them.
+
+use super::attrs::Attrs;
+use super::proto::{read_model_proto, TensorReader};
+use crate::error::{Error, Result};
+use crate::interp::eval::eval_op;
+use crate::ir::infer::{infer_graph, infer_op};
+use crate::ir::op::{Binary, Conv, Gemm, Padding, Pool, PoolKind, Unary, Window};
+use crate::ir::{DType, Dim, Fact, Graph, Op, Outlet, Tensor};
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::sync::Arc;
+use tract_onnx::pb::{type_proto, ModelProto, NodeProto};
+
+/// ONNX ops the importer understands (default domain).
+pub const SUPPORTED_OPS: &[&str] = &[
+    "Conv",
+    "BatchNormalization",
+    "Relu",
+    "LeakyRelu",
+    "Clip",
+    "Sigmoid",
+    "Tanh",
+    "HardSigmoid",
+    "HardSwish",
+    "MaxPool",
+    "AveragePool",
+    "GlobalAveragePool",
+    "GlobalMaxPool",
+    "LRN",
+    "Add",
+    "Sub",
+    "Mul",
+    "Div",
+    "Sum",
+    "Concat",
+    "Flatten",
+    "Reshape",
+    "Transpose",
+    "Squeeze",
+    "Unsqueeze",
+    "Gemm",
+    "MatMul",
+    "Softmax",
+    "ReduceMean",
+    "Pad",
+    "Dropout",
+    "Identity",
+    "Constant",
+    "Shape",
+    "Gather",
+    "Cast",
+    "ConstantOfShape",
+    "LogSoftmax",
+    "Slice",
+];
+
+/// Read and import an ONNX model file, then infer shapes and verify the graph.
+pub fn load_model(path: &Path) -> Result<Graph> {
+    let model = read_model_proto(path)?;
+    import_model(&model, path)
+}
+
+pub fn import_model(model: &ModelProto, path: &Path) -> Result<Graph> {
+    let merr = |msg: String| Error::Model {
+        path: path.into(),
+        msg,
+    };
+    let opset = model
+        .opset_import
+        .iter()
+        .find(|o| o.domain.is_empty() || o.domain == "ai.onnx")
+        .map(|o| o.version)
+        .unwrap_or(1);
+    let g = model
+        .graph
+        .as_ref()
+        .ok_or_else(|| merr("no graph".into()))?;
+
+    let unsupported: Vec<String> = g
+        .node
+        .iter()
+        .filter(|n| {
+            !(n.domain.is_empty() || n.domain == "ai.onnx")
+                || !SUPPORTED_OPS.contains(&n.op_type.as_str())
+        })
+        .map(|n| {
+            let dom = if n.domain.is_empty() {
+                String::new()
+            } else {
+                format!("{}::", n.domain)
+            };
+            format!("{dom}{} (node '{}')", n.op_type, n.name)
+        })
+        .collect();
+    if !unsupported.is_empty() {
+        let mut list: Vec<String> = unsupported;
+        list.dedup();
+        return Err(Error::Unsupported {
+            path: path.into(),
+            opset,
+            list,
+        });
+    }
+
+    let mut im = Importer {
+        graph: Graph::new(),
+        values: HashMap::new(),
+        unsupported_outputs: HashMap::new(),
+        names: HashSet::new(),
+        opset,
+        reader: TensorReader::new(path),
+    };
+    im.graph
+        .metadata
+        .insert("source_opset".into(), opset.to_string());
+    if !model.producer_name.is_empty() {
+        im.graph.metadata.insert(
+            "source_producer".into(),
+            format!("{} {}", model.producer_name, model.producer_version),
+        );
+    }
+
+    for t in &g.initializer {
+        let tensor = im
+            .reader
+            .read(t)
+            .map_err(|e| merr(format!("initializer '{}': {e}", t.name)))?;
+        im.add_const(&t.name, tensor);
+    }
+    for input in &g.input {
+        if im.values.contains_key(&input.name) {
+            continue; // old model-zoo files list initializers as inputs too
+        }
+        let fact =
+            input_fact(input).map_err(|e| merr(format!("graph input '{}': {e}", input.name)))?;
+        let n = im.graph.add_node(&input.name, Op::Input, &[]);
+        im.graph.node_mut(n).outputs[0].fact = Some(fact);
+        im.graph.inputs.push(n);
+        im.names.insert(input.name.clone());
+        im.values.insert(input.name.clone(), Outlet::new(n, 0));
+    }
+    if im.graph.inputs.is_empty() {
+        return Err(merr("the graph has no (non-initializer) input".into()));
+    }
+
+    for (i, node) in g.node.iter().enumerate() {
+        let name = if node.name.is_empty() {
+            format!("{}_{i}", node.op_type)
+        } else {
+            node.name.clone()
+        };
+        im.import_node(node, &name).map_err(|e| match e {
+            Error::Other(msg) => Error::Model {
+                path: path.into(),
+                msg: format!("node '{name}' ({}, opset {opset}): {msg}", node.op_type),
+            },
+            Error::Node { node: n, op, msg } => Error::Model {
+                path: path.into(),
+                msg: format!("node '{n}' ({op}, opset {opset}): {msg}"),
+            },
+            other => other,
+        })?;
+    }
+
+    for out in &g.output {
+        let o = im
+            .value(&out.name)
+            .map_err(|e| merr(format!("graph output: {e}")))?;
+        im.graph.outputs.push((out.name.clone(), o));
+    }
+    im.graph.remove_dead();
+    infer_graph(&mut im.graph).map_err(|e| merr(e.to_string()))?;
+    im.graph.verify().map_err(|e| merr(e.to_string()))?;
+    Ok(im.graph)
+}
+
+fn input_fact(input: &tract_onnx::pb::ValueInfoProto) -> Result<Fact> {
+    let Some(type_proto::Value::TensorType(tt)) =
+        input.r#type.as_ref().and_then(|t| t.value.as_ref())
+    else {
+        return Err(Error::Other("has no tensor type".into()));
+    };
+    if tt.elem_type != 1 {
+        return Err(Error::Other(format!(
+            "element type {} is not float32",
+            tt.elem_type
+        )));
+    }
+    let dims = tt.shape.as_ref().map(|s| s.dim.as_slice()).unwrap_or(&[]);
+    if dims.is_empty() {
+        return Err(Error::Other("has no declared shape".into()));
+    }
+    use tract_onnx::pb::tensor_shape_proto::dimension::Value as D;
+    let shape = dims
+        .iter()
+        .enumerate()
+        .map(|(i, d)| match (&d.value, i) {
+            (Some(D::DimValue(v)), _) if *v > 0 => Ok(Dim::Known(*v)),
+            (_, 0) => Ok(Dim::Batch(1)),
+            (v, i) => Err(Error::Other(format!(
+                "dimension {i} is symbolic ({v:?}); only the batch dimension may be symbolic"
+            ))),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Fact::new(DType::F32, shape))
+}
+
+struct Importer {
+    graph: Graph,
+    values: HashMap<String, Outlet>,
+    /// Secondary outputs (Dropout mask, MaxPool indices, …) that inference does not produce.
+    unsupported_outputs: HashMap<String, String>,
+    names: HashSet<String>,
+    opset: i64,
+    reader: TensorReader,
+}
+
+impl Importer {
+    fn unique(&mut self, name: &str) -> String {
+        let mut n = name.to_string();
+        let mut i = 1;
+        while !self.names.insert(n.clone()) {
+            n = format!("{name}.{i}");
+            i += 1;
+        }
+        n
+    }
+
+    fn add_const(&mut self, value_name: &str, t: Tensor) -> Outlet {
+        let name = self.unique(value_name);
+        let n = self
+            .graph
+            .add_node(&name, Op::Const(Arc::new(t.clone())), &[]);
+        self.graph.node_mut(n).outputs[0].fact = Some(Fact::of_tensor(&t));
+        self.graph.node_mut(n).outputs[0].name = value_name.to_string();
+        let o = Outlet::new(n, 0);
+        self.values.insert(value_name.to_string(), o);
+        o
+    }
+
+    fn value(&self, name: &str) -> Result<Outlet> {
+        if let Some(o) = self.values.get(name) {
+            return Ok(*o);
+        }
+        match self.unsupported_outputs.get(name) {
+            Some(what) => Err(Error::Other(format!(
+                "uses '{name}', the {what}, which inference does not compute"
+            ))),
+            None => Err(Error::Other(format!(
+                "input '{name}' is not produced by any earlier node"
+            ))),
+        }
+    }
+
+    /// Input `i` of the node if present and non-empty.
+    fn opt_input(&self, node: &NodeProto, i: usize) -> Result<Option<Outlet>> {
+        match node.input.get(i) {
+            Some(n) if !n.is_empty() => Ok(Some(self.value(n)?)),
+            _ => Ok(None),
+        }
+    }
+
+    /// The constant value of input `i` (must be produced by a constant or a foldable sub-graph).
+    fn const_input(&self, node: &NodeProto, i: usize, what: &str) -> Result<Option<Arc<Tensor>>> {
+        match self.opt_input(node, i)? {
+            None => Ok(None),
+            Some(o) => match self.graph.const_value(o) {
+                Some(t) => Ok(Some(t.clone())),
+                None => Err(Error::Other(format!(
+                    "{what} (input {i}) must be a constant"
+                ))),
+            },
+        }
+    }
+
+    fn fact(&self, o: Outlet) -> &Fact {
+        self.graph
+            .fact(o)
+            .expect("facts are inferred eagerly during import")
+    }
+
+    fn import_node(&mut self, node: &NodeProto, name: &str) -> Result<()> {
+        let a = Attrs::new(node);
+        let opset = self.opset;
+        let mut inputs: Vec<Outlet> = Vec::new();
+        // By default every present input is wired; ops with attribute-ised inputs truncate.
+        let all_inputs = |s: &Self| -> Result<Vec<Outlet>> {
+            node.input
+                .iter()
+                .filter(|n| !n.is_empty())
+                .map(|n| s.value(n))
+                .collect()
+        };
+        let op = match node.op_type.as_str() {
+            "Constant" => {
+                let t = constant_attr(&a, &mut self.reader)?;
+                let out = node
+                    .output
+                    .first()
+                    .cloned()
+                    .unwrap_or_else(|| name.to_string());
+                self.add_const(&out, t);
+                return Ok(());
+            }
+            "Identity" | "Dropout" => {
+                if node.op_type == "Dropout" {
+                    if let Some(t) = self.const_input(node, 2, "training_mode")? {
+                        if t.to_i64_vec()?.first() == Some(&1) {
+                            return Err(Error::Other(
+                                "training_mode=true is not supported for inference".into(),
+                            ));
+                        }
+                    }
+                    if opset < 7 && a.int("is_test", 0) == 0 {
+                        // pre-7 Dropout in training mode; inference treats it as identity anyway.
+                    }
+                }
+                let src = self.value(&node.input[0])?;
+                if let Some(o) = node.output.first() {
+                    self.values.insert(o.clone(), src);
+                }
+                if let Some(m) = node.output.get(1) {
+                    self.unsupported_outputs
+                        .insert(m.clone(), "Dropout mask".into());
+                }
+                return Ok(());
+            }
+            "Conv" => {
+                inputs = all_inputs(self)?;
+                let w = self.fact(
+                    inputs
+                        .get(1)
+                        .copied()
+                        .ok_or_else(|| Error::Other("missing weight".into()))?,
+                );
+                if w.rank() != 4 {
+                    return Err(Error::Other(format!(
+                        "only 2-D convolution is supported (weight {})",
+                        w.shape_string()
+                    )));
+                }
+                let kernel = match a.ints("kernel_shape") {
+                    Some(_) => a.pair("kernel_shape", 1)?,
+                    None => {
+                        let k = w
+                            .concrete_shape()
+                            .ok_or_else(|| Error::Other("weight shape unknown".into()))?;
+                        [k[2], k[3]]
+                    }
+                };
+                Op::Conv(Conv {
+                    window: window(&a, kernel)?,
+                    group: a.int("group", 1).max(1) as usize,
+                })
+            }
+            "MaxPool" | "AveragePool" => {
+                inputs = all_inputs(self)?;
+                if node.output.len() > 1 {
+                    self.unsupported_outputs
+                        .insert(node.output[1].clone(), "MaxPool indices".into());
+                }
+                let kernel = a.pair("kernel_shape", 0)?;
+                if kernel[0] == 0 {
+                    return Err(Error::Other("missing or non-2-D kernel_shape".into()));
+                }
+                let kind = if node.op_type == "MaxPool" {
+                    PoolKind::Max
+                } else {
+                    PoolKind::Avg {
+                        count_include_pad: a.int("count_include_pad", 0) != 0,
+                    }
+                };
+                Op::Pool(Pool {
+                    kind,
+                    window: window(&a, kernel)?,
+                })
+            }
+            "GlobalAveragePool" | "GlobalMaxPool" => {
+                inputs = all_inputs(self)?;
+                Op::GlobalPool {
+                    max: node.op_type == "GlobalMaxPool",
+                }
+            }
+            "BatchNormalization" => {
+                inputs = all_inputs(self)?;
+                inputs.truncate(5);
+                if a.int("spatial", 1) == 0 {
+                    return Err(Error::Other(
+                        "spatial=0 (per-activation statistics) is not supported".into(),
+                    ));
+                }
+                if a.int("training_mode", 0) != 0 {
+                    return Err(Error::Other(
+                        "training_mode=1 is not supported for inference".into(),
+                    ));
+                }
+                for (i, what) in node.output.iter().enumerate().skip(1) {
+                    self.unsupported_outputs.insert(
+                        what.clone(),
+                        format!("BatchNormalization training output {i}"),
+                    );
+                }
+                Op::BatchNorm {
+                    epsilon: a.float("epsilon", 1e-5),
+                }
+            }
+            "Relu" => self.unary(node, &mut inputs, Unary::Relu)?,
+            "Sigmoid" => self.unary(node, &mut inputs, Unary::Sigmoid)?,
+            "Tanh" => self.unary(node, &mut inputs, Unary::Tanh)?,
+            "HardSwish" => self.unary(node, &mut inputs, Unary::HardSwish)?,
+            "LeakyRelu" => self.unary(
+                node,
+                &mut inputs,
+                Unary::LeakyRelu {
+                    alpha: a.float("alpha", 0.01),
+                },
+            )?,
+            "HardSigmoid" => self.unary(
+                node,
+                &mut inputs,
+                Unary::HardSigmoid {
+                    alpha: a.float("alpha", 0.2),
+                    beta: a.float("beta", 0.5),
+                },
+            )?,
+            "Clip" => {
+                let (min, max) = if opset < 11 {
+                    (
+                        a.float("min", f32::NEG_INFINITY),
+                        a.float("max", f32::INFINITY),
+                    )
+                } else {
+                    let scalar =
+                        |t: Option<Arc<Tensor>>, d: f32| t.map(|t| t.to_f32_vec()[0]).unwrap_or(d);
+                    (
+                        scalar(self.const_input(node, 1, "min")?, f32::NEG_INFINITY),
+                        scalar(self.const_input(node, 2, "max")?, f32::INFINITY),
+                    )
+                };
+                self.unary(node, &mut inputs, Unary::Clip { min, max })?
+            }
+            "Add" | "Sub" | "Mul" | "Div" => {
+                inputs = all_inputs(self)?;
+                if opset < 7 && a.int("broadcast", 0) != 0 && a.has("axis") {
+                    return Err(Error::Other(
+                        "legacy broadcast with 'axis' (opset < 7) is not supported".into(),
+                    ));
+                }
+                Op::Binary(match node.op_type.as_str() {
+                    "Add" => Binary::Add,
+                    "Sub" => Binary::Sub,
+                    "Mul" => Binary::Mul,
+                    _ => Binary::Div,
+                })
+            }
+            "Sum" => {
+                inputs = all_inputs(self)?;
+                Op::Sum
+            }
+            "LRN" => {
+                inputs = all_inputs(self)?;
+                Op::Lrn {
+                    size: a.req_int("size")? as usize,
+                    alpha: a.float("alpha", 1e-4),
+                    beta: a.float("beta", 0.75),
+                    bias: a.float("bias", 1.0),
+                }
+            }
+            "Concat" => {
+                inputs = all_inputs(self)?;
+                Op::Concat {
+                    axis: a.req_int("axis")?,
+                }
+            }
+            "Flatten" => {
+                inputs = all_inputs(self)?;
+                Op::Flatten {
+                    axis: a.int("axis", 1),
+                }
+            }
+            "Reshape" => {
+                inputs = all_inputs(self)?;
+                if opset < 5 || a.has("shape") {
+                    let s = a
+                        .ints("shape")
+                        .ok_or_else(|| Error::Other("missing 'shape'".into()))?;
+                    let o = self.add_const(&format!("{name}.shape"), Tensor::i64_vec(s));
+                    inputs.truncate(1);
+                    inputs.push(o);
+                }
+                Op::Reshape {
+                    allowzero: a.int("allowzero", 0) != 0,
+                }
+            }
+            "Transpose" => {
+                inputs = all_inputs(self)?;
+                let perm = a
+                    .ints("perm")
+                    .map(|p| p.into_iter().map(|x| x as usize).collect());
+                Op::Transpose { perm }
+            }
+            "Squeeze" | "Unsqueeze" => {
+                inputs = vec![self.value(&node.input[0])?];
+                let axes = if opset < 13 {
+                    a.ints("axes")
+                } else {
+                    self.const_input(node, 1, "axes")?
+                        .map(|t| t.to_i64_vec())
+                        .transpose()?
+                };
+                if node.op_type == "Squeeze" {
+                    Op::Squeeze { axes }
+                } else {
+                    Op::Unsqueeze {
+                        axes: axes.ok_or_else(|| Error::Other("Unsqueeze needs axes".into()))?,
+                    }
+                }
+            }
+            "Gemm" => {
+                inputs = all_inputs(self)?;
+                Op::Gemm(Gemm {
+                    alpha: a.float("alpha", 1.0),
+                    beta: a.float("beta", 1.0),
+                    trans_a: a.int("transA", 0) != 0,
+                    trans_b: a.int("transB", 0) != 0,
+                })
+            }
+            "MatMul" => {
+                inputs = all_inputs(self)?;
+                Op::MatMul
+            }
+            "Softmax" | "LogSoftmax" => {
+                inputs = all_inputs(self)?;
+                let legacy = opset < 13;
+                Op::Softmax {
+                    axis: a.int("axis", if legacy { 1 } else { -1 }),
+                    legacy,
+                    log: node.op_type == "LogSoftmax",
+                }
+            }
+            "Slice" => {
+                inputs = vec![self.value(&node.input[0])?];
+                let ints = |s: &Self, i: usize, what: &str| -> Result<Option<Vec<i64>>> {
+                    s.const_input(node, i, what)?
+                        .map(|t| t.to_i64_vec())
+                        .transpose()
+                };
+                let (starts, ends, axes, steps) = if opset < 10 {
+                    (
+                        a.ints("starts").unwrap_or_default(),
+                        a.ints("ends").unwrap_or_default(),
+                        a.ints("axes"),
+                        None,
+                    )
+                } else {
+                    (
+                        ints(self, 1, "starts")?
+                            .ok_or_else(|| Error::Other("missing starts".into()))?,
+                        ints(self, 2, "ends")?
+                            .ok_or_else(|| Error::Other("missing ends".into()))?,
+                        ints(self, 3, "axes")?,
+                        ints(self, 4, "steps")?,
+                    )
+                };
+                let n = starts.len();
+                let axes = axes.unwrap_or_else(|| (0..n as i64).collect());
+                let steps = steps.unwrap_or_else(|| vec![1; n]);
+                if ends.len() != n || axes.len() != n || steps.len() != n {
+                    return Err(Error::Other(
+                        "starts, ends, axes and steps differ in length".into(),
+                    ));
+                }
+                Op::Slice {
+                    starts,
+                    ends,
+                    axes,
+                    steps,
+                }
+            }
+            "ReduceMean" => {
+                inputs = vec![self.value(&node.input[0])?];
+                let mut axes = if opset < 18 {
+                    a.ints("axes")
+                } else {
+                    self.const_input(node, 1, "axes")?
+                        .map(|t| t.to_i64_vec())
+                        .transpose()?
+                };
+                if axes.as_ref().is_some_and(|v| v.is_empty()) {
+                    axes = None;
+                }
+                if axes.is_none() && a.int("noop_with_empty_axes", 0) != 0 {
+                    self.values.insert(node.output[0].clone(), inputs[0]);
+                    return Ok(());
+                }
+                Op::ReduceMean {
+                    axes,
+                    keepdims: a.int("keepdims", 1) != 0,
+                }
+            }
+            "Pad" => {
+                inputs = vec![self.value(&node.input[0])?];
+                let mode = a.string("mode").unwrap_or_else(|| "constant".into());
+                if mode != "constant" {
+                    return Err(Error::Other(format!(
+                        "Pad mode '{mode}' is not supported (only 'constant')"
+                    )));
+                }
+                let rank = self.fact(inputs[0]).rank();
+                let (mut pads, value) = if opset < 11 {
+                    (
+                        a.ints("pads")
+                            .or_else(|| a.ints("paddings"))
+                            .unwrap_or_default(),
+                        a.float("value", 0.0),
+                    )
+                } else {
+                    let p = self
+                        .const_input(node, 1, "pads")?
+                        .ok_or_else(|| Error::Other("missing pads".into()))?
+                        .to_i64_vec()?;
+                    let v = self
+                        .const_input(node, 2, "constant_value")?
+                        .map(|t| t.to_f32_vec()[0])
+                        .unwrap_or(0.0);
+                    (p, v)
+                };
+                if let Some(axes) = self.const_input(node, 3, "axes")? {
+                    let axes = axes.to_i64_vec()?;
+                    let mut full = vec![0i64; 2 * rank];
+                    for (j, &ax) in axes.iter().enumerate() {
+                        let ax = if ax < 0 { ax + rank as i64 } else { ax } as usize;
+                        full[ax] = pads[j];
+                        full[ax + rank] = pads[j + axes.len()];
+                    }
+                    pads = full;
+                }
+                Op::Pad { pads, value }
+            }
+            "Shape" => {
+                inputs = all_inputs(self)?;
+                Op::Shape {
+                    start: a.int("start", 0),
+                    end: a.get("end").map(|x| x.i),
+                }
+            }
+            "Gather" => {
+                inputs = all_inputs(self)?;
+                Op::Gather {
+                    axis: a.int("axis", 0),
+                }
+            }
+            "Cast" => {
+                inputs = all_inputs(self)?;
+                Op::Cast {
+                    to: onnx_dtype(a.req_int("to")? as i32)?,
+                }
+            }
+            "ConstantOfShape" => {
+                inputs = all_inputs(self)?;
+                let value = match a.get("value").and_then(|v| v.t.as_ref()) {
+                    Some(t) => first_as_scalar(&self.reader.read(t)?),
+                    None => Tensor::scalar_f32(0.0),
+                };
+                Op::ConstantOfShape {
+                    value: Arc::new(value),
+                }
+            }
+            other => return Err(Error::Other(format!("operator {other} is not supported"))),
+        };
+        self.add_op(node, name, op, &inputs)
+    }
+
+    fn unary(&self, node: &NodeProto, inputs: &mut Vec<Outlet>, u: Unary) -> Result<Op> {
+        *inputs = vec![self.value(
+            node.input
+                .first()
+                .ok_or_else(|| Error::Other("missing input".into()))?,
+        )?];
+        Ok(Op::Unary(u))
+    }
+
+    /// Add the node, infer its output fact, and fold it into a constant when possible.
+    fn add_op(&mut self, node: &NodeProto, name: &str, op: Op, inputs: &[Outlet]) -> Result<()> {
+        let facts: Vec<Fact> = inputs.iter().map(|o| self.fact(*o).clone()).collect();
+        let out_facts = infer_op(&op, &facts)?;
+        let out_name = node
+            .output
+            .first()
+            .cloned()
+            .unwrap_or_else(|| name.to_string());
+        let all_const = inputs.iter().all(|o| self.graph.const_value(*o).is_some());
+        let static_shape = matches!(op, Op::Shape { .. }) && facts[0].concrete_shape().is_some();
+        if static_shape {
+            let v = out_facts[0].value.as_ref().expect("Shape infers its value");
+            let t = Tensor::i64_vec(v.iter().map(|d| d.known().expect("concrete")).collect());
+            self.add_const(&out_name, t);
+            return Ok(());
+        }
+        if all_const && !inputs.is_empty() {
+            let args: Vec<Arc<Tensor>> = inputs
+                .iter()
+                .map(|o| self.graph.const_value(*o).unwrap().clone())
+                .collect();
+            let t = eval_op(&op, args)?.remove(0);
+            self.add_const(&out_name, t);
+            return Ok(());
+        }
+        let unique = self.unique(name);
+        let n = self.graph.add_node(&unique, op, inputs);
+        let v = &mut self.graph.node_mut(n).outputs[0];
+        v.name = out_name.clone();
+        v.fact = out_facts.into_iter().next();
+        self.values.insert(out_name, Outlet::new(n, 0));
+        Ok(())
+    }
+}
+
+/// The first element of `t` as a rank-0 tensor of `t`'s type (ConstantOfShape's value).
+fn first_as_scalar(t: &Tensor) -> Tensor {
+    use ndarray::{ArrayD, IxDyn};
+    match t {
+        Tensor::I64(a) => Tensor::I64(ArrayD::from_elem(
+            IxDyn(&[]),
+            a.iter().copied().next().unwrap_or(0),
+        )),
+        Tensor::I32(a) => Tensor::I32(ArrayD::from_elem(
+            IxDyn(&[]),
+            a.iter().copied().next().unwrap_or(0),
+        )),
+        other => Tensor::scalar_f32(other.to_f32_vec().first().copied().unwrap_or(0.0)),
+    }
+}
+
+fn window(a: &Attrs, kernel: [usize; 2]) -> Result<Window> {
+    let padding = match a.string("auto_pad").as_deref().unwrap_or("NOTSET") {
+        "NOTSET" | "" => {
+            let p = a.ints("pads").unwrap_or_else(|| vec![0; 4]);
+            if p.len() != 4 || p.iter().any(|&x| x < 0) {
+                return Err(Error::Other(format!(
+                    "pads {p:?}: expected 4 non-negative values for a 2-D window"
+                )));
+            }
+            Padding::Explicit([p[0] as usize, p[1] as usize, p[2] as usize, p[3] as usize])
+        }
+        "SAME_UPPER" => Padding::SameUpper,
+        "SAME_LOWER" => Padding::SameLower,
+        "VALID" => Padding::Valid,
+        other => return Err(Error::Other(format!("unknown auto_pad '{other}'"))),
+    };
+    Ok(Window {
+        kernel,
+        strides: a.pair("strides", 1)?,
+        dilations: a.pair("dilations", 1)?,
+        padding,
+        ceil_mode: a.int("ceil_mode", 0) != 0,
+    })
+}
+
+fn onnx_dtype(code: i32) -> Result<DType> {
+    Ok(match code {
+        1 | 11 => DType::F32,
+        7 => DType::I64,
+        6 => DType::I32,
+        2 => DType::U8,
+        3 => DType::I8,
+        9 => DType::Bool,
+        other => {
+            return Err(Error::Other(format!(
+                "cast to data type {other} is not supported"
+            )))
+        }
+    })
+}
+
+fn constant_attr(a: &Attrs, reader: &mut TensorReader) -> Result<Tensor> {
+    if let Some(t) = a.get("value").and_then(|v| v.t.as_ref()) {
+        return reader.read(t);
+    }
+    if let Some(v) = a.get("value_float") {
+        return Ok(Tensor::scalar_f32(v.f));
+    }
+    if let Some(v) = a.get("value_floats") {
+        return Tensor::f32(&[v.floats.len()], v.floats.clone());
+    }
+    if let Some(v) = a.get("value_int") {
+        return Ok(Tensor::I64(ndarray::ArrayD::from_elem(
+            ndarray::IxDyn(&[]),
+            v.i,
+        )));
+    }
+    if let Some(v) = a.get("value_ints") {
+        return Ok(Tensor::i64_vec(v.ints.clone()));
+    }
+    Err(Error::Other(
+        "Constant without a supported value attribute".into(),
+    ))
+}

@@ -1,0 +1,8 @@
+//! ONNX (and, later, `.tcv`) reading: protobuf decoding through `tract_onnx::pb` (prost
+//! messages), external tensor data, and import into the IR with opset quirks resolved.
+
+pub mod attrs;
+pub mod import;
+pub mod proto;
+
+pub use import::{import_model, load_model};

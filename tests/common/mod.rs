@@ -1,0 +1,96 @@
+//! Shared helpers for integration tests: fixture paths, manifests, comparisons, tract runs.
+#![allow(dead_code)]
+
+use ndarray::ArrayD;
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use tabconv::ir::Tensor;
+
+pub fn fixture(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(rel)
+}
+
+pub fn npy(rel: &str) -> ArrayD<f32> {
+    tabconv::data::read_f32(&fixture(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"))
+}
+
+#[derive(Deserialize, Debug)]
+pub struct Case {
+    pub name: String,
+    pub model: String,
+    pub inputs: Vec<String>,
+    pub outputs: Vec<String>,
+    #[serde(default)]
+    pub opset: Option<i64>,
+    #[serde(default)]
+    pub ops: Vec<String>,
+    #[serde(default)]
+    pub note: String,
+}
+
+#[derive(Deserialize, Debug)]
+pub struct Manifest {
+    pub cases: Vec<Case>,
+}
+
+pub fn manifest(rel: &str) -> Manifest {
+    let text = std::fs::read_to_string(fixture(rel)).expect("manifest");
+    serde_json::from_str(&text).expect("manifest json")
+}
+
+/// Max |a-b| relative to max(1, max|b|): the "error relative to output scale" used everywhere.
+pub fn rel_err(a: &ArrayD<f32>, b: &ArrayD<f32>) -> f32 {
+    assert_eq!(a.shape(), b.shape(), "shape mismatch");
+    let scale = b.iter().fold(1f32, |m, v| m.max(v.abs()));
+    a.iter()
+        .zip(b.iter())
+        .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
+        / scale
+}
+
+/// Run an ONNX file with tract at the given concrete input shapes.
+pub fn run_tract(model: &Path, inputs: &[ArrayD<f32>]) -> Vec<ArrayD<f32>> {
+    use tract_onnx::prelude::*;
+    let mut m = tract_onnx::onnx()
+        .model_for_path(model)
+        .expect("tract loads the model");
+    for (i, x) in inputs.iter().enumerate() {
+        m = m
+            .with_input_fact(i, f32::fact(x.shape()).into())
+            .expect("input fact");
+    }
+    let plan = m
+        .into_optimized()
+        .expect("tract optimizes")
+        .into_runnable()
+        .expect("runnable");
+    let ins: TVec<TValue> = inputs
+        .iter()
+        .map(|x| {
+            let data: Vec<f32> = x.iter().copied().collect();
+            tract_onnx::prelude::Tensor::from_shape(x.shape(), &data)
+                .unwrap()
+                .into()
+        })
+        .collect();
+    plan.run(ins)
+        .expect("tract runs")
+        .iter()
+        .map(|t| {
+            let t = t.cast_to::<f32>().unwrap();
+            let v = t.to_plain_array_view::<f32>().unwrap();
+            ArrayD::from_shape_vec(t.shape(), v.iter().copied().collect()).unwrap()
+        })
+        .collect()
+}
+
+pub fn run_ours(model: &Path, inputs: &[ArrayD<f32>]) -> Result<Vec<Tensor>, tabconv::Error> {
+    let g = tabconv::model::load(model)?;
+    tabconv::interp::run(&g, inputs.iter().cloned().map(Tensor::F32).collect())
+}
+
+pub fn as_f32(t: &Tensor) -> ArrayD<f32> {
+    t.cast(tabconv::ir::DType::F32).into_f32().unwrap()
+}
