@@ -25,11 +25,7 @@ pub enum Error {
     },
     /// A problem tied to a single node of the graph.
     #[error("node {node} ({op}): {msg}")]
-    Node {
-        node: String,
-        op: String,
-        msg: String,
-    },
+    Node { node: String, op: String, msg: String },
     #[error("invalid input: {0}")]
     Input(String),
     #[error("{0}")]

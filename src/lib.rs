@@ -3,11 +3,13 @@
 //! Data flow: `onnx` (decode + import) → `ir::Graph` → `passes` → `interp` (execute).
 //! See docs/ARCHITECTURE.md for the map of modules and their invariants.
 
+pub mod cli;
 pub mod data;
 pub mod error;
 pub mod interp;
 pub mod ir;
 pub mod model;
 pub mod onnx;
+pub mod passes;
 
 pub use error::{Error, Result};

@@ -41,12 +41,7 @@ fn ops_match_onnx_runtime() {
                 for (o, want) in outs.iter().zip(&case.outputs) {
                     let want = tabconv::data::read_tensor(&fixture(want)).unwrap();
                     if want.dtype() != o.dtype() {
-                        failures.push(format!(
-                            "{}: dtype {} vs ORT {}",
-                            case.name,
-                            o.dtype(),
-                            want.dtype()
-                        ));
+                        failures.push(format!("{}: dtype {} vs ORT {}", case.name, o.dtype(), want.dtype()));
                         continue;
                     }
                     let (got, want) = (as_f32(o), as_f32(&want));
@@ -58,11 +53,7 @@ fn ops_match_onnx_runtime() {
                             want.shape()
                         ));
                     } else if rel_err(&got, &want) > TOL {
-                        failures.push(format!(
-                            "{}: error {:e} vs ORT",
-                            case.name,
-                            rel_err(&got, &want)
-                        ));
+                        failures.push(format!("{}: error {:e} vs ORT", case.name, rel_err(&got, &want)));
                     }
                 }
             }
@@ -109,8 +100,7 @@ fn awkward_ops_match_tract() {
             .find(|c| c.name == name)
             .unwrap_or_else(|| panic!("missing case {name}"));
         let inputs: Vec<_> = case.inputs.iter().map(|p| npy(p)).collect();
-        let ours =
-            run_ours(&fixture(&case.model), &inputs).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let ours = run_ours(&fixture(&case.model), &inputs).unwrap_or_else(|e| panic!("{name}: {e}"));
         let theirs = run_tract(&fixture(&case.model), &inputs);
         for (o, t) in ours.iter().zip(&theirs) {
             let e = rel_err(&as_f32(o), t);

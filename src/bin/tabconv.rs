@@ -2,7 +2,7 @@
 
 use clap::{Parser, Subcommand};
 use ndarray::Axis;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 use tabconv::interp::Plan;
@@ -65,13 +65,10 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
+    tabconv::cli::restore_sigpipe();
     let cli = Cli::parse();
     let res = match cli.cmd {
-        Cmd::Run {
-            model,
-            input,
-            output,
-        } => run(&model, &input, &output),
+        Cmd::Run { model, input, output } => run(&model, &input, &output),
         Cmd::Eval {
             model,
             inputs,
@@ -90,13 +87,13 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(model_path: &PathBuf, input: &PathBuf, output: &PathBuf) -> Result<()> {
+fn run(model_path: &Path, input: &Path, output: &Path) -> Result<()> {
     let graph = model::load(model_path)?;
     let x = data::read_f32(input)?;
     let outs = Plan::new(&graph)?.run(vec![Tensor::F32(x)])?;
     for (i, t) in outs.iter().enumerate() {
         let path = if i == 0 {
-            output.clone()
+            output.to_path_buf()
         } else {
             output.with_extension(format!("{i}.npy"))
         };
@@ -105,13 +102,7 @@ fn run(model_path: &PathBuf, input: &PathBuf, output: &PathBuf) -> Result<()> {
     Ok(())
 }
 
-fn eval(
-    model_path: &PathBuf,
-    inputs: &PathBuf,
-    labels: &PathBuf,
-    batch: usize,
-    json: bool,
-) -> Result<()> {
+fn eval(model_path: &Path, inputs: &Path, labels: &Path, batch: usize, json: bool) -> Result<()> {
     let graph = model::load(model_path)?;
     let x = data::read_f32(inputs)?;
     let y = data::read_labels(labels)?;
@@ -131,11 +122,7 @@ fn eval(
     for (i, chunk) in x.axis_chunks_iter(Axis(0), batch).enumerate() {
         let out = plan.run(vec![Tensor::F32(chunk.to_owned())])?;
         let pred = model::argmax_rows(out[0].as_f32()?);
-        correct += pred
-            .iter()
-            .zip(&y[i * batch..])
-            .filter(|(p, l)| p == l)
-            .count();
+        correct += pred.iter().zip(&y[i * batch..]).filter(|(p, l)| p == l).count();
     }
     let secs = start.elapsed().as_secs_f64();
     let acc = correct as f64 / n as f64;
@@ -157,7 +144,7 @@ fn eval(
     Ok(())
 }
 
-fn inspect(model_path: &PathBuf, json: bool) -> Result<()> {
+fn inspect(model_path: &Path, json: bool) -> Result<()> {
     let graph: Graph = model::load(model_path)?;
     let order = graph.topo_order()?;
     let mut hist = std::collections::BTreeMap::<&str, usize>::new();

@@ -45,21 +45,12 @@ pub fn eval_op(op: &Op, mut args: Vec<Arc<Tensor>>) -> Result<Vec<Tensor>> {
             let xs = shape4(&args[0], "Conv")?;
             let w = &args[1];
             let ws = w.shape();
-            if ws.len() != 4 || ws[1] * c.group != xs[1] || ws[0] % c.group != 0 {
-                bail!(
-                    "weight {:?} with group {} does not fit input {:?}",
-                    ws,
-                    c.group,
-                    xs
-                );
+            if ws.len() != 4 || ws[1] * c.group != xs[1] || !ws[0].is_multiple_of(c.group) {
+                bail!("weight {:?} with group {} does not fit input {:?}", ws, c.group, xs);
             }
             let bias = args.get(2).map(|b| f32_std(b)).transpose()?;
             if bias.as_ref().is_some_and(|b| b.len() != ws[0]) {
-                bail!(
-                    "bias has {} values for {} output channels",
-                    bias.unwrap().len(),
-                    ws[0]
-                );
+                bail!("bias has {} values for {} output channels", bias.unwrap().len(), ws[0]);
             }
             Tensor::F32(conv::conv2d(
                 &f32_std(&args[0])?,
@@ -70,16 +61,17 @@ pub fn eval_op(op: &Op, mut args: Vec<Arc<Tensor>>) -> Result<Vec<Tensor>> {
                 c,
             )?)
         }
+        Op::Im2Col(w) => {
+            arity(1, &args)?;
+            Tensor::F32(conv::im2col_rows(&f32_std(&args[0])?, shape4(&args[0], "Im2Col")?, w)?)
+        }
         Op::BatchNorm { epsilon } => {
             arity(5, &args)?;
             let p: Vec<Vec<f32>> = args[1..5]
                 .iter()
                 .map(|t| Ok(f32_std(t)?.into_owned()))
                 .collect::<Result<_>>()?;
-            let mut x = owned(args.swap_remove(0))
-                .into_f32()?
-                .as_standard_layout()
-                .into_owned();
+            let mut x = owned(args.swap_remove(0)).into_f32()?.as_standard_layout().into_owned();
             let shape = x.shape().to_vec();
             if shape.len() < 2 || p.iter().any(|v| v.len() != shape[1]) {
                 bail!("parameters do not match input {:?}", shape);
@@ -94,10 +86,7 @@ pub fn eval_op(op: &Op, mut args: Vec<Arc<Tensor>>) -> Result<Vec<Tensor>> {
         }
         Op::Unary(u) => {
             arity(1, &args)?;
-            let mut x = owned(args.swap_remove(0))
-                .into_f32()?
-                .as_standard_layout()
-                .into_owned();
+            let mut x = owned(args.swap_remove(0)).into_f32()?.as_standard_layout().into_owned();
             ew::apply_unary(*u, x.as_slice_mut().expect("standard"));
             Tensor::F32(x)
         }
@@ -106,9 +95,7 @@ pub fn eval_op(op: &Op, mut args: Vec<Arc<Tensor>>) -> Result<Vec<Tensor>> {
             let rhs = args.pop().unwrap();
             let lhs = args.pop().unwrap();
             match (&*lhs, &*rhs) {
-                (Tensor::F32(_), Tensor::F32(r)) => {
-                    Tensor::F32(ew::binary_f32(*b, owned(lhs.clone()).into_f32()?, r)?)
-                }
+                (Tensor::F32(_), Tensor::F32(r)) => Tensor::F32(ew::binary_f32(*b, owned(lhs.clone()).into_f32()?, r)?),
                 (Tensor::I64(l), Tensor::I64(r)) => Tensor::I64(ew::binary_int(*b, l, r)?),
                 (Tensor::I32(l), Tensor::I32(r)) => Tensor::I32(ew::binary_int(*b, l, r)?),
                 (l, r) => bail!("unsupported operand types {} and {}", l.dtype(), r.dtype()),
@@ -124,22 +111,14 @@ pub fn eval_op(op: &Op, mut args: Vec<Arc<Tensor>>) -> Result<Vec<Tensor>> {
         }
         Op::Pool(p) => {
             arity(1, &args)?;
-            Tensor::F32(pool::pool2d(
-                &f32_std(&args[0])?,
-                shape4(&args[0], "pooling")?,
-                p,
-            )?)
+            Tensor::F32(pool::pool2d(&f32_std(&args[0])?, shape4(&args[0], "pooling")?, p)?)
         }
         Op::GlobalPool { max } => {
             arity(1, &args)?;
             if args[0].shape().len() < 3 {
                 bail!("expects an N×C×spatial input, got {:?}", args[0].shape());
             }
-            Tensor::F32(pool::global_pool(
-                &f32_std(&args[0])?,
-                args[0].shape(),
-                *max,
-            ))
+            Tensor::F32(pool::global_pool(&f32_std(&args[0])?, args[0].shape(), *max))
         }
         Op::Lrn {
             size,
@@ -185,11 +164,7 @@ pub fn eval_op(op: &Op, mut args: Vec<Arc<Tensor>>) -> Result<Vec<Tensor>> {
         Op::Flatten { axis } => {
             arity(1, &args)?;
             let s = args[0].shape();
-            let a = if *axis < 0 {
-                *axis + s.len() as i64
-            } else {
-                *axis
-            } as usize;
+            let a = if *axis < 0 { *axis + s.len() as i64 } else { *axis } as usize;
             if a > s.len() {
                 bail!("axis {axis} out of range for rank {}", s.len());
             }
@@ -205,10 +180,7 @@ pub fn eval_op(op: &Op, mut args: Vec<Arc<Tensor>>) -> Result<Vec<Tensor>> {
             arity(1, &args)?;
             let s = args[0].shape().to_vec();
             let drop: Vec<usize> = match axes {
-                Some(a) => a
-                    .iter()
-                    .map(|&x| so::norm_axis(x, s.len()))
-                    .collect::<Result<_>>()?,
+                Some(a) => a.iter().map(|&x| so::norm_axis(x, s.len())).collect::<Result<_>>()?,
                 None => (0..s.len()).filter(|&i| s[i] == 1).collect(),
             };
             if let Some(&d) = drop.iter().find(|&&d| s[d] != 1) {
@@ -225,10 +197,7 @@ pub fn eval_op(op: &Op, mut args: Vec<Arc<Tensor>>) -> Result<Vec<Tensor>> {
         Op::Unsqueeze { axes } => {
             arity(1, &args)?;
             let r = args[0].shape().len() + axes.len();
-            let mut norm: Vec<usize> = axes
-                .iter()
-                .map(|&a| so::norm_axis(a, r))
-                .collect::<Result<_>>()?;
+            let mut norm: Vec<usize> = axes.iter().map(|&a| so::norm_axis(a, r)).collect::<Result<_>>()?;
             norm.sort();
             let mut shape = args[0].shape().to_vec();
             for a in norm {
@@ -255,14 +224,11 @@ pub fn eval_op(op: &Op, mut args: Vec<Arc<Tensor>>) -> Result<Vec<Tensor>> {
             arity(2, &args)?;
             Tensor::F32(matmul_op(args[0].as_f32()?, args[1].as_f32()?)?)
         }
-        Op::Softmax { axis, legacy, log } => {
+        Op::Softmax { axis, log } => {
             arity(1, &args)?;
             let ax = so::norm_axis(*axis, args[0].shape().len())?;
-            let x = owned(args.swap_remove(0))
-                .into_f32()?
-                .as_standard_layout()
-                .into_owned();
-            Tensor::F32(ew::softmax(x, ax, *legacy, *log))
+            let x = owned(args.swap_remove(0)).into_f32()?.as_standard_layout().into_owned();
+            Tensor::F32(ew::softmax(x, ax, *log))
         }
         Op::Slice {
             starts,
@@ -296,10 +262,7 @@ pub fn eval_op(op: &Op, mut args: Vec<Arc<Tensor>>) -> Result<Vec<Tensor>> {
             arity(1, &args)?;
             let r = args[0].shape().len();
             let ax: Vec<usize> = match axes {
-                Some(a) => a
-                    .iter()
-                    .map(|&x| so::norm_axis(x, r))
-                    .collect::<Result<_>>()?,
+                Some(a) => a.iter().map(|&x| so::norm_axis(x, r)).collect::<Result<_>>()?,
                 None => (0..r).collect(),
             };
             Tensor::F32(so::reduce_mean(args[0].as_f32()?, &ax, *keepdims))
@@ -340,17 +303,11 @@ pub fn eval_op(op: &Op, mut args: Vec<Arc<Tensor>>) -> Result<Vec<Tensor>> {
             let shape: Vec<usize> = args[0]
                 .to_i64_vec()?
                 .into_iter()
-                .map(|d| {
-                    usize::try_from(d)
-                        .map_err(|_| crate::error::Error::Other(format!("negative dimension {d}")))
-                })
+                .map(|d| usize::try_from(d).map_err(|_| crate::error::Error::Other(format!("negative dimension {d}"))))
                 .collect::<Result<_>>()?;
             match value.dtype() {
                 DType::I64 => Tensor::I64(ArrayD::from_elem(IxDyn(&shape), value.to_i64_vec()?[0])),
-                DType::I32 => Tensor::I32(ArrayD::from_elem(
-                    IxDyn(&shape),
-                    value.to_i64_vec()?[0] as i32,
-                )),
+                DType::I32 => Tensor::I32(ArrayD::from_elem(IxDyn(&shape), value.to_i64_vec()?[0] as i32)),
                 _ => Tensor::F32(ArrayD::from_elem(IxDyn(&shape), value.to_f32_vec()[0])),
             }
         }
@@ -389,11 +346,7 @@ fn reshape_any(t: Tensor, shape: &[usize]) -> Result<Tensor> {
 fn gemm_op(g: &Gemm, args: &[Arc<Tensor>]) -> Result<ArrayD<f32>> {
     let (a, b) = (args[0].as_f32()?, args[1].as_f32()?);
     if a.ndim() != 2 || b.ndim() != 2 {
-        bail!(
-            "Gemm needs 2-D inputs, got {:?} and {:?}",
-            a.shape(),
-            b.shape()
-        );
+        bail!("Gemm needs 2-D inputs, got {:?} and {:?}", a.shape(), b.shape());
     }
     let (a, b) = (a.as_standard_layout(), b.as_standard_layout());
     let (ar, ac) = (a.shape()[0], a.shape()[1]);
@@ -413,30 +366,16 @@ fn gemm_op(g: &Gemm, args: &[Arc<Tensor>]) -> Result<ArrayD<f32>> {
     let has_c = args.len() > 2 && g.beta != 0.0;
     if has_c {
         let c = args[2].as_f32()?;
-        let cb = c.broadcast(IxDyn(&[m, n])).ok_or_else(|| {
-            crate::error::Error::Other(format!(
-                "C {:?} does not broadcast to [{m}, {n}]",
-                c.shape()
-            ))
-        })?;
+        let cb = c
+            .broadcast(IxDyn(&[m, n]))
+            .ok_or_else(|| crate::error::Error::Other(format!("C {:?} does not broadcast to [{m}, {n}]", c.shape())))?;
         out.zip_mut_with(&cb, |o, &v| *o = g.beta * v);
     }
     let am = Mat::row_major(a.as_slice().unwrap(), ac);
     let bm = Mat::row_major(b.as_slice().unwrap(), bc);
     let am = if g.trans_a { am.transposed() } else { am };
     let bm = if g.trans_b { bm.transposed() } else { bm };
-    gemm::matmul(
-        m,
-        n,
-        k,
-        am,
-        bm,
-        out.as_slice_mut().unwrap(),
-        n,
-        has_c,
-        g.alpha,
-        true,
-    );
+    gemm::matmul(m, n, k, am, bm, out.as_slice_mut().unwrap(), n, has_c, g.alpha, true);
     Ok(out)
 }
 
@@ -461,6 +400,28 @@ pub fn matmul_op(a: &ArrayD<f32>, b: &ArrayD<f32>) -> Result<ArrayD<f32>> {
     let (kb, n) = (b2.shape()[b2.ndim() - 2], b2.shape()[b2.ndim() - 1]);
     if k != kb {
         bail!("inner dimensions differ: {:?} × {:?}", a.shape(), b.shape());
+    }
+    if b.ndim() == 2 && a.ndim() >= 2 {
+        // [.., m, k] × [k, n]: one GEMM over all leading rows, no copies of b.
+        let a_std = a.as_standard_layout();
+        let b_std = b.as_standard_layout();
+        let rows = a.len() / k.max(1);
+        let mut shape = a.shape().to_vec();
+        *shape.last_mut().unwrap() = n;
+        let mut out = ArrayD::<f32>::zeros(IxDyn(&shape));
+        gemm::matmul(
+            rows,
+            n,
+            k,
+            Mat::row_major(a_std.as_slice().unwrap(), k),
+            Mat::row_major(b_std.as_slice().unwrap(), n),
+            out.as_slice_mut().unwrap(),
+            n,
+            false,
+            1.0,
+            true,
+        );
+        return Ok(out);
     }
     let batch = ew::broadcast_shape(&a2.shape()[..a2.ndim() - 2], &b2.shape()[..b2.ndim() - 2])?;
     let mut full_a = batch.clone();

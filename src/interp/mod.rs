@@ -46,21 +46,13 @@ impl<'g> Plan<'g> {
             for &a in &args {
                 uses[a] += 1;
             }
-            steps.push(Step {
-                node: n,
-                args,
-                outs,
-            });
+            steps.push(Step { node: n, args, outs });
         }
         let outputs: Vec<usize> = graph.outputs.iter().map(|(_, o)| ids[o]).collect();
         for &o in &outputs {
             uses[o] += 1;
         }
-        let inputs = graph
-            .inputs
-            .iter()
-            .map(|n| ids[&Outlet::new(*n, 0)])
-            .collect();
+        let inputs = graph.inputs.iter().map(|n| ids[&Outlet::new(*n, 0)]).collect();
         Ok(Plan {
             graph,
             steps,
@@ -128,12 +120,10 @@ impl<'g> Plan<'g> {
                 } else {
                     values[a].clone()
                 };
-                args.push(v.ok_or_else(|| {
-                    Error::node(&node.name, node.op.name(), "input value missing")
-                })?);
+                args.push(v.ok_or_else(|| Error::node(&node.name, node.op.name(), "input value missing"))?);
             }
-            let outs = eval::eval_op(&node.op, args)
-                .map_err(|e| Error::node(&node.name, node.op.name(), e.to_string()))?;
+            let outs =
+                eval::eval_op(&node.op, args).map_err(|e| Error::node(&node.name, node.op.name(), e.to_string()))?;
             for (t, &id) in outs.into_iter().zip(&step.outs) {
                 if self.uses[id] > 0 {
                     values[id] = Some(Arc::new(t));

@@ -26,41 +26,20 @@ pub fn dump(graph: &Graph) -> Result<String> {
         let ty: Vec<String> = node
             .outputs
             .iter()
-            .map(|v| {
-                v.fact
-                    .as_ref()
-                    .map(|f| f.shape_string())
-                    .unwrap_or_else(|| "?".into())
-            })
+            .map(|v| v.fact.as_ref().map(|f| f.shape_string()).unwrap_or_else(|| "?".into()))
             .collect();
         match &node.op {
             Op::Input => {
-                let _ = writeln!(
-                    s,
-                    "input {} = \"{}\" : {}",
-                    outs.join(", "),
-                    node.name,
-                    ty.join(", ")
-                );
+                let _ = writeln!(s, "input {} = \"{}\" : {}", outs.join(", "), node.name, ty.join(", "));
             }
             Op::Const(t) => {
-                let _ = writeln!(
-                    s,
-                    "{} = Const {} \"{}\"",
-                    outs.join(", "),
-                    t.summary(),
-                    node.name
-                );
+                let _ = writeln!(s, "{} = Const {} \"{}\"", outs.join(", "), t.summary(), node.name);
             }
             op => {
                 let args: Vec<String> = graph
                     .inputs_of(*n)
                     .iter()
-                    .map(|o| {
-                        ids.get(o)
-                            .map(|i| format!("%{i}"))
-                            .unwrap_or_else(|| "%?".into())
-                    })
+                    .map(|o| ids.get(o).map(|i| format!("%{i}")).unwrap_or_else(|| "%?".into()))
                     .collect();
                 let attrs = op.attrs();
                 let _ = writeln!(
@@ -78,10 +57,7 @@ pub fn dump(graph: &Graph) -> Result<String> {
         }
     }
     for (name, o) in &graph.outputs {
-        let id = ids
-            .get(o)
-            .map(|i| format!("%{i}"))
-            .unwrap_or_else(|| "%?".into());
+        let id = ids.get(o).map(|i| format!("%{i}")).unwrap_or_else(|| "%?".into());
         let _ = writeln!(s, "output \"{name}\" = {id}");
     }
     Ok(s)

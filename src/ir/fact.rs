@@ -88,10 +88,7 @@ impl Fact {
     }
     /// The shape as plain numbers if nothing is symbolic.
     pub fn concrete_shape(&self) -> Option<Vec<usize>> {
-        self.shape
-            .iter()
-            .map(|d| d.known().map(|v| v as usize))
-            .collect()
+        self.shape.iter().map(|d| d.known().map(|v| v as usize)).collect()
     }
     pub fn dim(&self, axis: usize) -> Dim {
         self.shape[axis]

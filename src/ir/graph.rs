@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 use petgraph::stable_graph::{NodeIndex, StableDiGraph};
 use petgraph::visit::EdgeRef;
 use petgraph::Direction;
-use std::collections::{BTreeMap, BinaryHeap};
+use std::collections::BTreeMap;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Outlet {
@@ -104,12 +104,7 @@ impl Graph {
         let mut v: Vec<(usize, Outlet)> = self
             .g
             .edges_directed(n, Direction::Incoming)
-            .map(|e| {
-                (
-                    e.weight().dst_port,
-                    Outlet::new(e.source(), e.weight().src_slot),
-                )
-            })
+            .map(|e| (e.weight().dst_port, Outlet::new(e.source(), e.weight().src_slot)))
             .collect();
         v.sort_by_key(|(p, _)| *p);
         v.into_iter().map(|(_, o)| o).collect()
@@ -165,40 +160,58 @@ impl Graph {
         }
     }
 
-    /// Deterministic topological order: Kahn's algorithm, smallest node index first, so the
-    /// order follows insertion order wherever dependencies allow.
+    /// Canonical topological order: depth-first from the graph outputs (in order), visiting a
+    /// node's inputs by port before the node itself; then graph inputs, then anything
+    /// unreachable by node index. It depends only on the graph's structure and names, never on
+    /// insertion order, so dumps and written files are stable across equivalent rewrites.
     pub fn topo_order(&self) -> Result<Vec<NodeIndex>> {
-        let mut indeg: BTreeMap<NodeIndex, usize> = BTreeMap::new();
-        for n in self.g.node_indices() {
-            indeg.insert(n, self.g.edges_directed(n, Direction::Incoming).count());
+        #[derive(Clone, Copy, PartialEq)]
+        enum Mark {
+            Open,
+            Done,
         }
-        let mut ready: BinaryHeap<std::cmp::Reverse<NodeIndex>> = indeg
-            .iter()
-            .filter(|(_, &d)| d == 0)
-            .map(|(&n, _)| std::cmp::Reverse(n))
-            .collect();
-        let mut order = Vec::with_capacity(indeg.len());
-        while let Some(std::cmp::Reverse(n)) = ready.pop() {
-            order.push(n);
-            for e in self.g.edges_directed(n, Direction::Outgoing) {
-                let d = indeg.get_mut(&e.target()).expect("edge target exists");
-                *d -= 1;
-                if *d == 0 {
-                    ready.push(std::cmp::Reverse(e.target()));
+        let mut mark: std::collections::HashMap<NodeIndex, Mark> = std::collections::HashMap::new();
+        let mut order = Vec::with_capacity(self.g.node_count());
+        let mut roots: Vec<NodeIndex> = self.outputs.iter().map(|(_, o)| o.node).collect();
+        roots.extend(self.inputs.iter().copied());
+        roots.extend(self.g.node_indices());
+        for root in roots {
+            if mark.contains_key(&root) {
+                continue;
+            }
+            // (node, inputs already pushed?)
+            let mut stack = vec![(root, false)];
+            while let Some((n, expanded)) = stack.pop() {
+                if expanded {
+                    mark.insert(n, Mark::Done);
+                    order.push(n);
+                    continue;
+                }
+                match mark.get(&n) {
+                    Some(Mark::Done) => continue,
+                    Some(Mark::Open) => {
+                        return Err(Error::Other(format!(
+                            "graph has a cycle through node {}",
+                            self.g[n].name
+                        )))
+                    }
+                    None => {}
+                }
+                mark.insert(n, Mark::Open);
+                stack.push((n, true));
+                for o in self.inputs_of(n).iter().rev() {
+                    match mark.get(&o.node) {
+                        Some(Mark::Done) => {}
+                        Some(Mark::Open) => {
+                            return Err(Error::Other(format!(
+                                "graph has a cycle through nodes {} and {}",
+                                self.g[n].name, self.g[o.node].name
+                            )))
+                        }
+                        None => stack.push((o.node, false)),
+                    }
                 }
             }
-        }
-        if order.len() != indeg.len() {
-            let stuck: Vec<String> = indeg
-                .iter()
-                .filter(|(n, _)| !order.contains(n))
-                .take(5)
-                .map(|(n, _)| self.g[*n].name.clone())
-                .collect();
-            return Err(Error::Other(format!(
-                "graph has a cycle through nodes {}",
-                stuck.join(", ")
-            )));
         }
         Ok(order)
     }
@@ -213,15 +226,85 @@ impl Graph {
                 stack.extend(self.g.neighbors_directed(n, Direction::Incoming));
             }
         }
-        let dead: Vec<NodeIndex> = self
-            .g
-            .node_indices()
-            .filter(|n| !live.contains(n))
-            .collect();
+        let dead: Vec<NodeIndex> = self.g.node_indices().filter(|n| !live.contains(n)).collect();
         for n in &dead {
             self.g.remove_node(*n);
         }
         dead.len()
+    }
+
+    /// A node name not used yet, derived from `base`.
+    pub fn unique_name(&self, base: &str) -> String {
+        let taken: std::collections::HashSet<&str> = self.g.node_weights().map(|n| n.name.as_str()).collect();
+        if !taken.contains(base) {
+            return base.to_string();
+        }
+        (1..)
+            .map(|i| format!("{base}.{i}"))
+            .find(|n| !taken.contains(n.as_str()))
+            .expect("some suffix is free")
+    }
+
+    /// Add a constant node (fact filled in) under a unique name derived from `name`.
+    pub fn add_const(&mut self, name: &str, t: super::Tensor) -> Outlet {
+        let name = self.unique_name(name);
+        let fact = Fact::of_tensor(&t);
+        let n = self.add_node(&name, Op::Const(std::sync::Arc::new(t)), &[]);
+        self.g[n].outputs[0].fact = Some(fact);
+        Outlet::new(n, 0)
+    }
+
+    /// Add an op node under a unique name derived from `name`.
+    pub fn add_op(&mut self, name: &str, op: Op, inputs: &[Outlet]) -> Outlet {
+        let name = self.unique_name(name);
+        Outlet::new(self.add_node(&name, op, inputs), 0)
+    }
+
+    /// Rewire input `port` of `node` to read `src`.
+    pub fn set_input(&mut self, node: NodeIndex, port: usize, src: Outlet) {
+        let old: Vec<_> = self
+            .g
+            .edges_directed(node, Direction::Incoming)
+            .filter(|e| e.weight().dst_port == port)
+            .map(|e| e.id())
+            .collect();
+        for e in old {
+            self.g.remove_edge(e);
+        }
+        self.g.add_edge(
+            src.node,
+            node,
+            Wire {
+                src_slot: src.slot,
+                dst_port: port,
+            },
+        );
+    }
+
+    /// Drop input ports `>= n` of `node`.
+    pub fn truncate_inputs(&mut self, node: NodeIndex, n: usize) {
+        let old: Vec<_> = self
+            .g
+            .edges_directed(node, Direction::Incoming)
+            .filter(|e| e.weight().dst_port >= n)
+            .map(|e| e.id())
+            .collect();
+        for e in old {
+            self.g.remove_edge(e);
+        }
+    }
+
+    /// True if the outlet is read by exactly one node port and is not a graph output.
+    pub fn has_single_use(&self, o: Outlet) -> bool {
+        self.consumers(o).len() == 1 && !self.outputs.iter().any(|(_, x)| *x == o)
+    }
+
+    /// Number of nodes that compute something (not inputs or constants).
+    pub fn op_count(&self) -> usize {
+        self.g
+            .node_weights()
+            .filter(|n| !matches!(n.op, Op::Input | Op::Const(_)))
+            .count()
     }
 
     /// Find a node by its name.
@@ -261,10 +344,7 @@ impl Graph {
                 }
             }
             if matches!(node.op, Op::Input) && !self.inputs.contains(&n) {
-                errs.push(format!(
-                    "node {}: Input node not listed as graph input",
-                    node.name
-                ));
+                errs.push(format!("node {}: Input node not listed as graph input", node.name));
             }
         }
         for (name, o) in &self.outputs {

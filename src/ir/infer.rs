@@ -18,14 +18,13 @@ pub fn infer_graph(graph: &mut Graph) -> Result<()> {
         let mut facts = Vec::with_capacity(ins.len());
         for o in &ins {
             let node = graph.node(n);
-            let f = graph.fact(*o).ok_or_else(|| {
-                Error::node(&node.name, node.op.name(), "an input has no inferred shape")
-            })?;
+            let f = graph
+                .fact(*o)
+                .ok_or_else(|| Error::node(&node.name, node.op.name(), "an input has no inferred shape"))?;
             facts.push(f.clone());
         }
         let node = graph.node(n);
-        let out = infer_op(&node.op, &facts)
-            .map_err(|e| Error::node(&node.name, node.op.name(), e.to_string()))?;
+        let out = infer_op(&node.op, &facts).map_err(|e| Error::node(&node.name, node.op.name(), e.to_string()))?;
         for (v, f) in graph.node_mut(n).outputs.iter_mut().zip(out) {
             v.fact = Some(f);
         }
@@ -79,10 +78,7 @@ pub fn broadcast(a: &[Dim], b: &[Dim]) -> Result<Vec<Dim>> {
 
 fn spatial(f: &Fact, what: &str) -> Result<[usize; 2]> {
     if f.rank() != 4 {
-        return err(format!(
-            "{what} expects a 4-D NCHW input, got {}",
-            f.shape_string()
-        ));
+        return err(format!("{what} expects a 4-D NCHW input, got {}", f.shape_string()));
     }
     match (f.shape[2], f.shape[3]) {
         (Dim::Known(h), Dim::Known(w)) => Ok([h as usize, w as usize]),
@@ -132,6 +128,22 @@ pub fn infer_op(op: &Op, ins: &[Fact]) -> Result<Vec<Fact>> {
                 ],
             )
         }
+        Op::Im2Col(w) => {
+            need(1)?;
+            let x = &ins[0];
+            let g = w.resolve(spatial(x, "Im2Col")?)?;
+            let c = x.shape[1]
+                .known()
+                .ok_or_else(|| Error::Other("channels must be known".into()))?;
+            Fact::new(
+                DType::F32,
+                vec![
+                    x.shape[0],
+                    Dim::Known((g.out[0] * g.out[1]) as i64),
+                    Dim::Known(c * (w.kernel[0] * w.kernel[1]) as i64),
+                ],
+            )
+        }
         Op::BatchNorm { .. } => {
             need(5)?;
             let c = ins[0].shape.get(1).copied();
@@ -159,10 +171,7 @@ pub fn infer_op(op: &Op, ins: &[Fact]) -> Result<Vec<Fact>> {
         Op::Binary(b) => {
             need(2)?;
             if ins[0].dtype != ins[1].dtype {
-                return err(format!(
-                    "operand types differ: {} vs {}",
-                    ins[0].dtype, ins[1].dtype
-                ));
+                return err(format!("operand types differ: {} vs {}", ins[0].dtype, ins[1].dtype));
             }
             let mut f = Fact::new(ins[0].dtype, broadcast(&ins[0].shape, &ins[1].shape)?);
             f.value = fold_int_binary(*b, &ins[0], &ins[1]);
@@ -182,12 +191,7 @@ pub fn infer_op(op: &Op, ins: &[Fact]) -> Result<Vec<Fact>> {
             let s = &ins[0].shape;
             Fact::new(
                 DType::F32,
-                vec![
-                    s[0],
-                    s[1],
-                    Dim::Known(g.out[0] as i64),
-                    Dim::Known(g.out[1] as i64),
-                ],
+                vec![s[0], s[1], Dim::Known(g.out[0] as i64), Dim::Known(g.out[1] as i64)],
             )
         }
         Op::GlobalPool { .. } => {
@@ -213,9 +217,7 @@ pub fn infer_op(op: &Op, ins: &[Fact]) -> Result<Vec<Fact>> {
                         *x = match (*x, *y) {
                             (Dim::Known(p), Dim::Known(q)) => Dim::Known(p + q),
                             (Dim::Batch(p), Dim::Batch(q)) => Dim::Batch(p + q),
-                            _ => {
-                                return err("cannot concatenate a batch dimension with a fixed one")
-                            }
+                            _ => return err("cannot concatenate a batch dimension with a fixed one"),
                         };
                     } else if x != y {
                         return err(format!("Concat inputs differ on axis {d}: {x} vs {y}"));
@@ -240,20 +242,15 @@ pub fn infer_op(op: &Op, ins: &[Fact]) -> Result<Vec<Fact>> {
                 return err(format!("axis {axis} out of range for rank {r}"));
             }
             let s = &ins[0].shape;
-            Fact::new(
-                ins[0].dtype,
-                vec![product_dim(&s[..a])?, product_dim(&s[a..])?],
-            )
+            Fact::new(ins[0].dtype, vec![product_dim(&s[..a])?, product_dim(&s[a..])?])
         }
         Op::Reshape { allowzero } => {
             need(2)?;
-            let target = ins[1].value.clone().ok_or_else(|| {
-                Error::Other("the target shape is not known statically".to_string())
-            })?;
-            Fact::new(
-                ins[0].dtype,
-                reshape_dims(&ins[0].shape, &target, *allowzero)?,
-            )
+            let target = ins[1]
+                .value
+                .clone()
+                .ok_or_else(|| Error::Other("the target shape is not known statically".to_string()))?;
+            Fact::new(ins[0].dtype, reshape_dims(&ins[0].shape, &target, *allowzero)?)
         }
         Op::Transpose { perm } => {
             need(1)?;
@@ -270,10 +267,7 @@ pub fn infer_op(op: &Op, ins: &[Fact]) -> Result<Vec<Fact>> {
             need(1)?;
             let s = &ins[0].shape;
             let drop: Vec<usize> = match axes {
-                Some(a) => a
-                    .iter()
-                    .map(|&x| norm_axis(x, s.len()))
-                    .collect::<Result<_>>()?,
+                Some(a) => a.iter().map(|&x| norm_axis(x, s.len())).collect::<Result<_>>()?,
                 None => (0..s.len()).filter(|&i| s[i] == Dim::Known(1)).collect(),
             };
             for &d in &drop {
@@ -295,10 +289,7 @@ pub fn infer_op(op: &Op, ins: &[Fact]) -> Result<Vec<Fact>> {
         Op::Unsqueeze { axes } => {
             need(1)?;
             let r = ins[0].rank() + axes.len();
-            let mut norm: Vec<usize> = axes
-                .iter()
-                .map(|&a| norm_axis(a, r))
-                .collect::<Result<_>>()?;
+            let mut norm: Vec<usize> = axes.iter().map(|&a| norm_axis(a, r)).collect::<Result<_>>()?;
             norm.sort();
             let mut shape = ins[0].shape.clone();
             for a in norm {
@@ -345,10 +336,7 @@ pub fn infer_op(op: &Op, ins: &[Fact]) -> Result<Vec<Fact>> {
             need(1)?;
             let s = &ins[0].shape;
             let red: Vec<usize> = match axes {
-                Some(a) => a
-                    .iter()
-                    .map(|&x| norm_axis(x, s.len()))
-                    .collect::<Result<_>>()?,
+                Some(a) => a.iter().map(|&x| norm_axis(x, s.len())).collect::<Result<_>>()?,
                 None => (0..s.len()).collect(),
             };
             let shape = s
@@ -374,12 +362,7 @@ pub fn infer_op(op: &Op, ins: &[Fact]) -> Result<Vec<Fact>> {
                 *d = match *d {
                     Dim::Known(v) if v + add >= 0 => Dim::Known(v + add),
                     Dim::Batch(k) if add == 0 => Dim::Batch(k),
-                    _ => {
-                        return err(format!(
-                            "invalid pads {pads:?} for {}",
-                            ins[0].shape_string()
-                        ))
-                    }
+                    _ => return err(format!("invalid pads {pads:?} for {}", ins[0].shape_string())),
                 };
             }
             Fact::new(ins[0].dtype, out)
@@ -397,11 +380,7 @@ pub fn infer_op(op: &Op, ins: &[Fact]) -> Result<Vec<Fact>> {
                 let a = norm_axis(ax, shape.len())?;
                 let n = match shape[a] {
                     Dim::Known(n) => n,
-                    Dim::Batch(_)
-                        if starts[i] == 0 && ends[i] >= i32::MAX as i64 && steps[i] == 1 =>
-                    {
-                        continue
-                    }
+                    Dim::Batch(_) if starts[i] == 0 && ends[i] >= i32::MAX as i64 && steps[i] == 1 => continue,
                     Dim::Batch(_) => return err("cannot slice the batch dimension"),
                 };
                 let idx = slice_indices(n, starts[i], ends[i], steps[i])?;
@@ -421,11 +400,7 @@ pub fn infer_op(op: &Op, ins: &[Fact]) -> Result<Vec<Fact>> {
             let r = ins[0].rank() as i64;
             let clamp = |v: i64| (if v < 0 { v + r } else { v }).clamp(0, r) as usize;
             let (s, e) = (clamp(*start), clamp(end.unwrap_or(r)));
-            let dims = if s < e {
-                ins[0].shape[s..e].to_vec()
-            } else {
-                vec![]
-            };
+            let dims = if s < e { ins[0].shape[s..e].to_vec() } else { vec![] };
             let mut f = Fact::known(DType::I64, &[dims.len()]);
             f.value = Some(dims);
             f
@@ -443,9 +418,7 @@ pub fn infer_op(op: &Op, ins: &[Fact]) -> Result<Vec<Fact>> {
                 f.value = iv
                     .iter()
                     .map(|i| match i {
-                        Dim::Known(i) if (-n..n).contains(i) => {
-                            Some(dv[(if *i < 0 { i + n } else { *i }) as usize])
-                        }
+                        Dim::Known(i) if (-n..n).contains(i) => Some(dv[(if *i < 0 { i + n } else { *i }) as usize]),
                         _ => None,
                     })
                     .collect();
@@ -490,14 +463,11 @@ fn fold_int_binary(op: Binary, a: &Fact, b: &Fact) -> Option<Vec<Dim>> {
                 (Binary::Add, Dim::Known(p), Dim::Known(q)) => Some(Dim::Known(p + q)),
                 (Binary::Sub, Dim::Known(p), Dim::Known(q)) => Some(Dim::Known(p - q)),
                 (Binary::Mul, Dim::Known(p), Dim::Known(q)) => Some(Dim::Known(p * q)),
-                (Binary::Mul, Dim::Batch(p), Dim::Known(q))
-                | (Binary::Mul, Dim::Known(q), Dim::Batch(p)) => Some(Dim::Batch(p * q)),
-                (Binary::Div, Dim::Known(p), Dim::Known(q)) if q != 0 => {
-                    Some(Dim::Known(p.div_euclid(q)))
+                (Binary::Mul, Dim::Batch(p), Dim::Known(q)) | (Binary::Mul, Dim::Known(q), Dim::Batch(p)) => {
+                    Some(Dim::Batch(p * q))
                 }
-                (Binary::Div, Dim::Batch(p), Dim::Known(q)) if q != 0 && p % q == 0 => {
-                    Some(Dim::Batch(p / q))
-                }
+                (Binary::Div, Dim::Known(p), Dim::Known(q)) if q != 0 => Some(Dim::Known(p.div_euclid(q))),
+                (Binary::Div, Dim::Batch(p), Dim::Known(q)) if q != 0 && p % q == 0 => Some(Dim::Batch(p / q)),
                 _ => None,
             }
         })
@@ -510,9 +480,11 @@ pub fn reshape_dims(input: &[Dim], target: &[Dim], allowzero: bool) -> Result<Ve
     let mut infer_at = None;
     for (i, t) in target.iter().enumerate() {
         match t {
-            Dim::Known(0) if !allowzero => out.push(*input.get(i).ok_or_else(|| {
-                Error::Other(format!("0 at position {i} has no input dim to copy"))
-            })?),
+            Dim::Known(0) if !allowzero => out.push(
+                *input
+                    .get(i)
+                    .ok_or_else(|| Error::Other(format!("0 at position {i} has no input dim to copy")))?,
+            ),
             Dim::Known(-1) => {
                 if infer_at.replace(i).is_some() {
                     return err("more than one -1 in the target shape");
@@ -538,12 +510,7 @@ pub fn reshape_dims(input: &[Dim], target: &[Dim], allowzero: bool) -> Result<Ve
         }
         None => {
             if (kin, pin) != (kout, pout) {
-                let s = |d: &[Dim]| {
-                    d.iter()
-                        .map(|x| x.to_string())
-                        .collect::<Vec<_>>()
-                        .join(",")
-                };
+                let s = |d: &[Dim]| d.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",");
                 return err(format!("cannot reshape [{}] into [{}]", s(input), s(&out)));
             }
         }

@@ -128,10 +128,8 @@ pub enum Op {
     /// inputs: a, b, [c]
     Gemm(Gemm),
     MatMul,
-    /// `legacy`: opset < 13 semantics (flatten to 2-D at `axis`, normalise over the tail).
     Softmax {
         axis: i64,
-        legacy: bool,
         log: bool,
     },
     /// Strided slice with per-axis `[start, end)` already clamped by ONNX rules at run time.
@@ -165,6 +163,9 @@ pub enum Op {
     ConstantOfShape {
         value: Arc<Tensor>,
     },
+    /// `ai.tabconv.Im2Col`: `[N, C, H, W]` → `[N, oh·ow, C·kh·kw]`, one receptive field per row,
+    /// row layout `(c, i, j)` so each input channel's `kh·kw` values are contiguous.
+    Im2Col(Window),
 }
 
 impl Op {
@@ -216,6 +217,7 @@ impl Op {
             Op::Gather { .. } => "Gather",
             Op::Cast { .. } => "Cast",
             Op::ConstantOfShape { .. } => "ConstantOfShape",
+            Op::Im2Col(_) => "Im2Col",
         }
     }
 
@@ -238,6 +240,7 @@ impl Op {
         match self {
             Op::Input | Op::Sum | Op::MatMul | Op::Binary(_) => String::new(),
             Op::Const(t) => t.summary(),
+            Op::Im2Col(w) => window(w),
             Op::Conv(c) => {
                 let mut s = window(&c.window);
                 if c.group != 1 {
@@ -293,9 +296,7 @@ impl Op {
             } => {
                 format!("starts={starts:?} ends={ends:?} axes={axes:?} steps={steps:?}")
             }
-            Op::Softmax { axis, legacy, .. } => {
-                format!("axis={axis}{}", if *legacy { " legacy-2d" } else { "" })
-            }
+            Op::Softmax { axis, .. } => format!("axis={axis}"),
             Op::ReduceMean { axes, keepdims } => {
                 format!("axes={axes:?} keepdims={}", *keepdims as u8)
             }

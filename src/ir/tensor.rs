@@ -206,12 +206,7 @@ impl Tensor {
 
     /// `f32[16,1,5,5] #1a2b3c4d` or, for tiny integer tensors, their values.
     pub fn summary(&self) -> String {
-        let shape = self
-            .shape()
-            .iter()
-            .map(|d| d.to_string())
-            .collect::<Vec<_>>()
-            .join(",");
+        let shape = self.shape().iter().map(|d| d.to_string()).collect::<Vec<_>>().join(",");
         if self.dtype() != DType::F32 && self.len() <= 8 {
             if let Ok(v) = self.to_i64_vec() {
                 return format!("{}[{}] {:?}", self.dtype(), shape, v);

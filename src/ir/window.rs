@@ -42,9 +42,7 @@ impl Window {
             };
             let padded = n + begin + end;
             if padded < k {
-                bail!(
-                    "window of extent {k} does not fit input size {n} with pads ({begin}, {end})"
-                );
+                bail!("window of extent {k} does not fit input size {n} with pads ({begin}, {end})");
             }
             let span = padded - k;
             let mut o = if self.ceil_mode {

@@ -27,8 +27,7 @@ impl<'a> Attrs<'a> {
         self.get(name).map(|a| a.ints.clone())
     }
     pub fn string(&self, name: &str) -> Option<String> {
-        self.get(name)
-            .map(|a| String::from_utf8_lossy(&a.s).into_owned())
+        self.get(name).map(|a| String::from_utf8_lossy(&a.s).into_owned())
     }
     pub fn req_int(&self, name: &str) -> Result<i64> {
         self.get(name)
@@ -39,9 +38,7 @@ impl<'a> Attrs<'a> {
     pub fn pair(&self, name: &str, default: usize) -> Result<[usize; 2]> {
         match self.ints(name) {
             None => Ok([default, default]),
-            Some(v) if v.len() == 2 && v.iter().all(|&x| x > 0) => {
-                Ok([v[0] as usize, v[1] as usize])
-            }
+            Some(v) if v.len() == 2 && v.iter().all(|&x| x > 0) => Ok([v[0] as usize, v[1] as usize]),
             Some(v) => Err(Error::Other(format!(
                 "attribute '{name}' = {v:?}: only 2-D windows with positive sizes are supported"
             ))),

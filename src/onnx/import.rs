@@ -4,6 +4,7 @@
 //! sub-graphs feeding Reshape, Squeeze, Pad … disappear before the rest of the import sees them.
 
 use super::attrs::Attrs;
+use super::export::{TABCONV_DOMAIN, TABCONV_OPSET};
 use super::proto::{read_model_proto, TensorReader};
 use crate::error::{Error, Result};
 use crate::interp::eval::eval_op;
@@ -58,6 +59,17 @@ pub const SUPPORTED_OPS: &[&str] = &[
     "Slice",
 ];
 
+/// tabconv's own operators (domain `ai.tabconv`, see docs/TCV-FORMAT.md).
+pub const TABCONV_OPS: &[&str] = &["Im2Col"];
+
+fn is_supported(n: &NodeProto, tabconv_opset: Option<i64>) -> bool {
+    if n.domain.is_empty() || n.domain == "ai.onnx" {
+        SUPPORTED_OPS.contains(&n.op_type.as_str())
+    } else {
+        n.domain == TABCONV_DOMAIN && tabconv_opset.is_some() && TABCONV_OPS.contains(&n.op_type.as_str())
+    }
+}
+
 /// Read and import an ONNX model file, then infer shapes and verify the graph.
 pub fn load_model(path: &Path) -> Result<Graph> {
     let model = read_model_proto(path)?;
@@ -65,28 +77,31 @@ pub fn load_model(path: &Path) -> Result<Graph> {
 }
 
 pub fn import_model(model: &ModelProto, path: &Path) -> Result<Graph> {
-    let merr = |msg: String| Error::Model {
-        path: path.into(),
-        msg,
-    };
+    let merr = |msg: String| Error::Model { path: path.into(), msg };
     let opset = model
         .opset_import
         .iter()
         .find(|o| o.domain.is_empty() || o.domain == "ai.onnx")
         .map(|o| o.version)
         .unwrap_or(1);
-    let g = model
-        .graph
-        .as_ref()
-        .ok_or_else(|| merr("no graph".into()))?;
+    let g = model.graph.as_ref().ok_or_else(|| merr("no graph".into()))?;
+    let tabconv_opset = model
+        .opset_import
+        .iter()
+        .find(|o| o.domain == TABCONV_DOMAIN)
+        .map(|o| o.version);
+    if let Some(v) = tabconv_opset {
+        if !(1..=TABCONV_OPSET).contains(&v) {
+            return Err(merr(format!(
+                "uses {TABCONV_DOMAIN} opset {v}, this tabconv understands up to {TABCONV_OPSET}"
+            )));
+        }
+    }
 
     let unsupported: Vec<String> = g
         .node
         .iter()
-        .filter(|n| {
-            !(n.domain.is_empty() || n.domain == "ai.onnx")
-                || !SUPPORTED_OPS.contains(&n.op_type.as_str())
-        })
+        .filter(|n| !is_supported(n, tabconv_opset))
         .map(|n| {
             let dom = if n.domain.is_empty() {
                 String::new()
@@ -114,9 +129,7 @@ pub fn import_model(model: &ModelProto, path: &Path) -> Result<Graph> {
         opset,
         reader: TensorReader::new(path),
     };
-    im.graph
-        .metadata
-        .insert("source_opset".into(), opset.to_string());
+    im.graph.metadata.insert("source_opset".into(), opset.to_string());
     if !model.producer_name.is_empty() {
         im.graph.metadata.insert(
             "source_producer".into(),
@@ -135,8 +148,7 @@ pub fn import_model(model: &ModelProto, path: &Path) -> Result<Graph> {
         if im.values.contains_key(&input.name) {
             continue; // old model-zoo files list initializers as inputs too
         }
-        let fact =
-            input_fact(input).map_err(|e| merr(format!("graph input '{}': {e}", input.name)))?;
+        let fact = input_fact(input).map_err(|e| merr(format!("graph input '{}': {e}", input.name)))?;
         let n = im.graph.add_node(&input.name, Op::Input, &[]);
         im.graph.node_mut(n).outputs[0].fact = Some(fact);
         im.graph.inputs.push(n);
@@ -167,9 +179,7 @@ pub fn import_model(model: &ModelProto, path: &Path) -> Result<Graph> {
     }
 
     for out in &g.output {
-        let o = im
-            .value(&out.name)
-            .map_err(|e| merr(format!("graph output: {e}")))?;
+        let o = im.value(&out.name).map_err(|e| merr(format!("graph output: {e}")))?;
         im.graph.outputs.push((out.name.clone(), o));
     }
     im.graph.remove_dead();
@@ -179,16 +189,11 @@ pub fn import_model(model: &ModelProto, path: &Path) -> Result<Graph> {
 }
 
 fn input_fact(input: &tract_onnx::pb::ValueInfoProto) -> Result<Fact> {
-    let Some(type_proto::Value::TensorType(tt)) =
-        input.r#type.as_ref().and_then(|t| t.value.as_ref())
-    else {
+    let Some(type_proto::Value::TensorType(tt)) = input.r#type.as_ref().and_then(|t| t.value.as_ref()) else {
         return Err(Error::Other("has no tensor type".into()));
     };
     if tt.elem_type != 1 {
-        return Err(Error::Other(format!(
-            "element type {} is not float32",
-            tt.elem_type
-        )));
+        return Err(Error::Other(format!("element type {} is not float32", tt.elem_type)));
     }
     let dims = tt.shape.as_ref().map(|s| s.dim.as_slice()).unwrap_or(&[]);
     if dims.is_empty() {
@@ -232,9 +237,7 @@ impl Importer {
 
     fn add_const(&mut self, value_name: &str, t: Tensor) -> Outlet {
         let name = self.unique(value_name);
-        let n = self
-            .graph
-            .add_node(&name, Op::Const(Arc::new(t.clone())), &[]);
+        let n = self.graph.add_node(&name, Op::Const(Arc::new(t.clone())), &[]);
         self.graph.node_mut(n).outputs[0].fact = Some(Fact::of_tensor(&t));
         self.graph.node_mut(n).outputs[0].name = value_name.to_string();
         let o = Outlet::new(n, 0);
@@ -270,17 +273,13 @@ impl Importer {
             None => Ok(None),
             Some(o) => match self.graph.const_value(o) {
                 Some(t) => Ok(Some(t.clone())),
-                None => Err(Error::Other(format!(
-                    "{what} (input {i}) must be a constant"
-                ))),
+                None => Err(Error::Other(format!("{what} (input {i}) must be a constant"))),
             },
         }
     }
 
     fn fact(&self, o: Outlet) -> &Fact {
-        self.graph
-            .fact(o)
-            .expect("facts are inferred eagerly during import")
+        self.graph.fact(o).expect("facts are inferred eagerly during import")
     }
 
     fn import_node(&mut self, node: &NodeProto, name: &str) -> Result<()> {
@@ -295,14 +294,25 @@ impl Importer {
                 .map(|n| s.value(n))
                 .collect()
         };
+        if node.domain == TABCONV_DOMAIN {
+            let op = match node.op_type.as_str() {
+                "Im2Col" => {
+                    let kernel = a.pair("kernel_shape", 0)?;
+                    if kernel[0] == 0 {
+                        return Err(Error::Other("missing or non-2-D kernel_shape".into()));
+                    }
+                    Op::Im2Col(window(&a, kernel)?)
+                }
+                other => return Err(Error::Other(format!("unknown {TABCONV_DOMAIN} operator {other}"))),
+            };
+            let inputs = all_inputs(self)?;
+            let out = node.output.first().cloned().unwrap_or_else(|| name.to_string());
+            return self.add_op(&out, name, op, &inputs).map(|_| ());
+        }
         let op = match node.op_type.as_str() {
             "Constant" => {
                 let t = constant_attr(&a, &mut self.reader)?;
-                let out = node
-                    .output
-                    .first()
-                    .cloned()
-                    .unwrap_or_else(|| name.to_string());
+                let out = node.output.first().cloned().unwrap_or_else(|| name.to_string());
                 self.add_const(&out, t);
                 return Ok(());
             }
@@ -310,9 +320,7 @@ impl Importer {
                 if node.op_type == "Dropout" {
                     if let Some(t) = self.const_input(node, 2, "training_mode")? {
                         if t.to_i64_vec()?.first() == Some(&1) {
-                            return Err(Error::Other(
-                                "training_mode=true is not supported for inference".into(),
-                            ));
+                            return Err(Error::Other("training_mode=true is not supported for inference".into()));
                         }
                     }
                     if opset < 7 && a.int("is_test", 0) == 0 {
@@ -324,8 +332,7 @@ impl Importer {
                     self.values.insert(o.clone(), src);
                 }
                 if let Some(m) = node.output.get(1) {
-                    self.unsupported_outputs
-                        .insert(m.clone(), "Dropout mask".into());
+                    self.unsupported_outputs.insert(m.clone(), "Dropout mask".into());
                 }
                 return Ok(());
             }
@@ -394,15 +401,11 @@ impl Importer {
                     ));
                 }
                 if a.int("training_mode", 0) != 0 {
-                    return Err(Error::Other(
-                        "training_mode=1 is not supported for inference".into(),
-                    ));
+                    return Err(Error::Other("training_mode=1 is not supported for inference".into()));
                 }
                 for (i, what) in node.output.iter().enumerate().skip(1) {
-                    self.unsupported_outputs.insert(
-                        what.clone(),
-                        format!("BatchNormalization training output {i}"),
-                    );
+                    self.unsupported_outputs
+                        .insert(what.clone(), format!("BatchNormalization training output {i}"));
                 }
                 Op::BatchNorm {
                     epsilon: a.float("epsilon", 1e-5),
@@ -429,13 +432,9 @@ impl Importer {
             )?,
             "Clip" => {
                 let (min, max) = if opset < 11 {
-                    (
-                        a.float("min", f32::NEG_INFINITY),
-                        a.float("max", f32::INFINITY),
-                    )
+                    (a.float("min", f32::NEG_INFINITY), a.float("max", f32::INFINITY))
                 } else {
-                    let scalar =
-                        |t: Option<Arc<Tensor>>, d: f32| t.map(|t| t.to_f32_vec()[0]).unwrap_or(d);
+                    let scalar = |t: Option<Arc<Tensor>>, d: f32| t.map(|t| t.to_f32_vec()[0]).unwrap_or(d);
                     (
                         scalar(self.const_input(node, 1, "min")?, f32::NEG_INFINITY),
                         scalar(self.const_input(node, 2, "max")?, f32::INFINITY),
@@ -478,16 +477,12 @@ impl Importer {
             }
             "Flatten" => {
                 inputs = all_inputs(self)?;
-                Op::Flatten {
-                    axis: a.int("axis", 1),
-                }
+                Op::Flatten { axis: a.int("axis", 1) }
             }
             "Reshape" => {
                 inputs = all_inputs(self)?;
                 if opset < 5 || a.has("shape") {
-                    let s = a
-                        .ints("shape")
-                        .ok_or_else(|| Error::Other("missing 'shape'".into()))?;
+                    let s = a.ints("shape").ok_or_else(|| Error::Other("missing 'shape'".into()))?;
                     let o = self.add_const(&format!("{name}.shape"), Tensor::i64_vec(s));
                     inputs.truncate(1);
                     inputs.push(o);
@@ -498,9 +493,7 @@ impl Importer {
             }
             "Transpose" => {
                 inputs = all_inputs(self)?;
-                let perm = a
-                    .ints("perm")
-                    .map(|p| p.into_iter().map(|x| x as usize).collect());
+                let perm = a.ints("perm").map(|p| p.into_iter().map(|x| x as usize).collect());
                 Op::Transpose { perm }
             }
             "Squeeze" | "Unsqueeze" => {
@@ -508,9 +501,7 @@ impl Importer {
                 let axes = if opset < 13 {
                     a.ints("axes")
                 } else {
-                    self.const_input(node, 1, "axes")?
-                        .map(|t| t.to_i64_vec())
-                        .transpose()?
+                    self.const_input(node, 1, "axes")?.map(|t| t.to_i64_vec()).transpose()?
                 };
                 if node.op_type == "Squeeze" {
                     Op::Squeeze { axes }
@@ -535,19 +526,42 @@ impl Importer {
             }
             "Softmax" | "LogSoftmax" => {
                 inputs = all_inputs(self)?;
-                let legacy = opset < 13;
-                Op::Softmax {
-                    axis: a.int("axis", if legacy { 1 } else { -1 }),
-                    legacy,
-                    log: node.op_type == "LogSoftmax",
+                let log = node.op_type == "LogSoftmax";
+                let x = inputs[0];
+                let rank = self.fact(x).rank() as i64;
+                let axis = a.int("axis", if opset < 13 { 1 } else { -1 });
+                let axis = if axis < 0 { axis + rank } else { axis };
+                if opset < 13 && axis != rank - 1 {
+                    // Before opset 13 Softmax normalises over all axes from `axis` on: express
+                    // it with standard ops so the IR has one Softmax semantics.
+                    let out = node.output.first().cloned().unwrap_or_else(|| name.to_string());
+                    let flat = self.add_op(
+                        &format!("{out}.flat"),
+                        &format!("{name}/flatten"),
+                        Op::Flatten { axis },
+                        &[x],
+                    )?;
+                    let sm = self.add_op(
+                        &format!("{out}.sm"),
+                        &format!("{name}/softmax"),
+                        Op::Softmax { axis: -1, log },
+                        &[flat],
+                    )?;
+                    let shape = self.add_op(
+                        &format!("{out}.shape"),
+                        &format!("{name}/shape"),
+                        Op::Shape { start: 0, end: None },
+                        &[x],
+                    )?;
+                    self.add_op(&out, name, Op::Reshape { allowzero: false }, &[sm, shape])?;
+                    return Ok(());
                 }
+                Op::Softmax { axis, log }
             }
             "Slice" => {
                 inputs = vec![self.value(&node.input[0])?];
                 let ints = |s: &Self, i: usize, what: &str| -> Result<Option<Vec<i64>>> {
-                    s.const_input(node, i, what)?
-                        .map(|t| t.to_i64_vec())
-                        .transpose()
+                    s.const_input(node, i, what)?.map(|t| t.to_i64_vec()).transpose()
                 };
                 let (starts, ends, axes, steps) = if opset < 10 {
                     (
@@ -558,10 +572,8 @@ impl Importer {
                     )
                 } else {
                     (
-                        ints(self, 1, "starts")?
-                            .ok_or_else(|| Error::Other("missing starts".into()))?,
-                        ints(self, 2, "ends")?
-                            .ok_or_else(|| Error::Other("missing ends".into()))?,
+                        ints(self, 1, "starts")?.ok_or_else(|| Error::Other("missing starts".into()))?,
+                        ints(self, 2, "ends")?.ok_or_else(|| Error::Other("missing ends".into()))?,
                         ints(self, 3, "axes")?,
                         ints(self, 4, "steps")?,
                     )
@@ -570,9 +582,7 @@ impl Importer {
                 let axes = axes.unwrap_or_else(|| (0..n as i64).collect());
                 let steps = steps.unwrap_or_else(|| vec![1; n]);
                 if ends.len() != n || axes.len() != n || steps.len() != n {
-                    return Err(Error::Other(
-                        "starts, ends, axes and steps differ in length".into(),
-                    ));
+                    return Err(Error::Other("starts, ends, axes and steps differ in length".into()));
                 }
                 Op::Slice {
                     starts,
@@ -586,9 +596,7 @@ impl Importer {
                 let mut axes = if opset < 18 {
                     a.ints("axes")
                 } else {
-                    self.const_input(node, 1, "axes")?
-                        .map(|t| t.to_i64_vec())
-                        .transpose()?
+                    self.const_input(node, 1, "axes")?.map(|t| t.to_i64_vec()).transpose()?
                 };
                 if axes.as_ref().is_some_and(|v| v.is_empty()) {
                     axes = None;
@@ -613,9 +621,7 @@ impl Importer {
                 let rank = self.fact(inputs[0]).rank();
                 let (mut pads, value) = if opset < 11 {
                     (
-                        a.ints("pads")
-                            .or_else(|| a.ints("paddings"))
-                            .unwrap_or_default(),
+                        a.ints("pads").or_else(|| a.ints("paddings")).unwrap_or_default(),
                         a.float("value", 0.0),
                     )
                 } else {
@@ -650,9 +656,7 @@ impl Importer {
             }
             "Gather" => {
                 inputs = all_inputs(self)?;
-                Op::Gather {
-                    axis: a.int("axis", 0),
-                }
+                Op::Gather { axis: a.int("axis", 0) }
             }
             "Cast" => {
                 inputs = all_inputs(self)?;
@@ -666,40 +670,30 @@ impl Importer {
                     Some(t) => first_as_scalar(&self.reader.read(t)?),
                     None => Tensor::scalar_f32(0.0),
                 };
-                Op::ConstantOfShape {
-                    value: Arc::new(value),
-                }
+                Op::ConstantOfShape { value: Arc::new(value) }
             }
             other => return Err(Error::Other(format!("operator {other} is not supported"))),
         };
-        self.add_op(node, name, op, &inputs)
+        let out = node.output.first().cloned().unwrap_or_else(|| name.to_string());
+        self.add_op(&out, name, op, &inputs).map(|_| ())
     }
 
     fn unary(&self, node: &NodeProto, inputs: &mut Vec<Outlet>, u: Unary) -> Result<Op> {
-        *inputs = vec![self.value(
-            node.input
-                .first()
-                .ok_or_else(|| Error::Other("missing input".into()))?,
-        )?];
+        *inputs = vec![self.value(node.input.first().ok_or_else(|| Error::Other("missing input".into()))?)?];
         Ok(Op::Unary(u))
     }
 
     /// Add the node, infer its output fact, and fold it into a constant when possible.
-    fn add_op(&mut self, node: &NodeProto, name: &str, op: Op, inputs: &[Outlet]) -> Result<()> {
+    fn add_op(&mut self, out_name: &str, name: &str, op: Op, inputs: &[Outlet]) -> Result<Outlet> {
         let facts: Vec<Fact> = inputs.iter().map(|o| self.fact(*o).clone()).collect();
         let out_facts = infer_op(&op, &facts)?;
-        let out_name = node
-            .output
-            .first()
-            .cloned()
-            .unwrap_or_else(|| name.to_string());
+        let out_name = out_name.to_string();
         let all_const = inputs.iter().all(|o| self.graph.const_value(*o).is_some());
         let static_shape = matches!(op, Op::Shape { .. }) && facts[0].concrete_shape().is_some();
         if static_shape {
             let v = out_facts[0].value.as_ref().expect("Shape infers its value");
             let t = Tensor::i64_vec(v.iter().map(|d| d.known().expect("concrete")).collect());
-            self.add_const(&out_name, t);
-            return Ok(());
+            return Ok(self.add_const(&out_name, t));
         }
         if all_const && !inputs.is_empty() {
             let args: Vec<Arc<Tensor>> = inputs
@@ -707,8 +701,7 @@ impl Importer {
                 .map(|o| self.graph.const_value(*o).unwrap().clone())
                 .collect();
             let t = eval_op(&op, args)?.remove(0);
-            self.add_const(&out_name, t);
-            return Ok(());
+            return Ok(self.add_const(&out_name, t));
         }
         let unique = self.unique(name);
         let n = self.graph.add_node(&unique, op, inputs);
@@ -716,7 +709,7 @@ impl Importer {
         v.name = out_name.clone();
         v.fact = out_facts.into_iter().next();
         self.values.insert(out_name, Outlet::new(n, 0));
-        Ok(())
+        Ok(Outlet::new(n, 0))
     }
 }
 
@@ -724,14 +717,8 @@ impl Importer {
 fn first_as_scalar(t: &Tensor) -> Tensor {
     use ndarray::{ArrayD, IxDyn};
     match t {
-        Tensor::I64(a) => Tensor::I64(ArrayD::from_elem(
-            IxDyn(&[]),
-            a.iter().copied().next().unwrap_or(0),
-        )),
-        Tensor::I32(a) => Tensor::I32(ArrayD::from_elem(
-            IxDyn(&[]),
-            a.iter().copied().next().unwrap_or(0),
-        )),
+        Tensor::I64(a) => Tensor::I64(ArrayD::from_elem(IxDyn(&[]), a.iter().copied().next().unwrap_or(0))),
+        Tensor::I32(a) => Tensor::I32(ArrayD::from_elem(IxDyn(&[]), a.iter().copied().next().unwrap_or(0))),
         other => Tensor::scalar_f32(other.to_f32_vec().first().copied().unwrap_or(0.0)),
     }
 }
@@ -769,11 +756,7 @@ fn onnx_dtype(code: i32) -> Result<DType> {
         2 => DType::U8,
         3 => DType::I8,
         9 => DType::Bool,
-        other => {
-            return Err(Error::Other(format!(
-                "cast to data type {other} is not supported"
-            )))
-        }
+        other => return Err(Error::Other(format!("cast to data type {other} is not supported"))),
     })
 }
 
@@ -788,15 +771,10 @@ fn constant_attr(a: &Attrs, reader: &mut TensorReader) -> Result<Tensor> {
         return Tensor::f32(&[v.floats.len()], v.floats.clone());
     }
     if let Some(v) = a.get("value_int") {
-        return Ok(Tensor::I64(ndarray::ArrayD::from_elem(
-            ndarray::IxDyn(&[]),
-            v.i,
-        )));
+        return Ok(Tensor::I64(ndarray::ArrayD::from_elem(ndarray::IxDyn(&[]), v.i)));
     }
     if let Some(v) = a.get("value_ints") {
         return Ok(Tensor::i64_vec(v.ints.clone()));
     }
-    Err(Error::Other(
-        "Constant without a supported value attribute".into(),
-    ))
+    Err(Error::Other("Constant without a supported value attribute".into()))
 }

@@ -39,10 +39,7 @@ pub struct TensorReader {
 impl TensorReader {
     pub fn new(model_path: &Path) -> TensorReader {
         TensorReader {
-            base: model_path
-                .parent()
-                .map(Path::to_path_buf)
-                .unwrap_or_default(),
+            base: model_path.parent().map(Path::to_path_buf).unwrap_or_default(),
             files: HashMap::new(),
         }
     }
@@ -51,9 +48,7 @@ impl TensorReader {
         let shape: Vec<usize> = t
             .dims
             .iter()
-            .map(|&d| {
-                usize::try_from(d).map_err(|_| Error::Other(format!("negative dimension {d}")))
-            })
+            .map(|&d| usize::try_from(d).map_err(|_| Error::Other(format!("negative dimension {d}"))))
             .collect::<Result<_>>()?;
         let n: usize = shape.iter().product();
         let external = t.data_location == Some(1);
@@ -84,9 +79,8 @@ impl TensorReader {
         }
         fn check<T>(v: Vec<T>, n: usize, shape: &[usize]) -> Result<ArrayD<T>> {
             let len = v.len();
-            ArrayD::from_shape_vec(IxDyn(shape), v).map_err(|_| {
-                Error::Other(format!("holds {len} values, but shape {shape:?} needs {n}"))
-            })
+            ArrayD::from_shape_vec(IxDyn(shape), v)
+                .map_err(|_| Error::Other(format!("holds {len} values, but shape {shape:?} needs {n}")))
         }
         Ok(match dt {
             DataType::Float => {
@@ -116,9 +110,7 @@ impl TensorReader {
             DataType::Int32 | DataType::Int16 | DataType::Uint16 => {
                 let v: Vec<i32> = match (raw.is_some(), dt) {
                     (true, DataType::Int32) => from_raw!(i32, 4),
-                    (true, DataType::Int16) => {
-                        from_raw!(i16, 2).into_iter().map(i32::from).collect()
-                    }
+                    (true, DataType::Int16) => from_raw!(i16, 2).into_iter().map(i32::from).collect(),
                     (true, _) => from_raw!(u16, 2).into_iter().map(i32::from).collect(),
                     (false, _) => t.int32_data.clone(),
                 };
@@ -131,9 +123,7 @@ impl TensorReader {
                 };
                 match dt {
                     DataType::Uint8 => Tensor::U8(check(v, n, &shape)?),
-                    DataType::Int8 => {
-                        Tensor::I8(check(v.into_iter().map(|x| x as i8).collect(), n, &shape)?)
-                    }
+                    DataType::Int8 => Tensor::I8(check(v.into_iter().map(|x| x as i8).collect(), n, &shape)?),
                     _ => Tensor::Bool(check(v.into_iter().map(|x| x != 0).collect(), n, &shape)?),
                 }
             }
@@ -147,25 +137,13 @@ impl TensorReader {
     }
 
     fn external_bytes(&mut self, t: &TensorProto) -> Result<&[u8]> {
-        let get = |k: &str| {
-            t.external_data
-                .iter()
-                .find(|e| e.key == k)
-                .map(|e| e.value.clone())
-        };
-        let location =
-            get("location").ok_or_else(|| Error::Other("external data has no location".into()))?;
-        let offset: usize = get("offset")
-            .map(|v| v.parse().unwrap_or(usize::MAX))
-            .unwrap_or(0);
+        let get = |k: &str| t.external_data.iter().find(|e| e.key == k).map(|e| e.value.clone());
+        let location = get("location").ok_or_else(|| Error::Other("external data has no location".into()))?;
+        let offset: usize = get("offset").map(|v| v.parse().unwrap_or(usize::MAX)).unwrap_or(0);
         let file = self.base.join(&location);
         if !self.files.contains_key(&location) {
-            let bytes = std::fs::read(&file).map_err(|e| {
-                Error::Other(format!(
-                    "external data file {} cannot be read: {e}",
-                    file.display()
-                ))
-            })?;
+            let bytes = std::fs::read(&file)
+                .map_err(|e| Error::Other(format!("external data file {} cannot be read: {e}", file.display())))?;
             self.files.insert(location.clone(), bytes);
         }
         let data = &self.files[&location];
@@ -173,13 +151,12 @@ impl TensorReader {
             Some(v) => v.parse().unwrap_or(usize::MAX),
             None => data.len().saturating_sub(offset),
         };
-        data.get(offset..offset.saturating_add(length))
-            .ok_or_else(|| {
-                Error::Other(format!(
-                    "external data {}[{offset}..+{length}] is past the end of the file ({} bytes)",
-                    file.display(),
-                    data.len()
-                ))
-            })
+        data.get(offset..offset.saturating_add(length)).ok_or_else(|| {
+            Error::Other(format!(
+                "external data {}[{offset}..+{length}] is past the end of the file ({} bytes)",
+                file.display(),
+                data.len()
+            ))
+        })
     }
 }

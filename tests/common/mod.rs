@@ -7,9 +7,7 @@ use std::path::{Path, PathBuf};
 use tabconv::ir::Tensor;
 
 pub fn fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures")
-        .join(rel)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(rel)
 }
 
 pub fn npy(rel: &str) -> ArrayD<f32> {
@@ -44,23 +42,15 @@ pub fn manifest(rel: &str) -> Manifest {
 pub fn rel_err(a: &ArrayD<f32>, b: &ArrayD<f32>) -> f32 {
     assert_eq!(a.shape(), b.shape(), "shape mismatch");
     let scale = b.iter().fold(1f32, |m, v| m.max(v.abs()));
-    a.iter()
-        .zip(b.iter())
-        .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
-        / scale
+    a.iter().zip(b.iter()).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
 }
 
 /// Run an ONNX file with tract at the given concrete input shapes.
 pub fn run_tract(model: &Path, inputs: &[ArrayD<f32>]) -> Vec<ArrayD<f32>> {
     use tract_onnx::prelude::*;
-    let mut m = tract_onnx::onnx()
-        .model_for_path(model)
-        .expect("tract loads the model");
-    for (i, x) in inputs.iter().enumerate() {
-        m = m
-            .with_input_fact(i, f32::fact(x.shape()).into())
-            .expect("input fact");
-    }
+    // Declared input facts (possibly with a symbolic batch) are kept: overriding them clashes
+    // with the symbolic value_info the dynamo exporter writes for intermediate values.
+    let m = tract_onnx::onnx().model_for_path(model).expect("tract loads the model");
     let plan = m
         .into_optimized()
         .expect("tract optimizes")

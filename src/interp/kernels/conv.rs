@@ -4,7 +4,7 @@
 use super::gemm::{matmul, Mat};
 use super::im2col::im2col;
 use crate::error::Result;
-use crate::ir::op::{Conv, Padding};
+use crate::ir::op::{Conv, Padding, Window};
 use ndarray::{ArrayD, IxDyn};
 use rayon::prelude::*;
 
@@ -72,8 +72,27 @@ pub fn conv2d(
             image(img, dst, &mut cols, true);
         }
     }
-    Ok(
-        ArrayD::from_shape_vec(IxDyn(&[n, m, geo.out[0], geo.out[1]]), out)
-            .expect("conv output size"),
-    )
+    Ok(ArrayD::from_shape_vec(IxDyn(&[n, m, geo.out[0], geo.out[1]]), out).expect("conv output size"))
+}
+
+/// `[N, C, H, W]` → `[N, oh·ow, C·kh·kw]`: each row one receptive field (the Im2Col op).
+pub fn im2col_rows(x: &[f32], xshape: [usize; 4], win: &Window) -> Result<ArrayD<f32>> {
+    let [n, c, h, w] = xshape;
+    let geo = win.resolve([h, w])?;
+    let k = c * win.kernel[0] * win.kernel[1];
+    let p = geo.out[0] * geo.out[1];
+    let mut out = vec![0f32; n * p * k];
+    out.par_chunks_mut((p * k).max(1))
+        .enumerate()
+        .for_each_init(Vec::new, |cols, (img, dst)| {
+            cols.resize(k * p, 0.0);
+            im2col(&x[img * c * h * w..(img + 1) * c * h * w], c, [h, w], win, &geo, cols);
+            // cols is (k × p); the op's rows are its columns.
+            for (kk, col_row) in cols.chunks(p.max(1)).enumerate() {
+                for (pp, &v) in col_row.iter().enumerate() {
+                    dst[pp * k + kk] = v;
+                }
+            }
+        });
+    Ok(ArrayD::from_shape_vec(IxDyn(&[n, p, k]), out).expect("im2col output size"))
 }

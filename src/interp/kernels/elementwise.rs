@@ -48,9 +48,7 @@ pub fn binary_f32(op: Binary, mut a: ArrayD<f32>, b: &ArrayD<f32>) -> Result<Arr
     };
     if a.shape() == b.shape() || b.broadcast(a.raw_dim()).is_some() {
         let bb = b.broadcast(a.raw_dim()).expect("checked above");
-        Zip::from(&mut a)
-            .and(&bb)
-            .par_for_each(|x, &y| *x = f(*x, y));
+        Zip::from(&mut a).and(&bb).par_for_each(|x, &y| *x = f(*x, y));
         return Ok(a);
     }
     broadcast_with(&a, b, f)
@@ -95,16 +93,8 @@ pub fn broadcast_shape(a: &[usize], b: &[usize]) -> Result<Vec<usize>> {
     let r = a.len().max(b.len());
     (0..r)
         .map(|i| {
-            let da = if i + a.len() >= r {
-                a[i + a.len() - r]
-            } else {
-                1
-            };
-            let db = if i + b.len() >= r {
-                b[i + b.len() - r]
-            } else {
-                1
-            };
+            let da = if i + a.len() >= r { a[i + a.len() - r] } else { 1 };
+            let db = if i + b.len() >= r { b[i + b.len() - r] } else { 1 };
             match (da, db) {
                 (x, y) if x == y => Ok(x),
                 (1, y) => Ok(y),
@@ -128,27 +118,14 @@ pub fn batchnorm(x: &mut [f32], shape: &[usize], params: [&[f32]; 4], eps: f32) 
             (s, bias[i] - mean[i] * s)
         })
         .unzip();
-    x.par_chunks_mut(plane.max(1))
-        .enumerate()
-        .for_each(|(i, p)| {
-            let ch = i % c;
-            p.iter_mut().for_each(|v| *v = *v * s[ch] + t[ch]);
-        });
+    x.par_chunks_mut(plane.max(1)).enumerate().for_each(|(i, p)| {
+        let ch = i % c;
+        p.iter_mut().for_each(|v| *v = *v * s[ch] + t[ch]);
+    });
 }
 
-/// Softmax along `axis`; `legacy` (opset < 13) flattens to 2-D at `axis` first.
-pub fn softmax(mut x: ArrayD<f32>, axis: usize, legacy: bool, log: bool) -> ArrayD<f32> {
-    let shape = x.shape().to_vec();
-    if legacy {
-        let rows: usize = shape[..axis].iter().product();
-        let cols: usize = shape[axis..].iter().product();
-        let mut flat = x
-            .into_shape_with_order((rows, cols))
-            .expect("standard layout")
-            .into_dyn();
-        softmax_lanes(&mut flat, 1, log);
-        return flat.into_shape_with_order(shape).expect("same size");
-    }
+/// Softmax (or log-softmax) along `axis`.
+pub fn softmax(mut x: ArrayD<f32>, axis: usize, log: bool) -> ArrayD<f32> {
     softmax_lanes(&mut x, axis, log);
     x
 }

@@ -11,11 +11,7 @@ pub struct Mat<'a> {
 
 impl<'a> Mat<'a> {
     pub fn row_major(data: &'a [f32], cols: usize) -> Mat<'a> {
-        Mat {
-            data,
-            rs: cols,
-            cs: 1,
-        }
+        Mat { data, rs: cols, cs: 1 }
     }
     pub fn transposed(self) -> Mat<'a> {
         Mat {
@@ -123,8 +119,7 @@ mod tests {
         );
         for i in 0..m {
             for j in 0..n {
-                let want: f32 =
-                    1.0 + 2.0 * (0..k).map(|p| a[i * k + p] * b[p * n + j]).sum::<f32>();
+                let want: f32 = 1.0 + 2.0 * (0..k).map(|p| a[i * k + p] * b[p * n + j]).sum::<f32>();
                 assert!(
                     (c[i * n + j] - want).abs() < 1e-4,
                     "({i},{j}) {} vs {want}",

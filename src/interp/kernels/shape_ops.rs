@@ -32,11 +32,11 @@ pub fn reshape_target(input: &[usize], target: &[i64], allowzero: bool) -> Resul
     let mut infer = None;
     for (i, &t) in target.iter().enumerate() {
         match t {
-            0 if !allowzero => {
-                out.push(*input.get(i).ok_or_else(|| {
-                    crate::error::Error::Other(format!("0 at {i} has no input dim"))
-                })?)
-            }
+            0 if !allowzero => out.push(
+                *input
+                    .get(i)
+                    .ok_or_else(|| crate::error::Error::Other(format!("0 at {i} has no input dim")))?,
+            ),
             -1 if infer.is_none() => {
                 infer = Some(i);
                 out.push(1);
@@ -47,7 +47,7 @@ pub fn reshape_target(input: &[usize], target: &[i64], allowzero: bool) -> Resul
     }
     let known: usize = out.iter().product();
     if let Some(i) = infer {
-        if known == 0 || total % known != 0 {
+        if known == 0 || !total.is_multiple_of(known) {
             bail!("cannot reshape {input:?} into {target:?}");
         }
         out[i] = total / known;
@@ -58,15 +58,12 @@ pub fn reshape_target(input: &[usize], target: &[i64], allowzero: bool) -> Resul
 }
 
 pub fn transpose<T: Clone>(a: ArrayD<T>, perm: &[usize]) -> ArrayD<T> {
-    a.permuted_axes(IxDyn(perm))
-        .as_standard_layout()
-        .into_owned()
+    a.permuted_axes(IxDyn(perm)).as_standard_layout().into_owned()
 }
 
 pub fn concat<T: Clone>(parts: &[&ArrayD<T>], axis: usize) -> Result<ArrayD<T>> {
     let views: Vec<_> = parts.iter().map(|a| a.view()).collect();
-    ndarray::concatenate(Axis(axis), &views)
-        .map_err(|e| crate::error::Error::Other(format!("Concat: {e}")))
+    ndarray::concatenate(Axis(axis), &views).map_err(|e| crate::error::Error::Other(format!("Concat: {e}")))
 }
 
 /// Constant padding; negative pads crop. `pads = [begin…, end…]`.
@@ -98,12 +95,7 @@ pub fn pad<T: Clone>(a: &ArrayD<T>, pads: &[i64], value: T) -> Result<ArrayD<T>>
     Ok(out)
 }
 
-pub fn gather<T: Clone>(
-    a: &ArrayD<T>,
-    axis: usize,
-    indices: &[i64],
-    ishape: &[usize],
-) -> Result<ArrayD<T>> {
+pub fn gather<T: Clone>(a: &ArrayD<T>, axis: usize, indices: &[i64], ishape: &[usize]) -> Result<ArrayD<T>> {
     let n = a.shape()[axis] as i64;
     let idx: Vec<usize> = indices
         .iter()

@@ -1,0 +1,153 @@
+//! `tabconv-compile`: run a pass pipeline on an ONNX model and write a `.tcv`.
+
+use clap::Parser;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use tabconv::ir::dump::dump;
+use tabconv::onnx::tcv;
+use tabconv::passes::{manager, pipeline::Pipeline, PassCx};
+use tabconv::{data, Error, Result};
+
+#[derive(Parser)]
+#[command(
+    name = "tabconv-compile",
+    version,
+    about = "Compile an ONNX CNN into a tabconv .tcv model",
+    after_help = "Examples:\n  tabconv-compile fixtures/models/lenet5.onnx -o lenet5.tcv --pipeline exact\n  \
+                  tabconv-compile model.onnx -o model.tcv --pipeline my.yaml --report report.json\n  \
+                  tabconv-compile model.onnx -o model.tcv --dump-after conv-to-im2col"
+)]
+struct Args {
+    /// The ONNX model to compile
+    model: PathBuf,
+    /// Output .tcv file (written atomically)
+    #[arg(short, long)]
+    output: PathBuf,
+    /// A built-in pipeline name (exact, tabconv) or a pipeline YAML file
+    #[arg(long, default_value = "tabconv")]
+    pipeline: String,
+    /// Override a pass option: PASS.PARAM=VALUE (repeatable)
+    #[arg(long = "set", value_name = "PASS.PARAM=VALUE")]
+    sets: Vec<String>,
+    /// Calibration images, float32 NCHW .npy (needed by pipelines that learn tables)
+    #[arg(long)]
+    calib: Option<PathBuf>,
+    /// Seed for everything random in the passes
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Write a JSON compile report here
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// Print the IR after this pass (repeatable)
+    #[arg(long = "dump-after", value_name = "PASS")]
+    dump_after: Vec<String>,
+}
+
+fn main() -> ExitCode {
+    tabconv::cli::restore_sigpipe();
+    match compile(Args::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn compile(args: Args) -> Result<()> {
+    let mut pipeline = Pipeline::find(&args.pipeline)?;
+    for s in &args.sets {
+        pipeline.set(s)?;
+    }
+    for d in &args.dump_after {
+        if !pipeline.build().iter().any(|p| p.name() == d) {
+            return Err(Error::Input(format!(
+                "--dump-after {d}: pipeline '{}' has no such pass",
+                pipeline.name
+            )));
+        }
+    }
+    let mut graph = tabconv::onnx::load_model(&args.model)?;
+    let mut cx = PassCx {
+        seed: args.seed,
+        ..Default::default()
+    };
+    if let Some(c) = &args.calib {
+        cx.calib = Some(load_calibration(c, &graph)?);
+    }
+    let report = manager::run_pipeline(&mut graph, &pipeline, &mut cx, |pass, g| {
+        if args.dump_after.iter().any(|d| d == pass) {
+            println!("// IR after {pass}\n{}", dump(g)?);
+        }
+        Ok(())
+    })?;
+    let bytes = tcv::encode(&graph, &pipeline.to_yaml())?;
+    tcv::write_atomic(&args.output, &bytes)?;
+
+    eprintln!(
+        "{} -> {} (pipeline '{}')",
+        args.model.display(),
+        args.output.display(),
+        pipeline.name
+    );
+    eprintln!(
+        "  {:<18} {:>9} {:>11} {:>7} {:>8} {:>14}",
+        "pass", "ms", "nodes", "added", "removed", "MACs/image"
+    );
+    for p in &report.passes {
+        eprintln!(
+            "  {:<18} {:>9.2} {:>5} → {:<4} {:>7} {:>8} {:>14}",
+            p.pass, p.millis, p.nodes_before, p.nodes_after, p.added, p.removed, p.macs_after
+        );
+    }
+    for n in &report.notes {
+        eprintln!("  note: {n}");
+    }
+    eprintln!("  wrote {} bytes", bytes.len());
+    if let Some(r) = &args.report {
+        let v = serde_json::json!({
+            "model": args.model,
+            "output": args.output,
+            "output_bytes": bytes.len(),
+            "pipeline_yaml": pipeline.to_yaml(),
+            "report": report,
+        });
+        tcv::write_atomic(r, serde_json::to_string_pretty(&v).expect("json").as_bytes())?;
+    }
+    Ok(())
+}
+
+/// Calibration images must be finite and fit the model's (single) input.
+fn load_calibration(path: &Path, graph: &tabconv::ir::Graph) -> Result<ndarray::ArrayD<f32>> {
+    let x = data::read_f32(path)?;
+    if x.is_empty() || x.shape()[0] == 0 {
+        return Err(Error::Input(format!(
+            "{}: the calibration set is empty",
+            path.display()
+        )));
+    }
+    if let Some(i) = x.iter().position(|v| !v.is_finite()) {
+        return Err(Error::Input(format!(
+            "{}: value #{i} is not finite (NaN or Inf)",
+            path.display()
+        )));
+    }
+    let input = graph.inputs.first().map(|n| graph.node(*n));
+    if let Some(f) = input.and_then(|n| n.outputs[0].fact.as_ref()) {
+        let fits = x.ndim() == f.rank()
+            && x.shape()
+                .iter()
+                .zip(&f.shape)
+                .skip(1)
+                .all(|(&d, want)| want.known().is_none_or(|k| k == d as i64));
+        if !fits {
+            return Err(Error::Input(format!(
+                "{}: calibration shape {:?} does not fit the model input {}",
+                path.display(),
+                x.shape(),
+                f.shape_string()
+            )));
+        }
+    }
+    Ok(x)
+}

@@ -1,0 +1,96 @@
+//! Runs a pipeline: after every pass, shapes are re-inferred and the graph verified; a failure
+//! names the pass (and its position) that broke the graph. Each pass is timed and summarised
+//! (nodes added/removed, MACs before/after) for the compile report.
+
+use super::pipeline::Pipeline;
+use super::PassCx;
+use crate::error::{Error, Result};
+use crate::ir::{cost, infer::infer_graph, Graph, Op};
+use serde::Serialize;
+use std::collections::BTreeSet;
+use std::time::Instant;
+
+#[derive(Clone, Debug, Serialize)]
+pub struct PassReport {
+    pub pass: String,
+    pub params: serde_json::Value,
+    pub millis: f64,
+    pub nodes_before: usize,
+    pub nodes_after: usize,
+    pub added: usize,
+    pub removed: usize,
+    pub macs_before: u64,
+    pub macs_after: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct CompileReport {
+    pub pipeline: String,
+    pub passes: Vec<PassReport>,
+    pub notes: Vec<String>,
+    pub nodes_before: usize,
+    pub nodes_after: usize,
+    pub macs_before: u64,
+    pub macs_after: u64,
+}
+
+/// Total MACs per image over all nodes.
+pub fn total_macs(graph: &Graph) -> u64 {
+    graph.g.node_indices().map(|n| cost::node_macs(graph, n)).sum()
+}
+
+fn names(graph: &Graph) -> BTreeSet<String> {
+    graph
+        .g
+        .node_weights()
+        .filter(|n| !matches!(n.op, Op::Input | Op::Const(_)))
+        .map(|n| n.name.clone())
+        .collect()
+}
+
+/// Run `pipeline` on `graph`. `after_each(pass_name, graph)` is called after every pass (used by
+/// `--dump-after`).
+pub fn run_pipeline(
+    graph: &mut Graph,
+    pipeline: &Pipeline,
+    cx: &mut PassCx,
+    mut after_each: impl FnMut(&str, &Graph) -> Result<()>,
+) -> Result<CompileReport> {
+    let (nodes_before, macs_before) = (graph.op_count(), total_macs(graph));
+    let mut passes = Vec::new();
+    for (i, pass) in pipeline.build().iter().enumerate() {
+        let label = format!("pass '{}' (#{} of pipeline '{}')", pass.name(), i + 1, pipeline.name);
+        let before = names(graph);
+        let (n0, m0) = (graph.op_count(), total_macs(graph));
+        let start = Instant::now();
+        pass.run(graph, cx)
+            .map_err(|e| Error::Other(format!("{label} failed: {e}")))?;
+        infer_graph(graph).map_err(|e| Error::Other(format!("{label} broke shape inference: {e}")))?;
+        graph
+            .verify()
+            .map_err(|e| Error::Other(format!("{label} broke the graph: {e}")))?;
+        let millis = start.elapsed().as_secs_f64() * 1e3;
+        let after = names(graph);
+        passes.push(PassReport {
+            pass: pass.name().to_string(),
+            params: pass.params(),
+            millis,
+            nodes_before: n0,
+            nodes_after: graph.op_count(),
+            added: after.difference(&before).count(),
+            removed: before.difference(&after).count(),
+            macs_before: m0,
+            macs_after: total_macs(graph),
+        });
+        after_each(pass.name(), graph)?;
+    }
+    Ok(CompileReport {
+        pipeline: pipeline.name.clone(),
+        passes,
+        notes: cx.notes.clone(),
+        nodes_before,
+        nodes_after: graph.op_count(),
+        macs_before,
+        macs_after: total_macs(graph),
+    })
+}

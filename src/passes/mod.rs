@@ -1,0 +1,34 @@
+//! Graph rewrites. Each pass lives in its own file and implements [`Pass`]; pipelines
+//! (`passes/*.yaml`) name them with typed options; the [`manager`] runs a pipeline, re-infers
+//! shapes and verifies the graph after every pass, and times and summarises each one.
+
+pub mod constant_fold;
+pub mod conv_to_im2col;
+pub mod dead_code;
+pub mod fold_batchnorm;
+pub mod gemm_to_matmul;
+pub mod manager;
+pub mod pipeline;
+
+use crate::error::Result;
+use crate::ir::Graph;
+use ndarray::ArrayD;
+
+/// What passes may use besides the graph: calibration data, a seed, and a place for notes
+/// (e.g. "left conv3 alone: grouped") that end up in the compile report.
+#[derive(Default)]
+pub struct PassCx {
+    pub calib: Option<ArrayD<f32>>,
+    pub seed: u64,
+    pub notes: Vec<String>,
+}
+
+pub trait Pass {
+    /// The name used in pipeline files.
+    fn name(&self) -> &'static str;
+    /// The pass's parameters, normalised, for reports and `.tcv` metadata.
+    fn params(&self) -> serde_json::Value {
+        serde_json::json!({})
+    }
+    fn run(&self, graph: &mut Graph, cx: &mut PassCx) -> Result<()>;
+}
