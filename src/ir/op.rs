@@ -281,7 +281,8 @@ impl Op {
                     String::new()
                 }
             }
-            Op::Transpose { perm } => format!("perm={perm:?}"),
+            Op::Transpose { perm: Some(p) } => format!("perm={p:?}"),
+            Op::Transpose { perm: None } => "perm=reverse".into(),
             Op::Squeeze { axes } => format!("axes={axes:?}"),
             Op::Unsqueeze { axes } => format!("axes={axes:?}"),
             Op::Gemm(g) => format!(

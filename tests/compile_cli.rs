@@ -1,0 +1,152 @@
+//! `tabconv-compile` and pipeline files: clear errors with file/line/column, `--set`, reports,
+//! atomic output, and `.tcv` models accepted by `tabconv run/eval/inspect`.
+
+mod common;
+use common::*;
+use std::process::{Command, Output};
+use tabconv::passes::pipeline::Pipeline;
+
+fn compile(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tabconv-compile"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn pipeline_errors_name_file_line_and_column() {
+    let e = Pipeline::parse(
+        "name: x\npasses:\n  - fold-batchnorm:\n  - fold-batchnrom:\n",
+        "my.yaml",
+    )
+    .unwrap_err();
+    let msg = e.to_string();
+    assert!(msg.contains("my.yaml:4:"), "{msg}");
+    assert!(msg.contains("fold-batchnrom"), "{msg}");
+    let e = Pipeline::parse(
+        "name: x\npasses:\n  - conv-to-im2col:\n      min_macs: lots\n",
+        "p.yaml",
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("p.yaml:4:"), "{e}");
+    let e = Pipeline::parse("name: x\npasses:\n  - dead-code:\n      aggressive: true\n", "p.yaml").unwrap_err();
+    assert!(e.to_string().contains("aggressive"), "{e}");
+    let e = Pipeline::parse("name: x\nextra: 1\npasses: []\n", "p.yaml").unwrap_err();
+    assert!(e.to_string().contains("p.yaml:2:"), "{e}");
+}
+
+#[test]
+fn set_overrides_typed_options() {
+    let mut p = Pipeline::find("exact").unwrap();
+    p.set("conv-to-im2col.min_macs=1000000").unwrap();
+    assert!(p.to_yaml().contains("min_macs: 1000000"), "{}", p.to_yaml());
+    assert!(p.set("conv-to-im2col.min_macs=abc").is_err());
+    assert!(p.set("conv-to-im2col.nope=1").unwrap_err().to_string().contains("nope"));
+    assert!(p
+        .set("lut.k=16")
+        .unwrap_err()
+        .to_string()
+        .contains("no pass named 'lut'"));
+    assert!(p.set("garbage").is_err());
+}
+
+#[test]
+fn compile_writes_report_and_tcv_runs_in_tabconv() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("lenet5.tcv");
+    let report = dir.path().join("report.json");
+    let o = compile(&[
+        fixture("models/lenet5.onnx").to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--pipeline",
+        "exact",
+        "--report",
+        report.to_str().unwrap(),
+        "--dump-after",
+        "conv-to-im2col",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("Im2Col("),
+        "--dump-after prints the IR"
+    );
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let passes = r["report"]["passes"].as_array().unwrap();
+    assert_eq!(passes.len(), 5);
+    assert_eq!(
+        r["report"]["macs_before"], r["report"]["macs_after"],
+        "exact passes keep the MACs"
+    );
+    assert_eq!(r["report"]["macs_before"], 416520);
+
+    let bin = env!("CARGO_BIN_EXE_tabconv");
+    let v = Command::new(bin)
+        .args(["eval", out.to_str().unwrap(), "--json"])
+        .args(["--inputs", fixture("data/mnist_test.npy").to_str().unwrap()])
+        .args(["--labels", fixture("data/mnist_test_labels.npy").to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(v.status.success(), "{}", stderr(&v));
+    let v: serde_json::Value = serde_json::from_slice(&v.stdout).unwrap();
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("expected/summary.json")).unwrap()).unwrap();
+    assert_eq!(v["accuracy"], summary["models"]["lenet5"]["ort_top1_accuracy"]);
+    let i = Command::new(bin)
+        .args(["inspect", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&i.stdout).contains("Im2Col"));
+}
+
+#[test]
+fn failed_compile_leaves_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("x.tcv");
+    let bad_pipeline = dir.path().join("bad.yaml");
+    std::fs::write(&bad_pipeline, "name: bad\npasses:\n  - no-such-pass:\n").unwrap();
+    let o = compile(&[
+        fixture("models/lenet5.onnx").to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--pipeline",
+        bad_pipeline.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("bad.yaml:3:"), "{}", stderr(&o));
+    let o = compile(&[
+        fixture("ops/pad_opset13_reflect.onnx").to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("reflect"));
+    let nan = dir.path().join("nan.npy");
+    let mut x = ndarray::ArrayD::<f32>::zeros(ndarray::IxDyn(&[2, 1, 28, 28]));
+    x[[1, 0, 3, 3]] = f32::NAN;
+    tabconv::data::write_npy(&nan, &tabconv::ir::Tensor::F32(x)).unwrap();
+    let o = compile(&[
+        fixture("models/lenet5.onnx").to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--calib",
+        nan.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("not finite"), "{}", stderr(&o));
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left.len(), 2, "only the inputs remain: {left:?}");
+}
+
+#[test]
+fn tcv_reader_rejects_plain_onnx_and_future_versions() {
+    let e = tabconv::onnx::tcv::read_tcv(&fixture("models/lenet5.onnx")).unwrap_err();
+    assert!(e.to_string().contains("not a .tcv file"), "{e}");
+}
