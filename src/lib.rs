@@ -3,6 +3,7 @@
 //! Data flow: `onnx` (decode + import) → `ir::Graph` → `passes` → `interp` (execute).
 //! See docs/ARCHITECTURE.md for the map of modules and their invariants.
 
+pub mod bench;
 pub mod cli;
 pub mod data;
 pub mod error;
@@ -11,5 +12,6 @@ pub mod ir;
 pub mod model;
 pub mod onnx;
 pub mod passes;
+pub mod pq;
 
 pub use error::{Error, Result};

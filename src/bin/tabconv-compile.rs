@@ -3,7 +3,7 @@
 use clap::Parser;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use tabconv::ir::dump::dump;
+use tabconv::ir::{cost, dump::dump};
 use tabconv::onnx::tcv;
 use tabconv::passes::{manager, pipeline::Pipeline, PassCx};
 use tabconv::{data, Error, Result};
@@ -68,6 +68,14 @@ fn compile(args: Args) -> Result<()> {
         }
     }
     let mut graph = tabconv::onnx::load_model(&args.model)?;
+    let source = cost::graph_cost(&graph);
+    let source_weight_bytes = cost::weight_bytes(&graph);
+    graph
+        .metadata
+        .insert("source_exact_macs".into(), source.exact_macs.to_string());
+    graph
+        .metadata
+        .insert("source_weight_bytes".into(), source_weight_bytes.to_string());
     let mut cx = PassCx {
         seed: args.seed,
         ..Default::default()
@@ -103,14 +111,45 @@ fn compile(args: Args) -> Result<()> {
     for n in &report.notes {
         eprintln!("  note: {n}");
     }
+    if !report.lut_layers.is_empty() {
+        eprintln!(
+            "  {:<40} {:>5} {:>6} {:>5} {:>3} {:>4} {:>9} {:>8} {:>7}",
+            "lut layer", "D", "M", "C", "S", "K", "rel err", "cosine", "sec"
+        );
+        for l in &report.lut_layers {
+            eprintln!(
+                "  {:<40} {:>5} {:>6} {:>5} {:>3} {:>4} {:>9.4} {:>8.5} {:>7.2}",
+                l.node, l.d, l.m, l.codebooks, l.subspace, l.k, l.output_rel_error, l.output_cosine, l.seconds
+            );
+        }
+    }
+    let after = cost::graph_cost(&graph);
+    let (red_lookups, red_all) = cost::reduction(&source, &after);
+    eprintln!(
+        "  exact MACs/image {} → {}; encode {} MACs + {} compares; {} lookups",
+        source.exact_macs, after.exact_macs, after.encode_macs, after.encode_compares, after.lookups
+    );
+    eprintln!(
+        "  reduction {:.1}% lookups only, {:.1}% everything counted; tables {} B + prototypes {} B vs weights {} B",
+        red_lookups * 100.0,
+        red_all * 100.0,
+        after.table_bytes,
+        after.prototype_bytes,
+        source_weight_bytes
+    );
     eprintln!("  wrote {} bytes", bytes.len());
     if let Some(r) = &args.report {
         let v = serde_json::json!({
             "model": args.model,
             "output": args.output,
             "output_bytes": bytes.len(),
-            "pipeline_yaml": pipeline.to_yaml(),
+                        "pipeline_yaml": pipeline.to_yaml(),
             "report": report,
+            "cost_before": source,
+            "cost_after": after,
+            "reduction_lookups_only": red_lookups,
+            "reduction_everything_counted": red_all,
+            "source_weight_bytes": source_weight_bytes,
         });
         tcv::write_atomic(r, serde_json::to_string_pretty(&v).expect("json").as_bytes())?;
     }

@@ -62,6 +62,30 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Median latency per batch and images/s; for a .onnx also tract on the same model, same run.
+    ///
+    /// Example: tabconv bench fixtures/models/resnet18_fmnist.onnx resnet18.tcv --batch 32
+    Bench {
+        /// Models to time (.onnx and/or .tcv); ratios are given against the first
+        #[arg(required = true)]
+        models: Vec<PathBuf>,
+        #[arg(long, default_value_t = 32)]
+        batch: usize,
+        /// Worker threads for tabconv (default: all cores)
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Seconds of timing per model and engine (at least 5 runs)
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+        /// Skip the tract comparison
+        #[arg(long)]
+        no_tract: bool,
+        /// Also print where tabconv's time goes, per op type
+        #[arg(long)]
+        profile: bool,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -77,6 +101,15 @@ fn main() -> ExitCode {
             json,
         } => eval(&model, &inputs, &labels, batch, json),
         Cmd::Inspect { model, json } => inspect(&model, json),
+        Cmd::Bench {
+            models,
+            batch,
+            threads,
+            seconds,
+            no_tract,
+            profile,
+            json,
+        } => bench(&models, batch, threads, seconds, !no_tract, profile, json),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
@@ -149,19 +182,31 @@ fn inspect(model_path: &Path, json: bool) -> Result<()> {
     let order = graph.topo_order()?;
     let mut hist = std::collections::BTreeMap::<&str, usize>::new();
     let mut per_node = Vec::new();
-    let mut total = 0u64;
+    let mut total = cost::Cost::default();
     for &n in &order {
         let node = graph.node(n);
         if matches!(node.op, Op::Input | Op::Const(_)) {
             continue;
         }
         *hist.entry(node.op.name()).or_default() += 1;
-        let macs = cost::node_macs(&graph, n);
-        total += macs;
-        if macs > 0 {
-            per_node.push((node.name.clone(), node.op.name(), macs));
+        let c = cost::node_cost(&graph, n);
+        total.add(&c);
+        if c != cost::Cost::default() {
+            per_node.push((node.name.clone(), node.op.name(), c));
         }
     }
+    // A compiled model records the exact cost of its source; an ONNX model is its own source.
+    let source = match graph.metadata.get("source_exact_macs").and_then(|v| v.parse().ok()) {
+        Some(macs) => cost::Cost {
+            exact_macs: macs,
+            ..Default::default()
+        },
+        None => cost::Cost {
+            exact_macs: total.exact_macs + total.lookups,
+            ..Default::default()
+        },
+    };
+    let (red_lookups, red_all) = cost::reduction(&source, &total);
     let params = cost::param_count(&graph);
     if json {
         let v = serde_json::json!({
@@ -169,8 +214,14 @@ fn inspect(model_path: &Path, json: bool) -> Result<()> {
             "ir": dump(&graph)?,
             "op_histogram": hist,
             "parameters": params,
-            "macs_per_image": total,
-            "macs_per_node": per_node.iter().map(|(n, o, m)| serde_json::json!({"node": n, "op": o, "macs": m})).collect::<Vec<_>>(),
+            "macs_per_image": total.exact_macs,
+            "total": total,
+            "source_exact_macs": source.exact_macs,
+            "ops_all": total.ops_all(),
+            "ops_lookups_only": total.ops_lookups_only(),
+            "reduction_lookups_only": red_lookups,
+            "reduction_everything_counted": red_all,
+            "per_node": per_node.iter().map(|(n, o, c)| serde_json::json!({"node": n, "op": o, "cost": c})).collect::<Vec<_>>(),
         });
         println!("{}", serde_json::to_string_pretty(&v).expect("json"));
         return Ok(());
@@ -180,11 +231,108 @@ fn inspect(model_path: &Path, json: bool) -> Result<()> {
     for (op, c) in &hist {
         println!("  {op:<20} {c}");
     }
-    println!("\nMACs per image (batch 1):");
-    for (name, op, m) in &per_node {
-        println!("  {name:<40} {op:<10} {m:>14}");
+    println!("\ncost per image (batch 1):");
+    println!(
+        "  {:<44} {:<10} {:>12} {:>11} {:>10} {:>11} {:>10} {:>10}",
+        "node", "op", "exact MACs", "enc MACs", "enc cmp", "lookups", "table B", "proto B"
+    );
+    let row = |name: &str, op: &str, c: &cost::Cost| {
+        println!(
+            "  {:<44} {:<10} {:>12} {:>11} {:>10} {:>11} {:>10} {:>10}",
+            name, op, c.exact_macs, c.encode_macs, c.encode_compares, c.lookups, c.table_bytes, c.prototype_bytes
+        )
+    };
+    for (name, op, c) in &per_node {
+        row(name, op, c);
     }
-    println!("  {:<40} {:<10} {total:>14}", "total", "");
-    println!("\nparameters: {params}");
+    row("total", "", &total);
+    println!(
+        "\narithmetic ops: {} everything counted, {} lookups only (exact source: {} MACs = {} ops)",
+        total.ops_all(),
+        total.ops_lookups_only(),
+        source.exact_macs,
+        source.ops_all()
+    );
+    println!(
+        "reduction: {:.1}% lookups only (paper convention), {:.1}% everything counted",
+        red_lookups * 100.0,
+        red_all * 100.0
+    );
+    println!("parameters (f32): {params}");
+    Ok(())
+}
+
+fn bench(
+    models: &[PathBuf],
+    batch: usize,
+    threads: Option<usize>,
+    seconds: f64,
+    tract: bool,
+    profile: bool,
+    json: bool,
+) -> Result<()> {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads.unwrap_or(0))
+        .build()
+        .map_err(|e| Error::Other(format!("thread pool: {e}")))?;
+    let budget = std::time::Duration::from_secs_f64(seconds.max(0.1));
+    let batch = batch.max(1);
+    let mut rows = Vec::new();
+    for m in models {
+        let graph = model::load(m)?;
+        rows.push(pool.install(|| tabconv::bench::bench_ours(&graph, m, batch, 5, budget))?);
+        if tract && m.extension().is_some_and(|e| e == "onnx") {
+            rows.push(tabconv::bench::bench_tract(&graph, m, batch, 5, budget)?);
+        }
+    }
+    let base = rows[0].median_ms;
+    if json {
+        let v: Vec<_> = rows
+            .iter()
+            .map(|r| {
+                let mut v = serde_json::to_value(r).expect("json");
+                v["speedup_vs_first"] = serde_json::json!(base / r.median_ms);
+                v
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v).expect("json"));
+        return Ok(());
+    }
+    println!(
+        "batch {batch}, {} tabconv thread(s); median of ≥5 runs; speedup = first row's median / this row's",
+        pool.current_num_threads()
+    );
+    println!(
+        "  {:<48} {:<8} {:>6} {:>11} {:>11} {:>12} {:>8}",
+        "model", "engine", "runs", "median ms", "min ms", "images/s", "speedup"
+    );
+    for r in &rows {
+        println!(
+            "  {:<48} {:<8} {:>6} {:>11.3} {:>11.3} {:>12.1} {:>7.2}x",
+            r.model,
+            r.engine,
+            r.runs,
+            r.median_ms,
+            r.min_ms,
+            r.images_per_second,
+            base / r.median_ms
+        );
+    }
+    if profile {
+        for m in models {
+            let graph = model::load(m)?;
+            let p = pool.install(|| tabconv::bench::profile_ours(&graph, batch, 5))?;
+            let total: f64 = p.iter().map(|(_, s, _)| s).sum();
+            println!("\nprofile of {} (5 runs, batch {batch}):", m.display());
+            for (op, s, n) in p {
+                println!(
+                    "  {op:<20} {:>9.2} ms/run {:>6.1}% {:>6} calls",
+                    s * 1e3 / 5.0,
+                    100.0 * s / total,
+                    n / 5
+                );
+            }
+        }
+    }
     Ok(())
 }

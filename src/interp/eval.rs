@@ -1,10 +1,10 @@
 //! Evaluation of one op on concrete tensors: the single place that maps IR ops to kernels.
 //! Used by the interpreter and by constant folding.
 
-use super::kernels::{conv, elementwise as ew, gemm, pool, shape_ops as so};
+use super::kernels::{conv, elementwise as ew, encode, gemm, lut, pool, shape_ops as so};
 use crate::bail;
 use crate::error::Result;
-use crate::ir::op::{Gemm, Op};
+use crate::ir::op::{Encoder, Gemm, Op};
 use crate::ir::tensor::dispatch;
 use crate::ir::{DType, Tensor};
 use ndarray::{ArrayD, IxDyn};
@@ -64,6 +64,77 @@ pub fn eval_op(op: &Op, mut args: Vec<Arc<Tensor>>) -> Result<Vec<Tensor>> {
         Op::Im2Col(w) => {
             arity(1, &args)?;
             Tensor::F32(conv::im2col_rows(&f32_std(&args[0])?, shape4(&args[0], "Im2Col")?, w)?)
+        }
+        Op::PqEncode(p) => {
+            arity(2, &args)?;
+            let x = f32_std(&args[0])?;
+            let d = *args[0]
+                .shape()
+                .last()
+                .ok_or_else(|| crate::error::Error::Other("rank-0 input".into()))?;
+            let sub = crate::pq::Subspaces { d, s: p.subspace };
+            let rows = x.len().checked_div(d).unwrap_or(0);
+            let mut codes = vec![0u8; rows * sub.count()];
+            match p.encoder {
+                Encoder::Argmin => {
+                    let k = args[1].shape()[1];
+                    encode::encode_argmin(&x, rows, sub, k, &f32_std(&args[1])?, &mut codes);
+                }
+                Encoder::Tree => {
+                    arity(3, &args)?;
+                    let depth = args[1].shape()[1];
+                    let dims: Vec<usize> = args[1]
+                        .to_i64_vec()?
+                        .into_iter()
+                        .map(|v| v.clamp(0, p.subspace as i64 - 1) as usize)
+                        .collect();
+                    encode::encode_tree(&x, rows, sub, depth, &dims, &f32_std(&args[2])?, &mut codes);
+                }
+            }
+            let mut shape = args[0].shape().to_vec();
+            *shape.last_mut().unwrap() = sub.count();
+            Tensor::U8(ArrayD::from_shape_vec(IxDyn(&shape), codes).expect("codes size"))
+        }
+        Op::LutMatMul => {
+            arity(4, &args)?;
+            let Tensor::U8(codes) = &*args[0] else {
+                bail!("codes must be u8")
+            };
+            let codes = codes.as_standard_layout();
+            let ts = args[1].shape().to_vec();
+            let (c, m, k) = (ts[0], ts[1], ts[2]);
+            let rows = codes.len() / c.max(1);
+            let codes = codes.as_slice().unwrap();
+            if let Some(&bad) = codes.iter().find(|&&v| v as usize >= k) {
+                bail!("code {bad} out of range for {k} prototypes");
+            }
+            let (scale, offset) = (f32_std(&args[2])?, f32_std(&args[3])?);
+            let mut y = vec![0f32; rows * m];
+            match &*args[1] {
+                Tensor::I8(t) => {
+                    let t = t.as_standard_layout();
+                    let mut acc = vec![0i32; rows * m];
+                    lut::lut_i8(codes, rows, c, t.as_slice().unwrap(), m, k, &mut acc);
+                    for (yr, ar) in y.chunks_mut(m.max(1)).zip(acc.chunks(m.max(1))) {
+                        for j in 0..m {
+                            yr[j] = scale[j] * ar[j] as f32 + offset[j];
+                        }
+                    }
+                }
+                Tensor::F32(t) => {
+                    let t = t.as_standard_layout();
+                    lut::lut_f32(codes, rows, c, t.as_slice().unwrap(), m, k, &mut y);
+                    for yr in y.chunks_mut(m.max(1)) {
+                        for j in 0..m {
+                            yr[j] = scale[j] * yr[j] + offset[j];
+                        }
+                    }
+                }
+                t => bail!("tables must be i8 or f32, got {}", t.dtype()),
+            }
+            let mut shape = args[0].shape().to_vec();
+            *shape.last_mut().unwrap() = m;
+            Tensor::F32(ArrayD::from_shape_vec(IxDyn(&shape), y).expect("output size"))
         }
         Op::BatchNorm { epsilon } => {
             arity(5, &args)?;

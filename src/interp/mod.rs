@@ -26,11 +26,33 @@ pub struct Plan<'g> {
     uses: Vec<usize>,
     inputs: Vec<usize>,
     outputs: Vec<usize>,
+    /// Seconds and calls per op type, when profiling is on.
+    profile: Option<std::sync::Mutex<std::collections::BTreeMap<&'static str, (f64, usize)>>>,
 }
 
 impl<'g> Plan<'g> {
     pub fn new(graph: &'g Graph) -> Result<Plan<'g>> {
-        let order = graph.topo_order()?;
+        let outs: Vec<Outlet> = graph.outputs.iter().map(|(_, o)| *o).collect();
+        Plan::for_outlets(graph, &outs)
+    }
+
+    /// A plan that computes only what `wanted` depends on and returns those values (used to
+    /// read intermediate activations during calibration).
+    pub fn for_outlets(graph: &'g Graph, wanted: &[Outlet]) -> Result<Plan<'g>> {
+        let mut needed: std::collections::HashSet<NodeIndex> = graph.inputs.iter().copied().collect();
+        let mut stack: Vec<NodeIndex> = wanted.iter().map(|o| o.node).collect();
+        while let Some(n) = stack.pop() {
+            if needed.insert(n) || graph.inputs.contains(&n) {
+                stack.extend(
+                    graph
+                        .inputs_of(n)
+                        .iter()
+                        .map(|o| o.node)
+                        .filter(|m| !needed.contains(m)),
+                );
+            }
+        }
+        let order: Vec<NodeIndex> = graph.topo_order()?.into_iter().filter(|n| needed.contains(n)).collect();
         let mut ids: HashMap<Outlet, usize> = HashMap::new();
         let mut steps = Vec::with_capacity(order.len());
         let mut uses = Vec::new();
@@ -48,7 +70,7 @@ impl<'g> Plan<'g> {
             }
             steps.push(Step { node: n, args, outs });
         }
-        let outputs: Vec<usize> = graph.outputs.iter().map(|(_, o)| ids[o]).collect();
+        let outputs: Vec<usize> = wanted.iter().map(|o| ids[o]).collect();
         for &o in &outputs {
             uses[o] += 1;
         }
@@ -59,7 +81,30 @@ impl<'g> Plan<'g> {
             uses,
             inputs,
             outputs,
+            profile: None,
         })
+    }
+
+    /// Record time per op type from now on (see [`Plan::profile`]).
+    pub fn enable_profile(&mut self) {
+        self.profile = Some(Default::default());
+    }
+
+    /// `(op type, seconds, calls)` recorded so far, most expensive first.
+    pub fn profile(&self) -> Vec<(&'static str, f64, usize)> {
+        let mut v: Vec<_> = self
+            .profile
+            .as_ref()
+            .map(|p| {
+                p.lock()
+                    .expect("profile lock")
+                    .iter()
+                    .map(|(k, (s, n))| (*k, *s, *n))
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort_by(|a, b| b.1.total_cmp(&a.1));
+        v
     }
 
     /// Check the runtime inputs against the declared input facts (the batch may be anything).
@@ -122,8 +167,15 @@ impl<'g> Plan<'g> {
                 };
                 args.push(v.ok_or_else(|| Error::node(&node.name, node.op.name(), "input value missing"))?);
             }
+            let t0 = self.profile.as_ref().map(|_| std::time::Instant::now());
             let outs =
                 eval::eval_op(&node.op, args).map_err(|e| Error::node(&node.name, node.op.name(), e.to_string()))?;
+            if let (Some(p), Some(t0)) = (&self.profile, t0) {
+                let mut p = p.lock().expect("profile lock");
+                let e = p.entry(node.op.name()).or_default();
+                e.0 += t0.elapsed().as_secs_f64();
+                e.1 += 1;
+            }
             for (t, &id) in outs.into_iter().zip(&step.outs) {
                 if self.uses[id] > 0 {
                     values[id] = Some(Arc::new(t));

@@ -1,9 +1,47 @@
-//! Per-node arithmetic cost (per image, batch bound to 1) and parameter counts.
+//! Honest per-node cost (per image, batch bound to 1): exact multiply-accumulates, encoding work
+//! (MACs for argmin encoders, comparisons for trees), table lookups (each followed by an add),
+//! and the bytes of tables and prototypes. Encoding is never counted as free.
 
 use super::graph::Graph;
-use super::op::Op;
+use super::op::{Encoder, Op};
 use super::Fact;
 use petgraph::stable_graph::NodeIndex;
+use serde::Serialize;
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct Cost {
+    /// Exact multiply-accumulates (Conv, MatMul, Gemm; the per-output dequantisation of a LUT).
+    pub exact_macs: u64,
+    /// Multiply-accumulates spent by argmin encoders (`rows · C · K · S`).
+    pub encode_macs: u64,
+    /// Comparisons spent by encoders (`rows · C · depth` for trees, `rows · C · K` for argmin).
+    pub encode_compares: u64,
+    /// Table lookups; each is followed by one add (`rows · C · M`).
+    pub lookups: u64,
+    pub table_bytes: u64,
+    pub prototype_bytes: u64,
+}
+
+impl Cost {
+    pub fn add(&mut self, o: &Cost) {
+        self.exact_macs += o.exact_macs;
+        self.encode_macs += o.encode_macs;
+        self.encode_compares += o.encode_compares;
+        self.lookups += o.lookups;
+        self.table_bytes += o.table_bytes;
+        self.prototype_bytes += o.prototype_bytes;
+    }
+    /// Arithmetic operations with everything counted: a MAC is 2 ops (multiply + add), a
+    /// lookup-accumulate is 2 ops (load + add), a comparison is 1.
+    pub fn ops_all(&self) -> u64 {
+        2 * self.exact_macs + 2 * self.encode_macs + self.encode_compares + 2 * self.lookups
+    }
+    /// The TabConv paper's convention: only the multiply-accumulates left exact are counted;
+    /// encoding and lookups are treated as free.
+    pub fn ops_lookups_only(&self) -> u64 {
+        2 * self.exact_macs
+    }
+}
 
 fn elems(f: Option<&Fact>) -> u64 {
     f.map(|f| f.shape.iter().map(|d| d.bind(1).max(0) as u64).product())
@@ -12,26 +50,73 @@ fn elems(f: Option<&Fact>) -> u64 {
 
 /// Multiply-accumulates of one node for one image (0 for ops that do no MACs).
 pub fn node_macs(graph: &Graph, n: NodeIndex) -> u64 {
+    node_cost(graph, n).exact_macs
+}
+
+pub fn node_cost(graph: &Graph, n: NodeIndex) -> Cost {
     let node = graph.node(n);
     let ins = graph.inputs_of(n);
     let out = elems(node.outputs[0].fact.as_ref());
     let fact = |i: usize| ins.get(i).and_then(|o| graph.fact(*o));
+    let bytes = |i: usize| {
+        ins.get(i)
+            .and_then(|o| graph.const_value(*o))
+            .map(|t| t.byte_len() as u64)
+            .unwrap_or(0)
+    };
+    let mut c = Cost::default();
     match &node.op {
         Op::Conv(_) => {
             let w = fact(1).and_then(|f| f.concrete_shape()).unwrap_or_default();
-            out * w.iter().skip(1).product::<usize>() as u64
+            c.exact_macs = out * w.iter().skip(1).product::<usize>() as u64;
         }
         Op::Gemm(g) => {
             let a = fact(0).map(|f| f.shape.clone()).unwrap_or_default();
             let k = if g.trans_a { a.first() } else { a.get(1) };
-            out * k.map(|d| d.bind(1) as u64).unwrap_or(0)
+            c.exact_macs = out * k.map(|d| d.bind(1) as u64).unwrap_or(0);
         }
         Op::MatMul => {
             let a = fact(0).map(|f| f.shape.clone()).unwrap_or_default();
-            out * a.last().map(|d| d.bind(1) as u64).unwrap_or(0)
+            c.exact_macs = out * a.last().map(|d| d.bind(1) as u64).unwrap_or(0);
         }
-        _ => 0,
+        Op::PqEncode(p) => {
+            // out = rows · C
+            let shape = fact(1).and_then(|f| f.concrete_shape()).unwrap_or_default();
+            match p.encoder {
+                Encoder::Argmin => {
+                    let k = shape.get(1).copied().unwrap_or(0) as u64;
+                    c.encode_macs = out * k * p.subspace as u64;
+                    c.encode_compares = out * k;
+                    c.prototype_bytes = bytes(1);
+                }
+                Encoder::Tree => {
+                    c.encode_compares = out * shape.get(1).copied().unwrap_or(0) as u64;
+                    c.prototype_bytes = bytes(1) + bytes(2);
+                }
+            }
+        }
+        Op::LutMatMul => {
+            // out = rows · M; each output sums C lookups, then one scale multiply-add
+            let cb = fact(1)
+                .and_then(|f| f.concrete_shape())
+                .and_then(|s| s.first().copied())
+                .unwrap_or(0);
+            c.lookups = out * cb as u64;
+            c.exact_macs = out;
+            c.table_bytes = bytes(1) + bytes(2) + bytes(3);
+        }
+        _ => {}
     }
+    c
+}
+
+/// Sum over all nodes.
+pub fn graph_cost(graph: &Graph) -> Cost {
+    let mut t = Cost::default();
+    for n in graph.g.node_indices() {
+        t.add(&node_cost(graph, n));
+    }
+    t
 }
 
 /// Number of f32 parameters held in constants.
@@ -44,4 +129,30 @@ pub fn param_count(graph: &Graph) -> u64 {
             _ => None,
         })
         .sum()
+}
+
+/// Bytes of the f32 weights that feed exact Conv/MatMul/Gemm nodes.
+pub fn weight_bytes(graph: &Graph) -> u64 {
+    graph
+        .g
+        .node_indices()
+        .filter(|&n| matches!(graph.node(n).op, Op::Conv(_) | Op::MatMul | Op::Gemm(_)))
+        .filter_map(|n| {
+            graph
+                .inputs_of(n)
+                .get(1)
+                .and_then(|o| graph.const_value(*o))
+                .map(|t| t.byte_len() as u64)
+        })
+        .sum()
+}
+
+/// Fraction of arithmetic removed, `(lookups only, everything counted)`, relative to `before`
+/// (the exact model).
+pub fn reduction(before: &Cost, after: &Cost) -> (f64, f64) {
+    let base = before.ops_all().max(1) as f64;
+    (
+        1.0 - after.ops_lookups_only() as f64 / base,
+        1.0 - after.ops_all() as f64 / base,
+    )
 }

@@ -4,7 +4,7 @@
 
 use super::fact::{dims_product, Dim, Fact};
 use super::graph::Graph;
-use super::op::{Binary, Op};
+use super::op::{Binary, Encoder, Op};
 use super::tensor::DType;
 use crate::error::{Error, Result};
 
@@ -143,6 +143,75 @@ pub fn infer_op(op: &Op, ins: &[Fact]) -> Result<Vec<Fact>> {
                     Dim::Known(c * (w.kernel[0] * w.kernel[1]) as i64),
                 ],
             )
+        }
+        Op::PqEncode(p) => {
+            let x = &ins[0];
+            let d = x
+                .shape
+                .last()
+                .and_then(|d| d.known())
+                .ok_or_else(|| Error::Other("row length must be known".into()))?;
+            let c = (d as usize).div_ceil(p.subspace.max(1)) as i64;
+            let shape_of = |i: usize| ins.get(i).and_then(|f| f.concrete_shape());
+            match p.encoder {
+                Encoder::Argmin => {
+                    need(2)?;
+                    match shape_of(1).as_deref() {
+                        Some(&[pc, k, s]) if pc as i64 == c && s == p.subspace && (1..=256).contains(&k) => {}
+                        other => {
+                            return err(format!(
+                                "prototypes must be [{c}, K≤256, {}], got {other:?}",
+                                p.subspace
+                            ))
+                        }
+                    }
+                }
+                Encoder::Tree => {
+                    need(3)?;
+                    match (shape_of(1).as_deref(), shape_of(2).as_deref()) {
+                        (Some(&[dc, depth]), Some(&[tc, nodes]))
+                            if dc as i64 == c
+                                && tc as i64 == c
+                                && (1..=8).contains(&depth)
+                                && nodes == (1 << depth) - 1 => {}
+                        other => {
+                            return err(format!(
+                                "tree must be split dims [{c}, depth≤8] and thresholds [{c}, 2^depth−1], got {other:?}"
+                            ))
+                        }
+                    }
+                }
+            }
+            let mut shape = x.shape.clone();
+            *shape.last_mut().expect("rank ≥ 1") = Dim::Known(c);
+            Fact::new(DType::U8, shape)
+        }
+        Op::LutMatMul => {
+            need(4)?;
+            let (codes, t) = (&ins[0], &ins[1]);
+            if codes.dtype != DType::U8 {
+                return err(format!("codes must be u8, got {}", codes.dtype));
+            }
+            let ts = t.concrete_shape().unwrap_or_default();
+            let c = codes.shape.last().and_then(|d| d.known());
+            let ok = ts.len() == 3
+                && Some(ts[0] as i64) == c
+                && (1..=256).contains(&ts[2])
+                && matches!(t.dtype, DType::I8 | DType::F32);
+            if !ok {
+                return err(format!(
+                    "tables must be i8 or f32 [C={c:?}, M, K≤256], got {}",
+                    t.shape_string()
+                ));
+            }
+            for (i, what) in [(2, "scale"), (3, "offset")] {
+                if ins[i].concrete_shape() != Some(vec![ts[1]]) || ins[i].dtype != DType::F32 {
+                    return err(format!("{what} must be f32 [{}], got {}", ts[1], ins[i].shape_string()));
+                }
+            }
+            let mut shape = codes.shape.clone();
+            *shape.last_mut().expect("rank ≥ 1") = Dim::Known(ts[1] as i64);
+            Fact::new(DType::F32, shape)
         }
         Op::BatchNorm { .. } => {
             need(5)?;

@@ -166,6 +166,26 @@ pub enum Op {
     /// `ai.tabconv.Im2Col`: `[N, C, H, W]` → `[N, oh·ow, C·kh·kw]`, one receptive field per row,
     /// row layout `(c, i, j)` so each input channel's `kh·kw` values are contiguous.
     Im2Col(Window),
+    /// `ai.tabconv.PQEncode`: rows `[…, D]` → codes u8 `[…, C]`, `C = ⌈D / subspace⌉`.
+    /// inputs: x, then prototypes f32 `[C, K, S]` (argmin) or split dims i64 `[C, depth]` and
+    /// thresholds f32 `[C, K−1]` (tree).
+    PqEncode(PqEncode),
+    /// `ai.tabconv.LutMatMul`: codes `[…, C]`, tables `[C, M, K]` (i8 or f32), scale f32 `[M]`,
+    /// offset f32 `[M]` → `y[…, m] = scale[m]·Σ_c T[c, m, code_c] + offset[m]`.
+    LutMatMul,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Encoder {
+    Argmin,
+    Tree,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct PqEncode {
+    pub subspace: usize,
+    pub encoder: Encoder,
 }
 
 impl Op {
@@ -218,6 +238,8 @@ impl Op {
             Op::Cast { .. } => "Cast",
             Op::ConstantOfShape { .. } => "ConstantOfShape",
             Op::Im2Col(_) => "Im2Col",
+            Op::PqEncode(_) => "PQEncode",
+            Op::LutMatMul => "LutMatMul",
         }
     }
 
@@ -241,6 +263,8 @@ impl Op {
             Op::Input | Op::Sum | Op::MatMul | Op::Binary(_) => String::new(),
             Op::Const(t) => t.summary(),
             Op::Im2Col(w) => window(w),
+            Op::PqEncode(p) => format!("subspace={} encoder={:?}", p.subspace, p.encoder).to_lowercase(),
+            Op::LutMatMul => String::new(),
             Op::Conv(c) => {
                 let mut s = window(&c.window);
                 if c.group != 1 {

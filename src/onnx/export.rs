@@ -4,7 +4,7 @@
 //! topological order, names made unique in that order.
 
 use crate::error::{Error, Result};
-use crate::ir::op::{Gemm, Op, Padding, PoolKind, Unary, Window};
+use crate::ir::op::{Encoder, Gemm, Op, Padding, PoolKind, Unary, Window};
 use crate::ir::{DType, Dim, Graph, Outlet, Tensor};
 use std::collections::{HashMap, HashSet};
 use tract_onnx::pb;
@@ -292,6 +292,15 @@ fn write_node(
             std(w, "Conv", ins, a)
         }
         Op::Im2Col(win) => w.node(name, "Im2Col", TABCONV_DOMAIN, ins, out, window_attrs(win, true)),
+        Op::PqEncode(p) => {
+            let enc = match p.encoder {
+                Encoder::Argmin => "argmin",
+                Encoder::Tree => "tree",
+            };
+            let a = vec![attr_i("subspace", p.subspace as i64), attr_s("encoder", enc)];
+            w.node(name, "PQEncode", TABCONV_DOMAIN, ins, out, a)
+        }
+        Op::LutMatMul => w.node(name, "LutMatMul", TABCONV_DOMAIN, ins, out, vec![]),
         Op::BatchNorm { epsilon } => std(w, "BatchNormalization", ins, vec![attr_f("epsilon", *epsilon)]),
         Op::Unary(u) => match u {
             Unary::Relu => std(w, "Relu", ins, vec![]),

@@ -9,7 +9,7 @@ use super::proto::{read_model_proto, TensorReader};
 use crate::error::{Error, Result};
 use crate::interp::eval::eval_op;
 use crate::ir::infer::{infer_graph, infer_op};
-use crate::ir::op::{Binary, Conv, Gemm, Padding, Pool, PoolKind, Unary, Window};
+use crate::ir::op::{Binary, Conv, Encoder, Gemm, Padding, Pool, PoolKind, PqEncode, Unary, Window};
 use crate::ir::{DType, Dim, Fact, Graph, Op, Outlet, Tensor};
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -60,7 +60,7 @@ pub const SUPPORTED_OPS: &[&str] = &[
 ];
 
 /// tabconv's own operators (domain `ai.tabconv`, see docs/TCV-FORMAT.md).
-pub const TABCONV_OPS: &[&str] = &["Im2Col"];
+pub const TABCONV_OPS: &[&str] = &["Im2Col", "PQEncode", "LutMatMul"];
 
 fn is_supported(n: &NodeProto, tabconv_opset: Option<i64>) -> bool {
     if n.domain.is_empty() || n.domain == "ai.onnx" {
@@ -303,6 +303,26 @@ impl Importer {
                     }
                     Op::Im2Col(window(&a, kernel)?)
                 }
+                "PQEncode" => {
+                    let subspace = a.req_int("subspace")?;
+                    if subspace < 1 {
+                        return Err(Error::Other(format!("subspace must be positive, got {subspace}")));
+                    }
+                    let encoder = match a.string("encoder").as_deref() {
+                        Some("argmin") => Encoder::Argmin,
+                        Some("tree") => Encoder::Tree,
+                        other => {
+                            return Err(Error::Other(format!(
+                                "encoder must be 'argmin' or 'tree', got {other:?}"
+                            )))
+                        }
+                    };
+                    Op::PqEncode(PqEncode {
+                        subspace: subspace as usize,
+                        encoder,
+                    })
+                }
+                "LutMatMul" => Op::LutMatMul,
                 other => return Err(Error::Other(format!("unknown {TABCONV_DOMAIN} operator {other}"))),
             };
             let inputs = all_inputs(self)?;

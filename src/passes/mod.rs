@@ -7,6 +7,7 @@ pub mod conv_to_im2col;
 pub mod dead_code;
 pub mod fold_batchnorm;
 pub mod gemm_to_matmul;
+pub mod lut;
 pub mod manager;
 pub mod pipeline;
 
@@ -21,6 +22,8 @@ pub struct PassCx {
     pub calib: Option<ArrayD<f32>>,
     pub seed: u64,
     pub notes: Vec<String>,
+    /// Per-layer results of the `lut` pass.
+    pub lut_layers: Vec<lut::LayerReport>,
 }
 
 pub trait Pass {

@@ -11,7 +11,7 @@
 //! `--pipeline NAME` finds the pipelines shipped in the binary (`passes/NAME.yaml`, included at
 //! build time); anything else is read as a path.
 
-use super::{constant_fold, conv_to_im2col, dead_code, fold_batchnorm, gemm_to_matmul, Pass};
+use super::{constant_fold, conv_to_im2col, dead_code, fold_batchnorm, gemm_to_matmul, lut, Pass};
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -35,6 +35,7 @@ pub enum PassSpec {
     GemmToMatmul(Option<NoOptions>),
     ConstantFold(Option<NoOptions>),
     DeadCode(Option<NoOptions>),
+    Lut(Option<lut::Options>),
 }
 
 impl PassSpec {
@@ -45,6 +46,7 @@ impl PassSpec {
             PassSpec::GemmToMatmul(_) => Box::new(gemm_to_matmul::GemmToMatmul),
             PassSpec::ConstantFold(_) => Box::new(constant_fold::ConstantFold),
             PassSpec::DeadCode(_) => Box::new(dead_code::DeadCode),
+            PassSpec::Lut(o) => Box::new(lut::Lut(o.clone().unwrap_or_default())),
         }
     }
 }

@@ -1,0 +1,1224 @@
+//! Lookup-accumulate kernels for product-quantized matrix multiplication.
+//!
+//! A PQ layer has `c` codebooks of `k` prototypes each and `m` outputs. Its tables are laid out
+//! `[c][m][k]` (entry `(ci*m + mi)*k + code`), the codes of the rows `[rows][c]`, and
+//! `out[r*m + mi] = Σ_ci tables[(ci*m + mi)*k + codes[r*c + ci]]`.
+//!
+//! The int8 kernels compute that sum exactly in integers, so every kernel gives bit-identical
+//! results; the f32 kernel accumulates in codebook order, so it is deterministic too. All kernels
+//! split the rows into fixed blocks of [`PAR_ROWS`] processed in parallel with rayon: the result
+//! never depends on the thread count.
+//!
+//! - `Scalar`: any `k <= 256`; blocks of rows, one codebook at a time, so the `k`-entry table row
+//!   of every `(codebook, output)` pair stays in L1 while a block of rows looks it up.
+//! - `Avx2` / `Avx512` (`k == 16` only): MADDNESS/Bolt style. The codes of a block of 32 (64) rows
+//!   are packed two per byte (one nibble per codebook of a pair), each 16-entry table row is
+//!   broadcast into every 128-bit lane and `pshufb` looks up 32 (64) rows at once; the int8 results
+//!   are widened into int16 accumulators, flushed into int32 often enough never to overflow.
+
+use rayon::prelude::*;
+
+/// Rows per parallel task (fixed, so that results and scheduling do not depend on thread count).
+const PAR_ROWS: usize = 256;
+/// Rows per block of the scalar kernels: `m` accumulators of this many rows stay in L1.
+const SCALAR_ROWS: usize = 64;
+/// Calls with at least this many rows copy the tables into the SIMD kernels' layout first.
+#[cfg(target_arch = "x86_64")]
+const RELAYOUT_MIN_ROWS: usize = 512;
+
+/// Which implementation of the int8 lookup-accumulate to use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LutKernel {
+    /// Portable code, any `k <= 256`.
+    Scalar,
+    /// AVX2 `vpshufb`, 32 rows per block, `k == 16`.
+    Avx2,
+    /// AVX-512BW `vpshufb`, 64 rows per block, `k == 16`.
+    Avx512,
+}
+
+impl LutKernel {
+    /// Best available on this CPU (runtime detection; `Scalar` on other architectures).
+    pub fn detect() -> LutKernel {
+        if LutKernel::Avx512.supported() {
+            LutKernel::Avx512
+        } else if LutKernel::Avx2.supported() {
+            LutKernel::Avx2
+        } else {
+            LutKernel::Scalar
+        }
+    }
+
+    /// All kernels usable on this CPU (for tests and benchmarks), slowest first.
+    pub fn available() -> Vec<LutKernel> {
+        [LutKernel::Scalar, LutKernel::Avx2, LutKernel::Avx512]
+            .into_iter()
+            .filter(|k| k.supported())
+            .collect()
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            LutKernel::Scalar => "scalar",
+            LutKernel::Avx2 => "avx2",
+            LutKernel::Avx512 => "avx512",
+        }
+    }
+
+    fn supported(self) -> bool {
+        match self {
+            LutKernel::Scalar => true,
+            #[cfg(target_arch = "x86_64")]
+            LutKernel::Avx2 => std::arch::is_x86_feature_detected!("avx2"),
+            #[cfg(target_arch = "x86_64")]
+            LutKernel::Avx512 => {
+                std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx512bw")
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+}
+
+/// Asserts the slice lengths of a lookup-accumulate call.
+fn check_shapes(codes: usize, rows: usize, c: usize, tables: usize, m: usize, k: usize, out: usize) {
+    assert!((1..=256).contains(&k), "lut: k = {k} must be in 1..=256");
+    assert_eq!(Some(codes), rows.checked_mul(c), "lut: codes.len() != rows*c");
+    assert_eq!(
+        Some(tables),
+        c.checked_mul(m).and_then(|x| x.checked_mul(k)),
+        "lut: tables.len() != c*m*k"
+    );
+    assert_eq!(Some(out), rows.checked_mul(m), "lut: out.len() != rows*m");
+}
+
+/// Asserts every code is `< k`: the kernels index the tables without bounds checks.
+fn check_codes(codes: &[u8], k: usize) {
+    if k < 256 {
+        // a max-reduction (vectorizes) rather than an early-exit `all`.
+        let max = codes.iter().fold(0u8, |a, &b| a.max(b));
+        assert!((max as usize) < k, "lut: code {max} out of range for k = {k}");
+    }
+}
+
+/// int8 tables → exact i32 sums with the best kernel of this CPU ([`LutKernel::detect`]).
+pub fn lut_i8(codes: &[u8], rows: usize, c: usize, tables: &[i8], m: usize, k: usize, out: &mut [i32]) {
+    lut_i8_with(LutKernel::detect(), codes, rows, c, tables, m, k, out)
+}
+
+/// int8 tables → exact i32 sums with an explicit kernel. The SIMD kernels need `k == 16`; for any
+/// other `k` they fall back to `Scalar`. Panics if `kernel` is not supported by this CPU (pick it
+/// from [`LutKernel::available`]) or a code is `>= k`.
+#[allow(clippy::too_many_arguments)]
+pub fn lut_i8_with(
+    kernel: LutKernel,
+    codes: &[u8],
+    rows: usize,
+    c: usize,
+    tables: &[i8],
+    m: usize,
+    k: usize,
+    out: &mut [i32],
+) {
+    check_shapes(codes.len(), rows, c, tables.len(), m, k, out.len());
+    assert!(
+        kernel.supported(),
+        "lut: kernel {} is not supported by this CPU",
+        kernel.name()
+    );
+    // |sum| <= 128·c must fit an i32.
+    assert!(c <= (i32::MAX / 128) as usize, "lut: too many codebooks ({c})");
+    if out.is_empty() {
+        return;
+    }
+    if c == 0 {
+        out.fill(0);
+        return;
+    }
+    let kernel = if k == 16 { kernel } else { LutKernel::Scalar };
+    // When m is a multiple of 256, the table rows of one output for successive codebooks are a
+    // multiple of 4 KiB apart and all map to the same L1 sets (measured: AVX2 at m = 256 ran ~30%
+    // slower than at m = 240). Large such calls first copy the tables into a blocked layout (c·m·16
+    // bytes, at most 16/RELAYOUT_MIN_ROWS bytes per lookup); elsewhere the copy measured no gain.
+    #[cfg(target_arch = "x86_64")]
+    let relaid =
+        (kernel != LutKernel::Scalar && rows >= RELAYOUT_MIN_ROWS && m % 256 == 0).then(|| x86::relayout(tables, c, m));
+    #[cfg(target_arch = "x86_64")]
+    let simd_tables = x86::Tables {
+        data: relaid.as_deref().unwrap_or(tables),
+        relaid: relaid.is_some(),
+    };
+    out.par_chunks_mut(PAR_ROWS * m)
+        .enumerate()
+        .for_each_init(Scratch::default, |scratch, (bi, out)| {
+            let r0 = bi * PAR_ROWS;
+            let nr = out.len() / m;
+            let codes = &codes[r0 * c..(r0 + nr) * c];
+            match kernel {
+                LutKernel::Scalar => scalar_i8(codes, nr, c, tables, m, k, out, scratch),
+                #[cfg(target_arch = "x86_64")]
+                LutKernel::Avx2 => {
+                    // SAFETY: `kernel.supported()` was asserted above: the CPU has AVX2.
+                    unsafe { x86::avx2_i8(codes, nr, c, simd_tables, m, out, scratch) }
+                }
+                #[cfg(target_arch = "x86_64")]
+                LutKernel::Avx512 => {
+                    // SAFETY: `kernel.supported()` was asserted above: the CPU has AVX2 and AVX-512F/BW.
+                    unsafe { x86::avx512_i8(codes, nr, c, simd_tables, m, out, scratch) }
+                }
+                #[cfg(not(target_arch = "x86_64"))]
+                _ => unreachable!("SIMD kernels are x86_64 only"),
+            }
+        });
+}
+
+/// f32 tables `[c][m][k]` → f32 sums. Every output is accumulated from 0.0 in codebook order
+/// `ci = 0..c`, so the result is deterministic (independent of threads and blocking).
+pub fn lut_f32(codes: &[u8], rows: usize, c: usize, tables: &[f32], m: usize, k: usize, out: &mut [f32]) {
+    check_shapes(codes.len(), rows, c, tables.len(), m, k, out.len());
+    if out.is_empty() {
+        return;
+    }
+    out.par_chunks_mut(PAR_ROWS * m)
+        .enumerate()
+        .for_each_init(Vec::new, |acc, (bi, out)| {
+            let r0 = bi * PAR_ROWS;
+            let nr = out.len() / m;
+            scalar_f32(&codes[r0 * c..(r0 + nr) * c], nr, c, tables, m, k, out, acc);
+        });
+}
+
+/// Per-task buffers reused across the tasks a rayon worker runs.
+#[derive(Default)]
+struct Scratch {
+    acc: Vec<i32>,
+    packed: Vec<u8>,
+}
+
+/// Gathers column `ci` (and the next `G-1`) of `nb` rows of row-major codes into `cols[g][..nb]`.
+#[inline(always)]
+fn gather_cols<const G: usize>(codes: &[u8], c: usize, ci: usize, nb: usize, cols: &mut [[u8; SCALAR_ROWS]; G]) {
+    for (r, row) in codes.chunks_exact(c).take(nb).enumerate() {
+        for (g, col) in cols.iter_mut().enumerate() {
+            col[r] = row[ci + g];
+        }
+    }
+}
+
+/// Scalar int8 kernel over `nr` rows (`codes`: `nr × c`, `out`: `nr × m`).
+#[allow(clippy::too_many_arguments)]
+fn scalar_i8(codes: &[u8], nr: usize, c: usize, tables: &[i8], m: usize, k: usize, out: &mut [i32], s: &mut Scratch) {
+    debug_assert_eq!(codes.len(), nr * c);
+    check_codes(codes, k);
+    let acc = &mut s.acc;
+    acc.clear();
+    acc.resize(m * SCALAR_ROWS, 0);
+    for (bi, out) in out.chunks_mut(SCALAR_ROWS * m).enumerate() {
+        let nb = out.len() / m;
+        let codes = &codes[bi * SCALAR_ROWS * c..(bi * SCALAR_ROWS + nb) * c];
+        acc.fill(0);
+        let mut ci = 0;
+        // Four codebooks at a time: four lookups per accumulator load/store.
+        while ci + 4 <= c {
+            let mut cols = [[0u8; SCALAR_ROWS]; 4];
+            gather_cols(codes, c, ci, nb, &mut cols);
+            for (mi, a) in acc.chunks_exact_mut(SCALAR_ROWS).enumerate() {
+                let t: [&[i8]; 4] = std::array::from_fn(|g| &tables[((ci + g) * m + mi) * k..][..k]);
+                for r in 0..nb {
+                    // SAFETY: `check_codes` ensured every code is < k == t[g].len(), and r < nb <= SCALAR_ROWS.
+                    unsafe {
+                        let s = *t[0].get_unchecked(cols[0][r] as usize) as i32
+                            + *t[1].get_unchecked(cols[1][r] as usize) as i32
+                            + *t[2].get_unchecked(cols[2][r] as usize) as i32
+                            + *t[3].get_unchecked(cols[3][r] as usize) as i32;
+                        *a.get_unchecked_mut(r) += s;
+                    }
+                }
+            }
+            ci += 4;
+        }
+        while ci < c {
+            let mut cols = [[0u8; SCALAR_ROWS]; 1];
+            gather_cols(codes, c, ci, nb, &mut cols);
+            for (mi, a) in acc.chunks_exact_mut(SCALAR_ROWS).enumerate() {
+                let t = &tables[(ci * m + mi) * k..][..k];
+                for (a, &code) in a[..nb].iter_mut().zip(&cols[0][..nb]) {
+                    // SAFETY: `check_codes` ensured every code is < k == t.len().
+                    *a += unsafe { *t.get_unchecked(code as usize) } as i32;
+                }
+            }
+            ci += 1;
+        }
+        for (r, o) in out.chunks_exact_mut(m).enumerate() {
+            for (mi, o) in o.iter_mut().enumerate() {
+                *o = acc[mi * SCALAR_ROWS + r];
+            }
+        }
+    }
+}
+
+/// Scalar f32 kernel over `nr` rows; strict codebook order per output.
+#[allow(clippy::too_many_arguments)]
+fn scalar_f32(
+    codes: &[u8],
+    nr: usize,
+    c: usize,
+    tables: &[f32],
+    m: usize,
+    k: usize,
+    out: &mut [f32],
+    acc: &mut Vec<f32>,
+) {
+    debug_assert_eq!(codes.len(), nr * c);
+    check_codes(codes, k);
+    acc.clear();
+    acc.resize(m * SCALAR_ROWS, 0.0);
+    for (bi, out) in out.chunks_mut(SCALAR_ROWS * m).enumerate() {
+        let nb = out.len() / m;
+        let codes = &codes[bi * SCALAR_ROWS * c..(bi * SCALAR_ROWS + nb) * c];
+        acc.fill(0.0);
+        let mut ci = 0;
+        while ci + 4 <= c {
+            let mut cols = [[0u8; SCALAR_ROWS]; 4];
+            gather_cols(codes, c, ci, nb, &mut cols);
+            for (mi, a) in acc.chunks_exact_mut(SCALAR_ROWS).enumerate() {
+                let t: [&[f32]; 4] = std::array::from_fn(|g| &tables[((ci + g) * m + mi) * k..][..k]);
+                for r in 0..nb {
+                    // SAFETY: `check_codes` ensured every code is < k == t[g].len(), and r < nb <= SCALAR_ROWS.
+                    // The additions stay in codebook order: ((a + t0) + t1) + t2) + t3.
+                    unsafe {
+                        let mut s = *a.get_unchecked(r);
+                        s += *t[0].get_unchecked(cols[0][r] as usize);
+                        s += *t[1].get_unchecked(cols[1][r] as usize);
+                        s += *t[2].get_unchecked(cols[2][r] as usize);
+                        s += *t[3].get_unchecked(cols[3][r] as usize);
+                        *a.get_unchecked_mut(r) = s;
+                    }
+                }
+            }
+            ci += 4;
+        }
+        while ci < c {
+            let mut cols = [[0u8; SCALAR_ROWS]; 1];
+            gather_cols(codes, c, ci, nb, &mut cols);
+            for (mi, a) in acc.chunks_exact_mut(SCALAR_ROWS).enumerate() {
+                let t = &tables[(ci * m + mi) * k..][..k];
+                for (a, &code) in a[..nb].iter_mut().zip(&cols[0][..nb]) {
+                    // SAFETY: `check_codes` ensured every code is < k == t.len().
+                    *a += unsafe { *t.get_unchecked(code as usize) };
+                }
+            }
+            ci += 1;
+        }
+        for (r, o) in out.chunks_exact_mut(m).enumerate() {
+            for (mi, o) in o.iter_mut().enumerate() {
+                *o = acc[mi * SCALAR_ROWS + r];
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    //! `k == 16` shuffle kernels.
+    //!
+    //! Packed layout of a block of `R` rows (R = 32 for AVX2, 64 for AVX-512): for every codebook
+    //! pair `j` (codebooks `2j`, `2j+1`), `R` bytes; byte `b` holds a code of codebook `2j` in its
+    //! low nibble and one of codebook `2j+1` in its high nibble. The rows are arranged so that,
+    //! after both lookups, one byte blend puts the two codebooks of the *same* row side by side
+    //! (`H = R/2`):
+    //!
+    //! | byte      | low nibble (codebook 2j) | high nibble (codebook 2j+1) |
+    //! |-----------|--------------------------|-----------------------------|
+    //! | `2i`      | row `i`                  | row `i + H`                 |
+    //! | `2i + 1`  | row `i + H`              | row `i`                     |
+    //!
+    //! With `lo = T_2j[low nibbles]` and `hi = T_2j+1[high nibbles]` (one `vpshufb` each, the
+    //! 16-entry table broadcast into every 128-bit lane), `blend(lo, hi, odd bytes)` has row `i`'s
+    //! two values in bytes `2i, 2i+1` and `blend(hi, lo, odd bytes)` has row `i + H`'s.
+    //! `vpmaddubsw` with all-ones weights adds each byte pair into an i16 lane (sign-correct: the
+    //! table bytes are its *signed* operand), so accumulator `a` lane `i` is row `i` and
+    //! accumulator `b` lane `i` is row `i + H`, and widening them in order gives the rows in order.
+    //!
+    //! Packing is a 16×16 byte transpose per 16 codebooks (in every 128-bit lane) whose row loads
+    //! follow the low-nibble order of the table; the high nibbles are the same with the two bytes
+    //! of every 16-bit lane swapped.
+    //!
+    //! Padding: rows past the end get code 0 and their outputs are dropped; the high nibble of an
+    //! odd last codebook is 0 and is looked up in an all-zero table, so it adds nothing.
+    //!
+    //! Overflow: every table entry is in [-128, 127], so a pair sum is in [-256, 254] and an i16
+    //! lane that has summed `p` pairs is within [-256·p, 254·p] ⊂ [-32768, 32767] for any
+    //! `p <= 128`, i.e. up to 256 codebooks (an odd tail is a pair whose second value is 0) — the
+    //! "255 codebooks × 128 < 32767" bound, with pairs. The i16 sums are therefore exact, and the
+    //! accumulators are flushed (widened to i32 and added to the i32 block result) after at most
+    //! `FLUSH_PAIRS <= 128` pairs (checked at compile time).
+
+    use super::Scratch;
+    use std::arch::x86_64::*;
+
+    /// Codebook pairs summed in i16 before a flush to i32 (see the overflow proof above). Also the
+    /// chunk of packed codes kept in L1 while every output of the task is computed.
+    const FLUSH_PAIRS: usize = 64;
+    const _: () = assert!(FLUSH_PAIRS >= 1 && FLUSH_PAIRS * 256 <= 32768);
+
+    /// The all-zero table used for the high nibble of an odd last codebook.
+    static ZERO_TABLE: [i8; 16] = [0; 16];
+
+    /// Swaps the two bytes of every 16-bit lane (`vpshufb` control, per 128-bit lane).
+    static SWAP_BYTES: [u8; 16] = [1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14];
+
+    /// Row of a block of `r` rows whose code is at byte `b` of a low-nibble plane.
+    #[inline(always)]
+    fn plane_row(r: usize, b: usize) -> usize {
+        if b % 2 == 0 {
+            b / 2
+        } else {
+            b / 2 + r / 2
+        }
+    }
+
+    /// Source of the 16 codebooks `c0..c0+16` of a block of `nb <= r` rows: the codes themselves
+    /// (`(data, stride, offset)`) when the tile is complete, else `stage` holding a zero-padded copy.
+    fn tile_source<'a>(
+        codes: &'a [u8],
+        nb: usize,
+        c: usize,
+        c0: usize,
+        r: usize,
+        stage: &'a mut [u8],
+    ) -> (&'a [u8], usize, usize) {
+        let w = (c - c0).min(16);
+        if nb == r && w == 16 {
+            return (codes, c, c0);
+        }
+        stage.fill(0);
+        for (row, st) in codes.chunks_exact(c).take(nb).zip(stage.chunks_exact_mut(16)) {
+            st[..w].copy_from_slice(&row[c0..c0 + w]);
+        }
+        (stage, 16, 0)
+    }
+
+    /// Packs a block of `nb <= 32` rows (`codes`: `nb × c`) into `dst` (`ceil(c/2) × 32` bytes).
+    #[target_feature(enable = "avx2")]
+    fn pack_avx2(codes: &[u8], nb: usize, c: usize, dst: &mut [u8]) {
+        const R: usize = 32;
+        let np = c.div_ceil(2);
+        assert!(nb <= R && codes.len() == nb * c && dst.len() == np * R);
+        // SAFETY: SWAP_BYTES is 16 bytes.
+        let swap = _mm256_broadcastsi128_si256(unsafe { _mm_loadu_si128(SWAP_BYTES.as_ptr().cast()) });
+        let mut stage = [0u8; R * 16];
+        for jb in 0..c.div_ceil(16) {
+            let (src, stride, off) = tile_source(codes, nb, c, jb * 16, R, &mut stage);
+            // register i, 128-bit lane l: 16 codes of row plane_row(16 l + i)
+            let mut v: [__m256i; 16] = std::array::from_fn(|i| {
+                let s0 = &src[plane_row(R, i) * stride + off..][..16];
+                let s1 = &src[plane_row(R, 16 + i) * stride + off..][..16];
+                // SAFETY: s0 and s1 are 16 bytes each.
+                unsafe {
+                    _mm256_inserti128_si256::<1>(
+                        _mm256_castsi128_si256(_mm_loadu_si128(s0.as_ptr().cast())),
+                        _mm_loadu_si128(s1.as_ptr().cast()),
+                    )
+                }
+            });
+            // 16×16 byte transpose per lane: four perfect shuffles (each rotates the 8-bit
+            // (register, byte) index by one bit); afterwards register t = codebook jb*16 + t.
+            for _ in 0..4 {
+                let w = v;
+                for i in 0..8 {
+                    v[2 * i] = _mm256_unpacklo_epi8(w[i], w[i + 8]);
+                    v[2 * i + 1] = _mm256_unpackhi_epi8(w[i], w[i + 8]);
+                }
+            }
+            for t in 0..8 {
+                let j = jb * 8 + t;
+                if j >= np {
+                    break;
+                }
+                // codes < 16: the 16-bit shift moves each byte's nibble up without carrying.
+                let p = _mm256_or_si256(
+                    v[2 * t],
+                    _mm256_slli_epi16::<4>(_mm256_shuffle_epi8(v[2 * t + 1], swap)),
+                );
+                let d = &mut dst[j * R..][..R];
+                // SAFETY: d is 32 bytes.
+                unsafe { _mm256_storeu_si256(d.as_mut_ptr().cast(), p) };
+            }
+        }
+    }
+
+    /// Packs a block of `nb <= 64` rows (`codes`: `nb × c`) into `dst` (`ceil(c/2) × 64` bytes).
+    #[target_feature(enable = "avx2,avx512f,avx512bw")]
+    fn pack_avx512(codes: &[u8], nb: usize, c: usize, dst: &mut [u8]) {
+        const R: usize = 64;
+        let np = c.div_ceil(2);
+        assert!(nb <= R && codes.len() == nb * c && dst.len() == np * R);
+        // SAFETY: SWAP_BYTES is 16 bytes.
+        let swap = _mm512_broadcast_i32x4(unsafe { _mm_loadu_si128(SWAP_BYTES.as_ptr().cast()) });
+        let mut stage = [0u8; R * 16];
+        for jb in 0..c.div_ceil(16) {
+            let (src, stride, off) = tile_source(codes, nb, c, jb * 16, R, &mut stage);
+            // register i, 128-bit lane l: 16 codes of row plane_row(16 l + i)
+            let mut v: [__m512i; 16] = std::array::from_fn(|i| {
+                let s: [&[u8]; 4] = std::array::from_fn(|l| &src[plane_row(R, 16 * l + i) * stride + off..][..16]);
+                // SAFETY: every s[l] is 16 bytes.
+                unsafe {
+                    let x = _mm512_castsi128_si512(_mm_loadu_si128(s[0].as_ptr().cast()));
+                    let x = _mm512_inserti32x4::<1>(x, _mm_loadu_si128(s[1].as_ptr().cast()));
+                    let x = _mm512_inserti32x4::<2>(x, _mm_loadu_si128(s[2].as_ptr().cast()));
+                    _mm512_inserti32x4::<3>(x, _mm_loadu_si128(s[3].as_ptr().cast()))
+                }
+            });
+            // 16×16 byte transpose per lane (see `pack_avx2`).
+            for _ in 0..4 {
+                let w = v;
+                for i in 0..8 {
+                    v[2 * i] = _mm512_unpacklo_epi8(w[i], w[i + 8]);
+                    v[2 * i + 1] = _mm512_unpackhi_epi8(w[i], w[i + 8]);
+                }
+            }
+            for t in 0..8 {
+                let j = jb * 8 + t;
+                if j >= np {
+                    break;
+                }
+                // codes < 16: the 16-bit shift moves each byte's nibble up without carrying.
+                let p = _mm512_or_si512(
+                    v[2 * t],
+                    _mm512_slli_epi16::<4>(_mm512_shuffle_epi8(v[2 * t + 1], swap)),
+                );
+                let d = &mut dst[j * R..][..R];
+                // SAFETY: d is 64 bytes.
+                unsafe { _mm512_storeu_si512(d.as_mut_ptr().cast(), p) };
+            }
+        }
+    }
+
+    /// Outputs per block of the relaid-out tables (a multiple of every `Isa::MB`).
+    const LAYOUT_OUTPUTS: usize = 8;
+
+    /// Copies `[c][m][16]` tables into blocks of `LAYOUT_OUTPUTS` outputs, `[m/8][c][8][16]` (the
+    /// last block narrower): the rows a group of outputs reads are then one sequential stream
+    /// instead of `c` rows `m·16` bytes apart, which for power-of-two `m` all fall into the same
+    /// few L1 sets.
+    pub(super) fn relayout(tables: &[i8], c: usize, m: usize) -> Vec<i8> {
+        assert_eq!(tables.len(), c * m * 16);
+        let mut v = vec![0i8; tables.len()];
+        for b0 in (0..m).step_by(LAYOUT_OUTPUTS) {
+            let w = (m - b0).min(LAYOUT_OUTPUTS);
+            let blk = &mut v[b0 * c * 16..(b0 + w) * c * 16];
+            for (ci, dst) in blk.chunks_exact_mut(w * 16).enumerate() {
+                dst.copy_from_slice(&tables[(ci * m + b0) * 16..][..w * 16]);
+            }
+        }
+        v
+    }
+
+    /// The int8 tables of a call: `[c][m][16]`, or relaid out by [`relayout`].
+    #[derive(Clone, Copy)]
+    pub(super) struct Tables<'a> {
+        pub data: &'a [i8],
+        pub relaid: bool,
+    }
+
+    /// Table rows of a group of outputs: codebook `ci` of output `n` of the group is the 16 bytes
+    /// at `base + ci*cb_stride + n*16` of `data`.
+    #[derive(Clone, Copy)]
+    struct Group<'a> {
+        data: &'a [i8],
+        base: usize,
+        cb_stride: usize,
+    }
+
+    impl<'a> Tables<'a> {
+        /// The group of outputs starting at `mi0` (must not cross a layout block).
+        fn group(self, c: usize, m: usize, mi0: usize) -> Group<'a> {
+            if self.relaid {
+                let b0 = mi0 / LAYOUT_OUTPUTS * LAYOUT_OUTPUTS;
+                let w = (m - b0).min(LAYOUT_OUTPUTS);
+                Group {
+                    data: self.data,
+                    base: b0 * c * 16 + (mi0 - b0) * 16,
+                    cb_stride: w * 16,
+                }
+            } else {
+                Group {
+                    data: self.data,
+                    base: mi0 * 16,
+                    cb_stride: m * 16,
+                }
+            }
+        }
+    }
+
+    /// Checks the arguments of a block function of `r` rows and `nb` outputs; returns the number
+    /// of complete pairs (both codebooks < c) below `p1`.
+    #[inline(always)]
+    fn check_block(r: usize, nb: usize, packed: &[u8], g: Group, c: usize, p0: usize, p1: usize, acc: &[i32]) -> usize {
+        assert!(p0 <= p1 && p1 * r <= packed.len() && p1 <= c.div_ceil(2) && p1 - p0 <= FLUSH_PAIRS);
+        assert!(acc.len() == nb * r && c >= 1 && g.base + (c - 1) * g.cb_stride + nb * 16 <= g.data.len());
+        p1.min(c / 2)
+    }
+
+    /// One codebook pair of a block of 32 rows for `NB` outputs: `x` the packed codes, `tl`/`th`
+    /// the rows of output 0 for the low/high codebook, `th_step` the step between outputs of `th`.
+    ///
+    /// # Safety
+    /// `tl + n*16` and `th + n*th_step` point to 16 readable bytes for every `n < NB`.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn pair_avx2<const NB: usize>(
+        x: __m256i,
+        tl: *const i8,
+        th: *const i8,
+        th_step: usize,
+        a: &mut [__m256i; NB],
+        b: &mut [__m256i; NB],
+    ) {
+        let mask = _mm256_set1_epi8(0x0F);
+        let ones = _mm256_set1_epi8(1);
+        let odd = _mm256_set1_epi16(0xFF00u16 as i16);
+        let lo_idx = _mm256_and_si256(x, mask);
+        let hi_idx = _mm256_and_si256(_mm256_srli_epi16::<4>(x), mask);
+        for n in 0..NB {
+            // SAFETY: guaranteed by the caller.
+            let (t0, t1) = unsafe {
+                (
+                    _mm256_broadcastsi128_si256(_mm_loadu_si128(tl.add(n * 16).cast())),
+                    _mm256_broadcastsi128_si256(_mm_loadu_si128(th.add(n * th_step).cast())),
+                )
+            };
+            let lo = _mm256_shuffle_epi8(t0, lo_idx);
+            let hi = _mm256_shuffle_epi8(t1, hi_idx);
+            a[n] = _mm256_add_epi16(a[n], _mm256_maddubs_epi16(ones, _mm256_blendv_epi8(lo, hi, odd)));
+            b[n] = _mm256_add_epi16(b[n], _mm256_maddubs_epi16(ones, _mm256_blendv_epi8(hi, lo, odd)));
+        }
+    }
+
+    /// [`pair_avx2`] for 64 rows.
+    ///
+    /// # Safety
+    /// `tl + n*16` and `th + n*th_step` point to 16 readable bytes for every `n < NB`.
+    #[target_feature(enable = "avx2,avx512f,avx512bw")]
+    #[inline]
+    unsafe fn pair_avx512<const NB: usize>(
+        x: __m512i,
+        tl: *const i8,
+        th: *const i8,
+        th_step: usize,
+        a: &mut [__m512i; NB],
+        b: &mut [__m512i; NB],
+    ) {
+        const ODD: __mmask64 = 0xAAAA_AAAA_AAAA_AAAA;
+        let mask = _mm512_set1_epi8(0x0F);
+        let ones = _mm512_set1_epi8(1);
+        let lo_idx = _mm512_and_si512(x, mask);
+        let hi_idx = _mm512_and_si512(_mm512_srli_epi16::<4>(x), mask);
+        for n in 0..NB {
+            // SAFETY: guaranteed by the caller.
+            let (t0, t1) = unsafe {
+                (
+                    _mm512_broadcast_i32x4(_mm_loadu_si128(tl.add(n * 16).cast())),
+                    _mm512_broadcast_i32x4(_mm_loadu_si128(th.add(n * th_step).cast())),
+                )
+            };
+            let lo = _mm512_shuffle_epi8(t0, lo_idx);
+            let hi = _mm512_shuffle_epi8(t1, hi_idx);
+            a[n] = _mm512_add_epi16(a[n], _mm512_maddubs_epi16(ones, _mm512_mask_blend_epi8(ODD, lo, hi)));
+            b[n] = _mm512_add_epi16(b[n], _mm512_maddubs_epi16(ones, _mm512_mask_blend_epi8(ODD, hi, lo)));
+        }
+    }
+
+    /// Sums pairs `p0..p1` of one block of 32 rows (`packed`: the block's pairs × 32 bytes) for
+    /// the `NB` outputs of group `g` and adds them into `acc` (`[NB][32]` i32).
+    #[target_feature(enable = "avx2")]
+    fn block_avx2<const NB: usize>(packed: &[u8], g: Group, c: usize, p0: usize, p1: usize, acc: &mut [i32]) {
+        const R: usize = 32;
+        let complete = check_block(R, NB, packed, g, c, p0, p1, acc);
+        let mut a = [_mm256_setzero_si256(); NB];
+        let mut b = [_mm256_setzero_si256(); NB];
+        for j in p0..p1 {
+            // SAFETY: j < p1 and p1*R <= packed.len().
+            let x = unsafe { _mm256_loadu_si256(packed.as_ptr().add(j * R).cast()) };
+            let tl = g.data.as_ptr().wrapping_add(g.base + 2 * j * g.cb_stride);
+            // SAFETY: codebooks 2j (and 2j+1 when j < complete) are < c, so check_block
+            // guarantees 16 bytes at every output's row; else the high half reads ZERO_TABLE.
+            unsafe {
+                if j < complete {
+                    pair_avx2(x, tl, tl.wrapping_add(g.cb_stride), 16, &mut a, &mut b)
+                } else {
+                    pair_avx2(x, tl, ZERO_TABLE.as_ptr(), 0, &mut a, &mut b)
+                }
+            }
+        }
+        for (n, dst) in acc.chunks_exact_mut(R).enumerate() {
+            let rows = [
+                _mm256_cvtepi16_epi32(_mm256_castsi256_si128(a[n])),
+                _mm256_cvtepi16_epi32(_mm256_extracti128_si256::<1>(a[n])),
+                _mm256_cvtepi16_epi32(_mm256_castsi256_si128(b[n])),
+                _mm256_cvtepi16_epi32(_mm256_extracti128_si256::<1>(b[n])),
+            ];
+            for (d, v) in dst.chunks_exact_mut(8).zip(rows) {
+                // SAFETY: d is 8 i32.
+                unsafe {
+                    let p = d.as_mut_ptr().cast::<__m256i>();
+                    _mm256_storeu_si256(p, _mm256_add_epi32(_mm256_loadu_si256(p), v));
+                }
+            }
+        }
+    }
+
+    /// [`block_avx2`] for blocks of 64 rows (`acc`: `[NB][64]` i32).
+    #[target_feature(enable = "avx2,avx512f,avx512bw")]
+    fn block_avx512<const NB: usize>(packed: &[u8], g: Group, c: usize, p0: usize, p1: usize, acc: &mut [i32]) {
+        const R: usize = 64;
+        let complete = check_block(R, NB, packed, g, c, p0, p1, acc);
+        let mut a = [_mm512_setzero_si512(); NB];
+        let mut b = [_mm512_setzero_si512(); NB];
+        for j in p0..p1 {
+            // SAFETY: j < p1 and p1*R <= packed.len().
+            let x = unsafe { _mm512_loadu_si512(packed.as_ptr().add(j * R).cast()) };
+            let tl = g.data.as_ptr().wrapping_add(g.base + 2 * j * g.cb_stride);
+            // SAFETY: codebooks 2j (and 2j+1 when j < complete) are < c, so check_block
+            // guarantees 16 bytes at every output's row; else the high half reads ZERO_TABLE.
+            unsafe {
+                if j < complete {
+                    pair_avx512(x, tl, tl.wrapping_add(g.cb_stride), 16, &mut a, &mut b)
+                } else {
+                    pair_avx512(x, tl, ZERO_TABLE.as_ptr(), 0, &mut a, &mut b)
+                }
+            }
+        }
+        for (n, dst) in acc.chunks_exact_mut(R).enumerate() {
+            let rows = [
+                _mm512_cvtepi16_epi32(_mm512_castsi512_si256(a[n])),
+                _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64::<1>(a[n])),
+                _mm512_cvtepi16_epi32(_mm512_castsi512_si256(b[n])),
+                _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64::<1>(b[n])),
+            ];
+            for (d, v) in dst.chunks_exact_mut(16).zip(rows) {
+                // SAFETY: d is 16 i32.
+                unsafe {
+                    let p = d.as_mut_ptr().cast();
+                    _mm512_storeu_si512(p, _mm512_add_epi32(_mm512_loadu_si512(p), v));
+                }
+            }
+        }
+    }
+
+    /// Writes the block result `acc` (`[m][r]` i32) as `nb <= r` rows of `out` (`nb × m`), with
+    /// 8×8 AVX2 transposes.
+    #[target_feature(enable = "avx2")]
+    fn store_rows(acc: &[i32], r: usize, m: usize, nb: usize, out: &mut [i32]) {
+        assert!(nb <= r && acc.len() == m * r && out.len() == nb * m);
+        let mut r0 = 0;
+        while r0 + 8 <= nb {
+            let mut m0 = 0;
+            while m0 + 8 <= m {
+                let v: [__m256i; 8] = std::array::from_fn(|i| {
+                    let s = &acc[(m0 + i) * r + r0..][..8];
+                    // SAFETY: s is 8 i32.
+                    unsafe { _mm256_loadu_si256(s.as_ptr().cast()) }
+                });
+                let t: [__m256i; 8] = std::array::from_fn(|i| {
+                    let (x, y) = (v[i & !1], v[i | 1]);
+                    if i % 2 == 0 {
+                        _mm256_unpacklo_epi32(x, y)
+                    } else {
+                        _mm256_unpackhi_epi32(x, y)
+                    }
+                });
+                // u[4h + q]: column q (and q + 4 in the upper lane) of rows 4h..4h+4
+                let u: [__m256i; 8] = std::array::from_fn(|i| {
+                    let (h, q) = (i / 4, i % 4);
+                    let (x, y) = (t[4 * h + q / 2], t[4 * h + 2 + q / 2]);
+                    if q % 2 == 0 {
+                        _mm256_unpacklo_epi64(x, y)
+                    } else {
+                        _mm256_unpackhi_epi64(x, y)
+                    }
+                });
+                for q in 0..8 {
+                    let w = if q < 4 {
+                        _mm256_permute2x128_si256::<0x20>(u[q], u[4 + q])
+                    } else {
+                        _mm256_permute2x128_si256::<0x31>(u[q - 4], u[q])
+                    };
+                    let d = &mut out[(r0 + q) * m + m0..][..8];
+                    // SAFETY: d is 8 i32.
+                    unsafe { _mm256_storeu_si256(d.as_mut_ptr().cast(), w) };
+                }
+                m0 += 8;
+            }
+            for mi in m0..m {
+                for i in r0..r0 + 8 {
+                    out[i * m + mi] = acc[mi * r + i];
+                }
+            }
+            r0 += 8;
+        }
+        for i in r0..nb {
+            for mi in 0..m {
+                out[i * m + mi] = acc[mi * r + i];
+            }
+        }
+    }
+
+    /// One instruction set: rows per block, outputs per block call, and its packing and block
+    /// functions.
+    trait Isa {
+        const R: usize;
+        const MB: usize;
+        /// # Safety
+        /// The CPU supports the instruction set.
+        unsafe fn pack(codes: &[u8], nb: usize, c: usize, dst: &mut [u8]);
+        /// Dispatches to the block function for `acc.len() / R <= MB` outputs.
+        ///
+        /// # Safety
+        /// The CPU supports the instruction set.
+        unsafe fn block(packed: &[u8], g: Group, c: usize, p0: usize, p1: usize, acc: &mut [i32]);
+    }
+
+    struct Avx2;
+    struct Avx512;
+
+    impl Isa for Avx2 {
+        const R: usize = 32;
+        const MB: usize = 4;
+        unsafe fn pack(codes: &[u8], nb: usize, c: usize, dst: &mut [u8]) {
+            // SAFETY: the caller guarantees AVX2.
+            unsafe { pack_avx2(codes, nb, c, dst) }
+        }
+        unsafe fn block(packed: &[u8], g: Group, c: usize, p0: usize, p1: usize, acc: &mut [i32]) {
+            // SAFETY: the caller guarantees AVX2.
+            unsafe {
+                match acc.len() / Self::R {
+                    4 => block_avx2::<4>(packed, g, c, p0, p1, acc),
+                    3 => block_avx2::<3>(packed, g, c, p0, p1, acc),
+                    2 => block_avx2::<2>(packed, g, c, p0, p1, acc),
+                    1 => block_avx2::<1>(packed, g, c, p0, p1, acc),
+                    _ => unreachable!(),
+                }
+            }
+        }
+    }
+
+    impl Isa for Avx512 {
+        const R: usize = 64;
+        const MB: usize = 8;
+        unsafe fn pack(codes: &[u8], nb: usize, c: usize, dst: &mut [u8]) {
+            // SAFETY: the caller guarantees AVX-512F/BW (and AVX2).
+            unsafe { pack_avx512(codes, nb, c, dst) }
+        }
+        unsafe fn block(packed: &[u8], g: Group, c: usize, p0: usize, p1: usize, acc: &mut [i32]) {
+            // SAFETY: the caller guarantees AVX-512F/BW (and AVX2).
+            unsafe {
+                match acc.len() / Self::R {
+                    8 => block_avx512::<8>(packed, g, c, p0, p1, acc),
+                    7 => block_avx512::<7>(packed, g, c, p0, p1, acc),
+                    6 => block_avx512::<6>(packed, g, c, p0, p1, acc),
+                    5 => block_avx512::<5>(packed, g, c, p0, p1, acc),
+                    4 => block_avx512::<4>(packed, g, c, p0, p1, acc),
+                    3 => block_avx512::<3>(packed, g, c, p0, p1, acc),
+                    2 => block_avx512::<2>(packed, g, c, p0, p1, acc),
+                    1 => block_avx512::<1>(packed, g, c, p0, p1, acc),
+                    _ => unreachable!(),
+                }
+            }
+        }
+    }
+
+    const _: () = assert!(LAYOUT_OUTPUTS % Avx2::MB == 0 && LAYOUT_OUTPUTS % Avx512::MB == 0);
+
+    /// Shuffle kernel over `nr` rows (`codes`: `nr × c`, `out`: `nr × m`): packs every block of
+    /// rows, then per chunk of `FLUSH_PAIRS` pairs × group of outputs × block of rows sums into the
+    /// i32 block results, which are finally transposed into `out`.
+    ///
+    /// # Safety
+    /// The CPU supports `I` (and AVX2).
+    unsafe fn drive<I: Isa>(codes: &[u8], nr: usize, c: usize, t: Tables, m: usize, out: &mut [i32], s: &mut Scratch) {
+        super::check_codes(codes, 16);
+        assert!(codes.len() == nr * c && t.data.len() == c * m * 16 && out.len() == nr * m);
+        let r = I::R;
+        let np = c.div_ceil(2);
+        let nsb = nr.div_ceil(r);
+        // every byte is overwritten by `pack`
+        s.packed.resize(nsb * np * r, 0);
+        for (sb, dst) in s.packed.chunks_exact_mut(np * r).take(nsb).enumerate() {
+            let nb = (nr - sb * r).min(r);
+            // SAFETY: the caller guarantees the instruction set.
+            unsafe { I::pack(&codes[sb * r * c..(sb * r + nb) * c], nb, c, dst) };
+        }
+        let acc = &mut s.acc;
+        acc.clear();
+        acc.resize(nsb * m * r, 0);
+        for p0 in (0..np).step_by(FLUSH_PAIRS) {
+            let p1 = (p0 + FLUSH_PAIRS).min(np);
+            for mi0 in (0..m).step_by(I::MB) {
+                let nbo = (m - mi0).min(I::MB);
+                let g = t.group(c, m, mi0);
+                for (packed, acc) in s.packed.chunks_exact(np * r).zip(acc.chunks_exact_mut(m * r)).take(nsb) {
+                    // SAFETY: the caller guarantees the instruction set.
+                    unsafe { I::block(packed, g, c, p0, p1, &mut acc[mi0 * r..(mi0 + nbo) * r]) };
+                }
+            }
+        }
+        for (acc, out) in acc.chunks_exact(m * r).zip(out.chunks_mut(r * m)) {
+            // SAFETY: the caller guarantees AVX2.
+            unsafe { store_rows(acc, r, m, out.len() / m, out) };
+        }
+    }
+
+    /// AVX2 kernel over `nr` rows (`codes`: `nr × c`, `out`: `nr × m`).
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
+    pub(super) unsafe fn avx2_i8(
+        codes: &[u8],
+        nr: usize,
+        c: usize,
+        tables: Tables,
+        m: usize,
+        out: &mut [i32],
+        s: &mut Scratch,
+    ) {
+        // SAFETY: forwarded from the caller.
+        unsafe { drive::<Avx2>(codes, nr, c, tables, m, out, s) }
+    }
+
+    /// AVX-512BW kernel over `nr` rows (`codes`: `nr × c`, `out`: `nr × m`).
+    ///
+    /// # Safety
+    /// The CPU must support AVX2, AVX-512F and AVX-512BW.
+    pub(super) unsafe fn avx512_i8(
+        codes: &[u8],
+        nr: usize,
+        c: usize,
+        tables: Tables,
+        m: usize,
+        out: &mut [i32],
+        s: &mut Scratch,
+    ) {
+        // SAFETY: forwarded from the caller.
+        unsafe { drive::<Avx512>(codes, nr, c, tables, m, out, s) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// SplitMix64.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+    }
+
+    fn random_codes(rng: &mut Rng, n: usize, k: usize) -> Vec<u8> {
+        (0..n).map(|_| rng.below(k) as u8).collect()
+    }
+
+    fn naive_i8(codes: &[u8], rows: usize, c: usize, tables: &[i8], m: usize, k: usize) -> Vec<i32> {
+        let mut out = vec![0i32; rows * m];
+        for r in 0..rows {
+            for mi in 0..m {
+                out[r * m + mi] = (0..c)
+                    .map(|ci| tables[(ci * m + mi) * k + codes[r * c + ci] as usize] as i32)
+                    .sum();
+            }
+        }
+        out
+    }
+
+    #[derive(Clone, Copy, Debug)]
+    enum Fill {
+        Random,
+        Min,
+        Max,
+    }
+
+    fn tables_i8(rng: &mut Rng, n: usize, fill: Fill) -> Vec<i8> {
+        match fill {
+            Fill::Random => (0..n).map(|_| rng.next() as i8).collect(),
+            Fill::Min => vec![-128; n],
+            Fill::Max => vec![127; n],
+        }
+    }
+
+    fn check_all_kernels(rng: &mut Rng, rows: usize, c: usize, m: usize, k: usize, fill: Fill) {
+        let codes = random_codes(rng, rows * c, k);
+        let tables = tables_i8(rng, c * m * k, fill);
+        let want = naive_i8(&codes, rows, c, &tables, m, k);
+        for kernel in LutKernel::available() {
+            let mut out = vec![i32::MIN; rows * m];
+            lut_i8_with(kernel, &codes, rows, c, &tables, m, k, &mut out);
+            if let Some(i) = (0..out.len()).find(|&i| out[i] != want[i]) {
+                panic!(
+                    "{} rows={rows} c={c} m={m} k={k} {fill:?}: out[{i}] (row {}, output {}) = {} != {}",
+                    kernel.name(),
+                    i / m,
+                    i % m,
+                    out[i],
+                    want[i]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn i8_kernels_match_naive_k16() {
+        let mut rng = Rng(1);
+        for rows in [1, 31, 32, 33, 64, 65, 200, 1000] {
+            for c in [1, 2, 3, 16, 17, 300, 512] {
+                for m in [1, 5, 16, 33] {
+                    let fill = match rng.below(4) {
+                        0 => Fill::Min,
+                        1 => Fill::Max,
+                        _ => Fill::Random,
+                    };
+                    check_all_kernels(&mut rng, rows, c, m, 16, fill);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn i8_kernels_extreme_tables_k16() {
+        // All-(-128) and all-127 tables at the largest c: the i16 accumulators must be flushed.
+        let mut rng = Rng(2);
+        for fill in [Fill::Min, Fill::Max] {
+            for (rows, c, m) in [
+                (65, 300, 5),
+                (33, 512, 3),
+                (300, 255, 4),
+                (64, 254, 1),
+                (1, 257, 2),
+                (40, 3, 7),
+            ] {
+                check_all_kernels(&mut rng, rows, c, m, 16, fill);
+            }
+        }
+    }
+
+    #[test]
+    fn i8_kernels_relaid_tables() {
+        // m % 256 == 0 with rows >= RELAYOUT_MIN_ROWS takes the relaid-table path.
+        let mut rng = Rng(6);
+        for (rows, c) in [(512, 3), (513, 17), (600, 300)] {
+            check_all_kernels(&mut rng, rows, c, 256, 16, Fill::Random);
+        }
+        check_all_kernels(&mut rng, 520, 255, 256, 16, Fill::Min);
+    }
+
+    /// The relaid layout is correct for any m (the public path only uses it for m % 256 == 0).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn relaid_tables_any_m() {
+        let mut rng = Rng(7);
+        for (rows, c, m) in [(70, 5, 13), (100, 33, 8), (1, 2, 1)] {
+            let codes = random_codes(&mut rng, rows * c, 16);
+            let tables = tables_i8(&mut rng, c * m * 16, Fill::Random);
+            let want = naive_i8(&codes, rows, c, &tables, m, 16);
+            let relaid = x86::relayout(&tables, c, m);
+            let t = x86::Tables {
+                data: &relaid,
+                relaid: true,
+            };
+            for kernel in LutKernel::available() {
+                let mut out = vec![0; rows * m];
+                let mut s = Scratch::default();
+                match kernel {
+                    // SAFETY: `available()` only lists kernels this CPU supports.
+                    LutKernel::Avx2 => unsafe { x86::avx2_i8(&codes, rows, c, t, m, &mut out, &mut s) },
+                    // SAFETY: as above.
+                    LutKernel::Avx512 => unsafe { x86::avx512_i8(&codes, rows, c, t, m, &mut out, &mut s) },
+                    LutKernel::Scalar => continue,
+                }
+                assert_eq!(out, want, "{} rows={rows} c={c} m={m}", kernel.name());
+            }
+        }
+    }
+
+    #[test]
+    fn i8_other_k_use_scalar() {
+        let mut rng = Rng(3);
+        for k in [256, 7, 1, 17] {
+            for (rows, c, m) in [(1, 1, 1), (33, 3, 5), (200, 17, 16), (300, 64, 33)] {
+                for fill in [Fill::Random, Fill::Min, Fill::Max] {
+                    check_all_kernels(&mut rng, rows, c, m, k, fill);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn i8_degenerate_shapes() {
+        for kernel in LutKernel::available() {
+            let mut out = vec![7i32; 6];
+            lut_i8_with(kernel, &[], 3, 0, &[], 2, 16, &mut out);
+            assert_eq!(out, vec![0; 6]);
+            let mut out: Vec<i32> = vec![];
+            lut_i8_with(kernel, &[0; 8], 4, 2, &[], 0, 16, &mut out);
+            lut_i8_with(kernel, &[], 0, 2, &[0; 64], 2, 16, &mut out);
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "out of range")]
+    fn i8_rejects_code_out_of_range() {
+        let mut out = vec![0i32; 2];
+        lut_i8(&[3, 16], 1, 2, &[0; 64], 2, 16, &mut out);
+    }
+
+    #[test]
+    #[should_panic(expected = "tables.len()")]
+    fn i8_rejects_bad_table_length() {
+        let mut out = vec![0i32; 2];
+        lut_i8(&[3, 1], 1, 2, &[0; 63], 2, 16, &mut out);
+    }
+
+    #[test]
+    fn detect_is_available() {
+        let avail = LutKernel::available();
+        assert!(avail.contains(&LutKernel::Scalar));
+        assert!(avail.contains(&LutKernel::detect()));
+    }
+
+    #[test]
+    fn f32_matches_naive_and_is_deterministic() {
+        let mut rng = Rng(4);
+        for (rows, c, m, k) in [
+            (1, 1, 1, 16),
+            (33, 3, 5, 16),
+            (300, 17, 16, 256),
+            (1000, 64, 33, 7),
+            (65, 512, 4, 16),
+        ] {
+            let codes = random_codes(&mut rng, rows * c, k);
+            let tables: Vec<f32> = (0..c * m * k)
+                .map(|_| (rng.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0)
+                .collect();
+            let mut out = vec![f32::NAN; rows * m];
+            lut_f32(&codes, rows, c, &tables, m, k, &mut out);
+            for r in 0..rows {
+                for mi in 0..m {
+                    let terms = (0..c).map(|ci| tables[(ci * m + mi) * k + codes[r * c + ci] as usize] as f64);
+                    let want: f64 = terms.clone().sum();
+                    let scale: f64 = terms.map(f64::abs).sum::<f64>().max(1e-30);
+                    let got = out[r * m + mi] as f64;
+                    assert!(
+                        (got - want).abs() <= 1e-5 * scale,
+                        "rows={rows} c={c} m={m} k={k} ({r},{mi}): {got} vs {want}"
+                    );
+                }
+            }
+            let mut again = vec![0.0f32; rows * m];
+            lut_f32(&codes, rows, c, &tables, m, k, &mut again);
+            assert!(out.iter().zip(&again).all(|(a, b)| a.to_bits() == b.to_bits()));
+            // codebook order: the exact f32 left fold of the terms
+            let r = rows - 1;
+            let fold = (0..c).fold(0.0f32, |s, ci| s + tables[ci * m * k + codes[r * c + ci] as usize]);
+            assert_eq!(fold.to_bits(), out[r * m].to_bits());
+        }
+    }
+
+    /// The calling thread's CPU time in seconds.
+    fn thread_cpu_secs() -> f64 {
+        #[cfg(unix)]
+        {
+            let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+            // SAFETY: `ts` is a valid, writable timespec.
+            unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+            ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+        }
+        #[cfg(not(unix))]
+        f64::NAN
+    }
+
+    /// Median time of `runs` calls (after one warm-up call): wall-clock, or with `cpu` the calling
+    /// thread's CPU time (meaningful for single-threaded runs on a loaded machine).
+    fn median_secs(runs: usize, cpu: bool, mut f: impl FnMut()) -> f64 {
+        f();
+        let mut t: Vec<f64> = (0..runs)
+            .map(|_| {
+                let (wall, cpu0) = (std::time::Instant::now(), thread_cpu_secs());
+                f();
+                if cpu {
+                    thread_cpu_secs() - cpu0
+                } else {
+                    wall.elapsed().as_secs_f64()
+                }
+            })
+            .collect();
+        t.sort_by(f64::total_cmp);
+        t[runs / 2]
+    }
+
+    /// Rates (per second, in G) of `work` units for: wall time with all threads, wall time on one
+    /// thread, CPU time on one thread.
+    fn rates(work: f64, runs: usize, one: &rayon::ThreadPool, mut f: impl FnMut() + Send) -> String {
+        let all = median_secs(runs, false, &mut f);
+        let (wall1, cpu1) = one.install(|| (median_secs(runs, false, &mut f), median_secs(runs, true, &mut f)));
+        let g = |t: f64| work / t / 1e9;
+        format!("{:>7.2} G | {:>7.2} G | {:>7.2} G", g(all), g(wall1), g(cpu1))
+    }
+
+    /// `cargo test --release --lib lut_throughput -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn lut_throughput() {
+        use crate::interp::kernels::gemm::{matmul, Mat};
+        let (rows, c, m, runs) = (16384, 64, 64, 9);
+        let lookups = (rows * c * m) as f64;
+        let mut rng = Rng(5);
+        let threads = rayon::current_num_threads();
+        let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+        println!("rows={rows} c={c} m={m}, median of {runs} runs");
+        println!("lookups/s: wall {threads} threads | wall 1 thread | CPU time 1 thread");
+        for k in [16, 256] {
+            let codes = random_codes(&mut rng, rows * c, k);
+            let tables = tables_i8(&mut rng, c * m * k, Fill::Random);
+            let mut out = vec![0i32; rows * m];
+            let kernels = if k == 16 {
+                LutKernel::available()
+            } else {
+                vec![LutKernel::Scalar]
+            };
+            for kernel in kernels {
+                let r = rates(lookups, runs, &one, || {
+                    lut_i8_with(kernel, &codes, rows, c, &tables, m, k, std::hint::black_box(&mut out))
+                });
+                println!("  i8  k={k:<3} {:<7} {r}", kernel.name());
+            }
+            let tables: Vec<f32> = tables.iter().map(|&v| v as f32).collect();
+            let mut out = vec![0f32; rows * m];
+            let r = rates(lookups, runs, &one, || {
+                lut_f32(&codes, rows, c, &tables, m, k, std::hint::black_box(&mut out))
+            });
+            println!("  f32 k={k:<3} {:<7} {r}", "scalar");
+        }
+        // The dense layer a PQ layer replaces: a 3×3 convolution as im2col GEMM, rows × (c·9) × m.
+        let kk = c * 9;
+        let a: Vec<f32> = (0..rows * kk).map(|i| (i % 97) as f32 * 0.01).collect();
+        let b: Vec<f32> = (0..kk * m).map(|i| (i % 89) as f32 * 0.01).collect();
+        let mut out = vec![0f32; rows * m];
+        let macs = (rows * kk * m) as f64;
+        let (a, b) = (Mat::row_major(&a, kk), Mat::row_major(&b, m));
+        let r = rates(macs, runs, &one, || {
+            matmul(rows, m, kk, a, b, std::hint::black_box(&mut out), m, false, 1.0, true)
+        });
+        println!("MAC/s:\n  f32 GEMM {rows}x{kk}x{m}  {r}");
+    }
+}

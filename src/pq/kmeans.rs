@@ -1,0 +1,171 @@
+//! k-means with k-means++ initialisation, deterministic for a given RNG stream.
+
+use super::rng::Rng;
+use std::collections::HashSet;
+
+pub struct KMeans {
+    /// `k × d` centroids, row-major.
+    pub centroids: Vec<f32>,
+    /// How many distinct rows the data had, when that is fewer than `k` (the extra prototypes
+    /// then repeat the last distinct row and are never chosen by the encoder).
+    pub distinct: Option<usize>,
+}
+
+fn dist2(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum()
+}
+
+/// Nearest centroid (lowest index on ties).
+pub fn nearest(x: &[f32], centroids: &[f32], d: usize) -> usize {
+    let mut best = (0, f32::INFINITY);
+    for (i, c) in centroids.chunks_exact(d).enumerate() {
+        let e = dist2(x, c);
+        if e < best.1 {
+            best = (i, e);
+        }
+    }
+    best.0
+}
+
+/// Distinct rows, up to `cap` of them, in first-seen order.
+fn distinct_rows(data: &[f32], d: usize, cap: usize) -> Vec<usize> {
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    for (i, row) in data.chunks_exact(d).enumerate() {
+        let key: Vec<u32> = row.iter().map(|v| if *v == 0.0 { 0 } else { v.to_bits() }).collect();
+        if seen.insert(key) {
+            out.push(i);
+            if out.len() > cap {
+                break;
+            }
+        }
+    }
+    out
+}
+
+/// Cluster `n × d` rows into `k` centroids with `iters` Lloyd iterations.
+pub fn kmeans(data: &[f32], d: usize, k: usize, iters: usize, rng: &mut Rng) -> KMeans {
+    let n = data.len() / d;
+    let row = |i: usize| &data[i * d..(i + 1) * d];
+    let uniq = distinct_rows(data, d, k);
+    if uniq.len() <= k {
+        // Not more distinct rows than prototypes: the rows themselves are the exact optimum.
+        let mut centroids: Vec<f32> = uniq.iter().flat_map(|&i| row(i).to_vec()).collect();
+        let last = uniq.last().map(|&i| row(i).to_vec()).unwrap_or_else(|| vec![0.0; d]);
+        while centroids.len() < k * d {
+            centroids.extend_from_slice(&last);
+        }
+        return KMeans {
+            centroids,
+            distinct: (uniq.len() < k).then_some(uniq.len()),
+        };
+    }
+    // k-means++ seeding
+    let mut centroids = Vec::with_capacity(k * d);
+    centroids.extend_from_slice(row(rng.below(n)));
+    let mut best: Vec<f32> = (0..n).map(|i| dist2(row(i), &centroids[..d])).collect();
+    while centroids.len() < k * d {
+        let total: f64 = best.iter().map(|&v| v as f64).sum();
+        let pick = if total <= 0.0 {
+            rng.below(n)
+        } else {
+            let mut target = rng.next_f64() * total;
+            let mut idx = n - 1;
+            for (i, &v) in best.iter().enumerate() {
+                target -= v as f64;
+                if target <= 0.0 && v > 0.0 {
+                    idx = i;
+                    break;
+                }
+            }
+            idx
+        };
+        let c = row(pick).to_vec();
+        for (i, b) in best.iter_mut().enumerate() {
+            *b = b.min(dist2(row(i), &c));
+        }
+        centroids.extend_from_slice(&c);
+    }
+    // Lloyd iterations
+    let mut assign = vec![0usize; n];
+    for _ in 0..iters {
+        let mut changed = false;
+        for (i, a) in assign.iter_mut().enumerate() {
+            let j = nearest(row(i), &centroids, d);
+            changed |= *a != j;
+            *a = j;
+        }
+        let mut sums = vec![0f64; k * d];
+        let mut counts = vec![0usize; k];
+        for (i, &a) in assign.iter().enumerate() {
+            counts[a] += 1;
+            for (s, v) in sums[a * d..(a + 1) * d].iter_mut().zip(row(i)) {
+                *s += *v as f64;
+            }
+        }
+        for j in 0..k {
+            if counts[j] > 0 {
+                for t in 0..d {
+                    centroids[j * d + t] = (sums[j * d + t] / counts[j] as f64) as f32;
+                }
+            } else {
+                // empty cluster: move it to the row farthest from its centroid
+                let far = (0..n)
+                    .max_by(|&a, &b| {
+                        let da = dist2(row(a), &centroids[assign[a] * d..(assign[a] + 1) * d]);
+                        let db = dist2(row(b), &centroids[assign[b] * d..(assign[b] + 1) * d]);
+                        da.total_cmp(&db).then(b.cmp(&a))
+                    })
+                    .expect("n > k > 0");
+                centroids[j * d..(j + 1) * d].copy_from_slice(row(far));
+                changed = true;
+            }
+        }
+        if !changed {
+            break;
+        }
+    }
+    KMeans {
+        centroids,
+        distinct: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recovers_exactly_k_distinct_points() {
+        let pts: Vec<Vec<f32>> = (0..16)
+            .map(|i| vec![i as f32, (i * i) as f32 * 0.1, -(i as f32)])
+            .collect();
+        let mut data = Vec::new();
+        let mut rng = Rng::new(3);
+        for _ in 0..500 {
+            data.extend_from_slice(&pts[rng.below(16)]);
+        }
+        let km = kmeans(&data, 3, 16, 10, &mut Rng::new(1));
+        for p in &pts {
+            let j = nearest(p, &km.centroids, 3);
+            assert_eq!(&km.centroids[j * 3..j * 3 + 3], p.as_slice());
+        }
+    }
+
+    #[test]
+    fn fewer_distinct_rows_than_k_is_reported() {
+        let data = vec![1.0, 2.0, 3.0, 4.0, 1.0, 2.0];
+        let km = kmeans(&data, 2, 16, 10, &mut Rng::new(1));
+        assert_eq!(km.distinct, Some(2));
+        assert_eq!(km.centroids.len(), 32);
+    }
+
+    #[test]
+    fn deterministic_for_a_seed() {
+        let mut rng = Rng::new(9);
+        let data: Vec<f32> = (0..3000).map(|_| rng.next_f64() as f32).collect();
+        let a = kmeans(&data, 3, 16, 15, &mut Rng::new(5)).centroids;
+        let b = kmeans(&data, 3, 16, 15, &mut Rng::new(5)).centroids;
+        assert_eq!(a, b);
+    }
+}
