@@ -9,12 +9,17 @@
 //! split the rows into fixed blocks of [`PAR_ROWS`] processed in parallel with rayon: the result
 //! never depends on the thread count.
 //!
-//! - `Scalar`: any `k <= 256`; blocks of rows, one codebook at a time, so the `k`-entry table row
-//!   of every `(codebook, output)` pair stays in L1 while a block of rows looks it up.
+//! - `Scalar`: any `k <= 256`; blocks of 64 rows, four codebooks at a time, so the `k`-entry table
+//!   rows of a `(codebook, output)` pair stay in L1 while the block looks them up, and each i32
+//!   accumulator load/store serves four lookups. (The lookups themselves are gathers and stay
+//!   scalar; the code check, column gather and output copy vectorize.)
 //! - `Avx2` / `Avx512` (`k == 16` only): MADDNESS/Bolt style. The codes of a block of 32 (64) rows
-//!   are packed two per byte (one nibble per codebook of a pair), each 16-entry table row is
-//!   broadcast into every 128-bit lane and `pshufb` looks up 32 (64) rows at once; the int8 results
-//!   are widened into int16 accumulators, flushed into int32 often enough never to overflow.
+//!   are transposed and packed two per byte (one nibble per codebook of a pair), each 16-entry
+//!   table row is broadcast into every 128-bit lane and `pshufb` looks up 32 (64) rows at once;
+//!   the two codebooks of a pair are added and widened into i16 accumulators by one `pmaddubsw`,
+//!   flushed into i32 often enough never to overflow (proof in the `x86` module).
+//!
+//! Codes must be `< k` (asserted: the kernels index without bounds checks).
 
 use rayon::prelude::*;
 
@@ -143,8 +148,8 @@ pub fn lut_i8_with(
     // slower than at m = 240). Large such calls first copy the tables into a blocked layout (c·m·16
     // bytes, at most 16/RELAYOUT_MIN_ROWS bytes per lookup); elsewhere the copy measured no gain.
     #[cfg(target_arch = "x86_64")]
-    let relaid =
-        (kernel != LutKernel::Scalar && rows >= RELAYOUT_MIN_ROWS && m % 256 == 0).then(|| x86::relayout(tables, c, m));
+    let relaid = (kernel != LutKernel::Scalar && rows >= RELAYOUT_MIN_ROWS && m.is_multiple_of(256))
+        .then(|| x86::relayout(tables, c, m));
     #[cfg(target_arch = "x86_64")]
     let simd_tables = x86::Tables {
         data: relaid.as_deref().unwrap_or(tables),
@@ -226,14 +231,20 @@ fn scalar_i8(codes: &[u8], nr: usize, c: usize, tables: &[i8], m: usize, k: usiz
             gather_cols(codes, c, ci, nb, &mut cols);
             for (mi, a) in acc.chunks_exact_mut(SCALAR_ROWS).enumerate() {
                 let t: [&[i8]; 4] = std::array::from_fn(|g| &tables[((ci + g) * m + mi) * k..][..k]);
-                for r in 0..nb {
-                    // SAFETY: `check_codes` ensured every code is < k == t[g].len(), and r < nb <= SCALAR_ROWS.
+                let [c0, c1, c2, c3] = &cols;
+                let it = a[..nb]
+                    .iter_mut()
+                    .zip(&c0[..nb])
+                    .zip(&c1[..nb])
+                    .zip(&c2[..nb])
+                    .zip(&c3[..nb]);
+                for ((((a, &x0), &x1), &x2), &x3) in it {
+                    // SAFETY: `check_codes` ensured every code is < k == t[g].len().
                     unsafe {
-                        let s = *t[0].get_unchecked(cols[0][r] as usize) as i32
-                            + *t[1].get_unchecked(cols[1][r] as usize) as i32
-                            + *t[2].get_unchecked(cols[2][r] as usize) as i32
-                            + *t[3].get_unchecked(cols[3][r] as usize) as i32;
-                        *a.get_unchecked_mut(r) += s;
+                        *a += *t[0].get_unchecked(x0 as usize) as i32
+                            + *t[1].get_unchecked(x1 as usize) as i32
+                            + *t[2].get_unchecked(x2 as usize) as i32
+                            + *t[3].get_unchecked(x3 as usize) as i32;
                     }
                 }
             }
@@ -285,16 +296,22 @@ fn scalar_f32(
             gather_cols(codes, c, ci, nb, &mut cols);
             for (mi, a) in acc.chunks_exact_mut(SCALAR_ROWS).enumerate() {
                 let t: [&[f32]; 4] = std::array::from_fn(|g| &tables[((ci + g) * m + mi) * k..][..k]);
-                for r in 0..nb {
-                    // SAFETY: `check_codes` ensured every code is < k == t[g].len(), and r < nb <= SCALAR_ROWS.
-                    // The additions stay in codebook order: ((a + t0) + t1) + t2) + t3.
+                let [c0, c1, c2, c3] = &cols;
+                let it = a[..nb]
+                    .iter_mut()
+                    .zip(&c0[..nb])
+                    .zip(&c1[..nb])
+                    .zip(&c2[..nb])
+                    .zip(&c3[..nb]);
+                for ((((a, &x0), &x1), &x2), &x3) in it {
+                    // SAFETY: `check_codes` ensured every code is < k == t[g].len().
+                    // The additions stay in codebook order: (((a + t0) + t1) + t2) + t3.
                     unsafe {
-                        let mut s = *a.get_unchecked(r);
-                        s += *t[0].get_unchecked(cols[0][r] as usize);
-                        s += *t[1].get_unchecked(cols[1][r] as usize);
-                        s += *t[2].get_unchecked(cols[2][r] as usize);
-                        s += *t[3].get_unchecked(cols[3][r] as usize);
-                        *a.get_unchecked_mut(r) = s;
+                        *a = *a
+                            + *t[0].get_unchecked(x0 as usize)
+                            + *t[1].get_unchecked(x1 as usize)
+                            + *t[2].get_unchecked(x2 as usize)
+                            + *t[3].get_unchecked(x3 as usize);
                     }
                 }
             }
@@ -373,7 +390,7 @@ mod x86 {
     /// Row of a block of `r` rows whose code is at byte `b` of a low-nibble plane.
     #[inline(always)]
     fn plane_row(r: usize, b: usize) -> usize {
-        if b % 2 == 0 {
+        if b.is_multiple_of(2) {
             b / 2
         } else {
             b / 2 + r / 2
@@ -557,6 +574,7 @@ mod x86 {
     /// Checks the arguments of a block function of `r` rows and `nb` outputs; returns the number
     /// of complete pairs (both codebooks < c) below `p1`.
     #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
     fn check_block(r: usize, nb: usize, packed: &[u8], g: Group, c: usize, p0: usize, p1: usize, acc: &[i32]) -> usize {
         assert!(p0 <= p1 && p1 * r <= packed.len() && p1 <= c.div_ceil(2) && p1 - p0 <= FLUSH_PAIRS);
         assert!(acc.len() == nb * r && c >= 1 && g.base + (c - 1) * g.cb_stride + nb * 16 <= g.data.len());
@@ -831,7 +849,7 @@ mod x86 {
         }
     }
 
-    const _: () = assert!(LAYOUT_OUTPUTS % Avx2::MB == 0 && LAYOUT_OUTPUTS % Avx512::MB == 0);
+    const _: () = assert!(LAYOUT_OUTPUTS.is_multiple_of(Avx2::MB) && LAYOUT_OUTPUTS.is_multiple_of(Avx512::MB));
 
     /// Shuffle kernel over `nr` rows (`codes`: `nr × c`, `out`: `nr × m`): packs every block of
     /// rows, then per chunk of `FLUSH_PAIRS` pairs × group of outputs × block of rows sums into the
@@ -1073,6 +1091,9 @@ mod tests {
             lut_i8_with(kernel, &[0; 8], 4, 2, &[], 0, 16, &mut out);
             lut_i8_with(kernel, &[], 0, 2, &[0; 64], 2, 16, &mut out);
         }
+        let mut out = vec![7.0f32; 6];
+        lut_f32(&[], 3, 0, &[], 2, 16, &mut out);
+        assert_eq!(out, vec![0.0; 6]);
     }
 
     #[test]
