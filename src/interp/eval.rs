@@ -68,17 +68,41 @@ pub fn eval_op(op: &Op, mut args: Vec<Arc<Tensor>>) -> Result<Vec<Tensor>> {
         Op::PqEncode(p) => {
             arity(2, &args)?;
             let x = f32_std(&args[0])?;
-            let d = *args[0]
-                .shape()
-                .last()
-                .ok_or_else(|| crate::error::Error::Other("rank-0 input".into()))?;
-            let sub = crate::pq::Subspaces { d, s: p.subspace };
-            let rows = x.len().checked_div(d).unwrap_or(0);
-            let mut codes = vec![0u8; rows * sub.count()];
+            let (rows, mut shape) = match &p.window {
+                Some(w) => {
+                    let xs = shape4(&args[0], "PQEncode")?;
+                    let geo = w.resolve([xs[2], xs[3]])?;
+                    let rows = encode::Rows::Conv {
+                        x: &x,
+                        shape: xs,
+                        win: w,
+                        geo,
+                    };
+                    (rows, vec![xs[0], geo.out[0] * geo.out[1], 0])
+                }
+                None => {
+                    let d = *args[0]
+                        .shape()
+                        .last()
+                        .ok_or_else(|| crate::error::Error::Other("rank-0 input".into()))?;
+                    (encode::Rows::Matrix { x: &x, d }, args[0].shape().to_vec())
+                }
+            };
+            let sub = crate::pq::Subspaces {
+                d: rows.d(),
+                s: p.subspace,
+            };
+            let mut codes = vec![0u8; rows.count() * sub.count()];
             match p.encoder {
                 Encoder::Argmin => {
+                    let protos = f32_std(&args[1])?;
                     let k = args[1].shape()[1];
-                    encode::encode_argmin(&x, rows, sub, k, &f32_std(&args[1])?, &mut codes);
+                    encode::encode(
+                        &rows,
+                        sub,
+                        &encode::Codebooks::Argmin { k, protos: &protos },
+                        &mut codes,
+                    );
                 }
                 Encoder::Tree => {
                     arity(3, &args)?;
@@ -88,10 +112,15 @@ pub fn eval_op(op: &Op, mut args: Vec<Arc<Tensor>>) -> Result<Vec<Tensor>> {
                         .into_iter()
                         .map(|v| v.clamp(0, p.subspace as i64 - 1) as usize)
                         .collect();
-                    encode::encode_tree(&x, rows, sub, depth, &dims, &f32_std(&args[2])?, &mut codes);
+                    let thresholds = f32_std(&args[2])?;
+                    let cb = encode::Codebooks::Tree {
+                        depth,
+                        dims: &dims,
+                        thresholds: &thresholds,
+                    };
+                    encode::encode(&rows, sub, &cb, &mut codes);
                 }
             }
-            let mut shape = args[0].shape().to_vec();
             *shape.last_mut().unwrap() = sub.count();
             Tensor::U8(ArrayD::from_shape_vec(IxDyn(&shape), codes).expect("codes size"))
         }

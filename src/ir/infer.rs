@@ -145,7 +145,14 @@ pub fn infer_op(op: &Op, ins: &[Fact]) -> Result<Vec<Fact>> {
             )
         }
         Op::PqEncode(p) => {
-            let x = &ins[0];
+            let rows_fact;
+            let x = match &p.window {
+                Some(w) => {
+                    rows_fact = infer_op(&Op::Im2Col(w.clone()), &ins[..1])?.remove(0);
+                    &rows_fact
+                }
+                None => &ins[0],
+            };
             let d = x
                 .shape
                 .last()

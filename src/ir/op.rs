@@ -186,6 +186,9 @@ pub enum Encoder {
 pub struct PqEncode {
     pub subspace: usize,
     pub encoder: Encoder,
+    /// When set, the input is an NCHW batch and the rows are its implicit im2col rows for this
+    /// window (`[N, oh·ow, C·kh·kw]`, as `Im2Col` would produce), so no im2col matrix is built.
+    pub window: Option<Window>,
 }
 
 impl Op {
@@ -263,7 +266,13 @@ impl Op {
             Op::Input | Op::Sum | Op::MatMul | Op::Binary(_) => String::new(),
             Op::Const(t) => t.summary(),
             Op::Im2Col(w) => window(w),
-            Op::PqEncode(p) => format!("subspace={} encoder={:?}", p.subspace, p.encoder).to_lowercase(),
+            Op::PqEncode(p) => {
+                let mut s = format!("subspace={} encoder={:?}", p.subspace, p.encoder).to_lowercase();
+                if let Some(w) = &p.window {
+                    s += &format!(" im2col {}", window(w));
+                }
+                s
+            }
             Op::LutMatMul => String::new(),
             Op::Conv(c) => {
                 let mut s = window(&c.window);

@@ -297,7 +297,10 @@ fn write_node(
                 Encoder::Argmin => "argmin",
                 Encoder::Tree => "tree",
             };
-            let a = vec![attr_i("subspace", p.subspace as i64), attr_s("encoder", enc)];
+            let mut a = vec![attr_i("subspace", p.subspace as i64), attr_s("encoder", enc)];
+            if let Some(win) = &p.window {
+                a.extend(window_attrs(win, true));
+            }
             w.node(name, "PQEncode", TABCONV_DOMAIN, ins, out, a)
         }
         Op::LutMatMul => w.node(name, "LutMatMul", TABCONV_DOMAIN, ins, out, vec![]),

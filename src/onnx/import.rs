@@ -317,9 +317,14 @@ impl Importer {
                             )))
                         }
                     };
+                    let window = match a.has("kernel_shape") {
+                        true => Some(window(&a, a.pair("kernel_shape", 1)?)?),
+                        false => None,
+                    };
                     Op::PqEncode(PqEncode {
                         subspace: subspace as usize,
                         encoder,
+                        window,
                     })
                 }
                 "LutMatMul" => Op::LutMatMul,

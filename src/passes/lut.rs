@@ -351,41 +351,69 @@ impl Pass for Lut {
                 }
                 TableType::F32 => (Tensor::f32(&[c_n, m, k], t_cmk)?, vec![1.0; m], vec![0.0; m], 0.0),
             };
-            // 4. rewrite the graph
+            // 4. how close the layer now is, on its calibration rows
+            let scale_t = Tensor::f32(&[m], scale)?;
+            let codes_t = Tensor::U8(ArrayD::from_shape_vec(IxDyn(&[rows, c_n]), codes).expect("size"));
+            let args = [
+                codes_t,
+                tables.clone(),
+                scale_t.clone(),
+                Tensor::f32(&[m], offset.clone())?,
+            ];
+            let approx =
+                crate::interp::eval::eval_op(&Op::LutMatMul, args.into_iter().map(std::sync::Arc::new).collect())?
+                    .remove(0)
+                    .into_f32()?;
+            let (rel, cos) = compare(approx.as_slice().unwrap(), &y);
+            // 5. rewrite the graph
             let name = layer.name.clone();
-            let mut enc_args = vec![layer.input];
+            // Read a conv's rows straight from its input instead of a materialised Im2Col.
+            let (enc_input, window) = match &graph.node(layer.input.node).op {
+                Op::Im2Col(w) if graph.has_single_use(layer.input) => {
+                    (graph.inputs_of(layer.input.node)[0], Some(w.clone()))
+                }
+                _ => (layer.input, None),
+            };
+            let mut enc_args = vec![enc_input];
             for (i, t) in enc_inputs.into_iter().enumerate() {
                 let what = if o.encoder == Encoder::Argmin {
-                    "prototypes".to_string()
+                    "prototypes"
                 } else {
-                    ["split_dims", "thresholds"][i].to_string()
+                    ["split_dims", "thresholds"][i]
                 };
                 enc_args.push(graph.add_const(&format!("{name}/{what}"), t));
             }
             let op = Op::PqEncode(PqEncode {
                 subspace: s,
                 encoder: o.encoder,
+                window,
             });
             let codes_out = graph.add_op(&format!("{name}/pq_encode"), op, &enc_args);
+            // A constant bias Add right after the MatMul folds into the (exact, f32) offset.
+            let mut out_value = mm_out;
+            let mut offset = offset;
+            if let [(add, _)] = graph.consumers(mm_out)[..] {
+                let add_ins = graph.inputs_of(add);
+                let other = if add_ins[0] == mm_out {
+                    add_ins.get(1)
+                } else {
+                    add_ins.first()
+                };
+                if let (Op::Binary(crate::ir::op::Binary::Add), Some(b)) =
+                    (&graph.node(add).op, other.and_then(|o| graph.const_value(*o)))
+                {
+                    if b.shape() == [m] && !graph.outputs.iter().any(|(_, o)| *o == mm_out) {
+                        offset.iter_mut().zip(b.to_f32_vec()).for_each(|(o, v)| *o += v);
+                        out_value = Outlet::new(add, 0);
+                    }
+                }
+            }
             let tc = graph.add_const(&format!("{name}/tables"), tables);
-            let sc = graph.add_const(&format!("{name}/scale"), Tensor::f32(&[m], scale)?);
+            let sc = graph.add_const(&format!("{name}/scale"), scale_t);
             let oc = graph.add_const(&format!("{name}/offset"), Tensor::f32(&[m], offset)?);
             let lut = graph.add_op(&format!("{name}/lut"), Op::LutMatMul, &[codes_out, tc, sc, oc]);
-            graph.replace_uses(mm_out, lut);
-            graph.g.remove_node(layer.node);
-            crate::ir::infer::infer_graph(graph)?;
-            // 5. how close the layer now is, on its calibration rows
-            let codes_t = Tensor::U8(ArrayD::from_shape_vec(IxDyn(&[rows, c_n]), codes).expect("size"));
-            let mut args = vec![std::sync::Arc::new(codes_t)];
-            args.extend(
-                graph.inputs_of(lut.node)[1..]
-                    .iter()
-                    .map(|o| graph.const_value(*o).expect("constant").clone()),
-            );
-            let approx = crate::interp::eval::eval_op(&Op::LutMatMul, args)?
-                .remove(0)
-                .into_f32()?;
-            let (rel, cos) = compare(approx.as_slice().unwrap(), &y);
+            graph.replace_uses(out_value, lut);
+            graph.remove_dead();
             cx.lut_layers.push(LayerReport {
                 node: name,
                 kind: if layer.window.is_some() { "conv" } else { "fc" },
