@@ -6,6 +6,7 @@
 pub mod bench;
 pub mod cli;
 pub mod data;
+pub mod dataset;
 pub mod error;
 pub mod interp;
 pub mod ir;

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use tabconv::ir::{cost, dump::dump};
 use tabconv::onnx::tcv;
 use tabconv::passes::{manager, pipeline::Pipeline, PassCx};
-use tabconv::{data, Error, Result};
+use tabconv::{Error, Result};
 
 #[derive(Parser)]
 #[command(
@@ -29,9 +29,12 @@ struct Args {
     /// Override a pass option: PASS.PARAM=VALUE (repeatable)
     #[arg(long = "set", value_name = "PASS.PARAM=VALUE")]
     sets: Vec<String>,
-    /// Calibration images, float32 NCHW .npy (needed by pipelines that learn tables)
+    /// Calibration images (needed by pipelines that learn tables): float32 NCHW .npy, IDX
+    /// (optionally .gz) or CIFAR .bin
     #[arg(long)]
     calib: Option<PathBuf>,
+    #[command(flatten)]
+    pre: tabconv::dataset::PreArgs,
     /// Seed for everything random in the passes
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -81,7 +84,7 @@ fn compile(args: Args) -> Result<()> {
         ..Default::default()
     };
     if let Some(c) = &args.calib {
-        cx.calib = Some(load_calibration(c, &graph)?);
+        cx.calib = Some(load_calibration(c, &graph, args.pre.get()?)?);
     }
     let report = manager::run_pipeline(&mut graph, &pipeline, &mut cx, |pass, g| {
         if args.dump_after.iter().any(|d| d == pass) {
@@ -157,8 +160,12 @@ fn compile(args: Args) -> Result<()> {
 }
 
 /// Calibration images must be finite and fit the model's (single) input.
-fn load_calibration(path: &Path, graph: &tabconv::ir::Graph) -> Result<ndarray::ArrayD<f32>> {
-    let x = data::read_f32(path)?;
+fn load_calibration(
+    path: &Path,
+    graph: &tabconv::ir::Graph,
+    pre: tabconv::dataset::Preprocess,
+) -> Result<ndarray::ArrayD<f32>> {
+    let x = tabconv::dataset::load_images(path, pre)?;
     if x.is_empty() || x.shape()[0] == 0 {
         return Err(Error::Input(format!(
             "{}: the calibration set is empty",

@@ -5,6 +5,7 @@ use ndarray::Axis;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
+use tabconv::dataset::{self, PreArgs, Preprocess};
 use tabconv::interp::Plan;
 use tabconv::ir::{cost, dump::dump, Graph, Op, Tensor};
 use tabconv::{data, model, Error, Result};
@@ -53,6 +54,8 @@ enum Cmd {
         /// Print one JSON object instead of text
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        pre: PreArgs,
     },
     /// Print the IR, the op histogram, parameters and MACs per node.
     ///
@@ -99,7 +102,10 @@ fn main() -> ExitCode {
             labels,
             batch,
             json,
-        } => eval(&model, &inputs, &labels, batch, json),
+            pre,
+        } => pre
+            .get()
+            .and_then(|pre| eval(&model, &inputs, &labels, batch, json, pre)),
         Cmd::Inspect { model, json } => inspect(&model, json),
         Cmd::Bench {
             models,
@@ -135,10 +141,10 @@ fn run(model_path: &Path, input: &Path, output: &Path) -> Result<()> {
     Ok(())
 }
 
-fn eval(model_path: &Path, inputs: &Path, labels: &Path, batch: usize, json: bool) -> Result<()> {
+fn eval(model_path: &Path, inputs: &Path, labels: &Path, batch: usize, json: bool, pre: Preprocess) -> Result<()> {
     let graph = model::load(model_path)?;
-    let x = data::read_f32(inputs)?;
-    let y = data::read_labels(labels)?;
+    let x = dataset::load_images(inputs, pre)?;
+    let y = dataset::load_labels(labels)?;
     let n = x.shape().first().copied().unwrap_or(0);
     if n == 0 || n != y.len() {
         return Err(Error::Input(format!(

@@ -1,0 +1,285 @@
+//! Image datasets for `eval`, calibration and validation: `.npy` (float32 NCHW), MNIST-style
+//! IDX files (optionally gzipped, as Fashion-MNIST ships), and the CIFAR-10/100 binary format;
+//! with optional `--normalize MEAN,STD` and `--pad N` preprocessing.
+
+use crate::error::{Error, Result};
+use ndarray::{s, Array4, ArrayD, IxDyn};
+use std::io::Read;
+use std::path::Path;
+
+/// The `--normalize` / `--pad` command-line options shared by the binaries.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct PreArgs {
+    /// Normalise images as (x − MEAN) / STD after scaling pixels to [0, 1], e.g. 0.1307,0.3081
+    #[arg(long, value_name = "MEAN,STD")]
+    pub normalize: Option<String>,
+    /// Zero-pad images by N pixels on each side (e.g. 2 turns 28×28 into 32×32)
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub pad: usize,
+}
+
+impl PreArgs {
+    pub fn get(&self) -> Result<Preprocess> {
+        Ok(Preprocess {
+            normalize: self.normalize.as_deref().map(Preprocess::parse_normalize).transpose()?,
+            pad: self.pad,
+        })
+    }
+}
+
+/// Preprocessing applied after decoding (pixels of IDX/CIFAR files are first scaled to [0, 1]).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Preprocess {
+    /// `(x − mean) / std`
+    pub normalize: Option<(f32, f32)>,
+    /// Zero-pad H and W by this many pixels on each side.
+    pub pad: usize,
+}
+
+impl Preprocess {
+    /// Parse `MEAN,STD`.
+    pub fn parse_normalize(s: &str) -> Result<(f32, f32)> {
+        let bad = || Error::Input(format!("--normalize {s}: expected MEAN,STD (e.g. 0.1307,0.3081)"));
+        let (m, d) = s.split_once(',').ok_or_else(bad)?;
+        let (m, d): (f32, f32) = (
+            m.trim().parse().map_err(|_| bad())?,
+            d.trim().parse().map_err(|_| bad())?,
+        );
+        if !(d > 0.0) {
+            return Err(bad());
+        }
+        Ok((m, d))
+    }
+}
+
+fn read_bytes(path: &Path) -> Result<Vec<u8>> {
+    let raw = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    if raw.starts_with(&[0x1f, 0x8b]) {
+        let mut out = Vec::new();
+        flate2::read::GzDecoder::new(raw.as_slice())
+            .read_to_end(&mut out)
+            .map_err(|e| Error::Input(format!("{}: corrupt gzip data: {e}", path.display())))?;
+        return Ok(out);
+    }
+    Ok(raw)
+}
+
+enum Kind {
+    Npy,
+    Idx,
+    Cifar { label_bytes: usize },
+}
+
+fn kind(path: &Path, bytes: &[u8]) -> Result<Kind> {
+    if bytes.starts_with(b"\x93NUMPY") {
+        return Ok(Kind::Npy);
+    }
+    if bytes.len() >= 4 && bytes[0] == 0 && bytes[1] == 0 && bytes[2] == 0x08 {
+        return Ok(Kind::Idx);
+    }
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_lowercase())
+        .unwrap_or_default();
+    if name.ends_with(".bin") {
+        let (ten, hundred) = (bytes.len() % 3073 == 0, bytes.len() % 3074 == 0);
+        // CIFAR-100 files are named train.bin / test.bin, CIFAR-10 ones data_batch_N.bin / test_batch.bin
+        let hint100 = name == "train.bin" || name == "test.bin";
+        return match (ten, hundred) {
+            (true, false) => Ok(Kind::Cifar { label_bytes: 1 }),
+            (false, true) => Ok(Kind::Cifar { label_bytes: 2 }),
+            (true, true) => Ok(Kind::Cifar {
+                label_bytes: if hint100 { 2 } else { 1 },
+            }),
+            _ => Err(Error::Input(format!(
+                "{}: {} bytes is not a whole number of CIFAR-10 (3073-byte) or CIFAR-100 (3074-byte) records",
+                path.display(),
+                bytes.len()
+            ))),
+        };
+    }
+    Err(Error::Input(format!(
+        "{}: unknown dataset format (expected .npy, an IDX file such as train-images-idx3-ubyte[.gz], or a CIFAR .bin)",
+        path.display()
+    )))
+}
+
+/// Parse an IDX header: returns (element type code, dims, payload offset).
+fn idx_header(path: &Path, b: &[u8]) -> Result<(u8, Vec<usize>, usize)> {
+    let ndim = b[3] as usize;
+    let off = 4 + 4 * ndim;
+    if b.len() < off {
+        return Err(Error::Input(format!("{}: truncated IDX header", path.display())));
+    }
+    let dims: Vec<usize> = (0..ndim)
+        .map(|i| u32::from_be_bytes(b[4 + 4 * i..8 + 4 * i].try_into().unwrap()) as usize)
+        .collect();
+    let n: usize = dims.iter().product();
+    if b[2] != 0x08 {
+        return Err(Error::Input(format!(
+            "{}: only unsigned-byte IDX files are supported",
+            path.display()
+        )));
+    }
+    if b.len() != off + n {
+        return Err(Error::Input(format!(
+            "{}: IDX header promises {n} values, file holds {}",
+            path.display(),
+            b.len() - off
+        )));
+    }
+    Ok((b[2], dims, off))
+}
+
+/// Load images as float32 NCHW.
+pub fn load_images(path: &Path, pre: Preprocess) -> Result<ArrayD<f32>> {
+    let bytes = read_bytes(path)?;
+    let x: ArrayD<f32> = match kind(path, &bytes)? {
+        Kind::Npy => crate::data::read_f32(path)?,
+        Kind::Idx => {
+            let (_, dims, off) = idx_header(path, &bytes)?;
+            let shape = match dims.as_slice() {
+                [n, h, w] => [*n, 1, *h, *w],
+                [n, c, h, w] => [*n, *c, *h, *w],
+                d => {
+                    return Err(Error::Input(format!(
+                        "{}: IDX images must be 3-D or 4-D, got {d:?}",
+                        path.display()
+                    )))
+                }
+            };
+            let v = bytes[off..].iter().map(|&b| b as f32 / 255.0).collect();
+            ArrayD::from_shape_vec(IxDyn(&shape), v).expect("size checked")
+        }
+        Kind::Cifar { label_bytes } => {
+            let rec = label_bytes + 3072;
+            let n = bytes.len() / rec;
+            let mut v = Vec::with_capacity(n * 3072);
+            for r in bytes.chunks_exact(rec) {
+                v.extend(r[label_bytes..].iter().map(|&b| b as f32 / 255.0));
+            }
+            ArrayD::from_shape_vec(IxDyn(&[n, 3, 32, 32]), v).expect("size")
+        }
+    };
+    preprocess(x, pre, path)
+}
+
+fn preprocess(mut x: ArrayD<f32>, pre: Preprocess, path: &Path) -> Result<ArrayD<f32>> {
+    if let Some((m, s)) = pre.normalize {
+        x.mapv_inplace(|v| (v - m) / s);
+    }
+    if pre.pad > 0 {
+        let x4 = x
+            .into_dimensionality::<ndarray::Ix4>()
+            .map_err(|_| Error::Input(format!("{}: --pad needs NCHW images", path.display())))?;
+        let (n, c, h, w) = x4.dim();
+        let p = pre.pad;
+        let mut out = Array4::<f32>::zeros((n, c, h + 2 * p, w + 2 * p));
+        out.slice_mut(s![.., .., p..p + h, p..p + w]).assign(&x4);
+        x = out.into_dyn();
+    }
+    Ok(x)
+}
+
+/// Load integer class labels (`.npy`, IDX labels, or the labels of a CIFAR `.bin`; for
+/// CIFAR-100 the fine label).
+pub fn load_labels(path: &Path) -> Result<Vec<i64>> {
+    let bytes = read_bytes(path)?;
+    match kind(path, &bytes)? {
+        Kind::Npy => crate::data::read_labels(path),
+        Kind::Idx => {
+            let (_, dims, off) = idx_header(path, &bytes)?;
+            if dims.len() != 1 {
+                return Err(Error::Input(format!(
+                    "{}: IDX labels must be 1-D, got {dims:?}",
+                    path.display()
+                )));
+            }
+            Ok(bytes[off..].iter().map(|&b| b as i64).collect())
+        }
+        Kind::Cifar { label_bytes } => Ok(bytes
+            .chunks_exact(label_bytes + 3072)
+            .map(|r| r[label_bytes - 1] as i64)
+            .collect()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn idx(dims: &[u32], data: &[u8]) -> Vec<u8> {
+        let mut b = vec![0, 0, 8, dims.len() as u8];
+        for d in dims {
+            b.extend(d.to_be_bytes());
+        }
+        b.extend_from_slice(data);
+        b
+    }
+
+    #[test]
+    fn idx_images_labels_gzip_normalize_and_pad() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("imgs-idx3-ubyte.gz");
+        let raw = idx(&[2, 2, 3], &[0, 255, 51, 102, 0, 0, 255, 255, 255, 0, 0, 0]);
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        std::io::Write::write_all(&mut gz, &raw).unwrap();
+        std::fs::write(&img, gz.finish().unwrap()).unwrap();
+        let x = load_images(&img, Preprocess::default()).unwrap();
+        assert_eq!(x.shape(), &[2, 1, 2, 3]);
+        assert_eq!(x[[0, 0, 0, 1]], 1.0);
+        assert!((x[[0, 0, 0, 2]] - 0.2).abs() < 1e-6);
+        let y = load_images(
+            &img,
+            Preprocess {
+                normalize: Some((0.5, 0.25)),
+                pad: 2,
+            },
+        )
+        .unwrap();
+        assert_eq!(y.shape(), &[2, 1, 6, 7]);
+        assert_eq!(y[[0, 0, 0, 0]], 0.0, "padding is zero after normalisation");
+        assert!((y[[0, 0, 2, 3]] - 2.0).abs() < 1e-6, "(1 - 0.5) / 0.25");
+        let lab = dir.path().join("labels-idx1-ubyte");
+        std::fs::write(&lab, idx(&[3], &[7, 0, 9])).unwrap();
+        assert_eq!(load_labels(&lab).unwrap(), vec![7, 0, 9]);
+        std::fs::write(&lab, idx(&[4], &[7, 0, 9])).unwrap();
+        assert!(load_labels(&lab).unwrap_err().to_string().contains("promises 4 values"));
+    }
+
+    #[test]
+    fn cifar10_and_cifar100_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ten = Vec::new();
+        for i in 0..3u8 {
+            ten.push(i + 1);
+            ten.extend((0..3072).map(|p| ((p % 256) as u8).wrapping_add(i)));
+        }
+        let p10 = dir.path().join("data_batch_1.bin");
+        std::fs::write(&p10, &ten).unwrap();
+        let x = load_images(&p10, Preprocess::default()).unwrap();
+        assert_eq!(x.shape(), &[3, 3, 32, 32]);
+        assert_eq!(x[[1, 0, 0, 1]], 2.0 / 255.0, "pixel 1 of image 1, red plane");
+        assert_eq!(
+            x[[0, 1, 0, 0]],
+            (1024 % 256) as f32 / 255.0,
+            "green plane starts at byte 1024"
+        );
+        assert_eq!(load_labels(&p10).unwrap(), vec![1, 2, 3]);
+        let mut hundred = Vec::new();
+        for i in 0..2u8 {
+            hundred.extend([i, 50 + i]);
+            hundred.extend(std::iter::repeat_n(9u8, 3072));
+        }
+        let p100 = dir.path().join("train.bin");
+        std::fs::write(&p100, &hundred).unwrap();
+        assert_eq!(load_labels(&p100).unwrap(), vec![50, 51], "fine labels");
+        assert_eq!(
+            load_images(&p100, Preprocess::default()).unwrap().shape(),
+            &[2, 3, 32, 32]
+        );
+        let bad = dir.path().join("x.bin");
+        std::fs::write(&bad, [0u8; 100]).unwrap();
+        assert!(load_images(&bad, Preprocess::default()).is_err());
+    }
+}
