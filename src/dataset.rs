@@ -45,7 +45,7 @@ impl Preprocess {
             m.trim().parse().map_err(|_| bad())?,
             d.trim().parse().map_err(|_| bad())?,
         );
-        if !(d > 0.0) {
+        if d.is_nan() || d <= 0.0 {
             return Err(bad());
         }
         Ok((m, d))
@@ -82,7 +82,7 @@ fn kind(path: &Path, bytes: &[u8]) -> Result<Kind> {
         .map(|n| n.to_string_lossy().to_lowercase())
         .unwrap_or_default();
     if name.ends_with(".bin") {
-        let (ten, hundred) = (bytes.len() % 3073 == 0, bytes.len() % 3074 == 0);
+        let (ten, hundred) = (bytes.len().is_multiple_of(3073), bytes.len().is_multiple_of(3074));
         // CIFAR-100 files are named train.bin / test.bin, CIFAR-10 ones data_batch_N.bin / test_batch.bin
         let hint100 = name == "train.bin" || name == "test.bin";
         return match (ten, hundred) {
