@@ -13,6 +13,7 @@ pub mod ir;
 pub mod model;
 pub mod onnx;
 pub mod passes;
+pub mod plot;
 pub mod pq;
 
 pub use error::{Error, Result};

@@ -33,8 +33,17 @@ struct Args {
     /// (optionally .gz) or CIFAR .bin
     #[arg(long)]
     calib: Option<PathBuf>,
-    #[command(flatten)]
+        #[command(flatten)]
     pre: tabconv::dataset::PreArgs,
+    /// Labelled validation images for accuracy-driven masking (mask.max_accuracy_drop)
+    #[arg(long, requires = "val_labels")]
+    val: Option<PathBuf>,
+    /// Labels of --val (.npy, IDX or CIFAR .bin)
+    #[arg(long)]
+    val_labels: Option<PathBuf>,
+    /// Write an SVG plot of the masking path (quality vs op reduction)
+    #[arg(long, value_name = "FILE.svg")]
+    plot: Option<PathBuf>,
     /// Seed for everything random in the passes
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -84,7 +93,15 @@ fn compile(args: Args) -> Result<()> {
         ..Default::default()
     };
     if let Some(c) = &args.calib {
-        cx.calib = Some(load_calibration(c, &graph, args.pre.get()?)?);
+                cx.calib = Some(load_calibration(c, &graph, args.pre.get()?)?);
+    }
+    if let (Some(v), Some(l)) = (&args.val, &args.val_labels) {
+        let x = load_calibration(v, &graph, args.pre.get()?)?;
+        let y = tabconv::dataset::load_labels(l)?;
+        if y.len() != x.shape()[0] {
+            return Err(Error::Input(format!("--val has {} images but --val-labels {} labels", x.shape()[0], y.len())));
+        }
+        cx.val = Some((x, y));
     }
     let report = manager::run_pipeline(&mut graph, &pipeline, &mut cx, |pass, g| {
         if args.dump_after.iter().any(|d| d == pass) {
@@ -125,6 +142,41 @@ fn compile(args: Args) -> Result<()> {
                 l.node, l.d, l.m, l.codebooks, l.subspace, l.k, l.output_rel_error, l.output_cosine, l.seconds
             );
         }
+    }
+        if let Some(m) = &report.mask {
+        eprintln!("  masking ({}; target {}):", m.metric, m.target);
+        eprintln!("  {:<44} {:>8} {:>10} {:>12}  why", "layer", "choice", "cos alone", "Mops saved");
+        for d in &m.layers {
+            eprintln!(
+                "  {:<44} {:>8} {:>10.5} {:>12.3}  {}",
+                d.layer,
+                d.chosen,
+                d.logit_cosine_alone,
+                d.ops_saved as f64 / 1e6,
+                d.why
+            );
+        }
+        let c = &m.path[m.chosen_point];
+        eprintln!(
+            "  chosen: reduction {:.1}% (everything counted), logit cosine {:.5}{}",
+            c.reduction_everything_counted * 100.0,
+            c.logit_cosine,
+            c.accuracy.map(|a| format!(", accuracy {:.2}%", a * 100.0)).unwrap_or_default()
+        );
+        if let Some(f) = &m.final_point {
+            eprintln!(
+                "  after relearning: reduction {:.1}%, logit cosine {:.5}{}",
+                f.reduction_everything_counted * 100.0,
+                f.logit_cosine,
+                f.accuracy.map(|a| format!(", accuracy {:.2}%", a * 100.0)).unwrap_or_default()
+            );
+        }
+        if let Some(p) = &args.plot {
+            let title = format!("{} — masking path", args.model.file_stem().unwrap_or_default().to_string_lossy());
+            tcv::write_atomic(p, tabconv::plot::mask_path_svg(m, &title)?.as_bytes())?;
+        }
+    } else if args.plot.is_some() {
+        eprintln!("  note: --plot ignored: the pipeline has no mask pass");
     }
     let after = cost::graph_cost(&graph);
     let (red_lookups, red_all) = cost::reduction(&source, &after);

@@ -29,6 +29,14 @@ use std::time::Instant;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+pub enum EncoderChoice {
+    Argmin,
+    Tree,
+    Auto,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum TableType {
     I8,
     F32,
@@ -44,7 +52,9 @@ pub struct Options {
     pub fc_subspace: usize,
     /// Prototypes per codebook (16 = 4-bit codes; up to 256).
     pub k: usize,
-    pub encoder: Encoder,
+    /// `argmin`, `tree`, or `auto`: argmin where its `K·S` MACs per codebook are small next to
+    /// the layer's own work (`M ≥ 4·K` outputs), the comparison-only tree elsewhere.
+    pub encoder: EncoderChoice,
     /// Refit tables by ridge least squares against the exact layer outputs.
     pub refit: bool,
     /// Ridge strength, relative to the average code frequency; pulls towards `prototype · W`.
@@ -56,8 +66,10 @@ pub struct Options {
     pub kmeans_iters: usize,
     /// Learn each layer from the outputs of the already-approximated layers before it.
     pub progressive: bool,
-    /// Leave layers with fewer multiply-accumulates per image than this exact.
+        /// Leave layers with fewer multiply-accumulates per image than this exact.
     pub min_macs: u64,
+    /// Layers (MatMul node names, `*` wildcards allowed) to leave exact.
+    pub keep_exact: Vec<String>,
 }
 
 impl Default for Options {
@@ -66,17 +78,31 @@ impl Default for Options {
             subspace: 0,
             fc_subspace: 4,
             k: 16,
-            encoder: Encoder::Argmin,
+            encoder: EncoderChoice::Auto,
             refit: true,
             ridge: 0.1,
             refit_iters: 20,
             tables: TableType::I8,
             max_rows: 16384,
             kmeans_iters: 20,
-            progressive: true,
+                        progressive: true,
             min_macs: 0,
+            keep_exact: Vec::new(),
         }
     }
+}
+
+/// Enough to put a replaced layer back exactly as `conv-to-im2col`/`gemm-to-matmul` left it.
+#[derive(Clone, Debug)]
+pub struct ExactLayer {
+    /// Name of the MatMul that was replaced.
+    pub matmul: String,
+    pub weight_name: String,
+    pub weight: std::sync::Arc<Tensor>,
+    /// Name of the Im2Col the encoder absorbed (its window is on the PQEncode node).
+    pub im2col: Option<String>,
+    /// `(Add node, bias constant, bias)` folded into the LUT offset.
+    pub bias: Option<(String, String, std::sync::Arc<Tensor>)>,
 }
 
 /// What the pass did to one layer, for the compile report.
@@ -211,7 +237,7 @@ impl Pass for Lut {
     }
     fn run(&self, graph: &mut Graph, cx: &mut PassCx) -> Result<()> {
         let o = &self.0;
-        if !(2..=256).contains(&o.k) || (o.encoder == Encoder::Tree && !o.k.is_power_of_two()) {
+        if !(2..=256).contains(&o.k) || (o.encoder != EncoderChoice::Argmin && !o.k.is_power_of_two()) {
             return Err(Error::Input(format!(
                 "lut.k = {}: must be 2..=256 (a power of two for the tree encoder)",
                 o.k
@@ -221,7 +247,10 @@ impl Pass for Lut {
             Error::Input("the lut pass learns from data: give calibration images with --calib X.npy".into())
         })?;
         let exact = graph.clone();
-        let layers = eligible(graph, o.min_macs)?;
+                let layers: Vec<Layer> = eligible(graph, o.min_macs)?
+            .into_iter()
+            .filter(|l| !o.keep_exact.iter().any(|g| super::glob_match(g, &l.name)))
+            .collect();
         let n_images = calib.shape()[0];
         for (li, layer) in layers.into_iter().enumerate() {
             let start = Instant::now();
@@ -251,15 +280,21 @@ impl Pass for Lut {
                 None => o.fc_subspace,
             }
             .clamp(1, d);
-            let sub = Subspaces { d, s };
+                        let sub = Subspaces { d, s };
             let c_n = sub.count();
             let k = o.k;
+            let encoder = match o.encoder {
+                EncoderChoice::Argmin => Encoder::Argmin,
+                EncoderChoice::Tree => Encoder::Tree,
+                EncoderChoice::Auto if layer.w.shape()[1] >= 4 * k => Encoder::Argmin,
+                EncoderChoice::Auto => Encoder::Tree,
+            };
             // 1. codebooks, one per subspace, in parallel (each has its own RNG stream)
             let learned: Vec<(Codebooks, Option<usize>)> = (0..c_n)
                 .into_par_iter()
                 .map(|c| {
                     let data = pq::gather_subspace(&x, rows, sub, c);
-                    match o.encoder {
+                    match encoder {
                         Encoder::Argmin => {
                             let mut rng = Rng::derive(cx.seed, &[li as u64, 2, c as u64]);
                             let km = kmeans::kmeans(&data, s, k, o.kmeans_iters, &mut rng);
@@ -295,7 +330,7 @@ impl Pass for Lut {
             let t_learn = start.elapsed().as_secs_f64();
             // 2. encode the calibration rows
             let mut codes = vec![0u8; rows * c_n];
-            let (protos, enc_inputs): (Vec<f32>, Vec<Tensor>) = match o.encoder {
+            let (protos, enc_inputs): (Vec<f32>, Vec<Tensor>) = match encoder {
                 Encoder::Argmin => {
                     let protos: Vec<f32> = learned
                         .iter()
@@ -365,18 +400,27 @@ impl Pass for Lut {
                     .remove(0)
                     .into_f32()?;
             let (rel, cos) = compare(approx.as_slice().unwrap(), &y);
-            // 5. rewrite the graph
+                        // 5. rewrite the graph, remembering how to put the exact layer back (the `mask` pass)
             let name = layer.name.clone();
+            let weight_out = graph.inputs_of(layer.node)[1];
+            let mut exact_layer = ExactLayer {
+                matmul: name.clone(),
+                weight_name: graph.node(weight_out.node).name.clone(),
+                weight: graph.const_value(weight_out).expect("eligible layers have constant weights").clone(),
+                im2col: None,
+                bias: None,
+            };
             // Read a conv's rows straight from its input instead of a materialised Im2Col.
             let (enc_input, window) = match &graph.node(layer.input.node).op {
                 Op::Im2Col(w) if graph.has_single_use(layer.input) => {
+                    exact_layer.im2col = Some(graph.node(layer.input.node).name.clone());
                     (graph.inputs_of(layer.input.node)[0], Some(w.clone()))
                 }
                 _ => (layer.input, None),
             };
             let mut enc_args = vec![enc_input];
             for (i, t) in enc_inputs.into_iter().enumerate() {
-                let what = if o.encoder == Encoder::Argmin {
+                let what = if encoder == Encoder::Argmin {
                     "prototypes"
                 } else {
                     ["split_dims", "thresholds"][i]
@@ -385,7 +429,7 @@ impl Pass for Lut {
             }
             let op = Op::PqEncode(PqEncode {
                 subspace: s,
-                encoder: o.encoder,
+                encoder,
                 window,
             });
             let codes_out = graph.add_op(&format!("{name}/pq_encode"), op, &enc_args);
@@ -402,16 +446,20 @@ impl Pass for Lut {
                 if let (Op::Binary(crate::ir::op::Binary::Add), Some(b)) =
                     (&graph.node(add).op, other.and_then(|o| graph.const_value(*o)))
                 {
-                    if b.shape() == [m] && !graph.outputs.iter().any(|(_, o)| *o == mm_out) {
+                                        if b.shape() == [m] && !graph.outputs.iter().any(|(_, o)| *o == mm_out) {
                         offset.iter_mut().zip(b.to_f32_vec()).for_each(|(o, v)| *o += v);
                         out_value = Outlet::new(add, 0);
+                        let bias_node = other.expect("matched above").node;
+                        exact_layer.bias =
+                            Some((graph.node(add).name.clone(), graph.node(bias_node).name.clone(), b.clone()));
                     }
                 }
             }
             let tc = graph.add_const(&format!("{name}/tables"), tables);
             let sc = graph.add_const(&format!("{name}/scale"), scale_t);
             let oc = graph.add_const(&format!("{name}/offset"), Tensor::f32(&[m], offset)?);
-            let lut = graph.add_op(&format!("{name}/lut"), Op::LutMatMul, &[codes_out, tc, sc, oc]);
+                        let lut = graph.add_op(&format!("{name}/lut"), Op::LutMatMul, &[codes_out, tc, sc, oc]);
+            cx.exact_layers.insert(graph.node(lut.node).name.clone(), exact_layer);
             graph.replace_uses(out_value, lut);
             graph.remove_dead();
             cx.lut_layers.push(LayerReport {
@@ -422,7 +470,7 @@ impl Pass for Lut {
                 codebooks: c_n,
                 subspace: s,
                 k,
-                encoder: o.encoder,
+                encoder,
                 rows,
                 output_rel_error: rel,
                 output_cosine: cos,

@@ -9,6 +9,7 @@ pub mod fold_batchnorm;
 pub mod gemm_to_matmul;
 pub mod lut;
 pub mod manager;
+pub mod mask;
 pub mod pipeline;
 
 use crate::error::Result;
@@ -22,8 +23,34 @@ pub struct PassCx {
     pub calib: Option<ArrayD<f32>>,
     pub seed: u64,
     pub notes: Vec<String>,
-    /// Per-layer results of the `lut` pass.
+        /// Per-layer results of the `lut` pass.
     pub lut_layers: Vec<lut::LayerReport>,
+    /// For each LutMatMul node the `lut` pass created: how to restore the exact layer.
+    pub exact_layers: std::collections::BTreeMap<String, lut::ExactLayer>,
+        /// Labelled validation images for passes that measure accuracy (`mask`).
+    pub val: Option<(ArrayD<f32>, Vec<i64>)>,
+    /// What the `mask` pass decided and measured.
+    pub mask: Option<mask::MaskReport>,
+}
+
+/// `*` wildcard match (e.g. `/layer1/*`), used by the layer lists of pipeline options.
+pub fn glob_match(pattern: &str, name: &str) -> bool {
+    let parts: Vec<&str> = pattern.split('*').collect();
+    if parts.len() == 1 {
+        return pattern == name;
+    }
+    let (first, last) = (parts[0], parts[parts.len() - 1]);
+    if !name.starts_with(first) || !name[first.len()..].ends_with(last) || name.len() < first.len() + last.len() {
+        return false;
+    }
+    let mut rest = &name[first.len()..name.len() - last.len()];
+    for p in &parts[1..parts.len() - 1] {
+        match rest.find(p) {
+            Some(i) => rest = &rest[i + p.len()..],
+            None => return false,
+        }
+    }
+    true
 }
 
 pub trait Pass {

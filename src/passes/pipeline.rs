@@ -11,7 +11,7 @@
 //! `--pipeline NAME` finds the pipelines shipped in the binary (`passes/NAME.yaml`, included at
 //! build time); anything else is read as a path.
 
-use super::{constant_fold, conv_to_im2col, dead_code, fold_batchnorm, gemm_to_matmul, lut, Pass};
+use super::{constant_fold, conv_to_im2col, dead_code, fold_batchnorm, gemm_to_matmul, lut, mask, Pass};
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -35,7 +35,8 @@ pub enum PassSpec {
     GemmToMatmul(Option<NoOptions>),
     ConstantFold(Option<NoOptions>),
     DeadCode(Option<NoOptions>),
-    Lut(Option<lut::Options>),
+        Lut(Option<lut::Options>),
+    Mask(Option<mask::Options>),
 }
 
 impl PassSpec {
@@ -46,7 +47,8 @@ impl PassSpec {
             PassSpec::GemmToMatmul(_) => Box::new(gemm_to_matmul::GemmToMatmul),
             PassSpec::ConstantFold(_) => Box::new(constant_fold::ConstantFold),
             PassSpec::DeadCode(_) => Box::new(dead_code::DeadCode),
-            PassSpec::Lut(o) => Box::new(lut::Lut(o.clone().unwrap_or_default())),
+                        PassSpec::Lut(o) => Box::new(lut::Lut(o.clone().unwrap_or_default())),
+            PassSpec::Mask(o) => Box::new(mask::Mask(o.clone().unwrap_or_default())),
         }
     }
 }

@@ -1,0 +1,346 @@
+//! `mask`: priority masking. The `lut` pass approximated every eligible layer; this pass puts
+//! exact layers back where accuracy needs them, under a target:
+//! - `min_logit_cosine`: mean per-image cosine similarity between the model's logits and the
+//!   exact model's, on calibration images (unlabelled);
+//! - `max_accuracy_drop`: top-1 points lost on a labelled validation set (`--val`, `--val-labels`);
+//! - `target_reduction`: the fraction of arithmetic (encoding counted) that must be removed;
+//!   as many layers as that allows are restored, most harmful first.
+//!
+//! Each LUT layer's damage is measured alone (only it approximated, everything else exact) as
+//! `1 − logit cosine`, together with its layer-output cosine and the operations it saves. Layers
+//! are restored greedily by damage per operation saved, re-measuring the whole model after each
+//! restore (interactions show up there), until the target holds. With `relearn` the lookup
+//! tables of the layers that stay approximated are then learned again with progressive
+//! calibration through the final mix of exact and approximated layers, and the target re-checked.
+//! `keep_exact` / `force_lut` (node names, `*` wildcards) override the choice.
+
+use super::lut::{ExactLayer, Lut};
+use super::{glob_match, Pass, PassCx};
+use crate::error::{Error, Result};
+use crate::interp::Plan;
+use crate::ir::op::{Binary, Op};
+use crate::ir::{cost, Graph, Outlet, Tensor};
+use ndarray::{ArrayD, Axis};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Options {
+    pub min_logit_cosine: Option<f64>,
+    pub max_accuracy_drop: Option<f64>,
+    pub target_reduction: Option<f64>,
+    pub keep_exact: Vec<String>,
+    pub force_lut: Vec<String>,
+    /// Calibration images used to measure logit similarity.
+    pub samples: usize,
+    /// Relearn the remaining tables after the choice (progressive calibration through it).
+    pub relearn: bool,
+        /// Options for relearning (the `lut` pass's; its defaults if absent).
+    pub lut: Option<super::lut::Options>,
+    /// Restore layers whose lookups cost more operations than the exact layer (encoding
+    /// counted) before anything else: they lose accuracy and save nothing.
+    pub restore_unprofitable: bool,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            min_logit_cosine: None,
+            max_accuracy_drop: None,
+            target_reduction: None,
+            keep_exact: Vec::new(),
+            force_lut: Vec::new(),
+            samples: 256,
+                        relearn: true,
+            lut: None,
+            restore_unprofitable: true,
+        }
+    }
+}
+
+/// One point of the greedy path: after restoring `restored` layers.
+#[derive(Clone, Debug, Serialize)]
+pub struct PathPoint {
+    pub restored: Option<String>,
+    pub reduction_everything_counted: f64,
+    pub reduction_lookups_only: f64,
+    pub logit_cosine: f64,
+    pub accuracy: Option<f64>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct LayerDecision {
+    pub layer: String,
+    pub exact_macs: u64,
+    pub lut_cost: cost::Cost,
+    pub ops_saved: i64,
+    /// Logit cosine with only this layer approximated.
+    pub logit_cosine_alone: f64,
+    pub damage_per_mop_saved: f64,
+    pub chosen: &'static str,
+    pub why: String,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct MaskReport {
+    pub metric: String,
+    pub target: String,
+    pub exact_accuracy: Option<f64>,
+    pub layers: Vec<LayerDecision>,
+    pub path: Vec<PathPoint>,
+    /// Index into `path` of the chosen point (before relearning).
+    pub chosen_point: usize,
+    pub final_point: Option<PathPoint>,
+}
+
+pub struct Mask(pub Options);
+
+/// Put one LUT layer back as `Im2Col → MatMul → Add` (the exact form before `lut`).
+pub fn restore(graph: &mut Graph, lut_name: &str, ex: &ExactLayer) -> Result<()> {
+    let lut = graph.find(lut_name).ok_or_else(|| Error::Other(format!("no LUT node {lut_name}")))?;
+    let enc = graph.inputs_of(lut)[0].node;
+    let Op::PqEncode(p) = graph.node(enc).op.clone() else {
+        return Err(Error::node(lut_name, "LutMatMul", "its codes do not come from a PQEncode"));
+    };
+    let mut x = graph.inputs_of(enc)[0];
+    if let (Some(w), Some(name)) = (&p.window, &ex.im2col) {
+        x = graph.add_op(name, Op::Im2Col(w.clone()), &[x]);
+    }
+    let wc = graph.add_const(&ex.weight_name, (*ex.weight).clone());
+    let mut y = graph.add_op(&ex.matmul, Op::MatMul, &[x, wc]);
+    if let Some((add, bias_name, b)) = &ex.bias {
+        let bc = graph.add_const(bias_name, (**b).clone());
+        y = graph.add_op(add, Op::Binary(Binary::Add), &[y, bc]);
+    }
+    graph.replace_uses(Outlet::new(lut, 0), y);
+    graph.remove_dead();
+    Ok(())
+}
+
+fn logits(graph: &Graph, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+    let plan = Plan::new(graph)?;
+    let mut parts = Vec::new();
+    for chunk in x.axis_chunks_iter(Axis(0), 64) {
+        parts.push(plan.run(vec![Tensor::F32(chunk.to_owned())])?.remove(0).into_f32()?);
+    }
+    let views: Vec<_> = parts.iter().map(|p| p.view()).collect();
+    ndarray::concatenate(Axis(0), &views).map_err(|e| Error::Other(e.to_string()))
+}
+
+/// Mean over images of the cosine between their logit vectors.
+fn mean_cosine(a: &ArrayD<f32>, b: &ArrayD<f32>) -> f64 {
+    let n = a.shape()[0].max(1);
+    let per = a.len() / n;
+    let (a, b) = (a.as_standard_layout(), b.as_standard_layout());
+    let (a, b) = (a.as_slice().unwrap(), b.as_slice().unwrap());
+    (0..n)
+        .map(|i| {
+            let (x, y) = (&a[i * per..(i + 1) * per], &b[i * per..(i + 1) * per]);
+            let dot: f64 = x.iter().zip(y).map(|(p, q)| *p as f64 * *q as f64).sum();
+            let nx: f64 = x.iter().map(|p| (*p as f64).powi(2)).sum::<f64>().sqrt();
+            let ny: f64 = y.iter().map(|q| (*q as f64).powi(2)).sum::<f64>().sqrt();
+            if nx == 0.0 && ny == 0.0 {
+                1.0
+            } else {
+                dot / (nx * ny).max(1e-30)
+            }
+        })
+        .sum::<f64>()
+        / n as f64
+}
+
+fn accuracy(graph: &Graph, val: &(ArrayD<f32>, Vec<i64>)) -> Result<f64> {
+    let out = logits(graph, &val.0)?;
+    let pred = crate::model::argmax_rows(&out);
+    Ok(pred.iter().zip(&val.1).filter(|(p, l)| p == l).count() as f64 / val.1.len().max(1) as f64)
+}
+
+impl Pass for Mask {
+    fn name(&self) -> &'static str {
+        "mask"
+    }
+    fn params(&self) -> serde_json::Value {
+        serde_json::to_value(&self.0).expect("options serialise")
+    }
+    fn run(&self, graph: &mut Graph, cx: &mut PassCx) -> Result<()> {
+        let o = &self.0;
+        let luts: Vec<String> = cx.exact_layers.keys().filter(|n| graph.find(n).is_some()).cloned().collect();
+        if luts.is_empty() {
+            cx.notes.push("mask: no LUT layers to mask (run the lut pass first)".into());
+            return Ok(());
+        }
+        let calib = cx.calib.clone().ok_or_else(|| Error::Input("the mask pass measures on --calib images".into()))?;
+        let samples = calib.select(Axis(0), &(0..calib.shape()[0].min(o.samples.max(1))).collect::<Vec<_>>());
+        if o.max_accuracy_drop.is_some() && cx.val.is_none() {
+            return Err(Error::Input("mask.max_accuracy_drop needs a labelled validation set: --val X --val-labels Y".into()));
+        }
+        let target_count = [o.min_logit_cosine.is_some(), o.max_accuracy_drop.is_some(), o.target_reduction.is_some()]
+            .iter()
+            .filter(|b| **b)
+            .count();
+        if target_count > 1 {
+            return Err(Error::Input("mask: give only one of min_logit_cosine, max_accuracy_drop, target_reduction".into()));
+        }
+        let min_cos = o.min_logit_cosine.unwrap_or(0.99);
+        // the exact reference: every layer restored
+        let mut exact = graph.clone();
+        for n in &luts {
+            restore(&mut exact, n, &cx.exact_layers[n])?;
+        }
+        crate::ir::infer::infer_graph(&mut exact)?;
+        let source = cost::Cost { exact_macs: cost::graph_cost(&exact).exact_macs, ..Default::default() };
+        let ref_logits = logits(&exact, &samples)?;
+                let val = cx.val.clone();
+        let exact_acc = val.as_ref().map(|v| accuracy(&exact, v)).transpose()?;
+        let measure = |g: &Graph, restored: Option<String>| -> Result<PathPoint> {
+            let mut g = g.clone();
+            crate::ir::infer::infer_graph(&mut g)?;
+            let (l, a) = cost::reduction(&source, &cost::graph_cost(&g));
+            Ok(PathPoint {
+                restored,
+                reduction_everything_counted: a,
+                reduction_lookups_only: l,
+                logit_cosine: mean_cosine(&logits(&g, &samples)?, &ref_logits),
+                                accuracy: val.as_ref().map(|v| accuracy(&g, v)).transpose()?,
+            })
+        };
+        // damage of each layer alone, and what it saves
+        let mut decisions = Vec::new();
+        for n in &luts {
+            let ex = &cx.exact_layers[n];
+            let lut = graph.find(n).expect("present");
+            let enc = graph.inputs_of(lut)[0].node;
+            let mut lut_cost = cost::node_cost(graph, lut);
+            lut_cost.add(&cost::node_cost(graph, enc));
+            let d = ex.weight.shape()[0] as u64;
+            let rows_m = graph.fact(Outlet::new(lut, 0)).map(|f| f.shape.iter().map(|d| d.bind(1) as u64).product::<u64>()).unwrap_or(0);
+            let exact_macs = rows_m * d;
+            let ops_saved = 2 * exact_macs as i64 - lut_cost.ops_all() as i64;
+                        let alone = only_layer(graph, n, &luts, cx)?;
+            let cos = mean_cosine(&logits(&alone, &samples)?, &ref_logits);
+            decisions.push(LayerDecision {
+                layer: ex.matmul.clone(),
+                exact_macs,
+                lut_cost,
+                ops_saved,
+                logit_cosine_alone: cos,
+                damage_per_mop_saved: (1.0 - cos) / (ops_saved.max(1) as f64 / 1e6),
+                chosen: "lut",
+                why: String::new(),
+            });
+        }
+        // greedy order: most damage per operation saved first
+        let mut order: Vec<usize> = (0..luts.len()).collect();
+        order.sort_by(|&a, &b| decisions[b].damage_per_mop_saved.total_cmp(&decisions[a].damage_per_mop_saved).then(a.cmp(&b)));
+        let mut current = graph.clone();
+        // overrides first
+        for (i, n) in luts.iter().enumerate() {
+            let name = &decisions[i].layer;
+            if o.keep_exact.iter().any(|g| glob_match(g, name) || glob_match(g, n)) {
+                restore(&mut current, n, &cx.exact_layers[n])?;
+                decisions[i].chosen = "exact";
+                decisions[i].why = "keep_exact override".into();
+            } else if o.force_lut.iter().any(|g| glob_match(g, name) || glob_match(g, n)) {
+                decisions[i].why = "force_lut override".into();
+            }
+        }
+        let met = |p: &PathPoint| -> bool {
+            if let Some(drop) = o.max_accuracy_drop {
+                (exact_acc.unwrap_or(0.0) - p.accuracy.unwrap_or(0.0)) * 100.0 <= drop
+            } else if o.target_reduction.is_some() {
+                false // restore while the reduction allows (checked below)
+            } else {
+                p.logit_cosine >= min_cos
+            }
+        };
+                if o.restore_unprofitable {
+            for (i, n) in luts.iter().enumerate() {
+                if decisions[i].ops_saved <= 0 && decisions[i].why.is_empty() {
+                    restore(&mut current, n, &cx.exact_layers[n])?;
+                    decisions[i].chosen = "exact";
+                    decisions[i].why = format!(
+                        "restored: its lookups cost {:.3} Mops more than the exact layer",
+                        -decisions[i].ops_saved as f64 / 1e6
+                    );
+                }
+            }
+        }
+        let mut path = vec![measure(&current, None)?];
+        let mut chosen_point = 0;
+        let mut rank = 0;
+        for &i in &order {
+                        if !decisions[i].why.is_empty() {
+                continue; // decided by an override or as unprofitable
+            }
+            rank += 1;
+            if met(&path[chosen_point]) {
+                decisions[i].why = format!("kept as LUT: target met (priority rank {rank})");
+                continue;
+            }
+            let mut trial = current.clone();
+            restore(&mut trial, &luts[i], &cx.exact_layers[&luts[i]])?;
+            let point = measure(&trial, Some(decisions[i].layer.clone()))?;
+            if let Some(t) = o.target_reduction {
+                if point.reduction_everything_counted < t {
+                    decisions[i].why = format!("kept as LUT: restoring would drop the reduction below {t} (rank {rank})");
+                    continue;
+                }
+            }
+            path.push(point);
+            chosen_point = path.len() - 1;
+            current = trial;
+            decisions[i].chosen = "exact";
+            decisions[i].why = format!(
+                "restored: damage per Mop saved {:.3e}, logit cosine alone {:.4} (rank {rank})",
+                decisions[i].damage_per_mop_saved, decisions[i].logit_cosine_alone
+            );
+        }
+        // relearn the remaining tables through the final mix of exact and LUT layers
+        let mut final_point = None;
+        if o.relearn {
+            let keep: Vec<String> = decisions.iter().filter(|d| d.chosen == "exact").map(|d| d.layer.clone()).collect();
+            let mut lut_opts = o.lut.clone().unwrap_or_default();
+            lut_opts.keep_exact.extend(keep);
+            let mut relearned = exact.clone();
+            let saved_layers = std::mem::take(&mut cx.lut_layers);
+            Lut(lut_opts).run(&mut relearned, cx)?;
+            cx.lut_layers = saved_layers;
+            let p = measure(&relearned, Some("(relearned)".into()))?;
+            // keep the relearned model unless it is worse on the target metric
+            let better = match o.max_accuracy_drop {
+                Some(_) => p.accuracy >= path[chosen_point].accuracy,
+                None => p.logit_cosine >= path[chosen_point].logit_cosine,
+            };
+            if better {
+                current = relearned;
+            } else {
+                cx.notes.push("mask: relearning the tables did not help; kept the greedy result".into());
+            }
+            final_point = Some(p);
+        }
+        *graph = current;
+        cx.mask = Some(MaskReport {
+            metric: if o.max_accuracy_drop.is_some() { "accuracy".into() } else { "logit_cosine".into() },
+            target: match (o.max_accuracy_drop, o.target_reduction) {
+                (Some(d), _) => format!("max_accuracy_drop {d} points"),
+                (_, Some(t)) => format!("target_reduction {t}"),
+                _ => format!("min_logit_cosine {min_cos}"),
+            },
+            exact_accuracy: exact_acc,
+            layers: decisions,
+            path,
+            chosen_point,
+            final_point,
+        });
+        Ok(())
+    }
+}
+
+/// The exact model with only LUT layer `n` approximated (its nodes copied from `graph`).
+fn only_layer(graph: &Graph, n: &str, luts: &[String], cx: &PassCx) -> Result<Graph> {
+    let mut g = graph.clone();
+    for other in luts.iter().filter(|o| *o != n) {
+        restore(&mut g, other, &cx.exact_layers[other])?;
+    }
+    Ok(g)
+}
