@@ -19,12 +19,22 @@ pub fn mask_path_svg(report: &MaskReport, title: &str) -> Result<String> {
                 p.logit_cosine
             }
         };
-        let mut pts: Vec<(f64, f64)> =
-            report.path.iter().map(|p| (p.reduction_everything_counted * 100.0, y_of(p))).collect();
-        let fin = report.final_point.as_ref().map(|p| (p.reduction_everything_counted * 100.0, y_of(p)));
+        let mut pts: Vec<(f64, f64)> = report
+            .path
+            .iter()
+            .map(|p| (p.reduction_everything_counted * 100.0, y_of(p)))
+            .collect();
+        let fin = report
+            .final_point
+            .as_ref()
+            .map(|p| (p.reduction_everything_counted * 100.0, y_of(p)));
         let all: Vec<(f64, f64)> = pts.iter().copied().chain(fin).collect();
-        let (xmin, xmax) = all.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| (a.min(p.0), b.max(p.0)));
-        let (ymin, ymax) = all.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| (a.min(p.1), b.max(p.1)));
+        let (xmin, xmax) = all
+            .iter()
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| (a.min(p.0), b.max(p.0)));
+        let (ymin, ymax) = all
+            .iter()
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| (a.min(p.1), b.max(p.1)));
         let pad = |lo: f64, hi: f64| {
             let d = (hi - lo).abs().max(1e-3) * 0.1;
             (lo - d, hi + d)
@@ -40,7 +50,11 @@ pub fn mask_path_svg(report: &MaskReport, title: &str) -> Result<String> {
         chart
             .configure_mesh()
             .x_desc("arithmetic removed, encoding counted (%)")
-            .y_desc(if use_acc { "top-1 accuracy (%)" } else { "logit cosine vs exact" })
+            .y_desc(if use_acc {
+                "top-1 accuracy (%)"
+            } else {
+                "logit cosine vs exact"
+            })
             .draw()
             .map_err(|e| perr(&e))?;
         pts.sort_by(|a, b| a.0.total_cmp(&b.0));
@@ -49,7 +63,9 @@ pub fn mask_path_svg(report: &MaskReport, title: &str) -> Result<String> {
             .map_err(|e| perr(&e))?
             .label("greedy restores")
             .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], BLUE));
-        chart.draw_series(pts.iter().map(|p| Circle::new(*p, 3, BLUE.filled()))).map_err(|e| perr(&e))?;
+        chart
+            .draw_series(pts.iter().map(|p| Circle::new(*p, 3, BLUE.filled())))
+            .map_err(|e| perr(&e))?;
         let c = &report.path[report.chosen_point];
         let chosen = (c.reduction_everything_counted * 100.0, y_of(c));
         chart
@@ -64,7 +80,12 @@ pub fn mask_path_svg(report: &MaskReport, title: &str) -> Result<String> {
                 .label("after relearning")
                 .legend(|(x, y)| TriangleMarker::new((x + 8, y), 5, GREEN.filled()));
         }
-        chart.configure_series_labels().border_style(BLACK).background_style(WHITE).draw().map_err(|e| perr(&e))?;
+        chart
+            .configure_series_labels()
+            .border_style(BLACK)
+            .background_style(WHITE)
+            .draw()
+            .map_err(|e| perr(&e))?;
         root.present().map_err(|e| perr(&e))?;
     }
     Ok(svg)

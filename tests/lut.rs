@@ -26,7 +26,7 @@ fn one_layer(w: &[f32]) -> Graph {
 
 fn lut_pipeline(extra: &str) -> Pipeline {
     Pipeline::parse(
-        &format!("name: t\npasses:\n  - lut:\n      fc_subspace: 4\n      k: 16\n{extra}"),
+        &format!("name: t\npasses:\n  - lut:\n      fc_subspace: 4\n      k: 16\n      encoder: argmin\n{extra}"),
         "test",
     )
     .unwrap()
@@ -86,7 +86,9 @@ fn k_distinct_vectors_per_subspace_are_reproduced() {
 
 fn compile_lenet(extra: &[&str], seed: u64) -> (Graph, Vec<u8>) {
     let mut g = tabconv::onnx::load_model(&fixture("models/lenet5.onnx")).unwrap();
-    let mut p = Pipeline::find("tabconv").unwrap();
+    // the default pipeline's rewrites and lut pass, without masking (tested in tests/mask.rs)
+    let text = "name: lut-only\npasses:\n  - fold-batchnorm:\n  - gemm-to-matmul:\n  - conv-to-im2col:\n  - constant-fold:\n  - lut:\n      encoder: argmin\n  - dead-code:\n";
+    let mut p = Pipeline::parse(text, "lut-only").unwrap();
     for s in extra {
         p.set(s).unwrap();
     }

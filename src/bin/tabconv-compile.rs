@@ -33,7 +33,7 @@ struct Args {
     /// (optionally .gz) or CIFAR .bin
     #[arg(long)]
     calib: Option<PathBuf>,
-        #[command(flatten)]
+    #[command(flatten)]
     pre: tabconv::dataset::PreArgs,
     /// Labelled validation images for accuracy-driven masking (mask.max_accuracy_drop)
     #[arg(long, requires = "val_labels")]
@@ -93,13 +93,17 @@ fn compile(args: Args) -> Result<()> {
         ..Default::default()
     };
     if let Some(c) = &args.calib {
-                cx.calib = Some(load_calibration(c, &graph, args.pre.get()?)?);
+        cx.calib = Some(load_calibration(c, &graph, args.pre.get()?)?);
     }
     if let (Some(v), Some(l)) = (&args.val, &args.val_labels) {
         let x = load_calibration(v, &graph, args.pre.get()?)?;
         let y = tabconv::dataset::load_labels(l)?;
         if y.len() != x.shape()[0] {
-            return Err(Error::Input(format!("--val has {} images but --val-labels {} labels", x.shape()[0], y.len())));
+            return Err(Error::Input(format!(
+                "--val has {} images but --val-labels {} labels",
+                x.shape()[0],
+                y.len()
+            )));
         }
         cx.val = Some((x, y));
     }
@@ -143,9 +147,12 @@ fn compile(args: Args) -> Result<()> {
             );
         }
     }
-        if let Some(m) = &report.mask {
+    if let Some(m) = &report.mask {
         eprintln!("  masking ({}; target {}):", m.metric, m.target);
-        eprintln!("  {:<44} {:>8} {:>10} {:>12}  why", "layer", "choice", "cos alone", "Mops saved");
+        eprintln!(
+            "  {:<44} {:>8} {:>10} {:>12}  why",
+            "layer", "choice", "cos alone", "Mops saved"
+        );
         for d in &m.layers {
             eprintln!(
                 "  {:<44} {:>8} {:>10.5} {:>12.3}  {}",
@@ -161,18 +168,25 @@ fn compile(args: Args) -> Result<()> {
             "  chosen: reduction {:.1}% (everything counted), logit cosine {:.5}{}",
             c.reduction_everything_counted * 100.0,
             c.logit_cosine,
-            c.accuracy.map(|a| format!(", accuracy {:.2}%", a * 100.0)).unwrap_or_default()
+            c.accuracy
+                .map(|a| format!(", accuracy {:.2}%", a * 100.0))
+                .unwrap_or_default()
         );
         if let Some(f) = &m.final_point {
             eprintln!(
                 "  after relearning: reduction {:.1}%, logit cosine {:.5}{}",
                 f.reduction_everything_counted * 100.0,
                 f.logit_cosine,
-                f.accuracy.map(|a| format!(", accuracy {:.2}%", a * 100.0)).unwrap_or_default()
+                f.accuracy
+                    .map(|a| format!(", accuracy {:.2}%", a * 100.0))
+                    .unwrap_or_default()
             );
         }
         if let Some(p) = &args.plot {
-            let title = format!("{} — masking path", args.model.file_stem().unwrap_or_default().to_string_lossy());
+            let title = format!(
+                "{} — masking path",
+                args.model.file_stem().unwrap_or_default().to_string_lossy()
+            );
             tcv::write_atomic(p, tabconv::plot::mask_path_svg(m, &title)?.as_bytes())?;
         }
     } else if args.plot.is_some() {

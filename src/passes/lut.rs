@@ -66,7 +66,7 @@ pub struct Options {
     pub kmeans_iters: usize,
     /// Learn each layer from the outputs of the already-approximated layers before it.
     pub progressive: bool,
-        /// Leave layers with fewer multiply-accumulates per image than this exact.
+    /// Leave layers with fewer multiply-accumulates per image than this exact.
     pub min_macs: u64,
     /// Layers (MatMul node names, `*` wildcards allowed) to leave exact.
     pub keep_exact: Vec<String>,
@@ -85,7 +85,7 @@ impl Default for Options {
             tables: TableType::I8,
             max_rows: 16384,
             kmeans_iters: 20,
-                        progressive: true,
+            progressive: true,
             min_macs: 0,
             keep_exact: Vec::new(),
         }
@@ -143,41 +143,44 @@ struct Layer {
 }
 
 fn eligible(graph: &Graph, min_macs: u64) -> Result<Vec<Layer>> {
-    let mut out = Vec::new();
-    for n in graph.topo_order()? {
-        if !matches!(graph.node(n).op, Op::MatMul) {
-            continue;
-        }
-        let ins = graph.inputs_of(n);
-        let Some(w) = graph
-            .const_value(ins[1])
-            .and_then(|t| t.as_f32().ok())
-            .filter(|w| w.ndim() == 2)
-        else {
-            continue;
-        };
-        let Some(f) = graph.fact(ins[0]) else { continue };
-        if f.rank() < 2 || crate::ir::cost::node_macs(graph, n) < min_macs {
-            continue;
-        }
-        let rows_per_image = f.shape[1..f.rank() - 1]
-            .iter()
-            .map(|d| d.known().unwrap_or(1) as usize)
-            .product();
-        let window = match &graph.node(ins[0].node).op {
-            Op::Im2Col(win) => Some(win.kernel),
-            _ => None,
-        };
-        out.push(Layer {
-            node: n,
-            name: graph.node(n).name.clone(),
-            input: ins[0],
-            w: w.clone(),
-            window,
-            rows_per_image,
-        });
+    Ok(graph
+        .topo_order()?
+        .into_iter()
+        .filter(|&n| crate::ir::cost::node_macs(graph, n) >= min_macs)
+        .filter_map(|n| describe(graph, n))
+        .collect())
+}
+
+/// The layer at MatMul node `n`, if it is one the pass can replace.
+fn describe(graph: &Graph, n: NodeIndex) -> Option<Layer> {
+    if !matches!(graph.node(n).op, Op::MatMul) {
+        return None;
     }
-    Ok(out)
+    let ins = graph.inputs_of(n);
+    let w = graph
+        .const_value(ins[1])
+        .and_then(|t| t.as_f32().ok())
+        .filter(|w| w.ndim() == 2)?;
+    let f = graph.fact(ins[0])?;
+    if f.rank() < 2 {
+        return None;
+    }
+    let rows_per_image = f.shape[1..f.rank() - 1]
+        .iter()
+        .map(|d| d.known().unwrap_or(1) as usize)
+        .product();
+    let window = match &graph.node(ins[0].node).op {
+        Op::Im2Col(win) => Some(win.kernel),
+        _ => None,
+    };
+    Some(Layer {
+        node: n,
+        name: graph.node(n).name.clone(),
+        input: ins[0],
+        w: w.clone(),
+        window,
+        rows_per_image,
+    })
 }
 
 /// Run `graph` over the calibration images and keep the sampled rows of `outlet`
@@ -247,12 +250,14 @@ impl Pass for Lut {
             Error::Input("the lut pass learns from data: give calibration images with --calib X.npy".into())
         })?;
         let exact = graph.clone();
-                let layers: Vec<Layer> = eligible(graph, o.min_macs)?
+        let layers: Vec<Layer> = eligible(graph, o.min_macs)?
             .into_iter()
             .filter(|l| !o.keep_exact.iter().any(|g| super::glob_match(g, &l.name)))
             .collect();
         let n_images = calib.shape()[0];
         for (li, layer) in layers.into_iter().enumerate() {
+            // Earlier rewrites may have replaced this layer's producer: re-read its input.
+            let layer = describe(graph, layer.node).expect("a layer stays eligible until it is replaced");
             let start = Instant::now();
             // Rows come from a random subset of images big enough to offer 4× the rows needed,
             // so early layers (many rows per image) do not run the whole calibration set.
@@ -280,7 +285,7 @@ impl Pass for Lut {
                 None => o.fc_subspace,
             }
             .clamp(1, d);
-                        let sub = Subspaces { d, s };
+            let sub = Subspaces { d, s };
             let c_n = sub.count();
             let k = o.k;
             let encoder = match o.encoder {
@@ -400,13 +405,16 @@ impl Pass for Lut {
                     .remove(0)
                     .into_f32()?;
             let (rel, cos) = compare(approx.as_slice().unwrap(), &y);
-                        // 5. rewrite the graph, remembering how to put the exact layer back (the `mask` pass)
+            // 5. rewrite the graph, remembering how to put the exact layer back (the `mask` pass)
             let name = layer.name.clone();
             let weight_out = graph.inputs_of(layer.node)[1];
             let mut exact_layer = ExactLayer {
                 matmul: name.clone(),
                 weight_name: graph.node(weight_out.node).name.clone(),
-                weight: graph.const_value(weight_out).expect("eligible layers have constant weights").clone(),
+                weight: graph
+                    .const_value(weight_out)
+                    .expect("eligible layers have constant weights")
+                    .clone(),
                 im2col: None,
                 bias: None,
             };
@@ -446,22 +454,26 @@ impl Pass for Lut {
                 if let (Op::Binary(crate::ir::op::Binary::Add), Some(b)) =
                     (&graph.node(add).op, other.and_then(|o| graph.const_value(*o)))
                 {
-                                        if b.shape() == [m] && !graph.outputs.iter().any(|(_, o)| *o == mm_out) {
+                    if b.shape() == [m] && !graph.outputs.iter().any(|(_, o)| *o == mm_out) {
                         offset.iter_mut().zip(b.to_f32_vec()).for_each(|(o, v)| *o += v);
                         out_value = Outlet::new(add, 0);
                         let bias_node = other.expect("matched above").node;
-                        exact_layer.bias =
-                            Some((graph.node(add).name.clone(), graph.node(bias_node).name.clone(), b.clone()));
+                        exact_layer.bias = Some((
+                            graph.node(add).name.clone(),
+                            graph.node(bias_node).name.clone(),
+                            b.clone(),
+                        ));
                     }
                 }
             }
             let tc = graph.add_const(&format!("{name}/tables"), tables);
             let sc = graph.add_const(&format!("{name}/scale"), scale_t);
             let oc = graph.add_const(&format!("{name}/offset"), Tensor::f32(&[m], offset)?);
-                        let lut = graph.add_op(&format!("{name}/lut"), Op::LutMatMul, &[codes_out, tc, sc, oc]);
+            let lut = graph.add_op(&format!("{name}/lut"), Op::LutMatMul, &[codes_out, tc, sc, oc]);
             cx.exact_layers.insert(graph.node(lut.node).name.clone(), exact_layer);
             graph.replace_uses(out_value, lut);
             graph.remove_dead();
+            crate::ir::infer::infer_graph(graph)?;
             cx.lut_layers.push(LayerReport {
                 node: name,
                 kind: if layer.window.is_some() { "conv" } else { "fc" },

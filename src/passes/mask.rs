@@ -35,7 +35,7 @@ pub struct Options {
     pub samples: usize,
     /// Relearn the remaining tables after the choice (progressive calibration through it).
     pub relearn: bool,
-        /// Options for relearning (the `lut` pass's; its defaults if absent).
+    /// Options for relearning (the `lut` pass's; its defaults if absent).
     pub lut: Option<super::lut::Options>,
     /// Restore layers whose lookups cost more operations than the exact layer (encoding
     /// counted) before anything else: they lose accuracy and save nothing.
@@ -51,7 +51,7 @@ impl Default for Options {
             keep_exact: Vec::new(),
             force_lut: Vec::new(),
             samples: 256,
-                        relearn: true,
+            relearn: true,
             lut: None,
             restore_unprofitable: true,
         }
@@ -97,10 +97,16 @@ pub struct Mask(pub Options);
 
 /// Put one LUT layer back as `Im2Col → MatMul → Add` (the exact form before `lut`).
 pub fn restore(graph: &mut Graph, lut_name: &str, ex: &ExactLayer) -> Result<()> {
-    let lut = graph.find(lut_name).ok_or_else(|| Error::Other(format!("no LUT node {lut_name}")))?;
+    let lut = graph
+        .find(lut_name)
+        .ok_or_else(|| Error::Other(format!("no LUT node {lut_name}")))?;
     let enc = graph.inputs_of(lut)[0].node;
     let Op::PqEncode(p) = graph.node(enc).op.clone() else {
-        return Err(Error::node(lut_name, "LutMatMul", "its codes do not come from a PQEncode"));
+        return Err(Error::node(
+            lut_name,
+            "LutMatMul",
+            "its codes do not come from a PQEncode",
+        ));
     };
     let mut x = graph.inputs_of(enc)[0];
     if let (Some(w), Some(name)) = (&p.window, &ex.im2col) {
@@ -164,22 +170,42 @@ impl Pass for Mask {
     }
     fn run(&self, graph: &mut Graph, cx: &mut PassCx) -> Result<()> {
         let o = &self.0;
-        let luts: Vec<String> = cx.exact_layers.keys().filter(|n| graph.find(n).is_some()).cloned().collect();
+        let luts: Vec<String> = cx
+            .exact_layers
+            .keys()
+            .filter(|n| graph.find(n).is_some())
+            .cloned()
+            .collect();
         if luts.is_empty() {
-            cx.notes.push("mask: no LUT layers to mask (run the lut pass first)".into());
+            cx.notes
+                .push("mask: no LUT layers to mask (run the lut pass first)".into());
             return Ok(());
         }
-        let calib = cx.calib.clone().ok_or_else(|| Error::Input("the mask pass measures on --calib images".into()))?;
-        let samples = calib.select(Axis(0), &(0..calib.shape()[0].min(o.samples.max(1))).collect::<Vec<_>>());
+        let calib = cx
+            .calib
+            .clone()
+            .ok_or_else(|| Error::Input("the mask pass measures on --calib images".into()))?;
+        let samples = calib.select(
+            Axis(0),
+            &(0..calib.shape()[0].min(o.samples.max(1))).collect::<Vec<_>>(),
+        );
         if o.max_accuracy_drop.is_some() && cx.val.is_none() {
-            return Err(Error::Input("mask.max_accuracy_drop needs a labelled validation set: --val X --val-labels Y".into()));
+            return Err(Error::Input(
+                "mask.max_accuracy_drop needs a labelled validation set: --val X --val-labels Y".into(),
+            ));
         }
-        let target_count = [o.min_logit_cosine.is_some(), o.max_accuracy_drop.is_some(), o.target_reduction.is_some()]
-            .iter()
-            .filter(|b| **b)
-            .count();
+        let target_count = [
+            o.min_logit_cosine.is_some(),
+            o.max_accuracy_drop.is_some(),
+            o.target_reduction.is_some(),
+        ]
+        .iter()
+        .filter(|b| **b)
+        .count();
         if target_count > 1 {
-            return Err(Error::Input("mask: give only one of min_logit_cosine, max_accuracy_drop, target_reduction".into()));
+            return Err(Error::Input(
+                "mask: give only one of min_logit_cosine, max_accuracy_drop, target_reduction".into(),
+            ));
         }
         let min_cos = o.min_logit_cosine.unwrap_or(0.99);
         // the exact reference: every layer restored
@@ -188,9 +214,12 @@ impl Pass for Mask {
             restore(&mut exact, n, &cx.exact_layers[n])?;
         }
         crate::ir::infer::infer_graph(&mut exact)?;
-        let source = cost::Cost { exact_macs: cost::graph_cost(&exact).exact_macs, ..Default::default() };
+        let source = cost::Cost {
+            exact_macs: cost::graph_cost(&exact).exact_macs,
+            ..Default::default()
+        };
         let ref_logits = logits(&exact, &samples)?;
-                let val = cx.val.clone();
+        let val = cx.val.clone();
         let exact_acc = val.as_ref().map(|v| accuracy(&exact, v)).transpose()?;
         let measure = |g: &Graph, restored: Option<String>| -> Result<PathPoint> {
             let mut g = g.clone();
@@ -201,7 +230,7 @@ impl Pass for Mask {
                 reduction_everything_counted: a,
                 reduction_lookups_only: l,
                 logit_cosine: mean_cosine(&logits(&g, &samples)?, &ref_logits),
-                                accuracy: val.as_ref().map(|v| accuracy(&g, v)).transpose()?,
+                accuracy: val.as_ref().map(|v| accuracy(&g, v)).transpose()?,
             })
         };
         // damage of each layer alone, and what it saves
@@ -213,10 +242,13 @@ impl Pass for Mask {
             let mut lut_cost = cost::node_cost(graph, lut);
             lut_cost.add(&cost::node_cost(graph, enc));
             let d = ex.weight.shape()[0] as u64;
-            let rows_m = graph.fact(Outlet::new(lut, 0)).map(|f| f.shape.iter().map(|d| d.bind(1) as u64).product::<u64>()).unwrap_or(0);
+            let rows_m = graph
+                .fact(Outlet::new(lut, 0))
+                .map(|f| f.shape.iter().map(|d| d.bind(1) as u64).product::<u64>())
+                .unwrap_or(0);
             let exact_macs = rows_m * d;
             let ops_saved = 2 * exact_macs as i64 - lut_cost.ops_all() as i64;
-                        let alone = only_layer(graph, n, &luts, cx)?;
+            let alone = only_layer(graph, n, &luts, cx)?;
             let cos = mean_cosine(&logits(&alone, &samples)?, &ref_logits);
             decisions.push(LayerDecision {
                 layer: ex.matmul.clone(),
@@ -231,7 +263,12 @@ impl Pass for Mask {
         }
         // greedy order: most damage per operation saved first
         let mut order: Vec<usize> = (0..luts.len()).collect();
-        order.sort_by(|&a, &b| decisions[b].damage_per_mop_saved.total_cmp(&decisions[a].damage_per_mop_saved).then(a.cmp(&b)));
+        order.sort_by(|&a, &b| {
+            decisions[b]
+                .damage_per_mop_saved
+                .total_cmp(&decisions[a].damage_per_mop_saved)
+                .then(a.cmp(&b))
+        });
         let mut current = graph.clone();
         // overrides first
         for (i, n) in luts.iter().enumerate() {
@@ -253,7 +290,7 @@ impl Pass for Mask {
                 p.logit_cosine >= min_cos
             }
         };
-                if o.restore_unprofitable {
+        if o.restore_unprofitable {
             for (i, n) in luts.iter().enumerate() {
                 if decisions[i].ops_saved <= 0 && decisions[i].why.is_empty() {
                     restore(&mut current, n, &cx.exact_layers[n])?;
@@ -269,7 +306,7 @@ impl Pass for Mask {
         let mut chosen_point = 0;
         let mut rank = 0;
         for &i in &order {
-                        if !decisions[i].why.is_empty() {
+            if !decisions[i].why.is_empty() {
                 continue; // decided by an override or as unprofitable
             }
             rank += 1;
@@ -282,7 +319,8 @@ impl Pass for Mask {
             let point = measure(&trial, Some(decisions[i].layer.clone()))?;
             if let Some(t) = o.target_reduction {
                 if point.reduction_everything_counted < t {
-                    decisions[i].why = format!("kept as LUT: restoring would drop the reduction below {t} (rank {rank})");
+                    decisions[i].why =
+                        format!("kept as LUT: restoring would drop the reduction below {t} (rank {rank})");
                     continue;
                 }
             }
@@ -298,7 +336,11 @@ impl Pass for Mask {
         // relearn the remaining tables through the final mix of exact and LUT layers
         let mut final_point = None;
         if o.relearn {
-            let keep: Vec<String> = decisions.iter().filter(|d| d.chosen == "exact").map(|d| d.layer.clone()).collect();
+            let keep: Vec<String> = decisions
+                .iter()
+                .filter(|d| d.chosen == "exact")
+                .map(|d| d.layer.clone())
+                .collect();
             let mut lut_opts = o.lut.clone().unwrap_or_default();
             lut_opts.keep_exact.extend(keep);
             let mut relearned = exact.clone();
@@ -314,13 +356,18 @@ impl Pass for Mask {
             if better {
                 current = relearned;
             } else {
-                cx.notes.push("mask: relearning the tables did not help; kept the greedy result".into());
+                cx.notes
+                    .push("mask: relearning the tables did not help; kept the greedy result".into());
             }
             final_point = Some(p);
         }
         *graph = current;
         cx.mask = Some(MaskReport {
-            metric: if o.max_accuracy_drop.is_some() { "accuracy".into() } else { "logit_cosine".into() },
+            metric: if o.max_accuracy_drop.is_some() {
+                "accuracy".into()
+            } else {
+                "logit_cosine".into()
+            },
             target: match (o.max_accuracy_drop, o.target_reduction) {
                 (Some(d), _) => format!("max_accuracy_drop {d} points"),
                 (_, Some(t)) => format!("target_reduction {t}"),

@@ -23,11 +23,11 @@ pub struct PassCx {
     pub calib: Option<ArrayD<f32>>,
     pub seed: u64,
     pub notes: Vec<String>,
-        /// Per-layer results of the `lut` pass.
+    /// Per-layer results of the `lut` pass.
     pub lut_layers: Vec<lut::LayerReport>,
     /// For each LutMatMul node the `lut` pass created: how to restore the exact layer.
     pub exact_layers: std::collections::BTreeMap<String, lut::ExactLayer>,
-        /// Labelled validation images for passes that measure accuracy (`mask`).
+    /// Labelled validation images for passes that measure accuracy (`mask`).
     pub val: Option<(ArrayD<f32>, Vec<i64>)>,
     /// What the `mask` pass decided and measured.
     pub mask: Option<mask::MaskReport>,

@@ -35,7 +35,7 @@ pub enum PassSpec {
     GemmToMatmul(Option<NoOptions>),
     ConstantFold(Option<NoOptions>),
     DeadCode(Option<NoOptions>),
-        Lut(Option<lut::Options>),
+    Lut(Option<lut::Options>),
     Mask(Option<mask::Options>),
 }
 
@@ -47,7 +47,7 @@ impl PassSpec {
             PassSpec::GemmToMatmul(_) => Box::new(gemm_to_matmul::GemmToMatmul),
             PassSpec::ConstantFold(_) => Box::new(constant_fold::ConstantFold),
             PassSpec::DeadCode(_) => Box::new(dead_code::DeadCode),
-                        PassSpec::Lut(o) => Box::new(lut::Lut(o.clone().unwrap_or_default())),
+            PassSpec::Lut(o) => Box::new(lut::Lut(o.clone().unwrap_or_default())),
             PassSpec::Mask(o) => Box::new(mask::Mask(o.clone().unwrap_or_default())),
         }
     }
