@@ -19,15 +19,18 @@ compile() { # model dataset name extra...
 for spec in lenet5:mnist nin:mnist resnet18_fmnist:fmnist; do
   m=${spec%%:*}; ds=${spec##*:}
   "$T/tabconv-compile" "fixtures/models/$m.onnx" -o "$out/$m.exact.tcv" --pipeline exact 2>/dev/null
-  compile "$m" "$ds" argmin
-  compile "$m" "$ds" tree --set lut.encoder=tree
-  for v in onnx exact.tcv argmin.tcv tree.tcv; do
+  # the default pipeline (auto encoder, masking to logit cosine 0.995), and every layer as a LUT
+  compile "$m" "$ds" default
+  all_lut=(--set mask.min_logit_cosine=0 --set mask.restore_unprofitable=false --set mask.relearn=false)
+  compile "$m" "$ds" argmin --set lut.encoder=argmin "${all_lut[@]}"
+  compile "$m" "$ds" tree --set lut.encoder=tree "${all_lut[@]}"
+  for v in onnx exact.tcv default.tcv argmin.tcv tree.tcv; do
     f="$out/$m.$v"; [ "$v" = onnx ] && f="fixtures/models/$m.onnx"
     "$T/tabconv" eval "$f" --inputs "fixtures/data/${ds}_test.npy" --labels "fixtures/data/${ds}_test_labels.npy"
   done
   for b in 1 32; do
-    "$T/tabconv" bench "fixtures/models/$m.onnx" "$out/$m.exact.tcv" "$out/$m.argmin.tcv" "$out/$m.tree.tcv" --batch $b --seconds 3
+    "$T/tabconv" bench "fixtures/models/$m.onnx" "$out/$m.exact.tcv" "$out/$m.default.tcv" "$out/$m.argmin.tcv" \
+      "$out/$m.tree.tcv" --batch $b --seconds 3
   done
-  tail -n 3 "$out/$m.argmin.log"
-  tail -n 3 "$out/$m.tree.log"
+  for v in default argmin tree; do echo "-- $m.$v"; tail -n 3 "$out/$m.$v.log"; done
 done

@@ -143,7 +143,6 @@ fn accuracy_target_uses_validation_labels() {
     let mut g = tabconv::onnx::load_model(&fixture("models/lenet5.onnx")).unwrap();
     let mut p = Pipeline::find("tabconv").unwrap();
     p.set("mask.max_accuracy_drop=0.5").unwrap();
-    p.set("mask.min_logit_cosine=null").unwrap();
     let x = npy("data/mnist_test.npy");
     let y = tabconv::data::read_labels(&fixture("data/mnist_test_labels.npy")).unwrap();
     let (vx, vy) = (

@@ -250,6 +250,7 @@ impl Pass for Lut {
             Error::Input("the lut pass learns from data: give calibration images with --calib X.npy".into())
         })?;
         let exact = graph.clone();
+        cx.lut_options = Some(o.clone());
         let layers: Vec<Layer> = eligible(graph, o.min_macs)?
             .into_iter()
             .filter(|l| !o.keep_exact.iter().any(|g| super::glob_match(g, &l.name)))

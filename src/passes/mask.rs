@@ -13,6 +13,8 @@
 //! tables of the layers that stay approximated are then learned again with progressive
 //! calibration through the final mix of exact and approximated layers, and the target re-checked.
 //! `keep_exact` / `force_lut` (node names, `*` wildcards) override the choice.
+//! `max_accuracy_drop` or `target_reduction`, when given, take precedence over
+//! `min_logit_cosine` (the default pipeline's target).
 
 use super::lut::{ExactLayer, Lut};
 use super::{glob_match, Pass, PassCx};
@@ -35,7 +37,7 @@ pub struct Options {
     pub samples: usize,
     /// Relearn the remaining tables after the choice (progressive calibration through it).
     pub relearn: bool,
-    /// Options for relearning (the `lut` pass's; its defaults if absent).
+    /// Options for relearning (default: those the `lut` pass ran with).
     pub lut: Option<super::lut::Options>,
     /// Restore layers whose lookups cost more operations than the exact layer (encoding
     /// counted) before anything else: they lose accuracy and save nothing.
@@ -194,17 +196,9 @@ impl Pass for Mask {
                 "mask.max_accuracy_drop needs a labelled validation set: --val X --val-labels Y".into(),
             ));
         }
-        let target_count = [
-            o.min_logit_cosine.is_some(),
-            o.max_accuracy_drop.is_some(),
-            o.target_reduction.is_some(),
-        ]
-        .iter()
-        .filter(|b| **b)
-        .count();
-        if target_count > 1 {
+        if o.max_accuracy_drop.is_some() && o.target_reduction.is_some() {
             return Err(Error::Input(
-                "mask: give only one of min_logit_cosine, max_accuracy_drop, target_reduction".into(),
+                "mask: give max_accuracy_drop or target_reduction, not both".into(),
             ));
         }
         let min_cos = o.min_logit_cosine.unwrap_or(0.99);
@@ -341,7 +335,8 @@ impl Pass for Mask {
                 .filter(|d| d.chosen == "exact")
                 .map(|d| d.layer.clone())
                 .collect();
-            let mut lut_opts = o.lut.clone().unwrap_or_default();
+            // the options the lut pass ran with, unless the pipeline gives others for relearning
+            let mut lut_opts = o.lut.clone().or_else(|| cx.lut_options.clone()).unwrap_or_default();
             lut_opts.keep_exact.extend(keep);
             let mut relearned = exact.clone();
             let saved_layers = std::mem::take(&mut cx.lut_layers);

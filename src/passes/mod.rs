@@ -7,6 +7,7 @@ pub mod conv_to_im2col;
 pub mod dead_code;
 pub mod fold_batchnorm;
 pub mod gemm_to_matmul;
+pub mod im2col_to_conv;
 pub mod lut;
 pub mod manager;
 pub mod mask;
@@ -31,6 +32,8 @@ pub struct PassCx {
     pub val: Option<(ArrayD<f32>, Vec<i64>)>,
     /// What the `mask` pass decided and measured.
     pub mask: Option<mask::MaskReport>,
+    /// The options the last `lut` pass ran with (the `mask` pass relearns with them).
+    pub lut_options: Option<lut::Options>,
 }
 
 /// `*` wildcard match (e.g. `/layer1/*`), used by the layer lists of pipeline options.

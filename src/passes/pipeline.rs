@@ -37,6 +37,7 @@ pub enum PassSpec {
     DeadCode(Option<NoOptions>),
     Lut(Option<lut::Options>),
     Mask(Option<mask::Options>),
+    Im2colToConv(Option<NoOptions>),
 }
 
 impl PassSpec {
@@ -49,6 +50,7 @@ impl PassSpec {
             PassSpec::DeadCode(_) => Box::new(dead_code::DeadCode),
             PassSpec::Lut(o) => Box::new(lut::Lut(o.clone().unwrap_or_default())),
             PassSpec::Mask(o) => Box::new(mask::Mask(o.clone().unwrap_or_default())),
+            PassSpec::Im2colToConv(_) => Box::new(super::im2col_to_conv::Im2colToConv),
         }
     }
 }
