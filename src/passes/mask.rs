@@ -227,9 +227,11 @@ impl Pass for Mask {
                 accuracy: val.as_ref().map(|v| accuracy(&g, v)).transpose()?,
             })
         };
-        // damage of each layer alone, and what it saves
+                // damage of each layer alone, and what it saves
         let mut decisions = Vec::new();
+        let bar = crate::cli::progress(2 * luts.len(), "mask");
         for n in &luts {
+            bar.inc(1);
             let ex = &cx.exact_layers[n];
             let lut = graph.find(n).expect("present");
             let enc = graph.inputs_of(lut)[0].node;
@@ -303,7 +305,8 @@ impl Pass for Mask {
             if !decisions[i].why.is_empty() {
                 continue; // decided by an override or as unprofitable
             }
-            rank += 1;
+                        rank += 1;
+            bar.inc(1);
             if met(&path[chosen_point]) {
                 decisions[i].why = format!("kept as LUT: target met (priority rank {rank})");
                 continue;
@@ -327,6 +330,7 @@ impl Pass for Mask {
                 decisions[i].damage_per_mop_saved, decisions[i].logit_cosine_alone
             );
         }
+                bar.finish_and_clear();
         // relearn the remaining tables through the final mix of exact and LUT layers
         let mut final_point = None;
         if o.relearn {
