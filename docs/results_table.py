@@ -63,3 +63,41 @@ for key, name, _, _ in ROWS:
     ex = [d["layer"] for d in mask.get("layers", []) if d["chosen"] == "exact"]
     print(f"- **{name}** exact layers: {', '.join(ex) if ex else 'none'}")
 print("\n![masking path of ResNet-18 on MNIST](results-resnet18-mnist.svg)")
+
+# Targets of the issue: keep >= 99% of the accuracy at a reduction (encoding counted) at least the
+# paper's lookups-only figure on MNIST; >= 50% on the Fashion-MNIST stand-in at <= 1 point lost.
+print("\n## Targets\n")
+print("| model | target | reached | gap |")
+print("|---|---|---|---|")
+for key, name, data, paper in ROWS:
+    r = load(key)
+    if r is None:
+        continue
+    rep, evals, _, _ = r
+    a0, a1 = evals[0]["accuracy"], evals[1]["accuracy"]
+    red = rep["reduction_everything_counted"] * 100
+    if data == "MNIST":
+        want = float(paper.split("%")[0].replace("−", "")) if paper.startswith("−") else 0.0
+        ok = a1 / a0 >= 0.99 and red >= want
+        gap = f"accuracy kept {a1 / a0 * 100:.1f}% (≥ 99% ✓); reduction {red:.1f}% vs {want:.1f}% wanted: {want - red:.1f} points short"
+        print(f"| {name} | ≥ 99% kept at ≥ {want}% reduction (all counted) | {'yes' if ok else 'no'} | {gap} |")
+    else:
+        ok = (a0 - a1) * 100 <= 1.0 and red >= 50
+        gap = f"loss {(a0 - a1) * 100:.2f} points (≤ 1 ✓); reduction {red:.1f}% vs 50%: {50 - red:.1f} points short"
+        print(f"| {name} | ≥ 50% reduction at ≤ 1 point lost | {'yes' if ok else 'no'} | {gap} |")
+print("""
+The MNIST targets are out of reach by construction when everything is counted: a LUT layer still
+does one lookup-add per codebook per output, `1/S` of the exact layer's multiply-adds (S = 9 for
+3×3 convs), so even with every layer approximated and free encoding the reduction cannot exceed
+about 89%; the paper's −99.4% counts lookups and encoding as free (our "lookups only" column,
+where the gap is 12–35 points and comes from the layers masking keeps exact).
+
+What would close the gaps: the reduction is limited by the layers masking has to keep exact
+(the stem, the 1×1 shortcuts and the classifier on MNIST; nearly everything on the narrow
+Fashion-MNIST ResNet, whose 16–128-channel layers lose too much with 16 prototypes per 9-value
+codebook) and, counted honestly, by the lookups themselves (one lookup-add per codebook per
+output: at best 1/S of the exact work, S = 9 for 3×3 convs) plus encoding. Closing them needs
+better approximations per layer rather than more masking: learned prototypes and tables
+fine-tuned end to end with the rest of the network (LUT-NN style), 8-bit codes (K = 256) with a
+fast encoder for the layers that masking now keeps exact, and larger subspaces for the wide
+late layers (fewer lookups per output).""")

@@ -158,14 +158,14 @@ fn eval(model_path: &Path, inputs: &Path, labels: &Path, batch: usize, json: boo
     let batch = batch.max(1);
     let start = Instant::now();
     let mut correct = 0usize;
-        let bar = tabconv::cli::progress(n.div_ceil(batch), "eval");
+    let bar = tabconv::cli::progress(n.div_ceil(batch), "eval");
     for (i, chunk) in x.axis_chunks_iter(Axis(0), batch).enumerate() {
         bar.inc(1);
         let out = plan.run(vec![Tensor::F32(chunk.to_owned())])?;
         let pred = model::argmax_rows(out[0].as_f32()?);
         correct += pred.iter().zip(&y[i * batch..]).filter(|(p, l)| p == l).count();
     }
-        bar.finish_and_clear();
+    bar.finish_and_clear();
     let secs = start.elapsed().as_secs_f64();
     let acc = correct as f64 / n as f64;
     if json {

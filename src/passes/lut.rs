@@ -256,7 +256,7 @@ impl Pass for Lut {
             .filter(|l| !o.keep_exact.iter().any(|g| super::glob_match(g, &l.name)))
             .collect();
         let n_images = calib.shape()[0];
-                let bar = crate::cli::progress(layers.len(), "lut");
+        let bar = crate::cli::progress(layers.len(), "lut");
         for (li, layer) in layers.into_iter().enumerate() {
             bar.set_message(layer.name.clone());
             bar.inc(1);
@@ -497,7 +497,7 @@ impl Pass for Lut {
                 seconds_refit: t_refit - t_learn,
             });
         }
-                bar.finish_and_clear();
+        bar.finish_and_clear();
         graph.remove_dead();
         Ok(())
     }

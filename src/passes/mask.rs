@@ -227,7 +227,7 @@ impl Pass for Mask {
                 accuracy: val.as_ref().map(|v| accuracy(&g, v)).transpose()?,
             })
         };
-                // damage of each layer alone, and what it saves
+        // damage of each layer alone, and what it saves
         let mut decisions = Vec::new();
         let bar = crate::cli::progress(2 * luts.len(), "mask");
         for n in &luts {
@@ -305,7 +305,7 @@ impl Pass for Mask {
             if !decisions[i].why.is_empty() {
                 continue; // decided by an override or as unprofitable
             }
-                        rank += 1;
+            rank += 1;
             bar.inc(1);
             if met(&path[chosen_point]) {
                 decisions[i].why = format!("kept as LUT: target met (priority rank {rank})");
@@ -330,7 +330,7 @@ impl Pass for Mask {
                 decisions[i].damage_per_mop_saved, decisions[i].logit_cosine_alone
             );
         }
-                bar.finish_and_clear();
+        bar.finish_and_clear();
         // relearn the remaining tables through the final mix of exact and LUT layers
         let mut final_point = None;
         if o.relearn {
