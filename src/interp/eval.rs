@@ -61,6 +61,24 @@ pub fn eval_op(op: &Op, mut args: Vec<Arc<Tensor>>) -> Result<Vec<Tensor>> {
                 c,
             )?)
         }
+        Op::Split { axis, sizes } => {
+            arity(1, &args)?;
+            let a = so::norm_axis(*axis, args[0].shape().len())?;
+            if args[0].shape()[a] != sizes.iter().sum::<usize>() {
+                bail!(
+                    "split sizes {sizes:?} do not add up to axis {a} of {:?}",
+                    args[0].shape()
+                );
+            }
+            let mut start = 0;
+            let mut outs = Vec::with_capacity(sizes.len());
+            for &s in sizes {
+                let r = start..start + s;
+                outs.push(dispatch!(&*args[0], x => wrap(x.slice_axis(ndarray::Axis(a), r.clone().into()).as_standard_layout().into_owned())));
+                start += s;
+            }
+            return Ok(outs);
+        }
         Op::Im2Col(w) => {
             arity(1, &args)?;
             Tensor::F32(conv::im2col_rows(&f32_std(&args[0])?, shape4(&args[0], "Im2Col")?, w)?)

@@ -443,6 +443,25 @@ pub fn infer_op(op: &Op, ins: &[Fact]) -> Result<Vec<Fact>> {
             }
             Fact::new(ins[0].dtype, out)
         }
+        Op::Split { axis, sizes } => {
+            need(1)?;
+            let a = norm_axis(*axis, ins[0].rank())?;
+            let total: usize = sizes.iter().sum();
+            if ins[0].shape[a] != Dim::Known(total as i64) {
+                return err(format!(
+                    "split sizes {sizes:?} do not add up to axis {a} of {}",
+                    ins[0].shape_string()
+                ));
+            }
+            return Ok(sizes
+                .iter()
+                .map(|&s| {
+                    let mut shape = ins[0].shape.clone();
+                    shape[a] = Dim::Known(s as i64);
+                    Fact::new(ins[0].dtype, shape)
+                })
+                .collect());
+        }
         Op::Slice {
             starts,
             ends,

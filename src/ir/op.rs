@@ -166,6 +166,11 @@ pub enum Op {
     /// `ai.tabconv.Im2Col`: `[N, C, H, W]` → `[N, oh·ow, C·kh·kw]`, one receptive field per row,
     /// row layout `(c, i, j)` so each input channel's `kh·kw` values are contiguous.
     Im2Col(Window),
+    /// Split along `axis` into pieces of the given sizes (one output each).
+    Split {
+        axis: i64,
+        sizes: Vec<usize>,
+    },
     /// `ai.tabconv.PQEncode`: rows `[…, D]` → codes u8 `[…, C]`, `C = ⌈D / subspace⌉`.
     /// inputs: x, then prototypes f32 `[C, K, S]` (argmin) or split dims i64 `[C, depth]` and
     /// thresholds f32 `[C, K−1]` (tree).
@@ -241,6 +246,7 @@ impl Op {
             Op::Cast { .. } => "Cast",
             Op::ConstantOfShape { .. } => "ConstantOfShape",
             Op::Im2Col(_) => "Im2Col",
+            Op::Split { .. } => "Split",
             Op::PqEncode(_) => "PQEncode",
             Op::LutMatMul => "LutMatMul",
         }
@@ -266,6 +272,7 @@ impl Op {
             Op::Input | Op::Sum | Op::MatMul | Op::Binary(_) => String::new(),
             Op::Const(t) => t.summary(),
             Op::Im2Col(w) => window(w),
+            Op::Split { axis, sizes } => format!("axis={axis} sizes={sizes:?}"),
             Op::PqEncode(p) => {
                 let mut s = format!("subspace={} encoder={:?}", p.subspace, p.encoder).to_lowercase();
                 if let Some(w) = &p.window {
@@ -343,6 +350,9 @@ impl Op {
     }
 
     pub fn num_outputs(&self) -> usize {
-        1
+        match self {
+            Op::Split { sizes, .. } => sizes.len(),
+            _ => 1,
+        }
     }
 }

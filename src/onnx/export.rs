@@ -206,8 +206,17 @@ pub fn export_model(graph: &Graph, metadata: &[(String, String)]) -> Result<pb::
             }
         };
         names.insert(o, vname.clone());
+        let mut outs = vec![vname];
+        for slot in 1..node.outputs.len() {
+            let extra = match output_alias.get(&Outlet::new(*n, slot)) {
+                Some(name) => name.clone(),
+                None => w.unique(&node.outputs[slot].name),
+            };
+            names.insert(Outlet::new(*n, slot), extra.clone());
+            outs.push(extra);
+        }
         let ins: Vec<String> = graph.inputs_of(*n).iter().map(|i| names[i].clone()).collect();
-        write_node(&mut w, graph, *n, ins, &vname)?;
+        write_node(&mut w, graph, *n, ins, &outs)?;
     }
     let mut outputs = Vec::new();
     for (name, o) in &graph.outputs {
@@ -276,8 +285,9 @@ fn write_node(
     graph: &Graph,
     n: petgraph::stable_graph::NodeIndex,
     ins: Vec<String>,
-    out: &str,
+    outs: &[String],
 ) -> Result<()> {
+    let out = outs[0].as_str();
     let node = graph.node(n);
     let name = node.name.as_str();
     let std = |w: &mut Writer, op: &str, ins: Vec<String>, attrs: Vec<pb::AttributeProto>| {
@@ -292,6 +302,14 @@ fn write_node(
             std(w, "Conv", ins, a)
         }
         Op::Im2Col(win) => w.node(name, "Im2Col", TABCONV_DOMAIN, ins, out, window_attrs(win, true)),
+        Op::Split { axis, sizes } => {
+            let split = w.extra(
+                &format!("{name}.split"),
+                Tensor::i64_vec(sizes.iter().map(|&s| s as i64).collect()),
+            );
+            std(w, "Split", [ins, vec![split]].concat(), vec![attr_i("axis", *axis)]);
+            w.nodes.last_mut().expect("just written").output = outs.to_vec();
+        }
         Op::PqEncode(p) => {
             let enc = match p.encoder {
                 Encoder::Argmin => "argmin",

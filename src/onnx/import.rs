@@ -57,6 +57,7 @@ pub const SUPPORTED_OPS: &[&str] = &[
     "ConstantOfShape",
     "LogSoftmax",
     "Slice",
+    "Split",
 ];
 
 /// tabconv's own operators (domain `ai.tabconv`, see docs/TCV-FORMAT.md).
@@ -672,6 +673,50 @@ impl Importer {
                 }
                 Op::Pad { pads, value }
             }
+            "Split" => {
+                inputs = vec![self.value(&node.input[0])?];
+                let f = self.fact(inputs[0]).clone();
+                let axis = a.int("axis", 0);
+                let ax = if axis < 0 { axis + f.rank() as i64 } else { axis } as usize;
+                let given = if opset < 13 {
+                    a.ints("split")
+                } else {
+                    self.const_input(node, 1, "split")?
+                        .map(|t| t.to_i64_vec())
+                        .transpose()?
+                };
+                let sizes: Vec<usize> = match given {
+                    Some(s) => s.into_iter().map(|v| v.max(0) as usize).collect(),
+                    None => {
+                        let n = node.output.len().max(1);
+                        let d = f
+                            .shape
+                            .get(ax)
+                            .and_then(|d| d.known())
+                            .ok_or_else(|| Error::Other("the split axis must have a known size".into()))?
+                            as usize;
+                        if !d.is_multiple_of(n) {
+                            return Err(Error::Other(format!(
+                                "axis of size {d} does not split evenly into {n} outputs"
+                            )));
+                        }
+                        vec![d / n; n]
+                    }
+                };
+                if sizes.len() != node.output.len() {
+                    return Err(Error::Other(format!(
+                        "{} split sizes for {} outputs",
+                        sizes.len(),
+                        node.output.len()
+                    )));
+                }
+                let out = self.add_op(&node.output[0], name, Op::Split { axis, sizes }, &inputs)?;
+                for (i, o) in node.output.iter().enumerate().skip(1) {
+                    self.graph.node_mut(out.node).outputs[i].name = o.clone();
+                    self.values.insert(o.clone(), Outlet::new(out.node, i));
+                }
+                return Ok(());
+            }
             "Shape" => {
                 inputs = all_inputs(self)?;
                 Op::Shape {
@@ -720,7 +765,7 @@ impl Importer {
             let t = Tensor::i64_vec(v.iter().map(|d| d.known().expect("concrete")).collect());
             return Ok(self.add_const(&out_name, t));
         }
-        if all_const && !inputs.is_empty() {
+        if all_const && !inputs.is_empty() && op.num_outputs() == 1 {
             let args: Vec<Arc<Tensor>> = inputs
                 .iter()
                 .map(|o| self.graph.const_value(*o).unwrap().clone())
@@ -730,9 +775,10 @@ impl Importer {
         }
         let unique = self.unique(name);
         let n = self.graph.add_node(&unique, op, inputs);
-        let v = &mut self.graph.node_mut(n).outputs[0];
-        v.name = out_name.clone();
-        v.fact = out_facts.into_iter().next();
+        for (v, f) in self.graph.node_mut(n).outputs.iter_mut().zip(out_facts) {
+            v.fact = Some(f);
+        }
+        self.graph.node_mut(n).outputs[0].name = out_name.clone();
         self.values.insert(out_name, Outlet::new(n, 0));
         Ok(Outlet::new(n, 0))
     }
