@@ -150,16 +150,33 @@ fn compile(args: Args) -> Result<()> {
     if let Some(m) = &report.mask {
         eprintln!("  masking ({}; target {}):", m.metric, m.target);
         eprintln!(
-            "  {:<44} {:>8} {:>10} {:>12}  why",
-            "layer", "choice", "cos alone", "Mops saved"
+            "  {:<44} {:>4} {:>9} {:>11} {:>9} {:>8} {:>9} {:>9} {:>9} {:>9} {:>6}  why",
+            "layer",
+            "kind",
+            "D×M",
+            "exact MACs",
+            "enc MACs",
+            "enc cmp",
+            "lookups",
+            "table B",
+            "layer cos",
+            "logit cos",
+            "choice"
         );
         for d in &m.layers {
             eprintln!(
-                "  {:<44} {:>8} {:>10.5} {:>12.3}  {}",
+                "  {:<44} {:>4} {:>9} {:>11} {:>9} {:>8} {:>9} {:>9} {:>9.5} {:>9.5} {:>6}  {}",
                 d.layer,
-                d.chosen,
+                d.kind,
+                format!("{}×{}", d.shape[0], d.shape[1]),
+                d.exact_macs,
+                d.lut_cost.encode_macs,
+                d.lut_cost.encode_compares,
+                d.lut_cost.lookups,
+                d.lut_cost.table_bytes,
+                d.layer_cosine,
                 d.logit_cosine_alone,
-                d.ops_saved as f64 / 1e6,
+                d.chosen,
                 d.why
             );
         }

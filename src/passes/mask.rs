@@ -73,6 +73,11 @@ pub struct PathPoint {
 #[derive(Clone, Debug, Serialize)]
 pub struct LayerDecision {
     pub layer: String,
+    /// `conv` or `fc`, and the layer's `D × M` (row length × outputs).
+    pub kind: String,
+    pub shape: [usize; 2],
+    /// Cosine of the layer's own output with the exact one (from the `lut` pass).
+    pub layer_cosine: f64,
     pub exact_macs: u64,
     pub lut_cost: cost::Cost,
     pub ops_saved: i64,
@@ -246,8 +251,12 @@ impl Pass for Mask {
             let ops_saved = 2 * exact_macs as i64 - lut_cost.ops_all() as i64;
             let alone = only_layer(graph, n, &luts, cx)?;
             let cos = mean_cosine(&logits(&alone, &samples)?, &ref_logits);
+            let lr = cx.lut_layers.iter().rev().find(|l| l.node == ex.matmul);
             decisions.push(LayerDecision {
                 layer: ex.matmul.clone(),
+                kind: lr.map(|l| l.kind.to_string()).unwrap_or_default(),
+                shape: [ex.weight.shape()[0], ex.weight.shape()[1]],
+                layer_cosine: lr.map(|l| l.output_cosine).unwrap_or(f64::NAN),
                 exact_macs,
                 lut_cost,
                 ops_saved,
