@@ -349,9 +349,6 @@ impl Importer {
                             return Err(Error::Other("training_mode=true is not supported for inference".into()));
                         }
                     }
-                    if opset < 7 && a.int("is_test", 0) == 0 {
-                        // pre-7 Dropout in training mode; inference treats it as identity anyway.
-                    }
                 }
                 let src = self.value(&node.input[0])?;
                 if let Some(o) = node.output.first() {
