@@ -134,10 +134,8 @@ fn unsupported_ops_are_listed_together() {
 
 #[test]
 fn unsupported_mode_names_node_and_op() {
-    let dir = tempfile::tempdir().unwrap();
     let o = tabconv(&["inspect", fixture("ops/pad_opset13_reflect.onnx").to_str().unwrap()]);
     assert_fails(&o, &["pad_opset13_reflect.onnx", "Pad", "reflect"]);
-    drop(dir);
 }
 
 #[test]

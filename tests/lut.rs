@@ -186,25 +186,22 @@ fn calibration_is_required_and_checked() {
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.npy");
     tabconv::data::write_npy(&bad, &Tensor::F32(ArrayD::zeros(IxDyn(&[4, 3, 28, 28])))).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tabconv-compile"))
-        .args([fixture("models/lenet5.onnx").to_str().unwrap(), "-o"])
-        .arg(dir.path().join("x.tcv"))
-        .arg("--calib")
-        .arg(&bad)
-        .output()
-        .unwrap();
+    let compile = |calib: &std::path::Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_tabconv-compile"))
+            .args([fixture("models/lenet5.onnx").to_str().unwrap(), "-o"])
+            .arg(dir.path().join("x.tcv"))
+            .arg("--calib")
+            .arg(calib)
+            .output()
+            .unwrap()
+    };
+    let out = compile(&bad);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("does not fit the model input"), "{err}");
     let empty = dir.path().join("empty.npy");
     tabconv::data::write_npy(&empty, &Tensor::F32(ArrayD::zeros(IxDyn(&[0, 1, 28, 28])))).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tabconv-compile"))
-        .args([fixture("models/lenet5.onnx").to_str().unwrap(), "-o"])
-        .arg(dir.path().join("x.tcv"))
-        .arg("--calib")
-        .arg(&empty)
-        .output()
-        .unwrap();
+    let out = compile(&empty);
     assert!(String::from_utf8_lossy(&out.stderr).contains("empty"));
     assert!(!dir.path().join("x.tcv").exists());
 }

@@ -42,7 +42,7 @@ impl<'g> Plan<'g> {
         let mut needed: std::collections::HashSet<NodeIndex> = graph.inputs.iter().copied().collect();
         let mut stack: Vec<NodeIndex> = wanted.iter().map(|o| o.node).collect();
         while let Some(n) = stack.pop() {
-            if needed.insert(n) || graph.inputs.contains(&n) {
+            if needed.insert(n) {
                 stack.extend(
                     graph
                         .inputs_of(n)

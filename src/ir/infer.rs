@@ -36,7 +36,8 @@ fn err<T>(msg: impl Into<String>) -> Result<T> {
     Err(Error::Other(msg.into()))
 }
 
-fn norm_axis(axis: i64, rank: usize) -> Result<usize> {
+/// Resolve a possibly negative ONNX axis against a rank.
+pub fn norm_axis(axis: i64, rank: usize) -> Result<usize> {
     let r = rank as i64;
     if axis < -r || axis >= r.max(1) {
         return err(format!("axis {axis} out of range for rank {rank}"));

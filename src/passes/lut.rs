@@ -380,9 +380,9 @@ impl Pass for Lut {
             let w = layer.w.as_standard_layout();
             let t_cmk = pq::plain_tables(&protos, sub, k, w.as_slice().unwrap(), m);
             let t_cmk = if o.refit {
-                let mut t = to_entry_major(&t_cmk, c_n, m, k);
+                let mut t = transpose_blocks(&t_cmk, c_n, m, k);
                 refit::ridge_refit(&codes, rows, c_n, k, &y, m, o.ridge, o.refit_iters, &mut t);
-                from_entry_major(&t, c_n, m, k)
+                transpose_blocks(&t, c_n, k, m)
             } else {
                 t_cmk
             };
@@ -516,25 +516,15 @@ fn compare(a: &[f32], b: &[f32]) -> (f64, f64) {
     ((e / nb.max(1e-30)).sqrt(), dot / (na.sqrt() * nb.sqrt()).max(1e-30))
 }
 
-/// `[c][m][k]` → `[(c·k)][m]` (one row per codebook entry, the refit's layout).
-fn to_entry_major(t: &[f32], c: usize, m: usize, k: usize) -> Vec<f32> {
+/// Transpose each of the `c` consecutive `rows × cols` blocks of `t`: turns tables `[c][m][k]`
+/// into the refit's entry-major `[c][k][m]` (one row per codebook entry) and back.
+fn transpose_blocks(t: &[f32], c: usize, rows: usize, cols: usize) -> Vec<f32> {
     let mut out = vec![0f32; t.len()];
     for ci in 0..c {
-        for mi in 0..m {
-            for kk in 0..k {
-                out[(ci * k + kk) * m + mi] = t[(ci * m + mi) * k + kk];
-            }
-        }
-    }
-    out
-}
-
-fn from_entry_major(t: &[f32], c: usize, m: usize, k: usize) -> Vec<f32> {
-    let mut out = vec![0f32; t.len()];
-    for ci in 0..c {
-        for mi in 0..m {
-            for kk in 0..k {
-                out[(ci * m + mi) * k + kk] = t[(ci * k + kk) * m + mi];
+        let base = ci * rows * cols;
+        for r in 0..rows {
+            for q in 0..cols {
+                out[base + q * rows + r] = t[base + r * cols + q];
             }
         }
     }

@@ -5,13 +5,7 @@ use crate::bail;
 use crate::error::Result;
 use ndarray::{ArrayD, Axis, IxDyn, Slice};
 
-pub fn norm_axis(axis: i64, rank: usize) -> Result<usize> {
-    let r = rank as i64;
-    if axis < -r || axis >= r.max(1) {
-        bail!("axis {axis} out of range for rank {rank}");
-    }
-    Ok(if axis < 0 { axis + r } else { axis } as usize)
-}
+pub use crate::ir::infer::norm_axis;
 
 /// Reshape to a concrete shape (data kept when already in standard layout).
 pub fn reshape<T: Clone>(a: ArrayD<T>, shape: &[usize]) -> Result<ArrayD<T>> {
