@@ -1,5 +1,7 @@
-//! `tabconv bench`: median latency per batch of our interpreter and, for ONNX models, of tract in
-//! the same process and run, so ratios compare like with like.
+//! `tabconv bench`: median latency per batch of our interpreter and, for ONNX models, of tract (in
+//! process) and ONNX Runtime (`python3` with the `onnxruntime` wheel, as a child process timed by
+//! the same loop) in the same run on the same input, so ratios compare like with like. An engine
+//! that fails is reported with its reason; the others still run.
 
 use crate::error::{Error, Result};
 use crate::interp::Plan;
@@ -19,6 +21,25 @@ pub struct Timing {
     pub median_ms: f64,
     pub min_ms: f64,
     pub images_per_second: f64,
+    /// Why this engine could not be timed (then the numbers are 0).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Timing {
+    /// A row for an engine that failed.
+    pub fn failed(engine: &str, model: &Path, batch: usize, why: String) -> Timing {
+        Timing {
+            engine: engine.into(),
+            model: model.display().to_string(),
+            batch,
+            runs: 0,
+            median_ms: 0.0,
+            min_ms: 0.0,
+            images_per_second: 0.0,
+            error: Some(why),
+        }
+    }
 }
 
 /// A deterministic input batch of the model's declared input shape (values in [0, 1)).
@@ -69,6 +90,7 @@ fn timing(engine: &str, model: &Path, batch: usize, (runs, median, min): (usize,
         median_ms: median,
         min_ms: min,
         images_per_second: batch as f64 / (median / 1e3),
+        error: None,
     }
 }
 
@@ -80,8 +102,11 @@ pub fn bench_ours(graph: &Graph, model: &Path, batch: usize, min_runs: usize, bu
     Ok(timing("tabconv", model, batch, m))
 }
 
-/// Seconds per op type over `runs` runs of our interpreter (where the time goes).
-pub fn profile_ours(graph: &Graph, batch: usize, runs: usize) -> Result<Vec<(&'static str, f64, usize)>> {
+/// Where our interpreter's time goes over `runs` runs: seconds per op type, and per node.
+pub type ProfileResult = (Vec<(&'static str, f64, usize)>, Vec<(String, &'static str, f64, usize)>);
+
+/// Seconds per op type and per node over `runs` runs of our interpreter.
+pub fn profile_ours(graph: &Graph, batch: usize, runs: usize) -> Result<ProfileResult> {
     let x = synthetic_input(graph, batch)?;
     let mut plan = Plan::new(graph)?;
     plan.run(vec![Tensor::F32(x.clone())])?;
@@ -89,7 +114,7 @@ pub fn profile_ours(graph: &Graph, batch: usize, runs: usize) -> Result<Vec<(&'s
     for _ in 0..runs {
         plan.run(vec![Tensor::F32(x.clone())])?;
     }
-    Ok(plan.profile())
+    Ok((plan.profile(), plan.profile_nodes()))
 }
 
 /// tract (optimized plan for this batch size) on the same ONNX file and input.
@@ -116,4 +141,62 @@ pub fn bench_tract(graph: &Graph, model: &Path, batch: usize, min_runs: usize, b
         budget,
     )?;
     Ok(timing("tract", model, batch, m))
+}
+
+/// The ONNX Runtime timing script (run by `python3`; see [`bench_ort`]).
+const ORT_SCRIPT: &str = include_str!("bench_ort.py");
+
+/// ONNX Runtime on the same ONNX file and the same input: `python3` runs [`ORT_SCRIPT`], which
+/// times `InferenceSession.run` with `threads` intra-op threads and the same warm-up, run count
+/// and budget as [`measure`]. Fails (with the reason) when python3 or onnxruntime is missing or
+/// ORT rejects the model.
+pub fn bench_ort(
+    graph: &Graph,
+    model: &Path,
+    batch: usize,
+    threads: usize,
+    min_runs: usize,
+    budget: Duration,
+) -> Result<Timing> {
+    let x = synthetic_input(graph, batch)?;
+    let dir = tempfile::tempdir().map_err(|e| Error::Other(format!("temp dir: {e}")))?;
+    let input = dir.path().join("input.npy");
+    crate::data::write_npy(&input, &Tensor::F32(x))?;
+    let script = dir.path().join("bench_ort.py");
+    std::fs::write(&script, ORT_SCRIPT).map_err(|e| Error::io(&script, e))?;
+    let out = std::process::Command::new("python3")
+        .arg(&script)
+        .arg(model)
+        .arg(&input)
+        .arg(threads.to_string())
+        .arg(budget.as_secs_f64().to_string())
+        .arg(min_runs.to_string())
+        .output()
+        .map_err(|e| Error::Other(format!("onnxruntime: cannot start python3: {e}")))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: serde_json::Value = text
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str(l).ok())
+        .ok_or_else(|| {
+            Error::Other(format!(
+                "onnxruntime: the timing script printed no result (exit {}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("")
+            ))
+        })?;
+    if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
+        return Err(Error::Other(e.to_string()));
+    }
+    let num = |k: &str| v.get(k).and_then(|x| x.as_f64()).unwrap_or(0.0);
+    let engine = match v.get("version").and_then(|x| x.as_str()) {
+        Some(ver) => format!("ort {ver}"),
+        None => "ort".into(),
+    };
+    Ok(timing(
+        &engine,
+        model,
+        batch,
+        (num("runs") as usize, num("median_ms"), num("min_ms")),
+    ))
 }

@@ -65,7 +65,9 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Median latency per batch and images/s; for a .onnx also tract on the same model, same run.
+    /// Median latency per batch and images/s; for a .onnx also tract and ONNX Runtime on the same
+    /// model and input in the same run (ONNX Runtime through `python3` with the `onnxruntime`
+    /// wheel; an engine that fails is reported with its reason and the others still run).
     ///
     /// Example: tabconv bench fixtures/models/resnet18_fmnist.onnx resnet18.tcv --batch 32
     Bench {
@@ -83,6 +85,9 @@ enum Cmd {
         /// Skip the tract comparison
         #[arg(long)]
         no_tract: bool,
+        /// Skip the ONNX Runtime comparison
+        #[arg(long)]
+        no_ort: bool,
         /// Also print where tabconv's time goes, per op type
         #[arg(long)]
         profile: bool,
@@ -113,9 +118,10 @@ fn main() -> ExitCode {
             threads,
             seconds,
             no_tract,
+            no_ort,
             profile,
             json,
-        } => bench(&models, batch, threads, seconds, !no_tract, profile, json),
+        } => bench(&models, batch, threads, seconds, [!no_tract, !no_ort], profile, json),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
@@ -276,31 +282,49 @@ fn bench(
     batch: usize,
     threads: Option<usize>,
     seconds: f64,
-    tract: bool,
+    [tract, ort]: [bool; 2],
     profile: bool,
     json: bool,
 ) -> Result<()> {
+    use tabconv::bench::{bench_ort, bench_ours, bench_tract, Timing};
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads.unwrap_or(0))
         .build()
         .map_err(|e| Error::Other(format!("thread pool: {e}")))?;
+    let nthreads = pool.current_num_threads();
     let budget = std::time::Duration::from_secs_f64(seconds.max(0.1));
     let batch = batch.max(1);
-    let mut rows = Vec::new();
+    let mut rows: Vec<Timing> = Vec::new();
     for m in models {
         let graph = model::load(m)?;
-        rows.push(pool.install(|| tabconv::bench::bench_ours(&graph, m, batch, 5, budget))?);
-        if tract && m.extension().is_some_and(|e| e == "onnx") {
-            rows.push(tabconv::bench::bench_tract(&graph, m, batch, 5, budget)?);
+        rows.push(pool.install(|| bench_ours(&graph, m, batch, 5, budget))?);
+        if m.extension().is_some_and(|e| e == "onnx") {
+            if tract {
+                let r = bench_tract(&graph, m, batch, 5, budget);
+                rows.push(r.unwrap_or_else(|e| Timing::failed("tract", m, batch, e.to_string())));
+            }
+            if ort {
+                let r = bench_ort(&graph, m, batch, nthreads, 5, budget);
+                rows.push(r.unwrap_or_else(|e| Timing::failed("ort", m, batch, e.to_string())));
+            }
         }
     }
     let base = rows[0].median_ms;
+    // ONNX Runtime on the first .onnx model: the engine users already run.
+    let ort_base = rows
+        .iter()
+        .find(|r| r.engine.starts_with("ort") && r.error.is_none())
+        .map(|r| r.median_ms);
+    let ratio = |num: f64, r: &Timing| (r.error.is_none() && r.median_ms > 0.0).then(|| num / r.median_ms);
     if json {
         let v: Vec<_> = rows
             .iter()
             .map(|r| {
                 let mut v = serde_json::to_value(r).expect("json");
-                v["speedup_vs_first"] = serde_json::json!(base / r.median_ms);
+                v["threads"] = serde_json::json!(nthreads);
+                v["simd"] = serde_json::json!(tabconv::interp::kernels::simd_level());
+                v["speedup_vs_first"] = serde_json::json!(ratio(base, r));
+                v["speedup_vs_ort"] = serde_json::json!(ort_base.and_then(|o| ratio(o, r)));
                 v
             })
             .collect();
@@ -308,29 +332,36 @@ fn bench(
         return Ok(());
     }
     println!(
-        "batch {batch}, {} tabconv thread(s); median of ≥5 runs; speedup = first row's median / this row's",
-        pool.current_num_threads()
+        "batch {batch}, {nthreads} thread(s) (tabconv and ONNX Runtime; tract runs on one), SIMD: {}; \
+         median of ≥5 runs; speedup = other's median / this row's",
+        tabconv::interp::kernels::simd_level()
     );
     println!(
-        "  {:<48} {:<8} {:>6} {:>11} {:>11} {:>12} {:>8}",
-        "model", "engine", "runs", "median ms", "min ms", "images/s", "speedup"
+        "  {:<44} {:<12} {:>6} {:>11} {:>11} {:>12} {:>9} {:>8}",
+        "model", "engine", "runs", "median ms", "min ms", "images/s", "vs first", "vs ORT"
     );
+    let fmt_ratio = |x: Option<f64>| x.map_or("—".to_string(), |v| format!("{v:.2}x"));
     for r in &rows {
+        if let Some(e) = &r.error {
+            println!("  {:<44} {:<12} failed: {e}", r.model, r.engine);
+            continue;
+        }
         println!(
-            "  {:<48} {:<8} {:>6} {:>11.3} {:>11.3} {:>12.1} {:>7.2}x",
+            "  {:<44} {:<12} {:>6} {:>11.3} {:>11.3} {:>12.1} {:>9} {:>8}",
             r.model,
             r.engine,
             r.runs,
             r.median_ms,
             r.min_ms,
             r.images_per_second,
-            base / r.median_ms
+            fmt_ratio(ratio(base, r)),
+            fmt_ratio(ort_base.and_then(|o| ratio(o, r)))
         );
     }
     if profile {
         for m in models {
             let graph = model::load(m)?;
-            let p = pool.install(|| tabconv::bench::profile_ours(&graph, batch, 5))?;
+            let (p, nodes) = pool.install(|| tabconv::bench::profile_ours(&graph, batch, 5))?;
             let total: f64 = p.iter().map(|(_, s, _)| s).sum();
             println!("\nprofile of {} (5 runs, batch {batch}):", m.display());
             for (op, s, n) in p {
@@ -339,6 +370,15 @@ fn bench(
                     s * 1e3 / 5.0,
                     100.0 * s / total,
                     n / 5
+                );
+            }
+            println!("  slowest nodes:");
+            for (name, op, s, _) in nodes.iter().take(60) {
+                println!(
+                    "    {:<56} {op:<12} {:>9.3} ms/run {:>6.1}%",
+                    name,
+                    s * 1e3 / 5.0,
+                    100.0 * s / total
                 );
             }
         }

@@ -30,7 +30,16 @@ fn shape4(t: &Tensor, what: &str) -> Result<[usize; 4]> {
     }
 }
 
-pub fn eval_op(op: &Op, mut args: Vec<Arc<Tensor>>) -> Result<Vec<Tensor>> {
+/// Per-node state a [`crate::interp::Plan`] keeps across runs: what a kernel derives from the
+/// node's constant inputs (codebooks in the encoder's layout, transposed tables), built on first use.
+pub type Cache = std::sync::OnceLock<Box<dyn std::any::Any + Send + Sync>>;
+
+pub fn eval_op(op: &Op, args: Vec<Arc<Tensor>>) -> Result<Vec<Tensor>> {
+    eval_op_cached(op, args, None)
+}
+
+/// [`eval_op`] with the node's [`Cache`] (only for nodes whose inputs after the first are constants).
+pub fn eval_op_cached(op: &Op, mut args: Vec<Arc<Tensor>>, cache: Option<&Cache>) -> Result<Vec<Tensor>> {
     let arity = |n: usize, args: &[Arc<Tensor>]| -> Result<()> {
         if args.len() < n {
             bail!("expects {n} inputs, got {}", args.len());
@@ -85,62 +94,7 @@ pub fn eval_op(op: &Op, mut args: Vec<Arc<Tensor>>) -> Result<Vec<Tensor>> {
         }
         Op::PqEncode(p) => {
             arity(2, &args)?;
-            let x = f32_std(&args[0])?;
-            let (rows, mut shape) = match &p.window {
-                Some(w) => {
-                    let xs = shape4(&args[0], "PQEncode")?;
-                    let geo = w.resolve([xs[2], xs[3]])?;
-                    let rows = encode::Rows::Conv {
-                        x: &x,
-                        shape: xs,
-                        win: w,
-                        geo,
-                    };
-                    (rows, vec![xs[0], geo.out[0] * geo.out[1], 0])
-                }
-                None => {
-                    let d = *args[0]
-                        .shape()
-                        .last()
-                        .ok_or_else(|| crate::error::Error::Other("rank-0 input".into()))?;
-                    (encode::Rows::Matrix { x: &x, d }, args[0].shape().to_vec())
-                }
-            };
-            let sub = crate::pq::Subspaces {
-                d: rows.d(),
-                s: p.subspace,
-            };
-            let mut codes = vec![0u8; rows.count() * sub.count()];
-            match p.encoder {
-                Encoder::Argmin => {
-                    let protos = f32_std(&args[1])?;
-                    let k = args[1].shape()[1];
-                    encode::encode(
-                        &rows,
-                        sub,
-                        &encode::Codebooks::Argmin { k, protos: &protos },
-                        &mut codes,
-                    );
-                }
-                Encoder::Tree => {
-                    arity(3, &args)?;
-                    let depth = args[1].shape()[1];
-                    let dims: Vec<usize> = args[1]
-                        .to_i64_vec()?
-                        .into_iter()
-                        .map(|v| v.clamp(0, p.subspace as i64 - 1) as usize)
-                        .collect();
-                    let thresholds = f32_std(&args[2])?;
-                    let cb = encode::Codebooks::Tree {
-                        depth,
-                        dims: &dims,
-                        thresholds: &thresholds,
-                    };
-                    encode::encode(&rows, sub, &cb, &mut codes);
-                }
-            }
-            *shape.last_mut().unwrap() = sub.count();
-            Tensor::U8(ArrayD::from_shape_vec(IxDyn(&shape), codes).expect("codes size"))
+            pq_encode(p, &args, cache)?
         }
         Op::LutMatMul => {
             arity(4, &args)?;
@@ -149,7 +103,17 @@ pub fn eval_op(op: &Op, mut args: Vec<Arc<Tensor>>) -> Result<Vec<Tensor>> {
             };
             let codes = codes.as_standard_layout();
             let ts = args[1].shape().to_vec();
-            let (c, m, k) = (ts[0], ts[1], ts[2]);
+            let &[c, m, k] = ts.as_slice() else {
+                bail!("tables must be [C, M, K], got {ts:?}")
+            };
+            if args[0].shape().last() != Some(&c) || args[2].len() != m || args[3].len() != m {
+                bail!(
+                    "codes {:?}, tables {ts:?}, scale {:?} and offset {:?} do not fit together",
+                    args[0].shape(),
+                    args[2].shape(),
+                    args[3].shape()
+                );
+            }
             let rows = codes.len() / c.max(1);
             let codes = codes.as_slice().unwrap();
             if let Some(&bad) = codes.iter().find(|&&v| v as usize >= k) {
@@ -161,7 +125,14 @@ pub fn eval_op(op: &Op, mut args: Vec<Arc<Tensor>>) -> Result<Vec<Tensor>> {
                 Tensor::I8(t) => {
                     let t = t.as_standard_layout();
                     let mut acc = vec![0i32; rows * m];
-                    lut::lut_i8(codes, rows, c, t.as_slice().unwrap(), m, k, &mut acc);
+                    if rows <= lut::ROWWISE_MAX_ROWS {
+                        let mut slot = None;
+                        let build = || Ok(lut::transpose_tables(t.as_slice().unwrap(), c, m, k));
+                        let tt: &Vec<i8> = cached(cache, build, &mut slot)?;
+                        lut::lut_i8_rowwise(codes, rows, c, tt, m, k, &mut acc);
+                    } else {
+                        lut::lut_i8(codes, rows, c, t.as_slice().unwrap(), m, k, &mut acc);
+                    }
                     for (yr, ar) in y.chunks_mut(m.max(1)).zip(acc.chunks(m.max(1))) {
                         for j in 0..m {
                             yr[j] = scale[j] * ar[j] as f32 + offset[j];
@@ -431,6 +402,120 @@ pub fn eval_op(op: &Op, mut args: Vec<Arc<Tensor>>) -> Result<Vec<Tensor>> {
         }
     };
     Ok(vec![out])
+}
+
+/// Get (or build on first use) a node's cached state of type `T`; without a cache, build it.
+fn cached<'c, T: std::any::Any + Send + Sync>(
+    cache: Option<&'c Cache>,
+    build: impl FnOnce() -> Result<T>,
+    owned_slot: &'c mut Option<T>,
+) -> Result<&'c T> {
+    match cache {
+        Some(c) => {
+            if c.get().is_none() {
+                let v = build()?;
+                let _ = c.set(Box::new(v));
+            }
+            c.get()
+                .and_then(|b| b.downcast_ref::<T>())
+                .ok_or_else(|| crate::error::Error::Other("node cache holds another type".into()))
+        }
+        None => Ok(owned_slot.insert(build()?)),
+    }
+}
+
+fn pq_encode(p: &crate::ir::op::PqEncode, args: &[Arc<Tensor>], cache: Option<&Cache>) -> Result<Tensor> {
+    let x = f32_std(&args[0])?;
+    let (rows, mut shape, hint) = match &p.window {
+        Some(w) => {
+            let s4 = shape4(&args[0], "PQEncode")?;
+            if p.nhwc {
+                let geo = w.resolve([s4[1], s4[2]])?;
+                let rows = encode::Rows::ConvNhwc {
+                    x: &x,
+                    shape: s4,
+                    win: w,
+                    geo,
+                };
+                (
+                    rows,
+                    vec![s4[0], geo.out[0] * geo.out[1], 0],
+                    Some((s4[3], w.kernel[0], w.kernel[1])),
+                )
+            } else {
+                let geo = w.resolve([s4[2], s4[3]])?;
+                let rows = encode::Rows::Conv {
+                    x: &x,
+                    shape: s4,
+                    win: w,
+                    geo,
+                };
+                (rows, vec![s4[0], geo.out[0] * geo.out[1], 0], None)
+            }
+        }
+        None => {
+            let d = *args[0]
+                .shape()
+                .last()
+                .ok_or_else(|| crate::error::Error::Other("rank-0 input".into()))?;
+            (encode::Rows::Matrix { x: &x, d }, args[0].shape().to_vec(), None)
+        }
+    };
+    let sub = crate::pq::Subspaces {
+        d: rows.d(),
+        s: p.subspace,
+    };
+    let build = || -> Result<encode::Prepared> {
+        let c_n = sub.count();
+        match p.encoder {
+            Encoder::Argmin => {
+                let protos = f32_std(&args[1])?;
+                let ps = args[1].shape();
+                if ps.len() != 3 || ps[0] != c_n || ps[2] != p.subspace || !(1..=256).contains(&ps[1]) {
+                    bail!("prototypes {ps:?} do not fit {c_n} codebooks of {} values", p.subspace);
+                }
+                let cb = encode::Codebooks::Argmin {
+                    k: ps[1],
+                    protos: &protos,
+                };
+                Ok(encode::prepare(sub, &cb, hint))
+            }
+            Encoder::Tree => {
+                if args.len() < 3 {
+                    bail!("expects 3 inputs, got {}", args.len());
+                }
+                let depth = args[1].shape().get(1).copied().unwrap_or(0);
+                if args[1].shape() != [c_n, depth] || args[2].len() != c_n * ((1usize << depth.min(8)) - 1) || depth > 8
+                {
+                    bail!(
+                        "tree tensors {:?} / {:?} do not fit {c_n} codebooks",
+                        args[1].shape(),
+                        args[2].shape()
+                    );
+                }
+                let dims: Vec<usize> = args[1]
+                    .to_i64_vec()?
+                    .into_iter()
+                    .map(|v| v.clamp(0, p.subspace as i64 - 1) as usize)
+                    .collect();
+                let thresholds = f32_std(&args[2])?;
+                let cb = encode::Codebooks::Tree {
+                    depth,
+                    dims: &dims,
+                    thresholds: &thresholds,
+                };
+                Ok(encode::prepare(sub, &cb, hint))
+            }
+        }
+    };
+    let mut slot = None;
+    let prepared = cached(cache, build, &mut slot)?;
+    let mut codes = vec![0u8; rows.count() * sub.count()];
+    encode::encode_prepared(&rows, prepared, &mut codes);
+    *shape.last_mut().unwrap() = sub.count();
+    Ok(Tensor::U8(
+        ArrayD::from_shape_vec(IxDyn(&shape), codes).expect("codes size"),
+    ))
 }
 
 /// Wrap an array back into the matching tensor variant.

@@ -16,6 +16,16 @@ struct Step {
     args: Vec<usize>,
     /// Value id of each output slot.
     outs: Vec<usize>,
+    /// What the kernel derives once from the node's constant inputs (see [`eval::Cache`]);
+    /// `None` when an input after the first is computed at run time.
+    cache: Option<eval::Cache>,
+}
+
+/// Seconds and calls per op type and per node.
+#[derive(Default)]
+struct Profile {
+    by_op: std::collections::BTreeMap<&'static str, (f64, usize)>,
+    by_node: std::collections::BTreeMap<String, (&'static str, f64, usize)>,
 }
 
 /// A compiled schedule for one graph.
@@ -27,7 +37,7 @@ pub struct Plan<'g> {
     inputs: Vec<usize>,
     outputs: Vec<usize>,
     /// Seconds and calls per op type, when profiling is on.
-    profile: Option<std::sync::Mutex<std::collections::BTreeMap<&'static str, (f64, usize)>>>,
+    profile: Option<std::sync::Mutex<Profile>>,
 }
 
 impl<'g> Plan<'g> {
@@ -68,7 +78,18 @@ impl<'g> Plan<'g> {
             for &a in &args {
                 uses[a] += 1;
             }
-            steps.push(Step { node: n, args, outs });
+            let consts_after_first = graph
+                .inputs_of(n)
+                .iter()
+                .skip(1)
+                .all(|o| matches!(graph.node(o.node).op, Op::Const(_)));
+            let cache = consts_after_first.then(eval::Cache::new);
+            steps.push(Step {
+                node: n,
+                args,
+                outs,
+                cache,
+            });
         }
         let outputs: Vec<usize> = wanted.iter().map(|o| ids[o]).collect();
         for &o in &outputs {
@@ -98,12 +119,31 @@ impl<'g> Plan<'g> {
             .map(|p| {
                 p.lock()
                     .expect("profile lock")
+                    .by_op
                     .iter()
                     .map(|(k, (s, n))| (*k, *s, *n))
                     .collect()
             })
             .unwrap_or_default();
         v.sort_by(|a, b| b.1.total_cmp(&a.1));
+        v
+    }
+
+    /// `(node, op type, seconds, calls)` recorded so far, most expensive first.
+    pub fn profile_nodes(&self) -> Vec<(String, &'static str, f64, usize)> {
+        let mut v: Vec<_> = self
+            .profile
+            .as_ref()
+            .map(|p| {
+                p.lock()
+                    .expect("profile lock")
+                    .by_node
+                    .iter()
+                    .map(|(k, (op, s, n))| (k.clone(), *op, *s, *n))
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort_by(|a, b| b.2.total_cmp(&a.2));
         v
     }
 
@@ -168,13 +208,17 @@ impl<'g> Plan<'g> {
                 args.push(v.ok_or_else(|| Error::node(&node.name, node.op.name(), "input value missing"))?);
             }
             let t0 = self.profile.as_ref().map(|_| std::time::Instant::now());
-            let outs =
-                eval::eval_op(&node.op, args).map_err(|e| Error::node(&node.name, node.op.name(), e.to_string()))?;
+            let outs = eval::eval_op_cached(&node.op, args, step.cache.as_ref())
+                .map_err(|e| Error::node(&node.name, node.op.name(), e.to_string()))?;
             if let (Some(p), Some(t0)) = (&self.profile, t0) {
+                let secs = t0.elapsed().as_secs_f64();
                 let mut p = p.lock().expect("profile lock");
-                let e = p.entry(node.op.name()).or_default();
-                e.0 += t0.elapsed().as_secs_f64();
+                let e = p.by_op.entry(node.op.name()).or_default();
+                e.0 += secs;
                 e.1 += 1;
+                let e = p.by_node.entry(node.name.clone()).or_insert((node.op.name(), 0.0, 0));
+                e.1 += secs;
+                e.2 += 1;
             }
             for (t, &id) in outs.into_iter().zip(&step.outs) {
                 if self.uses[id] > 0 {

@@ -149,7 +149,15 @@ pub fn infer_op(op: &Op, ins: &[Fact]) -> Result<Vec<Fact>> {
             let rows_fact;
             let x = match &p.window {
                 Some(w) => {
-                    rows_fact = infer_op(&Op::Im2Col(w.clone()), &ins[..1])?.remove(0);
+                    let mut x = ins[0].clone();
+                    if p.nhwc {
+                        if x.rank() != 4 {
+                            return err(format!("an NHWC input must have rank 4, got {}", x.shape_string()));
+                        }
+                        let [n, h, w, c] = [0, 1, 2, 3].map(|i| x.shape[i]);
+                        x.shape = vec![n, c, h, w];
+                    }
+                    rows_fact = infer_op(&Op::Im2Col(w.clone()), &[x])?.remove(0);
                     &rows_fact
                 }
                 None => &ins[0],

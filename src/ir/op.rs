@@ -194,6 +194,9 @@ pub struct PqEncode {
     /// When set, the input is an NCHW batch and the rows are its implicit im2col rows for this
     /// window (`[N, oh·ow, C·kh·kw]`, as `Im2Col` would produce), so no im2col matrix is built.
     pub window: Option<Window>,
+    /// With a window: the input is channels-last `[N, H, W, C]` instead of NCHW (same rows, same
+    /// codes; set by the `layout` pass so LUT layers chain without transposes).
+    pub nhwc: bool,
 }
 
 impl Op {
@@ -277,6 +280,9 @@ impl Op {
                 let mut s = format!("subspace={} encoder={:?}", p.subspace, p.encoder).to_lowercase();
                 if let Some(w) = &p.window {
                     s += &format!(" im2col {}", window(w));
+                    if p.nhwc {
+                        s += " layout=nhwc";
+                    }
                 }
                 s
             }

@@ -318,6 +318,9 @@ fn write_node(
             let mut a = vec![attr_i("subspace", p.subspace as i64), attr_s("encoder", enc)];
             if let Some(win) = &p.window {
                 a.extend(window_attrs(win, true));
+                if p.nhwc {
+                    a.push(attr_s("layout", "NHWC"));
+                }
             }
             w.node(name, "PQEncode", TABCONV_DOMAIN, ins, out, a)
         }

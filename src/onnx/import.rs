@@ -322,10 +322,20 @@ impl Importer {
                         true => Some(window(&a, a.pair("kernel_shape", 1)?)?),
                         false => None,
                     };
+                    let nhwc = match a.string("layout").as_deref() {
+                        None | Some("NCHW") => false,
+                        Some("NHWC") if window.is_some() => true,
+                        other => {
+                            return Err(Error::Other(format!(
+                                "layout must be 'NCHW' or 'NHWC' (with kernel_shape), got {other:?}"
+                            )))
+                        }
+                    };
                     Op::PqEncode(PqEncode {
                         subspace: subspace as usize,
                         encoder,
                         window,
+                        nhwc,
                     })
                 }
                 "LutMatMul" => Op::LutMatMul,

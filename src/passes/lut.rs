@@ -443,6 +443,7 @@ impl Pass for Lut {
                 subspace: s,
                 encoder,
                 window,
+                nhwc: false,
             });
             let codes_out = graph.add_op(&format!("{name}/pq_encode"), op, &enc_args);
             // A constant bias Add right after the MatMul folds into the (exact, f32) offset.

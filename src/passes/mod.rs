@@ -2,6 +2,7 @@
 //! (`passes/*.yaml`) name them with typed options; the [`manager`] runs a pipeline, re-infers
 //! shapes and verifies the graph after every pass, and times and summarises each one.
 
+pub mod channels_last;
 pub mod constant_fold;
 pub mod conv_to_im2col;
 pub mod dead_code;

@@ -38,6 +38,7 @@ pub enum PassSpec {
     Lut(Option<lut::Options>),
     Mask(Option<mask::Options>),
     Im2colToConv(Option<NoOptions>),
+    ChannelsLast(Option<NoOptions>),
 }
 
 impl PassSpec {
@@ -51,6 +52,7 @@ impl PassSpec {
             PassSpec::Lut(o) => Box::new(lut::Lut(o.clone().unwrap_or_default())),
             PassSpec::Mask(o) => Box::new(mask::Mask(o.clone().unwrap_or_default())),
             PassSpec::Im2colToConv(_) => Box::new(super::im2col_to_conv::Im2colToConv),
+            PassSpec::ChannelsLast(_) => Box::new(super::channels_last::ChannelsLast),
         }
     }
 }

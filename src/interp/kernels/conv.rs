@@ -2,11 +2,16 @@
 //! batch can keep every thread busy; otherwise the GEMM itself is parallel.
 
 use super::gemm::{matmul, Mat};
-use super::im2col::im2col;
+use super::im2col::{im2col, im2col_strided};
 use crate::error::Result;
 use crate::ir::op::{Conv, Padding, Window};
 use ndarray::{ArrayD, IxDyn};
 use rayon::prelude::*;
+
+/// Outputs per image below which a batch shares one GEMM.
+const MERGE_BELOW: usize = 1024;
+/// Values of the shared im2col matrix at most (16 MiB).
+const MERGE_COLS: usize = 4 << 20;
 
 /// `x`: `[N, C, H, W]` (standard layout), `w`: `[M, C/group, kh, kw]`, `bias`: `[M]`.
 pub fn conv2d(
@@ -30,6 +35,46 @@ pub fn conv2d(
         && geo.pads == [0; 4]
         && matches!(win.padding, Padding::Explicit(_) | Padding::Valid);
     let mut out = vec![0f32; n * m * p];
+    // Small outputs: one GEMM over several images (their columns side by side) keeps the GEMM
+    // wide where per-image GEMMs would be a few columns each.
+    if g == 1 && n > 1 && p < MERGE_BELOW {
+        let per = (MERGE_COLS / (k * p).max(1)).clamp(1, n);
+        let mut cols = Vec::new();
+        let mut tmp = Vec::new();
+        for i0 in (0..n).step_by(per) {
+            let nb = per.min(n - i0);
+            let np = nb * p;
+            cols.resize(k * np, 0.0);
+            tmp.resize(m * np, 0.0);
+            for b in 0..nb {
+                let xi = &x[(i0 + b) * c * h * wd..(i0 + b + 1) * c * h * wd];
+                im2col_strided(xi, c, [h, wd], win, &geo, &mut cols[b * p..], np);
+            }
+            if let Some(bias) = bias {
+                for (row, &bv) in tmp.chunks_mut(np).zip(bias) {
+                    row.fill(bv);
+                }
+            }
+            matmul(
+                m,
+                np,
+                k,
+                Mat::row_major(w, k),
+                Mat::row_major(&cols, np),
+                &mut tmp,
+                np,
+                bias.is_some(),
+                1.0,
+                true,
+            );
+            for (mi, row) in tmp.chunks(np).enumerate() {
+                for b in 0..nb {
+                    out[((i0 + b) * m + mi) * p..][..p].copy_from_slice(&row[b * p..(b + 1) * p]);
+                }
+            }
+        }
+        return Ok(ArrayD::from_shape_vec(IxDyn(&[n, m, geo.out[0], geo.out[1]]), out).expect("conv output size"));
+    }
     let image = |img: usize, dst: &mut [f32], cols: &mut Vec<f32>, parallel_gemm: bool| {
         let xi = &x[img * c * h * wd..(img + 1) * c * h * wd];
         for gi in 0..g {

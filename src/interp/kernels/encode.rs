@@ -7,13 +7,15 @@
 //! (each row is the receptive field of one output position, gathered into a small tile in L1, so
 //! the full im2col matrix is never built). Both give the same codes for the same rows.
 //!
-//! The code is compiled for AVX-512, AVX2 and baseline x86-64 and picked at run time. Rust never
-//! contracts `a·b + c` into an FMA and every lane accumulates in the same order, so all variants
+//! The code is compiled for AVX-512, AVX2+FMA and baseline x86-64 and picked at run time. Every
+//! product is accumulated with a fused multiply-add (`f32::mul_add`: one rounding on every path,
+//! a library call on CPUs without FMA) and every lane accumulates in the same order, so all variants
 //! give bit-identical codes. Ties go to the lowest prototype index.
 
 // Lane-indexed loops (`for l in 0..LANES`) are the point here: they vectorise across rows.
 #![allow(clippy::needless_range_loop)]
 
+use super::Simd;
 use crate::ir::op::Window;
 use crate::ir::window::Geometry;
 use crate::pq::Subspaces;
@@ -36,6 +38,14 @@ pub enum Rows<'a> {
         win: &'a Window,
         geo: Geometry,
     },
+    /// The same rows read from a channels-last `[N, H, W, C]` batch (`shape` is NHWC); columns
+    /// keep the `(c, i, j)` order, so codes equal those of the NCHW form.
+    ConvNhwc {
+        x: &'a [f32],
+        shape: [usize; 4],
+        win: &'a Window,
+        geo: Geometry,
+    },
 }
 
 impl Rows<'_> {
@@ -43,12 +53,13 @@ impl Rows<'_> {
         match self {
             Rows::Matrix { d, .. } => *d,
             Rows::Conv { shape, win, .. } => shape[1] * win.kernel[0] * win.kernel[1],
+            Rows::ConvNhwc { shape, win, .. } => shape[3] * win.kernel[0] * win.kernel[1],
         }
     }
     pub fn count(&self) -> usize {
         match self {
             Rows::Matrix { x, d } => x.len() / d.max(&1),
-            Rows::Conv { shape, geo, .. } => shape[0] * geo.out[0] * geo.out[1],
+            Rows::Conv { shape, geo, .. } | Rows::ConvNhwc { shape, geo, .. } => shape[0] * geo.out[0] * geo.out[1],
         }
     }
     /// Copy columns `cols` of rows `r0 .. r0 + lanes` into `xt[column][lane]`; lanes past
@@ -104,6 +115,34 @@ impl Rows<'_> {
                     }
                 }
             }
+            Rows::ConvNhwc { x, shape, win, geo } => {
+                let [_, h, w, c_in] = *shape;
+                let [kh, kw] = win.kernel;
+                let p = geo.out[0] * geo.out[1];
+                // Per lane: the image's first element and the window's top-left corner.
+                let (mut base, mut y0, mut x0) = ([0usize; LANES], [0isize; LANES], [0isize; LANES]);
+                for l in 0..LANES {
+                    let r = r0 + l.min(lanes - 1);
+                    let pos = r % p;
+                    base[l] = r / p * h * w * c_in;
+                    y0[l] = ((pos / geo.out[1]) * win.strides[0]) as isize - geo.pads[0] as isize;
+                    x0[l] = ((pos % geo.out[1]) * win.strides[1]) as isize - geo.pads[1] as isize;
+                }
+                for cj in cols {
+                    let (c, i, j) = (cj / (kh * kw), cj / kw % kh, cj % kw);
+                    let (dy, dx) = ((i * win.dilations[0]) as isize, (j * win.dilations[1]) as isize);
+                    let col = &mut xt[cj];
+                    for l in 0..LANES {
+                        let (iy, ix) = (y0[l] + dy, x0[l] + dx);
+                        let inside = iy >= 0 && iy < h as isize && ix >= 0 && ix < w as isize;
+                        col[l] = if inside {
+                            x[base[l] + (iy as usize * w + ix as usize) * c_in + c]
+                        } else {
+                            0.0
+                        };
+                    }
+                }
+            }
         }
     }
 }
@@ -123,13 +162,64 @@ pub enum Codebooks<'a> {
 
 /// Encode every row: `codes` is `rows × c` (one byte per code).
 pub fn encode(rows: &Rows, sub: Subspaces, cb: &Codebooks, codes: &mut [u8]) {
+    let prepared = prepare(sub, cb, None);
+    encode_prepared(rows, &prepared, codes)
+}
+
+/// A layer's codebooks in the layouts the kernels read, built once per layer ([`prepare`]) and
+/// reused across runs.
+pub struct Prepared {
+    sub: Subspaces,
+    kind: Kind,
+    /// The channel-lane layout for channels-last convolutions (see [`ChannelLanes`]).
+    lanes: Option<ChannelLanes>,
+}
+
+enum Kind {
+    Argmin {
+        k: usize,
+        pt: Vec<f32>,
+        norms: Vec<f32>,
+    },
+    /// `cols`: the row columns the trees compare (the only ones gathered).
+    Tree {
+        depth: usize,
+        dims: Vec<usize>,
+        thresholds: Vec<f32>,
+        cols: Vec<usize>,
+    },
+}
+
+/// Channels per lane group of the channel-lane encoder.
+const CL: usize = 16;
+/// Largest subspace the channel-lane encoder handles (values kept in registers per row).
+const CL_MAX_S: usize = 49;
+
+/// Argmin codebooks of a convolution whose codebooks follow the input channels — one codebook
+/// per channel (`s = kh·kw`, `families = 1`) or per (channel, kernel row) (`s = kw`,
+/// `families = kh`) — laid out so that one SIMD lane serves one channel: with a channels-last
+/// input the `CL` channels of a pixel are one contiguous load, nothing is gathered, and the
+/// codes of `CL` codebooks come out together.
+struct ChannelLanes {
+    channels: usize,
+    families: usize,
+    /// `[family][channel group][s][k][CL]` (missing channels: zeros).
+    pt: Vec<f32>,
+    /// `‖p‖² / 2`, `[family][channel group][k][CL]`.
+    half_norms: Vec<f32>,
+}
+
+/// What the caller knows about a convolution's rows: `(channels, kh, kw)` of a channels-last
+/// input, so [`prepare`] can build the channel-lane layout when the codebooks allow it.
+pub type ChannelHint = (usize, usize, usize);
+
+/// Build the kernels' layout of a layer's codebooks (`hint`: see [`ChannelHint`]).
+pub fn prepare(sub: Subspaces, cb: &Codebooks, hint: Option<ChannelHint>) -> Prepared {
     let c_n = sub.count();
-    assert_eq!(sub.d, rows.d(), "row length does not match the subspaces");
-    assert_eq!(codes.len(), rows.count() * c_n);
-    let prepared = match cb {
+    let kind = match cb {
         Codebooks::Argmin { k, protos } => {
             assert_eq!(protos.len(), c_n * k * sub.s);
-            Prepared::Argmin {
+            Kind::Argmin {
                 k: *k,
                 pt: protos.to_vec(),
                 norms: protos.chunks(sub.s).map(|p| p.iter().map(|v| v * v).sum()).collect(),
@@ -149,84 +239,334 @@ pub fn encode(rows: &Rows, sub: Subspaces, cb: &Codebooks, codes: &mut [u8]) {
                 .collect();
             cols.sort_unstable();
             cols.dedup();
-            Prepared::Tree {
+            Kind::Tree {
                 depth: *depth,
-                dims,
-                thresholds,
+                dims: dims.to_vec(),
+                thresholds: thresholds.to_vec(),
                 cols,
             }
         }
     };
-    let job = Job {
-        rows,
-        sub,
-        prepared: &prepared,
-    };
-    codes.par_chunks_mut(BLOCK * c_n).enumerate().for_each(|(bi, out)| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if is_x86_feature_detected!("avx512f") {
-                // SAFETY: the CPU supports AVX-512F (checked just above).
-                return unsafe { encode_avx512(&job, bi * BLOCK, out) };
-            }
-            if is_x86_feature_detected!("avx2") {
-                // SAFETY: the CPU supports AVX2 (checked just above).
-                return unsafe { encode_avx2(&job, bi * BLOCK, out) };
-            }
+    let lanes = match (&kind, hint) {
+        (Kind::Argmin { k, pt, norms }, Some((channels, kh, kw))) => {
+            channel_lanes(sub, *k, pt, norms, channels, kh, kw)
         }
-        encode_block(&job, bi * BLOCK, out)
-    });
+        _ => None,
+    };
+    Prepared { sub, kind, lanes }
 }
 
-enum Prepared<'a> {
-    Argmin {
-        k: usize,
-        pt: Vec<f32>,
-        norms: Vec<f32>,
-    },
-    /// `cols`: the row columns the trees compare (the only ones gathered).
-    Tree {
-        depth: usize,
-        dims: &'a [usize],
-        thresholds: &'a [f32],
-        cols: Vec<usize>,
-    },
+fn channel_lanes(
+    sub: Subspaces,
+    k: usize,
+    pt: &[f32],
+    norms: &[f32],
+    channels: usize,
+    kh: usize,
+    kw: usize,
+) -> Option<ChannelLanes> {
+    let families = if sub.s == kh * kw {
+        1
+    } else if sub.s == kw && kh > 1 {
+        kh
+    } else {
+        return None;
+    };
+    if sub.d != channels * kh * kw || sub.s > CL_MAX_S || !k.is_multiple_of(KB) {
+        return None;
+    }
+    let s = sub.s;
+    let groups = channels.div_ceil(CL);
+    let mut lpt = vec![0f32; families * groups * k * s * CL];
+    let mut lnorms = vec![0f32; families * groups * k * CL];
+    for f in 0..families {
+        for ch in 0..channels {
+            let (g, l) = (ch / CL, ch % CL);
+            let cb = ch * families + f;
+            for kk in 0..k {
+                for t in 0..s {
+                    lpt[(((f * groups + g) * s + t) * k + kk) * CL + l] = pt[(cb * k + kk) * s + t];
+                }
+                lnorms[((f * groups + g) * k + kk) * CL + l] = norms[cb * k + kk] * 0.5;
+            }
+        }
+    }
+    Some(ChannelLanes {
+        channels,
+        families,
+        pt: lpt,
+        half_norms: lnorms,
+    })
 }
+
+/// Encode every row with codebooks from [`prepare`]: `codes` is `rows × c`.
+pub fn encode_prepared(rows: &Rows, prepared: &Prepared, codes: &mut [u8]) {
+    let sub = prepared.sub;
+    let c_n = sub.count();
+    assert_eq!(sub.d, rows.d(), "row length does not match the subspaces");
+    assert_eq!(codes.len(), rows.count() * c_n);
+    if let (Some(cl), Rows::ConvNhwc { shape, .. }) = (&prepared.lanes, rows) {
+        if cl.channels == shape[3] {
+            let Kind::Argmin { k, .. } = prepared.kind else {
+                unreachable!("channel lanes are built for argmin codebooks only")
+            };
+            // Rows per task: about 1 Mi multiply-adds (a hand-off costs ~1 µs), and at most
+            // 4 tasks per thread. Codes do not depend on the split.
+            let per_row = (c_n * k * sub.s).max(1);
+            let n_rows = rows.count();
+            let per_thread = n_rows.div_ceil(4 * rayon::current_num_threads()).max(1);
+            let block = (1usize << 20).div_ceil(per_row).max(per_thread).min(n_rows.max(1));
+            return codes
+                .par_chunks_mut(block * c_n)
+                .enumerate()
+                .for_each(|(bi, out)| dispatch_simd!(channel_rows(rows, cl, k, bi * block, out)));
+        }
+    }
+    let job = Job { rows, prepared };
+    codes
+        .par_chunks_mut(BLOCK * c_n)
+        .enumerate()
+        .for_each(|(bi, out)| dispatch_simd!(encode_block(&job, bi * BLOCK, out)));
+}
+
+/// Runs a `#[inline(always)]` kernel call compiled for AVX-512, AVX2 or baseline x86-64 (picked
+/// at run time; results are identical, see the module doc).
+macro_rules! dispatch_simd {
+    ($call:expr) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx512f,avx2,fma")]
+            unsafe fn avx512<R>(f: impl FnOnce() -> R) -> R {
+                f()
+            }
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
+                f()
+            }
+            if is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU supports AVX-512F (checked just above).
+                unsafe { avx512(|| $call) }
+            } else if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+                unsafe { avx2(|| $call) }
+            } else {
+                $call
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            $call
+        }
+    }};
+}
+pub(crate) use dispatch_simd;
 
 struct Job<'a> {
     rows: &'a Rows<'a>,
-    sub: Subspaces,
-    prepared: &'a Prepared<'a>,
+    prepared: &'a Prepared,
+}
+
+/// Prototypes per block of the channel-lane kernel: their `KB` running sums stay in registers.
+const KB: usize = 16;
+
+/// Channel-lane argmin encoding of rows `r0 ..` of a channels-last convolution (`out`: their
+/// codes). For each row, family and group of `CL` channels: load the `s` window values of the
+/// `CL` channels (zeros outside the image), accumulate `x·p` for `KB` prototypes at a time, and
+/// keep the nearest per lane — the same arithmetic in the same order as [`argmin_tile`].
+#[inline(always)]
+fn channel_rows(rows: &Rows, cl: &ChannelLanes, k: usize, r0: usize, out: &mut [u8]) {
+    let Rows::ConvNhwc { x, shape, win, geo } = rows else {
+        unreachable!("channel lanes need channels-last rows")
+    };
+    let [_, h, w, ch] = *shape;
+    let [kh, kw] = win.kernel;
+    let p = geo.out[0] * geo.out[1];
+    let c_n = cl.channels * cl.families;
+    let s = if cl.families == 1 { kh * kw } else { kw };
+    let groups = ch.div_ceil(CL);
+    let mut xs = [[0f32; CL]; CL_MAX_S];
+    // Channel groups outside, rows inside: one group's prototypes stay in L1 across the rows.
+    for f in 0..cl.families {
+        for g in 0..groups {
+            let c0 = g * CL;
+            let width = (ch - c0).min(CL);
+            let fg = f * groups + g;
+            let pt = &cl.pt[fg * s * k * CL..(fg + 1) * s * k * CL];
+            let hn = &cl.half_norms[fg * k * CL..(fg + 1) * k * CL];
+            for (ri, codes) in out.chunks_mut(c_n).enumerate() {
+                let r = r0 + ri;
+                let (img, pos) = (r / p, r % p);
+                let y0 = ((pos / geo.out[1]) * win.strides[0]) as isize - geo.pads[0] as isize;
+                let x0 = ((pos % geo.out[1]) * win.strides[1]) as isize - geo.pads[1] as isize;
+                for (t, v) in xs[..s].iter_mut().enumerate() {
+                    let (i, j) = if cl.families == 1 { (t / kw, t % kw) } else { (f, t) };
+                    let iy = y0 + (i * win.dilations[0]) as isize;
+                    let ix = x0 + (j * win.dilations[1]) as isize;
+                    if iy >= 0 && iy < h as isize && ix >= 0 && ix < w as isize {
+                        let at = ((img * h + iy as usize) * w + ix as usize) * ch + c0;
+                        if width == CL {
+                            *v = x[at..at + CL].try_into().expect("CL values");
+                        } else {
+                            *v = [0.0; CL];
+                            v[..width].copy_from_slice(&x[at..at + width]);
+                        }
+                    } else {
+                        *v = [0.0; CL];
+                    }
+                }
+                let best = nearest_in_lanes(&xs[..s], pt, hn, k);
+                for l in 0..width {
+                    codes[(c0 + l) * cl.families + f] = best[l];
+                }
+            }
+        }
+    }
+}
+
+/// Per lane, the index of the prototype minimising `‖p‖²/2 − x·p` (ties: lowest index).
+/// `pt`: `[s][k][CL]`, `hn`: `[k][CL]`; `k` a multiple of `KB`. The SIMD versions compute the
+/// same fused multiply-adds in the same order and compare prototypes in increasing order, so
+/// every version returns the same codes.
+#[inline(always)]
+fn nearest_in_lanes(xs: &[[f32; CL]], pt: &[f32], hn: &[f32], k: usize) -> [u8; CL] {
+    nearest_in_lanes_at(Simd::detect(), xs, pt, hn, k)
+}
+
+/// [`nearest_in_lanes`] at a given SIMD level (tests compare them).
+#[inline(always)]
+fn nearest_in_lanes_at(level: Simd, xs: &[[f32; CL]], pt: &[f32], hn: &[f32], k: usize) -> [u8; CL] {
+    assert!(pt.len() >= xs.len() * k * CL && hn.len() >= k * CL && k.is_multiple_of(KB) && k <= 256);
+    assert!(level.supported(), "SIMD level {level:?} not supported by this CPU");
+    #[cfg(target_arch = "x86_64")]
+    match level {
+        // SAFETY: the level is supported (asserted); the assert above bounds every load.
+        Simd::Avx512 => return unsafe { x86::nearest_avx512(xs, pt, hn, k) },
+        // SAFETY: as above.
+        Simd::Avx2 => return unsafe { x86::nearest_avx2(xs, pt, hn, k) },
+        Simd::Scalar => {}
+    }
+    let mut best_d = [f32::INFINITY; CL];
+    let mut best_k = [0u8; CL];
+    for kk in 0..k {
+        let mut acc = [0f32; CL];
+        for (t, xv) in xs.iter().enumerate() {
+            let row = &pt[(t * k + kk) * CL..(t * k + kk + 1) * CL];
+            for l in 0..CL {
+                acc[l] = xv[l].mul_add(row[l], acc[l]);
+            }
+        }
+        let h = &hn[kk * CL..(kk + 1) * CL];
+        for l in 0..CL {
+            let dist = h[l] - acc[l];
+            if dist < best_d[l] {
+                best_d[l] = dist;
+                best_k[l] = kk as u8;
+            }
+        }
+    }
+    best_k
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn encode_avx512(job: &Job, r0: usize, out: &mut [u8]) {
-    encode_block(job, r0, out)
-}
+mod x86 {
+    use super::{CL, KB};
+    use std::arch::x86_64::*;
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn encode_avx2(job: &Job, r0: usize, out: &mut [u8]) {
-    encode_block(job, r0, out)
+    /// One 16-lane vector per channel group; `KB` running sums in registers.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn nearest_avx512(xs: &[[f32; CL]], pt: &[f32], hn: &[f32], k: usize) -> [u8; CL] {
+        let mut best_d = _mm512_set1_ps(f32::INFINITY);
+        let mut best_k = _mm512_setzero_si512();
+        let (pt, hn) = (pt.as_ptr(), hn.as_ptr());
+        for kb in (0..k).step_by(KB) {
+            let mut acc = [_mm512_setzero_ps(); KB];
+            for (t, xv) in xs.iter().enumerate() {
+                let xv = _mm512_loadu_ps(xv.as_ptr());
+                let row = pt.add((t * k + kb) * CL);
+                for (j, a) in acc.iter_mut().enumerate() {
+                    *a = _mm512_fmadd_ps(xv, _mm512_loadu_ps(row.add(j * CL)), *a);
+                }
+            }
+            // Four chains of four prototypes, each sequential from (∞, its first index), merged
+            // in order with "the later one wins only if strictly nearer": exactly the result of
+            // one sequential scan (ties and NaN included), with a dependency chain of 6, not 16.
+            let mut chain_d = [_mm512_set1_ps(f32::INFINITY); 4];
+            let mut chain_k = [_mm512_setzero_si512(); 4];
+            for q in 0..4 {
+                chain_k[q] = _mm512_set1_epi32((kb + 4 * q) as i32);
+                for j in 4 * q..4 * q + 4 {
+                    let d = _mm512_sub_ps(_mm512_loadu_ps(hn.add((kb + j) * CL)), acc[j]);
+                    let m = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(d, chain_d[q]);
+                    chain_d[q] = _mm512_mask_mov_ps(chain_d[q], m, d);
+                    chain_k[q] = _mm512_mask_mov_epi32(chain_k[q], m, _mm512_set1_epi32((kb + j) as i32));
+                }
+            }
+            let merge = |(d0, k0): (__m512, __m512i), (d1, k1): (__m512, __m512i)| {
+                let m = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(d1, d0);
+                (_mm512_mask_mov_ps(d0, m, d1), _mm512_mask_mov_epi32(k0, m, k1))
+            };
+            let lo = merge((chain_d[0], chain_k[0]), (chain_d[1], chain_k[1]));
+            let hi = merge((chain_d[2], chain_k[2]), (chain_d[3], chain_k[3]));
+            (best_d, best_k) = merge((best_d, best_k), merge(lo, hi));
+        }
+        let mut out = [0u8; CL];
+        _mm_storeu_si128(out.as_mut_ptr().cast(), _mm512_cvtepi32_epi8(best_k));
+        out
+    }
+
+    /// Two 8-lane halves per channel group; 8 prototypes at a time (16 registers).
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn nearest_avx2(xs: &[[f32; CL]], pt: &[f32], hn: &[f32], k: usize) -> [u8; CL] {
+        const H: usize = 8;
+        let mut out = [0u8; CL];
+        let (pt, hn) = (pt.as_ptr(), hn.as_ptr());
+        for half in 0..CL / H {
+            let o = half * H;
+            let mut best_d = _mm256_set1_ps(f32::INFINITY);
+            let mut best_k = _mm256_setzero_si256();
+            for kb in (0..k).step_by(H) {
+                let mut acc = [_mm256_setzero_ps(); H];
+                for (t, xv) in xs.iter().enumerate() {
+                    let xv = _mm256_loadu_ps(xv.as_ptr().add(o));
+                    let row = pt.add((t * k + kb) * CL + o);
+                    for (j, a) in acc.iter_mut().enumerate() {
+                        *a = _mm256_fmadd_ps(xv, _mm256_loadu_ps(row.add(j * CL)), *a);
+                    }
+                }
+                for (j, a) in acc.iter().enumerate() {
+                    let d = _mm256_sub_ps(_mm256_loadu_ps(hn.add((kb + j) * CL + o)), *a);
+                    let m = _mm256_cmp_ps::<_CMP_LT_OQ>(d, best_d);
+                    best_d = _mm256_blendv_ps(best_d, d, m);
+                    let kv = _mm256_set1_epi32((kb + j) as i32);
+                    best_k = _mm256_blendv_epi8(best_k, kv, _mm256_castps_si256(m));
+                }
+            }
+            let mut ks = [0i32; H];
+            _mm256_storeu_si256(ks.as_mut_ptr().cast(), best_k);
+            for l in 0..H {
+                out[o + l] = ks[l] as u8;
+            }
+        }
+        out
+    }
 }
 
 #[inline(always)]
 fn encode_block(job: &Job, r0: usize, out: &mut [u8]) {
-    let sub = job.sub;
+    let sub = job.prepared.sub;
     let c_n = sub.count();
     let n = out.len() / c_n;
     let mut xt = vec![[0f32; LANES]; sub.d];
     for g in (0..n).step_by(LANES) {
         let lanes = (n - g).min(LANES);
-        match job.prepared {
-            Prepared::Argmin { .. } => job.rows.fill(r0 + g, lanes, 0..sub.d, &mut xt),
-            Prepared::Tree { cols, .. } => job.rows.fill(r0 + g, lanes, cols.iter().copied(), &mut xt),
+        match &job.prepared.kind {
+            Kind::Argmin { .. } => job.rows.fill(r0 + g, lanes, 0..sub.d, &mut xt),
+            Kind::Tree { cols, .. } => job.rows.fill(r0 + g, lanes, cols.iter().copied(), &mut xt),
         }
         for c in 0..c_n {
-            let code = match job.prepared {
-                Prepared::Argmin { k, pt, norms } => argmin_tile(&xt, sub, c, *k, pt, norms),
-                Prepared::Tree {
+            let code = match &job.prepared.kind {
+                Kind::Argmin { k, pt, norms } => argmin_tile(&xt, sub, c, *k, pt, norms),
+                Kind::Tree {
                     depth,
                     dims,
                     thresholds,
@@ -252,12 +592,12 @@ fn argmin_tile(xt: &[[f32; LANES]], sub: Subspaces, c: usize, k: usize, protos: 
         for (pj, col) in p.iter().zip(range.clone()) {
             let xc = &xt[col];
             for l in 0..LANES {
-                acc[l] += xc[l] * pj;
+                acc[l] = xc[l].mul_add(*pj, acc[l]);
             }
         }
-        let norm = norms[c * k + kk];
+        let half_norm = norms[c * k + kk] * 0.5;
         for l in 0..LANES {
-            let dist = norm - 2.0 * acc[l];
+            let dist = half_norm - acc[l];
             let better = dist < best_d[l];
             best_d[l] = if better { dist } else { best_d[l] };
             best_k[l] = if better { kk as u32 } else { best_k[l] };
@@ -405,6 +745,145 @@ mod tests {
             ceil_mode: false,
         };
         conv_case([2, 3, 7, 6], odd);
+    }
+
+    /// NCHW → NHWC copy of a batch.
+    fn to_nhwc(x: &[f32], [n, c, h, w]: [usize; 4]) -> Vec<f32> {
+        let mut y = vec![0f32; x.len()];
+        for i in 0..n {
+            for ch in 0..c {
+                for yy in 0..h {
+                    for xx in 0..w {
+                        y[((i * h + yy) * w + xx) * c + ch] = x[((i * c + ch) * h + yy) * w + xx];
+                    }
+                }
+            }
+        }
+        y
+    }
+
+    /// Channels-last rows give the same codes as NCHW rows, through the channel-lane kernel
+    /// (one codebook per channel, or per channel and kernel row) and the generic gather alike,
+    /// with channel counts that are not a multiple of 16, strides, dilations, padding, K = 16/32.
+    #[test]
+    fn nhwc_rows_encode_like_nchw_rows() {
+        let mut rng = Rng::new(21);
+        type Case = ([usize; 4], [usize; 2], [usize; 2], [usize; 2], [usize; 4], usize, usize);
+        let cases: &[Case] = &[
+            // shape, kernel, strides, dilations, pads, subspace, k
+            ([2, 20, 9, 7], [3, 3], [1, 1], [1, 1], [1, 1, 1, 1], 9, 16),
+            ([3, 16, 8, 8], [3, 3], [2, 2], [1, 1], [1, 1, 1, 1], 9, 16),
+            ([1, 37, 6, 5], [3, 3], [1, 2], [2, 1], [2, 1, 0, 2], 9, 32),
+            ([2, 6, 12, 12], [5, 5], [1, 1], [1, 1], [2, 2, 2, 2], 5, 16),
+            ([2, 24, 5, 5], [1, 1], [2, 2], [1, 1], [0, 0, 0, 0], 4, 16),
+            ([2, 5, 6, 6], [3, 3], [1, 1], [1, 1], [1, 1, 1, 1], 6, 16),
+        ];
+        for &(shape, kernel, strides, dilations, pads, s, k) in cases {
+            let win = Window {
+                kernel,
+                strides,
+                dilations,
+                padding: Padding::Explicit(pads),
+                ceil_mode: false,
+            };
+            let x: Vec<f32> = (0..shape.iter().product())
+                .map(|_| rng.next_f64() as f32 - 0.3)
+                .collect();
+            let xh = to_nhwc(&x, shape);
+            let geo = win.resolve([shape[2], shape[3]]).unwrap();
+            let d = shape[1] * kernel[0] * kernel[1];
+            let sub = Subspaces { d, s };
+            let c_n = sub.count();
+            let protos: Vec<f32> = (0..c_n * k * s).map(|_| rng.next_f64() as f32 - 0.3).collect();
+            let nchw = Rows::Conv {
+                x: &x,
+                shape,
+                win: &win,
+                geo,
+            };
+            let [n, c, h, w] = shape;
+            let nhwc = Rows::ConvNhwc {
+                x: &xh,
+                shape: [n, h, w, c],
+                win: &win,
+                geo,
+            };
+            let cb = Codebooks::Argmin { k, protos: &protos };
+            let mut a = vec![0u8; nchw.count() * c_n];
+            let mut b = vec![0u8; nchw.count() * c_n];
+            encode(&nchw, sub, &cb, &mut a);
+            let prepared = prepare(sub, &cb, Some((c, kernel[0], kernel[1])));
+            let lanes = prepared.lanes.is_some();
+            assert_eq!(
+                lanes,
+                s == kernel[0] * kernel[1] || s == kernel[1],
+                "case {shape:?} s={s}"
+            );
+            encode_prepared(&nhwc, &prepared, &mut b);
+            assert_eq!(a, b, "argmin {shape:?} s={s} k={k} (channel lanes: {lanes})");
+            // every SIMD level of the channel-lane kernel gives the same codes
+            if let Some(cl) = &prepared.lanes {
+                let sl = if cl.families == 1 {
+                    kernel[0] * kernel[1]
+                } else {
+                    kernel[1]
+                };
+                let groups = c.div_ceil(CL);
+                for g in 0..groups * cl.families {
+                    let xs: Vec<[f32; CL]> = (0..sl)
+                        .map(|_| std::array::from_fn(|_| rng.next_f64() as f32 - 0.3))
+                        .collect();
+                    let pt = &cl.pt[g * sl * k * CL..(g + 1) * sl * k * CL];
+                    let hn = &cl.half_norms[g * k * CL..(g + 1) * k * CL];
+                    let levels = Simd::available();
+                    let want = nearest_in_lanes_at(Simd::Scalar, &xs, pt, hn, k);
+                    for &lv in &levels {
+                        assert_eq!(nearest_in_lanes_at(lv, &xs, pt, hn, k), want, "{lv:?}");
+                    }
+                }
+            }
+            // the tree encoder reads channels-last rows too
+            let depth = 4;
+            let dims: Vec<usize> = (0..c_n * depth).map(|i| (i * 7) % s).collect();
+            let thr: Vec<f32> = (0..c_n * 15).map(|_| rng.next_f64() as f32 - 0.3).collect();
+            let tree = Codebooks::Tree {
+                depth,
+                dims: &dims,
+                thresholds: &thr,
+            };
+            encode(&nchw, sub, &tree, &mut a);
+            encode_prepared(&nhwc, &prepare(sub, &tree, Some((c, kernel[0], kernel[1]))), &mut b);
+            assert_eq!(a, b, "tree {shape:?}");
+        }
+        eprintln!("channel-lane encoder checked at SIMD levels {:?}", Simd::available());
+    }
+
+    /// Ties go to the lowest index in every kernel, and NaN distances never win.
+    #[test]
+    fn channel_lanes_break_ties_like_a_sequential_scan() {
+        let k = 32;
+        let s = 2;
+        // prototypes 3, 9, 17 and 30 all at distance 0 from x = (1, 1) in every lane; the rest far
+        let mut pt = vec![5.0f32; s * k * CL];
+        let mut hn = vec![25.0f32; k * CL];
+        for &kk in &[3usize, 9, 17, 30] {
+            for t in 0..s {
+                for l in 0..CL {
+                    pt[(t * k + kk) * CL + l] = 1.0;
+                }
+            }
+            for l in 0..CL {
+                hn[kk * CL + l] = 1.0;
+            }
+        }
+        let xs = vec![[1.0f32; CL]; s];
+        for lv in Simd::available() {
+            assert_eq!(nearest_in_lanes_at(lv, &xs, &pt, &hn, k), [3u8; CL], "{lv:?}");
+        }
+        let nan = vec![[f32::NAN; CL]; s];
+        for lv in Simd::available() {
+            assert_eq!(nearest_in_lanes_at(lv, &nan, &pt, &hn, k), [0u8; CL], "{lv:?}");
+        }
     }
 
     fn conv_case(shape: [usize; 4], win: Window) {

@@ -6,17 +6,23 @@ use crate::ir::window::Geometry;
 
 /// `x`: one image `C×H×W`; `cols`: `(C·kh·kw) × (oh·ow)`, fully overwritten (zeros in padding).
 pub fn im2col(x: &[f32], c: usize, hw: [usize; 2], win: &Window, geo: &Geometry, cols: &mut [f32]) {
+    im2col_strided(x, c, hw, win, geo, cols, geo.out[0] * geo.out[1])
+}
+
+/// [`im2col`] into the first `oh·ow` columns of a matrix whose rows are `ld` apart (several
+/// images side by side, for one GEMM over the whole batch).
+pub fn im2col_strided(x: &[f32], c: usize, hw: [usize; 2], win: &Window, geo: &Geometry, cols: &mut [f32], ld: usize) {
     let [h, w] = hw;
     let [kh, kw] = win.kernel;
     let [oh, ow] = geo.out;
     let p = oh * ow;
-    debug_assert_eq!(cols.len(), c * kh * kw * p);
+    assert!(ld >= p && cols.len() >= (c * kh * kw).saturating_sub(1) * ld + p);
     debug_assert_eq!(x.len(), c * h * w);
     for ch in 0..c {
         let plane = &x[ch * h * w..(ch + 1) * h * w];
         for i in 0..kh {
             for j in 0..kw {
-                let row = &mut cols[((ch * kh + i) * kw + j) * p..][..p];
+                let row = &mut cols[((ch * kh + i) * kw + j) * ld..][..p];
                 let di = (i * win.dilations[0]) as isize - geo.pads[0] as isize;
                 let dj = (j * win.dilations[1]) as isize - geo.pads[1] as isize;
                 for y in 0..oh {

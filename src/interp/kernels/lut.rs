@@ -179,6 +179,84 @@ pub fn lut_i8_with(
         });
 }
 
+/// `[c][m][k]` tables → `[c][k][m]`: the layout of [`lut_i8_rowwise`] (one contiguous run of `m`
+/// entries per (codebook, code)).
+pub fn transpose_tables(tables: &[i8], c: usize, m: usize, k: usize) -> Vec<i8> {
+    assert_eq!(Some(tables.len()), c.checked_mul(m).and_then(|x| x.checked_mul(k)));
+    let mut t = vec![0i8; tables.len()];
+    for ci in 0..c {
+        for mi in 0..m {
+            for kk in 0..k {
+                t[(ci * k + kk) * m + mi] = tables[(ci * m + mi) * k + kk];
+            }
+        }
+    }
+    t
+}
+
+/// Rows below which [`lut_i8_rowwise`] beats the shuffle kernels: those fill whole 32/64-row
+/// blocks and read every table entry per block, while this reads only the `m` entries each code
+/// selects.
+pub const ROWWISE_MAX_ROWS: usize = 32;
+
+/// int8 lookup-accumulate for few rows, any `k`: for each row and codebook, add the `m`
+/// contiguous entries its code selects from `[c][k][m]` tables (from [`transpose_tables`]) into
+/// i16 accumulators (at most 256 codebooks between flushes to i32: |Σ| ≤ 256·128 fits an i16),
+/// vectorized over outputs. Exact integer sums, so the result equals [`lut_i8`]'s bit for bit.
+#[allow(clippy::too_many_arguments)]
+pub fn lut_i8_rowwise(codes: &[u8], rows: usize, c: usize, tables_ckm: &[i8], m: usize, k: usize, out: &mut [i32]) {
+    check_shapes(codes.len(), rows, c, tables_ckm.len(), m, k, out.len());
+    check_codes(codes, k);
+    if out.is_empty() {
+        return;
+    }
+    // Split the outputs, not the rows, across threads when there is enough work.
+    let tile = if rows * c * m >= 1 << 20 { 256.min(m) } else { m };
+    if tile == m {
+        super::encode::dispatch_simd!(rowwise_tile(codes, c, tables_ckm, m, k, 0, m, out));
+        return;
+    }
+    // Column tiles in parallel: each task owns outputs m0..m0+tile of every row.
+    let tiles: Vec<Vec<i32>> = (0..m.div_ceil(tile))
+        .into_par_iter()
+        .map(|ti| {
+            let (m0, mw) = (ti * tile, tile.min(m - ti * tile));
+            let mut res = vec![0i32; rows * mw];
+            super::encode::dispatch_simd!(rowwise_tile(codes, c, tables_ckm, m, k, m0, mw, &mut res));
+            res
+        })
+        .collect();
+    for (ti, res) in tiles.iter().enumerate() {
+        let (m0, mw) = (ti * tile, tile.min(m - ti * tile));
+        for (o, r) in out.chunks_exact_mut(m).zip(res.chunks_exact(mw)) {
+            o[m0..m0 + mw].copy_from_slice(r);
+        }
+    }
+}
+
+/// Outputs `m0 .. m0 + mw` of every row into `out` (`rows × mw`).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn rowwise_tile(codes: &[u8], c: usize, t: &[i8], m: usize, k: usize, m0: usize, mw: usize, out: &mut [i32]) {
+    let mut acc16 = vec![0i16; mw];
+    for (codes, o) in codes.chunks_exact(c).zip(out.chunks_exact_mut(mw)) {
+        o.fill(0);
+        for (chunk_i, chunk) in codes.chunks(256).enumerate() {
+            acc16.fill(0);
+            for (j, &code) in chunk.iter().enumerate() {
+                let ci = chunk_i * 256 + j;
+                let row = &t[(ci * k + code as usize) * m + m0..][..mw];
+                for (a, &v) in acc16.iter_mut().zip(row) {
+                    *a = a.wrapping_add(v as i16);
+                }
+            }
+            for (o, &v) in o.iter_mut().zip(acc16.iter()) {
+                *o += v as i32;
+            }
+        }
+    }
+}
+
 /// f32 tables `[c][m][k]` → f32 sums. Every output is accumulated from 0.0 in codebook order
 /// `ci = 0..c`, so the result is deterministic (independent of threads and blocking).
 pub fn lut_f32(codes: &[u8], rows: usize, c: usize, tables: &[f32], m: usize, k: usize, out: &mut [f32]) {
@@ -972,6 +1050,31 @@ mod tests {
             Fill::Random => (0..n).map(|_| rng.next() as i8).collect(),
             Fill::Min => vec![-128; n],
             Fill::Max => vec![127; n],
+        }
+    }
+
+    /// The row-wise kernel (few rows, `[c][k][m]` tables) equals the naive sum exactly: i16
+    /// flushes past 256 codebooks, extreme tables, K = 16 and 256, the parallel output tiles.
+    #[test]
+    fn rowwise_matches_naive() {
+        let mut rng = Rng(77);
+        let cases = [
+            (1, 64, 64, 16, Fill::Random),
+            (7, 300, 33, 16, Fill::Min),
+            (5, 513, 40, 16, Fill::Max),
+            (32, 20, 17, 256, Fill::Random),
+            (3, 1, 5, 16, Fill::Random),
+            (8, 512, 300, 16, Fill::Random), // rows·c·m ≥ 2^20: output tiles in parallel
+            (2, 600, 9, 256, Fill::Min),
+        ];
+        for (rows, c, m, k, fill) in cases {
+            let codes = random_codes(&mut rng, rows * c, k);
+            let tables = tables_i8(&mut rng, c * m * k, fill);
+            let want = naive_i8(&codes, rows, c, &tables, m, k);
+            let tt = transpose_tables(&tables, c, m, k);
+            let mut got = vec![0i32; rows * m];
+            lut_i8_rowwise(&codes, rows, c, &tt, m, k, &mut got);
+            assert_eq!(got, want, "rows={rows} c={c} m={m} k={k} {fill:?}");
         }
     }
 

@@ -8,3 +8,62 @@ pub mod im2col;
 pub mod lut;
 pub mod pool;
 pub mod shape_ops;
+
+/// The widest SIMD level this CPU gives the kernels ("avx512", "avx2" or "scalar"), for reports.
+pub fn simd_level() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bw") {
+            return "avx512";
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            return "avx2";
+        }
+    }
+    "scalar"
+}
+
+/// A SIMD level of the hand-written kernels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Simd {
+    Scalar,
+    /// AVX2 and FMA.
+    Avx2,
+    /// AVX-512F (and BW where a kernel says so).
+    Avx512,
+}
+
+impl Simd {
+    /// The best level this CPU supports.
+    #[inline]
+    pub fn detect() -> Simd {
+        if Simd::Avx512.supported() {
+            Simd::Avx512
+        } else if Simd::Avx2.supported() {
+            Simd::Avx2
+        } else {
+            Simd::Scalar
+        }
+    }
+
+    /// Every level this CPU supports, scalar first.
+    pub fn available() -> Vec<Simd> {
+        [Simd::Scalar, Simd::Avx2, Simd::Avx512]
+            .into_iter()
+            .filter(|s| s.supported())
+            .collect()
+    }
+
+    #[inline]
+    pub fn supported(self) -> bool {
+        match self {
+            Simd::Scalar => true,
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx2 => std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma"),
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx512 => std::arch::is_x86_feature_detected!("avx512f"),
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+}

@@ -1,0 +1,156 @@
+//! The `channels-last` pass: LUT layers chain without transposes, every other consumer still
+//! gets NCHW, the numbers do not change by a single bit, and the layout survives a `.tcv` round
+//! trip. A small residual CNN is built in the test so every case the pass handles appears:
+//! a LUT conv feeding a LUT conv, a residual `Add` of two LUT outputs, a `Relu` read both by a
+//! LUT conv and by an exact consumer (`MaxPool`), and a `GlobalAveragePool` head.
+
+mod common;
+use common::*;
+use ndarray::{ArrayD, IxDyn};
+use tabconv::interp::run;
+use tabconv::ir::op::{Binary, Conv, Padding, Pool, PoolKind, Unary, Window};
+use tabconv::ir::{dump::dump, DType, Dim, Fact, Graph, Op, Outlet, Tensor};
+use tabconv::onnx::tcv;
+use tabconv::passes::{manager::run_pipeline, pipeline::Pipeline, PassCx};
+use tabconv::pq::rng::Rng;
+
+fn win(k: usize, stride: usize, pad: usize) -> Window {
+    Window {
+        kernel: [k, k],
+        strides: [stride, stride],
+        dilations: [1, 1],
+        padding: Padding::Explicit([pad; 4]),
+        ceil_mode: false,
+    }
+}
+
+/// x [N,3,8,8] → conv a (3→16) → relu r1 → conv b (16→16) → add(r1) → relu r2
+///   → maxpool (exact consumer of r2) ↘
+///   → conv c (16→24, 1×1 stride 2) → relu → add(maxpool via conv d 16→24 1×1) → relu
+///   → global average pool → flatten → gemm (24→5)
+fn residual_net() -> Graph {
+    let mut rng = Rng::new(9);
+    let mut g = Graph::new();
+    let x = g.add_node("x", Op::Input, &[]);
+    g.node_mut(x).outputs[0].fact = Some(Fact::new(
+        DType::F32,
+        vec![Dim::Batch(1), Dim::Known(3), Dim::Known(8), Dim::Known(8)],
+    ));
+    g.inputs.push(x);
+    let mut conv = |g: &mut Graph, name: &str, x: Outlet, cin: usize, cout: usize, w: Window| {
+        let k = w.kernel[0];
+        let scale = 1.0 / ((cin * k * k) as f32).sqrt();
+        let wv: Vec<f32> = (0..cout * cin * k * k)
+            .map(|_| (rng.next_f64() as f32 - 0.5) * 2.0 * scale)
+            .collect();
+        let bv: Vec<f32> = (0..cout).map(|_| rng.next_f64() as f32 * 0.1).collect();
+        let wc = g.add_const(&format!("{name}.w"), Tensor::f32(&[cout, cin, k, k], wv).unwrap());
+        let bc = g.add_const(&format!("{name}.b"), Tensor::f32(&[cout], bv).unwrap());
+        g.add_op(name, Op::Conv(Conv { window: w, group: 1 }), &[x, wc, bc])
+    };
+    let x0 = Outlet::new(x, 0);
+    let a = conv(&mut g, "a", x0, 3, 16, win(3, 1, 1));
+    let r1 = g.add_op("r1", Op::Unary(Unary::Relu), &[a]);
+    let b = conv(&mut g, "b", r1, 16, 16, win(3, 1, 1));
+    let s1 = g.add_op("s1", Op::Binary(Binary::Add), &[b, r1]);
+    let r2 = g.add_op("r2", Op::Unary(Unary::Relu), &[s1]);
+    let mp = g.add_op(
+        "mp",
+        Op::Pool(Pool {
+            kind: PoolKind::Max,
+            window: win(2, 2, 0),
+        }),
+        &[r2],
+    );
+    let c = conv(&mut g, "c", r2, 16, 24, win(1, 2, 0));
+    let r3 = g.add_op("r3", Op::Unary(Unary::Relu), &[c]);
+    let d = conv(&mut g, "d", mp, 16, 24, win(1, 1, 0));
+    let s2 = g.add_op("s2", Op::Binary(Binary::Add), &[r3, d]);
+    let r4 = g.add_op("r4", Op::Unary(Unary::Relu), &[s2]);
+    let gap = g.add_op("gap", Op::GlobalPool { max: false }, &[r4]);
+    let fl = g.add_op("flat", Op::Flatten { axis: 1 }, &[gap]);
+    let wv: Vec<f32> = (0..24 * 5).map(|_| rng.next_f64() as f32 - 0.5).collect();
+    let wf = g.add_const("fc.w", Tensor::f32(&[24, 5], wv).unwrap());
+    let y = g.add_op("fc", Op::MatMul, &[fl, wf]);
+    g.outputs.push(("y".into(), y));
+    tabconv::ir::infer::infer_graph(&mut g).unwrap();
+    g
+}
+
+fn images(n: usize, seed: u64) -> ArrayD<f32> {
+    let mut rng = Rng::new(seed);
+    ArrayD::from_shape_vec(
+        IxDyn(&[n, 3, 8, 8]),
+        (0..n * 192).map(|_| rng.next_f64() as f32).collect(),
+    )
+    .unwrap()
+}
+
+fn compile(layout: bool) -> Graph {
+    let mut g = residual_net();
+    let text = format!(
+        "name: t\npasses:\n  - conv-to-im2col:\n  - constant-fold:\n  - lut:\n      encoder: argmin\n      subspace: 0\n{}  - dead-code:\n",
+        if layout { "  - channels-last:\n" } else { "" }
+    );
+    let mut cx = PassCx {
+        calib: Some(images(256, 1)),
+        ..Default::default()
+    };
+    run_pipeline(&mut g, &Pipeline::parse(&text, "test").unwrap(), &mut cx, |_, _| Ok(())).unwrap();
+    g
+}
+
+fn count(g: &Graph, pred: impl Fn(&Op) -> bool) -> usize {
+    g.topo_order()
+        .unwrap()
+        .into_iter()
+        .filter(|&n| pred(&g.node(n).op))
+        .count()
+}
+
+#[test]
+fn channels_last_keeps_every_bit_and_drops_transposes() {
+    let plain = compile(false);
+    let cl = compile(true);
+    let x = images(5, 2);
+    let a = as_f32(&run(&plain, vec![Tensor::F32(x.clone())]).unwrap()[0]);
+    let b = as_f32(&run(&cl, vec![Tensor::F32(x.clone())]).unwrap()[0]);
+    assert_eq!(a, b, "same codes, same lookups, same bits");
+
+    let transposes = |g: &Graph| count(g, |op| matches!(op, Op::Transpose { .. }));
+    let nhwc_encoders = count(&cl, |op| matches!(op, Op::PqEncode(p) if p.nhwc));
+    // a → b, r2 → c and mp → d: three 3-D → NCHW transposes before; after, only r2 → MaxPool
+    assert_eq!(transposes(&plain), 4, "{}", dump(&plain).unwrap());
+    assert_eq!(transposes(&cl), 1, "{}", dump(&cl).unwrap());
+    assert_eq!(nhwc_encoders, 2, "b and c read channels-last input");
+    assert_eq!(
+        count(&cl, |op| matches!(op, Op::GlobalPool { .. })),
+        0,
+        "GAP became ReduceMean"
+    );
+    let relus = |g: &Graph| count(g, |op| matches!(op, Op::Unary(Unary::Relu)));
+    assert_eq!(relus(&cl), relus(&plain), "no elementwise op runs twice");
+
+    // the layout attribute survives writing and reading a .tcv
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("cl.tcv");
+    tcv::write_tcv(&cl, "", &p).unwrap();
+    let back = tcv::read_tcv(&p).unwrap();
+    assert_eq!(dump(&back).unwrap(), dump(&cl).unwrap());
+    let c = as_f32(&run(&back, vec![Tensor::F32(x)]).unwrap()[0]);
+    assert_eq!(c, b);
+
+    let text: String = dump(&cl)
+        .unwrap()
+        .split('#')
+        .enumerate()
+        .map(|(i, part)| {
+            if i == 0 {
+                part.to_string()
+            } else {
+                format!("#HASH{}", &part[8.min(part.len())..])
+            }
+        })
+        .collect();
+    insta::assert_snapshot!("residual_after_channels_last", text);
+}
