@@ -46,6 +46,27 @@ pub fn binary_f32(op: Binary, mut a: ArrayD<f32>, b: &ArrayD<f32>) -> Result<Arr
         Binary::Mul => x * y,
         Binary::Div => x / y,
     };
+    if a.shape() == b.shape() {
+        if let (Some(x), Some(y)) = (a.as_slice_mut(), b.as_slice()) {
+            // Same shape, both contiguous (residual adds): one pass, split only when large.
+            fn apply(x: &mut [f32], y: &[f32], op: Binary) {
+                match op {
+                    Binary::Add => x.iter_mut().zip(y).for_each(|(a, b)| *a += b),
+                    Binary::Sub => x.iter_mut().zip(y).for_each(|(a, b)| *a -= b),
+                    Binary::Mul => x.iter_mut().zip(y).for_each(|(a, b)| *a *= b),
+                    Binary::Div => x.iter_mut().zip(y).for_each(|(a, b)| *a /= b),
+                }
+            }
+            if x.len() >= PAR_MIN {
+                x.par_chunks_mut(8192)
+                    .zip(y.par_chunks(8192))
+                    .for_each(|(x, y)| apply(x, y, op));
+            } else {
+                apply(x, y, op);
+            }
+            return Ok(a);
+        }
+    }
     if a.shape() == b.shape() || b.broadcast(a.raw_dim()).is_some() {
         let bb = b.broadcast(a.raw_dim()).expect("checked above");
         Zip::from(&mut a).and(&bb).par_for_each(|x, &y| *x = f(*x, y));

@@ -310,12 +310,12 @@ pub fn encode_prepared(rows: &Rows, prepared: &Prepared, codes: &mut [u8]) {
             let Kind::Argmin { k, .. } = prepared.kind else {
                 unreachable!("channel lanes are built for argmin codebooks only")
             };
-            // Rows per task: about 1 Mi multiply-adds (a hand-off costs ~1 µs), and at most
+            // Rows per task: at least 128 Ki multiply-adds (a hand-off costs ~1 µs), and at most
             // 4 tasks per thread. Codes do not depend on the split.
             let per_row = (c_n * k * sub.s).max(1);
             let n_rows = rows.count();
             let per_thread = n_rows.div_ceil(4 * rayon::current_num_threads()).max(1);
-            let block = (1usize << 20).div_ceil(per_row).max(per_thread).min(n_rows.max(1));
+            let block = (1usize << 17).div_ceil(per_row).max(per_thread).min(n_rows.max(1));
             return codes
                 .par_chunks_mut(block * c_n)
                 .enumerate()
@@ -856,6 +856,107 @@ mod tests {
             assert_eq!(a, b, "tree {shape:?}");
         }
         eprintln!("channel-lane encoder checked at SIMD levels {:?}", Simd::available());
+    }
+
+    /// Encoder throughput on ResNet-like layers (run with `--release --ignored --nocapture`).
+    #[test]
+    #[ignore]
+    fn encode_throughput() {
+        let mut rng = Rng::new(3);
+        for &(n, c, hw, stride, k) in &[
+            (64usize, 64usize, 14usize, 2usize, 16usize),
+            (64, 64, 7, 1, 16),
+            (64, 256, 2, 1, 16),
+        ] {
+            let win = Window {
+                kernel: [3, 3],
+                strides: [stride, stride],
+                dilations: [1, 1],
+                padding: Padding::Explicit([1; 4]),
+                ceil_mode: false,
+            };
+            let x: Vec<f32> = (0..n * c * hw * hw).map(|_| rng.next_f64() as f32).collect();
+            let geo = win.resolve([hw, hw]).unwrap();
+            let sub = Subspaces { d: c * 9, s: 9 };
+            let protos: Vec<f32> = (0..c * k * 9).map(|_| rng.next_f64() as f32).collect();
+            let prepared = prepare(sub, &Codebooks::Argmin { k, protos: &protos }, Some((c, 3, 3)));
+            let rows = Rows::ConvNhwc {
+                x: &x,
+                shape: [n, hw, hw, c],
+                win: &win,
+                geo,
+            };
+            let mut codes = vec![0u8; rows.count() * c];
+            encode_prepared(&rows, &prepared, &mut codes);
+            let t = std::time::Instant::now();
+            let reps = 20;
+            for _ in 0..reps {
+                encode_prepared(&rows, &prepared, &mut codes);
+            }
+            let secs = t.elapsed().as_secs_f64() / reps as f64;
+            let units = rows.count() * c.div_ceil(CL);
+            let macs = rows.count() * c * k * 9;
+            eprintln!(
+                "n={n} c={c} hw={hw} s={stride}: {:.3} ms, {:.1} ns/unit, {:.1} GMAC/s",
+                secs * 1e3,
+                secs * 1e9 / units as f64,
+                macs as f64 / secs / 1e9
+            );
+        }
+    }
+
+    #[test]
+    fn nearest_levels_agree_on_many_inputs() {
+        let mut rng = Rng::new(4);
+        let (s, k) = (9, 16);
+        let pt: Vec<f32> = (0..s * k * CL).map(|_| rng.next_f64() as f32).collect();
+        let hn: Vec<f32> = (0..k * CL).map(|_| rng.next_f64() as f32).collect();
+        let mut xs = vec![[0f32; CL]; s];
+        for i in 0..20000 {
+            xs[i % s][i % CL] = i as f32 * 1e-6;
+            let want = nearest_in_lanes_at(Simd::Scalar, &xs, &pt, &hn, k);
+            for lv in Simd::available() {
+                let got = nearest_in_lanes_at(lv, &xs, &pt, &hn, k);
+                if got != want {
+                    let l = (0..CL).find(|&l| got[l] != want[l]).unwrap();
+                    let dist = |kk: usize| {
+                        let mut a = 0f32;
+                        for t in 0..s {
+                            a = xs[t][l].mul_add(pt[(t * k + kk) * CL + l], a);
+                        }
+                        hn[kk * CL + l] - a
+                    };
+                    panic!(
+                        "call {i} {lv:?} lane {l}: {} (d={}) vs scalar {} (d={})",
+                        got[l],
+                        dist(got[l] as usize),
+                        want[l],
+                        dist(want[l] as usize)
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    #[ignore]
+    fn nearest_throughput() {
+        let mut rng = Rng::new(3);
+        let (s, k) = (9, 16);
+        let pt: Vec<f32> = (0..s * k * CL).map(|_| rng.next_f64() as f32).collect();
+        let hn: Vec<f32> = (0..k * CL).map(|_| rng.next_f64() as f32).collect();
+        let mut xs = vec![[0f32; CL]; s];
+        for lv in Simd::available() {
+            let t = std::time::Instant::now();
+            let mut acc = 0u64;
+            let reps = 1_000_000;
+            for i in 0..reps {
+                xs[i % s][i % CL] = i as f32 * 1e-6;
+                acc += nearest_in_lanes_at(lv, &xs, &pt, &hn, k)[i % CL] as u64;
+            }
+            let ns = t.elapsed().as_secs_f64() * 1e9 / reps as f64;
+            eprintln!("{lv:?}: {ns:.1} ns per call ({acc})");
+        }
     }
 
     /// Ties go to the lowest index in every kernel, and NaN distances never win.

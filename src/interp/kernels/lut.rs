@@ -6,7 +6,7 @@
 //!
 //! The int8 kernels compute that sum exactly in integers, so every kernel gives bit-identical
 //! results; the f32 kernel accumulates in codebook order, so it is deterministic too. All kernels
-//! split the rows into fixed blocks of [`PAR_ROWS`] processed in parallel with rayon: the result
+//! split the rows into blocks of at most [`PAR_ROWS`] processed in parallel with rayon: the result
 //! never depends on the thread count.
 //!
 //! - `Scalar`: any `k <= 256`; blocks of 64 rows, four codebooks at a time, so the `k`-entry table
@@ -21,6 +21,7 @@
 //!
 //! Codes must be `< k` (asserted: the kernels index without bounds checks).
 
+use super::Simd;
 use rayon::prelude::*;
 
 /// Rows per parallel task (fixed, so that results and scheduling do not depend on thread count).
@@ -155,10 +156,14 @@ pub fn lut_i8_with(
         data: relaid.as_deref().unwrap_or(tables),
         relaid: relaid.is_some(),
     };
-    out.par_chunks_mut(PAR_ROWS * m)
+    // Blocks of PAR_ROWS rows, or fewer (a multiple of 64, the widest kernel's block) when that
+    // leaves a thread idle. Integer sums: the split never changes the result.
+    let threads = rayon::current_num_threads().max(1);
+    let par_rows = rows.div_ceil(2 * threads).next_multiple_of(64).clamp(64, PAR_ROWS);
+    out.par_chunks_mut(par_rows * m)
         .enumerate()
         .for_each_init(Scratch::default, |scratch, (bi, out)| {
-            let r0 = bi * PAR_ROWS;
+            let r0 = bi * par_rows;
             let nr = out.len() / m;
             let codes = &codes[r0 * c..(r0 + nr) * c];
             match kernel {
@@ -205,15 +210,34 @@ pub const ROWWISE_MAX_ROWS: usize = 32;
 /// vectorized over outputs. Exact integer sums, so the result equals [`lut_i8`]'s bit for bit.
 #[allow(clippy::too_many_arguments)]
 pub fn lut_i8_rowwise(codes: &[u8], rows: usize, c: usize, tables_ckm: &[i8], m: usize, k: usize, out: &mut [i32]) {
+    lut_i8_rowwise_at(Simd::detect(), codes, rows, c, tables_ckm, m, k, out)
+}
+
+/// [`lut_i8_rowwise`] at a given SIMD level (every level gives the same sums; tests compare).
+#[allow(clippy::too_many_arguments)]
+pub fn lut_i8_rowwise_at(
+    level: Simd,
+    codes: &[u8],
+    rows: usize,
+    c: usize,
+    tables_ckm: &[i8],
+    m: usize,
+    k: usize,
+    out: &mut [i32],
+) {
     check_shapes(codes.len(), rows, c, tables_ckm.len(), m, k, out.len());
     check_codes(codes, k);
     if out.is_empty() {
         return;
     }
     // Split the outputs, not the rows, across threads when there is enough work.
-    let tile = if rows * c * m >= 1 << 20 { 256.min(m) } else { m };
+    let tile = if rows * c * m >= 1 << 18 && rayon::current_num_threads() > 1 {
+        128.min(m)
+    } else {
+        m
+    };
     if tile == m {
-        super::encode::dispatch_simd!(rowwise_tile(codes, c, tables_ckm, m, k, 0, m, out));
+        rowwise_tile(level, codes, c, tables_ckm, m, k, 0, m, out);
         return;
     }
     // Column tiles in parallel: each task owns outputs m0..m0+tile of every row.
@@ -222,7 +246,7 @@ pub fn lut_i8_rowwise(codes: &[u8], rows: usize, c: usize, tables_ckm: &[i8], m:
         .map(|ti| {
             let (m0, mw) = (ti * tile, tile.min(m - ti * tile));
             let mut res = vec![0i32; rows * mw];
-            super::encode::dispatch_simd!(rowwise_tile(codes, c, tables_ckm, m, k, m0, mw, &mut res));
+            rowwise_tile(level, codes, c, tables_ckm, m, k, m0, mw, &mut res);
             res
         })
         .collect();
@@ -234,12 +258,159 @@ pub fn lut_i8_rowwise(codes: &[u8], rows: usize, c: usize, tables_ckm: &[i8], m:
     }
 }
 
-/// Outputs `m0 .. m0 + mw` of every row into `out` (`rows × mw`).
+/// Outputs `m0 .. m0 + mw` of every row into `out` (`rows × mw`): the SIMD kernels take the
+/// outputs in register tiles, the scalar code whatever they leave.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn rowwise_tile(codes: &[u8], c: usize, t: &[i8], m: usize, k: usize, m0: usize, mw: usize, out: &mut [i32]) {
+fn rowwise_tile(
+    level: Simd,
+    codes: &[u8],
+    c: usize,
+    t: &[i8],
+    m: usize,
+    k: usize,
+    m0: usize,
+    mw: usize,
+    out: &mut [i32],
+) {
+    assert!(level.supported());
+    #[cfg(target_arch = "x86_64")]
+    {
+        let done = if level == Simd::Avx512 && std::arch::is_x86_feature_detected!("avx512bw") {
+            // SAFETY: AVX-512BW is available; `check_shapes`/`check_codes` bound every read.
+            unsafe { rowwise_x86::avx512(codes, c, t, m, k, m0, mw, out) }
+        } else if level != Simd::Scalar {
+            // SAFETY: AVX2 is available (every level above scalar has it); as above.
+            unsafe { rowwise_x86::avx2(codes, c, t, m, k, m0, mw, out) }
+        } else {
+            0
+        };
+        if done < mw {
+            rowwise_scalar(codes, c, t, m, k, m0 + done, mw - done, out, mw, done);
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    rowwise_scalar(codes, c, t, m, k, m0, mw, out, mw, 0);
+}
+
+#[cfg(target_arch = "x86_64")]
+mod rowwise_x86 {
+    //! Register-tiled row-wise lookups: for each row and tile of outputs, the i16 sums stay in
+    //! registers while every codebook's selected table run is widened and added; flushed to i32
+    //! after at most 256 codebooks (|Σ| ≤ 256·128 fits an i16, as in the scalar code).
+    use std::arch::x86_64::*;
+
+    /// Outputs handled: the largest multiple of 32 (`≤ mw`); returns it.
+    #[target_feature(enable = "avx2,avx512f,avx512bw")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn avx512(
+        codes: &[u8],
+        c: usize,
+        t: &[i8],
+        m: usize,
+        k: usize,
+        m0: usize,
+        mw: usize,
+        out: &mut [i32],
+    ) -> usize {
+        const V: usize = 32; // i16 lanes per register
+        let done = mw / V * V;
+        for (row, o) in codes.chunks_exact(c).zip(out.chunks_exact_mut(mw)) {
+            let mut j = 0;
+            while j < done {
+                let q = ((done - j) / V).min(4); // registers in this tile
+                let mut tot = [_mm512_setzero_si512(); 8]; // i32 sums, two per register
+                for (chunk_i, chunk) in row.chunks(256).enumerate() {
+                    let mut acc = [_mm512_setzero_si512(); 4];
+                    for (jj, &code) in chunk.iter().enumerate() {
+                        let ci = chunk_i * 256 + jj;
+                        let p = t.as_ptr().add((ci * k + code as usize) * m + m0 + j);
+                        for (r, a) in acc.iter_mut().enumerate().take(q) {
+                            let v = _mm512_cvtepi8_epi16(_mm256_loadu_si256(p.add(r * V).cast()));
+                            *a = _mm512_add_epi16(*a, v);
+                        }
+                    }
+                    for r in 0..q {
+                        let lo = _mm512_cvtepi16_epi32(_mm512_castsi512_si256(acc[r]));
+                        let hi = _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64::<1>(acc[r]));
+                        tot[2 * r] = _mm512_add_epi32(tot[2 * r], lo);
+                        tot[2 * r + 1] = _mm512_add_epi32(tot[2 * r + 1], hi);
+                    }
+                }
+                for (r, v) in tot.iter().enumerate().take(2 * q) {
+                    _mm512_storeu_si512(o.as_mut_ptr().add(j + 16 * r).cast(), *v);
+                }
+                j += q * V;
+            }
+        }
+        done
+    }
+
+    /// Outputs handled: the largest multiple of 16 (`≤ mw`); returns it.
+    #[target_feature(enable = "avx2")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn avx2(
+        codes: &[u8],
+        c: usize,
+        t: &[i8],
+        m: usize,
+        k: usize,
+        m0: usize,
+        mw: usize,
+        out: &mut [i32],
+    ) -> usize {
+        const V: usize = 16;
+        let done = mw / V * V;
+        for (row, o) in codes.chunks_exact(c).zip(out.chunks_exact_mut(mw)) {
+            let mut j = 0;
+            while j < done {
+                let q = ((done - j) / V).min(4);
+                let mut tot = [_mm256_setzero_si256(); 8];
+                for (chunk_i, chunk) in row.chunks(256).enumerate() {
+                    let mut acc = [_mm256_setzero_si256(); 4];
+                    for (jj, &code) in chunk.iter().enumerate() {
+                        let ci = chunk_i * 256 + jj;
+                        let p = t.as_ptr().add((ci * k + code as usize) * m + m0 + j);
+                        for (r, a) in acc.iter_mut().enumerate().take(q) {
+                            let v = _mm256_cvtepi8_epi16(_mm_loadu_si128(p.add(r * V).cast()));
+                            *a = _mm256_add_epi16(*a, v);
+                        }
+                    }
+                    for r in 0..q {
+                        let lo = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(acc[r]));
+                        let hi = _mm256_cvtepi16_epi32(_mm256_extracti128_si256::<1>(acc[r]));
+                        tot[2 * r] = _mm256_add_epi32(tot[2 * r], lo);
+                        tot[2 * r + 1] = _mm256_add_epi32(tot[2 * r + 1], hi);
+                    }
+                }
+                for (r, v) in tot.iter().enumerate().take(2 * q) {
+                    _mm256_storeu_si256(o.as_mut_ptr().add(j + 8 * r).cast(), *v);
+                }
+                j += q * V;
+            }
+        }
+        done
+    }
+}
+
+/// Scalar row-wise lookups of outputs `m0 .. m0 + mw` into columns `col0 ..` of `out` (rows of
+/// `ldo`).
+#[allow(clippy::too_many_arguments)]
+fn rowwise_scalar(
+    codes: &[u8],
+    c: usize,
+    t: &[i8],
+    m: usize,
+    k: usize,
+    m0: usize,
+    mw: usize,
+    out: &mut [i32],
+    ldo: usize,
+    col0: usize,
+) {
     let mut acc16 = vec![0i16; mw];
-    for (codes, o) in codes.chunks_exact(c).zip(out.chunks_exact_mut(mw)) {
+    for (codes, o) in codes.chunks_exact(c).zip(out.chunks_exact_mut(ldo)) {
+        let o = &mut o[col0..col0 + mw];
         o.fill(0);
         for (chunk_i, chunk) in codes.chunks(256).enumerate() {
             acc16.fill(0);
@@ -1064,17 +1235,20 @@ mod tests {
             (5, 513, 40, 16, Fill::Max),
             (32, 20, 17, 256, Fill::Random),
             (3, 1, 5, 16, Fill::Random),
-            (8, 512, 300, 16, Fill::Random), // rows·c·m ≥ 2^20: output tiles in parallel
+            (8, 512, 300, 16, Fill::Random), // rows·c·m ≥ 2^18: output tiles in parallel (with threads)
             (2, 600, 9, 256, Fill::Min),
+            (3, 300, 200, 16, Fill::Max), // register tiles of 128 and 64, scalar tail
         ];
         for (rows, c, m, k, fill) in cases {
             let codes = random_codes(&mut rng, rows * c, k);
             let tables = tables_i8(&mut rng, c * m * k, fill);
             let want = naive_i8(&codes, rows, c, &tables, m, k);
             let tt = transpose_tables(&tables, c, m, k);
-            let mut got = vec![0i32; rows * m];
-            lut_i8_rowwise(&codes, rows, c, &tt, m, k, &mut got);
-            assert_eq!(got, want, "rows={rows} c={c} m={m} k={k} {fill:?}");
+            for level in Simd::available() {
+                let mut got = vec![0i32; rows * m];
+                lut_i8_rowwise_at(level, &codes, rows, c, &tt, m, k, &mut got);
+                assert_eq!(got, want, "rows={rows} c={c} m={m} k={k} {fill:?} {level:?}");
+            }
         }
     }
 
