@@ -52,10 +52,14 @@ pub fn synthetic_input(graph: &Graph, batch: usize) -> Result<ArrayD<f32>> {
         .fact
         .as_ref()
         .ok_or_else(|| Error::Other("input has no shape".into()))?;
+    // A leading dimension fixed in the model still gets `batch` images: the interpreter runs
+    // them in chunks of the fixed size, so the timing covers every image it reports.
     let shape: Vec<usize> = f
         .shape
         .iter()
-        .map(|d| match d {
+        .enumerate()
+        .map(|(i, d)| match d {
+            Dim::Known(_) if i == 0 => batch,
             Dim::Known(v) => *v as usize,
             Dim::Batch(k) => *k as usize * batch,
         })
@@ -121,26 +125,51 @@ pub fn profile_ours(graph: &Graph, batch: usize, runs: usize) -> Result<ProfileR
 pub fn bench_tract(graph: &Graph, model: &Path, batch: usize, min_runs: usize, budget: Duration) -> Result<Timing> {
     use tract_onnx::prelude::*;
     let x = synthetic_input(graph, batch)?;
+    // A model whose batch is fixed runs in chunks of that size, as in our interpreter.
+    let chunk = fixed_batch(graph).unwrap_or(batch);
+    let mut shape = x.shape().to_vec();
+    shape[0] = chunk;
     let terr = |e: TractError| Error::Other(format!("tract: {e}"));
     let plan = tract_onnx::onnx()
         .model_for_path(model)
         .map_err(terr)?
-        .with_input_fact(0, f32::fact(x.shape()).into())
+        .with_input_fact(0, f32::fact(&shape).into())
         .map_err(terr)?
         .into_optimized()
         .map_err(terr)?
         .into_runnable()
         .map_err(terr)?;
+    let per = shape.iter().product::<usize>();
     let data: Vec<f32> = x.iter().copied().collect();
-    let input: TValue = tract_onnx::prelude::Tensor::from_shape(x.shape(), &data)
-        .map_err(terr)?
-        .into();
+    let inputs: Vec<TValue> = (0..batch.div_ceil(chunk))
+        .map(|i| {
+            let mut part = vec![0f32; per];
+            let have = (data.len() - i * per).min(per);
+            part[..have].copy_from_slice(&data[i * per..i * per + have]);
+            tract_onnx::prelude::Tensor::from_shape(&shape, &part).map(TValue::from)
+        })
+        .collect::<TractResult<_>>()
+        .map_err(terr)?;
     let m = measure(
-        || plan.run(tvec!(input.clone())).map(|_| ()).map_err(terr),
+        || {
+            for input in &inputs {
+                plan.run(tvec!(input.clone())).map_err(terr)?;
+            }
+            Ok(())
+        },
         min_runs,
         budget,
     )?;
     Ok(timing("tract", model, batch, m))
+}
+
+/// The batch a model's first input fixes, when it is a number rather than symbolic.
+pub fn fixed_batch(graph: &Graph) -> Option<usize> {
+    let n = graph.inputs.first()?;
+    match graph.node(*n).outputs[0].fact.as_ref()?.shape.first()? {
+        Dim::Known(b) => Some(*b as usize),
+        Dim::Batch(_) => None,
+    }
 }
 
 /// The ONNX Runtime timing script (run by `python3`; see [`bench_ort`]).

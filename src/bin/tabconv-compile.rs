@@ -80,6 +80,9 @@ fn compile(args: Args) -> Result<()> {
         }
     }
     let mut graph = tabconv::onnx::load_model(&args.model)?;
+    if let Some(note) = tabconv::onnx::batch_note(&graph) {
+        eprintln!("{note}");
+    }
     let source = cost::graph_cost(&graph);
     let source_weight_bytes = cost::weight_bytes(&graph);
     graph

@@ -134,6 +134,7 @@ fn main() -> ExitCode {
 
 fn run(model_path: &Path, input: &Path, output: &Path) -> Result<()> {
     let graph = model::load(model_path)?;
+    note_batch(&graph);
     let x = data::read_f32(input)?;
     let outs = Plan::new(&graph)?.run(vec![Tensor::F32(x)])?;
     for (i, t) in outs.iter().enumerate() {
@@ -149,6 +150,7 @@ fn run(model_path: &Path, input: &Path, output: &Path) -> Result<()> {
 
 fn eval(model_path: &Path, inputs: &Path, labels: &Path, batch: usize, json: bool, pre: Preprocess) -> Result<()> {
     let graph = model::load(model_path)?;
+    note_batch(&graph);
     let x = dataset::load_images(inputs, pre)?;
     let y = dataset::load_labels(labels)?;
     let n = x.shape().first().copied().unwrap_or(0);
@@ -194,6 +196,7 @@ fn eval(model_path: &Path, inputs: &Path, labels: &Path, batch: usize, json: boo
 
 fn inspect(model_path: &Path, json: bool) -> Result<()> {
     let graph: Graph = model::load(model_path)?;
+    note_batch(&graph);
     let order = graph.topo_order()?;
     let mut hist = std::collections::BTreeMap::<&str, usize>::new();
     let mut per_node = Vec::new();
@@ -297,6 +300,9 @@ fn bench(
     let mut rows: Vec<Timing> = Vec::new();
     for m in models {
         let graph = model::load(m)?;
+        if let Some(note) = tabconv::onnx::batch_note(&graph) {
+            eprintln!("{}: {note}", m.display());
+        }
         rows.push(pool.install(|| bench_ours(&graph, m, batch, 5, budget))?);
         if m.extension().is_some_and(|e| e == "onnx") {
             if tract {
@@ -384,4 +390,11 @@ fn bench(
         }
     }
     Ok(())
+}
+
+/// Say how a declared fixed batch is handled (stderr), if the model declares one.
+fn note_batch(graph: &Graph) {
+    if let Some(note) = tabconv::onnx::batch_note(graph) {
+        eprintln!("{note}");
+    }
 }

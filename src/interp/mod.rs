@@ -180,7 +180,84 @@ impl<'g> Plan<'g> {
         Ok(())
     }
 
+    /// Run on a batch. A model whose inputs declare a fixed batch `b` (see
+    /// `onnx::import_model`) given `n ≠ b` images runs in chunks of `b` (the last one padded with
+    /// zeros, whose outputs are dropped); the outputs are concatenated.
     pub fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>> {
+        match self.fixed_batch(&inputs) {
+            Some(b) => self.run_chunked(inputs, b),
+            None => self.run_once(inputs),
+        }
+    }
+
+    /// The fixed batch `b` of every input, when the given tensors differ from it only there.
+    fn fixed_batch(&self, inputs: &[Tensor]) -> Option<usize> {
+        let mut batch = None;
+        for (t, &n) in inputs.iter().zip(&self.graph.inputs) {
+            let f = self.graph.node(n).outputs[0].fact.as_ref()?;
+            let Some(Dim::Known(b)) = f.shape.first() else {
+                return None;
+            };
+            let same_rest = t.shape().len() == f.rank()
+                && t.shape()
+                    .iter()
+                    .zip(&f.shape)
+                    .skip(1)
+                    .all(|(&d, w)| w.known() == Some(d as i64));
+            let n0 = *t.shape().first()?;
+            if !same_rest || n0 == *b as usize || *b < 1 || batch.is_some_and(|x| x != *b) {
+                return None;
+            }
+            batch = Some(*b);
+        }
+        batch.map(|b| b as usize)
+    }
+
+    fn run_chunked(&self, inputs: Vec<Tensor>, b: usize) -> Result<Vec<Tensor>> {
+        let n = inputs.first().map_or(0, |t| t.shape()[0]);
+        let mut parts: Vec<Vec<ndarray::ArrayD<f32>>> = Vec::new();
+        for start in (0..n).step_by(b) {
+            let take = b.min(n - start);
+            let chunk: Vec<Tensor> = inputs
+                .iter()
+                .map(|t| {
+                    let a = t.as_f32()?;
+                    let mut shape = a.shape().to_vec();
+                    shape[0] = b;
+                    let mut c = ndarray::ArrayD::<f32>::zeros(ndarray::IxDyn(&shape));
+                    c.slice_axis_mut(ndarray::Axis(0), (0..take).into())
+                        .assign(&a.slice_axis(ndarray::Axis(0), (start..start + take).into()));
+                    Ok(Tensor::F32(c))
+                })
+                .collect::<Result<_>>()?;
+            let outs = self.run_once(chunk)?;
+            let outs = outs
+                .iter()
+                .map(|o| {
+                    let a = o.as_f32()?;
+                    if a.shape().first() != Some(&b) {
+                        return Err(Error::Input(format!(
+                            "the model has a fixed batch of {b} and an output of shape {:?}: cannot split {n} images into batches",
+                            a.shape()
+                        )));
+                    }
+                    Ok(a.slice_axis(ndarray::Axis(0), (0..take).into()).to_owned())
+                })
+                .collect::<Result<Vec<_>>>()?;
+            parts.push(outs);
+        }
+        let k = parts.first().map_or(0, Vec::len);
+        (0..k)
+            .map(|i| {
+                let views: Vec<_> = parts.iter().map(|p| p[i].view()).collect();
+                ndarray::concatenate(ndarray::Axis(0), &views)
+                    .map(Tensor::F32)
+                    .map_err(|e| Error::Other(format!("joining batches: {e}")))
+            })
+            .collect()
+    }
+
+    fn run_once(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>> {
         self.check_inputs(&inputs)?;
         let mut values: Vec<Option<Arc<Tensor>>> = vec![None; self.uses.len()];
         let mut left = self.uses.clone();

@@ -77,7 +77,67 @@ pub fn load_model(path: &Path) -> Result<Graph> {
     import_model(&model, path)
 }
 
+/// Metadata key saying how a declared fixed batch was handled (see [`import_model`]).
+pub const BATCH_KEY: &str = "batch";
+
+/// Import a model. An input whose leading dimension is declared as a fixed 1 (what
+/// `torch.onnx.export` writes without `dynamic_axes`, and most model-zoo files) is first imported
+/// with that dimension symbolic, rewriting constant `Reshape` targets that pin it; if the graph
+/// then infers with the batch leading every output, the model takes any batch
+/// (metadata `batch = symbolic (declared 1)`). Otherwise it is imported as declared (`batch =
+/// fixed 1`) and the interpreter feeds it in batches of its fixed size.
 pub fn import_model(model: &ModelProto, path: &Path) -> Result<Graph> {
+    let declares_fixed_one = model.graph.as_ref().is_some_and(|g| {
+        g.input
+            .iter()
+            .filter(|i| !g.initializer.iter().any(|t| t.name == i.name))
+            .any(|i| leading_dim(i) == Some(1))
+    });
+    if declares_fixed_one {
+        if let Ok(mut g) = import_with(model, path, true) {
+            let batch_leads = g.outputs.iter().all(|(_, o)| {
+                g.fact(*o)
+                    .is_some_and(|f| matches!(f.shape.first(), Some(Dim::Batch(_))))
+            });
+            if batch_leads {
+                g.metadata.insert(BATCH_KEY.into(), "symbolic (declared 1)".into());
+                return Ok(g);
+            }
+        }
+        let mut g = import_with(model, path, false)?;
+        g.metadata.insert(BATCH_KEY.into(), "fixed 1".into());
+        return Ok(g);
+    }
+    import_with(model, path, false)
+}
+
+/// The declared leading dimension of a graph input, when it is a fixed number.
+fn leading_dim(input: &tract_onnx::pb::ValueInfoProto) -> Option<i64> {
+    use tract_onnx::pb::tensor_shape_proto::dimension::Value as D;
+    let Some(type_proto::Value::TensorType(tt)) = input.r#type.as_ref().and_then(|t| t.value.as_ref()) else {
+        return None;
+    };
+    match tt.shape.as_ref()?.dim.first()?.value {
+        Some(D::DimValue(v)) => Some(v),
+        _ => None,
+    }
+}
+
+/// The user-facing line about how a declared fixed batch was handled, if it was.
+pub fn batch_note(g: &Graph) -> Option<String> {
+    match g.metadata.get(BATCH_KEY).map(String::as_str) {
+        Some("symbolic (declared 1)") => Some(
+            "note: the model declares a fixed batch of 1; its graph allows any batch, so the batch is treated as symbolic"
+                .into(),
+        ),
+        Some("fixed 1") => Some(
+            "note: the model declares a fixed batch of 1 that its graph depends on; inputs run in batches of 1".into(),
+        ),
+        _ => None,
+    }
+}
+
+fn import_with(model: &ModelProto, path: &Path, symbolic_one: bool) -> Result<Graph> {
     let merr = |msg: String| Error::Model { path: path.into(), msg };
     let opset = model
         .opset_import
@@ -129,6 +189,7 @@ pub fn import_model(model: &ModelProto, path: &Path) -> Result<Graph> {
         names: HashSet::new(),
         opset,
         reader: TensorReader::new(path),
+        symbolic_one,
     };
     im.graph.metadata.insert("source_opset".into(), opset.to_string());
     if !model.producer_name.is_empty() {
@@ -149,7 +210,7 @@ pub fn import_model(model: &ModelProto, path: &Path) -> Result<Graph> {
         if im.values.contains_key(&input.name) {
             continue; // old model-zoo files list initializers as inputs too
         }
-        let fact = input_fact(input).map_err(|e| merr(format!("graph input '{}': {e}", input.name)))?;
+        let fact = input_fact(input, symbolic_one).map_err(|e| merr(format!("graph input '{}': {e}", input.name)))?;
         let n = im.graph.add_node(&input.name, Op::Input, &[]);
         im.graph.node_mut(n).outputs[0].fact = Some(fact);
         im.graph.inputs.push(n);
@@ -189,7 +250,7 @@ pub fn import_model(model: &ModelProto, path: &Path) -> Result<Graph> {
     Ok(im.graph)
 }
 
-fn input_fact(input: &tract_onnx::pb::ValueInfoProto) -> Result<Fact> {
+fn input_fact(input: &tract_onnx::pb::ValueInfoProto, symbolic_one: bool) -> Result<Fact> {
     let Some(type_proto::Value::TensorType(tt)) = input.r#type.as_ref().and_then(|t| t.value.as_ref()) else {
         return Err(Error::Other("has no tensor type".into()));
     };
@@ -205,6 +266,7 @@ fn input_fact(input: &tract_onnx::pb::ValueInfoProto) -> Result<Fact> {
         .iter()
         .enumerate()
         .map(|(i, d)| match (&d.value, i) {
+            (Some(D::DimValue(1)), 0) if symbolic_one => Ok(Dim::Batch(1)),
             (Some(D::DimValue(v)), _) if *v > 0 => Ok(Dim::Known(*v)),
             (_, 0) => Ok(Dim::Batch(1)),
             (v, i) => Err(Error::Other(format!(
@@ -223,6 +285,9 @@ struct Importer {
     names: HashSet<String>,
     opset: i64,
     reader: TensorReader,
+    /// Importing a declared batch of 1 as symbolic: constant Reshape targets that pin it to 1
+    /// are rewritten to copy the batch.
+    symbolic_one: bool,
 }
 
 impl Importer {
@@ -244,6 +309,36 @@ impl Importer {
         let o = Outlet::new(n, 0);
         self.values.insert(value_name.to_string(), o);
         o
+    }
+
+    /// A constant `Reshape` target `[1, d…]` (no zeros, so `allowzero` does not matter) applied
+    /// to a value whose leading dimension is the batch, when the other dimensions account for
+    /// exactly the per-image elements, becomes `[0, d…]` with `allowzero = 0` (copy the batch):
+    /// the exporter wrote the declared batch of 1 into it.
+    fn unpin_batch(&mut self, op: &Op, inputs: &[Outlet]) -> Option<Outlet> {
+        if !matches!(op, Op::Reshape { .. }) || inputs.len() != 2 {
+            return None;
+        }
+        let data = self.graph.fact(inputs[0])?;
+        if !matches!(data.shape.first(), Some(Dim::Batch(1))) {
+            return None;
+        }
+        let per_image: i64 = data.shape[1..].iter().map(|d| d.known()).product::<Option<i64>>()?;
+        let target = self.graph.const_value(inputs[1])?.to_i64_vec().ok()?;
+        if target.first() != Some(&1) {
+            return None;
+        }
+        let rest = &target[1..];
+        let fits = rest.contains(&-1) || rest.iter().all(|&d| d > 0) && rest.iter().product::<i64>() == per_image;
+        if !fits || rest.contains(&0) {
+            return None;
+        }
+        let mut t = target.clone();
+        t[0] = 0;
+        Some(self.add_const(
+            &format!("{}.batch", self.graph.node(inputs[1].node).name),
+            Tensor::i64_vec(t),
+        ))
     }
 
     fn value(&self, name: &str) -> Result<Outlet> {
@@ -762,6 +857,15 @@ impl Importer {
 
     /// Add the node, infer its output fact, and fold it into a constant when possible.
     fn add_op(&mut self, out_name: &str, name: &str, op: Op, inputs: &[Outlet]) -> Result<Outlet> {
+        let mut inputs = inputs.to_vec();
+        let mut op = op;
+        if self.symbolic_one {
+            if let Some(fixed) = self.unpin_batch(&op, &inputs) {
+                inputs[1] = fixed;
+                op = Op::Reshape { allowzero: false };
+            }
+        }
+        let inputs = &inputs[..];
         let facts: Vec<Fact> = inputs.iter().map(|o| self.fact(*o).clone()).collect();
         let out_facts = infer_op(&op, &facts)?;
         let out_name = out_name.to_string();
