@@ -61,10 +61,35 @@ pub fn eval_op_cached(op: &Op, mut args: Vec<Arc<Tensor>>, cache: Option<&Cache>
             if bias.as_ref().is_some_and(|b| b.len() != ws[0]) {
                 bail!("bias has {} values for {} output channels", bias.unwrap().len(), ws[0]);
             }
+            let wdata = f32_std(w)?;
+            // Kernel taps that only ever see padding (e.g. a 3×3 conv on a 1×1 input) are dropped:
+            // a smaller kernel with adjusted padding computes the same outputs.
+            if let Some((small, [i0, j0])) = conv::pruned_taps(c, [xs[2], xs[3]])? {
+                let build = || {
+                    Ok(PrunedWeights {
+                        hw: [xs[2], xs[3]],
+                        w: conv::slice_taps(&wdata, ws, [i0, j0], small.window.kernel),
+                    })
+                };
+                let mut slot = None;
+                let mut pw: &PrunedWeights = cached(cache, build, &mut slot)?;
+                let mut fresh = None;
+                if pw.hw != [xs[2], xs[3]] {
+                    pw = fresh.insert(build()?);
+                }
+                return Ok(vec![Tensor::F32(conv::conv2d(
+                    &f32_std(&args[0])?,
+                    xs,
+                    &pw.w,
+                    ws[0],
+                    bias.as_deref(),
+                    &small,
+                )?)]);
+            }
             Tensor::F32(conv::conv2d(
                 &f32_std(&args[0])?,
                 xs,
-                &f32_std(w)?,
+                &wdata,
                 ws[0],
                 bias.as_deref(),
                 c,
@@ -402,6 +427,12 @@ pub fn eval_op_cached(op: &Op, mut args: Vec<Arc<Tensor>>, cache: Option<&Cache>
         }
     };
     Ok(vec![out])
+}
+
+/// A Conv's weights without the taps that only see padding, for one input size.
+struct PrunedWeights {
+    hw: [usize; 2],
+    w: Vec<f32>,
 }
 
 /// Get (or build on first use) a node's cached state of type `T`; without a cache, build it.

@@ -8,6 +8,74 @@ use crate::ir::op::{Conv, Padding, Window};
 use ndarray::{ArrayD, IxDyn};
 use rayon::prelude::*;
 
+/// The smaller convolution that gives the same outputs when some kernel rows or columns only ever
+/// meet padding (small inputs: a 3×3 kernel on a 1×1 or 2×2 map with stride 2), with the first
+/// kept tap `[i0, j0]`; `None` when every tap is used (or the padding cannot absorb the shift).
+pub fn pruned_taps(conv: &Conv, hw: [usize; 2]) -> Result<Option<(Conv, [usize; 2])>> {
+    let win = &conv.window;
+    let geo = win.resolve(hw)?;
+    let mut first = [0usize; 2];
+    let mut kept = [0usize; 2];
+    for a in 0..2 {
+        let used = |i: usize| {
+            (0..geo.out[a]).any(|y| {
+                let at = (y * win.strides[a] + i * win.dilations[a]) as isize - geo.pads[a] as isize;
+                at >= 0 && at < hw[a] as isize
+            })
+        };
+        let taps: Vec<usize> = (0..win.kernel[a]).filter(|&i| used(i)).collect();
+        let (Some(&lo), Some(&hi)) = (taps.first(), taps.last()) else {
+            return Ok(None);
+        };
+        if lo * win.dilations[a] > geo.pads[a] {
+            return Ok(None);
+        }
+        first[a] = lo;
+        kept[a] = hi - lo + 1;
+    }
+    if kept == win.kernel {
+        return Ok(None);
+    }
+    // Same outputs: shift the leading pad by the dropped taps, size the trailing pad so the
+    // output size is unchanged, and check that it is.
+    let mut pads = [0usize; 4];
+    for a in 0..2 {
+        pads[a] = geo.pads[a] - first[a] * win.dilations[a];
+        let extent = (kept[a] - 1) * win.dilations[a] + 1;
+        let need = (geo.out[a] - 1) * win.strides[a] + extent;
+        pads[a + 2] = need.saturating_sub(hw[a] + pads[a]);
+    }
+    let small = Window {
+        kernel: kept,
+        strides: win.strides,
+        dilations: win.dilations,
+        padding: Padding::Explicit(pads),
+        ceil_mode: false,
+    };
+    if small.resolve(hw)?.out != geo.out {
+        return Ok(None);
+    }
+    Ok(Some((
+        Conv {
+            window: small,
+            group: conv.group,
+        },
+        first,
+    )))
+}
+
+/// `w[m][c][i0 + i][j0 + j]` for `i < kept[0]`, `j < kept[1]` of a `[M, C, kh, kw]` weight.
+pub fn slice_taps(w: &[f32], ws: &[usize], [i0, j0]: [usize; 2], kept: [usize; 2]) -> Vec<f32> {
+    let (mc, kh, kw) = (ws[0] * ws[1], ws[2], ws[3]);
+    let mut out = Vec::with_capacity(mc * kept[0] * kept[1]);
+    for plane in w.chunks_exact(kh * kw).take(mc) {
+        for i in 0..kept[0] {
+            out.extend_from_slice(&plane[(i0 + i) * kw + j0..][..kept[1]]);
+        }
+    }
+    out
+}
+
 /// Outputs per image below which a batch shares one GEMM.
 const MERGE_BELOW: usize = 1024;
 /// Values of the shared im2col matrix at most (16 MiB).
@@ -140,4 +208,54 @@ pub fn im2col_rows(x: &[f32], xshape: [usize; 4], win: &Window) -> Result<ArrayD
             }
         });
     Ok(ArrayD::from_shape_vec(IxDyn(&[n, p, k]), out).expect("im2col output size"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pq::rng::Rng;
+
+    /// Dropping the taps that only meet padding gives the same outputs.
+    #[test]
+    fn pruned_taps_give_the_same_outputs() {
+        let mut rng = Rng::new(6);
+        let mut pruned = 0;
+        for &(hw, k, stride, dil, pad) in &[
+            ([1, 1], 3, 1, 1, 1),
+            ([2, 2], 3, 2, 1, 1),
+            ([2, 3], 3, 1, 1, 1),
+            ([1, 4], 3, 1, 2, 2),
+            ([2, 2], 5, 1, 1, 2),
+            ([7, 7], 3, 1, 1, 1),
+        ] {
+            let conv = Conv {
+                window: Window {
+                    kernel: [k, k],
+                    strides: [stride, stride],
+                    dilations: [dil, dil],
+                    padding: Padding::Explicit([pad; 4]),
+                    ceil_mode: false,
+                },
+                group: 1,
+            };
+            let (n, c, m) = (3, 5, 4);
+            let xs = [n, c, hw[0], hw[1]];
+            let x: Vec<f32> = (0..xs.iter().product()).map(|_| rng.next_f64() as f32 - 0.5).collect();
+            let ws = [m, c, k, k];
+            let w: Vec<f32> = (0..ws.iter().product()).map(|_| rng.next_f64() as f32 - 0.5).collect();
+            let b: Vec<f32> = (0..m).map(|i| i as f32).collect();
+            let full = conv2d(&x, xs, &w, m, Some(&b), &conv).unwrap();
+            let Some((small, first)) = pruned_taps(&conv, hw).unwrap() else {
+                assert!(hw == [7, 7] || hw == [2, 3], "{hw:?} uses every tap");
+                continue;
+            };
+            pruned += 1;
+            let ws2 = slice_taps(&w, &ws, first, small.window.kernel);
+            let got = conv2d(&x, xs, &ws2, m, Some(&b), &small).unwrap();
+            assert_eq!(got.shape(), full.shape());
+            let err = got.iter().zip(full.iter()).fold(0f32, |e, (a, b)| e.max((a - b).abs()));
+            assert!(err < 1e-5, "{hw:?} k={k} s={stride} d={dil}: {err}");
+        }
+        assert_eq!(pruned, 4);
+    }
 }

@@ -33,13 +33,26 @@ pub fn im2col_strided(x: &[f32], c: usize, hw: [usize; 2], win: &Window, geo: &G
                         continue;
                     }
                     let src = &plane[sy as usize * w..(sy as usize + 1) * w];
-                    for (x_out, o) in out.iter_mut().enumerate() {
-                        let sx = (x_out * win.strides[1]) as isize + dj;
-                        *o = if sx >= 0 && sx < w as isize {
-                            src[sx as usize]
+                    // Outputs x whose source column x·stride + dj is inside the row: [lo, hi).
+                    let st = win.strides[1] as isize;
+                    let lo = if dj >= 0 { 0 } else { ((-dj + st - 1) / st) as usize }.min(ow);
+                    let hi = if (w as isize) <= dj {
+                        0
+                    } else {
+                        ((w as isize - dj + st - 1) / st) as usize
+                    }
+                    .clamp(lo, ow);
+                    out[..lo].fill(0.0);
+                    out[hi..].fill(0.0);
+                    if hi > lo {
+                        let first = (lo as isize * st + dj) as usize;
+                        if st == 1 {
+                            out[lo..hi].copy_from_slice(&src[first..first + (hi - lo)]);
                         } else {
-                            0.0
-                        };
+                            for (o, v) in out[lo..hi].iter_mut().zip(src[first..].iter().step_by(st as usize)) {
+                                *o = *v;
+                            }
+                        }
                     }
                 }
             }
