@@ -1,36 +1,47 @@
 #!/usr/bin/env bash
-# Regenerates the measurements quoted in docs/BENCHMARKS.md (not part of CI: it times things).
-# Usage: docs/bench.sh [OUT_DIR]   — needs only the Rust toolchain and the committed fixtures.
+# Regenerates docs/BENCHMARKS.md (not part of CI: it times things).
+# Usage: docs/bench.sh [OUT_DIR]
+# Needs the Rust toolchain and the committed fixtures; for the ONNX Runtime columns, python3 with
+# `onnxruntime` and `numpy` (pip install onnxruntime numpy). If $PAPER/resnet18_mnist.onnx exists
+# (docs/results.sh or fixtures/paper_models.py make it), the TabConv paper's ResNet-18 is included.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-/tmp/tabconv-bench}
+PAPER=${PAPER:-/tmp/tabconv_paper}
 mkdir -p "$out"
 cargo build --release --bins
 T=target/release
 
-echo "== lookup kernel vs GEMM throughput"
-cargo test --release --lib lut_throughput -- --ignored --nocapture 2>&1 | grep -vE '^(running|test |$)'
+echo "== kernel microbenchmarks (1 thread)" | tee "$out/kernels.txt"
+RAYON_NUM_THREADS=1 cargo test --release --lib -- --ignored --nocapture lut_throughput encode_throughput 2>&1 \
+  | grep -vE '^(running|test |$)|test result' | tee -a "$out/kernels.txt"
 
-compile() { # model dataset name extra...
-  local m=$1 ds=$2 name=$3; shift 3
-  "$T/tabconv-compile" "fixtures/models/$m.onnx" -o "$out/$m.$name.tcv" --calib "fixtures/data/${ds}_calib.npy" \
-    --report "$out/$m.$name.json" "$@" 2>"$out/$m.$name.log"
-}
-for spec in lenet5:mnist nin:mnist resnet18_fmnist:fmnist; do
+models=(lenet5:mnist nin:mnist resnet18_fmnist:fmnist)
+[ -f "$PAPER/resnet18_mnist.onnx" ] && models+=(paper_resnet18:mnist)
+for spec in "${models[@]}"; do
   m=${spec%%:*}; ds=${spec##*:}
-  "$T/tabconv-compile" "fixtures/models/$m.onnx" -o "$out/$m.exact.tcv" --pipeline exact 2>/dev/null
-  # the default pipeline (auto encoder, masking to logit cosine 0.995), and every layer as a LUT
-  compile "$m" "$ds" default
-  all_lut=(--set mask.min_logit_cosine=0 --set mask.restore_unprofitable=false --set mask.relearn=false)
-  compile "$m" "$ds" argmin --set lut.encoder=argmin "${all_lut[@]}"
-  compile "$m" "$ds" tree --set lut.encoder=tree "${all_lut[@]}"
-  for v in onnx exact.tcv default.tcv argmin.tcv tree.tcv; do
-    f="$out/$m.$v"; [ "$v" = onnx ] && f="fixtures/models/$m.onnx"
-    "$T/tabconv" eval "$f" --inputs "fixtures/data/${ds}_test.npy" --labels "fixtures/data/${ds}_test_labels.npy"
+  src="fixtures/models/$m.onnx"; [ "$m" = paper_resnet18 ] && src="$PAPER/resnet18_mnist.onnx"
+  # the default pipeline, and every layer kept as lookups (argmin encoder)
+  "$T/tabconv-compile" "$src" -o "$out/$m.default.tcv" --calib "fixtures/data/${ds}_calib.npy" \
+    --report "$out/$m.default.json" 2>"$out/$m.default.log"
+  "$T/tabconv-compile" "$src" -o "$out/$m.all_lut.tcv" --calib "fixtures/data/${ds}_calib.npy" \
+    --set mask.min_logit_cosine=0 --set mask.restore_unprofitable=false --set mask.relearn=false \
+    --report "$out/$m.all_lut.json" 2>"$out/$m.all_lut.log"
+  for f in "$src" "$out/$m.default.tcv" "$out/$m.all_lut.tcv"; do
+    "$T/tabconv" eval "$f" --json --inputs "fixtures/data/${ds}_test.npy" --labels "fixtures/data/${ds}_test_labels.npy"
+  done > "$out/$m.eval.jsonl"
+  for t in 1 2; do
+    for b in 1 64; do
+      "$T/tabconv" bench "$src" "$out/$m.default.tcv" "$out/$m.all_lut.tcv" --batch $b --threads $t \
+        --seconds 3 --json > "$out/$m.t$t.b$b.json"
+    done
   done
-  for b in 1 32; do
-    "$T/tabconv" bench "fixtures/models/$m.onnx" "$out/$m.exact.tcv" "$out/$m.default.tcv" "$out/$m.argmin.tcv" \
-      "$out/$m.tree.tcv" --batch $b --seconds 3
-  done
-  for v in default argmin tree; do echo "-- $m.$v"; tail -n 3 "$out/$m.$v.log"; done
+  "$T/tabconv" bench "$out/$m.default.tcv" --batch 64 --threads 1 --seconds 1 --profile --no-ort --no-tract \
+    > "$out/$m.profile.b64.txt"
+  "$T/tabconv" bench "$out/$m.default.tcv" --batch 1 --threads 1 --seconds 1 --profile --no-ort --no-tract \
+    > "$out/$m.profile.b1.txt"
+  "$T/tabconv" bench "$src" --batch 64 --threads 1 --seconds 1 --profile --no-ort --no-tract \
+    > "$out/$m.profile.exact.b64.txt"
 done
+python3 docs/bench_table.py "$out" "${models[@]}" > docs/BENCHMARKS.md
+cat docs/BENCHMARKS.md

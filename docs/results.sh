@@ -37,7 +37,7 @@ row() { # key model dataset_dir calib
     "$T/tabconv" eval "$f" --json --batch 100 \
       --inputs "$(ls "$dir"/t10k-images-idx3-ubyte* | head -1)" --labels "$(ls "$dir"/t10k-labels-idx1-ubyte* | head -1)"
   done > "$out/$key.eval.jsonl"
-  "$T/tabconv" bench "$model" "$out/$key.tcv" --batch 32 --seconds 3 --json > "$out/$key.bench.json"
+  "$T/tabconv" bench "$model" "$out/$key.tcv" --batch 64 --threads 1 --seconds 3 --json > "$out/$key.bench.json"
 }
 row resnet18_mnist "$PAPER/resnet18_mnist.onnx" "$MNIST_DIR" mnist
 row resnet34_mnist "$PAPER/resnet34_mnist.onnx" "$MNIST_DIR" mnist

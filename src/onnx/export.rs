@@ -11,7 +11,8 @@ use tract_onnx::pb;
 
 pub const ONNX_OPSET: i64 = 17;
 pub const TABCONV_DOMAIN: &str = "ai.tabconv";
-pub const TABCONV_OPSET: i64 = 1;
+/// Version 2 added `PQEncode`'s `layout` attribute (channels-last input).
+pub const TABCONV_OPSET: i64 = 2;
 
 fn dtype_code(d: DType) -> i32 {
     match d {

@@ -190,6 +190,7 @@ fn import_with(model: &ModelProto, path: &Path, symbolic_one: bool) -> Result<Gr
         opset,
         reader: TensorReader::new(path),
         symbolic_one,
+        tabconv_opset: tabconv_opset.unwrap_or(0),
     };
     im.graph.metadata.insert("source_opset".into(), opset.to_string());
     if !model.producer_name.is_empty() {
@@ -285,6 +286,8 @@ struct Importer {
     names: HashSet<String>,
     opset: i64,
     reader: TensorReader,
+    /// The file's `ai.tabconv` opset (0 when it declares none).
+    tabconv_opset: i64,
     /// Importing a declared batch of 1 as symbolic: constant Reshape targets that pin it to 1
     /// are rewritten to copy the batch.
     symbolic_one: bool,
@@ -417,6 +420,12 @@ impl Importer {
                         true => Some(window(&a, a.pair("kernel_shape", 1)?)?),
                         false => None,
                     };
+                    if a.has("layout") && self.tabconv_opset < 2 {
+                        return Err(Error::Other(format!(
+                            "attribute 'layout' needs {TABCONV_DOMAIN} opset 2, the file declares {}",
+                            self.tabconv_opset
+                        )));
+                    }
                     let nhwc = match a.string("layout").as_deref() {
                         None | Some("NCHW") => false,
                         Some("NHWC") if window.is_some() => true,
