@@ -21,6 +21,10 @@ pub struct Timing {
     pub median_ms: f64,
     pub min_ms: f64,
     pub images_per_second: f64,
+    /// The fixed batch the engine ran the `batch` images in chunks of, when the model declares
+    /// one that differs from `batch` (each timed run covers all `batch` images).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chunk: Option<usize>,
     /// Why this engine could not be timed (then the numbers are 0).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -37,13 +41,17 @@ impl Timing {
             median_ms: 0.0,
             min_ms: 0.0,
             images_per_second: 0.0,
+            chunk: None,
             error: Some(why),
         }
     }
 }
 
-/// A deterministic input batch of the model's declared input shape (values in [0, 1)).
+/// A deterministic input batch of the model's declared input shape with `batch` images (values in
+/// [0, 1)). A model with a fixed batch (see [`crate::interp::fixed_batch`]) gets `batch` images
+/// too: the interpreter runs them in chunks.
 pub fn synthetic_input(graph: &Graph, batch: usize) -> Result<ArrayD<f32>> {
+    let fixed = crate::interp::fixed_batch(graph).is_some();
     let n = graph
         .inputs
         .first()
@@ -52,14 +60,12 @@ pub fn synthetic_input(graph: &Graph, batch: usize) -> Result<ArrayD<f32>> {
         .fact
         .as_ref()
         .ok_or_else(|| Error::Other("input has no shape".into()))?;
-    // A leading dimension fixed in the model still gets `batch` images: the interpreter runs
-    // them in chunks of the fixed size, so the timing covers every image it reports.
     let shape: Vec<usize> = f
         .shape
         .iter()
         .enumerate()
         .map(|(i, d)| match d {
-            Dim::Known(_) if i == 0 => batch,
+            Dim::Known(_) if i == 0 && fixed => batch,
             Dim::Known(v) => *v as usize,
             Dim::Batch(k) => *k as usize * batch,
         })
@@ -94,6 +100,7 @@ fn timing(engine: &str, model: &Path, batch: usize, (runs, median, min): (usize,
         median_ms: median,
         min_ms: min,
         images_per_second: batch as f64 / (median / 1e3),
+        chunk: None,
         error: None,
     }
 }
@@ -103,7 +110,9 @@ pub fn bench_ours(graph: &Graph, model: &Path, batch: usize, min_runs: usize, bu
     let x = synthetic_input(graph, batch)?;
     let plan = Plan::new(graph)?;
     let m = measure(|| plan.run(vec![Tensor::F32(x.clone())]).map(|_| ()), min_runs, budget)?;
-    Ok(timing("tabconv", model, batch, m))
+    let mut t = timing("tabconv", model, batch, m);
+    t.chunk = plan.fixed_batch().filter(|&b| b != batch);
+    Ok(t)
 }
 
 /// Where our interpreter's time goes over `runs` runs: seconds per op type, and per node.
@@ -124,35 +133,28 @@ pub fn profile_ours(graph: &Graph, batch: usize, runs: usize) -> Result<ProfileR
 /// tract (optimized plan for this batch size) on the same ONNX file and input.
 pub fn bench_tract(graph: &Graph, model: &Path, batch: usize, min_runs: usize, budget: Duration) -> Result<Timing> {
     use tract_onnx::prelude::*;
-    let x = synthetic_input(graph, batch)?;
-    // A model whose batch is fixed runs in chunks of that size, as in our interpreter.
-    let chunk = fixed_batch(graph).unwrap_or(batch);
-    let mut shape = x.shape().to_vec();
-    shape[0] = chunk;
+    // The ONNX file may declare a fixed batch even when our import made it symbolic: tract runs
+    // the file as declared, `batch` images in chunks of that size.
+    let chunk = crate::model::declared_batch(graph).filter(|&b| b != batch);
+    let x = synthetic_input(graph, chunk.unwrap_or(batch))?;
+    let runs = chunk.map_or(1, |b| batch.div_ceil(b));
     let terr = |e: TractError| Error::Other(format!("tract: {e}"));
     let plan = tract_onnx::onnx()
         .model_for_path(model)
         .map_err(terr)?
-        .with_input_fact(0, f32::fact(&shape).into())
+        .with_input_fact(0, f32::fact(x.shape()).into())
         .map_err(terr)?
         .into_optimized()
         .map_err(terr)?
         .into_runnable()
         .map_err(terr)?;
-    let per = shape.iter().product::<usize>();
     let data: Vec<f32> = x.iter().copied().collect();
-    let inputs: Vec<TValue> = (0..batch.div_ceil(chunk))
-        .map(|i| {
-            let mut part = vec![0f32; per];
-            let have = (data.len() - i * per).min(per);
-            part[..have].copy_from_slice(&data[i * per..i * per + have]);
-            tract_onnx::prelude::Tensor::from_shape(&shape, &part).map(TValue::from)
-        })
-        .collect::<TractResult<_>>()
-        .map_err(terr)?;
+    let input: TValue = tract_onnx::prelude::Tensor::from_shape(x.shape(), &data)
+        .map_err(terr)?
+        .into();
     let m = measure(
         || {
-            for input in &inputs {
+            for _ in 0..runs {
                 plan.run(tvec!(input.clone())).map_err(terr)?;
             }
             Ok(())
@@ -160,16 +162,9 @@ pub fn bench_tract(graph: &Graph, model: &Path, batch: usize, min_runs: usize, b
         min_runs,
         budget,
     )?;
-    Ok(timing("tract", model, batch, m))
-}
-
-/// The batch a model's first input fixes, when it is a number rather than symbolic.
-pub fn fixed_batch(graph: &Graph) -> Option<usize> {
-    let n = graph.inputs.first()?;
-    match graph.node(*n).outputs[0].fact.as_ref()?.shape.first()? {
-        Dim::Known(b) => Some(*b as usize),
-        Dim::Batch(_) => None,
-    }
+    let mut t = timing("tract", model, batch, m);
+    t.chunk = chunk;
+    Ok(t)
 }
 
 /// The ONNX Runtime timing script (run by `python3`; see [`bench_ort`]).
@@ -222,10 +217,12 @@ pub fn bench_ort(
         Some(ver) => format!("ort {ver}"),
         None => "ort".into(),
     };
-    Ok(timing(
+    let mut t = timing(
         &engine,
         model,
         batch,
         (num("runs") as usize, num("median_ms"), num("min_ms")),
-    ))
+    );
+    t.chunk = v.get("chunk").and_then(|c| c.as_u64()).map(|c| c as usize);
+    Ok(t)
 }

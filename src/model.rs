@@ -33,3 +33,37 @@ pub fn argmax_rows(t: &ndarray::ArrayD<f32>) -> Vec<i64> {
         })
         .collect()
 }
+
+/// The fixed batch the model's source file declares, when it declares one (graph metadata
+/// `batch`, see `onnx::import::BATCH_KEY`): `symbolic (declared B)` or `fixed B`.
+pub fn declared_batch(graph: &crate::ir::Graph) -> Option<usize> {
+    let v = graph.metadata.get(crate::onnx::import::BATCH_KEY)?;
+    let digits: String = v.chars().filter(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
+/// The one line the CLI prints about a declared fixed batch, if the model file has one: an ONNX
+/// file whose batch was made symbolic, or any model that still runs in chunks of its fixed batch.
+pub fn batch_note(graph: &crate::ir::Graph, path: &Path) -> Option<String> {
+    let b = declared_batch(graph)?;
+    let input = graph
+        .inputs
+        .first()
+        .map(|&n| graph.node(n).name.clone())
+        .unwrap_or_default();
+    let symbolic = graph
+        .metadata
+        .get(crate::onnx::import::BATCH_KEY)
+        .is_some_and(|v| v.starts_with("symbolic"));
+    let onnx = path.extension().is_some_and(|e| e == "onnx");
+    match (symbolic, onnx) {
+        (true, true) => Some(format!(
+            "note: input '{input}' declares a fixed batch of {b}; treating the batch as symbolic"
+        )),
+        (true, false) => None,
+        (false, _) => Some(format!(
+            "note: input '{input}' declares a fixed batch of {b} that the graph depends on; \
+             other batch sizes run in chunks of {b}"
+        )),
+    }
+}

@@ -80,7 +80,7 @@ fn compile(args: Args) -> Result<()> {
         }
     }
     let mut graph = tabconv::onnx::load_model(&args.model)?;
-    if let Some(note) = tabconv::onnx::batch_note(&graph) {
+    if let Some(note) = tabconv::model::batch_note(&graph, &args.model) {
         eprintln!("{note}");
     }
     let source = cost::graph_cost(&graph);

@@ -132,9 +132,17 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(model_path: &Path, input: &Path, output: &Path) -> Result<()> {
+/// Load a model and print the note about a declared fixed batch, if any.
+fn load_noted(model_path: &Path) -> Result<Graph> {
     let graph = model::load(model_path)?;
-    note_batch(&graph);
+    if let Some(note) = model::batch_note(&graph, model_path) {
+        eprintln!("{note}");
+    }
+    Ok(graph)
+}
+
+fn run(model_path: &Path, input: &Path, output: &Path) -> Result<()> {
+    let graph = load_noted(model_path)?;
     let x = data::read_f32(input)?;
     let outs = Plan::new(&graph)?.run(vec![Tensor::F32(x)])?;
     for (i, t) in outs.iter().enumerate() {
@@ -149,8 +157,7 @@ fn run(model_path: &Path, input: &Path, output: &Path) -> Result<()> {
 }
 
 fn eval(model_path: &Path, inputs: &Path, labels: &Path, batch: usize, json: bool, pre: Preprocess) -> Result<()> {
-    let graph = model::load(model_path)?;
-    note_batch(&graph);
+    let graph = load_noted(model_path)?;
     let x = dataset::load_images(inputs, pre)?;
     let y = dataset::load_labels(labels)?;
     let n = x.shape().first().copied().unwrap_or(0);
@@ -195,8 +202,7 @@ fn eval(model_path: &Path, inputs: &Path, labels: &Path, batch: usize, json: boo
 }
 
 fn inspect(model_path: &Path, json: bool) -> Result<()> {
-    let graph: Graph = model::load(model_path)?;
-    note_batch(&graph);
+    let graph: Graph = load_noted(model_path)?;
     let order = graph.topo_order()?;
     let mut hist = std::collections::BTreeMap::<&str, usize>::new();
     let mut per_node = Vec::new();
@@ -299,10 +305,7 @@ fn bench(
     let batch = batch.max(1);
     let mut rows: Vec<Timing> = Vec::new();
     for m in models {
-        let graph = model::load(m)?;
-        if let Some(note) = tabconv::onnx::batch_note(&graph) {
-            eprintln!("{}: {note}", m.display());
-        }
+        let graph = load_noted(m)?;
         rows.push(pool.install(|| bench_ours(&graph, m, batch, 5, budget))?);
         if m.extension().is_some_and(|e| e == "onnx") {
             if tract {
@@ -363,6 +366,14 @@ fn bench(
             fmt_ratio(ratio(base, r)),
             fmt_ratio(ort_base.and_then(|o| ratio(o, r)))
         );
+        if let Some(b) = r.chunk {
+            println!(
+                "  {:<44} {:<12} ran {batch} images as {}×{b} chunks (the file fixes the batch at {b})",
+                "",
+                "",
+                batch.div_ceil(b)
+            );
+        }
     }
     if profile {
         for m in models {
@@ -390,11 +401,4 @@ fn bench(
         }
     }
     Ok(())
-}
-
-/// Say how a declared fixed batch is handled (stderr), if the model declares one.
-fn note_batch(graph: &Graph) {
-    if let Some(note) = tabconv::onnx::batch_note(graph) {
-        eprintln!("{note}");
-    }
 }

@@ -180,81 +180,122 @@ impl<'g> Plan<'g> {
         Ok(())
     }
 
-    /// Run on a batch. A model whose inputs declare a fixed batch `b` (see
-    /// `onnx::import_model`) given `n ≠ b` images runs in chunks of `b` (the last one padded with
-    /// zeros, whose outputs are dropped); the outputs are concatenated.
+    /// Run on a batch. A graph whose inputs declare a fixed batch `B` (see
+    /// `onnx::import::BATCH_KEY`) given `n ≠ B` images runs them in chunks of `B` (the last one
+    /// padded with zeros, whose outputs are dropped) and concatenates the outputs along axis 0.
     pub fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>> {
-        match self.fixed_batch(&inputs) {
+        match self.fixed_batch_of(&inputs) {
             Some(b) => self.run_chunked(inputs, b),
             None => self.run_once(inputs),
         }
     }
 
-    /// The fixed batch `b` of every input, when the given tensors differ from it only there.
-    fn fixed_batch(&self, inputs: &[Tensor]) -> Option<usize> {
-        let mut batch = None;
-        for (t, &n) in inputs.iter().zip(&self.graph.inputs) {
-            let f = self.graph.node(n).outputs[0].fact.as_ref()?;
-            let Some(Dim::Known(b)) = f.shape.first() else {
-                return None;
-            };
-            let same_rest = t.shape().len() == f.rank()
-                && t.shape()
+    /// The fixed leading dimension `B` the graph's inputs declare (all the same, rank ≥ 2), if
+    /// they do.
+    pub fn fixed_batch(&self) -> Option<usize> {
+        fixed_batch(self.graph)
+    }
+
+    /// `Some(B)` when the inputs should run in chunks: the graph declares a fixed batch `B` and
+    /// the given tensors match the declared shapes except for the same leading `n ≠ B`.
+    fn fixed_batch_of(&self, inputs: &[Tensor]) -> Option<usize> {
+        let b = self.fixed_batch()?;
+        let n = inputs.first()?.shape().first().copied()?;
+        if n == b || inputs.len() != self.graph.inputs.len() {
+            return None;
+        }
+        for (t, &id) in inputs.iter().zip(&self.graph.inputs) {
+            let f = self.graph.node(id).outputs[0].fact.as_ref()?;
+            let fits = t.dtype() == f.dtype
+                && t.shape().len() == f.rank()
+                && t.shape()[0] == n
+                && t.shape()[1..]
                     .iter()
-                    .zip(&f.shape)
-                    .skip(1)
+                    .zip(&f.shape[1..])
                     .all(|(&d, w)| w.known() == Some(d as i64));
-            let n0 = *t.shape().first()?;
-            if !same_rest || n0 == *b as usize || *b < 1 || batch.is_some_and(|x| x != *b) {
+            if !fits {
                 return None;
             }
-            batch = Some(*b);
         }
-        batch.map(|b| b as usize)
+        Some(b)
     }
 
     fn run_chunked(&self, inputs: Vec<Tensor>, b: usize) -> Result<Vec<Tensor>> {
-        let n = inputs.first().map_or(0, |t| t.shape()[0]);
-        let mut parts: Vec<Vec<ndarray::ArrayD<f32>>> = Vec::new();
+        use ndarray::{concatenate, ArrayD, Axis, IxDyn, Slice};
+        let n = inputs[0].shape()[0];
+        if n == 0 {
+            return Err(Error::Input(format!(
+                "no images given (the model runs in batches of its fixed batch {b})"
+            )));
+        }
+        let mut parts: Vec<Vec<ArrayD<f32>>> = Vec::new();
         for start in (0..n).step_by(b) {
             let take = b.min(n - start);
-            let chunk: Vec<Tensor> = inputs
+            let chunk = inputs
                 .iter()
                 .map(|t| {
                     let a = t.as_f32()?;
+                    let rows = a.slice_axis(Axis(0), Slice::from(start..start + take));
+                    if take == b {
+                        return Ok(Tensor::F32(rows.to_owned()));
+                    }
                     let mut shape = a.shape().to_vec();
                     shape[0] = b;
-                    let mut c = ndarray::ArrayD::<f32>::zeros(ndarray::IxDyn(&shape));
-                    c.slice_axis_mut(ndarray::Axis(0), (0..take).into())
-                        .assign(&a.slice_axis(ndarray::Axis(0), (start..start + take).into()));
-                    Ok(Tensor::F32(c))
+                    let mut padded = ArrayD::<f32>::zeros(IxDyn(&shape));
+                    padded.slice_axis_mut(Axis(0), Slice::from(0..take)).assign(&rows);
+                    Ok(Tensor::F32(padded))
                 })
-                .collect::<Result<_>>()?;
+                .collect::<Result<Vec<_>>>()?;
             let outs = self.run_once(chunk)?;
             let outs = outs
-                .iter()
-                .map(|o| {
-                    let a = o.as_f32()?;
-                    if a.shape().first() != Some(&b) {
+                .into_iter()
+                .enumerate()
+                .map(|(i, o)| {
+                    let a = o.into_f32()?;
+                    if a.ndim() == 0 || a.shape()[0] != b {
+                        let name = self.output_name(i);
                         return Err(Error::Input(format!(
-                            "the model has a fixed batch of {b} and an output of shape {:?}: cannot split {n} images into batches",
+                            "the model declares a fixed batch of {b} and output '{name}' has shape {:?},                              which does not lead with that batch: cannot run {n} images in batches of {b};                              give exactly {b}",
                             a.shape()
                         )));
                     }
-                    Ok(a.slice_axis(ndarray::Axis(0), (0..take).into()).to_owned())
+                    Ok(if take == b {
+                        a
+                    } else {
+                        a.slice_axis(Axis(0), Slice::from(0..take)).to_owned()
+                    })
                 })
                 .collect::<Result<Vec<_>>>()?;
             parts.push(outs);
         }
-        let k = parts.first().map_or(0, Vec::len);
-        (0..k)
+        (0..parts[0].len())
             .map(|i| {
                 let views: Vec<_> = parts.iter().map(|p| p[i].view()).collect();
-                ndarray::concatenate(ndarray::Axis(0), &views)
+                concatenate(Axis(0), &views)
                     .map(Tensor::F32)
-                    .map_err(|e| Error::Other(format!("joining batches: {e}")))
+                    .map_err(|e| Error::Other(format!("joining the outputs of batches of {b}: {e}")))
             })
             .collect()
+    }
+
+    /// The name of output `i` of this plan (the graph output's name, or the node's).
+    fn output_name(&self, i: usize) -> String {
+        let id = self.outputs[i];
+        if let Some((name, _)) = self.graph.outputs.iter().find(|(_, o)| self.value_id(*o) == Some(id)) {
+            return name.clone();
+        }
+        self.steps
+            .iter()
+            .find(|s| s.outs.contains(&id))
+            .map(|s| self.graph.node(s.node).name.clone())
+            .unwrap_or_default()
+    }
+
+    fn value_id(&self, o: Outlet) -> Option<usize> {
+        self.steps
+            .iter()
+            .find(|s| s.node == o.node)
+            .and_then(|s| s.outs.get(o.slot).copied())
     }
 
     fn run_once(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>> {
@@ -313,6 +354,23 @@ impl<'g> Plan<'g> {
             })
             .collect()
     }
+}
+
+/// The fixed leading dimension `B` every input of `graph` declares (rank ≥ 2, all the same), if
+/// they do; such a graph runs other batch sizes in chunks of `B` (see [`Plan::run`]).
+pub fn fixed_batch(graph: &Graph) -> Option<usize> {
+    let mut batch = None;
+    for &n in &graph.inputs {
+        let f = graph.node(n).outputs[0].fact.as_ref()?;
+        let b = match f.shape.first() {
+            Some(Dim::Known(b)) if *b > 0 && f.rank() >= 2 => *b as usize,
+            _ => return None,
+        };
+        if batch.replace(b).is_some_and(|prev| prev != b) {
+            return None;
+        }
+    }
+    batch
 }
 
 /// Convenience: schedule and run once.

@@ -77,67 +77,128 @@ pub fn load_model(path: &Path) -> Result<Graph> {
     import_model(&model, path)
 }
 
-/// Metadata key saying how a declared fixed batch was handled (see [`import_model`]).
+/// Metadata key recording how a declared fixed batch was handled: `symbolic (declared B)` when
+/// the graph was imported with its batch symbolic, `fixed B` when it depends on its fixed batch
+/// (the interpreter then runs larger batches in chunks of `B`, see `interp::Plan::run`). Absent
+/// when the inputs already declare a symbolic batch.
 pub const BATCH_KEY: &str = "batch";
 
-/// Import a model. An input whose leading dimension is declared as a fixed 1 (what
-/// `torch.onnx.export` writes without `dynamic_axes`, and most model-zoo files) is first imported
-/// with that dimension symbolic, rewriting constant `Reshape` targets that pin it; if the graph
-/// then infers with the batch leading every output, the model takes any batch
-/// (metadata `batch = symbolic (declared 1)`). Otherwise it is imported as declared (`batch =
-/// fixed 1`) and the interpreter feeds it in batches of its fixed size.
+/// Import a model. When every input declares the same fixed leading dimension `B` (what
+/// `torch.onnx.export` writes without `dynamic_axes`, and most model-zoo files), the model is
+/// first imported with that dimension as the symbolic batch, constant `Reshape` targets that pin
+/// it rewritten to copy it (see `Importer::unpin_batch`); the result is kept when shapes infer and
+/// every computed value keeps the batch leading, once, so each image is computed on its own
+/// exactly as at batch `B` ([`batch_is_per_image`]). Otherwise the model is imported as declared.
 pub fn import_model(model: &ModelProto, path: &Path) -> Result<Graph> {
-    let declares_fixed_one = model.graph.as_ref().is_some_and(|g| {
-        g.input
-            .iter()
-            .filter(|i| !g.initializer.iter().any(|t| t.name == i.name))
-            .any(|i| leading_dim(i) == Some(1))
-    });
-    if declares_fixed_one {
-        if let Ok(mut g) = import_with(model, path, true) {
-            let batch_leads = g.outputs.iter().all(|(_, o)| {
-                g.fact(*o)
-                    .is_some_and(|f| matches!(f.shape.first(), Some(Dim::Batch(_))))
-            });
-            if batch_leads {
-                g.metadata.insert(BATCH_KEY.into(), "symbolic (declared 1)".into());
-                return Ok(g);
+    let Some(b) = model.graph.as_ref().and_then(declared_fixed_batch) else {
+        return import_with(model, path, None);
+    };
+    if let Ok(mut g) = import_with(model, path, Some(b)) {
+        if batch_is_per_image(&g).is_ok() {
+            g.metadata.insert(BATCH_KEY.into(), format!("symbolic (declared {b})"));
+            return Ok(g);
+        }
+    }
+    let mut g = import_with(model, path, None)?;
+    g.metadata.insert(BATCH_KEY.into(), format!("fixed {b}"));
+    Ok(g)
+}
+
+/// `B` when every (non-initializer) graph input has rank ≥ 2 and declares the same fixed
+/// leading dimension `B`.
+fn declared_fixed_batch(g: &tract_onnx::pb::GraphProto) -> Option<i64> {
+    use tract_onnx::pb::tensor_shape_proto::dimension::Value as D;
+    let inits: HashSet<&str> = g.initializer.iter().map(|t| t.name.as_str()).collect();
+    let mut batch = None;
+    for input in g.input.iter().filter(|i| !inits.contains(i.name.as_str())) {
+        let Some(type_proto::Value::TensorType(tt)) = input.r#type.as_ref().and_then(|t| t.value.as_ref()) else {
+            return None;
+        };
+        let dims = &tt.shape.as_ref()?.dim;
+        let b = match dims.first()?.value {
+            Some(D::DimValue(v)) if v > 0 && dims.len() >= 2 => v,
+            _ => return None,
+        };
+        if batch.replace(b).is_some_and(|prev| prev != b) {
+            return None;
+        }
+    }
+    batch
+}
+
+/// A small integer tensor whose contents are known statically (possibly in terms of `N`): a shape.
+fn is_shape_value(f: &Fact) -> bool {
+    f.dtype != DType::F32 && f.value.is_some()
+}
+
+/// Whether the graph computes each image on its own: every computed value (other than small
+/// integer shape values) has the batch `N` as its leading dimension and nowhere else, no op
+/// works across axis 0, and the batch size only shapes values. At the declared batch the graph computes what the file does, so with
+/// this it computes, for any batch, what the file computes image by image.
+pub fn batch_is_per_image(g: &Graph) -> std::result::Result<(), String> {
+    let batch_leads =
+        |f: &Fact| f.shape.first() == Some(&Dim::Batch(1)) && !f.shape[1..].iter().any(|d| matches!(d, Dim::Batch(_)));
+    for n in g.topo_order().map_err(|e| e.to_string())? {
+        let node = g.node(n);
+        if matches!(node.op, Op::Input | Op::Const(_)) {
+            continue;
+        }
+        for v in &node.outputs {
+            let Some(f) = v.fact.as_ref() else {
+                return Err(format!("node '{}' has an output without a shape", node.name));
+            };
+            if !(is_shape_value(f) || batch_leads(f)) {
+                return Err(format!("node '{}' ({}) gives {f}", node.name, node.op.name()));
             }
         }
-        let mut g = import_with(model, path, false)?;
-        g.metadata.insert(BATCH_KEY.into(), "fixed 1".into());
-        return Ok(g);
+        // The batch size itself may only shape things (a Reshape target, a ConstantOfShape
+        // shape, or more shape arithmetic), never enter the computed values.
+        let shapes_only = node.outputs.iter().all(|v| v.fact.as_ref().is_some_and(is_shape_value));
+        for (port, o) in g.inputs_of(n).iter().enumerate() {
+            let holds_n = g
+                .fact(*o)
+                .and_then(|f| f.value.as_ref())
+                .is_some_and(|v| v.iter().any(|d| matches!(d, Dim::Batch(_))));
+            let ok = shapes_only
+                || matches!(
+                    (&node.op, port),
+                    (Op::Reshape { .. }, 1) | (Op::ConstantOfShape { .. }, 0)
+                );
+            if holds_n && !ok {
+                return Err(format!(
+                    "node '{}' ({}) uses the batch size as a value",
+                    node.name,
+                    node.op.name()
+                ));
+            }
+        }
+        let rank0 = g.inputs_of(n).first().and_then(|o| g.fact(*o)).map(|f| f.rank());
+        let across = match (&node.op, rank0) {
+            (Op::Softmax { axis, .. }, Some(r)) => crate::ir::infer::norm_axis(*axis, r).ok() == Some(0),
+            (Op::Pad { pads, .. }, Some(r)) => {
+                pads.first().is_some_and(|&p| p != 0) || pads.get(r).is_some_and(|&p| p != 0)
+            }
+            (Op::Concat { axis, .. } | Op::Split { axis, .. } | Op::Gather { axis }, Some(r)) => {
+                crate::ir::infer::norm_axis(*axis, r).ok() == Some(0)
+            }
+            (Op::Slice { axes, .. }, Some(r)) => {
+                axes.iter().any(|&a| crate::ir::infer::norm_axis(a, r).ok() == Some(0))
+            }
+            _ => false,
+        };
+        if across {
+            return Err(format!("node '{}' ({}) works across axis 0", node.name, node.op.name()));
+        }
     }
-    import_with(model, path, false)
+    for (name, o) in &g.outputs {
+        if !g.fact(*o).is_some_and(batch_leads) {
+            return Err(format!("output '{name}' does not lead with the batch"));
+        }
+    }
+    Ok(())
 }
 
-/// The declared leading dimension of a graph input, when it is a fixed number.
-fn leading_dim(input: &tract_onnx::pb::ValueInfoProto) -> Option<i64> {
-    use tract_onnx::pb::tensor_shape_proto::dimension::Value as D;
-    let Some(type_proto::Value::TensorType(tt)) = input.r#type.as_ref().and_then(|t| t.value.as_ref()) else {
-        return None;
-    };
-    match tt.shape.as_ref()?.dim.first()?.value {
-        Some(D::DimValue(v)) => Some(v),
-        _ => None,
-    }
-}
-
-/// The user-facing line about how a declared fixed batch was handled, if it was.
-pub fn batch_note(g: &Graph) -> Option<String> {
-    match g.metadata.get(BATCH_KEY).map(String::as_str) {
-        Some("symbolic (declared 1)") => Some(
-            "note: the model declares a fixed batch of 1; its graph allows any batch, so the batch is treated as symbolic"
-                .into(),
-        ),
-        Some("fixed 1") => Some(
-            "note: the model declares a fixed batch of 1 that its graph depends on; inputs run in batches of 1".into(),
-        ),
-        _ => None,
-    }
-}
-
-fn import_with(model: &ModelProto, path: &Path, symbolic_one: bool) -> Result<Graph> {
+fn import_with(model: &ModelProto, path: &Path, symbolic_batch: Option<i64>) -> Result<Graph> {
     let merr = |msg: String| Error::Model { path: path.into(), msg };
     let opset = model
         .opset_import
@@ -189,7 +250,7 @@ fn import_with(model: &ModelProto, path: &Path, symbolic_one: bool) -> Result<Gr
         names: HashSet::new(),
         opset,
         reader: TensorReader::new(path),
-        symbolic_one,
+        symbolic_batch,
         tabconv_opset: tabconv_opset.unwrap_or(0),
     };
     im.graph.metadata.insert("source_opset".into(), opset.to_string());
@@ -211,7 +272,8 @@ fn import_with(model: &ModelProto, path: &Path, symbolic_one: bool) -> Result<Gr
         if im.values.contains_key(&input.name) {
             continue; // old model-zoo files list initializers as inputs too
         }
-        let fact = input_fact(input, symbolic_one).map_err(|e| merr(format!("graph input '{}': {e}", input.name)))?;
+        let fact = input_fact(input, symbolic_batch.is_some())
+            .map_err(|e| merr(format!("graph input '{}': {e}", input.name)))?;
         let n = im.graph.add_node(&input.name, Op::Input, &[]);
         im.graph.node_mut(n).outputs[0].fact = Some(fact);
         im.graph.inputs.push(n);
@@ -251,7 +313,9 @@ fn import_with(model: &ModelProto, path: &Path, symbolic_one: bool) -> Result<Gr
     Ok(im.graph)
 }
 
-fn input_fact(input: &tract_onnx::pb::ValueInfoProto, symbolic_one: bool) -> Result<Fact> {
+/// The declared fact of a graph input; `symbolic_batch`: the leading dimension is the batch
+/// even when declared fixed.
+fn input_fact(input: &tract_onnx::pb::ValueInfoProto, symbolic_batch: bool) -> Result<Fact> {
     let Some(type_proto::Value::TensorType(tt)) = input.r#type.as_ref().and_then(|t| t.value.as_ref()) else {
         return Err(Error::Other("has no tensor type".into()));
     };
@@ -267,7 +331,7 @@ fn input_fact(input: &tract_onnx::pb::ValueInfoProto, symbolic_one: bool) -> Res
         .iter()
         .enumerate()
         .map(|(i, d)| match (&d.value, i) {
-            (Some(D::DimValue(1)), 0) if symbolic_one => Ok(Dim::Batch(1)),
+            (Some(D::DimValue(_)), 0) if symbolic_batch => Ok(Dim::Batch(1)),
             (Some(D::DimValue(v)), _) if *v > 0 => Ok(Dim::Known(*v)),
             (_, 0) => Ok(Dim::Batch(1)),
             (v, i) => Err(Error::Other(format!(
@@ -288,9 +352,8 @@ struct Importer {
     reader: TensorReader,
     /// The file's `ai.tabconv` opset (0 when it declares none).
     tabconv_opset: i64,
-    /// Importing a declared batch of 1 as symbolic: constant Reshape targets that pin it to 1
-    /// are rewritten to copy the batch.
-    symbolic_one: bool,
+    /// The declared fixed batch being imported as the symbolic batch (see [`import_model`]).
+    symbolic_batch: Option<i64>,
 }
 
 impl Importer {
@@ -314,34 +377,38 @@ impl Importer {
         o
     }
 
-    /// A constant `Reshape` target `[1, d…]` (no zeros, so `allowzero` does not matter) applied
-    /// to a value whose leading dimension is the batch, when the other dimensions account for
-    /// exactly the per-image elements, becomes `[0, d…]` with `allowzero = 0` (copy the batch):
-    /// the exporter wrote the declared batch of 1 into it.
+    /// With a declared batch `B` imported as symbolic: a constant `Reshape` target `[B, d…]` of a
+    /// value `[N, e…]` (batch leading, the rest static) whose `d…` hold exactly the `e…`
+    /// elements of one image (or are completed by one `-1`) becomes `[-1, d…]` with the `-1` of
+    /// `d…` resolved, so it yields `N` (with or without `allowzero`). The exporter wrote the
+    /// declared batch there (the legacy exporter folds `x.view(x.size(0), -1)` into such a
+    /// constant, the dynamo exporter writes it directly); at batch `B` both targets give the same
+    /// shape.
     fn unpin_batch(&mut self, op: &Op, inputs: &[Outlet]) -> Option<Outlet> {
+        let b = self.symbolic_batch?;
         if !matches!(op, Op::Reshape { .. }) || inputs.len() != 2 {
             return None;
         }
         let data = self.graph.fact(inputs[0])?;
-        if !matches!(data.shape.first(), Some(Dim::Batch(1))) {
+        if data.shape.first() != Some(&Dim::Batch(1)) {
             return None;
         }
         let per_image: i64 = data.shape[1..].iter().map(|d| d.known()).product::<Option<i64>>()?;
         let target = self.graph.const_value(inputs[1])?.to_i64_vec().ok()?;
-        if target.first() != Some(&1) {
+        let (&first, rest) = target.split_first()?;
+        if first != b || per_image <= 0 || rest.iter().any(|&d| d == 0 || d < -1) {
             return None;
         }
-        let rest = &target[1..];
-        let fits = rest.contains(&-1) || rest.iter().all(|&d| d > 0) && rest.iter().product::<i64>() == per_image;
-        if !fits || rest.contains(&0) {
-            return None;
-        }
-        let mut t = target.clone();
-        t[0] = 0;
-        Some(self.add_const(
-            &format!("{}.batch", self.graph.node(inputs[1].node).name),
-            Tensor::i64_vec(t),
-        ))
+        let known: i64 = rest.iter().filter(|&&d| d != -1).product();
+        let fill = match rest.iter().filter(|&&d| d == -1).count() {
+            0 if known == per_image => 1,
+            1 if known > 0 && per_image % known == 0 => per_image / known,
+            _ => return None,
+        };
+        let mut t = vec![-1];
+        t.extend(rest.iter().map(|&d| if d == -1 { fill } else { d }));
+        let name = format!("{}.batch", self.graph.node(inputs[1].node).name);
+        Some(self.add_const(&name, Tensor::i64_vec(t)))
     }
 
     fn value(&self, name: &str) -> Result<Outlet> {
@@ -867,12 +934,8 @@ impl Importer {
     /// Add the node, infer its output fact, and fold it into a constant when possible.
     fn add_op(&mut self, out_name: &str, name: &str, op: Op, inputs: &[Outlet]) -> Result<Outlet> {
         let mut inputs = inputs.to_vec();
-        let mut op = op;
-        if self.symbolic_one {
-            if let Some(fixed) = self.unpin_batch(&op, &inputs) {
-                inputs[1] = fixed;
-                op = Op::Reshape { allowzero: false };
-            }
+        if let Some(target) = self.unpin_batch(&op, &inputs) {
+            inputs[1] = target;
         }
         let inputs = &inputs[..];
         let facts: Vec<Fact> = inputs.iter().map(|o| self.fact(*o).clone()).collect();

@@ -7,4 +7,4 @@ pub mod import;
 pub mod proto;
 pub mod tcv;
 
-pub use import::{batch_note, import_model, load_model};
+pub use import::{import_model, load_model};
