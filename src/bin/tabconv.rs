@@ -320,10 +320,16 @@ fn bench(
     }
     let base = rows[0].median_ms;
     // ONNX Runtime on the first .onnx model: the engine users already run.
-    let ort_base = rows
-        .iter()
-        .find(|r| r.engine.starts_with("ort") && r.error.is_none())
-        .map(|r| r.median_ms);
+    // ONNX Runtime on the same .onnx model when it ran, else on the first .onnx model (the
+    // original, when the others are its compiled forms).
+    let ort_of = |model: &str| {
+        let ok = |r: &&Timing| r.engine.starts_with("ort") && r.error.is_none();
+        rows.iter()
+            .filter(ok)
+            .find(|r| r.model == model)
+            .or_else(|| rows.iter().find(ok))
+            .map(|r| r.median_ms)
+    };
     let ratio = |num: f64, r: &Timing| (r.error.is_none() && r.median_ms > 0.0).then(|| num / r.median_ms);
     if json {
         let v: Vec<_> = rows
@@ -333,7 +339,7 @@ fn bench(
                 v["threads"] = serde_json::json!(nthreads);
                 v["simd"] = serde_json::json!(tabconv::interp::kernels::simd_level());
                 v["speedup_vs_first"] = serde_json::json!(ratio(base, r));
-                v["speedup_vs_ort"] = serde_json::json!(ort_base.and_then(|o| ratio(o, r)));
+                v["speedup_vs_ort"] = serde_json::json!(ort_of(&r.model).and_then(|o| ratio(o, r)));
                 v
             })
             .collect();
@@ -364,7 +370,7 @@ fn bench(
             r.min_ms,
             r.images_per_second,
             fmt_ratio(ratio(base, r)),
-            fmt_ratio(ort_base.and_then(|o| ratio(o, r)))
+            fmt_ratio(ort_of(&r.model).and_then(|o| ratio(o, r)))
         );
         if let Some(b) = r.chunk {
             println!(

@@ -62,37 +62,40 @@ pub fn eval_op_cached(op: &Op, mut args: Vec<Arc<Tensor>>, cache: Option<&Cache>
                 bail!("bias has {} values for {} output channels", bias.unwrap().len(), ws[0]);
             }
             let wdata = f32_std(w)?;
-            // Kernel taps that only ever see padding (e.g. a 3×3 conv on a 1×1 input) are dropped:
-            // a smaller kernel with adjusted padding computes the same outputs.
-            if let Some((small, [i0, j0])) = conv::pruned_taps(c, [xs[2], xs[3]])? {
-                let build = || {
-                    Ok(PrunedWeights {
-                        hw: [xs[2], xs[3]],
-                        w: conv::slice_taps(&wdata, ws, [i0, j0], small.window.kernel),
-                    })
+            // What the node prepares once per input size: the kernel without taps that only ever
+            // see padding (e.g. a 3×3 conv on a 1×1 input; a smaller kernel with adjusted padding
+            // computes the same outputs) and the weights packed for the AVX-512 GEMM.
+            let hw = [xs[2], xs[3]];
+            let build = || -> Result<ConvPrep> {
+                let (conv, weights) = match conv::pruned_taps(c, hw)? {
+                    Some((small, first)) => {
+                        let kept = small.window.kernel;
+                        (small, Some(conv::slice_taps(&wdata, ws, first, kept)))
+                    }
+                    None => (c.clone(), None),
                 };
-                let mut slot = None;
-                let mut pw: &PrunedWeights = cached(cache, build, &mut slot)?;
-                let mut fresh = None;
-                if pw.hw != [xs[2], xs[3]] {
-                    pw = fresh.insert(build()?);
-                }
-                return Ok(vec![Tensor::F32(conv::conv2d(
-                    &f32_std(&args[0])?,
-                    xs,
-                    &pw.w,
-                    ws[0],
-                    bias.as_deref(),
-                    &small,
-                )?)]);
+                let packed = conv::pack_weights(weights.as_deref().unwrap_or(&wdata), ws[0], &conv, xs[1]);
+                Ok(ConvPrep {
+                    hw,
+                    conv,
+                    weights,
+                    packed,
+                })
+            };
+            let mut slot = None;
+            let mut prep: &ConvPrep = cached(cache, build, &mut slot)?;
+            let mut fresh = None;
+            if prep.hw != hw {
+                prep = fresh.insert(build()?);
             }
             Tensor::F32(conv::conv2d(
                 &f32_std(&args[0])?,
                 xs,
-                &wdata,
+                prep.weights.as_deref().unwrap_or(&wdata),
                 ws[0],
                 bias.as_deref(),
-                c,
+                &prep.conv,
+                prep.packed.as_deref(),
             )?)
         }
         Op::Split { axis, sizes } => {
@@ -429,10 +432,14 @@ pub fn eval_op_cached(op: &Op, mut args: Vec<Arc<Tensor>>, cache: Option<&Cache>
     Ok(vec![out])
 }
 
-/// A Conv's weights without the taps that only see padding, for one input size.
-struct PrunedWeights {
+/// A Conv node's prepared state for one input size: the conv actually run (taps that only meet
+/// padding dropped), its weights when they differ from the node's, and the weights packed per
+/// group for the AVX-512 GEMM.
+struct ConvPrep {
     hw: [usize; 2],
-    w: Vec<f32>,
+    conv: crate::ir::op::Conv,
+    weights: Option<Vec<f32>>,
+    packed: Option<Vec<gemm::PackedA>>,
 }
 
 /// Get (or build on first use) a node's cached state of type `T`; without a cache, build it.

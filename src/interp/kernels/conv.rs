@@ -1,7 +1,7 @@
 //! 2-D convolution as im2col + GEMM, per image and per group. Images run in parallel when the
 //! batch can keep every thread busy; otherwise the GEMM itself is parallel.
 
-use super::gemm::{matmul, Mat};
+use super::gemm::{matmul, matmul_packed, Mat, PackedA};
 use super::im2col::{im2col, im2col_strided};
 use crate::error::Result;
 use crate::ir::op::{Conv, Padding, Window};
@@ -81,7 +81,31 @@ const MERGE_BELOW: usize = 1024;
 /// Values of the shared im2col matrix at most (16 MiB).
 const MERGE_COLS: usize = 4 << 20;
 
-/// `x`: `[N, C, H, W]` (standard layout), `w`: `[M, C/group, kh, kw]`, `bias`: `[M]`.
+/// Output columns below which the packed GEMM is not used (its 32-column tiles would be mostly
+/// masked off; the `gemm` crate handles narrow products better).
+const PACKED_MIN_N: usize = 64;
+
+/// Output channels per group below which the packed GEMM is not used (its 12-row blocks would
+/// be mostly padding).
+const PACKED_MIN_M: usize = 24;
+
+/// The weights of each group packed for [`matmul_packed`], when this CPU has AVX-512 and the
+/// groups are wide enough.
+pub fn pack_weights(w: &[f32], m: usize, conv: &Conv, c: usize) -> Option<Vec<PackedA>> {
+    let g = conv.group.max(1);
+    let (mg, k) = (m / g, c / g * conv.window.kernel[0] * conv.window.kernel[1]);
+    if !PackedA::supported() || mg < PACKED_MIN_M || w.len() < m * k {
+        return None;
+    }
+    Some(
+        (0..g)
+            .map(|gi| PackedA::new(&w[gi * mg * k..(gi + 1) * mg * k], mg, k))
+            .collect(),
+    )
+}
+
+/// `x`: `[N, C, H, W]` (standard layout), `w`: `[M, C/group, kh, kw]`, `bias`: `[M]`; `packed`:
+/// the same weights from [`pack_weights`] (then the AVX-512 GEMM runs).
 pub fn conv2d(
     x: &[f32],
     xshape: [usize; 4],
@@ -89,6 +113,7 @@ pub fn conv2d(
     m: usize,
     bias: Option<&[f32]>,
     conv: &Conv,
+    packed: Option<&[PackedA]>,
 ) -> Result<ArrayD<f32>> {
     let [n, c, h, wd] = xshape;
     let win = &conv.window;
@@ -123,18 +148,21 @@ pub fn conv2d(
                     row.fill(bv);
                 }
             }
-            matmul(
-                m,
-                np,
-                k,
-                Mat::row_major(w, k),
-                Mat::row_major(&cols, np),
-                &mut tmp,
-                np,
-                bias.is_some(),
-                1.0,
-                true,
-            );
+            match packed.filter(|_| np >= PACKED_MIN_N) {
+                Some(pa) => matmul_packed(&pa[0], np, &cols, &mut tmp, bias.is_some(), true),
+                None => matmul(
+                    m,
+                    np,
+                    k,
+                    Mat::row_major(w, k),
+                    Mat::row_major(&cols, np),
+                    &mut tmp,
+                    np,
+                    bias.is_some(),
+                    1.0,
+                    true,
+                ),
+            }
             for (mi, row) in tmp.chunks(np).enumerate() {
                 for b in 0..nb {
                     out[((i0 + b) * m + mi) * p..][..p].copy_from_slice(&row[b * p..(b + 1) * p]);
@@ -159,6 +187,10 @@ pub fn conv2d(
                 for (row, &bv) in dst_g.chunks_mut(p).zip(&bias[gi * mg..(gi + 1) * mg]) {
                     row.fill(bv);
                 }
+            }
+            if let Some(pa) = packed.filter(|_| p >= PACKED_MIN_N) {
+                matmul_packed(&pa[gi], p, b, dst_g, bias.is_some(), parallel_gemm);
+                continue;
             }
             let wg = Mat::row_major(&w[gi * mg * k..(gi + 1) * mg * k], k);
             matmul(
@@ -244,18 +276,60 @@ mod tests {
             let ws = [m, c, k, k];
             let w: Vec<f32> = (0..ws.iter().product()).map(|_| rng.next_f64() as f32 - 0.5).collect();
             let b: Vec<f32> = (0..m).map(|i| i as f32).collect();
-            let full = conv2d(&x, xs, &w, m, Some(&b), &conv).unwrap();
+            let full = conv2d(&x, xs, &w, m, Some(&b), &conv, None).unwrap();
             let Some((small, first)) = pruned_taps(&conv, hw).unwrap() else {
                 assert!(hw == [7, 7] || hw == [2, 3], "{hw:?} uses every tap");
                 continue;
             };
             pruned += 1;
             let ws2 = slice_taps(&w, &ws, first, small.window.kernel);
-            let got = conv2d(&x, xs, &ws2, m, Some(&b), &small).unwrap();
+            let got = conv2d(&x, xs, &ws2, m, Some(&b), &small, None).unwrap();
             assert_eq!(got.shape(), full.shape());
             let err = got.iter().zip(full.iter()).fold(0f32, |e, (a, b)| e.max((a - b).abs()));
             assert!(err < 1e-5, "{hw:?} k={k} s={stride} d={dil}: {err}");
         }
         assert_eq!(pruned, 4);
+    }
+
+    /// The packed AVX-512 GEMM path gives the same outputs as the `gemm` crate path, per image
+    /// and with the batch merged into one GEMM, grouped too.
+    #[test]
+    fn packed_weights_give_the_same_outputs() {
+        if !PackedA::supported() {
+            eprintln!("packed conv not checked: this CPU has no AVX-512F");
+            return;
+        }
+        let mut rng = Rng::new(8);
+        for &(n, c, hw, m, k, group) in &[
+            (3, 8, 9, 32, 3, 1),
+            (1, 16, 40, 48, 3, 1),
+            (2, 8, 6, 48, 1, 2),
+            (5, 4, 2, 24, 3, 1),
+        ] {
+            let conv = Conv {
+                window: Window {
+                    kernel: [k, k],
+                    strides: [1, 1],
+                    dilations: [1, 1],
+                    padding: Padding::Explicit([k / 2; 4]),
+                    ceil_mode: false,
+                },
+                group,
+            };
+            let xs = [n, c, hw, hw];
+            let x: Vec<f32> = (0..xs.iter().product()).map(|_| rng.next_f64() as f32 - 0.5).collect();
+            let w: Vec<f32> = (0..m * c / group * k * k)
+                .map(|_| rng.next_f64() as f32 - 0.5)
+                .collect();
+            let b: Vec<f32> = (0..m).map(|i| i as f32 * 0.1).collect();
+            let plain = conv2d(&x, xs, &w, m, Some(&b), &conv, None).unwrap();
+            let packed = pack_weights(&w, m, &conv, c).expect("wide enough to pack");
+            let fast = conv2d(&x, xs, &w, m, Some(&b), &conv, Some(&packed)).unwrap();
+            let err = fast
+                .iter()
+                .zip(plain.iter())
+                .fold(0f32, |e, (a, b)| e.max((a - b).abs()));
+            assert!(err < 1e-4, "n={n} c={c} hw={hw} m={m} k={k} g={group}: {err}");
+        }
     }
 }
