@@ -212,7 +212,10 @@ pub fn eval_op_cached(op: &Op, mut args: Vec<Arc<Tensor>>, cache: Option<&Cache>
             let rhs = args.pop().unwrap();
             let lhs = args.pop().unwrap();
             match (&*lhs, &*rhs) {
-                (Tensor::F32(_), Tensor::F32(r)) => Tensor::F32(ew::binary_f32(*b, owned(lhs.clone()).into_f32()?, r)?),
+                // `lhs` is moved into the kernel (no copy when this was its last use: in place).
+                (Tensor::F32(_), Tensor::F32(_)) => {
+                    Tensor::F32(ew::binary_f32(*b, owned(lhs).into_f32()?, rhs.as_f32()?)?)
+                }
                 (Tensor::I64(l), Tensor::I64(r)) => Tensor::I64(ew::binary_int(*b, l, r)?),
                 (Tensor::I32(l), Tensor::I32(r)) => Tensor::I32(ew::binary_int(*b, l, r)?),
                 (l, r) => bail!("unsupported operand types {} and {}", l.dtype(), r.dtype()),

@@ -343,8 +343,11 @@ macro_rules! dispatch_simd {
             unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
                 f()
             }
-            if is_x86_feature_detected!("avx512f") {
-                // SAFETY: the CPU supports AVX-512F (checked just above).
+            if is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+            {
+                // SAFETY: the CPU supports AVX-512F, AVX2 and FMA (checked just above).
                 unsafe { avx512(|| $call) }
             } else if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
                 // SAFETY: the CPU supports AVX2 and FMA (checked just above).

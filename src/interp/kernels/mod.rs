@@ -29,7 +29,7 @@ pub enum Simd {
     Scalar,
     /// AVX2 and FMA.
     Avx2,
-    /// AVX-512F (and BW where a kernel says so).
+    /// AVX-512F with AVX2 and FMA (and BW where a kernel checks for it).
     Avx512,
 }
 
@@ -61,7 +61,11 @@ impl Simd {
             #[cfg(target_arch = "x86_64")]
             Simd::Avx2 => std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma"),
             #[cfg(target_arch = "x86_64")]
-            Simd::Avx512 => std::arch::is_x86_feature_detected!("avx512f"),
+            Simd::Avx512 => {
+                std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+            }
             #[cfg(not(target_arch = "x86_64"))]
             _ => false,
         }

@@ -115,6 +115,19 @@ pub fn reduce_mean(a: &ArrayD<f32>, axes: &[usize], keepdims: bool) -> ArrayD<f3
     let mut sorted = axes.to_vec();
     sorted.sort_unstable();
     sorted.dedup();
+    // The spatial mean of a channels-last batch (what `channels-last` turns GlobalAveragePool
+    // into): one sum per channel in (y, x) order, divided once, the same bits as GlobalAveragePool.
+    if let (4, [1, 2], false, Some(x)) = (a.ndim(), sorted.as_slice(), keepdims, a.as_slice()) {
+        let [n, h, w, c] = [a.shape()[0], a.shape()[1], a.shape()[2], a.shape()[3]];
+        let plane = h * w;
+        let mut out = Vec::with_capacity(n * c);
+        for img in x.chunks(plane * c).take(n) {
+            for ch in 0..c {
+                out.push(img.iter().skip(ch).step_by(c.max(1)).take(plane).sum::<f32>() / plane as f32);
+            }
+        }
+        return ArrayD::from_shape_vec(ndarray::IxDyn(&[n, c]), out).expect("reduce_mean output size");
+    }
     let mut out = a.clone();
     for &ax in sorted.iter().rev() {
         out = out.mean_axis(Axis(ax)).expect("non-empty axis");
@@ -123,4 +136,34 @@ pub fn reduce_mean(a: &ArrayD<f32>, axes: &[usize], keepdims: bool) -> ArrayD<f3
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    /// The channels-last spatial mean gives GlobalAveragePool's bits on maps whose size is not a
+    /// power of two (where dividing twice would round differently).
+    #[test]
+    fn channels_last_mean_equals_global_average_pool() {
+        let (n, c, h, w) = (2, 5, 7, 3);
+        let nchw: Vec<f32> = (0..n * c * h * w)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+            .collect();
+        let mut nhwc = vec![0f32; nchw.len()];
+        for i in 0..n {
+            for ch in 0..c {
+                for y in 0..h {
+                    for x in 0..w {
+                        nhwc[((i * h + y) * w + x) * c + ch] = nchw[((i * c + ch) * h + y) * w + x];
+                    }
+                }
+            }
+        }
+        let gap = super::super::pool::global_pool(&nchw, &[n, c, h, w], false);
+        let a = ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[n, h, w, c]), nhwc).unwrap();
+        let mean = super::reduce_mean(&a, &[1, 2], false);
+        assert_eq!(mean.shape(), [n, c]);
+        let gap: Vec<u32> = gap.iter().map(|v| v.to_bits()).collect();
+        let mean: Vec<u32> = mean.iter().map(|v| v.to_bits()).collect();
+        assert_eq!(mean, gap);
+    }
 }
