@@ -115,7 +115,8 @@ for m in models:
         print("```\n")
 
 print("## Kernels\n")
-print("`cargo test --release --lib -- --ignored --nocapture lut_throughput encode_throughput` "
+print("`cargo test --release --lib -- --ignored --nocapture lut_throughput encode_throughput "
+      "nearest_throughput packed_throughput` "
       "(one thread):\n\n```")
 print(open(p("kernels.txt")).read().strip())
 print("```")

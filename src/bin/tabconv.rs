@@ -337,7 +337,7 @@ fn bench(
             .map(|r| {
                 let mut v = serde_json::to_value(r).expect("json");
                 v["threads"] = serde_json::json!(nthreads);
-                v["simd"] = serde_json::json!(tabconv::interp::kernels::simd_level());
+                v["simd"] = serde_json::json!(tabconv::interp::kernels::Simd::detect().name());
                 v["speedup_vs_first"] = serde_json::json!(ratio(base, r));
                 v["speedup_vs_ort"] = serde_json::json!(ort_of(&r.model).and_then(|o| ratio(o, r)));
                 v
@@ -349,7 +349,7 @@ fn bench(
     println!(
         "batch {batch}, {nthreads} thread(s) (tabconv and ONNX Runtime; tract runs on one), SIMD: {}; \
          median of ≥5 runs; speedup = other's median / this row's",
-        tabconv::interp::kernels::simd_level()
+        tabconv::interp::kernels::Simd::detect().name()
     );
     println!(
         "  {:<44} {:<12} {:>6} {:>11} {:>11} {:>12} {:>9} {:>8}",

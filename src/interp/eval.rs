@@ -470,29 +470,21 @@ fn pq_encode(p: &crate::ir::op::PqEncode, args: &[Arc<Tensor>], cache: Option<&C
     let (rows, mut shape, hint) = match &p.window {
         Some(w) => {
             let s4 = shape4(&args[0], "PQEncode")?;
-            if p.nhwc {
-                let geo = w.resolve([s4[1], s4[2]])?;
-                let rows = encode::Rows::ConvNhwc {
-                    x: &x,
-                    shape: s4,
-                    win: w,
-                    geo,
-                };
-                (
-                    rows,
-                    vec![s4[0], geo.out[0] * geo.out[1], 0],
-                    Some((s4[3], w.kernel[0], w.kernel[1])),
-                )
+            // channels-last [N, H, W, C] or NCHW: the same rows either way
+            let (hw, channels) = if p.nhwc {
+                ([s4[1], s4[2]], s4[3])
             } else {
-                let geo = w.resolve([s4[2], s4[3]])?;
-                let rows = encode::Rows::Conv {
-                    x: &x,
-                    shape: s4,
-                    win: w,
-                    geo,
-                };
-                (rows, vec![s4[0], geo.out[0] * geo.out[1], 0], None)
-            }
+                ([s4[2], s4[3]], s4[1])
+            };
+            let geo = w.resolve(hw)?;
+            let (x, shape, win) = (&x[..], s4, w);
+            let rows = if p.nhwc {
+                encode::Rows::ConvNhwc { x, shape, win, geo }
+            } else {
+                encode::Rows::Conv { x, shape, win, geo }
+            };
+            let hint = p.nhwc.then_some((channels, w.kernel[0], w.kernel[1]));
+            (rows, vec![s4[0], geo.out[0] * geo.out[1], 0], hint)
         }
         None => {
             let d = *args[0]

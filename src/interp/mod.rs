@@ -113,37 +113,24 @@ impl<'g> Plan<'g> {
 
     /// `(op type, seconds, calls)` recorded so far, most expensive first.
     pub fn profile(&self) -> Vec<(&'static str, f64, usize)> {
-        let mut v: Vec<_> = self
-            .profile
-            .as_ref()
-            .map(|p| {
-                p.lock()
-                    .expect("profile lock")
-                    .by_op
-                    .iter()
-                    .map(|(k, (s, n))| (*k, *s, *n))
-                    .collect()
-            })
-            .unwrap_or_default();
-        v.sort_by(|a, b| b.1.total_cmp(&a.1));
-        v
+        self.profile_rows(|p| p.by_op.iter().map(|(k, &(s, n))| (*k, s, n)).collect(), |r| r.1)
     }
 
     /// `(node, op type, seconds, calls)` recorded so far, most expensive first.
     pub fn profile_nodes(&self) -> Vec<(String, &'static str, f64, usize)> {
-        let mut v: Vec<_> = self
+        self.profile_rows(
+            |p| p.by_node.iter().map(|(k, &(op, s, n))| (k.clone(), op, s, n)).collect(),
+            |r| r.2,
+        )
+    }
+
+    fn profile_rows<R>(&self, rows: impl Fn(&Profile) -> Vec<R>, secs: impl Fn(&R) -> f64) -> Vec<R> {
+        let mut v = self
             .profile
             .as_ref()
-            .map(|p| {
-                p.lock()
-                    .expect("profile lock")
-                    .by_node
-                    .iter()
-                    .map(|(k, (op, s, n))| (k.clone(), *op, *s, *n))
-                    .collect()
-            })
+            .map(|p| rows(&p.lock().expect("profile lock")))
             .unwrap_or_default();
-        v.sort_by(|a, b| b.2.total_cmp(&a.2));
+        v.sort_by(|a, b| secs(b).total_cmp(&secs(a)));
         v
     }
 

@@ -316,10 +316,11 @@ pub fn encode_prepared(rows: &Rows, prepared: &Prepared, codes: &mut [u8]) {
             let n_rows = rows.count();
             let per_thread = n_rows.div_ceil(4 * rayon::current_num_threads()).max(1);
             let block = (1usize << 17).div_ceil(per_row).max(per_thread).min(n_rows.max(1));
+            let level = Simd::detect();
             return codes
                 .par_chunks_mut(block * c_n)
                 .enumerate()
-                .for_each(|(bi, out)| dispatch_simd!(channel_rows(rows, cl, k, bi * block, out)));
+                .for_each(|(bi, out)| channel_rows(level, rows, cl, k, bi * block, out));
         }
     }
     let job = Job { rows, prepared };
@@ -343,17 +344,12 @@ macro_rules! dispatch_simd {
             unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
                 f()
             }
-            if is_x86_feature_detected!("avx512f")
-                && is_x86_feature_detected!("avx2")
-                && is_x86_feature_detected!("fma")
-            {
-                // SAFETY: the CPU supports AVX-512F, AVX2 and FMA (checked just above).
-                unsafe { avx512(|| $call) }
-            } else if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                // SAFETY: the CPU supports AVX2 and FMA (checked just above).
-                unsafe { avx2(|| $call) }
-            } else {
-                $call
+            match $crate::interp::kernels::Simd::detect() {
+                // SAFETY: `Simd::detect` checked AVX-512F, AVX2 and FMA.
+                $crate::interp::kernels::Simd::Avx512 => unsafe { avx512(|| $call) },
+                // SAFETY: `Simd::detect` checked AVX2 and FMA.
+                $crate::interp::kernels::Simd::Avx2 => unsafe { avx2(|| $call) },
+                $crate::interp::kernels::Simd::Scalar => $call,
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -377,7 +373,7 @@ const KB: usize = 16;
 /// `CL` channels (zeros outside the image), accumulate `x·p` for `KB` prototypes at a time, and
 /// keep the nearest per lane — the same arithmetic in the same order as [`argmin_tile`].
 #[inline(always)]
-fn channel_rows(rows: &Rows, cl: &ChannelLanes, k: usize, r0: usize, out: &mut [u8]) {
+fn channel_rows(level: Simd, rows: &Rows, cl: &ChannelLanes, k: usize, r0: usize, out: &mut [u8]) {
     let Rows::ConvNhwc { x, shape, win, geo } = rows else {
         unreachable!("channel lanes need channels-last rows")
     };
@@ -417,7 +413,7 @@ fn channel_rows(rows: &Rows, cl: &ChannelLanes, k: usize, r0: usize, out: &mut [
                         *v = [0.0; CL];
                     }
                 }
-                let best = nearest_in_lanes(&xs[..s], pt, hn, k);
+                let best = nearest_in_lanes_at(level, &xs[..s], pt, hn, k);
                 for l in 0..width {
                     codes[(c0 + l) * cl.families + f] = best[l];
                 }
@@ -430,12 +426,8 @@ fn channel_rows(rows: &Rows, cl: &ChannelLanes, k: usize, r0: usize, out: &mut [
 /// `pt`: `[s][k][CL]`, `hn`: `[k][CL]`; `k` a multiple of `KB`. The SIMD versions compute the
 /// same fused multiply-adds in the same order and compare prototypes in increasing order, so
 /// every version returns the same codes.
-#[inline(always)]
-fn nearest_in_lanes(xs: &[[f32; CL]], pt: &[f32], hn: &[f32], k: usize) -> [u8; CL] {
-    nearest_in_lanes_at(Simd::detect(), xs, pt, hn, k)
-}
-
-/// [`nearest_in_lanes`] at a given SIMD level (tests compare them).
+/// Per lane, the nearest prototype at a given SIMD level (every level gives the same codes;
+/// tests compare them).
 #[inline(always)]
 fn nearest_in_lanes_at(level: Simd, xs: &[[f32; CL]], pt: &[f32], hn: &[f32], k: usize) -> [u8; CL] {
     assert!(pt.len() >= xs.len() * k * CL && hn.len() >= k * CL && k.is_multiple_of(KB) && k <= 256);
@@ -861,7 +853,8 @@ mod tests {
         eprintln!("channel-lane encoder checked at SIMD levels {:?}", Simd::available());
     }
 
-    /// Encoder throughput on ResNet-like layers (run with `--release --ignored --nocapture`).
+    /// Encoder throughput on ResNet-like layers: a measurement that `docs/bench.sh` runs
+    /// (`--release --ignored --nocapture`), not a check.
     #[test]
     #[ignore]
     fn encode_throughput() {
@@ -941,6 +934,8 @@ mod tests {
         }
     }
 
+    /// Throughput of one channel-lane argmin call per SIMD level: a measurement that
+    /// `docs/bench.sh` runs (`--release --ignored --nocapture`), not a check.
     #[test]
     #[ignore]
     fn nearest_throughput() {

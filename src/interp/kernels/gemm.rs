@@ -318,8 +318,8 @@ mod tests {
         }
     }
 
-    /// Throughput of the packed GEMM against the `gemm` crate on conv-like shapes
-    /// (`--release --ignored --nocapture`).
+    /// Throughput of the packed GEMM against the `gemm` crate on conv-like shapes: a measurement
+    /// that `docs/bench.sh` runs (`--release --ignored --nocapture`), not a check.
     #[test]
     #[ignore]
     fn packed_throughput() {

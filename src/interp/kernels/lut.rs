@@ -75,13 +75,9 @@ impl LutKernel {
         match self {
             LutKernel::Scalar => true,
             #[cfg(target_arch = "x86_64")]
-            LutKernel::Avx2 => std::arch::is_x86_feature_detected!("avx2"),
+            LutKernel::Avx2 => Simd::Avx2.supported(),
             #[cfg(target_arch = "x86_64")]
-            LutKernel::Avx512 => {
-                std::arch::is_x86_feature_detected!("avx2")
-                    && std::arch::is_x86_feature_detected!("avx512f")
-                    && std::arch::is_x86_feature_detected!("avx512bw")
-            }
+            LutKernel::Avx512 => Simd::Avx512.supported() && std::arch::is_x86_feature_detected!("avx512bw"),
             #[cfg(not(target_arch = "x86_64"))]
             _ => false,
         }
@@ -276,7 +272,7 @@ fn rowwise_tile(
     assert!(level.supported());
     #[cfg(target_arch = "x86_64")]
     {
-        let done = if level == Simd::Avx512 && std::arch::is_x86_feature_detected!("avx512bw") {
+        let done = if level == Simd::Avx512 && LutKernel::Avx512.supported() {
             // SAFETY: AVX-512BW is available; `check_shapes`/`check_codes` bound every read.
             unsafe { rowwise_x86::avx512(codes, c, t, m, k, m0, mw, out) }
         } else if level != Simd::Scalar {

@@ -9,20 +9,6 @@ pub mod lut;
 pub mod pool;
 pub mod shape_ops;
 
-/// The widest SIMD level this CPU gives the kernels ("avx512", "avx2" or "scalar"), for reports.
-pub fn simd_level() -> &'static str {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bw") {
-            return "avx512";
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-            return "avx2";
-        }
-    }
-    "scalar"
-}
-
 /// A SIMD level of the hand-written kernels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Simd {
@@ -43,6 +29,15 @@ impl Simd {
             Simd::Avx2
         } else {
             Simd::Scalar
+        }
+    }
+
+    /// The level's name in reports ("scalar", "avx2", "avx512").
+    pub fn name(self) -> &'static str {
+        match self {
+            Simd::Scalar => "scalar",
+            Simd::Avx2 => "avx2",
+            Simd::Avx512 => "avx512",
         }
     }
 
