@@ -15,6 +15,27 @@ pub fn load(path: &Path) -> Result<Graph> {
     }
 }
 
+/// Load a model to run it. A `.onnx` gets the execution rewrites ONNX Runtime also makes when
+/// it opens a model ([`optimize_for_run`]); a `.tcv` runs as compiled.
+pub fn load_for_run(path: &Path) -> Result<Graph> {
+    let mut graph = load(path)?;
+    if path.extension().is_some_and(|e| e == "onnx") {
+        optimize_for_run(&mut graph).map_err(|e| Error::Other(format!("{}: {e}", path.display())))?;
+    }
+    Ok(graph)
+}
+
+/// The rewrites that make an ONNX model fast to interpret without changing what it computes:
+/// BatchNorm folded into the convolutions before it, convolutions and pooling channels-last
+/// with ReLU fused (outputs within float rounding of the model as written).
+pub fn optimize_for_run(graph: &mut Graph) -> Result<()> {
+    let yaml = "name: run\npasses:\n  - fold-batchnorm:\n  - channels-last:\n  - dead-code:\n";
+    let pipeline = crate::passes::pipeline::Pipeline::parse(yaml, "the built-in run rewrites")?;
+    let mut cx = crate::passes::PassCx::default();
+    crate::passes::manager::run_pipeline(graph, &pipeline, &mut cx, |_, _| Ok(()))?;
+    Ok(())
+}
+
 /// Index of the largest value of each row of a `[N, classes…]` output.
 pub fn argmax_rows(t: &ndarray::ArrayD<f32>) -> Vec<i64> {
     let n = t.shape().first().copied().unwrap_or(0);

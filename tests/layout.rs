@@ -1,8 +1,10 @@
-//! The `channels-last` pass: LUT layers chain without transposes, every other consumer still
-//! gets NCHW, the numbers do not change by a single bit, and the layout survives a `.tcv` round
-//! trip. A small residual CNN is built in the test so every case the pass handles appears:
-//! a LUT conv feeding a LUT conv, a residual `Add` of two LUT outputs, a `Relu` read both by a
-//! LUT conv and by an exact consumer (`MaxPool`), and a `GlobalAveragePool` head over a 3×3 map.
+//! The `channels-last` pass: LUT layers, exact convolutions and pooling chain without
+//! transposes, every other consumer still gets NCHW, LUT numbers do not change by a single bit
+//! (exact convolutions stay within float rounding), and the layout survives a `.tcv` round trip.
+//! A small residual CNN is built in the test so every case the pass handles appears: a conv
+//! feeding a conv, a residual `Add`, a `Relu` read by a conv and by `MaxPool`, and a
+//! `GlobalAveragePool` head over a 3×3 map; once with every conv as lookups, once exact (then
+//! the `Relu`s and the residual `Add`s fold into the convs).
 //! (That the channels-last mean has GlobalAveragePool's bits is checked directly in
 //! `kernels::shape_ops`: through the LUT classifier here a last-bit difference would not show.)
 
@@ -48,7 +50,7 @@ fn residual_net() -> Graph {
         let bv: Vec<f32> = (0..cout).map(|_| rng.next_f64() as f32 * 0.1).collect();
         let wc = g.add_const(&format!("{name}.w"), Tensor::f32(&[cout, cin, k, k], wv).unwrap());
         let bc = g.add_const(&format!("{name}.b"), Tensor::f32(&[cout], bv).unwrap());
-        g.add_op(name, Op::Conv(Conv { window: w, group: 1 }), &[x, wc, bc])
+        g.add_op(name, Op::Conv(Conv::nchw(w, 1)), &[x, wc, bc])
     };
     let x0 = Outlet::new(x, 0);
     let a = conv(&mut g, "a", x0, 3, 16, win(3, 1, 1));
@@ -61,6 +63,7 @@ fn residual_net() -> Graph {
         Op::Pool(Pool {
             kind: PoolKind::Max,
             window: win(2, 2, 0),
+            nhwc: false,
         }),
         &[r2],
     );
@@ -121,10 +124,12 @@ fn channels_last_keeps_every_bit_and_drops_transposes() {
 
     let transposes = |g: &Graph| count(g, |op| matches!(op, Op::Transpose { .. }));
     let nhwc_encoders = count(&cl, |op| matches!(op, Op::PqEncode(p) if p.nhwc));
-    // a → b, r2 → c and mp → d: three 3-D → NCHW transposes before; after, only r2 → MaxPool
+    // a → b, r2 → c and mp → d: three 3-D → NCHW transposes before; after, none (MaxPool runs
+    // channels-last too)
     assert_eq!(transposes(&plain), 4, "{}", dump(&plain).unwrap());
-    assert_eq!(transposes(&cl), 1, "{}", dump(&cl).unwrap());
-    assert_eq!(nhwc_encoders, 2, "b and c read channels-last input");
+    assert_eq!(transposes(&cl), 0, "{}", dump(&cl).unwrap());
+    assert_eq!(nhwc_encoders, 3, "b, c and d read channels-last input");
+    assert_eq!(count(&cl, |op| matches!(op, Op::Pool(p) if p.nhwc)), 1);
     assert_eq!(
         count(&cl, |op| matches!(op, Op::GlobalPool { .. })),
         0,
@@ -143,4 +148,53 @@ fn channels_last_keeps_every_bit_and_drops_transposes() {
     assert_eq!(c, b);
 
     insta::assert_snapshot!("residual_after_channels_last", dump_without_hashes(&cl));
+}
+
+/// Exact convolutions: every conv runs channels-last with its `Relu` and residual `Add` fused,
+/// only the input needs a transpose, outputs stay within float rounding of the NCHW graph, and
+/// the fused form survives a `.tcv` round trip.
+#[test]
+fn channels_last_exact_convs_fuse_relu_and_residual() {
+    let plain = residual_net();
+    let mut cl = residual_net();
+    let text = "name: t\npasses:\n  - channels-last:\n  - dead-code:\n";
+    let mut cx = PassCx::default();
+    run_pipeline(&mut cl, &Pipeline::parse(text, "test").unwrap(), &mut cx, |_, _| Ok(())).unwrap();
+    let x = images(5, 3);
+    let a = as_f32(&run(&plain, vec![Tensor::F32(x.clone())]).unwrap()[0]);
+    let b = as_f32(&run(&cl, vec![Tensor::F32(x.clone())]).unwrap()[0]);
+    assert_eq!(a.shape(), b.shape());
+    let err = a.iter().zip(b.iter()).fold(0f32, |e, (p, q)| e.max((p - q).abs()));
+    assert!(err < 1e-5, "channels-last exact convs differ by {err}");
+
+    let convs = |pred: &dyn Fn(&Conv) -> bool| count(&cl, |op| matches!(op, Op::Conv(c) if pred(c)));
+    assert_eq!(convs(&|c| !c.nhwc), 0, "every conv runs channels-last");
+    assert_eq!(
+        convs(&|c| c.relu),
+        4,
+        "a, b (after r1's residual), c and d (after r3's) take their Relu"
+    );
+    let with_residual = cl
+        .topo_order()
+        .unwrap()
+        .into_iter()
+        .filter(|&n| matches!(cl.node(n).op, Op::Conv(_)) && cl.inputs_of(n).len() == 4)
+        .count();
+    assert_eq!(with_residual, 2, "b + r1 and d + r3 fold their Add");
+    assert_eq!(count(&cl, |op| matches!(op, Op::Binary(Binary::Add))), 0);
+    assert_eq!(count(&cl, |op| matches!(op, Op::Unary(Unary::Relu))), 0);
+    assert_eq!(
+        count(&cl, |op| matches!(op, Op::Transpose { .. })),
+        1,
+        "only the input is transposed"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("exact.tcv");
+    tcv::write_tcv(&cl, "", &p).unwrap();
+    let back = tcv::read_tcv(&p).unwrap();
+    assert_eq!(dump(&back).unwrap(), dump(&cl).unwrap());
+    let c = as_f32(&run(&back, vec![Tensor::F32(x)]).unwrap()[0]);
+    assert_eq!(c, b);
+    insta::assert_snapshot!("residual_exact_after_channels_last", dump_without_hashes(&cl));
 }

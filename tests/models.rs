@@ -30,6 +30,10 @@ fn fixture_models_match_onnx_runtime_and_tract() {
         let ours = run_ours(&model, std::slice::from_ref(&x)).unwrap_or_else(|e| panic!("{name}: {e}"));
         let e = rel_err(&as_f32(&ours[0]), &want);
         assert!(e <= 1e-4, "{name}: error {e:e} vs ONNX Runtime");
+        let (fast, nhwc) = run_ours_optimized(&model, std::slice::from_ref(&x)).unwrap();
+        let e = rel_err(&as_f32(&fast[0]), &want);
+        assert!(e <= 1e-4, "{name} with the run rewrites: error {e:e} vs ONNX Runtime");
+        assert!(nhwc >= 2, "{name}: only {nhwc} channels-last convs");
         let theirs = run_tract(&model, &[x]);
         let e = rel_err(&as_f32(&ours[0]), &theirs[0]);
         assert!(e <= 1e-4, "{name}: error {e:e} vs tract");
@@ -43,7 +47,8 @@ fn accuracy_equals_onnx_runtime_on_test_subsets() {
         let ds = &s["data"][info["dataset"].as_str().unwrap()];
         let x = npy(ds["test"].as_str().unwrap());
         let y = tabconv::data::read_labels(&fixture(ds["test_labels"].as_str().unwrap())).unwrap();
-        let graph = tabconv::model::load(&fixture(info["onnx"].as_str().unwrap())).unwrap();
+        // as `tabconv eval` runs it: with the run rewrites
+        let graph = tabconv::model::load_for_run(&fixture(info["onnx"].as_str().unwrap())).unwrap();
         let plan = Plan::new(&graph).unwrap();
         let batch = info["fixed_batch"].as_u64().unwrap_or(100) as usize;
         let mut correct = 0;

@@ -1,6 +1,7 @@
 //! Model-zoo style CNNs at opset 7–9 (fixtures/zoo, built by fixtures/zoo.py): ResNet-50, VGG,
 //! SqueezeNet, ShuffleNet, DenseNet, Inception and AlexNet idioms, against ONNX Runtime outputs
-//! (batch 1 and, where the model has a dynamic batch, batch 3) and against tract.
+//! (batch 1 and, where the model has a dynamic batch, batch 3) and against tract, as written
+//! and after the run rewrites (channels-last convs, depthwise and fused epilogues included).
 
 mod common;
 use common::*;
@@ -13,9 +14,18 @@ fn zoo_models_match_onnx_runtime_and_tract() {
     for case in &m.cases {
         let inputs: Vec<_> = case.inputs.iter().map(|p| npy(p)).collect();
         let ours = run_ours(&fixture(&case.model), &inputs).unwrap_or_else(|e| panic!("{}: {e}", case.name));
-        for (o, want) in ours.iter().zip(&case.outputs) {
+        let (fast, _) = run_ours_optimized(&fixture(&case.model), &inputs).unwrap();
+        assert_eq!(ours.len(), case.outputs.len(), "{}", case.name);
+        assert_eq!(fast.len(), case.outputs.len(), "{}", case.name);
+        for ((o, f), want) in ours.iter().zip(&fast).zip(&case.outputs) {
             let e = rel_err(&as_f32(o), &npy(want));
             assert!(e <= 1e-4, "{}: error {e:e} vs ONNX Runtime", case.name);
+            let e = rel_err(&as_f32(f), &npy(want));
+            assert!(
+                e <= 1e-4,
+                "{} with the run rewrites: error {e:e} vs ONNX Runtime",
+                case.name
+            );
         }
         if !case.name.ends_with("_b3") {
             let theirs = run_tract(&fixture(&case.model), &inputs);

@@ -57,6 +57,7 @@ struct Args {
 
 fn main() -> ExitCode {
     tabconv::cli::restore_sigpipe();
+    tabconv::cli::keep_freed_memory();
     match compile(Args::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

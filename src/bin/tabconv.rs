@@ -98,6 +98,7 @@ enum Cmd {
 
 fn main() -> ExitCode {
     tabconv::cli::restore_sigpipe();
+    tabconv::cli::keep_freed_memory();
     let cli = Cli::parse();
     let res = match cli.cmd {
         Cmd::Run { model, input, output } => run(&model, &input, &output),
@@ -132,9 +133,10 @@ fn main() -> ExitCode {
     }
 }
 
-/// Load a model and print the note about a declared fixed batch, if any.
+/// Load a model to run it (see [`model::load_for_run`]) and print the note about a declared
+/// fixed batch, if any.
 fn load_noted(model_path: &Path) -> Result<Graph> {
-    let graph = model::load(model_path)?;
+    let graph = model::load_for_run(model_path)?;
     if let Some(note) = model::batch_note(&graph, model_path) {
         eprintln!("{note}");
     }
@@ -202,7 +204,10 @@ fn eval(model_path: &Path, inputs: &Path, labels: &Path, batch: usize, json: boo
 }
 
 fn inspect(model_path: &Path, json: bool) -> Result<()> {
-    let graph: Graph = load_noted(model_path)?;
+    let graph: Graph = model::load(model_path)?;
+    if let Some(note) = model::batch_note(&graph, model_path) {
+        eprintln!("{note}");
+    }
     let order = graph.topo_order()?;
     let mut hist = std::collections::BTreeMap::<&str, usize>::new();
     let mut per_node = Vec::new();
@@ -383,7 +388,7 @@ fn bench(
     }
     if profile {
         for m in models {
-            let graph = model::load(m)?;
+            let graph = model::load_for_run(m)?;
             let (p, nodes) = pool.install(|| tabconv::bench::profile_ours(&graph, batch, 5))?;
             let total: f64 = p.iter().map(|(_, s, _)| s).sum();
             println!("\nprofile of {} (5 runs, batch {batch}):", m.display());

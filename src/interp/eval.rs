@@ -1,7 +1,7 @@
 //! Evaluation of one op on concrete tensors: the single place that maps IR ops to kernels.
 //! Used by the interpreter and by constant folding.
 
-use super::kernels::{conv, elementwise as ew, encode, gemm, lut, pool, shape_ops as so};
+use super::kernels::{conv, direct, elementwise as ew, encode, gemm, lut, pool, shape_ops as so};
 use crate::bail;
 use crate::error::Result;
 use crate::ir::op::{Encoder, Gemm, Op};
@@ -49,8 +49,15 @@ pub fn eval_op_cached(op: &Op, mut args: Vec<Arc<Tensor>>, cache: Option<&Cache>
     let out = match op {
         Op::Input => bail!("graph inputs are not evaluated"),
         Op::Const(t) => (**t).clone(),
+        Op::Conv(c) if c.nhwc => {
+            arity(2, &args)?;
+            conv_nhwc(c, args, cache)?
+        }
         Op::Conv(c) => {
             arity(2, &args)?;
+            if c.relu {
+                bail!("a fused ReLU needs the channels-last Conv");
+            }
             let xs = shape4(&args[0], "Conv")?;
             let w = &args[1];
             let ws = w.shape();
@@ -228,6 +235,11 @@ pub fn eval_op_cached(op: &Op, mut args: Vec<Arc<Tensor>>, cache: Option<&Cache>
                 acc = ew::binary_f32(crate::ir::op::Binary::Add, acc, t.as_f32()?)?;
             }
             Tensor::F32(acc)
+        }
+        Op::Pool(p) if p.nhwc => {
+            arity(1, &args)?;
+            let (out, shape) = pool::pool2d_nhwc(&f32_std(&args[0])?, shape4(&args[0], "pooling")?, p)?;
+            Tensor::f32(&shape, out)?
         }
         Op::Pool(p) => {
             arity(1, &args)?;
@@ -443,6 +455,87 @@ struct ConvPrep {
     conv: crate::ir::op::Conv,
     weights: Option<Vec<f32>>,
     packed: Option<Vec<gemm::PackedA>>,
+}
+
+/// What a channels-last Conv prepares once per input size: taps that only see padding dropped
+/// (as [`ConvPrep`]) and the weights packed for [`direct`].
+struct NhwcPrep {
+    hw: [usize; 2],
+    conv: crate::ir::op::Conv,
+    weights: direct::NhwcWeights,
+}
+
+/// The elements of `a` in logical order, without a copy when it owns exactly them.
+fn into_vec(a: ArrayD<f32>) -> Vec<f32> {
+    if a.is_standard_layout() {
+        let len = a.len();
+        let (v, off) = a.into_raw_vec_and_offset();
+        if off.unwrap_or(0) == 0 && v.len() == len {
+            return v;
+        }
+        let start = off.unwrap_or(0);
+        return v[start..start + len].to_vec();
+    }
+    a.iter().copied().collect()
+}
+
+/// inputs: x `[N, H, W, C]`, weight `[M, C/group, kh, kw]`, [bias `[M]`], [residual `[N, oh, ow, M]`].
+fn conv_nhwc(c: &crate::ir::op::Conv, mut args: Vec<Arc<Tensor>>, cache: Option<&Cache>) -> Result<Tensor> {
+    let residual = match args.len() {
+        4 => Some(owned(args.pop().expect("4 inputs")).into_f32()?),
+        _ => None,
+    };
+    let xs = shape4(&args[0], "Conv")?;
+    let ws = args[1].shape().to_vec();
+    let [n, h, w, ch] = xs;
+    let depthwise = c.group > 1;
+    let fits = match depthwise {
+        false => c.group == 1 && ws.len() == 4 && ws[1] == ch,
+        true => c.group == ch && ws.len() == 4 && ws[0] == ch && ws[1] == 1,
+    };
+    if !fits || ws[2..] != c.window.kernel {
+        bail!(
+            "channels-last Conv (group {}) does not fit weight {ws:?} and input {xs:?}",
+            c.group
+        );
+    }
+    let bias = args.get(2).map(|b| f32_std(b)).transpose()?;
+    if bias.as_ref().is_some_and(|b| b.len() != ws[0]) {
+        bail!("bias has {} values for {} output channels", bias.unwrap().len(), ws[0]);
+    }
+    let hw = [h, w];
+    let build = || -> Result<NhwcPrep> {
+        let wdata = f32_std(&args[1])?;
+        let (conv, sliced) = match conv::pruned_taps(c, hw)? {
+            Some((small, first)) => {
+                let kept = small.window.kernel;
+                let s = conv::slice_taps(&wdata, &ws, first, kept);
+                (small, Some(s))
+            }
+            None => (c.clone(), None),
+        };
+        let wv = sliced.as_deref().unwrap_or(&wdata);
+        let kernel = conv.window.kernel;
+        let weights = match depthwise {
+            false => direct::NhwcWeights::pack(wv, ws[0], ch, kernel, bias.as_deref()),
+            true => direct::NhwcWeights::pack_depthwise(wv, ch, kernel, bias.as_deref()),
+        };
+        Ok(NhwcPrep { hw, conv, weights })
+    };
+    let mut slot = None;
+    let mut prep: &NhwcPrep = cached(cache, build, &mut slot)?;
+    let mut fresh = None;
+    if prep.hw != hw {
+        prep = fresh.insert(build()?);
+    }
+    let x = f32_std(&args[0])?;
+    let epi = direct::Epilogue {
+        residual: residual.map(into_vec),
+        relu: c.relu,
+    };
+    let simd = super::kernels::Simd::detect();
+    let (out, shape) = direct::conv_nhwc(&x, [n, h, w, ch], &prep.weights, &prep.conv, epi, simd)?;
+    Tensor::f32(&shape, out)
 }
 
 /// Get (or build on first use) a node's cached state of type `T`; without a cache, build it.

@@ -78,10 +78,17 @@ impl<'g> Plan<'g> {
             for &a in &args {
                 uses[a] += 1;
             }
+            // The inputs a kernel prepares from: all after the first, except a channels-last
+            // Conv's residual (input 3).
+            let prepared = match &graph.node(n).op {
+                Op::Conv(c) if c.nhwc => 2,
+                _ => usize::MAX,
+            };
             let consts_after_first = graph
                 .inputs_of(n)
                 .iter()
                 .skip(1)
+                .take(prepared)
                 .all(|o| matches!(graph.node(o.node).op, Op::Const(_)));
             let cache = consts_after_first.then(eval::Cache::new);
             steps.push(Step {

@@ -87,6 +87,46 @@ fn spatial(f: &Fact, what: &str) -> Result<[usize; 2]> {
     }
 }
 
+fn spatial_nhwc(f: &Fact, what: &str) -> Result<[usize; 2]> {
+    if f.rank() != 4 {
+        return err(format!("{what} expects a 4-D NHWC input, got {}", f.shape_string()));
+    }
+    match (f.shape[1], f.shape[2]) {
+        (Dim::Known(h), Dim::Known(w)) => Ok([h as usize, w as usize]),
+        _ => err("spatial dimensions must be known"),
+    }
+}
+
+/// Channels-last Conv: group 1 or depthwise (`group = C = M`, weight `[C, 1, kh, kw]`).
+fn nhwc_conv(c: &crate::ir::op::Conv, x: &Fact, w: &Fact) -> Result<Fact> {
+    let hw = spatial_nhwc(x, "Conv")?;
+    let (ws, ch) = match (w.concrete_shape(), x.shape[3].known()) {
+        (Some(ws), Some(ch)) if ws.len() == 4 => (ws, ch as usize),
+        _ => return err("channels-last Conv needs a known 4-D weight and channel count"),
+    };
+    let ok = match c.group {
+        1 => ws[1] == ch,
+        g => g == ch && ws[0] == ch && ws[1] == 1,
+    };
+    if !ok || ws[2] != c.window.kernel[0] || ws[3] != c.window.kernel[1] {
+        return err(format!(
+            "channels-last Conv (group {}) does not fit weight {ws:?} and input {}",
+            c.group,
+            x.shape_string()
+        ));
+    }
+    let g = c.window.resolve(hw)?;
+    Ok(Fact::new(
+        DType::F32,
+        vec![
+            x.shape[0],
+            Dim::Known(g.out[0] as i64),
+            Dim::Known(g.out[1] as i64),
+            Dim::Known(ws[0] as i64),
+        ],
+    ))
+}
+
 fn same(f: &Fact) -> Fact {
     Fact::new(f.dtype, f.shape.clone())
 }
@@ -105,6 +145,22 @@ pub fn infer_op(op: &Op, ins: &[Fact]) -> Result<Vec<Fact>> {
         Op::Conv(c) => {
             need(2)?;
             let (x, w) = (&ins[0], &ins[1]);
+            if c.nhwc {
+                let out = nhwc_conv(c, x, w)?;
+                if let Some(r) = ins.get(3) {
+                    if r.shape != out.shape {
+                        return err(format!(
+                            "residual {} does not match the output {}",
+                            r.shape_string(),
+                            out.shape_string()
+                        ));
+                    }
+                }
+                return Ok(vec![out]);
+            }
+            if c.relu || ins.len() > 3 {
+                return err("a fused ReLU or residual needs the channels-last Conv");
+            }
             let hw = spatial(x, "Conv")?;
             if w.rank() != 4 {
                 return err(format!("weight must be 4-D, got {}", w.shape_string()));
@@ -269,6 +325,16 @@ pub fn infer_op(op: &Op, ins: &[Fact]) -> Result<Vec<Fact>> {
                 shape = broadcast(&shape, &i.shape)?;
             }
             Fact::new(ins[0].dtype, shape)
+        }
+        Op::Pool(p) if p.nhwc => {
+            need(1)?;
+            let s = &ins[0].shape;
+            let hw = spatial_nhwc(&ins[0], "pooling")?;
+            let g = p.window.resolve(hw)?;
+            Fact::new(
+                DType::F32,
+                vec![s[0], Dim::Known(g.out[0] as i64), Dim::Known(g.out[1] as i64), s[3]],
+            )
         }
         Op::Pool(p) => {
             need(1)?;

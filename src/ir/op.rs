@@ -29,6 +29,23 @@ pub struct Window {
 pub struct Conv {
     pub window: Window,
     pub group: usize,
+    /// Channels-last input `[N, H, W, C]` and output `[N, oh, ow, M]` (weights stay
+    /// `[M, C/group, kh, kw]`); set by the `channels-last` pass for group 1 and depthwise convs.
+    pub nhwc: bool,
+    /// ReLU fused into the output (only with `nhwc`).
+    pub relu: bool,
+}
+
+impl Conv {
+    /// A standard (NCHW, unfused) convolution.
+    pub fn nchw(window: Window, group: usize) -> Conv {
+        Conv {
+            window,
+            group,
+            nhwc: false,
+            relu: false,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -41,6 +58,8 @@ pub enum PoolKind {
 pub struct Pool {
     pub kind: PoolKind,
     pub window: Window,
+    /// Channels-last input and output (set by the `channels-last` pass).
+    pub nhwc: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -292,6 +311,12 @@ impl Op {
                 if c.group != 1 {
                     s += &format!(" group={}", c.group);
                 }
+                if c.nhwc {
+                    s += " layout=nhwc";
+                }
+                if c.relu {
+                    s += " activation=relu";
+                }
                 s
             }
             Op::BatchNorm { epsilon } => format!("epsilon={epsilon:e}"),
@@ -308,6 +333,9 @@ impl Op {
                 } = p.kind
                 {
                     s += " count_include_pad";
+                }
+                if p.nhwc {
+                    s += " layout=nhwc";
                 }
                 s
             }

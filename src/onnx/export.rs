@@ -300,7 +300,16 @@ fn write_node(
         Op::Conv(c) => {
             let mut a = window_attrs(&c.window, true);
             a.push(attr_i("group", c.group as i64));
-            std(w, "Conv", ins, a)
+            if c.relu {
+                if !c.nhwc {
+                    crate::bail!("node '{name}': a fused ReLU needs the channels-last Conv");
+                }
+                a.push(attr_s("activation", "Relu"));
+            }
+            match c.nhwc {
+                true => w.node(name, "NhwcConv", TABCONV_DOMAIN, ins, out, a),
+                false => std(w, "Conv", ins, a),
+            }
         }
         Op::Im2Col(win) => w.node(name, "Im2Col", TABCONV_DOMAIN, ins, out, window_attrs(win, true)),
         Op::Split { axis, sizes } => {
@@ -356,7 +365,13 @@ fn write_node(
             {
                 a.push(attr_i("count_include_pad", 1));
             }
-            std(w, node.op.name(), ins, a)
+            match p.nhwc {
+                true => {
+                    let op = format!("Nhwc{}", node.op.name());
+                    w.node(name, &op, TABCONV_DOMAIN, ins, out, a)
+                }
+                false => std(w, node.op.name(), ins, a),
+            }
         }
         Op::GlobalPool { .. } => std(w, node.op.name(), ins, vec![]),
         Op::Lrn {

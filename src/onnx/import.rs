@@ -61,7 +61,14 @@ pub const SUPPORTED_OPS: &[&str] = &[
 ];
 
 /// tabconv's own operators (domain `ai.tabconv`, see docs/TCV-FORMAT.md).
-pub const TABCONV_OPS: &[&str] = &["Im2Col", "PQEncode", "LutMatMul"];
+pub const TABCONV_OPS: &[&str] = &[
+    "Im2Col",
+    "PQEncode",
+    "LutMatMul",
+    "NhwcConv",
+    "NhwcMaxPool",
+    "NhwcAveragePool",
+];
 
 fn is_supported(n: &NodeProto, tabconv_opset: Option<i64>) -> bool {
     if n.domain.is_empty() || n.domain == "ai.onnx" {
@@ -448,6 +455,44 @@ impl Importer {
         self.graph.fact(o).expect("facts are inferred eagerly during import")
     }
 
+    /// `ai.tabconv` opset 2's channels-last `NhwcConv` / `NhwcMaxPool` / `NhwcAveragePool`: the
+    /// standard op's attributes (kernel_shape required), plus `activation` ("Relu") on NhwcConv.
+    fn nhwc_op(&self, node: &NodeProto, a: &Attrs) -> Result<Op> {
+        if self.tabconv_opset < 2 {
+            return Err(Error::Other(format!(
+                "{} needs {TABCONV_DOMAIN} opset 2, the file declares {}",
+                node.op_type, self.tabconv_opset
+            )));
+        }
+        let kernel = a.pair("kernel_shape", 0)?;
+        if kernel[0] == 0 {
+            return Err(Error::Other("missing or non-2-D kernel_shape".into()));
+        }
+        let win = window(a, kernel)?;
+        Ok(match node.op_type.as_str() {
+            "NhwcConv" => Op::Conv(Conv {
+                window: win,
+                group: a.int("group", 1).max(1) as usize,
+                nhwc: true,
+                relu: match a.string("activation").as_deref() {
+                    None => false,
+                    Some("Relu") => true,
+                    Some(other) => return Err(Error::Other(format!("activation must be 'Relu', got '{other}'"))),
+                },
+            }),
+            pool => Op::Pool(Pool {
+                kind: match pool {
+                    "NhwcMaxPool" => PoolKind::Max,
+                    _ => PoolKind::Avg {
+                        count_include_pad: a.int("count_include_pad", 0) != 0,
+                    },
+                },
+                window: win,
+                nhwc: true,
+            }),
+        })
+    }
+
     fn import_node(&mut self, node: &NodeProto, name: &str) -> Result<()> {
         let a = Attrs::new(node);
         let opset = self.opset;
@@ -510,6 +555,7 @@ impl Importer {
                     })
                 }
                 "LutMatMul" => Op::LutMatMul,
+                "NhwcConv" | "NhwcMaxPool" | "NhwcAveragePool" => self.nhwc_op(node, &a)?,
                 other => return Err(Error::Other(format!("unknown {TABCONV_DOMAIN} operator {other}"))),
             };
             let inputs = all_inputs(self)?;
@@ -563,10 +609,7 @@ impl Importer {
                         [k[2], k[3]]
                     }
                 };
-                Op::Conv(Conv {
-                    window: window(&a, kernel)?,
-                    group: a.int("group", 1).max(1) as usize,
-                })
+                Op::Conv(Conv::nchw(window(&a, kernel)?, a.int("group", 1).max(1) as usize))
             }
             "MaxPool" | "AveragePool" => {
                 inputs = all_inputs(self)?;
@@ -588,6 +631,7 @@ impl Importer {
                 Op::Pool(Pool {
                     kind,
                     window: window(&a, kernel)?,
+                    nhwc: false,
                 })
             }
             "GlobalAveragePool" | "GlobalMaxPool" => {

@@ -1,4 +1,5 @@
-//! `channels-last`: keep the activations between LUT layers in the layout the lookups produce.
+//! `channels-last`: keep activations channels-last (`[N, H, W, C]`) wherever the ops that read
+//! them are faster that way: LUT layers, exact convolutions and pooling.
 //!
 //! A LUT convolution's `LutMatMul` writes `[N, oh·ow, M]`: channels-last rows. The
 //! `conv-to-im2col` form turns that back into NCHW (`Transpose(0,2,1) → Reshape`) only for the
@@ -7,13 +8,20 @@
 //! through elementwise ops (`Relu`, `Clip`, the residual `Add`, …), and lets each conv
 //! `PQEncode` read the twin directly (`layout=nhwc`), where its channel-lane kernel loads the
 //! channels of a pixel as one contiguous vector. `GlobalAveragePool` of a twin becomes a
-//! `ReduceMean` over H and W. Every other consumer (exact `Conv`, pooling, `Flatten`, graph
-//! outputs) reads an NCHW value made by one `Transpose(0,3,1,2)` of the twin at the edge, so
-//! no elementwise op runs twice. Numbers are unchanged: the same rows give the same codes.
+//! `ReduceMean` over H and W.
+//!
+//! Exact convolutions (group 1 or depthwise, constant weights) become channels-last `Conv`s
+//! (`ai.tabconv.NhwcConv`, the direct kernel in `interp::kernels::direct`), reading a twin, or
+//! a `Transpose(0,2,3,1)` of an NCHW value at the edge (e.g. the graph input); pooling of a
+//! twin becomes channels-last pooling; a `Relu` that is a channels-last conv's only consumer is
+//! fused into it. Every other consumer (`Flatten`, grouped convs, graph outputs, …) reads an
+//! NCHW value made by one `Transpose(0,3,1,2)` of the twin at the edge, so no elementwise op
+//! runs twice. LUT layers give the same numbers (the same rows give the same codes); exact
+//! convolutions sum in a different order (within float rounding of the NCHW kernel).
 
 use super::{Pass, PassCx};
 use crate::error::Result;
-use crate::ir::op::Op;
+use crate::ir::op::{Binary, Conv, Op, Pool, Unary};
 use crate::ir::{Graph, Outlet, Tensor};
 use petgraph::stable_graph::NodeIndex;
 use std::collections::BTreeMap;
@@ -47,6 +55,75 @@ fn lut_rows(graph: &Graph, reshape: NodeIndex) -> Option<Outlet> {
     ok.then_some(lut)
 }
 
+/// Whether the direct channels-last kernel runs this Conv: constant 4-D weights, a known-size
+/// input, and group 1 or depthwise.
+fn direct_conv(graph: &Graph, n: NodeIndex, c: &Conv) -> bool {
+    let ins = graph.inputs_of(n);
+    let (Some(&[ch, _, _]), Some(w)) = (ins.first().and_then(|&x| chw(graph, x)).as_ref(), ins.get(1)) else {
+        return false;
+    };
+    let Some(ws) = graph.const_value(*w).map(|t| t.shape().to_vec()) else {
+        return false;
+    };
+    let fits = match c.group {
+        1 => ws.len() == 4 && ws[1] == ch,
+        g => g == ch && ws.len() == 4 && ws[0] == ch && ws[1] == 1,
+    };
+    !c.nhwc && !c.relu && fits && ws[2..] == c.window.kernel
+}
+
+/// Fold what only a channels-last conv's output feeds into the conv's epilogue: a residual
+/// `Add` of another channels-last value (it becomes the conv's input 3), then a `Relu`.
+fn fuse_epilogues(graph: &mut Graph) {
+    let convs: Vec<NodeIndex> = graph
+        .g
+        .node_indices()
+        .filter(|&n| matches!(&graph.node(n).op, Op::Conv(c) if c.nhwc && !c.relu))
+        .collect();
+    for n in convs {
+        let out = Outlet::new(n, 0);
+        let Some(user) = sole_user(graph, out) else {
+            continue;
+        };
+        let ins = graph.inputs_of(n);
+        if matches!(graph.node(user).op, Op::Binary(Binary::Add)) && ins.len() <= 3 {
+            let add = graph.inputs_of(user);
+            // The twin `Add`s of this pass add equal shapes or a scalar constant.
+            let other = add.iter().copied().find(|&o| o != out);
+            if let (2, Some(other)) = (add.len(), other) {
+                if graph.const_value(other).is_none() {
+                    if ins.len() < 3 {
+                        let m = graph.const_value(ins[1]).map(|w| w.shape()[0]).unwrap_or(0);
+                        let name = format!("{}/zero_bias", graph.node(n).name);
+                        let zero = graph.add_const(&name, Tensor::f32(&[m], vec![0.0; m]).expect("1-D"));
+                        graph.set_input(n, 2, zero);
+                    }
+                    graph.set_input(n, 3, other);
+                    graph.replace_uses(Outlet::new(user, 0), out);
+                    graph.remove_dead();
+                }
+            }
+        }
+        let Some(user) = sole_user(graph, out) else {
+            continue;
+        };
+        if matches!(graph.node(user).op, Op::Unary(Unary::Relu)) {
+            if let Op::Conv(c) = &mut graph.node_mut(n).op {
+                c.relu = true;
+            }
+            graph.replace_uses(Outlet::new(user, 0), out);
+        }
+    }
+}
+
+/// The one node that reads `o` (through one port), unless `o` is also a graph output.
+fn sole_user(graph: &Graph, o: Outlet) -> Option<NodeIndex> {
+    match graph.consumers(o).as_slice() {
+        [(user, _)] if !graph.outputs.iter().any(|(_, x)| *x == o) => Some(*user),
+        _ => None,
+    }
+}
+
 fn i64s(v: &[usize]) -> Tensor {
     Tensor::i64_vec(v.iter().map(|&x| x as i64).collect())
 }
@@ -58,6 +135,8 @@ impl Pass for ChannelsLast {
     fn run(&self, graph: &mut Graph, _cx: &mut PassCx) -> Result<()> {
         // NCHW value → its channels-last twin.
         let mut twin: BTreeMap<Outlet, Outlet> = BTreeMap::new();
+        // NCHW values whose twin is a Transpose of them (they stay as they are).
+        let mut edge: std::collections::BTreeSet<Outlet> = Default::default();
         for n in graph.topo_order()? {
             let out = Outlet::new(n, 0);
             let ins = graph.inputs_of(n);
@@ -81,6 +160,27 @@ impl Pass for ChannelsLast {
                     }
                     .map(|args| graph.add_op(&format!("{name}/nhwc"), Op::Binary(b), &args))
                 }
+                Op::Conv(c) if direct_conv(graph, n, &c) => {
+                    let x = match t(&ins[0]) {
+                        Some(x) => x,
+                        None => {
+                            let perm = Some(vec![0, 2, 3, 1]);
+                            let src = graph.node(ins[0].node).name.clone();
+                            let x = graph.add_op(&format!("{src}/to_nhwc"), Op::Transpose { perm }, &[ins[0]]);
+                            twin.insert(ins[0], x);
+                            edge.insert(ins[0]);
+                            x
+                        }
+                    };
+                    let mut args = ins.clone();
+                    args[0] = x;
+                    let op = Op::Conv(Conv { nhwc: true, ..c });
+                    Some(graph.add_op(&format!("{name}/nhwc"), op, &args))
+                }
+                Op::Pool(p) if !p.nhwc => t(&ins[0]).map(|x| {
+                    let op = Op::Pool(Pool { nhwc: true, ..p });
+                    graph.add_op(&format!("{name}/nhwc"), op, &[x])
+                }),
                 _ => None,
             };
             if let Some(m) = made {
@@ -120,6 +220,9 @@ impl Pass for ChannelsLast {
         }
         // Whatever still reads an NCHW value gets it from the twin, so the NCHW chain dies.
         for (orig, tw) in twin {
+            if edge.contains(&orig) {
+                continue;
+            }
             let is_output = graph.outputs.iter().any(|(_, o)| *o == orig);
             if graph.g.contains_node(orig.node) && (!graph.consumers(orig).is_empty() || is_output) {
                 let name = format!("{}/to_nchw", graph.node(orig.node).name);
@@ -133,6 +236,8 @@ impl Pass for ChannelsLast {
                 graph.replace_uses(orig, back);
             }
         }
+        graph.remove_dead();
+        fuse_epilogues(graph);
         graph.remove_dead();
         Ok(())
     }

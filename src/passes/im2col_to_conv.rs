@@ -63,7 +63,7 @@ fn fold_one(graph: &mut Graph, reshape: NodeIndex) -> Option<()> {
     if let Some(b) = bias {
         args.push(graph.add_const(&format!("{base}.bias"), (*b).clone()));
     }
-    let conv = graph.add_op(&base, Op::Conv(Conv { window: win, group: 1 }), &args);
+    let conv = graph.add_op(&base, Op::Conv(Conv::nchw(win, 1)), &args);
     graph.replace_uses(Outlet::new(reshape, 0), conv);
     Some(())
 }

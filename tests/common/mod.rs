@@ -81,6 +81,22 @@ pub fn run_ours(model: &Path, inputs: &[ArrayD<f32>]) -> Result<Vec<Tensor>, tab
     tabconv::interp::run(&g, inputs.iter().cloned().map(Tensor::F32).collect())
 }
 
+/// [`run_ours`] after the execution rewrites `tabconv run` applies to a `.onnx`
+/// (`model::load_for_run`: BatchNorm folded, channels-last convs with fused epilogues), and how
+/// many convs those rewrites made channels-last.
+pub fn run_ours_optimized(model: &Path, inputs: &[ArrayD<f32>]) -> Result<(Vec<Tensor>, usize), tabconv::Error> {
+    let g = tabconv::model::load_for_run(model)?;
+    let nhwc = g
+        .topo_order()?
+        .into_iter()
+        .filter(|&n| matches!(&g.node(n).op, tabconv::ir::Op::Conv(c) if c.nhwc))
+        .count();
+    Ok((
+        tabconv::interp::run(&g, inputs.iter().cloned().map(Tensor::F32).collect())?,
+        nhwc,
+    ))
+}
+
 pub fn as_f32(t: &Tensor) -> ArrayD<f32> {
     t.cast(tabconv::ir::DType::F32).into_f32().unwrap()
 }

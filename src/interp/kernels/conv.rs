@@ -58,7 +58,7 @@ pub fn pruned_taps(conv: &Conv, hw: [usize; 2]) -> Result<Option<(Conv, [usize; 
     Ok(Some((
         Conv {
             window: small,
-            group: conv.group,
+            ..conv.clone()
         },
         first,
     )))
@@ -269,6 +269,8 @@ mod tests {
                     ceil_mode: false,
                 },
                 group: 1,
+                nhwc: false,
+                relu: false,
             };
             let (n, c, m) = (3, 5, 4);
             let xs = [n, c, hw[0], hw[1]];
@@ -315,6 +317,8 @@ mod tests {
                     ceil_mode: false,
                 },
                 group,
+                nhwc: false,
+                relu: false,
             };
             let xs = [n, c, hw, hw];
             let x: Vec<f32> = (0..xs.iter().product()).map(|_| rng.next_f64() as f32 - 0.5).collect();

@@ -1,6 +1,7 @@
 //! Numeric kernels. Kernels take slices and plain numbers, never the graph.
 
 pub mod conv;
+pub mod direct;
 pub mod elementwise;
 pub mod encode;
 pub mod gemm;

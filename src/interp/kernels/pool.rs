@@ -106,3 +106,174 @@ pub fn lrn(x: &[f32], shape: &[usize], size: usize, alpha: f32, beta: f32, bias:
     });
     ArrayD::from_shape_vec(IxDyn(shape), out).expect("lrn output size")
 }
+
+/// Per output index along one axis: the taps `lo..hi` that land inside the input, and how many
+/// land inside the padded input (what `count_include_pad` counts).
+fn axis_taps(
+    out: usize,
+    size: usize,
+    k: usize,
+    stride: usize,
+    dil: usize,
+    pad_lo: usize,
+    pad_hi: usize,
+) -> Vec<(usize, usize, usize)> {
+    (0..out)
+        .map(|o| {
+            let at = |t: usize| (o * stride + t * dil) as isize - pad_lo as isize;
+            let inside = |t: usize| at(t) >= 0 && at(t) < size as isize;
+            let padded = (0..k)
+                .filter(|&t| at(t) >= -(pad_lo as isize) && at(t) < (size + pad_hi) as isize)
+                .count();
+            let lo = (0..k).find(|&t| inside(t)).unwrap_or(k);
+            let hi = (lo..k).find(|&t| !inside(t)).unwrap_or(k);
+            (lo, hi.max(lo), padded)
+        })
+        .collect()
+}
+
+/// [`pool2d`] on channels-last data: `x` `[N, H, W, C]` → `[N, oh, ow, C]`, every tap a
+/// contiguous run of C channels. Same taps, order and counts as [`pool2d`], so same results.
+pub fn pool2d_nhwc(x: &[f32], shape: [usize; 4], pool: &Pool) -> Result<(Vec<f32>, [usize; 4])> {
+    let [n, h, w, c] = shape;
+    let win = &pool.window;
+    let geo = win.resolve([h, w])?;
+    let [oh, ow] = geo.out;
+    let ys = axis_taps(
+        oh,
+        h,
+        win.kernel[0],
+        win.strides[0],
+        win.dilations[0],
+        geo.pads[0],
+        geo.pads[2],
+    );
+    let xs = axis_taps(
+        ow,
+        w,
+        win.kernel[1],
+        win.strides[1],
+        win.dilations[1],
+        geo.pads[1],
+        geo.pads[3],
+    );
+    let mut out = vec![0f32; n * oh * ow * c];
+    if out.is_empty() {
+        return Ok((out, [n, oh, ow, c]));
+    }
+    let max = matches!(pool.kind, PoolKind::Max);
+    let (sh, sw) = (win.strides[0], win.strides[1]);
+    let (dh, dw) = (win.dilations[0], win.dilations[1]);
+    let (pt, pl) = (geo.pads[0], geo.pads[1]);
+    let rows_per_task = (4096 / (ow * c).max(1)).max(1);
+    out.par_chunks_mut(rows_per_task * ow * c)
+        .enumerate()
+        .for_each(|(task, dst)| {
+            for (k, drow) in dst.chunks_exact_mut(ow * c).enumerate() {
+                let row = task * rows_per_task + k;
+                let (img, y) = (row / oh, row % oh);
+                let src = &x[img * h * w * c..(img + 1) * h * w * c];
+                let (i0, i1, ipad) = ys[y];
+                for ((xo, acc), &(j0, j1, jpad)) in drow.chunks_exact_mut(c).enumerate().zip(&xs) {
+                    acc.fill(if max { f32::NEG_INFINITY } else { 0.0 });
+                    for i in i0..i1 {
+                        let sy = y * sh + i * dh - pt;
+                        for j in j0..j1 {
+                            let sx = xo * sw + j * dw - pl;
+                            let v = &src[(sy * w + sx) * c..][..c];
+                            if max {
+                                acc.iter_mut().zip(v).for_each(|(a, &v)| *a = a.max(v));
+                            } else {
+                                acc.iter_mut().zip(v).for_each(|(a, &v)| *a += v);
+                            }
+                        }
+                    }
+                    let count = match pool.kind {
+                        PoolKind::Max => continue,
+                        PoolKind::Avg {
+                            count_include_pad: true,
+                        } => ipad * jpad,
+                        PoolKind::Avg {
+                            count_include_pad: false,
+                        } => (i1 - i0) * (j1 - j0),
+                    };
+                    let d = count.max(1) as f32;
+                    acc.iter_mut().for_each(|a| *a /= d);
+                }
+            }
+        });
+    Ok((out, [n, oh, ow, c]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ir::op::{Padding, Window};
+
+    /// Channels-last pooling gives [`pool2d`]'s bits: padding, ceil mode, dilation, both
+    /// average counts.
+    #[test]
+    fn channels_last_pooling_equals_nchw_pooling() {
+        let (n, c, h, w) = (2, 5, 7, 6);
+        let x: Vec<f32> = (0..n * c * h * w)
+            .map(|i| ((i * 53 % 97) as f32 - 48.0) / 9.0)
+            .collect();
+        let mut xn = vec![0f32; x.len()];
+        for i in 0..n {
+            for ch in 0..c {
+                for p in 0..h * w {
+                    xn[(i * h * w + p) * c + ch] = x[(i * c + ch) * h * w + p];
+                }
+            }
+        }
+        let kinds = [
+            PoolKind::Max,
+            PoolKind::Avg {
+                count_include_pad: true,
+            },
+            PoolKind::Avg {
+                count_include_pad: false,
+            },
+        ];
+        let mut checked = 0;
+        for kind in kinds {
+            for &(k, s, d, pad, ceil) in &[
+                (2, 2, 1, 0, false),
+                (3, 2, 1, 1, true),
+                (3, 1, 2, 2, false),
+                (3, 3, 1, 1, true),
+            ] {
+                let pool = Pool {
+                    kind: kind.clone(),
+                    window: Window {
+                        kernel: [k, k],
+                        strides: [s, s],
+                        dilations: [d, d],
+                        padding: Padding::Explicit([pad, pad, pad + 1, pad]),
+                        ceil_mode: ceil,
+                    },
+                    nhwc: true,
+                };
+                let want = pool2d(&x, [n, c, h, w], &pool).unwrap();
+                let (got, shape) = pool2d_nhwc(&xn, [n, h, w, c], &pool).unwrap();
+                let ws = want.shape();
+                assert_eq!(shape, [ws[0], ws[2], ws[3], ws[1]]);
+                for i in 0..n {
+                    for ch in 0..c {
+                        for p in 0..ws[2] * ws[3] {
+                            let a = want.as_slice().unwrap()[(i * c + ch) * ws[2] * ws[3] + p];
+                            let b = got[(i * ws[2] * ws[3] + p) * c + ch];
+                            assert_eq!(
+                                a.to_bits(),
+                                b.to_bits(),
+                                "{kind:?} k={k} s={s} d={d} pad={pad} ceil={ceil}"
+                            );
+                        }
+                    }
+                }
+                checked += 1;
+            }
+        }
+        assert_eq!(checked, 12);
+    }
+}

@@ -52,7 +52,46 @@ pub fn reshape_target(input: &[usize], target: &[i64], allowzero: bool) -> Resul
 }
 
 pub fn transpose<T: Clone>(a: ArrayD<T>, perm: &[usize]) -> ArrayD<T> {
+    // The layout conversions (`[0, 3, 1, 2]`, `[0, 2, 3, 1]`, `[0, 2, 1]`) are batches of 2-D
+    // transposes: blocked, so both sides stay in cache.
+    let s = a.shape().to_vec();
+    let batched = match perm {
+        [0, 3, 1, 2] => Some((s[0], s[1] * s[2], s[3])),
+        [0, 2, 3, 1] => Some((s[0], s[1], s[2] * s[3])),
+        [0, 2, 1] => Some((s[0], s[1], s[2])),
+        _ => None,
+    };
+    if let (Some((n, rows, cols)), Some(src)) = (batched, a.as_slice()) {
+        let out = batched_transpose(src, n, rows, cols);
+        let shape: Vec<usize> = perm.iter().map(|&p| s[p]).collect();
+        return ArrayD::from_shape_vec(IxDyn(&shape), out).expect("transpose output size");
+    }
     a.permuted_axes(IxDyn(perm)).as_standard_layout().into_owned()
+}
+
+/// `n` row-major `[rows, cols]` matrices → their transposes, in 16×16 blocks.
+fn batched_transpose<T: Clone>(src: &[T], n: usize, rows: usize, cols: usize) -> Vec<T> {
+    const B: usize = 16;
+    let mut out = src.to_vec();
+    if rows == 1 || cols == 1 {
+        return out;
+    }
+    for (s, d) in src
+        .chunks_exact(rows * cols)
+        .zip(out.chunks_exact_mut(rows * cols))
+        .take(n)
+    {
+        for r0 in (0..rows).step_by(B) {
+            for c0 in (0..cols).step_by(B) {
+                for r in r0..(r0 + B).min(rows) {
+                    for c in c0..(c0 + B).min(cols) {
+                        d[c * rows + r] = s[r * cols + c].clone();
+                    }
+                }
+            }
+        }
+    }
+    out
 }
 
 pub fn concat<T: Clone>(parts: &[&ArrayD<T>], axis: usize) -> Result<ArrayD<T>> {

@@ -1,0 +1,781 @@
+//! Direct convolution on channels-last activations (`[N, H, W, C]` in, `[N, oh, ow, M]` out),
+//! without an im2col matrix.
+//!
+//! Output pixels are taken in raster order across the whole batch, `R` at a time; output
+//! channels in blocks of 16 or 32 lanes. A tile keeps its `R × lanes` sums in registers and, for
+//! every tap `(ky, kx)` and input channel, broadcasts one input value per pixel against one
+//! weight vector. Weights are packed once per node as `[block][ky][kx][c][lanes]` (zero lanes
+//! past `M`). Padding is materialized once per call, so the tile loop has no bounds checks.
+//!
+//! Every output is `bias`, then one fused multiply-add per `(ky, kx, c)` in that order, then the
+//! optional ReLU: the AVX-512, AVX2 and scalar paths give bit-identical results, and so does any
+//! thread count (threads split tiles, never sums).
+//!
+//! Depthwise convolutions (`group = C = M`, [`NhwcWeights::pack_depthwise`]) run through the
+//! same tiles, vectorized over channels.
+
+use super::Simd;
+use crate::error::Result;
+use crate::ir::op::Conv;
+use crate::ir::window::Geometry;
+use rayon::prelude::*;
+
+/// Lanes per packed block (the last block of a layer may be 16).
+const BLOCK: usize = 32;
+/// Tiles per thread task (at most).
+const TASK_TILES: usize = 8;
+
+/// Convolution weights packed for [`conv_nhwc`] (group 1) or [`depthwise_nhwc`].
+pub struct NhwcWeights {
+    /// Output channels.
+    m: usize,
+    /// Input channels per output (all of them for group 1, one for depthwise).
+    c: usize,
+    kernel: [usize; 2],
+    /// `(first output channel, lanes)` of each block; lanes is 16 or 32.
+    blocks: Vec<(usize, usize)>,
+    /// Each block `[kh][kw][c][lanes]` after the previous; for depthwise one block `[kh][kw][Mp]`.
+    data: Vec<f32>,
+    /// Bias padded to the blocks' lanes (zeros when the node has none).
+    bias: Vec<f32>,
+    depthwise: bool,
+}
+
+impl NhwcWeights {
+    /// `w`: `[M, C, kh, kw]` (ONNX layout, group 1), `bias`: `[M]`.
+    pub fn pack(w: &[f32], m: usize, c: usize, kernel: [usize; 2], bias: Option<&[f32]>) -> NhwcWeights {
+        let [kh, kw] = kernel;
+        let mut blocks = Vec::new();
+        let mut oc = 0;
+        while oc < m {
+            let lanes = if m - oc > 16 { BLOCK } else { 16 };
+            blocks.push((oc, lanes));
+            oc += lanes;
+        }
+        let mp = oc;
+        let mut data = Vec::with_capacity(mp * c * kh * kw);
+        for &(oc0, lanes) in &blocks {
+            for i in 0..kh {
+                for j in 0..kw {
+                    for ci in 0..c {
+                        data.extend((oc0..oc0 + lanes).map(|o| {
+                            if o < m {
+                                w[((o * c + ci) * kh + i) * kw + j]
+                            } else {
+                                0.0
+                            }
+                        }));
+                    }
+                }
+            }
+        }
+        NhwcWeights {
+            m,
+            c,
+            kernel,
+            blocks,
+            data,
+            bias: padded_bias(bias, m, mp),
+            depthwise: false,
+        }
+    }
+
+    /// `w`: `[C, 1, kh, kw]` of a depthwise convolution (`group = C = M`).
+    pub fn pack_depthwise(w: &[f32], c: usize, kernel: [usize; 2], bias: Option<&[f32]>) -> NhwcWeights {
+        let [kh, kw] = kernel;
+        let cp = c.div_ceil(16) * 16;
+        let mut data = vec![0f32; kh * kw * cp];
+        for ci in 0..c {
+            for t in 0..kh * kw {
+                data[t * cp + ci] = w[ci * kh * kw + t];
+            }
+        }
+        NhwcWeights {
+            m: c,
+            c: 1,
+            kernel,
+            blocks: vec![(0, cp)],
+            data,
+            bias: padded_bias(bias, c, cp),
+            depthwise: true,
+        }
+    }
+
+    pub fn is_depthwise(&self) -> bool {
+        self.depthwise
+    }
+}
+
+fn padded_bias(bias: Option<&[f32]>, m: usize, mp: usize) -> Vec<f32> {
+    let mut b = vec![0f32; mp];
+    if let Some(bias) = bias {
+        b[..m].copy_from_slice(&bias[..m]);
+    }
+    b
+}
+
+/// The input with its padding written out: `[N, Hp, Wp, C]`, large enough for every window.
+struct Padded<'a> {
+    data: std::borrow::Cow<'a, [f32]>,
+    hp: usize,
+    wp: usize,
+}
+
+fn pad_input<'a>(x: &'a [f32], [n, h, w, c]: [usize; 4], conv: &Conv, geo: &Geometry) -> Padded<'a> {
+    let win = &conv.window;
+    let need =
+        |i: usize, o: usize, lo: usize, size: usize| ((o.max(1) - 1) * win.strides[i] + win.extent(i)).max(lo + size);
+    let hp = need(0, geo.out[0], geo.pads[0], h);
+    let wp = need(1, geo.out[1], geo.pads[1], w);
+    if hp == h && wp == w {
+        return Padded { data: x.into(), hp, wp };
+    }
+    let (top, left) = (geo.pads[0], geo.pads[1]);
+    let mut data = vec![0f32; n * hp * wp * c];
+    data.par_chunks_mut(hp * wp * c).enumerate().for_each(|(img, dst)| {
+        for y in 0..h {
+            let src = &x[(img * h + y) * w * c..][..w * c];
+            dst[((top + y) * wp + left) * c..][..w * c].copy_from_slice(src);
+        }
+    });
+    Padded {
+        data: data.into(),
+        hp,
+        wp,
+    }
+}
+
+/// Where the tile kernels read and write.
+struct Layout {
+    /// Input channels of the packed weights (per output for depthwise: 1).
+    c: usize,
+    kernel: [usize; 2],
+    /// Input offset (floats) between taps along y and x.
+    tap: [usize; 2],
+    /// Output channels (the output's pixel stride).
+    m: usize,
+    /// Add the output buffer's values (the residual) to the sums before the ReLU.
+    accumulate: bool,
+    relu: bool,
+}
+
+/// What follows the sums of a channels-last conv.
+#[derive(Default)]
+pub struct Epilogue {
+    /// `[N, oh, ow, M]` added to the output (a residual `Add` fused into the conv); its buffer
+    /// becomes the output.
+    pub residual: Option<Vec<f32>>,
+    pub relu: bool,
+}
+
+/// Group-1 or depthwise convolution, channels-last. `x`: `[N, H, W, C]`; returns `[N, oh, ow, M]`:
+/// `relu(bias + Σ x·w + residual)`.
+pub fn conv_nhwc(
+    x: &[f32],
+    xshape: [usize; 4],
+    wts: &NhwcWeights,
+    conv: &Conv,
+    epi: Epilogue,
+    simd: Simd,
+) -> Result<(Vec<f32>, [usize; 4])> {
+    let [n, h, w, c] = xshape;
+    let geo = conv.window.resolve([h, w])?;
+    let [oh, ow] = geo.out;
+    let m = wts.m;
+    let pad = pad_input(x, xshape, conv, &geo);
+    let [sh, sw] = conv.window.strides;
+    let [dh, dw] = conv.window.dilations;
+    let lay = Layout {
+        c: wts.c,
+        kernel: wts.kernel,
+        tap: [dh * pad.wp * c, dw * c],
+        m,
+        accumulate: epi.residual.is_some(),
+        relu: epi.relu,
+    };
+    debug_assert_eq!(wts.c, if wts.depthwise { 1 } else { c });
+    let pixels = n * oh * ow;
+    let mut out = match epi.residual {
+        Some(r) if r.len() == pixels * m => r,
+        Some(r) => crate::bail!("residual has {} values, the output {}", r.len(), pixels * m),
+        None => vec![0f32; pixels * m],
+    };
+    // Input offsets of the window corners of output pixels `q0..q0 + r` (the pixel `last`
+    // repeated past the end): one division per tile, then counters.
+    let offsets = |q0: usize, rows: usize, offs: &mut [usize]| {
+        let (mut img, rest) = (q0 / (oh * ow), q0 % (oh * ow));
+        let (mut y, mut xo) = (rest / ow, rest % ow);
+        for o in offs[..rows].iter_mut() {
+            *o = ((img * pad.hp + y * sh) * pad.wp + xo * sw) * c;
+            xo += 1;
+            if xo == ow {
+                xo = 0;
+                y += 1;
+                if y == oh {
+                    y = 0;
+                    img += 1;
+                }
+            }
+        }
+        let last = offs[rows - 1];
+        offs[rows..].fill(last);
+    };
+    let r = tile_pixels(simd, wts);
+    let tiles = pixels.div_ceil(r);
+    let xdata: &[f32] = &pad.data;
+    let outp = SendPtr(out.as_mut_ptr());
+    let run = |t0: usize, t1: usize| {
+        let mut offs = [0usize; MAX_R];
+        for t in t0..t1 {
+            // A partial last tile repeats its last pixel; only `rows` pixels are stored.
+            let q0 = t * r;
+            let rows = r.min(pixels - q0);
+            offsets(q0, rows, &mut offs[..r]);
+            // SAFETY: each tile writes its own pixels `q0..q0 + rows` of `out`, which holds
+            // `pixels × m` floats; the offsets are window corners inside the padded input.
+            unsafe { tile(simd, xdata, &offs[..r], rows, wts, &lay, outp.get().add(q0 * m)) };
+        }
+    };
+    if rayon::current_num_threads() > 1 && tiles > 1 && pixels * m * lay.c * lay.kernel[0] * lay.kernel[1] > 1 << 16 {
+        let per = TASK_TILES.min(tiles.div_ceil(rayon::current_num_threads()));
+        (0..tiles.div_ceil(per))
+            .into_par_iter()
+            .for_each(|k| run(k * per, ((k + 1) * per).min(tiles)));
+    } else {
+        run(0, tiles);
+    }
+    Ok((out, [n, oh, ow, m]))
+}
+
+const MAX_R: usize = 24;
+
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: the tasks write disjoint pixels.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+impl SendPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// Pixels per tile at this level.
+fn tile_pixels(simd: Simd, wts: &NhwcWeights) -> usize {
+    match simd {
+        Simd::Avx512 if wts.depthwise => 8,
+        Simd::Avx512 if wts.blocks.iter().any(|b| b.1 == 32) => 10,
+        Simd::Avx512 => 16,
+        Simd::Avx2 if wts.depthwise => 4,
+        Simd::Avx2 => 6,
+        Simd::Scalar => 4,
+    }
+}
+
+/// One tile: pixels at input offsets `offs` (as many as the level's tile), every output
+/// channel block; the first `rows` pixels are stored.
+///
+/// # Safety
+/// `offs` are window corners inside `x`; `dst` is valid for `rows × m` floats.
+unsafe fn tile(simd: Simd, x: &[f32], offs: &[usize], rows: usize, wts: &NhwcWeights, lay: &Layout, dst: *mut f32) {
+    let xp = x.as_ptr();
+    let mut wofs = 0;
+    for &(oc0, lanes) in &wts.blocks {
+        let w = wts.data.as_ptr().add(wofs);
+        let b = wts.bias.as_ptr().add(oc0);
+        let d = dst.add(oc0);
+        let valid = lay.m.saturating_sub(oc0).min(lanes);
+        wofs += lanes * lay.c * lay.kernel[0] * lay.kernel[1];
+        match simd {
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx512 if wts.depthwise => x86::depthwise512::<8>(xp, offs, rows, w, lanes, b, lay, d, valid),
+            #[cfg(target_arch = "x86_64")]
+            // One vector of 16 channels per pixel: two vectors per pixel spill registers.
+            // 32-lane blocks: 10 pixels × 2 vectors; 16-lane blocks: 16 (or the layer's 10)
+            // pixels × 1 vector. More pixels spill their input pointers.
+            Simd::Avx512 if lanes == 32 => x86::tile512::<10, 2>(xp, offs, rows, w, lanes, b, lay, d, valid),
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx512 if offs.len() == 16 => x86::tile512::<16, 1>(xp, offs, rows, w, lanes, b, lay, d, valid),
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx512 => x86::tile512::<10, 1>(xp, offs, rows, w, lanes, b, lay, d, valid),
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx2 if wts.depthwise => x86::depthwise256::<4>(xp, offs, rows, w, lanes, b, lay, d, valid),
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx2 => {
+                for half in (0..lanes).step_by(16) {
+                    let v = valid.saturating_sub(half).min(16);
+                    if v > 0 {
+                        x86::tile256::<6, 2>(xp, offs, rows, w.add(half), lanes, b.add(half), lay, d.add(half), v);
+                    }
+                }
+            }
+            _ if wts.depthwise => depthwise_scalar(xp, offs, rows, w, lanes, b, lay, d, valid),
+            _ => tile_scalar(xp, offs, rows, w, lanes, b, lay, d, valid),
+        }
+    }
+}
+
+/// Scalar reference: the same sums in the same order as the SIMD tiles.
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_scalar(
+    x: *const f32,
+    offs: &[usize],
+    rows: usize,
+    w: *const f32,
+    nb: usize,
+    bias: *const f32,
+    lay: &Layout,
+    dst: *mut f32,
+    valid: usize,
+) {
+    let [kh, kw] = lay.kernel;
+    for (r, &o) in offs[..rows].iter().enumerate() {
+        for l in 0..valid {
+            let mut acc = *bias.add(l);
+            for i in 0..kh {
+                for j in 0..kw {
+                    let xr = x.add(o + i * lay.tap[0] + j * lay.tap[1]);
+                    let wr = w.add((i * kw + j) * lay.c * nb + l);
+                    for ci in 0..lay.c {
+                        acc = (*xr.add(ci)).mul_add(*wr.add(ci * nb), acc);
+                    }
+                }
+            }
+            let p = dst.add(r * lay.m + l);
+            if lay.accumulate {
+                acc += *p;
+            }
+            *p = if lay.relu { acc.max(0.0) } else { acc };
+        }
+    }
+}
+
+/// Scalar depthwise: channel `l` reads input channel `l`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn depthwise_scalar(
+    x: *const f32,
+    offs: &[usize],
+    rows: usize,
+    w: *const f32,
+    nb: usize,
+    bias: *const f32,
+    lay: &Layout,
+    dst: *mut f32,
+    valid: usize,
+) {
+    let [kh, kw] = lay.kernel;
+    for (r, &o) in offs[..rows].iter().enumerate() {
+        for l in 0..valid {
+            let mut acc = *bias.add(l);
+            for i in 0..kh {
+                for j in 0..kw {
+                    let xv = *x.add(o + i * lay.tap[0] + j * lay.tap[1] + l);
+                    acc = xv.mul_add(*w.add((i * kw + j) * nb + l), acc);
+                }
+            }
+            let p = dst.add(r * lay.m + l);
+            if lay.accumulate {
+                acc += *p;
+            }
+            *p = if lay.relu { acc.max(0.0) } else { acc };
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::Layout;
+    use std::arch::x86_64::*;
+
+    /// `R` pixels × `V` vectors of 16 output channels.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn tile512<const R: usize, const V: usize>(
+        x: *const f32,
+        offs: &[usize],
+        rows: usize,
+        w: *const f32,
+        nb: usize,
+        bias: *const f32,
+        lay: &Layout,
+        dst: *mut f32,
+        valid: usize,
+    ) {
+        debug_assert_eq!(offs.len(), R);
+        let [kh, kw] = lay.kernel;
+        let c = lay.c;
+        let mut acc = [[_mm512_setzero_ps(); V]; R];
+        for v in 0..V {
+            let b = _mm512_loadu_ps(bias.add(16 * v));
+            for a in acc.iter_mut() {
+                a[v] = b;
+            }
+        }
+        let mut px = [x; R];
+        for (p, &o) in px.iter_mut().zip(offs) {
+            *p = x.add(o);
+        }
+        // Taps along x are contiguous with the channels when not dilated: one run of kw·c.
+        let (runs, run) = if lay.tap[1] == c { (1, kw * c) } else { (kw, c) };
+        for i in 0..kh {
+            for j in 0..runs {
+                let t = i * lay.tap[0] + j * lay.tap[1];
+                let wk = w.add((i * kw + j) * c * nb);
+                for ci in 0..run {
+                    let mut wv = [_mm512_setzero_ps(); V];
+                    for (v, wv) in wv.iter_mut().enumerate() {
+                        *wv = _mm512_loadu_ps(wk.add(ci * nb + 16 * v));
+                    }
+                    for r in 0..R {
+                        let b = _mm512_set1_ps(*px[r].add(t + ci));
+                        for v in 0..V {
+                            acc[r][v] = _mm512_fmadd_ps(b, wv[v], acc[r][v]);
+                        }
+                    }
+                }
+            }
+        }
+        store512(&acc, rows, lay, dst, valid);
+    }
+
+    #[inline(always)]
+    unsafe fn store512<const R: usize, const V: usize>(
+        acc: &[[__m512; V]; R],
+        rows: usize,
+        lay: &Layout,
+        dst: *mut f32,
+        valid: usize,
+    ) {
+        let zero = _mm512_setzero_ps();
+        for (r, a) in acc[..rows].iter().enumerate() {
+            for (v, &s) in a.iter().enumerate() {
+                let n = valid.saturating_sub(16 * v).min(16);
+                let p = dst.add(r * lay.m + 16 * v);
+                let mask = ((1u32 << n) - 1) as u16;
+                let s = if lay.accumulate {
+                    _mm512_add_ps(s, _mm512_maskz_loadu_ps(mask, p))
+                } else {
+                    s
+                };
+                let s = if lay.relu { _mm512_max_ps(s, zero) } else { s };
+                if n == 16 {
+                    _mm512_storeu_ps(p, s);
+                } else if n > 0 {
+                    _mm512_mask_storeu_ps(p, mask, s);
+                }
+            }
+        }
+    }
+
+    /// Depthwise: `R` pixels, channels 16 at a time.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn depthwise512<const R: usize>(
+        x: *const f32,
+        offs: &[usize],
+        rows: usize,
+        w: *const f32,
+        nb: usize,
+        bias: *const f32,
+        lay: &Layout,
+        dst: *mut f32,
+        valid: usize,
+    ) {
+        debug_assert_eq!(offs.len(), R);
+        let [kh, kw] = lay.kernel;
+        let zero = _mm512_setzero_ps();
+        for l0 in (0..valid).step_by(16) {
+            let n = (valid - l0).min(16);
+            let mask = ((1u32 << n) - 1) as u16;
+            let mut acc = [_mm512_loadu_ps(bias.add(l0)); R];
+            for i in 0..kh {
+                for j in 0..kw {
+                    let t = i * lay.tap[0] + j * lay.tap[1] + l0;
+                    let wv = _mm512_loadu_ps(w.add((i * kw + j) * nb + l0));
+                    for r in 0..R {
+                        let xv = _mm512_maskz_loadu_ps(mask, x.add(offs[r] + t));
+                        acc[r] = _mm512_fmadd_ps(xv, wv, acc[r]);
+                    }
+                }
+            }
+            for (r, &s) in acc[..rows].iter().enumerate() {
+                let p = dst.add(r * lay.m + l0);
+                let s = if lay.accumulate {
+                    _mm512_add_ps(s, _mm512_maskz_loadu_ps(mask, p))
+                } else {
+                    s
+                };
+                let s = if lay.relu { _mm512_max_ps(s, zero) } else { s };
+                _mm512_mask_storeu_ps(p, mask, s);
+            }
+        }
+    }
+
+    /// `R` pixels × `V` vectors of 8 output channels.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn tile256<const R: usize, const V: usize>(
+        x: *const f32,
+        offs: &[usize],
+        rows: usize,
+        w: *const f32,
+        nb: usize,
+        bias: *const f32,
+        lay: &Layout,
+        dst: *mut f32,
+        valid: usize,
+    ) {
+        debug_assert_eq!(offs.len(), R);
+        let [kh, kw] = lay.kernel;
+        let c = lay.c;
+        let mut acc = [[_mm256_setzero_ps(); V]; R];
+        for v in 0..V {
+            let b = _mm256_loadu_ps(bias.add(8 * v));
+            for a in acc.iter_mut() {
+                a[v] = b;
+            }
+        }
+        let mut px = [x; R];
+        for (p, &o) in px.iter_mut().zip(offs) {
+            *p = x.add(o);
+        }
+        // Taps along x are contiguous with the channels when not dilated: one run of kw·c.
+        let (runs, run) = if lay.tap[1] == c { (1, kw * c) } else { (kw, c) };
+        for i in 0..kh {
+            for j in 0..runs {
+                let t = i * lay.tap[0] + j * lay.tap[1];
+                let wk = w.add((i * kw + j) * c * nb);
+                for ci in 0..run {
+                    let mut wv = [_mm256_setzero_ps(); V];
+                    for (v, wv) in wv.iter_mut().enumerate() {
+                        *wv = _mm256_loadu_ps(wk.add(ci * nb + 8 * v));
+                    }
+                    for r in 0..R {
+                        let b = _mm256_broadcast_ss(&*px[r].add(t + ci));
+                        for v in 0..V {
+                            acc[r][v] = _mm256_fmadd_ps(b, wv[v], acc[r][v]);
+                        }
+                    }
+                }
+            }
+        }
+        let zero = _mm256_setzero_ps();
+        for (r, a) in acc[..rows].iter().enumerate() {
+            for (v, &s) in a.iter().enumerate() {
+                let n = valid.saturating_sub(8 * v).min(8);
+                let p = dst.add(r * lay.m + 8 * v);
+                let s = if lay.accumulate {
+                    _mm256_add_ps(s, _mm256_maskload_ps(p, lane_mask256(n)))
+                } else {
+                    s
+                };
+                let s = if lay.relu { _mm256_max_ps(s, zero) } else { s };
+                if n == 8 {
+                    _mm256_storeu_ps(p, s);
+                } else if n > 0 {
+                    _mm256_maskstore_ps(p, lane_mask256(n), s);
+                }
+            }
+        }
+    }
+
+    /// Depthwise: `R` pixels, channels 8 at a time.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn depthwise256<const R: usize>(
+        x: *const f32,
+        offs: &[usize],
+        rows: usize,
+        w: *const f32,
+        nb: usize,
+        bias: *const f32,
+        lay: &Layout,
+        dst: *mut f32,
+        valid: usize,
+    ) {
+        debug_assert_eq!(offs.len(), R);
+        let [kh, kw] = lay.kernel;
+        let zero = _mm256_setzero_ps();
+        for l0 in (0..valid).step_by(8) {
+            let n = (valid - l0).min(8);
+            let mask = lane_mask256(n);
+            let mut acc = [_mm256_loadu_ps(bias.add(l0)); R];
+            for i in 0..kh {
+                for j in 0..kw {
+                    let t = i * lay.tap[0] + j * lay.tap[1] + l0;
+                    let wv = _mm256_loadu_ps(w.add((i * kw + j) * nb + l0));
+                    for r in 0..R {
+                        let xv = _mm256_maskload_ps(x.add(offs[r] + t), mask);
+                        acc[r] = _mm256_fmadd_ps(xv, wv, acc[r]);
+                    }
+                }
+            }
+            for (r, &s) in acc[..rows].iter().enumerate() {
+                let p = dst.add(r * lay.m + l0);
+                let s = if lay.accumulate {
+                    _mm256_add_ps(s, _mm256_maskload_ps(p, mask))
+                } else {
+                    s
+                };
+                let s = if lay.relu { _mm256_max_ps(s, zero) } else { s };
+                _mm256_maskstore_ps(p, mask, s);
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn lane_mask256(n: usize) -> __m256i {
+        let idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), idx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::interp::kernels::conv::conv2d;
+    use crate::ir::op::{Padding, Window};
+    use crate::pq::rng::Rng;
+
+    fn to_nhwc(x: &[f32], [n, c, h, w]: [usize; 4]) -> Vec<f32> {
+        let mut out = vec![0f32; x.len()];
+        for i in 0..n {
+            for ch in 0..c {
+                for p in 0..h * w {
+                    out[(i * h * w + p) * c + ch] = x[(i * c + ch) * h * w + p];
+                }
+            }
+        }
+        out
+    }
+
+    fn conv(k: usize, stride: usize, dil: usize, pad: [usize; 4], group: usize) -> Conv {
+        Conv::nchw(
+            Window {
+                kernel: [k, k],
+                strides: [stride, stride],
+                dilations: [dil, dil],
+                padding: Padding::Explicit(pad),
+                ceil_mode: false,
+            },
+            group,
+        )
+    }
+
+    /// Every level gives the same bits as the scalar reference, the reference matches the NCHW
+    /// im2col + GEMM convolution, and a fused ReLU is the ReLU of the output.
+    #[test]
+    fn direct_conv_matches_the_reference_at_every_level() {
+        let mut rng = Rng::new(11);
+        let levels = Simd::available();
+        eprintln!(
+            "direct conv checked at {:?}",
+            levels.iter().map(|s| s.name()).collect::<Vec<_>>()
+        );
+        // (n, c, hw, m, k, stride, dilation, pads, depthwise)
+        type Case = (usize, usize, [usize; 2], usize, usize, usize, usize, [usize; 4], bool);
+        let cases: &[Case] = &[
+            (2, 3, [9, 7], 16, 3, 1, 1, [1; 4], false),
+            (1, 5, [6, 6], 40, 3, 2, 1, [1, 0, 1, 2], false),
+            (3, 16, [5, 5], 32, 1, 1, 1, [0; 4], false),
+            (1, 1, [12, 12], 6, 5, 1, 1, [0; 4], false),
+            (2, 8, [7, 9], 70, 3, 1, 2, [2; 4], false),
+            (1, 4, [1, 1], 24, 3, 1, 1, [1; 4], false),
+            (2, 19, [6, 5], 19, 3, 1, 1, [1; 4], true),
+            (1, 40, [7, 7], 40, 5, 2, 1, [2; 4], true),
+        ];
+        for &(n, c, [h, w], m, k, s, d, pads, dw) in cases {
+            let cv = conv(k, s, d, pads, if dw { c } else { 1 });
+            let xs = [n, c, h, w];
+            let x: Vec<f32> = (0..n * c * h * w).map(|_| rng.next_f64() as f32 - 0.5).collect();
+            let wc = if dw { 1 } else { c };
+            let wt: Vec<f32> = (0..m * wc * k * k).map(|_| rng.next_f64() as f32 - 0.5).collect();
+            let b: Vec<f32> = (0..m).map(|i| i as f32 * 0.1 - 1.0).collect();
+            let reference = conv2d(&x, xs, &wt, m, Some(&b), &cv, None).unwrap();
+            let xn = to_nhwc(&x, xs);
+            let packed = match dw {
+                false => NhwcWeights::pack(&wt, m, c, [k, k], Some(&b)),
+                true => NhwcWeights::pack_depthwise(&wt, c, [k, k], Some(&b)),
+            };
+            let (scalar, shape) =
+                conv_nhwc(&xn, [n, h, w, c], &packed, &cv, Epilogue::default(), Simd::Scalar).unwrap();
+            let rs = reference.shape();
+            assert_eq!(shape, [rs[0], rs[2], rs[3], rs[1]]);
+            let want = to_nhwc(reference.as_slice().unwrap(), [rs[0], rs[1], rs[2], rs[3]]);
+            assert_eq!(scalar.len(), want.len());
+            let err = scalar.iter().zip(&want).fold(0f32, |e, (a, b)| e.max((a - b).abs()));
+            assert!(err < 1e-4, "case c={c} m={m} k={k}: {err}");
+            let res: Vec<f32> = (0..scalar.len()).map(|_| rng.next_f64() as f32 - 0.5).collect();
+            for &level in &levels {
+                for (relu, add) in [(false, false), (true, false), (false, true), (true, true)] {
+                    let epi = Epilogue {
+                        residual: add.then(|| res.clone()),
+                        relu,
+                    };
+                    let (got, _) = conv_nhwc(&xn, [n, h, w, c], &packed, &cv, epi, level).unwrap();
+                    // The unfused graph: Add, then Relu.
+                    let expect: Vec<f32> = scalar
+                        .iter()
+                        .zip(&res)
+                        .map(|(&v, &r)| if add { v + r } else { v })
+                        .map(|v| if relu { v.max(0.0) } else { v })
+                        .collect();
+                    assert_eq!(got.len(), expect.len());
+                    let same = got.iter().zip(&expect).all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(
+                        same,
+                        "{} differs (c={c} m={m} k={k} relu={relu} residual={add})",
+                        level.name()
+                    );
+                }
+            }
+        }
+    }
+
+    /// Throughput of the direct kernel on ResNet-like layers (a measurement, not a test):
+    /// `cargo test --release --lib direct_throughput -- --ignored --nocapture`; `TC_SIMD=avx2`
+    /// times the AVX2 tiles on an AVX-512 machine.
+    #[test]
+    #[ignore]
+    fn direct_throughput() {
+        let mut rng = Rng::new(3);
+        for &(n, c, hw, m, k) in &[
+            (64, 1, 28, 6, 5),
+            (64, 6, 12, 16, 5),
+            (64, 16, 28, 16, 3),
+            (64, 32, 14, 32, 3),
+            (64, 64, 7, 64, 3),
+            (1, 64, 28, 64, 3),
+            (64, 96, 14, 192, 5),
+            (64, 192, 7, 192, 1),
+        ] {
+            let cv = conv(k, 1, 1, if k == 5 { [0; 4] } else { [k / 2; 4] }, 1);
+            let x: Vec<f32> = (0..n * c * hw * hw).map(|_| rng.next_f64() as f32).collect();
+            let wt: Vec<f32> = (0..m * c * k * k).map(|_| rng.next_f64() as f32).collect();
+            let packed = NhwcWeights::pack(&wt, m, c, [k, k], None);
+            let simd = match std::env::var("TC_SIMD").as_deref() {
+                Ok("avx2") => Simd::Avx2,
+                _ => Simd::detect(),
+            };
+            let o = if k == 5 { hw - 4 } else { hw };
+            let macs = (n * o * o * m * c * k * k) as f64;
+            let mut best = f64::MAX;
+            for _ in 0..10 {
+                let t = std::time::Instant::now();
+                let epi = Epilogue {
+                    residual: None,
+                    relu: true,
+                };
+                let out = conv_nhwc(&x, [n, hw, hw, c], &packed, &cv, epi, simd).unwrap();
+                best = best.min(t.elapsed().as_secs_f64());
+                std::hint::black_box(out);
+            }
+            eprintln!(
+                "n={n} c={c} {hw}x{hw} m={m} k={k}: {:.3} ms, {:.1} GMAC/s ({})",
+                best * 1e3,
+                macs / best / 1e9,
+                simd.name()
+            );
+        }
+    }
+}
