@@ -323,6 +323,20 @@ pub fn encode_prepared(rows: &Rows, prepared: &Prepared, codes: &mut [u8]) {
                 .for_each(|(bi, out)| channel_rows(level, rows, cl, k, bi * block, out));
         }
     }
+    if let (
+        Kind::Tree {
+            depth,
+            dims,
+            thresholds,
+            ..
+        },
+        Rows::ConvNhwc { .. },
+    ) = (&prepared.kind, rows)
+    {
+        if tree_nhwc(rows, sub, *depth, dims, thresholds, codes) {
+            return;
+        }
+    }
     let job = Job { rows, prepared };
     codes
         .par_chunks_mut(BLOCK * c_n)
@@ -359,6 +373,142 @@ macro_rules! dispatch_simd {
     }};
 }
 pub(crate) use dispatch_simd;
+
+/// Hash-tree encoding of channels-last conv rows with one SIMD lane per output pixel: a tile is
+/// 16 pixels of one output row, so every lane compares the same column of the window (one
+/// gather from the image, zeros outside it) and picks its node's threshold from the
+/// codebook's 15 with one permute. Same comparisons as [`tree_tile`], so same codes. Returns
+/// false (nothing written) where it does not apply: without AVX-512, trees deeper than 4, or
+/// images too large for 32-bit gather offsets.
+fn tree_nhwc(rows: &Rows, sub: Subspaces, depth: usize, dims: &[usize], thr: &[f32], codes: &mut [u8]) -> bool {
+    let Rows::ConvNhwc { x, shape, win, geo } = rows else {
+        return false;
+    };
+    let [n, h, w, c_in] = *shape;
+    let [oh, ow] = geo.out;
+    if Simd::detect() != Simd::Avx512 || depth > 4 || h * w * c_in >= i32::MAX as usize / 2 {
+        return false;
+    }
+    let c_n = sub.count();
+    let nodes = (1 << depth) - 1;
+    // The thresholds of each codebook as one 16-lane vector (unused lanes: +inf).
+    let mut th = vec![f32::INFINITY; c_n * 16];
+    for c in 0..c_n {
+        th[c * 16..c * 16 + nodes].copy_from_slice(&thr[c * nodes..(c + 1) * nodes]);
+    }
+    // Per codebook and level: the window column compared, as (channel, i, j), or None when it
+    // lies past the last subspace's end (it reads as 0).
+    let [kh, kw] = win.kernel;
+    let taps: Vec<Option<(usize, usize, usize)>> = (0..c_n * depth)
+        .map(|cl| {
+            let col = (cl / depth) * sub.s + dims[cl];
+            (col < sub.d).then(|| (col / (kh * kw), col / kw % kh, col % kw))
+        })
+        .collect();
+    let job = TreeJob {
+        x,
+        hwc: [h, w, c_in],
+        win,
+        geo,
+        depth,
+        th: &th,
+        taps: &taps,
+        c_n,
+    };
+    let rows_per_task = (4096 / (ow * c_n).max(1)).max(1);
+    codes
+        .par_chunks_mut(rows_per_task * ow * c_n)
+        .enumerate()
+        .for_each(|(t, out)| {
+            for (k, row) in out.chunks_mut(ow * c_n).enumerate() {
+                let r = t * rows_per_task + k;
+                debug_assert!(r < n * oh);
+                // SAFETY: `Simd::detect` found AVX-512F; `row` holds the codes of output row `r`.
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    tree_row_avx512(&job, r / oh, r % oh, row)
+                };
+            }
+        });
+    true
+}
+
+struct TreeJob<'a> {
+    x: &'a [f32],
+    hwc: [usize; 3],
+    win: &'a Window,
+    geo: &'a Geometry,
+    depth: usize,
+    th: &'a [f32],
+    taps: &'a [Option<(usize, usize, usize)>],
+    c_n: usize,
+}
+
+/// Codes of output row `y` of image `img` (`out`: `ow × c_n`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn tree_row_avx512(job: &TreeJob, img: usize, y: usize, out: &mut [u8]) {
+    use std::arch::x86_64::*;
+    let [h, w, c_in] = job.hwc;
+    let ow = job.geo.out[1];
+    let (sh, sw) = (job.win.strides[0], job.win.strides[1]);
+    let (dh, dw) = (job.win.dilations[0], job.win.dilations[1]);
+    let (pt, pl) = (job.geo.pads[0] as isize, job.geo.pads[1] as isize);
+    let image = &job.x[img * h * w * c_in..(img + 1) * h * w * c_in];
+    let lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    let y0 = (y * sh) as isize - pt;
+    let mut codes = [0u32; 16];
+    for x0 in (0..ow).step_by(16) {
+        let lanes = (ow - x0).min(16);
+        let live: u16 = if lanes == 16 { u16::MAX } else { (1u16 << lanes) - 1 };
+        // input column of each lane's window corner
+        let ix0 = _mm512_sub_epi32(
+            _mm512_mullo_epi32(
+                _mm512_add_epi32(lane, _mm512_set1_epi32(x0 as i32)),
+                _mm512_set1_epi32(sw as i32),
+            ),
+            _mm512_set1_epi32(pl as i32),
+        );
+        for c in 0..job.c_n {
+            let thv = _mm512_loadu_ps(job.th.as_ptr().add(c * 16));
+            let mut idx = _mm512_setzero_si512();
+            for lev in 0..job.depth {
+                let xv = match job.taps[c * job.depth + lev] {
+                    Some((ch, i, j)) => {
+                        let iy = y0 + (i * dh) as isize;
+                        if iy < 0 || iy >= h as isize {
+                            _mm512_setzero_ps()
+                        } else {
+                            let ix = _mm512_add_epi32(ix0, _mm512_set1_epi32((j * dw) as i32));
+                            let inside = _mm512_cmpge_epi32_mask(ix, _mm512_setzero_si512())
+                                & _mm512_cmplt_epi32_mask(ix, _mm512_set1_epi32(w as i32))
+                                & live;
+                            let off = _mm512_add_epi32(
+                                _mm512_mullo_epi32(ix, _mm512_set1_epi32(c_in as i32)),
+                                _mm512_set1_epi32((iy as usize * w * c_in + ch) as i32),
+                            );
+                            _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), inside, off, image.as_ptr())
+                        }
+                    }
+                    None => _mm512_setzero_ps(),
+                };
+                let node = _mm512_add_epi32(idx, _mm512_set1_epi32((1 << lev) - 1));
+                let t = _mm512_permutexvar_ps(node, thv);
+                let gt = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(xv, t);
+                idx = _mm512_mask_add_epi32(
+                    _mm512_add_epi32(idx, idx),
+                    gt,
+                    _mm512_add_epi32(idx, idx),
+                    _mm512_set1_epi32(1),
+                );
+            }
+            _mm512_storeu_si512(codes.as_mut_ptr().cast(), idx);
+            for (l, &code) in codes[..lanes].iter().enumerate() {
+                out[(x0 + l) * job.c_n + c] = code as u8;
+            }
+        }
+    }
+}
 
 struct Job<'a> {
     rows: &'a Rows<'a>,
@@ -772,6 +922,9 @@ mod tests {
             ([2, 6, 12, 12], [5, 5], [1, 1], [1, 1], [2, 2, 2, 2], 5, 16),
             ([2, 24, 5, 5], [1, 1], [2, 2], [1, 1], [0, 0, 0, 0], 4, 16),
             ([2, 5, 6, 6], [3, 3], [1, 1], [1, 1], [1, 1, 1, 1], 6, 16),
+            // rows wider than one 16-pixel tile (the pixel-lane tree kernel)
+            ([2, 4, 5, 37], [3, 3], [1, 1], [1, 1], [1, 1, 1, 1], 9, 16),
+            ([1, 3, 4, 40], [3, 3], [1, 2], [1, 1], [0, 1, 1, 0], 9, 16),
         ];
         for &(shape, kernel, strides, dilations, pads, s, k) in cases {
             let win = Window {
