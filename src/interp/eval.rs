@@ -151,7 +151,8 @@ pub fn eval_op_cached(op: &Op, mut args: Vec<Arc<Tensor>>, cache: Option<&Cache>
             }
             let rows = codes.len() / c.max(1);
             let codes = codes.as_slice().unwrap();
-            if let Some(&bad) = codes.iter().find(|&&v| v as usize >= k) {
+            if k <= 256 && codes.iter().fold(0u8, |a, &v| a.max(v)) as usize >= k {
+                let bad = codes.iter().find(|&&v| v as usize >= k).expect("the max is one");
                 bail!("code {bad} out of range for {k} prototypes");
             }
             let (scale, offset) = (f32_std(&args[2])?, f32_std(&args[3])?);
@@ -168,18 +169,21 @@ pub fn eval_op_cached(op: &Op, mut args: Vec<Arc<Tensor>>, cache: Option<&Cache>
                     } else {
                         lut::lut_i8(codes, rows, c, t.as_slice().unwrap(), m, k, &mut acc);
                     }
+                    // zipped slices, so the loop vectorizes (no bounds checks)
+                    let (scale, offset) = (&scale[..m], &offset[..m]);
                     for (yr, ar) in y.chunks_mut(m.max(1)).zip(acc.chunks(m.max(1))) {
-                        for j in 0..m {
-                            yr[j] = scale[j] * ar[j] as f32 + offset[j];
+                        for ((yv, &a), (&s, &o)) in yr.iter_mut().zip(ar).zip(scale.iter().zip(offset)) {
+                            *yv = s * a as f32 + o;
                         }
                     }
                 }
                 Tensor::F32(t) => {
                     let t = t.as_standard_layout();
                     lut::lut_f32(codes, rows, c, t.as_slice().unwrap(), m, k, &mut y);
+                    let (scale, offset) = (&scale[..m], &offset[..m]);
                     for yr in y.chunks_mut(m.max(1)) {
-                        for j in 0..m {
-                            yr[j] = scale[j] * yr[j] + offset[j];
+                        for (yv, (&s, &o)) in yr.iter_mut().zip(scale.iter().zip(offset)) {
+                            *yv = s * *yv + o;
                         }
                     }
                 }

@@ -533,6 +533,12 @@ fn channel_rows(level: Simd, rows: &Rows, cl: &ChannelLanes, k: usize, r0: usize
     let c_n = cl.channels * cl.families;
     let s = if cl.families == 1 { kh * kw } else { kw };
     let groups = ch.div_ceil(CL);
+    #[cfg(target_arch = "x86_64")]
+    if level == Simd::Avx512 {
+        // SAFETY: AVX-512F is available (the level was detected); see `pairs_avx512`.
+        unsafe { pairs_avx512(rows, cl, k, r0, out) };
+        return;
+    }
     let mut xs = [[0f32; CL]; CL_MAX_S];
     // Channel groups outside, rows inside: one group's prototypes stay in L1 across the rows.
     for f in 0..cl.families {
@@ -566,6 +572,82 @@ fn channel_rows(level: Simd, rows: &Rows, cl: &ChannelLanes, k: usize, r0: usize
                 let best = nearest_in_lanes_at(level, &xs[..s], pt, hn, k);
                 for l in 0..width {
                     codes[(c0 + l) * cl.families + f] = best[l];
+                }
+            }
+        }
+    }
+}
+
+/// [`channel_rows`] at AVX-512: two rows per call of [`x86::nearest2_avx512`], which reads each
+/// tap's channels straight from the image (a masked load for a partial channel group; a zero
+/// vector outside the image) and shares every prototype load between the two rows. Same codes.
+///
+/// # Safety
+/// AVX-512F must be available.
+#[cfg(target_arch = "x86_64")]
+unsafe fn pairs_avx512(rows: &Rows, cl: &ChannelLanes, k: usize, r0: usize, out: &mut [u8]) {
+    let Rows::ConvNhwc { x, shape, win, geo } = rows else {
+        unreachable!("channel lanes need channels-last rows")
+    };
+    let [_, h, w, ch] = *shape;
+    let [kh, kw] = win.kernel;
+    let p = geo.out[0] * geo.out[1];
+    let c_n = cl.channels * cl.families;
+    let s = if cl.families == 1 { kh * kw } else { kw };
+    let groups = ch.div_ceil(CL);
+    let zero = [0f32; CL];
+    let n_rows = out.len() / c_n.max(1);
+    const CHUNK: usize = 32;
+    // Per row of a chunk and tap: the offset of the pixel's channel 0 (None outside the image).
+    let mut offs = vec![None::<usize>; CHUNK * s];
+    let mut pa = [zero.as_ptr(); CL_MAX_S];
+    let mut pb = [zero.as_ptr(); CL_MAX_S];
+    for f in 0..cl.families {
+        // Rows in chunks, channel groups inside: a chunk's window offsets are computed once and
+        // the layer's prototypes stay in L1.
+        for q0 in (0..n_rows).step_by(CHUNK) {
+            let qn = CHUNK.min(n_rows - q0);
+            for (ri, o) in offs.chunks_mut(s).take(qn).enumerate() {
+                let r = r0 + q0 + ri;
+                let (img, pos) = (r / p, r % p);
+                let y0 = ((pos / geo.out[1]) * win.strides[0]) as isize - geo.pads[0] as isize;
+                let x0 = ((pos % geo.out[1]) * win.strides[1]) as isize - geo.pads[1] as isize;
+                for (t, o) in o.iter_mut().enumerate() {
+                    let (i, j) = if cl.families == 1 { (t / kw, t % kw) } else { (f, t) };
+                    let iy = y0 + (i * win.dilations[0]) as isize;
+                    let ix = x0 + (j * win.dilations[1]) as isize;
+                    let inside = iy >= 0 && iy < h as isize && ix >= 0 && ix < w as isize;
+                    *o = inside.then(|| ((img * h + iy as usize) * w + ix as usize) * ch);
+                }
+            }
+            let ptrs = |ri: usize, c0: usize, dst: &mut [*const f32]| {
+                for (d, o) in dst.iter_mut().zip(&offs[ri * s..(ri + 1) * s]) {
+                    *d = o.map_or(zero.as_ptr(), |o| x[o + c0..].as_ptr());
+                }
+            };
+            for g in 0..groups {
+                let c0 = g * CL;
+                let width = (ch - c0).min(CL);
+                let mask = if width == CL { u16::MAX } else { (1u16 << width) - 1 };
+                let fg = f * groups + g;
+                let pt = &cl.pt[fg * s * k * CL..(fg + 1) * s * k * CL];
+                let hn = &cl.half_norms[fg * k * CL..(fg + 1) * k * CL];
+                for ri in (0..qn).step_by(2) {
+                    let rb = (ri + 1).min(qn - 1);
+                    ptrs(ri, c0, &mut pa[..s]);
+                    ptrs(rb, c0, &mut pb[..s]);
+                    let (a, b) = x86::nearest2_avx512(&pa[..s], &pb[..s], mask, pt, hn, k);
+                    let (ra, rbo) = ((q0 + ri) * c_n, (q0 + rb) * c_n);
+                    if cl.families == 1 {
+                        // one codebook per channel: the group's codes are contiguous
+                        out[ra + c0..ra + c0 + width].copy_from_slice(&a[..width]);
+                        out[rbo + c0..rbo + c0 + width].copy_from_slice(&b[..width]);
+                    } else {
+                        for l in 0..width {
+                            out[ra + (c0 + l) * cl.families + f] = a[l];
+                            out[rbo + (c0 + l) * cl.families + f] = b[l];
+                        }
+                    }
                 }
             }
         }
@@ -657,6 +739,63 @@ mod x86 {
         let mut out = [0u8; CL];
         _mm_storeu_si128(out.as_mut_ptr().cast(), _mm512_cvtepi32_epi8(best_k));
         out
+    }
+
+    /// [`nearest_avx512`] for two rows at once, 8 prototypes at a time (16 running sums): each
+    /// prototype vector is loaded once for both rows. `xa[t]`, `xb[t]`: the rows' channel
+    /// values of tap `t` (lanes outside `mask` read as 0). Same sums, same scan order.
+    ///
+    /// # Safety
+    /// AVX-512F; every `xa[t]`/`xb[t]` readable for the lanes in `mask`; `pt` holds
+    /// `xa.len() × k × CL` values, `hn` `k × CL`, and `k` is a multiple of 8.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn nearest2_avx512(
+        xa: &[*const f32],
+        xb: &[*const f32],
+        mask: u16,
+        pt: &[f32],
+        hn: &[f32],
+        k: usize,
+    ) -> ([u8; CL], [u8; CL]) {
+        debug_assert!(pt.len() >= xa.len() * k * CL && hn.len() >= k * CL && k.is_multiple_of(8));
+        let mut best = [(_mm512_set1_ps(f32::INFINITY), _mm512_setzero_si512()); 2];
+        let (pt, hn) = (pt.as_ptr(), hn.as_ptr());
+        let merge = |(d0, k0): (__m512, __m512i), (d1, k1): (__m512, __m512i)| {
+            let m = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(d1, d0);
+            (_mm512_mask_mov_ps(d0, m, d1), _mm512_mask_mov_epi32(k0, m, k1))
+        };
+        for kb in (0..k).step_by(8) {
+            let mut acc = [[_mm512_setzero_ps(); 8]; 2];
+            for (t, (&a, &b)) in xa.iter().zip(xb).enumerate() {
+                let va = _mm512_maskz_loadu_ps(mask, a);
+                let vb = _mm512_maskz_loadu_ps(mask, b);
+                let row = pt.add((t * k + kb) * CL);
+                for j in 0..8 {
+                    let pv = _mm512_loadu_ps(row.add(j * CL));
+                    acc[0][j] = _mm512_fmadd_ps(va, pv, acc[0][j]);
+                    acc[1][j] = _mm512_fmadd_ps(vb, pv, acc[1][j]);
+                }
+            }
+            // per row: two chains of four, merged in index order (as in `nearest_avx512`)
+            for (acc, best) in acc.iter().zip(best.iter_mut()) {
+                let mut chain = [(_mm512_set1_ps(f32::INFINITY), _mm512_setzero_si512()); 2];
+                for (q, (cd, ck)) in chain.iter_mut().enumerate() {
+                    *ck = _mm512_set1_epi32((kb + 4 * q) as i32);
+                    for j in 4 * q..4 * q + 4 {
+                        let d = _mm512_sub_ps(_mm512_loadu_ps(hn.add((kb + j) * CL)), acc[j]);
+                        let m = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(d, *cd);
+                        *cd = _mm512_mask_mov_ps(*cd, m, d);
+                        *ck = _mm512_mask_mov_epi32(*ck, m, _mm512_set1_epi32((kb + j) as i32));
+                    }
+                }
+                *best = merge(*best, merge(chain[0], chain[1]));
+            }
+        }
+        let mut out = [[0u8; CL]; 2];
+        for (o, b) in out.iter_mut().zip(best) {
+            _mm_storeu_si128(o.as_mut_ptr().cast(), _mm512_cvtepi32_epi8(b.1));
+        }
+        (out[0], out[1])
     }
 
     /// Two 8-lane halves per channel group; 8 prototypes at a time (16 registers).
@@ -1064,6 +1203,26 @@ mod tests {
         for i in 0..20000 {
             xs[i % s][i % CL] = i as f32 * 1e-6;
             let want = nearest_in_lanes_at(Simd::Scalar, &xs, &pt, &hn, k);
+            // the two-row AVX-512 kernel, with this row and a partial channel group
+            #[cfg(target_arch = "x86_64")]
+            if Simd::Avx512.supported() {
+                let width = 1 + i % CL;
+                let mut part = xs.clone();
+                part.iter_mut().for_each(|v| v[width..].fill(0.0));
+                let want_part = nearest_in_lanes_at(Simd::Scalar, &part, &pt, &hn, k);
+                let pa: Vec<*const f32> = xs.iter().map(|v| v.as_ptr()).collect();
+                let mask = if width == CL { u16::MAX } else { (1u16 << width) - 1 };
+                // SAFETY: AVX-512F checked; every pointer reads CL floats; k is a multiple of 8.
+                let (a, b) = unsafe { x86::nearest2_avx512(&pa, &pa, mask, &pt, &hn, k) };
+                assert_eq!(
+                    a[..width],
+                    want_part[..width],
+                    "call {i}: two-row kernel, {width} lanes"
+                );
+                assert_eq!(a, b);
+                let (full, _) = unsafe { x86::nearest2_avx512(&pa, &pa, u16::MAX, &pt, &hn, k) };
+                assert_eq!(full, want, "call {i}: two-row kernel");
+            }
             for lv in Simd::available() {
                 let got = nearest_in_lanes_at(lv, &xs, &pt, &hn, k);
                 if got != want {
@@ -1135,6 +1294,15 @@ mod tests {
         let nan = vec![[f32::NAN; CL]; s];
         for lv in Simd::available() {
             assert_eq!(nearest_in_lanes_at(lv, &nan, &pt, &hn, k), [0u8; CL], "{lv:?}");
+        }
+        // the two-row AVX-512 kernel: one row of ties, one of NaNs
+        #[cfg(target_arch = "x86_64")]
+        if Simd::Avx512.supported() {
+            let pa: Vec<*const f32> = xs.iter().map(|v| v.as_ptr()).collect();
+            let pb: Vec<*const f32> = nan.iter().map(|v| v.as_ptr()).collect();
+            // SAFETY: AVX-512F checked; every pointer reads CL floats; k is a multiple of 8.
+            let (a, b) = unsafe { x86::nearest2_avx512(&pa, &pb, u16::MAX, &pt, &hn, k) };
+            assert_eq!((a, b), ([3u8; CL], [0u8; CL]));
         }
     }
 
