@@ -154,7 +154,7 @@ fn compile(args: Args) -> Result<()> {
     if let Some(m) = &report.mask {
         eprintln!("  masking ({}; target {}):", m.metric, m.target);
         eprintln!(
-            "  {:<44} {:>4} {:>9} {:>11} {:>9} {:>8} {:>9} {:>9} {:>9} {:>9} {:>6}  why",
+            "  {:<44} {:>4} {:>9} {:>11} {:>9} {:>8} {:>9} {:>9} {:>6} {:>9} {:>9} {:>6}  why",
             "layer",
             "kind",
             "D×M",
@@ -163,13 +163,14 @@ fn compile(args: Args) -> Result<()> {
             "enc cmp",
             "lookups",
             "table B",
+            "est ×",
             "layer cos",
             "logit cos",
             "choice"
         );
         for d in &m.layers {
             eprintln!(
-                "  {:<44} {:>4} {:>9} {:>11} {:>9} {:>8} {:>9} {:>9} {:>9.5} {:>9.5} {:>6}  {}",
+                "  {:<44} {:>4} {:>9} {:>11} {:>9} {:>8} {:>9} {:>9} {:>6.2} {:>9.5} {:>9.5} {:>6}  {}",
                 d.layer,
                 d.kind,
                 format!("{}×{}", d.shape[0], d.shape[1]),
@@ -178,6 +179,7 @@ fn compile(args: Args) -> Result<()> {
                 d.lut_cost.encode_compares,
                 d.lut_cost.lookups,
                 d.lut_cost.table_bytes,
+                d.est_speedup,
                 d.layer_cosine,
                 d.logit_cosine_alone,
                 d.chosen,

@@ -39,9 +39,55 @@ pub struct Options {
     pub relearn: bool,
     /// Options for relearning (default: those the `lut` pass ran with).
     pub lut: Option<super::lut::Options>,
-    /// Restore layers whose lookups cost more operations than the exact layer (encoding
-    /// counted) before anything else: they lose accuracy and save nothing.
+    /// Restore layers whose lookups take longer than the exact layer (encoding counted, by
+    /// `time_model`) before anything else: they lose accuracy and save nothing.
     pub restore_unprofitable: bool,
+    /// Cost of one encoding multiply-add, comparison and lookup-add relative to one exact
+    /// multiply-add, used by `restore_unprofitable`.
+    pub time_model: TimeModel,
+}
+
+/// Relative time of the operations of a LUT layer, one exact multiply-add = 1. The defaults
+/// are the kernels' measured throughputs (docs/BENCHMARKS.md, one thread, batch 64, AVX-512
+/// Zen 5): exact direct convolution ≈ 110 G multiply-adds/s, channel-lane argmin encoding
+/// ≈ 40 G/s (its comparisons included), hash-tree comparisons ≈ 2 G/s (one gather per
+/// comparison), int8 lookup-adds ≈ 70 G/s for layers of 64 or more outputs (≈ 23 G/s at 32). Counting operations alone (all weights 1) would keep layers as lookups that run
+/// slower than the exact layer they replace.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TimeModel {
+    pub encode_mac: f64,
+    pub compare: f64,
+    pub lookup: f64,
+}
+
+impl Default for TimeModel {
+    fn default() -> TimeModel {
+        TimeModel {
+            encode_mac: 2.75,
+            compare: 55.0,
+            lookup: 1.6,
+        }
+    }
+}
+
+impl TimeModel {
+    /// Estimated time of `c` in exact multiply-adds, for a layer with `m` outputs. An argmin
+    /// encoder's comparisons are part of its per-multiply-add rate; `compare` prices the hash
+    /// tree's. `lookup` is the rate at 64 or more outputs: the shuffle kernel fills 64 outputs
+    /// per pass, so fewer cost proportionally more per lookup.
+    pub fn time(&self, c: &cost::Cost, m: usize) -> f64 {
+        let compares = if c.encode_macs > 0 {
+            0.0
+        } else {
+            c.encode_compares as f64
+        };
+        let lookup = self.lookup * (64.0 / m.max(1) as f64).max(1.0);
+        c.exact_macs as f64
+            + self.encode_mac * c.encode_macs as f64
+            + self.compare * compares
+            + lookup * c.lookups as f64
+    }
 }
 
 impl Default for Options {
@@ -56,6 +102,7 @@ impl Default for Options {
             relearn: true,
             lut: None,
             restore_unprofitable: true,
+            time_model: TimeModel::default(),
         }
     }
 }
@@ -81,6 +128,9 @@ pub struct LayerDecision {
     pub exact_macs: u64,
     pub lut_cost: cost::Cost,
     pub ops_saved: i64,
+    /// Estimated time of the exact layer over that of its lookups (`time_model`): > 1 means
+    /// the lookups are faster.
+    pub est_speedup: f64,
     /// Logit cosine with only this layer approximated.
     pub logit_cosine_alone: f64,
     pub damage_per_mop_saved: f64,
@@ -258,6 +308,7 @@ impl Pass for Mask {
                 shape: [ex.weight.shape()[0], ex.weight.shape()[1]],
                 layer_cosine: lr.map(|l| l.output_cosine).unwrap_or(f64::NAN),
                 exact_macs,
+                est_speedup: exact_macs as f64 / o.time_model.time(&lut_cost, ex.weight.shape()[1]).max(1.0),
                 lut_cost,
                 ops_saved,
                 logit_cosine_alone: cos,
@@ -297,13 +348,21 @@ impl Pass for Mask {
         };
         if o.restore_unprofitable {
             for (i, n) in luts.iter().enumerate() {
-                if decisions[i].ops_saved <= 0 && decisions[i].why.is_empty() {
+                let d = &decisions[i];
+                if (d.ops_saved <= 0 || d.est_speedup <= 1.0) && d.why.is_empty() {
                     restore(&mut current, n, &cx.exact_layers[n])?;
                     decisions[i].chosen = "exact";
-                    decisions[i].why = format!(
-                        "restored: its lookups cost {:.3} Mops more than the exact layer",
-                        -decisions[i].ops_saved as f64 / 1e6
-                    );
+                    decisions[i].why = if decisions[i].ops_saved <= 0 {
+                        format!(
+                            "restored: its lookups cost {:.3} Mops more than the exact layer",
+                            -decisions[i].ops_saved as f64 / 1e6
+                        )
+                    } else {
+                        format!(
+                            "restored: its lookups would take {:.2}x the exact layer's time (time_model)",
+                            1.0 / decisions[i].est_speedup
+                        )
+                    };
                 }
             }
         }
