@@ -220,6 +220,30 @@ pub fn conv_nhwc(
         let last = offs[rows - 1];
         offs[rows..].fill(last);
     };
+    #[cfg(target_arch = "x86_64")]
+    if simd == Simd::Avx512 && c == 1 && !wts.depthwise && conv.window.strides[1] == 1 && dw == 1 && m <= 16 {
+        // One input channel (a network's first layer): vectorize over output pixels instead.
+        let rows_out = n * oh;
+        let outp = SendPtr(out.as_mut_ptr());
+        let xdata: &[f32] = &pad.data;
+        let per = (1usize << 14).div_ceil(ow * m * wts.kernel[0] * wts.kernel[1]).max(1);
+        (0..rows_out.div_ceil(per)).into_par_iter().for_each(|t| {
+            for row in t * per..((t + 1) * per).min(rows_out) {
+                let (img, y) = (row / oh, row % oh);
+                let src = (img * pad.hp + y * sh) * pad.wp;
+                // SAFETY: AVX-512F detected; the row's window lies in the padded image and
+                // `out` holds `ow × m` floats at the row's offset (rows are disjoint).
+                unsafe {
+                    let dst = outp.get().add(row * ow * m);
+                    match m {
+                        0..=8 => x86::row_c1_avx512::<8>(xdata, src, pad.wp, dh, ow, wts, &lay, dst),
+                        _ => x86::row_c1_avx512::<16>(xdata, src, pad.wp, dh, ow, wts, &lay, dst),
+                    }
+                };
+            }
+        });
+        return Ok((out, [n, oh, ow, m]));
+    }
     let r = tile_pixels(simd, wts);
     let tiles = pixels.div_ceil(r);
     let xdata: &[f32] = &pad.data;
@@ -467,6 +491,66 @@ mod x86 {
         }
     }
 
+    /// One output row of a single-input-channel conv (stride 1 along x): 16 output pixels per
+    /// vector, one running sum per output channel, every tap a contiguous load of the input
+    /// row times a broadcast weight. Same sums in the same order as the tiles, then the
+    /// epilogue per output value.
+    ///
+    /// # Safety
+    /// AVX-512F; `x[src..]` is the first padded input row of the output row (row stride `wp`,
+    /// rows `dh` apart per tap), every window inside `x`; `dst` valid for `ow × m` floats.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn row_c1_avx512<const N: usize>(
+        x: &[f32],
+        src: usize,
+        wp: usize,
+        dh: usize,
+        ow: usize,
+        wts: &super::NhwcWeights,
+        lay: &Layout,
+        dst: *mut f32,
+    ) {
+        let [kh, kw] = wts.kernel;
+        let m = lay.m;
+        let lanes = wts.blocks[0].1;
+        let (w, bias) = (wts.data.as_ptr(), wts.bias.as_ptr());
+        let mut tmp = [[0f32; 16]; 16];
+        for x0 in (0..ow).step_by(16) {
+            let n = (ow - x0).min(16);
+            let mask = if n == 16 { u16::MAX } else { (1u16 << n) - 1 };
+            // N ≥ m sums (the packed weights and bias are zero past m): a constant count keeps
+            // them in registers.
+            let mut acc = [_mm512_setzero_ps(); N];
+            for (oc, a) in acc.iter_mut().enumerate() {
+                *a = _mm512_set1_ps(*bias.add(oc));
+            }
+            for i in 0..kh {
+                let row = x.as_ptr().add(src + i * dh * wp + x0);
+                for j in 0..kw {
+                    let xv = _mm512_maskz_loadu_ps(mask, row.add(j));
+                    let wt = w.add((i * kw + j) * lanes);
+                    for (oc, a) in acc.iter_mut().enumerate() {
+                        *a = _mm512_fmadd_ps(xv, _mm512_set1_ps(*wt.add(oc)), *a);
+                    }
+                }
+            }
+            for (t, a) in tmp.iter_mut().zip(&acc).take(m) {
+                _mm512_storeu_ps(t.as_mut_ptr(), *a);
+            }
+            for p in 0..n {
+                let d = dst.add((x0 + p) * m);
+                for (oc, t) in tmp.iter().enumerate().take(m) {
+                    let mut v = t[p];
+                    if lay.accumulate {
+                        v += *d.add(oc);
+                    }
+                    *d.add(oc) = if lay.relu { v.max(0.0) } else { v };
+                }
+            }
+        }
+    }
+
     /// Depthwise: `R` pixels, channels 16 at a time.
     #[target_feature(enable = "avx512f,avx2,fma")]
     #[allow(clippy::too_many_arguments)]
@@ -679,6 +763,8 @@ mod tests {
             (1, 5, [6, 6], 40, 3, 2, 1, [1, 0, 1, 2], false),
             (3, 16, [5, 5], 32, 1, 1, 1, [0; 4], false),
             (1, 1, [12, 12], 6, 5, 1, 1, [0; 4], false),
+            (2, 1, [9, 37], 16, 3, 1, 1, [1, 2, 0, 1], false),
+            (1, 1, [8, 20], 3, 3, 2, 1, [1; 4], false),
             (2, 8, [7, 9], 70, 3, 1, 2, [2; 4], false),
             (1, 4, [1, 1], 24, 3, 1, 1, [1; 4], false),
             (2, 19, [6, 5], 19, 3, 1, 1, [1; 4], true),

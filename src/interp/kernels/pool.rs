@@ -174,6 +174,27 @@ pub fn pool2d_nhwc(x: &[f32], shape: [usize; 4], pool: &Pool) -> Result<(Vec<f32
                 let (img, y) = (row / oh, row % oh);
                 let src = &x[img * h * w * c..(img + 1) * h * w * c];
                 let (i0, i1, ipad) = ys[y];
+                #[cfg(target_arch = "x86_64")]
+                if super::Simd::detect() == super::Simd::Avx512 {
+                    let sy: Vec<usize> = (i0..i1).map(|i| y * sh + i * dh - pt).collect();
+                    let geo = RowGeo {
+                        w,
+                        c,
+                        sw,
+                        dw,
+                        pl,
+                        max,
+                        include_pad: matches!(
+                            pool.kind,
+                            PoolKind::Avg {
+                                count_include_pad: true
+                            }
+                        ),
+                    };
+                    // SAFETY: AVX-512F detected; every tap in `xs` and `sy` lies inside `src`.
+                    unsafe { pool_row_avx512(src, &sy, ipad, &xs, &geo, drow) };
+                    continue;
+                }
                 for ((xo, acc), &(j0, j1, jpad)) in drow.chunks_exact_mut(c).enumerate().zip(&xs) {
                     acc.fill(if max { f32::NEG_INFINITY } else { 0.0 });
                     for i in i0..i1 {
@@ -203,6 +224,64 @@ pub fn pool2d_nhwc(x: &[f32], shape: [usize; 4], pool: &Pool) -> Result<(Vec<f32
             }
         });
     Ok((out, [n, oh, ow, c]))
+}
+
+struct RowGeo {
+    w: usize,
+    c: usize,
+    sw: usize,
+    dw: usize,
+    pl: usize,
+    max: bool,
+    include_pad: bool,
+}
+
+/// One output row of [`pool2d_nhwc`]: 16 channels per vector (a masked tail), the taps in the
+/// same order. `max(v, acc)` keeps `acc` when `v` is NaN, as `f32::max` does.
+///
+/// # Safety
+/// AVX-512F; the input rows `sy` and the columns of `xs` lie inside `src` (`[H, W, C]`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn pool_row_avx512(
+    src: &[f32],
+    sy: &[usize],
+    ipad: usize,
+    xs: &[(usize, usize, usize)],
+    g: &RowGeo,
+    drow: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let c = g.c;
+    let init = _mm512_set1_ps(if g.max { f32::NEG_INFINITY } else { 0.0 });
+    for (xo, &(j0, j1, jpad)) in xs.iter().enumerate() {
+        let d = if g.include_pad {
+            ipad * jpad
+        } else {
+            sy.len() * (j1 - j0)
+        };
+        let div = _mm512_set1_ps(d.max(1) as f32);
+        for c0 in (0..c).step_by(16) {
+            let n = (c - c0).min(16);
+            let mask = if n == 16 { u16::MAX } else { (1u16 << n) - 1 };
+            let mut acc = init;
+            for &y in sy {
+                for j in j0..j1 {
+                    let sx = xo * g.sw + j * g.dw - g.pl;
+                    let v = _mm512_maskz_loadu_ps(mask, src.as_ptr().add((y * g.w + sx) * c + c0));
+                    acc = if g.max {
+                        _mm512_max_ps(v, acc)
+                    } else {
+                        _mm512_add_ps(acc, v)
+                    };
+                }
+            }
+            if !g.max {
+                acc = _mm512_div_ps(acc, div);
+            }
+            _mm512_mask_storeu_ps(drow.as_mut_ptr().add(xo * c + c0), mask, acc);
+        }
+    }
 }
 
 #[cfg(test)]
