@@ -94,7 +94,7 @@ const PACKED_MIN_M: usize = 24;
 pub fn pack_weights(w: &[f32], m: usize, conv: &Conv, c: usize) -> Option<Vec<PackedA>> {
     let g = conv.group.max(1);
     let (mg, k) = (m / g, c / g * conv.window.kernel[0] * conv.window.kernel[1]);
-    if !PackedA::supported() || mg < PACKED_MIN_M || w.len() < m * k {
+    if !PackedA::supported() || super::Simd::detect() != super::Simd::Avx512 || mg < PACKED_MIN_M || w.len() < m * k {
         return None;
     }
     Some(

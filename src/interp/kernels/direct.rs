@@ -303,6 +303,11 @@ fn tile_pixels(simd: Simd, wts: &NhwcWeights) -> usize {
 /// `offs` are window corners inside `x`; `dst` is valid for `rows × m` floats.
 unsafe fn tile(simd: Simd, x: &[f32], offs: &[usize], rows: usize, wts: &NhwcWeights, lay: &Layout, dst: *mut f32) {
     let xp = x.as_ptr();
+    // The pixels' stride when they are evenly spaced (one image row), else 0.
+    let uniform = match offs {
+        [o0, o1, ..] if o1 > o0 && offs.windows(2).all(|p| p[1] == p[0] + (o1 - o0)) => o1 - o0,
+        _ => 0,
+    };
     let mut wofs = 0;
     for &(oc0, lanes) in &wts.blocks {
         let w = wts.data.as_ptr().add(wofs);
@@ -317,11 +322,25 @@ unsafe fn tile(simd: Simd, x: &[f32], offs: &[usize], rows: usize, wts: &NhwcWei
             // One vector of 16 channels per pixel: two vectors per pixel spill registers.
             // 32-lane blocks: 10 pixels × 2 vectors; 16-lane blocks: 16 (or the layer's 10)
             // pixels × 1 vector. More pixels spill their input pointers.
-            Simd::Avx512 if lanes == 32 => x86::tile512::<10, 2>(xp, offs, rows, w, lanes, b, lay, d, valid),
-            #[cfg(target_arch = "x86_64")]
-            Simd::Avx512 if offs.len() == 16 => x86::tile512::<16, 1>(xp, offs, rows, w, lanes, b, lay, d, valid),
-            #[cfg(target_arch = "x86_64")]
-            Simd::Avx512 => x86::tile512::<10, 1>(xp, offs, rows, w, lanes, b, lay, d, valid),
+            Simd::Avx512 => {
+                let a = (xp, offs, rows, w, lanes, b, lay, d, valid);
+                match (lanes, offs.len(), uniform) {
+                    (32, _, 16) => tile512_args::<10, 2, 16>(a),
+                    (32, _, 32) => tile512_args::<10, 2, 32>(a),
+                    (32, _, 64) => tile512_args::<10, 2, 64>(a),
+                    (32, _, 128) => tile512_args::<10, 2, 128>(a),
+                    (32, _, 256) => tile512_args::<10, 2, 256>(a),
+                    (32, _, _) => tile512_args::<10, 2, 0>(a),
+                    (_, 16, 16) => tile512_args::<16, 1, 16>(a),
+                    (_, 16, 32) => tile512_args::<16, 1, 32>(a),
+                    (_, 16, 64) => tile512_args::<16, 1, 64>(a),
+                    (_, 16, _) => tile512_args::<16, 1, 0>(a),
+                    (_, _, 64) => tile512_args::<10, 1, 64>(a),
+                    (_, _, 128) => tile512_args::<10, 1, 128>(a),
+                    (_, _, 256) => tile512_args::<10, 1, 256>(a),
+                    _ => tile512_args::<10, 1, 0>(a),
+                }
+            }
             #[cfg(target_arch = "x86_64")]
             Simd::Avx2 if wts.depthwise => x86::depthwise256::<4>(xp, offs, rows, w, lanes, b, lay, d, valid),
             #[cfg(target_arch = "x86_64")]
@@ -337,6 +356,25 @@ unsafe fn tile(simd: Simd, x: &[f32], offs: &[usize], rows: usize, wts: &NhwcWei
             _ => tile_scalar(xp, offs, rows, w, lanes, b, lay, d, valid),
         }
     }
+}
+
+/// [`x86::tile512`] with its arguments in a tuple (the dispatch in [`tile`] lists many forms).
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::type_complexity)]
+unsafe fn tile512_args<const R: usize, const V: usize, const S: usize>(
+    (x, offs, rows, w, nb, bias, lay, dst, valid): (
+        *const f32,
+        &[usize],
+        usize,
+        *const f32,
+        usize,
+        *const f32,
+        &Layout,
+        *mut f32,
+        usize,
+    ),
+) {
+    x86::tile512::<R, V, S>(x, offs, rows, w, nb, bias, lay, dst, valid)
 }
 
 /// Scalar reference: the same sums in the same order as the SIMD tiles.
@@ -414,7 +452,9 @@ mod x86 {
     /// `R` pixels × `V` vectors of 16 output channels.
     #[target_feature(enable = "avx512f,avx2,fma")]
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn tile512<const R: usize, const V: usize>(
+    /// `S > 0`: the pixels are `S` floats apart (`offs[0] + r·S`, one row of the image), so
+    /// every input load is one base pointer plus a constant: no per-pixel pointers to spill.
+    pub unsafe fn tile512<const R: usize, const V: usize, const S: usize>(
         x: *const f32,
         offs: &[usize],
         rows: usize,
@@ -439,6 +479,7 @@ mod x86 {
         for (p, &o) in px.iter_mut().zip(offs) {
             *p = x.add(o);
         }
+        let base = x.add(offs[0]);
         // Taps along x are contiguous with the channels when not dilated: one run of kw·c.
         let (runs, run) = if lay.tap[1] == c { (1, kw * c) } else { (kw, c) };
         for i in 0..kh {
@@ -451,7 +492,8 @@ mod x86 {
                         *wv = _mm512_loadu_ps(wk.add(ci * nb + 16 * v));
                     }
                     for r in 0..R {
-                        let b = _mm512_set1_ps(*px[r].add(t + ci));
+                        let p = if S > 0 { base.add(r * S) } else { px[r] };
+                        let b = _mm512_set1_ps(*p.add(t + ci));
                         for v in 0..V {
                             acc[r][v] = _mm512_fmadd_ps(b, wv[v], acc[r][v]);
                         }
@@ -829,6 +871,7 @@ mod tests {
             (64, 1, 28, 6, 5),
             (64, 6, 12, 16, 5),
             (64, 16, 28, 16, 3),
+            (64, 16, 32, 16, 3),
             (64, 32, 14, 32, 3),
             (64, 64, 7, 64, 3),
             (1, 64, 28, 64, 3),

@@ -46,9 +46,9 @@ pub enum LutKernel {
 impl LutKernel {
     /// Best available on this CPU (runtime detection; `Scalar` on other architectures).
     pub fn detect() -> LutKernel {
-        if LutKernel::Avx512.supported() {
+        if LutKernel::Avx512.supported() && Simd::cap() == Simd::Avx512 {
             LutKernel::Avx512
-        } else if LutKernel::Avx2.supported() {
+        } else if LutKernel::Avx2.supported() && Simd::cap() >= Simd::Avx2 {
             LutKernel::Avx2
         } else {
             LutKernel::Scalar

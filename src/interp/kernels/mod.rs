@@ -11,7 +11,7 @@ pub mod pool;
 pub mod shape_ops;
 
 /// A SIMD level of the hand-written kernels.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Simd {
     Scalar,
     /// AVX2 and FMA.
@@ -21,16 +21,28 @@ pub enum Simd {
 }
 
 impl Simd {
-    /// The best level this CPU supports.
+    /// The best level this CPU supports, capped by `TABCONV_SIMD` (`scalar`, `avx2`, `avx512`)
+    /// when set: how an AVX-512 machine times the AVX2 kernels (results are the same).
     #[inline]
     pub fn detect() -> Simd {
-        if Simd::Avx512.supported() {
+        let best = if Simd::Avx512.supported() {
             Simd::Avx512
         } else if Simd::Avx2.supported() {
             Simd::Avx2
         } else {
             Simd::Scalar
-        }
+        };
+        best.min(Simd::cap())
+    }
+
+    /// The `TABCONV_SIMD` cap (read once; unset or unknown: no cap).
+    pub fn cap() -> Simd {
+        static CAP: std::sync::OnceLock<Simd> = std::sync::OnceLock::new();
+        *CAP.get_or_init(|| match std::env::var("TABCONV_SIMD").as_deref() {
+            Ok("scalar") => Simd::Scalar,
+            Ok("avx2") => Simd::Avx2,
+            _ => Simd::Avx512,
+        })
     }
 
     /// The level's name in reports ("scalar", "avx2", "avx512").
