@@ -115,8 +115,10 @@ for m in models:
         print("```\n")
 
 print("## Kernels\n")
-print("`cargo test --release --lib -- --ignored --nocapture lut_throughput encode_throughput "
-      "nearest_throughput packed_throughput` "
-      "(one thread):\n\n```")
+print("`RAYON_NUM_THREADS=1 cargo test --release --lib -- --ignored --nocapture --test-threads=1 "
+      "lut_throughput encode_throughput nearest_throughput packed_throughput direct_throughput` "
+      "(one thread, one test at a time): the direct convolution (`direct_throughput`: batch, "
+      "channels, map, outputs, kernel), the channel-lane encoder, the packed GEMM and the "
+      "lookup kernels.\n\n```")
 print(open(p("kernels.txt")).read().strip())
 print("```")
