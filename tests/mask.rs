@@ -114,7 +114,7 @@ fn restored_layers_are_the_original_ones() {
     )
     .unwrap();
     // approximate every layer, then mask everything back
-    let text = "name: t\npasses:\n  - fold-batchnorm:\n  - gemm-to-matmul:\n  - conv-to-im2col:\n  - constant-fold:\n  - lut:\n      encoder: tree\n      max_rows: 512\n  - mask:\n      keep_exact: ['*']\n      relearn: false\n  - dead-code:\n";
+    let text = "name: t\npasses:\n  - fold-batchnorm:\n  - gemm-to-matmul:\n  - conv-to-im2col:\n  - constant-fold:\n  - lut:\n      encoder: tree\n      max_rows: 512\n  - mask:\n      keep_exact: ['*']\n      relearn: false\n  - im2col-to-conv:\n  - channels-last:\n  - dead-code:\n";
     let calib = npy("data/fmnist_calib.npy");
     let calib = calib.slice(ndarray::s![..64, .., .., ..]).to_owned().into_dyn();
     let mut cx = PassCx {
