@@ -90,16 +90,22 @@ pub const BATCH_KEY: &str = "batch";
 /// every computed value keeps the batch leading, once, so each image is computed on its own
 /// exactly as at batch `B` ([`batch_is_per_image`]). Otherwise the model is imported as declared.
 pub fn import_model(model: &ModelProto, path: &Path) -> Result<Graph> {
+    import_model_from(model, path, true)
+}
+
+/// [`import_model`]; `allow_external`: whether initializers may keep their data in external
+/// files (never for a `.tcv`, see docs/TCV-FORMAT.md).
+pub(crate) fn import_model_from(model: &ModelProto, path: &Path, allow_external: bool) -> Result<Graph> {
     let Some(b) = model.graph.as_ref().and_then(declared_fixed_batch) else {
-        return import_with(model, path, None);
+        return import_with(model, path, None, allow_external);
     };
-    if let Ok(mut g) = import_with(model, path, Some(b)) {
+    if let Ok(mut g) = import_with(model, path, Some(b), allow_external) {
         if batch_is_per_image(&g).is_ok() {
             g.metadata.insert(BATCH_KEY.into(), format!("symbolic (declared {b})"));
             return Ok(g);
         }
     }
-    let mut g = import_with(model, path, None)?;
+    let mut g = import_with(model, path, None, allow_external)?;
     g.metadata.insert(BATCH_KEY.into(), format!("fixed {b}"));
     Ok(g)
 }
@@ -198,7 +204,7 @@ pub fn batch_is_per_image(g: &Graph) -> std::result::Result<(), String> {
     Ok(())
 }
 
-fn import_with(model: &ModelProto, path: &Path, symbolic_batch: Option<i64>) -> Result<Graph> {
+fn import_with(model: &ModelProto, path: &Path, symbolic_batch: Option<i64>, allow_external: bool) -> Result<Graph> {
     let merr = |msg: String| Error::Model { path: path.into(), msg };
     let opset = model
         .opset_import
@@ -249,7 +255,11 @@ fn import_with(model: &ModelProto, path: &Path, symbolic_batch: Option<i64>) -> 
         unsupported_outputs: HashMap::new(),
         names: HashSet::new(),
         opset,
-        reader: TensorReader::new(path),
+        reader: if allow_external {
+            TensorReader::new(path)
+        } else {
+            TensorReader::without_external(path)
+        },
         symbolic_batch,
         tabconv_opset: tabconv_opset.unwrap_or(0),
     };
