@@ -219,3 +219,454 @@ fn legit_external_data_fixture_still_loads() {
     let y = tabconv::interp::run(&g, vec![Tensor::F32(x)]).unwrap();
     assert!(common::rel_err(y[0].as_f32().unwrap(), &want) < 1e-4);
 }
+
+/// Import `m` (written as `case.onnx`) and return the error, which must name the file, the
+/// node and its op.
+fn import_err(m: &tract_onnx::pb::ModelProto, node: &str, op: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("case.onnx");
+    write(&p, m);
+    let e = load_err(&p);
+    assert_mentions(&e, &["case.onnx", &format!("node '{node}'"), &format!("({op}")]);
+    e
+}
+
+fn one_node(
+    n: tract_onnx::pb::NodeProto,
+    inits: Vec<tract_onnx::pb::TensorProto>,
+    opset: i64,
+) -> tract_onnx::pb::ModelProto {
+    model(
+        vec![n],
+        vec![vi("x", &[-1, 3, 4, 4])],
+        vec![vi("y", &[-1, 3, 4, 4])],
+        inits,
+        opset,
+    )
+}
+
+#[test]
+fn nodes_without_inputs_or_outputs_are_errors() {
+    for op in [
+        "Relu",
+        "Identity",
+        "Squeeze",
+        "Pad",
+        "Softmax",
+        "ReduceMean",
+        "Split",
+        "Slice",
+    ] {
+        let e = import_err(&one_node(node(op, "n", &[], &["y"], vec![]), vec![], 13), "n", op);
+        assert_mentions(&e, &["has no input"]);
+    }
+    let e = import_err(
+        &one_node(node("Relu", "n", &["x"], &[], vec![]), vec![], 13),
+        "n",
+        "Relu",
+    );
+    assert_mentions(&e, &["has no output"]);
+}
+
+#[test]
+fn empty_clip_and_pad_constants_are_errors() {
+    let empty = tensor_f32("e", &[0], &[]);
+    let clip = node("Clip", "c", &["x", "e"], &["y"], vec![]);
+    let e = import_err(&one_node(clip, vec![empty.clone()], 13), "c", "Clip");
+    assert_mentions(&e, &["min must hold one value, got 0"]);
+    let pads = tensor_i64("p", &[8], &[0; 8]);
+    let pad = node("Pad", "p0", &["x", "p", "e"], &["y"], vec![]);
+    let e = import_err(&one_node(pad, vec![pads, empty], 13), "p0", "Pad");
+    assert_mentions(&e, &["constant_value must hold one value, got 0"]);
+}
+
+#[test]
+fn pad_axes_out_of_range_or_mismatched_are_errors() {
+    let pads = tensor_i64("p", &[2], &[1, 1]);
+    let v = tensor_f32("v", &[], &[0.0]);
+    let axes = tensor_i64("a", &[1], &[5]);
+    let pad = node("Pad", "p0", &["x", "p", "v", "a"], &["y"], vec![]);
+    let e = import_err(&one_node(pad.clone(), vec![pads, v.clone(), axes], 18), "p0", "Pad");
+    assert_mentions(&e, &["axis 5 out of range for rank 4"]);
+    let pads = tensor_i64("p", &[3], &[1, 1, 1]);
+    let axes = tensor_i64("a", &[1], &[1]);
+    let e = import_err(&one_node(pad, vec![pads, v, axes], 18), "p0", "Pad");
+    assert_mentions(&e, &["3 pads for 1 axes"]);
+}
+
+#[test]
+fn lrn_size_zero_is_an_error() {
+    let lrn = node("LRN", "l", &["x"], &["y"], vec![attr_int("size", 0)]);
+    let e = import_err(&one_node(lrn, vec![], 13), "l", "LRN");
+    assert_mentions(&e, &["size must be at least 1, got 0"]);
+}
+
+#[test]
+fn conv_weights_that_do_not_fit_are_errors() {
+    let conv =
+        |w: tract_onnx::pb::TensorProto, attrs| one_node(node("Conv", "c", &["x", "W"], &["y"], attrs), vec![w], 13);
+    let e = import_err(&conv(tensor_f32("W", &[0, 3, 3, 3], &[]), vec![]), "c", "Conv");
+    assert_mentions(&e, &["no empty dimension", "f32[0,3,3,3]"]);
+    let w = tensor_f32("W", &[2, 3, 3, 3], &[0.5; 54]);
+    let e = import_err(&conv(w.clone(), vec![attr_ints("kernel_shape", &[5, 5])]), "c", "Conv");
+    assert_mentions(&e, &["kernel_shape [5, 5] does not match weight"]);
+    let e = import_err(&conv(w.clone(), vec![attr_int("group", 3)]), "c", "Conv");
+    assert_mentions(&e, &["2 output channels do not split into 3 groups"]);
+    // an attribute of the wrong type is reported as such, not read as 0
+    let e = import_err(&conv(w, vec![attr_float("group", 1.0)]), "c", "Conv");
+    assert_mentions(&e, &["attribute 'group' is FLOAT, expected INT"]);
+}
+
+#[test]
+fn integer_division_truncates_and_wraps_like_onnx_everywhere() {
+    use tabconv::interp::eval::eval_op;
+    use tabconv::ir::infer::infer_op;
+    use tabconv::ir::op::{Binary, Op};
+    use tabconv::ir::{Dim, Fact};
+    let div = Op::Binary(Binary::Div);
+    for (a, b, want) in [(-7i64, 2i64, -3i64), (7, -2, -3), (-7, -2, 3), (i64::MIN, -1, i64::MIN)] {
+        let (ta, tb) = (Tensor::i64_vec(vec![a]), Tensor::i64_vec(vec![b]));
+        let run = eval_op(&div, vec![ta.clone().into(), tb.clone().into()]).unwrap();
+        assert_eq!(run[0].to_i64_vec().unwrap(), vec![want], "{a} / {b} at run time");
+        let f = infer_op(&div, &[Fact::of_tensor(&ta), Fact::of_tensor(&tb)]).unwrap();
+        // shape inference agrees, or leaves the value unknown on overflow
+        if a.checked_div(b).is_some() {
+            assert_eq!(f[0].value, Some(vec![Dim::Known(want)]), "{a} / {b} in shape inference");
+        } else {
+            assert_eq!(f[0].value, None);
+        }
+    }
+    let zero = eval_op(
+        &div,
+        vec![Tensor::i64_vec(vec![1]).into(), Tensor::i64_vec(vec![0]).into()],
+    );
+    assert!(zero.unwrap_err().to_string().contains("division by zero"));
+    // i64::MIN / -1 while importing (constant folding) is no panic either
+    let m = model(
+        vec![
+            node("Div", "d", &["a", "b"], &["q"], vec![]),
+            node("Cast", "c", &["q"], &["qf"], vec![attr_int("to", 1)]),
+            node("Mul", "m", &["x", "qf"], &["y"], vec![]),
+        ],
+        vec![vi("x", &[-1, 1])],
+        vec![vi("y", &[-1, 1])],
+        vec![tensor_i64("a", &[1], &[i64::MIN]), tensor_i64("b", &[1], &[-1])],
+        13,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("div.onnx");
+    write(&p, &m);
+    let g = tabconv::model::load(&p).unwrap();
+    let y = tabconv::interp::run(&g, vec![Tensor::f32(&[1, 1], vec![1.0]).unwrap()]).unwrap();
+    assert_eq!(y[0].to_f32_vec(), vec![i64::MIN as f32]);
+}
+
+#[test]
+fn cast_keeps_int64_precision() {
+    let big = (1i64 << 53) + 1;
+    let t = Tensor::i64_vec(vec![big, -big, i64::MAX]);
+    assert_eq!(
+        t.cast(tabconv::ir::DType::I32)
+            .cast(tabconv::ir::DType::I64)
+            .to_i64_vec()
+            .unwrap()[0],
+        1
+    );
+    let back = t.cast(tabconv::ir::DType::I64).to_i64_vec().unwrap();
+    assert_eq!(back, vec![big, -big, i64::MAX]);
+    let via_i32 = Tensor::I32(ndarray::ArrayD::from_elem(ndarray::IxDyn(&[1]), -5)).cast(tabconv::ir::DType::I64);
+    assert_eq!(via_i32.to_i64_vec().unwrap(), vec![-5]);
+    // i64 → i32 wraps (ONNX Runtime's static_cast), it does not saturate through a float
+    let wrapped = Tensor::i64_vec(vec![big])
+        .cast(tabconv::ir::DType::I32)
+        .to_i64_vec()
+        .unwrap();
+    assert_eq!(wrapped, vec![(big as i32) as i64]);
+}
+
+#[test]
+fn reductions_splits_and_gathers_that_cannot_be_done_are_errors() {
+    let empty = tensor_f32("e", &[2, 0], &[]);
+    let rm = node("ReduceMean", "r", &["e"], &["y"], vec![attr_ints("axes", &[1])]);
+    let e = import_err(&one_node(rm, vec![empty], 13), "r", "ReduceMean");
+    assert_mentions(&e, &["cannot average over axis 1 of length 0"]);
+    let scalar = tensor_f32("s", &[], &[1.0]);
+    let idx = tensor_i64("i", &[], &[0]);
+    let g = node("Gather", "g", &["s", "i"], &["y"], vec![]);
+    let e = import_err(&one_node(g, vec![scalar.clone(), idx], 13), "g", "Gather");
+    assert_mentions(&e, &["rank-0"]);
+    let sp = node("Split", "sp", &["s"], &["y"], vec![attr_ints("split", &[1])]);
+    let e = import_err(&one_node(sp, vec![scalar], 11), "sp", "Split");
+    assert_mentions(&e, &["rank-0"]);
+}
+
+#[test]
+fn a_graph_without_outputs_is_an_error() {
+    let m = model(
+        vec![node("Relu", "r", &["x"], &["y"], vec![])],
+        vec![vi("x", &[-1, 3])],
+        vec![],
+        vec![],
+        13,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("noout.onnx");
+    write(&p, &m);
+    assert_mentions(&load_err(&p), &["noout.onnx", "no outputs"]);
+}
+
+#[test]
+fn pq_encode_without_inputs_in_a_tcv_is_an_error() {
+    let mut m = model(
+        vec![tract_onnx::pb::NodeProto {
+            domain: "ai.tabconv".into(),
+            ..node(
+                "PQEncode",
+                "enc",
+                &[],
+                &["y"],
+                vec![attr_int("subspace", 4), {
+                    let mut a = attr_int("encoder", 0);
+                    a.r#type = 3;
+                    a.s = b"argmin".to_vec();
+                    a
+                }],
+            )
+        }],
+        vec![vi("x", &[-1, 4])],
+        vec![vi("y", &[-1, 1])],
+        vec![],
+        17,
+    );
+    m.opset_import.push(tract_onnx::pb::OperatorSetIdProto {
+        domain: "ai.tabconv".into(),
+        version: 1,
+    });
+    m.metadata_props.push(tract_onnx::pb::StringStringEntryProto {
+        key: "tabconv.format_version".into(),
+        value: "1".into(),
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("enc.tcv");
+    write(&p, &m);
+    assert_mentions(
+        &load_err(&p),
+        &["enc.tcv", "node 'enc'", "PQEncode", "expects at least 1 inputs"],
+    );
+}
+
+#[test]
+fn huge_windows_pads_and_shapes_are_errors_not_allocations() {
+    let pool = |attrs| one_node(node("MaxPool", "mp", &["x"], &["y"], attrs), vec![], 13);
+    let big = i64::MAX;
+    let e = import_err(
+        &pool(vec![
+            attr_ints("kernel_shape", &[5, 5]),
+            attr_ints("dilations", &[i64::MAX, 1]),
+        ]),
+        "mp",
+        "MaxPool",
+    );
+    assert_mentions(&e, &["overflows"]);
+    let e = import_err(
+        &pool(vec![
+            attr_ints("kernel_shape", &[1, 1]),
+            attr_ints("pads", &[big, big, big, big]),
+        ]),
+        "mp",
+        "MaxPool",
+    );
+    assert_mentions(&e, &["overflows"]);
+    let e = import_err(
+        &pool(vec![
+            attr_ints("kernel_shape", &[1, 1]),
+            attr_ints("pads", &[1 << 40, 0, 0, 0]),
+            attr_ints("strides", &[1 << 40, 1]),
+        ]),
+        "mp",
+        "MaxPool",
+    );
+    assert_mentions(&e, &["exceeds"]);
+    let shape = tensor_i64("s", &[2], &[1 << 20, 1 << 20]);
+    let cos = node("ConstantOfShape", "k", &["s"], &["y"], vec![]);
+    let e = import_err(&one_node(cos, vec![shape], 13), "k", "ConstantOfShape");
+    assert_mentions(&e, &["byte limit per tensor"]);
+    let neg = tensor_i64("s", &[2], &[4, -3]);
+    let cos = node("ConstantOfShape", "k", &["s"], &["y"], vec![]);
+    let e = import_err(&one_node(cos, vec![neg], 13), "k", "ConstantOfShape");
+    assert_mentions(&e, &["negative dimension"]);
+    let pads = tensor_i64("p", &[8], &[0, 0, 1 << 40, 0, 0, 0, 0, 0]);
+    let pad = node("Pad", "p0", &["x", "p"], &["y"], vec![]);
+    let e = import_err(&one_node(pad, vec![pads], 13), "p0", "Pad");
+    assert_mentions(&e, &["byte limit per tensor"]);
+    let pads = tensor_i64("p", &[8], &[0, 0, i64::MAX, 0, 0, 0, i64::MAX, 0]);
+    let pad = node("Pad", "p0", &["x", "p"], &["y"], vec![]);
+    let e = import_err(&one_node(pad, vec![pads], 13), "p0", "Pad");
+    assert_mentions(&e, &["overflows"]);
+}
+
+fn tabconv_env(bin: &str, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let mut c = std::process::Command::new(bin);
+    c.args(args);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().expect("runs")
+}
+
+/// A clean failure: exit code 1 (not a panic's 101, not an abort), naming what was wrong.
+fn assert_clean_failure(out: &std::process::Output, needles: &[&str]) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "expected a clean error exit: {err}");
+    assert!(!err.contains("panicked"), "panicked: {err}");
+    assert_mentions(&err, needles);
+}
+
+/// An `.npy` header for float32 `shape`, followed by `data_bytes` zero bytes.
+fn npy_with_header(shape: &str, data_bytes: usize) -> Vec<u8> {
+    let mut h = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape}, }}");
+    while (10 + h.len() + 1) % 64 != 0 {
+        h.push(' ');
+    }
+    h.push('\n');
+    let mut b = b"\x93NUMPY\x01\x00".to_vec();
+    b.extend((h.len() as u16).to_le_bytes());
+    b.extend(h.as_bytes());
+    b.extend(std::iter::repeat_n(0u8, data_bytes));
+    b
+}
+
+const TABCONV: &str = env!("CARGO_BIN_EXE_tabconv");
+const COMPILE: &str = env!("CARGO_BIN_EXE_tabconv-compile");
+
+#[test]
+fn npy_headers_are_checked_before_allocating() {
+    let dir = tempfile::tempdir().unwrap();
+    let lenet = fixture("models/lenet5.onnx");
+    let out = dir.path().join("y.npy");
+    for (shape, bytes, needle) in [
+        ("(1099511627776,)", 64, "byte limit per tensor"),
+        ("(1024, 1024, 1024, 1024, 1024)", 64, "byte limit per tensor"),
+        (
+            "(2, 1, 28, 28)",
+            100,
+            "the header promises [2, 1, 28, 28] (6272 bytes of data), the file holds 100",
+        ),
+    ] {
+        let p = dir.path().join("x.npy");
+        std::fs::write(&p, npy_with_header(shape, bytes)).unwrap();
+        let args = [
+            "run",
+            lenet.to_str().unwrap(),
+            "--input",
+            p.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+        ];
+        assert_clean_failure(&tabconv_env(TABCONV, &args, &[]), &["x.npy", needle]);
+        assert!(!out.exists());
+        // in-process too
+        let e = tabconv::data::read_f32(&p).unwrap_err().to_string();
+        assert_mentions(&e, &[needle]);
+    }
+}
+
+#[test]
+fn idx_cifar_gzip_and_pad_sizes_are_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let lenet = fixture("models/lenet5.onnx");
+    let labels = fixture("data/mnist_test_labels.npy");
+    let eval = |inputs: &Path, extra: &[&str], env: &[(&str, &str)]| {
+        let mut args = vec!["eval", lenet.to_str().unwrap(), "--inputs", inputs.to_str().unwrap()];
+        args.extend(["--labels", labels.to_str().unwrap()]);
+        args.extend(extra);
+        tabconv_env(TABCONV, &args, env)
+    };
+    // IDX dimensions whose product overflows or exceeds the limit
+    let idx = dir.path().join("imgs-idx3-ubyte");
+    let mut b = vec![0u8, 0, 8, 3];
+    for d in [u32::MAX, u32::MAX, u32::MAX] {
+        b.extend(d.to_be_bytes());
+    }
+    std::fs::write(&idx, &b).unwrap();
+    assert_clean_failure(
+        &eval(&idx, &[], &[]),
+        &["imgs-idx3-ubyte", "IDX header", "byte limit per tensor"],
+    );
+    // a gzip bomb: 8 MB of zeros in a few kB, under a 1 MB limit
+    let small = [("TABCONV_MAX_TENSOR_BYTES", "1000000")];
+    let bomb = dir.path().join("bomb-idx3-ubyte.gz");
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    let mut raw = vec![0u8, 0, 8, 3];
+    for d in [10_000u32, 28, 28] {
+        raw.extend(d.to_be_bytes());
+    }
+    std::io::Write::write_all(&mut gz, &raw).unwrap();
+    std::io::Write::write_all(&mut gz, &vec![0u8; 8 << 20]).unwrap();
+    std::fs::write(&bomb, gz.finish().unwrap()).unwrap();
+    assert!(std::fs::metadata(&bomb).unwrap().len() < 100_000);
+    assert_clean_failure(
+        &eval(&bomb, &[], &small),
+        &["bomb-idx3-ubyte.gz", "decompresses to more than"],
+    );
+    // CIFAR records beyond the limit
+    let cifar = dir.path().join("data_batch_1.bin");
+    std::fs::write(&cifar, vec![1u8; 3073 * 100]).unwrap();
+    assert_clean_failure(
+        &eval(&cifar, &[], &small),
+        &["data_batch_1.bin", "CIFAR images", "byte limit"],
+    );
+    // --pad that would allocate terabytes, or overflow
+    let x = fixture("data/mnist_test.npy");
+    assert_clean_failure(&eval(&x, &["--pad", "1000000"], &[]), &["--pad 1000000", "byte limit"]);
+    let huge = usize::MAX.to_string();
+    assert_clean_failure(&eval(&x, &["--pad", &huge], &[]), &["overflows"]);
+}
+
+#[test]
+fn batch_seconds_and_pass_options_from_flags_are_checked() {
+    let lenet = fixture("models/lenet5.onnx");
+    let m = lenet.to_str().unwrap();
+    let x = fixture("data/mnist_test.npy");
+    let y = fixture("data/mnist_test_labels.npy");
+    let eval0 = [
+        "eval",
+        m,
+        "--inputs",
+        x.to_str().unwrap(),
+        "--labels",
+        y.to_str().unwrap(),
+        "--batch",
+        "0",
+    ];
+    assert_clean_failure(&tabconv_env(TABCONV, &eval0, &[]), &["--batch 0"]);
+    let bench = |extra: &[&str]| {
+        let mut args = vec!["bench", m, "--no-ort", "--no-tract"];
+        args.extend(extra);
+        tabconv_env(TABCONV, &args, &[])
+    };
+    assert_clean_failure(&bench(&["--batch", "0"]), &["--batch 0"]);
+    assert_clean_failure(
+        &bench(&["--batch", "1099511627776"]),
+        &["a batch of 1099511627776", "byte limit"],
+    );
+    for s in ["inf", "NaN", "-1", "0"] {
+        assert_clean_failure(&bench(&[&format!("--seconds={s}")]), &["--seconds"]);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("m.tcv");
+    let calib = fixture("data/mnist_calib.npy");
+    for set in ["lut.max_rows=0", "lut.fc_subspace=0"] {
+        let args = [
+            m,
+            "-o",
+            out.to_str().unwrap(),
+            "--calib",
+            calib.to_str().unwrap(),
+            "--set",
+            set,
+        ];
+        assert_clean_failure(&tabconv_env(COMPILE, &args, &[]), &["must be at least 1"]);
+        assert!(!out.exists());
+    }
+}

@@ -157,6 +157,7 @@ fn run(model_path: &Path, input: &Path, output: &Path) -> Result<()> {
 }
 
 fn eval(model_path: &Path, inputs: &Path, labels: &Path, batch: usize, json: bool, pre: Preprocess) -> Result<()> {
+    check_batch(batch)?;
     let graph = load_noted(model_path)?;
     let x = dataset::load_images(inputs, pre)?;
     let y = dataset::load_labels(labels)?;
@@ -170,14 +171,16 @@ fn eval(model_path: &Path, inputs: &Path, labels: &Path, batch: usize, json: boo
         )));
     }
     let plan = Plan::new(&graph)?;
-    let batch = batch.max(1);
     let start = Instant::now();
     let mut correct = 0usize;
     let bar = tabconv::cli::progress(n.div_ceil(batch), "eval");
     for (i, chunk) in x.axis_chunks_iter(Axis(0), batch).enumerate() {
         bar.inc(1);
         let out = plan.run(vec![Tensor::F32(chunk.to_owned())])?;
-        let pred = model::argmax_rows(out[0].as_f32()?);
+        let first = out
+            .first()
+            .ok_or_else(|| Error::Other(format!("{}: the model has no output", model_path.display())))?;
+        let pred = model::argmax_rows(first.as_f32()?);
         correct += pred.iter().zip(&y[i * batch..]).filter(|(p, l)| p == l).count();
     }
     bar.finish_and_clear();
@@ -286,6 +289,18 @@ fn inspect(model_path: &Path, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// The longest `bench --seconds` accepted (a day).
+const MAX_BENCH_SECONDS: f64 = 86_400.0;
+
+/// `--batch` must be at least 1 (its upper bound is the per-tensor limit, checked where a batch
+/// is allocated).
+fn check_batch(batch: usize) -> Result<()> {
+    if batch == 0 {
+        return Err(Error::Input("--batch 0: a batch holds at least one image".into()));
+    }
+    Ok(())
+}
+
 fn bench(
     models: &[PathBuf],
     batch: usize,
@@ -301,8 +316,13 @@ fn bench(
         .build()
         .map_err(|e| Error::Other(format!("thread pool: {e}")))?;
     let nthreads = pool.current_num_threads();
+    check_batch(batch)?;
+    if !(seconds.is_finite() && seconds > 0.0 && seconds <= MAX_BENCH_SECONDS) {
+        return Err(Error::Input(format!(
+            "--seconds {seconds}: must be a number of seconds above 0 and at most {MAX_BENCH_SECONDS}"
+        )));
+    }
     let budget = std::time::Duration::from_secs_f64(seconds.max(0.1));
-    let batch = batch.max(1);
     let mut rows: Vec<Timing> = Vec::new();
     for m in models {
         let graph = load_noted(m)?;
