@@ -670,3 +670,35 @@ fn batch_seconds_and_pass_options_from_flags_are_checked() {
         assert!(!out.exists());
     }
 }
+
+#[test]
+fn inspect_of_a_tcv_without_source_cost_says_unknown() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut g = tabconv::onnx::load_model(&fixture("models/lenet5.onnx")).unwrap();
+    let bare = dir.path().join("bare.tcv");
+    std::fs::write(&bare, tabconv::onnx::tcv::encode(&g, "").unwrap()).unwrap();
+    g.metadata.insert("source_exact_macs".into(), "1000000".into());
+    let known = dir.path().join("known.tcv");
+    std::fs::write(&known, tabconv::onnx::tcv::encode(&g, "").unwrap()).unwrap();
+    let inspect = |p: &Path, json: bool| {
+        let mut args = vec!["inspect", p.to_str().unwrap()];
+        if json {
+            args.push("--json");
+        }
+        let o = tabconv_env(TABCONV, &args, &[]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8(o.stdout).unwrap()
+    };
+    let text = inspect(&bare, false);
+    assert_mentions(&text, &["exact source: unknown", "reduction: unknown"]);
+    let v: serde_json::Value = serde_json::from_str(&inspect(&bare, true)).unwrap();
+    assert!(
+        v["source_exact_macs"].is_null() && v["reduction_lookups_only"].is_null(),
+        "{v}"
+    );
+    let text = inspect(&known, false);
+    assert_mentions(&text, &["exact source: 1000000 MACs"]);
+    assert!(!text.contains("unknown"));
+    let v: serde_json::Value = serde_json::from_str(&inspect(&known, true)).unwrap();
+    assert_eq!(v["source_exact_macs"], 1000000);
+}

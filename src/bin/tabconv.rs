@@ -181,6 +181,14 @@ fn eval(model_path: &Path, inputs: &Path, labels: &Path, batch: usize, json: boo
             .first()
             .ok_or_else(|| Error::Other(format!("{}: the model has no output", model_path.display())))?;
         let pred = model::argmax_rows(first.as_f32()?);
+        if pred.len() != chunk.len_of(Axis(0)) {
+            return Err(Error::Other(format!(
+                "{}: the first output gives {} rows for {} images",
+                model_path.display(),
+                pred.len(),
+                chunk.len_of(Axis(0))
+            )));
+        }
         correct += pred.iter().zip(&y[i * batch..]).filter(|(p, l)| p == l).count();
     }
     bar.finish_and_clear();
@@ -222,18 +230,21 @@ fn inspect(model_path: &Path, json: bool) -> Result<()> {
             per_node.push((node.name.clone(), node.op.name(), c));
         }
     }
-    // A compiled model records the exact cost of its source; an ONNX model is its own source.
+    // A compiled model records the exact cost of its source; an ONNX model is its own source; a
+    // .tcv without that metadata has an unknown source cost (no reduction can be computed).
+    let is_onnx = model_path.extension().is_some_and(|e| e == "onnx");
     let source = match graph.metadata.get("source_exact_macs").and_then(|v| v.parse().ok()) {
-        Some(macs) => cost::Cost {
+        Some(macs) => Some(cost::Cost {
             exact_macs: macs,
             ..Default::default()
-        },
-        None => cost::Cost {
+        }),
+        None if is_onnx => Some(cost::Cost {
             exact_macs: total.exact_macs + total.lookups,
             ..Default::default()
-        },
+        }),
+        None => None,
     };
-    let (red_lookups, red_all) = cost::reduction(&source, &total);
+    let reductions = source.as_ref().map(|s| cost::reduction(s, &total));
     let params = cost::param_count(&graph);
     if json {
         let v = serde_json::json!({
@@ -243,11 +254,11 @@ fn inspect(model_path: &Path, json: bool) -> Result<()> {
             "parameters": params,
             "macs_per_image": total.exact_macs,
             "total": total,
-            "source_exact_macs": source.exact_macs,
+            "source_exact_macs": source.as_ref().map(|s| s.exact_macs),
             "ops_all": total.ops_all(),
             "ops_lookups_only": total.ops_lookups_only(),
-            "reduction_lookups_only": red_lookups,
-            "reduction_everything_counted": red_all,
+            "reduction_lookups_only": reductions.map(|r| r.0),
+            "reduction_everything_counted": reductions.map(|r| r.1),
             "per_node": per_node.iter().map(|(n, o, c)| serde_json::json!({"node": n, "op": o, "cost": c})).collect::<Vec<_>>(),
         });
         println!("{}", serde_json::to_string_pretty(&v).expect("json"));
@@ -273,18 +284,23 @@ fn inspect(model_path: &Path, json: bool) -> Result<()> {
         row(name, op, c);
     }
     row("total", "", &total);
+    let source_text = match &source {
+        Some(s) => format!("exact source: {} MACs = {} ops", s.exact_macs, s.ops_all()),
+        None => "exact source: unknown, the .tcv records no source cost".into(),
+    };
     println!(
-        "\narithmetic ops: {} everything counted, {} lookups only (exact source: {} MACs = {} ops)",
+        "\narithmetic ops: {} everything counted, {} lookups only ({source_text})",
         total.ops_all(),
         total.ops_lookups_only(),
-        source.exact_macs,
-        source.ops_all()
     );
-    println!(
-        "reduction: {:.1}% lookups only (paper convention), {:.1}% everything counted",
-        red_lookups * 100.0,
-        red_all * 100.0
-    );
+    match reductions {
+        Some((lookups, all)) => println!(
+            "reduction: {:.1}% lookups only (paper convention), {:.1}% everything counted",
+            lookups * 100.0,
+            all * 100.0
+        ),
+        None => println!("reduction: unknown (the source model's cost is not recorded in this .tcv)"),
+    }
     println!("parameters (f32): {params}");
     Ok(())
 }
