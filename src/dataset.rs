@@ -285,6 +285,27 @@ mod tests {
     }
 
     #[test]
+    fn gzipped_npy_is_read_from_the_decompressed_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let plain = dir.path().join("x.npy");
+        let x = crate::ir::Tensor::f32(&[2, 1, 2, 2], (0..8).map(|v| v as f32).collect()).unwrap();
+        crate::data::write_npy(&plain, &x).unwrap();
+        let labels = dir.path().join("y.npy");
+        crate::data::write_npy(&labels, &crate::ir::Tensor::i64_vec(vec![3, 1])).unwrap();
+        let gzip = |src: &Path, name: &str| {
+            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+            std::io::Write::write_all(&mut gz, &std::fs::read(src).unwrap()).unwrap();
+            let p = dir.path().join(name);
+            std::fs::write(&p, gz.finish().unwrap()).unwrap();
+            p
+        };
+        let xg = gzip(&plain, "x.npy.gz");
+        let got = load_images(&xg, Preprocess::default()).unwrap();
+        assert_eq!(got, *x.as_f32().unwrap());
+        assert_eq!(load_labels(&gzip(&labels, "y.npy.gz")).unwrap(), vec![3, 1]);
+    }
+
+    #[test]
     fn cifar10_and_cifar100_records() {
         let dir = tempfile::tempdir().unwrap();
         let mut ten = Vec::new();
