@@ -546,6 +546,9 @@ impl Importer {
         self.add_op(&out, name, op, &inputs).map(|_| ())
     }
 
+    /// A default-domain node: Constant, Identity/Dropout, Conv, pooling, BatchNormalization, the
+    /// activations and the arithmetic ops here; the rest in [`Importer::import_shape_node`] and
+    /// [`Importer::import_data_node`].
     fn import_onnx_node(&mut self, node: &NodeProto, name: &str, a: &Attrs) -> Result<()> {
         let opset = self.opset;
         let mut inputs: Vec<Outlet> = Vec::new();
@@ -698,6 +701,18 @@ impl Importer {
                 inputs = all_inputs(self)?;
                 Op::Sum
             }
+            _ => return self.import_shape_node(node, name, a),
+        };
+        let out = node.output.first().cloned().unwrap_or_else(|| name.to_string());
+        self.add_op(&out, name, op, &inputs).map(|_| ())
+    }
+
+    /// LRN, Concat and the reshaping, matrix and reduction ops (see [`Importer::import_onnx_node`]).
+    fn import_shape_node(&mut self, node: &NodeProto, name: &str, a: &Attrs) -> Result<()> {
+        let opset = self.opset;
+        let mut inputs: Vec<Outlet>;
+        let all_inputs = |s: &Self| all_inputs(s, node);
+        let op = match node.op_type.as_str() {
             "LRN" => {
                 inputs = all_inputs(self)?;
                 let size = a.req_int("size")?;
@@ -852,6 +867,18 @@ impl Importer {
                     keepdims: a.int("keepdims", 1) != 0,
                 }
             }
+            _ => return self.import_data_node(node, name, a),
+        };
+        let out = node.output.first().cloned().unwrap_or_else(|| name.to_string());
+        self.add_op(&out, name, op, &inputs).map(|_| ())
+    }
+
+    /// Pad, Split and the shape, index and cast ops (see [`Importer::import_onnx_node`]).
+    fn import_data_node(&mut self, node: &NodeProto, name: &str, a: &Attrs) -> Result<()> {
+        let opset = self.opset;
+        let inputs: Vec<Outlet>;
+        let all_inputs = |s: &Self| all_inputs(s, node);
+        let op = match node.op_type.as_str() {
             "Pad" => {
                 inputs = vec![self.input0(node)?];
                 let mode = a.string("mode").unwrap_or_else(|| "constant".into());
