@@ -135,11 +135,14 @@ fn external_data_that_is_not_a_regular_file_is_refused() {
     }
 }
 
+/// External-data entries of a tensor: `(key, value)` pairs.
+type Entries<'a> = &'a [(&'a str, &'a str)];
+
 #[test]
 fn external_data_length_and_offset_are_checked_before_reading() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("w.bin"), weights_bytes()).unwrap();
-    let cases: &[(&[(&str, &str)], &[&str])] = &[
+    let cases: &[(Entries, &[&str])] = &[
         (
             &[("location", "w.bin"), ("length", "1099511627776")],
             &["length 1099511627776", "need 32 bytes"],
@@ -401,6 +404,14 @@ fn reductions_splits_and_gathers_that_cannot_be_done_are_errors() {
 }
 
 #[test]
+fn a_model_path_that_is_not_a_regular_file_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("folder.onnx");
+    std::fs::create_dir(&d).unwrap();
+    assert_mentions(&load_err(&d), &["folder.onnx", "not a regular file"]);
+}
+
+#[test]
 fn a_graph_without_outputs_is_an_error() {
     let m = model(
         vec![node("Relu", "r", &["x"], &["y"], vec![])],
@@ -650,6 +661,7 @@ fn batch_seconds_and_pass_options_from_flags_are_checked() {
         &bench(&["--batch", "1099511627776"]),
         &["a batch of 1099511627776", "byte limit"],
     );
+    assert_clean_failure(&bench(&["--threads", "100000"]), &["--threads 100000"]);
     for s in ["inf", "NaN", "-1", "0"] {
         assert_clean_failure(&bench(&[&format!("--seconds={s}")]), &["--seconds"]);
     }
@@ -701,4 +713,46 @@ fn inspect_of_a_tcv_without_source_cost_says_unknown() {
     assert!(!text.contains("unknown"));
     let v: serde_json::Value = serde_json::from_str(&inspect(&known, true)).unwrap();
     assert_eq!(v["source_exact_macs"], 1000000);
+}
+
+#[test]
+fn outputs_too_large_at_the_runtime_batch_are_refused_before_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = model(
+        vec![node("MatMul", "mm", &["x", "W"], &["y"], vec![])],
+        vec![vi("x", &[-1, 4])],
+        vec![vi("y", &[-1, 256])],
+        vec![tensor_f32("W", &[4, 256], &[0.25; 1024])],
+        17,
+    );
+    let p = dir.path().join("wide.onnx");
+    write(&p, &m);
+    let limit = [("TABCONV_MAX_TENSOR_BYTES", "100000")];
+    let run = |n: usize| {
+        let x = dir.path().join("x.npy");
+        let t = Tensor::f32(&[n, 4], vec![1.0; n * 4]).unwrap();
+        tabconv::data::write_npy(&x, &t).unwrap();
+        let y = dir.path().join("y.npy");
+        let args = [
+            "run",
+            p.to_str().unwrap(),
+            "--input",
+            x.to_str().unwrap(),
+            "--output",
+            y.to_str().unwrap(),
+        ];
+        (tabconv_env(TABCONV, &args, &limit), y)
+    };
+    // 10 images: 10 KB of output, under the 100 kB limit
+    let (o, y) = run(10);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(tabconv::data::read_f32(&y).unwrap().shape(), &[10, 256]);
+    std::fs::remove_file(&y).unwrap();
+    // 200 images: 200 kB, refused before the MatMul allocates it
+    let (o, y) = run(200);
+    assert_clean_failure(
+        &o,
+        &["wide.onnx", "node mm (MatMul)", "output at batch 200", "byte limit"],
+    );
+    assert!(!y.exists());
 }

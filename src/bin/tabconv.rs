@@ -132,6 +132,14 @@ fn main() -> ExitCode {
     }
 }
 
+/// A run-time error, prefixed with the model file it happened in.
+fn in_model(model_path: &Path, e: Error) -> Error {
+    Error::Model {
+        path: model_path.into(),
+        msg: e.to_string(),
+    }
+}
+
 /// Load a model and print the note about a declared fixed batch, if any.
 fn load_noted(model_path: &Path) -> Result<Graph> {
     let graph = model::load(model_path)?;
@@ -144,7 +152,9 @@ fn load_noted(model_path: &Path) -> Result<Graph> {
 fn run(model_path: &Path, input: &Path, output: &Path) -> Result<()> {
     let graph = load_noted(model_path)?;
     let x = data::read_f32(input)?;
-    let outs = Plan::new(&graph)?.run(vec![Tensor::F32(x)])?;
+    let outs = Plan::new(&graph)?
+        .run(vec![Tensor::F32(x)])
+        .map_err(|e| in_model(model_path, e))?;
     for (i, t) in outs.iter().enumerate() {
         let path = if i == 0 {
             output.to_path_buf()
@@ -176,7 +186,9 @@ fn eval(model_path: &Path, inputs: &Path, labels: &Path, batch: usize, json: boo
     let bar = tabconv::cli::progress(n.div_ceil(batch), "eval");
     for (i, chunk) in x.axis_chunks_iter(Axis(0), batch).enumerate() {
         bar.inc(1);
-        let out = plan.run(vec![Tensor::F32(chunk.to_owned())])?;
+        let out = plan
+            .run(vec![Tensor::F32(chunk.to_owned())])
+            .map_err(|e| in_model(model_path, e))?;
         let first = out
             .first()
             .ok_or_else(|| Error::Other(format!("{}: the model has no output", model_path.display())))?;
@@ -305,6 +317,9 @@ fn inspect(model_path: &Path, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// The most worker threads `bench --threads` accepts.
+const MAX_THREADS: usize = 1024;
+
 /// The longest `bench --seconds` accepted (a day).
 const MAX_BENCH_SECONDS: f64 = 86_400.0;
 
@@ -327,6 +342,12 @@ fn bench(
     json: bool,
 ) -> Result<()> {
     use tabconv::bench::{bench_ort, bench_ours, bench_tract, Timing};
+    if threads.is_some_and(|t| t > MAX_THREADS) {
+        return Err(Error::Input(format!(
+            "--threads {}: at most {MAX_THREADS}",
+            threads.unwrap_or_default()
+        )));
+    }
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads.unwrap_or(0))
         .build()

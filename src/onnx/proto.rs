@@ -8,7 +8,27 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use tract_onnx::pb::{tensor_proto::DataType, ModelProto, TensorProto};
 
+/// Protobuf messages are limited to 2 GiB, so no larger file can be a model (weights beyond that
+/// live in external data).
+pub const MAX_MODEL_FILE_BYTES: u64 = 2 << 30;
+
 pub fn read_model_proto(path: &Path) -> Result<ModelProto> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() {
+        return Err(Error::Model {
+            path: path.into(),
+            msg: "not a regular file".into(),
+        });
+    }
+    if meta.len() > MAX_MODEL_FILE_BYTES {
+        return Err(Error::Model {
+            path: path.into(),
+            msg: format!(
+                "{} bytes is more than a protobuf model can hold ({MAX_MODEL_FILE_BYTES})",
+                meta.len()
+            ),
+        });
+    }
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     if bytes.is_empty() {
         return Err(Error::Model {
