@@ -756,3 +756,22 @@ fn outputs_too_large_at_the_runtime_batch_are_refused_before_running() {
     );
     assert!(!y.exists());
 }
+
+#[test]
+fn mask_targets_out_of_range_are_errors() {
+    use tabconv::passes::{pipeline::Pipeline, PassCx};
+    for (set, needle) in [
+        ("target_reduction: 1.5", "mask.target_reduction = 1.5"),
+        ("min_logit_cosine: .nan", "mask.min_logit_cosine = NaN"),
+        ("max_accuracy_drop: -1", "mask.max_accuracy_drop = -1"),
+    ] {
+        let text = format!("name: m\npasses:\n  - mask:\n      {set}\n");
+        let p = Pipeline::parse(&text, "m").unwrap();
+        let mut g = tabconv::onnx::load_model(&fixture("models/lenet5.onnx")).unwrap();
+        let e = p.build()[0]
+            .run(&mut g, &mut PassCx::default())
+            .unwrap_err()
+            .to_string();
+        assert_mentions(&e, &[needle]);
+    }
+}
