@@ -775,3 +775,94 @@ fn mask_targets_out_of_range_are_errors() {
         assert_mentions(&e, &[needle]);
     }
 }
+
+/// Ops on an empty intermediate (a Slice that keeps no channel, or no row) give a result or an
+/// error, never a panic; and a batch of 0 images runs.
+#[test]
+fn empty_intermediates_do_not_panic() {
+    let cases: Vec<(&str, Vec<tract_onnx::pb::AttributeProto>)> = vec![
+        ("LRN", vec![attr_int("size", 3)]),
+        (
+            "MaxPool",
+            vec![attr_ints("kernel_shape", &[2, 2]), attr_ints("pads", &[1, 1, 1, 1])],
+        ),
+        ("AveragePool", vec![attr_ints("kernel_shape", &[2, 2])]),
+        ("GlobalAveragePool", vec![]),
+        ("GlobalMaxPool", vec![]),
+        ("Softmax", vec![attr_int("axis", 1)]),
+        ("Relu", vec![]),
+        ("Flatten", vec![]),
+        ("Transpose", vec![]),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let mut ran = 0;
+    for (axis, (op, attrs)) in [1i64, 2].into_iter().flat_map(|a| cases.iter().map(move |c| (a, c))) {
+        let m = model(
+            vec![
+                node("Slice", "s", &["x", "st", "en", "ax"], &["e"], vec![]),
+                node(op, "op", &["e"], &["y"], attrs.clone()),
+            ],
+            vec![vi("x", &[-1, 3, 4, 4])],
+            vec![vi("y", &[-1, 3, 4, 4])],
+            vec![
+                tensor_i64("st", &[1], &[0]),
+                tensor_i64("en", &[1], &[0]),
+                tensor_i64("ax", &[1], &[axis]),
+            ],
+            13,
+        );
+        let p = dir.path().join("empty.onnx");
+        write(&p, &m);
+        let Ok(g) = tabconv::model::load(&p) else { continue };
+        for n in [0, 2] {
+            let x = Tensor::f32(&[n, 3, 4, 4], vec![0.5; n * 48]).unwrap();
+            ran += tabconv::interp::run(&g, vec![x]).is_ok() as usize;
+        }
+    }
+    assert!(ran >= 20, "most cases import and run on empty values ({ran})");
+    // a convolution over rows that are all padding, and a product over an empty inner dimension
+    let conv = model(
+        vec![
+            node("Slice", "s", &["x", "st", "en", "ax"], &["e"], vec![]),
+            node("Conv", "c", &["e", "W"], &["y"], vec![attr_ints("pads", &[1, 0, 1, 0])]),
+        ],
+        vec![vi("x", &[-1, 3, 4, 4])],
+        vec![vi("y", &[-1, 2, 2, 4])],
+        vec![
+            tensor_i64("st", &[1], &[0]),
+            tensor_i64("en", &[1], &[0]),
+            tensor_i64("ax", &[1], &[2]),
+            tensor_f32("W", &[2, 3, 1, 1], &[1.0; 6]),
+        ],
+        13,
+    );
+    let matmul = model(
+        vec![
+            node("Slice", "s", &["x", "st", "en", "ax"], &["e"], vec![]),
+            node("MatMul", "m", &["e", "W"], &["y"], vec![]),
+        ],
+        vec![vi("x", &[-1, 3])],
+        vec![vi("y", &[-1, 2])],
+        vec![
+            tensor_i64("st", &[1], &[0]),
+            tensor_i64("en", &[1], &[0]),
+            tensor_i64("ax", &[1], &[1]),
+            tensor_f32("W", &[0, 2], &[]),
+        ],
+        13,
+    );
+    for (m, shape, want) in [(conv, vec![3, 4, 4], vec![2, 2, 2, 4]), (matmul, vec![3], vec![2, 2])] {
+        let p = dir.path().join("empty2.onnx");
+        write(&p, &m);
+        let g = tabconv::model::load(&p).unwrap();
+        let mut s = vec![2];
+        s.extend(shape);
+        let n = s.iter().product();
+        let y = tabconv::interp::run(&g, vec![Tensor::f32(&s, vec![1.0; n]).unwrap()]).unwrap();
+        assert_eq!(y[0].shape(), want.as_slice());
+        assert!(
+            y[0].to_f32_vec().iter().all(|&v| v == 0.0),
+            "only padding / an empty sum"
+        );
+    }
+}

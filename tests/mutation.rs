@@ -229,6 +229,16 @@ fn exercise(path: &Path) -> Reached {
     let data: Vec<f32> = (0..n.unwrap()).map(|i| ((i * 37 % 17) as f32 - 8.0) / 8.0).collect();
     let x = Tensor::f32(&shape, data).unwrap();
     let ran = tabconv::interp::run(&g, vec![x.clone()]);
+    // an empty batch and a batch of 2 take other paths (no rows; fixed-batch chunks)
+    for b in [0, 2] {
+        let mut s = shape.clone();
+        if let Some(first) = s.first_mut() {
+            *first *= b;
+        }
+        let n: usize = s.iter().product();
+        let x = Tensor::f32(&s, (0..n).map(|i| (i % 7) as f32 / 7.0).collect()).unwrap();
+        let _ = tabconv::interp::run(&g, vec![x]);
+    }
     // the exact pipeline's rewrites must cope with whatever imported, too
     let mut compiled = g;
     let pipeline = tabconv::passes::pipeline::Pipeline::find("exact").unwrap();

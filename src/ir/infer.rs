@@ -317,6 +317,9 @@ fn infer_op_unchecked(op: &Op, ins: &[Fact]) -> Result<Vec<Fact>> {
             if ins[0].rank() < 2 {
                 return err(format!("expects an N×C×… input, got {}", ins[0].shape_string()));
             }
+            if ins[0].shape[1..].contains(&Dim::Known(0)) {
+                return err(format!("cannot normalise an empty input {}", ins[0].shape_string()));
+            }
             same(&ins[0])
         }
         Op::Softmax { axis, .. } => {
@@ -355,6 +358,12 @@ fn infer_op_unchecked(op: &Op, ins: &[Fact]) -> Result<Vec<Fact>> {
             let s = &ins[0].shape;
             if s.len() < 3 {
                 return err("global pooling needs an N×C×spatial input");
+            }
+            if s[2..].contains(&Dim::Known(0)) {
+                return err(format!(
+                    "cannot pool over the empty spatial extent of {}",
+                    ins[0].shape_string()
+                ));
             }
             let mut out = s[..2].to_vec();
             out.extend(std::iter::repeat_n(Dim::Known(1), s.len() - 2));
