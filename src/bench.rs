@@ -67,11 +67,11 @@ pub fn synthetic_input(graph: &Graph, batch: usize) -> Result<ArrayD<f32>> {
         .map(|(i, d)| match d {
             Dim::Known(_) if i == 0 && fixed => batch,
             Dim::Known(v) => *v as usize,
-            Dim::Batch(k) => *k as usize * batch,
+            Dim::Batch(k) => (*k as usize).saturating_mul(batch),
         })
         .collect();
     let mut rng = Rng::new(42);
-    let len = shape.iter().product();
+    let len = crate::limits::check_shape(&shape, 4, &format!("a batch of {batch}"))?;
     Ok(ArrayD::from_shape_vec(IxDyn(&shape), (0..len).map(|_| rng.next_f64() as f32).collect()).expect("size"))
 }
 

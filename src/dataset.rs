@@ -52,13 +52,32 @@ impl Preprocess {
     }
 }
 
+/// The file's bytes, decompressed when it is gzipped. Both the file and its decompressed data
+/// are capped at [`crate::limits::max_file_bytes`] (a gzip bomb stops there).
 fn read_bytes(path: &Path) -> Result<Vec<u8>> {
+    let cap = crate::limits::max_file_bytes();
+    let too_big = |what: &str| {
+        Error::Input(format!(
+            "{}: {what} more than {cap} bytes, the limit for one data file (the per-tensor limit plus 1 MiB; \
+             set {} to change it)",
+            path.display(),
+            crate::limits::MAX_TENSOR_BYTES_ENV
+        ))
+    };
+    let len = std::fs::metadata(path).map_err(|e| Error::io(path, e))?.len();
+    if len > cap {
+        return Err(too_big("holds"));
+    }
     let raw = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     if raw.starts_with(&[0x1f, 0x8b]) {
         let mut out = Vec::new();
         flate2::read::GzDecoder::new(raw.as_slice())
+            .take(cap + 1)
             .read_to_end(&mut out)
             .map_err(|e| Error::Input(format!("{}: corrupt gzip data: {e}", path.display())))?;
+        if out.len() as u64 > cap {
+            return Err(too_big("decompresses to"));
+        }
         return Ok(out);
     }
     Ok(raw)
@@ -112,16 +131,18 @@ fn idx_header(path: &Path, b: &[u8]) -> Result<(u8, Vec<usize>, usize)> {
         return Err(Error::Input(format!("{}: truncated IDX header", path.display())));
     }
     let dims: Vec<usize> = (0..ndim)
-        .map(|i| u32::from_be_bytes(b[4 + 4 * i..8 + 4 * i].try_into().unwrap()) as usize)
+        .map(|i| u32::from_be_bytes([b[4 + 4 * i], b[5 + 4 * i], b[6 + 4 * i], b[7 + 4 * i]]) as usize)
         .collect();
-    let n: usize = dims.iter().product();
+    // checked against the limit for the float32 values the bytes become
+    let n = crate::limits::check_shape(&dims, 4, "IDX header")
+        .map_err(|e| Error::Input(format!("{}: {e}", path.display())))?;
     if b[2] != 0x08 {
         return Err(Error::Input(format!(
             "{}: only unsigned-byte IDX files are supported",
             path.display()
         )));
     }
-    if b.len() != off + n {
+    if b.len() - off != n {
         return Err(Error::Input(format!(
             "{}: IDX header promises {n} values, file holds {}",
             path.display(),
@@ -135,7 +156,10 @@ fn idx_header(path: &Path, b: &[u8]) -> Result<(u8, Vec<usize>, usize)> {
 pub fn load_images(path: &Path, pre: Preprocess) -> Result<ArrayD<f32>> {
     let bytes = read_bytes(path)?;
     let x: ArrayD<f32> = match kind(path, &bytes)? {
-        Kind::Npy => crate::data::read_f32(path)?,
+        Kind::Npy => {
+            crate::data::check_npy(&bytes, path)?;
+            crate::data::f32_from_npy(&bytes, path)?
+        }
         Kind::Idx => {
             let (_, dims, off) = idx_header(path, &bytes)?;
             let shape = match dims.as_slice() {
@@ -149,16 +173,20 @@ pub fn load_images(path: &Path, pre: Preprocess) -> Result<ArrayD<f32>> {
                 }
             };
             let v = bytes[off..].iter().map(|&b| b as f32 / 255.0).collect();
-            ArrayD::from_shape_vec(IxDyn(&shape), v).expect("size checked")
+            ArrayD::from_shape_vec(IxDyn(&shape), v)
+                .map_err(|e| Error::Input(format!("{}: IDX images {shape:?}: {e}", path.display())))?
         }
         Kind::Cifar { label_bytes } => {
             let rec = label_bytes + 3072;
             let n = bytes.len() / rec;
+            crate::limits::check_shape(&[n, 3, 32, 32], 4, "CIFAR images")
+                .map_err(|e| Error::Input(format!("{}: {e}", path.display())))?;
             let mut v = Vec::with_capacity(n * 3072);
             for r in bytes.chunks_exact(rec) {
                 v.extend(r[label_bytes..].iter().map(|&b| b as f32 / 255.0));
             }
-            ArrayD::from_shape_vec(IxDyn(&[n, 3, 32, 32]), v).expect("size")
+            ArrayD::from_shape_vec(IxDyn(&[n, 3, 32, 32]), v)
+                .map_err(|e| Error::Input(format!("{}: CIFAR images: {e}", path.display())))?
         }
     };
     preprocess(x, pre, path)
@@ -174,7 +202,13 @@ fn preprocess(mut x: ArrayD<f32>, pre: Preprocess, path: &Path) -> Result<ArrayD
             .map_err(|_| Error::Input(format!("{}: --pad needs NCHW images", path.display())))?;
         let (n, c, h, w) = x4.dim();
         let p = pre.pad;
-        let mut out = Array4::<f32>::zeros((n, c, h + 2 * p, w + 2 * p));
+        let grow = |d: usize| p.checked_mul(2).and_then(|p2| d.checked_add(p2));
+        let (Some(h2), Some(w2)) = (grow(h), grow(w)) else {
+            return Err(Error::Input(format!("--pad {p}: the padded image size overflows")));
+        };
+        crate::limits::check_shape(&[n, c, h2, w2], 4, &format!("--pad {p}"))
+            .map_err(|e| Error::Input(format!("{}: {e}", path.display())))?;
+        let mut out = Array4::<f32>::zeros((n, c, h2, w2));
         out.slice_mut(s![.., .., p..p + h, p..p + w]).assign(&x4);
         x = out.into_dyn();
     }
@@ -186,7 +220,10 @@ fn preprocess(mut x: ArrayD<f32>, pre: Preprocess, path: &Path) -> Result<ArrayD
 pub fn load_labels(path: &Path) -> Result<Vec<i64>> {
     let bytes = read_bytes(path)?;
     match kind(path, &bytes)? {
-        Kind::Npy => crate::data::read_labels(path),
+        Kind::Npy => {
+            crate::data::check_npy(&bytes, path)?;
+            crate::data::labels_from_npy(&bytes, path)
+        }
         Kind::Idx => {
             let (_, dims, off) = idx_header(path, &bytes)?;
             if dims.len() != 1 {
@@ -245,6 +282,27 @@ mod tests {
         assert_eq!(load_labels(&lab).unwrap(), vec![7, 0, 9]);
         std::fs::write(&lab, idx(&[4], &[7, 0, 9])).unwrap();
         assert!(load_labels(&lab).unwrap_err().to_string().contains("promises 4 values"));
+    }
+
+    #[test]
+    fn gzipped_npy_is_read_from_the_decompressed_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let plain = dir.path().join("x.npy");
+        let x = crate::ir::Tensor::f32(&[2, 1, 2, 2], (0..8).map(|v| v as f32).collect()).unwrap();
+        crate::data::write_npy(&plain, &x).unwrap();
+        let labels = dir.path().join("y.npy");
+        crate::data::write_npy(&labels, &crate::ir::Tensor::i64_vec(vec![3, 1])).unwrap();
+        let gzip = |src: &Path, name: &str| {
+            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+            std::io::Write::write_all(&mut gz, &std::fs::read(src).unwrap()).unwrap();
+            let p = dir.path().join(name);
+            std::fs::write(&p, gz.finish().unwrap()).unwrap();
+            p
+        };
+        let xg = gzip(&plain, "x.npy.gz");
+        let got = load_images(&xg, Preprocess::default()).unwrap();
+        assert_eq!(got, *x.as_f32().unwrap());
+        assert_eq!(load_labels(&gzip(&labels, "y.npy.gz")).unwrap(), vec![3, 1]);
     }
 
     #[test]

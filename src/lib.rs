@@ -10,6 +10,7 @@ pub mod dataset;
 pub mod error;
 pub mod interp;
 pub mod ir;
+pub mod limits;
 pub mod model;
 pub mod onnx;
 pub mod passes;

@@ -70,6 +70,7 @@ fn k_distinct_vectors_per_subspace_are_reproduced() {
                     _ => unreachable!(),
                 })
                 .unwrap();
+        assert_eq!(got.shape(), exact.shape());
         for (i, (a, b)) in got.iter().zip(exact.iter()).enumerate() {
             let bound = if tables == "i8" {
                 2.0 * scale[i % 5] / 2.0 + 1e-5
@@ -108,6 +109,7 @@ fn accuracy(g: &Graph) -> f64 {
     let y = tabconv::data::read_labels(&fixture("data/mnist_test_labels.npy")).unwrap();
     let out = run(g, vec![Tensor::F32(x)]).unwrap();
     let pred = tabconv::model::argmax_rows(out[0].as_f32().unwrap());
+    assert_eq!(pred.len(), y.len(), "one prediction per label");
     pred.iter().zip(&y).filter(|(p, l)| p == l).count() as f64 / y.len() as f64
 }
 

@@ -55,6 +55,7 @@ fn accuracy_equals_onnx_runtime_on_test_subsets() {
         for (i, chunk) in x.axis_chunks_iter(Axis(0), batch).enumerate() {
             let out = plan.run(vec![Tensor::F32(chunk.to_owned())]).unwrap();
             let pred = tabconv::model::argmax_rows(out[0].as_f32().unwrap());
+            assert_eq!(pred.len(), chunk.len_of(Axis(0)), "{name}: one prediction per image");
             correct += pred.iter().zip(&y[i * batch..]).filter(|(p, l)| p == l).count();
         }
         let ort = info["ort_top1_accuracy"].as_f64().unwrap();

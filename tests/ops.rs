@@ -38,6 +38,15 @@ fn ops_match_onnx_runtime() {
         match res {
             Err(e) => failures.push(format!("{}: {e}", case.name)),
             Ok(outs) => {
+                if outs.len() != case.outputs.len() {
+                    failures.push(format!(
+                        "{}: {} outputs, ONNX Runtime {}",
+                        case.name,
+                        outs.len(),
+                        case.outputs.len()
+                    ));
+                    continue;
+                }
                 for (o, want) in outs.iter().zip(&case.outputs) {
                     let want = tabconv::data::read_tensor(&fixture(want)).unwrap();
                     if want.dtype() != o.dtype() {
@@ -102,6 +111,7 @@ fn awkward_ops_match_tract() {
         let inputs: Vec<_> = case.inputs.iter().map(|p| npy(p)).collect();
         let ours = run_ours(&fixture(&case.model), &inputs).unwrap_or_else(|e| panic!("{name}: {e}"));
         let theirs = run_tract(&fixture(&case.model), &inputs);
+        assert_eq!(ours.len(), theirs.len(), "{name}: output count vs tract");
         for (o, t) in ours.iter().zip(&theirs) {
             let e = rel_err(&as_f32(o), t);
             assert!(e <= TOL, "{name}: error {e:e} vs tract");

@@ -15,8 +15,8 @@ fn zoo_models_match_onnx_runtime_and_tract() {
         let inputs: Vec<_> = case.inputs.iter().map(|p| npy(p)).collect();
         let ours = run_ours(&fixture(&case.model), &inputs).unwrap_or_else(|e| panic!("{}: {e}", case.name));
         let (fast, _) = run_ours_optimized(&fixture(&case.model), &inputs).unwrap();
-        assert_eq!(ours.len(), case.outputs.len(), "{}", case.name);
-        assert_eq!(fast.len(), case.outputs.len(), "{}", case.name);
+        assert_eq!(ours.len(), case.outputs.len(), "{}: output count", case.name);
+        assert_eq!(fast.len(), case.outputs.len(), "{}: output count", case.name);
         for ((o, f), want) in ours.iter().zip(&fast).zip(&case.outputs) {
             let e = rel_err(&as_f32(o), &npy(want));
             assert!(e <= 1e-4, "{}: error {e:e} vs ONNX Runtime", case.name);

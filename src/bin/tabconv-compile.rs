@@ -255,7 +255,7 @@ fn load_calibration(
     pre: tabconv::dataset::Preprocess,
 ) -> Result<ndarray::ArrayD<f32>> {
     let x = tabconv::dataset::load_images(path, pre)?;
-    if x.is_empty() || x.shape()[0] == 0 {
+    if x.is_empty() || x.shape().first().is_none_or(|&n| n == 0) {
         return Err(Error::Input(format!(
             "{}: the calibration set is empty",
             path.display()

@@ -133,6 +133,14 @@ fn main() -> ExitCode {
     }
 }
 
+/// A run-time error, prefixed with the model file it happened in.
+fn in_model(model_path: &Path, e: Error) -> Error {
+    Error::Model {
+        path: model_path.into(),
+        msg: e.to_string(),
+    }
+}
+
 /// Load a model to run it (see [`model::load_for_run`]) and print the note about a declared
 /// fixed batch, if any.
 fn load_noted(model_path: &Path) -> Result<Graph> {
@@ -146,7 +154,9 @@ fn load_noted(model_path: &Path) -> Result<Graph> {
 fn run(model_path: &Path, input: &Path, output: &Path) -> Result<()> {
     let graph = load_noted(model_path)?;
     let x = data::read_f32(input)?;
-    let outs = Plan::new(&graph)?.run(vec![Tensor::F32(x)])?;
+    let outs = Plan::new(&graph)?
+        .run(vec![Tensor::F32(x)])
+        .map_err(|e| in_model(model_path, e))?;
     for (i, t) in outs.iter().enumerate() {
         let path = if i == 0 {
             output.to_path_buf()
@@ -159,6 +169,7 @@ fn run(model_path: &Path, input: &Path, output: &Path) -> Result<()> {
 }
 
 fn eval(model_path: &Path, inputs: &Path, labels: &Path, batch: usize, json: bool, pre: Preprocess) -> Result<()> {
+    check_batch(batch)?;
     let graph = load_noted(model_path)?;
     let x = dataset::load_images(inputs, pre)?;
     let y = dataset::load_labels(labels)?;
@@ -172,14 +183,26 @@ fn eval(model_path: &Path, inputs: &Path, labels: &Path, batch: usize, json: boo
         )));
     }
     let plan = Plan::new(&graph)?;
-    let batch = batch.max(1);
     let start = Instant::now();
     let mut correct = 0usize;
     let bar = tabconv::cli::progress(n.div_ceil(batch), "eval");
     for (i, chunk) in x.axis_chunks_iter(Axis(0), batch).enumerate() {
         bar.inc(1);
-        let out = plan.run(vec![Tensor::F32(chunk.to_owned())])?;
-        let pred = model::argmax_rows(out[0].as_f32()?);
+        let out = plan
+            .run(vec![Tensor::F32(chunk.to_owned())])
+            .map_err(|e| in_model(model_path, e))?;
+        let first = out
+            .first()
+            .ok_or_else(|| Error::Other(format!("{}: the model has no output", model_path.display())))?;
+        let pred = model::argmax_rows(first.as_f32()?);
+        if pred.len() != chunk.len_of(Axis(0)) {
+            return Err(Error::Other(format!(
+                "{}: the first output gives {} rows for {} images",
+                model_path.display(),
+                pred.len(),
+                chunk.len_of(Axis(0))
+            )));
+        }
         correct += pred.iter().zip(&y[i * batch..]).filter(|(p, l)| p == l).count();
     }
     bar.finish_and_clear();
@@ -224,18 +247,21 @@ fn inspect(model_path: &Path, json: bool) -> Result<()> {
             per_node.push((node.name.clone(), node.op.name(), c));
         }
     }
-    // A compiled model records the exact cost of its source; an ONNX model is its own source.
+    // A compiled model records the exact cost of its source; an ONNX model is its own source; a
+    // .tcv without that metadata has an unknown source cost (no reduction can be computed).
+    let is_onnx = model_path.extension().is_some_and(|e| e == "onnx");
     let source = match graph.metadata.get("source_exact_macs").and_then(|v| v.parse().ok()) {
-        Some(macs) => cost::Cost {
+        Some(macs) => Some(cost::Cost {
             exact_macs: macs,
             ..Default::default()
-        },
-        None => cost::Cost {
+        }),
+        None if is_onnx => Some(cost::Cost {
             exact_macs: total.exact_macs + total.lookups,
             ..Default::default()
-        },
+        }),
+        None => None,
     };
-    let (red_lookups, red_all) = cost::reduction(&source, &total);
+    let reductions = source.as_ref().map(|s| cost::reduction(s, &total));
     let params = cost::param_count(&graph);
     if json {
         let v = serde_json::json!({
@@ -245,11 +271,11 @@ fn inspect(model_path: &Path, json: bool) -> Result<()> {
             "parameters": params,
             "macs_per_image": total.exact_macs,
             "total": total,
-            "source_exact_macs": source.exact_macs,
+            "source_exact_macs": source.as_ref().map(|s| s.exact_macs),
             "ops_all": total.ops_all(),
             "ops_lookups_only": total.ops_lookups_only(),
-            "reduction_lookups_only": red_lookups,
-            "reduction_everything_counted": red_all,
+            "reduction_lookups_only": reductions.map(|r| r.0),
+            "reduction_everything_counted": reductions.map(|r| r.1),
             "per_node": per_node.iter().map(|(n, o, c)| serde_json::json!({"node": n, "op": o, "cost": c})).collect::<Vec<_>>(),
         });
         println!("{}", serde_json::to_string_pretty(&v).expect("json"));
@@ -275,19 +301,39 @@ fn inspect(model_path: &Path, json: bool) -> Result<()> {
         row(name, op, c);
     }
     row("total", "", &total);
+    let source_text = match &source {
+        Some(s) => format!("exact source: {} MACs = {} ops", s.exact_macs, s.ops_all()),
+        None => "exact source: unknown, the .tcv records no source cost".into(),
+    };
     println!(
-        "\narithmetic ops: {} everything counted, {} lookups only (exact source: {} MACs = {} ops)",
+        "\narithmetic ops: {} everything counted, {} lookups only ({source_text})",
         total.ops_all(),
         total.ops_lookups_only(),
-        source.exact_macs,
-        source.ops_all()
     );
-    println!(
-        "reduction: {:.1}% lookups only (paper convention), {:.1}% everything counted",
-        red_lookups * 100.0,
-        red_all * 100.0
-    );
+    match reductions {
+        Some((lookups, all)) => println!(
+            "reduction: {:.1}% lookups only (paper convention), {:.1}% everything counted",
+            lookups * 100.0,
+            all * 100.0
+        ),
+        None => println!("reduction: unknown (the source model's cost is not recorded in this .tcv)"),
+    }
     println!("parameters (f32): {params}");
+    Ok(())
+}
+
+/// The most worker threads `bench --threads` accepts.
+const MAX_THREADS: usize = 1024;
+
+/// The longest `bench --seconds` accepted (a day).
+const MAX_BENCH_SECONDS: f64 = 86_400.0;
+
+/// `--batch` must be at least 1 (its upper bound is the per-tensor limit, checked where a batch
+/// is allocated).
+fn check_batch(batch: usize) -> Result<()> {
+    if batch == 0 {
+        return Err(Error::Input("--batch 0: a batch holds at least one image".into()));
+    }
     Ok(())
 }
 
@@ -301,13 +347,24 @@ fn bench(
     json: bool,
 ) -> Result<()> {
     use tabconv::bench::{bench_ort, bench_ours, bench_tract, Timing};
+    if threads.is_some_and(|t| t > MAX_THREADS) {
+        return Err(Error::Input(format!(
+            "--threads {}: at most {MAX_THREADS}",
+            threads.unwrap_or_default()
+        )));
+    }
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads.unwrap_or(0))
         .build()
         .map_err(|e| Error::Other(format!("thread pool: {e}")))?;
     let nthreads = pool.current_num_threads();
+    check_batch(batch)?;
+    if !(seconds.is_finite() && seconds > 0.0 && seconds <= MAX_BENCH_SECONDS) {
+        return Err(Error::Input(format!(
+            "--seconds {seconds}: must be a number of seconds above 0 and at most {MAX_BENCH_SECONDS}"
+        )));
+    }
     let budget = std::time::Duration::from_secs_f64(seconds.max(0.1));
-    let batch = batch.max(1);
     let mut rows: Vec<Timing> = Vec::new();
     for m in models {
         let graph = load_noted(m)?;

@@ -401,7 +401,7 @@ pub fn eval_op_cached(op: &Op, mut args: Vec<Arc<Tensor>>, cache: Option<&Cache>
                 Some(a) => a.iter().map(|&x| so::norm_axis(x, r)).collect::<Result<_>>()?,
                 None => (0..r).collect(),
             };
-            Tensor::F32(so::reduce_mean(args[0].as_f32()?, &ax, *keepdims))
+            Tensor::F32(so::reduce_mean(args[0].as_f32()?, &ax, *keepdims)?)
         }
         Op::Pad { pads, value } => {
             arity(1, &args)?;
@@ -441,6 +441,7 @@ pub fn eval_op_cached(op: &Op, mut args: Vec<Arc<Tensor>>, cache: Option<&Cache>
                 .into_iter()
                 .map(|d| usize::try_from(d).map_err(|_| crate::error::Error::Other(format!("negative dimension {d}"))))
                 .collect::<Result<_>>()?;
+            crate::limits::check_shape(&shape, value.dtype().size_of(), "ConstantOfShape output")?;
             match value.dtype() {
                 DType::I64 => Tensor::I64(ArrayD::from_elem(IxDyn(&shape), value.to_i64_vec()?[0])),
                 DType::I32 => Tensor::I32(ArrayD::from_elem(IxDyn(&shape), value.to_i64_vec()?[0] as i32)),

@@ -292,8 +292,45 @@ impl<'g> Plan<'g> {
             .and_then(|s| s.outs.get(o.slot).copied())
     }
 
+    /// The batch the inputs carry: the first dimension declared `k·N`, divided by `k` (1 when no
+    /// input has a symbolic batch).
+    fn batch_of(&self, inputs: &[Tensor]) -> usize {
+        for (t, &n) in inputs.iter().zip(&self.graph.inputs) {
+            let Some(f) = self.graph.node(n).outputs[0].fact.as_ref() else {
+                continue;
+            };
+            for (&d, want) in t.shape().iter().zip(&f.shape) {
+                if let Dim::Batch(k) = *want {
+                    return d / (k.max(1) as usize);
+                }
+            }
+        }
+        1
+    }
+
+    /// Refuse, before running it, a node whose outputs at this batch would exceed the per-tensor
+    /// limit of [`crate::limits`] (shape inference checked them at batch 1).
+    fn check_output_sizes(&self, n: NodeIndex, batch: usize) -> Result<()> {
+        let node = self.graph.node(n);
+        for v in &node.outputs {
+            let Some(f) = v.fact.as_ref() else { continue };
+            let dims: Vec<usize> = f
+                .shape
+                .iter()
+                .map(|d| match *d {
+                    Dim::Known(v) => v.max(0) as usize,
+                    Dim::Batch(k) => (k.max(0) as usize).saturating_mul(batch),
+                })
+                .collect();
+            crate::limits::check_shape(&dims, f.dtype.size_of(), &format!("output at batch {batch}"))
+                .map_err(|e| Error::node(&node.name, node.op.name(), e.to_string()))?;
+        }
+        Ok(())
+    }
+
     fn run_once(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>> {
         self.check_inputs(&inputs)?;
+        let batch = self.batch_of(&inputs);
         let mut values: Vec<Option<Arc<Tensor>>> = vec![None; self.uses.len()];
         let mut left = self.uses.clone();
         for (t, &id) in inputs.into_iter().zip(&self.inputs) {
@@ -309,6 +346,7 @@ impl<'g> Plan<'g> {
                 }
                 _ => {}
             }
+            self.check_output_sizes(step.node, batch)?;
             let mut args = Vec::with_capacity(step.args.len());
             for &a in &step.args {
                 left[a] -= 1;

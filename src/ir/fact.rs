@@ -39,20 +39,21 @@ impl fmt::Display for Dim {
     }
 }
 
-/// Product of dimensions as `(known factor, batch multiplicity)`: `known · N^batch_power`.
-pub fn dims_product(dims: &[Dim]) -> (i64, u32) {
+/// Product of dimensions as `(known factor, batch multiplicity)`: `known · N^batch_power`;
+/// `None` when the known factor overflows.
+pub fn dims_product(dims: &[Dim]) -> Option<(i64, u32)> {
     let mut known = 1i64;
     let mut power = 0u32;
     for d in dims {
         match d {
-            Dim::Known(v) => known *= v,
+            Dim::Known(v) => known = known.checked_mul(*v)?,
             Dim::Batch(k) => {
-                known *= k;
+                known = known.checked_mul(*k)?;
                 power += 1;
             }
         }
     }
-    (known, power)
+    Some((known, power))
 }
 
 #[derive(Clone, Debug, PartialEq)]

@@ -47,10 +47,34 @@ pub fn norm_axis(axis: i64, rank: usize) -> Result<usize> {
 
 fn product_dim(dims: &[Dim]) -> Result<Dim> {
     match dims_product(dims) {
-        (k, 0) => Ok(Dim::Known(k)),
-        (k, 1) => Ok(Dim::Batch(k)),
-        _ => err("shape has the batch symbol twice in one product"),
+        Some((k, 0)) => Ok(Dim::Known(k)),
+        Some((k, 1)) => Ok(Dim::Batch(k)),
+        Some(_) => err("shape has the batch symbol twice in one product"),
+        None => err("the product of the dimensions overflows"),
     }
+}
+
+/// `a + b` on dimensions, checked.
+fn add_dims(a: i64, b: i64) -> Result<i64> {
+    a.checked_add(b)
+        .ok_or_else(|| Error::Other(format!("dimension {a} + {b} overflows")))
+}
+
+/// Every output must be a tensor tabconv could allocate: no negative dimension, and (with the
+/// batch taken as 1) no more bytes than the per-tensor limit of [`crate::limits`].
+fn check_fact_size(f: &Fact) -> Result<()> {
+    let dims: Vec<usize> = f
+        .shape
+        .iter()
+        .map(|d| {
+            let v = match *d {
+                Dim::Known(v) | Dim::Batch(v) => v,
+            };
+            usize::try_from(v).map_err(|_| Error::Other(format!("negative dimension in {}", f.shape_string())))
+        })
+        .collect::<Result<_>>()?;
+    crate::limits::check_shape(&dims, f.dtype.size_of(), &format!("output {}", f.shape_string()))?;
+    Ok(())
 }
 
 pub fn broadcast(a: &[Dim], b: &[Dim]) -> Result<Vec<Dim>> {
@@ -101,8 +125,10 @@ fn spatial_nhwc(f: &Fact, what: &str) -> Result<[usize; 2]> {
 fn nhwc_conv(c: &crate::ir::op::Conv, x: &Fact, w: &Fact) -> Result<Fact> {
     let hw = spatial_nhwc(x, "Conv")?;
     let (ws, ch) = match (w.concrete_shape(), x.shape[3].known()) {
-        (Some(ws), Some(ch)) if ws.len() == 4 => (ws, ch as usize),
-        _ => return err("channels-last Conv needs a known 4-D weight and channel count"),
+        (Some(ws), Some(ch)) if ws.len() == 4 && !ws.contains(&0) => (ws, ch as usize),
+        _ => {
+            return err("channels-last Conv needs a known 4-D weight with no empty dimension and a known channel count")
+        }
     };
     let ok = match c.group {
         1 => ws[1] == ch,
@@ -131,8 +157,17 @@ fn same(f: &Fact) -> Fact {
     Fact::new(f.dtype, f.shape.clone())
 }
 
-/// Output facts of one op given its input facts.
+/// Output facts of one op given its input facts; every output is checked to be allocatable
+/// ([`crate::limits`]).
 pub fn infer_op(op: &Op, ins: &[Fact]) -> Result<Vec<Fact>> {
+    let out = infer_op_unchecked(op, ins)?;
+    for f in &out {
+        check_fact_size(f)?;
+    }
+    Ok(out)
+}
+
+fn infer_op_unchecked(op: &Op, ins: &[Fact]) -> Result<Vec<Fact>> {
     let need = |n: usize| -> Result<()> {
         if ins.len() < n {
             return err(format!("expects at least {n} inputs, got {}", ins.len()));
@@ -147,6 +182,15 @@ pub fn infer_op(op: &Op, ins: &[Fact]) -> Result<Vec<Fact>> {
             let (x, w) = (&ins[0], &ins[1]);
             if c.nhwc {
                 let out = nhwc_conv(c, x, w)?;
+                if let Some(b) = ins.get(2) {
+                    if b.rank() != 1 || b.shape[0] != out.shape[3] {
+                        return err(format!(
+                            "bias {} does not fit {} output channels",
+                            b.shape_string(),
+                            out.shape[3]
+                        ));
+                    }
+                }
                 if let Some(r) = ins.get(3) {
                     if r.shape != out.shape {
                         return err(format!(
@@ -162,10 +206,38 @@ pub fn infer_op(op: &Op, ins: &[Fact]) -> Result<Vec<Fact>> {
                 return err("a fused ReLU or residual needs the channels-last Conv");
             }
             let hw = spatial(x, "Conv")?;
-            if w.rank() != 4 {
-                return err(format!("weight must be 4-D, got {}", w.shape_string()));
+            let ws = w.concrete_shape().unwrap_or_default();
+            if ws.len() != 4 || ws.contains(&0) {
+                return err(format!(
+                    "weight must be 4-D with no empty dimension, got {}",
+                    w.shape_string()
+                ));
             }
-            let wc = w.shape[1].known().unwrap_or(0) * c.group as i64;
+            if [ws[2], ws[3]] != c.window.kernel {
+                return err(format!(
+                    "kernel_shape {:?} does not match weight {}",
+                    c.window.kernel,
+                    w.shape_string()
+                ));
+            }
+            if c.group == 0 || !ws[0].is_multiple_of(c.group) {
+                return err(format!(
+                    "{} output channels do not split into {} groups",
+                    ws[0], c.group
+                ));
+            }
+            if let Some(b) = ins.get(2) {
+                if b.concrete_shape() != Some(vec![ws[0]]) {
+                    return err(format!(
+                        "bias {} does not match {} output channels",
+                        b.shape_string(),
+                        ws[0]
+                    ));
+                }
+            }
+            let wc = (ws[1] as i64)
+                .checked_mul(c.group as i64)
+                .ok_or_else(|| Error::Other("channel count overflows".into()))?;
             if x.shape[1] != Dim::Known(wc) {
                 return err(format!(
                     "input has {} channels but weight {} with group {} expects {wc}",
@@ -192,16 +264,16 @@ pub fn infer_op(op: &Op, ins: &[Fact]) -> Result<Vec<Fact>> {
             let c = x.shape[1]
                 .known()
                 .ok_or_else(|| Error::Other("channels must be known".into()))?;
-            Fact::new(
-                DType::F32,
-                vec![
-                    x.shape[0],
-                    Dim::Known((g.out[0] * g.out[1]) as i64),
-                    Dim::Known(c * (w.kernel[0] * w.kernel[1]) as i64),
-                ],
-            )
+            let overflow = || Error::Other("the im2col matrix size overflows".into());
+            let cols = (w.kernel[0] as i64)
+                .checked_mul(w.kernel[1] as i64)
+                .and_then(|k| k.checked_mul(c))
+                .ok_or_else(overflow)?;
+            let rows = (g.out[0] as i64).checked_mul(g.out[1] as i64).ok_or_else(overflow)?;
+            Fact::new(DType::F32, vec![x.shape[0], Dim::Known(rows), Dim::Known(cols)])
         }
         Op::PqEncode(p) => {
+            need(1)?;
             let rows_fact;
             let x = match &p.window {
                 Some(w) => {
@@ -300,8 +372,21 @@ pub fn infer_op(op: &Op, ins: &[Fact]) -> Result<Vec<Fact>> {
             }
             same(&ins[0])
         }
-        Op::Unary(_) | Op::Lrn { .. } => {
+        Op::Unary(_) => {
             need(1)?;
+            same(&ins[0])
+        }
+        Op::Lrn { size, .. } => {
+            need(1)?;
+            if *size == 0 {
+                return err("size must be at least 1");
+            }
+            if ins[0].rank() < 2 {
+                return err(format!("expects an N×C×… input, got {}", ins[0].shape_string()));
+            }
+            if ins[0].shape[1..].contains(&Dim::Known(0)) {
+                return err(format!("cannot normalise an empty input {}", ins[0].shape_string()));
+            }
             same(&ins[0])
         }
         Op::Softmax { axis, .. } => {
@@ -351,6 +436,12 @@ pub fn infer_op(op: &Op, ins: &[Fact]) -> Result<Vec<Fact>> {
             if s.len() < 3 {
                 return err("global pooling needs an N×C×spatial input");
             }
+            if s[2..].contains(&Dim::Known(0)) {
+                return err(format!(
+                    "cannot pool over the empty spatial extent of {}",
+                    ins[0].shape_string()
+                ));
+            }
             let mut out = s[..2].to_vec();
             out.extend(std::iter::repeat_n(Dim::Known(1), s.len() - 2));
             Fact::new(DType::F32, out)
@@ -366,8 +457,8 @@ pub fn infer_op(op: &Op, ins: &[Fact]) -> Result<Vec<Fact>> {
                 for (d, (x, y)) in shape.iter_mut().zip(&i.shape).enumerate() {
                     if d == a {
                         *x = match (*x, *y) {
-                            (Dim::Known(p), Dim::Known(q)) => Dim::Known(p + q),
-                            (Dim::Batch(p), Dim::Batch(q)) => Dim::Batch(p + q),
+                            (Dim::Known(p), Dim::Known(q)) => Dim::Known(add_dims(p, q)?),
+                            (Dim::Batch(p), Dim::Batch(q)) => Dim::Batch(add_dims(p, q)?),
                             _ => return err("cannot concatenate a batch dimension with a fixed one"),
                         };
                     } else if x != y {
@@ -490,6 +581,9 @@ pub fn infer_op(op: &Op, ins: &[Fact]) -> Result<Vec<Fact>> {
                 Some(a) => a.iter().map(|&x| norm_axis(x, s.len())).collect::<Result<_>>()?,
                 None => (0..s.len()).collect(),
             };
+            if let Some(&a) = red.iter().find(|&&a| s[a] == Dim::Known(0)) {
+                return err(format!("cannot average over axis {a} of length 0"));
+            }
             let shape = s
                 .iter()
                 .enumerate()
@@ -509,9 +603,9 @@ pub fn infer_op(op: &Op, ins: &[Fact]) -> Result<Vec<Fact>> {
             }
             let mut out = s.clone();
             for (i, d) in out.iter_mut().enumerate() {
-                let add = pads[i] + pads[i + s.len()];
+                let add = add_dims(pads[i], pads[i + s.len()])?;
                 *d = match *d {
-                    Dim::Known(v) if v + add >= 0 => Dim::Known(v + add),
+                    Dim::Known(v) if add_dims(v, add)? >= 0 => Dim::Known(v + add),
                     Dim::Batch(k) if add == 0 => Dim::Batch(k),
                     _ => return err(format!("invalid pads {pads:?} for {}", ins[0].shape_string())),
                 };
@@ -520,8 +614,15 @@ pub fn infer_op(op: &Op, ins: &[Fact]) -> Result<Vec<Fact>> {
         }
         Op::Split { axis, sizes } => {
             need(1)?;
+            if ins[0].rank() == 0 {
+                return err("cannot split a rank-0 tensor");
+            }
             let a = norm_axis(*axis, ins[0].rank())?;
-            let total: usize = sizes.iter().sum();
+            let total = sizes
+                .iter()
+                .try_fold(0usize, |t, &s| t.checked_add(s))
+                .filter(|&t| t <= i64::MAX as usize)
+                .ok_or_else(|| Error::Other(format!("split sizes {sizes:?} overflow")))?;
             if ins[0].shape[a] != Dim::Known(total as i64) {
                 return err(format!(
                     "split sizes {sizes:?} do not add up to axis {a} of {}",
@@ -556,7 +657,7 @@ pub fn infer_op(op: &Op, ins: &[Fact]) -> Result<Vec<Fact>> {
                 let idx = slice_indices(n, starts[i], ends[i], steps[i])?;
                 shape[a] = Dim::Known(idx.len() as i64);
                 if let (Some(v), 0) = (&value, a) {
-                    value = Some(idx.iter().map(|&j| v[j]).collect());
+                    value = idx.iter().map(|&j| v.get(j).copied()).collect();
                 }
             }
             let mut f = Fact::new(ins[0].dtype, shape);
@@ -578,6 +679,9 @@ pub fn infer_op(op: &Op, ins: &[Fact]) -> Result<Vec<Fact>> {
         Op::Gather { axis } => {
             need(2)?;
             let (d, idx) = (&ins[0], &ins[1]);
+            if d.rank() == 0 {
+                return err("cannot gather from a rank-0 tensor");
+            }
             let a = norm_axis(*axis, d.rank())?;
             let mut shape = d.shape[..a].to_vec();
             shape.extend(idx.shape.iter().copied());
@@ -629,15 +733,17 @@ fn fold_int_binary(op: Binary, a: &Fact, b: &Fact) -> Option<Vec<Dim>> {
         .map(|i| {
             let x = av[if av.len() == 1 { 0 } else { i }];
             let y = bv[if bv.len() == 1 { 0 } else { i }];
+            // Integer division truncates toward zero, as ONNX (and the interpreter) do; an
+            // overflow leaves the value unknown.
             match (op, x, y) {
-                (Binary::Add, Dim::Known(p), Dim::Known(q)) => Some(Dim::Known(p + q)),
-                (Binary::Sub, Dim::Known(p), Dim::Known(q)) => Some(Dim::Known(p - q)),
-                (Binary::Mul, Dim::Known(p), Dim::Known(q)) => Some(Dim::Known(p * q)),
+                (Binary::Add, Dim::Known(p), Dim::Known(q)) => p.checked_add(q).map(Dim::Known),
+                (Binary::Sub, Dim::Known(p), Dim::Known(q)) => p.checked_sub(q).map(Dim::Known),
+                (Binary::Mul, Dim::Known(p), Dim::Known(q)) => p.checked_mul(q).map(Dim::Known),
                 (Binary::Mul, Dim::Batch(p), Dim::Known(q)) | (Binary::Mul, Dim::Known(q), Dim::Batch(p)) => {
-                    Some(Dim::Batch(p * q))
+                    p.checked_mul(q).filter(|&k| k > 0).map(Dim::Batch)
                 }
-                (Binary::Div, Dim::Known(p), Dim::Known(q)) if q != 0 => Some(Dim::Known(p.div_euclid(q))),
-                (Binary::Div, Dim::Batch(p), Dim::Known(q)) if q != 0 && p % q == 0 => Some(Dim::Batch(p / q)),
+                (Binary::Div, Dim::Known(p), Dim::Known(q)) => p.checked_div(q).map(Dim::Known),
+                (Binary::Div, Dim::Batch(p), Dim::Known(q)) if q > 0 && p % q == 0 => Some(Dim::Batch(p / q)),
                 _ => None,
             }
         })
@@ -665,8 +771,13 @@ pub fn reshape_dims(input: &[Dim], target: &[Dim], allowzero: bool) -> Result<Ve
             d => out.push(*d),
         }
     }
-    let (kin, pin) = dims_product(input);
-    let (kout, pout) = dims_product(&out);
+    let overflow = || {
+        Error::Other(format!(
+            "reshaping {input:?} to {target:?}: the element count overflows"
+        ))
+    };
+    let (kin, pin) = dims_product(input).ok_or_else(overflow)?;
+    let (kout, pout) = dims_product(&out).ok_or_else(overflow)?;
     match infer_at {
         Some(i) => {
             if kout == 0 || kin % kout != 0 || pin < pout || pin - pout > 1 {
@@ -729,11 +840,13 @@ pub fn slice_indices(n: i64, start: i64, end: i64, step: i64) -> Result<Vec<usiz
     } else {
         (norm(start).clamp(-1, n - 1), norm(end).clamp(-1, n - 1))
     };
-    let mut out = Vec::new();
-    let mut i = s;
-    while (step > 0 && i < e) || (step < 0 && i > e) {
-        out.push(i as usize);
-        i += step;
-    }
-    Ok(out)
+    // the count first (checked), so a huge axis of an empty tensor allocates nothing absurd
+    let span = if step > 0 { e - s } else { s - e };
+    let count = if span <= 0 {
+        0
+    } else {
+        (span as u64).div_ceil(step.unsigned_abs()) as usize
+    };
+    crate::limits::check_len(count, std::mem::size_of::<usize>(), "Slice indices")?;
+    Ok((0..count).map(|j| (s + j as i64 * step) as usize).collect())
 }

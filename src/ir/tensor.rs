@@ -42,6 +42,10 @@ impl fmt::Display for DType {
     }
 }
 
+fn nonzero<T: PartialEq + Default>(v: T) -> bool {
+    v != T::default()
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub enum Tensor {
     F32(ArrayD<f32>),
@@ -141,30 +145,34 @@ impl Tensor {
         }
     }
 
-    /// ONNX Cast semantics for the types we carry (float → int truncates toward zero).
+    /// ONNX Cast semantics for the types we carry, element by element with no detour through a
+    /// wider float (int64 above 2^53 keeps its value): float → int truncates toward zero
+    /// (saturating), int → narrower int wraps (two's complement, as ONNX Runtime's
+    /// `static_cast`), anything → bool is `≠ 0`.
+    #[allow(clippy::unnecessary_cast)]
     pub fn cast(&self, to: DType) -> Tensor {
         if self.dtype() == to {
             return self.clone();
         }
-        let f = self.to_f64_array();
-        match to {
-            DType::F32 => Tensor::F32(f.mapv(|v| v as f32)),
-            DType::I64 => Tensor::I64(f.mapv(|v| v as i64)),
-            DType::I32 => Tensor::I32(f.mapv(|v| v as i32)),
-            DType::U8 => Tensor::U8(f.mapv(|v| v as u8)),
-            DType::I8 => Tensor::I8(f.mapv(|v| v as i8)),
-            DType::Bool => Tensor::Bool(f.mapv(|v| v != 0.0)),
+        macro_rules! cast_array {
+            ($a:expr) => {
+                match to {
+                    DType::F32 => Tensor::F32($a.mapv(|v| v as f32)),
+                    DType::I64 => Tensor::I64($a.mapv(|v| v as i64)),
+                    DType::I32 => Tensor::I32($a.mapv(|v| v as i32)),
+                    DType::U8 => Tensor::U8($a.mapv(|v| v as u8)),
+                    DType::I8 => Tensor::I8($a.mapv(|v| v as i8)),
+                    DType::Bool => Tensor::Bool($a.mapv(nonzero)),
+                }
+            };
         }
-    }
-
-    fn to_f64_array(&self) -> ArrayD<f64> {
         match self {
-            Tensor::F32(a) => a.mapv(|v| v as f64),
-            Tensor::I64(a) => a.mapv(|v| v as f64),
-            Tensor::I32(a) => a.mapv(|v| v as f64),
-            Tensor::U8(a) => a.mapv(|v| v as f64),
-            Tensor::I8(a) => a.mapv(|v| v as f64),
-            Tensor::Bool(a) => a.mapv(|v| v as u8 as f64),
+            Tensor::F32(a) => cast_array!(a),
+            Tensor::I64(a) => cast_array!(a),
+            Tensor::I32(a) => cast_array!(a),
+            Tensor::U8(a) => cast_array!(a),
+            Tensor::I8(a) => cast_array!(a),
+            Tensor::Bool(a) => cast_array!(a.mapv(u8::from)),
         }
     }
 

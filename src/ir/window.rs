@@ -12,26 +12,49 @@ pub struct Geometry {
     pub out: [usize; 2],
 }
 
+/// Largest padded input size, dilated kernel extent or stride accepted (2^31 − 1).
+pub const WINDOW_LIMIT: usize = i32::MAX as usize;
+
 impl Window {
-    /// Effective (dilated) kernel extent along axis `i`.
+    /// Effective (dilated) kernel extent along axis `i` (saturating: [`Window::resolve`] rejects
+    /// an extent that does not fit).
     pub fn extent(&self, i: usize) -> usize {
-        (self.kernel[i] - 1) * self.dilations[i] + 1
+        self.kernel[i]
+            .saturating_sub(1)
+            .saturating_mul(self.dilations[i])
+            .saturating_add(1)
     }
 
+    /// Pads and output size for one input size. All arithmetic is checked: huge kernels, pads,
+    /// strides or dilations from a file give an error, never an overflow.
     pub fn resolve(&self, input: [usize; 2]) -> Result<Geometry> {
         let mut pads = [0usize; 4];
         let mut out = [0usize; 2];
         for i in 0..2 {
-            let (k, s, n) = (self.extent(i), self.strides[i], input[i]);
-            if s == 0 {
-                bail!("stride must be positive");
+            let (s, n) = (self.strides[i], input[i]);
+            if s == 0 || self.kernel[i] == 0 || self.dilations[i] == 0 {
+                bail!("kernel, stride and dilation must be positive");
             }
+            let k = self.kernel[i]
+                .checked_sub(1)
+                .and_then(|k| k.checked_mul(self.dilations[i]))
+                .and_then(|k| k.checked_add(1));
+            let Some(k) = k else {
+                bail!(
+                    "kernel {} with dilation {} overflows",
+                    self.kernel[i],
+                    self.dilations[i]
+                );
+            };
             let (begin, end) = match &self.padding {
                 Padding::Explicit(p) => (p[i], p[i + 2]),
                 Padding::Valid => (0, 0),
                 Padding::SameUpper | Padding::SameLower => {
                     let target = n.div_ceil(s);
-                    let total = ((target.saturating_sub(1)) * s + k).saturating_sub(n);
+                    let Some(full) = target.saturating_sub(1).checked_mul(s).and_then(|v| v.checked_add(k)) else {
+                        bail!("SAME padding of a window of extent {k} with stride {s} overflows");
+                    };
+                    let total = full.saturating_sub(n);
                     let small = total / 2;
                     if matches!(self.padding, Padding::SameUpper) {
                         (small, total - small)
@@ -40,7 +63,15 @@ impl Window {
                     }
                 }
             };
-            let padded = n + begin + end;
+            let Some(padded) = n.checked_add(begin).and_then(|v| v.checked_add(end)) else {
+                bail!("input size {n} with pads ({begin}, {end}) overflows");
+            };
+            // Keeps every index the kernels compute (in isize) far from overflow.
+            if padded > WINDOW_LIMIT || s > WINDOW_LIMIT || k > WINDOW_LIMIT {
+                bail!(
+                    "window geometry (input {n}, pads ({begin}, {end}), extent {k}, stride {s}) exceeds {WINDOW_LIMIT}"
+                );
+            }
             if padded < k {
                 bail!("window of extent {k} does not fit input size {n} with pads ({begin}, {end})");
             }

@@ -97,16 +97,22 @@ pub const BATCH_KEY: &str = "batch";
 /// every computed value keeps the batch leading, once, so each image is computed on its own
 /// exactly as at batch `B` ([`batch_is_per_image`]). Otherwise the model is imported as declared.
 pub fn import_model(model: &ModelProto, path: &Path) -> Result<Graph> {
+    import_model_from(model, path, true)
+}
+
+/// [`import_model`]; `allow_external`: whether initializers may keep their data in external
+/// files (never for a `.tcv`, see docs/TCV-FORMAT.md).
+pub(crate) fn import_model_from(model: &ModelProto, path: &Path, allow_external: bool) -> Result<Graph> {
     let Some(b) = model.graph.as_ref().and_then(declared_fixed_batch) else {
-        return import_with(model, path, None);
+        return import_with(model, path, None, allow_external);
     };
-    if let Ok(mut g) = import_with(model, path, Some(b)) {
+    if let Ok(mut g) = import_with(model, path, Some(b), allow_external) {
         if batch_is_per_image(&g).is_ok() {
             g.metadata.insert(BATCH_KEY.into(), format!("symbolic (declared {b})"));
             return Ok(g);
         }
     }
-    let mut g = import_with(model, path, None)?;
+    let mut g = import_with(model, path, None, allow_external)?;
     g.metadata.insert(BATCH_KEY.into(), format!("fixed {b}"));
     Ok(g)
 }
@@ -205,7 +211,7 @@ pub fn batch_is_per_image(g: &Graph) -> std::result::Result<(), String> {
     Ok(())
 }
 
-fn import_with(model: &ModelProto, path: &Path, symbolic_batch: Option<i64>) -> Result<Graph> {
+fn import_with(model: &ModelProto, path: &Path, symbolic_batch: Option<i64>, allow_external: bool) -> Result<Graph> {
     let merr = |msg: String| Error::Model { path: path.into(), msg };
     let opset = model
         .opset_import
@@ -256,7 +262,11 @@ fn import_with(model: &ModelProto, path: &Path, symbolic_batch: Option<i64>) -> 
         unsupported_outputs: HashMap::new(),
         names: HashSet::new(),
         opset,
-        reader: TensorReader::new(path),
+        reader: if allow_external {
+            TensorReader::new(path)
+        } else {
+            TensorReader::without_external(path)
+        },
         symbolic_batch,
         tabconv_opset: tabconv_opset.unwrap_or(0),
     };
@@ -310,6 +320,9 @@ fn import_with(model: &ModelProto, path: &Path, symbolic_batch: Option<i64>) -> 
         })?;
     }
 
+    if g.output.is_empty() {
+        return Err(merr("the graph has no outputs".into()));
+    }
     for out in &g.output {
         let o = im.value(&out.name).map_err(|e| merr(format!("graph output: {e}")))?;
         im.graph.outputs.push((out.name.clone(), o));
@@ -400,13 +413,18 @@ impl Importer {
         if data.shape.first() != Some(&Dim::Batch(1)) {
             return None;
         }
-        let per_image: i64 = data.shape[1..].iter().map(|d| d.known()).product::<Option<i64>>()?;
+        let per_image: i64 = data.shape[1..]
+            .iter()
+            .try_fold(1i64, |p, d| p.checked_mul(d.known()?))?;
         let target = self.graph.const_value(inputs[1])?.to_i64_vec().ok()?;
         let (&first, rest) = target.split_first()?;
         if first != b || per_image <= 0 || rest.iter().any(|&d| d == 0 || d < -1) {
             return None;
         }
-        let known: i64 = rest.iter().filter(|&&d| d != -1).product();
+        let known: i64 = rest
+            .iter()
+            .filter(|&&d| d != -1)
+            .try_fold(1i64, |p, &d| p.checked_mul(d))?;
         let fill = match rest.iter().filter(|&&d| d == -1).count() {
             0 if known == per_image => 1,
             1 if known > 0 && per_image % known == 0 => per_image / known,
@@ -493,78 +511,98 @@ impl Importer {
         })
     }
 
+    /// Input 0 of the node, which every op tabconv imports needs.
+    fn input0(&self, node: &NodeProto) -> Result<Outlet> {
+        match node.input.first() {
+            Some(n) if !n.is_empty() => self.value(n),
+            _ => Err(Error::Other("has no input".into())),
+        }
+    }
+
     fn import_node(&mut self, node: &NodeProto, name: &str) -> Result<()> {
+        if node.output.first().is_none_or(|o| o.is_empty()) {
+            return Err(Error::Other("has no output".into()));
+        }
         let a = Attrs::new(node);
+        let res = if node.domain == TABCONV_DOMAIN {
+            self.import_tabconv_node(node, name, &a)
+        } else {
+            self.import_onnx_node(node, name, &a)
+        };
+        // an attribute of the wrong type is the first thing to report
+        a.type_errors()?;
+        res
+    }
+
+    fn import_tabconv_node(&mut self, node: &NodeProto, name: &str, a: &Attrs) -> Result<()> {
+        let op = match node.op_type.as_str() {
+            "Im2Col" => {
+                let kernel = a.pair("kernel_shape", 0)?;
+                if kernel[0] == 0 {
+                    return Err(Error::Other("missing or non-2-D kernel_shape".into()));
+                }
+                Op::Im2Col(window(a, kernel)?)
+            }
+            "PQEncode" => {
+                let subspace = a.req_int("subspace")?;
+                if subspace < 1 {
+                    return Err(Error::Other(format!("subspace must be positive, got {subspace}")));
+                }
+                let encoder = match a.string("encoder").as_deref() {
+                    Some("argmin") => Encoder::Argmin,
+                    Some("tree") => Encoder::Tree,
+                    other => {
+                        return Err(Error::Other(format!(
+                            "encoder must be 'argmin' or 'tree', got {other:?}"
+                        )))
+                    }
+                };
+                let window = match a.has("kernel_shape") {
+                    true => Some(window(a, a.pair("kernel_shape", 1)?)?),
+                    false => None,
+                };
+                if a.has("layout") && self.tabconv_opset < 2 {
+                    return Err(Error::Other(format!(
+                        "attribute 'layout' needs {TABCONV_DOMAIN} opset 2, the file declares {}",
+                        self.tabconv_opset
+                    )));
+                }
+                let nhwc = match a.string("layout").as_deref() {
+                    None | Some("NCHW") => false,
+                    Some("NHWC") if window.is_some() => true,
+                    other => {
+                        return Err(Error::Other(format!(
+                            "layout must be 'NCHW' or 'NHWC' (with kernel_shape), got {other:?}"
+                        )))
+                    }
+                };
+                Op::PqEncode(PqEncode {
+                    subspace: subspace as usize,
+                    encoder,
+                    window,
+                    nhwc,
+                })
+            }
+            "LutMatMul" => Op::LutMatMul,
+            "NhwcConv" | "NhwcMaxPool" | "NhwcAveragePool" => self.nhwc_op(node, a)?,
+            other => return Err(Error::Other(format!("unknown {TABCONV_DOMAIN} operator {other}"))),
+        };
+        let inputs = all_inputs(self, node)?;
+        let out = node.output.first().cloned().unwrap_or_else(|| name.to_string());
+        self.add_op(&out, name, op, &inputs).map(|_| ())
+    }
+
+    /// A default-domain node: Constant, Identity/Dropout, Conv, pooling, BatchNormalization, the
+    /// activations and the arithmetic ops here; the rest in [`Importer::import_shape_node`] and
+    /// [`Importer::import_data_node`].
+    fn import_onnx_node(&mut self, node: &NodeProto, name: &str, a: &Attrs) -> Result<()> {
         let opset = self.opset;
         let mut inputs: Vec<Outlet> = Vec::new();
         // By default every present input is wired; ops with attribute-ised inputs truncate.
-        let all_inputs = |s: &Self| -> Result<Vec<Outlet>> {
-            node.input
-                .iter()
-                .filter(|n| !n.is_empty())
-                .map(|n| s.value(n))
-                .collect()
-        };
-        if node.domain == TABCONV_DOMAIN {
-            let op = match node.op_type.as_str() {
-                "Im2Col" => {
-                    let kernel = a.pair("kernel_shape", 0)?;
-                    if kernel[0] == 0 {
-                        return Err(Error::Other("missing or non-2-D kernel_shape".into()));
-                    }
-                    Op::Im2Col(window(&a, kernel)?)
-                }
-                "PQEncode" => {
-                    let subspace = a.req_int("subspace")?;
-                    if subspace < 1 {
-                        return Err(Error::Other(format!("subspace must be positive, got {subspace}")));
-                    }
-                    let encoder = match a.string("encoder").as_deref() {
-                        Some("argmin") => Encoder::Argmin,
-                        Some("tree") => Encoder::Tree,
-                        other => {
-                            return Err(Error::Other(format!(
-                                "encoder must be 'argmin' or 'tree', got {other:?}"
-                            )))
-                        }
-                    };
-                    let window = match a.has("kernel_shape") {
-                        true => Some(window(&a, a.pair("kernel_shape", 1)?)?),
-                        false => None,
-                    };
-                    if a.has("layout") && self.tabconv_opset < 2 {
-                        return Err(Error::Other(format!(
-                            "attribute 'layout' needs {TABCONV_DOMAIN} opset 2, the file declares {}",
-                            self.tabconv_opset
-                        )));
-                    }
-                    let nhwc = match a.string("layout").as_deref() {
-                        None | Some("NCHW") => false,
-                        Some("NHWC") if window.is_some() => true,
-                        other => {
-                            return Err(Error::Other(format!(
-                                "layout must be 'NCHW' or 'NHWC' (with kernel_shape), got {other:?}"
-                            )))
-                        }
-                    };
-                    Op::PqEncode(PqEncode {
-                        subspace: subspace as usize,
-                        encoder,
-                        window,
-                        nhwc,
-                    })
-                }
-                "LutMatMul" => Op::LutMatMul,
-                "NhwcConv" | "NhwcMaxPool" | "NhwcAveragePool" => self.nhwc_op(node, &a)?,
-                other => return Err(Error::Other(format!("unknown {TABCONV_DOMAIN} operator {other}"))),
-            };
-            let inputs = all_inputs(self)?;
-            let out = node.output.first().cloned().unwrap_or_else(|| name.to_string());
-            return self.add_op(&out, name, op, &inputs).map(|_| ());
-        }
+        let all_inputs = |s: &Self| all_inputs(s, node);
         let op = match node.op_type.as_str() {
             "Constant" => {
-                let t = constant_attr(&a, &mut self.reader)?;
+                let t = constant_attr(a, &mut self.reader)?;
                 let out = node.output.first().cloned().unwrap_or_else(|| name.to_string());
                 self.add_const(&out, t);
                 return Ok(());
@@ -577,7 +615,7 @@ impl Importer {
                         }
                     }
                 }
-                let src = self.value(&node.input[0])?;
+                let src = self.input0(node)?;
                 if let Some(o) = node.output.first() {
                     self.values.insert(o.clone(), src);
                 }
@@ -609,7 +647,7 @@ impl Importer {
                         [k[2], k[3]]
                     }
                 };
-                Op::Conv(Conv::nchw(window(&a, kernel)?, a.int("group", 1).max(1) as usize))
+                Op::Conv(Conv::nchw(window(a, kernel)?, a.int("group", 1).max(1) as usize))
             }
             "MaxPool" | "AveragePool" => {
                 inputs = all_inputs(self)?;
@@ -630,7 +668,7 @@ impl Importer {
                 };
                 Op::Pool(Pool {
                     kind,
-                    window: window(&a, kernel)?,
+                    window: window(a, kernel)?,
                     nhwc: false,
                 })
             }
@@ -682,10 +720,9 @@ impl Importer {
                 let (min, max) = if opset < 11 {
                     (a.float("min", f32::NEG_INFINITY), a.float("max", f32::INFINITY))
                 } else {
-                    let scalar = |t: Option<Arc<Tensor>>, d: f32| t.map(|t| t.to_f32_vec()[0]).unwrap_or(d);
                     (
-                        scalar(self.const_input(node, 1, "min")?, f32::NEG_INFINITY),
-                        scalar(self.const_input(node, 2, "max")?, f32::INFINITY),
+                        scalar_or(self.const_input(node, 1, "min")?, "min", f32::NEG_INFINITY)?,
+                        scalar_or(self.const_input(node, 2, "max")?, "max", f32::INFINITY)?,
                     )
                 };
                 self.unary(node, &mut inputs, Unary::Clip { min, max })?
@@ -708,10 +745,26 @@ impl Importer {
                 inputs = all_inputs(self)?;
                 Op::Sum
             }
+            _ => return self.import_shape_node(node, name, a),
+        };
+        let out = node.output.first().cloned().unwrap_or_else(|| name.to_string());
+        self.add_op(&out, name, op, &inputs).map(|_| ())
+    }
+
+    /// LRN, Concat and the reshaping, matrix and reduction ops (see [`Importer::import_onnx_node`]).
+    fn import_shape_node(&mut self, node: &NodeProto, name: &str, a: &Attrs) -> Result<()> {
+        let opset = self.opset;
+        let mut inputs: Vec<Outlet>;
+        let all_inputs = |s: &Self| all_inputs(s, node);
+        let op = match node.op_type.as_str() {
             "LRN" => {
                 inputs = all_inputs(self)?;
+                let size = a.req_int("size")?;
+                if size < 1 {
+                    return Err(Error::Other(format!("size must be at least 1, got {size}")));
+                }
                 Op::Lrn {
-                    size: a.req_int("size")? as usize,
+                    size: size as usize,
                     alpha: a.float("alpha", 1e-4),
                     beta: a.float("beta", 0.75),
                     bias: a.float("bias", 1.0),
@@ -745,7 +798,7 @@ impl Importer {
                 Op::Transpose { perm }
             }
             "Squeeze" | "Unsqueeze" => {
-                inputs = vec![self.value(&node.input[0])?];
+                inputs = vec![self.input0(node)?];
                 let axes = if opset < 13 {
                     a.ints("axes")
                 } else {
@@ -775,7 +828,7 @@ impl Importer {
             "Softmax" | "LogSoftmax" => {
                 inputs = all_inputs(self)?;
                 let log = node.op_type == "LogSoftmax";
-                let x = inputs[0];
+                let x = *inputs.first().ok_or_else(|| Error::Other("has no input".into()))?;
                 let rank = self.fact(x).rank() as i64;
                 let axis = a.int("axis", if opset < 13 { 1 } else { -1 });
                 let axis = if axis < 0 { axis + rank } else { axis };
@@ -807,7 +860,7 @@ impl Importer {
                 Op::Softmax { axis, log }
             }
             "Slice" => {
-                inputs = vec![self.value(&node.input[0])?];
+                inputs = vec![self.input0(node)?];
                 let ints = |s: &Self, i: usize, what: &str| -> Result<Option<Vec<i64>>> {
                     s.const_input(node, i, what)?.map(|t| t.to_i64_vec()).transpose()
                 };
@@ -840,7 +893,7 @@ impl Importer {
                 }
             }
             "ReduceMean" => {
-                inputs = vec![self.value(&node.input[0])?];
+                inputs = vec![self.input0(node)?];
                 let mut axes = if opset < 18 {
                     a.ints("axes")
                 } else {
@@ -858,8 +911,20 @@ impl Importer {
                     keepdims: a.int("keepdims", 1) != 0,
                 }
             }
+            _ => return self.import_data_node(node, name, a),
+        };
+        let out = node.output.first().cloned().unwrap_or_else(|| name.to_string());
+        self.add_op(&out, name, op, &inputs).map(|_| ())
+    }
+
+    /// Pad, Split and the shape, index and cast ops (see [`Importer::import_onnx_node`]).
+    fn import_data_node(&mut self, node: &NodeProto, name: &str, a: &Attrs) -> Result<()> {
+        let opset = self.opset;
+        let inputs: Vec<Outlet>;
+        let all_inputs = |s: &Self| all_inputs(s, node);
+        let op = match node.op_type.as_str() {
             "Pad" => {
-                inputs = vec![self.value(&node.input[0])?];
+                inputs = vec![self.input0(node)?];
                 let mode = a.string("mode").unwrap_or_else(|| "constant".into());
                 if mode != "constant" {
                     return Err(Error::Other(format!(
@@ -877,26 +942,16 @@ impl Importer {
                         .const_input(node, 1, "pads")?
                         .ok_or_else(|| Error::Other("missing pads".into()))?
                         .to_i64_vec()?;
-                    let v = self
-                        .const_input(node, 2, "constant_value")?
-                        .map(|t| t.to_f32_vec()[0])
-                        .unwrap_or(0.0);
+                    let v = scalar_or(self.const_input(node, 2, "constant_value")?, "constant_value", 0.0)?;
                     (p, v)
                 };
                 if let Some(axes) = self.const_input(node, 3, "axes")? {
-                    let axes = axes.to_i64_vec()?;
-                    let mut full = vec![0i64; 2 * rank];
-                    for (j, &ax) in axes.iter().enumerate() {
-                        let ax = if ax < 0 { ax + rank as i64 } else { ax } as usize;
-                        full[ax] = pads[j];
-                        full[ax + rank] = pads[j + axes.len()];
-                    }
-                    pads = full;
+                    pads = pads_for_axes(&pads, &axes.to_i64_vec()?, rank)?;
                 }
                 Op::Pad { pads, value }
             }
             "Split" => {
-                inputs = vec![self.value(&node.input[0])?];
+                inputs = vec![self.input0(node)?];
                 let f = self.fact(inputs[0]).clone();
                 let axis = a.int("axis", 0);
                 let ax = if axis < 0 { axis + f.rank() as i64 } else { axis } as usize;
@@ -971,7 +1026,7 @@ impl Importer {
     }
 
     fn unary(&self, node: &NodeProto, inputs: &mut Vec<Outlet>, u: Unary) -> Result<Op> {
-        *inputs = vec![self.value(node.input.first().ok_or_else(|| Error::Other("missing input".into()))?)?];
+        *inputs = vec![self.input0(node)?];
         Ok(Op::Unary(u))
     }
 
@@ -1009,6 +1064,46 @@ impl Importer {
         self.values.insert(out_name, Outlet::new(n, 0));
         Ok(Outlet::new(n, 0))
     }
+}
+
+/// Every present input of the node, wired by port.
+fn all_inputs(im: &Importer, node: &NodeProto) -> Result<Vec<Outlet>> {
+    node.input
+        .iter()
+        .filter(|n| !n.is_empty())
+        .map(|n| im.value(n))
+        .collect()
+}
+
+/// The one value of a scalar constant input (Clip bounds, Pad's constant value), or `default`
+/// when the input is absent.
+fn scalar_or(t: Option<Arc<Tensor>>, what: &str, default: f32) -> Result<f32> {
+    match t {
+        None => Ok(default),
+        Some(t) => match t.to_f32_vec().as_slice() {
+            [v] => Ok(*v),
+            v => Err(Error::Other(format!("{what} must hold one value, got {}", v.len()))),
+        },
+    }
+}
+
+/// Pad's `pads` for the listed `axes` (opset 18) spread over all `rank` axes.
+fn pads_for_axes(pads: &[i64], axes: &[i64], rank: usize) -> Result<Vec<i64>> {
+    if pads.len() != 2 * axes.len() {
+        return Err(Error::Other(format!(
+            "{} pads for {} axes (expected {})",
+            pads.len(),
+            axes.len(),
+            2 * axes.len()
+        )));
+    }
+    let mut full = vec![0i64; 2 * rank];
+    for (j, &ax) in axes.iter().enumerate() {
+        let a = crate::ir::infer::norm_axis(ax, rank)?;
+        full[a] = pads[j];
+        full[a + rank] = pads[j + axes.len()];
+    }
+    Ok(full)
 }
 
 /// The first element of `t` as a rank-0 tensor of `t`'s type (ConstantOfShape's value).

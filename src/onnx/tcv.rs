@@ -3,7 +3,7 @@
 //! producing pipeline in `metadata_props`. See docs/TCV-FORMAT.md.
 
 use super::export::export_model;
-use super::import::import_model;
+use super::import::import_model_from;
 use super::proto::read_model_proto;
 use crate::error::{Error, Result};
 use crate::ir::Graph;
@@ -66,7 +66,7 @@ pub fn read_tcv(path: &Path) -> Result<Graph> {
         }
         Err(_) => return Err(merr(format!("invalid format version '{version}'"))),
     }
-    let mut graph = import_model(&model, path)?;
+    let mut graph = import_model_from(&model, path, false)?;
     graph.metadata.clear();
     for e in &model.metadata_props {
         if let Some(k) = e.key.strip_prefix("tabconv.") {

@@ -246,6 +246,12 @@ impl Pass for Lut {
                 o.k
             )));
         }
+        if o.max_rows == 0 || o.fc_subspace == 0 || !o.ridge.is_finite() || o.ridge < 0.0 {
+            return Err(Error::Input(format!(
+                "lut: max_rows ({}) and fc_subspace ({}) must be at least 1 and ridge ({}) finite and ≥ 0",
+                o.max_rows, o.fc_subspace, o.ridge
+            )));
+        }
         let calib = cx.calib.clone().ok_or_else(|| {
             Error::Input("the lut pass learns from data: give calibration images with --calib X.npy".into())
         })?;
@@ -255,7 +261,10 @@ impl Pass for Lut {
             .into_iter()
             .filter(|l| !o.keep_exact.iter().any(|g| super::glob_match(g, &l.name)))
             .collect();
-        let n_images = calib.shape()[0];
+        let n_images = calib.shape().first().copied().unwrap_or(0);
+        if n_images == 0 {
+            return Err(Error::Input("lut: the calibration set holds no images".into()));
+        }
         let bar = crate::cli::progress(layers.len(), "lut");
         for (li, layer) in layers.into_iter().enumerate() {
             bar.set_message(layer.name.clone());
@@ -266,7 +275,9 @@ impl Pass for Lut {
             // Rows come from a random subset of images big enough to offer 4× the rows needed,
             // so early layers (many rows per image) do not run the whole calibration set.
             let mut rng = Rng::derive(cx.seed, &[li as u64, 1]);
-            let n_used = (4 * o.max_rows)
+            let n_used = o
+                .max_rows
+                .saturating_mul(4)
                 .div_ceil(layer.rows_per_image.max(1))
                 .clamp(1, n_images);
             let images = rng.sample_indices(n_images, n_used);

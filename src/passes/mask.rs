@@ -227,6 +227,19 @@ impl Pass for Mask {
     }
     fn run(&self, graph: &mut Graph, cx: &mut PassCx) -> Result<()> {
         let o = &self.0;
+        for (name, v, range) in [
+            ("min_logit_cosine", o.min_logit_cosine, -1.0..=1.0),
+            ("max_accuracy_drop", o.max_accuracy_drop, 0.0..=100.0),
+            ("target_reduction", o.target_reduction, 0.0..=1.0),
+        ] {
+            if let Some(v) = v.filter(|v| !range.contains(v)) {
+                return Err(Error::Input(format!(
+                    "mask.{name} = {v}: must be within {}..={}",
+                    range.start(),
+                    range.end()
+                )));
+            }
+        }
         let luts: Vec<String> = cx
             .exact_layers
             .keys()

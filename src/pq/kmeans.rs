@@ -108,19 +108,9 @@ pub fn kmeans(data: &[f32], d: usize, k: usize, iters: usize, rng: &mut Rng) -> 
                 for t in 0..d {
                     centroids[j * d + t] = (sums[j * d + t] / counts[j] as f64) as f32;
                 }
-            } else {
-                // empty cluster: move it to the row farthest from its centroid
-                let far = (0..n)
-                    .max_by(|&a, &b| {
-                        let da = dist2(row(a), &centroids[assign[a] * d..(assign[a] + 1) * d]);
-                        let db = dist2(row(b), &centroids[assign[b] * d..(assign[b] + 1) * d]);
-                        da.total_cmp(&db).then(b.cmp(&a))
-                    })
-                    .expect("n > k > 0");
-                centroids[j * d..(j + 1) * d].copy_from_slice(row(far));
-                changed = true;
             }
         }
+        changed |= reseed_empty(data, d, &mut centroids, &assign, &counts);
         if !changed {
             break;
         }
@@ -129,6 +119,35 @@ pub fn kmeans(data: &[f32], d: usize, k: usize, iters: usize, rng: &mut Rng) -> 
         centroids,
         distinct: None,
     }
+}
+
+/// Move each empty cluster to a different row, farthest from its centroid first (ties: lowest
+/// row), skipping rows equal to one already taken, so several empty clusters do not all land on
+/// the same row. Returns whether any cluster moved.
+fn reseed_empty(data: &[f32], d: usize, centroids: &mut [f32], assign: &[usize], counts: &[usize]) -> bool {
+    let empty: Vec<usize> = (0..counts.len()).filter(|&j| counts[j] == 0).collect();
+    if empty.is_empty() {
+        return false;
+    }
+    let row = |i: usize| &data[i * d..(i + 1) * d];
+    let dist: Vec<f32> = (0..assign.len())
+        .map(|i| dist2(row(i), &centroids[assign[i] * d..(assign[i] + 1) * d]))
+        .collect();
+    let mut order: Vec<usize> = (0..assign.len()).collect();
+    order.sort_by(|&a, &b| dist[b].total_cmp(&dist[a]).then(a.cmp(&b)));
+    let mut taken: Vec<usize> = Vec::with_capacity(empty.len());
+    for i in order {
+        if taken.len() == empty.len() {
+            break;
+        }
+        if !taken.iter().any(|&t| row(t) == row(i)) {
+            taken.push(i);
+        }
+    }
+    for (&j, &i) in empty.iter().zip(&taken) {
+        centroids[j * d..(j + 1) * d].copy_from_slice(row(i));
+    }
+    true
 }
 
 #[cfg(test)]
@@ -158,6 +177,40 @@ mod tests {
         let km = kmeans(&data, 2, 16, 10, &mut Rng::new(1));
         assert_eq!(km.distinct, Some(2));
         assert_eq!(km.centroids.len(), 32);
+    }
+
+    #[test]
+    fn empty_clusters_move_to_different_rows() {
+        // every row assigned to cluster 0; clusters 1..3 are empty
+        let data: Vec<f32> = vec![0.0, 0.1, 5.0, 9.0, 9.0, -7.0];
+        let mut centroids = vec![0.0, 0.0, 0.0, 0.0];
+        let assign = vec![0; 6];
+        assert!(reseed_empty(&data, 1, &mut centroids, &assign, &[6, 0, 0, 0]));
+        // farthest first, the duplicate 9.0 skipped
+        assert_eq!(centroids, vec![0.0, 9.0, -7.0, 5.0]);
+    }
+
+    #[test]
+    fn lloyd_iterations_find_separated_clusters() {
+        // more distinct rows than k, so the Lloyd path runs (not the exact-recovery return)
+        let centers = [[0.0f32, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]];
+        let mut rng = Rng::new(4);
+        let mut data = Vec::new();
+        for i in 0..400 {
+            let c = centers[i % 4];
+            data.push(c[0] + (rng.next_f64() as f32 - 0.5) * 0.5);
+            data.push(c[1] + (rng.next_f64() as f32 - 0.5) * 0.5);
+        }
+        let km = kmeans(&data, 2, 4, 20, &mut Rng::new(2));
+        assert_eq!(km.distinct, None);
+        for c in centers {
+            let j = nearest(&c, &km.centroids, 2);
+            assert!(
+                dist2(&c, &km.centroids[j * 2..j * 2 + 2]) < 0.05,
+                "{c:?} vs {:?}",
+                km.centroids
+            );
+        }
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! Shared helpers for integration tests: fixture paths, manifests, comparisons, tract runs.
 #![allow(dead_code)]
 
+pub mod build;
+
 use ndarray::ArrayD;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};

@@ -75,27 +75,32 @@ pub fn binary_f32(op: Binary, mut a: ArrayD<f32>, b: &ArrayD<f32>) -> Result<Arr
     broadcast_with(&a, b, f)
 }
 
-pub fn binary_int<T>(op: Binary, a: &ArrayD<T>, b: &ArrayD<T>) -> Result<ArrayD<T>>
-where
-    T: Copy
-        + Send
-        + Sync
-        + std::ops::Add<Output = T>
-        + std::ops::Sub<Output = T>
-        + std::ops::Mul<Output = T>
-        + std::ops::Div<Output = T>
-        + PartialEq
-        + Default,
-{
+/// Integer arithmetic as ONNX Runtime computes it: two's-complement wrapping, division
+/// truncating toward zero (`MIN / -1` wraps to `MIN`); division by zero is an error.
+pub trait WrappingInt: Copy + Send + Sync + PartialEq + Default {
+    fn apply(op: Binary, x: Self, y: Self) -> Self;
+}
+macro_rules! wrapping_int {
+    ($($t:ty),*) => {$(
+        impl WrappingInt for $t {
+            fn apply(op: Binary, x: Self, y: Self) -> Self {
+                match op {
+                    Binary::Add => x.wrapping_add(y),
+                    Binary::Sub => x.wrapping_sub(y),
+                    Binary::Mul => x.wrapping_mul(y),
+                    Binary::Div => x.wrapping_div(y),
+                }
+            }
+        }
+    )*};
+}
+wrapping_int!(i64, i32);
+
+pub fn binary_int<T: WrappingInt>(op: Binary, a: &ArrayD<T>, b: &ArrayD<T>) -> Result<ArrayD<T>> {
     if op == Binary::Div && b.iter().any(|&v| v == T::default()) {
         bail!("integer division by zero");
     }
-    broadcast_with(a, b, move |x, y| match op {
-        Binary::Add => x + y,
-        Binary::Sub => x - y,
-        Binary::Mul => x * y,
-        Binary::Div => x / y,
-    })
+    broadcast_with(a, b, move |x, y| T::apply(op, x, y))
 }
 
 fn broadcast_with<T: Copy + Send + Sync, F: Fn(T, T) -> T + Sync>(

@@ -1246,6 +1246,7 @@ mod tests {
                 assert_eq!(got, want, "rows={rows} c={c} m={m} k={k} {fill:?} {level:?}");
             }
         }
+        eprintln!("row-wise LUT kernel checked at SIMD levels {:?}", Simd::available());
     }
 
     fn check_all_kernels(rng: &mut Rng, rows: usize, c: usize, m: usize, k: usize, fill: Fill) {

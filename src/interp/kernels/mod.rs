@@ -79,3 +79,26 @@ impl Simd {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The kernel tests run every kernel at every level this CPU has; say which ran and which
+    /// could not (a CI log then shows what a machine did not cover, instead of silence).
+    #[test]
+    fn report_simd_levels_checked() {
+        let all = [Simd::Scalar, Simd::Avx2, Simd::Avx512];
+        let (ran, missing): (Vec<Simd>, Vec<Simd>) = all.into_iter().partition(|s| s.supported());
+        let lut: Vec<&str> = lut::LutKernel::available().iter().map(|k| k.name()).collect();
+        eprintln!(
+            "kernel tests ran at SIMD levels {:?}; not available on this CPU, not checked: {:?}; \
+             LUT kernels checked: {lut:?}; packed AVX-512 GEMM checked: {}",
+            ran.iter().map(|s| s.name()).collect::<Vec<_>>(),
+            missing.iter().map(|s| s.name()).collect::<Vec<_>>(),
+            gemm::PackedA::supported()
+        );
+        assert_eq!(Simd::available(), ran);
+        assert!(ran.contains(&Simd::detect()));
+    }
+}

@@ -107,12 +107,14 @@ pub fn pad<T: Clone>(a: &ArrayD<T>, pads: &[i64], value: T) -> Result<ArrayD<T>>
     }
     let mut out_shape = Vec::with_capacity(r);
     for (i, &n) in a.shape().iter().enumerate() {
-        let s = n as i64 + pads[i] + pads[i + r];
-        if s < 0 {
-            bail!("pads {pads:?} remove more than the whole axis {i}");
+        let s = (n as i64).checked_add(pads[i]).and_then(|s| s.checked_add(pads[i + r]));
+        match s {
+            Some(s) if s >= 0 => out_shape.push(s as usize),
+            Some(_) => bail!("pads {pads:?} remove more than the whole axis {i}"),
+            None => bail!("pads {pads:?} overflow axis {i}"),
         }
-        out_shape.push(s as usize);
     }
+    crate::limits::check_shape(&out_shape, std::mem::size_of::<T>(), "Pad output")?;
     let mut out = ArrayD::from_elem(IxDyn(&out_shape), value);
     let src = a.slice_each_axis(|ax| {
         let i = ax.axis.index();
@@ -150,10 +152,13 @@ pub fn gather<T: Clone>(a: &ArrayD<T>, axis: usize, indices: &[i64], ishape: &[u
     reshape(picked, &shape)
 }
 
-pub fn reduce_mean(a: &ArrayD<f32>, axes: &[usize], keepdims: bool) -> ArrayD<f32> {
+pub fn reduce_mean(a: &ArrayD<f32>, axes: &[usize], keepdims: bool) -> Result<ArrayD<f32>> {
     let mut sorted = axes.to_vec();
     sorted.sort_unstable();
     sorted.dedup();
+    if let Some(&ax) = sorted.iter().find(|&&ax| a.shape().get(ax).is_none_or(|&n| n == 0)) {
+        bail!("cannot average over axis {ax} of shape {:?}", a.shape());
+    }
     // The spatial mean of a channels-last batch (what `channels-last` turns GlobalAveragePool
     // into): one sum per channel in (y, x) order, divided once, the same bits as GlobalAveragePool.
     if let (4, [1, 2], false, Some(x)) = (a.ndim(), sorted.as_slice(), keepdims, a.as_slice()) {
@@ -165,16 +170,18 @@ pub fn reduce_mean(a: &ArrayD<f32>, axes: &[usize], keepdims: bool) -> ArrayD<f3
                 out.push(img.iter().skip(ch).step_by(c.max(1)).take(plane).sum::<f32>() / plane as f32);
             }
         }
-        return ArrayD::from_shape_vec(ndarray::IxDyn(&[n, c]), out).expect("reduce_mean output size");
+        return Ok(ArrayD::from_shape_vec(ndarray::IxDyn(&[n, c]), out).expect("reduce_mean output size"));
     }
     let mut out = a.clone();
     for &ax in sorted.iter().rev() {
-        out = out.mean_axis(Axis(ax)).expect("non-empty axis");
+        out = out
+            .mean_axis(Axis(ax))
+            .ok_or_else(|| crate::error::Error::Other(format!("cannot average over empty axis {ax}")))?;
         if keepdims {
             out.insert_axis_inplace(Axis(ax));
         }
     }
-    out
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -199,7 +206,7 @@ mod tests {
         }
         let gap = super::super::pool::global_pool(&nchw, &[n, c, h, w], false);
         let a = ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[n, h, w, c]), nhwc).unwrap();
-        let mean = super::reduce_mean(&a, &[1, 2], false);
+        let mean = super::reduce_mean(&a, &[1, 2], false).unwrap();
         assert_eq!(mean.shape(), [n, c]);
         let gap: Vec<u32> = gap.iter().map(|v| v.to_bits()).collect();
         let mean: Vec<u32> = mean.iter().map(|v| v.to_bits()).collect();
