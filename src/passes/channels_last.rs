@@ -100,7 +100,8 @@ fn fuse_epilogues(graph: &mut Graph) {
                     }
                     graph.set_input(n, 3, other);
                     graph.replace_uses(Outlet::new(user, 0), out);
-                    graph.remove_dead();
+                    // the folded Add has no reader left; drop it so `out` has one user again
+                    graph.g.remove_node(user);
                 }
             }
         }

@@ -173,6 +173,43 @@ pub struct Prepared {
     kind: Kind,
     /// The channel-lane layout for channels-last convolutions (see [`ChannelLanes`]).
     lanes: Option<ChannelLanes>,
+    /// The pixel-lane tree tables for channels-last convolutions (see [`PixelTree`]).
+    pixel_tree: Option<PixelTree>,
+}
+
+/// A conv's hash trees as [`tree_nhwc`] reads them, built once per node.
+struct PixelTree {
+    depth: usize,
+    kernel: [usize; 2],
+    /// The thresholds of each codebook as one 16-lane vector (unused lanes: +inf).
+    th: Vec<f32>,
+    /// Per codebook and level: the window column compared, as (channel, i, j), or None when it
+    /// lies past the last subspace's end (it reads as 0).
+    taps: Vec<Option<(usize, usize, usize)>>,
+}
+
+fn pixel_tree(sub: Subspaces, depth: usize, dims: &[usize], thr: &[f32], [kh, kw]: [usize; 2]) -> Option<PixelTree> {
+    if depth > 4 {
+        return None;
+    }
+    let c_n = sub.count();
+    let nodes = (1 << depth) - 1;
+    let mut th = vec![f32::INFINITY; c_n * 16];
+    for c in 0..c_n {
+        th[c * 16..c * 16 + nodes].copy_from_slice(&thr[c * nodes..(c + 1) * nodes]);
+    }
+    let taps = (0..c_n * depth)
+        .map(|cl| {
+            let col = (cl / depth) * sub.s + dims[cl];
+            (col < sub.d).then(|| (col / (kh * kw), col / kw % kh, col % kw))
+        })
+        .collect();
+    Some(PixelTree {
+        depth,
+        kernel: [kh, kw],
+        th,
+        taps,
+    })
 }
 
 enum Kind {
@@ -253,7 +290,24 @@ pub fn prepare(sub: Subspaces, cb: &Codebooks, hint: Option<ChannelHint>) -> Pre
         }
         _ => None,
     };
-    Prepared { sub, kind, lanes }
+    let pixel_tree = match (&kind, hint) {
+        (
+            Kind::Tree {
+                depth,
+                dims,
+                thresholds,
+                ..
+            },
+            Some((_, kh, kw)),
+        ) => pixel_tree(sub, *depth, dims, thresholds, [kh, kw]),
+        _ => None,
+    };
+    Prepared {
+        sub,
+        kind,
+        lanes,
+        pixel_tree,
+    }
 }
 
 fn channel_lanes(
@@ -323,17 +377,8 @@ pub fn encode_prepared(rows: &Rows, prepared: &Prepared, codes: &mut [u8]) {
                 .for_each(|(bi, out)| channel_rows(level, rows, cl, k, bi * block, out));
         }
     }
-    if let (
-        Kind::Tree {
-            depth,
-            dims,
-            thresholds,
-            ..
-        },
-        Rows::ConvNhwc { .. },
-    ) = (&prepared.kind, rows)
-    {
-        if tree_nhwc(rows, sub, *depth, dims, thresholds, codes) {
+    if let Some(pt) = &prepared.pixel_tree {
+        if tree_nhwc(rows, pt, c_n, codes) {
             return;
         }
     }
@@ -378,41 +423,25 @@ pub(crate) use dispatch_simd;
 /// 16 pixels of one output row, so every lane compares the same column of the window (one
 /// gather from the image, zeros outside it) and picks its node's threshold from the
 /// codebook's 15 with one permute. Same comparisons as [`tree_tile`], so same codes. Returns
-/// false (nothing written) where it does not apply: without AVX-512, trees deeper than 4, or
-/// images too large for 32-bit gather offsets.
-fn tree_nhwc(rows: &Rows, sub: Subspaces, depth: usize, dims: &[usize], thr: &[f32], codes: &mut [u8]) -> bool {
+/// false (nothing written) where it does not apply: not channels-last rows of the prepared
+/// kernel, without AVX-512, or images too large for 32-bit gather offsets.
+fn tree_nhwc(rows: &Rows, pt: &PixelTree, c_n: usize, codes: &mut [u8]) -> bool {
     let Rows::ConvNhwc { x, shape, win, geo } = rows else {
         return false;
     };
     let [n, h, w, c_in] = *shape;
     let [oh, ow] = geo.out;
-    if Simd::detect() != Simd::Avx512 || depth > 4 || h * w * c_in >= i32::MAX as usize / 2 {
+    if Simd::detect() != Simd::Avx512 || win.kernel != pt.kernel || h * w * c_in >= i32::MAX as usize / 2 {
         return false;
     }
-    let c_n = sub.count();
-    let nodes = (1 << depth) - 1;
-    // The thresholds of each codebook as one 16-lane vector (unused lanes: +inf).
-    let mut th = vec![f32::INFINITY; c_n * 16];
-    for c in 0..c_n {
-        th[c * 16..c * 16 + nodes].copy_from_slice(&thr[c * nodes..(c + 1) * nodes]);
-    }
-    // Per codebook and level: the window column compared, as (channel, i, j), or None when it
-    // lies past the last subspace's end (it reads as 0).
-    let [kh, kw] = win.kernel;
-    let taps: Vec<Option<(usize, usize, usize)>> = (0..c_n * depth)
-        .map(|cl| {
-            let col = (cl / depth) * sub.s + dims[cl];
-            (col < sub.d).then(|| (col / (kh * kw), col / kw % kh, col % kw))
-        })
-        .collect();
     let job = TreeJob {
         x,
         hwc: [h, w, c_in],
         win,
         geo,
-        depth,
-        th: &th,
-        taps: &taps,
+        depth: pt.depth,
+        th: &pt.th,
+        taps: &pt.taps,
         c_n,
     };
     let rows_per_task = (4096 / (ow * c_n).max(1)).max(1);
@@ -524,12 +553,11 @@ const KB: usize = 16;
 /// keep the nearest per lane — the same arithmetic in the same order as [`argmin_tile`].
 #[inline(always)]
 fn channel_rows(level: Simd, rows: &Rows, cl: &ChannelLanes, k: usize, r0: usize, out: &mut [u8]) {
-    let Rows::ConvNhwc { x, shape, win, geo } = rows else {
+    let Rows::ConvNhwc { x, shape, win, .. } = rows else {
         unreachable!("channel lanes need channels-last rows")
     };
-    let [_, h, w, ch] = *shape;
+    let ch = shape[3];
     let [kh, kw] = win.kernel;
-    let p = geo.out[0] * geo.out[1];
     let c_n = cl.channels * cl.families;
     let s = if cl.families == 1 { kh * kw } else { kw };
     let groups = ch.div_ceil(CL);
@@ -549,16 +577,11 @@ fn channel_rows(level: Simd, rows: &Rows, cl: &ChannelLanes, k: usize, r0: usize
             let pt = &cl.pt[fg * s * k * CL..(fg + 1) * s * k * CL];
             let hn = &cl.half_norms[fg * k * CL..(fg + 1) * k * CL];
             for (ri, codes) in out.chunks_mut(c_n).enumerate() {
-                let r = r0 + ri;
-                let (img, pos) = (r / p, r % p);
-                let y0 = ((pos / geo.out[1]) * win.strides[0]) as isize - geo.pads[0] as isize;
-                let x0 = ((pos % geo.out[1]) * win.strides[1]) as isize - geo.pads[1] as isize;
-                for (t, v) in xs[..s].iter_mut().enumerate() {
-                    let (i, j) = if cl.families == 1 { (t / kw, t % kw) } else { (f, t) };
-                    let iy = y0 + (i * win.dilations[0]) as isize;
-                    let ix = x0 + (j * win.dilations[1]) as isize;
-                    if iy >= 0 && iy < h as isize && ix >= 0 && ix < w as isize {
-                        let at = ((img * h + iy as usize) * w + ix as usize) * ch + c0;
+                let mut offs = [None; CL_MAX_S];
+                window_taps(rows, cl.families, f, r0 + ri, &mut offs[..s]);
+                for (v, o) in xs[..s].iter_mut().zip(&offs) {
+                    if let Some(o) = *o {
+                        let at = o + c0;
                         if width == CL {
                             *v = x[at..at + CL].try_into().expect("CL values");
                         } else {
@@ -578,6 +601,27 @@ fn channel_rows(level: Simd, rows: &Rows, cl: &ChannelLanes, k: usize, r0: usize
     }
 }
 
+/// For row `r` of channels-last conv rows and family `f` (see [`ChannelLanes`]): the offset of
+/// each window tap's pixel (its channel 0) in the image, `None` for taps outside it.
+fn window_taps(rows: &Rows, families: usize, f: usize, r: usize, offs: &mut [Option<usize>]) {
+    let Rows::ConvNhwc { shape, win, geo, .. } = rows else {
+        unreachable!("window taps of channels-last rows")
+    };
+    let [_, h, w, ch] = *shape;
+    let kw = win.kernel[1];
+    let p = geo.out[0] * geo.out[1];
+    let (img, pos) = (r / p, r % p);
+    let y0 = ((pos / geo.out[1]) * win.strides[0]) as isize - geo.pads[0] as isize;
+    let x0 = ((pos % geo.out[1]) * win.strides[1]) as isize - geo.pads[1] as isize;
+    for (t, o) in offs.iter_mut().enumerate() {
+        let (i, j) = if families == 1 { (t / kw, t % kw) } else { (f, t) };
+        let iy = y0 + (i * win.dilations[0]) as isize;
+        let ix = x0 + (j * win.dilations[1]) as isize;
+        let inside = iy >= 0 && iy < h as isize && ix >= 0 && ix < w as isize;
+        *o = inside.then(|| ((img * h + iy as usize) * w + ix as usize) * ch);
+    }
+}
+
 /// [`channel_rows`] at AVX-512: two rows per call of [`x86::nearest2_avx512`], which reads each
 /// tap's channels straight from the image (a masked load for a partial channel group; a zero
 /// vector outside the image) and shares every prototype load between the two rows. Same codes.
@@ -586,12 +630,11 @@ fn channel_rows(level: Simd, rows: &Rows, cl: &ChannelLanes, k: usize, r0: usize
 /// AVX-512F must be available.
 #[cfg(target_arch = "x86_64")]
 unsafe fn pairs_avx512(rows: &Rows, cl: &ChannelLanes, k: usize, r0: usize, out: &mut [u8]) {
-    let Rows::ConvNhwc { x, shape, win, geo } = rows else {
+    let Rows::ConvNhwc { x, shape, win, .. } = rows else {
         unreachable!("channel lanes need channels-last rows")
     };
-    let [_, h, w, ch] = *shape;
+    let ch = shape[3];
     let [kh, kw] = win.kernel;
-    let p = geo.out[0] * geo.out[1];
     let c_n = cl.channels * cl.families;
     let s = if cl.families == 1 { kh * kw } else { kw };
     let groups = ch.div_ceil(CL);
@@ -608,17 +651,7 @@ unsafe fn pairs_avx512(rows: &Rows, cl: &ChannelLanes, k: usize, r0: usize, out:
         for q0 in (0..n_rows).step_by(CHUNK) {
             let qn = CHUNK.min(n_rows - q0);
             for (ri, o) in offs.chunks_mut(s).take(qn).enumerate() {
-                let r = r0 + q0 + ri;
-                let (img, pos) = (r / p, r % p);
-                let y0 = ((pos / geo.out[1]) * win.strides[0]) as isize - geo.pads[0] as isize;
-                let x0 = ((pos % geo.out[1]) * win.strides[1]) as isize - geo.pads[1] as isize;
-                for (t, o) in o.iter_mut().enumerate() {
-                    let (i, j) = if cl.families == 1 { (t / kw, t % kw) } else { (f, t) };
-                    let iy = y0 + (i * win.dilations[0]) as isize;
-                    let ix = x0 + (j * win.dilations[1]) as isize;
-                    let inside = iy >= 0 && iy < h as isize && ix >= 0 && ix < w as isize;
-                    *o = inside.then(|| ((img * h + iy as usize) * w + ix as usize) * ch);
-                }
+                window_taps(rows, cl.families, f, r0 + q0 + ri, o);
             }
             let ptrs = |ri: usize, c0: usize, dst: &mut [*const f32]| {
                 for (d, o) in dst.iter_mut().zip(&offs[ri * s..(ri + 1) * s]) {

@@ -166,6 +166,7 @@ pub fn pool2d_nhwc(x: &[f32], shape: [usize; 4], pool: &Pool) -> Result<(Vec<f32
     let (dh, dw) = (win.dilations[0], win.dilations[1]);
     let (pt, pl) = (geo.pads[0], geo.pads[1]);
     let rows_per_task = (4096 / (ow * c).max(1)).max(1);
+    let avx512 = super::Simd::detect() == super::Simd::Avx512;
     out.par_chunks_mut(rows_per_task * ow * c)
         .enumerate()
         .for_each(|(task, dst)| {
@@ -175,7 +176,7 @@ pub fn pool2d_nhwc(x: &[f32], shape: [usize; 4], pool: &Pool) -> Result<(Vec<f32
                 let src = &x[img * h * w * c..(img + 1) * h * w * c];
                 let (i0, i1, ipad) = ys[y];
                 #[cfg(target_arch = "x86_64")]
-                if super::Simd::detect() == super::Simd::Avx512 {
+                if avx512 {
                     let sy: Vec<usize> = (i0..i1).map(|i| y * sh + i * dh - pt).collect();
                     let geo = RowGeo {
                         w,

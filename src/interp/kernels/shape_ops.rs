@@ -51,7 +51,7 @@ pub fn reshape_target(input: &[usize], target: &[i64], allowzero: bool) -> Resul
     Ok(out)
 }
 
-pub fn transpose<T: Clone>(a: ArrayD<T>, perm: &[usize]) -> ArrayD<T> {
+pub fn transpose<T: Copy + Default>(a: ArrayD<T>, perm: &[usize]) -> ArrayD<T> {
     // The layout conversions (`[0, 3, 1, 2]`, `[0, 2, 3, 1]`, `[0, 2, 1]`) are batches of 2-D
     // transposes: blocked, so both sides stay in cache.
     let s = a.shape().to_vec();
@@ -70,12 +70,12 @@ pub fn transpose<T: Clone>(a: ArrayD<T>, perm: &[usize]) -> ArrayD<T> {
 }
 
 /// `n` row-major `[rows, cols]` matrices → their transposes, in 16×16 blocks.
-fn batched_transpose<T: Clone>(src: &[T], n: usize, rows: usize, cols: usize) -> Vec<T> {
+fn batched_transpose<T: Copy + Default>(src: &[T], n: usize, rows: usize, cols: usize) -> Vec<T> {
     const B: usize = 16;
-    let mut out = src.to_vec();
     if rows == 1 || cols == 1 {
-        return out;
+        return src.to_vec();
     }
+    let mut out = vec![T::default(); src.len()];
     for (s, d) in src
         .chunks_exact(rows * cols)
         .zip(out.chunks_exact_mut(rows * cols))
@@ -85,7 +85,7 @@ fn batched_transpose<T: Clone>(src: &[T], n: usize, rows: usize, cols: usize) ->
             for c0 in (0..cols).step_by(B) {
                 for r in r0..(r0 + B).min(rows) {
                     for c in c0..(c0 + B).min(cols) {
-                        d[c * rows + r] = s[r * cols + c].clone();
+                        d[c * rows + r] = s[r * cols + c];
                     }
                 }
             }
