@@ -135,8 +135,20 @@ fn channels_last_keeps_every_bit_and_drops_transposes() {
         0,
         "GAP became ReduceMean"
     );
+    // no elementwise op runs twice: each Relu and residual Add is a node or fused into the
+    // epilogue of the LUT layer (or conv) it follows
     let relus = |g: &Graph| count(g, |op| matches!(op, Op::Unary(Unary::Relu)));
-    assert_eq!(relus(&cl), relus(&plain), "no elementwise op runs twice");
+    let adds = |g: &Graph| count(g, |op| matches!(op, Op::Binary(Binary::Add)));
+    let fused_relus = count(&cl, |op| matches!(op, Op::LutMatMul { relu: true }));
+    let fused_adds = cl
+        .topo_order()
+        .unwrap()
+        .into_iter()
+        .filter(|&n| matches!(cl.node(n).op, Op::LutMatMul { .. }) && cl.inputs_of(n).len() == 5)
+        .count();
+    assert!(fused_relus > 0 && fused_adds > 0, "{}", dump(&cl).unwrap());
+    assert_eq!(relus(&cl) + fused_relus, relus(&plain));
+    assert_eq!(adds(&cl) + fused_adds, adds(&plain));
 
     // the layout attribute survives writing and reading a .tcv
     let dir = tempfile::tempdir().unwrap();

@@ -269,7 +269,7 @@ fn compile_calibrates_on_many_images_and_the_tcv_keeps_the_batch_handling() {
             .topo_order()
             .unwrap()
             .into_iter()
-            .filter(|&n| matches!(g.node(n).op, Op::LutMatMul))
+            .filter(|&n| matches!(g.node(n).op, Op::LutMatMul { .. }))
             .count();
         assert!(lut > 0, "{name}: no layer became a table lookup");
         let fixed = name == "static_mixed";

@@ -131,8 +131,10 @@ pub fn eval_op_cached(op: &Op, mut args: Vec<Arc<Tensor>>, cache: Option<&Cache>
             arity(2, &args)?;
             pq_encode(p, &args, cache)?
         }
-        Op::LutMatMul => {
-            arity(4, &args)?;
+        Op::LutMatMul { relu } => {
+            if !(4..=5).contains(&args.len()) {
+                bail!("LutMatMul needs 4 or 5 inputs, got {}", args.len());
+            }
             let Tensor::U8(codes) = &*args[0] else {
                 bail!("codes must be u8")
             };
@@ -156,39 +158,54 @@ pub fn eval_op_cached(op: &Op, mut args: Vec<Arc<Tensor>>, cache: Option<&Cache>
                 bail!("code {bad} out of range for {k} prototypes");
             }
             let (scale, offset) = (f32_std(&args[2])?, f32_std(&args[3])?);
-            let mut y = vec![0f32; rows * m];
-            match &*args[1] {
+            let residual = args.get(4).map(|r| f32_std(r)).transpose()?;
+            if let Some(r) = &residual {
+                if r.len() != rows * m {
+                    bail!("the residual has {} values, the output {}", r.len(), rows * m);
+                }
+            }
+            let epi = LutEpilogue {
+                scale: &scale[..m],
+                offset: &offset[..m],
+                residual: residual.as_deref(),
+                relu: *relu,
+            };
+            let y = match &*args[1] {
                 Tensor::I8(t) => {
                     let t = t.as_standard_layout();
-                    let mut acc = vec![0i32; rows * m];
+                    let t = t.as_slice().unwrap();
                     if rows <= lut::ROWWISE_MAX_ROWS {
                         let mut slot = None;
-                        let build = || Ok(lut::transpose_tables(t.as_slice().unwrap(), c, m, k));
+                        let build = || Ok(lut::transpose_tables(t, c, m, k));
                         let tt: &Vec<i8> = cached(cache, build, &mut slot)?;
+                        let mut acc = vec![0i32; rows * m];
                         lut::lut_i8_rowwise(codes, rows, c, tt, m, k, &mut acc);
+                        let mut y = vec![0f32; rows * m];
+                        epi.apply(0, &acc, &mut y);
+                        y
                     } else {
-                        lut::lut_i8(codes, rows, c, t.as_slice().unwrap(), m, k, &mut acc);
-                    }
-                    // zipped slices, so the loop vectorizes (no bounds checks)
-                    let (scale, offset) = (&scale[..m], &offset[..m]);
-                    for (yr, ar) in y.chunks_mut(m.max(1)).zip(acc.chunks(m.max(1))) {
-                        for ((yv, &a), (&s, &o)) in yr.iter_mut().zip(ar).zip(scale.iter().zip(offset)) {
-                            *yv = s * a as f32 + o;
-                        }
+                        // the epilogue runs on each block of sums while it is in cache, and
+                        // writes every output value: `y` needs no zeroing
+                        let mut y = Vec::with_capacity(rows * m);
+                        lut::lut_i8_then(codes, rows, c, t, m, k, y.spare_capacity_mut(), |r0, acc, out| {
+                            epi.apply_uninit(r0, acc, out)
+                        });
+                        // SAFETY: `lut_i8_then` hands every block of the first `rows · m` values to
+                        // the epilogue, which writes each of them.
+                        unsafe { y.set_len(rows * m) };
+                        y
                     }
                 }
                 Tensor::F32(t) => {
                     let t = t.as_standard_layout();
-                    lut::lut_f32(codes, rows, c, t.as_slice().unwrap(), m, k, &mut y);
-                    let (scale, offset) = (&scale[..m], &offset[..m]);
-                    for yr in y.chunks_mut(m.max(1)) {
-                        for (yv, (&s, &o)) in yr.iter_mut().zip(scale.iter().zip(offset)) {
-                            *yv = s * *yv + o;
-                        }
-                    }
+                    let mut sums = vec![0f32; rows * m];
+                    lut::lut_f32(codes, rows, c, t.as_slice().unwrap(), m, k, &mut sums);
+                    let mut y = vec![0f32; rows * m];
+                    epi.apply(0, &sums, &mut y);
+                    y
                 }
                 t => bail!("tables must be i8 or f32, got {}", t.dtype()),
-            }
+            };
             let mut shape = args[0].shape().to_vec();
             *shape.last_mut().unwrap() = m;
             Tensor::F32(ArrayD::from_shape_vec(IxDyn(&shape), y).expect("output size"))
@@ -544,6 +561,75 @@ fn conv_nhwc(c: &crate::ir::op::Conv, mut args: Vec<Arc<Tensor>>, cache: Option<
 }
 
 /// Get (or build on first use) a node's cached state of type `T`; without a cache, build it.
+/// A `LutMatMul`'s epilogue: `y = scale·sum + offset`, then `+ residual` and `max(·, 0)` when
+/// fused (the same operations, in the same order, as the separate `Add` and `Relu` nodes).
+struct LutEpilogue<'a> {
+    scale: &'a [f32],
+    offset: &'a [f32],
+    residual: Option<&'a [f32]>,
+    relu: bool,
+}
+
+impl LutEpilogue<'_> {
+    /// Rows `r0 ..` of sums → their outputs.
+    fn apply<S: LutSum>(&self, r0: usize, sums: &[S], out: &mut [f32]) {
+        let m = self.scale.len().max(1);
+        for (ri, (yr, ar)) in out.chunks_mut(m).zip(sums.chunks(m)).enumerate() {
+            for (yv, (&a, (&s, &o))) in yr.iter_mut().zip(ar.iter().zip(self.scale.iter().zip(self.offset))) {
+                *yv = s * a.to_f32() + o;
+            }
+            self.finish_row((r0 + ri) * m, yr);
+        }
+    }
+
+    /// [`Self::apply`] into uninitialised outputs (every value written).
+    fn apply_uninit(&self, r0: usize, sums: &[i32], out: &mut [std::mem::MaybeUninit<f32>]) {
+        let m = self.scale.len().max(1);
+        for (ri, (yr, ar)) in out.chunks_mut(m).zip(sums.chunks(m)).enumerate() {
+            assert_eq!(yr.len(), ar.len(), "one sum per output");
+            for (yv, (&a, (&s, &o))) in yr.iter_mut().zip(ar.iter().zip(self.scale.iter().zip(self.offset))) {
+                yv.write(s * a as f32 + o);
+            }
+            // SAFETY: every value of `yr` was written just above (one per sum, lengths equal).
+            let yr = unsafe { &mut *(yr as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) };
+            self.finish_row((r0 + ri) * m, yr);
+        }
+    }
+
+    /// The fused residual `Add` and `Relu` of one row of outputs starting at value `base`.
+    #[inline(always)]
+    fn finish_row(&self, base: usize, yr: &mut [f32]) {
+        if let Some(r) = self.residual {
+            let n = yr.len();
+            for (y, &r) in yr.iter_mut().zip(&r[base..base + n]) {
+                *y += r;
+            }
+        }
+        if self.relu {
+            for y in yr.iter_mut() {
+                *y = y.max(0.0);
+            }
+        }
+    }
+}
+
+/// What a lookup kernel sums into: i32 (int8 tables) or f32.
+trait LutSum: Copy {
+    fn to_f32(self) -> f32;
+}
+impl LutSum for i32 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self as f32
+    }
+}
+impl LutSum for f32 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
 fn cached<'c, T: std::any::Any + Send + Sync>(
     cache: Option<&'c Cache>,
     build: impl FnOnce() -> Result<T>,

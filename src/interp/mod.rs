@@ -79,9 +79,10 @@ impl<'g> Plan<'g> {
                 uses[a] += 1;
             }
             // The inputs a kernel prepares from: all after the first, except a channels-last
-            // Conv's residual (input 3).
+            // Conv's residual (input 3) and a LutMatMul's (input 4).
             let prepared = match &graph.node(n).op {
                 Op::Conv(c) if c.nhwc => 2,
+                Op::LutMatMul { .. } => 3,
                 _ => usize::MAX,
             };
             let consts_after_first = graph

@@ -95,7 +95,7 @@ pub fn node_cost(graph: &Graph, n: NodeIndex) -> Cost {
                 }
             }
         }
-        Op::LutMatMul => {
+        Op::LutMatMul { .. } => {
             // out = rows · M; each output sums C lookups, then one scale multiply-add
             let cb = fact(1)
                 .and_then(|f| f.concrete_shape())

@@ -330,8 +330,10 @@ fn infer_op_unchecked(op: &Op, ins: &[Fact]) -> Result<Vec<Fact>> {
             *shape.last_mut().expect("rank ≥ 1") = Dim::Known(c);
             Fact::new(DType::U8, shape)
         }
-        Op::LutMatMul => {
-            need(4)?;
+        Op::LutMatMul { .. } => {
+            if !(4..=5).contains(&ins.len()) {
+                return err(format!("needs 4 or 5 inputs, got {}", ins.len()));
+            }
             let (codes, t) = (&ins[0], &ins[1]);
             if codes.dtype != DType::U8 {
                 return err(format!("codes must be u8, got {}", codes.dtype));
@@ -355,6 +357,16 @@ fn infer_op_unchecked(op: &Op, ins: &[Fact]) -> Result<Vec<Fact>> {
             }
             let mut shape = codes.shape.clone();
             *shape.last_mut().expect("rank ≥ 1") = Dim::Known(ts[1] as i64);
+            if let Some(r) = ins.get(4) {
+                let n = |s: &[Dim]| s.iter().map(|d| d.known()).product::<Option<i64>>();
+                if r.dtype != DType::F32 || n(&r.shape).zip(n(&shape)).is_some_and(|(a, b)| a != b) {
+                    return err(format!(
+                        "the residual must be f32 with as many values as the output, got {} {}",
+                        r.dtype,
+                        r.shape_string()
+                    ));
+                }
+            }
             Fact::new(DType::F32, shape)
         }
         Op::BatchNorm { .. } => {

@@ -195,8 +195,12 @@ pub enum Op {
     /// thresholds f32 `[C, K−1]` (tree).
     PqEncode(PqEncode),
     /// `ai.tabconv.LutMatMul`: codes `[…, C]`, tables `[C, M, K]` (i8 or f32), scale f32 `[M]`,
-    /// offset f32 `[M]` → `y[…, m] = scale[m]·Σ_c T[c, m, code_c] + offset[m]`.
-    LutMatMul,
+    /// offset f32 `[M]` → `y[…, m] = scale[m]·Σ_c T[c, m, code_c] + offset[m]`; with an
+    /// optional input 4 (a residual of as many values as `y`, added in memory order) and `relu`,
+    /// the epilogue `max(y + residual, 0)` is fused (the channels-last pass sets them).
+    LutMatMul {
+        relu: bool,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -270,7 +274,7 @@ impl Op {
             Op::Im2Col(_) => "Im2Col",
             Op::Split { .. } => "Split",
             Op::PqEncode(_) => "PQEncode",
-            Op::LutMatMul => "LutMatMul",
+            Op::LutMatMul { .. } => "LutMatMul",
         }
     }
 
@@ -305,7 +309,13 @@ impl Op {
                 }
                 s
             }
-            Op::LutMatMul => String::new(),
+            Op::LutMatMul { relu } => {
+                if *relu {
+                    "relu".into()
+                } else {
+                    String::new()
+                }
+            }
             Op::Conv(c) => {
                 let mut s = window(&c.window);
                 if c.group != 1 {

@@ -12,7 +12,7 @@ use tract_onnx::pb;
 pub const ONNX_OPSET: i64 = 17;
 pub const TABCONV_DOMAIN: &str = "ai.tabconv";
 /// Version 2 added `PQEncode`'s `layout` attribute (channels-last input).
-pub const TABCONV_OPSET: i64 = 2;
+pub const TABCONV_OPSET: i64 = 3;
 
 fn dtype_code(d: DType) -> i32 {
     match d {
@@ -334,7 +334,14 @@ fn write_node(
             }
             w.node(name, "PQEncode", TABCONV_DOMAIN, ins, out, a)
         }
-        Op::LutMatMul => w.node(name, "LutMatMul", TABCONV_DOMAIN, ins, out, vec![]),
+        Op::LutMatMul { relu } => {
+            let a = if *relu {
+                vec![attr_s("activation", "Relu")]
+            } else {
+                vec![]
+            };
+            w.node(name, "LutMatMul", TABCONV_DOMAIN, ins, out, a)
+        }
         Op::BatchNorm { epsilon } => std(w, "BatchNormalization", ins, vec![attr_f("epsilon", *epsilon)]),
         Op::Unary(u) => match u {
             Unary::Relu => std(w, "Relu", ins, vec![]),

@@ -492,11 +492,7 @@ impl Importer {
                 window: win,
                 group: a.int("group", 1).max(1) as usize,
                 nhwc: true,
-                relu: match a.string("activation").as_deref() {
-                    None => false,
-                    Some("Relu") => true,
-                    Some(other) => return Err(Error::Other(format!("activation must be 'Relu', got '{other}'"))),
-                },
+                relu: relu_attr(a)?,
             }),
             pool => Op::Pool(Pool {
                 kind: match pool {
@@ -583,7 +579,16 @@ impl Importer {
                     nhwc,
                 })
             }
-            "LutMatMul" => Op::LutMatMul,
+            "LutMatMul" => {
+                let fused = a.has("activation") || node.input.len() > 4;
+                if fused && self.tabconv_opset < 3 {
+                    return Err(Error::Other(format!(
+                        "a fused LutMatMul epilogue needs {TABCONV_DOMAIN} opset 3, the file declares {}",
+                        self.tabconv_opset
+                    )));
+                }
+                Op::LutMatMul { relu: relu_attr(a)? }
+            }
             "NhwcConv" | "NhwcMaxPool" | "NhwcAveragePool" => self.nhwc_op(node, a)?,
             other => return Err(Error::Other(format!("unknown {TABCONV_DOMAIN} operator {other}"))),
         };
@@ -1113,6 +1118,15 @@ fn first_as_scalar(t: &Tensor) -> Tensor {
         Tensor::I64(a) => Tensor::I64(ArrayD::from_elem(IxDyn(&[]), a.iter().copied().next().unwrap_or(0))),
         Tensor::I32(a) => Tensor::I32(ArrayD::from_elem(IxDyn(&[]), a.iter().copied().next().unwrap_or(0))),
         other => Tensor::scalar_f32(other.to_f32_vec().first().copied().unwrap_or(0.0)),
+    }
+}
+
+/// The `activation` attribute of `ai.tabconv` ops with a fused epilogue: absent or "Relu".
+fn relu_attr(a: &Attrs) -> Result<bool> {
+    match a.string("activation").as_deref() {
+        None => Ok(false),
+        Some("Relu") => Ok(true),
+        Some(other) => Err(Error::Other(format!("activation must be 'Relu', got '{other}'"))),
     }
 }
 

@@ -13,8 +13,8 @@
 //! Exact convolutions (group 1 or depthwise, constant weights) become channels-last `Conv`s
 //! (`ai.tabconv.NhwcConv`, the direct kernel in `interp::kernels::direct`), reading a twin, or
 //! a `Transpose(0,2,3,1)` of an NCHW value at the edge (e.g. the graph input); pooling of a
-//! twin becomes channels-last pooling; a `Relu` that is a channels-last conv's only consumer is
-//! fused into it. Every other consumer (`Flatten`, grouped convs, graph outputs, …) reads an
+//! twin becomes channels-last pooling; a residual `Add` and then a `Relu` that are the only
+//! consumers of a channels-last conv or of a LUT layer are fused into its epilogue. Every other consumer (`Flatten`, grouped convs, graph outputs, …) reads an
 //! NCHW value made by one `Transpose(0,3,1,2)` of the twin at the edge, so no elementwise op
 //! runs twice. LUT layers give the same numbers (the same rows give the same codes); exact
 //! convolutions sum in a different order (within float rounding of the NCHW kernel).
@@ -45,7 +45,7 @@ fn lut_rows(graph: &Graph, reshape: NodeIndex) -> Option<Outlet> {
         return None;
     }
     let lut = *graph.inputs_of(tr).first()?;
-    if !matches!(graph.node(lut.node).op, Op::LutMatMul) {
+    if !matches!(graph.node(lut.node).op, Op::LutMatMul { relu: false }) {
         return None;
     }
     let rows = graph.fact(lut)?;
@@ -72,49 +72,75 @@ fn direct_conv(graph: &Graph, n: NodeIndex, c: &Conv) -> bool {
     !c.nhwc && !c.relu && fits && ws[2..] == c.window.kernel
 }
 
-/// Fold what only a channels-last conv's output feeds into the conv's epilogue: a residual
-/// `Add` of another channels-last value (it becomes the conv's input 3), then a `Relu`.
+/// Fold what only a channels-last conv's or a LUT layer's output feeds into its epilogue: a
+/// residual `Add` of another computed value (it becomes the conv's input 3 / the
+/// `LutMatMul`'s input 4), then a `Relu`. A `LutMatMul` is seen through the twin `Reshape`
+/// this pass gave it (its only reader).
 fn fuse_epilogues(graph: &mut Graph) {
-    let convs: Vec<NodeIndex> = graph
+    let nodes: Vec<NodeIndex> = graph
         .g
         .node_indices()
-        .filter(|&n| matches!(&graph.node(n).op, Op::Conv(c) if c.nhwc && !c.relu))
+        .filter(|&n| match &graph.node(n).op {
+            Op::Conv(c) => c.nhwc && !c.relu,
+            Op::LutMatMul { relu } => !relu && graph.inputs_of(n).len() == 4,
+            _ => false,
+        })
         .collect();
-    for n in convs {
-        let out = Outlet::new(n, 0);
-        let Some(user) = sole_user(graph, out) else {
-            continue;
+    for n in nodes {
+        let is_lut = matches!(graph.node(n).op, Op::LutMatMul { .. });
+        // the value the epilogue's readers see
+        let out = if is_lut {
+            match sole_user(graph, Outlet::new(n, 0)) {
+                Some(r) if matches!(graph.node(r).op, Op::Reshape { .. }) => Outlet::new(r, 0),
+                _ => continue,
+            }
+        } else {
+            Outlet::new(n, 0)
         };
         let ins = graph.inputs_of(n);
-        if matches!(graph.node(user).op, Op::Binary(Binary::Add)) && ins.len() <= 3 {
-            let add = graph.inputs_of(user);
-            // The twin `Add`s of this pass add equal shapes or a scalar constant.
-            let other = add.iter().copied().find(|&o| o != out);
-            if let (2, Some(other)) = (add.len(), other) {
-                if graph.const_value(other).is_none() {
-                    if ins.len() < 3 {
-                        let m = graph.const_value(ins[1]).map(|w| w.shape()[0]).unwrap_or(0);
-                        let name = format!("{}/zero_bias", graph.node(n).name);
-                        let zero = graph.add_const(&name, Tensor::f32(&[m], vec![0.0; m]).expect("1-D"));
-                        graph.set_input(n, 2, zero);
-                    }
-                    graph.set_input(n, 3, other);
-                    graph.replace_uses(Outlet::new(user, 0), out);
-                    // the folded Add has no reader left; drop it so `out` has one user again
-                    graph.g.remove_node(user);
+        if let Some((add, other)) = residual_add(graph, out) {
+            if is_lut {
+                graph.set_input(n, 4, other);
+            } else if ins.len() <= 3 {
+                if ins.len() < 3 {
+                    let m = graph.const_value(ins[1]).map(|w| w.shape()[0]).unwrap_or(0);
+                    let name = format!("{}/zero_bias", graph.node(n).name);
+                    let zero = graph.add_const(&name, Tensor::f32(&[m], vec![0.0; m]).expect("1-D"));
+                    graph.set_input(n, 2, zero);
                 }
+                graph.set_input(n, 3, other);
+            } else {
+                continue;
             }
+            graph.replace_uses(Outlet::new(add, 0), out);
+            // the folded Add has no reader left; drop it so `out` has one user again
+            graph.g.remove_node(add);
         }
         let Some(user) = sole_user(graph, out) else {
             continue;
         };
         if matches!(graph.node(user).op, Op::Unary(Unary::Relu)) {
-            if let Op::Conv(c) = &mut graph.node_mut(n).op {
-                c.relu = true;
+            match &mut graph.node_mut(n).op {
+                Op::Conv(c) => c.relu = true,
+                Op::LutMatMul { relu } => *relu = true,
+                _ => unreachable!("filtered above"),
             }
             graph.replace_uses(Outlet::new(user, 0), out);
         }
     }
+}
+
+/// When `o`'s only reader is an `Add` of `o` and another computed value of the same shape (the
+/// twin `Add`s of this pass): that `Add` and the other value.
+fn residual_add(graph: &Graph, o: Outlet) -> Option<(NodeIndex, Outlet)> {
+    let user = sole_user(graph, o)?;
+    if !matches!(graph.node(user).op, Op::Binary(Binary::Add)) {
+        return None;
+    }
+    let add = graph.inputs_of(user);
+    let other = add.iter().copied().find(|&x| x != o)?;
+    let fits = add.len() == 2 && graph.const_value(other).is_none() && graph.fact(other) == graph.fact(o);
+    fits.then_some((user, other))
 }
 
 /// The one node that reads `o` (through one port), unless `o` is also a graph output.

@@ -415,10 +415,12 @@ impl Pass for Lut {
                 scale_t.clone(),
                 Tensor::f32(&[m], offset.clone())?,
             ];
-            let approx =
-                crate::interp::eval::eval_op(&Op::LutMatMul, args.into_iter().map(std::sync::Arc::new).collect())?
-                    .remove(0)
-                    .into_f32()?;
+            let approx = crate::interp::eval::eval_op(
+                &Op::LutMatMul { relu: false },
+                args.into_iter().map(std::sync::Arc::new).collect(),
+            )?
+            .remove(0)
+            .into_f32()?;
             let (rel, cos) = compare(approx.as_slice().unwrap(), &y);
             // 5. rewrite the graph, remembering how to put the exact layer back (the `mask` pass)
             let name = layer.name.clone();
@@ -485,7 +487,11 @@ impl Pass for Lut {
             let tc = graph.add_const(&format!("{name}/tables"), tables);
             let sc = graph.add_const(&format!("{name}/scale"), scale_t);
             let oc = graph.add_const(&format!("{name}/offset"), Tensor::f32(&[m], offset)?);
-            let lut = graph.add_op(&format!("{name}/lut"), Op::LutMatMul, &[codes_out, tc, sc, oc]);
+            let lut = graph.add_op(
+                &format!("{name}/lut"),
+                Op::LutMatMul { relu: false },
+                &[codes_out, tc, sc, oc],
+            );
             cx.exact_layers.insert(graph.node(lut.node).name.clone(), exact_layer);
             graph.replace_uses(out_value, lut);
             graph.remove_dead();

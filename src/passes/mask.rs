@@ -20,7 +20,7 @@ use super::lut::{ExactLayer, Lut};
 use super::{glob_match, Pass, PassCx};
 use crate::error::{Error, Result};
 use crate::interp::Plan;
-use crate::ir::op::{Binary, Op};
+use crate::ir::op::{Binary, Encoder, Op, PqEncode};
 use crate::ir::{cost, Graph, Outlet, Tensor};
 use ndarray::{ArrayD, Axis};
 use serde::{Deserialize, Serialize};
@@ -50,13 +50,21 @@ pub struct Options {
 /// Relative time of the operations of a LUT layer, one exact multiply-add = 1. The defaults
 /// are the kernels' measured throughputs (docs/BENCHMARKS.md, one thread, batch 64, AVX-512
 /// Zen 5): exact direct convolution ≈ 110 G multiply-adds/s, channel-lane argmin encoding
-/// ≈ 40 G/s (its comparisons included), hash-tree comparisons ≈ 2 G/s (one gather per
-/// comparison), int8 lookup-adds ≈ 70 G/s for layers of 64 or more outputs (≈ 23 G/s at 32). Counting operations alone (all weights 1) would keep layers as lookups that run
-/// slower than the exact layer they replace.
+/// ≈ 40 G/s (its comparisons included; it fills 16 channels per vector, so a layer of `C`
+/// channels pays for `⌈C/16⌉·16`), argmin encoders that gather their rows (fully connected
+/// layers, codebooks spanning channels) ≈ 8 G/s, hash-tree comparisons ≈ 2 G/s (one gather
+/// per comparison), int8 lookup-adds ≈ 70 G/s for layers of 64 or more outputs (≈ 23 G/s
+/// at 32). Counting operations alone (all weights 1) would keep layers as lookups that run
+/// slower than the exact layer they replace (measured: a 1-channel stem as lookups ran 7×
+/// slower than exact).
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct TimeModel {
+    /// An argmin multiply-add in the channel-lane kernel (convolutions whose codebooks follow
+    /// the input channels).
     pub encode_mac: f64,
+    /// An argmin multiply-add of an encoder that gathers its rows.
+    pub encode_mac_gather: f64,
     pub compare: f64,
     pub lookup: f64,
 }
@@ -65,6 +73,7 @@ impl Default for TimeModel {
     fn default() -> TimeModel {
         TimeModel {
             encode_mac: 2.75,
+            encode_mac_gather: 14.0,
             compare: 55.0,
             lookup: 1.6,
         }
@@ -75,8 +84,9 @@ impl TimeModel {
     /// Estimated time of `c` in exact multiply-adds, for a layer with `m` outputs. An argmin
     /// encoder's comparisons are part of its per-multiply-add rate; `compare` prices the hash
     /// tree's. `lookup` is the rate at 64 or more outputs: the shuffle kernel fills 64 outputs
-    /// per pass, so fewer cost proportionally more per lookup.
-    pub fn time(&self, c: &cost::Cost, m: usize) -> f64 {
+    /// per pass, so fewer cost proportionally more per lookup. `enc` is the layer's encoder and `d`
+    /// its row length.
+    pub fn time(&self, c: &cost::Cost, m: usize, enc: &PqEncode, d: usize) -> f64 {
         let compares = if c.encode_macs > 0 {
             0.0
         } else {
@@ -84,9 +94,27 @@ impl TimeModel {
         };
         let lookup = self.lookup * (64.0 / m.max(1) as f64).max(1.0);
         c.exact_macs as f64
-            + self.encode_mac * c.encode_macs as f64
+            + self.encode_mac_rate(enc, d) * c.encode_macs as f64
             + self.compare * compares
             + lookup * c.lookups as f64
+    }
+}
+
+impl TimeModel {
+    /// The time of one argmin multiply-add of `enc`: the channel-lane kernel's (its 16-channel
+    /// vectors padded) when `enc` will run it, else a gathering encoder's.
+    fn encode_mac_rate(&self, enc: &PqEncode, d: usize) -> f64 {
+        let Some(w) = &enc.window else {
+            return self.encode_mac_gather;
+        };
+        let [kh, kw] = w.kernel;
+        let s = enc.subspace;
+        if enc.encoder != Encoder::Argmin || !(s == kh * kw || (s == kw && kh > 1)) {
+            return self.encode_mac_gather;
+        }
+        // a row is one pixel window: `C·kh·kw` values
+        let channels = (d / (kh * kw).max(1)).max(1);
+        self.encode_mac * (channels.div_ceil(16) * 16) as f64 / channels as f64
     }
 }
 
@@ -303,6 +331,11 @@ impl Pass for Mask {
             let ex = &cx.exact_layers[n];
             let lut = graph.find(n).expect("present");
             let enc = graph.inputs_of(lut)[0].node;
+            let Op::PqEncode(enc_op) = graph.node(enc).op.clone() else {
+                return Err(Error::Other(format!(
+                    "{n}: a LutMatMul whose codes do not come from a PQEncode"
+                )));
+            };
             let mut lut_cost = cost::node_cost(graph, lut);
             lut_cost.add(&cost::node_cost(graph, enc));
             let d = ex.weight.shape()[0] as u64;
@@ -321,7 +354,10 @@ impl Pass for Mask {
                 shape: [ex.weight.shape()[0], ex.weight.shape()[1]],
                 layer_cosine: lr.map(|l| l.output_cosine).unwrap_or(f64::NAN),
                 exact_macs,
-                est_speedup: exact_macs as f64 / o.time_model.time(&lut_cost, ex.weight.shape()[1]).max(1.0),
+                est_speedup: exact_macs as f64
+                    / o.time_model
+                        .time(&lut_cost, ex.weight.shape()[1], &enc_op, ex.weight.shape()[0])
+                        .max(1.0),
                 lut_cost,
                 ops_saved,
                 logit_cosine_alone: cos,

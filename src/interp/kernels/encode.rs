@@ -568,6 +568,7 @@ fn channel_rows(level: Simd, rows: &Rows, cl: &ChannelLanes, k: usize, r0: usize
         return;
     }
     let mut xs = [[0f32; CL]; CL_MAX_S];
+    let mut taps = [0usize; CL_MAX_S];
     // Channel groups outside, rows inside: one group's prototypes stay in L1 across the rows.
     for f in 0..cl.families {
         for g in 0..groups {
@@ -579,20 +580,22 @@ fn channel_rows(level: Simd, rows: &Rows, cl: &ChannelLanes, k: usize, r0: usize
             for (ri, codes) in out.chunks_mut(c_n).enumerate() {
                 let mut offs = [None; CL_MAX_S];
                 window_taps(rows, cl.families, f, r0 + ri, &mut offs[..s]);
-                for (v, o) in xs[..s].iter_mut().zip(&offs) {
-                    if let Some(o) = *o {
-                        let at = o + c0;
-                        if width == CL {
-                            *v = x[at..at + CL].try_into().expect("CL values");
-                        } else {
-                            *v = [0.0; CL];
-                            v[..width].copy_from_slice(&x[at..at + width]);
-                        }
+                // taps outside the image contribute exact zeros: skipped
+                let mut n_t = 0;
+                for (t, o) in offs[..s].iter().enumerate() {
+                    let Some(o) = *o else { continue };
+                    let at = o + c0;
+                    let v = &mut xs[n_t];
+                    if width == CL {
+                        *v = x[at..at + CL].try_into().expect("CL values");
                     } else {
                         *v = [0.0; CL];
+                        v[..width].copy_from_slice(&x[at..at + width]);
                     }
+                    taps[n_t] = t;
+                    n_t += 1;
                 }
-                let best = nearest_in_lanes_at(level, &xs[..s], pt, hn, k);
+                let best = nearest_in_lanes_at(level, &xs[..n_t], &taps[..n_t], pt, hn, k);
                 for l in 0..width {
                     codes[(c0 + l) * cl.families + f] = best[l];
                 }
@@ -622,9 +625,20 @@ fn window_taps(rows: &Rows, families: usize, f: usize, r: usize, offs: &mut [Opt
     }
 }
 
+/// One window tap of a pair of rows as [`x86::nearest2_avx512`] reads it: the tap's index, and
+/// per row the offset of its pixel (channel 0) and a lane mask (`0` where the tap is outside
+/// the image: the row reads zeros there).
+#[derive(Clone, Copy, Default)]
+struct PairTap {
+    t: u32,
+    mask: [u16; 2],
+    off: [usize; 2],
+}
+
 /// [`channel_rows`] at AVX-512: two rows per call of [`x86::nearest2_avx512`], which reads each
-/// tap's channels straight from the image (a masked load for a partial channel group; a zero
-/// vector outside the image) and shares every prototype load between the two rows. Same codes.
+/// tap's channels straight from the image and shares every prototype load between the two
+/// rows. A pair's taps are listed once per chunk of rows and reused for every channel group;
+/// taps outside the image for both rows are left out (they contribute exact zeros). Same codes.
 ///
 /// # Safety
 /// AVX-512F must be available.
@@ -638,26 +652,36 @@ unsafe fn pairs_avx512(rows: &Rows, cl: &ChannelLanes, k: usize, r0: usize, out:
     let c_n = cl.channels * cl.families;
     let s = if cl.families == 1 { kh * kw } else { kw };
     let groups = ch.div_ceil(CL);
-    let zero = [0f32; CL];
     let n_rows = out.len() / c_n.max(1);
     const CHUNK: usize = 32;
-    // Per row of a chunk and tap: the offset of the pixel's channel 0 (None outside the image).
-    let mut offs = vec![None::<usize>; CHUNK * s];
-    let mut pa = [zero.as_ptr(); CL_MAX_S];
-    let mut pb = [zero.as_ptr(); CL_MAX_S];
+    let mut offs = vec![None::<usize>; 2 * s];
+    // the chunk's pairs: their taps, and where each pair's list starts
+    let mut taps: Vec<PairTap> = Vec::with_capacity(CHUNK / 2 * s);
+    let mut starts = Vec::with_capacity(CHUNK / 2 + 1);
     for f in 0..cl.families {
-        // Rows in chunks, channel groups inside: a chunk's window offsets are computed once and
-        // the layer's prototypes stay in L1.
+        // Rows in chunks, channel groups inside: a chunk's taps are listed once and one
+        // group's prototypes stay in L1 across the chunk.
         for q0 in (0..n_rows).step_by(CHUNK) {
             let qn = CHUNK.min(n_rows - q0);
-            for (ri, o) in offs.chunks_mut(s).take(qn).enumerate() {
-                window_taps(rows, cl.families, f, r0 + q0 + ri, o);
-            }
-            let ptrs = |ri: usize, c0: usize, dst: &mut [*const f32]| {
-                for (d, o) in dst.iter_mut().zip(&offs[ri * s..(ri + 1) * s]) {
-                    *d = o.map_or(zero.as_ptr(), |o| x[o + c0..].as_ptr());
+            taps.clear();
+            starts.clear();
+            for ri in (0..qn).step_by(2) {
+                let rb = (ri + 1).min(qn - 1);
+                let (oa, ob) = offs.split_at_mut(s);
+                window_taps(rows, cl.families, f, r0 + q0 + ri, oa);
+                window_taps(rows, cl.families, f, r0 + q0 + rb, ob);
+                starts.push(taps.len());
+                for (t, (a, b)) in oa.iter().zip(ob.iter()).enumerate() {
+                    if a.is_some() || b.is_some() {
+                        taps.push(PairTap {
+                            t: t as u32,
+                            mask: [a.map_or(0, |_| u16::MAX), b.map_or(0, |_| u16::MAX)],
+                            off: [a.unwrap_or(0), b.unwrap_or(0)],
+                        });
+                    }
                 }
-            };
+            }
+            starts.push(taps.len());
             for g in 0..groups {
                 let c0 = g * CL;
                 let width = (ch - c0).min(CL);
@@ -665,11 +689,11 @@ unsafe fn pairs_avx512(rows: &Rows, cl: &ChannelLanes, k: usize, r0: usize, out:
                 let fg = f * groups + g;
                 let pt = &cl.pt[fg * s * k * CL..(fg + 1) * s * k * CL];
                 let hn = &cl.half_norms[fg * k * CL..(fg + 1) * k * CL];
-                for ri in (0..qn).step_by(2) {
+                let base = &x[c0..];
+                for (pi, ri) in (0..qn).step_by(2).enumerate() {
                     let rb = (ri + 1).min(qn - 1);
-                    ptrs(ri, c0, &mut pa[..s]);
-                    ptrs(rb, c0, &mut pb[..s]);
-                    let (a, b) = x86::nearest2_avx512(&pa[..s], &pb[..s], mask, pt, hn, k);
+                    let pair = &taps[starts[pi]..starts[pi + 1]];
+                    let (a, b) = x86::nearest2_avx512(base, pair, mask, pt, hn, k);
                     let (ra, rbo) = ((q0 + ri) * c_n, (q0 + rb) * c_n);
                     if cl.families == 1 {
                         // one codebook per channel: the group's codes are contiguous
@@ -687,29 +711,30 @@ unsafe fn pairs_avx512(rows: &Rows, cl: &ChannelLanes, k: usize, r0: usize, out:
     }
 }
 
-/// Per lane, the index of the prototype minimising `‖p‖²/2 − x·p` (ties: lowest index).
-/// `pt`: `[s][k][CL]`, `hn`: `[k][CL]`; `k` a multiple of `KB`. The SIMD versions compute the
-/// same fused multiply-adds in the same order and compare prototypes in increasing order, so
-/// every version returns the same codes.
-/// Per lane, the nearest prototype at a given SIMD level (every level gives the same codes;
-/// tests compare them).
+/// Per lane, the index of the prototype minimising `‖p‖²/2 − x·p` (ties: lowest index), at a
+/// given SIMD level. `xs[i]` holds the lanes' values of window tap `taps[i]` (taps left out
+/// contribute nothing); `pt`: `[s][k][CL]`, `hn`: `[k][CL]`; `k` a multiple of `KB`. The SIMD
+/// versions compute the same fused multiply-adds in the same order and compare prototypes in
+/// increasing order, so every level returns the same codes (tests compare them).
 #[inline(always)]
-fn nearest_in_lanes_at(level: Simd, xs: &[[f32; CL]], pt: &[f32], hn: &[f32], k: usize) -> [u8; CL] {
-    assert!(pt.len() >= xs.len() * k * CL && hn.len() >= k * CL && k.is_multiple_of(KB) && k <= 256);
+fn nearest_in_lanes_at(level: Simd, xs: &[[f32; CL]], taps: &[usize], pt: &[f32], hn: &[f32], k: usize) -> [u8; CL] {
+    let s = pt.len() / (k * CL).max(1);
+    assert!(xs.len() == taps.len() && taps.iter().all(|&t| t < s));
+    assert!(hn.len() >= k * CL && k.is_multiple_of(KB) && k <= 256);
     assert!(level.supported(), "SIMD level {level:?} not supported by this CPU");
     #[cfg(target_arch = "x86_64")]
     match level {
-        // SAFETY: the level is supported (asserted); the assert above bounds every load.
-        Simd::Avx512 => return unsafe { x86::nearest_avx512(xs, pt, hn, k) },
+        // SAFETY: the level is supported (asserted); the asserts above bound every load.
+        Simd::Avx512 => return unsafe { x86::nearest_avx512(xs, taps, pt, hn, k) },
         // SAFETY: as above.
-        Simd::Avx2 => return unsafe { x86::nearest_avx2(xs, pt, hn, k) },
+        Simd::Avx2 => return unsafe { x86::nearest_avx2(xs, taps, pt, hn, k) },
         Simd::Scalar => {}
     }
     let mut best_d = [f32::INFINITY; CL];
     let mut best_k = [0u8; CL];
     for kk in 0..k {
         let mut acc = [0f32; CL];
-        for (t, xv) in xs.iter().enumerate() {
+        for (&t, xv) in taps.iter().zip(xs) {
             let row = &pt[(t * k + kk) * CL..(t * k + kk + 1) * CL];
             for l in 0..CL {
                 acc[l] = xv[l].mul_add(row[l], acc[l]);
@@ -729,18 +754,24 @@ fn nearest_in_lanes_at(level: Simd, xs: &[[f32; CL]], pt: &[f32], hn: &[f32], k:
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{CL, KB};
+    use super::{PairTap, CL, KB};
     use std::arch::x86_64::*;
 
     /// One 16-lane vector per channel group; `KB` running sums in registers.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn nearest_avx512(xs: &[[f32; CL]], pt: &[f32], hn: &[f32], k: usize) -> [u8; CL] {
+    pub(super) unsafe fn nearest_avx512(
+        xs: &[[f32; CL]],
+        taps: &[usize],
+        pt: &[f32],
+        hn: &[f32],
+        k: usize,
+    ) -> [u8; CL] {
         let mut best_d = _mm512_set1_ps(f32::INFINITY);
         let mut best_k = _mm512_setzero_si512();
         let (pt, hn) = (pt.as_ptr(), hn.as_ptr());
         for kb in (0..k).step_by(KB) {
             let mut acc = [_mm512_setzero_ps(); KB];
-            for (t, xv) in xs.iter().enumerate() {
+            for (&t, xv) in taps.iter().zip(xs) {
                 let xv = _mm512_loadu_ps(xv.as_ptr());
                 let row = pt.add((t * k + kb) * CL);
                 for (j, a) in acc.iter_mut().enumerate() {
@@ -775,34 +806,36 @@ mod x86 {
     }
 
     /// [`nearest_avx512`] for two rows at once, 8 prototypes at a time (16 running sums): each
-    /// prototype vector is loaded once for both rows. `xa[t]`, `xb[t]`: the rows' channel
-    /// values of tap `t` (lanes outside `mask` read as 0). Same sums, same scan order.
+    /// prototype vector is loaded once for both rows. Row `r` reads tap `p.t`'s channel values
+    /// at `x[p.off[r]..]`, lanes outside `mask & p.mask[r]` as 0. Same sums, same scan order.
     ///
     /// # Safety
-    /// AVX-512F; every `xa[t]`/`xb[t]` readable for the lanes in `mask`; `pt` holds
-    /// `xa.len() × k × CL` values, `hn` `k × CL`, and `k` is a multiple of 8.
+    /// AVX-512F; for every tap and row, the lanes in `mask & p.mask[r]` lie inside `x`; every
+    /// tap `< s` where `pt` holds `s × k × CL` values; `hn` holds `k × CL`, and `k` is a
+    /// multiple of 8.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn nearest2_avx512(
-        xa: &[*const f32],
-        xb: &[*const f32],
+        x: &[f32],
+        taps: &[PairTap],
         mask: u16,
         pt: &[f32],
         hn: &[f32],
         k: usize,
     ) -> ([u8; CL], [u8; CL]) {
-        debug_assert!(pt.len() >= xa.len() * k * CL && hn.len() >= k * CL && k.is_multiple_of(8));
+        debug_assert!(taps.iter().all(|p| (p.t as usize + 1) * k * CL <= pt.len()));
+        debug_assert!(hn.len() >= k * CL && k.is_multiple_of(8));
         let mut best = [(_mm512_set1_ps(f32::INFINITY), _mm512_setzero_si512()); 2];
-        let (pt, hn) = (pt.as_ptr(), hn.as_ptr());
+        let (xp, pt, hn) = (x.as_ptr(), pt.as_ptr(), hn.as_ptr());
         let merge = |(d0, k0): (__m512, __m512i), (d1, k1): (__m512, __m512i)| {
             let m = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(d1, d0);
             (_mm512_mask_mov_ps(d0, m, d1), _mm512_mask_mov_epi32(k0, m, k1))
         };
         for kb in (0..k).step_by(8) {
             let mut acc = [[_mm512_setzero_ps(); 8]; 2];
-            for (t, (&a, &b)) in xa.iter().zip(xb).enumerate() {
-                let va = _mm512_maskz_loadu_ps(mask, a);
-                let vb = _mm512_maskz_loadu_ps(mask, b);
-                let row = pt.add((t * k + kb) * CL);
+            for p in taps {
+                let va = _mm512_maskz_loadu_ps(mask & p.mask[0], xp.add(p.off[0]));
+                let vb = _mm512_maskz_loadu_ps(mask & p.mask[1], xp.add(p.off[1]));
+                let row = pt.add((p.t as usize * k + kb) * CL);
                 for j in 0..8 {
                     let pv = _mm512_loadu_ps(row.add(j * CL));
                     acc[0][j] = _mm512_fmadd_ps(va, pv, acc[0][j]);
@@ -833,7 +866,7 @@ mod x86 {
 
     /// Two 8-lane halves per channel group; 8 prototypes at a time (16 registers).
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn nearest_avx2(xs: &[[f32; CL]], pt: &[f32], hn: &[f32], k: usize) -> [u8; CL] {
+    pub(super) unsafe fn nearest_avx2(xs: &[[f32; CL]], taps: &[usize], pt: &[f32], hn: &[f32], k: usize) -> [u8; CL] {
         const H: usize = 8;
         let mut out = [0u8; CL];
         let (pt, hn) = (pt.as_ptr(), hn.as_ptr());
@@ -843,7 +876,7 @@ mod x86 {
             let mut best_k = _mm256_setzero_si256();
             for kb in (0..k).step_by(H) {
                 let mut acc = [_mm256_setzero_ps(); H];
-                for (t, xv) in xs.iter().enumerate() {
+                for (&t, xv) in taps.iter().zip(xs) {
                     let xv = _mm256_loadu_ps(xv.as_ptr().add(o));
                     let row = pt.add((t * k + kb) * CL + o);
                     for (j, a) in acc.iter_mut().enumerate() {
@@ -1150,15 +1183,21 @@ mod tests {
                 };
                 let groups = c.div_ceil(CL);
                 for g in 0..groups * cl.families {
-                    let xs: Vec<[f32; CL]> = (0..sl)
-                        .map(|_| std::array::from_fn(|_| rng.next_f64() as f32 - 0.3))
-                        .collect();
-                    let pt = &cl.pt[g * sl * k * CL..(g + 1) * sl * k * CL];
-                    let hn = &cl.half_norms[g * k * CL..(g + 1) * k * CL];
-                    let levels = Simd::available();
-                    let want = nearest_in_lanes_at(Simd::Scalar, &xs, pt, hn, k);
-                    for &lv in &levels {
-                        assert_eq!(nearest_in_lanes_at(lv, &xs, pt, hn, k), want, "{lv:?}");
+                    // all taps, and a subset (taps outside the image are left out)
+                    for taps in [
+                        (0..sl).collect::<Vec<_>>(),
+                        (0..sl).filter(|t| (t + g) % 3 != 1).collect(),
+                    ] {
+                        let xs: Vec<[f32; CL]> = taps
+                            .iter()
+                            .map(|_| std::array::from_fn(|_| rng.next_f64() as f32 - 0.3))
+                            .collect();
+                        let pt = &cl.pt[g * sl * k * CL..(g + 1) * sl * k * CL];
+                        let hn = &cl.half_norms[g * k * CL..(g + 1) * k * CL];
+                        let want = nearest_in_lanes_at(Simd::Scalar, &xs, &taps, pt, hn, k);
+                        for lv in Simd::available() {
+                            assert_eq!(nearest_in_lanes_at(lv, &xs, &taps, pt, hn, k), want, "{lv:?}");
+                        }
                     }
                 }
             }
@@ -1233,31 +1272,36 @@ mod tests {
         let pt: Vec<f32> = (0..s * k * CL).map(|_| rng.next_f64() as f32).collect();
         let hn: Vec<f32> = (0..k * CL).map(|_| rng.next_f64() as f32).collect();
         let mut xs = vec![[0f32; CL]; s];
+        let all: Vec<usize> = (0..s).collect();
         for i in 0..20000 {
             xs[i % s][i % CL] = i as f32 * 1e-6;
-            let want = nearest_in_lanes_at(Simd::Scalar, &xs, &pt, &hn, k);
+            let want = nearest_in_lanes_at(Simd::Scalar, &xs, &all, &pt, &hn, k);
             // the two-row AVX-512 kernel, with this row and a partial channel group
             #[cfg(target_arch = "x86_64")]
             if Simd::Avx512.supported() {
                 let width = 1 + i % CL;
                 let mut part = xs.clone();
                 part.iter_mut().for_each(|v| v[width..].fill(0.0));
-                let want_part = nearest_in_lanes_at(Simd::Scalar, &part, &pt, &hn, k);
-                let pa: Vec<*const f32> = xs.iter().map(|v| v.as_ptr()).collect();
+                let want_part = nearest_in_lanes_at(Simd::Scalar, &part, &all, &pt, &hn, k);
                 let mask = if width == CL { u16::MAX } else { (1u16 << width) - 1 };
-                // SAFETY: AVX-512F checked; every pointer reads CL floats; k is a multiple of 8.
-                let (a, b) = unsafe { x86::nearest2_avx512(&pa, &pa, mask, &pt, &hn, k) };
+                let (a, b) = pair_call(&xs, &xs, &all, [u16::MAX; 2], mask, &pt, &hn, k);
                 assert_eq!(
                     a[..width],
                     want_part[..width],
                     "call {i}: two-row kernel, {width} lanes"
                 );
                 assert_eq!(a, b);
-                let (full, _) = unsafe { x86::nearest2_avx512(&pa, &pa, u16::MAX, &pt, &hn, k) };
+                let (full, _) = pair_call(&xs, &xs, &all, [u16::MAX; 2], u16::MAX, &pt, &hn, k);
                 assert_eq!(full, want, "call {i}: two-row kernel");
+                // tap i % s outside the image for row b only: it reads zeros there
+                let mut holed = xs.clone();
+                holed[i % s] = [0.0; CL];
+                let want_holed = nearest_in_lanes_at(Simd::Scalar, &holed, &all, &pt, &hn, k);
+                let (_, b) = pair_call(&xs, &xs, &all, [u16::MAX, !(1 << (i % s))], u16::MAX, &pt, &hn, k);
+                assert_eq!(b, want_holed, "call {i}: two-row kernel, one tap outside");
             }
             for lv in Simd::available() {
-                let got = nearest_in_lanes_at(lv, &xs, &pt, &hn, k);
+                let got = nearest_in_lanes_at(lv, &xs, &all, &pt, &hn, k);
                 if got != want {
                     let l = (0..CL).find(|&l| got[l] != want[l]).unwrap();
                     let dist = |kk: usize| {
@@ -1289,16 +1333,81 @@ mod tests {
         let pt: Vec<f32> = (0..s * k * CL).map(|_| rng.next_f64() as f32).collect();
         let hn: Vec<f32> = (0..k * CL).map(|_| rng.next_f64() as f32).collect();
         let mut xs = vec![[0f32; CL]; s];
+        let all: Vec<usize> = (0..s).collect();
         for lv in Simd::available() {
             let t = std::time::Instant::now();
             let mut acc = 0u64;
             let reps = 1_000_000;
             for i in 0..reps {
                 xs[i % s][i % CL] = i as f32 * 1e-6;
-                acc += nearest_in_lanes_at(lv, &xs, &pt, &hn, k)[i % CL] as u64;
+                acc += nearest_in_lanes_at(lv, &xs, &all, &pt, &hn, k)[i % CL] as u64;
             }
             let ns = t.elapsed().as_secs_f64() * 1e9 / reps as f64;
             eprintln!("{lv:?}: {ns:.1} ns per call ({acc})");
+        }
+    }
+
+    /// [`x86::nearest2_avx512`] on rows `a` and `b` (`inside[r]`: bit `i` set when tap `i` of
+    /// row `r` is inside the image).
+    #[cfg(target_arch = "x86_64")]
+    #[allow(clippy::too_many_arguments)]
+    fn pair_call(
+        a: &[[f32; CL]],
+        b: &[[f32; CL]],
+        taps: &[usize],
+        inside: [u16; 2],
+        mask: u16,
+        pt: &[f32],
+        hn: &[f32],
+        k: usize,
+    ) -> ([u8; CL], [u8; CL]) {
+        let flat: Vec<f32> = a.iter().chain(b).flatten().copied().collect();
+        let list: Vec<PairTap> = taps
+            .iter()
+            .enumerate()
+            .map(|(i, &t)| PairTap {
+                t: t as u32,
+                mask: inside.map(|m| if m >> i & 1 == 1 { u16::MAX } else { 0 }),
+                off: [i * CL, (a.len() + i) * CL],
+            })
+            .collect();
+        assert!(Simd::Avx512.supported() && k.is_multiple_of(8) && hn.len() >= k * CL);
+        assert!(taps.iter().all(|&t| (t + 1) * k * CL <= pt.len()));
+        // SAFETY: AVX-512F available and every bound of the kernel's contract checked above.
+        unsafe { x86::nearest2_avx512(&flat, &list, mask, pt, hn, k) }
+    }
+
+    /// Cost of one two-row AVX-512 call on L1-resident data, by tap count (a measurement).
+    #[test]
+    #[ignore]
+    fn nearest2_throughput() {
+        #[cfg(target_arch = "x86_64")]
+        if Simd::Avx512.supported() {
+            let mut rng = Rng::new(3);
+            let k = 16;
+            let pt: Vec<f32> = (0..9 * k * CL).map(|_| rng.next_f64() as f32).collect();
+            let hn: Vec<f32> = (0..k * CL).map(|_| rng.next_f64() as f32).collect();
+            let xs: Vec<[f32; CL]> = (0..64)
+                .map(|_| std::array::from_fn(|_| rng.next_f64() as f32))
+                .collect();
+            for n_t in [1usize, 4, 9] {
+                let flat: Vec<f32> = xs.iter().flatten().copied().collect();
+                let reps = 2_000_000;
+                let t = std::time::Instant::now();
+                let mut acc = 0u64;
+                for i in 0..reps {
+                    let taps: [PairTap; 9] = std::array::from_fn(|j| PairTap {
+                        t: j as u32,
+                        mask: [u16::MAX; 2],
+                        off: [(i + j) % 64 * CL, (i + j + 7) % 64 * CL],
+                    });
+                    // SAFETY: AVX-512F checked; every offset reads CL floats inside `flat`.
+                    let (a, b) = unsafe { x86::nearest2_avx512(&flat, &taps[..n_t], u16::MAX, &pt, &hn, k) };
+                    acc += (a[i % CL] + b[0]) as u64;
+                }
+                let ns = t.elapsed().as_secs_f64() * 1e9 / reps as f64;
+                eprintln!("{n_t} taps: {ns:.1} ns per two-row call ({acc})");
+            }
         }
     }
 
@@ -1321,20 +1430,18 @@ mod tests {
             }
         }
         let xs = vec![[1.0f32; CL]; s];
+        let all: Vec<usize> = (0..s).collect();
         for lv in Simd::available() {
-            assert_eq!(nearest_in_lanes_at(lv, &xs, &pt, &hn, k), [3u8; CL], "{lv:?}");
+            assert_eq!(nearest_in_lanes_at(lv, &xs, &all, &pt, &hn, k), [3u8; CL], "{lv:?}");
         }
         let nan = vec![[f32::NAN; CL]; s];
         for lv in Simd::available() {
-            assert_eq!(nearest_in_lanes_at(lv, &nan, &pt, &hn, k), [0u8; CL], "{lv:?}");
+            assert_eq!(nearest_in_lanes_at(lv, &nan, &all, &pt, &hn, k), [0u8; CL], "{lv:?}");
         }
         // the two-row AVX-512 kernel: one row of ties, one of NaNs
         #[cfg(target_arch = "x86_64")]
         if Simd::Avx512.supported() {
-            let pa: Vec<*const f32> = xs.iter().map(|v| v.as_ptr()).collect();
-            let pb: Vec<*const f32> = nan.iter().map(|v| v.as_ptr()).collect();
-            // SAFETY: AVX-512F checked; every pointer reads CL floats; k is a multiple of 8.
-            let (a, b) = unsafe { x86::nearest2_avx512(&pa, &pb, u16::MAX, &pt, &hn, k) };
+            let (a, b) = pair_call(&xs, &nan, &all, [u16::MAX; 2], u16::MAX, &pt, &hn, k);
             assert_eq!((a, b), ([3u8; CL], [0u8; CL]));
         }
     }

@@ -125,59 +125,125 @@ pub fn lut_i8_with(
     out: &mut [i32],
 ) {
     check_shapes(codes.len(), rows, c, tables.len(), m, k, out.len());
-    assert!(
-        kernel.supported(),
-        "lut: kernel {} is not supported by this CPU",
-        kernel.name()
-    );
-    // |sum| <= 128·c must fit an i32.
-    assert!(c <= (i32::MAX / 128) as usize, "lut: too many codebooks ({c})");
-    if out.is_empty() {
-        return;
-    }
-    if c == 0 {
+    let Some(call) = Call::new(kernel, rows, c, tables, m, k) else {
         out.fill(0);
         return;
-    }
-    let kernel = if k == 16 { kernel } else { LutKernel::Scalar };
-    // When m is a multiple of 256, the table rows of one output for successive codebooks are a
-    // multiple of 4 KiB apart and all map to the same L1 sets (measured: AVX2 at m = 256 ran ~30%
-    // slower than at m = 240). Large such calls first copy the tables into a blocked layout (c·m·16
-    // bytes, at most 16/RELAYOUT_MIN_ROWS bytes per lookup); elsewhere the copy measured no gain.
-    #[cfg(target_arch = "x86_64")]
-    let relaid = (kernel != LutKernel::Scalar && rows >= RELAYOUT_MIN_ROWS && m.is_multiple_of(256))
-        .then(|| x86::relayout(tables, c, m));
-    #[cfg(target_arch = "x86_64")]
-    let simd_tables = x86::Tables {
-        data: relaid.as_deref().unwrap_or(tables),
-        relaid: relaid.is_some(),
     };
-    // Blocks of PAR_ROWS rows, or fewer (a multiple of 64, the widest kernel's block) when that
-    // leaves a thread idle. Integer sums: the split never changes the result.
-    let threads = rayon::current_num_threads().max(1);
-    let par_rows = rows.div_ceil(2 * threads).next_multiple_of(64).clamp(64, PAR_ROWS);
-    out.par_chunks_mut(par_rows * m)
+    out.par_chunks_mut(call.par_rows * m)
         .enumerate()
         .for_each_init(Scratch::default, |scratch, (bi, out)| {
-            let r0 = bi * par_rows;
-            let nr = out.len() / m;
-            let codes = &codes[r0 * c..(r0 + nr) * c];
-            match kernel {
-                LutKernel::Scalar => scalar_i8(codes, nr, c, tables, m, k, out, scratch),
-                #[cfg(target_arch = "x86_64")]
-                LutKernel::Avx2 => {
-                    // SAFETY: `kernel.supported()` was asserted above: the CPU has AVX2.
-                    unsafe { x86::avx2_i8(codes, nr, c, simd_tables, m, out, scratch) }
-                }
-                #[cfg(target_arch = "x86_64")]
-                LutKernel::Avx512 => {
-                    // SAFETY: `kernel.supported()` was asserted above: the CPU has AVX2 and AVX-512F/BW.
-                    unsafe { x86::avx512_i8(codes, nr, c, simd_tables, m, out, scratch) }
-                }
-                #[cfg(not(target_arch = "x86_64"))]
-                _ => unreachable!("SIMD kernels are x86_64 only"),
-            }
+            call.block(codes, bi, out, scratch)
         });
+}
+
+/// [`lut_i8`] with an epilogue: each block of rows' i32 sums is handed, while in cache, to
+/// `epilogue(first_row, sums, out)`, which writes that block's `out` (every value). No `rows × m`
+/// array of sums is built. `out` may be uninitialised.
+#[allow(clippy::too_many_arguments)]
+pub fn lut_i8_then<T: Send>(
+    codes: &[u8],
+    rows: usize,
+    c: usize,
+    tables: &[i8],
+    m: usize,
+    k: usize,
+    out: &mut [T],
+    epilogue: impl Fn(usize, &[i32], &mut [T]) + Sync,
+) {
+    check_shapes(codes.len(), rows, c, tables.len(), m, k, out.len());
+    let Some(call) = Call::new(LutKernel::detect(), rows, c, tables, m, k) else {
+        if !out.is_empty() {
+            epilogue(0, &vec![0; out.len()], out);
+        }
+        return;
+    };
+    out.par_chunks_mut(call.par_rows * m).enumerate().for_each_init(
+        || (Scratch::default(), Vec::new()),
+        |(scratch, sums), (bi, out)| {
+            sums.resize(out.len(), 0);
+            call.block(codes, bi, sums, scratch);
+            epilogue(bi * call.par_rows, sums, out);
+        },
+    );
+}
+
+/// One lookup call's kernel, tables and split into parallel blocks of rows.
+struct Call<'a> {
+    kernel: LutKernel,
+    c: usize,
+    m: usize,
+    k: usize,
+    tables: &'a [i8],
+    #[cfg(target_arch = "x86_64")]
+    relaid: Option<Vec<i8>>,
+    par_rows: usize,
+}
+
+impl<'a> Call<'a> {
+    /// `None` when there is nothing to sum (no outputs or no codebooks: every sum is 0).
+    fn new(kernel: LutKernel, rows: usize, c: usize, tables: &'a [i8], m: usize, k: usize) -> Option<Call<'a>> {
+        assert!(
+            kernel.supported(),
+            "lut: kernel {} is not supported by this CPU",
+            kernel.name()
+        );
+        // |sum| <= 128·c must fit an i32.
+        assert!(c <= (i32::MAX / 128) as usize, "lut: too many codebooks ({c})");
+        if rows * m == 0 || c == 0 {
+            return None;
+        }
+        let kernel = if k == 16 { kernel } else { LutKernel::Scalar };
+        // When m is a multiple of 256, the table rows of one output for successive codebooks are
+        // a multiple of 4 KiB apart and all map to the same L1 sets (measured: AVX2 at m = 256 ran
+        // ~30% slower than at m = 240). Large such calls first copy the tables into a blocked
+        // layout (c·m·16 bytes, at most 16/RELAYOUT_MIN_ROWS bytes per lookup); elsewhere the
+        // copy measured no gain.
+        #[cfg(target_arch = "x86_64")]
+        let relaid = (kernel != LutKernel::Scalar && rows >= RELAYOUT_MIN_ROWS && m.is_multiple_of(256))
+            .then(|| x86::relayout(tables, c, m));
+        // Blocks of PAR_ROWS rows, or fewer (a multiple of 64, the widest kernel's block) when
+        // that leaves a thread idle. Integer sums: the split never changes the result.
+        let threads = rayon::current_num_threads().max(1);
+        let par_rows = rows.div_ceil(2 * threads).next_multiple_of(64).clamp(64, PAR_ROWS);
+        Some(Call {
+            kernel,
+            c,
+            m,
+            k,
+            tables,
+            #[cfg(target_arch = "x86_64")]
+            relaid,
+            par_rows,
+        })
+    }
+
+    /// The sums of block `bi` of rows into `out` (`rows_in_block × m`, every value written).
+    fn block(&self, codes: &[u8], bi: usize, out: &mut [i32], scratch: &mut Scratch) {
+        let (c, m) = (self.c, self.m);
+        let r0 = bi * self.par_rows;
+        let nr = out.len() / m;
+        let codes = &codes[r0 * c..(r0 + nr) * c];
+        #[cfg(target_arch = "x86_64")]
+        let simd_tables = x86::Tables {
+            data: self.relaid.as_deref().unwrap_or(self.tables),
+            relaid: self.relaid.is_some(),
+        };
+        match self.kernel {
+            LutKernel::Scalar => scalar_i8(codes, nr, c, self.tables, m, self.k, out, scratch),
+            #[cfg(target_arch = "x86_64")]
+            LutKernel::Avx2 => {
+                // SAFETY: `Call::new` asserted `kernel.supported()`: the CPU has AVX2.
+                unsafe { x86::avx2_i8(codes, nr, c, simd_tables, m, out, scratch) }
+            }
+            #[cfg(target_arch = "x86_64")]
+            LutKernel::Avx512 => {
+                // SAFETY: `Call::new` asserted `kernel.supported()`: AVX2 and AVX-512F/BW.
+                unsafe { x86::avx512_i8(codes, nr, c, simd_tables, m, out, scratch) }
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => unreachable!("SIMD kernels are x86_64 only"),
+        }
+    }
 }
 
 /// `[c][m][k]` tables → `[c][k][m]`: the layout of [`lut_i8_rowwise`] (one contiguous run of `m`
