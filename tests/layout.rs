@@ -121,6 +121,11 @@ fn channels_last_keeps_every_bit_and_drops_transposes() {
     let a = as_f32(&run(&plain, vec![Tensor::F32(x.clone())]).unwrap()[0]);
     let b = as_f32(&run(&cl, vec![Tensor::F32(x.clone())]).unwrap()[0]);
     assert_eq!(a, b, "same codes, same lookups, same bits");
+    // one image: c and d have 9 rows, the row-wise lookup kernel's path (≤ 32 rows)
+    let one = images(1, 3);
+    let a1 = as_f32(&run(&plain, vec![Tensor::F32(one.clone())]).unwrap()[0]);
+    let b1 = as_f32(&run(&cl, vec![Tensor::F32(one)]).unwrap()[0]);
+    assert_eq!(a1, b1, "fused epilogues on the row-wise path");
 
     let transposes = |g: &Graph| count(g, |op| matches!(op, Op::Transpose { .. }));
     let nhwc_encoders = count(&cl, |op| matches!(op, Op::PqEncode(p) if p.nhwc));
