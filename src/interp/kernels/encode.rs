@@ -562,10 +562,12 @@ fn channel_rows(level: Simd, rows: &Rows, cl: &ChannelLanes, k: usize, r0: usize
     let s = if cl.families == 1 { kh * kw } else { kw };
     let groups = ch.div_ceil(CL);
     #[cfg(target_arch = "x86_64")]
-    if level == Simd::Avx512 {
-        // SAFETY: AVX-512F is available (the level was detected); see `pairs_avx512`.
-        unsafe { pairs_avx512(rows, cl, k, r0, out) };
-        return;
+    match level {
+        // SAFETY: the level was detected, so the CPU has its instructions; see `pairs`.
+        Simd::Avx512 => return unsafe { pairs(x86::nearest2_avx512, rows, cl, k, r0, out) },
+        // SAFETY: as above.
+        Simd::Avx2 => return unsafe { pairs(x86::nearest2_avx2, rows, cl, k, r0, out) },
+        Simd::Scalar => {}
     }
     let mut xs = [[0f32; CL]; CL_MAX_S];
     let mut taps = [0usize; CL_MAX_S];
@@ -635,15 +637,19 @@ struct PairTap {
     off: [usize; 2],
 }
 
-/// [`channel_rows`] at AVX-512: two rows per call of [`x86::nearest2_avx512`], which reads each
-/// tap's channels straight from the image and shares every prototype load between the two
-/// rows. A pair's taps are listed once per chunk of rows and reused for every channel group;
-/// taps outside the image for both rows are left out (they contribute exact zeros). Same codes.
+/// A two-row channel-lane kernel ([`x86::nearest2_avx512`], [`x86::nearest2_avx2`]).
+#[cfg(target_arch = "x86_64")]
+type Nearest2 = unsafe fn(&[f32], &[PairTap], u16, &[f32], &[f32], usize) -> ([u8; CL], [u8; CL]);
+
+/// [`channel_rows`] with a SIMD two-row kernel, which reads each tap's channels straight from
+/// the image and shares every prototype load between the two rows. A pair's taps are listed
+/// once per chunk of rows and reused for every channel group; taps outside the image for both
+/// rows are left out (they contribute exact zeros). Same codes.
 ///
 /// # Safety
-/// AVX-512F must be available.
+/// The CPU must have the instructions `nearest2` is compiled for.
 #[cfg(target_arch = "x86_64")]
-unsafe fn pairs_avx512(rows: &Rows, cl: &ChannelLanes, k: usize, r0: usize, out: &mut [u8]) {
+unsafe fn pairs(nearest2: Nearest2, rows: &Rows, cl: &ChannelLanes, k: usize, r0: usize, out: &mut [u8]) {
     let Rows::ConvNhwc { x, shape, win, .. } = rows else {
         unreachable!("channel lanes need channels-last rows")
     };
@@ -693,7 +699,9 @@ unsafe fn pairs_avx512(rows: &Rows, cl: &ChannelLanes, k: usize, r0: usize, out:
                 for (pi, ri) in (0..qn).step_by(2).enumerate() {
                     let rb = (ri + 1).min(qn - 1);
                     let pair = &taps[starts[pi]..starts[pi + 1]];
-                    let (a, b) = x86::nearest2_avx512(base, pair, mask, pt, hn, k);
+                    // SAFETY: the caller guarantees the instructions; offsets and masks come
+                    // from `window_taps` (inside the image), `k` is a multiple of KB.
+                    let (a, b) = unsafe { nearest2(base, pair, mask, pt, hn, k) };
                     let (ra, rbo) = ((q0 + ri) * c_n, (q0 + rb) * c_n);
                     if cl.families == 1 {
                         // one codebook per channel: the group's codes are contiguous
@@ -860,6 +868,72 @@ mod x86 {
         let mut out = [[0u8; CL]; 2];
         for (o, b) in out.iter_mut().zip(best) {
             _mm_storeu_si128(o.as_mut_ptr().cast(), _mm512_cvtepi32_epi8(b.1));
+        }
+        (out[0], out[1])
+    }
+
+    /// [`nearest2_avx512`] at AVX2: per 8-lane half of the channel group, two rows and 4
+    /// prototypes at a time (8 running sums), prototypes compared in increasing order. Lanes
+    /// outside `mask & p.mask[r]` read as 0 (`vmaskmovps`). Same sums, same codes.
+    ///
+    /// # Safety
+    /// AVX2 and FMA; otherwise as [`nearest2_avx512`].
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn nearest2_avx2(
+        x: &[f32],
+        taps: &[PairTap],
+        mask: u16,
+        pt: &[f32],
+        hn: &[f32],
+        k: usize,
+    ) -> ([u8; CL], [u8; CL]) {
+        const H: usize = 8;
+        debug_assert!(taps.iter().all(|p| (p.t as usize + 1) * k * CL <= pt.len()));
+        debug_assert!(hn.len() >= k * CL && k.is_multiple_of(4));
+        let (xp, pt, hn) = (x.as_ptr(), pt.as_ptr(), hn.as_ptr());
+        let bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+        // 8 lanes from `p`, lane l only when bit l of `m` is set
+        let load = |p: *const f32, m: u16| match m & 0xff {
+            0xff => _mm256_loadu_ps(p),
+            0 => _mm256_setzero_ps(),
+            m => {
+                let sel = _mm256_and_si256(_mm256_set1_epi32(m as i32), bit);
+                _mm256_maskload_ps(p, _mm256_cmpeq_epi32(sel, bit))
+            }
+        };
+        let mut out = [[0u8; CL]; 2];
+        for half in 0..CL / H {
+            let o = half * H;
+            let mut best = [(_mm256_set1_ps(f32::INFINITY), _mm256_setzero_si256()); 2];
+            for kb in (0..k).step_by(4) {
+                let mut acc = [[_mm256_setzero_ps(); 4]; 2];
+                for p in taps {
+                    let va = load(xp.add(p.off[0] + o), (mask & p.mask[0]) >> o);
+                    let vb = load(xp.add(p.off[1] + o), (mask & p.mask[1]) >> o);
+                    let row = pt.add((p.t as usize * k + kb) * CL + o);
+                    for j in 0..4 {
+                        let pv = _mm256_loadu_ps(row.add(j * CL));
+                        acc[0][j] = _mm256_fmadd_ps(va, pv, acc[0][j]);
+                        acc[1][j] = _mm256_fmadd_ps(vb, pv, acc[1][j]);
+                    }
+                }
+                for (acc, (bd, bk)) in acc.iter().zip(best.iter_mut()) {
+                    for (j, a) in acc.iter().enumerate() {
+                        let d = _mm256_sub_ps(_mm256_loadu_ps(hn.add((kb + j) * CL + o)), *a);
+                        let m = _mm256_cmp_ps::<_CMP_LT_OQ>(d, *bd);
+                        *bd = _mm256_blendv_ps(*bd, d, m);
+                        let kv = _mm256_set1_epi32((kb + j) as i32);
+                        *bk = _mm256_blendv_epi8(*bk, kv, _mm256_castps_si256(m));
+                    }
+                }
+            }
+            for (out, (_, bk)) in out.iter_mut().zip(best) {
+                let mut ks = [0i32; H];
+                _mm256_storeu_si256(ks.as_mut_ptr().cast(), bk);
+                for l in 0..H {
+                    out[o + l] = ks[l] as u8;
+                }
+            }
         }
         (out[0], out[1])
     }
@@ -1276,29 +1350,29 @@ mod tests {
         for i in 0..20000 {
             xs[i % s][i % CL] = i as f32 * 1e-6;
             let want = nearest_in_lanes_at(Simd::Scalar, &xs, &all, &pt, &hn, k);
-            // the two-row AVX-512 kernel, with this row and a partial channel group
+            // the two-row SIMD kernels, with this row and a partial channel group
             #[cfg(target_arch = "x86_64")]
-            if Simd::Avx512.supported() {
+            for lv in pair_levels() {
                 let width = 1 + i % CL;
                 let mut part = xs.clone();
                 part.iter_mut().for_each(|v| v[width..].fill(0.0));
                 let want_part = nearest_in_lanes_at(Simd::Scalar, &part, &all, &pt, &hn, k);
                 let mask = if width == CL { u16::MAX } else { (1u16 << width) - 1 };
-                let (a, b) = pair_call(&xs, &xs, &all, [u16::MAX; 2], mask, &pt, &hn, k);
+                let (a, b) = pair_call(lv, &xs, &xs, &all, [u16::MAX; 2], mask, &pt, &hn, k);
                 assert_eq!(
                     a[..width],
                     want_part[..width],
-                    "call {i}: two-row kernel, {width} lanes"
+                    "call {i}: {lv:?} two-row kernel, {width} lanes"
                 );
                 assert_eq!(a, b);
-                let (full, _) = pair_call(&xs, &xs, &all, [u16::MAX; 2], u16::MAX, &pt, &hn, k);
-                assert_eq!(full, want, "call {i}: two-row kernel");
+                let (full, _) = pair_call(lv, &xs, &xs, &all, [u16::MAX; 2], u16::MAX, &pt, &hn, k);
+                assert_eq!(full, want, "call {i}: {lv:?} two-row kernel");
                 // tap i % s outside the image for row b only: it reads zeros there
                 let mut holed = xs.clone();
                 holed[i % s] = [0.0; CL];
                 let want_holed = nearest_in_lanes_at(Simd::Scalar, &holed, &all, &pt, &hn, k);
-                let (_, b) = pair_call(&xs, &xs, &all, [u16::MAX, !(1 << (i % s))], u16::MAX, &pt, &hn, k);
-                assert_eq!(b, want_holed, "call {i}: two-row kernel, one tap outside");
+                let (_, b) = pair_call(lv, &xs, &xs, &all, [u16::MAX, !(1 << (i % s))], u16::MAX, &pt, &hn, k);
+                assert_eq!(b, want_holed, "call {i}: {lv:?} two-row kernel, one tap outside");
             }
             for lv in Simd::available() {
                 let got = nearest_in_lanes_at(lv, &xs, &all, &pt, &hn, k);
@@ -1347,11 +1421,23 @@ mod tests {
         }
     }
 
-    /// [`x86::nearest2_avx512`] on rows `a` and `b` (`inside[r]`: bit `i` set when tap `i` of
-    /// row `r` is inside the image).
+    /// The levels with a two-row kernel that this CPU runs.
+    #[cfg(target_arch = "x86_64")]
+    fn pair_levels() -> Vec<Simd> {
+        let levels: Vec<Simd> = [Simd::Avx512, Simd::Avx2]
+            .into_iter()
+            .filter(|l| l.supported())
+            .collect();
+        eprintln!("two-row channel-lane kernels tested: {levels:?}");
+        levels
+    }
+
+    /// The two-row kernel of `lv` on rows `a` and `b` (`inside[r]`: bit `i` set when tap `i`
+    /// of row `r` is inside the image).
     #[cfg(target_arch = "x86_64")]
     #[allow(clippy::too_many_arguments)]
     fn pair_call(
+        lv: Simd,
         a: &[[f32; CL]],
         b: &[[f32; CL]],
         taps: &[usize],
@@ -1371,10 +1457,15 @@ mod tests {
                 off: [i * CL, (a.len() + i) * CL],
             })
             .collect();
-        assert!(Simd::Avx512.supported() && k.is_multiple_of(8) && hn.len() >= k * CL);
+        assert!(lv.supported() && k.is_multiple_of(8) && hn.len() >= k * CL);
         assert!(taps.iter().all(|&t| (t + 1) * k * CL <= pt.len()));
-        // SAFETY: AVX-512F available and every bound of the kernel's contract checked above.
-        unsafe { x86::nearest2_avx512(&flat, &list, mask, pt, hn, k) }
+        let kernel: Nearest2 = match lv {
+            Simd::Avx512 => x86::nearest2_avx512,
+            Simd::Avx2 => x86::nearest2_avx2,
+            Simd::Scalar => unreachable!("no scalar two-row kernel"),
+        };
+        // SAFETY: the level is supported and every bound of the kernel's contract checked above.
+        unsafe { kernel(&flat, &list, mask, pt, hn, k) }
     }
 
     /// Cost of one two-row AVX-512 call on L1-resident data, by tap count (a measurement).
@@ -1438,11 +1529,11 @@ mod tests {
         for lv in Simd::available() {
             assert_eq!(nearest_in_lanes_at(lv, &nan, &all, &pt, &hn, k), [0u8; CL], "{lv:?}");
         }
-        // the two-row AVX-512 kernel: one row of ties, one of NaNs
+        // the two-row kernels: one row of ties, one of NaNs
         #[cfg(target_arch = "x86_64")]
-        if Simd::Avx512.supported() {
-            let (a, b) = pair_call(&xs, &nan, &all, [u16::MAX; 2], u16::MAX, &pt, &hn, k);
-            assert_eq!((a, b), ([3u8; CL], [0u8; CL]));
+        for lv in pair_levels() {
+            let (a, b) = pair_call(lv, &xs, &nan, &all, [u16::MAX; 2], u16::MAX, &pt, &hn, k);
+            assert_eq!((a, b), ([3u8; CL], [0u8; CL]), "{lv:?}");
         }
     }
 
