@@ -131,13 +131,31 @@ fn pad_input<'a>(x: &'a [f32], [n, h, w, c]: [usize; 4], conv: &Conv, geo: &Geom
         return Padded { data: x.into(), hp, wp };
     }
     let (top, left) = (geo.pads[0], geo.pads[1]);
-    let mut data = vec![0f32; n * hp * wp * c];
-    data.par_chunks_mut(hp * wp * c).enumerate().for_each(|(img, dst)| {
-        for y in 0..h {
-            let src = &x[(img * h + y) * w * c..][..w * c];
-            dst[((top + y) * wp + left) * c..][..w * c].copy_from_slice(src);
-        }
-    });
+    // Every value written once: zeros only in the border (no memset of the whole buffer).
+    let mut data: Vec<f32> = Vec::with_capacity(n * hp * wp * c);
+    let zero = std::mem::MaybeUninit::new(0f32);
+    data.spare_capacity_mut()[..n * hp * wp * c]
+        .par_chunks_mut(hp * wp * c)
+        .enumerate()
+        .for_each(|(img, dst)| {
+            for (y, row) in dst.chunks_mut(wp * c).enumerate() {
+                let Some(sy) = y.checked_sub(top).filter(|&sy| sy < h) else {
+                    row.fill(zero);
+                    continue;
+                };
+                let (l, rest) = row.split_at_mut(left * c);
+                let (mid, r) = rest.split_at_mut(w * c);
+                l.fill(zero);
+                for (d, &v) in mid.iter_mut().zip(&x[(img * h + sy) * w * c..][..w * c]) {
+                    d.write(v);
+                }
+                r.fill(zero);
+            }
+        });
+    // SAFETY: the loop above wrote every one of the `n · hp · wp · c` values (each image's
+    // `hp` rows of `wp · c`: border rows zeroed, other rows zeros | the input row | zeros;
+    // `need` keeps `left + w ≤ wp` and `top + h ≤ hp`).
+    unsafe { data.set_len(n * hp * wp * c) };
     Padded {
         data: data.into(),
         hp,
@@ -240,6 +258,25 @@ pub fn conv_nhwc(
                         _ => x86::row_c1_avx512::<16>(xdata, src, pad.wp, dh, ow, wts, &lay, dst),
                     }
                 };
+            }
+        });
+        return Ok((out, [n, oh, ow, m]));
+    }
+    #[cfg(target_arch = "x86_64")]
+    if simd == Simd::Avx512 && wts.depthwise && wts.kernel == [3, 3] {
+        // 3×3 depthwise: a whole output row per call, the 9 weight vectors of a channel block in
+        // registers and the row's pixels evenly spaced (no offset table).
+        let rows_out = n * oh;
+        let outp = SendPtr(out.as_mut_ptr());
+        let xdata: &[f32] = &pad.data;
+        let per = (1usize << 14).div_ceil(ow * m * 9).max(1);
+        (0..rows_out.div_ceil(per)).into_par_iter().for_each(|t| {
+            for row in t * per..((t + 1) * per).min(rows_out) {
+                let (img, y) = (row / oh, row % oh);
+                let src = ((img * pad.hp + y * sh) * pad.wp) * c;
+                // SAFETY: AVX-512F detected; the row's windows lie in the padded image and `out`
+                // holds `ow × m` floats at the row's offset (rows are disjoint).
+                unsafe { x86::dw3_row_avx512(xdata, src, sw * c, ow, wts, &lay, outp.get().add(row * ow * m)) };
             }
         });
         return Ok((out, [n, oh, ow, m]));
@@ -589,6 +626,69 @@ mod x86 {
                     }
                     *d.add(oc) = if lay.relu { v.max(0.0) } else { v };
                 }
+            }
+        }
+    }
+
+    /// 3×3 depthwise over one output row: `x[src..]` is the row's first window corner, pixels
+    /// `step` floats apart; per block of 16 channels the 9 weight vectors stay in registers
+    /// and 8 pixels are summed at a time (then one by one), in the order of [`depthwise512`].
+    ///
+    /// # Safety
+    /// AVX-512F; every window of the row inside `x` (padded); `dst` valid for `ow × m` floats.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub unsafe fn dw3_row_avx512(
+        x: &[f32],
+        src: usize,
+        step: usize,
+        ow: usize,
+        wts: &super::NhwcWeights,
+        lay: &Layout,
+        dst: *mut f32,
+    ) {
+        const R: usize = 8;
+        let m = lay.m;
+        let nb = wts.blocks[0].1;
+        let (w, bias) = (wts.data.as_ptr(), wts.bias.as_ptr());
+        let xp = x.as_ptr().add(src);
+        let taps: [usize; 9] = std::array::from_fn(|t| (t / 3) * lay.tap[0] + (t % 3) * lay.tap[1]);
+        let zero = _mm512_setzero_ps();
+        // the epilogue of one pixel's block: residual, ReLU, masked store
+        let store = |p: *mut f32, mask: u16, s: __m512| {
+            let s = if lay.accumulate {
+                _mm512_add_ps(s, _mm512_maskz_loadu_ps(mask, p))
+            } else {
+                s
+            };
+            let s = if lay.relu { _mm512_max_ps(s, zero) } else { s };
+            _mm512_mask_storeu_ps(p, mask, s);
+        };
+        for l0 in (0..m).step_by(16) {
+            let mask = ((1u32 << (m - l0).min(16)) - 1) as u16;
+            let wv: [__m512; 9] = std::array::from_fn(|t| _mm512_loadu_ps(w.add(t * nb + l0)));
+            let b = _mm512_loadu_ps(bias.add(l0));
+            let mut x0 = 0;
+            while x0 + R <= ow {
+                let mut acc = [b; R];
+                let px = xp.add(x0 * step + l0);
+                for t in 0..9 {
+                    for (r, a) in acc.iter_mut().enumerate() {
+                        let xv = _mm512_maskz_loadu_ps(mask, px.add(r * step + taps[t]));
+                        *a = _mm512_fmadd_ps(xv, wv[t], *a);
+                    }
+                }
+                for (r, a) in acc.into_iter().enumerate() {
+                    store(dst.add((x0 + r) * m + l0), mask, a);
+                }
+                x0 += R;
+            }
+            for xo in x0..ow {
+                let px = xp.add(xo * step + l0);
+                let mut a = b;
+                for t in 0..9 {
+                    a = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, px.add(taps[t])), wv[t], a);
+                }
+                store(dst.add(xo * m + l0), mask, a);
             }
         }
     }

@@ -606,6 +606,106 @@ fn channel_rows(level: Simd, rows: &Rows, cl: &ChannelLanes, k: usize, r0: usize
     }
 }
 
+/// The windows of channels-last conv rows in row order, family `f` (see [`ChannelLanes`]):
+/// one division to find the first row, then counters.
+struct RowWindows {
+    /// Per tap of the family: its kernel row and column, and its offset from tap (0, 0).
+    taps: Vec<(usize, usize, isize)>,
+    hw: [usize; 2],
+    ch: usize,
+    out: [usize; 2],
+    strides: [usize; 2],
+    dil: [usize; 2],
+    pads: [usize; 2],
+    kernel: [usize; 2],
+}
+
+/// An output position `(image, y, x)`.
+struct RowPos([usize; 3]);
+
+/// One row's window: the offset of tap (0, 0) (outside the image at the border) and the kernel
+/// rows and columns inside the image.
+#[derive(Clone, Copy)]
+struct RowWindow {
+    base: isize,
+    rows: (usize, usize),
+    cols: (usize, usize),
+}
+
+impl RowWindow {
+    fn inside(&self, i: usize, j: usize) -> bool {
+        (self.rows.0..self.rows.1).contains(&i) && (self.cols.0..self.cols.1).contains(&j)
+    }
+    /// The offset of the tap `o` floats from tap (0, 0), for a tap inside the image.
+    fn at(&self, o: isize) -> usize {
+        (self.base + o) as usize
+    }
+}
+
+impl RowWindows {
+    fn new(rows: &Rows, families: usize, f: usize) -> RowWindows {
+        let Rows::ConvNhwc { shape, win, geo, .. } = rows else {
+            unreachable!("windows of channels-last rows")
+        };
+        let [_, h, w, ch] = *shape;
+        let [kh, kw] = win.kernel;
+        let [dh, dw] = win.dilations;
+        let tap = |i: usize, j: usize| (i, j, ((i * dh * w + j * dw) * ch) as isize);
+        let taps = match families {
+            1 => (0..kh * kw).map(|t| tap(t / kw, t % kw)).collect(),
+            _ => (0..kw).map(|j| tap(f, j)).collect(),
+        };
+        RowWindows {
+            taps,
+            hw: [h, w],
+            ch,
+            out: geo.out,
+            strides: win.strides,
+            dil: win.dilations,
+            pads: [geo.pads[0], geo.pads[1]],
+            kernel: win.kernel,
+        }
+    }
+    fn start(&self, r: usize) -> RowPos {
+        let p = self.out[0] * self.out[1];
+        RowPos([r / p, r % p / self.out[1], r % self.out[1]])
+    }
+    fn advance(&self, pos: &mut RowPos) {
+        let [img, y, x] = &mut pos.0;
+        *x += 1;
+        if *x == self.out[1] {
+            *x = 0;
+            *y += 1;
+            if *y == self.out[0] {
+                *y = 0;
+                *img += 1;
+            }
+        }
+    }
+    fn window(&self, pos: &RowPos) -> RowWindow {
+        let [img, y, x] = pos.0;
+        // kernel indices `i` with `0 ≤ c0 + i·d < size`
+        let span = |c0: isize, d: usize, size: usize, k: usize| {
+            let d = d as isize;
+            let lo = if c0 >= 0 { 0 } else { (-c0 + d - 1) / d };
+            let hi = if (size as isize) > c0 {
+                (size as isize - c0 + d - 1) / d
+            } else {
+                0
+            };
+            (lo.min(k as isize) as usize, hi.clamp(0, k as isize) as usize)
+        };
+        let y0 = (y * self.strides[0]) as isize - self.pads[0] as isize;
+        let x0 = (x * self.strides[1]) as isize - self.pads[1] as isize;
+        let [h, w] = self.hw;
+        RowWindow {
+            base: (((img * h) as isize + y0) * w as isize + x0) * self.ch as isize,
+            rows: span(y0, self.dil[0], h, self.kernel[0]),
+            cols: span(x0, self.dil[1], w, self.kernel[1]),
+        }
+    }
+}
+
 /// For row `r` of channels-last conv rows and family `f` (see [`ChannelLanes`]): the offset of
 /// each window tap's pixel (its channel 0) in the image, `None` for taps outside it.
 fn window_taps(rows: &Rows, families: usize, f: usize, r: usize, offs: &mut [Option<usize>]) {
@@ -660,29 +760,33 @@ unsafe fn pairs(nearest2: Nearest2, rows: &Rows, cl: &ChannelLanes, k: usize, r0
     let groups = ch.div_ceil(CL);
     let n_rows = out.len() / c_n.max(1);
     const CHUNK: usize = 32;
-    let mut offs = vec![None::<usize>; 2 * s];
     // the chunk's pairs: their taps, and where each pair's list starts
     let mut taps: Vec<PairTap> = Vec::with_capacity(CHUNK / 2 * s);
     let mut starts = Vec::with_capacity(CHUNK / 2 + 1);
     for f in 0..cl.families {
+        let windows = RowWindows::new(rows, cl.families, f);
+        let mut pos = windows.start(r0);
+        let mut wins = [windows.window(&pos); CHUNK];
         // Rows in chunks, channel groups inside: a chunk's taps are listed once and one
         // group's prototypes stay in L1 across the chunk.
         for q0 in (0..n_rows).step_by(CHUNK) {
             let qn = CHUNK.min(n_rows - q0);
+            for w in wins.iter_mut().take(qn) {
+                *w = windows.window(&pos);
+                windows.advance(&mut pos);
+            }
             taps.clear();
             starts.clear();
             for ri in (0..qn).step_by(2) {
-                let rb = (ri + 1).min(qn - 1);
-                let (oa, ob) = offs.split_at_mut(s);
-                window_taps(rows, cl.families, f, r0 + q0 + ri, oa);
-                window_taps(rows, cl.families, f, r0 + q0 + rb, ob);
+                let (a, b) = (&wins[ri], &wins[(ri + 1).min(qn - 1)]);
                 starts.push(taps.len());
-                for (t, (a, b)) in oa.iter().zip(ob.iter()).enumerate() {
-                    if a.is_some() || b.is_some() {
+                for (t, &(i, j, o)) in windows.taps.iter().enumerate() {
+                    let (ia, ib) = (a.inside(i, j), b.inside(i, j));
+                    if ia || ib {
                         taps.push(PairTap {
                             t: t as u32,
-                            mask: [a.map_or(0, |_| u16::MAX), b.map_or(0, |_| u16::MAX)],
-                            off: [a.unwrap_or(0), b.unwrap_or(0)],
+                            mask: [if ia { u16::MAX } else { 0 }, if ib { u16::MAX } else { 0 }],
+                            off: [if ia { a.at(o) } else { 0 }, if ib { b.at(o) } else { 0 }],
                         });
                     }
                 }
@@ -1300,6 +1404,9 @@ mod tests {
         for &(n, c, hw, stride, k) in &[
             (64usize, 64usize, 14usize, 2usize, 16usize),
             (64, 64, 7, 1, 16),
+            (2, 64, 7, 1, 16),
+            (64, 16, 7, 1, 16),
+            (64, 32, 7, 1, 16),
             (64, 256, 2, 1, 16),
         ] {
             let win = Window {
@@ -1323,7 +1430,7 @@ mod tests {
             let mut codes = vec![0u8; rows.count() * c];
             encode_prepared(&rows, &prepared, &mut codes);
             let t = std::time::Instant::now();
-            let reps = 20;
+            let reps = 20 * 64 / n;
             for _ in 0..reps {
                 encode_prepared(&rows, &prepared, &mut codes);
             }

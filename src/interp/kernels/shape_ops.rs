@@ -165,10 +165,18 @@ pub fn reduce_mean(a: &ArrayD<f32>, axes: &[usize], keepdims: bool) -> Result<Ar
         let [n, h, w, c] = [a.shape()[0], a.shape()[1], a.shape()[2], a.shape()[3]];
         let plane = h * w;
         let mut out = Vec::with_capacity(n * c);
-        for img in x.chunks(plane * c).take(n) {
-            for ch in 0..c {
-                out.push(img.iter().skip(ch).step_by(c.max(1)).take(plane).sum::<f32>() / plane as f32);
+        // `Iterator::sum`'s starting value, so each channel's sum is the one `sum()` gives
+        let zero: f32 = std::iter::empty::<f32>().sum();
+        let mut acc = vec![zero; c];
+        for img in x.chunks((plane * c).max(1)).take(n) {
+            acc.fill(zero);
+            // pixel by pixel, all channels at once (vectorizes), in (y, x) order per channel
+            for px in img.chunks_exact(c.max(1)) {
+                for (a, &v) in acc.iter_mut().zip(px) {
+                    *a += v;
+                }
             }
+            out.extend(acc.iter().map(|&a| a / plane as f32));
         }
         return Ok(ArrayD::from_shape_vec(ndarray::IxDyn(&[n, c]), out).expect("reduce_mean output size"));
     }
