@@ -213,11 +213,17 @@ pub fn conv_nhwc(
     };
     debug_assert_eq!(wts.c, if wts.depthwise { 1 } else { c });
     let pixels = n * oh * ow;
+    // The output: the residual's buffer (the kernels add it), or fresh memory that the kernels
+    // below write in full (every pixel's `m` values) before `Output::finish` marks it written.
     let mut out = match epi.residual {
-        Some(r) if r.len() == pixels * m => r,
+        Some(r) if r.len() == pixels * m => Output { v: r, fresh: false },
         Some(r) => crate::bail!("residual has {} values, the output {}", r.len(), pixels * m),
-        None => vec![0f32; pixels * m],
+        None => Output {
+            v: Vec::with_capacity(pixels * m),
+            fresh: true,
+        },
     };
+    let outp = out.ptr();
     // Input offsets of the window corners of output pixels `q0..q0 + r` (the pixel `last`
     // repeated past the end): one division per tile, then counters.
     let offsets = |q0: usize, rows: usize, offs: &mut [usize]| {
@@ -242,7 +248,6 @@ pub fn conv_nhwc(
     if simd == Simd::Avx512 && c == 1 && !wts.depthwise && conv.window.strides[1] == 1 && dw == 1 && m <= 16 {
         // One input channel (a network's first layer): vectorize over output pixels instead.
         let rows_out = n * oh;
-        let outp = SendPtr(out.as_mut_ptr());
         let xdata: &[f32] = &pad.data;
         let per = (1usize << 14).div_ceil(ow * m * wts.kernel[0] * wts.kernel[1]).max(1);
         (0..rows_out.div_ceil(per)).into_par_iter().for_each(|t| {
@@ -260,14 +265,14 @@ pub fn conv_nhwc(
                 };
             }
         });
-        return Ok((out, [n, oh, ow, m]));
+        // SAFETY: every row of every image was computed above.
+        return Ok((unsafe { out.finish(pixels * m) }, [n, oh, ow, m]));
     }
     #[cfg(target_arch = "x86_64")]
     if simd == Simd::Avx512 && wts.depthwise && wts.kernel == [3, 3] {
         // 3×3 depthwise: a whole output row per call, the 9 weight vectors of a channel block in
         // registers and the row's pixels evenly spaced (no offset table).
         let rows_out = n * oh;
-        let outp = SendPtr(out.as_mut_ptr());
         let xdata: &[f32] = &pad.data;
         let per = (1usize << 14).div_ceil(ow * m * 9).max(1);
         (0..rows_out.div_ceil(per)).into_par_iter().for_each(|t| {
@@ -279,12 +284,12 @@ pub fn conv_nhwc(
                 unsafe { x86::dw3_row_avx512(xdata, src, sw * c, ow, wts, &lay, outp.get().add(row * ow * m)) };
             }
         });
-        return Ok((out, [n, oh, ow, m]));
+        // SAFETY: every row of every image was computed above.
+        return Ok((unsafe { out.finish(pixels * m) }, [n, oh, ow, m]));
     }
     let r = tile_pixels(simd, wts);
     let tiles = pixels.div_ceil(r);
     let xdata: &[f32] = &pad.data;
-    let outp = SendPtr(out.as_mut_ptr());
     let run = |t0: usize, t1: usize| {
         let mut offs = [0usize; MAX_R];
         for t in t0..t1 {
@@ -305,10 +310,36 @@ pub fn conv_nhwc(
     } else {
         run(0, tiles);
     }
-    Ok((out, [n, oh, ow, m]))
+    // SAFETY: every tile (so every pixel) was computed above.
+    Ok((unsafe { out.finish(pixels * m) }, [n, oh, ow, m]))
 }
 
 const MAX_R: usize = 24;
+
+/// The output buffer of [`conv_nhwc`].
+struct Output {
+    v: Vec<f32>,
+    /// Not yet written (its capacity is the output), else it holds the residual.
+    fresh: bool,
+}
+
+impl Output {
+    fn ptr(&mut self) -> SendPtr {
+        SendPtr(match self.fresh {
+            true => self.v.spare_capacity_mut().as_mut_ptr().cast(),
+            false => self.v.as_mut_ptr(),
+        })
+    }
+    /// # Safety
+    /// When fresh, all `len` values were written through [`Output::ptr`].
+    unsafe fn finish(mut self, len: usize) -> Vec<f32> {
+        if self.fresh {
+            // SAFETY: the capacity is `len` and the caller wrote every value.
+            unsafe { self.v.set_len(len) };
+        }
+        self.v
+    }
+}
 
 #[derive(Clone, Copy)]
 struct SendPtr(*mut f32);
