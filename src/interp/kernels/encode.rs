@@ -564,9 +564,15 @@ fn channel_rows(level: Simd, rows: &Rows, cl: &ChannelLanes, k: usize, r0: usize
     #[cfg(target_arch = "x86_64")]
     match level {
         // SAFETY: the level was detected, so the CPU has its instructions; see `pairs`.
-        Simd::Avx512 => return unsafe { pairs(x86::nearest2_avx512, rows, cl, k, r0, out) },
+        // three rows share each prototype load (24 running sums); on maps narrower than 4
+        // pixels, groups of three straddle image rows and images (more taps to cover): two
+        Simd::Avx512 if geo_width(rows) >= 4 => {
+            return unsafe { rows_n(x86::nearest_n_avx512::<3>, rows, cl, k, r0, out) }
+        }
         // SAFETY: as above.
-        Simd::Avx2 => return unsafe { pairs(x86::nearest2_avx2, rows, cl, k, r0, out) },
+        Simd::Avx512 => return unsafe { rows_n(x86::nearest_n_avx512::<2>, rows, cl, k, r0, out) },
+        // SAFETY: as above.
+        Simd::Avx2 => return unsafe { rows_n(x86::nearest_n_avx2::<2>, rows, cl, k, r0, out) },
         Simd::Scalar => {}
     }
     let mut xs = [[0f32; CL]; CL_MAX_S];
@@ -603,6 +609,14 @@ fn channel_rows(level: Simd, rows: &Rows, cl: &ChannelLanes, k: usize, r0: usize
                 }
             }
         }
+    }
+}
+
+/// The output width of conv rows (1 for a matrix).
+fn geo_width(rows: &Rows) -> usize {
+    match rows {
+        Rows::Conv { geo, .. } | Rows::ConvNhwc { geo, .. } => geo.out[1],
+        Rows::Matrix { .. } => 1,
     }
 }
 
@@ -727,29 +741,37 @@ fn window_taps(rows: &Rows, families: usize, f: usize, r: usize, offs: &mut [Opt
     }
 }
 
-/// One window tap of a pair of rows as [`x86::nearest2_avx512`] reads it: the tap's index, and
-/// per row the offset of its pixel (channel 0) and a lane mask (`0` where the tap is outside
-/// the image: the row reads zeros there).
-#[derive(Clone, Copy, Default)]
-struct PairTap {
+/// One window tap of `N` rows as [`x86::nearest_n_avx512`] reads it: the tap's index, and per
+/// row the offset of its pixel (channel 0) and a lane mask (`0` where the tap is outside the
+/// image: the row reads zeros there).
+#[derive(Clone, Copy)]
+struct RowsTap<const N: usize> {
     t: u32,
-    mask: [u16; 2],
-    off: [usize; 2],
+    mask: [u16; N],
+    off: [usize; N],
 }
 
-/// A two-row channel-lane kernel ([`x86::nearest2_avx512`], [`x86::nearest2_avx2`]).
+/// A channel-lane kernel for `N` rows at once ([`x86::nearest_n_avx512`],
+/// [`x86::nearest_n_avx2`]).
 #[cfg(target_arch = "x86_64")]
-type Nearest2 = unsafe fn(&[f32], &[PairTap], u16, &[f32], &[f32], usize) -> ([u8; CL], [u8; CL]);
+type NearestN<const N: usize> = unsafe fn(&[f32], &[RowsTap<N>], u16, &[f32], &[f32], usize) -> [[u8; CL]; N];
 
-/// [`channel_rows`] with a SIMD two-row kernel, which reads each tap's channels straight from
-/// the image and shares every prototype load between the two rows. A pair's taps are listed
-/// once per chunk of rows and reused for every channel group; taps outside the image for both
-/// rows are left out (they contribute exact zeros). Same codes.
+/// [`channel_rows`] with a SIMD kernel for `N` rows, which reads each tap's channels straight
+/// from the image and shares every prototype load between the rows. A group of rows' taps is
+/// listed once per chunk of rows and reused for every channel group; taps outside the image for
+/// all its rows are left out (they contribute exact zeros). Same codes.
 ///
 /// # Safety
-/// The CPU must have the instructions `nearest2` is compiled for.
+/// The CPU must have the instructions `nearest` is compiled for.
 #[cfg(target_arch = "x86_64")]
-unsafe fn pairs(nearest2: Nearest2, rows: &Rows, cl: &ChannelLanes, k: usize, r0: usize, out: &mut [u8]) {
+unsafe fn rows_n<const N: usize>(
+    nearest: NearestN<N>,
+    rows: &Rows,
+    cl: &ChannelLanes,
+    k: usize,
+    r0: usize,
+    out: &mut [u8],
+) {
     let Rows::ConvNhwc { x, shape, win, .. } = rows else {
         unreachable!("channel lanes need channels-last rows")
     };
@@ -760,9 +782,9 @@ unsafe fn pairs(nearest2: Nearest2, rows: &Rows, cl: &ChannelLanes, k: usize, r0
     let groups = ch.div_ceil(CL);
     let n_rows = out.len() / c_n.max(1);
     const CHUNK: usize = 32;
-    // the chunk's pairs: their taps, and where each pair's list starts
-    let mut taps: Vec<PairTap> = Vec::with_capacity(CHUNK / 2 * s);
-    let mut starts = Vec::with_capacity(CHUNK / 2 + 1);
+    // the chunk's groups of N rows: their taps, and where each group's list starts
+    let mut taps: Vec<RowsTap<N>> = Vec::with_capacity(CHUNK.div_ceil(N) * s);
+    let mut starts = Vec::with_capacity(CHUNK.div_ceil(N) + 1);
     for f in 0..cl.families {
         let windows = RowWindows::new(rows, cl.families, f);
         let mut pos = windows.start(r0);
@@ -777,16 +799,17 @@ unsafe fn pairs(nearest2: Nearest2, rows: &Rows, cl: &ChannelLanes, k: usize, r0
             }
             taps.clear();
             starts.clear();
-            for ri in (0..qn).step_by(2) {
-                let (a, b) = (&wins[ri], &wins[(ri + 1).min(qn - 1)]);
+            for ri in (0..qn).step_by(N) {
+                // a last, partial group repeats its last row
+                let ws: [&RowWindow; N] = std::array::from_fn(|q| &wins[(ri + q).min(qn - 1)]);
                 starts.push(taps.len());
                 for (t, &(i, j, o)) in windows.taps.iter().enumerate() {
-                    let (ia, ib) = (a.inside(i, j), b.inside(i, j));
-                    if ia || ib {
-                        taps.push(PairTap {
+                    let inside: [bool; N] = std::array::from_fn(|q| ws[q].inside(i, j));
+                    if inside.contains(&true) {
+                        taps.push(RowsTap {
                             t: t as u32,
-                            mask: [if ia { u16::MAX } else { 0 }, if ib { u16::MAX } else { 0 }],
-                            off: [if ia { a.at(o) } else { 0 }, if ib { b.at(o) } else { 0 }],
+                            mask: inside.map(|v| if v { u16::MAX } else { 0 }),
+                            off: std::array::from_fn(|q| if inside[q] { ws[q].at(o) } else { 0 }),
                         });
                     }
                 }
@@ -800,21 +823,20 @@ unsafe fn pairs(nearest2: Nearest2, rows: &Rows, cl: &ChannelLanes, k: usize, r0
                 let pt = &cl.pt[fg * s * k * CL..(fg + 1) * s * k * CL];
                 let hn = &cl.half_norms[fg * k * CL..(fg + 1) * k * CL];
                 let base = &x[c0..];
-                for (pi, ri) in (0..qn).step_by(2).enumerate() {
-                    let rb = (ri + 1).min(qn - 1);
-                    let pair = &taps[starts[pi]..starts[pi + 1]];
+                for (pi, ri) in (0..qn).step_by(N).enumerate() {
+                    let list = &taps[starts[pi]..starts[pi + 1]];
                     // SAFETY: the caller guarantees the instructions; offsets and masks come
-                    // from `window_taps` (inside the image), `k` is a multiple of KB.
-                    let (a, b) = unsafe { nearest2(base, pair, mask, pt, hn, k) };
-                    let (ra, rbo) = ((q0 + ri) * c_n, (q0 + rb) * c_n);
-                    if cl.families == 1 {
-                        // one codebook per channel: the group's codes are contiguous
-                        out[ra + c0..ra + c0 + width].copy_from_slice(&a[..width]);
-                        out[rbo + c0..rbo + c0 + width].copy_from_slice(&b[..width]);
-                    } else {
-                        for l in 0..width {
-                            out[ra + (c0 + l) * cl.families + f] = a[l];
-                            out[rbo + (c0 + l) * cl.families + f] = b[l];
+                    // from the rows' windows (inside the image), `k` is a multiple of KB.
+                    let codes = unsafe { nearest(base, list, mask, pt, hn, k) };
+                    for (q, code) in codes.iter().enumerate().take(qn - ri) {
+                        let ro = (q0 + ri + q) * c_n;
+                        if cl.families == 1 {
+                            // one codebook per channel: the group's codes are contiguous
+                            out[ro + c0..ro + c0 + width].copy_from_slice(&code[..width]);
+                        } else {
+                            for l in 0..width {
+                                out[ro + (c0 + l) * cl.families + f] = code[l];
+                            }
                         }
                     }
                 }
@@ -866,7 +888,7 @@ fn nearest_in_lanes_at(level: Simd, xs: &[[f32; CL]], taps: &[usize], pt: &[f32]
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{PairTap, CL, KB};
+    use super::{RowsTap, CL, KB};
     use std::arch::x86_64::*;
 
     /// One 16-lane vector per channel group; `KB` running sums in registers.
@@ -917,41 +939,42 @@ mod x86 {
         out
     }
 
-    /// [`nearest_avx512`] for two rows at once, 8 prototypes at a time (16 running sums): each
-    /// prototype vector is loaded once for both rows. Row `r` reads tap `p.t`'s channel values
-    /// at `x[p.off[r]..]`, lanes outside `mask & p.mask[r]` as 0. Same sums, same scan order.
+    /// [`nearest_avx512`] for `N` rows at once, 8 prototypes at a time (`8·N` running sums):
+    /// each prototype vector is loaded once for all rows. Row `r` reads tap `p.t`'s channel
+    /// values at `x[p.off[r]..]`, lanes outside `mask & p.mask[r]` as 0. Same sums, same scan
+    /// order.
     ///
     /// # Safety
     /// AVX-512F; for every tap and row, the lanes in `mask & p.mask[r]` lie inside `x`; every
     /// tap `< s` where `pt` holds `s × k × CL` values; `hn` holds `k × CL`, and `k` is a
     /// multiple of 8.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn nearest2_avx512(
+    pub(super) unsafe fn nearest_n_avx512<const N: usize>(
         x: &[f32],
-        taps: &[PairTap],
+        taps: &[RowsTap<N>],
         mask: u16,
         pt: &[f32],
         hn: &[f32],
         k: usize,
-    ) -> ([u8; CL], [u8; CL]) {
+    ) -> [[u8; CL]; N] {
         debug_assert!(taps.iter().all(|p| (p.t as usize + 1) * k * CL <= pt.len()));
         debug_assert!(hn.len() >= k * CL && k.is_multiple_of(8));
-        let mut best = [(_mm512_set1_ps(f32::INFINITY), _mm512_setzero_si512()); 2];
+        let mut best = [(_mm512_set1_ps(f32::INFINITY), _mm512_setzero_si512()); N];
         let (xp, pt, hn) = (x.as_ptr(), pt.as_ptr(), hn.as_ptr());
         let merge = |(d0, k0): (__m512, __m512i), (d1, k1): (__m512, __m512i)| {
             let m = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(d1, d0);
             (_mm512_mask_mov_ps(d0, m, d1), _mm512_mask_mov_epi32(k0, m, k1))
         };
         for kb in (0..k).step_by(8) {
-            let mut acc = [[_mm512_setzero_ps(); 8]; 2];
+            let mut acc = [[_mm512_setzero_ps(); 8]; N];
             for p in taps {
-                let va = _mm512_maskz_loadu_ps(mask & p.mask[0], xp.add(p.off[0]));
-                let vb = _mm512_maskz_loadu_ps(mask & p.mask[1], xp.add(p.off[1]));
+                let v: [__m512; N] = std::array::from_fn(|r| _mm512_maskz_loadu_ps(mask & p.mask[r], xp.add(p.off[r])));
                 let row = pt.add((p.t as usize * k + kb) * CL);
                 for j in 0..8 {
                     let pv = _mm512_loadu_ps(row.add(j * CL));
-                    acc[0][j] = _mm512_fmadd_ps(va, pv, acc[0][j]);
-                    acc[1][j] = _mm512_fmadd_ps(vb, pv, acc[1][j]);
+                    for r in 0..N {
+                        acc[r][j] = _mm512_fmadd_ps(v[r], pv, acc[r][j]);
+                    }
                 }
             }
             // per row: two chains of four, merged in index order (as in `nearest_avx512`)
@@ -969,28 +992,28 @@ mod x86 {
                 *best = merge(*best, merge(chain[0], chain[1]));
             }
         }
-        let mut out = [[0u8; CL]; 2];
+        let mut out = [[0u8; CL]; N];
         for (o, b) in out.iter_mut().zip(best) {
             _mm_storeu_si128(o.as_mut_ptr().cast(), _mm512_cvtepi32_epi8(b.1));
         }
-        (out[0], out[1])
+        out
     }
 
-    /// [`nearest2_avx512`] at AVX2: per 8-lane half of the channel group, two rows and 4
-    /// prototypes at a time (8 running sums), prototypes compared in increasing order. Lanes
-    /// outside `mask & p.mask[r]` read as 0 (`vmaskmovps`). Same sums, same codes.
+    /// [`nearest_n_avx512`] at AVX2: per 8-lane half of the channel group, `N` rows and 4
+    /// prototypes at a time (`4·N` running sums), prototypes compared in increasing order.
+    /// Lanes outside `mask & p.mask[r]` read as 0 (`vmaskmovps`). Same sums, same codes.
     ///
     /// # Safety
-    /// AVX2 and FMA; otherwise as [`nearest2_avx512`].
+    /// AVX2 and FMA; otherwise as [`nearest_n_avx512`].
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn nearest2_avx2(
+    pub(super) unsafe fn nearest_n_avx2<const N: usize>(
         x: &[f32],
-        taps: &[PairTap],
+        taps: &[RowsTap<N>],
         mask: u16,
         pt: &[f32],
         hn: &[f32],
         k: usize,
-    ) -> ([u8; CL], [u8; CL]) {
+    ) -> [[u8; CL]; N] {
         const H: usize = 8;
         debug_assert!(taps.iter().all(|p| (p.t as usize + 1) * k * CL <= pt.len()));
         debug_assert!(hn.len() >= k * CL && k.is_multiple_of(4));
@@ -1005,20 +1028,20 @@ mod x86 {
                 _mm256_maskload_ps(p, _mm256_cmpeq_epi32(sel, bit))
             }
         };
-        let mut out = [[0u8; CL]; 2];
+        let mut out = [[0u8; CL]; N];
         for half in 0..CL / H {
             let o = half * H;
-            let mut best = [(_mm256_set1_ps(f32::INFINITY), _mm256_setzero_si256()); 2];
+            let mut best = [(_mm256_set1_ps(f32::INFINITY), _mm256_setzero_si256()); N];
             for kb in (0..k).step_by(4) {
-                let mut acc = [[_mm256_setzero_ps(); 4]; 2];
+                let mut acc = [[_mm256_setzero_ps(); 4]; N];
                 for p in taps {
-                    let va = load(xp.add(p.off[0] + o), (mask & p.mask[0]) >> o);
-                    let vb = load(xp.add(p.off[1] + o), (mask & p.mask[1]) >> o);
+                    let v: [__m256; N] = std::array::from_fn(|r| load(xp.add(p.off[r] + o), (mask & p.mask[r]) >> o));
                     let row = pt.add((p.t as usize * k + kb) * CL + o);
                     for j in 0..4 {
                         let pv = _mm256_loadu_ps(row.add(j * CL));
-                        acc[0][j] = _mm256_fmadd_ps(va, pv, acc[0][j]);
-                        acc[1][j] = _mm256_fmadd_ps(vb, pv, acc[1][j]);
+                        for r in 0..N {
+                            acc[r][j] = _mm256_fmadd_ps(v[r], pv, acc[r][j]);
+                        }
                     }
                 }
                 for (acc, (bd, bk)) in acc.iter().zip(best.iter_mut()) {
@@ -1039,7 +1062,7 @@ mod x86 {
                 }
             }
         }
-        (out[0], out[1])
+        out
     }
 
     /// Two 8-lane halves per channel group; 8 prototypes at a time (16 registers).
@@ -1555,10 +1578,10 @@ mod tests {
         k: usize,
     ) -> ([u8; CL], [u8; CL]) {
         let flat: Vec<f32> = a.iter().chain(b).flatten().copied().collect();
-        let list: Vec<PairTap> = taps
+        let list: Vec<RowsTap<2>> = taps
             .iter()
             .enumerate()
-            .map(|(i, &t)| PairTap {
+            .map(|(i, &t)| RowsTap {
                 t: t as u32,
                 mask: inside.map(|m| if m >> i & 1 == 1 { u16::MAX } else { 0 }),
                 off: [i * CL, (a.len() + i) * CL],
@@ -1566,13 +1589,14 @@ mod tests {
             .collect();
         assert!(lv.supported() && k.is_multiple_of(8) && hn.len() >= k * CL);
         assert!(taps.iter().all(|&t| (t + 1) * k * CL <= pt.len()));
-        let kernel: Nearest2 = match lv {
-            Simd::Avx512 => x86::nearest2_avx512,
-            Simd::Avx2 => x86::nearest2_avx2,
+        let kernel: NearestN<2> = match lv {
+            Simd::Avx512 => x86::nearest_n_avx512::<2>,
+            Simd::Avx2 => x86::nearest_n_avx2::<2>,
             Simd::Scalar => unreachable!("no scalar two-row kernel"),
         };
         // SAFETY: the level is supported and every bound of the kernel's contract checked above.
-        unsafe { kernel(&flat, &list, mask, pt, hn, k) }
+        let [a, b] = unsafe { kernel(&flat, &list, mask, pt, hn, k) };
+        (a, b)
     }
 
     /// Cost of one two-row AVX-512 call on L1-resident data, by tap count (a measurement).
@@ -1594,13 +1618,13 @@ mod tests {
                 let t = std::time::Instant::now();
                 let mut acc = 0u64;
                 for i in 0..reps {
-                    let taps: [PairTap; 9] = std::array::from_fn(|j| PairTap {
+                    let taps: [RowsTap<2>; 9] = std::array::from_fn(|j| RowsTap {
                         t: j as u32,
                         mask: [u16::MAX; 2],
                         off: [(i + j) % 64 * CL, (i + j + 7) % 64 * CL],
                     });
                     // SAFETY: AVX-512F checked; every offset reads CL floats inside `flat`.
-                    let (a, b) = unsafe { x86::nearest2_avx512(&flat, &taps[..n_t], u16::MAX, &pt, &hn, k) };
+                    let [a, b] = unsafe { x86::nearest_n_avx512::<2>(&flat, &taps[..n_t], u16::MAX, &pt, &hn, k) };
                     acc += (a[i % CL] + b[0]) as u64;
                 }
                 let ns = t.elapsed().as_secs_f64() * 1e9 / reps as f64;
