@@ -169,8 +169,38 @@ impl Writer {
             op_type: op.to_string(),
             domain: domain.to_string(),
             attribute,
-            doc_string: String::new(),
+            doc_string: tabconv_doc(domain, op).to_string(),
         });
+    }
+}
+
+/// What an `ai.tabconv` node does, as Netron shows it (the full contract: docs/TCV-FORMAT.md).
+fn tabconv_doc(domain: &str, op: &str) -> &'static str {
+    if domain != TABCONV_DOMAIN {
+        return "";
+    }
+    match op {
+        "PQEncode" => {
+            "tabconv product-quantization encoder: splits each row (for a conv, each output \
+             pixel's window, read in place) into codebooks of `subspace` values and writes, per \
+             codebook, the index of the nearest of its K prototypes (encoder=argmin, input 1: \
+             prototypes [C, K, S]) or of its hash-tree leaf (encoder=tree, inputs 1-2: split \
+             dims [C, depth] and thresholds [C, K-1]). Output: uint8 codes [..., C]. \
+             See docs/TCV-FORMAT.md."
+        }
+        "LutMatMul" => {
+            "tabconv table lookups replacing a MatMul: y[..., m] = scale[m] * sum over codebooks \
+             c of tables[c, m, codes[..., c]] + offset[m]; then, when fused, + residual (input 4) \
+             and ReLU (activation). Inputs: codes [..., C], tables [C, M, K] (int8 or float32), \
+             scale [M], offset [M]. See docs/TCV-FORMAT.md."
+        }
+        "Im2Col" => "tabconv im2col: the receptive field of every output pixel as one row [N, oh*ow, C*kh*kw].",
+        "NhwcConv" => {
+            "tabconv convolution on channels-last [N, H, W, C] activations (standard Conv \
+             attributes; optional input 3: a residual added before the optional ReLU)."
+        }
+        "NhwcMaxPool" | "NhwcAveragePool" => "tabconv pooling on channels-last [N, H, W, C] activations.",
+        _ => "tabconv operator: see docs/TCV-FORMAT.md.",
     }
 }
 
