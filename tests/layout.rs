@@ -157,10 +157,21 @@ fn channels_last_keeps_every_bit_and_drops_transposes() {
 
     // every ai.tabconv node says what it does (Netron shows node doc strings)
     let proto = tabconv::onnx::export::export_model(&cl, &[]).unwrap();
-    let custom: Vec<_> = proto.graph.unwrap().node.into_iter().filter(|n| n.domain == "ai.tabconv").collect();
+    let custom: Vec<_> = proto
+        .graph
+        .unwrap()
+        .node
+        .into_iter()
+        .filter(|n| n.domain == "ai.tabconv")
+        .collect();
     assert!(!custom.is_empty());
     for n in &custom {
-        assert!(n.doc_string.starts_with("tabconv "), "{}: {:?}", n.op_type, n.doc_string);
+        assert!(
+            n.doc_string.starts_with("tabconv "),
+            "{}: {:?}",
+            n.op_type,
+            n.doc_string
+        );
     }
 
     // the layout attribute survives writing and reading a .tcv

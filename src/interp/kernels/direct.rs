@@ -14,6 +14,7 @@
 //! Depthwise convolutions (`group = C = M`, [`NhwcWeights::pack_depthwise`]) run through the
 //! same tiles, vectorized over channels.
 
+use super::aligned::AlignedF32;
 use super::Simd;
 use crate::error::Result;
 use crate::ir::op::Conv;
@@ -35,9 +36,10 @@ pub struct NhwcWeights {
     /// `(first output channel, lanes)` of each block; lanes is 16 or 32.
     blocks: Vec<(usize, usize)>,
     /// Each block `[kh][kw][c][lanes]` after the previous; for depthwise one block `[kh][kw][Mp]`.
-    data: Vec<f32>,
+    /// 64-byte aligned (whole-vector loads never straddle cache lines).
+    data: AlignedF32,
     /// Bias padded to the blocks' lanes (zeros when the node has none).
-    bias: Vec<f32>,
+    bias: AlignedF32,
     depthwise: bool,
 }
 
@@ -74,8 +76,8 @@ impl NhwcWeights {
             c,
             kernel,
             blocks,
-            data,
-            bias: padded_bias(bias, m, mp),
+            data: data.as_slice().into(),
+            bias: padded_bias(bias, m, mp).as_slice().into(),
             depthwise: false,
         }
     }
@@ -84,7 +86,7 @@ impl NhwcWeights {
     pub fn pack_depthwise(w: &[f32], c: usize, kernel: [usize; 2], bias: Option<&[f32]>) -> NhwcWeights {
         let [kh, kw] = kernel;
         let cp = c.div_ceil(16) * 16;
-        let mut data = vec![0f32; kh * kw * cp];
+        let mut data = AlignedF32::zeros(kh * kw * cp);
         for ci in 0..c {
             for t in 0..kh * kw {
                 data[t * cp + ci] = w[ci * kh * kw + t];
@@ -96,7 +98,7 @@ impl NhwcWeights {
             kernel,
             blocks: vec![(0, cp)],
             data,
-            bias: padded_bias(bias, c, cp),
+            bias: padded_bias(bias, c, cp).as_slice().into(),
             depthwise: true,
         }
     }

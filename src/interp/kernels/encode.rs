@@ -15,6 +15,7 @@
 // Lane-indexed loops (`for l in 0..LANES`) are the point here: they vectorise across rows.
 #![allow(clippy::needless_range_loop)]
 
+use super::aligned::AlignedF32;
 use super::Simd;
 use crate::ir::op::Window;
 use crate::ir::window::Geometry;
@@ -240,10 +241,11 @@ const CL_MAX_S: usize = 49;
 struct ChannelLanes {
     channels: usize,
     families: usize,
-    /// `[family][channel group][s][k][CL]` (missing channels: zeros).
-    pt: Vec<f32>,
+    /// `[family][channel group][s][k][CL]` (missing channels: zeros), 64-byte aligned: the
+    /// kernels load it a vector at a time.
+    pt: AlignedF32,
     /// `‖p‖² / 2`, `[family][channel group][k][CL]`.
-    half_norms: Vec<f32>,
+    half_norms: AlignedF32,
 }
 
 /// What the caller knows about a convolution's rows: `(channels, kh, kw)` of a channels-last
@@ -331,8 +333,8 @@ fn channel_lanes(
     }
     let s = sub.s;
     let groups = channels.div_ceil(CL);
-    let mut lpt = vec![0f32; families * groups * k * s * CL];
-    let mut lnorms = vec![0f32; families * groups * k * CL];
+    let mut lpt = AlignedF32::zeros(families * groups * k * s * CL);
+    let mut lnorms = AlignedF32::zeros(families * groups * k * CL);
     for f in 0..families {
         for ch in 0..channels {
             let (g, l) = (ch / CL, ch % CL);

@@ -1,5 +1,6 @@
 //! Numeric kernels. Kernels take slices and plain numbers, never the graph.
 
+pub mod aligned;
 pub mod conv;
 pub mod direct;
 pub mod elementwise;
