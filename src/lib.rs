@@ -48,6 +48,7 @@
 //! # }
 //! ```
 
+pub mod alloc;
 pub mod bench;
 pub mod cli;
 pub mod data;

@@ -55,6 +55,10 @@ struct Args {
     dump_after: Vec<String>,
 }
 
+/// Blocks of 4 KiB or more on 64-byte boundaries (see `tabconv::alloc`).
+#[global_allocator]
+static ALLOC: tabconv::alloc::CacheAligned = tabconv::alloc::CacheAligned;
+
 fn main() -> ExitCode {
     tabconv::cli::restore_sigpipe();
     tabconv::cli::keep_freed_memory();
