@@ -271,7 +271,7 @@ pub fn conv_nhwc(
         return Ok((unsafe { out.finish(pixels * m) }, [n, oh, ow, m]));
     }
     #[cfg(target_arch = "x86_64")]
-    if simd == Simd::Avx512 && wts.depthwise && wts.kernel == [3, 3] {
+    if simd >= Simd::Avx2 && wts.depthwise && wts.kernel == [3, 3] {
         // 3×3 depthwise: a whole output row per call, the 9 weight vectors of a channel block in
         // registers and the row's pixels evenly spaced (no offset table).
         let rows_out = n * oh;
@@ -281,9 +281,16 @@ pub fn conv_nhwc(
             for row in t * per..((t + 1) * per).min(rows_out) {
                 let (img, y) = (row / oh, row % oh);
                 let src = ((img * pad.hp + y * sh) * pad.wp) * c;
-                // SAFETY: AVX-512F detected; the row's windows lie in the padded image and `out`
-                // holds `ow × m` floats at the row's offset (rows are disjoint).
-                unsafe { x86::dw3_row_avx512(xdata, src, sw * c, ow, wts, &lay, outp.get().add(row * ow * m)) };
+                let dst = outp.get();
+                // SAFETY: the level was detected (AVX-512F, or AVX2 and FMA); the row's windows
+                // lie in the padded image and `out` holds `ow × m` floats at the row's offset
+                // (rows are disjoint).
+                unsafe {
+                    match simd {
+                        Simd::Avx512 => x86::dw3_row_avx512(xdata, src, sw * c, ow, wts, &lay, dst.add(row * ow * m)),
+                        _ => x86::dw3_row_avx2(xdata, src, sw * c, ow, wts, &lay, dst.add(row * ow * m)),
+                    }
+                }
             }
         });
         // SAFETY: every row of every image was computed above.
@@ -722,6 +729,76 @@ mod x86 {
                     a = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, px.add(taps[t])), wv[t], a);
                 }
                 store(dst.add(xo * m + l0), mask, a);
+            }
+        }
+    }
+
+    /// [`dw3_row_avx512`] at AVX2: 8 channels and 4 pixels at a time (9 weight vectors, 4
+    /// sums), same sums in the same order.
+    ///
+    /// # Safety
+    /// AVX2 and FMA; otherwise as [`dw3_row_avx512`].
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dw3_row_avx2(
+        x: &[f32],
+        src: usize,
+        step: usize,
+        ow: usize,
+        wts: &super::NhwcWeights,
+        lay: &Layout,
+        dst: *mut f32,
+    ) {
+        const R: usize = 4;
+        let m = lay.m;
+        let nb = wts.blocks[0].1;
+        let (w, bias) = (wts.data.as_ptr(), wts.bias.as_ptr());
+        let xp = x.as_ptr().add(src);
+        let taps: [usize; 9] = std::array::from_fn(|t| (t / 3) * lay.tap[0] + (t % 3) * lay.tap[1]);
+        let zero = _mm256_setzero_ps();
+        let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        for l0 in (0..m).step_by(8) {
+            let n = (m - l0).min(8) as i32;
+            // lanes `l0 .. l0 + n`; the weights and bias are padded, the input and output not
+            let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), lane);
+            let load = |p: *const f32| {
+                if n == 8 {
+                    _mm256_loadu_ps(p)
+                } else {
+                    _mm256_maskload_ps(p, mask)
+                }
+            };
+            let store = |p: *mut f32, s: __m256| {
+                let s = if lay.accumulate { _mm256_add_ps(s, load(p)) } else { s };
+                let s = if lay.relu { _mm256_max_ps(s, zero) } else { s };
+                if n == 8 {
+                    _mm256_storeu_ps(p, s)
+                } else {
+                    _mm256_maskstore_ps(p, mask, s)
+                }
+            };
+            let wv: [__m256; 9] = std::array::from_fn(|t| _mm256_loadu_ps(w.add(t * nb + l0)));
+            let b = _mm256_loadu_ps(bias.add(l0));
+            let mut x0 = 0;
+            while x0 + R <= ow {
+                let mut acc = [b; R];
+                let px = xp.add(x0 * step + l0);
+                for t in 0..9 {
+                    for (r, a) in acc.iter_mut().enumerate() {
+                        *a = _mm256_fmadd_ps(load(px.add(r * step + taps[t])), wv[t], *a);
+                    }
+                }
+                for (r, a) in acc.into_iter().enumerate() {
+                    store(dst.add((x0 + r) * m + l0), a);
+                }
+                x0 += R;
+            }
+            for xo in x0..ow {
+                let px = xp.add(xo * step + l0);
+                let mut a = b;
+                for t in 0..9 {
+                    a = _mm256_fmadd_ps(load(px.add(taps[t])), wv[t], a);
+                }
+                store(dst.add(xo * m + l0), a);
             }
         }
     }
