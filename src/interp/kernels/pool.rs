@@ -135,6 +135,12 @@ fn axis_taps(
 /// [`pool2d`] on channels-last data: `x` `[N, H, W, C]` → `[N, oh, ow, C]`, every tap a
 /// contiguous run of C channels. Same taps, order and counts as [`pool2d`], so same results.
 pub fn pool2d_nhwc(x: &[f32], shape: [usize; 4], pool: &Pool) -> Result<(Vec<f32>, [usize; 4])> {
+    pool2d_nhwc_at(x, shape, pool, super::Simd::detect())
+}
+
+/// [`pool2d_nhwc`] at a given SIMD level (every level gives the same bits; tests compare them).
+pub fn pool2d_nhwc_at(x: &[f32], shape: [usize; 4], pool: &Pool, level: super::Simd) -> Result<(Vec<f32>, [usize; 4])> {
+    assert!(level.supported(), "SIMD level {level:?} not supported by this CPU");
     let [n, h, w, c] = shape;
     let win = &pool.window;
     let geo = win.resolve([h, w])?;
@@ -166,7 +172,6 @@ pub fn pool2d_nhwc(x: &[f32], shape: [usize; 4], pool: &Pool) -> Result<(Vec<f32
     let (dh, dw) = (win.dilations[0], win.dilations[1]);
     let (pt, pl) = (geo.pads[0], geo.pads[1]);
     let rows_per_task = (4096 / (ow * c).max(1)).max(1);
-    let avx512 = super::Simd::detect() == super::Simd::Avx512;
     out.par_chunks_mut(rows_per_task * ow * c)
         .enumerate()
         .for_each(|(task, dst)| {
@@ -176,7 +181,7 @@ pub fn pool2d_nhwc(x: &[f32], shape: [usize; 4], pool: &Pool) -> Result<(Vec<f32
                 let src = &x[img * h * w * c..(img + 1) * h * w * c];
                 let (i0, i1, ipad) = ys[y];
                 #[cfg(target_arch = "x86_64")]
-                if avx512 {
+                if level >= super::Simd::Avx2 {
                     let sy: Vec<usize> = (i0..i1).map(|i| y * sh + i * dh - pt).collect();
                     let geo = RowGeo {
                         w,
@@ -192,8 +197,14 @@ pub fn pool2d_nhwc(x: &[f32], shape: [usize; 4], pool: &Pool) -> Result<(Vec<f32
                             }
                         ),
                     };
-                    // SAFETY: AVX-512F detected; every tap in `xs` and `sy` lies inside `src`.
-                    unsafe { pool_row_avx512(src, &sy, ipad, &xs, &geo, drow) };
+                    // SAFETY: the level was detected (AVX-512F, or AVX2); every tap in `xs` and
+                    // `sy` lies inside `src`.
+                    unsafe {
+                        match level {
+                            super::Simd::Avx512 => pool_row_avx512(src, &sy, ipad, &xs, &geo, drow),
+                            _ => pool_row_avx2(src, &sy, ipad, &xs, &geo, drow),
+                        }
+                    }
                     continue;
                 }
                 for ((xo, acc), &(j0, j1, jpad)) in drow.chunks_exact_mut(c).enumerate().zip(&xs) {
@@ -285,6 +296,65 @@ unsafe fn pool_row_avx512(
     }
 }
 
+/// [`pool_row_avx512`] at AVX2: 8 channels per vector (a masked tail), the same taps in the
+/// same order, so the same bits.
+///
+/// # Safety
+/// AVX2; the input rows `sy` and the columns of `xs` lie inside `src` (`[H, W, C]`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn pool_row_avx2(
+    src: &[f32],
+    sy: &[usize],
+    ipad: usize,
+    xs: &[(usize, usize, usize)],
+    g: &RowGeo,
+    drow: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let c = g.c;
+    let init = _mm256_set1_ps(if g.max { f32::NEG_INFINITY } else { 0.0 });
+    let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for (xo, &(j0, j1, jpad)) in xs.iter().enumerate() {
+        let d = if g.include_pad {
+            ipad * jpad
+        } else {
+            sy.len() * (j1 - j0)
+        };
+        let div = _mm256_set1_ps(d.max(1) as f32);
+        for c0 in (0..c).step_by(8) {
+            let n = (c - c0).min(8);
+            let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), lane);
+            let mut acc = init;
+            for &y in sy {
+                for j in j0..j1 {
+                    let sx = xo * g.sw + j * g.dw - g.pl;
+                    let p = src.as_ptr().add((y * g.w + sx) * c + c0);
+                    let v = if n == 8 {
+                        _mm256_loadu_ps(p)
+                    } else {
+                        _mm256_maskload_ps(p, mask)
+                    };
+                    acc = if g.max {
+                        _mm256_max_ps(v, acc)
+                    } else {
+                        _mm256_add_ps(acc, v)
+                    };
+                }
+            }
+            if !g.max {
+                acc = _mm256_div_ps(acc, div);
+            }
+            let dst = drow.as_mut_ptr().add(xo * c + c0);
+            if n == 8 {
+                _mm256_storeu_ps(dst, acc);
+            } else {
+                _mm256_maskstore_ps(dst, mask, acc);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -294,7 +364,7 @@ mod tests {
     /// average counts.
     #[test]
     fn channels_last_pooling_equals_nchw_pooling() {
-        let (n, c, h, w) = (2, 5, 7, 6);
+        let (n, c, h, w) = (2, 21, 7, 6); // 21 channels: whole vectors and a tail at every level
         let x: Vec<f32> = (0..n * c * h * w)
             .map(|i| ((i * 53 % 97) as f32 - 48.0) / 9.0)
             .collect();
@@ -335,19 +405,21 @@ mod tests {
                     nhwc: true,
                 };
                 let want = pool2d(&x, [n, c, h, w], &pool).unwrap();
-                let (got, shape) = pool2d_nhwc(&xn, [n, h, w, c], &pool).unwrap();
-                let ws = want.shape();
-                assert_eq!(shape, [ws[0], ws[2], ws[3], ws[1]]);
-                for i in 0..n {
-                    for ch in 0..c {
-                        for p in 0..ws[2] * ws[3] {
-                            let a = want.as_slice().unwrap()[(i * c + ch) * ws[2] * ws[3] + p];
-                            let b = got[(i * ws[2] * ws[3] + p) * c + ch];
-                            assert_eq!(
-                                a.to_bits(),
-                                b.to_bits(),
-                                "{kind:?} k={k} s={s} d={d} pad={pad} ceil={ceil}"
-                            );
+                for level in crate::interp::kernels::Simd::available() {
+                    let (got, shape) = pool2d_nhwc_at(&xn, [n, h, w, c], &pool, level).unwrap();
+                    let ws = want.shape();
+                    assert_eq!(shape, [ws[0], ws[2], ws[3], ws[1]]);
+                    for i in 0..n {
+                        for ch in 0..c {
+                            for p in 0..ws[2] * ws[3] {
+                                let a = want.as_slice().unwrap()[(i * c + ch) * ws[2] * ws[3] + p];
+                                let b = got[(i * ws[2] * ws[3] + p) * c + ch];
+                                assert_eq!(
+                                    a.to_bits(),
+                                    b.to_bits(),
+                                    "{kind:?} k={k} s={s} d={d} pad={pad} ceil={ceil} {level:?}"
+                                );
+                            }
                         }
                     }
                 }
@@ -355,5 +427,9 @@ mod tests {
             }
         }
         assert_eq!(checked, 12);
+        eprintln!(
+            "channels-last pooling checked at {:?}",
+            crate::interp::kernels::Simd::available()
+        );
     }
 }
