@@ -247,7 +247,8 @@ pub fn conv_nhwc(
         offs[rows..].fill(last);
     };
     #[cfg(target_arch = "x86_64")]
-    if simd == Simd::Avx512 && c == 1 && !wts.depthwise && conv.window.strides[1] == 1 && dw == 1 && m <= 16 {
+    let c1_rows = c == 1 && !wts.depthwise && conv.window.strides[1] == 1 && dw == 1;
+    if (simd == Simd::Avx512 && c1_rows && m <= 16) || (simd == Simd::Avx2 && c1_rows && m <= 8) {
         // One input channel (a network's first layer): vectorize over output pixels instead.
         let rows_out = n * oh;
         let xdata: &[f32] = &pad.data;
@@ -256,13 +257,15 @@ pub fn conv_nhwc(
             for row in t * per..((t + 1) * per).min(rows_out) {
                 let (img, y) = (row / oh, row % oh);
                 let src = (img * pad.hp + y * sh) * pad.wp;
-                // SAFETY: AVX-512F detected; the row's window lies in the padded image and
-                // `out` holds `ow × m` floats at the row's offset (rows are disjoint).
+                // SAFETY: the level was detected (AVX-512F, or AVX2 and FMA); the row's window
+                // lies in the padded image and `out` holds `ow × m` floats at the row's offset
+                // (rows are disjoint).
                 unsafe {
                     let dst = outp.get().add(row * ow * m);
-                    match m {
-                        0..=8 => x86::row_c1_avx512::<8>(xdata, src, pad.wp, dh, ow, wts, &lay, dst),
-                        _ => x86::row_c1_avx512::<16>(xdata, src, pad.wp, dh, ow, wts, &lay, dst),
+                    match (simd, m) {
+                        (Simd::Avx512, 0..=8) => x86::row_c1_avx512::<8>(xdata, src, pad.wp, dh, ow, wts, &lay, dst),
+                        (Simd::Avx512, _) => x86::row_c1_avx512::<16>(xdata, src, pad.wp, dh, ow, wts, &lay, dst),
+                        _ => x86::row_c1_avx2(xdata, src, pad.wp, dh, ow, wts, &lay, dst),
                     }
                 };
             }
@@ -803,6 +806,64 @@ mod x86 {
         }
     }
 
+    /// [`row_c1_avx512`] at AVX2 for at most 8 outputs: 8 pixels per vector, the same sums in
+    /// the same order.
+    ///
+    /// # Safety
+    /// AVX2 and FMA; `m ≤ 8`; otherwise as [`row_c1_avx512`].
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn row_c1_avx2(
+        x: &[f32],
+        src: usize,
+        wp: usize,
+        dh: usize,
+        ow: usize,
+        wts: &super::NhwcWeights,
+        lay: &Layout,
+        dst: *mut f32,
+    ) {
+        const N: usize = 8;
+        let [kh, kw] = wts.kernel;
+        let m = lay.m;
+        debug_assert!(m <= N);
+        let lanes = wts.blocks[0].1;
+        let (w, bias) = (wts.data.as_ptr(), wts.bias.as_ptr());
+        let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        let mut tmp = [[0f32; 8]; N];
+        for x0 in (0..ow).step_by(8) {
+            let n = (ow - x0).min(8);
+            let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), lane);
+            let mut acc = [_mm256_setzero_ps(); N];
+            for (oc, a) in acc.iter_mut().enumerate() {
+                *a = _mm256_set1_ps(*bias.add(oc));
+            }
+            for i in 0..kh {
+                let row = x.as_ptr().add(src + i * dh * wp + x0);
+                for j in 0..kw {
+                    let xv = _mm256_maskload_ps(row.add(j), mask);
+                    let wt = w.add((i * kw + j) * lanes);
+                    for (oc, a) in acc.iter_mut().enumerate() {
+                        *a = _mm256_fmadd_ps(xv, _mm256_set1_ps(*wt.add(oc)), *a);
+                    }
+                }
+            }
+            for (t, a) in tmp.iter_mut().zip(&acc).take(m) {
+                _mm256_storeu_ps(t.as_mut_ptr(), *a);
+            }
+            for p in 0..n {
+                let d = dst.add((x0 + p) * m);
+                for (oc, t) in tmp.iter().enumerate().take(m) {
+                    let mut v = t[p];
+                    if lay.accumulate {
+                        v += *d.add(oc);
+                    }
+                    *d.add(oc) = if lay.relu { v.max(0.0) } else { v };
+                }
+            }
+        }
+    }
+
     /// Depthwise: `R` pixels, channels 16 at a time.
     #[target_feature(enable = "avx512f,avx2,fma")]
     #[allow(clippy::too_many_arguments)]
@@ -1015,6 +1076,7 @@ mod tests {
             (1, 5, [6, 6], 40, 3, 2, 1, [1, 0, 1, 2], false),
             (3, 16, [5, 5], 32, 1, 1, 1, [0; 4], false),
             (1, 1, [12, 12], 6, 5, 1, 1, [0; 4], false),
+            (2, 1, [7, 13], 5, 3, 1, 1, [1; 4], false),
             (2, 1, [9, 37], 16, 3, 1, 1, [1, 2, 0, 1], false),
             (1, 1, [8, 20], 3, 3, 2, 1, [1; 4], false),
             (2, 8, [7, 9], 70, 3, 1, 2, [2; 4], false),
