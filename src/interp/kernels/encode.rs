@@ -1084,6 +1084,7 @@ mod tests {
     /// with channel counts that are not a multiple of 16, strides, dilations, padding, K = 16/32.
     #[test]
     fn nhwc_rows_encode_like_nchw_rows() {
+        let levels = crate::interp::kernels::levels_checked("nhwc_rows_encode_like_nchw_rows");
         let mut rng = Rng::new(21);
         type Case = ([usize; 4], [usize; 2], [usize; 2], [usize; 2], [usize; 4], usize, usize);
         let cases: &[Case] = &[
@@ -1155,7 +1156,6 @@ mod tests {
                         .collect();
                     let pt = &cl.pt[g * sl * k * CL..(g + 1) * sl * k * CL];
                     let hn = &cl.half_norms[g * k * CL..(g + 1) * k * CL];
-                    let levels = Simd::available();
                     let want = nearest_in_lanes_at(Simd::Scalar, &xs, pt, hn, k);
                     for &lv in &levels {
                         assert_eq!(nearest_in_lanes_at(lv, &xs, pt, hn, k), want, "{lv:?}");
@@ -1175,7 +1175,6 @@ mod tests {
             encode_prepared(&nhwc, &prepare(sub, &tree, Some((c, kernel[0], kernel[1]))), &mut b);
             assert_eq!(a, b, "tree {shape:?}");
         }
-        eprintln!("channel-lane encoder checked at SIMD levels {:?}", Simd::available());
     }
 
     /// Encoder throughput on ResNet-like layers: a measurement that `docs/bench.sh` runs
@@ -1228,6 +1227,7 @@ mod tests {
 
     #[test]
     fn nearest_levels_agree_on_many_inputs() {
+        let levels = crate::interp::kernels::levels_checked("nearest_levels_agree_on_many_inputs");
         let mut rng = Rng::new(4);
         let (s, k) = (9, 16);
         let pt: Vec<f32> = (0..s * k * CL).map(|_| rng.next_f64() as f32).collect();
@@ -1256,7 +1256,7 @@ mod tests {
                 let (full, _) = unsafe { x86::nearest2_avx512(&pa, &pa, u16::MAX, &pt, &hn, k) };
                 assert_eq!(full, want, "call {i}: two-row kernel");
             }
-            for lv in Simd::available() {
+            for &lv in &levels {
                 let got = nearest_in_lanes_at(lv, &xs, &pt, &hn, k);
                 if got != want {
                     let l = (0..CL).find(|&l| got[l] != want[l]).unwrap();
@@ -1321,11 +1321,12 @@ mod tests {
             }
         }
         let xs = vec![[1.0f32; CL]; s];
-        for lv in Simd::available() {
+        let levels = crate::interp::kernels::levels_checked("channel_lanes_break_ties_like_a_sequential_scan");
+        for &lv in &levels {
             assert_eq!(nearest_in_lanes_at(lv, &xs, &pt, &hn, k), [3u8; CL], "{lv:?}");
         }
         let nan = vec![[f32::NAN; CL]; s];
-        for lv in Simd::available() {
+        for &lv in &levels {
             assert_eq!(nearest_in_lanes_at(lv, &nan, &pt, &hn, k), [0u8; CL], "{lv:?}");
         }
         // the two-row AVX-512 kernel: one row of ties, one of NaNs

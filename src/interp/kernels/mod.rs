@@ -80,6 +80,23 @@ impl Simd {
     }
 }
 
+/// The SIMD levels a kernel test runs at — every level this CPU has — printed once under the
+/// test's name with the levels it cannot check here, so a log shows what each test covered.
+#[cfg(test)]
+pub(crate) fn levels_checked(test: &str) -> Vec<Simd> {
+    let levels = Simd::available();
+    let missing: Vec<&str> = [Simd::Scalar, Simd::Avx2, Simd::Avx512]
+        .into_iter()
+        .filter(|s| !s.supported())
+        .map(Simd::name)
+        .collect();
+    eprintln!(
+        "{test}: checked at SIMD levels {:?}; not available on this CPU, not checked: {missing:?}",
+        levels.iter().map(|s| s.name()).collect::<Vec<_>>()
+    );
+    levels
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -135,6 +135,18 @@ fn axis_taps(
 /// [`pool2d`] on channels-last data: `x` `[N, H, W, C]` → `[N, oh, ow, C]`, every tap a
 /// contiguous run of C channels. Same taps, order and counts as [`pool2d`], so same results.
 pub fn pool2d_nhwc(x: &[f32], shape: [usize; 4], pool: &Pool) -> Result<(Vec<f32>, [usize; 4])> {
+    pool2d_nhwc_at(super::Simd::detect(), x, shape, pool)
+}
+
+/// [`pool2d_nhwc`] at a given SIMD level (AVX-512 has its own row kernel; the other levels
+/// share the portable loop), which the CPU must support.
+pub(crate) fn pool2d_nhwc_at(
+    level: super::Simd,
+    x: &[f32],
+    shape: [usize; 4],
+    pool: &Pool,
+) -> Result<(Vec<f32>, [usize; 4])> {
+    assert!(level.supported(), "SIMD level {level:?} not supported by this CPU");
     let [n, h, w, c] = shape;
     let win = &pool.window;
     let geo = win.resolve([h, w])?;
@@ -166,7 +178,7 @@ pub fn pool2d_nhwc(x: &[f32], shape: [usize; 4], pool: &Pool) -> Result<(Vec<f32
     let (dh, dw) = (win.dilations[0], win.dilations[1]);
     let (pt, pl) = (geo.pads[0], geo.pads[1]);
     let rows_per_task = (4096 / (ow * c).max(1)).max(1);
-    let avx512 = super::Simd::detect() == super::Simd::Avx512;
+    let avx512 = level == super::Simd::Avx512;
     out.par_chunks_mut(rows_per_task * ow * c)
         .enumerate()
         .for_each(|(task, dst)| {
@@ -315,6 +327,7 @@ mod tests {
                 count_include_pad: false,
             },
         ];
+        let levels = crate::interp::kernels::levels_checked("channels_last_pooling_equals_nchw_pooling");
         let mut checked = 0;
         for kind in kinds {
             for &(k, s, d, pad, ceil) in &[
@@ -335,25 +348,27 @@ mod tests {
                     nhwc: true,
                 };
                 let want = pool2d(&x, [n, c, h, w], &pool).unwrap();
-                let (got, shape) = pool2d_nhwc(&xn, [n, h, w, c], &pool).unwrap();
-                let ws = want.shape();
-                assert_eq!(shape, [ws[0], ws[2], ws[3], ws[1]]);
-                for i in 0..n {
-                    for ch in 0..c {
-                        for p in 0..ws[2] * ws[3] {
-                            let a = want.as_slice().unwrap()[(i * c + ch) * ws[2] * ws[3] + p];
-                            let b = got[(i * ws[2] * ws[3] + p) * c + ch];
-                            assert_eq!(
-                                a.to_bits(),
-                                b.to_bits(),
-                                "{kind:?} k={k} s={s} d={d} pad={pad} ceil={ceil}"
-                            );
+                for &level in &levels {
+                    let (got, shape) = pool2d_nhwc_at(level, &xn, [n, h, w, c], &pool).unwrap();
+                    let ws = want.shape();
+                    assert_eq!(shape, [ws[0], ws[2], ws[3], ws[1]]);
+                    for i in 0..n {
+                        for ch in 0..c {
+                            for p in 0..ws[2] * ws[3] {
+                                let a = want.as_slice().unwrap()[(i * c + ch) * ws[2] * ws[3] + p];
+                                let b = got[(i * ws[2] * ws[3] + p) * c + ch];
+                                assert_eq!(
+                                    a.to_bits(),
+                                    b.to_bits(),
+                                    "{level:?} {kind:?} k={k} s={s} d={d} pad={pad} ceil={ceil}"
+                                );
+                            }
                         }
                     }
+                    checked += 1;
                 }
-                checked += 1;
             }
         }
-        assert_eq!(checked, 12);
+        assert_eq!(checked, 12 * levels.len());
     }
 }
