@@ -1220,23 +1220,14 @@ mod tests {
         }
     }
 
-    /// The row-wise kernel (few rows, `[c][k][m]` tables) equals the naive sum exactly: i16
-    /// flushes past 256 codebooks, extreme tables, K = 16 and 256, the parallel output tiles.
-    /// The LUT kernels a test runs (every one this CPU has), printed once under its name.
+    /// The LUT kernels a test runs: every one this CPU has (`kernels::report_checked`).
     fn kernels_checked(test: &str) -> Vec<LutKernel> {
-        let kernels = LutKernel::available();
-        let missing: Vec<&str> = [LutKernel::Scalar, LutKernel::Avx2, LutKernel::Avx512]
-            .into_iter()
-            .filter(|k| !k.supported())
-            .map(LutKernel::name)
-            .collect();
-        eprintln!(
-            "{test}: checked LUT kernels {:?}; not available on this CPU, not checked: {missing:?}",
-            kernels.iter().map(|k| k.name()).collect::<Vec<_>>()
-        );
-        kernels
+        let all = [LutKernel::Scalar, LutKernel::Avx2, LutKernel::Avx512];
+        crate::interp::kernels::report_checked(test, "LUT kernels", &all, LutKernel::supported, LutKernel::name)
     }
 
+    /// The row-wise kernel (few rows, `[c][k][m]` tables) equals the naive sum exactly: i16
+    /// flushes past 256 codebooks, extreme tables, K = 16 and 256, the parallel output tiles.
     #[test]
     fn rowwise_matches_naive() {
         let levels = crate::interp::kernels::levels_checked("rowwise_matches_naive");

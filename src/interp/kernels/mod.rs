@@ -80,21 +80,31 @@ impl Simd {
     }
 }
 
-/// The SIMD levels a kernel test runs at — every level this CPU has — printed once under the
-/// test's name with the levels it cannot check here, so a log shows what each test covered.
+/// Which of `all` a kernel test runs — those `supported` on this CPU — printed once under the
+/// test's name with those it cannot check here, so a log shows what each test covered.
+#[cfg(test)]
+pub(crate) fn report_checked<T: Copy>(
+    test: &str,
+    what: &str,
+    all: &[T],
+    supported: impl Fn(T) -> bool,
+    name: impl Fn(T) -> &'static str,
+) -> Vec<T> {
+    let (ran, missing): (Vec<T>, Vec<T>) = all.iter().partition(|&&x| supported(x));
+    let names = |v: &[T]| v.iter().map(|&x| name(x)).collect::<Vec<_>>();
+    eprintln!(
+        "{test}: checked {what} {:?}; not available on this CPU, not checked: {:?}",
+        names(&ran),
+        names(&missing)
+    );
+    ran
+}
+
+/// The SIMD levels a kernel test runs at: every level this CPU has ([`report_checked`]).
 #[cfg(test)]
 pub(crate) fn levels_checked(test: &str) -> Vec<Simd> {
-    let levels = Simd::available();
-    let missing: Vec<&str> = [Simd::Scalar, Simd::Avx2, Simd::Avx512]
-        .into_iter()
-        .filter(|s| !s.supported())
-        .map(Simd::name)
-        .collect();
-    eprintln!(
-        "{test}: checked at SIMD levels {:?}; not available on this CPU, not checked: {missing:?}",
-        levels.iter().map(|s| s.name()).collect::<Vec<_>>()
-    );
-    levels
+    let all = [Simd::Scalar, Simd::Avx2, Simd::Avx512];
+    report_checked(test, "at SIMD levels", &all, Simd::supported, Simd::name)
 }
 
 #[cfg(test)]
