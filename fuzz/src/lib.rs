@@ -7,6 +7,11 @@
 //! `tests/fuzz_regressions.rs` includes this file (`#[path]`) and replays the committed crash
 //! inputs through exactly these functions on stable Rust.
 
+/// The ONNX builders of the tests (`tests/common/build.rs`), for the small model below.
+#[path = "../../tests/common/build.rs"]
+#[allow(dead_code)]
+mod build;
+
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use tabconv::ir::{cost, dump::dump, DType, Dim, Graph, Tensor};
@@ -306,113 +311,63 @@ fn small_model() -> (Graph, ndarray::ArrayD<f32>, (ndarray::ArrayD<f32>, Vec<i64
 /// x [N,2,6,6] → Conv 3×3 (8 channels, padded) → BatchNormalization → Relu → MaxPool 2×2 →
 /// Flatten → Gemm (72 → 4).
 fn small_cnn_onnx() -> Vec<u8> {
+    use build::{attr_ints, model, node, tensor_f32, vi};
     use prost::Message;
-    use tract_onnx::pb;
     let weights = |name: &str, dims: &[i64]| {
         let n: i64 = dims.iter().product();
         let v: Vec<f32> = (0..n).map(|i| ((i * 31 % 23) as f32 - 11.0) / 11.0).collect();
-        pb::TensorProto {
-            name: name.into(),
-            dims: dims.to_vec(),
-            data_type: 1,
-            raw_data: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-            ..Default::default()
-        }
+        tensor_f32(name, dims, &v)
     };
-    let ones = |name: &str, n: i64, v: f32| pb::TensorProto {
-        name: name.into(),
-        dims: vec![n],
-        data_type: 1,
-        raw_data: (0..n).flat_map(|_| v.to_le_bytes()).collect(),
-        ..Default::default()
-    };
-    let ints = |name: &str, v: &[i64]| pb::AttributeProto {
-        name: name.into(),
-        r#type: 7,
-        ints: v.to_vec(),
-        ..Default::default()
-    };
-    let node = |op: &str, ins: &[&str], out: &str, attribute: Vec<pb::AttributeProto>| pb::NodeProto {
-        input: ins.iter().map(|s| s.to_string()).collect(),
-        output: vec![out.into()],
-        name: out.into(),
-        op_type: op.into(),
-        attribute,
-        ..Default::default()
-    };
-    let value = |name: &str, dims: &[i64]| {
-        use pb::tensor_shape_proto::{dimension::Value, Dimension};
-        let dim = dims
-            .iter()
-            .map(|&d| Dimension {
-                denotation: String::new(),
-                value: Some(if d < 0 {
-                    Value::DimParam("N".into())
-                } else {
-                    Value::DimValue(d)
-                }),
-            })
-            .collect();
-        pb::ValueInfoProto {
-            name: name.into(),
-            r#type: Some(pb::TypeProto {
-                denotation: String::new(),
-                value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
-                    elem_type: 1,
-                    shape: Some(pb::TensorShapeProto { dim }),
-                })),
-            }),
-            doc_string: String::new(),
-        }
+    let fill = |name: &str, v: f32| tensor_f32(name, &[8], &[v; 8]);
+    let window = |k: i64, pads: &[i64], strides: &[i64]| {
+        vec![
+            attr_ints("kernel_shape", &[k, k]),
+            attr_ints("pads", pads),
+            attr_ints("strides", strides),
+        ]
     };
     let nodes = vec![
         node(
             "Conv",
-            &["x", "w", "b"],
             "conv",
-            vec![ints("kernel_shape", &[3, 3]), ints("pads", &[1, 1, 1, 1])],
+            &["x", "w", "b"],
+            &["conv"],
+            window(3, &[1, 1, 1, 1], &[1, 1]),
         ),
         node(
             "BatchNormalization",
-            &["conv", "scale", "shift", "mean", "var"],
             "bn",
+            &["conv", "scale", "shift", "mean", "var"],
+            &["bn"],
             vec![],
         ),
-        node("Relu", &["bn"], "relu", vec![]),
+        node("Relu", "relu", &["bn"], &["relu"], vec![]),
         node(
             "MaxPool",
-            &["relu"],
             "pool",
-            vec![ints("kernel_shape", &[2, 2]), ints("strides", &[2, 2])],
+            &["relu"],
+            &["pool"],
+            window(2, &[0, 0, 0, 0], &[2, 2]),
         ),
-        node("Flatten", &["pool"], "flat", vec![]),
-        node("Gemm", &["flat", "fc_w", "fc_b"], "y", vec![]),
+        node("Flatten", "flat", &["pool"], &["flat"], vec![]),
+        node("Gemm", "y", &["flat", "fc_w", "fc_b"], &["y"], vec![]),
     ];
     let initializer = vec![
         weights("w", &[8, 2, 3, 3]),
         weights("b", &[8]),
-        ones("scale", 8, 1.5),
-        ones("shift", 8, 0.1),
-        ones("mean", 8, 0.2),
-        ones("var", 8, 2.0),
+        fill("scale", 1.5),
+        fill("shift", 0.1),
+        fill("mean", 0.2),
+        fill("var", 2.0),
         weights("fc_w", &[72, 4]),
         weights("fc_b", &[4]),
     ];
-    pb::ModelProto {
-        ir_version: 8,
-        opset_import: vec![pb::OperatorSetIdProto {
-            domain: String::new(),
-            version: 13,
-        }],
-        graph: Some(pb::GraphProto {
-            node: nodes,
-            name: "small_cnn".into(),
-            input: vec![value("x", &[-1, 2, 6, 6])],
-            output: vec![value("y", &[-1, 4])],
-            initializer,
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
+    model(
+        nodes,
+        vec![vi("x", &[-1, 2, 6, 6])],
+        vec![vi("y", &[-1, 4])],
+        initializer,
+        13,
+    )
     .encode_to_vec()
 }
