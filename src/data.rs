@@ -123,24 +123,20 @@ pub fn labels_from_npy(bytes: &[u8], path: &Path) -> Result<Vec<i64>> {
     }
 }
 
-/// Write a tensor as `.npy` atomically (temp file in the same directory, then rename).
+/// Write a tensor as `.npy` atomically (see [`crate::output`]).
 pub fn write_npy(path: &Path, t: &Tensor) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| Error::io(dir, e))?;
+    let mut out = crate::output::Pending::create(path)?;
+    let file = out.file();
     let res = match t {
-        Tensor::F32(a) => a.write_npy(tmp.as_file()),
-        Tensor::I64(a) => a.write_npy(tmp.as_file()),
-        Tensor::I32(a) => a.write_npy(tmp.as_file()),
-        Tensor::U8(a) => a.write_npy(tmp.as_file()),
-        Tensor::I8(a) => a.write_npy(tmp.as_file()),
-        Tensor::Bool(a) => a.write_npy(tmp.as_file()),
+        Tensor::F32(a) => a.write_npy(file),
+        Tensor::I64(a) => a.write_npy(file),
+        Tensor::I32(a) => a.write_npy(file),
+        Tensor::U8(a) => a.write_npy(file),
+        Tensor::I8(a) => a.write_npy(file),
+        Tensor::Bool(a) => a.write_npy(file),
     };
     res.map_err(|e| Error::Other(format!("{}: cannot write .npy: {e}", path.display())))?;
-    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
-    Ok(())
+    out.commit()
 }
 
 /// Read a `.npy` of any supported element type.

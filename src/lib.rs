@@ -59,6 +59,7 @@ pub mod ir;
 pub mod limits;
 pub mod model;
 pub mod onnx;
+pub mod output;
 pub mod passes;
 pub mod plot;
 pub mod pq;

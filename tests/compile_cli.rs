@@ -152,3 +152,81 @@ fn tcv_reader_rejects_plain_onnx_and_future_versions() {
     let e = tabconv::onnx::tcv::read_tcv(&fixture("models/lenet5.onnx")).unwrap_err();
     assert!(e.to_string().contains("not a .tcv file"), "{e}");
 }
+
+/// SIGINT and SIGTERM during a compile (ResNet-18 with calibration, minutes of work) end it
+/// with the signal's status and leave the output folder as it was: no `.tcv`, no temp file —
+/// `tabconv-compile` creates its output's temp file before the work starts, and its signal
+/// handler removes it.
+#[cfg(unix)]
+#[test]
+fn interrupted_compile_leaves_no_output() {
+    use std::os::unix::process::ExitStatusExt;
+    use std::time::{Duration, Instant};
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        let out_dir = tempfile::tempdir().unwrap();
+        let log_dir = tempfile::tempdir().unwrap();
+        let out = out_dir.path().join("resnet18.tcv");
+        let log = log_dir.path().join("stderr.txt");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tabconv-compile"))
+            .arg(fixture("models/resnet18_fmnist.onnx"))
+            .arg("-o")
+            .arg(&out)
+            .arg("--calib")
+            .arg(fixture("data/fmnist_calib.npy"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let pid = child.id() as libc::pid_t;
+        let entries = || -> Vec<String> {
+            std::fs::read_dir(out_dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        };
+        // working: its temp output exists and it has spent CPU time on the model (Linux)
+        let start = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!(
+                    "the compile ended before it was interrupted ({status}): {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            if entries().iter().any(|n| n.ends_with(".tmp")) && cpu_seconds(pid).is_none_or(|s| s >= 1.0) {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(300),
+                "the compile did not start working within 5 minutes"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // SAFETY: signalling our own child, which has not been waited for (its pid is still ours)
+        assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
+        let status = child.wait().unwrap();
+        assert!(!status.success());
+        assert!(
+            status.signal() == Some(sig) || status.code() == Some(128 + sig),
+            "signal {sig}: exit {status}"
+        );
+        assert!(
+            entries().is_empty(),
+            "signal {sig} left {:?} in the output folder",
+            entries()
+        );
+    }
+}
+
+/// CPU seconds a process has used (`/proc/PID/stat`), where the platform has it.
+#[cfg(unix)]
+fn cpu_seconds(pid: libc::pid_t) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // fields after the command name (which may hold spaces) in parentheses: utime is the 12th
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    // SAFETY: sysconf has no preconditions
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some(ticks / hz)
+}

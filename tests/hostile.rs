@@ -866,3 +866,32 @@ fn empty_intermediates_do_not_panic() {
         );
     }
 }
+
+/// Declared shapes whose cost does not fit 64 bits (each tensor within a raised limit: a
+/// `[2^30, 2^30]` MatMul is 2^90 multiply-adds): `inspect` reports saturated counts instead of
+/// overflowing.
+#[test]
+fn costs_beyond_64_bits_saturate() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = 1i64 << 30;
+    let m = model(
+        vec![node("MatMul", "mm", &["a", "b"], &["y"], vec![])],
+        vec![vi("a", &[n, n]), vi("b", &[n, n])],
+        vec![vi("y", &[n, n])],
+        vec![],
+        17,
+    );
+    let p = dir.path().join("huge.onnx");
+    write(&p, &m);
+    let limit = (1u64 << 62).to_string();
+    let o = tabconv_env(
+        TABCONV,
+        &["inspect", p.to_str().unwrap(), "--json"],
+        &[(tabconv::limits::MAX_TENSOR_BYTES_ENV, limit.as_str())],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["macs_per_image"], u64::MAX, "{}", v["total"]);
+    assert_eq!(v["ops_all"], u64::MAX);
+}

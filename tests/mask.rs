@@ -150,14 +150,26 @@ fn accuracy_target_uses_validation_labels() {
     );
     let mut cx = PassCx {
         calib: Some(npy("data/mnist_calib.npy")),
-        val: Some((vx, vy)),
+        val: Some((vx.clone(), vy.clone())),
         ..Default::default()
     };
     let report = run_pipeline(&mut g, &p, &mut cx, |_, _| Ok(())).unwrap();
     let m = report.mask.unwrap();
     let exact = m.exact_accuracy.unwrap();
-    let chosen = m.final_point.as_ref().unwrap_or(&m.path[m.chosen_point]);
-    assert!((exact - chosen.accuracy.unwrap()) * 100.0 <= 0.5 + 1e-9 || m.path.len() == 1 + m.layers.len());
+    // the model kept: the relearned one when reported, otherwise the greedy choice
+    let kept = m.final_point.as_ref().unwrap_or(&m.path[m.chosen_point]);
+    assert!((exact - kept.accuracy.unwrap()) * 100.0 <= 0.5 + 1e-9 || m.path.len() == 1 + m.layers.len());
+    if report
+        .notes
+        .iter()
+        .any(|n| n.contains("relearning the tables did not help"))
+    {
+        assert!(m.final_point.is_none(), "a rejected relearned model is not reported");
+    }
+    // the accuracy reported for the kept model is the compiled model's
+    let got = predictions(&g, &vx);
+    let right = got.iter().zip(&vy).filter(|(p, l)| p == l).count();
+    assert_eq!(kept.correct, Some(right));
     // without labels the accuracy target is refused
     let mut g = tabconv::onnx::load_model(&fixture("models/lenet5.onnx")).unwrap();
     let mut cx = PassCx {
@@ -166,4 +178,192 @@ fn accuracy_target_uses_validation_labels() {
     };
     let e = run_pipeline(&mut g, &p, &mut cx, |_, _| Ok(())).unwrap_err();
     assert!(e.to_string().contains("--val"), "{e}");
+}
+
+/// The two-layer model after the `lut` pass alone, its pass context (what `mask` reads), and
+/// the images it was calibrated on.
+fn approximated() -> (Graph, PassCx, ArrayD<f32>) {
+    let (mut g, calib) = two_layers();
+    let mut cx = PassCx {
+        calib: Some(calib.clone()),
+        ..Default::default()
+    };
+    let p = Pipeline::parse(
+        "name: t\npasses:\n  - lut:\n      encoder: argmin\n      fc_subspace: 4\n      refit: false\n",
+        "t",
+    )
+    .unwrap();
+    run_pipeline(&mut g, &p, &mut cx, |_, _| Ok(())).unwrap();
+    assert_eq!(cx.exact_layers.len(), 2, "both layers became lookups");
+    (g, cx, calib)
+}
+
+/// `g` with the LUT layers of these MatMuls put back.
+fn with_exact(g: &Graph, cx: &PassCx, layers: &[&str]) -> Graph {
+    let mut g = g.clone();
+    for (lut, ex) in &cx.exact_layers {
+        if layers.contains(&ex.matmul.as_str()) {
+            tabconv::passes::mask::restore(&mut g, lut, ex).unwrap();
+        }
+    }
+    tabconv::ir::infer::infer_graph(&mut g).unwrap();
+    g
+}
+
+fn predictions(g: &Graph, x: &ArrayD<f32>) -> Vec<i64> {
+    tabconv::model::argmax_rows(&as_f32(&run(g, vec![Tensor::F32(x.clone())]).unwrap()[0]))
+}
+
+/// Run only `mask` (with these options) after [`approximated`], validating on `val`.
+fn mask_only(
+    g: &Graph,
+    cx: PassCx,
+    val: (ArrayD<f32>, Vec<i64>),
+    options: &str,
+) -> (Graph, tabconv::passes::mask::MaskReport, Vec<String>) {
+    let mut g = g.clone();
+    let mut cx = PassCx { val: Some(val), ..cx };
+    let p = Pipeline::parse(&format!("name: t\npasses:\n  - mask:\n{options}"), "t").unwrap();
+    let report = run_pipeline(&mut g, &p, &mut cx, |_, _| Ok(())).unwrap();
+    (g, report.mask.expect("mask ran"), report.notes)
+}
+
+/// A class none of `avoid` predicts (the model has 4 outputs).
+fn other_class(avoid: &[i64]) -> i64 {
+    (0..4).find(|c| !avoid.contains(c)).unwrap()
+}
+
+/// A drop of exactly the budget meets `max_accuracy_drop`: 0.5 points is one image of 200
+/// (91.0 → 90.5 %), which `(0.91 - 0.905) * 100 <= 0.5` refused in floating point.
+#[test]
+fn an_accuracy_drop_of_exactly_the_budget_is_accepted() {
+    let (g, cx, calib) = approximated();
+    let exact = predictions(&with_exact(&g, &cx, &["easy", "hard"]), &calib);
+    let lut = predictions(&g, &calib);
+    // 200 images: 1 the lookups get wrong and the exact model right, 181 both get right, 18 both
+    // get wrong
+    let differ: Vec<usize> = (0..exact.len()).filter(|&i| exact[i] != lut[i]).collect();
+    let agree: Vec<usize> = (0..exact.len()).filter(|&i| exact[i] == lut[i]).collect();
+    assert!(
+        !differ.is_empty() && agree.len() >= 199,
+        "the constructed model must have both"
+    );
+    let mut rows = vec![differ[0]];
+    let mut labels = vec![exact[differ[0]]];
+    for (k, &i) in agree.iter().take(199).enumerate() {
+        rows.push(i);
+        labels.push(if k < 181 { exact[i] } else { other_class(&[exact[i]]) });
+    }
+    let x = calib.select(ndarray::Axis(0), &rows);
+    let (e, k) = std::hint::black_box((182.0f64, 181.0f64));
+    assert!(
+        (e / 200.0 - k / 200.0) * 100.0 > 0.5,
+        "the case float comparison gets wrong"
+    );
+    let options = "      max_accuracy_drop: 0.5\n      relearn: false\n      restore_unprofitable: false\n";
+    let (_, m, _) = mask_only(&g, cx, (x.clone(), labels.clone()), options);
+    assert_eq!(m.exact_accuracy, Some(0.91));
+    assert_eq!(m.path[0].correct, Some(181), "{:?}", m.path[0]);
+    assert_eq!(m.path.len(), 1, "nothing restored: {:?}", m.path);
+    assert!(m
+        .layers
+        .iter()
+        .all(|d| d.chosen == "lut" && d.why.contains("target met")));
+    // one image more than the budget is refused
+    let (g, cx, _) = approximated();
+    let options = "      max_accuracy_drop: 0.49\n      relearn: false\n      restore_unprofitable: false\n";
+    let (_, m, _) = mask_only(&g, cx, (x, labels), options);
+    assert!(
+        m.path.len() > 1,
+        "0.49 points is less than one image of 200: {:?}",
+        m.path
+    );
+}
+
+/// When no point of the greedy path meets the target, the best one seen is kept, not the last:
+/// here restoring `easy` (the only layer `force_lut` leaves to restore) loses images.
+#[test]
+fn the_best_point_of_a_non_monotonic_path_is_kept() {
+    let (g, cx, calib) = approximated();
+    let e = predictions(&with_exact(&g, &cx, &["easy", "hard"]), &calib);
+    let a = predictions(&g, &calib); // the starting point: both layers lookups
+    let b = predictions(&with_exact(&g, &cx, &["easy"]), &calib); // after restoring easy
+                                                                  // labels making restoring easy lose images, and the exact model better than both points
+    let (mut lost_by_restoring, mut exact_only) = (0, 0);
+    let labels: Vec<i64> = (0..e.len())
+        .map(|i| {
+            if e[i] == a[i] && a[i] != b[i] {
+                lost_by_restoring += 1;
+                a[i]
+            } else if a[i] == b[i] && e[i] != a[i] {
+                exact_only += 1;
+                e[i]
+            } else if e[i] == a[i] && a[i] == b[i] {
+                e[i]
+            } else {
+                other_class(&[e[i], a[i], b[i]])
+            }
+        })
+        .collect();
+    assert!(
+        lost_by_restoring > 0 && exact_only > 0,
+        "the constructed model must have both kinds of image: {lost_by_restoring}, {exact_only}"
+    );
+    let options = "      max_accuracy_drop: 0\n      force_lut: [hard]\n      relearn: false\n      restore_unprofitable: false\n";
+    let (out, m, _) = mask_only(&g, cx, (calib.clone(), labels), options);
+    assert_eq!(m.path.len(), 2, "{:?}", m.path);
+    let (p0, p1) = (m.path[0].correct.unwrap(), m.path[1].correct.unwrap());
+    assert_eq!(p0 - p1, lost_by_restoring, "restoring easy lost those images");
+    assert_eq!(m.chosen_point, 0, "the better point is kept: {:?}", m.path);
+    let easy = m.layers.iter().find(|d| d.layer == "easy").unwrap();
+    assert_eq!(easy.chosen, "lut", "{}", easy.why);
+    assert!(easy.why.contains("worse than"), "{}", easy.why);
+    assert_eq!(predictions(&out, &calib), a, "the model kept is the starting point");
+    assert!(dump(&out).unwrap().contains("\"easy/lut\""));
+}
+
+/// The relearned model is reported (`final_point`) only when it is kept; when it is worse on
+/// the target's metric the greedy choice stays, and the report says so in a note only.
+#[test]
+fn only_a_kept_relearned_model_is_reported() {
+    let (g, cx, calib) = approximated();
+    let val_x = calib.slice(ndarray::s![..1000, ..]).to_owned().into_dyn();
+    // what mask's relearning computes: the lut pass again, through the exact `easy`
+    let greedy = with_exact(&g, &cx, &["easy"]);
+    let mut relearned = with_exact(&g, &cx, &["easy", "hard"]);
+    let relearn = Pipeline::parse(
+        "name: t\npasses:\n  - lut:\n      encoder: argmin\n      fc_subspace: 4\n      refit: false\n      keep_exact: [easy]\n",
+        "t",
+    )
+    .unwrap();
+    let mut rcx = PassCx {
+        calib: Some(calib.clone()),
+        ..Default::default()
+    };
+    run_pipeline(&mut relearned, &relearn, &mut rcx, |_, _| Ok(())).unwrap();
+    let (pg, pr) = (predictions(&greedy, &val_x), predictions(&relearned, &val_x));
+    assert!(pg != pr, "relearning must change some predictions for this test");
+    let options = "      max_accuracy_drop: 100\n      keep_exact: [easy]\n      relearn: true\n      restore_unprofitable: false\n";
+    // labelled as the greedy model predicts: relearning can only lose images, and is rejected
+    let (out, m, notes) = mask_only(&g, cx, (val_x.clone(), pg.clone()), options);
+    assert!(
+        m.final_point.is_none(),
+        "a rejected model is not reported: {:?}",
+        m.final_point
+    );
+    assert_eq!(m.path[m.chosen_point].accuracy, Some(1.0));
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.contains("did not help") && n.contains("100.00%")),
+        "{notes:?}"
+    );
+    assert_eq!(predictions(&out, &val_x), pg, "the greedy model is kept");
+    // labelled as the relearned model predicts: it is kept and reported
+    let (g, cx, _) = approximated();
+    let (out, m, notes) = mask_only(&g, cx, (val_x.clone(), pr.clone()), options);
+    let f = m.final_point.as_ref().expect("the kept relearned model is reported");
+    assert_eq!(f.accuracy, Some(1.0));
+    assert!(!notes.iter().any(|n| n.contains("did not help")), "{notes:?}");
+    assert_eq!(predictions(&out, &val_x), pr, "the relearned model is kept");
 }

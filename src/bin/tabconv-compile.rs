@@ -1,10 +1,12 @@
 //! `tabconv-compile`: run a pass pipeline on an ONNX model and write a `.tcv`.
 
 use clap::Parser;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use tabconv::ir::{cost, dump::dump};
 use tabconv::onnx::tcv;
+use tabconv::output::Pending;
 use tabconv::passes::{manager, pipeline::Pipeline, PassCx};
 use tabconv::{Error, Result};
 
@@ -20,7 +22,8 @@ use tabconv::{Error, Result};
 struct Args {
     /// The ONNX model to compile
     model: PathBuf,
-    /// Output .tcv file (written atomically)
+    /// Output .tcv file (written atomically: nothing appears there if the compile fails or is
+    /// interrupted)
     #[arg(short, long)]
     output: PathBuf,
     /// A built-in pipeline name (exact, tabconv) or a pipeline YAML file
@@ -62,6 +65,7 @@ static ALLOC: tabconv::alloc::CacheAligned = tabconv::alloc::CacheAligned;
 fn main() -> ExitCode {
     tabconv::cli::restore_sigpipe();
     tabconv::cli::keep_freed_memory();
+    tabconv::output::remove_temp_files_on_signal();
     match compile(Args::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -84,6 +88,9 @@ fn compile(args: Args) -> Result<()> {
             )));
         }
     }
+    // the output's temp file exists from here on: an unwritable folder fails now, not after the
+    // compile, and an interrupt (SIGINT, SIGTERM) removes it (see tabconv::output)
+    let mut output = Pending::create(&args.output)?;
     let mut graph = tabconv::onnx::load_model(&args.model)?;
     if let Some(note) = tabconv::model::batch_note(&graph, &args.model) {
         eprintln!("{note}");
@@ -122,7 +129,11 @@ fn compile(args: Args) -> Result<()> {
         Ok(())
     })?;
     let bytes = tcv::encode(&graph, &pipeline.to_yaml())?;
-    tcv::write_atomic(&args.output, &bytes)?;
+    output
+        .file()
+        .write_all(&bytes)
+        .map_err(|e| Error::io(&args.output, e))?;
+    output.commit()?;
 
     eprintln!(
         "{} -> {} (pipeline '{}')",

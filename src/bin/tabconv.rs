@@ -103,6 +103,7 @@ static ALLOC: tabconv::alloc::CacheAligned = tabconv::alloc::CacheAligned;
 fn main() -> ExitCode {
     tabconv::cli::restore_sigpipe();
     tabconv::cli::keep_freed_memory();
+    tabconv::output::remove_temp_files_on_signal();
     let cli = Cli::parse();
     let res = match cli.cmd {
         Cmd::Run { model, input, output } => run(&model, &input, &output),

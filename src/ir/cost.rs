@@ -22,29 +22,39 @@ pub struct Cost {
     pub prototype_bytes: u64,
 }
 
+/// Counts saturate at `u64::MAX` instead of overflowing: a hostile model can declare shapes
+/// whose arithmetic does not fit 64 bits (each value fits the tensor limit, their products do
+/// not), and `inspect` must still report it.
 impl Cost {
     pub fn add(&mut self, o: &Cost) {
-        self.exact_macs += o.exact_macs;
-        self.encode_macs += o.encode_macs;
-        self.encode_compares += o.encode_compares;
-        self.lookups += o.lookups;
-        self.table_bytes += o.table_bytes;
-        self.prototype_bytes += o.prototype_bytes;
+        self.exact_macs = self.exact_macs.saturating_add(o.exact_macs);
+        self.encode_macs = self.encode_macs.saturating_add(o.encode_macs);
+        self.encode_compares = self.encode_compares.saturating_add(o.encode_compares);
+        self.lookups = self.lookups.saturating_add(o.lookups);
+        self.table_bytes = self.table_bytes.saturating_add(o.table_bytes);
+        self.prototype_bytes = self.prototype_bytes.saturating_add(o.prototype_bytes);
     }
     /// Arithmetic operations with everything counted: a MAC is 2 ops (multiply + add), a
     /// lookup-accumulate is 2 ops (load + add), a comparison is 1.
     pub fn ops_all(&self) -> u64 {
-        2 * self.exact_macs + 2 * self.encode_macs + self.encode_compares + 2 * self.lookups
+        [self.exact_macs, self.encode_macs, self.lookups]
+            .iter()
+            .fold(self.encode_compares, |a, &b| a.saturating_add(b.saturating_mul(2)))
     }
     /// The TabConv paper's convention: only the multiply-accumulates left exact are counted;
     /// encoding and lookups are treated as free.
     pub fn ops_lookups_only(&self) -> u64 {
-        2 * self.exact_macs
+        self.exact_macs.saturating_mul(2)
     }
 }
 
+/// The product of counts, saturating (see [`Cost`]).
+fn product(v: impl IntoIterator<Item = u64>) -> u64 {
+    v.into_iter().fold(1, u64::saturating_mul)
+}
+
 fn elems(f: Option<&Fact>) -> u64 {
-    f.map(|f| f.shape.iter().map(|d| d.bind(1).max(0) as u64).product())
+    f.map(|f| product(f.shape.iter().map(|d| d.bind(1).max(0) as u64)))
         .unwrap_or(0)
 }
 
@@ -68,16 +78,16 @@ pub fn node_cost(graph: &Graph, n: NodeIndex) -> Cost {
     match &node.op {
         Op::Conv(_) => {
             let w = fact(1).and_then(|f| f.concrete_shape()).unwrap_or_default();
-            c.exact_macs = out * w.iter().skip(1).product::<usize>() as u64;
+            c.exact_macs = product(w.iter().skip(1).map(|&d| d as u64).chain([out]));
         }
         Op::Gemm(g) => {
             let a = fact(0).map(|f| f.shape.clone()).unwrap_or_default();
             let k = if g.trans_a { a.first() } else { a.get(1) };
-            c.exact_macs = out * k.map(|d| d.bind(1) as u64).unwrap_or(0);
+            c.exact_macs = out.saturating_mul(k.map(|d| d.bind(1).max(0) as u64).unwrap_or(0));
         }
         Op::MatMul => {
             let a = fact(0).map(|f| f.shape.clone()).unwrap_or_default();
-            c.exact_macs = out * a.last().map(|d| d.bind(1) as u64).unwrap_or(0);
+            c.exact_macs = out.saturating_mul(a.last().map(|d| d.bind(1).max(0) as u64).unwrap_or(0));
         }
         Op::PqEncode(p) => {
             // out = rows · C
@@ -85,13 +95,13 @@ pub fn node_cost(graph: &Graph, n: NodeIndex) -> Cost {
             match p.encoder {
                 Encoder::Argmin => {
                     let k = shape.get(1).copied().unwrap_or(0) as u64;
-                    c.encode_macs = out * k * p.subspace as u64;
-                    c.encode_compares = out * k;
+                    c.encode_macs = product([out, k, p.subspace as u64]);
+                    c.encode_compares = out.saturating_mul(k);
                     c.prototype_bytes = bytes(1);
                 }
                 Encoder::Tree => {
-                    c.encode_compares = out * shape.get(1).copied().unwrap_or(0) as u64;
-                    c.prototype_bytes = bytes(1) + bytes(2);
+                    c.encode_compares = out.saturating_mul(shape.get(1).copied().unwrap_or(0) as u64);
+                    c.prototype_bytes = bytes(1).saturating_add(bytes(2));
                 }
             }
         }
@@ -101,9 +111,9 @@ pub fn node_cost(graph: &Graph, n: NodeIndex) -> Cost {
                 .and_then(|f| f.concrete_shape())
                 .and_then(|s| s.first().copied())
                 .unwrap_or(0);
-            c.lookups = out * cb as u64;
+            c.lookups = out.saturating_mul(cb as u64);
             c.exact_macs = out;
-            c.table_bytes = bytes(1) + bytes(2) + bytes(3);
+            c.table_bytes = bytes(1).saturating_add(bytes(2)).saturating_add(bytes(3));
         }
         _ => {}
     }

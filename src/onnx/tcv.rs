@@ -8,7 +8,6 @@ use super::proto::read_model_proto;
 use crate::error::{Error, Result};
 use crate::ir::Graph;
 use prost::Message;
-use std::io::Write;
 use std::path::Path;
 
 pub const FORMAT_VERSION: u32 = 1;
@@ -25,17 +24,8 @@ pub fn encode(graph: &Graph, pipeline_yaml: &str) -> Result<Vec<u8>> {
     Ok(export_model(graph, &meta)?.encode_to_vec())
 }
 
-/// Write atomically: a temp file in the target directory, renamed into place only on success.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| Error::io(dir, e))?;
-    tmp.write_all(bytes).map_err(|e| Error::io(path, e))?;
-    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
-    Ok(())
-}
+/// Write atomically (see [`crate::output`]).
+pub use crate::output::write_atomic;
 
 pub fn write_tcv(graph: &Graph, pipeline_yaml: &str, path: &Path) -> Result<()> {
     write_atomic(path, &encode(graph, pipeline_yaml)?)

@@ -1064,11 +1064,7 @@ mod tests {
     #[test]
     fn direct_conv_matches_the_reference_at_every_level() {
         let mut rng = Rng::new(11);
-        let levels = Simd::available();
-        eprintln!(
-            "direct conv checked at {:?}",
-            levels.iter().map(|s| s.name()).collect::<Vec<_>>()
-        );
+        let levels = crate::interp::kernels::levels_checked("direct_conv_matches_the_reference_at_every_level");
         // (n, c, hw, m, k, stride, dilation, pads, depthwise)
         type Case = (usize, usize, [usize; 2], usize, usize, usize, usize, [usize; 4], bool);
         let cases: &[Case] = &[

@@ -1320,6 +1320,7 @@ mod tests {
     /// with channel counts that are not a multiple of 16, strides, dilations, padding, K = 16/32.
     #[test]
     fn nhwc_rows_encode_like_nchw_rows() {
+        let levels = crate::interp::kernels::levels_checked("nhwc_rows_encode_like_nchw_rows");
         let mut rng = Rng::new(21);
         type Case = ([usize; 4], [usize; 2], [usize; 2], [usize; 2], [usize; 4], usize, usize);
         let cases: &[Case] = &[
@@ -1398,7 +1399,7 @@ mod tests {
                         let pt = &cl.pt[g * sl * k * CL..(g + 1) * sl * k * CL];
                         let hn = &cl.half_norms[g * k * CL..(g + 1) * k * CL];
                         let want = nearest_in_lanes_at(Simd::Scalar, &xs, &taps, pt, hn, k);
-                        for lv in Simd::available() {
+                        for &lv in &levels {
                             assert_eq!(nearest_in_lanes_at(lv, &xs, &taps, pt, hn, k), want, "{lv:?}");
                         }
                     }
@@ -1417,7 +1418,6 @@ mod tests {
             encode_prepared(&nhwc, &prepare(sub, &tree, Some((c, kernel[0], kernel[1]))), &mut b);
             assert_eq!(a, b, "tree {shape:?}");
         }
-        eprintln!("channel-lane encoder checked at SIMD levels {:?}", Simd::available());
     }
 
     /// Encoder throughput on ResNet-like layers: a measurement that `docs/bench.sh` runs
@@ -1473,6 +1473,7 @@ mod tests {
 
     #[test]
     fn nearest_levels_agree_on_many_inputs() {
+        let levels = crate::interp::kernels::levels_checked("nearest_levels_agree_on_many_inputs");
         let mut rng = Rng::new(4);
         let (s, k) = (9, 16);
         let pt: Vec<f32> = (0..s * k * CL).map(|_| rng.next_f64() as f32).collect();
@@ -1506,7 +1507,7 @@ mod tests {
                 let (_, b) = pair_call(lv, &xs, &xs, &all, [u16::MAX, !(1 << (i % s))], u16::MAX, &pt, &hn, k);
                 assert_eq!(b, want_holed, "call {i}: {lv:?} two-row kernel, one tap outside");
             }
-            for lv in Simd::available() {
+            for &lv in &levels {
                 let got = nearest_in_lanes_at(lv, &xs, &all, &pt, &hn, k);
                 if got != want {
                     let l = (0..CL).find(|&l| got[l] != want[l]).unwrap();
@@ -1655,11 +1656,12 @@ mod tests {
         }
         let xs = vec![[1.0f32; CL]; s];
         let all: Vec<usize> = (0..s).collect();
-        for lv in Simd::available() {
+        let levels = crate::interp::kernels::levels_checked("channel_lanes_break_ties_like_a_sequential_scan");
+        for &lv in &levels {
             assert_eq!(nearest_in_lanes_at(lv, &xs, &all, &pt, &hn, k), [3u8; CL], "{lv:?}");
         }
         let nan = vec![[f32::NAN; CL]; s];
-        for lv in Simd::available() {
+        for &lv in &levels {
             assert_eq!(nearest_in_lanes_at(lv, &nan, &all, &pt, &hn, k), [0u8; CL], "{lv:?}");
         }
         // the two-row kernels: one row of ties, one of NaNs

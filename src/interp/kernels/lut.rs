@@ -1286,10 +1286,17 @@ mod tests {
         }
     }
 
+    /// The LUT kernels a test runs: every one this CPU has (`kernels::report_checked`).
+    fn kernels_checked(test: &str) -> Vec<LutKernel> {
+        let all = [LutKernel::Scalar, LutKernel::Avx2, LutKernel::Avx512];
+        crate::interp::kernels::report_checked(test, "LUT kernels", &all, LutKernel::supported, LutKernel::name)
+    }
+
     /// The row-wise kernel (few rows, `[c][k][m]` tables) equals the naive sum exactly: i16
     /// flushes past 256 codebooks, extreme tables, K = 16 and 256, the parallel output tiles.
     #[test]
     fn rowwise_matches_naive() {
+        let levels = crate::interp::kernels::levels_checked("rowwise_matches_naive");
         let mut rng = Rng(77);
         let cases = [
             (1, 64, 64, 16, Fill::Random),
@@ -1306,20 +1313,20 @@ mod tests {
             let tables = tables_i8(&mut rng, c * m * k, fill);
             let want = naive_i8(&codes, rows, c, &tables, m, k);
             let tt = transpose_tables(&tables, c, m, k);
-            for level in Simd::available() {
+            for &level in &levels {
                 let mut got = vec![0i32; rows * m];
                 lut_i8_rowwise_at(level, &codes, rows, c, &tt, m, k, &mut got);
                 assert_eq!(got, want, "rows={rows} c={c} m={m} k={k} {fill:?} {level:?}");
             }
         }
-        eprintln!("row-wise LUT kernel checked at SIMD levels {:?}", Simd::available());
     }
 
-    fn check_all_kernels(rng: &mut Rng, rows: usize, c: usize, m: usize, k: usize, fill: Fill) {
+    #[allow(clippy::too_many_arguments)]
+    fn check_all_kernels(kernels: &[LutKernel], rng: &mut Rng, rows: usize, c: usize, m: usize, k: usize, fill: Fill) {
         let codes = random_codes(rng, rows * c, k);
         let tables = tables_i8(rng, c * m * k, fill);
         let want = naive_i8(&codes, rows, c, &tables, m, k);
-        for kernel in LutKernel::available() {
+        for &kernel in kernels {
             let mut out = vec![i32::MIN; rows * m];
             lut_i8_with(kernel, &codes, rows, c, &tables, m, k, &mut out);
             if let Some(i) = (0..out.len()).find(|&i| out[i] != want[i]) {
@@ -1337,6 +1344,7 @@ mod tests {
 
     #[test]
     fn i8_kernels_match_naive_k16() {
+        let kernels = kernels_checked("i8_kernels_match_naive_k16");
         let mut rng = Rng(1);
         for rows in [1, 31, 32, 33, 64, 65, 200, 1000] {
             for c in [1, 2, 3, 16, 17, 300, 512] {
@@ -1346,7 +1354,7 @@ mod tests {
                         1 => Fill::Max,
                         _ => Fill::Random,
                     };
-                    check_all_kernels(&mut rng, rows, c, m, 16, fill);
+                    check_all_kernels(&kernels, &mut rng, rows, c, m, 16, fill);
                 }
             }
         }
@@ -1354,6 +1362,7 @@ mod tests {
 
     #[test]
     fn i8_kernels_extreme_tables_k16() {
+        let kernels = kernels_checked("i8_kernels_extreme_tables_k16");
         // All-(-128) and all-127 tables at the largest c: the i16 accumulators must be flushed.
         let mut rng = Rng(2);
         for fill in [Fill::Min, Fill::Max] {
@@ -1365,25 +1374,27 @@ mod tests {
                 (1, 257, 2),
                 (40, 3, 7),
             ] {
-                check_all_kernels(&mut rng, rows, c, m, 16, fill);
+                check_all_kernels(&kernels, &mut rng, rows, c, m, 16, fill);
             }
         }
     }
 
     #[test]
     fn i8_kernels_relaid_tables() {
+        let kernels = kernels_checked("i8_kernels_relaid_tables");
         // m % 256 == 0 with rows >= RELAYOUT_MIN_ROWS takes the relaid-table path.
         let mut rng = Rng(6);
         for (rows, c) in [(512, 3), (513, 17), (600, 300)] {
-            check_all_kernels(&mut rng, rows, c, 256, 16, Fill::Random);
+            check_all_kernels(&kernels, &mut rng, rows, c, 256, 16, Fill::Random);
         }
-        check_all_kernels(&mut rng, 520, 255, 256, 16, Fill::Min);
+        check_all_kernels(&kernels, &mut rng, 520, 255, 256, 16, Fill::Min);
     }
 
     /// The relaid layout is correct for any m (the public path only uses it for m % 256 == 0).
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn relaid_tables_any_m() {
+        let kernels = kernels_checked("relaid_tables_any_m");
         let mut rng = Rng(7);
         for (rows, c, m) in [(70, 5, 13), (100, 33, 8), (1, 2, 1)] {
             let codes = random_codes(&mut rng, rows * c, 16);
@@ -1394,7 +1405,7 @@ mod tests {
                 data: &relaid,
                 relaid: true,
             };
-            for kernel in LutKernel::available() {
+            for &kernel in &kernels {
                 let mut out = vec![0; rows * m];
                 let mut s = Scratch::default();
                 match kernel {
@@ -1411,11 +1422,12 @@ mod tests {
 
     #[test]
     fn i8_other_k_use_scalar() {
+        let kernels = kernels_checked("i8_other_k_use_scalar");
         let mut rng = Rng(3);
         for k in [256, 7, 1, 17] {
             for (rows, c, m) in [(1, 1, 1), (33, 3, 5), (200, 17, 16), (300, 64, 33)] {
                 for fill in [Fill::Random, Fill::Min, Fill::Max] {
-                    check_all_kernels(&mut rng, rows, c, m, k, fill);
+                    check_all_kernels(&kernels, &mut rng, rows, c, m, k, fill);
                 }
             }
         }
@@ -1423,7 +1435,7 @@ mod tests {
 
     #[test]
     fn i8_degenerate_shapes() {
-        for kernel in LutKernel::available() {
+        for kernel in kernels_checked("i8_degenerate_shapes") {
             let mut out = vec![7i32; 6];
             lut_i8_with(kernel, &[], 3, 0, &[], 2, 16, &mut out);
             assert_eq!(out, vec![0; 6]);

@@ -81,6 +81,33 @@ impl Simd {
     }
 }
 
+/// Which of `all` a kernel test runs — those `supported` on this CPU — printed once under the
+/// test's name with those it cannot check here, so a log shows what each test covered.
+#[cfg(test)]
+pub(crate) fn report_checked<T: Copy>(
+    test: &str,
+    what: &str,
+    all: &[T],
+    supported: impl Fn(T) -> bool,
+    name: impl Fn(T) -> &'static str,
+) -> Vec<T> {
+    let (ran, missing): (Vec<T>, Vec<T>) = all.iter().partition(|&&x| supported(x));
+    let names = |v: &[T]| v.iter().map(|&x| name(x)).collect::<Vec<_>>();
+    eprintln!(
+        "{test}: checked {what} {:?}; not available on this CPU, not checked: {:?}",
+        names(&ran),
+        names(&missing)
+    );
+    ran
+}
+
+/// The SIMD levels a kernel test runs at: every level this CPU has ([`report_checked`]).
+#[cfg(test)]
+pub(crate) fn levels_checked(test: &str) -> Vec<Simd> {
+    let all = [Simd::Scalar, Simd::Avx2, Simd::Avx512];
+    report_checked(test, "at SIMD levels", &all, Simd::supported, Simd::name)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
