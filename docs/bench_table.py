@@ -136,7 +136,7 @@ for m in models:
 
 print("## Kernels\n")
 print("`RAYON_NUM_THREADS=1 cargo test --release --lib -- --ignored --nocapture --test-threads=1 "
-      "lut_throughput encode_throughput nearest_throughput packed_throughput direct_throughput` "
+      "lut_throughput encode_throughput nearest_throughput nearest2_throughput packed_throughput direct_throughput` "
       "(one thread, one test at a time): the direct convolution (`direct_throughput`: batch, "
       "channels, map, outputs, kernel), the channel-lane encoder, the packed GEMM and the "
       "lookup kernels.\n\n```")

@@ -660,16 +660,7 @@ mod x86 {
             for (t, a) in tmp.iter_mut().zip(&acc).take(m) {
                 _mm512_storeu_ps(t.as_mut_ptr(), *a);
             }
-            for p in 0..n {
-                let d = dst.add((x0 + p) * m);
-                for (oc, t) in tmp.iter().enumerate().take(m) {
-                    let mut v = t[p];
-                    if lay.accumulate {
-                        v += *d.add(oc);
-                    }
-                    *d.add(oc) = if lay.relu { v.max(0.0) } else { v };
-                }
-            }
+            store_pixels(&tmp[..m], n, lay, dst.add(x0 * m));
         }
     }
 
@@ -851,15 +842,26 @@ mod x86 {
             for (t, a) in tmp.iter_mut().zip(&acc).take(m) {
                 _mm256_storeu_ps(t.as_mut_ptr(), *a);
             }
-            for p in 0..n {
-                let d = dst.add((x0 + p) * m);
-                for (oc, t) in tmp.iter().enumerate().take(m) {
-                    let mut v = t[p];
-                    if lay.accumulate {
-                        v += *d.add(oc);
-                    }
-                    *d.add(oc) = if lay.relu { v.max(0.0) } else { v };
+            store_pixels(&tmp[..m], n, lay, dst.add(x0 * m));
+        }
+    }
+
+    /// The epilogue of the one-input-channel row kernels: `tmp[oc][p]` (output channel `oc` of
+    /// pixel `p`, `n` pixels) into channels-last `dst`, plus the residual already there, ReLU.
+    ///
+    /// # Safety
+    /// `dst` valid for `n × tmp.len()` floats.
+    #[inline(always)]
+    unsafe fn store_pixels<const L: usize>(tmp: &[[f32; L]], n: usize, lay: &Layout, dst: *mut f32) {
+        let m = tmp.len();
+        for p in 0..n {
+            let d = dst.add(p * m);
+            for (oc, t) in tmp.iter().enumerate() {
+                let mut v = t[p];
+                if lay.accumulate {
+                    v += *d.add(oc);
                 }
+                *d.add(oc) = if lay.relu { v.max(0.0) } else { v };
             }
         }
     }

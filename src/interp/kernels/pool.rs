@@ -248,6 +248,19 @@ struct RowGeo {
     include_pad: bool,
 }
 
+impl RowGeo {
+    /// An average window's divisor: its taps inside the image, or with `count_include_pad` its
+    /// taps padding included (at least 1).
+    fn count(&self, rows: usize, rows_pad: usize, cols: usize, cols_pad: usize) -> f32 {
+        let d = if self.include_pad {
+            rows_pad * cols_pad
+        } else {
+            rows * cols
+        };
+        d.max(1) as f32
+    }
+}
+
 /// One output row of [`pool2d_nhwc`]: 16 channels per vector (a masked tail), the taps in the
 /// same order. `max(v, acc)` keeps `acc` when `v` is NaN, as `f32::max` does.
 ///
@@ -267,12 +280,7 @@ unsafe fn pool_row_avx512(
     let c = g.c;
     let init = _mm512_set1_ps(if g.max { f32::NEG_INFINITY } else { 0.0 });
     for (xo, &(j0, j1, jpad)) in xs.iter().enumerate() {
-        let d = if g.include_pad {
-            ipad * jpad
-        } else {
-            sy.len() * (j1 - j0)
-        };
-        let div = _mm512_set1_ps(d.max(1) as f32);
+        let div = _mm512_set1_ps(g.count(sy.len(), ipad, j1 - j0, jpad));
         for c0 in (0..c).step_by(16) {
             let n = (c - c0).min(16);
             let mask = if n == 16 { u16::MAX } else { (1u16 << n) - 1 };
@@ -316,12 +324,7 @@ unsafe fn pool_row_avx2(
     let init = _mm256_set1_ps(if g.max { f32::NEG_INFINITY } else { 0.0 });
     let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     for (xo, &(j0, j1, jpad)) in xs.iter().enumerate() {
-        let d = if g.include_pad {
-            ipad * jpad
-        } else {
-            sy.len() * (j1 - j0)
-        };
-        let div = _mm256_set1_ps(d.max(1) as f32);
+        let div = _mm256_set1_ps(g.count(sy.len(), ipad, j1 - j0, jpad));
         for c0 in (0..c).step_by(8) {
             let n = (c - c0).min(8);
             let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), lane);
