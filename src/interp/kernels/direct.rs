@@ -234,10 +234,23 @@ pub fn conv_nhwc(
     let pad = pad_input(x, xshape, conv, &geo);
     lay.tap[0] = dh * pad.wp * c;
     // Input offsets of the window corners of output pixels `q0..q0 + r` (the pixel `last`
-    // repeated past the end): one division per tile, then counters.
-    let offsets = |q0: usize, rows: usize, offs: &mut [usize]| {
+    // repeated past the end), and their stride when evenly spaced (else 0): a 1×1 conv reads
+    // the whole batch as one run of pixels, a tile inside one output row is evenly spaced, any
+    // other tile takes one division, then counters.
+    let pointwise = pad.hp == h && pad.wp == w && wts.kernel == [1, 1] && [sh, sw] == [1, 1];
+    let offsets = |q0: usize, rows: usize, offs: &mut [usize]| -> usize {
+        let r = offs.len();
+        if pointwise && rows == r {
+            offs.iter_mut().enumerate().for_each(|(i, o)| *o = (q0 + i) * c);
+            return c;
+        }
         let (mut img, rest) = (q0 / (oh * ow), q0 % (oh * ow));
         let (mut y, mut xo) = (rest / ow, rest % ow);
+        if rows == r && xo + r <= ow && r > 1 {
+            let first = ((img * pad.hp + y * sh) * pad.wp + xo * sw) * c;
+            offs.iter_mut().enumerate().for_each(|(i, o)| *o = first + i * sw * c);
+            return sw * c;
+        }
         for o in offs[..rows].iter_mut() {
             *o = ((img * pad.hp + y * sh) * pad.wp + xo * sw) * c;
             xo += 1;
@@ -252,6 +265,7 @@ pub fn conv_nhwc(
         }
         let last = offs[rows - 1];
         offs[rows..].fill(last);
+        0
     };
     #[cfg(target_arch = "x86_64")]
     if c == 1 && !wts.depthwise && simd >= Simd::Avx2 {
@@ -291,10 +305,21 @@ pub fn conv_nhwc(
             // A partial last tile repeats its last pixel; only `rows` pixels are stored.
             let q0 = t * r;
             let rows = r.min(pixels - q0);
-            offsets(q0, rows, &mut offs[..r]);
+            let uniform = offsets(q0, rows, &mut offs[..r]);
             // SAFETY: each tile writes its own pixels `q0..q0 + rows` of `out`, which holds
-            // `pixels × m` floats; the offsets are window corners inside the padded input.
-            unsafe { tile(simd, xdata, &offs[..r], rows, wts, &lay, outp.get().add(q0 * m)) };
+            // `pixels × m` floats; the offsets are window corners inside the padded input,
+            // `uniform` apart when nonzero.
+            unsafe {
+                tile(
+                    simd,
+                    xdata,
+                    (&offs[..r], uniform),
+                    rows,
+                    wts,
+                    &lay,
+                    outp.get().add(q0 * m),
+                )
+            };
         }
     };
     if rayon::current_num_threads() > 1 && tiles > 1 && pixels * m * lay.c * lay.kernel[0] * lay.kernel[1] > 1 << 16 {
@@ -359,18 +384,22 @@ fn tile_pixels(simd: Simd, wts: &NhwcWeights) -> usize {
     }
 }
 
-/// One tile: pixels at input offsets `offs` (as many as the level's tile), every output
-/// channel block; the first `rows` pixels are stored.
+/// One tile: pixels at input offsets `offs` (as many as the level's tile; `uniform` floats
+/// apart when nonzero), every output channel block; the first `rows` pixels are stored.
 ///
 /// # Safety
-/// `offs` are window corners inside `x`; `dst` is valid for `rows × m` floats.
-unsafe fn tile(simd: Simd, x: &[f32], offs: &[usize], rows: usize, wts: &NhwcWeights, lay: &Layout, dst: *mut f32) {
+/// `offs` are window corners inside `x`, `offs[i] = offs[0] + i · uniform` when `uniform > 0`;
+/// `dst` is valid for `rows × m` floats.
+unsafe fn tile(
+    simd: Simd,
+    x: &[f32],
+    (offs, uniform): (&[usize], usize),
+    rows: usize,
+    wts: &NhwcWeights,
+    lay: &Layout,
+    dst: *mut f32,
+) {
     let xp = x.as_ptr();
-    // The pixels' stride when they are evenly spaced (one image row), else 0.
-    let uniform = match offs {
-        [o0, o1, ..] if o1 > o0 && offs.windows(2).all(|p| p[1] == p[0] + (o1 - o0)) => o1 - o0,
-        _ => 0,
-    };
     let mut wofs = 0;
     for &(oc0, lanes) in &wts.blocks {
         let w = wts.data.as_ptr().add(wofs);
@@ -897,18 +926,9 @@ mod x86 {
         };
         let blocks = lay.m.div_ceil(16);
         let (xa, xb) = g.interior(ow);
-        let edge = |xo: usize| {
-            let mut b = 0;
-            while b < blocks {
-                b += match blocks - b {
-                    8.. => k.tile::<1, 8, true>(xo, b, lay),
-                    4..=7 => k.tile::<1, 4, true>(xo, b, lay),
-                    2..=3 => k.tile::<1, 2, true>(xo, b, lay),
-                    _ => k.tile::<1, 1, true>(xo, b, lay),
-                };
-            }
-        };
-        (0..xa).for_each(edge);
+        for xo in 0..xa {
+            k.edge(xo, blocks, lay);
+        }
         let mut x0 = xa;
         while x0 < xb {
             let r = match xb - x0 {
@@ -934,7 +954,9 @@ mod x86 {
             }
             x0 += r;
         }
-        (xb.max(xa)..ow).for_each(edge);
+        for xo in xb.max(xa)..ow {
+            k.edge(xo, blocks, lay);
+        }
     }
 
     /// Where [`dw3_row_avx512`] reads and writes.
@@ -948,6 +970,19 @@ mod x86 {
     }
 
     impl Dw<'_> {
+        /// A border pixel, every channel block.
+        #[inline(always)]
+        unsafe fn edge(&self, xo: usize, blocks: usize, lay: &Layout) {
+            let mut b = 0;
+            while b < blocks {
+                b += match blocks - b {
+                    8.. => self.tile::<1, 8, true>(xo, b, lay),
+                    4..=7 => self.tile::<1, 4, true>(xo, b, lay),
+                    2..=3 => self.tile::<1, 2, true>(xo, b, lay),
+                    _ => self.tile::<1, 1, true>(xo, b, lay),
+                };
+            }
+        }
         /// Pixels `x0..x0 + R`, channel blocks `b0..b0 + V` (`EDGE`: taps outside the row read
         /// as zeros); returns `V`.
         #[inline(always)]
