@@ -558,6 +558,10 @@ fn depthwise3_rows(
     let m = lay.m;
     let rows_out = n * oh;
     let per = (1usize << 14).div_ceil(ow * m * 9).max(1);
+    let (sw, dw) = (win.strides[1], win.dilations[1]);
+    // output pixels xa..xb read only columns inside the row
+    let xb = (w + left).checked_sub(2 * dw + 1).map_or(0, |l| (l / sw + 1).min(ow));
+    let xa = left.div_ceil(sw).min(xb);
     (0..rows_out.div_ceil(per)).into_par_iter().for_each(|t| {
         for row in t * per..((t + 1) * per).min(rows_out) {
             let (img, y) = (row / oh, row % oh);
@@ -573,9 +577,10 @@ fn depthwise3_rows(
                 }),
                 left,
                 w,
-                sw: win.strides[1],
-                dw: win.dilations[1],
+                sw,
+                dw,
                 c,
+                interior: (xa, xb),
             };
             // SAFETY: the level was detected (AVX-512F, or AVX2 and FMA); each row pointer has
             // `w × c` floats (an input row or the zero row), the kernels read only columns
@@ -888,15 +893,11 @@ mod x86 {
         pub dw: usize,
         /// Channels (the pixel stride).
         pub c: usize,
+        /// The output pixels `xa..xb` whose three taps all lie inside the row.
+        pub interior: (usize, usize),
     }
 
     impl DwRow {
-        /// The output pixels `xa..xb` whose three taps all lie inside the input row.
-        fn interior(&self, ow: usize) -> (usize, usize) {
-            let last = (self.w + self.left).checked_sub(2 * self.dw + 1);
-            let xb = last.map_or(0, |l| (l / self.sw + 1).min(ow));
-            (self.left.div_ceil(self.sw).min(xb), xb)
-        }
         /// Input offset of tap column `j` of output pixel `xo`, if inside the row.
         #[inline(always)]
         fn col(&self, xo: usize, j: usize) -> Option<usize> {
@@ -925,7 +926,7 @@ mod x86 {
             dst,
         };
         let blocks = lay.m.div_ceil(16);
-        let (xa, xb) = g.interior(ow);
+        let (xa, xb) = g.interior;
         for xo in 0..xa {
             k.edge(xo, blocks, lay);
         }
@@ -1026,7 +1027,11 @@ mod x86 {
                         s
                     };
                     let s = if lay.relu { _mm512_max_ps(s, zero) } else { s };
-                    _mm512_mask_storeu_ps(p, masks[v], s);
+                    if masks[v] == u16::MAX {
+                        _mm512_storeu_ps(p, s);
+                    } else {
+                        _mm512_mask_storeu_ps(p, masks[v], s);
+                    }
                 }
             }
             V
@@ -1044,61 +1049,84 @@ mod x86 {
         let m = lay.m;
         let nb = wts.blocks[0].1;
         let (w, bias) = (wts.data.as_ptr(), wts.bias.as_ptr());
-        let (xa, xb) = g.interior(ow);
-        let zero = _mm256_setzero_ps();
-        let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        let (xa, xb) = g.interior;
+        let (step, tap) = (g.sw * g.c, g.dw * g.c);
         for l0 in (0..m).step_by(8) {
-            let n = (m - l0).min(8) as i32;
             // lanes `l0 .. l0 + n`; the weights and bias are padded, the input and output not
-            let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), lane);
-            let load = |p: *const f32| {
-                if n == 8 {
-                    _mm256_loadu_ps(p)
-                } else {
-                    _mm256_maskload_ps(p, mask)
-                }
-            };
-            let store = |p: *mut f32, s: __m256| {
-                let s = if lay.accumulate { _mm256_add_ps(s, load(p)) } else { s };
-                let s = if lay.relu { _mm256_max_ps(s, zero) } else { s };
-                if n == 8 {
-                    _mm256_storeu_ps(p, s)
-                } else {
-                    _mm256_maskstore_ps(p, mask, s)
-                }
-            };
+            let k = Lanes8::new((m - l0).min(8));
             let wv: [__m256; 9] = std::array::from_fn(|t| _mm256_loadu_ps(w.add(t * nb + l0)));
             let b = _mm256_loadu_ps(bias.add(l0));
-            // one pixel, taps outside the row skipped
-            let pixel = |xo: usize| {
+            for xo in (0..xa).chain(xb.max(xa)..ow) {
+                // a border pixel: taps outside the row read as zeros
                 let mut a = b;
                 for t in 0..9 {
                     let xv = match g.col(xo, t % 3) {
-                        Some(o) => load(g.rows[t / 3].add(o + l0)),
-                        None => zero,
+                        Some(o) => k.load(g.rows[t / 3].add(o + l0)),
+                        None => _mm256_setzero_ps(),
                     };
                     a = _mm256_fmadd_ps(xv, wv[t], a);
                 }
-                store(dst.add(xo * m + l0), a);
-            };
-            (0..xa).for_each(pixel);
-            let (step, tap) = (g.sw * g.c, g.dw * g.c);
+                k.store(dst.add(xo * m + l0), a, lay);
+            }
             let mut x0 = xa;
-            while x0 + R <= xb {
+            while x0 < xb {
+                let r = if xb - x0 >= R { R } else { 1 };
                 let mut acc = [b; R];
                 let first = (x0 * g.sw - g.left) * g.c + l0;
                 for t in 0..9 {
                     let px = g.rows[t / 3].add(first + (t % 3) * tap);
-                    for (r, a) in acc.iter_mut().enumerate() {
-                        *a = _mm256_fmadd_ps(load(px.add(r * step)), wv[t], *a);
+                    for (i, a) in acc.iter_mut().enumerate().take(r) {
+                        *a = _mm256_fmadd_ps(k.load(px.add(i * step)), wv[t], *a);
                     }
                 }
-                for (r, a) in acc.into_iter().enumerate() {
-                    store(dst.add((x0 + r) * m + l0), a);
+                for (i, a) in acc.into_iter().enumerate().take(r) {
+                    k.store(dst.add((x0 + i) * m + l0), a, lay);
                 }
-                x0 += R;
+                x0 += r;
             }
-            (x0..ow).for_each(pixel);
+        }
+    }
+
+    /// The first `n ≤ 8` lanes of AVX2 loads and stores.
+    struct Lanes8 {
+        n: usize,
+        mask: __m256i,
+    }
+
+    impl Lanes8 {
+        #[inline(always)]
+        unsafe fn new(n: usize) -> Lanes8 {
+            Lanes8 {
+                n,
+                mask: lane_mask256(n),
+            }
+        }
+        #[inline(always)]
+        unsafe fn load(&self, p: *const f32) -> __m256 {
+            if self.n == 8 {
+                _mm256_loadu_ps(p)
+            } else {
+                _mm256_maskload_ps(p, self.mask)
+            }
+        }
+        /// The epilogue: residual, ReLU, store.
+        #[inline(always)]
+        unsafe fn store(&self, p: *mut f32, s: __m256, lay: &Layout) {
+            let s = if lay.accumulate {
+                _mm256_add_ps(s, self.load(p))
+            } else {
+                s
+            };
+            let s = if lay.relu {
+                _mm256_max_ps(s, _mm256_setzero_ps())
+            } else {
+                s
+            };
+            if self.n == 8 {
+                _mm256_storeu_ps(p, s)
+            } else {
+                _mm256_maskstore_ps(p, self.mask, s)
+            }
         }
     }
 
@@ -1452,6 +1480,51 @@ mod tests {
                         level.name()
                     );
                 }
+            }
+        }
+    }
+
+    /// Throughput of the 3×3 depthwise kernel on MobileNet-like layers (a measurement, not a
+    /// test): `cargo test --release --lib depthwise_throughput -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn depthwise_throughput() {
+        let mut rng = Rng::new(5);
+        let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+        for &(n, c, hw, s) in &[
+            (8, 32, 14, 1),
+            (1, 32, 14, 1),
+            (64, 16, 28, 2),
+            (64, 32, 14, 1),
+            (64, 32, 14, 2),
+            (64, 64, 7, 1),
+            (64, 64, 7, 2),
+            (64, 128, 4, 1),
+        ] {
+            let cv = conv(3, s, 1, [1; 4], c);
+            let x: Vec<f32> = (0..n * c * hw * hw).map(|_| rng.next_f64() as f32).collect();
+            let wt: Vec<f32> = (0..c * 9).map(|_| rng.next_f64() as f32).collect();
+            let packed = NhwcWeights::pack_depthwise(&wt, c, [3, 3], None);
+            let o = (hw - 1) / s + 1;
+            let macs = (n * o * o * c * 9) as f64;
+            for simd in [Simd::detect(), Simd::Avx2] {
+                let best = one.install(|| {
+                    (0..20).fold(f64::MAX, |best, _| {
+                        let t = std::time::Instant::now();
+                        let epi = Epilogue {
+                            residual: None,
+                            relu: true,
+                        };
+                        std::hint::black_box(conv_nhwc(&x, [n, hw, hw, c], &packed, &cv, epi, simd).unwrap());
+                        best.min(t.elapsed().as_secs_f64())
+                    })
+                });
+                eprintln!(
+                    "dw n={n} c={c} {hw}x{hw} s={s}: {:.3} ms, {:.1} GMAC/s ({})",
+                    best * 1e3,
+                    macs / best / 1e9,
+                    simd.name()
+                );
             }
         }
     }
