@@ -1059,12 +1059,12 @@ mod x86 {
             for xo in (0..xa).chain(xb.max(xa)..ow) {
                 // a border pixel: taps outside the row read as zeros
                 let mut a = b;
-                for t in 0..9 {
+                for (t, &wt) in wv.iter().enumerate() {
                     let xv = match g.col(xo, t % 3) {
                         Some(o) => k.load(g.rows[t / 3].add(o + l0)),
                         None => _mm256_setzero_ps(),
                     };
-                    a = _mm256_fmadd_ps(xv, wv[t], a);
+                    a = _mm256_fmadd_ps(xv, wt, a);
                 }
                 k.store(dst.add(xo * m + l0), a, lay);
             }
@@ -1073,10 +1073,10 @@ mod x86 {
                 let r = if xb - x0 >= R { R } else { 1 };
                 let mut acc = [b; R];
                 let first = (x0 * g.sw - g.left) * g.c + l0;
-                for t in 0..9 {
+                for (t, &wt) in wv.iter().enumerate() {
                     let px = g.rows[t / 3].add(first + (t % 3) * tap);
                     for (i, a) in acc.iter_mut().enumerate().take(r) {
-                        *a = _mm256_fmadd_ps(k.load(px.add(i * step)), wv[t], *a);
+                        *a = _mm256_fmadd_ps(k.load(px.add(i * step)), wt, *a);
                     }
                 }
                 for (i, a) in acc.into_iter().enumerate().take(r) {
