@@ -24,6 +24,17 @@ pub fn keep_freed_memory() {
     }
 }
 
+/// One line of a long job's progress on stderr, printed now: above `bar` when the bar is drawn
+/// (a terminal), as a plain line otherwise (a log file, CI, a pipe), so that what happens shows
+/// as it happens.
+pub fn say(bar: &indicatif::ProgressBar, line: &str) {
+    if bar.is_hidden() {
+        eprintln!("{line}");
+    } else {
+        bar.println(line);
+    }
+}
+
 /// A progress bar on stderr (drawn only when stderr is a terminal).
 pub fn progress(len: usize, what: &str) -> indicatif::ProgressBar {
     let pb = indicatif::ProgressBar::new(len as u64);

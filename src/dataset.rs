@@ -1,6 +1,7 @@
 //! Image datasets for `eval`, calibration and validation: `.npy` (float32 NCHW), MNIST-style
 //! IDX files (optionally gzipped, as Fashion-MNIST ships), and the CIFAR-10/100 binary format;
-//! with optional `--normalize MEAN,STD` and `--pad N` preprocessing.
+//! with optional `--pad N` and `--normalize MEAN,STD` preprocessing, in torchvision's order
+//! (`Pad` on pixels, then `ToTensor`, then `Normalize`).
 
 use crate::error::{Error, Result};
 use ndarray::{s, Array4, ArrayD, IxDyn};
@@ -10,30 +11,46 @@ use std::path::Path;
 /// The `--normalize` / `--pad` command-line options shared by the binaries.
 #[derive(clap::Args, Clone, Debug, Default)]
 pub struct PreArgs {
-    /// Normalise images as (x − MEAN) / STD after scaling pixels to [0, 1], e.g. 0.1307,0.3081
+    /// Normalise images as (x − MEAN) / STD, e.g. 0.1307,0.3081. Applied last: after IDX/CIFAR
+    /// bytes are scaled to [0, 1] and after --pad (torchvision's Pad → ToTensor → Normalize).
+    /// A .npy must then hold pixels in [0, 1]; an already-normalized one is refused
     #[arg(long, value_name = "MEAN,STD")]
     pub normalize: Option<String>,
-    /// Zero-pad images by N pixels on each side (e.g. 2 turns 28×28 into 32×32)
+    /// Pad images by N pixels on each side (e.g. 2 turns 28×28 into 32×32), in pixel space:
+    /// before --normalize, with --pad-value
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub pad: usize,
+    /// The padding's pixel value, before normalization (0: black, as torchvision's Pad). To pad
+    /// with 0 after normalizing instead, give the mean here
+    #[arg(long, value_name = "V", default_value_t = 0.0)]
+    pub pad_value: f32,
 }
 
 impl PreArgs {
     pub fn get(&self) -> Result<Preprocess> {
+        if !self.pad_value.is_finite() {
+            return Err(Error::Input(format!(
+                "--pad-value {}: not a finite number",
+                self.pad_value
+            )));
+        }
         Ok(Preprocess {
             normalize: self.normalize.as_deref().map(Preprocess::parse_normalize).transpose()?,
             pad: self.pad,
+            pad_value: self.pad_value,
         })
     }
 }
 
-/// Preprocessing applied after decoding (pixels of IDX/CIFAR files are first scaled to [0, 1]).
+/// Preprocessing applied after decoding (pixels of IDX/CIFAR files are first scaled to [0, 1]):
+/// padding, then normalization.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Preprocess {
     /// `(x − mean) / std`
     pub normalize: Option<(f32, f32)>,
-    /// Zero-pad H and W by this many pixels on each side.
+    /// Pad H and W by this many pixels on each side, with `pad_value` (before normalization).
     pub pad: usize,
+    pub pad_value: f32,
 }
 
 impl Preprocess {
@@ -192,9 +209,24 @@ pub fn load_images(path: &Path, pre: Preprocess) -> Result<ArrayD<f32>> {
     preprocess(x, pre, path)
 }
 
+/// Pixels in [0, 1] (what `--normalize` expects), with a little slack for rounding.
+fn check_pixels(x: &ArrayD<f32>, path: &Path) -> Result<()> {
+    let (lo, hi) = x
+        .iter()
+        .fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &v| (l.min(v), h.max(v)));
+    if lo < -1e-3 || hi > 1.0 + 1e-3 || lo.is_nan() || hi.is_nan() {
+        return Err(Error::Input(format!(
+            "{}: --normalize expects pixels in [0, 1], but the values range over [{lo}, {hi}] \
+             (already normalized? then drop --normalize; 0..255 pixels? divide by 255 first)",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
 fn preprocess(mut x: ArrayD<f32>, pre: Preprocess, path: &Path) -> Result<ArrayD<f32>> {
-    if let Some((m, s)) = pre.normalize {
-        x.mapv_inplace(|v| (v - m) / s);
+    if pre.normalize.is_some() {
+        check_pixels(&x, path)?;
     }
     if pre.pad > 0 {
         let x4 = x
@@ -208,9 +240,12 @@ fn preprocess(mut x: ArrayD<f32>, pre: Preprocess, path: &Path) -> Result<ArrayD
         };
         crate::limits::check_shape(&[n, c, h2, w2], 4, &format!("--pad {p}"))
             .map_err(|e| Error::Input(format!("{}: {e}", path.display())))?;
-        let mut out = Array4::<f32>::zeros((n, c, h2, w2));
+        let mut out = Array4::<f32>::from_elem((n, c, h2, w2), pre.pad_value);
         out.slice_mut(s![.., .., p..p + h, p..p + w]).assign(&x4);
         x = out.into_dyn();
+    }
+    if let Some((m, s)) = pre.normalize {
+        x.mapv_inplace(|v| (v - m) / s);
     }
     Ok(x)
 }
@@ -266,22 +301,47 @@ mod tests {
         assert_eq!(x.shape(), &[2, 1, 2, 3]);
         assert_eq!(x[[0, 0, 0, 1]], 1.0);
         assert!((x[[0, 0, 0, 2]] - 0.2).abs() < 1e-6);
-        let y = load_images(
-            &img,
-            Preprocess {
-                normalize: Some((0.5, 0.25)),
-                pad: 2,
-            },
-        )
-        .unwrap();
+        let pre = Preprocess {
+            normalize: Some((0.5, 0.25)),
+            pad: 2,
+            pad_value: 0.0,
+        };
+        let y = load_images(&img, pre).unwrap();
         assert_eq!(y.shape(), &[2, 1, 6, 7]);
-        assert_eq!(y[[0, 0, 0, 0]], 0.0, "padding is zero after normalisation");
+        assert_eq!(y[[0, 0, 0, 0]], -2.0, "pixel-space padding: (0 - 0.5) / 0.25");
         assert!((y[[0, 0, 2, 3]] - 2.0).abs() < 1e-6, "(1 - 0.5) / 0.25");
+        let z = load_images(&img, Preprocess { pad_value: 0.5, ..pre }).unwrap();
+        assert_eq!(z[[1, 0, 5, 6]], 0.0, "padding with the mean is zero after normalizing");
+        assert_eq!(z.slice(s![.., .., 2..4, 2..5]), y.slice(s![.., .., 2..4, 2..5]));
         let lab = dir.path().join("labels-idx1-ubyte");
         std::fs::write(&lab, idx(&[3], &[7, 0, 9])).unwrap();
         assert_eq!(load_labels(&lab).unwrap(), vec![7, 0, 9]);
         std::fs::write(&lab, idx(&[4], &[7, 0, 9])).unwrap();
         assert!(load_labels(&lab).unwrap_err().to_string().contains("promises 4 values"));
+    }
+
+    #[test]
+    fn normalize_refuses_values_that_are_not_pixels() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.npy");
+        let pre = Preprocess {
+            normalize: Some((0.13, 0.31)),
+            ..Default::default()
+        };
+        let x = crate::ir::Tensor::f32(&[1, 1, 2, 2], vec![0.0, 0.5, 1.0, 0.25]).unwrap();
+        crate::data::write_npy(&p, &x).unwrap();
+        assert!(load_images(&p, pre).is_ok());
+        let x = crate::ir::Tensor::f32(&[1, 1, 2, 2], vec![-0.42, 0.5, 2.8, 0.25]).unwrap();
+        crate::data::write_npy(&p, &x).unwrap();
+        let e = load_images(&p, pre).unwrap_err().to_string();
+        assert!(
+            e.contains("x.npy") && e.contains("[-0.42, 2.8]") && e.contains("already normalized"),
+            "{e}"
+        );
+        assert!(
+            load_images(&p, Preprocess::default()).is_ok(),
+            "without --normalize any values load"
+        );
     }
 
     #[test]

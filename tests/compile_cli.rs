@@ -230,3 +230,66 @@ fn cpu_seconds(pid: libc::pid_t) -> Option<f64> {
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     Some(ticks / hz)
 }
+
+/// `--list-passes` lists every option of the built-in pipelines in a form `--set` takes back.
+#[test]
+fn list_passes_prints_what_set_accepts() {
+    let o = compile(&["--list-passes"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout);
+    let mut sets = 0;
+    let mut pipeline = None;
+    for line in text.lines() {
+        if let Some(name) = line.strip_prefix("pipeline '").and_then(|l| l.strip_suffix("':")) {
+            pipeline = Some(Pipeline::find(name).unwrap());
+        } else if let Some(set) = line.trim().strip_prefix("--set ") {
+            let p = pipeline.as_mut().expect("options follow a pipeline line");
+            p.set(set).unwrap_or_else(|e| panic!("--set {set}: {e}"));
+            sets += 1;
+        }
+    }
+    for needle in [
+        "--set lut.k=16",
+        "--set mask.max_accuracy_drop=null",
+        "--set lut.encoder=auto",
+    ] {
+        assert!(text.contains(needle), "{needle} missing:\n{text}");
+    }
+    assert!(sets >= 20, "{sets} options listed:\n{text}");
+}
+
+/// Options that need other flags fail once the model is loaded, before calibration; passes
+/// report as they finish, also when stderr is not a terminal.
+#[test]
+fn missing_flags_fail_early_and_progress_streams() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("x.tcv");
+    let lenet = fixture("models/lenet5.onnx");
+    let calib = fixture("data/mnist_calib.npy");
+    let args = [
+        lenet.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--calib",
+        calib.to_str().unwrap(),
+    ];
+    let o = compile(&[&args[..], &["--set", "mask.max_accuracy_drop=0.5"]].concat());
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(
+        e.contains("--val") && !e.contains("pass lut"),
+        "failed before the lut pass: {e}"
+    );
+    let o = compile(&args[..3]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("--calib"), "{}", stderr(&o));
+    assert!(!out.exists());
+    let o = compile(&[&args[..], &["--set", "lut.min_macs=100000"]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let e = stderr(&o);
+    let (lut, pass) = (e.find("  lut 1/").expect(&e), e.find("  pass lut ").expect(&e));
+    assert!(
+        lut < pass,
+        "the layer lines come as the layers are learned, before the pass line:\n{e}"
+    );
+}

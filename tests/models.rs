@@ -40,12 +40,25 @@ fn fixture_models_match_onnx_runtime_and_tract() {
     }
 }
 
+/// The test images as the model was trained on them: the fixtures' `.npy` holds pixels in
+/// [0, 1]; a model trained on padded, normalized images records its `pad` and `normalize`.
+fn test_images(info: &Value, rel: &str) -> ndarray::ArrayD<f32> {
+    let pre = tabconv::dataset::Preprocess {
+        normalize: info["normalize"]
+            .as_array()
+            .map(|v| (v[0].as_f64().unwrap() as f32, v[1].as_f64().unwrap() as f32)),
+        pad: info["pad"].as_u64().unwrap_or(0) as usize,
+        pad_value: 0.0,
+    };
+    tabconv::dataset::load_images(&fixture(rel), pre).unwrap()
+}
+
 #[test]
 fn accuracy_equals_onnx_runtime_on_test_subsets() {
     let s = summary();
     for (name, info) in models() {
         let ds = &s["data"][info["dataset"].as_str().unwrap()];
-        let x = npy(ds["test"].as_str().unwrap());
+        let x = test_images(&info, ds["test"].as_str().unwrap());
         let y = tabconv::data::read_labels(&fixture(ds["test_labels"].as_str().unwrap())).unwrap();
         // as `tabconv eval` runs it: with the run rewrites
         let graph = tabconv::model::load_for_run(&fixture(info["onnx"].as_str().unwrap())).unwrap();
@@ -103,4 +116,40 @@ fn cli_eval_json_and_run_agree_with_onnx_runtime() {
     assert!(st.success());
     let got = tabconv::data::read_f32(&y).unwrap();
     assert!(rel_err(&got, &npy("expected/lenet5_dynamo_ort.npy")) <= 1e-4);
+}
+
+/// `eval --pad 2 --normalize` pads in pixel space, as torchvision's `Pad` before `Normalize`:
+/// the fixture trained that way reads ONNX Runtime's accuracy on correctly preprocessed images;
+/// `--pad-value MEAN` (zeros after normalizing, the old behaviour) reads the lower accuracy ONNX
+/// Runtime gets on such images.
+#[test]
+fn eval_pads_in_pixel_space_like_torchvision() {
+    let s = summary();
+    let info = &s["models"]["padded_fmnist"];
+    let [mean, std] = [0, 1].map(|i| info["normalize"][i].as_f64().unwrap());
+    let eval = |extra: &[&str]| -> f64 {
+        let out = Command::new(env!("CARGO_BIN_EXE_tabconv"))
+            .args(["eval", fixture("models/padded_fmnist.onnx").to_str().unwrap(), "--json"])
+            .args(["--inputs", fixture("data/fmnist_test.npy").to_str().unwrap()])
+            .args(["--labels", fixture("data/fmnist_test_labels.npy").to_str().unwrap()])
+            .args(["--normalize", &format!("{mean},{std}"), "--pad", "2"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+        v["accuracy"].as_f64().unwrap()
+    };
+    let right = info["ort_top1_accuracy"].as_f64().unwrap();
+    let wrong = info["ort_top1_accuracy_zero_pad_after_normalize"].as_f64().unwrap();
+    assert!(
+        right - wrong > 0.005,
+        "the fixture must tell the paddings apart ({right} vs {wrong})"
+    );
+    // one image either way: float rounding of the normalization may flip a borderline image
+    assert!((eval(&[]) - right).abs() <= 0.0005 + 1e-9, "pixel-space padding");
+    assert!(
+        (eval(&["--pad-value", &mean.to_string()]) - wrong).abs() <= 0.0005 + 1e-9,
+        "padding after normalizing"
+    );
 }

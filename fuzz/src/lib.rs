@@ -283,6 +283,7 @@ fn datasets(path: &Path, errors: &mut Vec<String>) {
     let pre = Preprocess {
         normalize: Some((0.5, 0.25)),
         pad: 2,
+        pad_value: 0.0,
     };
     note(errors, load_images(path, pre));
     note(errors, load_labels(path));

@@ -21,11 +21,16 @@ use tabconv::{Error, Result};
 )]
 struct Args {
     /// The ONNX model to compile
-    model: PathBuf,
+    #[arg(required_unless_present = "list_passes")]
+    model: Option<PathBuf>,
     /// Output .tcv file (written atomically: nothing appears there if the compile fails or is
     /// interrupted)
-    #[arg(short, long)]
-    output: PathBuf,
+    #[arg(short, long, required_unless_present = "list_passes")]
+    output: Option<PathBuf>,
+    /// List the built-in pipelines, their passes and every option `--set` accepts (with its
+    /// value in that pipeline), then exit
+    #[arg(long)]
+    list_passes: bool,
     /// A built-in pipeline name (exact, tabconv) or a pipeline YAML file
     #[arg(long, default_value = "tabconv")]
     pipeline: String,
@@ -75,7 +80,37 @@ fn main() -> ExitCode {
     }
 }
 
+/// `--list-passes`: every built-in pipeline's passes and their options as `--set` names them.
+fn list_passes() -> Result<()> {
+    for (name, _) in tabconv::passes::pipeline::BUILTIN {
+        let pipeline = Pipeline::find(name)?;
+        println!("pipeline '{name}':");
+        for pass in pipeline.build() {
+            println!("  {}", pass.name());
+            if let Some(params) = pass.params().as_object() {
+                for (k, v) in params {
+                    let v = match v {
+                        serde_json::Value::String(s) => s.clone(),
+                        // options are f32: print the value, not its f64 widening
+                        serde_json::Value::Number(n) if n.is_f64() => (n.as_f64().unwrap_or(0.0) as f32).to_string(),
+                        v => v.to_string(),
+                    };
+                    println!("    --set {}.{k}={v}", pass.name());
+                }
+            }
+        }
+    }
+    println!("(pipeline YAML files take the same pass names and options; see README.md)");
+    Ok(())
+}
+
 fn compile(args: Args) -> Result<()> {
+    if args.list_passes {
+        return list_passes();
+    }
+    let (Some(model), Some(out_path)) = (args.model.clone(), args.output.clone()) else {
+        return Err(Error::Input("give the model and -o OUTPUT".into()));
+    };
     let mut pipeline = Pipeline::find(&args.pipeline)?;
     for s in &args.sets {
         pipeline.set(s)?;
@@ -90,9 +125,10 @@ fn compile(args: Args) -> Result<()> {
     }
     // the output's temp file exists from here on: an unwritable folder fails now, not after the
     // compile, and an interrupt (SIGINT, SIGTERM) removes it (see tabconv::output)
-    let mut output = Pending::create(&args.output)?;
-    let mut graph = tabconv::onnx::load_model(&args.model)?;
-    if let Some(note) = tabconv::model::batch_note(&graph, &args.model) {
+    let mut output = Pending::create(&out_path)?;
+    let mut graph = tabconv::onnx::load_model(&model)?;
+    check_inputs(&args, &pipeline)?;
+    if let Some(note) = tabconv::model::batch_note(&graph, &model) {
         eprintln!("{note}");
     }
     let source = cost::graph_cost(&graph);
@@ -105,6 +141,7 @@ fn compile(args: Args) -> Result<()> {
         .insert("source_weight_bytes".into(), source_weight_bytes.to_string());
     let mut cx = PassCx {
         seed: args.seed,
+        verbose: true,
         ..Default::default()
     };
     if let Some(c) = &args.calib {
@@ -122,6 +159,13 @@ fn compile(args: Args) -> Result<()> {
         }
         cx.val = Some((x, y));
     }
+    let names: Vec<&str> = pipeline.build().iter().map(|p| p.name()).collect();
+    eprintln!(
+        "{}: pipeline '{}' ({})",
+        model.display(),
+        pipeline.name,
+        names.join(" → ")
+    );
     let report = manager::run_pipeline(&mut graph, &pipeline, &mut cx, |pass, g| {
         if args.dump_after.iter().any(|d| d == pass) {
             println!("// IR after {pass}\n{}", dump(g)?);
@@ -129,16 +173,13 @@ fn compile(args: Args) -> Result<()> {
         Ok(())
     })?;
     let bytes = tcv::encode(&graph, &pipeline.to_yaml())?;
-    output
-        .file()
-        .write_all(&bytes)
-        .map_err(|e| Error::io(&args.output, e))?;
+    output.file().write_all(&bytes).map_err(|e| Error::io(&out_path, e))?;
     output.commit()?;
 
     eprintln!(
         "{} -> {} (pipeline '{}')",
-        args.model.display(),
-        args.output.display(),
+        model.display(),
+        out_path.display(),
         pipeline.name
     );
     eprintln!(
@@ -223,7 +264,7 @@ fn compile(args: Args) -> Result<()> {
         if let Some(p) = &args.plot {
             let title = format!(
                 "{} — masking path",
-                args.model.file_stem().unwrap_or_default().to_string_lossy()
+                model.file_stem().unwrap_or_default().to_string_lossy()
             );
             tcv::write_atomic(p, tabconv::plot::mask_path_svg(m, &title)?.as_bytes())?;
         }
@@ -247,8 +288,8 @@ fn compile(args: Args) -> Result<()> {
     eprintln!("  wrote {} bytes", bytes.len());
     if let Some(r) = &args.report {
         let v = serde_json::json!({
-            "model": args.model,
-            "output": args.output,
+            "model": model,
+            "output": out_path,
             "output_bytes": bytes.len(),
                         "pipeline_yaml": pipeline.to_yaml(),
             "report": report,
@@ -300,4 +341,30 @@ fn load_calibration(
         }
     }
     Ok(x)
+}
+
+/// What the pipeline's passes need from the command line, checked once the model loads and
+/// before any other work (a missing `--val` would otherwise surface only after the minutes the
+/// `lut` pass takes).
+fn check_inputs(args: &Args, pipeline: &Pipeline) -> Result<()> {
+    let passes = pipeline.build();
+    let has = |name: &str| passes.iter().find(|p| p.name() == name).map(|p| p.params());
+    if has("lut").is_some() && args.calib.is_none() {
+        return Err(Error::Input(format!(
+            "pipeline '{}' learns lookup tables (pass 'lut'): give calibration images with --calib X.npy (or use --pipeline exact)",
+            pipeline.name
+        )));
+    }
+    if args.val.is_some() != args.val_labels.is_some() {
+        return Err(Error::Input(
+            "--val and --val-labels go together: give both or neither".into(),
+        ));
+    }
+    let needs_val = has("mask").is_some_and(|p| !p["max_accuracy_drop"].is_null());
+    if needs_val && args.val.is_none() {
+        return Err(Error::Input(
+            "mask.max_accuracy_drop measures accuracy: give labelled validation images with --val X.npy --val-labels Y.npy".into(),
+        ));
+    }
+    Ok(())
 }

@@ -27,9 +27,10 @@ enum Cmd {
     ///
     /// Example: tabconv run fixtures/models/lenet5.onnx --input x.npy --output y.npy
     Run {
-        /// Model file (.onnx)
+        /// Model file: .onnx or a compiled .tcv
         model: PathBuf,
-        /// Input tensor, float32 NCHW .npy (any batch size)
+        /// Input tensor, float32 NCHW .npy (any batch size; a model with a fixed batch runs it
+        /// in chunks of that size)
         #[arg(long)]
         input: PathBuf,
         /// Where to write the (first) output, .npy; further outputs go to <stem>.<i>.npy
@@ -41,11 +42,12 @@ enum Cmd {
     /// Example: tabconv eval fixtures/models/lenet5.onnx --inputs fixtures/data/mnist_test.npy
     ///          --labels fixtures/data/mnist_test_labels.npy
     Eval {
+        /// Model file: .onnx or a compiled .tcv
         model: PathBuf,
-        /// Images, float32 NCHW .npy
+        /// Images: float32 NCHW .npy, IDX (optionally .gz, e.g. Fashion-MNIST) or CIFAR .bin
         #[arg(long)]
         inputs: PathBuf,
-        /// Integer class labels .npy, one per image
+        /// Class labels, one per image: integer .npy, IDX labels or the CIFAR .bin itself
         #[arg(long)]
         labels: PathBuf,
         /// Images per forward pass
@@ -61,6 +63,7 @@ enum Cmd {
     ///
     /// Example: tabconv inspect fixtures/models/resnet18_fmnist.onnx
     Inspect {
+        /// Model file: .onnx or a compiled .tcv
         model: PathBuf,
         #[arg(long)]
         json: bool,

@@ -265,7 +265,7 @@ impl Pass for Lut {
         if n_images == 0 {
             return Err(Error::Input("lut: the calibration set holds no images".into()));
         }
-        let bar = crate::cli::progress(layers.len(), "lut");
+        let (bar, n_layers) = (crate::cli::progress(layers.len(), "lut"), layers.len());
         for (li, layer) in layers.into_iter().enumerate() {
             bar.set_message(layer.name.clone());
             bar.inc(1);
@@ -496,6 +496,18 @@ impl Pass for Lut {
             graph.replace_uses(out_value, lut);
             graph.remove_dead();
             crate::ir::infer::infer_graph(graph)?;
+            cx.say(&bar, || {
+                format!(
+                    "  lut {}/{}: {name}: {d}×{m}, {c_n} codebooks of {s}, {}, rel err {rel:.4}, cosine {cos:.5}, {:.2} s",
+                    li + 1,
+                    n_layers,
+                    match encoder {
+                        Encoder::Argmin => "argmin",
+                        Encoder::Tree => "tree",
+                    },
+                    start.elapsed().as_secs_f64()
+                )
+            });
             cx.lut_layers.push(LayerReport {
                 node: name,
                 kind: if layer.window.is_some() { "conv" } else { "fc" },

@@ -84,6 +84,13 @@ pub fn run_pipeline(
             macs_before: m0,
             macs_after: total_macs(graph),
         });
+        if cx.verbose {
+            let p = passes.last().expect("just pushed");
+            eprintln!(
+                "  pass {:<18} {:>10.1} ms   nodes {} → {}   MACs/image {} → {}",
+                p.pass, p.millis, p.nodes_before, p.nodes_after, p.macs_before, p.macs_after
+            );
+        }
         after_each(pass.name(), graph)?;
     }
     Ok(CompileReport {

@@ -401,6 +401,9 @@ impl Pass for Mask {
             let ops_saved = 2 * exact_macs as i64 - lut_cost.ops_all() as i64;
             let alone = only_layer(graph, n, &luts, cx)?;
             let cos = mean_cosine(&logits(&alone, &samples)?, &ref_logits);
+            cx.say(&bar, || {
+                format!("  mask: {} alone as lookups: logit cosine {cos:.5}", ex.matmul)
+            });
             let lr = cx.lut_layers.iter().rev().find(|l| l.node == ex.matmul);
             decisions.push(LayerDecision {
                 layer: ex.matmul.clone(),
@@ -501,6 +504,18 @@ impl Pass for Mask {
                     continue;
                 }
             }
+            cx.say(&bar, || {
+                let acc = point
+                    .accuracy
+                    .map(|a| format!("accuracy {:.2} %, ", 100.0 * a))
+                    .unwrap_or_default();
+                format!(
+                    "  mask: restored {} (rank {rank}): {acc}logit cosine {:.5}, {:.1} % removed",
+                    decisions[i].layer,
+                    point.logit_cosine,
+                    100.0 * point.reduction_everything_counted
+                )
+            });
             path.push(point);
             restored_at.push((i, rank));
             current = trial;

@@ -35,6 +35,18 @@ pub struct PassCx {
     pub mask: Option<mask::MaskReport>,
     /// The options the last `lut` pass ran with (the `mask` pass relearns with them).
     pub lut_options: Option<lut::Options>,
+    /// Print progress lines on stderr as the passes go (each pass, each layer learned, each
+    /// masking step); off for library use, on in `tabconv-compile`.
+    pub verbose: bool,
+}
+
+impl PassCx {
+    /// A progress line (see [`PassCx::verbose`]).
+    pub fn say(&self, bar: &indicatif::ProgressBar, line: impl FnOnce() -> String) {
+        if self.verbose {
+            crate::cli::say(bar, &line());
+        }
+    }
 }
 
 /// `*` wildcard match (e.g. `/layer1/*`), used by the layer lists of pipeline options.
