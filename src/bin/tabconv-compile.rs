@@ -7,8 +7,15 @@ use std::process::ExitCode;
 use tabconv::ir::{cost, dump::dump};
 use tabconv::onnx::tcv;
 use tabconv::output::Pending;
-use tabconv::passes::{manager, pipeline::Pipeline, PassCx};
+use tabconv::passes::pipeline::{PassSpec, Pipeline};
+use tabconv::passes::{manager, PassCx};
 use tabconv::{Error, Result};
+
+#[derive(Clone, Copy, PartialEq, clap::ValueEnum)]
+enum Emit {
+    Tcv,
+    Onnx,
+}
 
 #[derive(Parser)]
 #[command(
@@ -27,6 +34,11 @@ struct Args {
     /// interrupted)
     #[arg(short, long, required_unless_present = "list_passes")]
     output: Option<PathBuf>,
+    /// What to write: a .tcv (tabconv's interpreter), or standard ONNX (lookups lowered to
+    /// MatMul/ArgMin/Gather/ReduceSum; runs in ONNX Runtime and tract, not channels-last, slower
+    /// than the .tcv in tabconv)
+    #[arg(long, value_enum, default_value = "tcv")]
+    emit: Emit,
     /// List the built-in pipelines, their passes and every option `--set` accepts (with its
     /// value in that pipeline), then exit
     #[arg(long)]
@@ -115,6 +127,10 @@ fn compile(args: Args) -> Result<()> {
     for s in &args.sets {
         pipeline.set(s)?;
     }
+    if args.emit == Emit::Onnx {
+        // channels-last ops have no standard ONNX form
+        pipeline.passes.retain(|p| !matches!(p, PassSpec::ChannelsLast(_)));
+    }
     for d in &args.dump_after {
         if !pipeline.build().iter().any(|p| p.name() == d) {
             return Err(Error::Input(format!(
@@ -172,7 +188,10 @@ fn compile(args: Args) -> Result<()> {
         }
         Ok(())
     })?;
-    let bytes = tcv::encode(&graph, &pipeline.to_yaml())?;
+    let bytes = match args.emit {
+        Emit::Tcv => tcv::encode(&graph, &pipeline.to_yaml())?,
+        Emit::Onnx => tabconv::onnx::lower::encode(&graph, &pipeline.to_yaml())?,
+    };
     output.file().write_all(&bytes).map_err(|e| Error::io(&out_path, e))?;
     output.commit()?;
 

@@ -61,7 +61,7 @@ fn value_info(name: &str, dtype: DType, shape: &[Dim]) -> pb::ValueInfoProto {
     }
 }
 
-fn attr_i(name: &str, i: i64) -> pb::AttributeProto {
+pub(crate) fn attr_i(name: &str, i: i64) -> pb::AttributeProto {
     pb::AttributeProto {
         name: name.into(),
         r#type: 2,
@@ -77,7 +77,7 @@ fn attr_f(name: &str, f: f32) -> pb::AttributeProto {
         ..Default::default()
     }
 }
-fn attr_ints(name: &str, ints: &[i64]) -> pb::AttributeProto {
+pub(crate) fn attr_ints(name: &str, ints: &[i64]) -> pb::AttributeProto {
     pb::AttributeProto {
         name: name.into(),
         r#type: 7,
@@ -102,7 +102,7 @@ fn attr_t(name: &str, t: pb::TensorProto) -> pb::AttributeProto {
     }
 }
 
-fn window_attrs(w: &Window, with_dilations: bool) -> Vec<pb::AttributeProto> {
+pub(crate) fn window_attrs(w: &Window, with_dilations: bool) -> Vec<pb::AttributeProto> {
     let u = |v: [usize; 2]| [v[0] as i64, v[1] as i64];
     let mut a = vec![
         attr_ints("kernel_shape", &u(w.kernel)),

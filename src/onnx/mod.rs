@@ -4,6 +4,7 @@
 pub mod attrs;
 pub mod export;
 pub mod import;
+pub mod lower;
 pub mod proto;
 pub mod tcv;
 
