@@ -380,7 +380,7 @@ pub fn encode_prepared(rows: &Rows, prepared: &Prepared, codes: &mut [u8]) {
         }
     }
     if let Some(pt) = &prepared.pixel_tree {
-        if tree_nhwc(rows, pt, c_n, codes) {
+        if tree_nhwc(Simd::detect(), rows, pt, c_n, codes) {
             return;
         }
     }
@@ -426,14 +426,15 @@ pub(crate) use dispatch_simd;
 /// gather from the image, zeros outside it) and picks its node's threshold from the
 /// codebook's 15 with one permute. Same comparisons as [`tree_tile`], so same codes. Returns
 /// false (nothing written) where it does not apply: not channels-last rows of the prepared
-/// kernel, without AVX-512, or images too large for 32-bit gather offsets.
-fn tree_nhwc(rows: &Rows, pt: &PixelTree, c_n: usize, codes: &mut [u8]) -> bool {
+/// kernel, below AVX2 (`level`), or images too large for 32-bit gather offsets. At AVX2, 8
+/// pixels at a time and the threshold from two 8-lane permutes.
+fn tree_nhwc(level: Simd, rows: &Rows, pt: &PixelTree, c_n: usize, codes: &mut [u8]) -> bool {
     let Rows::ConvNhwc { x, shape, win, geo } = rows else {
         return false;
     };
     let [n, h, w, c_in] = *shape;
     let [oh, ow] = geo.out;
-    if Simd::detect() != Simd::Avx512 || win.kernel != pt.kernel || h * w * c_in >= i32::MAX as usize / 2 {
+    if level < Simd::Avx2 || win.kernel != pt.kernel || h * w * c_in >= i32::MAX as usize / 2 {
         return false;
     }
     let job = TreeJob {
@@ -454,10 +455,14 @@ fn tree_nhwc(rows: &Rows, pt: &PixelTree, c_n: usize, codes: &mut [u8]) -> bool 
             for (k, row) in out.chunks_mut(ow * c_n).enumerate() {
                 let r = t * rows_per_task + k;
                 debug_assert!(r < n * oh);
-                // SAFETY: `Simd::detect` found AVX-512F; `row` holds the codes of output row `r`.
+                // SAFETY: the caller detected `level` (AVX-512F, or AVX2); `row` holds the codes
+                // of output row `r`.
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
-                    tree_row_avx512(&job, r / oh, r % oh, row)
+                    match level {
+                        Simd::Avx512 => tree_row_avx512(&job, r / oh, r % oh, row),
+                        _ => tree_row_avx2(&job, r / oh, r % oh, row),
+                    }
                 };
             }
         });
@@ -534,6 +539,80 @@ unsafe fn tree_row_avx512(job: &TreeJob, img: usize, y: usize, out: &mut [u8]) {
                 );
             }
             _mm512_storeu_si512(codes.as_mut_ptr().cast(), idx);
+            for (l, &code) in codes[..lanes].iter().enumerate() {
+                out[(x0 + l) * job.c_n + c] = code as u8;
+            }
+        }
+    }
+}
+
+/// [`tree_row_avx512`] at AVX2: 8 pixels at a time.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn tree_row_avx2(job: &TreeJob, img: usize, y: usize, out: &mut [u8]) {
+    use std::arch::x86_64::*;
+    let [h, w, c_in] = job.hwc;
+    let ow = job.geo.out[1];
+    let (sh, sw) = (job.win.strides[0], job.win.strides[1]);
+    let (dh, dw) = (job.win.dilations[0], job.win.dilations[1]);
+    let (pt, pl) = (job.geo.pads[0] as isize, job.geo.pads[1] as isize);
+    let image = &job.x[img * h * w * c_in..(img + 1) * h * w * c_in];
+    let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    let y0 = (y * sh) as isize - pt;
+    let mut codes = [0u32; 8];
+    for x0 in (0..ow).step_by(8) {
+        let lanes = (ow - x0).min(8);
+        let live = _mm256_cmpgt_epi32(_mm256_set1_epi32(lanes as i32), lane);
+        // input column of each lane's window corner
+        let ix0 = _mm256_sub_epi32(
+            _mm256_mullo_epi32(
+                _mm256_add_epi32(lane, _mm256_set1_epi32(x0 as i32)),
+                _mm256_set1_epi32(sw as i32),
+            ),
+            _mm256_set1_epi32(pl as i32),
+        );
+        for c in 0..job.c_n {
+            let th = job.th.as_ptr().add(c * 16);
+            let (lo, hi) = (_mm256_loadu_ps(th), _mm256_loadu_ps(th.add(8)));
+            let mut idx = _mm256_setzero_si256();
+            for lev in 0..job.depth {
+                let xv = match job.taps[c * job.depth + lev] {
+                    Some((ch, i, j)) => {
+                        let iy = y0 + (i * dh) as isize;
+                        if iy < 0 || iy >= h as isize {
+                            _mm256_setzero_ps()
+                        } else {
+                            let ix = _mm256_add_epi32(ix0, _mm256_set1_epi32((j * dw) as i32));
+                            let inside = _mm256_and_si256(
+                                _mm256_and_si256(
+                                    _mm256_cmpgt_epi32(ix, _mm256_set1_epi32(-1)),
+                                    _mm256_cmpgt_epi32(_mm256_set1_epi32(w as i32), ix),
+                                ),
+                                live,
+                            );
+                            let off = _mm256_add_epi32(
+                                _mm256_mullo_epi32(ix, _mm256_set1_epi32(c_in as i32)),
+                                _mm256_set1_epi32((iy as usize * w * c_in + ch) as i32),
+                            );
+                            let m = _mm256_castsi256_ps(inside);
+                            _mm256_mask_i32gather_ps::<4>(_mm256_setzero_ps(), image.as_ptr(), off, m)
+                        }
+                    }
+                    None => _mm256_setzero_ps(),
+                };
+                // the node's threshold: lanes 0..8 from `lo`, 8..16 from `hi`
+                let node = _mm256_add_epi32(idx, _mm256_set1_epi32((1 << lev) - 1));
+                let high = _mm256_castsi256_ps(_mm256_cmpgt_epi32(node, _mm256_set1_epi32(7)));
+                let t = _mm256_blendv_ps(
+                    _mm256_permutevar8x32_ps(lo, node),
+                    _mm256_permutevar8x32_ps(hi, node),
+                    high,
+                );
+                // greater: all ones (−1), so 2·idx − mask adds the bit
+                let gt = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GT_OQ>(xv, t));
+                idx = _mm256_sub_epi32(_mm256_add_epi32(idx, idx), gt);
+            }
+            _mm256_storeu_si256(codes.as_mut_ptr().cast(), idx);
             for (l, &code) in codes[..lanes].iter().enumerate() {
                 out[(x0 + l) * job.c_n + c] = code as u8;
             }
@@ -1415,8 +1494,20 @@ mod tests {
                 thresholds: &thr,
             };
             encode(&nchw, sub, &tree, &mut a);
-            encode_prepared(&nhwc, &prepare(sub, &tree, Some((c, kernel[0], kernel[1]))), &mut b);
+            let prepared = prepare(sub, &tree, Some((c, kernel[0], kernel[1])));
+            encode_prepared(&nhwc, &prepared, &mut b);
             assert_eq!(a, b, "tree {shape:?}");
+            // the pixel-lane tree kernel at every level where it applies
+            if let Some(pt) = &prepared.pixel_tree {
+                for &lv in &levels {
+                    b.fill(255);
+                    if tree_nhwc(lv, &nhwc, pt, c_n, &mut b) {
+                        assert_eq!(a, b, "pixel-lane tree at {lv:?}, {shape:?}");
+                    } else {
+                        assert_eq!(lv, Simd::Scalar, "the pixel-lane tree runs at {lv:?}");
+                    }
+                }
+            }
         }
     }
 
