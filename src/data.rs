@@ -359,31 +359,34 @@ mod tests {
 
     #[test]
     fn wrong_element_types_and_sizes_are_errors() {
-        let p = Path::new("x.npy");
-        let floats = npy("{'descr': '<f4', 'fortran_order': False, 'shape': (1,), }", &[0; 4]);
-        let e = labels_from_npy(&floats, p).unwrap_err().to_string();
-        assert!(e.contains("x.npy") && e.contains("'<f4'"), "{e}");
-        let labels = npy("{'descr': '|u1', 'fortran_order': False, 'shape': (2,), }", &[1, 2]);
-        assert!(f32_from_npy(&labels, p).unwrap_err().to_string().contains("'|u1'"));
-        let extra = npy("{'descr': '|u1', 'fortran_order': False, 'shape': (2,), }", &[1, 2, 3]);
-        assert!(labels_from_npy(&extra, p)
-            .unwrap_err()
-            .to_string()
-            .contains("holds 3 bytes"));
-        let complex = npy("{'descr': '<c8', 'fortran_order': False, 'shape': (1,), }", &[0; 8]);
-        assert!(f32_from_npy(&complex, p)
-            .unwrap_err()
-            .to_string()
-            .contains("unsupported"));
-        let bools = npy("{'descr': '|b1', 'fortran_order': False, 'shape': (1,), }", &[2]);
-        assert!(labels_from_npy(&bools, p)
-            .unwrap_err()
-            .to_string()
-            .contains("not 0 or 1"));
-        let no_order = npy("{'descr': '<f4', 'shape': (1,), }", &[0; 4]);
-        assert!(check_npy(&no_order, p)
-            .unwrap_err()
-            .to_string()
-            .contains("fortran_order"));
+        type Reader = fn(&[u8], &Path) -> Result<()>;
+        let floats: Reader = |b, p| f32_from_npy(b, p).map(drop);
+        let labels: Reader = |b, p| labels_from_npy(b, p).map(drop);
+        let d = |descr: &str| format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': (2,), }}");
+        let cases: [(String, &[u8], Reader, &str); 6] = [
+            (d("<f4"), &[0; 8], labels, "'<f4' (int64, int32 or uint8 expected)"),
+            (
+                d("|u1"),
+                &[1, 2],
+                floats,
+                "not a float32 .npy array: its elements are '|u1'",
+            ),
+            (d("|u1"), &[1, 2, 3], labels, "holds 3 bytes"),
+            (d("<c8"), &[0; 16], floats, "unsupported .npy element type '<c8'"),
+            (d("|b1"), &[0, 2], labels, "not 0 or 1"),
+            (
+                "{'descr': '<f4', 'shape': (2,), }".into(),
+                &[0; 8],
+                check_npy,
+                "no 'fortran_order'",
+            ),
+        ];
+        for (dict, data, read, needle) in cases {
+            let e = read(&npy(&dict, data), Path::new("x.npy")).unwrap_err().to_string();
+            assert!(
+                e.starts_with("invalid input: x.npy: ") && e.contains(needle),
+                "{dict}: {e}"
+            );
+        }
     }
 }
