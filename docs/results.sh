@@ -10,7 +10,7 @@ FMNIST_DIR=${FMNIST_DIR:-/usr/share/datasets/fashion-mnist}
 PAPER=${PAPER:-/tmp/tabconv_paper}
 out=${OUT:-/tmp/tabconv-results}
 mkdir -p "$out"
-cargo build --release --bins
+cargo build --release --bins --features tract  # tract: bench's tract column
 T=target/release
 
 [ -f "$PAPER/resnet34_mnist.onnx" ] || python3 fixtures/paper_models.py --out "$PAPER" --mnist-dir "$MNIST_DIR" --reuse-ckpt

@@ -1,7 +1,8 @@
 //! `tabconv bench`: median latency per batch of our interpreter and, for ONNX models, of tract (in
-//! process) and ONNX Runtime (`python3` with the `onnxruntime` wheel, as a child process timed by
-//! the same loop) in the same run on the same input, so ratios compare like with like. An engine
-//! that fails is reported with its reason; the others still run.
+//! process; built with the `tract` feature) and ONNX Runtime (`python3` with the `onnxruntime`
+//! wheel, as a child process timed by the same loop) in the same run on the same input, so ratios
+//! compare like with like. An engine that fails, or was not built, is reported with its reason;
+//! the others still run.
 
 use crate::error::{Error, Result};
 use crate::interp::Plan;
@@ -130,7 +131,11 @@ pub fn profile_ours(graph: &Graph, batch: usize, runs: usize) -> Result<ProfileR
     Ok((plan.profile(), plan.profile_nodes()))
 }
 
+/// Why there is no tract column in a build without the `tract` feature.
+pub const TRACT_NOT_BUILT: &str = "not built (rebuild with --features tract)";
+
 /// tract (optimized plan for this batch size) on the same ONNX file and input.
+#[cfg(feature = "tract")]
 pub fn bench_tract(graph: &Graph, model: &Path, batch: usize, min_runs: usize, budget: Duration) -> Result<Timing> {
     use tract_onnx::prelude::*;
     // The ONNX file may declare a fixed batch even when our import made it symbolic: tract runs
@@ -165,6 +170,13 @@ pub fn bench_tract(graph: &Graph, model: &Path, batch: usize, min_runs: usize, b
     let mut t = timing("tract", model, batch, m);
     t.chunk = chunk;
     Ok(t)
+}
+
+/// tract is an optional dependency (the `tract` feature): without it this is the error
+/// [`TRACT_NOT_BUILT`], reported like any engine that fails.
+#[cfg(not(feature = "tract"))]
+pub fn bench_tract(_: &Graph, _: &Path, _: usize, _: usize, _: Duration) -> Result<Timing> {
+    Err(Error::Other(TRACT_NOT_BUILT.into()))
 }
 
 /// The ONNX Runtime timing script (run by `python3`; see [`bench_ort`]).

@@ -5,7 +5,7 @@ use common::fixture;
 use prost::Message;
 use std::path::Path;
 use std::process::{Command, Output};
-use tract_onnx::pb;
+use tabconv::onnx::pb;
 
 fn tabconv(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_tabconv"))

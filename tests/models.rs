@@ -153,3 +153,35 @@ fn eval_pads_in_pixel_space_like_torchvision() {
         "padding after normalizing"
     );
 }
+
+/// `bench` on a `.onnx` has a tract row: timed with the `tract` feature, otherwise reported as
+/// not built, like an engine that fails; `--no-tract` leaves it out.
+#[test]
+fn cli_bench_reports_tract_or_why_not() {
+    let model = fixture("models/lenet5.onnx");
+    let bench = |extra: &[&str]| -> Vec<Value> {
+        let out = Command::new(env!("CARGO_BIN_EXE_tabconv"))
+            .args([
+                "bench",
+                model.to_str().unwrap(),
+                "--no-ort",
+                "--seconds",
+                "0.1",
+                "--json",
+            ])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("a JSON array")
+    };
+    let rows = bench(&[]);
+    let engines: Vec<_> = rows.iter().map(|r| r["engine"].as_str().unwrap()).collect();
+    assert_eq!(engines, ["tabconv", "tract"]);
+    if cfg!(feature = "tract") {
+        assert!(rows[1]["median_ms"].as_f64().unwrap() > 0.0, "{}", rows[1]);
+    } else {
+        assert_eq!(rows[1]["error"], tabconv::bench::TRACT_NOT_BUILT);
+    }
+    assert_eq!(bench(&["--no-tract"]).len(), 1);
+}

@@ -10,7 +10,7 @@ use prost::Message;
 use std::path::Path;
 use std::sync::Mutex;
 use tabconv::ir::{Dim, Tensor};
-use tract_onnx::pb;
+use tabconv::onnx::pb;
 
 /// SplitMix64: the test's own deterministic stream.
 struct Rng(u64);

@@ -70,7 +70,8 @@ enum Cmd {
     },
     /// Median latency per batch and images/s; for a .onnx also tract and ONNX Runtime on the same
     /// model and input in the same run (ONNX Runtime through `python3` with the `onnxruntime`
-    /// wheel; an engine that fails is reported with its reason and the others still run).
+    /// wheel; tract when built with `--features tract`; an engine that fails or was not built is
+    /// reported with its reason and the others still run).
     ///
     /// Example: tabconv bench fixtures/models/resnet18_fmnist.onnx resnet18.tcv --batch 32
     Bench {

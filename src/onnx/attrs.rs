@@ -3,8 +3,8 @@
 //! [`Attrs::type_errors`] instead of being silently read as 0.
 
 use crate::error::{Error, Result};
+use crate::onnx::pb::{attribute_proto::AttributeType, AttributeProto, NodeProto};
 use std::cell::RefCell;
-use tract_onnx::pb::{attribute_proto::AttributeType, AttributeProto, NodeProto};
 
 pub struct Attrs<'a> {
     node: &'a NodeProto,

@@ -6,8 +6,8 @@
 use crate::error::{Error, Result};
 use crate::ir::op::{Encoder, Gemm, Op, Padding, PoolKind, Unary, Window};
 use crate::ir::{DType, Dim, Graph, Outlet, Tensor};
+use crate::onnx::pb;
 use std::collections::{HashMap, HashSet};
-use tract_onnx::pb;
 
 pub const ONNX_OPSET: i64 = 17;
 pub const TABCONV_DOMAIN: &str = "ai.tabconv";

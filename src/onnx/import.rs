@@ -11,10 +11,10 @@ use crate::interp::eval::eval_op;
 use crate::ir::infer::{infer_graph, infer_op};
 use crate::ir::op::{Binary, Conv, Encoder, Gemm, Padding, Pool, PoolKind, PqEncode, Unary, Window};
 use crate::ir::{DType, Dim, Fact, Graph, Op, Outlet, Tensor};
+use crate::onnx::pb::{self, type_proto, ModelProto, NodeProto};
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
-use tract_onnx::pb::{type_proto, ModelProto, NodeProto};
 
 /// ONNX ops the importer understands (default domain).
 pub const SUPPORTED_OPS: &[&str] = &[
@@ -119,8 +119,8 @@ pub(crate) fn import_model_from(model: &ModelProto, path: &Path, allow_external:
 
 /// `B` when every (non-initializer) graph input has rank ≥ 2 and declares the same fixed
 /// leading dimension `B`.
-fn declared_fixed_batch(g: &tract_onnx::pb::GraphProto) -> Option<i64> {
-    use tract_onnx::pb::tensor_shape_proto::dimension::Value as D;
+fn declared_fixed_batch(g: &pb::GraphProto) -> Option<i64> {
+    use pb::tensor_shape_proto::dimension::Value as D;
     let inits: HashSet<&str> = g.initializer.iter().map(|t| t.name.as_str()).collect();
     let mut batch = None;
     for input in g.input.iter().filter(|i| !inits.contains(i.name.as_str())) {
@@ -335,7 +335,7 @@ fn import_with(model: &ModelProto, path: &Path, symbolic_batch: Option<i64>, all
 
 /// The declared fact of a graph input; `symbolic_batch`: the leading dimension is the batch
 /// even when declared fixed.
-fn input_fact(input: &tract_onnx::pb::ValueInfoProto, symbolic_batch: bool) -> Result<Fact> {
+fn input_fact(input: &pb::ValueInfoProto, symbolic_batch: bool) -> Result<Fact> {
     let Some(type_proto::Value::TensorType(tt)) = input.r#type.as_ref().and_then(|t| t.value.as_ref()) else {
         return Err(Error::Other("has no tensor type".into()));
     };
@@ -346,7 +346,7 @@ fn input_fact(input: &tract_onnx::pb::ValueInfoProto, symbolic_batch: bool) -> R
     if dims.is_empty() {
         return Err(Error::Other("has no declared shape".into()));
     }
-    use tract_onnx::pb::tensor_shape_proto::dimension::Value as D;
+    use pb::tensor_shape_proto::dimension::Value as D;
     let shape = dims
         .iter()
         .enumerate()

@@ -19,13 +19,13 @@
 //! prototypes tie to the last bit may get the other code.
 
 use super::export::{self, attr_i, attr_ints, tensor_proto, window_attrs, TABCONV_DOMAIN};
+use super::pb;
 use crate::error::{Error, Result};
 use crate::ir::op::{Encoder, Op, PqEncode};
 use crate::ir::{Dim, Graph, Outlet, Tensor};
 use ndarray::{ArrayD, IxDyn};
 use petgraph::stable_graph::NodeIndex;
 use std::collections::HashSet;
-use tract_onnx::pb;
 
 /// Encode the graph as standard ONNX bytes, with the producing pipeline in `metadata_props`.
 pub fn encode(graph: &Graph, pipeline_yaml: &str) -> Result<Vec<u8>> {

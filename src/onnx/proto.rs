@@ -2,11 +2,12 @@
 
 use crate::error::{Error, Result};
 use crate::ir::Tensor;
+use crate::onnx::pb::tensor_proto::{DataLocation, DataType};
+use crate::onnx::pb::{ModelProto, TensorProto};
 use ndarray::{ArrayD, IxDyn};
 use prost::Message;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use tract_onnx::pb::{tensor_proto::DataType, ModelProto, TensorProto};
 
 /// Protobuf messages are limited to 2 GiB, so no larger file can be a model (weights beyond that
 /// live in external data).
@@ -115,7 +116,7 @@ impl TensorReader {
         let bytes = n
             .checked_mul(width)
             .ok_or_else(|| other(format!("shape {shape:?} of {dt:?} overflows a byte count")))?;
-        let raw: Option<std::borrow::Cow<'_, [u8]>> = if t.data_location == Some(1) {
+        let raw: Option<std::borrow::Cow<'_, [u8]>> = if t.data_location == Some(DataLocation::External as i32) {
             Some(self.external_bytes(t, bytes)?.into())
         } else if !t.raw_data.is_empty() {
             Some(t.raw_data.as_slice().into())

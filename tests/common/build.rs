@@ -1,8 +1,8 @@
-//! Building small ONNX models in tests with the prost messages (`tract_onnx::pb`).
+//! Building small ONNX models in tests with the prost messages (`tabconv::onnx::pb`).
 
 use prost::Message;
 use std::path::Path;
-use tract_onnx::pb;
+use tabconv::onnx::pb;
 
 /// A float32 graph input/output; a negative dimension is the symbolic batch `N`.
 pub fn vi(name: &str, dims: &[i64]) -> pb::ValueInfoProto {
