@@ -32,24 +32,44 @@ fn err(e: tabconv::Error) -> PyErr {
     TabconvError::new_err(e.to_string())
 }
 
-/// `obj` as a C-contiguous numpy array of `dtype`, when its own dtype is of one of `kinds`
-/// (numpy's kind letters); `what` names the argument in the error.
-fn numpy_as<'py>(obj: &Bound<'py, PyAny>, what: &str, kinds: &str, dtype: &str) -> PyResult<Bound<'py, PyAny>> {
+/// The numpy dtypes an argument accepts: numpy's kind letters, what to call them in an error,
+/// and the dtype they are converted to.
+struct Accepts {
+    kinds: &'static str,
+    name: &'static str,
+    dtype: &'static str,
+}
+
+const FLOATS: Accepts = Accepts {
+    kinds: "f",
+    name: "floats",
+    dtype: "float32",
+};
+const INTEGERS: Accepts = Accepts {
+    kinds: "iu",
+    name: "integers",
+    dtype: "int64",
+};
+
+/// `obj` as a C-contiguous numpy array of `accepts.dtype`, when its own dtype is of one of the
+/// accepted kinds; `what` names the argument in the error.
+fn numpy_as<'py>(obj: &Bound<'py, PyAny>, what: &str, accepts: &Accepts) -> PyResult<Bound<'py, PyAny>> {
     let np = obj.py().import("numpy")?;
     let arr = np.call_method1("asarray", (obj,))?;
     let kind: String = arr.getattr("dtype")?.getattr("kind")?.extract()?;
-    if !kinds.contains(kind.as_str()) {
+    if !accepts.kinds.contains(kind.as_str()) {
         let got: String = arr.getattr("dtype")?.str()?.extract()?;
         return Err(PyTypeError::new_err(format!(
-            "{what}: expected a path or a {dtype}-convertible array, got an array of {got}"
+            "{what}: expected a path or an array of {}, got an array of {got}",
+            accepts.name
         )));
     }
-    np.call_method1("ascontiguousarray", (arr, dtype))
+    np.call_method1("ascontiguousarray", (arr, accepts.dtype))
 }
 
 /// A float array (float16/32/64) as float32.
 fn f32_array(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<ndarray::ArrayD<f32>> {
-    let arr = numpy_as(obj, what, "f", "float32")?;
+    let arr = numpy_as(obj, what, &FLOATS)?;
     Ok(arr.extract::<PyReadonlyArrayDyn<f32>>()?.to_owned_array())
 }
 
@@ -75,7 +95,7 @@ fn labels(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Labels> {
     Ok(match path_of(obj) {
         Some(p) => Source::File(p),
         None => {
-            let arr = numpy_as(obj, what, "iu", "int64")?;
+            let arr = numpy_as(obj, what, &INTEGERS)?;
             let data = arr
                 .extract::<PyReadonlyArrayDyn<i64>>()?
                 .as_array()

@@ -205,9 +205,9 @@ def test_a_wrong_input_shape_raises_and_the_model_still_runs(shape):
 
 def test_wrong_argument_types_raise_type_errors():
     m = tabconv.load(LENET)
-    with pytest.raises(TypeError, match="x: expected a path or a float32"):
+    with pytest.raises(TypeError, match="x: expected a path or an array of floats, got an array of int64"):
         m.run(np.zeros((1, 1, 28, 28), np.int64))
-    with pytest.raises(TypeError, match="y: expected a path or a int64"):
+    with pytest.raises(TypeError, match="y: expected a path or an array of integers, got an array of float32"):
         m.eval(MNIST_TEST, np.zeros(2000, np.float32))
     with pytest.raises(tabconv.TabconvError, match="--batch 0"):
         m.eval(MNIST_TEST, MNIST_LABELS, batch=0)
