@@ -6,7 +6,7 @@
 use crate::error::{Error, Result};
 use ndarray::{s, Array4, ArrayD, IxDyn};
 use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// The `--normalize` / `--pad` command-line options shared by the binaries.
 #[derive(clap::Args, Clone, Debug, Default)]
@@ -273,6 +273,82 @@ pub fn load_labels(path: &Path) -> Result<Vec<i64>> {
             .chunks_exact(label_bytes + 3072)
             .map(|r| r[label_bytes - 1] as i64)
             .collect()),
+    }
+}
+
+/// Where data comes from: a file, or values already in memory with the name messages give
+/// them.
+pub enum Source<T> {
+    File(PathBuf),
+    Memory { data: T, name: String },
+}
+
+/// Images: a file [`load_images`] reads (`.npy`, IDX, CIFAR) or a float32 NCHW array.
+pub type Images = Source<ArrayD<f32>>;
+
+/// Labels: a file [`load_labels`] reads or integer labels.
+pub type Labels = Source<Vec<i64>>;
+
+impl<T> Source<T> {
+    /// The file, or the name of the values in memory.
+    pub fn name(&self) -> String {
+        match self {
+            Source::File(p) => p.display().to_string(),
+            Source::Memory { name, .. } => name.clone(),
+        }
+    }
+}
+
+impl Images {
+    /// The images as float32 NCHW, preprocessed.
+    pub fn load(self, pre: Preprocess) -> Result<ArrayD<f32>> {
+        match self {
+            Source::File(p) => load_images(&p, pre),
+            Source::Memory { data, name } => preprocess(data, pre, Path::new(&name)),
+        }
+    }
+}
+
+impl Labels {
+    pub fn load(self) -> Result<Vec<i64>> {
+        match self {
+            Source::File(p) => load_labels(&p),
+            Source::Memory { data, .. } => Ok(data),
+        }
+    }
+}
+
+/// Images with one integer label each, at least one (`eval`, accuracy-driven masking).
+pub struct Labelled {
+    images: ArrayD<f32>,
+    labels: Vec<i64>,
+}
+
+impl Labelled {
+    /// Load both; an error names both sources when the counts differ or there are no images.
+    pub fn load(images: Images, labels: Labels, pre: Preprocess) -> Result<Labelled> {
+        let (images_name, labels_name) = (images.name(), labels.name());
+        let (x, y) = (images.load(pre)?, labels.load()?);
+        let n = x.shape().first().copied().unwrap_or(0);
+        if n == 0 || n != y.len() {
+            return Err(Error::Input(format!(
+                "{images_name} holds {n} images but {labels_name} holds {} labels",
+                y.len()
+            )));
+        }
+        Ok(Labelled { images: x, labels: y })
+    }
+
+    pub fn images(&self) -> &ArrayD<f32> {
+        &self.images
+    }
+
+    pub fn labels(&self) -> &[i64] {
+        &self.labels
+    }
+
+    pub fn into_parts(self) -> (ArrayD<f32>, Vec<i64>) {
+        (self.images, self.labels)
     }
 }
 

@@ -46,6 +46,13 @@ impl Error {
             source,
         }
     }
+    /// This error, prefixed with the model file it happened in (a run-time error).
+    pub fn in_model(self, path: impl Into<PathBuf>) -> Self {
+        Error::Model {
+            path: path.into(),
+            msg: self.to_string(),
+        }
+    }
 }
 
 /// Shorthand for an error without a node attached yet (callers add node context).

@@ -51,6 +51,7 @@
 pub mod alloc;
 pub mod bench;
 pub mod cli;
+pub mod compile;
 pub mod data;
 pub mod dataset;
 pub mod error;

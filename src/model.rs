@@ -1,8 +1,14 @@
 //! Loading a model file by extension.
 
+use crate::dataset::Labelled;
 use crate::error::{Error, Result};
-use crate::ir::Graph;
-use std::path::Path;
+use crate::interp::Plan;
+use crate::ir::{Graph, Tensor};
+use ndarray::Axis;
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
 
 pub fn load(path: &Path) -> Result<Graph> {
     match path.extension().and_then(|e| e.to_str()) {
@@ -33,6 +39,104 @@ pub fn optimize_for_run(graph: &mut Graph) -> Result<()> {
     let pipeline = crate::passes::pipeline::Pipeline::parse(yaml, "the built-in run rewrites")?;
     let mut cx = crate::passes::PassCx::default();
     crate::passes::manager::run_pipeline(graph, &pipeline, &mut cx, |_, _| Ok(()))?;
+    Ok(())
+}
+
+/// A model loaded to run (`tabconv run | eval`, the Python binding): the graph after
+/// [`load_for_run`], scheduled once (the plan keeps what its steps derive on the first run), and
+/// the file it came from, which run-time errors name.
+pub struct Runner {
+    path: PathBuf,
+    plan: Plan<'static>,
+}
+
+/// What `tabconv eval --json` prints.
+#[derive(Clone, Debug, Serialize)]
+pub struct Evaluation {
+    pub model: PathBuf,
+    /// Top-1 accuracy, a fraction.
+    pub accuracy: f64,
+    pub correct: usize,
+    pub samples: usize,
+    pub batch: usize,
+    pub seconds: f64,
+    pub images_per_second: f64,
+}
+
+impl Runner {
+    pub fn load(path: &Path) -> Result<Runner> {
+        let plan = Plan::owning(Arc::new(load_for_run(path)?))?;
+        Ok(Runner {
+            path: path.to_path_buf(),
+            plan,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn graph(&self) -> &Graph {
+        self.plan.graph()
+    }
+
+    /// The note about a declared fixed batch ([`batch_note`]).
+    pub fn batch_note(&self) -> Option<String> {
+        batch_note(self.graph(), &self.path)
+    }
+
+    /// Run on a batch (see [`Plan::run`]); errors name the model file.
+    pub fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>> {
+        self.plan.run(inputs).map_err(|e| e.in_model(&self.path))
+    }
+
+    /// Top-1 accuracy of the first output against the labels, running `batch` images at a time;
+    /// `on_batch` is called after each batch (a progress bar).
+    pub fn evaluate(&self, data: &Labelled, batch: usize, mut on_batch: impl FnMut()) -> Result<Evaluation> {
+        check_batch(batch)?;
+        let start = Instant::now();
+        let mut correct = 0usize;
+        for (chunk, labels) in data
+            .images()
+            .axis_chunks_iter(Axis(0), batch)
+            .zip(data.labels().chunks(batch))
+        {
+            let out = self.run(vec![Tensor::F32(chunk.to_owned())])?;
+            let first = out
+                .first()
+                .ok_or_else(|| Error::Other(format!("{}: the model has no output", self.path.display())))?;
+            let pred = argmax_rows(first.as_f32()?);
+            if pred.len() != labels.len() {
+                return Err(Error::Other(format!(
+                    "{}: the first output gives {} rows for {} images",
+                    self.path.display(),
+                    pred.len(),
+                    labels.len()
+                )));
+            }
+            correct += pred.iter().zip(labels).filter(|(p, l)| p == l).count();
+            on_batch();
+        }
+        let seconds = start.elapsed().as_secs_f64();
+        let samples = data.labels().len();
+        Ok(Evaluation {
+            model: self.path.clone(),
+            accuracy: correct as f64 / samples as f64,
+            correct,
+            samples,
+            batch,
+            seconds,
+            images_per_second: samples as f64 / seconds,
+        })
+    }
+}
+
+/// A batch size from a flag or an argument must be at least 1 (its upper bound is the
+/// per-tensor limit, checked where a batch is allocated).
+pub fn check_batch(batch: usize) -> Result<()> {
+    if batch == 0 {
+        return Err(Error::Input("--batch 0: a batch holds at least one image".into()));
+    }
     Ok(())
 }
 

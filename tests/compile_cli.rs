@@ -293,3 +293,67 @@ fn missing_flags_fail_early_and_progress_streams() {
         "the layer lines come as the layers are learned, before the pass line:\n{e}"
     );
 }
+
+/// The library calls the CLI and the Python binding share: calibration images from memory give
+/// the bytes a file gives, errors name the in-memory source, and a `Runner` evaluates.
+#[test]
+fn library_compile_from_memory_and_runner() {
+    use tabconv::compile::{compile, Emit, Job};
+    use tabconv::dataset::{Images, Labelled, Source};
+    let dir = tempfile::tempdir().unwrap();
+    let job = |name: &str, calib: Images| {
+        let mut pipeline = Pipeline::find("tabconv").unwrap();
+        pipeline.set("mask.restore_unprofitable=false").unwrap();
+        Job {
+            model: fixture("models/lenet5.onnx"),
+            output: dir.path().join(name),
+            pipeline,
+            emit: Emit::Tcv,
+            calib: Some(calib),
+            val: None,
+            val_labels: None,
+            pre: Default::default(),
+            seed: 0,
+            verbose: false,
+        }
+    };
+    let calib = fixture("data/mnist_calib.npy");
+    let from_file = compile(job("a.tcv", Source::File(calib.clone())), |_, _| Ok(())).unwrap();
+    let data = tabconv::data::read_f32(&calib).unwrap();
+    let name = "calib".to_string();
+    let from_memory = compile(job("b.tcv", Source::Memory { data, name }), |_, _| Ok(())).unwrap();
+    let bytes = |n: &str| std::fs::read(dir.path().join(n)).unwrap();
+    assert_eq!(bytes("a.tcv"), bytes("b.tcv"));
+    assert_eq!(from_file.output_bytes, bytes("a.tcv").len());
+    assert_eq!(from_memory.json()["report"]["lut_layers"].as_array().unwrap().len(), 5);
+
+    let data = ndarray::ArrayD::zeros(ndarray::IxDyn(&[2, 3, 28, 28]));
+    let name = "my images".to_string();
+    let e = compile(job("c.tcv", Source::Memory { data, name }), |_, _| Ok(())).unwrap_err();
+    assert!(
+        e.to_string()
+            .starts_with("invalid input: my images: calibration shape [2, 3, 28, 28]"),
+        "{e}"
+    );
+    assert!(!dir.path().join("c.tcv").exists());
+
+    let runner = tabconv::model::Runner::load(&dir.path().join("a.tcv")).unwrap();
+    let (x, y) = (fixture("data/mnist_test.npy"), fixture("data/mnist_test_labels.npy"));
+    let test = Labelled::load(Source::File(x), Source::File(y), Default::default()).unwrap();
+    let mut batches = 0;
+    let big = runner.evaluate(&test, 512, || batches += 1).unwrap();
+    assert_eq!((batches, big.samples), (4, 2000));
+    assert_eq!(runner.evaluate(&test, 7, || ()).unwrap().correct, big.correct);
+    assert!(big.accuracy > 0.9, "{big:?}");
+
+    let images = Source::Memory {
+        data: ndarray::ArrayD::zeros(ndarray::IxDyn(&[3, 1, 28, 28])),
+        name: "x".into(),
+    };
+    let labels = Source::Memory {
+        data: vec![1, 2],
+        name: "y".into(),
+    };
+    let e = Labelled::load(images, labels, Default::default()).err().unwrap();
+    assert_eq!(e.to_string(), "invalid input: x holds 3 images but y holds 2 labels");
+}

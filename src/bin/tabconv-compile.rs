@@ -1,21 +1,14 @@
 //! `tabconv-compile`: run a pass pipeline on an ONNX model and write a `.tcv`.
 
 use clap::Parser;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
-use tabconv::ir::{cost, dump::dump};
+use tabconv::compile::{Compiled, Emit, Job};
+use tabconv::dataset::Source;
+use tabconv::ir::dump::dump;
 use tabconv::onnx::tcv;
-use tabconv::output::Pending;
-use tabconv::passes::pipeline::{PassSpec, Pipeline};
-use tabconv::passes::{manager, PassCx};
+use tabconv::passes::pipeline::Pipeline;
 use tabconv::{Error, Result};
-
-#[derive(Clone, Copy, PartialEq, clap::ValueEnum)]
-enum Emit {
-    Tcv,
-    Onnx,
-}
 
 #[derive(Parser)]
 #[command(
@@ -120,17 +113,14 @@ fn compile(args: Args) -> Result<()> {
     if args.list_passes {
         return list_passes();
     }
-    let (Some(model), Some(out_path)) = (args.model.clone(), args.output.clone()) else {
+    let (Some(model), Some(output)) = (args.model.clone(), args.output.clone()) else {
         return Err(Error::Input("give the model and -o OUTPUT".into()));
     };
     let mut pipeline = Pipeline::find(&args.pipeline)?;
     for s in &args.sets {
         pipeline.set(s)?;
     }
-    if args.emit == Emit::Onnx {
-        // channels-last ops have no standard ONNX form
-        pipeline.passes.retain(|p| !matches!(p, PassSpec::ChannelsLast(_)));
-    }
+    args.emit.adapt(&mut pipeline);
     for d in &args.dump_after {
         if !pipeline.build().iter().any(|p| p.name() == d) {
             return Err(Error::Input(format!(
@@ -139,67 +129,53 @@ fn compile(args: Args) -> Result<()> {
             )));
         }
     }
-    // the output's temp file exists from here on: an unwritable folder fails now, not after the
-    // compile, and an interrupt (SIGINT, SIGTERM) removes it (see tabconv::output)
-    let mut output = Pending::create(&out_path)?;
-    let mut graph = tabconv::onnx::load_model(&model)?;
-    check_inputs(&args, &pipeline)?;
-    if let Some(note) = tabconv::model::batch_note(&graph, &model) {
-        eprintln!("{note}");
-    }
-    let source = cost::graph_cost(&graph);
-    let source_weight_bytes = cost::weight_bytes(&graph);
-    graph
-        .metadata
-        .insert("source_exact_macs".into(), source.exact_macs.to_string());
-    graph
-        .metadata
-        .insert("source_weight_bytes".into(), source_weight_bytes.to_string());
-    let mut cx = PassCx {
+    let job = Job {
+        model,
+        output,
+        pipeline,
+        emit: args.emit,
+        calib: args.calib.clone().map(Source::File),
+        val: args.val.clone().map(Source::File),
+        val_labels: args.val_labels.clone().map(Source::File),
+        pre: args.pre.get()?,
         seed: args.seed,
         verbose: true,
-        ..Default::default()
     };
-    if let Some(c) = &args.calib {
-        cx.calib = Some(load_calibration(c, &graph, args.pre.get()?)?);
-    }
-    if let (Some(v), Some(l)) = (&args.val, &args.val_labels) {
-        let x = load_calibration(v, &graph, args.pre.get()?)?;
-        let y = tabconv::dataset::load_labels(l)?;
-        if y.len() != x.shape()[0] {
-            return Err(Error::Input(format!(
-                "--val has {} images but --val-labels {} labels",
-                x.shape()[0],
-                y.len()
-            )));
-        }
-        cx.val = Some((x, y));
-    }
-    let names: Vec<&str> = pipeline.build().iter().map(|p| p.name()).collect();
-    eprintln!(
-        "{}: pipeline '{}' ({})",
-        model.display(),
-        pipeline.name,
-        names.join(" → ")
-    );
-    let report = manager::run_pipeline(&mut graph, &pipeline, &mut cx, |pass, g| {
+    // the output's temp file exists from the start: an unwritable folder fails at once, and an
+    // interrupt (SIGINT, SIGTERM) removes it (see tabconv::output)
+    let done = tabconv::compile::compile(job, |pass, g| {
         if args.dump_after.iter().any(|d| d == pass) {
             println!("// IR after {pass}\n{}", dump(g)?);
         }
         Ok(())
     })?;
-    let bytes = match args.emit {
-        Emit::Tcv => tcv::encode(&graph, &pipeline.to_yaml())?,
-        Emit::Onnx => tabconv::onnx::lower::encode(&graph, &pipeline.to_yaml())?,
-    };
-    output.file().write_all(&bytes).map_err(|e| Error::io(&out_path, e))?;
-    output.commit()?;
+    print_summary(&done);
+    match (&done.report.mask, &args.plot) {
+        (Some(m), Some(p)) => {
+            let title = format!(
+                "{} — masking path",
+                done.model.file_stem().unwrap_or_default().to_string_lossy()
+            );
+            tcv::write_atomic(p, tabconv::plot::mask_path_svg(m, &title)?.as_bytes())?;
+        }
+        (None, Some(_)) => eprintln!("  note: --plot ignored: the pipeline has no mask pass"),
+        _ => {}
+    }
+    print_costs(&done);
+    if let Some(r) = &args.report {
+        tcv::write_atomic(r, serde_json::to_string_pretty(&done.json()).expect("json").as_bytes())?;
+    }
+    Ok(())
+}
 
+/// The passes, the notes, the LUT layers and the masking decisions, on stderr.
+fn print_summary(done: &Compiled) {
+    let report = &done.report;
     eprintln!(
         "{} -> {} (pipeline '{}')",
-        model.display(),
-        out_path.display(),
-        pipeline.name
+        done.model.display(),
+        done.output.display(),
+        report.pipeline
     );
     eprintln!(
         "  {:<18} {:>9} {:>11} {:>7} {:>8} {:>14}",
@@ -280,18 +256,13 @@ fn compile(args: Args) -> Result<()> {
                     .unwrap_or_default()
             );
         }
-        if let Some(p) = &args.plot {
-            let title = format!(
-                "{} — masking path",
-                model.file_stem().unwrap_or_default().to_string_lossy()
-            );
-            tcv::write_atomic(p, tabconv::plot::mask_path_svg(m, &title)?.as_bytes())?;
-        }
-    } else if args.plot.is_some() {
-        eprintln!("  note: --plot ignored: the pipeline has no mask pass");
     }
-    let after = cost::graph_cost(&graph);
-    let (red_lookups, red_all) = cost::reduction(&source, &after);
+}
+
+/// Arithmetic and memory before and after, on stderr.
+fn print_costs(done: &Compiled) {
+    let (source, after) = (&done.cost_before, &done.cost_after);
+    let (red_lookups, red_all) = done.reductions();
     eprintln!(
         "  exact MACs/image {} → {}; encode {} MACs + {} compares; {} lookups",
         source.exact_macs, after.exact_macs, after.encode_macs, after.encode_compares, after.lookups
@@ -302,88 +273,7 @@ fn compile(args: Args) -> Result<()> {
         red_all * 100.0,
         after.table_bytes,
         after.prototype_bytes,
-        source_weight_bytes
+        done.source_weight_bytes
     );
-    eprintln!("  wrote {} bytes", bytes.len());
-    if let Some(r) = &args.report {
-        let v = serde_json::json!({
-            "model": model,
-            "output": out_path,
-            "output_bytes": bytes.len(),
-                        "pipeline_yaml": pipeline.to_yaml(),
-            "report": report,
-            "cost_before": source,
-            "cost_after": after,
-            "reduction_lookups_only": red_lookups,
-            "reduction_everything_counted": red_all,
-            "source_weight_bytes": source_weight_bytes,
-        });
-        tcv::write_atomic(r, serde_json::to_string_pretty(&v).expect("json").as_bytes())?;
-    }
-    Ok(())
-}
-
-/// Calibration images must be finite and fit the model's (single) input.
-fn load_calibration(
-    path: &Path,
-    graph: &tabconv::ir::Graph,
-    pre: tabconv::dataset::Preprocess,
-) -> Result<ndarray::ArrayD<f32>> {
-    let x = tabconv::dataset::load_images(path, pre)?;
-    if x.is_empty() || x.shape().first().is_none_or(|&n| n == 0) {
-        return Err(Error::Input(format!(
-            "{}: the calibration set is empty",
-            path.display()
-        )));
-    }
-    if let Some(i) = x.iter().position(|v| !v.is_finite()) {
-        return Err(Error::Input(format!(
-            "{}: value #{i} is not finite (NaN or Inf)",
-            path.display()
-        )));
-    }
-    let input = graph.inputs.first().map(|n| graph.node(*n));
-    if let Some(f) = input.and_then(|n| n.outputs[0].fact.as_ref()) {
-        let fits = x.ndim() == f.rank()
-            && x.shape()
-                .iter()
-                .zip(&f.shape)
-                .skip(1)
-                .all(|(&d, want)| want.known().is_none_or(|k| k == d as i64));
-        if !fits {
-            return Err(Error::Input(format!(
-                "{}: calibration shape {:?} does not fit the model input {}",
-                path.display(),
-                x.shape(),
-                f.shape_string()
-            )));
-        }
-    }
-    Ok(x)
-}
-
-/// What the pipeline's passes need from the command line, checked once the model loads and
-/// before any other work (a missing `--val` would otherwise surface only after the minutes the
-/// `lut` pass takes).
-fn check_inputs(args: &Args, pipeline: &Pipeline) -> Result<()> {
-    let passes = pipeline.build();
-    let has = |name: &str| passes.iter().find(|p| p.name() == name).map(|p| p.params());
-    if has("lut").is_some() && args.calib.is_none() {
-        return Err(Error::Input(format!(
-            "pipeline '{}' learns lookup tables (pass 'lut'): give calibration images with --calib X.npy (or use --pipeline exact)",
-            pipeline.name
-        )));
-    }
-    if args.val.is_some() != args.val_labels.is_some() {
-        return Err(Error::Input(
-            "--val and --val-labels go together: give both or neither".into(),
-        ));
-    }
-    let needs_val = has("mask").is_some_and(|p| !p["max_accuracy_drop"].is_null());
-    if needs_val && args.val.is_none() {
-        return Err(Error::Input(
-            "mask.max_accuracy_drop measures accuracy: give labelled validation images with --val X.npy --val-labels Y.npy".into(),
-        ));
-    }
-    Ok(())
+    eprintln!("  wrote {} bytes", done.output_bytes);
 }

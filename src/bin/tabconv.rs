@@ -1,13 +1,11 @@
 //! `tabconv`: run, evaluate and inspect `.onnx` models with tabconv's own interpreter.
 
 use clap::{Parser, Subcommand};
-use ndarray::Axis;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Instant;
-use tabconv::dataset::{self, PreArgs, Preprocess};
-use tabconv::interp::Plan;
+use tabconv::dataset::{Labelled, PreArgs, Preprocess, Source};
 use tabconv::ir::{cost, dump::dump, Graph, Op, Tensor};
+use tabconv::model::Runner;
 use tabconv::{data, model, Error, Result};
 
 #[derive(Parser)]
@@ -142,14 +140,6 @@ fn main() -> ExitCode {
     }
 }
 
-/// A run-time error, prefixed with the model file it happened in.
-fn in_model(model_path: &Path, e: Error) -> Error {
-    Error::Model {
-        path: model_path.into(),
-        msg: e.to_string(),
-    }
-}
-
 /// Load a model to run it (see [`model::load_for_run`]) and print the note about a declared
 /// fixed batch, if any.
 fn load_noted(model_path: &Path) -> Result<Graph> {
@@ -160,12 +150,19 @@ fn load_noted(model_path: &Path) -> Result<Graph> {
     Ok(graph)
 }
 
+/// [`load_noted`], scheduled to run.
+fn load_runner(model_path: &Path) -> Result<Runner> {
+    let runner = Runner::load(model_path)?;
+    if let Some(note) = runner.batch_note() {
+        eprintln!("{note}");
+    }
+    Ok(runner)
+}
+
 fn run(model_path: &Path, input: &Path, output: &Path) -> Result<()> {
-    let graph = load_noted(model_path)?;
+    let runner = load_runner(model_path)?;
     let x = data::read_f32(input)?;
-    let outs = Plan::new(&graph)?
-        .run(vec![Tensor::F32(x)])
-        .map_err(|e| in_model(model_path, e))?;
+    let outs = runner.run(vec![Tensor::F32(x)])?;
     for (i, t) in outs.iter().enumerate() {
         let path = if i == 0 {
             output.to_path_buf()
@@ -178,58 +175,23 @@ fn run(model_path: &Path, input: &Path, output: &Path) -> Result<()> {
 }
 
 fn eval(model_path: &Path, inputs: &Path, labels: &Path, batch: usize, json: bool, pre: Preprocess) -> Result<()> {
-    check_batch(batch)?;
-    let graph = load_noted(model_path)?;
-    let x = dataset::load_images(inputs, pre)?;
-    let y = dataset::load_labels(labels)?;
-    let n = x.shape().first().copied().unwrap_or(0);
-    if n == 0 || n != y.len() {
-        return Err(Error::Input(format!(
-            "{} holds {n} images but {} holds {} labels",
-            inputs.display(),
-            labels.display(),
-            y.len()
-        )));
-    }
-    let plan = Plan::new(&graph)?;
-    let start = Instant::now();
-    let mut correct = 0usize;
-    let bar = tabconv::cli::progress(n.div_ceil(batch), "eval");
-    for (i, chunk) in x.axis_chunks_iter(Axis(0), batch).enumerate() {
-        bar.inc(1);
-        let out = plan
-            .run(vec![Tensor::F32(chunk.to_owned())])
-            .map_err(|e| in_model(model_path, e))?;
-        let first = out
-            .first()
-            .ok_or_else(|| Error::Other(format!("{}: the model has no output", model_path.display())))?;
-        let pred = model::argmax_rows(first.as_f32()?);
-        if pred.len() != chunk.len_of(Axis(0)) {
-            return Err(Error::Other(format!(
-                "{}: the first output gives {} rows for {} images",
-                model_path.display(),
-                pred.len(),
-                chunk.len_of(Axis(0))
-            )));
-        }
-        correct += pred.iter().zip(&y[i * batch..]).filter(|(p, l)| p == l).count();
-    }
+    model::check_batch(batch)?;
+    let runner = load_runner(model_path)?;
+    let data = Labelled::load(Source::File(inputs.into()), Source::File(labels.into()), pre)?;
+    let bar = tabconv::cli::progress(data.labels().len().div_ceil(batch), "eval");
+    let e = runner.evaluate(&data, batch, || bar.inc(1))?;
     bar.finish_and_clear();
-    let secs = start.elapsed().as_secs_f64();
-    let acc = correct as f64 / n as f64;
     if json {
-        println!(
-            "{}",
-            serde_json::json!({"model": model_path, "accuracy": acc, "correct": correct, "samples": n,
-                "batch": batch, "seconds": secs, "images_per_second": n as f64 / secs})
-        );
+        println!("{}", serde_json::to_value(&e).expect("json"));
     } else {
         println!(
-            "{}: accuracy {:.2}% ({correct}/{n}), {:.1} images/s (batch {batch}, {:.2} s)",
+            "{}: accuracy {:.2}% ({}/{}), {:.1} images/s (batch {batch}, {:.2} s)",
             model_path.display(),
-            acc * 100.0,
-            n as f64 / secs,
-            secs
+            e.accuracy * 100.0,
+            e.correct,
+            e.samples,
+            e.images_per_second,
+            e.seconds
         );
     }
     Ok(())
@@ -337,15 +299,6 @@ const MAX_THREADS: usize = 1024;
 /// The longest `bench --seconds` accepted (a day).
 const MAX_BENCH_SECONDS: f64 = 86_400.0;
 
-/// `--batch` must be at least 1 (its upper bound is the per-tensor limit, checked where a batch
-/// is allocated).
-fn check_batch(batch: usize) -> Result<()> {
-    if batch == 0 {
-        return Err(Error::Input("--batch 0: a batch holds at least one image".into()));
-    }
-    Ok(())
-}
-
 fn bench(
     models: &[PathBuf],
     batch: usize,
@@ -367,7 +320,7 @@ fn bench(
         .build()
         .map_err(|e| Error::Other(format!("thread pool: {e}")))?;
     let nthreads = pool.current_num_threads();
-    check_batch(batch)?;
+    model::check_batch(batch)?;
     if !(seconds.is_finite() && seconds > 0.0 && seconds <= MAX_BENCH_SECONDS) {
         return Err(Error::Input(format!(
             "--seconds {seconds}: must be a number of seconds above 0 and at most {MAX_BENCH_SECONDS}"

@@ -28,9 +28,26 @@ struct Profile {
     by_node: std::collections::BTreeMap<String, (&'static str, f64, usize)>,
 }
 
+/// The graph a plan runs: borrowed, or shared so that the plan can outlive the caller's
+/// borrow (a loaded model that keeps its plan and the caches built on its first run).
+enum GraphRef<'g> {
+    Borrowed(&'g Graph),
+    Shared(Arc<Graph>),
+}
+
+impl std::ops::Deref for GraphRef<'_> {
+    type Target = Graph;
+    fn deref(&self) -> &Graph {
+        match self {
+            GraphRef::Borrowed(g) => g,
+            GraphRef::Shared(g) => g,
+        }
+    }
+}
+
 /// A compiled schedule for one graph.
 pub struct Plan<'g> {
-    graph: &'g Graph,
+    graph: GraphRef<'g>,
     steps: Vec<Step>,
     /// How many times each value is read (consumers + graph outputs).
     uses: Vec<usize>,
@@ -42,13 +59,29 @@ pub struct Plan<'g> {
 
 impl<'g> Plan<'g> {
     pub fn new(graph: &'g Graph) -> Result<Plan<'g>> {
-        let outs: Vec<Outlet> = graph.outputs.iter().map(|(_, o)| *o).collect();
-        Plan::for_outlets(graph, &outs)
+        Plan::for_outlets(graph, &graph.output_outlets())
+    }
+
+    /// A plan that holds its graph (see [`Plan::new`]), so that it can be kept — with what its
+    /// steps cache on the first run — as long as the caller likes.
+    pub fn owning(graph: Arc<Graph>) -> Result<Plan<'static>> {
+        let outs = graph.output_outlets();
+        Plan::schedule(GraphRef::Shared(graph), &outs)
     }
 
     /// A plan that computes only what `wanted` depends on and returns those values (used to
     /// read intermediate activations during calibration).
     pub fn for_outlets(graph: &'g Graph, wanted: &[Outlet]) -> Result<Plan<'g>> {
+        Plan::schedule(GraphRef::Borrowed(graph), wanted)
+    }
+
+    /// The graph this plan runs.
+    pub fn graph(&self) -> &Graph {
+        &self.graph
+    }
+
+    fn schedule(graph_ref: GraphRef<'g>, wanted: &[Outlet]) -> Result<Plan<'g>> {
+        let graph: &Graph = &graph_ref;
         let mut needed: std::collections::HashSet<NodeIndex> = graph.inputs.iter().copied().collect();
         let mut stack: Vec<NodeIndex> = wanted.iter().map(|o| o.node).collect();
         while let Some(n) = stack.pop() {
@@ -105,7 +138,7 @@ impl<'g> Plan<'g> {
         }
         let inputs = graph.inputs.iter().map(|n| ids[&Outlet::new(*n, 0)]).collect();
         Ok(Plan {
-            graph,
+            graph: graph_ref,
             steps,
             uses,
             inputs,
@@ -188,7 +221,7 @@ impl<'g> Plan<'g> {
     /// The fixed leading dimension `B` the graph's inputs declare (all the same, rank ≥ 2), if
     /// they do.
     pub fn fixed_batch(&self) -> Option<usize> {
-        fixed_batch(self.graph)
+        fixed_batch(&self.graph)
     }
 
     /// `Some(B)` when the inputs should run in chunks: the graph declares a fixed batch `B` and

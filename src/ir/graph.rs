@@ -95,6 +95,11 @@ impl Graph {
     pub fn node(&self, n: NodeIndex) -> &Node {
         &self.g[n]
     }
+
+    /// The values of the graph outputs, in order.
+    pub fn output_outlets(&self) -> Vec<Outlet> {
+        self.outputs.iter().map(|(_, o)| *o).collect()
+    }
     pub fn node_mut(&mut self, n: NodeIndex) -> &mut Node {
         &mut self.g[n]
     }
