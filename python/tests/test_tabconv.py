@@ -110,6 +110,23 @@ def test_lookup_model_runs_as_the_cli(lut_tcv, tmp_path):
     assert m.inputs == ["input"] and m.outputs == ["logits"] and m.path == tcv
 
 
+def test_lowered_onnx_runs_in_onnx_runtime_as_the_tcv_in_tabconv(tmp_path):
+    """`emit="onnx"`: standard operators only, and ONNX Runtime on it gives the .tcv's outputs."""
+    ort = pytest.importorskip("onnxruntime")
+    onnx_path, tcv = tmp_path / "lenet5.onnx", tmp_path / "lenet5.tcv"
+    # every layer as lookups (both encoders, conv and fc layers)
+    options = {**AS_LOOKUPS, "mask.min_logit_cosine": 0.0}
+    tabconv.compile(LENET, tcv, calib=MNIST_CALIB, set=options)
+    tabconv.compile(LENET, onnx_path, calib=MNIST_CALIB, set=options, emit="onnx")
+    x, y = np.load(MNIST_TEST), np.load(MNIST_LABELS)
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    lowered = session.run(None, {session.get_inputs()[0].name: x})[0]
+    ours = tabconv.load(tcv).run(x)
+    assert rel_err(lowered, ours) <= 1e-4
+    assert np.array_equal(lowered.argmax(1), ours.argmax(1))
+    assert (lowered.argmax(1) == y).mean() > 0.9
+
+
 def test_compile_report_is_the_clis_and_counts_the_layers(lut_tcv, tmp_path):
     tcv, report = lut_tcv
     cli_tcv = tmp_path / "cli.tcv"
