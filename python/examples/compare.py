@@ -3,8 +3,8 @@ the shipped test set and median latency per batch, the original run by ONNX Runt
 installed (else by tabconv's exact interpreter, which matches it within float rounding).
 
     pip install ./python onnxruntime
-    python python/examples/compare.py                           # LeNet-5 on MNIST, ~30 s
-    python python/examples/compare.py --model mobilenet_fmnist  # a few minutes
+    python python/examples/compare.py                           # LeNet-5 on MNIST, ~10 s
+    python python/examples/compare.py --model mobilenet_fmnist  # ~30 s (resnet18_fmnist: minutes)
 
 LeNet-5's layers are too small for lookups to run faster than its exact kernels, so the default
 pipeline would leave them all exact; this example keeps them as lookups by default
