@@ -7,6 +7,7 @@ use common::build::*;
 use common::fixture;
 use std::path::{Path, PathBuf};
 use tabconv::ir::Tensor;
+use tabconv::onnx::pb;
 
 /// `y = x · W` with `W` (f32 [4, 2]) stored externally with the given entries.
 fn external_model(dir: &Path, entries: &[(&str, &str)]) -> PathBuf {
@@ -198,7 +199,7 @@ fn tcv_files_never_read_external_data() {
         vec![tensor_external("W", &[4, 2], &[("location", "w.bin")])],
         17,
     );
-    m.metadata_props.push(tabconv::onnx::pb::StringStringEntryProto {
+    m.metadata_props.push(pb::StringStringEntryProto {
         key: "tabconv.format_version".into(),
         value: "1".into(),
     });
@@ -225,7 +226,7 @@ fn legit_external_data_fixture_still_loads() {
 
 /// Import `m` (written as `case.onnx`) and return the error, which must name the file, the
 /// node and its op.
-fn import_err(m: &tabconv::onnx::pb::ModelProto, node: &str, op: &str) -> String {
+fn import_err(m: &pb::ModelProto, node: &str, op: &str) -> String {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("case.onnx");
     write(&p, m);
@@ -234,11 +235,7 @@ fn import_err(m: &tabconv::onnx::pb::ModelProto, node: &str, op: &str) -> String
     e
 }
 
-fn one_node(
-    n: tabconv::onnx::pb::NodeProto,
-    inits: Vec<tabconv::onnx::pb::TensorProto>,
-    opset: i64,
-) -> tabconv::onnx::pb::ModelProto {
+fn one_node(n: pb::NodeProto, inits: Vec<pb::TensorProto>, opset: i64) -> pb::ModelProto {
     model(
         vec![n],
         vec![vi("x", &[-1, 3, 4, 4])],
@@ -306,8 +303,7 @@ fn lrn_size_zero_is_an_error() {
 
 #[test]
 fn conv_weights_that_do_not_fit_are_errors() {
-    let conv =
-        |w: tabconv::onnx::pb::TensorProto, attrs| one_node(node("Conv", "c", &["x", "W"], &["y"], attrs), vec![w], 13);
+    let conv = |w: pb::TensorProto, attrs| one_node(node("Conv", "c", &["x", "W"], &["y"], attrs), vec![w], 13);
     let e = import_err(&conv(tensor_f32("W", &[0, 3, 3, 3], &[]), vec![]), "c", "Conv");
     assert_mentions(&e, &["no empty dimension", "f32[0,3,3,3]"]);
     let w = tensor_f32("W", &[2, 3, 3, 3], &[0.5; 54]);
@@ -429,7 +425,7 @@ fn a_graph_without_outputs_is_an_error() {
 #[test]
 fn pq_encode_without_inputs_in_a_tcv_is_an_error() {
     let mut m = model(
-        vec![tabconv::onnx::pb::NodeProto {
+        vec![pb::NodeProto {
             domain: "ai.tabconv".into(),
             ..node(
                 "PQEncode",
@@ -449,11 +445,11 @@ fn pq_encode_without_inputs_in_a_tcv_is_an_error() {
         vec![],
         17,
     );
-    m.opset_import.push(tabconv::onnx::pb::OperatorSetIdProto {
+    m.opset_import.push(pb::OperatorSetIdProto {
         domain: "ai.tabconv".into(),
         version: 1,
     });
-    m.metadata_props.push(tabconv::onnx::pb::StringStringEntryProto {
+    m.metadata_props.push(pb::StringStringEntryProto {
         key: "tabconv.format_version".into(),
         value: "1".into(),
     });
@@ -780,7 +776,7 @@ fn mask_targets_out_of_range_are_errors() {
 /// error, never a panic; and a batch of 0 images runs.
 #[test]
 fn empty_intermediates_do_not_panic() {
-    let cases: Vec<(&str, Vec<tabconv::onnx::pb::AttributeProto>)> = vec![
+    let cases: Vec<(&str, Vec<pb::AttributeProto>)> = vec![
         ("LRN", vec![attr_int("size", 3)]),
         (
             "MaxPool",
