@@ -273,16 +273,22 @@ def test_threads_sharing_a_model_get_the_same_outputs(lut_tcv):
 
 
 def test_ctrl_c_stops_a_compile_and_leaves_nothing(tmp_path):
-    out = tmp_path / "x.tcv"
-    start = time.monotonic()
-    tabconv.compile(LENET, out, calib=MNIST_CALIB)
-    full = time.monotonic() - start
-    out.unlink()
-    assert full > 0.5, "the compile is too quick to interrupt reliably"
-    timer = threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT))
-    start = time.monotonic()
-    timer.start()
-    with pytest.raises(KeyboardInterrupt):
+    # a process started in the background by a non-interactive shell (as CI may be) inherits
+    # SIGINT ignored, and Python then installs no KeyboardInterrupt handler: install it here
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        out = tmp_path / "x.tcv"
+        start = time.monotonic()
         tabconv.compile(LENET, out, calib=MNIST_CALIB)
-    assert time.monotonic() - start < full
-    assert list(tmp_path.iterdir()) == []
+        full = time.monotonic() - start
+        out.unlink()
+        assert full > 0.5, "the compile is too quick to interrupt reliably"
+        timer = threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT))
+        start = time.monotonic()
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            tabconv.compile(LENET, out, calib=MNIST_CALIB)
+        assert time.monotonic() - start < full
+        assert list(tmp_path.iterdir()) == []
+    finally:
+        signal.signal(signal.SIGINT, previous)
