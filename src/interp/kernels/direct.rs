@@ -5,14 +5,17 @@
 //! channels in blocks of 16 or 32 lanes. A tile keeps its `R × lanes` sums in registers and, for
 //! every tap `(ky, kx)` and input channel, broadcasts one input value per pixel against one
 //! weight vector. Weights are packed once per node as `[block][ky][kx][c][lanes]` (zero lanes
-//! past `M`). Padding is materialized once per call, so the tile loop has no bounds checks.
+//! past `M`). Padding is materialized once per call, so the tile loop has no bounds checks —
+//! except for the 3×3 depthwise row kernels, which read the unpadded input (zero row, border
+//! pixels with outside taps read as zeros) because the copy cost as much as the convolution.
 //!
 //! Every output is `bias`, then one fused multiply-add per `(ky, kx, c)` in that order, then the
 //! optional ReLU: the AVX-512, AVX2 and scalar paths give bit-identical results, and so does any
 //! thread count (threads split tiles, never sums).
 //!
 //! Depthwise convolutions (`group = C = M`, [`NhwcWeights::pack_depthwise`]) run through the
-//! same tiles, vectorized over channels.
+//! same tiles (3×3 ones through row kernels), vectorized over channels; one-input-channel convs
+//! through row kernels vectorized over output channels.
 
 use super::aligned::AlignedF32;
 use super::Simd;
