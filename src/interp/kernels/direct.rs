@@ -279,7 +279,7 @@ pub fn conv_nhwc(
         let rows_out = n * oh;
         let xdata: &[f32] = &pad.data;
         let per = (1usize << 14).div_ceil(ow * m * wts.kernel[0] * wts.kernel[1]).max(1);
-        (0..rows_out.div_ceil(per)).into_par_iter().for_each(|t| {
+        for_tasks(rows_out.div_ceil(per), |t| {
             for row in t * per..((t + 1) * per).min(rows_out) {
                 let (img, y) = (row / oh, row % oh);
                 let src = (img * pad.hp + y * sh) * pad.wp;
@@ -338,6 +338,16 @@ pub fn conv_nhwc(
 }
 
 const MAX_R: usize = 24;
+
+/// Run `f` on tasks `0..n`: on the pool when it has more than one thread and there is more than
+/// one task, else in order on this thread (no hand-off for work too small to split).
+fn for_tasks(n: usize, f: impl Fn(usize) + Sync + Send) {
+    if n > 1 && rayon::current_num_threads() > 1 {
+        (0..n).into_par_iter().for_each(f);
+    } else {
+        (0..n).for_each(f);
+    }
+}
 
 /// The output buffer of [`conv_nhwc`].
 struct Output {
@@ -565,7 +575,7 @@ fn depthwise3_rows(
     // output pixels xa..xb read only columns inside the row
     let xb = (w + left).checked_sub(2 * dw + 1).map_or(0, |l| (l / sw + 1).min(ow));
     let xa = left.div_ceil(sw).min(xb);
-    (0..rows_out.div_ceil(per)).into_par_iter().for_each(|t| {
+    for_tasks(rows_out.div_ceil(per), |t| {
         for row in t * per..((t + 1) * per).min(rows_out) {
             let (img, y) = (row / oh, row % oh);
             let tap_row = |i: usize| {
