@@ -732,6 +732,8 @@ mod x86 {
         store512(&acc, rows, lay, dst, valid);
     }
 
+    /// The epilogue of `rows` pixels × `V` vectors of 16 channels: residual, ReLU, the `valid`
+    /// channels stored (a masked store only for a partial vector).
     #[inline(always)]
     unsafe fn store512<const R: usize, const V: usize>(
         acc: &[[__m512; V]; R],
@@ -1031,22 +1033,8 @@ mod x86 {
                     }
                 }
             }
-            for (r, a) in acc.iter().enumerate() {
-                for (v, &s) in a.iter().enumerate() {
-                    let p = self.dst.add((x0 + r) * lay.m + (b0 + v) * 16);
-                    let s = if lay.accumulate {
-                        _mm512_add_ps(s, _mm512_maskz_loadu_ps(masks[v], p))
-                    } else {
-                        s
-                    };
-                    let s = if lay.relu { _mm512_max_ps(s, zero) } else { s };
-                    if masks[v] == u16::MAX {
-                        _mm512_storeu_ps(p, s);
-                    } else {
-                        _mm512_mask_storeu_ps(p, masks[v], s);
-                    }
-                }
-            }
+            // the blocks' valid lanes are the layer's channels from b0·16 on
+            store512(&acc, R, lay, self.dst.add(x0 * lay.m + b0 * 16), lay.m - b0 * 16);
             V
         }
     }
@@ -1498,7 +1486,7 @@ mod tests {
     }
 
     /// Throughput of the 3×3 depthwise kernel on MobileNet-like layers (a measurement, not a
-    /// test): `cargo test --release --lib depthwise_throughput -- --ignored --nocapture`.
+    /// test) that `docs/bench.sh` runs: `cargo test --release --lib depthwise_throughput -- --ignored --nocapture`.
     #[test]
     #[ignore]
     fn depthwise_throughput() {

@@ -480,19 +480,39 @@ struct TreeJob<'a> {
     c_n: usize,
 }
 
+impl TreeJob<'_> {
+    /// Image `img`'s values and the input row of output row `y`'s window top (may be < 0).
+    fn row(&self, img: usize, y: usize) -> (&[f32], isize) {
+        let [h, w, c_in] = self.hwc;
+        let y0 = (y * self.win.strides[0]) as isize - self.geo.pads[0] as isize;
+        (&self.x[img * h * w * c_in..(img + 1) * h * w * c_in], y0)
+    }
+    /// For a tap `(ch, i, j)` of windows whose top row is `y0`: the offset of its input row and
+    /// channel in the image, and the column offset `j · dw` of its pixels, or None when the row
+    /// lies in the padding (every lane reads 0).
+    fn tap(&self, y0: isize, (ch, i, j): (usize, usize, usize)) -> Option<(i32, i32)> {
+        let [h, w, c_in] = self.hwc;
+        let iy = y0 + (i * self.win.dilations[0]) as isize;
+        (0..h as isize)
+            .contains(&iy)
+            .then(|| ((iy as usize * w * c_in + ch) as i32, (j * self.win.dilations[1]) as i32))
+    }
+    /// The stride and left padding along x, as the gather offsets use them.
+    fn cols(&self) -> (i32, i32) {
+        (self.win.strides[1] as i32, self.geo.pads[1] as i32)
+    }
+}
+
 /// Codes of output row `y` of image `img` (`out`: `ow × c_n`).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
 unsafe fn tree_row_avx512(job: &TreeJob, img: usize, y: usize, out: &mut [u8]) {
     use std::arch::x86_64::*;
-    let [h, w, c_in] = job.hwc;
+    let [_, w, c_in] = job.hwc;
     let ow = job.geo.out[1];
-    let (sh, sw) = (job.win.strides[0], job.win.strides[1]);
-    let (dh, dw) = (job.win.dilations[0], job.win.dilations[1]);
-    let (pt, pl) = (job.geo.pads[0] as isize, job.geo.pads[1] as isize);
-    let image = &job.x[img * h * w * c_in..(img + 1) * h * w * c_in];
+    let (sw, pl) = job.cols();
+    let (image, y0) = job.row(img, y);
     let lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    let y0 = (y * sh) as isize - pt;
     let mut codes = [0u32; 16];
     for x0 in (0..ow).step_by(16) {
         let lanes = (ow - x0).min(16);
@@ -501,30 +521,25 @@ unsafe fn tree_row_avx512(job: &TreeJob, img: usize, y: usize, out: &mut [u8]) {
         let ix0 = _mm512_sub_epi32(
             _mm512_mullo_epi32(
                 _mm512_add_epi32(lane, _mm512_set1_epi32(x0 as i32)),
-                _mm512_set1_epi32(sw as i32),
+                _mm512_set1_epi32(sw),
             ),
-            _mm512_set1_epi32(pl as i32),
+            _mm512_set1_epi32(pl),
         );
         for c in 0..job.c_n {
             let thv = _mm512_loadu_ps(job.th.as_ptr().add(c * 16));
             let mut idx = _mm512_setzero_si512();
             for lev in 0..job.depth {
-                let xv = match job.taps[c * job.depth + lev] {
-                    Some((ch, i, j)) => {
-                        let iy = y0 + (i * dh) as isize;
-                        if iy < 0 || iy >= h as isize {
-                            _mm512_setzero_ps()
-                        } else {
-                            let ix = _mm512_add_epi32(ix0, _mm512_set1_epi32((j * dw) as i32));
-                            let inside = _mm512_cmpge_epi32_mask(ix, _mm512_setzero_si512())
-                                & _mm512_cmplt_epi32_mask(ix, _mm512_set1_epi32(w as i32))
-                                & live;
-                            let off = _mm512_add_epi32(
-                                _mm512_mullo_epi32(ix, _mm512_set1_epi32(c_in as i32)),
-                                _mm512_set1_epi32((iy as usize * w * c_in + ch) as i32),
-                            );
-                            _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), inside, off, image.as_ptr())
-                        }
+                let xv = match job.taps[c * job.depth + lev].and_then(|t| job.tap(y0, t)) {
+                    Some((base, dx)) => {
+                        let ix = _mm512_add_epi32(ix0, _mm512_set1_epi32(dx));
+                        let inside = _mm512_cmpge_epi32_mask(ix, _mm512_setzero_si512())
+                            & _mm512_cmplt_epi32_mask(ix, _mm512_set1_epi32(w as i32))
+                            & live;
+                        let off = _mm512_add_epi32(
+                            _mm512_mullo_epi32(ix, _mm512_set1_epi32(c_in as i32)),
+                            _mm512_set1_epi32(base),
+                        );
+                        _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), inside, off, image.as_ptr())
                     }
                     None => _mm512_setzero_ps(),
                 };
@@ -551,14 +566,11 @@ unsafe fn tree_row_avx512(job: &TreeJob, img: usize, y: usize, out: &mut [u8]) {
 #[target_feature(enable = "avx2,fma")]
 unsafe fn tree_row_avx2(job: &TreeJob, img: usize, y: usize, out: &mut [u8]) {
     use std::arch::x86_64::*;
-    let [h, w, c_in] = job.hwc;
+    let [_, w, c_in] = job.hwc;
     let ow = job.geo.out[1];
-    let (sh, sw) = (job.win.strides[0], job.win.strides[1]);
-    let (dh, dw) = (job.win.dilations[0], job.win.dilations[1]);
-    let (pt, pl) = (job.geo.pads[0] as isize, job.geo.pads[1] as isize);
-    let image = &job.x[img * h * w * c_in..(img + 1) * h * w * c_in];
+    let (sw, pl) = job.cols();
+    let (image, y0) = job.row(img, y);
     let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    let y0 = (y * sh) as isize - pt;
     let mut codes = [0u32; 8];
     for x0 in (0..ow).step_by(8) {
         let lanes = (ow - x0).min(8);
@@ -567,36 +579,31 @@ unsafe fn tree_row_avx2(job: &TreeJob, img: usize, y: usize, out: &mut [u8]) {
         let ix0 = _mm256_sub_epi32(
             _mm256_mullo_epi32(
                 _mm256_add_epi32(lane, _mm256_set1_epi32(x0 as i32)),
-                _mm256_set1_epi32(sw as i32),
+                _mm256_set1_epi32(sw),
             ),
-            _mm256_set1_epi32(pl as i32),
+            _mm256_set1_epi32(pl),
         );
         for c in 0..job.c_n {
             let th = job.th.as_ptr().add(c * 16);
             let (lo, hi) = (_mm256_loadu_ps(th), _mm256_loadu_ps(th.add(8)));
             let mut idx = _mm256_setzero_si256();
             for lev in 0..job.depth {
-                let xv = match job.taps[c * job.depth + lev] {
-                    Some((ch, i, j)) => {
-                        let iy = y0 + (i * dh) as isize;
-                        if iy < 0 || iy >= h as isize {
-                            _mm256_setzero_ps()
-                        } else {
-                            let ix = _mm256_add_epi32(ix0, _mm256_set1_epi32((j * dw) as i32));
-                            let inside = _mm256_and_si256(
-                                _mm256_and_si256(
-                                    _mm256_cmpgt_epi32(ix, _mm256_set1_epi32(-1)),
-                                    _mm256_cmpgt_epi32(_mm256_set1_epi32(w as i32), ix),
-                                ),
-                                live,
-                            );
-                            let off = _mm256_add_epi32(
-                                _mm256_mullo_epi32(ix, _mm256_set1_epi32(c_in as i32)),
-                                _mm256_set1_epi32((iy as usize * w * c_in + ch) as i32),
-                            );
-                            let m = _mm256_castsi256_ps(inside);
-                            _mm256_mask_i32gather_ps::<4>(_mm256_setzero_ps(), image.as_ptr(), off, m)
-                        }
+                let xv = match job.taps[c * job.depth + lev].and_then(|t| job.tap(y0, t)) {
+                    Some((base, dx)) => {
+                        let ix = _mm256_add_epi32(ix0, _mm256_set1_epi32(dx));
+                        let inside = _mm256_and_si256(
+                            _mm256_and_si256(
+                                _mm256_cmpgt_epi32(ix, _mm256_set1_epi32(-1)),
+                                _mm256_cmpgt_epi32(_mm256_set1_epi32(w as i32), ix),
+                            ),
+                            live,
+                        );
+                        let off = _mm256_add_epi32(
+                            _mm256_mullo_epi32(ix, _mm256_set1_epi32(c_in as i32)),
+                            _mm256_set1_epi32(base),
+                        );
+                        let m = _mm256_castsi256_ps(inside);
+                        _mm256_mask_i32gather_ps::<4>(_mm256_setzero_ps(), image.as_ptr(), off, m)
                     }
                     None => _mm256_setzero_ps(),
                 };
