@@ -1033,8 +1033,24 @@ mod x86 {
                     }
                 }
             }
-            // the blocks' valid lanes are the layer's channels from b0·16 on
-            store512(&acc, R, lay, self.dst.add(x0 * lay.m + b0 * 16), lay.m - b0 * 16);
+            for (r, a) in acc.iter().enumerate() {
+                for (v, &s) in a.iter().enumerate() {
+                    let p = self.dst.add((x0 + r) * lay.m + (b0 + v) * 16);
+                    let s = if lay.accumulate {
+                        _mm512_add_ps(s, _mm512_maskz_loadu_ps(masks[v], p))
+                    } else {
+                        s
+                    };
+                    let s = if lay.relu { _mm512_max_ps(s, zero) } else { s };
+                    // its own epilogue rather than `store512`'s: going through `store512` measured
+                    // about 5 % slower on MobileNet at batch 1
+                    if masks[v] == u16::MAX {
+                        _mm512_storeu_ps(p, s);
+                    } else {
+                        _mm512_mask_storeu_ps(p, masks[v], s);
+                    }
+                }
+            }
             V
         }
     }
