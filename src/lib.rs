@@ -50,6 +50,7 @@
 
 pub mod alloc;
 pub mod bench;
+pub mod calib;
 pub mod cli;
 pub mod compile;
 pub mod data;

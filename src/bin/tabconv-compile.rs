@@ -192,15 +192,34 @@ fn print_summary(done: &Compiled) {
     }
     if !report.lut_layers.is_empty() {
         eprintln!(
-            "  {:<40} {:>5} {:>6} {:>5} {:>3} {:>4} {:>9} {:>8} {:>7}",
+            "  {:<40} {:>5} {:>6} {:>5} {:>3} {:>4} {:>9} {:>8} {:>7}  learned (held-out error of its objective)",
             "lut layer", "D", "M", "C", "S", "K", "rel err", "cosine", "sec"
         );
         for l in &report.lut_layers {
+            let learned = match &l.learn {
+                Some(r) => format!(
+                    "{} {:.4} → {:.4} ({:.1} s)",
+                    r.objective, r.error_before, r.error_after, r.seconds
+                ),
+                None => "-".into(),
+            };
             eprintln!(
-                "  {:<40} {:>5} {:>6} {:>5} {:>3} {:>4} {:>9.4} {:>8.5} {:>7.2}",
+                "  {:<40} {:>5} {:>6} {:>5} {:>3} {:>4} {:>9.4} {:>8.5} {:>7.2}  {learned}",
                 l.node, l.d, l.m, l.codebooks, l.subspace, l.k, l.output_rel_error, l.output_cosine, l.seconds
             );
         }
+    }
+    if let Some(g) = &report.global {
+        eprintln!(
+            "  global stage: KL {:.4} → {:.4}, top-1 agreement with the exact model {:.2} % → {:.2} % on {} held-out images, epoch {} kept, {:.1} s",
+            g.kl_before,
+            g.kl_after,
+            100.0 * g.agree_before,
+            100.0 * g.agree_after,
+            g.images / 8,
+            g.best_epoch,
+            g.seconds
+        );
     }
     if let Some(m) = &report.mask {
         eprintln!("  masking ({}; target {}):", m.metric, m.target);

@@ -15,16 +15,19 @@
 //! The bias stays an exact Add after the lookups.
 
 use super::{Pass, PassCx};
+use crate::calib::epilogue::{self, Step};
+use crate::calib::learn::{self, Encoding, RowEpilogue, RowStep};
+use crate::calib::{self, Layout, Sample};
 use crate::error::{Error, Result};
 use crate::interp::kernels::encode::{encode_argmin, encode_tree};
-use crate::interp::Plan;
 use crate::ir::op::{Encoder, Op, PqEncode};
 use crate::ir::{Graph, Outlet, Tensor};
 use crate::pq::{self, kmeans, quant, refit, rng::Rng, tree, Subspaces};
-use ndarray::{ArrayD, Axis, IxDyn};
+use ndarray::{ArrayD, IxDyn};
 use petgraph::stable_graph::NodeIndex;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 use std::time::Instant;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -70,6 +73,38 @@ pub struct Options {
     pub min_macs: u64,
     /// Layers (MatMul node names, `*` wildcards allowed) to leave exact.
     pub keep_exact: Vec<String>,
+    /// After fitting, learn codebooks and tables by gradient descent (`calib::learn`):
+    /// `none`, `layer` (reconstruct the layer's output) or `block` (reconstruct the activation
+    /// at the end of its block: after the bias, ReLU/Clip and residual Add that follow).
+    pub learn: LearnMode,
+    /// Passes over the calibration rows when learning.
+    pub epochs: usize,
+    /// Adam step size, relative to the scale of each parameter group.
+    pub lr: f32,
+    /// Soft-assignment temperature, relative to each codebook's mean distance gap.
+    pub temperature: f32,
+    /// Rows per minibatch when learning.
+    pub batch: usize,
+    /// Epochs of the global stage (`calib::global`): after every layer is replaced, distil
+    /// the exact model's outputs through the whole approximated network, all LUT layers at
+    /// once; 0 = off.
+    pub global_epochs: usize,
+    /// Adam step size of the global stage, relative to each parameter group's scale.
+    pub global_lr: f32,
+    /// Soft-assignment temperature of the global stage (relative, as `temperature`); low, so
+    /// the relaxed network whose gradients it follows stays close to the hard one.
+    pub global_temperature: f32,
+    /// Images per minibatch and calibration images used by the global stage.
+    pub global_batch: usize,
+    pub global_images: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LearnMode {
+    None,
+    Layer,
+    Block,
 }
 
 impl Default for Options {
@@ -88,6 +123,16 @@ impl Default for Options {
             progressive: true,
             min_macs: 0,
             keep_exact: Vec::new(),
+            learn: LearnMode::Block,
+            epochs: 6,
+            lr: 0.01,
+            temperature: 1.0,
+            batch: 256,
+            global_epochs: 0,
+            global_lr: 0.0003,
+            global_temperature: 0.1,
+            global_batch: 32,
+            global_images: 2048,
         }
     }
 }
@@ -127,6 +172,21 @@ pub struct LayerReport {
     pub seconds_collect: f64,
     pub seconds_learn: f64,
     pub seconds_refit: f64,
+    /// What gradient learning did, when it ran.
+    pub learn: Option<LearnReport>,
+}
+
+/// Gradient learning of one layer, for the compile report.
+#[derive(Clone, Debug, Serialize)]
+pub struct LearnReport {
+    /// `layer` or `block` (`layer` when nothing elementwise follows the layer).
+    pub objective: &'static str,
+    /// Relative RMS error of the objective's activation on held-out calibration rows.
+    pub error_before: f64,
+    pub error_after: f64,
+    pub best_epoch: usize,
+    pub steps: usize,
+    pub seconds: f64,
 }
 
 pub struct Lut(pub Options);
@@ -183,52 +243,367 @@ fn describe(graph: &Graph, n: NodeIndex) -> Option<Layer> {
     })
 }
 
-/// Run `graph` over the calibration images and keep the sampled rows of `outlet`
-/// (rows are the flattened leading dimensions, `width` values each).
-fn collect_rows(
-    graph: &Graph,
-    outlet: Outlet,
-    calib: &ArrayD<f32>,
-    rows_per_image: usize,
-    idx: &[usize],
-) -> Result<(Vec<f32>, usize)> {
-    let plan = Plan::for_outlets(graph, &[outlet])?;
-    let mut out = Vec::new();
-    let mut width = 0;
-    let mut next = 0usize;
-    const CHUNK: usize = 64;
-    for (ci, chunk) in calib.axis_chunks_iter(Axis(0), CHUNK).enumerate() {
-        let start = ci * CHUNK * rows_per_image;
-        let end = start + chunk.shape()[0] * rows_per_image;
-        if next >= idx.len() {
-            break;
-        }
-        if idx[next] >= end {
-            continue;
-        }
-        let t = plan.run(vec![Tensor::F32(chunk.to_owned())])?.remove(0).into_f32()?;
-        width = *t.shape().last().unwrap_or(&1);
-        let t = t.as_standard_layout();
-        let data = t.as_slice().expect("standard layout");
-        while next < idx.len() && idx[next] < end {
-            let r = idx[next] - start;
-            out.extend_from_slice(&data[r * width..(r + 1) * width]);
-            next += 1;
-        }
-    }
-    Ok((out, width))
+/// One layer's calibration data.
+struct Data {
+    /// Input rows `rows × d` and the exact layer output `rows × m` (bias excluded).
+    x: Vec<f32>,
+    d: usize,
+    y: Vec<f32>,
+    rows: usize,
+    /// For `learn: block`: the exact activation at the end of the block (`rows × m`) and the
+    /// row-wise ops that lead there.
+    block: Option<(Vec<f32>, RowEpilogue)>,
 }
 
-/// Codebooks learned for one layer.
-enum Codebooks {
-    Argmin {
-        protos: Vec<f32>,
-    },
-    Tree {
-        dims: Vec<usize>,
-        thresholds: Vec<f32>,
-        protos: Vec<f32>,
-    },
+/// Collect the layer's rows: its input from `source` (the graph approximated so far, or the
+/// exact one), its exact output, and for `learn: block` the block's end and residuals.
+fn gather(
+    source: &Graph,
+    exact: &Graph,
+    layer: &Layer,
+    o: &Options,
+    calib: &ArrayD<f32>,
+    sample: &Sample,
+) -> Result<Data> {
+    let m = layer.w.shape()[1];
+    let mm_out = Outlet::new(layer.node, 0);
+    let epi = match o.learn {
+        LearnMode::Block => epilogue::find(source, mm_out, m)?,
+        _ => None,
+    };
+    let mut want_exact = vec![(mm_out, Layout::Rows)];
+    let mut want_src = vec![(layer.input, Layout::Rows)];
+    if let Some(e) = &epi {
+        want_exact.push((
+            e.end,
+            Layout::Mapped {
+                perm: e.end_perm.clone(),
+                m,
+            },
+        ));
+        for step in &e.steps {
+            if let Step::Add { other, perm } = step {
+                want_src.push((*other, Layout::Mapped { perm: perm.clone(), m }));
+            }
+        }
+    }
+    let mut ex = calib::collect(exact, calib, sample, &want_exact)?.into_iter();
+    let mut src = calib::collect(source, calib, sample, &want_src)?.into_iter();
+    let (y, _) = ex.next().expect("requested");
+    let (x, d) = src.next().expect("requested");
+    let block = epi.map(|e| {
+        let target = ex.next().expect("requested").0;
+        let steps = e
+            .steps
+            .iter()
+            .map(|s| match s {
+                Step::Relu => RowStep::Relu,
+                Step::Clip(lo, hi) => RowStep::Clip(*lo, *hi),
+                Step::Add { .. } => RowStep::Add(src.next().expect("requested").0),
+            })
+            .collect();
+        let bias = e.bias.unwrap_or_default();
+        (target, RowEpilogue { bias, steps })
+    });
+    Ok(Data {
+        x,
+        d,
+        y,
+        rows: sample.rows.len(),
+        block,
+    })
+}
+
+/// Values per codebook for `layer` (before clamping to the row length).
+fn subspace(layer: &Layer, o: &Options) -> usize {
+    match layer.window {
+        // one codebook per input channel; windows larger than 3×3 get one per kernel row
+        Some([kh, kw]) if o.subspace == 0 => match kh * kw {
+            1 => o.fc_subspace, // a 1×1 conv is a fully connected layer per pixel
+            2..=9 => kh * kw,
+            _ => kw,
+        },
+        Some(_) => o.subspace,
+        None => o.fc_subspace,
+    }
+}
+
+/// Codebooks fitted to the rows (k-means++ or a hash tree per codebook, in parallel, each
+/// with its own RNG stream), and the codebooks that saw fewer distinct rows than `k`.
+fn fit_codebooks(
+    xs: &[Vec<f32>],
+    sub: Subspaces,
+    k: usize,
+    encoder: Encoder,
+    o: &Options,
+    seed: u64,
+    li: usize,
+) -> (Encoding, Vec<f32>, Vec<String>) {
+    let s = sub.s;
+    let depth = k.trailing_zeros() as usize;
+    // per codebook: prototypes, tree split dims and thresholds, distinct rows when fewer than k
+    type Fit = (Vec<f32>, Vec<usize>, Vec<f32>, Option<usize>);
+    let learned: Vec<Fit> = xs
+        .par_iter()
+        .enumerate()
+        .map(|(c, data)| match encoder {
+            Encoder::Argmin => {
+                let mut rng = Rng::derive(seed, &[li as u64, 2, c as u64]);
+                let km = kmeans::kmeans(data, s, k, o.kmeans_iters, &mut rng);
+                (km.centroids, vec![], vec![], km.distinct)
+            }
+            Encoder::Tree => {
+                let t = tree::learn(data, s, depth);
+                (t.prototypes, t.dims, t.thresholds, None)
+            }
+        })
+        .collect();
+    let few = learned
+        .iter()
+        .enumerate()
+        .filter_map(|(c, l)| l.3.map(|d| format!("{c}:{d}")))
+        .collect();
+    let protos: Vec<f32> = learned.iter().flat_map(|l| l.0.iter().copied()).collect();
+    let enc = match encoder {
+        Encoder::Argmin => Encoding::Argmin { protos: protos.clone() },
+        Encoder::Tree => Encoding::Tree {
+            dims: learned.iter().flat_map(|l| l.1.iter().copied()).collect(),
+            thresholds: learned.iter().flat_map(|l| l.2.iter().copied()).collect(),
+        },
+    };
+    (enc, protos, few)
+}
+
+/// Codes `rows × c` of the rows under `enc`, as the interpreter's encoder computes them.
+fn encode_rows(x: &[f32], rows: usize, sub: Subspaces, k: usize, enc: &Encoding) -> Vec<u8> {
+    let mut codes = vec![0u8; rows * sub.count()];
+    match enc {
+        Encoding::Argmin { protos } => encode_argmin(x, rows, sub, k, protos, &mut codes),
+        Encoding::Tree { dims, thresholds } => {
+            encode_tree(x, rows, sub, k.trailing_zeros() as usize, dims, thresholds, &mut codes)
+        }
+    }
+    codes
+}
+
+/// A fitted (and maybe learned) layer, ready to replace the MatMul.
+struct Fitted {
+    encoder: Encoder,
+    enc: Encoding,
+    s: usize,
+    c_n: usize,
+    /// `[c][m][k]`
+    tables: Tensor,
+    scale: Vec<f32>,
+    offset: Vec<f32>,
+    report: LayerReport,
+}
+
+/// Fit codebooks and tables for one layer, learn them if asked, quantize, and measure.
+fn fit_layer(layer: &Layer, data: Data, o: &Options, cx: &mut PassCx, li: usize, start: Instant) -> Result<Fitted> {
+    let (rows, d, m, k) = (data.rows, data.d, layer.w.shape()[1], o.k);
+    let t_collect = start.elapsed().as_secs_f64();
+    let s = subspace(layer, o).clamp(1, d);
+    let sub = Subspaces { d, s };
+    let c_n = sub.count();
+    let encoder = match o.encoder {
+        EncoderChoice::Argmin => Encoder::Argmin,
+        EncoderChoice::Tree => Encoder::Tree,
+        EncoderChoice::Auto if m >= 4 * k => Encoder::Argmin,
+        EncoderChoice::Auto => Encoder::Tree,
+    };
+    let xs: Vec<Vec<f32>> = (0..c_n).map(|c| pq::gather_subspace(&data.x, rows, sub, c)).collect();
+    // 1. codebooks
+    let (mut enc, protos, few) = fit_codebooks(&xs, sub, k, encoder, o, cx.seed, li);
+    if !few.is_empty() {
+        cx.notes.push(format!(
+            "lut: {}: {} codebook(s) had fewer distinct calibration rows than k={k} (codebook:distinct {})",
+            layer.name,
+            few.len(),
+            few.iter().take(8).cloned().collect::<Vec<_>>().join(", ")
+        ));
+    }
+    let t_learn = start.elapsed().as_secs_f64();
+    // 2. tables `[c][k][m]`: prototype · W, then ridge refit against the exact outputs
+    let w = layer.w.as_standard_layout();
+    let plain = pq::plain_tables(&protos, sub, k, w.as_slice().expect("standard layout"), m);
+    let mut t_ckm = transpose_blocks(&plain, c_n, m, k);
+    if o.refit {
+        let codes = encode_rows(&data.x, rows, sub, k, &enc);
+        refit::ridge_refit(&codes, rows, c_n, k, &data.y, m, o.ridge, o.refit_iters, &mut t_ckm);
+    }
+    let t_refit = start.elapsed().as_secs_f64();
+    // 3. gradient learning against the layer's output or its block's end
+    let learn = (o.learn != LearnMode::None).then(|| {
+        let t0 = Instant::now();
+        let empty = RowEpilogue::default();
+        let (objective, target, epilogue) = match &data.block {
+            Some((t, e)) => ("block", &t[..], e),
+            None => ("layer", &data.y[..], &empty),
+        };
+        let problem = learn::Problem {
+            xs: &xs,
+            rows,
+            sub,
+            k,
+            m,
+            target,
+            epilogue,
+        };
+        let lo = learn::Options {
+            epochs: o.epochs,
+            lr: o.lr,
+            temperature: o.temperature,
+            batch: o.batch,
+        };
+        let seed = Rng::derive(cx.seed, &[li as u64, 3]).next_u64();
+        let out = learn::learn(&problem, &mut enc, &mut t_ckm, &lo, seed);
+        LearnReport {
+            objective,
+            error_before: out.before,
+            error_after: out.after,
+            best_epoch: out.best_epoch,
+            steps: out.steps,
+            seconds: t0.elapsed().as_secs_f64(),
+        }
+    });
+    // 4. quantize, and measure the layer output on its calibration rows
+    let t_cmk = transpose_blocks(&t_ckm, c_n, k, m);
+    let (tables, scale, offset, qerr) = match o.tables {
+        TableType::I8 => {
+            let q = quant::quantize(&t_cmk, c_n, m, k);
+            let tq = Tensor::I8(ArrayD::from_shape_vec(IxDyn(&[c_n, m, k]), q.q).expect("size"));
+            (tq, q.scale, q.offset, q.rel_error)
+        }
+        TableType::F32 => (Tensor::f32(&[c_n, m, k], t_cmk)?, vec![1.0; m], vec![0.0; m], 0.0),
+    };
+    let codes = encode_rows(&data.x, rows, sub, k, &enc);
+    let args = [
+        Tensor::U8(ArrayD::from_shape_vec(IxDyn(&[rows, c_n]), codes).expect("size")),
+        tables.clone(),
+        Tensor::f32(&[m], scale.clone())?,
+        Tensor::f32(&[m], offset.clone())?,
+    ];
+    let approx =
+        crate::interp::eval::eval_op(&Op::LutMatMul { relu: false }, args.into_iter().map(Arc::new).collect())?
+            .remove(0)
+            .into_f32()?;
+    let (rel, cos) = compare(approx.as_slice().expect("standard layout"), &data.y);
+    let report = LayerReport {
+        node: layer.name.clone(),
+        kind: if layer.window.is_some() { "conv" } else { "fc" },
+        d,
+        m,
+        codebooks: c_n,
+        subspace: s,
+        k,
+        encoder,
+        rows,
+        output_rel_error: rel,
+        output_cosine: cos,
+        table_quant_rel_error: qerr,
+        seconds: 0.0,
+        seconds_collect: t_collect,
+        seconds_learn: t_learn - t_collect,
+        seconds_refit: t_refit - t_learn,
+        learn,
+    };
+    Ok(Fitted {
+        encoder,
+        enc,
+        s,
+        c_n,
+        tables,
+        scale,
+        offset,
+        report,
+    })
+}
+
+/// Replace the layer's MatMul (and the Im2Col and bias Add it absorbs) by PQEncode + LutMatMul,
+/// remembering how to put the exact layer back (the `mask` pass).
+fn rewrite(graph: &mut Graph, cx: &mut PassCx, layer: &Layer, f: Fitted) -> Result<()> {
+    let (name, m, k) = (layer.name.clone(), layer.w.shape()[1], f.report.k);
+    let mm_out = Outlet::new(layer.node, 0);
+    let weight_out = graph.inputs_of(layer.node)[1];
+    let mut exact_layer = ExactLayer {
+        matmul: name.clone(),
+        weight_name: graph.node(weight_out.node).name.clone(),
+        weight: graph
+            .const_value(weight_out)
+            .expect("eligible layers have constant weights")
+            .clone(),
+        im2col: None,
+        bias: None,
+    };
+    // Read a conv's rows straight from its input instead of a materialised Im2Col.
+    let (enc_input, window) = match &graph.node(layer.input.node).op {
+        Op::Im2Col(w) if graph.has_single_use(layer.input) => {
+            exact_layer.im2col = Some(graph.node(layer.input.node).name.clone());
+            (graph.inputs_of(layer.input.node)[0], Some(w.clone()))
+        }
+        _ => (layer.input, None),
+    };
+    let mut enc_args = vec![enc_input];
+    match f.enc {
+        Encoding::Argmin { protos } => {
+            let t = Tensor::f32(&[f.c_n, k, f.s], protos)?;
+            enc_args.push(graph.add_const(&format!("{name}/prototypes"), t));
+        }
+        Encoding::Tree { dims, thresholds } => {
+            let depth = k.trailing_zeros() as usize;
+            let dims_t = Tensor::I64(
+                ArrayD::from_shape_vec(IxDyn(&[f.c_n, depth]), dims.iter().map(|&v| v as i64).collect()).expect("size"),
+            );
+            enc_args.push(graph.add_const(&format!("{name}/split_dims"), dims_t));
+            let thr = Tensor::f32(&[f.c_n, k - 1], thresholds)?;
+            enc_args.push(graph.add_const(&format!("{name}/thresholds"), thr));
+        }
+    }
+    let op = Op::PqEncode(PqEncode {
+        subspace: f.s,
+        encoder: f.encoder,
+        window,
+        nhwc: false,
+    });
+    let codes_out = graph.add_op(&format!("{name}/pq_encode"), op, &enc_args);
+    // A constant bias Add right after the MatMul folds into the (exact, f32) offset.
+    let mut out_value = mm_out;
+    let mut offset = f.offset;
+    if let [(add, _)] = graph.consumers(mm_out)[..] {
+        let add_ins = graph.inputs_of(add);
+        let other = if add_ins[0] == mm_out {
+            add_ins.get(1)
+        } else {
+            add_ins.first()
+        };
+        if let (Op::Binary(crate::ir::op::Binary::Add), Some(b)) =
+            (&graph.node(add).op, other.and_then(|o| graph.const_value(*o)))
+        {
+            if b.shape() == [m] && !graph.outputs.iter().any(|(_, o)| *o == mm_out) {
+                offset.iter_mut().zip(b.to_f32_vec()).for_each(|(o, v)| *o += v);
+                out_value = Outlet::new(add, 0);
+                let bias_node = other.expect("matched above").node;
+                exact_layer.bias = Some((
+                    graph.node(add).name.clone(),
+                    graph.node(bias_node).name.clone(),
+                    b.clone(),
+                ));
+            }
+        }
+    }
+    let tc = graph.add_const(&format!("{name}/tables"), f.tables);
+    let sc = graph.add_const(&format!("{name}/scale"), Tensor::f32(&[m], f.scale)?);
+    let oc = graph.add_const(&format!("{name}/offset"), Tensor::f32(&[m], offset)?);
+    let lut = graph.add_op(
+        &format!("{name}/lut"),
+        Op::LutMatMul { relu: false },
+        &[codes_out, tc, sc, oc],
+    );
+    cx.exact_layers.insert(graph.node(lut.node).name.clone(), exact_layer);
+    graph.replace_uses(out_value, lut);
+    graph.remove_dead();
+    crate::ir::infer::infer_graph(graph)
 }
 
 impl Pass for Lut {
@@ -240,18 +615,7 @@ impl Pass for Lut {
     }
     fn run(&self, graph: &mut Graph, cx: &mut PassCx) -> Result<()> {
         let o = &self.0;
-        if !(2..=256).contains(&o.k) || (o.encoder != EncoderChoice::Argmin && !o.k.is_power_of_two()) {
-            return Err(Error::Input(format!(
-                "lut.k = {}: must be 2..=256 (a power of two for the tree encoder)",
-                o.k
-            )));
-        }
-        if o.max_rows == 0 || o.fc_subspace == 0 || !o.ridge.is_finite() || o.ridge < 0.0 {
-            return Err(Error::Input(format!(
-                "lut: max_rows ({}) and fc_subspace ({}) must be at least 1 and ridge ({}) finite and ≥ 0",
-                o.max_rows, o.fc_subspace, o.ridge
-            )));
-        }
+        check_options(o)?;
         let calib = cx.calib.clone().ok_or_else(|| {
             Error::Input("the lut pass learns from data: give calibration images with --calib X.npy".into())
         })?;
@@ -272,265 +636,105 @@ impl Pass for Lut {
             // Earlier rewrites may have replaced this layer's producer: re-read its input.
             let layer = describe(graph, layer.node).expect("a layer stays eligible until it is replaced");
             let start = Instant::now();
-            // Rows come from a random subset of images big enough to offer 4× the rows needed,
-            // so early layers (many rows per image) do not run the whole calibration set.
             let mut rng = Rng::derive(cx.seed, &[li as u64, 1]);
-            let n_used = o
-                .max_rows
-                .saturating_mul(4)
-                .div_ceil(layer.rows_per_image.max(1))
-                .clamp(1, n_images);
-            let images = rng.sample_indices(n_images, n_used);
-            let subset = calib.select(Axis(0), &images);
-            let idx = rng.sample_indices(n_used * layer.rows_per_image, o.max_rows);
-            let mm_out = Outlet::new(layer.node, 0);
-            let (y, m) = collect_rows(&exact, mm_out, &subset, layer.rows_per_image, &idx)?;
+            let sample = Sample::new(&mut rng, n_images, layer.rows_per_image, o.max_rows);
             let source = if o.progressive { &*graph } else { &exact };
-            let (x, d) = collect_rows(source, layer.input, &subset, layer.rows_per_image, &idx)?;
-            let t_collect = start.elapsed().as_secs_f64();
-            let rows = idx.len();
-            let s = match layer.window {
-                // one codebook per input channel; windows larger than 3×3 get one per kernel row
-                Some([kh, kw]) if o.subspace == 0 => match kh * kw {
-                    1 => o.fc_subspace, // a 1×1 conv is a fully connected layer per pixel
-                    2..=9 => kh * kw,
-                    _ => kw,
-                },
-                Some(_) => o.subspace,
-                None => o.fc_subspace,
-            }
-            .clamp(1, d);
-            let sub = Subspaces { d, s };
-            let c_n = sub.count();
-            let k = o.k;
-            let encoder = match o.encoder {
-                EncoderChoice::Argmin => Encoder::Argmin,
-                EncoderChoice::Tree => Encoder::Tree,
-                EncoderChoice::Auto if layer.w.shape()[1] >= 4 * k => Encoder::Argmin,
-                EncoderChoice::Auto => Encoder::Tree,
-            };
-            // 1. codebooks, one per subspace, in parallel (each has its own RNG stream)
-            let learned: Vec<(Codebooks, Option<usize>)> = (0..c_n)
-                .into_par_iter()
-                .map(|c| {
-                    let data = pq::gather_subspace(&x, rows, sub, c);
-                    match encoder {
-                        Encoder::Argmin => {
-                            let mut rng = Rng::derive(cx.seed, &[li as u64, 2, c as u64]);
-                            let km = kmeans::kmeans(&data, s, k, o.kmeans_iters, &mut rng);
-                            (Codebooks::Argmin { protos: km.centroids }, km.distinct)
-                        }
-                        Encoder::Tree => {
-                            let t = tree::learn(&data, s, k.trailing_zeros() as usize);
-                            (
-                                Codebooks::Tree {
-                                    dims: t.dims,
-                                    thresholds: t.thresholds,
-                                    protos: t.prototypes,
-                                },
-                                None,
-                            )
-                        }
-                    }
-                })
-                .collect();
-            let few: Vec<String> = learned
-                .iter()
-                .enumerate()
-                .filter_map(|(c, (_, d))| d.map(|d| format!("{c}:{d}")))
-                .collect();
-            if !few.is_empty() {
-                cx.notes.push(format!(
-                    "lut: {}: {} codebook(s) had fewer distinct calibration rows than k={k} (codebook:distinct {})",
-                    layer.name,
-                    few.len(),
-                    few.iter().take(8).cloned().collect::<Vec<_>>().join(", ")
-                ));
-            }
-            let t_learn = start.elapsed().as_secs_f64();
-            // 2. encode the calibration rows
-            let mut codes = vec![0u8; rows * c_n];
-            let (protos, enc_inputs): (Vec<f32>, Vec<Tensor>) = match encoder {
-                Encoder::Argmin => {
-                    let protos: Vec<f32> = learned
-                        .iter()
-                        .flat_map(|(cb, _)| match cb {
-                            Codebooks::Argmin { protos } => protos.clone(),
-                            Codebooks::Tree { .. } => unreachable!(),
-                        })
-                        .collect();
-                    encode_argmin(&x, rows, sub, k, &protos, &mut codes);
-                    let t = Tensor::f32(&[c_n, k, s], protos.clone())?;
-                    (protos, vec![t])
-                }
-                Encoder::Tree => {
-                    let (mut dims, mut thr, mut protos) = (vec![], vec![], vec![]);
-                    for (cb, _) in &learned {
-                        let Codebooks::Tree {
-                            dims: d,
-                            thresholds: t,
-                            protos: p,
-                        } = cb
-                        else {
-                            unreachable!()
-                        };
-                        dims.extend(d.iter().copied());
-                        thr.extend(t.iter().copied());
-                        protos.extend(p.iter().copied());
-                    }
-                    let depth = k.trailing_zeros() as usize;
-                    encode_tree(&x, rows, sub, depth, &dims, &thr, &mut codes);
-                    let dims_t = Tensor::I64(
-                        ArrayD::from_shape_vec(IxDyn(&[c_n, depth]), dims.iter().map(|&v| v as i64).collect())
-                            .expect("size"),
-                    );
-                    (protos, vec![dims_t, Tensor::f32(&[c_n, k - 1], thr)?])
-                }
-            };
-            // 3. tables: prototype · W, then ridge refit against the exact outputs
-            let w = layer.w.as_standard_layout();
-            let t_cmk = pq::plain_tables(&protos, sub, k, w.as_slice().unwrap(), m);
-            let t_cmk = if o.refit {
-                let mut t = transpose_blocks(&t_cmk, c_n, m, k);
-                refit::ridge_refit(&codes, rows, c_n, k, &y, m, o.ridge, o.refit_iters, &mut t);
-                transpose_blocks(&t, c_n, k, m)
-            } else {
-                t_cmk
-            };
-            let t_refit = start.elapsed().as_secs_f64();
-            let (tables, scale, offset, qerr) = match o.tables {
-                TableType::I8 => {
-                    let q = quant::quantize(&t_cmk, c_n, m, k);
-                    let tq = Tensor::I8(ArrayD::from_shape_vec(IxDyn(&[c_n, m, k]), q.q).expect("size"));
-                    (tq, q.scale, q.offset, q.rel_error)
-                }
-                TableType::F32 => (Tensor::f32(&[c_n, m, k], t_cmk)?, vec![1.0; m], vec![0.0; m], 0.0),
-            };
-            // 4. how close the layer now is, on its calibration rows
-            let scale_t = Tensor::f32(&[m], scale)?;
-            let codes_t = Tensor::U8(ArrayD::from_shape_vec(IxDyn(&[rows, c_n]), codes).expect("size"));
-            let args = [
-                codes_t,
-                tables.clone(),
-                scale_t.clone(),
-                Tensor::f32(&[m], offset.clone())?,
-            ];
-            let approx = crate::interp::eval::eval_op(
-                &Op::LutMatMul { relu: false },
-                args.into_iter().map(std::sync::Arc::new).collect(),
-            )?
-            .remove(0)
-            .into_f32()?;
-            let (rel, cos) = compare(approx.as_slice().unwrap(), &y);
-            // 5. rewrite the graph, remembering how to put the exact layer back (the `mask` pass)
-            let name = layer.name.clone();
-            let weight_out = graph.inputs_of(layer.node)[1];
-            let mut exact_layer = ExactLayer {
-                matmul: name.clone(),
-                weight_name: graph.node(weight_out.node).name.clone(),
-                weight: graph
-                    .const_value(weight_out)
-                    .expect("eligible layers have constant weights")
-                    .clone(),
-                im2col: None,
-                bias: None,
-            };
-            // Read a conv's rows straight from its input instead of a materialised Im2Col.
-            let (enc_input, window) = match &graph.node(layer.input.node).op {
-                Op::Im2Col(w) if graph.has_single_use(layer.input) => {
-                    exact_layer.im2col = Some(graph.node(layer.input.node).name.clone());
-                    (graph.inputs_of(layer.input.node)[0], Some(w.clone()))
-                }
-                _ => (layer.input, None),
-            };
-            let mut enc_args = vec![enc_input];
-            for (i, t) in enc_inputs.into_iter().enumerate() {
-                let what = if encoder == Encoder::Argmin {
-                    "prototypes"
-                } else {
-                    ["split_dims", "thresholds"][i]
-                };
-                enc_args.push(graph.add_const(&format!("{name}/{what}"), t));
-            }
-            let op = Op::PqEncode(PqEncode {
-                subspace: s,
-                encoder,
-                window,
-                nhwc: false,
-            });
-            let codes_out = graph.add_op(&format!("{name}/pq_encode"), op, &enc_args);
-            // A constant bias Add right after the MatMul folds into the (exact, f32) offset.
-            let mut out_value = mm_out;
-            let mut offset = offset;
-            if let [(add, _)] = graph.consumers(mm_out)[..] {
-                let add_ins = graph.inputs_of(add);
-                let other = if add_ins[0] == mm_out {
-                    add_ins.get(1)
-                } else {
-                    add_ins.first()
-                };
-                if let (Op::Binary(crate::ir::op::Binary::Add), Some(b)) =
-                    (&graph.node(add).op, other.and_then(|o| graph.const_value(*o)))
-                {
-                    if b.shape() == [m] && !graph.outputs.iter().any(|(_, o)| *o == mm_out) {
-                        offset.iter_mut().zip(b.to_f32_vec()).for_each(|(o, v)| *o += v);
-                        out_value = Outlet::new(add, 0);
-                        let bias_node = other.expect("matched above").node;
-                        exact_layer.bias = Some((
-                            graph.node(add).name.clone(),
-                            graph.node(bias_node).name.clone(),
-                            b.clone(),
-                        ));
-                    }
-                }
-            }
-            let tc = graph.add_const(&format!("{name}/tables"), tables);
-            let sc = graph.add_const(&format!("{name}/scale"), scale_t);
-            let oc = graph.add_const(&format!("{name}/offset"), Tensor::f32(&[m], offset)?);
-            let lut = graph.add_op(
-                &format!("{name}/lut"),
-                Op::LutMatMul { relu: false },
-                &[codes_out, tc, sc, oc],
-            );
-            cx.exact_layers.insert(graph.node(lut.node).name.clone(), exact_layer);
-            graph.replace_uses(out_value, lut);
-            graph.remove_dead();
-            crate::ir::infer::infer_graph(graph)?;
-            cx.say(&bar, || {
-                format!(
-                    "  lut {}/{}: {name}: {d}×{m}, {c_n} codebooks of {s}, {}, rel err {rel:.4}, cosine {cos:.5}, {:.2} s",
-                    li + 1,
-                    n_layers,
-                    match encoder {
-                        Encoder::Argmin => "argmin",
-                        Encoder::Tree => "tree",
-                    },
-                    start.elapsed().as_secs_f64()
-                )
-            });
-            cx.lut_layers.push(LayerReport {
-                node: name,
-                kind: if layer.window.is_some() { "conv" } else { "fc" },
-                d,
-                m,
-                codebooks: c_n,
-                subspace: s,
-                k,
-                encoder,
-                rows,
-                output_rel_error: rel,
-                output_cosine: cos,
-                table_quant_rel_error: qerr,
-                seconds: start.elapsed().as_secs_f64(),
-                seconds_collect: t_collect,
-                seconds_learn: t_learn - t_collect,
-                seconds_refit: t_refit - t_learn,
-            });
+            let data = gather(source, &exact, &layer, o, &calib, &sample)?;
+            let mut fitted = fit_layer(&layer, data, o, cx, li, start)?;
+            let r = &mut fitted.report;
+            r.seconds = start.elapsed().as_secs_f64();
+            let report = r.clone();
+            rewrite(graph, cx, &layer, fitted)?;
+            cx.say(&bar, || progress_line(&report, li, n_layers));
+            cx.lut_layers.push(report);
         }
         bar.finish_and_clear();
         graph.remove_dead();
+        if o.global_epochs > 0 {
+            let go = crate::calib::global::Options {
+                steps: learn::Options {
+                    epochs: o.global_epochs,
+                    lr: o.global_lr,
+                    temperature: o.global_temperature,
+                    batch: o.global_batch,
+                },
+                max_images: o.global_images,
+            };
+            let seed = Rng::derive(cx.seed, &[0x610b]).next_u64();
+            match crate::calib::global::distil(graph, &exact, &calib, &go, seed) {
+                Ok(Some(r)) => {
+                    cx.say(&bar, || {
+                        format!(
+                            "  lut global: KL {:.4} → {:.4}, top-1 agreement {:.2} % → {:.2} % (held out), epoch {} kept, {} images, {:.1} s",
+                            r.kl_before,
+                            r.kl_after,
+                            100.0 * r.agree_before,
+                            100.0 * r.agree_after,
+                            r.best_epoch,
+                            r.images,
+                            r.seconds
+                        )
+                    });
+                    cx.global = Some(r);
+                }
+                Ok(None) => {}
+                Err(e) => cx.notes.push(format!("lut: global stage skipped: {e}")),
+            }
+            crate::ir::infer::infer_graph(graph)?;
+        }
         Ok(())
     }
+}
+
+fn check_options(o: &Options) -> Result<()> {
+    if !(2..=256).contains(&o.k) || (o.encoder != EncoderChoice::Argmin && !o.k.is_power_of_two()) {
+        return Err(Error::Input(format!(
+            "lut.k = {}: must be 2..=256 (a power of two for the tree encoder)",
+            o.k
+        )));
+    }
+    if o.max_rows == 0 || o.fc_subspace == 0 || !o.ridge.is_finite() || o.ridge < 0.0 {
+        return Err(Error::Input(format!(
+            "lut: max_rows ({}) and fc_subspace ({}) must be at least 1 and ridge ({}) finite and ≥ 0",
+            o.max_rows, o.fc_subspace, o.ridge
+        )));
+    }
+    if o.learn != LearnMode::None
+        && (o.batch == 0 || !(o.lr.is_finite() && o.lr > 0.0) || !(o.temperature.is_finite() && o.temperature > 0.0))
+    {
+        return Err(Error::Input(format!(
+            "lut: learning needs batch ≥ 1 ({}), lr > 0 ({}) and temperature > 0 ({})",
+            o.batch, o.lr, o.temperature
+        )));
+    }
+    Ok(())
+}
+
+/// The line printed as each layer is done.
+fn progress_line(r: &LayerReport, li: usize, n: usize) -> String {
+    let learned = match &r.learn {
+        Some(l) => format!(
+            ", learned ({}) {:.4} → {:.4} in {:.2} s",
+            l.objective, l.error_before, l.error_after, l.seconds
+        ),
+        None => String::new(),
+    };
+    format!(
+        "  lut {}/{n}: {}: {}×{}, {} codebooks of {}, {}, rel err {:.4}, cosine {:.5}{learned}, {:.2} s",
+        li + 1,
+        r.node,
+        r.d,
+        r.m,
+        r.codebooks,
+        r.subspace,
+        match r.encoder {
+            Encoder::Argmin => "argmin",
+            Encoder::Tree => "tree",
+        },
+        r.output_rel_error,
+        r.output_cosine,
+        r.seconds
+    )
 }
 
 /// `(‖a − b‖ / ‖b‖, cos(a, b))`

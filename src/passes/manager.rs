@@ -30,6 +30,9 @@ pub struct CompileReport {
     pub notes: Vec<String>,
     pub lut_layers: Vec<super::lut::LayerReport>,
     pub mask: Option<super::mask::MaskReport>,
+    /// The `lut` pass's global distillation stage, when it ran (the last run, e.g. the mask
+    /// pass's relearning).
+    pub global: Option<crate::calib::global::Report>,
     pub nodes_before: usize,
     pub nodes_after: usize,
     pub macs_before: u64,
@@ -99,6 +102,7 @@ pub fn run_pipeline(
         notes: cx.notes.clone(),
         lut_layers: cx.lut_layers.clone(),
         mask: cx.mask.clone(),
+        global: cx.global.clone(),
         nodes_before,
         nodes_after: graph.op_count(),
         macs_before,

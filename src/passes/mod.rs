@@ -33,6 +33,8 @@ pub struct PassCx {
     pub val: Option<(ArrayD<f32>, Vec<i64>)>,
     /// What the `mask` pass decided and measured.
     pub mask: Option<mask::MaskReport>,
+    /// What the `lut` pass's global distillation stage did (its last run).
+    pub global: Option<crate::calib::global::Report>,
     /// The options the last `lut` pass ran with (the `mask` pass relearns with them).
     pub lut_options: Option<lut::Options>,
     /// Print progress lines on stderr as the passes go (each pass, each layer learned, each

@@ -1,0 +1,861 @@
+//! Learning one LUT layer by gradient descent (Adam, minibatches, fixed seed) against the exact
+//! model, starting from the fitted codebooks and ridge-refit tables.
+//!
+//! Forward, on a minibatch of calibration rows: every codebook encodes its subvector *hard*
+//! (argmin over the prototypes, or the hash tree's comparisons) and the layer output is the sum
+//! of the selected entries of the **int8 fake-quantized** tables, exactly what the interpreter
+//! computes. Then the row-wise [`RowEpilogue`] (bias, ReLU/Clip, residual Adds: the ops between
+//! this layer and the end of its block) gives the activation compared with the exact model's.
+//! Loss: mean squared error.
+//!
+//! Backward:
+//! - tables: the gradient of the hard lookups (each row adds its output gradient to the entries
+//!   it selected), passed through the quantization unchanged (straight-through);
+//! - encoder: straight-through soft assignment (LUT-NN). The gradient reaches the prototypes
+//!   through `softmax_k(−‖x − p_k‖² / t)`, and the tree's thresholds through leaf probabilities
+//!   that multiply `σ((x_dim − θ)/t)` or `1 − σ(…)` along each path (Stella Nera's relaxation).
+//!   The temperature `t` is fixed per codebook (and tree level) at the start: `temperature`
+//!   times the mean gap between the nearest and the second nearest prototype, or the mean
+//!   distance of a row's value to its node's threshold.
+//!
+//! One row in eight is held out; the parameters kept are those of the epoch (or the start)
+//! with the lowest held-out error, so learning never makes a layer worse on rows it did not
+//! fit. Results are bit-identical for the same inputs and seed at any thread count: codebooks
+//! are processed in parallel but every sum runs in a fixed order.
+
+use crate::pq::rng::Rng;
+use crate::pq::Subspaces;
+use ndarray::{ArrayView2, ArrayViewMut2};
+use rayon::prelude::*;
+
+/// How one codebook encodes, over all codebooks.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Encoding {
+    /// Prototypes `[c][k][s]`.
+    Argmin { protos: Vec<f32> },
+    /// Split dimension per level `[c][depth]` and thresholds in heap order `[c][k − 1]`.
+    Tree { dims: Vec<usize>, thresholds: Vec<f32> },
+}
+
+/// An elementwise step after the layer, in the layer's row layout `rows × m`.
+#[derive(Clone, Debug)]
+pub enum RowStep {
+    Relu,
+    Clip(f32, f32),
+    /// Add a runtime value (a residual), given in row layout.
+    Add(Vec<f32>),
+}
+
+/// What follows the layer up to the end of its block, as row-wise operations.
+#[derive(Clone, Debug, Default)]
+pub struct RowEpilogue {
+    /// Added to every row first (the layer's bias); empty for none.
+    pub bias: Vec<f32>,
+    pub steps: Vec<RowStep>,
+}
+
+/// The learning problem of one layer.
+pub struct Problem<'a> {
+    /// Rows of the layer input, one `rows × s` block per codebook (zero-padded subvectors).
+    pub xs: &'a [Vec<f32>],
+    pub rows: usize,
+    pub sub: Subspaces,
+    pub k: usize,
+    pub m: usize,
+    /// Target activation `rows × m` (after the epilogue).
+    pub target: &'a [f32],
+    pub epilogue: &'a RowEpilogue,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Options {
+    pub epochs: usize,
+    /// Adam step size, relative to each parameter group's scale (tables: their RMS; prototypes
+    /// and thresholds: the RMS of their codebook's inputs).
+    pub lr: f32,
+    pub temperature: f32,
+    pub batch: usize,
+}
+
+/// What learning did.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Outcome {
+    /// Relative RMS error of the activation on the held-out rows, before and after.
+    pub before: f64,
+    pub after: f64,
+    /// Epoch whose parameters were kept (0 = the starting point).
+    pub best_epoch: usize,
+    pub steps: usize,
+}
+
+/// Learn `enc` and `tables` (`[c][k][m]`, f32; fake-quantized to int8 in the forward pass) in place.
+pub fn learn(p: &Problem, enc: &mut Encoding, tables: &mut [f32], o: &Options, seed: u64) -> Outcome {
+    let c_n = p.sub.count();
+    assert_eq!(p.xs.len(), c_n);
+    assert_eq!(tables.len(), c_n * p.k * p.m);
+    let mut rng = Rng::derive(seed, &[0x1ea4]);
+    let mut order: Vec<usize> = (0..p.rows).collect();
+    shuffle(&mut order, &mut rng);
+    let n_hold = (p.rows / 8).max(1).min(p.rows);
+    let (hold, train) = order.split_at(n_hold);
+    let mut train = train.to_vec();
+    let temps = temperatures(p, enc, o.temperature);
+    let before = error(p, enc, tables, hold);
+    let mut best = (before, 0usize, enc.clone(), tables.to_vec());
+    if train.is_empty() || o.epochs == 0 || o.batch == 0 {
+        return Outcome {
+            before,
+            after: before,
+            ..Outcome::default()
+        };
+    }
+    // tables that start at zero still move: their scale is at least the target's per codebook
+    let scale_t = rms(tables).max(rms(p.target) / c_n as f32).max(1e-12);
+    let scale_x: Vec<f32> = p.xs.iter().map(|x| rms(x).max(1e-12)).collect();
+    let mut adam_t = Adam::new(tables.len());
+    let mut adam_e = Adam::new(match enc {
+        Encoding::Argmin { protos } => protos.len(),
+        Encoding::Tree { thresholds, .. } => thresholds.len(),
+    });
+    let per_param_e = encoder_lr(p, enc, &scale_x, o.lr);
+    let mut steps = 0;
+    for epoch in 1..=o.epochs {
+        shuffle(&mut train, &mut rng);
+        for batch in train.chunks(o.batch) {
+            let (g_t, g_e) = gradients(p, enc, tables, &temps, batch);
+            steps += 1;
+            adam_t.step(tables, &g_t, |_| o.lr * scale_t);
+            match enc {
+                Encoding::Argmin { protos } => adam_e.step(protos, &g_e, |i| per_param_e[i]),
+                Encoding::Tree { thresholds, .. } => adam_e.step(thresholds, &g_e, |i| per_param_e[i]),
+            }
+        }
+        let e = error(p, enc, tables, hold);
+        if e < best.0 {
+            best = (e, epoch, enc.clone(), tables.to_vec());
+        }
+    }
+    let (after, best_epoch, e, t) = best;
+    *enc = e;
+    tables.copy_from_slice(&t);
+    Outcome {
+        before,
+        after,
+        best_epoch,
+        steps,
+    }
+}
+
+/// Step size per encoder parameter: the learning rate times the RMS of its codebook's inputs.
+fn encoder_lr(p: &Problem, enc: &Encoding, scale_x: &[f32], lr: f32) -> Vec<f32> {
+    let per_c = match enc {
+        Encoding::Argmin { .. } => p.k * p.sub.s,
+        Encoding::Tree { .. } => p.k - 1,
+    };
+    (0..p.sub.count() * per_c).map(|i| lr * scale_x[i / per_c]).collect()
+}
+
+pub(crate) fn rms(v: &[f32]) -> f32 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    ((v.iter().map(|&x| x as f64 * x as f64).sum::<f64>()) / v.len() as f64).sqrt() as f32
+}
+
+pub(crate) fn shuffle(v: &mut [usize], rng: &mut Rng) {
+    for i in (1..v.len()).rev() {
+        v.swap(i, rng.below(i + 1));
+    }
+}
+
+/// Adam with bias correction.
+pub(crate) struct Adam {
+    m: Vec<f32>,
+    v: Vec<f32>,
+    t: i32,
+}
+
+impl Adam {
+    pub(crate) fn new(n: usize) -> Adam {
+        Adam {
+            m: vec![0.0; n],
+            v: vec![0.0; n],
+            t: 0,
+        }
+    }
+    pub(crate) fn step(&mut self, w: &mut [f32], g: &[f32], lr: impl Fn(usize) -> f32) {
+        const B1: f32 = 0.9;
+        const B2: f32 = 0.999;
+        self.t += 1;
+        let (c1, c2) = (1.0 - B1.powi(self.t), 1.0 - B2.powi(self.t));
+        for i in 0..w.len() {
+            self.m[i] = B1 * self.m[i] + (1.0 - B1) * g[i];
+            self.v[i] = B2 * self.v[i] + (1.0 - B2) * g[i] * g[i];
+            let (mh, vh) = (self.m[i] / c1, self.v[i] / c2);
+            w[i] -= lr(i) * mh / (vh.sqrt() + 1e-20);
+        }
+    }
+}
+
+/// The tables as the interpreter sees them: int8 with one scale per output and one midpoint
+/// per (codebook, output), dequantized (see `pq::quant`). `[c][k][m]` in and out.
+pub fn fake_quant(t: &[f32], c_n: usize, k: usize, m: usize) -> Vec<f32> {
+    let mut mid = vec![0f32; c_n * m];
+    let mut range = vec![0f32; m];
+    for c in 0..c_n {
+        for mi in 0..m {
+            let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
+            for kk in 0..k {
+                let v = t[(c * k + kk) * m + mi];
+                lo = lo.min(v);
+                hi = hi.max(v);
+            }
+            mid[c * m + mi] = lo + (hi - lo) / 2.0;
+            range[mi] = range[mi].max(hi - lo);
+        }
+    }
+    let scale: Vec<f32> = range.iter().map(|&r| if r > 0.0 { r / 254.0 } else { 1.0 }).collect();
+    let mut out = vec![0f32; t.len()];
+    for c in 0..c_n {
+        for kk in 0..k {
+            for mi in 0..m {
+                let i = (c * k + kk) * m + mi;
+                let md = mid[c * m + mi];
+                let q = ((t[i] - md) / scale[mi]).round().clamp(-127.0, 127.0);
+                out[i] = scale[mi] * q + md;
+            }
+        }
+    }
+    out
+}
+
+/// Hard code of row `r` in codebook `c`.
+fn hard_code(p: &Problem, enc: &Encoding, c: usize, r: usize) -> usize {
+    let s = p.sub.s;
+    let x = &p.xs[c][r * s..(r + 1) * s];
+    match enc {
+        Encoding::Argmin { protos } => {
+            let mut best = (f32::INFINITY, 0);
+            for kk in 0..p.k {
+                let pk = &protos[(c * p.k + kk) * s..(c * p.k + kk + 1) * s];
+                let d: f32 = x.iter().zip(pk).map(|(a, b)| (a - b) * (a - b)).sum();
+                if d < best.0 {
+                    best = (d, kk);
+                }
+            }
+            best.1
+        }
+        Encoding::Tree { dims, thresholds } => {
+            let depth = p.k.trailing_zeros() as usize;
+            crate::pq::tree::encode(
+                x,
+                &dims[c * depth..(c + 1) * depth],
+                &thresholds[c * (p.k - 1)..(c + 1) * (p.k - 1)],
+            )
+        }
+    }
+}
+
+/// Codes `[rows][c]` of the given rows.
+pub(crate) fn hard_codes(p: &Problem, enc: &Encoding, rows: &[usize]) -> Vec<u8> {
+    let c_n = p.sub.count();
+    let per_c: Vec<Vec<u8>> = (0..c_n)
+        .into_par_iter()
+        .map(|c| rows.iter().map(|&r| hard_code(p, enc, c, r) as u8).collect())
+        .collect();
+    let mut codes = vec![0u8; rows.len() * c_n];
+    for (c, col) in per_c.iter().enumerate() {
+        for (i, &v) in col.iter().enumerate() {
+            codes[i * c_n + c] = v;
+        }
+    }
+    codes
+}
+
+/// Apply the epilogue to the pre-activation `z` (`rows × m`, rows given by index into the
+/// problem) in place; returns the mask of elements whose gradient passes (ReLU/Clip active).
+fn epilogue_forward(p: &Problem, rows: &[usize], z: &mut [f32]) -> Vec<bool> {
+    let m = p.m;
+    let ep = p.epilogue;
+    let mut pass = vec![true; z.len()];
+    for (i, &r) in rows.iter().enumerate() {
+        let zr = &mut z[i * m..(i + 1) * m];
+        let pr = &mut pass[i * m..(i + 1) * m];
+        if !ep.bias.is_empty() {
+            zr.iter_mut().zip(&ep.bias).for_each(|(v, b)| *v += b);
+        }
+        for step in &ep.steps {
+            match step {
+                RowStep::Relu => zr.iter_mut().zip(pr.iter_mut()).for_each(|(v, q)| {
+                    if *v <= 0.0 {
+                        *v = 0.0;
+                        *q = false;
+                    }
+                }),
+                RowStep::Clip(lo, hi) => zr.iter_mut().zip(pr.iter_mut()).for_each(|(v, q)| {
+                    if *v <= *lo || *v >= *hi {
+                        *v = v.clamp(*lo, *hi);
+                        *q = false;
+                    }
+                }),
+                RowStep::Add(res) => zr.iter_mut().zip(&res[r * m..(r + 1) * m]).for_each(|(v, a)| *v += a),
+            }
+        }
+    }
+    pass
+}
+
+/// Sum of the selected entries of the (fake-quantized) tables, `rows × m`.
+pub(crate) fn lookup(codes: &[u8], n: usize, c_n: usize, k: usize, m: usize, tq: &[f32]) -> Vec<f32> {
+    let mut z = vec![0f32; n * m];
+    z.par_chunks_mut(m).enumerate().for_each(|(i, zr)| {
+        for c in 0..c_n {
+            let e = codes[i * c_n + c] as usize;
+            let t = &tq[(c * k + e) * m..(c * k + e + 1) * m];
+            zr.iter_mut().zip(t).for_each(|(a, b)| *a += b);
+        }
+    });
+    z
+}
+
+/// Relative RMS error of the activation on `rows` (hard encoding, quantized tables).
+pub fn error(p: &Problem, enc: &Encoding, tables: &[f32], rows: &[usize]) -> f64 {
+    let c_n = p.sub.count();
+    let tq = fake_quant(tables, c_n, p.k, p.m);
+    let codes = hard_codes(p, enc, rows);
+    let mut z = lookup(&codes, rows.len(), c_n, p.k, p.m, &tq);
+    epilogue_forward(p, rows, &mut z);
+    let (mut e, mut n) = (0f64, 0f64);
+    for (i, &r) in rows.iter().enumerate() {
+        for (a, b) in z[i * p.m..(i + 1) * p.m].iter().zip(&p.target[r * p.m..(r + 1) * p.m]) {
+            e += ((a - b) as f64).powi(2);
+            n += (*b as f64).powi(2);
+        }
+    }
+    (e / n.max(1e-30)).sqrt()
+}
+
+/// Per-codebook temperatures: argmin `[c]`, tree `[c][level]`.
+pub(crate) fn temperatures(p: &Problem, enc: &Encoding, tau: f32) -> Vec<f32> {
+    let c_n = p.sub.count();
+    let s = p.sub.s;
+    let per_c: Vec<Vec<f32>> = (0..c_n)
+        .into_par_iter()
+        .map(|c| match enc {
+            Encoding::Argmin { protos } => {
+                let mut gap = 0f64;
+                for r in 0..p.rows {
+                    let x = &p.xs[c][r * s..(r + 1) * s];
+                    let (mut d1, mut d2) = (f32::INFINITY, f32::INFINITY);
+                    for kk in 0..p.k {
+                        let pk = &protos[(c * p.k + kk) * s..(c * p.k + kk + 1) * s];
+                        let d: f32 = x.iter().zip(pk).map(|(a, b)| (a - b) * (a - b)).sum();
+                        if d < d1 {
+                            d2 = d1;
+                            d1 = d;
+                        } else if d < d2 {
+                            d2 = d;
+                        }
+                    }
+                    gap += (d2 - d1) as f64;
+                }
+                vec![(tau as f64 * gap / p.rows.max(1) as f64).max(1e-12) as f32]
+            }
+            Encoding::Tree { dims, thresholds } => {
+                let depth = p.k.trailing_zeros() as usize;
+                // mean distance to the node's threshold, over the rows whose node has a finite
+                // one (a node that could not split holds +inf)
+                let (mut dist, mut count) = (vec![0f64; depth], vec![0usize; depth]);
+                for r in 0..p.rows {
+                    let x = &p.xs[c][r * s..(r + 1) * s];
+                    let mut idx = 0;
+                    for l in 0..depth {
+                        let node = (1 << l) - 1 + idx;
+                        let v = x[dims[c * depth + l]];
+                        let th = thresholds[c * (p.k - 1) + node];
+                        if th.is_finite() {
+                            dist[l] += (v - th).abs() as f64;
+                            count[l] += 1;
+                        }
+                        idx = 2 * idx + (v > th) as usize;
+                    }
+                }
+                dist.iter()
+                    .zip(&count)
+                    .map(|(d, &n)| (tau as f64 * d / n.max(1) as f64).max(1e-12) as f32)
+                    .collect()
+            }
+        })
+        .collect();
+    per_c.concat()
+}
+
+/// Soft assignment of `n` rows to the `k` codes of codebook `c`, `n × k`, plus what the
+/// backward pass needs (tree: node probabilities `n × (k − 1)`).
+pub(crate) fn soft(p: &Problem, enc: &Encoding, temps: &[f32], c: usize, rows: &[usize]) -> (Vec<f32>, Vec<f32>) {
+    let (s, k) = (p.sub.s, p.k);
+    let mut a = vec![0f32; rows.len() * k];
+    match enc {
+        Encoding::Argmin { protos } => {
+            let t = temps[c];
+            for (i, &r) in rows.iter().enumerate() {
+                let x = &p.xs[c][r * s..(r + 1) * s];
+                let ar = &mut a[i * k..(i + 1) * k];
+                for (kk, v) in ar.iter_mut().enumerate() {
+                    let pk = &protos[(c * k + kk) * s..(c * k + kk + 1) * s];
+                    *v = -x.iter().zip(pk).map(|(a, b)| (a - b) * (a - b)).sum::<f32>() / t;
+                }
+                let mx = ar.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0.0;
+                ar.iter_mut().for_each(|v| {
+                    *v = (*v - mx).exp();
+                    sum += *v;
+                });
+                ar.iter_mut().for_each(|v| *v /= sum);
+            }
+            (a, Vec::new())
+        }
+        Encoding::Tree { dims, thresholds } => {
+            let depth = k.trailing_zeros() as usize;
+            let mut sig = vec![0f32; rows.len() * (k - 1)];
+            for (i, &r) in rows.iter().enumerate() {
+                let x = &p.xs[c][r * s..(r + 1) * s];
+                let sr = &mut sig[i * (k - 1)..(i + 1) * (k - 1)];
+                // reach probabilities, level by level (heap order)
+                let mut reach = vec![1f32];
+                for l in 0..depth {
+                    let v = x[dims[c * depth + l]];
+                    let t = temps[c * depth + l];
+                    let mut next = vec![0f32; reach.len() * 2];
+                    for (j, &pr) in reach.iter().enumerate() {
+                        let node = (1 << l) - 1 + j;
+                        let z = (v - thresholds[c * (k - 1) + node]) / t;
+                        let sg = 1.0 / (1.0 + (-z).exp());
+                        sr[node] = sg;
+                        next[2 * j] = pr * (1.0 - sg);
+                        next[2 * j + 1] = pr * sg;
+                    }
+                    reach = next;
+                }
+                a[i * k..(i + 1) * k].copy_from_slice(&reach);
+            }
+            (a, sig)
+        }
+    }
+}
+
+/// Gradients of the minibatch loss w.r.t. the tables and the encoder's parameters.
+fn gradients(p: &Problem, enc: &Encoding, tables: &[f32], temps: &[f32], rows: &[usize]) -> (Vec<f32>, Vec<f32>) {
+    let (c_n, k, m) = (p.sub.count(), p.k, p.m);
+    let n = rows.len();
+    let tq = fake_quant(tables, c_n, k, m);
+    let codes = hard_codes(p, enc, rows);
+    let mut z = lookup(&codes, n, c_n, k, m, &tq);
+    let pass = epilogue_forward(p, rows, &mut z);
+    // d loss / d pre-activation (mean squared error over n·m elements)
+    let norm = 2.0 / (n * m) as f32;
+    let mut g = vec![0f32; n * m];
+    for (i, &r) in rows.iter().enumerate() {
+        for j in 0..m {
+            let e = i * m + j;
+            if pass[e] {
+                g[e] = norm * (z[e] - p.target[r * m + j]);
+            }
+        }
+    }
+    let per_c: Vec<(Vec<f32>, Vec<f32>)> = (0..c_n)
+        .into_par_iter()
+        .map(|c| {
+            // tables: hard lookups
+            let mut gt = vec![0f32; k * m];
+            for i in 0..n {
+                let e = codes[i * c_n + c] as usize;
+                gt[e * m..(e + 1) * m]
+                    .iter_mut()
+                    .zip(&g[i * m..(i + 1) * m])
+                    .for_each(|(a, b)| *a += b);
+            }
+            // encoder: d loss / d soft assignment = g · T_cᵀ
+            let (a, sig) = soft(p, enc, temps, c, rows);
+            let mut h = vec![0f32; n * k];
+            {
+                let gv = ArrayView2::from_shape((n, m), &g).expect("shape");
+                let tv = ArrayView2::from_shape((k, m), &tq[c * k * m..(c + 1) * k * m]).expect("shape");
+                let mut hv = ArrayViewMut2::from_shape((n, k), &mut h).expect("shape");
+                ndarray::linalg::general_mat_mul(1.0, &gv, &tv.t(), 0.0, &mut hv);
+            }
+            let ge = match enc {
+                Encoding::Argmin { protos } => argmin_backward(p, protos, temps[c], c, rows, &a, &h, None),
+                Encoding::Tree { .. } => {
+                    let depth = k.trailing_zeros() as usize;
+                    tree_backward(k, &temps[c * depth..(c + 1) * depth], n, &sig, &h, None)
+                }
+            };
+            (gt, ge)
+        })
+        .collect();
+    let (gt, ge): (Vec<Vec<f32>>, Vec<Vec<f32>>) = per_c.into_iter().unzip();
+    (gt.concat(), ge.concat())
+}
+
+/// Prototype gradient of codebook `c` (`k × s`) from `h = d loss / d soft assignment`, and when
+/// `gx` is given (`n × s`), the gradient w.r.t. the rows' subvectors (straight-through).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn argmin_backward(
+    p: &Problem,
+    protos: &[f32],
+    t: f32,
+    c: usize,
+    rows: &[usize],
+    a: &[f32],
+    h: &[f32],
+    mut gx: Option<&mut [f32]>,
+) -> Vec<f32> {
+    let (s, k) = (p.sub.s, p.k);
+    let mut gp = vec![0f32; k * s];
+    for (i, &r) in rows.iter().enumerate() {
+        let x = &p.xs[c][r * s..(r + 1) * s];
+        let (ar, hr) = (&a[i * k..(i + 1) * k], &h[i * k..(i + 1) * k]);
+        let mean: f32 = ar.iter().zip(hr).map(|(a, h)| a * h).sum();
+        for kk in 0..k {
+            // d loss / d logit_k, logit = −‖x − p‖²/t; d logit / d p = 2 (x − p)/t = −d logit / d x
+            let u = ar[kk] * (hr[kk] - mean) * 2.0 / t;
+            if u == 0.0 {
+                continue;
+            }
+            let pk = &protos[(c * k + kk) * s..(c * k + kk + 1) * s];
+            for j in 0..s {
+                gp[kk * s + j] += u * (x[j] - pk[j]);
+            }
+            if let Some(gx) = gx.as_deref_mut() {
+                for j in 0..s {
+                    gx[i * s + j] -= u * (x[j] - pk[j]);
+                }
+            }
+        }
+    }
+    gp
+}
+
+/// Threshold gradient of one codebook (`k − 1`, heap order) from its node probabilities `sig`
+/// (`n × (k − 1)`) and `h = d loss / d leaf probability` (`n × k`); `temps` per level. When
+/// `gx` is given (`n × s`, with the codebook's split dimension per level in `dims`), also the
+/// gradient w.r.t. the rows' subvectors: `dσ/dx = −dσ/dθ`.
+pub(crate) fn tree_backward(
+    k: usize,
+    temps: &[f32],
+    n: usize,
+    sig: &[f32],
+    h: &[f32],
+    mut gx: Option<(&mut [f32], &[usize], usize)>,
+) -> Vec<f32> {
+    let mut gth = vec![0f32; k - 1];
+    let mut v = vec![0f32; 2 * k - 1]; // value of each node (heap order, leaves at k − 1..)
+    let mut reach = vec![0f32; 2 * k - 1];
+    for i in 0..n {
+        let sr = &sig[i * (k - 1)..(i + 1) * (k - 1)];
+        reach[0] = 1.0;
+        for node in 0..k - 1 {
+            reach[2 * node + 1] = reach[node] * (1.0 - sr[node]);
+            reach[2 * node + 2] = reach[node] * sr[node];
+        }
+        v[k - 1..].copy_from_slice(&h[i * k..(i + 1) * k]);
+        for node in (0..k - 1).rev() {
+            let (l, r) = (v[2 * node + 1], v[2 * node + 2]);
+            let sg = sr[node];
+            v[node] = sg * r + (1.0 - sg) * l;
+            let level = (usize::BITS - 1 - (node + 1).leading_zeros()) as usize;
+            let t = temps[level];
+            // d loss / d σ = reach · (V_right − V_left); d σ / d θ = −σ(1 − σ)/t
+            let d = reach[node] * (r - l) * sg * (1.0 - sg) / t;
+            gth[node] -= d;
+            if let Some((gx, dims, s)) = gx.as_mut() {
+                gx[i * *s + dims[level]] += d;
+            }
+        }
+    }
+    gth
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A small problem with a ReLU and a residual in its epilogue.
+    struct Case {
+        xs: Vec<Vec<f32>>,
+        target: Vec<f32>,
+        ep: RowEpilogue,
+        sub: Subspaces,
+        m: usize,
+        k: usize,
+        rows: usize,
+    }
+
+    impl Case {
+        fn problem(&self) -> Problem<'_> {
+            Problem {
+                xs: &self.xs,
+                rows: self.rows,
+                sub: self.sub,
+                k: self.k,
+                m: self.m,
+                target: &self.target,
+                epilogue: &self.ep,
+            }
+        }
+    }
+
+    fn case(k: usize, rows: usize, seed: u64) -> Case {
+        let (xs, target, ep, sub, m) = problem(k, rows, seed);
+        Case {
+            xs,
+            target,
+            ep,
+            sub,
+            m,
+            k,
+            rows,
+        }
+    }
+
+    fn problem(k: usize, rows: usize, seed: u64) -> (Vec<Vec<f32>>, Vec<f32>, RowEpilogue, Subspaces, usize) {
+        let sub = Subspaces { d: 6, s: 3 };
+        let m = 4;
+        let mut rng = Rng::new(seed);
+        let mut f = || rng.next_f64() as f32 * 2.0 - 1.0;
+        let xs: Vec<Vec<f32>> = (0..sub.count())
+            .map(|_| (0..rows * sub.s).map(|_| f()).collect())
+            .collect();
+        let target: Vec<f32> = (0..rows * m).map(|_| f().max(0.0)).collect();
+        let res: Vec<f32> = (0..rows * m).map(|_| 0.3 * f()).collect();
+        let ep = RowEpilogue {
+            bias: vec![0.1, -0.2, 0.05, 0.0],
+            steps: vec![RowStep::Add(res), RowStep::Relu],
+        };
+        let _ = k;
+        (xs, target, ep, sub, m)
+    }
+
+    /// The soft-path loss whose gradient the encoder receives: the epilogue's mask and the hard
+    /// forward's output gradient held fixed, `Σ g · (soft output)`.
+    fn soft_objective(p: &Problem, enc: &Encoding, tq: &[f32], temps: &[f32], rows: &[usize], g: &[f32]) -> f64 {
+        let (k, m) = (p.k, p.m);
+        let mut total = 0f64;
+        for c in 0..p.sub.count() {
+            let (a, _) = soft(p, enc, temps, c, rows);
+            for i in 0..rows.len() {
+                for kk in 0..k {
+                    for j in 0..m {
+                        total += (a[i * k + kk] * tq[(c * k + kk) * m + j] * g[i * m + j]) as f64;
+                    }
+                }
+            }
+        }
+        total
+    }
+
+    /// Output gradient of the hard forward (what `gradients` computes before the encoder part).
+    fn output_grad(p: &Problem, enc: &Encoding, tables: &[f32], rows: &[usize]) -> Vec<f32> {
+        let tq = fake_quant(tables, p.sub.count(), p.k, p.m);
+        let codes = hard_codes(p, enc, rows);
+        let mut z = lookup(&codes, rows.len(), p.sub.count(), p.k, p.m, &tq);
+        let pass = epilogue_forward(p, rows, &mut z);
+        let norm = 2.0 / (rows.len() * p.m) as f32;
+        (0..z.len())
+            .map(|e| {
+                let (i, j) = (e / p.m, e % p.m);
+                if pass[e] {
+                    norm * (z[e] - p.target[rows[i] * p.m + j])
+                } else {
+                    0.0
+                }
+            })
+            .collect()
+    }
+
+    fn check_encoder_gradient(enc: Encoding, k: usize) {
+        let rows = 40;
+        let cs = case(k, rows, 3);
+        let (sub, m) = (cs.sub, cs.m);
+        let p = cs.problem();
+        let mut rng = Rng::new(11);
+        let tables: Vec<f32> = (0..sub.count() * k * m).map(|_| rng.next_f64() as f32 - 0.5).collect();
+        let idx: Vec<usize> = (0..rows).collect();
+        let temps = temperatures(&p, &enc, 1.0);
+        let (_, ge) = gradients(&p, &enc, &tables, &temps, &idx);
+        let g = output_grad(&p, &enc, &tables, &idx);
+        let tq = fake_quant(&tables, sub.count(), k, m);
+        let params = |e: &Encoding| match e {
+            Encoding::Argmin { protos } => protos.clone(),
+            Encoding::Tree { thresholds, .. } => thresholds.clone(),
+        };
+        let with = |v: Vec<f32>| match &enc {
+            Encoding::Argmin { .. } => Encoding::Argmin { protos: v },
+            Encoding::Tree { dims, .. } => Encoding::Tree {
+                dims: dims.clone(),
+                thresholds: v,
+            },
+        };
+        let base = params(&enc);
+        let mut checked = 0;
+        for i in 0..base.len() {
+            let h = 1e-3f32;
+            let (mut up, mut dn) = (base.clone(), base.clone());
+            up[i] += h;
+            dn[i] -= h;
+            let fd = (soft_objective(&p, &with(up), &tq, &temps, &idx, &g)
+                - soft_objective(&p, &with(dn), &tq, &temps, &idx, &g))
+                / (2.0 * h as f64);
+            let an = ge[i] as f64;
+            assert!(
+                (fd - an).abs() <= 2e-3 * fd.abs().max(an.abs()).max(1e-3),
+                "parameter {i}: finite difference {fd} vs analytic {an}"
+            );
+            checked += (an.abs() > 1e-6) as usize;
+        }
+        assert!(
+            checked > base.len() / 2,
+            "most gradients should be non-zero ({checked})"
+        );
+    }
+
+    #[test]
+    fn prototype_gradient_matches_finite_differences() {
+        let k = 4;
+        let mut rng = Rng::new(5);
+        let protos = (0..2 * k * 3).map(|_| rng.next_f64() as f32 * 2.0 - 1.0).collect();
+        check_encoder_gradient(Encoding::Argmin { protos }, k);
+    }
+
+    #[test]
+    fn threshold_gradient_matches_finite_differences() {
+        let k = 8;
+        let mut rng = Rng::new(6);
+        let thresholds = (0..2 * (k - 1)).map(|_| rng.next_f64() as f32 - 0.5).collect();
+        check_encoder_gradient(
+            Encoding::Tree {
+                dims: vec![0, 2, 1, 1, 0, 2],
+                thresholds,
+            },
+            k,
+        );
+    }
+
+    #[test]
+    fn table_gradient_matches_finite_differences() {
+        // the hard forward is piecewise linear in the tables: finite differences of the loss
+        // (float tables, away from ReLU kinks) equal the straight-through table gradient
+        let (k, rows) = (4, 30);
+        let cs = case(k, rows, 9);
+        let (sub, m, target) = (cs.sub, cs.m, cs.target.as_slice());
+        let p = cs.problem();
+        let mut rng = Rng::new(2);
+        let enc = Encoding::Argmin {
+            protos: (0..sub.count() * k * 3).map(|_| rng.next_f64() as f32 - 0.5).collect(),
+        };
+        let tables: Vec<f32> = (0..sub.count() * k * m).map(|_| rng.next_f64() as f32 - 0.5).collect();
+        let idx: Vec<usize> = (0..rows).collect();
+        let codes = hard_codes(&p, &enc, &idx);
+        let loss = |t: &[f32]| {
+            let mut z = lookup(&codes, rows, sub.count(), k, m, t);
+            epilogue_forward(&p, &idx, &mut z);
+            z.iter().zip(target).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>() / (rows * m) as f64
+        };
+        // the analytic gradient, on the unquantized tables
+        let norm = 2.0 / (rows * m) as f32;
+        let mut z = lookup(&codes, rows, sub.count(), k, m, &tables);
+        let pass = epilogue_forward(&p, &idx, &mut z);
+        let mut an = vec![0f64; tables.len()];
+        for i in 0..rows {
+            for c in 0..sub.count() {
+                let e = codes[i * sub.count() + c] as usize;
+                for j in 0..m {
+                    if pass[i * m + j] {
+                        an[(c * k + e) * m + j] += (norm * (z[i * m + j] - target[i * m + j])) as f64;
+                    }
+                }
+            }
+        }
+        for i in 0..tables.len() {
+            let h = 1e-3f32;
+            let (mut up, mut dn) = (tables.clone(), tables.clone());
+            up[i] += h;
+            dn[i] -= h;
+            let fd = (loss(&up) - loss(&dn)) / (2.0 * h as f64);
+            assert!((fd - an[i]).abs() < 1e-3, "entry {i}: {fd} vs {}", an[i]);
+        }
+        // and `gradients` computes the same thing (through the fake quantization)
+        let temps = temperatures(&p, &enc, 1.0);
+        let (gt, _) = gradients(&p, &enc, &tables, &temps, &idx);
+        let tq = fake_quant(&tables, sub.count(), k, m);
+        let mut zq = lookup(&codes, rows, sub.count(), k, m, &tq);
+        let pq = epilogue_forward(&p, &idx, &mut zq);
+        for (i, g) in gt.iter().enumerate() {
+            let (c, e, j) = (i / (k * m), (i / m) % k, i % m);
+            let want: f32 = (0..rows)
+                .filter(|&r| codes[r * sub.count() + c] as usize == e && pq[r * m + j])
+                .map(|r| norm * (zq[r * m + j] - target[r * m + j]))
+                .sum();
+            assert!((g - want).abs() < 1e-5, "entry {i}: {g} vs {want}");
+        }
+    }
+
+    #[test]
+    fn learning_lowers_the_error_and_is_deterministic() {
+        // targets made by a hidden layer the initial tables do not know
+        let (k, rows) = (8, 2000);
+        let (xs, _, ep, sub, m) = problem(k, rows, 21);
+        let mut rng = Rng::new(4);
+        let w: Vec<f32> = (0..sub.d * m).map(|_| rng.next_f64() as f32 - 0.5).collect();
+        let mut target = vec![0f32; rows * m];
+        for r in 0..rows {
+            for j in 0..m {
+                let mut v = ep.bias[j];
+                for c in 0..sub.count() {
+                    for q in 0..sub.s {
+                        v += xs[c][r * sub.s + q] * w[(c * sub.s + q) * m + j];
+                    }
+                }
+                if let RowStep::Add(res) = &ep.steps[0] {
+                    v += res[r * m + j];
+                }
+                target[r * m + j] = v.max(0.0);
+            }
+        }
+        let p = Problem {
+            xs: &xs,
+            rows,
+            sub,
+            k,
+            m,
+            target: &target,
+            epilogue: &ep,
+        };
+        let protos: Vec<f32> = (0..sub.count() * k * sub.s)
+            .map(|_| rng.next_f64() as f32 - 0.5)
+            .collect();
+        let tables = vec![0f32; sub.count() * k * m];
+        let o = Options {
+            epochs: 10,
+            lr: 0.02,
+            temperature: 1.0,
+            batch: 128,
+        };
+        let run = || {
+            let mut enc = Encoding::Argmin { protos: protos.clone() };
+            let mut t = tables.clone();
+            let out = learn(&p, &mut enc, &mut t, &o, 42);
+            (out, enc, t)
+        };
+        let (out, enc, t) = run();
+        assert!(out.after < 0.6 * out.before, "{out:?}");
+        assert!(out.best_epoch > 0);
+        let (out2, enc2, t2) = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap()
+            .install(run);
+        assert_eq!((out, &enc, &t), (out2, &enc2, &t2));
+    }
+}

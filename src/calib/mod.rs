@@ -1,0 +1,112 @@
+//! Calibration: what the `lut` pass learns from. Running a graph (exact, or approximated up to
+//! the layer being learned) over sampled calibration images and collecting the sampled rows
+//! of its values ([`collect`]), finding what follows a layer up to the end of its block
+//! ([`epilogue`]), and learning a layer's codebooks and tables by gradient descent
+//! ([`learn`]). The `lut` pass only decides which layers to replace and rewrites the graph.
+
+pub mod epilogue;
+pub mod global;
+pub mod learn;
+
+use crate::error::Result;
+use crate::interp::Plan;
+use crate::ir::{Graph, Outlet, Tensor};
+use crate::pq::rng::Rng;
+use ndarray::{ArrayD, Axis};
+
+/// The calibration rows one layer learns from: a random subset of the images, big enough to
+/// offer 4× the rows needed (so early layers, with many rows per image, do not run the whole
+/// set) but never more images than rows (so a fully connected layer does not run the whole of
+/// a large set: the cost is bounded by `max_rows`, whatever the set's size), and sorted row
+/// indices into that subset's rows.
+pub struct Sample {
+    pub images: Vec<usize>,
+    /// `image_in_subset · rows_per_image + row_in_image`, increasing.
+    pub rows: Vec<usize>,
+    pub rows_per_image: usize,
+}
+
+impl Sample {
+    pub fn new(rng: &mut Rng, n_images: usize, rows_per_image: usize, max_rows: usize) -> Sample {
+        let rows_per_image = rows_per_image.max(1);
+        let n_used = max_rows.saturating_mul(4).div_ceil(rows_per_image).clamp(1, n_images);
+        let images = rng.sample_indices(n_images, n_used);
+        let rows = rng.sample_indices(n_used * rows_per_image, max_rows);
+        Sample {
+            images,
+            rows,
+            rows_per_image,
+        }
+    }
+}
+
+/// How to read rows out of a value.
+#[derive(Clone, Debug)]
+pub enum Layout {
+    /// The layer's own layout: rows are the flattened leading dimensions, the last dimension
+    /// is the row (`width` values).
+    Rows,
+    /// A value holding the layer's rows permuted (layout ops after the layer): per image,
+    /// element `p·m + j` of the layer's layout sits at `perm[p·m + j]`.
+    Mapped { perm: Vec<u32>, m: usize },
+}
+
+/// Run `graph` over the sampled images and collect the sampled rows of each requested value;
+/// returns `(rows × width values, width)` per request.
+pub fn collect(
+    graph: &Graph,
+    calib: &ArrayD<f32>,
+    sample: &Sample,
+    wanted: &[(Outlet, Layout)],
+) -> Result<Vec<(Vec<f32>, usize)>> {
+    let outlets: Vec<Outlet> = wanted.iter().map(|(o, _)| *o).collect();
+    let plan = Plan::for_outlets(graph, &outlets)?;
+    let subset = calib.select(Axis(0), &sample.images);
+    let rpi = sample.rows_per_image;
+    let idx = &sample.rows;
+    let mut out: Vec<(Vec<f32>, usize)> = vec![(Vec::new(), 0); wanted.len()];
+    let mut next = 0usize;
+    const CHUNK: usize = 64;
+    for (ci, chunk) in subset.axis_chunks_iter(Axis(0), CHUNK).enumerate() {
+        let n = chunk.shape()[0];
+        let start = ci * CHUNK * rpi;
+        let end = start + n * rpi;
+        if next >= idx.len() {
+            break;
+        }
+        if idx[next] >= end {
+            continue;
+        }
+        let values = plan.run(vec![Tensor::F32(chunk.to_owned())])?;
+        let stop = idx[next..]
+            .iter()
+            .position(|&r| r >= end)
+            .map_or(idx.len(), |p| next + p);
+        for ((t, (_, layout)), (rows_out, width)) in values.into_iter().zip(wanted).zip(out.iter_mut()) {
+            let t = t.into_f32()?;
+            let t = t.as_standard_layout();
+            let data = t.as_slice().expect("standard layout");
+            let per_image = data.len() / n.max(1);
+            match layout {
+                Layout::Rows => {
+                    *width = *t.shape().last().unwrap_or(&1);
+                    for &r in &idx[next..stop] {
+                        let r = r - start;
+                        rows_out.extend_from_slice(&data[r * *width..(r + 1) * *width]);
+                    }
+                }
+                Layout::Mapped { perm, m } => {
+                    *width = *m;
+                    for &r in &idx[next..stop] {
+                        let (img, p) = ((r - start) / rpi, (r - start) % rpi);
+                        let base = img * per_image;
+                        let pr = &perm[p * m..(p + 1) * m];
+                        rows_out.extend(pr.iter().map(|&q| data[base + q as usize]));
+                    }
+                }
+            }
+        }
+        next = stop;
+    }
+    Ok(out)
+}

@@ -1,0 +1,224 @@
+//! Gradient learning of LUT layers (`calib::learn`, `calib::global`) on a real model: the
+//! whole network's backward pass against finite differences, learned layers reconstructing
+//! their block better than fitted ones, and determinism across thread counts.
+
+mod common;
+use common::*;
+use ndarray::{s, ArrayD};
+use tabconv::calib::global;
+use tabconv::ir::Graph;
+use tabconv::passes::{manager::run_pipeline, pipeline::Pipeline, PassCx};
+
+/// LeNet-5 with every layer as lookups (no masking, NCHW), learned with `learn`.
+fn lenet_all_lut(learn: &str, extra: &str, calib: &ArrayD<f32>) -> (Graph, tabconv::passes::manager::CompileReport) {
+    let mut g = tabconv::onnx::load_model(&fixture("models/lenet5.onnx")).unwrap();
+    let p = Pipeline::parse(
+        &format!(
+            "name: t\npasses:\n  - fold-batchnorm:\n  - gemm-to-matmul:\n  - conv-to-im2col:\n  - lut:\n      kmeans_iters: 8\n      learn: {learn}\n{extra}"
+        ),
+        "test",
+    )
+    .unwrap();
+    let mut cx = PassCx {
+        calib: Some(calib.clone()),
+        seed: 7,
+        ..Default::default()
+    };
+    let report = run_pipeline(&mut g, &p, &mut cx, |_, _| Ok(())).unwrap();
+    (g, report)
+}
+
+#[test]
+fn the_whole_network_backward_pass_matches_finite_differences() {
+    let calib = npy("data/mnist_calib.npy")
+        .slice(s![..256, .., .., ..])
+        .to_owned()
+        .into_dyn();
+    let (g, _) = lenet_all_lut("none", "      max_rows: 2048\n", &calib);
+    let exact = tabconv::onnx::load_model(&fixture("models/lenet5.onnx")).unwrap();
+    let images = calib.slice(s![..8, .., .., ..]).to_owned().into_dyn();
+    let checks = global::check_gradients(&g, &exact, &images, 0.1, 1e-3).unwrap();
+    // conv1, conv2 (through ReLU, MaxPool, Im2Col and the next encoders), fc1, fc2, fc3
+    assert_eq!(checks.len(), 5);
+    for (i, (analytic, numeric)) in checks.iter().enumerate() {
+        assert!(analytic.abs() > 1e-6, "layer {i}: a zero gradient checks nothing");
+        assert!(
+            (analytic - numeric).abs() <= 0.03 * analytic.abs().max(numeric.abs()),
+            "layer {i}: analytic {analytic:e} vs finite difference {numeric:e}"
+        );
+    }
+}
+
+#[test]
+fn learned_layers_reconstruct_their_blocks_better_and_compile_deterministically() {
+    let calib = npy("data/mnist_calib.npy");
+    let (g1, report) = lenet_all_lut("block", "      epochs: 4\n", &calib);
+    let mut improved = 0;
+    for l in &report.lut_layers {
+        let learn = l.learn.as_ref().expect("learning ran");
+        // the parameters kept are never worse on the held-out rows than the fitted ones
+        assert!(learn.error_after <= learn.error_before, "{}: {learn:?}", l.node);
+        improved += (learn.error_after < 0.995 * learn.error_before) as usize;
+    }
+    // conv2 ends in a ReLU the fitted tables ignore; learning gains a few percent there (measured:
+    // 0.2395 → 0.2332 held-out relative error). The gains are small: see docs/RESULTS.md.
+    assert!(
+        improved >= 1,
+        "{:?}",
+        report.lut_layers.iter().map(|l| &l.learn).collect::<Vec<_>>()
+    );
+    assert!(
+        report
+            .lut_layers
+            .iter()
+            .filter(|l| l.learn.as_ref().unwrap().objective == "block")
+            .count()
+            >= 2
+    );
+    // same inputs and seed on one thread: the same model, bit for bit
+    let (g2, _) = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap()
+        .install(|| lenet_all_lut("block", "      epochs: 4\n", &calib));
+    assert_eq!(dump_with_hashes(&g1), dump_with_hashes(&g2));
+}
+
+#[test]
+fn the_global_stage_keeps_a_model_no_worse_on_held_out_images() {
+    let calib = npy("data/mnist_calib.npy");
+    let (_, report) = lenet_all_lut("none", "      global_epochs: 2\n      global_images: 512\n", &calib);
+    let r = report.global.expect("the global stage ran");
+    assert!(r.kl_after <= r.kl_before, "{r:?}");
+    assert!(r.kl_before > 0.0 && r.agree_before > 0.5, "{r:?}");
+    assert_eq!(r.images, 512);
+}
+
+fn dump_with_hashes(g: &Graph) -> String {
+    tabconv::ir::dump::dump(g).unwrap()
+}
+
+#[test]
+fn a_blocks_end_is_read_in_the_layers_row_layout() {
+    // LeNet's conv1 after conv-to-im2col: MatMul → Add(bias) → Transpose → Reshape → Relu →
+    // MaxPool. Its block ends at the Relu, read back through the layout ops' permutation.
+    use tabconv::calib::{self, epilogue, Layout, Sample};
+    use tabconv::ir::Outlet;
+    let mut g = tabconv::onnx::load_model(&fixture("models/lenet5.onnx")).unwrap();
+    let p = Pipeline::parse("name: t\npasses:\n  - gemm-to-matmul:\n  - conv-to-im2col:\n", "test").unwrap();
+    run_pipeline(&mut g, &p, &mut PassCx::default(), |_, _| Ok(())).unwrap();
+    let mm =
+        g.g.node_indices()
+            .find(|&n| g.node(n).name == "/conv1/Conv/matmul")
+            .expect("conv1's MatMul");
+    let mm_out = Outlet::new(mm, 0);
+    let e = epilogue::find(&g, mm_out, 6).unwrap().expect("a ReLU follows");
+    assert_eq!(e.steps.len(), 1, "{e:?}");
+    let bias = e.bias.clone().expect("the conv's bias");
+    let calib = npy("data/mnist_calib.npy")
+        .slice(s![..8, .., .., ..])
+        .to_owned()
+        .into_dyn();
+    let mut rng = tabconv::pq::rng::Rng::new(3);
+    let sample = Sample::new(&mut rng, 8, 28 * 28, 500); // conv1 pads by 2: 28×28 outputs
+    let got = calib::collect(
+        &g,
+        &calib,
+        &sample,
+        &[
+            (mm_out, Layout::Rows),
+            (
+                e.end,
+                Layout::Mapped {
+                    perm: e.end_perm.clone(),
+                    m: 6,
+                },
+            ),
+        ],
+    )
+    .unwrap();
+    let ((y, w), (end, w2)) = (&got[0], &got[1]);
+    assert_eq!((*w, *w2, y.len()), (6, 6, 500 * 6));
+    let mut positive = 0;
+    for (i, (a, b)) in y.iter().zip(end).enumerate() {
+        let want = (a + bias[i % 6]).max(0.0);
+        assert!(
+            (want - b).abs() <= 1e-5 * want.abs().max(1.0),
+            "element {i}: {want} vs {b}"
+        );
+        positive += (*b > 0.0) as usize;
+    }
+    assert!(
+        positive > 100 && positive < 2900,
+        "a ReLU that is neither all on nor all off: {positive}"
+    );
+}
+
+#[test]
+fn a_residual_blocks_end_is_read_with_its_residual() {
+    // ResNet-18/16: the second conv of a basic block ends in Add(residual) → Relu
+    use tabconv::calib::{self, epilogue, Layout, Sample};
+    use tabconv::ir::{Op, Outlet};
+    let mut g = tabconv::onnx::load_model(&fixture("models/resnet18_fmnist.onnx")).unwrap();
+    let p = Pipeline::parse(
+        "name: t\npasses:\n  - fold-batchnorm:\n  - gemm-to-matmul:\n  - conv-to-im2col:\n  - constant-fold:\n",
+        "test",
+    )
+    .unwrap();
+    run_pipeline(&mut g, &p, &mut PassCx::default(), |_, _| Ok(())).unwrap();
+    let mut found = 0;
+    for n in g.g.node_indices().collect::<Vec<_>>() {
+        if !matches!(g.node(n).op, Op::MatMul) {
+            continue;
+        }
+        let mm_out = Outlet::new(n, 0);
+        let Some(m) = g.fact(mm_out).and_then(|f| f.shape.last().and_then(|d| d.known())) else {
+            continue;
+        };
+        let m = m as usize;
+        let Some(e) = epilogue::find(&g, mm_out, m).unwrap() else {
+            continue;
+        };
+        let Some(epilogue::Step::Add { other, perm }) = e.steps.first().cloned() else {
+            continue;
+        };
+        assert!(matches!(e.steps[1..], [epilogue::Step::Relu]), "{:?}", e.steps);
+        let rpi = g.fact(mm_out).unwrap().shape[1].known().unwrap() as usize;
+        let calib = npy("data/fmnist_calib.npy")
+            .slice(s![..4, .., .., ..])
+            .to_owned()
+            .into_dyn();
+        let sample = Sample::new(&mut tabconv::pq::rng::Rng::new(5), 4, rpi, 300);
+        let got = calib::collect(
+            &g,
+            &calib,
+            &sample,
+            &[
+                (mm_out, Layout::Rows),
+                (other, Layout::Mapped { perm, m }),
+                (
+                    e.end,
+                    Layout::Mapped {
+                        perm: e.end_perm.clone(),
+                        m,
+                    },
+                ),
+            ],
+        )
+        .unwrap();
+        let bias = e.bias.clone().unwrap_or_else(|| vec![0.0; m]);
+        let (y, res, end) = (&got[0].0, &got[1].0, &got[2].0);
+        assert_eq!(y.len(), sample.rows.len() * m);
+        for i in 0..y.len() {
+            let want = (y[i] + bias[i % m] + res[i]).max(0.0);
+            assert!(
+                (want - end[i]).abs() <= 1e-4 * want.abs().max(1.0),
+                "element {i}: {want} vs {}",
+                end[i]
+            );
+        }
+        found += 1;
+    }
+    // eight basic blocks; the stage-opening ones add a 1×1 projection (itself a MatMul) instead
+    assert!(found >= 4, "{found} residual blocks found");
+}
