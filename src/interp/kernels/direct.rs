@@ -1055,52 +1055,115 @@ mod x86 {
         }
     }
 
-    /// [`dw3_row_avx512`] at AVX2: 8 channels and 4 pixels at a time (9 weight vectors, 4
-    /// sums), border pixels one at a time; the same sums in the same order.
+    /// [`dw3_row_avx512`] at AVX2: tiles of `R` pixels × `V` blocks of 8 channels with `R·V = 8`
+    /// independent sums (4 × 2 across a wide row; a narrow row — 7 or 4 pixels at MobileNet's
+    /// last stages — takes more channel blocks at once instead of one pixel's chain of 9
+    /// dependent multiply-adds), border pixels one at a time with their outside taps read as
+    /// zeros; the same sums in the same order.
     ///
     /// # Safety
     /// AVX2 and FMA; otherwise as [`dw3_row_avx512`].
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn dw3_row_avx2(g: &DwRow, ow: usize, wts: &super::NhwcWeights, lay: &Layout, dst: *mut f32) {
-        const R: usize = 4;
-        let m = lay.m;
-        let nb = wts.blocks[0].1;
-        let (w, bias) = (wts.data.as_ptr(), wts.bias.as_ptr());
+        let k = Dw {
+            g,
+            w: wts.data.as_ptr(),
+            nb: wts.blocks[0].1,
+            bias: wts.bias.as_ptr(),
+            dst,
+        };
+        // whole blocks of 8 channels in tiles; a partial last block alone, with masked loads
+        let (full, part) = (lay.m / 8, !lay.m.is_multiple_of(8));
         let (xa, xb) = g.interior;
-        let (step, tap) = (g.sw * g.c, g.dw * g.c);
-        for l0 in (0..m).step_by(8) {
-            // lanes `l0 .. l0 + n`; the weights and bias are padded, the input and output not
-            let k = Lanes8::new((m - l0).min(8));
-            let wv: [__m256; 9] = std::array::from_fn(|t| _mm256_loadu_ps(w.add(t * nb + l0)));
-            let b = _mm256_loadu_ps(bias.add(l0));
-            for xo in (0..xa).chain(xb.max(xa)..ow) {
-                // a border pixel: taps outside the row read as zeros
-                let mut a = b;
-                for (t, &wt) in wv.iter().enumerate() {
-                    let xv = match g.col(xo, t % 3) {
-                        Some(o) => k.load(g.rows[t / 3].add(o + l0)),
-                        None => _mm256_setzero_ps(),
-                    };
-                    a = _mm256_fmadd_ps(xv, wt, a);
-                }
-                k.store(dst.add(xo * m + l0), a, lay);
+        for xo in (0..xa).chain(xb.max(xa)..ow) {
+            let mut b = 0;
+            while b < full {
+                b += match full - b {
+                    8.. => k.tile256::<1, 8, true, false>(xo, b, lay),
+                    4..=7 => k.tile256::<1, 4, true, false>(xo, b, lay),
+                    2..=3 => k.tile256::<1, 2, true, false>(xo, b, lay),
+                    _ => k.tile256::<1, 1, true, false>(xo, b, lay),
+                };
             }
-            let mut x0 = xa;
-            while x0 < xb {
-                let r = if xb - x0 >= R { R } else { 1 };
-                let mut acc = [b; R];
-                let first = (x0 * g.sw - g.left) * g.c + l0;
-                for (t, &wt) in wv.iter().enumerate() {
-                    let px = g.rows[t / 3].add(first + (t % 3) * tap);
-                    for (i, a) in acc.iter_mut().enumerate().take(r) {
-                        *a = _mm256_fmadd_ps(k.load(px.add(i * step)), wt, *a);
+            if part {
+                k.tile256::<1, 1, true, true>(xo, full, lay);
+            }
+        }
+        let mut x0 = xa;
+        while x0 < xb {
+            let r = match xb - x0 {
+                4.. => 4,
+                2..=3 => 2,
+                _ => 1,
+            };
+            let mut b = 0;
+            while b < full {
+                b += match (r, full - b) {
+                    (4, 2..) => k.tile256::<4, 2, false, false>(x0, b, lay),
+                    (4, _) => k.tile256::<4, 1, false, false>(x0, b, lay),
+                    (2, 4..) => k.tile256::<2, 4, false, false>(x0, b, lay),
+                    (2, 2..) => k.tile256::<2, 2, false, false>(x0, b, lay),
+                    (2, _) => k.tile256::<2, 1, false, false>(x0, b, lay),
+                    (_, 8..) => k.tile256::<1, 8, false, false>(x0, b, lay),
+                    (_, 4..) => k.tile256::<1, 4, false, false>(x0, b, lay),
+                    (_, 2..) => k.tile256::<1, 2, false, false>(x0, b, lay),
+                    _ => k.tile256::<1, 1, false, false>(x0, b, lay),
+                };
+            }
+            if part {
+                match r {
+                    4 => k.tile256::<4, 1, false, true>(x0, full, lay),
+                    2 => k.tile256::<2, 1, false, true>(x0, full, lay),
+                    _ => k.tile256::<1, 1, false, true>(x0, full, lay),
+                };
+            }
+            x0 += r;
+        }
+    }
+
+    impl Dw<'_> {
+        /// [`Dw::tile`] at AVX2: pixels `x0..x0 + R`, blocks `b0..b0 + V` of 8 channels (`EDGE`:
+        /// taps outside the row read as zeros; `PART`: the blocks are the partial last one, read
+        /// and written through lane masks, else whole blocks, no masks); returns `V`.
+        #[inline(always)]
+        unsafe fn tile256<const R: usize, const V: usize, const EDGE: bool, const PART: bool>(
+            &self,
+            x0: usize,
+            b0: usize,
+            lay: &Layout,
+        ) -> usize {
+            let g = self.g;
+            // lanes of each block that exist; the weights and bias are padded, the input and
+            // output not
+            let lanes: [Lanes8; V] = std::array::from_fn(|v| match PART {
+                true => Lanes8::new(lay.m.saturating_sub((b0 + v) * 8).min(8)),
+                false => Lanes8::full(),
+            });
+            let mut acc: [[__m256; V]; R] = [std::array::from_fn(|v| _mm256_loadu_ps(self.bias.add((b0 + v) * 8))); R];
+            let step = g.sw * g.c;
+            for t in 0..9 {
+                let col = match EDGE {
+                    true => g.col(x0, t % 3),
+                    false => Some((x0 * g.sw + (t % 3) * g.dw - g.left) * g.c),
+                };
+                let px = col.map(|o| g.rows[t / 3].add(o + b0 * 8));
+                for (v, l) in lanes.iter().enumerate() {
+                    let wv = _mm256_loadu_ps(self.w.add(t * self.nb + (b0 + v) * 8));
+                    for (r, a) in acc.iter_mut().enumerate() {
+                        let xv = match px {
+                            Some(px) => l.load(px.add(r * step + 8 * v)),
+                            None => _mm256_setzero_ps(),
+                        };
+                        a[v] = _mm256_fmadd_ps(xv, wv, a[v]);
                     }
                 }
-                for (i, a) in acc.into_iter().enumerate().take(r) {
-                    k.store(dst.add((x0 + i) * m + l0), a, lay);
-                }
-                x0 += r;
             }
+            for (r, a) in acc.iter().enumerate() {
+                for (v, (&s, l)) in a.iter().zip(&lanes).enumerate() {
+                    l.store(self.dst.add((x0 + r) * lay.m + (b0 + v) * 8), s, lay);
+                }
+            }
+            V
         }
     }
 
@@ -1116,6 +1179,14 @@ mod x86 {
             Lanes8 {
                 n,
                 mask: lane_mask256(n),
+            }
+        }
+        /// Eight lanes (no mask: plain loads and stores).
+        #[inline(always)]
+        unsafe fn full() -> Lanes8 {
+            Lanes8 {
+                n: 8,
+                mask: _mm256_setzero_si256(),
             }
         }
         #[inline(always)]
@@ -1452,6 +1523,10 @@ mod tests {
             (1, 24, [4, 2], 24, 3, 2, 1, [0, 0, 2, 2], true),
             (1, 5, [2, 9], 5, 3, 3, 1, [2, 2, 2, 2], true),
             (1, 40, [7, 7], 40, 5, 2, 1, [2; 4], true),
+            // narrow rows, many channel blocks: the wide channel tiles of the 3×3 row kernels
+            (2, 70, [4, 4], 70, 3, 1, 1, [1; 4], true),
+            (1, 130, [7, 7], 130, 3, 2, 1, [1; 4], true),
+            (1, 64, [5, 3], 64, 3, 1, 1, [1; 4], true),
         ];
         for &(n, c, [h, w], m, k, s, d, pads, dw) in cases {
             let cv = conv(k, s, d, pads, if dw { c } else { 1 });
@@ -1565,6 +1640,15 @@ mod tests {
             (1, 64, 28, 64, 3),
             (64, 96, 14, 192, 5),
             (64, 192, 7, 192, 1),
+            // MobileNet fixture's pointwise layers
+            (64, 16, 14, 32, 1),
+            (64, 32, 14, 32, 1),
+            (64, 32, 7, 64, 1),
+            (64, 64, 7, 64, 1),
+            (64, 64, 4, 128, 1),
+            (64, 128, 4, 128, 1),
+            (1, 32, 14, 32, 1),
+            (1, 128, 4, 128, 1),
         ] {
             let cv = conv(k, 1, 1, if k == 5 { [0; 4] } else { [k / 2; 4] }, 1);
             let x: Vec<f32> = (0..n * c * hw * hw).map(|_| rng.next_f64() as f32).collect();
