@@ -18,6 +18,13 @@
 //!   table row is broadcast into every 128-bit lane and `pshufb` looks up 32 (64) rows at once;
 //!   the two codebooks of a pair are added and widened into i16 accumulators by one `pmaddubsw`,
 //!   flushed into i32 often enough never to overflow (proof in the `x86` module).
+//! - `Avx512` at `k == 256`, when the CPU has AVX-512 VBMI: two merge-masked `vpermi2b` look up 64
+//!   codes in a 256-entry table held in four registers, the pairs summed as above (`lut_k256.rs`).
+//!   Other SIMD kernels fall back to `Scalar` at `k == 256`.
+//! - Row-wise ([`lut_i8_rowwise`], [`lut_i8_rowwise_then`]), over `[c][k][m]` tables: for each row
+//!   and codebook, the `m` entries its code selects are added, vectorized over outputs. It beats
+//!   the kernels above for few rows at any `k`, and at `k == 256` for any number of rows
+//!   ([`prefer_rowwise`], measured): the interpreter's `LutMatMul` picks by that.
 //!
 //! Codes must be `< k` (asserted: the kernels index without bounds checks).
 
@@ -39,7 +46,8 @@ pub enum LutKernel {
     Scalar,
     /// AVX2 `vpshufb`, 32 rows per block, `k == 16`.
     Avx2,
-    /// AVX-512BW `vpshufb`, 64 rows per block, `k == 16`.
+    /// AVX-512BW `vpshufb`, 64 rows per block, `k == 16`; with AVX-512 VBMI also `k == 256`
+    /// (`vpermi2b`).
     Avx512,
 }
 
@@ -117,8 +125,8 @@ pub fn lut_i8(codes: &[u8], rows: usize, c: usize, tables: &[i8], m: usize, k: u
     lut_i8_with(LutKernel::detect(), codes, rows, c, tables, m, k, out)
 }
 
-/// int8 tables → exact i32 sums with an explicit kernel. The SIMD kernels need `k == 16`; for any
-/// other `k` they fall back to `Scalar`. Panics if `kernel` is not supported by this CPU (pick it
+/// int8 tables → exact i32 sums with an explicit kernel. The SIMD kernels need `k == 16` (and
+/// `Avx512` with VBMI `k == 256`); for any other `k` they fall back to `Scalar`. Panics if `kernel` is not supported by this CPU (pick it
 /// from [`LutKernel::available`]) or a code is `>= k`.
 #[allow(clippy::too_many_arguments)]
 pub fn lut_i8_with(
