@@ -174,7 +174,7 @@ pub fn eval_op_cached(op: &Op, mut args: Vec<Arc<Tensor>>, cache: Option<&Cache>
                 Tensor::I8(t) => {
                     let t = t.as_standard_layout();
                     let t = t.as_slice().unwrap();
-                    if lut::prefer_rowwise(rows, k) {
+                    if lut::prefer_rowwise(rows, k, m) {
                         let mut slot = None;
                         let build = || Ok(lut::transpose_tables(t, c, m, k));
                         let tt: &Vec<i8> = cached(cache, build, &mut slot)?;

@@ -23,8 +23,8 @@
 //!   Other SIMD kernels fall back to `Scalar` at `k == 256`.
 //! - Row-wise ([`lut_i8_rowwise`], [`lut_i8_rowwise_then`]), over `[c][k][m]` tables: for each row
 //!   and codebook, the `m` entries its code selects are added, vectorized over outputs. It beats
-//!   the kernels above for few rows at any `k`, and at `k == 256` for any number of rows
-//!   ([`prefer_rowwise`], measured): the interpreter's `LutMatMul` picks by that.
+//!   the kernels above for few rows at any `k`, and at `k == 256` for any number of rows when
+//!   `m ≥ 16` ([`prefer_rowwise`], measured): the interpreter's `LutMatMul` picks by that.
 //!
 //! Codes must be `< k` (asserted: the kernels index without bounds checks).
 
@@ -363,14 +363,19 @@ pub fn lut_i8_rowwise_at(
 const ROWWISE_PAR_ROWS: usize = 64;
 
 /// Whether [`lut_i8_rowwise_then`] (over `[c][k][m]` tables) is the faster kernel for `rows`
-/// rows of `k`-entry tables: for few rows (≤ [`ROWWISE_MAX_ROWS`]) at any `k`, and for `k = 256`
-/// at any number of rows. There each lookup of the shuffle kernel costs a quarter of a 128-entry
-/// `vpermi2b` table and the tables are read whole per block of rows, while the row-wise kernel
-/// adds 32 (AVX-512) or 16 (AVX2) selected entries per load: measured on Zen 5 (`lut_throughput`,
-/// c = 64, m = 64, one thread) 77 G lookups/s row-wise at AVX-512 and 57 G at AVX2 against 36 G
-/// for the VBMI kernel and 5 G for the scalar one.
-pub fn prefer_rowwise(rows: usize, k: usize) -> bool {
-    rows <= ROWWISE_MAX_ROWS || k == 256
+/// rows of `k`-entry tables and `m` outputs: for few rows (≤ [`ROWWISE_MAX_ROWS`]) at any `k`,
+/// and for `k = 256` at any number of rows when `m ≥ 16` (or without the VBMI kernel). There each
+/// lookup of the VBMI kernel costs half a `vpermi2b` and the tables are read whole per block of
+/// rows, while the row-wise kernel adds 32 (AVX-512) or 16 (AVX2) selected entries per load:
+/// measured on Zen 5 (`lut_throughput`, c = 64, m = 64, one thread) 77 G lookups/s row-wise at
+/// AVX-512 and 57 G at AVX2 against 36 G for the VBMI kernel and 5 G for the scalar one. Below 16
+/// outputs the row-wise kernel is scalar (2 G at m = 8) and the VBMI kernel wins (12 G).
+pub fn prefer_rowwise(rows: usize, k: usize, m: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    let vbmi = LutKernel::detect() == LutKernel::Avx512 && vbmi_supported();
+    #[cfg(not(target_arch = "x86_64"))]
+    let vbmi = false;
+    rows <= ROWWISE_MAX_ROWS || (k == 256 && (m >= 16 || !vbmi))
 }
 
 /// [`lut_i8_rowwise`] with an epilogue, parallel over blocks of rows: each block's i32 sums are
@@ -1772,6 +1777,8 @@ mod tests {
             (8 * 196, 32, 32),
             (8 * 49, 64, 64),
             (8 * 16, 128, 128),
+            (16384, 2, 16),
+            (16384, 8, 8),
         ] {
             let lookups = (rows * c * m) as f64;
             let codes = random_codes(&mut rng, rows * c, 256);
