@@ -1854,6 +1854,52 @@ mod tests {
                      out("zmm12") _, options(nomem, nostack));
             });
             println!("vpshufb zmm: {shuf:.2} G/s ({:.2} per cycle)", shuf / adds);
+            // the other instructions of the VBMI kernel's loop: merge-masked vpermi2b, the byte
+            // blend and vpmaddubsw
+            let masked = time(&|| unsafe {
+                asm!("vpxord zmm12, zmm12, zmm12", "vpxord zmm13, zmm13, zmm13",
+                     "mov {m}, 0x5555555555555555", "kmovq k1, {m}",
+                     "2:",
+                     "vpermi2b zmm0{{k1}}, zmm12, zmm13", "vpermi2b zmm1{{k1}}, zmm12, zmm13", "vpermi2b zmm2{{k1}}, zmm12, zmm13",
+                     "vpermi2b zmm3{{k1}}, zmm12, zmm13", "vpermi2b zmm4{{k1}}, zmm12, zmm13", "vpermi2b zmm5{{k1}}, zmm12, zmm13",
+                     "vpermi2b zmm6{{k1}}, zmm12, zmm13", "vpermi2b zmm7{{k1}}, zmm12, zmm13", "vpermi2b zmm8{{k1}}, zmm12, zmm13",
+                     "vpermi2b zmm9{{k1}}, zmm12, zmm13", "vpermi2b zmm10{{k1}}, zmm12, zmm13", "vpermi2b zmm11{{k1}}, zmm12, zmm13",
+                     "dec {n}", "jnz 2b", n = inout(reg) N => _, m = out(reg) _,
+                     out("zmm0") _, out("zmm1") _, out("zmm2") _, out("zmm3") _, out("zmm4") _, out("zmm5") _,
+                     out("zmm6") _, out("zmm7") _, out("zmm8") _, out("zmm9") _, out("zmm10") _, out("zmm11") _,
+                     out("zmm12") _, out("zmm13") _, out("k1") _, options(nomem, nostack));
+            });
+            println!(
+                "vpermi2b zmm{{k}} (merge-masked): {masked:.2} G/s ({:.2} per cycle)",
+                masked / adds
+            );
+            let blend = time(&|| unsafe {
+                asm!("vpxord zmm12, zmm12, zmm12",
+                     "mov {m}, 0x5555555555555555", "kmovq k1, {m}",
+                     "2:",
+                     "vpblendmb zmm0{{k1}}, zmm12, zmm0", "vpblendmb zmm1{{k1}}, zmm12, zmm1", "vpblendmb zmm2{{k1}}, zmm12, zmm2",
+                     "vpblendmb zmm3{{k1}}, zmm12, zmm3", "vpblendmb zmm4{{k1}}, zmm12, zmm4", "vpblendmb zmm5{{k1}}, zmm12, zmm5",
+                     "vpblendmb zmm6{{k1}}, zmm12, zmm6", "vpblendmb zmm7{{k1}}, zmm12, zmm7", "vpblendmb zmm8{{k1}}, zmm12, zmm8",
+                     "vpblendmb zmm9{{k1}}, zmm12, zmm9", "vpblendmb zmm10{{k1}}, zmm12, zmm10", "vpblendmb zmm11{{k1}}, zmm12, zmm11",
+                     "dec {n}", "jnz 2b", n = inout(reg) N => _, m = out(reg) _,
+                     out("zmm0") _, out("zmm1") _, out("zmm2") _, out("zmm3") _, out("zmm4") _, out("zmm5") _,
+                     out("zmm6") _, out("zmm7") _, out("zmm8") _, out("zmm9") _, out("zmm10") _, out("zmm11") _,
+                     out("zmm12") _, out("k1") _, options(nomem, nostack));
+            });
+            println!("vpblendmb zmm: {blend:.2} G/s ({:.2} per cycle)", blend / adds);
+            let madd = time(&|| unsafe {
+                asm!("vpxord zmm12, zmm12, zmm12",
+                     "2:",
+                     "vpmaddubsw zmm0, zmm12, zmm0", "vpmaddubsw zmm1, zmm12, zmm1", "vpmaddubsw zmm2, zmm12, zmm2",
+                     "vpmaddubsw zmm3, zmm12, zmm3", "vpmaddubsw zmm4, zmm12, zmm4", "vpmaddubsw zmm5, zmm12, zmm5",
+                     "vpmaddubsw zmm6, zmm12, zmm6", "vpmaddubsw zmm7, zmm12, zmm7", "vpmaddubsw zmm8, zmm12, zmm8",
+                     "vpmaddubsw zmm9, zmm12, zmm9", "vpmaddubsw zmm10, zmm12, zmm10", "vpmaddubsw zmm11, zmm12, zmm11",
+                     "dec {n}", "jnz 2b", n = inout(reg) N => _,
+                     out("zmm0") _, out("zmm1") _, out("zmm2") _, out("zmm3") _, out("zmm4") _, out("zmm5") _,
+                     out("zmm6") _, out("zmm7") _, out("zmm8") _, out("zmm9") _, out("zmm10") _, out("zmm11") _,
+                     out("zmm12") _, options(nomem, nostack));
+            });
+            println!("vpmaddubsw zmm: {madd:.2} G/s ({:.2} per cycle)", madd / adds);
         }
         if Simd::Avx2.supported() {
             let shuf = time(&|| unsafe {
