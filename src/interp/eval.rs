@@ -174,14 +174,26 @@ pub fn eval_op_cached(op: &Op, mut args: Vec<Arc<Tensor>>, cache: Option<&Cache>
                 Tensor::I8(t) => {
                     let t = t.as_standard_layout();
                     let t = t.as_slice().unwrap();
-                    if rows <= lut::ROWWISE_MAX_ROWS {
+                    if lut::prefer_rowwise(rows, k, m) {
                         let mut slot = None;
                         let build = || Ok(lut::transpose_tables(t, c, m, k));
                         let tt: &Vec<i8> = cached(cache, build, &mut slot)?;
-                        let mut acc = vec![0i32; rows * m];
-                        lut::lut_i8_rowwise(codes, rows, c, tt, m, k, &mut acc);
-                        let mut y = vec![0f32; rows * m];
-                        epi.apply(0, &acc, &mut y);
+                        let mut y = Vec::with_capacity(rows * m);
+                        let level = super::kernels::Simd::detect();
+                        lut::lut_i8_rowwise_then(
+                            level,
+                            codes,
+                            rows,
+                            c,
+                            tt,
+                            m,
+                            k,
+                            y.spare_capacity_mut(),
+                            |r0, acc, out| epi.apply_uninit(r0, acc, out),
+                        );
+                        // SAFETY: `lut_i8_rowwise_then` hands every block of the first `rows · m`
+                        // values to the epilogue, which writes each of them.
+                        unsafe { y.set_len(rows * m) };
                         y
                     } else {
                         // the epilogue runs on each block of sums while it is in cache, and

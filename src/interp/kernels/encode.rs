@@ -182,22 +182,26 @@ pub struct Prepared {
 struct PixelTree {
     depth: usize,
     kernel: [usize; 2],
-    /// The thresholds of each codebook as one 16-lane vector (unused lanes: +inf).
+    /// The thresholds of each codebook, `th_stride` apart: the first 16 are one vector (unused
+    /// lanes: +inf), the node of levels 0–3 picked by a permute; deeper levels (up to depth 8,
+    /// K = 256) gather theirs.
     th: Vec<f32>,
+    th_stride: usize,
     /// Per codebook and level: the window column compared, as (channel, i, j), or None when it
     /// lies past the last subspace's end (it reads as 0).
     taps: Vec<Option<(usize, usize, usize)>>,
 }
 
 fn pixel_tree(sub: Subspaces, depth: usize, dims: &[usize], thr: &[f32], [kh, kw]: [usize; 2]) -> Option<PixelTree> {
-    if depth > 4 {
+    if depth > 8 {
         return None;
     }
     let c_n = sub.count();
     let nodes = (1 << depth) - 1;
-    let mut th = vec![f32::INFINITY; c_n * 16];
+    let th_stride = (nodes + 1).max(16);
+    let mut th = vec![f32::INFINITY; c_n * th_stride];
     for c in 0..c_n {
-        th[c * 16..c * 16 + nodes].copy_from_slice(&thr[c * nodes..(c + 1) * nodes]);
+        th[c * th_stride..c * th_stride + nodes].copy_from_slice(&thr[c * nodes..(c + 1) * nodes]);
     }
     let taps = (0..c_n * depth)
         .map(|cl| {
@@ -209,6 +213,7 @@ fn pixel_tree(sub: Subspaces, depth: usize, dims: &[usize], thr: &[f32], [kh, kw
         depth,
         kernel: [kh, kw],
         th,
+        th_stride,
         taps,
     })
 }
@@ -444,6 +449,7 @@ fn tree_nhwc(level: Simd, rows: &Rows, pt: &PixelTree, c_n: usize, codes: &mut [
         geo,
         depth: pt.depth,
         th: &pt.th,
+        th_stride: pt.th_stride,
         taps: &pt.taps,
         c_n,
     };
@@ -476,6 +482,7 @@ struct TreeJob<'a> {
     geo: &'a Geometry,
     depth: usize,
     th: &'a [f32],
+    th_stride: usize,
     taps: &'a [Option<(usize, usize, usize)>],
     c_n: usize,
 }
@@ -526,7 +533,8 @@ unsafe fn tree_row_avx512(job: &TreeJob, img: usize, y: usize, out: &mut [u8]) {
             _mm512_set1_epi32(pl),
         );
         for c in 0..job.c_n {
-            let thv = _mm512_loadu_ps(job.th.as_ptr().add(c * 16));
+            let thc = job.th.as_ptr().add(c * job.th_stride);
+            let thv = _mm512_loadu_ps(thc);
             let mut idx = _mm512_setzero_si512();
             for lev in 0..job.depth {
                 let xv = match job.taps[c * job.depth + lev].and_then(|t| job.tap(y0, t)) {
@@ -544,7 +552,7 @@ unsafe fn tree_row_avx512(job: &TreeJob, img: usize, y: usize, out: &mut [u8]) {
                     None => _mm512_setzero_ps(),
                 };
                 let node = _mm512_add_epi32(idx, _mm512_set1_epi32((1 << lev) - 1));
-                let t = _mm512_permutexvar_ps(node, thv);
+                let t = level_threshold512(thc, thv, lev, idx, node);
                 let gt = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(xv, t);
                 idx = _mm512_mask_add_epi32(
                     _mm512_add_epi32(idx, idx),
@@ -558,6 +566,50 @@ unsafe fn tree_row_avx512(job: &TreeJob, img: usize, y: usize, out: &mut [u8]) {
                 out[(x0 + l) * job.c_n + c] = code as u8;
             }
         }
+    }
+}
+
+/// The threshold of each lane's node at level `lev` (`idx`: its index within the level, `node`
+/// its index in the tree, `thv` the tree's first 16 thresholds, `thc` all of them, `th_stride`
+/// readable). Levels 0–3 permute `thv`; deeper levels permute the level's own thresholds, which
+/// start at node `2^lev − 1`: one register at level 4, two at level 5 (`vpermt2ps`), four and
+/// eight at levels 6 and 7 (pairs, then blends on bits 5 and 6 of `idx`) — the permutes keep
+/// the gather latency out of each level's dependency on the previous one.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+#[inline]
+unsafe fn level_threshold512(
+    thc: *const f32,
+    thv: std::arch::x86_64::__m512,
+    lev: usize,
+    idx: std::arch::x86_64::__m512i,
+    node: std::arch::x86_64::__m512i,
+) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    let base = thc.add((1 << lev) - 1);
+    // 32 thresholds from base + 32·q, picked by bits 0–4 of idx
+    let pair = |q: usize| {
+        _mm512_permutex2var_ps(
+            _mm512_loadu_ps(base.add(32 * q)),
+            idx,
+            _mm512_loadu_ps(base.add(32 * q + 16)),
+        )
+    };
+    match lev {
+        0..4 => _mm512_permutexvar_ps(node, thv),
+        4 => _mm512_permutexvar_ps(idx, _mm512_loadu_ps(base)),
+        5 => pair(0),
+        6 | 7 => {
+            let b5 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(32));
+            let lo = _mm512_mask_blend_ps(b5, pair(0), pair(1));
+            if lev == 6 {
+                return lo;
+            }
+            let hi = _mm512_mask_blend_ps(b5, pair(2), pair(3));
+            let b6 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(64));
+            _mm512_mask_blend_ps(b6, lo, hi)
+        }
+        _ => _mm512_i32gather_ps::<4>(node, thc),
     }
 }
 
@@ -584,7 +636,7 @@ unsafe fn tree_row_avx2(job: &TreeJob, img: usize, y: usize, out: &mut [u8]) {
             _mm256_set1_epi32(pl),
         );
         for c in 0..job.c_n {
-            let th = job.th.as_ptr().add(c * 16);
+            let th = job.th.as_ptr().add(c * job.th_stride);
             let (lo, hi) = (_mm256_loadu_ps(th), _mm256_loadu_ps(th.add(8)));
             let mut idx = _mm256_setzero_si256();
             for lev in 0..job.depth {
@@ -607,14 +659,19 @@ unsafe fn tree_row_avx2(job: &TreeJob, img: usize, y: usize, out: &mut [u8]) {
                     }
                     None => _mm256_setzero_ps(),
                 };
-                // the node's threshold: lanes 0..8 from `lo`, 8..16 from `hi`
+                // the node's threshold: lanes 0..8 from `lo`, 8..16 from `hi`; deeper levels'
+                // gathered
                 let node = _mm256_add_epi32(idx, _mm256_set1_epi32((1 << lev) - 1));
-                let high = _mm256_castsi256_ps(_mm256_cmpgt_epi32(node, _mm256_set1_epi32(7)));
-                let t = _mm256_blendv_ps(
-                    _mm256_permutevar8x32_ps(lo, node),
-                    _mm256_permutevar8x32_ps(hi, node),
-                    high,
-                );
+                let t = if lev < 4 {
+                    let high = _mm256_castsi256_ps(_mm256_cmpgt_epi32(node, _mm256_set1_epi32(7)));
+                    _mm256_blendv_ps(
+                        _mm256_permutevar8x32_ps(lo, node),
+                        _mm256_permutevar8x32_ps(hi, node),
+                        high,
+                    )
+                } else {
+                    _mm256_i32gather_ps::<4>(th, node)
+                };
                 // greater: all ones (−1), so 2·idx − mask adds the bit
                 let gt = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GT_OQ>(xv, t));
                 idx = _mm256_sub_epi32(_mm256_add_epi32(idx, idx), gt);
@@ -1491,28 +1548,33 @@ mod tests {
                     }
                 }
             }
-            // the tree encoder reads channels-last rows too
-            let depth = 4;
-            let dims: Vec<usize> = (0..c_n * depth).map(|i| (i * 7) % s).collect();
-            let thr: Vec<f32> = (0..c_n * 15).map(|_| rng.next_f64() as f32 - 0.3).collect();
-            let tree = Codebooks::Tree {
-                depth,
-                dims: &dims,
-                thresholds: &thr,
-            };
-            encode(&nchw, sub, &tree, &mut a);
-            let prepared = prepare(sub, &tree, Some((c, kernel[0], kernel[1])));
-            encode_prepared(&nhwc, &prepared, &mut b);
-            assert_eq!(a, b, "tree {shape:?}");
-            // the pixel-lane tree kernel at every level where it applies
-            if let Some(pt) = &prepared.pixel_tree {
-                for &lv in &levels {
-                    b.fill(255);
-                    if tree_nhwc(lv, &nhwc, pt, c_n, &mut b) {
-                        assert_eq!(a, b, "pixel-lane tree at {lv:?}, {shape:?}");
-                    } else {
-                        assert_eq!(lv, Simd::Scalar, "the pixel-lane tree runs at {lv:?}");
+            // the tree encoder reads channels-last rows too (K = 16, 64 and 256)
+            for depth in [4, 6, 8] {
+                let dims: Vec<usize> = (0..c_n * depth).map(|i| (i * 7 + depth) % s).collect();
+                let thr: Vec<f32> = (0..c_n * ((1 << depth) - 1))
+                    .map(|_| rng.next_f64() as f32 - 0.3)
+                    .collect();
+                let tree = Codebooks::Tree {
+                    depth,
+                    dims: &dims,
+                    thresholds: &thr,
+                };
+                encode(&nchw, sub, &tree, &mut a);
+                let prepared = prepare(sub, &tree, Some((c, kernel[0], kernel[1])));
+                encode_prepared(&nhwc, &prepared, &mut b);
+                assert_eq!(a, b, "tree {shape:?}");
+                // the pixel-lane tree kernel at every level where it applies
+                if let Some(pt) = &prepared.pixel_tree {
+                    for &lv in &levels {
+                        b.fill(255);
+                        if tree_nhwc(lv, &nhwc, pt, c_n, &mut b) {
+                            assert_eq!(a, b, "pixel-lane tree at {lv:?}, depth {depth}, {shape:?}");
+                        } else {
+                            assert_eq!(lv, Simd::Scalar, "the pixel-lane tree runs at {lv:?}");
+                        }
                     }
+                } else {
+                    panic!("no pixel-lane tree at depth {depth}");
                 }
             }
         }

@@ -18,6 +18,13 @@
 //!   table row is broadcast into every 128-bit lane and `pshufb` looks up 32 (64) rows at once;
 //!   the two codebooks of a pair are added and widened into i16 accumulators by one `pmaddubsw`,
 //!   flushed into i32 often enough never to overflow (proof in the `x86` module).
+//! - `Avx512` at `k == 256`, when the CPU has AVX-512 VBMI: two merge-masked `vpermi2b` look up 64
+//!   codes in a 256-entry table held in four registers, the pairs summed as above (`lut_k256.rs`).
+//!   Other SIMD kernels fall back to `Scalar` at `k == 256`.
+//! - Row-wise ([`lut_i8_rowwise`], [`lut_i8_rowwise_then`]), over `[c][k][m]` tables: for each row
+//!   and codebook, the `m` entries its code selects are added, vectorized over outputs. It beats
+//!   the kernels above for few rows at any `k`, and at `k == 256` for any number of rows when
+//!   `m ≥ 16` ([`prefer_rowwise`], measured): the interpreter's `LutMatMul` picks by that.
 //!
 //! Codes must be `< k` (asserted: the kernels index without bounds checks).
 
@@ -39,7 +46,8 @@ pub enum LutKernel {
     Scalar,
     /// AVX2 `vpshufb`, 32 rows per block, `k == 16`.
     Avx2,
-    /// AVX-512BW `vpshufb`, 64 rows per block, `k == 16`.
+    /// AVX-512BW `vpshufb`, 64 rows per block, `k == 16`; with AVX-512 VBMI also `k == 256`
+    /// (`vpermi2b`).
     Avx512,
 }
 
@@ -84,6 +92,13 @@ impl LutKernel {
     }
 }
 
+/// Whether the CPU has AVX-512 VBMI (`vpermi2b`), which the `k == 256` kernel needs besides
+/// [`LutKernel::Avx512`]'s AVX-512F/BW.
+#[cfg(target_arch = "x86_64")]
+fn vbmi_supported() -> bool {
+    std::arch::is_x86_feature_detected!("avx512vbmi")
+}
+
 /// Asserts the slice lengths of a lookup-accumulate call.
 fn check_shapes(codes: usize, rows: usize, c: usize, tables: usize, m: usize, k: usize, out: usize) {
     assert!((1..=256).contains(&k), "lut: k = {k} must be in 1..=256");
@@ -110,8 +125,8 @@ pub fn lut_i8(codes: &[u8], rows: usize, c: usize, tables: &[i8], m: usize, k: u
     lut_i8_with(LutKernel::detect(), codes, rows, c, tables, m, k, out)
 }
 
-/// int8 tables → exact i32 sums with an explicit kernel. The SIMD kernels need `k == 16`; for any
-/// other `k` they fall back to `Scalar`. Panics if `kernel` is not supported by this CPU (pick it
+/// int8 tables → exact i32 sums with an explicit kernel. The SIMD kernels need `k == 16` (and
+/// `Avx512` with VBMI `k == 256`); for any other `k` they fall back to `Scalar`. Panics if `kernel` is not supported by this CPU (pick it
 /// from [`LutKernel::available`]) or a code is `>= k`.
 #[allow(clippy::too_many_arguments)]
 pub fn lut_i8_with(
@@ -192,14 +207,19 @@ impl<'a> Call<'a> {
         if rows * m == 0 || c == 0 {
             return None;
         }
-        let kernel = if k == 16 { kernel } else { LutKernel::Scalar };
+        let kernel = match k {
+            16 => kernel,
+            #[cfg(target_arch = "x86_64")]
+            256 if kernel == LutKernel::Avx512 && vbmi_supported() => kernel,
+            _ => LutKernel::Scalar,
+        };
         // When m is a multiple of 256, the table rows of one output for successive codebooks are
         // a multiple of 4 KiB apart and all map to the same L1 sets (measured: AVX2 at m = 256 ran
         // ~30% slower than at m = 240). Large such calls first copy the tables into a blocked
         // layout (c·m·16 bytes, at most 16/RELAYOUT_MIN_ROWS bytes per lookup); elsewhere the
         // copy measured no gain.
         #[cfg(target_arch = "x86_64")]
-        let relaid = (kernel != LutKernel::Scalar && rows >= RELAYOUT_MIN_ROWS && m.is_multiple_of(256))
+        let relaid = (kernel != LutKernel::Scalar && k == 16 && rows >= RELAYOUT_MIN_ROWS && m.is_multiple_of(256))
             .then(|| x86::relayout(tables, c, m));
         // Blocks of PAR_ROWS rows, or fewer (a multiple of 64, the widest kernel's block) when
         // that leaves a thread idle. Integer sums: the split never changes the result.
@@ -234,6 +254,25 @@ impl<'a> Call<'a> {
             LutKernel::Avx2 => {
                 // SAFETY: `Call::new` asserted `kernel.supported()`: the CPU has AVX2.
                 unsafe { x86::avx2_i8(codes, nr, c, simd_tables, m, out, scratch) }
+            }
+            #[cfg(target_arch = "x86_64")]
+            LutKernel::Avx512 if self.k == 256 => {
+                // SAFETY: `Call::new` picks this kernel for k == 256 only with VBMI (and
+                // `kernel.supported()`: AVX2, AVX-512F/BW); check_codes: any byte is < 256.
+                let s = scratch;
+                unsafe {
+                    k256::vbmi_i8(
+                        codes,
+                        nr,
+                        c,
+                        self.tables,
+                        m,
+                        out,
+                        &mut s.packed,
+                        &mut s.masks,
+                        &mut s.acc,
+                    )
+                }
             }
             #[cfg(target_arch = "x86_64")]
             LutKernel::Avx512 => {
@@ -320,6 +359,70 @@ pub fn lut_i8_rowwise_at(
     }
 }
 
+/// Rows per parallel task of [`lut_i8_rowwise_then`].
+const ROWWISE_PAR_ROWS: usize = 64;
+
+/// Whether [`lut_i8_rowwise_then`] (over `[c][k][m]` tables) is the faster kernel for `rows`
+/// rows of `k`-entry tables and `m` outputs: for few rows (≤ [`ROWWISE_MAX_ROWS`]) at any `k`,
+/// and for `k = 256` at any number of rows when `m ≥ 16` (or without the VBMI kernel). There each
+/// lookup of the VBMI kernel costs half a `vpermi2b` and the tables are read whole per block of
+/// rows, while the row-wise kernel adds 32 (AVX-512) or 16 (AVX2) selected entries per load:
+/// measured on Zen 5 (`lut_throughput`, c = 64, m = 64, one thread) 77 G lookups/s row-wise at
+/// AVX-512 and 57 G at AVX2 against 36 G for the VBMI kernel and 5 G for the scalar one. Below 16
+/// outputs the row-wise kernel is scalar (2 G at m = 8) and the VBMI kernel wins (12 G).
+pub fn prefer_rowwise(rows: usize, k: usize, m: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    let vbmi = LutKernel::detect() == LutKernel::Avx512 && vbmi_supported();
+    #[cfg(not(target_arch = "x86_64"))]
+    let vbmi = false;
+    rows <= ROWWISE_MAX_ROWS || (k == 256 && (m >= 16 || !vbmi))
+}
+
+/// [`lut_i8_rowwise`] with an epilogue, parallel over blocks of rows: each block's i32 sums are
+/// handed, while in cache, to `epilogue(first_row, sums, out)`, which writes that block's `out`
+/// (every value). `out` may be uninitialised. Exact integer sums: the result does not depend on
+/// the blocks or the thread count.
+#[allow(clippy::too_many_arguments)]
+pub fn lut_i8_rowwise_then<T: Send>(
+    level: Simd,
+    codes: &[u8],
+    rows: usize,
+    c: usize,
+    tables_ckm: &[i8],
+    m: usize,
+    k: usize,
+    out: &mut [T],
+    epilogue: impl Fn(usize, &[i32], &mut [T]) + Sync,
+) {
+    check_shapes(codes.len(), rows, c, tables_ckm.len(), m, k, out.len());
+    check_codes(codes, k);
+    if out.is_empty() {
+        return;
+    }
+    if rows <= ROWWISE_PAR_ROWS {
+        // few rows: the output tiles of `lut_i8_rowwise_at` may run in parallel
+        let mut sums = vec![0i32; rows * m];
+        if c > 0 {
+            lut_i8_rowwise_at(level, codes, rows, c, tables_ckm, m, k, &mut sums);
+        }
+        epilogue(0, &sums, out);
+        return;
+    }
+    out.par_chunks_mut(ROWWISE_PAR_ROWS * m)
+        .enumerate()
+        .for_each_init(Vec::new, |sums, (bi, out)| {
+            let nr = out.len() / m;
+            let r0 = bi * ROWWISE_PAR_ROWS;
+            sums.resize(nr * m, 0);
+            if c == 0 {
+                sums.fill(0);
+            } else {
+                rowwise_tile(level, &codes[r0 * c..(r0 + nr) * c], c, tables_ckm, m, k, 0, m, sums);
+            }
+            epilogue(r0, sums, out);
+        });
+}
+
 /// Outputs `m0 .. m0 + mw` of every row into `out` (`rows × mw`): the SIMD kernels take the
 /// outputs in register tiles, the scalar code whatever they leave.
 #[inline(always)]
@@ -338,15 +441,16 @@ fn rowwise_tile(
     assert!(level.supported());
     #[cfg(target_arch = "x86_64")]
     {
-        let done = if level == Simd::Avx512 && LutKernel::Avx512.supported() {
+        let mut done = 0;
+        if level == Simd::Avx512 && LutKernel::Avx512.supported() {
             // SAFETY: AVX-512BW is available; `check_shapes`/`check_codes` bound every read.
-            unsafe { rowwise_x86::avx512(codes, c, t, m, k, m0, mw, out) }
-        } else if level != Simd::Scalar {
+            done = unsafe { rowwise_x86::avx512(codes, c, t, m, k, m0, mw, out, mw, 0) };
+        }
+        if level != Simd::Scalar && mw - done >= 16 {
+            // the AVX2 kernel takes what is left in multiples of 16 (m = 16 and 48 at AVX-512)
             // SAFETY: AVX2 is available (every level above scalar has it); as above.
-            unsafe { rowwise_x86::avx2(codes, c, t, m, k, m0, mw, out) }
-        } else {
-            0
-        };
+            done += unsafe { rowwise_x86::avx2(codes, c, t, m, k, m0 + done, mw - done, out, mw, done) };
+        }
         if done < mw {
             rowwise_scalar(codes, c, t, m, k, m0 + done, mw - done, out, mw, done);
         }
@@ -362,7 +466,8 @@ mod rowwise_x86 {
     //! after at most 256 codebooks (|Σ| ≤ 256·128 fits an i16, as in the scalar code).
     use std::arch::x86_64::*;
 
-    /// Outputs handled: the largest multiple of 32 (`≤ mw`); returns it.
+    /// Outputs handled: the largest multiple of 32 (`≤ mw`), into columns `col0 ..` of `out`
+    /// (rows of `ldo`); returns it.
     #[target_feature(enable = "avx2,avx512f,avx512bw")]
     #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn avx512(
@@ -374,10 +479,13 @@ mod rowwise_x86 {
         m0: usize,
         mw: usize,
         out: &mut [i32],
+        ldo: usize,
+        col0: usize,
     ) -> usize {
         const V: usize = 32; // i16 lanes per register
         let done = mw / V * V;
-        for (row, o) in codes.chunks_exact(c).zip(out.chunks_exact_mut(mw)) {
+        for (row, o) in codes.chunks_exact(c).zip(out.chunks_exact_mut(ldo)) {
+            let o = &mut o[col0..];
             let mut j = 0;
             while j < done {
                 let q = ((done - j) / V).min(4); // registers in this tile
@@ -408,7 +516,8 @@ mod rowwise_x86 {
         done
     }
 
-    /// Outputs handled: the largest multiple of 16 (`≤ mw`); returns it.
+    /// Outputs handled: the largest multiple of 16 (`≤ mw`), into columns `col0 ..` of `out`
+    /// (rows of `ldo`); returns it.
     #[target_feature(enable = "avx2")]
     #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn avx2(
@@ -420,10 +529,13 @@ mod rowwise_x86 {
         m0: usize,
         mw: usize,
         out: &mut [i32],
+        ldo: usize,
+        col0: usize,
     ) -> usize {
         const V: usize = 16;
         let done = mw / V * V;
-        for (row, o) in codes.chunks_exact(c).zip(out.chunks_exact_mut(mw)) {
+        for (row, o) in codes.chunks_exact(c).zip(out.chunks_exact_mut(ldo)) {
+            let o = &mut o[col0..];
             let mut j = 0;
             while j < done {
                 let q = ((done - j) / V).min(4);
@@ -511,6 +623,7 @@ pub fn lut_f32(codes: &[u8], rows: usize, c: usize, tables: &[f32], m: usize, k:
 struct Scratch {
     acc: Vec<i32>,
     packed: Vec<u8>,
+    masks: Vec<u64>,
 }
 
 /// Gathers column `ci` (and the next `G-1`) of `nb` rows of row-major codes into `cols[g][..nb]`.
@@ -647,6 +760,10 @@ fn scalar_f32(
         }
     }
 }
+
+#[cfg(target_arch = "x86_64")]
+#[path = "lut_k256.rs"]
+mod k256;
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
@@ -1041,7 +1158,7 @@ mod x86 {
     /// Writes the block result `acc` (`[m][r]` i32) as `nb <= r` rows of `out` (`nb × m`), with
     /// 8×8 AVX2 transposes.
     #[target_feature(enable = "avx2")]
-    fn store_rows(acc: &[i32], r: usize, m: usize, nb: usize, out: &mut [i32]) {
+    pub(super) fn store_rows(acc: &[i32], r: usize, m: usize, nb: usize, out: &mut [i32]) {
         assert!(nb <= r && acc.len() == m * r && out.len() == nb * m);
         let mut r0 = 0;
         while r0 + 8 <= nb {
@@ -1306,7 +1423,10 @@ mod tests {
             (3, 1, 5, 16, Fill::Random),
             (8, 512, 300, 16, Fill::Random), // rows·c·m ≥ 2^18: output tiles in parallel (with threads)
             (2, 600, 9, 256, Fill::Min),
-            (3, 300, 200, 16, Fill::Max), // register tiles of 128 and 64, scalar tail
+            (3, 300, 200, 16, Fill::Max),     // register tiles of 128 and 64, scalar tail
+            (200, 20, 48, 256, Fill::Random), // parallel row blocks (`_then`); AVX2 tail at AVX-512
+            (130, 300, 16, 256, Fill::Max),
+            (65, 7, 90, 256, Fill::Min),
         ];
         for (rows, c, m, k, fill) in cases {
             let codes = random_codes(&mut rng, rows * c, k);
@@ -1317,6 +1437,23 @@ mod tests {
                 let mut got = vec![0i32; rows * m];
                 lut_i8_rowwise_at(level, &codes, rows, c, &tt, m, k, &mut got);
                 assert_eq!(got, want, "rows={rows} c={c} m={m} k={k} {fill:?} {level:?}");
+                // with an epilogue (here: the sums of each block plus its first row's index)
+                let mut got = vec![i32::MIN; rows * m];
+                lut_i8_rowwise_then(level, &codes, rows, c, &tt, m, k, &mut got, |r0, sums, out| {
+                    assert_eq!(sums.len(), out.len());
+                    for (o, &v) in out.iter_mut().zip(sums) {
+                        *o = v + r0 as i32;
+                    }
+                });
+                for (r, (g, w)) in got.chunks(m).zip(want.chunks(m)).enumerate() {
+                    let r0 = r / ROWWISE_PAR_ROWS * ROWWISE_PAR_ROWS * (rows > ROWWISE_PAR_ROWS) as usize;
+                    let w: Vec<i32> = w.iter().map(|&v| v + r0 as i32).collect();
+                    assert_eq!(
+                        g,
+                        &w[..],
+                        "then: row {r} rows={rows} c={c} m={m} k={k} {fill:?} {level:?}"
+                    );
+                }
             }
         }
     }
@@ -1429,6 +1566,35 @@ mod tests {
                 for fill in [Fill::Random, Fill::Min, Fill::Max] {
                     check_all_kernels(&kernels, &mut rng, rows, c, m, k, fill);
                 }
+            }
+        }
+    }
+
+    /// k = 256 (the VBMI kernel where the CPU has it): partial blocks of 64 rows, odd `c`, more
+    /// than one flush of the i16 sums (c > 128), extreme tables, codes all ≥ 128 or all < 128.
+    #[test]
+    fn i8_kernels_match_naive_k256() {
+        let kernels = kernels_checked("i8_kernels_match_naive_k256");
+        let mut rng = Rng(8);
+        for rows in [1, 63, 64, 65, 130, 256, 257, 700] {
+            for c in [1, 2, 3, 129, 300] {
+                for m in [1, 3, 16] {
+                    let fill = [Fill::Random, Fill::Min, Fill::Max][rng.below(3)];
+                    check_all_kernels(&kernels, &mut rng, rows, c, m, 256, fill);
+                }
+            }
+        }
+        for (lo, hi) in [(0u8, 127u8), (128, 255), (127, 128)] {
+            let (rows, c, m) = (100, 5, 7);
+            let codes: Vec<u8> = (0..rows * c)
+                .map(|_| lo + rng.below((hi - lo) as usize + 1) as u8)
+                .collect();
+            let tables = tables_i8(&mut rng, c * m * 256, Fill::Random);
+            let want = naive_i8(&codes, rows, c, &tables, m, 256);
+            for &kernel in &kernels {
+                let mut out = vec![0; rows * m];
+                lut_i8_with(kernel, &codes, rows, c, &tables, m, 256, &mut out);
+                assert_eq!(out, want, "{} codes {lo}..={hi}", kernel.name());
             }
         }
     }
@@ -1564,16 +1730,25 @@ mod tests {
             let codes = random_codes(&mut rng, rows * c, k);
             let tables = tables_i8(&mut rng, c * m * k, Fill::Random);
             let mut out = vec![0i32; rows * m];
-            let kernels = if k == 16 {
-                LutKernel::available()
-            } else {
-                vec![LutKernel::Scalar]
-            };
-            for kernel in kernels {
+            for kernel in LutKernel::available() {
                 let r = rates(lookups, runs, &one, || {
                     lut_i8_with(kernel, &codes, rows, c, &tables, m, k, std::hint::black_box(&mut out))
                 });
                 println!("  i8  k={k:<3} {:<7} {r}", kernel.name());
+            }
+            // the row-wise kernel (vectorized over outputs) on the same rows, one thread
+            let tt = transpose_tables(&tables, c, m, k);
+            for level in Simd::available() {
+                let t = one.install(|| {
+                    median_secs(runs, true, || {
+                        lut_i8_rowwise_at(level, &codes, rows, c, &tt, m, k, std::hint::black_box(&mut out))
+                    })
+                });
+                println!(
+                    "  i8  k={k:<3} rowwise {:<7}  CPU time 1 thread {:>7.2} G",
+                    level.name(),
+                    lookups / t / 1e9
+                );
             }
             let tables: Vec<f32> = tables.iter().map(|&v| v as f32).collect();
             let mut out = vec![0f32; rows * m];
@@ -1593,5 +1768,153 @@ mod tests {
             matmul(rows, m, kk, a, b, std::hint::black_box(&mut out), m, false, 1.0, true)
         });
         println!("MAC/s:\n  f32 GEMM {rows}x{kk}x{m}  {r}");
+        #[cfg(target_arch = "x86_64")]
+        shuffle_limits();
+        // k = 256 at the shapes of the ResNet-18 fixture's layers (rows at batch 8), one thread
+        println!("k=256, ResNet-18 fixture shapes at batch 8, lookups/s, CPU time 1 thread:");
+        for (rows, c, m) in [
+            (8 * 784, 16, 16),
+            (8 * 196, 32, 32),
+            (8 * 49, 64, 64),
+            (8 * 16, 128, 128),
+            (16384, 2, 16),
+            (16384, 8, 8),
+        ] {
+            let lookups = (rows * c * m) as f64;
+            let codes = random_codes(&mut rng, rows * c, 256);
+            let tables = tables_i8(&mut rng, c * m * 256, Fill::Random);
+            let tt = transpose_tables(&tables, c, m, 256);
+            let mut out = vec![0i32; rows * m];
+            let mut line = format!("  rows={rows:<5} c={c:<3} m={m:<3}");
+            for kernel in LutKernel::available() {
+                let t = one.install(|| {
+                    median_secs(runs, true, || {
+                        lut_i8_with(kernel, &codes, rows, c, &tables, m, 256, std::hint::black_box(&mut out))
+                    })
+                });
+                line += &format!(" | {} {:.1} G", kernel.name(), lookups / t / 1e9);
+            }
+            for level in Simd::available() {
+                let t = one.install(|| {
+                    median_secs(runs, true, || {
+                        let o = std::hint::black_box(&mut out);
+                        lut_i8_rowwise_then(level, &codes, rows, c, &tt, m, 256, o, |_, s, o| o.copy_from_slice(s))
+                    })
+                });
+                line += &format!(" | rowwise {} {:.1} G", level.name(), lookups / t / 1e9);
+            }
+            println!("{line}");
+        }
+    }
+
+    /// The machine's shuffle limits, one thread: independent `vpermi2b` zmm and `vpshufb` zmm/ymm
+    /// per second, and a chain of dependent scalar adds (one per cycle: the clock).
+    #[cfg(target_arch = "x86_64")]
+    fn shuffle_limits() {
+        use std::arch::asm;
+        const N: u64 = 20_000_000;
+        let time = |f: &dyn Fn()| {
+            let t = median_secs(5, true, f);
+            (N * 12) as f64 / t / 1e9
+        };
+        let adds = time(&|| unsafe {
+            asm!("2:", "add {x}, 1", "add {x}, 1", "add {x}, 1", "add {x}, 1", "add {x}, 1", "add {x}, 1",
+                 "add {x}, 1", "add {x}, 1", "add {x}, 1", "add {x}, 1", "add {x}, 1", "add {x}, 1",
+                 "dec {n}", "jnz 2b", n = inout(reg) N => _, x = inout(reg) 0u64 => _, options(nomem, nostack));
+        });
+        println!("dependent scalar adds: {adds:.2} G/s (≈ clock in GHz)");
+        if LutKernel::Avx512.supported() && vbmi_supported() {
+            let perm = time(&|| unsafe {
+                asm!("vpxord zmm12, zmm12, zmm12", "vpxord zmm13, zmm13, zmm13",
+                     "2:",
+                     "vpermi2b zmm0, zmm12, zmm13", "vpermi2b zmm1, zmm12, zmm13", "vpermi2b zmm2, zmm12, zmm13",
+                     "vpermi2b zmm3, zmm12, zmm13", "vpermi2b zmm4, zmm12, zmm13", "vpermi2b zmm5, zmm12, zmm13",
+                     "vpermi2b zmm6, zmm12, zmm13", "vpermi2b zmm7, zmm12, zmm13", "vpermi2b zmm8, zmm12, zmm13",
+                     "vpermi2b zmm9, zmm12, zmm13", "vpermi2b zmm10, zmm12, zmm13", "vpermi2b zmm11, zmm12, zmm13",
+                     "dec {n}", "jnz 2b", n = inout(reg) N => _,
+                     out("zmm0") _, out("zmm1") _, out("zmm2") _, out("zmm3") _, out("zmm4") _, out("zmm5") _,
+                     out("zmm6") _, out("zmm7") _, out("zmm8") _, out("zmm9") _, out("zmm10") _, out("zmm11") _,
+                     out("zmm12") _, out("zmm13") _, options(nomem, nostack));
+            });
+            println!(
+                "vpermi2b zmm: {perm:.2} G/s ({:.2} per cycle, {:.1} G byte lookups/s)",
+                perm / adds,
+                perm * 64.0
+            );
+            let shuf = time(&|| unsafe {
+                asm!("vpxord zmm12, zmm12, zmm12",
+                     "2:",
+                     "vpshufb zmm0, zmm12, zmm0", "vpshufb zmm1, zmm12, zmm1", "vpshufb zmm2, zmm12, zmm2",
+                     "vpshufb zmm3, zmm12, zmm3", "vpshufb zmm4, zmm12, zmm4", "vpshufb zmm5, zmm12, zmm5",
+                     "vpshufb zmm6, zmm12, zmm6", "vpshufb zmm7, zmm12, zmm7", "vpshufb zmm8, zmm12, zmm8",
+                     "vpshufb zmm9, zmm12, zmm9", "vpshufb zmm10, zmm12, zmm10", "vpshufb zmm11, zmm12, zmm11",
+                     "dec {n}", "jnz 2b", n = inout(reg) N => _,
+                     out("zmm0") _, out("zmm1") _, out("zmm2") _, out("zmm3") _, out("zmm4") _, out("zmm5") _,
+                     out("zmm6") _, out("zmm7") _, out("zmm8") _, out("zmm9") _, out("zmm10") _, out("zmm11") _,
+                     out("zmm12") _, options(nomem, nostack));
+            });
+            println!("vpshufb zmm: {shuf:.2} G/s ({:.2} per cycle)", shuf / adds);
+            // the other instructions of the VBMI kernel's loop: merge-masked vpermi2b, the byte
+            // blend and vpmaddubsw
+            let masked = time(&|| unsafe {
+                asm!("vpxord zmm12, zmm12, zmm12", "vpxord zmm13, zmm13, zmm13",
+                     "mov {m}, 0x5555555555555555", "kmovq k1, {m}",
+                     "2:",
+                     "vpermi2b zmm0{{k1}}, zmm12, zmm13", "vpermi2b zmm1{{k1}}, zmm12, zmm13", "vpermi2b zmm2{{k1}}, zmm12, zmm13",
+                     "vpermi2b zmm3{{k1}}, zmm12, zmm13", "vpermi2b zmm4{{k1}}, zmm12, zmm13", "vpermi2b zmm5{{k1}}, zmm12, zmm13",
+                     "vpermi2b zmm6{{k1}}, zmm12, zmm13", "vpermi2b zmm7{{k1}}, zmm12, zmm13", "vpermi2b zmm8{{k1}}, zmm12, zmm13",
+                     "vpermi2b zmm9{{k1}}, zmm12, zmm13", "vpermi2b zmm10{{k1}}, zmm12, zmm13", "vpermi2b zmm11{{k1}}, zmm12, zmm13",
+                     "dec {n}", "jnz 2b", n = inout(reg) N => _, m = out(reg) _,
+                     out("zmm0") _, out("zmm1") _, out("zmm2") _, out("zmm3") _, out("zmm4") _, out("zmm5") _,
+                     out("zmm6") _, out("zmm7") _, out("zmm8") _, out("zmm9") _, out("zmm10") _, out("zmm11") _,
+                     out("zmm12") _, out("zmm13") _, out("k1") _, options(nomem, nostack));
+            });
+            println!(
+                "vpermi2b zmm{{k}} (merge-masked): {masked:.2} G/s ({:.2} per cycle)",
+                masked / adds
+            );
+            let blend = time(&|| unsafe {
+                asm!("vpxord zmm12, zmm12, zmm12",
+                     "mov {m}, 0x5555555555555555", "kmovq k1, {m}",
+                     "2:",
+                     "vpblendmb zmm0{{k1}}, zmm12, zmm0", "vpblendmb zmm1{{k1}}, zmm12, zmm1", "vpblendmb zmm2{{k1}}, zmm12, zmm2",
+                     "vpblendmb zmm3{{k1}}, zmm12, zmm3", "vpblendmb zmm4{{k1}}, zmm12, zmm4", "vpblendmb zmm5{{k1}}, zmm12, zmm5",
+                     "vpblendmb zmm6{{k1}}, zmm12, zmm6", "vpblendmb zmm7{{k1}}, zmm12, zmm7", "vpblendmb zmm8{{k1}}, zmm12, zmm8",
+                     "vpblendmb zmm9{{k1}}, zmm12, zmm9", "vpblendmb zmm10{{k1}}, zmm12, zmm10", "vpblendmb zmm11{{k1}}, zmm12, zmm11",
+                     "dec {n}", "jnz 2b", n = inout(reg) N => _, m = out(reg) _,
+                     out("zmm0") _, out("zmm1") _, out("zmm2") _, out("zmm3") _, out("zmm4") _, out("zmm5") _,
+                     out("zmm6") _, out("zmm7") _, out("zmm8") _, out("zmm9") _, out("zmm10") _, out("zmm11") _,
+                     out("zmm12") _, out("k1") _, options(nomem, nostack));
+            });
+            println!("vpblendmb zmm: {blend:.2} G/s ({:.2} per cycle)", blend / adds);
+            let madd = time(&|| unsafe {
+                asm!("vpxord zmm12, zmm12, zmm12",
+                     "2:",
+                     "vpmaddubsw zmm0, zmm12, zmm0", "vpmaddubsw zmm1, zmm12, zmm1", "vpmaddubsw zmm2, zmm12, zmm2",
+                     "vpmaddubsw zmm3, zmm12, zmm3", "vpmaddubsw zmm4, zmm12, zmm4", "vpmaddubsw zmm5, zmm12, zmm5",
+                     "vpmaddubsw zmm6, zmm12, zmm6", "vpmaddubsw zmm7, zmm12, zmm7", "vpmaddubsw zmm8, zmm12, zmm8",
+                     "vpmaddubsw zmm9, zmm12, zmm9", "vpmaddubsw zmm10, zmm12, zmm10", "vpmaddubsw zmm11, zmm12, zmm11",
+                     "dec {n}", "jnz 2b", n = inout(reg) N => _,
+                     out("zmm0") _, out("zmm1") _, out("zmm2") _, out("zmm3") _, out("zmm4") _, out("zmm5") _,
+                     out("zmm6") _, out("zmm7") _, out("zmm8") _, out("zmm9") _, out("zmm10") _, out("zmm11") _,
+                     out("zmm12") _, options(nomem, nostack));
+            });
+            println!("vpmaddubsw zmm: {madd:.2} G/s ({:.2} per cycle)", madd / adds);
+        }
+        if Simd::Avx2.supported() {
+            let shuf = time(&|| unsafe {
+                asm!("vpxor ymm12, ymm12, ymm12",
+                     "2:",
+                     "vpshufb ymm0, ymm12, ymm0", "vpshufb ymm1, ymm12, ymm1", "vpshufb ymm2, ymm12, ymm2",
+                     "vpshufb ymm3, ymm12, ymm3", "vpshufb ymm4, ymm12, ymm4", "vpshufb ymm5, ymm12, ymm5",
+                     "vpshufb ymm6, ymm12, ymm6", "vpshufb ymm7, ymm12, ymm7", "vpshufb ymm8, ymm12, ymm8",
+                     "vpshufb ymm9, ymm12, ymm9", "vpshufb ymm10, ymm12, ymm10", "vpshufb ymm11, ymm12, ymm11",
+                     "dec {n}", "jnz 2b", n = inout(reg) N => _,
+                     out("ymm0") _, out("ymm1") _, out("ymm2") _, out("ymm3") _, out("ymm4") _, out("ymm5") _,
+                     out("ymm6") _, out("ymm7") _, out("ymm8") _, out("ymm9") _, out("ymm10") _, out("ymm11") _,
+                     out("ymm12") _, options(nomem, nostack));
+            });
+            println!("vpshufb ymm: {shuf:.2} G/s ({:.2} per cycle)", shuf / adds);
+        }
     }
 }
