@@ -25,6 +25,16 @@ pub fn apply_unary(u: Unary, data: &mut [f32]) {
             Unary::HardSwish => v * (v / 6.0 + 0.5).clamp(0.0, 1.0),
             Unary::Clip { min, max } => v.max(min).min(max),
             Unary::Identity => v,
+            Unary::Erf => libm::erff(v),
+            Unary::Sqrt => v.sqrt(),
+            Unary::Exp => v.exp(),
+            Unary::Neg => -v,
+            Unary::Gelu { tanh: false } => 0.5 * v * (1.0 + libm::erff(v * std::f32::consts::FRAC_1_SQRT_2)),
+            Unary::Gelu { tanh: true } => {
+                // √(2/π)
+                const C: f32 = 0.797_884_6;
+                0.5 * v * (1.0 + (C * (v + 0.044715 * v * v * v)).tanh())
+            }
         }
     };
     if u == Unary::Identity {
@@ -45,6 +55,7 @@ pub fn binary_f32(op: Binary, mut a: ArrayD<f32>, b: &ArrayD<f32>) -> Result<Arr
         Binary::Sub => x - y,
         Binary::Mul => x * y,
         Binary::Div => x / y,
+        Binary::Pow => x.powf(y),
     };
     if a.shape() == b.shape() {
         if let (Some(x), Some(y)) = (a.as_slice_mut(), b.as_slice()) {
@@ -55,6 +66,7 @@ pub fn binary_f32(op: Binary, mut a: ArrayD<f32>, b: &ArrayD<f32>) -> Result<Arr
                     Binary::Sub => x.iter_mut().zip(y).for_each(|(a, b)| *a -= b),
                     Binary::Mul => x.iter_mut().zip(y).for_each(|(a, b)| *a *= b),
                     Binary::Div => x.iter_mut().zip(y).for_each(|(a, b)| *a /= b),
+                    Binary::Pow => x.iter_mut().zip(y).for_each(|(a, b)| *a = a.powf(*b)),
                 }
             }
             if x.len() >= PAR_MIN {
@@ -77,7 +89,7 @@ pub fn binary_f32(op: Binary, mut a: ArrayD<f32>, b: &ArrayD<f32>) -> Result<Arr
 
 /// Integer arithmetic as ONNX Runtime computes it: two's-complement wrapping, division
 /// truncating toward zero (`MIN / -1` wraps to `MIN`); division by zero is an error.
-pub trait WrappingInt: Copy + Send + Sync + PartialEq + Default {
+pub trait WrappingInt: Copy + Send + Sync + PartialEq + PartialOrd + Default {
     fn apply(op: Binary, x: Self, y: Self) -> Self;
 }
 macro_rules! wrapping_int {
@@ -89,6 +101,8 @@ macro_rules! wrapping_int {
                     Binary::Sub => x.wrapping_sub(y),
                     Binary::Mul => x.wrapping_mul(y),
                     Binary::Div => x.wrapping_div(y),
+                    // a negative exponent is refused by `binary_int`
+                    Binary::Pow => x.wrapping_pow(u32::try_from(y).unwrap_or(u32::MAX)),
                 }
             }
         }
@@ -99,6 +113,9 @@ wrapping_int!(i64, i32);
 pub fn binary_int<T: WrappingInt>(op: Binary, a: &ArrayD<T>, b: &ArrayD<T>) -> Result<ArrayD<T>> {
     if op == Binary::Div && b.iter().any(|&v| v == T::default()) {
         bail!("integer division by zero");
+    }
+    if op == Binary::Pow && b.iter().any(|&v| v < T::default()) {
+        bail!("integer Pow with a negative exponent");
     }
     broadcast_with(a, b, move |x, y| T::apply(op, x, y))
 }
@@ -148,6 +165,59 @@ pub fn batchnorm(x: &mut [f32], shape: &[usize], params: [&[f32]; 4], eps: f32) 
         let ch = i % c;
         p.iter_mut().for_each(|v| *v = *v * s[ch] + t[ch]);
     });
+}
+
+/// ONNX `Equal` with numpy broadcasting.
+pub fn equal<T: Copy + PartialEq + Send + Sync>(a: &ArrayD<T>, b: &ArrayD<T>) -> Result<ArrayD<bool>> {
+    let shape = broadcast_shape(a.shape(), b.shape())?;
+    let (Some(av), Some(bv)) = (a.broadcast(shape.clone()), b.broadcast(shape.clone())) else {
+        bail!("cannot broadcast {:?} with {:?}", a.shape(), b.shape());
+    };
+    Ok(Zip::from(&av).and(&bv).map_collect(|x, y| x == y))
+}
+
+/// ONNX `Where`: `x` where `cond`, else `y`, all three broadcast together.
+pub fn where_<T: Copy + Send + Sync>(cond: &ArrayD<bool>, x: &ArrayD<T>, y: &ArrayD<T>) -> Result<ArrayD<T>> {
+    let shape = broadcast_shape(&broadcast_shape(cond.shape(), x.shape())?, y.shape())?;
+    let (Some(cv), Some(xv), Some(yv)) = (
+        cond.broadcast(shape.clone()),
+        x.broadcast(shape.clone()),
+        y.broadcast(shape.clone()),
+    ) else {
+        bail!(
+            "cannot broadcast {:?}, {:?} and {:?} together",
+            cond.shape(),
+            x.shape(),
+            y.shape()
+        );
+    };
+    Ok(Zip::from(&cv)
+        .and(&xv)
+        .and(&yv)
+        .map_collect(|&c, &a, &b| if c { a } else { b }))
+}
+
+/// Layer normalisation of each row of `d = x.len() / rows` values, in place: `(x − mean) /
+/// √(var + eps) · scale + bias` (mean and variance accumulated in f64, two passes).
+pub fn layer_norm(x: &mut [f32], d: usize, scale: &[f32], bias: Option<&[f32]>, eps: f32) {
+    let row = |r: &mut [f32]| {
+        let n = r.len().max(1) as f64;
+        let mean = r.iter().map(|&v| v as f64).sum::<f64>() / n;
+        let var = r.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+        let inv = 1.0 / (var + eps as f64).sqrt();
+        for (i, v) in r.iter_mut().enumerate() {
+            let y = ((*v as f64 - mean) * inv) as f32 * scale[i];
+            *v = match bias {
+                Some(b) => y + b[i],
+                None => y,
+            };
+        }
+    };
+    if x.len() >= PAR_MIN {
+        x.par_chunks_mut(d.max(1)).for_each(row);
+    } else {
+        x.chunks_mut(d.max(1)).for_each(row);
+    }
 }
 
 /// Softmax (or log-softmax) along `axis`.
