@@ -237,8 +237,17 @@ pub fn eval_op_cached(op: &Op, mut args: Vec<Arc<Tensor>>, cache: Option<&Cache>
         }
         Op::Binary(b) => {
             arity(2, &args)?;
-            let rhs = args.pop().unwrap();
-            let lhs = args.pop().unwrap();
+            let mut rhs = args.pop().unwrap();
+            let mut lhs = args.pop().unwrap();
+            // `bias + x` as `x + bias` (exactly the same sums and products), so the larger
+            // operand is the one worked in place
+            let commutes = matches!(b, crate::ir::op::Binary::Add | crate::ir::op::Binary::Mul);
+            if commutes
+                && lhs.len() < rhs.len()
+                && ew::broadcast_shape(lhs.shape(), rhs.shape()).is_ok_and(|s| s == rhs.shape())
+            {
+                std::mem::swap(&mut lhs, &mut rhs);
+            }
             match (&*lhs, &*rhs) {
                 // `lhs` is moved into the kernel (no copy when this was its last use: in place).
                 (Tensor::F32(_), Tensor::F32(_)) => {

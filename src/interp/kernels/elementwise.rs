@@ -55,26 +55,31 @@ pub fn binary_f32(op: Binary, mut a: ArrayD<f32>, b: &ArrayD<f32>) -> Result<Arr
         Binary::Sub => x - y,
         Binary::Mul => x * y,
         Binary::Div => x / y,
-        Binary::Pow => x.powf(y),
+        Binary::Pow => pow(x, y),
     };
     if a.shape() == b.shape() {
         if let (Some(x), Some(y)) = (a.as_slice_mut(), b.as_slice()) {
             // Same shape, both contiguous (residual adds): one pass, split only when large.
-            fn apply(x: &mut [f32], y: &[f32], op: Binary) {
-                match op {
-                    Binary::Add => x.iter_mut().zip(y).for_each(|(a, b)| *a += b),
-                    Binary::Sub => x.iter_mut().zip(y).for_each(|(a, b)| *a -= b),
-                    Binary::Mul => x.iter_mut().zip(y).for_each(|(a, b)| *a *= b),
-                    Binary::Div => x.iter_mut().zip(y).for_each(|(a, b)| *a /= b),
-                    Binary::Pow => x.iter_mut().zip(y).for_each(|(a, b)| *a = a.powf(*b)),
-                }
-            }
             if x.len() >= PAR_MIN {
                 x.par_chunks_mut(8192)
                     .zip(y.par_chunks(8192))
-                    .for_each(|(x, y)| apply(x, y, op));
+                    .for_each(|(x, y)| apply_same(x, y, op));
             } else {
-                apply(x, y, op);
+                apply_same(x, y, op);
+            }
+            return Ok(a);
+        }
+    }
+    if let Some(block) = contiguous_broadcast(a.shape(), b.shape()) {
+        if let (Some(x), Some(y)) = (a.as_slice_mut(), b.as_slice()) {
+            // A bias or scale over the trailing axes, or one value per row (a mean, a variance):
+            // the same arithmetic per element as the general path, in contiguous blocks.
+            match block {
+                Block::Trailing => x.chunks_exact_mut(y.len().max(1)).for_each(|x| apply_same(x, y, op)),
+                Block::PerRow(n) => x
+                    .chunks_exact_mut(n.max(1))
+                    .zip(y)
+                    .for_each(|(x, &v)| apply_scalar(x, v, op)),
             }
             return Ok(a);
         }
@@ -85,6 +90,68 @@ pub fn binary_f32(op: Binary, mut a: ArrayD<f32>, b: &ArrayD<f32>) -> Result<Arr
         return Ok(a);
     }
     broadcast_with(&a, b, f)
+}
+
+/// `x[i] = x[i] op y[i]`; `x^2` as `x·x` (what ONNX Runtime computes for the exponent 2).
+fn apply_same(x: &mut [f32], y: &[f32], op: Binary) {
+    match op {
+        Binary::Add => x.iter_mut().zip(y).for_each(|(a, b)| *a += b),
+        Binary::Sub => x.iter_mut().zip(y).for_each(|(a, b)| *a -= b),
+        Binary::Mul => x.iter_mut().zip(y).for_each(|(a, b)| *a *= b),
+        Binary::Div => x.iter_mut().zip(y).for_each(|(a, b)| *a /= b),
+        Binary::Pow => x.iter_mut().zip(y).for_each(|(a, &b)| *a = pow(*a, b)),
+    }
+}
+
+/// `x[i] = x[i] op v`.
+fn apply_scalar(x: &mut [f32], v: f32, op: Binary) {
+    match op {
+        Binary::Add => x.iter_mut().for_each(|a| *a += v),
+        Binary::Sub => x.iter_mut().for_each(|a| *a -= v),
+        Binary::Mul => x.iter_mut().for_each(|a| *a *= v),
+        Binary::Div => x.iter_mut().for_each(|a| *a /= v),
+        Binary::Pow if v == 2.0 => x.iter_mut().for_each(|a| *a *= *a),
+        Binary::Pow => x.iter_mut().for_each(|a| *a = a.powf(v)),
+    }
+}
+
+#[inline(always)]
+fn pow(x: f32, y: f32) -> f32 {
+    if y == 2.0 {
+        x * x
+    } else {
+        x.powf(y)
+    }
+}
+
+enum Block {
+    /// `b` covers the trailing axes of `a`: apply it to each block of `b.len()` values.
+    Trailing,
+    /// `b` holds one value per run of this many values of `a` (its trailing axes are 1).
+    PerRow(usize),
+}
+
+/// How `b` broadcasts onto `a` (output shape `a`) when it does so in contiguous blocks.
+fn contiguous_broadcast(a: &[usize], b: &[usize]) -> Option<Block> {
+    if b.len() > a.len() {
+        return None;
+    }
+    if b.iter().all(|&d| d == 1) {
+        return Some(Block::PerRow(a.iter().product()));
+    }
+    let lead = b.iter().take_while(|&&d| d == 1).count();
+    let bt = &b[lead..];
+    if a.ends_with(bt) {
+        return Some(Block::Trailing);
+    }
+    // same rank, b = a's leading axes then 1s
+    if b.len() == a.len() {
+        let k = b.iter().rposition(|&d| d != 1).map_or(0, |i| i + 1);
+        if b[..k] == a[..k] {
+            return Some(Block::PerRow(a[k..].iter().product()));
+        }
+    }
+    None
 }
 
 /// Integer arithmetic as ONNX Runtime computes it: two's-complement wrapping, division
