@@ -116,6 +116,38 @@ def main(out):
               f"{'yes' if ok else 'no'} | best setting ({dict(VARIANTS)[v]}): {kept * 100:.1f}% kept, "
               f"{red * 100:.1f}% removed{ceil_s} |")
     print("")
+    print(ANALYSIS)
+
+
+ANALYSIS = """Why the targets are missed, and what would close them:
+
+- **Accuracy of the lookups themselves.** With 16 prototypes per 4-value codebook (the defaults),
+  each linear layer of this width-64 encoder reproduces its outputs with a relative error of
+  about 0.2–0.55 (cosine 0.83–0.98, the compile logs' `lut layer` table), and the errors add up
+  along the residual stream through three blocks: with every linear layer as lookups the ViT keeps
+  only about 90 % of its accuracy (the "every linear layer" rows). Keeping 99 % therefore leaves
+  only the least sensitive layers (the last blocks' `fc2`) as lookups, a few percent of the work.
+  More calibration data does not help much (in one run with 8192 instead of 1024 calibration
+  images and `lut.max_rows=65536`, every layer as lookups: 90.4 % instead of 89.4 % on MNIST);
+  narrower codebooks (`lut.token_subspace=2`) are more accurate per layer but do twice the
+  lookups: masking keeps more layers as lookups, and the reduction grows only from 7.0 % to
+  9.6 % (MNIST) and 11.5 % to 17.7 % (Fashion-MNIST).
+- **The ceiling when everything is counted.** A lookup layer still does one lookup-add per
+  codebook per output (1/S of the exact layer's multiply-adds, S = 4 here) plus the encoding
+  (K·S multiply-adds per codebook per row) and the dequantisation, and the attention MatMuls
+  (Q·Kᵀ and P·V, both operands computed) always stay exact: every linear layer as lookups
+  removes about 53 % of the arithmetic, so ≥ 40 % needs nearly all of them.
+- **Speed.** At these sizes (17 rows per image, 64–192 outputs) the lookups are slower than the
+  exact GEMMs on AVX-512 (the mask pass's time model estimates 1.6–11× the exact layer's time),
+  which is why the default pipeline restores every layer ("restored: its lookups would take …").
+  tabconv's interpreter is also slower than ONNX Runtime on the exact ViT: ONNX Runtime fuses the
+  decomposed LayerNorm and GELU and runs attention with fused kernels, while tabconv runs the
+  opset-13 graph op by op (nine ops per LayerNorm, a scalar `erff`, rank-5 transposes).
+  A LayerNorm/GELU fusion pass and vectorised Erf/Softmax kernels would close much of that gap.
+- **What would close the accuracy gap**: tables and prototypes fine-tuned end to end with the
+  rest of the network (LUT-NN style) rather than layer by layer, and wider models (the
+  approximation error per layer shrinks as D grows, while the attention cost stays fixed).
+"""
 
 
 if __name__ == "__main__":
