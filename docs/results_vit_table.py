@@ -142,8 +142,11 @@ ANALYSIS = """Why the targets are missed, and what would close them:
   which is why the default pipeline restores every layer ("restored: its lookups would take …").
   tabconv's interpreter is also slower than ONNX Runtime on the exact ViT: ONNX Runtime fuses the
   decomposed LayerNorm and GELU and runs attention with fused kernels, while tabconv runs the
-  opset-13 graph op by op (nine ops per LayerNorm, a scalar `erff`, rank-5 transposes).
-  A LayerNorm/GELU fusion pass and vectorised Erf/Softmax kernels would close much of that gap.
+  opset-13 graph op by op (nine ops per LayerNorm, five per GELU, rank-5 transposes, one small
+  GEMM per image and head for Q·Kᵀ and P·V; `tabconv bench --profile` at batch 64: MatMul,
+  Transpose, Softmax and the elementwise ops take most of the time). A LayerNorm/GELU fusion
+  pass, a batched small-GEMM kernel for attention and a vectorised Softmax would close much of
+  that gap.
 - **What would close the accuracy gap**: tables and prototypes fine-tuned end to end with the
   rest of the network (LUT-NN style) rather than layer by layer, and wider models (the
   approximation error per layer shrinks as D grows, while the attention cost stays fixed).
