@@ -891,3 +891,88 @@ fn costs_beyond_64_bits_saturate() {
     assert_eq!(v["macs_per_image"], u64::MAX, "{}", v["total"]);
     assert_eq!(v["ops_all"], u64::MAX);
 }
+
+#[test]
+fn transformer_ops_that_cannot_be_done_are_errors() {
+    // input x: f32[N, 3, 4, 4]
+    let ln = |inits: Vec<pb::TensorProto>, attrs| {
+        one_node(
+            node("LayerNormalization", "ln", &["x", "S", "B"], &["y"], attrs),
+            inits,
+            17,
+        )
+    };
+    let e = import_err(
+        &ln(
+            vec![tensor_f32("S", &[3], &[1.0; 3]), tensor_f32("B", &[4], &[0.0; 4])],
+            vec![],
+        ),
+        "ln",
+        "LayerNormalization",
+    );
+    assert_mentions(&e, &["scale f32[3] does not match the normalised axes"]);
+    let e = import_err(
+        &ln(
+            vec![tensor_f32("S", &[4], &[1.0; 4]), tensor_f32("B", &[4], &[0.0; 4])],
+            vec![attr_int("stash_type", 0)],
+        ),
+        "ln",
+        "LayerNormalization",
+    );
+    assert_mentions(&e, &["stash_type"]);
+    // normalising over the batch axis works across images: an error, not a guess
+    let e = import_err(
+        &ln(
+            vec![tensor_f32("S", &[4], &[1.0; 4]), tensor_f32("B", &[4], &[0.0; 4])],
+            vec![attr_int("axis", 7)],
+        ),
+        "ln",
+        "LayerNormalization",
+    );
+    assert_mentions(&e, &["axis 7 out of range for rank 4"]);
+    let gelu = one_node(
+        node("Gelu", "g", &["x"], &["y"], vec![attr_string("approximate", "cubic")]),
+        vec![],
+        20,
+    );
+    assert_mentions(
+        &import_err(&gelu, "g", "Gelu"),
+        &["approximate must be 'none' or 'tanh'"],
+    );
+    let expand = |shape: &[i64]| {
+        one_node(
+            node("Expand", "e", &["x", "s"], &["y"], vec![]),
+            vec![tensor_i64("s", &[shape.len() as i64], shape)],
+            13,
+        )
+    };
+    assert_mentions(
+        &import_err(&expand(&[2, 3, 5, 4]), "e", "Expand"),
+        &["cannot broadcast dimension"],
+    );
+    assert_mentions(
+        &import_err(&expand(&[1, -2, 1, 1]), "e", "Expand"),
+        &["negative dimension"],
+    );
+    assert_mentions(
+        &import_err(&expand(&[1 << 40, 1, 1, 1, 1]), "e", "Expand"),
+        &["1099511627776"],
+    );
+    let wh = one_node(node("Where", "w", &["x", "x", "x"], &["y"], vec![]), vec![], 16);
+    assert_mentions(&import_err(&wh, "w", "Where"), &["the condition must be bool, got f32"]);
+    let eq = one_node(
+        node("Equal", "q", &["x", "k"], &["y"], vec![]),
+        vec![tensor_i64("k", &[1], &[1])],
+        13,
+    );
+    assert_mentions(&import_err(&eq, "q", "Equal"), &["operand types differ: f32 vs i64"]);
+    // a negative integer exponent is refused at run time, like division by zero
+    use tabconv::interp::eval::eval_op;
+    use tabconv::ir::op::{Binary, Op};
+    let e = eval_op(
+        &Op::Binary(Binary::Pow),
+        vec![Tensor::i64_vec(vec![2]).into(), Tensor::i64_vec(vec![-1]).into()],
+    )
+    .unwrap_err();
+    assert_mentions(&e.to_string(), &["negative exponent"]);
+}

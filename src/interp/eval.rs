@@ -249,8 +249,17 @@ pub fn eval_op_cached(op: &Op, mut args: Vec<Arc<Tensor>>, cache: Option<&Cache>
         }
         Op::Binary(b) => {
             arity(2, &args)?;
-            let rhs = args.pop().unwrap();
-            let lhs = args.pop().unwrap();
+            let mut rhs = args.pop().unwrap();
+            let mut lhs = args.pop().unwrap();
+            // `bias + x` as `x + bias` (exactly the same sums and products), so the larger
+            // operand is the one worked in place
+            let commutes = matches!(b, crate::ir::op::Binary::Add | crate::ir::op::Binary::Mul);
+            if commutes
+                && lhs.len() < rhs.len()
+                && ew::broadcast_shape(lhs.shape(), rhs.shape()).is_ok_and(|s| s == rhs.shape())
+            {
+                std::mem::swap(&mut lhs, &mut rhs);
+            }
             match (&*lhs, &*rhs) {
                 // `lhs` is moved into the kernel (no copy when this was its last use: in place).
                 (Tensor::F32(_), Tensor::F32(_)) => {
@@ -261,6 +270,7 @@ pub fn eval_op_cached(op: &Op, mut args: Vec<Arc<Tensor>>, cache: Option<&Cache>
                 (l, r) => bail!("unsupported operand types {} and {}", l.dtype(), r.dtype()),
             }
         }
+        Op::Equal | Op::Where | Op::Expand | Op::LayerNorm { .. } => transformer_op(op, args)?,
         Op::Sum => {
             arity(1, &args)?;
             let mut acc = owned(args.remove(0)).into_f32()?;
@@ -479,6 +489,71 @@ pub fn eval_op_cached(op: &Op, mut args: Vec<Arc<Tensor>>, cache: Option<&Cache>
         }
     };
     Ok(vec![out])
+}
+
+/// Equal, Where, Expand and LayerNormalization (the operators transformer encoders add).
+fn transformer_op(op: &Op, mut args: Vec<Arc<Tensor>>) -> Result<Tensor> {
+    let arity = |n: usize, args: &[Arc<Tensor>]| -> Result<()> {
+        if args.len() < n {
+            bail!("expects {n} inputs, got {}", args.len());
+        }
+        Ok(())
+    };
+    Ok(match op {
+        Op::Equal => {
+            arity(2, &args)?;
+            Tensor::Bool(match (&*args[0], &*args[1]) {
+                (Tensor::F32(a), Tensor::F32(b)) => ew::equal(a, b)?,
+                (Tensor::I64(a), Tensor::I64(b)) => ew::equal(a, b)?,
+                (Tensor::I32(a), Tensor::I32(b)) => ew::equal(a, b)?,
+                (Tensor::Bool(a), Tensor::Bool(b)) => ew::equal(a, b)?,
+                (a, b) => bail!("unsupported operand types {} and {}", a.dtype(), b.dtype()),
+            })
+        }
+        Op::Where => {
+            arity(3, &args)?;
+            let Tensor::Bool(c) = &*args[0] else {
+                bail!("the condition must be bool, got {}", args[0].dtype())
+            };
+            match (&*args[1], &*args[2]) {
+                (Tensor::F32(a), Tensor::F32(b)) => Tensor::F32(ew::where_(c, a, b)?),
+                (Tensor::I64(a), Tensor::I64(b)) => Tensor::I64(ew::where_(c, a, b)?),
+                (Tensor::I32(a), Tensor::I32(b)) => Tensor::I32(ew::where_(c, a, b)?),
+                (Tensor::Bool(a), Tensor::Bool(b)) => Tensor::Bool(ew::where_(c, a, b)?),
+                (a, b) => bail!("unsupported operand types {} and {}", a.dtype(), b.dtype()),
+            }
+        }
+        Op::Expand => {
+            arity(2, &args)?;
+            let shape = args[1].to_i64_vec()?;
+            dispatch!(&*args[0], a => wrap(so::expand(a, &shape)?))
+        }
+        Op::LayerNorm { axis, epsilon } => {
+            arity(2, &args)?;
+            let s = args[0].shape().to_vec();
+            let ax = so::norm_axis(*axis, s.len())?;
+            let d: usize = s[ax..].iter().product();
+            let scale = f32_std(&args[1])?.into_owned();
+            let bias = args.get(2).map(|b| Ok(f32_std(b)?.into_owned())).transpose()?;
+            if scale.len() != d || bias.as_ref().is_some_and(|b| b.len() != d) {
+                bail!(
+                    "scale {:?} and bias {:?} must hold the {d} values of the normalised axes of {s:?}",
+                    args[1].shape(),
+                    args.get(2).map(|b| b.shape().to_vec())
+                );
+            }
+            let mut x = owned(args.swap_remove(0)).into_f32()?.as_standard_layout().into_owned();
+            ew::layer_norm(
+                x.as_slice_mut().expect("standard"),
+                d,
+                &scale,
+                bias.as_deref(),
+                *epsilon,
+            );
+            Tensor::F32(x)
+        }
+        _ => bail!("{} is not a transformer operator", op.name()),
+    })
 }
 
 /// A Conv node's prepared state for one input size: the conv actually run (taps that only meet

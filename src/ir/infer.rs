@@ -415,6 +415,70 @@ fn infer_op_unchecked(op: &Op, ins: &[Fact]) -> Result<Vec<Fact>> {
             f.value = fold_int_binary(*b, &ins[0], &ins[1]);
             f
         }
+        Op::Equal => {
+            need(2)?;
+            if ins[0].dtype != ins[1].dtype {
+                return err(format!("operand types differ: {} vs {}", ins[0].dtype, ins[1].dtype));
+            }
+            let mut f = Fact::new(DType::Bool, broadcast(&ins[0].shape, &ins[1].shape)?);
+            f.value = fold_equal(&ins[0], &ins[1]);
+            f
+        }
+        Op::Where => {
+            need(3)?;
+            if ins[0].dtype != DType::Bool {
+                return err(format!("the condition must be bool, got {}", ins[0].dtype));
+            }
+            if ins[1].dtype != ins[2].dtype {
+                return err(format!("operand types differ: {} vs {}", ins[1].dtype, ins[2].dtype));
+            }
+            let shape = broadcast(&broadcast(&ins[0].shape, &ins[1].shape)?, &ins[2].shape)?;
+            let mut f = Fact::new(ins[1].dtype, shape);
+            f.value = fold_where(ins);
+            f
+        }
+        Op::Expand => {
+            need(2)?;
+            if ins[1].rank() != 1 || !matches!(ins[1].dtype, DType::I64 | DType::I32) {
+                return err(format!(
+                    "the shape must be a 1-D integer tensor, got {} {}",
+                    ins[1].dtype,
+                    ins[1].shape_string()
+                ));
+            }
+            let target = ins[1]
+                .value
+                .clone()
+                .ok_or_else(|| Error::Other("the target shape is not known statically".into()))?;
+            if let Some(d) = target.iter().find(|d| matches!(d, Dim::Known(v) if *v < 0)) {
+                return err(format!("negative dimension {d} in the target shape"));
+            }
+            Fact::new(ins[0].dtype, broadcast(&ins[0].shape, &target)?)
+        }
+        Op::LayerNorm { axis, .. } => {
+            need(2)?;
+            let a = norm_axis(*axis, ins[0].rank())?;
+            if ins[0].dtype != DType::F32 {
+                return err(format!("expects f32, got {}", ins[0].dtype));
+            }
+            let norm = &ins[0].shape[a..];
+            for (i, what) in [(1, "scale"), (2, "bias")] {
+                if let Some(p) = ins.get(i) {
+                    let ok = match (dims_product(norm), dims_product(&p.shape)) {
+                        (Some((k, 0)), Some((kp, 0))) => k == kp,
+                        _ => false,
+                    };
+                    if !ok {
+                        return err(format!(
+                            "{what} {} does not match the normalised axes of {}",
+                            p.shape_string(),
+                            ins[0].shape_string()
+                        ));
+                    }
+                }
+            }
+            same(&ins[0])
+        }
         Op::Sum => {
             need(1)?;
             let mut shape = ins[0].shape.clone();
@@ -504,7 +568,11 @@ fn infer_op_unchecked(op: &Op, ins: &[Fact]) -> Result<Vec<Fact>> {
                 .value
                 .clone()
                 .ok_or_else(|| Error::Other("the target shape is not known statically".to_string()))?;
-            Fact::new(ins[0].dtype, reshape_dims(&ins[0].shape, &target, *allowzero)?)
+            let mut f = Fact::new(ins[0].dtype, reshape_dims(&ins[0].shape, &target, *allowzero)?);
+            if f.rank() <= 1 {
+                f.value = ins[0].value.clone();
+            }
+            f
         }
         Op::Transpose { perm } => {
             need(1)?;
@@ -729,6 +797,48 @@ fn infer_op_unchecked(op: &Op, ins: &[Fact]) -> Result<Vec<Fact>> {
         }
     };
     Ok(vec![f])
+}
+
+/// `Equal` on known shape values. The batch is at least 1, so it never equals a value ≤ 0, and
+/// `k·N = j·N` exactly when `k = j`; other comparisons with the batch are unknown.
+fn fold_equal(a: &Fact, b: &Fact) -> Option<Vec<Dim>> {
+    let (av, bv) = (a.value.as_ref()?, b.value.as_ref()?);
+    let n = av.len().max(bv.len());
+    if !(av.len() == n || av.len() == 1) || !(bv.len() == n || bv.len() == 1) || a.rank() > 1 || b.rank() > 1 {
+        return None;
+    }
+    (0..n)
+        .map(|i| {
+            let x = av[if av.len() == 1 { 0 } else { i }];
+            let y = bv[if bv.len() == 1 { 0 } else { i }];
+            let eq = match (x, y) {
+                (Dim::Known(p), Dim::Known(q)) | (Dim::Batch(p), Dim::Batch(q)) => p == q,
+                (Dim::Batch(_), Dim::Known(q)) | (Dim::Known(q), Dim::Batch(_)) if q <= 0 => false,
+                _ => return None,
+            };
+            Some(Dim::Known(eq as i64))
+        })
+        .collect()
+}
+
+/// `Where` on known shape values (rank ≤ 1, lengths 1 or n).
+fn fold_where(ins: &[Fact]) -> Option<Vec<Dim>> {
+    let vals: Vec<&Vec<Dim>> = ins[..3].iter().map(|f| f.value.as_ref()).collect::<Option<_>>()?;
+    if ins[..3].iter().any(|f| f.rank() > 1) {
+        return None;
+    }
+    let n = vals.iter().map(|v| v.len()).max()?;
+    if vals.iter().any(|v| v.len() != n && v.len() != 1) {
+        return None;
+    }
+    let at = |v: &Vec<Dim>, i: usize| v[if v.len() == 1 { 0 } else { i }];
+    (0..n)
+        .map(|i| match at(vals[0], i) {
+            Dim::Known(0) => Some(at(vals[2], i)),
+            Dim::Known(_) => Some(at(vals[1], i)),
+            Dim::Batch(_) => None,
+        })
+        .collect()
 }
 
 /// Integer arithmetic on known shape values (e.g. `Shape * 2`), when both sides are known.

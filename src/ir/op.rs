@@ -81,6 +81,14 @@ pub enum Unary {
     },
     /// Identity, and Dropout in inference.
     Identity,
+    Erf,
+    Sqrt,
+    Exp,
+    Neg,
+    /// `x·Φ(x)`; `tanh`: the tanh approximation (ONNX `Gelu`, `approximate="tanh"`).
+    Gelu {
+        tanh: bool,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -89,6 +97,8 @@ pub enum Binary {
     Sub,
     Mul,
     Div,
+    /// f32 only (`powf`).
+    Pow,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -182,6 +192,18 @@ pub enum Op {
     ConstantOfShape {
         value: Arc<Tensor>,
     },
+    /// inputs: a, b (numpy broadcasting, same type) → bool
+    Equal,
+    /// inputs: condition (bool), x, y (numpy broadcasting of all three)
+    Where,
+    /// inputs: data, shape (runtime i64; bidirectional broadcasting as ONNX `Expand`)
+    Expand,
+    /// inputs: x, scale, [bias]: normalise over the axes from `axis` on (ONNX 17
+    /// `LayerNormalization`, `stash_type` float; only the first output).
+    LayerNorm {
+        axis: i64,
+        epsilon: f32,
+    },
     /// `ai.tabconv.Im2Col`: `[N, C, H, W]` → `[N, oh·ow, C·kh·kw]`, one receptive field per row,
     /// row layout `(c, i, j)` so each input channel's `kh·kw` values are contiguous.
     Im2Col(Window),
@@ -239,12 +261,18 @@ impl Op {
                 Unary::HardSwish => "HardSwish",
                 Unary::Clip { .. } => "Clip",
                 Unary::Identity => "Identity",
+                Unary::Erf => "Erf",
+                Unary::Sqrt => "Sqrt",
+                Unary::Exp => "Exp",
+                Unary::Neg => "Neg",
+                Unary::Gelu { .. } => "Gelu",
             },
             Op::Binary(b) => match b {
                 Binary::Add => "Add",
                 Binary::Sub => "Sub",
                 Binary::Mul => "Mul",
                 Binary::Div => "Div",
+                Binary::Pow => "Pow",
             },
             Op::Sum => "Sum",
             Op::Pool(p) => match p.kind {
@@ -271,6 +299,10 @@ impl Op {
             Op::Gather { .. } => "Gather",
             Op::Cast { .. } => "Cast",
             Op::ConstantOfShape { .. } => "ConstantOfShape",
+            Op::Equal => "Equal",
+            Op::Where => "Where",
+            Op::Expand => "Expand",
+            Op::LayerNorm { .. } => "LayerNormalization",
             Op::Im2Col(_) => "Im2Col",
             Op::Split { .. } => "Split",
             Op::PqEncode(_) => "PQEncode",
@@ -295,7 +327,8 @@ impl Op {
             s
         }
         match self {
-            Op::Input | Op::Sum | Op::MatMul | Op::Binary(_) => String::new(),
+            Op::Input | Op::Sum | Op::MatMul | Op::Binary(_) | Op::Equal | Op::Where | Op::Expand => String::new(),
+            Op::LayerNorm { axis, epsilon } => format!("axis={axis} epsilon={epsilon:e}"),
             Op::Const(t) => t.summary(),
             Op::Im2Col(w) => window(w),
             Op::Split { axis, sizes } => format!("axis={axis} sizes={sizes:?}"),
@@ -334,6 +367,7 @@ impl Op {
                 Unary::LeakyRelu { alpha } => format!("alpha={alpha}"),
                 Unary::HardSigmoid { alpha, beta } => format!("alpha={alpha} beta={beta}"),
                 Unary::Clip { min, max } => format!("min={min} max={max}"),
+                Unary::Gelu { tanh: true } => "approximate=tanh".into(),
                 _ => String::new(),
             },
             Op::Pool(p) => {

@@ -311,6 +311,43 @@ pub fn export_model(graph: &Graph, metadata: &[(String, String)]) -> Result<pb::
     })
 }
 
+/// `Gelu` (opset 20) in opset-17 operators, in the order the interpreter's kernel computes it:
+/// `(0.5·x)·(1 + erf(x·(1/√2)))`, or with `tanh`, `(0.5·x)·(1 + tanh((x + 0.044715·x·x·x)·√(2/π)))`.
+fn write_gelu(w: &mut Writer, name: &str, ins: Vec<String>, out: &str, tanh: bool) {
+    let x = ins.into_iter().next().unwrap_or_default();
+    let mut k = 0;
+    // one node `op(a, b)`; `b` a runtime value or a scalar constant
+    let mut step = |w: &mut Writer, op: &str, a: &str, b: Result<&str, f32>| -> String {
+        k += 1;
+        let b = match b {
+            Ok(v) => vec![v.to_string()],
+            Err(c) => vec![w.extra(&format!("{name}.c{k}"), Tensor::scalar_f32(c))],
+        };
+        let o = w.unique(&format!("{out}.gelu{k}"));
+        let ins = [
+            vec![a.to_string()],
+            if op == "Erf" || op == "Tanh" { vec![] } else { b },
+        ]
+        .concat();
+        w.node(&format!("{name}/gelu{k}"), op, "", ins, &o, vec![]);
+        o
+    };
+    let inner = if tanh {
+        let c = step(w, "Mul", &x, Err(0.044715));
+        let c = step(w, "Mul", &c, Ok(&x));
+        let c = step(w, "Mul", &c, Ok(&x));
+        let s = step(w, "Add", &x, Ok(&c));
+        let s = step(w, "Mul", &s, Err(0.797_884_6));
+        step(w, "Tanh", &s, Ok(""))
+    } else {
+        let a = step(w, "Mul", &x, Err(std::f32::consts::FRAC_1_SQRT_2));
+        step(w, "Erf", &a, Ok(""))
+    };
+    let p = step(w, "Add", &inner, Err(1.0));
+    let h = step(w, "Mul", &x, Err(0.5));
+    w.node(&format!("{name}/gelu"), "Mul", "", vec![h, p], out, vec![]);
+}
+
 fn write_node(
     w: &mut Writer,
     graph: &Graph,
@@ -379,6 +416,8 @@ fn write_node(
             Unary::Tanh => std(w, "Tanh", ins, vec![]),
             Unary::HardSwish => std(w, "HardSwish", ins, vec![]),
             Unary::Identity => std(w, "Identity", ins, vec![]),
+            Unary::Erf | Unary::Sqrt | Unary::Exp | Unary::Neg => std(w, node.op.name(), ins, vec![]),
+            Unary::Gelu { tanh } => write_gelu(w, name, ins, out, *tanh),
             Unary::LeakyRelu { alpha } => std(w, "LeakyRelu", ins, vec![attr_f("alpha", *alpha)]),
             Unary::HardSigmoid { alpha, beta } => std(
                 w,
@@ -394,6 +433,13 @@ fn write_node(
         },
         Op::Binary(_) => std(w, node.op.name(), ins, vec![]),
         Op::Sum => std(w, "Sum", ins, vec![]),
+        Op::Equal | Op::Where | Op::Expand => std(w, node.op.name(), ins, vec![]),
+        Op::LayerNorm { axis, epsilon } => std(
+            w,
+            "LayerNormalization",
+            ins,
+            vec![attr_i("axis", *axis), attr_f("epsilon", *epsilon)],
+        ),
         Op::Pool(p) => {
             let mut a = window_attrs(&p.window, p.kind == PoolKind::Max || p.window.dilations != [1, 1]);
             if let PoolKind::Avg {

@@ -58,6 +58,16 @@ pub const SUPPORTED_OPS: &[&str] = &[
     "LogSoftmax",
     "Slice",
     "Split",
+    "Erf",
+    "Gelu",
+    "Sqrt",
+    "Exp",
+    "Neg",
+    "Pow",
+    "Equal",
+    "Where",
+    "Expand",
+    "LayerNormalization",
 ];
 
 /// tabconv's own operators (domain `ai.tabconv`, see docs/TCV-FORMAT.md).
@@ -175,7 +185,7 @@ pub fn batch_is_per_image(g: &Graph) -> std::result::Result<(), String> {
             let ok = shapes_only
                 || matches!(
                     (&node.op, port),
-                    (Op::Reshape { .. }, 1) | (Op::ConstantOfShape { .. }, 0)
+                    (Op::Reshape { .. } | Op::Expand, 1) | (Op::ConstantOfShape { .. }, 0)
                 );
             if holds_n && !ok {
                 return Err(format!(
@@ -187,7 +197,9 @@ pub fn batch_is_per_image(g: &Graph) -> std::result::Result<(), String> {
         }
         let rank0 = g.inputs_of(n).first().and_then(|o| g.fact(*o)).map(|f| f.rank());
         let across = match (&node.op, rank0) {
-            (Op::Softmax { axis, .. }, Some(r)) => crate::ir::infer::norm_axis(*axis, r).ok() == Some(0),
+            (Op::Softmax { axis, .. } | Op::LayerNorm { axis, .. }, Some(r)) => {
+                crate::ir::infer::norm_axis(*axis, r).ok() == Some(0)
+            }
             (Op::Pad { pads, .. }, Some(r)) => {
                 pads.first().is_some_and(|&p| p != 0) || pads.get(r).is_some_and(|&p| p != 0)
             }
@@ -1023,6 +1035,79 @@ impl Importer {
                     None => Tensor::scalar_f32(0.0),
                 };
                 Op::ConstantOfShape { value: Arc::new(value) }
+            }
+            _ => return self.import_transformer_node(node, name, a),
+        };
+        let out = node.output.first().cloned().unwrap_or_else(|| name.to_string());
+        self.add_op(&out, name, op, &inputs).map(|_| ())
+    }
+
+    /// The operators transformer encoders add: Erf, Gelu, Sqrt, Exp, Neg, Pow, Equal, Where,
+    /// Expand, LayerNormalization (see [`Importer::import_onnx_node`]).
+    fn import_transformer_node(&mut self, node: &NodeProto, name: &str, a: &Attrs) -> Result<()> {
+        let mut inputs: Vec<Outlet> = Vec::new();
+        let all_inputs = |s: &Self| all_inputs(s, node);
+        let op = match node.op_type.as_str() {
+            "Erf" => self.unary(node, &mut inputs, Unary::Erf)?,
+            "Sqrt" => self.unary(node, &mut inputs, Unary::Sqrt)?,
+            "Exp" => self.unary(node, &mut inputs, Unary::Exp)?,
+            "Neg" => self.unary(node, &mut inputs, Unary::Neg)?,
+            "Gelu" => {
+                let tanh = match a.string("approximate").as_deref() {
+                    None | Some("none") => false,
+                    Some("tanh") => true,
+                    Some(other) => {
+                        return Err(Error::Other(format!(
+                            "approximate must be 'none' or 'tanh', got '{other}'"
+                        )))
+                    }
+                };
+                self.unary(node, &mut inputs, Unary::Gelu { tanh })?
+            }
+            "Pow" => {
+                inputs = all_inputs(self)?;
+                if inputs.len() != 2 {
+                    return Err(Error::Other(format!("expects 2 inputs, got {}", inputs.len())));
+                }
+                // an integer exponent of a float base (allowed since opset 12) becomes f32
+                let (base, exp) = (self.fact(inputs[0]).dtype, self.fact(inputs[1]).dtype);
+                if base == DType::F32 && exp != DType::F32 {
+                    inputs[1] = self.add_op(
+                        &format!("{name}.exponent"),
+                        &format!("{name}/exponent"),
+                        Op::Cast { to: DType::F32 },
+                        &[inputs[1]],
+                    )?;
+                }
+                Op::Binary(Binary::Pow)
+            }
+            "Equal" => {
+                inputs = all_inputs(self)?;
+                Op::Equal
+            }
+            "Where" => {
+                inputs = all_inputs(self)?;
+                Op::Where
+            }
+            "Expand" => {
+                inputs = all_inputs(self)?;
+                Op::Expand
+            }
+            "LayerNormalization" => {
+                inputs = all_inputs(self)?;
+                inputs.truncate(3);
+                if a.int("stash_type", 1) != 1 {
+                    return Err(Error::Other("stash_type other than 1 (float) is not supported".into()));
+                }
+                for (i, what) in node.output.iter().enumerate().skip(1) {
+                    let which = if i == 1 { "Mean" } else { "InvStdDev" };
+                    self.unsupported_outputs
+                        .insert(what.clone(), format!("LayerNormalization {which} output"));
+                }
+                Op::LayerNorm {
+                    axis: a.int("axis", -1),
+                    epsilon: a.float("epsilon", 1e-5),
+                }
             }
             other => return Err(Error::Other(format!("operator {other} is not supported"))),
         };

@@ -53,6 +53,9 @@ pub struct Options {
     pub subspace: usize,
     /// Values per codebook for fully connected layers.
     pub fc_subspace: usize,
+    /// Values per codebook for linear layers on token rows (`[N, T, D]` inputs, `T > 1`, no
+    /// window: transformer projections and MLPs); 0 = `fc_subspace`.
+    pub token_subspace: usize,
     /// Prototypes per codebook (16 = 4-bit codes; up to 256).
     pub k: usize,
     /// `argmin`, `tree`, or `auto`: argmin where its `K·S` MACs per codebook are small next to
@@ -112,6 +115,7 @@ impl Default for Options {
         Options {
             subspace: 0,
             fc_subspace: 4,
+            token_subspace: 0,
             k: 16,
             encoder: EncoderChoice::Auto,
             refit: true,
@@ -191,7 +195,9 @@ pub struct LearnReport {
 
 pub struct Lut(pub Options);
 
-/// A MatMul the pass can replace: constant `[D, M]` weight, input rows of length D.
+/// A MatMul the pass can replace: constant `[D, M]` weight, input rows of length D (an input
+/// `[N, …, D]` gives `rows_per_image` = the product of the middle dimensions: the token rows of
+/// a transformer's linear layers, the pixels of a conv).
 struct Layer {
     node: NodeIndex,
     name: String,
@@ -324,6 +330,7 @@ fn subspace(layer: &Layer, o: &Options) -> usize {
             _ => kw,
         },
         Some(_) => o.subspace,
+        None if layer.rows_per_image > 1 && o.token_subspace > 0 => o.token_subspace,
         None => o.fc_subspace,
     }
 }
@@ -491,7 +498,11 @@ fn fit_layer(layer: &Layer, data: Data, o: &Options, cx: &mut PassCx, li: usize,
     let (rel, cos) = compare(approx.as_slice().expect("standard layout"), &data.y);
     let report = LayerReport {
         node: layer.name.clone(),
-        kind: if layer.window.is_some() { "conv" } else { "fc" },
+        kind: match (layer.window, layer.rows_per_image) {
+            (Some(_), _) => "conv",
+            (None, 0 | 1) => "fc",
+            (None, _) => "token",
+        },
         d,
         m,
         codebooks: c_n,

@@ -68,6 +68,12 @@ pub fn attr_ints(name: &str, v: &[i64]) -> pb::AttributeProto {
         ..attr(name, 7)
     }
 }
+pub fn attr_string(name: &str, v: &str) -> pb::AttributeProto {
+    pb::AttributeProto {
+        s: v.as_bytes().to_vec(),
+        ..attr(name, 3)
+    }
+}
 pub fn attr_tensor(name: &str, t: pb::TensorProto) -> pb::AttributeProto {
     pb::AttributeProto {
         t: Some(t),

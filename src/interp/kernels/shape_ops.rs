@@ -94,6 +94,24 @@ fn batched_transpose<T: Copy + Default>(src: &[T], n: usize, rows: usize, cols: 
     out
 }
 
+/// ONNX `Expand`: `a` broadcast with `shape` (bidirectionally: a 1 in `shape` keeps `a`'s size).
+pub fn expand<T: Clone>(a: &ArrayD<T>, shape: &[i64]) -> Result<ArrayD<T>> {
+    let target: Vec<usize> = shape
+        .iter()
+        .map(|&d| {
+            usize::try_from(d).map_err(|_| {
+                crate::error::Error::Other(format!("negative dimension {d} in the Expand shape {shape:?}"))
+            })
+        })
+        .collect::<Result<_>>()?;
+    let out = super::elementwise::broadcast_shape(a.shape(), &target)?;
+    crate::limits::check_shape(&out, std::mem::size_of::<T>(), "Expand output")?;
+    let v = a
+        .broadcast(IxDyn(&out))
+        .ok_or_else(|| crate::error::Error::Other(format!("cannot expand {:?} to {shape:?}", a.shape())))?;
+    Ok(v.as_standard_layout().into_owned())
+}
+
 pub fn concat<T: Clone>(parts: &[&ArrayD<T>], axis: usize) -> Result<ArrayD<T>> {
     let views: Vec<_> = parts.iter().map(|a| a.view()).collect();
     ndarray::concatenate(Axis(axis), &views).map_err(|e| crate::error::Error::Other(format!("Concat: {e}")))
