@@ -96,6 +96,26 @@ fn compile_writes_report_and_tcv_runs_in_tabconv() {
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(fixture("expected/summary.json")).unwrap()).unwrap();
     assert_eq!(v["accuracy"], summary["models"]["lenet5"]["ort_top1_accuracy"]);
+    // the original beside the compiled model: one line each, the second with its difference
+    let two = Command::new(bin)
+        .args([
+            "eval",
+            fixture("models/lenet5.onnx").to_str().unwrap(),
+            out.to_str().unwrap(),
+        ])
+        .args(["--inputs", fixture("data/mnist_test.npy").to_str().unwrap()])
+        .args(["--labels", fixture("data/mnist_test_labels.npy").to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(two.status.success(), "{}", stderr(&two));
+    let text = String::from_utf8_lossy(&two.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    assert!(
+        lines[0].starts_with(fixture("models/lenet5.onnx").to_str().unwrap()) && !lines[0].contains("vs the first")
+    );
+    // the exact pipeline keeps LeNet's accuracy: no difference
+    assert!(lines[1].contains("+0.00 points vs the first"), "{text}");
     let i = Command::new(bin)
         .args(["inspect", out.to_str().unwrap()])
         .output()

@@ -37,11 +37,15 @@ enum Cmd {
     },
     /// Top-1 accuracy and throughput on a labelled set.
     ///
-    /// Example: tabconv eval fixtures/models/lenet5.onnx --inputs fixtures/data/mnist_test.npy
+    /// Example: tabconv eval fixtures/models/lenet5.onnx lenet5.tcv --inputs fixtures/data/mnist_test.npy
     ///          --labels fixtures/data/mnist_test_labels.npy
+    ///
+    /// Several models are evaluated on the same images, each on its own line, the later ones with
+    /// their accuracy difference from the first (e.g. a compiled model beside its original).
     Eval {
-        /// Model file: .onnx or a compiled .tcv
-        model: PathBuf,
+        /// Model files: .onnx or compiled .tcv
+        #[arg(required = true, num_args = 1..)]
+        models: Vec<PathBuf>,
         /// Images: float32 NCHW .npy, IDX (optionally .gz, e.g. Fashion-MNIST) or CIFAR .bin
         #[arg(long)]
         inputs: PathBuf,
@@ -110,7 +114,7 @@ fn main() -> ExitCode {
     let res = match cli.cmd {
         Cmd::Run { model, input, output } => run(&model, &input, &output),
         Cmd::Eval {
-            model,
+            models,
             inputs,
             labels,
             batch,
@@ -118,7 +122,7 @@ fn main() -> ExitCode {
             pre,
         } => pre
             .get()
-            .and_then(|pre| eval(&model, &inputs, &labels, batch, json, pre)),
+            .and_then(|pre| eval(&models, &inputs, &labels, batch, json, pre)),
         Cmd::Inspect { model, json } => inspect(&model, json),
         Cmd::Bench {
             models,
@@ -174,18 +178,28 @@ fn run(model_path: &Path, input: &Path, output: &Path) -> Result<()> {
     Ok(())
 }
 
-fn eval(model_path: &Path, inputs: &Path, labels: &Path, batch: usize, json: bool, pre: Preprocess) -> Result<()> {
+/// Evaluate each model on the same labelled images (one line, or one JSON object, per model).
+fn eval(models: &[PathBuf], inputs: &Path, labels: &Path, batch: usize, json: bool, pre: Preprocess) -> Result<()> {
     model::check_batch(batch)?;
-    let runner = load_runner(model_path)?;
+    // every model loads (and is checked) before the images are read and anything runs
+    let runners = models.iter().map(|m| load_runner(m)).collect::<Result<Vec<_>>>()?;
     let data = Labelled::load(Source::File(inputs.into()), Source::File(labels.into()), pre)?;
-    let bar = tabconv::cli::progress(data.labels().len().div_ceil(batch), "eval");
-    let e = runner.evaluate(&data, batch, || bar.inc(1))?;
-    bar.finish_and_clear();
-    if json {
-        println!("{}", serde_json::to_value(&e).expect("json"));
-    } else {
+    let mut first: Option<f64> = None;
+    for (model_path, runner) in models.iter().zip(&runners) {
+        let bar = tabconv::cli::progress(data.labels().len().div_ceil(batch), "eval");
+        let e = runner.evaluate(&data, batch, || bar.inc(1))?;
+        bar.finish_and_clear();
+        if json {
+            println!("{}", serde_json::to_value(&e).expect("json"));
+            continue;
+        }
+        let vs = match first {
+            Some(a) => format!(", {:+.2} points vs the first", (e.accuracy - a) * 100.0),
+            None => String::new(),
+        };
+        first.get_or_insert(e.accuracy);
         println!(
-            "{}: accuracy {:.2}% ({}/{}), {:.1} images/s (batch {batch}, {:.2} s)",
+            "{}: accuracy {:.2}% ({}/{}){vs}, {:.1} images/s (batch {batch}, {:.2} s)",
             model_path.display(),
             e.accuracy * 100.0,
             e.correct,
