@@ -118,6 +118,10 @@ impl Unit {
             return Ok(None);
         };
         let scale = scale.to_f32_vec();
+        // only layers whose parameters fit together (as the `lut` pass writes them) are trained
+        if scale.len() != m || offset.len() != m || k < 2 || m == 0 || c_n == 0 || pe.subspace == 0 {
+            return Ok(None);
+        }
         let mut t_ckm = vec![0f32; c_n * k * m];
         let tv = tables.to_f32_vec();
         for c in 0..c_n {
@@ -129,15 +133,26 @@ impl Unit {
         }
         let eins = graph.inputs_of(enc_node);
         let s = pe.subspace;
-        let enc = match pe.encoder {
-            Encoder::Argmin => Encoding::Argmin {
+        let enc = match (pe.encoder, eins.len()) {
+            (Encoder::Argmin, 2) => Encoding::Argmin {
                 protos: cv(eins[1])?.to_f32_vec(),
             },
-            Encoder::Tree => Encoding::Tree {
+            (Encoder::Tree, 3) if k.is_power_of_two() => Encoding::Tree {
                 dims: cv(eins[1])?.to_i64_vec()?.iter().map(|&d| d.max(0) as usize).collect(),
                 thresholds: cv(eins[2])?.to_f32_vec(),
             },
+            _ => return Ok(None),
         };
+        let fits = match &enc {
+            Encoding::Argmin { protos } => protos.len() == c_n * k * s,
+            Encoding::Tree { dims, thresholds } => {
+                let depth = k.trailing_zeros() as usize;
+                dims.len() == c_n * depth && dims.iter().all(|&d| d < s) && thresholds.len() == c_n * (k - 1)
+            }
+        };
+        if !fits {
+            return Ok(None);
+        }
         Ok(Some(Unit {
             enc_node,
             lut_node: lut,
