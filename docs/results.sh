@@ -16,15 +16,7 @@ T=target/release
 [ -f "$PAPER/resnet34_mnist.onnx" ] || python3 fixtures/paper_models.py --out "$PAPER" --mnist-dir "$MNIST_DIR" --reuse-ckpt
 
 # validation sets: 2000 training images the calibration set (the first 1024) does not use
-python3 - "$MNIST_DIR" "$FMNIST_DIR" "$out" <<'PY'
-import sys, os, numpy as np
-sys.path.insert(0, "fixtures")
-import generate as G
-for name, d in (("mnist", sys.argv[1]), ("fmnist", sys.argv[2])):
-    x, y = G.load_dataset(d)["train"]
-    np.save(os.path.join(sys.argv[3], f"{name}_val.npy"), x[50000:52000])
-    np.save(os.path.join(sys.argv[3], f"{name}_val_labels.npy"), y[50000:52000])
-PY
+python3 docs/val_sets.py "$MNIST_DIR" "$FMNIST_DIR" "$out"
 
 row() { # key model dataset_dir calib
   local key=$1 model=$2 dir=$3 ds=$4

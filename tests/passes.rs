@@ -16,18 +16,6 @@ const MODELS: &[(&str, &str)] = &[
     ("resnet18_fmnist", "models/resnet18_fmnist.onnx"),
 ];
 
-fn compile_exact(model: &str) -> (tabconv::ir::Graph, Vec<(String, String)>) {
-    let mut g = tabconv::onnx::load_model(&fixture(model)).unwrap();
-    let pipeline = Pipeline::find("exact").unwrap();
-    let mut dumps = vec![("import".to_string(), dump(&g).unwrap())];
-    run_pipeline(&mut g, &pipeline, &mut PassCx::default(), |pass, g| {
-        dumps.push((pass.to_string(), dump(g)?));
-        Ok(())
-    })
-    .unwrap();
-    (g, dumps)
-}
-
 #[test]
 fn snapshots_after_each_exact_pass() {
     for (name, model) in MODELS {

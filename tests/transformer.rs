@@ -86,18 +86,6 @@ fn both_exporters_give_the_operators_issue_12_names() {
     }
 }
 
-fn compile_exact(model: &str) -> (Graph, Vec<(String, String)>) {
-    let mut g = tabconv::onnx::load_model(&fixture(model)).unwrap();
-    let pipeline = Pipeline::find("exact").unwrap();
-    let mut dumps = vec![("import".to_string(), dump(&g).unwrap())];
-    run_pipeline(&mut g, &pipeline, &mut PassCx::default(), |pass, g| {
-        dumps.push((pass.to_string(), dump(g)?));
-        Ok(())
-    })
-    .unwrap();
-    (g, dumps)
-}
-
 #[test]
 fn exact_pipeline_snapshots_outputs_and_tcv_round_trip() {
     let dir = tempfile::tempdir().unwrap();

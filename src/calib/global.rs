@@ -72,8 +72,8 @@ struct Unit {
     adam: [Adam; 3],
 }
 
-/// A unit's input rows, per codebook, their length, and the window map they were read through.
-type UnitRows = (Vec<Vec<f32>>, usize, Option<Arc<Vec<u32>>>);
+/// A unit's input rows, per codebook, and the window map they were read through.
+type UnitRows = (Vec<Vec<f32>>, Option<Arc<Vec<u32>>>);
 
 /// Per-batch values of a unit needed by its backward pass.
 struct UnitFwd {
@@ -181,7 +181,7 @@ impl Unit {
 
     /// Rows `n_rows × d` of the encoder's input (`d` may be shorter than `c·s`: the last
     /// codebook zero-padded), per codebook.
-    fn rows(&self, x: &ArrayD<f32>, maps: &mut HashMap<String, Arc<Vec<u32>>>) -> Result<UnitRows> {
+    fn rows(&self, x: &ArrayD<f32>, maps: &mut Maps) -> Result<UnitRows> {
         let x = x.as_standard_layout();
         let data = x.as_slice().expect("standard layout");
         let (rows, d, map) = match &self.window {
@@ -189,15 +189,7 @@ impl Unit {
                 let &[n, c, h, wd] = x.shape() else {
                     return Err(stop("a windowed encoder needs an NCHW input".into()));
                 };
-                let key = format!("{w:?}{c}x{h}x{wd}");
-                let map = match maps.get(&key) {
-                    Some(m) => m.clone(),
-                    None => {
-                        let m = Arc::new(window_map(w, c, [h, wd])?);
-                        maps.insert(key, m.clone());
-                        m
-                    }
-                };
+                let map = maps.get(w, c, [h, wd])?;
                 let d = c * w.kernel[0] * w.kernel[1];
                 let p = map.len() / d;
                 let per = c * h * wd;
@@ -226,7 +218,7 @@ impl Unit {
         let xs = (0..sub.count())
             .map(|c| crate::pq::gather_subspace(&rows, n_rows, sub, c))
             .collect();
-        Ok((xs, d, map))
+        Ok((xs, map))
     }
 
     fn problem<'a>(&self, xs: &'a [Vec<f32>], rows: usize, empty: &'a RowEpilogue) -> Problem<'a> {
@@ -248,10 +240,10 @@ impl Unit {
         &self,
         x: &ArrayD<f32>,
         out_shape: &[usize],
-        maps: &mut HashMap<String, Arc<Vec<u32>>>,
+        maps: &mut Maps,
         soft: bool,
     ) -> Result<(ArrayD<f32>, UnitFwd)> {
-        let (xs, _, map) = self.rows(x, maps)?;
+        let (xs, map) = self.rows(x, maps)?;
         let n_rows = xs[0].len() / self.sub.s;
         let empty = RowEpilogue::default();
         let p = self.problem(&xs, n_rows, &empty);
@@ -406,14 +398,8 @@ impl Unit {
         }
     }
 
-    fn init_training(
-        &mut self,
-        x: &ArrayD<f32>,
-        tau: f32,
-        lr: f32,
-        maps: &mut HashMap<String, Arc<Vec<u32>>>,
-    ) -> Result<()> {
-        let (xs, _, _) = self.rows(x, maps)?;
+    fn init_training(&mut self, x: &ArrayD<f32>, tau: f32, lr: f32, maps: &mut Maps) -> Result<()> {
+        let (xs, _) = self.rows(x, maps)?;
         let n_rows = xs[0].len() / self.sub.s;
         let empty = RowEpilogue::default();
         let p = self.problem(&xs, n_rows, &empty);
@@ -481,6 +467,23 @@ impl Unit {
     }
 }
 
+/// Window maps by window and image shape, built once per training run (every minibatch has the
+/// same shapes).
+#[derive(Default)]
+struct Maps(HashMap<(String, usize, [usize; 2]), Arc<Vec<u32>>>);
+
+impl Maps {
+    fn get(&mut self, w: &Window, c: usize, hw: [usize; 2]) -> Result<Arc<Vec<u32>>> {
+        let key = (format!("{w:?}"), c, hw);
+        if let Some(m) = self.0.get(&key) {
+            return Ok(m.clone());
+        }
+        let m = Arc::new(window_map(w, c, hw)?);
+        self.0.insert(key, m.clone());
+        Ok(m)
+    }
+}
+
 /// Per image `[C, H, W]` → the `Im2Col` rows `[oh·ow, C·kh·kw]`: for each row element the
 /// index + 1 of the input element it reads, 0 for padding.
 pub fn window_map(w: &Window, c: usize, hw: [usize; 2]) -> Result<Vec<u32>> {
@@ -526,7 +529,7 @@ struct Net<'g> {
     /// Nodes whose output depends on some trainable parameter.
     trainable_below: std::collections::HashSet<NodeIndex>,
     output: Outlet,
-    maps: HashMap<String, Arc<Vec<u32>>>,
+    maps: Maps,
     /// LUT layers output their soft assignment's expectation (gradient checks only).
     soft: bool,
 }
@@ -575,7 +578,7 @@ impl<'g> Net<'g> {
             unit_of,
             trainable_below,
             output,
-            maps: HashMap::new(),
+            maps: Maps::default(),
             soft: false,
         }))
     }
@@ -727,7 +730,7 @@ impl<'g> Net<'g> {
                 }
                 Op::Im2Col(w) => {
                     let xs = x(0)?.shape().to_vec();
-                    let map = window_map(w, xs[1], [xs[2], xs[3]])?;
+                    let map = self.maps.get(w, xs[1], [xs[2], xs[3]])?;
                     add_grad(&mut grads, ins[0], scatter_rows(&gy, &map, &xs, None));
                 }
                 Op::MatMul if g.const_value(ins[1]).is_some() && !wants(&ins[1], &self.trainable_below) => {
@@ -753,7 +756,8 @@ impl<'g> Net<'g> {
                 }
                 Op::Pool(p) if !p.nhwc => {
                     let xv = x(0)?;
-                    let gx = pool_backward(&node.op, p.kind.clone(), &p.window, xv, &gy)?;
+                    let map = self.maps.get(&p.window, 1, [xv.shape()[2], xv.shape()[3]])?;
+                    let gx = pool_backward(&node.op, p.kind.clone(), &p.window, &map, xv, &gy)?;
                     add_grad(&mut grads, ins[0], gx);
                 }
                 Op::GlobalPool { max } => {
@@ -822,13 +826,19 @@ fn scatter_rows(gy: &ArrayD<f32>, map: &[u32], xs: &[usize], weight: Option<&[f3
 /// gradient to the first maximal input of its window; average spreads it with the weight
 /// `1 / divisor`, read off the op itself applied to ones (`count_include_pad` and `ceil_mode`
 /// included).
-fn pool_backward(op: &Op, kind: PoolKind, w: &Window, x: &ArrayD<f32>, gy: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+/// `map` is one channel's window map (rows `[P, kh·kw]`).
+fn pool_backward(
+    op: &Op,
+    kind: PoolKind,
+    w: &Window,
+    map: &[u32],
+    x: &ArrayD<f32>,
+    gy: &ArrayD<f32>,
+) -> Result<ArrayD<f32>> {
     let xs = x.shape().to_vec();
     let [nb, c, h, wd] = xs[..] else {
         return Err(stop("pooling needs an NCHW input".into()));
     };
-    // one channel's map: rows [P, kh·kw]
-    let map = window_map(w, 1, [h, wd])?;
     let kk = w.kernel[0] * w.kernel[1];
     let p = map.len() / kk;
     let gy = gy.as_standard_layout();

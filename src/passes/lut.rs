@@ -397,8 +397,6 @@ fn encode_rows(x: &[f32], rows: usize, sub: Subspaces, k: usize, enc: &Encoding)
 struct Fitted {
     encoder: Encoder,
     enc: Encoding,
-    s: usize,
-    c_n: usize,
     /// `[c][m][k]`
     tables: Tensor,
     scale: Vec<f32>,
@@ -522,8 +520,6 @@ fn fit_layer(layer: &Layer, data: Data, o: &Options, cx: &mut PassCx, li: usize,
     Ok(Fitted {
         encoder,
         enc,
-        s,
-        c_n,
         tables,
         scale,
         offset,
@@ -535,6 +531,7 @@ fn fit_layer(layer: &Layer, data: Data, o: &Options, cx: &mut PassCx, li: usize,
 /// remembering how to put the exact layer back (the `mask` pass).
 fn rewrite(graph: &mut Graph, cx: &mut PassCx, layer: &Layer, f: Fitted) -> Result<()> {
     let (name, m, k) = (layer.name.clone(), layer.w.shape()[1], f.report.k);
+    let (s, c_n) = (f.report.subspace, f.report.codebooks);
     let mm_out = Outlet::new(layer.node, 0);
     let weight_out = graph.inputs_of(layer.node)[1];
     let mut exact_layer = ExactLayer {
@@ -558,21 +555,21 @@ fn rewrite(graph: &mut Graph, cx: &mut PassCx, layer: &Layer, f: Fitted) -> Resu
     let mut enc_args = vec![enc_input];
     match f.enc {
         Encoding::Argmin { protos } => {
-            let t = Tensor::f32(&[f.c_n, k, f.s], protos)?;
+            let t = Tensor::f32(&[c_n, k, s], protos)?;
             enc_args.push(graph.add_const(&format!("{name}/prototypes"), t));
         }
         Encoding::Tree { dims, thresholds } => {
             let depth = k.trailing_zeros() as usize;
             let dims_t = Tensor::I64(
-                ArrayD::from_shape_vec(IxDyn(&[f.c_n, depth]), dims.iter().map(|&v| v as i64).collect()).expect("size"),
+                ArrayD::from_shape_vec(IxDyn(&[c_n, depth]), dims.iter().map(|&v| v as i64).collect()).expect("size"),
             );
             enc_args.push(graph.add_const(&format!("{name}/split_dims"), dims_t));
-            let thr = Tensor::f32(&[f.c_n, k - 1], thresholds)?;
+            let thr = Tensor::f32(&[c_n, k - 1], thresholds)?;
             enc_args.push(graph.add_const(&format!("{name}/thresholds"), thr));
         }
     }
     let op = Op::PqEncode(PqEncode {
-        subspace: f.s,
+        subspace: s,
         encoder: f.encoder,
         window,
         nhwc: false,

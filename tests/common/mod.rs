@@ -119,3 +119,19 @@ pub fn dump_without_hashes(g: &tabconv::ir::Graph) -> String {
         })
         .collect()
 }
+
+/// `model` (relative to `fixtures/`) through the `exact` pipeline, with the IR dumped after the
+/// import and after every pass (for snapshots).
+pub fn compile_exact(model: &str) -> (tabconv::ir::Graph, Vec<(String, String)>) {
+    use tabconv::ir::dump::dump;
+    use tabconv::passes::{manager::run_pipeline, pipeline::Pipeline, PassCx};
+    let mut g = tabconv::onnx::load_model(&fixture(model)).unwrap();
+    let pipeline = Pipeline::find("exact").unwrap();
+    let mut dumps = vec![("import".to_string(), dump(&g).unwrap())];
+    run_pipeline(&mut g, &pipeline, &mut PassCx::default(), |pass, g| {
+        dumps.push((pass.to_string(), dump(g)?));
+        Ok(())
+    })
+    .unwrap();
+    (g, dumps)
+}
