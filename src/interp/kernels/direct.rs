@@ -649,7 +649,15 @@ unsafe fn row_c1_channels(
                 x86::px512::<1, 2>(&a, lay, x0, ow);
             }
             (Simd::Avx512, _) => {
-                let x0 = x86::px512::<16, 1>(&a, lay, 0, ow);
+                // equal tiles of at most 16 pixels where the width allows (28 = 14 + 14, not
+                // 16 + 4 + 4 + 4: a 4-pixel tile waits on its chains of dependent multiply-adds)
+                let x0 = match ow / ow.div_ceil(16) {
+                    14 => x86::px512::<14, 1>(&a, lay, 0, ow),
+                    12 => x86::px512::<12, 1>(&a, lay, 0, ow),
+                    10 => x86::px512::<10, 1>(&a, lay, 0, ow),
+                    7 => x86::px512::<7, 1>(&a, lay, 0, ow),
+                    _ => x86::px512::<16, 1>(&a, lay, 0, ow),
+                };
                 let x0 = x86::px512::<4, 1>(&a, lay, x0, ow);
                 x86::px512::<1, 1>(&a, lay, x0, ow);
             }
@@ -941,6 +949,9 @@ mod x86 {
             dst,
         };
         let blocks = lay.m.div_ceil(16);
+        if g.dw == 1 && (g.sw == 1 || g.sw == 2) {
+            return k.sweep_row(ow, blocks, lay);
+        }
         let (xa, xb) = g.interior;
         for xo in 0..xa {
             k.edge(xo, blocks, lay);
@@ -1009,10 +1020,7 @@ mod x86 {
             lay: &Layout,
         ) -> usize {
             let g = self.g;
-            let masks: [u16; V] = std::array::from_fn(|v| {
-                let l0 = (b0 + v) * 16;
-                ((1u32 << lay.m.saturating_sub(l0).min(16)) - 1) as u16
-            });
+            let masks = Self::masks::<V>(b0, lay);
             let mut acc: [[__m512; V]; R] = [std::array::from_fn(|v| _mm512_loadu_ps(self.bias.add((b0 + v) * 16))); R];
             let step = g.sw * g.c;
             let zero = _mm512_setzero_ps();
@@ -1033,6 +1041,32 @@ mod x86 {
                     }
                 }
             }
+            self.store(&acc, &masks, x0, b0, lay);
+            V
+        }
+
+        /// The channel masks of blocks `b0..b0 + V` (the last block of a layer may be partial).
+        #[inline(always)]
+        fn masks<const V: usize>(b0: usize, lay: &Layout) -> [u16; V] {
+            std::array::from_fn(|v| {
+                let l0 = (b0 + v) * 16;
+                ((1u32 << lay.m.saturating_sub(l0).min(16)) - 1) as u16
+            })
+        }
+
+        /// Sums of pixels `x0..x0 + R`, blocks `b0..b0 + V`: residual, ReLU, store. Its own
+        /// epilogue rather than `store512`'s: going through `store512` measured about 5 %
+        /// slower on MobileNet at batch 1.
+        #[inline(always)]
+        unsafe fn store<const R: usize, const V: usize>(
+            &self,
+            acc: &[[__m512; V]; R],
+            masks: &[u16; V],
+            x0: usize,
+            b0: usize,
+            lay: &Layout,
+        ) {
+            let zero = _mm512_setzero_ps();
             for (r, a) in acc.iter().enumerate() {
                 for (v, &s) in a.iter().enumerate() {
                     let p = self.dst.add((x0 + r) * lay.m + (b0 + v) * 16);
@@ -1042,8 +1076,6 @@ mod x86 {
                         s
                     };
                     let s = if lay.relu { _mm512_max_ps(s, zero) } else { s };
-                    // its own epilogue rather than `store512`'s: going through `store512` measured
-                    // about 5 % slower on MobileNet at batch 1
                     if masks[v] == u16::MAX {
                         _mm512_storeu_ps(p, s);
                     } else {
@@ -1051,8 +1083,126 @@ mod x86 {
                     }
                 }
             }
-            V
         }
+
+        /// Stride 1 or 2, no dilation: the row in near-equal tiles of at most 8 pixels (14 → 7 +
+        /// 7), each [`sweep`] over as many channel blocks as keep about 8 sums.
+        #[inline(always)]
+        unsafe fn sweep_row(&self, ow: usize, blocks: usize, lay: &Layout) {
+            let (xa, xb) = self.g.interior;
+            let tiles = ow.div_ceil(8);
+            let mut x0 = 0;
+            for t in 0..tiles {
+                let r = (ow - x0).div_ceil(tiles - t);
+                let edge = x0 < xa || x0 + r > xb;
+                let mut b = 0;
+                while b < blocks {
+                    b += match (self.g.sw, edge) {
+                        (1, false) => self.sweep_tile::<1, false>(r, x0, b, blocks - b, lay),
+                        (1, true) => self.sweep_tile::<1, true>(r, x0, b, blocks - b, lay),
+                        (_, false) => self.sweep_tile::<2, false>(r, x0, b, blocks - b, lay),
+                        (_, true) => self.sweep_tile::<2, true>(r, x0, b, blocks - b, lay),
+                    };
+                }
+                x0 += r;
+            }
+        }
+
+        /// [`sweep`] for `r ≤ 8` pixels from `x0` and blocks from `b0` (`left` remain); returns
+        /// the blocks done.
+        #[inline(always)]
+        unsafe fn sweep_tile<const S: usize, const EDGE: bool>(
+            &self,
+            r: usize,
+            x0: usize,
+            b0: usize,
+            left: usize,
+            lay: &Layout,
+        ) -> usize {
+            type Tile = unsafe fn((&Dw, usize, usize, &Layout)) -> usize;
+            let f: Tile = match (r, left) {
+                (8, _) => sweep::<8, 1, S, EDGE>,
+                (7, _) => sweep::<7, 1, S, EDGE>,
+                (6, _) => sweep::<6, 1, S, EDGE>,
+                (5, _) => sweep::<5, 1, S, EDGE>,
+                (4, 2..) => sweep::<4, 2, S, EDGE>,
+                (4, _) => sweep::<4, 1, S, EDGE>,
+                (3, 2..) => sweep::<3, 2, S, EDGE>,
+                (3, _) => sweep::<3, 1, S, EDGE>,
+                (2, 2..) => sweep::<2, 2, S, EDGE>,
+                (2, _) => sweep::<2, 1, S, EDGE>,
+                (_, 2..) => sweep::<1, 2, S, EDGE>,
+                _ => sweep::<1, 1, S, EDGE>,
+            };
+            // through a pointer: inlined into the row loop, the many tile forms kept their sums
+            // on the stack
+            std::hint::black_box(f)((self, x0, b0, lay))
+        }
+    }
+
+    /// `R` pixels × `V` channel blocks of a 3×3 depthwise row at stride `S`, no dilation, by
+    /// input columns: each input vector is loaded once and multiplied into the (up to 3)
+    /// outputs whose window holds it, with the 9 × `V` weight vectors in registers (stride 1:
+    /// 3 loads per output instead of 9). `EDGE`: columns outside the row are zero vectors.
+    /// The taps still reach each output in order `(ky, kx)`, so the sums are those of
+    /// [`Dw::tile`]. Compiled apart from the row loop: inlined there, the many tile forms kept
+    /// their sums on the stack.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    #[inline(never)]
+    unsafe fn sweep<const R: usize, const V: usize, const S: usize, const EDGE: bool>(
+        (k, x0, b0, lay): (&Dw, usize, usize, &Layout),
+    ) -> usize {
+        let g = k.g;
+        let masks = Dw::masks::<V>(b0, lay);
+        let mut acc: [[__m512; V]; R] = [std::array::from_fn(|v| _mm512_loadu_ps(k.bias.add((b0 + v) * 16))); R];
+        let zero = _mm512_setzero_ps();
+        // input column of the tile's first tap (negative inside the left padding)
+        let first = (x0 * S) as isize - g.left as isize;
+        for i in 0..3 {
+            let row = g.rows[i].add(b0 * 16);
+            let wv: [[__m512; V]; 3] = std::array::from_fn(|j| {
+                std::array::from_fn(|v| _mm512_loadu_ps(k.w.add((3 * i + j) * k.nb + (b0 + v) * 16)))
+            });
+            // the tile's input column `q`, block `v`
+            let load = |q: usize, v: usize| {
+                let xi = first + q as isize;
+                match !EDGE || (xi >= 0 && (xi as usize) < g.w) {
+                    true => _mm512_maskz_loadu_ps(masks[v], row.add(xi as usize * g.c + 16 * v)),
+                    false => zero,
+                }
+            };
+            if S == 1 {
+                for q in 0..R + 2 {
+                    for v in 0..V {
+                        let xv = load(q, v);
+                        for j in 0..3 {
+                            if q >= j && q - j < R {
+                                acc[q - j][v] = _mm512_fmadd_ps(xv, wv[j][v], acc[q - j][v]);
+                            }
+                        }
+                    }
+                }
+            } else {
+                // Stride 2 by output pixel (a loop LLVM unrolls, unlike one over 2R + 1
+                // columns): column 2p is tap 0 of pixel p and tap 2 of pixel p - 1, column
+                // 2p + 1 tap 1 of pixel p.
+                for p in 0..R {
+                    for v in 0..V {
+                        let e = load(2 * p, v);
+                        if p > 0 {
+                            acc[p - 1][v] = _mm512_fmadd_ps(e, wv[2][v], acc[p - 1][v]);
+                        }
+                        acc[p][v] = _mm512_fmadd_ps(e, wv[0][v], acc[p][v]);
+                        acc[p][v] = _mm512_fmadd_ps(load(2 * p + 1, v), wv[1][v], acc[p][v]);
+                    }
+                }
+                for v in 0..V {
+                    acc[R - 1][v] = _mm512_fmadd_ps(load(2 * R, v), wv[2][v], acc[R - 1][v]);
+                }
+            }
+        }
+        k.store(&acc, &masks, x0, b0, lay);
+        V
     }
 
     /// [`dw3_row_avx512`] at AVX2: tiles of `R` pixels × `V` blocks of 8 channels with `R·V = 8`
@@ -1581,6 +1731,9 @@ mod tests {
             (2, 70, [4, 4], 70, 3, 1, 1, [1; 4], true),
             (1, 130, [7, 7], 130, 3, 2, 1, [1; 4], true),
             (1, 64, [5, 3], 64, 3, 1, 1, [1; 4], true),
+            // rows split into unequal tiles (17 = 6 + 6 + 5; 15 = 8 + 7), both edges padded or not
+            (1, 20, [3, 17], 20, 3, 1, 1, [1; 4], true),
+            (1, 48, [5, 30], 48, 3, 2, 1, [0, 1, 1, 0], true),
         ];
         for &(n, c, [h, w], m, k, s, d, pads, dw) in cases {
             let cv = conv(k, s, d, pads, if dw { c } else { 1 });
@@ -1640,6 +1793,7 @@ mod tests {
         for &(n, c, hw, s) in &[
             (8, 32, 14, 1),
             (1, 32, 14, 1),
+            (4, 16, 28, 2),
             (64, 16, 28, 2),
             (64, 32, 14, 1),
             (64, 32, 14, 2),
