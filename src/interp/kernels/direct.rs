@@ -299,7 +299,7 @@ pub fn conv_nhwc(
         // SAFETY: every row of every image was computed above.
         return Ok((unsafe { out.finish(pixels * m) }, [n, oh, ow, m]));
     }
-    let r = tile_pixels(simd, wts);
+    let r = tile_pixels(simd, wts, pixels);
     let tiles = pixels.div_ceil(r);
     let xdata: &[f32] = &pad.data;
     let run = |t0: usize, t1: usize| {
@@ -386,9 +386,12 @@ impl SendPtr {
 }
 
 /// Pixels per tile at this level.
-fn tile_pixels(simd: Simd, wts: &NhwcWeights) -> usize {
+fn tile_pixels(simd: Simd, wts: &NhwcWeights, pixels: usize) -> usize {
     match simd {
         Simd::Avx512 if wts.depthwise => 8,
+        // fewer pixels than a tile (a deep layer at batch 1): tiles of at most 4 over several
+        // channel blocks (`tile512_blocks`) rather than a 10-pixel tile mostly repeating its last
+        Simd::Avx512 if pixels < 10 => pixels.min(4),
         Simd::Avx512 if wts.blocks.iter().any(|b| b.1 == 32) => 10,
         Simd::Avx512 => 16,
         Simd::Avx2 if wts.depthwise => 4,
@@ -413,6 +416,10 @@ unsafe fn tile(
     dst: *mut f32,
 ) {
     let xp = x.as_ptr();
+    #[cfg(target_arch = "x86_64")]
+    if simd == Simd::Avx512 && !wts.depthwise && offs.len() <= 4 {
+        return tile_blocks(xp, offs, rows, wts, lay, dst);
+    }
     let mut wofs = 0;
     for &(oc0, lanes) in &wts.blocks {
         let w = wts.data.as_ptr().add(wofs);
@@ -480,6 +487,50 @@ unsafe fn tile512_args<const R: usize, const V: usize, const S: usize>(
     ),
 ) {
     x86::tile512::<R, V, S>(x, offs, rows, w, nb, bias, lay, dst, valid)
+}
+
+/// A tile of at most 4 pixels, every output channel block: 32-lane blocks taken several at a
+/// time by [`x86::tile512_blocks`] (about 8 independent sums, so the multiply-add latency is
+/// hidden even for one pixel), a last 16-lane block by [`x86::tile512`].
+///
+/// # Safety
+/// AVX-512F; as [`tile`].
+#[cfg(target_arch = "x86_64")]
+unsafe fn tile_blocks(x: *const f32, offs: &[usize], rows: usize, wts: &NhwcWeights, lay: &Layout, dst: *mut f32) {
+    let blk = 32 * lay.c * lay.kernel[0] * lay.kernel[1];
+    let full = wts.blocks.iter().take_while(|b| b.1 == 32).count();
+    let mut b = 0;
+    while b < wts.blocks.len() {
+        let (oc0, lanes) = wts.blocks[b];
+        let w = wts.data.as_ptr().add(b * blk);
+        let bias = wts.bias.as_ptr().add(oc0);
+        let valid = lay.m.saturating_sub(oc0);
+        let a = (x, offs, rows, w, blk, bias, lay, dst.add(oc0), valid);
+        b += match (offs.len(), full.saturating_sub(b)) {
+            (1, 4..) => x86::tile512_blocks::<1, 8>(a),
+            (1, 2..) => x86::tile512_blocks::<1, 4>(a),
+            (1, 1) => x86::tile512_blocks::<1, 2>(a),
+            (2, 4..) => x86::tile512_blocks::<2, 8>(a),
+            (2, 2..) => x86::tile512_blocks::<2, 4>(a),
+            (2, 1) => x86::tile512_blocks::<2, 2>(a),
+            (3, 2..) => x86::tile512_blocks::<3, 4>(a),
+            (3, 1) => x86::tile512_blocks::<3, 2>(a),
+            (_, 2..) => x86::tile512_blocks::<4, 4>(a),
+            (_, 1) => x86::tile512_blocks::<4, 2>(a),
+            (r, _) => {
+                // the last block, of 16 lanes
+                debug_assert_eq!(lanes, 16);
+                let a = (x, offs, rows, w, lanes, bias, lay, dst.add(oc0), valid.min(16));
+                match r {
+                    1 => tile512_args::<1, 1, 0>(a),
+                    2 => tile512_args::<2, 1, 0>(a),
+                    3 => tile512_args::<3, 1, 0>(a),
+                    _ => tile512_args::<4, 1, 0>(a),
+                }
+                1
+            }
+        };
+    }
 }
 
 /// Scalar reference: the same sums in the same order as the SIMD tiles.
@@ -738,6 +789,56 @@ mod x86 {
             }
         }
         store512(&acc, rows, lay, dst, valid);
+    }
+
+    /// [`tile512`] over `V / 2` consecutive 32-lane weight blocks at once (each `blk` floats
+    /// after the previous), for tiles of at most 4 pixels: `R × V` independent sums, the same
+    /// sums in the same order; returns the blocks done.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    #[allow(clippy::type_complexity)]
+    pub unsafe fn tile512_blocks<const R: usize, const V: usize>(
+        (x, offs, rows, w, blk, bias, lay, dst, valid): (
+            *const f32,
+            &[usize],
+            usize,
+            *const f32,
+            usize,
+            *const f32,
+            &Layout,
+            *mut f32,
+            usize,
+        ),
+    ) -> usize {
+        debug_assert_eq!(offs.len(), R);
+        let [kh, kw] = lay.kernel;
+        let c = lay.c;
+        let mut acc = [[_mm512_setzero_ps(); V]; R];
+        for v in 0..V {
+            let b = _mm512_loadu_ps(bias.add(16 * v));
+            for a in acc.iter_mut() {
+                a[v] = b;
+            }
+        }
+        let px: [*const f32; R] = std::array::from_fn(|r| x.add(offs[r]));
+        let (runs, run) = if lay.tap[1] == c { (1, kw * c) } else { (kw, c) };
+        for i in 0..kh {
+            for j in 0..runs {
+                let t = i * lay.tap[0] + j * lay.tap[1];
+                let wk = w.add((i * kw + j) * c * 32);
+                for ci in 0..run {
+                    let wv: [__m512; V] =
+                        std::array::from_fn(|v| _mm512_loadu_ps(wk.add((v / 2) * blk + ci * 32 + 16 * (v % 2))));
+                    for r in 0..R {
+                        let b = _mm512_set1_ps(*px[r].add(t + ci));
+                        for v in 0..V {
+                            acc[r][v] = _mm512_fmadd_ps(b, wv[v], acc[r][v]);
+                        }
+                    }
+                }
+            }
+        }
+        store512(&acc, rows, lay, dst, valid);
+        V / 2
     }
 
     /// The epilogue of `rows` pixels × `V` vectors of 16 channels: residual, ReLU, the `valid`
@@ -1720,6 +1821,13 @@ mod tests {
             (2, 1, [6, 11], 40, 3, 1, 2, [2, 1, 2, 0], false),
             (2, 8, [7, 9], 70, 3, 1, 2, [2; 4], false),
             (1, 4, [1, 1], 24, 3, 1, 1, [1; 4], false),
+            // fewer pixels than a tile (1–9): several 32-lane blocks at once, a 16-lane last one
+            (1, 8, [2, 2], 80, 3, 1, 1, [1; 4], false),
+            (1, 5, [3, 3], 200, 3, 2, 1, [1; 4], false),
+            (2, 3, [1, 1], 130, 1, 1, 1, [0; 4], false),
+            (1, 7, [3, 1], 64, 3, 1, 1, [1; 4], false),
+            (3, 6, [3, 1], 96, 3, 2, 1, [1; 4], false),
+            (1, 9, [3, 3], 160, 3, 1, 1, [1; 4], false),
             (2, 19, [6, 5], 19, 3, 1, 1, [1; 4], true),
             (2, 16, [28, 28], 16, 3, 2, 1, [1; 4], true),
             (1, 33, [5, 20], 33, 3, 1, 2, [2, 1, 0, 2], true),
