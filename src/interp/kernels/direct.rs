@@ -486,7 +486,7 @@ unsafe fn tile512_args<const R: usize, const V: usize, const S: usize>(
         usize,
     ),
 ) {
-    x86::tile512::<R, V, S>(x, offs, rows, w, nb, bias, lay, dst, valid)
+    x86::tile512::<R, V, S>(x, offs, rows, (w, nb, 0), bias, lay, dst, valid)
 }
 
 /// A tile of at most 4 pixels, every output channel block: 32-lane blocks taken several at a
@@ -745,8 +745,7 @@ mod x86 {
         x: *const f32,
         offs: &[usize],
         rows: usize,
-        w: *const f32,
-        nb: usize,
+        (w, nb, blk): (*const f32, usize, usize),
         bias: *const f32,
         lay: &Layout,
         dst: *mut f32,
@@ -774,10 +773,9 @@ mod x86 {
                 let t = i * lay.tap[0] + j * lay.tap[1];
                 let wk = w.add((i * kw + j) * c * nb);
                 for ci in 0..run {
-                    let mut wv = [_mm512_setzero_ps(); V];
-                    for (v, wv) in wv.iter_mut().enumerate() {
-                        *wv = _mm512_loadu_ps(wk.add(ci * nb + 16 * v));
-                    }
+                    // vector `v`: lanes `16·(v % 2)..` of block `v / 2` (blocks `blk` apart)
+                    let wv: [__m512; V] =
+                        std::array::from_fn(|v| _mm512_loadu_ps(wk.add((v / 2) * blk + ci * nb + 16 * (v % 2))));
                     for r in 0..R {
                         let p = if S > 0 { base.add(r * S) } else { px[r] };
                         let b = _mm512_set1_ps(*p.add(t + ci));
@@ -809,35 +807,7 @@ mod x86 {
             usize,
         ),
     ) -> usize {
-        debug_assert_eq!(offs.len(), R);
-        let [kh, kw] = lay.kernel;
-        let c = lay.c;
-        let mut acc = [[_mm512_setzero_ps(); V]; R];
-        for v in 0..V {
-            let b = _mm512_loadu_ps(bias.add(16 * v));
-            for a in acc.iter_mut() {
-                a[v] = b;
-            }
-        }
-        let px: [*const f32; R] = std::array::from_fn(|r| x.add(offs[r]));
-        let (runs, run) = if lay.tap[1] == c { (1, kw * c) } else { (kw, c) };
-        for i in 0..kh {
-            for j in 0..runs {
-                let t = i * lay.tap[0] + j * lay.tap[1];
-                let wk = w.add((i * kw + j) * c * 32);
-                for ci in 0..run {
-                    let wv: [__m512; V] =
-                        std::array::from_fn(|v| _mm512_loadu_ps(wk.add((v / 2) * blk + ci * 32 + 16 * (v % 2))));
-                    for r in 0..R {
-                        let b = _mm512_set1_ps(*px[r].add(t + ci));
-                        for v in 0..V {
-                            acc[r][v] = _mm512_fmadd_ps(b, wv[v], acc[r][v]);
-                        }
-                    }
-                }
-            }
-        }
-        store512(&acc, rows, lay, dst, valid);
+        tile512::<R, V, 0>(x, offs, rows, (w, 32, blk), bias, lay, dst, valid);
         V / 2
     }
 
