@@ -1914,29 +1914,32 @@ mod tests {
     #[ignore]
     fn direct_throughput() {
         let mut rng = Rng::new(3);
-        for &(n, c, hw, m, k) in &[
-            (64, 1, 28, 6, 5),
-            (64, 1, 28, 16, 3),
-            (1, 1, 28, 16, 3),
-            (64, 6, 12, 16, 5),
-            (64, 16, 28, 16, 3),
-            (64, 16, 32, 16, 3),
-            (64, 32, 14, 32, 3),
-            (64, 64, 7, 64, 3),
-            (1, 64, 28, 64, 3),
-            (64, 96, 14, 192, 5),
-            (64, 192, 7, 192, 1),
+        for &(n, c, hw, m, k, st) in &[
+            (64, 1, 28, 6, 5, 1),
+            (64, 1, 28, 16, 3, 1),
+            (1, 1, 28, 16, 3, 1),
+            // ResNet-18 w64 (TabConv variant) stem: one channel, 64 outputs, stride 2
+            (64, 1, 28, 64, 3, 2),
+            (1, 1, 28, 64, 3, 2),
+            (64, 6, 12, 16, 5, 1),
+            (64, 16, 28, 16, 3, 1),
+            (64, 16, 32, 16, 3, 1),
+            (64, 32, 14, 32, 3, 1),
+            (64, 64, 7, 64, 3, 1),
+            (1, 64, 28, 64, 3, 1),
+            (64, 96, 14, 192, 5, 1),
+            (64, 192, 7, 192, 1, 1),
             // MobileNet fixture's pointwise layers
-            (64, 16, 14, 32, 1),
-            (64, 32, 14, 32, 1),
-            (64, 32, 7, 64, 1),
-            (64, 64, 7, 64, 1),
-            (64, 64, 4, 128, 1),
-            (64, 128, 4, 128, 1),
-            (1, 32, 14, 32, 1),
-            (1, 128, 4, 128, 1),
+            (64, 16, 14, 32, 1, 1),
+            (64, 32, 14, 32, 1, 1),
+            (64, 32, 7, 64, 1, 1),
+            (64, 64, 7, 64, 1, 1),
+            (64, 64, 4, 128, 1, 1),
+            (64, 128, 4, 128, 1, 1),
+            (1, 32, 14, 32, 1, 1),
+            (1, 128, 4, 128, 1, 1),
         ] {
-            let cv = conv(k, 1, 1, if k == 5 { [0; 4] } else { [k / 2; 4] }, 1);
+            let cv = conv(k, st, 1, if k == 5 { [0; 4] } else { [k / 2; 4] }, 1);
             let x: Vec<f32> = (0..n * c * hw * hw).map(|_| rng.next_f64() as f32).collect();
             let wt: Vec<f32> = (0..m * c * k * k).map(|_| rng.next_f64() as f32).collect();
             let packed = NhwcWeights::pack(&wt, m, c, [k, k], None);
@@ -1944,7 +1947,7 @@ mod tests {
                 Ok("avx2") => Simd::Avx2,
                 _ => Simd::detect(),
             };
-            let o = if k == 5 { hw - 4 } else { hw };
+            let o = if k == 5 { hw - 4 } else { (hw - 1) / st + 1 };
             let macs = (n * o * o * m * c * k * k) as f64;
             let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
             let best = one.install(|| {
@@ -1962,7 +1965,7 @@ mod tests {
                 best
             });
             eprintln!(
-                "n={n} c={c} {hw}x{hw} m={m} k={k}: {:.3} ms, {:.1} GMAC/s ({})",
+                "n={n} c={c} {hw}x{hw} m={m} k={k} s={st}: {:.3} ms, {:.1} GMAC/s ({})",
                 best * 1e3,
                 macs / best / 1e9,
                 simd.name()
