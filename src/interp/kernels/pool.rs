@@ -93,14 +93,36 @@ pub fn lrn(x: &[f32], shape: &[usize], size: usize, alpha: f32, beta: f32, bias:
     let lo = (size - 1) / 2;
     let hi = (size - 1).div_ceil(2);
     let mut out = vec![0f32; x.len()];
+    let a = alpha / size as f32;
     out.par_chunks_mut(c * plane).enumerate().for_each(|(img, dst)| {
         let src = &x[img * c * plane..(img + 1) * c * plane];
+        let mut sq = vec![0f32; plane];
         for ch in 0..c {
             let from = ch.saturating_sub(lo);
             let to = (ch + hi).min(c - 1);
-            for p in 0..plane {
-                let sq: f32 = (from..=to).map(|k| src[k * plane + p] * src[k * plane + p]).sum();
-                dst[ch * plane + p] = src[ch * plane + p] / (bias + alpha / size as f32 * sq).powf(beta);
+            // the window's squares summed in channel order, a whole plane at a time (vectorises)
+            sq.fill(0.0);
+            for k in from..=to {
+                sq.iter_mut()
+                    .zip(&src[k * plane..(k + 1) * plane])
+                    .for_each(|(s, &v)| *s += v * v);
+            }
+            let (x, d) = (
+                &src[ch * plane..(ch + 1) * plane],
+                &mut dst[ch * plane..(ch + 1) * plane],
+            );
+            let base = sq.iter().map(|&s| bias + a * s);
+            match beta {
+                // AlexNet's and GoogLeNet's 0.75 without `powf`: b^-0.75 = 1 / (√b · √√b)
+                0.75 => d.iter_mut().zip(x).zip(base).for_each(|((d, &x), b)| {
+                    let r = b.sqrt();
+                    *d = x / (r * r.sqrt());
+                }),
+                _ => d
+                    .iter_mut()
+                    .zip(x)
+                    .zip(base)
+                    .for_each(|((d, &x), b)| *d = x / b.powf(beta)),
             }
         }
     });
