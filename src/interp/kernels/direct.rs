@@ -302,7 +302,7 @@ pub fn conv_nhwc(
     let r = tile_pixels(simd, wts, pixels);
     let tiles = pixels.div_ceil(r);
     let xdata: &[f32] = &pad.data;
-    let run = |t0: usize, t1: usize| {
+    let run = |t0: usize, t1: usize, blocks: std::ops::Range<usize>| {
         let mut offs = [0usize; MAX_R];
         for t in t0..t1 {
             // A partial last tile repeats its last pixel; only `rows` pixels are stored.
@@ -319,19 +319,29 @@ pub fn conv_nhwc(
                     (&offs[..r], uniform),
                     rows,
                     wts,
+                    blocks.clone(),
                     &lay,
                     outp.get().add(q0 * m),
                 )
             };
         }
     };
-    if rayon::current_num_threads() > 1 && tiles > 1 && pixels * m * lay.c * lay.kernel[0] * lay.kernel[1] > 1 << 16 {
-        let per = TASK_TILES.min(tiles.div_ceil(rayon::current_num_threads()));
+    let threads = rayon::current_num_threads();
+    let nb = wts.blocks.len();
+    let big = pixels * m * lay.c * lay.kernel[0] * lay.kernel[1] > 1 << 16;
+    if threads > 1 && big && tiles >= threads {
+        let per = TASK_TILES.min(tiles.div_ceil(threads));
         (0..tiles.div_ceil(per))
             .into_par_iter()
-            .for_each(|k| run(k * per, ((k + 1) * per).min(tiles)));
+            .for_each(|k| run(k * per, ((k + 1) * per).min(tiles), 0..nb));
+    } else if threads > 1 && big && nb > 1 {
+        // fewer tiles than threads (a deep layer at batch 1): split the output channel blocks
+        let parts = threads.min(nb);
+        (0..parts)
+            .into_par_iter()
+            .for_each(|p| run(0, tiles, p * nb / parts..(p + 1) * nb / parts));
     } else {
-        run(0, tiles);
+        run(0, tiles, 0..nb);
     }
     // SAFETY: every tile (so every pixel) was computed above.
     Ok((unsafe { out.finish(pixels * m) }, [n, oh, ow, m]))
@@ -406,27 +416,28 @@ fn tile_pixels(simd: Simd, wts: &NhwcWeights, pixels: usize) -> usize {
 /// # Safety
 /// `offs` are window corners inside `x`, `offs[i] = offs[0] + i · uniform` when `uniform > 0`;
 /// `dst` is valid for `rows × m` floats.
+#[allow(clippy::too_many_arguments)]
 unsafe fn tile(
     simd: Simd,
     x: &[f32],
     (offs, uniform): (&[usize], usize),
     rows: usize,
     wts: &NhwcWeights,
+    blocks: std::ops::Range<usize>,
     lay: &Layout,
     dst: *mut f32,
 ) {
     let xp = x.as_ptr();
     #[cfg(target_arch = "x86_64")]
     if simd == Simd::Avx512 && !wts.depthwise && offs.len() <= 4 {
-        return tile_blocks(xp, offs, rows, wts, lay, dst);
+        return tile_blocks(xp, offs, rows, wts, blocks, lay, dst);
     }
-    let mut wofs = 0;
-    for &(oc0, lanes) in &wts.blocks {
-        let w = wts.data.as_ptr().add(wofs);
+    for &(oc0, lanes) in &wts.blocks[blocks] {
+        // every block before this one has `oc0` lanes in all
+        let w = wts.data.as_ptr().add(oc0 * lay.c * lay.kernel[0] * lay.kernel[1]);
         let b = wts.bias.as_ptr().add(oc0);
         let d = dst.add(oc0);
         let valid = lay.m.saturating_sub(oc0).min(lanes);
-        wofs += lanes * lay.c * lay.kernel[0] * lay.kernel[1];
         match simd {
             #[cfg(target_arch = "x86_64")]
             Simd::Avx512 if wts.depthwise => x86::depthwise512::<8>(xp, offs, rows, w, lanes, b, lay, d, valid),
@@ -496,11 +507,19 @@ unsafe fn tile512_args<const R: usize, const V: usize, const S: usize>(
 /// # Safety
 /// AVX-512F; as [`tile`].
 #[cfg(target_arch = "x86_64")]
-unsafe fn tile_blocks(x: *const f32, offs: &[usize], rows: usize, wts: &NhwcWeights, lay: &Layout, dst: *mut f32) {
+unsafe fn tile_blocks(
+    x: *const f32,
+    offs: &[usize],
+    rows: usize,
+    wts: &NhwcWeights,
+    blocks: std::ops::Range<usize>,
+    lay: &Layout,
+    dst: *mut f32,
+) {
     let blk = 32 * lay.c * lay.kernel[0] * lay.kernel[1];
-    let full = wts.blocks.iter().take_while(|b| b.1 == 32).count();
-    let mut b = 0;
-    while b < wts.blocks.len() {
+    let full = wts.blocks.iter().take_while(|b| b.1 == 32).count().min(blocks.end);
+    let mut b = blocks.start;
+    while b < blocks.end {
         let (oc0, lanes) = wts.blocks[b];
         let w = wts.data.as_ptr().add(b * blk);
         let bias = wts.bias.as_ptr().add(oc0);
@@ -1798,6 +1817,8 @@ mod tests {
             (1, 7, [3, 1], 64, 3, 1, 1, [1; 4], false),
             (3, 6, [3, 1], 96, 3, 2, 1, [1; 4], false),
             (1, 9, [3, 3], 160, 3, 1, 1, [1; 4], false),
+            // one pixel, large enough to split its channel blocks across threads
+            (1, 64, [1, 1], 200, 3, 1, 1, [1; 4], false),
             (2, 19, [6, 5], 19, 3, 1, 1, [1; 4], true),
             (2, 16, [28, 28], 16, 3, 2, 1, [1; 4], true),
             (1, 33, [5, 20], 33, 3, 1, 2, [2, 1, 0, 2], true),
