@@ -66,17 +66,40 @@ impl Rows<'_> {
     /// Copy columns `cols` of rows `r0 .. r0 + lanes` into `xt[column][lane]`; lanes past
     /// `lanes` repeat the last row.
     #[inline(always)]
-    fn fill(&self, r0: usize, lanes: usize, cols: impl Iterator<Item = usize> + Clone, xt: &mut [[f32; LANES]]) {
+    /// Rows that are contiguous runs of `d` values, `d` apart (a matrix; a channels-last 1×1
+    /// convolution of stride 1 without padding, whose rows are its pixels).
+    fn contiguous(&self) -> Option<(&[f32], usize)> {
         match self {
-            Rows::Matrix { x, d } => {
-                for l in 0..LANES {
-                    let r = r0 + l.min(lanes - 1);
-                    let row = &x[r * d..(r + 1) * d];
-                    for j in cols.clone() {
-                        xt[j][l] = row[j];
-                    }
+            Rows::Matrix { x, d } => Some((x, *d)),
+            Rows::ConvNhwc { x, shape, win, geo } => {
+                let plain = win.kernel == [1, 1] && win.strides == [1, 1] && geo.pads[..2] == [0, 0];
+                (plain && geo.out == [shape[1], shape[2]]).then_some((x, shape[3]))
+            }
+            Rows::Conv { .. } => None,
+        }
+    }
+
+    fn fill(&self, r0: usize, lanes: usize, cols: impl Iterator<Item = usize> + Clone, xt: &mut [[f32; LANES]]) {
+        if let Some((x, d)) = self.contiguous() {
+            #[cfg(target_arch = "x86_64")]
+            if lanes == LANES && d >= 16 && Simd::detect() == Simd::Avx512 {
+                // every column, 16 at a time by an in-register transpose (the few the tree reads
+                // come along: they are all in `xt`)
+                // SAFETY: AVX-512F detected; rows `r0..r0 + 16` of `d` values lie in `x`.
+                unsafe { x86::transpose16_avx512(&x[r0 * d..(r0 + LANES) * d], d, xt) };
+                return;
+            }
+            for l in 0..LANES {
+                let r = r0 + l.min(lanes - 1);
+                let row = &x[r * d..(r + 1) * d];
+                for j in cols.clone() {
+                    xt[j][l] = row[j];
                 }
             }
+            return;
+        }
+        match self {
+            Rows::Matrix { .. } => unreachable!("contiguous"),
             Rows::Conv { x, shape, win, geo } => {
                 let [_, c_in, h, w] = *shape;
                 let [kh, kw] = win.kernel;
@@ -1033,6 +1056,122 @@ fn nearest_in_lanes_at(level: Simd, xs: &[[f32; CL]], taps: &[usize], pt: &[f32]
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
+    /// [`super::argmin_tile`] with the 16 lanes in one vector (LLVM vectorised the portable
+    /// loop poorly, half of it in scalar and 128-bit operations): the same products, sums,
+    /// half norms and strict comparisons in the same order, so the same codes.
+    ///
+    /// # Safety
+    /// AVX-512F; `xt` holds the columns of codebook `c`, `protos` and `norms` its `k` prototypes.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn argmin_tile_avx512(
+        xt: &[[f32; 16]],
+        sub: super::Subspaces,
+        c: usize,
+        k: usize,
+        protos: &[f32],
+        norms: &[f32],
+    ) -> [u32; 16] {
+        let range = sub.range(c);
+        let cols = &xt[range.clone()];
+        let mut best_d = _mm512_set1_ps(f32::INFINITY);
+        let mut best_k = _mm512_setzero_si512();
+        let p = |kk: usize| protos[(c * k + kk) * sub.s..].as_ptr();
+        let mut kk = 0;
+        // 8 prototypes at a time: 8 independent chains of multiply-adds (one prototype's is
+        // only `s` long and would wait on its own latency), compared in index order after
+        while kk + 8 <= k {
+            let mut acc = [_mm512_setzero_ps(); 8];
+            for (j, col) in cols.iter().enumerate() {
+                let x = _mm512_loadu_ps(col.as_ptr());
+                for (q, a) in acc.iter_mut().enumerate() {
+                    *a = _mm512_fmadd_ps(x, _mm512_set1_ps(*p(kk + q).add(j)), *a);
+                }
+            }
+            for (q, a) in acc.into_iter().enumerate() {
+                let dist = _mm512_sub_ps(_mm512_set1_ps(norms[c * k + kk + q] * 0.5), a);
+                let better = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(dist, best_d);
+                best_d = _mm512_mask_mov_ps(best_d, better, dist);
+                best_k = _mm512_mask_mov_epi32(best_k, better, _mm512_set1_epi32((kk + q) as i32));
+            }
+            kk += 8;
+        }
+        for kk in kk..k {
+            let mut acc = _mm512_setzero_ps();
+            for (j, col) in cols.iter().enumerate() {
+                acc = _mm512_fmadd_ps(_mm512_loadu_ps(col.as_ptr()), _mm512_set1_ps(*p(kk).add(j)), acc);
+            }
+            let dist = _mm512_sub_ps(_mm512_set1_ps(norms[c * k + kk] * 0.5), acc);
+            let better = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(dist, best_d);
+            best_d = _mm512_mask_mov_ps(best_d, better, dist);
+            best_k = _mm512_mask_mov_epi32(best_k, better, _mm512_set1_epi32(kk as i32));
+        }
+        let mut out = [0u32; 16];
+        _mm512_storeu_si512(out.as_mut_ptr().cast(), best_k);
+        out
+    }
+
+    /// `xt[j][l] = rows[l·d + j]` for 16 rows of `d ≥ 16` values: 16 × 16 blocks transposed in
+    /// registers (unpack pairs, then pairs of pairs, then 128-bit lanes), the columns past the
+    /// last whole block by scalar copies.
+    ///
+    /// # Safety
+    /// AVX-512F; `rows` holds `16 · d` values and `xt` at least `d` columns.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn transpose16_avx512(rows: &[f32], d: usize, xt: &mut [[f32; 16]]) {
+        debug_assert!(rows.len() == 16 * d && xt.len() >= d && d >= 16);
+        let p = rows.as_ptr();
+        let mut j0 = 0;
+        while j0 + 16 <= d {
+            let r: [__m512; 16] = std::array::from_fn(|i| _mm512_loadu_ps(p.add(i * d + j0)));
+            // rows i, i+1 interleaved by element pairs
+            let t: [__m512; 16] = std::array::from_fn(|i| {
+                let (a, b) = (r[i & !1], r[i | 1]);
+                if i % 2 == 0 {
+                    _mm512_unpacklo_ps(a, b)
+                } else {
+                    _mm512_unpackhi_ps(a, b)
+                }
+            });
+            // 4 rows interleaved: in each 128-bit lane, one column of rows 4q..4q + 4
+            let u: [__m512; 16] = std::array::from_fn(|i| {
+                let (q, w) = (i / 4, i % 4);
+                let (a, b) = (t[4 * q + w / 2], t[4 * q + 2 + w / 2]);
+                let (a, b) = (_mm512_castps_pd(a), _mm512_castps_pd(b));
+                _mm512_castpd_ps(if w % 2 == 0 {
+                    _mm512_unpacklo_pd(a, b)
+                } else {
+                    _mm512_unpackhi_pd(a, b)
+                })
+            });
+            // u[4q + w], 128-bit lane k: column 4k + w of rows 4q..4q + 4 → gather the four
+            // row groups of each column
+            for w in 0..4 {
+                let (a, b, c, e) = (u[w], u[4 + w], u[8 + w], u[12 + w]);
+                // lanes (k of a, k of b) for k = 0, 1 and 2, 3
+                let ab01 = _mm512_shuffle_f32x4::<0x44>(a, b);
+                let ab23 = _mm512_shuffle_f32x4::<0xee>(a, b);
+                let ce01 = _mm512_shuffle_f32x4::<0x44>(c, e);
+                let ce23 = _mm512_shuffle_f32x4::<0xee>(c, e);
+                // column 4k + w: lanes (a_k, b_k, c_k, e_k)
+                let cols = [
+                    _mm512_shuffle_f32x4::<0x88>(ab01, ce01),
+                    _mm512_shuffle_f32x4::<0xdd>(ab01, ce01),
+                    _mm512_shuffle_f32x4::<0x88>(ab23, ce23),
+                    _mm512_shuffle_f32x4::<0xdd>(ab23, ce23),
+                ];
+                for (k, v) in cols.into_iter().enumerate() {
+                    _mm512_storeu_ps(xt[j0 + 4 * k + w].as_mut_ptr(), v);
+                }
+            }
+            j0 += 16;
+        }
+        for j in j0..d {
+            for (l, v) in xt[j].iter_mut().enumerate() {
+                *v = rows[l * d + j];
+            }
+        }
+    }
+
     use super::{RowsTap, CL, KB};
     use std::arch::x86_64::*;
 
@@ -1253,6 +1392,8 @@ fn encode_block(job: &Job, r0: usize, out: &mut [u8]) {
     let c_n = sub.count();
     let n = out.len() / c_n;
     let mut xt = vec![[0f32; LANES]; sub.d];
+    #[cfg(target_arch = "x86_64")]
+    let avx512 = Simd::detect() == Simd::Avx512;
     for g in (0..n).step_by(LANES) {
         let lanes = (n - g).min(LANES);
         match &job.prepared.kind {
@@ -1261,6 +1402,12 @@ fn encode_block(job: &Job, r0: usize, out: &mut [u8]) {
         }
         for c in 0..c_n {
             let code = match &job.prepared.kind {
+                // SAFETY: AVX-512F detected; `xt` holds the codebook's columns, `pt` and
+                // `norms` its `k` prototypes.
+                #[cfg(target_arch = "x86_64")]
+                Kind::Argmin { k, pt, norms } if avx512 => unsafe {
+                    x86::argmin_tile_avx512(&xt, sub, c, *k, pt, norms)
+                },
                 Kind::Argmin { k, pt, norms } => argmin_tile(&xt, sub, c, *k, pt, norms),
                 Kind::Tree {
                     depth,
@@ -1587,6 +1734,7 @@ mod tests {
     fn encode_throughput() {
         let mut rng = Rng::new(3);
         for &(n, c, hw, stride, k) in &[
+            (64usize, 32usize, 14usize, 0usize, 16usize),
             (64usize, 64usize, 14usize, 2usize, 16usize),
             (64, 64, 7, 1, 16),
             (2, 64, 7, 1, 16),
@@ -1594,25 +1742,27 @@ mod tests {
             (64, 32, 7, 1, 16),
             (64, 256, 2, 1, 16),
         ] {
+            // stride 0: a 1×1 conv with codebooks of 4 channels (the fully connected encoder)
+            let (kk, s) = if stride == 0 { (1, 4) } else { (3, 9) };
             let win = Window {
-                kernel: [3, 3],
-                strides: [stride, stride],
+                kernel: [kk, kk],
+                strides: [stride.max(1), stride.max(1)],
                 dilations: [1, 1],
-                padding: Padding::Explicit([1; 4]),
+                padding: Padding::Explicit([kk / 2; 4]),
                 ceil_mode: false,
             };
             let x: Vec<f32> = (0..n * c * hw * hw).map(|_| rng.next_f64() as f32).collect();
             let geo = win.resolve([hw, hw]).unwrap();
-            let sub = Subspaces { d: c * 9, s: 9 };
-            let protos: Vec<f32> = (0..c * k * 9).map(|_| rng.next_f64() as f32).collect();
-            let prepared = prepare(sub, &Codebooks::Argmin { k, protos: &protos }, Some((c, 3, 3)));
+            let sub = Subspaces { d: c * kk * kk, s };
+            let protos: Vec<f32> = (0..sub.d * k).map(|_| rng.next_f64() as f32).collect();
+            let prepared = prepare(sub, &Codebooks::Argmin { k, protos: &protos }, Some((c, kk, kk)));
             let rows = Rows::ConvNhwc {
                 x: &x,
                 shape: [n, hw, hw, c],
                 win: &win,
                 geo,
             };
-            let mut codes = vec![0u8; rows.count() * c];
+            let mut codes = vec![0u8; rows.count() * sub.count()];
             encode_prepared(&rows, &prepared, &mut codes);
             let t = std::time::Instant::now();
             let reps = 20 * 64 / n;
@@ -1621,13 +1771,77 @@ mod tests {
             }
             let secs = t.elapsed().as_secs_f64() / reps as f64;
             let units = rows.count() * c.div_ceil(CL);
-            let macs = rows.count() * c * k * 9;
+            let macs = rows.count() * sub.d * k;
             eprintln!(
                 "n={n} c={c} hw={hw} s={stride}: {:.3} ms, {:.1} ns/unit, {:.1} GMAC/s",
                 secs * 1e3,
                 secs * 1e9 / units as f64,
                 macs as f64 / secs / 1e9
             );
+        }
+    }
+
+    /// The in-register 16 × 16 transpose of contiguous rows puts every value where the scalar
+    /// fill does, whole blocks and the columns after them; and the 1×1 channels-last rows it
+    /// serves give the codes of the same rows as a matrix.
+    #[test]
+    fn contiguous_rows_transpose_like_the_scalar_fill() {
+        let mut rng = Rng::new(8);
+        #[cfg(target_arch = "x86_64")]
+        if Simd::Avx512.supported() {
+            for d in [16usize, 17, 37, 64] {
+                let rows: Vec<f32> = (0..16 * d).map(|_| rng.next_f64() as f32).collect();
+                let mut xt = vec![[0f32; LANES]; d];
+                // SAFETY: AVX-512F checked; 16 rows of d values.
+                unsafe { x86::transpose16_avx512(&rows, d, &mut xt) };
+                for (j, col) in xt.iter().enumerate() {
+                    for (l, &v) in col.iter().enumerate() {
+                        assert_eq!(v.to_bits(), rows[l * d + j].to_bits(), "d={d} row {l} column {j}");
+                    }
+                }
+            }
+        }
+        let (n, h, w, c, k) = (2usize, 3usize, 7usize, 40usize, 16usize);
+        let x: Vec<f32> = (0..n * h * w * c).map(|_| rng.next_f64() as f32 - 0.5).collect();
+        let win = Window {
+            kernel: [1, 1],
+            strides: [1, 1],
+            dilations: [1, 1],
+            padding: Padding::Explicit([0; 4]),
+            ceil_mode: false,
+        };
+        let geo = win.resolve([h, w]).unwrap();
+        let sub = Subspaces { d: c, s: 4 };
+        let protos: Vec<f32> = (0..c * k).map(|_| rng.next_f64() as f32 - 0.5).collect();
+        let cb = Codebooks::Argmin { k, protos: &protos };
+        let rows = n * h * w;
+        let mut a = vec![0u8; rows * sub.count()];
+        let mut b = a.clone();
+        encode(
+            &Rows::ConvNhwc {
+                x: &x,
+                shape: [n, h, w, c],
+                win: &win,
+                geo,
+            },
+            sub,
+            &cb,
+            &mut a,
+        );
+        encode(&Rows::Matrix { x: &x, d: c }, sub, &cb, &mut b);
+        assert_eq!(a, b);
+        // against a direct scan of every row and codebook
+        for r in 0..rows {
+            for cc in 0..sub.count() {
+                let xr = &x[r * c + cc * 4..][..4];
+                let dist = |kk: usize| {
+                    let p = &protos[(cc * k + kk) * 4..][..4];
+                    p.iter().zip(xr).map(|(p, x)| (p - x) * (p - x)).sum::<f32>()
+                };
+                let best = (0..k).min_by(|&i, &j| dist(i).total_cmp(&dist(j))).unwrap();
+                let got = a[r * sub.count() + cc] as usize;
+                assert!(dist(got) <= dist(best) + 1e-5, "row {r} codebook {cc}: {got} vs {best}");
+            }
         }
     }
 
