@@ -155,12 +155,19 @@ fn is_shape_value(f: &Fact) -> bool {
 }
 
 /// Whether the graph computes each image on its own: every computed value (other than small
-/// integer shape values) has the batch `N` as its leading dimension and nowhere else, no op
-/// works across axis 0, and the batch size only shapes values. At the declared batch the graph computes what the file does, so with
-/// this it computes, for any batch, what the file computes image by image.
+/// integer shape values) has the batch `N` as exactly one of its dimensions (the graph outputs
+/// as the leading one; attention's `[3, N, heads, T, d]` moves it), no op works across the
+/// batch axis of its input, and the batch size only shapes values. At the declared batch the
+/// graph computes what the file does, so with this it computes, for any batch, what the file
+/// computes image by image.
 pub fn batch_is_per_image(g: &Graph) -> std::result::Result<(), String> {
-    let batch_leads =
-        |f: &Fact| f.shape.first() == Some(&Dim::Batch(1)) && !f.shape[1..].iter().any(|d| matches!(d, Dim::Batch(_)));
+    // the one axis that is the batch `N` (not a multiple of it)
+    let batch_axis = |f: &Fact| -> Option<usize> {
+        let mut it = f.shape.iter().enumerate().filter(|(_, d)| matches!(d, Dim::Batch(_)));
+        let (i, d) = it.next()?;
+        (it.next().is_none() && *d == Dim::Batch(1)).then_some(i)
+    };
+    let batch_leads = |f: &Fact| batch_axis(f) == Some(0);
     for n in g.topo_order().map_err(|e| e.to_string())? {
         let node = g.node(n);
         if matches!(node.op, Op::Input | Op::Const(_)) {
@@ -170,7 +177,7 @@ pub fn batch_is_per_image(g: &Graph) -> std::result::Result<(), String> {
             let Some(f) = v.fact.as_ref() else {
                 return Err(format!("node '{}' has an output without a shape", node.name));
             };
-            if !(is_shape_value(f) || batch_leads(f)) {
+            if !(is_shape_value(f) || batch_axis(f).is_some()) {
                 return Err(format!("node '{}' ({}) gives {f}", node.name, node.op.name()));
             }
         }
@@ -195,24 +202,52 @@ pub fn batch_is_per_image(g: &Graph) -> std::result::Result<(), String> {
                 ));
             }
         }
-        let rank0 = g.inputs_of(n).first().and_then(|o| g.fact(*o)).map(|f| f.rank());
+        // the rank and batch axis of the first input that has one
+        let (rank0, b) = g
+            .inputs_of(n)
+            .iter()
+            .filter_map(|o| g.fact(*o))
+            .find_map(|f| batch_axis(f).map(|b| (Some(f.rank()), b)))
+            .unwrap_or((None, 0));
+        let on_batch = |axis: i64, r: usize| crate::ir::infer::norm_axis(axis, r).ok() == Some(b);
         let across = match (&node.op, rank0) {
-            (Op::Softmax { axis, .. } | Op::LayerNorm { axis, .. }, Some(r)) => {
-                crate::ir::infer::norm_axis(*axis, r).ok() == Some(0)
-            }
+            (Op::Softmax { axis, .. } | Op::LayerNorm { axis, .. }, Some(r)) => on_batch(*axis, r),
             (Op::Pad { pads, .. }, Some(r)) => {
-                pads.first().is_some_and(|&p| p != 0) || pads.get(r).is_some_and(|&p| p != 0)
+                pads.get(b).is_some_and(|&p| p != 0) || pads.get(b + r).is_some_and(|&p| p != 0)
             }
-            (Op::Concat { axis, .. } | Op::Split { axis, .. } | Op::Gather { axis }, Some(r)) => {
-                crate::ir::infer::norm_axis(*axis, r).ok() == Some(0)
-            }
-            (Op::Slice { axes, .. }, Some(r)) => {
-                axes.iter().any(|&a| crate::ir::infer::norm_axis(a, r).ok() == Some(0))
+            (Op::Concat { axis, .. } | Op::Split { axis, .. } | Op::Gather { axis }, Some(r)) => on_batch(*axis, r),
+            // `x[:, …]`: all of the batch axis, in order, is per image
+            (
+                Op::Slice {
+                    starts,
+                    ends,
+                    axes,
+                    steps,
+                },
+                Some(r),
+            ) => axes.iter().enumerate().any(|(i, &a)| {
+                let whole = starts.get(i) == Some(&0)
+                    && ends.get(i).is_some_and(|&e| e >= i32::MAX as i64)
+                    && steps.get(i).is_none_or(|&s| s == 1);
+                on_batch(a, r) && !whole
+            }),
+            // A reshape keeps images apart only when the batch is outermost (after 1s) on both
+            // sides: `[3, N, 4] → [N, 3, 4]` would mix them.
+            (Op::Reshape { .. } | Op::Flatten { .. }, Some(_)) => {
+                let outer = |f: &Fact| batch_axis(f).is_some_and(|b| f.shape[..b].iter().all(|d| d.known() == Some(1)));
+                let ins_ok = g.inputs_of(n).first().and_then(|o| g.fact(*o)).is_some_and(outer);
+                let outs_ok = node.outputs.iter().all(|v| v.fact.as_ref().is_some_and(outer));
+                !(ins_ok && outs_ok)
             }
             _ => false,
         };
-        if across {
-            return Err(format!("node '{}' ({}) works across axis 0", node.name, node.op.name()));
+        // shape arithmetic (concatenating shape vectors) works on shapes, not on images
+        if across && !shapes_only {
+            return Err(format!(
+                "node '{}' ({}) works across the batch axis (axis {b})",
+                node.name,
+                node.op.name()
+            ));
         }
     }
     for (name, o) in &g.outputs {
@@ -446,6 +481,67 @@ impl Importer {
         t.extend(rest.iter().map(|&d| if d == -1 { fill } else { d }));
         let name = format!("{}.batch", self.graph.node(inputs[1].node).name);
         Some(self.add_const(&name, Tensor::i64_vec(t)))
+    }
+
+    /// With a declared batch `B` imported as symbolic: a constant `[B, d…]` concatenated along
+    /// another axis with computed values that lead with the batch (a class token the exporter
+    /// expanded to the declared batch, e.g. `cls.expand(x.shape[0], -1, -1)` at `B = 1`) is
+    /// expanded to `[N, d…]` (`Expand` to the batch of the first such value, then `d…`), so the
+    /// `Concat` works for any batch and equals the file's at batch `B`.
+    fn unpin_concat(&mut self, name: &str, op: &Op, inputs: &mut [Outlet]) -> Option<()> {
+        let b = self.symbolic_batch?;
+        let Op::Concat { axis } = op else {
+            return None;
+        };
+        let rank = self.graph.fact(inputs[0])?.rank();
+        if crate::ir::infer::norm_axis(*axis, rank).ok()? == 0 {
+            return None;
+        }
+        let batched = *inputs.iter().find(|&&o| {
+            self.graph.const_value(o).is_none()
+                && self
+                    .graph
+                    .fact(o)
+                    .is_some_and(|f| f.shape.first() == Some(&Dim::Batch(1)))
+        })?;
+        // the constants `[B, d…]` among the inputs, by port
+        let pinned: Vec<(usize, Vec<usize>)> = inputs
+            .iter()
+            .enumerate()
+            .filter_map(|(i, &o)| Some((i, self.graph.const_value(o)?.shape().to_vec())))
+            .filter(|(_, shape)| shape.len() == rank && shape.first() == Some(&(b as usize)))
+            .collect();
+        for (i, shape) in pinned {
+            let n = self
+                .add_op(
+                    &format!("{name}.batch_of_{i}"),
+                    &format!("{name}/batch_of_{i}"),
+                    Op::Shape { start: 0, end: Some(1) },
+                    &[batched],
+                )
+                .ok()?;
+            let rest = self.add_const(
+                &format!("{name}.rest_of_{i}"),
+                Tensor::i64_vec(shape[1..].iter().map(|&d| d as i64).collect()),
+            );
+            let target = self
+                .add_op(
+                    &format!("{name}.shape_of_{i}"),
+                    &format!("{name}/shape_of_{i}"),
+                    Op::Concat { axis: 0 },
+                    &[n, rest],
+                )
+                .ok()?;
+            inputs[i] = self
+                .add_op(
+                    &format!("{name}.expanded_{i}"),
+                    &format!("{name}/expand_{i}"),
+                    Op::Expand,
+                    &[inputs[i], target],
+                )
+                .ok()?;
+        }
+        Some(())
     }
 
     fn value(&self, name: &str) -> Result<Outlet> {
@@ -1126,6 +1222,7 @@ impl Importer {
         if let Some(target) = self.unpin_batch(&op, &inputs) {
             inputs[1] = target;
         }
+        self.unpin_concat(name, &op, &mut inputs);
         let inputs = &inputs[..];
         let facts: Vec<Fact> = inputs.iter().map(|o| self.fact(*o).clone()).collect();
         let out_facts = infer_op(&op, &facts)?;
