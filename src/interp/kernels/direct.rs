@@ -141,6 +141,7 @@ fn pad_input<'a>(x: &'a [f32], [n, h, w, c]: [usize; 4], conv: &Conv, geo: &Geom
     let zero = std::mem::MaybeUninit::new(0f32);
     data.spare_capacity_mut()[..n * hp * wp * c]
         .par_chunks_mut(hp * wp * c)
+        .with_min_len(super::min_chunks(hp * wp * c))
         .enumerate()
         .for_each(|(img, dst)| {
             for (y, row) in dst.chunks_mut(wp * c).enumerate() {
@@ -278,8 +279,9 @@ pub fn conv_nhwc(
         let narrow = m <= 8 && sw == 1 && dw == 1;
         let rows_out = n * oh;
         let xdata: &[f32] = &pad.data;
-        let per = (1usize << 14).div_ceil(ow * m * wts.kernel[0] * wts.kernel[1]).max(1);
-        for_tasks(rows_out.div_ceil(per), |t| {
+        let row_work = ow * m * wts.kernel[0] * wts.kernel[1];
+        let per = (1usize << 14).div_ceil(row_work).max(1);
+        for_tasks(rows_out.div_ceil(per), rows_out * row_work, |t| {
             for row in t * per..((t + 1) * per).min(rows_out) {
                 let (img, y) = (row / oh, row % oh);
                 let src = (img * pad.hp + y * sh) * pad.wp;
@@ -328,7 +330,7 @@ pub fn conv_nhwc(
     };
     let threads = rayon::current_num_threads();
     let nb = wts.blocks.len();
-    let big = pixels * m * lay.c * lay.kernel[0] * lay.kernel[1] > 1 << 16;
+    let big = pixels * m * lay.c * lay.kernel[0] * lay.kernel[1] >= super::PAR_WORK;
     if threads > 1 && big && tiles >= threads {
         let per = TASK_TILES.min(tiles.div_ceil(threads));
         (0..tiles.div_ceil(per))
@@ -349,10 +351,11 @@ pub fn conv_nhwc(
 
 const MAX_R: usize = 24;
 
-/// Run `f` on tasks `0..n`: on the pool when it has more than one thread and there is more than
-/// one task, else in order on this thread (no hand-off for work too small to split).
-fn for_tasks(n: usize, f: impl Fn(usize) + Sync + Send) {
-    if n > 1 && rayon::current_num_threads() > 1 {
+/// Run `f` on tasks `0..n` (of `work` multiply-adds in all): on the pool when it has more than
+/// one thread, there is more than one task and enough work, else in order on this thread (no
+/// hand-off for work too small to split).
+fn for_tasks(n: usize, work: usize, f: impl Fn(usize) + Sync + Send) {
+    if n > 1 && rayon::current_num_threads() > 1 && work >= super::PAR_WORK {
         (0..n).into_par_iter().for_each(f);
     } else {
         (0..n).for_each(f);
@@ -641,11 +644,12 @@ fn depthwise3_rows(
     let m = lay.m;
     let rows_out = n * oh;
     let per = (1usize << 14).div_ceil(ow * m * 9).max(1);
+    let work = rows_out * ow * m * 9;
     let (sw, dw) = (win.strides[1], win.dilations[1]);
     // output pixels xa..xb read only columns inside the row
     let xb = (w + left).checked_sub(2 * dw + 1).map_or(0, |l| (l / sw + 1).min(ow));
     let xa = left.div_ceil(sw).min(xb);
-    for_tasks(rows_out.div_ceil(per), |t| {
+    for_tasks(rows_out.div_ceil(per), work, |t| {
         for row in t * per..((t + 1) * per).min(rows_out) {
             let (img, y) = (row / oh, row % oh);
             let tap_row = |i: usize| {

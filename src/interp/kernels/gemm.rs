@@ -61,7 +61,7 @@ pub fn matmul(
         return;
     }
     let threads = rayon::current_num_threads();
-    let par = if parallel && threads > 1 && m * n * k >= 64 * 64 * 64 {
+    let par = if parallel && threads > 1 && m * n * k >= super::PAR_WORK {
         gemm::Parallelism::Rayon(threads)
     } else {
         gemm::Parallelism::None
@@ -150,7 +150,7 @@ pub fn matmul_packed(a: &PackedA, n: usize, b: &[f32], c: &mut [f32], accumulate
         return;
     }
     let c = &mut c[..m * n];
-    let par = parallel && rayon::current_num_threads() > 1 && m * n * k >= 1 << 18;
+    let par = parallel && rayon::current_num_threads() > 1 && m * n * k >= super::PAR_WORK;
     /// `c` shared by tasks that write disjoint columns.
     #[derive(Clone, Copy)]
     struct Shared(*mut f32);

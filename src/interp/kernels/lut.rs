@@ -172,14 +172,17 @@ pub fn lut_i8_then<T: Send>(
         }
         return;
     };
-    out.par_chunks_mut(call.par_rows * m).enumerate().for_each_init(
-        || (Scratch::default(), Vec::new()),
-        |(scratch, sums), (bi, out)| {
-            sums.resize(out.len(), 0);
-            call.block(codes, bi, sums, scratch);
-            epilogue(bi * call.par_rows, sums, out);
-        },
-    );
+    out.par_chunks_mut(call.par_rows * m)
+        .with_min_len(super::min_chunks(call.par_rows * c * m))
+        .enumerate()
+        .for_each_init(
+            || (Scratch::default(), Vec::new()),
+            |(scratch, sums), (bi, out)| {
+                sums.resize(out.len(), 0);
+                call.block(codes, bi, sums, scratch);
+                epilogue(bi * call.par_rows, sums, out);
+            },
+        );
 }
 
 /// One lookup call's kernel, tables and split into parallel blocks of rows.

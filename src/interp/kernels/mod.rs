@@ -11,6 +11,17 @@ pub mod lut;
 pub mod pool;
 pub mod shape_ops;
 
+/// Work (multiply-adds, or values read and written) below which a kernel call stays on one
+/// thread: handing work to another thread costs microseconds, more than a small layer at batch
+/// 1 takes (LeNet's layers are each under 0.2 M multiply-adds).
+pub const PAR_WORK: usize = 1 << 18;
+
+/// The least number of chunks of `per_chunk` work each a parallel job should take (rayon's
+/// `with_min_len`), so no job holds less than [`PAR_WORK`] and a small call is not split at all.
+pub fn min_chunks(per_chunk: usize) -> usize {
+    PAR_WORK.div_ceil(per_chunk.max(1))
+}
+
 /// A SIMD level of the hand-written kernels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Simd {

@@ -21,50 +21,54 @@ pub fn pool2d(x: &[f32], shape: [usize; 4], pool: &Pool) -> Result<ArrayD<f32>> 
         geo.pads[3] as isize,
     );
     let mut out = vec![0f32; n * c * oh * ow];
-    out.par_chunks_mut(oh * ow).enumerate().for_each(|(plane_idx, dst)| {
-        let src = &x[plane_idx * h * w..(plane_idx + 1) * h * w];
-        for y in 0..oh {
-            for xo in 0..ow {
-                let y0 = (y * sh) as isize - pt;
-                let x0 = (xo * sw) as isize - pl;
-                let mut acc = match pool.kind {
-                    PoolKind::Max => f32::NEG_INFINITY,
-                    PoolKind::Avg { .. } => 0.0,
-                };
-                let (mut inside, mut in_padded) = (0usize, 0usize);
-                for i in 0..kh {
-                    let sy = y0 + (i * dh) as isize;
-                    if sy >= -pt && sy < h as isize + pb {
-                        for j in 0..kw {
-                            let sx = x0 + (j * dw) as isize;
-                            if sx < -pl || sx >= w as isize + pr {
-                                continue;
-                            }
-                            in_padded += 1;
-                            if sy < 0 || sy >= h as isize || sx < 0 || sx >= w as isize {
-                                continue;
-                            }
-                            inside += 1;
-                            let v = src[sy as usize * w + sx as usize];
-                            match pool.kind {
-                                PoolKind::Max => acc = acc.max(v),
-                                PoolKind::Avg { .. } => acc += v,
+    let plane_work = oh * ow * win.kernel[0] * win.kernel[1];
+    out.par_chunks_mut(oh * ow)
+        .with_min_len(super::min_chunks(plane_work))
+        .enumerate()
+        .for_each(|(plane_idx, dst)| {
+            let src = &x[plane_idx * h * w..(plane_idx + 1) * h * w];
+            for y in 0..oh {
+                for xo in 0..ow {
+                    let y0 = (y * sh) as isize - pt;
+                    let x0 = (xo * sw) as isize - pl;
+                    let mut acc = match pool.kind {
+                        PoolKind::Max => f32::NEG_INFINITY,
+                        PoolKind::Avg { .. } => 0.0,
+                    };
+                    let (mut inside, mut in_padded) = (0usize, 0usize);
+                    for i in 0..kh {
+                        let sy = y0 + (i * dh) as isize;
+                        if sy >= -pt && sy < h as isize + pb {
+                            for j in 0..kw {
+                                let sx = x0 + (j * dw) as isize;
+                                if sx < -pl || sx >= w as isize + pr {
+                                    continue;
+                                }
+                                in_padded += 1;
+                                if sy < 0 || sy >= h as isize || sx < 0 || sx >= w as isize {
+                                    continue;
+                                }
+                                inside += 1;
+                                let v = src[sy as usize * w + sx as usize];
+                                match pool.kind {
+                                    PoolKind::Max => acc = acc.max(v),
+                                    PoolKind::Avg { .. } => acc += v,
+                                }
                             }
                         }
                     }
+                    dst[y * ow + xo] = match pool.kind {
+                        PoolKind::Max => acc,
+                        PoolKind::Avg {
+                            count_include_pad: true,
+                        } => acc / in_padded.max(1) as f32,
+                        PoolKind::Avg {
+                            count_include_pad: false,
+                        } => acc / inside.max(1) as f32,
+                    };
                 }
-                dst[y * ow + xo] = match pool.kind {
-                    PoolKind::Max => acc,
-                    PoolKind::Avg {
-                        count_include_pad: true,
-                    } => acc / in_padded.max(1) as f32,
-                    PoolKind::Avg {
-                        count_include_pad: false,
-                    } => acc / inside.max(1) as f32,
-                };
             }
-        }
-    });
+        });
     Ok(ArrayD::from_shape_vec(IxDyn(&[n, c, oh, ow]), out).expect("pool output size"))
 }
 
@@ -73,6 +77,7 @@ pub fn global_pool(x: &[f32], shape: &[usize], max: bool) -> ArrayD<f32> {
     let plane: usize = shape[2..].iter().product();
     let out: Vec<f32> = x
         .par_chunks(plane.max(1))
+        .with_min_len(super::min_chunks(plane))
         .map(|p| {
             if max {
                 p.iter().copied().fold(f32::NEG_INFINITY, f32::max)
@@ -94,38 +99,41 @@ pub fn lrn(x: &[f32], shape: &[usize], size: usize, alpha: f32, beta: f32, bias:
     let hi = (size - 1).div_ceil(2);
     let mut out = vec![0f32; x.len()];
     let a = alpha / size as f32;
-    out.par_chunks_mut(c * plane).enumerate().for_each(|(img, dst)| {
-        let src = &x[img * c * plane..(img + 1) * c * plane];
-        let mut sq = vec![0f32; plane];
-        for ch in 0..c {
-            let from = ch.saturating_sub(lo);
-            let to = (ch + hi).min(c - 1);
-            // the window's squares summed in channel order, a whole plane at a time (vectorises)
-            sq.fill(0.0);
-            for k in from..=to {
-                sq.iter_mut()
-                    .zip(&src[k * plane..(k + 1) * plane])
-                    .for_each(|(s, &v)| *s += v * v);
+    out.par_chunks_mut(c * plane)
+        .with_min_len(super::min_chunks(c * plane * size))
+        .enumerate()
+        .for_each(|(img, dst)| {
+            let src = &x[img * c * plane..(img + 1) * c * plane];
+            let mut sq = vec![0f32; plane];
+            for ch in 0..c {
+                let from = ch.saturating_sub(lo);
+                let to = (ch + hi).min(c - 1);
+                // the window's squares summed in channel order, a whole plane at a time (vectorises)
+                sq.fill(0.0);
+                for k in from..=to {
+                    sq.iter_mut()
+                        .zip(&src[k * plane..(k + 1) * plane])
+                        .for_each(|(s, &v)| *s += v * v);
+                }
+                let (x, d) = (
+                    &src[ch * plane..(ch + 1) * plane],
+                    &mut dst[ch * plane..(ch + 1) * plane],
+                );
+                let base = sq.iter().map(|&s| bias + a * s);
+                match beta {
+                    // AlexNet's and GoogLeNet's 0.75 without `powf`: b^-0.75 = 1 / (√b · √√b)
+                    0.75 => d.iter_mut().zip(x).zip(base).for_each(|((d, &x), b)| {
+                        let r = b.sqrt();
+                        *d = x / (r * r.sqrt());
+                    }),
+                    _ => d
+                        .iter_mut()
+                        .zip(x)
+                        .zip(base)
+                        .for_each(|((d, &x), b)| *d = x / b.powf(beta)),
+                }
             }
-            let (x, d) = (
-                &src[ch * plane..(ch + 1) * plane],
-                &mut dst[ch * plane..(ch + 1) * plane],
-            );
-            let base = sq.iter().map(|&s| bias + a * s);
-            match beta {
-                // AlexNet's and GoogLeNet's 0.75 without `powf`: b^-0.75 = 1 / (√b · √√b)
-                0.75 => d.iter_mut().zip(x).zip(base).for_each(|((d, &x), b)| {
-                    let r = b.sqrt();
-                    *d = x / (r * r.sqrt());
-                }),
-                _ => d
-                    .iter_mut()
-                    .zip(x)
-                    .zip(base)
-                    .for_each(|((d, &x), b)| *d = x / b.powf(beta)),
-            }
-        }
-    });
+        });
     ArrayD::from_shape_vec(IxDyn(shape), out).expect("lrn output size")
 }
 
@@ -195,6 +203,9 @@ pub fn pool2d_nhwc_at(x: &[f32], shape: [usize; 4], pool: &Pool, level: super::S
     let (pt, pl) = (geo.pads[0], geo.pads[1]);
     let rows_per_task = (4096 / (ow * c).max(1)).max(1);
     out.par_chunks_mut(rows_per_task * ow * c)
+        .with_min_len(super::min_chunks(
+            rows_per_task * ow * c * win.kernel[0] * win.kernel[1],
+        ))
         .enumerate()
         .for_each(|(task, dst)| {
             for (k, drow) in dst.chunks_exact_mut(ow * c).enumerate() {
