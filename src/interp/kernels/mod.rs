@@ -11,6 +11,40 @@ pub mod lut;
 pub mod pool;
 pub mod shape_ops;
 
+/// A function whose body is plain Rust written to vectorise (loops over chunks of
+/// [`elementwise`]'s lane count, no carried float sums), compiled three times — for AVX-512,
+/// for AVX2+FMA and for the baseline — and dispatched on [`Simd::detect`]. The body uses no
+/// fused multiply-add (Rust never contracts `a * b + c`), so every level gives the same bits.
+macro_rules! multiversion {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($a:ident: $t:ty),* $(,)?) $(-> $r:ty)? $body:block) => {
+        $(#[$m])*
+        $vis fn $name($($a: $t),*) $(-> $r)? {
+            #[inline(always)]
+            fn inner($($a: $t),*) $(-> $r)? $body
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx512f,avx2,fma")]
+            unsafe fn v512($($a: $t),*) $(-> $r)? {
+                inner($($a),*)
+            }
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn v256($($a: $t),*) $(-> $r)? {
+                inner($($a),*)
+            }
+            match $crate::interp::kernels::Simd::detect() {
+                // SAFETY: `detect` reports only levels this CPU supports.
+                #[cfg(target_arch = "x86_64")]
+                $crate::interp::kernels::Simd::Avx512 => unsafe { v512($($a),*) },
+                // SAFETY: as above.
+                #[cfg(target_arch = "x86_64")]
+                $crate::interp::kernels::Simd::Avx2 => unsafe { v256($($a),*) },
+                _ => inner($($a),*),
+            }
+        }
+    };
+}
+pub(crate) use multiversion;
+
 /// A SIMD level of the hand-written kernels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Simd {
