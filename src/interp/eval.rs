@@ -894,14 +894,14 @@ pub fn matmul_op(a: &ArrayD<f32>, b: &ArrayD<f32>) -> Result<ArrayD<f32>> {
         bail!("MatMul operands must have rank ≥ 1");
     }
     let a2 = if a.ndim() == 1 {
-        a.clone().insert_axis(ndarray::Axis(0))
+        a.view().insert_axis(ndarray::Axis(0))
     } else {
-        a.clone()
+        a.view()
     };
     let b2 = if b.ndim() == 1 {
-        b.clone().insert_axis(ndarray::Axis(1))
+        b.view().insert_axis(ndarray::Axis(1))
     } else {
-        b.clone()
+        b.view()
     };
     let (m, k) = (a2.shape()[a2.ndim() - 2], a2.shape()[a2.ndim() - 1]);
     let (kb, n) = (b2.shape()[b2.ndim() - 2], b2.shape()[b2.ndim() - 1]);
@@ -916,12 +916,19 @@ pub fn matmul_op(a: &ArrayD<f32>, b: &ArrayD<f32>) -> Result<ArrayD<f32>> {
         let mut shape = a.shape().to_vec();
         *shape.last_mut().unwrap() = n;
         let mut out = ArrayD::<f32>::zeros(IxDyn(&shape));
+        let (asl, bsl) = (a_std.as_slice().unwrap(), b_std.as_slice().unwrap());
+        if gemm::PackedA::supported() && rows >= 4 && n >= 16 {
+            // the AVX-512 GEMM with the rows packed once per call; the weight is read in place
+            let pa = gemm::PackedA::new(asl, rows, k);
+            gemm::matmul_packed(&pa, n, bsl, out.as_slice_mut().unwrap(), false, true);
+            return Ok(out);
+        }
         gemm::matmul(
             rows,
             n,
             k,
-            Mat::row_major(a_std.as_slice().unwrap(), k),
-            Mat::row_major(b_std.as_slice().unwrap(), n),
+            Mat::row_major(asl, k),
+            Mat::row_major(bsl, n),
             out.as_slice_mut().unwrap(),
             n,
             false,
@@ -935,24 +942,21 @@ pub fn matmul_op(a: &ArrayD<f32>, b: &ArrayD<f32>) -> Result<ArrayD<f32>> {
     full_a.extend([m, k]);
     let mut full_b = batch.clone();
     full_b.extend([k, n]);
-    let av = a2
-        .broadcast(IxDyn(&full_a))
-        .expect("checked")
-        .as_standard_layout()
-        .into_owned();
-    let bv = b2
-        .broadcast(IxDyn(&full_b))
-        .expect("checked")
-        .as_standard_layout()
-        .into_owned();
+    // operands already in this shape and layout are read in place
+    let (ab, bb) = (
+        a2.broadcast(IxDyn(&full_a)).expect("checked"),
+        b2.broadcast(IxDyn(&full_b)).expect("checked"),
+    );
+    let (av, bv) = (ab.as_standard_layout(), bb.as_standard_layout());
     let nb: usize = batch.iter().product();
     let mut out_shape = batch.clone();
     out_shape.extend([m, n]);
+    crate::limits::check_shape(&out_shape, 4, "MatMul output")?;
     let mut out = ArrayD::<f32>::zeros(IxDyn(&out_shape));
     let (asl, bsl, osl) = (
-        av.as_slice().unwrap(),
-        bv.as_slice().unwrap(),
-        out.as_slice_mut().unwrap(),
+        av.as_slice().expect("standard layout"),
+        bv.as_slice().expect("standard layout"),
+        out.as_slice_mut().expect("standard layout"),
     );
     for i in 0..nb {
         gemm::matmul(
