@@ -175,7 +175,9 @@ fn match_layer_norm(graph: &Graph, mean: NodeIndex) -> Option<LayerNormMatch> {
     if graph.node(sqrt).op != Op::Unary(Unary::Sqrt) {
         return None;
     }
-    if only_consumer(graph, Outlet::new(sqrt, 0))? != div || binary(graph, div, Binary::Div)? != (diff, Outlet::new(sqrt, 0)) {
+    if only_consumer(graph, Outlet::new(sqrt, 0))? != div
+        || binary(graph, div, Binary::Div)? != (diff, Outlet::new(sqrt, 0))
+    {
         return None;
     }
     // optional affine: `· γ`, then `+ β`, each a constant of the last axis' size
@@ -231,7 +233,9 @@ fn match_gelu(graph: &Graph, erf: NodeIndex) -> Option<(Outlet, Outlet)> {
     const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
     let close = |v: f32, want: f32| (v - want).abs() <= 2.0 * f32::EPSILON * want;
     let scaled = *graph.inputs_of(erf).first()?;
-    let scale = only_consumer(graph, scaled).filter(|&n| n == erf).map(|_| scaled.node)?;
+    let scale = only_consumer(graph, scaled)
+        .filter(|&n| n == erf)
+        .map(|_| scaled.node)?;
     let x = match binary(graph, scale, Binary::Div) {
         Some((x, c)) if scalar(graph, c).is_some_and(|c| close(c, SQRT_2)) => x,
         _ => {

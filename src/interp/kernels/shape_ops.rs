@@ -190,7 +190,11 @@ pub fn concat<T: Clone>(parts: &[&ArrayD<T>], axis: usize) -> Result<ArrayD<T>> 
     for p in parts {
         let ps = p.shape();
         if ps.len() != r || (0..r).any(|i| i != axis && ps[i] != first.shape()[i]) {
-            bail!("Concat: shapes {:?} and {:?} differ outside axis {axis}", first.shape(), ps);
+            bail!(
+                "Concat: shapes {:?} and {:?} differ outside axis {axis}",
+                first.shape(),
+                ps
+            );
         }
         shape[axis] += ps[axis];
     }
@@ -302,6 +306,59 @@ pub fn reduce_mean(a: &ArrayD<f32>, axes: &[usize], keepdims: bool) -> Result<Ar
 
 #[cfg(test)]
 mod tests {
+    /// `permute` (merged axes, batched 2-D blocks, contiguous runs, strided gathers) equals
+    /// ndarray's permuted view copied, for every permutation of ranks 1–5 with sizes including 1.
+    #[test]
+    fn permute_matches_ndarray_for_every_permutation() {
+        fn perms(r: usize) -> Vec<Vec<usize>> {
+            if r == 0 {
+                return vec![vec![]];
+            }
+            let mut out = vec![];
+            for p in perms(r - 1) {
+                for i in 0..=p.len() {
+                    let mut q = p.clone();
+                    q.insert(i, r - 1);
+                    out.push(q);
+                }
+            }
+            out
+        }
+        for shape in [
+            vec![5],
+            vec![3, 4],
+            vec![2, 17, 16],
+            vec![2, 1, 3, 5],
+            vec![2, 3, 1, 4, 5],
+            vec![4, 17, 3, 4, 16],
+        ] {
+            let n: usize = shape.iter().product();
+            let a = ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&shape), (0..n as i64).collect()).unwrap();
+            for p in perms(shape.len()) {
+                let want = a
+                    .clone()
+                    .permuted_axes(ndarray::IxDyn(&p))
+                    .as_standard_layout()
+                    .into_owned();
+                let got = super::transpose(a.clone(), &p);
+                assert_eq!(got, want, "shape {shape:?} perm {p:?}");
+            }
+        }
+    }
+
+    /// Concat of parts in any layout writes the standard-layout result.
+    #[test]
+    fn concat_of_transposed_parts_is_standard() {
+        let a = ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[3, 2]), (0..6).collect::<Vec<i64>>()).unwrap();
+        let at = a.clone().reversed_axes();
+        let b = ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[2, 1]), vec![7i64, 8]).unwrap();
+        let c = super::concat(&[&at, &b], 1).unwrap();
+        assert!(c.is_standard_layout());
+        assert_eq!(c.as_slice().unwrap(), &[0, 2, 4, 7, 1, 3, 5, 8]);
+        assert!(super::concat(&[&a, &b], 1).is_err());
+        assert!(super::concat(&[&a, &b], 5).is_err());
+    }
+
     /// The channels-last spatial mean gives GlobalAveragePool's bits on maps whose size is not a
     /// power of two (where dividing twice would round differently).
     #[test]
