@@ -299,7 +299,7 @@ pub fn conv_nhwc(
         // SAFETY: every row of every image was computed above.
         return Ok((unsafe { out.finish(pixels * m) }, [n, oh, ow, m]));
     }
-    let r = tile_pixels(simd, wts);
+    let r = tile_pixels(simd, wts, pixels);
     let tiles = pixels.div_ceil(r);
     let xdata: &[f32] = &pad.data;
     let run = |t0: usize, t1: usize| {
@@ -386,9 +386,12 @@ impl SendPtr {
 }
 
 /// Pixels per tile at this level.
-fn tile_pixels(simd: Simd, wts: &NhwcWeights) -> usize {
+fn tile_pixels(simd: Simd, wts: &NhwcWeights, pixels: usize) -> usize {
     match simd {
         Simd::Avx512 if wts.depthwise => 8,
+        // fewer pixels than a tile (a deep layer at batch 1): tiles of at most 4 over several
+        // channel blocks (`tile512_blocks`) rather than a 10-pixel tile mostly repeating its last
+        Simd::Avx512 if pixels < 10 => pixels.min(4),
         Simd::Avx512 if wts.blocks.iter().any(|b| b.1 == 32) => 10,
         Simd::Avx512 => 16,
         Simd::Avx2 if wts.depthwise => 4,
@@ -413,6 +416,10 @@ unsafe fn tile(
     dst: *mut f32,
 ) {
     let xp = x.as_ptr();
+    #[cfg(target_arch = "x86_64")]
+    if simd == Simd::Avx512 && !wts.depthwise && offs.len() <= 4 {
+        return tile_blocks(xp, offs, rows, wts, lay, dst);
+    }
     let mut wofs = 0;
     for &(oc0, lanes) in &wts.blocks {
         let w = wts.data.as_ptr().add(wofs);
@@ -479,7 +486,51 @@ unsafe fn tile512_args<const R: usize, const V: usize, const S: usize>(
         usize,
     ),
 ) {
-    x86::tile512::<R, V, S>(x, offs, rows, w, nb, bias, lay, dst, valid)
+    x86::tile512::<R, V, S>(x, offs, rows, (w, nb, 0), bias, lay, dst, valid)
+}
+
+/// A tile of at most 4 pixels, every output channel block: 32-lane blocks taken several at a
+/// time by [`x86::tile512_blocks`] (about 8 independent sums, so the multiply-add latency is
+/// hidden even for one pixel), a last 16-lane block by [`x86::tile512`].
+///
+/// # Safety
+/// AVX-512F; as [`tile`].
+#[cfg(target_arch = "x86_64")]
+unsafe fn tile_blocks(x: *const f32, offs: &[usize], rows: usize, wts: &NhwcWeights, lay: &Layout, dst: *mut f32) {
+    let blk = 32 * lay.c * lay.kernel[0] * lay.kernel[1];
+    let full = wts.blocks.iter().take_while(|b| b.1 == 32).count();
+    let mut b = 0;
+    while b < wts.blocks.len() {
+        let (oc0, lanes) = wts.blocks[b];
+        let w = wts.data.as_ptr().add(b * blk);
+        let bias = wts.bias.as_ptr().add(oc0);
+        let valid = lay.m.saturating_sub(oc0);
+        let a = (x, offs, rows, w, blk, bias, lay, dst.add(oc0), valid);
+        b += match (offs.len(), full.saturating_sub(b)) {
+            (1, 4..) => x86::tile512_blocks::<1, 8>(a),
+            (1, 2..) => x86::tile512_blocks::<1, 4>(a),
+            (1, 1) => x86::tile512_blocks::<1, 2>(a),
+            (2, 4..) => x86::tile512_blocks::<2, 8>(a),
+            (2, 2..) => x86::tile512_blocks::<2, 4>(a),
+            (2, 1) => x86::tile512_blocks::<2, 2>(a),
+            (3, 2..) => x86::tile512_blocks::<3, 4>(a),
+            (3, 1) => x86::tile512_blocks::<3, 2>(a),
+            (_, 2..) => x86::tile512_blocks::<4, 4>(a),
+            (_, 1) => x86::tile512_blocks::<4, 2>(a),
+            (r, _) => {
+                // the last block, of 16 lanes
+                debug_assert_eq!(lanes, 16);
+                let a = (x, offs, rows, w, lanes, bias, lay, dst.add(oc0), valid.min(16));
+                match r {
+                    1 => tile512_args::<1, 1, 0>(a),
+                    2 => tile512_args::<2, 1, 0>(a),
+                    3 => tile512_args::<3, 1, 0>(a),
+                    _ => tile512_args::<4, 1, 0>(a),
+                }
+                1
+            }
+        };
+    }
 }
 
 /// Scalar reference: the same sums in the same order as the SIMD tiles.
@@ -649,7 +700,15 @@ unsafe fn row_c1_channels(
                 x86::px512::<1, 2>(&a, lay, x0, ow);
             }
             (Simd::Avx512, _) => {
-                let x0 = x86::px512::<16, 1>(&a, lay, 0, ow);
+                // equal tiles of at most 16 pixels where the width allows (28 = 14 + 14, not
+                // 16 + 4 + 4 + 4: a 4-pixel tile waits on its chains of dependent multiply-adds)
+                let x0 = match ow / ow.div_ceil(16) {
+                    14 => x86::px512::<14, 1>(&a, lay, 0, ow),
+                    12 => x86::px512::<12, 1>(&a, lay, 0, ow),
+                    10 => x86::px512::<10, 1>(&a, lay, 0, ow),
+                    7 => x86::px512::<7, 1>(&a, lay, 0, ow),
+                    _ => x86::px512::<16, 1>(&a, lay, 0, ow),
+                };
                 let x0 = x86::px512::<4, 1>(&a, lay, x0, ow);
                 x86::px512::<1, 1>(&a, lay, x0, ow);
             }
@@ -686,8 +745,7 @@ mod x86 {
         x: *const f32,
         offs: &[usize],
         rows: usize,
-        w: *const f32,
-        nb: usize,
+        (w, nb, blk): (*const f32, usize, usize),
         bias: *const f32,
         lay: &Layout,
         dst: *mut f32,
@@ -715,10 +773,9 @@ mod x86 {
                 let t = i * lay.tap[0] + j * lay.tap[1];
                 let wk = w.add((i * kw + j) * c * nb);
                 for ci in 0..run {
-                    let mut wv = [_mm512_setzero_ps(); V];
-                    for (v, wv) in wv.iter_mut().enumerate() {
-                        *wv = _mm512_loadu_ps(wk.add(ci * nb + 16 * v));
-                    }
+                    // vector `v`: lanes `16·(v % 2)..` of block `v / 2` (blocks `blk` apart)
+                    let wv: [__m512; V] =
+                        std::array::from_fn(|v| _mm512_loadu_ps(wk.add((v / 2) * blk + ci * nb + 16 * (v % 2))));
                     for r in 0..R {
                         let p = if S > 0 { base.add(r * S) } else { px[r] };
                         let b = _mm512_set1_ps(*p.add(t + ci));
@@ -730,6 +787,28 @@ mod x86 {
             }
         }
         store512(&acc, rows, lay, dst, valid);
+    }
+
+    /// [`tile512`] over `V / 2` consecutive 32-lane weight blocks at once (each `blk` floats
+    /// after the previous), for tiles of at most 4 pixels: `R × V` independent sums, the same
+    /// sums in the same order; returns the blocks done.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    #[allow(clippy::type_complexity)]
+    pub unsafe fn tile512_blocks<const R: usize, const V: usize>(
+        (x, offs, rows, w, blk, bias, lay, dst, valid): (
+            *const f32,
+            &[usize],
+            usize,
+            *const f32,
+            usize,
+            *const f32,
+            &Layout,
+            *mut f32,
+            usize,
+        ),
+    ) -> usize {
+        tile512::<R, V, 0>(x, offs, rows, (w, 32, blk), bias, lay, dst, valid);
+        V / 2
     }
 
     /// The epilogue of `rows` pixels × `V` vectors of 16 channels: residual, ReLU, the `valid`
@@ -941,6 +1020,9 @@ mod x86 {
             dst,
         };
         let blocks = lay.m.div_ceil(16);
+        if g.dw == 1 && (g.sw == 1 || g.sw == 2) {
+            return k.sweep_row(ow, blocks, lay);
+        }
         let (xa, xb) = g.interior;
         for xo in 0..xa {
             k.edge(xo, blocks, lay);
@@ -1009,10 +1091,7 @@ mod x86 {
             lay: &Layout,
         ) -> usize {
             let g = self.g;
-            let masks: [u16; V] = std::array::from_fn(|v| {
-                let l0 = (b0 + v) * 16;
-                ((1u32 << lay.m.saturating_sub(l0).min(16)) - 1) as u16
-            });
+            let masks = Self::masks::<V>(b0, lay);
             let mut acc: [[__m512; V]; R] = [std::array::from_fn(|v| _mm512_loadu_ps(self.bias.add((b0 + v) * 16))); R];
             let step = g.sw * g.c;
             let zero = _mm512_setzero_ps();
@@ -1033,6 +1112,32 @@ mod x86 {
                     }
                 }
             }
+            self.store(&acc, &masks, x0, b0, lay);
+            V
+        }
+
+        /// The channel masks of blocks `b0..b0 + V` (the last block of a layer may be partial).
+        #[inline(always)]
+        fn masks<const V: usize>(b0: usize, lay: &Layout) -> [u16; V] {
+            std::array::from_fn(|v| {
+                let l0 = (b0 + v) * 16;
+                ((1u32 << lay.m.saturating_sub(l0).min(16)) - 1) as u16
+            })
+        }
+
+        /// Sums of pixels `x0..x0 + R`, blocks `b0..b0 + V`: residual, ReLU, store. Its own
+        /// epilogue rather than `store512`'s: going through `store512` measured about 5 %
+        /// slower on MobileNet at batch 1.
+        #[inline(always)]
+        unsafe fn store<const R: usize, const V: usize>(
+            &self,
+            acc: &[[__m512; V]; R],
+            masks: &[u16; V],
+            x0: usize,
+            b0: usize,
+            lay: &Layout,
+        ) {
+            let zero = _mm512_setzero_ps();
             for (r, a) in acc.iter().enumerate() {
                 for (v, &s) in a.iter().enumerate() {
                     let p = self.dst.add((x0 + r) * lay.m + (b0 + v) * 16);
@@ -1042,8 +1147,6 @@ mod x86 {
                         s
                     };
                     let s = if lay.relu { _mm512_max_ps(s, zero) } else { s };
-                    // its own epilogue rather than `store512`'s: going through `store512` measured
-                    // about 5 % slower on MobileNet at batch 1
                     if masks[v] == u16::MAX {
                         _mm512_storeu_ps(p, s);
                     } else {
@@ -1051,8 +1154,126 @@ mod x86 {
                     }
                 }
             }
-            V
         }
+
+        /// Stride 1 or 2, no dilation: the row in near-equal tiles of at most 8 pixels (14 → 7 +
+        /// 7), each [`sweep`] over as many channel blocks as keep about 8 sums.
+        #[inline(always)]
+        unsafe fn sweep_row(&self, ow: usize, blocks: usize, lay: &Layout) {
+            let (xa, xb) = self.g.interior;
+            let tiles = ow.div_ceil(8);
+            let mut x0 = 0;
+            for t in 0..tiles {
+                let r = (ow - x0).div_ceil(tiles - t);
+                let edge = x0 < xa || x0 + r > xb;
+                let mut b = 0;
+                while b < blocks {
+                    b += match (self.g.sw, edge) {
+                        (1, false) => self.sweep_tile::<1, false>(r, x0, b, blocks - b, lay),
+                        (1, true) => self.sweep_tile::<1, true>(r, x0, b, blocks - b, lay),
+                        (_, false) => self.sweep_tile::<2, false>(r, x0, b, blocks - b, lay),
+                        (_, true) => self.sweep_tile::<2, true>(r, x0, b, blocks - b, lay),
+                    };
+                }
+                x0 += r;
+            }
+        }
+
+        /// [`sweep`] for `r ≤ 8` pixels from `x0` and blocks from `b0` (`left` remain); returns
+        /// the blocks done.
+        #[inline(always)]
+        unsafe fn sweep_tile<const S: usize, const EDGE: bool>(
+            &self,
+            r: usize,
+            x0: usize,
+            b0: usize,
+            left: usize,
+            lay: &Layout,
+        ) -> usize {
+            type Tile = unsafe fn((&Dw, usize, usize, &Layout)) -> usize;
+            let f: Tile = match (r, left) {
+                (8, _) => sweep::<8, 1, S, EDGE>,
+                (7, _) => sweep::<7, 1, S, EDGE>,
+                (6, _) => sweep::<6, 1, S, EDGE>,
+                (5, _) => sweep::<5, 1, S, EDGE>,
+                (4, 2..) => sweep::<4, 2, S, EDGE>,
+                (4, _) => sweep::<4, 1, S, EDGE>,
+                (3, 2..) => sweep::<3, 2, S, EDGE>,
+                (3, _) => sweep::<3, 1, S, EDGE>,
+                (2, 2..) => sweep::<2, 2, S, EDGE>,
+                (2, _) => sweep::<2, 1, S, EDGE>,
+                (_, 2..) => sweep::<1, 2, S, EDGE>,
+                _ => sweep::<1, 1, S, EDGE>,
+            };
+            // through a pointer: inlined into the row loop, the many tile forms kept their sums
+            // on the stack
+            std::hint::black_box(f)((self, x0, b0, lay))
+        }
+    }
+
+    /// `R` pixels × `V` channel blocks of a 3×3 depthwise row at stride `S`, no dilation, by
+    /// input columns: each input vector is loaded once and multiplied into the (up to 3)
+    /// outputs whose window holds it, with the 9 × `V` weight vectors in registers (stride 1:
+    /// 3 loads per output instead of 9). `EDGE`: columns outside the row are zero vectors.
+    /// The taps still reach each output in order `(ky, kx)`, so the sums are those of
+    /// [`Dw::tile`]. Compiled apart from the row loop: inlined there, the many tile forms kept
+    /// their sums on the stack.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    #[inline(never)]
+    unsafe fn sweep<const R: usize, const V: usize, const S: usize, const EDGE: bool>(
+        (k, x0, b0, lay): (&Dw, usize, usize, &Layout),
+    ) -> usize {
+        let g = k.g;
+        let masks = Dw::masks::<V>(b0, lay);
+        let mut acc: [[__m512; V]; R] = [std::array::from_fn(|v| _mm512_loadu_ps(k.bias.add((b0 + v) * 16))); R];
+        let zero = _mm512_setzero_ps();
+        // input column of the tile's first tap (negative inside the left padding)
+        let first = (x0 * S) as isize - g.left as isize;
+        for i in 0..3 {
+            let row = g.rows[i].add(b0 * 16);
+            let wv: [[__m512; V]; 3] = std::array::from_fn(|j| {
+                std::array::from_fn(|v| _mm512_loadu_ps(k.w.add((3 * i + j) * k.nb + (b0 + v) * 16)))
+            });
+            // the tile's input column `q`, block `v`
+            let load = |q: usize, v: usize| {
+                let xi = first + q as isize;
+                match !EDGE || (xi >= 0 && (xi as usize) < g.w) {
+                    true => _mm512_maskz_loadu_ps(masks[v], row.add(xi as usize * g.c + 16 * v)),
+                    false => zero,
+                }
+            };
+            if S == 1 {
+                for q in 0..R + 2 {
+                    for v in 0..V {
+                        let xv = load(q, v);
+                        for j in 0..3 {
+                            if q >= j && q - j < R {
+                                acc[q - j][v] = _mm512_fmadd_ps(xv, wv[j][v], acc[q - j][v]);
+                            }
+                        }
+                    }
+                }
+            } else {
+                // Stride 2 by output pixel (a loop LLVM unrolls, unlike one over 2R + 1
+                // columns): column 2p is tap 0 of pixel p and tap 2 of pixel p - 1, column
+                // 2p + 1 tap 1 of pixel p.
+                for p in 0..R {
+                    for v in 0..V {
+                        let e = load(2 * p, v);
+                        if p > 0 {
+                            acc[p - 1][v] = _mm512_fmadd_ps(e, wv[2][v], acc[p - 1][v]);
+                        }
+                        acc[p][v] = _mm512_fmadd_ps(e, wv[0][v], acc[p][v]);
+                        acc[p][v] = _mm512_fmadd_ps(load(2 * p + 1, v), wv[1][v], acc[p][v]);
+                    }
+                }
+                for v in 0..V {
+                    acc[R - 1][v] = _mm512_fmadd_ps(load(2 * R, v), wv[2][v], acc[R - 1][v]);
+                }
+            }
+        }
+        k.store(&acc, &masks, x0, b0, lay);
+        V
     }
 
     /// [`dw3_row_avx512`] at AVX2: tiles of `R` pixels × `V` blocks of 8 channels with `R·V = 8`
@@ -1570,6 +1791,13 @@ mod tests {
             (2, 1, [6, 11], 40, 3, 1, 2, [2, 1, 2, 0], false),
             (2, 8, [7, 9], 70, 3, 1, 2, [2; 4], false),
             (1, 4, [1, 1], 24, 3, 1, 1, [1; 4], false),
+            // fewer pixels than a tile (1–9): several 32-lane blocks at once, a 16-lane last one
+            (1, 8, [2, 2], 80, 3, 1, 1, [1; 4], false),
+            (1, 5, [3, 3], 200, 3, 2, 1, [1; 4], false),
+            (2, 3, [1, 1], 130, 1, 1, 1, [0; 4], false),
+            (1, 7, [3, 1], 64, 3, 1, 1, [1; 4], false),
+            (3, 6, [3, 1], 96, 3, 2, 1, [1; 4], false),
+            (1, 9, [3, 3], 160, 3, 1, 1, [1; 4], false),
             (2, 19, [6, 5], 19, 3, 1, 1, [1; 4], true),
             (2, 16, [28, 28], 16, 3, 2, 1, [1; 4], true),
             (1, 33, [5, 20], 33, 3, 1, 2, [2, 1, 0, 2], true),
@@ -1581,6 +1809,9 @@ mod tests {
             (2, 70, [4, 4], 70, 3, 1, 1, [1; 4], true),
             (1, 130, [7, 7], 130, 3, 2, 1, [1; 4], true),
             (1, 64, [5, 3], 64, 3, 1, 1, [1; 4], true),
+            // rows split into unequal tiles (17 = 6 + 6 + 5; 15 = 8 + 7), both edges padded or not
+            (1, 20, [3, 17], 20, 3, 1, 1, [1; 4], true),
+            (1, 48, [5, 30], 48, 3, 2, 1, [0, 1, 1, 0], true),
         ];
         for &(n, c, [h, w], m, k, s, d, pads, dw) in cases {
             let cv = conv(k, s, d, pads, if dw { c } else { 1 });
@@ -1640,6 +1871,7 @@ mod tests {
         for &(n, c, hw, s) in &[
             (8, 32, 14, 1),
             (1, 32, 14, 1),
+            (4, 16, 28, 2),
             (64, 16, 28, 2),
             (64, 32, 14, 1),
             (64, 32, 14, 2),

@@ -11,50 +11,41 @@ use super::multiversion;
 const PAR_MIN: usize = 1 << 15;
 
 pub fn apply_unary(u: Unary, data: &mut [f32]) {
-    let f = move |v: f32| -> f32 {
-        match u {
-            Unary::Relu => v.max(0.0),
-            Unary::LeakyRelu { alpha } => {
-                if v >= 0.0 {
-                    v
-                } else {
-                    alpha * v
-                }
-            }
-            Unary::Sigmoid => 1.0 / (1.0 + (-v).exp()),
-            Unary::Tanh => v.tanh(),
-            Unary::HardSigmoid { alpha, beta } => (alpha * v + beta).clamp(0.0, 1.0),
-            Unary::HardSwish => v * (v / 6.0 + 0.5).clamp(0.0, 1.0),
-            Unary::Clip { min, max } => v.max(min).min(max),
-            Unary::Identity => v,
-            Unary::Erf => erf(v),
-            Unary::Sqrt => v.sqrt(),
-            Unary::Exp => v.exp(),
-            Unary::Neg => -v,
-            Unary::Gelu { tanh: false } => 0.5 * v * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2)),
-            Unary::Gelu { tanh: true } => {
-                // √(2/π)
-                const C: f32 = 0.797_884_6;
-                0.5 * v * (1.0 + (C * (v + 0.044715 * v * v * v)).tanh())
+    // One loop per operation (the match outside it), so each loop vectorises: with the match
+    // inside, a ReLU ran at about 1 ns per value.
+    match u {
+        Unary::Identity => {}
+        Unary::Relu => each(data, |v| v.max(0.0)),
+        Unary::LeakyRelu { alpha } => each(data, move |v| if v >= 0.0 { v } else { alpha * v }),
+        Unary::Sigmoid => each(data, |v| 1.0 / (1.0 + (-v).exp())),
+        Unary::Tanh => each(data, f32::tanh),
+        Unary::HardSigmoid { alpha, beta } => each(data, move |v| (alpha * v + beta).clamp(0.0, 1.0)),
+        Unary::HardSwish => each(data, |v| v * (v / 6.0 + 0.5).clamp(0.0, 1.0)),
+        Unary::Clip { min, max } => each(data, move |v| v.max(min).min(max)),
+        Unary::Erf | Unary::Gelu { tanh: false } => {
+            // compiled per SIMD level, so the rational approximation vectorises
+            let gelu = u != Unary::Erf;
+            if data.len() >= PAR_MIN && rayon::current_num_threads() > 1 {
+                data.par_chunks_mut(8192).for_each(|c| erf_slice(c, gelu));
+            } else {
+                erf_slice(data, gelu);
             }
         }
-    };
-    if u == Unary::Identity {
-        return;
-    }
-    if let Unary::Erf | Unary::Gelu { tanh: false } = u {
-        // their own loops, so the rational approximation vectorises
-        let gelu = u != Unary::Erf;
-        if data.len() >= PAR_MIN {
-            data.par_chunks_mut(8192).for_each(|c| erf_slice(c, gelu));
-        } else {
-            erf_slice(data, gelu);
+        Unary::Sqrt => each(data, f32::sqrt),
+        Unary::Exp => each(data, f32::exp),
+        Unary::Neg => each(data, |v| -v),
+        Unary::Gelu { tanh: true } => {
+            // √(2/π)
+            const C: f32 = 0.797_884_6;
+            each(data, |v| 0.5 * v * (1.0 + (C * (v + 0.044715 * v * v * v)).tanh()))
         }
-        return;
     }
-    if data.len() >= PAR_MIN {
-        data.par_chunks_mut(8192)
-            .for_each(|c| c.iter_mut().for_each(|v| *v = f(*v)));
+}
+
+/// `f` on every value in place, in parallel chunks for large slices.
+fn each(data: &mut [f32], f: impl Fn(f32) -> f32 + Sync + Send) {
+    if data.len() >= PAR_MIN && rayon::current_num_threads() > 1 {
+        data.par_chunks_mut(8192).for_each(|c| c.iter_mut().for_each(|v| *v = f(*v)));
     } else {
         data.iter_mut().for_each(|v| *v = f(*v));
     }
