@@ -255,7 +255,8 @@ fn fuse_transformer_fuses_layer_norm_and_gelu_of_both_exporters() {
 }
 
 /// A decomposition whose constants are not the pattern's stays as written: a GELU with 0.4 for
-/// 0.5, a LayerNorm whose second mean is over another axis, one whose epsilon is a vector.
+/// 0.5, a LayerNorm whose second mean is over another axis, one whose epsilon is a vector; a
+/// one-element epsilon of shape `[1]` still fuses.
 #[test]
 fn fuse_transformer_leaves_near_misses_alone() {
     let set = |g: &mut Graph, node: &str, t: Tensor| {
@@ -274,15 +275,16 @@ fn fuse_transformer_leaves_near_misses_alone() {
             "/blocks.2/ln2/Constant_1_output_0",
             Tensor::f32(&[1], vec![1e-5]).unwrap(),
         );
+        // one epsilon per token: still a valid graph (`[N, 17, 1] + [17, 1]`), not a LayerNorm's
         set(
             g,
             "/norm/Constant_1_output_0",
-            Tensor::f32(&[2], vec![1e-5, 1e-5]).unwrap(),
+            Tensor::f32(&[TOKENS, 1], vec![1e-5; TOKENS]).unwrap(),
         );
     });
     assert_eq!(count_ops(&g, "Gelu"), LAYERS - 1);
     assert_eq!(count_ops(&g, "Erf"), 1);
-    // a one-element epsilon is still a scalar; a two-element one is not
+    // a one-element epsilon is still a scalar; one per token is not
     assert_eq!(count_ops(&g, "LayerNormalization"), 2 * LAYERS + 1 - 2);
     assert!(g.find("/blocks.1/ln1/Sqrt").is_some() && g.find("/norm/Sqrt").is_some());
 }

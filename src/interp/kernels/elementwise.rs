@@ -45,7 +45,8 @@ pub fn apply_unary(u: Unary, data: &mut [f32]) {
 /// `f` on every value in place, in parallel chunks for large slices.
 fn each(data: &mut [f32], f: impl Fn(f32) -> f32 + Sync + Send) {
     if data.len() >= PAR_MIN && rayon::current_num_threads() > 1 {
-        data.par_chunks_mut(8192).for_each(|c| c.iter_mut().for_each(|v| *v = f(*v)));
+        data.par_chunks_mut(8192)
+            .for_each(|c| c.iter_mut().for_each(|v| *v = f(*v)));
     } else {
         data.iter_mut().for_each(|v| *v = f(*v));
     }
@@ -344,35 +345,13 @@ pub fn layer_norm(x: &mut [f32], d: usize, scale: &[f32], bias: Option<&[f32]>, 
 multiversion! {
     /// [`layer_norm`] on whole rows.
     fn layer_norm_chunk(x: &mut [f32], d: usize, scale: &[f32], bias: Option<&[f32]>, eps: f32) {
-        const L: usize = 8;
         for r in x.chunks_mut(d) {
             let n = r.len() as f64;
-            let mut acc = [0f64; L];
-            let chunks = r.chunks_exact(L);
-            let rest = chunks.remainder();
-            for c in chunks {
-                for (a, &v) in acc.iter_mut().zip(c) {
-                    *a += v as f64;
-                }
-            }
-            for (a, &v) in acc.iter_mut().zip(rest) {
-                *a += v as f64;
-            }
-            let mean = acc.iter().sum::<f64>() / n;
-            let mut acc = [0f64; L];
-            let chunks = r.chunks_exact(L);
-            let rest = chunks.remainder();
-            for c in chunks {
-                for (a, &v) in acc.iter_mut().zip(c) {
-                    let t = v as f64 - mean;
-                    *a += t * t;
-                }
-            }
-            for (a, &v) in acc.iter_mut().zip(rest) {
+            let mean = lane_sum::<8, f64>(r, |v| v as f64) / n;
+            let var = lane_sum::<8, f64>(r, |v| {
                 let t = v as f64 - mean;
-                *a += t * t;
-            }
-            let var = acc.iter().sum::<f64>() / n;
+                t * t
+            }) / n;
             let inv = 1.0 / (var + eps as f64).sqrt();
             match bias {
                 Some(b) => {
@@ -458,18 +437,28 @@ fn max_of(r: &[f32]) -> f32 {
 /// The sum in `LANES` interleaved partial sums, then those in order.
 #[inline(always)]
 fn sum_of(r: &[f32]) -> f32 {
-    let mut acc = [0f32; LANES];
-    let chunks = r.chunks_exact(LANES);
+    lane_sum::<LANES, f32>(r, |v| v)
+}
+
+/// `Σ f(v)` over `r` in `L` interleaved partial sums (so the loop vectorises), then those in
+/// order: a fixed order, whatever the vector width.
+#[inline(always)]
+fn lane_sum<const L: usize, T>(r: &[f32], f: impl Fn(f32) -> T) -> T
+where
+    T: Copy + Default + std::ops::AddAssign + std::iter::Sum,
+{
+    let mut acc = [T::default(); L];
+    let chunks = r.chunks_exact(L);
     let rest = chunks.remainder();
     for c in chunks {
         for (a, &v) in acc.iter_mut().zip(c) {
-            *a += v;
+            *a += f(v);
         }
     }
     for (a, &v) in acc.iter_mut().zip(rest) {
-        *a += v;
+        *a += f(v);
     }
-    acc.iter().sum()
+    acc.into_iter().sum()
 }
 
 /// `e^v` in single precision without branches, so a loop of it vectorises (Cephes' `expf`:
@@ -529,7 +518,8 @@ mod erf_tests {
     #[test]
     fn exp_matches_std() {
         let mut worst = 0f64;
-        for i in -200_000..=200_000 {
+        // the documented range: below it the result is 0 (checked after the loop)
+        for i in -197_727..=200_000 {
             let x = i as f32 * 4.4e-4;
             let (got, want) = (super::exp(x) as f64, (x as f64).exp());
             worst = worst.max(((got - want) / want).abs());
@@ -587,5 +577,168 @@ mod erf_tests {
             }
         }
         assert!(super::erf(f32::NAN).is_nan());
+    }
+}
+
+/// The kernels compiled per SIMD level by `multiversion!` give the same bits at every level the
+/// CPU has (the project's rule for every kernel), and match a plain reference.
+#[cfg(test)]
+mod level_tests {
+    use super::*;
+    use crate::interp::kernels::{levels_checked, Simd};
+
+    /// Awkward values (signed zeros, infinities, NaN, subnormals, erf's clamp and exp's range
+    /// edges) then a deterministic spread, `n` in all.
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let special = [
+            0.0,
+            -0.0,
+            1.0,
+            -1.0,
+            4.0,
+            -4.5,
+            88.5,
+            -90.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            1e-40,
+            -3e-39,
+            f32::MAX,
+        ];
+        let mut r = crate::pq::rng::Rng::new(seed);
+        (0..n)
+            .map(|i| match special.get(i) {
+                Some(&v) if seed % 2 == 0 => v,
+                _ => (r.next_f64() as f32 - 0.5) * 12.0,
+            })
+            .collect()
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    /// `f` run at every level on a copy of `x`; every level's bits equal the scalar level's,
+    /// which are returned.
+    fn same_at_every_level(what: &str, levels: &[Simd], x: &[f32], f: impl Fn(Simd, &mut [f32])) -> Vec<f32> {
+        let mut want = x.to_vec();
+        f(Simd::Scalar, &mut want);
+        for &level in levels {
+            let mut got = x.to_vec();
+            f(level, &mut got);
+            assert_eq!(bits(&got), bits(&want), "{what}: {} differs from scalar", level.name());
+        }
+        want
+    }
+
+    const OPS: [Binary; 5] = [Binary::Add, Binary::Sub, Binary::Mul, Binary::Div, Binary::Pow];
+
+    fn reference_op(op: Binary, x: f32, y: f32) -> f32 {
+        match op {
+            Binary::Add => x + y,
+            Binary::Sub => x - y,
+            Binary::Mul => x * y,
+            Binary::Div => x / y,
+            Binary::Pow => pow(x, y),
+        }
+    }
+
+    #[test]
+    fn multiversion_kernels_are_bit_identical_across_simd_levels() {
+        let levels = levels_checked("multiversion_kernels_are_bit_identical_across_simd_levels");
+        // lengths around the vector widths and the 16-lane partial sums
+        for n in [1usize, 7, 8, 15, 16, 17, 33, 64, 100, 1027] {
+            let x = values(n, n as u64 * 2);
+            for gelu in [false, true] {
+                let got = same_at_every_level(&format!("erf_slice n={n} gelu={gelu}"), &levels, &x, |l, v| {
+                    erf_slice::at(l, v, gelu)
+                });
+                for (&v, &g) in x.iter().zip(&got) {
+                    let want = if gelu {
+                        0.5 * v * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2))
+                    } else {
+                        erf(v)
+                    };
+                    assert_eq!(g.to_bits(), want.to_bits(), "erf_slice({v}) gelu={gelu}");
+                }
+            }
+            let y = values(n, n as u64 * 2 + 1);
+            let mut y2 = y.clone();
+            y2[0] = 2.0; // the Pow-by-2 case
+            for op in OPS {
+                for y in [&y, &y2] {
+                    let got = same_at_every_level(&format!("apply_same {op:?} n={n}"), &levels, &x, |l, v| {
+                        apply_same::at(l, v, y, op)
+                    });
+                    for ((&a, &b), &g) in x.iter().zip(y).zip(&got) {
+                        assert_eq!(g.to_bits(), reference_op(op, a, b).to_bits(), "{a} {op:?} {b}");
+                    }
+                }
+                // a bias of 4 or 17 values over rows of that length; one value per row of 4 or 17
+                for k in [4usize, 17] {
+                    let xs = values(k * n, n as u64);
+                    let got =
+                        same_at_every_level(&format!("apply_trailing {op:?} n={n} k={k}"), &levels, &xs, |l, v| {
+                            apply_trailing::at(l, v, &y2[..k.min(n)], op)
+                        });
+                    let yb = &y2[..k.min(n)];
+                    for (i, (&a, &g)) in xs.iter().zip(&got).enumerate().take(xs.len() / yb.len() * yb.len()) {
+                        let b = yb[i % yb.len()];
+                        assert_eq!(g.to_bits(), reference_op(op, a, b).to_bits(), "trailing {a} {op:?} {b}");
+                    }
+                    let got =
+                        same_at_every_level(&format!("apply_per_row {op:?} n={n} k={k}"), &levels, &xs, |l, v| {
+                            apply_per_row::at(l, v, &y2, k, op)
+                        });
+                    for (i, (&a, &g)) in xs.iter().zip(&got).enumerate() {
+                        let b = y2[i / k];
+                        let want = match op {
+                            // a scalar exponent other than 2 is `powf` itself
+                            Binary::Pow if b != 2.0 => a.powf(b),
+                            _ => reference_op(op, a, b),
+                        };
+                        assert_eq!(g.to_bits(), want.to_bits(), "per row {a} {op:?} {b}");
+                    }
+                }
+            }
+        }
+        // rows of d values: LayerNorm (with and without a bias) and softmax
+        for d in [1usize, 5, 8, 16, 17, 64, 100] {
+            let rows = 9;
+            let mut x = values(rows * d, d as u64 * 2 + 1);
+            x.iter_mut().for_each(|v| *v = v.clamp(-30.0, 30.0));
+            let scale = values(d, 7);
+            let bias = values(d, 9);
+            for b in [Some(&bias[..]), None] {
+                let got = same_at_every_level(&format!("layer_norm_chunk d={d}"), &levels, &x, |l, v| {
+                    layer_norm_chunk::at(l, v, d, &scale, b, 1e-5)
+                });
+                for (r, (xr, gr)) in x.chunks(d).zip(got.chunks(d)).enumerate() {
+                    let mean = xr.iter().map(|&v| v as f64).sum::<f64>() / d as f64;
+                    let var = xr.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / d as f64;
+                    for (j, (&v, &g)) in xr.iter().zip(gr).enumerate() {
+                        let want =
+                            (v as f64 - mean) / (var + 1e-5).sqrt() * scale[j] as f64 + b.map_or(0.0, |b| b[j] as f64);
+                        let tol = 1e-5 * (1.0 + want.abs());
+                        assert!(
+                            (g as f64 - want).abs() <= tol,
+                            "layer norm row {r} [{j}]: {g} vs {want}"
+                        );
+                    }
+                }
+            }
+            let got = same_at_every_level(&format!("softmax_chunk d={d}"), &levels, &x, |l, v| {
+                softmax_chunk::at(l, v, d)
+            });
+            for (xr, gr) in x.chunks(d).zip(got.chunks(d)) {
+                let m = xr.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+                let sum: f64 = xr.iter().map(|&v| (v as f64 - m).exp()).sum();
+                for (&v, &g) in xr.iter().zip(gr) {
+                    let want = (v as f64 - m).exp() / sum;
+                    assert!((g as f64 - want).abs() <= 1e-6, "softmax {g} vs {want}");
+                }
+            }
+        }
     }
 }
