@@ -168,7 +168,7 @@ fn match_layer_norm(graph: &Graph, mean: NodeIndex) -> Option<LayerNormMatch> {
     }
     let add = only_consumer(graph, Outlet::new(var, 0))?;
     let epsilon = scalar(graph, other_operand(graph, add, Binary::Add, Outlet::new(var, 0))?)?;
-    if !(epsilon >= 0.0) {
+    if epsilon.is_nan() || epsilon < 0.0 {
         return None;
     }
     let sqrt = only_consumer(graph, Outlet::new(add, 0))?;

@@ -383,8 +383,8 @@ pub fn softmax(mut x: ArrayD<f32>, axis: usize, log: bool) -> ArrayD<f32> {
     x
 }
 
-/// Softmax of each row of `d` values, in place: the row's maximum, then `exp(v − max)` written
-/// back while summing (a vectorised [`exp`]), then one multiplication by `1 / sum`.
+/// Softmax of each row of `d` values, in place: the row's maximum, then `exp(v − max)` (a
+/// vectorised [`exp`]), then one multiplication by `1 / sum`.
 pub fn softmax_rows(x: &mut [f32], d: usize) {
     let d = d.max(1);
     if x.len() >= PAR_MIN {
@@ -396,14 +396,21 @@ pub fn softmax_rows(x: &mut [f32], d: usize) {
 }
 
 multiversion! {
-    /// [`softmax_rows`] on whole rows.
+    /// [`softmax_rows`] on whole rows, a block of rows (about 4096 values, in L1) at a time:
+    /// each row minus its maximum, then `exp` over the whole block in one loop — short rows
+    /// (attention's 17 tokens) would otherwise leave a scalar tail of the costly `exp` per row —
+    /// then each row times `1 / sum`. The same operations on each value as row by row.
     fn softmax_chunk(x: &mut [f32], d: usize) {
-        for r in x.chunks_mut(d) {
-            let m = max_of(r);
-            // exponentials first (a loop without a carried sum vectorises), then the sum
-            r.iter_mut().for_each(|v| *v = exp(*v - m));
-            let inv = 1.0 / sum_of(r);
-            r.iter_mut().for_each(|v| *v *= inv);
+        for block in x.chunks_mut(d * (4096 / d).max(1)) {
+            for r in block.chunks_mut(d) {
+                let m = max_of(r);
+                r.iter_mut().for_each(|v| *v -= m);
+            }
+            block.iter_mut().for_each(|v| *v = exp(*v));
+            for r in block.chunks_mut(d) {
+                let inv = 1.0 / sum_of(r);
+                r.iter_mut().for_each(|v| *v *= inv);
+            }
         }
     }
 }
@@ -414,6 +421,16 @@ const LANES: usize = 16;
 /// The largest value (NaN if any is NaN, −∞ for an empty slice).
 #[inline(always)]
 fn max_of(r: &[f32]) -> f32 {
+    if r.len() < 2 * LANES {
+        // a short row (attention's): one pass, no lanes to combine; rows overlap in the CPU
+        let mut m = f32::NEG_INFINITY;
+        let mut nan = false;
+        for &v in r {
+            nan |= v.is_nan();
+            m = if v > m { v } else { m };
+        }
+        return if nan { f32::NAN } else { m };
+    }
     let mut acc = [f32::NEG_INFINITY; LANES];
     let mut nan = false;
     let chunks = r.chunks_exact(LANES);
@@ -431,21 +448,34 @@ fn max_of(r: &[f32]) -> f32 {
     if nan {
         return f32::NAN;
     }
-    acc.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+    // halving: log2(LANES) steps of vector operations, not a chain of LANES
+    let mut w = LANES;
+    while w > 1 {
+        w /= 2;
+        for i in 0..w {
+            acc[i] = if acc[i + w] > acc[i] { acc[i + w] } else { acc[i] };
+        }
+    }
+    acc[0]
 }
 
-/// The sum in `LANES` interleaved partial sums, then those in order.
+/// The sum: in order for a row shorter than two vectors, otherwise in `LANES` interleaved
+/// partial sums, then those pairwise ([`lane_sum`]).
 #[inline(always)]
 fn sum_of(r: &[f32]) -> f32 {
+    if r.len() < 2 * LANES {
+        // a short row: in order (combining lanes would cost more than the adds)
+        return r.iter().fold(0.0, |s, &v| s + v);
+    }
     lane_sum::<LANES, f32>(r, |v| v)
 }
 
-/// `Σ f(v)` over `r` in `L` interleaved partial sums (so the loop vectorises), then those in
-/// order: a fixed order, whatever the vector width.
+/// `Σ f(v)` over `r` in `L` interleaved partial sums (so the loop vectorises), then those added
+/// pairwise (`L` a power of two): a fixed order, whatever the vector width.
 #[inline(always)]
 fn lane_sum<const L: usize, T>(r: &[f32], f: impl Fn(f32) -> T) -> T
 where
-    T: Copy + Default + std::ops::AddAssign + std::iter::Sum,
+    T: Copy + Default + std::ops::AddAssign,
 {
     let mut acc = [T::default(); L];
     let chunks = r.chunks_exact(L);
@@ -458,7 +488,15 @@ where
     for (a, &v) in acc.iter_mut().zip(rest) {
         *a += f(v);
     }
-    acc.into_iter().sum()
+    // halving: log2(L) steps of vector additions, not a chain of L
+    let mut w = L;
+    while w > 1 {
+        w /= 2;
+        for i in 0..w {
+            acc[i] += acc[i + w];
+        }
+    }
+    acc[0]
 }
 
 /// `e^v` in single precision without branches, so a loop of it vectorises (Cephes' `expf`:
@@ -475,7 +513,7 @@ pub fn exp(v: f32) -> f32 {
         8.333_452e-3,
         4.166_579_6e-2,
         1.666_666_5e-1,
-        5.000_000_1e-1,
+        0.5, // Cephes 5.0000001e-1, the same f32
     ];
     let x = v.clamp(-87.336_55, 88.376_26);
     // round to nearest by the 1.5·2^23 trick (`round` would be a libm call in the loop)
@@ -609,7 +647,7 @@ mod level_tests {
         let mut r = crate::pq::rng::Rng::new(seed);
         (0..n)
             .map(|i| match special.get(i) {
-                Some(&v) if seed % 2 == 0 => v,
+                Some(&v) if seed.is_multiple_of(2) => v,
                 _ => (r.next_f64() as f32 - 0.5) * 12.0,
             })
             .collect()
