@@ -33,9 +33,10 @@ pub fn load_for_run(path: &Path) -> Result<Graph> {
 
 /// The rewrites that make an ONNX model fast to interpret without changing what it computes:
 /// BatchNorm folded into the convolutions before it, convolutions and pooling channels-last
-/// with ReLU fused (outputs within float rounding of the model as written).
+/// with ReLU fused, decomposed LayerNorm and GELU fused into their ops (outputs within float
+/// rounding of the model as written).
 pub fn optimize_for_run(graph: &mut Graph) -> Result<()> {
-    let yaml = "name: run\npasses:\n  - fold-batchnorm:\n  - channels-last:\n  - dead-code:\n";
+    let yaml = "name: run\npasses:\n  - fold-batchnorm:\n  - fuse-transformer:\n  - channels-last:\n  - dead-code:\n";
     let pipeline = crate::passes::pipeline::Pipeline::parse(yaml, "the built-in run rewrites")?;
     let mut cx = crate::passes::PassCx::default();
     crate::passes::manager::run_pipeline(graph, &pipeline, &mut cx, |_, _| Ok(()))?;

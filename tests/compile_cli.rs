@@ -77,7 +77,7 @@ fn compile_writes_report_and_tcv_runs_in_tabconv() {
     );
     let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
     let passes = r["report"]["passes"].as_array().unwrap();
-    assert_eq!(passes.len(), 7);
+    assert_eq!(passes.len(), 8, "the exact pipeline's passes");
     assert_eq!(
         r["report"]["macs_before"], r["report"]["macs_after"],
         "exact passes keep the MACs"

@@ -6,25 +6,31 @@ use common::*;
 use std::path::Path;
 use std::process::Command;
 
-fn compile(out: &Path, extra: &[&str]) {
+/// `tabconv-compile MODEL -o OUT ARGS…`, which must succeed.
+fn compile_cli(model: &str, out: &Path, args: &[&str]) {
     let o = Command::new(env!("CARGO_BIN_EXE_tabconv-compile"))
-        .args([
-            fixture("models/lenet5.onnx").to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-        ])
-        .args(["--calib", fixture("data/mnist_calib.npy").to_str().unwrap()])
+        .args([fixture(model).to_str().unwrap(), "-o", out.to_str().unwrap()])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+fn compile(out: &Path, extra: &[&str]) {
+    let calib = fixture("data/mnist_calib.npy");
+    let args = [
+        &["--calib", calib.to_str().unwrap()][..],
         // every layer as lookups: conv (im2col rows) and fc layers, argmin and tree encoders
-        .args([
+        &[
             "--set",
             "mask.min_logit_cosine=0",
             "--set",
             "mask.restore_unprofitable=false",
-        ])
-        .args(extra)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        ],
+        extra,
+    ]
+    .concat();
+    compile_cli("models/lenet5.onnx", out, &args);
 }
 
 #[test]
@@ -56,4 +62,64 @@ fn lowered_model_runs_in_tract_with_the_interpreters_outputs() {
         let top1 = |a: &ndarray::ArrayD<f32>| tabconv::model::argmax_rows(a);
         assert_eq!(top1(&ours), top1(theirs), "{extra:?}: same top-1");
     }
+}
+
+/// A transformer's GELU, fused by `fuse-transformer` into `Gelu` (standard only from opset 20),
+/// is one `ai.tabconv` node in the `.tcv` (so reading it back gives the same graph) and
+/// Mul/Erf/Add in `--emit onnx`, which tract runs with the interpreter's outputs on the `.tcv`;
+/// `LayerNormalization` (opset 17) is standard in both. A `.tcv` declaring `ai.tabconv` opset 3
+/// cannot hold the `Gelu`.
+#[test]
+fn fused_gelu_is_one_tcv_node_and_standard_operators_in_emitted_onnx() {
+    use tabconv::onnx::proto::read_model_proto;
+    let dir = tempfile::tempdir().unwrap();
+    let (tcv, onnx) = (dir.path().join("vit.tcv"), dir.path().join("vit.onnx"));
+    compile_cli("models/vit_mnist.onnx", &tcv, &["--pipeline", "exact"]);
+    compile_cli(
+        "models/vit_mnist.onnx",
+        &onnx,
+        &["--pipeline", "exact", "--emit", "onnx"],
+    );
+    let count = |p: &Path, domain: &str, op: &str| {
+        let g = read_model_proto(p).unwrap().graph.unwrap();
+        g.node.iter().filter(|n| n.domain == domain && n.op_type == op).count()
+    };
+    // the fixture ViT: 3 blocks, each with two LayerNorms and one GELU, and a final LayerNorm
+    assert_eq!(count(&tcv, "ai.tabconv", "Gelu"), 3);
+    assert_eq!(count(&tcv, "", "Erf"), 0);
+    assert_eq!(count(&tcv, "", "LayerNormalization"), 7);
+    let lowered = read_model_proto(&onnx).unwrap().graph.unwrap();
+    assert!(
+        lowered.node.iter().all(|n| n.domain.is_empty()),
+        "only standard operators"
+    );
+    assert_eq!(count(&onnx, "", "Erf"), 3);
+    assert_eq!(count(&onnx, "", "LayerNormalization"), 7);
+
+    let back = tabconv::onnx::tcv::read_tcv(&tcv).unwrap();
+    assert_eq!(
+        back.g.node_weights().filter(|n| n.op.name() == "Gelu").count(),
+        3,
+        "the .tcv reads back with its Gelus fused"
+    );
+    let x = npy("expected/vit_mnist_input.npy");
+    let ours = as_f32(&run_ours(&tcv, std::slice::from_ref(&x)).unwrap()[0]);
+    let theirs = &run_tract(&onnx, std::slice::from_ref(&x))[0];
+    let e = rel_err(&ours, theirs);
+    assert!(
+        e <= 1e-4,
+        "tract on the lowered ViT vs the interpreter on the .tcv: {e:e}"
+    );
+    let e = rel_err(&ours, &npy("expected/vit_mnist_ort.npy"));
+    assert!(e <= 1e-4, "the .tcv vs ONNX Runtime on the original: {e:e}");
+
+    // the same file declaring ai.tabconv opset 3, before Gelu was an ai.tabconv op
+    let mut m = read_model_proto(&tcv).unwrap();
+    for o in m.opset_import.iter_mut().filter(|o| o.domain == "ai.tabconv") {
+        o.version = 3;
+    }
+    let old = dir.path().join("opset3.tcv");
+    std::fs::write(&old, prost::Message::encode_to_vec(&m)).unwrap();
+    let e = tabconv::onnx::tcv::read_tcv(&old).unwrap_err().to_string();
+    assert!(e.contains("Gelu needs ai.tabconv opset 4"), "{e}");
 }

@@ -205,3 +205,86 @@ fn lut_turns_token_linear_layers_into_lookups_and_keeps_attention_exact() {
     let agree = want.iter().zip(&got).filter(|(a, b)| a == b).count();
     assert!(agree >= 48, "only {agree}/64 predictions agree with the exact model");
 }
+
+/// The IR after `fuse-transformer` alone on an imported model, and how many of each op remain.
+fn fused(model: &str, edit: impl FnOnce(&mut Graph)) -> (Graph, String) {
+    let mut g = tabconv::onnx::load_model(&fixture(model)).unwrap();
+    edit(&mut g);
+    let pipeline = Pipeline::parse("name: fuse\npasses:\n  - fuse-transformer:\n", "test").unwrap();
+    run_pipeline(&mut g, &pipeline, &mut PassCx::default(), |_, _| Ok(())).unwrap();
+    let text = dump(&g).unwrap();
+    (g, text)
+}
+
+fn count_ops(g: &Graph, name: &str) -> usize {
+    g.g.node_weights().filter(|n| n.op.name() == name).count()
+}
+
+/// `fuse-transformer` turns both exporters' decompositions into `LayerNormalization` and `Gelu`
+/// (7 LayerNorms — two per block and the final one — and one GELU per block), leaves nothing of
+/// them behind, keeps the outputs within 1e-4 of ONNX Runtime at batch 1 and 64, and gives the
+/// same bits at 1 and 2 threads.
+#[test]
+fn fuse_transformer_fuses_layer_norm_and_gelu_of_both_exporters() {
+    for (name, model) in [MODELS[0], MODELS[1]] {
+        let (g, text) = fused(model, |_| {});
+        insta::assert_snapshot!(format!("fuse_transformer__{name}"), text);
+        assert_eq!(count_ops(&g, "LayerNormalization"), 2 * LAYERS + 1, "{name}");
+        assert_eq!(count_ops(&g, "Gelu"), LAYERS, "{name}");
+        for gone in ["ReduceMean", "Pow", "Sqrt", "Erf"] {
+            assert_eq!(count_ops(&g, gone), 0, "{name}: a {gone} is left");
+        }
+        let x = npy(&format!("expected/{name}_input.npy"));
+        let want = npy(&format!("expected/{name}_ort.npy"));
+        for n in [1, 64] {
+            let xb = x.slice_axis(Axis(0), (0..n).into()).to_owned();
+            let out = as_f32(&run(&g, vec![Tensor::F32(xb.clone())]).unwrap()[0]);
+            let e = max_abs_diff(&out, &want.slice_axis(Axis(0), (0..n).into()).to_owned());
+            assert!(e <= 1e-4, "{name} fused, batch {n}: {e:e} from ONNX Runtime");
+            let threads = |t: usize| {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(t).build().unwrap();
+                pool.install(|| as_f32(&run(&g, vec![Tensor::F32(xb.clone())]).unwrap()[0]))
+            };
+            assert_eq!(
+                threads(1),
+                threads(2),
+                "{name} fused, batch {n}: 1 and 2 threads differ"
+            );
+        }
+    }
+}
+
+/// A decomposition whose constants are not the pattern's stays as written: a GELU with 0.4 for
+/// 0.5, a LayerNorm whose second mean is over another axis, one whose epsilon is a vector; a
+/// one-element epsilon of shape `[1]` still fuses.
+#[test]
+fn fuse_transformer_leaves_near_misses_alone() {
+    let set = |g: &mut Graph, node: &str, t: Tensor| {
+        let n = g.find(node).unwrap_or_else(|| panic!("no node {node}"));
+        g.node_mut(n).op = Op::Const(std::sync::Arc::new(t));
+    };
+    let (g, _) = fused("models/vit_mnist.onnx", |g| {
+        set(g, "/blocks.0/Constant_2_output_0", Tensor::f32(&[], vec![0.4]).unwrap());
+        let n = g.find("/blocks.1/ln1/ReduceMean_1").unwrap();
+        g.node_mut(n).op = Op::ReduceMean {
+            axes: Some(vec![1]),
+            keepdims: true,
+        };
+        set(
+            g,
+            "/blocks.2/ln2/Constant_1_output_0",
+            Tensor::f32(&[1], vec![1e-5]).unwrap(),
+        );
+        // one epsilon per token: still a valid graph (`[N, 17, 1] + [17, 1]`), not a LayerNorm's
+        set(
+            g,
+            "/norm/Constant_1_output_0",
+            Tensor::f32(&[TOKENS, 1], vec![1e-5; TOKENS]).unwrap(),
+        );
+    });
+    assert_eq!(count_ops(&g, "Gelu"), LAYERS - 1);
+    assert_eq!(count_ops(&g, "Erf"), 1);
+    // a one-element epsilon is still a scalar; one per token is not
+    assert_eq!(count_ops(&g, "LayerNormalization"), 2 * LAYERS + 1 - 2);
+    assert!(g.find("/blocks.1/ln1/Sqrt").is_some() && g.find("/norm/Sqrt").is_some());
+}

@@ -393,7 +393,14 @@ pub fn eval_op_cached(op: &Op, mut args: Vec<Arc<Tensor>>, cache: Option<&Cache>
         }
         Op::Gemm(g) => {
             arity(2, &args)?;
-            Tensor::F32(gemm_op(g, &args)?)
+            let packed = match cache {
+                Some(c) => gemm_packed(g, &args, c)?,
+                None => None,
+            };
+            match packed {
+                Some(out) => Tensor::F32(out),
+                None => Tensor::F32(gemm_op(g, &args)?),
+            }
         }
         Op::MatMul => {
             arity(2, &args)?;
@@ -886,6 +893,59 @@ fn gemm_op(g: &Gemm, args: &[Arc<Tensor>]) -> Result<ArrayD<f32>> {
     Ok(out)
 }
 
+/// What a `Gemm` with constant `B` and `C` prepares once for the packed AVX-512 GEMM: `α·op(B)`
+/// as a row-major `k × n` matrix (a transposed weight, as `torch.nn.Linear` exports it,
+/// transposed once here instead of read with strides on every call) and `β·C` as one row.
+struct GemmPrep {
+    b: Vec<f32>,
+    bias: Option<Vec<f32>>,
+}
+
+/// `Gemm` through [`gemm::matmul_packed`] with the node's prepared weight ([`GemmPrep`]): the
+/// output starts as the bias row, then the product is accumulated. `None` where that path does
+/// not apply (no AVX-512, `transA`, fewer than 4 rows or 16 columns, a `C` that is not one row),
+/// and the caller takes the general one.
+fn gemm_packed(g: &Gemm, args: &[Arc<Tensor>], cache: &Cache) -> Result<Option<ArrayD<f32>>> {
+    let (a, b) = (args[0].as_f32()?, args[1].as_f32()?);
+    if g.trans_a || a.ndim() != 2 || b.ndim() != 2 || !gemm::PackedA::supported() {
+        return Ok(None);
+    }
+    let (m, k) = (a.shape()[0], a.shape()[1]);
+    let (kb, n) = match g.trans_b {
+        true => (b.shape()[1], b.shape()[0]),
+        false => (b.shape()[0], b.shape()[1]),
+    };
+    let c = match args.get(2) {
+        Some(c) if g.beta != 0.0 => Some(c.as_f32()?),
+        _ => None,
+    };
+    if k != kb || m < 4 || n < 16 || c.is_some_and(|c| c.broadcast(IxDyn(&[1, n])).is_none()) {
+        return Ok(None);
+    }
+    let build = || -> Result<GemmPrep> {
+        let bt = if g.trans_b { b.t() } else { b.view() };
+        let bias = c.map(|c| {
+            let row = c.broadcast(IxDyn(&[1, n])).expect("checked above");
+            row.iter().map(|&v| g.beta * v).collect()
+        });
+        Ok(GemmPrep {
+            b: bt.iter().map(|&v| g.alpha * v).collect(),
+            bias,
+        })
+    };
+    let mut slot = None;
+    let prep: &GemmPrep = cached(Some(cache), build, &mut slot)?;
+    let mut out = ArrayD::<f32>::zeros(IxDyn(&[m, n]));
+    let o = out.as_slice_mut().expect("standard layout");
+    if let Some(row) = &prep.bias {
+        o.chunks_exact_mut(n).for_each(|r| r.copy_from_slice(row));
+    }
+    let a = a.as_standard_layout();
+    let a = a.as_slice().expect("standard layout");
+    gemm::matmul_rows(a, m, k, n, &prep.b, o, prep.bias.is_some(), true);
+    Ok(Some(out))
+}
+
 use gemm::Mat;
 
 /// numpy `matmul` with batch broadcasting and 1-D promotion.
@@ -894,14 +954,14 @@ pub fn matmul_op(a: &ArrayD<f32>, b: &ArrayD<f32>) -> Result<ArrayD<f32>> {
         bail!("MatMul operands must have rank ≥ 1");
     }
     let a2 = if a.ndim() == 1 {
-        a.clone().insert_axis(ndarray::Axis(0))
+        a.view().insert_axis(ndarray::Axis(0))
     } else {
-        a.clone()
+        a.view()
     };
     let b2 = if b.ndim() == 1 {
-        b.clone().insert_axis(ndarray::Axis(1))
+        b.view().insert_axis(ndarray::Axis(1))
     } else {
-        b.clone()
+        b.view()
     };
     let (m, k) = (a2.shape()[a2.ndim() - 2], a2.shape()[a2.ndim() - 1]);
     let (kb, n) = (b2.shape()[b2.ndim() - 2], b2.shape()[b2.ndim() - 1]);
@@ -916,12 +976,18 @@ pub fn matmul_op(a: &ArrayD<f32>, b: &ArrayD<f32>) -> Result<ArrayD<f32>> {
         let mut shape = a.shape().to_vec();
         *shape.last_mut().unwrap() = n;
         let mut out = ArrayD::<f32>::zeros(IxDyn(&shape));
+        let (asl, bsl) = (a_std.as_slice().unwrap(), b_std.as_slice().unwrap());
+        if gemm::PackedA::supported() && rows >= 4 && n >= 16 {
+            // the AVX-512 GEMM, both operands read in place
+            gemm::matmul_rows(asl, rows, k, n, bsl, out.as_slice_mut().unwrap(), false, true);
+            return Ok(out);
+        }
         gemm::matmul(
             rows,
             n,
             k,
-            Mat::row_major(a_std.as_slice().unwrap(), k),
-            Mat::row_major(b_std.as_slice().unwrap(), n),
+            Mat::row_major(asl, k),
+            Mat::row_major(bsl, n),
             out.as_slice_mut().unwrap(),
             n,
             false,
@@ -935,38 +1001,52 @@ pub fn matmul_op(a: &ArrayD<f32>, b: &ArrayD<f32>) -> Result<ArrayD<f32>> {
     full_a.extend([m, k]);
     let mut full_b = batch.clone();
     full_b.extend([k, n]);
-    let av = a2
-        .broadcast(IxDyn(&full_a))
-        .expect("checked")
-        .as_standard_layout()
-        .into_owned();
-    let bv = b2
-        .broadcast(IxDyn(&full_b))
-        .expect("checked")
-        .as_standard_layout()
-        .into_owned();
+    // operands already in this shape and layout are read in place
+    let (ab, bb) = (
+        a2.broadcast(IxDyn(&full_a)).expect("checked"),
+        b2.broadcast(IxDyn(&full_b)).expect("checked"),
+    );
+    let (av, bv) = (ab.as_standard_layout(), bb.as_standard_layout());
     let nb: usize = batch.iter().product();
     let mut out_shape = batch.clone();
     out_shape.extend([m, n]);
+    crate::limits::check_shape(&out_shape, 4, "MatMul output")?;
     let mut out = ArrayD::<f32>::zeros(IxDyn(&out_shape));
     let (asl, bsl, osl) = (
-        av.as_slice().unwrap(),
-        bv.as_slice().unwrap(),
-        out.as_slice_mut().unwrap(),
+        av.as_slice().expect("standard layout"),
+        bv.as_slice().expect("standard layout"),
+        out.as_slice_mut().expect("standard layout"),
     );
-    for i in 0..nb {
-        gemm::matmul(
-            m,
-            n,
-            k,
-            Mat::row_major(&asl[i * m * k..(i + 1) * m * k], k),
-            Mat::row_major(&bsl[i * k * n..(i + 1) * k * n], n),
-            &mut osl[i * m * n..(i + 1) * m * n],
-            n,
-            false,
-            1.0,
-            true,
-        );
+    // one product per matrix (attention's heads: many small ones), through the AVX-512 GEMM
+    // where it applies; matrices in parallel when there are threads and enough work, each
+    // summed the same way either way
+    let par = nb == 1;
+    let one = |i: usize, o: &mut [f32]| {
+        let (ai, bi) = (&asl[i * m * k..(i + 1) * m * k], &bsl[i * k * n..(i + 1) * k * n]);
+        if gemm::PackedA::supported() && m >= 4 && n >= 16 {
+            gemm::matmul_rows(ai, m, k, n, bi, o, false, par);
+        } else {
+            gemm::matmul(
+                m,
+                n,
+                k,
+                Mat::row_major(ai, k),
+                Mat::row_major(bi, n),
+                o,
+                n,
+                false,
+                1.0,
+                par,
+            );
+        }
+    };
+    if m * n > 0 {
+        if rayon::current_num_threads() > 1 && nb > 1 && nb * m * n * k >= 1 << 16 {
+            use rayon::prelude::*;
+            osl.par_chunks_mut(m * n).enumerate().for_each(|(i, o)| one(i, o));
+        } else {
+            osl.chunks_mut(m * n).enumerate().for_each(|(i, o)| one(i, o));
+        }
     }
     let mut final_shape = batch;
     if a.ndim() > 1 {
@@ -976,4 +1056,50 @@ pub fn matmul_op(a: &ArrayD<f32>, b: &ArrayD<f32>) -> Result<ArrayD<f32>> {
         final_shape.push(n);
     }
     so::reshape(out, &final_shape)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A `Gemm` with constant `B` and `C` through the prepared packed path (a node cache, as a
+    /// plan runs it) equals the general path, for both weight layouts, α and β, and the row
+    /// shapes `C` takes; a `C` with one value per row, and too few rows, take the general path.
+    #[test]
+    fn cached_gemm_matches_the_general_path() {
+        let t = |shape: &[usize], seed: usize| {
+            let len = shape.iter().product::<usize>();
+            let v = (0..len)
+                .map(|i| (((i * 7919 + seed * 104_729) % 1000) as f32 - 500.0) / 250.0)
+                .collect();
+            Arc::new(Tensor::f32(shape, v).unwrap())
+        };
+        let (k, n) = (37, 40);
+        for m in [1, 4, 13, 64] {
+            for trans_b in [false, true] {
+                for (alpha, beta) in [(1.0, 1.0), (0.5, 2.0), (1.0, 0.0)] {
+                    for c_shape in [vec![n], vec![1, n], vec![], vec![m, 1]] {
+                        let g = Gemm {
+                            alpha,
+                            beta,
+                            trans_a: false,
+                            trans_b,
+                        };
+                        let b = if trans_b { t(&[n, k], 2) } else { t(&[k, n], 2) };
+                        let args = vec![t(&[m, k], 1), b, t(&c_shape, 3)];
+                        let want = gemm_op(&g, &args).unwrap();
+                        let cache = Cache::new();
+                        for _ in 0..2 {
+                            let got = eval_op_cached(&Op::Gemm(g.clone()), args.clone(), Some(&cache)).unwrap();
+                            let got = got[0].as_f32().unwrap();
+                            let e = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+                            assert!(e < 1e-4, "m={m} transB={trans_b} α={alpha} β={beta} C{c_shape:?}: {e}");
+                        }
+                        let packed = gemm::PackedA::supported() && m >= 4 && (c_shape != [m, 1] || beta == 0.0);
+                        assert_eq!(cache.get().is_some(), packed, "m={m} C{c_shape:?} β={beta}");
+                    }
+                }
+            }
+        }
+    }
 }

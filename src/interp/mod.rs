@@ -356,8 +356,11 @@ impl<'g> Plan<'g> {
                     Dim::Batch(k) => (k.max(0) as usize).saturating_mul(batch),
                 })
                 .collect();
-            crate::limits::check_shape(&dims, f.dtype.size_of(), &format!("output at batch {batch}"))
-                .map_err(|e| Error::node(&node.name, node.op.name(), e.to_string()))?;
+            // the message is formatted only for a shape over the limit (this runs for every node)
+            if crate::limits::check_shape(&dims, f.dtype.size_of(), "output").is_err() {
+                crate::limits::check_shape(&dims, f.dtype.size_of(), &format!("output at batch {batch}"))
+                    .map_err(|e| Error::node(&node.name, node.op.name(), e.to_string()))?;
+            }
         }
         Ok(())
     }

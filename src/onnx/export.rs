@@ -11,8 +11,20 @@ use std::collections::{HashMap, HashSet};
 
 pub const ONNX_OPSET: i64 = 17;
 pub const TABCONV_DOMAIN: &str = "ai.tabconv";
-/// Version 2 added `PQEncode`'s `layout` attribute (channels-last input).
-pub const TABCONV_OPSET: i64 = 3;
+/// Version 2 added `PQEncode`'s `layout` attribute (channels-last input), version 3 the fused
+/// `LutMatMul` epilogue, version 4 `Gelu` (standard only from ONNX opset 20).
+pub const TABCONV_OPSET: i64 = 4;
+
+/// What the exported model is for.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Target {
+    /// The body of a `.tcv`: ops that opset 17 lacks (`Gelu`) go to `ai.tabconv` as one node,
+    /// so a round trip gives back the same graph.
+    Tcv,
+    /// Standard opset-17 operators wherever one op has an exact decomposition (`Gelu` as
+    /// Mul/Erf/Add); `ai.tabconv`'s lookup ops are still written, for [`super::lower`] to replace.
+    Standard,
+}
 
 fn dtype_code(d: DType) -> i32 {
     match d {
@@ -93,6 +105,14 @@ fn attr_s(name: &str, s: &str) -> pb::AttributeProto {
         ..Default::default()
     }
 }
+/// The string attribute when `cond` holds (an optional attribute left at its default otherwise).
+fn attr_s_if(cond: bool, name: &str, s: &str) -> Vec<pb::AttributeProto> {
+    if cond {
+        vec![attr_s(name, s)]
+    } else {
+        vec![]
+    }
+}
 fn attr_t(name: &str, t: pb::TensorProto) -> pb::AttributeProto {
     pb::AttributeProto {
         name: name.into(),
@@ -124,6 +144,7 @@ pub(crate) fn window_attrs(w: &Window, with_dilations: bool) -> Vec<pb::Attribut
 }
 
 struct Writer {
+    target: Target,
     nodes: Vec<pb::NodeProto>,
     initializers: Vec<pb::TensorProto>,
     used: HashSet<String>,
@@ -200,14 +221,26 @@ fn tabconv_doc(domain: &str, op: &str) -> &'static str {
              attributes; optional input 3: a residual added before the optional ReLU)."
         }
         "NhwcMaxPool" | "NhwcAveragePool" => "tabconv pooling on channels-last [N, H, W, C] activations.",
+        "Gelu" => {
+            "ONNX Gelu (opset 20, attribute `approximate`) in a file of ONNX opset 17: \
+             0.5 * x * (1 + erf(x / sqrt(2))), or with approximate=tanh \
+             0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x^3)))."
+        }
         _ => "tabconv operator: see docs/TCV-FORMAT.md.",
     }
 }
 
-/// Convert the graph to an ONNX model with `metadata` as `metadata_props`.
+/// Convert the graph to the body of a `.tcv` ([`Target::Tcv`]) with `metadata` as
+/// `metadata_props`.
 pub fn export_model(graph: &Graph, metadata: &[(String, String)]) -> Result<pb::ModelProto> {
+    export_model_for(graph, metadata, Target::Tcv)
+}
+
+/// Convert the graph to an ONNX model for `target` with `metadata` as `metadata_props`.
+pub fn export_model_for(graph: &Graph, metadata: &[(String, String)], target: Target) -> Result<pb::ModelProto> {
     let order = graph.topo_order()?;
     let mut w = Writer {
+        target,
         nodes: vec![],
         initializers: vec![],
         used: HashSet::new(),
@@ -311,7 +344,8 @@ pub fn export_model(graph: &Graph, metadata: &[(String, String)]) -> Result<pb::
     })
 }
 
-/// `Gelu` (opset 20) in opset-17 operators, in the order the interpreter's kernel computes it:
+/// `Gelu` (opset 20) in opset-17 operators ([`Target::Standard`]), in the order the
+/// interpreter's kernel computes it:
 /// `(0.5·x)·(1 + erf(x·(1/√2)))`, or with `tanh`, `(0.5·x)·(1 + tanh((x + 0.044715·x·x·x)·√(2/π)))`.
 fn write_gelu(w: &mut Writer, name: &str, ins: Vec<String>, out: &str, tanh: bool) {
     let x = ins.into_iter().next().unwrap_or_default();
@@ -402,11 +436,7 @@ fn write_node(
             w.node(name, "PQEncode", TABCONV_DOMAIN, ins, out, a)
         }
         Op::LutMatMul { relu } => {
-            let a = if *relu {
-                vec![attr_s("activation", "Relu")]
-            } else {
-                vec![]
-            };
+            let a = attr_s_if(*relu, "activation", "Relu");
             w.node(name, "LutMatMul", TABCONV_DOMAIN, ins, out, a)
         }
         Op::BatchNorm { epsilon } => std(w, "BatchNormalization", ins, vec![attr_f("epsilon", *epsilon)]),
@@ -417,7 +447,11 @@ fn write_node(
             Unary::HardSwish => std(w, "HardSwish", ins, vec![]),
             Unary::Identity => std(w, "Identity", ins, vec![]),
             Unary::Erf | Unary::Sqrt | Unary::Exp | Unary::Neg => std(w, node.op.name(), ins, vec![]),
-            Unary::Gelu { tanh } => write_gelu(w, name, ins, out, *tanh),
+            Unary::Gelu { tanh } if w.target == Target::Standard => write_gelu(w, name, ins, out, *tanh),
+            Unary::Gelu { tanh } => {
+                let a = attr_s_if(*tanh, "approximate", "tanh");
+                w.node(name, "Gelu", TABCONV_DOMAIN, ins, out, a)
+            }
             Unary::LeakyRelu { alpha } => std(w, "LeakyRelu", ins, vec![attr_f("alpha", *alpha)]),
             Unary::HardSigmoid { alpha, beta } => std(
                 w,

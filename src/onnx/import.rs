@@ -78,7 +78,19 @@ pub const TABCONV_OPS: &[&str] = &[
     "NhwcConv",
     "NhwcMaxPool",
     "NhwcAveragePool",
+    "Gelu",
 ];
+
+/// `Gelu`'s form from its `approximate` attribute (ONNX opset 20, and `ai.tabconv` opset 4).
+fn gelu(a: &Attrs) -> Result<Unary> {
+    match a.string("approximate").as_deref() {
+        None | Some("none") => Ok(Unary::Gelu { tanh: false }),
+        Some("tanh") => Ok(Unary::Gelu { tanh: true }),
+        Some(other) => Err(Error::Other(format!(
+            "approximate must be 'none' or 'tanh', got '{other}'"
+        ))),
+    }
+}
 
 fn is_supported(n: &NodeProto, tabconv_opset: Option<i64>) -> bool {
     if n.domain.is_empty() || n.domain == "ai.onnx" {
@@ -698,6 +710,18 @@ impl Importer {
                 Op::LutMatMul { relu: relu_attr(a)? }
             }
             "NhwcConv" | "NhwcMaxPool" | "NhwcAveragePool" => self.nhwc_op(node, a)?,
+            "Gelu" => {
+                if self.tabconv_opset < 4 {
+                    return Err(Error::Other(format!(
+                        "Gelu needs {TABCONV_DOMAIN} opset 4, the file declares {}",
+                        self.tabconv_opset
+                    )));
+                }
+                if node.input.len() != 1 {
+                    return Err(Error::Other(format!("expects 1 input, got {}", node.input.len())));
+                }
+                Op::Unary(gelu(a)?)
+            }
             other => return Err(Error::Other(format!("unknown {TABCONV_DOMAIN} operator {other}"))),
         };
         let inputs = all_inputs(self, node)?;
@@ -1148,18 +1172,7 @@ impl Importer {
             "Sqrt" => self.unary(node, &mut inputs, Unary::Sqrt)?,
             "Exp" => self.unary(node, &mut inputs, Unary::Exp)?,
             "Neg" => self.unary(node, &mut inputs, Unary::Neg)?,
-            "Gelu" => {
-                let tanh = match a.string("approximate").as_deref() {
-                    None | Some("none") => false,
-                    Some("tanh") => true,
-                    Some(other) => {
-                        return Err(Error::Other(format!(
-                            "approximate must be 'none' or 'tanh', got '{other}'"
-                        )))
-                    }
-                };
-                self.unary(node, &mut inputs, Unary::Gelu { tanh })?
-            }
+            "Gelu" => self.unary(node, &mut inputs, gelu(a)?)?,
             "Pow" => {
                 inputs = all_inputs(self)?;
                 if inputs.len() != 2 {

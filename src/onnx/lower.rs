@@ -1,8 +1,9 @@
 //! `tabconv-compile --emit onnx`: a compiled graph as a standard ONNX model, so it runs in ONNX
 //! Runtime, tract or anything else that reads ONNX.
 //!
-//! The graph is exported as for a `.tcv` ([`export::export_model`]), then every `ai.tabconv`
-//! node is replaced by standard operators (opset 17):
+//! The graph is exported as for a `.tcv` but with `Gelu` as Mul/Erf/Add
+//! ([`export::Target::Standard`]), then every `ai.tabconv` node is replaced by standard
+//! operators (opset 17):
 //! - `PQEncode`'s rows: for a convolution, a grouped `Conv` whose one-hot kernels copy each
 //!   input channel's `kh × kw` window (the implicit im2col rows, `(c, i, j)` order, one MAC per
 //!   value), reshaped to `[rows, D]`, zero-padded to `C · S`;
@@ -36,7 +37,7 @@ pub fn encode(graph: &Graph, pipeline_yaml: &str) -> Result<Vec<u8>> {
 
 /// The graph as a standard ONNX model (see the module documentation).
 pub fn lower_model(graph: &Graph, metadata: &[(String, String)]) -> Result<pb::ModelProto> {
-    let mut model = export::export_model(graph, metadata)?;
+    let mut model = export::export_model_for(graph, metadata, export::Target::Standard)?;
     let g = model.graph.as_mut().expect("export writes a graph");
     let mut w = Lowered::default();
     for n in std::mem::take(&mut g.node) {

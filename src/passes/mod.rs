@@ -7,6 +7,7 @@ pub mod constant_fold;
 pub mod conv_to_im2col;
 pub mod dead_code;
 pub mod fold_batchnorm;
+pub mod fuse_transformer;
 pub mod gemm_to_matmul;
 pub mod im2col_to_conv;
 pub mod lut;

@@ -39,6 +39,7 @@ pub enum PassSpec {
     Mask(Option<mask::Options>),
     Im2colToConv(Option<NoOptions>),
     ChannelsLast(Option<NoOptions>),
+    FuseTransformer(Option<NoOptions>),
 }
 
 impl PassSpec {
@@ -53,6 +54,7 @@ impl PassSpec {
             PassSpec::Mask(o) => Box::new(mask::Mask(o.clone().unwrap_or_default())),
             PassSpec::Im2colToConv(_) => Box::new(super::im2col_to_conv::Im2colToConv),
             PassSpec::ChannelsLast(_) => Box::new(super::channels_last::ChannelsLast),
+            PassSpec::FuseTransformer(_) => Box::new(super::fuse_transformer::FuseTransformer),
         }
     }
 }

@@ -136,9 +136,41 @@ impl PackedA {
 /// blocks of B kept in cache, row blocks in parallel). Every element is summed in the same order
 /// whatever the thread count. Panics unless [`PackedA::supported`].
 pub fn matmul_packed(a: &PackedA, n: usize, b: &[f32], c: &mut [f32], accumulate: bool, parallel: bool) {
+    matmul_avx512(Lhs::Packed(a), n, b, c, accumulate, parallel)
+}
+
+/// [`matmul_packed`] with `a` a row-major `m × k` matrix read in place (each step broadcasts
+/// from 12 rows), for a left operand computed at run time: packing it would cost a pass over
+/// it on every call. Same sums, in the same order, as the packed form.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_rows(
+    a: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    b: &[f32],
+    c: &mut [f32],
+    accumulate: bool,
+    parallel: bool,
+) {
+    assert!(a.len() >= m * k);
+    matmul_avx512(Lhs::Rows { a, m, k }, n, b, c, accumulate, parallel)
+}
+
+/// The left operand of the AVX-512 GEMM.
+#[derive(Clone, Copy)]
+enum Lhs<'a> {
+    Packed(&'a PackedA),
+    Rows { a: &'a [f32], m: usize, k: usize },
+}
+
+fn matmul_avx512(a: Lhs, n: usize, b: &[f32], c: &mut [f32], accumulate: bool, parallel: bool) {
     use rayon::prelude::*;
-    let (m, k) = (a.m, a.k);
-    assert!(PackedA::supported(), "matmul_packed needs AVX-512F");
+    let (m, k) = match a {
+        Lhs::Packed(p) => (p.m, p.k),
+        Lhs::Rows { m, k, .. } => (m, k),
+    };
+    assert!(PackedA::supported(), "the packed GEMM needs AVX-512F");
     assert!(b.len() >= k * n && c.len() >= m * n);
     if m == 0 || n == 0 {
         return;
@@ -171,14 +203,31 @@ pub fn matmul_packed(a: &PackedA, n: usize, b: &[f32], c: &mut [f32], accumulate
                 let nw = NR.min(jc + nb - j0);
                 for ib in 0..blocks {
                     let mr = MR.min(m - ib * MR);
-                    let ap = &a.data[(ib * k + kc) * MR..(ib * k + kc + kb) * MR];
                     let sh = shared;
-                    // SAFETY: AVX-512F asserted; `ap` holds kb·MR values; rows kc..kc+kb and
-                    // columns j0..j0+nw of `b` exist; rows ib·MR.. (mr of them) and columns
-                    // j0..j0+nw of `c` exist and no other task writes these columns.
+                    let bp = &b[kc * n + j0..];
+                    // SAFETY: AVX-512F asserted; the block of `a` holds kb steps of mr rows
+                    // (packed: kb·MR values; rows: mr rows of k from column kc); rows
+                    // kc..kc+kb and columns j0..j0+nw of `b` exist; rows ib·MR.. (mr of them)
+                    // and columns j0..j0+nw of `c` exist and no other task writes these columns.
                     unsafe {
                         let cp = std::slice::from_raw_parts_mut(sh.0.add(ib * MR * n + j0), (mr - 1) * n + nw);
-                        x86_packed::micro(kb, ap, &b[kc * n + j0..], n, cp, n, mr, nw, add)
+                        let (ap, lda, packed) = match a {
+                            Lhs::Packed(p) => (&p.data[(ib * k + kc) * MR..(ib * k + kc + kb) * MR], MR, true),
+                            Lhs::Rows { a, .. } => (&a[ib * MR * k + kc..(ib * MR + mr - 1) * k + kc + kb], k, false),
+                        };
+                        let tile = x86_packed::Tile {
+                            kb,
+                            a: ap.as_ptr(),
+                            lda,
+                            b: bp,
+                            ldb: n,
+                            c: cp,
+                            ldc: n,
+                            mr,
+                            nw,
+                            add,
+                        };
+                        x86_packed::micro_rows(packed, tile)
                     };
                 }
             };
@@ -196,21 +245,54 @@ mod x86_packed {
     use super::{MR, NR};
     use std::arch::x86_64::*;
 
-    /// `c[i][j] (+)= Σ_kk a[kk][i] · b[kk][j]` for `i < mr`, `j < nw`.
+    /// One microkernel call: `kb` steps of `mr` rows of `a` (see [`micro`]) times an `nw`-wide
+    /// panel of `b` (row stride `ldb`), into `c` (row stride `ldc`), added to it with `add`.
+    pub(super) struct Tile<'a> {
+        pub kb: usize,
+        pub a: *const f32,
+        pub lda: usize,
+        pub b: &'a [f32],
+        pub ldb: usize,
+        pub c: &'a mut [f32],
+        pub ldc: usize,
+        pub mr: usize,
+        pub nw: usize,
+        pub add: bool,
+    }
+
+    /// [`micro`] with as few rows as cover `mr` (4, 8 or 12): a short last row block does not
+    /// pay for 12 rows of multiply-adds.
     #[target_feature(enable = "avx512f")]
-    #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn micro(
-        kb: usize,
-        a: &[f32],
-        b: &[f32],
-        ldb: usize,
-        c: &mut [f32],
-        ldc: usize,
-        mr: usize,
-        nw: usize,
-        add: bool,
-    ) {
-        debug_assert!(a.len() >= kb * MR && mr <= MR && nw <= NR);
+    pub(super) unsafe fn micro_rows(packed: bool, t: Tile) {
+        match (packed, t.mr) {
+            (true, 0..=4) => micro::<true, 4>(t),
+            (true, 5..=8) => micro::<true, 8>(t),
+            (true, _) => micro::<true, MR>(t),
+            (false, 0..=4) => micro::<false, 4>(t),
+            (false, 5..=8) => micro::<false, 8>(t),
+            (false, _) => micro::<false, MR>(t),
+        }
+    }
+
+    /// `c[i][j] (+)= Σ_kk a(i, kk) · b[kk][j]` for `i < mr ≤ R`, `j < nw`, where `a(i, kk)` is
+    /// `a[kk·lda + i]` (`PACKED`, `lda` = MR) or `a[i·lda + kk]` (row-major rows, of which only
+    /// the first `mr` are read: the others repeat the last, and are not stored).
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn micro<const PACKED: bool, const R: usize>(t: Tile) {
+        let Tile {
+            kb,
+            a,
+            lda,
+            b,
+            ldb,
+            c,
+            ldc,
+            mr,
+            nw,
+            add,
+        } = t;
+        debug_assert!((1..=R).contains(&mr) && R <= MR && nw <= NR);
         let m0: __mmask16 = if nw >= 16 { 0xffff } else { ((1u32 << nw) - 1) as u16 };
         let m1: __mmask16 = if nw >= 32 {
             0xffff
@@ -219,15 +301,28 @@ mod x86_packed {
         } else {
             0
         };
-        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
-        let (ap, bp) = (a.as_ptr(), b.as_ptr());
-        for kk in 0..kb {
-            let b0 = _mm512_maskz_loadu_ps(m0, bp.add(kk * ldb));
-            let b1 = _mm512_maskz_loadu_ps(m1, bp.add(kk * ldb + 16));
-            for (i, row) in acc.iter_mut().enumerate() {
-                let av = _mm512_set1_ps(*ap.add(kk * MR + i));
-                row[0] = _mm512_fmadd_ps(av, b0, row[0]);
-                row[1] = _mm512_fmadd_ps(av, b1, row[1]);
+        let mut acc = [[_mm512_setzero_ps(); 2]; R];
+        let bp = b.as_ptr();
+        if PACKED {
+            for kk in 0..kb {
+                let b0 = _mm512_maskz_loadu_ps(m0, bp.add(kk * ldb));
+                let b1 = _mm512_maskz_loadu_ps(m1, bp.add(kk * ldb + 16));
+                for (i, row) in acc.iter_mut().enumerate() {
+                    let av = _mm512_set1_ps(*a.add(kk * lda + i));
+                    row[0] = _mm512_fmadd_ps(av, b0, row[0]);
+                    row[1] = _mm512_fmadd_ps(av, b1, row[1]);
+                }
+            }
+        } else {
+            let rows: [*const f32; R] = std::array::from_fn(|i| a.add(i.min(mr - 1) * lda));
+            for kk in 0..kb {
+                let b0 = _mm512_maskz_loadu_ps(m0, bp.add(kk * ldb));
+                let b1 = _mm512_maskz_loadu_ps(m1, bp.add(kk * ldb + 16));
+                for (row, r) in acc.iter_mut().zip(&rows) {
+                    let av = _mm512_set1_ps(*r.add(kk));
+                    row[0] = _mm512_fmadd_ps(av, b0, row[0]);
+                    row[1] = _mm512_fmadd_ps(av, b1, row[1]);
+                }
             }
         }
         let cp = c.as_mut_ptr();
@@ -280,7 +375,8 @@ mod tests {
         }
     }
 
-    /// The packed AVX-512 GEMM equals a naive product for shapes around every block edge.
+    /// The packed AVX-512 GEMM equals a naive product for shapes around every block edge, and
+    /// reading the rows in place gives the same bits.
     #[test]
     fn packed_matches_naive() {
         if !PackedA::supported() {
@@ -303,6 +399,13 @@ mod tests {
                 for parallel in [false, true] {
                     let mut c = vec![0.5f32; m * n];
                     matmul_packed(&pa, n, &b, &mut c, accumulate, parallel);
+                    // the rows read in place: the same sums in the same order
+                    let mut c2 = vec![0.5f32; m * n];
+                    matmul_rows(&a, m, k, n, &b, &mut c2, accumulate, parallel);
+                    assert!(
+                        c.iter().zip(&c2).all(|(x, y)| x.to_bits() == y.to_bits()),
+                        "({m},{n},{k}): rows in place differ from packed rows"
+                    );
                     for i in 0..m {
                         for j in 0..n {
                             let dot: f64 = (0..k).map(|p| a[i * k + p] as f64 * b[p * n + j] as f64).sum();

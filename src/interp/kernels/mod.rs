@@ -22,6 +22,54 @@ pub fn min_chunks(per_chunk: usize) -> usize {
     PAR_WORK.div_ceil(per_chunk.max(1))
 }
 
+/// A function whose body is plain Rust written to vectorise (loops over chunks of
+/// [`elementwise`]'s lane count, no carried float sums), compiled three times — for AVX-512,
+/// for AVX2+FMA and for the baseline — and dispatched on [`Simd::detect`]. The body uses no
+/// fused multiply-add (Rust never contracts `a * b + c`), so every level gives the same bits;
+/// a module of the function's name holds `at(level, …)`, the function at a given level, for the
+/// tests that check this.
+macro_rules! multiversion {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($a:ident: $t:ty),* $(,)?) $(-> $r:ty)? $body:block) => {
+        $(#[$m])*
+        $vis fn $name($($a: $t),*) $(-> $r)? {
+            $name::at($crate::interp::kernels::Simd::detect(), $($a),*)
+        }
+        // the function at one SIMD level (a function and a module may share a name)
+        #[allow(dead_code)]
+        $vis mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+            #[inline(always)]
+            fn inner($($a: $t),*) $(-> $r)? $body
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx512f,avx2,fma")]
+            unsafe fn v512($($a: $t),*) $(-> $r)? {
+                inner($($a),*)
+            }
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn v256($($a: $t),*) $(-> $r)? {
+                inner($($a),*)
+            }
+            /// The function compiled for `level`, which this CPU must support (checked).
+            #[inline]
+            pub fn at(level: $crate::interp::kernels::Simd, $($a: $t),*) $(-> $r)? {
+                assert!(level.supported(), "SIMD level {} is not available on this CPU", level.name());
+                match level {
+                    // SAFETY: checked above that this CPU has the level's features.
+                    #[cfg(target_arch = "x86_64")]
+                    $crate::interp::kernels::Simd::Avx512 => unsafe { v512($($a),*) },
+                    // SAFETY: as above.
+                    #[cfg(target_arch = "x86_64")]
+                    $crate::interp::kernels::Simd::Avx2 => unsafe { v256($($a),*) },
+                    _ => inner($($a),*),
+                }
+            }
+        }
+    };
+}
+pub(crate) use multiversion;
+
 /// A SIMD level of the hand-written kernels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Simd {

@@ -52,21 +52,84 @@ pub fn reshape_target(input: &[usize], target: &[i64], allowzero: bool) -> Resul
 }
 
 pub fn transpose<T: Copy + Default>(a: ArrayD<T>, perm: &[usize]) -> ArrayD<T> {
-    // The layout conversions (`[0, 3, 1, 2]`, `[0, 2, 3, 1]`, `[0, 2, 1]`) are batches of 2-D
-    // transposes: blocked, so both sides stay in cache.
     let s = a.shape().to_vec();
-    let batched = match perm {
-        [0, 3, 1, 2] => Some((s[0], s[1] * s[2], s[3])),
-        [0, 2, 3, 1] => Some((s[0], s[1], s[2] * s[3])),
-        [0, 2, 1] => Some((s[0], s[1], s[2])),
-        _ => None,
+    let shape: Vec<usize> = perm.iter().map(|&p| s[p]).collect();
+    let a = if a.is_standard_layout() {
+        a
+    } else {
+        a.as_standard_layout().into_owned()
     };
-    if let (Some((n, rows, cols)), Some(src)) = (batched, a.as_slice()) {
-        let out = batched_transpose(src, n, rows, cols);
-        let shape: Vec<usize> = perm.iter().map(|&p| s[p]).collect();
-        return ArrayD::from_shape_vec(IxDyn(&shape), out).expect("transpose output size");
+    let src = a.as_slice().expect("standard layout");
+    let out = permute(src, &s, perm);
+    ArrayD::from_shape_vec(IxDyn(&shape), out).expect("transpose output size")
+}
+
+/// The elements of a row-major tensor of shape `shape` with its axes permuted (`out` axis `i`
+/// is input axis `perm[i]`), written in the output's row-major order. Axes that stay adjacent
+/// are merged first; a swap of the last two (merged) axes — the layout conversions, attention's
+/// `Kᵀ` — is a batch of blocked 2-D transposes, a permutation that keeps the last axis copies
+/// contiguous runs, any other gathers with strides.
+pub fn permute<T: Copy + Default>(src: &[T], shape: &[usize], perm: &[usize]) -> Vec<T> {
+    let r = shape.len();
+    let mut in_strides = vec![1usize; r];
+    for i in (0..r.saturating_sub(1)).rev() {
+        in_strides[i] = in_strides[i + 1] * shape[i + 1];
     }
-    a.permuted_axes(IxDyn(perm)).as_standard_layout().into_owned()
+    // output axes as (size, input stride), size-1 axes dropped, then merged where an output
+    // axis steps exactly over the next one in the input
+    let mut dims: Vec<(usize, usize)> = Vec::with_capacity(r);
+    for &p in perm {
+        if shape[p] == 1 {
+            continue;
+        }
+        match dims.last_mut() {
+            Some(last) if last.1 == in_strides[p] * shape[p] => {
+                last.0 *= shape[p];
+                last.1 = in_strides[p];
+            }
+            _ => dims.push((shape[p], in_strides[p])),
+        }
+    }
+    let total: usize = shape.iter().product();
+    if total == 0 {
+        return Vec::new();
+    }
+    match *dims.as_slice() {
+        [] | [(_, 1)] => return src[..total].to_vec(),
+        // [rows, cols] → [cols, rows], possibly in contiguous batches
+        [(cols, 1), (rows, c)] if c == cols => return batched_transpose(src, 1, rows, cols),
+        [(lead, ls), (cols, 1), (rows, c)] if c == cols && ls == rows * cols => {
+            return batched_transpose(src, lead, rows, cols)
+        }
+        _ => {}
+    }
+    let (inner, inner_stride) = *dims.last().expect("at least one axis");
+    let outer = &dims[..dims.len() - 1];
+    let mut out = Vec::with_capacity(total);
+    let mut idx = vec![0usize; outer.len()];
+    let mut base = 0usize;
+    loop {
+        if inner_stride == 1 {
+            out.extend_from_slice(&src[base..base + inner]);
+        } else {
+            out.extend((0..inner).map(|j| src[base + j * inner_stride]));
+        }
+        // odometer over the outer axes
+        let mut ax = outer.len();
+        loop {
+            if ax == 0 {
+                return out;
+            }
+            ax -= 1;
+            idx[ax] += 1;
+            base += outer[ax].1;
+            if idx[ax] < outer[ax].0 {
+                break;
+            }
+            base -= outer[ax].1 * outer[ax].0;
+            idx[ax] = 0;
+        }
+    }
 }
 
 /// `n` row-major `[rows, cols]` matrices → their transposes, in 16×16 blocks.
@@ -112,9 +175,40 @@ pub fn expand<T: Clone>(a: &ArrayD<T>, shape: &[i64]) -> Result<ArrayD<T>> {
     Ok(v.as_standard_layout().into_owned())
 }
 
+/// Concatenation along `axis`, in standard layout whatever the parts' layouts (later kernels
+/// take the output as one slice).
 pub fn concat<T: Clone>(parts: &[&ArrayD<T>], axis: usize) -> Result<ArrayD<T>> {
-    let views: Vec<_> = parts.iter().map(|a| a.view()).collect();
-    ndarray::concatenate(Axis(axis), &views).map_err(|e| crate::error::Error::Other(format!("Concat: {e}")))
+    let first = parts
+        .first()
+        .ok_or_else(|| crate::error::Error::Other("Concat of no inputs".into()))?;
+    let r = first.ndim();
+    if axis >= r {
+        bail!("Concat axis {axis} out of range for rank {r}");
+    }
+    let mut shape = first.shape().to_vec();
+    shape[axis] = 0;
+    for p in parts {
+        let ps = p.shape();
+        if ps.len() != r || (0..r).any(|i| i != axis && ps[i] != first.shape()[i]) {
+            bail!(
+                "Concat: shapes {:?} and {:?} differ outside axis {axis}",
+                first.shape(),
+                ps
+            );
+        }
+        shape[axis] += ps[axis];
+    }
+    crate::limits::check_shape(&shape, std::mem::size_of::<T>(), "Concat output")?;
+    let outer: usize = shape[..axis].iter().product();
+    let std: Vec<_> = parts.iter().map(|p| p.as_standard_layout()).collect();
+    let runs: Vec<usize> = std.iter().map(|p| p.len().checked_div(outer).unwrap_or(0)).collect();
+    let mut out = Vec::with_capacity(shape.iter().product());
+    for o in 0..outer {
+        for (p, &run) in std.iter().zip(&runs) {
+            out.extend_from_slice(&p.as_slice().expect("standard layout")[o * run..(o + 1) * run]);
+        }
+    }
+    Ok(ArrayD::from_shape_vec(IxDyn(&shape), out).expect("concat output size"))
 }
 
 /// Constant padding; negative pads crop. `pads = [begin…, end…]`.
@@ -212,6 +306,59 @@ pub fn reduce_mean(a: &ArrayD<f32>, axes: &[usize], keepdims: bool) -> Result<Ar
 
 #[cfg(test)]
 mod tests {
+    /// `permute` (merged axes, batched 2-D blocks, contiguous runs, strided gathers) equals
+    /// ndarray's permuted view copied, for every permutation of ranks 1–5 with sizes including 1.
+    #[test]
+    fn permute_matches_ndarray_for_every_permutation() {
+        fn perms(r: usize) -> Vec<Vec<usize>> {
+            if r == 0 {
+                return vec![vec![]];
+            }
+            let mut out = vec![];
+            for p in perms(r - 1) {
+                for i in 0..=p.len() {
+                    let mut q = p.clone();
+                    q.insert(i, r - 1);
+                    out.push(q);
+                }
+            }
+            out
+        }
+        for shape in [
+            vec![5],
+            vec![3, 4],
+            vec![2, 17, 16],
+            vec![2, 1, 3, 5],
+            vec![2, 3, 1, 4, 5],
+            vec![4, 17, 3, 4, 16],
+        ] {
+            let n: usize = shape.iter().product();
+            let a = ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&shape), (0..n as i64).collect()).unwrap();
+            for p in perms(shape.len()) {
+                let want = a
+                    .clone()
+                    .permuted_axes(ndarray::IxDyn(&p))
+                    .as_standard_layout()
+                    .into_owned();
+                let got = super::transpose(a.clone(), &p);
+                assert_eq!(got, want, "shape {shape:?} perm {p:?}");
+            }
+        }
+    }
+
+    /// Concat of parts in any layout writes the standard-layout result.
+    #[test]
+    fn concat_of_transposed_parts_is_standard() {
+        let a = ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[3, 2]), (0..6).collect::<Vec<i64>>()).unwrap();
+        let at = a.clone().reversed_axes();
+        let b = ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[2, 1]), vec![7i64, 8]).unwrap();
+        let c = super::concat(&[&at, &b], 1).unwrap();
+        assert!(c.is_standard_layout());
+        assert_eq!(c.as_slice().unwrap(), &[0, 2, 4, 7, 1, 3, 5, 8]);
+        assert!(super::concat(&[&a, &b], 1).is_err());
+        assert!(super::concat(&[&a, &b], 5).is_err());
+    }
+
     /// The channels-last spatial mean gives GlobalAveragePool's bits on maps whose size is not a
     /// power of two (where dividing twice would round differently).
     #[test]
