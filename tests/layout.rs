@@ -234,3 +234,83 @@ fn channels_last_exact_convs_fuse_relu_and_residual() {
     assert_eq!(c, b);
     insta::assert_snapshot!("residual_exact_after_channels_last", dump_without_hashes(&cl));
 }
+
+/// A DenseNet step: two convs concatenated along the channels, a BatchNorm that cannot fold into
+/// a conv before it (it follows the Concat), a Relu and a conv, then the Concat again with the
+/// conv's output. Channels-last carries the Concat (last axis) and the BatchNorm (a per-channel
+/// `Mul` and `Add`) so no Transpose runs between the convs, and the outputs stay those of the
+/// NCHW graph.
+#[test]
+fn channels_last_carries_concat_and_batchnorm() {
+    let mut rng = Rng::new(12);
+    let mut g = Graph::new();
+    let x = g.add_node("x", Op::Input, &[]);
+    g.node_mut(x).outputs[0].fact = Some(Fact::new(
+        DType::F32,
+        vec![Dim::Batch(1), Dim::Known(3), Dim::Known(6), Dim::Known(6)],
+    ));
+    g.inputs.push(x);
+    let mut vals =
+        |n: usize, lo: f32, hi: f32| -> Vec<f32> { (0..n).map(|_| lo + (hi - lo) * rng.next_f64() as f32).collect() };
+    let mut conv = |g: &mut Graph, name: &str, x: Outlet, cin: usize, cout: usize| {
+        let wc = g.add_const(
+            &format!("{name}.w"),
+            Tensor::f32(&[cout, cin, 3, 3], vals(cout * cin * 9, -0.3, 0.3)).unwrap(),
+        );
+        g.add_op(name, Op::Conv(Conv::nchw(win(3, 1, 1), 1)), &[x, wc])
+    };
+    let x0 = Outlet::new(x, 0);
+    let a = conv(&mut g, "a", x0, 3, 8);
+    let b = conv(&mut g, "b", x0, 3, 4);
+    let cat = g.add_op("cat", Op::Concat { axis: 1 }, &[a, b]);
+    let mut rng2 = Rng::new(13);
+    let mut p = |n: usize, lo: f32, hi: f32| -> Tensor {
+        Tensor::f32(&[n], (0..n).map(|_| lo + (hi - lo) * rng2.next_f64() as f32).collect()).unwrap()
+    };
+    let bn_in: Vec<Outlet> = [
+        ("scale", p(12, 0.5, 1.5)),
+        ("bias", p(12, -0.2, 0.2)),
+        ("mean", p(12, -0.1, 0.1)),
+        ("var", p(12, 0.5, 2.0)),
+    ]
+    .into_iter()
+    .map(|(n, t)| g.add_const(&format!("bn.{n}"), t))
+    .collect();
+    let bn = g.add_op(
+        "bn",
+        Op::BatchNorm { epsilon: 1e-5 },
+        &[cat, bn_in[0], bn_in[1], bn_in[2], bn_in[3]],
+    );
+    let r = g.add_op("r", Op::Unary(Unary::Relu), &[bn]);
+    let c = conv(&mut g, "c", r, 12, 6);
+    let out = g.add_op("out", Op::Concat { axis: 1 }, &[cat, c]);
+    g.outputs.push(("y".into(), out));
+    tabconv::ir::infer::infer_graph(&mut g).unwrap();
+
+    let plain = g.clone();
+    let text = "name: t\npasses:\n  - channels-last:\n  - dead-code:\n";
+    run_pipeline(
+        &mut g,
+        &Pipeline::parse(text, "test").unwrap(),
+        &mut PassCx::default(),
+        |_, _| Ok(()),
+    )
+    .unwrap();
+    assert_eq!(
+        count(&g, |op| matches!(op, Op::BatchNorm { .. })),
+        0,
+        "the BatchNorm runs channels-last"
+    );
+    assert_eq!(
+        count(&g, |op| matches!(op, Op::Transpose { .. })),
+        2,
+        "the input in, the output out; none between the convs"
+    );
+    assert_eq!(count(&g, |op| matches!(op, Op::Concat { axis: 3 })), 2);
+    let x = ArrayD::from_shape_vec(IxDyn(&[3, 3, 6, 6]), vals(3 * 108, -1.0, 1.0)).unwrap();
+    let want = as_f32(&run(&plain, vec![Tensor::F32(x.clone())]).unwrap()[0]);
+    let got = as_f32(&run(&g, vec![Tensor::F32(x)]).unwrap()[0]);
+    assert_eq!(want.shape(), got.shape());
+    let err = want.iter().zip(got.iter()).fold(0f32, |e, (p, q)| e.max((p - q).abs()));
+    assert!(err < 1e-5, "channels-last differs by {err}");
+}

@@ -5,7 +5,8 @@
 //! `conv-to-im2col` form turns that back into NCHW (`Transpose(0,2,1) → Reshape`) only for the
 //! next layer's encoder to read windows out of NCHW again. This pass gives every such value a
 //! channels-last twin `[N, H, W, C]` (a free `Reshape` of the LUT output), carries the twin
-//! through elementwise ops (`Relu`, `Clip`, the residual `Add`, …), and lets each conv
+//! through elementwise ops (`Relu`, `Clip`, the residual `Add`, …, a BatchNorm that could not
+//! be folded as a per-channel `Mul` and `Add`, a channel `Concat`), and lets each conv
 //! `PQEncode` read the twin directly (`layout=nhwc`), where its channel-lane kernel loads the
 //! channels of a pixel as one contiguous vector. `GlobalAveragePool` of a twin becomes a
 //! `ReduceMean` over H and W.
@@ -130,6 +131,31 @@ fn fuse_epilogues(graph: &mut Graph) {
     }
 }
 
+/// A BatchNorm (constant parameters) of a twin: `x · s + t` per channel, the last axis, with
+/// `s` and `t` as the BatchNorm kernel computes them (so the same products and sums).
+fn batchnorm_twin(graph: &mut Graph, name: &str, x: Outlet, ins: &[Outlet], eps: f32) -> Option<Outlet> {
+    let p: Vec<Vec<f32>> = ins[1..]
+        .iter()
+        .map(|&o| graph.const_value(o)?.as_f32().ok()?.as_slice().map(<[f32]>::to_vec))
+        .collect::<Option<_>>()?;
+    let c = p.first()?.len();
+    let [channels, _, _] = chw(graph, ins[0])?;
+    if p.len() != 4 || p.iter().any(|v| v.len() != c) || channels != c {
+        return None;
+    }
+    let [scale, bias, mean, var] = [&p[0], &p[1], &p[2], &p[3]];
+    let (s, t): (Vec<f32>, Vec<f32>) = (0..c)
+        .map(|i| {
+            let s = scale[i] / (var[i] + eps).sqrt();
+            (s, bias[i] - mean[i] * s)
+        })
+        .unzip();
+    let s = graph.add_const(&format!("{name}/nhwc_scale"), Tensor::f32(&[c], s).ok()?);
+    let t = graph.add_const(&format!("{name}/nhwc_shift"), Tensor::f32(&[c], t).ok()?);
+    let mul = graph.add_op(&format!("{name}/nhwc_mul"), Op::Binary(Binary::Mul), &[x, s]);
+    Some(graph.add_op(&format!("{name}/nhwc"), Op::Binary(Binary::Add), &[mul, t]))
+}
+
 /// When `o`'s only reader is an `Add` of `o` and another computed value of the same shape (the
 /// twin `Add`s of this pass): that `Add` and the other value.
 fn residual_add(graph: &Graph, o: Outlet) -> Option<(NodeIndex, Outlet)> {
@@ -203,6 +229,12 @@ impl Pass for ChannelsLast {
                     args[0] = x;
                     let op = Op::Conv(Conv { nhwc: true, ..c });
                     Some(graph.add_op(&format!("{name}/nhwc"), op, &args))
+                }
+                Op::BatchNorm { epsilon } => t(&ins[0]).and_then(|x| batchnorm_twin(graph, &name, x, &ins, epsilon)),
+                // a channel concat of twins: their last axis
+                Op::Concat { axis } if (axis == 1 || axis == -3) && chw(graph, out).is_some() => {
+                    let xs: Option<Vec<Outlet>> = ins.iter().map(t).collect();
+                    xs.map(|xs| graph.add_op(&format!("{name}/nhwc"), Op::Concat { axis: 3 }, &xs))
                 }
                 Op::Pool(p) if !p.nhwc => t(&ins[0]).map(|x| {
                     let op = Op::Pool(Pool { nhwc: true, ..p });
