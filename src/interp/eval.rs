@@ -1101,5 +1101,19 @@ mod tests {
                 }
             }
         }
+        // large enough to split over threads: the same bits at 1 and 2 threads
+        let g = Gemm {
+            alpha: 1.0,
+            beta: 1.0,
+            trans_a: false,
+            trans_b: true,
+        };
+        let args = vec![t(&[64, 300], 4), t(&[256, 300], 5), t(&[256], 6)];
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            let cache = Cache::new();
+            pool.install(|| eval_op_cached(&Op::Gemm(g.clone()), args.clone(), Some(&cache)).unwrap())
+        };
+        assert_eq!(run(1), run(2), "1 and 2 threads differ");
     }
 }

@@ -145,10 +145,13 @@ fn batched_transpose<T: Copy + Default>(src: &[T], n: usize, rows: usize, cols: 
         .take(n)
     {
         for r0 in (0..rows).step_by(B) {
+            let rb = B.min(rows - r0);
             for c0 in (0..cols).step_by(B) {
-                for r in r0..(r0 + B).min(rows) {
-                    for c in c0..(c0 + B).min(cols) {
-                        d[c * rows + r] = s[r * cols + c];
+                // output rows c0.. of the block, each written as one contiguous run
+                for (c, drow) in d[c0 * rows..].chunks_mut(rows).take(B).enumerate() {
+                    let col = &s[r0 * cols + c0 + c..];
+                    for (r, o) in drow[r0..r0 + rb].iter_mut().enumerate() {
+                        *o = col[r * cols];
                     }
                 }
             }
