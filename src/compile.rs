@@ -53,6 +53,8 @@ pub struct Job {
     /// Print progress on stderr as the compile goes: the note about a declared fixed batch, the
     /// pipeline, each pass, each layer learned, each masking step (see [`PassCx::verbose`]).
     pub verbose: bool,
+    /// Set it to stop the compile at its next check ([`PassCx::cancel`]); no output is left.
+    pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// A finished compile: the `.tcv` is written.
@@ -115,6 +117,7 @@ pub fn compile(mut job: Job, after_each: impl FnMut(&str, &Graph) -> Result<()>)
     let mut cx = PassCx {
         seed: job.seed,
         verbose: job.verbose,
+        cancel: job.cancel.clone(),
         ..Default::default()
     };
     if let Some(images) = job.calib {

@@ -335,6 +335,7 @@ fn library_compile_from_memory_and_runner() {
             pre: Default::default(),
             seed: 0,
             verbose: false,
+            cancel: None,
         }
     };
     let calib = fixture("data/mnist_calib.npy");

@@ -198,6 +198,7 @@ fn compile<'py>(
             )))
         }
     };
+    let cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let job = Job {
         model: onnx_path,
         output: out_path,
@@ -209,21 +210,48 @@ fn compile<'py>(
         pre: preprocess(normalize, pad, pad_value)?,
         seed,
         verbose,
+        cancel: Some(cancel.clone()),
     };
-    // Ctrl-C: Python only notes the signal while the GIL is released; look after each pass
-    let mut interrupt: Option<PyErr> = None;
-    let done = py.detach(|| {
-        tabconv::compile::compile(job, |_, _| {
-            Python::attach(|py| py.check_signals()).map_err(|e| {
-                interrupt = Some(e);
-                tabconv::Error::Other("interrupted".into())
-            })
-        })
+    // Ctrl-C: Python runs its signal handlers on this (the main) thread, so the compile runs on
+    // another one while this thread, without the GIL, waits for it and looks for signals every
+    // 50 ms; on one it sets `cancel`, which the compile checks between passes, layers and
+    // masking steps, and waits for it to stop (it removes its temporary output).
+    let (tx, rx) = std::sync::mpsc::channel();
+    // (a Mutex so the waiting closure, which runs without the GIL, may borrow it)
+    let rx = std::sync::Mutex::new(rx);
+    let recv = |timeout: Option<std::time::Duration>| {
+        let rx = rx.lock().unwrap_or_else(|e| e.into_inner());
+        match timeout {
+            Some(t) => rx.recv_timeout(t),
+            None => rx.recv().map_err(|_| std::sync::mpsc::RecvTimeoutError::Disconnected),
+        }
+    };
+    let worker = std::thread::spawn(move || {
+        let _ = tx.send(tabconv::compile::compile(job, |_, _| Ok(())));
     });
-    match (done, interrupt) {
-        (_, Some(e)) => Err(e),
-        (Ok(done), None) => to_python(py, &done.json()),
-        (Err(e), None) => Err(err(e)),
+    let done = loop {
+        let wait = std::time::Duration::from_millis(50);
+        match py.detach(|| recv(Some(wait))) {
+            Ok(done) => break done,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                if let Err(e) = py.check_signals() {
+                    cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+                    let _ = py.detach(|| recv(None));
+                    let _ = worker.join();
+                    return Err(e);
+                }
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(err(tabconv::Error::Other(
+                    "the compile thread stopped without a result".into(),
+                )));
+            }
+        }
+    };
+    let _ = worker.join();
+    match done {
+        Ok(done) => to_python(py, &done.json()),
+        Err(e) => Err(err(e)),
     }
 }
 

@@ -140,6 +140,8 @@ fn compile(args: Args) -> Result<()> {
         pre: args.pre.get()?,
         seed: args.seed,
         verbose: true,
+        // Ctrl-C here is the signal handler of `tabconv::output` (the temp file removed)
+        cancel: None,
     };
     // the output's temp file exists from the start: an unwritable folder fails at once, and an
     // interrupt (SIGINT, SIGTERM) removes it (see tabconv::output)

@@ -639,6 +639,7 @@ impl Pass for Lut {
         }
         let (bar, n_layers) = (crate::cli::progress(layers.len(), "lut"), layers.len());
         for (li, layer) in layers.into_iter().enumerate() {
+            cx.check_cancel()?;
             bar.set_message(layer.name.clone());
             bar.inc(1);
             // Earlier rewrites may have replaced this layer's producer: re-read its input.

@@ -68,6 +68,7 @@ pub fn run_pipeline(
         let before = names(graph);
         let (n0, m0) = (graph.op_count(), total_macs(graph));
         let start = Instant::now();
+        cx.check_cancel()?;
         pass.run(graph, cx)
             .map_err(|e| Error::Other(format!("{label} failed: {e}")))?;
         infer_graph(graph).map_err(|e| Error::Other(format!("{label} broke shape inference: {e}")))?;

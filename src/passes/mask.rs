@@ -485,6 +485,7 @@ impl Pass for Mask {
         let mut restored_at: Vec<(usize, usize)> = Vec::new(); // (decision, rank) per point 1..
         let mut rank = 0;
         for &i in &order {
+            cx.check_cancel()?;
             if !decisions[i].why.is_empty() {
                 continue; // decided by an override or as unprofitable
             }

@@ -41,9 +41,23 @@ pub struct PassCx {
     /// Print progress lines on stderr as the passes go (each pass, each layer learned, each
     /// masking step); off for library use, on in `tabconv-compile`.
     pub verbose: bool,
+    /// Set from elsewhere to stop the compile: checked between passes, between the `lut`
+    /// pass's layers and between the `mask` pass's steps ([`PassCx::check_cancel`]), so a long
+    /// pass stops within one layer (the Python binding's Ctrl-C).
+    pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl PassCx {
+    /// `Err` once [`PassCx::cancel`] is set.
+    pub fn check_cancel(&self) -> Result<()> {
+        match &self.cancel {
+            Some(c) if c.load(std::sync::atomic::Ordering::Relaxed) => {
+                Err(crate::error::Error::Other("interrupted".into()))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// A progress line (see [`PassCx::verbose`]).
     pub fn say(&self, bar: &indicatif::ProgressBar, line: impl FnOnce() -> String) {
         if self.verbose {
