@@ -51,7 +51,8 @@ def compile(
     verbose: print the CLI's progress lines on stderr as the compile goes.
     normalize=(mean, std), pad=n, pad_value=v: the CLI's --normalize, --pad and --pad-value,
     applied to calib and val.
-    The output is written atomically: a failed or interrupted (Ctrl-C, checked after each pass)
+    The output is written atomically: a failed or interrupted (Ctrl-C, checked between passes,
+    layers and masking steps; raises KeyboardInterrupt)
     compile leaves nothing at out_path.
     """
 
