@@ -223,7 +223,9 @@ pub fn batch_is_per_image(g: &Graph) -> std::result::Result<(), String> {
             .unwrap_or((None, 0));
         let on_batch = |axis: i64, r: usize| crate::ir::infer::norm_axis(axis, r).ok() == Some(b);
         let across = match (&node.op, rank0) {
-            (Op::Softmax { axis, .. } | Op::LayerNorm { axis, .. }, Some(r)) => on_batch(*axis, r),
+            (Op::Softmax { axis, .. }, Some(r)) => on_batch(*axis, r),
+            // LayerNorm normalises over every axis from `axis` on
+            (Op::LayerNorm { axis, .. }, Some(r)) => crate::ir::infer::norm_axis(*axis, r).ok().is_none_or(|a| a <= b),
             (Op::Pad { pads, .. }, Some(r)) => {
                 pads.get(b).is_some_and(|&p| p != 0) || pads.get(b + r).is_some_and(|&p| p != 0)
             }
