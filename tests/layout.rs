@@ -32,8 +32,8 @@ fn win(k: usize, stride: usize, pad: usize) -> Window {
 ///   → maxpool (exact consumer of r2) ↘
 ///   → conv c (16→24, 1×1 stride 2) → relu → add(maxpool via conv d 16→24 1×1) → relu
 ///   → global average pool → flatten → gemm (24→5)
-fn residual_net() -> Graph {
-    let mut rng = Rng::new(9);
+/// A graph whose one input is `x: f32[N, 3, 6, 6]`.
+fn with_input() -> (Graph, Outlet) {
     let mut g = Graph::new();
     let x = g.add_node("x", Op::Input, &[]);
     g.node_mut(x).outputs[0].fact = Some(Fact::new(
@@ -41,6 +41,12 @@ fn residual_net() -> Graph {
         vec![Dim::Batch(1), Dim::Known(3), Dim::Known(6), Dim::Known(6)],
     ));
     g.inputs.push(x);
+    (g, Outlet::new(x, 0))
+}
+
+fn residual_net() -> Graph {
+    let mut rng = Rng::new(9);
+    let (mut g, x) = with_input();
     let mut conv = |g: &mut Graph, name: &str, x: Outlet, cin: usize, cout: usize, w: Window| {
         let k = w.kernel[0];
         let scale = 1.0 / ((cin * k * k) as f32).sqrt();
@@ -52,7 +58,7 @@ fn residual_net() -> Graph {
         let bc = g.add_const(&format!("{name}.b"), Tensor::f32(&[cout], bv).unwrap());
         g.add_op(name, Op::Conv(Conv::nchw(w, 1)), &[x, wc, bc])
     };
-    let x0 = Outlet::new(x, 0);
+    let x0 = x;
     let a = conv(&mut g, "a", x0, 3, 16, win(3, 1, 1));
     let r1 = g.add_op("r1", Op::Unary(Unary::Relu), &[a]);
     let b = conv(&mut g, "b", r1, 16, 16, win(3, 1, 1));
@@ -243,13 +249,7 @@ fn channels_last_exact_convs_fuse_relu_and_residual() {
 #[test]
 fn channels_last_carries_concat_and_batchnorm() {
     let mut rng = Rng::new(12);
-    let mut g = Graph::new();
-    let x = g.add_node("x", Op::Input, &[]);
-    g.node_mut(x).outputs[0].fact = Some(Fact::new(
-        DType::F32,
-        vec![Dim::Batch(1), Dim::Known(3), Dim::Known(6), Dim::Known(6)],
-    ));
-    g.inputs.push(x);
+    let (mut g, x) = with_input();
     let mut vals =
         |n: usize, lo: f32, hi: f32| -> Vec<f32> { (0..n).map(|_| lo + (hi - lo) * rng.next_f64() as f32).collect() };
     let mut conv = |g: &mut Graph, name: &str, x: Outlet, cin: usize, cout: usize| {
@@ -259,7 +259,7 @@ fn channels_last_carries_concat_and_batchnorm() {
         );
         g.add_op(name, Op::Conv(Conv::nchw(win(3, 1, 1), 1)), &[x, wc])
     };
-    let x0 = Outlet::new(x, 0);
+    let x0 = x;
     let a = conv(&mut g, "a", x0, 3, 8);
     let b = conv(&mut g, "b", x0, 3, 4);
     let cat = g.add_op("cat", Op::Concat { axis: 1 }, &[a, b]);

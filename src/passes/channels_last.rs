@@ -132,7 +132,7 @@ fn fuse_epilogues(graph: &mut Graph) {
 }
 
 /// A BatchNorm (constant parameters) of a twin: `x · s + t` per channel, the last axis, with
-/// `s` and `t` as the BatchNorm kernel computes them (so the same products and sums).
+/// the BatchNorm kernel's `s` and `t` (`batchnorm_affine`: the same products and sums).
 fn batchnorm_twin(graph: &mut Graph, name: &str, x: Outlet, ins: &[Outlet], eps: f32) -> Option<Outlet> {
     let p: Vec<Vec<f32>> = ins[1..]
         .iter()
@@ -143,13 +143,7 @@ fn batchnorm_twin(graph: &mut Graph, name: &str, x: Outlet, ins: &[Outlet], eps:
     if p.len() != 4 || p.iter().any(|v| v.len() != c) || channels != c {
         return None;
     }
-    let [scale, bias, mean, var] = [&p[0], &p[1], &p[2], &p[3]];
-    let (s, t): (Vec<f32>, Vec<f32>) = (0..c)
-        .map(|i| {
-            let s = scale[i] / (var[i] + eps).sqrt();
-            (s, bias[i] - mean[i] * s)
-        })
-        .unzip();
+    let (s, t) = crate::interp::kernels::elementwise::batchnorm_affine([&p[0], &p[1], &p[2], &p[3]], eps);
     let s = graph.add_const(&format!("{name}/nhwc_scale"), Tensor::f32(&[c], s).ok()?);
     let t = graph.add_const(&format!("{name}/nhwc_shift"), Tensor::f32(&[c], t).ok()?);
     let mul = graph.add_op(&format!("{name}/nhwc_mul"), Op::Binary(Binary::Mul), &[x, s]);

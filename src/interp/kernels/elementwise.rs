@@ -282,17 +282,22 @@ pub fn broadcast_shape(a: &[usize], b: &[usize]) -> Result<Vec<usize>> {
         .collect()
 }
 
-/// Inference BatchNorm on `[N, C, …]`: one scale and shift per channel, applied in place.
-pub fn batchnorm(x: &mut [f32], shape: &[usize], params: [&[f32]; 4], eps: f32) {
-    let c = shape[1];
-    let plane: usize = shape[2..].iter().product();
-    let [scale, bias, mean, var] = params;
-    let (s, t): (Vec<f32>, Vec<f32>) = (0..c)
+/// Inference BatchNorm's per-channel `(scale, shift)`: `y = x · s + t` (the kernel below, and
+/// the `channels-last` pass's `Mul` and `Add`, which must give its bits).
+pub fn batchnorm_affine([scale, bias, mean, var]: [&[f32]; 4], eps: f32) -> (Vec<f32>, Vec<f32>) {
+    (0..scale.len())
         .map(|i| {
             let s = scale[i] / (var[i] + eps).sqrt();
             (s, bias[i] - mean[i] * s)
         })
-        .unzip();
+        .unzip()
+}
+
+/// Inference BatchNorm on `[N, C, …]`: one scale and shift per channel, applied in place.
+pub fn batchnorm(x: &mut [f32], shape: &[usize], params: [&[f32]; 4], eps: f32) {
+    let c = shape[1];
+    let plane: usize = shape[2..].iter().product();
+    let (s, t) = batchnorm_affine(params, eps);
     x.par_chunks_mut(plane.max(1)).enumerate().for_each(|(i, p)| {
         let ch = i % c;
         p.iter_mut().for_each(|v| *v = *v * s[ch] + t[ch]);

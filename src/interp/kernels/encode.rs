@@ -79,10 +79,20 @@ impl Rows<'_> {
         }
     }
 
-    fn fill(&self, r0: usize, lanes: usize, cols: impl Iterator<Item = usize> + Clone, xt: &mut [[f32; LANES]]) {
+    /// `avx512`: the level in use is AVX-512 (the caller looks once per block of tiles).
+    fn fill(
+        &self,
+        avx512: bool,
+        r0: usize,
+        lanes: usize,
+        cols: impl Iterator<Item = usize> + Clone,
+        xt: &mut [[f32; LANES]],
+    ) {
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = avx512;
         if let Some((x, d)) = self.contiguous() {
             #[cfg(target_arch = "x86_64")]
-            if lanes == LANES && d >= 16 && Simd::detect() == Simd::Avx512 {
+            if avx512 && lanes == LANES && d >= 16 {
                 // every column, 16 at a time by an in-register transpose (the few the tree reads
                 // come along: they are all in `xt`)
                 // SAFETY: AVX-512F detected; rows `r0..r0 + 16` of `d` values lie in `x`.
@@ -1392,13 +1402,12 @@ fn encode_block(job: &Job, r0: usize, out: &mut [u8]) {
     let c_n = sub.count();
     let n = out.len() / c_n;
     let mut xt = vec![[0f32; LANES]; sub.d];
-    #[cfg(target_arch = "x86_64")]
     let avx512 = Simd::detect() == Simd::Avx512;
     for g in (0..n).step_by(LANES) {
         let lanes = (n - g).min(LANES);
         match &job.prepared.kind {
-            Kind::Argmin { .. } => job.rows.fill(r0 + g, lanes, 0..sub.d, &mut xt),
-            Kind::Tree { cols, .. } => job.rows.fill(r0 + g, lanes, cols.iter().copied(), &mut xt),
+            Kind::Argmin { .. } => job.rows.fill(avx512, r0 + g, lanes, 0..sub.d, &mut xt),
+            Kind::Tree { cols, .. } => job.rows.fill(avx512, r0 + g, lanes, cols.iter().copied(), &mut xt),
         }
         for c in 0..c_n {
             let code = match &job.prepared.kind {
