@@ -378,3 +378,53 @@ fn library_compile_from_memory_and_runner() {
     let e = Labelled::load(images, labels, Default::default()).err().unwrap();
     assert_eq!(e.to_string(), "invalid input: x holds 3 images but y holds 2 labels");
 }
+
+/// The compile holds the last quarter of the calibration images out of learning and masks on
+/// them: changing those images changes what the mask measures but not one byte of the tables.
+#[test]
+fn mask_measures_on_calibration_images_held_out_of_learning() {
+    let dir = tempfile::tempdir().unwrap();
+    let calib = npy("data/mnist_calib.npy");
+    let first = calib.slice(ndarray::s![..48, .., .., ..]).to_owned().into_dyn();
+    let mut other = first.clone();
+    // the last 12 replaced by other training images (their order reversed)
+    for i in 0..12 {
+        let src = calib.slice(ndarray::s![100 + i, .., .., ..]).to_owned();
+        other.slice_mut(ndarray::s![47 - i, .., .., ..]).assign(&src);
+    }
+    let mut runs = Vec::new();
+    for (name, x) in [("a", &first), ("b", &other)] {
+        let c = dir.path().join(format!("{name}.npy"));
+        tabconv::data::write_npy(&c, &tabconv::ir::Tensor::F32(x.clone())).unwrap();
+        let (out, report) = (
+            dir.path().join(format!("{name}.tcv")),
+            dir.path().join(format!("{name}.json")),
+        );
+        let o = compile(&[
+            fixture("models/lenet5.onnx").to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--calib",
+            c.to_str().unwrap(),
+            "--report",
+            report.to_str().unwrap(),
+            "--set",
+            "lut.learn=none",
+            "--set",
+            "mask.force_lut=[\"*\"]",
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+        let mask = r["report"]["mask"].clone();
+        assert_eq!(mask["measured_on"], "12 held-out calibration images");
+        runs.push((
+            std::fs::read(&out).unwrap(),
+            mask["path"][0]["logit_cosine"].as_f64().unwrap(),
+        ));
+    }
+    assert!(runs[0].0 == runs[1].0, "the held-out images changed the tables");
+    assert_ne!(
+        runs[0].1, runs[1].1,
+        "the mask measured on other images than the held-out ones"
+    );
+}

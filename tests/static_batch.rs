@@ -296,8 +296,10 @@ fn compile_calibrates_on_many_images_and_the_tcv_keeps_the_batch_handling() {
         let out = Command::new(env!("CARGO_BIN_EXE_tabconv-compile"))
             .arg(fixture(&format!("models/{name}.onnx")))
             .args(["-o", tcv.to_str().unwrap(), "--calib", calib.to_str().unwrap()])
-            // these small layers run faster exact: keep them as lookups anyway, to test them
+            // these small layers run faster exact: keep them as lookups anyway, to test them;
+            // fitted on 36 images, they reach a logit cosine of about 0.98 on the 12 held out
             .args(["--set", "mask.restore_unprofitable=false"])
+            .args(["--set", "mask.min_logit_cosine=0.95"])
             .output()
             .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);

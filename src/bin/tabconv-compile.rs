@@ -224,7 +224,7 @@ fn print_summary(done: &Compiled) {
         );
     }
     if let Some(m) = &report.mask {
-        eprintln!("  masking ({}; target {}):", m.metric, m.target);
+        eprintln!("  masking ({} on {}; target {}):", m.metric, m.measured_on, m.target);
         eprintln!(
             "  {:<44} {:>4} {:>9} {:>11} {:>9} {:>8} {:>9} {:>9} {:>6} {:>9} {:>9} {:>6}  why",
             "layer",
@@ -260,18 +260,20 @@ fn print_summary(done: &Compiled) {
         }
         let c = &m.path[m.chosen_point];
         eprintln!(
-            "  chosen: reduction {:.1}% (everything counted), logit cosine {:.5}{}",
+            "  chosen: reduction {:.1}% (everything counted), logit cosine {:.5}, expected drop {:.2} points{}",
             c.reduction_everything_counted * 100.0,
             c.logit_cosine,
+            c.expected_drop,
             c.accuracy
                 .map(|a| format!(", accuracy {:.2}%", a * 100.0))
                 .unwrap_or_default()
         );
         if let Some(f) = &m.final_point {
             eprintln!(
-                "  after relearning: reduction {:.1}%, logit cosine {:.5}{}",
+                "  after relearning: reduction {:.1}%, logit cosine {:.5}, expected drop {:.2} points{}",
                 f.reduction_everything_counted * 100.0,
                 f.logit_cosine,
+                f.expected_drop,
                 f.accuracy
                     .map(|a| format!(", accuracy {:.2}%", a * 100.0))
                     .unwrap_or_default()

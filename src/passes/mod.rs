@@ -24,6 +24,11 @@ use ndarray::ArrayD;
 #[derive(Default)]
 pub struct PassCx {
     pub calib: Option<ArrayD<f32>>,
+    /// Calibration images held out from [`PassCx::calib`] (so from every table and codebook
+    /// learned): the `mask` pass measures on them. Measured on the images the tables were
+    /// fitted to, an approximated model looks better than it is on new images (on the
+    /// ResNet-18/16 fixture the logit cosine read 0.9982 there and 0.9967 on unseen images).
+    pub holdout: Option<ArrayD<f32>>,
     pub seed: u64,
     pub notes: Vec<String>,
     /// Per-layer results of the `lut` pass.
