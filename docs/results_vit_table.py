@@ -74,8 +74,8 @@ def main(out):
             while len(ratios) < 3:
                 ratios.append("—")
             print(f"| {name}, {data} | {b} | {ort_s} | {' | '.join(ratios)} |")
-    print(f"\nSIMD level: {simd}. The machine (2 cores) was shared with other jobs while this ran, so "
-          "latencies are noisy; ratios from the same run are the meaningful numbers. "
+    print(f"\nSIMD level: {simd}. Latencies vary from run to run on a 2-core machine; "
+          "ratios from the same run are the meaningful numbers. "
           "× ORT > 1 means faster than ONNX Runtime on the original model.\n")
 
     print("### Which layers stayed exact, and why\n")
