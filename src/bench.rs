@@ -26,6 +26,9 @@ pub struct Timing {
     /// one that differs from `batch` (each timed run covers all `batch` images).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub chunk: Option<usize>,
+    /// The sub-batch tabconv ran the `batch` images in ([`crate::interp::split`]), when smaller.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sub_batch: Option<usize>,
     /// Why this engine could not be timed (then the numbers are 0).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -43,6 +46,7 @@ impl Timing {
             min_ms: 0.0,
             images_per_second: 0.0,
             chunk: None,
+            sub_batch: None,
             error: Some(why),
         }
     }
@@ -102,6 +106,7 @@ fn timing(engine: &str, model: &Path, batch: usize, (runs, median, min): (usize,
         min_ms: min,
         images_per_second: batch as f64 / (median / 1e3),
         chunk: None,
+        sub_batch: None,
         error: None,
     }
 }
@@ -113,6 +118,7 @@ pub fn bench_ours(graph: &Graph, model: &Path, batch: usize, min_runs: usize, bu
     let m = measure(|| plan.run(vec![Tensor::F32(x.clone())]).map(|_| ()), min_runs, budget)?;
     let mut t = timing("tabconv", model, batch, m);
     t.chunk = plan.fixed_batch().filter(|&b| b != batch);
+    t.sub_batch = plan.sub_batch(batch).filter(|_| t.chunk.is_none());
     Ok(t)
 }
 

@@ -418,6 +418,12 @@ fn bench(
                 batch.div_ceil(b)
             );
         }
+        if let Some(s) = r.sub_batch {
+            println!(
+                "  {:<44} {:<12} ran {batch} images as sub-batches of {s} (activations kept in cache; one per thread)",
+                "", ""
+            );
+        }
     }
     if profile {
         for m in models {

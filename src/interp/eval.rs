@@ -903,8 +903,10 @@ struct GemmPrep {
 
 /// `Gemm` through [`gemm::matmul_packed`] with the node's prepared weight ([`GemmPrep`]): the
 /// output starts as the bias row, then the product is accumulated. `None` where that path does
-/// not apply (no AVX-512, `transA`, fewer than 4 rows or 16 columns, a `C` that is not one row),
-/// and the caller takes the general one.
+/// not apply (no AVX-512, `transA`, a `C` that is not one row), and the caller takes the
+/// general one. Any number of rows and columns: each row's sums are the same whatever the rows
+/// around it, so an image gets the same bits in any batch (the `gemm` crate's kernels, the
+/// general path, change with the number of rows).
 fn gemm_packed(g: &Gemm, args: &[Arc<Tensor>], cache: &Cache) -> Result<Option<ArrayD<f32>>> {
     let (a, b) = (args[0].as_f32()?, args[1].as_f32()?);
     if g.trans_a || a.ndim() != 2 || b.ndim() != 2 || !gemm::PackedA::supported() {
@@ -919,7 +921,7 @@ fn gemm_packed(g: &Gemm, args: &[Arc<Tensor>], cache: &Cache) -> Result<Option<A
         Some(c) if g.beta != 0.0 => Some(c.as_f32()?),
         _ => None,
     };
-    if k != kb || m < 4 || n < 16 || c.is_some_and(|c| c.broadcast(IxDyn(&[1, n])).is_none()) {
+    if k != kb || c.is_some_and(|c| c.broadcast(IxDyn(&[1, n])).is_none()) {
         return Ok(None);
     }
     let build = || -> Result<GemmPrep> {
@@ -1064,7 +1066,8 @@ mod tests {
 
     /// A `Gemm` with constant `B` and `C` through the prepared packed path (a node cache, as a
     /// plan runs it) equals the general path, for both weight layouts, α and β, and the row
-    /// shapes `C` takes; a `C` with one value per row, and too few rows, take the general path.
+    /// shapes `C` takes, at any number of rows and columns (a 10-class head too); a `C` with one
+    /// value per row takes the general path. Each row gets the same bits in any batch.
     #[test]
     fn cached_gemm_matches_the_general_path() {
         let t = |shape: &[usize], seed: usize| {
@@ -1074,8 +1077,8 @@ mod tests {
                 .collect();
             Arc::new(Tensor::f32(shape, v).unwrap())
         };
-        let (k, n) = (37, 40);
-        for m in [1, 4, 13, 64] {
+        let k = 37;
+        for (m, n) in [1, 4, 13, 64].into_iter().flat_map(|m| [(m, 10), (m, 40)]) {
             for trans_b in [false, true] {
                 for (alpha, beta) in [(1.0, 1.0), (0.5, 2.0), (1.0, 0.0)] {
                     for c_shape in [vec![n], vec![1, n], vec![], vec![m, 1]] {
@@ -1095,8 +1098,33 @@ mod tests {
                             let e = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
                             assert!(e < 1e-4, "m={m} transB={trans_b} α={alpha} β={beta} C{c_shape:?}: {e}");
                         }
-                        let packed = gemm::PackedA::supported() && m >= 4 && (c_shape != [m, 1] || beta == 0.0);
+                        let packed = gemm::PackedA::supported() && (c_shape != [m, 1] || beta == 0.0 || m == 1);
                         assert_eq!(cache.get().is_some(), packed, "m={m} C{c_shape:?} β={beta}");
+                        if packed && c_shape != [m, 1] {
+                            // the first row alone gives the first row's bits
+                            let one = vec![
+                                Arc::new(Tensor::F32(
+                                    args[0]
+                                        .as_f32()
+                                        .unwrap()
+                                        .slice(ndarray::s![..1, ..])
+                                        .to_owned()
+                                        .into_dyn(),
+                                )),
+                                args[1].clone(),
+                                args[2].clone(),
+                            ];
+                            let alone = eval_op_cached(&Op::Gemm(g.clone()), one, Some(&Cache::new())).unwrap();
+                            let (alone, got) = (
+                                alone[0].as_f32().unwrap(),
+                                eval_op_cached(&Op::Gemm(g.clone()), args.clone(), Some(&cache)).unwrap(),
+                            );
+                            let got = got[0].as_f32().unwrap();
+                            assert!(
+                                alone.iter().zip(got.iter()).all(|(a, b)| a.to_bits() == b.to_bits()),
+                                "m={m} n={n}: row 0 alone differs"
+                            );
+                        }
                     }
                 }
             }

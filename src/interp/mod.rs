@@ -3,9 +3,10 @@
 
 pub mod eval;
 pub mod kernels;
+pub mod split;
 
 use crate::error::{Error, Result};
-use crate::ir::{Dim, Graph, Op, Outlet, Tensor};
+use crate::ir::{DType, Dim, Graph, Op, Outlet, Tensor};
 use petgraph::stable_graph::NodeIndex;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -55,6 +56,8 @@ pub struct Plan<'g> {
     outputs: Vec<usize>,
     /// Seconds and calls per op type, when profiling is on.
     profile: Option<std::sync::Mutex<Profile>>,
+    /// How a larger batch is split ([`split::sub_batch`]).
+    sub_batch: Option<split::SubBatch>,
 }
 
 impl<'g> Plan<'g> {
@@ -137,6 +140,7 @@ impl<'g> Plan<'g> {
             uses[o] += 1;
         }
         let inputs = graph.inputs.iter().map(|n| ids[&Outlet::new(*n, 0)]).collect();
+        let sub_batch = split::sub_batch(graph, wanted);
         Ok(Plan {
             graph: graph_ref,
             steps,
@@ -144,6 +148,7 @@ impl<'g> Plan<'g> {
             inputs,
             outputs,
             profile: None,
+            sub_batch,
         })
     }
 
@@ -211,11 +216,34 @@ impl<'g> Plan<'g> {
     /// Run on a batch. A graph whose inputs declare a fixed batch `B` (see
     /// `onnx::import::BATCH_KEY`) given `n ≠ B` images runs them in chunks of `B` (the last one
     /// padded with zeros, whose outputs are dropped) and concatenates the outputs along axis 0.
+    ///
+    /// Otherwise a batch larger than the graph's sub-batch ([`split::sub_batch`]: the graph
+    /// computes each image on its own and its activations are large) runs in sub-batches that
+    /// keep the activations in cache, in parallel across the threads.
     pub fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>> {
-        match self.fixed_batch_of(&inputs) {
-            Some(b) => self.run_chunked(inputs, b),
-            None => self.run_once(inputs),
+        if let Some(b) = self.fixed_batch_of(&inputs) {
+            return self.run_chunked(inputs, b);
         }
+        let n = inputs.first().and_then(|t| t.shape().first().copied()).unwrap_or(0);
+        let split = self.sub_batch.and_then(|s| s.size(n));
+        match split.filter(|_| self.graph.inputs.len() == inputs.len()) {
+            Some(s) if inputs.iter().all(|t| t.dtype() == DType::F32) => {
+                self.check_inputs(&inputs)?;
+                split::run_split(inputs, s, self.profile.is_some(), |x| self.run_once(x))
+            }
+            _ => self.run_once(inputs),
+        }
+    }
+
+    /// Set how [`Plan::run`] splits batches (`None`: run them whole), in place of what the graph
+    /// suggested ([`split::sub_batch`]).
+    pub fn set_sub_batch(&mut self, s: Option<split::SubBatch>) {
+        self.sub_batch = s;
+    }
+
+    /// Images per sub-batch [`Plan::run`] runs `n` images in; `None` when it runs them whole.
+    pub fn sub_batch(&self, n: usize) -> Option<usize> {
+        self.sub_batch.and_then(|s| s.size(n))
     }
 
     /// The fixed leading dimension `B` the graph's inputs declare (all the same, rank ≥ 2), if
