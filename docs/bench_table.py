@@ -53,7 +53,8 @@ print("Machines differ (some have AVX-512, some only AVX2): the kernels pick AVX
       "machine that matters.\n")
 
 print("## Against ONNX Runtime\n")
-print("`default` is `passes/tabconv.yaml` (masking to a logit cosine of 0.995, exact layers as "
+print("`default` is `passes/tabconv.yaml` (masking to a logit cosine of 0.995 on held-out "
+      "calibration images, exact layers as "
       "`Conv`, channels-last between LUT layers); `all-LUT` keeps every layer as lookups "
       "(`--set mask.min_logit_cosine=0 --set mask.restore_unprofitable=false --set mask.relearn=false`). "
       "`exact` is tabconv's interpreter on the original model. Accuracy: the committed 2000-image "
@@ -122,7 +123,7 @@ print()
 
 print("## Where the time goes\n")
 print("`tabconv bench --profile` (one thread): time per op type and the slowest nodes of the default "
-      "`.tcv` at batch 64 and batch 1, and of the original model (exact) at batch 64.\n")
+      "`.tcv` at batch 64 and batch 1, and of the original model (exact) at batch 64. At batch 64 a call is one sub-batch (`bench` prints their size).\n")
 for m in models:
     for tag, title in (("b64", "default .tcv, batch 64"), ("b1", "default .tcv, batch 1"),
                        ("exact.b64", "original model, batch 64")):
