@@ -304,8 +304,47 @@ pub fn conv_nhwc(
     let r = tile_pixels(simd, wts, pixels);
     let tiles = pixels.div_ceil(r);
     let xdata: &[f32] = &pad.data;
+    // a 1×1 convolution over 32-lane blocks: whole tiles in one call per block
+    #[cfg(target_arch = "x86_64")]
+    let runs = simd == Simd::Avx512
+        && pointwise
+        && r == 10
+        && matches!(c, 16 | 32 | 64 | 128 | 256)
+        && wts.blocks.iter().all(|b| b.1 == 32);
+    #[cfg(not(target_arch = "x86_64"))]
+    let runs = false;
     let run = |t0: usize, t1: usize, blocks: std::ops::Range<usize>| {
         let mut offs = [0usize; MAX_R];
+        #[cfg(target_arch = "x86_64")]
+        let t0 = if runs {
+            // whole tiles only: a partial last one takes the general path below
+            let whole = t1.min(pixels / r);
+            if whole > t0 {
+                for &(oc0, _) in &wts.blocks[blocks.clone()] {
+                    let (w, b) = (
+                        wts.data.as_ptr().wrapping_add(oc0 * c),
+                        wts.bias.as_ptr().wrapping_add(oc0),
+                    );
+                    let d = outp.get().wrapping_add(t0 * r * m + oc0);
+                    let (first, valid) = (t0 * r * c, m.saturating_sub(oc0).min(32));
+                    let n = whole - t0;
+                    // SAFETY: AVX-512 detected; tiles t0..whole are whole (every pixel inside
+                    // the input, `c` floats apart) and write their own pixels of `out`.
+                    unsafe {
+                        match c {
+                            16 => x86::tile512_run::<10, 16>(xdata.as_ptr(), first, n, w, b, &lay, d, valid),
+                            32 => x86::tile512_run::<10, 32>(xdata.as_ptr(), first, n, w, b, &lay, d, valid),
+                            64 => x86::tile512_run::<10, 64>(xdata.as_ptr(), first, n, w, b, &lay, d, valid),
+                            128 => x86::tile512_run::<10, 128>(xdata.as_ptr(), first, n, w, b, &lay, d, valid),
+                            _ => x86::tile512_run::<10, 256>(xdata.as_ptr(), first, n, w, b, &lay, d, valid),
+                        }
+                    }
+                }
+            }
+            whole.max(t0)
+        } else {
+            t0
+        };
         for t in t0..t1 {
             // A partial last tile repeats its last pixel; only `rows` pixels are stored.
             let q0 = t * r;
@@ -810,6 +849,27 @@ mod x86 {
             }
         }
         store512(&acc, rows, lay, dst, valid);
+    }
+
+    /// `tiles` whole tiles of `R` pixels `S` floats apart (a 1×1 convolution's pixels, one
+    /// after the other from input offset `first`), one 32-lane weight block: [`tile512`] in a
+    /// loop, without a call and an offset table per tile.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn tile512_run<const R: usize, const S: usize>(
+        x: *const f32,
+        first: usize,
+        tiles: usize,
+        w: *const f32,
+        bias: *const f32,
+        lay: &Layout,
+        dst: *mut f32,
+        valid: usize,
+    ) {
+        for t in 0..tiles {
+            let offs: [usize; R] = std::array::from_fn(|i| first + (t * R + i) * S);
+            tile512::<R, 2, S>(x, &offs, R, (w, 32, 0), bias, lay, dst.add(t * R * lay.m), valid);
+        }
     }
 
     /// [`tile512`] over `V / 2` consecutive 32-lane weight blocks at once (each `blk` floats
@@ -1805,6 +1865,9 @@ mod tests {
             (2, 3, [9, 7], 16, 3, 1, 1, [1; 4], false),
             (1, 5, [6, 6], 40, 3, 2, 1, [1, 0, 1, 2], false),
             (3, 16, [5, 5], 32, 1, 1, 1, [0; 4], false),
+            // 1×1 runs of whole tiles over several 32-lane blocks, a partial last tile
+            (2, 32, [7, 7], 64, 1, 1, 1, [0; 4], false),
+            (1, 64, [4, 6], 96, 1, 1, 1, [0; 4], false),
             (1, 1, [12, 12], 6, 5, 1, 1, [0; 4], false),
             (2, 1, [7, 13], 5, 3, 1, 1, [1; 4], false),
             (2, 1, [9, 37], 16, 3, 1, 1, [1, 2, 0, 1], false),
