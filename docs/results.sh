@@ -37,8 +37,6 @@ row nin_mnist fixtures/models/nin.onnx "$MNIST_DIR" mnist
 row resnet18_fmnist fixtures/models/resnet18_fmnist.onnx "$FMNIST_DIR" fmnist
 cp "$out/resnet18_mnist.svg" docs/results-resnet18-mnist.svg
 python3 docs/results_table.py "$out" > docs/RESULTS.md
-# the "Beyond vision" section (ViTs, MLP) after the table, which replaced the whole file
-NO_BUILD=1 bash docs/results_vit.sh
 # the learning before/after section is measured by hand (docs/results_learned.md says how)
 { echo; cat docs/results_learned.md; } >> docs/RESULTS.md
 NO_BUILD=1 bash docs/results_vit.sh > /dev/null  # appends the "Beyond vision" section
