@@ -6,7 +6,7 @@ pub mod kernels;
 pub mod split;
 
 use crate::error::{Error, Result};
-use crate::ir::{DType, Dim, Graph, Op, Outlet, Tensor};
+use crate::ir::{Dim, Graph, Op, Outlet, Tensor};
 use petgraph::stable_graph::NodeIndex;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -225,13 +225,15 @@ impl<'g> Plan<'g> {
             return self.run_chunked(inputs, b);
         }
         let n = inputs.first().and_then(|t| t.shape().first().copied()).unwrap_or(0);
-        let split = self.sub_batch.and_then(|s| s.size(n));
-        match split.filter(|_| self.graph.inputs.len() == inputs.len()) {
-            Some(s) if inputs.iter().all(|t| t.dtype() == DType::F32) => {
+        match self.sub_batch(n) {
+            Some(s) => {
+                // the plan's inputs are f32 with the batch leading (`split::sub_batch`): inputs
+                // that match them can be cut along axis 0
                 self.check_inputs(&inputs)?;
+                // profiled runs go one sub-batch at a time, so op times stay wall-clock times
                 split::run_split(inputs, s, self.profile.is_some(), |x| self.run_once(x))
             }
-            _ => self.run_once(inputs),
+            None => self.run_once(inputs),
         }
     }
 

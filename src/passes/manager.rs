@@ -2,7 +2,7 @@
 //! names the pass (and its position) that broke the graph. Each pass is timed and summarised
 //! (nodes added/removed, MACs before/after) for the compile report.
 
-use super::pipeline::Pipeline;
+use super::pipeline::{PassSpec, Pipeline};
 use super::PassCx;
 use crate::error::{Error, Result};
 use crate::ir::{cost, infer::infer_graph, Graph, Op};
@@ -13,14 +13,21 @@ use std::time::Instant;
 
 /// When the pipeline learns tables and then masks, the last quarter of the calibration images
 /// (at most `mask.samples`, 256 by default) is held out from learning for the mask to measure
-/// on ([`PassCx::holdout`]), unless the caller set a holdout itself; with fewer than 16 images everything is used for both.
-fn split_holdout(x: ArrayD<f32>, passes: &[Box<dyn super::Pass>]) -> (ArrayD<f32>, Option<ArrayD<f32>>) {
-    let mask = passes.iter().find(|p| p.name() == "mask").map(|p| p.params());
+/// on ([`PassCx::holdout`]); with fewer than 16 images everything is used for both.
+fn split_holdout(x: ArrayD<f32>, pipeline: &Pipeline) -> (ArrayD<f32>, Option<ArrayD<f32>>) {
+    let learns = pipeline.passes.iter().any(|p| matches!(p, PassSpec::Lut(_)));
+    let samples = pipeline.passes.iter().find_map(|p| match p {
+        PassSpec::Mask(o) => Some(
+            o.as_ref()
+                .map_or(super::mask::Options::default().samples, |o| o.samples),
+        ),
+        _ => None,
+    });
     let n = x.shape()[0];
-    let Some(mask) = mask.filter(|_| passes.iter().any(|p| p.name() == "lut") && n >= 16) else {
+    let Some(samples) = samples.filter(|_| learns && n >= 16) else {
         return (x, None);
     };
-    let h = (n / 4).min(mask["samples"].as_u64().map_or(256, |s| s.max(1) as usize));
+    let h = (n / 4).min(samples.max(1));
     let fit = x.slice_axis(Axis(0), (0..n - h).into()).to_owned();
     let holdout = x.slice_axis(Axis(0), (n - h..n).into()).to_owned();
     (fit, Some(holdout))
@@ -78,16 +85,16 @@ pub fn run_pipeline(
     mut after_each: impl FnMut(&str, &Graph) -> Result<()>,
 ) -> Result<CompileReport> {
     let (nodes_before, macs_before) = (graph.op_count(), total_macs(graph));
-    let built = pipeline.build();
+    // a holdout the caller set stays as it is
     if cx.holdout.is_none() {
         if let Some(x) = cx.calib.take() {
-            let (fit, holdout) = split_holdout(x, &built);
+            let (fit, holdout) = split_holdout(x, pipeline);
             cx.calib = Some(fit);
             cx.holdout = holdout;
         }
     }
     let mut passes = Vec::new();
-    for (i, pass) in built.iter().enumerate() {
+    for (i, pass) in pipeline.build().iter().enumerate() {
         let label = format!("pass '{}' (#{} of pipeline '{}')", pass.name(), i + 1, pipeline.name);
         let before = names(graph);
         let (n0, m0) = (graph.op_count(), total_macs(graph));

@@ -207,6 +207,71 @@ pub struct MaskReport {
     pub final_point: Option<PathPoint>,
 }
 
+/// The target the options ask for, by precedence: `max_accuracy_drop`, `target_reduction`,
+/// `max_expected_drop` (with `min_logit_cosine` when given), else `min_logit_cosine` (0.99 when
+/// absent).
+#[derive(Clone, Copy, Debug)]
+enum Goal {
+    Accuracy(f64),
+    Reduction(f64),
+    ExpectedDrop(f64, Option<f64>),
+    Cosine(f64),
+}
+
+impl Goal {
+    fn of(o: &Options) -> Goal {
+        match (o.max_accuracy_drop, o.target_reduction, o.max_expected_drop) {
+            (Some(d), ..) => Goal::Accuracy(d),
+            (_, Some(t), _) => Goal::Reduction(t),
+            (_, _, Some(e)) => Goal::ExpectedDrop(e, o.min_logit_cosine),
+            _ => Goal::Cosine(o.min_logit_cosine.unwrap_or(0.99)),
+        }
+    }
+
+    /// The metric the target is on, higher is better: images right, expected drop (negated)
+    /// or logit similarity.
+    fn quality(self, p: &PathPoint) -> f64 {
+        match self {
+            Goal::Accuracy(_) => p.correct.map_or(p.logit_cosine, |c| c as f64),
+            Goal::ExpectedDrop(..) => -p.expected_drop,
+            Goal::Reduction(_) | Goal::Cosine(_) => p.logit_cosine,
+        }
+    }
+
+    fn metric(self) -> &'static str {
+        match self {
+            Goal::Accuracy(_) => "accuracy",
+            Goal::ExpectedDrop(..) => "expected_drop",
+            Goal::Reduction(_) | Goal::Cosine(_) => "logit_cosine",
+        }
+    }
+
+    fn target(self) -> String {
+        match self {
+            Goal::Accuracy(d) => format!("max_accuracy_drop {d} points"),
+            Goal::Reduction(t) => format!("target_reduction {t}"),
+            Goal::ExpectedDrop(e, Some(c)) => format!("max_expected_drop {e} points and min_logit_cosine {c}"),
+            Goal::ExpectedDrop(e, None) => format!("max_expected_drop {e} points"),
+            Goal::Cosine(c) => format!("min_logit_cosine {c}"),
+        }
+    }
+
+    /// `p` against `q` on this metric, for a note: its name and the two values.
+    fn compare(self, p: &PathPoint, q: &PathPoint) -> (&'static str, String) {
+        match (self, p.accuracy, q.accuracy) {
+            (Goal::Accuracy(_), Some(a), Some(b)) => ("accuracy", format!("{:.2}% vs {:.2}%", a * 100.0, b * 100.0)),
+            (Goal::ExpectedDrop(..), ..) => (
+                "expected drop",
+                format!("{:.2} vs {:.2} points", p.expected_drop, q.expected_drop),
+            ),
+            _ => (
+                "logit cosine",
+                format!("{:.5} vs {:.5}", p.logit_cosine, q.logit_cosine),
+            ),
+        }
+    }
+}
+
 pub struct Mask(pub Options);
 
 /// Put one LUT layer back as `Im2Col → MatMul → Add` (the exact form before `lut`).
@@ -278,17 +343,20 @@ fn mean_cosine(a: &ArrayD<f32>, b: &ArrayD<f32>) -> f64 {
 fn expected_drop(a: &ArrayD<f32>, b: &ArrayD<f32>) -> f64 {
     let n = a.shape()[0].max(1);
     let per = a.len() / n;
+    if per == 0 {
+        return 0.0;
+    }
     let (a, b) = (a.as_standard_layout(), b.as_standard_layout());
     let (a, b) = (a.as_slice().unwrap(), b.as_slice().unwrap());
     let probabilities = a
-        .chunks(per.max(1))
+        .chunks(per)
         .all(|r| r.iter().all(|&v| (0.0..=1.0).contains(&v)) && (r.iter().sum::<f32>() - 1.0).abs() < 1e-3);
     let argmax = |r: &[f32]| (0..r.len()).fold(0, |m, j| if r[j] > r[m] { j } else { m });
     let mut lost = 0.0;
     for i in 0..n {
         let (x, y) = (&a[i * per..(i + 1) * per], &b[i * per..(i + 1) * per]);
         let (ia, ib) = (argmax(x), argmax(y));
-        if ia == ib || per == 0 {
+        if ia == ib {
             continue;
         }
         let p = |j: usize| -> f64 {
@@ -409,7 +477,7 @@ impl Pass for Mask {
                 "mask: give max_accuracy_drop or target_reduction, not both".into(),
             ));
         }
-        let min_cos = o.min_logit_cosine.unwrap_or(0.99);
+        let goal = Goal::of(o);
         // the exact reference: every layer restored
         let mut exact = graph.clone();
         for n in &luts {
@@ -508,24 +576,14 @@ impl Pass for Mask {
             }
         }
         let met = |p: &PathPoint| -> bool {
-            if let Some(drop) = o.max_accuracy_drop {
-                within_drop(exact_correct.unwrap_or(0), p.correct.unwrap_or(0), n_val, drop)
-            } else if o.target_reduction.is_some() {
-                false // restore while the reduction allows (checked below)
-            } else if let Some(drop) = o.max_expected_drop {
-                p.expected_drop <= drop && o.min_logit_cosine.is_none_or(|c| p.logit_cosine >= c)
-            } else {
-                p.logit_cosine >= min_cos
+            match goal {
+                Goal::Accuracy(drop) => within_drop(exact_correct.unwrap_or(0), p.correct.unwrap_or(0), n_val, drop),
+                Goal::Reduction(_) => false, // restore while the reduction allows (checked below)
+                Goal::ExpectedDrop(drop, cos) => p.expected_drop <= drop && cos.is_none_or(|c| p.logit_cosine >= c),
+                Goal::Cosine(c) => p.logit_cosine >= c,
             }
         };
-        // the target's metric, higher is better: images right, expected drop or logit similarity
-        let quality = |p: &PathPoint| -> f64 {
-            match (o.max_accuracy_drop, p.correct, o.max_expected_drop) {
-                (Some(_), Some(c), _) => c as f64,
-                (None, _, Some(_)) if o.target_reduction.is_none() => -p.expected_drop,
-                _ => p.logit_cosine,
-            }
-        };
+        let quality = |p: &PathPoint| goal.quality(p);
         if o.restore_unprofitable {
             for (i, n) in luts.iter().enumerate() {
                 let d = &decisions[i];
@@ -643,15 +701,7 @@ impl Pass for Mask {
                 current = relearned;
                 final_point = Some(p);
             } else {
-                let (now, was) = match (p.accuracy, chosen.accuracy) {
-                    (Some(a), Some(b)) if o.max_accuracy_drop.is_some() => {
-                        ("accuracy", format!("{:.2}% vs {:.2}%", a * 100.0, b * 100.0))
-                    }
-                    _ => (
-                        "logit cosine",
-                        format!("{:.5} vs {:.5}", p.logit_cosine, chosen.logit_cosine),
-                    ),
-                };
+                let (now, was) = goal.compare(&p, chosen);
                 cx.notes.push(format!(
                     "mask: relearning the tables did not help ({now} {was}); kept the greedy result"
                 ));
@@ -659,20 +709,8 @@ impl Pass for Mask {
         }
         *graph = current;
         cx.mask = Some(MaskReport {
-            metric: match (o.max_accuracy_drop, o.target_reduction, o.max_expected_drop) {
-                (Some(_), ..) => "accuracy".into(),
-                (None, None, Some(_)) => "expected_drop".into(),
-                _ => "logit_cosine".into(),
-            },
-            target: match (o.max_accuracy_drop, o.target_reduction, o.max_expected_drop) {
-                (Some(d), ..) => format!("max_accuracy_drop {d} points"),
-                (_, Some(t), _) => format!("target_reduction {t}"),
-                (_, _, Some(e)) => match o.min_logit_cosine {
-                    Some(c) => format!("max_expected_drop {e} points and min_logit_cosine {c}"),
-                    None => format!("max_expected_drop {e} points"),
-                },
-                _ => format!("min_logit_cosine {min_cos}"),
-            },
+            metric: goal.metric().into(),
+            target: goal.target(),
             measured_on,
             exact_accuracy: exact_acc,
             layers: decisions,

@@ -315,33 +315,10 @@ pub fn conv_nhwc(
     let runs = false;
     let run = |t0: usize, t1: usize, blocks: std::ops::Range<usize>| {
         let mut offs = [0usize; MAX_R];
+        // SAFETY: `out` holds `pixels × m` floats; tasks write disjoint tiles.
         #[cfg(target_arch = "x86_64")]
         let t0 = if runs {
-            // whole tiles only: a partial last one takes the general path below
-            let whole = t1.min(pixels / r);
-            if whole > t0 {
-                for &(oc0, _) in &wts.blocks[blocks.clone()] {
-                    let (w, b) = (
-                        wts.data.as_ptr().wrapping_add(oc0 * c),
-                        wts.bias.as_ptr().wrapping_add(oc0),
-                    );
-                    let d = outp.get().wrapping_add(t0 * r * m + oc0);
-                    let (first, valid) = (t0 * r * c, m.saturating_sub(oc0).min(32));
-                    let n = whole - t0;
-                    // SAFETY: AVX-512 detected; tiles t0..whole are whole (every pixel inside
-                    // the input, `c` floats apart) and write their own pixels of `out`.
-                    unsafe {
-                        match c {
-                            16 => x86::tile512_run::<10, 16>(xdata.as_ptr(), first, n, w, b, &lay, d, valid),
-                            32 => x86::tile512_run::<10, 32>(xdata.as_ptr(), first, n, w, b, &lay, d, valid),
-                            64 => x86::tile512_run::<10, 64>(xdata.as_ptr(), first, n, w, b, &lay, d, valid),
-                            128 => x86::tile512_run::<10, 128>(xdata.as_ptr(), first, n, w, b, &lay, d, valid),
-                            _ => x86::tile512_run::<10, 256>(xdata.as_ptr(), first, n, w, b, &lay, d, valid),
-                        }
-                    }
-                }
-            }
-            whole.max(t0)
+            unsafe { pointwise_runs(xdata, (t0, t1.min(pixels / r)), wts, blocks.clone(), &lay, outp.get()) }
         } else {
             t0
         };
@@ -386,6 +363,42 @@ pub fn conv_nhwc(
     }
     // SAFETY: every tile (so every pixel) was computed above.
     Ok((unsafe { out.finish(pixels * m) }, [n, oh, ow, m]))
+}
+
+/// The whole tiles `t0..t1` of a 1×1 convolution (10 pixels each, `c` floats apart) over its
+/// 32-lane weight blocks `blocks`, one `x86::tile512_run` call per block; returns the first
+/// tile left for the general path (a partial last tile).
+///
+/// # Safety
+/// AVX-512F; `c` is 16, 32, 64, 128 or 256, every block 32 lanes; `dst` holds the output's
+/// `pixels × m` floats and no other task writes tiles `t0..t1`.
+#[cfg(target_arch = "x86_64")]
+unsafe fn pointwise_runs(
+    x: &[f32],
+    (t0, t1): (usize, usize),
+    wts: &NhwcWeights,
+    blocks: std::ops::Range<usize>,
+    lay: &Layout,
+    dst: *mut f32,
+) -> usize {
+    const R: usize = 10;
+    let (c, m) = (lay.c, lay.m);
+    if t1 <= t0 {
+        return t0;
+    }
+    for &(oc0, _) in &wts.blocks[blocks] {
+        let (w, b) = (wts.data.as_ptr().add(oc0 * c), wts.bias.as_ptr().add(oc0));
+        let (d, valid) = (dst.add(t0 * R * m + oc0), m.saturating_sub(oc0).min(32));
+        let (x, first, n) = (x.as_ptr(), t0 * R * c, t1 - t0);
+        match c {
+            16 => x86::tile512_run::<R, 16>(x, first, n, w, b, lay, d, valid),
+            32 => x86::tile512_run::<R, 32>(x, first, n, w, b, lay, d, valid),
+            64 => x86::tile512_run::<R, 64>(x, first, n, w, b, lay, d, valid),
+            128 => x86::tile512_run::<R, 128>(x, first, n, w, b, lay, d, valid),
+            _ => x86::tile512_run::<R, 256>(x, first, n, w, b, lay, d, valid),
+        }
+    }
+    t1
 }
 
 const MAX_R: usize = 24;
