@@ -194,14 +194,15 @@ fn approximated() -> (Graph, PassCx, ArrayD<f32>) {
     )
     .unwrap();
     run_pipeline(&mut g, &p, &mut cx, |_, _| Ok(())).unwrap();
-    assert_eq!(cx.exact_layers.len(), 2, "both layers became lookups");
+    let record = cx.analyses.lut.as_ref().expect("the lut pass ran");
+    assert_eq!(record.live(&g).len(), 2, "both layers became lookups");
     (g, cx, calib)
 }
 
 /// `g` with the LUT layers of these MatMuls put back.
 fn with_exact(g: &Graph, cx: &PassCx, layers: &[&str]) -> Graph {
     let mut g = g.clone();
-    for (lut, ex) in &cx.exact_layers {
+    for (lut, ex) in cx.analyses.lut.as_ref().expect("the lut pass ran").layers() {
         if layers.contains(&ex.matmul.as_str()) {
             tabconv::passes::mask::restore(&mut g, lut, ex).unwrap();
         }

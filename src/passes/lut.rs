@@ -608,7 +608,8 @@ fn rewrite(graph: &mut Graph, cx: &mut PassCx, layer: &Layer, f: Fitted) -> Resu
         Op::LutMatMul { relu: false },
         &[codes_out, tc, sc, oc],
     );
-    cx.exact_layers.insert(graph.node(lut.node).name.clone(), exact_layer);
+    let record = cx.analyses.lut.as_mut().expect("the lut pass opens its record first");
+    record.replaced(graph.node(lut.node).name.clone(), exact_layer);
     graph.replace_uses(out_value, lut);
     graph.remove_dead();
     crate::ir::infer::infer_graph(graph)
@@ -628,7 +629,10 @@ impl Pass for Lut {
             Error::Input("the lut pass learns from data: give calibration images with --calib X.npy".into())
         })?;
         let exact = graph.clone();
-        cx.lut_options = Some(o.clone());
+        match &mut cx.analyses.lut {
+            Some(record) => record.options = o.clone(),
+            None => cx.analyses.lut = Some(super::analysis::LutLayers::new(o.clone())),
+        }
         let layers: Vec<Layer> = eligible(graph, o.min_macs)?
             .into_iter()
             .filter(|l| !o.keep_exact.iter().any(|g| super::glob_match(g, &l.name)))
@@ -655,7 +659,7 @@ impl Pass for Lut {
             let report = r.clone();
             rewrite(graph, cx, &layer, fitted)?;
             cx.say(&bar, || progress_line(&report, li, n_layers));
-            cx.lut_layers.push(report);
+            cx.analyses.lut.as_mut().expect("opened above").reports.push(report);
         }
         bar.finish_and_clear();
         graph.remove_dead();

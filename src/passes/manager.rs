@@ -132,7 +132,7 @@ pub fn run_pipeline(
         pipeline: pipeline.name.clone(),
         passes,
         notes: cx.notes.clone(),
-        lut_layers: cx.lut_layers.clone(),
+        lut_layers: cx.analyses.lut.as_ref().map(|l| l.reports.clone()).unwrap_or_default(),
         mask: cx.mask.clone(),
         global: cx.global.clone(),
         nodes_before,

@@ -436,12 +436,7 @@ impl Pass for Mask {
                 )));
             }
         }
-        let luts: Vec<String> = cx
-            .exact_layers
-            .keys()
-            .filter(|n| graph.find(n).is_some())
-            .cloned()
-            .collect();
+        let luts = cx.analyses.lut.as_ref().map(|l| l.live(graph)).unwrap_or_default();
         if luts.is_empty() {
             cx.notes
                 .push("mask: no LUT layers to mask (run the lut pass first)".into());
@@ -481,7 +476,7 @@ impl Pass for Mask {
         // the exact reference: every layer restored
         let mut exact = graph.clone();
         for n in &luts {
-            restore(&mut exact, n, &cx.exact_layers[n])?;
+            restore(&mut exact, n, lut_record(cx)?.exact(n)?)?;
         }
         crate::ir::infer::infer_graph(&mut exact)?;
         let source = cost::Cost {
@@ -514,7 +509,8 @@ impl Pass for Mask {
         let bar = crate::cli::progress(2 * luts.len(), "mask");
         for n in &luts {
             bar.inc(1);
-            let ex = &cx.exact_layers[n];
+            let record = lut_record(cx)?;
+            let ex = record.exact(n)?;
             let lut = graph.find(n).expect("present");
             let enc = graph.inputs_of(lut)[0].node;
             let Op::PqEncode(enc_op) = graph.node(enc).op.clone() else {
@@ -536,7 +532,7 @@ impl Pass for Mask {
             cx.say(&bar, || {
                 format!("  mask: {} alone as lookups: logit cosine {cos:.5}", ex.matmul)
             });
-            let lr = cx.lut_layers.iter().rev().find(|l| l.node == ex.matmul);
+            let lr = record.report_of(&ex.matmul);
             decisions.push(LayerDecision {
                 layer: ex.matmul.clone(),
                 kind: lr.map(|l| l.kind.to_string()).unwrap_or_default(),
@@ -568,7 +564,7 @@ impl Pass for Mask {
         for (i, n) in luts.iter().enumerate() {
             let name = &decisions[i].layer;
             if o.keep_exact.iter().any(|g| glob_match(g, name) || glob_match(g, n)) {
-                restore(&mut current, n, &cx.exact_layers[n])?;
+                restore(&mut current, n, lut_record(cx)?.exact(n)?)?;
                 decisions[i].chosen = "exact";
                 decisions[i].why = "keep_exact override".into();
             } else if o.force_lut.iter().any(|g| glob_match(g, name) || glob_match(g, n)) {
@@ -588,7 +584,7 @@ impl Pass for Mask {
             for (i, n) in luts.iter().enumerate() {
                 let d = &decisions[i];
                 if (d.ops_saved <= 0 || d.est_speedup <= 1.0) && d.why.is_empty() {
-                    restore(&mut current, n, &cx.exact_layers[n])?;
+                    restore(&mut current, n, lut_record(cx)?.exact(n)?)?;
                     decisions[i].chosen = "exact";
                     decisions[i].why = if decisions[i].ops_saved <= 0 {
                         format!(
@@ -621,7 +617,7 @@ impl Pass for Mask {
                 continue;
             }
             let mut trial = current.clone();
-            restore(&mut trial, &luts[i], &cx.exact_layers[&luts[i]])?;
+            restore(&mut trial, &luts[i], lut_record(cx)?.exact(&luts[i])?)?;
             let point = measure(&trial, Some(decisions[i].layer.clone()))?;
             if let Some(t) = o.target_reduction {
                 if point.reduction_everything_counted < t {
@@ -687,12 +683,19 @@ impl Pass for Mask {
                 .map(|d| d.layer.clone())
                 .collect();
             // the options the lut pass ran with, unless the pipeline gives others for relearning
-            let mut lut_opts = o.lut.clone().or_else(|| cx.lut_options.clone()).unwrap_or_default();
+            let record = cx.analyses.lut.take();
+            let mut lut_opts = o
+                .lut
+                .clone()
+                .or_else(|| record.as_ref().map(|r| r.options.clone()))
+                .unwrap_or_default();
             lut_opts.keep_exact.extend(keep);
             let mut relearned = exact.clone();
-            let saved_layers = std::mem::take(&mut cx.lut_layers);
-            Lut(lut_opts).run(&mut relearned, cx)?;
-            cx.lut_layers = saved_layers;
+            // the relearning run records the same layers again: the first run's record stays
+            // (its reports are the compile report's)
+            let run = Lut(lut_opts).run(&mut relearned, cx);
+            cx.analyses.lut = record;
+            run?;
             let p = measure(&relearned, Some("(relearned)".into()))?;
             // keep the relearned model unless it is worse on the target metric; report only the
             // model kept
@@ -722,11 +725,19 @@ impl Pass for Mask {
     }
 }
 
+/// The `lut` pass's record of the layers it replaced.
+fn lut_record(cx: &PassCx) -> Result<&super::analysis::LutLayers> {
+    cx.analyses
+        .lut
+        .as_ref()
+        .ok_or_else(|| Error::Other("mask: no record of the lut pass's layers".into()))
+}
+
 /// The exact model with only LUT layer `n` approximated (its nodes copied from `graph`).
 fn only_layer(graph: &Graph, n: &str, luts: &[String], cx: &PassCx) -> Result<Graph> {
     let mut g = graph.clone();
     for other in luts.iter().filter(|o| *o != n) {
-        restore(&mut g, other, &cx.exact_layers[other])?;
+        restore(&mut g, other, lut_record(cx)?.exact(other)?)?;
     }
     Ok(g)
 }

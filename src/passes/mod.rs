@@ -2,6 +2,7 @@
 //! (`passes/*.yaml`) name them with typed options; the [`manager`] runs a pipeline, re-infers
 //! shapes and verifies the graph after every pass, and times and summarises each one.
 
+pub mod analysis;
 pub mod channels_last;
 pub mod constant_fold;
 pub mod conv_to_im2col;
@@ -31,18 +32,15 @@ pub struct PassCx {
     pub holdout: Option<ArrayD<f32>>,
     pub seed: u64,
     pub notes: Vec<String>,
-    /// Per-layer results of the `lut` pass.
-    pub lut_layers: Vec<lut::LayerReport>,
-    /// For each LutMatMul node the `lut` pass created: how to restore the exact layer.
-    pub exact_layers: std::collections::BTreeMap<String, lut::ExactLayer>,
+    /// What passes recorded about the graph for later passes (the `lut` pass's replaced
+    /// layers, which `mask` restores and relearns).
+    pub analyses: analysis::Analyses,
     /// Labelled validation images for passes that measure accuracy (`mask`).
     pub val: Option<(ArrayD<f32>, Vec<i64>)>,
     /// What the `mask` pass decided and measured.
     pub mask: Option<mask::MaskReport>,
     /// What the `lut` pass's global distillation stage did (its last run).
     pub global: Option<crate::calib::global::Report>,
-    /// The options the last `lut` pass ran with (the `mask` pass relearns with them).
-    pub lut_options: Option<lut::Options>,
     /// Print progress lines on stderr as the passes go (each pass, each layer learned, each
     /// masking step); off for library use, on in `tabconv-compile`.
     pub verbose: bool,
