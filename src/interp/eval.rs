@@ -676,17 +676,50 @@ impl LutEpilogue<'_> {
         }
     }
 
-    /// [`Self::apply`] into uninitialised outputs (every value written).
+    /// [`Self::apply`] into uninitialised outputs (every value written), compiled for the
+    /// widest SIMD level (the same separately rounded multiply and adds on every level: the
+    /// compiler does not fuse them).
     fn apply_uninit(&self, r0: usize, sums: &[i32], out: &mut [std::mem::MaybeUninit<f32>]) {
+        super::kernels::encode::dispatch_simd!(self.apply_uninit_at(r0, sums, out))
+    }
+
+    /// One pass per row: `scale·sum + offset`, then the residual, then the ReLU (the order and
+    /// roundings of [`Self::apply`]).
+    #[inline(always)]
+    fn apply_uninit_at(&self, r0: usize, sums: &[i32], out: &mut [std::mem::MaybeUninit<f32>]) {
         let m = self.scale.len().max(1);
-        for (ri, (yr, ar)) in out.chunks_mut(m).zip(sums.chunks(m)).enumerate() {
+        #[inline(always)]
+        fn row(
+            yr: &mut [std::mem::MaybeUninit<f32>],
+            ar: &[i32],
+            (scale, offset): (&[f32], &[f32]),
+            residual: Option<&[f32]>,
+            relu: bool,
+        ) {
             assert_eq!(yr.len(), ar.len(), "one sum per output");
-            for (yv, (&a, (&s, &o))) in yr.iter_mut().zip(ar.iter().zip(self.scale.iter().zip(self.offset))) {
-                yv.write(s * a as f32 + o);
+            let (scale, offset) = (&scale[..yr.len()], &offset[..yr.len()]);
+            let act = |y: f32| if relu { y.max(0.0) } else { y };
+            match residual {
+                Some(r) => {
+                    let r = &r[..yr.len()];
+                    for i in 0..yr.len() {
+                        yr[i].write(act(scale[i] * ar[i] as f32 + offset[i] + r[i]));
+                    }
+                }
+                None => {
+                    for i in 0..yr.len() {
+                        yr[i].write(act(scale[i] * ar[i] as f32 + offset[i]));
+                    }
+                }
             }
-            // SAFETY: every value of `yr` was written just above (one per sum, lengths equal).
-            let yr = unsafe { &mut *(yr as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) };
-            self.finish_row((r0 + ri) * m, yr);
+        }
+        for (ri, (yr, ar)) in out.chunks_mut(m).zip(sums.chunks(m)).enumerate() {
+            let base = (r0 + ri) * m;
+            let residual = self.residual.map(|r| &r[base..base + yr.len()]);
+            match self.relu {
+                true => row(yr, ar, (self.scale, self.offset), residual, true),
+                false => row(yr, ar, (self.scale, self.offset), residual, false),
+            }
         }
     }
 
@@ -1068,6 +1101,37 @@ mod tests {
     /// plan runs it) equals the general path, for both weight layouts, α and β, and the row
     /// shapes `C` takes, at any number of rows and columns (a 10-class head too); a `C` with one
     /// value per row takes the general path. Each row gets the same bits in any batch.
+    /// The SIMD-compiled one-pass epilogue of the int8 lookups gives the portable three-pass
+    /// one's values bit for bit, with and without residual and ReLU, from any first row.
+    #[test]
+    fn lut_epilogue_one_pass_matches_the_portable_one() {
+        let (rows, m, r0) = (7, 37, 3);
+        let v = |i: usize, k: usize| (((i * 7919 + k * 104_729) % 2001) as f32 - 1000.0) / 37.0;
+        let scale: Vec<f32> = (0..m).map(|i| v(i, 1) / 50.0).collect();
+        let offset: Vec<f32> = (0..m).map(|i| v(i, 2)).collect();
+        let residual: Vec<f32> = (0..(r0 + rows) * m).map(|i| v(i, 3)).collect();
+        let sums: Vec<i32> = (0..rows * m).map(|i| v(i, 4) as i32 * 13).collect();
+        for relu in [false, true] {
+            for res in [None, Some(&residual[..])] {
+                let epi = LutEpilogue {
+                    scale: &scale,
+                    offset: &offset,
+                    residual: res,
+                    relu,
+                };
+                let mut want = vec![0f32; rows * m];
+                epi.apply(r0, &sums, &mut want);
+                let mut got = vec![std::mem::MaybeUninit::new(f32::NAN); rows * m];
+                epi.apply_uninit(r0, &sums, &mut got);
+                // SAFETY: initialised above (and every value rewritten by the epilogue).
+                let got: Vec<f32> = got.iter().map(|g| unsafe { g.assume_init() }).collect();
+                let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&want), "relu {relu}, residual {}", res.is_some());
+                assert!(!relu || got.iter().all(|&y| y >= 0.0));
+            }
+        }
+    }
+
     #[test]
     fn cached_gemm_matches_the_general_path() {
         let t = |shape: &[usize], seed: usize| {
