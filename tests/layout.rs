@@ -58,8 +58,7 @@ fn residual_net() -> Graph {
         let bc = g.add_const(&format!("{name}.b"), Tensor::f32(&[cout], bv).unwrap());
         g.add_op(name, Op::Conv(Conv::nchw(w, 1)), &[x, wc, bc])
     };
-    let x0 = x;
-    let a = conv(&mut g, "a", x0, 3, 16, win(3, 1, 1));
+    let a = conv(&mut g, "a", x, 3, 16, win(3, 1, 1));
     let r1 = g.add_op("r1", Op::Unary(Unary::Relu), &[a]);
     let b = conv(&mut g, "b", r1, 16, 16, win(3, 1, 1));
     let s1 = g.add_op("s1", Op::Binary(Binary::Add), &[b, r1]);
@@ -259,9 +258,8 @@ fn channels_last_carries_concat_and_batchnorm() {
         );
         g.add_op(name, Op::Conv(Conv::nchw(win(3, 1, 1), 1)), &[x, wc])
     };
-    let x0 = x;
-    let a = conv(&mut g, "a", x0, 3, 8);
-    let b = conv(&mut g, "b", x0, 3, 4);
+    let a = conv(&mut g, "a", x, 3, 8);
+    let b = conv(&mut g, "b", x, 3, 4);
     let cat = g.add_op("cat", Op::Concat { axis: 1 }, &[a, b]);
     let mut rng2 = Rng::new(13);
     let mut p = |n: usize, lo: f32, hi: f32| -> Tensor {

@@ -157,7 +157,7 @@ fn lut_turns_token_linear_layers_into_lookups_and_keeps_attention_exact() {
     run_pipeline(&mut g, &pipeline, &mut cx, |_, _| Ok(())).unwrap();
     // every linear layer (qkv, proj, fc1, fc2 per block; patch embedding; head) became lookups,
     // learned on token rows: D = 64 or 128 values per row, T rows per image
-    let layers = &cx.analyses.lut.as_ref().expect("the lut pass ran").reports;
+    let layers = cx.analyses.lut.as_ref().expect("the lut pass ran").reports();
     assert_eq!(
         layers.len(),
         4 * LAYERS + 2,

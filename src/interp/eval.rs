@@ -189,7 +189,7 @@ pub fn eval_op_cached(op: &Op, mut args: Vec<Arc<Tensor>>, cache: Option<&Cache>
                             m,
                             k,
                             y.spare_capacity_mut(),
-                            |r0, acc, out| epi.apply_uninit(r0, acc, out),
+                            |r0, acc, out| epi.apply(r0, acc, out),
                         );
                         // SAFETY: `lut_i8_rowwise_then` hands every block of the first `rows · m`
                         // values to the epilogue, which writes each of them.
@@ -200,7 +200,7 @@ pub fn eval_op_cached(op: &Op, mut args: Vec<Arc<Tensor>>, cache: Option<&Cache>
                         // writes every output value: `y` needs no zeroing
                         let mut y = Vec::with_capacity(rows * m);
                         lut::lut_i8_then(codes, rows, c, t, m, k, y.spare_capacity_mut(), |r0, acc, out| {
-                            epi.apply_uninit(r0, acc, out)
+                            epi.apply(r0, acc, out)
                         });
                         // SAFETY: `lut_i8_then` hands every block of the first `rows · m` values to
                         // the epilogue, which writes each of them.
@@ -212,8 +212,10 @@ pub fn eval_op_cached(op: &Op, mut args: Vec<Arc<Tensor>>, cache: Option<&Cache>
                     let t = t.as_standard_layout();
                     let mut sums = vec![0f32; rows * m];
                     lut::lut_f32(codes, rows, c, t.as_slice().unwrap(), m, k, &mut sums);
-                    let mut y = vec![0f32; rows * m];
-                    epi.apply(0, &sums, &mut y);
+                    let mut y = Vec::with_capacity(rows * m);
+                    epi.apply(0, &sums, y.spare_capacity_mut());
+                    // SAFETY: the epilogue wrote every one of the `rows · m` values.
+                    unsafe { y.set_len(rows * m) };
                     y
                 }
                 t => bail!("tables must be i8 or f32, got {}", t.dtype()),
@@ -654,7 +656,6 @@ fn conv_nhwc(c: &crate::ir::op::Conv, mut args: Vec<Arc<Tensor>>, cache: Option<
     Tensor::f32(&shape, out)
 }
 
-/// Get (or build on first use) a node's cached state of type `T`; without a cache, build it.
 /// A `LutMatMul`'s epilogue: `y = scale·sum + offset`, then `+ residual` and `max(·, 0)` when
 /// fused (the same operations, in the same order, as the separate `Add` and `Relu` nodes).
 struct LutEpilogue<'a> {
@@ -665,33 +666,20 @@ struct LutEpilogue<'a> {
 }
 
 impl LutEpilogue<'_> {
-    /// Rows `r0 ..` of sums → their outputs.
-    fn apply<S: LutSum>(&self, r0: usize, sums: &[S], out: &mut [f32]) {
-        let m = self.scale.len().max(1);
-        for (ri, (yr, ar)) in out.chunks_mut(m).zip(sums.chunks(m)).enumerate() {
-            for (yv, (&a, (&s, &o))) in yr.iter_mut().zip(ar.iter().zip(self.scale.iter().zip(self.offset))) {
-                *yv = s * a.to_f32() + o;
-            }
-            self.finish_row((r0 + ri) * m, yr);
-        }
+    /// Rows `r0 ..` of sums → their outputs, every value of `out` written (it may be
+    /// uninitialised). One pass per row, compiled for the widest SIMD level: the same separately
+    /// rounded multiply and adds on every level (the compiler does not fuse them).
+    fn apply<S: LutSum>(&self, r0: usize, sums: &[S], out: &mut [std::mem::MaybeUninit<f32>]) {
+        super::kernels::encode::dispatch_simd!(self.apply_at(r0, sums, out))
     }
 
-    /// [`Self::apply`] into uninitialised outputs (every value written), compiled for the
-    /// widest SIMD level (the same separately rounded multiply and adds on every level: the
-    /// compiler does not fuse them).
-    fn apply_uninit(&self, r0: usize, sums: &[i32], out: &mut [std::mem::MaybeUninit<f32>]) {
-        super::kernels::encode::dispatch_simd!(self.apply_uninit_at(r0, sums, out))
-    }
-
-    /// One pass per row: `scale·sum + offset`, then the residual, then the ReLU (the order and
-    /// roundings of [`Self::apply`]).
     #[inline(always)]
-    fn apply_uninit_at(&self, r0: usize, sums: &[i32], out: &mut [std::mem::MaybeUninit<f32>]) {
+    fn apply_at<S: LutSum>(&self, r0: usize, sums: &[S], out: &mut [std::mem::MaybeUninit<f32>]) {
         let m = self.scale.len().max(1);
         #[inline(always)]
-        fn row(
+        fn row<S: LutSum>(
             yr: &mut [std::mem::MaybeUninit<f32>],
-            ar: &[i32],
+            ar: &[S],
             (scale, offset): (&[f32], &[f32]),
             residual: Option<&[f32]>,
             relu: bool,
@@ -703,12 +691,12 @@ impl LutEpilogue<'_> {
                 Some(r) => {
                     let r = &r[..yr.len()];
                     for i in 0..yr.len() {
-                        yr[i].write(act(scale[i] * ar[i] as f32 + offset[i] + r[i]));
+                        yr[i].write(act(scale[i] * ar[i].to_f32() + offset[i] + r[i]));
                     }
                 }
                 None => {
                     for i in 0..yr.len() {
-                        yr[i].write(act(scale[i] * ar[i] as f32 + offset[i]));
+                        yr[i].write(act(scale[i] * ar[i].to_f32() + offset[i]));
                     }
                 }
             }
@@ -719,22 +707,6 @@ impl LutEpilogue<'_> {
             match self.relu {
                 true => row(yr, ar, (self.scale, self.offset), residual, true),
                 false => row(yr, ar, (self.scale, self.offset), residual, false),
-            }
-        }
-    }
-
-    /// The fused residual `Add` and `Relu` of one row of outputs starting at value `base`.
-    #[inline(always)]
-    fn finish_row(&self, base: usize, yr: &mut [f32]) {
-        if let Some(r) = self.residual {
-            let n = yr.len();
-            for (y, &r) in yr.iter_mut().zip(&r[base..base + n]) {
-                *y += r;
-            }
-        }
-        if self.relu {
-            for y in yr.iter_mut() {
-                *y = y.max(0.0);
             }
         }
     }
@@ -757,6 +729,7 @@ impl LutSum for f32 {
     }
 }
 
+/// Get (or build on first use) a node's cached state of type `T`; without a cache, build it.
 fn cached<'c, T: std::any::Any + Send + Sync>(
     cache: Option<&'c Cache>,
     build: impl FnOnce() -> Result<T>,
@@ -1097,20 +1070,19 @@ pub fn matmul_op(a: &ArrayD<f32>, b: &ArrayD<f32>) -> Result<ArrayD<f32>> {
 mod tests {
     use super::*;
 
-    /// A `Gemm` with constant `B` and `C` through the prepared packed path (a node cache, as a
-    /// plan runs it) equals the general path, for both weight layouts, α and β, and the row
-    /// shapes `C` takes, at any number of rows and columns (a 10-class head too); a `C` with one
-    /// value per row takes the general path. Each row gets the same bits in any batch.
-    /// The SIMD-compiled one-pass epilogue of the int8 lookups gives the portable three-pass
-    /// one's values bit for bit, with and without residual and ReLU, from any first row.
+    /// The lookups' epilogue (SIMD-compiled, one pass per row) gives `relu(scale·sum + offset +
+    /// residual)` evaluated in that order, bit for bit, for int8 and f32 sums, with and without
+    /// residual and ReLU, from any first row.
     #[test]
-    fn lut_epilogue_one_pass_matches_the_portable_one() {
+    fn lut_epilogue_computes_scale_offset_residual_relu_in_order() {
         let (rows, m, r0) = (7, 37, 3);
         let v = |i: usize, k: usize| (((i * 7919 + k * 104_729) % 2001) as f32 - 1000.0) / 37.0;
         let scale: Vec<f32> = (0..m).map(|i| v(i, 1) / 50.0).collect();
         let offset: Vec<f32> = (0..m).map(|i| v(i, 2)).collect();
         let residual: Vec<f32> = (0..(r0 + rows) * m).map(|i| v(i, 3)).collect();
         let sums: Vec<i32> = (0..rows * m).map(|i| v(i, 4) as i32 * 13).collect();
+        let sums_f32: Vec<f32> = (0..rows * m).map(|i| v(i, 5) * 3.1).collect();
+        let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
         for relu in [false, true] {
             for res in [None, Some(&residual[..])] {
                 let epi = LutEpilogue {
@@ -1119,19 +1091,48 @@ mod tests {
                     residual: res,
                     relu,
                 };
-                let mut want = vec![0f32; rows * m];
-                epi.apply(r0, &sums, &mut want);
-                let mut got = vec![std::mem::MaybeUninit::new(f32::NAN); rows * m];
-                epi.apply_uninit(r0, &sums, &mut got);
-                // SAFETY: initialised above (and every value rewritten by the epilogue).
-                let got: Vec<f32> = got.iter().map(|g| unsafe { g.assume_init() }).collect();
-                let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-                assert_eq!(bits(&got), bits(&want), "relu {relu}, residual {}", res.is_some());
-                assert!(!relu || got.iter().all(|&y| y >= 0.0));
+                let want = |a: &dyn Fn(usize) -> f32| -> Vec<f32> {
+                    (0..rows * m)
+                        .map(|i| {
+                            let mut y = scale[i % m] * a(i) + offset[i % m];
+                            if let Some(r) = res {
+                                y += r[r0 * m + i];
+                            }
+                            if relu {
+                                y = y.max(0.0);
+                            }
+                            y
+                        })
+                        .collect()
+                };
+                let run = |f: &dyn Fn(&mut [std::mem::MaybeUninit<f32>])| -> Vec<f32> {
+                    let mut got = vec![std::mem::MaybeUninit::new(f32::NAN); rows * m];
+                    f(&mut got);
+                    // SAFETY: initialised above (and every value rewritten by the epilogue).
+                    got.iter().map(|g| unsafe { g.assume_init() }).collect()
+                };
+                let got = run(&|out| epi.apply(r0, &sums, out));
+                assert_eq!(
+                    bits(&got),
+                    bits(&want(&|i| sums[i] as f32)),
+                    "i32, relu {relu}, residual {}",
+                    res.is_some()
+                );
+                let got = run(&|out| epi.apply(r0, &sums_f32, out));
+                assert_eq!(
+                    bits(&got),
+                    bits(&want(&|i| sums_f32[i])),
+                    "f32, relu {relu}, residual {}",
+                    res.is_some()
+                );
             }
         }
     }
 
+    /// A `Gemm` with constant `B` and `C` through the prepared packed path (a node cache, as a
+    /// plan runs it) equals the general path, for both weight layouts, α and β, and the row
+    /// shapes `C` takes, at any number of rows and columns (a 10-class head too); a `C` with one
+    /// value per row takes the general path. Each row gets the same bits in any batch.
     #[test]
     fn cached_gemm_matches_the_general_path() {
         let t = |shape: &[usize], seed: usize| {

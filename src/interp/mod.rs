@@ -279,7 +279,7 @@ impl<'g> Plan<'g> {
     }
 
     fn run_chunked(&self, inputs: Vec<Tensor>, b: usize) -> Result<Vec<Tensor>> {
-        use ndarray::{concatenate, ArrayD, Axis, IxDyn, Slice};
+        use ndarray::{ArrayD, Axis, IxDyn, Slice};
         let n = inputs[0].shape()[0];
         if n == 0 {
             return Err(Error::Input(format!(
@@ -326,14 +326,7 @@ impl<'g> Plan<'g> {
                 .collect::<Result<Vec<_>>>()?;
             parts.push(outs);
         }
-        (0..parts[0].len())
-            .map(|i| {
-                let views: Vec<_> = parts.iter().map(|p| p[i].view()).collect();
-                concatenate(Axis(0), &views)
-                    .map(Tensor::F32)
-                    .map_err(|e| Error::Other(format!("joining the outputs of batches of {b}: {e}")))
-            })
-            .collect()
+        split::join(&parts, &format!("batches of {b}"))
     }
 
     /// The name of output `i` of this plan (the graph output's name, or the node's).

@@ -17,7 +17,7 @@
 
 use crate::error::{Error, Result};
 use crate::ir::{cost, DType, Dim, Graph, Op, Outlet, Tensor};
-use ndarray::{concatenate, Axis, Slice};
+use ndarray::{concatenate, ArrayD, Axis, Slice};
 use rayon::prelude::*;
 
 /// The largest activation of a sub-batch stays within this many bytes: about the L2 cache of
@@ -117,7 +117,10 @@ pub fn sub_batch(graph: &Graph, wanted: &[Outlet]) -> Option<SubBatch> {
             .sum();
         layers.push((work, per_image(f)? / row, consts));
     }
-    let cache = forced.unwrap_or(1 << (SUB_BATCH_BYTES / largest).max(1).ilog2());
+    if let Some(f) = forced {
+        return Some(SubBatch { cache: f, rows: 1 });
+    }
+    let cache = 1 << (SUB_BATCH_BYTES / largest).max(1).ilog2();
     // the smallest power of two giving MIN_ROWS rows to the layers with at least 80% of the work
     // and to all but SHORT_CONST_BYTES of the weights and tables: a layer with few rows per
     // sub-batch streams its constants once per sub-batch (the ResNet-34 w64 `.tcv`, 41 MB of
@@ -133,10 +136,7 @@ pub fn sub_batch(graph: &Graph, wanted: &[Outlet]) -> Option<SubBatch> {
         }
         rows *= 2;
     }
-    Some(SubBatch {
-        cache,
-        rows: if forced.is_some() { 1 } else { rows },
-    })
+    Some(SubBatch { cache, rows })
 }
 
 /// Values per image of a value whose dimensions are known but for the batch (`k·N` counts `k`).
@@ -177,13 +177,22 @@ pub fn run_split(
             .map(part)
             .collect::<Result<_>>()?
     };
-    (0..parts[0].len())
+    let parts = parts
+        .into_iter()
+        .map(|p| p.into_iter().map(Tensor::into_f32).collect())
+        .collect::<Result<Vec<_>>>()?;
+    join(&parts, &format!("sub-batches of {s}"))
+}
+
+/// Each output of the runs over consecutive pieces of a batch (`parts[piece][output]`) joined
+/// along axis 0; `pieces` names them in an error.
+pub(super) fn join(parts: &[Vec<ArrayD<f32>>], pieces: &str) -> Result<Vec<Tensor>> {
+    (0..parts.first().map_or(0, Vec::len))
         .map(|i| {
-            let arrays = parts.iter().map(|p| p[i].as_f32()).collect::<Result<Vec<_>>>()?;
-            let views: Vec<_> = arrays.iter().map(|a| a.view()).collect();
+            let views: Vec<_> = parts.iter().map(|p| p[i].view()).collect();
             concatenate(Axis(0), &views)
                 .map(Tensor::F32)
-                .map_err(|e| Error::Other(format!("joining the outputs of sub-batches of {s}: {e}")))
+                .map_err(|e| Error::Other(format!("joining the outputs of {pieces}: {e}")))
         })
         .collect()
 }

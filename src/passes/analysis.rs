@@ -26,7 +26,7 @@ pub struct LutLayers {
     /// Per `LutMatMul` node, by name.
     exact: BTreeMap<String, ExactLayer>,
     /// Per layer replaced, in the order they were replaced (the compile report's `lut_layers`).
-    pub reports: Vec<LayerReport>,
+    reports: Vec<LayerReport>,
 }
 
 impl LutLayers {
@@ -38,9 +38,10 @@ impl LutLayers {
         }
     }
 
-    /// Records that `LutMatMul` node `lut` replaced the exact layer `exact`.
-    pub fn replaced(&mut self, lut: String, exact: ExactLayer) {
+    /// Records that `LutMatMul` node `lut` replaced the exact layer `exact`, fitted as `report`.
+    pub fn replaced(&mut self, lut: String, exact: ExactLayer, report: LayerReport) {
         self.exact.insert(lut, exact);
+        self.reports.push(report);
     }
 
     /// The `LutMatMul` nodes of this record still in `graph` (a later pass may have restored or
@@ -59,6 +60,11 @@ impl LutLayers {
     /// Every recorded `LutMatMul` node and its exact layer, by name.
     pub fn layers(&self) -> impl Iterator<Item = (&str, &ExactLayer)> {
         self.exact.iter().map(|(n, e)| (n.as_str(), e))
+    }
+
+    /// The fitting reports, in the order the layers were replaced.
+    pub fn reports(&self) -> &[LayerReport] {
+        &self.reports
     }
 
     /// The latest fitting report of the layer whose `MatMul` was `matmul`.

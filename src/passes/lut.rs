@@ -14,6 +14,7 @@
 //!
 //! The bias stays an exact Add after the lookups.
 
+use super::analysis::LutLayers;
 use super::{Pass, PassCx};
 use crate::calib::epilogue::{self, Step};
 use crate::calib::learn::{self, Encoding, RowEpilogue, RowStep};
@@ -527,9 +528,9 @@ fn fit_layer(layer: &Layer, data: Data, o: &Options, cx: &mut PassCx, li: usize,
     })
 }
 
-/// Replace the layer's MatMul (and the Im2Col and bias Add it absorbs) by PQEncode + LutMatMul,
-/// remembering how to put the exact layer back (the `mask` pass).
-fn rewrite(graph: &mut Graph, cx: &mut PassCx, layer: &Layer, f: Fitted) -> Result<()> {
+/// Replace the layer's MatMul (and the Im2Col and bias Add it absorbs) by PQEncode + LutMatMul;
+/// returns the LutMatMul's name and how to put the exact layer back (for the `mask` pass).
+fn rewrite(graph: &mut Graph, layer: &Layer, f: Fitted) -> Result<(String, ExactLayer)> {
     let (name, m, k) = (layer.name.clone(), layer.w.shape()[1], f.report.k);
     let (s, c_n) = (f.report.subspace, f.report.codebooks);
     let mm_out = Outlet::new(layer.node, 0);
@@ -608,11 +609,11 @@ fn rewrite(graph: &mut Graph, cx: &mut PassCx, layer: &Layer, f: Fitted) -> Resu
         Op::LutMatMul { relu: false },
         &[codes_out, tc, sc, oc],
     );
-    let record = cx.analyses.lut.as_mut().expect("the lut pass opens its record first");
-    record.replaced(graph.node(lut.node).name.clone(), exact_layer);
+    let lut_name = graph.node(lut.node).name.clone();
     graph.replace_uses(out_value, lut);
     graph.remove_dead();
-    crate::ir::infer::infer_graph(graph)
+    crate::ir::infer::infer_graph(graph)?;
+    Ok((lut_name, exact_layer))
 }
 
 impl Pass for Lut {
@@ -629,10 +630,8 @@ impl Pass for Lut {
             Error::Input("the lut pass learns from data: give calibration images with --calib X.npy".into())
         })?;
         let exact = graph.clone();
-        match &mut cx.analyses.lut {
-            Some(record) => record.options = o.clone(),
-            None => cx.analyses.lut = Some(super::analysis::LutLayers::new(o.clone())),
-        }
+        let record = cx.analyses.lut.get_or_insert_with(|| LutLayers::new(o.clone()));
+        record.options = o.clone();
         let layers: Vec<Layer> = eligible(graph, o.min_macs)?
             .into_iter()
             .filter(|l| !o.keep_exact.iter().any(|g| super::glob_match(g, &l.name)))
@@ -657,9 +656,10 @@ impl Pass for Lut {
             let r = &mut fitted.report;
             r.seconds = start.elapsed().as_secs_f64();
             let report = r.clone();
-            rewrite(graph, cx, &layer, fitted)?;
+            let (lut_name, exact_layer) = rewrite(graph, &layer, fitted)?;
             cx.say(&bar, || progress_line(&report, li, n_layers));
-            cx.analyses.lut.as_mut().expect("opened above").reports.push(report);
+            let record = cx.analyses.lut.get_or_insert_with(|| LutLayers::new(o.clone()));
+            record.replaced(lut_name, exact_layer, report);
         }
         bar.finish_and_clear();
         graph.remove_dead();

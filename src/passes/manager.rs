@@ -132,7 +132,12 @@ pub fn run_pipeline(
         pipeline: pipeline.name.clone(),
         passes,
         notes: cx.notes.clone(),
-        lut_layers: cx.analyses.lut.as_ref().map(|l| l.reports.clone()).unwrap_or_default(),
+        lut_layers: cx
+            .analyses
+            .lut
+            .as_ref()
+            .map(|l| l.reports().to_vec())
+            .unwrap_or_default(),
         mask: cx.mask.clone(),
         global: cx.global.clone(),
         nodes_before,

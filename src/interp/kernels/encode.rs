@@ -1233,31 +1233,6 @@ mod x86 {
         out
     }
 
-    /// Per lane, the nearest of 8 prototypes: `d_j = hn[j] − acc[j]`, the index relative to
-    /// the block. A tournament (depth 3) with "the later one wins only if strictly nearer" and
-    /// NaN read as +∞ (`min(d, ∞)`): exactly the pick of a sequential scan from (∞, first
-    /// index), ties and NaN included, with a dependency chain of 4, not 8.
-    ///
-    /// # Safety
-    /// AVX-512F; `hn` points at 8 × `CL` values.
-    #[inline(always)]
-    unsafe fn nearest8_avx512(hn: *const f32, acc: &[__m512; 8]) -> (__m512, __m512i) {
-        let inf = _mm512_set1_ps(f32::INFINITY);
-        let d: [__m512; 8] =
-            std::array::from_fn(|j| _mm512_min_ps(_mm512_sub_ps(_mm512_loadu_ps(hn.add(j * CL)), acc[j]), inf));
-        // `min_ps(b, a)` is `b < a ? b : a`: the same pick as the mask
-        let pick = |(d0, i0): (__m512, __m512i), (d1, i1): (__m512, __m512i)| {
-            let m = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(d1, d0);
-            (_mm512_min_ps(d1, d0), _mm512_mask_mov_epi32(i0, m, i1))
-        };
-        let l1: [(__m512, __m512i); 4] = std::array::from_fn(|q| {
-            let m = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(d[2 * q + 1], d[2 * q]);
-            let i = _mm512_mask_blend_epi32(m, _mm512_set1_epi32(2 * q as i32), _mm512_set1_epi32(2 * q as i32 + 1));
-            (_mm512_min_ps(d[2 * q + 1], d[2 * q]), i)
-        });
-        pick(pick(l1[0], l1[1]), pick(l1[2], l1[3]))
-    }
-
     /// [`nearest_avx512`] for `N` rows at once, 8 prototypes at a time (`8·N` running sums):
     /// each prototype vector is loaded once for all rows. Row `r` reads tap `p.t`'s channel
     /// values at `x[p.off[r]..]`, lanes outside `mask & p.mask[r]` as 0. Same sums, same scan
@@ -1284,19 +1259,11 @@ mod x86 {
             let m = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(d1, d0);
             (_mm512_mask_mov_ps(d0, m, d1), _mm512_mask_mov_epi32(k0, m, k1))
         };
-        // `8·N` running sums over the taps
-        #[inline(always)]
-        unsafe fn sums<'t, const N: usize>(
-            taps: impl IntoIterator<Item = &'t RowsTap<N>>,
-            xp: *const f32,
-            mask: u16,
-            pt: *const f32,
-            tap_stride: usize,
-        ) -> [[__m512; 8]; N] {
+        for kb in (0..k).step_by(8) {
             let mut acc = [[_mm512_setzero_ps(); 8]; N];
             for p in taps {
                 let v: [__m512; N] = std::array::from_fn(|r| _mm512_maskz_loadu_ps(mask & p.mask[r], xp.add(p.off[r])));
-                let row = pt.add(p.t as usize * tap_stride);
+                let row = pt.add((p.t as usize * k + kb) * CL);
                 for j in 0..8 {
                     let pv = _mm512_loadu_ps(row.add(j * CL));
                     for r in 0..N {
@@ -1304,18 +1271,19 @@ mod x86 {
                     }
                 }
             }
-            acc
-        }
-        for kb in (0..k).step_by(8) {
-            // the full 3 × 3 window (most rows) with a known trip count
-            let acc = match <&[RowsTap<N>; 9]>::try_from(taps) {
-                Ok(t9) => sums(t9, xp, mask, pt.add(kb * CL), k * CL),
-                Err(_) => sums(taps, xp, mask, pt.add(kb * CL), k * CL),
-            };
-            let base = _mm512_set1_epi32(kb as i32);
+            // per row: two chains of four, merged in index order (as in `nearest_avx512`)
             for (acc, best) in acc.iter().zip(best.iter_mut()) {
-                let (d, i) = nearest8_avx512(hn.add(kb * CL), acc);
-                *best = merge(*best, (d, _mm512_add_epi32(i, base)));
+                let mut chain = [(_mm512_set1_ps(f32::INFINITY), _mm512_setzero_si512()); 2];
+                for (q, (cd, ck)) in chain.iter_mut().enumerate() {
+                    *ck = _mm512_set1_epi32((kb + 4 * q) as i32);
+                    for j in 4 * q..4 * q + 4 {
+                        let d = _mm512_sub_ps(_mm512_loadu_ps(hn.add((kb + j) * CL)), acc[j]);
+                        let m = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(d, *cd);
+                        *cd = _mm512_mask_mov_ps(*cd, m, d);
+                        *ck = _mm512_mask_mov_epi32(*ck, m, _mm512_set1_epi32((kb + j) as i32));
+                    }
+                }
+                *best = merge(*best, merge(chain[0], chain[1]));
             }
         }
         let mut out = [[0u8; CL]; N];
