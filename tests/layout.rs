@@ -312,3 +312,59 @@ fn channels_last_carries_concat_and_batchnorm() {
     let err = want.iter().zip(got.iter()).fold(0f32, |e, (p, q)| e.max((p - q).abs()));
     assert!(err < 1e-5, "channels-last differs by {err}");
 }
+
+/// The int8 argmin encoders (`act_scale`: 3×3 convs with one codebook per channel on
+/// non-negative inputs) lower to standard ONNX that tract runs with the interpreter's outputs:
+/// their distances are integer sums, exact in float32.
+#[test]
+fn int8_encoders_lower_to_standard_onnx() {
+    let plain = compile(false);
+    let int8 = count(&plain, |op| matches!(op, Op::PqEncode(p) if p.act_scale.is_some()));
+    assert_eq!(
+        int8,
+        2,
+        "a (on the image) and b (after a Relu): {}",
+        dump(&plain).unwrap()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("m.onnx");
+    std::fs::write(&p, tabconv::onnx::lower::encode(&plain, "").unwrap()).unwrap();
+    let x = images(7, 4);
+    let ours = as_f32(&run(&plain, vec![Tensor::F32(x.clone())]).unwrap()[0]);
+    let theirs = &run_tract(&p, &[x])[0];
+    let e = rel_err(&ours, theirs);
+    assert!(e <= 1e-5, "tract on the lowered model vs the interpreter: {e:e}");
+
+    // `act_scale` survives a .tcv round trip, needs ai.tabconv opset 5, and must be positive
+    let t = dir.path().join("m.tcv");
+    tcv::write_tcv(&plain, "", &t).unwrap();
+    assert_eq!(dump(&tcv::read_tcv(&t).unwrap()).unwrap(), dump(&plain).unwrap());
+    let proto = tabconv::onnx::proto::read_model_proto(&t).unwrap();
+    let bad = |edit: &dyn Fn(&mut tabconv::onnx::pb::ModelProto)| {
+        let mut m = proto.clone();
+        edit(&mut m);
+        let f = dir.path().join("bad.tcv");
+        std::fs::write(&f, prost::Message::encode_to_vec(&m)).unwrap();
+        tcv::read_tcv(&f).unwrap_err().to_string()
+    };
+    let e = bad(&|m| {
+        for o in m.opset_import.iter_mut().filter(|o| o.domain == "ai.tabconv") {
+            o.version = 4;
+        }
+    });
+    assert!(e.contains("'act_scale' needs ai.tabconv opset 5"), "{e}");
+    for v in [-1.0, 0.0, f32::NAN, f32::INFINITY] {
+        let e = bad(&|m| {
+            let g = m.graph.as_mut().unwrap();
+            for a in g.node.iter_mut().flat_map(|n| n.attribute.iter_mut()) {
+                if a.name == "act_scale" {
+                    a.f = v;
+                }
+            }
+        });
+        assert!(
+            e.contains("act_scale must be a positive finite float") && e.contains("pq_encode"),
+            "{v}: {e}"
+        );
+    }
+}

@@ -791,9 +791,15 @@ fn pq_encode(p: &crate::ir::op::PqEncode, args: &[Arc<Tensor>], cache: Option<&C
                 if ps.len() != 3 || ps[0] != c_n || ps[2] != p.subspace || !(1..=256).contains(&ps[1]) {
                     bail!("prototypes {ps:?} do not fit {c_n} codebooks of {} values", p.subspace);
                 }
+                if let Some(a) = p.act_scale {
+                    if !(a.is_finite() && a > 0.0) || p.subspace > 64 {
+                        bail!("the int8 encoder needs a positive finite act_scale and a subspace of at most 64 values, got {a} and {}", p.subspace);
+                    }
+                }
                 let cb = encode::Codebooks::Argmin {
                     k: ps[1],
                     protos: &protos,
+                    act_scale: p.act_scale,
                 };
                 Ok(encode::prepare(sub, &cb, hint))
             }

@@ -242,6 +242,8 @@ pub struct PqEncode {
     /// With a window: the input is channels-last `[N, H, W, C]` instead of NCHW (same rows, same
     /// codes; set by the `layout` pass so LUT layers chain without transposes).
     pub nhwc: bool,
+    /// Argmin only: the input scale of the int8 encoder (`encode_i8`), None for the f32 one.
+    pub act_scale: Option<f32>,
 }
 
 impl Op {
@@ -339,6 +341,9 @@ impl Op {
                     if p.nhwc {
                         s += " layout=nhwc";
                     }
+                }
+                if let Some(a) = p.act_scale {
+                    s += &format!(" int8 act_scale={a:e}");
                 }
                 s
             }

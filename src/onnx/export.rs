@@ -12,8 +12,9 @@ use std::collections::{HashMap, HashSet};
 pub const ONNX_OPSET: i64 = 17;
 pub const TABCONV_DOMAIN: &str = "ai.tabconv";
 /// Version 2 added `PQEncode`'s `layout` attribute (channels-last input), version 3 the fused
-/// `LutMatMul` epilogue, version 4 `Gelu` (standard only from ONNX opset 20).
-pub const TABCONV_OPSET: i64 = 4;
+/// `LutMatMul` epilogue, version 4 `Gelu` (standard only from ONNX opset 20), version 5
+/// `PQEncode`'s `act_scale` (the int8 argmin encoder).
+pub const TABCONV_OPSET: i64 = 5;
 
 /// What the exported model is for.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -427,6 +428,9 @@ fn write_node(
                 Encoder::Tree => "tree",
             };
             let mut a = vec![attr_i("subspace", p.subspace as i64), attr_s("encoder", enc)];
+            if let Some(v) = p.act_scale {
+                a.push(attr_f("act_scale", v));
+            }
             if let Some(win) = &p.window {
                 a.extend(window_attrs(win, true));
                 if p.nhwc {

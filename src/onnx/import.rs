@@ -694,11 +694,30 @@ impl Importer {
                         )))
                     }
                 };
+                let act_scale = match a.has("act_scale") {
+                    false => None,
+                    true if self.tabconv_opset < 5 => {
+                        return Err(Error::Other(format!(
+                            "attribute 'act_scale' needs {TABCONV_DOMAIN} opset 5, the file declares {}",
+                            self.tabconv_opset
+                        )))
+                    }
+                    true => {
+                        let v = a.float("act_scale", 0.0);
+                        if encoder != Encoder::Argmin || !(v.is_finite() && v > 0.0) || subspace > 64 {
+                            return Err(Error::Other(format!(
+                                "act_scale must be a positive finite float on an argmin encoder of subspace ≤ 64, got {v} ({encoder:?}, subspace {subspace})"
+                            )));
+                        }
+                        Some(v)
+                    }
+                };
                 Op::PqEncode(PqEncode {
                     subspace: subspace as usize,
                     encoder,
                     window,
                     nhwc,
+                    act_scale,
                 })
             }
             "LutMatMul" => {

@@ -199,7 +199,10 @@ impl Lowered {
         };
         let x4 = self.reshape(&rows, &[-1, c_n as i64, 1, s as i64], None);
         let codes = match p.encoder {
-            Encoder::Argmin => self.argmin(graph, ir, &x4, c_n, s)?,
+            Encoder::Argmin => match p.act_scale {
+                Some(a) => self.argmin_i8(graph, ir, &x4, c_n, s, a)?,
+                None => self.argmin(graph, ir, &x4, c_n, s)?,
+            },
             Encoder::Tree => self.tree(graph, ir, &x4, c_n, s)?,
         };
         let target = reshape_target(graph, Outlet::new(ir, 0))?;
@@ -230,6 +233,47 @@ impl Lowered {
         let dot = self.reshape(&dot, &[-1, c_n as i64, k as i64], None);
         let dot = self.op("Mul", &[&dot, &minus2], vec![], None);
         let dist = self.op("Add", &[&dot, &norms], vec![], None);
+        Ok(self.op("ArgMin", &[&dist], vec![attr_i("axis", 2), attr_i("keepdims", 0)], None))
+    }
+
+    /// The int8 argmin (`encode_i8`) in float32 operators, exactly: the inputs quantized by
+    /// `Round(Min(Max(x · (1/act_scale), 0), 127))` (ONNX rounds half to even, as the encoder),
+    /// then `hn − q·pq` with integer-valued floats whose sums stay below 2²⁴, so every sum is
+    /// exact whatever the order. (NaN inputs, which the encoder reads as 0, are not mapped.)
+    fn argmin_i8(
+        &mut self,
+        graph: &Graph,
+        ir: NodeIndex,
+        x4: &str,
+        c_n: usize,
+        s: usize,
+        act_scale: f32,
+    ) -> Result<String> {
+        let protos = const_input(graph, ir, 1)?.as_f32()?.as_standard_layout().into_owned();
+        let k = protos.shape()[1];
+        let q =
+            crate::interp::kernels::encode_i8::Quant::new(protos.as_slice().expect("standard layout"), k, s, act_scale);
+        let mut pt = vec![0f32; c_n * s * k];
+        for c in 0..c_n {
+            for j in 0..k {
+                for i in 0..s {
+                    pt[(c * s + i) * k + j] = q.protos()[(c * k + j) * s + i] as f32;
+                }
+            }
+        }
+        let hn: Vec<f32> = q.half_norms().iter().map(|&h| h as f32).collect();
+        let pt = self.init(&Tensor::f32(&[c_n, s, k], pt)?);
+        let hn = self.init(&Tensor::f32(&[c_n, k], hn)?);
+        let inv = self.init(&Tensor::f32(&[], vec![1.0 / act_scale])?);
+        let zero = self.init(&Tensor::f32(&[], vec![0.0])?);
+        let top = self.init(&Tensor::f32(&[], vec![127.0])?);
+        let xs = self.op("Mul", &[x4, &inv], vec![], None);
+        let xs = self.op("Max", &[&xs, &zero], vec![], None);
+        let xs = self.op("Min", &[&xs, &top], vec![], None);
+        let xq = self.op("Round", &[&xs], vec![], None);
+        let dot = self.op("MatMul", &[&xq, &pt], vec![], None);
+        let dot = self.reshape(&dot, &[-1, c_n as i64, k as i64], None);
+        let dist = self.op("Sub", &[&hn, &dot], vec![], None);
         Ok(self.op("ArgMin", &[&dist], vec![attr_i("axis", 2), attr_i("keepdims", 0)], None))
     }
 

@@ -62,6 +62,10 @@ pub struct Options {
     /// `argmin`, `tree`, or `auto`: argmin where its `K·S` MACs per codebook are small next to
     /// the layer's own work (`M ≥ 4·K` outputs), the comparison-only tree elsewhere.
     pub encoder: EncoderChoice,
+    /// The int8 argmin encoder (7-bit inputs, int8 prototypes, exact integer distances) for the
+    /// convolutions its channel-lane kernel serves: one codebook per input channel, kernel
+    /// width ≤ 4, `k = 16`, inputs non-negative on every calibration row (after a ReLU).
+    pub int8_encoder: bool,
     /// Refit tables by ridge least squares against the exact layer outputs.
     pub refit: bool,
     /// Ridge strength, relative to the average code frequency; pulls towards `prototype · W`.
@@ -119,6 +123,7 @@ impl Default for Options {
             token_subspace: 0,
             k: 16,
             encoder: EncoderChoice::Auto,
+            int8_encoder: true,
             refit: true,
             ridge: 0.1,
             refit_iters: 20,
@@ -166,6 +171,8 @@ pub struct LayerReport {
     pub subspace: usize,
     pub k: usize,
     pub encoder: Encoder,
+    /// The int8 argmin encoder's input scale (None: the f32 encoder).
+    pub act_scale: Option<f32>,
     pub rows: usize,
     /// Relative RMS error of the layer output on the calibration rows (quantized tables).
     pub output_rel_error: f64,
@@ -382,11 +389,12 @@ fn fit_codebooks(
     (enc, protos, few)
 }
 
-/// Codes `rows × c` of the rows under `enc`, as the interpreter's encoder computes them.
-fn encode_rows(x: &[f32], rows: usize, sub: Subspaces, k: usize, enc: &Encoding) -> Vec<u8> {
+/// Codes `rows × c` of the rows under `enc` (`act_scale`: the int8 argmin encoder's), as the
+/// interpreter's encoder computes them.
+fn encode_rows(x: &[f32], rows: usize, sub: Subspaces, k: usize, enc: &Encoding, act_scale: Option<f32>) -> Vec<u8> {
     let mut codes = vec![0u8; rows * sub.count()];
     match enc {
-        Encoding::Argmin { protos } => encode_argmin(x, rows, sub, k, protos, &mut codes),
+        Encoding::Argmin { protos } => encode_argmin(x, rows, sub, k, protos, act_scale, &mut codes),
         Encoding::Tree { dims, thresholds } => {
             encode_tree(x, rows, sub, k.trailing_zeros() as usize, dims, thresholds, &mut codes)
         }
@@ -394,10 +402,29 @@ fn encode_rows(x: &[f32], rows: usize, sub: Subspaces, k: usize, enc: &Encoding)
     codes
 }
 
+/// The int8 encoder's input scale for calibration inputs `x`: their 99.99th percentile over
+/// 127 (a few larger values saturate rather than coarsen every other), or None when some input
+/// is negative or not finite (the encoder reads negatives as 0) or all are 0.
+fn int8_act_scale(x: &[f32]) -> Option<f32> {
+    if x.iter().any(|v| !(*v >= 0.0 && v.is_finite())) {
+        return None;
+    }
+    // a deterministic sample of at most 1 Mi values
+    let step = x.len().div_ceil(1 << 20).max(1);
+    let mut v: Vec<f32> = x.iter().step_by(step).copied().filter(|&v| v > 0.0).collect();
+    if v.is_empty() {
+        return None;
+    }
+    let at = ((v.len() as f64 * 0.9999) as usize).min(v.len() - 1);
+    let (_, q, _) = v.select_nth_unstable_by(at, f32::total_cmp);
+    (*q > 0.0).then_some(*q / 127.0)
+}
+
 /// A fitted (and maybe learned) layer, ready to replace the MatMul.
 struct Fitted {
     encoder: Encoder,
     enc: Encoding,
+    act_scale: Option<f32>,
     /// `[c][m][k]`
     tables: Tensor,
     scale: Vec<f32>,
@@ -429,13 +456,19 @@ fn fit_layer(layer: &Layer, data: Data, o: &Options, cx: &mut PassCx, li: usize,
             few.iter().take(8).cloned().collect::<Vec<_>>().join(", ")
         ));
     }
+    let act_scale = match (encoder, layer.window) {
+        (Encoder::Argmin, Some([kh, kw])) if o.int8_encoder && k == 16 && kw <= 4 && s == kh * kw && s <= 64 => {
+            int8_act_scale(&data.x)
+        }
+        _ => None,
+    };
     let t_learn = start.elapsed().as_secs_f64();
     // 2. tables `[c][k][m]`: prototype · W, then ridge refit against the exact outputs
     let w = layer.w.as_standard_layout();
     let plain = pq::plain_tables(&protos, sub, k, w.as_slice().expect("standard layout"), m);
     let mut t_ckm = transpose_blocks(&plain, c_n, m, k);
     if o.refit {
-        let codes = encode_rows(&data.x, rows, sub, k, &enc);
+        let codes = encode_rows(&data.x, rows, sub, k, &enc, act_scale);
         refit::ridge_refit(&codes, rows, c_n, k, &data.y, m, o.ridge, o.refit_iters, &mut t_ckm);
     }
     let t_refit = start.elapsed().as_secs_f64();
@@ -483,7 +516,7 @@ fn fit_layer(layer: &Layer, data: Data, o: &Options, cx: &mut PassCx, li: usize,
         }
         TableType::F32 => (Tensor::f32(&[c_n, m, k], t_cmk)?, vec![1.0; m], vec![0.0; m], 0.0),
     };
-    let codes = encode_rows(&data.x, rows, sub, k, &enc);
+    let codes = encode_rows(&data.x, rows, sub, k, &enc, act_scale);
     let args = [
         Tensor::U8(ArrayD::from_shape_vec(IxDyn(&[rows, c_n]), codes).expect("size")),
         tables.clone(),
@@ -508,6 +541,7 @@ fn fit_layer(layer: &Layer, data: Data, o: &Options, cx: &mut PassCx, li: usize,
         subspace: s,
         k,
         encoder,
+        act_scale,
         rows,
         output_rel_error: rel,
         output_cosine: cos,
@@ -521,6 +555,7 @@ fn fit_layer(layer: &Layer, data: Data, o: &Options, cx: &mut PassCx, li: usize,
     Ok(Fitted {
         encoder,
         enc,
+        act_scale,
         tables,
         scale,
         offset,
@@ -574,6 +609,7 @@ fn rewrite(graph: &mut Graph, layer: &Layer, f: Fitted) -> Result<(String, Exact
         encoder: f.encoder,
         window,
         nhwc: false,
+        act_scale: f.act_scale,
     });
     let codes_out = graph.add_op(&format!("{name}/pq_encode"), op, &enc_args);
     // A constant bias Add right after the MatMul folds into the (exact, f32) offset.
@@ -740,9 +776,10 @@ fn progress_line(r: &LayerReport, li: usize, n: usize) -> String {
         r.m,
         r.codebooks,
         r.subspace,
-        match r.encoder {
-            Encoder::Argmin => "argmin",
-            Encoder::Tree => "tree",
+        match (r.encoder, r.act_scale) {
+            (Encoder::Argmin, None) => "argmin",
+            (Encoder::Argmin, Some(_)) => "argmin int8",
+            (Encoder::Tree, _) => "tree",
         },
         r.output_rel_error,
         r.output_cosine,

@@ -70,7 +70,7 @@ pub struct Options {
 /// are the kernels' measured throughputs (docs/BENCHMARKS.md, one thread, batch 64, AVX-512
 /// Zen 5): exact direct convolution ≈ 110 G multiply-adds/s, channel-lane argmin encoding
 /// ≈ 40 G/s (its comparisons included; it fills 16 channels per vector, so a layer of `C`
-/// channels pays for `⌈C/16⌉·16`), argmin encoders that gather their rows (fully connected
+/// channels pays for `⌈C/16⌉·16`), the int8 channel-lane encoder about twice that, argmin encoders that gather their rows (fully connected
 /// layers, codebooks spanning channels) ≈ 8 G/s, hash-tree comparisons ≈ 2 G/s (one gather
 /// per comparison), int8 lookup-adds ≈ 70 G/s for layers of 64 or more outputs (≈ 23 G/s
 /// at 32). Counting operations alone (all weights 1) would keep layers as lookups that run
@@ -82,6 +82,8 @@ pub struct TimeModel {
     /// An argmin multiply-add in the channel-lane kernel (convolutions whose codebooks follow
     /// the input channels).
     pub encode_mac: f64,
+    /// The same in the int8 channel-lane kernel (`encode_i8`).
+    pub encode_mac_i8: f64,
     /// An argmin multiply-add of an encoder that gathers its rows.
     pub encode_mac_gather: f64,
     pub compare: f64,
@@ -92,6 +94,7 @@ impl Default for TimeModel {
     fn default() -> TimeModel {
         TimeModel {
             encode_mac: 2.75,
+            encode_mac_i8: 1.3,
             encode_mac_gather: 14.0,
             compare: 55.0,
             lookup: 1.6,
@@ -133,7 +136,11 @@ impl TimeModel {
         }
         // a row is one pixel window: `C·kh·kw` values
         let channels = (d / (kh * kw).max(1)).max(1);
-        self.encode_mac * (channels.div_ceil(16) * 16) as f64 / channels as f64
+        let rate = match enc.act_scale {
+            Some(_) if s == kh * kw && kw <= 4 => self.encode_mac_i8,
+            _ => self.encode_mac,
+        };
+        rate * (channels.div_ceil(16) * 16) as f64 / channels as f64
     }
 }
 

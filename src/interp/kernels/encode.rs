@@ -16,6 +16,7 @@
 #![allow(clippy::needless_range_loop)]
 
 use super::aligned::AlignedF32;
+use super::encode_i8::{self, Quant, QuantLanes};
 use super::Simd;
 use crate::ir::op::Window;
 use crate::ir::window::Geometry;
@@ -183,8 +184,12 @@ impl Rows<'_> {
 
 /// The codebooks of one layer.
 pub enum Codebooks<'a> {
-    /// `protos`: `[c][k][s]`
-    Argmin { k: usize, protos: &'a [f32] },
+    /// `protos`: `[c][k][s]`; with `act_scale`, the int8 encoder of [`super::encode_i8`].
+    Argmin {
+        k: usize,
+        protos: &'a [f32],
+        act_scale: Option<f32>,
+    },
     /// `dims`: `[c][depth]` split offsets within each subspace; `thresholds`: `[c][2^depth − 1]`
     /// in heap order.
     Tree {
@@ -209,6 +214,8 @@ pub struct Prepared {
     lanes: Option<ChannelLanes>,
     /// The pixel-lane tree tables for channels-last convolutions (see [`PixelTree`]).
     pixel_tree: Option<PixelTree>,
+    /// The int8 channel-lane layout for channels-last convolutions (see [`QuantLanes`]).
+    qlanes: Option<QuantLanes>,
 }
 
 /// A conv's hash trees as [`tree_nhwc`] reads them, built once per node.
@@ -256,6 +263,8 @@ enum Kind {
         k: usize,
         pt: Vec<f32>,
         norms: Vec<f32>,
+        /// The int8 encoder, when the codebooks have an input scale.
+        quant: Option<Quant>,
     },
     /// `cols`: the row columns the trees compare (the only ones gathered).
     Tree {
@@ -294,12 +303,13 @@ pub type ChannelHint = (usize, usize, usize);
 pub fn prepare(sub: Subspaces, cb: &Codebooks, hint: Option<ChannelHint>) -> Prepared {
     let c_n = sub.count();
     let kind = match cb {
-        Codebooks::Argmin { k, protos } => {
+        Codebooks::Argmin { k, protos, act_scale } => {
             assert_eq!(protos.len(), c_n * k * sub.s);
             Kind::Argmin {
                 k: *k,
                 pt: protos.to_vec(),
                 norms: protos.chunks(sub.s).map(|p| p.iter().map(|v| v * v).sum()).collect(),
+                quant: act_scale.map(|a| Quant::new(protos, *k, sub.s, a)),
             }
         }
         Codebooks::Tree {
@@ -325,9 +335,19 @@ pub fn prepare(sub: Subspaces, cb: &Codebooks, hint: Option<ChannelHint>) -> Pre
         }
     };
     let lanes = match (&kind, hint) {
-        (Kind::Argmin { k, pt, norms }, Some((channels, kh, kw))) => {
-            channel_lanes(sub, *k, pt, norms, channels, kh, kw)
-        }
+        (
+            Kind::Argmin {
+                k,
+                pt,
+                norms,
+                quant: None,
+            },
+            Some((channels, kh, kw)),
+        ) => channel_lanes(sub, *k, pt, norms, channels, kh, kw),
+        _ => None,
+    };
+    let qlanes = match (&kind, hint) {
+        (Kind::Argmin { quant: Some(q), .. }, Some((channels, kh, kw))) => QuantLanes::new(q, sub, channels, [kh, kw]),
         _ => None,
     };
     let pixel_tree = match (&kind, hint) {
@@ -347,6 +367,7 @@ pub fn prepare(sub: Subspaces, cb: &Codebooks, hint: Option<ChannelHint>) -> Pre
         kind,
         lanes,
         pixel_tree,
+        qlanes,
     }
 }
 
@@ -399,6 +420,11 @@ pub fn encode_prepared(rows: &Rows, prepared: &Prepared, codes: &mut [u8]) {
     let c_n = sub.count();
     assert_eq!(sub.d, rows.d(), "row length does not match the subspaces");
     assert_eq!(codes.len(), rows.count() * c_n);
+    if let (Some(ql), Rows::ConvNhwc { shape, .. }) = (&prepared.qlanes, rows) {
+        if ql.channels() == shape[3] {
+            return encode_i8::encode_lanes(Simd::detect(), rows, ql, codes);
+        }
+    }
     if let (Some(cl), Rows::ConvNhwc { shape, .. }) = (&prepared.lanes, rows) {
         if cl.channels == shape[3] {
             let Kind::Argmin { k, .. } = prepared.kind else {
@@ -1413,11 +1439,12 @@ fn encode_block(job: &Job, r0: usize, out: &mut [u8]) {
             let code = match &job.prepared.kind {
                 // SAFETY: AVX-512F detected; `xt` holds the codebook's columns, `pt` and
                 // `norms` its `k` prototypes.
+                Kind::Argmin { quant: Some(q), .. } => q.nearest_tile(&xt, sub, c),
                 #[cfg(target_arch = "x86_64")]
-                Kind::Argmin { k, pt, norms } if avx512 => unsafe {
+                Kind::Argmin { k, pt, norms, .. } if avx512 => unsafe {
                     x86::argmin_tile_avx512(&xt, sub, c, *k, pt, norms)
                 },
-                Kind::Argmin { k, pt, norms } => argmin_tile(&xt, sub, c, *k, pt, norms),
+                Kind::Argmin { k, pt, norms, .. } => argmin_tile(&xt, sub, c, *k, pt, norms),
                 Kind::Tree {
                     depth,
                     dims,
@@ -1476,13 +1503,21 @@ fn tree_tile(xt: &[[f32; LANES]], sub: Subspaces, c: usize, depth: usize, dims: 
     idx
 }
 
-/// Convenience: argmin encoding of row-major rows.
-pub fn encode_argmin(x: &[f32], rows: usize, sub: Subspaces, k: usize, protos: &[f32], codes: &mut [u8]) {
+/// Convenience: argmin encoding of row-major rows (`act_scale`: the int8 encoder's input scale).
+pub fn encode_argmin(
+    x: &[f32],
+    rows: usize,
+    sub: Subspaces,
+    k: usize,
+    protos: &[f32],
+    act_scale: Option<f32>,
+    codes: &mut [u8],
+) {
     assert_eq!(x.len(), rows * sub.d);
     encode(
         &Rows::Matrix { x, d: sub.d },
         sub,
-        &Codebooks::Argmin { k, protos },
+        &Codebooks::Argmin { k, protos, act_scale },
         codes,
     )
 }
@@ -1532,7 +1567,7 @@ mod tests {
                 }
             }
             let mut codes = vec![0u8; rows * c_n];
-            encode_argmin(&x, rows, sub, k, &protos, &mut codes);
+            encode_argmin(&x, rows, sub, k, &protos, None, &mut codes);
             for r in 0..rows {
                 for c in 0..c_n {
                     let xr = &x[r * d..(r + 1) * d];
@@ -1664,7 +1699,11 @@ mod tests {
                 win: &win,
                 geo,
             };
-            let cb = Codebooks::Argmin { k, protos: &protos };
+            let cb = Codebooks::Argmin {
+                k,
+                protos: &protos,
+                act_scale: None,
+            };
             let mut a = vec![0u8; nchw.count() * c_n];
             let mut b = vec![0u8; nchw.count() * c_n];
             encode(&nchw, sub, &cb, &mut a);
@@ -1764,7 +1803,15 @@ mod tests {
             let geo = win.resolve([hw, hw]).unwrap();
             let sub = Subspaces { d: c * kk * kk, s };
             let protos: Vec<f32> = (0..sub.d * k).map(|_| rng.next_f64() as f32).collect();
-            let prepared = prepare(sub, &Codebooks::Argmin { k, protos: &protos }, Some((c, kk, kk)));
+            let prepared = prepare(
+                sub,
+                &Codebooks::Argmin {
+                    k,
+                    protos: &protos,
+                    act_scale: None,
+                },
+                Some((c, kk, kk)),
+            );
             let rows = Rows::ConvNhwc {
                 x: &x,
                 shape: [n, hw, hw, c],
@@ -1822,7 +1869,11 @@ mod tests {
         let geo = win.resolve([h, w]).unwrap();
         let sub = Subspaces { d: c, s: 4 };
         let protos: Vec<f32> = (0..c * k).map(|_| rng.next_f64() as f32 - 0.5).collect();
-        let cb = Codebooks::Argmin { k, protos: &protos };
+        let cb = Codebooks::Argmin {
+            k,
+            protos: &protos,
+            act_scale: None,
+        };
         let rows = n * h * w;
         let mut a = vec![0u8; rows * sub.count()];
         let mut b = a.clone();
@@ -2081,7 +2132,7 @@ mod tests {
         let n_rows = rows.len() / d;
         let mut a = vec![0u8; n_rows * c_n];
         let mut b = vec![0u8; n_rows * c_n];
-        encode_argmin(rows.as_slice().unwrap(), n_rows, sub, k, &protos, &mut a);
+        encode_argmin(rows.as_slice().unwrap(), n_rows, sub, k, &protos, None, &mut a);
         encode(
             &Rows::Conv {
                 x: &x,
@@ -2090,7 +2141,11 @@ mod tests {
                 geo,
             },
             sub,
-            &Codebooks::Argmin { k, protos: &protos },
+            &Codebooks::Argmin {
+                k,
+                protos: &protos,
+                act_scale: None,
+            },
             &mut b,
         );
         assert_eq!(a, b);

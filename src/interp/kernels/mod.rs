@@ -5,6 +5,7 @@ pub mod conv;
 pub mod direct;
 pub mod elementwise;
 pub mod encode;
+pub mod encode_i8;
 pub mod gemm;
 pub mod im2col;
 pub mod lut;

@@ -1,0 +1,922 @@
+//! The int8 argmin encoder (`PqEncode` with `act_scale`, LUT-NN's quantized encoder): inputs
+//! become 7-bit unsigned integers, prototypes int8 per codebook, and the distances are exact
+//! i32 sums, so every SIMD level, row layout and thread count gives the same codes by
+//! construction. Definition ([`Quant`] is the reference):
+//! - an input value `v` reads as `q(v) = clamp(round_half_even(v · (1/act_scale)), 0, 127)`
+//!   (NaN → 0; inputs are meant to be non-negative, as after a ReLU: negatives read as 0);
+//! - codebook `c`: `sp = max |p| / 127` over its prototypes, `pq = round(p / sp)` in
+//!   `[−127, 127]`;
+//! - `hn[c][k] = round(sp · Σ pq² / (2·act_scale))`, clamped to `[0, 2²³]`;
+//! - code = `argmin_k hn[c][k] − Σ q(x)·pq[c][k]`, ties to the lowest `k`:
+//!   the f32 argmin `‖p‖²/2 − x·p` in units of `act_scale · sp`.
+//!
+//! The channel-lane kernels (a channels-last 3×3-like convolution, one codebook per input
+//! channel, `k = 16`) first write each band of input rows as "tap words": per (input row,
+//! output column, channel) the 4 bytes `q(x)` of the kernel row's `kw ≤ 4` taps. A kernel row of
+//! 16 channels is then one 64-byte load, and one `vpdpbusd` (AVX-512 VNNI) or `vpmaddubsw` +
+//! `vpmaddwd` (AVX2; exact since `2·127·127 < 2¹⁵`) does its multiply-adds for one prototype.
+//! The argmin keeps `(sum << 4) | (15 − k)` per lane and takes the maximum: one instruction per
+//! prototype instead of a compare and two blends.
+
+use super::encode::Rows;
+use super::Simd;
+use crate::pq::Subspaces;
+use rayon::prelude::*;
+use std::cell::RefCell;
+
+/// Largest quantized input value (7 bits: `vpmaddubsw` pairs cannot saturate).
+const QMAX: f32 = 127.0;
+/// Largest half norm kept: distances stay exact in f32 (the standard ONNX form) and below
+/// `2³¹` after the 4-bit index shift.
+const HN_MAX: f64 = (1u32 << 23) as f64;
+/// Channels per lane group, and the `k` the channel-lane kernels take.
+const CL: usize = 16;
+const K: usize = 16;
+
+/// `q(v)` for `inv = 1/act_scale` (see the module doc).
+#[inline(always)]
+pub fn quantize(v: f32, inv: f32) -> u8 {
+    // NaN stays NaN through `clamp` and converts to 0 (the kernels' `vmaxps` returns the 0)
+    (v * inv).clamp(0.0, QMAX).round_ties_even() as u8
+}
+
+/// A layer's int8 codebooks: the reference encoder, and what the kernels are built from.
+pub struct Quant {
+    k: usize,
+    s: usize,
+    inv: f32,
+    /// `[c][k][s]`
+    pq: Vec<i8>,
+    /// `[c][k]`
+    hn: Vec<i32>,
+}
+
+impl Quant {
+    /// Quantize prototypes `[c][k][s]` for inputs scaled by `act_scale` (finite, > 0).
+    pub fn new(protos: &[f32], k: usize, s: usize, act_scale: f32) -> Quant {
+        assert!(act_scale.is_finite() && act_scale > 0.0, "act_scale {act_scale}");
+        assert!(k > 0 && s > 0 && protos.len().is_multiple_of(k * s));
+        let mut pq = Vec::with_capacity(protos.len());
+        let mut hn = Vec::with_capacity(protos.len() / s);
+        for cb in protos.chunks(k * s) {
+            let max = cb.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let sp = max / QMAX;
+            for p in cb.chunks(s) {
+                let q: Vec<i8> = p
+                    .iter()
+                    .map(|&v| {
+                        if sp > 0.0 {
+                            (v / sp).round().clamp(-QMAX, QMAX) as i8
+                        } else {
+                            0
+                        }
+                    })
+                    .collect();
+                let sq: i64 = q.iter().map(|&v| v as i64 * v as i64).sum();
+                let h = (sp as f64 * sq as f64 / (2.0 * act_scale as f64)).round();
+                hn.push(if h.is_finite() {
+                    h.clamp(0.0, HN_MAX) as i32
+                } else {
+                    HN_MAX as i32
+                });
+                pq.extend(q);
+            }
+        }
+        Quant {
+            k,
+            s,
+            inv: 1.0 / act_scale,
+            pq,
+            hn,
+        }
+    }
+
+    /// The integer prototypes `[c][k][s]`.
+    pub fn protos(&self) -> &[i8] {
+        &self.pq
+    }
+
+    /// The integer half norms `hn`, `[c][k]`.
+    pub fn half_norms(&self) -> &[i32] {
+        &self.hn
+    }
+
+    /// The code of codebook `c` for one row's subvector `x` (`s` values; shorter: the rest read
+    /// as 0).
+    pub fn nearest(&self, c: usize, x: &[f32]) -> u8 {
+        let mut best = (i64::MAX, 0);
+        for kk in 0..self.k {
+            let p = &self.pq[(c * self.k + kk) * self.s..][..self.s];
+            let dot: i64 = x
+                .iter()
+                .zip(p)
+                .map(|(&v, &w)| quantize(v, self.inv) as i64 * w as i64)
+                .sum();
+            let d = self.hn[c * self.k + kk] as i64 - dot;
+            if d < best.0 {
+                best = (d, kk);
+            }
+        }
+        best.1 as u8
+    }
+
+    /// [`Quant::nearest`] of codebook `c` for 16 rows given as columns `xt[col][lane]`.
+    #[inline(always)]
+    pub fn nearest_tile(&self, xt: &[[f32; 16]], sub: Subspaces, c: usize) -> [u32; 16] {
+        let range = sub.range(c);
+        let mut xq = [[0i32; 16]; 64];
+        let n = range.len().min(64);
+        for (q, col) in xq.iter_mut().zip(range.clone()) {
+            for l in 0..16 {
+                q[l] = quantize(xt[col][l], self.inv) as i32;
+            }
+        }
+        let mut best_d = [i32::MAX; 16];
+        let mut best_k = [0u32; 16];
+        for kk in 0..self.k {
+            let p = &self.pq[(c * self.k + kk) * self.s..][..n];
+            let mut acc = [self.hn[c * self.k + kk]; 16];
+            for (q, &w) in xq.iter().zip(p) {
+                for l in 0..16 {
+                    acc[l] -= q[l] * w as i32;
+                }
+            }
+            for l in 0..16 {
+                if acc[l] < best_d[l] {
+                    best_d[l] = acc[l];
+                    best_k[l] = kk as u32;
+                }
+            }
+        }
+        best_k
+    }
+}
+
+/// A 64-byte aligned vector: 16 lanes of 4 bytes (tap words, prototype words) or 16 i32.
+#[derive(Clone, Copy, Default)]
+#[repr(C, align(64))]
+struct V64([i32; 16]);
+
+/// The channel-lane layout of a convolution's int8 codebooks (one codebook per input channel,
+/// `s = kh·kw`, `kw ≤ 4`, `k = 16`).
+pub struct QuantLanes {
+    channels: usize,
+    kernel: [usize; 2],
+    groups: usize,
+    inv: f32,
+    /// `[group][kernel row][k]`: lane `l` holds channel `16·group + l`'s prototype values of that
+    /// kernel row, one byte per tap (bytes past `kw`: 0).
+    pq: Vec<V64>,
+    /// `[group][k]`: `−hn` per lane (missing channels: 0).
+    init: Vec<V64>,
+}
+
+impl QuantLanes {
+    /// The layout for a channels-last convolution of `channels` input channels and kernel
+    /// `[kh, kw]`, or None where the kernels do not apply.
+    pub fn new(q: &Quant, sub: Subspaces, channels: usize, [kh, kw]: [usize; 2]) -> Option<QuantLanes> {
+        if q.k != K || kw > 4 || sub.s != kh * kw || sub.d != channels * kh * kw || q.s != sub.s {
+            return None;
+        }
+        let groups = channels.div_ceil(CL);
+        let mut pq = vec![V64::default(); groups * kh * K];
+        let mut init = vec![V64::default(); groups * K];
+        for ch in 0..channels {
+            let (g, l) = (ch / CL, ch % CL);
+            for kk in 0..K {
+                let p = &q.pq[(ch * K + kk) * q.s..][..q.s];
+                for i in 0..kh {
+                    let mut b = [0u8; 4];
+                    for j in 0..kw {
+                        b[j] = p[i * kw + j] as u8;
+                    }
+                    pq[(g * kh + i) * K + kk].0[l] = i32::from_le_bytes(b);
+                }
+                init[g * K + kk].0[l] = -q.hn[ch * K + kk];
+            }
+        }
+        Some(QuantLanes {
+            channels,
+            kernel: [kh, kw],
+            groups,
+            inv: q.inv,
+            pq,
+            init,
+        })
+    }
+
+    pub fn channels(&self) -> usize {
+        self.channels
+    }
+}
+
+/// A band's quantized input rows and tap words.
+type Scratch = (Vec<u8>, Vec<V64>);
+
+thread_local! {
+    /// Each thread's scratch, reused across calls (a band is up to a few hundred KiB).
+    static SCRATCH: RefCell<Scratch> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// Encode channels-last conv rows with [`QuantLanes`] at `level`: `codes` is `rows × channels`.
+/// Work is split into bands of output rows (at least 4 per thread where the batch allows);
+/// codes do not depend on the split.
+pub fn encode_lanes(level: Simd, rows: &Rows, ql: &QuantLanes, codes: &mut [u8]) {
+    let Rows::ConvNhwc { shape, geo, .. } = rows else {
+        unreachable!("quantized channel lanes need channels-last rows")
+    };
+    let [n, ..] = *shape;
+    let [oh, ow] = geo.out;
+    let row_len = ow * ql.channels;
+    if n == 0 || row_len == 0 || oh == 0 {
+        return;
+    }
+    let tasks = 4 * rayon::current_num_threads();
+    // enough work per band to pay a hand-off (~1 µs): ≥ 64 Ki multiply-adds
+    let per_row = row_len * K * ql.kernel[0] * ql.kernel[1];
+    let min_rows = (1usize << 16).div_ceil(per_row);
+    let band = oh.div_ceil(tasks.div_ceil(n)).max(min_rows).min(oh);
+    codes.par_chunks_mut(oh * row_len).enumerate().for_each(|(img, out)| {
+        out.par_chunks_mut(band * row_len).enumerate().for_each(|(b, out)| {
+            SCRATCH.with_borrow_mut(|scratch| encode_band(level, rows, ql, img, b * band, out, scratch))
+        })
+    });
+}
+
+/// One band of output rows `oy0 ..` of image `img` (as many as `out` holds).
+fn encode_band(
+    level: Simd,
+    rows: &Rows,
+    ql: &QuantLanes,
+    img: usize,
+    oy0: usize,
+    out: &mut [u8],
+    scratch: &mut Scratch,
+) {
+    let Rows::ConvNhwc { x, shape, win, geo } = rows else {
+        unreachable!("quantized channel lanes need channels-last rows")
+    };
+    let [_, h, w, ch] = *shape;
+    let [oh, ow] = geo.out;
+    let [kh, kw] = ql.kernel;
+    let (sh, dh) = (win.strides[0], win.dilations[0]);
+    let ph = geo.pads[0];
+    let oy1 = (oy0 + out.len() / (ow * ch)).min(oh);
+    // the input rows the band reads
+    let lo = (oy0 * sh).saturating_sub(ph).min(h);
+    let hi = (((oy1 - 1) * sh + (kh - 1) * dh + 1).saturating_sub(ph)).min(h).max(lo);
+    let g_n = ql.groups;
+    let image = &x[img * h * w * ch..(img + 1) * h * w * ch];
+    let geom = TapGeom {
+        w,
+        ch,
+        ow,
+        kw,
+        sw: win.strides[1],
+        dw: win.dilations[1],
+        pw: geo.pads[1],
+        groups: g_n,
+    };
+    let (quantized, words) = scratch;
+    quantized.clear();
+    quantized.resize((hi - lo) * w * g_n * CL, 0);
+    quantize_rows(level, image, lo, hi, geom, ql.inv, quantized);
+    words.clear();
+    words.resize((hi - lo) * ow * g_n, V64::default());
+    tap_words(level, quantized, hi - lo, geom, words);
+    let words = &words[..];
+    for oy in oy0..oy1 {
+        // kernel rows inside the image, and where their words start in the band
+        let mut lines = [(0usize, 0usize); 16];
+        let mut n_l = 0;
+        for i in 0..kh {
+            let iy = (oy * sh + i * dh) as isize - ph as isize;
+            if iy >= 0 && (iy as usize) < h && n_l < lines.len() {
+                lines[n_l] = (i, (iy as usize - lo) * ow * g_n);
+                n_l += 1;
+            }
+        }
+        let lines = &lines[..n_l];
+        let row_out = &mut out[(oy - oy0) * ow * ch..(oy - oy0 + 1) * ow * ch];
+        for g in 0..g_n {
+            let width = (ch - g * CL).min(CL);
+            let pq = &ql.pq[g * kh * K..(g + 1) * kh * K];
+            let init = &ql.init[g * K..(g + 1) * K];
+            for ox0 in (0..ow).step_by(3) {
+                // three output columns at a time; a last, partial group repeats its last
+                let oxs = [ox0, (ox0 + 1).min(ow - 1), (ox0 + 2).min(ow - 1)];
+                let offs = oxs.map(|ox| ox * g_n + g);
+                let codes = nearest3(level, words, lines, offs, pq, init);
+                for (q, code) in codes.iter().enumerate().take(ow - ox0) {
+                    let o = (ox0 + q) * ch + g * CL;
+                    row_out[o..o + width].copy_from_slice(&code[..width]);
+                }
+            }
+        }
+    }
+}
+
+/// Where a band's tap words come from (see [`tap_words`]).
+#[derive(Clone, Copy)]
+struct TapGeom {
+    w: usize,
+    ch: usize,
+    ow: usize,
+    kw: usize,
+    sw: usize,
+    dw: usize,
+    pw: usize,
+    groups: usize,
+}
+
+/// Quantize input rows `lo..hi` of one channels-last image into `q`: per pixel a run of
+/// `16·groups ≥ ch` bytes, `q(x)` then zeros.
+fn quantize_rows(level: Simd, image: &[f32], lo: usize, hi: usize, t: TapGeom, inv: f32, q: &mut [u8]) {
+    let stride = t.groups * CL;
+    let pixels = image[lo * t.w * t.ch..hi * t.w * t.ch].chunks_exact(t.ch);
+    for (px, out) in pixels.zip(q.chunks_exact_mut(stride)) {
+        #[cfg(target_arch = "x86_64")]
+        match level {
+            // SAFETY: AVX-512F detected (the level); `out` holds `16·groups ≥ ch` bytes.
+            Simd::Avx512 => unsafe { x86::quantize_avx512(px, inv, out) },
+            // SAFETY: AVX2 detected (the level); as above.
+            Simd::Avx2 => unsafe { x86::quantize_avx2(px, inv, out) },
+            Simd::Scalar => out.iter_mut().zip(px).for_each(|(o, &v)| *o = quantize(v, inv)),
+        }
+        #[cfg(target_arch = "x86_64")]
+        continue;
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = level;
+            out.iter_mut().zip(px).for_each(|(o, &v)| *o = quantize(v, inv));
+        }
+    }
+}
+
+/// The tap words of input rows `lo..hi` of one channels-last image, from their quantized
+/// values `q` ([`quantize_rows`]): word `[(iy − lo)·ow + ox][group][lane]` holds byte `j < kw` =
+/// `q(x[iy][ox·sw − pw + j·dw][c])` for channel `c = 16·group + lane` (0 outside the image and
+/// past the last channel).
+fn tap_words(level: Simd, q: &[u8], rows: usize, t: TapGeom, words: &mut [V64]) {
+    let stride = t.groups * CL;
+    for iy in 0..rows {
+        let row = &q[iy * t.w * stride..(iy + 1) * t.w * stride];
+        for ox in 0..t.ow {
+            let out = &mut words[(iy * t.ow + ox) * t.groups..][..t.groups];
+            // the taps inside the image, as (byte shift, pixel offset)
+            let mut taps = [(0u32, 0usize); 4];
+            let mut n_t = 0;
+            for j in 0..t.kw {
+                let ix = (ox * t.sw + j * t.dw) as isize - t.pw as isize;
+                if ix >= 0 && (ix as usize) < t.w {
+                    taps[n_t] = (8 * j as u32, ix as usize * stride);
+                    n_t += 1;
+                }
+            }
+            let taps = &taps[..n_t];
+            #[cfg(target_arch = "x86_64")]
+            match level {
+                // SAFETY: AVX-512F detected (the level); every tap's run of `stride` bytes
+                // lies in `row`, and `out` holds the `groups` words.
+                Simd::Avx512 => unsafe { x86::words_avx512(row, taps, out) },
+                // SAFETY: AVX2 detected (the level); as above.
+                Simd::Avx2 => unsafe { x86::words_avx2(row, taps, out) },
+                Simd::Scalar => {}
+            }
+            #[cfg(target_arch = "x86_64")]
+            if level != Simd::Scalar {
+                continue;
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            let _ = level;
+            for (g, word) in out.iter_mut().enumerate() {
+                let mut acc = [0u32; CL];
+                for &(shift, at) in taps {
+                    let px = &row[at + g * CL..][..CL];
+                    for l in 0..CL {
+                        acc[l] |= (px[l] as u32) << shift;
+                    }
+                }
+                *word = V64(acc.map(|v| v as i32));
+            }
+        }
+    }
+}
+
+/// The codes of three rows (output columns at word offsets `offs` in each line) for one group:
+/// `lines` lists the kernel rows inside the image and where their words start; `pq` and
+/// `init` are the group's.
+#[inline(always)]
+fn nearest3(
+    level: Simd,
+    words: &[V64],
+    lines: &[(usize, usize)],
+    offs: [usize; 3],
+    pq: &[V64],
+    init: &[V64],
+) -> [[u8; CL]; 3] {
+    debug_assert!(lines
+        .iter()
+        .all(|&(i, at)| (i + 1) * K <= pq.len() && offs.iter().all(|&o| at + o < words.len())));
+    #[cfg(target_arch = "x86_64")]
+    match level {
+        // SAFETY: the level (and VNNI) was detected; every line offset is inside `words`, every
+        // kernel row inside `pq` (asserted in debug builds; built so by `encode_band`).
+        Simd::Avx512 if vnni() => return unsafe { x86::nearest3_vnni(words, lines, offs, pq, init) },
+        // SAFETY: as above (AVX2 is implied by the AVX-512 level).
+        Simd::Avx512 | Simd::Avx2 => return unsafe { x86::nearest3_avx2(words, lines, offs, pq, init) },
+        Simd::Scalar => {}
+    }
+    let mut out = [[0u8; CL]; 3];
+    for (r, o) in offs.iter().enumerate() {
+        let mut best = [i32::MIN; CL];
+        for kk in 0..K {
+            let mut acc = init[kk].0;
+            for &(i, at) in lines {
+                let (x, p) = (words[at + o].0, pq[i * K + kk].0);
+                for l in 0..CL {
+                    let (xb, pb) = (x[l].to_le_bytes(), p[l].to_le_bytes());
+                    for b in 0..4 {
+                        acc[l] += xb[b] as i32 * pb[b] as i8 as i32;
+                    }
+                }
+            }
+            for l in 0..CL {
+                best[l] = best[l].max((acc[l] << 4) | (15 - kk as i32));
+            }
+        }
+        for l in 0..CL {
+            out[r][l] = (15 - (best[l] & 15)) as u8;
+        }
+    }
+    out
+}
+
+/// Whether the CPU has AVX-512 VNNI (and BW), read once.
+fn vnni() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static V: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *V.get_or_init(|| {
+            std::arch::is_x86_feature_detected!("avx512vnni") && std::arch::is_x86_feature_detected!("avx512bw")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::needless_range_loop)] // running sums indexed by prototype and row
+mod x86 {
+    use super::{CL, K, V64};
+    use std::arch::x86_64::*;
+
+    /// [`super::quantize`] of `px` into `out`, 16 values at a time: `vmaxps` returns its second
+    /// operand (0) for a NaN, `vcvtps2dq` rounds half to even.
+    ///
+    /// # Safety
+    /// AVX-512F; `out` holds `px.len()` rounded up to 16 bytes.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn quantize_avx512(px: &[f32], inv: f32, out: &mut [u8]) {
+        let (inv, zero, top) = (_mm512_set1_ps(inv), _mm512_setzero_ps(), _mm512_set1_ps(127.0));
+        for (c0, o) in (0..px.len()).step_by(CL).zip(out.chunks_exact_mut(CL)) {
+            let m: __mmask16 = if px.len() - c0 >= CL {
+                0xffff
+            } else {
+                (1 << (px.len() - c0)) - 1
+            };
+            let v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, px.as_ptr().add(c0)), inv);
+            let v = _mm512_min_ps(_mm512_max_ps(v, zero), top);
+            _mm_storeu_si128(o.as_mut_ptr().cast(), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(v)));
+        }
+    }
+
+    /// [`quantize_avx512`] at AVX2: 16 values as two 8-lane halves, packed to bytes (values
+    /// are in 0..=127, so the saturating packs keep them); a partial last run is done by
+    /// [`super::quantize`].
+    ///
+    /// # Safety
+    /// AVX2; as [`quantize_avx512`].
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn quantize_avx2(px: &[f32], inv: f32, out: &mut [u8]) {
+        let (inv_v, zero, top) = (_mm256_set1_ps(inv), _mm256_setzero_ps(), _mm256_set1_ps(127.0));
+        let full = px.len() / CL * CL;
+        for (c0, o) in (0..full).step_by(CL).zip(out.chunks_exact_mut(CL)) {
+            let a = _mm256_mul_ps(_mm256_loadu_ps(px.as_ptr().add(c0)), inv_v);
+            let b = _mm256_mul_ps(_mm256_loadu_ps(px.as_ptr().add(c0 + 8)), inv_v);
+            let a = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(a, zero), top));
+            let b = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(b, zero), top));
+            let w = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packs_epi32(a, b));
+            let bytes = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packus_epi16(w, w));
+            _mm_storeu_si128(o.as_mut_ptr().cast(), _mm256_castsi256_si128(bytes));
+        }
+        for (o, &v) in out[full..].iter_mut().zip(&px[full..]) {
+            *o = super::quantize(v, inv);
+        }
+    }
+
+    /// [`words_avx512`] at AVX2: each group's word as two 8-lane halves.
+    ///
+    /// # Safety
+    /// AVX2; as [`words_avx512`].
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn words_avx2(row: &[u8], taps: &[(u32, usize)], out: &mut [V64]) {
+        let p = row.as_ptr();
+        for (g, word) in out.iter_mut().enumerate() {
+            let dst = (word as *mut V64).cast::<__m256i>();
+            for half in 0..2 {
+                let mut acc = _mm256_setzero_si256();
+                for &(shift, at) in taps {
+                    let b = _mm_loadl_epi64(p.add(at + g * CL + 8 * half).cast());
+                    let v = _mm256_sll_epi32(_mm256_cvtepu8_epi32(b), _mm_cvtsi32_si128(shift as i32));
+                    acc = _mm256_or_si256(acc, v);
+                }
+                _mm256_store_si256(dst.add(half), acc);
+            }
+        }
+    }
+
+    /// [`super::tap_words`]' words of one output column: per group, each tap's 16 bytes
+    /// widened to 32-bit lanes, shifted to the tap's byte and merged.
+    ///
+    /// # Safety
+    /// AVX-512F; `row[at + 16·g ..][..16]` in bounds for every tap and group of `out`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn words_avx512(row: &[u8], taps: &[(u32, usize)], out: &mut [V64]) {
+        let p = row.as_ptr();
+        for (g, word) in out.iter_mut().enumerate() {
+            let mut acc = _mm512_setzero_si512();
+            for &(shift, at) in taps {
+                let b = _mm_loadu_si128(p.add(at + g * CL).cast());
+                let v = _mm512_sll_epi32(_mm512_cvtepu8_epi32(b), _mm_cvtsi32_si128(shift as i32));
+                acc = _mm512_or_si512(acc, v);
+            }
+            _mm512_store_si512((word as *mut V64).cast(), acc);
+        }
+    }
+
+    /// [`super::nearest3`] with `vpdpbusd`: 8 prototypes × 3 rows of running sums at a time,
+    /// each starting at `−hn`; per prototype the key `(sum << 4) | (15 − k)` and a maximum.
+    ///
+    /// # Safety
+    /// AVX-512F/BW/VNNI; line offsets and kernel rows inside `words` and `pq`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn nearest3_vnni(
+        words: &[V64],
+        lines: &[(usize, usize)],
+        offs: [usize; 3],
+        pq: &[V64],
+        init: &[V64],
+    ) -> [[u8; CL]; 3] {
+        let (wp, pp, ip) = (words.as_ptr(), pq.as_ptr(), init.as_ptr());
+        let mut best = [_mm512_set1_epi32(i32::MIN); 3];
+        for kb in (0..K).step_by(8) {
+            let mut acc = [[_mm512_setzero_si512(); 8]; 3];
+            for j in 0..8 {
+                let h = _mm512_load_si512(ip.add(kb + j).cast());
+                acc[0][j] = h;
+                acc[1][j] = h;
+                acc[2][j] = h;
+            }
+            for &(i, at) in lines {
+                let v0 = _mm512_load_si512(wp.add(at + offs[0]).cast());
+                let v1 = _mm512_load_si512(wp.add(at + offs[1]).cast());
+                let v2 = _mm512_load_si512(wp.add(at + offs[2]).cast());
+                let row = pp.add(i * K + kb);
+                for j in 0..8 {
+                    let p = _mm512_load_si512(row.add(j).cast());
+                    acc[0][j] = _mm512_dpbusd_epi32(acc[0][j], v0, p);
+                    acc[1][j] = _mm512_dpbusd_epi32(acc[1][j], v1, p);
+                    acc[2][j] = _mm512_dpbusd_epi32(acc[2][j], v2, p);
+                }
+            }
+            for (acc, best) in acc.iter().zip(best.iter_mut()) {
+                for (j, a) in acc.iter().enumerate() {
+                    let key = _mm512_or_si512(_mm512_slli_epi32::<4>(*a), _mm512_set1_epi32(15 - (kb + j) as i32));
+                    *best = _mm512_max_epi32(*best, key);
+                }
+            }
+        }
+        let mut out = [[0u8; CL]; 3];
+        for (o, b) in out.iter_mut().zip(best) {
+            let code = _mm512_sub_epi32(_mm512_set1_epi32(15), _mm512_and_si512(b, _mm512_set1_epi32(15)));
+            _mm_storeu_si128(o.as_mut_ptr().cast(), _mm512_cvtepi32_epi8(code));
+        }
+        out
+    }
+
+    /// [`super::nearest3`] at AVX2: per 8-lane half, `vpmaddubsw` then `vpmaddwd` by ones (exact:
+    /// 7-bit inputs), 4 prototypes × 3 rows at a time.
+    ///
+    /// # Safety
+    /// AVX2; as [`nearest3_vnni`] otherwise.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn nearest3_avx2(
+        words: &[V64],
+        lines: &[(usize, usize)],
+        offs: [usize; 3],
+        pq: &[V64],
+        init: &[V64],
+    ) -> [[u8; CL]; 3] {
+        const H: usize = 8;
+        let (wp, pp, ip) = (
+            words.as_ptr().cast::<i32>(),
+            pq.as_ptr().cast::<i32>(),
+            init.as_ptr().cast::<i32>(),
+        );
+        let ones = _mm256_set1_epi16(1);
+        let mut out = [[0u8; CL]; 3];
+        for half in 0..CL / H {
+            let o = half * H;
+            let mut best = [_mm256_set1_epi32(i32::MIN); 3];
+            for kb in (0..K).step_by(4) {
+                let mut acc = [[_mm256_setzero_si256(); 4]; 3];
+                for j in 0..4 {
+                    let h = _mm256_load_si256(ip.add((kb + j) * CL + o).cast());
+                    acc[0][j] = h;
+                    acc[1][j] = h;
+                    acc[2][j] = h;
+                }
+                for &(i, at) in lines {
+                    let v0 = _mm256_load_si256(wp.add((at + offs[0]) * CL + o).cast());
+                    let v1 = _mm256_load_si256(wp.add((at + offs[1]) * CL + o).cast());
+                    let v2 = _mm256_load_si256(wp.add((at + offs[2]) * CL + o).cast());
+                    let row = pp.add((i * K + kb) * CL + o);
+                    for j in 0..4 {
+                        let p = _mm256_load_si256(row.add(j * CL).cast());
+                        let d0 = _mm256_madd_epi16(_mm256_maddubs_epi16(v0, p), ones);
+                        let d1 = _mm256_madd_epi16(_mm256_maddubs_epi16(v1, p), ones);
+                        let d2 = _mm256_madd_epi16(_mm256_maddubs_epi16(v2, p), ones);
+                        acc[0][j] = _mm256_add_epi32(acc[0][j], d0);
+                        acc[1][j] = _mm256_add_epi32(acc[1][j], d1);
+                        acc[2][j] = _mm256_add_epi32(acc[2][j], d2);
+                    }
+                }
+                for (acc, best) in acc.iter().zip(best.iter_mut()) {
+                    for (j, a) in acc.iter().enumerate() {
+                        let key = _mm256_or_si256(_mm256_slli_epi32::<4>(*a), _mm256_set1_epi32(15 - (kb + j) as i32));
+                        *best = _mm256_max_epi32(*best, key);
+                    }
+                }
+            }
+            for (out, b) in out.iter_mut().zip(best) {
+                let mut ks = [0i32; H];
+                _mm256_storeu_si256(ks.as_mut_ptr().cast(), b);
+                for l in 0..H {
+                    out[o + l] = (15 - (ks[l] & 15)) as u8;
+                }
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::interp::kernels::conv::im2col_rows;
+    use crate::interp::kernels::encode::{encode_argmin, encode_prepared, prepare, Codebooks};
+    use crate::ir::op::{Padding, Window};
+    use crate::pq::rng::Rng;
+
+    fn window(kernel: [usize; 2], stride: usize, dil: usize, pad: usize) -> Window {
+        Window {
+            kernel,
+            strides: [stride; 2],
+            dilations: [dil; 2],
+            padding: Padding::Explicit([pad; 4]),
+            ceil_mode: false,
+        }
+    }
+
+    fn nchw_to_nhwc(x: &[f32], [n, c, h, w]: [usize; 4]) -> Vec<f32> {
+        let mut out = vec![0f32; x.len()];
+        for i in 0..n {
+            for ch in 0..c {
+                for y in 0..h {
+                    for xx in 0..w {
+                        out[((i * h + y) * w + xx) * c + ch] = x[((i * c + ch) * h + y) * w + xx];
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Inputs with exact zeros, negatives, values past the scale's range, halfway points
+    /// (round half to even) and a NaN.
+    fn inputs(rng: &mut Rng, len: usize, act_scale: f32) -> Vec<f32> {
+        (0..len)
+            .map(|i| match i % 23 {
+                0 => 0.0,
+                1 => -(rng.next_f64() as f32),
+                2 => 200.0 * act_scale,
+                3 => (rng.next_f64() * 40.0).floor() as f32 * act_scale + 0.5 * act_scale,
+                _ if i == len / 2 => f32::NAN,
+                _ => rng.next_f64() as f32 * 100.0 * act_scale,
+            })
+            .collect()
+    }
+
+    /// The channel-lane kernels, at every SIMD level and on one or two threads, give the codes
+    /// of the reference [`Quant::nearest`] on the im2col rows, for strides, dilations, padding,
+    /// kernels narrower than 4, partial channel groups, output widths not a multiple of 3.
+    #[test]
+    fn quantized_lanes_match_the_reference() {
+        let levels = crate::interp::kernels::levels_checked("quantized_lanes_match_the_reference");
+        let mut rng = Rng::new(21);
+        let cases = [
+            ([2usize, 16usize, 7usize, 7usize], window([3, 3], 1, 1, 1)),
+            ([1, 20, 9, 8], window([3, 3], 2, 1, 1)),
+            ([3, 37, 6, 5], window([3, 3], 1, 2, 2)),
+            ([2, 5, 5, 7], window([2, 4], 1, 1, 0)),
+            ([1, 33, 4, 4], window([1, 3], 1, 1, 1)),
+            ([2, 64, 3, 3], window([3, 3], 1, 1, 1)),
+        ];
+        for (shape, win) in cases {
+            let [n, c, h, w] = shape;
+            let act_scale = 0.03;
+            let x = inputs(&mut rng, n * c * h * w, act_scale);
+            let geo = win.resolve([h, w]).unwrap();
+            let s = win.kernel[0] * win.kernel[1];
+            let sub = Subspaces { d: c * s, s };
+            let protos: Vec<f32> = (0..c * K * s).map(|_| rng.next_f64() as f32 * 3.0 - 0.5).collect();
+            let q = Quant::new(&protos, K, s, act_scale);
+            let rows = im2col_rows(&x, shape, &win).unwrap();
+            let rows = rows.as_slice().unwrap();
+            let n_rows = rows.len() / sub.d;
+            let want: Vec<u8> = (0..n_rows)
+                .flat_map(|r| (0..c).map(move |cb| (r, cb)))
+                .map(|(r, cb)| q.nearest(cb, &rows[r * sub.d + cb * s..][..s]))
+                .collect();
+            // the generic path (matrix rows) is the reference too
+            let mut b = vec![0u8; want.len()];
+            encode_argmin(rows, n_rows, sub, K, &protos, Some(act_scale), &mut b);
+            assert_eq!(b, want, "{shape:?} matrix rows");
+            let xh = nchw_to_nhwc(&x, shape);
+            let nhwc = Rows::ConvNhwc {
+                x: &xh,
+                shape: [n, h, w, c],
+                win: &win,
+                geo,
+            };
+            let ql = QuantLanes::new(&q, sub, c, win.kernel).expect("lanes apply");
+            for &lv in &levels {
+                for threads in [1, 2] {
+                    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                    let mut got = vec![0u8; want.len()];
+                    pool.install(|| encode_lanes(lv, &nhwc, &ql, &mut got));
+                    assert_eq!(got, want, "{shape:?} {:?} {lv:?} {threads} threads", win.kernel);
+                }
+            }
+            // and through `prepare`, as the interpreter calls it
+            let cb = Codebooks::Argmin {
+                k: K,
+                protos: &protos,
+                act_scale: Some(act_scale),
+            };
+            let prepared = prepare(sub, &cb, Some((c, win.kernel[0], win.kernel[1])));
+            let mut got = vec![0u8; want.len()];
+            encode_prepared(&nhwc, &prepared, &mut got);
+            assert_eq!(got, want, "{shape:?} prepared");
+        }
+    }
+
+    /// The quantized encoder is the f32 argmin up to rounding: on random data nearly every
+    /// code agrees, and where they differ the f32 distances of the two prototypes are close.
+    #[test]
+    fn quantized_codes_follow_the_float_argmin() {
+        let mut rng = Rng::new(5);
+        let (rows, s, c_n) = (2000, 9, 4);
+        let sub = Subspaces { d: s * c_n, s };
+        let x: Vec<f32> = (0..rows * sub.d)
+            .map(|_| (rng.next_f64() as f32 - 0.2).max(0.0))
+            .collect();
+        let protos: Vec<f32> = (0..c_n * K * s).map(|_| rng.next_f64() as f32 * 0.8).collect();
+        let (mut a, mut b) = (vec![0u8; rows * c_n], vec![0u8; rows * c_n]);
+        encode_argmin(&x, rows, sub, K, &protos, None, &mut a);
+        encode_argmin(&x, rows, sub, K, &protos, Some(0.8 / 127.0), &mut b);
+        let dist = |r: usize, c: usize, k: usize| -> f32 {
+            let xv = &x[r * sub.d + c * s..][..s];
+            let p = &protos[(c * K + k) * s..][..s];
+            xv.iter().zip(p).map(|(u, v)| (u - v) * (u - v)).sum()
+        };
+        let mut differ = 0;
+        for r in 0..rows {
+            for c in 0..c_n {
+                let (ka, kb) = (a[r * c_n + c] as usize, b[r * c_n + c] as usize);
+                if ka != kb {
+                    differ += 1;
+                    let (da, db) = (dist(r, c, ka), dist(r, c, kb));
+                    assert!(db - da < 0.05 * da.max(0.1), "row {r} codebook {c}: {da} vs {db}");
+                }
+            }
+        }
+        eprintln!("{differ} of {} codes differ", rows * c_n);
+        assert!(differ * 50 < rows * c_n, "{differ} of {} codes differ", rows * c_n);
+    }
+
+    /// Ties go to the lowest index and NaN inputs read as 0, in the reference and the kernels.
+    #[test]
+    fn ties_and_nan_inputs() {
+        let s = 9;
+        // prototype 0 is far (and sets the scale: 1.27 / 127 = 0.01), 1 and 2 are 0.2 in every
+        // value, 3 and 4 are 0.3, the rest 1.0: a row of 0.25 is as far from 0.2 as from 0.3
+        let value = |kk: usize| match kk {
+            0 => 1.27,
+            1 | 2 => 0.2,
+            3 | 4 => 0.3,
+            _ => 1.0,
+        };
+        let protos: Vec<f32> = (0..K).flat_map(|kk| std::iter::repeat_n(value(kk), s)).collect();
+        let q = Quant::new(&protos, K, s, 0.01);
+        assert_eq!(q.nearest(0, &[0.25; 9]), 1);
+        assert_eq!(q.nearest(0, &[0.0; 9]), 1);
+        assert_eq!(q.nearest(0, &[f32::NAN; 9]), 1);
+        assert_eq!(q.nearest(0, &[0.31; 9]), 3);
+        let win = window([3, 3], 1, 1, 0);
+        let geo = win.resolve([3, 3]).unwrap();
+        let protos16: Vec<f32> = (0..16).flat_map(|_| protos.iter().copied()).collect();
+        let q16 = Quant::new(&protos16, K, s, 0.01);
+        let ql = QuantLanes::new(&q16, Subspaces { d: 16 * s, s }, 16, [3, 3]).unwrap();
+        for lv in crate::interp::kernels::levels_checked("ties_and_nan_inputs") {
+            for (v, want) in [(0.25, 1u8), (f32::NAN, 1), (0.31, 3)] {
+                let x = vec![v; 9 * 16];
+                let rows = Rows::ConvNhwc {
+                    x: &x,
+                    shape: [1, 3, 3, 16],
+                    win: &win,
+                    geo,
+                };
+                let mut got = vec![9u8; 16];
+                encode_lanes(lv, &rows, &ql, &mut got);
+                assert_eq!(got, vec![want; 16], "{lv:?} {v}");
+            }
+        }
+    }
+
+    /// Encoding throughput of the f32 and the int8 channel-lane encoders on the same layers
+    /// (`--release --ignored --nocapture`), not a check.
+    #[test]
+    #[ignore]
+    fn quantized_encode_throughput() {
+        let mut rng = Rng::new(3);
+        let cases = [
+            (64usize, 64usize, 7usize, 1usize),
+            (64, 64, 14, 1),
+            (64, 64, 28, 2),
+            (64, 128, 7, 1),
+            (1, 64, 14, 1),
+        ];
+        // TABCONV_CASE=i: only case i (for a profile)
+        let only: Option<usize> = std::env::var("TABCONV_CASE").ok().and_then(|v| v.parse().ok());
+        for &(n, c, hw, stride) in cases
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| only.is_none_or(|o| o == *i))
+            .map(|(_, c)| c)
+        {
+            let win = window([3, 3], stride, 1, 1);
+            let x: Vec<f32> = (0..n * c * hw * hw).map(|_| rng.next_f64() as f32).collect();
+            let geo = win.resolve([hw, hw]).unwrap();
+            let sub = Subspaces { d: c * 9, s: 9 };
+            let protos: Vec<f32> = (0..sub.d * K).map(|_| rng.next_f64() as f32).collect();
+            let rows = Rows::ConvNhwc {
+                x: &x,
+                shape: [n, hw, hw, c],
+                win: &win,
+                geo,
+            };
+            let mut line = format!("n={n} c={c} hw={hw} s={stride}:");
+            for act_scale in [None, Some(1.0 / 127.0)] {
+                let cb = Codebooks::Argmin {
+                    k: K,
+                    protos: &protos,
+                    act_scale,
+                };
+                let prepared = prepare(sub, &cb, Some((c, 3, 3)));
+                let mut codes = vec![0u8; rows.count() * c];
+                encode_prepared(&rows, &prepared, &mut codes);
+                let reps = 20 * 64 / n;
+                let mut times = Vec::new();
+                for _ in 0..5 {
+                    let t = std::time::Instant::now();
+                    for _ in 0..reps {
+                        encode_prepared(&rows, &prepared, &mut codes);
+                    }
+                    times.push(t.elapsed().as_secs_f64() / reps as f64);
+                }
+                times.sort_by(f64::total_cmp);
+                let secs = times[2];
+                let macs = rows.count() * sub.d * K;
+                line += &format!(
+                    " {}: {:.3} ms ({:.1} GMAC/s)",
+                    if act_scale.is_some() { "int8" } else { "f32" },
+                    secs * 1e3,
+                    macs as f64 / secs / 1e9
+                );
+            }
+            eprintln!("{line}");
+        }
+    }
+}
