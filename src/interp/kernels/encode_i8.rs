@@ -32,6 +32,8 @@ const HN_MAX: f64 = (1u32 << 23) as f64;
 /// Channels per lane group, and the `k` the channel-lane kernels take.
 const CL: usize = 16;
 const K: usize = 16;
+/// Most kernel rows the channel-lane kernel lists per output row.
+const MAX_KH: usize = 16;
 
 /// `q(v)` for `inv = 1/act_scale` (see the module doc).
 #[inline(always)]
@@ -175,7 +177,7 @@ impl QuantLanes {
     /// The layout for a channels-last convolution of `channels` input channels and kernel
     /// `[kh, kw]`, or None where the kernels do not apply.
     pub fn new(q: &Quant, sub: Subspaces, channels: usize, [kh, kw]: [usize; 2]) -> Option<QuantLanes> {
-        if q.k != K || kw > 4 || sub.s != kh * kw || sub.d != channels * kh * kw || q.s != sub.s {
+        if q.k != K || kw > 4 || kh > MAX_KH || sub.s != kh * kw || sub.d != channels * kh * kw || q.s != sub.s {
             return None;
         }
         let groups = channels.div_ceil(CL);
@@ -287,11 +289,11 @@ fn encode_band(
     let words = &words[..];
     for oy in oy0..oy1 {
         // kernel rows inside the image, and where their words start in the band
-        let mut lines = [(0usize, 0usize); 16];
+        let mut lines = [(0usize, 0usize); MAX_KH];
         let mut n_l = 0;
         for i in 0..kh {
             let iy = (oy * sh + i * dh) as isize - ph as isize;
-            if iy >= 0 && (iy as usize) < h && n_l < lines.len() {
+            if iy >= 0 && (iy as usize) < h {
                 lines[n_l] = (i, (iy as usize - lo) * ow * g_n);
                 n_l += 1;
             }
@@ -888,32 +890,41 @@ mod tests {
                 geo,
             };
             let mut line = format!("n={n} c={c} hw={hw} s={stride}:");
-            for act_scale in [None, Some(1.0 / 127.0)] {
-                let cb = Codebooks::Argmin {
-                    k: K,
-                    protos: &protos,
-                    act_scale,
-                };
-                let prepared = prepare(sub, &cb, Some((c, 3, 3)));
-                let mut codes = vec![0u8; rows.count() * c];
-                encode_prepared(&rows, &prepared, &mut codes);
+            let macs = rows.count() * sub.d * K;
+            let mut codes = vec![0u8; rows.count() * c];
+            let mut time = |f: &mut dyn FnMut(&mut [u8])| {
+                f(&mut codes);
                 let reps = 20 * 64 / n;
-                let mut times = Vec::new();
-                for _ in 0..5 {
-                    let t = std::time::Instant::now();
-                    for _ in 0..reps {
-                        encode_prepared(&rows, &prepared, &mut codes);
-                    }
-                    times.push(t.elapsed().as_secs_f64() / reps as f64);
-                }
+                let mut times: Vec<f64> = (0..5)
+                    .map(|_| {
+                        let t = std::time::Instant::now();
+                        for _ in 0..reps {
+                            f(&mut codes);
+                        }
+                        t.elapsed().as_secs_f64() / reps as f64
+                    })
+                    .collect();
                 times.sort_by(f64::total_cmp);
-                let secs = times[2];
-                let macs = rows.count() * sub.d * K;
+                format!("{:.3} ms ({:.1} GMAC/s)", times[2] * 1e3, macs as f64 / times[2] / 1e9)
+            };
+            let cb = Codebooks::Argmin {
+                k: K,
+                protos: &protos,
+                act_scale: None,
+            };
+            let prepared = prepare(sub, &cb, Some((c, 3, 3)));
+            line += &format!(
+                " f32 ({}): {}",
+                Simd::detect().name(),
+                time(&mut |out| encode_prepared(&rows, &prepared, out))
+            );
+            let q = Quant::new(&protos, K, 9, 1.0 / 127.0);
+            let ql = QuantLanes::new(&q, sub, c, [3, 3]).unwrap();
+            for lv in Simd::available().into_iter().filter(|l| *l != Simd::Scalar) {
                 line += &format!(
-                    " {}: {:.3} ms ({:.1} GMAC/s)",
-                    if act_scale.is_some() { "int8" } else { "f32" },
-                    secs * 1e3,
-                    macs as f64 / secs / 1e9
+                    " | int8 ({}): {}",
+                    lv.name(),
+                    time(&mut |out| encode_lanes(lv, &rows, &ql, out))
                 );
             }
             eprintln!("{line}");
