@@ -212,17 +212,20 @@ impl QuantLanes {
     }
 }
 
-/// A band's quantized input rows and tap words.
-type Scratch = (Vec<u8>, Vec<V64>);
+/// A band's quantized input rows (one image at a time), tap words, per image its first input
+/// row and where its words start, and per output pixel where its words start and the kernel
+/// rows inside the image.
+type Scratch = (Vec<u8>, Vec<V64>, Vec<(usize, usize)>, Vec<(isize, u32, u32)>);
 
 thread_local! {
     /// Each thread's scratch, reused across calls (a band is up to a few hundred KiB).
-    static SCRATCH: RefCell<Scratch> = const { RefCell::new((Vec::new(), Vec::new())) };
+    static SCRATCH: RefCell<Scratch> = const { RefCell::new((Vec::new(), Vec::new(), Vec::new(), Vec::new())) };
 }
 
 /// Encode channels-last conv rows with [`QuantLanes`] at `level`: `codes` is `rows × channels`.
-/// Work is split into bands of output rows (at least 4 per thread where the batch allows);
-/// codes do not depend on the split.
+/// Work is split into bands of output rows (at least 4 per thread where the batch allows): runs
+/// of whole images, or parts of one image when there are fewer images than bands. Codes do
+/// not depend on the split.
 pub fn encode_lanes(level: Simd, rows: &Rows, ql: &QuantLanes, codes: &mut [u8]) {
     let Rows::ConvNhwc { shape, geo, .. } = rows else {
         unreachable!("quantized channel lanes need channels-last rows")
@@ -234,41 +237,44 @@ pub fn encode_lanes(level: Simd, rows: &Rows, ql: &QuantLanes, codes: &mut [u8])
         return;
     }
     let tasks = 4 * rayon::current_num_threads();
-    // enough work per band to pay a hand-off (~1 µs): ≥ 64 Ki multiply-adds
+    // enough work per band to pay a hand-off (~1 µs): ≥ 128 Ki multiply-adds
     let per_row = row_len * K * ql.kernel[0] * ql.kernel[1];
-    let min_rows = (1usize << 16).div_ceil(per_row);
-    let band = oh.div_ceil(tasks.div_ceil(n)).max(min_rows).min(oh);
-    codes.par_chunks_mut(oh * row_len).enumerate().for_each(|(img, out)| {
-        out.par_chunks_mut(band * row_len).enumerate().for_each(|(b, out)| {
-            SCRATCH.with_borrow_mut(|scratch| encode_band(level, rows, ql, img, b * band, out, scratch))
-        })
-    });
+    let min_rows = (1usize << 17).div_ceil(per_row);
+    let run =
+        |r0: usize, out: &mut [u8]| SCRATCH.with_borrow_mut(|scratch| encode_band(level, rows, ql, r0, out, scratch));
+    // whole images per band: as few as give that work and ≥ 12 output pixels (the last group of
+    // three repeats rows), so a band's tap words stay in cache
+    let images = min_rows.div_ceil(oh).max(12usize.div_ceil(oh * ow));
+    if images > 1 || n >= tasks {
+        let images = images.min(n);
+        codes
+            .par_chunks_mut(images * oh * row_len)
+            .enumerate()
+            .for_each(|(t, out)| run(t * images * oh, out));
+    } else {
+        let band = oh.div_ceil(tasks.div_ceil(n)).max(min_rows).min(oh);
+        codes.par_chunks_mut(oh * row_len).enumerate().for_each(|(img, out)| {
+            out.par_chunks_mut(band * row_len)
+                .enumerate()
+                .for_each(|(b, out)| run(img * oh + b * band, out))
+        });
+    }
 }
 
-/// One band of output rows `oy0 ..` of image `img` (as many as `out` holds).
-fn encode_band(
-    level: Simd,
-    rows: &Rows,
-    ql: &QuantLanes,
-    img: usize,
-    oy0: usize,
-    out: &mut [u8],
-    scratch: &mut Scratch,
-) {
+/// One band of output rows: `r0 ..` counted across images (`image · oh + oy`), as many as
+/// `out` holds. Each image's input rows that the band reads are quantized and turned into tap
+/// words once; then rows are encoded three at a time in row order (across output rows and
+/// images, so narrow maps waste no lanes), kernel rows outside the image reading a zero word.
+fn encode_band(level: Simd, rows: &Rows, ql: &QuantLanes, r0: usize, out: &mut [u8], scratch: &mut Scratch) {
     let Rows::ConvNhwc { x, shape, win, geo } = rows else {
         unreachable!("quantized channel lanes need channels-last rows")
     };
     let [_, h, w, ch] = *shape;
     let [oh, ow] = geo.out;
     let [kh, kw] = ql.kernel;
-    let (sh, dh) = (win.strides[0], win.dilations[0]);
-    let ph = geo.pads[0];
-    let oy1 = (oy0 + out.len() / (ow * ch)).min(oh);
-    // the input rows the band reads
-    let lo = (oy0 * sh).saturating_sub(ph).min(h);
-    let hi = (((oy1 - 1) * sh + (kh - 1) * dh + 1).saturating_sub(ph)).min(h).max(lo);
+    let (sh, dh, ph) = (win.strides[0], win.dilations[0], geo.pads[0]);
+    let r1 = r0 + out.len() / (ow * ch);
     let g_n = ql.groups;
-    let image = &x[img * h * w * ch..(img + 1) * h * w * ch];
     let geom = TapGeom {
         w,
         ch,
@@ -279,39 +285,88 @@ fn encode_band(
         pw: geo.pads[1],
         groups: g_n,
     };
-    let (quantized, words) = scratch;
-    quantized.clear();
-    quantized.resize((hi - lo) * w * g_n * CL, 0);
-    quantize_rows(level, image, lo, hi, geom, ql.inv, quantized);
+    let (quantized, words, images, pixels) = scratch;
     words.clear();
-    words.resize((hi - lo) * ow * g_n, V64::default());
-    tap_words(level, quantized, hi - lo, geom, words);
+    images.clear();
+    // per image of the band: its first input row read and where its words start
+    for img in r0 / oh..r1.div_ceil(oh) {
+        let (oy0, oy1) = (r0.max(img * oh) - img * oh, r1.min((img + 1) * oh) - img * oh);
+        let lo = (oy0 * sh).saturating_sub(ph).min(h);
+        let hi = (((oy1 - 1) * sh + (kh - 1) * dh + 1).saturating_sub(ph)).min(h).max(lo);
+        images.push((lo, words.len()));
+        quantized.clear();
+        quantized.resize((hi - lo) * w * g_n * CL, 0);
+        quantize_rows(
+            level,
+            &x[img * h * w * ch..(img + 1) * h * w * ch],
+            lo,
+            hi,
+            geom,
+            ql.inv,
+            quantized,
+        );
+        let at = words.len();
+        words.resize(at + (hi - lo) * ow * g_n, V64::default());
+        tap_words(level, quantized, hi - lo, geom, &mut words[at..]);
+    }
+    let zero = words.len();
+    words.push(V64::default());
     let words = &words[..];
-    for oy in oy0..oy1 {
-        // kernel rows inside the image, and where their words start in the band
-        let mut lines = [(0usize, 0usize); MAX_KH];
-        let mut n_l = 0;
-        for i in 0..kh {
-            let iy = (oy * sh + i * dh) as isize - ph as isize;
-            if iy >= 0 && (iy as usize) < h {
-                lines[n_l] = (i, (iy as usize - lo) * ow * g_n);
-                n_l += 1;
+    // per output pixel of the band: the word of kernel row 0 (group 0; it may lie above the
+    // image) and the kernel rows inside the image
+    let step = dh * ow * g_n;
+    pixels.clear();
+    let (mut img, mut oy) = (r0 / oh, r0 % oh);
+    for _ in r0..r1 {
+        let (lo, base) = images[img - r0 / oh];
+        let iy0 = (oy * sh) as isize - ph as isize;
+        let i_lo = if iy0 >= 0 {
+            0
+        } else {
+            ((-iy0) as usize).div_ceil(dh).min(kh)
+        };
+        let i_hi = if iy0 < h as isize {
+            ((h as isize - iy0) as usize).div_ceil(dh).min(kh)
+        } else {
+            0
+        };
+        let row = base as isize + (iy0 - lo as isize) * (ow * g_n) as isize;
+        pixels.extend((0..ow).map(|ox| (row + (ox * g_n) as isize, i_lo as u32, i_hi as u32)));
+        oy += 1;
+        if oy == oh {
+            (img, oy) = (img + 1, 0);
+        }
+    }
+    let n_pos = pixels.len();
+    for p0 in (0..n_pos).step_by(3) {
+        // three pixels; a last, partial group repeats its last
+        let px = [p0, (p0 + 1).min(n_pos - 1), (p0 + 2).min(n_pos - 1)].map(|p| pixels[p]);
+        // per kernel row: each pixel's word (of group 0), or None outside the image
+        let mut at = [[None; 3]; MAX_KH];
+        for (q, &(row, i_lo, i_hi)) in px.iter().enumerate() {
+            for (i, a) in at.iter_mut().enumerate().take(i_hi as usize).skip(i_lo as usize) {
+                a[q] = Some((row + (i * step) as isize) as usize);
             }
         }
-        let lines = &lines[..n_l];
-        let row_out = &mut out[(oy - oy0) * ow * ch..(oy - oy0 + 1) * ow * ch];
         for g in 0..g_n {
-            let width = (ch - g * CL).min(CL);
+            let mut lines = [(0usize, [0usize; 3]); MAX_KH];
+            let mut n_l = 0;
+            for (i, a) in at.iter().enumerate().take(kh) {
+                if a.iter().any(Option::is_some) {
+                    lines[n_l] = (i, a.map(|o| o.map_or(zero, |o| o + g)));
+                    n_l += 1;
+                }
+            }
             let pq = &ql.pq[g * kh * K..(g + 1) * kh * K];
             let init = &ql.init[g * K..(g + 1) * K];
-            for ox0 in (0..ow).step_by(3) {
-                // three output columns at a time; a last, partial group repeats its last
-                let oxs = [ox0, (ox0 + 1).min(ow - 1), (ox0 + 2).min(ow - 1)];
-                let offs = oxs.map(|ox| ox * g_n + g);
-                let codes = nearest3(level, words, lines, offs, pq, init);
-                for (q, code) in codes.iter().enumerate().take(ow - ox0) {
-                    let o = (ox0 + q) * ch + g * CL;
-                    row_out[o..o + width].copy_from_slice(&code[..width]);
+            let codes = nearest3(level, words, &lines[..n_l], pq, init);
+            let width = (ch - g * CL).min(CL);
+            for (q, code) in codes.iter().enumerate().take(n_pos - p0) {
+                let o = (p0 + q) * ch + g * CL;
+                if width == CL {
+                    out[o..o + CL].copy_from_slice(code);
+                } else {
+                    out[o..o + width].copy_from_slice(&code[..width]);
                 }
             }
         }
@@ -405,37 +460,30 @@ fn tap_words(level: Simd, q: &[u8], rows: usize, t: TapGeom, words: &mut [V64]) 
     }
 }
 
-/// The codes of three rows (output columns at word offsets `offs` in each line) for one group:
-/// `lines` lists the kernel rows inside the image and where their words start; `pq` and
-/// `init` are the group's.
+/// The codes of three rows for one group: `lines` lists kernel rows `i` and each row's word
+/// for it (a zero word where the kernel row is outside the image); `pq` and `init` are the
+/// group's. The bounds are checked here, once per call (the SIMD kernels load unchecked).
 #[inline(always)]
-fn nearest3(
-    level: Simd,
-    words: &[V64],
-    lines: &[(usize, usize)],
-    offs: [usize; 3],
-    pq: &[V64],
-    init: &[V64],
-) -> [[u8; CL]; 3] {
-    debug_assert!(lines
+fn nearest3(level: Simd, words: &[V64], lines: &[(usize, [usize; 3])], pq: &[V64], init: &[V64]) -> [[u8; CL]; 3] {
+    assert!(lines
         .iter()
-        .all(|&(i, at)| (i + 1) * K <= pq.len() && offs.iter().all(|&o| at + o < words.len())));
+        .all(|&(i, at)| (i + 1) * K <= pq.len() && at.iter().all(|&o| o < words.len())));
     #[cfg(target_arch = "x86_64")]
     match level {
         // SAFETY: the level (and VNNI) was detected; every line offset is inside `words`, every
         // kernel row inside `pq` (asserted in debug builds; built so by `encode_band`).
-        Simd::Avx512 if vnni() => return unsafe { x86::nearest3_vnni(words, lines, offs, pq, init) },
+        Simd::Avx512 if vnni() => return unsafe { x86::nearest3_vnni(words, lines, pq, init) },
         // SAFETY: as above (AVX2 is implied by the AVX-512 level).
-        Simd::Avx512 | Simd::Avx2 => return unsafe { x86::nearest3_avx2(words, lines, offs, pq, init) },
+        Simd::Avx512 | Simd::Avx2 => return unsafe { x86::nearest3_avx2(words, lines, pq, init) },
         Simd::Scalar => {}
     }
     let mut out = [[0u8; CL]; 3];
-    for (r, o) in offs.iter().enumerate() {
+    for r in 0..3 {
         let mut best = [i32::MIN; CL];
         for kk in 0..K {
             let mut acc = init[kk].0;
             for &(i, at) in lines {
-                let (x, p) = (words[at + o].0, pq[i * K + kk].0);
+                let (x, p) = (words[at[r]].0, pq[i * K + kk].0);
                 for l in 0..CL {
                     let (xb, pb) = (x[l].to_le_bytes(), p[l].to_le_bytes());
                     for b in 0..4 {
@@ -565,8 +613,7 @@ mod x86 {
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     pub(super) unsafe fn nearest3_vnni(
         words: &[V64],
-        lines: &[(usize, usize)],
-        offs: [usize; 3],
+        lines: &[(usize, [usize; 3])],
         pq: &[V64],
         init: &[V64],
     ) -> [[u8; CL]; 3] {
@@ -581,9 +628,9 @@ mod x86 {
                 acc[2][j] = h;
             }
             for &(i, at) in lines {
-                let v0 = _mm512_load_si512(wp.add(at + offs[0]).cast());
-                let v1 = _mm512_load_si512(wp.add(at + offs[1]).cast());
-                let v2 = _mm512_load_si512(wp.add(at + offs[2]).cast());
+                let v0 = _mm512_load_si512(wp.add(at[0]).cast());
+                let v1 = _mm512_load_si512(wp.add(at[1]).cast());
+                let v2 = _mm512_load_si512(wp.add(at[2]).cast());
                 let row = pp.add(i * K + kb);
                 for j in 0..8 {
                     let p = _mm512_load_si512(row.add(j).cast());
@@ -615,8 +662,7 @@ mod x86 {
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn nearest3_avx2(
         words: &[V64],
-        lines: &[(usize, usize)],
-        offs: [usize; 3],
+        lines: &[(usize, [usize; 3])],
         pq: &[V64],
         init: &[V64],
     ) -> [[u8; CL]; 3] {
@@ -640,9 +686,9 @@ mod x86 {
                     acc[2][j] = h;
                 }
                 for &(i, at) in lines {
-                    let v0 = _mm256_load_si256(wp.add((at + offs[0]) * CL + o).cast());
-                    let v1 = _mm256_load_si256(wp.add((at + offs[1]) * CL + o).cast());
-                    let v2 = _mm256_load_si256(wp.add((at + offs[2]) * CL + o).cast());
+                    let v0 = _mm256_load_si256(wp.add(at[0] * CL + o).cast());
+                    let v1 = _mm256_load_si256(wp.add(at[1] * CL + o).cast());
+                    let v2 = _mm256_load_si256(wp.add(at[2] * CL + o).cast());
                     let row = pp.add((i * K + kb) * CL + o);
                     for j in 0..4 {
                         let p = _mm256_load_si256(row.add(j * CL).cast());
@@ -722,7 +768,8 @@ mod tests {
 
     /// The channel-lane kernels, at every SIMD level and on one or two threads, give the codes
     /// of the reference [`Quant::nearest`] on the im2col rows, for strides, dilations, padding,
-    /// kernels narrower than 4, partial channel groups, output widths not a multiple of 3.
+    /// kernels narrower than 4, partial channel groups, output widths not a multiple of 3, bands
+    /// within an image and across images.
     #[test]
     fn quantized_lanes_match_the_reference() {
         let levels = crate::interp::kernels::levels_checked("quantized_lanes_match_the_reference");
@@ -734,6 +781,10 @@ mod tests {
             ([2, 5, 5, 7], window([2, 4], 1, 1, 0)),
             ([1, 33, 4, 4], window([1, 3], 1, 1, 1)),
             ([2, 64, 3, 3], window([3, 3], 1, 1, 1)),
+            // many small maps: bands of whole images, triples straddling rows and images
+            ([13, 20, 2, 3], window([3, 3], 1, 1, 1)),
+            ([9, 16, 3, 3], window([3, 3], 2, 1, 1)),
+            ([7, 16, 1, 1], window([3, 3], 1, 1, 1)),
         ];
         for (shape, win) in cases {
             let [n, c, h, w] = shape;
