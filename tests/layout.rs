@@ -326,6 +326,13 @@ fn int8_encoders_lower_to_standard_onnx() {
         "a (on the image) and b (after a Relu): {}",
         dump(&plain).unwrap()
     );
+    // calibrated on one thread: the same scales, prototypes and tables (the dump hashes them)
+    let one = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap()
+        .install(|| compile(false));
+    assert_eq!(dump(&one).unwrap(), dump(&plain).unwrap());
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("m.onnx");
     std::fs::write(&p, tabconv::onnx::lower::encode(&plain, "").unwrap()).unwrap();
