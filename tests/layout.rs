@@ -360,7 +360,7 @@ fn int8_encoders_lower_to_standard_onnx() {
         }
     });
     assert!(e.contains("'act_scale' needs ai.tabconv opset 5"), "{e}");
-    for v in [-1.0, 0.0, f32::NAN, f32::INFINITY] {
+    for v in [-1.0, 0.0, f32::NAN, f32::INFINITY, 1e-40] {
         let e = bad(&|m| {
             let g = m.graph.as_mut().unwrap();
             for a in g.node.iter_mut().flat_map(|n| n.attribute.iter_mut()) {

@@ -61,6 +61,8 @@ struct Unit {
     m: usize,
     relu: bool,
     enc: Encoding,
+    /// The int8 encoder's input scale (`PqEncode::act_scale`).
+    act_scale: Option<f32>,
     /// `[c][k][m]`, dequantized without the per-(codebook, output) midpoints.
     tables: Vec<f32>,
     /// `[m]`: the midpoints' sum and the bias.
@@ -163,6 +165,7 @@ impl Unit {
             m,
             relu,
             enc,
+            act_scale: pe.act_scale,
             tables: t_ckm,
             offset: offset.to_f32_vec(),
             temps: Vec::new(),
@@ -230,6 +233,7 @@ impl Unit {
             m: self.m,
             target: &[],
             epilogue: empty,
+            act_scale: self.act_scale,
         }
     }
 

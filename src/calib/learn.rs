@@ -23,6 +23,7 @@
 //! fit. Results are bit-identical for the same inputs and seed at any thread count: codebooks
 //! are processed in parallel but every sum runs in a fixed order.
 
+use crate::interp::kernels::encode_i8::Quant;
 use crate::pq::rng::Rng;
 use crate::pq::Subspaces;
 use ndarray::{ArrayView2, ArrayViewMut2};
@@ -65,6 +66,9 @@ pub struct Problem<'a> {
     /// Target activation `rows × m` (after the epilogue).
     pub target: &'a [f32],
     pub epilogue: &'a RowEpilogue,
+    /// The int8 argmin encoder's input scale: the hard forward encodes as it does
+    /// ([`crate::interp::kernels::encode_i8`]), so learning keeps what the int8 codes do best.
+    pub act_scale: Option<f32>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -259,9 +263,20 @@ fn hard_code(p: &Problem, enc: &Encoding, c: usize, r: usize) -> usize {
 /// Codes `[rows][c]` of the given rows.
 pub(crate) fn hard_codes(p: &Problem, enc: &Encoding, rows: &[usize]) -> Vec<u8> {
     let c_n = p.sub.count();
+    let s = p.sub.s;
+    let quant = match (enc, p.act_scale) {
+        (Encoding::Argmin { protos }, Some(a)) => Some(Quant::new(protos, p.k, s, a)),
+        _ => None,
+    };
     let per_c: Vec<Vec<u8>> = (0..c_n)
         .into_par_iter()
-        .map(|c| rows.iter().map(|&r| hard_code(p, enc, c, r) as u8).collect())
+        .map(|c| match &quant {
+            Some(q) => rows
+                .iter()
+                .map(|&r| q.nearest(c, &p.xs[c][r * s..(r + 1) * s]))
+                .collect(),
+            None => rows.iter().map(|&r| hard_code(p, enc, c, r) as u8).collect(),
+        })
         .collect();
     let mut codes = vec![0u8; rows.len() * c_n];
     for (c, col) in per_c.iter().enumerate() {
@@ -602,8 +617,42 @@ mod tests {
                 m: self.m,
                 target: &self.target,
                 epilogue: &self.ep,
+                act_scale: None,
             }
         }
+    }
+
+    /// With an int8 encoder's input scale, the hard forward gives the codes the interpreter
+    /// will compute (`encode_argmin` with that scale), not the f32 argmin's.
+    #[test]
+    fn hard_codes_follow_the_int8_encoder() {
+        let c = case(16, 400, 9);
+        let mut p = c.problem();
+        let mut rng = Rng::new(4);
+        let protos: Vec<f32> = (0..c.sub.count() * 16 * c.sub.s)
+            .map(|_| rng.next_f64() as f32)
+            .collect();
+        let enc = Encoding::Argmin { protos: protos.clone() };
+        let rows: Vec<usize> = (0..c.rows).collect();
+        let x: Vec<f32> = rows
+            .iter()
+            .flat_map(|&r| {
+                c.xs.iter()
+                    .flat_map(move |xc| xc[r * c.sub.s..(r + 1) * c.sub.s].iter().copied())
+            })
+            .collect();
+        let (mut f32_codes, mut int8_codes) = (vec![0u8; x.len() / c.sub.s], vec![0u8; x.len() / c.sub.s]);
+        let sub = Subspaces {
+            d: c.sub.count() * c.sub.s,
+            s: c.sub.s,
+        };
+        crate::interp::kernels::encode::encode_argmin(&x, c.rows, sub, 16, &protos, None, &mut f32_codes);
+        // a coarse scale, so that the two encoders disagree on some rows
+        let scale = 0.05;
+        crate::interp::kernels::encode::encode_argmin(&x, c.rows, sub, 16, &protos, Some(scale), &mut int8_codes);
+        assert_ne!(f32_codes, int8_codes, "the case must tell the encoders apart");
+        p.act_scale = Some(scale);
+        assert_eq!(hard_codes(&p, &enc, &rows), int8_codes);
     }
 
     fn case(k: usize, rows: usize, seed: u64) -> Case {
@@ -831,6 +880,7 @@ mod tests {
             m,
             target: &target,
             epilogue: &ep,
+            act_scale: None,
         };
         let protos: Vec<f32> = (0..sub.count() * k * sub.s)
             .map(|_| rng.next_f64() as f32 - 0.5)

@@ -792,8 +792,8 @@ fn pq_encode(p: &crate::ir::op::PqEncode, args: &[Arc<Tensor>], cache: Option<&C
                     bail!("prototypes {ps:?} do not fit {c_n} codebooks of {} values", p.subspace);
                 }
                 if let Some(a) = p.act_scale {
-                    if !(a.is_finite() && a > 0.0) || p.subspace > 64 {
-                        bail!("the int8 encoder needs a positive finite act_scale and a subspace of at most 64 values, got {a} and {}", p.subspace);
+                    if !super::kernels::encode_i8::valid_act_scale(a) || p.subspace > 64 {
+                        bail!("the int8 encoder needs a positive normal act_scale and a subspace of at most 64 values, got {a} and {}", p.subspace);
                     }
                 }
                 let cb = encode::Codebooks::Argmin {

@@ -8,6 +8,7 @@ use super::export::{TABCONV_DOMAIN, TABCONV_OPSET};
 use super::proto::{read_model_proto, TensorReader};
 use crate::error::{Error, Result};
 use crate::interp::eval::eval_op;
+use crate::interp::kernels::encode_i8::valid_act_scale;
 use crate::ir::infer::{infer_graph, infer_op};
 use crate::ir::op::{Binary, Conv, Encoder, Gemm, Padding, Pool, PoolKind, PqEncode, Unary, Window};
 use crate::ir::{DType, Dim, Fact, Graph, Op, Outlet, Tensor};
@@ -704,9 +705,9 @@ impl Importer {
                     }
                     true => {
                         let v = a.float("act_scale", 0.0);
-                        if encoder != Encoder::Argmin || !(v.is_finite() && v > 0.0) || subspace > 64 {
+                        if encoder != Encoder::Argmin || !valid_act_scale(v) || subspace > 64 {
                             return Err(Error::Other(format!(
-                                "act_scale must be a positive finite float on an argmin encoder of subspace ≤ 64, got {v} ({encoder:?}, subspace {subspace})"
+                                "act_scale must be a positive finite float (normal, with a finite inverse) on an argmin encoder of subspace ≤ 64, got {v} ({encoder:?}, subspace {subspace})"
                             )));
                         }
                         Some(v)

@@ -237,9 +237,9 @@ impl Lowered {
     }
 
     /// The int8 argmin (`encode_i8`) in float32 operators, exactly: the inputs quantized by
-    /// `Round(Min(Max(x · (1/act_scale), 0), 127))` (ONNX rounds half to even, as the encoder),
-    /// then `hn − q·pq` with integer-valued floats whose sums stay below 2²⁴, so every sum is
-    /// exact whatever the order. (NaN inputs, which the encoder reads as 0, are not mapped.)
+    /// `Round(Min(Where(x' > 0, x', 0), 127))` with `x' = x · (1/act_scale)` (NaN and negatives
+    /// read as 0; ONNX rounds half to even, as the encoder), then `hn − q·pq` with
+    /// integer-valued floats whose sums stay below 2²⁴, so every sum is exact whatever the order.
     fn argmin_i8(
         &mut self,
         graph: &Graph,
@@ -268,7 +268,9 @@ impl Lowered {
         let zero = self.init(&Tensor::f32(&[], vec![0.0])?);
         let top = self.init(&Tensor::f32(&[], vec![127.0])?);
         let xs = self.op("Mul", &[x4, &inv], vec![], None);
-        let xs = self.op("Max", &[&xs, &zero], vec![], None);
+        // Where(x > 0, x, 0) rather than Max: NaN reads as 0, as in the encoder
+        let pos = self.op("Greater", &[&xs, &zero], vec![], None);
+        let xs = self.op("Where", &[&pos, &xs, &zero], vec![], None);
         let xs = self.op("Min", &[&xs, &top], vec![], None);
         let xq = self.op("Round", &[&xs], vec![], None);
         let dot = self.op("MatMul", &[&xq, &pt], vec![], None);

@@ -404,7 +404,8 @@ fn encode_rows(x: &[f32], rows: usize, sub: Subspaces, k: usize, enc: &Encoding,
 
 /// The int8 encoder's input scale for calibration inputs `x`: their 99.99th percentile over
 /// 127 (a few larger values saturate rather than coarsen every other), or None when some input
-/// is negative or not finite (the encoder reads negatives as 0) or all are 0.
+/// is negative or not finite (the encoder reads negatives as 0) or the scale would be 0 or
+/// subnormal (inputs all 0 or tiny).
 fn int8_act_scale(x: &[f32]) -> Option<f32> {
     if x.iter().any(|v| !(*v >= 0.0 && v.is_finite())) {
         return None;
@@ -417,7 +418,7 @@ fn int8_act_scale(x: &[f32]) -> Option<f32> {
     }
     let at = ((v.len() as f64 * 0.9999) as usize).min(v.len() - 1);
     let (_, q, _) = v.select_nth_unstable_by(at, f32::total_cmp);
-    (*q > 0.0).then_some(*q / 127.0)
+    Some(*q / 127.0).filter(|&a| crate::interp::kernels::encode_i8::valid_act_scale(a))
 }
 
 /// A fitted (and maybe learned) layer, ready to replace the MatMul.
@@ -488,6 +489,7 @@ fn fit_layer(layer: &Layer, data: Data, o: &Options, cx: &mut PassCx, li: usize,
             m,
             target,
             epilogue,
+            act_scale,
         };
         let lo = learn::Options {
             epochs: o.epochs,
@@ -813,4 +815,23 @@ fn transpose_blocks(t: &[f32], c: usize, rows: usize, cols: usize) -> Vec<f32> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::int8_act_scale;
+
+    /// The int8 encoder's scale: the 99.99th percentile over 127; none for negative or
+    /// non-finite inputs, or where the scale would not be a normal float (tiny inputs).
+    #[test]
+    fn int8_scales() {
+        let x: Vec<f32> = (0..100_000).map(|i| (i % 1000) as f32 / 1000.0).collect();
+        let a = int8_act_scale(&x).unwrap();
+        assert!((a * 127.0 - 0.999).abs() < 1e-6, "{a}");
+        assert_eq!(int8_act_scale(&[0.5, -0.1, 0.2]), None);
+        assert_eq!(int8_act_scale(&[0.5, f32::NAN]), None);
+        assert_eq!(int8_act_scale(&[0.0; 8]), None);
+        assert_eq!(int8_act_scale(&[1e-44; 8]), None);
+        assert_eq!(int8_act_scale(&[1e-38; 8]), None);
+    }
 }

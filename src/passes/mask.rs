@@ -137,7 +137,7 @@ impl TimeModel {
         // a row is one pixel window: `C·kh·kw` values
         let channels = (d / (kh * kw).max(1)).max(1);
         let rate = match enc.act_scale {
-            Some(_) if s == kh * kw && kw <= 4 => self.encode_mac_i8,
+            Some(_) if s == kh * kw && kw <= 4 && kh <= 16 => self.encode_mac_i8,
             _ => self.encode_mac,
         };
         rate * (channels.div_ceil(16) * 16) as f64 / channels as f64

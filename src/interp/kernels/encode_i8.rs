@@ -35,6 +35,12 @@ const K: usize = 16;
 /// Most kernel rows the channel-lane kernel lists per output row.
 const MAX_KH: usize = 16;
 
+/// Whether `act_scale` can scale the int8 encoder's inputs: a positive normal float whose
+/// inverse is finite.
+pub fn valid_act_scale(act_scale: f32) -> bool {
+    act_scale.is_normal() && act_scale > 0.0 && (1.0 / act_scale).is_finite()
+}
+
 /// `q(v)` for `inv = 1/act_scale` (see the module doc).
 #[inline(always)]
 pub fn quantize(v: f32, inv: f32) -> u8 {
@@ -54,9 +60,9 @@ pub struct Quant {
 }
 
 impl Quant {
-    /// Quantize prototypes `[c][k][s]` for inputs scaled by `act_scale` (finite, > 0).
+    /// Quantize prototypes `[c][k][s]` for inputs scaled by `act_scale` ([`valid_act_scale`]).
     pub fn new(protos: &[f32], k: usize, s: usize, act_scale: f32) -> Quant {
-        assert!(act_scale.is_finite() && act_scale > 0.0, "act_scale {act_scale}");
+        assert!(valid_act_scale(act_scale), "act_scale {act_scale}");
         assert!(k > 0 && s > 0 && protos.len().is_multiple_of(k * s));
         let mut pq = Vec::with_capacity(protos.len());
         let mut hn = Vec::with_capacity(protos.len() / s);
@@ -223,9 +229,9 @@ thread_local! {
 }
 
 /// Encode channels-last conv rows with [`QuantLanes`] at `level`: `codes` is `rows × channels`.
-/// Work is split into bands of output rows (at least 4 per thread where the batch allows): runs
-/// of whole images, or parts of one image when there are fewer images than bands. Codes do
-/// not depend on the split.
+/// Work is split into bands of output rows: runs of whole images for small maps, else parts of
+/// one image (at least 4 bands per thread where the batch allows, at most ~128 KiB of tap
+/// words each). Codes do not depend on the split.
 pub fn encode_lanes(level: Simd, rows: &Rows, ql: &QuantLanes, codes: &mut [u8]) {
     let Rows::ConvNhwc { shape, geo, .. } = rows else {
         unreachable!("quantized channel lanes need channels-last rows")
@@ -245,14 +251,20 @@ pub fn encode_lanes(level: Simd, rows: &Rows, ql: &QuantLanes, codes: &mut [u8])
     // whole images per band: as few as give that work and ≥ 12 output pixels (the last group of
     // three repeats rows), so a band's tap words stay in cache
     let images = min_rows.div_ceil(oh).max(12usize.div_ceil(oh * ow));
-    if images > 1 || n >= tasks {
+    if images > 1 {
         let images = images.min(n);
         codes
             .par_chunks_mut(images * oh * row_len)
             .enumerate()
             .for_each(|(t, out)| run(t * images * oh, out));
     } else {
-        let band = oh.div_ceil(tasks.div_ceil(n)).max(min_rows).min(oh);
+        // larger maps: bands of output rows within an image, at most ~128 KiB of tap words each
+        let sh = match rows {
+            Rows::ConvNhwc { win, .. } => win.strides[0].max(1),
+            _ => 1,
+        };
+        let fit = ((128usize << 10) / (ow * ql.groups * 64 * sh)).max(1);
+        let band = oh.div_ceil(tasks.div_ceil(n)).min(fit).max(min_rows).min(oh);
         codes.par_chunks_mut(oh * row_len).enumerate().for_each(|(img, out)| {
             out.par_chunks_mut(band * row_len)
                 .enumerate()
@@ -471,7 +483,7 @@ fn nearest3(level: Simd, words: &[V64], lines: &[(usize, [usize; 3])], pq: &[V64
     #[cfg(target_arch = "x86_64")]
     match level {
         // SAFETY: the level (and VNNI) was detected; every line offset is inside `words`, every
-        // kernel row inside `pq` (asserted in debug builds; built so by `encode_band`).
+        // kernel row inside `pq` (asserted above).
         Simd::Avx512 if vnni() => return unsafe { x86::nearest3_vnni(words, lines, pq, init) },
         // SAFETY: as above (AVX2 is implied by the AVX-512 level).
         Simd::Avx512 | Simd::Avx2 => return unsafe { x86::nearest3_avx2(words, lines, pq, init) },
