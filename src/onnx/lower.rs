@@ -249,10 +249,24 @@ impl Lowered {
         s: usize,
         act_scale: f32,
     ) -> Result<String> {
-        let protos = const_input(graph, ir, 1)?.as_f32()?.as_standard_layout().into_owned();
-        let k = protos.shape()[1];
-        let q =
-            crate::interp::kernels::encode_i8::Quant::new(protos.as_slice().expect("standard layout"), k, s, act_scale);
+        use crate::interp::kernels::encode_i8::{valid_act_scale, Quant};
+        let p = const_input(graph, ir, 1)?;
+        let k = match p.shape()[..] {
+            [c, k, ss] if c == c_n && ss == s && (1..=256).contains(&k) => k,
+            _ => {
+                return Err(Error::Other(format!(
+                    "prototypes {:?} do not fit {c_n} codebooks of {s} values",
+                    p.shape()
+                )))
+            }
+        };
+        if !valid_act_scale(act_scale) || s > 64 {
+            return Err(Error::Other(format!(
+                "act_scale {act_scale} with subspace {s}: not an int8 encoder"
+            )));
+        }
+        let protos = p.as_f32()?.iter().copied().collect::<Vec<f32>>();
+        let q = Quant::new(&protos, k, s, act_scale);
         let mut pt = vec![0f32; c_n * s * k];
         for c in 0..c_n {
             for j in 0..k {

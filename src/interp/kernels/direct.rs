@@ -1841,18 +1841,6 @@ mod tests {
     use crate::ir::op::{Padding, Window};
     use crate::pq::rng::Rng;
 
-    fn to_nhwc(x: &[f32], [n, c, h, w]: [usize; 4]) -> Vec<f32> {
-        let mut out = vec![0f32; x.len()];
-        for i in 0..n {
-            for ch in 0..c {
-                for p in 0..h * w {
-                    out[(i * h * w + p) * c + ch] = x[(i * c + ch) * h * w + p];
-                }
-            }
-        }
-        out
-    }
-
     fn conv(k: usize, stride: usize, dil: usize, pad: [usize; 4], group: usize) -> Conv {
         Conv::nchw(
             Window {
@@ -1922,7 +1910,7 @@ mod tests {
             let wt: Vec<f32> = (0..m * wc * k * k).map(|_| rng.next_f64() as f32 - 0.5).collect();
             let b: Vec<f32> = (0..m).map(|i| i as f32 * 0.1 - 1.0).collect();
             let reference = conv2d(&x, xs, &wt, m, Some(&b), &cv, None).unwrap();
-            let xn = to_nhwc(&x, xs);
+            let xn = crate::interp::kernels::to_nhwc(&x, xs);
             let packed = match dw {
                 false => NhwcWeights::pack(&wt, m, c, [k, k], Some(&b)),
                 true => NhwcWeights::pack_depthwise(&wt, c, [k, k], Some(&b)),
@@ -1931,7 +1919,7 @@ mod tests {
                 conv_nhwc(&xn, [n, h, w, c], &packed, &cv, Epilogue::default(), Simd::Scalar).unwrap();
             let rs = reference.shape();
             assert_eq!(shape, [rs[0], rs[2], rs[3], rs[1]]);
-            let want = to_nhwc(reference.as_slice().unwrap(), [rs[0], rs[1], rs[2], rs[3]]);
+            let want = crate::interp::kernels::to_nhwc(reference.as_slice().unwrap(), [rs[0], rs[1], rs[2], rs[3]]);
             assert_eq!(scalar.len(), want.len());
             let err = scalar.iter().zip(&want).fold(0f32, |e, (a, b)| e.max((a - b).abs()));
             assert!(err < 1e-4, "case c={c} m={m} k={k}: {err}");

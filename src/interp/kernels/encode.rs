@@ -1634,21 +1634,6 @@ mod tests {
         conv_case([2, 3, 7, 6], odd);
     }
 
-    /// NCHW → NHWC copy of a batch.
-    fn to_nhwc(x: &[f32], [n, c, h, w]: [usize; 4]) -> Vec<f32> {
-        let mut y = vec![0f32; x.len()];
-        for i in 0..n {
-            for ch in 0..c {
-                for yy in 0..h {
-                    for xx in 0..w {
-                        y[((i * h + yy) * w + xx) * c + ch] = x[((i * c + ch) * h + yy) * w + xx];
-                    }
-                }
-            }
-        }
-        y
-    }
-
     /// Channels-last rows give the same codes as NCHW rows, through the channel-lane kernel
     /// (one codebook per channel, or per channel and kernel row) and the generic gather alike,
     /// with channel counts that are not a multiple of 16, strides, dilations, padding, K = 16/32.
@@ -1680,7 +1665,7 @@ mod tests {
             let x: Vec<f32> = (0..shape.iter().product())
                 .map(|_| rng.next_f64() as f32 - 0.3)
                 .collect();
-            let xh = to_nhwc(&x, shape);
+            let xh = crate::interp::kernels::to_nhwc(&x, shape);
             let geo = win.resolve([shape[2], shape[3]]).unwrap();
             let d = shape[1] * kernel[0] * kernel[1];
             let sub = Subspaces { d, s };

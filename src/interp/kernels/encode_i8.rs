@@ -749,20 +749,6 @@ mod tests {
         }
     }
 
-    fn nchw_to_nhwc(x: &[f32], [n, c, h, w]: [usize; 4]) -> Vec<f32> {
-        let mut out = vec![0f32; x.len()];
-        for i in 0..n {
-            for ch in 0..c {
-                for y in 0..h {
-                    for xx in 0..w {
-                        out[((i * h + y) * w + xx) * c + ch] = x[((i * c + ch) * h + y) * w + xx];
-                    }
-                }
-            }
-        }
-        out
-    }
-
     /// Inputs with exact zeros, negatives, values past the scale's range, halfway points
     /// (round half to even) and a NaN.
     fn inputs(rng: &mut Rng, len: usize, act_scale: f32) -> Vec<f32> {
@@ -818,7 +804,7 @@ mod tests {
             let mut b = vec![0u8; want.len()];
             encode_argmin(rows, n_rows, sub, K, &protos, Some(act_scale), &mut b);
             assert_eq!(b, want, "{shape:?} matrix rows");
-            let xh = nchw_to_nhwc(&x, shape);
+            let xh = crate::interp::kernels::to_nhwc(&x, shape);
             let nhwc = Rows::ConvNhwc {
                 x: &xh,
                 shape: [n, h, w, c],

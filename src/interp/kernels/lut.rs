@@ -181,22 +181,10 @@ pub fn lut_i8_then<T: Send>(
         // Split the outputs instead of the rows: every task reads only its part of the tables,
         // once for all rows. Exact integer sums: the same result.
         let tile = m.div_ceil(2 * rayon::current_num_threads()).next_multiple_of(COL_TILE);
-        let tiles: Vec<Vec<i32>> = (0..m.div_ceil(tile))
-            .into_par_iter()
-            .map(|ti| {
-                let cols = ti * tile..((ti + 1) * tile).min(m);
-                let mut res = vec![0i32; rows * cols.len()];
-                call.block_cols(codes, 0, cols, &mut res, &mut Scratch::default());
-                res
-            })
-            .collect();
         let mut sums = vec![0i32; rows * m];
-        for (ti, res) in tiles.iter().enumerate() {
-            let (m0, mw) = (ti * tile, res.len() / rows);
-            for (o, r) in sums.chunks_exact_mut(m).zip(res.chunks_exact(mw)) {
-                o[m0..m0 + mw].copy_from_slice(r);
-            }
-        }
+        col_tiles(rows, m, tile, &mut sums, |cols, res| {
+            call.block_cols(codes, 0, cols, res, &mut Scratch::default())
+        });
         epilogue(0, &sums, out);
         return;
     }
@@ -275,7 +263,7 @@ impl<'a> Call<'a> {
 
     /// Whether [`Call::block_cols`] takes column ranges other than all outputs (the 16-entry
     /// SIMD kernels; ranges start at multiples of [`COL_TILE`]).
-    fn splits_cols(&self) -> bool {
+    fn takes_col_ranges(&self) -> bool {
         self.kernel != LutKernel::Scalar && self.k == 16
     }
 
@@ -286,17 +274,17 @@ impl<'a> Call<'a> {
     fn split_cols(&self, rows: usize) -> bool {
         let (c, m) = (self.c, self.m);
         rayon::current_num_threads() > 1
-            && self.splits_cols()
+            && self.takes_col_ranges()
             && m >= 2 * COL_TILE
             && rows * c * m >= 1 << 20
             && rows <= self.par_rows
     }
 
     /// The sums of outputs `cols` of block `bi` of rows into `out` (`rows_in_block ×
-    /// cols.len()`, every value written); `cols` is every output unless [`Call::splits_cols`].
+    /// cols.len()`, every value written); `cols` is every output unless [`Call::takes_col_ranges`].
     fn block_cols(&self, codes: &[u8], bi: usize, cols: Range<usize>, out: &mut [i32], scratch: &mut Scratch) {
         let (c, m) = (self.c, self.m);
-        assert!(cols == (0..m) || (self.splits_cols() && cols.start.is_multiple_of(COL_TILE) && cols.end <= m));
+        assert!(cols == (0..m) || (self.takes_col_ranges() && cols.start.is_multiple_of(COL_TILE) && cols.end <= m));
         let r0 = bi * self.par_rows;
         let nr = out.len() / cols.len();
         let codes = &codes[r0 * c..(r0 + nr) * c];
@@ -398,18 +386,29 @@ pub fn lut_i8_rowwise_at(
         rowwise_tile(level, codes, c, tables_ckm, m, k, 0, m, out);
         return;
     }
-    // Column tiles in parallel: each task owns outputs m0..m0+tile of every row.
+    col_tiles(rows, m, tile, out, |cols, res| {
+        rowwise_tile(level, codes, c, tables_ckm, m, k, cols.start, cols.len(), res)
+    });
+}
+
+/// The sums of `rows` rows by column tiles of `tile` outputs in parallel: `f(cols, res)` writes
+/// outputs `cols` of every row into `res` (`rows × cols.len()`), then each tile is copied into
+/// `out` (`rows × m`).
+fn col_tiles(rows: usize, m: usize, tile: usize, out: &mut [i32], f: impl Fn(Range<usize>, &mut [i32]) + Sync) {
+    if rows == 0 || m == 0 {
+        return;
+    }
     let tiles: Vec<Vec<i32>> = (0..m.div_ceil(tile))
         .into_par_iter()
         .map(|ti| {
-            let (m0, mw) = (ti * tile, tile.min(m - ti * tile));
-            let mut res = vec![0i32; rows * mw];
-            rowwise_tile(level, codes, c, tables_ckm, m, k, m0, mw, &mut res);
+            let cols = ti * tile..((ti + 1) * tile).min(m);
+            let mut res = vec![0i32; rows * cols.len()];
+            f(cols, &mut res);
             res
         })
         .collect();
     for (ti, res) in tiles.iter().enumerate() {
-        let (m0, mw) = (ti * tile, tile.min(m - ti * tile));
+        let (m0, mw) = (ti * tile, res.len() / rows);
         for (o, r) in out.chunks_exact_mut(m).zip(res.chunks_exact(mw)) {
             o[m0..m0 + mw].copy_from_slice(r);
         }

@@ -161,6 +161,20 @@ pub(crate) fn report_checked<T: Copy>(
     ran
 }
 
+/// NCHW → NHWC copy of a batch (the kernel tests' channels-last inputs).
+#[cfg(test)]
+pub(crate) fn to_nhwc(x: &[f32], [n, c, h, w]: [usize; 4]) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    for i in 0..n {
+        for ch in 0..c {
+            for p in 0..h * w {
+                out[(i * h * w + p) * c + ch] = x[(i * c + ch) * h * w + p];
+            }
+        }
+    }
+    out
+}
+
 /// The SIMD levels a kernel test runs at: every level this CPU has ([`report_checked`]).
 #[cfg(test)]
 pub(crate) fn levels_checked(test: &str) -> Vec<Simd> {
