@@ -72,7 +72,10 @@ pub struct Options {
 /// ≈ 40 G/s (its comparisons included; it fills 16 channels per vector, so a layer of `C`
 /// channels pays for `⌈C/16⌉·16`), the int8 channel-lane encoder about twice that, argmin encoders that gather their rows (fully connected
 /// layers, codebooks spanning channels) ≈ 8 G/s, hash-tree comparisons ≈ 2 G/s (one gather
-/// per comparison), int8 lookup-adds ≈ 70 G/s for layers of 64 or more outputs (≈ 23 G/s
+/// per comparison) where rows are gathered (fully connected layers) and ≈ 8 G/s in the
+/// pixel-lane kernel of convolutions (planar copies of the input, one load per 16 pixels;
+/// 13–40 exact multiply-adds per comparison measured on NIN's layers, the low end for wide
+/// windows, the high end for 1×1 convolutions, whose planar copy weighs more), int8 lookup-adds ≈ 70 G/s for layers of 64 or more outputs (≈ 23 G/s
 /// at 32). Counting operations alone (all weights 1) would keep layers as lookups that run
 /// slower than the exact layer they replace (measured: a 1-channel stem as lookups ran 7×
 /// slower than exact).
@@ -86,7 +89,10 @@ pub struct TimeModel {
     pub encode_mac_i8: f64,
     /// An argmin multiply-add of an encoder that gathers its rows.
     pub encode_mac_gather: f64,
+    /// A hash-tree comparison of an encoder that gathers its rows.
     pub compare: f64,
+    /// A hash-tree comparison in the pixel-lane kernel of convolutions.
+    pub compare_conv: f64,
     pub lookup: f64,
 }
 
@@ -97,6 +103,7 @@ impl Default for TimeModel {
             encode_mac_i8: 1.3,
             encode_mac_gather: 14.0,
             compare: 55.0,
+            compare_conv: 16.0,
             lookup: 1.6,
         }
     }
@@ -104,8 +111,8 @@ impl Default for TimeModel {
 
 impl TimeModel {
     /// Estimated time of `c` in exact multiply-adds, for a layer with `m` outputs. An argmin
-    /// encoder's comparisons are part of its per-multiply-add rate; `compare` prices the hash
-    /// tree's. `lookup` is the rate at 64 or more outputs: the shuffle kernel fills 64 outputs
+    /// encoder's comparisons are part of its per-multiply-add rate; `compare_conv` (convolutions)
+    /// and `compare` (gathered rows) price the hash tree's. `lookup` is the rate at 64 or more outputs: the shuffle kernel fills 64 outputs
     /// per pass, so fewer cost proportionally more per lookup. `enc` is the layer's encoder and `d`
     /// its row length.
     pub fn time(&self, c: &cost::Cost, m: usize, enc: &PqEncode, d: usize) -> f64 {
@@ -117,7 +124,11 @@ impl TimeModel {
         let lookup = self.lookup * (64.0 / m.max(1) as f64).max(1.0);
         c.exact_macs as f64
             + self.encode_mac_rate(enc, d) * c.encode_macs as f64
-            + self.compare * compares
+            + if enc.window.is_some() {
+                self.compare_conv
+            } else {
+                self.compare
+            } * compares
             + lookup * c.lookups as f64
     }
 }

@@ -22,6 +22,9 @@ use crate::ir::op::Window;
 use crate::ir::window::Geometry;
 use crate::pq::Subspaces;
 use rayon::prelude::*;
+use tree::{pixel_tree, tree_nhwc, PixelTree};
+
+mod tree;
 
 /// Rows per parallel task.
 const BLOCK: usize = 256;
@@ -216,46 +219,6 @@ pub struct Prepared {
     pixel_tree: Option<PixelTree>,
     /// The int8 channel-lane layout for channels-last convolutions (see [`QuantLanes`]).
     qlanes: Option<QuantLanes>,
-}
-
-/// A conv's hash trees as [`tree_nhwc`] reads them, built once per node.
-struct PixelTree {
-    depth: usize,
-    kernel: [usize; 2],
-    /// The thresholds of each codebook, `th_stride` apart: the first 16 are one vector (unused
-    /// lanes: +inf), the node of levels 0–3 picked by a permute; deeper levels (up to depth 8,
-    /// K = 256) gather theirs.
-    th: Vec<f32>,
-    th_stride: usize,
-    /// Per codebook and level: the window column compared, as (channel, i, j), or None when it
-    /// lies past the last subspace's end (it reads as 0).
-    taps: Vec<Option<(usize, usize, usize)>>,
-}
-
-fn pixel_tree(sub: Subspaces, depth: usize, dims: &[usize], thr: &[f32], [kh, kw]: [usize; 2]) -> Option<PixelTree> {
-    if depth > 8 {
-        return None;
-    }
-    let c_n = sub.count();
-    let nodes = (1 << depth) - 1;
-    let th_stride = (nodes + 1).max(16);
-    let mut th = vec![f32::INFINITY; c_n * th_stride];
-    for c in 0..c_n {
-        th[c * th_stride..c * th_stride + nodes].copy_from_slice(&thr[c * nodes..(c + 1) * nodes]);
-    }
-    let taps = (0..c_n * depth)
-        .map(|cl| {
-            let col = (cl / depth) * sub.s + dims[cl];
-            (col < sub.d).then(|| (col / (kh * kw), col / kw % kh, col % kw))
-        })
-        .collect();
-    Some(PixelTree {
-        depth,
-        kernel: [kh, kw],
-        th,
-        th_stride,
-        taps,
-    })
 }
 
 enum Kind {
@@ -484,264 +447,6 @@ macro_rules! dispatch_simd {
     }};
 }
 pub(crate) use dispatch_simd;
-
-/// Hash-tree encoding of channels-last conv rows with one SIMD lane per output pixel: a tile is
-/// 16 pixels of one output row, so every lane compares the same column of the window (one
-/// gather from the image, zeros outside it) and picks its node's threshold from the
-/// codebook's 15 with one permute. Same comparisons as [`tree_tile`], so same codes. Returns
-/// false (nothing written) where it does not apply: not channels-last rows of the prepared
-/// kernel, below AVX2 (`level`), or images too large for 32-bit gather offsets. At AVX2, 8
-/// pixels at a time and the threshold from two 8-lane permutes.
-fn tree_nhwc(level: Simd, rows: &Rows, pt: &PixelTree, c_n: usize, codes: &mut [u8]) -> bool {
-    let Rows::ConvNhwc { x, shape, win, geo } = rows else {
-        return false;
-    };
-    let [n, h, w, c_in] = *shape;
-    let [oh, ow] = geo.out;
-    if level < Simd::Avx2 || win.kernel != pt.kernel || h * w * c_in >= i32::MAX as usize / 2 {
-        return false;
-    }
-    let job = TreeJob {
-        x,
-        hwc: [h, w, c_in],
-        win,
-        geo,
-        depth: pt.depth,
-        th: &pt.th,
-        th_stride: pt.th_stride,
-        taps: &pt.taps,
-        c_n,
-    };
-    let rows_per_task = (4096 / (ow * c_n).max(1)).max(1);
-    codes
-        .par_chunks_mut(rows_per_task * ow * c_n)
-        .enumerate()
-        .for_each(|(t, out)| {
-            for (k, row) in out.chunks_mut(ow * c_n).enumerate() {
-                let r = t * rows_per_task + k;
-                debug_assert!(r < n * oh);
-                // SAFETY: the caller detected `level` (AVX-512F, or AVX2); `row` holds the codes
-                // of output row `r`.
-                #[cfg(target_arch = "x86_64")]
-                unsafe {
-                    match level {
-                        Simd::Avx512 => tree_row_avx512(&job, r / oh, r % oh, row),
-                        _ => tree_row_avx2(&job, r / oh, r % oh, row),
-                    }
-                };
-            }
-        });
-    true
-}
-
-struct TreeJob<'a> {
-    x: &'a [f32],
-    hwc: [usize; 3],
-    win: &'a Window,
-    geo: &'a Geometry,
-    depth: usize,
-    th: &'a [f32],
-    th_stride: usize,
-    taps: &'a [Option<(usize, usize, usize)>],
-    c_n: usize,
-}
-
-impl TreeJob<'_> {
-    /// Image `img`'s values and the input row of output row `y`'s window top (may be < 0).
-    fn row(&self, img: usize, y: usize) -> (&[f32], isize) {
-        let [h, w, c_in] = self.hwc;
-        let y0 = (y * self.win.strides[0]) as isize - self.geo.pads[0] as isize;
-        (&self.x[img * h * w * c_in..(img + 1) * h * w * c_in], y0)
-    }
-    /// For a tap `(ch, i, j)` of windows whose top row is `y0`: the offset of its input row and
-    /// channel in the image, and the column offset `j · dw` of its pixels, or None when the row
-    /// lies in the padding (every lane reads 0).
-    fn tap(&self, y0: isize, (ch, i, j): (usize, usize, usize)) -> Option<(i32, i32)> {
-        let [h, w, c_in] = self.hwc;
-        let iy = y0 + (i * self.win.dilations[0]) as isize;
-        (0..h as isize)
-            .contains(&iy)
-            .then(|| ((iy as usize * w * c_in + ch) as i32, (j * self.win.dilations[1]) as i32))
-    }
-    /// The stride and left padding along x, as the gather offsets use them.
-    fn cols(&self) -> (i32, i32) {
-        (self.win.strides[1] as i32, self.geo.pads[1] as i32)
-    }
-}
-
-/// Codes of output row `y` of image `img` (`out`: `ow × c_n`).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn tree_row_avx512(job: &TreeJob, img: usize, y: usize, out: &mut [u8]) {
-    use std::arch::x86_64::*;
-    let [_, w, c_in] = job.hwc;
-    let ow = job.geo.out[1];
-    let (sw, pl) = job.cols();
-    let (image, y0) = job.row(img, y);
-    let lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    let mut codes = [0u32; 16];
-    for x0 in (0..ow).step_by(16) {
-        let lanes = (ow - x0).min(16);
-        let live: u16 = if lanes == 16 { u16::MAX } else { (1u16 << lanes) - 1 };
-        // input column of each lane's window corner
-        let ix0 = _mm512_sub_epi32(
-            _mm512_mullo_epi32(
-                _mm512_add_epi32(lane, _mm512_set1_epi32(x0 as i32)),
-                _mm512_set1_epi32(sw),
-            ),
-            _mm512_set1_epi32(pl),
-        );
-        for c in 0..job.c_n {
-            let thc = job.th.as_ptr().add(c * job.th_stride);
-            let thv = _mm512_loadu_ps(thc);
-            let mut idx = _mm512_setzero_si512();
-            for lev in 0..job.depth {
-                let xv = match job.taps[c * job.depth + lev].and_then(|t| job.tap(y0, t)) {
-                    Some((base, dx)) => {
-                        let ix = _mm512_add_epi32(ix0, _mm512_set1_epi32(dx));
-                        let inside = _mm512_cmpge_epi32_mask(ix, _mm512_setzero_si512())
-                            & _mm512_cmplt_epi32_mask(ix, _mm512_set1_epi32(w as i32))
-                            & live;
-                        let off = _mm512_add_epi32(
-                            _mm512_mullo_epi32(ix, _mm512_set1_epi32(c_in as i32)),
-                            _mm512_set1_epi32(base),
-                        );
-                        _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), inside, off, image.as_ptr())
-                    }
-                    None => _mm512_setzero_ps(),
-                };
-                let node = _mm512_add_epi32(idx, _mm512_set1_epi32((1 << lev) - 1));
-                let t = level_threshold512(thc, thv, lev, idx, node);
-                let gt = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(xv, t);
-                idx = _mm512_mask_add_epi32(
-                    _mm512_add_epi32(idx, idx),
-                    gt,
-                    _mm512_add_epi32(idx, idx),
-                    _mm512_set1_epi32(1),
-                );
-            }
-            _mm512_storeu_si512(codes.as_mut_ptr().cast(), idx);
-            for (l, &code) in codes[..lanes].iter().enumerate() {
-                out[(x0 + l) * job.c_n + c] = code as u8;
-            }
-        }
-    }
-}
-
-/// The threshold of each lane's node at level `lev` (`idx`: its index within the level, `node`
-/// its index in the tree, `thv` the tree's first 16 thresholds, `thc` all of them, `th_stride`
-/// readable). Levels 0–3 permute `thv`; deeper levels permute the level's own thresholds, which
-/// start at node `2^lev − 1`: one register at level 4, two at level 5 (`vpermt2ps`), four and
-/// eight at levels 6 and 7 (pairs, then blends on bits 5 and 6 of `idx`) — the permutes keep
-/// the gather latency out of each level's dependency on the previous one.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-#[inline]
-unsafe fn level_threshold512(
-    thc: *const f32,
-    thv: std::arch::x86_64::__m512,
-    lev: usize,
-    idx: std::arch::x86_64::__m512i,
-    node: std::arch::x86_64::__m512i,
-) -> std::arch::x86_64::__m512 {
-    use std::arch::x86_64::*;
-    let base = thc.add((1 << lev) - 1);
-    // 32 thresholds from base + 32·q, picked by bits 0–4 of idx
-    let pair = |q: usize| {
-        _mm512_permutex2var_ps(
-            _mm512_loadu_ps(base.add(32 * q)),
-            idx,
-            _mm512_loadu_ps(base.add(32 * q + 16)),
-        )
-    };
-    match lev {
-        0..4 => _mm512_permutexvar_ps(node, thv),
-        4 => _mm512_permutexvar_ps(idx, _mm512_loadu_ps(base)),
-        5 => pair(0),
-        6 | 7 => {
-            let b5 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(32));
-            let lo = _mm512_mask_blend_ps(b5, pair(0), pair(1));
-            if lev == 6 {
-                return lo;
-            }
-            let hi = _mm512_mask_blend_ps(b5, pair(2), pair(3));
-            let b6 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(64));
-            _mm512_mask_blend_ps(b6, lo, hi)
-        }
-        _ => _mm512_i32gather_ps::<4>(node, thc),
-    }
-}
-
-/// [`tree_row_avx512`] at AVX2: 8 pixels at a time.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn tree_row_avx2(job: &TreeJob, img: usize, y: usize, out: &mut [u8]) {
-    use std::arch::x86_64::*;
-    let [_, w, c_in] = job.hwc;
-    let ow = job.geo.out[1];
-    let (sw, pl) = job.cols();
-    let (image, y0) = job.row(img, y);
-    let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    let mut codes = [0u32; 8];
-    for x0 in (0..ow).step_by(8) {
-        let lanes = (ow - x0).min(8);
-        let live = _mm256_cmpgt_epi32(_mm256_set1_epi32(lanes as i32), lane);
-        // input column of each lane's window corner
-        let ix0 = _mm256_sub_epi32(
-            _mm256_mullo_epi32(
-                _mm256_add_epi32(lane, _mm256_set1_epi32(x0 as i32)),
-                _mm256_set1_epi32(sw),
-            ),
-            _mm256_set1_epi32(pl),
-        );
-        for c in 0..job.c_n {
-            let th = job.th.as_ptr().add(c * job.th_stride);
-            let (lo, hi) = (_mm256_loadu_ps(th), _mm256_loadu_ps(th.add(8)));
-            let mut idx = _mm256_setzero_si256();
-            for lev in 0..job.depth {
-                let xv = match job.taps[c * job.depth + lev].and_then(|t| job.tap(y0, t)) {
-                    Some((base, dx)) => {
-                        let ix = _mm256_add_epi32(ix0, _mm256_set1_epi32(dx));
-                        let inside = _mm256_and_si256(
-                            _mm256_and_si256(
-                                _mm256_cmpgt_epi32(ix, _mm256_set1_epi32(-1)),
-                                _mm256_cmpgt_epi32(_mm256_set1_epi32(w as i32), ix),
-                            ),
-                            live,
-                        );
-                        let off = _mm256_add_epi32(
-                            _mm256_mullo_epi32(ix, _mm256_set1_epi32(c_in as i32)),
-                            _mm256_set1_epi32(base),
-                        );
-                        let m = _mm256_castsi256_ps(inside);
-                        _mm256_mask_i32gather_ps::<4>(_mm256_setzero_ps(), image.as_ptr(), off, m)
-                    }
-                    None => _mm256_setzero_ps(),
-                };
-                // the node's threshold: lanes 0..8 from `lo`, 8..16 from `hi`; deeper levels'
-                // gathered
-                let node = _mm256_add_epi32(idx, _mm256_set1_epi32((1 << lev) - 1));
-                let t = if lev < 4 {
-                    let high = _mm256_castsi256_ps(_mm256_cmpgt_epi32(node, _mm256_set1_epi32(7)));
-                    _mm256_blendv_ps(
-                        _mm256_permutevar8x32_ps(lo, node),
-                        _mm256_permutevar8x32_ps(hi, node),
-                        high,
-                    )
-                } else {
-                    _mm256_i32gather_ps::<4>(th, node)
-                };
-                // greater: all ones (−1), so 2·idx − mask adds the bit
-                let gt = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GT_OQ>(xv, t));
-                idx = _mm256_sub_epi32(_mm256_add_epi32(idx, idx), gt);
-            }
-            _mm256_storeu_si256(codes.as_mut_ptr().cast(), idx);
-            for (l, &code) in codes[..lanes].iter().enumerate() {
-                out[(x0 + l) * job.c_n + c] = code as u8;
-            }
-        }
-    }
-}
 
 struct Job<'a> {
     rows: &'a Rows<'a>,
@@ -1653,6 +1358,13 @@ mod tests {
             // rows wider than one 16-pixel tile (the pixel-lane tree kernel)
             ([2, 4, 5, 37], [3, 3], [1, 1], [1, 1], [1, 1, 1, 1], 9, 16),
             ([1, 3, 4, 40], [3, 3], [1, 2], [1, 1], [0, 1, 1, 0], 9, 16),
+            // 16 channels or more (the planar copy's transposes) with a pixel tail, strided,
+            // dilated, 1×1, and pads wider than the kernel
+            ([2, 32, 6, 19], [5, 5], [1, 1], [1, 1], [2, 2, 2, 2], 5, 16),
+            ([1, 20, 9, 35], [3, 3], [2, 2], [1, 1], [1, 1, 1, 1], 9, 16),
+            ([2, 48, 3, 17], [1, 1], [1, 1], [1, 1], [0, 0, 0, 0], 4, 16),
+            ([1, 16, 7, 21], [3, 3], [1, 1], [2, 2], [3, 1, 0, 4], 9, 16),
+            ([1, 17, 5, 16], [2, 3], [1, 3], [1, 1], [0, 4, 1, 5], 6, 16),
         ];
         for &(shape, kernel, strides, dilations, pads, s, k) in cases {
             let win = Window {
@@ -1743,14 +1455,21 @@ mod tests {
                 let prepared = prepare(sub, &tree, Some((c, kernel[0], kernel[1])));
                 encode_prepared(&nhwc, &prepared, &mut b);
                 assert_eq!(a, b, "tree {shape:?}");
-                // the pixel-lane tree kernel at every level where it applies
+                // the pixel-lane tree kernel at every level where it applies, on 1 and 3
+                // threads (bands of output rows differ)
                 if let Some(pt) = &prepared.pixel_tree {
                     for &lv in &levels {
-                        b.fill(255);
-                        if tree_nhwc(lv, &nhwc, pt, c_n, &mut b) {
-                            assert_eq!(a, b, "pixel-lane tree at {lv:?}, depth {depth}, {shape:?}");
-                        } else {
-                            assert_eq!(lv, Simd::Scalar, "the pixel-lane tree runs at {lv:?}");
+                        for threads in [1, 3] {
+                            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                            b.fill(255);
+                            if pool.install(|| tree_nhwc(lv, &nhwc, pt, c_n, &mut b)) {
+                                assert_eq!(
+                                    a, b,
+                                    "pixel-lane tree at {lv:?}, depth {depth}, {shape:?}, {threads} threads"
+                                );
+                            } else {
+                                assert_eq!(lv, Simd::Scalar, "the pixel-lane tree runs at {lv:?}");
+                            }
                         }
                     }
                 } else {

@@ -1,0 +1,455 @@
+//! Hash-tree (MADDNESS) encoding of channels-last convolution rows, one SIMD lane per output
+//! pixel (16 at AVX-512, 8 at AVX2).
+//!
+//! Every lane of a tile compares the same window column of its own pixel, so the tile's values
+//! of one column are `lanes` pixels of one channel. A channels-last image holds those `C`
+//! values apart; each band of input rows is therefore first copied into a planar layout —
+//! per (input row, channel, column phase) the row's values with the padding as zeros — where
+//! they are one contiguous load (the column phase `u mod stride` splits strided windows so
+//! that consecutive pixels stay consecutive). The copy is a 16×16 in-register transpose per
+//! 16 pixels and 16 channels at AVX-512. Each node's threshold comes from a permute of the
+//! codebook's thresholds (`level_threshold512`), and the codes of 16 codebooks are assembled
+//! in registers and written as 16-byte runs per pixel.
+//!
+//! Same comparisons as [`super::tree_tile`] (`x > t`, `NaN` goes left, values outside the
+//! image are 0), so the same codes at every level and on any thread count.
+
+use super::{Rows, Simd};
+use rayon::prelude::*;
+use std::cell::RefCell;
+
+/// A conv's hash trees as [`tree_nhwc`] reads them, built once per node.
+pub(super) struct PixelTree {
+    depth: usize,
+    kernel: [usize; 2],
+    /// The thresholds of each codebook, `th_stride` apart: the first 16 are one vector (unused
+    /// lanes: +inf), the node of levels 0–3 picked by a permute; deeper levels (up to depth 8,
+    /// K = 256) permute or gather theirs.
+    th: Vec<f32>,
+    th_stride: usize,
+    /// Per codebook and level: the window column compared, as (channel, i, j), or None when it
+    /// lies past the last subspace's end (it reads as 0).
+    taps: Vec<Option<(usize, usize, usize)>>,
+}
+
+pub(super) fn pixel_tree(
+    sub: crate::pq::Subspaces,
+    depth: usize,
+    dims: &[usize],
+    thr: &[f32],
+    [kh, kw]: [usize; 2],
+) -> Option<PixelTree> {
+    if depth > 8 {
+        return None;
+    }
+    let c_n = sub.count();
+    let nodes = (1 << depth) - 1;
+    let th_stride = (nodes + 1).max(16);
+    let mut th = vec![f32::INFINITY; c_n * th_stride];
+    for c in 0..c_n {
+        th[c * th_stride..c * th_stride + nodes].copy_from_slice(&thr[c * nodes..(c + 1) * nodes]);
+    }
+    let taps = (0..c_n * depth)
+        .map(|cl| {
+            let col = (cl / depth) * sub.s + dims[cl];
+            (col < sub.d).then(|| (col / (kh * kw), col / kw % kh, col % kw))
+        })
+        .collect();
+    Some(PixelTree {
+        depth,
+        kernel: [kh, kw],
+        th,
+        th_stride,
+        taps,
+    })
+}
+
+/// Planar scratch per band: at most this many bytes of input rows (plus one zero row).
+const BAND_BYTES: usize = 256 << 10;
+
+thread_local! {
+    /// Each thread's planar band, reused across calls.
+    static PLANES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Hash-tree encoding of channels-last conv rows ([`PixelTree`]): `codes` is `rows × c_n`.
+/// Returns false (nothing written) where it does not apply: not channels-last rows of the
+/// prepared kernel, or below AVX2 (`level`).
+pub(super) fn tree_nhwc(level: Simd, rows: &Rows, pt: &PixelTree, c_n: usize, codes: &mut [u8]) -> bool {
+    let Rows::ConvNhwc { x, shape, win, geo } = rows else {
+        return false;
+    };
+    let [n, h, w, c_in] = *shape;
+    let [oh, ow] = geo.out;
+    if level < Simd::Avx2 || win.kernel != pt.kernel || n * oh * ow == 0 || c_n == 0 {
+        return false;
+    }
+    let [sw, dw] = [win.strides[1], win.dilations[1]];
+    let (pl, kw) = (geo.pads[1], win.kernel[1]);
+    // plane width: every lane's column (pixels rounded up to 16) and every input column
+    let qw = (ow.next_multiple_of(16) + (kw - 1) * dw / sw + 1)
+        .max((w - 1 + pl) / sw + 1)
+        .max(w.next_multiple_of(16) + pl);
+    let job = Job {
+        x,
+        hwc: [h, w, c_in],
+        strides: win.strides,
+        dilations: win.dilations,
+        kernel: win.kernel,
+        pads: [geo.pads[0], pl],
+        out: geo.out,
+        qw,
+        row_len: c_in * sw * qw,
+        tap_row: Vec::new(),
+        tap_off: Vec::new(),
+        pt,
+        c_n,
+    };
+    let (tap_row, tap_off) = pt.taps.iter().map(|t| job.tap(*t)).unzip();
+    let job = Job {
+        tap_row,
+        tap_off,
+        ..job
+    };
+    // output rows per band: the band's input rows within BAND_BYTES, and enough bands for
+    // every thread when the batch is small
+    let fixed = (win.kernel[0] - 1) * win.dilations[0] + 1;
+    let per_row = win.strides[0];
+    let fit = (BAND_BYTES / (4 * job.row_len).max(1)).saturating_sub(fixed) / per_row + 1;
+    let spread = (n * oh).div_ceil(2 * rayon::current_num_threads()).max(1);
+    let band = fit.min(spread).clamp(1, oh);
+    let row_codes = ow * c_n;
+    codes.par_chunks_mut(oh * row_codes).enumerate().for_each(|(img, out)| {
+        out.par_chunks_mut(band * row_codes)
+            .enumerate()
+            .for_each(|(b, out)| PLANES.with(|p| job.band(level, img, b * band, out, &mut p.borrow_mut())))
+    });
+    true
+}
+
+struct Job<'a> {
+    x: &'a [f32],
+    hwc: [usize; 3],
+    strides: [usize; 2],
+    dilations: [usize; 2],
+    kernel: [usize; 2],
+    /// top, left
+    pads: [usize; 2],
+    out: [usize; 2],
+    /// Values per (row, channel, phase) plane.
+    qw: usize,
+    /// Values per planar input row: `C · stride_x · qw`.
+    row_len: usize,
+    /// Per codebook and level: the kernel row of its tap (`kh` when it reads zeros) and its
+    /// offset within a planar input row.
+    tap_row: Vec<usize>,
+    tap_off: Vec<usize>,
+    pt: &'a PixelTree,
+    c_n: usize,
+}
+
+impl Job<'_> {
+    /// Codes of output rows `ya ..` of image `img` (`out`: whole rows).
+    fn band(&self, level: Simd, img: usize, ya: usize, out: &mut [u8], planes: &mut Vec<f32>) {
+        let [h, w, c_in] = self.hwc;
+        let sh = self.strides[0];
+        let yb = ya + out.len() / (self.out[1] * self.c_n);
+        let top = (ya * sh) as isize - self.pads[0] as isize;
+        let bottom = ((yb - 1) * sh + (self.kernel[0] - 1) * self.dilations[0]) as isize - self.pads[0] as isize;
+        let lo = top.clamp(0, h as isize) as usize;
+        let hi = (bottom + 1).clamp(0, h as isize) as usize;
+        let nrows = hi.max(lo) - lo;
+        // the band's rows, then one zero row (padding rows and missing columns read it), then
+        // one vector of slack for the last plane's tail
+        planes.clear();
+        planes.resize((nrows + 1) * self.row_len + 16, 0.0);
+        let image = &self.x[img * h * w * c_in..(img + 1) * h * w * c_in];
+        let mut stage = (Vec::new(), Vec::new());
+        for r in 0..nrows {
+            let src = &image[(lo + r) * w * c_in..(lo + r + 1) * w * c_in];
+            self.fill_row(
+                level,
+                src,
+                &mut planes[r * self.row_len..(r + 1) * self.row_len],
+                &mut stage,
+            );
+        }
+        let zero_row = nrows * self.row_len;
+        let (kh, dh) = (self.kernel[0], self.dilations[0]);
+        let row_codes = self.out[1] * self.c_n;
+        // per kernel row (and one more for missing columns): where its plane rows start
+        let mut row_at = vec![zero_row; kh + 1];
+        for (k, y) in (ya..yb).enumerate() {
+            let y0 = (y * sh) as isize - self.pads[0] as isize;
+            for (i, at) in row_at[..kh].iter_mut().enumerate() {
+                let iy = y0 + (i * dh) as isize;
+                *at = if iy >= lo as isize && iy < hi as isize {
+                    (iy as usize - lo) * self.row_len
+                } else {
+                    zero_row
+                };
+            }
+            let row = &mut out[k * row_codes..(k + 1) * row_codes];
+            // SAFETY: the caller detected `level` (AVX-512F, or AVX2); `row_at` holds starts of
+            // planar rows in `planes` (with the zero row and 16 values of slack after the
+            // last), and every tap offset plus `qw` lies within a planar row.
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                match level {
+                    Simd::Avx512 => x86::row_avx512(self, planes, &row_at, row),
+                    _ => x86::row_avx2(self, planes, &row_at, row),
+                }
+            }
+        }
+    }
+
+    /// A tap's kernel row (`kh`: none, it reads the zero row) and the offset of the first lane's
+    /// value within a planar input row.
+    fn tap(&self, tap: Option<(usize, usize, usize)>) -> (usize, usize) {
+        let sw = self.strides[1];
+        match tap {
+            Some((ch, i, j)) => {
+                let u = j * self.dilations[1];
+                (i, (ch * sw + u % sw) * self.qw + u / sw)
+            }
+            None => (self.kernel[0], 0),
+        }
+    }
+
+    /// Copies one channels-last input row (`w × C`) into its planes (`dst`, zeroed): value
+    /// `(ix, ch)` at plane `(ch, u mod sw)`, position `u / sw`, with `u = ix + pad_left`.
+    fn fill_row(&self, level: Simd, src: &[f32], dst: &mut [f32], (xt, stage): &mut (Vec<[f32; 16]>, Vec<f32>)) {
+        let [_, w, c] = self.hwc;
+        let (sw, qw, pl) = (self.strides[1], self.qw, self.pads[1]);
+        #[cfg(target_arch = "x86_64")]
+        if level == Simd::Avx512 && c >= 16 {
+            xt.resize(c, [0.0; 16]);
+            for ix0 in (0..w).step_by(16) {
+                let n = (w - ix0).min(16);
+                let pixels = if n == 16 {
+                    &src[ix0 * c..(ix0 + 16) * c]
+                } else {
+                    // the last pixels, zero-padded to 16 (the zeros land in the right padding)
+                    stage.resize(16 * c, 0.0);
+                    stage[..n * c].copy_from_slice(&src[ix0 * c..]);
+                    stage[n * c..].fill(0.0);
+                    &stage[..16 * c]
+                };
+                // SAFETY: AVX-512F detected; 16 pixels of `c` values; `xt` has `c` columns.
+                unsafe { super::x86::transpose16_avx512(pixels, c, xt) };
+                for (ch, vals) in xt.iter().enumerate() {
+                    if sw == 1 {
+                        // qw ≥ w rounded up to 16, plus pad_left: the 16 values fit
+                        dst[ch * qw + ix0 + pl..][..16].copy_from_slice(vals);
+                    } else {
+                        for (l, &v) in vals[..n].iter().enumerate() {
+                            let u = ix0 + l + pl;
+                            dst[(ch * sw + u % sw) * qw + u / sw] = v;
+                        }
+                    }
+                }
+            }
+            return;
+        }
+        let _ = (level, xt, stage);
+        for (ch, planes) in dst.chunks_exact_mut(sw * qw).enumerate().take(c) {
+            let column = src[ch..].iter().step_by(c);
+            if sw == 1 {
+                for (d, &v) in planes[pl..pl + w].iter_mut().zip(column) {
+                    *d = v;
+                }
+            } else {
+                for (ix, &v) in column.enumerate() {
+                    let u = ix + pl;
+                    planes[(u % sw) * qw + u / sw] = v;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::Job;
+    use std::arch::x86_64::*;
+
+    /// Codes of one output row (`out`: `ow × c_n`) from the planar band `planes`; `row_at[i]`
+    /// is where the planar input row of kernel row `i` starts (`row_at[kh]`: the zero row).
+    ///
+    /// # Safety
+    /// AVX-512F; every `row_at` plus `row_len` is within `planes`.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub(super) unsafe fn row_avx512(job: &Job, planes: &[f32], row_at: &[usize], out: &mut [u8]) {
+        let (ow, c_n, depth) = (job.out[1], job.c_n, job.pt.depth);
+        let p = planes.as_ptr();
+        let mut tile = [0u8; 256];
+        for x0 in (0..ow).step_by(16) {
+            let lanes = (ow - x0).min(16);
+            for c0 in (0..c_n).step_by(16) {
+                let cw = (c_n - c0).min(16);
+                // words[q] lane l: the codes of codebooks c0 + 4q .. c0 + 4q + 4 of pixel l;
+                // four trees walked together (independent dependency chains), codebooks past
+                // the last repeat it and are not stored
+                let mut words = [_mm512_setzero_si512(); 4];
+                for (q, word) in words.iter_mut().enumerate().take(cw.div_ceil(4)) {
+                    let cs: [usize; 4] = std::array::from_fn(|r| (c0 + 4 * q + r).min(c_n - 1));
+                    let thc: [*const f32; 4] =
+                        std::array::from_fn(|r| job.pt.th.as_ptr().add(cs[r] * job.pt.th_stride));
+                    let thv: [__m512; 4] = std::array::from_fn(|r| _mm512_loadu_ps(thc[r]));
+                    let mut idx = [_mm512_setzero_si512(); 4];
+                    for lev in 0..depth {
+                        let first = _mm512_set1_epi32((1 << lev) - 1);
+                        for r in 0..4 {
+                            let cl = cs[r] * depth + lev;
+                            let xv = _mm512_loadu_ps(p.add(row_at[job.tap_row[cl]] + job.tap_off[cl] + x0));
+                            let node = _mm512_add_epi32(idx[r], first);
+                            let t = level_threshold512(thc[r], thv[r], lev, idx[r], node);
+                            let gt = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(xv, t);
+                            let twice = _mm512_add_epi32(idx[r], idx[r]);
+                            idx[r] = _mm512_mask_add_epi32(twice, gt, twice, _mm512_set1_epi32(1));
+                        }
+                    }
+                    *word = _mm512_or_si512(
+                        _mm512_or_si512(idx[0], _mm512_slli_epi32::<8>(idx[1])),
+                        _mm512_or_si512(_mm512_slli_epi32::<16>(idx[2]), _mm512_slli_epi32::<24>(idx[3])),
+                    );
+                }
+                // 4×4 dword transpose in each 128-bit lane k: register i holds pixel 4k + i's
+                // 16 codes
+                let a = _mm512_unpacklo_epi32(words[0], words[1]);
+                let b = _mm512_unpackhi_epi32(words[0], words[1]);
+                let e = _mm512_unpacklo_epi32(words[2], words[3]);
+                let f = _mm512_unpackhi_epi32(words[2], words[3]);
+                let regs = [
+                    _mm512_unpacklo_epi64(a, e),
+                    _mm512_unpackhi_epi64(a, e),
+                    _mm512_unpacklo_epi64(b, f),
+                    _mm512_unpackhi_epi64(b, f),
+                ];
+                for (i, r) in regs.into_iter().enumerate() {
+                    _mm512_storeu_si512(tile.as_mut_ptr().add(64 * i).cast(), r);
+                }
+                store_codes(&tile, 64, lanes, cw, &mut out[(x0 * c_n + c0)..], c_n);
+            }
+        }
+    }
+
+    /// Writes the codes of `lanes` pixels × `cw` codebooks from `tile` (the four transposed
+    /// registers, `reg_bytes` each: pixel `4k + i` at 16-byte lane `k` of register `i`) to `out`
+    /// (pixel `l` at `l · c_n`).
+    #[inline(always)]
+    fn store_codes(tile: &[u8], reg_bytes: usize, lanes: usize, cw: usize, out: &mut [u8], c_n: usize) {
+        for l in 0..lanes {
+            let src = &tile[(l % 4) * reg_bytes + (l / 4) * 16..][..16];
+            let dst = &mut out[l * c_n..];
+            if cw == 16 {
+                dst[..16].copy_from_slice(src);
+            } else {
+                dst[..cw].copy_from_slice(&src[..cw]);
+            }
+        }
+    }
+
+    /// The threshold of each lane's node at level `lev` (`idx`: its index within the level, `node`
+    /// its index in the tree, `thv` the tree's first 16 thresholds, `thc` all of them, `th_stride`
+    /// readable). Levels 0–3 permute `thv`; deeper levels permute the level's own thresholds, which
+    /// start at node `2^lev − 1`: one register at level 4, two at level 5 (`vpermt2ps`), four and
+    /// eight at levels 6 and 7 (pairs, then blends on bits 5 and 6 of `idx`) — the permutes keep
+    /// the gather latency out of each level's dependency on the previous one.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    #[inline]
+    unsafe fn level_threshold512(thc: *const f32, thv: __m512, lev: usize, idx: __m512i, node: __m512i) -> __m512 {
+        let base = thc.add((1 << lev) - 1);
+        // 32 thresholds from base + 32·q, picked by bits 0–4 of idx
+        let pair = |q: usize| {
+            _mm512_permutex2var_ps(
+                _mm512_loadu_ps(base.add(32 * q)),
+                idx,
+                _mm512_loadu_ps(base.add(32 * q + 16)),
+            )
+        };
+        match lev {
+            0..4 => _mm512_permutexvar_ps(node, thv),
+            4 => _mm512_permutexvar_ps(idx, _mm512_loadu_ps(base)),
+            5 => pair(0),
+            6 | 7 => {
+                let b5 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(32));
+                let lo = _mm512_mask_blend_ps(b5, pair(0), pair(1));
+                if lev == 6 {
+                    return lo;
+                }
+                let hi = _mm512_mask_blend_ps(b5, pair(2), pair(3));
+                let b6 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(64));
+                _mm512_mask_blend_ps(b6, lo, hi)
+            }
+            _ => _mm512_i32gather_ps::<4>(node, thc),
+        }
+    }
+
+    /// [`row_avx512`] at AVX2: 8 pixels at a time, the thresholds of levels 0–3 from two 8-lane
+    /// permutes, deeper levels' gathered.
+    ///
+    /// # Safety
+    /// AVX2 and FMA; every `row_at` plus `row_len` is within `planes`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn row_avx2(job: &Job, planes: &[f32], row_at: &[usize], out: &mut [u8]) {
+        let (ow, c_n, depth) = (job.out[1], job.c_n, job.pt.depth);
+        let p = planes.as_ptr();
+        let mut tile = [0u8; 128];
+        for x0 in (0..ow).step_by(8) {
+            let lanes = (ow - x0).min(8);
+            for c0 in (0..c_n).step_by(16) {
+                let cw = (c_n - c0).min(16);
+                let mut words = [_mm256_setzero_si256(); 4];
+                for (q, word) in words.iter_mut().enumerate().take(cw.div_ceil(4)) {
+                    let cs: [usize; 4] = std::array::from_fn(|r| (c0 + 4 * q + r).min(c_n - 1));
+                    let th: [*const f32; 4] = std::array::from_fn(|r| job.pt.th.as_ptr().add(cs[r] * job.pt.th_stride));
+                    let lo: [__m256; 4] = std::array::from_fn(|r| _mm256_loadu_ps(th[r]));
+                    let hi: [__m256; 4] = std::array::from_fn(|r| _mm256_loadu_ps(th[r].add(8)));
+                    let mut idx = [_mm256_setzero_si256(); 4];
+                    for lev in 0..depth {
+                        let first = _mm256_set1_epi32((1 << lev) - 1);
+                        for r in 0..4 {
+                            let cl = cs[r] * depth + lev;
+                            let xv = _mm256_loadu_ps(p.add(row_at[job.tap_row[cl]] + job.tap_off[cl] + x0));
+                            let node = _mm256_add_epi32(idx[r], first);
+                            // the node's threshold: lanes 0..8 from `lo`, 8..16 from `hi`; deeper
+                            // levels' gathered
+                            let t = if lev < 4 {
+                                let high = _mm256_castsi256_ps(_mm256_cmpgt_epi32(node, _mm256_set1_epi32(7)));
+                                _mm256_blendv_ps(
+                                    _mm256_permutevar8x32_ps(lo[r], node),
+                                    _mm256_permutevar8x32_ps(hi[r], node),
+                                    high,
+                                )
+                            } else {
+                                _mm256_i32gather_ps::<4>(th[r], node)
+                            };
+                            // greater: all ones (−1), so 2·idx − mask adds the bit
+                            let gt = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GT_OQ>(xv, t));
+                            idx[r] = _mm256_sub_epi32(_mm256_add_epi32(idx[r], idx[r]), gt);
+                        }
+                    }
+                    *word = _mm256_or_si256(
+                        _mm256_or_si256(idx[0], _mm256_slli_epi32::<8>(idx[1])),
+                        _mm256_or_si256(_mm256_slli_epi32::<16>(idx[2]), _mm256_slli_epi32::<24>(idx[3])),
+                    );
+                }
+                let a = _mm256_unpacklo_epi32(words[0], words[1]);
+                let b = _mm256_unpackhi_epi32(words[0], words[1]);
+                let e = _mm256_unpacklo_epi32(words[2], words[3]);
+                let f = _mm256_unpackhi_epi32(words[2], words[3]);
+                let regs = [
+                    _mm256_unpacklo_epi64(a, e),
+                    _mm256_unpackhi_epi64(a, e),
+                    _mm256_unpacklo_epi64(b, f),
+                    _mm256_unpackhi_epi64(b, f),
+                ];
+                for (i, r) in regs.into_iter().enumerate() {
+                    _mm256_storeu_si256(tile.as_mut_ptr().add(32 * i).cast(), r);
+                }
+                store_codes(&tile, 32, lanes, cw, &mut out[(x0 * c_n + c0)..], c_n);
+            }
+        }
+    }
+}
