@@ -174,10 +174,11 @@ pub fn eval_op_cached(op: &Op, mut args: Vec<Arc<Tensor>>, cache: Option<&Cache>
                 Tensor::I8(t) => {
                     let t = t.as_standard_layout();
                     let t = t.as_slice().unwrap();
+                    // the tables in the layouts the kernels read, built once per node
+                    let mut slot = None;
+                    let tables: &LutTables = cached(cache, || Ok(LutTables::default()), &mut slot)?;
                     if lut::prefer_rowwise(rows, k, m) {
-                        let mut slot = None;
-                        let build = || Ok(lut::transpose_tables(t, c, m, k));
-                        let tt: &Vec<i8> = cached(cache, build, &mut slot)?;
+                        let tt = tables.rowwise.get_or_init(|| lut::transpose_tables(t, c, m, k));
                         let mut y = Vec::with_capacity(rows * m);
                         let level = super::kernels::Simd::detect();
                         lut::lut_i8_rowwise_then(
@@ -199,9 +200,19 @@ pub fn eval_op_cached(op: &Op, mut args: Vec<Arc<Tensor>>, cache: Option<&Cache>
                         // the epilogue runs on each block of sums while it is in cache, and
                         // writes every output value: `y` needs no zeroing
                         let mut y = Vec::with_capacity(rows * m);
-                        lut::lut_i8_then(codes, rows, c, t, m, k, y.spare_capacity_mut(), |r0, acc, out| {
-                            epi.apply(r0, acc, out)
-                        });
+                        let quads = lut::wants_quads(k).then(|| tables.quads.get_or_init(|| lut::quad_tables(t, c, m)));
+                        let quads = quads.map(|q| &q[..]);
+                        lut::lut_i8_then(
+                            codes,
+                            rows,
+                            c,
+                            t,
+                            quads,
+                            m,
+                            k,
+                            y.spare_capacity_mut(),
+                            |r0, acc, out| epi.apply(r0, acc, out),
+                        );
                         // SAFETY: `lut_i8_then` hands every block of the first `rows · m` values to
                         // the epilogue, which writes each of them.
                         unsafe { y.set_len(rows * m) };
@@ -727,6 +738,14 @@ impl LutSum for f32 {
     fn to_f32(self) -> f32 {
         self
     }
+}
+
+/// A `LutMatMul` node's int8 tables in the layouts its kernels read, each built on first use
+/// (the row-wise kernel's `[c][k][m]`, the VNNI kernel's quads).
+#[derive(Default)]
+struct LutTables {
+    rowwise: std::sync::OnceLock<Vec<i8>>,
+    quads: std::sync::OnceLock<Vec<i8>>,
 }
 
 /// Get (or build on first use) a node's cached state of type `T`; without a cache, build it.

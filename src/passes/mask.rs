@@ -75,8 +75,9 @@ pub struct Options {
 /// per comparison) where rows are gathered (fully connected layers) and ≈ 8 G/s in the
 /// pixel-lane kernel of convolutions (planar copies of the input, one load per 16 pixels;
 /// 13–40 exact multiply-adds per comparison measured on NIN's layers, the low end for wide
-/// windows, the high end for 1×1 convolutions, whose planar copy weighs more), int8 lookup-adds ≈ 70 G/s for layers of 64 or more outputs (≈ 23 G/s
-/// at 32). Counting operations alone (all weights 1) would keep layers as lookups that run
+/// windows, the high end for 1×1 convolutions, whose planar copy weighs more), int8 lookup-adds
+/// ≈ 115 G/s for layers of 64 or more outputs in the VNNI kernel (measured in ResNet-18 w64 at
+/// batch 64; ≈ 70 G/s in the AVX-512BW kernel without VNNI, which this model does not price). Counting operations alone (all weights 1) would keep layers as lookups that run
 /// slower than the exact layer they replace (measured: a 1-channel stem as lookups ran 7×
 /// slower than exact).
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
@@ -104,7 +105,7 @@ impl Default for TimeModel {
             encode_mac_gather: 14.0,
             compare: 55.0,
             compare_conv: 16.0,
-            lookup: 1.6,
+            lookup: 1.0,
         }
     }
 }

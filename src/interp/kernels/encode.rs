@@ -863,46 +863,10 @@ mod x86 {
         let p = rows.as_ptr();
         let mut j0 = 0;
         while j0 + 16 <= d {
-            let r: [__m512; 16] = std::array::from_fn(|i| _mm512_loadu_ps(p.add(i * d + j0)));
-            // rows i, i+1 interleaved by element pairs
-            let t: [__m512; 16] = std::array::from_fn(|i| {
-                let (a, b) = (r[i & !1], r[i | 1]);
-                if i % 2 == 0 {
-                    _mm512_unpacklo_ps(a, b)
-                } else {
-                    _mm512_unpackhi_ps(a, b)
-                }
-            });
-            // 4 rows interleaved: in each 128-bit lane, one column of rows 4q..4q + 4
-            let u: [__m512; 16] = std::array::from_fn(|i| {
-                let (q, w) = (i / 4, i % 4);
-                let (a, b) = (t[4 * q + w / 2], t[4 * q + 2 + w / 2]);
-                let (a, b) = (_mm512_castps_pd(a), _mm512_castps_pd(b));
-                _mm512_castpd_ps(if w % 2 == 0 {
-                    _mm512_unpacklo_pd(a, b)
-                } else {
-                    _mm512_unpackhi_pd(a, b)
-                })
-            });
-            // u[4q + w], 128-bit lane k: column 4k + w of rows 4q..4q + 4 → gather the four
-            // row groups of each column
-            for w in 0..4 {
-                let (a, b, c, e) = (u[w], u[4 + w], u[8 + w], u[12 + w]);
-                // lanes (k of a, k of b) for k = 0, 1 and 2, 3
-                let ab01 = _mm512_shuffle_f32x4::<0x44>(a, b);
-                let ab23 = _mm512_shuffle_f32x4::<0xee>(a, b);
-                let ce01 = _mm512_shuffle_f32x4::<0x44>(c, e);
-                let ce23 = _mm512_shuffle_f32x4::<0xee>(c, e);
-                // column 4k + w: lanes (a_k, b_k, c_k, e_k)
-                let cols = [
-                    _mm512_shuffle_f32x4::<0x88>(ab01, ce01),
-                    _mm512_shuffle_f32x4::<0xdd>(ab01, ce01),
-                    _mm512_shuffle_f32x4::<0x88>(ab23, ce23),
-                    _mm512_shuffle_f32x4::<0xdd>(ab23, ce23),
-                ];
-                for (k, v) in cols.into_iter().enumerate() {
-                    _mm512_storeu_ps(xt[j0 + 4 * k + w].as_mut_ptr(), v);
-                }
+            let r: [__m512i; 16] = std::array::from_fn(|i| _mm512_castps_si512(_mm512_loadu_ps(p.add(i * d + j0))));
+            let cols = crate::interp::kernels::transpose16_epi32(r);
+            for (k, v) in cols.into_iter().enumerate() {
+                _mm512_storeu_ps(xt[j0 + k].as_mut_ptr(), _mm512_castsi512_ps(v));
             }
             j0 += 16;
         }

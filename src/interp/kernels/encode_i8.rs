@@ -298,16 +298,20 @@ fn encode_band(level: Simd, rows: &Rows, ql: &QuantLanes, r0: usize, out: &mut [
         groups: g_n,
     };
     let (quantized, words, images, pixels) = scratch;
-    words.clear();
     images.clear();
+    // The buffers only grow (no zeroing pass): `quantize_rows` and `tap_words` write every
+    // value of the parts used.
+    let mut at = 0;
     // per image of the band: its first input row read and where its words start
     for img in r0 / oh..r1.div_ceil(oh) {
         let (oy0, oy1) = (r0.max(img * oh) - img * oh, r1.min((img + 1) * oh) - img * oh);
         let lo = (oy0 * sh).saturating_sub(ph).min(h);
         let hi = (((oy1 - 1) * sh + (kh - 1) * dh + 1).saturating_sub(ph)).min(h).max(lo);
-        images.push((lo, words.len()));
-        quantized.clear();
-        quantized.resize((hi - lo) * w * g_n * CL, 0);
+        images.push((lo, at));
+        let nq = (hi - lo) * w * g_n * CL;
+        if quantized.len() < nq {
+            quantized.resize(nq, 0);
+        }
         quantize_rows(
             level,
             &x[img * h * w * ch..(img + 1) * h * w * ch],
@@ -315,15 +319,18 @@ fn encode_band(level: Simd, rows: &Rows, ql: &QuantLanes, r0: usize, out: &mut [
             hi,
             geom,
             ql.inv,
-            quantized,
+            &mut quantized[..nq],
         );
-        let at = words.len();
-        words.resize(at + (hi - lo) * ow * g_n, V64::default());
-        tap_words(level, quantized, hi - lo, geom, &mut words[at..]);
+        let nw = (hi - lo) * ow * g_n;
+        if words.len() < at + nw + 1 {
+            words.resize(at + nw + 1, V64::default());
+        }
+        tap_words(level, &quantized[..nq], hi - lo, geom, &mut words[at..at + nw]);
+        at += nw;
     }
-    let zero = words.len();
-    words.push(V64::default());
-    let words = &words[..];
+    let zero = at;
+    words[zero] = V64::default();
+    let words = &words[..=zero];
     // per output pixel of the band: the word of kernel row 0 (group 0; it may lie above the
     // image) and the kernel rows inside the image
     let step = dh * ow * g_n;
@@ -350,18 +357,21 @@ fn encode_band(level: Simd, rows: &Rows, ql: &QuantLanes, r0: usize, out: &mut [
         }
     }
     let n_pos = pixels.len();
+    // reused across pixels (only their first `kh` / `n_l` entries are read): no per-pixel
+    // initialisation of the whole arrays
+    let mut at = [[None; 3]; MAX_KH];
+    let mut lines = [(0usize, [0usize; 3]); MAX_KH];
     for p0 in (0..n_pos).step_by(3) {
         // three pixels; a last, partial group repeats its last
         let px = [p0, (p0 + 1).min(n_pos - 1), (p0 + 2).min(n_pos - 1)].map(|p| pixels[p]);
         // per kernel row: each pixel's word (of group 0), or None outside the image
-        let mut at = [[None; 3]; MAX_KH];
+        at[..kh].fill([None; 3]);
         for (q, &(row, i_lo, i_hi)) in px.iter().enumerate() {
             for (i, a) in at.iter_mut().enumerate().take(i_hi as usize).skip(i_lo as usize) {
                 a[q] = Some((row + (i * step) as isize) as usize);
             }
         }
         for g in 0..g_n {
-            let mut lines = [(0usize, [0usize; 3]); MAX_KH];
             let mut n_l = 0;
             for (i, a) in at.iter().enumerate().take(kh) {
                 if a.iter().any(Option::is_some) {
@@ -404,6 +414,10 @@ fn quantize_rows(level: Simd, image: &[f32], lo: usize, hi: usize, t: TapGeom, i
     let stride = t.groups * CL;
     let pixels = image[lo * t.w * t.ch..hi * t.w * t.ch].chunks_exact(t.ch);
     for (px, out) in pixels.zip(q.chunks_exact_mut(stride)) {
+        // the lanes past the last channel (AVX-512 writes them as zeros itself)
+        if t.ch < stride && level != Simd::Avx512 {
+            out[t.ch..].fill(0);
+        }
         #[cfg(target_arch = "x86_64")]
         match level {
             // SAFETY: AVX-512F detected (the level); `out` holds `16·groups ≥ ch` bytes.
@@ -422,7 +436,7 @@ fn quantize_rows(level: Simd, image: &[f32], lo: usize, hi: usize, t: TapGeom, i
     }
 }
 
-/// The tap words of input rows `lo..hi` of one channels-last image, from their quantized
+/// The tap words of input rows `lo..hi` of one channels-last image (every word of `words` written), from their quantized
 /// values `q` ([`quantize_rows`]): word `[(iy − lo)·ow + ox][group][lane]` holds byte `j < kw` =
 /// `q(x[iy][ox·sw − pw + j·dw][c])` for channel `c = 16·group + lane` (0 outside the image and
 /// past the last channel).

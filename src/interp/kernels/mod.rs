@@ -12,6 +12,54 @@ pub mod lut;
 pub mod pool;
 pub mod shape_ops;
 
+/// A 16×16 transpose of 32-bit values in AVX-512 registers: `r[i]` lane `j` becomes lane `i` of
+/// the result's register `j` (unpack pairs, then pairs of pairs, then 128-bit lanes).
+///
+/// # Safety
+/// AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub(crate) unsafe fn transpose16_epi32(r: [std::arch::x86_64::__m512i; 16]) -> [std::arch::x86_64::__m512i; 16] {
+    use std::arch::x86_64::*;
+    // rows i, i+1 interleaved by element pairs
+    let t: [__m512i; 16] = std::array::from_fn(|i| {
+        let (a, b) = (r[i & !1], r[i | 1]);
+        if i % 2 == 0 {
+            _mm512_unpacklo_epi32(a, b)
+        } else {
+            _mm512_unpackhi_epi32(a, b)
+        }
+    });
+    // 4 rows interleaved: in each 128-bit lane, one column of rows 4q..4q + 4
+    let u: [__m512i; 16] = std::array::from_fn(|i| {
+        let (q, w) = (i / 4, i % 4);
+        let (a, b) = (t[4 * q + w / 2], t[4 * q + 2 + w / 2]);
+        if w % 2 == 0 {
+            _mm512_unpacklo_epi64(a, b)
+        } else {
+            _mm512_unpackhi_epi64(a, b)
+        }
+    });
+    // u[4q + w], 128-bit lane k: column 4k + w of rows 4q..4q + 4 → gather the four row groups
+    // of each column
+    let mut out = [_mm512_setzero_si512(); 16];
+    for w in 0..4 {
+        let (a, b, c, e) = (u[w], u[4 + w], u[8 + w], u[12 + w]);
+        // lanes (k of a, k of b) for k = 0, 1 and 2, 3
+        let ab01 = _mm512_shuffle_i32x4::<0x44>(a, b);
+        let ab23 = _mm512_shuffle_i32x4::<0xee>(a, b);
+        let ce01 = _mm512_shuffle_i32x4::<0x44>(c, e);
+        let ce23 = _mm512_shuffle_i32x4::<0xee>(c, e);
+        // column 4k + w: lanes (a_k, b_k, c_k, e_k)
+        out[w] = _mm512_shuffle_i32x4::<0x88>(ab01, ce01);
+        out[4 + w] = _mm512_shuffle_i32x4::<0xdd>(ab01, ce01);
+        out[8 + w] = _mm512_shuffle_i32x4::<0x88>(ab23, ce23);
+        out[12 + w] = _mm512_shuffle_i32x4::<0xdd>(ab23, ce23);
+    }
+    out
+}
+
 /// Work (multiply-adds, or values read and written) below which a kernel call stays on one
 /// thread: handing work to another thread costs microseconds, more than a small layer at batch
 /// 1 takes (LeNet's layers are each under 0.2 M multiply-adds).
