@@ -76,8 +76,9 @@ pub struct Options {
 /// pixel-lane kernel of convolutions (planar copies of the input, one load per 16 pixels;
 /// 13–40 exact multiply-adds per comparison measured on NIN's layers, the low end for wide
 /// windows, the high end for 1×1 convolutions, whose planar copy weighs more), int8 lookup-adds
-/// ≈ 115 G/s for layers of 64 or more outputs in the VNNI kernel (measured in ResNet-18 w64 at
-/// batch 64; ≈ 70 G/s in the AVX-512BW kernel without VNNI, which this model does not price). Counting operations alone (all weights 1) would keep layers as lookups that run
+/// ≈ 250 G/s in the VNNI kernel plus ≈ 0.4 ns per output value (fitted on NIN's layers, from
+/// 5 to 160 codebooks: a layer of few codebooks is dominated by its outputs; ≈ 115 G/s overall
+/// in ResNet-18 w64 at batch 64; the AVX-512BW kernel without VNNI, ≈ 70 G/s, is not priced). Counting operations alone (all weights 1) would keep layers as lookups that run
 /// slower than the exact layer they replace (measured: a 1-channel stem as lookups ran 7×
 /// slower than exact).
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
@@ -95,6 +96,8 @@ pub struct TimeModel {
     /// A hash-tree comparison in the pixel-lane kernel of convolutions.
     pub compare_conv: f64,
     pub lookup: f64,
+    /// An output value of the lookups (rows × outputs).
+    pub output: f64,
 }
 
 impl Default for TimeModel {
@@ -105,24 +108,25 @@ impl Default for TimeModel {
             encode_mac_gather: 14.0,
             compare: 55.0,
             compare_conv: 16.0,
-            lookup: 1.0,
+            lookup: 0.45,
+            output: 40.0,
         }
     }
 }
 
 impl TimeModel {
-    /// Estimated time of `c` in exact multiply-adds, for a layer with `m` outputs. An argmin
-    /// encoder's comparisons are part of its per-multiply-add rate; `compare_conv` (convolutions)
-    /// and `compare` (gathered rows) price the hash tree's. `lookup` is the rate at 64 or more outputs: the shuffle kernel fills 64 outputs
-    /// per pass, so fewer cost proportionally more per lookup. `enc` is the layer's encoder and `d`
-    /// its row length.
-    pub fn time(&self, c: &cost::Cost, m: usize, enc: &PqEncode, d: usize) -> f64 {
+    /// Estimated time of `c` in exact multiply-adds. An argmin encoder's comparisons are part of
+    /// its per-multiply-add rate; `compare_conv` (convolutions) and `compare` (gathered rows)
+    /// price the hash tree's; `lookup` prices a lookup-add and `output` each output value the
+    /// lookups produce (packing, the sums' transpose, the epilogue: these dominate layers of few
+    /// codebooks). `enc` is the layer's encoder and `d` its row length.
+    pub fn time(&self, c: &cost::Cost, enc: &PqEncode, d: usize) -> f64 {
         let compares = if c.encode_macs > 0 {
             0.0
         } else {
             c.encode_compares as f64
         };
-        let lookup = self.lookup * (64.0 / m.max(1) as f64).max(1.0);
+        let codebooks = d.div_ceil(enc.subspace.max(1)).max(1) as f64;
         c.exact_macs as f64
             + self.encode_mac_rate(enc, d) * c.encode_macs as f64
             + if enc.window.is_some() {
@@ -130,7 +134,7 @@ impl TimeModel {
             } else {
                 self.compare
             } * compares
-            + lookup * c.lookups as f64
+            + (self.lookup + self.output / codebooks) * c.lookups as f64
     }
 }
 
@@ -570,10 +574,7 @@ impl Mask {
                 shape: [ex.weight.shape()[0], ex.weight.shape()[1]],
                 layer_cosine: lr.map(|l| l.output_cosine).unwrap_or(f64::NAN),
                 exact_macs,
-                est_speedup: exact_macs as f64
-                    / o.time_model
-                        .time(&lut_cost, ex.weight.shape()[1], &enc_op, ex.weight.shape()[0])
-                        .max(1.0),
+                est_speedup: exact_macs as f64 / o.time_model.time(&lut_cost, &enc_op, ex.weight.shape()[0]).max(1.0),
                 lut_cost,
                 ops_saved,
                 logit_cosine_alone: cos,
