@@ -322,15 +322,17 @@ fn encode_band(level: Simd, rows: &Rows, ql: &QuantLanes, r0: usize, out: &mut [
             &mut quantized[..nq],
         );
         let nw = (hi - lo) * ow * g_n;
-        if words.len() < at + nw + 1 {
-            words.resize(at + nw + 1, V64::default());
+        if words.len() < at + nw + g_n {
+            words.resize(at + nw + g_n, V64::default());
         }
         tap_words(level, &quantized[..nq], hi - lo, geom, &mut words[at..at + nw]);
         at += nw;
     }
+    // zero words for kernel rows outside the image, one per channel group (group g reads
+    // `zero + g`, as it reads `o + g` for a pixel's word `o`)
     let zero = at;
-    words[zero] = V64::default();
-    let words = &words[..=zero];
+    words[zero..zero + g_n].fill(V64::default());
+    let words = &words[..zero + g_n];
     // per output pixel of the band: the word of kernel row 0 (group 0; it may lie above the
     // image) and the kernel rows inside the image
     let step = dh * ow * g_n;
@@ -371,17 +373,24 @@ fn encode_band(level: Simd, rows: &Rows, ql: &QuantLanes, r0: usize, out: &mut [
                 a[q] = Some((row + (i * step) as isize) as usize);
             }
         }
-        for g in 0..g_n {
-            let mut n_l = 0;
-            for (i, a) in at.iter().enumerate().take(kh) {
-                if a.iter().any(Option::is_some) {
-                    lines[n_l] = (i, a.map(|o| o.map_or(zero, |o| o + g)));
-                    n_l += 1;
-                }
+        let mut n_l = 0;
+        for (i, a) in at.iter().enumerate().take(kh) {
+            if a.iter().any(Option::is_some) {
+                lines[n_l] = (i, a.map(|o| o.unwrap_or(zero)));
+                n_l += 1;
             }
+        }
+        let lines = &lines[..n_l];
+        // every group's words (offset + g) lie in `words`
+        assert!(lines
+            .iter()
+            .all(|&(i, a)| i < kh && a.iter().all(|&o| o + g_n <= words.len())));
+        for g in 0..g_n {
             let pq = &ql.pq[g * kh * K..(g + 1) * kh * K];
             let init = &ql.init[g * K..(g + 1) * K];
-            let codes = nearest3(level, words, &lines[..n_l], pq, init);
+            // SAFETY: asserted above: each line's kernel row is < kh (inside `pq`) and its
+            // words plus g are inside `words`.
+            let codes = unsafe { nearest3(level, words, lines, g, pq, init) };
             let width = (ch - g * CL).min(CL);
             for (q, code) in codes.iter().enumerate().take(n_pos - p0) {
                 let o = (p0 + q) * ch + g * CL;
@@ -412,8 +421,19 @@ struct TapGeom {
 /// `16·groups ≥ ch` bytes, `q(x)` then zeros.
 fn quantize_rows(level: Simd, image: &[f32], lo: usize, hi: usize, t: TapGeom, inv: f32, q: &mut [u8]) {
     let stride = t.groups * CL;
-    let pixels = image[lo * t.w * t.ch..hi * t.w * t.ch].chunks_exact(t.ch);
-    for (px, out) in pixels.zip(q.chunks_exact_mut(stride)) {
+    let run = &image[lo * t.w * t.ch..hi * t.w * t.ch];
+    #[cfg(target_arch = "x86_64")]
+    if t.ch == stride && level >= Simd::Avx2 {
+        // whole channel groups: the pixels' values and their bytes are one run each
+        match level {
+            // SAFETY: AVX-512F detected (the level); `q` holds as many bytes as `run` values.
+            Simd::Avx512 => unsafe { x86::quantize_avx512(run, inv, q) },
+            // SAFETY: AVX2 detected (the level); as above.
+            _ => unsafe { x86::quantize_avx2(run, inv, q) },
+        }
+        return;
+    }
+    for (px, out) in run.chunks_exact(t.ch).zip(q.chunks_exact_mut(stride)) {
         // the lanes past the last channel (AVX-512 writes them as zeros itself)
         if t.ch < stride && level != Simd::Avx512 {
             out[t.ch..].fill(0);
@@ -490,17 +510,27 @@ fn tap_words(level: Simd, q: &[u8], rows: usize, t: TapGeom, words: &mut [V64]) 
 /// for it (a zero word where the kernel row is outside the image); `pq` and `init` are the
 /// group's. The bounds are checked here, once per call (the SIMD kernels load unchecked).
 #[inline(always)]
-fn nearest3(level: Simd, words: &[V64], lines: &[(usize, [usize; 3])], pq: &[V64], init: &[V64]) -> [[u8; CL]; 3] {
-    assert!(lines
+///
+/// # Safety
+/// Every line's `(i + 1)·K <= pq.len()` and offsets `o + g < words.len()` (the kernels index
+/// without bounds checks).
+unsafe fn nearest3(
+    level: Simd,
+    words: &[V64],
+    lines: &[(usize, [usize; 3])],
+    g: usize,
+    pq: &[V64],
+    init: &[V64],
+) -> [[u8; CL]; 3] {
+    debug_assert!(lines
         .iter()
-        .all(|&(i, at)| (i + 1) * K <= pq.len() && at.iter().all(|&o| o < words.len())));
+        .all(|&(i, at)| (i + 1) * K <= pq.len() && at.iter().all(|&o| o + g < words.len())));
     #[cfg(target_arch = "x86_64")]
     match level {
-        // SAFETY: the level (and VNNI) was detected; every line offset is inside `words`, every
-        // kernel row inside `pq` (asserted above).
-        Simd::Avx512 if vnni() => return unsafe { x86::nearest3_vnni(words, lines, pq, init) },
+        // SAFETY: the level (and VNNI) was detected; the caller guarantees the offsets.
+        Simd::Avx512 if vnni() => return unsafe { x86::nearest3_vnni(words, lines, g, pq, init) },
         // SAFETY: as above (AVX2 is implied by the AVX-512 level).
-        Simd::Avx512 | Simd::Avx2 => return unsafe { x86::nearest3_avx2(words, lines, pq, init) },
+        Simd::Avx512 | Simd::Avx2 => return unsafe { x86::nearest3_avx2(words, lines, g, pq, init) },
         Simd::Scalar => {}
     }
     let mut out = [[0u8; CL]; 3];
@@ -509,7 +539,7 @@ fn nearest3(level: Simd, words: &[V64], lines: &[(usize, [usize; 3])], pq: &[V64
         for kk in 0..K {
             let mut acc = init[kk].0;
             for &(i, at) in lines {
-                let (x, p) = (words[at[r]].0, pq[i * K + kk].0);
+                let (x, p) = (words[at[r] + g].0, pq[i * K + kk].0);
                 for l in 0..CL {
                     let (xb, pb) = (x[l].to_le_bytes(), p[l].to_le_bytes());
                     for b in 0..4 {
@@ -640,6 +670,7 @@ mod x86 {
     pub(super) unsafe fn nearest3_vnni(
         words: &[V64],
         lines: &[(usize, [usize; 3])],
+        g: usize,
         pq: &[V64],
         init: &[V64],
     ) -> [[u8; CL]; 3] {
@@ -654,9 +685,9 @@ mod x86 {
                 acc[2][j] = h;
             }
             for &(i, at) in lines {
-                let v0 = _mm512_load_si512(wp.add(at[0]).cast());
-                let v1 = _mm512_load_si512(wp.add(at[1]).cast());
-                let v2 = _mm512_load_si512(wp.add(at[2]).cast());
+                let v0 = _mm512_load_si512(wp.add(at[0] + g).cast());
+                let v1 = _mm512_load_si512(wp.add(at[1] + g).cast());
+                let v2 = _mm512_load_si512(wp.add(at[2] + g).cast());
                 let row = pp.add(i * K + kb);
                 for j in 0..8 {
                     let p = _mm512_load_si512(row.add(j).cast());
@@ -689,6 +720,7 @@ mod x86 {
     pub(super) unsafe fn nearest3_avx2(
         words: &[V64],
         lines: &[(usize, [usize; 3])],
+        g: usize,
         pq: &[V64],
         init: &[V64],
     ) -> [[u8; CL]; 3] {
@@ -712,9 +744,9 @@ mod x86 {
                     acc[2][j] = h;
                 }
                 for &(i, at) in lines {
-                    let v0 = _mm256_load_si256(wp.add(at[0] * CL + o).cast());
-                    let v1 = _mm256_load_si256(wp.add(at[1] * CL + o).cast());
-                    let v2 = _mm256_load_si256(wp.add(at[2] * CL + o).cast());
+                    let v0 = _mm256_load_si256(wp.add((at[0] + g) * CL + o).cast());
+                    let v1 = _mm256_load_si256(wp.add((at[1] + g) * CL + o).cast());
+                    let v2 = _mm256_load_si256(wp.add((at[2] + g) * CL + o).cast());
                     let row = pp.add((i * K + kb) * CL + o);
                     for j in 0..4 {
                         let p = _mm256_load_si256(row.add(j * CL).cast());
