@@ -1098,6 +1098,41 @@ mod tests {
     /// The lookups' epilogue (SIMD-compiled, one pass per row) gives `relu(scale·sum + offset +
     /// residual)` evaluated in that order, bit for bit, for int8 and f32 sums, with and without
     /// residual and ReLU, from any first row.
+    /// A `LutMatMul` node with a cache builds its kernels' table layouts once and reuses them:
+    /// few rows (the row-wise kernel's `[c][k][m]` tables), then many (the VNNI kernel's quads,
+    /// where the CPU has it), then few again on the same cache all equal the uncached result.
+    #[test]
+    fn cached_lut_matmul_matches_the_uncached_one() {
+        let (c, m, k) = (37, 70, 16);
+        let t: Vec<i8> = (0..c * m * k).map(|i| ((i * 7919) % 256) as u8 as i8).collect();
+        let tables = Arc::new(Tensor::I8(
+            ArrayD::from_shape_vec(IxDyn(&[c, m, k]), t.clone()).unwrap(),
+        ));
+        let sc: Vec<f32> = (0..m).map(|i| 0.01 + i as f32 * 1e-3).collect();
+        let of: Vec<f32> = (0..m).map(|i| i as f32 - 30.0).collect();
+        let scale = Arc::new(Tensor::f32(&[m], sc.clone()).unwrap());
+        let offset = Arc::new(Tensor::f32(&[m], of.clone()).unwrap());
+        let cache = Cache::new();
+        for rows in [3, 300, 5, 129] {
+            let codes: Vec<u8> = (0..rows * c).map(|i| ((i * 31 + i / 7) % k) as u8).collect();
+            // the exact integer sums, then scale · sum + offset and the ReLU
+            let want: Vec<u32> = (0..rows * m)
+                .map(|i| {
+                    let (r, mi) = (i / m, i % m);
+                    let sum: i32 = (0..c)
+                        .map(|ci| t[(ci * m + mi) * k + codes[r * c + ci] as usize] as i32)
+                        .sum();
+                    (sc[mi] * sum as f32 + of[mi]).max(0.0).to_bits()
+                })
+                .collect();
+            let codes = Arc::new(Tensor::U8(ArrayD::from_shape_vec(IxDyn(&[rows, c]), codes).unwrap()));
+            let args = vec![codes, tables.clone(), scale.clone(), offset.clone()];
+            let got = eval_op_cached(&Op::LutMatMul { relu: true }, args, Some(&cache)).unwrap();
+            let got: Vec<u32> = got[0].as_f32().unwrap().iter().map(|v| v.to_bits()).collect();
+            assert_eq!(got, want, "rows={rows}");
+        }
+    }
+
     #[test]
     fn lut_epilogue_computes_scale_offset_residual_relu_in_order() {
         let (rows, m, r0) = (7, 37, 3);

@@ -61,8 +61,8 @@ pub struct Options {
     /// Restore layers whose lookups take longer than the exact layer (encoding counted, by
     /// `time_model`) before anything else: they lose accuracy and save nothing.
     pub restore_unprofitable: bool,
-    /// Cost of one encoding multiply-add, comparison and lookup-add relative to one exact
-    /// multiply-add, used by `restore_unprofitable`.
+    /// Cost of one encoding multiply-add, comparison, lookup-add and output value of the
+    /// lookups relative to one exact multiply-add, used by `restore_unprofitable`.
     pub time_model: TimeModel,
 }
 
@@ -786,6 +786,62 @@ mod tests {
         let p = ArrayD::from_shape_vec(vec![1, 3], vec![0.5f32, 0.3, 0.2]).unwrap();
         let q = ArrayD::from_shape_vec(vec![1, 3], vec![0.1f32, 0.2, 0.7]).unwrap();
         assert!((expected_drop(&p, &q) - 30.0).abs() < 1e-4);
+    }
+
+    /// The time model prices a convolution's tree comparisons at `compare_conv` and a gathered
+    /// one's at `compare`, each lookup at `lookup` plus `output / codebooks` (one output value
+    /// per codebooks' lookups), and an argmin's multiply-adds at its kernel's rate.
+    #[test]
+    fn time_model_prices_each_kernel() {
+        let tm = TimeModel::default();
+        let window = crate::ir::op::Window {
+            kernel: [5, 5],
+            strides: [1, 1],
+            dilations: [1, 1],
+            padding: crate::ir::op::Padding::Explicit([2, 2, 2, 2]),
+            ceil_mode: false,
+        };
+        let tree = |window| PqEncode {
+            subspace: 5,
+            encoder: Encoder::Tree,
+            window,
+            nhwc: false,
+            act_scale: None,
+        };
+        // 160 codebooks of 5 values (d = 800), 1000 rows, 48 outputs, depth 4
+        let c = cost::Cost {
+            exact_macs: 7,
+            encode_compares: 1000 * 160 * 4,
+            lookups: 1000 * 160 * 48,
+            ..Default::default()
+        };
+        let lookups = (tm.lookup + tm.output / 160.0) * c.lookups as f64;
+        let conv = tm.time(&c, &tree(Some(window.clone())), 800);
+        assert!(
+            (conv - (7.0 + tm.compare_conv * 640_000.0 + lookups)).abs() < 1e-6,
+            "{conv}"
+        );
+        let fc = tm.time(&c, &tree(None), 800);
+        assert!((fc - (7.0 + tm.compare * 640_000.0 + lookups)).abs() < 1e-6, "{fc}");
+        // an argmin's comparisons are part of its multiply-add rate; int8 where its kernel runs
+        // (kernel width ≤ 4, one codebook per channel), at the padded 16-channel rate
+        let mut w3 = window;
+        w3.kernel = [3, 3];
+        let argmin = |act_scale| PqEncode {
+            subspace: 9,
+            encoder: Encoder::Argmin,
+            window: Some(w3.clone()),
+            nhwc: true,
+            act_scale,
+        };
+        let c = cost::Cost {
+            encode_macs: 1000,
+            encode_compares: 50,
+            ..Default::default()
+        };
+        // 8 channels (d = 72): 16-lane vectors half full, twice the rate per multiply-add
+        assert!((tm.time(&c, &argmin(None), 72) - 2.0 * tm.encode_mac * 1000.0).abs() < 1e-6);
+        assert!((tm.time(&c, &argmin(Some(0.1)), 72) - 2.0 * tm.encode_mac_i8 * 1000.0).abs() < 1e-6);
     }
 
     #[test]

@@ -1329,6 +1329,7 @@ mod tests {
             ([2, 48, 3, 17], [1, 1], [1, 1], [1, 1], [0, 0, 0, 0], 4, 16),
             ([1, 16, 7, 21], [3, 3], [1, 1], [2, 2], [3, 1, 0, 4], 9, 16),
             ([1, 17, 5, 16], [2, 3], [1, 3], [1, 1], [0, 4, 1, 5], 6, 16),
+            ([2, 20, 7, 9], [3, 3], [2, 2], [1, 1], [1, 1, 1, 1], 9, 16),
         ];
         for &(shape, kernel, strides, dilations, pads, s, k) in cases {
             let win = Window {
@@ -1404,8 +1405,31 @@ mod tests {
                     }
                 }
             }
-            // the tree encoder reads channels-last rows too (K = 16, 64 and 256)
-            for depth in [4, 6, 8] {
+            // the tree encoder reads channels-last rows too (K = 4, 16, 64 and 256), NaN and
+            // infinities among the values (NaN goes left, as `x > t` is false)
+            let mut xn = x.clone();
+            for (i, v) in xn.iter_mut().enumerate() {
+                match i % 41 {
+                    3 => *v = f32::NAN,
+                    17 => *v = f32::INFINITY,
+                    29 => *v = f32::NEG_INFINITY,
+                    _ => {}
+                }
+            }
+            let xnh = crate::interp::kernels::to_nhwc(&xn, shape);
+            let nchw = Rows::Conv {
+                x: &xn,
+                shape,
+                win: &win,
+                geo,
+            };
+            let nhwc = Rows::ConvNhwc {
+                x: &xnh,
+                shape: [n, h, w, c],
+                win: &win,
+                geo,
+            };
+            for depth in [2, 4, 6, 8] {
                 let dims: Vec<usize> = (0..c_n * depth).map(|i| (i * 7 + depth) % s).collect();
                 let thr: Vec<f32> = (0..c_n * ((1 << depth) - 1))
                     .map(|_| rng.next_f64() as f32 - 0.3)

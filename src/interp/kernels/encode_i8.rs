@@ -299,8 +299,8 @@ fn encode_band(level: Simd, rows: &Rows, ql: &QuantLanes, r0: usize, out: &mut [
     };
     let (quantized, words, images, pixels) = scratch;
     images.clear();
-    // The buffers only grow (no zeroing pass): `quantize_rows` and `tap_words` write every
-    // value of the parts used.
+    // The buffers only grow (no zeroing pass): `tap_words` writes every word, `quantize_rows`
+    // every byte of the channels (other lanes' codes are dropped).
     let mut at = 0;
     // per image of the band: its first input row read and where its words start
     for img in r0 / oh..r1.div_ceil(oh) {
@@ -418,7 +418,9 @@ struct TapGeom {
 }
 
 /// Quantize input rows `lo..hi` of one channels-last image into `q`: per pixel a run of
-/// `16·groups ≥ ch` bytes, `q(x)` then zeros.
+/// `16·groups ≥ ch` bytes, `q(x)` then bytes of the lanes past the last channel, left as they
+/// were (zeros at AVX-512): every lane is one channel throughout, and those lanes' codes are
+/// dropped.
 fn quantize_rows(level: Simd, image: &[f32], lo: usize, hi: usize, t: TapGeom, inv: f32, q: &mut [u8]) {
     let stride = t.groups * CL;
     let run = &image[lo * t.w * t.ch..hi * t.w * t.ch];
@@ -434,10 +436,6 @@ fn quantize_rows(level: Simd, image: &[f32], lo: usize, hi: usize, t: TapGeom, i
         return;
     }
     for (px, out) in run.chunks_exact(t.ch).zip(q.chunks_exact_mut(stride)) {
-        // the lanes past the last channel (AVX-512 writes them as zeros itself)
-        if t.ch < stride && level != Simd::Avx512 {
-            out[t.ch..].fill(0);
-        }
         #[cfg(target_arch = "x86_64")]
         match level {
             // SAFETY: AVX-512F detected (the level); `out` holds `16·groups ≥ ch` bytes.
@@ -456,10 +454,10 @@ fn quantize_rows(level: Simd, image: &[f32], lo: usize, hi: usize, t: TapGeom, i
     }
 }
 
-/// The tap words of input rows `lo..hi` of one channels-last image (every word of `words` written), from their quantized
-/// values `q` ([`quantize_rows`]): word `[(iy − lo)·ow + ox][group][lane]` holds byte `j < kw` =
-/// `q(x[iy][ox·sw − pw + j·dw][c])` for channel `c = 16·group + lane` (0 outside the image and
-/// past the last channel).
+/// The tap words of input rows `lo..hi` of one channels-last image (every word of `words`
+/// written), from their quantized values `q` ([`quantize_rows`]): word `[(iy − lo)·ow + ox][group][lane]` holds byte `j < kw` =
+/// `q(x[iy][ox·sw − pw + j·dw][c])` for channel `c = 16·group + lane` (0 outside the image;
+/// past the last channel, whatever `q` holds there).
 fn tap_words(level: Simd, q: &[u8], rows: usize, t: TapGeom, words: &mut [V64]) {
     let stride = t.groups * CL;
     for iy in 0..rows {
@@ -508,8 +506,8 @@ fn tap_words(level: Simd, q: &[u8], rows: usize, t: TapGeom, words: &mut [V64]) 
 
 /// The codes of three rows for one group: `lines` lists kernel rows `i` and each row's word
 /// for it (a zero word where the kernel row is outside the image); `pq` and `init` are the
-/// group's. The bounds are checked here, once per call (the SIMD kernels load unchecked).
-#[inline(always)]
+/// group's; group `g` reads word `o + g` for a line's word `o`. The caller checks the bounds
+/// once for every group (the SIMD kernels load unchecked).
 ///
 /// # Safety
 /// Every line's `(i + 1)·K <= pq.len()` and offsets `o + g < words.len()` (the kernels index
@@ -665,7 +663,7 @@ mod x86 {
     /// each starting at `−hn`; per prototype the key `(sum << 4) | (15 − k)` and a maximum.
     ///
     /// # Safety
-    /// AVX-512F/BW/VNNI; line offsets and kernel rows inside `words` and `pq`.
+    /// AVX-512F/BW/VNNI; line offsets plus `g` inside `words`, kernel rows inside `pq`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     pub(super) unsafe fn nearest3_vnni(
         words: &[V64],
@@ -830,6 +828,9 @@ mod tests {
             ([9, 16, 3, 3], window([3, 3], 2, 1, 1)),
             ([7, 16, 1, 1], window([3, 3], 1, 1, 1)),
         ];
+        // pools kept across the cases: each thread's scratch then holds the previous case's
+        // values (its buffers only grow), which must never leak into the codes
+        let pools = [1, 2].map(|t| rayon::ThreadPoolBuilder::new().num_threads(t).build().unwrap());
         for (shape, win) in cases {
             let [n, c, h, w] = shape;
             let act_scale = 0.03;
@@ -859,10 +860,10 @@ mod tests {
             };
             let ql = QuantLanes::new(&q, sub, c, win.kernel).expect("lanes apply");
             for &lv in &levels {
-                for threads in [1, 2] {
-                    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                for pool in &pools {
                     let mut got = vec![0u8; want.len()];
                     pool.install(|| encode_lanes(lv, &nhwc, &ql, &mut got));
+                    let threads = pool.current_num_threads();
                     assert_eq!(got, want, "{shape:?} {:?} {lv:?} {threads} threads", win.kernel);
                 }
             }

@@ -28,7 +28,7 @@
 //!   85–95 G for `Avx512`.
 //! - `Avx512` at `k == 256`, when the CPU has AVX-512 VBMI: two merge-masked `vpermi2b` look up 64
 //!   codes in a 256-entry table held in four registers, the pairs summed as above (`lut_k256.rs`).
-//!   Other SIMD kernels fall back to `Scalar` at `k == 256`.
+//!   `Vnni` runs it too at `k == 256`; `Avx2` falls back to `Scalar`.
 //! - Row-wise ([`lut_i8_rowwise`], [`lut_i8_rowwise_then`]), over `[c][k][m]` tables: for each row
 //!   and codebook, the `m` entries its code selects are added, vectorized over outputs. It beats
 //!   the kernels above for few rows at any `k`, and at `k == 256` for any number of rows when
@@ -41,7 +41,8 @@ use rayon::prelude::*;
 use std::ops::Range;
 
 /// Output columns per parallel task when a lookup call is split by outputs (a multiple of
-/// every kernel's outputs per group).
+/// the `pshufb` kernels' outputs per group and of the relaid tables' blocks; the VNNI kernel's
+/// groups of 6 end with a narrower one).
 const COL_TILE: usize = 64;
 
 /// Rows per parallel task (fixed, so that results and scheduling do not depend on thread count).

@@ -64,7 +64,8 @@ pub(super) fn pixel_tree(
     })
 }
 
-/// Planar scratch per band: at most this many bytes of input rows (plus one zero row).
+/// Planar scratch per band: about this many bytes of input rows at most (plus one zero row;
+/// a band has at least one output row's input rows, whatever their size).
 const BAND_BYTES: usize = 256 << 10;
 
 thread_local! {
@@ -74,7 +75,8 @@ thread_local! {
 
 /// Hash-tree encoding of channels-last conv rows ([`PixelTree`]): `codes` is `rows × c_n`.
 /// Returns false (nothing written) where it does not apply: not channels-last rows of the
-/// prepared kernel, or below AVX2 (`level`).
+/// prepared kernel, below AVX2 (`level`), or nothing to encode. The trees' taps must lie in
+/// the rows (`encode_prepared` asserts `sub.d == C·kh·kw`).
 pub(super) fn tree_nhwc(level: Simd, rows: &Rows, pt: &PixelTree, c_n: usize, codes: &mut [u8]) -> bool {
     let Rows::ConvNhwc { x, shape, win, geo } = rows else {
         return false;
@@ -86,10 +88,14 @@ pub(super) fn tree_nhwc(level: Simd, rows: &Rows, pt: &PixelTree, c_n: usize, co
     }
     let [sw, dw] = [win.strides[1], win.dilations[1]];
     let (pl, kw) = (geo.pads[1], win.kernel[1]);
-    // plane width: every lane's column (pixels rounded up to 16) and every input column
-    let qw = (ow.next_multiple_of(16) + (kw - 1) * dw / sw + 1)
-        .max((w - 1 + pl) / sw + 1)
-        .max(w.next_multiple_of(16) + pl);
+    // plane width: every lane's column (pixels rounded up to 16) and every input column (at
+    // stride 1, whole 16-pixel runs: `fill_row` stores them whole)
+    let qw = (ow.next_multiple_of(16) + (kw - 1) * dw / sw + 1).max((w - 1 + pl) / sw + 1);
+    let qw = if sw == 1 {
+        qw.max(w.next_multiple_of(16) + pl)
+    } else {
+        qw
+    };
     let job = Job {
         x,
         hwc: [h, w, c_in],
@@ -159,8 +165,8 @@ impl Job<'_> {
         let lo = top.clamp(0, h as isize) as usize;
         let hi = (bottom + 1).clamp(0, h as isize) as usize;
         let nrows = hi.max(lo) - lo;
-        // the band's rows, then one zero row (padding rows and missing columns read it), then
-        // one vector of slack for the last plane's tail
+        // the band's rows, then one zero row (padding rows and missing columns read it; 16
+        // values of slack after it, for safety's sake)
         planes.clear();
         planes.resize((nrows + 1) * self.row_len + 16, 0.0);
         let image = &self.x[img * h * w * c_in..(img + 1) * h * w * c_in];
@@ -191,8 +197,9 @@ impl Job<'_> {
             }
             let row = &mut out[k * row_codes..(k + 1) * row_codes];
             // SAFETY: the caller detected `level` (AVX-512F, or AVX2); `row_at` holds starts of
-            // planar rows in `planes` (with the zero row and 16 values of slack after the
-            // last), and every tap offset plus `qw` lies within a planar row.
+            // planar rows in `planes` (the zero row included), and a tap's lanes end within
+            // its plane: `tap_off` is the plane's start plus at most `(kw − 1)·dw / sw`, and
+            // `x0 + 16 ≤ ow` rounded up to 16, their sum below `qw`.
             #[cfg(target_arch = "x86_64")]
             unsafe {
                 match level {
@@ -277,7 +284,8 @@ mod x86 {
     /// is where the planar input row of kernel row `i` starts (`row_at[kh]`: the zero row).
     ///
     /// # Safety
-    /// AVX-512F; every `row_at` plus `row_len` is within `planes`.
+    /// AVX-512F; every `row_at` plus `row_len` is within `planes`, and every tap offset plus
+    /// `ow` rounded up to 16 stays within its plane (`qw`).
     #[target_feature(enable = "avx512f,avx2,fma")]
     pub(super) unsafe fn row_avx512(job: &Job, planes: &[f32], row_at: &[usize], out: &mut [u8]) {
         let (ow, c_n, depth) = (job.out[1], job.c_n, job.pt.depth);
@@ -390,7 +398,7 @@ mod x86 {
     /// permutes, deeper levels' gathered.
     ///
     /// # Safety
-    /// AVX2 and FMA; every `row_at` plus `row_len` is within `planes`.
+    /// AVX2 and FMA; as [`row_avx512`].
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn row_avx2(job: &Job, planes: &[f32], row_at: &[usize], out: &mut [u8]) {
         let (ow, c_n, depth) = (job.out[1], job.c_n, job.pt.depth);
