@@ -78,8 +78,10 @@ pub struct Options {
 /// windows, the high end for 1×1 convolutions, whose planar copy weighs more), int8 lookup-adds
 /// ≈ 250 G/s in the VNNI kernel plus ≈ 0.4 ns per output value (fitted on NIN's layers, from
 /// 5 to 160 codebooks: a layer of few codebooks is dominated by its outputs; ≈ 115 G/s overall
-/// in ResNet-18 w64 at batch 64; the AVX-512BW kernel without VNNI, ≈ 70 G/s, is not priced). Counting operations alone (all weights 1) would keep layers as lookups that run
-/// slower than the exact layer they replace (measured: a 1-channel stem as lookups ran 7×
+/// in ResNet-18 w64 at batch 64; the AVX-512BW kernel without VNNI, ≈ 70 G/s, is not priced),
+/// and ≈ 33 G/s at K = 256 (NIN's 5×5 layer: 160 codebooks, 48 outputs, 2 MB of tables).
+/// Counting operations alone (all weights 1) would keep layers as lookups that run slower than
+/// the exact layer they replace (measured: a 1-channel stem as lookups ran 7×
 /// slower than exact).
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -96,6 +98,9 @@ pub struct TimeModel {
     /// A hash-tree comparison in the pixel-lane kernel of convolutions.
     pub compare_conv: f64,
     pub lookup: f64,
+    /// A lookup-add with more than 16 prototypes per codebook (K = 256: 256-entry tables, the
+    /// `vpermi2b` and row-wise kernels).
+    pub lookup_k256: f64,
     /// An output value of the lookups (rows × outputs).
     pub output: f64,
 }
@@ -109,6 +114,7 @@ impl Default for TimeModel {
             compare: 55.0,
             compare_conv: 16.0,
             lookup: 0.45,
+            lookup_k256: 3.3,
             output: 40.0,
         }
     }
@@ -117,10 +123,11 @@ impl Default for TimeModel {
 impl TimeModel {
     /// Estimated time of `c` in exact multiply-adds. An argmin encoder's comparisons are part of
     /// its per-multiply-add rate; `compare_conv` (convolutions) and `compare` (gathered rows)
-    /// price the hash tree's; `lookup` prices a lookup-add and `output` each output value the
-    /// lookups produce (packing, the sums' transpose, the epilogue: these dominate layers of few
-    /// codebooks). `enc` is the layer's encoder and `d` its row length.
-    pub fn time(&self, c: &cost::Cost, enc: &PqEncode, d: usize) -> f64 {
+    /// price the hash tree's; `lookup` (`lookup_k256` for more than 16 prototypes) prices a
+    /// lookup-add and `output` each output value the lookups produce (packing, the sums'
+    /// transpose, the epilogue: these dominate layers of few codebooks). `enc` is the layer's
+    /// encoder, `d` its row length and `k` its prototypes per codebook.
+    pub fn time(&self, c: &cost::Cost, enc: &PqEncode, d: usize, k: usize) -> f64 {
         let compares = if c.encode_macs > 0 {
             0.0
         } else {
@@ -134,7 +141,7 @@ impl TimeModel {
             } else {
                 self.compare
             } * compares
-            + (self.lookup + self.output / codebooks) * c.lookups as f64
+            + (if k > 16 { self.lookup_k256 } else { self.lookup } + self.output / codebooks) * c.lookups as f64
     }
 }
 
@@ -553,6 +560,11 @@ impl Mask {
                     "{n}: a LutMatMul whose codes do not come from a PQEncode"
                 )));
             };
+            // prototypes per codebook: the tables are [C, M, K]
+            let k = graph
+                .const_value(graph.inputs_of(lut)[1])
+                .and_then(|t| t.shape().get(2).copied())
+                .unwrap_or(16);
             let mut lut_cost = cost::node_cost(graph, lut);
             lut_cost.add(&cost::node_cost(graph, enc));
             let d = ex.weight.shape()[0] as u64;
@@ -574,7 +586,8 @@ impl Mask {
                 shape: [ex.weight.shape()[0], ex.weight.shape()[1]],
                 layer_cosine: lr.map(|l| l.output_cosine).unwrap_or(f64::NAN),
                 exact_macs,
-                est_speedup: exact_macs as f64 / o.time_model.time(&lut_cost, &enc_op, ex.weight.shape()[0]).max(1.0),
+                est_speedup: exact_macs as f64
+                    / o.time_model.time(&lut_cost, &enc_op, ex.weight.shape()[0], k).max(1.0),
                 lut_cost,
                 ops_saved,
                 logit_cosine_alone: cos,
@@ -816,13 +829,20 @@ mod tests {
             ..Default::default()
         };
         let lookups = (tm.lookup + tm.output / 160.0) * c.lookups as f64;
-        let conv = tm.time(&c, &tree(Some(window.clone())), 800);
+        let conv = tm.time(&c, &tree(Some(window.clone())), 800, 16);
         assert!(
             (conv - (7.0 + tm.compare_conv * 640_000.0 + lookups)).abs() < 1e-6,
             "{conv}"
         );
-        let fc = tm.time(&c, &tree(None), 800);
+        let fc = tm.time(&c, &tree(None), 800, 16);
         assert!((fc - (7.0 + tm.compare * 640_000.0 + lookups)).abs() < 1e-6, "{fc}");
+        // 256 prototypes: the wide tables' rate
+        let wide = tm.time(&c, &tree(None), 800, 256);
+        let lookups256 = (tm.lookup_k256 + tm.output / 160.0) * c.lookups as f64;
+        assert!(
+            (wide - (7.0 + tm.compare * 640_000.0 + lookups256)).abs() < 1e-6,
+            "{wide}"
+        );
         // an argmin's comparisons are part of its multiply-add rate; int8 where its kernel runs
         // (kernel width ≤ 4, one codebook per channel), at the padded 16-channel rate
         let mut w3 = window;
@@ -840,8 +860,8 @@ mod tests {
             ..Default::default()
         };
         // 8 channels (d = 72): 16-lane vectors half full, twice the rate per multiply-add
-        assert!((tm.time(&c, &argmin(None), 72) - 2.0 * tm.encode_mac * 1000.0).abs() < 1e-6);
-        assert!((tm.time(&c, &argmin(Some(0.1)), 72) - 2.0 * tm.encode_mac_i8 * 1000.0).abs() < 1e-6);
+        assert!((tm.time(&c, &argmin(None), 72, 16) - 2.0 * tm.encode_mac * 1000.0).abs() < 1e-6);
+        assert!((tm.time(&c, &argmin(Some(0.1)), 72, 16) - 2.0 * tm.encode_mac_i8 * 1000.0).abs() < 1e-6);
     }
 
     #[test]
