@@ -1095,12 +1095,10 @@ pub fn matmul_op(a: &ArrayD<f32>, b: &ArrayD<f32>) -> Result<ArrayD<f32>> {
 mod tests {
     use super::*;
 
-    /// The lookups' epilogue (SIMD-compiled, one pass per row) gives `relu(scale·sum + offset +
-    /// residual)` evaluated in that order, bit for bit, for int8 and f32 sums, with and without
-    /// residual and ReLU, from any first row.
     /// A `LutMatMul` node with a cache builds its kernels' table layouts once and reuses them:
     /// few rows (the row-wise kernel's `[c][k][m]` tables), then many (the VNNI kernel's quads,
-    /// where the CPU has it), then few again on the same cache all equal the uncached result.
+    /// where the CPU has it), then few again on the same cache all give `relu(scale·sum +
+    /// offset)` of the exact integer sums, computed here by hand.
     #[test]
     fn cached_lut_matmul_matches_the_uncached_one() {
         let (c, m, k) = (37, 70, 16);
@@ -1133,6 +1131,9 @@ mod tests {
         }
     }
 
+    /// The lookups' epilogue (SIMD-compiled, one pass per row) gives `relu(scale·sum + offset +
+    /// residual)` evaluated in that order, bit for bit, for int8 and f32 sums, with and without
+    /// residual and ReLU, from any first row.
     #[test]
     fn lut_epilogue_computes_scale_offset_residual_relu_in_order() {
         let (rows, m, r0) = (7, 37, 3);

@@ -79,7 +79,8 @@ pub struct Options {
 /// ≈ 250 G/s in the VNNI kernel plus ≈ 0.4 ns per output value (fitted on NIN's layers, from
 /// 5 to 160 codebooks: a layer of few codebooks is dominated by its outputs; ≈ 115 G/s overall
 /// in ResNet-18 w64 at batch 64; the AVX-512BW kernel without VNNI, ≈ 70 G/s, is not priced),
-/// and ≈ 33 G/s at K = 256 (NIN's 5×5 layer: 160 codebooks, 48 outputs, 2 MB of tables).
+/// and ≈ 31 G/s at K = 256 (NIN's 5×5 layer: 160 codebooks, 48 outputs, 2 MB of tables; 3.3
+/// exact multiply-adds per lookup once its outputs are priced).
 /// Counting operations alone (all weights 1) would keep layers as lookups that run slower than
 /// the exact layer they replace (measured: a 1-channel stem as lookups ran 7×
 /// slower than exact).

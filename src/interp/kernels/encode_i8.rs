@@ -301,13 +301,13 @@ fn encode_band(level: Simd, rows: &Rows, ql: &QuantLanes, r0: usize, out: &mut [
     images.clear();
     // The buffers only grow (no zeroing pass): `tap_words` writes every word, `quantize_rows`
     // every byte of the channels (other lanes' codes are dropped).
-    let mut at = 0;
+    let mut n_words = 0;
     // per image of the band: its first input row read and where its words start
     for img in r0 / oh..r1.div_ceil(oh) {
         let (oy0, oy1) = (r0.max(img * oh) - img * oh, r1.min((img + 1) * oh) - img * oh);
         let lo = (oy0 * sh).saturating_sub(ph).min(h);
         let hi = (((oy1 - 1) * sh + (kh - 1) * dh + 1).saturating_sub(ph)).min(h).max(lo);
-        images.push((lo, at));
+        images.push((lo, n_words));
         let nq = (hi - lo) * w * g_n * CL;
         if quantized.len() < nq {
             quantized.resize(nq, 0);
@@ -322,15 +322,21 @@ fn encode_band(level: Simd, rows: &Rows, ql: &QuantLanes, r0: usize, out: &mut [
             &mut quantized[..nq],
         );
         let nw = (hi - lo) * ow * g_n;
-        if words.len() < at + nw + g_n {
-            words.resize(at + nw + g_n, V64::default());
+        if words.len() < n_words + nw + g_n {
+            words.resize(n_words + nw + g_n, V64::default());
         }
-        tap_words(level, &quantized[..nq], hi - lo, geom, &mut words[at..at + nw]);
-        at += nw;
+        tap_words(
+            level,
+            &quantized[..nq],
+            hi - lo,
+            geom,
+            &mut words[n_words..n_words + nw],
+        );
+        n_words += nw;
     }
     // zero words for kernel rows outside the image, one per channel group (group g reads
     // `zero + g`, as it reads `o + g` for a pixel's word `o`)
-    let zero = at;
+    let zero = n_words;
     words[zero..zero + g_n].fill(V64::default());
     let words = &words[..zero + g_n];
     // per output pixel of the band: the word of kernel row 0 (group 0; it may lie above the

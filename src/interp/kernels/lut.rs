@@ -1653,6 +1653,7 @@ mod x86 {
         }
         // every value is overwritten by `quad_block`
         acc.resize(nsb * mw * QR, 0);
+        let step = m * 64;
         for mi0 in cols.clone().step_by(QNB) {
             let (nbo, a0) = ((cols.end - mi0).min(QNB), mi0 - cols.start);
             let t = quads[mi0 * 64..].as_ptr();
@@ -1662,7 +1663,6 @@ mod x86 {
                 .take(nsb)
             {
                 let acc = &mut acc[a0 * QR..(a0 + nbo) * QR];
-                let step = m * 64;
                 // SAFETY: the caller guarantees the instruction sets; group g of outputs
                 // mi0 .. mi0 + nbo is at (g·m + mi0)·64, within quads.
                 unsafe {

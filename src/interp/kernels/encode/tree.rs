@@ -68,9 +68,22 @@ pub(super) fn pixel_tree(
 /// a band has at least one output row's input rows, whatever their size).
 const BAND_BYTES: usize = 256 << 10;
 
+/// A thread's buffers for its bands, reused across bands and calls.
+#[derive(Default)]
+struct Scratch {
+    /// The band's planar input rows, then the zero row.
+    planes: Vec<f32>,
+    /// 16 pixels' channels transposed (`[channel][pixel]`) and a zero-padded copy of the last
+    /// pixels of a row ([`Job::fill_row`]).
+    xt: Vec<[f32; 16]>,
+    stage: Vec<f32>,
+    /// Per kernel row of the output row (and one more for missing taps): where its planar
+    /// input row starts.
+    row_at: Vec<usize>,
+}
+
 thread_local! {
-    /// Each thread's planar band, reused across calls.
-    static PLANES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
 }
 
 /// Hash-tree encoding of channels-last conv rows ([`PixelTree`]): `codes` is `rows × c_n`.
@@ -96,6 +109,19 @@ pub(super) fn tree_nhwc(level: Simd, rows: &Rows, pt: &PixelTree, c_n: usize, co
     } else {
         qw
     };
+    // per codebook and level: the kernel row of its tap (`kh`: none, it reads the zero row)
+    // and the offset of the first lane's value within a planar input row
+    let taps = pt
+        .taps
+        .iter()
+        .map(|t| match *t {
+            Some((ch, i, j)) => {
+                let u = j * dw;
+                (i, (ch * sw + u % sw) * qw + u / sw)
+            }
+            None => (win.kernel[0], 0),
+        })
+        .collect();
     let job = Job {
         x,
         hwc: [h, w, c_in],
@@ -106,16 +132,9 @@ pub(super) fn tree_nhwc(level: Simd, rows: &Rows, pt: &PixelTree, c_n: usize, co
         out: geo.out,
         qw,
         row_len: c_in * sw * qw,
-        tap_row: Vec::new(),
-        tap_off: Vec::new(),
+        taps,
         pt,
         c_n,
-    };
-    let (tap_row, tap_off) = pt.taps.iter().map(|t| job.tap(*t)).unzip();
-    let job = Job {
-        tap_row,
-        tap_off,
-        ..job
     };
     // output rows per band: the band's input rows within BAND_BYTES, and enough bands for
     // every thread when the batch is small
@@ -128,7 +147,7 @@ pub(super) fn tree_nhwc(level: Simd, rows: &Rows, pt: &PixelTree, c_n: usize, co
     codes.par_chunks_mut(oh * row_codes).enumerate().for_each(|(img, out)| {
         out.par_chunks_mut(band * row_codes)
             .enumerate()
-            .for_each(|(b, out)| PLANES.with(|p| job.band(level, img, b * band, out, &mut p.borrow_mut())))
+            .for_each(|(b, out)| SCRATCH.with_borrow_mut(|s| job.band(level, img, b * band, out, s)))
     });
     true
 }
@@ -148,15 +167,14 @@ struct Job<'a> {
     row_len: usize,
     /// Per codebook and level: the kernel row of its tap (`kh` when it reads zeros) and its
     /// offset within a planar input row.
-    tap_row: Vec<usize>,
-    tap_off: Vec<usize>,
+    taps: Vec<(usize, usize)>,
     pt: &'a PixelTree,
     c_n: usize,
 }
 
 impl Job<'_> {
     /// Codes of output rows `ya ..` of image `img` (`out`: whole rows).
-    fn band(&self, level: Simd, img: usize, ya: usize, out: &mut [u8], planes: &mut Vec<f32>) {
+    fn band(&self, level: Simd, img: usize, ya: usize, out: &mut [u8], s: &mut Scratch) {
         let [h, w, c_in] = self.hwc;
         let sh = self.strides[0];
         let yb = ya + out.len() / (self.out[1] * self.c_n);
@@ -165,26 +183,31 @@ impl Job<'_> {
         let lo = top.clamp(0, h as isize) as usize;
         let hi = (bottom + 1).clamp(0, h as isize) as usize;
         let nrows = hi.max(lo) - lo;
-        // the band's rows, then one zero row (padding rows and missing columns read it; 16
-        // values of slack after it, for safety's sake)
+        // the band's rows, then one zero row (padding rows and missing taps read it)
+        let Scratch {
+            planes,
+            xt,
+            stage,
+            row_at,
+        } = s;
         planes.clear();
-        planes.resize((nrows + 1) * self.row_len + 16, 0.0);
+        planes.resize((nrows + 1) * self.row_len, 0.0);
         let image = &self.x[img * h * w * c_in..(img + 1) * h * w * c_in];
-        let mut stage = (Vec::new(), Vec::new());
         for r in 0..nrows {
             let src = &image[(lo + r) * w * c_in..(lo + r + 1) * w * c_in];
             self.fill_row(
                 level,
                 src,
                 &mut planes[r * self.row_len..(r + 1) * self.row_len],
-                &mut stage,
+                xt,
+                stage,
             );
         }
         let zero_row = nrows * self.row_len;
         let (kh, dh) = (self.kernel[0], self.dilations[0]);
         let row_codes = self.out[1] * self.c_n;
-        // per kernel row (and one more for missing columns): where its plane rows start
-        let mut row_at = vec![zero_row; kh + 1];
+        row_at.clear();
+        row_at.resize(kh + 1, zero_row);
         for (k, y) in (ya..yb).enumerate() {
             let y0 = (y * sh) as isize - self.pads[0] as isize;
             for (i, at) in row_at[..kh].iter_mut().enumerate() {
@@ -198,34 +221,21 @@ impl Job<'_> {
             let row = &mut out[k * row_codes..(k + 1) * row_codes];
             // SAFETY: the caller detected `level` (AVX-512F, or AVX2); `row_at` holds starts of
             // planar rows in `planes` (the zero row included), and a tap's lanes end within
-            // its plane: `tap_off` is the plane's start plus at most `(kw − 1)·dw / sw`, and
+            // its plane: a tap's offset is the plane's start plus at most `(kw − 1)·dw / sw`, and
             // `x0 + 16 ≤ ow` rounded up to 16, their sum below `qw`.
             #[cfg(target_arch = "x86_64")]
             unsafe {
                 match level {
-                    Simd::Avx512 => x86::row_avx512(self, planes, &row_at, row),
-                    _ => x86::row_avx2(self, planes, &row_at, row),
+                    Simd::Avx512 => x86::row_avx512(self, planes, row_at, row),
+                    _ => x86::row_avx2(self, planes, row_at, row),
                 }
             }
         }
     }
 
-    /// A tap's kernel row (`kh`: none, it reads the zero row) and the offset of the first lane's
-    /// value within a planar input row.
-    fn tap(&self, tap: Option<(usize, usize, usize)>) -> (usize, usize) {
-        let sw = self.strides[1];
-        match tap {
-            Some((ch, i, j)) => {
-                let u = j * self.dilations[1];
-                (i, (ch * sw + u % sw) * self.qw + u / sw)
-            }
-            None => (self.kernel[0], 0),
-        }
-    }
-
     /// Copies one channels-last input row (`w × C`) into its planes (`dst`, zeroed): value
     /// `(ix, ch)` at plane `(ch, u mod sw)`, position `u / sw`, with `u = ix + pad_left`.
-    fn fill_row(&self, level: Simd, src: &[f32], dst: &mut [f32], (xt, stage): &mut (Vec<[f32; 16]>, Vec<f32>)) {
+    fn fill_row(&self, level: Simd, src: &[f32], dst: &mut [f32], xt: &mut Vec<[f32; 16]>, stage: &mut Vec<f32>) {
         let [_, w, c] = self.hwc;
         let (sw, qw, pl) = (self.strides[1], self.qw, self.pads[1]);
         #[cfg(target_arch = "x86_64")]
@@ -309,7 +319,7 @@ mod x86 {
                         let first = _mm512_set1_epi32((1 << lev) - 1);
                         for r in 0..4 {
                             let cl = cs[r] * depth + lev;
-                            let xv = _mm512_loadu_ps(p.add(row_at[job.tap_row[cl]] + job.tap_off[cl] + x0));
+                            let xv = _mm512_loadu_ps(p.add(row_at[job.taps[cl].0] + job.taps[cl].1 + x0));
                             let node = _mm512_add_epi32(idx[r], first);
                             let t = level_threshold512(thc[r], thv[r], lev, idx[r], node);
                             let gt = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(xv, t);
@@ -419,7 +429,7 @@ mod x86 {
                         let first = _mm256_set1_epi32((1 << lev) - 1);
                         for r in 0..4 {
                             let cl = cs[r] * depth + lev;
-                            let xv = _mm256_loadu_ps(p.add(row_at[job.tap_row[cl]] + job.tap_off[cl] + x0));
+                            let xv = _mm256_loadu_ps(p.add(row_at[job.taps[cl].0] + job.taps[cl].1 + x0));
                             let node = _mm256_add_epi32(idx[r], first);
                             // the node's threshold: lanes 0..8 from `lo`, 8..16 from `hi`; deeper
                             // levels' gathered
