@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Regenerates docs/BENCHMARKS.md (not part of CI: it times things).
-# Usage: docs/bench.sh [OUT_DIR]
+# Usage: [REUSE=1] docs/bench.sh [OUT_DIR]
 # Needs the Rust toolchain and the committed fixtures; for the ONNX Runtime columns, python3 with
 # `onnxruntime` and `numpy` (pip install onnxruntime numpy). If $PAPER/resnet18_mnist.onnx exists
 # (docs/results.sh or fixtures/paper_models.py make it), the TabConv paper's ResNet-18 is included.
@@ -19,17 +19,30 @@ RAYON_NUM_THREADS=1 cargo test --release --features tract --lib -- --ignored --n
   | sed -E 's/^test [^ ]+ \.\.\. //' | grep -vE '^(running|ok|Compiling|Finished|Running|$)|test result' \
   | grep -vE '^ +(Compiling|Finished|Running)' | tee -a "$out/kernels.txt"
 
+# AVX2-only machines, emulated on this one: with CPUID faulting (`cpuid_fault` in /proc/cpuinfo),
+# docs/cpuid_avx2.c makes every CPUID of the process and of the ONNX Runtime it starts report no
+# AVX-512, so ONNX Runtime, the gemm crate and tabconv's kernels all dispatch to AVX2 code. Without
+# it, only tabconv's kernels can be capped (TABCONV_SIMD), and ONNX Runtime keeps its best kernels.
+if grep -qw cpuid_fault /proc/cpuinfo && gcc -O2 -shared -fPIC -o "$out/cpuid_avx2.so" docs/cpuid_avx2.c; then
+  avx2_env=(env LD_PRELOAD="$(cd "$out" && pwd)/cpuid_avx2.so"); echo cpuid > "$out/avx2_how"
+else
+  avx2_env=(env TABCONV_SIMD=avx2); echo cap > "$out/avx2_how"
+fi
+
 models=(lenet5:mnist nin:mnist resnet18_fmnist:fmnist mobilenet_fmnist:fmnist)
 [ -f "$PAPER/resnet18_mnist.onnx" ] && models+=(paper_resnet18:mnist)
 for spec in "${models[@]}"; do
   m=${spec%%:*}; ds=${spec##*:}
   src="fixtures/models/$m.onnx"; [ "$m" = paper_resnet18 ] && src="$PAPER/resnet18_mnist.onnx"
-  # the default pipeline, and every layer kept as lookups (argmin encoder)
+  # the default pipeline, and every layer kept as lookups (argmin encoder); REUSE=1 keeps the
+  # compiled models of an earlier run in OUT_DIR (to time again on a quieter machine)
+  if [ "${REUSE:-0}" = 1 ] && [ -f "$out/$m.all_lut.tcv" ] && [ -f "$out/$m.default.tcv" ]; then :; else
   "$T/tabconv-compile" "$src" -o "$out/$m.default.tcv" --calib "fixtures/data/${ds}_calib.npy" \
     --report "$out/$m.default.json" 2>"$out/$m.default.log"
   "$T/tabconv-compile" "$src" -o "$out/$m.all_lut.tcv" --calib "fixtures/data/${ds}_calib.npy" \
     --set mask.min_logit_cosine=0 --set mask.restore_unprofitable=false --set mask.relearn=false \
     --report "$out/$m.all_lut.json" 2>"$out/$m.all_lut.log"
+  fi
   for f in "$src" "$out/$m.default.tcv" "$out/$m.all_lut.tcv"; do
     "$T/tabconv" eval "$f" --json --inputs "fixtures/data/${ds}_test.npy" --labels "fixtures/data/${ds}_test_labels.npy"
   done > "$out/$m.eval.jsonl"
@@ -45,9 +58,11 @@ for spec in "${models[@]}"; do
     > "$out/$m.profile.b1.txt"
   "$T/tabconv" bench "$src" --batch 64 --threads 1 --seconds 1 --profile --no-ort --no-tract \
     > "$out/$m.profile.exact.b64.txt"
-  # our kernels capped at AVX2 (ONNX Runtime cannot be capped: it keeps its best kernels)
-  TABCONV_SIMD=avx2 "$T/tabconv" bench "$src" "$out/$m.default.tcv" --batch 64 --threads 1 --seconds 2 \
-    --no-tract --json > "$out/$m.avx2.b64.json"
+  # an AVX2-only machine: every engine of the run at AVX2 (see avx2_env above)
+  for b in 1 64; do
+    "${avx2_env[@]}" "$T/tabconv" bench "$src" "$out/$m.default.tcv" --batch $b --threads 1 --seconds 2 \
+      --no-tract --json > "$out/$m.avx2.b$b.json"
+  done
 done
 python3 docs/bench_table.py "$out" "${models[@]}" > docs/BENCHMARKS.md
 cat docs/BENCHMARKS.md

@@ -114,12 +114,78 @@ fn fused_gelu_is_one_tcv_node_and_standard_operators_in_emitted_onnx() {
     assert!(e <= 1e-4, "the .tcv vs ONNX Runtime on the original: {e:e}");
 
     // the same file declaring ai.tabconv opset 3, before Gelu was an ai.tabconv op
-    let mut m = read_model_proto(&tcv).unwrap();
-    for o in m.opset_import.iter_mut().filter(|o| o.domain == "ai.tabconv") {
-        o.version = 3;
-    }
-    let old = dir.path().join("opset3.tcv");
-    std::fs::write(&old, prost::Message::encode_to_vec(&m)).unwrap();
-    let e = tabconv::onnx::tcv::read_tcv(&old).unwrap_err().to_string();
+    let e = read_as_opset(&tcv, 3, dir.path());
     assert!(e.contains("Gelu needs ai.tabconv opset 4"), "{e}");
+}
+
+/// The error of reading `tcv` rewritten to declare `ai.tabconv` opset `v` (in `dir`).
+fn read_as_opset(tcv: &Path, v: i64, dir: &Path) -> String {
+    let mut m = tabconv::onnx::proto::read_model_proto(tcv).unwrap();
+    for o in m.opset_import.iter_mut().filter(|o| o.domain == "ai.tabconv") {
+        o.version = v;
+    }
+    let old = dir.join(format!("opset{v}.tcv"));
+    std::fs::write(&old, prost::Message::encode_to_vec(&m)).unwrap();
+    tabconv::onnx::tcv::read_tcv(&old).unwrap_err().to_string()
+}
+
+/// NIN's ReLU6 (`Clip(0, 6)` after its third conv) is fused into that channels-last conv as a
+/// capped ReLU: no `Clip` is left in the `.tcv`, one `NhwcConv` carries `activation_max` = 6
+/// and reads back with it, and the `.tcv` still gives ONNX Runtime's outputs. A `.tcv`
+/// declaring `ai.tabconv` opset 5 cannot hold the attribute.
+#[test]
+fn relu6_is_fused_into_the_channels_last_conv() {
+    use tabconv::onnx::proto::read_model_proto;
+    let dir = tempfile::tempdir().unwrap();
+    let tcv = dir.path().join("nin.tcv");
+    compile_cli("models/nin.onnx", &tcv, &["--pipeline", "exact"]);
+    let g = read_model_proto(&tcv).unwrap().graph.unwrap();
+    assert_eq!(
+        g.node.iter().filter(|n| n.op_type == "Clip").count(),
+        0,
+        "the Clip is fused"
+    );
+    let capped: Vec<f32> = g
+        .node
+        .iter()
+        .filter(|n| n.op_type == "NhwcConv")
+        .flat_map(|n| n.attribute.iter().filter(|a| a.name == "activation_max").map(|a| a.f))
+        .collect();
+    assert_eq!(capped, [6.0]);
+
+    let back = tabconv::onnx::tcv::read_tcv(&tcv).unwrap();
+    let caps: Vec<Option<f32>> = back
+        .g
+        .node_weights()
+        .filter_map(|n| match &n.op {
+            tabconv::ir::op::Op::Conv(c) => Some(c.relu_max),
+            _ => None,
+        })
+        .filter(Option::is_some)
+        .collect();
+    assert_eq!(caps, [Some(6.0)], "the .tcv reads back with the cap");
+    let x = npy("expected/nin_input.npy");
+    let ours = as_f32(&run_ours(&tcv, std::slice::from_ref(&x)).unwrap()[0]);
+    let e = rel_err(&ours, &npy("expected/nin_ort.npy"));
+    assert!(e <= 1e-4, "the .tcv vs ONNX Runtime on the original: {e:e}");
+
+    let e = read_as_opset(&tcv, 5, dir.path());
+    assert!(e.contains("'activation_max' needs ai.tabconv opset 6"), "{e}");
+    // a cap that is not a positive finite float is an error, not a silent clamp
+    for bad in [-1.0, 0.0, f32::NAN, f32::INFINITY] {
+        let mut m = read_model_proto(&tcv).unwrap();
+        let g = m.graph.as_mut().unwrap();
+        for a in g.node.iter_mut().flat_map(|n| n.attribute.iter_mut()) {
+            if a.name == "activation_max" {
+                a.f = bad;
+            }
+        }
+        let p = dir.path().join("bad_cap.tcv");
+        std::fs::write(&p, prost::Message::encode_to_vec(&m)).unwrap();
+        let e = tabconv::onnx::tcv::read_tcv(&p).unwrap_err().to_string();
+        assert!(
+            e.contains("activation_max must be a positive finite float"),
+            "{bad}: {e}"
+        );
+    }
 }

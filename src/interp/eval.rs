@@ -661,6 +661,7 @@ fn conv_nhwc(c: &crate::ir::op::Conv, mut args: Vec<Arc<Tensor>>, cache: Option<
     let epi = direct::Epilogue {
         residual: residual.map(into_vec),
         relu: c.relu,
+        relu_max: c.relu_max,
     };
     let simd = super::kernels::Simd::detect();
     let (out, shape) = direct::conv_nhwc(&x, [n, h, w, ch], &prep.weights, &prep.conv, epi, simd)?;

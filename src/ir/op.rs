@@ -34,6 +34,8 @@ pub struct Conv {
     pub nhwc: bool,
     /// ReLU fused into the output (only with `nhwc`).
     pub relu: bool,
+    /// With `relu`: the output also capped at this value (a fused `Clip(0, max)`, e.g. ReLU6).
+    pub relu_max: Option<f32>,
 }
 
 impl Conv {
@@ -44,6 +46,7 @@ impl Conv {
             group,
             nhwc: false,
             relu: false,
+            relu_max: None,
         }
     }
 }
@@ -364,6 +367,9 @@ impl Op {
                 }
                 if c.relu {
                     s += " activation=relu";
+                }
+                if let Some(max) = c.relu_max {
+                    s += &format!(" max={max}");
                 }
                 s
             }

@@ -14,7 +14,7 @@ pub const TABCONV_DOMAIN: &str = "ai.tabconv";
 /// Version 2 added `PQEncode`'s `layout` attribute (channels-last input), version 3 the fused
 /// `LutMatMul` epilogue, version 4 `Gelu` (standard only from ONNX opset 20), version 5
 /// `PQEncode`'s `act_scale` (the int8 argmin encoder).
-pub const TABCONV_OPSET: i64 = 5;
+pub const TABCONV_OPSET: i64 = 6;
 
 /// What the exported model is for.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -407,6 +407,9 @@ fn write_node(
                     crate::bail!("node '{name}': a fused ReLU needs the channels-last Conv");
                 }
                 a.push(attr_s("activation", "Relu"));
+                if let Some(max) = c.relu_max {
+                    a.push(attr_f("activation_max", max));
+                }
             }
             match c.nhwc {
                 true => w.node(name, "NhwcConv", TABCONV_DOMAIN, ins, out, a),

@@ -610,12 +610,19 @@ impl Importer {
             return Err(Error::Other("missing or non-2-D kernel_shape".into()));
         }
         let win = window(a, kernel)?;
+        if a.has("activation_max") && self.tabconv_opset < 6 {
+            return Err(Error::Other(format!(
+                "attribute 'activation_max' needs {TABCONV_DOMAIN} opset 6, the file declares {}",
+                self.tabconv_opset
+            )));
+        }
         Ok(match node.op_type.as_str() {
             "NhwcConv" => Op::Conv(Conv {
                 window: win,
                 group: a.int("group", 1).max(1) as usize,
                 nhwc: true,
                 relu: relu_attr(a)?,
+                relu_max: relu_max_attr(a)?,
             }),
             pool => Op::Pool(Pool {
                 kind: match pool {
@@ -1345,6 +1352,21 @@ fn relu_attr(a: &Attrs) -> Result<bool> {
         Some("Relu") => Ok(true),
         Some(other) => Err(Error::Other(format!("activation must be 'Relu', got '{other}'"))),
     }
+}
+
+/// The `activation_max` attribute of `NhwcConv` (a fused `Clip(0, max)`): absent, or a positive
+/// finite float with `activation` "Relu".
+fn relu_max_attr(a: &Attrs) -> Result<Option<f32>> {
+    if !a.has("activation_max") {
+        return Ok(None);
+    }
+    let max = a.float("activation_max", f32::NAN);
+    if !(max.is_finite() && max > 0.0 && relu_attr(a)?) {
+        return Err(Error::Other(format!(
+            "activation_max must be a positive finite float with activation 'Relu', got {max}"
+        )));
+    }
+    Ok(Some(max))
 }
 
 fn window(a: &Attrs, kernel: [usize; 2]) -> Result<Window> {

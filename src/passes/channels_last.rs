@@ -75,8 +75,9 @@ fn direct_conv(graph: &Graph, n: NodeIndex, c: &Conv) -> bool {
 
 /// Fold what only a channels-last conv's or a LUT layer's output feeds into its epilogue: a
 /// residual `Add` of another computed value (it becomes the conv's input 3 / the
-/// `LutMatMul`'s input 4), then a `Relu`. A `LutMatMul` is seen through the twin `Reshape`
-/// this pass gave it (its only reader).
+/// `LutMatMul`'s input 4), then a `Relu` — or, after a conv, a `Clip(0, max)` (ReLU6: a ReLU
+/// capped at `max`). A `LutMatMul` is seen through the twin `Reshape` this pass gave it (its
+/// only reader).
 fn fuse_epilogues(graph: &mut Graph) {
     let nodes: Vec<NodeIndex> = graph
         .g
@@ -120,9 +121,20 @@ fn fuse_epilogues(graph: &mut Graph) {
         let Some(user) = sole_user(graph, out) else {
             continue;
         };
-        if matches!(graph.node(user).op, Op::Unary(Unary::Relu)) {
+        // a Clip whose lower bound is 0 is a ReLU, capped unless its upper bound is +inf
+        let cap = match graph.node(user).op {
+            Op::Unary(Unary::Relu) => Some(None),
+            Op::Unary(Unary::Clip { min, max }) if !is_lut && min == 0.0 && max > 0.0 => {
+                Some(Some(max).filter(|m| m.is_finite()))
+            }
+            _ => None,
+        };
+        if let Some(cap) = cap {
             match &mut graph.node_mut(n).op {
-                Op::Conv(c) => c.relu = true,
+                Op::Conv(c) => {
+                    c.relu = true;
+                    c.relu_max = cap;
+                }
                 Op::LutMatMul { relu } => *relu = true,
                 _ => unreachable!("filtered above"),
             }

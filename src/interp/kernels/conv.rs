@@ -271,6 +271,7 @@ mod tests {
                 group: 1,
                 nhwc: false,
                 relu: false,
+                relu_max: None,
             };
             let (n, c, m) = (3, 5, 4);
             let xs = [n, c, hw[0], hw[1]];
@@ -297,8 +298,10 @@ mod tests {
     /// and with the batch merged into one GEMM, grouped too.
     #[test]
     fn packed_weights_give_the_same_outputs() {
-        if !PackedA::supported() {
-            eprintln!("packed_weights_give_the_same_outputs: packed conv not checked: this CPU has no AVX-512F");
+        if !PackedA::supported() || crate::interp::kernels::Simd::detect() != crate::interp::kernels::Simd::Avx512 {
+            eprintln!(
+                "packed_weights_give_the_same_outputs: packed conv not checked: no AVX-512F (or TABCONV_SIMD caps it)"
+            );
             return;
         }
         eprintln!("packed_weights_give_the_same_outputs: checked the packed conv (AVX-512F)");
@@ -320,6 +323,7 @@ mod tests {
                 group,
                 nhwc: false,
                 relu: false,
+                relu_max: None,
             };
             let xs = [n, c, hw, hw];
             let x: Vec<f32> = (0..xs.iter().product()).map(|_| rng.next_f64() as f32 - 0.5).collect();

@@ -181,6 +181,20 @@ struct Layout {
     /// Add the output buffer's values (the residual) to the sums before the ReLU.
     accumulate: bool,
     relu: bool,
+    /// With `relu`: the upper bound of a fused `Clip(0, max)`.
+    cap: Option<f32>,
+}
+
+impl Layout {
+    /// The scalar epilogue's activation (the SIMD stores apply the same `max`, then `min`).
+    #[inline(always)]
+    fn act(&self, v: f32) -> f32 {
+        match (self.relu, self.cap) {
+            (false, _) => v,
+            (true, None) => v.max(0.0),
+            (true, Some(c)) => v.max(0.0).min(c),
+        }
+    }
 }
 
 /// What follows the sums of a channels-last conv.
@@ -190,6 +204,8 @@ pub struct Epilogue {
     /// becomes the output.
     pub residual: Option<Vec<f32>>,
     pub relu: bool,
+    /// With `relu`: the output also capped at this value (a fused `Clip(0, max)`).
+    pub relu_max: Option<f32>,
 }
 
 /// Group-1 or depthwise convolution, channels-last. `x`: `[N, H, W, C]`; returns `[N, oh, ow, M]`:
@@ -228,6 +244,7 @@ pub fn conv_nhwc(
         m,
         accumulate: !out.fresh,
         relu: epi.relu,
+        cap: epi.relu_max.filter(|_| epi.relu),
     };
     #[cfg(target_arch = "x86_64")]
     if simd >= Simd::Avx2 && wts.depthwise && wts.kernel == [3, 3] {
@@ -637,7 +654,7 @@ unsafe fn tile_scalar(
             if lay.accumulate {
                 acc += *p;
             }
-            *p = if lay.relu { acc.max(0.0) } else { acc };
+            *p = lay.act(acc);
         }
     }
 }
@@ -669,7 +686,7 @@ unsafe fn depthwise_scalar(
             if lay.accumulate {
                 acc += *p;
             }
-            *p = if lay.relu { acc.max(0.0) } else { acc };
+            *p = lay.act(acc);
         }
     }
 }
@@ -929,6 +946,10 @@ mod x86 {
                     s
                 };
                 let s = if lay.relu { _mm512_max_ps(s, zero) } else { s };
+                let s = match lay.cap {
+                    Some(c) => _mm512_min_ps(s, _mm512_set1_ps(c)),
+                    None => s,
+                };
                 if n == 16 {
                     _mm512_storeu_ps(p, s);
                 } else if n > 0 {
@@ -1243,6 +1264,10 @@ mod x86 {
                         s
                     };
                     let s = if lay.relu { _mm512_max_ps(s, zero) } else { s };
+                    let s = match lay.cap {
+                        Some(c) => _mm512_min_ps(s, _mm512_set1_ps(c)),
+                        None => s,
+                    };
                     if masks[v] == u16::MAX {
                         _mm512_storeu_ps(p, s);
                     } else {
@@ -1581,6 +1606,10 @@ mod x86 {
             } else {
                 s
             };
+            let s = match lay.cap {
+                Some(c) => _mm256_min_ps(s, _mm256_set1_ps(c)),
+                None => s,
+            };
             if self.n == 8 {
                 _mm256_storeu_ps(p, s)
             } else {
@@ -1653,7 +1682,7 @@ mod x86 {
                 if lay.accumulate {
                     v += *d.add(oc);
                 }
-                *d.add(oc) = if lay.relu { v.max(0.0) } else { v };
+                *d.add(oc) = lay.act(v);
             }
         }
     }
@@ -1697,6 +1726,10 @@ mod x86 {
                     s
                 };
                 let s = if lay.relu { _mm512_max_ps(s, zero) } else { s };
+                let s = match lay.cap {
+                    Some(c) => _mm512_min_ps(s, _mm512_set1_ps(c)),
+                    None => s,
+                };
                 _mm512_mask_storeu_ps(p, mask, s);
             }
         }
@@ -1774,6 +1807,10 @@ mod x86 {
                     s
                 };
                 let s = if lay.relu { _mm256_max_ps(s, zero) } else { s };
+                let s = match lay.cap {
+                    Some(c) => _mm256_min_ps(s, _mm256_set1_ps(c)),
+                    None => s,
+                };
                 if n == 8 {
                     _mm256_storeu_ps(p, s);
                 } else if n > 0 {
@@ -1822,6 +1859,10 @@ mod x86 {
                     s
                 };
                 let s = if lay.relu { _mm256_max_ps(s, zero) } else { s };
+                let s = match lay.cap {
+                    Some(c) => _mm256_min_ps(s, _mm256_set1_ps(c)),
+                    None => s,
+                };
                 _mm256_maskstore_ps(p, mask, s);
             }
         }
@@ -1925,24 +1966,31 @@ mod tests {
             assert!(err < 1e-4, "case c={c} m={m} k={k}: {err}");
             let res: Vec<f32> = (0..scalar.len()).map(|_| rng.next_f64() as f32 - 0.5).collect();
             for &level in &levels {
-                for (relu, add) in [(false, false), (true, false), (false, true), (true, true)] {
+                let cases = [(false, false), (true, false), (false, true), (true, true)];
+                // a ReLU capped at 0.3 (a fused `Clip(0, 0.3)`), below many of these outputs
+                for ((relu, add), cap) in cases.into_iter().flat_map(|e| [(e, None), (e, Some(0.3f32))]) {
                     let epi = Epilogue {
                         residual: add.then(|| res.clone()),
                         relu,
+                        relu_max: cap,
                     };
                     let (got, _) = conv_nhwc(&xn, [n, h, w, c], &packed, &cv, epi, level).unwrap();
-                    // The unfused graph: Add, then Relu.
+                    // The unfused graph: Add, then Relu (or Clip(0, cap), which needs `relu`).
                     let expect: Vec<f32> = scalar
                         .iter()
                         .zip(&res)
                         .map(|(&v, &r)| if add { v + r } else { v })
                         .map(|v| if relu { v.max(0.0) } else { v })
+                        .map(|v| match cap {
+                            Some(cap) if relu => v.min(cap),
+                            _ => v,
+                        })
                         .collect();
                     assert_eq!(got.len(), expect.len());
                     let same = got.iter().zip(&expect).all(|(a, b)| a.to_bits() == b.to_bits());
                     assert!(
                         same,
-                        "{} differs (c={c} m={m} k={k} relu={relu} residual={add})",
+                        "{} differs (c={c} m={m} k={k} relu={relu} residual={add} cap={cap:?})",
                         level.name()
                     );
                 }
@@ -1981,6 +2029,7 @@ mod tests {
                         let epi = Epilogue {
                             residual: None,
                             relu: true,
+                            relu_max: None,
                         };
                         std::hint::black_box(conv_nhwc(&x, [n, hw, hw, c], &packed, &cv, epi, simd).unwrap());
                         best.min(t.elapsed().as_secs_f64())
@@ -2048,6 +2097,7 @@ mod tests {
                     let epi = Epilogue {
                         residual: None,
                         relu: true,
+                        relu_max: None,
                     };
                     let out = conv_nhwc(&x, [n, hw, hw, c], &packed, &cv, epi, simd).unwrap();
                     best = best.min(t.elapsed().as_secs_f64());

@@ -31,8 +31,10 @@
 //!   `Vnni` runs it too at `k == 256`; `Avx2` falls back to `Scalar`.
 //! - Row-wise ([`lut_i8_rowwise`], [`lut_i8_rowwise_then`]), over `[c][k][m]` tables: for each row
 //!   and codebook, the `m` entries its code selects are added, vectorized over outputs. It beats
-//!   the kernels above for few rows at any `k`, and at `k == 256` for any number of rows when
-//!   `m ≥ 16` ([`prefer_rowwise`], measured): the interpreter's `LutMatMul` picks by that.
+//!   the kernels above for few rows at any `k`, at `k == 256` for any number of rows when
+//!   `m ≥ 16`, and on CPUs whose best shuffle kernel is `Avx2` when `m ≥ 16` ([`prefer_rowwise`],
+//!   measured): the interpreter's `LutMatMul` picks by that. Its loop takes output tiles outside
+//!   and rows inside, so a tile's table columns stay in cache across the rows of a block.
 //!
 //! Codes must be `< k` (asserted: the kernels index without bounds checks).
 
@@ -496,19 +498,28 @@ fn col_tiles(rows: usize, m: usize, tile: usize, out: &mut [i32], f: impl Fn(Ran
 const ROWWISE_PAR_ROWS: usize = 64;
 
 /// Whether [`lut_i8_rowwise_then`] (over `[c][k][m]` tables) is the faster kernel for `rows`
-/// rows of `k`-entry tables and `m` outputs: for few rows (≤ [`ROWWISE_MAX_ROWS`]) at any `k`,
-/// and for `k = 256` at any number of rows when `m ≥ 16` (or without the VBMI kernel). There each
-/// lookup of the VBMI kernel costs half a `vpermi2b` and the tables are read whole per block of
-/// rows, while the row-wise kernel adds 32 (AVX-512) or 16 (AVX2) selected entries per load:
-/// measured on Zen 5 (`lut_throughput`, c = 64, m = 64, one thread) 77 G lookups/s row-wise at
-/// AVX-512 and 57 G at AVX2 against 36 G for the VBMI kernel and 5 G for the scalar one. Below 16
-/// outputs the row-wise kernel is scalar (2 G at m = 8) and the VBMI kernel wins (12 G).
+/// rows of `k`-entry tables and `m` outputs:
+/// - for few rows (≤ [`ROWWISE_MAX_ROWS`]) at any `k`;
+/// - for `k = 256` at any number of rows when `m ≥ 16` (or without the VBMI kernel). There each
+///   lookup of the VBMI kernel costs half a `vpermi2b` and the tables are read whole per block
+///   of rows, while the row-wise kernel adds 32 (AVX-512) or 16 (AVX2) selected entries per
+///   load: measured on Zen 5 (`lut_throughput`, c = 64, m = 64, one thread) 77 G lookups/s
+///   row-wise at AVX-512 and 57 G at AVX2 against 36 G for the VBMI kernel and 5 G for the
+///   scalar one. Below 16 outputs the row-wise kernel is scalar (2 G at m = 8) and the VBMI
+///   kernel wins (12 G);
+/// - for `k = 16` and `m ≥ 16` when the best shuffle kernel is the AVX2 one (an AVX2-only CPU, or
+///   `TABCONV_SIMD=avx2`). Its `vpshufb` pairs need a blend and a `vpmaddubsw` per 32 lookups
+///   and more accumulators than AVX2 has registers: on an Intel Xeon (Emerald Rapids) limited to
+///   AVX2 (docs/cpuid_avx2.c), c = m = 64, it does 24 G lookups/s against 35 G row-wise, and
+///   ResNet-18 w64's lookups (batch 64, one thread) took 12.4 ms against 7.5 ms row-wise; NIN's
+///   11.8 against 8.7 ms, the ResNet-18/16 fixture's 18.7 against 16.2 ms.
 pub fn prefer_rowwise(rows: usize, k: usize, m: usize) -> bool {
+    let best = LutKernel::detect();
     #[cfg(target_arch = "x86_64")]
-    let vbmi = matches!(LutKernel::detect(), LutKernel::Avx512 | LutKernel::Vnni) && vbmi_supported();
+    let vbmi = matches!(best, LutKernel::Avx512 | LutKernel::Vnni) && vbmi_supported();
     #[cfg(not(target_arch = "x86_64"))]
     let vbmi = false;
-    rows <= ROWWISE_MAX_ROWS || (k == 256 && (m >= 16 || !vbmi))
+    rows <= ROWWISE_MAX_ROWS || (k == 256 && (m >= 16 || !vbmi)) || (k == 16 && m >= 16 && best == LutKernel::Avx2)
 }
 
 /// [`lut_i8_rowwise`] with an epilogue, parallel over blocks of rows: each block's i32 sums are
@@ -617,11 +628,13 @@ mod rowwise_x86 {
     ) -> usize {
         const V: usize = 32; // i16 lanes per register
         let done = mw / V * V;
-        for (row, o) in codes.chunks_exact(c).zip(out.chunks_exact_mut(ldo)) {
-            let o = &mut o[col0..];
-            let mut j = 0;
-            while j < done {
-                let q = ((done - j) / V).min(4); // registers in this tile
+        // output tiles outside, rows inside: a tile's table columns (c · k · 64 bytes at most)
+        // stay in cache for every row of the block instead of the whole table being read per row
+        let mut j = 0;
+        while j < done {
+            let q = ((done - j) / V).min(4); // registers in this tile
+            for (row, o) in codes.chunks_exact(c).zip(out.chunks_exact_mut(ldo)) {
+                let o = &mut o[col0..];
                 let mut tot = [_mm512_setzero_si512(); 8]; // i32 sums, two per register
                 for (chunk_i, chunk) in row.chunks(256).enumerate() {
                     let mut acc = [_mm512_setzero_si512(); 4];
@@ -643,8 +656,8 @@ mod rowwise_x86 {
                 for (r, v) in tot.iter().enumerate().take(2 * q) {
                     _mm512_storeu_si512(o.as_mut_ptr().add(j + 16 * r).cast(), *v);
                 }
-                j += q * V;
             }
+            j += q * V;
         }
         done
     }
@@ -667,11 +680,13 @@ mod rowwise_x86 {
     ) -> usize {
         const V: usize = 16;
         let done = mw / V * V;
-        for (row, o) in codes.chunks_exact(c).zip(out.chunks_exact_mut(ldo)) {
-            let o = &mut o[col0..];
-            let mut j = 0;
-            while j < done {
-                let q = ((done - j) / V).min(4);
+        // output tiles outside, rows inside: a tile's table columns (c · k · 64 bytes at most)
+        // stay in cache for every row of the block instead of the whole table being read per row
+        let mut j = 0;
+        while j < done {
+            let q = ((done - j) / V).min(4);
+            for (row, o) in codes.chunks_exact(c).zip(out.chunks_exact_mut(ldo)) {
+                let o = &mut o[col0..];
                 let mut tot = [_mm256_setzero_si256(); 8];
                 for (chunk_i, chunk) in row.chunks(256).enumerate() {
                     let mut acc = [_mm256_setzero_si256(); 4];
@@ -693,8 +708,8 @@ mod rowwise_x86 {
                 for (r, v) in tot.iter().enumerate().take(2 * q) {
                     _mm256_storeu_si256(o.as_mut_ptr().add(j + 8 * r).cast(), *v);
                 }
-                j += q * V;
             }
+            j += q * V;
         }
         done
     }

@@ -404,8 +404,8 @@ mod x86 {
         }
     }
 
-    /// [`row_avx512`] at AVX2: 8 pixels at a time, the thresholds of levels 0–3 from two 8-lane
-    /// permutes, deeper levels' gathered.
+    /// [`row_avx512`] at AVX2: 8 pixels at a time, the thresholds of levels 0–2 from one 8-lane
+    /// permute, level 3's from two and a blend, deeper levels' gathered.
     ///
     /// # Safety
     /// AVX2 and FMA; as [`row_avx512`].
@@ -431,9 +431,11 @@ mod x86 {
                             let cl = cs[r] * depth + lev;
                             let xv = _mm256_loadu_ps(p.add(row_at[job.taps[cl].0] + job.taps[cl].1 + x0));
                             let node = _mm256_add_epi32(idx[r], first);
-                            // the node's threshold: lanes 0..8 from `lo`, 8..16 from `hi`; deeper
-                            // levels' gathered
-                            let t = if lev < 4 {
+                            // the node's threshold: levels 0..2 (nodes 0..6) from `lo` alone,
+                            // level 3 (nodes 7..15) from `lo` or `hi`, deeper levels' gathered
+                            let t = if lev < 3 {
+                                _mm256_permutevar8x32_ps(lo[r], node)
+                            } else if lev == 3 {
                                 let high = _mm256_castsi256_ps(_mm256_cmpgt_epi32(node, _mm256_set1_epi32(7)));
                                 _mm256_blendv_ps(
                                     _mm256_permutevar8x32_ps(lo[r], node),
