@@ -20,11 +20,14 @@ RAYON_NUM_THREADS=1 cargo test --release --features tract --lib -- --ignored --n
   | grep -vE '^ +(Compiling|Finished|Running)' | tee -a "$out/kernels.txt"
 
 # AVX2-only machines, emulated on this one: with CPUID faulting (`cpuid_fault` in /proc/cpuinfo),
-# docs/cpuid_avx2.c makes every CPUID of the process and of the ONNX Runtime it starts report no
-# AVX-512, so ONNX Runtime, the gemm crate and tabconv's kernels all dispatch to AVX2 code. Without
+# docs/cpuid_avx2.c makes the CPUIDs of the process and of the ONNX Runtime it starts report no
+# AVX-512 (glibc's own, read before it, are capped by GLIBC_TUNABLES), so ONNX Runtime, the gemm
+# crate and tabconv's kernels all dispatch to AVX2 code. Without
 # it, only tabconv's kernels can be capped (TABCONV_SIMD), and ONNX Runtime keeps its best kernels.
 if grep -qw cpuid_fault /proc/cpuinfo && gcc -O2 -shared -fPIC -o "$out/cpuid_avx2.so" docs/cpuid_avx2.c; then
-  avx2_env=(env LD_PRELOAD="$(cd "$out" && pwd)/cpuid_avx2.so"); echo cpuid > "$out/avx2_how"
+  avx2_env=(env LD_PRELOAD="$(cd "$out" && pwd)/cpuid_avx2.so"
+    GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX512F,-AVX512VL,-AVX512BW,-AVX512DQ,-AVX512CD)
+  echo cpuid > "$out/avx2_how"
 else
   avx2_env=(env TABCONV_SIMD=avx2); echo cap > "$out/avx2_how"
 fi

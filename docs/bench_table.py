@@ -93,8 +93,9 @@ how = open(p("avx2_how")).read().strip() if os.path.exists(p("avx2_how")) else "
 if how == "cpuid":
     print("## On an AVX2-only machine (emulated)\n")
     print("The same models with every engine of the run limited to AVX2: `docs/cpuid_avx2.c`, preloaded, "
-          "uses Linux's CPUID faulting to make every CPUID instruction of the process and of the ONNX Runtime "
-          "it starts report no AVX-512 (nor AVX-VNNI), so ONNX Runtime's MLAS, the gemm crate and tabconv's "
+          "uses Linux's CPUID faulting to make the CPUID instructions of the process and of the ONNX Runtime "
+          "it starts report no AVX-512 (nor AVX-VNNI, AMX), and GLIBC_TUNABLES keeps glibc's string functions "
+          "off AVX-512, so ONNX Runtime's MLAS, the gemm crate and tabconv's "
           "kernels all dispatch to their AVX2 code. It is this machine's cores running AVX2 code, not an older "
           "CPU: ratios between engines are the meaningful numbers. One thread.\n")
 else:

@@ -13,7 +13,8 @@ pub const ONNX_OPSET: i64 = 17;
 pub const TABCONV_DOMAIN: &str = "ai.tabconv";
 /// Version 2 added `PQEncode`'s `layout` attribute (channels-last input), version 3 the fused
 /// `LutMatMul` epilogue, version 4 `Gelu` (standard only from ONNX opset 20), version 5
-/// `PQEncode`'s `act_scale` (the int8 argmin encoder).
+/// `PQEncode`'s `act_scale` (the int8 argmin encoder), version 6 `NhwcConv`'s `activation_max`
+/// (a fused `Clip(0, max)`).
 pub const TABCONV_OPSET: i64 = 6;
 
 /// What the exported model is for.
@@ -219,7 +220,8 @@ fn tabconv_doc(domain: &str, op: &str) -> &'static str {
         "Im2Col" => "tabconv im2col: the receptive field of every output pixel as one row [N, oh*ow, C*kh*kw].",
         "NhwcConv" => {
             "tabconv convolution on channels-last [N, H, W, C] activations (standard Conv \
-             attributes; optional input 3: a residual added before the optional ReLU)."
+             attributes; optional input 3: a residual added before the optional ReLU, which \
+             activation_max caps)."
         }
         "NhwcMaxPool" | "NhwcAveragePool" => "tabconv pooling on channels-last [N, H, W, C] activations.",
         "Gelu" => {

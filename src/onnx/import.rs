@@ -610,6 +610,12 @@ impl Importer {
             return Err(Error::Other("missing or non-2-D kernel_shape".into()));
         }
         let win = window(a, kernel)?;
+        if a.has("activation_max") && node.op_type != "NhwcConv" {
+            return Err(Error::Other(format!(
+                "attribute 'activation_max' is for NhwcConv, not {}",
+                node.op_type
+            )));
+        }
         if a.has("activation_max") && self.tabconv_opset < 6 {
             return Err(Error::Other(format!(
                 "attribute 'activation_max' needs {TABCONV_DOMAIN} opset 6, the file declares {}",

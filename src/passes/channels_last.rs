@@ -121,10 +121,10 @@ fn fuse_epilogues(graph: &mut Graph) {
         let Some(user) = sole_user(graph, out) else {
             continue;
         };
-        // a Clip whose lower bound is 0 is a ReLU, capped unless its upper bound is +inf
+        // a Clip whose lower bound is +0 is a ReLU, capped unless its upper bound is +inf
         let cap = match graph.node(user).op {
             Op::Unary(Unary::Relu) => Some(None),
-            Op::Unary(Unary::Clip { min, max }) if !is_lut && min == 0.0 && max > 0.0 => {
+            Op::Unary(Unary::Clip { min, max }) if !is_lut && min.to_bits() == 0 && max > 0.0 => {
                 Some(Some(max).filter(|m| m.is_finite()))
             }
             _ => None,

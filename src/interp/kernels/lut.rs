@@ -32,7 +32,7 @@
 //! - Row-wise ([`lut_i8_rowwise`], [`lut_i8_rowwise_then`]), over `[c][k][m]` tables: for each row
 //!   and codebook, the `m` entries its code selects are added, vectorized over outputs. It beats
 //!   the kernels above for few rows at any `k`, at `k == 256` for any number of rows when
-//!   `m ≥ 16`, and on CPUs whose best shuffle kernel is `Avx2` when `m ≥ 16` ([`prefer_rowwise`],
+//!   `m ≥ 16`, and at `k == 16` with `m ≥ 16` on CPUs whose best shuffle kernel is `Avx2` ([`prefer_rowwise`],
 //!   measured): the interpreter's `LutMatMul` picks by that. Its loop takes output tiles outside
 //!   and rows inside, so a tile's table columns stay in cache across the rows of a block.
 //!
@@ -628,8 +628,8 @@ mod rowwise_x86 {
     ) -> usize {
         const V: usize = 32; // i16 lanes per register
         let done = mw / V * V;
-        // output tiles outside, rows inside: a tile's table columns (c · k · 64 bytes at most)
-        // stay in cache for every row of the block instead of the whole table being read per row
+        // output tiles outside, rows inside: a tile's table columns (c · k · 4V bytes) are read
+        // for every row of the block while in cache rather than the whole table per row
         let mut j = 0;
         while j < done {
             let q = ((done - j) / V).min(4); // registers in this tile
@@ -680,8 +680,8 @@ mod rowwise_x86 {
     ) -> usize {
         const V: usize = 16;
         let done = mw / V * V;
-        // output tiles outside, rows inside: a tile's table columns (c · k · 64 bytes at most)
-        // stay in cache for every row of the block instead of the whole table being read per row
+        // output tiles outside, rows inside: a tile's table columns (c · k · 4V bytes) are read
+        // for every row of the block while in cache rather than the whole table per row
         let mut j = 0;
         while j < done {
             let q = ((done - j) / V).min(4);
