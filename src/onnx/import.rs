@@ -596,6 +596,32 @@ impl Importer {
         self.graph.fact(o).expect("facts are inferred eagerly during import")
     }
 
+    /// The `activation_max` attribute of a channels-last op (a fused `Clip(0, max)`): absent, or
+    /// on an `NhwcConv` of an opset-6 file, a positive finite float with `activation` "Relu".
+    fn activation_max(&self, a: &Attrs, op: &str) -> Result<Option<f32>> {
+        if !a.has("activation_max") {
+            return Ok(None);
+        }
+        if op != "NhwcConv" {
+            return Err(Error::Other(format!(
+                "attribute 'activation_max' is for NhwcConv, not {op}"
+            )));
+        }
+        if self.tabconv_opset < 6 {
+            return Err(Error::Other(format!(
+                "attribute 'activation_max' needs {TABCONV_DOMAIN} opset 6, the file declares {}",
+                self.tabconv_opset
+            )));
+        }
+        let max = a.float("activation_max", f32::NAN);
+        if !(max.is_finite() && max > 0.0 && relu_attr(a)?) {
+            return Err(Error::Other(format!(
+                "activation_max must be a positive finite float with activation 'Relu', got {max}"
+            )));
+        }
+        Ok(Some(max))
+    }
+
     /// `ai.tabconv` opset 2's channels-last `NhwcConv` / `NhwcMaxPool` / `NhwcAveragePool`: the
     /// standard op's attributes (kernel_shape required), plus `activation` ("Relu") on NhwcConv.
     fn nhwc_op(&self, node: &NodeProto, a: &Attrs) -> Result<Op> {
@@ -610,25 +636,14 @@ impl Importer {
             return Err(Error::Other("missing or non-2-D kernel_shape".into()));
         }
         let win = window(a, kernel)?;
-        if a.has("activation_max") && node.op_type != "NhwcConv" {
-            return Err(Error::Other(format!(
-                "attribute 'activation_max' is for NhwcConv, not {}",
-                node.op_type
-            )));
-        }
-        if a.has("activation_max") && self.tabconv_opset < 6 {
-            return Err(Error::Other(format!(
-                "attribute 'activation_max' needs {TABCONV_DOMAIN} opset 6, the file declares {}",
-                self.tabconv_opset
-            )));
-        }
+        let relu_max = self.activation_max(a, &node.op_type)?;
         Ok(match node.op_type.as_str() {
             "NhwcConv" => Op::Conv(Conv {
                 window: win,
                 group: a.int("group", 1).max(1) as usize,
                 nhwc: true,
                 relu: relu_attr(a)?,
-                relu_max: relu_max_attr(a)?,
+                relu_max,
             }),
             pool => Op::Pool(Pool {
                 kind: match pool {
@@ -1358,21 +1373,6 @@ fn relu_attr(a: &Attrs) -> Result<bool> {
         Some("Relu") => Ok(true),
         Some(other) => Err(Error::Other(format!("activation must be 'Relu', got '{other}'"))),
     }
-}
-
-/// The `activation_max` attribute of `NhwcConv` (a fused `Clip(0, max)`): absent, or a positive
-/// finite float with `activation` "Relu".
-fn relu_max_attr(a: &Attrs) -> Result<Option<f32>> {
-    if !a.has("activation_max") {
-        return Ok(None);
-    }
-    let max = a.float("activation_max", f32::NAN);
-    if !(max.is_finite() && max > 0.0 && relu_attr(a)?) {
-        return Err(Error::Other(format!(
-            "activation_max must be a positive finite float with activation 'Relu', got {max}"
-        )));
-    }
-    Ok(Some(max))
 }
 
 fn window(a: &Attrs, kernel: [usize; 2]) -> Result<Window> {

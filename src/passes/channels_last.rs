@@ -121,25 +121,21 @@ fn fuse_epilogues(graph: &mut Graph) {
         let Some(user) = sole_user(graph, out) else {
             continue;
         };
-        // a Clip whose lower bound is +0 is a ReLU, capped unless its upper bound is +inf
+        // a Clip whose lower bound is +0 is a ReLU capped at its upper bound (none when +inf)
         let cap = match graph.node(user).op {
-            Op::Unary(Unary::Relu) => Some(None),
-            Op::Unary(Unary::Clip { min, max }) if !is_lut && min.to_bits() == 0 && max > 0.0 => {
-                Some(Some(max).filter(|m| m.is_finite()))
-            }
-            _ => None,
+            Op::Unary(Unary::Relu) => f32::INFINITY,
+            Op::Unary(Unary::Clip { min, max }) if !is_lut && min.to_bits() == 0 && max > 0.0 => max,
+            _ => continue,
         };
-        if let Some(cap) = cap {
-            match &mut graph.node_mut(n).op {
-                Op::Conv(c) => {
-                    c.relu = true;
-                    c.relu_max = cap;
-                }
-                Op::LutMatMul { relu } => *relu = true,
-                _ => unreachable!("filtered above"),
+        match &mut graph.node_mut(n).op {
+            Op::Conv(c) => {
+                c.relu = true;
+                c.relu_max = Some(cap).filter(|m| m.is_finite());
             }
-            graph.replace_uses(Outlet::new(user, 0), out);
+            Op::LutMatMul { relu } => *relu = true,
+            _ => unreachable!("filtered above"),
         }
+        graph.replace_uses(Outlet::new(user, 0), out);
     }
 }
 

@@ -180,19 +180,18 @@ struct Layout {
     m: usize,
     /// Add the output buffer's values (the residual) to the sums before the ReLU.
     accumulate: bool,
-    relu: bool,
-    /// With `relu`: the upper bound of a fused `Clip(0, max)`.
-    cap: Option<f32>,
+    /// The ReLU and its upper bound (`+inf` for a plain ReLU, `max` for a fused `Clip(0, max)`):
+    /// `min(max(v, 0), cap)`, which for a plain ReLU is `max(v, 0)` bit for bit.
+    relu_cap: Option<f32>,
 }
 
 impl Layout {
     /// The scalar epilogue's activation (the SIMD stores apply the same `max`, then `min`).
     #[inline(always)]
     fn act(&self, v: f32) -> f32 {
-        match (self.relu, self.cap) {
-            (false, _) => v,
-            (true, None) => v.max(0.0),
-            (true, Some(c)) => v.max(0.0).min(c),
+        match self.relu_cap {
+            Some(cap) => v.max(0.0).min(cap),
+            None => v,
         }
     }
 }
@@ -243,8 +242,7 @@ pub fn conv_nhwc(
         tap: [0, dw * c],
         m,
         accumulate: !out.fresh,
-        relu: epi.relu,
-        cap: epi.relu_max.filter(|_| epi.relu),
+        relu_cap: epi.relu.then(|| epi.relu_max.unwrap_or(f32::INFINITY)),
     };
     #[cfg(target_arch = "x86_64")]
     if simd >= Simd::Avx2 && wts.depthwise && wts.kernel == [3, 3] {
@@ -924,6 +922,39 @@ mod x86 {
         V / 2
     }
 
+    /// The stores' activation ([`Layout::act`] on 16 lanes): `max(s, 0)`, then `min(·, cap)` when
+    /// the cap is finite (a fused `Clip`).
+    #[inline(always)]
+    unsafe fn act512(s: __m512, relu_cap: Option<f32>) -> __m512 {
+        match relu_cap {
+            None => s,
+            Some(cap) => {
+                let s = _mm512_max_ps(s, _mm512_setzero_ps());
+                if cap.is_finite() {
+                    _mm512_min_ps(s, _mm512_set1_ps(cap))
+                } else {
+                    s
+                }
+            }
+        }
+    }
+
+    /// [`act512`] on 8 lanes.
+    #[inline(always)]
+    unsafe fn act256(s: __m256, relu_cap: Option<f32>) -> __m256 {
+        match relu_cap {
+            None => s,
+            Some(cap) => {
+                let s = _mm256_max_ps(s, _mm256_setzero_ps());
+                if cap.is_finite() {
+                    _mm256_min_ps(s, _mm256_set1_ps(cap))
+                } else {
+                    s
+                }
+            }
+        }
+    }
+
     /// The epilogue of `rows` pixels × `V` vectors of 16 channels: residual, ReLU, the `valid`
     /// channels stored (a masked store only for a partial vector).
     #[inline(always)]
@@ -934,7 +965,6 @@ mod x86 {
         dst: *mut f32,
         valid: usize,
     ) {
-        let zero = _mm512_setzero_ps();
         for (r, a) in acc[..rows].iter().enumerate() {
             for (v, &s) in a.iter().enumerate() {
                 let n = valid.saturating_sub(16 * v).min(16);
@@ -945,11 +975,7 @@ mod x86 {
                 } else {
                     s
                 };
-                let s = if lay.relu { _mm512_max_ps(s, zero) } else { s };
-                let s = match lay.cap {
-                    Some(c) => _mm512_min_ps(s, _mm512_set1_ps(c)),
-                    None => s,
-                };
+                let s = act512(s, lay.relu_cap);
                 if n == 16 {
                     _mm512_storeu_ps(p, s);
                 } else if n > 0 {
@@ -1254,7 +1280,6 @@ mod x86 {
             b0: usize,
             lay: &Layout,
         ) {
-            let zero = _mm512_setzero_ps();
             for (r, a) in acc.iter().enumerate() {
                 for (v, &s) in a.iter().enumerate() {
                     let p = self.dst.add((x0 + r) * lay.m + (b0 + v) * 16);
@@ -1263,11 +1288,7 @@ mod x86 {
                     } else {
                         s
                     };
-                    let s = if lay.relu { _mm512_max_ps(s, zero) } else { s };
-                    let s = match lay.cap {
-                        Some(c) => _mm512_min_ps(s, _mm512_set1_ps(c)),
-                        None => s,
-                    };
+                    let s = act512(s, lay.relu_cap);
                     if masks[v] == u16::MAX {
                         _mm512_storeu_ps(p, s);
                     } else {
@@ -1601,15 +1622,7 @@ mod x86 {
             } else {
                 s
             };
-            let s = if lay.relu {
-                _mm256_max_ps(s, _mm256_setzero_ps())
-            } else {
-                s
-            };
-            let s = match lay.cap {
-                Some(c) => _mm256_min_ps(s, _mm256_set1_ps(c)),
-                None => s,
-            };
+            let s = act256(s, lay.relu_cap);
             if self.n == 8 {
                 _mm256_storeu_ps(p, s)
             } else {
@@ -1703,7 +1716,6 @@ mod x86 {
     ) {
         debug_assert_eq!(offs.len(), R);
         let [kh, kw] = lay.kernel;
-        let zero = _mm512_setzero_ps();
         for l0 in (0..valid).step_by(16) {
             let n = (valid - l0).min(16);
             let mask = ((1u32 << n) - 1) as u16;
@@ -1725,11 +1737,7 @@ mod x86 {
                 } else {
                     s
                 };
-                let s = if lay.relu { _mm512_max_ps(s, zero) } else { s };
-                let s = match lay.cap {
-                    Some(c) => _mm512_min_ps(s, _mm512_set1_ps(c)),
-                    None => s,
-                };
+                let s = act512(s, lay.relu_cap);
                 _mm512_mask_storeu_ps(p, mask, s);
             }
         }
@@ -1796,7 +1804,6 @@ mod x86 {
         dst: *mut f32,
         valid: usize,
     ) {
-        let zero = _mm256_setzero_ps();
         for (r, a) in acc[..rows].iter().enumerate() {
             for (v, &s) in a.iter().enumerate() {
                 let n = valid.saturating_sub(8 * v).min(8);
@@ -1806,11 +1813,7 @@ mod x86 {
                 } else {
                     s
                 };
-                let s = if lay.relu { _mm256_max_ps(s, zero) } else { s };
-                let s = match lay.cap {
-                    Some(c) => _mm256_min_ps(s, _mm256_set1_ps(c)),
-                    None => s,
-                };
+                let s = act256(s, lay.relu_cap);
                 if n == 8 {
                     _mm256_storeu_ps(p, s);
                 } else if n > 0 {
@@ -1836,7 +1839,6 @@ mod x86 {
     ) {
         debug_assert_eq!(offs.len(), R);
         let [kh, kw] = lay.kernel;
-        let zero = _mm256_setzero_ps();
         for l0 in (0..valid).step_by(8) {
             let n = (valid - l0).min(8);
             let mask = lane_mask256(n);
@@ -1858,11 +1860,7 @@ mod x86 {
                 } else {
                     s
                 };
-                let s = if lay.relu { _mm256_max_ps(s, zero) } else { s };
-                let s = match lay.cap {
-                    Some(c) => _mm256_min_ps(s, _mm256_set1_ps(c)),
-                    None => s,
-                };
+                let s = act256(s, lay.relu_cap);
                 _mm256_maskstore_ps(p, mask, s);
             }
         }
@@ -1943,6 +1941,8 @@ mod tests {
             (1, 20, [3, 17], 20, 3, 1, 1, [1; 4], true),
             (1, 48, [5, 30], 48, 3, 2, 1, [0, 1, 1, 0], true),
         ];
+        // outputs above the cap the epilogue cases use, over all cases (the cap must bite)
+        let mut capped = 0;
         for &(n, c, [h, w], m, k, s, d, pads, dw) in cases {
             let cv = conv(k, s, d, pads, if dw { c } else { 1 });
             let xs = [n, c, h, w];
@@ -1965,6 +1965,7 @@ mod tests {
             let err = scalar.iter().zip(&want).fold(0f32, |e, (a, b)| e.max((a - b).abs()));
             assert!(err < 1e-4, "case c={c} m={m} k={k}: {err}");
             let res: Vec<f32> = (0..scalar.len()).map(|_| rng.next_f64() as f32 - 0.5).collect();
+            capped += scalar.iter().filter(|&&v| v > 0.3).count();
             for &level in &levels {
                 let cases = [(false, false), (true, false), (false, true), (true, true)];
                 // a ReLU capped at 0.3 (a fused `Clip(0, 0.3)`), below many of these outputs
@@ -1996,6 +1997,10 @@ mod tests {
                 }
             }
         }
+        assert!(
+            capped > 100,
+            "only {capped} outputs above the cap: the capped cases check little"
+        );
     }
 
     /// Throughput of the 3×3 depthwise kernel on MobileNet-like layers (a measurement, not a

@@ -508,8 +508,9 @@ const ROWWISE_PAR_ROWS: usize = 64;
 ///   scalar one. Below 16 outputs the row-wise kernel is scalar (2 G at m = 8) and the VBMI
 ///   kernel wins (12 G);
 /// - for `k = 16` and `m ≥ 16` when the best shuffle kernel is the AVX2 one (an AVX2-only CPU, or
-///   `TABCONV_SIMD=avx2`). Its `vpshufb` pairs need a blend and a `vpmaddubsw` per 32 lookups
-///   and more accumulators than AVX2 has registers: on an Intel Xeon (Emerald Rapids) limited to
+///   `TABCONV_SIMD=avx2`). Its `vpshufb` pairs need two shuffles, two blends, two
+///   `vpmaddubsw` and two adds per 64 lookups and output (with 2 outputs per block instead of
+///   4, fewer registers, it did no better): on an Intel Xeon (Emerald Rapids) limited to
 ///   AVX2 (docs/cpuid_avx2.c), c = m = 64, it does 24 G lookups/s against 35 G row-wise, and
 ///   ResNet-18 w64's lookups (batch 64, one thread) took 12.4 ms against 7.5 ms row-wise; NIN's
 ///   11.8 against 8.7 ms, the ResNet-18/16 fixture's 18.7 against 16.2 ms.

@@ -432,7 +432,7 @@ mod x86 {
                             let xv = _mm256_loadu_ps(p.add(row_at[job.taps[cl].0] + job.taps[cl].1 + x0));
                             let node = _mm256_add_epi32(idx[r], first);
                             // the node's threshold: levels 0..2 (nodes 0..6) from `lo` alone,
-                            // level 3 (nodes 7..15) from `lo` or `hi`, deeper levels' gathered
+                            // level 3 (nodes 7..14) from `lo` or `hi`, deeper levels' gathered
                             let t = if lev < 3 {
                                 _mm256_permutevar8x32_ps(lo[r], node)
                             } else if lev == 3 {
