@@ -876,7 +876,7 @@ mod x86 {
                 }
             }
         }
-        store512(&acc, rows, lay, dst, valid);
+        store512(acc, rows, lay, dst, valid);
     }
 
     /// `tiles` whole tiles of `R` pixels `S` floats apart (a 1×1 convolution's pixels, one
@@ -959,13 +959,18 @@ mod x86 {
     /// channels stored (a masked store only for a partial vector).
     #[inline(always)]
     unsafe fn store512<const R: usize, const V: usize>(
-        acc: &[[__m512; V]; R],
+        acc: [[__m512; V]; R],
         rows: usize,
         lay: &Layout,
         dst: *mut f32,
         valid: usize,
     ) {
-        for (r, a) in acc[..rows].iter().enumerate() {
+        // constant indices only (`rows` is checked, not sliced by): the sums stay registers in
+        // the tile's loop rather than an array stored to on every multiply-add
+        for (r, a) in acc.iter().enumerate() {
+            if r >= rows {
+                break;
+            }
             for (v, &s) in a.iter().enumerate() {
                 let n = valid.saturating_sub(16 * v).min(16);
                 let p = dst.add(r * lay.m + 16 * v);
@@ -1030,7 +1035,7 @@ mod x86 {
                     }
                 }
             }
-            store512(&acc, R, lay, a.dst.add(x0 * lay.m), a.valid);
+            store512(acc, R, lay, a.dst.add(x0 * lay.m), a.valid);
             x0 += R;
         }
         x0
@@ -1060,7 +1065,7 @@ mod x86 {
                     }
                 }
             }
-            store256(&acc, R, lay, a.dst.add(x0 * lay.m), a.valid);
+            store256(acc, R, lay, a.dst.add(x0 * lay.m), a.valid);
             x0 += R;
         }
         x0
@@ -1730,7 +1735,11 @@ mod x86 {
                     }
                 }
             }
-            for (r, &s) in acc[..rows].iter().enumerate() {
+            // constant indices only (as in `store512`): the sums stay registers
+            for (r, &s) in acc.iter().enumerate() {
+                if r >= rows {
+                    break;
+                }
                 let p = dst.add(r * lay.m + l0);
                 let s = if lay.accumulate {
                     _mm512_add_ps(s, _mm512_maskz_loadu_ps(mask, p))
@@ -1791,20 +1800,25 @@ mod x86 {
                 }
             }
         }
-        store256(&acc, rows, lay, dst, valid);
+        store256(acc, rows, lay, dst, valid);
     }
 
     /// The epilogue of `rows` pixels × `V` vectors of 8 channels: residual, ReLU, the `valid`
     /// channels stored.
     #[inline(always)]
     unsafe fn store256<const R: usize, const V: usize>(
-        acc: &[[__m256; V]; R],
+        acc: [[__m256; V]; R],
         rows: usize,
         lay: &Layout,
         dst: *mut f32,
         valid: usize,
     ) {
-        for (r, a) in acc[..rows].iter().enumerate() {
+        // constant indices only (`rows` is checked, not sliced by): the sums stay registers in
+        // the tile's loop rather than an array stored to on every multiply-add
+        for (r, a) in acc.iter().enumerate() {
+            if r >= rows {
+                break;
+            }
             for (v, &s) in a.iter().enumerate() {
                 let n = valid.saturating_sub(8 * v).min(8);
                 let p = dst.add(r * lay.m + 8 * v);
@@ -1853,7 +1867,11 @@ mod x86 {
                     }
                 }
             }
-            for (r, &s) in acc[..rows].iter().enumerate() {
+            // constant indices only (as in `store512`): the sums stay registers
+            for (r, &s) in acc.iter().enumerate() {
+                if r >= rows {
+                    break;
+                }
                 let p = dst.add(r * lay.m + l0);
                 let s = if lay.accumulate {
                     _mm256_add_ps(s, _mm256_maskload_ps(p, mask))

@@ -611,6 +611,21 @@ mod rowwise_x86 {
     //! after at most 256 codebooks (|Σ| ≤ 256·128 fits an i16, as in the scalar code).
     use std::arch::x86_64::*;
 
+    /// Register tiles of `v` outputs, up to 4 per tile, over the largest multiple of `v` (`≤ mw`):
+    /// `tile(q, j)` for a tile of `q` registers from output `j`, output tiles outside and rows
+    /// inside (a tile's table columns, `c · k · 4v` bytes, are read for every row of the block
+    /// while in cache rather than the whole table per row); returns the outputs done.
+    fn tiles(v: usize, mw: usize, mut tile: impl FnMut(usize, usize)) -> usize {
+        let done = mw / v * v;
+        let mut j = 0;
+        while j < done {
+            let q = ((done - j) / v).min(4);
+            tile(q, j);
+            j += q * v;
+        }
+        done
+    }
+
     /// Outputs handled: the largest multiple of 32 (`≤ mw`), into columns `col0 ..` of `out`
     /// (rows of `ldo`); returns it.
     #[target_feature(enable = "avx2,avx512f,avx512bw")]
@@ -627,40 +642,50 @@ mod rowwise_x86 {
         ldo: usize,
         col0: usize,
     ) -> usize {
-        const V: usize = 32; // i16 lanes per register
-        let done = mw / V * V;
-        // output tiles outside, rows inside: a tile's table columns (c · k · 4V bytes) are read
-        // for every row of the block while in cache rather than the whole table per row
-        let mut j = 0;
-        while j < done {
-            let q = ((done - j) / V).min(4); // registers in this tile
-            for (row, o) in codes.chunks_exact(c).zip(out.chunks_exact_mut(ldo)) {
-                let o = &mut o[col0..];
-                let mut tot = [_mm512_setzero_si512(); 8]; // i32 sums, two per register
-                for (chunk_i, chunk) in row.chunks(256).enumerate() {
-                    let mut acc = [_mm512_setzero_si512(); 4];
-                    for (jj, &code) in chunk.iter().enumerate() {
-                        let ci = chunk_i * 256 + jj;
-                        let p = t.as_ptr().add((ci * k + code as usize) * m + m0 + j);
-                        for (r, a) in acc.iter_mut().enumerate().take(q) {
-                            let v = _mm512_cvtepi8_epi16(_mm256_loadu_si256(p.add(r * V).cast()));
-                            *a = _mm512_add_epi16(*a, v);
-                        }
+        tiles(32, mw, |q, j| {
+            let a = (codes, c, t, m, k, m0 + j, &mut *out, ldo, col0 + j);
+            match q {
+                4 => tile_avx512::<4>(a),
+                3 => tile_avx512::<3>(a),
+                2 => tile_avx512::<2>(a),
+                _ => tile_avx512::<1>(a),
+            }
+        })
+    }
+
+    /// One tile of [`avx512`]: `Q` registers of 32 outputs (see [`tile_avx2`]).
+    #[target_feature(enable = "avx2,avx512f,avx512bw")]
+    #[allow(clippy::type_complexity)]
+    #[inline]
+    unsafe fn tile_avx512<const Q: usize>(
+        (codes, c, t, m, k, m0, out, ldo, col0): (&[u8], usize, &[i8], usize, usize, usize, &mut [i32], usize, usize),
+    ) {
+        for (row, o) in codes.chunks_exact(c).zip(out.chunks_exact_mut(ldo)) {
+            let o = &mut o[col0..];
+            let mut tot = [[_mm512_setzero_si512(); 2]; Q];
+            for (chunk_i, chunk) in row.chunks(256).enumerate() {
+                let mut acc = [_mm512_setzero_si512(); Q];
+                let mut base = t.as_ptr().add(chunk_i * 256 * k * m + m0);
+                for &code in chunk {
+                    let p = base.add(code as usize * m);
+                    for (r, a) in acc.iter_mut().enumerate() {
+                        let v = _mm512_cvtepi8_epi16(_mm256_loadu_si256(p.add(r * 32).cast()));
+                        *a = _mm512_add_epi16(*a, v);
                     }
-                    for r in 0..q {
-                        let lo = _mm512_cvtepi16_epi32(_mm512_castsi512_si256(acc[r]));
-                        let hi = _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64::<1>(acc[r]));
-                        tot[2 * r] = _mm512_add_epi32(tot[2 * r], lo);
-                        tot[2 * r + 1] = _mm512_add_epi32(tot[2 * r + 1], hi);
-                    }
+                    base = base.add(k * m);
                 }
-                for (r, v) in tot.iter().enumerate().take(2 * q) {
-                    _mm512_storeu_si512(o.as_mut_ptr().add(j + 16 * r).cast(), *v);
+                for (a, tot) in acc.iter().zip(tot.iter_mut()) {
+                    let lo = _mm512_cvtepi16_epi32(_mm512_castsi512_si256(*a));
+                    let hi = _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64::<1>(*a));
+                    tot[0] = _mm512_add_epi32(tot[0], lo);
+                    tot[1] = _mm512_add_epi32(tot[1], hi);
                 }
             }
-            j += q * V;
+            for (r, tot) in tot.iter().enumerate() {
+                _mm512_storeu_si512(o.as_mut_ptr().add(32 * r).cast(), tot[0]);
+                _mm512_storeu_si512(o.as_mut_ptr().add(32 * r + 16).cast(), tot[1]);
+            }
         }
-        done
     }
 
     /// Outputs handled: the largest multiple of 16 (`≤ mw`), into columns `col0 ..` of `out`
@@ -679,40 +704,53 @@ mod rowwise_x86 {
         ldo: usize,
         col0: usize,
     ) -> usize {
-        const V: usize = 16;
-        let done = mw / V * V;
-        // output tiles outside, rows inside: a tile's table columns (c · k · 4V bytes) are read
-        // for every row of the block while in cache rather than the whole table per row
-        let mut j = 0;
-        while j < done {
-            let q = ((done - j) / V).min(4);
-            for (row, o) in codes.chunks_exact(c).zip(out.chunks_exact_mut(ldo)) {
-                let o = &mut o[col0..];
-                let mut tot = [_mm256_setzero_si256(); 8];
-                for (chunk_i, chunk) in row.chunks(256).enumerate() {
-                    let mut acc = [_mm256_setzero_si256(); 4];
-                    for (jj, &code) in chunk.iter().enumerate() {
-                        let ci = chunk_i * 256 + jj;
-                        let p = t.as_ptr().add((ci * k + code as usize) * m + m0 + j);
-                        for (r, a) in acc.iter_mut().enumerate().take(q) {
-                            let v = _mm256_cvtepi8_epi16(_mm_loadu_si128(p.add(r * V).cast()));
-                            *a = _mm256_add_epi16(*a, v);
-                        }
+        tiles(16, mw, |q, j| {
+            let a = (codes, c, t, m, k, m0 + j, &mut *out, ldo, col0 + j);
+            match q {
+                4 => tile_avx2::<4>(a),
+                3 => tile_avx2::<3>(a),
+                2 => tile_avx2::<2>(a),
+                _ => tile_avx2::<1>(a),
+            }
+        })
+    }
+
+    /// One tile of [`avx2`]: `Q` registers of 16 outputs from `m0` (columns `col0 ..` of `out`).
+    /// `Q` is a constant so that the sums are registers (no per-codebook checks of the tile's
+    /// width, no stack array).
+    #[target_feature(enable = "avx2")]
+    #[allow(clippy::type_complexity)]
+    #[inline]
+    unsafe fn tile_avx2<const Q: usize>(
+        (codes, c, t, m, k, m0, out, ldo, col0): (&[u8], usize, &[i8], usize, usize, usize, &mut [i32], usize, usize),
+    ) {
+        for (row, o) in codes.chunks_exact(c).zip(out.chunks_exact_mut(ldo)) {
+            let o = &mut o[col0..];
+            let mut tot = [[_mm256_setzero_si256(); 2]; Q];
+            for (chunk_i, chunk) in row.chunks(256).enumerate() {
+                let mut acc = [_mm256_setzero_si256(); Q];
+                // table row of codebook `ci`, code 0: `ci · k · m` floats in, plus the tile's start
+                let mut base = t.as_ptr().add(chunk_i * 256 * k * m + m0);
+                for &code in chunk {
+                    let p = base.add(code as usize * m);
+                    for (r, a) in acc.iter_mut().enumerate() {
+                        let v = _mm256_cvtepi8_epi16(_mm_loadu_si128(p.add(r * 16).cast()));
+                        *a = _mm256_add_epi16(*a, v);
                     }
-                    for r in 0..q {
-                        let lo = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(acc[r]));
-                        let hi = _mm256_cvtepi16_epi32(_mm256_extracti128_si256::<1>(acc[r]));
-                        tot[2 * r] = _mm256_add_epi32(tot[2 * r], lo);
-                        tot[2 * r + 1] = _mm256_add_epi32(tot[2 * r + 1], hi);
-                    }
+                    base = base.add(k * m);
                 }
-                for (r, v) in tot.iter().enumerate().take(2 * q) {
-                    _mm256_storeu_si256(o.as_mut_ptr().add(j + 8 * r).cast(), *v);
+                for (a, tot) in acc.iter().zip(tot.iter_mut()) {
+                    let lo = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(*a));
+                    let hi = _mm256_cvtepi16_epi32(_mm256_extracti128_si256::<1>(*a));
+                    tot[0] = _mm256_add_epi32(tot[0], lo);
+                    tot[1] = _mm256_add_epi32(tot[1], hi);
                 }
             }
-            j += q * V;
+            for (r, tot) in tot.iter().enumerate() {
+                _mm256_storeu_si256(o.as_mut_ptr().add(16 * r).cast(), tot[0]);
+                _mm256_storeu_si256(o.as_mut_ptr().add(16 * r + 8).cast(), tot[1]);
+            }
         }
-        done
     }
 }
 
