@@ -80,6 +80,9 @@ struct Scratch {
     /// Per kernel row of the output row (and one more for missing taps): where its planar
     /// input row starts.
     row_at: Vec<usize>,
+    /// Per codebook and level: where its tap's values start in `planes` for the current output
+    /// row (its kernel row's start plus the tap's offset), so the kernels load without lookups.
+    at: Vec<usize>,
 }
 
 thread_local! {
@@ -189,6 +192,7 @@ impl Job<'_> {
             xt,
             stage,
             row_at,
+            at,
         } = s;
         planes.clear();
         planes.resize((nrows + 1) * self.row_len, 0.0);
@@ -218,16 +222,19 @@ impl Job<'_> {
                     zero_row
                 };
             }
+            at.clear();
+            at.extend(self.taps.iter().map(|&(i, o)| row_at[i] + o));
             let row = &mut out[k * row_codes..(k + 1) * row_codes];
-            // SAFETY: the caller detected `level` (AVX-512F, or AVX2); `row_at` holds starts of
-            // planar rows in `planes` (the zero row included), and a tap's lanes end within
+            // SAFETY: the caller detected `level` (AVX-512F, or AVX2); `at` has an entry per
+            // codebook and level (`taps`), each a start of a planar row in `planes` (the zero
+            // row included) plus the tap's offset, and a tap's lanes end within
             // its plane: a tap's offset is the plane's start plus at most `(kw − 1)·dw / sw`, and
             // `x0 + 16 ≤ ow` rounded up to 16, their sum below `qw`.
             #[cfg(target_arch = "x86_64")]
             unsafe {
                 match level {
-                    Simd::Avx512 => x86::row_avx512(self, planes, row_at, row),
-                    _ => x86::row_avx2(self, planes, row_at, row),
+                    Simd::Avx512 => x86::row_avx512(self, planes, at, row),
+                    _ => x86::row_avx2(self, planes, at, row),
                 }
             }
         }
@@ -290,14 +297,15 @@ mod x86 {
     use super::Job;
     use std::arch::x86_64::*;
 
-    /// Codes of one output row (`out`: `ow × c_n`) from the planar band `planes`; `row_at[i]`
-    /// is where the planar input row of kernel row `i` starts (`row_at[kh]`: the zero row).
+    /// Codes of one output row (`out`: `ow × c_n`) from the planar band `planes`; `at[cl]` is
+    /// where the values of codebook and level `cl`'s tap start for this row (in its kernel
+    /// row's planar input row, or in the zero row).
     ///
     /// # Safety
-    /// AVX-512F; every `row_at` plus `row_len` is within `planes`, and every tap offset plus
-    /// `ow` rounded up to 16 stays within its plane (`qw`).
+    /// AVX-512F; `at` has `c_n · depth` entries, each the start of a tap's values in `planes`
+    /// from which `ow` rounded up to 16 values stay within its plane (`qw`).
     #[target_feature(enable = "avx512f,avx2,fma")]
-    pub(super) unsafe fn row_avx512(job: &Job, planes: &[f32], row_at: &[usize], out: &mut [u8]) {
+    pub(super) unsafe fn row_avx512(job: &Job, planes: &[f32], at: &[usize], out: &mut [u8]) {
         let (ow, c_n, depth) = (job.out[1], job.c_n, job.pt.depth);
         let p = planes.as_ptr();
         let mut tile = [0u8; 256];
@@ -319,7 +327,7 @@ mod x86 {
                         let first = _mm512_set1_epi32((1 << lev) - 1);
                         for r in 0..4 {
                             let cl = cs[r] * depth + lev;
-                            let xv = _mm512_loadu_ps(p.add(row_at[job.taps[cl].0] + job.taps[cl].1 + x0));
+                            let xv = _mm512_loadu_ps(p.add(*at.get_unchecked(cl) + x0));
                             let node = _mm512_add_epi32(idx[r], first);
                             let t = level_threshold512(thc[r], thv[r], lev, idx[r], node);
                             let gt = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(xv, t);
@@ -410,7 +418,7 @@ mod x86 {
     /// # Safety
     /// AVX2 and FMA; as [`row_avx512`].
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn row_avx2(job: &Job, planes: &[f32], row_at: &[usize], out: &mut [u8]) {
+    pub(super) unsafe fn row_avx2(job: &Job, planes: &[f32], at: &[usize], out: &mut [u8]) {
         let (ow, c_n, depth) = (job.out[1], job.c_n, job.pt.depth);
         let p = planes.as_ptr();
         let mut tile = [0u8; 128];
@@ -429,7 +437,7 @@ mod x86 {
                         let first = _mm256_set1_epi32((1 << lev) - 1);
                         for r in 0..4 {
                             let cl = cs[r] * depth + lev;
-                            let xv = _mm256_loadu_ps(p.add(row_at[job.taps[cl].0] + job.taps[cl].1 + x0));
+                            let xv = _mm256_loadu_ps(p.add(*at.get_unchecked(cl) + x0));
                             let node = _mm256_add_epi32(idx[r], first);
                             // the node's threshold: levels 0..2 (nodes 0..6) from `lo` alone,
                             // level 3 (nodes 7..14) from `lo` or `hi`, deeper levels' gathered
