@@ -965,6 +965,7 @@ mod x86 {
         dst: *mut f32,
         valid: usize,
     ) {
+        debug_assert!(rows <= R);
         // constant indices only (`rows` is checked, not sliced by): the sums stay registers in
         // the tile's loop rather than an array stored to on every multiply-add
         for (r, a) in acc.iter().enumerate() {
@@ -1813,6 +1814,7 @@ mod x86 {
         dst: *mut f32,
         valid: usize,
     ) {
+        debug_assert!(rows <= R);
         // constant indices only (`rows` is checked, not sliced by): the sums stay registers in
         // the tile's loop rather than an array stored to on every multiply-add
         for (r, a) in acc.iter().enumerate() {

@@ -672,7 +672,8 @@ mod rowwise_x86 {
                         let v = _mm512_cvtepi8_epi16(_mm256_loadu_si256(p.add(r * 32).cast()));
                         *a = _mm512_add_epi16(*a, v);
                     }
-                    base = base.add(k * m);
+                    // past the last codebook this leaves the table: wrapping, never read
+                    base = base.wrapping_add(k * m);
                 }
                 for (a, tot) in acc.iter().zip(tot.iter_mut()) {
                     let lo = _mm512_cvtepi16_epi32(_mm512_castsi512_si256(*a));
@@ -729,7 +730,8 @@ mod rowwise_x86 {
             let mut tot = [[_mm256_setzero_si256(); 2]; Q];
             for (chunk_i, chunk) in row.chunks(256).enumerate() {
                 let mut acc = [_mm256_setzero_si256(); Q];
-                // table row of codebook `ci`, code 0: `ci · k · m` floats in, plus the tile's start
+                // the chunk's first codebook's table at code 0 (codebook `i`: `i · k · m` entries
+                // in), plus the tile's first output
                 let mut base = t.as_ptr().add(chunk_i * 256 * k * m + m0);
                 for &code in chunk {
                     let p = base.add(code as usize * m);
@@ -737,7 +739,8 @@ mod rowwise_x86 {
                         let v = _mm256_cvtepi8_epi16(_mm_loadu_si128(p.add(r * 16).cast()));
                         *a = _mm256_add_epi16(*a, v);
                     }
-                    base = base.add(k * m);
+                    // past the last codebook this leaves the table: wrapping, never read
+                    base = base.wrapping_add(k * m);
                 }
                 for (a, tot) in acc.iter().zip(tot.iter_mut()) {
                     let lo = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(*a));

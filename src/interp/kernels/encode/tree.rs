@@ -102,6 +102,8 @@ pub(super) fn tree_nhwc(level: Simd, rows: &Rows, pt: &PixelTree, c_n: usize, co
     if level < Simd::Avx2 || win.kernel != pt.kernel || n * oh * ow == 0 || c_n == 0 {
         return false;
     }
+    // the kernels index the per-row tap starts (one per codebook and level) unchecked
+    assert_eq!(pt.taps.len(), c_n * pt.depth, "hash trees for {c_n} codebooks");
     let [sw, dw] = [win.strides[1], win.dilations[1]];
     let (pl, kw) = (geo.pads[1], win.kernel[1]);
     // plane width: every lane's column (pixels rounded up to 16) and every input column (at
@@ -214,9 +216,9 @@ impl Job<'_> {
         row_at.resize(kh + 1, zero_row);
         for (k, y) in (ya..yb).enumerate() {
             let y0 = (y * sh) as isize - self.pads[0] as isize;
-            for (i, at) in row_at[..kh].iter_mut().enumerate() {
+            for (i, start) in row_at[..kh].iter_mut().enumerate() {
                 let iy = y0 + (i * dh) as isize;
-                *at = if iy >= lo as isize && iy < hi as isize {
+                *start = if iy >= lo as isize && iy < hi as isize {
                     (iy as usize - lo) * self.row_len
                 } else {
                     zero_row
@@ -226,7 +228,8 @@ impl Job<'_> {
             at.extend(self.taps.iter().map(|&(i, o)| row_at[i] + o));
             let row = &mut out[k * row_codes..(k + 1) * row_codes];
             // SAFETY: the caller detected `level` (AVX-512F, or AVX2); `at` has an entry per
-            // codebook and level (`taps`), each a start of a planar row in `planes` (the zero
+            // codebook and level (`taps`, `c_n · depth` of them: asserted in `tree_nhwc`), each
+            // a start of a planar row in `planes` (the zero
             // row included) plus the tap's offset, and a tap's lanes end within
             // its plane: a tap's offset is the plane's start plus at most `(kw − 1)·dw / sw`, and
             // `x0 + 16 ≤ ow` rounded up to 16, their sum below `qw`.
