@@ -966,12 +966,9 @@ mod x86 {
         valid: usize,
     ) {
         debug_assert!(rows <= R);
-        // constant indices only (`rows` is checked, not sliced by): the sums stay registers in
-        // the tile's loop rather than an array stored to on every multiply-add
-        for (r, a) in acc.iter().enumerate() {
-            if r >= rows {
-                break;
-            }
+        // the array taken whole, `rows` counted by the iterator (a runtime slice `acc[..rows]`
+        // makes LLVM keep the sums in a stack array, stored to after every multiply-add)
+        for (r, a) in acc.iter().take(rows).enumerate() {
             for (v, &s) in a.iter().enumerate() {
                 let n = valid.saturating_sub(16 * v).min(16);
                 let p = dst.add(r * lay.m + 16 * v);
@@ -1736,11 +1733,8 @@ mod x86 {
                     }
                 }
             }
-            // constant indices only (as in `store512`): the sums stay registers
-            for (r, &s) in acc.iter().enumerate() {
-                if r >= rows {
-                    break;
-                }
+            // not `acc[..rows]` (see `store512`)
+            for (r, &s) in acc.iter().take(rows).enumerate() {
                 let p = dst.add(r * lay.m + l0);
                 let s = if lay.accumulate {
                     _mm512_add_ps(s, _mm512_maskz_loadu_ps(mask, p))
@@ -1815,12 +1809,9 @@ mod x86 {
         valid: usize,
     ) {
         debug_assert!(rows <= R);
-        // constant indices only (`rows` is checked, not sliced by): the sums stay registers in
-        // the tile's loop rather than an array stored to on every multiply-add
-        for (r, a) in acc.iter().enumerate() {
-            if r >= rows {
-                break;
-            }
+        // the array taken whole, `rows` counted by the iterator (a runtime slice `acc[..rows]`
+        // makes LLVM keep the sums in a stack array, stored to after every multiply-add)
+        for (r, a) in acc.iter().take(rows).enumerate() {
             for (v, &s) in a.iter().enumerate() {
                 let n = valid.saturating_sub(8 * v).min(8);
                 let p = dst.add(r * lay.m + 8 * v);
@@ -1869,11 +1860,8 @@ mod x86 {
                     }
                 }
             }
-            // constant indices only (as in `store512`): the sums stay registers
-            for (r, &s) in acc.iter().enumerate() {
-                if r >= rows {
-                    break;
-                }
+            // not `acc[..rows]` (see `store512`)
+            for (r, &s) in acc.iter().take(rows).enumerate() {
                 let p = dst.add(r * lay.m + l0);
                 let s = if lay.accumulate {
                     _mm256_add_ps(s, _mm256_maskload_ps(p, mask))

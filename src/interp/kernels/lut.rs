@@ -589,12 +589,34 @@ fn rowwise_tile(
         let mut done = 0;
         if level == Simd::Avx512 && LutKernel::Avx512.supported() {
             // SAFETY: AVX-512BW is available; `check_shapes`/`check_codes` bound every read.
-            done = unsafe { rowwise_x86::avx512(codes, c, t, m, k, m0, mw, out, mw, 0) };
+            let a = rowwise_x86::Tile {
+                codes,
+                c,
+                t,
+                m,
+                k,
+                m0,
+                out: &mut *out,
+                ldo: mw,
+                col0: 0,
+            };
+            done = unsafe { rowwise_x86::tiles(rowwise_x86::AVX512, mw, a) };
         }
         if level != Simd::Scalar && mw - done >= 16 {
             // the AVX2 kernel takes what is left in multiples of 16 (m = 16 and 48 at AVX-512)
             // SAFETY: AVX2 is available (every level above scalar has it); as above.
-            done += unsafe { rowwise_x86::avx2(codes, c, t, m, k, m0 + done, mw - done, out, mw, done) };
+            let a = rowwise_x86::Tile {
+                codes,
+                c,
+                t,
+                m,
+                k,
+                m0: m0 + done,
+                out: &mut *out,
+                ldo: mw,
+                col0: done,
+            };
+            done += unsafe { rowwise_x86::tiles(rowwise_x86::AVX2, mw - done, a) };
         }
         if done < mw {
             rowwise_scalar(codes, c, t, m, k, m0 + done, mw - done, out, mw, done);
@@ -611,61 +633,66 @@ mod rowwise_x86 {
     //! after at most 256 codebooks (|Σ| ≤ 256·128 fits an i16, as in the scalar code).
     use std::arch::x86_64::*;
 
-    /// Register tiles of `v` outputs, up to 4 per tile, over the largest multiple of `v` (`≤ mw`):
-    /// `tile(q, j)` for a tile of `q` registers from output `j`, output tiles outside and rows
-    /// inside (a tile's table columns, `c · k · 4v` bytes, are read for every row of the block
-    /// while in cache rather than the whole table per row); returns the outputs done.
-    fn tiles(v: usize, mw: usize, mut tile: impl FnMut(usize, usize)) -> usize {
+    /// What a row-wise tile reads and writes: the rows' `codes` (`c` per row), the `[c][k][m]`
+    /// table `t`, the tile's first output `m0`, and `out` (rows of `ldo`) from column `col0`.
+    pub(super) struct Tile<'a> {
+        pub codes: &'a [u8],
+        pub c: usize,
+        pub t: &'a [i8],
+        pub m: usize,
+        pub k: usize,
+        pub m0: usize,
+        pub out: &'a mut [i32],
+        pub ldo: usize,
+        pub col0: usize,
+    }
+
+    /// A tile kernel of `Q` registers ([`tile_avx2`], [`tile_avx512`]).
+    type Kernel = unsafe fn(Tile);
+
+    /// The AVX-512BW kernels, 1 to 4 registers of 32 outputs.
+    pub(super) const AVX512: (usize, [Kernel; 4]) = (
+        32,
+        [tile_avx512::<1>, tile_avx512::<2>, tile_avx512::<3>, tile_avx512::<4>],
+    );
+    /// The AVX2 kernels, 1 to 4 registers of 16 outputs.
+    pub(super) const AVX2: (usize, [Kernel; 4]) =
+        (16, [tile_avx2::<1>, tile_avx2::<2>, tile_avx2::<3>, tile_avx2::<4>]);
+
+    /// Outputs `a.m0 ..` of every row in register tiles of `v` outputs, up to 4 registers per
+    /// tile, over the largest multiple of `v` (`≤ mw`); returns it. Output tiles outside, rows
+    /// inside: a tile's table columns (`c · k · 4v` bytes) are read for every row of the block
+    /// while in cache rather than the whole table per row.
+    ///
+    /// # Safety
+    /// The kernels' SIMD level is available; `a` holds the rows' codes (each `< k`), the whole
+    /// table, outputs `m0 + mw ≤ m`, and `out` rows of at least `col0 + mw` columns.
+    pub(super) unsafe fn tiles((v, kernels): (usize, [Kernel; 4]), mw: usize, a: Tile) -> usize {
         let done = mw / v * v;
         let mut j = 0;
         while j < done {
             let q = ((done - j) / v).min(4);
-            tile(q, j);
+            kernels[q - 1](Tile {
+                m0: a.m0 + j,
+                col0: a.col0 + j,
+                out: &mut *a.out,
+                ..a
+            });
             j += q * v;
         }
         done
     }
 
-    /// Outputs handled: the largest multiple of 32 (`≤ mw`), into columns `col0 ..` of `out`
-    /// (rows of `ldo`); returns it.
+    /// One tile of `Q` registers of 32 outputs (see [`tile_avx2`]).
     #[target_feature(enable = "avx2,avx512f,avx512bw")]
-    #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn avx512(
-        codes: &[u8],
-        c: usize,
-        t: &[i8],
-        m: usize,
-        k: usize,
-        m0: usize,
-        mw: usize,
-        out: &mut [i32],
-        ldo: usize,
-        col0: usize,
-    ) -> usize {
-        tiles(32, mw, |q, j| {
-            let a = (codes, c, t, m, k, m0 + j, &mut *out, ldo, col0 + j);
-            match q {
-                4 => tile_avx512::<4>(a),
-                3 => tile_avx512::<3>(a),
-                2 => tile_avx512::<2>(a),
-                _ => tile_avx512::<1>(a),
-            }
-        })
-    }
-
-    /// One tile of [`avx512`]: `Q` registers of 32 outputs (see [`tile_avx2`]).
-    #[target_feature(enable = "avx2,avx512f,avx512bw")]
-    #[allow(clippy::type_complexity)]
-    #[inline]
-    unsafe fn tile_avx512<const Q: usize>(
-        (codes, c, t, m, k, m0, out, ldo, col0): (&[u8], usize, &[i8], usize, usize, usize, &mut [i32], usize, usize),
-    ) {
-        for (row, o) in codes.chunks_exact(c).zip(out.chunks_exact_mut(ldo)) {
-            let o = &mut o[col0..];
+    unsafe fn tile_avx512<const Q: usize>(a: Tile) {
+        let (t, m, k) = (a.t, a.m, a.k);
+        for (row, o) in a.codes.chunks_exact(a.c).zip(a.out.chunks_exact_mut(a.ldo)) {
+            let o = &mut o[a.col0..];
             let mut tot = [[_mm512_setzero_si512(); 2]; Q];
             for (chunk_i, chunk) in row.chunks(256).enumerate() {
                 let mut acc = [_mm512_setzero_si512(); Q];
-                let mut base = t.as_ptr().add(chunk_i * 256 * k * m + m0);
+                let mut base = t.as_ptr().add(chunk_i * 256 * k * m + a.m0);
                 for &code in chunk {
                     let p = base.add(code as usize * m);
                     for (r, a) in acc.iter_mut().enumerate() {
@@ -689,50 +716,20 @@ mod rowwise_x86 {
         }
     }
 
-    /// Outputs handled: the largest multiple of 16 (`≤ mw`), into columns `col0 ..` of `out`
-    /// (rows of `ldo`); returns it.
+    /// One tile of `Q` registers of 16 outputs from `m0` (columns `col0 ..` of `out`). `Q` is
+    /// a constant so that the sums are registers (no per-codebook checks of the tile's width, no
+    /// stack array).
     #[target_feature(enable = "avx2")]
-    #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn avx2(
-        codes: &[u8],
-        c: usize,
-        t: &[i8],
-        m: usize,
-        k: usize,
-        m0: usize,
-        mw: usize,
-        out: &mut [i32],
-        ldo: usize,
-        col0: usize,
-    ) -> usize {
-        tiles(16, mw, |q, j| {
-            let a = (codes, c, t, m, k, m0 + j, &mut *out, ldo, col0 + j);
-            match q {
-                4 => tile_avx2::<4>(a),
-                3 => tile_avx2::<3>(a),
-                2 => tile_avx2::<2>(a),
-                _ => tile_avx2::<1>(a),
-            }
-        })
-    }
-
-    /// One tile of [`avx2`]: `Q` registers of 16 outputs from `m0` (columns `col0 ..` of `out`).
-    /// `Q` is a constant so that the sums are registers (no per-codebook checks of the tile's
-    /// width, no stack array).
-    #[target_feature(enable = "avx2")]
-    #[allow(clippy::type_complexity)]
-    #[inline]
-    unsafe fn tile_avx2<const Q: usize>(
-        (codes, c, t, m, k, m0, out, ldo, col0): (&[u8], usize, &[i8], usize, usize, usize, &mut [i32], usize, usize),
-    ) {
-        for (row, o) in codes.chunks_exact(c).zip(out.chunks_exact_mut(ldo)) {
-            let o = &mut o[col0..];
+    unsafe fn tile_avx2<const Q: usize>(a: Tile) {
+        let (t, m, k) = (a.t, a.m, a.k);
+        for (row, o) in a.codes.chunks_exact(a.c).zip(a.out.chunks_exact_mut(a.ldo)) {
+            let o = &mut o[a.col0..];
             let mut tot = [[_mm256_setzero_si256(); 2]; Q];
             for (chunk_i, chunk) in row.chunks(256).enumerate() {
                 let mut acc = [_mm256_setzero_si256(); Q];
                 // the chunk's first codebook's table at code 0 (codebook `i`: `i · k · m` entries
                 // in), plus the tile's first output
-                let mut base = t.as_ptr().add(chunk_i * 256 * k * m + m0);
+                let mut base = t.as_ptr().add(chunk_i * 256 * k * m + a.m0);
                 for &code in chunk {
                     let p = base.add(code as usize * m);
                     for (r, a) in acc.iter_mut().enumerate() {

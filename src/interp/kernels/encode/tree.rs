@@ -229,10 +229,10 @@ impl Job<'_> {
             let row = &mut out[k * row_codes..(k + 1) * row_codes];
             // SAFETY: the caller detected `level` (AVX-512F, or AVX2); `at` has an entry per
             // codebook and level (`taps`, `c_n · depth` of them: asserted in `tree_nhwc`), each
-            // a start of a planar row in `planes` (the zero
-            // row included) plus the tap's offset, and a tap's lanes end within
-            // its plane: a tap's offset is the plane's start plus at most `(kw − 1)·dw / sw`, and
-            // `x0 + 16 ≤ ow` rounded up to 16, their sum below `qw`.
+            // the start of a planar row in `planes` (the zero row included) plus the tap's
+            // offset, and a tap's lanes end within its plane: the offset is the plane's start
+            // plus at most `(kw − 1)·dw / sw`, and `x0 + 16 ≤ ow` rounded up to 16, their sum
+            // below `qw`.
             #[cfg(target_arch = "x86_64")]
             unsafe {
                 match level {
