@@ -5,9 +5,11 @@
 //! channels in blocks of 16 or 32 lanes. A tile keeps its `R × lanes` sums in registers and, for
 //! every tap `(ky, kx)` and input channel, broadcasts one input value per pixel against one
 //! weight vector. Weights are packed once per node as `[block][ky][kx][c][lanes]` (zero lanes
-//! past `M`). Padding is materialized once per call, so the tile loop has no bounds checks —
-//! except for the 3×3 depthwise row kernels, which read the unpadded input (zero row, border
-//! pixels with outside taps read as zeros) because the copy cost as much as the convolution.
+//! past `M`). Padding is written out, so the tile loop has no bounds checks: for a batch, by
+//! each task into its thread's scratch, a group of images at a time (about 256 KB, so the
+//! copy and the tiles' reads stay in L2); for one image, once per call. The 3×3 depthwise row
+//! kernels instead read the unpadded input (zero row, border pixels with outside taps read as
+//! zeros) because the copy cost as much as the convolution.
 //!
 //! Every output is `bias`, then one fused multiply-add per `(ky, kx, c)` in that order, then the
 //! optional ReLU: the AVX-512, AVX2 and scalar paths give bit-identical results, and so does any
@@ -126,47 +128,80 @@ struct Padded<'a> {
     wp: usize,
 }
 
-fn pad_input<'a>(x: &'a [f32], [n, h, w, c]: [usize; 4], conv: &Conv, geo: &Geometry) -> Padded<'a> {
-    let win = &conv.window;
-    let need =
-        |i: usize, o: usize, lo: usize, size: usize| ((o.max(1) - 1) * win.strides[i] + win.extent(i)).max(lo + size);
-    let hp = need(0, geo.out[0], geo.pads[0], h);
-    let wp = need(1, geo.out[1], geo.pads[1], w);
-    if hp == h && wp == w {
-        return Padded { data: x.into(), hp, wp };
+/// The padded frame of a conv's input: `hp × wp` pixels, the input at `(top, left)`.
+#[derive(Clone, Copy)]
+struct Frame {
+    hp: usize,
+    wp: usize,
+    top: usize,
+    left: usize,
+}
+
+impl Frame {
+    fn new([h, w]: [usize; 2], conv: &Conv, geo: &Geometry) -> Frame {
+        let win = &conv.window;
+        let need = |i: usize, o: usize, lo: usize, size: usize| {
+            ((o.max(1) - 1) * win.strides[i] + win.extent(i)).max(lo + size)
+        };
+        Frame {
+            hp: need(0, geo.out[0], geo.pads[0], h),
+            wp: need(1, geo.out[1], geo.pads[1], w),
+            top: geo.pads[0],
+            left: geo.pads[1],
+        }
     }
-    let (top, left) = (geo.pads[0], geo.pads[1]);
-    // Every value written once: zeros only in the border (no memset of the whole buffer).
-    let mut data: Vec<f32> = Vec::with_capacity(n * hp * wp * c);
-    let zero = std::mem::MaybeUninit::new(0f32);
-    data.spare_capacity_mut()[..n * hp * wp * c]
-        .par_chunks_mut(hp * wp * c)
-        .with_min_len(super::min_chunks(hp * wp * c))
-        .enumerate()
-        .for_each(|(img, dst)| {
-            for (y, row) in dst.chunks_mut(wp * c).enumerate() {
-                let Some(sy) = y.checked_sub(top).filter(|&sy| sy < h) else {
+
+    /// Write the images `src` (`[k, h, w, c]`) padded into `dst` (`k · hp · wp · c` values):
+    /// every value once, zeros only in the border (no memset of the whole buffer).
+    fn write(&self, src: &[f32], [h, w, c]: [usize; 3], dst: &mut [std::mem::MaybeUninit<f32>]) {
+        let zero = std::mem::MaybeUninit::new(0f32);
+        for (img, dst) in dst.chunks_mut(self.hp * self.wp * c).enumerate() {
+            for (y, row) in dst.chunks_mut(self.wp * c).enumerate() {
+                let Some(sy) = y.checked_sub(self.top).filter(|&sy| sy < h) else {
                     row.fill(zero);
                     continue;
                 };
-                let (l, rest) = row.split_at_mut(left * c);
+                let (l, rest) = row.split_at_mut(self.left * c);
                 let (mid, r) = rest.split_at_mut(w * c);
                 l.fill(zero);
-                for (d, &v) in mid.iter_mut().zip(&x[(img * h + sy) * w * c..][..w * c]) {
+                for (d, &v) in mid.iter_mut().zip(&src[(img * h + sy) * w * c..][..w * c]) {
                     d.write(v);
                 }
                 r.fill(zero);
             }
-        });
-    // SAFETY: the loop above wrote every one of the `n · hp · wp · c` values (each image's
-    // `hp` rows of `wp · c`: border rows zeroed, other rows zeros | the input row | zeros;
-    // `need` keeps `left + w ≤ wp` and `top + h ≤ hp`).
+        }
+    }
+}
+
+fn pad_input<'a>(x: &'a [f32], [n, h, w, c]: [usize; 4], f: &Frame) -> Padded<'a> {
+    let (hp, wp) = (f.hp, f.wp);
+    if hp == h && wp == w {
+        return Padded { data: x.into(), hp, wp };
+    }
+    let mut data: Vec<f32> = Vec::with_capacity(n * hp * wp * c);
+    data.spare_capacity_mut()[..n * hp * wp * c]
+        .par_chunks_mut(hp * wp * c)
+        .with_min_len(super::min_chunks(hp * wp * c))
+        .enumerate()
+        .for_each(|(img, dst)| f.write(&x[img * h * w * c..][..h * w * c], [h, w, c], dst));
+    // SAFETY: `Frame::write` wrote every one of the `n · hp · wp · c` values (each image's `hp`
+    // rows of `wp · c`: border rows zeroed, other rows zeros | the input row | zeros; `need`
+    // keeps `left + w ≤ wp` and `top + h ≤ hp`).
     unsafe { data.set_len(n * hp * wp * c) };
     Padded {
         data: data.into(),
         hp,
         wp,
     }
+}
+
+/// Bytes of padded input a task copies at a time into its thread's [`PAD_SCRATCH`] when the
+/// batch is padded in groups of images: a group stays in L2 from the copy to its last tile.
+const GROUP_BYTES: usize = 1 << 18;
+
+thread_local! {
+    /// A group of padded images ([`conv_nhwc`]), reused from call to call.
+    static PAD_SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Where the tile kernels read and write.
@@ -250,13 +285,14 @@ pub fn conv_nhwc(
         // SAFETY: every row of every image was computed above.
         return Ok((unsafe { out.finish(pixels * m) }, [n, oh, ow, m]));
     }
-    let pad = pad_input(x, xshape, conv, &geo);
-    lay.tap[0] = dh * pad.wp * c;
+    let frame = Frame::new([h, w], conv, &geo);
+    let padded = frame.hp != h || frame.wp != w;
+    lay.tap[0] = dh * frame.wp * c;
     // Input offsets of the window corners of output pixels `q0..q0 + r` (the pixel `last`
     // repeated past the end), and their stride when evenly spaced (else 0): a 1×1 conv reads
     // the whole batch as one run of pixels, a tile inside one output row is evenly spaced, any
     // other tile takes one division, then counters.
-    let pointwise = pad.hp == h && pad.wp == w && wts.kernel == [1, 1] && [sh, sw] == [1, 1];
+    let pointwise = !padded && wts.kernel == [1, 1] && [sh, sw] == [1, 1];
     let offsets = |q0: usize, rows: usize, offs: &mut [usize]| -> usize {
         let r = offs.len();
         if pointwise && rows == r {
@@ -266,12 +302,12 @@ pub fn conv_nhwc(
         let (mut img, rest) = (q0 / (oh * ow), q0 % (oh * ow));
         let (mut y, mut xo) = (rest / ow, rest % ow);
         if rows == r && xo + r <= ow && r > 1 {
-            let first = ((img * pad.hp + y * sh) * pad.wp + xo * sw) * c;
+            let first = ((img * frame.hp + y * sh) * frame.wp + xo * sw) * c;
             offs.iter_mut().enumerate().for_each(|(i, o)| *o = first + i * sw * c);
             return sw * c;
         }
         for o in offs[..rows].iter_mut() {
-            *o = ((img * pad.hp + y * sh) * pad.wp + xo * sw) * c;
+            *o = ((img * frame.hp + y * sh) * frame.wp + xo * sw) * c;
             xo += 1;
             if xo == ow {
                 xo = 0;
@@ -292,6 +328,7 @@ pub fn conv_nhwc(
         // outputs, stride 1: vectorized over output pixels; otherwise over output channels
         // with each input value broadcast (no offset table, no transposition).
         let narrow = m <= 8 && sw == 1 && dw == 1;
+        let pad = pad_input(x, xshape, &frame);
         let rows_out = n * oh;
         let xdata: &[f32] = &pad.data;
         let row_work = ow * m * wts.kernel[0] * wts.kernel[1];
@@ -317,8 +354,6 @@ pub fn conv_nhwc(
         return Ok((unsafe { out.finish(pixels * m) }, [n, oh, ow, m]));
     }
     let r = tile_pixels(simd, wts, pixels);
-    let tiles = pixels.div_ceil(r);
-    let xdata: &[f32] = &pad.data;
     // a 1×1 convolution over 32-lane blocks: whole tiles in one call per block
     #[cfg(target_arch = "x86_64")]
     let runs = simd == Simd::Avx512
@@ -328,27 +363,30 @@ pub fn conv_nhwc(
         && wts.blocks.iter().all(|b| b.1 == 32);
     #[cfg(not(target_arch = "x86_64"))]
     let runs = false;
-    let run = |t0: usize, t1: usize, blocks: std::ops::Range<usize>| {
+    // Tiles `t0..t1` of the pixels `q_lo..q_hi` (tile `t` from pixel `q_lo + t·r`), the input
+    // `src` holding the padded images from `img0` on.
+    let run = |src: &[f32], img0: usize, (q_lo, q_hi): (usize, usize), (t0, t1): (usize, usize), blocks: Range| {
         let mut offs = [0usize; MAX_R];
-        // SAFETY: `out` holds `pixels × m` floats; tasks write disjoint tiles.
+        // SAFETY: `out` holds `pixels × m` floats; tasks write disjoint tiles (`runs` only
+        // when nothing is padded: one task list from pixel 0).
         #[cfg(target_arch = "x86_64")]
         let t0 = if runs {
-            unsafe { pointwise_runs(xdata, (t0, t1.min(pixels / r)), wts, blocks.clone(), &lay, outp.get()) }
+            unsafe { pointwise_runs(src, (t0, t1.min(q_hi / r)), wts, blocks.clone(), &lay, outp.get()) }
         } else {
             t0
         };
         for t in t0..t1 {
             // A partial last tile repeats its last pixel; only `rows` pixels are stored.
-            let q0 = t * r;
-            let rows = r.min(pixels - q0);
-            let uniform = offsets(q0, rows, &mut offs[..r]);
+            let q0 = q_lo + t * r;
+            let rows = r.min(q_hi - q0);
+            let uniform = offsets(q0 - img0 * oh * ow, rows, &mut offs[..r]);
             // SAFETY: each tile writes its own pixels `q0..q0 + rows` of `out`, which holds
-            // `pixels × m` floats; the offsets are window corners inside the padded input,
-            // `uniform` apart when nonzero.
+            // `pixels × m` floats; the offsets are window corners inside the padded images
+            // of `src`, `uniform` apart when nonzero.
             unsafe {
                 tile(
                     simd,
-                    xdata,
+                    src,
                     (&offs[..r], uniform),
                     rows,
                     wts,
@@ -361,20 +399,46 @@ pub fn conv_nhwc(
     };
     let threads = rayon::current_num_threads();
     let nb = wts.blocks.len();
-    let big = pixels * m * lay.c * lay.kernel[0] * lay.kernel[1] >= super::PAR_WORK;
+    let work = pixels * m * lay.c * lay.kernel[0] * lay.kernel[1];
+    let big = work >= super::PAR_WORK;
+    let image = frame.hp * frame.wp * c;
+    if padded && n > 1 {
+        // Padded in groups of images, each by the task that convolves it, into its thread's
+        // scratch: the copy and the tiles' reads stay in L2 (a whole padded batch would not).
+        let group = (GROUP_BYTES / (image * 4)).clamp(1, n.div_ceil(threads));
+        for_tasks(n.div_ceil(group), work, |k| {
+            let imgs = k * group..((k + 1) * group).min(n);
+            let len = imgs.len() * image;
+            PAD_SCRATCH.with_borrow_mut(|scratch| {
+                scratch.clear();
+                scratch.reserve(len);
+                let src = &x[imgs.start * h * w * c..imgs.end * h * w * c];
+                frame.write(src, [h, w, c], &mut scratch.spare_capacity_mut()[..len]);
+                // SAFETY: `Frame::write` wrote all `len` values (see `pad_input`).
+                unsafe { scratch.set_len(len) };
+                let q = (imgs.start * oh * ow, imgs.end * oh * ow);
+                run(scratch, imgs.start, q, (0, (q.1 - q.0).div_ceil(r)), 0..nb);
+            });
+        });
+        // SAFETY: every group's tiles (so every pixel) were computed above.
+        return Ok((unsafe { out.finish(pixels * m) }, [n, oh, ow, m]));
+    }
+    let pad = pad_input(x, xshape, &frame);
+    let xdata: &[f32] = &pad.data;
+    let tiles = pixels.div_ceil(r);
     if threads > 1 && big && tiles >= threads {
         let per = TASK_TILES.min(tiles.div_ceil(threads));
         (0..tiles.div_ceil(per))
             .into_par_iter()
-            .for_each(|k| run(k * per, ((k + 1) * per).min(tiles), 0..nb));
+            .for_each(|k| run(xdata, 0, (0, pixels), (k * per, ((k + 1) * per).min(tiles)), 0..nb));
     } else if threads > 1 && big && nb > 1 {
         // fewer tiles than threads (a deep layer at batch 1): split the output channel blocks
         let parts = threads.min(nb);
         (0..parts)
             .into_par_iter()
-            .for_each(|p| run(0, tiles, p * nb / parts..(p + 1) * nb / parts));
+            .for_each(|p| run(xdata, 0, (0, pixels), (0, tiles), p * nb / parts..(p + 1) * nb / parts));
     } else {
-        run(0, tiles, 0..nb);
+        run(xdata, 0, (0, pixels), (0, tiles), 0..nb);
     }
     // SAFETY: every tile (so every pixel) was computed above.
     Ok((unsafe { out.finish(pixels * m) }, [n, oh, ow, m]))
@@ -417,6 +481,8 @@ unsafe fn pointwise_runs(
 }
 
 const MAX_R: usize = 24;
+
+type Range = std::ops::Range<usize>;
 
 /// Run `f` on tasks `0..n` (of `work` multiply-adds in all): on the pool when it has more than
 /// one thread, there is more than one task and enough work, else in order on this thread (no
@@ -1948,7 +2014,13 @@ mod tests {
             // rows split into unequal tiles (17 = 6 + 6 + 5; 15 = 8 + 7), both edges padded or not
             (1, 20, [3, 17], 20, 3, 1, 1, [1; 4], true),
             (1, 48, [5, 30], 48, 3, 2, 1, [0, 1, 1, 0], true),
+            // padded in groups of images: one image per group (a partial tile at each group's
+            // end), several per group (tiles crossing images inside a group)
+            (3, 64, [24, 24], 32, 3, 1, 1, [1; 4], false),
+            (4, 32, [13, 13], 32, 3, 1, 1, [1; 4], false),
+            (5, 16, [9, 11], 16, 3, 2, 1, [1, 0, 2, 1], false),
         ];
+        let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
         // outputs above the cap the epilogue cases use, over all cases (the cap must bite)
         let mut capped = 0;
         for &(n, c, [h, w], m, k, s, d, pads, dw) in cases {
@@ -1972,6 +2044,11 @@ mod tests {
             assert_eq!(scalar.len(), want.len());
             let err = scalar.iter().zip(&want).fold(0f32, |e, (a, b)| e.max((a - b).abs()));
             assert!(err < 1e-4, "case c={c} m={m} k={k}: {err}");
+            // one thread splits the batch into other groups and tasks: the same bits
+            let (alone, _) = one
+                .install(|| conv_nhwc(&xn, [n, h, w, c], &packed, &cv, Epilogue::default(), Simd::Scalar))
+                .unwrap();
+            assert!(alone.iter().zip(&scalar).all(|(a, b)| a.to_bits() == b.to_bits()));
             let res: Vec<f32> = (0..scalar.len()).map(|_| rng.next_f64() as f32 - 0.5).collect();
             capped += scalar.iter().filter(|&&v| v > 0.3).count();
             for &level in &levels {
@@ -2065,6 +2142,7 @@ mod tests {
     #[ignore]
     fn direct_throughput() {
         let mut rng = Rng::new(3);
+        let reps = std::env::var("TC_REPS").ok().and_then(|r| r.parse().ok()).unwrap_or(10);
         for &(n, c, hw, m, k, st) in &[
             (64, 1, 28, 6, 5, 1),
             (64, 1, 28, 16, 3, 1),
@@ -2077,6 +2155,14 @@ mod tests {
             (64, 16, 32, 16, 3, 1),
             (64, 32, 14, 32, 3, 1),
             (64, 64, 7, 64, 3, 1),
+            (16, 64, 7, 64, 3, 1),
+            (4, 64, 7, 64, 3, 1),
+            (16, 32, 16, 32, 3, 1),
+            (4, 32, 16, 32, 3, 1),
+            (16, 16, 32, 16, 3, 1),
+            (4, 16, 32, 16, 3, 1),
+            (16, 128, 4, 128, 3, 1),
+            (16, 64, 8, 64, 3, 1),
             // ResNet-18 w64 layer1.0 conv1: stride 2 (input copied with its padding)
             (64, 64, 14, 64, 3, 2),
             (1, 64, 28, 64, 3, 1),
@@ -2092,6 +2178,10 @@ mod tests {
             (1, 32, 14, 32, 1, 1),
             (1, 128, 4, 128, 1, 1),
         ] {
+            let name = format!("n={n} c={c} {hw}x{hw} m={m} k={k} s={st}");
+            if std::env::var("TC_ONLY").is_ok_and(|f| !name.contains(&f)) {
+                continue;
+            }
             let cv = conv(k, st, 1, if k == 5 { [0; 4] } else { [k / 2; 4] }, 1);
             let x: Vec<f32> = (0..n * c * hw * hw).map(|_| rng.next_f64() as f32).collect();
             let wt: Vec<f32> = (0..m * c * k * k).map(|_| rng.next_f64() as f32).collect();
@@ -2105,7 +2195,7 @@ mod tests {
             let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
             let best = one.install(|| {
                 let mut best = f64::MAX;
-                for _ in 0..if n == 1 { 200 } else { 10 } {
+                for _ in 0..if n == 1 { 200 } else { reps } {
                     let t = std::time::Instant::now();
                     let epi = Epilogue {
                         residual: None,
@@ -2119,7 +2209,7 @@ mod tests {
                 best
             });
             eprintln!(
-                "n={n} c={c} {hw}x{hw} m={m} k={k} s={st}: {:.3} ms, {:.1} GMAC/s ({})",
+                "{name}: {:.3} ms, {:.1} GMAC/s ({})",
                 best * 1e3,
                 macs / best / 1e9,
                 simd.name()
