@@ -174,7 +174,7 @@ pub fn run_split(
         starts
             .into_par_iter()
             .with_max_len(1)
-            .map(part)
+            .map(|start| crate::interp::kernels::team::alone(|| part(start)))
             .collect::<Result<_>>()?
     };
     let parts = parts

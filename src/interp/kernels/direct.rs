@@ -428,15 +428,15 @@ pub fn conv_nhwc(
     let tiles = pixels.div_ceil(r);
     if threads > 1 && big && tiles >= threads {
         let per = TASK_TILES.min(tiles.div_ceil(threads));
-        (0..tiles.div_ceil(per))
-            .into_par_iter()
-            .for_each(|k| run(xdata, 0, (0, pixels), (k * per, ((k + 1) * per).min(tiles)), 0..nb));
+        super::team::for_each(tiles.div_ceil(per), |k| {
+            run(xdata, 0, (0, pixels), (k * per, ((k + 1) * per).min(tiles)), 0..nb)
+        });
     } else if threads > 1 && big && nb > 1 {
         // fewer tiles than threads (a deep layer at batch 1): split the output channel blocks
         let parts = threads.min(nb);
-        (0..parts)
-            .into_par_iter()
-            .for_each(|p| run(xdata, 0, (0, pixels), (0, tiles), p * nb / parts..(p + 1) * nb / parts));
+        super::team::for_each(parts, |p| {
+            run(xdata, 0, (0, pixels), (0, tiles), p * nb / parts..(p + 1) * nb / parts)
+        });
     } else {
         run(xdata, 0, (0, pixels), (0, tiles), 0..nb);
     }
@@ -489,7 +489,7 @@ type Range = std::ops::Range<usize>;
 /// hand-off for work too small to split).
 fn for_tasks(n: usize, work: usize, f: impl Fn(usize) + Sync + Send) {
     if n > 1 && rayon::current_num_threads() > 1 && work >= super::PAR_WORK {
-        (0..n).into_par_iter().for_each(f);
+        super::team::for_each(n, f);
     } else {
         (0..n).for_each(f);
     }

@@ -21,7 +21,6 @@ use super::Simd;
 use crate::ir::op::Window;
 use crate::ir::window::Geometry;
 use crate::pq::Subspaces;
-use rayon::prelude::*;
 use tree::{pixel_tree, tree_nhwc, PixelTree};
 
 mod tree;
@@ -400,10 +399,9 @@ pub fn encode_prepared(rows: &Rows, prepared: &Prepared, codes: &mut [u8]) {
             let per_thread = n_rows.div_ceil(4 * rayon::current_num_threads()).max(1);
             let block = (1usize << 17).div_ceil(per_row).max(per_thread).min(n_rows.max(1));
             let level = Simd::detect();
-            return codes
-                .par_chunks_mut(block * c_n)
-                .enumerate()
-                .for_each(|(bi, out)| channel_rows(level, rows, cl, k, bi * block, out));
+            return super::team::for_chunks(codes, block * c_n, |bi, out| {
+                channel_rows(level, rows, cl, k, bi * block, out)
+            });
         }
     }
     if let Some(pt) = &prepared.pixel_tree {
@@ -412,10 +410,9 @@ pub fn encode_prepared(rows: &Rows, prepared: &Prepared, codes: &mut [u8]) {
         }
     }
     let job = Job { rows, prepared };
-    codes
-        .par_chunks_mut(BLOCK * c_n)
-        .enumerate()
-        .for_each(|(bi, out)| dispatch_simd!(encode_block(&job, bi * BLOCK, out)));
+    super::team::for_chunks(codes, BLOCK * c_n, |bi, out| {
+        dispatch_simd!(encode_block(&job, bi * BLOCK, out))
+    });
 }
 
 /// Runs a `#[inline(always)]` kernel call compiled for AVX-512, AVX2 or baseline x86-64 (picked

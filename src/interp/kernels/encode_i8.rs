@@ -21,7 +21,6 @@
 use super::encode::Rows;
 use super::Simd;
 use crate::pq::Subspaces;
-use rayon::prelude::*;
 use std::cell::RefCell;
 
 /// Largest quantized input value (7 bits: `vpmaddubsw` pairs cannot saturate).
@@ -253,10 +252,7 @@ pub fn encode_lanes(level: Simd, rows: &Rows, ql: &QuantLanes, codes: &mut [u8])
     let images = min_rows.div_ceil(oh).max(12usize.div_ceil(oh * ow));
     if images > 1 {
         let images = images.min(n);
-        codes
-            .par_chunks_mut(images * oh * row_len)
-            .enumerate()
-            .for_each(|(t, out)| run(t * images * oh, out));
+        super::team::for_chunks(codes, images * oh * row_len, |t, out| run(t * images * oh, out));
     } else {
         // larger maps: bands of output rows within an image, at most ~128 KiB of tap words each
         let sh = match rows {
@@ -265,11 +261,7 @@ pub fn encode_lanes(level: Simd, rows: &Rows, ql: &QuantLanes, codes: &mut [u8])
         };
         let fit = ((128usize << 10) / (ow * ql.groups * 64 * sh)).max(1);
         let band = oh.div_ceil(tasks.div_ceil(n)).min(fit).max(min_rows).min(oh);
-        codes.par_chunks_mut(oh * row_len).enumerate().for_each(|(img, out)| {
-            out.par_chunks_mut(band * row_len)
-                .enumerate()
-                .for_each(|(b, out)| run(img * oh + b * band, out))
-        });
+        super::team::for_bands(codes, oh, row_len, band, |img, r0, out| run(img * oh + r0, out));
     }
 }
 

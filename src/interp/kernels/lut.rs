@@ -171,11 +171,9 @@ pub fn lut_i8_with(
         out.fill(0);
         return;
     };
-    out.par_chunks_mut(call.par_rows * m)
-        .enumerate()
-        .for_each_init(Scratch::default, |scratch, (bi, out)| {
-            call.block(codes, bi, out, scratch)
-        });
+    super::team::for_chunks(out, call.par_rows * m, |bi, out| {
+        call.block(codes, bi, out, &mut Scratch::default())
+    });
 }
 
 /// [`lut_i8`] with an epilogue: each block of rows' i32 sums is handed, while in cache, to
@@ -212,17 +210,19 @@ pub fn lut_i8_then<T: Send>(
         epilogue(0, &sums, out);
         return;
     }
-    out.par_chunks_mut(call.par_rows * m)
-        .with_min_len(super::min_chunks(call.par_rows * c * m))
-        .enumerate()
-        .for_each_init(
-            || (Scratch::default(), Vec::new()),
-            |(scratch, sums), (bi, out)| {
-                sums.resize(out.len(), 0);
-                call.block(codes, bi, sums, scratch);
-                epilogue(bi * call.par_rows, sums, out);
-            },
-        );
+    let task = |bi: usize, out: &mut [T]| {
+        let mut sums = vec![0; out.len()];
+        call.block(codes, bi, &mut sums, &mut Scratch::default());
+        epilogue(bi * call.par_rows, &sums, out);
+    };
+    if rows * c * m < super::PAR_WORK {
+        // too little to hand over
+        out.chunks_mut(call.par_rows * m)
+            .enumerate()
+            .for_each(|(bi, out)| task(bi, out));
+    } else {
+        super::team::for_chunks(out, call.par_rows * m, task);
+    }
 }
 
 /// One lookup call's kernel, tables and split into parallel blocks of rows.
@@ -477,15 +477,12 @@ fn col_tiles(rows: usize, m: usize, tile: usize, out: &mut [i32], f: impl Fn(Ran
     if rows == 0 || m == 0 {
         return;
     }
-    let tiles: Vec<Vec<i32>> = (0..m.div_ceil(tile))
-        .into_par_iter()
-        .map(|ti| {
-            let cols = ti * tile..((ti + 1) * tile).min(m);
-            let mut res = vec![0i32; rows * cols.len()];
-            f(cols, &mut res);
-            res
-        })
-        .collect();
+    let mut tiles: Vec<Vec<i32>> = vec![Vec::new(); m.div_ceil(tile)];
+    super::team::for_chunks(&mut tiles, 1, |ti, res| {
+        let cols = ti * tile..((ti + 1) * tile).min(m);
+        res[0] = vec![0i32; rows * cols.len()];
+        f(cols, &mut res[0]);
+    });
     for (ti, res) in tiles.iter().enumerate() {
         let (m0, mw) = (ti * tile, res.len() / rows);
         for (o, r) in out.chunks_exact_mut(m).zip(res.chunks_exact(mw)) {
@@ -553,19 +550,25 @@ pub fn lut_i8_rowwise_then<T: Send>(
         epilogue(0, &sums, out);
         return;
     }
-    out.par_chunks_mut(ROWWISE_PAR_ROWS * m)
-        .enumerate()
-        .for_each_init(Vec::new, |sums, (bi, out)| {
-            let nr = out.len() / m;
-            let r0 = bi * ROWWISE_PAR_ROWS;
-            sums.resize(nr * m, 0);
-            if c == 0 {
-                sums.fill(0);
-            } else {
-                rowwise_tile(level, &codes[r0 * c..(r0 + nr) * c], c, tables_ckm, m, k, 0, m, sums);
-            }
-            epilogue(r0, sums, out);
-        });
+    super::team::for_chunks(out, ROWWISE_PAR_ROWS * m, |bi, out| {
+        let nr = out.len() / m;
+        let r0 = bi * ROWWISE_PAR_ROWS;
+        let mut sums = vec![0; nr * m];
+        if c > 0 {
+            rowwise_tile(
+                level,
+                &codes[r0 * c..(r0 + nr) * c],
+                c,
+                tables_ckm,
+                m,
+                k,
+                0,
+                m,
+                &mut sums,
+            );
+        }
+        epilogue(r0, &sums, out);
+    });
 }
 
 /// Outputs `m0 .. m0 + mw` of every row into `out` (`rows × mw`): the SIMD kernels take the

@@ -11,6 +11,7 @@ pub mod im2col;
 pub mod lut;
 pub mod pool;
 pub mod shape_ops;
+pub mod team;
 
 /// A 16×16 transpose of 32-bit values in AVX-512 registers: `r[i]` lane `j` becomes lane `i` of
 /// the result's register `j` (unpack pairs, then pairs of pairs, then 128-bit lanes).

@@ -15,7 +15,6 @@
 //! image are 0), so the same codes at every level and on any thread count.
 
 use super::{Rows, Simd};
-use rayon::prelude::*;
 use std::cell::RefCell;
 
 /// A conv's hash trees as [`tree_nhwc`] reads them, built once per node.
@@ -149,10 +148,8 @@ pub(super) fn tree_nhwc(level: Simd, rows: &Rows, pt: &PixelTree, c_n: usize, co
     let spread = (n * oh).div_ceil(2 * rayon::current_num_threads()).max(1);
     let band = fit.min(spread).clamp(1, oh);
     let row_codes = ow * c_n;
-    codes.par_chunks_mut(oh * row_codes).enumerate().for_each(|(img, out)| {
-        out.par_chunks_mut(band * row_codes)
-            .enumerate()
-            .for_each(|(b, out)| SCRATCH.with_borrow_mut(|s| job.band(level, img, b * band, out, s)))
+    super::super::team::for_bands(codes, oh, row_codes, band, |img, r0, out| {
+        SCRATCH.with_borrow_mut(|s| job.band(level, img, r0, out, s))
     });
     true
 }
