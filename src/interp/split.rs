@@ -171,10 +171,17 @@ pub fn run_split(
     let parts: Vec<Vec<Tensor>> = if in_order {
         starts.into_iter().map(part).collect::<Result<_>>()?
     } else {
+        // As many sub-batches as threads or more: each thread has its own, so their kernels
+        // run in order (the team's helpers would only oversubscribe the cores). Fewer: the
+        // kernels of each split their loops over the threads left.
+        let alone = starts.len() >= rayon::current_num_threads();
         starts
             .into_par_iter()
             .with_max_len(1)
-            .map(|start| crate::interp::kernels::team::alone(|| part(start)))
+            .map(|start| match alone {
+                true => crate::interp::kernels::team::alone(|| part(start)),
+                false => part(start),
+            })
             .collect::<Result<_>>()?
     };
     let parts = parts

@@ -5,9 +5,10 @@
 //! channels in blocks of 16 or 32 lanes. A tile keeps its `R × lanes` sums in registers and, for
 //! every tap `(ky, kx)` and input channel, broadcasts one input value per pixel against one
 //! weight vector. Weights are packed once per node as `[block][ky][kx][c][lanes]` (zero lanes
-//! past `M`). Padding is written out, so the tile loop has no bounds checks: for a batch, by
-//! each task into its thread's scratch, a group of images at a time (about 256 KB, so the
-//! copy and the tiles' reads stay in L2); for one image, once per call. The 3×3 depthwise row
+//! past `M`). Padding is written out, so the tile loop has no bounds checks: for a batch of at
+//! least two images per thread, by each task into its thread's scratch, a group of images at a
+//! time (about 256 KB, so the copy and the tiles' reads stay in L2); otherwise, and for the
+//! one-input-channel row kernels, once per call for the whole batch. The 3×3 depthwise row
 //! kernels instead read the unpadded input (zero row, border pixels with outside taps read as
 //! zeros) because the copy cost as much as the convolution.
 //!
@@ -371,6 +372,7 @@ pub fn conv_nhwc(
         // when nothing is padded: one task list from pixel 0).
         #[cfg(target_arch = "x86_64")]
         let t0 = if runs {
+            debug_assert!(q_lo == 0 && img0 == 0, "whole-batch tiles only");
             unsafe { pointwise_runs(src, (t0, t1.min(q_hi / r)), wts, blocks.clone(), &lay, outp.get()) }
         } else {
             t0
@@ -397,15 +399,19 @@ pub fn conv_nhwc(
             };
         }
     };
-    let threads = rayon::current_num_threads();
+    let threads = super::team::threads();
     let nb = wts.blocks.len();
     let work = pixels * m * lay.c * lay.kernel[0] * lay.kernel[1];
     let big = work >= super::PAR_WORK;
     let image = frame.hp * frame.wp * c;
-    if padded && n > 1 {
+    if padded && (n >= 2 * threads || (n > 1 && !big)) {
         // Padded in groups of images, each by the task that convolves it, into its thread's
         // scratch: the copy and the tiles' reads stay in L2 (a whole padded batch would not).
-        let group = (GROUP_BYTES / (image * 4)).clamp(1, n.div_ceil(threads));
+        // A group ends in a partial tile unless its pixels are a multiple of the tile's: on
+        // small maps the group is rounded down to such a multiple when it holds one.
+        let step = r / gcd(r, oh * ow);
+        let fit = (GROUP_BYTES / (image * 4)).clamp(1, n.div_ceil(threads));
+        let group = if fit >= step { fit / step * step } else { fit };
         for_tasks(n.div_ceil(group), work, |k| {
             let imgs = k * group..((k + 1) * group).min(n);
             let len = imgs.len() * image;
@@ -482,11 +488,19 @@ unsafe fn pointwise_runs(
 
 const MAX_R: usize = 24;
 
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a.max(1)
+    } else {
+        gcd(b, a % b)
+    }
+}
+
 type Range = std::ops::Range<usize>;
 
-/// Run `f` on tasks `0..n` (of `work` multiply-adds in all): on the pool when it has more than
-/// one thread, there is more than one task and enough work, else in order on this thread (no
-/// hand-off for work too small to split).
+/// Run `f` on tasks `0..n` (of `work` multiply-adds in all): on the [`super::team`] when the
+/// pool has more than one thread, there is more than one task and enough work, else in order on
+/// this thread (no hand-off for work too small to split).
 fn for_tasks(n: usize, work: usize, f: impl Fn(usize) + Sync + Send) {
     if n > 1 && rayon::current_num_threads() > 1 && work >= super::PAR_WORK {
         super::team::for_each(n, f);

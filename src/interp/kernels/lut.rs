@@ -172,7 +172,7 @@ pub fn lut_i8_with(
         return;
     };
     super::team::for_chunks(out, call.par_rows * m, |bi, out| {
-        call.block(codes, bi, out, &mut Scratch::default())
+        TASK.with_borrow_mut(|(scratch, _)| call.block(codes, bi, out, scratch))
     });
 }
 
@@ -211,9 +211,11 @@ pub fn lut_i8_then<T: Send>(
         return;
     }
     let task = |bi: usize, out: &mut [T]| {
-        let mut sums = vec![0; out.len()];
-        call.block(codes, bi, &mut sums, &mut Scratch::default());
-        epilogue(bi * call.par_rows, &sums, out);
+        TASK.with_borrow_mut(|(scratch, sums)| {
+            sums.resize(out.len(), 0);
+            call.block(codes, bi, sums, scratch);
+            epilogue(bi * call.par_rows, sums, out);
+        })
     };
     if rows * c * m < super::PAR_WORK {
         // too little to hand over
@@ -553,21 +555,16 @@ pub fn lut_i8_rowwise_then<T: Send>(
     super::team::for_chunks(out, ROWWISE_PAR_ROWS * m, |bi, out| {
         let nr = out.len() / m;
         let r0 = bi * ROWWISE_PAR_ROWS;
-        let mut sums = vec![0; nr * m];
-        if c > 0 {
-            rowwise_tile(
-                level,
-                &codes[r0 * c..(r0 + nr) * c],
-                c,
-                tables_ckm,
-                m,
-                k,
-                0,
-                m,
-                &mut sums,
-            );
-        }
-        epilogue(r0, &sums, out);
+        TASK.with_borrow_mut(|(_, sums)| {
+            sums.resize(nr * m, 0);
+            if c == 0 {
+                sums.fill(0);
+            } else {
+                let codes = &codes[r0 * c..(r0 + nr) * c];
+                rowwise_tile(level, codes, c, tables_ckm, m, k, 0, m, sums);
+            }
+            epilogue(r0, sums, out);
+        })
     });
 }
 
@@ -808,7 +805,13 @@ pub fn lut_f32(codes: &[u8], rows: usize, c: usize, tables: &[f32], m: usize, k:
         });
 }
 
-/// Per-task buffers reused across the tasks a rayon worker runs.
+thread_local! {
+    /// A task's buffers and block of sums, reused by every task the thread runs (the
+    /// epilogues a task calls never start lookups of their own).
+    static TASK: std::cell::RefCell<(Scratch, Vec<i32>)> = std::cell::RefCell::default();
+}
+
+/// Per-task buffers reused across the tasks a thread runs.
 #[derive(Default)]
 struct Scratch {
     acc: Vec<i32>,

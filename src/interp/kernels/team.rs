@@ -7,8 +7,11 @@
 //! under a microsecond (ONNX Runtime's pool spins likewise).
 //!
 //! [`for_each`] runs `f(0..n)` on the calling thread and the helpers, as many threads in all as
-//! rayon's current pool has (so `--threads` bounds both). Which thread runs which index never
-//! changes a result: callers split work into tasks that write disjoint outputs.
+//! rayon's current pool has (`--threads`); the helpers spin only while rayon's workers sleep,
+//! unless a rayon loop runs within 200 µs of a team loop. Which thread runs which index never
+//! changes a result: callers split work into tasks that write disjoint outputs. The team is one
+//! per process: a second caller while it is busy (another model running on another thread)
+//! runs its loop in order.
 
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -75,7 +78,8 @@ fn team() -> &'static Team {
 pub fn for_each(n: usize, f: impl Fn(usize) + Sync) {
     let threads = rayon::current_num_threads();
     let t = team();
-    if n < 2 || threads < 2 || ALONE.get() || !t.ensure(threads - 1) || t.busy.swap(true, Ordering::Acquire) {
+    let inline = n < 2 || threads < 2 || ALONE.get() || t.busy.load(Ordering::Relaxed);
+    if inline || !t.ensure(threads - 1) || t.busy.swap(true, Ordering::Acquire) {
         (0..n).for_each(f);
         return;
     }
@@ -99,19 +103,38 @@ pub fn for_each(n: usize, f: impl Fn(usize) + Sync) {
         }
     }
     let mine = t.work(&f, n);
-    while t.done.load(Ordering::Acquire) < n {
-        std::hint::spin_loop();
-    }
+    wait_until(|| t.done.load(Ordering::Acquire) >= n);
     t.slot.lock().unwrap_or_else(|e| e.into_inner()).job = None;
-    while t.joined.load(Ordering::Acquire) > 0 {
-        std::hint::spin_loop();
-    }
+    wait_until(|| t.joined.load(Ordering::Acquire) == 0);
     let helper_panicked = t.panicked.swap(false, Ordering::Relaxed);
     t.busy.store(false, Ordering::Release);
     if let Some(p) = mine {
         resume_unwind(p);
     }
     assert!(!helper_panicked, "a kernel task panicked on a helper thread");
+}
+
+/// The threads a [`for_each`] on this thread may use: rayon's current pool, or 1 inside
+/// [`alone`] and on a helper.
+pub fn threads() -> usize {
+    match ALONE.get() {
+        true => 1,
+        false => rayon::current_num_threads(),
+    }
+}
+
+/// Spin until `ready`, yielding the core now and then (a helper holding the last task may be
+/// waiting for it on a busy machine).
+fn wait_until(ready: impl Fn() -> bool) {
+    let mut spins = 0u32;
+    while !ready() {
+        spins += 1;
+        if spins.is_multiple_of(1024) {
+            std::thread::yield_now();
+        } else {
+            std::hint::spin_loop();
+        }
+    }
 }
 
 /// [`for_each`] over the chunks of `data` (`chunk` values each, the last one shorter):
@@ -216,11 +239,16 @@ impl Team {
     }
 
     fn helper(&self, id: usize) {
+        // a loop inside a task runs in order (and starts no helpers of its own)
+        ALONE.set(true);
         let mut seen = self.epoch.load(Ordering::Acquire);
+        // whether the last job wanted this helper: one beyond the current pool's size sleeps
+        // at once instead of spinning
+        let mut wanted = true;
         loop {
             let start = Instant::now();
             while self.epoch.load(Ordering::Acquire) == seen {
-                if start.elapsed() < SPIN {
+                if wanted && start.elapsed() < SPIN {
                     for _ in 0..32 {
                         std::hint::spin_loop();
                     }
@@ -237,6 +265,7 @@ impl Team {
             let job = {
                 let slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
                 seen = slot.epoch;
+                wanted = slot.job.as_ref().is_none_or(|j| id < j.helpers);
                 match &slot.job {
                     Some(j) if id < j.helpers => {
                         self.joined.fetch_add(1, Ordering::Relaxed);
@@ -285,6 +314,55 @@ mod tests {
                 }
             });
         }
+    }
+
+    #[test]
+    fn a_helper_takes_part_and_a_smaller_pool_runs_alone() {
+        let on_helper = || {
+            std::thread::current()
+                .name()
+                .is_some_and(|n| n.starts_with("tabconv-team"))
+        };
+        let helped = AtomicU64::new(0);
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        // other tests may hold the team for a while: try until it is free
+        for _ in 0..200 {
+            pool.install(|| {
+                for_each(64, |_| {
+                    std::thread::sleep(std::time::Duration::from_micros(20));
+                    if on_helper() {
+                        helped.fetch_add(1, Ordering::Relaxed);
+                    }
+                })
+            });
+            if helped.load(Ordering::Relaxed) > 0 {
+                break;
+            }
+        }
+        assert!(helped.load(Ordering::Relaxed) > 0, "no task ran on a helper");
+        // inside `alone`, or in a pool of one thread, everything runs on the caller
+        let elsewhere = AtomicU64::new(0);
+        let me = std::thread::current().id();
+        let count = |_: usize| {
+            if std::thread::current().id() != me {
+                elsewhere.fetch_add(1, Ordering::Relaxed);
+            }
+        };
+        alone(|| for_each(64, count));
+        assert_eq!(threads(), rayon::current_num_threads());
+        assert_eq!(alone(threads), 1);
+        let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+        one.install(|| {
+            let me = std::thread::current().id();
+            let ran_here = AtomicU64::new(0);
+            for_each(64, |_| {
+                if std::thread::current().id() == me {
+                    ran_here.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+            assert_eq!(ran_here.load(Ordering::Relaxed), 64);
+        });
+        assert_eq!(elsewhere.load(Ordering::Relaxed), 0);
     }
 
     #[test]
