@@ -122,13 +122,6 @@ fn padded_bias(bias: Option<&[f32]>, m: usize, mp: usize) -> Vec<f32> {
     b
 }
 
-/// The input with its padding written out: `[N, Hp, Wp, C]`, large enough for every window.
-struct Padded<'a> {
-    data: std::borrow::Cow<'a, [f32]>,
-    hp: usize,
-    wp: usize,
-}
-
 /// The padded frame of a conv's input: `hp × wp` pixels, the input at `(top, left)`.
 #[derive(Clone, Copy)]
 struct Frame {
@@ -174,10 +167,11 @@ impl Frame {
     }
 }
 
-fn pad_input<'a>(x: &'a [f32], [n, h, w, c]: [usize; 4], f: &Frame) -> Padded<'a> {
+/// The whole batch padded in `f` (`[N, hp, wp, C]`), or `x` itself when nothing is padded.
+fn pad_input<'a>(x: &'a [f32], [n, h, w, c]: [usize; 4], f: &Frame) -> std::borrow::Cow<'a, [f32]> {
     let (hp, wp) = (f.hp, f.wp);
     if hp == h && wp == w {
-        return Padded { data: x.into(), hp, wp };
+        return x.into();
     }
     let mut data: Vec<f32> = Vec::with_capacity(n * hp * wp * c);
     data.spare_capacity_mut()[..n * hp * wp * c]
@@ -189,11 +183,7 @@ fn pad_input<'a>(x: &'a [f32], [n, h, w, c]: [usize; 4], f: &Frame) -> Padded<'a
     // rows of `wp · c`: border rows zeroed, other rows zeros | the input row | zeros; `need`
     // keeps `left + w ≤ wp` and `top + h ≤ hp`).
     unsafe { data.set_len(n * hp * wp * c) };
-    Padded {
-        data: data.into(),
-        hp,
-        wp,
-    }
+    data.into()
 }
 
 /// Bytes of padded input a task copies at a time into its thread's [`PAD_SCRATCH`] when the
@@ -329,23 +319,23 @@ pub fn conv_nhwc(
         // outputs, stride 1: vectorized over output pixels; otherwise over output channels
         // with each input value broadcast (no offset table, no transposition).
         let narrow = m <= 8 && sw == 1 && dw == 1;
-        let pad = pad_input(x, xshape, &frame);
+        let xdata = pad_input(x, xshape, &frame);
+        let xdata: &[f32] = &xdata;
         let rows_out = n * oh;
-        let xdata: &[f32] = &pad.data;
         let row_work = ow * m * wts.kernel[0] * wts.kernel[1];
         let per = (1usize << 14).div_ceil(row_work).max(1);
         for_tasks(rows_out.div_ceil(per), rows_out * row_work, |t| {
             for row in t * per..((t + 1) * per).min(rows_out) {
                 let (img, y) = (row / oh, row % oh);
-                let src = (img * pad.hp + y * sh) * pad.wp;
+                let src = (img * frame.hp + y * sh) * frame.wp;
                 // SAFETY: the level was detected (AVX-512F, or AVX2 and FMA); the row's windows
                 // lie in the padded image and `out` holds `ow × m` floats at the row's offset
                 // (rows are disjoint).
                 unsafe {
                     let dst = outp.get().add(row * ow * m);
                     match (simd, narrow) {
-                        (Simd::Avx512, true) => x86::row_c1_avx512(xdata, src, pad.wp, dh, ow, wts, &lay, dst),
-                        (_, true) => x86::row_c1_avx2(xdata, src, pad.wp, dh, ow, wts, &lay, dst),
+                        (Simd::Avx512, true) => x86::row_c1_avx512(xdata, src, frame.wp, dh, ow, wts, &lay, dst),
+                        (_, true) => x86::row_c1_avx2(xdata, src, frame.wp, dh, ow, wts, &lay, dst),
                         (_, false) => row_c1_channels(simd, xdata, src, sw, ow, wts, &lay, dst),
                     }
                 };
@@ -429,8 +419,8 @@ pub fn conv_nhwc(
         // SAFETY: every group's tiles (so every pixel) were computed above.
         return Ok((unsafe { out.finish(pixels * m) }, [n, oh, ow, m]));
     }
-    let pad = pad_input(x, xshape, &frame);
-    let xdata: &[f32] = &pad.data;
+    let xdata = pad_input(x, xshape, &frame);
+    let xdata: &[f32] = &xdata;
     let tiles = pixels.div_ceil(r);
     if threads > 1 && big && tiles >= threads {
         let per = TASK_TILES.min(tiles.div_ceil(threads));
@@ -462,7 +452,7 @@ unsafe fn pointwise_runs(
     x: &[f32],
     (t0, t1): (usize, usize),
     wts: &NhwcWeights,
-    blocks: std::ops::Range<usize>,
+    blocks: Range,
     lay: &Layout,
     dst: *mut f32,
 ) -> usize {
@@ -498,11 +488,10 @@ fn gcd(a: usize, b: usize) -> usize {
 
 type Range = std::ops::Range<usize>;
 
-/// Run `f` on tasks `0..n` (of `work` multiply-adds in all): on the [`super::team`] when the
-/// pool has more than one thread, there is more than one task and enough work, else in order on
-/// this thread (no hand-off for work too small to split).
+/// Run `f` on tasks `0..n` (of `work` multiply-adds in all): on the [`super::team`] when there
+/// is enough work, else in order on this thread (no hand-off for work too small to split).
 fn for_tasks(n: usize, work: usize, f: impl Fn(usize) + Sync + Send) {
-    if n > 1 && rayon::current_num_threads() > 1 && work >= super::PAR_WORK {
+    if work >= super::PAR_WORK {
         super::team::for_each(n, f);
     } else {
         (0..n).for_each(f);
@@ -573,7 +562,7 @@ unsafe fn tile(
     (offs, uniform): (&[usize], usize),
     rows: usize,
     wts: &NhwcWeights,
-    blocks: std::ops::Range<usize>,
+    blocks: Range,
     lay: &Layout,
     dst: *mut f32,
 ) {
@@ -662,7 +651,7 @@ unsafe fn tile_blocks(
     offs: &[usize],
     rows: usize,
     wts: &NhwcWeights,
-    blocks: std::ops::Range<usize>,
+    blocks: Range,
     lay: &Layout,
     dst: *mut f32,
 ) {

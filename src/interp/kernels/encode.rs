@@ -396,7 +396,7 @@ pub fn encode_prepared(rows: &Rows, prepared: &Prepared, codes: &mut [u8]) {
             // 4 tasks per thread. Codes do not depend on the split.
             let per_row = (c_n * k * sub.s).max(1);
             let n_rows = rows.count();
-            let per_thread = n_rows.div_ceil(4 * rayon::current_num_threads()).max(1);
+            let per_thread = n_rows.div_ceil(4 * super::team::threads()).max(1);
             let block = (1usize << 17).div_ceil(per_row).max(per_thread).min(n_rows.max(1));
             let level = Simd::detect();
             return super::team::for_chunks(codes, block * c_n, |bi, out| {

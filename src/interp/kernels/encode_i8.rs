@@ -241,7 +241,7 @@ pub fn encode_lanes(level: Simd, rows: &Rows, ql: &QuantLanes, codes: &mut [u8])
     if n == 0 || row_len == 0 || oh == 0 {
         return;
     }
-    let tasks = 4 * rayon::current_num_threads();
+    let tasks = 4 * super::team::threads();
     // enough work per band to pay a hand-off (~1 µs): ≥ 128 Ki multiply-adds
     let per_row = row_len * K * ql.kernel[0] * ql.kernel[1];
     let min_rows = (1usize << 17).div_ceil(per_row);

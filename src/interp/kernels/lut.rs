@@ -202,7 +202,7 @@ pub fn lut_i8_then<T: Send>(
     if call.split_cols(rows) {
         // Split the outputs instead of the rows: every task reads only its part of the tables,
         // once for all rows. Exact integer sums: the same result.
-        let tile = m.div_ceil(2 * rayon::current_num_threads()).next_multiple_of(COL_TILE);
+        let tile = m.div_ceil(2 * super::team::threads()).next_multiple_of(COL_TILE);
         let mut sums = vec![0i32; rows * m];
         col_tiles(rows, m, tile, &mut sums, |cols, res| {
             call.block_cols(codes, 0, cols, res, &mut Scratch::default())
@@ -294,7 +294,7 @@ impl<'a> Call<'a> {
         .then(|| x86::relayout(tables, c, m));
         // Blocks of PAR_ROWS rows, or fewer (a multiple of 64, the widest kernel's block) when
         // that leaves a thread idle. Integer sums: the split never changes the result.
-        let threads = rayon::current_num_threads().max(1);
+        let threads = super::team::threads().max(1);
         let par_rows = rows.div_ceil(2 * threads).next_multiple_of(64).clamp(64, PAR_ROWS);
         Some(Call {
             kernel,
@@ -327,7 +327,7 @@ impl<'a> Call<'a> {
     /// calls whose tables exceed L2 by outputs too measured no gain.)
     fn split_cols(&self, rows: usize) -> bool {
         let (c, m) = (self.c, self.m);
-        rayon::current_num_threads() > 1
+        super::team::threads() > 1
             && self.takes_col_ranges()
             && m >= 2 * COL_TILE
             && rows * c * m >= 1 << 20
@@ -458,7 +458,7 @@ pub fn lut_i8_rowwise_at(
         return;
     }
     // Split the outputs, not the rows, across threads when there is enough work.
-    let tile = if rows * c * m >= 1 << 18 && rayon::current_num_threads() > 1 {
+    let tile = if rows * c * m >= 1 << 18 && super::team::threads() > 1 {
         128.min(m)
     } else {
         m
@@ -586,37 +586,26 @@ fn rowwise_tile(
     assert!(level.supported());
     #[cfg(target_arch = "x86_64")]
     {
+        let mut a = rowwise_x86::Tile {
+            codes,
+            c,
+            t,
+            m,
+            k,
+            m0,
+            out: &mut *out,
+            ldo: mw,
+            col0: 0,
+        };
         let mut done = 0;
         if level == Simd::Avx512 && LutKernel::Avx512.supported() {
             // SAFETY: AVX-512BW is available; `check_shapes`/`check_codes` bound every read.
-            let a = rowwise_x86::Tile {
-                codes,
-                c,
-                t,
-                m,
-                k,
-                m0,
-                out: &mut *out,
-                ldo: mw,
-                col0: 0,
-            };
-            done = unsafe { rowwise_x86::tiles(rowwise_x86::AVX512, mw, a) };
+            done = unsafe { rowwise_x86::tiles(rowwise_x86::AVX512, 0, mw, &mut a) };
         }
-        if level != Simd::Scalar && mw - done >= 16 {
+        if level != Simd::Scalar {
             // the AVX2 kernel takes what is left in multiples of 16 (m = 16 and 48 at AVX-512)
             // SAFETY: AVX2 is available (every level above scalar has it); as above.
-            let a = rowwise_x86::Tile {
-                codes,
-                c,
-                t,
-                m,
-                k,
-                m0: m0 + done,
-                out: &mut *out,
-                ldo: mw,
-                col0: done,
-            };
-            done += unsafe { rowwise_x86::tiles(rowwise_x86::AVX2, mw - done, a) };
+            done += unsafe { rowwise_x86::tiles(rowwise_x86::AVX2, done, mw, &mut a) };
         }
         if done < mw {
             rowwise_scalar(codes, c, t, m, k, m0 + done, mw - done, out, mw, done);
@@ -659,24 +648,25 @@ mod rowwise_x86 {
     pub(super) const AVX2: (usize, [Kernel; 4]) =
         (16, [tile_avx2::<1>, tile_avx2::<2>, tile_avx2::<3>, tile_avx2::<4>]);
 
-    /// Outputs `a.m0 ..` of every row in register tiles of `v` outputs, up to 4 registers per
-    /// tile, over the largest multiple of `v` (`≤ mw`); returns it. Output tiles outside, rows
-    /// inside: a tile's table columns (`c · k · 4v` bytes) are read for every row of the block
-    /// while in cache rather than the whole table per row.
+    /// Outputs `from ..` of `a` (outputs `a.m0 ..`, columns `a.col0 ..` of `a.out`) for every row
+    /// in register tiles of `v` outputs, up to 4 registers per tile, over the largest multiple
+    /// of `v` that fits in `mw − from`; returns it. Output tiles outside, rows inside: a tile's
+    /// table columns (`c · k · 4v` bytes) are read for every row of the block while in cache
+    /// rather than the whole table per row.
     ///
     /// # Safety
     /// The kernels' SIMD level is available; `a` holds the rows' codes (each `< k`), the whole
     /// table, outputs `m0 + mw ≤ m`, and `out` rows of at least `col0 + mw` columns.
-    pub(super) unsafe fn tiles((v, kernels): (usize, [Kernel; 4]), mw: usize, a: Tile) -> usize {
-        let done = mw / v * v;
-        let mut j = 0;
-        while j < done {
-            let q = ((done - j) / v).min(4);
+    pub(super) unsafe fn tiles((v, kernels): (usize, [Kernel; 4]), from: usize, mw: usize, a: &mut Tile) -> usize {
+        let done = (mw - from) / v * v;
+        let mut j = from;
+        while j < from + done {
+            let q = ((from + done - j) / v).min(4);
             kernels[q - 1](Tile {
                 m0: a.m0 + j,
                 col0: a.col0 + j,
                 out: &mut *a.out,
-                ..a
+                ..*a
             });
             j += q * v;
         }

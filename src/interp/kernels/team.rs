@@ -3,12 +3,12 @@
 //! At batch 1 a layer takes tens of microseconds. Rayon's idle workers go to sleep within
 //! about 20 µs, and waking one costs as much as the layer: with two threads, a 40 µs loop split
 //! in two took 59 µs when the calls were 20 µs apart. The team's helpers instead spin for
-//! [`SPIN`] after each loop before they sleep, so consecutive layers hand work over in well
-//! under a microsecond (ONNX Runtime's pool spins likewise).
+//! [`SPIN`] after each loop before they sleep, so the next layer finds them awake (ONNX
+//! Runtime's intra-op pool spins too, by default).
 //!
 //! [`for_each`] runs `f(0..n)` on the calling thread and the helpers, as many threads in all as
-//! rayon's current pool has (`--threads`); the helpers spin only while rayon's workers sleep,
-//! unless a rayon loop runs within 200 µs of a team loop. Which thread runs which index never
+//! rayon's current pool has (`--threads`). A spinning helper holds a core: a rayon loop that
+//! starts within [`SPIN`] of a team loop shares the cores with it. Which thread runs which index never
 //! changes a result: callers split work into tasks that write disjoint outputs. The team is one
 //! per process: a second caller while it is busy (another model running on another thread)
 //! runs its loop in order.
@@ -76,9 +76,9 @@ fn team() -> &'static Team {
 /// this thread when rayon's pool has one thread, `n < 2`, inside [`alone`], a helper cannot be
 /// started, or the team is busy (a call from inside a loop, or from another thread meanwhile).
 pub fn for_each(n: usize, f: impl Fn(usize) + Sync) {
-    let threads = rayon::current_num_threads();
+    let threads = threads();
     let t = team();
-    let inline = n < 2 || threads < 2 || ALONE.get() || t.busy.load(Ordering::Relaxed);
+    let inline = n < 2 || threads < 2 || t.busy.load(Ordering::Relaxed);
     if inline || !t.ensure(threads - 1) || t.busy.swap(true, Ordering::Acquire) {
         (0..n).for_each(f);
         return;
@@ -140,19 +140,9 @@ fn wait_until(ready: impl Fn() -> bool) {
 /// [`for_each`] over the chunks of `data` (`chunk` values each, the last one shorter):
 /// `f(index, chunk)`.
 pub fn for_chunks<T: Send>(data: &mut [T], chunk: usize, f: impl Fn(usize, &mut [T]) + Sync) {
-    struct Base<T>(*mut T);
-    // SAFETY: the tasks take disjoint chunks of `data`, which outlives the loop.
-    unsafe impl<T: Send> Sync for Base<T> {}
-    let (len, chunk) = (data.len(), chunk.max(1));
-    let base = Base(data.as_mut_ptr());
-    let base = &base;
-    for_each(len.div_ceil(chunk), |i| {
-        let (start, end) = (i * chunk, ((i + 1) * chunk).min(len));
-        // SAFETY: chunk `i` is `start..end` of `data`; no other task has it.
-        f(i, unsafe {
-            std::slice::from_raw_parts_mut(base.0.add(start), end - start)
-        })
-    });
+    // one image of single-value rows, in bands of `chunk`
+    let chunk = chunk.max(1);
+    for_bands(data, data.len(), 1, chunk, |_, r0, c| f(r0 / chunk, c));
 }
 
 /// [`for_each`] over bands of rows: `data` holds images of `rows` rows of `row_len` values,

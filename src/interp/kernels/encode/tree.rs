@@ -145,7 +145,7 @@ pub(super) fn tree_nhwc(level: Simd, rows: &Rows, pt: &PixelTree, c_n: usize, co
     let fixed = (win.kernel[0] - 1) * win.dilations[0] + 1;
     let per_row = win.strides[0];
     let fit = (BAND_BYTES / (4 * job.row_len).max(1)).saturating_sub(fixed) / per_row + 1;
-    let spread = (n * oh).div_ceil(2 * rayon::current_num_threads()).max(1);
+    let spread = (n * oh).div_ceil(2 * super::super::team::threads()).max(1);
     let band = fit.min(spread).clamp(1, oh);
     let row_codes = ow * c_n;
     super::super::team::for_bands(codes, oh, row_codes, band, |img, r0, out| {
