@@ -544,6 +544,8 @@ fn tile_pixels(simd: Simd, wts: &NhwcWeights, pixels: usize) -> usize {
         Simd::Avx512 if wts.blocks.iter().any(|b| b.1 == 32) => 10,
         Simd::Avx512 => 16,
         Simd::Avx2 if wts.depthwise => 4,
+        // likewise (`tile_blocks256`)
+        Simd::Avx2 if pixels < 6 => pixels.min(4),
         Simd::Avx2 => 6,
         Simd::Scalar => 4,
     }
@@ -570,6 +572,10 @@ unsafe fn tile(
     #[cfg(target_arch = "x86_64")]
     if simd == Simd::Avx512 && !wts.depthwise && offs.len() <= 4 {
         return tile_blocks(xp, offs, rows, wts, blocks, lay, dst);
+    }
+    #[cfg(target_arch = "x86_64")]
+    if simd == Simd::Avx2 && !wts.depthwise && offs.len() <= 4 {
+        return tile_blocks256(xp, offs, rows, wts, blocks, lay, dst);
     }
     for &(oc0, lanes) in &wts.blocks[blocks] {
         // every block before this one has `oc0` lanes in all
@@ -610,7 +616,8 @@ unsafe fn tile(
                 for half in (0..lanes).step_by(16) {
                     let v = valid.saturating_sub(half).min(16);
                     if v > 0 {
-                        x86::tile256::<6, 2>(xp, offs, rows, w.add(half), lanes, b.add(half), lay, d.add(half), v);
+                        let w = (w.add(half), lanes, 0);
+                        x86::tile256::<6, 2>(xp, offs, rows, w, b.add(half), lay, d.add(half), v);
                     }
                 }
             }
@@ -688,6 +695,70 @@ unsafe fn tile_blocks(
                 1
             }
         };
+    }
+}
+
+/// [`tile_blocks`] at AVX2: a tile of at most 4 pixels, 8 to 12 independent sums of 8 lanes
+/// (of the 16 registers): two 32-lane blocks at a time for one pixel, one block for 2 or 3
+/// pixels, half a block for 4 (and for a last 16-lane block).
+///
+/// # Safety
+/// AVX2 and FMA; as [`tile`].
+#[cfg(target_arch = "x86_64")]
+unsafe fn tile_blocks256(
+    x: *const f32,
+    offs: &[usize],
+    rows: usize,
+    wts: &NhwcWeights,
+    blocks: Range,
+    lay: &Layout,
+    dst: *mut f32,
+) {
+    let blk = 32 * lay.c * lay.kernel[0] * lay.kernel[1];
+    let full = wts.blocks.iter().take_while(|b| b.1 == 32).count().min(blocks.end);
+    let mut b = blocks.start;
+    while b < blocks.end {
+        let (oc0, lanes) = wts.blocks[b];
+        let w = wts.data.as_ptr().add(b * blk);
+        let bias = wts.bias.as_ptr().add(oc0);
+        let valid = lay.m.saturating_sub(oc0);
+        let (r, whole) = (offs.len(), lanes == 32);
+        if r == 1 && whole && full.saturating_sub(b) >= 2 {
+            x86::tile256::<1, 8>(x, offs, rows, (w, 32, blk), bias, lay, dst.add(oc0), valid);
+            b += 2;
+            continue;
+        }
+        if whole {
+            let (wb, d, v) = ((w, 32, blk), dst.add(oc0), valid.min(32));
+            match r {
+                1 => x86::tile256::<1, 4>(x, offs, rows, wb, bias, lay, d, v),
+                2 => x86::tile256::<2, 4>(x, offs, rows, wb, bias, lay, d, v),
+                3 => x86::tile256::<3, 4>(x, offs, rows, wb, bias, lay, d, v),
+                _ => {
+                    x86::tile256::<2, 4>(x, &offs[..2], rows.min(2), wb, bias, lay, d, v);
+                    if rows > 2 {
+                        x86::tile256::<2, 4>(x, &offs[2..], rows - 2, wb, bias, lay, d.add(2 * lay.m), v);
+                    }
+                }
+            }
+            b += 1;
+            continue;
+        }
+        // 16 lanes at a time: four pixels, or a last 16-lane block
+        for half in (0..lanes).step_by(16) {
+            let v = valid.saturating_sub(half).min(16);
+            if v == 0 {
+                continue;
+            }
+            let (wb, bh, d) = ((w.add(half), lanes, 0), bias.add(half), dst.add(oc0 + half));
+            match r {
+                1 => x86::tile256::<1, 2>(x, offs, rows, wb, bh, lay, d, v),
+                2 => x86::tile256::<2, 2>(x, offs, rows, wb, bh, lay, d, v),
+                3 => x86::tile256::<3, 2>(x, offs, rows, wb, bh, lay, d, v),
+                _ => x86::tile256::<4, 2>(x, offs, rows, wb, bh, lay, d, v),
+            }
+        }
+        b += 1;
     }
 }
 
@@ -1816,15 +1887,15 @@ mod x86 {
         }
     }
 
-    /// `R` pixels × `V` vectors of 8 output channels.
+    /// `R` pixels × `V` vectors of 8 output channels: vector `v` holds lanes `8·(v % 4)..` of
+    /// weight block `v / 4` (blocks `blk` floats apart, `nb` lanes each; one block when `V ≤ 4`).
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn tile256<const R: usize, const V: usize>(
         x: *const f32,
         offs: &[usize],
         rows: usize,
-        w: *const f32,
-        nb: usize,
+        (w, nb, blk): (*const f32, usize, usize),
         bias: *const f32,
         lay: &Layout,
         dst: *mut f32,
@@ -1851,10 +1922,8 @@ mod x86 {
                 let t = i * lay.tap[0] + j * lay.tap[1];
                 let wk = w.add((i * kw + j) * c * nb);
                 for ci in 0..run {
-                    let mut wv = [_mm256_setzero_ps(); V];
-                    for (v, wv) in wv.iter_mut().enumerate() {
-                        *wv = _mm256_loadu_ps(wk.add(ci * nb + 8 * v));
-                    }
+                    let wv: [__m256; V] =
+                        std::array::from_fn(|v| _mm256_loadu_ps(wk.add((v / 4) * blk + ci * nb + 8 * (v % 4))));
                     for r in 0..R {
                         let b = _mm256_broadcast_ss(&*px[r].add(t + ci));
                         for v in 0..V {
@@ -2001,6 +2070,10 @@ mod tests {
             (1, 7, [3, 1], 64, 3, 1, 1, [1; 4], false),
             (3, 6, [3, 1], 96, 3, 2, 1, [1; 4], false),
             (1, 9, [3, 3], 160, 3, 1, 1, [1; 4], false),
+            // one pixel over three 32-lane blocks and a 16-lane one (two blocks at a time at AVX2)
+            (1, 6, [1, 1], 112, 3, 1, 1, [1; 4], false),
+            // 5 pixels: at AVX2 a tile of 4 (two of 2 per block) and one of a single pixel
+            (1, 12, [5, 1], 72, 3, 1, 1, [1; 4], false),
             // one pixel, large enough to split its channel blocks across threads
             (1, 64, [1, 1], 200, 3, 1, 1, [1; 4], false),
             (2, 19, [6, 5], 19, 3, 1, 1, [1; 4], true),
@@ -2180,6 +2253,10 @@ mod tests {
             (64, 128, 4, 128, 1, 1),
             (1, 32, 14, 32, 1, 1),
             (1, 128, 4, 128, 1, 1),
+            // ResNet-18 w64 (TabConv variant) at batch 1: layers 1-3
+            (1, 64, 7, 64, 3, 1),
+            (1, 128, 4, 128, 3, 1),
+            (1, 256, 2, 256, 3, 1),
         ] {
             let name = format!("n={n} c={c} {hw}x{hw} m={m} k={k} s={st}");
             if std::env::var("TC_ONLY").is_ok_and(|f| !name.contains(&f)) {
