@@ -745,7 +745,7 @@ impl LutSum for f32 {
 /// (the row-wise kernel's `[c][k][m]`, the VNNI kernel's quads).
 #[derive(Default)]
 struct LutTables {
-    rowwise: std::sync::OnceLock<Vec<i8>>,
+    rowwise: std::sync::OnceLock<Vec<u8>>,
     quads: std::sync::OnceLock<Vec<i8>>,
 }
 

@@ -411,15 +411,16 @@ pub fn wants_quads(k: usize) -> bool {
     k == 16 && LutKernel::detect() == LutKernel::Vnni
 }
 
-/// `[c][m][k]` tables → `[c][k][m]`: the layout of [`lut_i8_rowwise`] (one contiguous run of `m`
-/// entries per (codebook, code)).
-pub fn transpose_tables(tables: &[i8], c: usize, m: usize, k: usize) -> Vec<i8> {
+/// `[c][m][k]` tables → `[c][k][m]`, each entry stored as `entry + 128` (`u8`): the layout of
+/// [`lut_i8_rowwise`] (one contiguous run of `m` entries per (codebook, code)). Unsigned entries
+/// let the AVX2 kernel add pairs of them as 16-bit words without widening each byte.
+pub fn transpose_tables(tables: &[i8], c: usize, m: usize, k: usize) -> Vec<u8> {
     assert_eq!(Some(tables.len()), c.checked_mul(m).and_then(|x| x.checked_mul(k)));
-    let mut t = vec![0i8; tables.len()];
+    let mut t = vec![0u8; tables.len()];
     for ci in 0..c {
         for mi in 0..m {
             for kk in 0..k {
-                t[(ci * k + kk) * m + mi] = tables[(ci * m + mi) * k + kk];
+                t[(ci * k + kk) * m + mi] = (tables[(ci * m + mi) * k + kk] as u8) ^ 0x80;
             }
         }
     }
@@ -432,11 +433,12 @@ pub fn transpose_tables(tables: &[i8], c: usize, m: usize, k: usize) -> Vec<i8> 
 pub const ROWWISE_MAX_ROWS: usize = 32;
 
 /// int8 lookup-accumulate for few rows, any `k`: for each row and codebook, add the `m`
-/// contiguous entries its code selects from `[c][k][m]` tables (from [`transpose_tables`]) into
-/// i16 accumulators (at most 256 codebooks between flushes to i32: |Σ| ≤ 256·128 fits an i16),
-/// vectorized over outputs. Exact integer sums, so the result equals [`lut_i8`]'s bit for bit.
+/// contiguous entries its code selects from `[c][k][m]` tables (from [`transpose_tables`],
+/// biased by 128) into 16-bit accumulators (at most 256 codebooks between flushes to i32:
+/// Σ ≤ 256·255 fits a u16; the bias is taken off at the flush), vectorized over outputs.
+/// Exact integer sums, so the result equals [`lut_i8`]'s bit for bit.
 #[allow(clippy::too_many_arguments)]
-pub fn lut_i8_rowwise(codes: &[u8], rows: usize, c: usize, tables_ckm: &[i8], m: usize, k: usize, out: &mut [i32]) {
+pub fn lut_i8_rowwise(codes: &[u8], rows: usize, c: usize, tables_ckm: &[u8], m: usize, k: usize, out: &mut [i32]) {
     lut_i8_rowwise_at(Simd::detect(), codes, rows, c, tables_ckm, m, k, out)
 }
 
@@ -447,7 +449,7 @@ pub fn lut_i8_rowwise_at(
     codes: &[u8],
     rows: usize,
     c: usize,
-    tables_ckm: &[i8],
+    tables_ckm: &[u8],
     m: usize,
     k: usize,
     out: &mut [i32],
@@ -510,7 +512,8 @@ const ROWWISE_PAR_ROWS: usize = 64;
 ///   `TABCONV_SIMD=avx2`). Its `vpshufb` pairs need two shuffles, two blends, two
 ///   `vpmaddubsw` and two adds per 64 lookups and output (with 2 outputs per block instead of
 ///   4, fewer registers, it did no better): on an Intel Xeon (Emerald Rapids) limited to
-///   AVX2 (docs/cpuid_avx2.c), c = m = 64, it does 24 G lookups/s against 35 G row-wise, and
+///   AVX2 (docs/cpuid_avx2.c), c = m = 64, it does 24 G lookups/s against 35 G row-wise (41–51 G
+///   since the row-wise AVX2 kernel adds its entries as 16-bit words), and
 ///   ResNet-18 w64's lookups (batch 64, one thread) took 12.4 ms against 7.5 ms row-wise; NIN's
 ///   11.8 against 8.7 ms, the ResNet-18/16 fixture's 18.7 against 16.2 ms.
 pub fn prefer_rowwise(rows: usize, k: usize, m: usize) -> bool {
@@ -532,7 +535,7 @@ pub fn lut_i8_rowwise_then<T: Send>(
     codes: &[u8],
     rows: usize,
     c: usize,
-    tables_ckm: &[i8],
+    tables_ckm: &[u8],
     m: usize,
     k: usize,
     out: &mut [T],
@@ -568,6 +571,12 @@ pub fn lut_i8_rowwise_then<T: Send>(
     });
 }
 
+/// Table bytes from which the row-wise kernels prefetch the runs of codes ahead: the runs a
+/// row's codes select are scattered over the table, so beyond L1/L2 each one waits for memory
+/// (the default ResNet-18 w64 `.tcv` at batch 64, AVX2: the whole model 8 % faster), while a
+/// smaller table pays for the prefetches (NIN's 123 KB one: 3 % slower).
+const PREFETCH_TABLE_BYTES: usize = 1 << 18;
+
 /// Outputs `m0 .. m0 + mw` of every row into `out` (`rows × mw`): the SIMD kernels take the
 /// outputs in register tiles, the scalar code whatever they leave.
 #[inline(always)]
@@ -576,7 +585,7 @@ fn rowwise_tile(
     level: Simd,
     codes: &[u8],
     c: usize,
-    t: &[i8],
+    t: &[u8],
     m: usize,
     k: usize,
     m0: usize,
@@ -596,14 +605,19 @@ fn rowwise_tile(
             out: &mut *out,
             ldo: mw,
             col0: 0,
+            prefetch: c * k * m >= PREFETCH_TABLE_BYTES,
         };
         let mut done = 0;
         if level == Simd::Avx512 && LutKernel::Avx512.supported() {
             // SAFETY: AVX-512BW is available; `check_shapes`/`check_codes` bound every read.
             done = unsafe { rowwise_x86::tiles(rowwise_x86::AVX512, 0, mw, &mut a) };
         }
+        if level == Simd::Avx2 {
+            // SAFETY: AVX2 is available; as above.
+            done += unsafe { rowwise_x86::tiles_avx2(done, mw, &mut a) };
+        }
         if level != Simd::Scalar {
-            // the AVX2 kernel takes what is left in multiples of 16 (m = 16 and 48 at AVX-512)
+            // the 16-output AVX2 kernel takes what is left in multiples of 16 (m = 16 and 48)
             // SAFETY: AVX2 is available (every level above scalar has it); as above.
             done += unsafe { rowwise_x86::tiles(rowwise_x86::AVX2, done, mw, &mut a) };
         }
@@ -627,13 +641,15 @@ mod rowwise_x86 {
     pub(super) struct Tile<'a> {
         pub codes: &'a [u8],
         pub c: usize,
-        pub t: &'a [i8],
+        pub t: &'a [u8],
         pub m: usize,
         pub k: usize,
         pub m0: usize,
         pub out: &'a mut [i32],
         pub ldo: usize,
         pub col0: usize,
+        /// Prefetch the table runs of the codes [`PF`] codebooks ahead (tables beyond L1/L2).
+        pub prefetch: bool,
     }
 
     /// A tile kernel of `Q` registers ([`tile_avx2`], [`tile_avx512`]).
@@ -647,6 +663,8 @@ mod rowwise_x86 {
     /// The AVX2 kernels, 1 to 4 registers of 16 outputs.
     pub(super) const AVX2: (usize, [Kernel; 4]) =
         (16, [tile_avx2::<1>, tile_avx2::<2>, tile_avx2::<3>, tile_avx2::<4>]);
+    /// Codebooks ahead whose selected table runs the row-wise kernels prefetch.
+    const PF: usize = 16;
 
     /// Outputs `from ..` of `a` (outputs `a.m0 ..`, columns `a.col0 ..` of `a.out`) for every row
     /// in register tiles of `v` outputs, up to 4 registers per tile, over the largest multiple
@@ -683,20 +701,27 @@ mod rowwise_x86 {
             for (chunk_i, chunk) in row.chunks(256).enumerate() {
                 let mut acc = [_mm512_setzero_si512(); Q];
                 let mut base = t.as_ptr().add(chunk_i * 256 * k * m + a.m0);
-                for &code in chunk {
+                for (i, &code) in chunk.iter().enumerate() {
                     let p = base.add(code as usize * m);
+                    if let Some(&ahead) = chunk.get(i + PF).filter(|_| a.prefetch) {
+                        let q = base.wrapping_add(PF * k * m + ahead as usize * m);
+                        for r in (0..Q).step_by(2) {
+                            _mm_prefetch::<_MM_HINT_T0>(q.wrapping_add(r * 32).cast());
+                        }
+                    }
                     for (r, a) in acc.iter_mut().enumerate() {
-                        let v = _mm512_cvtepi8_epi16(_mm256_loadu_si256(p.add(r * 32).cast()));
+                        let v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(p.add(r * 32).cast()));
                         *a = _mm512_add_epi16(*a, v);
                     }
                     // past the last codebook this leaves the table: wrapping, never read
                     base = base.wrapping_add(k * m);
                 }
+                let bias = _mm512_set1_epi32(128 * chunk.len() as i32);
                 for (a, tot) in acc.iter().zip(tot.iter_mut()) {
-                    let lo = _mm512_cvtepi16_epi32(_mm512_castsi512_si256(*a));
-                    let hi = _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64::<1>(*a));
-                    tot[0] = _mm512_add_epi32(tot[0], lo);
-                    tot[1] = _mm512_add_epi32(tot[1], hi);
+                    let lo = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(*a));
+                    let hi = _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64::<1>(*a));
+                    tot[0] = _mm512_add_epi32(tot[0], _mm512_sub_epi32(lo, bias));
+                    tot[1] = _mm512_add_epi32(tot[1], _mm512_sub_epi32(hi, bias));
                 }
             }
             for (r, tot) in tot.iter().enumerate() {
@@ -708,7 +733,8 @@ mod rowwise_x86 {
 
     /// One tile of `Q` registers of 16 outputs from `m0` (columns `col0 ..` of `out`). `Q` is
     /// a constant so that the sums are registers (no per-codebook checks of the tile's width, no
-    /// stack array).
+    /// stack array). Entries are biased by 128 ([`super::transpose_tables`]): unsigned sums of
+    /// at most 256 codebooks fit 16 bits; the bias comes off when they are widened.
     #[target_feature(enable = "avx2")]
     unsafe fn tile_avx2<const Q: usize>(a: Tile) {
         let (t, m, k) = (a.t, a.m, a.k);
@@ -723,22 +749,122 @@ mod rowwise_x86 {
                 for &code in chunk {
                     let p = base.add(code as usize * m);
                     for (r, a) in acc.iter_mut().enumerate() {
-                        let v = _mm256_cvtepi8_epi16(_mm_loadu_si128(p.add(r * 16).cast()));
+                        let v = _mm256_cvtepu8_epi16(_mm_loadu_si128(p.add(r * 16).cast()));
                         *a = _mm256_add_epi16(*a, v);
                     }
                     // past the last codebook this leaves the table: wrapping, never read
                     base = base.wrapping_add(k * m);
                 }
+                let bias = _mm256_set1_epi32(128 * chunk.len() as i32);
                 for (a, tot) in acc.iter().zip(tot.iter_mut()) {
-                    let lo = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(*a));
-                    let hi = _mm256_cvtepi16_epi32(_mm256_extracti128_si256::<1>(*a));
-                    tot[0] = _mm256_add_epi32(tot[0], lo);
-                    tot[1] = _mm256_add_epi32(tot[1], hi);
+                    let lo = _mm256_cvtepu16_epi32(_mm256_castsi256_si128(*a));
+                    let hi = _mm256_cvtepu16_epi32(_mm256_extracti128_si256::<1>(*a));
+                    tot[0] = _mm256_add_epi32(tot[0], _mm256_sub_epi32(lo, bias));
+                    tot[1] = _mm256_add_epi32(tot[1], _mm256_sub_epi32(hi, bias));
                 }
             }
             for (r, tot) in tot.iter().enumerate() {
                 _mm256_storeu_si256(o.as_mut_ptr().add(16 * r).cast(), tot[0]);
                 _mm256_storeu_si256(o.as_mut_ptr().add(16 * r + 8).cast(), tot[1]);
+            }
+        }
+    }
+
+    /// Outputs `from ..` of `a` in AVX2 word tiles ([`tile_avx2_words`]) of up to 4 registers of
+    /// 32 outputs plus, where 16 are left over, a 16-output tail in the same pass over the
+    /// codes; returns how many (a multiple of 16) it did.
+    ///
+    /// # Safety
+    /// AVX2; as [`tiles`].
+    pub(super) unsafe fn tiles_avx2(from: usize, mw: usize, a: &mut Tile) -> usize {
+        let done = (mw - from) / 16 * 16;
+        let mut j = from;
+        while j < from + done {
+            let left = from + done - j;
+            let kernel: Kernel = match left {
+                128.. => tile_avx2_words::<4, false>,
+                112 => tile_avx2_words::<3, true>,
+                96 => tile_avx2_words::<3, false>,
+                80 => tile_avx2_words::<2, true>,
+                64 => tile_avx2_words::<2, false>,
+                48 => tile_avx2_words::<1, true>,
+                32 => tile_avx2_words::<1, false>,
+                _ => tile_avx2::<1>,
+            };
+            kernel(Tile {
+                m0: a.m0 + j,
+                col0: a.col0 + j,
+                out: &mut *a.out,
+                ..*a
+            });
+            j += left.min(128);
+        }
+        done
+    }
+
+    /// One tile of `Q` registers of 32 outputs (and 16 more when `TAIL`), the entries added two
+    /// at a time as 16-bit words without widening each byte (widening runs on one port; these
+    /// adds and shifts on three): `w` sums whole words, `h` their high bytes (the odd
+    /// outputs); the even outputs are `w − 256·h`, exact modulo 2¹⁶ since the unsigned sums of
+    /// at most 256 codebooks stay below 2¹⁶. The tail is widened as in [`tile_avx2`]. The table
+    /// run of the code `PF` codebooks ahead is prefetched (the runs a row's codes select are
+    /// scattered over the table). Each row's sums go straight to `out` (added to it after the
+    /// first 256 codebooks), so that only the 16-bit sums live in registers.
+    #[target_feature(enable = "avx2")]
+    unsafe fn tile_avx2_words<const Q: usize, const TAIL: bool>(a: Tile) {
+        let (t, m, k) = (a.t, a.m, a.k);
+        let width = 32 * Q + if TAIL { 16 } else { 0 };
+        for (row, o) in a.codes.chunks_exact(a.c).zip(a.out.chunks_exact_mut(a.ldo)) {
+            let o = o[a.col0..][..width].as_mut_ptr();
+            for (chunk_i, chunk) in row.chunks(256).enumerate() {
+                let mut w = [_mm256_setzero_si256(); Q];
+                let mut h = [_mm256_setzero_si256(); Q];
+                let mut tail = _mm256_setzero_si256();
+                let mut base = t.as_ptr().add(chunk_i * 256 * k * m + a.m0);
+                for (i, &code) in chunk.iter().enumerate() {
+                    let p = base.add(code as usize * m);
+                    if let Some(&ahead) = chunk.get(i + PF).filter(|_| a.prefetch) {
+                        let q = base.wrapping_add(PF * k * m + ahead as usize * m);
+                        for off in (0..width).step_by(64) {
+                            _mm_prefetch::<_MM_HINT_T0>(q.wrapping_add(off).cast());
+                        }
+                    }
+                    for r in 0..Q {
+                        let x = _mm256_loadu_si256(p.add(r * 32).cast());
+                        w[r] = _mm256_add_epi16(w[r], x);
+                        h[r] = _mm256_add_epi16(h[r], _mm256_srli_epi16::<8>(x));
+                    }
+                    if TAIL {
+                        let x = _mm256_cvtepu8_epi16(_mm_loadu_si128(p.add(32 * Q).cast()));
+                        tail = _mm256_add_epi16(tail, x);
+                    }
+                    // past the last codebook this leaves the table: wrapping, never read
+                    base = base.wrapping_add(k * m);
+                }
+                let bias = _mm256_set1_epi32(128 * chunk.len() as i32);
+                // eight outputs from `part`'s eight 16-bit sums, at output `at`
+                let put = |at: usize, part: __m128i| {
+                    let d = o.add(at).cast::<__m256i>();
+                    let mut v = _mm256_sub_epi32(_mm256_cvtepu16_epi32(part), bias);
+                    if chunk_i > 0 {
+                        v = _mm256_add_epi32(v, _mm256_loadu_si256(d));
+                    }
+                    _mm256_storeu_si256(d, v);
+                };
+                for r in 0..Q {
+                    let lo = _mm256_sub_epi16(w[r], _mm256_slli_epi16::<8>(h[r]));
+                    // per 128-bit lane, word i of `lo` is output 2i, of `h` output 2i + 1:
+                    // `a` holds outputs 0..8 | 16..24, `b` 8..16 | 24..32
+                    let (a, b) = (_mm256_unpacklo_epi16(lo, h[r]), _mm256_unpackhi_epi16(lo, h[r]));
+                    put(32 * r, _mm256_castsi256_si128(a));
+                    put(32 * r + 8, _mm256_castsi256_si128(b));
+                    put(32 * r + 16, _mm256_extracti128_si256::<1>(a));
+                    put(32 * r + 24, _mm256_extracti128_si256::<1>(b));
+                }
+                if TAIL {
+                    put(32 * Q, _mm256_castsi256_si128(tail));
+                    put(32 * Q + 8, _mm256_extracti128_si256::<1>(tail));
+                }
             }
         }
     }
@@ -750,7 +876,7 @@ mod rowwise_x86 {
 fn rowwise_scalar(
     codes: &[u8],
     c: usize,
-    t: &[i8],
+    t: &[u8],
     m: usize,
     k: usize,
     m0: usize,
@@ -769,7 +895,7 @@ fn rowwise_scalar(
                 let ci = chunk_i * 256 + j;
                 let row = &t[(ci * k + code as usize) * m + m0..][..mw];
                 for (a, &v) in acc16.iter_mut().zip(row) {
-                    *a = a.wrapping_add(v as i16);
+                    *a = a.wrapping_add((v ^ 0x80) as i8 as i16);
                 }
             }
             for (o, &v) in o.iter_mut().zip(acc16.iter()) {
@@ -1809,6 +1935,8 @@ mod tests {
             (200, 20, 48, 256, Fill::Random), // parallel row blocks (`_then`); AVX2 tail at AVX-512
             (130, 300, 16, 256, Fill::Max),
             (65, 7, 90, 256, Fill::Min),
+            (4, 40, 112, 16, Fill::Random), // AVX2 word tiles of 3 registers and a 16-output tail
+            (3, 270, 96, 16, Fill::Max),    // ... of 3 registers, two flushes, prefetched
         ];
         for (rows, c, m, k, fill) in cases {
             let codes = random_codes(&mut rng, rows * c, k);
