@@ -80,14 +80,23 @@ pub fn synthetic_input(graph: &Graph, batch: usize) -> Result<ArrayD<f32>> {
     Ok(ArrayD::from_shape_vec(IxDyn(&shape), (0..len).map(|_| rng.next_f64() as f32).collect()).expect("size"))
 }
 
-/// Time `f` after `warmup` calls: at least `min_runs` runs and about `budget` of wall time.
+/// Most timed runs of one engine and model (the times of 10⁵ runs take 0.8 MB).
+const MAX_RUNS: usize = 100_000;
+
+/// Time `f`: warmed up for two calls and a tenth of `budget` (at most 0.3 s, so that caches,
+/// clocks and helper threads settle), then at least `min_runs` runs and about `budget` of wall
+/// time. A fast model runs many thousands of times: a cap of 1000 runs had timed LeNet-5 at
+/// batch 1 over 30 ms, and its median moved by half from one process to the next.
 fn measure(mut f: impl FnMut() -> Result<()>, min_runs: usize, budget: Duration) -> Result<(usize, f64, f64)> {
-    for _ in 0..2 {
+    let warm = Instant::now();
+    let mut calls = 0;
+    while calls < 2 || warm.elapsed() < (budget / 10).min(Duration::from_millis(300)) {
         f()?;
+        calls += 1;
     }
     let mut times = Vec::new();
     let start = Instant::now();
-    while times.len() < min_runs || (start.elapsed() < budget && times.len() < 1000) {
+    while times.len() < min_runs || (start.elapsed() < budget && times.len() < MAX_RUNS) {
         let t = Instant::now();
         f()?;
         times.push(t.elapsed().as_secs_f64() * 1e3);

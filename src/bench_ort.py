@@ -37,11 +37,14 @@ def main():
             for feed in feeds:
                 sess.run(None, feed)
 
-        for _ in range(2):
+        # warm-up and run count as in `measure` (src/bench.rs)
+        warm, calls = time.perf_counter(), 0
+        while calls < 2 or time.perf_counter() - warm < min(seconds / 10, 0.3):
             run()
+            calls += 1
         times = []
         start = time.perf_counter()
-        while len(times) < min_runs or (time.perf_counter() - start < seconds and len(times) < 1000):
+        while len(times) < min_runs or (time.perf_counter() - start < seconds and len(times) < 100_000):
             t = time.perf_counter()
             run()
             times.append((time.perf_counter() - t) * 1e3)
