@@ -146,6 +146,34 @@ for m in models:
         print("\n".join(lines[:14]))
         print("```\n")
 
+
+def lookups_vs_shuffles(text):
+    """The K = 16 lookup kernels' rates beside the bound the machine's `vpshufb` rate sets."""
+    import re
+    rate = lambda pat: (m := re.search(pat, text)) and float(m.group(1))
+    vnni = rate(r"i8  k=16  avx512vnni .*\|\s+([0-9.]+) G\n")
+    avx512 = rate(r"i8  k=16  avx512 .*\|\s+([0-9.]+) G\n")
+    avx2 = rate(r"i8  k=16  avx2 .*\|\s+([0-9.]+) G\n")
+    rowwise = rate(r"i8  k=16  rowwise avx2 .*?([0-9.]+) G\n")
+    zmm, ymm = rate(r"vpshufb zmm: ([0-9.]+) G/s"), rate(r"vpshufb ymm: ([0-9.]+) G/s")
+    if not (zmm and ymm and avx2 and rowwise):
+        return
+    print("**Lookups against the shuffle limit** (K = 16, 16 384 rows, c = m = 64, one thread, "
+          "from the kernel output below). One `vpshufb` looks up 64 (zmm) or 32 (ymm) bytes in "
+          f"16-entry tables, so this machine's shuffle rate bounds a shuffle kernel at {zmm * 64:.0f} G "
+          f"lookups/s with zmm and {ymm * 32:.0f} G with ymm.")
+    best = vnni or avx512
+    if best:
+        print(f"The AVX-512 kernel `LutMatMul` uses for many rows does {best:.1f} G "
+              f"({best / (zmm * 64):.0%} of its bound): besides the shuffle, each 64 lookups take "
+              "blends, a `vpmaddubsw`/`vpdpbusd` and adds.", end=" ")
+    print(f"At AVX2 the shuffle kernel does {avx2:.1f} G ({avx2 / (ymm * 32):.0%} of its bound); "
+          f"the row-wise kernel `LutMatMul` uses there instead does {rowwise:.1f} G without any "
+          "shuffle (one 32-byte load, two 16-bit adds and a shift add the selected entries of 32 "
+          "outputs), so its bound is the load and vector-add ports, not the shuffle port.\n")
+
+
+lookups_vs_shuffles(open(p("kernels.txt")).read())
 print("## Kernels\n")
 print("`RAYON_NUM_THREADS=1 cargo test --release --lib -- --ignored --nocapture --test-threads=1 "
       "lut_throughput encode_throughput nearest_throughput nearest2_throughput packed_throughput direct_throughput` "

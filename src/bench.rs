@@ -1,8 +1,8 @@
 //! `tabconv bench`: median latency per batch of our interpreter and, for ONNX models, of tract (in
 //! process; built with the `tract` feature) and ONNX Runtime (`python3` with the `onnxruntime`
-//! wheel, as a child process timed by the same loop) in the same run on the same input, so ratios
-//! compare like with like. An engine that fails, or was not built, is reported with its reason;
-//! the others still run.
+//! wheel, as a child process timed by the same loop) in the same run on the same input, the
+//! engines taking turns ([`interleave`]), so ratios compare like with like. An engine that fails,
+//! or was not built, is reported with its reason; the others still run.
 
 use crate::error::{Error, Result};
 use crate::interp::Plan;
@@ -83,52 +83,123 @@ pub fn synthetic_input(graph: &Graph, batch: usize) -> Result<ArrayD<f32>> {
 /// Most timed runs of one engine and model (the times of 10⁵ runs take 0.8 MB).
 const MAX_RUNS: usize = 100_000;
 
-/// Time `f`: warmed up for two calls and a tenth of `budget` (at most 0.3 s, so that caches,
-/// clocks and helper threads settle), then at least `min_runs` runs and about `budget` of wall
-/// time. A fast model runs many thousands of times: a cap of 1000 runs had timed LeNet-5 at
-/// batch 1 over 30 ms, and its median moved by half from one process to the next.
-fn measure(mut f: impl FnMut() -> Result<()>, min_runs: usize, budget: Duration) -> Result<(usize, f64, f64)> {
-    let warm = Instant::now();
-    let mut calls = 0;
-    while calls < 2 || warm.elapsed() < (budget / 10).min(Duration::from_millis(300)) {
-        f()?;
-        calls += 1;
-    }
+/// Slices each engine's budget is cut into, the engines taking turns: a slow phase of a shared
+/// machine (which lasts seconds) then slows every engine of the run alike instead of the one
+/// being timed. Timing each engine in one block had LeNet-5's ratio to ONNX Runtime move from
+/// 0.67 to 1.13 between runs.
+const ROUNDS: usize = 8;
+
+/// Runs of `f` for about `budget` of wall time (at least `min_runs`, at most `max_runs`): their
+/// times in milliseconds.
+fn time_runs(
+    mut f: impl FnMut() -> Result<()>,
+    budget: Duration,
+    min_runs: usize,
+    max_runs: usize,
+) -> Result<Vec<f64>> {
     let mut times = Vec::new();
     let start = Instant::now();
-    while times.len() < min_runs || (start.elapsed() < budget && times.len() < MAX_RUNS) {
+    while times.len() < min_runs || (start.elapsed() < budget && times.len() < max_runs) {
         let t = Instant::now();
         f()?;
         times.push(t.elapsed().as_secs_f64() * 1e3);
     }
-    times.sort_by(f64::total_cmp);
-    Ok((times.len(), times[times.len() / 2], times[0]))
+    Ok(times)
 }
 
-fn timing(engine: &str, model: &Path, batch: usize, (runs, median, min): (usize, f64, f64)) -> Timing {
+/// Times `(budget, min_runs, max_runs)` → the milliseconds of runs, as [`time_runs`].
+type Slice<'a> = Box<dyn FnMut(Duration, usize, usize) -> Result<Vec<f64>> + 'a>;
+
+/// One engine on one model, ready to be timed slice by slice ([`interleave`]).
+pub struct Timer<'a> {
+    /// The row, its numbers filled in by [`interleave`].
+    row: Timing,
+    slice: Slice<'a>,
+}
+
+impl std::fmt::Debug for Timer<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Timer").field("row", &self.row).finish_non_exhaustive()
+    }
+}
+
+/// Times every timer for about `budget` each (at least `min_runs` runs): a warm-up slice each (a
+/// tenth of `budget`, at most 0.3 s: caches, clocks and helper threads settle), then
+/// [`ROUNDS`] rounds in which the timers take turns. A timer that fails is reported with its
+/// reason and left out of later rounds. Rows in the timers' order.
+pub fn interleave(mut timers: Vec<Timer>, budget: Duration, min_runs: usize) -> Vec<Timing> {
+    let mut times: Vec<Result<Vec<f64>>> = timers.iter().map(|_| Ok(Vec::new())).collect();
+    let warm = (budget / 10).min(Duration::from_millis(300));
+    for (t, times) in timers.iter_mut().zip(&mut times) {
+        if let Err(e) = (t.slice)(warm, 2, MAX_RUNS) {
+            *times = Err(e);
+        }
+    }
+    for _ in 0..ROUNDS {
+        for (t, times) in timers.iter_mut().zip(&mut times) {
+            if let Ok(v) = times {
+                match (t.slice)(budget / ROUNDS as u32, min_runs.div_ceil(ROUNDS), MAX_RUNS / ROUNDS) {
+                    Ok(more) => v.extend(more),
+                    Err(e) => *times = Err(e),
+                }
+            }
+        }
+    }
+    timers
+        .into_iter()
+        .zip(times)
+        .map(|(t, times)| match times {
+            Ok(mut v) => {
+                v.sort_by(f64::total_cmp);
+                let (median, min) = (v[v.len() / 2], v[0]);
+                Timing {
+                    runs: v.len(),
+                    median_ms: median,
+                    min_ms: min,
+                    images_per_second: t.row.batch as f64 / (median / 1e3),
+                    ..t.row
+                }
+            }
+            Err(e) => Timing {
+                error: Some(e.to_string()),
+                ..t.row
+            },
+        })
+        .collect()
+}
+
+fn row(engine: &str, model: &Path, batch: usize) -> Timing {
     Timing {
         engine: engine.into(),
         model: model.display().to_string(),
         batch,
-        runs,
-        median_ms: median,
-        min_ms: min,
-        images_per_second: batch as f64 / (median / 1e3),
+        runs: 0,
+        median_ms: 0.0,
+        min_ms: 0.0,
+        images_per_second: 0.0,
         chunk: None,
         sub_batch: None,
         error: None,
     }
 }
 
-/// Our interpreter on `graph`.
-pub fn bench_ours(graph: &Graph, model: &Path, batch: usize, min_runs: usize, budget: Duration) -> Result<Timing> {
+/// Our interpreter on `graph`, its runs on `pool`.
+pub fn time_ours<'a>(graph: &'a Graph, model: &Path, batch: usize, pool: &'a rayon::ThreadPool) -> Result<Timer<'a>> {
     let x = synthetic_input(graph, batch)?;
     let plan = Plan::new(graph)?;
-    let m = measure(|| plan.run(vec![Tensor::F32(x.clone())]).map(|_| ()), min_runs, budget)?;
-    let mut t = timing("tabconv", model, batch, m);
-    t.chunk = plan.fixed_batch().filter(|&b| b != batch);
-    t.sub_batch = plan.sub_batch(batch).filter(|_| t.chunk.is_none());
-    Ok(t)
+    let mut r = row("tabconv", model, batch);
+    r.chunk = plan.fixed_batch().filter(|&b| b != batch);
+    r.sub_batch = plan.sub_batch(batch).filter(|_| r.chunk.is_none());
+    let slice = move |budget, min_runs, max_runs| {
+        pool.install(|| {
+            let run = || plan.run(vec![Tensor::F32(x.clone())]).map(|_| ());
+            time_runs(run, budget, min_runs, max_runs)
+        })
+    };
+    Ok(Timer {
+        row: r,
+        slice: Box::new(slice),
+    })
 }
 
 /// Where our interpreter's time goes over `runs` runs: seconds per op type, and per node.
@@ -151,7 +222,7 @@ pub const TRACT_NOT_BUILT: &str = "not built (rebuild with --features tract)";
 
 /// tract (optimized plan for this batch size) on the same ONNX file and input.
 #[cfg(feature = "tract")]
-pub fn bench_tract(graph: &Graph, model: &Path, batch: usize, min_runs: usize, budget: Duration) -> Result<Timing> {
+pub fn time_tract<'a>(graph: &Graph, model: &Path, batch: usize) -> Result<Timer<'a>> {
     use tract_onnx::prelude::*;
     // The ONNX file may declare a fixed batch even when our import made it symbolic: tract runs
     // the file as declared, `batch` images in chunks of that size.
@@ -172,84 +243,175 @@ pub fn bench_tract(graph: &Graph, model: &Path, batch: usize, min_runs: usize, b
     let input: TValue = tract_onnx::prelude::Tensor::from_shape(x.shape(), &data)
         .map_err(terr)?
         .into();
-    let m = measure(
-        || {
-            for _ in 0..runs {
-                plan.run(tvec!(input.clone())).map_err(terr)?;
-            }
-            Ok(())
-        },
-        min_runs,
-        budget,
-    )?;
-    let mut t = timing("tract", model, batch, m);
-    t.chunk = chunk;
-    Ok(t)
+    let run = move || -> Result<()> {
+        for _ in 0..runs {
+            plan.run(tvec!(input.clone())).map_err(terr)?;
+        }
+        Ok(())
+    };
+    let mut r = row("tract", model, batch);
+    r.chunk = chunk;
+    Ok(Timer {
+        row: r,
+        slice: Box::new(move |budget, min_runs, max_runs| time_runs(&run, budget, min_runs, max_runs)),
+    })
 }
 
 /// tract is an optional dependency (the `tract` feature): without it this is the error
 /// [`TRACT_NOT_BUILT`], reported like any engine that fails.
 #[cfg(not(feature = "tract"))]
-pub fn bench_tract(_: &Graph, _: &Path, _: usize, _: usize, _: Duration) -> Result<Timing> {
+pub fn time_tract<'a>(_: &Graph, _: &Path, _: usize) -> Result<Timer<'a>> {
     Err(Error::Other(TRACT_NOT_BUILT.into()))
 }
 
-/// The ONNX Runtime timing script (run by `python3`; see [`bench_ort`]).
+/// The ONNX Runtime timing script (run by `python3`; see [`time_ort`]).
 const ORT_SCRIPT: &str = include_str!("bench_ort.py");
 
 /// ONNX Runtime on the same ONNX file and the same input: `python3` runs [`ORT_SCRIPT`], which
-/// times `InferenceSession.run` with `threads` intra-op threads and the same warm-up, run count
-/// and budget as [`measure`]. Fails (with the reason) when python3 or onnxruntime is missing or
-/// ORT rejects the model.
-pub fn bench_ort(
-    graph: &Graph,
-    model: &Path,
-    batch: usize,
-    threads: usize,
-    min_runs: usize,
-    budget: Duration,
-) -> Result<Timing> {
+/// loads an `InferenceSession` with `threads` intra-op threads, then times `run` for each slice
+/// it is asked for on its standard input with the same loop as [`time_runs`]. Fails (with the
+/// reason) when python3 or onnxruntime is missing or ORT rejects the model.
+pub fn time_ort<'a>(graph: &Graph, model: &Path, batch: usize, threads: usize) -> Result<Timer<'a>> {
+    use std::process::{Command, Stdio};
     let x = synthetic_input(graph, batch)?;
     let dir = tempfile::tempdir().map_err(|e| Error::Other(format!("temp dir: {e}")))?;
     let input = dir.path().join("input.npy");
     crate::data::write_npy(&input, &Tensor::F32(x))?;
     let script = dir.path().join("bench_ort.py");
     std::fs::write(&script, ORT_SCRIPT).map_err(|e| Error::io(&script, e))?;
-    let out = std::process::Command::new("python3")
+    let mut child = Command::new("python3")
         .arg(&script)
         .arg(model)
         .arg(&input)
         .arg(threads.to_string())
-        .arg(budget.as_secs_f64().to_string())
-        .arg(min_runs.to_string())
-        .output()
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
         .map_err(|e| Error::Other(format!("onnxruntime: cannot start python3: {e}")))?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let v: serde_json::Value = text
-        .lines()
-        .rev()
-        .find_map(|l| serde_json::from_str(l).ok())
-        .ok_or_else(|| {
-            Error::Other(format!(
-                "onnxruntime: the timing script printed no result (exit {}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("")
-            ))
-        })?;
-    if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
-        return Err(Error::Other(e.to_string()));
-    }
-    let num = |k: &str| v.get(k).and_then(|x| x.as_f64()).unwrap_or(0.0);
-    let engine = match v.get("version").and_then(|x| x.as_str()) {
+    let mut ort = Ort {
+        stdin: child.stdin.take(),
+        stdout: std::io::BufReader::new(child.stdout.take().expect("piped")),
+        child,
+        _dir: dir,
+    };
+    let ready = ort.reply()?;
+    let engine = match ready.get("version").and_then(|x| x.as_str()) {
         Some(ver) => format!("ort {ver}"),
         None => "ort".into(),
     };
-    let mut t = timing(
-        &engine,
-        model,
-        batch,
-        (num("runs") as usize, num("median_ms"), num("min_ms")),
-    );
-    t.chunk = v.get("chunk").and_then(|c| c.as_u64()).map(|c| c as usize);
-    Ok(t)
+    let mut r = row(&engine, model, batch);
+    r.chunk = ready.get("chunk").and_then(|c| c.as_u64()).map(|c| c as usize);
+    Ok(Timer {
+        row: r,
+        slice: Box::new(move |budget, min_runs, max_runs| ort.time(budget, min_runs, max_runs)),
+    })
+}
+
+/// The ONNX Runtime timing script's process, its input file in `_dir`.
+struct Ort {
+    stdin: Option<std::process::ChildStdin>,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Ort {
+    /// The script's next line: one JSON object, first the session's (version and chunk, or the
+    /// error), then the times of each slice.
+    fn reply(&mut self) -> Result<serde_json::Value> {
+        use std::io::BufRead;
+        let mut line = String::new();
+        let read = self.stdout.read_line(&mut line);
+        let v: serde_json::Value = serde_json::from_str(&line).map_err(|_| {
+            Error::Other(match read {
+                Ok(0) => "onnxruntime: the timing script ended without a result".into(),
+                Ok(_) => format!("onnxruntime: the timing script printed {:?}", line.trim()),
+                Err(e) => format!("onnxruntime: {e}"),
+            })
+        })?;
+        match v.get("error").and_then(|e| e.as_str()) {
+            Some(e) => Err(Error::Other(e.to_string())),
+            None => Ok(v),
+        }
+    }
+
+    /// One slice: the script times runs as [`time_runs`] does.
+    fn time(&mut self, budget: Duration, min_runs: usize, max_runs: usize) -> Result<Vec<f64>> {
+        use std::io::Write;
+        let stdin = self.stdin.as_mut().expect("open until dropped");
+        writeln!(stdin, "{} {min_runs} {max_runs}", budget.as_secs_f64())
+            .and_then(|_| stdin.flush())
+            .map_err(|e| Error::Other(format!("onnxruntime: the timing script stopped: {e}")))?;
+        let v = self.reply()?;
+        let times = v.get("times").and_then(|t| t.as_array());
+        let times = times.ok_or_else(|| Error::Other("onnxruntime: the timing script printed no times".into()))?;
+        Ok(times.iter().filter_map(|t| t.as_f64()).collect())
+    }
+}
+
+impl Drop for Ort {
+    /// Closing its input ends the script (it reads to the end); then it is waited for.
+    fn drop(&mut self) {
+        drop(self.stdin.take());
+        let _ = self.child.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::RefCell;
+
+    /// A timer that logs its slices as `(name, min_runs)` and fails from slice `fail_at` on.
+    fn fake<'a>(name: &'static str, log: &'a RefCell<Vec<&'static str>>, fail_at: usize) -> Timer<'a> {
+        let mut n = 0;
+        Timer {
+            row: row(name, Path::new("m.onnx"), 4),
+            slice: Box::new(move |_, min_runs, _| {
+                n += 1;
+                log.borrow_mut().push(name);
+                if n > fail_at {
+                    return Err(Error::Other(format!("{name} broke")));
+                }
+                Ok((0..min_runs).map(|i| (n * 10 + i) as f64).collect())
+            }),
+        }
+    }
+
+    /// The engines take turns (a warm-up slice each, then `ROUNDS` rounds); the warm-up's times
+    /// are not kept; an engine that fails is a row with its reason, the others go on.
+    #[test]
+    fn engines_are_timed_in_turns() {
+        let log = RefCell::new(Vec::new());
+        let timers = vec![
+            fake("a", &log, usize::MAX),
+            fake("b", &log, 3),
+            fake("c", &log, usize::MAX),
+        ];
+        let rows = interleave(timers, Duration::from_millis(1), 2 * ROUNDS);
+        let log = log.into_inner();
+        // warm-up a b c, then rounds: b fails in its third round (its fourth slice) and leaves
+        let mut want = vec!["a", "b", "c"];
+        for r in 0..ROUNDS {
+            want.extend(if r < 3 {
+                ["a", "b", "c"].as_slice()
+            } else {
+                ["a", "c"].as_slice()
+            });
+        }
+        assert_eq!(log, want);
+        assert_eq!(
+            rows.iter().map(|r| r.engine.as_str()).collect::<Vec<_>>(),
+            ["a", "b", "c"]
+        );
+        assert_eq!(rows[1].error.as_deref(), Some("b broke"));
+        for r in [&rows[0], &rows[2]] {
+            assert!(r.error.is_none());
+            // two runs per round, none from the warm-up (slice 1, times 10, 11)
+            assert_eq!(r.runs, 2 * ROUNDS);
+            assert_eq!(r.min_ms, 20.0);
+            assert_eq!(r.images_per_second, 4.0 / (r.median_ms / 1e3));
+        }
+    }
 }

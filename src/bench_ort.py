@@ -1,14 +1,16 @@
 # Times ONNX Runtime on one model for `tabconv bench` (embedded in the binary, run with python3).
-# argv: model.onnx input.npy threads seconds min_runs
-# Prints one JSON object: {"version", "runs", "median_ms", "min_ms"} or {"error": "..."}.
+# argv: model.onnx input.npy threads
+# Prints one JSON line {"version", "chunk"} once the session is loaded (or {"error": "..."}), then
+# for each line "SECONDS MIN_RUNS MAX_RUNS" read from stdin times runs as src/bench.rs does and
+# prints {"times": [milliseconds, ...]}; ends at the end of its input.
 import json
 import sys
 import time
 
 
 def main():
-    model, inp, threads, seconds, min_runs = sys.argv[1:6]
-    threads, seconds, min_runs = int(threads), float(seconds), int(min_runs)
+    model, inp, threads = sys.argv[1:4]
+    threads = int(threads)
     try:
         import numpy as np
         import onnxruntime as ort
@@ -37,25 +39,17 @@ def main():
             for feed in feeds:
                 sess.run(None, feed)
 
-        # warm-up and run count as in `measure` (src/bench.rs)
-        warm, calls = time.perf_counter(), 0
-        while calls < 2 or time.perf_counter() - warm < min(seconds / 10, 0.3):
-            run()
-            calls += 1
-        times = []
-        start = time.perf_counter()
-        while len(times) < min_runs or (time.perf_counter() - start < seconds and len(times) < 100_000):
-            t = time.perf_counter()
-            run()
-            times.append((time.perf_counter() - t) * 1e3)
-        times.sort()
-        print(json.dumps({
-            "version": ort.__version__,
-            "runs": len(times),
-            "median_ms": times[len(times) // 2],
-            "min_ms": times[0],
-            "chunk": chunk,
-        }))
+        print(json.dumps({"version": ort.__version__, "chunk": chunk}), flush=True)
+        for line in sys.stdin:
+            seconds, min_runs, max_runs = line.split()
+            seconds, min_runs, max_runs = float(seconds), int(min_runs), int(max_runs)
+            times = []
+            start = time.perf_counter()
+            while len(times) < min_runs or (time.perf_counter() - start < seconds and len(times) < max_runs):
+                t = time.perf_counter()
+                run()
+                times.append((time.perf_counter() - t) * 1e3)
+            print(json.dumps({"times": times}), flush=True)
     except Exception as e:  # noqa: BLE001
         msg = str(e).strip().splitlines()
         print(json.dumps({"error": f"onnxruntime: {msg[0] if msg else type(e).__name__}"}))

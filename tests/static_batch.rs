@@ -338,14 +338,22 @@ fn compile_calibrates_on_many_images_and_the_tcv_keeps_the_batch_handling() {
     }
 }
 
+/// One timer's row after a short timing.
+fn timed(t: tabconv::bench::Timer) -> tabconv::bench::Timing {
+    let rows = tabconv::bench::interleave(vec![t], std::time::Duration::from_millis(1), 1);
+    let row = rows.into_iter().next().unwrap();
+    assert!(row.error.is_none() && row.runs >= 1, "{row:?}");
+    row
+}
+
 #[test]
 fn bench_reports_the_batch_that_ran() {
-    use tabconv::bench::{bench_ours, profile_ours, synthetic_input};
-    let budget = std::time::Duration::from_millis(1);
+    use tabconv::bench::{profile_ours, synthetic_input, time_ours};
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
     let mixed = fixture("models/static_mixed.onnx");
     let g = load("static_mixed");
     assert_eq!(synthetic_input(&g, 6).unwrap().shape(), &[6, 1, 28, 28]);
-    let t = bench_ours(&g, &mixed, 6, 1, budget).unwrap();
+    let t = timed(time_ours(&g, &mixed, 6, &pool).unwrap());
     assert_eq!((t.batch, t.chunk), (6, Some(1)));
     // Six images really ran: every op was called once per image per run.
     let (by_op, _) = profile_ours(&g, 6, 2).unwrap();
@@ -356,7 +364,7 @@ fn bench_reports_the_batch_that_ran() {
     // A symbolic batch runs whole; tract runs the file, which fixes the batch, in chunks.
     let legacy = fixture("models/static_legacy.onnx");
     let g = load("static_legacy");
-    let t = bench_ours(&g, &legacy, 6, 1, budget).unwrap();
+    let t = timed(time_ours(&g, &legacy, 6, &pool).unwrap());
     assert_eq!((t.batch, t.chunk), (6, None));
     let (by_op, _) = profile_ours(&g, 6, 2).unwrap();
     let conv_calls = by_op.iter().find(|(op, _, _)| *op == "Conv").map(|p| p.2);
@@ -367,9 +375,9 @@ fn bench_reports_the_batch_that_ran() {
 /// `bench`'s tract column runs the file as declared (batch 1), `batch` images in chunks of one;
 /// without the `tract` feature it is the "not built" error the CLI reports as the engine's failure.
 fn tract_runs_in_chunks_of_one(g: &Graph, model: &std::path::Path, batch: usize) {
-    let t = tabconv::bench::bench_tract(g, model, batch, 1, std::time::Duration::from_millis(1));
+    let t = tabconv::bench::time_tract(g, model, batch);
     #[cfg(feature = "tract")]
-    assert_eq!(t.map(|t| (t.batch, t.chunk)).unwrap(), (batch, Some(1)));
+    assert_eq!(t.map(timed).map(|r| (r.batch, r.chunk)).unwrap(), (batch, Some(1)));
     #[cfg(not(feature = "tract"))]
     assert_eq!(t.unwrap_err().to_string(), tabconv::bench::TRACT_NOT_BUILT);
 }

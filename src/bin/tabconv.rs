@@ -85,7 +85,7 @@ enum Cmd {
         /// Worker threads for tabconv (default: all cores)
         #[arg(long)]
         threads: Option<usize>,
-        /// Seconds of timing per model and engine (at least 5 runs)
+        /// Seconds of timing per model and engine (at least 5 runs; the engines take turns, 8 slices each)
         #[arg(long, default_value_t = 3.0)]
         seconds: f64,
         /// Skip the tract comparison
@@ -322,7 +322,7 @@ fn bench(
     profile: bool,
     json: bool,
 ) -> Result<()> {
-    use tabconv::bench::{bench_ort, bench_ours, bench_tract, Timing};
+    use tabconv::bench::{interleave, time_ort, time_ours, time_tract, Timing};
     if threads.is_some_and(|t| t > MAX_THREADS) {
         return Err(Error::Input(format!(
             "--threads {}: at most {MAX_THREADS}",
@@ -341,20 +341,32 @@ fn bench(
         )));
     }
     let budget = std::time::Duration::from_secs_f64(seconds.max(0.1));
-    let mut rows: Vec<Timing> = Vec::new();
-    for m in models {
-        let graph = load_noted(m)?;
-        rows.push(pool.install(|| bench_ours(&graph, m, batch, 5, budget))?);
+    let graphs = models.iter().map(|m| load_noted(m)).collect::<Result<Vec<_>>>()?;
+    // Every engine on every model, timed in turns (`interleave`); an engine that cannot start
+    // is a failed row in its place.
+    let mut timers = Vec::new();
+    let mut failed: Vec<(usize, Timing)> = Vec::new();
+    for (m, graph) in models.iter().zip(&graphs) {
+        timers.push(time_ours(graph, m, batch, &pool)?);
+        let mut add = |name: &str, timer: Result<_>| match timer {
+            Ok(t) => timers.push(t),
+            Err(e) => failed.push((
+                timers.len() + failed.len(),
+                Timing::failed(name, m, batch, e.to_string()),
+            )),
+        };
         if m.extension().is_some_and(|e| e == "onnx") {
             if tract {
-                let r = bench_tract(&graph, m, batch, 5, budget);
-                rows.push(r.unwrap_or_else(|e| Timing::failed("tract", m, batch, e.to_string())));
+                add("tract", time_tract(graph, m, batch));
             }
             if ort {
-                let r = bench_ort(&graph, m, batch, nthreads, 5, budget);
-                rows.push(r.unwrap_or_else(|e| Timing::failed("ort", m, batch, e.to_string())));
+                add("ort", time_ort(graph, m, batch, nthreads));
             }
         }
+    }
+    let mut rows: Vec<Timing> = interleave(timers, budget, 5);
+    for (at, row) in failed {
+        rows.insert(at, row);
     }
     let base = rows[0].median_ms;
     // ONNX Runtime on the first .onnx model: the engine users already run.
@@ -386,7 +398,7 @@ fn bench(
     }
     println!(
         "batch {batch}, {nthreads} thread(s) (tabconv and ONNX Runtime; tract runs on one), SIMD: {}; \
-         median of ≥5 runs; speedup = other's median / this row's",
+         median of ≥5 runs, the engines timed in turns; speedup = other's median / this row's",
         tabconv::interp::kernels::Simd::detect().name()
     );
     println!(
