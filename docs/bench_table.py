@@ -7,6 +7,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 
@@ -149,7 +150,6 @@ for m in models:
 
 def lookups_vs_shuffles(text):
     """The K = 16 lookup kernels' rates beside the bound the machine's `vpshufb` rate sets."""
-    import re
     rate = lambda pat: (m := re.search(pat, text)) and float(m.group(1))
     vnni = rate(r"i8  k=16  avx512vnni .*\|\s+([0-9.]+) G\n")
     avx512 = rate(r"i8  k=16  avx512 .*\|\s+([0-9.]+) G\n")

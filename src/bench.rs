@@ -38,16 +38,8 @@ impl Timing {
     /// A row for an engine that failed.
     pub fn failed(engine: &str, model: &Path, batch: usize, why: String) -> Timing {
         Timing {
-            engine: engine.into(),
-            model: model.display().to_string(),
-            batch,
-            runs: 0,
-            median_ms: 0.0,
-            min_ms: 0.0,
-            images_per_second: 0.0,
-            chunk: None,
-            sub_batch: None,
             error: Some(why),
+            ..row(engine, model, batch)
         }
     }
 }
@@ -84,9 +76,8 @@ pub fn synthetic_input(graph: &Graph, batch: usize) -> Result<ArrayD<f32>> {
 const MAX_RUNS: usize = 100_000;
 
 /// Slices each engine's budget is cut into, the engines taking turns: a slow phase of a shared
-/// machine (which lasts seconds) then slows every engine of the run alike instead of the one
-/// being timed. Timing each engine in one block had LeNet-5's ratio to ONNX Runtime move from
-/// 0.67 to 1.13 between runs.
+/// machine (seconds to minutes) then slows every engine of the run alike instead of the one
+/// being timed.
 const ROUNDS: usize = 8;
 
 /// Runs of `f` for about `budget` of wall time (at least `min_runs`, at most `max_runs`): their
@@ -168,6 +159,7 @@ pub fn interleave(mut timers: Vec<Timer>, budget: Duration, min_runs: usize) -> 
         .collect()
 }
 
+/// A row for `engine` on `model`, its numbers not yet measured.
 fn row(engine: &str, model: &Path, batch: usize) -> Timing {
     Timing {
         engine: engine.into(),

@@ -646,6 +646,51 @@ unsafe fn tile512_args<const R: usize, const V: usize, const S: usize>(
     x86::tile512::<R, V, S>(x, offs, rows, (w, nb, 0), bias, lay, dst, valid)
 }
 
+/// Where a small tile's step over the weight blocks starts ([`each_block`]).
+#[derive(Clone, Copy)]
+struct BlockAt {
+    /// The block's packed weights; the next block is `blk` floats after.
+    w: *const f32,
+    blk: usize,
+    bias: *const f32,
+    /// The block's first output channel of the tile's first pixel.
+    dst: *mut f32,
+    /// Output channels from the block's first on that exist.
+    valid: usize,
+    lanes: usize,
+    /// 32-lane blocks from this one on (within the range): how many a step may take at once.
+    whole: usize,
+}
+
+/// The blocks `blocks` of `wts` in steps: `step` starts at a block and returns how many it did.
+///
+/// # Safety
+/// `dst` is valid for the tile's rows of `lay.m` floats.
+#[cfg(target_arch = "x86_64")]
+unsafe fn each_block(
+    wts: &NhwcWeights,
+    blocks: Range,
+    lay: &Layout,
+    dst: *mut f32,
+    mut step: impl FnMut(BlockAt) -> usize,
+) {
+    let blk = 32 * lay.c * lay.kernel[0] * lay.kernel[1];
+    let full = wts.blocks.iter().take_while(|b| b.1 == 32).count().min(blocks.end);
+    let mut b = blocks.start;
+    while b < blocks.end {
+        let (oc0, lanes) = wts.blocks[b];
+        b += step(BlockAt {
+            w: wts.data.as_ptr().add(b * blk),
+            blk,
+            bias: wts.bias.as_ptr().add(oc0),
+            dst: dst.add(oc0),
+            valid: lay.m.saturating_sub(oc0),
+            lanes,
+            whole: full.saturating_sub(b),
+        });
+    }
+}
+
 /// A tile of at most 4 pixels, every output channel block: 32-lane blocks taken several at a
 /// time by [`x86::tile512_blocks`] (about 8 independent sums, so the multiply-add latency is
 /// hidden even for one pixel), a last 16-lane block by [`x86::tile512`].
@@ -662,16 +707,9 @@ unsafe fn tile_blocks(
     lay: &Layout,
     dst: *mut f32,
 ) {
-    let blk = 32 * lay.c * lay.kernel[0] * lay.kernel[1];
-    let full = wts.blocks.iter().take_while(|b| b.1 == 32).count().min(blocks.end);
-    let mut b = blocks.start;
-    while b < blocks.end {
-        let (oc0, lanes) = wts.blocks[b];
-        let w = wts.data.as_ptr().add(b * blk);
-        let bias = wts.bias.as_ptr().add(oc0);
-        let valid = lay.m.saturating_sub(oc0);
-        let a = (x, offs, rows, w, blk, bias, lay, dst.add(oc0), valid);
-        b += match (offs.len(), full.saturating_sub(b)) {
+    each_block(wts, blocks, lay, dst, |b| {
+        let a = (x, offs, rows, b.w, b.blk, b.bias, lay, b.dst, b.valid);
+        match (offs.len(), b.whole) {
             (1, 4..) => x86::tile512_blocks::<1, 8>(a),
             (1, 2..) => x86::tile512_blocks::<1, 4>(a),
             (1, 1) => x86::tile512_blocks::<1, 2>(a),
@@ -684,8 +722,8 @@ unsafe fn tile_blocks(
             (_, 1) => x86::tile512_blocks::<4, 2>(a),
             (r, _) => {
                 // the last block, of 16 lanes
-                debug_assert_eq!(lanes, 16);
-                let a = (x, offs, rows, w, lanes, bias, lay, dst.add(oc0), valid.min(16));
+                debug_assert_eq!(b.lanes, 16);
+                let a = (x, offs, rows, b.w, b.lanes, b.bias, lay, b.dst, b.valid.min(16));
                 match r {
                     1 => tile512_args::<1, 1, 0>(a),
                     2 => tile512_args::<2, 1, 0>(a),
@@ -694,13 +732,13 @@ unsafe fn tile_blocks(
                 }
                 1
             }
-        };
-    }
+        }
+    })
 }
 
 /// [`tile_blocks`] at AVX2: a tile of at most 4 pixels, 8 to 12 independent sums of 8 lanes
 /// (of the 16 registers): two 32-lane blocks at a time for one pixel, one block for 2 or 3
-/// pixels, half a block for 4 (and for a last 16-lane block).
+/// pixels, two tiles of 2 pixels for 4, half a block at a time for a last 16-lane block.
 ///
 /// # Safety
 /// AVX2 and FMA; as [`tile`].
@@ -714,52 +752,41 @@ unsafe fn tile_blocks256(
     lay: &Layout,
     dst: *mut f32,
 ) {
-    let blk = 32 * lay.c * lay.kernel[0] * lay.kernel[1];
-    let full = wts.blocks.iter().take_while(|b| b.1 == 32).count().min(blocks.end);
-    let mut b = blocks.start;
-    while b < blocks.end {
-        let (oc0, lanes) = wts.blocks[b];
-        let w = wts.data.as_ptr().add(b * blk);
-        let bias = wts.bias.as_ptr().add(oc0);
-        let valid = lay.m.saturating_sub(oc0);
-        let (r, whole) = (offs.len(), lanes == 32);
-        if r == 1 && whole && full.saturating_sub(b) >= 2 {
-            x86::tile256::<1, 8>(x, offs, rows, (w, 32, blk), bias, lay, dst.add(oc0), valid);
-            b += 2;
-            continue;
-        }
-        if whole {
-            let (wb, d, v) = ((w, 32, blk), dst.add(oc0), valid.min(32));
-            match r {
-                1 => x86::tile256::<1, 4>(x, offs, rows, wb, bias, lay, d, v),
-                2 => x86::tile256::<2, 4>(x, offs, rows, wb, bias, lay, d, v),
-                3 => x86::tile256::<3, 4>(x, offs, rows, wb, bias, lay, d, v),
-                _ => {
-                    x86::tile256::<2, 4>(x, &offs[..2], rows.min(2), wb, bias, lay, d, v);
-                    if rows > 2 {
-                        x86::tile256::<2, 4>(x, &offs[2..], rows - 2, wb, bias, lay, d.add(2 * lay.m), v);
+    each_block(wts, blocks, lay, dst, |b| {
+        let (r, wb) = (offs.len(), (b.w, 32, b.blk));
+        match b.whole {
+            2.. if r == 1 => {
+                x86::tile256::<1, 8>(x, offs, rows, wb, b.bias, lay, b.dst, b.valid);
+                return 2;
+            }
+            1.. => {
+                let v = b.valid.min(32);
+                match r {
+                    1 => x86::tile256::<1, 4>(x, offs, rows, wb, b.bias, lay, b.dst, v),
+                    2 => x86::tile256::<2, 4>(x, offs, rows, wb, b.bias, lay, b.dst, v),
+                    3 => x86::tile256::<3, 4>(x, offs, rows, wb, b.bias, lay, b.dst, v),
+                    _ => {
+                        x86::tile256::<2, 4>(x, &offs[..2], rows.min(2), wb, b.bias, lay, b.dst, v);
+                        if rows > 2 {
+                            let d = b.dst.add(2 * lay.m);
+                            x86::tile256::<2, 4>(x, &offs[2..], rows - 2, wb, b.bias, lay, d, v);
+                        }
                     }
                 }
             }
-            b += 1;
-            continue;
-        }
-        // 16 lanes at a time: four pixels, or a last 16-lane block
-        for half in (0..lanes).step_by(16) {
-            let v = valid.saturating_sub(half).min(16);
-            if v == 0 {
-                continue;
-            }
-            let (wb, bh, d) = ((w.add(half), lanes, 0), bias.add(half), dst.add(oc0 + half));
-            match r {
-                1 => x86::tile256::<1, 2>(x, offs, rows, wb, bh, lay, d, v),
-                2 => x86::tile256::<2, 2>(x, offs, rows, wb, bh, lay, d, v),
-                3 => x86::tile256::<3, 2>(x, offs, rows, wb, bh, lay, d, v),
-                _ => x86::tile256::<4, 2>(x, offs, rows, wb, bh, lay, d, v),
+            // the last block, of 16 lanes
+            0 => {
+                let (wb, v) = ((b.w, b.lanes, 0), b.valid.min(16));
+                match r {
+                    1 => x86::tile256::<1, 2>(x, offs, rows, wb, b.bias, lay, b.dst, v),
+                    2 => x86::tile256::<2, 2>(x, offs, rows, wb, b.bias, lay, b.dst, v),
+                    3 => x86::tile256::<3, 2>(x, offs, rows, wb, b.bias, lay, b.dst, v),
+                    _ => x86::tile256::<4, 2>(x, offs, rows, wb, b.bias, lay, b.dst, v),
+                }
             }
         }
-        b += 1;
-    }
+        1
+    })
 }
 
 /// Scalar reference: the same sums in the same order as the SIMD tiles.

@@ -205,7 +205,7 @@ pub fn lut_i8_then<T: Send>(
         let tile = m.div_ceil(2 * super::team::threads()).next_multiple_of(COL_TILE);
         let mut sums = vec![0i32; rows * m];
         col_tiles(rows, m, tile, &mut sums, |cols, res| {
-            call.block_cols(codes, 0, cols, res, &mut Scratch::default())
+            TASK.with_borrow_mut(|(scratch, _)| call.block_cols(codes, 0, cols, res, scratch))
         });
         epilogue(0, &sums, out);
         return;
@@ -573,8 +573,9 @@ pub fn lut_i8_rowwise_then<T: Send>(
 
 /// Table bytes from which the row-wise kernels prefetch the runs of codes ahead: the runs a
 /// row's codes select are scattered over the table, so beyond L1/L2 each one waits for memory
-/// (the default ResNet-18 w64 `.tcv` at batch 64, AVX2: the whole model 8 % faster), while a
-/// smaller table pays for the prefetches (NIN's 123 KB one: 3 % slower).
+/// (the default ResNet-18 w64 `.tcv` at batch 64, AVX2: the whole model 6 % faster; at
+/// AVX-512 no difference at batch 64 and 3 % at batch 1, mins of alternated runs), while a
+/// smaller table pays for the prefetches (NIN's 123 KB one at AVX2: 3 % slower).
 const PREFETCH_TABLE_BYTES: usize = 1 << 18;
 
 /// Outputs `m0 .. m0 + mw` of every row into `out` (`rows × mw`): the SIMD kernels take the
@@ -607,20 +608,14 @@ fn rowwise_tile(
             col0: 0,
             prefetch: c * k * m >= PREFETCH_TABLE_BYTES,
         };
-        let mut done = 0;
-        if level == Simd::Avx512 && LutKernel::Avx512.supported() {
-            // SAFETY: AVX-512BW is available; `check_shapes`/`check_codes` bound every read.
-            done = unsafe { rowwise_x86::tiles(rowwise_x86::AVX512, 0, mw, &mut a) };
-        }
-        if level == Simd::Avx2 {
-            // SAFETY: AVX2 is available; as above.
-            done += unsafe { rowwise_x86::tiles_avx2(done, mw, &mut a) };
-        }
-        if level != Simd::Scalar {
-            // the 16-output AVX2 kernel takes what is left in multiples of 16 (m = 16 and 48)
-            // SAFETY: AVX2 is available (every level above scalar has it); as above.
-            done += unsafe { rowwise_x86::tiles(rowwise_x86::AVX2, done, mw, &mut a) };
-        }
+        let pick = match level {
+            Simd::Avx512 if LutKernel::Avx512.supported() => Some(rowwise_x86::avx512 as fn(_) -> _),
+            Simd::Scalar => None,
+            _ => Some(rowwise_x86::avx2 as fn(_) -> _),
+        };
+        // SAFETY: the level's instructions are available (AVX-512BW for `avx512`, AVX2 for
+        // both); `check_shapes`/`check_codes` bound every read.
+        let done = pick.map_or(0, |pick| unsafe { rowwise_x86::tiles(pick, mw, &mut a) });
         if done < mw {
             rowwise_scalar(codes, c, t, m, k, m0 + done, mw - done, out, mw, done);
         }
@@ -652,49 +647,79 @@ mod rowwise_x86 {
         pub prefetch: bool,
     }
 
-    /// A tile kernel of `Q` registers ([`tile_avx2`], [`tile_avx512`]).
+    /// A tile kernel ([`tile_avx512`], [`tile_avx2_words`], [`tile_avx2`]).
     type Kernel = unsafe fn(Tile);
 
-    /// The AVX-512BW kernels, 1 to 4 registers of 32 outputs.
-    pub(super) const AVX512: (usize, [Kernel; 4]) = (
-        32,
-        [tile_avx512::<1>, tile_avx512::<2>, tile_avx512::<3>, tile_avx512::<4>],
-    );
-    /// The AVX2 kernels, 1 to 4 registers of 16 outputs.
-    pub(super) const AVX2: (usize, [Kernel; 4]) =
-        (16, [tile_avx2::<1>, tile_avx2::<2>, tile_avx2::<3>, tile_avx2::<4>]);
     /// Codebooks ahead whose selected table runs the row-wise kernels prefetch.
     const PF: usize = 16;
 
-    /// Outputs `from ..` of `a` (outputs `a.m0 ..`, columns `a.col0 ..` of `a.out`) for every row
-    /// in register tiles of `v` outputs, up to 4 registers per tile, over the largest multiple
-    /// of `v` that fits in `mw − from`; returns it. Output tiles outside, rows inside: a tile's
-    /// table columns (`c · k · 4v` bytes) are read for every row of the block while in cache
-    /// rather than the whole table per row.
+    /// The AVX-512BW tile for `left` outputs (a multiple of 16): up to 4 registers of 32
+    /// outputs, a last 16 by the AVX2 tile; with its width.
+    pub(super) fn avx512(left: usize) -> (Kernel, usize) {
+        match left / 32 {
+            0 => (tile_avx2::<1>, 16),
+            1 => (tile_avx512::<1>, 32),
+            2 => (tile_avx512::<2>, 64),
+            3 => (tile_avx512::<3>, 96),
+            _ => (tile_avx512::<4>, 128),
+        }
+    }
+
+    /// The AVX2 tile for `left` outputs (a multiple of 16): up to 4 registers of 32 outputs
+    /// added as words, where 16 are left over a 16-output tail in the same pass; with its width.
+    pub(super) fn avx2(left: usize) -> (Kernel, usize) {
+        match left {
+            128.. => (tile_avx2_words::<4, false>, 128),
+            112 => (tile_avx2_words::<3, true>, 112),
+            96 => (tile_avx2_words::<3, false>, 96),
+            80 => (tile_avx2_words::<2, true>, 80),
+            64 => (tile_avx2_words::<2, false>, 64),
+            48 => (tile_avx2_words::<1, true>, 48),
+            32 => (tile_avx2_words::<1, false>, 32),
+            _ => (tile_avx2::<1>, 16),
+        }
+    }
+
+    /// Outputs `0 ..` of `a` (outputs `a.m0 ..`, columns `a.col0 ..` of `a.out`) for every row
+    /// in the register tiles `pick(outputs left)` chooses, over the largest multiple of 16 in
+    /// `mw`; returns it. Output tiles outside, rows inside: a tile's table columns are read for
+    /// every row of the block while in cache rather than the whole table per row.
     ///
     /// # Safety
     /// The kernels' SIMD level is available; `a` holds the rows' codes (each `< k`), the whole
     /// table, outputs `m0 + mw ≤ m`, and `out` rows of at least `col0 + mw` columns.
-    pub(super) unsafe fn tiles((v, kernels): (usize, [Kernel; 4]), from: usize, mw: usize, a: &mut Tile) -> usize {
-        let done = (mw - from) / v * v;
-        let mut j = from;
-        while j < from + done {
-            let q = ((from + done - j) / v).min(4);
-            kernels[q - 1](Tile {
+    pub(super) unsafe fn tiles(pick: fn(usize) -> (Kernel, usize), mw: usize, a: &mut Tile) -> usize {
+        let done = mw / 16 * 16;
+        let mut j = 0;
+        while j < done {
+            let (kernel, width) = pick(done - j);
+            kernel(Tile {
                 m0: a.m0 + j,
                 col0: a.col0 + j,
                 out: &mut *a.out,
                 ..*a
             });
-            j += q * v;
+            j += width;
         }
         done
+    }
+
+    /// When `on`, prefetch the `width` table entries that code `i + PF` of `chunk` selects (its
+    /// codebook's `[k][m]` table `PF · k · m` entries after `base`).
+    #[inline(always)]
+    unsafe fn prefetch_ahead(on: bool, chunk: &[u8], i: usize, base: *const u8, (k, m): (usize, usize), width: usize) {
+        if let Some(&ahead) = chunk.get(i + PF).filter(|_| on) {
+            let q = base.wrapping_add(PF * k * m + ahead as usize * m);
+            for off in (0..width).step_by(64) {
+                _mm_prefetch::<_MM_HINT_T0>(q.wrapping_add(off).cast());
+            }
+        }
     }
 
     /// One tile of `Q` registers of 32 outputs (see [`tile_avx2`]).
     #[target_feature(enable = "avx2,avx512f,avx512bw")]
     unsafe fn tile_avx512<const Q: usize>(a: Tile) {
-        let (t, m, k) = (a.t, a.m, a.k);
+        let (t, m, k, pf) = (a.t, a.m, a.k, a.prefetch);
         for (row, o) in a.codes.chunks_exact(a.c).zip(a.out.chunks_exact_mut(a.ldo)) {
             let o = &mut o[a.col0..];
             let mut tot = [[_mm512_setzero_si512(); 2]; Q];
@@ -703,12 +728,7 @@ mod rowwise_x86 {
                 let mut base = t.as_ptr().add(chunk_i * 256 * k * m + a.m0);
                 for (i, &code) in chunk.iter().enumerate() {
                     let p = base.add(code as usize * m);
-                    if let Some(&ahead) = chunk.get(i + PF).filter(|_| a.prefetch) {
-                        let q = base.wrapping_add(PF * k * m + ahead as usize * m);
-                        for r in (0..Q).step_by(2) {
-                            _mm_prefetch::<_MM_HINT_T0>(q.wrapping_add(r * 32).cast());
-                        }
-                    }
+                    prefetch_ahead(pf, chunk, i, base, (k, m), 32 * Q);
                     for (r, a) in acc.iter_mut().enumerate() {
                         let v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(p.add(r * 32).cast()));
                         *a = _mm512_add_epi16(*a, v);
@@ -770,38 +790,6 @@ mod rowwise_x86 {
         }
     }
 
-    /// Outputs `from ..` of `a` in AVX2 word tiles ([`tile_avx2_words`]) of up to 4 registers of
-    /// 32 outputs plus, where 16 are left over, a 16-output tail in the same pass over the
-    /// codes; returns how many (a multiple of 16) it did.
-    ///
-    /// # Safety
-    /// AVX2; as [`tiles`].
-    pub(super) unsafe fn tiles_avx2(from: usize, mw: usize, a: &mut Tile) -> usize {
-        let done = (mw - from) / 16 * 16;
-        let mut j = from;
-        while j < from + done {
-            let left = from + done - j;
-            let kernel: Kernel = match left {
-                128.. => tile_avx2_words::<4, false>,
-                112 => tile_avx2_words::<3, true>,
-                96 => tile_avx2_words::<3, false>,
-                80 => tile_avx2_words::<2, true>,
-                64 => tile_avx2_words::<2, false>,
-                48 => tile_avx2_words::<1, true>,
-                32 => tile_avx2_words::<1, false>,
-                _ => tile_avx2::<1>,
-            };
-            kernel(Tile {
-                m0: a.m0 + j,
-                col0: a.col0 + j,
-                out: &mut *a.out,
-                ..*a
-            });
-            j += left.min(128);
-        }
-        done
-    }
-
     /// One tile of `Q` registers of 32 outputs (and 16 more when `TAIL`), the entries added two
     /// at a time as 16-bit words without widening each byte (widening runs on one port; these
     /// adds and shifts on three): `w` sums whole words, `h` their high bytes (the odd
@@ -812,7 +800,7 @@ mod rowwise_x86 {
     /// first 256 codebooks), so that only the 16-bit sums live in registers.
     #[target_feature(enable = "avx2")]
     unsafe fn tile_avx2_words<const Q: usize, const TAIL: bool>(a: Tile) {
-        let (t, m, k) = (a.t, a.m, a.k);
+        let (t, m, k, pf) = (a.t, a.m, a.k, a.prefetch);
         let width = 32 * Q + if TAIL { 16 } else { 0 };
         for (row, o) in a.codes.chunks_exact(a.c).zip(a.out.chunks_exact_mut(a.ldo)) {
             let o = o[a.col0..][..width].as_mut_ptr();
@@ -823,12 +811,7 @@ mod rowwise_x86 {
                 let mut base = t.as_ptr().add(chunk_i * 256 * k * m + a.m0);
                 for (i, &code) in chunk.iter().enumerate() {
                     let p = base.add(code as usize * m);
-                    if let Some(&ahead) = chunk.get(i + PF).filter(|_| a.prefetch) {
-                        let q = base.wrapping_add(PF * k * m + ahead as usize * m);
-                        for off in (0..width).step_by(64) {
-                            _mm_prefetch::<_MM_HINT_T0>(q.wrapping_add(off).cast());
-                        }
-                    }
+                    prefetch_ahead(pf, chunk, i, base, (k, m), width);
                     for r in 0..Q {
                         let x = _mm256_loadu_si256(p.add(r * 32).cast());
                         w[r] = _mm256_add_epi16(w[r], x);
