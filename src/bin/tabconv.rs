@@ -440,15 +440,19 @@ fn bench(
     if profile {
         for m in models {
             let graph = model::load_for_run(m)?;
-            let (p, nodes) = pool.install(|| tabconv::bench::profile_ours(&graph, batch, 5))?;
+            let ((p, nodes), runs) = pool.install(|| tabconv::bench::profile_for(&graph, batch, 1000, seconds))?;
             let total: f64 = p.iter().map(|(_, s, _)| s).sum();
-            println!("\nprofile of {} (5 runs, batch {batch}):", m.display());
+            println!(
+                "\nprofile of {} ({runs} runs in about --seconds, batch {batch}):",
+                m.display()
+            );
+            let per = runs as f64;
             for (op, s, n) in p {
                 println!(
                     "  {op:<20} {:>9.2} ms/run {:>6.1}% {:>6} calls",
-                    s * 1e3 / 5.0,
+                    s * 1e3 / per,
                     100.0 * s / total,
-                    n / 5
+                    n / runs
                 );
             }
             println!("  slowest nodes:");
@@ -456,7 +460,7 @@ fn bench(
                 println!(
                     "    {:<56} {op:<12} {:>9.3} ms/run {:>6.1}%",
                     name,
-                    s * 1e3 / 5.0,
+                    s * 1e3 / per,
                     100.0 * s / total
                 );
             }

@@ -347,11 +347,13 @@ pub fn conv_nhwc(
     let r = tile_pixels(simd, wts, pixels);
     // a 1×1 convolution over 32-lane blocks: whole tiles in one call per block
     #[cfg(target_arch = "x86_64")]
-    let runs = simd == Simd::Avx512
-        && pointwise
-        && r == 10
+    let runs = pointwise
         && matches!(c, 16 | 32 | 64 | 128 | 256)
-        && wts.blocks.iter().all(|b| b.1 == 32);
+        && match simd {
+            Simd::Avx512 => r == 10 && wts.blocks.iter().all(|b| b.1 == 32),
+            Simd::Avx2 => r == 6,
+            Simd::Scalar => false,
+        };
     #[cfg(not(target_arch = "x86_64"))]
     let runs = false;
     // Tiles `t0..t1` of the pixels `q_lo..q_hi` (tile `t` from pixel `q_lo + t·r`), the input
@@ -363,7 +365,7 @@ pub fn conv_nhwc(
         #[cfg(target_arch = "x86_64")]
         let t0 = if runs {
             debug_assert!(q_lo == 0 && img0 == 0, "whole-batch tiles only");
-            unsafe { pointwise_runs(src, (t0, t1.min(q_hi / r)), wts, blocks.clone(), &lay, outp.get()) }
+            unsafe { pointwise_runs(simd, src, (t0, t1.min(q_hi / r)), wts, blocks.clone(), &lay, outp.get()) }
         } else {
             t0
         };
@@ -440,15 +442,17 @@ pub fn conv_nhwc(
     Ok((unsafe { out.finish(pixels * m) }, [n, oh, ow, m]))
 }
 
-/// The whole tiles `t0..t1` of a 1×1 convolution (10 pixels each, `c` floats apart) over its
-/// 32-lane weight blocks `blocks`, one `x86::tile512_run` call per block; returns the first
-/// tile left for the general path (a partial last tile).
+/// The whole tiles `t0..t1` of a 1×1 convolution (10 pixels each at AVX-512, 6 at AVX2, `c`
+/// floats apart) over its weight blocks `blocks`, one `x86::tile512_run` call per 32-lane block
+/// or one `x86::tile256_run` per 16 lanes; returns the first tile left for the general path (a
+/// partial last tile).
 ///
 /// # Safety
-/// AVX-512F; `c` is 16, 32, 64, 128 or 256, every block 32 lanes; `dst` holds the output's
-/// `pixels × m` floats and no other task writes tiles `t0..t1`.
+/// `simd` detected and not scalar; `c` is 16, 32, 64, 128 or 256, at AVX-512 every block 32
+/// lanes; `dst` holds the output's `pixels × m` floats and no other task writes tiles `t0..t1`.
 #[cfg(target_arch = "x86_64")]
 unsafe fn pointwise_runs(
+    simd: Simd,
     x: &[f32],
     (t0, t1): (usize, usize),
     wts: &NhwcWeights,
@@ -456,21 +460,41 @@ unsafe fn pointwise_runs(
     lay: &Layout,
     dst: *mut f32,
 ) -> usize {
-    const R: usize = 10;
     let (c, m) = (lay.c, lay.m);
     if t1 <= t0 {
         return t0;
     }
-    for &(oc0, _) in &wts.blocks[blocks] {
+    let (x, n) = (x.as_ptr(), t1 - t0);
+    for &(oc0, lanes) in &wts.blocks[blocks] {
         let (w, b) = (wts.data.as_ptr().add(oc0 * c), wts.bias.as_ptr().add(oc0));
-        let (d, valid) = (dst.add(t0 * R * m + oc0), m.saturating_sub(oc0).min(32));
-        let (x, first, n) = (x.as_ptr(), t0 * R * c, t1 - t0);
-        match c {
-            16 => x86::tile512_run::<R, 16>(x, first, n, w, b, lay, d, valid),
-            32 => x86::tile512_run::<R, 32>(x, first, n, w, b, lay, d, valid),
-            64 => x86::tile512_run::<R, 64>(x, first, n, w, b, lay, d, valid),
-            128 => x86::tile512_run::<R, 128>(x, first, n, w, b, lay, d, valid),
-            _ => x86::tile512_run::<R, 256>(x, first, n, w, b, lay, d, valid),
+        if simd == Simd::Avx512 {
+            const R: usize = 10;
+            let (d, valid) = (dst.add(t0 * R * m + oc0), m.saturating_sub(oc0).min(32));
+            let first = t0 * R * c;
+            match c {
+                16 => x86::tile512_run::<R, 16>(x, first, n, w, b, lay, d, valid),
+                32 => x86::tile512_run::<R, 32>(x, first, n, w, b, lay, d, valid),
+                64 => x86::tile512_run::<R, 64>(x, first, n, w, b, lay, d, valid),
+                128 => x86::tile512_run::<R, 128>(x, first, n, w, b, lay, d, valid),
+                _ => x86::tile512_run::<R, 256>(x, first, n, w, b, lay, d, valid),
+            }
+            continue;
+        }
+        const R: usize = 6;
+        for half in (0..lanes).step_by(16) {
+            let valid = m.saturating_sub(oc0 + half).min(16);
+            if valid == 0 {
+                continue;
+            }
+            let (d, first) = (dst.add(t0 * R * m + oc0 + half), t0 * R * c);
+            let (w, b) = ((w.add(half), lanes), b.add(half));
+            match c {
+                16 => x86::tile256_run::<R, 16>(x, first, n, w, b, lay, d, valid),
+                32 => x86::tile256_run::<R, 32>(x, first, n, w, b, lay, d, valid),
+                64 => x86::tile256_run::<R, 64>(x, first, n, w, b, lay, d, valid),
+                128 => x86::tile256_run::<R, 128>(x, first, n, w, b, lay, d, valid),
+                _ => x86::tile256_run::<R, 256>(x, first, n, w, b, lay, d, valid),
+            }
         }
     }
     t1
@@ -617,7 +641,7 @@ unsafe fn tile(
                     let v = valid.saturating_sub(half).min(16);
                     if v > 0 {
                         let w = (w.add(half), lanes, 0);
-                        x86::tile256::<6, 2>(xp, offs, rows, w, b.add(half), lay, d.add(half), v);
+                        x86::tile256::<6, 2, 0>(xp, offs, rows, w, b.add(half), lay, d.add(half), v);
                     }
                 }
             }
@@ -756,20 +780,20 @@ unsafe fn tile_blocks256(
         let (r, wb) = (offs.len(), (b.w, 32, b.blk));
         match b.whole {
             2.. if r == 1 => {
-                x86::tile256::<1, 8>(x, offs, rows, wb, b.bias, lay, b.dst, b.valid);
+                x86::tile256::<1, 8, 0>(x, offs, rows, wb, b.bias, lay, b.dst, b.valid);
                 return 2;
             }
             1.. => {
                 let v = b.valid.min(32);
                 match r {
-                    1 => x86::tile256::<1, 4>(x, offs, rows, wb, b.bias, lay, b.dst, v),
-                    2 => x86::tile256::<2, 4>(x, offs, rows, wb, b.bias, lay, b.dst, v),
-                    3 => x86::tile256::<3, 4>(x, offs, rows, wb, b.bias, lay, b.dst, v),
+                    1 => x86::tile256::<1, 4, 0>(x, offs, rows, wb, b.bias, lay, b.dst, v),
+                    2 => x86::tile256::<2, 4, 0>(x, offs, rows, wb, b.bias, lay, b.dst, v),
+                    3 => x86::tile256::<3, 4, 0>(x, offs, rows, wb, b.bias, lay, b.dst, v),
                     _ => {
-                        x86::tile256::<2, 4>(x, &offs[..2], rows.min(2), wb, b.bias, lay, b.dst, v);
+                        x86::tile256::<2, 4, 0>(x, &offs[..2], rows.min(2), wb, b.bias, lay, b.dst, v);
                         if rows > 2 {
                             let d = b.dst.add(2 * lay.m);
-                            x86::tile256::<2, 4>(x, &offs[2..], rows - 2, wb, b.bias, lay, d, v);
+                            x86::tile256::<2, 4, 0>(x, &offs[2..], rows - 2, wb, b.bias, lay, d, v);
                         }
                     }
                 }
@@ -778,10 +802,10 @@ unsafe fn tile_blocks256(
             0 => {
                 let (wb, v) = ((b.w, b.lanes, 0), b.valid.min(16));
                 match r {
-                    1 => x86::tile256::<1, 2>(x, offs, rows, wb, b.bias, lay, b.dst, v),
-                    2 => x86::tile256::<2, 2>(x, offs, rows, wb, b.bias, lay, b.dst, v),
-                    3 => x86::tile256::<3, 2>(x, offs, rows, wb, b.bias, lay, b.dst, v),
-                    _ => x86::tile256::<4, 2>(x, offs, rows, wb, b.bias, lay, b.dst, v),
+                    1 => x86::tile256::<1, 2, 0>(x, offs, rows, wb, b.bias, lay, b.dst, v),
+                    2 => x86::tile256::<2, 2, 0>(x, offs, rows, wb, b.bias, lay, b.dst, v),
+                    3 => x86::tile256::<3, 2, 0>(x, offs, rows, wb, b.bias, lay, b.dst, v),
+                    _ => x86::tile256::<4, 2, 0>(x, offs, rows, wb, b.bias, lay, b.dst, v),
                 }
             }
         }
@@ -979,7 +1003,11 @@ unsafe fn row_c1_channels(
                         ..a
                     };
                     if h.valid > 0 {
+                        // the pixels left after the 6-pixel tiles in tiles of 4 and 2: a single
+                        // pixel's two chains of dependent multiply-adds wait on their latency
                         let x0 = x86::px256::<6>(&h, lay, 0, ow);
+                        let x0 = x86::px256::<4>(&h, lay, x0, ow);
+                        let x0 = x86::px256::<2>(&h, lay, x0, ow);
                         x86::px256::<1>(&h, lay, x0, ow);
                     }
                 }
@@ -1064,6 +1092,26 @@ mod x86 {
         for t in 0..tiles {
             let offs: [usize; R] = std::array::from_fn(|i| first + (t * R + i) * S);
             tile512::<R, 2, S>(x, &offs, R, (w, 32, 0), bias, lay, dst.add(t * R * lay.m), valid);
+        }
+    }
+
+    /// [`tile512_run`] at AVX2: whole tiles of `R` pixels × 16 lanes of one weight block (`nb`
+    /// lanes wide).
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn tile256_run<const R: usize, const S: usize>(
+        x: *const f32,
+        first: usize,
+        tiles: usize,
+        (w, nb): (*const f32, usize),
+        bias: *const f32,
+        lay: &Layout,
+        dst: *mut f32,
+        valid: usize,
+    ) {
+        for t in 0..tiles {
+            let offs: [usize; R] = std::array::from_fn(|i| first + (t * R + i) * S);
+            tile256::<R, 2, S>(x, &offs, R, (w, nb, 0), bias, lay, dst.add(t * R * lay.m), valid);
         }
     }
 
@@ -1916,9 +1964,10 @@ mod x86 {
 
     /// `R` pixels × `V` vectors of 8 output channels: vector `v` holds lanes `8·(v % 4)..` of
     /// weight block `v / 4` (blocks `blk` floats apart, `nb` lanes each; one block when `V ≤ 4`).
+    /// `S > 0`: the pixels are `S` floats apart, as in [`tile512`].
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn tile256<const R: usize, const V: usize>(
+    pub unsafe fn tile256<const R: usize, const V: usize, const S: usize>(
         x: *const f32,
         offs: &[usize],
         rows: usize,
@@ -1942,6 +1991,7 @@ mod x86 {
         for (p, &o) in px.iter_mut().zip(offs) {
             *p = x.add(o);
         }
+        let base = x.add(offs[0]);
         // Taps along x are contiguous with the channels when not dilated: one run of kw·c.
         let (runs, run) = if lay.tap[1] == c { (1, kw * c) } else { (kw, c) };
         for i in 0..kh {
@@ -1952,7 +2002,8 @@ mod x86 {
                     let wv: [__m256; V] =
                         std::array::from_fn(|v| _mm256_loadu_ps(wk.add((v / 4) * blk + ci * nb + 8 * (v % 4))));
                     for r in 0..R {
-                        let b = _mm256_broadcast_ss(&*px[r].add(t + ci));
+                        let p = if S > 0 { base.add(r * S) } else { px[r] };
+                        let b = _mm256_broadcast_ss(&*p.add(t + ci));
                         for v in 0..V {
                             acc[r][v] = _mm256_fmadd_ps(b, wv[v], acc[r][v]);
                         }
@@ -2081,6 +2132,9 @@ mod tests {
             // 1×1 runs of whole tiles over several 32-lane blocks, a partial last tile
             (2, 32, [7, 7], 64, 1, 1, 1, [0; 4], false),
             (1, 64, [4, 6], 96, 1, 1, 1, [0; 4], false),
+            // 1×1 runs with a 16-lane last block, partly valid (AVX2: per 16 lanes)
+            (1, 16, [5, 5], 40, 1, 1, 1, [0; 4], false),
+            (2, 128, [3, 5], 56, 1, 1, 1, [0; 4], false),
             (1, 1, [12, 12], 6, 5, 1, 1, [0; 4], false),
             (2, 1, [7, 13], 5, 3, 1, 1, [1; 4], false),
             (2, 1, [9, 37], 16, 3, 1, 1, [1, 2, 0, 1], false),
