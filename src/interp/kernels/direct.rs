@@ -369,23 +369,28 @@ pub fn conv_nhwc(
         } else {
             t0
         };
-        // At AVX2, the 6-pixel tiles in chunks: one call per chunk runs every tile's blocks,
-        // with the tile kernel inlined (a call per tile and 16 lanes cost about 4 % of ResNet).
+        // The full-size tiles in chunks: one call per chunk runs every tile's blocks with the
+        // tile kernel inlined (a call per tile and block through `tile` cost about 4 % of
+        // ResNet-18/16 at AVX2, 3 % at AVX-512).
         #[cfg(target_arch = "x86_64")]
-        if simd == Simd::Avx2 && !wts.depthwise && r == 6 {
-            let mut chunk = [[0usize; 6]; CHUNK];
-            let mut rows = [0usize; CHUNK];
+        if !wts.depthwise && matches!((simd, r), (Simd::Avx2, 6) | (Simd::Avx512, 10 | 16)) {
+            let mut chunk = [[0usize; MAX_R]; CHUNK];
+            let (mut rows, mut uniform) = ([0usize; CHUNK], [0usize; CHUNK]);
             for c0 in (t0..t1).step_by(CHUNK) {
                 let n = (t1 - c0).min(CHUNK);
-                for (k, (offs, rows)) in chunk.iter_mut().zip(&mut rows).take(n).enumerate() {
+                for k in 0..n {
                     let q0 = q_lo + (c0 + k) * r;
-                    *rows = r.min(q_hi - q0);
-                    offsets(q0 - img0 * oh * ow, *rows, offs);
+                    rows[k] = r.min(q_hi - q0);
+                    uniform[k] = offsets(q0 - img0 * oh * ow, rows[k], &mut chunk[k][..r]);
                 }
+                let tiles = (&chunk[..n], &uniform[..n], &rows[..n]);
                 // SAFETY: as for `tile` below, tile by tile: each writes its own pixels.
                 unsafe {
                     let dst = outp.get().add((q_lo + c0 * r) * m);
-                    x86::tiles256(src.as_ptr(), (&chunk[..n], &rows[..n]), wts, blocks.clone(), &lay, dst)
+                    match simd {
+                        Simd::Avx2 => x86::tiles256(src.as_ptr(), tiles, wts, blocks.clone(), &lay, dst),
+                        _ => x86::tiles512(src.as_ptr(), tiles, r, wts, blocks.clone(), &lay, dst),
+                    }
                 };
             }
             return;
@@ -394,15 +399,15 @@ pub fn conv_nhwc(
             // A partial last tile repeats its last pixel; only `rows` pixels are stored.
             let q0 = q_lo + t * r;
             let rows = r.min(q_hi - q0);
-            let uniform = offsets(q0 - img0 * oh * ow, rows, &mut offs[..r]);
+            offsets(q0 - img0 * oh * ow, rows, &mut offs[..r]);
             // SAFETY: each tile writes its own pixels `q0..q0 + rows` of `out`, which holds
             // `pixels × m` floats; the offsets are window corners inside the padded images
-            // of `src`, `uniform` apart when nonzero.
+            // of `src`.
             unsafe {
                 tile(
                     simd,
                     src,
-                    (&offs[..r], uniform),
+                    &offs[..r],
                     rows,
                     wts,
                     blocks.clone(),
@@ -598,17 +603,18 @@ fn tile_pixels(simd: Simd, wts: &NhwcWeights, pixels: usize) -> usize {
     }
 }
 
-/// One tile: pixels at input offsets `offs` (as many as the level's tile; `uniform` floats
-/// apart when nonzero), every output channel block; the first `rows` pixels are stored.
+/// One tile: pixels at input offsets `offs` (as many as the level's tile), every output
+/// channel block; the first `rows` pixels are stored. At AVX-512 and AVX2 only depthwise tiles
+/// and small ones (at most 4 pixels) come here: full tiles run in chunks ([`x86::tiles512`],
+/// [`x86::tiles256`]).
 ///
 /// # Safety
-/// `offs` are window corners inside `x`, `offs[i] = offs[0] + i · uniform` when `uniform > 0`;
-/// `dst` is valid for `rows × m` floats.
+/// `offs` are window corners inside `x`; `dst` is valid for `rows × m` floats.
 #[allow(clippy::too_many_arguments)]
 unsafe fn tile(
     simd: Simd,
     x: &[f32],
-    (offs, uniform): (&[usize], usize),
+    offs: &[usize],
     rows: usize,
     wts: &NhwcWeights,
     blocks: Range,
@@ -617,12 +623,12 @@ unsafe fn tile(
 ) {
     let xp = x.as_ptr();
     #[cfg(target_arch = "x86_64")]
-    if simd == Simd::Avx512 && !wts.depthwise && offs.len() <= 4 {
-        return tile_blocks(xp, offs, rows, wts, blocks, lay, dst);
-    }
-    #[cfg(target_arch = "x86_64")]
-    if simd == Simd::Avx2 && !wts.depthwise && offs.len() <= 4 {
-        return tile_blocks256(xp, offs, rows, wts, blocks, lay, dst);
+    if !wts.depthwise && simd != Simd::Scalar {
+        debug_assert!(offs.len() <= 4, "full tiles run in chunks");
+        return match simd {
+            Simd::Avx512 => tile_blocks(xp, offs, rows, wts, blocks, lay, dst),
+            _ => tile_blocks256(xp, offs, rows, wts, blocks, lay, dst),
+        };
     }
     for &(oc0, lanes) in &wts.blocks[blocks] {
         // every block before this one has `oc0` lanes in all
@@ -632,42 +638,9 @@ unsafe fn tile(
         let valid = lay.m.saturating_sub(oc0).min(lanes);
         match simd {
             #[cfg(target_arch = "x86_64")]
-            Simd::Avx512 if wts.depthwise => x86::depthwise512::<8>(xp, offs, rows, w, lanes, b, lay, d, valid),
+            Simd::Avx512 => x86::depthwise512::<8>(xp, offs, rows, w, lanes, b, lay, d, valid),
             #[cfg(target_arch = "x86_64")]
-            // One vector of 16 channels per pixel: two vectors per pixel spill registers.
-            // 32-lane blocks: 10 pixels × 2 vectors; 16-lane blocks: 16 (or the layer's 10)
-            // pixels × 1 vector. More pixels spill their input pointers.
-            Simd::Avx512 => {
-                let a = (xp, offs, rows, w, lanes, b, lay, d, valid);
-                match (lanes, offs.len(), uniform) {
-                    (32, _, 16) => tile512_args::<10, 2, 16>(a),
-                    (32, _, 32) => tile512_args::<10, 2, 32>(a),
-                    (32, _, 64) => tile512_args::<10, 2, 64>(a),
-                    (32, _, 128) => tile512_args::<10, 2, 128>(a),
-                    (32, _, 256) => tile512_args::<10, 2, 256>(a),
-                    (32, _, _) => tile512_args::<10, 2, 0>(a),
-                    (_, 16, 16) => tile512_args::<16, 1, 16>(a),
-                    (_, 16, 32) => tile512_args::<16, 1, 32>(a),
-                    (_, 16, 64) => tile512_args::<16, 1, 64>(a),
-                    (_, 16, _) => tile512_args::<16, 1, 0>(a),
-                    (_, _, 64) => tile512_args::<10, 1, 64>(a),
-                    (_, _, 128) => tile512_args::<10, 1, 128>(a),
-                    (_, _, 256) => tile512_args::<10, 1, 256>(a),
-                    _ => tile512_args::<10, 1, 0>(a),
-                }
-            }
-            #[cfg(target_arch = "x86_64")]
-            Simd::Avx2 if wts.depthwise => x86::depthwise256::<4>(xp, offs, rows, w, lanes, b, lay, d, valid),
-            #[cfg(target_arch = "x86_64")]
-            Simd::Avx2 => {
-                for half in (0..lanes).step_by(16) {
-                    let v = valid.saturating_sub(half).min(16);
-                    if v > 0 {
-                        let w = (w.add(half), lanes, 0);
-                        x86::tile256::<6, 2, 0>(xp, offs, rows, w, b.add(half), lay, d.add(half), v);
-                    }
-                }
-            }
+            Simd::Avx2 => x86::depthwise256::<4>(xp, offs, rows, w, lanes, b, lay, d, valid),
             _ if wts.depthwise => depthwise_scalar(xp, offs, rows, w, lanes, b, lay, d, valid),
             _ => tile_scalar(xp, offs, rows, w, lanes, b, lay, d, valid),
         }
@@ -1053,11 +1026,30 @@ mod x86 {
         x: *const f32,
         offs: &[usize],
         rows: usize,
-        (w, nb, blk): (*const f32, usize, usize),
+        w: (*const f32, usize, usize),
         bias: *const f32,
         lay: &Layout,
         dst: *mut f32,
         valid: usize,
+    ) {
+        tile512_inline::<R, V, S>((x, offs, rows, w, bias, lay, dst, valid))
+    }
+
+    /// [`tile512`]'s body (its arguments in a tuple), inlined where it is called (in a
+    /// function with AVX-512F).
+    #[inline(always)]
+    #[allow(clippy::type_complexity)]
+    unsafe fn tile512_inline<const R: usize, const V: usize, const S: usize>(
+        (x, offs, rows, (w, nb, blk), bias, lay, dst, valid): (
+            *const f32,
+            &[usize],
+            usize,
+            (*const f32, usize, usize),
+            *const f32,
+            &Layout,
+            *mut f32,
+            usize,
+        ),
     ) {
         debug_assert_eq!(offs.len(), R);
         let [kh, kw] = lay.kernel;
@@ -1118,16 +1110,20 @@ mod x86 {
         }
     }
 
-    /// 6-pixel tiles (offsets and stored pixels of each; tile `k` stores from pixel `6·k` of
-    /// `dst`) over the weight blocks `blocks`, 16 lanes at a time: [`tile256`] inlined in one
-    /// loop instead of a call per tile and 16 lanes.
+    /// Tiles of a chunk: each one's pixel offsets (the first `R` used), the offsets' spacing
+    /// when uniform (else 0), and its pixels to store.
+    pub type Tiles<'a> = (&'a [[usize; super::MAX_R]], &'a [usize], &'a [usize]);
+
+    /// 6-pixel tiles (tile `k` stores from pixel `6·k` of `dst`) over the weight blocks
+    /// `blocks`, 16 lanes at a time: [`tile256`] inlined in one loop instead of a call per tile
+    /// and 16 lanes.
     ///
     /// # Safety
     /// AVX2 and FMA; as [`super::tile`] for each tile.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn tiles256(
         x: *const f32,
-        (offs, rows): (&[[usize; 6]], &[usize]),
+        (offs, _, rows): Tiles,
         wts: &super::NhwcWeights,
         blocks: super::Range,
         lay: &Layout,
@@ -1135,7 +1131,7 @@ mod x86 {
     ) {
         let taps = lay.c * lay.kernel[0] * lay.kernel[1];
         for (k, (offs, &rows)) in offs.iter().zip(rows).enumerate() {
-            let d = dst.add(6 * k * lay.m);
+            let (offs, d) = (&offs[..6], dst.add(6 * k * lay.m));
             for &(oc0, lanes) in &wts.blocks[blocks.clone()] {
                 let w = wts.data.as_ptr().add(oc0 * taps);
                 for half in (0..lanes).step_by(16) {
@@ -1144,6 +1140,54 @@ mod x86 {
                         let (w, b) = ((w.add(half), lanes, 0), wts.bias.as_ptr().add(oc0 + half));
                         tile256_inline::<6, 2, 0>(x, offs, rows, w, b, lay, d.add(oc0 + half), valid);
                     }
+                }
+            }
+        }
+    }
+
+    /// [`tiles256`] at AVX-512: tiles of `r` pixels (10, or 16 when every block has 16
+    /// lanes), [`tile512`] inlined with the offsets' spacing as a constant where uniform (as
+    /// [`super::tile`] dispatches).
+    ///
+    /// # Safety
+    /// AVX-512F; as [`super::tile`] for each tile.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub unsafe fn tiles512(
+        x: *const f32,
+        (offs, uniform, rows): Tiles,
+        r: usize,
+        wts: &super::NhwcWeights,
+        blocks: super::Range,
+        lay: &Layout,
+        dst: *mut f32,
+    ) {
+        let taps = lay.c * lay.kernel[0] * lay.kernel[1];
+        for (k, offs) in offs.iter().enumerate() {
+            let d = dst.add(r * k * lay.m);
+            for &(oc0, lanes) in &wts.blocks[blocks.clone()] {
+                let w = (wts.data.as_ptr().add(oc0 * taps), lanes, 0);
+                let (b, d, valid) = (
+                    wts.bias.as_ptr().add(oc0),
+                    d.add(oc0),
+                    lay.m.saturating_sub(oc0).min(lanes),
+                );
+                macro_rules! spaced {
+                    ($r:literal, $v:literal) => {{
+                        let a = (x, &offs[..$r], rows[k], w, b, lay, d, valid);
+                        match uniform[k] {
+                            16 => tile512_inline::<$r, $v, 16>(a),
+                            32 => tile512_inline::<$r, $v, 32>(a),
+                            64 => tile512_inline::<$r, $v, 64>(a),
+                            128 => tile512_inline::<$r, $v, 128>(a),
+                            256 => tile512_inline::<$r, $v, 256>(a),
+                            _ => tile512_inline::<$r, $v, 0>(a),
+                        }
+                    }};
+                }
+                match (r, lanes) {
+                    (16, _) => spaced!(16, 1),
+                    (_, 32) => spaced!(10, 2),
+                    _ => spaced!(10, 1),
                 }
             }
         }
