@@ -345,7 +345,7 @@ pub fn conv_nhwc(
         return Ok((unsafe { out.finish(pixels * m) }, [n, oh, ow, m]));
     }
     let r = tile_pixels(simd, wts, pixels);
-    // a 1×1 convolution over 32-lane blocks: whole tiles in one call per block
+    // a 1×1 convolution: whole tiles in one call per 32-lane block (AVX2: per 16 lanes)
     #[cfg(target_arch = "x86_64")]
     let runs = pointwise
         && matches!(c, 16 | 32 | 64 | 128 | 256)
@@ -527,7 +527,7 @@ unsafe fn pointwise_runs(
 }
 
 const MAX_R: usize = 24;
-/// AVX2 tiles per [`x86::tiles256`] call.
+/// Full tiles per [`x86::tiles512`] or [`x86::tiles256`] call.
 const CHUNK: usize = 16;
 
 fn gcd(a: usize, b: usize) -> usize {
