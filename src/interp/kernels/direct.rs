@@ -527,7 +527,9 @@ unsafe fn pointwise_runs(
 }
 
 const MAX_R: usize = 24;
-/// Full tiles per [`x86::tiles512`] or [`x86::tiles256`] call.
+/// Full tiles per [`x86::tiles512`] or [`x86::tiles256`] call, at most (a thread's task holds
+/// up to [`TASK_TILES`]).
+#[cfg(target_arch = "x86_64")]
 const CHUNK: usize = 16;
 
 fn gcd(a: usize, b: usize) -> usize {
@@ -624,7 +626,8 @@ unsafe fn tile(
     let xp = x.as_ptr();
     #[cfg(target_arch = "x86_64")]
     if !wts.depthwise && simd != Simd::Scalar {
-        debug_assert!(offs.len() <= 4, "full tiles run in chunks");
+        // a full tile here would leave pixels of a fresh output unwritten (see `tile_pixels`)
+        assert!(offs.len() <= 4, "full tiles run in chunks");
         return match simd {
             Simd::Avx512 => tile_blocks(xp, offs, rows, wts, blocks, lay, dst),
             _ => tile_blocks256(xp, offs, rows, wts, blocks, lay, dst),
@@ -647,7 +650,7 @@ unsafe fn tile(
     }
 }
 
-/// [`x86::tile512`] with its arguments in a tuple (the dispatch in [`tile`] lists many forms).
+/// [`x86::tile512`] with its arguments in a tuple (for the small tiles of [`tile_blocks`]).
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::type_complexity)]
 unsafe fn tile512_args<const R: usize, const V: usize, const S: usize>(
@@ -1111,7 +1114,7 @@ mod x86 {
     }
 
     /// Tiles of a chunk: each one's pixel offsets (the first `R` used), the offsets' spacing
-    /// when uniform (else 0), and its pixels to store.
+    /// when uniform (else 0; [`tiles256`] does not use it), and its pixels to store.
     pub type Tiles<'a> = (&'a [[usize; super::MAX_R]], &'a [usize], &'a [usize]);
 
     /// 6-pixel tiles (tile `k` stores from pixel `6·k` of `dst`) over the weight blocks
@@ -1145,9 +1148,12 @@ mod x86 {
         }
     }
 
-    /// [`tiles256`] at AVX-512: tiles of `r` pixels (10, or 16 when every block has 16
-    /// lanes), [`tile512`] inlined with the offsets' spacing as a constant where uniform (as
-    /// [`super::tile`] dispatches).
+    /// [`tiles256`] at AVX-512: tiles of `r` pixels, [`tile512`] inlined with the offsets'
+    /// spacing as a constant where uniform (for the spacings of 3×3 and 1×1 layers of 16-256
+    /// channels that each shape meets). One vector of 16 channels per pixel: 32-lane blocks
+    /// take 10 pixels × 2 vectors, 16-lane blocks 16 pixels (`r` = 16, every block 16 lanes)
+    /// or the layer's 10 × 1 vector; two vectors per pixel at 16 pixels would spill registers,
+    /// and more pixels spill their input pointers.
     ///
     /// # Safety
     /// AVX-512F; as [`super::tile`] for each tile.
@@ -1171,23 +1177,24 @@ mod x86 {
                     d.add(oc0),
                     lay.m.saturating_sub(oc0).min(lanes),
                 );
-                macro_rules! spaced {
-                    ($r:literal, $v:literal) => {{
-                        let a = (x, &offs[..$r], rows[k], w, b, lay, d, valid);
-                        match uniform[k] {
-                            16 => tile512_inline::<$r, $v, 16>(a),
-                            32 => tile512_inline::<$r, $v, 32>(a),
-                            64 => tile512_inline::<$r, $v, 64>(a),
-                            128 => tile512_inline::<$r, $v, 128>(a),
-                            256 => tile512_inline::<$r, $v, 256>(a),
-                            _ => tile512_inline::<$r, $v, 0>(a),
-                        }
-                    }};
-                }
-                match (r, lanes) {
-                    (16, _) => spaced!(16, 1),
-                    (_, 32) => spaced!(10, 2),
-                    _ => spaced!(10, 1),
+                // (r, v, spacing): the spacings each shape meets (r = 16 only up to 64
+                // channels, a 16-lane block in an r = 10 layer from 64 channels on)
+                let a = (x, &offs[..r], rows[k], w, b, lay, d, valid);
+                match (r, lanes, uniform[k]) {
+                    (16, _, 16) => tile512_inline::<16, 1, 16>(a),
+                    (16, _, 32) => tile512_inline::<16, 1, 32>(a),
+                    (16, _, 64) => tile512_inline::<16, 1, 64>(a),
+                    (16, _, _) => tile512_inline::<16, 1, 0>(a),
+                    (_, 32, 16) => tile512_inline::<10, 2, 16>(a),
+                    (_, 32, 32) => tile512_inline::<10, 2, 32>(a),
+                    (_, 32, 64) => tile512_inline::<10, 2, 64>(a),
+                    (_, 32, 128) => tile512_inline::<10, 2, 128>(a),
+                    (_, 32, 256) => tile512_inline::<10, 2, 256>(a),
+                    (_, 32, _) => tile512_inline::<10, 2, 0>(a),
+                    (_, _, 64) => tile512_inline::<10, 1, 64>(a),
+                    (_, _, 128) => tile512_inline::<10, 1, 128>(a),
+                    (_, _, 256) => tile512_inline::<10, 1, 256>(a),
+                    _ => tile512_inline::<10, 1, 0>(a),
                 }
             }
         }
@@ -2112,8 +2119,8 @@ mod x86 {
             for j in 0..runs {
                 let t = i * lay.tap[0] + j * lay.tap[1];
                 let wk = w.add((i * kw + j) * c * nb);
-                // one input channel's multiply-adds (a macro, not a closure: a closure here
-                // would not inherit the caller's target features and call every intrinsic)
+                // one input channel's multiply-adds, as a macro: written as a closure called
+                // four times, LLVM left it out of line with every intrinsic a call (0.6 GMAC/s)
                 macro_rules! step {
                     ($ci:expr) => {{
                         let ci = $ci;
