@@ -199,24 +199,26 @@ pub type ProfileResult = (Vec<(&'static str, f64, usize)>, Vec<(String, &'static
 
 /// Seconds per op type and per node over `runs` runs of our interpreter.
 pub fn profile_ours(graph: &Graph, batch: usize, runs: usize) -> Result<ProfileResult> {
-    profile_for(graph, batch, runs, f64::INFINITY).map(|(p, _)| p)
+    profile_runs(graph, batch, |_| runs).map(|(p, _)| p)
 }
 
 /// [`profile_ours`] over as many runs as fit in `seconds` (as long as the second of two
 /// untimed runs took), between 5 and `max_runs`; returns the runs made too (a noisy host
 /// averages out over more of them).
 pub fn profile_for(graph: &Graph, batch: usize, max_runs: usize, seconds: f64) -> Result<(ProfileResult, usize)> {
+    profile_runs(graph, batch, |one| {
+        ((seconds / one.max(1e-6)) as usize).clamp(5, max_runs.max(5))
+    })
+}
+
+/// The profile over `runs(seconds one run took)` runs, after two untimed ones; and that count.
+fn profile_runs(graph: &Graph, batch: usize, runs: impl FnOnce(f64) -> usize) -> Result<(ProfileResult, usize)> {
     let x = synthetic_input(graph, batch)?;
     let mut plan = Plan::new(graph)?;
     plan.run(vec![Tensor::F32(x.clone())])?;
     let t = Instant::now();
     plan.run(vec![Tensor::F32(x.clone())])?;
-    let first = t.elapsed().as_secs_f64();
-    let runs = if seconds.is_finite() {
-        ((seconds / first.max(1e-6)) as usize).clamp(5, max_runs.max(5))
-    } else {
-        max_runs
-    };
+    let runs = runs(t.elapsed().as_secs_f64());
     plan.enable_profile();
     for _ in 0..runs {
         plan.run(vec![Tensor::F32(x.clone())])?;

@@ -370,6 +370,15 @@ fn bench_reports_the_batch_that_ran() {
     let conv_calls = by_op.iter().find(|(op, _, _)| *op == "Conv").map(|p| p.2);
     assert_eq!(conv_calls, Some(2 * 2), "two convs, one call each per run");
     tract_runs_in_chunks_of_one(&g, &legacy, 6);
+
+    // `--profile` runs for about `--seconds`, between 5 and the cap, and reports the runs it
+    // profiled (the per-run times divide by it).
+    use tabconv::bench::profile_for;
+    for (max_runs, seconds, want) in [(1000, 0.0, Some(5)), (7, 1e9, Some(7)), (1000, 1e9, Some(1000))] {
+        let ((by_op, _), runs) = profile_for(&g, 6, max_runs, seconds).unwrap();
+        let conv_calls = by_op.iter().find(|(op, _, _)| *op == "Conv").map(|p| p.2);
+        assert_eq!((Some(runs), conv_calls), (want, want.map(|r| 2 * r)));
+    }
 }
 
 /// `bench`'s tract column runs the file as declared (batch 1), `batch` images in chunks of one;

@@ -94,7 +94,7 @@ enum Cmd {
         /// Skip the ONNX Runtime comparison
         #[arg(long)]
         no_ort: bool,
-        /// Also print where tabconv's time goes, per op type
+        /// Also print where tabconv's time goes, per op type and node (profiled for about --seconds more, 5 to 1000 runs)
         #[arg(long)]
         profile: bool,
         #[arg(long)]

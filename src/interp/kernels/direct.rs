@@ -370,8 +370,8 @@ pub fn conv_nhwc(
             t0
         };
         // The full-size tiles in chunks: one call per chunk runs every tile's blocks with the
-        // tile kernel inlined (a call per tile and block through `tile` cost about 4 % of
-        // ResNet-18/16 at AVX2, 3 % at AVX-512).
+        // tile kernel inlined (a call per tile and block through `tile`, with its offsets, took
+        // about 3 % of ResNet-18/16's time at AVX2 and 2 % at AVX-512 more, in `perf`).
         #[cfg(target_arch = "x86_64")]
         if !wts.depthwise && matches!((simd, r), (Simd::Avx2, 6) | (Simd::Avx512, 10 | 16)) {
             let mut chunk = [[0usize; MAX_R]; CHUNK];
@@ -507,11 +507,7 @@ unsafe fn pointwise_runs(
             continue;
         }
         const R: usize = 6;
-        for half in (0..lanes).step_by(16) {
-            let valid = m.saturating_sub(oc0 + half).min(16);
-            if valid == 0 {
-                continue;
-            }
+        for (half, valid) in halves(oc0, lanes, m) {
             let (d, first) = (dst.add(t0 * R * m + oc0 + half), t0 * R * c);
             let (w, b) = ((w.add(half), lanes), b.add(half));
             match c {
@@ -527,6 +523,16 @@ unsafe fn pointwise_runs(
 }
 
 const MAX_R: usize = 24;
+
+/// The 16-lane halves of the weight block at output channel `oc0` (`lanes` wide) that hold
+/// output channels, each with how many: AVX2 runs a 32-lane block 16 lanes at a time.
+#[cfg(target_arch = "x86_64")]
+fn halves(oc0: usize, lanes: usize, m: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..lanes)
+        .step_by(16)
+        .map(move |h| (h, m.saturating_sub(oc0 + h).min(16)))
+        .filter(|&(_, valid)| valid > 0)
+}
 /// Full tiles per [`x86::tiles512`] or [`x86::tiles256`] call, at most (a thread's task holds
 /// up to [`TASK_TILES`]).
 #[cfg(target_arch = "x86_64")]
@@ -650,25 +656,6 @@ unsafe fn tile(
     }
 }
 
-/// [`x86::tile512`] with its arguments in a tuple (for the small tiles of [`tile_blocks`]).
-#[cfg(target_arch = "x86_64")]
-#[allow(clippy::type_complexity)]
-unsafe fn tile512_args<const R: usize, const V: usize, const S: usize>(
-    (x, offs, rows, w, nb, bias, lay, dst, valid): (
-        *const f32,
-        &[usize],
-        usize,
-        *const f32,
-        usize,
-        *const f32,
-        &Layout,
-        *mut f32,
-        usize,
-    ),
-) {
-    x86::tile512::<R, V, S>(x, offs, rows, (w, nb, 0), bias, lay, dst, valid)
-}
-
 /// Where a small tile's step over the weight blocks starts ([`each_block`]).
 #[derive(Clone, Copy)]
 struct BlockAt {
@@ -731,7 +718,7 @@ unsafe fn tile_blocks(
     dst: *mut f32,
 ) {
     each_block(wts, blocks, lay, dst, |b| {
-        let a = (x, offs, rows, b.w, b.blk, b.bias, lay, b.dst, b.valid);
+        let a = (x, offs, rows, (b.w, 32, b.blk), b.bias, lay, b.dst, b.valid);
         match (offs.len(), b.whole) {
             (1, 4..) => x86::tile512_blocks::<1, 8>(a),
             (1, 2..) => x86::tile512_blocks::<1, 4>(a),
@@ -746,12 +733,12 @@ unsafe fn tile_blocks(
             (r, _) => {
                 // the last block, of 16 lanes
                 debug_assert_eq!(b.lanes, 16);
-                let a = (x, offs, rows, b.w, b.lanes, b.bias, lay, b.dst, b.valid.min(16));
+                let a = (x, offs, rows, (b.w, b.lanes, 0), b.bias, lay, b.dst, b.valid.min(16));
                 match r {
-                    1 => tile512_args::<1, 1, 0>(a),
-                    2 => tile512_args::<2, 1, 0>(a),
-                    3 => tile512_args::<3, 1, 0>(a),
-                    _ => tile512_args::<4, 1, 0>(a),
+                    1 => x86::tile512::<1, 1, 0>(a),
+                    2 => x86::tile512::<2, 1, 0>(a),
+                    3 => x86::tile512::<3, 1, 0>(a),
+                    _ => x86::tile512::<4, 1, 0>(a),
                 }
                 1
             }
@@ -779,20 +766,20 @@ unsafe fn tile_blocks256(
         let (r, wb) = (offs.len(), (b.w, 32, b.blk));
         match b.whole {
             2.. if r == 1 => {
-                x86::tile256::<1, 8, 0>(x, offs, rows, wb, b.bias, lay, b.dst, b.valid);
+                x86::tile256::<1, 8, 0>((x, offs, rows, wb, b.bias, lay, b.dst, b.valid));
                 return 2;
             }
             1.. => {
                 let v = b.valid.min(32);
                 match r {
-                    1 => x86::tile256::<1, 4, 0>(x, offs, rows, wb, b.bias, lay, b.dst, v),
-                    2 => x86::tile256::<2, 4, 0>(x, offs, rows, wb, b.bias, lay, b.dst, v),
-                    3 => x86::tile256::<3, 4, 0>(x, offs, rows, wb, b.bias, lay, b.dst, v),
+                    1 => x86::tile256::<1, 4, 0>((x, offs, rows, wb, b.bias, lay, b.dst, v)),
+                    2 => x86::tile256::<2, 4, 0>((x, offs, rows, wb, b.bias, lay, b.dst, v)),
+                    3 => x86::tile256::<3, 4, 0>((x, offs, rows, wb, b.bias, lay, b.dst, v)),
                     _ => {
-                        x86::tile256::<2, 4, 0>(x, &offs[..2], rows.min(2), wb, b.bias, lay, b.dst, v);
+                        x86::tile256::<2, 4, 0>((x, &offs[..2], rows.min(2), wb, b.bias, lay, b.dst, v));
                         if rows > 2 {
                             let d = b.dst.add(2 * lay.m);
-                            x86::tile256::<2, 4, 0>(x, &offs[2..], rows - 2, wb, b.bias, lay, d, v);
+                            x86::tile256::<2, 4, 0>((x, &offs[2..], rows - 2, wb, b.bias, lay, d, v));
                         }
                     }
                 }
@@ -801,10 +788,10 @@ unsafe fn tile_blocks256(
             0 => {
                 let (wb, v) = ((b.w, b.lanes, 0), b.valid.min(16));
                 match r {
-                    1 => x86::tile256::<1, 2, 0>(x, offs, rows, wb, b.bias, lay, b.dst, v),
-                    2 => x86::tile256::<2, 2, 0>(x, offs, rows, wb, b.bias, lay, b.dst, v),
-                    3 => x86::tile256::<3, 2, 0>(x, offs, rows, wb, b.bias, lay, b.dst, v),
-                    _ => x86::tile256::<4, 2, 0>(x, offs, rows, wb, b.bias, lay, b.dst, v),
+                    1 => x86::tile256::<1, 2, 0>((x, offs, rows, wb, b.bias, lay, b.dst, v)),
+                    2 => x86::tile256::<2, 2, 0>((x, offs, rows, wb, b.bias, lay, b.dst, v)),
+                    3 => x86::tile256::<3, 2, 0>((x, offs, rows, wb, b.bias, lay, b.dst, v)),
+                    _ => x86::tile256::<4, 2, 0>((x, offs, rows, wb, b.bias, lay, b.dst, v)),
                 }
             }
         }
@@ -1022,37 +1009,31 @@ mod x86 {
 
     /// `R` pixels × `V` vectors of 16 output channels.
     #[target_feature(enable = "avx512f,avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
     /// `S > 0`: the pixels are `S` floats apart (`offs[0] + r·S`, one row of the image), so
     /// every input load is one base pointer plus a constant: no per-pixel pointers to spill.
-    pub unsafe fn tile512<const R: usize, const V: usize, const S: usize>(
-        x: *const f32,
-        offs: &[usize],
-        rows: usize,
-        w: (*const f32, usize, usize),
-        bias: *const f32,
-        lay: &Layout,
-        dst: *mut f32,
-        valid: usize,
-    ) {
-        tile512_inline::<R, V, S>((x, offs, rows, w, bias, lay, dst, valid))
+    pub unsafe fn tile512<const R: usize, const V: usize, const S: usize>(a: Args) {
+        tile512_inline::<R, V, S>(a)
     }
 
-    /// [`tile512`]'s body (its arguments in a tuple), inlined where it is called (in a
-    /// function with AVX-512F).
+    /// A tile kernel's arguments ([`tile512`], [`tile256`]): the input, the window corners of
+    /// the tile's pixels, how many pixels to store, the weights `(w, nb, blk)` (a block's
+    /// packed weights, its lanes, the floats to the next block), the bias, the layout, the
+    /// output of the first pixel's first channel, and the output channels that exist.
+    pub type Args<'a> = (
+        *const f32,
+        &'a [usize],
+        usize,
+        (*const f32, usize, usize),
+        *const f32,
+        &'a Layout,
+        *mut f32,
+        usize,
+    );
+
+    /// [`tile512`]'s body, inlined where it is called (in a function with AVX-512F).
     #[inline(always)]
-    #[allow(clippy::type_complexity)]
     unsafe fn tile512_inline<const R: usize, const V: usize, const S: usize>(
-        (x, offs, rows, (w, nb, blk), bias, lay, dst, valid): (
-            *const f32,
-            &[usize],
-            usize,
-            (*const f32, usize, usize),
-            *const f32,
-            &Layout,
-            *mut f32,
-            usize,
-        ),
+        (x, offs, rows, (w, nb, blk), bias, lay, dst, valid): Args,
     ) {
         debug_assert_eq!(offs.len(), R);
         let [kh, kw] = lay.kernel;
@@ -1109,7 +1090,7 @@ mod x86 {
     ) {
         for t in 0..tiles {
             let offs: [usize; R] = std::array::from_fn(|i| first + (t * R + i) * S);
-            tile512::<R, 2, S>(x, &offs, R, (w, 32, 0), bias, lay, dst.add(t * R * lay.m), valid);
+            tile512::<R, 2, S>((x, &offs, R, (w, 32, 0), bias, lay, dst.add(t * R * lay.m), valid));
         }
     }
 
@@ -1137,12 +1118,9 @@ mod x86 {
             let (offs, d) = (&offs[..6], dst.add(6 * k * lay.m));
             for &(oc0, lanes) in &wts.blocks[blocks.clone()] {
                 let w = wts.data.as_ptr().add(oc0 * taps);
-                for half in (0..lanes).step_by(16) {
-                    let valid = lay.m.saturating_sub(oc0 + half).min(16);
-                    if valid > 0 {
-                        let (w, b) = ((w.add(half), lanes, 0), wts.bias.as_ptr().add(oc0 + half));
-                        tile256_inline::<6, 2, 0>(x, offs, rows, w, b, lay, d.add(oc0 + half), valid);
-                    }
+                for (half, valid) in super::halves(oc0, lanes, lay.m) {
+                    let (w, b) = ((w.add(half), lanes, 0), wts.bias.as_ptr().add(oc0 + half));
+                    tile256_inline::<6, 2, 0>((x, offs, rows, w, b, lay, d.add(oc0 + half), valid));
                 }
             }
         }
@@ -1216,7 +1194,7 @@ mod x86 {
     ) {
         for t in 0..tiles {
             let offs: [usize; R] = std::array::from_fn(|i| first + (t * R + i) * S);
-            tile256::<R, 2, S>(x, &offs, R, (w, nb, 0), bias, lay, dst.add(t * R * lay.m), valid);
+            tile256::<R, 2, S>((x, &offs, R, (w, nb, 0), bias, lay, dst.add(t * R * lay.m), valid));
         }
     }
 
@@ -1225,20 +1203,8 @@ mod x86 {
     /// sums in the same order; returns the blocks done.
     #[target_feature(enable = "avx512f,avx2,fma")]
     #[allow(clippy::type_complexity)]
-    pub unsafe fn tile512_blocks<const R: usize, const V: usize>(
-        (x, offs, rows, w, blk, bias, lay, dst, valid): (
-            *const f32,
-            &[usize],
-            usize,
-            *const f32,
-            usize,
-            *const f32,
-            &Layout,
-            *mut f32,
-            usize,
-        ),
-    ) -> usize {
-        tile512::<R, V, 0>(x, offs, rows, (w, 32, blk), bias, lay, dst, valid);
+    pub unsafe fn tile512_blocks<const R: usize, const V: usize>(a: Args) -> usize {
+        tile512::<R, V, 0>(a);
         V / 2
     }
 
@@ -2071,32 +2037,14 @@ mod x86 {
     /// weight block `v / 4` (blocks `blk` floats apart, `nb` lanes each; one block when `V ≤ 4`).
     /// `S > 0`: the pixels are `S` floats apart, as in [`tile512`].
     #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn tile256<const R: usize, const V: usize, const S: usize>(
-        x: *const f32,
-        offs: &[usize],
-        rows: usize,
-        w: (*const f32, usize, usize),
-        bias: *const f32,
-        lay: &Layout,
-        dst: *mut f32,
-        valid: usize,
-    ) {
-        tile256_inline::<R, V, S>(x, offs, rows, w, bias, lay, dst, valid)
+    pub unsafe fn tile256<const R: usize, const V: usize, const S: usize>(a: Args) {
+        tile256_inline::<R, V, S>(a)
     }
 
     /// [`tile256`]'s body, inlined where it is called (in a function with AVX2 and FMA).
     #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
     unsafe fn tile256_inline<const R: usize, const V: usize, const S: usize>(
-        x: *const f32,
-        offs: &[usize],
-        rows: usize,
-        (w, nb, blk): (*const f32, usize, usize),
-        bias: *const f32,
-        lay: &Layout,
-        dst: *mut f32,
-        valid: usize,
+        (x, offs, rows, (w, nb, blk), bias, lay, dst, valid): Args,
     ) {
         debug_assert_eq!(offs.len(), R);
         let [kh, kw] = lay.kernel;
