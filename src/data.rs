@@ -168,11 +168,7 @@ fn decode(bytes: &[u8]) -> std::result::Result<(Tensor, &str), String> {
 /// The array of `v` in the header's order, in standard (C) layout.
 fn array<T: Clone>(shape: &Shape<IxDyn>, v: Vec<T>) -> std::result::Result<ArrayD<T>, String> {
     let a = ArrayD::from_shape_vec(shape.clone(), v).map_err(|e| e.to_string())?;
-    Ok(if a.is_standard_layout() {
-        a
-    } else {
-        a.as_standard_layout().into_owned()
-    })
+    Ok(crate::interp::kernels::shape_ops::standard(a))
 }
 
 fn booleans(data: &[u8]) -> std::result::Result<Vec<bool>, String> {

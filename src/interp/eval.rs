@@ -241,7 +241,7 @@ pub fn eval_op_cached(op: &Op, mut args: Vec<Arc<Tensor>>, cache: Option<&Cache>
                 .iter()
                 .map(|t| Ok(f32_std(t)?.into_owned()))
                 .collect::<Result<_>>()?;
-            let mut x = owned(args.swap_remove(0)).into_f32()?.as_standard_layout().into_owned();
+            let mut x = so::standard(owned(args.swap_remove(0)).into_f32()?);
             let shape = x.shape().to_vec();
             if shape.len() < 2 || p.iter().any(|v| v.len() != shape[1]) {
                 bail!("parameters do not match input {:?}", shape);
@@ -256,7 +256,7 @@ pub fn eval_op_cached(op: &Op, mut args: Vec<Arc<Tensor>>, cache: Option<&Cache>
         }
         Op::Unary(u) => {
             arity(1, &args)?;
-            let mut x = owned(args.swap_remove(0)).into_f32()?.as_standard_layout().into_owned();
+            let mut x = so::standard(owned(args.swap_remove(0)).into_f32()?);
             ew::apply_unary(*u, x.as_slice_mut().expect("standard"));
             Tensor::F32(x)
         }
@@ -422,7 +422,7 @@ pub fn eval_op_cached(op: &Op, mut args: Vec<Arc<Tensor>>, cache: Option<&Cache>
         Op::Softmax { axis, log } => {
             arity(1, &args)?;
             let ax = so::norm_axis(*axis, args[0].shape().len())?;
-            let x = owned(args.swap_remove(0)).into_f32()?.as_standard_layout().into_owned();
+            let x = so::standard(owned(args.swap_remove(0)).into_f32()?);
             Tensor::F32(ew::softmax(x, ax, *log))
         }
         Op::Slice {
@@ -562,7 +562,7 @@ fn transformer_op(op: &Op, mut args: Vec<Arc<Tensor>>) -> Result<Tensor> {
                     args.get(2).map(|b| b.shape().to_vec())
                 );
             }
-            let mut x = owned(args.swap_remove(0)).into_f32()?.as_standard_layout().into_owned();
+            let mut x = so::standard(owned(args.swap_remove(0)).into_f32()?);
             ew::layer_norm(
                 x.as_slice_mut().expect("standard"),
                 d,

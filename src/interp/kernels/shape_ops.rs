@@ -7,14 +7,20 @@ use ndarray::{ArrayD, Axis, IxDyn, Slice};
 
 pub use crate::ir::infer::norm_axis;
 
-/// Reshape to a concrete shape (data kept when already in standard layout).
-pub fn reshape<T: Clone>(a: ArrayD<T>, shape: &[usize]) -> Result<ArrayD<T>> {
-    let from = a.shape().to_vec();
-    let a = if a.is_standard_layout() {
+/// `a` in standard layout: itself when it already is, without a copy
+/// (`a.as_standard_layout().into_owned()` copies even then: it clones the view it borrows).
+pub fn standard<T: Clone>(a: ArrayD<T>) -> ArrayD<T> {
+    if a.is_standard_layout() {
         a
     } else {
         a.as_standard_layout().into_owned()
-    };
+    }
+}
+
+/// Reshape to a concrete shape (data kept when already in standard layout).
+pub fn reshape<T: Clone>(a: ArrayD<T>, shape: &[usize]) -> Result<ArrayD<T>> {
+    let from = a.shape().to_vec();
+    let a = standard(a);
     a.into_shape_with_order(IxDyn(shape))
         .map_err(|_| crate::error::Error::Other(format!("cannot reshape {from:?} into {shape:?}")))
 }
@@ -54,11 +60,7 @@ pub fn reshape_target(input: &[usize], target: &[i64], allowzero: bool) -> Resul
 pub fn transpose<T: Copy + Default>(a: ArrayD<T>, perm: &[usize]) -> ArrayD<T> {
     let s = a.shape().to_vec();
     let shape: Vec<usize> = perm.iter().map(|&p| s[p]).collect();
-    let a = if a.is_standard_layout() {
-        a
-    } else {
-        a.as_standard_layout().into_owned()
-    };
+    let a = standard(a);
     let src = a.as_slice().expect("standard layout");
     let out = permute(src, &s, perm);
     ArrayD::from_shape_vec(IxDyn(&shape), out).expect("transpose output size")
@@ -309,6 +311,22 @@ pub fn reduce_mean(a: &ArrayD<f32>, axes: &[usize], keepdims: bool) -> Result<Ar
 
 #[cfg(test)]
 mod tests {
+    /// `standard` keeps an array already in standard layout (the same buffer, no copy: the
+    /// elementwise ops, Softmax and LayerNorm work in place on what it returns) and copies any
+    /// other into standard layout with the same elements.
+    #[test]
+    fn standard_copies_only_what_is_not_in_standard_layout() {
+        let a = ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[2, 3]), (0..6).map(|v| v as f32).collect()).unwrap();
+        let p = a.as_ptr();
+        let kept = super::standard(a.clone());
+        let same = super::standard(a);
+        assert_eq!(same.as_ptr(), p, "an array in standard layout is returned as it is");
+        let t = super::standard(kept.reversed_axes());
+        assert!(t.is_standard_layout());
+        assert_eq!(t.shape(), &[3, 2]);
+        assert_eq!(t.as_slice().unwrap(), &[0., 3., 1., 4., 2., 5.]);
+    }
+
     /// `permute` (merged axes, batched 2-D blocks, contiguous runs, strided gathers) equals
     /// ndarray's permuted view copied, for every permutation of ranks 1–5 with sizes including 1.
     #[test]
