@@ -463,95 +463,209 @@ impl Pass for Mask {
     }
 }
 
+/// What every point of the masking path is measured against: the target, the source model's
+/// arithmetic, the exact model's logits on the measured images and its validation accuracy.
+struct Meter {
+    goal: Goal,
+    source: cost::Cost,
+    samples: ArrayD<f32>,
+    ref_logits: ArrayD<f32>,
+    val: Option<(ArrayD<f32>, Vec<i64>)>,
+    exact_correct: Option<usize>,
+}
+
+impl Meter {
+    fn new(goal: Goal, exact: &Graph, samples: ArrayD<f32>, val: Option<(ArrayD<f32>, Vec<i64>)>) -> Result<Meter> {
+        Ok(Meter {
+            goal,
+            source: cost::Cost {
+                exact_macs: cost::graph_cost(exact).exact_macs,
+                ..Default::default()
+            },
+            ref_logits: logits(exact, &samples)?,
+            exact_correct: val.as_ref().map(|v| correct(exact, v)).transpose()?,
+            samples,
+            val,
+        })
+    }
+
+    fn n_val(&self) -> usize {
+        self.val.as_ref().map_or(0, |v| v.1.len())
+    }
+
+    /// `g`'s reductions, logit measures and validation accuracy, after restoring `restored`.
+    fn measure(&self, g: &Graph, restored: Option<String>) -> Result<PathPoint> {
+        let mut g = g.clone();
+        crate::ir::infer::infer_graph(&mut g)?;
+        let (l, a) = cost::reduction(&self.source, &cost::graph_cost(&g));
+        let correct = self.val.as_ref().map(|v| correct(&g, v)).transpose()?;
+        let out = logits(&g, &self.samples)?;
+        Ok(PathPoint {
+            restored,
+            reduction_everything_counted: a,
+            reduction_lookups_only: l,
+            logit_cosine: mean_cosine(&out, &self.ref_logits),
+            expected_drop: expected_drop(&self.ref_logits, &out),
+            accuracy: correct.map(|c| c as f64 / self.n_val().max(1) as f64),
+            correct,
+        })
+    }
+
+    /// Whether `p` meets the target. A reduction target is never "met": layers are restored
+    /// while the reduction allows (checked by [`Mask::walk`]).
+    fn met(&self, p: &PathPoint) -> bool {
+        match self.goal {
+            Goal::Accuracy(drop) => within_drop(
+                self.exact_correct.unwrap_or(0),
+                p.correct.unwrap_or(0),
+                self.n_val(),
+                drop,
+            ),
+            Goal::Reduction(_) => false,
+            Goal::ExpectedDrop(drop, cos) => p.expected_drop <= drop && cos.is_none_or(|c| p.logit_cosine >= c),
+            Goal::Cosine(c) => p.logit_cosine >= c,
+        }
+    }
+
+    fn quality(&self, p: &PathPoint) -> f64 {
+        self.goal.quality(p)
+    }
+}
+
+/// The greedy path's result: its points, the graph of the chosen one and its index.
+struct Walk {
+    path: Vec<PathPoint>,
+    graph: Graph,
+    chosen_point: usize,
+}
+
+fn check_ranges(o: &Options) -> Result<()> {
+    for (name, v, range) in [
+        ("min_logit_cosine", o.min_logit_cosine, -1.0..=1.0),
+        ("max_accuracy_drop", o.max_accuracy_drop, 0.0..=100.0),
+        ("max_expected_drop", o.max_expected_drop, 0.0..=100.0),
+        ("target_reduction", o.target_reduction, 0.0..=1.0),
+    ] {
+        if let Some(v) = v.filter(|v| !range.contains(v)) {
+            return Err(Error::Input(format!(
+                "mask.{name} = {v}: must be within {}..={}",
+                range.start(),
+                range.end()
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn check_targets(o: &Options, has_val: bool) -> Result<()> {
+    if o.max_accuracy_drop.is_some() && !has_val {
+        return Err(Error::Input(
+            "mask.max_accuracy_drop needs a labelled validation set: --val X --val-labels Y".into(),
+        ));
+    }
+    if o.max_accuracy_drop.is_some() && o.target_reduction.is_some() {
+        return Err(Error::Input(
+            "mask: give max_accuracy_drop or target_reduction, not both".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// The images the logit measures are taken on — held-out calibration images when the compile
+/// set some aside, else the ones learned on, at most `samples` — and how the report names them.
+fn measured_images(cx: &PassCx, o: &Options) -> Result<(ArrayD<f32>, String)> {
+    let held_out = cx.holdout.is_some();
+    let calib = cx
+        .holdout
+        .as_ref()
+        .or(cx.calib.as_ref())
+        .ok_or_else(|| Error::Input("the mask pass measures on --calib images".into()))?;
+    let samples = calib.select(
+        Axis(0),
+        &(0..calib.shape()[0].min(o.samples.max(1))).collect::<Vec<_>>(),
+    );
+    let measured_on = format!(
+        "{} {} images",
+        samples.shape()[0],
+        if held_out {
+            "held-out calibration"
+        } else {
+            "calibration (learned on)"
+        }
+    );
+    Ok((samples, measured_on))
+}
+
+/// Layers in greedy order: most damage per operation saved first (ties in graph order).
+fn greedy_order(decisions: &[LayerDecision]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..decisions.len()).collect();
+    order.sort_by(|&a, &b| {
+        decisions[b]
+            .damage_per_mop_saved
+            .total_cmp(&decisions[a].damage_per_mop_saved)
+            .then(a.cmp(&b))
+    });
+    order
+}
+
 impl Mask {
     fn mask(&self, graph: &mut Graph, cx: &mut PassCx, record: &LutLayers) -> Result<()> {
         let o = &self.0;
-        for (name, v, range) in [
-            ("min_logit_cosine", o.min_logit_cosine, -1.0..=1.0),
-            ("max_accuracy_drop", o.max_accuracy_drop, 0.0..=100.0),
-            ("max_expected_drop", o.max_expected_drop, 0.0..=100.0),
-            ("target_reduction", o.target_reduction, 0.0..=1.0),
-        ] {
-            if let Some(v) = v.filter(|v| !range.contains(v)) {
-                return Err(Error::Input(format!(
-                    "mask.{name} = {v}: must be within {}..={}",
-                    range.start(),
-                    range.end()
-                )));
-            }
-        }
+        check_ranges(o)?;
         let luts = record.live(graph);
         if luts.is_empty() {
             cx.notes
                 .push("mask: no LUT layers to mask (run the lut pass first)".into());
             return Ok(());
         }
-        // held-out calibration images when the compile set some aside, else the ones learned on
-        let held_out = cx.holdout.is_some();
-        let calib = cx
-            .holdout
-            .clone()
-            .or_else(|| cx.calib.clone())
-            .ok_or_else(|| Error::Input("the mask pass measures on --calib images".into()))?;
-        let samples = calib.select(
-            Axis(0),
-            &(0..calib.shape()[0].min(o.samples.max(1))).collect::<Vec<_>>(),
-        );
-        let measured_on = format!(
-            "{} {} images",
-            samples.shape()[0],
-            if held_out {
-                "held-out calibration"
-            } else {
-                "calibration (learned on)"
-            }
-        );
-        if o.max_accuracy_drop.is_some() && cx.val.is_none() {
-            return Err(Error::Input(
-                "mask.max_accuracy_drop needs a labelled validation set: --val X --val-labels Y".into(),
-            ));
-        }
-        if o.max_accuracy_drop.is_some() && o.target_reduction.is_some() {
-            return Err(Error::Input(
-                "mask: give max_accuracy_drop or target_reduction, not both".into(),
-            ));
-        }
-        let goal = Goal::of(o);
+        let (samples, measured_on) = measured_images(cx, o)?;
+        check_targets(o, cx.val.is_some())?;
         // the exact reference: every layer restored
         let mut exact = graph.clone();
         for n in &luts {
             restore(&mut exact, n, record.exact(n)?)?;
         }
         crate::ir::infer::infer_graph(&mut exact)?;
-        let source = cost::Cost {
-            exact_macs: cost::graph_cost(&exact).exact_macs,
-            ..Default::default()
-        };
-        let ref_logits = logits(&exact, &samples)?;
-        let val = cx.val.clone();
-        let n_val = val.as_ref().map_or(0, |v| v.1.len());
-        let exact_correct = val.as_ref().map(|v| correct(&exact, v)).transpose()?;
-        let exact_acc = exact_correct.map(|c| c as f64 / n_val.max(1) as f64);
-        let measure = |g: &Graph, restored: Option<String>| -> Result<PathPoint> {
-            let mut g = g.clone();
-            crate::ir::infer::infer_graph(&mut g)?;
-            let (l, a) = cost::reduction(&source, &cost::graph_cost(&g));
-            let correct = val.as_ref().map(|v| correct(&g, v)).transpose()?;
-            let out = logits(&g, &samples)?;
-            Ok(PathPoint {
-                restored,
-                reduction_everything_counted: a,
-                reduction_lookups_only: l,
-                logit_cosine: mean_cosine(&out, &ref_logits),
-                expected_drop: expected_drop(&ref_logits, &out),
-                accuracy: correct.map(|c| c as f64 / n_val.max(1) as f64),
-                correct,
-            })
-        };
-        // damage of each layer alone, and what it saves
-        let mut decisions = Vec::new();
+        let meter = Meter::new(Goal::of(o), &exact, samples, cx.val.clone())?;
         let bar = crate::cli::progress(2 * luts.len(), "mask");
-        for n in &luts {
+        let mut decisions = self.layers_alone(graph, cx, record, &luts, &meter, &bar)?;
+        let mut current = graph.clone();
+        self.decide_first(&mut current, record, &luts, &mut decisions)?;
+        let walk = self.walk(current, cx, record, &luts, &meter, &mut decisions, &bar)?;
+        bar.finish_and_clear();
+        let chosen = &walk.path[walk.chosen_point];
+        let (current, final_point) = match self.relearn(&exact, chosen, &decisions, record, &meter, cx)? {
+            Some((relearned, p)) => (relearned, Some(p)),
+            None => (walk.graph, None),
+        };
+        *graph = current;
+        cx.mask = Some(MaskReport {
+            metric: meter.goal.metric().into(),
+            target: meter.goal.target(),
+            measured_on,
+            exact_accuracy: meter.exact_correct.map(|c| c as f64 / meter.n_val().max(1) as f64),
+            layers: decisions,
+            path: walk.path,
+            chosen_point: walk.chosen_point,
+            final_point,
+        });
+        Ok(())
+    }
+
+    /// Each LUT layer alone as lookups (everything else exact): its damage to the logits, what
+    /// it saves, and the estimated speed of its lookups against the exact layer.
+    fn layers_alone(
+        &self,
+        graph: &Graph,
+        cx: &PassCx,
+        record: &LutLayers,
+        luts: &[String],
+        meter: &Meter,
+        bar: &indicatif::ProgressBar,
+    ) -> Result<Vec<LayerDecision>> {
+        let o = &self.0;
+        let mut decisions = Vec::new();
+        for n in luts {
             bar.inc(1);
             let ex = record.exact(n)?;
             let lut = graph.find(n).expect("present");
@@ -575,9 +689,9 @@ impl Mask {
                 .unwrap_or(0);
             let exact_macs = rows_m * d;
             let ops_saved = 2 * exact_macs as i64 - lut_cost.ops_all() as i64;
-            let alone = only_layer(graph, n, &luts, record)?;
-            let cos = mean_cosine(&logits(&alone, &samples)?, &ref_logits);
-            cx.say(&bar, || {
+            let alone = only_layer(graph, n, luts, record)?;
+            let cos = mean_cosine(&logits(&alone, &meter.samples)?, &meter.ref_logits);
+            cx.say(bar, || {
                 format!("  mask: {} alone as lookups: logit cosine {cos:.5}", ex.matmul)
             });
             let lr = record.report_of(&ex.matmul);
@@ -597,74 +711,86 @@ impl Mask {
                 why: String::new(),
             });
         }
-        // greedy order: most damage per operation saved first
-        let mut order: Vec<usize> = (0..luts.len()).collect();
-        order.sort_by(|&a, &b| {
-            decisions[b]
-                .damage_per_mop_saved
-                .total_cmp(&decisions[a].damage_per_mop_saved)
-                .then(a.cmp(&b))
-        });
-        let mut current = graph.clone();
-        // overrides first
+        Ok(decisions)
+    }
+
+    /// The decisions made before the greedy path: `keep_exact` / `force_lut` overrides, then
+    /// (with `restore_unprofitable`) layers whose lookups save nothing or run slower.
+    fn decide_first(
+        &self,
+        current: &mut Graph,
+        record: &LutLayers,
+        luts: &[String],
+        decisions: &mut [LayerDecision],
+    ) -> Result<()> {
+        let o = &self.0;
         for (i, n) in luts.iter().enumerate() {
             let name = &decisions[i].layer;
             if o.keep_exact.iter().any(|g| glob_match(g, name) || glob_match(g, n)) {
-                restore(&mut current, n, record.exact(n)?)?;
+                restore(current, n, record.exact(n)?)?;
                 decisions[i].chosen = "exact";
                 decisions[i].why = "keep_exact override".into();
             } else if o.force_lut.iter().any(|g| glob_match(g, name) || glob_match(g, n)) {
                 decisions[i].why = "force_lut override".into();
             }
         }
-        let met = |p: &PathPoint| -> bool {
-            match goal {
-                Goal::Accuracy(drop) => within_drop(exact_correct.unwrap_or(0), p.correct.unwrap_or(0), n_val, drop),
-                Goal::Reduction(_) => false, // restore while the reduction allows (checked below)
-                Goal::ExpectedDrop(drop, cos) => p.expected_drop <= drop && cos.is_none_or(|c| p.logit_cosine >= c),
-                Goal::Cosine(c) => p.logit_cosine >= c,
-            }
-        };
-        let quality = |p: &PathPoint| goal.quality(p);
-        if o.restore_unprofitable {
-            for (i, n) in luts.iter().enumerate() {
-                let d = &decisions[i];
-                if (d.ops_saved <= 0 || d.est_speedup <= 1.0) && d.why.is_empty() {
-                    restore(&mut current, n, record.exact(n)?)?;
-                    decisions[i].chosen = "exact";
-                    decisions[i].why = if decisions[i].ops_saved <= 0 {
-                        format!(
-                            "restored: its lookups cost {:.3} Mops more than the exact layer",
-                            -decisions[i].ops_saved as f64 / 1e6
-                        )
-                    } else {
-                        format!(
-                            "restored: its lookups would take {:.2}x the exact layer's time (time_model)",
-                            1.0 / decisions[i].est_speedup
-                        )
-                    };
-                }
+        if !o.restore_unprofitable {
+            return Ok(());
+        }
+        for (d, n) in decisions.iter_mut().zip(luts) {
+            if (d.ops_saved <= 0 || d.est_speedup <= 1.0) && d.why.is_empty() {
+                restore(current, n, record.exact(n)?)?;
+                d.chosen = "exact";
+                d.why = if d.ops_saved <= 0 {
+                    format!(
+                        "restored: its lookups cost {:.3} Mops more than the exact layer",
+                        -d.ops_saved as f64 / 1e6
+                    )
+                } else {
+                    format!(
+                        "restored: its lookups would take {:.2}x the exact layer's time (time_model)",
+                        1.0 / d.est_speedup
+                    )
+                };
             }
         }
-        let mut path = vec![measure(&current, None)?];
+        Ok(())
+    }
+
+    /// Restore the undecided layers in greedy order, measuring the whole model after each,
+    /// until the target holds; keep the first point that meets it or else the best one
+    /// ([`best_point`]), undoing the restores after it.
+    #[allow(clippy::too_many_arguments)]
+    fn walk(
+        &self,
+        mut current: Graph,
+        cx: &PassCx,
+        record: &LutLayers,
+        luts: &[String],
+        meter: &Meter,
+        decisions: &mut [LayerDecision],
+        bar: &indicatif::ProgressBar,
+    ) -> Result<Walk> {
+        let o = &self.0;
+        let mut path = vec![meter.measure(&current, None)?];
         // the best point so far and its graph (see `best_point`), and what each point restored
         let (mut best, mut best_graph) = (0, current.clone());
         let mut restored_at: Vec<(usize, usize)> = Vec::new(); // (decision, rank) per point 1..
         let mut rank = 0;
-        for &i in &order {
+        for i in greedy_order(decisions) {
             cx.check_cancel()?;
             if !decisions[i].why.is_empty() {
                 continue; // decided by an override or as unprofitable
             }
             rank += 1;
             bar.inc(1);
-            if met(path.last().expect("starts with one point")) {
+            if meter.met(path.last().expect("starts with one point")) {
                 decisions[i].why = format!("kept as LUT: target met (priority rank {rank})");
                 continue;
             }
             let mut trial = current.clone();
             restore(&mut trial, &luts[i], record.exact(&luts[i])?)?;
-            let point = measure(&trial, Some(decisions[i].layer.clone()))?;
+            let point = meter.measure(&trial, Some(decisions[i].layer.clone()))?;
             if let Some(t) = o.target_reduction {
                 if point.reduction_everything_counted < t {
                     decisions[i].why =
@@ -672,7 +798,7 @@ impl Mask {
                     continue;
                 }
             }
-            cx.say(&bar, || {
+            cx.say(bar, || {
                 let acc = point
                     .accuracy
                     .map(|a| format!("accuracy {:.2} %, ", 100.0 * a))
@@ -695,12 +821,11 @@ impl Mask {
             );
             // no earlier point met the target (the loop stops restoring at one that does)
             let last = path.len() - 1;
-            if met(&path[last]) || quality(&path[last]) > quality(&path[best]) {
+            if meter.met(&path[last]) || meter.quality(&path[last]) > meter.quality(&path[best]) {
                 (best, best_graph) = (last, current.clone());
             }
         }
-        bar.finish_and_clear();
-        let chosen_point = best_point(&path, met, quality);
+        let chosen_point = best_point(&path, |p| meter.met(p), |p| meter.quality(p));
         debug_assert_eq!(chosen_point, best, "the running best is the best point");
         if chosen_point + 1 < path.len() {
             // the restores after the chosen point made things worse: undo them
@@ -720,45 +845,49 @@ impl Mask {
                 );
             }
         }
-        // relearn the remaining tables through the final mix of exact and LUT layers
-        let mut final_point = None;
-        if o.relearn {
-            let keep: Vec<String> = decisions
-                .iter()
-                .filter(|d| d.chosen == "exact")
-                .map(|d| d.layer.clone())
-                .collect();
-            // the options the lut pass ran with, unless the pipeline gives others for relearning
-            let mut lut_opts = o.lut.clone().unwrap_or_else(|| record.options.clone());
-            lut_opts.keep_exact.extend(keep);
-            let mut relearned = exact.clone();
-            Lut(lut_opts).run(&mut relearned, cx)?;
-            let p = measure(&relearned, Some("(relearned)".into()))?;
-            // keep the relearned model unless it is worse on the target metric; report only the
-            // model kept
-            let chosen = &path[chosen_point];
-            if quality(&p) >= quality(chosen) {
-                current = relearned;
-                final_point = Some(p);
-            } else {
-                let (now, was) = goal.compare(&p, chosen);
-                cx.notes.push(format!(
-                    "mask: relearning the tables did not help ({now} {was}); kept the greedy result"
-                ));
-            }
-        }
-        *graph = current;
-        cx.mask = Some(MaskReport {
-            metric: goal.metric().into(),
-            target: goal.target(),
-            measured_on,
-            exact_accuracy: exact_acc,
-            layers: decisions,
+        Ok(Walk {
             path,
+            graph: current,
             chosen_point,
-            final_point,
-        });
-        Ok(())
+        })
+    }
+
+    /// With `relearn`: the tables of the layers left as lookups learned again through the
+    /// chosen mix of exact and LUT layers (the `lut` pass re-run on the exact model with the
+    /// restored layers kept exact), and its point — unless it is worse than the `chosen` point
+    /// on the target's metric (then `None` and a note: the greedy result stays).
+    fn relearn(
+        &self,
+        exact: &Graph,
+        chosen: &PathPoint,
+        decisions: &[LayerDecision],
+        record: &LutLayers,
+        meter: &Meter,
+        cx: &mut PassCx,
+    ) -> Result<Option<(Graph, PathPoint)>> {
+        let o = &self.0;
+        if !o.relearn {
+            return Ok(None);
+        }
+        let keep: Vec<String> = decisions
+            .iter()
+            .filter(|d| d.chosen == "exact")
+            .map(|d| d.layer.clone())
+            .collect();
+        // the options the lut pass ran with, unless the pipeline gives others for relearning
+        let mut lut_opts = o.lut.clone().unwrap_or_else(|| record.options.clone());
+        lut_opts.keep_exact.extend(keep);
+        let mut relearned = exact.clone();
+        Lut(lut_opts).run(&mut relearned, cx)?;
+        let p = meter.measure(&relearned, Some("(relearned)".into()))?;
+        if meter.quality(&p) >= meter.quality(chosen) {
+            return Ok(Some((relearned, p)));
+        }
+        let (now, was) = meter.goal.compare(&p, chosen);
+        cx.notes.push(format!(
+            "mask: relearning the tables did not help ({now} {was}); kept the greedy result"
+        ));
+        Ok(None)
     }
 }
 
