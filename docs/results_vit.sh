@@ -2,7 +2,7 @@
 # The "Beyond vision" section of docs/RESULTS.md (issue 12): the fixture ViTs (fixtures/vit.py)
 # on MNIST and Fashion-MNIST and the MLP, compiled with the default pipeline, with
 # `mask.max_accuracy_drop=0.5` (as the CNN rows above), the same without the speed-based restores,
-# and with every linear layer as lookups; evaluated on the full 10 000-image test sets; timed
+# with 256 codes per codebook, and with every linear layer as lookups; evaluated on the full 10 000-image test sets; timed
 # against ONNX Runtime (one thread, batch 1 and 64). Replaces everything from "## Beyond vision"
 # on in docs/RESULTS.md. Needs the IDX files ($MNIST_DIR, $FMNIST_DIR, see docs/results.sh) and
 # python3 with numpy and onnxruntime (bench's ORT column). Not part of CI.
@@ -24,6 +24,7 @@ declare -A VARIANTS=(
   [drop]="--set mask.max_accuracy_drop=0.5"
   [drop_all]="--set mask.max_accuracy_drop=0.5 --set mask.restore_unprofitable=false"
   [drop_all_s2]="--set mask.max_accuracy_drop=0.5 --set mask.restore_unprofitable=false --set lut.token_subspace=2"
+  [drop_all_k256]="--set mask.max_accuracy_drop=0.5 --set mask.restore_unprofitable=false --set lut.k=256"
   [all_lut]="--set mask.min_logit_cosine=0 --set mask.restore_unprofitable=false"
 )
 model_row() { # key model dataset_dir dataset
@@ -33,7 +34,7 @@ model_row() { # key model dataset_dir dataset
   y=$(ls "$dir"/t10k-labels-idx1-ubyte* | head -1)
   "$T/tabconv" eval "$model" --json --batch 100 --inputs "$x" --labels "$y" > "$out/$key.exact.eval.json"
   for v in "${!VARIANTS[@]}"; do
-    [ "$key" = mlp_mnist ] && [ "$v" = drop_all_s2 ] && continue
+    [ "$key" = mlp_mnist ] && { [ "$v" = drop_all_s2 ] || [ "$v" = drop_all_k256 ]; } && continue
     local start
     start=$(date +%s.%N)
     # shellcheck disable=SC2086
@@ -44,7 +45,9 @@ model_row() { # key model dataset_dir dataset
     "$T/tabconv" eval "$out/$key.$v.tcv" --json --batch 100 --inputs "$x" --labels "$y" > "$out/$key.$v.eval.json"
   done
   for b in 1 64; do
-    "$T/tabconv" bench "$model" "$out/$key.drop_all.tcv" "$out/$key.all_lut.tcv" --batch $b --threads 1 \
+    local k256=()
+    [ -f "$out/$key.drop_all_k256.tcv" ] && k256=("$out/$key.drop_all_k256.tcv")
+    "$T/tabconv" bench "$model" "$out/$key.drop_all.tcv" "$out/$key.all_lut.tcv" "${k256[@]}" --batch $b --threads 1 \
       --seconds 3 --no-tract --json > "$out/$key.bench$b.json"
   done
 }
