@@ -93,6 +93,15 @@ fn the_global_stage_keeps_a_model_no_worse_on_held_out_images() {
     assert!(r.kl_after <= r.kl_before, "{r:?}");
     assert!(r.kl_before > 0.0 && r.agree_before > 0.5, "{r:?}");
     assert_eq!(r.images, 512);
+    // the learning curve: one held-out point per epoch, and the kept epoch is its lowest
+    // divergence (or the start when no epoch went below it)
+    assert_eq!(r.epochs.len(), 2, "{r:?}");
+    let lowest = r.epochs.iter().map(|p| p.kl).fold(r.kl_before, f64::min);
+    assert_eq!(r.kl_after, lowest, "{r:?}");
+    if r.best_epoch > 0 {
+        assert_eq!(r.epochs[r.best_epoch - 1].kl, r.kl_after, "{r:?}");
+        assert_eq!(r.epochs[r.best_epoch - 1].agree, r.agree_after, "{r:?}");
+    }
 }
 
 fn dump_with_hashes(g: &Graph) -> String {

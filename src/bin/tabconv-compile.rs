@@ -213,13 +213,14 @@ fn print_summary(done: &Compiled) {
     }
     if let Some(g) = &report.global {
         eprintln!(
-            "  global stage: KL {:.4} → {:.4}, top-1 agreement with the exact model {:.2} % → {:.2} % on {} held-out images, epoch {} kept, {:.1} s",
+            "  global stage: KL {:.4} → {:.4}, top-1 agreement with the exact model {:.2} % → {:.2} % on {} held-out images, epoch {} kept (KL per epoch: {}), {:.1} s",
             g.kl_before,
             g.kl_after,
             100.0 * g.agree_before,
             100.0 * g.agree_after,
             g.images / 8,
             g.best_epoch,
+            g.epochs.iter().map(|p| format!("{:.4}", p.kl)).collect::<Vec<_>>().join(", "),
             g.seconds
         );
     }

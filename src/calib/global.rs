@@ -45,8 +45,17 @@ pub struct Report {
     pub agree_before: f64,
     pub agree_after: f64,
     pub best_epoch: usize,
+    /// Held-out divergence and agreement after each epoch (the learning curve).
+    pub epochs: Vec<EpochPoint>,
     pub images: usize,
     pub seconds: f64,
+}
+
+/// The held-out measures after one epoch of the global stage.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct EpochPoint {
+    pub kl: f64,
+    pub agree: f64,
 }
 
 /// One trainable LUT layer.
@@ -939,9 +948,17 @@ fn kl_loss(student: &ArrayD<f32>, teacher: &[f32]) -> (f64, usize, ArrayD<f32>) 
     )
 }
 
-/// Distil the exact model's outputs into `graph`'s LUT layers (see the module docs). Returns
-/// `None` when the graph has no LUT layer to train.
-pub fn distil(graph: &mut Graph, exact: &Graph, calib: &ArrayD<f32>, o: &Options, seed: u64) -> Result<Option<Report>> {
+/// Distil the exact model's outputs into `graph`'s LUT layers (see the module docs), calling
+/// `on_epoch(epoch, point)` after each epoch (progress). Returns `None` when the graph has no
+/// LUT layer to train.
+pub fn distil(
+    graph: &mut Graph,
+    exact: &Graph,
+    calib: &ArrayD<f32>,
+    o: &Options,
+    seed: u64,
+    on_epoch: &mut dyn FnMut(usize, EpochPoint),
+) -> Result<Option<Report>> {
     let start = std::time::Instant::now();
     let frozen = graph.clone();
     let Some(mut net) = Net::new(&frozen)? else {
@@ -1003,6 +1020,7 @@ pub fn distil(graph: &mut Graph, exact: &Graph, calib: &ArrayD<f32>, o: &Options
             .collect()
     };
     let mut best = (kl0, agree0, 0usize, snapshot(&net));
+    let mut epochs = Vec::with_capacity(o.steps.epochs);
     for epoch in 1..=o.steps.epochs {
         learn::shuffle(&mut train, &mut rng);
         for b in train.chunks(o.steps.batch.max(1)) {
@@ -1017,6 +1035,8 @@ pub fn distil(graph: &mut Graph, exact: &Graph, calib: &ArrayD<f32>, o: &Options
             }
         }
         let (kl, agree) = evaluate(&mut net)?;
+        epochs.push(EpochPoint { kl, agree });
+        on_epoch(epoch, EpochPoint { kl, agree });
         if kl < best.0 {
             best = (kl, agree, epoch, snapshot(&net));
         }
@@ -1036,6 +1056,7 @@ pub fn distil(graph: &mut Graph, exact: &Graph, calib: &ArrayD<f32>, o: &Options
         agree_before: agree0,
         agree_after: agree,
         best_epoch,
+        epochs,
         images: n,
         seconds: start.elapsed().as_secs_f64(),
     }))

@@ -712,7 +712,21 @@ impl Pass for Lut {
                 max_images: o.global_images,
             };
             let seed = Rng::derive(cx.seed, &[0x610b]).next_u64();
-            match crate::calib::global::distil(graph, &exact, &calib, &go, seed) {
+            let bar = crate::cli::progress(o.global_epochs, "lut global");
+            let mut on_epoch = |epoch: usize, p: crate::calib::global::EpochPoint| {
+                bar.inc(1);
+                cx.say(&bar, || {
+                    format!(
+                        "  lut global: epoch {epoch}/{}: KL {:.4}, top-1 agreement {:.2} % (held out)",
+                        o.global_epochs,
+                        p.kl,
+                        100.0 * p.agree
+                    )
+                });
+            };
+            let distilled = crate::calib::global::distil(graph, &exact, &calib, &go, seed, &mut on_epoch);
+            bar.finish_and_clear();
+            match distilled {
                 Ok(Some(r)) => {
                     cx.say(&bar, || {
                         format!(
