@@ -323,6 +323,79 @@ fn the_best_point_of_a_non_monotonic_path_is_kept() {
     assert!(dump(&out).unwrap().contains("\"easy/lut\""));
 }
 
+/// `prune` puts back a layer the greedy path restored when the target holds without it: with
+/// labels that only the layer restored second matters for, the path restores both layers
+/// (the first alone is not enough) and pruning then puts the first back as lookups.
+#[test]
+fn prune_puts_back_a_restore_the_target_does_not_need() {
+    let (g, cx, calib) = approximated();
+    // the greedy order: damage alone does not depend on the labels
+    let (_, m, _) = mask_only(
+        &g,
+        cx,
+        (calib.clone(), vec![0; calib.shape()[0]]),
+        "      min_logit_cosine: 1\n      relearn: false\n      restore_unprofitable: false\n",
+    );
+    let first = m.path[1].restored.clone().expect("a restore");
+    let second = m.path[2].restored.clone().expect("two restores");
+    let (g, cx, _) = approximated();
+    let e = predictions(&with_exact(&g, &cx, &["easy", "hard"]), &calib);
+    let only_second = predictions(&with_exact(&g, &cx, &[second.as_str()]), &calib);
+    let only_first = predictions(&with_exact(&g, &cx, &[first.as_str()]), &calib);
+    let none = predictions(&g, &calib);
+    // images where the model with only `second` exact is right whenever the exact one is;
+    // elsewhere a class no model predicts (every model wrong)
+    let (mut rows, mut labels) = (Vec::new(), Vec::new());
+    let (mut first_needed, mut lut_wrong) = (0, 0);
+    for i in 0..e.len() {
+        let preds = [e[i], only_second[i], only_first[i], none[i]];
+        if only_second[i] == e[i] {
+            first_needed += usize::from(only_first[i] != e[i]);
+            lut_wrong += usize::from(none[i] != e[i]);
+            rows.push(i);
+            labels.push(e[i]);
+        } else if let Some(c) = (0..4).find(|c| !preds.contains(c)) {
+            rows.push(i);
+            labels.push(c);
+        }
+    }
+    assert!(
+        first_needed > 0 && lut_wrong > 0,
+        "the constructed case needs images only the second restore fixes: {first_needed}, {lut_wrong}"
+    );
+    let x = calib.select(ndarray::Axis(0), &rows);
+    let want = predictions(&with_exact(&g, &cx, &[second.as_str()]), &x);
+    let options = "      max_accuracy_drop: 0\n      relearn: false\n      restore_unprofitable: false\n";
+    let (out, m, _) = mask_only(
+        &g,
+        cx,
+        (x.clone(), labels.clone()),
+        &format!("{options}      prune: true\n"),
+    );
+    assert_eq!(m.path.len(), 3, "both layers restored on the path: {:?}", m.path);
+    assert_eq!(m.chosen_point, 2);
+    assert_eq!(m.pruned.len(), 1, "{:?}", m.pruned);
+    assert_eq!(
+        m.pruned[0].restored.as_deref(),
+        Some(format!("{first} back as lookups").as_str())
+    );
+    assert_eq!(m.pruned[0].correct, m.path[2].correct, "the target (no drop) still met");
+    let choice = |n: &str| m.layers.iter().find(|d| d.layer == n).unwrap();
+    assert_eq!(choice(&first).chosen, "lut", "{}", choice(&first).why);
+    assert!(choice(&first).why.contains("prune"), "{}", choice(&first).why);
+    assert_eq!(choice(&second).chosen, "exact");
+    assert_eq!(
+        predictions(&out, &x),
+        want,
+        "the model kept has only the second layer exact"
+    );
+    // without prune both stay exact
+    let (g, cx, _) = approximated();
+    let (_, m, _) = mask_only(&g, cx, (x, labels), options);
+    assert!(m.pruned.is_empty());
+    assert!(m.layers.iter().all(|d| d.chosen == "exact"), "{:?}", m.layers);
+}
+
 /// The relearned model is reported (`final_point`) only when it is kept; when it is worse on
 /// the target's metric the greedy choice stays, and the report says so in a note only.
 #[test]

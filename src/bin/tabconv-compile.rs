@@ -269,6 +269,18 @@ fn print_summary(done: &Compiled) {
                 .map(|a| format!(", accuracy {:.2}%", a * 100.0))
                 .unwrap_or_default()
         );
+        if let Some(p) = m.pruned.last() {
+            eprintln!(
+                "  after pruning ({} layer(s) put back as lookups): reduction {:.1}%, logit cosine {:.5}, expected drop {:.2} points{}",
+                m.pruned.len(),
+                p.reduction_everything_counted * 100.0,
+                p.logit_cosine,
+                p.expected_drop,
+                p.accuracy
+                    .map(|a| format!(", accuracy {:.2}%", a * 100.0))
+                    .unwrap_or_default()
+            );
+        }
         if let Some(f) = &m.final_point {
             eprintln!(
                 "  after relearning: reduction {:.1}%, logit cosine {:.5}, expected drop {:.2} points{}",

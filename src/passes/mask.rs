@@ -13,7 +13,9 @@
 //! are restored greedily by damage per operation saved, re-measuring the whole model after each
 //! restore (interactions show up there), until the target holds. A restore can make the model
 //! worse, so the point kept is the first that meets the target or, when none does, the best seen
-//! on the target's metric ([`best_point`]); later restores are undone. With `relearn` the lookup
+//! on the target's metric ([`best_point`]); later restores are undone. With `prune`, when that
+//! point meets the target, each layer the path restored is tried back as lookups (most
+//! operations saved first) and left so when the target still holds. With `relearn` the lookup
 //! tables of the layers that stay approximated are then learned again with progressive
 //! calibration through the chosen mix of exact and approximated layers; the relearned model is
 //! kept (and reported as `final_point`) unless it is worse on the target's metric.
@@ -61,6 +63,11 @@ pub struct Options {
     /// Restore layers whose lookups take longer than the exact layer (encoding counted, by
     /// `time_model`) before anything else: they lose accuracy and save nothing.
     pub restore_unprofitable: bool,
+    /// Once the greedy path meets the target, put the layers it restored back as lookups one at
+    /// a time, those saving the most operations first, keeping each that leaves the target met
+    /// (the greedy order ranks layers by their damage alone; with later restores in, an early
+    /// one can turn out unneeded). One more measure per restored layer.
+    pub prune: bool,
     /// Cost of one encoding multiply-add, comparison, lookup-add and output value of the
     /// lookups relative to one exact multiply-add, used by `restore_unprofitable`.
     pub time_model: TimeModel,
@@ -181,6 +188,7 @@ impl Default for Options {
             relearn: true,
             lut: None,
             restore_unprofitable: true,
+            prune: false,
             time_model: TimeModel::default(),
         }
     }
@@ -234,6 +242,10 @@ pub struct MaskReport {
     /// Index into `path` of the chosen point (before relearning): the first point that meets
     /// the target, or when none does the best one on the target's metric ([`best_point`]).
     pub chosen_point: usize,
+    /// With `prune`: a point per layer put back as lookups (each meeting the target), in order;
+    /// the last is the model relearning starts from.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub pruned: Vec<PathPoint>,
     /// The model after relearning its tables, when it was kept (it replaced the chosen point).
     /// `None` without relearning or when relearning did not help (the chosen point was kept).
     pub final_point: Option<PathPoint>,
@@ -537,6 +549,8 @@ struct Walk {
     path: Vec<PathPoint>,
     graph: Graph,
     chosen_point: usize,
+    /// The layers (decision indices) restored up to the chosen point.
+    restored: Vec<usize>,
 }
 
 fn check_ranges(o: &Options) -> Result<()> {
@@ -633,10 +647,11 @@ impl Mask {
         self.decide_first(&mut current, record, &luts, &mut decisions)?;
         let walk = self.walk(current, cx, record, &luts, &meter, &mut decisions, &bar)?;
         bar.finish_and_clear();
-        let chosen = &walk.path[walk.chosen_point];
+        let (pruned_graph, pruned) = self.prune(graph, cx, record, &luts, &meter, &mut decisions, &walk)?;
+        let chosen = pruned.last().unwrap_or(&walk.path[walk.chosen_point]);
         let (current, final_point) = match self.relearn(&exact, chosen, &decisions, record, &meter, cx)? {
             Some((relearned, p)) => (relearned, Some(p)),
-            None => (walk.graph, None),
+            None => (pruned_graph.unwrap_or(walk.graph), None),
         };
         *graph = current;
         cx.mask = Some(MaskReport {
@@ -647,6 +662,7 @@ impl Mask {
             layers: decisions,
             path: walk.path,
             chosen_point: walk.chosen_point,
+            pruned,
             final_point,
         });
         Ok(())
@@ -846,10 +862,66 @@ impl Mask {
             }
         }
         Ok(Walk {
+            restored: restored_at[..chosen_point].iter().map(|&(i, _)| i).collect(),
             path,
             graph: current,
             chosen_point,
         })
+    }
+
+    /// With `prune`, when the walk's chosen point meets the target: each layer the walk
+    /// restored, most operations saved first, put back as lookups (the model rebuilt from the
+    /// all-LUT `all_lut` with the other exact layers restored) and kept so when the target still
+    /// holds. Returns the model when some layer was put back, and a point per layer put back.
+    #[allow(clippy::too_many_arguments)]
+    fn prune(
+        &self,
+        all_lut: &Graph,
+        cx: &PassCx,
+        record: &LutLayers,
+        luts: &[String],
+        meter: &Meter,
+        decisions: &mut [LayerDecision],
+        walk: &Walk,
+    ) -> Result<(Option<Graph>, Vec<PathPoint>)> {
+        if !self.0.prune || !meter.met(&walk.path[walk.chosen_point]) {
+            return Ok((None, Vec::new()));
+        }
+        let mut order = walk.restored.clone();
+        order.sort_by(|&a, &b| decisions[b].ops_saved.cmp(&decisions[a].ops_saved).then(a.cmp(&b)));
+        let bar = crate::cli::progress(order.len(), "mask prune");
+        let (mut model, mut kept) = (None, Vec::new());
+        for i in order {
+            cx.check_cancel()?;
+            bar.inc(1);
+            let mut trial = all_lut.clone();
+            for (j, n) in luts.iter().enumerate() {
+                if j != i && decisions[j].chosen == "exact" {
+                    restore(&mut trial, n, record.exact(n)?)?;
+                }
+            }
+            let point = meter.measure(&trial, Some(format!("{} back as lookups", decisions[i].layer)))?;
+            if !meter.met(&point) {
+                continue;
+            }
+            cx.say(&bar, || {
+                format!(
+                    "  mask: prune put {} back as lookups: logit cosine {:.5}, {:.1} % removed",
+                    decisions[i].layer,
+                    point.logit_cosine,
+                    100.0 * point.reduction_everything_counted
+                )
+            });
+            decisions[i].chosen = "lut";
+            decisions[i].why = format!(
+                "kept as LUT: put back by prune, the target still met ({})",
+                decisions[i].why
+            );
+            kept.push(point);
+            model = Some(trial);
+        }
+        bar.finish_and_clear();
+        Ok((model, kept))
     }
 
     /// With `relearn`: the tables of the layers left as lookups learned again through the
