@@ -391,9 +391,17 @@ fn prune_puts_back_a_restore_the_target_does_not_need() {
     );
     // without prune both stay exact
     let (g, cx, _) = approximated();
-    let (_, m, _) = mask_only(&g, cx, (x, labels), options);
+    let (_, m, _) = mask_only(&g, cx, (x.clone(), labels.clone()), options);
     assert!(m.pruned.is_empty());
     assert!(m.layers.iter().all(|d| d.chosen == "exact"), "{:?}", m.layers);
+    // a target no point meets (a reduction target restores while it allows): nothing to try,
+    // and a note says so
+    let (g, cx, _) = approximated();
+    let options =
+        "      target_reduction: 0.99\n      prune: true\n      relearn: false\n      restore_unprofitable: false\n";
+    let (_, m, notes) = mask_only(&g, cx, (x, labels), options);
+    assert!(m.pruned.is_empty());
+    assert!(notes.iter().any(|n| n.contains("prune tried nothing")), "{notes:?}");
 }
 
 /// The relearned model is reported (`final_point`) only when it is kept; when it is worse on

@@ -1035,8 +1035,9 @@ pub fn distil(
             }
         }
         let (kl, agree) = evaluate(&mut net)?;
-        epochs.push(EpochPoint { kl, agree });
-        on_epoch(epoch, EpochPoint { kl, agree });
+        let point = EpochPoint { kl, agree };
+        epochs.push(point);
+        on_epoch(epoch, point);
         if kl < best.0 {
             best = (kl, agree, epoch, snapshot(&net));
         }

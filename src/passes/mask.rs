@@ -505,6 +505,11 @@ impl Meter {
         self.val.as_ref().map_or(0, |v| v.1.len())
     }
 
+    /// The validation accuracy of `correct` images right.
+    fn accuracy(&self, correct: usize) -> f64 {
+        correct as f64 / self.n_val().max(1) as f64
+    }
+
     /// `g`'s reductions, logit measures and validation accuracy, after restoring `restored`.
     fn measure(&self, g: &Graph, restored: Option<String>) -> Result<PathPoint> {
         let mut g = g.clone();
@@ -518,7 +523,7 @@ impl Meter {
             reduction_lookups_only: l,
             logit_cosine: mean_cosine(&out, &self.ref_logits),
             expected_drop: expected_drop(&self.ref_logits, &out),
-            accuracy: correct.map(|c| c as f64 / self.n_val().max(1) as f64),
+            accuracy: correct.map(|c| self.accuracy(c)),
             correct,
         })
     }
@@ -635,10 +640,7 @@ impl Mask {
         let (samples, measured_on) = measured_images(cx, o)?;
         check_targets(o, cx.val.is_some())?;
         // the exact reference: every layer restored
-        let mut exact = graph.clone();
-        for n in &luts {
-            restore(&mut exact, n, record.exact(n)?)?;
-        }
+        let mut exact = with_exact(graph, record, &luts)?;
         crate::ir::infer::infer_graph(&mut exact)?;
         let meter = Meter::new(Goal::of(o), &exact, samples, cx.val.clone())?;
         let bar = crate::cli::progress(2 * luts.len(), "mask");
@@ -658,7 +660,7 @@ impl Mask {
             metric: meter.goal.metric().into(),
             target: meter.goal.target(),
             measured_on,
-            exact_accuracy: meter.exact_correct.map(|c| c as f64 / meter.n_val().max(1) as f64),
+            exact_accuracy: meter.exact_correct.map(|c| meter.accuracy(c)),
             layers: decisions,
             path: walk.path,
             chosen_point: walk.chosen_point,
@@ -705,7 +707,7 @@ impl Mask {
                 .unwrap_or(0);
             let exact_macs = rows_m * d;
             let ops_saved = 2 * exact_macs as i64 - lut_cost.ops_all() as i64;
-            let alone = only_layer(graph, n, luts, record)?;
+            let alone = with_exact(graph, record, luts.iter().filter(|o| *o != n))?;
             let cos = mean_cosine(&logits(&alone, &meter.samples)?, &meter.ref_logits);
             cx.say(bar, || {
                 format!("  mask: {} alone as lookups: logit cosine {cos:.5}", ex.matmul)
@@ -877,14 +879,21 @@ impl Mask {
     fn prune(
         &self,
         all_lut: &Graph,
-        cx: &PassCx,
+        cx: &mut PassCx,
         record: &LutLayers,
         luts: &[String],
         meter: &Meter,
         decisions: &mut [LayerDecision],
         walk: &Walk,
     ) -> Result<(Option<Graph>, Vec<PathPoint>)> {
-        if !self.0.prune || !meter.met(&walk.path[walk.chosen_point]) {
+        if !self.0.prune {
+            return Ok((None, Vec::new()));
+        }
+        if !meter.met(&walk.path[walk.chosen_point]) {
+            cx.notes.push(format!(
+                "mask: prune tried nothing: no point of the greedy path meets the target ({})",
+                meter.goal.target()
+            ));
             return Ok((None, Vec::new()));
         }
         let mut order = walk.restored.clone();
@@ -894,12 +903,8 @@ impl Mask {
         for i in order {
             cx.check_cancel()?;
             bar.inc(1);
-            let mut trial = all_lut.clone();
-            for (j, n) in luts.iter().enumerate() {
-                if j != i && decisions[j].chosen == "exact" {
-                    restore(&mut trial, n, record.exact(n)?)?;
-                }
-            }
+            let others = (0..luts.len()).filter(|&j| j != i && decisions[j].chosen == "exact");
+            let trial = with_exact(all_lut, record, others.map(|j| &luts[j]))?;
             let point = meter.measure(&trial, Some(format!("{} back as lookups", decisions[i].layer)))?;
             if !meter.met(&point) {
                 continue;
@@ -963,11 +968,11 @@ impl Mask {
     }
 }
 
-/// The exact model with only LUT layer `n` approximated (its nodes copied from `graph`).
-fn only_layer(graph: &Graph, n: &str, luts: &[String], record: &LutLayers) -> Result<Graph> {
+/// `graph` with the LUT layers `layers` (their `LutMatMul` names) put back exact.
+fn with_exact<'a>(graph: &Graph, record: &LutLayers, layers: impl IntoIterator<Item = &'a String>) -> Result<Graph> {
     let mut g = graph.clone();
-    for other in luts.iter().filter(|o| *o != n) {
-        restore(&mut g, other, record.exact(other)?)?;
+    for n in layers {
+        restore(&mut g, n, record.exact(n)?)?;
     }
     Ok(g)
 }

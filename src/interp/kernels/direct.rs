@@ -1202,7 +1202,6 @@ mod x86 {
     /// after the previous), for tiles of at most 4 pixels: `R × V` independent sums, the same
     /// sums in the same order; returns the blocks done.
     #[target_feature(enable = "avx512f,avx2,fma")]
-    #[allow(clippy::type_complexity)]
     pub unsafe fn tile512_blocks<const R: usize, const V: usize>(a: Args) -> usize {
         tile512::<R, V, 0>(a);
         V / 2
