@@ -43,7 +43,7 @@ for spec in "${models[@]}"; do
   "$T/tabconv-compile" "$src" -o "$out/$m.default.tcv" --calib "fixtures/data/${ds}_calib.npy" \
     --report "$out/$m.default.json" 2>"$out/$m.default.log"
   "$T/tabconv-compile" "$src" -o "$out/$m.all_lut.tcv" --calib "fixtures/data/${ds}_calib.npy" \
-    --set mask.min_logit_cosine=0 --set mask.restore_unprofitable=false --set mask.relearn=false \
+    --set mask.min_logit_cosine=0 --set mask.max_expected_drop=null --set mask.restore_unprofitable=false --set mask.relearn=false \
     --report "$out/$m.all_lut.json" 2>"$out/$m.all_lut.log"
   fi
   for f in "$src" "$out/$m.default.tcv" "$out/$m.all_lut.tcv"; do

@@ -25,7 +25,7 @@ declare -A VARIANTS=(
   [drop_all]="--set mask.max_accuracy_drop=0.5 --set mask.restore_unprofitable=false"
   [drop_all_s2]="--set mask.max_accuracy_drop=0.5 --set mask.restore_unprofitable=false --set lut.token_subspace=2"
   [drop_all_k256]="--set mask.max_accuracy_drop=0.5 --set mask.restore_unprofitable=false --set lut.k=256"
-  [all_lut]="--set mask.min_logit_cosine=0 --set mask.restore_unprofitable=false"
+  [all_lut]="--set mask.min_logit_cosine=0 --set mask.max_expected_drop=null --set mask.restore_unprofitable=false"
 )
 model_row() { # key model dataset_dir dataset
   local key=$1 model=$2 dir=$3 ds=$4

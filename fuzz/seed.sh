@@ -98,7 +98,7 @@ compile=${TABCONV_COMPILE:-"$root/target/release/tabconv-compile"}
 if [ ! -x "$compile" ]; then
     (cd "$root" && cargo build --release --bin tabconv-compile)
 fi
-quick="--set lut.max_rows=64 --set lut.kmeans_iters=2 --set lut.refit=false --set mask.relearn=false --set mask.restore_unprofitable=false --set mask.min_logit_cosine=0"
+quick="--set lut.max_rows=64 --set lut.kmeans_iters=2 --set lut.refit=false --set mask.relearn=false --set mask.restore_unprofitable=false --set mask.min_logit_cosine=0 --set mask.max_expected_drop=null"
 t="$c/tcv_read"
 for m in conv_valid conv_same_upper conv_1x1 view_flatten_gemm_opset13 gemm_symbolic_batch; do
     for v in "tree:--set lut.encoder=tree" "argmin_f32:--set lut.encoder=argmin --set lut.tables=f32" \

@@ -25,6 +25,8 @@ fn compile(out: &Path, extra: &[&str]) {
             "--set",
             "mask.min_logit_cosine=0",
             "--set",
+            "mask.max_expected_drop=null",
+            "--set",
             "mask.restore_unprofitable=false",
         ],
         extra,

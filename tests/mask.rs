@@ -264,6 +264,11 @@ fn an_accuracy_drop_of_exactly_the_budget_is_accepted() {
     let options = "      max_accuracy_drop: 0.5\n      relearn: false\n      restore_unprofitable: false\n";
     let (_, m, _) = mask_only(&g, cx, (x.clone(), labels.clone()), options);
     assert_eq!(m.exact_accuracy, Some(0.91));
+    assert!(
+        m.measured_on.starts_with("200 validation images (logits on "),
+        "the accuracy is taken on the validation set: {}",
+        m.measured_on
+    );
     assert_eq!(m.path[0].correct, Some(181), "{:?}", m.path[0]);
     assert_eq!(m.path.len(), 1, "nothing restored: {:?}", m.path);
     assert!(m

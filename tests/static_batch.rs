@@ -300,6 +300,7 @@ fn compile_calibrates_on_many_images_and_the_tcv_keeps_the_batch_handling() {
             // fitted on 36 images, they reach a logit cosine of about 0.98 on the 12 held out
             .args(["--set", "mask.restore_unprofitable=false"])
             .args(["--set", "mask.min_logit_cosine=0.95"])
+            .args(["--set", "mask.max_expected_drop=null"])
             .output()
             .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);

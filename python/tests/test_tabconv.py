@@ -28,8 +28,9 @@ MNIST_TEST = FIX / "data" / "mnist_test.npy"
 MNIST_LABELS = FIX / "data" / "mnist_test_labels.npy"
 # LeNet's layers are too small for lookups to pay, and as lookups its logits fall below the
 # default cosine target on the held-out calibration images, so by default they all stay exact;
-# keep some as lookups (its two convolutions) so that the lookup kernels run
-AS_LOOKUPS = {"mask.restore_unprofitable": False, "mask.min_logit_cosine": 0.99}
+# keep some as lookups (its two convolutions) so that the lookup kernels run (a logit cosine
+# target only: the default pipeline's expected-drop target is lifted)
+AS_LOOKUPS = {"mask.restore_unprofitable": False, "mask.min_logit_cosine": 0.99, "mask.max_expected_drop": None}
 
 
 def binary(name):
@@ -134,6 +135,7 @@ def test_compile_report_is_the_clis_and_counts_the_layers(lut_tcv, tmp_path):
     cli(
         "tabconv-compile", LENET, "-o", cli_tcv, "--calib", MNIST_CALIB,
         "--set", "mask.restore_unprofitable=false", "--set", "mask.min_logit_cosine=0.99",
+        "--set", "mask.max_expected_drop=null",
         "--report", tmp_path / "report.json",
     )
     assert tcv.read_bytes() == cli_tcv.read_bytes()

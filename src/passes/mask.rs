@@ -234,7 +234,8 @@ pub struct LayerDecision {
 pub struct MaskReport {
     pub metric: String,
     pub target: String,
-    /// The images the logit measures come from, e.g. "256 held-out calibration images".
+    /// The images the target is measured on, e.g. "256 held-out calibration images", or for an
+    /// accuracy target "2000 validation images (logits on 256 held-out calibration images)".
     pub measured_on: String,
     pub exact_accuracy: Option<f64>,
     pub layers: Vec<LayerDecision>,
@@ -643,6 +644,11 @@ impl Mask {
         let mut exact = with_exact(graph, record, &luts)?;
         crate::ir::infer::infer_graph(&mut exact)?;
         let meter = Meter::new(Goal::of(o), &exact, samples, cx.val.clone())?;
+        let measured_on = match meter.goal {
+            // the accuracy is taken on --val; the logit measures (damage alone, cosines) on the rest
+            Goal::Accuracy(_) => format!("{} validation images (logits on {measured_on})", meter.n_val()),
+            _ => measured_on,
+        };
         let bar = crate::cli::progress(2 * luts.len(), "mask");
         let mut decisions = self.layers_alone(graph, cx, record, &luts, &meter, &bar)?;
         let mut current = graph.clone();
