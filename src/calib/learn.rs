@@ -74,6 +74,9 @@ pub struct Problem<'a> {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Options {
     pub epochs: usize,
+    /// Stop once this many epochs in a row have not lowered the held-out error (0 = run every
+    /// epoch): the parameters kept are the best epoch's either way.
+    pub patience: usize,
     /// Adam step size, relative to each parameter group's scale (tables: their RMS; prototypes
     /// and thresholds: the RMS of their codebook's inputs).
     pub lr: f32,
@@ -137,6 +140,8 @@ pub fn learn(p: &Problem, enc: &mut Encoding, tables: &mut [f32], o: &Options, s
         let e = error(p, enc, tables, hold);
         if e < best.0 {
             best = (e, epoch, enc.clone(), tables.to_vec());
+        } else if o.patience > 0 && epoch - best.1 >= o.patience {
+            break;
         }
     }
     let (after, best_epoch, e, t) = best;
@@ -888,6 +893,7 @@ mod tests {
         let tables = vec![0f32; sub.count() * k * m];
         let o = Options {
             epochs: 10,
+            patience: 0,
             lr: 0.02,
             temperature: 1.0,
             batch: 128,
@@ -907,5 +913,19 @@ mod tests {
             .unwrap()
             .install(run);
         assert_eq!((out, &enc, &t), (out2, &enc2, &t2));
+        // patience: with a zero step nothing improves, and learning stops after `patience`
+        // epochs; without it every epoch runs
+        let per_epoch = out.steps / o.epochs;
+        let still = Options {
+            lr: 0.0,
+            patience: 2,
+            ..o.clone()
+        };
+        let (mut enc, mut t) = (Encoding::Argmin { protos: protos.clone() }, tables.clone());
+        let s = learn(&p, &mut enc, &mut t, &still, 42);
+        assert_eq!((s.best_epoch, s.steps), (0, 2 * per_epoch), "{s:?}");
+        let all = Options { patience: 0, ..still };
+        let (mut enc, mut t) = (Encoding::Argmin { protos: protos.clone() }, tables.clone());
+        assert_eq!(learn(&p, &mut enc, &mut t, &all, 42).steps, o.epochs * per_epoch);
     }
 }
