@@ -7,6 +7,7 @@ use tabconv::compile::{Compiled, Emit, Job};
 use tabconv::dataset::Source;
 use tabconv::ir::dump::dump;
 use tabconv::onnx::tcv;
+use tabconv::passes::mask::PathPoint;
 use tabconv::passes::pipeline::Pipeline;
 use tabconv::{Error, Result};
 
@@ -260,39 +261,36 @@ fn print_summary(done: &Compiled) {
             );
         }
         let c = &m.path[m.chosen_point];
+        let pct = |p: &PathPoint| p.reduction_everything_counted * 100.0;
         eprintln!(
-            "  chosen: reduction {:.1}% (everything counted), logit cosine {:.5}, expected drop {:.2} points{}",
-            c.reduction_everything_counted * 100.0,
-            c.logit_cosine,
-            c.expected_drop,
-            c.accuracy
-                .map(|a| format!(", accuracy {:.2}%", a * 100.0))
-                .unwrap_or_default()
+            "  chosen: reduction {:.1}% (everything counted), {}",
+            pct(c),
+            measures(c)
         );
         if let Some(p) = m.pruned.last() {
             eprintln!(
-                "  after pruning ({} layer(s) put back as lookups): reduction {:.1}%, logit cosine {:.5}, expected drop {:.2} points{}",
+                "  after pruning ({} layer(s) put back as lookups): reduction {:.1}%, {}",
                 m.pruned.len(),
-                p.reduction_everything_counted * 100.0,
-                p.logit_cosine,
-                p.expected_drop,
-                p.accuracy
-                    .map(|a| format!(", accuracy {:.2}%", a * 100.0))
-                    .unwrap_or_default()
+                pct(p),
+                measures(p)
             );
         }
         if let Some(f) = &m.final_point {
-            eprintln!(
-                "  after relearning: reduction {:.1}%, logit cosine {:.5}, expected drop {:.2} points{}",
-                f.reduction_everything_counted * 100.0,
-                f.logit_cosine,
-                f.expected_drop,
-                f.accuracy
-                    .map(|a| format!(", accuracy {:.2}%", a * 100.0))
-                    .unwrap_or_default()
-            );
+            eprintln!("  after relearning: reduction {:.1}%, {}", pct(f), measures(f));
         }
     }
+}
+
+/// A masking point's logit measures and, with a validation set, its accuracy.
+fn measures(p: &PathPoint) -> String {
+    format!(
+        "logit cosine {:.5}, expected drop {:.2} points{}",
+        p.logit_cosine,
+        p.expected_drop,
+        p.accuracy
+            .map(|a| format!(", accuracy {:.2}%", a * 100.0))
+            .unwrap_or_default()
+    )
 }
 
 /// Arithmetic and memory before and after, on stderr.

@@ -89,7 +89,8 @@ pub struct Options {
     pub epochs: usize,
     /// Learning stops once this many epochs in a row have not lowered the layer's held-out
     /// error (0 = every epoch runs). On the paper's ResNet-18 w64, 12 of 22 layers gained
-    /// nothing over their fitted start in 6 epochs, and learning was most of the compile.
+    /// nothing over their fitted start in 6 epochs, and learning took 168 s of its 329 s
+    /// default compile (82 s with a patience of 2).
     pub patience: usize,
     /// Adam step size, relative to the scale of each parameter group.
     pub lr: f32,

@@ -592,7 +592,8 @@ fn check_targets(o: &Options, has_val: bool) -> Result<()> {
 }
 
 /// The images the logit measures are taken on — held-out calibration images when the compile
-/// set some aside, else the ones learned on, at most `samples` — and how the report names them.
+/// set some aside, else the ones learned on, at most `samples` — and how the report names the
+/// images the target is measured on (for an accuracy target, the validation set).
 fn measured_images(cx: &PassCx, o: &Options) -> Result<(ArrayD<f32>, String)> {
     let held_out = cx.holdout.is_some();
     let calib = cx
@@ -604,7 +605,7 @@ fn measured_images(cx: &PassCx, o: &Options) -> Result<(ArrayD<f32>, String)> {
         Axis(0),
         &(0..calib.shape()[0].min(o.samples.max(1))).collect::<Vec<_>>(),
     );
-    let measured_on = format!(
+    let logit_images = format!(
         "{} {} images",
         samples.shape()[0],
         if held_out {
@@ -613,6 +614,13 @@ fn measured_images(cx: &PassCx, o: &Options) -> Result<(ArrayD<f32>, String)> {
             "calibration (learned on)"
         }
     );
+    let measured_on = match (Goal::of(o), &cx.val) {
+        // the accuracy is taken on --val; the logit measures (damage alone, cosines) on the rest
+        (Goal::Accuracy(_), Some((_, labels))) => {
+            format!("{} validation images (logits on {logit_images})", labels.len())
+        }
+        _ => logit_images,
+    };
     Ok((samples, measured_on))
 }
 
@@ -644,11 +652,6 @@ impl Mask {
         let mut exact = with_exact(graph, record, &luts)?;
         crate::ir::infer::infer_graph(&mut exact)?;
         let meter = Meter::new(Goal::of(o), &exact, samples, cx.val.clone())?;
-        let measured_on = match meter.goal {
-            // the accuracy is taken on --val; the logit measures (damage alone, cosines) on the rest
-            Goal::Accuracy(_) => format!("{} validation images (logits on {measured_on})", meter.n_val()),
-            _ => measured_on,
-        };
         let bar = crate::cli::progress(2 * luts.len(), "mask");
         let mut decisions = self.layers_alone(graph, cx, record, &luts, &meter, &bar)?;
         let mut current = graph.clone();
