@@ -9,13 +9,12 @@ use tabconv::calib::global;
 use tabconv::ir::Graph;
 use tabconv::passes::{manager::run_pipeline, pipeline::Pipeline, PassCx};
 
-/// LeNet-5 with every layer as lookups (no masking, NCHW), learned with `learn`.
-fn lenet_all_lut(learn: &str, extra: &str, calib: &ArrayD<f32>) -> (Graph, tabconv::passes::manager::CompileReport) {
-    let mut g = tabconv::onnx::load_model(&fixture("models/lenet5.onnx")).unwrap();
+/// `model` with every layer as lookups (no masking, NCHW): `lut` with the options `lut` (YAML
+/// lines) after the exact rewrites.
+fn all_lut(model: &str, lut: &str, calib: &ArrayD<f32>) -> (Graph, tabconv::passes::manager::CompileReport) {
+    let mut g = tabconv::onnx::load_model(&fixture(model)).unwrap();
     let p = Pipeline::parse(
-        &format!(
-            "name: t\npasses:\n  - fold-batchnorm:\n  - gemm-to-matmul:\n  - conv-to-im2col:\n  - lut:\n      kmeans_iters: 8\n      learn: {learn}\n{extra}"
-        ),
+        &format!("name: t\npasses:\n  - fold-batchnorm:\n  - gemm-to-matmul:\n  - conv-to-im2col:\n  - lut:\n{lut}"),
         "test",
     )
     .unwrap();
@@ -26,6 +25,15 @@ fn lenet_all_lut(learn: &str, extra: &str, calib: &ArrayD<f32>) -> (Graph, tabco
     };
     let report = run_pipeline(&mut g, &p, &mut cx, |_, _| Ok(())).unwrap();
     (g, report)
+}
+
+/// LeNet-5 with every layer as lookups, learned with `learn`.
+fn lenet_all_lut(learn: &str, extra: &str, calib: &ArrayD<f32>) -> (Graph, tabconv::passes::manager::CompileReport) {
+    all_lut(
+        "models/lenet5.onnx",
+        &format!("      kmeans_iters: 8\n      learn: {learn}\n{extra}"),
+        calib,
+    )
 }
 
 #[test]
@@ -46,6 +54,45 @@ fn the_whole_network_backward_pass_matches_finite_differences() {
             (analytic - numeric).abs() <= 0.03 * analytic.abs().max(numeric.abs()),
             "layer {i}: analytic {analytic:e} vs finite difference {numeric:e}"
         );
+    }
+}
+
+#[test]
+fn the_backward_pass_through_a_transformer_encoder_matches_finite_differences() {
+    // The fixture ViT with every linear layer as lookups: gradients flow from the head back
+    // through attention (batched MatMuls of two computed operands, Softmax, the heads split by
+    // Reshape/Transpose/Gather), residual Adds, the class token's Concat and the patch
+    // embedding's Im2Col, and through LayerNorm and GELU as the legacy exporter writes them
+    // (ReduceMean, Sub, Pow, Sqrt, Div; Div, Erf, Add, Mul) and as the dynamo exporter does
+    // (LayerNormalization). The shape sub-graphs that read the LUT layers' outputs (Shape →
+    // Gather → Concat → Reshape) carry no gradient.
+    let calib = npy("data/mnist_calib.npy")
+        .slice(s![..128, .., .., ..])
+        .to_owned()
+        .into_dyn();
+    for model in ["models/vit_mnist.onnx", "models/vit_mnist_dynamo.onnx"] {
+        let (g, _) = all_lut(
+            model,
+            "      kmeans_iters: 4\n      learn: none\n      max_rows: 1024\n",
+            &calib,
+        );
+        let exact = tabconv::onnx::load_model(&fixture(model)).unwrap();
+        let images = calib.slice(s![..4, .., .., ..]).to_owned().into_dyn();
+        // a temperature of 1: 14 layers of sharper soft assignments (0.1) bend the divergence
+        // too much for a central difference of step 1e-3 through the first layers
+        let checks = global::check_gradients(&g, &exact, &images, 1.0, 1e-3).unwrap();
+        // the patch embedding, 4 linear layers in each of 3 blocks, the head
+        assert_eq!(checks.len(), 14, "{model}");
+        for (i, (analytic, numeric)) in checks.iter().enumerate() {
+            assert!(
+                analytic.abs() > 1e-6,
+                "{model} layer {i}: a zero gradient checks nothing"
+            );
+            assert!(
+                (analytic - numeric).abs() <= 0.01 * analytic.abs().max(numeric.abs()),
+                "{model} layer {i}: analytic {analytic:e} vs finite difference {numeric:e}"
+            );
+        }
     }
 }
 

@@ -5,19 +5,22 @@
 //! encoder (prototypes or tree thresholds, straight-through soft assignment as in
 //! [`super::learn`]) — and they are learned together by Adam on minibatches of calibration
 //! images, against the KL divergence between the exact model's output distribution and the
-//! approximated one's. Gradients flow backward through the ops between LUT layers (exact
-//! `Im2Col` + `MatMul` layers, ReLU/Clip, residual Adds, pooling, layout ops); an op it cannot
+//! approximated one's. Gradients flow backward through the ops between LUT layers: exact
+//! `Im2Col` + `MatMul` layers and pooling here, the elementwise, shape and transformer ops
+//! (attention's two-operand MatMuls, Softmax, LayerNorm, GELU, Gather, Concat, Slice, …) in
+//! [`super::grad`]; shape sub-graphs (`Shape` and what it feeds) carry none. An op it cannot
 //! differentiate on that path ends the stage with a note, leaving the model as it was.
 //!
 //! One image in eight is held out; the parameters kept are those of the epoch (or the start)
 //! with the lowest held-out divergence. Same inputs and seed → the same parameters, at any
 //! thread count.
 
+use super::grad;
 use super::learn::{self, Adam, Encoding, Problem, RowEpilogue};
 use crate::error::{Error, Result};
 use crate::interp::eval::eval_op;
-use crate::ir::op::{Binary, Encoder, Op, PoolKind, Unary, Window};
-use crate::ir::{Graph, Outlet, Tensor};
+use crate::ir::op::{Encoder, Op, PoolKind, Window};
+use crate::ir::{DType, Graph, Outlet, Tensor};
 use crate::pq::rng::Rng;
 use crate::pq::{quant, Subspaces};
 use ndarray::{ArrayD, Axis, IxDyn};
@@ -518,20 +521,6 @@ pub fn window_map(w: &Window, c: usize, hw: [usize; 2]) -> Result<Vec<u32>> {
     Ok(map)
 }
 
-/// Sum `g` down to `shape` (undo numpy broadcasting).
-fn unbroadcast(g: &ArrayD<f32>, shape: &[usize]) -> ArrayD<f32> {
-    let mut g = g.clone();
-    while g.ndim() > shape.len() {
-        g = g.sum_axis(Axis(0));
-    }
-    for (ax, &d) in shape.iter().enumerate() {
-        if d == 1 && g.shape()[ax] != 1 {
-            g = g.sum_axis(Axis(ax)).insert_axis(Axis(ax));
-        }
-    }
-    g
-}
-
 /// The approximated network as a differentiable function of its LUT layers' parameters.
 struct Net<'g> {
     graph: &'g Graph,
@@ -580,7 +569,18 @@ impl<'g> Net<'g> {
         }
         let mut trainable_below = std::collections::HashSet::new();
         for &n in &order {
-            if unit_of.contains_key(&n) || graph.inputs_of(n).iter().any(|o| trainable_below.contains(&o.node)) {
+            // shapes, indices and masks carry no gradient (a `Shape` of a LUT layer's output
+            // feeds a `Reshape`'s target, not its data)
+            let node = graph.node(n);
+            let float = !matches!(node.op, Op::Shape { .. })
+                && node
+                    .outputs
+                    .first()
+                    .and_then(|v| v.fact.as_ref())
+                    .is_none_or(|f| f.dtype == DType::F32);
+            if unit_of.contains_key(&n)
+                || (float && graph.inputs_of(n).iter().any(|o| trainable_below.contains(&o.node)))
+            {
                 trainable_below.insert(n);
             }
         }
@@ -674,98 +674,10 @@ impl<'g> Net<'g> {
             let x = |i: usize| -> Result<&ArrayD<f32>> { f32_of(&vals[&ins[i]]) };
             let unsupported = || stop(format!("cannot differentiate {} ({})", node.op.name(), node.name));
             match &node.op {
-                Op::Unary(Unary::Relu) => {
-                    let y = f32_of(&vals[&Outlet::new(n, 0)])?;
-                    add_grad(
-                        &mut grads,
-                        ins[0],
-                        ndarray::Zip::from(&gy)
-                            .and(y)
-                            .map_collect(|g, y| if *y > 0.0 { *g } else { 0.0 }),
-                    );
-                }
-                Op::Unary(Unary::Clip { min, max }) => {
-                    let xv = x(0)?;
-                    let (lo, hi) = (*min, *max);
-                    add_grad(
-                        &mut grads,
-                        ins[0],
-                        ndarray::Zip::from(&gy)
-                            .and(xv)
-                            .map_collect(|g, x| if *x > lo && *x < hi { *g } else { 0.0 }),
-                    );
-                }
-                Op::Unary(Unary::Identity) => add_grad(&mut grads, ins[0], gy),
-                Op::Binary(b) => {
-                    for (i, o) in ins.iter().enumerate().take(2) {
-                        if !wants(o, &self.trainable_below) {
-                            continue;
-                        }
-                        let other = x(1 - i)?;
-                        let gi = match (b, i) {
-                            (Binary::Add, _) => gy.clone(),
-                            (Binary::Sub, 0) => gy.clone(),
-                            (Binary::Sub, _) => -&gy,
-                            (Binary::Mul, _) => &gy * other,
-                            (Binary::Div, 0) => &gy / other,
-                            _ => return Err(unsupported()),
-                        };
-                        add_grad(&mut grads, *o, unbroadcast(&gi, x(i)?.shape()));
-                    }
-                }
-                Op::Sum => {
-                    for (i, o) in ins.iter().enumerate() {
-                        if wants(o, &self.trainable_below) {
-                            add_grad(&mut grads, *o, unbroadcast(&gy, x(i)?.shape()));
-                        }
-                    }
-                }
-                Op::Transpose { perm } => {
-                    let nd = gy.ndim();
-                    let perm: Vec<usize> = perm.clone().unwrap_or_else(|| (0..nd).rev().collect());
-                    let mut inv = vec![0; nd];
-                    perm.iter().enumerate().for_each(|(i, &p)| inv[p] = i);
-                    add_grad(
-                        &mut grads,
-                        ins[0],
-                        gy.permuted_axes(IxDyn(&inv)).as_standard_layout().into_owned(),
-                    );
-                }
-                Op::Reshape { .. } | Op::Flatten { .. } | Op::Squeeze { .. } | Op::Unsqueeze { .. } => {
-                    let shape = x(0)?.shape().to_vec();
-                    let gy = gy.as_standard_layout().into_owned();
-                    add_grad(
-                        &mut grads,
-                        ins[0],
-                        gy.into_shape_with_order(IxDyn(&shape))
-                            .map_err(|e| stop(e.to_string()))?,
-                    );
-                }
                 Op::Im2Col(w) => {
                     let xs = x(0)?.shape().to_vec();
                     let map = self.maps.get(w, xs[1], [xs[2], xs[3]])?;
                     add_grad(&mut grads, ins[0], scatter_rows(&gy, &map, &xs, None));
-                }
-                Op::MatMul if g.const_value(ins[1]).is_some() && !wants(&ins[1], &self.trainable_below) => {
-                    let w = f32_of(&vals[&ins[1]])?;
-                    if w.ndim() != 2 {
-                        return Err(unsupported());
-                    }
-                    let w2 = w.view().into_dimensionality::<ndarray::Ix2>().expect("rank 2");
-                    let (d, m) = (w2.shape()[0], w2.shape()[1]);
-                    let gy = gy.as_standard_layout().into_owned();
-                    let rows = gy.len() / m;
-                    let g2 = gy.into_shape_with_order((rows, m)).map_err(|e| stop(e.to_string()))?;
-                    let gx = g2.dot(&w2.t());
-                    let shape = x(0)?.shape().to_vec();
-                    debug_assert_eq!(rows * d, shape.iter().product::<usize>());
-                    add_grad(
-                        &mut grads,
-                        ins[0],
-                        gx.into_dyn()
-                            .into_shape_with_order(IxDyn(&shape))
-                            .map_err(|e| stop(e.to_string()))?,
-                    );
                 }
                 Op::Pool(p) if !p.nhwc => {
                     let xv = x(0)?;
@@ -773,35 +685,19 @@ impl<'g> Net<'g> {
                     let gx = pool_backward(&node.op, p.kind.clone(), &p.window, &map, xv, &gy)?;
                     add_grad(&mut grads, ins[0], gx);
                 }
-                Op::GlobalPool { max } => {
-                    let xv = x(0)?;
-                    let [nb, c, h, w] = xv.shape()[..] else {
-                        return Err(unsupported());
-                    };
-                    let gyv = gy.as_standard_layout();
-                    let gys = gyv.as_slice().expect("standard");
-                    let xs = xv.as_standard_layout();
-                    let xsl = xs.as_slice().expect("standard");
-                    let mut gx = vec![0f32; nb * c * h * w];
-                    for (i, gplane) in gx.chunks_mut(h * w).enumerate() {
-                        if *max {
-                            let plane = &xsl[i * h * w..(i + 1) * h * w];
-                            let am = plane
-                                .iter()
-                                .enumerate()
-                                .fold(0, |b, (j, v)| if *v > plane[b] { j } else { b });
-                            gplane[am] = gys[i];
-                        } else {
-                            gplane.iter_mut().for_each(|v| *v = gys[i] / (h * w) as f32);
+                op => {
+                    let args: Vec<Arc<Tensor>> = ins.iter().map(|o| vals[o].clone()).collect();
+                    let want: Vec<bool> = ins.iter().map(|o| wants(o, &self.trainable_below)).collect();
+                    let y = f32_of(&vals[&Outlet::new(n, 0)])?;
+                    let gxs = grad::input_grads(op, &args, y, gy, &want)
+                        .map_err(|e| stop(format!("{} ({}): {e}", node.name, op.name())))?
+                        .ok_or_else(unsupported)?;
+                    for (o, gx) in ins.iter().zip(gxs) {
+                        if let Some(gx) = gx {
+                            add_grad(&mut grads, *o, gx);
                         }
                     }
-                    add_grad(
-                        &mut grads,
-                        ins[0],
-                        ArrayD::from_shape_vec(IxDyn(&[nb, c, h, w]), gx).expect("size"),
-                    );
                 }
-                _ => return Err(unsupported()),
             }
         }
         Ok(pgrads)

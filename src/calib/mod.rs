@@ -6,6 +6,7 @@
 
 pub mod epilogue;
 pub mod global;
+pub mod grad;
 pub mod learn;
 
 use crate::error::Result;
