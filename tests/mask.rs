@@ -371,12 +371,8 @@ fn prune_puts_back_a_restore_the_target_does_not_need() {
     let x = calib.select(ndarray::Axis(0), &rows);
     let want = predictions(&with_exact(&g, &cx, &[second.as_str()]), &x);
     let options = "      max_accuracy_drop: 0\n      relearn: false\n      restore_unprofitable: false\n";
-    let (out, m, _) = mask_only(
-        &g,
-        cx,
-        (x.clone(), labels.clone()),
-        &format!("{options}      prune: true\n"),
-    );
+    // prune is on by default
+    let (out, m, _) = mask_only(&g, cx, (x.clone(), labels.clone()), options);
     assert_eq!(m.path.len(), 3, "both layers restored on the path: {:?}", m.path);
     assert_eq!(m.chosen_point, 2);
     assert_eq!(m.pruned.len(), 1, "{:?}", m.pruned);
@@ -396,7 +392,12 @@ fn prune_puts_back_a_restore_the_target_does_not_need() {
     );
     // without prune both stay exact
     let (g, cx, _) = approximated();
-    let (_, m, _) = mask_only(&g, cx, (x.clone(), labels.clone()), options);
+    let (_, m, _) = mask_only(
+        &g,
+        cx,
+        (x.clone(), labels.clone()),
+        &format!("{options}      prune: false\n"),
+    );
     assert!(m.pruned.is_empty());
     assert!(m.layers.iter().all(|d| d.chosen == "exact"), "{:?}", m.layers);
     // a target no point meets (a reduction target restores while it allows): nothing to try,

@@ -66,7 +66,7 @@ pub struct Options {
     /// Once the greedy path meets the target, put the layers it restored back as lookups one at
     /// a time, those saving the most operations first, keeping each that leaves the target met
     /// (the greedy order ranks layers by their damage alone; with later restores in, an early
-    /// one can turn out unneeded). One more measure per restored layer.
+    /// one can turn out unneeded). One more measure per restored layer. On by default.
     pub prune: bool,
     /// Cost of one encoding multiply-add, comparison, lookup-add and output value of the
     /// lookups relative to one exact multiply-add, used by `restore_unprofitable`.
@@ -188,7 +188,7 @@ impl Default for Options {
             relearn: true,
             lut: None,
             restore_unprofitable: true,
-            prune: false,
+            prune: true,
             time_model: TimeModel::default(),
         }
     }
