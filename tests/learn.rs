@@ -57,6 +57,35 @@ fn the_whole_network_backward_pass_matches_finite_differences() {
     }
 }
 
+/// A LUT layer the stage cannot train (its codes have a second reader) on the only path from
+/// the earlier layers to the output stops the stage with a note instead of cutting their
+/// gradients off.
+#[test]
+fn a_lut_layer_the_stage_cannot_train_stops_the_gradient_with_an_error() {
+    use tabconv::ir::op::{Op, Unary};
+    use tabconv::ir::Outlet;
+    let calib = npy("data/mnist_calib.npy")
+        .slice(s![..64, .., .., ..])
+        .to_owned()
+        .into_dyn();
+    let (mut g, _) = lenet_all_lut("none", "      max_rows: 1024\n", &calib);
+    let exact = tabconv::onnx::load_model(&fixture("models/lenet5.onnx")).unwrap();
+    let images = calib.slice(s![..4, .., .., ..]).to_owned().into_dyn();
+    assert_eq!(
+        global::check_gradients(&g, &exact, &images, 1.0, 1e-3).unwrap().len(),
+        5
+    );
+    let enc = g.find("/fc1/Gemm/matmul/pq_encode").expect("fc1's encoder");
+    g.add_op("second reader", Op::Unary(Unary::Identity), &[Outlet::new(enc, 0)]);
+    let e = global::check_gradients(&g, &exact, &images, 1.0, 1e-3)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("cannot differentiate LutMatMul (/fc1/Gemm/matmul/lut)"),
+        "{e}"
+    );
+}
+
 #[test]
 fn the_backward_pass_through_a_transformer_encoder_matches_finite_differences() {
     // The fixture ViT with every linear layer as lookups: gradients flow from the head back

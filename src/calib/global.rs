@@ -570,14 +570,18 @@ impl<'g> Net<'g> {
         let mut trainable_below = std::collections::HashSet::new();
         for &n in &order {
             // shapes, indices and masks carry no gradient (a `Shape` of a LUT layer's output
-            // feeds a `Reshape`'s target, not its data)
+            // feeds a `Reshape`'s target, not its data); codes do, into their lookups (a LUT
+            // layer the stage does not train then stops it, as any op it cannot differentiate)
             let node = graph.node(n);
-            let float = !matches!(node.op, Op::Shape { .. })
-                && node
+            let float = match node.op {
+                Op::Shape { .. } => false,
+                Op::PqEncode(_) => true,
+                _ => node
                     .outputs
                     .first()
                     .and_then(|v| v.fact.as_ref())
-                    .is_none_or(|f| f.dtype == DType::F32);
+                    .is_none_or(|f| f.dtype == DType::F32),
+            };
             if unit_of.contains_key(&n)
                 || (float && graph.inputs_of(n).iter().any(|o| trainable_below.contains(&o.node)))
             {
@@ -655,11 +659,18 @@ impl<'g> Net<'g> {
             if !self.trainable_below.contains(&n) {
                 continue;
             }
+            let node = g.node(n);
+            if (1..node.outputs.len()).any(|slot| grads.contains_key(&Outlet::new(n, slot))) {
+                return Err(stop(format!(
+                    "cannot differentiate {} ({}) through an output other than its first",
+                    node.op.name(),
+                    node.name
+                )));
+            }
             let Some(gy) = grads.remove(&Outlet::new(n, 0)) else {
                 continue;
             };
             let ins = g.inputs_of(n);
-            let node = g.node(n);
             if let Some(&ui) = self.unit_of.get(&n) {
                 let u = &self.units[ui];
                 let want_dx = wants(&u.input, &self.trainable_below);
@@ -998,7 +1009,8 @@ pub fn check_gradients(
             Ok(kl_loss(f32_of(&v[&net.output])?, &teacher).0)
         };
         let numeric = (loss_at(h)? - loss_at(-h)?) / (2.0 * h as f64);
-        out.push((goff[j] as f64, numeric));
+        // a layer no gradient reached has an empty one: 0 next to its finite difference
+        out.push((goff.get(j).copied().unwrap_or(0.0) as f64, numeric));
     }
     Ok(out)
 }

@@ -83,10 +83,13 @@ pub fn input_grads(
         }
         Op::ReduceMean { axes, keepdims } if only_first => {
             let xs = x[0].shape();
-            let axes: Vec<usize> = match axes {
+            let mut axes: Vec<usize> = match axes {
                 Some(a) => a.iter().map(|&v| norm_axis(v, xs.len())).collect::<Result<_>>()?,
                 None => (0..xs.len()).collect(),
             };
+            // as the forward: an axis named twice is reduced once
+            axes.sort_unstable();
+            axes.dedup();
             let kept: Vec<usize> = (0..xs.len())
                 .map(|i| if axes.contains(&i) { 1 } else { xs[i] })
                 .collect();
@@ -234,10 +237,10 @@ fn binary(
         (Binary::Div, 0) => gy / c,
         (Binary::Div, _) => -(gy * y) / c,
         // d a^c / d a = c · a^(c−1)
-        (Binary::Pow, 0) => {
-            let d = Zip::from(a).and_broadcast(c).map_collect(|&a, &c| c * a.powf(c - 1.0));
-            gy * &d
-        }
+        (Binary::Pow, 0) => Zip::from(gy)
+            .and_broadcast(a)
+            .and_broadcast(c)
+            .map_collect(|&g, &a, &c| g * c * a.powf(c - 1.0)),
         (Binary::Pow, _) => {
             let lna = a.mapv(f32::ln);
             gy * y * &lna
@@ -406,9 +409,14 @@ mod tests {
 
     #[test]
     fn unary_gradients_match_central_differences() {
-        // away from the kinks: x in [0.1, 2] and [-2, -0.1] mixed by the sign of a second draw
-        let x = || {
-            let t = rand(&[2, 7], 3, 0.1, 2.0);
+        // away from the kinks: |x| in [0.1, 2] or [3.1, 5] (HardSwish's and HardSigmoid's flat
+        // parts), the sign from a second draw
+        let x = |far: bool| {
+            let t = if far {
+                rand(&[2, 7], 3, 3.1, 5.0)
+            } else {
+                rand(&[2, 7], 3, 0.1, 2.0)
+            };
             let s = rand(&[2, 7], 4, -1.0, 1.0);
             let v: Vec<f32> = t
                 .to_f32_vec()
@@ -433,7 +441,9 @@ mod tests {
             Unary::Gelu { tanh: false },
             Unary::Gelu { tanh: true },
         ] {
-            check(Op::Unary(u), vec![x()], &[true]);
+            for far in [false, true] {
+                check(Op::Unary(u), vec![x(far)], &[true]);
+            }
         }
         check(Op::Unary(Unary::Sqrt), vec![rand(&[3, 4], 5, 0.5, 2.0)], &[true]);
     }
@@ -441,48 +451,42 @@ mod tests {
     #[test]
     fn binary_matmul_and_reduction_gradients_match_central_differences() {
         let pos = |shape: &[usize], seed| rand(shape, seed, 0.5, 2.0);
+        let sym = |shape: &[usize], seed| rand(shape, seed, -1.0, 1.0);
         for b in [Binary::Add, Binary::Sub, Binary::Mul, Binary::Div, Binary::Pow] {
-            // broadcasting in both directions
+            // the second input broadcast, the first, and both at once
             check(Op::Binary(b), vec![pos(&[2, 3, 4], 1), pos(&[3, 1], 2)], &[true, true]);
+            check(Op::Binary(b), vec![pos(&[4], 1), pos(&[3, 4], 2)], &[true, true]);
+            check(Op::Binary(b), vec![pos(&[3, 1], 1), pos(&[1, 4], 2)], &[true, true]);
         }
         check(Op::Sum, vec![pos(&[2, 3], 1), pos(&[3], 2)], &[true, true]);
-        check(
-            Op::MatMul,
-            vec![rand(&[2, 3, 4, 5], 1, -1.0, 1.0), rand(&[2, 3, 5, 2], 2, -1.0, 1.0)],
-            &[true, true],
-        );
-        check(
-            Op::MatMul,
-            vec![rand(&[2, 4, 5], 1, -1.0, 1.0), rand(&[5, 3], 2, -1.0, 1.0)],
-            &[true, true],
-        );
+        // batched, a 2-D weight, a 2-D first operand broadcast over the second's batch
+        for (a, b) in [
+            (vec![2, 3, 4, 5], vec![2, 3, 5, 2]),
+            (vec![2, 4, 5], vec![5, 3]),
+            (vec![4, 5], vec![3, 5, 2]),
+        ] {
+            check(Op::MatMul, vec![sym(&a, 1), sym(&b, 2)], &[true, true]);
+        }
         for log in [false, true] {
             for axis in [-1, 1] {
                 check(Op::Softmax { axis, log }, vec![rand(&[2, 3, 4], 3, -2.0, 2.0)], &[true]);
             }
         }
-        let scale = rand(&[4], 4, 0.5, 1.5);
-        let bias = rand(&[4], 5, -1.0, 1.0);
-        check(
-            Op::LayerNorm {
-                axis: -1,
-                epsilon: 1e-5,
-            },
-            vec![rand(&[2, 3, 4], 3, -2.0, 2.0), scale, bias],
-            &[true, false, false],
-        );
+        let ln = |axis| Op::LayerNorm { axis, epsilon: 1e-5 };
+        let x = || rand(&[2, 3, 4], 3, -2.0, 2.0);
+        let (scale, bias) = (rand(&[4], 4, 0.5, 1.5), sym(&[4], 5));
+        check(ln(-1), vec![x(), scale, bias], &[true, false, false]);
+        // normalised over the last two axes
+        check(ln(1), vec![x(), rand(&[3, 4], 4, 0.5, 1.5)], &[true, false]);
         for keepdims in [false, true] {
-            let op = Op::ReduceMean {
-                axes: Some(vec![-1, 0]),
-                keepdims,
-            };
-            check(op, vec![rand(&[2, 3, 4], 6, -1.0, 1.0)], &[true]);
+            // an axis named twice is reduced once, as in the forward
+            for axes in [Some(vec![-1, 0]), Some(vec![1, -2]), None] {
+                check(Op::ReduceMean { axes, keepdims }, vec![sym(&[2, 3, 4], 6)], &[true]);
+            }
         }
-        check(
-            Op::GlobalPool { max: false },
-            vec![rand(&[2, 3, 2, 2], 7, -1.0, 1.0)],
-            &[true],
-        );
+        for max in [false, true] {
+            check(Op::GlobalPool { max }, vec![sym(&[2, 3, 2, 2], 7)], &[true]);
+        }
     }
 
     #[test]
@@ -510,6 +514,11 @@ mod tests {
             Op::Concat { axis: 1 },
             vec![x(), rand(&[2, 1, 3], 9, -1.0, 1.0), x()],
             &[true, false, true],
+        );
+        check(
+            Op::Concat { axis: -2 },
+            vec![rand(&[2, 1, 3], 9, -1.0, 1.0), x()],
+            &[true, true],
         );
         check(
             Op::Transpose {
