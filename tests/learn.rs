@@ -36,6 +36,21 @@ fn lenet_all_lut(learn: &str, extra: &str, calib: &ArrayD<f32>) -> (Graph, tabco
     )
 }
 
+/// Every layer's analytic gradient is non-zero and within `tol` (relative) of its finite
+/// difference.
+fn assert_gradients_match(checks: &[(f64, f64)], tol: f64, what: &str) {
+    for (i, (analytic, numeric)) in checks.iter().enumerate() {
+        assert!(
+            analytic.abs() > 1e-6,
+            "{what} layer {i}: a zero gradient checks nothing"
+        );
+        assert!(
+            (analytic - numeric).abs() <= tol * analytic.abs().max(numeric.abs()),
+            "{what} layer {i}: analytic {analytic:e} vs finite difference {numeric:e}"
+        );
+    }
+}
+
 #[test]
 fn the_whole_network_backward_pass_matches_finite_differences() {
     let calib = npy("data/mnist_calib.npy")
@@ -48,13 +63,7 @@ fn the_whole_network_backward_pass_matches_finite_differences() {
     let checks = global::check_gradients(&g, &exact, &images, 0.1, 1e-3).unwrap();
     // conv1, conv2 (through ReLU, MaxPool, Im2Col and the next encoders), fc1, fc2, fc3
     assert_eq!(checks.len(), 5);
-    for (i, (analytic, numeric)) in checks.iter().enumerate() {
-        assert!(analytic.abs() > 1e-6, "layer {i}: a zero gradient checks nothing");
-        assert!(
-            (analytic - numeric).abs() <= 0.03 * analytic.abs().max(numeric.abs()),
-            "layer {i}: analytic {analytic:e} vs finite difference {numeric:e}"
-        );
-    }
+    assert_gradients_match(&checks, 0.03, "LeNet-5");
 }
 
 /// A LUT layer the stage cannot train (its codes have a second reader) on the only path from
@@ -112,16 +121,7 @@ fn the_backward_pass_through_a_transformer_encoder_matches_finite_differences() 
         let checks = global::check_gradients(&g, &exact, &images, 1.0, 1e-3).unwrap();
         // the patch embedding, 4 linear layers in each of 3 blocks, the head
         assert_eq!(checks.len(), 14, "{model}");
-        for (i, (analytic, numeric)) in checks.iter().enumerate() {
-            assert!(
-                analytic.abs() > 1e-6,
-                "{model} layer {i}: a zero gradient checks nothing"
-            );
-            assert!(
-                (analytic - numeric).abs() <= 0.01 * analytic.abs().max(numeric.abs()),
-                "{model} layer {i}: analytic {analytic:e} vs finite difference {numeric:e}"
-            );
-        }
+        assert_gradients_match(&checks, 0.01, model);
     }
 }
 

@@ -156,13 +156,7 @@ fn accuracy_target_uses_validation_labels() {
     let report = run_pipeline(&mut g, &p, &mut cx, |_, _| Ok(())).unwrap();
     let m = report.mask.unwrap();
     let exact = m.exact_accuracy.unwrap();
-    // the model kept: the relearned one when reported, otherwise the last layer prune put back
-    // as lookups, otherwise the greedy choice
-    let kept = m
-        .final_point
-        .as_ref()
-        .or(m.pruned.last())
-        .unwrap_or(&m.path[m.chosen_point]);
+    let kept = m.kept();
     assert!((exact - kept.accuracy.unwrap()) * 100.0 <= 0.5 + 1e-9 || m.path.len() == 1 + m.layers.len());
     if report
         .notes

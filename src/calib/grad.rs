@@ -9,6 +9,7 @@
 use crate::error::{Error, Result};
 use crate::interp::eval::matmul_op;
 use crate::interp::kernels::elementwise::erf;
+use crate::ir::infer::norm_axis;
 use crate::ir::op::{Binary, Op, Unary};
 use crate::ir::Tensor;
 use ndarray::{ArrayD, Axis, IxDyn, Zip};
@@ -81,7 +82,8 @@ pub fn input_grads(
         Op::LayerNorm { axis, epsilon } if only_first => {
             out[0] = Some(layer_norm(f(0)?, f(1)?, *axis, *epsilon, &gy)?);
         }
-        Op::ReduceMean { axes, keepdims } if only_first => {
+        // keepdims or not, the gradient's values are the same: read in the kept shape
+        Op::ReduceMean { axes, .. } if only_first => {
             let xs = x[0].shape();
             let mut axes: Vec<usize> = match axes {
                 Some(a) => a.iter().map(|&v| norm_axis(v, xs.len())).collect::<Result<_>>()?,
@@ -94,9 +96,8 @@ pub fn input_grads(
                 .map(|i| if axes.contains(&i) { 1 } else { xs[i] })
                 .collect();
             let count: usize = axes.iter().map(|&a| xs[a]).product();
-            let _ = keepdims; // the kept shape holds the same values either way
             let g = reshaped(gy, &kept)? / count.max(1) as f32;
-            let full = g.broadcast(IxDyn(xs)).ok_or_else(|| bad("ReduceMean", "broadcast"))?;
+            let full = g.broadcast(IxDyn(xs)).ok_or_else(|| bad("broadcast"))?;
             out[0] = Some(full.to_owned());
         }
         Op::Gather { axis } if only_first => {
@@ -139,19 +140,16 @@ pub fn input_grads(
     Ok(Some(out))
 }
 
-fn bad(op: &str, what: &str) -> Error {
-    Error::Other(format!("global stage: {op} backward: {what}"))
-}
-
-fn norm_axis(a: i64, rank: usize) -> Result<usize> {
-    crate::ir::infer::norm_axis(a, rank)
+/// The caller names the stage, the node and the op.
+fn bad(what: &str) -> Error {
+    Error::Other(format!("backward: {what}"))
 }
 
 fn reshaped(g: ArrayD<f32>, shape: &[usize]) -> Result<ArrayD<f32>> {
     g.as_standard_layout()
         .into_owned()
         .into_shape_with_order(IxDyn(shape))
-        .map_err(|e| bad("reshape", &e.to_string()))
+        .map_err(|e| bad(&e.to_string()))
 }
 
 /// The last two axes swapped, in standard layout.
@@ -257,7 +255,7 @@ fn layer_norm(x: &ArrayD<f32>, scale: &ArrayD<f32>, axis: i64, eps: f32, gy: &Ar
     let scale = scale.as_standard_layout();
     let scale = scale.as_slice().expect("standard");
     if scale.len() != d {
-        return Err(bad("LayerNormalization", "scale size"));
+        return Err(bad("scale size"));
     }
     let x = x.as_standard_layout();
     let gy = gy.as_standard_layout();
@@ -293,14 +291,14 @@ fn gather(xs: &[usize], ax: usize, idx: &[i64], gy: &ArrayD<f32>) -> Result<Arra
     let gy = gy.as_standard_layout();
     let gs = gy.as_slice().expect("standard");
     if gs.len() != outer * idx.len() * inner {
-        return Err(bad("Gather", "gradient size"));
+        return Err(bad("gradient size"));
     }
     let mut gx = vec![0f32; xs.iter().product()];
     for o in 0..outer {
         for (j, &i) in idx.iter().enumerate() {
             let i = if i < 0 { i + n } else { i };
             if !(0..n).contains(&i) {
-                return Err(bad("Gather", "index out of range"));
+                return Err(bad("index out of range"));
             }
             let src = &gs[(o * idx.len() + j) * inner..][..inner];
             let dst = &mut gx[(o * xs[ax] + i as usize) * inner..][..inner];
@@ -329,7 +327,7 @@ fn slice(xs: &[usize], picks: &[Option<Vec<usize>>], gy: &ArrayD<f32>) -> ArrayD
 /// `GlobalAveragePool` / `GlobalMaxPool` over `[N, C, H, W]`.
 fn global_pool(x: &ArrayD<f32>, max: bool, gy: &ArrayD<f32>) -> Result<ArrayD<f32>> {
     let [nb, c, h, w] = x.shape()[..] else {
-        return Err(bad("GlobalPool", "needs an NCHW input"));
+        return Err(bad("needs an NCHW input"));
     };
     let gyv = gy.as_standard_layout();
     let gys = gyv.as_slice().expect("standard");

@@ -252,6 +252,17 @@ pub struct MaskReport {
     pub final_point: Option<PathPoint>,
 }
 
+impl MaskReport {
+    /// The point of the model kept: the relearned one when reported, else the last layer prune
+    /// put back as lookups, else the walk's choice.
+    pub fn kept(&self) -> &PathPoint {
+        self.final_point
+            .as_ref()
+            .or(self.pruned.last())
+            .unwrap_or(&self.path[self.chosen_point])
+    }
+}
+
 /// The target the options ask for, by precedence: `max_accuracy_drop`, `target_reduction`,
 /// `max_expected_drop` (with `min_logit_cosine` when given), else `min_logit_cosine` (0.99 when
 /// absent).
