@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Regenerates docs/BENCHMARKS.md (not part of CI: it times things).
+# Regenerates docs/BENCHMARKS-avx512.md or, on a machine without AVX-512, docs/BENCHMARKS-avx2.md
+# (not part of CI: it times things).
 # Usage: [REUSE=1] docs/bench.sh [OUT_DIR]
 # Needs the Rust toolchain and the committed fixtures; for the ONNX Runtime columns, python3 with
 # `onnxruntime` and `numpy` (pip install onnxruntime numpy). If $PAPER/resnet18_mnist.onnx exists
@@ -24,7 +25,10 @@ RAYON_NUM_THREADS=1 cargo test --release --features tract --lib -- --ignored --n
 # AVX-512 (glibc's own, read before it, are capped by GLIBC_TUNABLES), so ONNX Runtime, the gemm
 # crate and tabconv's kernels all dispatch to AVX2 code. Without
 # it, only tabconv's kernels can be capped (TABCONV_SIMD), and ONNX Runtime keeps its best kernels.
-if grep -qw cpuid_fault /proc/cpuinfo && gcc -O2 -shared -fPIC -o "$out/cpuid_avx2.so" docs/cpuid_avx2.c; then
+# On a machine without AVX-512 every engine runs its AVX2 code already: no second run.
+if ! grep -qw avx512f /proc/cpuinfo; then
+  avx2_env=(); echo native > "$out/avx2_how"
+elif grep -qw cpuid_fault /proc/cpuinfo && gcc -O2 -shared -fPIC -o "$out/cpuid_avx2.so" docs/cpuid_avx2.c; then
   avx2_env=(env LD_PRELOAD="$(cd "$out" && pwd)/cpuid_avx2.so"
     GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX512F,-AVX512VL,-AVX512BW,-AVX512DQ,-AVX512CD)
   echo cpuid > "$out/avx2_how"
@@ -62,10 +66,12 @@ for spec in "${models[@]}"; do
   "$T/tabconv" bench "$src" --batch 64 --threads 1 --seconds 1 --profile --no-ort --no-tract \
     > "$out/$m.profile.exact.b64.txt"
   # an AVX2-only machine: every engine of the run at AVX2 (see avx2_env above)
-  for b in 1 64; do
+  [ ${#avx2_env[@]} -gt 0 ] && for b in 1 64; do
     "${avx2_env[@]}" "$T/tabconv" bench "$src" "$out/$m.default.tcv" --batch $b --threads 1 --seconds 2 \
       --no-tract --json > "$out/$m.avx2.b$b.json"
   done
 done
-python3 docs/bench_table.py "$out" "${models[@]}" > docs/BENCHMARKS.md
-cat docs/BENCHMARKS.md
+doc=docs/BENCHMARKS-avx512.md
+grep -qw avx512f /proc/cpuinfo || doc=docs/BENCHMARKS-avx2.md
+python3 docs/bench_table.py "$out" "${models[@]}" > "$doc"
+cat "$doc"

@@ -2,7 +2,7 @@
 # The "Beyond vision" section of docs/RESULTS.md (issue 12): the fixture ViTs (fixtures/vit.py)
 # on MNIST and Fashion-MNIST and the MLP, compiled with the default pipeline, with
 # `mask.max_accuracy_drop=0.5` (as the CNN rows above), the same without the speed-based restores,
-# with 256 codes per codebook, and with every linear layer as lookups; evaluated on the full 10 000-image test sets; timed
+# with 256 codes per codebook (and 2 values per codebook on token layers), and with every linear layer as lookups; evaluated on the full 10 000-image test sets; timed
 # against ONNX Runtime (one thread, batch 1 and 64). Replaces everything from "## Beyond vision"
 # on in docs/RESULTS.md. Needs the IDX files ($MNIST_DIR, $FMNIST_DIR, see docs/results.sh) and
 # python3 with numpy and onnxruntime (bench's ORT column). Not part of CI.
@@ -25,6 +25,7 @@ declare -A VARIANTS=(
   [drop_all]="--set mask.max_accuracy_drop=0.5 --set mask.restore_unprofitable=false"
   [drop_all_s2]="--set mask.max_accuracy_drop=0.5 --set mask.restore_unprofitable=false --set lut.token_subspace=2"
   [drop_all_k256]="--set mask.max_accuracy_drop=0.5 --set mask.restore_unprofitable=false --set lut.k=256"
+  [drop_all_k256_s2]="--set mask.max_accuracy_drop=0.5 --set mask.restore_unprofitable=false --set lut.k=256 --set lut.token_subspace=2"
   [all_lut]="--set mask.min_logit_cosine=0 --set mask.max_expected_drop=null --set mask.restore_unprofitable=false"
 )
 model_row() { # key model dataset_dir dataset
@@ -34,7 +35,7 @@ model_row() { # key model dataset_dir dataset
   y=$(ls "$dir"/t10k-labels-idx1-ubyte* | head -1)
   "$T/tabconv" eval "$model" --json --batch 100 --inputs "$x" --labels "$y" > "$out/$key.exact.eval.json"
   for v in "${!VARIANTS[@]}"; do
-    [ "$key" = mlp_mnist ] && { [ "$v" = drop_all_s2 ] || [ "$v" = drop_all_k256 ]; } && continue
+    [ "$key" = mlp_mnist ] && [[ "$v" == drop_all_?* ]] && continue
     local start
     start=$(date +%s.%N)
     # shellcheck disable=SC2086
@@ -46,7 +47,9 @@ model_row() { # key model dataset_dir dataset
   done
   for b in 1 64; do
     local k256=()
-    [ -f "$out/$key.drop_all_k256.tcv" ] && k256=("$out/$key.drop_all_k256.tcv")
+    for v in drop_all_k256 drop_all_k256_s2; do
+      [ -f "$out/$key.$v.tcv" ] && k256+=("$out/$key.$v.tcv")
+    done
     "$T/tabconv" bench "$model" "$out/$key.drop_all.tcv" "$out/$key.all_lut.tcv" "${k256[@]}" --batch $b --threads 1 \
       --seconds 3 --no-tract --json > "$out/$key.bench$b.json"
   done

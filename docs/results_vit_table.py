@@ -11,6 +11,7 @@ VARIANTS = [("default", "default pipeline (logit cosine ≥ 0.995, expected drop
             ("drop_all", "`max_accuracy_drop=0.5`, `restore_unprofitable=false`"),
             ("drop_all_s2", "same, `lut.token_subspace=2`"),
             ("drop_all_k256", "same, `lut.k=256` (256 codes: depth-8 hash trees)"),
+            ("drop_all_k256_s2", "same, `lut.k=256`, `lut.token_subspace=2`"),
             ("all_lut", "every linear layer as lookups (no masking)")]
 
 
@@ -63,8 +64,9 @@ def main(out):
 
     print("\n### Latency (one thread, median per batch, `tabconv bench`, same run as ONNX Runtime)\n")
     print("| model | batch | original in ORT | original in tabconv | `max_accuracy_drop=0.5`, no speed restores "
-          "| all lookups | `max_accuracy_drop=0.5`, no speed restores, `lut.k=256` |")
-    print("|---|---|---|---|---|---|---|")
+          "| all lookups | `max_accuracy_drop=0.5`, no speed restores, `lut.k=256` "
+          "| same, `lut.token_subspace=2` |")
+    print("|---|---|---|---|---|---|---|---|")
     simd = "?"
     for key, name, data in MODELS:
         for b in (1, 64):
@@ -78,7 +80,7 @@ def main(out):
             cell = lambda x: f"{x['median_ms']:.3f} ms" if not x.get("error") else f"failed: {x['error']}"
             ort_s = cell(ort[0]) if ort else "not run"
             ratios = [f"{cell(x)} ({ort[0]['median_ms'] / x['median_ms']:.2f}× ORT)" if ort else cell(x) for x in ours]
-            while len(ratios) < 4:
+            while len(ratios) < 5:
                 ratios.append("—")
             print(f"| {name}, {data} | {b} | {ort_s} | {' | '.join(ratios)} |")
     print(f"\nSIMD level: {simd}. Latencies vary from run to run on a 2-core machine; "
@@ -87,7 +89,7 @@ def main(out):
 
     print("### Which layers stayed exact, and why\n")
     for key, name, data in MODELS:
-        for v in ("drop", "drop_all", "drop_all_k256"):
+        for v in ("drop", "drop_all", "drop_all_k256", "drop_all_k256_s2"):
             if (key, v) not in found:
                 continue
             rep, _, _ = found[(key, v)]
@@ -105,7 +107,7 @@ def main(out):
         if (key, "drop_all") not in found:
             continue
         best = None
-        for v in ("drop", "drop_all", "drop_all_s2", "drop_all_k256"):
+        for v in ("drop", "drop_all", "drop_all_s2", "drop_all_k256", "drop_all_k256_s2"):
             if (key, v) in found:
                 rep, ev, a0 = found[(key, v)]
                 kept, red = ev["accuracy"] / a0, rep["reduction_everything_counted"]
@@ -130,57 +132,65 @@ def analysis(found):
     def red(key, v):
         return f"{found[(key, v)][0]['reduction_everything_counted'] * 100:.1f} %" if (key, v) in found else "?"
 
+    def kept_red(key, v):
+        if (key, v) not in found:
+            return "?"
+        rep, ev, a0 = found[(key, v)]
+        layers = (rep["report"].get("mask") or {}).get("layers", [])
+        n_lut = sum(1 for d in layers if d["chosen"] != "exact")
+        return (f"{rep['reduction_everything_counted'] * 100:.1f} % removed at "
+                f"{ev['accuracy'] / a0 * 100:.1f} % of the accuracy kept, {n_lut} of {len(layers)} layers as lookups")
+
     s2 = (f"{red('vit_mnist', 'drop_all')} to {red('vit_mnist', 'drop_all_s2')} (MNIST) and "
           f"{red('vit_fmnist', 'drop_all')} to {red('vit_fmnist', 'drop_all_s2')} (Fashion-MNIST)")
-    def kept_red(key):
-        if (key, "drop_all_k256") not in found:
-            return "?"
-        rep, ev, a0 = found[(key, "drop_all_k256")]
-        return (f"{rep['reduction_everything_counted'] * 100:.1f} % removed at "
-                f"{ev['accuracy'] / a0 * 100:.1f} % of the accuracy kept")
-
-    k256 = f"{kept_red('vit_mnist')} (MNIST), {kept_red('vit_fmnist')} (Fashion-MNIST)"
-    return ANALYSIS.replace("S2_NUMBERS", s2).replace("K256_NUMBERS", k256)
+    both = lambda v: f"{kept_red('vit_mnist', v)} (MNIST); {kept_red('vit_fmnist', v)} (Fashion-MNIST)"
+    sizes = [found[(k, "drop_all_k256_s2")][0] for k in ("vit_mnist", "vit_fmnist") if (k, "drop_all_k256_s2") in found]
+    ratio = lambda r: (r["cost_after"]["table_bytes"] + r["cost_after"]["prototype_bytes"]) / r["source_weight_bytes"]
+    size = "–".join(sorted({f"{ratio(r):.0f}" for r in sizes}, key=float)) or "?"
+    return ANALYSIS.format(s2=s2, k256=both("drop_all_k256"), k256s2=both("drop_all_k256_s2"), size=size)
 
 
-ANALYSIS = """Why the targets are missed, and what would close them:
+ANALYSIS = """What the numbers show:
 
-- **Accuracy of the lookups themselves.** With 16 prototypes per 4-value codebook (the defaults),
-  each linear layer of this width-64 encoder reproduces its outputs with a relative error of
-  about 0.2–0.55 (cosine 0.83–0.98, the compile logs' `lut layer` table), and the errors add up
-  along the residual stream through three blocks: with every linear layer as lookups the ViT keeps
-  only about 90 % of its accuracy (the "every linear layer" rows). Keeping 99 % therefore leaves
-  only the least sensitive layers (the last blocks' `fc2`) as lookups, a few percent of the work.
-  More calibration data does not help much (in a separate run with an earlier build, 8192
-  instead of 1024 calibration images and `lut.max_rows=65536`, every layer as lookups: 90.4 %
-  instead of 89.4 % on MNIST);
-  narrower codebooks (`lut.token_subspace=2`) are more accurate per layer but do twice the
-  lookups: masking keeps more layers as lookups, and the reduction grows only from
-  S2_NUMBERS.
-- **The ceiling when everything is counted.** A lookup layer still does one lookup-add per
-  codebook per output (1/S of the exact layer's multiply-adds, S = 4 here) plus the encoding
-  (K·S multiply-adds per codebook per row) and the dequantisation, and the attention MatMuls
-  (Q·Kᵀ and P·V, both operands computed) always stay exact: every linear layer as lookups
-  removes about 53 % of the arithmetic, so ≥ 40 % needs nearly all of them.
+- **Accuracy of the lookups themselves decides everything.** With 16 prototypes per 4-value
+  codebook (the defaults) each block layer of this width-64 encoder reproduces its outputs with a
+  relative error of about 0.2–0.5 (the compile logs' `lut` lines), and the errors add up along the
+  residual stream through three blocks: with every linear layer as lookups the ViT keeps only
+  about 90 % of its accuracy (the "every linear layer" rows), so a 0.5-point budget keeps only
+  the least sensitive layers as lookups. More calibration data does not help much (in a separate
+  run with an earlier build, 8192 instead of 1024 calibration images and `lut.max_rows=65536`,
+  every layer as lookups: 90.4 % instead of 89.4 % on MNIST). Narrower codebooks
+  (`lut.token_subspace=2`) are more accurate per layer but do twice the lookups: the reduction
+  grows only from {s2}.
 - **256 codes** (`lut.k=256`: depth-8 hash trees, 8 comparisons per codebook and row, so the
-  encoding is nearly free) make each layer more accurate, and masking keeps more of them as
-  lookups: K256_NUMBERS. The price is what the arithmetic count hides: the tables are several
-  times the size of the weights they replace (the size column), and at these sizes the lookups
-  over 256 codes run slower than the exact layers (the latency table's last column).
-- **Speed.** At these sizes (17 rows per image, 64–192 outputs) the lookups are slower than the
-  exact GEMMs (the mask pass's time model estimates 1.9–12× the exact layer's time on AVX-512),
-  which is why the default pipeline restores every layer ("restored: its lookups would take …"):
-  the default compile of these ViTs is their exact graph, with decomposed LayerNorm and GELU
-  fused into single ops (`fuse-transformer`), which runs at about ONNX Runtime's speed (the
-  "original in tabconv" column runs the same fused graph).
-- **What would close the accuracy gap**: tables and prototypes fine-tuned end to end with the
-  rest of the network (LUT-NN style) rather than layer by layer, and wider models (the
-  approximation error per layer shrinks as D grows, while the attention cost stays fixed).
-  Clustering each codebook in the metric of the weights it multiplies (`W_c W_cᵀ`, which the
-  output error depends on) instead of the Euclidean one was tried outside tabconv (NumPy, the
-  MNIST ViT's 12 block layers, 16 codes per 4 values, ridge-refit tables): it lowers the
-  output error by only 1–5 % relative (e.g. `blocks.1.attn.qkv` 0.297 → 0.285, `blocks.2.fc2` 0.168 → 0.160), so the
-  error is the 16-code quantization itself, not how the codes are placed.
+  encoding is nearly free in the count) bring the block layers to 0.11–0.20: {k256}.
+- **256 codes for 2 values** (`lut.k=256`, `lut.token_subspace=2`) quantize each 2-value
+  subspace finely enough that the block layers' error falls to 0.03–0.08, and masking keeps
+  nearly all of them as lookups: {k256s2}. On MNIST the patch
+  embedding (49 values of one channel) and the 10-class head stay exact, on Fashion-MNIST also
+  the first block's attention layers: they cost the most accuracy per operation saved. "Everything counted" stays far below "lookups only" because a
+  2-value codebook does one lookup-add per 2 multiply-adds it replaces, and the attention
+  MatMuls stay exact.
+- **The price is size and time.** The tables and prototypes are {size} times the weights they replace
+  (256 entries per codebook and output), and the lookups are slower than the exact layers at
+  these sizes (17 rows per image, 64–192 outputs): the latency table's last column. At batch 64
+  on one AVX2 core, `tabconv bench --profile` puts about 38 % of that model's time in the
+  K = 256 lookups (row-wise: each code selects a run of the codebook's table, 16–48 KB per
+  codebook, 0.5–3 MB per layer, so the runs come from L2 and L3) and 30 % in the hash-tree
+  encoding (vectorized over 16 rows; each level picks its thresholds by permutes, the two
+  deepest levels by gathers), the rest in the exact attention, LayerNorm, Softmax and GELU.
+- **Speed by default.** The mask pass's time model prices such lookups at 1.9–12× the exact
+  layer's time, so the default pipeline restores every layer ("restored: its lookups would
+  take …"): the default compile of these ViTs is their exact graph, with decomposed LayerNorm
+  and GELU fused into single ops (`fuse-transformer`), which runs at about ONNX Runtime's speed
+  (the "original in tabconv" column runs the same fused graph). Lookups pay on wide layers with
+  many rows: the MLP's 784×256 layer as lookups runs at ORT's speed or faster at batch 64.
+- **Further accuracy** would come from tables and prototypes fine-tuned end to end with the
+  rest of the network (LUT-NN style), not layer by layer. The global stage (issue 9) now
+  differentiates these encoders but did not lower their divergence (docs/results_learned.md).
+  Clustering each codebook in the metric of the weights it multiplies (`W_c W_cᵀ`) instead of
+  the Euclidean one was tried outside tabconv (NumPy, 16 codes per 4 values): only 1–5 % lower
+  output error, so the error is the quantization itself, not how the codes are placed.
 """
 
 

@@ -7,9 +7,9 @@ import sys
 import numpy as np
 
 sys.path.insert(0, "fixtures")
-import generate as G  # noqa: E402
+import idx  # noqa: E402  (numpy only: no torch needed here)
 
 for name, d in (("mnist", sys.argv[1]), ("fmnist", sys.argv[2])):
-    x, y = G.load_dataset(d)["train"]
+    x, y = idx.load_dataset(d)["train"]
     np.save(os.path.join(sys.argv[3], f"{name}_val.npy"), x[50000:52000])
     np.save(os.path.join(sys.argv[3], f"{name}_val_labels.npy"), y[50000:52000])

@@ -74,7 +74,7 @@ pub struct Options {
 }
 
 /// Relative time of the operations of a LUT layer, one exact multiply-add = 1. The defaults
-/// are the kernels' measured throughputs (docs/BENCHMARKS.md, one thread, batch 64, AVX-512
+/// are the kernels' measured throughputs (docs/BENCHMARKS-avx512.md, one thread, batch 64, AVX-512
 /// Zen 5): exact direct convolution ≈ 110 G multiply-adds/s, channel-lane argmin encoding
 /// ≈ 40 G/s (its comparisons included; it fills 16 channels per vector, so a layer of `C`
 /// channels pays for `⌈C/16⌉·16`), the int8 channel-lane encoder about twice that, argmin encoders that gather their rows (fully connected

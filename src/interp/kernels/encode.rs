@@ -794,6 +794,119 @@ fn nearest_in_lanes_at(level: Simd, xs: &[[f32; CL]], taps: &[usize], pt: &[f32]
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
+    /// [`super::tree_tile`] of codebooks `cs` with the 16 lanes in one vector: each level
+    /// gathers the lanes' thresholds and compares (`x > t`, false for NaN, as the scalar walk).
+    ///
+    /// # Safety
+    /// AVX-512F; `thr` holds the `2^depth - 1` thresholds and `dims` the `depth` dimensions of
+    /// every codebook in `cs`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn tree_tiles_avx512<const G: usize>(
+        xt: &[[f32; LANES]],
+        sub: Subspaces,
+        cs: [usize; G],
+        depth: usize,
+        dims: &[usize],
+        thr: &[f32],
+    ) -> [[u32; LANES]; G] {
+        let nodes = (1 << depth) - 1;
+        let mut idx = [_mm512_setzero_si512(); G];
+        let one = _mm512_set1_epi32(1);
+        for lev in 0..depth {
+            for (i, &c) in idx.iter_mut().zip(&cs) {
+                let col = c * sub.s + dims[c * depth + lev];
+                let x = if col < sub.d {
+                    _mm512_loadu_ps(xt[col].as_ptr())
+                } else {
+                    _mm512_setzero_ps()
+                };
+                let base = thr.as_ptr().add(c * nodes + (1 << lev) - 1);
+                // a level of at most 16 nodes from one vector (its 16 floats lie inside the
+                // codebook's thresholds when the tree has 31 nodes or more), else a gather
+                let t = if lev <= 4 && depth >= 5 {
+                    _mm512_permutexvar_ps(*i, _mm512_loadu_ps(base))
+                } else {
+                    _mm512_i32gather_ps::<4>(*i, base.cast())
+                };
+                let gt = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(x, t);
+                let twice = _mm512_add_epi32(*i, *i);
+                *i = _mm512_mask_add_epi32(twice, gt, twice, one);
+            }
+        }
+        idx.map(|i| {
+            let mut out = [0u32; LANES];
+            _mm512_storeu_si512(out.as_mut_ptr().cast(), i);
+            out
+        })
+    }
+
+    /// [`tree_tiles_avx512`] in two 8-lane halves.
+    ///
+    /// # Safety
+    /// AVX2; as [`tree_tiles_avx512`].
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn tree_tiles_avx2<const G: usize>(
+        xt: &[[f32; LANES]],
+        sub: Subspaces,
+        cs: [usize; G],
+        depth: usize,
+        dims: &[usize],
+        thr: &[f32],
+    ) -> [[u32; LANES]; G] {
+        let nodes = (1 << depth) - 1;
+        let mut idx = [[_mm256_setzero_si256(); 2]; G];
+        for lev in 0..depth {
+            for (ic, &c) in idx.iter_mut().zip(&cs) {
+                let col = c * sub.s + dims[c * depth + lev];
+                let base = thr.as_ptr().add(c * nodes + (1 << lev) - 1);
+                // a level of at most 32 nodes from its vectors of 8 (permutes, blends on the
+                // index's bits 3 and 4) when they lie inside the codebook's thresholds, else a
+                // gather (slower: about 25 cycles each on Zen 3)
+                let vecs = (1usize << lev).div_ceil(8);
+                let small = vecs <= 4 && (1 << lev) - 1 + 8 * vecs <= nodes;
+                let level: [__m256; 4] = std::array::from_fn(|v| {
+                    if small && v < vecs {
+                        _mm256_loadu_ps(base.add(8 * v))
+                    } else {
+                        _mm256_setzero_ps()
+                    }
+                });
+                for (h, i) in ic.iter_mut().enumerate() {
+                    let x = if col < sub.d {
+                        _mm256_loadu_ps(xt[col].as_ptr().add(8 * h))
+                    } else {
+                        _mm256_setzero_ps()
+                    };
+                    let t = if small {
+                        let pick = |v: usize| _mm256_permutevar8x32_ps(level[v], *i);
+                        let bit3 = _mm256_castsi256_ps(_mm256_slli_epi32::<28>(*i));
+                        match vecs {
+                            1 => pick(0),
+                            2 => _mm256_blendv_ps(pick(0), pick(1), bit3),
+                            _ => {
+                                let bit4 = _mm256_castsi256_ps(_mm256_slli_epi32::<27>(*i));
+                                let lo = _mm256_blendv_ps(pick(0), pick(1), bit3);
+                                let hi = _mm256_blendv_ps(pick(2), pick(3), bit3);
+                                _mm256_blendv_ps(lo, hi, bit4)
+                            }
+                        }
+                    } else {
+                        _mm256_i32gather_ps::<4>(base, *i)
+                    };
+                    // all ones where x > t: subtracting it adds the bit
+                    let gt = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GT_OQ>(x, t));
+                    *i = _mm256_sub_epi32(_mm256_add_epi32(*i, *i), gt);
+                }
+            }
+        }
+        idx.map(|[a, b]| {
+            let mut out = [0u32; LANES];
+            _mm256_storeu_si256(out.as_mut_ptr().cast(), a);
+            _mm256_storeu_si256(out.as_mut_ptr().add(8).cast(), b);
+            out
+        })
+    }
+
     /// [`super::argmin_tile`] with the 16 lanes in one vector (LLVM vectorised the portable
     /// loop poorly, half of it in scalar and 128-bit operations): the same products, sums,
     /// half norms and strict comparisons in the same order, so the same codes.
@@ -874,7 +987,7 @@ mod x86 {
         }
     }
 
-    use super::{RowsTap, CL, KB};
+    use super::{RowsTap, Subspaces, CL, KB, LANES};
     use std::arch::x86_64::*;
 
     /// One 16-lane vector per channel group; `KB` running sums in registers.
@@ -1094,12 +1207,32 @@ fn encode_block(job: &Job, r0: usize, out: &mut [u8]) {
     let c_n = sub.count();
     let n = out.len() / c_n;
     let mut xt = vec![[0f32; LANES]; sub.d];
-    let avx512 = Simd::detect() == Simd::Avx512;
+    let simd = Simd::detect();
+    let avx512 = simd == Simd::Avx512;
     for g in (0..n).step_by(LANES) {
         let lanes = (n - g).min(LANES);
         match &job.prepared.kind {
             Kind::Argmin { .. } => job.rows.fill(avx512, r0 + g, lanes, 0..sub.d, &mut xt),
             Kind::Tree { cols, .. } => job.rows.fill(avx512, r0 + g, lanes, cols.iter().copied(), &mut xt),
+        }
+        if let Kind::Tree {
+            depth,
+            dims,
+            thresholds,
+            ..
+        } = &job.prepared.kind
+        {
+            // codebooks in groups (independent chains of gathers at the SIMD levels)
+            for c0 in (0..c_n).step_by(TREE_GROUP) {
+                let cs: [usize; TREE_GROUP] = std::array::from_fn(|i| (c0 + i).min(c_n - 1));
+                let codes = tree_tiles_at(simd, &xt, sub, cs, *depth, dims, thresholds);
+                for (c, code) in (c0..c_n).zip(codes) {
+                    for l in 0..lanes {
+                        out[(g + l) * c_n + c] = code[l] as u8;
+                    }
+                }
+            }
+            continue;
         }
         for c in 0..c_n {
             let code = match &job.prepared.kind {
@@ -1111,12 +1244,7 @@ fn encode_block(job: &Job, r0: usize, out: &mut [u8]) {
                     x86::argmin_tile_avx512(&xt, sub, c, *k, pt, norms)
                 },
                 Kind::Argmin { k, pt, norms, .. } => argmin_tile(&xt, sub, c, *k, pt, norms),
-                Kind::Tree {
-                    depth,
-                    dims,
-                    thresholds,
-                    ..
-                } => tree_tile(&xt, sub, c, *depth, dims, thresholds),
+                Kind::Tree { .. } => unreachable!("encoded above"),
             };
             for l in 0..lanes {
                 out[(g + l) * c_n + c] = code[l] as u8;
@@ -1149,6 +1277,37 @@ fn argmin_tile(xt: &[[f32; LANES]], sub: Subspaces, c: usize, k: usize, protos: 
         }
     }
     best_k
+}
+
+/// Codebooks a tree tile walks together.
+const TREE_GROUP: usize = 4;
+
+/// [`tree_tile`] of the codebooks `cs` at `simd`: the AVX-512 and AVX2 forms gather each
+/// level's thresholds for all lanes at once and walk the group's codebooks side by side (each
+/// level waits on the gather the previous one chose; four codebooks give four independent chains),
+/// where the portable loop walks the lanes one by one. The same comparisons, so the same leaves.
+#[inline(always)]
+fn tree_tiles_at(
+    simd: Simd,
+    xt: &[[f32; LANES]],
+    sub: Subspaces,
+    cs: [usize; TREE_GROUP],
+    depth: usize,
+    dims: &[usize],
+    thr: &[f32],
+) -> [[u32; LANES]; TREE_GROUP] {
+    let nodes = (1 << depth) - 1;
+    let last = cs.iter().max().copied().unwrap_or(0);
+    assert!(dims.len() >= (last + 1) * depth && thr.len() >= (last + 1) * nodes && depth <= 8);
+    match simd {
+        // SAFETY: the level is supported (`Simd::detect`); the node indices stay below
+        // `nodes` (a level's `2^lev - 1 + idx` with `idx < 2^lev`), checked above.
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx512 => unsafe { x86::tree_tiles_avx512(xt, sub, cs, depth, dims, thr) },
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx2 => unsafe { x86::tree_tiles_avx2(xt, sub, cs, depth, dims, thr) },
+        _ => cs.map(|c| tree_tile(xt, sub, c, depth, dims, thr)),
+    }
 }
 
 /// Leaf of codebook `c`'s tree for each lane's row (padded dimensions read as 0).
@@ -1252,6 +1411,43 @@ mod tests {
                         "row {r} codebook {c}: {} vs best {best}",
                         dist(got)
                     );
+                }
+            }
+        }
+    }
+
+    /// The gathering tree tiles give the portable walk's leaves at every level this CPU has:
+    /// depths 1 to 8, values equal to a threshold (not greater), NaN (never greater), and the
+    /// padded dimensions of a last codebook past `d` (read as 0).
+    #[test]
+    fn tree_tiles_match_the_portable_walk_at_every_level() {
+        let levels = crate::interp::kernels::levels_checked("tree_tiles_match_the_portable_walk_at_every_level");
+        let mut rng = Rng::new(17);
+        for depth in 1..=8 {
+            let sub = Subspaces { d: 7, s: 3 };
+            let c_n = sub.count();
+            let nodes = (1 << depth) - 1;
+            let dims: Vec<usize> = (0..c_n * depth).map(|_| (rng.next_f64() * 3.0) as usize).collect();
+            let thr: Vec<f32> = (0..c_n * nodes).map(|_| rng.next_f64() as f32 - 0.5).collect();
+            let mut xt = vec![[0f32; LANES]; sub.d];
+            for (j, col) in xt.iter_mut().enumerate() {
+                for (l, v) in col.iter_mut().enumerate() {
+                    *v = match (j + l) % 7 {
+                        0 => f32::NAN,
+                        1 => thr[(l * 31 + j) % thr.len()],
+                        _ => rng.next_f64() as f32 - 0.5,
+                    };
+                }
+            }
+            // a group with a repeated codebook (the padding of a last group) and one in order
+            for cs in [[2, 0, 1, 1], [0, 1, 2, 2]] {
+                for &level in &levels {
+                    let got = tree_tiles_at(level, &xt, sub, cs, depth, &dims, &thr);
+                    for (&c, got) in cs.iter().zip(got) {
+                        let want = tree_tile(&xt, sub, c, depth, &dims, &thr);
+                        assert!(want.iter().all(|&i| i < 1 << depth));
+                        assert_eq!(got, want, "depth {depth}, codebook {c}, {}", level.name());
+                    }
                 }
             }
         }
