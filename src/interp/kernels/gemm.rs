@@ -125,18 +125,20 @@ impl PackedA {
         PackedA { m, k, data }
     }
 
-    /// Whether [`matmul_packed`] can run on this CPU (AVX-512F).
+    /// Whether [`matmul_packed`] can run on this CPU (AVX-512F, or AVX2 and FMA).
     pub fn supported() -> bool {
-        super::Simd::Avx512.supported()
+        super::Simd::Avx2.supported()
     }
 }
 
 /// `c[m×n] = (accumulate ? c : 0) + a · b` with `a` packed ([`PackedA`]), `b` row-major `k × n`
-/// and `c` row-major `m × n`: an AVX-512 register-blocked GEMM (12 × 32 microkernel, `KC × NC`
-/// blocks of B kept in cache, row blocks in parallel). Every element is summed in the same order
-/// whatever the thread count. Panics unless [`PackedA::supported`].
+/// and `c` row-major `m × n`: a register-blocked GEMM (12 × 32 tiles: one AVX-512 microkernel, or
+/// four AVX2 ones of 6 × 16; `KC × NC` blocks of B kept in cache, column panels in parallel).
+/// Every element is the same chain of fused multiply-adds from zero over the depth, then added to
+/// `c`: the same bits at both levels and whatever the thread count. Panics unless
+/// [`PackedA::supported`].
 pub fn matmul_packed(a: &PackedA, n: usize, b: &[f32], c: &mut [f32], accumulate: bool, parallel: bool) {
-    matmul_avx512(Lhs::Packed(a), n, b, c, accumulate, parallel)
+    matmul_blocked(Lhs::Packed(a), n, b, c, accumulate, parallel)
 }
 
 /// [`matmul_packed`] with `a` a row-major `m × k` matrix read in place (each step broadcasts
@@ -154,23 +156,24 @@ pub fn matmul_rows(
     parallel: bool,
 ) {
     assert!(a.len() >= m * k);
-    matmul_avx512(Lhs::Rows { a, m, k }, n, b, c, accumulate, parallel)
+    matmul_blocked(Lhs::Rows { a, m, k }, n, b, c, accumulate, parallel)
 }
 
-/// The left operand of the AVX-512 GEMM.
+/// The left operand of the blocked GEMM.
 #[derive(Clone, Copy)]
 enum Lhs<'a> {
     Packed(&'a PackedA),
     Rows { a: &'a [f32], m: usize, k: usize },
 }
 
-fn matmul_avx512(a: Lhs, n: usize, b: &[f32], c: &mut [f32], accumulate: bool, parallel: bool) {
+fn matmul_blocked(a: Lhs, n: usize, b: &[f32], c: &mut [f32], accumulate: bool, parallel: bool) {
     use rayon::prelude::*;
     let (m, k) = match a {
         Lhs::Packed(p) => (p.m, p.k),
         Lhs::Rows { m, k, .. } => (m, k),
     };
-    assert!(PackedA::supported(), "the packed GEMM needs AVX-512F");
+    assert!(PackedA::supported(), "the packed GEMM needs AVX-512F or AVX2 and FMA");
+    let avx512 = super::Simd::Avx512.supported();
     assert!(b.len() >= k * n && c.len() >= m * n);
     if m == 0 || n == 0 {
         return;
@@ -205,7 +208,7 @@ fn matmul_avx512(a: Lhs, n: usize, b: &[f32], c: &mut [f32], accumulate: bool, p
                     let mr = MR.min(m - ib * MR);
                     let sh = shared;
                     let bp = &b[kc * n + j0..];
-                    // SAFETY: AVX-512F asserted; the block of `a` holds kb steps of mr rows
+                    // SAFETY: AVX-512F (or AVX2 and FMA) asserted; the block of `a` holds kb steps of mr rows
                     // (packed: kb·MR values; rows: mr rows of k from column kc); rows
                     // kc..kc+kb and columns j0..j0+nw of `b` exist; rows ib·MR.. (mr of them)
                     // and columns j0..j0+nw of `c` exist and no other task writes these columns.
@@ -227,7 +230,11 @@ fn matmul_avx512(a: Lhs, n: usize, b: &[f32], c: &mut [f32], accumulate: bool, p
                             nw,
                             add,
                         };
-                        x86_packed::micro_rows(packed, tile)
+                        if avx512 {
+                            x86_packed::micro_rows(packed, tile)
+                        } else {
+                            x86_packed::micro_rows_avx2(packed, tile)
+                        }
                     };
                 }
             };
@@ -337,6 +344,104 @@ mod x86_packed {
             _mm512_mask_storeu_ps(p.add(16), m1, v1);
         }
     }
+
+    /// [`micro_rows`] at AVX2: the 12 × 32 tile as up to four 6 × 16 tiles (12 accumulators,
+    /// two B vectors and a broadcast: 15 of the 16 ymm registers), each element the same chain
+    /// of multiply-adds as at AVX-512.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn micro_rows_avx2(packed: bool, t: Tile) {
+        let cp = t.c.as_mut_ptr();
+        for r0 in (0..t.mr).step_by(6) {
+            let rows = (t.mr - r0).min(6);
+            // packed: row r of the block is a[kk·lda + r]; in place: a[r·lda + kk]
+            let a = if packed { t.a.add(r0) } else { t.a.add(r0 * t.lda) };
+            for j0 in (0..t.nw).step_by(16) {
+                let q = Quarter {
+                    kb: t.kb,
+                    a,
+                    lda: t.lda,
+                    b: t.b.as_ptr().add(j0),
+                    ldb: t.ldb,
+                    c: cp.add(r0 * t.ldc + j0),
+                    ldc: t.ldc,
+                    mr: rows,
+                    nw: (t.nw - j0).min(16),
+                    add: t.add,
+                };
+                match (packed, rows, q.nw == 16) {
+                    (true, 1..=2, true) => micro256::<true, 2, true>(q),
+                    (true, 3..=4, true) => micro256::<true, 4, true>(q),
+                    (true, _, true) => micro256::<true, 6, true>(q),
+                    (true, _, false) => micro256::<true, 6, false>(q),
+                    (false, 1..=2, true) => micro256::<false, 2, true>(q),
+                    (false, 3..=4, true) => micro256::<false, 4, true>(q),
+                    (false, _, true) => micro256::<false, 6, true>(q),
+                    (false, _, false) => micro256::<false, 6, false>(q),
+                }
+            }
+        }
+    }
+
+    /// One AVX2 call: at most 6 rows × 16 columns, pointers at its corner.
+    struct Quarter {
+        kb: usize,
+        a: *const f32,
+        lda: usize,
+        b: *const f32,
+        ldb: usize,
+        c: *mut f32,
+        ldc: usize,
+        mr: usize,
+        nw: usize,
+        add: bool,
+    }
+
+    /// Lanes `< n` of an 8-lane mask.
+    #[inline(always)]
+    unsafe fn lanes(n: usize) -> __m256i {
+        _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))
+    }
+
+    /// `R ≥ mr` rows (rows past `mr` repeat the last in place, or read the packed block's zero
+    /// padding, and are not stored) × `nw ≤ 16` columns; `FULL`: `nw` is 16 (plain loads).
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn micro256<const PACKED: bool, const R: usize, const FULL: bool>(q: Quarter) {
+        debug_assert!((1..=R).contains(&q.mr) && q.nw <= 16 && (!FULL || q.nw == 16));
+        let (m0, m1) = (lanes(q.nw.min(8)), lanes(q.nw.saturating_sub(8)));
+        let rows: [*const f32; R] = std::array::from_fn(|i| {
+            if PACKED {
+                q.a.add(i)
+            } else {
+                q.a.add(i.min(q.mr - 1) * q.lda)
+            }
+        });
+        let step = if PACKED { q.lda } else { 1 };
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        for kk in 0..q.kb {
+            let bk = q.b.add(kk * q.ldb);
+            let (b0, b1) = if FULL {
+                (_mm256_loadu_ps(bk), _mm256_loadu_ps(bk.add(8)))
+            } else {
+                (_mm256_maskload_ps(bk, m0), _mm256_maskload_ps(bk.add(8), m1))
+            };
+            for (row, r) in acc.iter_mut().zip(&rows) {
+                let av = _mm256_broadcast_ss(&*r.add(kk * step));
+                row[0] = _mm256_fmadd_ps(av, b0, row[0]);
+                row[1] = _mm256_fmadd_ps(av, b1, row[1]);
+            }
+        }
+        for (i, row) in acc.iter().enumerate().take(q.mr) {
+            let p = q.c.add(i * q.ldc);
+            let (mut v0, mut v1) = (row[0], row[1]);
+            if q.add {
+                v0 = _mm256_add_ps(v0, _mm256_maskload_ps(p, m0));
+                v1 = _mm256_add_ps(v1, _mm256_maskload_ps(p.add(8), m1));
+            }
+            _mm256_maskstore_ps(p, m0, v0);
+            _mm256_maskstore_ps(p.add(8), m1, v1);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -375,15 +480,20 @@ mod tests {
         }
     }
 
-    /// The packed AVX-512 GEMM equals a naive product for shapes around every block edge, and
-    /// reading the rows in place gives the same bits.
+    /// The packed GEMM equals a naive product for shapes around every block edge (the AVX2 6 × 16
+    /// quarters' too: 1–13 rows, 1–33 columns), and reading the rows in place gives the same bits.
     #[test]
     fn packed_matches_naive() {
         if !PackedA::supported() {
-            eprintln!("packed_matches_naive: packed GEMM not checked: this CPU has no AVX-512F");
+            eprintln!("packed_matches_naive: packed GEMM not checked: this CPU has neither AVX-512F nor AVX2");
             return;
         }
-        eprintln!("packed_matches_naive: checked the packed GEMM (AVX-512F)");
+        let level = if crate::interp::kernels::Simd::Avx512.supported() {
+            "AVX-512F"
+        } else {
+            "AVX2"
+        };
+        eprintln!("packed_matches_naive: checked the packed GEMM ({level})");
         for &(m, n, k) in &[
             (1, 1, 1),
             (12, 32, 256),
@@ -391,6 +501,10 @@ mod tests {
             (25, 70, 600),
             (64, 1100, 9),
             (7, 5, 3),
+            (5, 9, 4),
+            (3, 17, 2),
+            (6, 16, 5),
+            (11, 24, 7),
         ] {
             let a: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 13) as f32 - 6.0) / 7.0).collect();
             let b: Vec<f32> = (0..k * n).map(|i| ((i * 5 % 11) as f32 - 5.0) / 5.0).collect();
