@@ -27,7 +27,7 @@ fn same_bits(g: &Graph, x: &ArrayD<f32>, name: &str) {
     let whole = run(g, x, None, 1);
     assert_eq!(whole.shape()[0], x.shape()[0]);
     // 40 images: sub-batches of 16, 16 and 8 (in order at 1 thread, side by side at 2)
-    // Without AVX-512 a Gemm takes the `gemm` crate, whose kernels change with the number of
+    // Without AVX2 a Gemm takes the `gemm` crate, whose kernels change with the number of
     // rows: there only float rounding may differ.
     let exact_bits = tabconv::interp::kernels::gemm::PackedA::supported();
     for (cache, threads) in [(16, 1), (16, 2), (8, 2), (1, 1)] {

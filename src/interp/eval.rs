@@ -71,7 +71,7 @@ pub fn eval_op_cached(op: &Op, mut args: Vec<Arc<Tensor>>, cache: Option<&Cache>
             let wdata = f32_std(w)?;
             // What the node prepares once per input size: the kernel without taps that only ever
             // see padding (e.g. a 3×3 conv on a 1×1 input; a smaller kernel with adjusted padding
-            // computes the same outputs) and the weights packed for the AVX-512 GEMM.
+            // computes the same outputs) and the weights packed for the blocked GEMM.
             let hw = [xs[2], xs[3]];
             let build = || -> Result<ConvPrep> {
                 let (conv, weights) = match conv::pruned_taps(c, hw)? {
@@ -578,7 +578,7 @@ fn transformer_op(op: &Op, mut args: Vec<Arc<Tensor>>) -> Result<Tensor> {
 
 /// A Conv node's prepared state for one input size: the conv actually run (taps that only meet
 /// padding dropped), its weights when they differ from the node's, and the weights packed per
-/// group for the AVX-512 GEMM.
+/// group for the blocked GEMM.
 struct ConvPrep {
     hw: [usize; 2],
     conv: crate::ir::op::Conv,
@@ -925,7 +925,7 @@ fn gemm_op(g: &Gemm, args: &[Arc<Tensor>]) -> Result<ArrayD<f32>> {
     Ok(out)
 }
 
-/// What a `Gemm` with constant `B` and `C` prepares once for the packed AVX-512 GEMM: `α·op(B)`
+/// What a `Gemm` with constant `B` and `C` prepares once for the packed blocked GEMM: `α·op(B)`
 /// as a row-major `k × n` matrix (a transposed weight, as `torch.nn.Linear` exports it,
 /// transposed once here instead of read with strides on every call) and `β·C` as one row.
 struct GemmPrep {
@@ -1012,7 +1012,7 @@ pub fn matmul_op(a: &ArrayD<f32>, b: &ArrayD<f32>) -> Result<ArrayD<f32>> {
         let mut out = ArrayD::<f32>::zeros(IxDyn(&shape));
         let (asl, bsl) = (a_std.as_slice().unwrap(), b_std.as_slice().unwrap());
         if gemm::PackedA::supported() && rows >= 4 && n >= 16 {
-            // the AVX-512 GEMM, both operands read in place
+            // the blocked GEMM, both operands read in place
             gemm::matmul_rows(asl, rows, k, n, bsl, out.as_slice_mut().unwrap(), false, true);
             return Ok(out);
         }
@@ -1051,7 +1051,7 @@ pub fn matmul_op(a: &ArrayD<f32>, b: &ArrayD<f32>) -> Result<ArrayD<f32>> {
         bv.as_slice().expect("standard layout"),
         out.as_slice_mut().expect("standard layout"),
     );
-    // one product per matrix (attention's heads: many small ones), through the AVX-512 GEMM
+    // one product per matrix (attention's heads: many small ones), through the blocked GEMM
     // where it applies; matrices in parallel when there are threads and enough work, each
     // summed the same way either way
     let par = nb == 1;

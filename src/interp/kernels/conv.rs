@@ -105,7 +105,7 @@ pub fn pack_weights(w: &[f32], m: usize, conv: &Conv, c: usize) -> Option<Vec<Pa
 }
 
 /// `x`: `[N, C, H, W]` (standard layout), `w`: `[M, C/group, kh, kw]`, `bias`: `[M]`; `packed`:
-/// the same weights from [`pack_weights`] (then the AVX-512 GEMM runs).
+/// the same weights from [`pack_weights`] (then the blocked GEMM runs).
 pub fn conv2d(
     x: &[f32],
     xshape: [usize; 4],
@@ -294,7 +294,7 @@ mod tests {
         assert_eq!(pruned, 4);
     }
 
-    /// The packed AVX-512 GEMM path gives the same outputs as the `gemm` crate path, per image
+    /// The packed blocked GEMM path gives the same outputs as the `gemm` crate path, per image
     /// and with the batch merged into one GEMM, grouped too.
     #[test]
     fn packed_weights_give_the_same_outputs() {

@@ -125,9 +125,10 @@ impl PackedA {
         PackedA { m, k, data }
     }
 
-    /// Whether [`matmul_packed`] can run on this CPU (AVX-512F, or AVX2 and FMA).
+    /// Whether [`matmul_packed`] runs at this CPU's level (AVX-512F, or AVX2 and FMA; capped by
+    /// `TABCONV_SIMD` as every kernel).
     pub fn supported() -> bool {
-        super::Simd::Avx2.supported()
+        super::Simd::detect() >= super::Simd::Avx2
     }
 }
 
@@ -138,7 +139,7 @@ impl PackedA {
 /// `c`: the same bits at both levels and whatever the thread count. Panics unless
 /// [`PackedA::supported`].
 pub fn matmul_packed(a: &PackedA, n: usize, b: &[f32], c: &mut [f32], accumulate: bool, parallel: bool) {
-    matmul_blocked(Lhs::Packed(a), n, b, c, accumulate, parallel)
+    matmul_blocked(super::Simd::detect(), Lhs::Packed(a), n, b, c, accumulate, parallel)
 }
 
 /// [`matmul_packed`] with `a` a row-major `m × k` matrix read in place (each step broadcasts
@@ -156,7 +157,15 @@ pub fn matmul_rows(
     parallel: bool,
 ) {
     assert!(a.len() >= m * k);
-    matmul_blocked(Lhs::Rows { a, m, k }, n, b, c, accumulate, parallel)
+    matmul_blocked(
+        super::Simd::detect(),
+        Lhs::Rows { a, m, k },
+        n,
+        b,
+        c,
+        accumulate,
+        parallel,
+    )
 }
 
 /// The left operand of the blocked GEMM.
@@ -166,14 +175,18 @@ enum Lhs<'a> {
     Rows { a: &'a [f32], m: usize, k: usize },
 }
 
-fn matmul_blocked(a: Lhs, n: usize, b: &[f32], c: &mut [f32], accumulate: bool, parallel: bool) {
+/// The blocked GEMM with `level`'s microkernels.
+fn matmul_blocked(level: super::Simd, a: Lhs, n: usize, b: &[f32], c: &mut [f32], accumulate: bool, parallel: bool) {
     use rayon::prelude::*;
     let (m, k) = match a {
         Lhs::Packed(p) => (p.m, p.k),
         Lhs::Rows { m, k, .. } => (m, k),
     };
-    assert!(PackedA::supported(), "the packed GEMM needs AVX-512F or AVX2 and FMA");
-    let avx512 = super::Simd::Avx512.supported();
+    assert!(
+        level >= super::Simd::Avx2 && level.supported(),
+        "the packed GEMM needs AVX-512F or AVX2 and FMA"
+    );
+    let avx512 = level == super::Simd::Avx512;
     assert!(b.len() >= k * n && c.len() >= m * n);
     if m == 0 || n == 0 {
         return;
@@ -208,7 +221,7 @@ fn matmul_blocked(a: Lhs, n: usize, b: &[f32], c: &mut [f32], accumulate: bool, 
                     let mr = MR.min(m - ib * MR);
                     let sh = shared;
                     let bp = &b[kc * n + j0..];
-                    // SAFETY: AVX-512F (or AVX2 and FMA) asserted; the block of `a` holds kb steps of mr rows
+                    // SAFETY: `level` asserted supported; the block of `a` holds kb steps of mr rows
                     // (packed: kb·MR values; rows: mr rows of k from column kc); rows
                     // kc..kc+kb and columns j0..j0+nw of `b` exist; rows ib·MR.. (mr of them)
                     // and columns j0..j0+nw of `c` exist and no other task writes these columns.
@@ -372,10 +385,14 @@ mod x86_packed {
                     (true, 1..=2, true) => micro256::<true, 2, true>(q),
                     (true, 3..=4, true) => micro256::<true, 4, true>(q),
                     (true, _, true) => micro256::<true, 6, true>(q),
+                    (true, 1..=2, false) => micro256::<true, 2, false>(q),
+                    (true, 3..=4, false) => micro256::<true, 4, false>(q),
                     (true, _, false) => micro256::<true, 6, false>(q),
                     (false, 1..=2, true) => micro256::<false, 2, true>(q),
                     (false, 3..=4, true) => micro256::<false, 4, true>(q),
                     (false, _, true) => micro256::<false, 6, true>(q),
+                    (false, 1..=2, false) => micro256::<false, 2, false>(q),
+                    (false, 3..=4, false) => micro256::<false, 4, false>(q),
                     (false, _, false) => micro256::<false, 6, false>(q),
                 }
             }
@@ -417,13 +434,17 @@ mod x86_packed {
             }
         });
         let step = if PACKED { q.lda } else { 1 };
+        // the upper 8 columns exist: no masked access is made past the last column's vector
+        let hi = q.nw > 8;
         let mut acc = [[_mm256_setzero_ps(); 2]; R];
         for kk in 0..q.kb {
             let bk = q.b.add(kk * q.ldb);
             let (b0, b1) = if FULL {
                 (_mm256_loadu_ps(bk), _mm256_loadu_ps(bk.add(8)))
-            } else {
+            } else if hi {
                 (_mm256_maskload_ps(bk, m0), _mm256_maskload_ps(bk.add(8), m1))
+            } else {
+                (_mm256_maskload_ps(bk, m0), _mm256_setzero_ps())
             };
             for (row, r) in acc.iter_mut().zip(&rows) {
                 let av = _mm256_broadcast_ss(&*r.add(kk * step));
@@ -436,10 +457,14 @@ mod x86_packed {
             let (mut v0, mut v1) = (row[0], row[1]);
             if q.add {
                 v0 = _mm256_add_ps(v0, _mm256_maskload_ps(p, m0));
-                v1 = _mm256_add_ps(v1, _mm256_maskload_ps(p.add(8), m1));
             }
             _mm256_maskstore_ps(p, m0, v0);
-            _mm256_maskstore_ps(p.add(8), m1, v1);
+            if hi {
+                if q.add {
+                    v1 = _mm256_add_ps(v1, _mm256_maskload_ps(p.add(8), m1));
+                }
+                _mm256_maskstore_ps(p.add(8), m1, v1);
+            }
         }
     }
 }
@@ -488,12 +513,11 @@ mod tests {
             eprintln!("packed_matches_naive: packed GEMM not checked: this CPU has neither AVX-512F nor AVX2");
             return;
         }
-        let level = if crate::interp::kernels::Simd::Avx512.supported() {
-            "AVX-512F"
-        } else {
-            "AVX2"
-        };
-        eprintln!("packed_matches_naive: checked the packed GEMM ({level})");
+        use crate::interp::kernels::Simd;
+        let levels: Vec<Simd> = crate::interp::kernels::levels_checked("packed_matches_naive")
+            .into_iter()
+            .filter(|&l| l >= Simd::Avx2)
+            .collect();
         for &(m, n, k) in &[
             (1, 1, 1),
             (12, 32, 256),
@@ -513,6 +537,16 @@ mod tests {
                 for parallel in [false, true] {
                     let mut c = vec![0.5f32; m * n];
                     matmul_packed(&pa, n, &b, &mut c, accumulate, parallel);
+                    // every level this CPU has gives the same bits (AVX2's quarters, AVX-512's tiles)
+                    for &level in &levels {
+                        let mut cl = vec![0.5f32; m * n];
+                        matmul_blocked(level, Lhs::Packed(&pa), n, &b, &mut cl, accumulate, parallel);
+                        assert!(
+                            c.iter().zip(&cl).all(|(x, y)| x.to_bits() == y.to_bits()),
+                            "({m},{n},{k}): {} differs from the detected level",
+                            level.name()
+                        );
+                    }
                     // the rows read in place: the same sums in the same order
                     let mut c2 = vec![0.5f32; m * n];
                     matmul_rows(&a, m, k, n, &b, &mut c2, accumulate, parallel);

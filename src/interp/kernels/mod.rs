@@ -244,7 +244,7 @@ mod tests {
         let lut: Vec<&str> = lut::LutKernel::available().iter().map(|k| k.name()).collect();
         eprintln!(
             "kernel tests ran at SIMD levels {:?}; not available on this CPU, not checked: {:?}; \
-             LUT kernels checked: {lut:?}; packed AVX-512 GEMM checked: {}",
+             LUT kernels checked: {lut:?}; packed GEMM (AVX-512 or AVX2) checked: {}",
             ran.iter().map(|s| s.name()).collect::<Vec<_>>(),
             missing.iter().map(|s| s.name()).collect::<Vec<_>>(),
             gemm::PackedA::supported()
