@@ -381,21 +381,23 @@ mod x86_packed {
                     nw: (t.nw - j0).min(16),
                     add: t.add,
                 };
-                match (packed, rows, q.nw == 16) {
-                    (true, 1..=2, true) => micro256::<true, 2, true>(q),
-                    (true, 3..=4, true) => micro256::<true, 4, true>(q),
-                    (true, _, true) => micro256::<true, 6, true>(q),
-                    (true, 1..=2, false) => micro256::<true, 2, false>(q),
-                    (true, 3..=4, false) => micro256::<true, 4, false>(q),
-                    (true, _, false) => micro256::<true, 6, false>(q),
-                    (false, 1..=2, true) => micro256::<false, 2, true>(q),
-                    (false, 3..=4, true) => micro256::<false, 4, true>(q),
-                    (false, _, true) => micro256::<false, 6, true>(q),
-                    (false, 1..=2, false) => micro256::<false, 2, false>(q),
-                    (false, 3..=4, false) => micro256::<false, 4, false>(q),
-                    (false, _, false) => micro256::<false, 6, false>(q),
+                match (packed, q.nw == 16) {
+                    (true, true) => quarter::<true, true>(q),
+                    (true, false) => quarter::<true, false>(q),
+                    (false, true) => quarter::<false, true>(q),
+                    (false, false) => quarter::<false, false>(q),
                 }
             }
+        }
+    }
+
+    /// [`micro256`] with as few rows as cover `q.mr` (2, 4 or 6).
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn quarter<const PACKED: bool, const FULL: bool>(q: Quarter) {
+        match q.mr {
+            0..=2 => micro256::<PACKED, 2, FULL>(q),
+            3..=4 => micro256::<PACKED, 4, FULL>(q),
+            _ => micro256::<PACKED, 6, FULL>(q),
         }
     }
 
