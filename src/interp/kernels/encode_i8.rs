@@ -16,7 +16,10 @@
 //! 16 channels is then one 64-byte load, and one `vpdpbusd` (AVX-512 VNNI) or `vpmaddubsw` +
 //! `vpmaddwd` (AVX2; exact since `2·127·127 < 2¹⁵`) does its multiply-adds for one prototype.
 //! The argmin keeps `(sum << 4) | (15 − k)` per lane and takes the maximum: one instruction per
-//! prototype instead of a compare and two blends.
+//! prototype instead of a compare and two blends. At AVX2 the shift is free: `vpmaddwd` by 16
+//! instead of 1 and sums that start at the key of `−hn`, so one `vpmaxsd` per prototype is the
+//! whole argmin (with two pixels of 4 prototypes in registers, no spills: 2.6–2.9× the earlier
+//! three-pixel kernel on Zen 3, `quantized_encode_throughput`).
 
 use super::encode::Rows;
 use super::Simd;
@@ -176,6 +179,9 @@ pub struct QuantLanes {
     pq: Vec<V64>,
     /// `[group][k]`: `−hn` per lane (missing channels: 0).
     init: Vec<V64>,
+    /// `[group][k]`: the argmin key's start `16·(−hn) + 15 − k` per lane, for kernels that
+    /// accumulate `16·dot` (see [`x86::nearest_avx2`]).
+    keys: Vec<V64>,
 }
 
 impl QuantLanes {
@@ -202,6 +208,7 @@ impl QuantLanes {
                 init[g * K + kk].0[l] = -q.hn[ch * K + kk];
             }
         }
+        let keys = keys_of(&init);
         Some(QuantLanes {
             channels,
             kernel: [kh, kw],
@@ -209,12 +216,21 @@ impl QuantLanes {
             inv: q.inv,
             pq,
             init,
+            keys,
         })
     }
 
     pub fn channels(&self) -> usize {
         self.channels
     }
+}
+
+/// The argmin keys' starts `16·(−hn) + 15 − k` of `−hn` words `[..][k]` (see [`QuantLanes`]).
+fn keys_of(init: &[V64]) -> Vec<V64> {
+    init.iter()
+        .enumerate()
+        .map(|(i, v)| V64(v.0.map(|h| (h << 4) | (15 - (i % K) as i32))))
+        .collect()
 }
 
 /// A band's quantized input rows (one image at a time), tap words, per image its first input
@@ -267,8 +283,8 @@ pub fn encode_lanes(level: Simd, rows: &Rows, ql: &QuantLanes, codes: &mut [u8])
 
 /// One band of output rows: `r0 ..` counted across images (`image · oh + oy`), as many as
 /// `out` holds. Each image's input rows that the band reads are quantized and turned into tap
-/// words once; then rows are encoded three at a time in row order (across output rows and
-/// images, so narrow maps waste no lanes), kernel rows outside the image reading a zero word.
+/// words once; then pixels are encoded a few at a time ([`encode_pixels`]), kernel rows outside
+/// the image reading a zero word.
 fn encode_band(level: Simd, rows: &Rows, ql: &QuantLanes, r0: usize, out: &mut [u8], scratch: &mut Scratch) {
     let Rows::ConvNhwc { x, shape, win, geo } = rows else {
         unreachable!("quantized channel lanes need channels-last rows")
@@ -356,25 +372,85 @@ fn encode_band(level: Simd, rows: &Rows, ql: &QuantLanes, r0: usize, out: &mut [
             (img, oy) = (img + 1, 0);
         }
     }
+    let band = Band {
+        words,
+        zero,
+        kh,
+        step,
+        ch,
+    };
+    #[cfg(target_arch = "x86_64")]
+    match level {
+        // SAFETY (all three): the level (and VNNI) was detected, so the CPU has the kernel's
+        // instructions; `encode_pixels` checks the offsets the kernels read unchecked.
+        Simd::Avx512 if vnni() => return unsafe { encode_pixels::<3>(&band, pixels, ql, out, x86::nearest3_vnni) },
+        // AVX2 is implied by the AVX-512 level
+        Simd::Avx512 | Simd::Avx2 => {
+            return unsafe { encode_pixels::<2>(&band, pixels, ql, out, x86::nearest_avx2::<2>) }
+        }
+        Simd::Scalar => {}
+    }
+    // SAFETY: the portable kernel; `encode_pixels` checks the offsets.
+    unsafe { encode_pixels::<3>(&band, pixels, ql, out, nearest_scalar::<3>) }
+}
+
+/// A band's tap words as the pixel kernels read them: the words, the zero words' offset (one
+/// per group), the kernel height and the word step between kernel rows, the input channels.
+struct Band<'a> {
+    words: &'a [V64],
+    zero: usize,
+    kh: usize,
+    step: usize,
+    ch: usize,
+}
+
+/// One channel group's int8 codebooks in [`QuantLanes`]' layout: prototype words
+/// `[kernel row][k]`, `−hn` and the keys `16·(−hn) + 15 − k`, `[k]`.
+#[derive(Clone, Copy)]
+struct GroupQ<'a> {
+    pq: &'a [V64],
+    init: &'a [V64],
+    keys: &'a [V64],
+}
+
+/// A pixel kernel: the codes of `P` pixels for one channel group, from `lines` (kernel rows
+/// `i` and each pixel's word for it, a zero word where the kernel row is outside the image);
+/// group `g` reads word `o + g` for a line's word `o`.
+type Nearest<const P: usize> = unsafe fn(&[V64], &[(usize, [usize; P])], usize, GroupQ) -> [[u8; CL]; P];
+
+/// Encode a band's `pixels` (their word of kernel row 0, group 0, and the kernel rows inside
+/// the image) `P` at a time in row order (across output rows and images, so narrow maps waste
+/// no lanes), every channel group by `nearest`; codes into `out` (`pixels × ch`).
+///
+/// # Safety
+/// The CPU has `nearest`'s instructions.
+unsafe fn encode_pixels<const P: usize>(
+    band: &Band,
+    pixels: &[(isize, u32, u32)],
+    ql: &QuantLanes,
+    out: &mut [u8],
+    nearest: Nearest<P>,
+) {
+    let (words, kh, g_n) = (band.words, band.kh, ql.groups);
     let n_pos = pixels.len();
     // reused across pixels (only their first `kh` / `n_l` entries are read): no per-pixel
     // initialisation of the whole arrays
-    let mut at = [[None; 3]; MAX_KH];
-    let mut lines = [(0usize, [0usize; 3]); MAX_KH];
-    for p0 in (0..n_pos).step_by(3) {
-        // three pixels; a last, partial group repeats its last
-        let px = [p0, (p0 + 1).min(n_pos - 1), (p0 + 2).min(n_pos - 1)].map(|p| pixels[p]);
+    let mut at = [[None; P]; MAX_KH];
+    let mut lines = [(0usize, [0usize; P]); MAX_KH];
+    for p0 in (0..n_pos).step_by(P) {
+        // P pixels; a last, partial group repeats its last
+        let px: [_; P] = std::array::from_fn(|q| pixels[(p0 + q).min(n_pos - 1)]);
         // per kernel row: each pixel's word (of group 0), or None outside the image
-        at[..kh].fill([None; 3]);
+        at[..kh].fill([None; P]);
         for (q, &(row, i_lo, i_hi)) in px.iter().enumerate() {
             for (i, a) in at.iter_mut().enumerate().take(i_hi as usize).skip(i_lo as usize) {
-                a[q] = Some((row + (i * step) as isize) as usize);
+                a[q] = Some((row + (i * band.step) as isize) as usize);
             }
         }
         let mut n_l = 0;
         for (i, a) in at.iter().enumerate().take(kh) {
             if a.iter().any(Option::is_some) {
-                lines[n_l] = (i, a.map(|o| o.unwrap_or(zero)));
+                lines[n_l] = (i, a.map(|o| o.unwrap_or(band.zero)));
                 n_l += 1;
             }
         }
@@ -384,15 +460,19 @@ fn encode_band(level: Simd, rows: &Rows, ql: &QuantLanes, r0: usize, out: &mut [
             .iter()
             .all(|&(i, a)| i < kh && a.iter().all(|&o| o + g_n <= words.len())));
         for g in 0..g_n {
-            let pq = &ql.pq[g * kh * K..(g + 1) * kh * K];
-            let init = &ql.init[g * K..(g + 1) * K];
+            let q = GroupQ {
+                pq: &ql.pq[g * kh * K..(g + 1) * kh * K],
+                init: &ql.init[g * K..(g + 1) * K],
+                keys: &ql.keys[g * K..(g + 1) * K],
+            };
             // SAFETY: asserted above: each line's kernel row is < kh (inside `pq`) and its
-            // words plus g are inside `words`.
-            let codes = unsafe { nearest3(level, words, lines, g, pq, init) };
-            let width = (ch - g * CL).min(CL);
+            // words plus g are inside `words`; the caller guarantees the instructions.
+            let codes = unsafe { nearest(words, lines, g, q) };
+            let width = (band.ch - g * CL).min(CL);
             for (q, code) in codes.iter().enumerate().take(n_pos - p0) {
-                let o = (p0 + q) * ch + g * CL;
+                let o = (p0 + q) * band.ch + g * CL;
                 if width == CL {
+                    // a fixed-size copy: a move, not a call
                     out[o..o + CL].copy_from_slice(code);
                 } else {
                     out[o..o + width].copy_from_slice(&code[..width]);
@@ -502,40 +582,26 @@ fn tap_words(level: Simd, q: &[u8], rows: usize, t: TapGeom, words: &mut [V64]) 
     }
 }
 
-/// The codes of three rows for one group: `lines` lists kernel rows `i` and each row's word
-/// for it (a zero word where the kernel row is outside the image); `pq` and `init` are the
-/// group's; group `g` reads word `o + g` for a line's word `o`. The caller checks the bounds
-/// once for every group (the SIMD kernels load unchecked).
+/// The portable pixel kernel ([`Nearest`]), the reference the SIMD kernels match: per pixel
+/// and prototype, `−hn` plus the exact dot product, keyed `(sum << 4) | (15 − k)`, the largest
+/// key wins (ties: the lowest `k`).
 ///
 /// # Safety
-/// Every line's `(i + 1)·K <= pq.len()` and offsets `o + g < words.len()` (the kernels index
-/// without bounds checks).
-unsafe fn nearest3(
-    level: Simd,
+/// Every line's `(i + 1)·K <= q.pq.len()` and offsets `o + g < words.len()` (the SIMD kernels
+/// index without bounds checks; this one checks).
+unsafe fn nearest_scalar<const P: usize>(
     words: &[V64],
-    lines: &[(usize, [usize; 3])],
+    lines: &[(usize, [usize; P])],
     g: usize,
-    pq: &[V64],
-    init: &[V64],
-) -> [[u8; CL]; 3] {
-    debug_assert!(lines
-        .iter()
-        .all(|&(i, at)| (i + 1) * K <= pq.len() && at.iter().all(|&o| o + g < words.len())));
-    #[cfg(target_arch = "x86_64")]
-    match level {
-        // SAFETY: the level (and VNNI) was detected; the caller guarantees the offsets.
-        Simd::Avx512 if vnni() => return unsafe { x86::nearest3_vnni(words, lines, g, pq, init) },
-        // SAFETY: as above (AVX2 is implied by the AVX-512 level).
-        Simd::Avx512 | Simd::Avx2 => return unsafe { x86::nearest3_avx2(words, lines, g, pq, init) },
-        Simd::Scalar => {}
-    }
-    let mut out = [[0u8; CL]; 3];
-    for r in 0..3 {
+    q: GroupQ,
+) -> [[u8; CL]; P] {
+    let mut out = [[0u8; CL]; P];
+    for (r, out) in out.iter_mut().enumerate() {
         let mut best = [i32::MIN; CL];
         for kk in 0..K {
-            let mut acc = init[kk].0;
+            let mut acc = q.init[kk].0;
             for &(i, at) in lines {
-                let (x, p) = (words[at[r] + g].0, pq[i * K + kk].0);
+                let (x, p) = (words[at[r] + g].0, q.pq[i * K + kk].0);
                 for l in 0..CL {
                     let (xb, pb) = (x[l].to_le_bytes(), p[l].to_le_bytes());
                     for b in 0..4 {
@@ -548,7 +614,7 @@ unsafe fn nearest3(
             }
         }
         for l in 0..CL {
-            out[r][l] = (15 - (best[l] & 15)) as u8;
+            out[l] = (15 - (best[l] & 15)) as u8;
         }
     }
     out
@@ -570,7 +636,7 @@ fn vnni() -> bool {
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::needless_range_loop)] // running sums indexed by prototype and row
 mod x86 {
-    use super::{CL, K, V64};
+    use super::{GroupQ, CL, K, V64};
     use std::arch::x86_64::*;
 
     /// [`super::quantize`] of `px` into `out`, 16 values at a time: `vmaxps` returns its second
@@ -657,7 +723,7 @@ mod x86 {
         }
     }
 
-    /// [`super::nearest3`] with `vpdpbusd`: 8 prototypes × 3 rows of running sums at a time,
+    /// [`super::nearest_scalar`] with `vpdpbusd`: 8 prototypes × 3 rows of running sums at a time,
     /// each starting at `−hn`; per prototype the key `(sum << 4) | (15 − k)` and a maximum.
     ///
     /// # Safety
@@ -667,10 +733,9 @@ mod x86 {
         words: &[V64],
         lines: &[(usize, [usize; 3])],
         g: usize,
-        pq: &[V64],
-        init: &[V64],
+        q: GroupQ,
     ) -> [[u8; CL]; 3] {
-        let (wp, pp, ip) = (words.as_ptr(), pq.as_ptr(), init.as_ptr());
+        let (wp, pp, ip) = (words.as_ptr(), q.pq.as_ptr(), q.init.as_ptr());
         let mut best = [_mm512_set1_epi32(i32::MIN); 3];
         for kb in (0..K).step_by(8) {
             let mut acc = [[_mm512_setzero_si512(); 8]; 3];
@@ -707,66 +772,68 @@ mod x86 {
         out
     }
 
-    /// [`super::nearest3`] at AVX2: per 8-lane half, `vpmaddubsw` then `vpmaddwd` by ones (exact:
-    /// 7-bit inputs), 4 prototypes × 3 rows at a time.
+    /// The pixel kernel at AVX2 for `P` pixels: per 8-lane half, 4 prototypes × `P` pixels of
+    /// running sums at a time (`P = 2`: 8 of the 16 registers, no spills), `vpmaddubsw` then
+    /// `vpmaddwd` by 16 (exact: 7-bit inputs), so that each sum starting at its key
+    /// `16·(−hn) + 15 − k` ends as [`super::nearest_scalar`]'s key and one maximum per
+    /// prototype takes the argmin.
     ///
     /// # Safety
-    /// AVX2; as [`nearest3_vnni`] otherwise.
+    /// AVX2; line offsets plus `g` inside `words`, kernel rows inside `q.pq`.
     #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn nearest3_avx2(
+    pub(super) unsafe fn nearest_avx2<const P: usize>(
         words: &[V64],
-        lines: &[(usize, [usize; 3])],
+        lines: &[(usize, [usize; P])],
         g: usize,
-        pq: &[V64],
-        init: &[V64],
-    ) -> [[u8; CL]; 3] {
+        q: GroupQ,
+    ) -> [[u8; CL]; P] {
         const H: usize = 8;
-        let (wp, pp, ip) = (
+        let (wp, pp, kp) = (
             words.as_ptr().cast::<i32>(),
-            pq.as_ptr().cast::<i32>(),
-            init.as_ptr().cast::<i32>(),
+            q.pq.as_ptr().cast::<i32>(),
+            q.keys.as_ptr().cast::<i32>(),
         );
-        let ones = _mm256_set1_epi16(1);
-        let mut out = [[0u8; CL]; 3];
+        let sixteen = _mm256_set1_epi16(16);
+        let mut out = [[0u8; CL]; P];
         for half in 0..CL / H {
             let o = half * H;
-            let mut best = [_mm256_set1_epi32(i32::MIN); 3];
+            let mut best = [_mm256_set1_epi32(i32::MIN); P];
             for kb in (0..K).step_by(4) {
-                let mut acc = [[_mm256_setzero_si256(); 4]; 3];
+                let mut acc = [[_mm256_setzero_si256(); 4]; P];
                 for j in 0..4 {
-                    let h = _mm256_load_si256(ip.add((kb + j) * CL + o).cast());
-                    acc[0][j] = h;
-                    acc[1][j] = h;
-                    acc[2][j] = h;
+                    let key = _mm256_load_si256(kp.add((kb + j) * CL + o).cast());
+                    for a in acc.iter_mut() {
+                        a[j] = key;
+                    }
                 }
                 for &(i, at) in lines {
-                    let v0 = _mm256_load_si256(wp.add((at[0] + g) * CL + o).cast());
-                    let v1 = _mm256_load_si256(wp.add((at[1] + g) * CL + o).cast());
-                    let v2 = _mm256_load_si256(wp.add((at[2] + g) * CL + o).cast());
+                    let v: [__m256i; P] =
+                        std::array::from_fn(|r| _mm256_load_si256(wp.add((at[r] + g) * CL + o).cast()));
                     let row = pp.add((i * K + kb) * CL + o);
                     for j in 0..4 {
                         let p = _mm256_load_si256(row.add(j * CL).cast());
-                        let d0 = _mm256_madd_epi16(_mm256_maddubs_epi16(v0, p), ones);
-                        let d1 = _mm256_madd_epi16(_mm256_maddubs_epi16(v1, p), ones);
-                        let d2 = _mm256_madd_epi16(_mm256_maddubs_epi16(v2, p), ones);
-                        acc[0][j] = _mm256_add_epi32(acc[0][j], d0);
-                        acc[1][j] = _mm256_add_epi32(acc[1][j], d1);
-                        acc[2][j] = _mm256_add_epi32(acc[2][j], d2);
+                        for (a, v) in acc.iter_mut().zip(&v) {
+                            let d = _mm256_madd_epi16(_mm256_maddubs_epi16(*v, p), sixteen);
+                            a[j] = _mm256_add_epi32(a[j], d);
+                        }
                     }
                 }
                 for (acc, best) in acc.iter().zip(best.iter_mut()) {
-                    for (j, a) in acc.iter().enumerate() {
-                        let key = _mm256_or_si256(_mm256_slli_epi32::<4>(*a), _mm256_set1_epi32(15 - (kb + j) as i32));
-                        *best = _mm256_max_epi32(*best, key);
+                    for a in acc {
+                        *best = _mm256_max_epi32(*best, *a);
                     }
                 }
             }
+            let fifteen = _mm256_set1_epi32(15);
             for (out, b) in out.iter_mut().zip(best) {
-                let mut ks = [0i32; H];
-                _mm256_storeu_si256(ks.as_mut_ptr().cast(), b);
-                for l in 0..H {
-                    out[o + l] = (15 - (ks[l] & 15)) as u8;
-                }
+                let code = _mm256_sub_epi32(fifteen, _mm256_and_si256(b, fifteen));
+                // 8 codes of 0..=15: pack the low bytes
+                let w = _mm256_packs_epi32(code, code);
+                let bytes = _mm256_packus_epi16(w, w);
+                let lo = _mm256_castsi256_si128(bytes);
+                let hi = _mm256_extracti128_si256::<1>(bytes);
+                let v = _mm_unpacklo_epi32(lo, hi);
+                _mm_storel_epi64(out.as_mut_ptr().add(o).cast(), v);
             }
         }
         out
@@ -951,12 +1018,12 @@ mod tests {
         }
     }
 
-    /// Every SIMD variant of the three-row argmin (AVX-512 VNNI, AVX2) gives the scalar one's
-    /// codes on random words and prototypes, a tie between two prototypes included (the lower
-    /// index wins), for channel groups 0 and 1. (Keys by one `vpshldd` instead of a shift and
-    /// an or measured 7% slower on Zen 5 and were dropped.)
+    /// Every SIMD pixel kernel (AVX-512 VNNI for 3 pixels, AVX2 for 2 and 3) gives the scalar
+    /// one's codes on random words and prototypes, a tie between two prototypes included (the
+    /// lower index wins), for channel groups 0 and 1. (Keys by one `vpshldd` instead of a shift
+    /// and an or measured 7% slower on Zen 5 and were dropped.)
     #[test]
-    fn nearest3_variants_agree() {
+    fn pixel_kernels_agree() {
         let mut rng = Rng::new(5);
         let word = |f: &mut dyn FnMut() -> u8| V64(std::array::from_fn(|_| i32::from_le_bytes([f(), f(), f(), f()])));
         let words: Vec<V64> = (0..40).map(|_| word(&mut || (rng.next_f64() * 128.0) as u8)).collect();
@@ -974,10 +1041,16 @@ mod tests {
         }
         init[4] = init[3];
         let lines = [(0, [1, 5, 9]), (2, [3, 3, 38]), (1, [0, 20, 7])];
+        let keys = keys_of(&init);
+        let q = GroupQ {
+            pq: &pq,
+            init: &init,
+            keys: &keys,
+        };
         for g in [0, 1] {
             // SAFETY: every offset plus g is below 40 and every kernel row below kh.
             unsafe {
-                let want = nearest3(Simd::Scalar, &words, &lines, g, &pq, &init);
+                let want = nearest_scalar(&words, &lines, g, q);
                 assert!(
                     want.iter().all(|r| r.iter().all(|&c| c != 4)),
                     "a tie goes to the lower index"
@@ -985,10 +1058,16 @@ mod tests {
                 #[cfg(target_arch = "x86_64")]
                 {
                     if Simd::Avx2.supported() {
-                        assert_eq!(x86::nearest3_avx2(&words, &lines, g, &pq, &init), want, "avx2");
+                        assert_eq!(x86::nearest_avx2(&words, &lines, g, q), want, "avx2, 3 pixels");
+                        let two: Vec<_> = lines.iter().map(|&(i, a)| (i, [a[0], a[2]])).collect();
+                        assert_eq!(
+                            x86::nearest_avx2(&words, &two, g, q),
+                            [want[0], want[2]],
+                            "avx2, 2 pixels"
+                        );
                     }
                     if vnni() {
-                        assert_eq!(x86::nearest3_vnni(&words, &lines, g, &pq, &init), want, "vnni");
+                        assert_eq!(x86::nearest3_vnni(&words, &lines, g, q), want, "vnni");
                     }
                 }
             }
