@@ -659,24 +659,38 @@ mod x86 {
         }
     }
 
-    /// [`quantize_avx512`] at AVX2: 16 values as two 8-lane halves, packed to bytes (values
-    /// are in 0..=127, so the saturating packs keep them); a partial last run is done by
-    /// [`super::quantize`].
+    /// [`quantize_avx512`] at AVX2, 32 values at a time (then 16): `min(127, v·inv)` (a NaN
+    /// stays NaN: `vminps` returns its second operand for one), `vcvtps2dq` (half to even; NaN,
+    /// −∞ and large negatives give `i32::MIN`), then the saturating packs to i16 and to u8 take
+    /// every negative (NaN included) to 0 — no clamp at 0 needed. A partial last run is done
+    /// by [`super::quantize`].
     ///
     /// # Safety
     /// AVX2; as [`quantize_avx512`].
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn quantize_avx2(px: &[f32], inv: f32, out: &mut [u8]) {
-        let (inv_v, zero, top) = (_mm256_set1_ps(inv), _mm256_setzero_ps(), _mm256_set1_ps(127.0));
+        let (inv_v, top) = (_mm256_set1_ps(inv), _mm256_set1_ps(127.0));
+        let q = |at: usize| {
+            _mm256_cvtps_epi32(_mm256_min_ps(
+                top,
+                _mm256_mul_ps(_mm256_loadu_ps(px.as_ptr().add(at)), inv_v),
+            ))
+        };
+        // the packs interleave 4-value runs per 128-bit lane: dwords back in order
+        let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
         let full = px.len() / CL * CL;
-        for (c0, o) in (0..full).step_by(CL).zip(out.chunks_exact_mut(CL)) {
-            let a = _mm256_mul_ps(_mm256_loadu_ps(px.as_ptr().add(c0)), inv_v);
-            let b = _mm256_mul_ps(_mm256_loadu_ps(px.as_ptr().add(c0 + 8)), inv_v);
-            let a = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(a, zero), top));
-            let b = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(b, zero), top));
-            let w = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packs_epi32(a, b));
-            let bytes = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packus_epi16(w, w));
-            _mm_storeu_si128(o.as_mut_ptr().cast(), _mm256_castsi256_si128(bytes));
+        let mut c0 = 0;
+        while c0 + 2 * CL <= full {
+            let ab = _mm256_packs_epi32(q(c0), q(c0 + 8));
+            let cd = _mm256_packs_epi32(q(c0 + 16), q(c0 + 24));
+            let bytes = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(ab, cd), order);
+            _mm256_storeu_si256(out.as_mut_ptr().add(c0).cast(), bytes);
+            c0 += 2 * CL;
+        }
+        if c0 < full {
+            let ab = _mm256_packs_epi32(q(c0), q(c0 + 8));
+            let bytes = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(ab, ab), order);
+            _mm_storeu_si128(out.as_mut_ptr().add(c0).cast(), _mm256_castsi256_si128(bytes));
         }
         for (o, &v) in out[full..].iter_mut().zip(&px[full..]) {
             *o = super::quantize(v, inv);
@@ -858,8 +872,9 @@ mod tests {
         }
     }
 
-    /// Inputs with exact zeros, negatives, values past the scale's range, halfway points
-    /// (round half to even) and a NaN.
+    /// Inputs with exact zeros, negatives, values past the scale's range (infinities and
+    /// floats past every integer range included), halfway points (round half to even) and a
+    /// NaN.
     fn inputs(rng: &mut Rng, len: usize, act_scale: f32) -> Vec<f32> {
         (0..len)
             .map(|i| match i % 23 {
@@ -867,6 +882,11 @@ mod tests {
                 1 => -(rng.next_f64() as f32),
                 2 => 200.0 * act_scale,
                 3 => (rng.next_f64() * 40.0).floor() as f32 * act_scale + 0.5 * act_scale,
+                // beyond every integer range, both ways
+                4 if i % 2 == 0 => f32::INFINITY,
+                4 => -1e30,
+                5 if i % 2 == 0 => f32::NEG_INFINITY,
+                5 => 3e38,
                 _ if i == len / 2 => f32::NAN,
                 _ => rng.next_f64() as f32 * 100.0 * act_scale,
             })
