@@ -428,3 +428,56 @@ fn mask_measures_on_calibration_images_held_out_of_learning() {
         "the mask measured on other images than the held-out ones"
     );
 }
+
+/// The same model, calibration and seed give the same `.tcv` bytes at every SIMD level from AVX2
+/// up that this CPU has (`TABCONV_SIMD` caps every kernel, the GEMMs of calibration and learning
+/// included): a model compiled on an AVX2 machine is the one an AVX-512 machine compiles.
+/// LeNet-5 with its convolutions kept as lookups (a logit cosine target alone), learned per
+/// layer and through the global stage, so the compile runs the encoders, the lookup kernels, the
+/// exact GEMMs of every shape (a 10-class head, gradients of one row) and masking.
+#[test]
+fn tcv_bytes_do_not_depend_on_the_simd_level() {
+    use tabconv::interp::kernels::Simd;
+    let levels: Vec<Simd> = Simd::available().into_iter().filter(|&l| l >= Simd::Avx2).collect();
+    eprintln!(
+        "tcv_bytes_do_not_depend_on_the_simd_level: compiled at {:?}",
+        levels.iter().map(|l| l.name()).collect::<Vec<_>>()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mut compiled = vec![];
+    for level in &levels {
+        let out = dir.path().join(format!("lenet5.{}.tcv", level.name()));
+        let o = Command::new(env!("CARGO_BIN_EXE_tabconv-compile"))
+            .env("TABCONV_SIMD", level.name())
+            .arg(fixture("models/lenet5.onnx"))
+            .arg("-o")
+            .arg(&out)
+            .arg("--calib")
+            .arg(fixture("data/mnist_calib.npy"))
+            .args([
+                "--set",
+                "mask.restore_unprofitable=false",
+                "--set",
+                "mask.min_logit_cosine=0.99",
+            ])
+            .args(["--set", "mask.max_expected_drop=null", "--set", "lut.epochs=2"])
+            .args(["--set", "lut.global_epochs=1", "--set", "lut.global_images=256"])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}: {}", level.name(), stderr(&o));
+        let m = tabconv::onnx::tcv::read_tcv(&out).unwrap();
+        let luts =
+            m.g.node_indices()
+                .filter(|&n| m.node(n).op.name() == "LutMatMul")
+                .count();
+        assert!(luts >= 1, "{}: no layer kept as lookups checks nothing", level.name());
+        compiled.push((level.name(), std::fs::read(&out).unwrap()));
+    }
+    for (name, bytes) in &compiled[1..] {
+        assert!(
+            *bytes == compiled[0].1,
+            "the .tcv compiled at {name} differs from the one compiled at {}",
+            compiled[0].0
+        );
+    }
+}

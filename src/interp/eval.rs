@@ -1011,11 +1011,7 @@ pub fn matmul_op(a: &ArrayD<f32>, b: &ArrayD<f32>) -> Result<ArrayD<f32>> {
         *shape.last_mut().unwrap() = n;
         let mut out = ArrayD::<f32>::zeros(IxDyn(&shape));
         let (asl, bsl) = (a_std.as_slice().unwrap(), b_std.as_slice().unwrap());
-        if gemm::PackedA::supported() && rows >= 4 && n >= 16 {
-            // the blocked GEMM, both operands read in place
-            gemm::matmul_rows(asl, rows, k, n, bsl, out.as_slice_mut().unwrap(), false, true);
-            return Ok(out);
-        }
+        // both operands read in place
         gemm::matmul(
             rows,
             n,
@@ -1057,22 +1053,18 @@ pub fn matmul_op(a: &ArrayD<f32>, b: &ArrayD<f32>) -> Result<ArrayD<f32>> {
     let par = nb == 1;
     let one = |i: usize, o: &mut [f32]| {
         let (ai, bi) = (&asl[i * m * k..(i + 1) * m * k], &bsl[i * k * n..(i + 1) * k * n]);
-        if gemm::PackedA::supported() && m >= 4 && n >= 16 {
-            gemm::matmul_rows(ai, m, k, n, bi, o, false, par);
-        } else {
-            gemm::matmul(
-                m,
-                n,
-                k,
-                Mat::row_major(ai, k),
-                Mat::row_major(bi, n),
-                o,
-                n,
-                false,
-                1.0,
-                par,
-            );
-        }
+        gemm::matmul(
+            m,
+            n,
+            k,
+            Mat::row_major(ai, k),
+            Mat::row_major(bi, n),
+            o,
+            n,
+            false,
+            1.0,
+            par,
+        );
     };
     if m * n > 0 {
         if rayon::current_num_threads() > 1 && nb > 1 && nb * m * n * k >= 1 << 16 {

@@ -1,5 +1,5 @@
-//! Matrix multiplication through the `gemm` crate (blocked, SIMD with runtime CPU dispatch).
-//! Strided operands make transposes free.
+//! Matrix multiplication: a register-blocked GEMM of our own at AVX2 and AVX-512 (the same bits
+//! at both levels and any thread count), the `gemm` crate below AVX2.
 
 /// A read-only strided matrix view: element (i, j) is `data[i*rs + j*cs]`.
 #[derive(Clone, Copy)]
@@ -23,11 +23,24 @@ impl<'a> Mat<'a> {
     fn fits(&self, rows: usize, cols: usize) -> bool {
         rows == 0 || cols == 0 || (rows - 1) * self.rs + (cols - 1) * self.cs < self.data.len()
     }
+    /// The `rows × cols` matrix row-major: in place when it already is, else copied.
+    fn rows_of(self, rows: usize, cols: usize) -> std::borrow::Cow<'a, [f32]> {
+        if self.cs == 1 && (self.rs == cols || rows <= 1) {
+            return std::borrow::Cow::Borrowed(&self.data[..rows * cols]);
+        }
+        let at = |i: usize, j: usize| self.data[i * self.rs + j * self.cs];
+        std::borrow::Cow::Owned((0..rows).flat_map(|i| (0..cols).map(move |j| at(i, j))).collect())
+    }
 }
 
 /// `c[m×n] (row stride ldc) = (accumulate ? c : 0) + scale · a[m×k] · b[k×n]`.
 /// `parallel` lets the GEMM split the work over rayon threads (leave it off when the caller
 /// already parallelises over images).
+///
+/// At AVX2 and above this is [`matmul_rows`] (strided operands copied row-major first, a
+/// temporary for `scale` or a row stride other than `n`), so every product the interpreter and
+/// calibration make has the same bits on AVX2 and AVX-512 machines and a compiled `.tcv` does
+/// not depend on which one compiled it; below AVX2 the `gemm` crate (its own CPU dispatch).
 #[allow(clippy::too_many_arguments)]
 pub fn matmul(
     m: usize,
@@ -41,6 +54,31 @@ pub fn matmul(
     scale: f32,
     parallel: bool,
 ) {
+    if !PackedA::supported() {
+        return matmul_crate(m, n, k, a, b, c, ldc, accumulate, scale, parallel);
+    }
+    check_operands(m, n, k, a, b, c, ldc);
+    if m == 0 || n == 0 {
+        return;
+    }
+    let (a, b) = (a.rows_of(m, k), b.rows_of(k, n));
+    if ldc == n && scale == 1.0 {
+        return matmul_rows(&a, m, k, n, &b, &mut c[..m * n], accumulate, parallel);
+    }
+    let mut t = vec![0f32; m * n];
+    matmul_rows(&a, m, k, n, &b, &mut t, false, parallel);
+    for (i, t) in t.chunks_exact(n).enumerate() {
+        let row = &mut c[i * ldc..i * ldc + n];
+        if accumulate {
+            row.iter_mut().zip(t).for_each(|(o, &v)| *o += scale * v);
+        } else {
+            row.iter_mut().zip(t).for_each(|(o, &v)| *o = scale * v);
+        }
+    }
+}
+
+/// The asserts every form of [`matmul`] starts with.
+fn check_operands(m: usize, n: usize, k: usize, a: Mat, b: Mat, c: &[f32], ldc: usize) {
     assert!(
         a.fits(m, k) && b.fits(k, n),
         "matmul operands smaller than their dimensions"
@@ -49,6 +87,23 @@ pub fn matmul(
         m == 0 || n == 0 || (m - 1) * ldc + n <= c.len(),
         "matmul output too small"
     );
+}
+
+/// [`matmul`] through the `gemm` crate.
+#[allow(clippy::too_many_arguments)]
+fn matmul_crate(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Mat,
+    b: Mat,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+    scale: f32,
+    parallel: bool,
+) {
+    check_operands(m, n, k, a, b, c, ldc);
     if m == 0 || n == 0 {
         return;
     }
@@ -66,7 +121,7 @@ pub fn matmul(
     } else {
         gemm::Parallelism::None
     };
-    // SAFETY: the asserts above guarantee every index the GEMM touches is inside the slices;
+    // SAFETY: check_operands guarantees every index the GEMM touches is inside the slices;
     // `c` is exclusively borrowed and does not alias `a` or `b`.
     unsafe {
         gemm::gemm(
@@ -475,34 +530,96 @@ mod x86_packed {
 mod tests {
     use super::*;
 
+    /// Both forms of [`matmul`] (the crate's and, at AVX2 and above, the blocked GEMM's) equal a
+    /// naive product with transposed operands, `scale`, accumulation and a row stride past `n`;
+    /// the blocked form gives the bits of [`matmul_rows`] on the operands copied row-major, then
+    /// scaled and added: the same on every level from AVX2 up.
     #[test]
     fn matches_naive_with_transposes_and_accumulate() {
-        let (m, n, k) = (7, 5, 9);
-        let a: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
-        let b: Vec<f32> = (0..k * n).map(|i| (i as f32 * 0.11).cos()).collect();
-        let mut c = vec![1.0f32; m * n];
-        // b given as its transpose (n×k row-major)
-        let bt: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
-        matmul(
-            m,
-            n,
-            k,
-            Mat::row_major(&a, k),
-            Mat::row_major(&bt, k).transposed(),
-            &mut c,
-            n,
-            true,
-            2.0,
-            false,
-        );
-        for i in 0..m {
-            for j in 0..n {
-                let want: f32 = 1.0 + 2.0 * (0..k).map(|p| a[i * k + p] * b[p * n + j]).sum::<f32>();
-                assert!(
-                    (c[i * n + j] - want).abs() < 1e-4,
-                    "({i},{j}) {} vs {want}",
-                    c[i * n + j]
-                );
+        for &(m, n, k) in &[(7, 5, 9), (1, 10, 40), (13, 33, 3), (3, 2, 1)] {
+            let a: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
+            let b: Vec<f32> = (0..k * n).map(|i| (i as f32 * 0.11).cos()).collect();
+            // a given as its transpose (k×m row-major), or with rows of k + 2 (a view into a
+            // wider matrix); b as its transpose (n×k row-major)
+            let at: Vec<f32> = (0..k * m).map(|i| a[(i % m) * k + i / m]).collect();
+            let wide: Vec<f32> = (0..m * (k + 2))
+                .map(|i| {
+                    if i % (k + 2) < k {
+                        a[i / (k + 2) * k + i % (k + 2)]
+                    } else {
+                        9.0
+                    }
+                })
+                .collect();
+            let bt: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
+            for ldc in [n, n + 3] {
+                for (accumulate, scale) in [(true, 2.0), (false, 1.0), (true, 1.0), (false, -0.5)] {
+                    let start: Vec<f32> = (0..m * ldc).map(|i| 1.0 + (i % 3) as f32).collect();
+                    let run = |crate_form: bool| {
+                        let mut c = start.clone();
+                        let f = if crate_form { matmul_crate } else { matmul };
+                        let a = if ldc == n {
+                            Mat::row_major(&at, m).transposed()
+                        } else {
+                            Mat {
+                                data: &wide,
+                                rs: k + 2,
+                                cs: 1,
+                            }
+                        };
+                        f(
+                            m,
+                            n,
+                            k,
+                            a,
+                            Mat::row_major(&bt, k).transposed(),
+                            &mut c,
+                            ldc,
+                            accumulate,
+                            scale,
+                            false,
+                        );
+                        c
+                    };
+                    for (form, c) in [("crate", run(true)), ("matmul", run(false))] {
+                        for i in 0..m {
+                            for j in 0..ldc {
+                                let got = c[i * ldc + j];
+                                let base = start[i * ldc + j];
+                                if j >= n {
+                                    assert_eq!(got, base, "{form} ({m},{n},{k}) wrote past n at [{i},{j}]");
+                                    continue;
+                                }
+                                let dot: f32 = (0..k).map(|p| a[i * k + p] * b[p * n + j]).sum();
+                                let want = if accumulate { base } else { 0.0 } + scale * dot;
+                                assert!(
+                                    (got - want).abs() < 1e-4,
+                                    "{form} ({m},{n},{k}) ldc {ldc} [{i},{j}] {got} vs {want}"
+                                );
+                            }
+                        }
+                    }
+                    if !PackedA::supported() {
+                        continue;
+                    }
+                    let mut t = vec![0f32; m * n];
+                    matmul_rows(&a, m, k, n, &b, &mut t, false, false);
+                    let c = run(false);
+                    for i in 0..m {
+                        for j in 0..n {
+                            let want = match (accumulate, scale == 1.0 && ldc == n) {
+                                (false, true) => t[i * n + j],
+                                (false, false) => scale * t[i * n + j],
+                                (true, _) => start[i * ldc + j] + scale * t[i * n + j],
+                            };
+                            assert_eq!(
+                                c[i * ldc + j].to_bits(),
+                                want.to_bits(),
+                                "({m},{n},{k}) ldc {ldc} [{i},{j}]: not the blocked GEMM's bits"
+                            );
+                        }
+                    }
+                }
             }
         }
     }
@@ -600,7 +717,7 @@ mod tests {
             };
             let tp = time(&mut || matmul_packed(&pa, n, &b, &mut c, false, false));
             let tg = time(&mut || {
-                matmul(
+                matmul_crate(
                     m,
                     n,
                     k,
