@@ -39,8 +39,9 @@ impl SubBatch {
     /// Images per sub-batch for `n` images: `max(cache, rows)`; `None`: run the batch whole.
     /// Not the thread count: with kernels whose rows do not depend on each other, an image
     /// gets the same bits in any sub-batch, but the `gemm` crate's kernels (general MatMul/Gemm
-    /// without AVX-512) change with the number of rows, so the size must not change with the
-    /// threads for results to stay independent of them.
+    /// below AVX2) change with the number of rows, and padded convolutions of 16 images or more
+    /// skip the taps outside the image (a `−0.0` sum or a non-finite weight can tell), so the
+    /// size must not change with the threads for results to stay independent of them.
     pub fn size(self, n: usize) -> Option<usize> {
         let s = self.cache.max(self.rows).max(1);
         (s < n).then_some(s)

@@ -10,11 +10,14 @@
 //! time (about 256 KB, so the copy and the tiles' reads stay in L2); otherwise, and for the
 //! one-input-channel row kernels, once per call for the whole batch. The 3×3 depthwise row
 //! kernels instead read the unpadded input (zero row, border pixels with outside taps read as
-//! zeros) because the copy cost as much as the convolution.
+//! zeros) because the copy cost as much as the convolution. Padded convolutions of a batch on
+//! small maps take tiles of one output position across images instead
+//! ([`conv_by_position`]), which skip the taps outside the image.
 //!
-//! Every output is `bias`, then one fused multiply-add per `(ky, kx, c)` in that order, then the
-//! optional ReLU: the AVX-512, AVX2 and scalar paths give bit-identical results, and so does any
-//! thread count (threads split tiles, never sums).
+//! Every output is `bias`, then one fused multiply-add per `(ky, kx, c)` in that order (the
+//! position tiles leave out the taps outside the image; which path runs depends on the shape
+//! and batch, never on the level), then the optional ReLU: the AVX-512, AVX2 and scalar paths
+//! give bit-identical results, and so does any thread count (threads split tiles, never sums).
 //!
 //! Depthwise convolutions (`group = C = M`, [`NhwcWeights::pack_depthwise`]) run through the
 //! same tiles (3×3 ones through row kernels), vectorized over channels; one-input-channel convs
@@ -196,14 +199,22 @@ thread_local! {
 }
 
 /// Where the tile kernels read and write.
+#[derive(Clone)]
 struct Layout {
     /// Input channels of the packed weights (per output for depthwise: 1).
     c: usize,
     kernel: [usize; 2],
+    /// The taps the group-1 tile kernels run, `[[first, count]; 2]` along y and x (the whole
+    /// kernel, except for tiles of pixels at one output position, which skip the taps outside
+    /// the image: [`conv_by_position`]); a pixel's offset is that of its first tap.
+    win: [[usize; 2]; 2],
     /// Input offset (floats) between taps along y and x.
     tap: [usize; 2],
-    /// Output channels (the output's pixel stride).
+    /// Output channels.
     m: usize,
+    /// Output floats between a tile's pixels (`m`, or a whole image's for tiles of one output
+    /// position across images).
+    out_px: usize,
     /// Add the output buffer's values (the residual) to the sums before the ReLU.
     accumulate: bool,
     /// The ReLU and its upper bound (`+inf` for a plain ReLU, `max` for a fused `Clip(0, max)`):
@@ -265,8 +276,10 @@ pub fn conv_nhwc(
     let mut lay = Layout {
         c: wts.c,
         kernel: wts.kernel,
+        win: [[0, wts.kernel[0]], [0, wts.kernel[1]]],
         tap: [0, dw * c],
         m,
+        out_px: m,
         accumulate: !out.fresh,
         relu_cap: epi.relu.then(|| epi.relu_max.unwrap_or(f32::INFINITY)),
     };
@@ -345,6 +358,11 @@ pub fn conv_nhwc(
         return Ok((unsafe { out.finish(pixels * m) }, [n, oh, ow, m]));
     }
     let r = tile_pixels(simd, wts, pixels);
+    if padded && !wts.depthwise && n >= POSITION_MIN_N && taps_inside(&geo, conv, [h, w]) <= POSITION_MAX_INSIDE {
+        conv_by_position(simd, x, xshape, &geo, conv, wts, &lay, position_tile(simd, n, r), outp);
+        // SAFETY: every output position of every image was computed.
+        return Ok((unsafe { out.finish(pixels * m) }, [n, oh, ow, m]));
+    }
     // a 1×1 convolution: whole tiles in one call per 32-lane block (AVX2: per 16 lanes)
     #[cfg(target_arch = "x86_64")]
     let runs = pointwise
@@ -523,6 +541,164 @@ unsafe fn pointwise_runs(
 }
 
 const MAX_R: usize = 24;
+
+/// Batches from which a padded convolution may run [`conv_by_position`] (at least a full
+/// tile at every level, so every level takes the same path).
+const POSITION_MIN_N: usize = 16;
+/// ... when at most this share of its taps lies inside the image (small maps: a 3×3 layer
+/// on 16×16 has 92 %, on 4×4 69 %, on 2×2 44 %).
+const POSITION_MAX_INSIDE: f64 = 0.95;
+
+/// Images per tile of [`conv_by_position`]: at AVX-512 with 32-lane blocks 8 or 10, whichever
+/// wastes fewer pixels in a last, partial tile (16 images: two tiles of 8, not 10 + 6 computing
+/// 20); else the level's tile `r`.
+fn position_tile(simd: Simd, n: usize, r: usize) -> usize {
+    match simd {
+        Simd::Avx512 if r == 10 => {
+            let waste = |t: usize| n.div_ceil(t) * t - n;
+            if waste(8) < waste(10) {
+                8
+            } else {
+                10
+            }
+        }
+        _ => r,
+    }
+}
+
+/// The taps `[first, count]` of kernel axis `i` inside an input of `size` for the output
+/// coordinate `o`.
+fn taps_at(conv: &Conv, geo: &Geometry, i: usize, o: usize, size: usize) -> [usize; 2] {
+    let (s, d, k) = (conv.window.strides[i], conv.window.dilations[i], conv.window.kernel[i]);
+    // input coordinate of tap t: o·s + t·d − pad
+    let start = o * s;
+    let pad = geo.pads[i];
+    let first = pad.saturating_sub(start).div_ceil(d).min(k);
+    let end = (size + pad).saturating_sub(start).div_ceil(d).min(k);
+    [first, end.saturating_sub(first)]
+}
+
+/// The share of a convolution's taps (over all output pixels) inside the image.
+fn taps_inside(geo: &Geometry, conv: &Conv, [h, w]: [usize; 2]) -> f64 {
+    let [oh, ow] = geo.out;
+    let along = |i: usize, o: usize, size: usize| (0..o).map(|p| taps_at(conv, geo, i, p, size)[1]).sum::<usize>();
+    let inside = along(0, oh, h) * along(1, ow, w);
+    inside as f64 / ((oh * ow * conv.window.kernel[0] * conv.window.kernel[1]).max(1)) as f64
+}
+
+/// A padded group-1 convolution of a batch, tiles of one output position across images: all
+/// pixels of a tile share the taps inside the image, and the others are skipped instead of
+/// multiplied by the padding's zeros (ONNX Runtime's NCHWc kernels skip them too; on the small
+/// maps of late layers they are a third of the taps or more). The input is first copied
+/// position-major (`[h, w, n, c]`, unpadded), so a tile's pixels are `c` floats apart, as in a
+/// row of the raster-order tiles; the same sums, in the same order, as the padded path
+/// without its zero terms.
+#[allow(clippy::too_many_arguments)]
+fn conv_by_position(
+    simd: Simd,
+    x: &[f32],
+    [n, h, w, c]: [usize; 4],
+    geo: &Geometry,
+    conv: &Conv,
+    wts: &NhwcWeights,
+    lay: &Layout,
+    r: usize,
+    outp: SendPtr,
+) {
+    let [oh, ow] = geo.out;
+    let m = lay.m;
+    let [dh, dw] = conv.window.dilations;
+    let groups = n.div_ceil(r);
+    let work = n * oh * ow * m * lay.c * lay.kernel[0] * lay.kernel[1];
+    // `[h, w, n, c]`: each task copies the images' pixels of some input positions
+    let mut xt: Vec<f32> = Vec::with_capacity(x.len());
+    let xtp = SendPtr(xt.spare_capacity_mut().as_mut_ptr().cast());
+    for_tasks(h, n * h * w * c, |iy| {
+        for ix in 0..w {
+            for img in 0..n {
+                let src = &x[((img * h + iy) * w + ix) * c..][..c];
+                // SAFETY: position (iy, ix), image img: its own `c` values of the `x.len()`
+                let dst = unsafe { xtp.get().add(((iy * w + ix) * n + img) * c) };
+                unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst, c) };
+            }
+        }
+    });
+    // SAFETY: every (position, image) was copied above.
+    unsafe { xt.set_len(x.len()) };
+    let x: &[f32] = &xt;
+    // a task: one position's tiles, or part of them when there are fewer positions than
+    // about two tasks per thread (a deep layer's 1×1 or 2×2 map)
+    let positions = oh * ow;
+    let parts = (2 * super::team::threads()).div_ceil(positions).min(groups).max(1);
+    let per = groups.div_ceil(parts);
+    for_tasks(positions * parts, work, |task| {
+        let (pos, part) = (task / parts, task % parts);
+        let own = part * per..((part + 1) * per).min(groups);
+        let (oy, ox) = (pos / ow, pos % ow);
+        let [ty, tx] = [taps_at(conv, geo, 0, oy, h), taps_at(conv, geo, 1, ox, w)];
+        let lay = Layout {
+            win: [ty, tx],
+            tap: [dh * w * n * c, dw * n * c],
+            out_px: oh * ow * m,
+            ..lay.clone()
+        };
+        // the first tap inside the image (any offset when there is none: nothing is read)
+        let first = if ty[1] > 0 && tx[1] > 0 {
+            let iy = oy * conv.window.strides[0] + ty[0] * dh - geo.pads[0];
+            let ix = ox * conv.window.strides[1] + tx[0] * dw - geo.pads[1];
+            (iy * w + ix) * n * c
+        } else {
+            0
+        };
+        let dst = outp.get().wrapping_add(pos * m);
+        let tile_offs = |g: usize| -> ([usize; MAX_R], usize) {
+            let rows = r.min(n - g * r);
+            let offs = std::array::from_fn(|k| (g * r + k.min(rows - 1)) * c + first);
+            (offs, rows)
+        };
+        #[cfg(target_arch = "x86_64")]
+        if simd >= Simd::Avx2 && matches!((simd, r), (Simd::Avx2, 6) | (Simd::Avx512, 8 | 10 | 16)) {
+            let mut chunk = [[0usize; MAX_R]; CHUNK];
+            let (mut rows, mut uniform) = ([0usize; CHUNK], [0usize; CHUNK]);
+            for g0 in own.clone().step_by(CHUNK) {
+                let k = (own.end - g0).min(CHUNK);
+                for j in 0..k {
+                    (chunk[j], rows[j]) = tile_offs(g0 + j);
+                    // a full tile's pixels are `c` apart (a last, partial one repeats its last)
+                    uniform[j] = if rows[j] == r { c } else { 0 };
+                }
+                let tiles = (&chunk[..k], &uniform[..k], &rows[..k]);
+                // SAFETY: the level was detected; each tile's offsets are first taps inside
+                // its images, the window's taps stay inside them; each writes its own images'
+                // pixel at `pos` (`out_px` apart), which the output holds.
+                unsafe {
+                    let d = dst.add(g0 * r * lay.out_px);
+                    match simd {
+                        Simd::Avx2 => x86::tiles256(x.as_ptr(), tiles, wts, 0..wts.blocks.len(), &lay, d),
+                        _ => x86::tiles512(x.as_ptr(), tiles, r, wts, 0..wts.blocks.len(), &lay, d),
+                    }
+                };
+            }
+            return;
+        }
+        for g in own {
+            let (offs, rows) = tile_offs(g);
+            // SAFETY: as above, one tile at a time.
+            unsafe {
+                tile(
+                    simd,
+                    x,
+                    &offs[..r],
+                    rows,
+                    wts,
+                    0..wts.blocks.len(),
+                    &lay,
+                    dst.add(g * r * lay.out_px),
+                )
+            };
+        }
+    });
+}
 
 /// The 16-lane halves of the weight block at output channel `oc0` (`lanes` wide) that hold
 /// output channels, each with how many: AVX2 runs a 32-lane block 16 lanes at a time.
@@ -812,20 +988,21 @@ unsafe fn tile_scalar(
     dst: *mut f32,
     valid: usize,
 ) {
-    let [kh, kw] = lay.kernel;
+    let kw = lay.kernel[1];
+    let [[y0, ny], [x0, nx]] = lay.win;
     for (r, &o) in offs[..rows].iter().enumerate() {
         for l in 0..valid {
             let mut acc = *bias.add(l);
-            for i in 0..kh {
-                for j in 0..kw {
+            for i in 0..ny {
+                for j in 0..nx {
                     let xr = x.add(o + i * lay.tap[0] + j * lay.tap[1]);
-                    let wr = w.add((i * kw + j) * lay.c * nb + l);
+                    let wr = w.add(((y0 + i) * kw + x0 + j) * lay.c * nb + l);
                     for ci in 0..lay.c {
                         acc = (*xr.add(ci)).mul_add(*wr.add(ci * nb), acc);
                     }
                 }
             }
-            let p = dst.add(r * lay.m + l);
+            let p = dst.add(r * lay.out_px + l);
             if lay.accumulate {
                 acc += *p;
             }
@@ -1036,7 +1213,8 @@ mod x86 {
         (x, offs, rows, (w, nb, blk), bias, lay, dst, valid): Args,
     ) {
         debug_assert_eq!(offs.len(), R);
-        let [kh, kw] = lay.kernel;
+        let kw = lay.kernel[1];
+        let [[y0, ny], [x0, nx]] = lay.win;
         let c = lay.c;
         let mut acc = [[_mm512_setzero_ps(); V]; R];
         for v in 0..V {
@@ -1050,12 +1228,12 @@ mod x86 {
             *p = x.add(o);
         }
         let base = x.add(offs[0]);
-        // Taps along x are contiguous with the channels when not dilated: one run of kw·c.
-        let (runs, run) = if lay.tap[1] == c { (1, kw * c) } else { (kw, c) };
-        for i in 0..kh {
+        // Taps along x are contiguous with the channels when not dilated: one run of nx·c.
+        let (runs, run) = if lay.tap[1] == c { (1, nx * c) } else { (nx, c) };
+        for i in 0..ny {
             for j in 0..runs {
                 let t = i * lay.tap[0] + j * lay.tap[1];
-                let wk = w.add((i * kw + j) * c * nb);
+                let wk = w.add(((y0 + i) * kw + x0 + j) * c * nb);
                 for ci in 0..run {
                     // vector `v`: lanes `16·(v % 2)..` of block `v / 2` (blocks `blk` apart)
                     let wv: [__m512; V] =
@@ -1115,7 +1293,7 @@ mod x86 {
     ) {
         let taps = lay.c * lay.kernel[0] * lay.kernel[1];
         for (k, (offs, &rows)) in offs.iter().zip(rows).enumerate() {
-            let (offs, d) = (&offs[..6], dst.add(6 * k * lay.m));
+            let (offs, d) = (&offs[..6], dst.add(6 * k * lay.out_px));
             for &(oc0, lanes) in &wts.blocks[blocks.clone()] {
                 let w = wts.data.as_ptr().add(oc0 * taps);
                 for (half, valid) in super::halves(oc0, lanes, lay.m) {
@@ -1147,7 +1325,7 @@ mod x86 {
     ) {
         let taps = lay.c * lay.kernel[0] * lay.kernel[1];
         for (k, offs) in offs.iter().enumerate() {
-            let d = dst.add(r * k * lay.m);
+            let d = dst.add(r * k * lay.out_px);
             for &(oc0, lanes) in &wts.blocks[blocks.clone()] {
                 let w = (wts.data.as_ptr().add(oc0 * taps), lanes, 0);
                 let (b, d, valid) = (
@@ -1159,6 +1337,13 @@ mod x86 {
                 // channels, a 16-lane block in an r = 10 layer from 64 channels on)
                 let a = (x, &offs[..r], rows[k], w, b, lay, d, valid);
                 match (r, lanes, uniform[k]) {
+                    // 8 pixels: tiles of one position across 16 or 24 images (`conv_by_position`)
+                    (8, 32, 32) => tile512_inline::<8, 2, 32>(a),
+                    (8, 32, 64) => tile512_inline::<8, 2, 64>(a),
+                    (8, 32, 128) => tile512_inline::<8, 2, 128>(a),
+                    (8, 32, 256) => tile512_inline::<8, 2, 256>(a),
+                    (8, 32, _) => tile512_inline::<8, 2, 0>(a),
+                    (8, _, _) => tile512_inline::<8, 1, 0>(a),
                     (16, _, 16) => tile512_inline::<16, 1, 16>(a),
                     (16, _, 32) => tile512_inline::<16, 1, 32>(a),
                     (16, _, 64) => tile512_inline::<16, 1, 64>(a),
@@ -1256,7 +1441,7 @@ mod x86 {
         for (r, a) in acc.iter().take(rows).enumerate() {
             for (v, &s) in a.iter().enumerate() {
                 let n = valid.saturating_sub(16 * v).min(16);
-                let p = dst.add(r * lay.m + 16 * v);
+                let p = dst.add(r * lay.out_px + 16 * v);
                 let mask = ((1u32 << n) - 1) as u16;
                 let s = if lay.accumulate {
                     _mm512_add_ps(s, _mm512_maskz_loadu_ps(mask, p))
@@ -2046,7 +2231,8 @@ mod x86 {
         (x, offs, rows, (w, nb, blk), bias, lay, dst, valid): Args,
     ) {
         debug_assert_eq!(offs.len(), R);
-        let [kh, kw] = lay.kernel;
+        let kw = lay.kernel[1];
+        let [[y0, ny], [x0, nx]] = lay.win;
         let c = lay.c;
         let mut acc = [[_mm256_setzero_ps(); V]; R];
         for v in 0..V {
@@ -2060,12 +2246,12 @@ mod x86 {
             *p = x.add(o);
         }
         let base = x.add(offs[0]);
-        // Taps along x are contiguous with the channels when not dilated: one run of kw·c.
-        let (runs, run) = if lay.tap[1] == c { (1, kw * c) } else { (kw, c) };
-        for i in 0..kh {
+        // Taps along x are contiguous with the channels when not dilated: one run of nx·c.
+        let (runs, run) = if lay.tap[1] == c { (1, nx * c) } else { (nx, c) };
+        for i in 0..ny {
             for j in 0..runs {
                 let t = i * lay.tap[0] + j * lay.tap[1];
-                let wk = w.add((i * kw + j) * c * nb);
+                let wk = w.add(((y0 + i) * kw + x0 + j) * c * nb);
                 // one input channel's multiply-adds, as a macro: written as a closure called
                 // four times, LLVM left it out of line with every intrinsic a call (0.6 GMAC/s)
                 macro_rules! step {
@@ -2117,7 +2303,7 @@ mod x86 {
         for (r, a) in acc.iter().take(rows).enumerate() {
             for (v, &s) in a.iter().enumerate() {
                 let n = valid.saturating_sub(8 * v).min(8);
-                let p = dst.add(r * lay.m + 8 * v);
+                let p = dst.add(r * lay.out_px + 8 * v);
                 let s = if lay.accumulate {
                     _mm256_add_ps(s, _mm256_maskload_ps(p, lane_mask256(n)))
                 } else {
@@ -2263,6 +2449,17 @@ mod tests {
             (3, 64, [24, 24], 32, 3, 1, 1, [1; 4], false),
             (4, 32, [13, 13], 32, 3, 1, 1, [1; 4], false),
             (5, 16, [9, 11], 16, 3, 2, 1, [1, 0, 2, 1], false),
+            // tiles of one output position across images (`conv_by_position`): small maps,
+            // partial last tiles (17, 20 images), dilation, strides, asymmetric pads, a 5×5
+            // kernel, a 16-lane last block, and positions with no tap inside the image
+            (16, 16, [4, 4], 32, 3, 1, 1, [1; 4], false),
+            (17, 24, [2, 3], 40, 3, 1, 2, [2, 1, 2, 1], false),
+            (20, 8, [5, 5], 64, 3, 2, 1, [1, 0, 2, 1], false),
+            (16, 5, [1, 1], 16, 3, 1, 1, [1; 4], false),
+            (16, 4, [2, 2], 16, 3, 1, 1, [3; 4], false),
+            (18, 12, [3, 3], 48, 5, 1, 1, [2; 4], false),
+            // one position: its tiles split into tasks (8 images per tile at AVX-512)
+            (24, 40, [1, 1], 64, 3, 1, 1, [1; 4], false),
         ];
         let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
         // outputs above the cap the epilogue cases use, over all cases (the cap must bite)
