@@ -358,7 +358,13 @@ pub fn conv_nhwc(
         return Ok((unsafe { out.finish(pixels * m) }, [n, oh, ow, m]));
     }
     let r = tile_pixels(simd, wts, pixels);
-    if padded && !wts.depthwise && n >= POSITION_MIN_N && taps_inside(&geo, conv, [h, w]) <= POSITION_MAX_INSIDE {
+    // (an empty image has no tap to read: the padded path writes its bias outputs)
+    if padded
+        && !wts.depthwise
+        && n >= POSITION_MIN_N
+        && h * w > 0
+        && taps_inside(&geo, conv, [h, w]) <= POSITION_MAX_INSIDE
+    {
         conv_by_position(simd, x, xshape, &geo, conv, wts, &lay, position_tile(simd, n, r), outp);
         // SAFETY: every output position of every image was computed.
         return Ok((unsafe { out.finish(pixels * m) }, [n, oh, ow, m]));
@@ -610,21 +616,27 @@ fn conv_by_position(
     let [dh, dw] = conv.window.dilations;
     let groups = n.div_ceil(r);
     let work = n * oh * ow * m * lay.c * lay.kernel[0] * lay.kernel[1];
+    // the chunk kernels below take every tile of at least 6 pixels; `tile` only scalar ones
+    debug_assert!(
+        simd == Simd::Scalar || matches!(r, 6 | 8 | 10 | 16),
+        "tile of {r} at {simd:?}"
+    );
     // `[h, w, n, c]`: each task copies the images' pixels of some input positions
-    let mut xt: Vec<f32> = Vec::with_capacity(x.len());
+    let len = n * h * w * c;
+    let mut xt: Vec<f32> = Vec::with_capacity(len);
     let xtp = SendPtr(xt.spare_capacity_mut().as_mut_ptr().cast());
     for_tasks(h, n * h * w * c, |iy| {
         for ix in 0..w {
             for img in 0..n {
                 let src = &x[((img * h + iy) * w + ix) * c..][..c];
-                // SAFETY: position (iy, ix), image img: its own `c` values of the `x.len()`
+                // SAFETY: position (iy, ix), image img: its own `c` values of the `len`
                 let dst = unsafe { xtp.get().add(((iy * w + ix) * n + img) * c) };
                 unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst, c) };
             }
         }
     });
-    // SAFETY: every (position, image) was copied above.
-    unsafe { xt.set_len(x.len()) };
+    // SAFETY: every (position, image) was copied above: all `len` values.
+    unsafe { xt.set_len(len) };
     let x: &[f32] = &xt;
     // a task: one position's tiles, or part of them when there are fewer positions than
     // about two tasks per thread (a deep layer's 1×1 or 2×2 map)
