@@ -1011,7 +1011,7 @@ pub fn matmul_op(a: &ArrayD<f32>, b: &ArrayD<f32>) -> Result<ArrayD<f32>> {
         *shape.last_mut().unwrap() = n;
         let mut out = ArrayD::<f32>::zeros(IxDyn(&shape));
         let (asl, bsl) = (a_std.as_slice().unwrap(), b_std.as_slice().unwrap());
-        // both operands read in place
+        // both operands read in place (at AVX2 and above)
         gemm::matmul(
             rows,
             n,

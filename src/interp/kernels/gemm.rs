@@ -581,7 +581,8 @@ mod tests {
                         );
                         c
                     };
-                    for (form, c) in [("crate", run(true)), ("matmul", run(false))] {
+                    let blocked = run(false);
+                    for (form, c) in [("crate", &run(true)), ("matmul", &blocked)] {
                         for i in 0..m {
                             for j in 0..ldc {
                                 let got = c[i * ldc + j];
@@ -604,7 +605,7 @@ mod tests {
                     }
                     let mut t = vec![0f32; m * n];
                     matmul_rows(&a, m, k, n, &b, &mut t, false, false);
-                    let c = run(false);
+                    let c = blocked;
                     for i in 0..m {
                         for j in 0..n {
                             let want = match (accumulate, scale == 1.0 && ldc == n) {
