@@ -360,7 +360,11 @@ pub fn conv_nhwc(
         // SAFETY: every row of every image was computed above.
         return Ok((unsafe { out.finish(pixels * m) }, [n, oh, ow, m]));
     }
-    let r = tile_pixels(simd, wts, pixels);
+    // (a 1×1 convolution keeps the level's tile: `pointwise_runs` takes whole tiles of 10)
+    let r = match pointwise {
+        true => tile_pixels(simd, wts, pixels),
+        false => least_waste(simd, pixels, tile_pixels(simd, wts, pixels)),
+    };
     // (an empty image has no tap to read: the padded path writes its bias outputs)
     if padded
         && !wts.depthwise
@@ -368,7 +372,7 @@ pub fn conv_nhwc(
         && h * w > 0
         && taps_inside(&geo, conv, [h, w]) <= POSITION_MAX_INSIDE
     {
-        conv_by_position(simd, x, xshape, &geo, conv, wts, &lay, position_tile(simd, n, r), outp);
+        conv_by_position(simd, x, xshape, &geo, conv, wts, &lay, least_waste(simd, n, r), outp);
         // SAFETY: every output position of every image was computed.
         return Ok((unsafe { out.finish(pixels * m) }, [n, oh, ow, m]));
     }
@@ -563,13 +567,14 @@ const POSITION_MIN_N: usize = 16;
 /// on 16×16 has 92 %, on 4×4 69 %, on 2×2 44 %).
 const POSITION_MAX_INSIDE: f64 = 0.95;
 
-/// Images per tile of [`conv_by_position`]: at AVX-512 with 32-lane blocks 8 or 10, whichever
-/// wastes fewer pixels in a last, partial tile (16 images: two tiles of 8, not 10 + 6 computing
-/// 20); else the level's tile `r`.
-fn position_tile(simd: Simd, n: usize, r: usize) -> usize {
+/// Pixels per tile for `count` pixels (of a raster, or images at one position of
+/// [`conv_by_position`]): at AVX-512 with 32-lane blocks 8 or 10, whichever computes fewer
+/// pixels in all (a last, partial tile computes a whole one: a 4×4 map at batch 1 is two
+/// tiles of 8, not 10 + 6 computing 20; 16 images two tiles of 8); else the level's tile `r`.
+fn least_waste(simd: Simd, count: usize, r: usize) -> usize {
     match simd {
         Simd::Avx512 if r == 10 => {
-            let waste = |t: usize| n.div_ceil(t) * t - n;
+            let waste = |t: usize| count.div_ceil(t) * t - count;
             if waste(8) < waste(10) {
                 8
             } else {
@@ -1360,7 +1365,7 @@ mod x86 {
     /// [`tiles256`] at AVX-512: tiles of `r` pixels, [`tile512`] inlined with the offsets'
     /// spacing as a constant where uniform (for the spacings of 3×3 and 1×1 layers of 16-256
     /// channels that each shape meets). One vector of 16 channels per pixel: 32-lane blocks
-    /// take 10 pixels × 2 vectors, 16-lane blocks 16 pixels (`r` = 16, every block 16 lanes)
+    /// take 8 or 10 pixels × 2 vectors (`least_waste`), 16-lane blocks 16 pixels (`r` = 16, every block 16 lanes)
     /// or the layer's 10 × 1 vector; two vectors per pixel at 16 pixels would spill registers,
     /// and more pixels spill their input pointers.
     ///
@@ -2497,6 +2502,10 @@ mod tests {
             // rows split into unequal tiles (17 = 6 + 6 + 5; 15 = 8 + 7), both edges padded or not
             (1, 20, [3, 17], 20, 3, 1, 1, [1; 4], true),
             (1, 48, [5, 30], 48, 3, 2, 1, [0, 1, 1, 0], true),
+            // raster tiles of 8 at AVX-512 (fewer pixels computed than tiles of 10): a 4×4 map
+            // at batch 1 (two full tiles), 12 pixels (a full tile and a partial one)
+            (1, 32, [4, 4], 64, 3, 1, 1, [1; 4], false),
+            (1, 16, [3, 4], 48, 3, 1, 1, [1; 4], false),
             // padded in groups of images: one image per group (a partial tile at each group's
             // end), several per group (tiles crossing images inside a group)
             (3, 64, [24, 24], 32, 3, 1, 1, [1; 4], false),
