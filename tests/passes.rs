@@ -76,3 +76,84 @@ fn tcv_round_trip_and_determinism() {
         assert!(e <= 1e-4, "{name}: compiled .tcv differs from ONNX Runtime by {e:e}");
     }
 }
+
+/// Kernel taps that only ever meet padding (a 3×3 conv on a 1×1 map, or with stride 2 on a 2×2
+/// one) are dropped by `conv-to-im2col`: the MatMul the lookups would replace has only the
+/// taps that touch the image, the cost counts only those (before and after), and the outputs
+/// stay the same through every exact pass.
+#[test]
+fn taps_that_only_meet_padding_are_dropped() {
+    use tabconv::ir::cost::graph_cost;
+    use tabconv::ir::op::{Conv, Padding, Window};
+    use tabconv::ir::{DType, Dim, Fact, Graph, Op, Outlet};
+    let win = |stride: usize| Window {
+        kernel: [3, 3],
+        strides: [stride, stride],
+        dilations: [1, 1],
+        padding: Padding::Explicit([1; 4]),
+        ceil_mode: false,
+    };
+    let mut rng = tabconv::pq::rng::Rng::new(4);
+    let mut g = Graph::new();
+    let x = g.add_node("x", Op::Input, &[]);
+    g.node_mut(x).outputs[0].fact = Some(Fact::new(
+        DType::F32,
+        vec![Dim::Batch(1), Dim::Known(8), Dim::Known(2), Dim::Known(2)],
+    ));
+    g.inputs.push(x);
+    let mut y = Outlet::new(x, 0);
+    // (input channels, output channels, stride): on 2×2 every tap is used; stride 2 on 2×2
+    // gives 1×1 and uses 2×2 taps; on 1×1 only the centre
+    for (i, &(cin, cout, stride)) in [(8usize, 16usize, 1usize), (16, 16, 2), (16, 12, 1)].iter().enumerate() {
+        let wv: Vec<f32> = (0..cout * cin * 9).map(|_| rng.next_f64() as f32 - 0.5).collect();
+        let w = g.add_const(&format!("w{i}"), Tensor::f32(&[cout, cin, 3, 3], wv).unwrap());
+        y = g.add_op(&format!("conv{i}"), Op::Conv(Conv::nchw(win(stride), 1)), &[y, w]);
+    }
+    g.outputs.push(("y".into(), y));
+    tabconv::ir::infer::infer_graph(&mut g).unwrap();
+    let macs = 8 * 9 * 16 * 4 + 16 * 4 * 16 + 16 * 12;
+    assert_eq!(graph_cost(&g).exact_macs, macs as u64, "the original's count");
+    let x = ndarray::ArrayD::from_shape_vec(
+        ndarray::IxDyn(&[3, 8, 2, 2]),
+        (0..96).map(|_| rng.next_f64() as f32).collect(),
+    )
+    .unwrap();
+    let reference = as_f32(&run(&g, vec![Tensor::F32(x.clone())]).unwrap()[0]);
+    let mut cx = PassCx::default();
+    let mut lowered = None;
+    run_pipeline(&mut g, &Pipeline::find("exact").unwrap(), &mut cx, |pass, g| {
+        let out = as_f32(&run(g, vec![Tensor::F32(x.clone())])?[0]);
+        assert!(rel_err(&out, &reference) <= 1e-5, "after {pass}");
+        assert_eq!(
+            graph_cost(g).exact_macs,
+            macs as u64,
+            "after {pass}: {}",
+            tabconv::ir::dump::dump(g).unwrap()
+        );
+        if pass == "conv-to-im2col" {
+            lowered = Some(g.clone());
+        }
+        Ok(())
+    })
+    .unwrap();
+    // the MatMuls' weights: C·kh·kw rows of the taps kept
+    let lowered = lowered.unwrap();
+    let mut rows: Vec<usize> = lowered
+        .g
+        .node_indices()
+        .filter(|&n| matches!(lowered.node(n).op, Op::MatMul))
+        .map(|n| lowered.const_value(lowered.inputs_of(n)[1]).unwrap().shape()[0])
+        .collect();
+    rows.sort();
+    assert_eq!(rows, [16, 64, 72]);
+    let dropped: Vec<&String> = cx.notes.iter().filter(|n| n.contains("only meet padding")).collect();
+    assert_eq!(dropped.len(), 2, "{:?}", cx.notes);
+    assert!(
+        dropped[0].contains("conv1") && dropped[0].contains("(2×2 kept)"),
+        "{dropped:?}"
+    );
+    assert!(
+        dropped[1].contains("conv2") && dropped[1].contains("(1×1 kept)"),
+        "{dropped:?}"
+    );
+}

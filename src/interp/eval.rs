@@ -74,10 +74,10 @@ pub fn eval_op_cached(op: &Op, mut args: Vec<Arc<Tensor>>, cache: Option<&Cache>
             // computes the same outputs) and the weights packed for the blocked GEMM.
             let hw = [xs[2], xs[3]];
             let build = || -> Result<ConvPrep> {
-                let (conv, weights) = match conv::pruned_taps(c, hw)? {
+                let (conv, weights) = match crate::ir::window::pruned_taps(c, hw)? {
                     Some((small, first)) => {
                         let kept = small.window.kernel;
-                        (small, Some(conv::slice_taps(&wdata, ws, first, kept)))
+                        (small, Some(crate::ir::window::slice_taps(&wdata, ws, first, kept)))
                     }
                     None => (c.clone(), None),
                 };
@@ -635,10 +635,10 @@ fn conv_nhwc(c: &crate::ir::op::Conv, mut args: Vec<Arc<Tensor>>, cache: Option<
     let hw = [h, w];
     let build = || -> Result<NhwcPrep> {
         let wdata = f32_std(&args[1])?;
-        let (conv, sliced) = match conv::pruned_taps(c, hw)? {
+        let (conv, sliced) = match crate::ir::window::pruned_taps(c, hw)? {
             Some((small, first)) => {
                 let kept = small.window.kernel;
-                let s = conv::slice_taps(&wdata, &ws, first, kept);
+                let s = crate::ir::window::slice_taps(&wdata, &ws, first, kept);
                 (small, Some(s))
             }
             None => (c.clone(), None),

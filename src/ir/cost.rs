@@ -76,9 +76,21 @@ pub fn node_cost(graph: &Graph, n: NodeIndex) -> Cost {
     };
     let mut c = Cost::default();
     match &node.op {
-        Op::Conv(_) => {
+        Op::Conv(conv) => {
             let w = fact(1).and_then(|f| f.concrete_shape()).unwrap_or_default();
-            c.exact_macs = product(w.iter().skip(1).map(|&d| d as u64).chain([out]));
+            // taps that only ever meet padding are not arithmetic (both the interpreter and
+            // ONNX Runtime drop them; `conv-to-im2col` does too): a 3×3 conv on a 1×1 map
+            // costs what a 1×1 one does
+            let kept = fact(0)
+                .and_then(|f| super::window::spatial(&f.shape, conv.nhwc))
+                .filter(|_| w.len() == 4)
+                .and_then(|hw| super::window::pruned_taps(conv, hw).ok().flatten())
+                .map(|(small, _)| small.window.kernel);
+            let taps = match kept {
+                Some([kh, kw]) => vec![w[1] as u64, kh as u64, kw as u64],
+                None => w.iter().skip(1).map(|&d| d as u64).collect(),
+            };
+            c.exact_macs = product(taps.into_iter().chain([out]));
         }
         Op::Gemm(g) => {
             let a = fact(0).map(|f| f.shape.clone()).unwrap_or_default();

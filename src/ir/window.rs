@@ -1,7 +1,7 @@
 //! Output-size and padding arithmetic for 2-D window ops (Conv, MaxPool, AveragePool), shared
 //! by shape inference and the kernels so the two can never disagree.
 
-use super::op::{Padding, Window};
+use super::op::{Conv, Padding, Window};
 use crate::bail;
 use crate::error::Result;
 
@@ -92,4 +92,82 @@ impl Window {
         }
         Ok(Geometry { pads, out })
     }
+}
+
+/// `[H, W]` of an NCHW (`nhwc`: NHWC) shape whose spatial sizes are known (the batch may be
+/// symbolic).
+pub fn spatial(shape: &[super::fact::Dim], nhwc: bool) -> Option<[usize; 2]> {
+    let known = |d: &super::fact::Dim| usize::try_from(d.known()?).ok();
+    match (shape, nhwc) {
+        ([_, _, h, w], false) | ([_, h, w, _], true) => Some([known(h)?, known(w)?]),
+        _ => None,
+    }
+}
+
+/// The smaller convolution that gives the same outputs when some kernel rows or columns only ever
+/// meet padding (small inputs: a 3×3 kernel on a 1×1 or 2×2 map with stride 2), with the first
+/// kept tap `[i0, j0]`; `None` when every tap is used (or the padding cannot absorb the shift).
+pub fn pruned_taps(conv: &Conv, hw: [usize; 2]) -> Result<Option<(Conv, [usize; 2])>> {
+    let win = &conv.window;
+    let geo = win.resolve(hw)?;
+    let mut first = [0usize; 2];
+    let mut kept = [0usize; 2];
+    for a in 0..2 {
+        let used = |i: usize| {
+            (0..geo.out[a]).any(|y| {
+                let at = (y * win.strides[a] + i * win.dilations[a]) as isize - geo.pads[a] as isize;
+                at >= 0 && at < hw[a] as isize
+            })
+        };
+        let taps: Vec<usize> = (0..win.kernel[a]).filter(|&i| used(i)).collect();
+        let (Some(&lo), Some(&hi)) = (taps.first(), taps.last()) else {
+            return Ok(None);
+        };
+        if lo * win.dilations[a] > geo.pads[a] {
+            return Ok(None);
+        }
+        first[a] = lo;
+        kept[a] = hi - lo + 1;
+    }
+    if kept == win.kernel {
+        return Ok(None);
+    }
+    // Same outputs: shift the leading pad by the dropped taps, size the trailing pad so the
+    // output size is unchanged, and check that it is.
+    let mut pads = [0usize; 4];
+    for a in 0..2 {
+        pads[a] = geo.pads[a] - first[a] * win.dilations[a];
+        let extent = (kept[a] - 1) * win.dilations[a] + 1;
+        let need = (geo.out[a] - 1) * win.strides[a] + extent;
+        pads[a + 2] = need.saturating_sub(hw[a] + pads[a]);
+    }
+    let small = Window {
+        kernel: kept,
+        strides: win.strides,
+        dilations: win.dilations,
+        padding: Padding::Explicit(pads),
+        ceil_mode: false,
+    };
+    if small.resolve(hw)?.out != geo.out {
+        return Ok(None);
+    }
+    Ok(Some((
+        Conv {
+            window: small,
+            ..conv.clone()
+        },
+        first,
+    )))
+}
+
+/// `w[m][c][i0 + i][j0 + j]` for `i < kept[0]`, `j < kept[1]` of a `[M, C, kh, kw]` weight.
+pub fn slice_taps(w: &[f32], ws: &[usize], [i0, j0]: [usize; 2], kept: [usize; 2]) -> Vec<f32> {
+    let (mc, kh, kw) = (ws[0] * ws[1], ws[2], ws[3]);
+    let mut out = Vec::with_capacity(mc * kept[0] * kept[1]);
+    for plane in w.chunks_exact(kh * kw).take(mc) {
+        for i in 0..kept[0] {
+            out.extend_from_slice(&plane[(i0 + i) * kw + j0..][..kept[1]]);
+        }
+    }
+    out
 }
