@@ -69,6 +69,36 @@ impl Rows<'_> {
     /// Copy columns `cols` of rows `r0 .. r0 + lanes` into `xt[column][lane]`; lanes past
     /// `lanes` repeat the last row.
     #[inline(always)]
+    /// Row `r` of a channels-last convolution into `out` (the `(c, i, j)` columns of
+    /// [`Rows::fill`], zeros where a tap meets padding); false for other rows.
+    fn row_nhwc(&self, r: usize, out: &mut Vec<f32>) -> bool {
+        let Rows::ConvNhwc { x, shape, win, geo } = self else {
+            return false;
+        };
+        let [_, h, w, c_in] = *shape;
+        let [kh, kw] = win.kernel;
+        let p = geo.out[0] * geo.out[1];
+        let (img, pos) = (r / p, r % p);
+        let y0 = ((pos / geo.out[1]) * win.strides[0]) as isize - geo.pads[0] as isize;
+        let x0 = ((pos % geo.out[1]) * win.strides[1]) as isize - geo.pads[1] as isize;
+        out.clear();
+        out.resize(c_in * kh * kw, 0.0);
+        for i in 0..kh {
+            let iy = y0 + (i * win.dilations[0]) as isize;
+            for j in 0..kw {
+                let ix = x0 + (j * win.dilations[1]) as isize;
+                if iy < 0 || iy >= h as isize || ix < 0 || ix >= w as isize {
+                    continue;
+                }
+                let px = &x[((img * h + iy as usize) * w + ix as usize) * c_in..][..c_in];
+                for (c, &v) in px.iter().enumerate() {
+                    out[(c * kh + i) * kw + j] = v;
+                }
+            }
+        }
+        true
+    }
+
     /// Rows that are contiguous runs of `d` values, `d` apart (a matrix; a channels-last 1×1
     /// convolution of stride 1 without padding, whose rows are its pixels).
     fn contiguous(&self) -> Option<(&[f32], usize)> {
@@ -218,6 +248,10 @@ pub struct Prepared {
     pixel_tree: Option<PixelTree>,
     /// The int8 channel-lane layout for channels-last convolutions (see [`QuantLanes`]).
     qlanes: Option<QuantLanes>,
+    /// f32 argmin codebooks of 16 prototypes transposed `[c][s][16]` (one prototype per lane),
+    /// for encoding rows one at a time where a 16-row tile would mostly repeat its last row
+    /// ([`ROWWISE_BELOW`]).
+    row_protos: Option<Vec<f32>>,
 }
 
 enum Kind {
@@ -324,12 +358,23 @@ pub fn prepare(sub: Subspaces, cb: &Codebooks, hint: Option<ChannelHint>) -> Pre
         ) => pixel_tree(sub, *depth, dims, thresholds, [kh, kw]),
         _ => None,
     };
+    let row_protos = match &kind {
+        Kind::Argmin {
+            k: 16, pt, quant: None, ..
+        } => Some(
+            (0..c_n)
+                .flat_map(|c| (0..sub.s).flat_map(move |j| (0..16).map(move |kk| pt[(c * 16 + kk) * sub.s + j])))
+                .collect(),
+        ),
+        _ => None,
+    };
     Prepared {
         sub,
         kind,
         lanes,
         pixel_tree,
         qlanes,
+        row_protos,
     }
 }
 
@@ -908,6 +953,42 @@ mod x86 {
         })
     }
 
+    /// [`super::argmin_tile`] for one row, the 16 prototypes of codebook `c` in the lanes
+    /// (`pr`: `[c][s][16]`): per prototype the same chain of multiply-adds over the codebook's
+    /// columns and the same `‖p‖²/2 − x·p`; the first lane holding the smallest distance below
+    /// +∞ (NaN never counts) is the code the tile's strict `<` in prototype order keeps, 0 when
+    /// there is none.
+    ///
+    /// # Safety
+    /// AVX-512F; `row` holds the columns of `sub.range(c)`, `pr` `16·s` values per codebook
+    /// up to `c`, `norms` 16 per codebook up to `c`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn argmin_row16_avx512(
+        row: &[f32],
+        sub: super::Subspaces,
+        c: usize,
+        pr: &[f32],
+        norms: &[f32],
+    ) -> u8 {
+        let p = pr[c * sub.s * 16..(c + 1) * sub.s * 16].as_ptr();
+        let mut acc = _mm512_setzero_ps();
+        for (j, &x) in row[sub.range(c)].iter().enumerate() {
+            acc = _mm512_fmadd_ps(_mm512_set1_ps(x), _mm512_loadu_ps(p.add(16 * j)), acc);
+        }
+        let half = _mm512_mul_ps(
+            _mm512_loadu_ps(norms[c * 16..(c + 1) * 16].as_ptr()),
+            _mm512_set1_ps(0.5),
+        );
+        let dist = _mm512_sub_ps(half, acc);
+        let below = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(dist, _mm512_set1_ps(f32::INFINITY));
+        if below == 0 {
+            return 0;
+        }
+        let min = _mm512_mask_reduce_min_ps(below, dist);
+        let at = _mm512_mask_cmp_ps_mask::<_CMP_EQ_OQ>(below, dist, _mm512_set1_ps(min));
+        at.trailing_zeros() as u8
+    }
+
     /// [`super::argmin_tile`] with the 16 lanes in one vector (LLVM vectorised the portable
     /// loop poorly, half of it in scalar and 128-bit operations): the same products, sums,
     /// half norms and strict comparisons in the same order, so the same codes.
@@ -1207,11 +1288,50 @@ fn encode_block(job: &Job, r0: usize, out: &mut [u8]) {
     let sub = job.prepared.sub;
     let c_n = sub.count();
     let n = out.len() / c_n;
-    let mut xt = vec![[0f32; LANES]; sub.d];
     let simd = Simd::detect();
     let avx512 = simd == Simd::Avx512;
+    // a few rows (a fully connected layer or a deep 1×1 conv at batch 1): one row at a time,
+    // the 16 prototypes in the lanes (the same sums and comparisons, so the same codes)
+    #[cfg(target_arch = "x86_64")]
+    let rowwise = match (avx512, &job.prepared.row_protos, &job.prepared.kind) {
+        (true, Some(pr), Kind::Argmin { norms, .. }) => Some((pr, norms)),
+        _ => None,
+    };
+    let contiguous = job.rows.contiguous();
+    let (mut xt, mut gathered) = (Vec::new(), Vec::new());
     for g in (0..n).step_by(LANES) {
         let lanes = (n - g).min(LANES);
+        #[cfg(target_arch = "x86_64")]
+        if let Some((pr, norms)) = rowwise.filter(|_| lanes < ROWWISE_BELOW) {
+            let nhwc = matches!(job.rows, Rows::ConvNhwc { .. });
+            if contiguous.is_none() && !nhwc {
+                // gathered as for a tile (its lanes past `lanes` repeat the last row)
+                if xt.is_empty() {
+                    xt = vec![[0f32; LANES]; sub.d];
+                }
+                job.rows.fill(avx512, r0 + g, lanes, 0..sub.d, &mut xt);
+            }
+            for l in 0..lanes {
+                let row: &[f32] = match contiguous {
+                    Some((x, d)) => &x[(r0 + g + l) * d..][..d],
+                    None if job.rows.row_nhwc(r0 + g + l, &mut gathered) => &gathered,
+                    None => {
+                        gathered.clear();
+                        gathered.extend(xt.iter().map(|col| col[l]));
+                        &gathered
+                    }
+                };
+                for c in 0..c_n {
+                    // SAFETY: AVX-512F detected (`avx512`); `row` holds the codebook's columns,
+                    // `pr` and `norms` its 16 prototypes.
+                    out[(g + l) * c_n + c] = unsafe { x86::argmin_row16_avx512(row, sub, c, pr, norms) };
+                }
+            }
+            continue;
+        }
+        if xt.is_empty() {
+            xt = vec![[0f32; LANES]; sub.d];
+        }
         match &job.prepared.kind {
             Kind::Argmin { .. } => job.rows.fill(avx512, r0 + g, lanes, 0..sub.d, &mut xt),
             Kind::Tree { cols, .. } => job.rows.fill(avx512, r0 + g, lanes, cols.iter().copied(), &mut xt),
@@ -1253,6 +1373,11 @@ fn encode_block(job: &Job, r0: usize, out: &mut [u8]) {
         }
     }
 }
+
+/// Fewer rows than this in a tile are encoded one at a time when [`Prepared::row_protos`] and
+/// AVX-512 allow (a tile costs `k·s` multiply-adds per codebook whatever its rows, a row `s`
+/// and a reduction).
+const ROWWISE_BELOW: usize = 8;
 
 /// Nearest prototype of codebook `c` for each lane's row.
 #[inline(always)]
@@ -1412,6 +1537,129 @@ mod tests {
                         "row {r} codebook {c}: {} vs best {best}",
                         dist(got)
                     );
+                }
+            }
+        }
+    }
+
+    /// A few rows (fewer than [`ROWWISE_BELOW`]: a fully connected layer or a deep 1×1 conv at
+    /// batch 1) get the codes they get inside a batch of full 16-row tiles, whether the row
+    /// path runs them (AVX-512, 16 prototypes) or not: contiguous rows, channels-last rows
+    /// with stride, padding and dilation (gathered one by one), NCHW rows (gathered as a tile),
+    /// ties between equal prototypes, NaN, infinite and huge inputs.
+    #[test]
+    fn few_rows_encode_like_full_tiles() {
+        let mut rng = Rng::new(31);
+        let row_path = Simd::detect() == Simd::Avx512;
+        eprintln!(
+            "few_rows_encode_like_full_tiles: row path {}",
+            if row_path { "run" } else { "not on this CPU" }
+        );
+        // distances that are only NaN and +∞ (an infinite input against prototypes of 0 and
+        // below): no code beats the first, as in the tile's strict scan; and one finite
+        #[cfg(target_arch = "x86_64")]
+        if row_path {
+            let sub = Subspaces { d: 1, s: 1 };
+            for (x, last) in [(f32::INFINITY, -1.0f32), (f32::INFINITY, 2.0), (-3.0, 0.5)] {
+                let protos: Vec<f32> = (0..16)
+                    .map(|kk| if kk % 2 == 0 { 0.0 } else { -(kk as f32) })
+                    .chain([last])
+                    .skip(1)
+                    .collect();
+                let norms: Vec<f32> = protos.iter().map(|p| p * p).collect();
+                let prepared = prepare(
+                    sub,
+                    &Codebooks::Argmin {
+                        k: 16,
+                        protos: &protos,
+                        act_scale: None,
+                    },
+                    None,
+                );
+                let tile = argmin_tile(&[[x; LANES]], sub, 0, 16, &protos, &norms)[0] as u8;
+                // SAFETY: AVX-512F detected; one codebook of 16 prototypes, a row of one value.
+                let row =
+                    unsafe { x86::argmin_row16_avx512(&[x], sub, 0, prepared.row_protos.as_ref().unwrap(), &norms) };
+                assert_eq!(row, tile, "x={x} last prototype {last}");
+            }
+        }
+        for k in [16usize, 32] {
+            // (channels, [h, w], kernel, stride, dilation, pads, subspace): 4 or fewer
+            // rows per image, the batch 8 images (full tiles)
+            type Case = (usize, [usize; 2], [usize; 2], usize, usize, [usize; 4], usize);
+            let cases: &[Case] = &[
+                (20, [1, 1], [1, 1], 1, 1, [0; 4], 4),
+                (12, [2, 2], [1, 1], 2, 1, [0; 4], 4),
+                (8, [2, 2], [3, 3], 1, 1, [1; 4], 4),
+                (6, [3, 3], [3, 3], 2, 2, [2, 1, 1, 2], 5),
+            ];
+            for &(c, [h, w], kernel, stride, dil, pads, sub_s) in cases {
+                let win = Window {
+                    kernel,
+                    strides: [stride; 2],
+                    dilations: [dil; 2],
+                    padding: Padding::Explicit(pads),
+                    ceil_mode: false,
+                };
+                let geo = win.resolve([h, w]).unwrap();
+                let per = geo.out[0] * geo.out[1];
+                let n = 8;
+                let mut xnchw: Vec<f32> = (0..n * h * w * c).map(|_| rng.next_f64() as f32 - 0.3).collect();
+                // special values in the first image (the one encoded alone below)
+                xnchw[0] = f32::NAN;
+                xnchw[1] = f32::INFINITY;
+                xnchw[2] = 1e30;
+                xnchw[3] = -0.0;
+                let x = crate::interp::kernels::to_nhwc(&xnchw, [n, c, h, w]);
+                let d = c * kernel[0] * kernel[1];
+                let sub = Subspaces { d, s: sub_s };
+                let c_n = sub.count();
+                let mut protos: Vec<f32> = (0..c_n * k * sub_s).map(|_| rng.next_f64() as f32 - 0.3).collect();
+                // a tie in every codebook: prototype 9 equals prototype 3
+                for cb in 0..c_n {
+                    let (a, b) = ((cb * k + 3) * sub_s, (cb * k + 9) * sub_s);
+                    protos.copy_within(a..a + sub_s, b);
+                }
+                let cb = Codebooks::Argmin {
+                    k,
+                    protos: &protos,
+                    act_scale: None,
+                };
+                let prepared = prepare(sub, &cb, None);
+                assert_eq!(prepared.row_protos.is_some(), k == 16);
+                for nhwc in [true, false] {
+                    let rows = |imgs: usize| match nhwc {
+                        true => Rows::ConvNhwc {
+                            x: &x[..imgs * h * w * c],
+                            shape: [imgs, h, w, c],
+                            win: &win,
+                            geo,
+                        },
+                        false => Rows::Conv {
+                            x: &xnchw[..imgs * h * w * c],
+                            shape: [imgs, c, h, w],
+                            win: &win,
+                            geo,
+                        },
+                    };
+                    let mut full = vec![0u8; n * per * c_n];
+                    encode_prepared(&rows(n), &prepared, &mut full);
+                    let mut one = vec![0u8; per * c_n];
+                    encode_prepared(&rows(1), &prepared, &mut one);
+                    assert_eq!(
+                        one,
+                        full[..per * c_n],
+                        "k={k} c={c} {h}x{w} nhwc={nhwc}: one image vs the batch"
+                    );
+                    // the same rows as a matrix (contiguous), 1 to 7 of them
+                    let m = crate::interp::kernels::conv::im2col_rows(&xnchw, [n, c, h, w], &win).unwrap();
+                    let m = m.as_slice().unwrap();
+                    for r in 1..ROWWISE_BELOW.min(n * per) {
+                        let mut few = vec![0u8; r * c_n];
+                        let mat = Rows::Matrix { x: &m[..r * d], d };
+                        encode_prepared(&mat, &prepared, &mut few);
+                        assert_eq!(few, full[..r * c_n], "k={k} c={c} {h}x{w} nhwc={nhwc}: {r} matrix rows");
+                    }
                 }
             }
         }
