@@ -112,6 +112,15 @@ fn taps_that_only_meet_padding_are_dropped() {
     g.outputs.push(("y".into(), y));
     tabconv::ir::infer::infer_graph(&mut g).unwrap();
     let macs = 8 * 9 * 16 * 4 + 16 * 4 * 16 + 16 * 12;
+    // `min_macs` compares each conv's pruned count, also for a conv fed by one rewritten
+    // before it: conv2 (192 multiply-adds; 1728 with all nine taps) stays a Conv, conv1 (1024)
+    // does not
+    let mut small = g.clone();
+    let mut cx = PassCx::default();
+    let yaml = "name: t\npasses:\n  - conv-to-im2col:\n      min_macs: 1000\n";
+    run_pipeline(&mut small, &Pipeline::parse(yaml, "test").unwrap(), &mut cx, |_, _| Ok(())).unwrap();
+    let left: Vec<&String> = cx.notes.iter().filter(|n| n.contains("below min_macs")).collect();
+    assert!(left.len() == 1 && left[0].contains("conv2"), "{:?}", cx.notes);
     assert_eq!(graph_cost(&g).exact_macs, macs as u64, "the original's count");
     let x = ndarray::ArrayD::from_shape_vec(
         ndarray::IxDyn(&[3, 8, 2, 2]),

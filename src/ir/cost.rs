@@ -78,9 +78,9 @@ pub fn node_cost(graph: &Graph, n: NodeIndex) -> Cost {
     match &node.op {
         Op::Conv(conv) => {
             let w = fact(1).and_then(|f| f.concrete_shape()).unwrap_or_default();
-            // taps that only ever meet padding are not arithmetic (both the interpreter and
-            // ONNX Runtime drop them; `conv-to-im2col` does too): a 3×3 conv on a 1×1 map
-            // costs what a 1×1 one does
+            // taps that only ever meet padding are not arithmetic (the interpreter never runs
+            // them, `conv-to-im2col` drops them; ONNX Runtime's time on such layers suggests it
+            // skips them too): a 3×3 conv on a 1×1 map costs what a 1×1 one does
             let kept = fact(0)
                 .and_then(|f| super::window::spatial(&f.shape, conv.nhwc))
                 .filter(|_| w.len() == 4)

@@ -39,18 +39,21 @@ impl Pass for ConvToIm2col {
             .node_indices()
             .filter(|&n| matches!(graph.node(n).op, Op::Conv(_)))
             .collect();
-        // each conv's input size, read before any rewrite (the nodes a rewrite adds have no
-        // facts until the graph is inferred again)
-        let sizes: Vec<Option<[usize; 2]>> = convs
+        // each conv's input size and multiply-adds, read before any rewrite (the nodes a
+        // rewrite adds have no facts until the graph is inferred again)
+        let sizes: Vec<(Option<[usize; 2]>, u64)> = convs
             .iter()
             .map(|&n| match &graph.node(n).op {
-                Op::Conv(c) => graph
-                    .fact(graph.inputs_of(n)[0])
-                    .and_then(|f| spatial(&f.shape, c.nhwc)),
-                _ => None,
+                Op::Conv(c) => (
+                    graph
+                        .fact(graph.inputs_of(n)[0])
+                        .and_then(|f| spatial(&f.shape, c.nhwc)),
+                    crate::ir::cost::node_macs(graph, n),
+                ),
+                _ => (None, 0),
             })
             .collect();
-        for (n, hw) in convs.into_iter().zip(sizes) {
+        for (n, (hw, macs)) in convs.into_iter().zip(sizes) {
             let node = graph.node(n);
             let Op::Conv(conv) = node.op.clone() else {
                 unreachable!()
@@ -61,7 +64,7 @@ impl Pass for ConvToIm2col {
                     .push(format!("conv-to-im2col: left {name} as Conv (group={})", conv.group));
                 continue;
             }
-            if crate::ir::cost::node_macs(graph, n) < self.0.min_macs {
+            if macs < self.0.min_macs {
                 cx.notes
                     .push(format!("conv-to-im2col: left {name} as Conv (below min_macs)"));
                 continue;

@@ -360,10 +360,12 @@ pub fn conv_nhwc(
         // SAFETY: every row of every image was computed above.
         return Ok((unsafe { out.finish(pixels * m) }, [n, oh, ow, m]));
     }
-    // (a 1×1 convolution keeps the level's tile: `pointwise_runs` takes whole tiles of 10)
+    // the level's tile; a raster of pixels takes 8 instead of 10 where that computes fewer
+    // (a 1×1 convolution keeps the level's: `pointwise_runs` takes whole tiles of 10)
+    let level_r = tile_pixels(simd, wts, pixels);
     let r = match pointwise {
-        true => tile_pixels(simd, wts, pixels),
-        false => least_waste(simd, pixels, tile_pixels(simd, wts, pixels)),
+        true => level_r,
+        false => least_waste(simd, pixels, level_r),
     };
     // (an empty image has no tap to read: the padded path writes its bias outputs)
     if padded
@@ -372,7 +374,17 @@ pub fn conv_nhwc(
         && h * w > 0
         && taps_inside(&geo, conv, [h, w]) <= POSITION_MAX_INSIDE
     {
-        conv_by_position(simd, x, xshape, &geo, conv, wts, &lay, least_waste(simd, n, r), outp);
+        conv_by_position(
+            simd,
+            x,
+            xshape,
+            &geo,
+            conv,
+            wts,
+            &lay,
+            least_waste(simd, n, level_r),
+            outp,
+        );
         // SAFETY: every output position of every image was computed.
         return Ok((unsafe { out.finish(pixels * m) }, [n, oh, ow, m]));
     }
@@ -1395,7 +1407,8 @@ mod x86 {
                 // channels, a 16-lane block in an r = 10 layer from 64 channels on)
                 let a = (x, &offs[..r], rows[k], w, b, lay, d, valid);
                 match (r, lanes, uniform[k]) {
-                    // 8 pixels: tiles of one position across 16 or 24 images (`conv_by_position`)
+                    // 8 pixels ([`super::least_waste`]): raster tiles, or one position across images
+                    (8, 32, 16) => tile512_inline::<8, 2, 16>(a),
                     (8, 32, 32) => tile512_inline::<8, 2, 32>(a),
                     (8, 32, 64) => tile512_inline::<8, 2, 64>(a),
                     (8, 32, 128) => tile512_inline::<8, 2, 128>(a),

@@ -66,9 +66,6 @@ impl Rows<'_> {
             Rows::Conv { shape, geo, .. } | Rows::ConvNhwc { shape, geo, .. } => shape[0] * geo.out[0] * geo.out[1],
         }
     }
-    /// Copy columns `cols` of rows `r0 .. r0 + lanes` into `xt[column][lane]`; lanes past
-    /// `lanes` repeat the last row.
-    #[inline(always)]
     /// Row `r` of a channels-last convolution into `out` (the `(c, i, j)` columns of
     /// [`Rows::fill`], zeros where a tap meets padding); false for other rows.
     fn row_nhwc(&self, r: usize, out: &mut Vec<f32>) -> bool {
@@ -112,7 +109,10 @@ impl Rows<'_> {
         }
     }
 
-    /// `avx512`: the level in use is AVX-512 (the caller looks once per block of tiles).
+    /// Copy columns `cols` of rows `r0 .. r0 + lanes` into `xt[column][lane]`; lanes past
+    /// `lanes` repeat the last row. `avx512`: the level in use is AVX-512 (the caller looks
+    /// once per block of tiles).
+    #[inline(always)]
     fn fill(
         &self,
         avx512: bool,
@@ -358,10 +358,12 @@ pub fn prepare(sub: Subspaces, cb: &Codebooks, hint: Option<ChannelHint>) -> Pre
         ) => pixel_tree(sub, *depth, dims, thresholds, [kh, kw]),
         _ => None,
     };
+    // (only where the row path can run: AVX-512, and not a layer of the channel-lane kernel)
+    let row_path = Simd::detect() == Simd::Avx512 && lanes.is_none();
     let row_protos = match &kind {
         Kind::Argmin {
             k: 16, pt, quant: None, ..
-        } => Some(
+        } if row_path => Some(
             (0..c_n)
                 .flat_map(|c| (0..sub.s).flat_map(move |j| (0..16).map(move |kk| pt[(c * 16 + kk) * sub.s + j])))
                 .collect(),
@@ -1626,7 +1628,7 @@ mod tests {
                     act_scale: None,
                 };
                 let prepared = prepare(sub, &cb, None);
-                assert_eq!(prepared.row_protos.is_some(), k == 16);
+                assert_eq!(prepared.row_protos.is_some(), k == 16 && row_path);
                 for nhwc in [true, false] {
                     let rows = |imgs: usize| match nhwc {
                         true => Rows::ConvNhwc {
