@@ -118,7 +118,10 @@ fn taps_that_only_meet_padding_are_dropped() {
     let mut small = g.clone();
     let mut cx = PassCx::default();
     let yaml = "name: t\npasses:\n  - conv-to-im2col:\n      min_macs: 1000\n";
-    run_pipeline(&mut small, &Pipeline::parse(yaml, "test").unwrap(), &mut cx, |_, _| Ok(())).unwrap();
+    run_pipeline(&mut small, &Pipeline::parse(yaml, "test").unwrap(), &mut cx, |_, _| {
+        Ok(())
+    })
+    .unwrap();
     let left: Vec<&String> = cx.notes.iter().filter(|n| n.contains("below min_macs")).collect();
     assert!(left.len() == 1 && left[0].contains("conv2"), "{:?}", cx.notes);
     assert_eq!(graph_cost(&g).exact_macs, macs as u64, "the original's count");
