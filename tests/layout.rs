@@ -13,7 +13,7 @@ use common::*;
 use ndarray::{ArrayD, IxDyn};
 use tabconv::interp::run;
 use tabconv::ir::op::{Binary, Conv, Padding, Pool, PoolKind, Unary, Window};
-use tabconv::ir::{dump::dump, DType, Dim, Fact, Graph, Op, Outlet, Tensor};
+use tabconv::ir::{dump::dump, Graph, Op, Outlet, Tensor};
 use tabconv::onnx::tcv;
 use tabconv::passes::{manager::run_pipeline, pipeline::Pipeline, PassCx};
 use tabconv::pq::rng::Rng;
@@ -32,21 +32,9 @@ fn win(k: usize, stride: usize, pad: usize) -> Window {
 ///   → maxpool (exact consumer of r2) ↘
 ///   → conv c (16→24, 1×1 stride 2) → relu → add(maxpool via conv d 16→24 1×1) → relu
 ///   → global average pool → flatten → gemm (24→5)
-/// A graph whose one input is `x: f32[N, 3, 6, 6]`.
-fn with_input() -> (Graph, Outlet) {
-    let mut g = Graph::new();
-    let x = g.add_node("x", Op::Input, &[]);
-    g.node_mut(x).outputs[0].fact = Some(Fact::new(
-        DType::F32,
-        vec![Dim::Batch(1), Dim::Known(3), Dim::Known(6), Dim::Known(6)],
-    ));
-    g.inputs.push(x);
-    (g, Outlet::new(x, 0))
-}
-
 fn residual_net() -> Graph {
     let mut rng = Rng::new(9);
-    let (mut g, x) = with_input();
+    let (mut g, x) = graph_with_input([3, 6, 6]);
     let mut conv = |g: &mut Graph, name: &str, x: Outlet, cin: usize, cout: usize, w: Window| {
         let k = w.kernel[0];
         let scale = 1.0 / ((cin * k * k) as f32).sqrt();
@@ -248,7 +236,7 @@ fn channels_last_exact_convs_fuse_relu_and_residual() {
 #[test]
 fn channels_last_carries_concat_and_batchnorm() {
     let mut rng = Rng::new(12);
-    let (mut g, x) = with_input();
+    let (mut g, x) = graph_with_input([3, 6, 6]);
     let mut vals =
         |n: usize, lo: f32, hi: f32| -> Vec<f32> { (0..n).map(|_| lo + (hi - lo) * rng.next_f64() as f32).collect() };
     let mut conv = |g: &mut Graph, name: &str, x: Outlet, cin: usize, cout: usize| {

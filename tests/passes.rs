@@ -85,7 +85,7 @@ fn tcv_round_trip_and_determinism() {
 fn taps_that_only_meet_padding_are_dropped() {
     use tabconv::ir::cost::graph_cost;
     use tabconv::ir::op::{Conv, Padding, Window};
-    use tabconv::ir::{DType, Dim, Fact, Graph, Op, Outlet};
+    use tabconv::ir::Op;
     let win = |stride: usize| Window {
         kernel: [3, 3],
         strides: [stride, stride],
@@ -94,14 +94,7 @@ fn taps_that_only_meet_padding_are_dropped() {
         ceil_mode: false,
     };
     let mut rng = tabconv::pq::rng::Rng::new(4);
-    let mut g = Graph::new();
-    let x = g.add_node("x", Op::Input, &[]);
-    g.node_mut(x).outputs[0].fact = Some(Fact::new(
-        DType::F32,
-        vec![Dim::Batch(1), Dim::Known(8), Dim::Known(2), Dim::Known(2)],
-    ));
-    g.inputs.push(x);
-    let mut y = Outlet::new(x, 0);
+    let (mut g, mut y) = graph_with_input([8, 2, 2]);
     // (input channels, output channels, stride): on 2×2 every tap is used; stride 2 on 2×2
     // gives 1×1 and uses 2×2 taps; on 1×1 only the centre
     for (i, &(cin, cout, stride)) in [(8usize, 16usize, 1usize), (16, 16, 2), (16, 12, 1)].iter().enumerate() {

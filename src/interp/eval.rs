@@ -74,11 +74,8 @@ pub fn eval_op_cached(op: &Op, mut args: Vec<Arc<Tensor>>, cache: Option<&Cache>
             // computes the same outputs) and the weights packed for the blocked GEMM.
             let hw = [xs[2], xs[3]];
             let build = || -> Result<ConvPrep> {
-                let (conv, weights) = match crate::ir::window::pruned_taps(c, hw)? {
-                    Some((small, first)) => {
-                        let kept = small.window.kernel;
-                        (small, Some(crate::ir::window::slice_taps(&wdata, ws, first, kept)))
-                    }
+                let (conv, weights) = match crate::ir::window::pruned_weights(c, hw, &wdata, ws)? {
+                    Some((small, sliced)) => (small, Some(sliced)),
                     None => (c.clone(), None),
                 };
                 let packed = conv::pack_weights(weights.as_deref().unwrap_or(&wdata), ws[0], &conv, xs[1]);
@@ -635,12 +632,8 @@ fn conv_nhwc(c: &crate::ir::op::Conv, mut args: Vec<Arc<Tensor>>, cache: Option<
     let hw = [h, w];
     let build = || -> Result<NhwcPrep> {
         let wdata = f32_std(&args[1])?;
-        let (conv, sliced) = match crate::ir::window::pruned_taps(c, hw)? {
-            Some((small, first)) => {
-                let kept = small.window.kernel;
-                let s = crate::ir::window::slice_taps(&wdata, &ws, first, kept);
-                (small, Some(s))
-            }
+        let (conv, sliced) = match crate::ir::window::pruned_weights(c, hw, &wdata, &ws)? {
+            Some((small, sliced)) => (small, Some(sliced)),
             None => (c.clone(), None),
         };
         let wv = sliced.as_deref().unwrap_or(&wdata);

@@ -171,3 +171,12 @@ pub fn slice_taps(w: &[f32], ws: &[usize], [i0, j0]: [usize; 2], kept: [usize; 2
     }
     out
 }
+
+/// [`pruned_taps`] with the weight `w` (`ws`: `[M, C, kh, kw]`) sliced to the kept taps: the
+/// smaller convolution and its weights, or `None` when every tap is used.
+pub fn pruned_weights(conv: &Conv, hw: [usize; 2], w: &[f32], ws: &[usize]) -> Result<Option<(Conv, Vec<f32>)>> {
+    Ok(pruned_taps(conv, hw)?.map(|(small, first)| {
+        let sliced = slice_taps(w, ws, first, small.window.kernel);
+        (small, sliced)
+    }))
+}

@@ -4,14 +4,14 @@
 //! are left as Conv (each group's MatMul would be tiny: `C/g·kh·kw` rows, e.g. 9 for a 3×3
 //! depthwise conv, too short to split into codebooks), and the skip is noted in the report.
 //! Kernel rows and columns that only ever meet padding (a 3×3 conv on a 1×1 map, or with
-//! stride 2 on a 2×2 one: [`pruned_taps`]) are dropped first, with a note: the MatMul has only
+//! stride 2 on a 2×2 one: [`crate::ir::window::pruned_taps`]) are dropped first, with a note: the MatMul has only
 //! the taps that touch the image, so the lookups replace (and the cost counts) the layer the
 //! interpreter and ONNX Runtime run, not nine times its work.
 
 use super::{Pass, PassCx};
 use crate::error::{Error, Result};
 use crate::ir::op::{Binary, Op};
-use crate::ir::window::{pruned_taps, slice_taps, spatial};
+use crate::ir::window::{pruned_weights, spatial};
 use crate::ir::{Graph, Outlet, Tensor};
 use petgraph::stable_graph::NodeIndex;
 use serde::{Deserialize, Serialize};
@@ -83,25 +83,31 @@ impl Pass for ConvToIm2col {
                 [m, oh, ow] => (m, oh, ow),
                 _ => return Err(Error::node(&name, "Conv", "output is not 4-D")),
             };
-            let mut w = w.as_f32()?.clone();
+            let w = w.as_f32()?;
             // kernel rows/columns that only ever meet padding (a 3×3 conv on a 1×1 map) are
             // dropped: the lookups (and the cost) see the layer the interpreter runs
             let mut conv = conv;
-            if let Some(hw) = hw.filter(|_| w.ndim() == 4) {
-                let pruned = pruned_taps(&conv, hw).map_err(|e| Error::node(&name, "Conv", e.to_string()))?;
-                if let Some((small, first)) = pruned {
-                    let ws = w.shape().to_vec();
-                    let kept = small.window.kernel;
-                    let data = slice_taps(w.as_standard_layout().as_slice().expect("standard"), &ws, first, kept);
-                    w = ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[ws[0], ws[1], kept[0], kept[1]]), data)
-                        .expect("sliced taps fill the kernel");
-                    cx.notes.push(format!(
-                        "conv-to-im2col: {name}: {}×{} kernel taps that only meet padding on a {}×{} input dropped ({}×{} kept)",
-                        ws[2], ws[3], hw[0], hw[1], kept[0], kept[1]
-                    ));
-                    conv = small;
+            let pruned = match hw.filter(|_| w.ndim() == 4) {
+                Some(hw) => {
+                    let ws = w.shape();
+                    let data = w.as_standard_layout();
+                    let data = data.as_slice().expect("standard layout");
+                    pruned_weights(&conv, hw, data, ws)
+                        .map_err(|e| Error::node(&name, "Conv", e.to_string()))?
+                        .map(|(small, sliced)| {
+                            let kept = small.window.kernel;
+                            cx.notes.push(format!(
+                                "conv-to-im2col: {name}: {}×{} kernel taps that only meet padding on a {}×{} input dropped ({}×{} kept)",
+                                ws[2], ws[3], hw[0], hw[1], kept[0], kept[1]
+                            ));
+                            conv = small;
+                            ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[ws[0], ws[1], kept[0], kept[1]]), sliced)
+                                .expect("sliced taps fill the kernel")
+                        })
                 }
-            }
+                None => None,
+            };
+            let w = pruned.as_ref().unwrap_or(w);
             let k: usize = w.shape()[1..].iter().product();
             let wm = w
                 .to_shape((w.shape()[0], k))

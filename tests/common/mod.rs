@@ -135,3 +135,14 @@ pub fn compile_exact(model: &str) -> (tabconv::ir::Graph, Vec<(String, String)>)
     .unwrap();
     (g, dumps)
 }
+
+/// A graph whose one input `x` is `f32[N, C, H, W]` for `chw`, and that input's outlet.
+pub fn graph_with_input(chw: [i64; 3]) -> (tabconv::ir::Graph, tabconv::ir::Outlet) {
+    use tabconv::ir::{DType, Dim, Fact, Graph, Op, Outlet};
+    let mut g = Graph::new();
+    let x = g.add_node("x", Op::Input, &[]);
+    let dims = [Dim::Batch(1)].into_iter().chain(chw.map(Dim::Known)).collect();
+    g.node_mut(x).outputs[0].fact = Some(Fact::new(DType::F32, dims));
+    g.inputs.push(x);
+    (g, Outlet::new(x, 0))
+}
