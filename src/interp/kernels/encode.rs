@@ -359,8 +359,9 @@ pub fn prepare(sub: Subspaces, cb: &Codebooks, hint: Option<ChannelHint>) -> Pre
         ) => pixel_tree(sub, *depth, dims, thresholds, [kh, kw]),
         _ => None,
     };
-    // (only where the row path can run: AVX-512, and not a layer of the channel-lane kernel)
-    let row_path = Simd::detect() == Simd::Avx512 && lanes.is_none();
+    // (only where the row path can run: AVX-512 or AVX2, and not a layer of the channel-lane
+    // kernel)
+    let row_path = cfg!(target_arch = "x86_64") && Simd::detect() >= Simd::Avx2 && lanes.is_none();
     let row_protos = match &kind {
         Kind::Argmin {
             k: 16, pt, quant: None, ..
@@ -992,6 +993,46 @@ mod x86 {
         at.trailing_zeros() as u8
     }
 
+    /// [`argmin_row16_avx512`] in two 8-lane halves (prototypes 0-7 and 8-15): the same
+    /// multiply-add chains, half norms and choice (NaN distances count as +∞; the first lane
+    /// equal to the minimum wins; 0 when none is below +∞).
+    ///
+    /// # Safety
+    /// AVX2 and FMA; as [`argmin_row16_avx512`].
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn argmin_row16_avx2(
+        row: &[f32],
+        sub: super::Subspaces,
+        c: usize,
+        pr: &[f32],
+        norms: &[f32],
+    ) -> u8 {
+        let p = pr[c * sub.s * 16..(c + 1) * sub.s * 16].as_ptr();
+        let (mut lo, mut hi) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        for (j, &x) in row[sub.range(c)].iter().enumerate() {
+            let x = _mm256_set1_ps(x);
+            lo = _mm256_fmadd_ps(x, _mm256_loadu_ps(p.add(16 * j)), lo);
+            hi = _mm256_fmadd_ps(x, _mm256_loadu_ps(p.add(16 * j + 8)), hi);
+        }
+        let n = norms[c * 16..(c + 1) * 16].as_ptr();
+        let half = _mm256_set1_ps(0.5);
+        let inf = _mm256_set1_ps(f32::INFINITY);
+        let dist = [(lo, 0), (hi, 8)].map(|(acc, o)| {
+            let d = _mm256_sub_ps(_mm256_mul_ps(_mm256_loadu_ps(n.add(o)), half), acc);
+            // (NaN becomes +∞: `min` returns its second operand when either is NaN)
+            _mm256_min_ps(d, inf)
+        });
+        let min = _mm256_min_ps(dist[0], dist[1]);
+        let min = _mm256_min_ps(min, _mm256_permute2f128_ps::<1>(min, min));
+        let min = _mm256_min_ps(min, _mm256_permute_ps::<0b01_00_11_10>(min));
+        let min = _mm256_min_ps(min, _mm256_permute_ps::<0b10_11_00_01>(min));
+        if _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_LT_OQ>(min, inf)) == 0 {
+            return 0;
+        }
+        let at = |d: __m256| _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_EQ_OQ>(d, min)) as u32;
+        (at(dist[0]) | at(dist[1]) << 8).trailing_zeros() as u8
+    }
+
     /// [`super::argmin_tile`] with the 16 lanes in one vector (LLVM vectorised the portable
     /// loop poorly, half of it in scalar and 128-bit operations): the same products, sums,
     /// half norms and strict comparisons in the same order, so the same codes.
@@ -1296,8 +1337,8 @@ fn encode_block(job: &Job, r0: usize, out: &mut [u8]) {
     // a few rows (a fully connected layer or a deep 1×1 conv at batch 1): one row at a time,
     // the 16 prototypes in the lanes (the same sums and comparisons, so the same codes)
     #[cfg(target_arch = "x86_64")]
-    let rowwise = match (avx512, &job.prepared.row_protos, &job.prepared.kind) {
-        (true, Some(pr), Kind::Argmin { norms, .. }) => Some((pr, norms)),
+    let rowwise = match (simd, &job.prepared.row_protos, &job.prepared.kind) {
+        (Simd::Avx512 | Simd::Avx2, Some(pr), Kind::Argmin { norms, .. }) => Some((pr, norms)),
         _ => None,
     };
     let contiguous = job.rows.contiguous();
@@ -1324,10 +1365,16 @@ fn encode_block(job: &Job, r0: usize, out: &mut [u8]) {
                         &gathered
                     }
                 };
-                for c in 0..c_n {
-                    // SAFETY: AVX-512F detected (`avx512`); `row` holds the codebook's columns,
-                    // `pr` and `norms` its 16 prototypes.
-                    out[(g + l) * c_n + c] = unsafe { x86::argmin_row16_avx512(row, sub, c, pr, norms) };
+                let codes = &mut out[(g + l) * c_n..][..c_n];
+                for (c, code) in codes.iter_mut().enumerate() {
+                    // SAFETY: the level was detected (`rowwise`: AVX-512F, or AVX2 and FMA);
+                    // `row` holds the codebook's columns, `pr` and `norms` its 16 prototypes.
+                    *code = unsafe {
+                        match avx512 {
+                            true => x86::argmin_row16_avx512(row, sub, c, pr, norms),
+                            false => x86::argmin_row16_avx2(row, sub, c, pr, norms),
+                        }
+                    };
                 }
             }
             continue;
@@ -1378,7 +1425,7 @@ fn encode_block(job: &Job, r0: usize, out: &mut [u8]) {
 }
 
 /// Fewer rows than this in a tile are encoded one at a time when [`Prepared::row_protos`] and
-/// AVX-512 allow (a tile costs `k·s` multiply-adds per codebook whatever its rows, a row `s`
+/// AVX-512 or AVX2 allow (a tile costs `k·s` multiply-adds per codebook whatever its rows, a row `s`
 /// and a reduction).
 const ROWWISE_BELOW: usize = 8;
 
@@ -1545,6 +1592,83 @@ mod tests {
         }
     }
 
+    /// The row kernel of `level` (AVX-512 or AVX2).
+    ///
+    /// # Safety
+    /// `level` is supported; as the kernels.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn row16(level: Simd, row: &[f32], sub: Subspaces, c: usize, pr: &[f32], norms: &[f32]) -> u8 {
+        match level {
+            Simd::Avx512 => x86::argmin_row16_avx512(row, sub, c, pr, norms),
+            _ => x86::argmin_row16_avx2(row, sub, c, pr, norms),
+        }
+    }
+
+    /// Both row kernels against the portable tile, row by row, on random codebooks (s = 1 to 9)
+    /// with ties, NaN, ±∞, huge values and -0 in the rows.
+    #[cfg(target_arch = "x86_64")]
+    fn row_kernels_match_the_tile(rng: &mut Rng) {
+        let levels = super::super::report_checked(
+            "row_kernels_match_the_tile",
+            "at SIMD levels",
+            &[Simd::Avx2, Simd::Avx512],
+            Simd::supported,
+            Simd::name,
+        );
+        let special = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 1e30, -1e30, -0.0, 0.0];
+        for s_len in 1..=9 {
+            let sub = Subspaces { d: 3 * s_len, s: s_len };
+            let c_n = sub.count();
+            let mut protos: Vec<f32> = (0..c_n * 16 * s_len).map(|_| rng.next_f64() as f32 - 0.5).collect();
+            for cb in 0..c_n {
+                // ties: prototype 12 equals 2 (across the two AVX2 halves), 5 equals 4
+                let (a, b) = ((cb * 16 + 2) * s_len, (cb * 16 + 12) * s_len);
+                protos.copy_within(a..a + s_len, b);
+                let (a, b) = ((cb * 16 + 4) * s_len, (cb * 16 + 5) * s_len);
+                protos.copy_within(a..a + s_len, b);
+            }
+            let norms: Vec<f32> = protos.chunks(s_len).map(|p| p.iter().map(|v| v * v).sum()).collect();
+            let cb = Codebooks::Argmin {
+                k: 16,
+                protos: &protos,
+                act_scale: None,
+            };
+            let pr = prepare(sub, &cb, None).row_protos.unwrap();
+            let mut xt = vec![[0f32; LANES]; sub.d];
+            for t in 0..LANES * 4 {
+                let row: Vec<f32> = (0..sub.d)
+                    .map(|j| match (t + j) % 11 {
+                        0 if t % 3 == 0 => special[(t / 3 + j) % special.len()],
+                        _ => rng.next_f64() as f32 - 0.5,
+                    })
+                    .collect();
+                // every 8th row is one of the prototypes (a distance tie at its own code)
+                let row = match t % 8 {
+                    7 => protos[..sub.d].to_vec(),
+                    _ => row,
+                };
+                for (col, v) in xt.iter_mut().zip(&row) {
+                    col[t % LANES] = *v;
+                }
+                if t % LANES != LANES - 1 {
+                    continue;
+                }
+                for c in 0..c_n {
+                    let tile = argmin_tile(&xt, sub, c, 16, &protos, &norms);
+                    for (l, &code) in tile.iter().enumerate() {
+                        let row: Vec<f32> = xt.iter().map(|col| col[l]).collect();
+                        for &level in &levels {
+                            // SAFETY: the level is supported; `row` holds `d` values, `pr` and
+                            // `norms` the prototypes of every codebook.
+                            let got = unsafe { row16(level, &row, sub, c, &pr, &norms) };
+                            assert_eq!(got as u32, code, "{}: s={s_len} codebook {c} row {t}", level.name());
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     /// A few rows (fewer than [`ROWWISE_BELOW`]: a fully connected layer or a deep 1×1 conv at
     /// batch 1) get the codes they get inside a batch of full 16-row tiles, whether the row
     /// path runs them (AVX-512, 16 prototypes) or not: contiguous rows, channels-last rows
@@ -1553,7 +1677,7 @@ mod tests {
     #[test]
     fn few_rows_encode_like_full_tiles() {
         let mut rng = Rng::new(31);
-        let row_path = Simd::detect() == Simd::Avx512;
+        let row_path = cfg!(target_arch = "x86_64") && Simd::detect() >= Simd::Avx2;
         eprintln!(
             "few_rows_encode_like_full_tiles: row path {}",
             if row_path { "run" } else { "not on this CPU" }
@@ -1562,6 +1686,7 @@ mod tests {
         // below): no code beats the first, as in the tile's strict scan; and one finite
         #[cfg(target_arch = "x86_64")]
         if row_path {
+            row_kernels_match_the_tile(&mut rng);
             let sub = Subspaces { d: 1, s: 1 };
             for (x, last) in [(f32::INFINITY, -1.0f32), (f32::INFINITY, 2.0), (-3.0, 0.5)] {
                 let protos: Vec<f32> = (0..16)
@@ -1580,10 +1705,12 @@ mod tests {
                     None,
                 );
                 let tile = argmin_tile(&[[x; LANES]], sub, 0, 16, &protos, &norms)[0] as u8;
-                // SAFETY: AVX-512F detected; one codebook of 16 prototypes, a row of one value.
-                let row =
-                    unsafe { x86::argmin_row16_avx512(&[x], sub, 0, prepared.row_protos.as_ref().unwrap(), &norms) };
-                assert_eq!(row, tile, "x={x} last prototype {last}");
+                let pr = prepared.row_protos.as_ref().unwrap();
+                for level in Simd::available().into_iter().filter(|&l| l >= Simd::Avx2) {
+                    // SAFETY: the level is supported; one codebook of 16 prototypes, a row of one value.
+                    let row = unsafe { row16(level, &[x], sub, 0, pr, &norms) };
+                    assert_eq!(row, tile, "{}: x={x} last prototype {last}", level.name());
+                }
             }
         }
         for k in [16usize, 32] {
