@@ -112,8 +112,9 @@ impl Rows<'_> {
     /// Copy columns `cols` of rows `r0 .. r0 + lanes` into `xt[column][lane]`; lanes past
     /// `lanes` repeat the last row. `avx512`: the level in use is AVX-512 (the caller looks
     /// once per block of tiles). Not `#[inline(always)]`: inlined into the dispatch wrappers
-    /// it made the AVX2 tiles of a 512-value row 20× slower (ResNet-18 w64's 1×1 layer4
-    /// encoders at batch 1: 0.32 ms instead of 0.016).
+    /// it made the AVX2 tiles of a 512-value row 20× slower when they were the portable loop
+    /// (ResNet-18 w64's 1×1 layer4 encoders at batch 1: 0.32 ms instead of 0.016; the
+    /// hand-written `argmin_tile_avx2` since kept its speed inlined or not, at batch 64).
     fn fill(
         &self,
         avx512: bool,
@@ -1087,6 +1088,69 @@ mod x86 {
         out
     }
 
+    /// [`super::argmin_tile`] at AVX2, written out as [`argmin_tile_avx512`] is (the portable
+    /// loop's vectorisation at AVX2 depended on what was inlined around it: 5-20x slower after
+    /// unrelated changes, see `Rows::fill`): the 16 lanes in two 8-lane halves, 4 prototypes at
+    /// a time (8 running sums, 2 row values and a broadcast in the 16 registers), the same
+    /// products, sums, half norms and strict comparisons in prototype order, so the same codes.
+    ///
+    /// # Safety
+    /// AVX2 and FMA; `xt` holds the columns of codebook `c`, `protos` and `norms` its `k`
+    /// prototypes.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn argmin_tile_avx2(
+        xt: &[[f32; 16]],
+        sub: super::Subspaces,
+        c: usize,
+        k: usize,
+        protos: &[f32],
+        norms: &[f32],
+    ) -> [u32; 16] {
+        let cols = &xt[sub.range(c)];
+        let mut best_d = [_mm256_set1_ps(f32::INFINITY); 2];
+        let mut best_k = [_mm256_setzero_ps(); 2];
+        let p = |kk: usize| protos[(c * k + kk) * sub.s..].as_ptr();
+        let keep = |best_d: &mut [__m256; 2], best_k: &mut [__m256; 2], acc: [__m256; 2], kk: usize| {
+            let half = _mm256_set1_ps(norms[c * k + kk] * 0.5);
+            let code = _mm256_castsi256_ps(_mm256_set1_epi32(kk as i32));
+            for h in 0..2 {
+                let dist = _mm256_sub_ps(half, acc[h]);
+                let better = _mm256_cmp_ps::<_CMP_LT_OQ>(dist, best_d[h]);
+                best_d[h] = _mm256_blendv_ps(best_d[h], dist, better);
+                best_k[h] = _mm256_blendv_ps(best_k[h], code, better);
+            }
+        };
+        let mut kk = 0;
+        while kk + 4 <= k {
+            let mut acc = [[_mm256_setzero_ps(); 2]; 4];
+            for (j, col) in cols.iter().enumerate() {
+                let x = [_mm256_loadu_ps(col.as_ptr()), _mm256_loadu_ps(col.as_ptr().add(8))];
+                for (q, a) in acc.iter_mut().enumerate() {
+                    let pj = _mm256_broadcast_ss(&*p(kk + q).add(j));
+                    a[0] = _mm256_fmadd_ps(x[0], pj, a[0]);
+                    a[1] = _mm256_fmadd_ps(x[1], pj, a[1]);
+                }
+            }
+            for (q, a) in acc.into_iter().enumerate() {
+                keep(&mut best_d, &mut best_k, a, kk + q);
+            }
+            kk += 4;
+        }
+        for kk in kk..k {
+            let mut a = [_mm256_setzero_ps(); 2];
+            for (j, col) in cols.iter().enumerate() {
+                let pj = _mm256_broadcast_ss(&*p(kk).add(j));
+                a[0] = _mm256_fmadd_ps(_mm256_loadu_ps(col.as_ptr()), pj, a[0]);
+                a[1] = _mm256_fmadd_ps(_mm256_loadu_ps(col.as_ptr().add(8)), pj, a[1]);
+            }
+            keep(&mut best_d, &mut best_k, a, kk);
+        }
+        let mut out = [0u32; 16];
+        _mm256_storeu_ps(out.as_mut_ptr().cast(), best_k[0]);
+        _mm256_storeu_ps(out.as_mut_ptr().add(8).cast(), best_k[1]);
+        out
+    }
+
     /// `xt[j][l] = rows[l·d + j]` for 16 rows of `d ≥ 16` values: 16 × 16 blocks transposed in
     /// registers (unpack pairs, then pairs of pairs, then 128-bit lanes), the columns past the
     /// last whole block by scalar copies.
@@ -1414,6 +1478,11 @@ fn encode_block(job: &Job, r0: usize, out: &mut [u8]) {
                 Kind::Argmin { k, pt, norms, .. } if avx512 => unsafe {
                     x86::argmin_tile_avx512(&xt, sub, c, *k, pt, norms)
                 },
+                // SAFETY: AVX2 and FMA detected; as above.
+                #[cfg(target_arch = "x86_64")]
+                Kind::Argmin { k, pt, norms, .. } if simd == Simd::Avx2 => unsafe {
+                    x86::argmin_tile_avx2(&xt, sub, c, *k, pt, norms)
+                },
                 Kind::Argmin { k, pt, norms, .. } => argmin_tile(&xt, sub, c, *k, pt, norms),
                 Kind::Tree { .. } => unreachable!("encoded above"),
             };
@@ -1587,6 +1656,63 @@ mod tests {
                         "row {r} codebook {c}: {} vs best {best}",
                         dist(got)
                     );
+                }
+            }
+        }
+    }
+
+    /// The hand-written AVX-512 and AVX2 tile kernels give the portable tile's codes (bit for
+    /// bit: the same sums and strict comparisons) for k = 16, 32 and k not a multiple of their
+    /// prototype groups (7, 13), subspaces of 1 to 9 values, on rows with ties, NaN, ±∞, huge
+    /// values and -0.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn tile_kernels_match_the_portable_tile() {
+        let levels = super::super::report_checked(
+            "tile_kernels_match_the_portable_tile",
+            "at SIMD levels",
+            &[Simd::Avx2, Simd::Avx512],
+            Simd::supported,
+            Simd::name,
+        );
+        let mut rng = Rng::new(43);
+        let special = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 3e38, -3e38, -0.0, 0.0];
+        for k in [16usize, 32, 7, 13] {
+            for s_len in 1..=9 {
+                let sub = Subspaces { d: 2 * s_len, s: s_len };
+                let c_n = sub.count();
+                let mut protos: Vec<f32> = (0..c_n * k * s_len).map(|_| rng.next_f64() as f32 - 0.5).collect();
+                for cb in 0..c_n {
+                    // a tie: the last prototype equals the second
+                    let (a, b) = ((cb * k + 1) * s_len, (cb * k + k - 1) * s_len);
+                    protos.copy_within(a..a + s_len, b);
+                }
+                let norms: Vec<f32> = protos.chunks(s_len).map(|p| p.iter().map(|v| v * v).sum()).collect();
+                for t in 0..6 {
+                    let xt: Vec<[f32; LANES]> = (0..sub.d)
+                        .map(|j| {
+                            std::array::from_fn(|l| match (l + j + t) % 9 {
+                                0 if t > 0 => special[(l + t) % special.len()],
+                                // lane 5 is the second prototype of codebook 0 (a tie)
+                                _ if l == 5 && j < s_len => protos[s_len + j],
+                                _ => rng.next_f64() as f32 - 0.5,
+                            })
+                        })
+                        .collect();
+                    for c in 0..c_n {
+                        let want = argmin_tile(&xt, sub, c, k, &protos, &norms);
+                        for &level in &levels {
+                            // SAFETY: the level is supported; `xt` holds `d` columns, `protos`
+                            // and `norms` every codebook's `k` prototypes.
+                            let got = unsafe {
+                                match level {
+                                    Simd::Avx512 => x86::argmin_tile_avx512(&xt, sub, c, k, &protos, &norms),
+                                    _ => x86::argmin_tile_avx2(&xt, sub, c, k, &protos, &norms),
+                                }
+                            };
+                            assert_eq!(got, want, "{}: k={k} s={s_len} codebook {c} tile {t}", level.name());
+                        }
+                    }
                 }
             }
         }
