@@ -1471,9 +1471,9 @@ fn encode_block(job: &Job, r0: usize, out: &mut [u8]) {
         }
         for c in 0..c_n {
             let code = match &job.prepared.kind {
+                Kind::Argmin { quant: Some(q), .. } => q.nearest_tile(&xt, sub, c),
                 // SAFETY: AVX-512F detected; `xt` holds the codebook's columns, `pt` and
                 // `norms` its `k` prototypes.
-                Kind::Argmin { quant: Some(q), .. } => q.nearest_tile(&xt, sub, c),
                 #[cfg(target_arch = "x86_64")]
                 Kind::Argmin { k, pt, norms, .. } if avx512 => unsafe {
                     x86::argmin_tile_avx512(&xt, sub, c, *k, pt, norms)
@@ -1663,8 +1663,8 @@ mod tests {
 
     /// The hand-written AVX-512 and AVX2 tile kernels give the portable tile's codes (bit for
     /// bit: the same sums and strict comparisons) for k = 16, 32 and k not a multiple of their
-    /// prototype groups (7, 13), subspaces of 1 to 9 values, on rows with ties, NaN, ±∞, huge
-    /// values and -0.
+    /// prototype groups (7, 13), subspaces of 1 to 9 values (the last codebook one short), on
+    /// rows with ties, NaN, ±∞, huge values and -0, with huge and NaN prototypes.
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn tile_kernels_match_the_portable_tile() {
@@ -1679,20 +1679,24 @@ mod tests {
         let special = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 3e38, -3e38, -0.0, 0.0];
         for k in [16usize, 32, 7, 13] {
             for s_len in 1..=9 {
-                let sub = Subspaces { d: 2 * s_len, s: s_len };
+                let sub = Subspaces {
+                    d: 2 * s_len - 1,
+                    s: s_len,
+                };
                 let c_n = sub.count();
                 let mut protos: Vec<f32> = (0..c_n * k * s_len).map(|_| rng.next_f64() as f32 - 0.5).collect();
                 for cb in 0..c_n {
                     // a tie: the last prototype equals the second
                     let (a, b) = ((cb * k + 1) * s_len, (cb * k + k - 1) * s_len);
                     protos.copy_within(a..a + s_len, b);
+                    odd_prototypes(&mut protos, cb, k, s_len);
                 }
                 let norms: Vec<f32> = protos.chunks(s_len).map(|p| p.iter().map(|v| v * v).sum()).collect();
                 for t in 0..6 {
                     let xt: Vec<[f32; LANES]> = (0..sub.d)
                         .map(|j| {
-                            std::array::from_fn(|l| match (l + j + t) % 9 {
-                                0 if t > 0 => special[(l + t) % special.len()],
+                            std::array::from_fn(|l| match (l + j + t) % 4 {
+                                0 if t > 0 => special[(l + j + t) % special.len()],
                                 // lane 5 is the second prototype of codebook 0 (a tie)
                                 _ if l == 5 && j < s_len => protos[s_len + j],
                                 _ => rng.next_f64() as f32 - 0.5,
@@ -1718,6 +1722,18 @@ mod tests {
         }
     }
 
+    /// Prototypes 3, 6, 0 and 9 of codebook `cb` (of `k ≥ 10`, `s` values each) with a first
+    /// value of 1e20 (an infinite norm), -1e20 and NaN (in both AVX2 halves), in every other
+    /// codebook: infinite and NaN distances beside finite ones.
+    #[cfg(target_arch = "x86_64")]
+    fn odd_prototypes(protos: &mut [f32], cb: usize, k: usize, s: usize) {
+        if cb.is_multiple_of(2) {
+            for (kk, v) in [(3, 1e20), (6, -1e20), (0, f32::NAN), (9, f32::NAN)] {
+                protos[(cb * k + kk.min(k - 1)) * s] = v;
+            }
+        }
+    }
+
     /// The row kernel of `level` (AVX-512 or AVX2).
     ///
     /// # Safety
@@ -1730,8 +1746,10 @@ mod tests {
         }
     }
 
-    /// Both row kernels against the portable tile, row by row, on random codebooks (s = 1 to 9)
-    /// with ties, NaN, ±∞, huge values and -0 in the rows.
+    /// Both row kernels against the portable tile, row by row, on random codebooks (s = 1 to 9,
+    /// the last codebook one value short) with ties, NaN, ±∞, huge values and -0 in the rows
+    /// (up to three in a codebook), and huge and NaN prototypes (infinite or NaN distances
+    /// beside finite ones in one codebook).
     #[cfg(target_arch = "x86_64")]
     fn row_kernels_match_the_tile(rng: &mut Rng) {
         let levels = super::super::report_checked(
@@ -1743,7 +1761,10 @@ mod tests {
         );
         let special = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 1e30, -1e30, -0.0, 0.0];
         for s_len in 1..=9 {
-            let sub = Subspaces { d: 3 * s_len, s: s_len };
+            let sub = Subspaces {
+                d: 3 * s_len - 1,
+                s: s_len,
+            };
             let c_n = sub.count();
             let mut protos: Vec<f32> = (0..c_n * 16 * s_len).map(|_| rng.next_f64() as f32 - 0.5).collect();
             for cb in 0..c_n {
@@ -1752,6 +1773,7 @@ mod tests {
                 protos.copy_within(a..a + s_len, b);
                 let (a, b) = ((cb * 16 + 4) * s_len, (cb * 16 + 5) * s_len);
                 protos.copy_within(a..a + s_len, b);
+                odd_prototypes(&mut protos, cb, 16, s_len);
             }
             let norms: Vec<f32> = protos.chunks(s_len).map(|p| p.iter().map(|v| v * v).sum()).collect();
             let cb = Codebooks::Argmin {
@@ -1763,14 +1785,17 @@ mod tests {
             let mut xt = vec![[0f32; LANES]; sub.d];
             for t in 0..LANES * 4 {
                 let row: Vec<f32> = (0..sub.d)
-                    .map(|j| match (t + j) % 11 {
+                    .map(|j| match (t + j) % 4 {
                         0 if t % 3 == 0 => special[(t / 3 + j) % special.len()],
                         _ => rng.next_f64() as f32 - 0.5,
                     })
                     .collect();
-                // every 8th row is one of the prototypes (a distance tie at its own code)
+                // every 8th row is each codebook's prototype 2, which equals its prototype 12
+                // (a tie at distance −‖p‖²/2, across the AVX2 halves)
                 let row = match t % 8 {
-                    7 => protos[..sub.d].to_vec(),
+                    7 => (0..sub.d)
+                        .map(|j| protos[((j / s_len) * 16 + 2) * s_len + j % s_len])
+                        .collect(),
                     _ => row,
                 };
                 for (col, v) in xt.iter_mut().zip(&row) {
@@ -1797,7 +1822,7 @@ mod tests {
 
     /// A few rows (fewer than [`ROWWISE_BELOW`]: a fully connected layer or a deep 1×1 conv at
     /// batch 1) get the codes they get inside a batch of full 16-row tiles, whether the row
-    /// path runs them (AVX-512, 16 prototypes) or not: contiguous rows, channels-last rows
+    /// path runs them (AVX-512 or AVX2, 16 prototypes) or not: contiguous rows, channels-last rows
     /// with stride, padding and dilation (gathered one by one), NCHW rows (gathered as a tile),
     /// ties between equal prototypes, NaN, infinite and huge inputs.
     #[test]
@@ -1806,7 +1831,7 @@ mod tests {
         let row_path = cfg!(target_arch = "x86_64") && Simd::detect() >= Simd::Avx2;
         eprintln!(
             "few_rows_encode_like_full_tiles: row path {}",
-            if row_path { "run" } else { "not on this CPU" }
+            if row_path { "run" } else { "not at this SIMD level" }
         );
         // distances that are only NaN and +∞ (an infinite input against prototypes of 0 and
         // below): no code beats the first, as in the tile's strict scan; and one finite
