@@ -454,3 +454,94 @@ fn only_a_kept_relearned_model_is_reported() {
     assert!(!notes.iter().any(|n| n.contains("did not help")), "{notes:?}");
     assert_eq!(predictions(&out, &val_x), pr, "the relearned model is kept");
 }
+
+/// `refine_subspace` fits the layers the path left exact again over smaller codebooks and keeps
+/// each one whose lookups still meet the target: both layers miss a logit cosine of 0.997 over
+/// 4-value codebooks, so the path restores both and prune puts neither back; over 1-value
+/// codebooks `easy` alone meets it (tried first: it saves more) and stays lookups, `hard` then
+/// does not and stays exact. The kept model is the one reported, and meets the target.
+#[test]
+fn refine_makes_exact_layers_lookups_over_smaller_codebooks() {
+    let (g, cx, calib) = approximated();
+    let val_x = calib.slice(ndarray::s![..500, ..]).to_owned().into_dyn();
+    let exact = with_exact(&g, &cx, &["easy", "hard"]);
+    let labels = predictions(&exact, &val_x);
+    let options = "      min_logit_cosine: 0.997\n      relearn: false\n      restore_unprofitable: false\n";
+    let (out, m, _) = mask_only(
+        &g,
+        cx,
+        (val_x.clone(), labels.clone()),
+        &format!("{options}      refine_subspace: 1\n"),
+    );
+    assert_eq!(m.path.len(), 3, "both layers restored: {:?}", m.path);
+    assert!(m.pruned.is_empty(), "{:?}", m.pruned);
+    assert_eq!(m.refined.len(), 1, "{:?}", m.refined);
+    assert_eq!(
+        m.refined[0].restored.as_deref(),
+        Some("easy as lookups over codebooks of 1")
+    );
+    assert!(m.kept().logit_cosine >= 0.997, "{:?}", m.kept());
+    assert_eq!(
+        m.kept().restored,
+        m.refined[0].restored,
+        "the refined model is the one kept"
+    );
+    let choice = |n: &str| m.layers.iter().find(|d| d.layer == n).unwrap();
+    assert_eq!(choice("easy").chosen, "lut", "{}", choice("easy").why);
+    assert!(choice("easy").why.contains("codebooks of 1"), "{}", choice("easy").why);
+    assert_eq!(choice("hard").chosen, "exact", "{}", choice("hard").why);
+    // the graph kept: `easy` as lookups over 1-value codebooks (8 of them), `hard` a MatMul,
+    // and its logits as close to the exact model's as reported (the first 256 calibration
+    // images, which mask measures on)
+    let encoders: Vec<usize> = out
+        .topo_order()
+        .unwrap()
+        .into_iter()
+        .filter_map(|n| match &out.node(n).op {
+            Op::PqEncode(e) => Some(e.subspace),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(encoders, vec![1], "one encoder, over 1-value codebooks");
+    assert!(out.find("hard").is_some_and(|n| matches!(out.node(n).op, Op::MatMul)));
+    let x = calib.slice(ndarray::s![..256, ..]).to_owned().into_dyn();
+    let logits = |g: &Graph| as_f32(&run(g, vec![Tensor::F32(x.clone())]).unwrap()[0]);
+    let (a, b) = (logits(&exact), logits(&out));
+    let cos: f64 = a
+        .outer_iter()
+        .zip(b.outer_iter())
+        .map(|(a, b)| {
+            let dot: f64 = a.iter().zip(&b).map(|(p, q)| (p * q) as f64).sum();
+            let n = |v: &ndarray::ArrayViewD<f32>| v.iter().map(|p| (p * p) as f64).sum::<f64>().sqrt();
+            dot / (n(&a) * n(&b))
+        })
+        .sum::<f64>()
+        / 256.0;
+    assert!((cos - m.kept().logit_cosine).abs() < 1e-6, "{cos} vs {:?}", m.kept());
+    // a target both meet over 1-value codebooks: `hard` is fitted through `easy`'s new lookups
+    let (g, cx, _) = approximated();
+    let loose = "      min_logit_cosine: 0.99\n      relearn: false\n      restore_unprofitable: false\n";
+    let (out, m, _) = mask_only(
+        &g,
+        cx,
+        (val_x.clone(), labels.clone()),
+        &format!("{loose}      refine_subspace: 1\n"),
+    );
+    assert_eq!(m.path.len(), 3, "both layers restored: {:?}", m.path);
+    let refined: Vec<_> = m.refined.iter().map(|p| p.restored.clone().unwrap()).collect();
+    assert_eq!(
+        refined,
+        [
+            "easy as lookups over codebooks of 1",
+            "hard as lookups over codebooks of 1"
+        ]
+    );
+    assert!(m.kept().logit_cosine >= 0.99, "{:?}", m.kept());
+    assert!(m.layers.iter().all(|d| d.chosen == "lut"), "{:?}", m.layers);
+    assert!(out.find("hard").is_none_or(|n| !matches!(out.node(n).op, Op::MatMul)));
+    // off by default: both stay exact
+    let (g, cx, _) = approximated();
+    let (_, m, _) = mask_only(&g, cx, (val_x, labels), options);
+    assert!(m.refined.is_empty());
+    assert!(m.layers.iter().all(|d| d.chosen == "exact"), "{:?}", m.layers);
+}

@@ -278,6 +278,14 @@ fn print_summary(done: &Compiled) {
         if let Some(f) = &m.final_point {
             eprintln!("  after relearning: reduction {:.1}%, {}", pct(f), measures(f));
         }
+        if let Some(r) = m.refined.last() {
+            eprintln!(
+                "  after refining ({} exact layer(s) made lookups over smaller codebooks): reduction {:.1}%, {}",
+                m.refined.len(),
+                pct(r),
+                measures(r)
+            );
+        }
     }
 }
 

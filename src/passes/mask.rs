@@ -68,6 +68,13 @@ pub struct Options {
     /// (the greedy order ranks layers by their damage alone; with later restores in, an early
     /// one can turn out unneeded). One more measure per restored layer. On by default.
     pub prune: bool,
+    /// After the rest (0 = off): each layer left exact for its damage, most operations saved
+    /// first, fitted again as lookups over codebooks of this many values (`lut`'s `subspace`
+    /// and `fc_subspace`, e.g. 3: one codebook per kernel row of a 3×3 conv, three times the
+    /// lookups of one per channel) through the model as it stands, and kept so when the target
+    /// still holds (and, with `restore_unprofitable`, its lookups would not run slower than the
+    /// exact layer). One `lut` fit and one measure per layer tried.
+    pub refine_subspace: usize,
     /// Cost of one encoding multiply-add, comparison, lookup-add and output value of the
     /// lookups relative to one exact multiply-add, used by `restore_unprofitable`.
     pub time_model: TimeModel,
@@ -189,6 +196,7 @@ impl Default for Options {
             lut: None,
             restore_unprofitable: true,
             prune: true,
+            refine_subspace: 0,
             time_model: TimeModel::default(),
         }
     }
@@ -250,14 +258,19 @@ pub struct MaskReport {
     /// The model after relearning its tables, when it was kept (it replaced the chosen point).
     /// `None` without relearning or when relearning did not help (the chosen point was kept).
     pub final_point: Option<PathPoint>,
+    /// With `refine_subspace`: a point per exact layer made lookups over the smaller codebooks
+    /// (each meeting the target), in order; the last is the model kept.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub refined: Vec<PathPoint>,
 }
 
 impl MaskReport {
-    /// The point of the model kept: the relearned one when reported, else the last layer prune
-    /// put back as lookups, else the walk's choice.
+    /// The point of the model kept: the last layer refined, else the relearned model when
+    /// reported, else the last layer prune put back as lookups, else the walk's choice.
     pub fn kept(&self) -> &PathPoint {
-        self.final_point
-            .as_ref()
+        self.refined
+            .last()
+            .or(self.final_point.as_ref())
             .or(self.pruned.last())
             .unwrap_or(&self.path[self.chosen_point])
     }
@@ -675,6 +688,11 @@ impl Mask {
             Some((relearned, p)) => (relearned, Some(p)),
             None => (pruned_graph.unwrap_or(walk.graph), None),
         };
+        let kept = final_point.as_ref().unwrap_or(chosen);
+        let (current, refined) = match o.refine_subspace > 0 && meter.met(kept) {
+            true => self.refine(current, &mut decisions, record, &meter, cx)?,
+            false => (current, Vec::new()),
+        };
         *graph = current;
         cx.mask = Some(MaskReport {
             metric: meter.goal.metric().into(),
@@ -686,6 +704,7 @@ impl Mask {
             chosen_point: walk.chosen_point,
             pruned,
             final_point,
+            refined,
         });
         Ok(())
     }
@@ -707,25 +726,13 @@ impl Mask {
             bar.inc(1);
             let ex = record.exact(n)?;
             let lut = graph.find(n).expect("present");
-            let enc = graph.inputs_of(lut)[0].node;
-            let Op::PqEncode(enc_op) = graph.node(enc).op.clone() else {
-                return Err(Error::Other(format!(
-                    "{n}: a LutMatMul whose codes do not come from a PQEncode"
-                )));
-            };
-            // prototypes per codebook: the tables are [C, M, K]
-            let k = graph
-                .const_value(graph.inputs_of(lut)[1])
-                .and_then(|t| t.shape().get(2).copied())
-                .unwrap_or(16);
-            let mut lut_cost = cost::node_cost(graph, lut);
-            lut_cost.add(&cost::node_cost(graph, enc));
-            let d = ex.weight.shape()[0] as u64;
+            let d = ex.weight.shape()[0];
             let rows_m = graph
                 .fact(Outlet::new(lut, 0))
                 .map(|f| f.shape.iter().map(|d| d.bind(1) as u64).product::<u64>())
                 .unwrap_or(0);
-            let exact_macs = rows_m * d;
+            let exact_macs = rows_m * d as u64;
+            let (lut_cost, est_speedup) = layer_cost(graph, n, &o.time_model, d, exact_macs)?;
             let ops_saved = 2 * exact_macs as i64 - lut_cost.ops_all() as i64;
             let alone = with_exact(graph, record, luts.iter().filter(|o| *o != n))?;
             let cos = mean_cosine(&logits(&alone, &meter.samples)?, &meter.ref_logits);
@@ -739,8 +746,7 @@ impl Mask {
                 shape: [ex.weight.shape()[0], ex.weight.shape()[1]],
                 layer_cosine: lr.map(|l| l.output_cosine).unwrap_or(f64::NAN),
                 exact_macs,
-                est_speedup: exact_macs as f64
-                    / o.time_model.time(&lut_cost, &enc_op, ex.weight.shape()[0], k).max(1.0),
+                est_speedup,
                 lut_cost,
                 ops_saved,
                 logit_cosine_alone: cos,
@@ -986,6 +992,109 @@ impl Mask {
         ));
         Ok(None)
     }
+}
+
+impl Mask {
+    /// With `refine_subspace`: each layer left exact for its damage (not for speed, not by
+    /// `keep_exact`), most operations saved first, fitted again by the `lut` pass alone — the
+    /// other exact layers kept exact, codebooks of `refine_subspace` values — through the model
+    /// as it stands, and kept as lookups when the target still holds and (with
+    /// `restore_unprofitable`) `time_model` does not price its lookups above the exact layer.
+    fn refine(
+        &self,
+        mut current: Graph,
+        decisions: &mut [LayerDecision],
+        record: &LutLayers,
+        meter: &Meter,
+        cx: &mut PassCx,
+    ) -> Result<(Graph, Vec<PathPoint>)> {
+        let o = &self.0;
+        let s = o.refine_subspace;
+        let mut order: Vec<usize> = (0..decisions.len())
+            .filter(|&i| {
+                let d = &decisions[i];
+                let for_speed = o.restore_unprofitable && d.est_speedup < 1.0;
+                d.chosen == "exact" && !for_speed && !o.keep_exact.iter().any(|g| glob_match(g, &d.layer))
+            })
+            .collect();
+        order.sort_by(|&a, &b| decisions[b].ops_saved.cmp(&decisions[a].ops_saved).then(a.cmp(&b)));
+        let bar = crate::cli::progress(order.len(), "mask refine");
+        let mut points = Vec::new();
+        for i in order {
+            cx.check_cancel()?;
+            bar.inc(1);
+            let mut opts = o.lut.clone().unwrap_or_else(|| record.options.clone());
+            (opts.subspace, opts.fc_subspace, opts.token_subspace) = (s, s, s);
+            let layer = decisions[i].layer.clone();
+            let others = decisions.iter().filter(|d| d.chosen == "exact" && d.layer != layer);
+            opts.keep_exact.extend(others.map(|d| d.layer.clone()));
+            let mut trial = current.clone();
+            // (restores leave their nodes without facts; the lut pass reads the layers' shapes)
+            crate::ir::infer::infer_graph(&mut trial)?;
+            Lut(opts).run(&mut trial, cx)?;
+            // the layer's new lookups (the record this run made; the first run's stays the report's)
+            let fitted = cx.analyses.lut.take();
+            let Some(lut_name) = fitted.as_ref().and_then(|r| r.live(&trial).into_iter().next()) else {
+                continue;
+            };
+            let (d, macs) = (decisions[i].shape[0], decisions[i].exact_macs);
+            let (cost, est) = layer_cost(&trial, &lut_name, &o.time_model, d, macs)?;
+            if o.restore_unprofitable && est < 1.0 {
+                cx.say(&bar, || {
+                    format!("  mask: refine left {layer} exact: over codebooks of {s} its lookups would take {:.2}x its time", 1.0 / est)
+                });
+                continue;
+            }
+            let point = meter.measure(&trial, Some(format!("{layer} as lookups over codebooks of {s}")))?;
+            if !meter.met(&point) {
+                cx.say(&bar, || {
+                    format!("  mask: refine left {layer} exact: over codebooks of {s} the target is not met (logit cosine {:.5})", point.logit_cosine)
+                });
+                continue;
+            }
+            cx.say(&bar, || {
+                format!(
+                    "  mask: refine made {layer} lookups over codebooks of {s}: logit cosine {:.5}, {:.1} % removed",
+                    point.logit_cosine,
+                    100.0 * point.reduction_everything_counted
+                )
+            });
+            let d = &mut decisions[i];
+            d.chosen = "lut";
+            d.why = format!(
+                "kept as LUT over codebooks of {s} by refine, the target still met ({})",
+                d.why
+            );
+            d.ops_saved = 2 * d.exact_macs as i64 - cost.ops_all() as i64;
+            (d.lut_cost, d.est_speedup) = (cost, est);
+            points.push(point);
+            current = trial;
+        }
+        bar.finish_and_clear();
+        Ok((current, points))
+    }
+}
+
+/// The cost of LUT layer `lut` (its lookups and encoding; rows of `d` values) in `graph` and the
+/// estimated speed of the exact layer's `exact_macs` against it by `tm` (> 1: the lookups are
+/// faster).
+fn layer_cost(graph: &Graph, lut: &str, tm: &TimeModel, d: usize, exact_macs: u64) -> Result<(cost::Cost, f64)> {
+    let node = graph.find(lut).expect("a live LUT layer");
+    let enc = graph.inputs_of(node)[0].node;
+    let Op::PqEncode(enc_op) = &graph.node(enc).op else {
+        return Err(Error::Other(format!(
+            "{lut}: a LutMatMul whose codes do not come from a PQEncode"
+        )));
+    };
+    // prototypes per codebook: the tables are [C, M, K]
+    let k = graph
+        .const_value(graph.inputs_of(node)[1])
+        .and_then(|t| t.shape().get(2).copied())
+        .unwrap_or(16);
+    let mut c = cost::node_cost(graph, node);
+    c.add(&cost::node_cost(graph, enc));
+    let est = exact_macs as f64 / tm.time(&c, enc_op, d, k).max(1.0);
+    Ok((c, est))
 }
 
 /// `graph` with the LUT layers `layers` (their `LutMatMul` names) put back exact.
