@@ -539,9 +539,25 @@ fn refine_makes_exact_layers_lookups_over_smaller_codebooks() {
     assert!(m.kept().logit_cosine >= 0.99, "{:?}", m.kept());
     assert!(m.layers.iter().all(|d| d.chosen == "lut"), "{:?}", m.layers);
     assert!(out.find("hard").is_none_or(|n| !matches!(out.node(n).op, Op::MatMul)));
+    // after relearning `easy` (only `hard` restored), the refined `hard` is priced by its own
+    // lookups: 8 one-value codebooks × 4 outputs per row, not `easy`'s 2 × 8 that the relearn
+    // left in the pass context
+    let (g, cx, _) = approximated();
+    let relearn = "      min_logit_cosine: 0.95\n      relearn: true\n      restore_unprofitable: false\n      refine_subspace: 1\n";
+    let (_, m, _) = mask_only(&g, cx, (val_x.clone(), labels.clone()), relearn);
+    let restored: Vec<_> = m.path.iter().filter_map(|p| p.restored.clone()).collect();
+    assert_eq!(restored, ["hard"], "{:?}", m.path);
+    assert!(m.final_point.is_some(), "relearning kept");
+    assert_eq!(m.refined.len(), 1, "{:?}", m.refined);
+    assert_eq!(choice_in(&m, "hard").chosen, "lut", "{}", choice_in(&m, "hard").why);
+    assert_eq!(choice_in(&m, "hard").lut_cost.lookups, 8 * 4);
     // off by default: both stay exact
     let (g, cx, _) = approximated();
     let (_, m, _) = mask_only(&g, cx, (val_x, labels), options);
     assert!(m.refined.is_empty());
     assert!(m.layers.iter().all(|d| d.chosen == "exact"), "{:?}", m.layers);
+}
+
+fn choice_in<'a>(m: &'a tabconv::passes::mask::MaskReport, layer: &str) -> &'a tabconv::passes::mask::LayerDecision {
+    m.layers.iter().find(|d| d.layer == layer).unwrap()
 }

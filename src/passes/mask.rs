@@ -1025,16 +1025,25 @@ impl Mask {
             bar.inc(1);
             let mut opts = o.lut.clone().unwrap_or_else(|| record.options.clone());
             (opts.subspace, opts.fc_subspace, opts.token_subspace) = (s, s, s);
+            // this layer alone: no global stage over every LUT layer
+            opts.global_epochs = 0;
             let layer = decisions[i].layer.clone();
             let others = decisions.iter().filter(|d| d.chosen == "exact" && d.layer != layer);
             opts.keep_exact.extend(others.map(|d| d.layer.clone()));
             let mut trial = current.clone();
             // (restores leave their nodes without facts; the lut pass reads the layers' shapes)
             crate::ir::infer::infer_graph(&mut trial)?;
+            // the record this run makes names the layer's new lookups (relearning may have left
+            // one behind; the first run's, set aside by `run`, stays the report's)
+            cx.analyses.lut = None;
             Lut(opts).run(&mut trial, cx)?;
-            // the layer's new lookups (the record this run made; the first run's stays the report's)
             let fitted = cx.analyses.lut.take();
-            let Some(lut_name) = fitted.as_ref().and_then(|r| r.live(&trial).into_iter().next()) else {
+            let lut_name = fitted.as_ref().and_then(|r| {
+                r.layers()
+                    .find(|(_, ex)| ex.matmul == layer)
+                    .map(|(n, _)| n.to_string())
+            });
+            let Some(lut_name) = lut_name.filter(|n| trial.find(n).is_some()) else {
                 continue;
             };
             let (d, macs) = (decisions[i].shape[0], decisions[i].exact_macs);
