@@ -551,6 +551,14 @@ fn refine_makes_exact_layers_lookups_over_smaller_codebooks() {
     assert_eq!(m.refined.len(), 1, "{:?}", m.refined);
     assert_eq!(choice_in(&m, "hard").chosen, "lut", "{}", choice_in(&m, "hard").why);
     assert_eq!(choice_in(&m, "hard").lut_cost.lookups, 8 * 4);
+    // `easy` kept exact by the options (restored before the path, leaving its node without
+    // facts): `hard`, fitted after it, is still refined
+    let (g, cx, _) = approximated();
+    let kept = "      min_logit_cosine: 0.995\n      keep_exact: [easy]\n      relearn: false\n      restore_unprofitable: false\n      refine_subspace: 1\n";
+    let (_, m, _) = mask_only(&g, cx, (val_x.clone(), labels.clone()), kept);
+    let refined: Vec<_> = m.refined.iter().map(|p| p.restored.clone().unwrap()).collect();
+    assert_eq!(refined, ["hard as lookups over codebooks of 1"], "{:?}", m.path);
+    assert_eq!(choice_in(&m, "easy").chosen, "exact");
     // off by default: both stay exact
     let (g, cx, _) = approximated();
     let (_, m, _) = mask_only(&g, cx, (val_x, labels), options);
