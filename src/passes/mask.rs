@@ -690,7 +690,7 @@ impl Mask {
         };
         let kept = final_point.as_ref().unwrap_or(chosen);
         let (current, refined) = match o.refine_subspace > 0 && meter.met(kept) {
-            true => self.refine(current, &mut decisions, record, &meter, cx)?,
+            true => self.refine(current, &luts, &mut decisions, record, &meter, cx)?,
             false => (current, Vec::new()),
         };
         *graph = current;
@@ -770,11 +770,11 @@ impl Mask {
         let o = &self.0;
         for (i, n) in luts.iter().enumerate() {
             let name = &decisions[i].layer;
-            if o.keep_exact.iter().any(|g| glob_match(g, name) || glob_match(g, n)) {
+            if named(&o.keep_exact, name, n) {
                 restore(current, n, record.exact(n)?)?;
                 decisions[i].chosen = "exact";
                 decisions[i].why = "keep_exact override".into();
-            } else if o.force_lut.iter().any(|g| glob_match(g, name) || glob_match(g, n)) {
+            } else if named(&o.force_lut, name, n) {
                 decisions[i].why = "force_lut override".into();
             }
         }
@@ -782,7 +782,7 @@ impl Mask {
             return Ok(());
         }
         for (d, n) in decisions.iter_mut().zip(luts) {
-            if (d.ops_saved <= 0 || d.est_speedup <= 1.0) && d.why.is_empty() {
+            if unprofitable(d.ops_saved, d.est_speedup) && d.why.is_empty() {
                 restore(current, n, record.exact(n)?)?;
                 d.chosen = "exact";
                 d.why = if d.ops_saved <= 0 {
@@ -1003,6 +1003,7 @@ impl Mask {
     fn refine(
         &self,
         mut current: Graph,
+        luts: &[String],
         decisions: &mut [LayerDecision],
         record: &LutLayers,
         meter: &Meter,
@@ -1010,11 +1011,12 @@ impl Mask {
     ) -> Result<(Graph, Vec<PathPoint>)> {
         let o = &self.0;
         let s = o.refine_subspace;
+        // the layers `decide_first` did not restore (by override or for speed)
         let mut order: Vec<usize> = (0..decisions.len())
             .filter(|&i| {
                 let d = &decisions[i];
-                let for_speed = o.restore_unprofitable && d.est_speedup < 1.0;
-                d.chosen == "exact" && !for_speed && !o.keep_exact.iter().any(|g| glob_match(g, &d.layer))
+                let for_speed = o.restore_unprofitable && unprofitable(d.ops_saved, d.est_speedup);
+                d.chosen == "exact" && !for_speed && !named(&o.keep_exact, &d.layer, &luts[i])
             })
             .collect();
         order.sort_by(|&a, &b| decisions[b].ops_saved.cmp(&decisions[a].ops_saved).then(a.cmp(&b)));
@@ -1048,9 +1050,10 @@ impl Mask {
             };
             let (d, macs) = (decisions[i].shape[0], decisions[i].exact_macs);
             let (cost, est) = layer_cost(&trial, &lut_name, &o.time_model, d, macs)?;
-            if o.restore_unprofitable && est < 1.0 {
+            let ops_saved = 2 * macs as i64 - cost.ops_all() as i64;
+            if o.restore_unprofitable && unprofitable(ops_saved, est) {
                 cx.say(&bar, || {
-                    format!("  mask: refine left {layer} exact: over codebooks of {s} its lookups would take {:.2}x its time", 1.0 / est)
+                    format!("  mask: refine left {layer} exact: over codebooks of {s} its lookups would not pay ({ops_saved} operations saved, {:.2}x its time)", 1.0 / est)
                 });
                 continue;
             }
@@ -1074,14 +1077,25 @@ impl Mask {
                 "kept as LUT over codebooks of {s} by refine, the target still met ({})",
                 d.why
             );
-            d.ops_saved = 2 * d.exact_macs as i64 - cost.ops_all() as i64;
-            (d.lut_cost, d.est_speedup) = (cost, est);
+            (d.lut_cost, d.est_speedup, d.ops_saved) = (cost, est, ops_saved);
             points.push(point);
             current = trial;
         }
         bar.finish_and_clear();
         Ok((current, points))
     }
+}
+
+/// Whether lookups that save `ops_saved` operations and run `est_speedup` times as fast as the
+/// exact layer are not worth keeping (`restore_unprofitable`).
+fn unprofitable(ops_saved: i64, est_speedup: f64) -> bool {
+    ops_saved <= 0 || est_speedup <= 1.0
+}
+
+/// Whether a layer list of the options (`*` wildcards) names the layer, by its MatMul or its
+/// `LutMatMul` name.
+fn named(patterns: &[String], matmul: &str, lut: &str) -> bool {
+    patterns.iter().any(|g| glob_match(g, matmul) || glob_match(g, lut))
 }
 
 /// The cost of LUT layer `lut` (its lookups and encoding; rows of `d` values) in `graph` and the
