@@ -32,6 +32,10 @@ use rayon::prelude::*;
 
 /// Lanes per packed block (the last block of a layer may be 16).
 const BLOCK: usize = 32;
+/// Multiply-adds from which a convolution splits among the team's threads (a quarter of
+/// [`super::PAR_WORK`]: the team's helpers spin between loops, so a hand-off costs far less than
+/// waking a rayon worker).
+const TEAM_WORK: usize = 1 << 16;
 /// Tiles per thread task (at most).
 const TASK_TILES: usize = 8;
 
@@ -151,43 +155,71 @@ impl Frame {
     /// Write the images `src` (`[k, h, w, c]`) padded into `dst` (`k · hp · wp · c` values):
     /// every value once, zeros only in the border (no memset of the whole buffer).
     fn write(&self, src: &[f32], [h, w, c]: [usize; 3], dst: &mut [std::mem::MaybeUninit<f32>]) {
-        let zero = std::mem::MaybeUninit::new(0f32);
         for (img, dst) in dst.chunks_mut(self.hp * self.wp * c).enumerate() {
-            for (y, row) in dst.chunks_mut(self.wp * c).enumerate() {
-                let Some(sy) = y.checked_sub(self.top).filter(|&sy| sy < h) else {
-                    row.fill(zero);
-                    continue;
-                };
-                let (l, rest) = row.split_at_mut(self.left * c);
-                let (mid, r) = rest.split_at_mut(w * c);
-                l.fill(zero);
-                for (d, &v) in mid.iter_mut().zip(&src[(img * h + sy) * w * c..][..w * c]) {
-                    d.write(v);
-                }
-                r.fill(zero);
+            self.write_rows(&src[img * h * w * c..][..h * w * c], [h, w, c], 0, dst);
+        }
+    }
+
+    /// Write the padded rows `y0..` of one image `src` (`[h, w, c]`) into `dst` (whole rows of
+    /// `wp · c` values, at most `hp - y0` of them).
+    fn write_rows(&self, src: &[f32], [h, w, c]: [usize; 3], y0: usize, dst: &mut [std::mem::MaybeUninit<f32>]) {
+        let zero = std::mem::MaybeUninit::new(0f32);
+        for (y, row) in (y0..).zip(dst.chunks_mut(self.wp * c)) {
+            let Some(sy) = y.checked_sub(self.top).filter(|&sy| sy < h) else {
+                row.fill(zero);
+                continue;
+            };
+            let (l, rest) = row.split_at_mut(self.left * c);
+            let (mid, r) = rest.split_at_mut(w * c);
+            l.fill(zero);
+            for (d, &v) in mid.iter_mut().zip(&src[sy * w * c..][..w * c]) {
+                d.write(v);
             }
+            r.fill(zero);
         }
     }
 }
 
 /// The whole batch padded in `f` (`[N, hp, wp, C]`), or `x` itself when nothing is padded.
+/// Fewer images than threads (batch 1): the rows of each image split among the threads.
 fn pad_input<'a>(x: &'a [f32], [n, h, w, c]: [usize; 4], f: &Frame) -> std::borrow::Cow<'a, [f32]> {
     let (hp, wp) = (f.hp, f.wp);
     if hp == h && wp == w {
         return x.into();
     }
     let mut data: Vec<f32> = Vec::with_capacity(n * hp * wp * c);
-    data.spare_capacity_mut()[..n * hp * wp * c]
-        .par_chunks_mut(hp * wp * c)
-        .with_min_len(super::min_chunks(hp * wp * c))
-        .enumerate()
-        .for_each(|(img, dst)| f.write(&x[img * h * w * c..][..h * w * c], [h, w, c], dst));
-    // SAFETY: `Frame::write` wrote every one of the `n · hp · wp · c` values (each image's `hp`
-    // rows of `wp · c`: border rows zeroed, other rows zeros | the input row | zeros; `need`
-    // keeps `left + w ≤ wp` and `top + h ≤ hp`).
-    unsafe { data.set_len(n * hp * wp * c) };
+    let image = hp * wp * c;
+    let threads = super::team::threads();
+    if n < threads && image >= PAD_SPLIT {
+        let parts = threads.min(hp);
+        let out = SendPtr(data.spare_capacity_mut().as_mut_ptr().cast());
+        super::team::for_each(n * parts, |t| {
+            let (img, p) = (t / parts, t % parts);
+            let (y0, y1) = (p * hp / parts, (p + 1) * hp / parts);
+            // SAFETY: task `t` writes rows `y0..y1` of image `img`, inside the `n · image`
+            // values reserved above; tasks write disjoint rows.
+            let dst = unsafe {
+                std::slice::from_raw_parts_mut(out.get().add(img * image + y0 * wp * c).cast(), (y1 - y0) * wp * c)
+            };
+            f.write_rows(&x[img * h * w * c..][..h * w * c], [h, w, c], y0, dst);
+        });
+    } else {
+        data.spare_capacity_mut()[..n * image]
+            .par_chunks_mut(image)
+            .with_min_len(super::min_chunks(image))
+            .enumerate()
+            .for_each(|(img, dst)| f.write(&x[img * h * w * c..][..h * w * c], [h, w, c], dst));
+    }
+    // SAFETY: `Frame::write` (or `write_rows`, over every row of every image) wrote every one
+    // of the `n · hp · wp · c` values (each image's `hp` rows of `wp · c`: border rows zeroed,
+    // other rows zeros | the input row | zeros; `need` keeps `left + w ≤ wp` and
+    // `top + h ≤ hp`).
+    unsafe { data.set_len(n * image) };
     data.into()
 }
+
+/// Floats of one padded image from which batch-1 padding is split among the threads.
+const PAD_SPLIT: usize = 1 << 13;
 
 /// Bytes of padded input a task copies at a time into its thread's [`PAD_SCRATCH`] when the
 /// batch is padded in groups of images: a group stays in L2 from the copy to its last tile.
@@ -468,7 +500,7 @@ pub fn conv_nhwc(
     let threads = super::team::threads();
     let nb = wts.blocks.len();
     let work = pixels * m * lay.c * lay.kernel[0] * lay.kernel[1];
-    let big = work >= super::PAR_WORK;
+    let big = work >= TEAM_WORK;
     let image = frame.hp * frame.wp * c;
     if padded && (n >= 2 * threads || (n > 1 && !big)) {
         // Padded in groups of images, each by the task that convolves it, into its thread's
@@ -797,7 +829,7 @@ type Range = std::ops::Range<usize>;
 /// Run `f` on tasks `0..n` (of `work` multiply-adds in all): on the [`super::team`] when there
 /// is enough work, else in order on this thread (no hand-off for work too small to split).
 fn for_tasks(n: usize, work: usize, f: impl Fn(usize) + Sync + Send) {
-    if work >= super::PAR_WORK {
+    if work >= TEAM_WORK {
         super::team::for_each(n, f);
     } else {
         (0..n).for_each(f);
@@ -2515,6 +2547,8 @@ mod tests {
             // rows split into unequal tiles (17 = 6 + 6 + 5; 15 = 8 + 7), both edges padded or not
             (1, 20, [3, 17], 20, 3, 1, 1, [1; 4], true),
             (1, 48, [5, 30], 48, 3, 2, 1, [0, 1, 1, 0], true),
+            // batch 1, a padded image large enough to be padded by row bands on the threads
+            (1, 32, [20, 19], 24, 3, 1, 1, [1, 2, 1, 0], false),
             // raster tiles of 8 at AVX-512 (fewer pixels computed than tiles of 10): a 4×4 map
             // at batch 1 (two full tiles), 12 pixels (a full tile and a partial one)
             (1, 32, [4, 4], 64, 3, 1, 1, [1; 4], false),
@@ -2710,6 +2744,8 @@ mod tests {
             (1, 64, 7, 64, 3, 1),
             (1, 128, 4, 128, 3, 1),
             (1, 256, 2, 256, 3, 1),
+            // ResNet-18/16 (Fashion-MNIST) layer1 at batch 1 (layers 3 and 4 are the two above)
+            (1, 16, 28, 16, 3, 1),
         ] {
             let name = format!("n={n} c={c} {hw}x{hw} m={m} k={k} s={st}");
             if std::env::var("TC_ONLY").is_ok_and(|f| !name.contains(&f)) {
@@ -2725,10 +2761,14 @@ mod tests {
             };
             let o = if k == 5 { hw - 4 } else { (hw - 1) / st + 1 };
             let macs = (n * o * o * m * c * k * k) as f64;
-            let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+            let threads = std::env::var("TC_THREADS")
+                .ok()
+                .and_then(|t| t.parse().ok())
+                .unwrap_or(1);
+            let one = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
             let best = one.install(|| {
                 let mut best = f64::MAX;
-                for _ in 0..if n == 1 { 200 } else { reps } {
+                for _ in 0..if n == 1 { 2000 } else { reps } {
                     let t = std::time::Instant::now();
                     let epi = Epilogue {
                         residual: None,
@@ -2742,7 +2782,7 @@ mod tests {
                 best
             });
             eprintln!(
-                "{name}: {:.3} ms, {:.1} GMAC/s ({})",
+                "{name}: {:.4} ms, {:.1} GMAC/s ({}, {threads} thread(s))",
                 best * 1e3,
                 macs / best / 1e9,
                 simd.name()
