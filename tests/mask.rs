@@ -486,10 +486,10 @@ fn refine_makes_exact_layers_lookups_over_smaller_codebooks() {
         m.refined[0].restored,
         "the refined model is the one kept"
     );
-    let choice = |n: &str| m.layers.iter().find(|d| d.layer == n).unwrap();
-    assert_eq!(choice("easy").chosen, "lut", "{}", choice("easy").why);
-    assert!(choice("easy").why.contains("codebooks of 1"), "{}", choice("easy").why);
-    assert_eq!(choice("hard").chosen, "exact", "{}", choice("hard").why);
+    let (easy, hard) = (choice_in(&m, "easy"), choice_in(&m, "hard"));
+    assert_eq!(easy.chosen, "lut", "{}", easy.why);
+    assert!(easy.why.contains("codebooks of 1"), "{}", easy.why);
+    assert_eq!(hard.chosen, "exact", "{}", hard.why);
     // the graph kept: `easy` as lookups over 1-value codebooks (8 of them), `hard` a MatMul,
     // and its logits as close to the exact model's as reported (the first 256 calibration
     // images, which mask measures on)

@@ -58,7 +58,7 @@ pub struct Options {
     pub samples: usize,
     /// Relearn the remaining tables after the choice (progressive calibration through it).
     pub relearn: bool,
-    /// Options for relearning (default: those the `lut` pass ran with).
+    /// Options for relearning and refining (default: those the `lut` pass ran with).
     pub lut: Option<super::lut::Options>,
     /// Restore layers whose lookups take longer than the exact layer (encoding counted, by
     /// `time_model`) before anything else: they lose accuracy and save nothing.
@@ -922,8 +922,7 @@ impl Mask {
             ));
             return Ok((None, Vec::new()));
         }
-        let mut order = walk.restored.clone();
-        order.sort_by(|&a, &b| decisions[b].ops_saved.cmp(&decisions[a].ops_saved).then(a.cmp(&b)));
+        let order = most_saved_first(walk.restored.clone(), decisions);
         let bar = crate::cli::progress(order.len(), "mask prune");
         let (mut model, mut kept) = (None, Vec::new());
         for i in order {
@@ -978,7 +977,7 @@ impl Mask {
             .map(|d| d.layer.clone())
             .collect();
         // the options the lut pass ran with, unless the pipeline gives others for relearning
-        let mut lut_opts = o.lut.clone().unwrap_or_else(|| record.options.clone());
+        let mut lut_opts = self.lut_options(record);
         lut_opts.keep_exact.extend(keep);
         let mut relearned = exact.clone();
         Lut(lut_opts).run(&mut relearned, cx)?;
@@ -995,6 +994,12 @@ impl Mask {
 }
 
 impl Mask {
+    /// The options of the `lut` pass a relearn or refine runs with: the pipeline's for the mask
+    /// pass when it gives them, else those of the `lut` run before it.
+    fn lut_options(&self, record: &LutLayers) -> super::lut::Options {
+        self.0.lut.clone().unwrap_or_else(|| record.options.clone())
+    }
+
     /// With `refine_subspace`: each layer left exact for its damage (not for speed, not by
     /// `keep_exact`), most operations saved first, fitted again by the `lut` pass alone — the
     /// other exact layers kept exact, codebooks of `refine_subspace` values — through the model
@@ -1012,20 +1017,20 @@ impl Mask {
         let o = &self.0;
         let s = o.refine_subspace;
         // the layers `decide_first` did not restore (by override or for speed)
-        let mut order: Vec<usize> = (0..decisions.len())
+        let left: Vec<usize> = (0..decisions.len())
             .filter(|&i| {
                 let d = &decisions[i];
                 let for_speed = o.restore_unprofitable && unprofitable(d.ops_saved, d.est_speedup);
                 d.chosen == "exact" && !for_speed && !named(&o.keep_exact, &d.layer, &luts[i])
             })
             .collect();
-        order.sort_by(|&a, &b| decisions[b].ops_saved.cmp(&decisions[a].ops_saved).then(a.cmp(&b)));
+        let order = most_saved_first(left, decisions);
         let bar = crate::cli::progress(order.len(), "mask refine");
         let mut points = Vec::new();
         for i in order {
             cx.check_cancel()?;
             bar.inc(1);
-            let mut opts = o.lut.clone().unwrap_or_else(|| record.options.clone());
+            let mut opts = self.lut_options(record);
             (opts.subspace, opts.fc_subspace, opts.token_subspace) = (s, s, s);
             // this layer alone: no global stage over every LUT layer
             opts.global_epochs = 0;
@@ -1046,6 +1051,9 @@ impl Mask {
                     .map(|(n, _)| n.to_string())
             });
             let Some(lut_name) = lut_name.filter(|n| trial.find(n).is_some()) else {
+                cx.say(&bar, || {
+                    format!("  mask: refine left {layer} exact: the lut pass kept it exact over codebooks of {s} (its options, e.g. min_macs)")
+                });
                 continue;
             };
             let (d, macs) = (decisions[i].shape[0], decisions[i].exact_macs);
@@ -1084,6 +1092,13 @@ impl Mask {
         bar.finish_and_clear();
         Ok((current, points))
     }
+}
+
+/// Layers `order` sorted by operations saved, most first (ties in graph order): the order
+/// prune and refine try them in.
+fn most_saved_first(mut order: Vec<usize>, decisions: &[LayerDecision]) -> Vec<usize> {
+    order.sort_by(|&a, &b| decisions[b].ops_saved.cmp(&decisions[a].ops_saved).then(a.cmp(&b)));
+    order
 }
 
 /// Whether lookups that save `ops_saved` operations and run `est_speedup` times as fast as the

@@ -239,9 +239,9 @@ impl Team {
             let start = Instant::now();
             while self.epoch.load(Ordering::Acquire) == seen {
                 if wanted && start.elapsed() < SPIN {
-                    // a few pauses between looks (about 0.1 µs on Zen 4): with 32, a helper
-                    // joined a batch-1 layer's two tasks late enough that ResNet-18/16 at two
-                    // threads took 3 % longer (0.385 -> 0.373 ms, min of alternating runs)
+                    // a few pauses between looks: with 32, a helper joined a batch-1 layer's
+                    // two tasks late enough that ResNet-18/16 at two threads took 3 % longer
+                    // (0.371-0.375 ms with 4, 0.385-0.387 with 32: minimums of alternating runs)
                     for _ in 0..4 {
                         std::hint::spin_loop();
                     }
