@@ -214,3 +214,53 @@ fn snapshot_after_lut_pass() {
     // table contents depend on floating-point details of the machine; the structure must not
     insta::assert_snapshot!("lenet5_after_lut", dump_without_hashes(&g));
 }
+
+/// `layers` entries set single layers' encoder and codebook size: the last entry whose name
+/// matches a layer is the one applied (whole: an entry without `subspace` leaves the pass's),
+/// the other layers keep the pass's settings; a codebook of 0 values is refused.
+#[test]
+fn per_layer_settings_override_the_pass_options() {
+    let compile = |layers: &str| {
+        let mut g = tabconv::onnx::load_model(&fixture("models/lenet5.onnx")).unwrap();
+        let text = format!(
+            "name: t\npasses:\n  - fold-batchnorm:\n  - gemm-to-matmul:\n  - conv-to-im2col:\n  - constant-fold:\n  - lut:\n      encoder: argmin\n      max_rows: 2048\n      learn: none\n      layers:\n{layers}  - dead-code:\n"
+        );
+        let p = Pipeline::parse(&text, "t").unwrap();
+        let calib = npy("data/mnist_calib.npy");
+        let calib = calib.slice(ndarray::s![..256, .., .., ..]).to_owned().into_dyn();
+        let mut cx = PassCx {
+            calib: Some(calib),
+            ..Default::default()
+        };
+        run_pipeline(&mut g, &p, &mut cx, |_, _| Ok(())).map(|_| g)
+    };
+    let g = compile(
+        "        - {name: '/conv2/*', encoder: argmin, subspace: 2}\n        - {name: '/conv2/*', encoder: tree}\n        - {name: '/fc2/Gemm/matmul', subspace: 3}\n",
+    )
+    .unwrap();
+    let mut encoders: Vec<(String, tabconv::ir::op::Encoder, usize)> = g
+        .topo_order()
+        .unwrap()
+        .into_iter()
+        .filter_map(|n| match &g.node(n).op {
+            Op::PqEncode(e) => Some((g.node(n).name.clone(), e.encoder, e.subspace)),
+            _ => None,
+        })
+        .collect();
+    encoders.sort_by(|a, b| a.0.cmp(&b.0));
+    use tabconv::ir::op::Encoder::{Argmin, Tree};
+    let want = [
+        ("/conv1/Conv/matmul/pq_encode", Argmin, 5),
+        ("/conv2/Conv/matmul/pq_encode", Tree, 5),
+        ("/fc1/Gemm/matmul/pq_encode", Argmin, 4),
+        ("/fc2/Gemm/matmul/pq_encode", Argmin, 3),
+        ("/fc3/Gemm/matmul/pq_encode", Argmin, 4),
+    ];
+    let want: Vec<_> = want.iter().map(|(n, e, s)| (n.to_string(), *e, *s)).collect();
+    assert_eq!(encoders, want);
+    let e = compile("        - {name: '/fc2/*', subspace: 0}\n").unwrap_err();
+    assert!(
+        e.to_string().contains("subspace 0") && e.to_string().contains("/fc2/*"),
+        "{e}"
+    );
+}

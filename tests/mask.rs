@@ -544,13 +544,28 @@ fn refine_makes_exact_layers_lookups_over_smaller_codebooks() {
     // left in the pass context
     let (g, cx, _) = approximated();
     let relearn = "      min_logit_cosine: 0.95\n      relearn: true\n      restore_unprofitable: false\n      refine_subspace: 1\n";
-    let (_, m, _) = mask_only(&g, cx, (val_x.clone(), labels.clone()), relearn);
+    let (out, m, _) = mask_only(&g, cx, (val_x.clone(), labels.clone()), relearn);
     let restored: Vec<_> = m.path.iter().filter_map(|p| p.restored.clone()).collect();
     assert_eq!(restored, ["hard"], "{:?}", m.path);
     assert!(m.final_point.is_some(), "relearning kept");
-    assert_eq!(m.refined.len(), 1, "{:?}", m.refined);
     assert_eq!(choice_in(&m, "hard").chosen, "lut", "{}", choice_in(&m, "hard").why);
     assert_eq!(choice_in(&m, "hard").lut_cost.lookups, 8 * 4);
+    // then every LUT layer relearned through the final mix, `hard` still over 1-value
+    // codebooks (the refine's choice passed on to the lut pass), kept: it is better here
+    let steps: Vec<_> = m.refined.iter().map(|p| p.restored.clone().unwrap()).collect();
+    assert_eq!(
+        steps,
+        ["hard as lookups over codebooks of 1", "(relearned after refining)"]
+    );
+    assert!(m.refined[1].logit_cosine > m.refined[0].logit_cosine, "{:?}", m.refined);
+    let subspaces: Vec<usize> = ["easy/pq_encode", "hard/pq_encode"]
+        .iter()
+        .map(|n| match &out.node(out.find(n).unwrap()).op {
+            Op::PqEncode(e) => e.subspace,
+            op => panic!("{op:?}"),
+        })
+        .collect();
+    assert_eq!(subspaces, [4, 1]);
     // `easy` kept exact by the options (restored before the path, leaving its node without
     // facts): `hard`, fitted after it, is still refined
     let (g, cx, _) = approximated();
@@ -568,4 +583,89 @@ fn refine_makes_exact_layers_lookups_over_smaller_codebooks() {
 
 fn choice_in<'a>(m: &'a tabconv::passes::mask::MaskReport, layer: &str) -> &'a tabconv::passes::mask::LayerDecision {
     m.layers.iter().find(|d| d.layer == layer).unwrap()
+}
+
+/// `refine_encoder` fits the layers left as argmin lookups again with the hash-tree encoder
+/// (comparisons instead of multiply-adds) and keeps each whose model still meets the target:
+/// under a loose target both become tree lookups, each step removing more arithmetic; under a
+/// target between the two steps' logit cosines only `easy` (tried first: the same encoding
+/// work, graph order) does; when the time model prices the trees slower, or without the
+/// option, both stay argmin.
+#[test]
+fn refine_makes_argmin_lookups_tree_lookups_where_the_target_holds() {
+    use tabconv::ir::op::Encoder::{Argmin, Tree};
+    let encoders = |g: &Graph| -> Vec<tabconv::ir::op::Encoder> {
+        ["easy/pq_encode", "hard/pq_encode"]
+            .iter()
+            .map(|n| match &g.node(g.find(n).expect("an encoder")).op {
+                Op::PqEncode(e) => e.encoder,
+                op => panic!("{n}: {op:?}"),
+            })
+            .collect()
+    };
+    let (g, cx, calib) = approximated();
+    let val_x = calib.slice(ndarray::s![..500, ..]).to_owned().into_dyn();
+    let labels = predictions(&with_exact(&g, &cx, &["easy", "hard"]), &val_x);
+    let options = "      relearn: false\n      restore_unprofitable: false\n";
+    let refine = format!("{options}      refine_encoder: true\n");
+    let (out, m, _) = mask_only(
+        &g,
+        cx,
+        (val_x.clone(), labels.clone()),
+        &format!("      min_logit_cosine: 0.5\n{refine}"),
+    );
+    let steps: Vec<_> = m.refined.iter().map(|p| p.restored.clone().unwrap()).collect();
+    assert_eq!(
+        steps,
+        [
+            "easy as lookups with the tree encoder",
+            "hard as lookups with the tree encoder"
+        ]
+    );
+    assert_eq!(encoders(&out), [Tree, Tree]);
+    let start = &m.path[m.chosen_point];
+    let (c1, c2) = (m.refined[0].logit_cosine, m.refined[1].logit_cosine);
+    let r = |p: &tabconv::passes::mask::PathPoint| p.reduction_everything_counted;
+    assert!(
+        r(start) < r(&m.refined[0]) && r(&m.refined[0]) < r(&m.refined[1]),
+        "{m:?}"
+    );
+    for l in ["easy", "hard"] {
+        let d = choice_in(&m, l);
+        assert_eq!((d.chosen, d.lut_cost.encode_macs), ("lut", 0), "{d:?}");
+        assert!(
+            d.lut_cost.encode_compares > 0 && d.why.contains("tree encoder"),
+            "{d:?}"
+        );
+    }
+    // a target the first step meets and the second does not
+    assert!(c2 < c1 && c1 < start.logit_cosine, "{c1} {c2} {start:?}");
+    let (g, cx, _) = approximated();
+    let mid = format!("      min_logit_cosine: {}\n{refine}", (c1 + c2) / 2.0);
+    let (out, m, _) = mask_only(&g, cx, (val_x.clone(), labels.clone()), &mid);
+    assert_eq!(m.refined.len(), 1, "{:?}", m.refined);
+    assert_eq!(m.refined[0].logit_cosine, c1, "the same fit as above");
+    assert_eq!(encoders(&out), [Tree, Argmin]);
+    let hard = choice_in(&m, "hard");
+    assert!(
+        hard.lut_cost.encode_macs > 0 && !hard.why.contains("refine"),
+        "{hard:?}"
+    );
+    // a time model that prices the trees' comparisons (gathered rows here) above the argmin
+    // encoders' multiply-adds: no layer is made slower
+    let (g, cx, _) = approximated();
+    let slow = format!("      min_logit_cosine: 0.5\n{refine}      time_model:\n        compare: 1000\n");
+    let (out, m, _) = mask_only(&g, cx, (val_x.clone(), labels.clone()), &slow);
+    assert!(m.refined.is_empty(), "{:?}", m.refined);
+    assert_eq!(encoders(&out), [Argmin, Argmin]);
+    // off by default
+    let (g, cx, _) = approximated();
+    let (out, m, _) = mask_only(
+        &g,
+        cx,
+        (val_x, labels),
+        &format!("      min_logit_cosine: 0.5\n{options}"),
+    );
+    assert!(m.refined.is_empty());
+    assert_eq!(encoders(&out), [Argmin, Argmin]);
 }

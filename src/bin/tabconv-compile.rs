@@ -280,7 +280,7 @@ fn print_summary(done: &Compiled) {
         }
         if let Some(r) = m.refined.last() {
             eprintln!(
-                "  after refining ({} exact layer(s) made lookups over smaller codebooks): reduction {:.1}%, {}",
+                "  after refining ({} layer(s) refitted: tree encoders, smaller codebooks): reduction {:.1}%, {}",
                 m.refined.len(),
                 pct(r),
                 measures(r)

@@ -81,6 +81,11 @@ pub struct Options {
     pub min_macs: u64,
     /// Layers (MatMul node names, `*` wildcards allowed) to leave exact.
     pub keep_exact: Vec<String>,
+    /// Per-layer settings over the ones above: for each layer, the last entry whose `name`
+    /// matches it (`*` wildcards allowed) sets its encoder and/or values per codebook. The
+    /// `mask` pass's refine steps record their per-layer choices here, so a later run of the
+    /// pass (relearning) fits each layer as it was chosen.
+    pub layers: Vec<LayerOverride>,
     /// After fitting, learn codebooks and tables by gradient descent (`calib::learn`):
     /// `none`, `layer` (reconstruct the layer's output) or `block` (reconstruct the activation
     /// at the end of its block: after the bias, ReLU/Clip and residual Add that follow).
@@ -112,6 +117,36 @@ pub struct Options {
     pub global_images: usize,
 }
 
+/// One entry of [`Options::layers`].
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LayerOverride {
+    /// MatMul node name, `*` wildcards allowed.
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encoder: Option<EncoderChoice>,
+    /// Values per codebook for this layer, whatever its kind (conv, fully connected, tokens).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subspace: Option<usize>,
+}
+
+impl Options {
+    /// The options `layer` (a MatMul node name) is fitted with: these, with the last matching
+    /// entry of `layers` applied.
+    pub fn for_layer(&self, layer: &str) -> Options {
+        let mut o = self.clone();
+        if let Some(l) = self.layers.iter().rev().find(|l| super::glob_match(&l.name, layer)) {
+            if let Some(e) = l.encoder {
+                o.encoder = e;
+            }
+            if let Some(s) = l.subspace {
+                (o.subspace, o.fc_subspace, o.token_subspace) = (s, s, s);
+            }
+        }
+        o
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LearnMode {
@@ -138,6 +173,7 @@ impl Default for Options {
             progressive: true,
             min_macs: 0,
             keep_exact: Vec::new(),
+            layers: Vec::new(),
             learn: LearnMode::Block,
             epochs: 6,
             patience: 2,
@@ -696,8 +732,9 @@ impl Pass for Lut {
             let mut rng = Rng::derive(cx.seed, &[li as u64, 1]);
             let sample = Sample::new(&mut rng, n_images, layer.rows_per_image, o.max_rows);
             let source = if o.progressive { &*graph } else { &exact };
-            let data = gather(source, &exact, &layer, o, &calib, &sample)?;
-            let mut fitted = fit_layer(&layer, data, o, cx, li, start)?;
+            let lo = o.for_layer(&layer.name);
+            let data = gather(source, &exact, &layer, &lo, &calib, &sample)?;
+            let mut fitted = fit_layer(&layer, data, &lo, cx, li, start)?;
             let r = &mut fitted.report;
             r.seconds = start.elapsed().as_secs_f64();
             let report = r.clone();
@@ -760,10 +797,20 @@ impl Pass for Lut {
 }
 
 fn check_options(o: &Options) -> Result<()> {
-    if !(2..=256).contains(&o.k) || (o.encoder != EncoderChoice::Argmin && !o.k.is_power_of_two()) {
+    let tree_somewhere = o.encoder != EncoderChoice::Argmin
+        || o.layers
+            .iter()
+            .any(|l| l.encoder.is_some_and(|e| e != EncoderChoice::Argmin));
+    if !(2..=256).contains(&o.k) || (tree_somewhere && !o.k.is_power_of_two()) {
         return Err(Error::Input(format!(
             "lut.k = {}: must be 2..=256 (a power of two for the tree encoder)",
             o.k
+        )));
+    }
+    if let Some(l) = o.layers.iter().find(|l| l.subspace == Some(0)) {
+        return Err(Error::Input(format!(
+            "lut.layers: the entry for {:?} sets subspace 0: give at least 1 value per codebook",
+            l.name
         )));
     }
     if o.max_rows == 0 || o.fc_subspace == 0 || !o.ridge.is_finite() || o.ridge < 0.0 {

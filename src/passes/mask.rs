@@ -18,7 +18,10 @@
 //! operations saved first) and left so when the target still holds. With `relearn` the lookup
 //! tables of the layers that stay approximated are then learned again with progressive
 //! calibration through the chosen mix of exact and approximated layers; the relearned model is
-//! kept (and reported as `final_point`) unless it is worse on the target's metric.
+//! kept (and reported as `final_point`) unless it is worse on the target's metric. Then, when
+//! asked, refine steps fit single layers again through the model as it stands and keep each
+//! change that leaves the target met: `refine_encoder` (argmin lookups → hash-tree lookups),
+//! then `refine_subspace` (exact layers → lookups over smaller codebooks).
 //! `keep_exact` / `force_lut` (node names, `*` wildcards) override the choice.
 //! `max_accuracy_drop`, `target_reduction` or `max_expected_drop`, when given, take precedence
 //! over `min_logit_cosine` (the default pipeline's target).
@@ -75,6 +78,12 @@ pub struct Options {
     /// still holds (and, with `restore_unprofitable`, its lookups would not run slower than the
     /// exact layer). One `lut` fit and one measure per layer tried.
     pub refine_subspace: usize,
+    /// After the rest, before `refine_subspace`: each layer left as argmin lookups, most
+    /// encoding operations first, fitted again with the hash-tree encoder (a few comparisons per
+    /// codebook and row instead of `K·S` multiply-adds) through the model as it stands, and kept
+    /// so when the target still holds and `time_model` prices the new lookups no slower. One
+    /// `lut` fit and one measure per layer tried.
+    pub refine_encoder: bool,
     /// Cost of one encoding multiply-add, comparison, lookup-add and output value of the
     /// lookups relative to one exact multiply-add, used by `restore_unprofitable`.
     pub time_model: TimeModel,
@@ -86,10 +95,17 @@ pub struct Options {
 /// ≈ 40 G/s (its comparisons included; it fills 16 channels per vector, so a layer of `C`
 /// channels pays for `⌈C/16⌉·16`), the int8 channel-lane encoder about twice that, argmin encoders that gather their rows (fully connected
 /// layers, codebooks spanning channels) ≈ 8 G/s, hash-tree comparisons ≈ 2 G/s (one gather
-/// per comparison) where rows are gathered (fully connected layers) and ≈ 8 G/s in the
-/// pixel-lane kernel of convolutions (planar copies of the input, one load per 16 pixels;
-/// 13–40 exact multiply-adds per comparison measured on NIN's layers, the low end for wide
-/// windows, the high end for 1×1 convolutions, whose planar copy weighs more), int8 lookup-adds
+/// per comparison) where rows are gathered (fully connected layers) and ≈ 3.7 G/s per filled
+/// lane in the pixel-lane kernel of convolutions (planar copies of the input, one load per 16
+/// pixels of an output row, so a row of `ow < 16` pixels pays `16/ow` times that: 29–30 exact
+/// multiply-adds per comparison and filled lane measured on the 3×3 stride-1 layers of
+/// ResNet-18 w64 (7-, 4- and 2-pixel-wide maps) and of the ResNet-18/16 (32, 16, 8 and 4
+/// pixels wide) (`tabconv bench --profile`, batch 64), 48–60 on 1-pixel maps; NIN's 5×5 layers
+/// on wider maps measured 13, its 1×1 layers 40, so wide windows are priced high: the model
+/// leans towards the exact layer there. Strided convolutions copy `stride_h · stride_w` input
+/// pixels per output pixel into the planar layout, with a scalar scatter: priced at that many
+/// times a comparison, measured 4.4–8 times on the ResNet-18/16's 3×3 stride-2 layers and 57
+/// times on its 1×1 stride-2 shortcuts (priced low there)), int8 lookup-adds
 /// ≈ 250 G/s in the VNNI kernel plus ≈ 0.4 ns per output value (fitted on NIN's layers, from
 /// 5 to 160 codebooks: a layer of few codebooks is dominated by its outputs; ≈ 115 G/s overall
 /// in ResNet-18 w64 at batch 64; the AVX-512BW kernel without VNNI, ≈ 70 G/s, is not priced),
@@ -110,7 +126,9 @@ pub struct TimeModel {
     pub encode_mac_gather: f64,
     /// A hash-tree comparison of an encoder that gathers its rows.
     pub compare: f64,
-    /// A hash-tree comparison in the pixel-lane kernel of convolutions.
+    /// A hash-tree comparison in the pixel-lane kernel of convolutions, per filled lane at
+    /// stride 1: output rows narrower than 16 pixels pay for the empty lanes too, strided
+    /// convolutions `stride_h · stride_w` times as much (see [`TimeModel::time`]).
     pub compare_conv: f64,
     pub lookup: f64,
     /// A lookup-add with more than 16 prototypes per codebook (K = 256: 256-entry tables, the
@@ -127,7 +145,7 @@ impl Default for TimeModel {
             encode_mac_i8: 1.3,
             encode_mac_gather: 14.0,
             compare: 55.0,
-            compare_conv: 16.0,
+            compare_conv: 30.0,
             lookup: 0.45,
             lookup_k256: 3.3,
             output: 40.0,
@@ -135,14 +153,19 @@ impl Default for TimeModel {
     }
 }
 
+/// Lanes of the pixel-lane tree kernel the time model prices (AVX-512: 16 pixels per vector).
+const LANES: usize = 16;
+
 impl TimeModel {
     /// Estimated time of `c` in exact multiply-adds. An argmin encoder's comparisons are part of
     /// its per-multiply-add rate; `compare_conv` (convolutions) and `compare` (gathered rows)
     /// price the hash tree's; `lookup` (`lookup_k256` for more than 16 prototypes) prices a
     /// lookup-add and `output` each output value the lookups produce (packing, the sums'
     /// transpose, the epilogue: these dominate layers of few codebooks). `enc` is the layer's
-    /// encoder, `d` its row length and `k` its prototypes per codebook.
-    pub fn time(&self, c: &cost::Cost, enc: &PqEncode, d: usize, k: usize) -> f64 {
+    /// encoder, `d` its row length, `k` its prototypes per codebook and `ow` the width of a
+    /// convolution's output rows when known: the pixel-lane tree kernel fills one 16-lane vector
+    /// per 16 pixels of an output row, so rows narrower than 16 pay for the empty lanes.
+    pub fn time(&self, c: &cost::Cost, enc: &PqEncode, d: usize, k: usize, ow: Option<usize>) -> f64 {
         let compares = if c.encode_macs > 0 {
             0.0
         } else {
@@ -151,8 +174,10 @@ impl TimeModel {
         let codebooks = d.div_ceil(enc.subspace.max(1)).max(1) as f64;
         c.exact_macs as f64
             + self.encode_mac_rate(enc, d) * c.encode_macs as f64
-            + if enc.window.is_some() {
-                self.compare_conv
+            + if let Some(w) = &enc.window {
+                let ow = ow.unwrap_or(LANES).max(1);
+                let stride = (w.strides[0] * w.strides[1]).max(1) as f64;
+                self.compare_conv * stride * (ow.div_ceil(LANES) * LANES) as f64 / ow as f64
             } else {
                 self.compare
             } * compares
@@ -197,6 +222,7 @@ impl Default for Options {
             restore_unprofitable: true,
             prune: true,
             refine_subspace: 0,
+            refine_encoder: false,
             time_model: TimeModel::default(),
         }
     }
@@ -258,14 +284,18 @@ pub struct MaskReport {
     /// The model after relearning its tables, when it was kept (it replaced the chosen point).
     /// `None` without relearning or when relearning did not help (the chosen point was kept).
     pub final_point: Option<PathPoint>,
-    /// With `refine_subspace`: a point per exact layer made lookups over the smaller codebooks
-    /// (each meeting the target), in order; the last is the model kept.
+    /// With `refine_encoder` / `refine_subspace`: a point per layer refitted (argmin lookups made
+    /// tree lookups, exact layers made lookups over smaller codebooks), each meeting the target,
+    /// in order, then (with `relearn`, when it is kept: no worse, target met) one for the model
+    /// relearned through the final mix, `restored` "(relearned after refining)"; the last is
+    /// the model kept.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub refined: Vec<PathPoint>,
 }
 
 impl MaskReport {
-    /// The point of the model kept: the last layer refined, else the relearned model when
+    /// The point of the model kept: the last refine step (a layer refined, or the model
+    /// relearned after them), else the relearned model when
     /// reported, else the last layer prune put back as lookups, else the walk's choice.
     pub fn kept(&self) -> &PathPoint {
         self.refined
@@ -684,15 +714,22 @@ impl Mask {
         bar.finish_and_clear();
         let (pruned_graph, pruned) = self.prune(graph, cx, record, &luts, &meter, &mut decisions, &walk)?;
         let chosen = pruned.last().unwrap_or(&walk.path[walk.chosen_point]);
-        let (current, final_point) = match self.relearn(&exact, chosen, &decisions, record, &meter, cx)? {
+        let (current, final_point) = match self.relearn(&exact, chosen, &decisions, record, &meter, cx, &[])? {
             Some((relearned, p)) => (relearned, Some(p)),
             None => (pruned_graph.unwrap_or(walk.graph), None),
         };
         let kept = final_point.as_ref().unwrap_or(chosen);
-        let (current, refined) = match o.refine_subspace > 0 && meter.met(kept) {
+        let (mut current, mut refined, choices) = match (o.refine_encoder || o.refine_subspace > 0) && meter.met(kept) {
             true => self.refine(current, &luts, &mut decisions, record, &meter, cx)?,
-            false => (current, Vec::new()),
+            false => (current, Vec::new(), Vec::new()),
         };
+        if let Some(last) = refined.last().cloned() {
+            // the refined layers' new lookups were fitted through the others as they stood;
+            // relearn all of them through the final mix
+            if let Some((g, p)) = self.relearn(&exact, &last, &decisions, record, &meter, cx, &choices)? {
+                (current, _) = (g, refined.push(p));
+            }
+        }
         *graph = current;
         cx.mask = Some(MaskReport {
             metric: meter.goal.metric().into(),
@@ -956,8 +993,10 @@ impl Mask {
 
     /// With `relearn`: the tables of the layers left as lookups learned again through the
     /// chosen mix of exact and LUT layers (the `lut` pass re-run on the exact model with the
-    /// restored layers kept exact), and its point — unless it is worse than the `chosen` point
-    /// on the target's metric (then `None` and a note: the greedy result stays).
+    /// restored layers kept exact, the layers in `refined` fitted as the refine steps chose),
+    /// and its point — unless it is worse than the `chosen` point on the target's metric, or
+    /// after refining misses the target (then `None` and a note: the model before it stays).
+    #[allow(clippy::too_many_arguments)]
     fn relearn(
         &self,
         exact: &Graph,
@@ -966,6 +1005,7 @@ impl Mask {
         record: &LutLayers,
         meter: &Meter,
         cx: &mut PassCx,
+        refined: &[super::lut::LayerOverride],
     ) -> Result<Option<(Graph, PathPoint)>> {
         let o = &self.0;
         if !o.relearn {
@@ -979,15 +1019,29 @@ impl Mask {
         // the options the lut pass ran with, unless the pipeline gives others for relearning
         let mut lut_opts = self.lut_options(record);
         lut_opts.keep_exact.extend(keep);
+        lut_opts.layers.extend(refined.iter().cloned());
         let mut relearned = exact.clone();
+        // (a relearn after refining leaves its record in the context; `run` restores the first)
         Lut(lut_opts).run(&mut relearned, cx)?;
-        let p = meter.measure(&relearned, Some("(relearned)".into()))?;
-        if meter.quality(&p) >= meter.quality(chosen) {
+        let label = if refined.is_empty() {
+            "(relearned)"
+        } else {
+            "(relearned after refining)"
+        };
+        let p = meter.measure(&relearned, Some(label.into()))?;
+        // after refining, the relearned model must also meet the target (the refined one does)
+        if meter.quality(&p) >= meter.quality(chosen) && (refined.is_empty() || meter.met(&p)) {
             return Ok(Some((relearned, p)));
         }
         let (now, was) = meter.goal.compare(&p, chosen);
+        let kept = if refined.is_empty() {
+            "the greedy result"
+        } else {
+            "the refined model"
+        };
         cx.notes.push(format!(
-            "mask: relearning the tables did not help ({now} {was}); kept the greedy result"
+            "mask: relearning the tables{} did not help ({now} {was}); kept {kept}",
+            if refined.is_empty() { "" } else { " after refining" }
         ));
         Ok(None)
     }
@@ -1000,11 +1054,14 @@ impl Mask {
         self.0.lut.clone().unwrap_or_else(|| record.options.clone())
     }
 
-    /// With `refine_subspace`: each layer left exact for its damage (not for speed, not by
-    /// `keep_exact`), most operations saved first, fitted again by the `lut` pass alone — the
-    /// other exact layers kept exact, codebooks of `refine_subspace` values — through the model
-    /// as it stands, and kept as lookups when the target still holds and (with
-    /// `restore_unprofitable`) `time_model` does not price its lookups above the exact layer.
+    /// With `refine_encoder`: each layer left as argmin lookups, most encoding operations
+    /// first, fitted again by the `lut` pass alone with the hash-tree encoder (comparisons only)
+    /// through the model as it stands, and kept so when the target still holds and `time_model`
+    /// does not price the new lookups slower than the old. Then, with `refine_subspace`: each
+    /// layer left exact for its damage (not for speed, not by `keep_exact`), most operations
+    /// saved first, fitted again over codebooks of `refine_subspace` values, and kept as
+    /// lookups when the target still holds and (with `restore_unprofitable`) `time_model` does
+    /// not price them above the exact layer. One `lut` fit and one measure per layer tried.
     fn refine(
         &self,
         mut current: Graph,
@@ -1013,84 +1070,205 @@ impl Mask {
         record: &LutLayers,
         meter: &Meter,
         cx: &mut PassCx,
-    ) -> Result<(Graph, Vec<PathPoint>)> {
+    ) -> Result<(Graph, Vec<PathPoint>, Vec<super::lut::LayerOverride>)> {
         let o = &self.0;
-        let s = o.refine_subspace;
-        // the layers `decide_first` did not restore (by override or for speed)
-        let left: Vec<usize> = (0..decisions.len())
-            .filter(|&i| {
-                let d = &decisions[i];
-                let for_speed = o.restore_unprofitable && unprofitable(d.ops_saved, d.est_speedup);
-                d.chosen == "exact" && !for_speed && !named(&o.keep_exact, &d.layer, &luts[i])
+        // the record of the model as it stands: relearning's when it ran, else the lut pass's
+        let relearned = cx.analyses.lut.take();
+        let mut lut_names: Vec<Option<String>> = decisions
+            .iter()
+            .map(|d| {
+                let of = |r: &LutLayers| {
+                    r.layers()
+                        .find(|(n, ex)| ex.matmul == d.layer && current.find(n).is_some())
+                        .map(|(n, _)| n.to_string())
+                };
+                relearned.as_ref().and_then(of).or_else(|| of(record))
             })
             .collect();
-        let order = most_saved_first(left, decisions);
-        let bar = crate::cli::progress(order.len(), "mask refine");
-        let mut points = Vec::new();
-        for i in order {
-            cx.check_cancel()?;
+        let mut exact_of: std::collections::BTreeMap<String, ExactLayer> = std::collections::BTreeMap::new();
+        for (n, ex) in record.layers().chain(relearned.iter().flat_map(|r| r.layers())) {
+            exact_of.insert(n.to_string(), ex.clone());
+        }
+        let mut trials: Vec<(usize, Variant)> = Vec::new();
+        if o.refine_encoder {
+            // the argmin LUT layers, most encoding operations first
+            let mut argmin: Vec<usize> = (0..decisions.len())
+                .filter(|&i| decisions[i].chosen == "lut" && decisions[i].lut_cost.encode_macs > 0)
+                .filter(|&i| lut_names[i].is_some())
+                .collect();
+            argmin.sort_by(|&a, &b| {
+                let e = |i: usize| decisions[i].lut_cost.encode_macs;
+                e(b).cmp(&e(a)).then(a.cmp(&b))
+            });
+            trials.extend(argmin.into_iter().map(|i| (i, Variant::Tree)));
+        }
+        if o.refine_subspace > 0 {
+            // the layers left exact for their damage: not by `decide_first` (by override or for
+            // speed); the encoder trials above leave exact layers as they are
+            let left: Vec<usize> = (0..decisions.len())
+                .filter(|&i| {
+                    let d = &decisions[i];
+                    let for_speed = o.restore_unprofitable && unprofitable(d.ops_saved, d.est_speedup);
+                    d.chosen == "exact" && !for_speed && !named(&o.keep_exact, &d.layer, &luts[i])
+                })
+                .collect();
+            let order = most_saved_first(left, decisions);
+            trials.extend(order.into_iter().map(|i| (i, Variant::Subspace(o.refine_subspace))));
+        }
+        let (mut points, mut choices) = (Vec::new(), Vec::new());
+        let bar = crate::cli::progress(trials.len(), "mask refine");
+        for (i, v) in trials {
             bar.inc(1);
-            let mut opts = self.lut_options(record);
-            (opts.subspace, opts.fc_subspace, opts.token_subspace) = (s, s, s);
-            // this layer alone: no global stage over every LUT layer
-            opts.global_epochs = 0;
-            let layer = decisions[i].layer.clone();
-            let others = decisions.iter().filter(|d| d.chosen == "exact" && d.layer != layer);
-            opts.keep_exact.extend(others.map(|d| d.layer.clone()));
-            let mut trial = current.clone();
-            // (restores leave their nodes without facts; the lut pass reads the layers' shapes)
-            crate::ir::infer::infer_graph(&mut trial)?;
-            // the record this run makes names the layer's new lookups (relearning may have left
-            // one behind; the first run's, set aside by `run`, stays the report's)
-            cx.analyses.lut = None;
-            Lut(opts).run(&mut trial, cx)?;
-            let fitted = cx.analyses.lut.take();
-            let lut_name = fitted.as_ref().and_then(|r| {
-                r.layers()
-                    .find(|(_, ex)| ex.matmul == layer)
-                    .map(|(n, _)| n.to_string())
-            });
-            let Some(lut_name) = lut_name.filter(|n| trial.find(n).is_some()) else {
-                cx.say(&bar, || {
-                    format!("  mask: refine left {layer} exact: the lut pass kept it exact over codebooks of {s} (its options, e.g. min_macs)")
-                });
-                continue;
-            };
-            let (d, macs) = (decisions[i].shape[0], decisions[i].exact_macs);
-            let (cost, est) = layer_cost(&trial, &lut_name, &o.time_model, d, macs)?;
-            let ops_saved = 2 * macs as i64 - cost.ops_all() as i64;
-            if o.restore_unprofitable && unprofitable(ops_saved, est) {
-                cx.say(&bar, || {
-                    format!("  mask: refine left {layer} exact: over codebooks of {s} its lookups would not pay ({ops_saved} operations saved, {:.2}x its time)", 1.0 / est)
-                });
-                continue;
+            if let Some((g, p, name)) = self.try_variant(
+                &current, i, v, &lut_names, &exact_of, decisions, record, meter, cx, &bar,
+            )? {
+                (current, lut_names[i]) = (g, Some(name));
+                points.push(p);
+                choices.push(v.layer_override(&decisions[i].layer));
             }
-            let point = meter.measure(&trial, Some(format!("{layer} as lookups over codebooks of {s}")))?;
-            if !meter.met(&point) {
-                cx.say(&bar, || {
-                    format!("  mask: refine left {layer} exact: over codebooks of {s} the target is not met (logit cosine {:.5})", point.logit_cosine)
-                });
-                continue;
-            }
-            cx.say(&bar, || {
-                format!(
-                    "  mask: refine made {layer} lookups over codebooks of {s}: logit cosine {:.5}, {:.1} % removed",
-                    point.logit_cosine,
-                    100.0 * point.reduction_everything_counted
-                )
-            });
-            let d = &mut decisions[i];
-            d.chosen = "lut";
-            d.why = format!(
-                "kept as LUT over codebooks of {s} by refine, the target still met ({})",
-                d.why
-            );
-            (d.lut_cost, d.est_speedup, d.ops_saved) = (cost, est, ops_saved);
-            points.push(point);
-            current = trial;
         }
         bar.finish_and_clear();
-        Ok((current, points))
+        Ok((current, points, choices))
+    }
+
+    /// One refine trial: layer `i` of `current` (exact, or lookups `lut_names[i]`, put back
+    /// exact first) fitted again by the `lut` pass alone as `v` says, the other exact layers
+    /// kept exact. Returns the model, its point and the layer's new `LutMatMul` name when it is
+    /// kept (the decision updated), `None` (and a line saying why) when not.
+    #[allow(clippy::too_many_arguments)]
+    fn try_variant(
+        &self,
+        current: &Graph,
+        i: usize,
+        v: Variant,
+        lut_names: &[Option<String>],
+        exact_of: &std::collections::BTreeMap<String, ExactLayer>,
+        decisions: &mut [LayerDecision],
+        record: &LutLayers,
+        meter: &Meter,
+        cx: &mut PassCx,
+        bar: &indicatif::ProgressBar,
+    ) -> Result<Option<(Graph, PathPoint, String)>> {
+        cx.check_cancel()?;
+        let o = &self.0;
+        let layer = decisions[i].layer.clone();
+        let was_lut = decisions[i].chosen == "lut";
+        let mut opts = self.lut_options(record);
+        opts.layers.push(v.layer_override(&layer));
+        // this layer alone: no global stage over every LUT layer
+        opts.global_epochs = 0;
+        let others = decisions.iter().filter(|d| d.chosen == "exact" && d.layer != layer);
+        opts.keep_exact.extend(others.map(|d| d.layer.clone()));
+        let what = v.describe();
+        let (d, macs) = (decisions[i].shape[0], decisions[i].exact_macs);
+        let old_est = decisions[i].est_speedup;
+        if let (Variant::Tree, Some(name)) = (v, lut_names[i].as_deref().filter(|_| was_lut)) {
+            // priced before fitting: a tree the time model calls slower is not fitted at all
+            let (_, est) = layer_cost_as(current, name, &o.time_model, d, macs, true)?;
+            if est < old_est {
+                cx.say(bar, || slower_line(&layer, &what, est, old_est));
+                return Ok(None);
+            }
+        }
+        let mut trial = current.clone();
+        if was_lut {
+            let name = lut_names[i].as_deref().expect("a LUT layer's name is known");
+            let ex = exact_of
+                .get(name)
+                .ok_or_else(|| Error::Other(format!("{name}: no exact layer recorded")))?;
+            restore(&mut trial, name, ex)?;
+        }
+        // (restores leave their nodes without facts; the lut pass reads the layers' shapes)
+        crate::ir::infer::infer_graph(&mut trial)?;
+        // the record this run makes names the layer's new lookups (the first run's, set aside
+        // by `run`, stays the report's)
+        cx.analyses.lut = None;
+        Lut(opts).run(&mut trial, cx)?;
+        let fitted = cx.analyses.lut.take();
+        let lut_name = fitted.as_ref().and_then(|r| {
+            r.layers()
+                .find(|(_, ex)| ex.matmul == layer)
+                .map(|(n, _)| n.to_string())
+        });
+        let Some(lut_name) = lut_name.filter(|n| trial.find(n).is_some()) else {
+            cx.say(bar, || {
+                format!("  mask: refine left {layer} as it was: the lut pass kept it exact {what} (its options, e.g. min_macs)")
+            });
+            return Ok(None);
+        };
+        let (cost, est) = layer_cost(&trial, &lut_name, &o.time_model, d, macs)?;
+        let ops_saved = 2 * macs as i64 - cost.ops_all() as i64;
+        if was_lut && (est < old_est || ops_saved < decisions[i].ops_saved) {
+            cx.say(bar, || slower_line(&layer, &what, est, old_est));
+            return Ok(None);
+        }
+        if !was_lut && o.restore_unprofitable && unprofitable(ops_saved, est) {
+            cx.say(bar, || {
+                format!("  mask: refine left {layer} as it was: {what} its lookups would not pay ({ops_saved} operations saved, {:.2}x its time)", 1.0 / est)
+            });
+            return Ok(None);
+        }
+        let point = meter.measure(&trial, Some(format!("{layer} as lookups {what}")))?;
+        if !meter.met(&point) {
+            cx.say(bar, || {
+                format!(
+                    "  mask: refine left {layer} as it was: {what} the target is not met (logit cosine {:.5})",
+                    point.logit_cosine
+                )
+            });
+            return Ok(None);
+        }
+        cx.say(bar, || {
+            format!(
+                "  mask: refine made {layer} lookups {what}: logit cosine {:.5}, {:.1} % removed",
+                point.logit_cosine,
+                100.0 * point.reduction_everything_counted
+            )
+        });
+        let d = &mut decisions[i];
+        d.chosen = "lut";
+        d.why = format!("kept as LUT {what} by refine, the target still met ({})", d.why);
+        (d.lut_cost, d.est_speedup, d.ops_saved) = (cost, est, ops_saved);
+        Ok(Some((trial, point, lut_name)))
+    }
+}
+
+/// The line of a refine trial whose lookups the time model prices slower than the old ones.
+fn slower_line(layer: &str, what: &str, est: f64, old_est: f64) -> String {
+    format!(
+        "  mask: refine left {layer} as it was: {what} its lookups would run slower ({:.2}x the exact layer's time against {:.2}x, time_model)",
+        1.0 / est,
+        1.0 / old_est
+    )
+}
+
+/// What a refine trial fits a layer as.
+#[derive(Clone, Copy)]
+enum Variant {
+    /// Codebooks of this many values.
+    Subspace(usize),
+    /// The hash-tree encoder.
+    Tree,
+}
+
+impl Variant {
+    fn layer_override(self, layer: &str) -> super::lut::LayerOverride {
+        let mut l = super::lut::LayerOverride {
+            name: layer.to_string(),
+            encoder: None,
+            subspace: None,
+        };
+        match self {
+            Variant::Subspace(s) => l.subspace = Some(s),
+            Variant::Tree => l.encoder = Some(super::lut::EncoderChoice::Tree),
+        }
+        l
+    }
+    fn describe(self) -> String {
+        match self {
+            Variant::Subspace(s) => format!("over codebooks of {s}"),
+            Variant::Tree => "with the tree encoder".into(),
+        }
     }
 }
 
@@ -1117,6 +1295,20 @@ fn named(patterns: &[String], matmul: &str, lut: &str) -> bool {
 /// estimated speed of the exact layer's `exact_macs` against it by `tm` (> 1: the lookups are
 /// faster).
 fn layer_cost(graph: &Graph, lut: &str, tm: &TimeModel, d: usize, exact_macs: u64) -> Result<(cost::Cost, f64)> {
+    layer_cost_as(graph, lut, tm, d, exact_macs, false)
+}
+
+/// [`layer_cost`], or with `as_tree` the cost of the same lookups with a hash-tree encoder of
+/// the same codebooks instead of its argmin one (`log2 K` comparisons per codebook and row
+/// instead of `K·S` multiply-adds and `K` comparisons), to price a refit before running it.
+fn layer_cost_as(
+    graph: &Graph,
+    lut: &str,
+    tm: &TimeModel,
+    d: usize,
+    exact_macs: u64,
+    as_tree: bool,
+) -> Result<(cost::Cost, f64)> {
     let node = graph.find(lut).expect("a live LUT layer");
     let enc = graph.inputs_of(node)[0].node;
     let Op::PqEncode(enc_op) = &graph.node(enc).op else {
@@ -1124,14 +1316,32 @@ fn layer_cost(graph: &Graph, lut: &str, tm: &TimeModel, d: usize, exact_macs: u6
             "{lut}: a LutMatMul whose codes do not come from a PQEncode"
         )));
     };
+    let mut enc_op = enc_op.clone();
     // prototypes per codebook: the tables are [C, M, K]
     let k = graph
         .const_value(graph.inputs_of(node)[1])
         .and_then(|t| t.shape().get(2).copied())
         .unwrap_or(16);
     let mut c = cost::node_cost(graph, node);
-    c.add(&cost::node_cost(graph, enc));
-    let est = exact_macs as f64 / tm.time(&c, enc_op, d, k).max(1.0);
+    let mut e = cost::node_cost(graph, enc);
+    if as_tree && e.encode_macs > 0 {
+        // argmin: `K` comparisons per codebook and row
+        e.encode_compares = e.encode_compares / k as u64 * u64::from(k.max(2).ilog2());
+        e.encode_macs = 0;
+        (enc_op.encoder, enc_op.act_scale) = (Encoder::Tree, None);
+    }
+    c.add(&e);
+    // a convolution's output width, from its input's facts
+    let ow = enc_op.window.as_ref().and_then(|w| {
+        let f = graph.fact(graph.inputs_of(enc)[0])?;
+        let dims: Vec<usize> = f.shape.iter().map(|d| d.bind(1).max(0) as usize).collect();
+        let hw = match (enc_op.nhwc, dims.as_slice()) {
+            (false, [_, _, h, w]) | (true, [_, h, w, _]) => [*h, *w],
+            _ => return None,
+        };
+        w.resolve(hw).ok().map(|g| g.out[1])
+    });
+    let est = exact_macs as f64 / tm.time(&c, &enc_op, d, k, ow).max(1.0);
     Ok((c, est))
 }
 
@@ -1203,15 +1413,24 @@ mod tests {
             ..Default::default()
         };
         let lookups = (tm.lookup + tm.output / 160.0) * c.lookups as f64;
-        let conv = tm.time(&c, &tree(Some(window.clone())), 800, 16);
+        let conv = tm.time(&c, &tree(Some(window.clone())), 800, 16, Some(32));
         assert!(
             (conv - (7.0 + tm.compare_conv * 640_000.0 + lookups)).abs() < 1e-6,
             "{conv}"
         );
-        let fc = tm.time(&c, &tree(None), 800, 16);
+        // output rows of 7 pixels fill 7 of the pixel-lane kernel's 16 lanes; of 20, 20 of 32;
+        // at stride 2, 4 input pixels per output pixel
+        let mut strided = window.clone();
+        strided.strides = [2, 2];
+        for (w, ow, pad) in [(&window, 7, 16.0 / 7.0), (&window, 20, 1.6), (&strided, 32, 4.0)] {
+            let narrow = tm.time(&c, &tree(Some(w.clone())), 800, 16, Some(ow));
+            let want = 7.0 + tm.compare_conv * pad * 640_000.0 + lookups;
+            assert!((narrow - want).abs() < 1e-6, "{ow}: {narrow} vs {want}");
+        }
+        let fc = tm.time(&c, &tree(None), 800, 16, None);
         assert!((fc - (7.0 + tm.compare * 640_000.0 + lookups)).abs() < 1e-6, "{fc}");
         // 256 prototypes: the wide tables' rate
-        let wide = tm.time(&c, &tree(None), 800, 256);
+        let wide = tm.time(&c, &tree(None), 800, 256, None);
         let lookups256 = (tm.lookup_k256 + tm.output / 160.0) * c.lookups as f64;
         assert!(
             (wide - (7.0 + tm.compare * 640_000.0 + lookups256)).abs() < 1e-6,
@@ -1234,8 +1453,8 @@ mod tests {
             ..Default::default()
         };
         // 8 channels (d = 72): 16-lane vectors half full, twice the rate per multiply-add
-        assert!((tm.time(&c, &argmin(None), 72, 16) - 2.0 * tm.encode_mac * 1000.0).abs() < 1e-6);
-        assert!((tm.time(&c, &argmin(Some(0.1)), 72, 16) - 2.0 * tm.encode_mac_i8 * 1000.0).abs() < 1e-6);
+        assert!((tm.time(&c, &argmin(None), 72, 16, Some(7)) - 2.0 * tm.encode_mac * 1000.0).abs() < 1e-6);
+        assert!((tm.time(&c, &argmin(Some(0.1)), 72, 16, Some(7)) - 2.0 * tm.encode_mac_i8 * 1000.0).abs() < 1e-6);
     }
 
     #[test]
