@@ -95,22 +95,25 @@ pub struct Options {
 /// ≈ 40 G/s (its comparisons included; it fills 16 channels per vector, so a layer of `C`
 /// channels pays for `⌈C/16⌉·16`), the int8 channel-lane encoder about twice that, argmin encoders that gather their rows (fully connected
 /// layers, codebooks spanning channels) ≈ 8 G/s, hash-tree comparisons ≈ 2 G/s (one gather
-/// per comparison) where rows are gathered (fully connected layers) and ≈ 3.7 G/s per filled
-/// lane in the pixel-lane kernel of convolutions (planar copies of the input, one load per 16
-/// pixels of an output row, so a row of `ow < 16` pixels pays `16/ow` times that: 29–30 exact
-/// multiply-adds per comparison and filled lane measured on the 3×3 stride-1 layers of
-/// ResNet-18 w64 (7-, 4- and 2-pixel-wide maps) and of the ResNet-18/16 (32, 16, 8 and 4
-/// pixels wide) (`tabconv bench --profile`, batch 64), 48–60 on 1-pixel maps; NIN's 5×5 layers
-/// on wider maps measured 13, its 1×1 layers 40, so wide windows are priced high: the model
-/// leans towards the exact layer there. Strided convolutions copy `stride_h · stride_w` input
-/// pixels per output pixel into the planar layout, with a scalar scatter: priced at that many
-/// times a comparison, measured 4.4–8 times on the ResNet-18/16's 3×3 stride-2 layers and 57
-/// times on its 1×1 stride-2 shortcuts (priced low there)), int8 lookup-adds
+/// per comparison) where rows are gathered (fully connected layers) and ≈ 8 G/s per filled lane
+/// in the pixel-lane kernel of convolutions (planar copies of the input, one load per 16 pixels
+/// of an output row, so a row of `ow < 16` pixels pays `16/ow` times as much: measured on AMD
+/// Zen 4, where direct convolutions of 16–128 channels run at 55–78 G/s, per comparison and
+/// filled lane 0.26–0.29 ns (16–18 of that machine's exact multiply-adds) for 3×3 codebooks and
+/// 0.19–0.22 ns for 3-value ones, from 32- to 2-pixel-wide maps, the same per filled lane at
+/// every width; 13–40 exact multiply-adds per comparison on NIN's layers, the low end for wide
+/// windows, the high end for 1×1 convolutions; strided convolutions copy `stride_h · stride_w`
+/// input pixels per output pixel into the planar layout and are priced that many times dearer,
+/// measured 4.3–7.8 times on 3×3 stride-2 layers and 58 times on 1×1 stride-2 shortcuts), int8 lookup-adds
 /// ≈ 250 G/s in the VNNI kernel plus ≈ 0.4 ns per output value (fitted on NIN's layers, from
 /// 5 to 160 codebooks: a layer of few codebooks is dominated by its outputs; ≈ 115 G/s overall
 /// in ResNet-18 w64 at batch 64; the AVX-512BW kernel without VNNI, ≈ 70 G/s, is not priced),
 /// and ≈ 31 G/s at K = 256 (NIN's 5×5 layer: 160 codebooks, 48 outputs, 2 MB of tables; 3.3
-/// exact multiply-adds per lookup once its outputs are priced).
+/// exact multiply-adds per lookup once its outputs are priced). These are one machine's ratios:
+/// on Zen 4, whose AVX-512 multiply-adds are half as wide, exact layers are relatively slower and
+/// the int8 argmin encoder relatively faster (≈ 0.8 of that machine's exact multiply-adds per
+/// multiply-add instead of 1.3), so a tree on 7-pixel-wide maps that this model prices 1.3×
+/// faster than the int8 argmin encoder ran 1.26× slower there (ResNet-18 w64's layer1).
 /// Counting operations alone (all weights 1) would keep layers as lookups that run slower than
 /// the exact layer they replace (measured: a 1-channel stem as lookups ran 7×
 /// slower than exact).
@@ -145,7 +148,7 @@ impl Default for TimeModel {
             encode_mac_i8: 1.3,
             encode_mac_gather: 14.0,
             compare: 55.0,
-            compare_conv: 30.0,
+            compare_conv: 16.0,
             lookup: 0.45,
             lookup_k256: 3.3,
             output: 40.0,
