@@ -139,6 +139,10 @@ pub struct TimeModel {
     pub lookup_k256: f64,
     /// An output value of the lookups (rows × outputs).
     pub output: f64,
+    /// The batch the lookups will run at: from 16 images up, the tree kernel of convolutions
+    /// fills its lanes with images, below it with the pixels of one output row, so rows
+    /// narrower than 16 pixels leave lanes empty and are priced `16/ow` times as much.
+    pub batch: usize,
 }
 
 impl Default for TimeModel {
@@ -152,12 +156,15 @@ impl Default for TimeModel {
             lookup: 0.45,
             lookup_k256: 3.3,
             output: 40.0,
+            batch: 1,
         }
     }
 }
 
 /// Lanes of the pixel-lane tree kernel the time model prices (AVX-512: 16 pixels per vector).
 const LANES: usize = 16;
+/// Images from which the tree kernel of convolutions puts images in its lanes (narrow rows).
+const IMAGE_LANES: usize = 16;
 
 impl TimeModel {
     /// Estimated time of `c` in exact multiply-adds. An argmin encoder's comparisons are part of
@@ -166,8 +173,8 @@ impl TimeModel {
     /// lookup-add and `output` each output value the lookups produce (packing, the sums'
     /// transpose, the epilogue: these dominate layers of few codebooks). `enc` is the layer's
     /// encoder, `d` its row length, `k` its prototypes per codebook and `ow` the width of a
-    /// convolution's output rows when known: the pixel-lane tree kernel fills one 16-lane vector
-    /// per 16 pixels of an output row, so rows narrower than 16 pay for the empty lanes.
+    /// convolution's output rows when known: below `batch` 16 the tree kernel fills one 16-lane
+    /// vector per 16 pixels of an output row, so rows narrower than 16 pay for the empty lanes.
     pub fn time(&self, c: &cost::Cost, enc: &PqEncode, d: usize, k: usize, ow: Option<usize>) -> f64 {
         let compares = if c.encode_macs > 0 {
             0.0
@@ -178,7 +185,10 @@ impl TimeModel {
         c.exact_macs as f64
             + self.encode_mac_rate(enc, d) * c.encode_macs as f64
             + if let Some(w) = &enc.window {
-                let ow = ow.unwrap_or(LANES).max(1);
+                let ow = match self.batch >= IMAGE_LANES {
+                    true => LANES, // image lanes: every lane filled
+                    false => ow.unwrap_or(LANES).max(1),
+                };
                 let stride = (w.strides[0] * w.strides[1]).max(1) as f64;
                 self.compare_conv * stride * (ow.div_ceil(LANES) * LANES) as f64 / ow as f64
             } else {
@@ -1427,6 +1437,13 @@ mod tests {
         strided.strides = [2, 2];
         for (w, ow, pad) in [(&window, 7, 16.0 / 7.0), (&window, 20, 1.6), (&strided, 32, 4.0)] {
             let narrow = tm.time(&c, &tree(Some(w.clone())), 800, 16, Some(ow));
+            let want = 7.0 + tm.compare_conv * pad * 640_000.0 + lookups;
+            assert!((narrow - want).abs() < 1e-6, "{ow}: {narrow} vs {want}");
+        }
+        // priced for batch 64, the image lanes are full at any width (not at any stride)
+        let tm64 = TimeModel { batch: 64, ..tm };
+        for (w, ow, pad) in [(&window, 7, 1.0), (&strided, 3, 4.0)] {
+            let narrow = tm64.time(&c, &tree(Some(w.clone())), 800, 16, Some(ow));
             let want = 7.0 + tm.compare_conv * pad * 640_000.0 + lookups;
             assert!((narrow - want).abs() < 1e-6, "{ow}: {narrow} vs {want}");
         }

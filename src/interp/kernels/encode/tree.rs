@@ -82,6 +82,8 @@ struct Scratch {
     /// Per codebook and level: where its tap's values start in `planes` for the current output
     /// row (its kernel row's start plus the tap's offset), so the kernels load without lookups.
     at: Vec<usize>,
+    /// The image-lane variant's codes of one output row, `16 · ow` virtual pixels.
+    row_codes: Vec<u8>,
 }
 
 thread_local! {
@@ -103,6 +105,9 @@ pub(super) fn tree_nhwc(level: Simd, rows: &Rows, pt: &PixelTree, c_n: usize, co
     }
     // the kernels index the per-row tap starts (one per codebook and level) unchecked
     assert_eq!(pt.taps.len(), c_n * pt.depth, "hash trees for {c_n} codebooks");
+    if n >= IMAGES && ow < 16 && image_lanes(level, rows, pt, c_n, codes) {
+        return true;
+    }
     let [sw, dw] = [win.strides[1], win.dilations[1]];
     let (pl, kw) = (geo.pads[1], win.kernel[1]);
     // plane width: every lane's column (pixels rounded up to 16) and every input column (at
@@ -154,6 +159,133 @@ pub(super) fn tree_nhwc(level: Simd, rows: &Rows, pt: &PixelTree, c_n: usize, co
     true
 }
 
+/// Images per group of the image-lane variant ([`image_lanes`]): one lane per image.
+const IMAGES: usize = 16;
+
+/// The largest planar copy of one group of images the image-lane variant makes (bytes); larger
+/// layers keep pixel lanes.
+const IMAGE_PLANES_BYTES: usize = 16 << 20;
+
+/// The image-lane variant of [`tree_nhwc`] for output rows narrower than a vector (`ow < 16`,
+/// where pixel lanes stay partly empty: a 7-pixel row fills 7 of 16) and batches of at least
+/// [`IMAGES`]: each group of 16 images is copied into planes `[channel][column phase][padded
+/// row][column][image]`, so the 16 images' values of one window column of one pixel are one
+/// contiguous vector, every lane filled at any map size. Pixel `x` of an output row then sits
+/// `16·x` values after the row's tap starts, so the pixel-lane row kernels run unchanged on
+/// rows of `16 · ow` virtual pixels, whose codes are scattered to the images' rows. Same
+/// comparisons, so the same codes. Returns false (nothing written) when a group's planes would
+/// exceed [`IMAGE_PLANES_BYTES`].
+fn image_lanes(level: Simd, rows: &Rows, pt: &PixelTree, c_n: usize, codes: &mut [u8]) -> bool {
+    let Rows::ConvNhwc { x, shape, win, geo } = rows else {
+        return false;
+    };
+    let [_, h, w, c] = *shape;
+    let [oh, ow] = geo.out;
+    let ([sh, sw], [dh, dw], [kh, kw]) = (win.strides, win.dilations, win.kernel);
+    let (top, left) = (geo.pads[0], geo.pads[1]);
+    // padded rows the windows read, and values per (row, phase) plane row
+    let hp = (oh - 1) * sh + (kh - 1) * dh + 1;
+    let qw = ow + (kw - 1) * dw / sw;
+    let plane = hp * qw * IMAGES;
+    let zero = c * sw * plane;
+    let size = zero + ow * IMAGES;
+    if size.saturating_mul(4) > IMAGE_PLANES_BYTES {
+        return false;
+    }
+    // per codebook and level: its kernel row's offset in padded rows and its tap's start in
+    // the output row's first padded row (`usize::MAX`: past the last subspace, reads zeros)
+    let taps: Vec<(usize, usize)> = pt
+        .taps
+        .iter()
+        .map(|t| match *t {
+            Some((ch, i, j)) => {
+                let u = j * dw;
+                (i * dh, (ch * sw + u % sw) * plane + (u / sw) * IMAGES)
+            }
+            None => (usize::MAX, zero),
+        })
+        .collect();
+    let per_image = oh * ow * c_n;
+    super::super::team::for_chunks(codes, IMAGES * per_image, |g, out| {
+        SCRATCH.with_borrow_mut(|s| {
+            let images = out.len() / per_image;
+            let Scratch { planes, xt, stage, .. } = s;
+            planes.clear();
+            planes.resize(size, 0.0);
+            // the 16 images' channels of one pixel (images past the batch's last: zeros)
+            stage.clear();
+            stage.resize(IMAGES * c, 0.0);
+            xt.resize(c, [0.0; IMAGES]);
+            // fill: input pixel (iy, ix) of image l at padded row iy + top, column ix + left
+            for iy in 0..h.min(hp.saturating_sub(top)) {
+                let yy = iy + top;
+                for ix in 0..w {
+                    let u = ix + left;
+                    if u / sw >= qw {
+                        break;
+                    }
+                    for l in 0..images {
+                        let src = &x[(((g * IMAGES + l) * h + iy) * w + ix) * c..][..c];
+                        stage[l * c..(l + 1) * c].copy_from_slice(src);
+                    }
+                    transpose_images(level, stage, c, xt);
+                    let at = (u % sw) * plane + yy * qw * IMAGES + (u / sw) * IMAGES;
+                    for (ch, vals) in xt.iter().enumerate() {
+                        planes[ch * sw * plane + at..][..IMAGES].copy_from_slice(vals);
+                    }
+                }
+            }
+            s.at.resize(taps.len(), 0);
+            s.row_codes.resize(IMAGES * ow * c_n, 0);
+            for y in 0..oh {
+                for (a, &(ri, start)) in s.at.iter_mut().zip(&taps) {
+                    *a = if ri == usize::MAX {
+                        start
+                    } else {
+                        start + (y * sh + ri) * qw * IMAGES
+                    };
+                }
+                // SAFETY: the caller detected `level` (AVX-512F, or AVX2); `at` has an entry per
+                // codebook and level (asserted in `tree_nhwc`), each a tap's start in its
+                // plane row (row `y·sh + i·dh < hp`, column `(j·dw)/sw`) or the zero row, from
+                // which the `16·ow` virtual pixels read stay within the plane row
+                // (`(j·dw)/sw + ow ≤ qw`) or the zero row (`16·ow` values).
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    match level {
+                        Simd::Avx512 => x86::row_avx512(pt, IMAGES * ow, c_n, planes, &s.at, &mut s.row_codes),
+                        _ => x86::row_avx2(pt, IMAGES * ow, c_n, planes, &s.at, &mut s.row_codes),
+                    }
+                }
+                for l in 0..images {
+                    for px in 0..ow {
+                        let dst = ((l * oh + y) * ow + px) * c_n;
+                        let src = (px * IMAGES + l) * c_n;
+                        out[dst..dst + c_n].copy_from_slice(&s.row_codes[src..src + c_n]);
+                    }
+                }
+            }
+        })
+    });
+    true
+}
+
+/// `xt[ch][l] = stage[l·c + ch]`: 16 images' `c` channels transposed (AVX-512: in registers).
+fn transpose_images(level: Simd, stage: &[f32], c: usize, xt: &mut [[f32; IMAGES]]) {
+    #[cfg(target_arch = "x86_64")]
+    if level == Simd::Avx512 {
+        // SAFETY: AVX-512F detected; `stage` holds 16 rows of `c` values, `xt` `c` columns.
+        unsafe { super::x86::transpose16_avx512(stage, c, xt) };
+        return;
+    }
+    let _ = level;
+    for (ch, col) in xt.iter_mut().enumerate().take(c) {
+        for (l, v) in col.iter_mut().enumerate() {
+            *v = stage[l * c + ch];
+        }
+    }
+}
+
 struct Job<'a> {
     x: &'a [f32],
     hwc: [usize; 3],
@@ -192,6 +324,7 @@ impl Job<'_> {
             stage,
             row_at,
             at,
+            ..
         } = s;
         planes.clear();
         planes.resize((nrows + 1) * self.row_len, 0.0);
@@ -233,8 +366,8 @@ impl Job<'_> {
             #[cfg(target_arch = "x86_64")]
             unsafe {
                 match level {
-                    Simd::Avx512 => x86::row_avx512(self, planes, at, row),
-                    _ => x86::row_avx2(self, planes, at, row),
+                    Simd::Avx512 => x86::row_avx512(self.pt, self.out[1], self.c_n, planes, at, row),
+                    _ => x86::row_avx2(self.pt, self.out[1], self.c_n, planes, at, row),
                 }
             }
         }
@@ -294,19 +427,27 @@ impl Job<'_> {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::Job;
+    use super::PixelTree;
     use std::arch::x86_64::*;
 
     /// Codes of one output row (`out`: `ow × c_n`) from the planar band `planes`; `at[cl]` is
     /// where the values of codebook and level `cl`'s tap start for this row (in its kernel
-    /// row's planar input row, or in the zero row).
+    /// row's planar input row, or in the zero row). The image-lane variant passes rows of
+    /// `16 · ow` virtual pixels (pixel `x` of image `l` at `16·x + l`).
     ///
     /// # Safety
     /// AVX-512F; `at` has `c_n · depth` entries, each the start of a tap's values in `planes`
     /// from which `ow` rounded up to 16 values stay within its plane (`qw`).
     #[target_feature(enable = "avx512f,avx2,fma")]
-    pub(super) unsafe fn row_avx512(job: &Job, planes: &[f32], at: &[usize], out: &mut [u8]) {
-        let (ow, c_n, depth) = (job.out[1], job.c_n, job.pt.depth);
+    pub(super) unsafe fn row_avx512(
+        pt: &PixelTree,
+        ow: usize,
+        c_n: usize,
+        planes: &[f32],
+        at: &[usize],
+        out: &mut [u8],
+    ) {
+        let depth = pt.depth;
         let p = planes.as_ptr();
         let mut tile = [0u8; 256];
         for x0 in (0..ow).step_by(16) {
@@ -319,8 +460,7 @@ mod x86 {
                 let mut words = [_mm512_setzero_si512(); 4];
                 for (q, word) in words.iter_mut().enumerate().take(cw.div_ceil(4)) {
                     let cs: [usize; 4] = std::array::from_fn(|r| (c0 + 4 * q + r).min(c_n - 1));
-                    let thc: [*const f32; 4] =
-                        std::array::from_fn(|r| job.pt.th.as_ptr().add(cs[r] * job.pt.th_stride));
+                    let thc: [*const f32; 4] = std::array::from_fn(|r| pt.th.as_ptr().add(cs[r] * pt.th_stride));
                     let thv: [__m512; 4] = std::array::from_fn(|r| _mm512_loadu_ps(thc[r]));
                     let mut idx = [_mm512_setzero_si512(); 4];
                     for lev in 0..depth {
@@ -418,8 +558,8 @@ mod x86 {
     /// # Safety
     /// AVX2 and FMA; as [`row_avx512`].
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn row_avx2(job: &Job, planes: &[f32], at: &[usize], out: &mut [u8]) {
-        let (ow, c_n, depth) = (job.out[1], job.c_n, job.pt.depth);
+    pub(super) unsafe fn row_avx2(pt: &PixelTree, ow: usize, c_n: usize, planes: &[f32], at: &[usize], out: &mut [u8]) {
+        let depth = pt.depth;
         let p = planes.as_ptr();
         let mut tile = [0u8; 128];
         for x0 in (0..ow).step_by(8) {
@@ -429,7 +569,7 @@ mod x86 {
                 let mut words = [_mm256_setzero_si256(); 4];
                 for (q, word) in words.iter_mut().enumerate().take(cw.div_ceil(4)) {
                     let cs: [usize; 4] = std::array::from_fn(|r| (c0 + 4 * q + r).min(c_n - 1));
-                    let th: [*const f32; 4] = std::array::from_fn(|r| job.pt.th.as_ptr().add(cs[r] * job.pt.th_stride));
+                    let th: [*const f32; 4] = std::array::from_fn(|r| pt.th.as_ptr().add(cs[r] * pt.th_stride));
                     let lo: [__m256; 4] = std::array::from_fn(|r| _mm256_loadu_ps(th[r]));
                     let hi: [__m256; 4] = std::array::from_fn(|r| _mm256_loadu_ps(th[r].add(8)));
                     let mut idx = [_mm256_setzero_si256(); 4];
