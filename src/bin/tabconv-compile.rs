@@ -279,9 +279,11 @@ fn print_summary(done: &Compiled) {
             eprintln!("  after relearning: reduction {:.1}%, {}", pct(f), measures(f));
         }
         if let Some(r) = m.refined.last() {
+            let relearned = r.restored.as_deref() == Some("(relearned after refining)");
             eprintln!(
-                "  after refining ({} layer(s) refitted: tree encoders, smaller codebooks): reduction {:.1}%, {}",
-                m.refined.len(),
+                "  after refining ({} layer(s) refitted: tree encoders, smaller codebooks{}): reduction {:.1}%, {}",
+                m.refined.len() - usize::from(relearned),
+                if relearned { "; then relearned" } else { "" },
                 pct(r),
                 measures(r)
             );
