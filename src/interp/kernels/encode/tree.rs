@@ -270,11 +270,12 @@ fn image_lanes(level: Simd, rows: &Rows, pt: &PixelTree, c_n: usize, codes: &mut
     true
 }
 
-/// `xt[ch][l] = stage[l·c + ch]`: 16 images' `c` channels transposed (AVX-512: in registers).
+/// `xt[ch][l] = stage[l·c + ch]`: 16 images' `c` channels transposed (AVX-512, 16 channels or
+/// more: in registers).
 fn transpose_images(level: Simd, stage: &[f32], c: usize, xt: &mut [[f32; IMAGES]]) {
     #[cfg(target_arch = "x86_64")]
-    if level == Simd::Avx512 {
-        // SAFETY: AVX-512F detected; `stage` holds 16 rows of `c` values, `xt` `c` columns.
+    if level == Simd::Avx512 && c >= 16 {
+        // SAFETY: AVX-512F detected; `stage` holds 16 rows of `c ≥ 16` values, `xt` `c` columns.
         unsafe { super::x86::transpose16_avx512(stage, c, xt) };
         return;
     }
