@@ -279,7 +279,7 @@ fn print_summary(done: &Compiled) {
             eprintln!("  after relearning: reduction {:.1}%, {}", pct(f), measures(f));
         }
         if let Some(r) = m.refined.last() {
-            let relearned = r.restored.as_deref() == Some("(relearned after refining)");
+            let relearned = r.restored.as_deref() == Some(tabconv::passes::mask::RELEARNED_AFTER_REFINING);
             eprintln!(
                 "  after refining ({} layer(s) refitted: tree encoders, smaller codebooks{}): reduction {:.1}%, {}",
                 m.refined.len() - usize::from(relearned),

@@ -57,6 +57,15 @@ impl LutLayers {
             .ok_or_else(|| Error::Other(format!("{lut}: not a LUT layer the lut pass recorded")))
     }
 
+    /// The `LutMatMul` node of this record that replaced the layer whose MatMul was `matmul`
+    /// and is still in `graph`.
+    pub fn live_lut_of(&self, graph: &Graph, matmul: &str) -> Option<&str> {
+        self.exact
+            .iter()
+            .find(|(n, ex)| ex.matmul == matmul && graph.find(n).is_some())
+            .map(|(n, _)| n.as_str())
+    }
+
     /// Every recorded `LutMatMul` node and its exact layer, by name.
     pub fn layers(&self) -> impl Iterator<Item = (&str, &ExactLayer)> {
         self.exact.iter().map(|(n, e)| (n.as_str(), e))

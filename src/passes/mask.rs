@@ -34,6 +34,7 @@ use super::analysis::LutLayers;
 use super::lut::{ExactLayer, Lut};
 use super::{glob_match, Pass, PassCx};
 use crate::error::{Error, Result};
+use crate::interp::kernels::encode::TREE_IMAGE_LANES as IMAGE_LANES;
 use crate::interp::Plan;
 use crate::ir::op::{Binary, Encoder, Op, PqEncode};
 use crate::ir::{cost, Graph, Outlet, Tensor};
@@ -139,9 +140,11 @@ pub struct TimeModel {
     pub lookup_k256: f64,
     /// An output value of the lookups (rows × outputs).
     pub output: f64,
-    /// The batch the lookups will run at: from 16 images up, the tree kernel of convolutions
-    /// fills its lanes with images, below it with the pixels of one output row, so rows
-    /// narrower than 16 pixels leave lanes empty and are priced `16/ow` times as much.
+    /// The images per run the lookups will see: from 16 images up, the tree kernel of
+    /// convolutions fills its lanes with images, below it with the pixels of one output row, so
+    /// rows narrower than 16 pixels leave lanes empty and are priced `16/ow` times as much.
+    /// Large batches run in sub-batches sized by the graph's largest activation
+    /// (`interp::split`; 16 images for the ResNets measured), and it is their size that counts.
     pub batch: usize,
 }
 
@@ -163,8 +166,10 @@ impl Default for TimeModel {
 
 /// Lanes of the pixel-lane tree kernel the time model prices (AVX-512: 16 pixels per vector).
 const LANES: usize = 16;
-/// Images from which the tree kernel of convolutions puts images in its lanes (narrow rows).
-const IMAGE_LANES: usize = 16;
+
+/// The `restored` label of the refine steps' last point when it is the model relearned after
+/// them ([`MaskReport::refined`]).
+pub const RELEARNED_AFTER_REFINING: &str = "(relearned after refining)";
 
 impl TimeModel {
     /// Estimated time of `c` in exact multiply-adds. An argmin encoder's comparisons are part of
@@ -740,7 +745,8 @@ impl Mask {
             // the refined layers' new lookups were fitted through the others as they stood;
             // relearn all of them through the final mix
             if let Some((g, p)) = self.relearn(&exact, &last, &decisions, record, &meter, cx, &choices)? {
-                (current, _) = (g, refined.push(p));
+                current = g;
+                refined.push(p);
             }
         }
         *graph = current;
@@ -1039,7 +1045,7 @@ impl Mask {
         let label = if refined.is_empty() {
             "(relearned)"
         } else {
-            "(relearned after refining)"
+            RELEARNED_AFTER_REFINING
         };
         let p = meter.measure(&relearned, Some(label.into()))?;
         // after refining, the relearned model must also meet the target (the refined one does)
@@ -1087,21 +1093,16 @@ impl Mask {
         let o = &self.0;
         // the record of the model as it stands: relearning's when it ran, else the lut pass's
         let relearned = cx.analyses.lut.take();
+        let records: Vec<&LutLayers> = relearned.iter().chain([record]).collect();
         let mut lut_names: Vec<Option<String>> = decisions
             .iter()
             .map(|d| {
-                let of = |r: &LutLayers| {
-                    r.layers()
-                        .find(|(n, ex)| ex.matmul == d.layer && current.find(n).is_some())
-                        .map(|(n, _)| n.to_string())
-                };
-                relearned.as_ref().and_then(of).or_else(|| of(record))
+                records
+                    .iter()
+                    .find_map(|r| r.live_lut_of(&current, &d.layer))
+                    .map(str::to_string)
             })
             .collect();
-        let mut exact_of: std::collections::BTreeMap<String, ExactLayer> = std::collections::BTreeMap::new();
-        for (n, ex) in record.layers().chain(relearned.iter().flat_map(|r| r.layers())) {
-            exact_of.insert(n.to_string(), ex.clone());
-        }
         let mut trials: Vec<(usize, Variant)> = Vec::new();
         if o.refine_encoder {
             // the argmin LUT layers, most encoding operations first
@@ -1132,9 +1133,9 @@ impl Mask {
         let bar = crate::cli::progress(trials.len(), "mask refine");
         for (i, v) in trials {
             bar.inc(1);
-            if let Some((g, p, name)) = self.try_variant(
-                &current, i, v, &lut_names, &exact_of, decisions, record, meter, cx, &bar,
-            )? {
+            if let Some((g, p, name)) =
+                self.try_variant(&current, i, v, &lut_names, &records, decisions, record, meter, cx, &bar)?
+            {
                 (current, lut_names[i]) = (g, Some(name));
                 points.push(p);
                 choices.push(v.layer_override(&decisions[i].layer));
@@ -1155,7 +1156,7 @@ impl Mask {
         i: usize,
         v: Variant,
         lut_names: &[Option<String>],
-        exact_of: &std::collections::BTreeMap<String, ExactLayer>,
+        records: &[&LutLayers],
         decisions: &mut [LayerDecision],
         record: &LutLayers,
         meter: &Meter,
@@ -1186,8 +1187,9 @@ impl Mask {
         let mut trial = current.clone();
         if was_lut {
             let name = lut_names[i].as_deref().expect("a LUT layer's name is known");
-            let ex = exact_of
-                .get(name)
+            let ex = records
+                .iter()
+                .find_map(|r| r.exact(name).ok())
                 .ok_or_else(|| Error::Other(format!("{name}: no exact layer recorded")))?;
             restore(&mut trial, name, ex)?;
         }
@@ -1198,12 +1200,11 @@ impl Mask {
         cx.analyses.lut = None;
         Lut(opts).run(&mut trial, cx)?;
         let fitted = cx.analyses.lut.take();
-        let lut_name = fitted.as_ref().and_then(|r| {
-            r.layers()
-                .find(|(_, ex)| ex.matmul == layer)
-                .map(|(n, _)| n.to_string())
-        });
-        let Some(lut_name) = lut_name.filter(|n| trial.find(n).is_some()) else {
+        let lut_name = fitted
+            .as_ref()
+            .and_then(|r| r.live_lut_of(&trial, &layer))
+            .map(str::to_string);
+        let Some(lut_name) = lut_name else {
             cx.say(bar, || {
                 format!("  mask: refine left {layer} as it was: the lut pass kept it exact {what} (its options, e.g. min_macs)")
             });
@@ -1211,7 +1212,7 @@ impl Mask {
         };
         let (cost, est) = layer_cost(&trial, &lut_name, &o.time_model, d, macs)?;
         let ops_saved = 2 * macs as i64 - cost.ops_all() as i64;
-        if was_lut && (est < old_est || ops_saved < decisions[i].ops_saved) {
+        if was_lut && est < old_est {
             cx.say(bar, || slower_line(&layer, &what, est, old_est));
             return Ok(None);
         }

@@ -21,6 +21,9 @@ use super::Simd;
 use crate::ir::op::Window;
 use crate::ir::window::Geometry;
 use crate::pq::Subspaces;
+/// Images per call from which the tree kernel of convolutions fills its lanes with images on
+/// output rows narrower than a vector.
+pub(crate) use tree::IMAGES as TREE_IMAGE_LANES;
 use tree::{pixel_tree, tree_nhwc, PixelTree};
 
 mod tree;

@@ -159,8 +159,9 @@ pub(super) fn tree_nhwc(level: Simd, rows: &Rows, pt: &PixelTree, c_n: usize, co
     true
 }
 
-/// Images per group of the image-lane variant ([`image_lanes`]): one lane per image.
-const IMAGES: usize = 16;
+/// Images per group of the image-lane variant ([`image_lanes`]): one lane per image; calls with
+/// at least this many images use it on narrow rows (the `mask` pass's time model prices that).
+pub(crate) const IMAGES: usize = 16;
 
 /// The largest planar copy of one group of images the image-lane variant makes (bytes); larger
 /// layers keep pixel lanes.
