@@ -103,6 +103,33 @@ fn overrides_are_honoured() {
 }
 
 #[test]
+fn layer_names_that_match_nothing_are_noted() {
+    let (g, calib) = two_layers();
+    let text = "name: t\npasses:\n  - lut:\n      encoder: argmin\n      fc_subspace: 4\n      refit: false\n      keep_exact: [eesy, 'ha*']\n      layers: [{name: 'e*', encoder: tree}, {name: '/conv9/*', subspace: 2}]\n  - mask:\n      relearn: false\n      min_logit_cosine: 0\n      keep_exact: [easy, esay]\n      force_lut: ['*/lut', hrad]\n  - dead-code:\n";
+    let mut g = g.clone();
+    let mut cx = PassCx {
+        calib: Some(calib),
+        ..Default::default()
+    };
+    let report = run_pipeline(&mut g, &Pipeline::parse(text, "test").unwrap(), &mut cx, |_, _| Ok(())).unwrap();
+    let mut noted: Vec<&str> = report
+        .notes
+        .iter()
+        .filter(|n| n.contains("names no"))
+        .map(|n| n.split('"').nth(1).unwrap())
+        .collect();
+    noted.sort_unstable();
+    // `ha*` kept `hard` exact in the lut pass, so mask's `*/lut` names `easy/lut` only
+    assert_eq!(noted, ["/conv9/*", "eesy", "esay", "hrad"], "{:?}", report.notes);
+    let m = report.mask.expect("mask ran");
+    assert_eq!(m.layers.len(), 1, "only easy became lookups");
+    assert_eq!(
+        m.layers[0].chosen, "exact",
+        "mask's keep_exact names easy by its MatMul"
+    );
+}
+
+#[test]
 fn restored_layers_are_the_original_ones() {
     let mut g = tabconv::onnx::load_model(&fixture("models/resnet18_fmnist.onnx")).unwrap();
     let mut exact = g.clone();

@@ -711,6 +711,10 @@ impl Pass for Lut {
             Error::Input("the lut pass learns from data: give calibration images with --calib X.npy".into())
         })?;
         let exact = graph.clone();
+        // the pipeline's own run (mask's refits run with a record already there)
+        if cx.analyses.lut.is_none() {
+            note_unmatched(graph, o, &mut cx.notes)?;
+        }
         let record = cx.analyses.lut.get_or_insert_with(|| LutLayers::new(o.clone()));
         record.options = o.clone();
         let layers: Vec<Layer> = eligible(graph, o.min_macs)?
@@ -794,6 +798,28 @@ impl Pass for Lut {
         }
         Ok(())
     }
+}
+
+/// A note for each `keep_exact` pattern or `layers` entry that names no layer the pass could
+/// replace (by its MatMul's name, as `tabconv-compile` lists the layers).
+fn note_unmatched(graph: &Graph, o: &Options, notes: &mut Vec<String>) -> Result<()> {
+    let all = eligible(graph, 0)?;
+    let names: Vec<&str> = all.iter().map(|l| l.name.as_str()).collect();
+    let lists = [
+        (
+            "keep_exact",
+            o.keep_exact.iter().map(String::as_str).collect::<Vec<_>>(),
+        ),
+        ("layers", o.layers.iter().map(|l| l.name.as_str()).collect()),
+    ];
+    for (list, patterns) in lists {
+        for p in super::unmatched(patterns, &names) {
+            notes.push(format!(
+                "lut: the {list} entry {p:?} names no layer this pass could replace"
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn check_options(o: &Options) -> Result<()> {

@@ -105,7 +105,11 @@ pub struct Options {
 /// every width; 13–40 exact multiply-adds per comparison on NIN's layers, the low end for wide
 /// windows, the high end for 1×1 convolutions; strided convolutions copy `stride_h · stride_w`
 /// input pixels per output pixel into the planar layout and are priced that many times dearer,
-/// measured 4.3–7.8 times on 3×3 stride-2 layers and 58 times on 1×1 stride-2 shortcuts), int8 lookup-adds
+/// measured 4.3–7.8 times on 3×3 stride-2 layers and 58 times on 1×1 stride-2 shortcuts with a
+/// scalar scatter; since the copy deinterleaves stride 2 in registers and skips what no window
+/// reads, 1.9–2.6 times on ResNet-18/16's 3×3 stride-2 layers and 4.8–39 times on its 1×1
+/// stride-2 shortcuts of 8–2 codebooks, whose copy and per-pixel work outweigh their few
+/// comparisons: still priced `stride_h · stride_w`), int8 lookup-adds
 /// ≈ 250 G/s in the VNNI kernel plus ≈ 0.4 ns per output value (fitted on NIN's layers, from
 /// 5 to 160 codebooks: a layer of few codebooks is dominated by its outputs; ≈ 115 G/s overall
 /// in ResNet-18 w64 at batch 64; the AVX-512BW kernel without VNNI, ≈ 70 G/s, is not priced),
@@ -720,6 +724,16 @@ impl Mask {
         }
         let (samples, measured_on) = measured_images(cx, o)?;
         check_targets(o, cx.val.is_some())?;
+        let names: Vec<&str> = luts
+            .iter()
+            .flat_map(|n| [n.as_str(), record.exact(n).map_or(n.as_str(), |e| e.matmul.as_str())])
+            .collect();
+        for (list, patterns) in [("keep_exact", &o.keep_exact), ("force_lut", &o.force_lut)] {
+            for p in super::unmatched(patterns.iter().map(String::as_str), &names) {
+                cx.notes
+                    .push(format!("mask: the {list} entry {p:?} names no LUT layer"));
+            }
+        }
         // the exact reference: every layer restored
         let mut exact = with_exact(graph, record, &luts)?;
         crate::ir::infer::infer_graph(&mut exact)?;

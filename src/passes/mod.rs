@@ -89,6 +89,17 @@ pub fn glob_match(pattern: &str, name: &str) -> bool {
     true
 }
 
+/// The patterns of an option's layer list (`keep_exact`, `layers`, …) that name none of
+/// `names`, for a compile note: a mistyped name would otherwise change nothing, silently.
+pub fn unmatched<'a>(patterns: impl IntoIterator<Item = &'a str>, names: &[&str]) -> Vec<&'a str> {
+    let mut out: Vec<&str> = patterns
+        .into_iter()
+        .filter(|p| !names.iter().any(|n| glob_match(p, n)))
+        .collect();
+    out.dedup();
+    out
+}
+
 pub trait Pass {
     /// The name used in pipeline files.
     fn name(&self) -> &'static str;

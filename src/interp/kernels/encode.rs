@@ -2056,6 +2056,11 @@ mod tests {
             ([1, 16, 7, 21], [3, 3], [1, 1], [2, 2], [3, 1, 0, 4], 9, 16),
             ([1, 17, 5, 16], [2, 3], [1, 3], [1, 1], [0, 4, 1, 5], 6, 16),
             ([2, 20, 7, 9], [3, 3], [2, 2], [1, 1], [1, 1, 1, 1], 9, 16),
+            // stride 2 over rows of several 16-pixel runs (deinterleaved copies; rows and
+            // columns no window reads are skipped): 1×1, odd and even left pads, dilated
+            ([1, 16, 6, 40], [1, 1], [2, 2], [1, 1], [0, 0, 0, 0], 4, 16),
+            ([2, 18, 7, 33], [3, 3], [2, 2], [1, 1], [0, 1, 2, 0], 9, 16),
+            ([1, 16, 9, 37], [3, 3], [2, 2], [2, 2], [2, 3, 2, 2], 9, 16),
             // 16 images or more on maps narrower than a vector (the image-lane tree kernel):
             // a partial last group, strided, dilated, 1×1, wide windows, pads wider than the
             // kernel, a 1-pixel output

@@ -113,10 +113,11 @@ pub(super) fn tree_nhwc(level: Simd, rows: &Rows, pt: &PixelTree, c_n: usize, co
     // plane width: every lane's column (pixels rounded up to 16) and every input column (at
     // stride 1, whole 16-pixel runs: `fill_row` stores them whole)
     let qw = (ow.next_multiple_of(16) + (kw - 1) * dw / sw + 1).max((w - 1 + pl) / sw + 1);
-    let qw = if sw == 1 {
-        qw.max(w.next_multiple_of(16) + pl)
-    } else {
-        qw
+    // (at stride 2, whole 16-pixel runs deinterleaved into two phases: 8 values each)
+    let qw = match sw {
+        1 => qw.max(w.next_multiple_of(16) + pl),
+        2 => qw.max((w.next_multiple_of(16) + pl) / 2 + 1),
+        _ => qw,
     };
     // per codebook and level: the kernel row of its tap (`kh`: none, it reads the zero row)
     // and the offset of the first lane's value within a planar input row
@@ -206,6 +207,20 @@ fn image_lanes(level: Simd, rows: &Rows, pt: &PixelTree, c_n: usize, codes: &mut
             None => (usize::MAX, zero),
         })
         .collect();
+    // the padded rows and columns some window reads
+    let read = |len: usize, out: usize, s: usize, k: usize, d: usize| {
+        let mut r = vec![false; len];
+        for o in 0..out {
+            for i in 0..k {
+                if let Some(v) = r.get_mut(o * s + i * d) {
+                    *v = true;
+                }
+            }
+        }
+        r
+    };
+    let row_read = read(hp, oh, sh, kh, dh);
+    let col_read = read(w + left, ow, sw, kw, dw);
     let per_image = oh * ow * c_n;
     super::super::team::for_chunks(codes, IMAGES * per_image, |g, out| {
         SCRATCH.with_borrow_mut(|s| {
@@ -218,12 +233,19 @@ fn image_lanes(level: Simd, rows: &Rows, pt: &PixelTree, c_n: usize, codes: &mut
             stage.resize(IMAGES * c, 0.0);
             xt.resize(c, [0.0; IMAGES]);
             // fill: input pixel (iy, ix) of image l at padded row iy + top, column ix + left
+            // (only those some window reads: a 1×1 stride-2 conv reads one pixel in four)
             for iy in 0..h.min(hp.saturating_sub(top)) {
                 let yy = iy + top;
+                if !row_read[yy] {
+                    continue;
+                }
                 for ix in 0..w {
                     let u = ix + left;
                     if u / sw >= qw {
                         break;
+                    }
+                    if !col_read[u] {
+                        continue;
                     }
                     for l in 0..images {
                         let src = &x[(((g * IMAGES + l) * h + iy) * w + ix) * c..][..c];
@@ -332,6 +354,10 @@ impl Job<'_> {
         planes.resize((nrows + 1) * self.row_len, 0.0);
         let image = &self.x[img * h * w * c_in..(img + 1) * h * w * c_in];
         for r in 0..nrows {
+            if !self.row_read(lo + r, ya, yb) {
+                // its planes stay zero, unread (a 1×1 stride-2 conv reads every other row)
+                continue;
+            }
             let src = &image[(lo + r) * w * c_in..(lo + r + 1) * w * c_in];
             self.fill_row(
                 level,
@@ -375,6 +401,15 @@ impl Job<'_> {
         }
     }
 
+    /// Whether a window of output rows `ya..yb` reads input row `iy`.
+    fn row_read(&self, iy: usize, ya: usize, yb: usize) -> bool {
+        let (sh, dh, top) = (self.strides[0], self.dilations[0], self.pads[0]);
+        (0..self.kernel[0]).any(|i| {
+            let t = (iy + top).checked_sub(i * dh);
+            t.is_some_and(|t| t % sh == 0 && (ya..yb).contains(&(t / sh)))
+        })
+    }
+
     /// Copies one channels-last input row (`w × C`) into its planes (`dst`, zeroed): value
     /// `(ix, ch)` at plane `(ch, u mod sw)`, position `u / sw`, with `u = ix + pad_left`.
     fn fill_row(&self, level: Simd, src: &[f32], dst: &mut [f32], xt: &mut Vec<[f32; 16]>, stage: &mut Vec<f32>) {
@@ -400,6 +435,16 @@ impl Job<'_> {
                     if sw == 1 {
                         // qw ≥ w rounded up to 16, plus pad_left: the 16 values fit
                         dst[ch * qw + ix0 + pl..][..16].copy_from_slice(vals);
+                    } else if sw == 2 {
+                        // even lanes to one phase, odd to the other: 8 values each from
+                        // column (ix0 + pl) / 2 (+ 1 for the second phase when ix0 + pl is
+                        // odd); qw ≥ (w rounded up to 16 + pl) / 2 + 1: they fit
+                        let u = ix0 + pl;
+                        // SAFETY: AVX-512F detected.
+                        let d = unsafe { x86::deinterleave2_avx512(vals) };
+                        let (p0, p1) = ((ch * 2 + u % 2) * qw + u / 2, (ch * 2 + 1 - u % 2) * qw + u.div_ceil(2));
+                        dst[p0..p0 + 8].copy_from_slice(&d[..8]);
+                        dst[p1..p1 + 8].copy_from_slice(&d[8..]);
                     } else {
                         for (l, &v) in vals[..n].iter().enumerate() {
                             let u = ix0 + l + pl;
@@ -431,6 +476,21 @@ impl Job<'_> {
 mod x86 {
     use super::PixelTree;
     use std::arch::x86_64::*;
+
+    /// `vals`' even lanes, then its odd lanes.
+    ///
+    /// # Safety
+    /// AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn deinterleave2_avx512(vals: &[f32; 16]) -> [f32; 16] {
+        let idx = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+        let mut out = [0.0; 16];
+        _mm512_storeu_ps(
+            out.as_mut_ptr(),
+            _mm512_permutexvar_ps(idx, _mm512_loadu_ps(vals.as_ptr())),
+        );
+        out
+    }
 
     /// Codes of one output row (`out`: `ow × c_n`) from the planar band `planes`; `at[cl]` is
     /// where the values of codebook and level `cl`'s tap start for this row (in its kernel
