@@ -196,6 +196,17 @@ fn accuracy_target_uses_validation_labels() {
     let got = predictions(&g, &vx);
     let right = got.iter().zip(&vy).filter(|(p, l)| p == l).count();
     assert_eq!(kept.correct, Some(right));
+    // its drop's standard error comes from the images the compiled and the original model
+    // classify differently
+    let original = tabconv::onnx::load_model(&fixture("models/lenet5.onnx")).unwrap();
+    let exact_right: Vec<bool> = predictions(&original, &vx)
+        .iter()
+        .zip(&vy)
+        .map(|(p, l)| p == l)
+        .collect();
+    let kept_right: Vec<bool> = got.iter().zip(&vy).map(|(p, l)| p == l).collect();
+    let se = tabconv::passes::mask::drop_standard_error(&exact_right, &kept_right);
+    assert_eq!(kept.drop_se, Some(se));
     // without labels the accuracy target is refused
     let mut g = tabconv::onnx::load_model(&fixture("models/lenet5.onnx")).unwrap();
     let mut cx = PassCx {
@@ -288,8 +299,16 @@ fn an_accuracy_drop_of_exactly_the_budget_is_accepted() {
         "the case float comparison gets wrong"
     );
     let options = "      max_accuracy_drop: 0.5\n      relearn: false\n      restore_unprofitable: false\n";
-    let (_, m, _) = mask_only(&g, cx, (x.clone(), labels.clone()), options);
+    let (_, m, notes) = mask_only(&g, cx, (x.clone(), labels.clone()), options);
     assert_eq!(m.exact_accuracy, Some(0.91));
+    // one image of 200 lost, none gained: the drop's standard error is
+    // sqrt((1/200 − 1/200²)/200), about the whole budget, and the compile says so
+    let se = 100.0 * ((1.0 / 200.0 - 1.0 / 40000.0) / 200.0f64).sqrt();
+    assert!((m.path[0].drop_se.unwrap() - se).abs() < 1e-9, "{:?}", m.path[0]);
+    assert!(
+        notes.iter().any(|n| n.contains("standard error of 0.50 points")),
+        "{notes:?}"
+    );
     assert!(
         m.measured_on.starts_with("200 validation images (logits on "),
         "the accuracy is taken on the validation set: {}",

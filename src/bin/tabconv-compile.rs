@@ -265,18 +265,22 @@ fn print_summary(done: &Compiled) {
         eprintln!(
             "  chosen: reduction {:.1}% (everything counted), {}",
             pct(c),
-            measures(c)
+            measures(c, m.exact_accuracy)
         );
         if let Some(p) = m.pruned.last() {
             eprintln!(
                 "  after pruning ({} layer(s) put back as lookups): reduction {:.1}%, {}",
                 m.pruned.len(),
                 pct(p),
-                measures(p)
+                measures(p, m.exact_accuracy)
             );
         }
         if let Some(f) = &m.final_point {
-            eprintln!("  after relearning: reduction {:.1}%, {}", pct(f), measures(f));
+            eprintln!(
+                "  after relearning: reduction {:.1}%, {}",
+                pct(f),
+                measures(f, m.exact_accuracy)
+            );
         }
         if let Some(r) = m.refined.last() {
             let relearned = r.restored.as_deref() == Some(tabconv::passes::mask::RELEARNED_AFTER_REFINING);
@@ -285,21 +289,29 @@ fn print_summary(done: &Compiled) {
                 m.refined.len() - usize::from(relearned),
                 if relearned { "; then relearned" } else { "" },
                 pct(r),
-                measures(r)
+                measures(r, m.exact_accuracy)
             );
         }
     }
 }
 
 /// A masking point's logit measures and, with a validation set, its accuracy.
-fn measures(p: &PathPoint) -> String {
+/// The accuracy comes with its drop from the exact model's and that drop's standard error, the
+/// noise of measuring it on this many validation images.
+fn measures(p: &PathPoint, exact_accuracy: Option<f64>) -> String {
+    let accuracy = match (p.accuracy, exact_accuracy, p.drop_se) {
+        (Some(a), Some(e), Some(se)) => format!(
+            ", accuracy {:.2}% (drop {:.2} ± {:.2} points, one standard error)",
+            a * 100.0,
+            (e - a) * 100.0,
+            se
+        ),
+        (Some(a), ..) => format!(", accuracy {:.2}%", a * 100.0),
+        _ => String::new(),
+    };
     format!(
-        "logit cosine {:.5}, expected drop {:.2} points{}",
-        p.logit_cosine,
-        p.expected_drop,
-        p.accuracy
-            .map(|a| format!(", accuracy {:.2}%", a * 100.0))
-            .unwrap_or_default()
+        "logit cosine {:.5}, expected drop {:.2} points{accuracy}",
+        p.logit_cosine, p.expected_drop
     )
 }
 

@@ -263,6 +263,10 @@ pub struct PathPoint {
     pub accuracy: Option<f64>,
     /// Validation images classified correctly, when there is a validation set.
     pub correct: Option<usize>,
+    /// One standard error of the accuracy drop against the exact model on the validation set,
+    /// in points ([`drop_standard_error`]): how far the drop measured on these images may lie
+    /// from the drop on new ones.
+    pub drop_se: Option<f64>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -493,11 +497,34 @@ fn expected_drop(a: &ArrayD<f32>, b: &ArrayD<f32>) -> f64 {
     100.0 * lost / n as f64
 }
 
-/// Validation images classified correctly.
-fn correct(graph: &Graph, val: &(ArrayD<f32>, Vec<i64>)) -> Result<usize> {
+/// Per validation image, whether `graph` classifies it correctly.
+fn right(graph: &Graph, val: &(ArrayD<f32>, Vec<i64>)) -> Result<Vec<bool>> {
     let out = logits(graph, &val.0)?;
     let pred = crate::model::argmax_rows(&out);
-    Ok(pred.iter().zip(&val.1).filter(|(p, l)| p == l).count())
+    Ok(pred.iter().zip(&val.1).map(|(p, l)| p == l).collect())
+}
+
+/// One standard error, in points, of the accuracy drop from `exact` to `approx` (per image,
+/// right or not) as an estimate of the drop on new images of the same kind: the paired
+/// difference's, which only the images the two models disagree on carry — `b` right only
+/// exactly, `c` right only approximately, `sqrt((b + c)/n − ((b − c)/n)²) / sqrt(n)`.
+pub fn drop_standard_error(exact: &[bool], approx: &[bool]) -> f64 {
+    let n = exact.len().min(approx.len());
+    if n == 0 {
+        return 0.0;
+    }
+    let (mut b, mut c) = (0usize, 0usize);
+    for (&e, &a) in exact.iter().zip(approx) {
+        match (e, a) {
+            (true, false) => b += 1,
+            (false, true) => c += 1,
+            _ => {}
+        }
+    }
+    let nf = n as f64;
+    let mean = (b as f64 - c as f64) / nf;
+    let var = ((b + c) as f64 / nf - mean * mean).max(0.0);
+    100.0 * (var / nf).sqrt()
 }
 
 /// Relative slack of [`within_drop`]: far above the rounding of `drop / 100 · n`, far below
@@ -561,10 +588,13 @@ struct Meter {
     ref_logits: ArrayD<f32>,
     val: Option<(ArrayD<f32>, Vec<i64>)>,
     exact_correct: Option<usize>,
+    /// Per validation image, whether the exact model classifies it correctly.
+    exact_right: Option<Vec<bool>>,
 }
 
 impl Meter {
     fn new(goal: Goal, exact: &Graph, samples: ArrayD<f32>, val: Option<(ArrayD<f32>, Vec<i64>)>) -> Result<Meter> {
+        let exact_right = val.as_ref().map(|v| right(exact, v)).transpose()?;
         Ok(Meter {
             goal,
             source: cost::Cost {
@@ -572,7 +602,8 @@ impl Meter {
                 ..Default::default()
             },
             ref_logits: logits(exact, &samples)?,
-            exact_correct: val.as_ref().map(|v| correct(exact, v)).transpose()?,
+            exact_correct: exact_right.as_ref().map(|r| r.iter().filter(|&&x| x).count()),
+            exact_right,
             samples,
             val,
         })
@@ -592,7 +623,12 @@ impl Meter {
         let mut g = g.clone();
         crate::ir::infer::infer_graph(&mut g)?;
         let (l, a) = cost::reduction(&self.source, &cost::graph_cost(&g));
-        let correct = self.val.as_ref().map(|v| correct(&g, v)).transpose()?;
+        let right = self.val.as_ref().map(|v| right(&g, v)).transpose()?;
+        let correct = right.as_ref().map(|r| r.iter().filter(|&&x| x).count());
+        let drop_se = right
+            .as_ref()
+            .zip(self.exact_right.as_ref())
+            .map(|(r, e)| drop_standard_error(e, r));
         let out = logits(&g, &self.samples)?;
         Ok(PathPoint {
             restored,
@@ -602,6 +638,7 @@ impl Meter {
             expected_drop: expected_drop(&self.ref_logits, &out),
             accuracy: correct.map(|c| self.accuracy(c)),
             correct,
+            drop_se,
         })
     }
 
@@ -776,6 +813,15 @@ impl Mask {
             final_point,
             refined,
         });
+        let kept_se = cx.mask.as_ref().and_then(|m| m.kept().drop_se);
+        if let (Goal::Accuracy(budget), Some(se)) = (meter.goal, kept_se) {
+            if se > budget / 2.0 {
+                cx.notes.push(format!(
+                    "mask: the accuracy drop is measured on {} validation images, with a standard error of {se:.2} points for the kept model: the {budget}-point budget may not hold on new images (more validation images narrow it)",
+                    meter.n_val()
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -1395,6 +1441,7 @@ mod tests {
             expected_drop: 0.0,
             accuracy: Some(correct as f64 / 1000.0),
             correct: Some(correct),
+            drop_se: None,
         }
     }
 
@@ -1490,6 +1537,21 @@ mod tests {
         // 8 channels (d = 72): 16-lane vectors half full, twice the rate per multiply-add
         assert!((tm.time(&c, &argmin(None), 72, 16, Some(7)) - 2.0 * tm.encode_mac * 1000.0).abs() < 1e-6);
         assert!((tm.time(&c, &argmin(Some(0.1)), 72, 16, Some(7)) - 2.0 * tm.encode_mac_i8 * 1000.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn the_drop_standard_error_is_the_paired_one() {
+        let (t, f) = (true, false);
+        // one image each way out of 4: mean 0, variance 1/2
+        let se = drop_standard_error(&[t, t, f, f], &[t, f, t, f]);
+        assert!((se - 100.0 * (0.5f64 / 4.0).sqrt()).abs() < 1e-9, "{se}");
+        // 10 of 100 lost, none gained: variance 0.1 − 0.01
+        let exact = vec![t; 100];
+        let approx: Vec<bool> = (0..100).map(|i| i >= 10).collect();
+        assert!((drop_standard_error(&exact, &approx) - 3.0).abs() < 1e-9);
+        // agreement carries no error, whatever the accuracy
+        assert_eq!(drop_standard_error(&[t, f, f], &[t, f, f]), 0.0);
+        assert_eq!(drop_standard_error(&[], &[]), 0.0);
     }
 
     #[test]
