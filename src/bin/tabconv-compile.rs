@@ -260,27 +260,24 @@ fn print_summary(done: &Compiled) {
                 d.why
             );
         }
+        let measured = |p: &PathPoint| measures(p, m.exact_accuracy);
         let c = &m.path[m.chosen_point];
         let pct = |p: &PathPoint| p.reduction_everything_counted * 100.0;
         eprintln!(
             "  chosen: reduction {:.1}% (everything counted), {}",
             pct(c),
-            measures(c, m.exact_accuracy)
+            measured(c)
         );
         if let Some(p) = m.pruned.last() {
             eprintln!(
                 "  after pruning ({} layer(s) put back as lookups): reduction {:.1}%, {}",
                 m.pruned.len(),
                 pct(p),
-                measures(p, m.exact_accuracy)
+                measured(p)
             );
         }
         if let Some(f) = &m.final_point {
-            eprintln!(
-                "  after relearning: reduction {:.1}%, {}",
-                pct(f),
-                measures(f, m.exact_accuracy)
-            );
+            eprintln!("  after relearning: reduction {:.1}%, {}", pct(f), measured(f));
         }
         if let Some(r) = m.refined.last() {
             let relearned = r.restored.as_deref() == Some(tabconv::passes::mask::RELEARNED_AFTER_REFINING);
@@ -289,7 +286,7 @@ fn print_summary(done: &Compiled) {
                 m.refined.len() - usize::from(relearned),
                 if relearned { "; then relearned" } else { "" },
                 pct(r),
-                measures(r, m.exact_accuracy)
+                measured(r)
             );
         }
     }

@@ -504,6 +504,11 @@ fn right(graph: &Graph, val: &(ArrayD<f32>, Vec<i64>)) -> Result<Vec<bool>> {
     Ok(pred.iter().zip(&val.1).map(|(p, l)| p == l).collect())
 }
 
+/// Images classified correctly, of per-image results from [`right`].
+fn count_right(right: &[bool]) -> usize {
+    right.iter().filter(|&&r| r).count()
+}
+
 /// One standard error, in points, of the accuracy drop from `exact` to `approx` (per image,
 /// right or not) as an estimate of the drop on new images of the same kind: the paired
 /// difference's, which only the images the two models disagree on carry — `b` right only
@@ -587,7 +592,6 @@ struct Meter {
     samples: ArrayD<f32>,
     ref_logits: ArrayD<f32>,
     val: Option<(ArrayD<f32>, Vec<i64>)>,
-    exact_correct: Option<usize>,
     /// Per validation image, whether the exact model classifies it correctly.
     exact_right: Option<Vec<bool>>,
 }
@@ -602,11 +606,15 @@ impl Meter {
                 ..Default::default()
             },
             ref_logits: logits(exact, &samples)?,
-            exact_correct: exact_right.as_ref().map(|r| r.iter().filter(|&&x| x).count()),
             exact_right,
             samples,
             val,
         })
+    }
+
+    /// Validation images the exact model classifies correctly.
+    fn exact_correct(&self) -> Option<usize> {
+        self.exact_right.as_deref().map(count_right)
     }
 
     fn n_val(&self) -> usize {
@@ -624,7 +632,7 @@ impl Meter {
         crate::ir::infer::infer_graph(&mut g)?;
         let (l, a) = cost::reduction(&self.source, &cost::graph_cost(&g));
         let right = self.val.as_ref().map(|v| right(&g, v)).transpose()?;
-        let correct = right.as_ref().map(|r| r.iter().filter(|&&x| x).count());
+        let correct = right.as_deref().map(count_right);
         let drop_se = right
             .as_ref()
             .zip(self.exact_right.as_ref())
@@ -647,7 +655,7 @@ impl Meter {
     fn met(&self, p: &PathPoint) -> bool {
         match self.goal {
             Goal::Accuracy(drop) => within_drop(
-                self.exact_correct.unwrap_or(0),
+                self.exact_correct().unwrap_or(0),
                 p.correct.unwrap_or(0),
                 self.n_val(),
                 drop,
@@ -805,7 +813,7 @@ impl Mask {
             metric: meter.goal.metric().into(),
             target: meter.goal.target(),
             measured_on,
-            exact_accuracy: meter.exact_correct.map(|c| meter.accuracy(c)),
+            exact_accuracy: meter.exact_correct().map(|c| meter.accuracy(c)),
             layers: decisions,
             path: walk.path,
             chosen_point: walk.chosen_point,

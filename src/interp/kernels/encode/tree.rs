@@ -208,19 +208,8 @@ fn image_lanes(level: Simd, rows: &Rows, pt: &PixelTree, c_n: usize, codes: &mut
         })
         .collect();
     // the padded rows and columns some window reads
-    let read = |len: usize, out: usize, s: usize, k: usize, d: usize| {
-        let mut r = vec![false; len];
-        for o in 0..out {
-            for i in 0..k {
-                if let Some(v) = r.get_mut(o * s + i * d) {
-                    *v = true;
-                }
-            }
-        }
-        r
-    };
-    let row_read = read(hp, oh, sh, kh, dh);
-    let col_read = read(w + left, ow, sw, kw, dw);
+    let row_read = read_by_windows(hp, 0..oh, sh, kh, dh);
+    let col_read = read_by_windows(w + left, 0..ow, sw, kw, dw);
     let per_image = oh * ow * c_n;
     super::super::team::for_chunks(codes, IMAGES * per_image, |g, out| {
         SCRATCH.with_borrow_mut(|s| {
@@ -293,6 +282,20 @@ fn image_lanes(level: Simd, rows: &Rows, pt: &PixelTree, c_n: usize, codes: &mut
     true
 }
 
+/// Per padded position `0..len` (rows or columns, the padding before the input included),
+/// whether a window of outputs `outs` reads it: output `o` reads `o·s + i·d` for its `k` taps.
+fn read_by_windows(len: usize, outs: std::ops::Range<usize>, s: usize, k: usize, d: usize) -> Vec<bool> {
+    let mut read = vec![false; len];
+    for o in outs {
+        for i in 0..k {
+            if let Some(r) = read.get_mut(o * s + i * d) {
+                *r = true;
+            }
+        }
+    }
+    read
+}
+
 /// `xt[ch][l] = stage[l·c + ch]`: 16 images' `c` channels transposed (AVX-512, 16 channels or
 /// more: in registers).
 fn transpose_images(level: Simd, stage: &[f32], c: usize, xt: &mut [[f32; IMAGES]]) {
@@ -353,8 +356,10 @@ impl Job<'_> {
         planes.clear();
         planes.resize((nrows + 1) * self.row_len, 0.0);
         let image = &self.x[img * h * w * c_in..(img + 1) * h * w * c_in];
+        let top_pad = self.pads[0];
+        let read = read_by_windows(hi + top_pad, ya..yb, sh, self.kernel[0], self.dilations[0]);
         for r in 0..nrows {
-            if !self.row_read(lo + r, ya, yb) {
+            if !read[lo + r + top_pad] {
                 // its planes stay zero, unread (a 1×1 stride-2 conv reads every other row)
                 continue;
             }
@@ -399,15 +404,6 @@ impl Job<'_> {
                 }
             }
         }
-    }
-
-    /// Whether a window of output rows `ya..yb` reads input row `iy`.
-    fn row_read(&self, iy: usize, ya: usize, yb: usize) -> bool {
-        let (sh, dh, top) = (self.strides[0], self.dilations[0], self.pads[0]);
-        (0..self.kernel[0]).any(|i| {
-            let t = (iy + top).checked_sub(i * dh);
-            t.is_some_and(|t| t % sh == 0 && (ya..yb).contains(&(t / sh)))
-        })
     }
 
     /// Copies one channels-last input row (`w × C`) into its planes (`dst`, zeroed): value
