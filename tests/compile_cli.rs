@@ -429,6 +429,54 @@ fn mask_measures_on_calibration_images_held_out_of_learning() {
     );
 }
 
+/// An accuracy target prints the model's accuracy on the validation images held out to confirm
+/// it (`mask.confirm`, half of them by default) and reports them.
+#[test]
+fn accuracy_target_prints_the_held_out_confirmation() {
+    let dir = tempfile::tempdir().unwrap();
+    let (out, report) = (dir.path().join("m.tcv"), dir.path().join("m.json"));
+    let o = compile(&[
+        fixture("models/lenet5.onnx").to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--calib",
+        fixture("data/mnist_calib.npy").to_str().unwrap(),
+        "--val",
+        fixture("data/mnist_test.npy").to_str().unwrap(),
+        "--val-labels",
+        fixture("data/mnist_test_labels.npy").to_str().unwrap(),
+        "--report",
+        report.to_str().unwrap(),
+        "--set",
+        "lut.learn=none",
+        "--set",
+        "mask.max_accuracy_drop=0.5",
+    ]);
+    let e = stderr(&o);
+    assert!(o.status.success(), "{e}");
+    assert!(
+        e.contains("  on 1000 held-out validation images (mask.confirm): logit cosine ")
+            && e.contains("one standard error"),
+        "{e}"
+    );
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let mask = &r["report"]["mask"];
+    assert!(
+        mask["measured_on"]
+            .as_str()
+            .unwrap()
+            .starts_with("1000 validation images (1000 more held out to confirm"),
+        "{mask}"
+    );
+    let c = &mask["confirmation"];
+    assert_eq!(c["images"], 1000, "{c}");
+    let points = c["points"].as_array().unwrap();
+    assert!(!points.is_empty() && points[0]["correct"].as_u64().is_some(), "{c}");
+    // restores to confirm, if any, are printed with the model kept measured on both halves
+    assert_eq!(points.len() > 1, e.contains("to meet the budget there"), "{e}");
+    assert_eq!(points.len() > 1, !c["chosen_on"].is_null(), "{c}");
+}
+
 /// The same model, calibration and seed give the same `.tcv` bytes at every SIMD level from AVX2
 /// up that this CPU has (`TABCONV_SIMD` caps every kernel, the GEMMs of calibration and learning
 /// included): a model compiled on an AVX2 machine is the one an AVX-512 machine compiles.

@@ -760,6 +760,8 @@ fn mask_targets_out_of_range_are_errors() {
         ("target_reduction: 1.5", "mask.target_reduction = 1.5"),
         ("min_logit_cosine: .nan", "mask.min_logit_cosine = NaN"),
         ("max_accuracy_drop: -1", "mask.max_accuracy_drop = -1"),
+        ("confirm: 1", "mask.confirm = 1"),
+        ("confirm: .nan", "mask.confirm = NaN"),
     ] {
         let text = format!("name: m\npasses:\n  - mask:\n      {set}\n");
         let p = Pipeline::parse(&text, "m").unwrap();

@@ -289,6 +289,23 @@ fn print_summary(done: &Compiled) {
                 measured(r)
             );
         }
+        if let Some(c) = &m.confirmation {
+            let on_held_out = |p: &PathPoint| measures(p, Some(c.exact_accuracy));
+            eprintln!(
+                "  on {} held-out validation images (mask.confirm): {}",
+                c.images,
+                on_held_out(&c.points[0])
+            );
+            if let (Some(last), Some(chosen_on)) = (c.points.last(), &c.chosen_on) {
+                eprintln!(
+                    "  after restoring {} layer(s) to meet the budget there: reduction {:.1}%, {}; on the images chosen on: {}",
+                    c.points.len() - 1,
+                    pct(last),
+                    on_held_out(last),
+                    measured(chosen_on)
+                );
+            }
+        }
     }
 }
 

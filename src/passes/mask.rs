@@ -23,6 +23,11 @@
 //! change that leaves the target met: `refine_encoder` (argmin lookups → hash-tree lookups),
 //! then `refine_subspace` (exact layers → lookups over smaller codebooks).
 //! `keep_exact` / `force_lut` (node names, `*` wildcards) override the choice.
+//! With `max_accuracy_drop`, `confirm` (0.5 by default) holds a fraction of the validation
+//! images out of all of that: every step chooses on the others, and a step is taken when it
+//! looks good there, so the kept model's drop on them is biased low. The kept model is measured
+//! once on the held-out images and, while its drop there exceeds the budget, its LUT layers are
+//! restored, most damage per operation saved first, each measured there ([`Confirmation`]).
 //! `max_accuracy_drop`, `target_reduction` or `max_expected_drop`, when given, take precedence
 //! over `min_logit_cosine` (the default pipeline's target).
 //!
@@ -88,6 +93,14 @@ pub struct Options {
     /// Cost of one encoding multiply-add, comparison, lookup-add and output value of the
     /// lookups relative to one exact multiply-add, used by `restore_unprofitable`.
     pub time_model: TimeModel,
+    /// With `max_accuracy_drop`: the fraction of the validation images (`--val`, spread evenly:
+    /// with 0.5 every second one, [`confirm_split`]) held out of every choice the pass makes and
+    /// measured once at the end. Every step before chooses on the other images, so the kept
+    /// model's drop there is biased low (each trial that happens to look good on them is
+    /// kept); when the drop on the held-out images exceeds the budget, LUT layers are restored,
+    /// most damage per operation saved first, until it holds on them ([`Confirmation`]).
+    /// 0 = off (everything measured on all the validation images, as before 2026-12-02).
+    pub confirm: f64,
 }
 
 /// Relative time of the operations of a LUT layer, one exact multiply-add = 1. The defaults
@@ -246,6 +259,7 @@ impl Default for Options {
             refine_subspace: 0,
             refine_encoder: false,
             time_model: TimeModel::default(),
+            confirm: 0.5,
         }
     }
 }
@@ -317,15 +331,37 @@ pub struct MaskReport {
     /// the model kept.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub refined: Vec<PathPoint>,
+    /// With `confirm`: the model the steps above chose, measured on the held-out validation
+    /// images, and what that changed.
+    pub confirmation: Option<Confirmation>,
+}
+
+/// The held-out check of an accuracy target (`confirm`). Every point above is measured on the
+/// other validation images (their count in `measured_on`); these on the held-out ones.
+#[derive(Clone, Debug, Serialize)]
+pub struct Confirmation {
+    /// Held-out validation images.
+    pub images: usize,
+    /// The exact model's accuracy on them.
+    pub exact_accuracy: f64,
+    /// The model the steps above kept, then one point per layer restored because the drop on
+    /// these images exceeded the budget (`restored` names it); the last is the model kept.
+    pub points: Vec<PathPoint>,
+    /// When layers were restored: the model kept, measured on the validation images the rest
+    /// chose on (what [`MaskReport::kept`] returns then).
+    pub chosen_on: Option<PathPoint>,
 }
 
 impl MaskReport {
-    /// The point of the model kept: the last refine step (a layer refined, or the model
-    /// relearned after them), else the relearned model when
-    /// reported, else the last layer prune put back as lookups, else the walk's choice.
+    /// The point of the model kept, on the validation images the pass chose on: after a
+    /// confirmation that restored layers, that model; else the last refine step (a layer
+    /// refined, or the model relearned after them), else the relearned model when reported,
+    /// else the last layer prune put back as lookups, else the walk's choice.
     pub fn kept(&self) -> &PathPoint {
-        self.refined
-            .last()
+        self.confirmation
+            .as_ref()
+            .and_then(|c| c.chosen_on.as_ref())
+            .or(self.refined.last())
             .or(self.final_point.as_ref())
             .or(self.pruned.last())
             .unwrap_or(&self.path[self.chosen_point])
@@ -498,10 +534,10 @@ fn expected_drop(a: &ArrayD<f32>, b: &ArrayD<f32>) -> f64 {
 }
 
 /// Per validation image, whether `graph` classifies it correctly.
-fn right(graph: &Graph, val: &(ArrayD<f32>, Vec<i64>)) -> Result<Vec<bool>> {
-    let out = logits(graph, &val.0)?;
+fn right(graph: &Graph, x: &ArrayD<f32>, labels: &[i64]) -> Result<Vec<bool>> {
+    let out = logits(graph, x)?;
     let pred = crate::model::argmax_rows(&out);
-    Ok(pred.iter().zip(&val.1).map(|(p, l)| p == l).collect())
+    Ok(pred.iter().zip(labels).map(|(p, l)| p == l).collect())
 }
 
 /// Images classified correctly, of per-image results from [`right`].
@@ -585,20 +621,89 @@ impl Pass for Mask {
 }
 
 /// What every point of the masking path is measured against: the target, the source model's
-/// arithmetic, the exact model's logits on the measured images and its validation accuracy.
+/// arithmetic, the exact model's logits on the measured images, the validation images chosen on
+/// and those held out to confirm the choice (`confirm`).
 struct Meter {
     goal: Goal,
     source: cost::Cost,
     samples: ArrayD<f32>,
     ref_logits: ArrayD<f32>,
-    val: Option<(ArrayD<f32>, Vec<i64>)>,
-    /// Per validation image, whether the exact model classifies it correctly.
-    exact_right: Option<Vec<bool>>,
+    val: Option<Labelled>,
+    held_out: Option<Labelled>,
+}
+
+/// Labelled images and, per image, whether the exact model classifies it correctly.
+struct Labelled {
+    x: ArrayD<f32>,
+    labels: Vec<i64>,
+    exact_right: Vec<bool>,
+}
+
+impl Labelled {
+    fn new(exact: &Graph, (x, labels): (ArrayD<f32>, Vec<i64>)) -> Result<Labelled> {
+        let exact_right = right(exact, &x, &labels)?;
+        Ok(Labelled { x, labels, exact_right })
+    }
+
+    fn n(&self) -> usize {
+        self.labels.len()
+    }
+
+    /// Images the exact model classifies correctly.
+    fn exact_correct(&self) -> usize {
+        count_right(&self.exact_right)
+    }
+
+    /// `g`'s images right, accuracy and drop standard error against the exact model.
+    fn score(&self, g: &Graph) -> Result<(usize, f64, f64)> {
+        let r = right(g, &self.x, &self.labels)?;
+        let correct = count_right(&r);
+        Ok((
+            correct,
+            correct as f64 / self.n().max(1) as f64,
+            drop_standard_error(&self.exact_right, &r),
+        ))
+    }
+
+    fn within(&self, p: &PathPoint, drop: f64) -> bool {
+        within_drop(self.exact_correct(), p.correct.unwrap_or(0), self.n(), drop)
+    }
+}
+
+/// Which validation images are held out to confirm an accuracy target (`true`), for `n` images
+/// and a `fraction` of them: image `i` when `⌊(i + 1)·fraction⌋ > ⌊i·fraction⌋`, spread evenly
+/// through the set (0.5: every second image, the first kept for choosing), so a set sorted by
+/// class gives both parts every class.
+pub fn confirm_split(n: usize, fraction: f64) -> Vec<bool> {
+    (0..n)
+        .map(|i| ((i + 1) as f64 * fraction).floor() > (i as f64 * fraction).floor())
+        .collect()
 }
 
 impl Meter {
-    fn new(goal: Goal, exact: &Graph, samples: ArrayD<f32>, val: Option<(ArrayD<f32>, Vec<i64>)>) -> Result<Meter> {
-        let exact_right = val.as_ref().map(|v| right(exact, v)).transpose()?;
+    fn new(
+        goal: Goal,
+        exact: &Graph,
+        samples: ArrayD<f32>,
+        val: Option<(ArrayD<f32>, Vec<i64>)>,
+        confirm: f64,
+    ) -> Result<Meter> {
+        let (val, held_out) = match val {
+            Some((x, labels)) if matches!(goal, Goal::Accuracy(_)) && confirm > 0.0 => {
+                let out = confirm_split(labels.len(), confirm);
+                let pick = |held: bool| -> (ArrayD<f32>, Vec<i64>) {
+                    let rows: Vec<usize> = (0..labels.len()).filter(|&i| out[i] == held).collect();
+                    (x.select(Axis(0), &rows), rows.iter().map(|&i| labels[i]).collect())
+                };
+                let (chosen, held) = (pick(false), pick(true));
+                if chosen.1.is_empty() || held.1.is_empty() {
+                    (Some((x, labels)), None)
+                } else {
+                    (Some(chosen), Some(held))
+                }
+            }
+            v => (v, None),
+        };
         Ok(Meter {
             goal,
             source: cost::Cost {
@@ -606,19 +711,19 @@ impl Meter {
                 ..Default::default()
             },
             ref_logits: logits(exact, &samples)?,
-            exact_right,
+            val: val.map(|v| Labelled::new(exact, v)).transpose()?,
+            held_out: held_out.map(|v| Labelled::new(exact, v)).transpose()?,
             samples,
-            val,
         })
     }
 
-    /// Validation images the exact model classifies correctly.
+    /// Validation images (those chosen on) the exact model classifies correctly.
     fn exact_correct(&self) -> Option<usize> {
-        self.exact_right.as_deref().map(count_right)
+        self.val.as_ref().map(Labelled::exact_correct)
     }
 
     fn n_val(&self) -> usize {
-        self.val.as_ref().map_or(0, |v| v.1.len())
+        self.val.as_ref().map_or(0, Labelled::n)
     }
 
     /// The validation accuracy of `correct` images right.
@@ -628,15 +733,19 @@ impl Meter {
 
     /// `g`'s reductions, logit measures and validation accuracy, after restoring `restored`.
     fn measure(&self, g: &Graph, restored: Option<String>) -> Result<PathPoint> {
+        self.measure_on(g, restored, self.val.as_ref())
+    }
+
+    /// [`Meter::measure`] with the accuracy on the held-out validation images.
+    fn measure_held_out(&self, g: &Graph, restored: Option<String>) -> Result<PathPoint> {
+        self.measure_on(g, restored, self.held_out.as_ref())
+    }
+
+    fn measure_on(&self, g: &Graph, restored: Option<String>, val: Option<&Labelled>) -> Result<PathPoint> {
         let mut g = g.clone();
         crate::ir::infer::infer_graph(&mut g)?;
         let (l, a) = cost::reduction(&self.source, &cost::graph_cost(&g));
-        let right = self.val.as_ref().map(|v| right(&g, v)).transpose()?;
-        let correct = right.as_deref().map(count_right);
-        let drop_se = right
-            .as_ref()
-            .zip(self.exact_right.as_ref())
-            .map(|(r, e)| drop_standard_error(e, r));
+        let scored = val.map(|v| v.score(&g)).transpose()?;
         let out = logits(&g, &self.samples)?;
         Ok(PathPoint {
             restored,
@@ -644,9 +753,9 @@ impl Meter {
             reduction_lookups_only: l,
             logit_cosine: mean_cosine(&out, &self.ref_logits),
             expected_drop: expected_drop(&self.ref_logits, &out),
-            accuracy: correct.map(|c| self.accuracy(c)),
-            correct,
-            drop_se,
+            accuracy: scored.map(|s| s.1),
+            correct: scored.map(|s| s.0),
+            drop_se: scored.map(|s| s.2),
         })
     }
 
@@ -654,15 +763,18 @@ impl Meter {
     /// while the reduction allows (checked by [`Mask::walk`]).
     fn met(&self, p: &PathPoint) -> bool {
         match self.goal {
-            Goal::Accuracy(drop) => within_drop(
-                self.exact_correct().unwrap_or(0),
-                p.correct.unwrap_or(0),
-                self.n_val(),
-                drop,
-            ),
+            Goal::Accuracy(drop) => self.val.as_ref().is_some_and(|v| v.within(p, drop)),
             Goal::Reduction(_) => false,
             Goal::ExpectedDrop(drop, cos) => p.expected_drop <= drop && cos.is_none_or(|c| p.logit_cosine >= c),
             Goal::Cosine(c) => p.logit_cosine >= c,
+        }
+    }
+
+    /// Whether a point measured by [`Meter::measure_held_out`] meets the accuracy target.
+    fn met_held_out(&self, p: &PathPoint) -> bool {
+        match (self.goal, &self.held_out) {
+            (Goal::Accuracy(drop), Some(v)) => v.within(p, drop),
+            _ => true,
         }
     }
 
@@ -695,6 +807,12 @@ fn check_ranges(o: &Options) -> Result<()> {
             )));
         }
     }
+    if !(0.0..1.0).contains(&o.confirm) {
+        return Err(Error::Input(format!(
+            "mask.confirm = {}: must be within 0..1 (the fraction of --val held out to confirm; 0 = off)",
+            o.confirm
+        )));
+    }
     Ok(())
 }
 
@@ -713,8 +831,7 @@ fn check_targets(o: &Options, has_val: bool) -> Result<()> {
 }
 
 /// The images the logit measures are taken on — held-out calibration images when the compile
-/// set some aside, else the ones learned on, at most `samples` — and how the report names the
-/// images the target is measured on (for an accuracy target, the validation set).
+/// set some aside, else the ones learned on, at most `samples` — and how the report names them.
 fn measured_images(cx: &PassCx, o: &Options) -> Result<(ArrayD<f32>, String)> {
     let held_out = cx.holdout.is_some();
     let calib = cx
@@ -735,14 +852,22 @@ fn measured_images(cx: &PassCx, o: &Options) -> Result<(ArrayD<f32>, String)> {
             "calibration (learned on)"
         }
     );
-    let measured_on = match (Goal::of(o), &cx.val) {
+    Ok((samples, logit_images))
+}
+
+/// How the report names the images the target is measured on: for an accuracy target the
+/// validation images chosen on (and those held out to confirm), else `logit_images`.
+fn measured_on(meter: &Meter, logit_images: &str) -> String {
+    match (meter.goal, &meter.val, &meter.held_out) {
+        (Goal::Accuracy(_), Some(v), Some(h)) => format!(
+            "{} validation images ({} more held out to confirm; logits on {logit_images})",
+            v.n(),
+            h.n()
+        ),
         // the accuracy is taken on --val; the logit measures (damage alone, cosines) on the rest
-        (Goal::Accuracy(_), Some((_, labels))) => {
-            format!("{} validation images (logits on {logit_images})", labels.len())
-        }
-        _ => logit_images,
-    };
-    Ok((samples, measured_on))
+        (Goal::Accuracy(_), Some(v), None) => format!("{} validation images (logits on {logit_images})", v.n()),
+        _ => logit_images.to_string(),
+    }
 }
 
 /// Layers in greedy order: most damage per operation saved first (ties in graph order).
@@ -767,7 +892,7 @@ impl Mask {
                 .push("mask: no LUT layers to mask (run the lut pass first)".into());
             return Ok(());
         }
-        let (samples, measured_on) = measured_images(cx, o)?;
+        let (samples, logit_images) = measured_images(cx, o)?;
         check_targets(o, cx.val.is_some())?;
         let names: Vec<&str> = luts
             .iter()
@@ -782,7 +907,7 @@ impl Mask {
         // the exact reference: every layer restored
         let mut exact = with_exact(graph, record, &luts)?;
         crate::ir::infer::infer_graph(&mut exact)?;
-        let meter = Meter::new(Goal::of(o), &exact, samples, cx.val.clone())?;
+        let meter = Meter::new(Goal::of(o), &exact, samples, cx.val.clone(), o.confirm)?;
         let bar = crate::cli::progress(2 * luts.len(), "mask");
         let mut decisions = self.layers_alone(graph, cx, record, &luts, &meter, &bar)?;
         let mut current = graph.clone();
@@ -808,11 +933,12 @@ impl Mask {
                 refined.push(p);
             }
         }
+        let confirmation = self.confirm(&mut current, cx, record, &luts, &meter, &mut decisions)?;
         *graph = current;
         cx.mask = Some(MaskReport {
             metric: meter.goal.metric().into(),
             target: meter.goal.target(),
-            measured_on,
+            measured_on: measured_on(&meter, &logit_images),
             exact_accuracy: meter.exact_correct().map(|c| meter.accuracy(c)),
             layers: decisions,
             path: walk.path,
@@ -820,13 +946,21 @@ impl Mask {
             pruned,
             final_point,
             refined,
+            confirmation,
         });
-        let kept_se = cx.mask.as_ref().and_then(|m| m.kept().drop_se);
-        if let (Goal::Accuracy(budget), Some(se)) = (meter.goal, kept_se) {
+        // the last measure of the kept model: on the held-out images when there are some
+        let kept_se = cx.mask.as_ref().and_then(|m| match &m.confirmation {
+            Some(c) => c
+                .points
+                .last()
+                .and_then(|p| p.drop_se)
+                .map(|se| (se, c.images, " held-out")),
+            None => m.kept().drop_se.map(|se| (se, meter.n_val(), "")),
+        });
+        if let (Goal::Accuracy(budget), Some((se, n, held))) = (meter.goal, kept_se) {
             if se > budget / 2.0 {
                 cx.notes.push(format!(
-                    "mask: the accuracy drop is measured on {} validation images, with a standard error of {se:.2} points for the kept model: the {budget}-point budget may not hold on new images (more validation images narrow it)",
-                    meter.n_val()
+                    "mask: the accuracy drop is measured on {n}{held} validation images, with a standard error of {se:.2} points for the kept model: the {budget}-point budget may not hold on new images (more validation images narrow it)"
                 ));
             }
         }
@@ -1131,6 +1265,79 @@ impl Mask {
             if refined.is_empty() { "" } else { " after refining" }
         ));
         Ok(None)
+    }
+}
+
+impl Mask {
+    /// With held-out validation images (`confirm`): the model as chosen measured on them and,
+    /// while its drop there exceeds the budget, its LUT layers restored one at a time, most
+    /// damage per operation saved first (`force_lut` layers stay), each measured on them; the
+    /// model is left at the first point that meets the budget there. Then, when layers were
+    /// restored, the model kept measured on the images the rest chose on.
+    fn confirm(
+        &self,
+        current: &mut Graph,
+        cx: &mut PassCx,
+        record: &LutLayers,
+        luts: &[String],
+        meter: &Meter,
+        decisions: &mut [LayerDecision],
+    ) -> Result<Option<Confirmation>> {
+        let (Some(held), Goal::Accuracy(budget)) = (&meter.held_out, meter.goal) else {
+            return Ok(None);
+        };
+        let mut points = vec![meter.measure_held_out(current, None)?];
+        // the record of the model as it stands: the last relearn's when one ran, else the lut
+        // pass's (set back by `run`)
+        let relearned = cx.analyses.lut.take();
+        let records: Vec<&LutLayers> = relearned.iter().chain([record]).collect();
+        for i in greedy_order(decisions) {
+            if meter.met_held_out(points.last().expect("starts with one point")) {
+                break;
+            }
+            let d = &decisions[i];
+            if d.chosen != "lut" || named(&self.0.force_lut, &d.layer, &luts[i]) {
+                continue;
+            }
+            let Some(name) = records.iter().find_map(|r| r.live_lut_of(current, &d.layer)) else {
+                continue;
+            };
+            let ex = records
+                .iter()
+                .find_map(|r| r.exact(name).ok())
+                .ok_or_else(|| Error::Other(format!("{name}: no exact layer recorded")))?;
+            let was = points.last().expect("one point").clone();
+            restore(current, name, ex)?;
+            let p = meter.measure_held_out(current, Some(d.layer.clone()))?;
+            let d = &mut decisions[i];
+            d.chosen = "exact";
+            d.why = format!(
+                "restored to confirm: on the {} held-out validation images the model got {} fewer right than the exact model's {} (budget {budget} points; {})",
+                held.n(),
+                held.exact_correct() as i64 - was.correct.unwrap_or(0) as i64,
+                held.exact_correct(),
+                d.why
+            );
+            points.push(p);
+        }
+        cx.analyses.lut = relearned;
+        let last = points.last().expect("one point");
+        if !meter.met_held_out(last) {
+            cx.notes.push(format!(
+                "mask: on the {} held-out validation images the model misses the {budget}-point budget with every layer it may restore restored (force_lut keeps the rest)",
+                held.n()
+            ));
+        }
+        let chosen_on = match points.len() {
+            1 => None,
+            n => Some(meter.measure(current, Some(format!("(after restoring {} to confirm)", n - 1)))?),
+        };
+        Ok(Some(Confirmation {
+            images: held.n(),
+            exact_accuracy: held.exact_correct() as f64 / held.n().max(1) as f64,
+            points,
+            chosen_on,
+        }))
     }
 }
 
@@ -1560,6 +1767,23 @@ mod tests {
         // agreement carries no error, whatever the accuracy
         assert_eq!(drop_standard_error(&[t, f, f], &[t, f, f]), 0.0);
         assert_eq!(drop_standard_error(&[], &[]), 0.0);
+    }
+
+    #[test]
+    fn held_out_images_are_spread_through_the_set() {
+        let at = |n, f| -> Vec<usize> {
+            let held = confirm_split(n, f);
+            (0..n).filter(|&i| held[i]).collect()
+        };
+        assert_eq!(at(8, 0.5), [1, 3, 5, 7]);
+        assert_eq!(at(9, 0.25), [3, 7]);
+        assert_eq!(at(10, 0.3), [3, 6, 9]);
+        assert!(at(10, 0.0).is_empty());
+        // about the fraction asked, whatever the size
+        for (n, f) in [(2000, 0.5), (1999, 0.25), (7, 0.9)] {
+            let k = at(n, f).len() as f64;
+            assert!((k - n as f64 * f).abs() <= 1.0, "{k} of {n} at {f}");
+        }
     }
 
     #[test]
