@@ -473,7 +473,7 @@ fn accuracy_target_prints_the_held_out_confirmation() {
     let points = c["points"].as_array().unwrap();
     assert!(!points.is_empty() && points[0]["correct"].as_u64().is_some(), "{c}");
     // restores to confirm, if any, are printed with the model kept measured on both halves
-    assert_eq!(points.len() > 1, e.contains("to meet the budget there"), "{e}");
+    assert_eq!(points.len() > 1, e.contains("layer(s) to confirm: reduction"), "{e}");
     assert_eq!(points.len() > 1, !c["chosen_on"].is_null(), "{c}");
 }
 

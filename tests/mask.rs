@@ -80,6 +80,7 @@ fn greedy_restores_the_most_damaging_layer_first() {
     );
     // every restore raises the similarity towards 1
     assert!(report.path.last().unwrap().logit_cosine >= report.path[0].logit_cosine);
+    assert!(report.confirmation.is_none(), "only an accuracy target is confirmed");
 }
 
 #[test]
@@ -202,6 +203,7 @@ fn accuracy_target_uses_validation_labels() {
     );
     let c = m.confirmation.as_ref().expect("an accuracy target is confirmed");
     assert_eq!(c.images, 500);
+    assert!((exact - kept.accuracy.unwrap()) * 100.0 <= 0.5 + 1e-9 || m.layers.iter().all(|d| d.chosen == "exact"));
     // the accuracies reported for the kept model are the compiled model's, on each half
     let original = tabconv::onnx::load_model(&fixture("models/lenet5.onnx")).unwrap();
     let (got, want) = (predictions(&g, &vx), predictions(&original, &vx));
@@ -402,19 +404,54 @@ fn held_out_images_confirm_the_choice() {
         .map(|d| d.layer.as_str())
         .collect();
     assert_eq!(restored.len(), c.points.len() - 1, "{:?}", m.layers);
-    for (p, layer) in c.points[1..].iter().zip(&restored) {
-        assert!(
-            m.layers.iter().any(|d| Some(d.layer.as_str()) == p.restored.as_deref()),
-            "{p:?}"
-        );
-        assert!(restored.contains(&p.restored.as_deref().unwrap()), "{layer}");
-    }
+    // restored most damage per operation saved first
+    let mut greedy: Vec<&tabconv::passes::mask::LayerDecision> = m.layers.iter().collect();
+    greedy.sort_by(|a, b| b.damage_per_mop_saved.total_cmp(&a.damage_per_mop_saved));
+    let order: Vec<Option<&str>> = c.points[1..].iter().map(|p| p.restored.as_deref()).collect();
+    let want: Vec<Option<&str>> = greedy[..order.len()].iter().map(|d| Some(d.layer.as_str())).collect();
+    assert_eq!(order, want, "{:?}", m.layers);
     // the model written is the one confirmed: it gets the lost image right, and the chosen-on
     // half is measured again for it
     assert_eq!(predictions(&got, &x)[1], exact[differ[0]]);
     let kept = m.kept();
     assert!(c.chosen_on.is_some() && kept.correct == Some(100), "{kept:?}");
     assert!(kept.restored.as_deref().unwrap().contains("to confirm"), "{kept:?}");
+    // `force_lut` keeps a layer from confirm's restores: here the first in greedy order
+    let first = greedy[0].layer.clone();
+    let (g2, cx2, _) = approximated();
+    let options = format!(
+        "      max_accuracy_drop: 0.5\n      force_lut: [{first}]\n      relearn: false\n      restore_unprofitable: false\n"
+    );
+    let (got2, m2, notes) = mask_only(&g2, cx2, (x.clone(), labels.clone()), &options);
+    let c2 = m2.confirmation.as_ref().unwrap();
+    let forced = m2.layers.iter().find(|d| d.layer == first).unwrap();
+    assert_eq!(forced.chosen, "lut", "{:?}", m2.layers);
+    assert!(c2.points.iter().all(|p| p.restored.as_deref() != Some(first.as_str())));
+    // restoring the other layer alone does not win the image back: the best point on the
+    // held-out images is the model as chosen, and the restore is undone (as in the walk)
+    assert_eq!(
+        (c2.points.len(), c2.points[0].correct),
+        (1, Some(99)),
+        "{:?}",
+        c2.points
+    );
+    assert!(
+        notes.iter().any(|n| n.contains("misses the 0.5-point budget")),
+        "{notes:?}"
+    );
+    let other = m2.layers.iter().find(|d| d.layer != first).unwrap();
+    assert!(
+        other.chosen == "lut"
+            && other
+                .why
+                .starts_with("kept as LUT: restoring it to confirm did not help"),
+        "{other:?}"
+    );
+    assert_eq!(
+        predictions(&got2, &x),
+        predictions(&g, &x),
+        "the all-LUT model is written"
+    );
     // without confirm the same images choose the all-LUT model
     let (g, cx, _) = approximated();
     let options =

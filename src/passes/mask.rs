@@ -328,7 +328,7 @@ pub struct MaskReport {
     /// tree lookups, exact layers made lookups over smaller codebooks), each meeting the target,
     /// in order, then (with `relearn`, when it is kept: no worse, target met) one for the model
     /// relearned through the final mix, `restored` "(relearned after refining)"; the last is
-    /// the model kept.
+    /// the model kept (unless `confirmation` restored layers after it: [`MaskReport::kept`]).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub refined: Vec<PathPoint>,
     /// With `confirm`: the model the steps above chose, measured on the held-out validation
@@ -336,8 +336,9 @@ pub struct MaskReport {
     pub confirmation: Option<Confirmation>,
 }
 
-/// The held-out check of an accuracy target (`confirm`). Every point above is measured on the
-/// other validation images (their count in `measured_on`); these on the held-out ones.
+/// The held-out check of an accuracy target (`confirm`). Every point above has its accuracy
+/// measured on the other validation images (their count in `measured_on`); these points on the
+/// held-out ones (their logit measures, as every point's, on the calibration images).
 #[derive(Clone, Debug, Serialize)]
 pub struct Confirmation {
     /// Held-out validation images.
@@ -908,6 +909,13 @@ impl Mask {
         let mut exact = with_exact(graph, record, &luts)?;
         crate::ir::infer::infer_graph(&mut exact)?;
         let meter = Meter::new(Goal::of(o), &exact, samples, cx.val.clone(), o.confirm)?;
+        if let (Goal::Accuracy(_), true, None) = (meter.goal, o.confirm > 0.0, &meter.held_out) {
+            cx.notes.push(format!(
+                "mask: confirm {} of {} validation images leaves no image to hold out or none to choose on: everything is chosen on all of them, unconfirmed",
+                o.confirm,
+                meter.n_val()
+            ));
+        }
         let bar = crate::cli::progress(2 * luts.len(), "mask");
         let mut decisions = self.layers_alone(graph, cx, record, &luts, &meter, &bar)?;
         let mut current = graph.clone();
@@ -1273,7 +1281,9 @@ impl Mask {
     /// while its drop there exceeds the budget, its LUT layers restored one at a time, most
     /// damage per operation saved first (`force_lut` layers stay), each measured on them; the
     /// model is left at the first point that meets the budget there. Then, when layers were
-    /// restored, the model kept measured on the images the rest chose on.
+    /// restored, the model kept measured on the images the rest chose on. A layer's lookups are
+    /// found by the record of the last `lut` run over the whole model (a relearn's, else the
+    /// first's); a layer whose live lookups neither names (refined, not relearned) stays as it is.
     fn confirm(
         &self,
         current: &mut Graph,
@@ -1287,11 +1297,17 @@ impl Mask {
             return Ok(None);
         };
         let mut points = vec![meter.measure_held_out(current, None)?];
+        // the model as chosen and the restores made, to go back to the best point
+        let (start, mut restores) = (current.clone(), Vec::new());
         // the record of the model as it stands: the last relearn's when one ran, else the lut
         // pass's (set back by `run`)
         let relearned = cx.analyses.lut.take();
         let records: Vec<&LutLayers> = relearned.iter().chain([record]).collect();
-        for i in greedy_order(decisions) {
+        let order = greedy_order(decisions);
+        let bar = crate::cli::progress(order.len(), "mask confirm");
+        for i in order {
+            cx.check_cancel()?;
+            bar.inc(1);
             if meter.met_held_out(points.last().expect("starts with one point")) {
                 break;
             }
@@ -1308,7 +1324,16 @@ impl Mask {
                 .ok_or_else(|| Error::Other(format!("{name}: no exact layer recorded")))?;
             let was = points.last().expect("one point").clone();
             restore(current, name, ex)?;
+            restores.push((name.to_string(), ex.clone(), i, decisions[i].why.clone()));
             let p = meter.measure_held_out(current, Some(d.layer.clone()))?;
+            cx.say(&bar, || {
+                format!(
+                    "  mask: restored {} to confirm: accuracy {:.2} % on the held-out images, {:.1} % removed",
+                    d.layer,
+                    100.0 * p.accuracy.unwrap_or(0.0),
+                    100.0 * p.reduction_everything_counted
+                )
+            });
             let d = &mut decisions[i];
             d.chosen = "exact";
             d.why = format!(
@@ -1320,18 +1345,37 @@ impl Mask {
             );
             points.push(p);
         }
+        bar.finish_and_clear();
         cx.analyses.lut = relearned;
-        let last = points.last().expect("one point");
-        if !meter.met_held_out(last) {
+        if !meter.met_held_out(points.last().expect("one point")) {
+            // as in the walk: a restore can make the model worse, so keep the best point there
+            let best = best_point(&points, |p| meter.met_held_out(p), |p| p.correct.unwrap_or(0));
             cx.notes.push(format!(
-                "mask: on the {} held-out validation images the model misses the {budget}-point budget with every layer it may restore restored (force_lut keeps the rest)",
-                held.n()
+                "mask: on the {} held-out validation images the model misses the {budget}-point budget with every layer confirm could restore restored (force_lut, or lookups no lut record names, keep the rest); kept the best of those points ({} restored)",
+                held.n(),
+                best
             ));
+            *current = start;
+            for (name, ex, ..) in &restores[..best] {
+                restore(current, name, ex)?;
+            }
+            for (_, _, i, why) in &restores[best..] {
+                decisions[*i].chosen = "lut";
+                decisions[*i].why = format!("kept as LUT: restoring it to confirm did not help ({why})");
+            }
+            points.truncate(best + 1);
         }
         let chosen_on = match points.len() {
             1 => None,
             n => Some(meter.measure(current, Some(format!("(after restoring {} to confirm)", n - 1)))?),
         };
+        if let Some(p) = chosen_on.as_ref().filter(|p| !meter.met(p)) {
+            cx.notes.push(format!(
+                "mask: after the restores to confirm, the model misses the budget on the validation images chosen on ({:.2}% against the exact model's {:.2}%)",
+                100.0 * p.accuracy.unwrap_or(0.0),
+                100.0 * meter.exact_correct().map_or(0.0, |c| meter.accuracy(c))
+            ));
+        }
         Ok(Some(Confirmation {
             images: held.n(),
             exact_accuracy: held.exact_correct() as f64 / held.n().max(1) as f64,
