@@ -415,6 +415,8 @@ fn held_out_images_confirm_the_choice() {
     assert_eq!(predictions(&got, &x)[1], exact[differ[0]]);
     let kept = m.kept();
     assert!(c.chosen_on.is_some() && kept.correct == Some(100), "{kept:?}");
+    // the JSON report carries it
+    assert_eq!(format!("{:?}", m.kept_point), format!("{:?}", Some(kept)));
     assert!(kept.restored.as_deref().unwrap().contains("to confirm"), "{kept:?}");
     // `force_lut` keeps a layer from confirm's restores: here the first in greedy order
     let first = greedy[0].layer.clone();

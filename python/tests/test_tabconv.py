@@ -168,10 +168,10 @@ def test_accuracy_driven_compile_with_arrays_meets_its_budget(tmp_path):
         set={"mask.max_accuracy_drop": 1.0, "mask.restore_unprofitable": False, "mask.confirm": 0},
     )
     mask = report["report"]["mask"]
-    # the relearned point if kept, else the last layer prune put back, else the walk's choice
-    # ("pruned" is left out of the report when prune put nothing back); `confirm: 0` chooses on
-    # all 400 images (held-out confirmation: tests/mask.rs)
-    chosen = mask["final_point"] or (mask.get("pruned") or [mask["path"][mask["chosen_point"]]])[-1]
+    # the point of the model written; `confirm: 0` chooses on all 400 images (held-out
+    # confirmation: tests/mask.rs)
+    chosen = mask["kept_point"]
+    assert chosen == (mask["final_point"] or (mask.get("pruned") or [mask["path"][mask["chosen_point"]]])[-1])
     assert mask["exact_accuracy"] - chosen["accuracy"] <= 0.01 + 1e-12
     assert tabconv.load(out).eval(x, y)["accuracy"] == pytest.approx(chosen["accuracy"])
 

@@ -334,6 +334,8 @@ pub struct MaskReport {
     /// With `confirm`: the model the steps above chose, measured on the held-out validation
     /// images, and what that changed.
     pub confirmation: Option<Confirmation>,
+    /// The point of the model written, [`MaskReport::kept`], for readers of the JSON report.
+    pub kept_point: Option<PathPoint>,
 }
 
 /// The held-out check of an accuracy target (`confirm`). Every point above has its accuracy
@@ -955,7 +957,11 @@ impl Mask {
             final_point,
             refined,
             confirmation,
+            kept_point: None,
         });
+        if let Some(m) = cx.mask.as_mut() {
+            m.kept_point = Some(m.kept().clone());
+        }
         // the last measure of the kept model: on the held-out images when there are some
         let kept_se = cx.mask.as_ref().and_then(|m| match &m.confirmation {
             Some(c) => c
