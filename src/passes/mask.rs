@@ -663,9 +663,14 @@ impl Labelled {
         let correct = count_right(&r);
         Ok((
             correct,
-            correct as f64 / self.n().max(1) as f64,
+            self.accuracy(correct),
             drop_standard_error(&self.exact_right, &r),
         ))
+    }
+
+    /// The accuracy of `correct` of these images right.
+    fn accuracy(&self, correct: usize) -> f64 {
+        correct as f64 / self.n().max(1) as f64
     }
 
     fn within(&self, p: &PathPoint, drop: f64) -> bool {
@@ -731,7 +736,7 @@ impl Meter {
 
     /// The validation accuracy of `correct` images right.
     fn accuracy(&self, correct: usize) -> f64 {
-        correct as f64 / self.n_val().max(1) as f64
+        self.val.as_ref().map_or(correct as f64, |v| v.accuracy(correct))
     }
 
     /// `g`'s reductions, logit measures and validation accuracy, after restoring `restored`.
@@ -1324,10 +1329,7 @@ impl Mask {
             let Some(name) = records.iter().find_map(|r| r.live_lut_of(current, &d.layer)) else {
                 continue;
             };
-            let ex = records
-                .iter()
-                .find_map(|r| r.exact(name).ok())
-                .ok_or_else(|| Error::Other(format!("{name}: no exact layer recorded")))?;
+            let ex = exact_in(&records, name)?;
             let was = points.last().expect("one point").clone();
             restore(current, name, ex)?;
             restores.push((name.to_string(), ex.clone(), i, decisions[i].why.clone()));
@@ -1384,7 +1386,7 @@ impl Mask {
         }
         Ok(Some(Confirmation {
             images: held.n(),
-            exact_accuracy: held.exact_correct() as f64 / held.n().max(1) as f64,
+            exact_accuracy: held.accuracy(held.exact_correct()),
             points,
             chosen_on,
         }))
@@ -1512,10 +1514,7 @@ impl Mask {
         let mut trial = current.clone();
         if was_lut {
             let name = lut_names[i].as_deref().expect("a LUT layer's name is known");
-            let ex = records
-                .iter()
-                .find_map(|r| r.exact(name).ok())
-                .ok_or_else(|| Error::Other(format!("{name}: no exact layer recorded")))?;
+            let ex = exact_in(records, name)?;
             restore(&mut trial, name, ex)?;
         }
         // (restores leave their nodes without facts; the lut pass reads the layers' shapes)
@@ -1685,6 +1684,14 @@ fn layer_cost_as(
 }
 
 /// `graph` with the LUT layers `layers` (their `LutMatMul` names) put back exact.
+/// The exact layer behind the lookups `name`, from the first of `records` that has it.
+fn exact_in<'a>(records: &[&'a LutLayers], name: &str) -> Result<&'a ExactLayer> {
+    records
+        .iter()
+        .find_map(|r| r.exact(name).ok())
+        .ok_or_else(|| Error::Other(format!("{name}: no exact layer recorded")))
+}
+
 fn with_exact<'a>(graph: &Graph, record: &LutLayers, layers: impl IntoIterator<Item = &'a String>) -> Result<Graph> {
     let mut g = graph.clone();
     for n in layers {
