@@ -12,8 +12,11 @@
 //! differentiate on that path ends the stage with a note, leaving the model as it was.
 //!
 //! One image in eight is held out; the parameters kept are those of the epoch (or the start)
-//! with the lowest held-out divergence. Same inputs and seed → the same parameters, at any
-//! thread count.
+//! with the lowest held-out divergence among those that agree with the exact model's top-1
+//! class on at least as many held-out images as the start ([`better`]): a lower divergence
+//! alone can come with fewer agreements (measured on the ResNet-18/16 fixture: 0.208 → 0.183
+//! while agreement fell 89.45 → 88.67 % and test accuracy 85.26 → 83.95 %). Same inputs and
+//! seed → the same parameters, at any thread count.
 
 use super::grad;
 use super::learn::{self, Adam, Encoding, Problem, RowEpilogue};
@@ -36,6 +39,9 @@ pub struct Options {
     pub steps: learn::Options,
     /// Calibration images used (sampled).
     pub max_images: usize,
+    /// The step size falls from `steps.lr` to zero along a half cosine over all the stage's
+    /// minibatch steps (else it stays at `steps.lr`).
+    pub cosine: bool,
 }
 
 /// What the stage did.
@@ -434,15 +440,16 @@ impl Unit {
         Ok(())
     }
 
-    fn step(&mut self, gt: &[f32], goff: &[f32], ge: &[f32]) {
-        let (lt, le) = (self.lr_t, &self.lr_e);
+    /// One Adam step, the step sizes scaled by `f` (the schedule's factor).
+    fn step(&mut self, gt: &[f32], goff: &[f32], ge: &[f32], f: f32) {
+        let (lt, le) = (f * self.lr_t, &self.lr_e);
         self.adam[0].step(&mut self.tables, gt, |_| lt);
         self.adam[1].step(&mut self.offset, goff, |_| lt);
         let e = match &mut self.enc {
             Encoding::Argmin { protos } => protos,
             Encoding::Tree { thresholds, .. } => thresholds,
         };
-        self.adam[2].step(e, ge, |i| le[i]);
+        self.adam[2].step(e, ge, |i| f * le[i]);
     }
 
     /// Write the learned parameters back: int8 tables, scale, offset, encoder.
@@ -928,16 +935,21 @@ pub fn distil(
     };
     let mut best = (kl0, agree0, 0usize, snapshot(&net));
     let mut epochs = Vec::with_capacity(o.steps.epochs);
+    let batch = o.steps.batch.max(1);
+    let total = (o.steps.epochs * train.len().div_ceil(batch)).max(1);
+    let mut step = 0usize;
     for epoch in 1..=o.steps.epochs {
         learn::shuffle(&mut train, &mut rng);
-        for b in train.chunks(o.steps.batch.max(1)) {
+        for b in train.chunks(batch) {
+            let f = step_factor(o.cosine, step, total);
+            step += 1;
             let (x, t) = batch_of(b);
             let (vals, fwds) = net.forward(x)?;
             let (_, _, g) = kl_loss(f32_of(&vals[&net.output])?, &t);
             let pg = net.backward(&vals, &fwds, g)?;
             for (u, (gt, goff, ge)) in net.units.iter_mut().zip(pg) {
                 if !gt.is_empty() {
-                    u.step(&gt, &goff, &ge);
+                    u.step(&gt, &goff, &ge, f);
                 }
             }
         }
@@ -945,7 +957,7 @@ pub fn distil(
         let point = EpochPoint { kl, agree };
         epochs.push(point);
         on_epoch(epoch, point);
-        if kl < best.0 {
+        if better(point, best.0, agree0) {
             best = (kl, agree, epoch, snapshot(&net));
         }
     }
@@ -968,6 +980,21 @@ pub fn distil(
         images: n,
         seconds: start.elapsed().as_secs_f64(),
     }))
+}
+
+/// Whether an epoch's held-out point replaces the best kept so far (divergence `best_kl`):
+/// a lower divergence, with no fewer top-1 agreements than the start's `start_agree`.
+pub fn better(p: EpochPoint, best_kl: f64, start_agree: f64) -> bool {
+    p.kl < best_kl && p.agree >= start_agree
+}
+
+/// The schedule's factor on the step size at step `t` of `total`: 1 throughout, or with
+/// `cosine` falling from 1 at the first step along a half cosine towards 0 after the last.
+pub fn step_factor(cosine: bool, t: usize, total: usize) -> f32 {
+    if !cosine {
+        return 1.0;
+    }
+    (0.5 * (1.0 + (std::f64::consts::PI * t as f64 / total.max(1) as f64).cos())) as f32
 }
 
 /// A check of the whole backward pass (tests): with every LUT layer in its soft, smooth form

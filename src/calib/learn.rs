@@ -438,26 +438,32 @@ pub(crate) fn soft(p: &Problem, enc: &Encoding, temps: &[f32], c: usize, rows: &
         Encoding::Tree { dims, thresholds } => {
             let depth = k.trailing_zeros() as usize;
             let mut sig = vec![0f32; rows.len() * (k - 1)];
+            // per node (heap order): its split dimension, threshold and temperature
+            let nodes: Vec<(usize, f32, f32)> = (0..k - 1)
+                .map(|node| {
+                    let l = (usize::BITS - 1 - (node + 1).leading_zeros()) as usize;
+                    (
+                        dims[c * depth + l],
+                        thresholds[c * (k - 1) + node],
+                        temps[c * depth + l],
+                    )
+                })
+                .collect();
+            // reach probability of every node (leaves at k − 1..), reused per row
+            let mut reach = vec![0f32; 2 * k - 1];
             for (i, &r) in rows.iter().enumerate() {
                 let x = &p.xs[c][r * s..(r + 1) * s];
                 let sr = &mut sig[i * (k - 1)..(i + 1) * (k - 1)];
-                // reach probabilities, level by level (heap order)
-                let mut reach = vec![1f32];
-                for l in 0..depth {
-                    let v = x[dims[c * depth + l]];
-                    let t = temps[c * depth + l];
-                    let mut next = vec![0f32; reach.len() * 2];
-                    for (j, &pr) in reach.iter().enumerate() {
-                        let node = (1 << l) - 1 + j;
-                        let z = (v - thresholds[c * (k - 1) + node]) / t;
-                        let sg = 1.0 / (1.0 + (-z).exp());
-                        sr[node] = sg;
-                        next[2 * j] = pr * (1.0 - sg);
-                        next[2 * j + 1] = pr * sg;
-                    }
-                    reach = next;
+                reach[0] = 1.0;
+                for (node, (&(d, th, t), sg_out)) in nodes.iter().zip(sr.iter_mut()).enumerate() {
+                    let z = (x[d] - th) / t;
+                    let sg = 1.0 / (1.0 + (-z).exp());
+                    *sg_out = sg;
+                    let pr = reach[node];
+                    reach[2 * node + 1] = pr * (1.0 - sg);
+                    reach[2 * node + 2] = pr * sg;
                 }
-                a[i * k..(i + 1) * k].copy_from_slice(&reach);
+                a[i * k..(i + 1) * k].copy_from_slice(&reach[k - 1..]);
             }
             (a, sig)
         }
@@ -572,6 +578,10 @@ pub(crate) fn tree_backward(
     let mut gth = vec![0f32; k - 1];
     let mut v = vec![0f32; 2 * k - 1]; // value of each node (heap order, leaves at k − 1..)
     let mut reach = vec![0f32; 2 * k - 1];
+    // per node: its level
+    let levels: Vec<usize> = (0..k - 1)
+        .map(|node| (usize::BITS - 1 - (node + 1).leading_zeros()) as usize)
+        .collect();
     for i in 0..n {
         let sr = &sig[i * (k - 1)..(i + 1) * (k - 1)];
         reach[0] = 1.0;
@@ -584,7 +594,7 @@ pub(crate) fn tree_backward(
             let (l, r) = (v[2 * node + 1], v[2 * node + 2]);
             let sg = sr[node];
             v[node] = sg * r + (1.0 - sg) * l;
-            let level = (usize::BITS - 1 - (node + 1).leading_zeros()) as usize;
+            let level = levels[node];
             let t = temps[level];
             // d loss / d σ = reach · (V_right − V_left); d σ / d θ = −σ(1 − σ)/t
             let d = reach[node] * (r - l) * sg * (1.0 - sg) / t;

@@ -115,6 +115,18 @@ pub struct Options {
     /// Images per minibatch and calibration images used by the global stage.
     pub global_batch: usize,
     pub global_images: usize,
+    /// How the global stage's step size moves over its steps: `cosine` (from `global_lr`
+    /// down to zero along a half cosine, so the last epochs settle instead of jumping between
+    /// codes) or `constant`.
+    pub global_schedule: Schedule,
+}
+
+/// A step-size schedule ([`Options::global_schedule`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    Constant,
+    Cosine,
 }
 
 /// One entry of [`Options::layers`].
@@ -181,10 +193,11 @@ impl Default for Options {
             temperature: 1.0,
             batch: 256,
             global_epochs: 0,
-            global_lr: 0.0003,
+            global_lr: 0.003,
             global_temperature: 0.1,
             global_batch: 32,
             global_images: 2048,
+            global_schedule: Schedule::Cosine,
         }
     }
 }
@@ -759,6 +772,7 @@ impl Pass for Lut {
                     batch: o.global_batch,
                 },
                 max_images: o.global_images,
+                cosine: o.global_schedule == Schedule::Cosine,
             };
             let seed = Rng::derive(cx.seed, &[0x610b]).next_u64();
             let bar = crate::cli::progress(o.global_epochs, "lut global");
