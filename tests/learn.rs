@@ -202,17 +202,20 @@ fn the_global_stage_keeps_no_epoch_that_agrees_less_than_the_start() {
 
 #[test]
 fn the_global_step_size_falls_along_a_half_cosine() {
-    use tabconv::calib::global::step_factor;
+    use tabconv::calib::global::{
+        step_factor,
+        Schedule::{Constant, Cosine},
+    };
     for t in [0, 3, 50, 99] {
-        assert_eq!(step_factor(false, t, 100), 1.0);
+        assert_eq!(step_factor(Constant, t, 100), 1.0);
     }
-    assert_eq!(step_factor(true, 0, 100), 1.0);
-    assert!((step_factor(true, 50, 100) - 0.5).abs() < 1e-6);
-    assert!((step_factor(true, 25, 100) - 0.853_553_4).abs() < 1e-6);
-    let last = step_factor(true, 99, 100);
+    assert_eq!(step_factor(Cosine, 0, 100), 1.0);
+    assert!((step_factor(Cosine, 50, 100) - 0.5).abs() < 1e-6);
+    assert!((step_factor(Cosine, 25, 100) - 0.853_553_4).abs() < 1e-6);
+    let last = step_factor(Cosine, 99, 100);
     assert!(last > 0.0 && last < 1e-3, "{last}");
     // falling at every step
-    assert!((1..100).all(|t| step_factor(true, t, 100) < step_factor(true, t - 1, 100)));
+    assert!((1..100).all(|t| step_factor(Cosine, t, 100) < step_factor(Cosine, t - 1, 100)));
     // the schedule reaches the stage: the same run with a constant step learns other tables
     let calib = npy("data/mnist_calib.npy");
     let stage = "      global_epochs: 1\n      global_images: 256\n";

@@ -39,9 +39,19 @@ pub struct Options {
     pub steps: learn::Options,
     /// Calibration images used (sampled).
     pub max_images: usize,
-    /// The step size falls from `steps.lr` to zero along a half cosine over all the stage's
-    /// minibatch steps (else it stays at `steps.lr`).
-    pub cosine: bool,
+    /// How the step size moves from `steps.lr` over the stage's minibatch steps.
+    pub schedule: Schedule,
+}
+
+/// A step-size schedule (`lut`'s `global_schedule`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    /// `lr` throughout.
+    Constant,
+    /// From `lr` down to zero along a half cosine, so the last epochs settle instead of
+    /// jumping between codes.
+    Cosine,
 }
 
 /// What the stage did.
@@ -941,7 +951,7 @@ pub fn distil(
     for epoch in 1..=o.steps.epochs {
         learn::shuffle(&mut train, &mut rng);
         for b in train.chunks(batch) {
-            let f = step_factor(o.cosine, step, total);
+            let f = step_factor(o.schedule, step, total);
             step += 1;
             let (x, t) = batch_of(b);
             let (vals, fwds) = net.forward(x)?;
@@ -988,13 +998,13 @@ pub fn better(p: EpochPoint, best_kl: f64, start_agree: f64) -> bool {
     p.kl < best_kl && p.agree >= start_agree
 }
 
-/// The schedule's factor on the step size at step `t` of `total`: 1 throughout, or with
-/// `cosine` falling from 1 at the first step along a half cosine towards 0 after the last.
-pub fn step_factor(cosine: bool, t: usize, total: usize) -> f32 {
-    if !cosine {
-        return 1.0;
+/// The schedule's factor on the step size at step `t` of `total`: 1 throughout, or for
+/// `Cosine` falling from 1 at the first step along a half cosine towards 0 after the last.
+pub fn step_factor(schedule: Schedule, t: usize, total: usize) -> f32 {
+    match schedule {
+        Schedule::Constant => 1.0,
+        Schedule::Cosine => (0.5 * (1.0 + (std::f64::consts::PI * t as f64 / total.max(1) as f64).cos())) as f32,
     }
-    (0.5 * (1.0 + (std::f64::consts::PI * t as f64 / total.max(1) as f64).cos())) as f32
 }
 
 /// A check of the whole backward pass (tests): with every LUT layer in its soft, smooth form

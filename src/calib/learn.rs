@@ -441,7 +441,7 @@ pub(crate) fn soft(p: &Problem, enc: &Encoding, temps: &[f32], c: usize, rows: &
             // per node (heap order): its split dimension, threshold and temperature
             let nodes: Vec<(usize, f32, f32)> = (0..k - 1)
                 .map(|node| {
-                    let l = (usize::BITS - 1 - (node + 1).leading_zeros()) as usize;
+                    let l = tree_level(node);
                     (
                         dims[c * depth + l],
                         thresholds[c * (k - 1) + node],
@@ -563,6 +563,11 @@ pub(crate) fn argmin_backward(
     gp
 }
 
+/// The level of a tree node in heap order (the root 0 at level 0, nodes 1–2 at level 1, …).
+fn tree_level(node: usize) -> usize {
+    (usize::BITS - 1 - (node + 1).leading_zeros()) as usize
+}
+
 /// Threshold gradient of one codebook (`k − 1`, heap order) from its node probabilities `sig`
 /// (`n × (k − 1)`) and `h = d loss / d leaf probability` (`n × k`); `temps` per level. When
 /// `gx` is given (`n × s`, with the codebook's split dimension per level in `dims`), also the
@@ -578,10 +583,6 @@ pub(crate) fn tree_backward(
     let mut gth = vec![0f32; k - 1];
     let mut v = vec![0f32; 2 * k - 1]; // value of each node (heap order, leaves at k − 1..)
     let mut reach = vec![0f32; 2 * k - 1];
-    // per node: its level
-    let levels: Vec<usize> = (0..k - 1)
-        .map(|node| (usize::BITS - 1 - (node + 1).leading_zeros()) as usize)
-        .collect();
     for i in 0..n {
         let sr = &sig[i * (k - 1)..(i + 1) * (k - 1)];
         reach[0] = 1.0;
@@ -594,7 +595,7 @@ pub(crate) fn tree_backward(
             let (l, r) = (v[2 * node + 1], v[2 * node + 2]);
             let sg = sr[node];
             v[node] = sg * r + (1.0 - sg) * l;
-            let level = levels[node];
+            let level = tree_level(node);
             let t = temps[level];
             // d loss / d σ = reach · (V_right − V_left); d σ / d θ = −σ(1 − σ)/t
             let d = reach[node] * (r - l) * sg * (1.0 - sg) / t;

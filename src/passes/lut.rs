@@ -17,6 +17,7 @@
 use super::analysis::LutLayers;
 use super::{Pass, PassCx};
 use crate::calib::epilogue::{self, Step};
+use crate::calib::global::Schedule;
 use crate::calib::learn::{self, Encoding, RowEpilogue, RowStep};
 use crate::calib::{self, Layout, Sample};
 use crate::error::{Error, Result};
@@ -115,18 +116,9 @@ pub struct Options {
     /// Images per minibatch and calibration images used by the global stage.
     pub global_batch: usize,
     pub global_images: usize,
-    /// How the global stage's step size moves over its steps: `cosine` (from `global_lr`
-    /// down to zero along a half cosine, so the last epochs settle instead of jumping between
-    /// codes) or `constant`.
+    /// How the global stage's step size moves over its steps from `global_lr`: `cosine`
+    /// (down to zero along a half cosine) or `constant`.
     pub global_schedule: Schedule,
-}
-
-/// A step-size schedule ([`Options::global_schedule`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Schedule {
-    Constant,
-    Cosine,
 }
 
 /// One entry of [`Options::layers`].
@@ -772,7 +764,7 @@ impl Pass for Lut {
                     batch: o.global_batch,
                 },
                 max_images: o.global_images,
-                cosine: o.global_schedule == Schedule::Cosine,
+                schedule: o.global_schedule,
             };
             let seed = Rng::derive(cx.seed, &[0x610b]).next_u64();
             let bar = crate::cli::progress(o.global_epochs, "lut global");

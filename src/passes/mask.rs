@@ -950,7 +950,7 @@ impl Mask {
         }
         let confirmation = self.confirm(&mut current, cx, record, &luts, &meter, &mut decisions)?;
         *graph = current;
-        cx.mask = Some(MaskReport {
+        let mut report = MaskReport {
             metric: meter.goal.metric().into(),
             target: meter.goal.target(),
             measured_on: measured_on(&meter, &logit_images),
@@ -963,19 +963,18 @@ impl Mask {
             refined,
             confirmation,
             kept_point: None,
-        });
-        if let Some(m) = cx.mask.as_mut() {
-            m.kept_point = Some(m.kept().clone());
-        }
+        };
+        report.kept_point = Some(report.kept().clone());
         // the last measure of the kept model: on the held-out images when there are some
-        let kept_se = cx.mask.as_ref().and_then(|m| match &m.confirmation {
+        let kept_se = match &report.confirmation {
             Some(c) => c
                 .points
                 .last()
                 .and_then(|p| p.drop_se)
                 .map(|se| (se, c.images, " held-out")),
-            None => m.kept().drop_se.map(|se| (se, meter.n_val(), "")),
-        });
+            None => report.kept().drop_se.map(|se| (se, meter.n_val(), "")),
+        };
+        cx.mask = Some(report);
         if let (Goal::Accuracy(budget), Some((se, n, held))) = (meter.goal, kept_se) {
             if se > budget / 2.0 {
                 cx.notes.push(format!(
@@ -1683,7 +1682,6 @@ fn layer_cost_as(
     Ok((c, est))
 }
 
-/// `graph` with the LUT layers `layers` (their `LutMatMul` names) put back exact.
 /// The exact layer behind the lookups `name`, from the first of `records` that has it.
 fn exact_in<'a>(records: &[&'a LutLayers], name: &str) -> Result<&'a ExactLayer> {
     records
@@ -1692,6 +1690,7 @@ fn exact_in<'a>(records: &[&'a LutLayers], name: &str) -> Result<&'a ExactLayer>
         .ok_or_else(|| Error::Other(format!("{name}: no exact layer recorded")))
 }
 
+/// `graph` with the LUT layers `layers` (their `LutMatMul` names) put back exact.
 fn with_exact<'a>(graph: &Graph, record: &LutLayers, layers: impl IntoIterator<Item = &'a String>) -> Result<Graph> {
     let mut g = graph.clone();
     for n in layers {
