@@ -894,7 +894,9 @@ pub fn distil(
     let images = calib.select(Axis(0), &chosen);
     let n = images.shape()[0];
     // the exact model's outputs
-    let plan = crate::interp::Plan::new(exact)?;
+    let outs = exact.output_outlets();
+    let (fast, at) = super::runnable(exact, &outs[..outs.len().min(1)])?;
+    let plan = crate::interp::Plan::for_outlets(&fast, &at)?;
     let mut teacher: Vec<f32> = Vec::new();
     for chunk in images.axis_chunks_iter(Axis(0), 64) {
         let t = plan.run(vec![Tensor::F32(chunk.to_owned())])?.remove(0);

@@ -466,8 +466,15 @@ pub fn restore(graph: &mut Graph, lut_name: &str, ex: &ExactLayer) -> Result<()>
     Ok(())
 }
 
+/// The first output of `graph` for images `x`, run as [`crate::calib::runnable`] leaves it.
 fn logits(graph: &Graph, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
-    let plan = Plan::new(graph)?;
+    let out = graph
+        .outputs
+        .first()
+        .ok_or_else(|| Error::Other("the graph has no output".into()))?
+        .1;
+    let (graph, at) = crate::calib::runnable(graph, &[out])?;
+    let plan = Plan::for_outlets(&graph, &at)?;
     let mut parts = Vec::new();
     for chunk in x.axis_chunks_iter(Axis(0), 64) {
         parts.push(plan.run(vec![Tensor::F32(chunk.to_owned())])?.remove(0).into_f32()?);
