@@ -61,8 +61,10 @@ pub enum Layout {
 /// layers it keeps exact: `Im2Col → MatMul` chains folded back into `Conv` and activations kept
 /// channels-last (`im2col-to-conv`, `channels-last`), so the direct convolution kernels run
 /// them. Each wanted value stays a value of the graph, in its own layout (a chain whose
-/// values are wanted is left as it is), so only the exact convolutions' summation order
-/// changes (within float rounding). Returns the graph and where each wanted value is in it.
+/// values are wanted is left as it is), so only float rounding changes: the exact
+/// convolutions' summation order, a global average pool run as a channels-last mean, residual
+/// adds and ReLUs fused into the convolutions. Returns the graph and where each wanted value
+/// is in it.
 ///
 /// Calibration runs the exact model and the prefix approximated so far over thousands of
 /// images; in the `conv-to-im2col` form that cost 8 ms per image on the ResNet-18/16 fixture
