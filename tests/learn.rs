@@ -368,7 +368,7 @@ fn a_residual_blocks_end_is_read_with_its_residual() {
 
 #[test]
 fn calibration_runs_the_exact_convolutions_on_direct_kernels_with_the_same_values() {
-    // ResNet-18/16 in the conv-to-im2col form the `lut` pass reads: `runnable` folds every
+    // ResNet-18/16 in the conv-to-im2col form the `lut` pass reads: `calib::plan` folds every
     // chain back into a channels-last Conv except where a wanted value sits, and computes the
     // same values (the convolutions' sums in another order)
     use tabconv::interp::Plan;
@@ -379,11 +379,11 @@ fn calibration_runs_the_exact_convolutions_on_direct_kernels_with_the_same_value
     assert_eq!(count(&g, is_im2col), 20);
     let layer = g.find("/layer3/layer3.0/conv2/Conv/matmul").expect("a conv's MatMul");
     let wanted = [Outlet::new(layer, 0), g.outputs[0].1];
-    let (fast, at) = tabconv::calib::runnable(&g, &wanted).unwrap();
+    let quick = tabconv::calib::plan(&g, &wanted).unwrap();
     // only the wanted layer keeps its Im2Col; layers after it are cut away unless the logits
     // need them, which they do: all but that one are direct channels-last convolutions
-    assert_eq!(count(&fast, is_im2col), 1);
-    let direct = count(&fast, |op| matches!(op, Op::Conv(c) if c.nhwc));
+    assert_eq!(count(quick.graph(), is_im2col), 1);
+    let direct = count(quick.graph(), |op| matches!(op, Op::Conv(c) if c.nhwc));
     assert_eq!(direct, 19);
     let x = npy("data/fmnist_calib.npy")
         .slice(s![..16, .., .., ..])
@@ -393,10 +393,7 @@ fn calibration_runs_the_exact_convolutions_on_direct_kernels_with_the_same_value
         .unwrap()
         .run(vec![Tensor::F32(x.clone())])
         .unwrap();
-    let quick = Plan::for_outlets(&fast, &at)
-        .unwrap()
-        .run(vec![Tensor::F32(x)])
-        .unwrap();
+    let quick = quick.run(vec![Tensor::F32(x)]).unwrap();
     for (a, b) in slow.into_iter().zip(quick) {
         let (a, b) = (a.into_f32().unwrap(), b.into_f32().unwrap());
         assert_eq!(a.shape(), b.shape());

@@ -894,9 +894,7 @@ pub fn distil(
     let images = calib.select(Axis(0), &chosen);
     let n = images.shape()[0];
     // the exact model's outputs
-    let outs = exact.output_outlets();
-    let (fast, at) = super::runnable(exact, &outs[..outs.len().min(1)])?;
-    let plan = crate::interp::Plan::for_outlets(&fast, &at)?;
+    let plan = super::output_plan(exact)?;
     let mut teacher: Vec<f32> = Vec::new();
     for chunk in images.axis_chunks_iter(Axis(0), 64) {
         let t = plan.run(vec![Tensor::F32(chunk.to_owned())])?.remove(0);

@@ -16,6 +16,7 @@ use crate::ir::{Graph, Outlet, Tensor};
 use crate::passes::{channels_last::ChannelsLast, im2col_to_conv::Im2colToConv, Pass, PassCx};
 use crate::pq::rng::Rng;
 use ndarray::{ArrayD, Axis};
+use std::sync::Arc;
 
 /// The calibration rows one layer learns from: a random subset of the images, big enough to
 /// offer 4× the rows needed (so early layers, with many rows per image, do not run the whole
@@ -57,27 +58,22 @@ pub enum Layout {
     Mapped { perm: Vec<u32>, m: usize },
 }
 
-/// `graph` cut down to the values `wanted` and rewritten as the default pipeline leaves the
-/// layers it keeps exact: `Im2Col → MatMul` chains folded back into `Conv` and activations kept
-/// channels-last (`im2col-to-conv`, `channels-last`), so the direct convolution kernels run
-/// them. Each wanted value stays a value of the graph, in its own layout (a chain whose
-/// values are wanted is left as it is), so only float rounding changes: the exact
-/// convolutions' summation order, a global average pool run as a channels-last mean, residual
-/// adds and ReLUs fused into the convolutions. Returns the graph and where each wanted value
-/// is in it.
+/// A plan running `graph` cut down to the values `wanted` (its outputs, in that order) and
+/// rewritten as the default pipeline leaves the layers it keeps exact: `Im2Col → MatMul` chains
+/// folded back into `Conv` and activations kept channels-last (`im2col-to-conv`,
+/// `channels-last`), so the direct convolution kernels run them. The passes leave graph
+/// outputs in place, so each wanted value keeps its layout (a chain whose values are wanted is
+/// left as it is) and only float rounding changes: the exact convolutions' summation order, a
+/// global average pool run as a channels-last mean, residual adds and ReLUs fused into the
+/// convolutions.
 ///
 /// Calibration runs the exact model and the prefix approximated so far over thousands of
-/// images; in the `conv-to-im2col` form that cost 8 ms per image on the ResNet-18/16 fixture
-/// (the `[N, pixels, C·kh·kw]` matrices and their GEMMs), more than ten times its inference.
-pub fn runnable(graph: &Graph, wanted: &[Outlet]) -> Result<(Graph, Vec<Outlet>)> {
+/// images; in the `conv-to-im2col` form the two took 8 ms per image on the ResNet-18/16
+/// fixture (the `[N, pixels, C·kh·kw]` matrices and their GEMMs), more than ten times its
+/// inference.
+pub fn plan(graph: &Graph, wanted: &[Outlet]) -> Result<Plan<'static>> {
     let mut g = graph.clone();
-    let mut distinct: Vec<Outlet> = Vec::new();
-    for o in wanted {
-        if !distinct.contains(o) {
-            distinct.push(*o);
-        }
-    }
-    g.outputs = distinct
+    g.outputs = wanted
         .iter()
         .enumerate()
         .map(|(i, o)| (format!("calib.{i}"), *o))
@@ -88,11 +84,16 @@ pub fn runnable(graph: &Graph, wanted: &[Outlet]) -> Result<(Graph, Vec<Outlet>)
         pass.run(&mut g, &mut cx)?;
         infer_graph(&mut g)?;
     }
-    let at = wanted
-        .iter()
-        .map(|o| g.outputs[distinct.iter().position(|d| d == o).expect("listed")].1)
-        .collect();
-    Ok((g, at))
+    Plan::owning(Arc::new(g))
+}
+
+/// [`plan`] for the model's first output (its logits), or an error when it has none.
+pub fn output_plan(graph: &Graph) -> Result<Plan<'static>> {
+    let (_, out) = graph
+        .outputs
+        .first()
+        .ok_or_else(|| crate::error::Error::Other("the graph has no output".into()))?;
+    plan(graph, &[*out])
 }
 
 /// Run `graph` over the sampled images and collect the sampled rows of each requested value;
@@ -104,8 +105,7 @@ pub fn collect(
     wanted: &[(Outlet, Layout)],
 ) -> Result<Vec<(Vec<f32>, usize)>> {
     let outlets: Vec<Outlet> = wanted.iter().map(|(o, _)| *o).collect();
-    let (graph, outlets) = runnable(graph, &outlets)?;
-    let plan = Plan::for_outlets(&graph, &outlets)?;
+    let plan = plan(graph, &outlets)?;
     let subset = calib.select(Axis(0), &sample.images);
     let rpi = sample.rows_per_image;
     let idx = &sample.rows;

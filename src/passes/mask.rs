@@ -40,7 +40,6 @@ use super::lut::{ExactLayer, Lut};
 use super::{glob_match, Pass, PassCx};
 use crate::error::{Error, Result};
 use crate::interp::kernels::encode::TREE_IMAGE_LANES as IMAGE_LANES;
-use crate::interp::Plan;
 use crate::ir::op::{Binary, Encoder, Op, PqEncode};
 use crate::ir::{cost, Graph, Outlet, Tensor};
 use ndarray::{ArrayD, Axis};
@@ -466,15 +465,9 @@ pub fn restore(graph: &mut Graph, lut_name: &str, ex: &ExactLayer) -> Result<()>
     Ok(())
 }
 
-/// The first output of `graph` for images `x`, run as [`crate::calib::runnable`] leaves it.
+/// The first output of `graph` for images `x` (run as [`crate::calib::plan`] leaves it).
 fn logits(graph: &Graph, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
-    let out = graph
-        .outputs
-        .first()
-        .ok_or_else(|| Error::Other("the graph has no output".into()))?
-        .1;
-    let (graph, at) = crate::calib::runnable(graph, &[out])?;
-    let plan = Plan::for_outlets(&graph, &at)?;
+    let plan = crate::calib::output_plan(graph)?;
     let mut parts = Vec::new();
     for chunk in x.axis_chunks_iter(Axis(0), 64) {
         parts.push(plan.run(vec![Tensor::F32(chunk.to_owned())])?.remove(0).into_f32()?);
