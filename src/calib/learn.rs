@@ -23,7 +23,7 @@
 //! fit. Results are bit-identical for the same inputs and seed at any thread count: codebooks
 //! are processed in parallel but every sum runs in a fixed order.
 
-use crate::interp::kernels::encode_i8::Quant;
+use crate::interp::kernels::encode_i8::{quantize, valid_act_scale, Quant};
 use crate::pq::rng::Rng;
 use crate::pq::Subspaces;
 use ndarray::{ArrayView2, ArrayViewMut2};
@@ -107,7 +107,9 @@ pub fn learn(p: &Problem, enc: &mut Encoding, tables: &mut [f32], o: &Options, s
     let (hold, train) = order.split_at(n_hold);
     let mut train = train.to_vec();
     let temps = temperatures(p, enc, o.temperature);
-    let before = error(p, enc, tables, hold);
+    let qx = quantized_inputs(p, enc);
+    let qx = qx.as_deref();
+    let before = error_q(p, enc, tables, hold, qx);
     let mut best = (before, 0usize, enc.clone(), tables.to_vec());
     if train.is_empty() || o.epochs == 0 || o.batch == 0 {
         return Outcome {
@@ -129,7 +131,7 @@ pub fn learn(p: &Problem, enc: &mut Encoding, tables: &mut [f32], o: &Options, s
     for epoch in 1..=o.epochs {
         shuffle(&mut train, &mut rng);
         for batch in train.chunks(o.batch) {
-            let (g_t, g_e) = gradients(p, enc, tables, &temps, batch);
+            let (g_t, g_e) = gradients(p, enc, tables, &temps, batch, qx);
             steps += 1;
             adam_t.step(tables, &g_t, |_| o.lr * scale_t);
             match enc {
@@ -137,7 +139,7 @@ pub fn learn(p: &Problem, enc: &mut Encoding, tables: &mut [f32], o: &Options, s
                 Encoding::Tree { thresholds, .. } => adam_e.step(thresholds, &g_e, |i| per_param_e[i]),
             }
         }
-        let e = error(p, enc, tables, hold);
+        let e = error_q(p, enc, tables, hold, qx);
         if e < best.0 {
             best = (e, epoch, enc.clone(), tables.to_vec());
         } else if o.patience > 0 && epoch - best.1 >= o.patience {
@@ -209,32 +211,47 @@ impl Adam {
 /// The tables as the interpreter sees them: int8 with one scale per output and one midpoint
 /// per (codebook, output), dequantized (see `pq::quant`). `[c][k][m]` in and out.
 pub fn fake_quant(t: &[f32], c_n: usize, k: usize, m: usize) -> Vec<f32> {
-    let mut mid = vec![0f32; c_n * m];
-    let mut range = vec![0f32; m];
-    for c in 0..c_n {
-        for mi in 0..m {
-            let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
-            for kk in 0..k {
-                let v = t[(c * k + kk) * m + mi];
-                lo = lo.min(v);
-                hi = hi.max(v);
+    if t.is_empty() || k * m == 0 {
+        return t.to_vec();
+    }
+    // per codebook in parallel (a 512-channel layer's tables are 2 M entries, quantized at every
+    // step); the per-output range is a maximum, the same whatever the order
+    let per_c: Vec<(Vec<f32>, Vec<f32>)> = t
+        .par_chunks(k * m)
+        .map(|tc| {
+            let (mut mid, mut range) = (vec![0f32; m], vec![0f32; m]);
+            for mi in 0..m {
+                let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
+                for kk in 0..k {
+                    let v = tc[kk * m + mi];
+                    lo = lo.min(v);
+                    hi = hi.max(v);
+                }
+                mid[mi] = lo + (hi - lo) / 2.0;
+                range[mi] = hi - lo;
             }
-            mid[c * m + mi] = lo + (hi - lo) / 2.0;
-            range[mi] = range[mi].max(hi - lo);
-        }
+            (mid, range)
+        })
+        .collect();
+    let mut range = vec![0f32; m];
+    for (_, r) in &per_c {
+        range.iter_mut().zip(r).for_each(|(a, &b)| *a = a.max(b));
     }
     let scale: Vec<f32> = range.iter().map(|&r| if r > 0.0 { r / 254.0 } else { 1.0 }).collect();
     let mut out = vec![0f32; t.len()];
-    for c in 0..c_n {
-        for kk in 0..k {
-            for mi in 0..m {
-                let i = (c * k + kk) * m + mi;
-                let md = mid[c * m + mi];
-                let q = ((t[i] - md) / scale[mi]).round().clamp(-127.0, 127.0);
-                out[i] = scale[mi] * q + md;
+    out.par_chunks_mut(k * m)
+        .zip(t.par_chunks(k * m))
+        .zip(&per_c)
+        .for_each(|((oc, tc), (mid, _))| {
+            for (orow, trow) in oc.chunks_mut(m).zip(tc.chunks(m)) {
+                for mi in 0..m {
+                    let md = mid[mi];
+                    let q = ((trow[mi] - md) / scale[mi]).round().clamp(-127.0, 127.0);
+                    orow[mi] = scale[mi] * q + md;
+                }
             }
-        }
-    }
+        });
+    debug_assert_eq!(per_c.len(), c_n);
     out
 }
 
@@ -267,6 +284,28 @@ fn hard_code(p: &Problem, enc: &Encoding, c: usize, r: usize) -> usize {
 
 /// Codes `[rows][c]` of the given rows.
 pub(crate) fn hard_codes(p: &Problem, enc: &Encoding, rows: &[usize]) -> Vec<u8> {
+    hard_codes_q(p, enc, rows, None)
+}
+
+/// The rows' subvectors as the int8 argmin encoder reads them (`q(x)`, `[c][rows·s]`), when it
+/// is the encoder. The inputs do not change while a layer learns: quantized once per run
+/// instead of once per step (each `q` a rounding call).
+pub(crate) fn quantized_inputs(p: &Problem, enc: &Encoding) -> Option<Vec<Vec<u8>>> {
+    match (enc, p.act_scale) {
+        (Encoding::Argmin { .. }, Some(a)) if valid_act_scale(a) => {
+            let inv = 1.0 / a;
+            Some(
+                p.xs.par_iter()
+                    .map(|x| x.iter().map(|&v| quantize(v, inv)).collect())
+                    .collect(),
+            )
+        }
+        _ => None,
+    }
+}
+
+/// [`hard_codes`], reading the int8 encoder's inputs from `qx` ([`quantized_inputs`]) when given.
+pub(crate) fn hard_codes_q(p: &Problem, enc: &Encoding, rows: &[usize], qx: Option<&[Vec<u8>]>) -> Vec<u8> {
     let c_n = p.sub.count();
     let s = p.sub.s;
     let quant = match (enc, p.act_scale) {
@@ -275,12 +314,16 @@ pub(crate) fn hard_codes(p: &Problem, enc: &Encoding, rows: &[usize]) -> Vec<u8>
     };
     let per_c: Vec<Vec<u8>> = (0..c_n)
         .into_par_iter()
-        .map(|c| match &quant {
-            Some(q) => rows
+        .map(|c| match (&quant, qx) {
+            (Some(q), Some(qx)) => rows
+                .iter()
+                .map(|&r| q.nearest_quantized(c, &qx[c][r * s..(r + 1) * s]))
+                .collect(),
+            (Some(q), None) => rows
                 .iter()
                 .map(|&r| q.nearest(c, &p.xs[c][r * s..(r + 1) * s]))
                 .collect(),
-            None => rows.iter().map(|&r| hard_code(p, enc, c, r) as u8).collect(),
+            (None, _) => rows.iter().map(|&r| hard_code(p, enc, c, r) as u8).collect(),
         })
         .collect();
     let mut codes = vec![0u8; rows.len() * c_n];
@@ -340,9 +383,14 @@ pub(crate) fn lookup(codes: &[u8], n: usize, c_n: usize, k: usize, m: usize, tq:
 
 /// Relative RMS error of the activation on `rows` (hard encoding, quantized tables).
 pub fn error(p: &Problem, enc: &Encoding, tables: &[f32], rows: &[usize]) -> f64 {
+    error_q(p, enc, tables, rows, None)
+}
+
+/// [`error`] with the int8 encoder's inputs quantized beforehand ([`quantized_inputs`]).
+fn error_q(p: &Problem, enc: &Encoding, tables: &[f32], rows: &[usize], qx: Option<&[Vec<u8>]>) -> f64 {
     let c_n = p.sub.count();
     let tq = fake_quant(tables, c_n, p.k, p.m);
-    let codes = hard_codes(p, enc, rows);
+    let codes = hard_codes_q(p, enc, rows, qx);
     let mut z = lookup(&codes, rows.len(), c_n, p.k, p.m, &tq);
     epilogue_forward(p, rows, &mut z);
     let (mut e, mut n) = (0f64, 0f64);
@@ -471,11 +519,18 @@ pub(crate) fn soft(p: &Problem, enc: &Encoding, temps: &[f32], c: usize, rows: &
 }
 
 /// Gradients of the minibatch loss w.r.t. the tables and the encoder's parameters.
-fn gradients(p: &Problem, enc: &Encoding, tables: &[f32], temps: &[f32], rows: &[usize]) -> (Vec<f32>, Vec<f32>) {
+fn gradients(
+    p: &Problem,
+    enc: &Encoding,
+    tables: &[f32],
+    temps: &[f32],
+    rows: &[usize],
+    qx: Option<&[Vec<u8>]>,
+) -> (Vec<f32>, Vec<f32>) {
     let (c_n, k, m) = (p.sub.count(), p.k, p.m);
     let n = rows.len();
     let tq = fake_quant(tables, c_n, k, m);
-    let codes = hard_codes(p, enc, rows);
+    let codes = hard_codes_q(p, enc, rows, qx);
     let mut z = lookup(&codes, n, c_n, k, m, &tq);
     let pass = epilogue_forward(p, rows, &mut z);
     // d loss / d pre-activation (mean squared error over n·m elements)
@@ -669,6 +724,14 @@ mod tests {
         assert_ne!(f32_codes, int8_codes, "the case must tell the encoders apart");
         p.act_scale = Some(scale);
         assert_eq!(hard_codes(&p, &enc, &rows), int8_codes);
+        // and the same codes from the inputs quantized once, as learning reads them
+        let qx = quantized_inputs(&p, &enc).expect("an int8 argmin encoder");
+        let some: Vec<usize> = rows.iter().copied().filter(|r| r % 3 != 1).collect();
+        let want: Vec<u8> = some
+            .iter()
+            .flat_map(|&r| int8_codes[r * c.sub.count()..(r + 1) * c.sub.count()].iter().copied())
+            .collect();
+        assert_eq!(hard_codes_q(&p, &enc, &some, Some(&qx)), want);
     }
 
     fn case(k: usize, rows: usize, seed: u64) -> Case {
@@ -748,7 +811,7 @@ mod tests {
         let tables: Vec<f32> = (0..sub.count() * k * m).map(|_| rng.next_f64() as f32 - 0.5).collect();
         let idx: Vec<usize> = (0..rows).collect();
         let temps = temperatures(&p, &enc, 1.0);
-        let (_, ge) = gradients(&p, &enc, &tables, &temps, &idx);
+        let (_, ge) = gradients(&p, &enc, &tables, &temps, &idx, None);
         let g = output_grad(&p, &enc, &tables, &idx);
         let tq = fake_quant(&tables, sub.count(), k, m);
         let params = |e: &Encoding| match e {
@@ -852,7 +915,7 @@ mod tests {
         }
         // and `gradients` computes the same thing (through the fake quantization)
         let temps = temperatures(&p, &enc, 1.0);
-        let (gt, _) = gradients(&p, &enc, &tables, &temps, &idx);
+        let (gt, _) = gradients(&p, &enc, &tables, &temps, &idx, None);
         let tq = fake_quant(&tables, sub.count(), k, m);
         let mut zq = lookup(&codes, rows, sub.count(), k, m, &tq);
         let pq = epilogue_forward(&p, &idx, &mut zq);

@@ -27,6 +27,49 @@ pub fn nearest(x: &[f32], centroids: &[f32], d: usize) -> usize {
     best.0
 }
 
+/// Centroids transposed to `[d][k]` (padded to whole groups of 16), so that one row's distances
+/// to 16 centroids are computed side by side in vector lanes. Each distance still sums its
+/// squared differences in dimension order from 0, as [`dist2`] does, so [`Lanes::nearest`]
+/// returns exactly what [`nearest`] returns.
+struct Lanes {
+    /// `[group][dim][16]`
+    t: Vec<[f32; 16]>,
+    k: usize,
+    d: usize,
+}
+
+impl Lanes {
+    fn new(centroids: &[f32], k: usize, d: usize) -> Lanes {
+        let groups = k.div_ceil(16);
+        let mut t = vec![[0f32; 16]; groups * d];
+        for (j, c) in centroids.chunks_exact(d).enumerate() {
+            for (dim, &v) in c.iter().enumerate() {
+                t[(j / 16) * d + dim][j % 16] = v;
+            }
+        }
+        Lanes { t, k, d }
+    }
+
+    fn nearest(&self, x: &[f32]) -> usize {
+        let mut best = (0, f32::INFINITY);
+        for (g, cols) in self.t.chunks_exact(self.d).enumerate() {
+            let mut acc = [0f32; 16];
+            for (&xv, col) in x.iter().zip(cols) {
+                for l in 0..16 {
+                    let e = xv - col[l];
+                    acc[l] += e * e;
+                }
+            }
+            for (l, &e) in acc.iter().enumerate().take(self.k - g * 16) {
+                if e < best.1 {
+                    best = (g * 16 + l, e);
+                }
+            }
+        }
+        best.0
+    }
+}
+
 /// Distinct rows, up to `cap` of them, in first-seen order.
 fn distinct_rows(data: &[f32], d: usize, cap: usize) -> Vec<usize> {
     let mut seen = HashSet::new();
@@ -90,8 +133,9 @@ pub fn kmeans(data: &[f32], d: usize, k: usize, iters: usize, rng: &mut Rng) -> 
     let mut assign = vec![0usize; n];
     for _ in 0..iters {
         let mut changed = false;
+        let lanes = Lanes::new(&centroids, k, d);
         for (i, a) in assign.iter_mut().enumerate() {
-            let j = nearest(row(i), &centroids, d);
+            let j = lanes.nearest(row(i));
             changed |= *a != j;
             *a = j;
         }
@@ -220,5 +264,27 @@ mod tests {
         let a = kmeans(&data, 3, 16, 15, &mut Rng::new(5)).centroids;
         let b = kmeans(&data, 3, 16, 15, &mut Rng::new(5)).centroids;
         assert_eq!(a, b);
+    }
+
+    /// The lane form picks exactly the centroid the scalar scan picks, ties (repeated
+    /// centroids) and a partial last group of 16 included.
+    #[test]
+    fn lanes_pick_the_same_centroid_as_the_scalar_scan() {
+        let mut rng = Rng::new(11);
+        for (k, d) in [(1, 9), (3, 2), (16, 9), (20, 4), (256, 3)] {
+            let mut centroids: Vec<f32> = (0..k * d)
+                .map(|_| (rng.next_f64() as f32 * 8.0).round() / 8.0)
+                .collect();
+            if k > 2 {
+                // a repeated centroid: the lower index must win
+                let (a, b) = centroids.split_at_mut(2 * d);
+                b[..d].copy_from_slice(&a[d..2 * d]);
+            }
+            let lanes = Lanes::new(&centroids, k, d);
+            for _ in 0..500 {
+                let x: Vec<f32> = (0..d).map(|_| (rng.next_f64() as f32 * 8.0).round() / 8.0).collect();
+                assert_eq!(lanes.nearest(&x), nearest(&x, &centroids, d), "k {k} d {d} x {x:?}");
+            }
+        }
     }
 }

@@ -7,40 +7,81 @@
 use rayon::prelude::*;
 
 const CHUNK: usize = 1024;
+/// Columns per block: `A·v` and `Aᵀ·u` run one block of 16 output columns at a time, so the
+/// `c·k × 16` slice of the tables they read or accumulate stays in cache (the whole `c·k × m`
+/// is 16 MB for a 512-channel layer) and the threads split the columns, not the rows.
+const COLS: usize = 16;
+
+/// The column blocks of an `_ × m` matrix: `(first column, width)`.
+fn col_blocks(m: usize) -> Vec<(usize, usize)> {
+    (0..m).step_by(COLS).map(|j0| (j0, COLS.min(m - j0))).collect()
+}
 
 /// `out[r][m] = Σ_c v[(c·k + code[r][c])][m]`
 fn a_times(codes: &[u8], c: usize, k: usize, v: &[f32], m: usize, out: &mut [f32]) {
-    out.par_chunks_mut(CHUNK * m).enumerate().for_each(|(ci, block)| {
-        for (i, o) in block.chunks_mut(m).enumerate() {
-            let r = ci * CHUNK + i;
-            o.fill(0.0);
-            for cc in 0..c {
-                let row = &v[(cc * k + codes[r * c + cc] as usize) * m..][..m];
-                o.iter_mut().zip(row).for_each(|(a, b)| *a += b);
-            }
-        }
-    });
-}
-
-/// `out[(c·k + j)][m] = Σ_{r: code[r][c] = j} u[r][m]`
-fn at_times(codes: &[u8], rows: usize, c: usize, k: usize, u: &[f32], m: usize, out: &mut [f32]) {
-    let partials: Vec<Vec<f32>> = (0..rows.div_ceil(CHUNK))
+    let rows = out.len() / m;
+    let blocks: Vec<Vec<f32>> = col_blocks(m)
         .into_par_iter()
-        .map(|ci| {
-            let mut g = vec![0f32; c * k * m];
-            for r in ci * CHUNK..((ci + 1) * CHUNK).min(rows) {
-                let ur = &u[r * m..(r + 1) * m];
-                for cc in 0..c {
-                    let row = &mut g[(cc * k + codes[r * c + cc] as usize) * m..][..m];
-                    row.iter_mut().zip(ur).for_each(|(a, b)| *a += b);
-                }
+        .map(|(j0, w)| {
+            // v's block, contiguous `[c·k][COLS]`
+            let mut vb = vec![[0f32; COLS]; c * k];
+            for (i, b) in vb.iter_mut().enumerate() {
+                b[..w].copy_from_slice(&v[i * m + j0..][..w]);
             }
-            g
+            let mut ob = vec![0f32; rows * w];
+            for (r, o) in ob.chunks_mut(w).enumerate() {
+                let mut acc = [0f32; COLS];
+                for (cc, &code) in codes[r * c..(r + 1) * c].iter().enumerate() {
+                    let e = &vb[cc * k + code as usize];
+                    for l in 0..COLS {
+                        acc[l] += e[l];
+                    }
+                }
+                o.copy_from_slice(&acc[..w]);
+            }
+            ob
         })
         .collect();
-    out.fill(0.0);
-    for p in partials {
-        out.iter_mut().zip(&p).for_each(|(a, b)| *a += b);
+    for ((j0, w), ob) in col_blocks(m).into_iter().zip(blocks) {
+        for (o, b) in out.chunks_mut(m).zip(ob.chunks(w)) {
+            o[j0..j0 + w].copy_from_slice(b);
+        }
+    }
+}
+
+/// `out[(c·k + j)][m] = Σ_{r: code[r][c] = j} u[r][m]`: per 1024-row chunk a partial sum in row
+/// order, the partials added in chunk order (the same sums whatever the column blocking).
+fn at_times(codes: &[u8], rows: usize, c: usize, k: usize, u: &[f32], m: usize, out: &mut [f32]) {
+    let blocks: Vec<Vec<[f32; COLS]>> = col_blocks(m)
+        .into_par_iter()
+        .map(|(j0, w)| {
+            let mut total = vec![[0f32; COLS]; c * k];
+            let mut part = vec![[0f32; COLS]; c * k];
+            for r0 in (0..rows).step_by(CHUNK) {
+                part.iter_mut().for_each(|p| *p = [0.0; COLS]);
+                for r in r0..(r0 + CHUNK).min(rows) {
+                    let mut ur = [0f32; COLS];
+                    ur[..w].copy_from_slice(&u[r * m + j0..][..w]);
+                    for (cc, &code) in codes[r * c..(r + 1) * c].iter().enumerate() {
+                        let g = &mut part[cc * k + code as usize];
+                        for l in 0..COLS {
+                            g[l] += ur[l];
+                        }
+                    }
+                }
+                for (t, p) in total.iter_mut().zip(&part) {
+                    for l in 0..COLS {
+                        t[l] += p[l];
+                    }
+                }
+            }
+            total
+        })
+        .collect();
+    for ((j0, w), tb) in col_blocks(m).into_iter().zip(blocks) {
+        for (o, t) in out.chunks_mut(m).zip(&tb) {
+            o[j0..j0 + w].copy_from_slice(&t[..w]);
+        }
     }
 }
 
@@ -114,6 +155,58 @@ pub fn ridge_refit(
 mod tests {
     use super::*;
     use crate::pq::rng::Rng;
+
+    /// The row-major forms the column-blocked products replaced: the blocked ones must give
+    /// the same bits (each sum in the same order), so refit tables do not move with the
+    /// blocking.
+    fn a_times_rows(codes: &[u8], c: usize, k: usize, v: &[f32], m: usize, out: &mut [f32]) {
+        for (r, o) in out.chunks_mut(m).enumerate() {
+            o.fill(0.0);
+            for cc in 0..c {
+                let row = &v[(cc * k + codes[r * c + cc] as usize) * m..][..m];
+                o.iter_mut().zip(row).for_each(|(a, b)| *a += b);
+            }
+        }
+    }
+
+    fn at_times_rows(codes: &[u8], rows: usize, c: usize, k: usize, u: &[f32], m: usize, out: &mut [f32]) {
+        out.fill(0.0);
+        for r0 in (0..rows).step_by(CHUNK) {
+            let mut g = vec![0f32; c * k * m];
+            for r in r0..(r0 + CHUNK).min(rows) {
+                for cc in 0..c {
+                    let row = &mut g[(cc * k + codes[r * c + cc] as usize) * m..][..m];
+                    row.iter_mut().zip(&u[r * m..(r + 1) * m]).for_each(|(a, b)| *a += b);
+                }
+            }
+            out.iter_mut().zip(&g).for_each(|(a, b)| *a += b);
+        }
+    }
+
+    #[test]
+    fn column_blocked_products_give_the_row_major_bits() {
+        let mut rng = Rng::new(3);
+        // widths below, at and past one block, a partial last block; rows past one chunk
+        for (rows, c, k, m) in [(2500, 5, 16, 37), (1030, 3, 8, 16), (700, 2, 4, 5), (2049, 4, 16, 64)] {
+            let codes: Vec<u8> = (0..rows * c).map(|_| rng.below(k) as u8).collect();
+            let v: Vec<f32> = (0..c * k * m).map(|_| rng.next_f64() as f32 - 0.5).collect();
+            let u: Vec<f32> = (0..rows * m).map(|_| rng.next_f64() as f32 * 3.0 - 1.0).collect();
+            let (mut a, mut b) = (vec![0f32; rows * m], vec![1f32; rows * m]);
+            a_times(&codes, c, k, &v, m, &mut a);
+            a_times_rows(&codes, c, k, &v, m, &mut b);
+            assert!(
+                a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "A·v, {rows}×{c}×{k}×{m}"
+            );
+            let (mut a, mut b) = (vec![0f32; c * k * m], vec![1f32; c * k * m]);
+            at_times(&codes, rows, c, k, &u, m, &mut a);
+            at_times_rows(&codes, rows, c, k, &u, m, &mut b);
+            assert!(
+                a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "Aᵀ·u, {rows}×{c}×{k}×{m}"
+            );
+        }
+    }
 
     #[test]
     fn refit_recovers_tables_that_generated_the_targets() {

@@ -115,20 +115,37 @@ impl Quant {
     /// The code of codebook `c` for one row's subvector `x` (`s` values; shorter: the rest read
     /// as 0).
     pub fn nearest(&self, c: usize, x: &[f32]) -> u8 {
+        // quantized once, not once per prototype (`quantize` rounds through a libm call on
+        // baseline x86-64)
+        let mut buf = [0u8; 64];
+        if x.len() <= buf.len() {
+            for (q, &v) in buf.iter_mut().zip(x) {
+                *q = quantize(v, self.inv);
+            }
+            self.nearest_quantized(c, &buf[..x.len()])
+        } else {
+            let xq: Vec<u8> = x.iter().map(|&v| quantize(v, self.inv)).collect();
+            self.nearest_quantized(c, &xq)
+        }
+    }
+
+    /// [`Quant::nearest`] for a subvector already quantized (`q(x)` for this scale).
+    pub fn nearest_quantized(&self, c: usize, xq: &[u8]) -> u8 {
         let mut best = (i64::MAX, 0);
         for kk in 0..self.k {
             let p = &self.pq[(c * self.k + kk) * self.s..][..self.s];
-            let dot: i64 = x
-                .iter()
-                .zip(p)
-                .map(|(&v, &w)| quantize(v, self.inv) as i64 * w as i64)
-                .sum();
+            let dot: i64 = xq.iter().zip(p).map(|(&q, &w)| (q as i32 * w as i32) as i64).sum();
             let d = self.hn[c * self.k + kk] as i64 - dot;
             if d < best.0 {
                 best = (d, kk);
             }
         }
         best.1 as u8
+    }
+
+    /// The input scale's inverse, `1/act_scale`: [`quantize`]`(v, inv)` is `q(v)`.
+    pub fn inv_scale(&self) -> f32 {
+        self.inv
     }
 
     /// [`Quant::nearest`] of codebook `c` for 16 rows given as columns `xt[col][lane]`.
