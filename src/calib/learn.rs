@@ -211,11 +211,12 @@ impl Adam {
 /// The tables as the interpreter sees them: int8 with one scale per output and one midpoint
 /// per (codebook, output), dequantized (see `pq::quant`). `[c][k][m]` in and out.
 pub fn fake_quant(t: &[f32], c_n: usize, k: usize, m: usize) -> Vec<f32> {
-    if t.is_empty() || k * m == 0 {
-        return t.to_vec();
+    assert_eq!(t.len(), c_n * k * m, "tables [c][k][m]");
+    if t.is_empty() {
+        return Vec::new();
     }
-    // per codebook in parallel (a 512-channel layer's tables are 2 M entries, quantized at every
-    // step); the per-output range is a maximum, the same whatever the order
+    // per codebook in parallel (a 512-codebook, 512-output layer's tables are 4 M entries,
+    // quantized at every step); the per-output range is a maximum, the same whatever the order
     let per_c: Vec<(Vec<f32>, Vec<f32>)> = t
         .par_chunks(k * m)
         .map(|tc| {
@@ -251,7 +252,6 @@ pub fn fake_quant(t: &[f32], c_n: usize, k: usize, m: usize) -> Vec<f32> {
                 }
             }
         });
-    debug_assert_eq!(per_c.len(), c_n);
     out
 }
 

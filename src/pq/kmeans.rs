@@ -29,7 +29,7 @@ pub fn nearest(x: &[f32], centroids: &[f32], d: usize) -> usize {
 
 /// Centroids transposed to `[d][k]` (padded to whole groups of 16), so that one row's distances
 /// to 16 centroids are computed side by side in vector lanes. Each distance still sums its
-/// squared differences in dimension order from 0, as [`dist2`] does, so [`Lanes::nearest`]
+/// squared differences in dimension order, as [`dist2`] does, so [`Lanes::nearest`]
 /// returns exactly what [`nearest`] returns.
 struct Lanes {
     /// `[group][dim][16]`
@@ -50,16 +50,23 @@ impl Lanes {
         Lanes { t, k, d }
     }
 
+    /// Squared distances of `x` to the centroids of group `g` (16 lanes; past `k`: padding).
+    #[inline(always)]
+    fn distances(&self, x: &[f32], g: usize) -> [f32; 16] {
+        let mut acc = [0f32; 16];
+        for (&xv, col) in x.iter().zip(&self.t[g * self.d..(g + 1) * self.d]) {
+            for l in 0..16 {
+                let e = xv - col[l];
+                acc[l] += e * e;
+            }
+        }
+        acc
+    }
+
     fn nearest(&self, x: &[f32]) -> usize {
         let mut best = (0, f32::INFINITY);
-        for (g, cols) in self.t.chunks_exact(self.d).enumerate() {
-            let mut acc = [0f32; 16];
-            for (&xv, col) in x.iter().zip(cols) {
-                for l in 0..16 {
-                    let e = xv - col[l];
-                    acc[l] += e * e;
-                }
-            }
+        for g in 0..self.k.div_ceil(16) {
+            let acc = self.distances(x, g);
             for (l, &e) in acc.iter().enumerate().take(self.k - g * 16) {
                 if e < best.1 {
                     best = (g * 16 + l, e);
@@ -284,6 +291,29 @@ mod tests {
             for _ in 0..500 {
                 let x: Vec<f32> = (0..d).map(|_| (rng.next_f64() as f32 * 8.0).round() / 8.0).collect();
                 assert_eq!(lanes.nearest(&x), nearest(&x, &centroids, d), "k {k} d {d} x {x:?}");
+            }
+        }
+        // values off any grid, so every distance rounds and only the same summation order
+        // gives the same bits; rows and centroids with NaN and infinities
+        let special = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY];
+        for (k, d) in [(16, 9), (20, 9), (7, 25)] {
+            let mut centroids: Vec<f32> = (0..k * d).map(|_| rng.next_f64() as f32 * 3.0 - 1.0).collect();
+            centroids[d + 2] = f32::NAN;
+            centroids[3 * d] = f32::INFINITY;
+            let lanes = Lanes::new(&centroids, k, d);
+            for i in 0..2000 {
+                let mut x: Vec<f32> = (0..d).map(|_| rng.next_f64() as f32 * 3.0 - 1.0).collect();
+                if i % 50 == 0 {
+                    x[i % d] = special[(i / 50) % 3];
+                }
+                assert_eq!(lanes.nearest(&x), nearest(&x, &centroids, d), "k {k} d {d} x {x:?}");
+                for (j, c) in centroids.chunks_exact(d).enumerate() {
+                    let (lane, scalar) = (lanes.distances(&x, j / 16)[j % 16], dist2(&x, c));
+                    assert!(
+                        lane.to_bits() == scalar.to_bits() || (lane.is_nan() && scalar.is_nan()),
+                        "centroid {j}: {lane} vs {scalar}"
+                    );
+                }
             }
         }
     }

@@ -28,17 +28,21 @@ fn a_times(codes: &[u8], c: usize, k: usize, v: &[f32], m: usize, out: &mut [f32
             for (i, b) in vb.iter_mut().enumerate() {
                 b[..w].copy_from_slice(&v[i * m + j0..][..w]);
             }
+            // rows are independent: split them too (a classifier has a single block)
             let mut ob = vec![0f32; rows * w];
-            for (r, o) in ob.chunks_mut(w).enumerate() {
-                let mut acc = [0f32; COLS];
-                for (cc, &code) in codes[r * c..(r + 1) * c].iter().enumerate() {
-                    let e = &vb[cc * k + code as usize];
-                    for l in 0..COLS {
-                        acc[l] += e[l];
+            ob.par_chunks_mut(CHUNK * w).enumerate().for_each(|(ci, chunk)| {
+                for (i, o) in chunk.chunks_mut(w).enumerate() {
+                    let r = ci * CHUNK + i;
+                    let mut acc = [0f32; COLS];
+                    for (cc, &code) in codes[r * c..(r + 1) * c].iter().enumerate() {
+                        let e = &vb[cc * k + code as usize];
+                        for l in 0..COLS {
+                            acc[l] += e[l];
+                        }
                     }
+                    o.copy_from_slice(&acc[..w]);
                 }
-                o.copy_from_slice(&acc[..w]);
-            }
+            });
             ob
         })
         .collect();
@@ -191,14 +195,14 @@ mod tests {
             let codes: Vec<u8> = (0..rows * c).map(|_| rng.below(k) as u8).collect();
             let v: Vec<f32> = (0..c * k * m).map(|_| rng.next_f64() as f32 - 0.5).collect();
             let u: Vec<f32> = (0..rows * m).map(|_| rng.next_f64() as f32 * 3.0 - 1.0).collect();
-            let (mut a, mut b) = (vec![0f32; rows * m], vec![1f32; rows * m]);
+            let (mut a, mut b) = (vec![f32::NAN; rows * m], vec![1f32; rows * m]);
             a_times(&codes, c, k, &v, m, &mut a);
             a_times_rows(&codes, c, k, &v, m, &mut b);
             assert!(
                 a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
                 "A·v, {rows}×{c}×{k}×{m}"
             );
-            let (mut a, mut b) = (vec![0f32; c * k * m], vec![1f32; c * k * m]);
+            let (mut a, mut b) = (vec![f32::NAN; c * k * m], vec![1f32; c * k * m]);
             at_times(&codes, rows, c, k, &u, m, &mut a);
             at_times_rows(&codes, rows, c, k, &u, m, &mut b);
             assert!(
