@@ -109,7 +109,7 @@ pub fn learn(p: &Problem, enc: &mut Encoding, tables: &mut [f32], o: &Options, s
     let temps = temperatures(p, enc, o.temperature);
     let qx = quantized_inputs(p, enc);
     let qx = qx.as_deref();
-    let before = error_q(p, enc, tables, hold, qx);
+    let before = error(p, enc, tables, hold, qx);
     let mut best = (before, 0usize, enc.clone(), tables.to_vec());
     if train.is_empty() || o.epochs == 0 || o.batch == 0 {
         return Outcome {
@@ -139,7 +139,7 @@ pub fn learn(p: &Problem, enc: &mut Encoding, tables: &mut [f32], o: &Options, s
                 Encoding::Tree { thresholds, .. } => adam_e.step(thresholds, &g_e, |i| per_param_e[i]),
             }
         }
-        let e = error_q(p, enc, tables, hold, qx);
+        let e = error(p, enc, tables, hold, qx);
         if e < best.0 {
             best = (e, epoch, enc.clone(), tables.to_vec());
         } else if o.patience > 0 && epoch - best.1 >= o.patience {
@@ -381,13 +381,9 @@ pub(crate) fn lookup(codes: &[u8], n: usize, c_n: usize, k: usize, m: usize, tq:
     z
 }
 
-/// Relative RMS error of the activation on `rows` (hard encoding, quantized tables).
-pub fn error(p: &Problem, enc: &Encoding, tables: &[f32], rows: &[usize]) -> f64 {
-    error_q(p, enc, tables, rows, None)
-}
-
-/// [`error`] with the int8 encoder's inputs quantized beforehand ([`quantized_inputs`]).
-fn error_q(p: &Problem, enc: &Encoding, tables: &[f32], rows: &[usize], qx: Option<&[Vec<u8>]>) -> f64 {
+/// Relative RMS error of the activation on `rows` (hard encoding, quantized tables; the int8
+/// encoder's inputs read from `qx`, [`quantized_inputs`], when given).
+fn error(p: &Problem, enc: &Encoding, tables: &[f32], rows: &[usize], qx: Option<&[Vec<u8>]>) -> f64 {
     let c_n = p.sub.count();
     let tq = fake_quant(tables, c_n, p.k, p.m);
     let codes = hard_codes_q(p, enc, rows, qx);

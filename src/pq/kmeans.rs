@@ -15,22 +15,10 @@ fn dist2(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum()
 }
 
-/// Nearest centroid (lowest index on ties).
-pub fn nearest(x: &[f32], centroids: &[f32], d: usize) -> usize {
-    let mut best = (0, f32::INFINITY);
-    for (i, c) in centroids.chunks_exact(d).enumerate() {
-        let e = dist2(x, c);
-        if e < best.1 {
-            best = (i, e);
-        }
-    }
-    best.0
-}
-
 /// Centroids transposed to `[d][k]` (padded to whole groups of 16), so that one row's distances
 /// to 16 centroids are computed side by side in vector lanes. Each distance still sums its
 /// squared differences in dimension order, as [`dist2`] does, so [`Lanes::nearest`]
-/// returns exactly what [`nearest`] returns.
+/// returns exactly what a scalar scan of `dist2` returns (the tests' `nearest`).
 struct Lanes {
     /// `[group][dim][16]`
     t: Vec<[f32; 16]>,
@@ -204,6 +192,18 @@ fn reseed_empty(data: &[f32], d: usize, centroids: &mut [f32], assign: &[usize],
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Nearest centroid by a scalar scan (lowest index on ties): the reference for [`Lanes`].
+    fn nearest(x: &[f32], centroids: &[f32], d: usize) -> usize {
+        let mut best = (0, f32::INFINITY);
+        for (i, c) in centroids.chunks_exact(d).enumerate() {
+            let e = dist2(x, c);
+            if e < best.1 {
+                best = (i, e);
+            }
+        }
+        best.0
+    }
 
     #[test]
     fn recovers_exactly_k_distinct_points() {

@@ -143,11 +143,6 @@ impl Quant {
         best.1 as u8
     }
 
-    /// The input scale's inverse, `1/act_scale`: [`quantize`]`(v, inv)` is `q(v)`.
-    pub fn inv_scale(&self) -> f32 {
-        self.inv
-    }
-
     /// [`Quant::nearest`] of codebook `c` for 16 rows given as columns `xt[col][lane]`.
     #[inline(always)]
     pub fn nearest_tile(&self, xt: &[[f32; 16]], sub: Subspaces, c: usize) -> [u32; 16] {
