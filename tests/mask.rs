@@ -165,6 +165,63 @@ fn restored_layers_are_the_original_ones() {
     );
 }
 
+/// `put_back` is `restore`'s inverse: every LUT layer of LeNet-5 (convolutions whose encoders
+/// absorbed an Im2Col, fully connected layers with a bias), restored and put back from the
+/// all-LUT graph, gives that graph node for node and its outputs bit for bit; put back into the
+/// exact graph one at a time, each gives the outputs of the all-LUT graph with only it restored
+/// the other way round (only that layer approximated).
+#[test]
+fn put_back_is_the_inverse_of_restore() {
+    use tabconv::passes::mask::{put_back, restore};
+    let mut g = tabconv::onnx::load_model(&fixture("models/lenet5.onnx")).unwrap();
+    let text = "name: t\npasses:\n  - fold-batchnorm:\n  - gemm-to-matmul:\n  - conv-to-im2col:\n  - constant-fold:\n  - lut:\n      max_rows: 512\n      learn: none\n";
+    let calib = npy("data/mnist_calib.npy");
+    let calib = calib.slice(ndarray::s![..64, .., .., ..]).to_owned().into_dyn();
+    let mut cx = PassCx {
+        calib: Some(calib.clone()),
+        ..Default::default()
+    };
+    run_pipeline(&mut g, &Pipeline::parse(text, "t").unwrap(), &mut cx, |_, _| Ok(())).unwrap();
+    let record = cx.analyses.lut.take().expect("the lut pass ran");
+    let luts = record.live(&g);
+    assert_eq!(luts.len(), 5, "two convolutions and three fully connected layers");
+    let x = calib.slice(ndarray::s![..8, .., .., ..]).to_owned().into_dyn();
+    let out = |g: &Graph| {
+        let mut g = g.clone();
+        tabconv::ir::infer::infer_graph(&mut g).unwrap();
+        as_f32(&run(&g, vec![Tensor::F32(x.clone())]).unwrap()[0])
+    };
+    let bits = |a: &ArrayD<f32>| a.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    let mut exact = g.clone();
+    for n in &luts {
+        restore(&mut exact, n, record.exact(n).unwrap()).unwrap();
+    }
+    assert!(exact.g.node_weights().all(|n| !matches!(n.op, Op::LutMatMul { .. })));
+    let mut back = exact.clone();
+    for n in &luts {
+        let mut one = exact.clone();
+        put_back(&mut one, &g, n, record.exact(n).unwrap()).unwrap();
+        let mut all_but = g.clone();
+        for m in luts.iter().filter(|m| *m != n) {
+            restore(&mut all_but, m, record.exact(m).unwrap()).unwrap();
+        }
+        assert_eq!(bits(&out(&one)), bits(&out(&all_but)), "{n} alone as lookups");
+        put_back(&mut back, &g, n, record.exact(n).unwrap()).unwrap();
+    }
+    let infer = |g: &mut Graph| tabconv::ir::infer::infer_graph(g).unwrap();
+    infer(&mut back);
+    infer(&mut g);
+    assert_eq!(
+        dump(&back).unwrap(),
+        dump(&g).unwrap(),
+        "every layer put back: the all-LUT graph"
+    );
+    assert_eq!(bits(&out(&back)), bits(&out(&g)));
+    // a layer that is already lookups has no MatMul to replace: a clear error, not a panic
+    let e = put_back(&mut back, &g, &luts[0], record.exact(&luts[0]).unwrap()).unwrap_err();
+    assert!(e.to_string().contains("MatMul"), "{e}");
+}
+
 #[test]
 fn accuracy_target_uses_validation_labels() {
     let mut g = tabconv::onnx::load_model(&fixture("models/lenet5.onnx")).unwrap();
@@ -636,6 +693,66 @@ fn only_a_kept_relearned_model_is_reported() {
     assert_eq!(f.accuracy, Some(1.0));
     assert!(!notes.iter().any(|n| n.contains("did not help")), "{notes:?}");
     assert_eq!(predictions(&out, &val_x), pr, "the relearned model is kept");
+}
+
+/// After a kept relearning, prune runs again: a layer the walk restored goes back as its first
+/// lookups when the relearned model leaves room for it. LeNet-5 with its fully connected layers
+/// forced to stay lookups, so the walk can only restore the convolutions: relearning refits the
+/// fully connected layers through the exact convolutions, and at a logit-cosine target near 0.97
+/// the walk misses the target, relearning meets it and a convolution goes back as lookups. There
+/// the written model has that layer as lookups, the last point is the one kept and meets the
+/// target, and the layer's decision says why.
+#[test]
+fn prune_runs_again_after_relearning() {
+    let calib = npy("data/mnist_calib.npy");
+    let mut seen = 0;
+    for target in [0.969, 0.97, 0.971] {
+        let mut g = tabconv::onnx::load_model(&fixture("models/lenet5.onnx")).unwrap();
+        let text = format!(
+            "name: t\npasses:\n  - fold-batchnorm:\n  - gemm-to-matmul:\n  - conv-to-im2col:\n  - constant-fold:\n  - lut:\n      max_rows: 2048\n      learn: none\n  - mask:\n      min_logit_cosine: {target}\n      restore_unprofitable: false\n      force_lut: ['/fc*']\n"
+        );
+        let mut cx = PassCx {
+            calib: Some(calib.clone()),
+            ..Default::default()
+        };
+        let report = run_pipeline(&mut g, &Pipeline::parse(&text, "t").unwrap(), &mut cx, |_, _| Ok(())).unwrap();
+        let m = report.mask.expect("mask ran");
+        let Some(last) = m.pruned_after_relearning.last() else {
+            continue;
+        };
+        seen += 1;
+        let f = m.final_point.as_ref().expect("only after a kept relearning");
+        assert!(
+            f.logit_cosine >= target && last.logit_cosine >= target,
+            "{target}: {f:?} {last:?}"
+        );
+        assert!(
+            last.reduction_everything_counted > f.reduction_everything_counted,
+            "{target}"
+        );
+        let kept = m.kept();
+        assert!(
+            kept.restored == last.restored && kept.logit_cosine == last.logit_cosine,
+            "{target}: the last layer put back is the model kept"
+        );
+        for d in m.layers.iter().filter(|d| d.why.contains("put back after relearning")) {
+            assert_eq!(d.chosen, "lut", "{target}: {d:?}");
+            assert!(
+                g.g.node_weights()
+                    .any(|n| n.name.starts_with(&d.layer) && matches!(n.op, Op::LutMatMul { .. })),
+                "{target}: {} is lookups in the written model",
+                d.layer
+            );
+        }
+        assert_eq!(
+            m.layers
+                .iter()
+                .filter(|d| d.why.contains("put back after relearning"))
+                .count(),
+            m.pruned_after_relearning.len()
+        );
+    }
+    assert!(seen > 0, "no target put a layer back after relearning");
 }
 
 /// `refine_subspace` fits the layers the path left exact again over smaller codebooks and keeps

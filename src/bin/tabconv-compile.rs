@@ -279,6 +279,14 @@ fn print_summary(done: &Compiled) {
         if let Some(f) = &m.final_point {
             eprintln!("  after relearning: reduction {:.1}%, {}", pct(f), measured(f));
         }
+        if let Some(p) = m.pruned_after_relearning.last() {
+            eprintln!(
+                "  then ({} layer(s) put back as lookups): reduction {:.1}%, {}",
+                m.pruned_after_relearning.len(),
+                pct(p),
+                measured(p)
+            );
+        }
         if let Some(r) = m.refined.last() {
             let relearned = r.restored.as_deref() == Some(tabconv::passes::mask::RELEARNED_AFTER_REFINING);
             eprintln!(

@@ -18,7 +18,10 @@
 //! operations saved first) and left so when the target still holds. With `relearn` the lookup
 //! tables of the layers that stay approximated are then learned again with progressive
 //! calibration through the chosen mix of exact and approximated layers; the relearned model is
-//! kept (and reported as `final_point`) unless it is worse on the target's metric. Then, when
+//! kept (and reported as `final_point`) unless it is worse on the target's metric; with `prune`,
+//! the layers the walk restored that are still exact are then tried back once more, as their
+//! first lookups, into the relearned model (relearning refits the layers after a restored one on
+//! its exact output, which often leaves room under the target). Then, when
 //! asked, refine steps fit single layers again through the model as it stands and keep each
 //! change that leaves the target met: `refine_encoder` (argmin lookups → hash-tree lookups),
 //! then `refine_subspace` (exact layers → lookups over smaller codebooks).
@@ -27,7 +30,8 @@
 //! images out of all of that: every step chooses on the others, and a step is taken when it
 //! looks good there, so the kept model's drop on them is biased low. The kept model is measured
 //! once on the held-out images and, while its drop there exceeds the budget, its LUT layers are
-//! restored, most damage per operation saved first, each measured there ([`Confirmation`]).
+//! restored — first those prune put back, latest first, then most damage per operation saved
+//! first — each measured there ([`Confirmation`]).
 //! `max_accuracy_drop`, `target_reduction` or `max_expected_drop`, when given, take precedence
 //! over `min_logit_cosine` (the default pipeline's target).
 //!
@@ -43,6 +47,7 @@ use crate::interp::kernels::encode::TREE_IMAGE_LANES as IMAGE_LANES;
 use crate::ir::op::{Binary, Encoder, Op, PqEncode};
 use crate::ir::{cost, Graph, Outlet, Tensor};
 use ndarray::{ArrayD, Axis};
+use petgraph::stable_graph::NodeIndex;
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -74,7 +79,9 @@ pub struct Options {
     /// Once the greedy path meets the target, put the layers it restored back as lookups one at
     /// a time, those saving the most operations first, keeping each that leaves the target met
     /// (the greedy order ranks layers by their damage alone; with later restores in, an early
-    /// one can turn out unneeded). One more measure per restored layer. On by default.
+    /// one can turn out unneeded). After a kept relearning, the layers still exact for their
+    /// damage are tried back again, as their first lookups, into the relearned model. One more
+    /// measure per restored layer, twice. On by default.
     pub prune: bool,
     /// After the rest (0 = off): each layer left exact for its damage, most operations saved
     /// first, fitted again as lookups over codebooks of this many values (`lut`'s `subspace`
@@ -96,8 +103,9 @@ pub struct Options {
     /// with 0.5 every second one, [`confirm_split`]) held out of every choice the pass makes and
     /// measured once at the end. Every step before chooses on the other images, so the kept
     /// model's drop there is biased low (each trial that happens to look good on them is
-    /// kept); when the drop on the held-out images exceeds the budget, LUT layers are restored,
-    /// most damage per operation saved first, until it holds on them ([`Confirmation`]).
+    /// kept); when the drop on the held-out images exceeds the budget, LUT layers are restored
+    /// (first those prune put back, latest first; then most damage per operation saved first)
+    /// until it holds on them ([`Confirmation`]).
     /// 0 = off (everything measured on all the validation images, as before 2026-12-02).
     pub confirm: f64,
 }
@@ -323,6 +331,11 @@ pub struct MaskReport {
     /// The model after relearning its tables, when it was kept (it replaced the chosen point).
     /// `None` without relearning or when relearning did not help (the chosen point was kept).
     pub final_point: Option<PathPoint>,
+    /// With `prune`, after a relearned model was kept: a point per layer the walk restored that
+    /// was then put back as lookups (each meeting the target), in order; the last is the model
+    /// the refine steps start from.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub pruned_after_relearning: Vec<PathPoint>,
     /// With `refine_encoder` / `refine_subspace`: a point per layer refitted (argmin lookups made
     /// tree lookups, exact layers made lookups over smaller codebooks), each meeting the target,
     /// in order, then (with `relearn`, when it is kept: no worse, target met) one for the model
@@ -357,13 +370,15 @@ pub struct Confirmation {
 impl MaskReport {
     /// The point of the model kept, on the validation images the pass chose on: after a
     /// confirmation that restored layers, that model; else the last refine step (a layer
-    /// refined, or the model relearned after them), else the relearned model when reported,
-    /// else the last layer prune put back as lookups, else the walk's choice.
+    /// refined, or the model relearned after them), else the last layer put back as lookups
+    /// after relearning, else the relearned model when reported, else the last layer prune put
+    /// back as lookups, else the walk's choice.
     pub fn kept(&self) -> &PathPoint {
         self.confirmation
             .as_ref()
             .and_then(|c| c.chosen_on.as_ref())
             .or(self.refined.last())
+            .or(self.pruned_after_relearning.last())
             .or(self.final_point.as_ref())
             .or(self.pruned.last())
             .unwrap_or(&self.path[self.chosen_point])
@@ -461,6 +476,61 @@ pub fn restore(graph: &mut Graph, lut_name: &str, ex: &ExactLayer) -> Result<()>
         y = graph.add_op(add, Op::Binary(Binary::Add), &[y, bc]);
     }
     graph.replace_uses(Outlet::new(lut, 0), y);
+    graph.remove_dead();
+    Ok(())
+}
+
+/// Put one exact layer of `graph` (`[Im2Col →] MatMul [→ Add]`, as [`restore`] leaves it) back
+/// as the lookups `from` holds for it under the name `lut_name`: its `PQEncode` and `LutMatMul`
+/// and their constants copied, reading what the exact layer read (the inverse of [`restore`]).
+pub fn put_back(graph: &mut Graph, from: &Graph, lut_name: &str, ex: &ExactLayer) -> Result<()> {
+    let missing = |what: &str, name: &str| Error::Other(format!("{lut_name}: no {what} {name} to put back as lookups"));
+    let lut = from.find(lut_name).ok_or_else(|| missing("LUT node", lut_name))?;
+    let enc = from.inputs_of(lut)[0].node;
+    let Op::PqEncode(p) = &from.node(enc).op else {
+        return Err(Error::node(
+            lut_name,
+            "LutMatMul",
+            "its codes do not come from a PQEncode",
+        ));
+    };
+    let mm = graph.find(&ex.matmul).ok_or_else(|| missing("MatMul", &ex.matmul))?;
+    let mut x = graph.inputs_of(mm)[0];
+    if p.window.is_some() {
+        // the encoder reads the image the Im2Col read
+        if !matches!(graph.node(x.node).op, Op::Im2Col(_)) {
+            return Err(Error::node(
+                &ex.matmul,
+                "MatMul",
+                "its input is not the Im2Col its lookups absorbed",
+            ));
+        }
+        x = graph.inputs_of(x.node)[0];
+    }
+    let out = match &ex.bias {
+        Some((add, ..)) => Outlet::new(graph.find(add).ok_or_else(|| missing("Add", add))?, 0),
+        None => Outlet::new(mm, 0),
+    };
+    let copy_consts = |graph: &mut Graph, n: NodeIndex| -> Result<Vec<Outlet>> {
+        from.inputs_of(n)[1..]
+            .iter()
+            .map(|o| match from.const_value(*o) {
+                Some(t) => Ok(graph.add_const(&from.node(o.node).name, (**t).clone())),
+                None => Err(Error::node(
+                    &from.node(n).name,
+                    from.node(n).op.name(),
+                    "an input is not a constant",
+                )),
+            })
+            .collect()
+    };
+    let mut enc_in = vec![x];
+    enc_in.extend(copy_consts(graph, enc)?);
+    let codes = graph.add_op(&from.node(enc).name, from.node(enc).op.clone(), &enc_in);
+    let mut lut_in = vec![codes];
+    lut_in.extend(copy_consts(graph, lut)?);
+    let y = graph.add_op(lut_name, from.node(lut).op.clone(), &lut_in);
+    graph.replace_uses(out, y);
     graph.remove_dead();
     Ok(())
 }
@@ -890,6 +960,12 @@ fn greedy_order(decisions: &[LayerDecision]) -> Vec<usize> {
     order
 }
 
+/// The order `confirm` restores layers in: `undo` first, then the rest as [`greedy_order`].
+fn confirm_order(decisions: &[LayerDecision], undo: &[usize]) -> Vec<usize> {
+    let rest = greedy_order(decisions).into_iter().filter(|i| !undo.contains(i));
+    undo.iter().copied().chain(rest).collect()
+}
+
 impl Mask {
     fn mask(&self, graph: &mut Graph, cx: &mut PassCx, record: &LutLayers) -> Result<()> {
         let o = &self.0;
@@ -929,13 +1005,23 @@ impl Mask {
         self.decide_first(&mut current, record, &luts, &mut decisions)?;
         let walk = self.walk(current, cx, record, &luts, &meter, &mut decisions, &bar)?;
         bar.finish_and_clear();
-        let (pruned_graph, pruned) = self.prune(graph, cx, record, &luts, &meter, &mut decisions, &walk)?;
-        let chosen = pruned.last().unwrap_or(&walk.path[walk.chosen_point]);
+        let pruned = self.prune(None, graph, cx, record, &luts, &meter, &mut decisions, &walk)?;
+        let chosen = pruned.points.last().unwrap_or(&walk.path[walk.chosen_point]);
         let (current, final_point) = match self.relearn(&exact, chosen, &decisions, record, &meter, cx, &[])? {
             Some((relearned, p)) => (relearned, Some(p)),
-            None => (pruned_graph.unwrap_or(walk.graph), None),
+            None => (pruned.model.unwrap_or_else(|| walk.graph.clone()), None),
         };
-        let kept = final_point.as_ref().unwrap_or(chosen);
+        let again = match &final_point {
+            Some(p) if meter.met(p) => {
+                self.prune(Some(current), graph, cx, record, &luts, &meter, &mut decisions, &walk)?
+            }
+            _ => Back {
+                model: Some(current),
+                ..Back::default()
+            },
+        };
+        let current = again.model.expect("prune with a relearned model keeps one");
+        let kept = again.points.last().or(final_point.as_ref()).unwrap_or(chosen);
         let (mut current, mut refined, choices) = match (o.refine_encoder || o.refine_subspace > 0) && meter.met(kept) {
             true => self.refine(current, &luts, &mut decisions, record, &meter, cx)?,
             false => (current, Vec::new(), Vec::new()),
@@ -948,7 +1034,15 @@ impl Mask {
                 refined.push(p);
             }
         }
-        let confirmation = self.confirm(&mut current, cx, record, &luts, &meter, &mut decisions)?;
+        // confirm undoes the last decisions first: the layers put back, latest first
+        let undo: Vec<usize> = again
+            .layers
+            .iter()
+            .rev()
+            .chain(pruned.layers.iter().rev())
+            .copied()
+            .collect();
+        let confirmation = self.confirm(&mut current, cx, record, &luts, &meter, &mut decisions, &undo)?;
         *graph = current;
         let mut report = MaskReport {
             metric: meter.goal.metric().into(),
@@ -958,8 +1052,9 @@ impl Mask {
             layers: decisions,
             path: walk.path,
             chosen_point: walk.chosen_point,
-            pruned,
+            pruned: pruned.points,
             final_point,
+            pruned_after_relearning: again.points,
             refined,
             confirmation,
             kept_point: None,
@@ -1173,13 +1268,23 @@ impl Mask {
         })
     }
 
-    /// With `prune`, when the walk's chosen point meets the target: each layer the walk
-    /// restored, most operations saved first, put back as lookups (the model rebuilt from the
-    /// all-LUT `all_lut` with the other exact layers restored) and kept so when the target still
-    /// holds. Returns the model when some layer was put back, and a point per layer put back.
+    /// With `prune`, when the walk's chosen point meets the target (`relearned` = `None`): each
+    /// layer the walk restored, most operations saved first, put back as lookups (the model
+    /// rebuilt from the all-LUT `all_lut` with the other exact layers restored) and kept so when
+    /// the target still holds; the model is returned when some layer was put back.
+    ///
+    /// Once a relearned model is kept and meets the target (`relearned` = `Some`): relearning
+    /// lowers the damage of the layers it refits, so the budget the walk spent may have room
+    /// again. Each layer the walk restored that is still exact, most operations saved first, is
+    /// put back into the relearned model as the lookups the `lut` pass first fitted
+    /// ([`put_back`] from `all_lut`: fitted through the all-LUT prefix, as above) and kept so
+    /// when the target still holds; the model kept is returned (the relearned one when none).
+    ///
+    /// One measure per layer tried; a point per layer put back.
     #[allow(clippy::too_many_arguments)]
     fn prune(
         &self,
+        relearned: Option<Graph>,
         all_lut: &Graph,
         cx: &mut PassCx,
         record: &LutLayers,
@@ -1187,47 +1292,49 @@ impl Mask {
         meter: &Meter,
         decisions: &mut [LayerDecision],
         walk: &Walk,
-    ) -> Result<(Option<Graph>, Vec<PathPoint>)> {
+    ) -> Result<Back> {
         if !self.0.prune {
-            return Ok((None, Vec::new()));
-        }
-        if !meter.met(&walk.path[walk.chosen_point]) {
-            cx.notes.push(format!(
-                "mask: prune tried nothing: no point of the greedy path meets the target ({})",
-                meter.goal.target()
-            ));
-            return Ok((None, Vec::new()));
-        }
-        let order = most_saved_first(walk.restored.clone(), decisions);
-        let bar = crate::cli::progress(order.len(), "mask prune");
-        let (mut model, mut kept) = (None, Vec::new());
-        for i in order {
-            cx.check_cancel()?;
-            bar.inc(1);
-            let others = (0..luts.len()).filter(|&j| j != i && decisions[j].chosen == "exact");
-            let trial = with_exact(all_lut, record, others.map(|j| &luts[j]))?;
-            let point = meter.measure(&trial, Some(format!("{} back as lookups", decisions[i].layer)))?;
-            if !meter.met(&point) {
-                continue;
-            }
-            cx.say(&bar, || {
-                format!(
-                    "  mask: prune put {} back as lookups: logit cosine {:.5}, {:.1} % removed",
-                    decisions[i].layer,
-                    point.logit_cosine,
-                    100.0 * point.reduction_everything_counted
-                )
+            return Ok(Back {
+                model: relearned,
+                ..Back::default()
             });
-            decisions[i].chosen = "lut";
-            decisions[i].why = format!(
-                "kept as LUT: put back by prune, the target still met ({})",
-                decisions[i].why
-            );
-            kept.push(point);
-            model = Some(trial);
         }
-        bar.finish_and_clear();
-        Ok((model, kept))
+        let Some(relearned) = relearned else {
+            if !meter.met(&walk.path[walk.chosen_point]) {
+                cx.notes.push(format!(
+                    "mask: prune tried nothing: no point of the greedy path meets the target ({})",
+                    meter.goal.target()
+                ));
+                return Ok(Back::default());
+            }
+            let order = most_saved_first(walk.restored.clone(), decisions);
+            return try_back(
+                order,
+                ("", "by prune"),
+                None,
+                cx,
+                meter,
+                decisions,
+                |i, decisions, _| {
+                    let others = (0..luts.len()).filter(|&j| j != i && decisions[j].chosen == "exact");
+                    with_exact(all_lut, record, others.map(|j| &luts[j]))
+                },
+            );
+        };
+        let left: Vec<usize> = walk
+            .restored
+            .iter()
+            .copied()
+            .filter(|&i| decisions[i].chosen == "exact")
+            .collect();
+        let order = most_saved_first(left, decisions);
+        let what = (" after relearning", "after relearning (its first fit)");
+        let start = Some(relearned);
+        try_back(order, what, start, cx, meter, decisions, |i, _, model| {
+            let mut trial = model.expect("starts from the relearned model").clone();
+            put_back(&mut trial, all_lut, &luts[i], record.exact(&luts[i])?)?;
+            Ok(trial)
+        })
     }
 
     /// With `relearn`: the tables of the layers left as lookups learned again through the
@@ -1288,12 +1395,15 @@ impl Mask {
 
 impl Mask {
     /// With held-out validation images (`confirm`): the model as chosen measured on them and,
-    /// while its drop there exceeds the budget, its LUT layers restored one at a time, most
-    /// damage per operation saved first (`force_lut` layers stay), each measured on them; the
+    /// while its drop there exceeds the budget, its LUT layers restored one at a time — first
+    /// those in `undo` (the layers prune put back, latest first: the decisions made closest to
+    /// the budget), then the others most damage per operation saved first (`force_lut` layers
+    /// stay) — each measured on them; the
     /// model is left at the first point that meets the budget there. Then, when layers were
     /// restored, the model kept measured on the images the rest chose on. A layer's lookups are
     /// found by the record of the last `lut` run over the whole model (a relearn's, else the
     /// first's); a layer whose live lookups neither names (refined, not relearned) stays as it is.
+    #[allow(clippy::too_many_arguments)]
     fn confirm(
         &self,
         current: &mut Graph,
@@ -1302,6 +1412,7 @@ impl Mask {
         luts: &[String],
         meter: &Meter,
         decisions: &mut [LayerDecision],
+        undo: &[usize],
     ) -> Result<Option<Confirmation>> {
         let (Some(held), Goal::Accuracy(budget)) = (&meter.held_out, meter.goal) else {
             return Ok(None);
@@ -1313,7 +1424,7 @@ impl Mask {
         // pass's (set back by `run`)
         let relearned = cx.analyses.lut.take();
         let records: Vec<&LutLayers> = relearned.iter().chain([record]).collect();
-        let order = greedy_order(decisions);
+        let order = confirm_order(decisions, undo);
         let bar = crate::cli::progress(order.len(), "mask confirm");
         for i in order {
             cx.check_cancel()?;
@@ -1571,6 +1682,64 @@ impl Mask {
 }
 
 /// The line of a refine trial whose lookups the time model prices slower than the old ones.
+/// Each layer of `order` (decision indices) tried back as lookups: `trial(i, decisions, model)`
+/// builds the model with it back (`model`: the last one kept, else `start`), kept when the
+/// target still holds (its decision then says so: "put back {by}"). Returns the last model kept
+/// (else `start`) and a point per layer put back. `what` = (the points' and progress lines'
+/// suffix, how the decision says it was put back).
+#[allow(clippy::too_many_arguments)]
+fn try_back(
+    order: Vec<usize>,
+    (suffix, by): (&str, &str),
+    start: Option<Graph>,
+    cx: &mut PassCx,
+    meter: &Meter,
+    decisions: &mut [LayerDecision],
+    mut trial: impl FnMut(usize, &[LayerDecision], Option<&Graph>) -> Result<Graph>,
+) -> Result<Back> {
+    let bar = crate::cli::progress(order.len(), &format!("mask prune{suffix}"));
+    let mut back = Back {
+        model: start,
+        ..Back::default()
+    };
+    for i in order {
+        cx.check_cancel()?;
+        bar.inc(1);
+        let g = trial(i, decisions, back.model.as_ref())?;
+        let point = meter.measure(&g, Some(format!("{} back as lookups{suffix}", decisions[i].layer)))?;
+        if !meter.met(&point) {
+            continue;
+        }
+        cx.say(&bar, || {
+            format!(
+                "  mask: put {} back as lookups{suffix}: logit cosine {:.5}, {:.1} % removed",
+                decisions[i].layer,
+                point.logit_cosine,
+                100.0 * point.reduction_everything_counted
+            )
+        });
+        decisions[i].chosen = "lut";
+        decisions[i].why = format!(
+            "kept as LUT: put back {by}, the target still met ({})",
+            decisions[i].why
+        );
+        back.points.push(point);
+        back.layers.push(i);
+        back.model = Some(g);
+    }
+    bar.finish_and_clear();
+    Ok(back)
+}
+
+/// What [`try_back`] put back: the last model kept (else the one it started from), and per
+/// layer put back, in order, its point and its index in the decisions.
+#[derive(Default)]
+struct Back {
+    model: Option<Graph>,
+    points: Vec<PathPoint>,
+    layers: Vec<usize>,
+}
+
 fn slower_line(layer: &str, what: &str, est: f64, old_est: f64) -> String {
     format!(
         "  mask: refine left {layer} as it was: {what} its lookups would run slower ({:.2}x the exact layer's time against {:.2}x, time_model)",
@@ -1808,6 +1977,30 @@ mod tests {
         // 8 channels (d = 72): 16-lane vectors half full, twice the rate per multiply-add
         assert!((tm.time(&c, &argmin(None), 72, 16, Some(7)) - 2.0 * tm.encode_mac * 1000.0).abs() < 1e-6);
         assert!((tm.time(&c, &argmin(Some(0.1)), 72, 16, Some(7)) - 2.0 * tm.encode_mac_i8 * 1000.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn confirm_undoes_the_layers_put_back_first_latest_first() {
+        let d = |damage: f64| LayerDecision {
+            layer: format!("l{damage}"),
+            kind: "conv".into(),
+            shape: [9, 4],
+            layer_cosine: 0.9,
+            exact_macs: 100,
+            lut_cost: cost::Cost::default(),
+            ops_saved: 50,
+            est_speedup: 2.0,
+            logit_cosine_alone: 0.99,
+            damage_per_mop_saved: damage,
+            chosen: "lut",
+            why: String::new(),
+        };
+        let decisions: Vec<_> = [0.3, 0.1, 0.5, 0.2, 0.4].into_iter().map(d).collect();
+        // most damage first, ties by index
+        assert_eq!(greedy_order(&decisions), [2, 4, 0, 3, 1]);
+        assert_eq!(confirm_order(&decisions, &[]), [2, 4, 0, 3, 1]);
+        // put back: 1 then 3 by prune, 0 after relearning → undone 0, 3, 1, then the rest
+        assert_eq!(confirm_order(&decisions, &[0, 3, 1]), [0, 3, 1, 2, 4]);
     }
 
     #[test]
