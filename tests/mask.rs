@@ -6,6 +6,7 @@ use common::*;
 use ndarray::{ArrayD, IxDyn};
 use tabconv::interp::run;
 use tabconv::ir::{dump::dump, DType, Dim, Fact, Graph, Op, Outlet, Tensor};
+use tabconv::passes::mask::RELEARNED_AGAIN;
 use tabconv::passes::{manager::run_pipeline, pipeline::Pipeline, PassCx};
 use tabconv::pq::rng::Rng;
 
@@ -701,15 +702,17 @@ fn only_a_kept_relearned_model_is_reported() {
 /// fully connected layers through the exact convolutions, and at a logit-cosine target near 0.97
 /// the walk misses the target, relearning meets it and a convolution goes back as lookups. There
 /// the written model has that layer as lookups, the last point is the one kept and meets the
-/// target, and the layer's decision says why.
+/// target, and the layer's decision says why. With `relearn_rounds`, at 0.966 the tables are
+/// relearned after `conv2` went back and then `conv1` goes back too: a relearned point sits
+/// between put-backs, meets the target, and appears only when rounds are allowed.
 #[test]
 fn prune_runs_again_after_relearning() {
     let calib = npy("data/mnist_calib.npy");
-    let mut seen = 0;
-    for target in [0.969, 0.97, 0.971] {
+    let (mut seen, mut rounds_seen) = (0, 0);
+    for (target, rounds) in [0.966, 0.969, 0.97, 0.971].into_iter().flat_map(|t| [(t, 0), (t, 2)]) {
         let mut g = tabconv::onnx::load_model(&fixture("models/lenet5.onnx")).unwrap();
         let text = format!(
-            "name: t\npasses:\n  - fold-batchnorm:\n  - gemm-to-matmul:\n  - conv-to-im2col:\n  - constant-fold:\n  - lut:\n      max_rows: 2048\n      learn: none\n  - mask:\n      min_logit_cosine: {target}\n      restore_unprofitable: false\n      force_lut: ['/fc*']\n"
+            "name: t\npasses:\n  - fold-batchnorm:\n  - gemm-to-matmul:\n  - conv-to-im2col:\n  - constant-fold:\n  - lut:\n      max_rows: 2048\n      learn: none\n  - mask:\n      min_logit_cosine: {target}\n      restore_unprofitable: false\n      relearn_rounds: {rounds}\n      force_lut: ['/fc*']\n"
         );
         let mut cx = PassCx {
             calib: Some(calib.clone()),
@@ -733,7 +736,7 @@ fn prune_runs_again_after_relearning() {
         let kept = m.kept();
         assert!(
             kept.restored == last.restored && kept.logit_cosine == last.logit_cosine,
-            "{target}: the last layer put back is the model kept"
+            "{target}: the last point after relearning is the model kept"
         );
         for d in m.layers.iter().filter(|d| d.why.contains("put back after relearning")) {
             assert_eq!(d.chosen, "lut", "{target}: {d:?}");
@@ -744,15 +747,26 @@ fn prune_runs_again_after_relearning() {
                 d.layer
             );
         }
+        // a relearning between put-backs: only with rounds, after a put-back, meeting the target
+        let again: Vec<usize> = (0..m.pruned_after_relearning.len())
+            .filter(|&i| m.pruned_after_relearning[i].restored.as_deref() == Some(RELEARNED_AGAIN))
+            .collect();
+        assert!(again.len() <= rounds, "{target}: {again:?}");
+        for &i in &again {
+            assert!(i > 0, "{target}: relearned again before any put-back");
+            assert!(m.pruned_after_relearning[i].logit_cosine >= target, "{target}");
+        }
+        rounds_seen += usize::from(!again.is_empty());
         assert_eq!(
             m.layers
                 .iter()
                 .filter(|d| d.why.contains("put back after relearning"))
                 .count(),
-            m.pruned_after_relearning.len()
+            m.pruned_after_relearning.len() - again.len()
         );
     }
     assert!(seen > 0, "no target put a layer back after relearning");
+    assert!(rounds_seen > 0, "no target relearned again after a put-back");
 }
 
 /// `refine_subspace` fits the layers the path left exact again over smaller codebooks and keeps

@@ -71,6 +71,11 @@ pub struct Options {
     pub samples: usize,
     /// Relearn the remaining tables after the choice (progressive calibration through it).
     pub relearn: bool,
+    /// With `relearn` and `prune`: when layers were put back into a relearned model, relearn
+    /// the tables through the new mix and try the layers still exact back again, at most this
+    /// many times, while the relearned model is no worse and layers come back (each time one
+    /// more `lut` run and one more measure per layer still exact). 0 = relearn once.
+    pub relearn_rounds: usize,
     /// Options for relearning and refining (default: those the `lut` pass ran with).
     pub lut: Option<super::lut::Options>,
     /// Restore layers whose lookups take longer than the exact layer (encoding counted, by
@@ -80,8 +85,9 @@ pub struct Options {
     /// a time, those saving the most operations first, keeping each that leaves the target met
     /// (the greedy order ranks layers by their damage alone; with later restores in, an early
     /// one can turn out unneeded). After a kept relearning, the layers still exact for their
-    /// damage are tried back again, as their first lookups, into the relearned model. One more
-    /// measure per restored layer, twice. On by default.
+    /// damage are tried back again, as their first lookups, into the relearned model (and
+    /// again after each of `relearn_rounds`). One more measure per restored layer, each time.
+    /// On by default.
     pub prune: bool,
     /// After the rest (0 = off): each layer left exact for its damage, most operations saved
     /// first, fitted again as lookups over codebooks of this many values (`lut`'s `subspace`
@@ -195,6 +201,10 @@ const LANES: usize = 16;
 /// them ([`MaskReport::refined`]).
 pub const RELEARNED_AFTER_REFINING: &str = "(relearned after refining)";
 
+/// The `restored` label of a point of [`MaskReport::pruned_after_relearning`] that is the model
+/// relearned after the layers before it were put back (`relearn_rounds`).
+pub const RELEARNED_AGAIN: &str = "(relearned again)";
+
 impl TimeModel {
     /// Estimated time of `c` in exact multiply-adds. An argmin encoder's comparisons are part of
     /// its per-multiply-add rate; `compare_conv` (convolutions) and `compare` (gathered rows)
@@ -260,6 +270,7 @@ impl Default for Options {
             force_lut: Vec::new(),
             samples: 256,
             relearn: true,
+            relearn_rounds: 2,
             lut: None,
             restore_unprofitable: true,
             prune: true,
@@ -332,8 +343,9 @@ pub struct MaskReport {
     /// `None` without relearning or when relearning did not help (the chosen point was kept).
     pub final_point: Option<PathPoint>,
     /// With `prune`, after a relearned model was kept: a point per layer the walk restored that
-    /// was then put back as lookups (each meeting the target), in order; the last is the model
-    /// the refine steps start from.
+    /// was then put back as lookups (each meeting the target), in order, and with
+    /// `relearn_rounds` a point labelled [`RELEARNED_AGAIN`] per relearning kept between them;
+    /// the last is the model the refine steps start from.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub pruned_after_relearning: Vec<PathPoint>,
     /// With `refine_encoder` / `refine_subspace`: a point per layer refitted (argmin lookups made
@@ -1007,11 +1019,12 @@ impl Mask {
         bar.finish_and_clear();
         let pruned = self.prune(None, graph, cx, record, &luts, &meter, &mut decisions, &walk)?;
         let chosen = pruned.points.last().unwrap_or(&walk.path[walk.chosen_point]);
-        let (current, final_point) = match self.relearn(&exact, chosen, &decisions, record, &meter, cx, &[])? {
-            Some((relearned, p)) => (relearned, Some(p)),
-            None => (pruned.model.unwrap_or_else(|| walk.graph.clone()), None),
-        };
-        let again = match &final_point {
+        let (current, final_point) =
+            match self.relearn(&exact, chosen, &decisions, record, &meter, cx, Stage::Chosen)? {
+                Some((relearned, p)) => (relearned, Some(p)),
+                None => (pruned.model.unwrap_or_else(|| walk.graph.clone()), None),
+            };
+        let mut again = match &final_point {
             Some(p) if meter.met(p) => {
                 self.prune(Some(current), graph, cx, record, &luts, &meter, &mut decisions, &walk)?
             }
@@ -1020,6 +1033,23 @@ impl Mask {
                 ..Back::default()
             },
         };
+        // relearn_rounds: while layers come back, relearn through the new mix and prune again
+        let mut fresh = !again.layers.is_empty();
+        for _ in 0..o.relearn_rounds {
+            let last = match again.points.last() {
+                Some(p) if fresh => p.clone(),
+                _ => break,
+            };
+            let Some((g, p)) = self.relearn(&exact, &last, &decisions, record, &meter, cx, Stage::Again)? else {
+                break;
+            };
+            let more = self.prune(Some(g), graph, cx, record, &luts, &meter, &mut decisions, &walk)?;
+            fresh = !more.layers.is_empty();
+            again.points.push(p);
+            again.points.extend(more.points);
+            again.layers.extend(more.layers);
+            again.model = more.model;
+        }
         let current = again.model.expect("prune with a relearned model keeps one");
         let kept = again.points.last().or(final_point.as_ref()).unwrap_or(chosen);
         let (mut current, mut refined, choices) = match (o.refine_encoder || o.refine_subspace > 0) && meter.met(kept) {
@@ -1029,7 +1059,9 @@ impl Mask {
         if let Some(last) = refined.last().cloned() {
             // the refined layers' new lookups were fitted through the others as they stood;
             // relearn all of them through the final mix
-            if let Some((g, p)) = self.relearn(&exact, &last, &decisions, record, &meter, cx, &choices)? {
+            if let Some((g, p)) =
+                self.relearn(&exact, &last, &decisions, record, &meter, cx, Stage::Refined(&choices))?
+            {
                 current = g;
                 refined.push(p);
             }
@@ -1339,9 +1371,10 @@ impl Mask {
 
     /// With `relearn`: the tables of the layers left as lookups learned again through the
     /// chosen mix of exact and LUT layers (the `lut` pass re-run on the exact model with the
-    /// restored layers kept exact, the layers in `refined` fitted as the refine steps chose),
-    /// and its point — unless it is worse than the `chosen` point on the target's metric, or
-    /// after refining misses the target (then `None` and a note: the model before it stays).
+    /// restored layers kept exact; after refining, the refined layers fitted as the refine steps
+    /// chose), and its point — unless it is worse than the `chosen` point on the target's
+    /// metric, or (after put-backs or refining) misses the target: then `None` and a note, and
+    /// the model before it stays.
     #[allow(clippy::too_many_arguments)]
     fn relearn(
         &self,
@@ -1351,7 +1384,7 @@ impl Mask {
         record: &LutLayers,
         meter: &Meter,
         cx: &mut PassCx,
-        refined: &[super::lut::LayerOverride],
+        stage: Stage,
     ) -> Result<Option<(Graph, PathPoint)>> {
         let o = &self.0;
         if !o.relearn {
@@ -1365,32 +1398,40 @@ impl Mask {
         // the options the lut pass ran with, unless the pipeline gives others for relearning
         let mut lut_opts = self.lut_options(record);
         lut_opts.keep_exact.extend(keep);
-        lut_opts.layers.extend(refined.iter().cloned());
+        if let Stage::Refined(refined) = stage {
+            lut_opts.layers.extend(refined.iter().cloned());
+        }
         let mut relearned = exact.clone();
         // (a relearn after refining leaves its record in the context; `run` restores the first)
         Lut(lut_opts).run(&mut relearned, cx)?;
-        let label = if refined.is_empty() {
-            "(relearned)"
-        } else {
-            RELEARNED_AFTER_REFINING
+        let (label, after, kept) = match stage {
+            Stage::Chosen => ("(relearned)", "", "the greedy result"),
+            Stage::Again => (RELEARNED_AGAIN, " after put-backs", "the model with them"),
+            Stage::Refined(_) => (RELEARNED_AFTER_REFINING, " after refining", "the refined model"),
         };
         let p = meter.measure(&relearned, Some(label.into()))?;
-        // after refining, the relearned model must also meet the target (the refined one does)
-        if meter.quality(&p) >= meter.quality(chosen) && (refined.is_empty() || meter.met(&p)) {
+        // after put-backs or refining, the relearned model must also meet the target (the
+        // model before it does)
+        if meter.quality(&p) >= meter.quality(chosen) && (matches!(stage, Stage::Chosen) || meter.met(&p)) {
             return Ok(Some((relearned, p)));
         }
         let (now, was) = meter.goal.compare(&p, chosen);
-        let kept = if refined.is_empty() {
-            "the greedy result"
-        } else {
-            "the refined model"
-        };
         cx.notes.push(format!(
-            "mask: relearning the tables{} did not help ({now} {was}); kept {kept}",
-            if refined.is_empty() { "" } else { " after refining" }
+            "mask: relearning the tables{after} did not help ({now} {was}); kept {kept}"
         ));
         Ok(None)
     }
+}
+
+/// Which model [`Mask::relearn`] relearns.
+#[derive(Clone, Copy)]
+enum Stage<'a> {
+    /// The model the walk and prune chose.
+    Chosen,
+    /// The relearned model with layers put back (`relearn_rounds`).
+    Again,
+    /// The model after the refine steps, with the per-layer choices they made.
+    Refined(&'a [super::lut::LayerOverride]),
 }
 
 impl Mask {
