@@ -174,7 +174,7 @@ ANALYSIS = """What the numbers show:
 - **The price is size and time.** The tables and prototypes are {size} times the weights they replace
   (256 entries per codebook and output), and the lookups are slower than the exact layers at
   these sizes (17 rows per image, 64–192 outputs): the latency table's last column. At batch 64
-  on one AVX2 core (measured 2026-11-30 on an AMD EPYC, not regenerated), `tabconv bench --profile` puts about 38 % of that model's time in the
+  on one AVX2 core (measured 2026-12-01 on an AMD EPYC Zen 3, not regenerated), `tabconv bench --profile` puts about 38 % of that model's time in the
   K = 256 lookups (row-wise: each code selects a run of the codebook's table, 16–48 KB per
   codebook, 0.5–3 MB per layer, so the runs come from L2 and L3) and 30 % in the hash-tree
   encoding (vectorized over 16 rows; each level picks its thresholds by permutes, the two

@@ -1722,12 +1722,11 @@ impl Mask {
     }
 }
 
-/// The line of a refine trial whose lookups the time model prices slower than the old ones.
 /// Each layer of `order` (decision indices) tried back as lookups: `trial(i, decisions, model)`
 /// builds the model with it back (`model`: the last one kept, else `start`), kept when the
 /// target still holds (its decision then says so: "put back {by}"). Returns the last model kept
-/// (else `start`) and a point per layer put back. `what` = (the points' and progress lines'
-/// suffix, how the decision says it was put back).
+/// (else `start`) and, per layer put back, its point and index ([`Back`]). `what` = (the
+/// points' and progress lines' suffix, how the decision says it was put back).
 #[allow(clippy::too_many_arguments)]
 fn try_back(
     order: Vec<usize>,
@@ -1781,6 +1780,7 @@ struct Back {
     layers: Vec<usize>,
 }
 
+/// The line of a refine trial whose lookups the time model prices slower than the old ones.
 fn slower_line(layer: &str, what: &str, est: f64, old_est: f64) -> String {
     format!(
         "  mask: refine left {layer} as it was: {what} its lookups would run slower ({:.2}x the exact layer's time against {:.2}x, time_model)",
@@ -2037,7 +2037,7 @@ mod tests {
             why: String::new(),
         };
         let decisions: Vec<_> = [0.3, 0.1, 0.5, 0.2, 0.4].into_iter().map(d).collect();
-        // most damage first, ties by index
+        // most damage first
         assert_eq!(greedy_order(&decisions), [2, 4, 0, 3, 1]);
         assert_eq!(confirm_order(&decisions, &[]), [2, 4, 0, 3, 1]);
         // put back: 1 then 3 by prune, 0 after relearning → undone 0, 3, 1, then the rest
