@@ -8,6 +8,7 @@ pub mod epilogue;
 pub mod global;
 pub mod grad;
 pub mod learn;
+pub mod mask;
 
 use crate::error::Result;
 use crate::interp::Plan;

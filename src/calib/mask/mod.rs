@@ -1,0 +1,298 @@
+//! The `mask` pass's search (the pass, its options and its graph rewrites are
+//! [`crate::passes::mask`]): priority masking. The `lut` pass approximated every eligible layer;
+//! masking puts exact layers back where accuracy needs them, under a target:
+//! - `min_logit_cosine`: mean per-image cosine similarity between the model's logits and the
+//!   exact model's, on calibration images (unlabelled);
+//! - `max_expected_drop`: top-1 points expected lost, unlabelled ([`expected_drop`]);
+//! - `max_accuracy_drop`: top-1 points lost on a labelled validation set (`--val`, `--val-labels`),
+//!   compared in whole images so a drop of exactly the budget is accepted ([`within_drop`]);
+//! - `target_reduction`: the fraction of arithmetic (encoding counted) that must be removed;
+//!   as many layers as that allows are restored, most harmful first.
+//!
+//! Each LUT layer's damage is measured alone (only it approximated, everything else exact) as
+//! `1 − logit cosine`, together with its layer-output cosine and the operations it saves. Layers
+//! are restored greedily by damage per operation saved, re-measuring the whole model after each
+//! restore (interactions show up there), until the target holds. A restore can make the model
+//! worse, so the point kept is the first that meets the target or, when none does, the best seen
+//! on the target's metric ([`best_point`]); later restores are undone. With `prune`, when that
+//! point meets the target, each layer the path restored is tried back as lookups (most
+//! operations saved first) and left so when the target still holds. With `relearn` the lookup
+//! tables of the layers that stay approximated are then learned again with progressive
+//! calibration through the chosen mix of exact and approximated layers; the relearned model is
+//! kept (and reported as `final_point`) unless it is worse on the target's metric; with `prune`,
+//! the layers the walk restored that are still exact are then tried back once more, as their
+//! first lookups, into the relearned model (relearning refits the layers after a restored one on
+//! its exact output, which often leaves room under the target). Then, when
+//! asked, refine steps fit single layers again through the model as it stands and keep each
+//! change that leaves the target met: `refine_encoder` (argmin lookups → hash-tree lookups),
+//! then `refine_subspace` (exact layers → lookups over smaller codebooks).
+//! `keep_exact` / `force_lut` (node names, `*` wildcards) override the choice.
+//! With `max_accuracy_drop`, `confirm` (0.5 by default) holds a fraction of the validation
+//! images out of all of that: every step chooses on the others, and a step is taken when it
+//! looks good there, so the kept model's drop on them is biased low. The kept model is measured
+//! once on the held-out images and, while its drop there exceeds the budget, its LUT layers are
+//! restored — first those prune put back, latest first, then most damage per operation saved
+//! first — each measured there ([`Confirmation`]).
+//! `max_accuracy_drop`, `target_reduction` or `max_expected_drop`, when given, take precedence
+//! over `min_logit_cosine` (the default pipeline's target).
+//!
+//! The calibration images measured on are [`PassCx::holdout`] when the compile set some aside
+//! (it does when the pipeline learns tables before masking), so the tables were not fitted to
+//! them; otherwise the first `samples` of [`PassCx::calib`].
+
+mod meter;
+mod refine;
+mod relearn;
+mod report;
+mod time_model;
+mod walk;
+
+use crate::error::{Error, Result};
+use crate::interp::kernels::encode::TREE_IMAGE_LANES as IMAGE_LANES;
+use crate::ir::op::{Encoder, Op, PqEncode};
+use crate::ir::{cost, Graph, Outlet, Tensor};
+use crate::passes::analysis::LutLayers;
+use crate::passes::lut::{ExactLayer, Lut};
+use crate::passes::mask::{put_back, restore, Mask, Options};
+use crate::passes::{glob_match, Pass, PassCx};
+use meter::*;
+use ndarray::{ArrayD, Axis};
+use refine::*;
+use relearn::*;
+use serde::{Deserialize, Serialize};
+use time_model::*;
+use walk::*;
+
+pub use meter::{best_point, confirm_split, drop_standard_error, within_drop, DROP_TOLERANCE};
+pub use report::{Confirmation, LayerDecision, MaskReport, PathPoint, RELEARNED_AFTER_REFINING, RELEARNED_AGAIN};
+pub use time_model::TimeModel;
+
+impl Mask {
+    pub(crate) fn mask(&self, graph: &mut Graph, cx: &mut PassCx, record: &LutLayers) -> Result<()> {
+        let o = &self.0;
+        check_ranges(o)?;
+        let luts = record.live(graph);
+        if luts.is_empty() {
+            cx.notes
+                .push("mask: no LUT layers to mask (run the lut pass first)".into());
+            return Ok(());
+        }
+        let (samples, logit_images) = measured_images(cx, o)?;
+        check_targets(o, cx.val.is_some())?;
+        let names: Vec<&str> = luts
+            .iter()
+            .flat_map(|n| [n.as_str(), record.exact(n).map_or(n.as_str(), |e| e.matmul.as_str())])
+            .collect();
+        for (list, patterns) in [("keep_exact", &o.keep_exact), ("force_lut", &o.force_lut)] {
+            for p in crate::passes::unmatched(patterns.iter().map(String::as_str), &names) {
+                cx.notes
+                    .push(format!("mask: the {list} entry {p:?} names no LUT layer"));
+            }
+        }
+        // the exact reference: every layer restored
+        let mut exact = with_exact(graph, record, &luts)?;
+        crate::ir::infer::infer_graph(&mut exact)?;
+        let meter = Meter::new(Goal::of(o), &exact, samples, cx.val.clone(), o.confirm)?;
+        if let (Goal::Accuracy(_), true, None) = (meter.goal, o.confirm > 0.0, &meter.held_out) {
+            cx.notes.push(format!(
+                "mask: confirm {} of {} validation images leaves no image to hold out or none to choose on: everything is chosen on all of them, unconfirmed",
+                o.confirm,
+                meter.n_val()
+            ));
+        }
+        let bar = crate::cli::progress(2 * luts.len(), "mask");
+        let mut decisions = self.layers_alone(graph, cx, record, &luts, &meter, &bar)?;
+        let mut current = graph.clone();
+        self.decide_first(&mut current, record, &luts, &mut decisions)?;
+        let walk = self.walk(current, cx, record, &luts, &meter, &mut decisions, &bar)?;
+        bar.finish_and_clear();
+        let pruned = self.prune(None, graph, cx, record, &luts, &meter, &mut decisions, &walk)?;
+        let chosen = pruned.points.last().unwrap_or(&walk.path[walk.chosen_point]);
+        let (current, final_point) =
+            match self.relearn(&exact, chosen, &decisions, record, &meter, cx, Stage::Chosen)? {
+                Some((relearned, p)) => (relearned, Some(p)),
+                None => (pruned.model.unwrap_or_else(|| walk.graph.clone()), None),
+            };
+        let mut again = match &final_point {
+            Some(p) if meter.met(p) => {
+                self.prune(Some(current), graph, cx, record, &luts, &meter, &mut decisions, &walk)?
+            }
+            _ => Back {
+                model: Some(current),
+                ..Back::default()
+            },
+        };
+        // relearn_rounds: while layers come back, relearn through the new mix and prune again
+        let mut fresh = !again.layers.is_empty();
+        for _ in 0..o.relearn_rounds {
+            let last = match again.points.last() {
+                Some(p) if fresh => p.clone(),
+                _ => break,
+            };
+            let Some((g, p)) = self.relearn(&exact, &last, &decisions, record, &meter, cx, Stage::Again)? else {
+                break;
+            };
+            let more = self.prune(Some(g), graph, cx, record, &luts, &meter, &mut decisions, &walk)?;
+            fresh = !more.layers.is_empty();
+            again.points.push(p);
+            again.points.extend(more.points);
+            again.layers.extend(more.layers);
+            again.model = more.model;
+        }
+        let current = again.model.expect("prune with a relearned model keeps one");
+        let kept = again.points.last().or(final_point.as_ref()).unwrap_or(chosen);
+        let (mut current, mut refined, choices) = match (o.refine_encoder || o.refine_subspace > 0) && meter.met(kept) {
+            true => self.refine(current, &luts, &mut decisions, record, &meter, cx)?,
+            false => (current, Vec::new(), Vec::new()),
+        };
+        if let Some(last) = refined.last().cloned() {
+            // the refined layers' new lookups were fitted through the others as they stood;
+            // relearn all of them through the final mix
+            if let Some((g, p)) =
+                self.relearn(&exact, &last, &decisions, record, &meter, cx, Stage::Refined(&choices))?
+            {
+                current = g;
+                refined.push(p);
+            }
+        }
+        // confirm undoes the last decisions first: the layers put back, latest first
+        let undo: Vec<usize> = again
+            .layers
+            .iter()
+            .rev()
+            .chain(pruned.layers.iter().rev())
+            .copied()
+            .collect();
+        let confirmation = self.confirm(&mut current, cx, record, &luts, &meter, &mut decisions, &undo)?;
+        *graph = current;
+        let mut report = MaskReport {
+            metric: meter.goal.metric().into(),
+            target: meter.goal.target(),
+            measured_on: measured_on(&meter, &logit_images),
+            exact_accuracy: meter.exact_correct().map(|c| meter.accuracy(c)),
+            layers: decisions,
+            path: walk.path,
+            chosen_point: walk.chosen_point,
+            pruned: pruned.points,
+            final_point,
+            pruned_after_relearning: again.points,
+            refined,
+            confirmation,
+            kept_point: None,
+        };
+        report.kept_point = Some(report.kept().clone());
+        // the last measure of the kept model: on the held-out images when there are some
+        let kept_se = match &report.confirmation {
+            Some(c) => c
+                .points
+                .last()
+                .and_then(|p| p.drop_se)
+                .map(|se| (se, c.images, " held-out")),
+            None => report.kept().drop_se.map(|se| (se, meter.n_val(), "")),
+        };
+        cx.mask = Some(report);
+        if let (Goal::Accuracy(budget), Some((se, n, held))) = (meter.goal, kept_se) {
+            if se > budget / 2.0 {
+                cx.notes.push(format!(
+                    "mask: the accuracy drop is measured on {n}{held} validation images, with a standard error of {se:.2} points for the kept model: the {budget}-point budget may not hold on new images (more validation images narrow it)"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn check_ranges(o: &Options) -> Result<()> {
+    for (name, v, range) in [
+        ("min_logit_cosine", o.min_logit_cosine, -1.0..=1.0),
+        ("max_accuracy_drop", o.max_accuracy_drop, 0.0..=100.0),
+        ("max_expected_drop", o.max_expected_drop, 0.0..=100.0),
+        ("target_reduction", o.target_reduction, 0.0..=1.0),
+    ] {
+        if let Some(v) = v.filter(|v| !range.contains(v)) {
+            return Err(Error::Input(format!(
+                "mask.{name} = {v}: must be within {}..={}",
+                range.start(),
+                range.end()
+            )));
+        }
+    }
+    if !(0.0..1.0).contains(&o.confirm) {
+        return Err(Error::Input(format!(
+            "mask.confirm = {}: must be within 0..1 (the fraction of --val held out to confirm; 0 = off)",
+            o.confirm
+        )));
+    }
+    Ok(())
+}
+
+fn check_targets(o: &Options, has_val: bool) -> Result<()> {
+    if o.max_accuracy_drop.is_some() && !has_val {
+        return Err(Error::Input(
+            "mask.max_accuracy_drop needs a labelled validation set: --val X --val-labels Y".into(),
+        ));
+    }
+    if o.max_accuracy_drop.is_some() && o.target_reduction.is_some() {
+        return Err(Error::Input(
+            "mask: give max_accuracy_drop or target_reduction, not both".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// The images the logit measures are taken on — held-out calibration images when the compile
+/// set some aside, else the ones learned on, at most `samples` — and how the report names them.
+fn measured_images(cx: &PassCx, o: &Options) -> Result<(ArrayD<f32>, String)> {
+    let held_out = cx.holdout.is_some();
+    let calib = cx
+        .holdout
+        .as_ref()
+        .or(cx.calib.as_ref())
+        .ok_or_else(|| Error::Input("the mask pass measures on --calib images".into()))?;
+    let samples = calib.select(
+        Axis(0),
+        &(0..calib.shape()[0].min(o.samples.max(1))).collect::<Vec<_>>(),
+    );
+    let logit_images = format!(
+        "{} {} images",
+        samples.shape()[0],
+        if held_out {
+            "held-out calibration"
+        } else {
+            "calibration (learned on)"
+        }
+    );
+    Ok((samples, logit_images))
+}
+
+/// How the report names the images the target is measured on: for an accuracy target the
+/// validation images chosen on (and those held out to confirm), else `logit_images`.
+fn measured_on(meter: &Meter, logit_images: &str) -> String {
+    match (meter.goal, &meter.val, &meter.held_out) {
+        (Goal::Accuracy(_), Some(v), Some(h)) => format!(
+            "{} validation images ({} more held out to confirm; logits on {logit_images})",
+            v.n(),
+            h.n()
+        ),
+        // the accuracy is taken on --val; the logit measures (damage alone, cosines) on the rest
+        (Goal::Accuracy(_), Some(v), None) => format!("{} validation images (logits on {logit_images})", v.n()),
+        _ => logit_images.to_string(),
+    }
+}
+
+/// The exact layer behind the lookups `name`, from the first of `records` that has it.
+fn exact_in<'a>(records: &[&'a LutLayers], name: &str) -> Result<&'a ExactLayer> {
+    records
+        .iter()
+        .find_map(|r| r.exact(name).ok())
+        .ok_or_else(|| Error::Other(format!("{name}: no exact layer recorded")))
+}
+
+/// `graph` with the LUT layers `layers` (their `LutMatMul` names) put back exact.
+fn with_exact<'a>(graph: &Graph, record: &LutLayers, layers: impl IntoIterator<Item = &'a String>) -> Result<Graph> {
+    let mut g = graph.clone();
+    for n in layers {
+        restore(&mut g, n, record.exact(n)?)?;
+    }
+    Ok(g)
+}

@@ -1,0 +1,278 @@
+//! The refine steps: single layers fitted again (tree encoders, smaller codebooks).
+
+use super::*;
+
+impl Mask {
+    /// The options of the `lut` pass a relearn or refine runs with: the pipeline's for the mask
+    /// pass when it gives them, else those of the `lut` run before it.
+    pub(super) fn lut_options(&self, record: &LutLayers) -> crate::passes::lut::Options {
+        self.0.lut.clone().unwrap_or_else(|| record.options.clone())
+    }
+
+    /// With `refine_encoder`: each layer left as argmin lookups, most encoding operations
+    /// first, fitted again by the `lut` pass alone with the hash-tree encoder (comparisons only)
+    /// through the model as it stands, and kept so when the target still holds and `time_model`
+    /// does not price the new lookups slower than the old. Then, with `refine_subspace`: each
+    /// layer left exact for its damage (not for speed, not by `keep_exact`), most operations
+    /// saved first, fitted again over codebooks of `refine_subspace` values, and kept as
+    /// lookups when the target still holds and (with `restore_unprofitable`) `time_model` does
+    /// not price them above the exact layer. One `lut` fit and one measure per layer tried.
+    pub(super) fn refine(
+        &self,
+        mut current: Graph,
+        luts: &[String],
+        decisions: &mut [LayerDecision],
+        record: &LutLayers,
+        meter: &Meter,
+        cx: &mut PassCx,
+    ) -> Result<(Graph, Vec<PathPoint>, Vec<crate::passes::lut::LayerOverride>)> {
+        let o = &self.0;
+        // the record of the model as it stands: relearning's when it ran, else the lut pass's
+        let relearned = cx.analyses.lut.take();
+        let records: Vec<&LutLayers> = relearned.iter().chain([record]).collect();
+        let mut lut_names: Vec<Option<String>> = decisions
+            .iter()
+            .map(|d| {
+                records
+                    .iter()
+                    .find_map(|r| r.live_lut_of(&current, &d.layer))
+                    .map(str::to_string)
+            })
+            .collect();
+        let mut trials: Vec<(usize, Variant)> = Vec::new();
+        if o.refine_encoder {
+            // the argmin LUT layers, most encoding operations first
+            let mut argmin: Vec<usize> = (0..decisions.len())
+                .filter(|&i| decisions[i].chosen == "lut" && decisions[i].lut_cost.encode_macs > 0)
+                .filter(|&i| lut_names[i].is_some())
+                .collect();
+            argmin.sort_by(|&a, &b| {
+                let e = |i: usize| decisions[i].lut_cost.encode_macs;
+                e(b).cmp(&e(a)).then(a.cmp(&b))
+            });
+            trials.extend(argmin.into_iter().map(|i| (i, Variant::Tree)));
+        }
+        if o.refine_subspace > 0 {
+            // the layers left exact for their damage: not by `decide_first` (by override or for
+            // speed); the encoder trials above leave exact layers as they are
+            let left: Vec<usize> = (0..decisions.len())
+                .filter(|&i| {
+                    let d = &decisions[i];
+                    let for_speed = o.restore_unprofitable && unprofitable(d.ops_saved, d.est_speedup);
+                    d.chosen == "exact" && !for_speed && !named(&o.keep_exact, &d.layer, &luts[i])
+                })
+                .collect();
+            let order = most_saved_first(left, decisions);
+            trials.extend(order.into_iter().map(|i| (i, Variant::Subspace(o.refine_subspace))));
+        }
+        let (mut points, mut choices) = (Vec::new(), Vec::new());
+        let bar = crate::cli::progress(trials.len(), "mask refine");
+        for (i, v) in trials {
+            bar.inc(1);
+            if let Some((g, p, name)) =
+                self.try_variant(&current, i, v, &lut_names, &records, decisions, record, meter, cx, &bar)?
+            {
+                (current, lut_names[i]) = (g, Some(name));
+                points.push(p);
+                choices.push(v.layer_override(&decisions[i].layer));
+            }
+        }
+        bar.finish_and_clear();
+        Ok((current, points, choices))
+    }
+
+    /// One refine trial: layer `i` of `current` (exact, or lookups `lut_names[i]`, put back
+    /// exact first) fitted again by the `lut` pass alone as `v` says, the other exact layers
+    /// kept exact. Returns the model, its point and the layer's new `LutMatMul` name when it is
+    /// kept (the decision updated), `None` (and a line saying why) when not.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn try_variant(
+        &self,
+        current: &Graph,
+        i: usize,
+        v: Variant,
+        lut_names: &[Option<String>],
+        records: &[&LutLayers],
+        decisions: &mut [LayerDecision],
+        record: &LutLayers,
+        meter: &Meter,
+        cx: &mut PassCx,
+        bar: &indicatif::ProgressBar,
+    ) -> Result<Option<(Graph, PathPoint, String)>> {
+        cx.check_cancel()?;
+        let o = &self.0;
+        let layer = decisions[i].layer.clone();
+        let was_lut = decisions[i].chosen == "lut";
+        let mut opts = self.lut_options(record);
+        opts.layers.push(v.layer_override(&layer));
+        // this layer alone: no global stage over every LUT layer
+        opts.global_epochs = 0;
+        let others = decisions.iter().filter(|d| d.chosen == "exact" && d.layer != layer);
+        opts.keep_exact.extend(others.map(|d| d.layer.clone()));
+        let what = v.describe();
+        let (d, macs) = (decisions[i].shape[0], decisions[i].exact_macs);
+        let old_est = decisions[i].est_speedup;
+        if let (Variant::Tree, Some(name)) = (v, lut_names[i].as_deref().filter(|_| was_lut)) {
+            // priced before fitting: a tree the time model calls slower is not fitted at all
+            let (_, est) = layer_cost_as(current, name, &o.time_model, d, macs, true)?;
+            if est < old_est {
+                cx.say(bar, || slower_line(&layer, &what, est, old_est));
+                return Ok(None);
+            }
+        }
+        let mut trial = current.clone();
+        if was_lut {
+            let name = lut_names[i].as_deref().expect("a LUT layer's name is known");
+            let ex = exact_in(records, name)?;
+            restore(&mut trial, name, ex)?;
+        }
+        // (restores leave their nodes without facts; the lut pass reads the layers' shapes)
+        crate::ir::infer::infer_graph(&mut trial)?;
+        // the record this run makes names the layer's new lookups (the first run's, set aside
+        // by `run`, stays the report's)
+        cx.analyses.lut = None;
+        Lut(opts).run(&mut trial, cx)?;
+        let fitted = cx.analyses.lut.take();
+        let lut_name = fitted
+            .as_ref()
+            .and_then(|r| r.live_lut_of(&trial, &layer))
+            .map(str::to_string);
+        let Some(lut_name) = lut_name else {
+            cx.say(bar, || {
+                format!("  mask: refine left {layer} as it was: the lut pass kept it exact {what} (its options, e.g. min_macs)")
+            });
+            return Ok(None);
+        };
+        let (cost, est) = layer_cost(&trial, &lut_name, &o.time_model, d, macs)?;
+        let ops_saved = 2 * macs as i64 - cost.ops_all() as i64;
+        if was_lut && est < old_est {
+            cx.say(bar, || slower_line(&layer, &what, est, old_est));
+            return Ok(None);
+        }
+        if !was_lut && o.restore_unprofitable && unprofitable(ops_saved, est) {
+            cx.say(bar, || {
+                format!("  mask: refine left {layer} as it was: {what} its lookups would not pay ({ops_saved} operations saved, {:.2}x its time)", 1.0 / est)
+            });
+            return Ok(None);
+        }
+        let point = meter.measure(&trial, Some(format!("{layer} as lookups {what}")))?;
+        if !meter.met(&point) {
+            cx.say(bar, || {
+                format!(
+                    "  mask: refine left {layer} as it was: {what} the target is not met (logit cosine {:.5})",
+                    point.logit_cosine
+                )
+            });
+            return Ok(None);
+        }
+        cx.say(bar, || {
+            format!(
+                "  mask: refine made {layer} lookups {what}: logit cosine {:.5}, {:.1} % removed",
+                point.logit_cosine,
+                100.0 * point.reduction_everything_counted
+            )
+        });
+        let d = &mut decisions[i];
+        d.chosen = "lut";
+        d.why = format!("kept as LUT {what} by refine, the target still met ({})", d.why);
+        (d.lut_cost, d.est_speedup, d.ops_saved) = (cost, est, ops_saved);
+        Ok(Some((trial, point, lut_name)))
+    }
+}
+
+/// Each layer of `order` (decision indices) tried back as lookups: `trial(i, decisions, model)`
+/// builds the model with it back (`model`: the last one kept, else `start`), kept when the
+/// target still holds (its decision then says so: "put back {by}"). Returns the last model kept
+/// (else `start`) and, per layer put back, its point and index ([`Back`]). `what` = (the
+/// points' and progress lines' suffix, how the decision says it was put back).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn try_back(
+    order: Vec<usize>,
+    (suffix, by): (&str, &str),
+    start: Option<Graph>,
+    cx: &mut PassCx,
+    meter: &Meter,
+    decisions: &mut [LayerDecision],
+    mut trial: impl FnMut(usize, &[LayerDecision], Option<&Graph>) -> Result<Graph>,
+) -> Result<Back> {
+    let bar = crate::cli::progress(order.len(), &format!("mask prune{suffix}"));
+    let mut back = Back {
+        model: start,
+        ..Back::default()
+    };
+    for i in order {
+        cx.check_cancel()?;
+        bar.inc(1);
+        let g = trial(i, decisions, back.model.as_ref())?;
+        let point = meter.measure(&g, Some(format!("{} back as lookups{suffix}", decisions[i].layer)))?;
+        if !meter.met(&point) {
+            continue;
+        }
+        cx.say(&bar, || {
+            format!(
+                "  mask: put {} back as lookups{suffix}: logit cosine {:.5}, {:.1} % removed",
+                decisions[i].layer,
+                point.logit_cosine,
+                100.0 * point.reduction_everything_counted
+            )
+        });
+        decisions[i].chosen = "lut";
+        decisions[i].why = format!(
+            "kept as LUT: put back {by}, the target still met ({})",
+            decisions[i].why
+        );
+        back.points.push(point);
+        back.layers.push(i);
+        back.model = Some(g);
+    }
+    bar.finish_and_clear();
+    Ok(back)
+}
+
+/// What [`try_back`] put back: the last model kept (else the one it started from), and per
+/// layer put back, in order, its point and its index in the decisions.
+#[derive(Default)]
+pub(super) struct Back {
+    pub(super) model: Option<Graph>,
+    pub(super) points: Vec<PathPoint>,
+    pub(super) layers: Vec<usize>,
+}
+
+/// The line of a refine trial whose lookups the time model prices slower than the old ones.
+pub(super) fn slower_line(layer: &str, what: &str, est: f64, old_est: f64) -> String {
+    format!(
+        "  mask: refine left {layer} as it was: {what} its lookups would run slower ({:.2}x the exact layer's time against {:.2}x, time_model)",
+        1.0 / est,
+        1.0 / old_est
+    )
+}
+
+/// What a refine trial fits a layer as.
+#[derive(Clone, Copy)]
+pub(super) enum Variant {
+    /// Codebooks of this many values.
+    Subspace(usize),
+    /// The hash-tree encoder.
+    Tree,
+}
+
+impl Variant {
+    pub(super) fn layer_override(self, layer: &str) -> crate::passes::lut::LayerOverride {
+        let mut l = crate::passes::lut::LayerOverride {
+            name: layer.to_string(),
+            encoder: None,
+            subspace: None,
+        };
+        match self {
+            Variant::Subspace(s) => l.subspace = Some(s),
+            Variant::Tree => l.encoder = Some(crate::passes::lut::EncoderChoice::Tree),
+        }
+        l
+    }
+    pub(super) fn describe(self) -> String {
+        match self {
+            Variant::Subspace(s) => format!("over codebooks of {s}"),
+            Variant::Tree => "with the tree encoder".into(),
+        }
+    }
+}

@@ -1,0 +1,179 @@
+//! Relearning the tables through the chosen mix, and the held-out confirmation.
+
+use super::*;
+
+impl Mask {
+    /// With `relearn`: the tables of the layers left as lookups learned again through the
+    /// chosen mix of exact and LUT layers (the `lut` pass re-run on the exact model with the
+    /// restored layers kept exact; after refining, the refined layers fitted as the refine steps
+    /// chose), and its point — unless it is worse than the `chosen` point on the target's
+    /// metric, or (after put-backs or refining) misses the target: then `None` and a note, and
+    /// the model before it stays.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn relearn(
+        &self,
+        exact: &Graph,
+        chosen: &PathPoint,
+        decisions: &[LayerDecision],
+        record: &LutLayers,
+        meter: &Meter,
+        cx: &mut PassCx,
+        stage: Stage,
+    ) -> Result<Option<(Graph, PathPoint)>> {
+        let o = &self.0;
+        if !o.relearn {
+            return Ok(None);
+        }
+        let keep: Vec<String> = decisions
+            .iter()
+            .filter(|d| d.chosen == "exact")
+            .map(|d| d.layer.clone())
+            .collect();
+        // the options the lut pass ran with, unless the pipeline gives others for relearning
+        let mut lut_opts = self.lut_options(record);
+        lut_opts.keep_exact.extend(keep);
+        if let Stage::Refined(refined) = stage {
+            lut_opts.layers.extend(refined.iter().cloned());
+        }
+        let mut relearned = exact.clone();
+        // (a relearn after refining leaves its record in the context; `run` restores the first)
+        Lut(lut_opts).run(&mut relearned, cx)?;
+        let (label, after, kept) = match stage {
+            Stage::Chosen => ("(relearned)", "", "the greedy result"),
+            Stage::Again => (RELEARNED_AGAIN, " after put-backs", "the model with them"),
+            Stage::Refined(_) => (RELEARNED_AFTER_REFINING, " after refining", "the refined model"),
+        };
+        let p = meter.measure(&relearned, Some(label.into()))?;
+        // after put-backs or refining, the relearned model must also meet the target (the
+        // model before it does)
+        if meter.quality(&p) >= meter.quality(chosen) && (matches!(stage, Stage::Chosen) || meter.met(&p)) {
+            return Ok(Some((relearned, p)));
+        }
+        let (now, was) = meter.goal.compare(&p, chosen);
+        cx.notes.push(format!(
+            "mask: relearning the tables{after} did not help ({now} {was}); kept {kept}"
+        ));
+        Ok(None)
+    }
+}
+
+/// Which model [`Mask::relearn`] relearns.
+#[derive(Clone, Copy)]
+pub(super) enum Stage<'a> {
+    /// The model the walk and prune chose.
+    Chosen,
+    /// The relearned model with layers put back (`relearn_rounds`).
+    Again,
+    /// The model after the refine steps, with the per-layer choices they made.
+    Refined(&'a [crate::passes::lut::LayerOverride]),
+}
+
+impl Mask {
+    /// With held-out validation images (`confirm`): the model as chosen measured on them and,
+    /// while its drop there exceeds the budget, its LUT layers restored one at a time — first
+    /// those in `undo` (the layers prune put back, latest first: the decisions made closest to
+    /// the budget), then the others most damage per operation saved first (`force_lut` layers
+    /// stay) — each measured on them; the
+    /// model is left at the first point that meets the budget there. Then, when layers were
+    /// restored, the model kept measured on the images the rest chose on. A layer's lookups are
+    /// found by the record of the last `lut` run over the whole model (a relearn's, else the
+    /// first's); a layer whose live lookups neither names (refined, not relearned) stays as it is.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn confirm(
+        &self,
+        current: &mut Graph,
+        cx: &mut PassCx,
+        record: &LutLayers,
+        luts: &[String],
+        meter: &Meter,
+        decisions: &mut [LayerDecision],
+        undo: &[usize],
+    ) -> Result<Option<Confirmation>> {
+        let (Some(held), Goal::Accuracy(budget)) = (&meter.held_out, meter.goal) else {
+            return Ok(None);
+        };
+        let mut points = vec![meter.measure_held_out(current, None)?];
+        // the model as chosen and the restores made, to go back to the best point
+        let (start, mut restores) = (current.clone(), Vec::new());
+        // the record of the model as it stands: the last relearn's when one ran, else the lut
+        // pass's (set back by `run`)
+        let relearned = cx.analyses.lut.take();
+        let records: Vec<&LutLayers> = relearned.iter().chain([record]).collect();
+        let order = confirm_order(decisions, undo);
+        let bar = crate::cli::progress(order.len(), "mask confirm");
+        for i in order {
+            cx.check_cancel()?;
+            bar.inc(1);
+            if meter.met_held_out(points.last().expect("starts with one point")) {
+                break;
+            }
+            let d = &decisions[i];
+            if d.chosen != "lut" || named(&self.0.force_lut, &d.layer, &luts[i]) {
+                continue;
+            }
+            let Some(name) = records.iter().find_map(|r| r.live_lut_of(current, &d.layer)) else {
+                continue;
+            };
+            let ex = exact_in(&records, name)?;
+            let was = points.last().expect("one point").clone();
+            restore(current, name, ex)?;
+            restores.push((name.to_string(), ex.clone(), i, decisions[i].why.clone()));
+            let p = meter.measure_held_out(current, Some(d.layer.clone()))?;
+            cx.say(&bar, || {
+                format!(
+                    "  mask: restored {} to confirm: accuracy {:.2} % on the held-out images, {:.1} % removed",
+                    d.layer,
+                    100.0 * p.accuracy.unwrap_or(0.0),
+                    100.0 * p.reduction_everything_counted
+                )
+            });
+            let d = &mut decisions[i];
+            d.chosen = "exact";
+            d.why = format!(
+                "restored to confirm: on the {} held-out validation images the model got {} fewer right than the exact model's {} (budget {budget} points; {})",
+                held.n(),
+                held.exact_correct() as i64 - was.correct.unwrap_or(0) as i64,
+                held.exact_correct(),
+                d.why
+            );
+            points.push(p);
+        }
+        bar.finish_and_clear();
+        cx.analyses.lut = relearned;
+        if !meter.met_held_out(points.last().expect("one point")) {
+            // as in the walk: a restore can make the model worse, so keep the best point there
+            let best = best_point(&points, |p| meter.met_held_out(p), |p| p.correct.unwrap_or(0));
+            cx.notes.push(format!(
+                "mask: on the {} held-out validation images the model misses the {budget}-point budget with every layer confirm could restore restored (force_lut, or lookups no lut record names, keep the rest); kept the best of those points ({} restored)",
+                held.n(),
+                best
+            ));
+            *current = start;
+            for (name, ex, ..) in &restores[..best] {
+                restore(current, name, ex)?;
+            }
+            for (_, _, i, why) in &restores[best..] {
+                decisions[*i].chosen = "lut";
+                decisions[*i].why = format!("kept as LUT: restoring it to confirm did not help ({why})");
+            }
+            points.truncate(best + 1);
+        }
+        let chosen_on = match points.len() {
+            1 => None,
+            n => Some(meter.measure(current, Some(format!("(after restoring {} to confirm)", n - 1)))?),
+        };
+        if let Some(p) = chosen_on.as_ref().filter(|p| !meter.met(p)) {
+            cx.notes.push(format!(
+                "mask: after the restores to confirm, the model misses the budget on the validation images chosen on ({:.2}% against the exact model's {:.2}%)",
+                100.0 * p.accuracy.unwrap_or(0.0),
+                100.0 * meter.exact_correct().map_or(0.0, |c| meter.accuracy(c))
+            ));
+        }
+        Ok(Some(Confirmation {
+            images: held.n(),
+            exact_accuracy: held.accuracy(held.exact_correct()),
+            points,
+            chosen_on,
+        }))
+    }
+}

@@ -1,0 +1,126 @@
+//! What the `mask` pass reports: the path of measured points and each layer's decision.
+
+use super::*;
+
+/// The `restored` label of the refine steps' last point when it is the model relearned after
+/// them ([`MaskReport::refined`]).
+pub const RELEARNED_AFTER_REFINING: &str = "(relearned after refining)";
+
+/// The `restored` label of a point of [`MaskReport::pruned_after_relearning`] that is the model
+/// relearned after the layers before it were put back (`relearn_rounds`).
+pub const RELEARNED_AGAIN: &str = "(relearned again)";
+
+/// One point of the greedy path: after restoring `restored` layers.
+#[derive(Clone, Debug, Serialize)]
+pub struct PathPoint {
+    pub restored: Option<String>,
+    pub reduction_everything_counted: f64,
+    pub reduction_lookups_only: f64,
+    pub logit_cosine: f64,
+    /// Top-1 points expected lost on the measured images, without labels ([`expected_drop`]).
+    pub expected_drop: f64,
+    /// Top-1 accuracy on the validation set (`correct` / its size), when there is one.
+    pub accuracy: Option<f64>,
+    /// Validation images classified correctly, when there is a validation set.
+    pub correct: Option<usize>,
+    /// One standard error of the accuracy drop against the exact model on the validation set,
+    /// in points ([`drop_standard_error`]): how far the drop measured on these images may lie
+    /// from the drop on new ones.
+    pub drop_se: Option<f64>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct LayerDecision {
+    pub layer: String,
+    /// `conv` or `fc`, and the layer's `D × M` (row length × outputs).
+    pub kind: String,
+    pub shape: [usize; 2],
+    /// Cosine of the layer's own output with the exact one (from the `lut` pass).
+    pub layer_cosine: f64,
+    pub exact_macs: u64,
+    pub lut_cost: cost::Cost,
+    pub ops_saved: i64,
+    /// Estimated time of the exact layer over that of its lookups (`time_model`): > 1 means
+    /// the lookups are faster.
+    pub est_speedup: f64,
+    /// Logit cosine with only this layer approximated.
+    pub logit_cosine_alone: f64,
+    pub damage_per_mop_saved: f64,
+    pub chosen: &'static str,
+    pub why: String,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct MaskReport {
+    pub metric: String,
+    pub target: String,
+    /// The images the target is measured on, e.g. "256 held-out calibration images", or for an
+    /// accuracy target "2000 validation images (logits on 256 held-out calibration images)".
+    pub measured_on: String,
+    pub exact_accuracy: Option<f64>,
+    pub layers: Vec<LayerDecision>,
+    pub path: Vec<PathPoint>,
+    /// Index into `path` of the chosen point (before relearning): the first point that meets
+    /// the target, or when none does the best one on the target's metric ([`best_point`]).
+    pub chosen_point: usize,
+    /// With `prune`: a point per layer put back as lookups (each meeting the target), in order;
+    /// the last is the model relearning starts from.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub pruned: Vec<PathPoint>,
+    /// The model after relearning its tables, when it was kept (it replaced the chosen point).
+    /// `None` without relearning or when relearning did not help (the chosen point was kept).
+    pub final_point: Option<PathPoint>,
+    /// With `prune`, after a relearned model was kept: a point per layer the walk restored that
+    /// was then put back as lookups (each meeting the target), in order, and with
+    /// `relearn_rounds` a point labelled [`RELEARNED_AGAIN`] per relearning kept between them;
+    /// the last is the model the refine steps start from.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub pruned_after_relearning: Vec<PathPoint>,
+    /// With `refine_encoder` / `refine_subspace`: a point per layer refitted (argmin lookups made
+    /// tree lookups, exact layers made lookups over smaller codebooks), each meeting the target,
+    /// in order, then (with `relearn`, when it is kept: no worse, target met) one for the model
+    /// relearned through the final mix, `restored` "(relearned after refining)"; the last is
+    /// the model kept (unless `confirmation` restored layers after it: [`MaskReport::kept`]).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub refined: Vec<PathPoint>,
+    /// With `confirm`: the model the steps above chose, measured on the held-out validation
+    /// images, and what that changed.
+    pub confirmation: Option<Confirmation>,
+    /// The point of the model written, [`MaskReport::kept`], for readers of the JSON report.
+    pub kept_point: Option<PathPoint>,
+}
+
+/// The held-out check of an accuracy target (`confirm`). Every point above has its accuracy
+/// measured on the other validation images (their count in `measured_on`); these points on the
+/// held-out ones (their logit measures, as every point's, on the calibration images).
+#[derive(Clone, Debug, Serialize)]
+pub struct Confirmation {
+    /// Held-out validation images.
+    pub images: usize,
+    /// The exact model's accuracy on them.
+    pub exact_accuracy: f64,
+    /// The model the steps above kept, then one point per layer restored because the drop on
+    /// these images exceeded the budget (`restored` names it); the last is the model kept.
+    pub points: Vec<PathPoint>,
+    /// When layers were restored: the model kept, measured on the validation images the rest
+    /// chose on (what [`MaskReport::kept`] returns then).
+    pub chosen_on: Option<PathPoint>,
+}
+
+impl MaskReport {
+    /// The point of the model kept, on the validation images the pass chose on: after a
+    /// confirmation that restored layers, that model; else the last refine step (a layer
+    /// refined, or the model relearned after them), else the last layer put back as lookups
+    /// after relearning, else the relearned model when reported, else the last layer prune put
+    /// back as lookups, else the walk's choice.
+    pub fn kept(&self) -> &PathPoint {
+        self.confirmation
+            .as_ref()
+            .and_then(|c| c.chosen_on.as_ref())
+            .or(self.refined.last())
+            .or(self.pruned_after_relearning.last())
+            .or(self.final_point.as_ref())
+            .or(self.pruned.last())
+            .unwrap_or(&self.path[self.chosen_point])
+    }
+}
