@@ -49,9 +49,10 @@
 //! ```
 
 pub mod alloc;
-/// The unit tests (and the kernels' `#[ignore]`d throughput measurements among them) allocate
-/// as the binaries do: with 16-byte-aligned activations the measurements changed by up to a
-/// third from one process to the next.
+/// The unit tests allocate as the binaries do (blocks of 4 KiB or more on 64-byte boundaries),
+/// so the kernels' throughput measurements — `#[ignore]`d tests that `docs/bench.sh` runs, never
+/// CI — time the alignment the binaries run with. (Their times still vary by up to a third from
+/// one process to the next on a shared VM: compare the fastest of several processes.)
 #[cfg(test)]
 #[global_allocator]
 static ALLOC: alloc::CacheAligned = alloc::CacheAligned;

@@ -280,11 +280,7 @@ fn print_summary(done: &Compiled) {
             eprintln!("  after relearning: reduction {:.1}%, {}", pct(f), measured(f));
         }
         if let Some(p) = m.pruned_after_relearning.last() {
-            let again = m
-                .pruned_after_relearning
-                .iter()
-                .filter(|p| p.restored.as_deref() == Some(tabconv::passes::mask::RELEARNED_AGAIN))
-                .count();
+            let again = m.relearned_again();
             eprintln!(
                 "  then ({} layer(s) put back as lookups{}): reduction {:.1}%, {}",
                 m.pruned_after_relearning.len() - again,

@@ -1,6 +1,10 @@
 //! Measuring a model against the target: metrics, validation sets, the points of the path.
 
-use super::*;
+use super::report::PathPoint;
+use crate::error::{Error, Result};
+use crate::ir::{cost, Graph, Tensor};
+use crate::passes::mask::Options;
+use ndarray::{ArrayD, Axis};
 
 /// The target the options ask for, by precedence: `max_accuracy_drop`, `target_reduction`,
 /// `max_expected_drop` (with `min_logit_cosine` when given), else `min_logit_cosine` (0.99 when

@@ -48,20 +48,15 @@ mod time_model;
 mod walk;
 
 use crate::error::{Error, Result};
-use crate::interp::kernels::encode::TREE_IMAGE_LANES as IMAGE_LANES;
-use crate::ir::op::{Encoder, Op, PqEncode};
-use crate::ir::{cost, Graph, Outlet, Tensor};
+use crate::ir::Graph;
 use crate::passes::analysis::LutLayers;
-use crate::passes::lut::{ExactLayer, Lut};
-use crate::passes::mask::{put_back, restore, Mask, Options};
-use crate::passes::{glob_match, Pass, PassCx};
-use meter::*;
+use crate::passes::lut::ExactLayer;
+use crate::passes::mask::{restore, Mask, Options};
+use crate::passes::PassCx;
+use meter::{Goal, Meter};
 use ndarray::{ArrayD, Axis};
-use refine::*;
-use relearn::*;
-use serde::{Deserialize, Serialize};
-use time_model::*;
-use walk::*;
+use refine::Back;
+use relearn::Stage;
 
 pub use meter::{best_point, confirm_split, drop_standard_error, within_drop, DROP_TOLERANCE};
 pub use report::{Confirmation, LayerDecision, MaskReport, PathPoint, RELEARNED_AFTER_REFINING, RELEARNED_AGAIN};

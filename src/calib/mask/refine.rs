@@ -1,6 +1,16 @@
 //! The refine steps: single layers fitted again (tree encoders, smaller codebooks).
 
-use super::*;
+use super::exact_in;
+use super::meter::Meter;
+use super::report::{LayerDecision, PathPoint};
+use super::time_model::{layer_cost, layer_cost_as};
+use super::walk::{most_saved_first, named, unprofitable};
+use crate::error::Result;
+use crate::ir::Graph;
+use crate::passes::analysis::LutLayers;
+use crate::passes::lut::Lut;
+use crate::passes::mask::{restore, Mask};
+use crate::passes::{Pass, PassCx};
 
 impl Mask {
     /// The options of the `lut` pass a relearn or refine runs with: the pipeline's for the mask

@@ -1,6 +1,15 @@
 //! Relearning the tables through the chosen mix, and the held-out confirmation.
 
-use super::*;
+use super::exact_in;
+use super::meter::{best_point, Goal, Meter};
+use super::report::{Confirmation, LayerDecision, PathPoint, RELEARNED_AFTER_REFINING, RELEARNED_AGAIN};
+use super::walk::{confirm_order, named};
+use crate::error::Result;
+use crate::ir::Graph;
+use crate::passes::analysis::LutLayers;
+use crate::passes::lut::Lut;
+use crate::passes::mask::{restore, Mask};
+use crate::passes::{Pass, PassCx};
 
 impl Mask {
     /// With `relearn`: the tables of the layers left as lookups learned again through the

@@ -1,6 +1,7 @@
 //! What the `mask` pass reports: the path of measured points and each layer's decision.
 
-use super::*;
+use crate::ir::cost;
+use serde::Serialize;
 
 /// The `restored` label of the refine steps' last point when it is the model relearned after
 /// them ([`MaskReport::refined`]).
@@ -122,5 +123,15 @@ impl MaskReport {
             .or(self.final_point.as_ref())
             .or(self.pruned.last())
             .unwrap_or(&self.path[self.chosen_point])
+    }
+
+    /// The relearnings `relearn_rounds` kept between put-backs: the points of
+    /// [`MaskReport::pruned_after_relearning`] labelled [`RELEARNED_AGAIN`] (the others are
+    /// layers put back).
+    pub fn relearned_again(&self) -> usize {
+        self.pruned_after_relearning
+            .iter()
+            .filter(|p| p.restored.as_deref() == Some(RELEARNED_AGAIN))
+            .count()
     }
 }

@@ -1,6 +1,10 @@
 //! The time model that prices a LUT layer against its exact form (`restore_unprofitable`).
 
-use super::*;
+use crate::error::{Error, Result};
+use crate::interp::kernels::encode::TREE_IMAGE_LANES as IMAGE_LANES;
+use crate::ir::op::{Encoder, Op, PqEncode};
+use crate::ir::{cost, Graph};
+use serde::{Deserialize, Serialize};
 
 /// Relative time of the operations of a LUT layer, one exact multiply-add = 1. The defaults
 /// are the kernels' measured throughputs (docs/BENCHMARKS-avx512.md, one thread, batch 64, AVX-512

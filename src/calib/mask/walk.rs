@@ -1,6 +1,16 @@
 //! Each layer's damage alone, the greedy walk of restores and the prune that puts layers back.
 
-use super::*;
+use super::meter::{best_point, logits, mean_cosine, Meter};
+use super::refine::{try_back, Back};
+use super::report::{LayerDecision, PathPoint};
+use super::time_model::layer_cost;
+use super::with_exact;
+use crate::error::Result;
+use crate::ir::{Graph, Outlet};
+use crate::passes::analysis::LutLayers;
+use crate::passes::glob_match;
+use crate::passes::mask::{put_back, restore, Mask};
+use crate::passes::PassCx;
 
 impl Mask {
     /// Each LUT layer alone as lookups (everything else exact): its damage to the logits, what
@@ -319,7 +329,7 @@ mod tests {
             shape: [9, 4],
             layer_cosine: 0.9,
             exact_macs: 100,
-            lut_cost: cost::Cost::default(),
+            lut_cost: crate::ir::cost::Cost::default(),
             ops_saved: 50,
             est_speedup: 2.0,
             logit_cosine_alone: 0.99,
