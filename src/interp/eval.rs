@@ -919,10 +919,11 @@ fn gemm_op(g: &Gemm, args: &[Arc<Tensor>]) -> Result<ArrayD<f32>> {
 }
 
 /// What a `Gemm` with constant `B` and `C` prepares once for the packed blocked GEMM: `α·op(B)`
-/// as a row-major `k × n` matrix (a transposed weight, as `torch.nn.Linear` exports it,
-/// transposed once here instead of read with strides on every call) and `β·C` as one row.
+/// as a `k × n` matrix packed in column panels ([`gemm::PackedB`]: a transposed weight, as
+/// `torch.nn.Linear` exports it, transposed and packed once here instead of read with strides
+/// on every call) and `β·C` as one row.
 struct GemmPrep {
-    b: Vec<f32>,
+    b: gemm::PackedB,
     bias: Option<Vec<f32>>,
 }
 
@@ -955,8 +956,9 @@ fn gemm_packed(g: &Gemm, args: &[Arc<Tensor>], cache: &Cache) -> Result<Option<A
             let row = c.broadcast(IxDyn(&[1, n])).expect("checked above");
             row.iter().map(|&v| g.beta * v).collect()
         });
+        let b: Vec<f32> = bt.iter().map(|&v| g.alpha * v).collect();
         Ok(GemmPrep {
-            b: bt.iter().map(|&v| g.alpha * v).collect(),
+            b: gemm::PackedB::new(&b, k, n),
             bias,
         })
     };
@@ -969,7 +971,7 @@ fn gemm_packed(g: &Gemm, args: &[Arc<Tensor>], cache: &Cache) -> Result<Option<A
     }
     let a = a.as_standard_layout();
     let a = a.as_slice().expect("standard layout");
-    gemm::matmul_rows(a, m, k, n, &prep.b, o, prep.bias.is_some(), true);
+    gemm::matmul_rows_packed_b(a, m, &prep.b, o, prep.bias.is_some(), true);
     Ok(Some(out))
 }
 

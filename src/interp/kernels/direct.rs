@@ -1758,6 +1758,14 @@ mod x86 {
                     }
                 }
             }
+            if n == 16 {
+                // the 16 pixels as two halves of 8
+                let lo = acc.map(|a| _mm512_castps512_ps256(a));
+                let hi = acc.map(|a| _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(a))));
+                store_pixels8(lo, lay, dst.add(x0 * m));
+                store_pixels8(hi, lay, dst.add((x0 + 8) * m));
+                continue;
+            }
             for (t, a) in tmp.iter_mut().zip(&acc).take(m) {
                 _mm512_storeu_ps(t.as_mut_ptr(), *a);
             }
@@ -2319,10 +2327,43 @@ mod x86 {
                     }
                 }
             }
+            if n == 8 {
+                store_pixels8(acc, lay, dst.add(x0 * m));
+                continue;
+            }
             for (t, a) in tmp.iter_mut().zip(&acc).take(m) {
                 _mm256_storeu_ps(t.as_mut_ptr(), *a);
             }
             store_pixels(&tmp[..m], n, lay, dst.add(x0 * m));
+        }
+    }
+
+    /// [`store_pixels`] of 8 whole pixels at `m = lay.m ≤ 8` channels (`acc[oc]`: channel `oc`
+    /// of the 8 pixels; the sums past `m` are not stored): one register transpose, then a
+    /// vector per pixel (masked to `m` lanes below 8), the same values.
+    ///
+    /// # Safety
+    /// AVX2; `dst` valid for `8 × m` floats.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn store_pixels8(acc: [__m256; 8], lay: &Layout, dst: *mut f32) {
+        let m = lay.m;
+        let px = crate::interp::kernels::shape_ops::transpose8::t8x8(acc);
+        let mask = lane_mask256(m);
+        for (p, &v) in px.iter().enumerate() {
+            let d = dst.add(p * m);
+            let mut v = v;
+            if m == 8 {
+                if lay.accumulate {
+                    v = _mm256_add_ps(v, _mm256_loadu_ps(d));
+                }
+                _mm256_storeu_ps(d, act256(v, lay.relu_cap));
+            } else {
+                if lay.accumulate {
+                    v = _mm256_add_ps(v, _mm256_maskload_ps(d, mask));
+                }
+                _mm256_maskstore_ps(d, mask, act256(v, lay.relu_cap));
+            }
         }
     }
 
@@ -2614,6 +2655,10 @@ mod tests {
             (2, 1, [7, 13], 5, 3, 1, 1, [1; 4], false),
             (2, 1, [9, 37], 16, 3, 1, 1, [1, 2, 0, 1], false),
             (1, 1, [8, 20], 3, 3, 2, 1, [1; 4], false),
+            // one input channel, ≤ 8 outputs: whole vectors of pixels stored through a register
+            // transpose (8 and 7 channels: 16 + 16 + 2 and 16 + 1 pixels a row)
+            (2, 1, [5, 34], 8, 3, 1, 1, [1; 4], false),
+            (1, 1, [4, 18], 7, 3, 1, 1, [0, 1, 0, 1], false),
             (2, 1, [9, 30], 16, 3, 2, 1, [1; 4], false),
             (1, 1, [15, 15], 64, 7, 2, 1, [3; 4], false),
             (2, 1, [6, 11], 40, 3, 1, 2, [2, 1, 2, 0], false),

@@ -134,32 +134,130 @@ pub fn permute<T: Copy + Default>(src: &[T], shape: &[usize], perm: &[usize]) ->
     }
 }
 
-/// `n` row-major `[rows, cols]` matrices → their transposes, in 16×16 blocks.
+/// `n` row-major `[rows, cols]` matrices → their transposes: 8 × 8 register transposes at AVX2
+/// for 4-byte elements (the layout conversions of f32 activations), else in 16×16 blocks.
 fn batched_transpose<T: Copy + Default>(src: &[T], n: usize, rows: usize, cols: usize) -> Vec<T> {
-    const B: usize = 16;
+    batched_transpose_at(super::Simd::detect(), src, n, rows, cols)
+}
+
+/// [`batched_transpose`] with `level`'s kernel (the same elements at every level: data movement).
+fn batched_transpose_at<T: Copy + Default>(
+    level: super::Simd,
+    src: &[T],
+    n: usize,
+    rows: usize,
+    cols: usize,
+) -> Vec<T> {
     if rows == 1 || cols == 1 {
         return src.to_vec();
     }
     let mut out = vec![T::default(); src.len()];
+    let simd = level >= super::Simd::Avx2 && level.supported() && std::mem::size_of::<T>() == 4;
     for (s, d) in src
         .chunks_exact(rows * cols)
         .zip(out.chunks_exact_mut(rows * cols))
         .take(n)
     {
-        for r0 in (0..rows).step_by(B) {
-            let rb = B.min(rows - r0);
-            for c0 in (0..cols).step_by(B) {
-                // output rows c0.. of the block, each written as one contiguous run
-                for (c, drow) in d[c0 * rows..].chunks_mut(rows).take(B).enumerate() {
-                    let col = &s[r0 * cols + c0 + c..];
-                    for (r, o) in drow[r0..r0 + rb].iter_mut().enumerate() {
-                        *o = col[r * cols];
-                    }
+        // the whole 8 × 8 blocks with registers, the rest below element by element
+        let (r8, c8) = if simd { (rows / 8 * 8, cols / 8 * 8) } else { (0, 0) };
+        #[cfg(target_arch = "x86_64")]
+        if r8 > 0 && c8 > 0 {
+            // SAFETY: AVX2 checked above; T is 4 bytes, and the kernel moves 4-byte values with
+            // unaligned loads and stores inside the `rows × cols` matrices `s` and `d`.
+            unsafe { transpose8::blocks(s.as_ptr().cast(), d.as_mut_ptr().cast(), rows, cols, r8, c8) }
+        }
+        // the rest: the columns right of the blocks, then the rows below them
+        transpose_region(s, d, rows, cols, 0..rows, c8..cols);
+        transpose_region(s, d, rows, cols, r8..rows, 0..c8);
+    }
+    out
+}
+
+/// `d[c][r] = s[r][c]` for `r` in `rs`, `c` in `cs` (`s` is `rows × cols`, `d` `cols × rows`),
+/// in 16 × 16 blocks written as runs of output rows.
+fn transpose_region<T: Copy>(
+    s: &[T],
+    d: &mut [T],
+    rows: usize,
+    cols: usize,
+    rs: std::ops::Range<usize>,
+    cs: std::ops::Range<usize>,
+) {
+    const B: usize = 16;
+    for r0 in rs.clone().step_by(B) {
+        let rb = B.min(rs.end - r0);
+        for c0 in cs.clone().step_by(B) {
+            let cb = B.min(cs.end - c0);
+            for (c, drow) in d[c0 * rows..].chunks_mut(rows).take(cb).enumerate() {
+                let col = &s[r0 * cols + c0 + c..];
+                for (r, o) in drow[r0..r0 + rb].iter_mut().enumerate() {
+                    *o = col[r * cols];
                 }
             }
         }
     }
-    out
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod transpose8 {
+    use std::arch::x86_64::*;
+
+    /// `d[c][r] = s[r][c]` for `r < r8`, `c < c8` (multiples of 8) of a row-major
+    /// `rows × cols` matrix `s` into the `cols × rows` matrix `d`, 8 × 8 at a time; columns in
+    /// strips of 64 so the 64 output rows being written stay in cache.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn blocks(s: *const f32, d: *mut f32, rows: usize, cols: usize, r8: usize, c8: usize) {
+        for cs in (0..c8).step_by(64) {
+            for r0 in (0..r8).step_by(8) {
+                for c0 in (cs..c8.min(cs + 64)).step_by(8) {
+                    block(s.add(r0 * cols + c0), cols, d.add(c0 * rows + r0), rows);
+                }
+            }
+        }
+    }
+
+    /// One 8 × 8 block: rows `ls` apart in, rows `ld` apart out.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn block(s: *const f32, ls: usize, d: *mut f32, ld: usize) {
+        let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(s.add(i * ls)));
+        for (j, v) in t8x8(r).into_iter().enumerate() {
+            _mm256_storeu_ps(d.add(j * ld), v);
+        }
+    }
+
+    /// The 8 × 8 transpose of eight rows of 8 lanes: lane `i` of output `j` is lane `j` of
+    /// input `i`.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    pub(crate) unsafe fn t8x8(r: [__m256; 8]) -> [__m256; 8] {
+        // pairs of rows interleaved, then pairs of pairs: 4 × 4 transposes in each 128-bit half
+        let t: [__m256; 8] = std::array::from_fn(|i| {
+            let (a, b) = (r[i / 2 * 2], r[i / 2 * 2 + 1]);
+            if i % 2 == 0 {
+                _mm256_unpacklo_ps(a, b)
+            } else {
+                _mm256_unpackhi_ps(a, b)
+            }
+        });
+        let u: [__m256; 8] = std::array::from_fn(|i| {
+            // i = 4·g + j: g picks rows 0-3 or 4-7, j the output row within the half
+            let (g, j) = (i / 4, i % 4);
+            let (a, b) = (t[4 * g + j / 2], t[4 * g + j / 2 + 2]);
+            if j % 2 == 0 {
+                _mm256_shuffle_ps::<0x44>(a, b)
+            } else {
+                _mm256_shuffle_ps::<0xEE>(a, b)
+            }
+        });
+        std::array::from_fn(|j| {
+            if j < 4 {
+                _mm256_permute2f128_ps::<0x20>(u[j], u[4 + j])
+            } else {
+                _mm256_permute2f128_ps::<0x31>(u[j - 4], u[j])
+            }
+        })
+    }
 }
 
 /// ONNX `Expand`: `a` broadcast with `shape` (bidirectionally: a 1 in `shape` keeps `a`'s size).
@@ -297,6 +395,19 @@ pub fn reduce_mean(a: &ArrayD<f32>, axes: &[usize], keepdims: bool) -> Result<Ar
         }
         return Ok(ArrayD::from_shape_vec(ndarray::IxDyn(&[n, c]), out).expect("reduce_mean output size"));
     }
+    // Trailing axes of a standard-layout tensor: one contiguous run per output, summed in 16
+    // lanes (vectorizes) that are then added pairwise.
+    let rank = a.ndim();
+    let trailing = sorted.iter().enumerate().all(|(i, &ax)| ax == rank - sorted.len() + i);
+    if let (true, Some(x)) = (trailing && !sorted.is_empty(), a.as_slice()) {
+        let run: usize = a.shape()[rank - sorted.len()..].iter().product();
+        let out: Vec<f32> = x.chunks_exact(run).map(|r| lane_sum(r) / run as f32).collect();
+        let mut shape = a.shape()[..rank - sorted.len()].to_vec();
+        if keepdims {
+            shape.resize(rank, 1);
+        }
+        return Ok(ArrayD::from_shape_vec(IxDyn(&shape), out).expect("reduce_mean output size"));
+    }
     let mut out = a.clone();
     for &ax in sorted.iter().rev() {
         out = out
@@ -307,6 +418,30 @@ pub fn reduce_mean(a: &ArrayD<f32>, axes: &[usize], keepdims: bool) -> Result<Ar
         }
     }
     Ok(out)
+}
+
+/// The sum of `x` in 16 interleaved lanes, then the lanes added pairwise: a fixed order that
+/// the compiler vectorizes.
+fn lane_sum(x: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let chunks = x.chunks_exact(16);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += v;
+        }
+    }
+    for (a, &v) in acc.iter_mut().zip(tail) {
+        *a += v;
+    }
+    let mut w = 16;
+    while w > 1 {
+        w /= 2;
+        for i in 0..w {
+            acc[i] += acc[i + w];
+        }
+    }
+    acc[0]
 }
 
 #[cfg(test)]
@@ -363,6 +498,78 @@ mod tests {
                     .into_owned();
                 let got = super::transpose(a.clone(), &p);
                 assert_eq!(got, want, "shape {shape:?} perm {p:?}");
+            }
+        }
+    }
+
+    /// Batched 2-D transposes of 4-byte elements (f32 and i32: the 8 × 8 register blocks at
+    /// AVX2 and up, with partial blocks at both edges) equal the naive transpose at every level.
+    #[test]
+    fn batched_transpose_matches_naive_at_every_level() {
+        let levels = crate::interp::kernels::levels_checked("batched_transpose_matches_naive_at_every_level");
+        for &(n, rows, cols) in &[
+            (1, 784, 8),
+            (2, 8, 784),
+            (3, 17, 24),
+            (1, 70, 130),
+            (2, 9, 9),
+            (1, 8, 8),
+            (1, 16, 3),
+            (2, 64, 200),
+        ] {
+            let src: Vec<f32> = (0..n * rows * cols).map(|i| i as f32 * 0.5 - 3.0).collect();
+            let ints: Vec<i32> = (0..n * rows * cols).map(|i| i as i32 * 7 - 11).collect();
+            let want = |i: usize| {
+                let (b, rest) = (i / (rows * cols), i % (rows * cols));
+                let (c, r) = (rest / rows, rest % rows);
+                b * rows * cols + r * cols + c
+            };
+            for &level in &levels {
+                let got = super::batched_transpose_at(level, &src, n, rows, cols);
+                let got_i = super::batched_transpose_at(level, &ints, n, rows, cols);
+                for i in 0..src.len() {
+                    assert_eq!(got[i], src[want(i)], "{} ({n},{rows},{cols}) at {i}", level.name());
+                    assert_eq!(
+                        got_i[i],
+                        ints[want(i)],
+                        "{} i32 ({n},{rows},{cols}) at {i}",
+                        level.name()
+                    );
+                }
+            }
+        }
+    }
+
+    /// A mean over trailing axes (summed in lanes) equals ndarray's mean over each axis, with
+    /// and without the kept axes, for runs shorter and longer than the lanes and every axis.
+    #[test]
+    fn trailing_mean_matches_axis_by_axis() {
+        use ndarray::{ArrayD, Axis, IxDyn};
+        for (shape, axes) in [
+            (vec![8, 784], vec![1]),
+            (vec![2, 3, 5, 7], vec![2, 3]),
+            (vec![3, 17], vec![0, 1]),
+            (vec![4, 9], vec![1]),
+        ] {
+            let n: usize = shape.iter().product();
+            let a = ArrayD::from_shape_vec(
+                IxDyn(&shape),
+                (0..n).map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0).collect(),
+            )
+            .unwrap();
+            for keepdims in [false, true] {
+                let got = super::reduce_mean(&a, &axes, keepdims).unwrap();
+                let mut want = a.clone();
+                for &ax in axes.iter().rev() {
+                    want = want.mean_axis(Axis(ax)).unwrap();
+                    if keepdims {
+                        want.insert_axis_inplace(Axis(ax));
+                    }
+                }
+                assert_eq!(got.shape(), want.shape(), "{shape:?} {axes:?} keepdims {keepdims}");
+                for (g, w) in got.iter().zip(want.iter()) {
+                    assert!((g - w).abs() < 1e-5, "{shape:?} {axes:?}: {g} vs {w}");
+                }
             }
         }
     }
