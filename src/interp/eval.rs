@@ -414,7 +414,14 @@ pub fn eval_op_cached(op: &Op, mut args: Vec<Arc<Tensor>>, cache: Option<&Cache>
         }
         Op::MatMul => {
             arity(2, &args)?;
-            Tensor::F32(matmul_op(args[0].as_f32()?, args[1].as_f32()?)?)
+            let packed = match cache {
+                Some(c) => matmul_packed_b(&args, c)?,
+                None => None,
+            };
+            match packed {
+                Some(out) => Tensor::F32(out),
+                None => Tensor::F32(matmul_op(args[0].as_f32()?, args[1].as_f32()?)?),
+            }
         }
         Op::Softmax { axis, log } => {
             arity(1, &args)?;
@@ -975,6 +982,34 @@ fn gemm_packed(g: &Gemm, args: &[Arc<Tensor>], cache: &Cache) -> Result<Option<A
     Ok(Some(out))
 }
 
+/// `MatMul` of `[.., m, k]` by a constant `[k, n]` (a node cache: the weight is constant) with
+/// the weight packed once ([`gemm::PackedB`]), all leading rows as one GEMM: the bits of
+/// [`matmul_op`]'s path for that case. `None` where it does not apply (other ranks, no AVX2).
+fn matmul_packed_b(args: &[Arc<Tensor>], cache: &Cache) -> Result<Option<ArrayD<f32>>> {
+    let (a, b) = (args[0].as_f32()?, args[1].as_f32()?);
+    if a.ndim() < 2 || b.ndim() != 2 || !gemm::PackedA::supported() {
+        return Ok(None);
+    }
+    let (k, n) = (b.shape()[0], b.shape()[1]);
+    if a.shape()[a.ndim() - 1] != k || k == 0 {
+        return Ok(None);
+    }
+    let build = || -> Result<gemm::PackedB> {
+        let b = b.as_standard_layout();
+        Ok(gemm::PackedB::new(b.as_slice().expect("standard layout"), k, n))
+    };
+    let mut slot = None;
+    let pb: &gemm::PackedB = cached(Some(cache), build, &mut slot)?;
+    let mut shape = a.shape().to_vec();
+    *shape.last_mut().expect("rank ≥ 2") = n;
+    let mut out = ArrayD::<f32>::zeros(IxDyn(&shape));
+    let a = a.as_standard_layout();
+    let rows = a.len() / k;
+    let o = out.as_slice_mut().expect("standard layout");
+    gemm::matmul_rows_packed_b(a.as_slice().expect("standard layout"), rows, pb, o, false, true);
+    Ok(Some(out))
+}
+
 use gemm::Mat;
 
 /// numpy `matmul` with batch broadcasting and 1-D promotion.
@@ -1178,19 +1213,52 @@ mod tests {
         }
     }
 
+    /// A tensor of `shape` with values spread over [-2, 2) by `seed`.
+    fn spread(shape: &[usize], seed: usize) -> Arc<Tensor> {
+        let len = shape.iter().product::<usize>();
+        let v = (0..len)
+            .map(|i| (((i * 7919 + seed * 104_729) % 1000) as f32 - 500.0) / 250.0)
+            .collect();
+        Arc::new(Tensor::f32(shape, v).unwrap())
+    }
+
+    /// A `MatMul` by a constant 2-D weight with a node cache (the weight packed once) gives the
+    /// bits of the uncached path, on the first run and after; other weight ranks build no cache.
+    #[test]
+    fn cached_matmul_matches_the_uncached_one() {
+        let t = spread;
+        // a constant [k, n] weight times activations of rank 2 and 3 (rows past a 12-row block,
+        // columns past a 32-column panel); a 3-D weight keeps the general path
+        for (a_shape, b_shape) in [
+            (vec![13, 37], vec![37, 40]),
+            (vec![2, 7, 37], vec![37, 10]),
+            (vec![1, 37], vec![37, 33]),
+            (vec![2, 5, 37], vec![2, 37, 8]),
+        ] {
+            let args = vec![t(&a_shape, 1), t(&b_shape, 2)];
+            let want = eval_op_cached(&Op::MatMul, args.clone(), None).unwrap();
+            let cache = Cache::new();
+            for _ in 0..2 {
+                let got = eval_op_cached(&Op::MatMul, args.clone(), Some(&cache)).unwrap();
+                let (got, want) = (got[0].as_f32().unwrap(), want[0].as_f32().unwrap());
+                assert_eq!(got.shape(), want.shape());
+                assert!(
+                    got.iter().zip(want.iter()).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{a_shape:?} × {b_shape:?}: the packed weight changed the bits"
+                );
+            }
+            let packed = gemm::PackedA::supported() && b_shape.len() == 2;
+            assert_eq!(cache.get().is_some(), packed, "{a_shape:?} × {b_shape:?}");
+        }
+    }
+
     /// A `Gemm` with constant `B` and `C` through the prepared packed path (a node cache, as a
     /// plan runs it) equals the general path, for both weight layouts, α and β, and the row
     /// shapes `C` takes, at any number of rows and columns (a 10-class head too); a `C` with one
     /// value per row takes the general path. Each row gets the same bits in any batch.
     #[test]
     fn cached_gemm_matches_the_general_path() {
-        let t = |shape: &[usize], seed: usize| {
-            let len = shape.iter().product::<usize>();
-            let v = (0..len)
-                .map(|i| (((i * 7919 + seed * 104_729) % 1000) as f32 - 500.0) / 250.0)
-                .collect();
-            Arc::new(Tensor::f32(shape, v).unwrap())
-        };
+        let t = spread;
         let k = 37;
         for (m, n) in [1, 4, 13, 64].into_iter().flat_map(|m| [(m, 10), (m, 40)]) {
             for trans_b in [false, true] {

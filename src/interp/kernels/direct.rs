@@ -2348,11 +2348,11 @@ mod x86 {
     #[inline]
     unsafe fn store_pixels8(acc: [__m256; 8], lay: &Layout, dst: *mut f32) {
         let m = lay.m;
-        let px = crate::interp::kernels::shape_ops::transpose8::t8x8(acc);
+        let px = crate::interp::kernels::transpose8_epi32(acc.map(|a| _mm256_castps_si256(a)));
         let mask = lane_mask256(m);
         for (p, &v) in px.iter().enumerate() {
             let d = dst.add(p * m);
-            let mut v = v;
+            let mut v = _mm256_castsi256_ps(v);
             if m == 8 {
                 if lay.accumulate {
                     v = _mm256_add_ps(v, _mm256_loadu_ps(d));

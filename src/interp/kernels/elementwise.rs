@@ -478,7 +478,7 @@ fn sum_of(r: &[f32]) -> f32 {
 /// `Σ f(v)` over `r` in `L` interleaved partial sums (so the loop vectorises), then those added
 /// pairwise (`L` a power of two): a fixed order, whatever the vector width.
 #[inline(always)]
-fn lane_sum<const L: usize, T>(r: &[f32], f: impl Fn(f32) -> T) -> T
+pub(crate) fn lane_sum<const L: usize, T>(r: &[f32], f: impl Fn(f32) -> T) -> T
 where
     T: Copy + Default + std::ops::AddAssign,
 {

@@ -1462,30 +1462,9 @@ mod x86 {
                     // SAFETY: s is 8 i32.
                     unsafe { _mm256_loadu_si256(s.as_ptr().cast()) }
                 });
-                let t: [__m256i; 8] = std::array::from_fn(|i| {
-                    let (x, y) = (v[i & !1], v[i | 1]);
-                    if i % 2 == 0 {
-                        _mm256_unpacklo_epi32(x, y)
-                    } else {
-                        _mm256_unpackhi_epi32(x, y)
-                    }
-                });
-                // u[4h + q]: column q (and q + 4 in the upper lane) of rows 4h..4h+4
-                let u: [__m256i; 8] = std::array::from_fn(|i| {
-                    let (h, q) = (i / 4, i % 4);
-                    let (x, y) = (t[4 * h + q / 2], t[4 * h + 2 + q / 2]);
-                    if q % 2 == 0 {
-                        _mm256_unpacklo_epi64(x, y)
-                    } else {
-                        _mm256_unpackhi_epi64(x, y)
-                    }
-                });
-                for q in 0..8 {
-                    let w = if q < 4 {
-                        _mm256_permute2x128_si256::<0x20>(u[q], u[4 + q])
-                    } else {
-                        _mm256_permute2x128_si256::<0x31>(u[q - 4], u[q])
-                    };
+                // SAFETY: AVX2 is enabled on this function.
+                let cols = unsafe { crate::interp::kernels::transpose8_epi32(v) };
+                for (q, &w) in cols.iter().enumerate() {
                     let d = &mut out[(r0 + q) * m + m0..][..8];
                     // SAFETY: d is 8 i32.
                     unsafe { _mm256_storeu_si256(d.as_mut_ptr().cast(), w) };

@@ -13,6 +13,43 @@ pub mod pool;
 pub mod shape_ops;
 pub mod team;
 
+/// An 8×8 transpose of 32-bit values in AVX2 registers: `r[i]` lane `j` becomes lane `i` of the
+/// result's register `j` (unpack pairs, then pairs of pairs, then 128-bit lanes).
+///
+/// # Safety
+/// AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+pub(crate) unsafe fn transpose8_epi32(r: [std::arch::x86_64::__m256i; 8]) -> [std::arch::x86_64::__m256i; 8] {
+    use std::arch::x86_64::*;
+    let t: [__m256i; 8] = std::array::from_fn(|i| {
+        let (x, y) = (r[i & !1], r[i | 1]);
+        if i % 2 == 0 {
+            _mm256_unpacklo_epi32(x, y)
+        } else {
+            _mm256_unpackhi_epi32(x, y)
+        }
+    });
+    // u[4h + q]: column q (and q + 4 in the upper 128-bit lane) of rows 4h..4h+4
+    let u: [__m256i; 8] = std::array::from_fn(|i| {
+        let (h, q) = (i / 4, i % 4);
+        let (x, y) = (t[4 * h + q / 2], t[4 * h + 2 + q / 2]);
+        if q % 2 == 0 {
+            _mm256_unpacklo_epi64(x, y)
+        } else {
+            _mm256_unpackhi_epi64(x, y)
+        }
+    });
+    std::array::from_fn(|q| {
+        if q < 4 {
+            _mm256_permute2x128_si256::<0x20>(u[q], u[4 + q])
+        } else {
+            _mm256_permute2x128_si256::<0x31>(u[q - 4], u[q])
+        }
+    })
+}
+
 /// A 16×16 transpose of 32-bit values in AVX-512 registers: `r[i]` lane `j` becomes lane `i` of
 /// the result's register `j` (unpack pairs, then pairs of pairs, then 128-bit lanes).
 ///

@@ -199,7 +199,7 @@ fn transpose_region<T: Copy>(
 }
 
 #[cfg(target_arch = "x86_64")]
-pub(crate) mod transpose8 {
+mod transpose8 {
     use std::arch::x86_64::*;
 
     /// `d[c][r] = s[r][c]` for `r < r8`, `c < c8` (multiples of 8) of a row-major
@@ -220,43 +220,10 @@ pub(crate) mod transpose8 {
     #[target_feature(enable = "avx2")]
     #[inline]
     unsafe fn block(s: *const f32, ls: usize, d: *mut f32, ld: usize) {
-        let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(s.add(i * ls)));
-        for (j, v) in t8x8(r).into_iter().enumerate() {
-            _mm256_storeu_ps(d.add(j * ld), v);
+        let r: [__m256i; 8] = std::array::from_fn(|i| _mm256_loadu_si256(s.add(i * ls).cast()));
+        for (j, v) in crate::interp::kernels::transpose8_epi32(r).into_iter().enumerate() {
+            _mm256_storeu_si256(d.add(j * ld).cast(), v);
         }
-    }
-
-    /// The 8 × 8 transpose of eight rows of 8 lanes: lane `i` of output `j` is lane `j` of
-    /// input `i`.
-    #[target_feature(enable = "avx2")]
-    #[inline]
-    pub(crate) unsafe fn t8x8(r: [__m256; 8]) -> [__m256; 8] {
-        // pairs of rows interleaved, then pairs of pairs: 4 × 4 transposes in each 128-bit half
-        let t: [__m256; 8] = std::array::from_fn(|i| {
-            let (a, b) = (r[i / 2 * 2], r[i / 2 * 2 + 1]);
-            if i % 2 == 0 {
-                _mm256_unpacklo_ps(a, b)
-            } else {
-                _mm256_unpackhi_ps(a, b)
-            }
-        });
-        let u: [__m256; 8] = std::array::from_fn(|i| {
-            // i = 4·g + j: g picks rows 0-3 or 4-7, j the output row within the half
-            let (g, j) = (i / 4, i % 4);
-            let (a, b) = (t[4 * g + j / 2], t[4 * g + j / 2 + 2]);
-            if j % 2 == 0 {
-                _mm256_shuffle_ps::<0x44>(a, b)
-            } else {
-                _mm256_shuffle_ps::<0xEE>(a, b)
-            }
-        });
-        std::array::from_fn(|j| {
-            if j < 4 {
-                _mm256_permute2f128_ps::<0x20>(u[j], u[4 + j])
-            } else {
-                _mm256_permute2f128_ps::<0x31>(u[j - 4], u[j])
-            }
-        })
     }
 }
 
@@ -401,7 +368,10 @@ pub fn reduce_mean(a: &ArrayD<f32>, axes: &[usize], keepdims: bool) -> Result<Ar
     let trailing = sorted.iter().enumerate().all(|(i, &ax)| ax == rank - sorted.len() + i);
     if let (true, Some(x)) = (trailing && !sorted.is_empty(), a.as_slice()) {
         let run: usize = a.shape()[rank - sorted.len()..].iter().product();
-        let out: Vec<f32> = x.chunks_exact(run).map(|r| lane_sum(r) / run as f32).collect();
+        let out: Vec<f32> = x
+            .chunks_exact(run)
+            .map(|r| super::elementwise::lane_sum::<16, f32>(r, |v| v) / run as f32)
+            .collect();
         let mut shape = a.shape()[..rank - sorted.len()].to_vec();
         if keepdims {
             shape.resize(rank, 1);
@@ -418,30 +388,6 @@ pub fn reduce_mean(a: &ArrayD<f32>, axes: &[usize], keepdims: bool) -> Result<Ar
         }
     }
     Ok(out)
-}
-
-/// The sum of `x` in 16 interleaved lanes, then the lanes added pairwise: a fixed order that
-/// the compiler vectorizes.
-fn lane_sum(x: &[f32]) -> f32 {
-    let mut acc = [0f32; 16];
-    let chunks = x.chunks_exact(16);
-    let tail = chunks.remainder();
-    for c in chunks {
-        for (a, &v) in acc.iter_mut().zip(c) {
-            *a += v;
-        }
-    }
-    for (a, &v) in acc.iter_mut().zip(tail) {
-        *a += v;
-    }
-    let mut w = 16;
-    while w > 1 {
-        w /= 2;
-        for i in 0..w {
-            acc[i] += acc[i + w];
-        }
-    }
-    acc[0]
 }
 
 #[cfg(test)]
