@@ -1762,8 +1762,8 @@ mod x86 {
                 // the 16 pixels as two halves of 8
                 let lo = acc.map(|a| _mm512_castps512_ps256(a));
                 let hi = acc.map(|a| _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(a))));
-                store_pixels8(lo, lay, dst.add(x0 * m));
-                store_pixels8(hi, lay, dst.add((x0 + 8) * m));
+                store_pixels8(lo, 8, (ow - x0) * m, lay, dst.add(x0 * m));
+                store_pixels8(hi, 8, (ow - x0 - 8) * m, lay, dst.add((x0 + 8) * m));
                 continue;
             }
             for (t, a) in tmp.iter_mut().zip(&acc).take(m) {
@@ -2302,58 +2302,86 @@ mod x86 {
         lay: &Layout,
         dst: *mut f32,
     ) {
-        const N: usize = 8;
+        // one instance per output count: only the `m` sums are computed and kept in registers
+        match lay.m {
+            1 => row_c1_avx2_m::<1>(x, src, wp, dh, ow, wts, lay, dst),
+            2 => row_c1_avx2_m::<2>(x, src, wp, dh, ow, wts, lay, dst),
+            3 => row_c1_avx2_m::<3>(x, src, wp, dh, ow, wts, lay, dst),
+            4 => row_c1_avx2_m::<4>(x, src, wp, dh, ow, wts, lay, dst),
+            5 => row_c1_avx2_m::<5>(x, src, wp, dh, ow, wts, lay, dst),
+            6 => row_c1_avx2_m::<6>(x, src, wp, dh, ow, wts, lay, dst),
+            7 => row_c1_avx2_m::<7>(x, src, wp, dh, ow, wts, lay, dst),
+            _ => row_c1_avx2_m::<8>(x, src, wp, dh, ow, wts, lay, dst),
+        }
+    }
+
+    /// [`row_c1_avx2`] for `M = lay.m` outputs. Inputs are read 8 at a time without a mask
+    /// wherever the 8 values lie inside `x` (lanes past the row's end are computed and not
+    /// stored): AMD's masked loads and stores cost several times a plain one.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn row_c1_avx2_m<const M: usize>(
+        x: &[f32],
+        src: usize,
+        wp: usize,
+        dh: usize,
+        ow: usize,
+        wts: &super::NhwcWeights,
+        lay: &Layout,
+        dst: *mut f32,
+    ) {
         let [kh, kw] = wts.kernel;
-        let m = lay.m;
-        debug_assert!(m <= N);
+        debug_assert_eq!(lay.m, M);
         let lanes = wts.blocks[0].1;
         let (w, bias) = (wts.data.as_ptr(), wts.bias.as_ptr());
         let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-        let mut tmp = [[0f32; 8]; N];
         for x0 in (0..ow).step_by(8) {
             let n = (ow - x0).min(8);
+            // the last value a plain load of the tile's last tap would read
+            let plain = src + (kh - 1) * dh * wp + x0 + kw - 1 + 8 <= x.len();
             let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), lane);
-            let mut acc = [_mm256_setzero_ps(); N];
-            for (oc, a) in acc.iter_mut().enumerate() {
+            let mut acc = [_mm256_setzero_ps(); 8];
+            for (oc, a) in acc.iter_mut().enumerate().take(M) {
                 *a = _mm256_set1_ps(*bias.add(oc));
             }
             for i in 0..kh {
                 let row = x.as_ptr().add(src + i * dh * wp + x0);
                 for j in 0..kw {
-                    let xv = _mm256_maskload_ps(row.add(j), mask);
+                    let xv = if plain {
+                        _mm256_loadu_ps(row.add(j))
+                    } else {
+                        _mm256_maskload_ps(row.add(j), mask)
+                    };
                     let wt = w.add((i * kw + j) * lanes);
-                    for (oc, a) in acc.iter_mut().enumerate() {
+                    for (oc, a) in acc.iter_mut().enumerate().take(M) {
                         *a = _mm256_fmadd_ps(xv, _mm256_set1_ps(*wt.add(oc)), *a);
                     }
                 }
             }
-            if n == 8 {
-                store_pixels8(acc, lay, dst.add(x0 * m));
-                continue;
-            }
-            for (t, a) in tmp.iter_mut().zip(&acc).take(m) {
-                _mm256_storeu_ps(t.as_mut_ptr(), *a);
-            }
-            store_pixels(&tmp[..m], n, lay, dst.add(x0 * m));
+            // later tiles of the row overwrite what a plain store spills past pixel n
+            store_pixels8(acc, n, (ow - x0) * M, lay, dst.add(x0 * M));
         }
     }
 
-    /// [`store_pixels`] of 8 whole pixels at `m = lay.m ≤ 8` channels (`acc[oc]`: channel `oc`
-    /// of the 8 pixels; the sums past `m` are not stored): one register transpose, then a
-    /// vector per pixel (masked to `m` lanes below 8), the same values.
+    /// [`store_pixels`] of `n ≤ 8` pixels at `m = lay.m ≤ 8` channels (`acc[oc]`: channel
+    /// `oc` of the 8 pixels; the sums past `m` and `n` are not stored): one register transpose,
+    /// then a vector per pixel, the same values. Without a residual, a pixel is stored as a
+    /// whole vector when its 8 lanes end within `room` floats of `dst`: its lanes past `m` land
+    /// on later pixels, stored after it (by this call up to `n × m`, by the caller's later
+    /// calls up to `room`).
     ///
     /// # Safety
-    /// AVX2; `dst` valid for `8 × m` floats.
+    /// AVX2; `dst` valid for `room ≥ n × m` floats.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
-    unsafe fn store_pixels8(acc: [__m256; 8], lay: &Layout, dst: *mut f32) {
+    unsafe fn store_pixels8(acc: [__m256; 8], n: usize, room: usize, lay: &Layout, dst: *mut f32) {
         let m = lay.m;
         let px = crate::interp::kernels::transpose8_epi32(acc.map(|a| _mm256_castps_si256(a)));
         let mask = lane_mask256(m);
-        for (p, &v) in px.iter().enumerate() {
+        for (p, &v) in px.iter().enumerate().take(n) {
             let d = dst.add(p * m);
             let mut v = _mm256_castsi256_ps(v);
-            if m == 8 {
+            if m == 8 || (!lay.accumulate && p * m + 8 <= room) {
                 if lay.accumulate {
                     v = _mm256_add_ps(v, _mm256_loadu_ps(d));
                 }
@@ -2587,7 +2615,11 @@ mod x86 {
                     let t = i * lay.tap[0] + j * lay.tap[1] + l0;
                     let wv = _mm256_loadu_ps(w.add((i * kw + j) * nb + l0));
                     for r in 0..R {
-                        let xv = _mm256_maskload_ps(x.add(offs[r] + t), mask);
+                        let xv = if n == 8 {
+                            _mm256_loadu_ps(x.add(offs[r] + t))
+                        } else {
+                            _mm256_maskload_ps(x.add(offs[r] + t), mask)
+                        };
                         acc[r] = _mm256_fmadd_ps(xv, wv, acc[r]);
                     }
                 }
@@ -2595,13 +2627,8 @@ mod x86 {
             // not `acc[..rows]` (see `store512`)
             for (r, &s) in acc.iter().take(rows).enumerate() {
                 let p = dst.add(r * lay.m + l0);
-                let s = if lay.accumulate {
-                    _mm256_add_ps(s, _mm256_maskload_ps(p, mask))
-                } else {
-                    s
-                };
-                let s = act256(s, lay.relu_cap);
-                _mm256_maskstore_ps(p, mask, s);
+                let lanes = Lanes8 { n, mask };
+                lanes.store(p, s, lay);
             }
         }
     }
@@ -2659,6 +2686,11 @@ mod tests {
             // transpose (8 and 7 channels: 16 + 16 + 2 and 16 + 1 pixels a row)
             (2, 1, [5, 34], 8, 3, 1, 1, [1; 4], false),
             (1, 1, [4, 18], 7, 3, 1, 1, [0, 1, 0, 1], false),
+            // and 1, 2 and 4 channels (one kernel instance per count at AVX2): a row of 19 =
+            // 8 + 8 + 3 pixels, of 9 = 8 + 1 (the last tile's reads past the input masked)
+            (2, 1, [6, 19], 2, 3, 1, 1, [1; 4], false),
+            (1, 1, [5, 9], 4, 5, 1, 1, [2; 4], false),
+            (2, 1, [4, 10], 1, 3, 1, 1, [0; 4], false),
             (2, 1, [9, 30], 16, 3, 2, 1, [1; 4], false),
             (1, 1, [15, 15], 64, 7, 2, 1, [3; 4], false),
             (2, 1, [6, 11], 40, 3, 1, 2, [2, 1, 2, 0], false),

@@ -501,6 +501,7 @@ mod x86_packed {
                     mr: rows,
                     nw: (t.nw - j0).min(16),
                     add: t.add,
+                    plain_b: t.kb > 0 && t.b.len() >= j0 + (t.kb - 1) * t.ldb + 16,
                 };
                 match (packed, q.nw == 16) {
                     (true, true) => quarter::<true, true>(q),
@@ -534,6 +535,10 @@ mod x86_packed {
         mr: usize,
         nw: usize,
         add: bool,
+        /// Whole vectors of B's rows lie inside its slice (a packed panel's zero padding, or the
+        /// next row): read plainly, the lanes past `nw` computed and not stored (AMD's masked
+        /// loads cost several times a plain one).
+        plain_b: bool,
     }
 
     /// Lanes `< n` of an 8-lane mask.
@@ -562,8 +567,10 @@ mod x86_packed {
         let mut acc = [[_mm256_setzero_ps(); 2]; R];
         for kk in 0..q.kb {
             let bk = q.b.add(kk * q.ldb);
-            let (b0, b1) = if FULL {
+            let (b0, b1) = if FULL || (q.plain_b && hi) {
                 (_mm256_loadu_ps(bk), _mm256_loadu_ps(bk.add(8)))
+            } else if q.plain_b {
+                (_mm256_loadu_ps(bk), _mm256_setzero_ps())
             } else if hi {
                 (_mm256_maskload_ps(bk, m0), _mm256_maskload_ps(bk.add(8), m1))
             } else {
@@ -578,6 +585,15 @@ mod x86_packed {
         for (i, row) in acc.iter().enumerate().take(q.mr) {
             let p = q.c.add(i * q.ldc);
             let (mut v0, mut v1) = (row[0], row[1]);
+            if FULL {
+                if q.add {
+                    v0 = _mm256_add_ps(v0, _mm256_loadu_ps(p));
+                    v1 = _mm256_add_ps(v1, _mm256_loadu_ps(p.add(8)));
+                }
+                _mm256_storeu_ps(p, v0);
+                _mm256_storeu_ps(p.add(8), v1);
+                continue;
+            }
             if q.add {
                 v0 = _mm256_add_ps(v0, _mm256_maskload_ps(p, m0));
             }

@@ -365,8 +365,11 @@ unsafe fn pool_row_avx2(
             for &y in sy {
                 for j in j0..j1 {
                     let sx = xo * g.sw + j * g.dw - g.pl;
-                    let p = src.as_ptr().add((y * g.w + sx) * c + c0);
-                    let v = if n == 8 {
+                    let at = (y * g.w + sx) * c + c0;
+                    let p = src.as_ptr().add(at);
+                    // lanes past `n` read from inside `src` are computed and not stored (AMD's
+                    // masked loads and stores cost several times a plain one)
+                    let v = if n == 8 || at + 8 <= src.len() {
                         _mm256_loadu_ps(p)
                     } else {
                         _mm256_maskload_ps(p, mask)
@@ -381,8 +384,11 @@ unsafe fn pool_row_avx2(
             if !g.max {
                 acc = _mm256_div_ps(acc, div);
             }
-            let dst = drow.as_mut_ptr().add(xo * c + c0);
-            if n == 8 {
+            let at = xo * c + c0;
+            let dst = drow.as_mut_ptr().add(at);
+            // a plain store's lanes past `n` land on channels of a later pixel of the row,
+            // stored after this one
+            if n == 8 || at + 8 <= drow.len() {
                 _mm256_storeu_ps(dst, acc);
             } else {
                 _mm256_maskstore_ps(dst, mask, acc);
