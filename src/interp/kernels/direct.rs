@@ -2309,6 +2309,7 @@ mod x86 {
         dst: *mut f32,
     ) {
         // one instance per output count: only the `m` sums are computed and kept in registers
+        debug_assert!((1..=8).contains(&lay.m));
         match lay.m {
             1 => row_c1_avx2_m::<1>(x, src, wp, dh, ow, wts, lay, dst),
             2 => row_c1_avx2_m::<2>(x, src, wp, dh, ow, wts, lay, dst),
