@@ -1097,9 +1097,8 @@ pub fn matmul_op(a: &ArrayD<f32>, b: &ArrayD<f32>) -> Result<ArrayD<f32>> {
         );
     };
     if m * n > 0 {
-        if rayon::current_num_threads() > 1 && nb > 1 && nb * m * n * k >= 1 << 16 {
-            use rayon::prelude::*;
-            osl.par_chunks_mut(m * n).enumerate().for_each(|(i, o)| one(i, o));
+        if super::kernels::team::threads() > 1 && nb > 1 && nb * m * n * k >= 1 << 16 {
+            super::kernels::team::for_chunks(osl, m * n, one);
         } else {
             osl.chunks_mut(m * n).enumerate().for_each(|(i, o)| one(i, o));
         }

@@ -4,7 +4,6 @@ use crate::bail;
 use crate::error::Result;
 use crate::ir::op::{Binary, Unary};
 use ndarray::{ArrayD, Axis, Zip};
-use rayon::prelude::*;
 
 use super::multiversion;
 
@@ -25,8 +24,8 @@ pub fn apply_unary(u: Unary, data: &mut [f32]) {
         Unary::Erf | Unary::Gelu { tanh: false } => {
             // compiled per SIMD level, so the rational approximation vectorises
             let gelu = u != Unary::Erf;
-            if data.len() >= PAR_MIN && rayon::current_num_threads() > 1 {
-                data.par_chunks_mut(8192).for_each(|c| erf_slice(c, gelu));
+            if data.len() >= PAR_MIN && super::team::threads() > 1 {
+                super::team::for_chunks(data, 8192, |_, c| erf_slice(c, gelu));
             } else {
                 erf_slice(data, gelu);
             }
@@ -44,9 +43,8 @@ pub fn apply_unary(u: Unary, data: &mut [f32]) {
 
 /// `f` on every value in place, in parallel chunks for large slices.
 fn each(data: &mut [f32], f: impl Fn(f32) -> f32 + Sync + Send) {
-    if data.len() >= PAR_MIN && rayon::current_num_threads() > 1 {
-        data.par_chunks_mut(8192)
-            .for_each(|c| c.iter_mut().for_each(|v| *v = f(*v)));
+    if data.len() >= PAR_MIN && super::team::threads() > 1 {
+        super::team::for_chunks(data, 8192, |_, c| c.iter_mut().for_each(|v| *v = f(*v)));
     } else {
         data.iter_mut().for_each(|v| *v = f(*v));
     }
@@ -106,9 +104,7 @@ pub fn binary_f32(op: Binary, mut a: ArrayD<f32>, b: &ArrayD<f32>) -> Result<Arr
         if let (Some(x), Some(y)) = (a.as_slice_mut(), b.as_slice()) {
             // Same shape, both contiguous (residual adds): one pass, split only when large.
             if x.len() >= PAR_MIN {
-                x.par_chunks_mut(8192)
-                    .zip(y.par_chunks(8192))
-                    .for_each(|(x, y)| apply_same(x, y, op));
+                super::team::for_chunks(x, 8192, |i, x| apply_same(x, &y[i * 8192..][..x.len()], op));
             } else {
                 apply_same(x, y, op);
             }
@@ -298,7 +294,7 @@ pub fn batchnorm(x: &mut [f32], shape: &[usize], params: [&[f32]; 4], eps: f32) 
     let c = shape[1];
     let plane: usize = shape[2..].iter().product();
     let (s, t) = batchnorm_affine(params, eps);
-    x.par_chunks_mut(plane.max(1)).enumerate().for_each(|(i, p)| {
+    super::team::for_chunks(x, plane.max(1), |i, p| {
         let ch = i % c;
         p.iter_mut().for_each(|v| *v = *v * s[ch] + t[ch]);
     });
@@ -340,8 +336,9 @@ pub fn where_<T: Copy + Send + Sync>(cond: &ArrayD<bool>, x: &ArrayD<T>, y: &Arr
 pub fn layer_norm(x: &mut [f32], d: usize, scale: &[f32], bias: Option<&[f32]>, eps: f32) {
     let d = d.max(1);
     if x.len() >= PAR_MIN {
-        x.par_chunks_mut(d * (4096 / d).max(1))
-            .for_each(|c| layer_norm_chunk(c, d, scale, bias, eps));
+        super::team::for_chunks(x, d * (4096 / d).max(1), |_, c| {
+            layer_norm_chunk(c, d, scale, bias, eps)
+        });
     } else {
         layer_norm_chunk(x, d, scale, bias, eps);
     }
@@ -393,8 +390,7 @@ pub fn softmax(mut x: ArrayD<f32>, axis: usize, log: bool) -> ArrayD<f32> {
 pub fn softmax_rows(x: &mut [f32], d: usize) {
     let d = d.max(1);
     if x.len() >= PAR_MIN {
-        x.par_chunks_mut(d * (4096 / d).max(1))
-            .for_each(|c| softmax_chunk(c, d));
+        super::team::for_chunks(x, d * (4096 / d).max(1), |_, c| softmax_chunk(c, d));
     } else {
         softmax_chunk(x, d);
     }

@@ -284,7 +284,6 @@ enum Rhs<'a> {
 
 /// The blocked GEMM with `level`'s microkernels.
 fn matmul_blocked(level: super::Simd, a: Lhs, b: Rhs, c: &mut [f32], accumulate: bool, parallel: bool) {
-    use rayon::prelude::*;
     let (m, k) = match a {
         Lhs::Packed(p) => (p.m, p.k),
         Lhs::Rows { m, k, .. } => (m, k),
@@ -315,7 +314,7 @@ fn matmul_blocked(level: super::Simd, a: Lhs, b: Rhs, c: &mut [f32], accumulate:
         return;
     }
     let c = &mut c[..m * n];
-    let par = parallel && rayon::current_num_threads() > 1 && m * n * k >= super::PAR_WORK;
+    let par = parallel && super::team::threads() > 1 && m * n * k >= super::PAR_WORK;
     /// `c` shared by tasks that write disjoint columns.
     #[derive(Clone, Copy)]
     struct Shared(*mut f32);
@@ -326,58 +325,80 @@ fn matmul_blocked(level: super::Simd, a: Lhs, b: Rhs, c: &mut [f32], accumulate:
     let blocks = m.div_ceil(MR);
     // Equal depth blocks of at most KC (no short last pass re-reading all of C).
     let kstep = k.div_ceil(k.div_ceil(KC));
-    for kc in (0..k).step_by(kstep) {
-        let kb = kstep.min(k - kc);
+    // One NR-wide panel of B (at column j0) stays in L1 while every row block of A uses it.
+    let panel = |j0: usize, kc: usize, kb: usize, nw: usize, rows: std::ops::Range<usize>| {
         let add = accumulate || kc > 0;
-        for jc in (0..n).step_by(NC) {
-            let nb = NC.min(n - jc);
-            // One NR-wide panel of B stays in L1 while every row block of A uses it.
-            let panel = |j0: usize| {
-                let nw = NR.min(jc + nb - j0);
-                for ib in 0..blocks {
-                    let mr = MR.min(m - ib * MR);
-                    let sh = shared;
-                    let (bp, ldb) = match b {
-                        Rhs::Rows { b, n } => (&b[kc * n + j0..], n),
-                        Rhs::Packed(p) => (&p.data[((j0 / NR) * k + kc) * NR..], NR),
-                    };
-                    // SAFETY: `level` asserted supported; the block of `a` holds kb steps of mr rows
-                    // (packed: kb·MR values; rows: mr rows of k from column kc); rows
-                    // kc..kc+kb and columns j0..j0+nw of `b` exist (packed: kb rows of its
-                    // NR-wide panel from row kc); rows ib·MR.. (mr of them)
-                    // and columns j0..j0+nw of `c` exist and no other task writes these columns.
-                    unsafe {
-                        let cp = std::slice::from_raw_parts_mut(sh.0.add(ib * MR * n + j0), (mr - 1) * n + nw);
-                        let (ap, lda, packed) = match a {
-                            Lhs::Packed(p) => (&p.data[(ib * k + kc) * MR..(ib * k + kc + kb) * MR], MR, true),
-                            Lhs::Rows { a, .. } => (&a[ib * MR * k + kc..(ib * MR + mr - 1) * k + kc + kb], k, false),
-                        };
-                        let tile = x86_packed::Tile {
-                            kb,
-                            a: ap.as_ptr(),
-                            lda,
-                            b: bp,
-                            ldb,
-                            c: cp,
-                            ldc: n,
-                            mr,
-                            nw,
-                            add,
-                        };
-                        if avx512 {
-                            x86_packed::micro_rows(packed, tile)
-                        } else {
-                            x86_packed::micro_rows_avx2(packed, tile)
-                        }
-                    };
+        for ib in rows {
+            let mr = MR.min(m - ib * MR);
+            let sh = shared;
+            let (bp, ldb) = match b {
+                Rhs::Rows { b, n } => (&b[kc * n + j0..], n),
+                Rhs::Packed(p) => (&p.data[((j0 / NR) * k + kc) * NR..], NR),
+            };
+            // SAFETY: `level` asserted supported; the block of `a` holds kb steps of mr rows
+            // (packed: kb·MR values; rows: mr rows of k from column kc); rows
+            // kc..kc+kb and columns j0..j0+nw of `b` exist (packed: kb rows of its
+            // NR-wide panel from row kc); rows ib·MR.. (mr of them)
+            // and columns j0..j0+nw of `c` exist and no other task writes these columns.
+            unsafe {
+                let cp = std::slice::from_raw_parts_mut(sh.0.add(ib * MR * n + j0), (mr - 1) * n + nw);
+                let (ap, lda, packed) = match a {
+                    Lhs::Packed(p) => (&p.data[(ib * k + kc) * MR..(ib * k + kc + kb) * MR], MR, true),
+                    Lhs::Rows { a, .. } => (&a[ib * MR * k + kc..(ib * MR + mr - 1) * k + kc + kb], k, false),
+                };
+                let tile = x86_packed::Tile {
+                    kb,
+                    a: ap.as_ptr(),
+                    lda,
+                    b: bp,
+                    ldb,
+                    c: cp,
+                    ldc: n,
+                    mr,
+                    nw,
+                    add,
+                };
+                if avx512 {
+                    x86_packed::micro_rows(packed, tile)
+                } else {
+                    x86_packed::micro_rows_avx2(packed, tile)
                 }
             };
-            if par {
-                (jc..jc + nb).into_par_iter().step_by(NR).for_each(panel);
-            } else {
-                (jc..jc + nb).step_by(NR).for_each(panel);
+        }
+    };
+    // Columns j_lo..j_hi (whole panels) of the row blocks `rows`: every depth block in turn, so
+    // a value's sum runs in the same order whoever computes it and however C is split.
+    let columns = |j_lo: usize, j_hi: usize, rows: std::ops::Range<usize>| {
+        for kc in (0..k).step_by(kstep) {
+            let kb = kstep.min(k - kc);
+            for jc in (j_lo..j_hi).step_by(NC) {
+                let end = (jc + NC).min(j_hi);
+                for j0 in (jc..end).step_by(NR) {
+                    panel(j0, kc, kb, NR.min(end - j0), rows.clone());
+                }
             }
         }
+    };
+    let panels = n.div_ceil(NR);
+    if par {
+        // One hand-off for the whole product, in about four tasks per thread (a thread slowed
+        // by a neighbour leaves its later ones to the others): runs of panels, each through
+        // every depth block (its block of A stays in cache across its panels); with fewer
+        // panels than tasks, one panel each and the row blocks split as well.
+        let want = 4 * super::team::threads();
+        let (groups, bands) = if panels >= want {
+            (want, 1)
+        } else {
+            (panels, want.div_ceil(panels).min(blocks))
+        };
+        super::team::for_each(groups * bands, |t| {
+            let (g, r) = (t / bands, t % bands);
+            let (p0, p1) = (g * panels / groups, (g + 1) * panels / groups);
+            let rows = r * blocks / bands..(r + 1) * blocks / bands;
+            columns(p0 * NR, (p1 * NR).min(n), rows);
+        });
+    } else {
+        columns(0, n, 0..blocks);
     }
 }
 
@@ -731,14 +752,31 @@ mod tests {
             (3, 17, 2),
             (6, 16, 5),
             (11, 24, 7),
+            // split over threads by panels and row blocks (fewer panels than tasks)
+            (100, 40, 300),
+            (1088, 192, 64),
         ] {
             let a: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 13) as f32 - 6.0) / 7.0).collect();
             let b: Vec<f32> = (0..k * n).map(|i| ((i * 5 % 11) as f32 - 5.0) / 5.0).collect();
             let pa = PackedA::new(&a, m, k);
+            // three threads: uneven splits of panels and row blocks
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
             for accumulate in [false, true] {
+                let mut serial = Vec::new();
                 for parallel in [false, true] {
                     let mut c = vec![0.5f32; m * n];
-                    matmul_packed(&pa, n, &b, &mut c, accumulate, parallel);
+                    pool.install(|| matmul_packed(&pa, n, &b, &mut c, accumulate, parallel));
+                    // the same bits on one thread and on three
+                    if parallel {
+                        assert!(
+                            c.iter()
+                                .zip(&serial)
+                                .all(|(x, y): (&f32, &f32)| x.to_bits() == y.to_bits()),
+                            "({m},{n},{k}): three threads differ from one"
+                        );
+                    } else {
+                        serial = c.clone();
+                    }
                     // every level this CPU has gives the same bits (AVX2's quarters, AVX-512's tiles)
                     for &level in &levels {
                         let mut cl = vec![0.5f32; m * n];
@@ -759,7 +797,7 @@ mod tests {
                     // the rows read in place, with B as rows or packed: the same sums in the
                     // same order, at every level
                     let mut c2 = vec![0.5f32; m * n];
-                    matmul_rows(&a, m, k, n, &b, &mut c2, accumulate, parallel);
+                    pool.install(|| matmul_rows(&a, m, k, n, &b, &mut c2, accumulate, parallel));
                     assert!(
                         c.iter().zip(&c2).all(|(x, y)| x.to_bits() == y.to_bits()),
                         "({m},{n},{k}): rows in place differ from packed rows"
@@ -768,7 +806,7 @@ mod tests {
                     for &level in &levels {
                         let mut c3 = vec![0.5f32; m * n];
                         let a = Lhs::Rows { a: &a, m, k };
-                        matmul_blocked(level, a, Rhs::Packed(&pb), &mut c3, accumulate, parallel);
+                        pool.install(|| matmul_blocked(level, a, Rhs::Packed(&pb), &mut c3, accumulate, parallel));
                         assert!(
                             c.iter().zip(&c3).all(|(x, y)| x.to_bits() == y.to_bits()),
                             "({m},{n},{k}): packed B at {} differs from B as rows",
@@ -840,7 +878,13 @@ mod tests {
             );
         }
         // a fully connected layer (activations as rows, a constant weight): B as rows or packed
-        for &(m, n, k) in &[(64usize, 256usize, 784usize), (64, 10, 256), (1, 256, 784)] {
+        for &(m, n, k) in &[
+            (64usize, 256usize, 784usize),
+            (64, 10, 256),
+            (1, 256, 784),
+            (1088, 192, 64),
+            (1088, 64, 128),
+        ] {
             let a: Vec<f32> = (0..m * k).map(|i| (i % 17) as f32 * 0.01).collect();
             let b: Vec<f32> = (0..k * n).map(|i| (i % 13) as f32 * 0.01).collect();
             let pb = PackedB::new(&b, k, n);
@@ -860,10 +904,23 @@ mod tests {
                 }
             }
             let macs = (m * n * k) as f64;
+            // the same packed product split over two threads (the team's hand-off included)
+            let two = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+            let mut best2 = f64::MAX;
+            two.install(|| {
+                for _ in 0..5 {
+                    let t = std::time::Instant::now();
+                    for _ in 0..reps {
+                        matmul_rows_packed_b(&a, m, &pb, &mut c, false, true);
+                    }
+                    best2 = best2.min(t.elapsed().as_secs_f64() / reps as f64);
+                }
+            });
             eprintln!(
-                "{m}x{n}x{k} (A as rows): B as rows {:.1} GMAC/s, B packed {:.1} GMAC/s (best of 5)",
+                "{m}x{n}x{k} (A as rows): B as rows {:.1} GMAC/s, B packed {:.1} GMAC/s, B packed on 2 threads {:.1} GMAC/s (best of 5)",
                 macs / best[0] / 1e9,
-                macs / best[1] / 1e9
+                macs / best[1] / 1e9,
+                macs / best2 / 1e9
             );
         }
     }

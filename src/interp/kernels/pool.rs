@@ -201,73 +201,71 @@ pub fn pool2d_nhwc_at(x: &[f32], shape: [usize; 4], pool: &Pool, level: super::S
     let (sh, sw) = (win.strides[0], win.strides[1]);
     let (dh, dw) = (win.dilations[0], win.dilations[1]);
     let (pt, pl) = (geo.pads[0], geo.pads[1]);
-    let rows_per_task = (4096 / (ow * c).max(1)).max(1);
-    out.par_chunks_mut(rows_per_task * ow * c)
-        .with_min_len(super::min_chunks(
-            rows_per_task * ow * c * win.kernel[0] * win.kernel[1],
-        ))
-        .enumerate()
-        .for_each(|(task, dst)| {
-            for (k, drow) in dst.chunks_exact_mut(ow * c).enumerate() {
-                let row = task * rows_per_task + k;
-                let (img, y) = (row / oh, row % oh);
-                let src = &x[img * h * w * c..(img + 1) * h * w * c];
-                let (i0, i1, ipad) = ys[y];
-                #[cfg(target_arch = "x86_64")]
-                if level >= super::Simd::Avx2 {
-                    let sy: Vec<usize> = (i0..i1).map(|i| y * sh + i * dh - pt).collect();
-                    let geo = RowGeo {
-                        w,
-                        c,
-                        sw,
-                        dw,
-                        pl,
-                        max,
-                        include_pad: matches!(
-                            pool.kind,
-                            PoolKind::Avg {
-                                count_include_pad: true
-                            }
-                        ),
-                    };
-                    // SAFETY: the level was detected (AVX-512F, or AVX2); every tap in `xs` and
-                    // `sy` lies inside `src`.
-                    unsafe {
-                        match level {
-                            super::Simd::Avx512 => pool_row_avx512(src, &sy, ipad, &xs, &geo, drow),
-                            _ => pool_row_avx2(src, &sy, ipad, &xs, &geo, drow),
-                        }
-                    }
-                    continue;
-                }
-                for ((xo, acc), &(j0, j1, jpad)) in drow.chunks_exact_mut(c).enumerate().zip(&xs) {
-                    acc.fill(if max { f32::NEG_INFINITY } else { 0.0 });
-                    for i in i0..i1 {
-                        let sy = y * sh + i * dh - pt;
-                        for j in j0..j1 {
-                            let sx = xo * sw + j * dw - pl;
-                            let v = &src[(sy * w + sx) * c..][..c];
-                            if max {
-                                acc.iter_mut().zip(v).for_each(|(a, &v)| *a = a.max(v));
-                            } else {
-                                acc.iter_mut().zip(v).for_each(|(a, &v)| *a += v);
-                            }
-                        }
-                    }
-                    let count = match pool.kind {
-                        PoolKind::Max => continue,
+    // tasks of about 4096 outputs, at least [`super::PAR_WORK`] of work each (on the team: the
+    // convolutions around a pooling layer run on it, and its helpers spin between loops)
+    let rows = (4096 / (ow * c).max(1)).max(1);
+    let rows_per_task = rows * super::min_chunks(rows * ow * c * win.kernel[0] * win.kernel[1]);
+    super::team::for_chunks(&mut out, rows_per_task * ow * c, |task, dst| {
+        for (k, drow) in dst.chunks_exact_mut(ow * c).enumerate() {
+            let row = task * rows_per_task + k;
+            let (img, y) = (row / oh, row % oh);
+            let src = &x[img * h * w * c..(img + 1) * h * w * c];
+            let (i0, i1, ipad) = ys[y];
+            #[cfg(target_arch = "x86_64")]
+            if level >= super::Simd::Avx2 {
+                let sy: Vec<usize> = (i0..i1).map(|i| y * sh + i * dh - pt).collect();
+                let geo = RowGeo {
+                    w,
+                    c,
+                    sw,
+                    dw,
+                    pl,
+                    max,
+                    include_pad: matches!(
+                        pool.kind,
                         PoolKind::Avg {
-                            count_include_pad: true,
-                        } => ipad * jpad,
-                        PoolKind::Avg {
-                            count_include_pad: false,
-                        } => (i1 - i0) * (j1 - j0),
-                    };
-                    let d = count.max(1) as f32;
-                    acc.iter_mut().for_each(|a| *a /= d);
+                            count_include_pad: true
+                        }
+                    ),
+                };
+                // SAFETY: the level was detected (AVX-512F, or AVX2); every tap in `xs` and
+                // `sy` lies inside `src`.
+                unsafe {
+                    match level {
+                        super::Simd::Avx512 => pool_row_avx512(src, &sy, ipad, &xs, &geo, drow),
+                        _ => pool_row_avx2(src, &sy, ipad, &xs, &geo, drow),
+                    }
                 }
+                continue;
             }
-        });
+            for ((xo, acc), &(j0, j1, jpad)) in drow.chunks_exact_mut(c).enumerate().zip(&xs) {
+                acc.fill(if max { f32::NEG_INFINITY } else { 0.0 });
+                for i in i0..i1 {
+                    let sy = y * sh + i * dh - pt;
+                    for j in j0..j1 {
+                        let sx = xo * sw + j * dw - pl;
+                        let v = &src[(sy * w + sx) * c..][..c];
+                        if max {
+                            acc.iter_mut().zip(v).for_each(|(a, &v)| *a = a.max(v));
+                        } else {
+                            acc.iter_mut().zip(v).for_each(|(a, &v)| *a += v);
+                        }
+                    }
+                }
+                let count = match pool.kind {
+                    PoolKind::Max => continue,
+                    PoolKind::Avg {
+                        count_include_pad: true,
+                    } => ipad * jpad,
+                    PoolKind::Avg {
+                        count_include_pad: false,
+                    } => (i1 - i0) * (j1 - j0),
+                };
+                let d = count.max(1) as f32;
+                acc.iter_mut().for_each(|a| *a /= d);
+            }
+        }
+    });
     Ok((out, [n, oh, ow, c]))
 }
 
