@@ -206,6 +206,7 @@ pub fn pool2d_nhwc_at(x: &[f32], shape: [usize; 4], pool: &Pool, level: super::S
     let rows = (4096 / (ow * c).max(1)).max(1);
     let rows_per_task = rows * super::min_chunks(rows * ow * c * win.kernel[0] * win.kernel[1]);
     super::team::for_chunks(&mut out, rows_per_task * ow * c, |task, dst| {
+        let mut sy = Vec::with_capacity(win.kernel[0]);
         for (k, drow) in dst.chunks_exact_mut(ow * c).enumerate() {
             let row = task * rows_per_task + k;
             let (img, y) = (row / oh, row % oh);
@@ -213,10 +214,12 @@ pub fn pool2d_nhwc_at(x: &[f32], shape: [usize; 4], pool: &Pool, level: super::S
             let (i0, i1, ipad) = ys[y];
             #[cfg(target_arch = "x86_64")]
             if level >= super::Simd::Avx2 {
-                let sy: Vec<usize> = (i0..i1).map(|i| y * sh + i * dh - pt).collect();
+                sy.clear();
+                sy.extend((i0..i1).map(|i| y * sh + i * dh - pt));
                 let geo = RowGeo {
                     w,
                     c,
+                    kw: win.kernel[1],
                     sw,
                     dw,
                     pl,
@@ -233,7 +236,8 @@ pub fn pool2d_nhwc_at(x: &[f32], shape: [usize; 4], pool: &Pool, level: super::S
                 unsafe {
                     match level {
                         super::Simd::Avx512 => pool_row_avx512(src, &sy, ipad, &xs, &geo, drow),
-                        _ => pool_row_avx2(src, &sy, ipad, &xs, &geo, drow),
+                        _ if max => pool_row_avx2::<true>(src, &sy, ipad, &xs, &geo, drow),
+                        _ => pool_row_avx2::<false>(src, &sy, ipad, &xs, &geo, drow),
                     }
                 }
                 continue;
@@ -272,6 +276,8 @@ pub fn pool2d_nhwc_at(x: &[f32], shape: [usize; 4], pool: &Pool, level: super::S
 struct RowGeo {
     w: usize,
     c: usize,
+    /// The window's width.
+    kw: usize,
     sw: usize,
     dw: usize,
     pl: usize,
@@ -335,14 +341,16 @@ unsafe fn pool_row_avx512(
     }
 }
 
-/// [`pool_row_avx512`] at AVX2: 8 channels per vector (a masked tail), the same taps in the
-/// same order, so the same bits.
+/// [`pool_row_avx512`] at AVX2: 8 channels per vector, the same taps in the same order, so the
+/// same bits. A pixel whose 2 × 2 or 3 × 3 window lies whole inside the image takes its taps
+/// from a fixed-size array (the tap loop unrolled: a load and a max or add per tap); others
+/// one at a time.
 ///
 /// # Safety
 /// AVX2; the input rows `sy` and the columns of `xs` lie inside `src` (`[H, W, C]`).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn pool_row_avx2(
+unsafe fn pool_row_avx2<const MAX: bool>(
     src: &[f32],
     sy: &[usize],
     ipad: usize,
@@ -350,47 +358,150 @@ unsafe fn pool_row_avx2(
     g: &RowGeo,
     drow: &mut [f32],
 ) {
+    let c = g.c;
+    let mut wide = Vec::new();
+    let mut xo = 0;
+    while xo < xs.len() {
+        let (j0, j1, jpad) = xs[xo];
+        let whole = j0 == 0 && j1 == g.kw;
+        // a run of pixels whose windows lie whole inside the image
+        let run = xs[xo..].iter().take_while(|t| t.0 == 0 && t.1 == g.kw).count();
+        match (sy.len(), j1 - j0) {
+            (2, 2) if whole => {
+                let div = g.count(2, ipad, 2, jpad);
+                fixed_run::<MAX, 2, 2>(src, [sy[0], sy[1]], xo..xo + run, g, div, drow);
+                xo += run;
+                continue;
+            }
+            (3, 3) if whole => {
+                let div = g.count(3, ipad, 3, jpad);
+                fixed_run::<MAX, 3, 3>(src, [sy[0], sy[1], sy[2]], xo..xo + run, g, div, drow);
+                xo += run;
+                continue;
+            }
+            _ => {}
+        }
+        let div = g.count(sy.len(), ipad, j1 - j0, jpad);
+        let tap = |y: usize, j: usize| (y * g.w + xo * g.sw + j * g.dw - g.pl) * c;
+        wide.clear();
+        wide.extend(
+            sy.iter()
+                .flat_map(|&y| (j0..j1).map(move |j| (y, j)))
+                .map(|(y, j)| tap(y, j)),
+        );
+        pixel_avx2::<MAX>(src, &wide, div, c, xo * c, drow);
+        xo += 1;
+    }
+}
+
+/// Pixels `pixels` of a row of [`pool_row_avx2`] whose `KH × KW` windows (input rows `sy`) lie
+/// whole inside the image, with the taps in the order of [`pixel_avx2`].
+///
+/// # Safety
+/// AVX2; as [`pool_row_avx2`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn fixed_run<const MAX: bool, const KH: usize, const KW: usize>(
+    src: &[f32],
+    sy: [usize; KH],
+    pixels: std::ops::Range<usize>,
+    g: &RowGeo,
+    div: f32,
+    drow: &mut [f32],
+) {
     use std::arch::x86_64::*;
     let c = g.c;
-    let init = _mm256_set1_ps(if g.max { f32::NEG_INFINITY } else { 0.0 });
+    let rows: [*const f32; KH] = std::array::from_fn(|i| src.as_ptr().add(sy[i] * g.w * c));
+    let (step, dwc) = (g.sw * c, g.dw * c);
+    // the furthest float a pixel's last vector may read (its last tap's channels and the lanes past them)
+    let reach = |xo: usize, c0: usize| (sy[KH - 1] * g.w + xo * g.sw + (KW - 1) * g.dw - g.pl) * c + c0 + 8;
+    let init = _mm256_set1_ps(if MAX { f32::NEG_INFINITY } else { 0.0 });
     let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    for (xo, &(j0, j1, jpad)) in xs.iter().enumerate() {
-        let div = _mm256_set1_ps(g.count(sy.len(), ipad, j1 - j0, jpad));
+    let divv = _mm256_set1_ps(div);
+    for xo in pixels {
+        let col = xo * step - g.pl * c;
+        let at = xo * c;
         for c0 in (0..c).step_by(8) {
             let n = (c - c0).min(8);
+            let plain = n == 8 || reach(xo, c0) <= src.len();
             let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), lane);
             let mut acc = init;
-            for &y in sy {
-                for j in j0..j1 {
-                    let sx = xo * g.sw + j * g.dw - g.pl;
-                    let at = (y * g.w + sx) * c + c0;
-                    let p = src.as_ptr().add(at);
-                    // lanes past `n` read from inside `src` are computed and not stored (AMD's
-                    // masked loads and stores cost several times a plain one)
-                    let v = if n == 8 || at + 8 <= src.len() {
+            for r in rows {
+                for j in 0..KW {
+                    let p = r.add(col + j * dwc + c0);
+                    let v = if plain {
                         _mm256_loadu_ps(p)
                     } else {
                         _mm256_maskload_ps(p, mask)
                     };
-                    acc = if g.max {
+                    acc = if MAX {
                         _mm256_max_ps(v, acc)
                     } else {
                         _mm256_add_ps(acc, v)
                     };
                 }
             }
-            if !g.max {
-                acc = _mm256_div_ps(acc, div);
+            if !MAX {
+                acc = _mm256_div_ps(acc, divv);
             }
-            let at = xo * c + c0;
-            let dst = drow.as_mut_ptr().add(at);
-            // a plain store's lanes past `n` land on channels of a later pixel of the row,
-            // stored after this one
-            if n == 8 || at + 8 <= drow.len() {
+            let dst = drow.as_mut_ptr().add(at + c0);
+            if n == 8 || at + c0 + 8 <= drow.len() {
                 _mm256_storeu_ps(dst, acc);
             } else {
                 _mm256_maskstore_ps(dst, mask, acc);
             }
+        }
+    }
+}
+
+/// One output pixel of [`pool_row_avx2`]: the taps at `offs` (in order) of each 8-channel
+/// vector, stored at `at` of `drow`; `div`: an average's divisor.
+///
+/// # Safety
+/// AVX2; `offs[t] + c` lies inside `src`, `at + c` inside `drow`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn pixel_avx2<const MAX: bool>(src: &[f32], offs: &[usize], div: f32, c: usize, at: usize, drow: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let init = _mm256_set1_ps(if MAX { f32::NEG_INFINITY } else { 0.0 });
+    let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    let furthest = offs.iter().copied().max().unwrap_or(0);
+    for c0 in (0..c).step_by(8) {
+        let n = (c - c0).min(8);
+        let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), lane);
+        let mut acc = init;
+        // lanes past `n` read from inside `src` are computed and not stored (AMD's masked
+        // loads and stores cost several times a plain one)
+        if n == 8 || furthest + c0 + 8 <= src.len() {
+            for &o in offs {
+                let v = _mm256_loadu_ps(src.as_ptr().add(o + c0));
+                acc = if MAX {
+                    _mm256_max_ps(v, acc)
+                } else {
+                    _mm256_add_ps(acc, v)
+                };
+            }
+        } else {
+            for &o in offs {
+                let v = _mm256_maskload_ps(src.as_ptr().add(o + c0), mask);
+                acc = if MAX {
+                    _mm256_max_ps(v, acc)
+                } else {
+                    _mm256_add_ps(acc, v)
+                };
+            }
+        }
+        if !MAX {
+            acc = _mm256_div_ps(acc, _mm256_set1_ps(div));
+        }
+        let dst = drow.as_mut_ptr().add(at + c0);
+        // a plain store's lanes past `n` land on channels of a later pixel of the row, stored
+        // after this one
+        if n == 8 || at + c0 + 8 <= drow.len() {
+            _mm256_storeu_ps(dst, acc);
+        } else {
+            _mm256_maskstore_ps(dst, mask, acc);
         }
     }
 }
