@@ -36,8 +36,6 @@ const BLOCK: usize = 32;
 /// [`super::PAR_WORK`]: the team's helpers spin between loops, so a hand-off costs far less than
 /// waking a rayon worker).
 const TEAM_WORK: usize = 1 << 16;
-/// Tiles per thread task (at most).
-const TASK_TILES: usize = 8;
 
 /// Convolution weights packed for [`conv_nhwc`] (group 1) or [`depthwise_nhwc`].
 pub struct NhwcWeights {
@@ -532,7 +530,10 @@ pub fn conv_nhwc(
     // L2 (on a 512 KB L2 the layer ran slower on two threads than on one).
     let weighty = wts.data.len() > xdata.len() && nb.is_multiple_of(threads);
     if threads > 1 && big && tiles >= threads && !weighty {
-        let per = TASK_TILES.min(tiles.div_ceil(threads));
+        // One run of consecutive tiles per thread: on a Zen 1 at batch 1 (ResNet-18/16's layer1,
+        // 32×32 pixels, 16 channels) tasks of 8 tiles claimed in turn took 0.077 ms on two
+        // threads and halves 0.062 (0.115 ms on one); each thread reads only its part of the map.
+        let per = tiles.div_ceil(threads);
         super::team::for_each(tiles.div_ceil(per), |k| {
             run(xdata, 0, (0, pixels), (k * per, ((k + 1) * per).min(tiles)), 0..nb)
         });
@@ -834,8 +835,7 @@ fn halves(oc0: usize, lanes: usize, m: usize) -> impl Iterator<Item = (usize, us
         .map(move |h| (h, m.saturating_sub(oc0 + h).min(16)))
         .filter(|&(_, valid)| valid > 0)
 }
-/// Full tiles per [`x86::tiles512`] or [`x86::tiles256`] call, at most (a thread's task holds
-/// up to [`TASK_TILES`]).
+/// Full tiles per [`x86::tiles512`] or [`x86::tiles256`] call, at most.
 #[cfg(target_arch = "x86_64")]
 const CHUNK: usize = 16;
 
