@@ -363,23 +363,17 @@ unsafe fn pool_row_avx2<const MAX: bool>(
     let mut xo = 0;
     while xo < xs.len() {
         let (j0, j1, jpad) = xs[xo];
-        let whole = j0 == 0 && j1 == g.kw;
-        // a run of pixels whose windows lie whole inside the image
-        let run = xs[xo..].iter().take_while(|t| t.0 == 0 && t.1 == g.kw).count();
-        match (sy.len(), j1 - j0) {
-            (2, 2) if whole => {
-                let div = g.count(2, ipad, 2, jpad);
-                fixed_run::<MAX, 2, 2>(src, [sy[0], sy[1]], xo..xo + run, g, div, drow);
-                xo += run;
-                continue;
+        let whole = |t: &(usize, usize, usize)| t.0 == 0 && t.1 == g.kw;
+        if whole(&xs[xo]) && matches!((sy.len(), g.kw), (2, 2) | (3, 3)) {
+            // a run of pixels whose windows lie whole inside the image
+            let run = xs[xo..].iter().take_while(|t| whole(t)).count();
+            let div = g.count(sy.len(), ipad, g.kw, jpad);
+            match g.kw {
+                2 => fixed_run::<MAX, 2, 2>(src, [sy[0], sy[1]], xo..xo + run, g, div, drow),
+                _ => fixed_run::<MAX, 3, 3>(src, [sy[0], sy[1], sy[2]], xo..xo + run, g, div, drow),
             }
-            (3, 3) if whole => {
-                let div = g.count(3, ipad, 3, jpad);
-                fixed_run::<MAX, 3, 3>(src, [sy[0], sy[1], sy[2]], xo..xo + run, g, div, drow);
-                xo += run;
-                continue;
-            }
-            _ => {}
+            xo += run;
+            continue;
         }
         let div = g.count(sy.len(), ipad, j1 - j0, jpad);
         let tap = |y: usize, j: usize| (y * g.w + xo * g.sw + j * g.dw - g.pl) * c;
@@ -428,28 +422,13 @@ unsafe fn fixed_run<const MAX: bool, const KH: usize, const KW: usize>(
             let mut acc = init;
             for r in rows {
                 for j in 0..KW {
-                    let p = r.add(col + j * dwc + c0);
-                    let v = if plain {
-                        _mm256_loadu_ps(p)
-                    } else {
-                        _mm256_maskload_ps(p, mask)
-                    };
-                    acc = if MAX {
-                        _mm256_max_ps(v, acc)
-                    } else {
-                        _mm256_add_ps(acc, v)
-                    };
+                    acc = tap8::<MAX>(acc, r.add(col + j * dwc + c0), plain, mask);
                 }
             }
             if !MAX {
                 acc = _mm256_div_ps(acc, divv);
             }
-            let dst = drow.as_mut_ptr().add(at + c0);
-            if n == 8 || at + c0 + 8 <= drow.len() {
-                _mm256_storeu_ps(dst, acc);
-            } else {
-                _mm256_maskstore_ps(dst, mask, acc);
-            }
+            store8(drow, at + c0, n, mask, acc);
         }
     }
 }
@@ -470,39 +449,69 @@ unsafe fn pixel_avx2<const MAX: bool>(src: &[f32], offs: &[usize], div: f32, c: 
     for c0 in (0..c).step_by(8) {
         let n = (c - c0).min(8);
         let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), lane);
-        let mut acc = init;
         // lanes past `n` read from inside `src` are computed and not stored (AMD's masked
         // loads and stores cost several times a plain one)
-        if n == 8 || furthest + c0 + 8 <= src.len() {
-            for &o in offs {
-                let v = _mm256_loadu_ps(src.as_ptr().add(o + c0));
-                acc = if MAX {
-                    _mm256_max_ps(v, acc)
-                } else {
-                    _mm256_add_ps(acc, v)
-                };
-            }
-        } else {
-            for &o in offs {
-                let v = _mm256_maskload_ps(src.as_ptr().add(o + c0), mask);
-                acc = if MAX {
-                    _mm256_max_ps(v, acc)
-                } else {
-                    _mm256_add_ps(acc, v)
-                };
-            }
+        let plain = n == 8 || furthest + c0 + 8 <= src.len();
+        let mut acc = init;
+        for &o in offs {
+            acc = tap8::<MAX>(acc, src.as_ptr().add(o + c0), plain, mask);
         }
         if !MAX {
             acc = _mm256_div_ps(acc, _mm256_set1_ps(div));
         }
-        let dst = drow.as_mut_ptr().add(at + c0);
-        // a plain store's lanes past `n` land on channels of a later pixel of the row, stored
-        // after this one
-        if n == 8 || at + c0 + 8 <= drow.len() {
-            _mm256_storeu_ps(dst, acc);
-        } else {
-            _mm256_maskstore_ps(dst, mask, acc);
-        }
+        store8(drow, at + c0, n, mask, acc);
+    }
+}
+
+/// `acc` with the 8 floats at `p` taken in: their maximum (keeping `acc` where a value is NaN,
+/// as `f32::max` does) or their sum; a masked load unless `plain` (lanes outside `mask` read 0).
+///
+/// # Safety
+/// AVX2; the 8 floats at `p` readable (`plain`), or those of `mask`'s lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn tap8<const MAX: bool>(
+    acc: std::arch::x86_64::__m256,
+    p: *const f32,
+    plain: bool,
+    mask: std::arch::x86_64::__m256i,
+) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    let v = if plain {
+        _mm256_loadu_ps(p)
+    } else {
+        _mm256_maskload_ps(p, mask)
+    };
+    if MAX {
+        _mm256_max_ps(v, acc)
+    } else {
+        _mm256_add_ps(acc, v)
+    }
+}
+
+/// The first `n ≤ 8` lanes of `acc` into `drow` at `at`: a plain store where its 8 lanes lie
+/// inside `drow` (lanes past `n` land on channels of a later pixel of the row, stored after
+/// this one), else a masked one (`mask`: lanes `< n`).
+///
+/// # Safety
+/// AVX2; `at + n` lies inside `drow`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn store8(
+    drow: &mut [f32],
+    at: usize,
+    n: usize,
+    mask: std::arch::x86_64::__m256i,
+    acc: std::arch::x86_64::__m256,
+) {
+    use std::arch::x86_64::*;
+    let dst = drow.as_mut_ptr().add(at);
+    if n == 8 || at + 8 <= drow.len() {
+        _mm256_storeu_ps(dst, acc);
+    } else {
+        _mm256_maskstore_ps(dst, mask, acc);
     }
 }
 
