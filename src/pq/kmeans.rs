@@ -15,6 +15,27 @@ fn dist2(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum()
 }
 
+/// [`dist2`] of every row of `data` (`n × d`) to `c`, into `out`: eight rows at a time, each
+/// summed in dimension order as [`dist2`] sums it (the same bits), the eight sums side by side
+/// instead of one chain of dependent adds.
+fn dist2_rows(data: &[f32], d: usize, c: &[f32], out: &mut [f32]) {
+    const R: usize = 8;
+    let full = out.len() / R * R;
+    for (rows, o) in data[..full * d].chunks_exact(R * d).zip(out.chunks_exact_mut(R)) {
+        let mut acc = [0f32; R];
+        for (t, &cv) in c.iter().enumerate() {
+            for (l, a) in acc.iter_mut().enumerate() {
+                let e = rows[l * d + t] - cv;
+                *a += e * e;
+            }
+        }
+        o.copy_from_slice(&acc);
+    }
+    for (i, o) in out.iter_mut().enumerate().skip(full) {
+        *o = dist2(&data[i * d..(i + 1) * d], c);
+    }
+}
+
 /// Centroids transposed to `[d][k]` (padded to whole groups of 16), so that one row's distances
 /// to 16 centroids are computed side by side in vector lanes. Each distance still sums its
 /// squared differences in dimension order, as [`dist2`] does, so [`Lanes::nearest`]
@@ -49,6 +70,44 @@ impl Lanes {
             }
         }
         acc
+    }
+
+    /// [`Lanes::nearest`] of `R` rows side by side: their scans for the smallest distance (a
+    /// chain of dependent compares each) overlap instead of running one after another.
+    fn nearest_rows<const R: usize>(&self, xs: [&[f32]; R]) -> [usize; R] {
+        let mut best = [(0, f32::INFINITY); R];
+        for g in 0..self.k.div_ceil(16) {
+            let acc: [[f32; 16]; R] = std::array::from_fn(|r| self.distances(xs[r], g));
+            for l in 0..16.min(self.k - g * 16) {
+                for (b, a) in best.iter_mut().zip(&acc) {
+                    if a[l] < b.1 {
+                        *b = (g * 16 + l, a[l]);
+                    }
+                }
+            }
+        }
+        best.map(|b| b.0)
+    }
+
+    /// Every row's nearest centroid into `assign`, four rows at a time; whether any changed.
+    fn assign(&self, data: &[f32], assign: &mut [usize]) -> bool {
+        let d = self.d;
+        let mut changed = false;
+        let mut set = |a: &mut usize, j: usize| {
+            changed |= *a != j;
+            *a = j;
+        };
+        let full = assign.len() / 4 * 4;
+        for (rows, a) in data[..full * d].chunks_exact(4 * d).zip(assign.chunks_exact_mut(4)) {
+            let js = self.nearest_rows::<4>(std::array::from_fn(|r| &rows[r * d..(r + 1) * d]));
+            for (a, j) in a.iter_mut().zip(js) {
+                set(a, j);
+            }
+        }
+        for (i, a) in assign.iter_mut().enumerate().skip(full) {
+            set(a, self.nearest(&data[i * d..(i + 1) * d]));
+        }
+        changed
     }
 
     fn nearest(&self, x: &[f32]) -> usize {
@@ -101,7 +160,9 @@ pub fn kmeans(data: &[f32], d: usize, k: usize, iters: usize, rng: &mut Rng) -> 
     // k-means++ seeding
     let mut centroids = Vec::with_capacity(k * d);
     centroids.extend_from_slice(row(rng.below(n)));
-    let mut best: Vec<f32> = (0..n).map(|i| dist2(row(i), &centroids[..d])).collect();
+    let mut best = vec![0f32; n];
+    dist2_rows(data, d, &centroids[..d], &mut best);
+    let mut to_new = vec![0f32; n];
     while centroids.len() < k * d {
         let total: f64 = best.iter().map(|&v| v as f64).sum();
         let pick = if total <= 0.0 {
@@ -119,21 +180,16 @@ pub fn kmeans(data: &[f32], d: usize, k: usize, iters: usize, rng: &mut Rng) -> 
             idx
         };
         let c = row(pick).to_vec();
-        for (i, b) in best.iter_mut().enumerate() {
-            *b = b.min(dist2(row(i), &c));
+        dist2_rows(data, d, &c, &mut to_new);
+        for (b, &e) in best.iter_mut().zip(&to_new) {
+            *b = b.min(e);
         }
         centroids.extend_from_slice(&c);
     }
     // Lloyd iterations
     let mut assign = vec![0usize; n];
     for _ in 0..iters {
-        let mut changed = false;
-        let lanes = Lanes::new(&centroids, k, d);
-        for (i, a) in assign.iter_mut().enumerate() {
-            let j = lanes.nearest(row(i));
-            changed |= *a != j;
-            *a = j;
-        }
+        let mut changed = Lanes::new(&centroids, k, d).assign(data, &mut assign);
         let mut sums = vec![0f64; k * d];
         let mut counts = vec![0usize; k];
         for (i, &a) in assign.iter().enumerate() {
@@ -275,6 +331,30 @@ mod tests {
 
     /// The lane form picks exactly the centroid the scalar scan picks, ties (repeated
     /// centroids) and a partial last group of 16 included.
+    /// Eight rows at a time give each row's [`dist2`] bit for bit: any `d`, a count of rows
+    /// that leaves a partial group, negative, large, infinite and NaN values.
+    #[test]
+    fn rows_side_by_side_give_each_rows_distance() {
+        let mut rng = Rng::new(13);
+        for (n, d) in [(1usize, 1usize), (8, 9), (19, 9), (37, 4), (16, 25), (7, 3)] {
+            let mut data: Vec<f32> = (0..n * d).map(|_| (rng.next_f64() as f32 - 0.5) * 1e3).collect();
+            data[0] = f32::INFINITY;
+            if n * d > 5 {
+                data[5] = f32::NAN;
+            }
+            let c: Vec<f32> = (0..d).map(|_| rng.next_f64() as f32 * 3e2).collect();
+            let mut got = vec![1f32; n];
+            dist2_rows(&data, d, &c, &mut got);
+            for (i, g) in got.iter().enumerate() {
+                assert_eq!(
+                    g.to_bits(),
+                    dist2(&data[i * d..(i + 1) * d], &c).to_bits(),
+                    "n {n} d {d} row {i}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn lanes_pick_the_same_centroid_as_the_scalar_scan() {
         let mut rng = Rng::new(11);
@@ -292,6 +372,15 @@ mod tests {
                 let x: Vec<f32> = (0..d).map(|_| (rng.next_f64() as f32 * 8.0).round() / 8.0).collect();
                 assert_eq!(lanes.nearest(&x), nearest(&x, &centroids, d), "k {k} d {d} x {x:?}");
             }
+            // rows four at a time (and a remainder), as the Lloyd iterations assign them
+            let data: Vec<f32> = (0..23 * d)
+                .map(|_| (rng.next_f64() as f32 * 8.0).round() / 8.0)
+                .collect();
+            let mut got = vec![usize::MAX; 23];
+            assert!(lanes.assign(&data, &mut got));
+            let want: Vec<usize> = data.chunks_exact(d).map(|x| nearest(x, &centroids, d)).collect();
+            assert_eq!(got, want, "k {k} d {d}");
+            assert!(!lanes.assign(&data, &mut got), "nothing changes the second time");
         }
         // values off any grid, so every distance rounds and only the same summation order
         // gives the same bits; rows and centroids with NaN and infinities
@@ -307,6 +396,12 @@ mod tests {
                     x[i % d] = special[(i / 50) % 3];
                 }
                 assert_eq!(lanes.nearest(&x), nearest(&x, &centroids, d), "k {k} d {d} x {x:?}");
+                let y: Vec<f32> = x.iter().rev().copied().collect();
+                assert_eq!(
+                    lanes.nearest_rows([&x, &y, &x, &y]),
+                    [&x, &y, &x, &y].map(|r| nearest(r, &centroids, d)),
+                    "k {k} d {d}"
+                );
                 for (j, c) in centroids.chunks_exact(d).enumerate() {
                     let (lane, scalar) = (lanes.distances(&x, j / 16)[j % 16], dist2(&x, c));
                     assert!(

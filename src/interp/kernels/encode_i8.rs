@@ -129,6 +129,12 @@ impl Quant {
         }
     }
 
+    /// `q(x)` of each value of `x`, as [`Quant::nearest`] reads it.
+    pub fn quantized<'a>(&self, x: &'a [f32]) -> impl Iterator<Item = u8> + 'a {
+        let inv = self.inv;
+        x.iter().map(move |&v| quantize(v, inv))
+    }
+
     /// [`Quant::nearest`] for a subvector already quantized (`q(x)` for this scale).
     pub fn nearest_quantized(&self, c: usize, xq: &[u8]) -> u8 {
         let mut best = (i64::MAX, 0);
@@ -143,17 +149,32 @@ impl Quant {
         best.1 as u8
     }
 
-    /// [`Quant::nearest`] of codebook `c` for 16 rows given as columns `xt[col][lane]`.
-    #[inline(always)]
-    pub fn nearest_tile(&self, xt: &[[f32; 16]], sub: Subspaces, c: usize) -> [u32; 16] {
-        let range = sub.range(c);
-        let mut xq = [[0i32; 16]; 64];
-        let n = range.len().min(64);
-        for (q, col) in xq.iter_mut().zip(range.clone()) {
-            for l in 0..16 {
-                q[l] = quantize(xt[col][l], self.inv) as i32;
-            }
+    /// [`Quant::nearest_quantized`] of codebook `c` for each of `rows`, whose subvectors
+    /// `q(x)` are `xq[r·s..(r + 1)·s]`; the codes are appended to `out`. Sixteen rows at a time
+    /// in lanes (as [`Quant::nearest_tile`]), the same codes as one row at a time.
+    pub fn nearest_quantized_rows(&self, c: usize, xq: &[u8], rows: &[usize], out: &mut Vec<u8>) {
+        let s = self.s;
+        if s > 64 {
+            out.extend(rows.iter().map(|&r| self.nearest_quantized(c, &xq[r * s..(r + 1) * s])));
+            return;
         }
+        let mut tile = [[0i32; 16]; 64];
+        for chunk in rows.chunks(16) {
+            for (l, &r) in chunk.iter().enumerate() {
+                for (t, &v) in xq[r * s..(r + 1) * s].iter().enumerate() {
+                    tile[t][l] = v as i32;
+                }
+            }
+            let codes = self.nearest_lanes(c, &tile[..s]);
+            out.extend(codes[..chunk.len()].iter().map(|&k| k as u8));
+        }
+    }
+
+    /// The codes of codebook `c` for 16 quantized subvectors in lanes (`xq[tap][lane]`, `s ≤ 64`
+    /// taps): `hn − dot` is below `2²³ + 64·127·127 < 2³¹`, exact in i32.
+    #[inline(always)]
+    fn nearest_lanes(&self, c: usize, xq: &[[i32; 16]]) -> [u32; 16] {
+        let n = xq.len();
         let mut best_d = [i32::MAX; 16];
         let mut best_k = [0u32; 16];
         for kk in 0..self.k {
@@ -172,6 +193,20 @@ impl Quant {
             }
         }
         best_k
+    }
+
+    /// [`Quant::nearest`] of codebook `c` for 16 rows given as columns `xt[col][lane]`.
+    #[inline(always)]
+    pub fn nearest_tile(&self, xt: &[[f32; 16]], sub: Subspaces, c: usize) -> [u32; 16] {
+        let range = sub.range(c);
+        let mut xq = [[0i32; 16]; 64];
+        let n = range.len().min(64);
+        for (q, col) in xq.iter_mut().zip(range.clone()) {
+            for l in 0..16 {
+                q[l] = quantize(xt[col][l], self.inv) as i32;
+            }
+        }
+        self.nearest_lanes(c, &xq[..n])
     }
 }
 
@@ -1040,6 +1075,58 @@ mod tests {
                 let mut got = vec![9u8; 16];
                 encode_lanes(lv, &rows, &ql, &mut got);
                 assert_eq!(got, vec![want; 16], "{lv:?} {v}");
+            }
+        }
+    }
+
+    /// Sixteen rows at a time in lanes give the codes one row at a time gives: random and
+    /// extreme inputs, ties (repeated prototypes: the lower index), codebooks of 1 to 64 values
+    /// and the one-row fallback past 64, row lists that end in a partial group of 16 and repeat
+    /// rows, `k` of 16, 256 and 5.
+    #[test]
+    fn rows_in_lanes_match_one_row_at_a_time() {
+        let mut rng = Rng::new(11);
+        for (k, s) in [
+            (16usize, 9usize),
+            (16, 1),
+            (16, 4),
+            (256, 9),
+            (5, 25),
+            (16, 64),
+            (16, 70),
+        ] {
+            let c_n = 3;
+            let mut protos: Vec<f32> = (0..c_n * k * s).map(|_| rng.next_f64() as f32 * 2.0 - 1.0).collect();
+            // prototype 1 repeats prototype 0 in every codebook, both near 0: rows of zeros
+            // (every 7th row below) tie between them, and the lower index wins
+            for c in 0..c_n {
+                let (a, b) = protos[c * k * s..].split_at_mut(s);
+                a.iter_mut().for_each(|v| *v *= 0.01);
+                b[..s].copy_from_slice(a);
+            }
+            let q = Quant::new(&protos, k, s, 1.0 / 127.0);
+            let n_rows = 53;
+            let xq: Vec<u8> = (0..n_rows * s)
+                .map(|i| match (i / s % 7, i % 7) {
+                    (0, _) => 0,
+                    (_, 0) => 127,
+                    (_, 1) => 0,
+                    _ => (rng.next_f64() * 128.0) as u8,
+                })
+                .collect();
+            let rows: Vec<usize> = (0..40).map(|i| (i * 17 + 3) % n_rows).chain([0, 0, 52]).collect();
+            for c in 0..c_n {
+                let mut got = Vec::new();
+                q.nearest_quantized_rows(c, &xq, &rows, &mut got);
+                let want: Vec<u8> = rows
+                    .iter()
+                    .map(|&r| q.nearest_quantized(c, &xq[r * s..(r + 1) * s]))
+                    .collect();
+                assert_eq!(got, want, "k {k} s {s} codebook {c}");
+                assert!(
+                    rows.iter().zip(&got).any(|(&r, &g)| r % 7 == 0 && g == 0),
+                    "k {k} s {s}: no tie tested"
+                );
             }
         }
     }
