@@ -74,6 +74,7 @@ impl Lanes {
 
     /// [`Lanes::nearest`] of `R` rows side by side: their scans for the smallest distance (a
     /// chain of dependent compares each) overlap instead of running one after another.
+    #[inline(always)]
     fn nearest_rows<const R: usize>(&self, xs: [&[f32]; R]) -> [usize; R] {
         let mut best = [(0, f32::INFINITY); R];
         for g in 0..self.k.div_ceil(16) {
@@ -90,7 +91,30 @@ impl Lanes {
     }
 
     /// Every row's nearest centroid into `assign`, four rows at a time; whether any changed.
+    /// Compiled for AVX2 too, where the machine has it: 16 lanes in two registers instead of
+    /// four. Adds, subtractions, products and compares round the same at any width (no fused
+    /// multiply-adds), so the result is the same.
     fn assign(&self, data: &[f32], assign: &mut [usize]) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2 (checked above)
+            return unsafe { self.assign_avx2(data, assign) };
+        }
+        self.assign_rows(data, assign)
+    }
+
+    /// [`Lanes::assign`] compiled for AVX2.
+    ///
+    /// # Safety
+    /// The CPU has AVX2.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn assign_avx2(&self, data: &[f32], assign: &mut [usize]) -> bool {
+        self.assign_rows(data, assign)
+    }
+
+    #[inline(always)]
+    fn assign_rows(&self, data: &[f32], assign: &mut [usize]) -> bool {
         let d = self.d;
         let mut changed = false;
         let mut set = |a: &mut usize, j: usize| {
@@ -381,6 +405,10 @@ mod tests {
             let want: Vec<usize> = data.chunks_exact(d).map(|x| nearest(x, &centroids, d)).collect();
             assert_eq!(got, want, "k {k} d {d}");
             assert!(!lanes.assign(&data, &mut got), "nothing changes the second time");
+            // the build's baseline instructions, where `assign` took AVX2
+            let mut base = vec![usize::MAX; 23];
+            assert!(lanes.assign_rows(&data, &mut base));
+            assert_eq!(base, want, "k {k} d {d}, baseline");
         }
         // values off any grid, so every distance rounds and only the same summation order
         // gives the same bits; rows and centroids with NaN and infinities
@@ -390,6 +418,15 @@ mod tests {
             centroids[d + 2] = f32::NAN;
             centroids[3 * d] = f32::INFINITY;
             let lanes = Lanes::new(&centroids, k, d);
+            // whole sets of such rows, as the Lloyd iterations assign them (AVX2 where present)
+            let mut data: Vec<f32> = (0..41 * d).map(|_| rng.next_f64() as f32 * 3.0 - 1.0).collect();
+            for (i, v) in special.iter().enumerate() {
+                data[(7 * i + 3) * d + i] = *v;
+            }
+            let mut got = vec![usize::MAX; 41];
+            lanes.assign(&data, &mut got);
+            let want: Vec<usize> = data.chunks_exact(d).map(|x| nearest(x, &centroids, d)).collect();
+            assert_eq!(got, want, "k {k} d {d}");
             for i in 0..2000 {
                 let mut x: Vec<f32> = (0..d).map(|_| rng.next_f64() as f32 * 3.0 - 1.0).collect();
                 if i % 50 == 0 {
