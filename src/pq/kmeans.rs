@@ -135,16 +135,7 @@ impl Lanes {
     }
 
     fn nearest(&self, x: &[f32]) -> usize {
-        let mut best = (0, f32::INFINITY);
-        for g in 0..self.k.div_ceil(16) {
-            let acc = self.distances(x, g);
-            for (l, &e) in acc.iter().enumerate().take(self.k - g * 16) {
-                if e < best.1 {
-                    best = (g * 16 + l, e);
-                }
-            }
-        }
-        best.0
+        self.nearest_rows([x])[0]
     }
 }
 
@@ -353,8 +344,6 @@ mod tests {
         assert_eq!(a, b);
     }
 
-    /// The lane form picks exactly the centroid the scalar scan picks, ties (repeated
-    /// centroids) and a partial last group of 16 included.
     /// Eight rows at a time give each row's [`dist2`] bit for bit: any `d`, a count of rows
     /// that leaves a partial group, negative, large, infinite and NaN values.
     #[test]
@@ -379,6 +368,8 @@ mod tests {
         }
     }
 
+    /// The lane form picks exactly the centroid the scalar scan picks, ties (repeated
+    /// centroids) and a partial last group of 16 included.
     #[test]
     fn lanes_pick_the_same_centroid_as_the_scalar_scan() {
         let mut rng = Rng::new(11);
