@@ -317,7 +317,7 @@ pub(crate) fn hard_codes_q(p: &Problem, enc: &Encoding, rows: &[usize], qx: Opti
         .map(|c| match (&quant, qx) {
             (Some(q), Some(qx)) => {
                 let mut codes = Vec::with_capacity(rows.len());
-                q.nearest_quantized_rows(c, &qx[c], rows, &mut codes);
+                q.nearest_quantized_rows(c, rows.iter().map(|&r| &qx[c][r * s..(r + 1) * s]), &mut codes);
                 codes
             }
             (Some(q), None) => {
@@ -325,9 +325,8 @@ pub(crate) fn hard_codes_q(p: &Problem, enc: &Encoding, rows: &[usize], qx: Opti
                     .iter()
                     .flat_map(|&r| q.quantized(&p.xs[c][r * s..(r + 1) * s]))
                     .collect();
-                let all: Vec<usize> = (0..rows.len()).collect();
                 let mut codes = Vec::with_capacity(rows.len());
-                q.nearest_quantized_rows(c, &xq, &all, &mut codes);
+                q.nearest_quantized_rows(c, xq.chunks(s), &mut codes);
                 codes
             }
             (None, _) => rows.iter().map(|&r| hard_code(p, enc, c, r) as u8).collect(),

@@ -149,24 +149,30 @@ impl Quant {
         best.1 as u8
     }
 
-    /// [`Quant::nearest_quantized`] of codebook `c` for each of `rows`, whose subvectors
-    /// `q(x)` are `xq[r·s..(r + 1)·s]`; the codes are appended to `out`. Sixteen rows at a time
-    /// in lanes (as [`Quant::nearest_tile`]), the same codes as one row at a time.
-    pub fn nearest_quantized_rows(&self, c: usize, xq: &[u8], rows: &[usize], out: &mut Vec<u8>) {
+    /// [`Quant::nearest_quantized`] of codebook `c` for each of `rows` (subvectors `q(x)` of
+    /// `s` values); the codes are appended to `out`. Sixteen rows at a time in lanes (as
+    /// [`Quant::nearest_tile`]), the same codes as one row at a time.
+    pub fn nearest_quantized_rows<'a>(&self, c: usize, rows: impl IntoIterator<Item = &'a [u8]>, out: &mut Vec<u8>) {
         let s = self.s;
+        let mut rows = rows.into_iter();
         if s > 64 {
-            out.extend(rows.iter().map(|&r| self.nearest_quantized(c, &xq[r * s..(r + 1) * s])));
+            out.extend(rows.map(|r| self.nearest_quantized(c, r)));
             return;
         }
         let mut tile = [[0i32; 16]; 64];
-        for chunk in rows.chunks(16) {
-            for (l, &r) in chunk.iter().enumerate() {
-                for (t, &v) in xq[r * s..(r + 1) * s].iter().enumerate() {
+        loop {
+            let mut n = 0;
+            for (l, r) in rows.by_ref().take(16).enumerate() {
+                for (t, &v) in r[..s].iter().enumerate() {
                     tile[t][l] = v as i32;
                 }
+                n = l + 1;
+            }
+            if n == 0 {
+                return;
             }
             let codes = self.nearest_lanes(c, &tile[..s]);
-            out.extend(codes[..chunk.len()].iter().map(|&k| k as u8));
+            out.extend(codes[..n].iter().map(|&k| k as u8));
         }
     }
 
@@ -195,12 +201,19 @@ impl Quant {
         best_k
     }
 
-    /// [`Quant::nearest`] of codebook `c` for 16 rows given as columns `xt[col][lane]`.
+    /// [`Quant::nearest`] of codebook `c` for 16 rows given as columns `xt[col][lane]`
+    /// (codebooks past 64 values one row at a time).
     #[inline(always)]
     pub fn nearest_tile(&self, xt: &[[f32; 16]], sub: Subspaces, c: usize) -> [u32; 16] {
         let range = sub.range(c);
+        if range.len() > 64 {
+            return std::array::from_fn(|l| {
+                let xq: Vec<u8> = range.clone().map(|col| quantize(xt[col][l], self.inv)).collect();
+                self.nearest_quantized(c, &xq) as u32
+            });
+        }
         let mut xq = [[0i32; 16]; 64];
-        let n = range.len().min(64);
+        let n = range.len();
         for (q, col) in xq.iter_mut().zip(range.clone()) {
             for l in 0..16 {
                 q[l] = quantize(xt[col][l], self.inv) as i32;
@@ -1117,7 +1130,7 @@ mod tests {
             let rows: Vec<usize> = (0..40).map(|i| (i * 17 + 3) % n_rows).chain([0, 0, 52]).collect();
             for c in 0..c_n {
                 let mut got = Vec::new();
-                q.nearest_quantized_rows(c, &xq, &rows, &mut got);
+                q.nearest_quantized_rows(c, rows.iter().map(|&r| &xq[r * s..(r + 1) * s]), &mut got);
                 let want: Vec<u8> = rows
                     .iter()
                     .map(|&r| q.nearest_quantized(c, &xq[r * s..(r + 1) * s]))
@@ -1127,6 +1140,38 @@ mod tests {
                     rows.iter().zip(&got).any(|(&r, &g)| r % 7 == 0 && g == 0),
                     "k {k} s {s}: no tie tested"
                 );
+            }
+        }
+    }
+
+    /// Sixteen rows as columns give the codes of [`Quant::nearest`] row by row, for codebooks of
+    /// 9, 64 and (one row at a time) 81 values: an 81-value codebook read only its first 64
+    /// values before.
+    #[test]
+    fn tiles_match_one_row_at_a_time() {
+        let mut rng = Rng::new(17);
+        for s in [9usize, 64, 81] {
+            let (c_n, d) = (2, 2 * s);
+            let protos: Vec<f32> = (0..c_n * K * s).map(|_| rng.next_f64() as f32).collect();
+            let q = Quant::new(&protos, K, s, 1.0 / 127.0);
+            // rows near prototypes of codebook 1 whose last values decide the code
+            let rows: Vec<Vec<f32>> = (0..16)
+                .map(|l| {
+                    let p = &protos[(K + l % K) * s..][..s];
+                    let mut x: Vec<f32> = (0..s).map(|_| rng.next_f64() as f32).collect();
+                    x.extend(p.iter().enumerate().map(|(t, &v)| if t + 8 >= s { v } else { 0.5 }));
+                    x
+                })
+                .collect();
+            let xt: Vec<[f32; 16]> = (0..d).map(|col| std::array::from_fn(|l| rows[l][col])).collect();
+            let sub = Subspaces { d, s };
+            for c in 0..c_n {
+                let got = q.nearest_tile(&xt, sub, c);
+                let want: Vec<u32> = rows
+                    .iter()
+                    .map(|r| q.nearest(c, &r[c * s..(c + 1) * s]) as u32)
+                    .collect();
+                assert_eq!(got.to_vec(), want, "s {s} codebook {c}");
             }
         }
     }
