@@ -208,8 +208,8 @@ impl Quant {
         let range = sub.range(c);
         if range.len() > 64 {
             return std::array::from_fn(|l| {
-                let xq: Vec<u8> = range.clone().map(|col| quantize(xt[col][l], self.inv)).collect();
-                self.nearest_quantized(c, &xq) as u32
+                let x: Vec<f32> = range.clone().map(|col| xt[col][l]).collect();
+                self.nearest(c, &x) as u32
             });
         }
         let mut xq = [[0i32; 16]; 64];
@@ -1154,7 +1154,8 @@ mod tests {
             let (c_n, d) = (2, 2 * s);
             let protos: Vec<f32> = (0..c_n * K * s).map(|_| rng.next_f64() as f32).collect();
             let q = Quant::new(&protos, K, s, 1.0 / 127.0);
-            // rows near prototypes of codebook 1 whose last values decide the code
+            // codebook 1's values of each row: 0.5, then a prototype's last 8 values, which a
+            // codebook read only in part would not see
             let rows: Vec<Vec<f32>> = (0..16)
                 .map(|l| {
                     let p = &protos[(K + l % K) * s..][..s];
