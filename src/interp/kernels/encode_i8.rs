@@ -1245,6 +1245,9 @@ mod tests {
             (64, 64, 28, 2),
             (64, 128, 7, 1),
             (1, 64, 14, 1),
+            // the sub-batches of 16 images the interpreter runs a batch of 64 in
+            (16, 64, 7, 1),
+            (16, 128, 4, 1),
         ];
         // TABCONV_CASE=i: only case i (for a profile)
         let only: Option<usize> = std::env::var("TABCONV_CASE").ok().and_then(|v| v.parse().ok());
