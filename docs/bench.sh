@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Regenerates docs/BENCHMARKS-avx512.md or, on a machine without AVX-512, docs/BENCHMARKS-avx2.md
+# Regenerates docs/BENCHMARKS-avx512.md (Intel), docs/BENCHMARKS-avx512-amd.md (AMD) or, on a
+# machine without AVX-512, docs/BENCHMARKS-avx2.md
 # (not part of CI: it times things).
 # Usage: [REUSE=1] docs/bench.sh [OUT_DIR]
 # Needs the Rust toolchain and the committed fixtures; for the ONNX Runtime columns, python3 with
@@ -71,7 +72,10 @@ for spec in "${models[@]}"; do
       --no-tract --json > "$out/$m.avx2.b$b.json"
   done
 done
+# one file per kind of machine: AVX-512 on Intel, AVX-512 on AMD (Zen 4 and later split 512-bit
+# instructions into halves: other kernels can win), AVX2 only
 doc=docs/BENCHMARKS-avx512.md
+grep -qw AuthenticAMD /proc/cpuinfo && doc=docs/BENCHMARKS-avx512-amd.md
 grep -qw avx512f /proc/cpuinfo || doc=docs/BENCHMARKS-avx2.md
 python3 docs/bench_table.py "$out" "${models[@]}" > "$doc"
 cat "$doc"
