@@ -188,41 +188,64 @@ def lookups_vs_shuffles(text):
 
 
 def encoder_vs_multiplies(text):
-    """At AVX2: the int8 argmin encoder's rate beside the bound the multiply ports set, and what
-    that bound leaves of the ResNet-18 w64 default model's PQEncode share."""
+    """The int8 argmin encoder's rate beside the bound its multiply instructions set (AVX2:
+    `vpmaddubsw` + `vpmaddwd` pairs; AVX-512: `vpdpbusd`, alone and with the kernel's argmin
+    steps), and what that bound leaves of the ResNet-18 w64 default model's PQEncode share."""
     rate = lambda pat: (m := re.search(pat, text)) and float(m.group(1))
-    pairs = rate(r"vpmaddubsw \+ vpmaddwd ymm: ([0-9.]+) G pairs/s")
-    per_cycle = rate(r"vpmaddubsw \+ vpmaddwd ymm: [0-9.]+ G pairs/s \(([0-9.]+) per cycle")
-    bound = rate(r"vpmaddubsw \+ vpmaddwd ymm: .* ([0-9.]+) GMAC/s over 3")
-    enc = rate(r"n=16 c=64 hw=7 s=1: .*int8 \(avx2\): [0-9.]+ ms \(([0-9.]+) GMAC/s\)")
-    if simd != "avx2" or not (pairs and per_cycle and bound and enc):
+    if simd == "avx2":
+        per_cycle = rate(r"vpmaddubsw \+ vpmaddwd ymm: [0-9.]+ G pairs/s \(([0-9.]+) per cycle")
+        bound = rate(r"vpmaddubsw \+ vpmaddwd ymm: .* ([0-9.]+) GMAC/s over 3")
+        enc = rate(r"n=16 c=64 hw=7 s=1: .*int8 \(avx2\): [0-9.]+ ms \(([0-9.]+) GMAC/s\)")
+        if not (per_cycle and bound and enc):
+            return
+        print("**The int8 encoder against the multiply limit** (AVX2). Per prototype, kernel row and 8 "
+              "channels the encoder issues one `vpmaddubsw` and one `vpmaddwd` (3 useful multiply-adds per "
+              f"lane of a 3×3 codebook); this machine runs {per_cycle:.2f} such pairs per cycle, which bounds "
+              f"the encoder at {bound:.1f} GMAC/s.", end=" ")
+    elif simd == "avx512":
+        per_cycle = rate(r"vpdpbusd zmm: [0-9.]+ G/s \(([0-9.]+) per cycle")
+        alone = rate(r"vpdpbusd zmm: .* ([0-9.]+) GMAC/s over 3")
+        mix_cycle = rate(r"vpdpbusd zmm with the argmin steps: [0-9.]+ G/s \(([0-9.]+) per cycle")
+        bound = rate(r"vpdpbusd zmm with the argmin steps: .* ([0-9.]+) GMAC/s over 3")
+        enc = rate(r"n=16 c=64 hw=7 s=1: .*int8 \(avx512\): [0-9.]+ ms \(([0-9.]+) GMAC/s\)")
+        if not (per_cycle and alone and mix_cycle and bound and enc):
+            return
+        print("**The int8 encoder against the multiply limit** (AVX-512 VNNI). Per prototype, kernel row "
+              "and 16 channels the encoder issues one `vpdpbusd` (3 useful multiply-adds per lane of a 3×3 "
+              f"codebook); this machine runs {per_cycle:.2f} per cycle ({alone:.1f} GMAC/s), and "
+              f"{mix_cycle:.2f} per cycle with the argmin's shift, or and maximum after every prototype's "
+              f"three, which bounds the encoder at {bound:.1f} GMAC/s.", end=" ")
+    else:
         return
-    print("**The int8 encoder against the multiply limit** (AVX2). Per prototype, kernel row and 8 "
-          "channels the encoder issues one `vpmaddubsw` and one `vpmaddwd` (3 useful multiply-adds per "
-          f"lane of a 3×3 codebook); this machine runs {per_cycle:.2f} such pairs per cycle, which bounds "
-          f"the encoder at {bound:.1f} GMAC/s. The whole encoder (quantization and tap words included) "
-          f"does {enc:.1f} GMAC/s on a sub-batch of the w64 ResNet's 7×7 layers ({enc / bound:.0%} of the bound).",
-          end=" ")
+    print(f"The whole encoder (quantization and tap words included) does {enc:.1f} GMAC/s on a "
+          f"sub-batch of the w64 ResNet's 7×7 layers ({enc / bound:.0%} of the bound).", end=" ")
     try:
         rep = json.load(open(p("paper_resnet18.default.json")))
-        prof = open(p("paper_resnet18.profile.b64.txt")).read()
+        profs = {b: open(p(f"paper_resnet18.profile.b{b}.txt")).read() for b in (64, 1)}
     except OSError:
         print()
         return
-    ops = {m.group(1): float(m.group(2))
-           for m in re.finditer(r"^  (\w+)\s+([0-9.]+) ms/run", prof, re.M)}
-    if "PQEncode" not in ops:
+    parts = []
+    for batch, prof in profs.items():
+        # per op type: the sum of its nodes' times (0.001 ms; the op lines round to 0.01 ms)
+        ops = {}
+        for m in re.finditer(r"^ +/\S+\s+(\w+)\s+([0-9.]+) ms/run", prof, re.M):
+            ops[m.group(1)] = ops.get(m.group(1), 0.0) + float(m.group(2))
+        if "PQEncode" not in ops:
+            continue
+        total, pq = sum(ops.values()), ops["PQEncode"]
+        at_bound = rep["cost_after"]["encode_macs"] * batch / (bound * 1e9) * 1e3
+        share = at_bound / (total - pq + at_bound)
+        parts.append(f"at batch {batch}, {rep['cost_after']['encode_macs'] * batch / 1e6:.1f} M encoding "
+                     f"multiply-adds take {pq:.3f} of {total:.3f} ms ({pq / total:.0%}); all of them at the "
+                     f"bound would take {at_bound:.3f} ms, {share:.0%} of the model's time")
+    if not parts:
         print()
         return
-    total, pq = sum(ops.values()), ops["PQEncode"]
-    at_bound = rep["cost_after"]["encode_macs"] * 64 / (bound * 1e9) * 1e3
-    share = at_bound / (total - pq + at_bound)
-    print(f"For the ResNet-18 w64 default `.tcv` at batch 64: {rep['cost_after']['encode_macs'] * 64 / 1e6:.0f} M "
-          f"encoding multiply-adds take {pq:.2f} of {total:.2f} ms ({pq / total:.0%}); all of them at the bound "
-          f"would take {at_bound:.2f} ms, still {share:.0%} of the model's time. With 16 prototypes per "
-          "9-value codebook, encoding costs 144 multiply-adds per codebook and row against 64–512 lookups, "
-          "so on this machine the argmin encoder cannot get under a quarter of this model's time; fewer "
-          "multiply-adds per code (the hash-tree encoder) are what could.\n")
+    print("For the ResNet-18 w64 default `.tcv`: " + "; ".join(parts) + ". With 16 prototypes per "
+          "9-value codebook, encoding costs 144 multiply-adds per codebook and row against 64–512 "
+          "lookups; fewer multiply-adds per code (the hash-tree encoder) are what could take the "
+          "argmin encoder's share further down.\n")
 
 
 lookups_vs_shuffles(open(p("kernels.txt")).read())

@@ -2398,6 +2398,57 @@ mod tests {
             });
             println!("vpmaddubsw zmm: {madd:.2} G/s ({:.2} per cycle)", madd / adds);
         }
+        if LutKernel::Vnni.supported() {
+            // the AVX-512 int8 encoder's step (`encode_i8::x86::nearest3_vnni`): one `vpdpbusd`
+            // per prototype, pixel and kernel row, 16 channels × 3 taps of a 3×3 codebook (the
+            // fourth byte is padding); 12 independent accumulators
+            let dp = time(&|| unsafe {
+                asm!("vpxord zmm12, zmm12, zmm12", "vpxord zmm13, zmm13, zmm13",
+                     "2:",
+                     "vpdpbusd zmm0, zmm12, zmm13", "vpdpbusd zmm1, zmm12, zmm13", "vpdpbusd zmm2, zmm12, zmm13",
+                     "vpdpbusd zmm3, zmm12, zmm13", "vpdpbusd zmm4, zmm12, zmm13", "vpdpbusd zmm5, zmm12, zmm13",
+                     "vpdpbusd zmm6, zmm12, zmm13", "vpdpbusd zmm7, zmm12, zmm13", "vpdpbusd zmm8, zmm12, zmm13",
+                     "vpdpbusd zmm9, zmm12, zmm13", "vpdpbusd zmm10, zmm12, zmm13", "vpdpbusd zmm11, zmm12, zmm13",
+                     "dec {n}", "jnz 2b", n = inout(reg) N => _,
+                     out("zmm0") _, out("zmm1") _, out("zmm2") _, out("zmm3") _, out("zmm4") _, out("zmm5") _,
+                     out("zmm6") _, out("zmm7") _, out("zmm8") _, out("zmm9") _, out("zmm10") _, out("zmm11") _,
+                     out("zmm12") _, out("zmm13") _, options(nomem, nostack));
+            });
+            println!(
+                "vpdpbusd zmm: {dp:.2} G/s ({:.2} per cycle): the AVX-512 int8 encoder's multiply limit, {:.1} GMAC/s over 3×3 codebooks",
+                dp / adds,
+                dp * 48.0
+            );
+            // the same with the kernel's argmin step per prototype and pixel after its 3 kernel
+            // rows: the key `(sum << 4) | (15 − k)` (a shift and an or) and a maximum; 4 prototypes
+            // of 3 `vpdpbusd` each per loop (12 multiply-type instructions, as above)
+            let mix = time(&|| unsafe {
+                asm!("vpxord zmm12, zmm12, zmm12", "vpxord zmm13, zmm13, zmm13", "vpxord zmm14, zmm14, zmm14",
+                     "2:",
+                     "vpdpbusd zmm0, zmm12, zmm13", "vpdpbusd zmm1, zmm12, zmm13", "vpdpbusd zmm2, zmm12, zmm13",
+                     "vpdpbusd zmm3, zmm12, zmm13",
+                     "vpdpbusd zmm0, zmm12, zmm13", "vpdpbusd zmm1, zmm12, zmm13", "vpdpbusd zmm2, zmm12, zmm13",
+                     "vpdpbusd zmm3, zmm12, zmm13",
+                     "vpdpbusd zmm0, zmm12, zmm13", "vpdpbusd zmm1, zmm12, zmm13", "vpdpbusd zmm2, zmm12, zmm13",
+                     "vpdpbusd zmm3, zmm12, zmm13",
+                     "vpslld zmm4, zmm0, 4", "vpslld zmm5, zmm1, 4", "vpslld zmm6, zmm2, 4", "vpslld zmm7, zmm3, 4",
+                     "vpord zmm4, zmm4, zmm14", "vpord zmm5, zmm5, zmm14", "vpord zmm6, zmm6, zmm14",
+                     "vpord zmm7, zmm7, zmm14",
+                     "vpmaxsd zmm8, zmm8, zmm4", "vpmaxsd zmm9, zmm9, zmm5", "vpmaxsd zmm10, zmm10, zmm6",
+                     "vpmaxsd zmm11, zmm11, zmm7",
+                     "vpxord zmm0, zmm0, zmm0", "vpxord zmm1, zmm1, zmm1", "vpxord zmm2, zmm2, zmm2",
+                     "vpxord zmm3, zmm3, zmm3",
+                     "dec {n}", "jnz 2b", n = inout(reg) N => _,
+                     out("zmm0") _, out("zmm1") _, out("zmm2") _, out("zmm3") _, out("zmm4") _, out("zmm5") _,
+                     out("zmm6") _, out("zmm7") _, out("zmm8") _, out("zmm9") _, out("zmm10") _, out("zmm11") _,
+                     out("zmm12") _, out("zmm13") _, out("zmm14") _, options(nomem, nostack));
+            });
+            println!(
+                "vpdpbusd zmm with the argmin steps: {mix:.2} G/s ({:.2} per cycle): {:.1} GMAC/s over 3×3 codebooks",
+                mix / adds,
+                mix * 48.0
+            );
+        }
         if Simd::Avx2.supported() {
             let shuf = time(&|| unsafe {
                 asm!("vpxor ymm12, ymm12, ymm12",
