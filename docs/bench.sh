@@ -72,8 +72,8 @@ for spec in "${models[@]}"; do
       --no-tract --json > "$out/$m.avx2.b$b.json"
   done
 done
-# one file per kind of machine: AVX-512 on Intel, AVX-512 on AMD (Zen 4 and later split 512-bit
-# instructions into halves: other kernels can win), AVX2 only
+# one file per kind of machine, so that a run on one does not replace another's: AVX-512 on
+# Intel, AVX-512 on AMD (Zen 4 runs 512-bit instructions as two 256-bit halves), AVX2 only
 doc=docs/BENCHMARKS-avx512.md
 grep -qw AuthenticAMD /proc/cpuinfo && doc=docs/BENCHMARKS-avx512-amd.md
 grep -qw avx512f /proc/cpuinfo || doc=docs/BENCHMARKS-avx2.md

@@ -1180,7 +1180,7 @@ mod tests {
     /// Every SIMD pixel kernel (AVX-512 VNNI for 3 pixels, AVX2 for 2 and 3) gives the scalar
     /// one's codes on random words and prototypes, a tie between two prototypes included (the
     /// lower index wins), for channel groups 0 and 1. (Keys by one `vpshldd` instead of a shift
-    /// and an or measured 7% slower on Zen 5 and 8–12% on Zen 4, and were dropped.)
+    /// and an or measured 7% slower on Zen 5 and about 10% on Zen 4, and were dropped.)
     #[test]
     fn pixel_kernels_agree() {
         let mut rng = Rng::new(5);
