@@ -195,7 +195,7 @@ def encoder_vs_multiplies(text):
     if simd == "avx2":
         per_cycle = rate(r"vpmaddubsw \+ vpmaddwd ymm: [0-9.]+ G pairs/s \(([0-9.]+) per cycle")
         bound = rate(r"vpmaddubsw \+ vpmaddwd ymm: .* ([0-9.]+) GMAC/s over 3")
-        enc = rate(r"n=16 c=64 hw=7 s=1: .*int8 \(avx2\): [0-9.]+ ms \(([0-9.]+) GMAC/s\)")
+        enc = rate(r"n=16 c=64 hw=7 s=1: .*int8 \(avx2\): [0-9.]+ (?:ms|µs) \(([0-9.]+) GMAC/s\)")
         if not (per_cycle and bound and enc):
             return
         print("**The int8 encoder against the multiply limit** (AVX2). Per prototype, kernel row and 8 "
@@ -207,7 +207,7 @@ def encoder_vs_multiplies(text):
         alone = rate(r"vpdpbusd zmm: .* ([0-9.]+) GMAC/s over 3")
         mix_cycle = rate(r"vpdpbusd zmm with the argmin steps: [0-9.]+ G/s \(([0-9.]+) per cycle")
         bound = rate(r"vpdpbusd zmm with the argmin steps: .* ([0-9.]+) GMAC/s over 3")
-        enc = rate(r"n=16 c=64 hw=7 s=1: .*int8 \(avx512\): [0-9.]+ ms \(([0-9.]+) GMAC/s\)")
+        enc = rate(r"n=16 c=64 hw=7 s=1: .*int8 \(avx512\): [0-9.]+ (?:ms|µs) \(([0-9.]+) GMAC/s\)")
         if not (per_cycle and alone and mix_cycle and bound and enc):
             return
         print("**The int8 encoder against the multiply limit** (AVX-512 VNNI). Per prototype, kernel row "

@@ -306,8 +306,8 @@ thread_local! {
 
 /// Encode channels-last conv rows with [`QuantLanes`] at `level`: `codes` is `rows × channels`.
 /// Work is split into bands of output rows: runs of whole images for small maps, else parts of
-/// one image (at least 4 bands per thread where the batch allows, at most ~128 KiB of tap
-/// words each). Codes do not depend on the split.
+/// one image (at least 4 bands per thread where the batch allows and there is more than one
+/// thread, at most ~128 KiB of tap words each). Codes do not depend on the split.
 pub fn encode_lanes(level: Simd, rows: &Rows, ql: &QuantLanes, codes: &mut [u8]) {
     let Rows::ConvNhwc { shape, geo, .. } = rows else {
         unreachable!("quantized channel lanes need channels-last rows")
@@ -318,7 +318,11 @@ pub fn encode_lanes(level: Simd, rows: &Rows, ql: &QuantLanes, codes: &mut [u8])
     if n == 0 || row_len == 0 || oh == 0 {
         return;
     }
-    let tasks = 4 * super::team::threads();
+    // on one thread bands only add halo rows (quantized and turned into words again)
+    let tasks = match super::team::threads() {
+        1 => 1,
+        t => 4 * t,
+    };
     // enough work per band to pay a hand-off (~1 µs): ≥ 128 Ki multiply-adds
     let per_row = row_len * K * ql.kernel[0] * ql.kernel[1];
     let min_rows = (1usize << 17).div_ceil(per_row);
@@ -469,8 +473,10 @@ struct GroupQ<'a> {
 
 /// A pixel kernel: the codes of `P` pixels for one channel group, from `lines` (kernel rows
 /// `i` and each pixel's word for it, a zero word where the kernel row is outside the image);
-/// group `g` reads word `o + g` for a line's word `o`.
-type Nearest<const P: usize> = unsafe fn(&[V64], &[(usize, [usize; P])], usize, GroupQ) -> [[u8; CL]; P];
+/// group `g` reads word `o + g` for a line's word `o`. Pixel `r`'s 16 codes go to
+/// `dst + r·stride` (straight into the output: returned by value they would take a round trip
+/// through the stack and a copy per group).
+type Nearest<const P: usize> = unsafe fn(&[V64], &[(usize, [usize; P])], usize, GroupQ, *mut u8, usize);
 
 /// Encode a band's `pixels` (their word of kernel row 0, group 0, and the kernel rows inside
 /// the image) `P` at a time in row order (across output rows and images, so narrow maps waste
@@ -513,24 +519,31 @@ unsafe fn encode_pixels<const P: usize>(
         assert!(lines
             .iter()
             .all(|&(i, a)| i < kh && a.iter().all(|&o| o + g_n <= words.len())));
+        // all P pixels in `out`: whole groups' codes go straight there
+        let whole = p0 + P <= n_pos;
+        assert!(!whole || (p0 + P) * band.ch <= out.len());
         for g in 0..g_n {
             let q = GroupQ {
                 pq: &ql.pq[g * kh * K..(g + 1) * kh * K],
                 init: &ql.init[g * K..(g + 1) * K],
                 keys: &ql.keys[g * K..(g + 1) * K],
             };
-            // SAFETY: asserted above: each line's kernel row is < kh (inside `pq`) and its
-            // words plus g are inside `words`; the caller guarantees the instructions.
-            let codes = unsafe { nearest(words, lines, g, q) };
             let width = (band.ch - g * CL).min(CL);
+            if whole && width == CL {
+                // SAFETY: asserted above: each line's kernel row is < kh (inside `pq`), its
+                // words plus g are inside `words`, and the P pixels' 16 codes from `g·16` are
+                // inside `out`; the caller guarantees the instructions.
+                unsafe { nearest(words, lines, g, q, out.as_mut_ptr().add(p0 * band.ch + g * CL), band.ch) };
+                continue;
+            }
+            // a partial group (its 16 bytes would run into the next pixel's codes) or the
+            // last pixels of the band: through a buffer
+            let mut codes = [[0u8; CL]; P];
+            // SAFETY: as above, and `codes` holds P runs of 16 bytes.
+            unsafe { nearest(words, lines, g, q, codes.as_mut_ptr().cast(), CL) };
             for (q, code) in codes.iter().enumerate().take(n_pos - p0) {
                 let o = (p0 + q) * band.ch + g * CL;
-                if width == CL {
-                    // a fixed-size copy: a move, not a call
-                    out[o..o + CL].copy_from_slice(code);
-                } else {
-                    out[o..o + width].copy_from_slice(&code[..width]);
-                }
+                out[o..o + width].copy_from_slice(&code[..width]);
             }
         }
     }
@@ -642,15 +655,19 @@ fn tap_words(level: Simd, q: &[u8], rows: usize, t: TapGeom, words: &mut [V64]) 
 ///
 /// # Safety
 /// Every line's `(i + 1)·K <= q.pq.len()` and offsets `o + g < words.len()` (the SIMD kernels
-/// index without bounds checks; this one checks).
+/// index without bounds checks; this one checks); `dst + r·stride` holds 16 bytes for every
+/// pixel `r < P`.
 unsafe fn nearest_scalar<const P: usize>(
     words: &[V64],
     lines: &[(usize, [usize; P])],
     g: usize,
     q: GroupQ,
-) -> [[u8; CL]; P] {
-    let mut out = [[0u8; CL]; P];
-    for (r, out) in out.iter_mut().enumerate() {
+    dst: *mut u8,
+    stride: usize,
+) {
+    for r in 0..P {
+        // SAFETY: the caller's promise.
+        let out = unsafe { std::slice::from_raw_parts_mut(dst.add(r * stride), CL) };
         let mut best = [i32::MIN; CL];
         for kk in 0..K {
             let mut acc = q.init[kk].0;
@@ -671,7 +688,6 @@ unsafe fn nearest_scalar<const P: usize>(
             out[l] = (15 - (best[l] & 15)) as u8;
         }
     }
-    out
 }
 
 /// Whether the CPU has AVX-512 VNNI (and BW), read once.
@@ -795,14 +811,17 @@ mod x86 {
     /// each starting at `−hn`; per prototype the key `(sum << 4) | (15 − k)` and a maximum.
     ///
     /// # Safety
-    /// AVX-512F/BW/VNNI; line offsets plus `g` inside `words`, kernel rows inside `pq`.
+    /// AVX-512F/BW/VNNI; line offsets plus `g` inside `words`, kernel rows inside `pq`, 16
+    /// bytes at `dst + r·stride` for each pixel `r`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     pub(super) unsafe fn nearest3_vnni(
         words: &[V64],
         lines: &[(usize, [usize; 3])],
         g: usize,
         q: GroupQ,
-    ) -> [[u8; CL]; 3] {
+        dst: *mut u8,
+        stride: usize,
+    ) {
         let (wp, pp, ip) = (words.as_ptr(), q.pq.as_ptr(), q.init.as_ptr());
         let mut best = [_mm512_set1_epi32(i32::MIN); 3];
         for kb in (0..K).step_by(8) {
@@ -832,12 +851,10 @@ mod x86 {
                 }
             }
         }
-        let mut out = [[0u8; CL]; 3];
-        for (o, b) in out.iter_mut().zip(best) {
+        for (r, b) in best.into_iter().enumerate() {
             let code = _mm512_sub_epi32(_mm512_set1_epi32(15), _mm512_and_si512(b, _mm512_set1_epi32(15)));
-            _mm_storeu_si128(o.as_mut_ptr().cast(), _mm512_cvtepi32_epi8(code));
+            _mm_storeu_si128(dst.add(r * stride).cast(), _mm512_cvtepi32_epi8(code));
         }
-        out
     }
 
     /// The pixel kernel at AVX2 for `P` pixels: per 8-lane half, 4 prototypes × `P` pixels of
@@ -847,14 +864,17 @@ mod x86 {
     /// prototype takes the argmin.
     ///
     /// # Safety
-    /// AVX2; line offsets plus `g` inside `words`, kernel rows inside `q.pq`.
+    /// AVX2; line offsets plus `g` inside `words`, kernel rows inside `q.pq`, 16 bytes at
+    /// `dst + r·stride` for each pixel `r`.
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn nearest_avx2<const P: usize>(
         words: &[V64],
         lines: &[(usize, [usize; P])],
         g: usize,
         q: GroupQ,
-    ) -> [[u8; CL]; P] {
+        dst: *mut u8,
+        stride: usize,
+    ) {
         const H: usize = 8;
         let (wp, pp, kp) = (
             words.as_ptr().cast::<i32>(),
@@ -862,7 +882,9 @@ mod x86 {
             q.keys.as_ptr().cast::<i32>(),
         );
         let sixteen = _mm256_set1_epi16(16);
-        let mut out = [[0u8; CL]; P];
+        // each pixel's 8 codes per half in the low bytes, stored as one 16-byte run at the end
+        // (two 8-byte stores read back as 16 bytes stall store forwarding)
+        let mut halves = [[_mm_setzero_si128(); 2]; P];
         for half in 0..CL / H {
             let o = half * H;
             let mut best = [_mm256_set1_epi32(i32::MIN); P];
@@ -893,18 +915,19 @@ mod x86 {
                 }
             }
             let fifteen = _mm256_set1_epi32(15);
-            for (out, b) in out.iter_mut().zip(best) {
+            for (h, b) in halves.iter_mut().zip(best) {
                 let code = _mm256_sub_epi32(fifteen, _mm256_and_si256(b, fifteen));
                 // 8 codes of 0..=15: pack the low bytes
                 let w = _mm256_packs_epi32(code, code);
                 let bytes = _mm256_packus_epi16(w, w);
                 let lo = _mm256_castsi256_si128(bytes);
                 let hi = _mm256_extracti128_si256::<1>(bytes);
-                let v = _mm_unpacklo_epi32(lo, hi);
-                _mm_storel_epi64(out.as_mut_ptr().add(o).cast(), v);
+                h[half] = _mm_unpacklo_epi32(lo, hi);
             }
         }
-        out
+        for (r, [lo, hi]) in halves.into_iter().enumerate() {
+            _mm_storeu_si128(dst.add(r * stride).cast(), _mm_unpacklo_epi64(lo, hi));
+        }
     }
 }
 
@@ -966,6 +989,8 @@ mod tests {
             ([13, 20, 2, 3], window([3, 3], 1, 1, 1)),
             ([9, 16, 3, 3], window([3, 3], 2, 1, 1)),
             ([7, 16, 1, 1], window([3, 3], 1, 1, 1)),
+            // more than 4 channel groups, the last partial
+            ([1, 100, 5, 6], window([3, 3], 1, 1, 1)),
         ];
         // pools kept across the cases: each thread's scratch then holds the previous case's
         // values (its buffers only grow), which must never leak into the codes
@@ -1177,6 +1202,52 @@ mod tests {
         }
     }
 
+    /// The tap-word kernels (AVX-512, AVX2) give the portable words on random bytes, for 1 to 9
+    /// channel groups and every set of taps a kernel row of width ≤ 4 can have inside the image
+    /// (each present or not, at shuffled pixels). (Words by merge-masked `vpermb` per tap over
+    /// runs of 4 groups, AVX-512 VBMI, measured 7-8% slower for the whole encoder on Zen 4 at
+    /// batch 1 and 64, and were dropped.)
+    #[test]
+    fn tap_word_kernels_agree() {
+        let mut rng = Rng::new(8);
+        for groups in 1..=9 {
+            let stride = groups * CL;
+            let row: Vec<u8> = (0..6 * stride).map(|_| (rng.next_f64() * 256.0) as u8).collect();
+            for present in 0u32..16 {
+                let taps: Vec<(u32, usize)> = (0..4u32)
+                    .filter(|j| present >> j & 1 == 1)
+                    .map(|j| (8 * j, ((j as usize * 5 + groups) % 6) * stride))
+                    .collect();
+                let mut want = vec![V64::default(); groups];
+                for (g, word) in want.iter_mut().enumerate() {
+                    for &(shift, at) in &taps {
+                        for l in 0..CL {
+                            word.0[l] |= (row[at + g * CL + l] as i32) << shift;
+                        }
+                    }
+                }
+                #[cfg(target_arch = "x86_64")]
+                {
+                    let mut got = vec![V64(std::array::from_fn(|l| l as i32 - 7)); groups];
+                    type Words = unsafe fn(&[u8], &[(u32, usize)], &mut [V64]);
+                    let mut check = |name: &str, f: Words| {
+                        // SAFETY: every tap's run of `stride` bytes lies in `row`; the caller
+                        // checked the instructions.
+                        unsafe { f(&row, &taps, &mut got) };
+                        let lanes = |w: &[V64]| w.iter().map(|v| v.0).collect::<Vec<_>>();
+                        assert_eq!(lanes(&got), lanes(&want), "{name}, {groups} groups, taps {present:04b}");
+                    };
+                    if Simd::Avx2.supported() {
+                        check("avx2", x86::words_avx2);
+                    }
+                    if Simd::Avx512.supported() {
+                        check("avx512", x86::words_avx512);
+                    }
+                }
+            }
+        }
+    }
+
     /// Every SIMD pixel kernel (AVX-512 VNNI for 3 pixels, AVX2 for 2 and 3) gives the scalar
     /// one's codes on random words and prototypes, a tie between two prototypes included (the
     /// lower index wins), for channel groups 0 and 1. (Keys by one `vpshldd` instead of a shift
@@ -1206,10 +1277,27 @@ mod tests {
             init: &init,
             keys: &keys,
         };
+        /// A kernel's codes for `P` pixels, returned.
+        ///
+        /// # Safety
+        /// The CPU has `f`'s instructions; the lines' offsets plus g lie inside `words`, their
+        /// kernel rows inside `q`.
+        unsafe fn codes<const P: usize>(
+            f: Nearest<P>,
+            words: &[V64],
+            lines: &[(usize, [usize; P])],
+            g: usize,
+            q: GroupQ,
+        ) -> [[u8; CL]; P] {
+            let mut out = [[0u8; CL]; P];
+            // SAFETY: the caller's promise; `out` holds P runs of 16 bytes.
+            unsafe { f(words, lines, g, q, out.as_mut_ptr().cast(), CL) };
+            out
+        }
         for g in [0, 1] {
             // SAFETY: every offset plus g is below 40 and every kernel row below kh.
             unsafe {
-                let want = nearest_scalar(&words, &lines, g, q);
+                let want = codes(nearest_scalar, &words, &lines, g, q);
                 assert!(
                     want.iter().all(|r| r.iter().all(|&c| c != 4)),
                     "a tie goes to the lower index"
@@ -1217,16 +1305,16 @@ mod tests {
                 #[cfg(target_arch = "x86_64")]
                 {
                     if Simd::Avx2.supported() {
-                        assert_eq!(x86::nearest_avx2(&words, &lines, g, q), want, "avx2, 3 pixels");
+                        assert_eq!(codes(x86::nearest_avx2, &words, &lines, g, q), want, "avx2, 3 pixels");
                         let two: Vec<_> = lines.iter().map(|&(i, a)| (i, [a[0], a[2]])).collect();
                         assert_eq!(
-                            x86::nearest_avx2(&words, &two, g, q),
+                            codes(x86::nearest_avx2, &words, &two, g, q),
                             [want[0], want[2]],
                             "avx2, 2 pixels"
                         );
                     }
                     if vnni() {
-                        assert_eq!(x86::nearest3_vnni(&words, &lines, g, q), want, "vnni");
+                        assert_eq!(codes(x86::nearest3_vnni, &words, &lines, g, q), want, "vnni");
                     }
                 }
             }
@@ -1248,8 +1336,14 @@ mod tests {
             // the sub-batches of 16 images the interpreter runs a batch of 64 in
             (16, 64, 7, 1),
             (16, 128, 4, 1),
+            // batch 1: ResNet-18's layers 1-3 on MNIST (7×7, 4×4, 2×2 maps)
+            (1, 64, 7, 1),
+            (1, 128, 4, 1),
+            (1, 128, 4, 2),
+            (1, 256, 2, 1),
         ];
-        // TABCONV_CASE=i: only case i (for a profile)
+        // TABCONV_CASE=i: only case i; TABCONV_REPS=r: r times the repetitions (for a profile,
+        // or for A/B runs of two builds taking turns on a VM whose speed drifts)
         let only: Option<usize> = std::env::var("TABCONV_CASE").ok().and_then(|v| v.parse().ok());
         for &(n, c, hw, stride) in cases
             .iter()
@@ -1273,7 +1367,11 @@ mod tests {
             let mut codes = vec![0u8; rows.count() * c];
             let mut time = |f: &mut dyn FnMut(&mut [u8])| {
                 f(&mut codes);
-                let reps = 20 * 64 / n;
+                let reps = 20 * 64 / n
+                    * std::env::var("TABCONV_REPS")
+                        .ok()
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(1);
                 let mut times: Vec<f64> = (0..5)
                     .map(|_| {
                         let t = std::time::Instant::now();
@@ -1284,7 +1382,7 @@ mod tests {
                     })
                     .collect();
                 times.sort_by(f64::total_cmp);
-                format!("{:.3} ms ({:.1} GMAC/s)", times[2] * 1e3, macs as f64 / times[2] / 1e9)
+                format!("{:.2} µs ({:.1} GMAC/s)", times[2] * 1e6, macs as f64 / times[2] / 1e9)
             };
             let cb = Codebooks::Argmin {
                 k: K,
