@@ -1043,9 +1043,9 @@ mod x86 {
     /// [`argmin_row16_avx512`] for 16 codebooks at a time, one per lane (a deep 1×1 layer at
     /// batch 1 has hundreds of codebooks of a few values, and one codebook per call spends its
     /// time in each call's reduction: ResNet-18 w64's layer-4 rows of 128 codebooks of 4 values
-    /// took 1.0-1.4 µs that way and 0.66-0.84 µs this way, one thread on Zen 4): per lane the same multiply-adds in the same order, the same
-    /// half norms and strict comparisons in prototype order as [`super::argmin_tile`], so the
-    /// same codes.
+    /// took 1.0-1.4 µs that way and 0.66-0.84 µs this way, one thread on Zen 4): per lane the
+    /// same multiply-adds in the same order, the same half norms and strict comparisons in
+    /// prototype order as [`super::argmin_tile`], so the same codes.
     ///
     /// # Safety
     /// AVX-512F; `cp` built for `sub`, whose `codes.len()` subspaces tile `row` exactly
@@ -1500,7 +1500,8 @@ fn encode_block(job: &Job, r0: usize, out: &mut [u8]) {
     let simd = Simd::detect();
     let avx512 = simd == Simd::Avx512;
     // a few rows (a fully connected layer or a deep 1×1 conv at batch 1): one row at a time,
-    // the 16 prototypes in the lanes (the same sums and comparisons, so the same codes)
+    // the 16 prototypes in the lanes, or at AVX-512 16 codebooks in the lanes where the
+    // subspaces tile the row (the same sums and comparisons, so the same codes)
     #[cfg(target_arch = "x86_64")]
     let rowwise = match (simd, &job.prepared.row_protos, &job.prepared.kind) {
         (Simd::Avx512 | Simd::Avx2, Some(pr), Kind::Argmin { norms, .. }) => Some((pr, norms)),
@@ -1932,7 +1933,9 @@ mod tests {
 
     /// A few rows (fewer than [`ROWWISE_BELOW`]: a fully connected layer or a deep 1×1 conv at
     /// batch 1) get the codes they get inside a batch of full 16-row tiles, whether the row
-    /// path runs them (AVX-512 or AVX2, 16 prototypes) or not: contiguous rows, channels-last rows
+    /// path runs them (AVX-512 or AVX2, 16 prototypes; at AVX-512, subspaces of 1 to 8 values
+    /// that tile the row, 16 codebooks per call, more than 16 of them included) or not:
+    /// contiguous rows, channels-last rows
     /// with stride, padding and dilation (gathered one by one), NCHW rows (gathered as a tile),
     /// ties between equal prototypes, NaN, infinite and huge inputs.
     #[test]
@@ -1972,6 +1975,12 @@ mod tests {
                     let row = unsafe { row16(level, &[x], sub, 0, pr, &norms) };
                     assert_eq!(row, tile, "{}: x={x} last prototype {last}", level.name());
                 }
+                if let Some(cp) = &prepared.col_protos {
+                    let mut code = [0u8];
+                    // SAFETY: built only at AVX-512; one codebook of one value tiles the row.
+                    unsafe { x86::argmin_cols16_avx512(&[x], sub, cp, &mut code) };
+                    assert_eq!(code[0], tile, "codebook lanes: x={x} last prototype {last}");
+                }
             }
         }
         for k in [16usize, 32] {
@@ -1983,6 +1992,9 @@ mod tests {
                 (12, [2, 2], [1, 1], 2, 1, [0; 4], 4),
                 (8, [2, 2], [3, 3], 1, 1, [1; 4], 4),
                 (6, [3, 3], [3, 3], 2, 2, [2, 1, 1, 2], 5),
+                // the codebook-lane kernel's extremes: subspaces of 1 (20 codebooks) and of 8
+                (20, [1, 1], [1, 1], 1, 1, [0; 4], 1),
+                (16, [1, 1], [1, 1], 1, 1, [0; 4], 8),
             ];
             for &(c, [h, w], kernel, stride, dil, pads, sub_s) in cases {
                 let win = Window {
@@ -2018,6 +2030,8 @@ mod tests {
                 };
                 let prepared = prepare(sub, &cb, None);
                 assert_eq!(prepared.row_protos.is_some(), k == 16 && row_path);
+                let cols = k == 16 && Simd::detect() == Simd::Avx512 && d % sub_s == 0 && sub_s <= COLS_MAX_S;
+                assert_eq!(prepared.col_protos.is_some(), cols);
                 for nhwc in [true, false] {
                     let rows = |imgs: usize| match nhwc {
                         true => Rows::ConvNhwc {

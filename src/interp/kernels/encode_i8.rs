@@ -531,8 +531,9 @@ unsafe fn encode_pixels<const P: usize>(
             let width = (band.ch - g * CL).min(CL);
             if whole && width == CL {
                 // SAFETY: asserted above: each line's kernel row is < kh (inside `pq`), its
-                // words plus g are inside `words`, and the P pixels' 16 codes from `g·16` are
-                // inside `out`; the caller guarantees the instructions.
+                // words plus g are inside `words`, and the P pixels' runs are inside `out`; a
+                // whole group (`width == CL`) ends within its pixel's `ch` codes; the caller
+                // guarantees the instructions.
                 unsafe { nearest(words, lines, g, q, out.as_mut_ptr().add(p0 * band.ch + g * CL), band.ch) };
                 continue;
             }
@@ -1228,9 +1229,10 @@ mod tests {
                 }
                 #[cfg(target_arch = "x86_64")]
                 {
-                    let mut got = vec![V64(std::array::from_fn(|l| l as i32 - 7)); groups];
                     type Words = unsafe fn(&[u8], &[(u32, usize)], &mut [V64]);
-                    let mut check = |name: &str, f: Words| {
+                    let check = |name: &str, f: Words| {
+                        // words no kernel wrote would show
+                        let mut got = vec![V64(std::array::from_fn(|l| l as i32 - 7)); groups];
                         // SAFETY: every tap's run of `stride` bytes lies in `row`; the caller
                         // checked the instructions.
                         unsafe { f(&row, &taps, &mut got) };
