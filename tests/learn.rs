@@ -257,7 +257,8 @@ fn a_blocks_end_is_read_in_the_layers_row_layout() {
         .to_owned()
         .into_dyn();
     let mut rng = tabconv::pq::rng::Rng::new(3);
-    let sample = Sample::new(&mut rng, 8, 28 * 28, 500); // conv1 pads by 2: 28×28 outputs
+    let order = calib::order(&mut rng, 8, 500);
+    let sample = Sample::new(&mut rng, &order, 28 * 28, 500); // conv1 pads by 2: 28×28 outputs
     let got = calib::collect(
         &g,
         &calib,
@@ -272,6 +273,8 @@ fn a_blocks_end_is_read_in_the_layers_row_layout() {
                 },
             ),
         ],
+        &mut calib::Resume::default(),
+        None,
     )
     .unwrap();
     let ((y, w), (end, w2)) = (&got[0], &got[1]);
@@ -331,7 +334,8 @@ fn a_residual_blocks_end_is_read_with_its_residual() {
             .slice(s![..4, .., .., ..])
             .to_owned()
             .into_dyn();
-        let sample = Sample::new(&mut tabconv::pq::rng::Rng::new(5), 4, rpi, 300);
+        let order = calib::order(&mut tabconv::pq::rng::Rng::new(6), 4, 300);
+        let sample = Sample::new(&mut tabconv::pq::rng::Rng::new(5), &order, rpi, 300);
         let got = calib::collect(
             &g,
             &calib,
@@ -347,6 +351,8 @@ fn a_residual_blocks_end_is_read_with_its_residual() {
                     },
                 ),
             ],
+            &mut calib::Resume::default(),
+            None,
         )
         .unwrap();
         let bias = e.bias.clone().unwrap_or_else(|| vec![0.0; m]);

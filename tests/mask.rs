@@ -702,9 +702,10 @@ fn only_a_kept_relearned_model_is_reported() {
 /// fully connected layers through the exact convolutions, and at a logit-cosine target near 0.97
 /// the walk misses the target, relearning meets it and a convolution goes back as lookups. There
 /// the written model has that layer as lookups, the last point is the one kept and meets the
-/// target, and the layer's decision says why. With `relearn_rounds`, at 0.966 the tables are
-/// relearned after `conv2` went back and then `conv1` goes back too: a relearned point sits
-/// between put-backs, meets the target, and appears only when rounds are allowed.
+/// target, and the layer's decision says why. With `relearn_rounds`, at 0.968–0.97 the tables
+/// are relearned again after `conv1` went back: a relearned point follows a put-back, meets the
+/// target, and appears only when rounds are allowed. (Seed 2: which layer goes back where
+/// depends on the calibration images drawn; seeds 1–5 show the same events at 0.964–0.97.)
 #[test]
 fn prune_runs_again_after_relearning() {
     let calib = npy("data/mnist_calib.npy");
@@ -716,6 +717,7 @@ fn prune_runs_again_after_relearning() {
         );
         let mut cx = PassCx {
             calib: Some(calib.clone()),
+            seed: 2,
             ..Default::default()
         };
         let report = run_pipeline(&mut g, &Pipeline::parse(&text, "t").unwrap(), &mut cx, |_, _| Ok(())).unwrap();

@@ -9,39 +9,67 @@ pub mod global;
 pub mod grad;
 pub mod learn;
 pub mod mask;
+pub mod resume;
 
 use crate::error::Result;
 use crate::interp::Plan;
 use crate::ir::infer::infer_graph;
-use crate::ir::{Graph, Outlet, Tensor};
+use crate::ir::{Graph, Outlet};
 use crate::passes::{channels_last::ChannelsLast, im2col_to_conv::Im2colToConv, Pass, PassCx};
 use crate::pq::rng::Rng;
-use ndarray::{ArrayD, Axis};
+use ndarray::ArrayD;
+pub use resume::Resume;
 use std::sync::Arc;
 
-/// The calibration rows one layer learns from: a random subset of the images, big enough to
-/// offer 4× the rows needed (so early layers, with many rows per image, do not run the whole
-/// set) but never more images than rows (so a fully connected layer does not run the whole of
-/// a large set: the cost is bounded by `max_rows`, whatever the set's size), and sorted row
-/// indices into that subset's rows.
+/// The calibration rows one layer learns from: the first images of the pass's random order
+/// ([`order`]), enough to offer 4× the rows needed (so early layers, with many rows per image,
+/// do not run the whole set) but never more images than rows (so a fully connected layer does
+/// not run the whole of a large set: the cost is bounded by `max_rows`, whatever the set's
+/// size), and sorted row indices into those images' rows. Every layer's images are a prefix of
+/// the same order, so the next layer's run can resume from this one's ([`resume`]); the rows
+/// are numbered and collected as if the images ran in increasing index order, so what a layer
+/// is fitted on depends on which images and rows were drawn, not on the order they ran in (with
+/// all images drawn, as for small sets, the rows of a sorted run).
 pub struct Sample {
+    /// The images, in the order they run (a prefix of [`order`]).
     pub images: Vec<usize>,
-    /// `image_in_subset · rows_per_image + row_in_image`, increasing.
+    /// Per image (as `images`), its rank among them by index.
+    rank: Vec<usize>,
+    /// `rank · rows_per_image + row_in_image`, increasing.
     pub rows: Vec<usize>,
     pub rows_per_image: usize,
 }
 
+/// The order layers draw their calibration images in: `min(n_images, max_rows)` distinct
+/// images in random order (every prefix a uniform sample).
+pub fn order(rng: &mut Rng, n_images: usize, max_rows: usize) -> Vec<usize> {
+    let mut v = rng.sample_indices(n_images, n_images.min(max_rows).max(1));
+    for i in (1..v.len()).rev() {
+        v.swap(i, rng.below(i + 1));
+    }
+    v
+}
+
 impl Sample {
-    pub fn new(rng: &mut Rng, n_images: usize, rows_per_image: usize, max_rows: usize) -> Sample {
+    /// The sample of a layer with `rows_per_image` rows per image, its images the first of
+    /// `order` ([`order`] for `max_rows`), its rows drawn by `rng`.
+    pub fn new(rng: &mut Rng, order: &[usize], rows_per_image: usize, max_rows: usize) -> Sample {
         let rows_per_image = rows_per_image.max(1);
         let n_used = max_rows
             .saturating_mul(4)
             .div_ceil(rows_per_image)
-            .clamp(1, n_images.min(max_rows).max(1));
-        let images = rng.sample_indices(n_images, n_used);
+            .clamp(1, order.len().min(max_rows).max(1));
+        let images = order[..n_used].to_vec();
+        let mut by_index: Vec<usize> = (0..n_used).collect();
+        by_index.sort_unstable_by_key(|&p| images[p]);
+        let mut rank = vec![0; n_used];
+        for (r, &p) in by_index.iter().enumerate() {
+            rank[p] = r;
+        }
         let rows = rng.sample_indices(n_used * rows_per_image, max_rows);
         Sample {
             images,
+            rank,
             rows,
             rows_per_image,
         }
@@ -73,13 +101,24 @@ pub enum Layout {
 /// fixture (the `[N, pixels, C·kh·kw]` matrices and their GEMMs), more than ten times its
 /// inference.
 pub fn plan(graph: &Graph, wanted: &[Outlet]) -> Result<Plan<'static>> {
+    let mut g = with_outputs(graph, wanted);
+    g.remove_dead();
+    plan_graph(g)
+}
+
+/// A copy of `graph` whose outputs are `wanted` (named `calib.{i}`).
+fn with_outputs(graph: &Graph, wanted: &[Outlet]) -> Graph {
     let mut g = graph.clone();
     g.outputs = wanted
         .iter()
         .enumerate()
         .map(|(i, o)| (format!("calib.{i}"), *o))
         .collect();
-    g.remove_dead();
+    g
+}
+
+/// [`plan`] for a graph whose outputs are already the wanted values.
+fn plan_graph(mut g: Graph) -> Result<Plan<'static>> {
     let mut cx = PassCx::default();
     for pass in [&Im2colToConv as &dyn Pass, &ChannelsLast] {
         pass.run(&mut g, &mut cx)?;
@@ -98,62 +137,77 @@ pub fn output_plan(graph: &Graph) -> Result<Plan<'static>> {
 }
 
 /// Run `graph` over the sampled images and collect the sampled rows of each requested value;
-/// returns `(rows × width values, width)` per request.
+/// returns `(rows × width values, width)` per request. The run resumes from `resume` where it
+/// can and leaves there the graph's values past `advance` ([`resume`]).
 pub fn collect(
     graph: &Graph,
     calib: &ArrayD<f32>,
     sample: &Sample,
     wanted: &[(Outlet, Layout)],
+    resume: &mut Resume,
+    advance: Option<Outlet>,
 ) -> Result<Vec<(Vec<f32>, usize)>> {
     let outlets: Vec<Outlet> = wanted.iter().map(|(o, _)| *o).collect();
-    let plan = plan(graph, &outlets)?;
-    let subset = calib.select(Axis(0), &sample.images);
+    let runs = resume.plan(graph, &outlets, sample.images.len(), advance)?;
+    let mut next = runs.start(graph);
     let rpi = sample.rows_per_image;
     let idx = &sample.rows;
     let mut out: Vec<(Vec<f32>, usize)> = vec![(Vec::new(), 0); wanted.len()];
-    let mut next = 0usize;
+    // per image: the run of `idx` holding its rows (by its rank)
+    let span = |p: usize| {
+        let r0 = sample.rank[p] * rpi;
+        let a = idx.partition_point(|&r| r < r0);
+        (r0, a, a + idx[a..].partition_point(|&r| r < r0 + rpi))
+    };
     const CHUNK: usize = 64;
-    for (ci, chunk) in subset.axis_chunks_iter(Axis(0), CHUNK).enumerate() {
-        let n = chunk.shape()[0];
-        let start = ci * CHUNK * rpi;
-        let end = start + n * rpi;
-        if next >= idx.len() {
-            break;
-        }
-        if idx[next] >= end {
+    // chunks of the resumed images, then of the others
+    let chunks = (0..runs.resumed)
+        .step_by(CHUNK)
+        .map(|s| (s, (s + CHUNK).min(runs.resumed)))
+        .chain(
+            (runs.resumed..runs.total)
+                .step_by(CHUNK)
+                .map(|s| (s, (s + CHUNK).min(runs.total))),
+        );
+    for (s, e) in chunks {
+        let wanted_images = s < sample.images.len();
+        let has_rows = wanted_images && (s..e.min(sample.images.len())).any(|p| span(p).1 < span(p).2);
+        if !has_rows && !runs.keeps_cut() {
             continue;
         }
-        let values = plan.run(vec![Tensor::F32(chunk.to_owned())])?;
-        let stop = idx[next..]
-            .iter()
-            .position(|&r| r >= end)
-            .map_or(idx.len(), |p| next + p);
+        let values = runs.run(resume, calib, &sample.images, (s, e), &mut next)?;
+        if !wanted_images {
+            continue;
+        }
+        let n = e - s;
         for ((t, (_, layout)), (rows_out, width)) in values.into_iter().zip(wanted).zip(out.iter_mut()) {
             let t = t.into_f32()?;
             let t = t.as_standard_layout();
             let data = t.as_slice().expect("standard layout");
             let per_image = data.len() / n.max(1);
-            match layout {
-                Layout::Rows => {
-                    *width = *t.shape().last().unwrap_or(&1);
-                    for &r in &idx[next..stop] {
-                        let r = r - start;
-                        rows_out.extend_from_slice(&data[r * *width..(r + 1) * *width]);
-                    }
-                }
-                Layout::Mapped { perm, m } => {
-                    *width = *m;
-                    for &r in &idx[next..stop] {
-                        let (img, p) = ((r - start) / rpi, (r - start) % rpi);
-                        let base = img * per_image;
-                        let pr = &perm[p * m..(p + 1) * m];
-                        rows_out.extend(pr.iter().map(|&q| data[base + q as usize]));
+            *width = match layout {
+                Layout::Rows => *t.shape().last().unwrap_or(&1),
+                Layout::Mapped { m, .. } => *m,
+            };
+            let w = *width;
+            rows_out.resize(idx.len() * w, 0.0);
+            for p in s..e.min(sample.images.len()) {
+                let (r0, a, b) = span(p);
+                let image = &data[(p - s) * per_image..(p - s + 1) * per_image];
+                for (d, &r) in idx[a..b].iter().enumerate() {
+                    let (row, dst) = (r - r0, &mut rows_out[(a + d) * w..(a + d + 1) * w]);
+                    match layout {
+                        Layout::Rows => dst.copy_from_slice(&image[row * w..(row + 1) * w]),
+                        Layout::Mapped { perm, m } => {
+                            let pr = &perm[row * m..(row + 1) * m];
+                            dst.iter_mut().zip(pr).for_each(|(v, &q)| *v = image[q as usize]);
+                        }
                     }
                 }
             }
         }
-        next = stop;
     }
+    *resume = runs.finish(next);
     Ok(out)
 }
 
@@ -172,9 +226,12 @@ mod tests {
             (8, 784, 500, 3),
             (10, 1, 100, 10), // fewer images than rows: all of them
         ] {
-            let s = Sample::new(&mut Rng::new(1), n, rpi, max_rows);
+            let order = order(&mut Rng::new(2), n, max_rows);
+            let s = Sample::new(&mut Rng::new(1), &order, rpi, max_rows);
             assert_eq!(s.images.len(), used, "{n} images, {rpi} rows each, max_rows {max_rows}");
-            assert!(s.images.iter().all(|&i| i < n));
+            assert_eq!(s.images, order[..used], "a prefix of the order");
+            let distinct: std::collections::BTreeSet<_> = order.iter().collect();
+            assert!(distinct.len() == order.len() && order.iter().all(|&i| i < n));
             assert_eq!(s.rows.len(), max_rows.min(used * rpi));
             assert!(s.rows.windows(2).all(|w| w[0] < w[1]) && s.rows.iter().all(|&r| r < used * rpi));
         }

@@ -19,7 +19,7 @@ use super::{Pass, PassCx};
 use crate::calib::epilogue::{self, Step};
 use crate::calib::global::Schedule;
 use crate::calib::learn::{self, Encoding, RowEpilogue, RowStep};
-use crate::calib::{self, Layout, Sample};
+use crate::calib::{self, Layout, Resume, Sample};
 use crate::error::{Error, Result};
 use crate::interp::kernels::encode::{encode_argmin, encode_tree};
 use crate::ir::op::{Encoder, Op, PqEncode};
@@ -316,8 +316,18 @@ struct Data {
     block: Option<(Vec<f32>, RowEpilogue)>,
 }
 
+/// Where a pass's calibration runs resume ([`calib::resume`]): in the graph approximated so
+/// far and in the exact one.
+#[derive(Default)]
+struct Resumes {
+    source: Resume,
+    exact: Resume,
+}
+
 /// Collect the layer's rows: its input from `source` (the graph approximated so far, or the
-/// exact one), its exact output, and for `learn: block` the block's end and residuals.
+/// exact one), its exact output, and for `learn: block` the block's end and residuals. With
+/// `more` (layers follow), both runs leave their values past the layer's input in `resumes`.
+#[allow(clippy::too_many_arguments)]
 fn gather(
     source: &Graph,
     exact: &Graph,
@@ -325,6 +335,8 @@ fn gather(
     o: &Options,
     calib: &ArrayD<f32>,
     sample: &Sample,
+    resumes: &mut Resumes,
+    more: bool,
 ) -> Result<Data> {
     let m = layer.w.shape()[1];
     let mm_out = Outlet::new(layer.node, 0);
@@ -348,8 +360,9 @@ fn gather(
             }
         }
     }
-    let mut ex = calib::collect(exact, calib, sample, &want_exact)?.into_iter();
-    let mut src = calib::collect(source, calib, sample, &want_src)?.into_iter();
+    let advance = |g: &Graph| more.then(|| activation(g, layer.node));
+    let mut ex = calib::collect(exact, calib, sample, &want_exact, &mut resumes.exact, advance(exact))?.into_iter();
+    let mut src = calib::collect(source, calib, sample, &want_src, &mut resumes.source, advance(source))?.into_iter();
     let (y, _) = ex.next().expect("requested");
     let (x, d) = src.next().expect("requested");
     let block = epi.map(|e| {
@@ -373,6 +386,15 @@ fn gather(
         rows: sample.rows.len(),
         block,
     })
+}
+
+/// The activation MatMul `n`'s rows come from: its Im2Col's input for a conv, else its input.
+fn activation(graph: &Graph, n: NodeIndex) -> Outlet {
+    let input = graph.inputs_of(n)[0];
+    match graph.node(input.node).op {
+        Op::Im2Col(_) => graph.inputs_of(input.node)[0],
+        _ => input,
+    }
 }
 
 /// Values per codebook for `layer` (before clamping to the row length).
@@ -731,6 +753,9 @@ impl Pass for Lut {
             return Err(Error::Input("lut: the calibration set holds no images".into()));
         }
         let (bar, n_layers) = (crate::cli::progress(layers.len(), "lut"), layers.len());
+        // every layer's images are a prefix of one order, so its runs resume from the last's
+        let order = calib::order(&mut Rng::derive(cx.seed, &[0x0bde7]), n_images, o.max_rows);
+        let mut resumes = Resumes::default();
         for (li, layer) in layers.into_iter().enumerate() {
             cx.check_cancel()?;
             bar.set_message(layer.name.clone());
@@ -739,10 +764,11 @@ impl Pass for Lut {
             let layer = describe(graph, layer.node).expect("a layer stays eligible until it is replaced");
             let start = Instant::now();
             let mut rng = Rng::derive(cx.seed, &[li as u64, 1]);
-            let sample = Sample::new(&mut rng, n_images, layer.rows_per_image, o.max_rows);
+            let sample = Sample::new(&mut rng, &order, layer.rows_per_image, o.max_rows);
             let source = if o.progressive { &*graph } else { &exact };
             let lo = o.for_layer(&layer.name);
-            let data = gather(source, &exact, &layer, &lo, &calib, &sample)?;
+            let more = li + 1 < n_layers;
+            let data = gather(source, &exact, &layer, &lo, &calib, &sample, &mut resumes, more)?;
             let mut fitted = fit_layer(&layer, data, &lo, cx, li, start)?;
             let r = &mut fitted.report;
             r.seconds = start.elapsed().as_secs_f64();
@@ -934,5 +960,120 @@ mod tests {
         assert_eq!(int8_act_scale(&[0.0; 8]), None);
         assert_eq!(int8_act_scale(&[1e-44; 8]), None);
         assert_eq!(int8_act_scale(&[1e-38; 8]), None);
+    }
+}
+
+/// Calibration runs resumed at a cut ([`calib::resume`]) against runs from the images, through
+/// the pass's own progressive loop on the ResNet-18/16 fixture (residual blocks: cuts of two
+/// values, shortcuts, strided convolutions, the classifier on a flattened value).
+#[cfg(test)]
+mod resume_tests {
+    use super::*;
+    use crate::passes::{manager::run_pipeline, pipeline::PassSpec, pipeline::Pipeline};
+    use ndarray::Axis;
+
+    /// The same values, bit for bit (a resumed run only starts later in the same graph).
+    fn same(what: &str, a: &[f32], b: &[f32]) {
+        assert_eq!(a.len(), b.len(), "{what}: lengths");
+        if let Some(i) = (0..a.len()).find(|&i| a[i].to_bits() != b[i].to_bits()) {
+            panic!("{what}: value {i} is {} resumed, {} run from the images", a[i], b[i]);
+        }
+    }
+
+    #[test]
+    fn resumed_runs_give_the_rows_of_runs_from_the_images() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+        let mut graph = crate::onnx::load_model(&root.join("models/resnet18_fmnist.onnx")).unwrap();
+        // the default pipeline up to the lut pass
+        let mut pipeline = Pipeline::find("tabconv").unwrap();
+        let lut_at = pipeline
+            .passes
+            .iter()
+            .position(|p| matches!(p, PassSpec::Lut(_)))
+            .unwrap();
+        pipeline.passes.truncate(lut_at);
+        run_pipeline(&mut graph, &pipeline, &mut PassCx::default(), |_, _| Ok(())).unwrap();
+        let all = crate::data::read_f32(&root.join("data/fmnist_calib.npy")).unwrap();
+        // 150 images: the order's prefixes grow 2 → 8 → 32 → 128 → 150 images over the
+        // layers (32×32 to 4×4 maps, then one row per image), resumed in chunks of 64
+        let calib = all.slice_axis(Axis(0), ndarray::Slice::from(0..150)).to_owned();
+        let o = Options {
+            max_rows: 256,
+            learn: LearnMode::Block,
+            kmeans_iters: 2,
+            ..Options::default()
+        };
+        let fit = Options {
+            learn: LearnMode::None,
+            ..o.clone()
+        };
+        let exact = graph.clone();
+        let layers = eligible(&graph, 0).unwrap();
+        let n_layers = layers.len();
+        assert!(n_layers >= 20, "{n_layers} layers");
+        let order = calib::order(&mut Rng::new(5), 150, o.max_rows);
+        let mut resumes = Resumes::default();
+        let mut cx = PassCx {
+            calib: Some(calib.clone()),
+            ..PassCx::default()
+        };
+        let (mut resumed, mut all_images) = (0, 0);
+        for (li, layer) in layers.into_iter().enumerate() {
+            let layer = describe(&graph, layer.node).unwrap();
+            let sample = Sample::new(&mut Rng::new(li as u64), &order, layer.rows_per_image, o.max_rows);
+            let kept = (resumes.source.kept(), resumes.exact.kept());
+            let more = li + 1 < n_layers;
+            let a = gather(&graph, &exact, &layer, &o, &calib, &sample, &mut resumes, more).unwrap();
+            // from the images, with nothing kept
+            let fresh = |sample: &Sample| {
+                gather(
+                    &graph,
+                    &exact,
+                    &layer,
+                    &o,
+                    &calib,
+                    sample,
+                    &mut Resumes::default(),
+                    false,
+                )
+                .unwrap()
+            };
+            let b = fresh(&sample);
+            if kept.0 > 0 && kept.1 > 0 {
+                resumed += 1;
+            }
+            // past every layer but the last, both graphs keep a cut for at least the layer's images
+            if more {
+                assert!(resumes.source.kept() >= sample.images.len(), "{}", layer.name);
+                assert!(resumes.exact.kept() >= sample.images.len(), "{}", layer.name);
+            }
+            assert_eq!((a.rows, a.d), (b.rows, b.d));
+            same(&format!("{} input", layer.name), &a.x, &b.x);
+            same(&format!("{} output", layer.name), &a.y, &b.y);
+            let (ea, eb) = (a.block.as_ref(), b.block.as_ref());
+            assert_eq!(ea.is_some(), eb.is_some(), "{}", layer.name);
+            if let (Some((ta, ra)), Some((tb, rb))) = (ea, eb) {
+                same(&format!("{} block end", layer.name), ta, tb);
+                for (sa, sb) in ra.steps.iter().zip(&rb.steps) {
+                    if let (RowStep::Add(xa), RowStep::Add(xb)) = (sa, sb) {
+                        same(&format!("{} residual", layer.name), xa, xb);
+                    }
+                }
+            }
+            // with every image drawn, the order they run in does not change the rows
+            if sample.images.len() == order.len() {
+                let reversed: Vec<usize> = order.iter().rev().copied().collect();
+                let sample = Sample::new(&mut Rng::new(li as u64), &reversed, layer.rows_per_image, o.max_rows);
+                let c = fresh(&sample);
+                same(&format!("{} input, images reversed", layer.name), &c.x, &b.x);
+                same(&format!("{} output, images reversed", layer.name), &c.y, &b.y);
+                all_images += 1;
+            }
+            let fitted = fit_layer(&layer, b, &fit, &mut cx, li, Instant::now()).unwrap();
+            rewrite(&mut graph, &layer, fitted).unwrap();
+        }
+        // every layer after the first resumed in both graphs
+        assert_eq!(resumed, n_layers - 1);
+        assert!(all_images >= 1, "no layer drew every image");
     }
 }

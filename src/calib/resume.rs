@@ -1,0 +1,258 @@
+//! Calibration runs that resume where the previous layer's stopped.
+//!
+//! The `lut` pass collects each layer's rows by running the calibration images through the
+//! graph approximated so far (and through the exact one): run from the images, that is the
+//! whole prefix again for every layer, a cost that grows with the square of the depth. All
+//! layers draw their images as prefixes of one random order ([`super::Sample`]), so a graph's
+//! activations at a *cut* (the values computed before a layer that later nodes read) can be
+//! kept for the images run so far, and the next layer's run starts there: each image goes
+//! through the model about once per pass.
+//!
+//! The cut after layer `i` is the closure of the nodes its input activation depends on, taken
+//! together with the previous cut's (a branch already passed stays passed). Rewriting layer
+//! `i` or a later one touches only its `Im2Col → MatMul` chain, never those nodes, so the kept
+//! values stay valid in the graph the next layer sees (checked by node name; a mismatch runs
+//! from the images). A cut is kept only when every value of it is `f32` with the images' batch
+//! dimension leading and all of them fit in [`BUDGET`] bytes; otherwise the next run starts
+//! from the images. Images past the kept ones run from the images too.
+//!
+//! A resumed run computes what a run from the images computes, with the same kernels: on the
+//! ResNet-18/16 fixture every collected value is bit-identical (tested through the `lut`
+//! pass's loop). Were a fusion ever to differ across a cut, the values would differ by float
+//! rounding; which runs resume depends only on the graph, the sample sizes and the budget,
+//! never on timing or threads, so compiled files stay deterministic either way.
+
+use super::plan_graph;
+use crate::error::Result;
+use crate::interp::Plan;
+use crate::ir::{Graph, Op, Outlet, Tensor};
+use ndarray::{ArrayD, Axis, IxDyn, Slice};
+use petgraph::stable_graph::NodeIndex;
+use std::collections::BTreeSet;
+
+/// Most bytes of activations kept per graph.
+pub const BUDGET: usize = 512 << 20;
+
+/// A graph's values at a cut for the first `n` images of the calibration order.
+#[derive(Default)]
+pub struct Resume {
+    /// The nodes before the cut (Const nodes excluded).
+    done: BTreeSet<NodeIndex>,
+    /// The cut's values, with their node's name (checked before resuming), and their data
+    /// `[n, …]`.
+    at: Vec<(Outlet, String)>,
+    data: Vec<ArrayD<f32>>,
+    n: usize,
+}
+
+/// One calibration run of a graph over `order[..n]` images, resuming from a [`Resume`].
+pub(super) struct Runs {
+    /// Runs from the kept values (images `..resumed`), when there are some.
+    from_cut: Option<Plan<'static>>,
+    pub resumed: usize,
+    from_images: Plan<'static>,
+    /// The new cut's values, after the wanted ones in each run's outputs (empty: none kept).
+    next: Vec<(Outlet, String)>,
+    next_done: BTreeSet<NodeIndex>,
+    /// Images the run covers: the wanted ones and, when a new cut is kept, the ones kept before.
+    pub total: usize,
+}
+
+impl Resume {
+    /// Images whose values at the cut are kept.
+    pub fn kept(&self) -> usize {
+        self.n
+    }
+
+    /// Plan a run of `graph` computing `wanted` for `n_used` images, moving the cut past
+    /// `advance` (None: keep no cut, e.g. after the last layer).
+    pub(super) fn plan(
+        &self,
+        graph: &Graph,
+        wanted: &[Outlet],
+        n_used: usize,
+        advance: Option<Outlet>,
+    ) -> Result<Runs> {
+        let resumed = if self.valid_in(graph) { self.n } else { 0 };
+        let (mut next, mut next_done) = match advance {
+            Some(a) => self.cut_after(graph, a),
+            None => (Vec::new(), BTreeSet::new()),
+        };
+        // kept only when every value has the batch leading and all fit the budget
+        let per_images: Option<Vec<usize>> = next.iter().map(|(o, _)| per_image(graph, *o)).collect();
+        let bytes = per_images.map(|v| {
+            v.into_iter()
+                .fold(0usize, usize::saturating_add)
+                .saturating_mul(n_used.max(resumed))
+                .saturating_mul(4)
+        });
+        if bytes.is_none_or(|b| b > BUDGET) {
+            (next, next_done) = (Vec::new(), BTreeSet::new());
+        }
+        let outs: Vec<Outlet> = wanted.iter().chain(next.iter().map(|(o, _)| o)).copied().collect();
+        let from_cut = match resumed {
+            0 => None,
+            _ => self.segment(graph, &outs)?,
+        };
+        let resumed = if from_cut.is_some() { resumed } else { 0 };
+        let total = if next.is_empty() { n_used } else { n_used.max(resumed) };
+        // without a new cut, only the wanted images run
+        let resumed = resumed.min(total);
+        Ok(Runs {
+            from_cut,
+            resumed,
+            from_images: super::plan(graph, &outs)?,
+            next,
+            next_done,
+            total,
+        })
+    }
+
+    /// Whether the kept values are values of `graph` (their nodes are still there, under the
+    /// same names).
+    fn valid_in(&self, graph: &Graph) -> bool {
+        self.n > 0
+            && self
+                .at
+                .iter()
+                .all(|(o, name)| graph.g.node_weight(o.node).is_some_and(|n| &n.name == name))
+            && self.done.iter().all(|&n| graph.g.node_weight(n).is_some())
+    }
+
+    /// The cut past `advance`: the nodes it depends on with those before the kept cut, and the
+    /// values of those nodes read by the others (or graph outputs), in node order.
+    fn cut_after(&self, graph: &Graph, advance: Outlet) -> (Vec<(Outlet, String)>, BTreeSet<NodeIndex>) {
+        let mut done: BTreeSet<NodeIndex> = self
+            .done
+            .iter()
+            .copied()
+            .filter(|&n| graph.g.node_weight(n).is_some())
+            .collect();
+        let mut stack = vec![advance.node];
+        while let Some(n) = stack.pop() {
+            if matches!(graph.node(n).op, Op::Const(_)) || !done.insert(n) {
+                continue;
+            }
+            stack.extend(graph.inputs_of(n).iter().map(|o| o.node));
+        }
+        let mut at = BTreeSet::new();
+        for &n in &done {
+            for (slot, _) in graph.node(n).outputs.iter().enumerate() {
+                let o = Outlet::new(n, slot);
+                let read_after = graph.consumers(o).iter().any(|(c, _)| !done.contains(c))
+                    || graph.outputs.iter().any(|(_, g)| *g == o);
+                if read_after {
+                    at.insert(o);
+                }
+            }
+        }
+        let at = at.into_iter().map(|o| (o, graph.node(o.node).name.clone())).collect();
+        (at, done)
+    }
+
+    /// A plan computing `outs` from the kept values: `graph` with every kept value an input,
+    /// cut down to what `outs` need; None when something they need lies before the cut
+    /// elsewhere than in its values.
+    fn segment(&self, graph: &Graph, outs: &[Outlet]) -> Result<Option<Plan<'static>>> {
+        let mut g = super::with_outputs(graph, outs);
+        let old_inputs = std::mem::take(&mut g.inputs);
+        for (i, (o, _)) in self.at.iter().enumerate() {
+            let fact = graph.fact(*o).cloned();
+            let n = g.add_node(&g.unique_name(&format!("calib.cut.{i}")), Op::Input, &[]);
+            g.node_mut(n).outputs[0].fact = fact;
+            g.replace_uses(*o, Outlet::new(n, 0));
+            g.inputs.push(n);
+        }
+        g.remove_dead();
+        if old_inputs.iter().any(|&n| g.g.node_weight(n).is_some()) {
+            return Ok(None);
+        }
+        plan_graph(g).map(Some)
+    }
+}
+
+/// Values per image of `o` when it is `f32` with the images' batch dimension leading (as the
+/// graph's first input has it), else None.
+fn per_image(graph: &Graph, o: Outlet) -> Option<usize> {
+    let f = graph.fact(o)?;
+    let input = graph
+        .inputs
+        .first()
+        .and_then(|&n| graph.node(n).outputs[0].fact.as_ref())?;
+    if f.dtype != crate::ir::DType::F32 || f.rank() < 2 || f.shape.first() != input.shape.first() {
+        return None;
+    }
+    f.shape[1..]
+        .iter()
+        .try_fold(1usize, |acc, d| acc.checked_mul(usize::try_from(d.known()?).ok()?))
+}
+
+impl Runs {
+    /// Run images `start..end` of `order` (`calib` rows): from the kept values where they cover
+    /// them, else from the images. Returns the wanted values, and stores the new cut's values in
+    /// `next` (allocated by [`Runs::start`]).
+    pub(super) fn run(
+        &self,
+        resume: &Resume,
+        calib: &ArrayD<f32>,
+        order: &[usize],
+        (start, end): (usize, usize),
+        next: &mut [ArrayD<f32>],
+    ) -> Result<Vec<Tensor>> {
+        let mut values = match &self.from_cut {
+            Some(plan) if end <= self.resumed => {
+                let inputs = resume
+                    .data
+                    .iter()
+                    .map(|d| Tensor::F32(d.slice_axis(Axis(0), Slice::from(start..end)).to_owned()))
+                    .collect();
+                plan.run(inputs)?
+            }
+            _ => {
+                let images = calib.select(Axis(0), &order[start..end]);
+                self.from_images.run(vec![Tensor::F32(images)])?
+            }
+        };
+        let kept = values.split_off(values.len() - self.next.len());
+        for (t, d) in kept.into_iter().zip(next.iter_mut()) {
+            let t = t.into_f32()?;
+            d.slice_axis_mut(Axis(0), Slice::from(start..end)).assign(&t);
+        }
+        Ok(values)
+    }
+
+    /// Buffers for the new cut's values.
+    pub(super) fn start(&self, graph: &Graph) -> Vec<ArrayD<f32>> {
+        self.next
+            .iter()
+            .map(|(o, _)| {
+                let f = graph.fact(*o).expect("checked in plan");
+                let mut shape = vec![self.total];
+                shape.extend(
+                    f.shape[1..]
+                        .iter()
+                        .map(|d| d.known().expect("checked in plan") as usize),
+                );
+                ArrayD::zeros(IxDyn(&shape))
+            })
+            .collect()
+    }
+
+    /// Whether every image must run (the new cut needs them all), not only those with rows.
+    pub(super) fn keeps_cut(&self) -> bool {
+        !self.next.is_empty()
+    }
+
+    /// The resume point after this run.
+    pub(super) fn finish(self, data: Vec<ArrayD<f32>>) -> Resume {
+        if self.next.is_empty() {
+            return Resume::default();
+        }
+        Resume {
+            done: self.next_done,
+            at: self.next,
+            data,
+            n: self.total,
+        }
+    }
+}
