@@ -29,7 +29,8 @@ use std::sync::Arc;
 /// the same order, so the next layer's run can resume from this one's ([`resume`]); the rows
 /// are numbered and collected as if the images ran in increasing index order, so what a layer
 /// is fitted on depends on which images and rows were drawn, not on the order they ran in (with
-/// all images drawn, as for small sets, the rows of a sorted run).
+/// all images drawn, as for small sets, the rows of a sorted run) — up to the rounding of
+/// kernels whose bits depend on how many images run together (`interp::split::SubBatch`).
 pub struct Sample {
     /// The images, in the order they run (a prefix of [`order`]).
     pub images: Vec<usize>,
@@ -58,7 +59,8 @@ impl Sample {
         let n_used = max_rows
             .saturating_mul(4)
             .div_ceil(rows_per_image)
-            .clamp(1, order.len().min(max_rows).max(1));
+            .clamp(1, order.len().min(max_rows).max(1))
+            .min(order.len());
         let images = order[..n_used].to_vec();
         let mut by_index: Vec<usize> = (0..n_used).collect();
         by_index.sort_unstable_by_key(|&p| images[p]);
@@ -235,5 +237,7 @@ mod tests {
             assert_eq!(s.rows.len(), max_rows.min(used * rpi));
             assert!(s.rows.windows(2).all(|w| w[0] < w[1]) && s.rows.iter().all(|&r| r < used * rpi));
         }
+        let empty = Sample::new(&mut Rng::new(1), &[], 4, 100);
+        assert!(empty.images.is_empty() && empty.rows.is_empty());
     }
 }

@@ -25,24 +25,34 @@
 use super::plan_graph;
 use crate::error::Result;
 use crate::interp::Plan;
-use crate::ir::{Graph, Op, Outlet, Tensor};
+use crate::ir::{Dim, Graph, Op, Outlet, Tensor};
 use ndarray::{ArrayD, Axis, IxDyn, Slice};
 use petgraph::stable_graph::NodeIndex;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
-/// Most bytes of activations kept per graph.
+/// Most bytes of activations kept per graph (a run that moves the cut holds the old and the
+/// new values: twice this at most).
 pub const BUDGET: usize = 512 << 20;
 
+/// The nodes before a cut (Const nodes excluded), with their names.
+type Done = BTreeMap<NodeIndex, String>;
+
 /// A graph's values at a cut for the first `n` images of the calibration order.
-#[derive(Default)]
 pub struct Resume {
-    /// The nodes before the cut (Const nodes excluded).
-    done: BTreeSet<NodeIndex>,
+    /// The nodes before the cut, checked by name before resuming.
+    done: Done,
     /// The cut's values, with their node's name (checked before resuming), and their data
     /// `[n, …]`.
     at: Vec<(Outlet, String)>,
     data: Vec<ArrayD<f32>>,
     n: usize,
+    budget: usize,
+}
+
+impl Default for Resume {
+    fn default() -> Resume {
+        Resume::with_budget(BUDGET)
+    }
 }
 
 /// One calibration run of a graph over `order[..n]` images, resuming from a [`Resume`].
@@ -53,12 +63,24 @@ pub(super) struct Runs {
     from_images: Plan<'static>,
     /// The new cut's values, after the wanted ones in each run's outputs (empty: none kept).
     next: Vec<(Outlet, String)>,
-    next_done: BTreeSet<NodeIndex>,
+    next_done: Done,
+    budget: usize,
     /// Images the run covers: the wanted ones and, when a new cut is kept, the ones kept before.
     pub total: usize,
 }
 
 impl Resume {
+    /// Nothing kept yet; cuts kept while their values fit `budget` bytes ([`BUDGET`] by default).
+    pub fn with_budget(budget: usize) -> Resume {
+        Resume {
+            done: Done::new(),
+            at: Vec::new(),
+            data: Vec::new(),
+            n: 0,
+            budget,
+        }
+    }
+
     /// Images whose values at the cut are kept.
     pub fn kept(&self) -> usize {
         self.n
@@ -73,10 +95,11 @@ impl Resume {
         n_used: usize,
         advance: Option<Outlet>,
     ) -> Result<Runs> {
-        let resumed = if self.valid_in(graph) { self.n } else { 0 };
+        let valid = self.valid_in(graph);
+        let resumed = if valid { self.n } else { 0 };
         let (mut next, mut next_done) = match advance {
-            Some(a) => self.cut_after(graph, a),
-            None => (Vec::new(), BTreeSet::new()),
+            Some(a) => self.cut_after(graph, a, valid),
+            None => (Vec::new(), Done::new()),
         };
         // kept only when every value has the batch leading and all fit the budget
         let per_images: Option<Vec<usize>> = next.iter().map(|(o, _)| per_image(graph, *o)).collect();
@@ -86,13 +109,14 @@ impl Resume {
                 .saturating_mul(n_used.max(resumed))
                 .saturating_mul(4)
         });
-        if bytes.is_none_or(|b| b > BUDGET) {
-            (next, next_done) = (Vec::new(), BTreeSet::new());
+        if bytes.is_none_or(|b| b > self.budget) {
+            (next, next_done) = (Vec::new(), Done::new());
         }
         let outs: Vec<Outlet> = wanted.iter().chain(next.iter().map(|(o, _)| o)).copied().collect();
+        // a cut the plan cannot be built from runs from the images, as without one
         let from_cut = match resumed {
             0 => None,
-            _ => self.segment(graph, &outs)?,
+            _ => self.segment(graph, &outs).ok().flatten(),
         };
         let resumed = if from_cut.is_some() { resumed } else { 0 };
         let total = if next.is_empty() { n_used } else { n_used.max(resumed) };
@@ -104,30 +128,28 @@ impl Resume {
             from_images: super::plan(graph, &outs)?,
             next,
             next_done,
+            budget: self.budget,
             total,
         })
     }
 
-    /// Whether the kept values are values of `graph` (their nodes are still there, under the
-    /// same names).
+    /// Whether the kept values are values of `graph`: every node before the cut (the cut's
+    /// values' among them) is still there under the same name.
     fn valid_in(&self, graph: &Graph) -> bool {
+        let same = |n: NodeIndex, name: &String| graph.g.node_weight(n).is_some_and(|w| &w.name == name);
         self.n > 0
-            && self
-                .at
-                .iter()
-                .all(|(o, name)| graph.g.node_weight(o.node).is_some_and(|n| &n.name == name))
-            && self.done.iter().all(|&n| graph.g.node_weight(n).is_some())
+            && self.done.iter().all(|(&n, name)| same(n, name))
+            && self.at.iter().all(|(o, name)| same(o.node, name))
     }
 
-    /// The cut past `advance`: the nodes it depends on with those before the kept cut, and the
-    /// values of those nodes read by the others (or graph outputs), in node order.
-    fn cut_after(&self, graph: &Graph, advance: Outlet) -> (Vec<(Outlet, String)>, BTreeSet<NodeIndex>) {
-        let mut done: BTreeSet<NodeIndex> = self
-            .done
-            .iter()
-            .copied()
-            .filter(|&n| graph.g.node_weight(n).is_some())
-            .collect();
+    /// The cut past `advance`: the nodes it depends on with those before the kept cut (when
+    /// `valid` in `graph`), and the values of those nodes read by the others (or graph
+    /// outputs), in node order.
+    fn cut_after(&self, graph: &Graph, advance: Outlet, valid: bool) -> (Vec<(Outlet, String)>, Done) {
+        let mut done: BTreeSet<NodeIndex> = match valid {
+            true => self.done.keys().copied().collect(),
+            false => BTreeSet::new(),
+        };
         let mut stack = vec![advance.node];
         while let Some(n) = stack.pop() {
             if matches!(graph.node(n).op, Op::Const(_)) || !done.insert(n) {
@@ -146,8 +168,9 @@ impl Resume {
                 }
             }
         }
-        let at = at.into_iter().map(|o| (o, graph.node(o.node).name.clone())).collect();
-        (at, done)
+        let name = |n: NodeIndex| graph.node(n).name.clone();
+        let at = at.into_iter().map(|o| (o, name(o.node))).collect();
+        (at, done.into_iter().map(|n| (n, name(n))).collect())
     }
 
     /// A plan computing `outs` from the kept values: `graph` with every kept value an input,
@@ -172,14 +195,18 @@ impl Resume {
 }
 
 /// Values per image of `o` when it is `f32` with the images' batch dimension leading (as the
-/// graph's first input has it), else None.
+/// graph's first input has it: symbolic, or a fixed batch of 1), else None. A fixed batch `B >
+/// 1` is a graph whose images may mix within a group of `B` (`Plan::run` runs it in padded
+/// groups), so its values are not per image.
 fn per_image(graph: &Graph, o: Outlet) -> Option<usize> {
     let f = graph.fact(o)?;
     let input = graph
         .inputs
         .first()
         .and_then(|&n| graph.node(n).outputs[0].fact.as_ref())?;
-    if f.dtype != crate::ir::DType::F32 || f.rank() < 2 || f.shape.first() != input.shape.first() {
+    let lead = f.shape.first()?;
+    let per_image_batch = matches!(lead, Dim::Batch(1) | Dim::Known(1));
+    if f.dtype != crate::ir::DType::F32 || f.rank() < 2 || Some(lead) != input.shape.first() || !per_image_batch {
         return None;
     }
     f.shape[1..]
@@ -246,13 +273,14 @@ impl Runs {
     /// The resume point after this run.
     pub(super) fn finish(self, data: Vec<ArrayD<f32>>) -> Resume {
         if self.next.is_empty() {
-            return Resume::default();
+            return Resume::with_budget(self.budget);
         }
         Resume {
             done: self.next_done,
             at: self.next,
             data,
             n: self.total,
+            budget: self.budget,
         }
     }
 }

@@ -1013,6 +1013,10 @@ mod resume_tests {
         assert!(n_layers >= 20, "{n_layers} layers");
         let order = calib::order(&mut Rng::new(5), 150, o.max_rows);
         let mut resumes = Resumes::default();
+        let mut no_room = Resumes {
+            source: Resume::with_budget(0),
+            exact: Resume::with_budget(0),
+        };
         let mut cx = PassCx {
             calib: Some(calib.clone()),
             ..PassCx::default()
@@ -1039,6 +1043,10 @@ mod resume_tests {
                 .unwrap()
             };
             let b = fresh(&sample);
+            // a budget no cut fits: nothing kept, every run from the images, the same rows
+            let z = gather(&graph, &exact, &layer, &o, &calib, &sample, &mut no_room, more).unwrap();
+            assert_eq!((no_room.source.kept(), no_room.exact.kept()), (0, 0));
+            same(&format!("{} input, no cut kept", layer.name), &z.x, &b.x);
             if kept.0 > 0 && kept.1 > 0 {
                 resumed += 1;
             }
