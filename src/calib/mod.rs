@@ -150,8 +150,7 @@ pub fn collect(
     advance: Option<Outlet>,
 ) -> Result<Vec<(Vec<f32>, usize)>> {
     let outlets: Vec<Outlet> = wanted.iter().map(|(o, _)| *o).collect();
-    let runs = resume.plan(graph, &outlets, sample.images.len(), advance)?;
-    let mut next = runs.start(graph);
+    let mut runs = resume.plan(graph, &outlets, sample.images.len(), advance)?;
     let rpi = sample.rows_per_image;
     let idx = &sample.rows;
     let mut out: Vec<(Vec<f32>, usize)> = vec![(Vec::new(), 0); wanted.len()];
@@ -163,21 +162,22 @@ pub fn collect(
     };
     const CHUNK: usize = 64;
     // chunks of the resumed images, then of the others
-    let chunks = (0..runs.resumed)
+    let (resumed, total) = (runs.resumed, runs.total);
+    let chunks = (0..resumed)
         .step_by(CHUNK)
-        .map(|s| (s, (s + CHUNK).min(runs.resumed)))
-        .chain(
-            (runs.resumed..runs.total)
-                .step_by(CHUNK)
-                .map(|s| (s, (s + CHUNK).min(runs.total))),
-        );
+        .map(|s| (s, (s + CHUNK).min(resumed)))
+        .chain((resumed..total).step_by(CHUNK).map(|s| (s, (s + CHUNK).min(total))));
     for (s, e) in chunks {
         let wanted_images = s < sample.images.len();
-        let has_rows = wanted_images && (s..e.min(sample.images.len())).any(|p| span(p).1 < span(p).2);
+        let has_rows = wanted_images
+            && (s..e.min(sample.images.len())).any(|p| {
+                let (_, a, b) = span(p);
+                a < b
+            });
         if !has_rows && !runs.keeps_cut() {
             continue;
         }
-        let values = runs.run(resume, calib, &sample.images, (s, e), &mut next)?;
+        let values = runs.run(resume, calib, &sample.images, (s, e))?;
         if !wanted_images {
             continue;
         }
@@ -209,7 +209,7 @@ pub fn collect(
             }
         }
     }
-    *resume = runs.finish(next);
+    *resume = runs.finish();
     Ok(out)
 }
 

@@ -41,9 +41,8 @@ type Done = BTreeMap<NodeIndex, String>;
 pub struct Resume {
     /// The nodes before the cut, checked by name before resuming.
     done: Done,
-    /// The cut's values, with their node's name (checked before resuming), and their data
-    /// `[n, …]`.
-    at: Vec<(Outlet, String)>,
+    /// The cut's values (their nodes are in `done`) and their data `[n, …]`.
+    at: Vec<Outlet>,
     data: Vec<ArrayD<f32>>,
     n: usize,
     budget: usize,
@@ -60,9 +59,12 @@ pub(super) struct Runs {
     /// Runs from the kept values (images `..resumed`), when there are some.
     from_cut: Option<Plan<'static>>,
     pub resumed: usize,
-    from_images: Plan<'static>,
-    /// The new cut's values, after the wanted ones in each run's outputs (empty: none kept).
-    next: Vec<(Outlet, String)>,
+    /// Runs from the images (images `resumed..total`), when there are some.
+    from_images: Option<Plan<'static>>,
+    /// The new cut's values, after the wanted ones in each run's outputs (empty: none kept),
+    /// and their data `[total, …]` as the runs fill it.
+    next: Vec<Outlet>,
+    next_data: Vec<ArrayD<f32>>,
     next_done: Done,
     budget: usize,
     /// Images the run covers: the wanted ones and, when a new cut is kept, the ones kept before.
@@ -102,9 +104,10 @@ impl Resume {
             None => (Vec::new(), Done::new()),
         };
         // kept only when every value has the batch leading and all fit the budget
-        let per_images: Option<Vec<usize>> = next.iter().map(|(o, _)| per_image(graph, *o)).collect();
-        let bytes = per_images.map(|v| {
-            v.into_iter()
+        let shapes: Option<Vec<Vec<usize>>> = next.iter().map(|o| per_image(graph, *o)).collect();
+        let bytes = shapes.as_ref().map(|v| {
+            v.iter()
+                .map(|s| s.iter().product::<usize>())
                 .fold(0usize, usize::saturating_add)
                 .saturating_mul(n_used.max(resumed))
                 .saturating_mul(4)
@@ -112,21 +115,27 @@ impl Resume {
         if bytes.is_none_or(|b| b > self.budget) {
             (next, next_done) = (Vec::new(), Done::new());
         }
-        let outs: Vec<Outlet> = wanted.iter().chain(next.iter().map(|(o, _)| o)).copied().collect();
+        let outs: Vec<Outlet> = wanted.iter().chain(&next).copied().collect();
         // a cut the plan cannot be built from runs from the images, as without one
-        let from_cut = match resumed {
-            0 => None,
-            _ => self.segment(graph, &outs).ok().flatten(),
-        };
+        let from_cut = (resumed > 0).then(|| self.segment(graph, &outs)).flatten();
         let resumed = if from_cut.is_some() { resumed } else { 0 };
         let total = if next.is_empty() { n_used } else { n_used.max(resumed) };
         // without a new cut, only the wanted images run
         let resumed = resumed.min(total);
+        let next_data = match next.is_empty() {
+            true => Vec::new(),
+            false => shapes
+                .unwrap_or_default()
+                .iter()
+                .map(|s| ArrayD::zeros(IxDyn(&[&[total], &s[..]].concat())))
+                .collect(),
+        };
         Ok(Runs {
             from_cut,
             resumed,
-            from_images: super::plan(graph, &outs)?,
+            from_images: (total > resumed).then(|| super::plan(graph, &outs)).transpose()?,
             next,
+            next_data,
             next_done,
             budget: self.budget,
             total,
@@ -136,16 +145,17 @@ impl Resume {
     /// Whether the kept values are values of `graph`: every node before the cut (the cut's
     /// values' among them) is still there under the same name.
     fn valid_in(&self, graph: &Graph) -> bool {
-        let same = |n: NodeIndex, name: &String| graph.g.node_weight(n).is_some_and(|w| &w.name == name);
         self.n > 0
-            && self.done.iter().all(|(&n, name)| same(n, name))
-            && self.at.iter().all(|(o, name)| same(o.node, name))
+            && self
+                .done
+                .iter()
+                .all(|(&n, name)| graph.g.node_weight(n).is_some_and(|w| &w.name == name))
     }
 
     /// The cut past `advance`: the nodes it depends on with those before the kept cut (when
     /// `valid` in `graph`), and the values of those nodes read by the others (or graph
     /// outputs), in node order.
-    fn cut_after(&self, graph: &Graph, advance: Outlet, valid: bool) -> (Vec<(Outlet, String)>, Done) {
+    fn cut_after(&self, graph: &Graph, advance: Outlet, valid: bool) -> (Vec<Outlet>, Done) {
         let mut done: BTreeSet<NodeIndex> = match valid {
             true => self.done.keys().copied().collect(),
             false => BTreeSet::new(),
@@ -168,18 +178,17 @@ impl Resume {
                 }
             }
         }
-        let name = |n: NodeIndex| graph.node(n).name.clone();
-        let at = at.into_iter().map(|o| (o, name(o.node))).collect();
-        (at, done.into_iter().map(|n| (n, name(n))).collect())
+        let done = done.into_iter().map(|n| (n, graph.node(n).name.clone())).collect();
+        (at.into_iter().collect(), done)
     }
 
     /// A plan computing `outs` from the kept values: `graph` with every kept value an input,
     /// cut down to what `outs` need; None when something they need lies before the cut
-    /// elsewhere than in its values.
-    fn segment(&self, graph: &Graph, outs: &[Outlet]) -> Result<Option<Plan<'static>>> {
+    /// elsewhere than in its values, or the plan cannot be built.
+    fn segment(&self, graph: &Graph, outs: &[Outlet]) -> Option<Plan<'static>> {
         let mut g = super::with_outputs(graph, outs);
         let old_inputs = std::mem::take(&mut g.inputs);
-        for (i, (o, _)) in self.at.iter().enumerate() {
+        for (i, o) in self.at.iter().enumerate() {
             let fact = graph.fact(*o).cloned();
             let n = g.add_node(&g.unique_name(&format!("calib.cut.{i}")), Op::Input, &[]);
             g.node_mut(n).outputs[0].fact = fact;
@@ -188,17 +197,17 @@ impl Resume {
         }
         g.remove_dead();
         if old_inputs.iter().any(|&n| g.g.node_weight(n).is_some()) {
-            return Ok(None);
+            return None;
         }
-        plan_graph(g).map(Some)
+        plan_graph(g).ok()
     }
 }
 
-/// Values per image of `o` when it is `f32` with the images' batch dimension leading (as the
+/// The shape per image of `o` when it is `f32` with the images' batch dimension leading (as the
 /// graph's first input has it: symbolic, or a fixed batch of 1), else None. A fixed batch `B >
 /// 1` is a graph whose images may mix within a group of `B` (`Plan::run` runs it in padded
 /// groups), so its values are not per image.
-fn per_image(graph: &Graph, o: Outlet) -> Option<usize> {
+fn per_image(graph: &Graph, o: Outlet) -> Option<Vec<usize>> {
     let f = graph.fact(o)?;
     let input = graph
         .inputs
@@ -209,25 +218,21 @@ fn per_image(graph: &Graph, o: Outlet) -> Option<usize> {
     if f.dtype != crate::ir::DType::F32 || f.rank() < 2 || Some(lead) != input.shape.first() || !per_image_batch {
         return None;
     }
-    f.shape[1..]
-        .iter()
-        .try_fold(1usize, |acc, d| acc.checked_mul(usize::try_from(d.known()?).ok()?))
+    f.shape[1..].iter().map(|d| usize::try_from(d.known()?).ok()).collect()
 }
 
 impl Runs {
     /// Run images `start..end` of `order` (`calib` rows): from the kept values where they cover
-    /// them, else from the images. Returns the wanted values, and stores the new cut's values in
-    /// `next` (allocated by [`Runs::start`]).
+    /// them, else from the images. Returns the wanted values and keeps the new cut's.
     pub(super) fn run(
-        &self,
+        &mut self,
         resume: &Resume,
         calib: &ArrayD<f32>,
         order: &[usize],
         (start, end): (usize, usize),
-        next: &mut [ArrayD<f32>],
     ) -> Result<Vec<Tensor>> {
-        let mut values = match &self.from_cut {
-            Some(plan) if end <= self.resumed => {
+        let mut values = match (&self.from_cut, &self.from_images) {
+            (Some(plan), _) if end <= self.resumed => {
                 let inputs = resume
                     .data
                     .iter()
@@ -235,34 +240,18 @@ impl Runs {
                     .collect();
                 plan.run(inputs)?
             }
-            _ => {
+            (_, Some(plan)) => {
                 let images = calib.select(Axis(0), &order[start..end]);
-                self.from_images.run(vec![Tensor::F32(images)])?
+                plan.run(vec![Tensor::F32(images)])?
             }
+            _ => unreachable!("images past `resumed` only run when there is a plan from the images"),
         };
         let kept = values.split_off(values.len() - self.next.len());
-        for (t, d) in kept.into_iter().zip(next.iter_mut()) {
+        for (t, d) in kept.into_iter().zip(&mut self.next_data) {
             let t = t.into_f32()?;
             d.slice_axis_mut(Axis(0), Slice::from(start..end)).assign(&t);
         }
         Ok(values)
-    }
-
-    /// Buffers for the new cut's values.
-    pub(super) fn start(&self, graph: &Graph) -> Vec<ArrayD<f32>> {
-        self.next
-            .iter()
-            .map(|(o, _)| {
-                let f = graph.fact(*o).expect("checked in plan");
-                let mut shape = vec![self.total];
-                shape.extend(
-                    f.shape[1..]
-                        .iter()
-                        .map(|d| d.known().expect("checked in plan") as usize),
-                );
-                ArrayD::zeros(IxDyn(&shape))
-            })
-            .collect()
     }
 
     /// Whether every image must run (the new cut needs them all), not only those with rows.
@@ -271,14 +260,14 @@ impl Runs {
     }
 
     /// The resume point after this run.
-    pub(super) fn finish(self, data: Vec<ArrayD<f32>>) -> Resume {
+    pub(super) fn finish(self) -> Resume {
         if self.next.is_empty() {
             return Resume::with_budget(self.budget);
         }
         Resume {
             done: self.next_done,
             at: self.next,
-            data,
+            data: self.next_data,
             n: self.total,
             budget: self.budget,
         }

@@ -22,7 +22,7 @@ use crate::calib::learn::{self, Encoding, RowEpilogue, RowStep};
 use crate::calib::{self, Layout, Resume, Sample};
 use crate::error::{Error, Result};
 use crate::interp::kernels::encode::{encode_argmin, encode_tree};
-use crate::ir::op::{Encoder, Op, PqEncode};
+use crate::ir::op::{Encoder, Op, PqEncode, Window};
 use crate::ir::{Graph, Outlet, Tensor};
 use crate::pq::{self, kmeans, quant, refit, rng::Rng, tree, Subspaces};
 use ndarray::{ArrayD, IxDyn};
@@ -290,10 +290,7 @@ fn describe(graph: &Graph, n: NodeIndex) -> Option<Layer> {
         .iter()
         .map(|d| d.known().unwrap_or(1) as usize)
         .product();
-    let window = match &graph.node(ins[0].node).op {
-        Op::Im2Col(win) => Some(win.kernel),
-        _ => None,
-    };
+    let window = im2col_of(graph, ins[0]).map(|(_, win)| win.kernel);
     Some(Layer {
         node: n,
         name: graph.node(n).name.clone(),
@@ -388,13 +385,18 @@ fn gather(
     })
 }
 
+/// The Im2Col producing a layer's `rows`, as its input and window, if one does (a conv).
+fn im2col_of(graph: &Graph, rows: Outlet) -> Option<(Outlet, &Window)> {
+    match &graph.node(rows.node).op {
+        Op::Im2Col(win) => Some((graph.inputs_of(rows.node)[0], win)),
+        _ => None,
+    }
+}
+
 /// The activation MatMul `n`'s rows come from: its Im2Col's input for a conv, else its input.
 fn activation(graph: &Graph, n: NodeIndex) -> Outlet {
-    let input = graph.inputs_of(n)[0];
-    match graph.node(input.node).op {
-        Op::Im2Col(_) => graph.inputs_of(input.node)[0],
-        _ => input,
-    }
+    let rows = graph.inputs_of(n)[0];
+    im2col_of(graph, rows).map_or(rows, |(input, _)| input)
 }
 
 /// Values per codebook for `layer` (before clamping to the row length).
@@ -653,10 +655,10 @@ fn rewrite(graph: &mut Graph, layer: &Layer, f: Fitted) -> Result<(String, Exact
         bias: None,
     };
     // Read a conv's rows straight from its input instead of a materialised Im2Col.
-    let (enc_input, window) = match &graph.node(layer.input.node).op {
-        Op::Im2Col(w) if graph.has_single_use(layer.input) => {
+    let (enc_input, window) = match im2col_of(graph, layer.input) {
+        Some((input, w)) if graph.has_single_use(layer.input) => {
             exact_layer.im2col = Some(graph.node(layer.input.node).name.clone());
-            (graph.inputs_of(layer.input.node)[0], Some(w.clone()))
+            (input, Some(w.clone()))
         }
         _ => (layer.input, None),
     };

@@ -1347,6 +1347,10 @@ mod tests {
         // TABCONV_CASE=i: only case i; TABCONV_REPS=r: r times the repetitions (for a profile,
         // or for A/B runs of two builds taking turns on a VM whose speed drifts)
         let only: Option<usize> = std::env::var("TABCONV_CASE").ok().and_then(|v| v.parse().ok());
+        let scale: usize = std::env::var("TABCONV_REPS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1);
         for &(n, c, hw, stride) in cases
             .iter()
             .enumerate()
@@ -1369,11 +1373,7 @@ mod tests {
             let mut codes = vec![0u8; rows.count() * c];
             let mut time = |f: &mut dyn FnMut(&mut [u8])| {
                 f(&mut codes);
-                let reps = 20 * 64 / n
-                    * std::env::var("TABCONV_REPS")
-                        .ok()
-                        .and_then(|v| v.parse().ok())
-                        .unwrap_or(1);
+                let reps = 20 * 64 / n * scale;
                 let mut times: Vec<f64> = (0..5)
                     .map(|_| {
                         let t = std::time::Instant::now();
