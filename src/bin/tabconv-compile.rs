@@ -303,10 +303,15 @@ fn print_summary(done: &Compiled) {
             );
         }
         if let Some(c) = &m.confirmation {
-            let on_held_out = |p: &PathPoint| measures(p, Some(c.exact_accuracy));
+            let on_held_out = |p: &PathPoint| measures(p, c.exact_accuracy);
             eprintln!(
-                "  on {} held-out validation images (mask.confirm): {}",
+                "  on {} held-out {} images (mask.confirm): {}",
                 c.images,
+                if c.exact_accuracy.is_some() {
+                    "validation"
+                } else {
+                    "calibration"
+                },
                 on_held_out(&c.points[0])
             );
             if let (Some(last), Some(chosen_on)) = (c.points.last(), &c.chosen_on) {
@@ -337,8 +342,8 @@ fn measures(p: &PathPoint, exact_accuracy: Option<f64>) -> String {
         _ => String::new(),
     };
     format!(
-        "logit cosine {:.5}, expected drop {:.2} points{accuracy}",
-        p.logit_cosine, p.expected_drop
+        "logit cosine {:.5}, expected drop {:.2} ± {:.2} points{accuracy}",
+        p.logit_cosine, p.expected_drop, p.expected_drop_se
     )
 }
 

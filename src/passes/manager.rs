@@ -12,14 +12,17 @@ use std::collections::BTreeSet;
 use std::time::Instant;
 
 /// When the pipeline learns tables and then masks, the last quarter of the calibration images
-/// (at most `mask.samples`, 256 by default) is held out from learning for the mask to measure
-/// on ([`PassCx::holdout`]); with fewer than 16 images everything is used for both.
+/// (at most [`super::mask::Options::measured_samples`]: 1024 for the default unlabelled target,
+/// 256 for the others) is held out from learning for the mask to measure on
+/// ([`PassCx::holdout`]); with fewer than 16 images everything is used for both.
 fn split_holdout(x: ArrayD<f32>, pipeline: &Pipeline) -> (ArrayD<f32>, Option<ArrayD<f32>>) {
     let learns = pipeline.passes.iter().any(|p| matches!(p, PassSpec::Lut(_)));
     let samples = pipeline.passes.iter().find_map(|p| match p {
         PassSpec::Mask(o) => Some(
             o.as_ref()
-                .map_or(super::mask::Options::default().samples, |o| o.samples),
+                .map_or(super::mask::Options::default().measured_samples(), |o| {
+                    o.measured_samples()
+                }),
         ),
         _ => None,
     });

@@ -78,8 +78,9 @@ pub(super) enum Stage<'a> {
 }
 
 impl Mask {
-    /// With held-out validation images (`confirm`): the model as chosen measured on them and,
-    /// while its drop there exceeds the budget, its LUT layers restored one at a time — first
+    /// With images held out to confirm (`confirm`: validation images for an accuracy target,
+    /// measured calibration images for an expected-drop one): the model as chosen measured on
+    /// them and, while it misses the target there, its LUT layers restored one at a time — first
     /// those in `undo` (the layers prune put back, latest first: the decisions made closest to
     /// the budget), then the others most damage per operation saved first (`force_lut` layers
     /// stay) — each measured on them; the
@@ -98,7 +99,7 @@ impl Mask {
         decisions: &mut [LayerDecision],
         undo: &[usize],
     ) -> Result<Option<Confirmation>> {
-        let (Some(held), Goal::Accuracy(budget)) = (&meter.held_out, meter.goal) else {
+        let Some((n_held, kind)) = meter.held_out_images() else {
             return Ok(None);
         };
         let mut points = vec![meter.measure_held_out(current, None)?];
@@ -130,19 +131,18 @@ impl Mask {
             let p = meter.measure_held_out(current, Some(d.layer.clone()))?;
             cx.say(&bar, || {
                 format!(
-                    "  mask: restored {} to confirm: accuracy {:.2} % on the held-out images, {:.1} % removed",
+                    "  mask: restored {} to confirm: {} on the held-out images, {:.1} % removed",
                     d.layer,
-                    100.0 * p.accuracy.unwrap_or(0.0),
+                    held_reading(meter, &p),
                     100.0 * p.reduction_everything_counted
                 )
             });
             let d = &mut decisions[i];
             d.chosen = "exact";
             d.why = format!(
-                "restored to confirm: on the {} held-out validation images the model got {} fewer right than the exact model's {} (budget {budget} points; {})",
-                held.n(),
-                held.exact_correct() as i64 - was.correct.unwrap_or(0) as i64,
-                held.exact_correct(),
+                "restored to confirm: on the {n_held} held-out {kind} images {} ({}; {})",
+                held_reading(meter, &was),
+                meter.goal.target(),
                 d.why
             );
             points.push(p);
@@ -151,10 +151,10 @@ impl Mask {
         cx.analyses.lut = relearned;
         if !meter.met_held_out(points.last().expect("one point")) {
             // as in the walk: a restore can make the model worse, so keep the best point there
-            let best = best_point(&points, |p| meter.met_held_out(p), |p| p.correct.unwrap_or(0));
+            let best = best_point(&points, |p| meter.met_held_out(p), |p| meter.quality(p));
             cx.notes.push(format!(
-                "mask: on the {} held-out validation images the model misses the {budget}-point budget with every layer confirm could restore restored (force_lut, or lookups no lut record names, keep the rest); kept the best of those points ({} restored)",
-                held.n(),
+                "mask: on the {n_held} held-out {kind} images the model misses the target ({}) with every layer confirm could restore restored (force_lut, or lookups no lut record names, keep the rest); kept the best of those points ({} restored)",
+                meter.goal.target(),
                 best
             ));
             *current = start;
@@ -173,16 +173,39 @@ impl Mask {
         };
         if let Some(p) = chosen_on.as_ref().filter(|p| !meter.met(p)) {
             cx.notes.push(format!(
-                "mask: after the restores to confirm, the model misses the budget on the validation images chosen on ({:.2}% against the exact model's {:.2}%)",
-                100.0 * p.accuracy.unwrap_or(0.0),
-                100.0 * meter.exact_correct().map_or(0.0, |c| meter.accuracy(c))
+                "mask: after the restores to confirm, the model misses the target on the {kind} images chosen on ({})",
+                reading(meter.goal, p, meter.exact_correct().map(|c| meter.accuracy(c)))
             ));
         }
         Ok(Some(Confirmation {
-            images: held.n(),
-            exact_accuracy: held.accuracy(held.exact_correct()),
+            images: n_held,
+            exact_accuracy: meter.held_out.as_ref().map(|h| h.accuracy(h.exact_correct())),
             points,
             chosen_on,
         }))
+    }
+}
+
+/// What a point measured on the held-out images reads on the target's metric, for a note.
+fn held_reading(meter: &Meter, p: &PathPoint) -> String {
+    reading(
+        meter.goal,
+        p,
+        meter.held_out.as_ref().map(|h| h.accuracy(h.exact_correct())),
+    )
+}
+
+/// What `p` reads on the target's metric: its accuracy against the exact model's (`exact`, on
+/// the same images), else its expected drop.
+fn reading(goal: Goal, p: &PathPoint, exact: Option<f64>) -> String {
+    match (goal, p.accuracy, exact) {
+        (Goal::Accuracy(_), Some(a), Some(e)) => {
+            format!("accuracy {:.2}% against the exact model's {:.2}%", 100.0 * a, 100.0 * e)
+        }
+        (Goal::Accuracy(_), Some(a), None) => format!("accuracy {:.2}%", 100.0 * a),
+        _ => format!(
+            "expected drop {:.2} ± {:.2} points, logit cosine {:.5}",
+            p.expected_drop, p.expected_drop_se, p.logit_cosine
+        ),
     }
 }

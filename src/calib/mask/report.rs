@@ -20,6 +20,8 @@ pub struct PathPoint {
     pub logit_cosine: f64,
     /// Top-1 points expected lost on the measured images, without labels ([`expected_drop`]).
     pub expected_drop: f64,
+    /// One standard error of `expected_drop`, in points, as an estimate of the drop on new images.
+    pub expected_drop_se: f64,
     /// Top-1 accuracy on the validation set (`correct` / its size), when there is one.
     pub accuracy: Option<f64>,
     /// Validation images classified correctly, when there is a validation set.
@@ -28,6 +30,14 @@ pub struct PathPoint {
     /// in points ([`drop_standard_error`]): how far the drop measured on these images may lie
     /// from the drop on new ones.
     pub drop_se: Option<f64>,
+}
+
+impl PathPoint {
+    /// The expected drop with `margin` standard errors added: what an `expected_drop_margin`
+    /// target holds to the budget.
+    pub fn expected_drop_bound(&self, margin: f64) -> f64 {
+        self.expected_drop + margin * self.expected_drop_se
+    }
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -96,10 +106,11 @@ pub struct MaskReport {
 /// held-out ones (their logit measures, as every point's, on the calibration images).
 #[derive(Clone, Debug, Serialize)]
 pub struct Confirmation {
-    /// Held-out validation images.
+    /// Images held out: validation images for an accuracy target, calibration images (measured
+    /// on logits) for an expected-drop target.
     pub images: usize,
-    /// The exact model's accuracy on them.
-    pub exact_accuracy: f64,
+    /// The exact model's accuracy on them, when they are labelled.
+    pub exact_accuracy: Option<f64>,
     /// The model the steps above kept, then one point per layer restored because the drop on
     /// these images exceeded the budget (`restored` names it); the last is the model kept.
     pub points: Vec<PathPoint>,
