@@ -268,7 +268,7 @@ fn expected_drop_target_confirms_on_held_out_calibration_images() {
     assert_eq!((c.images, c.exact_accuracy), (375, None));
     assert!(
         m.measured_on
-            .starts_with("375 of the 750 held-out calibration images (375 more held out to confirm)"),
+            .starts_with("375 of the 750 held-out calibration images (the other 375 held out to confirm)"),
         "{}",
         m.measured_on
     );

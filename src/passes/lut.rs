@@ -358,8 +358,19 @@ fn gather(
         }
     }
     let advance = |g: &Graph| more.then(|| activation(g, layer.node));
-    let mut ex = calib::collect(exact, calib, sample, &want_exact, &mut resumes.exact, advance(exact))?.into_iter();
-    let mut src = calib::collect(source, calib, sample, &want_src, &mut resumes.source, advance(source))?.into_iter();
+    let (ex, src) = if std::ptr::eq(source, exact) {
+        // `progressive: false`: one run of the exact graph gives both
+        let all: Vec<_> = want_exact.iter().chain(&want_src).cloned().collect();
+        let mut ex = calib::collect(exact, calib, sample, &all, &mut resumes.exact, advance(exact))?;
+        let src = ex.split_off(want_exact.len());
+        (ex, src)
+    } else {
+        (
+            calib::collect(exact, calib, sample, &want_exact, &mut resumes.exact, advance(exact))?,
+            calib::collect(source, calib, sample, &want_src, &mut resumes.source, advance(source))?,
+        )
+    };
+    let (mut ex, mut src) = (ex.into_iter(), src.into_iter());
     let (y, _) = ex.next().expect("requested");
     let (x, d) = src.next().expect("requested");
     let block = epi.map(|e| {
@@ -1045,6 +1056,37 @@ mod resume_tests {
                 .unwrap()
             };
             let b = fresh(&sample);
+            // `progressive: false` (the exact graph as the source): the one run that serves both
+            // gives what two runs (a copy of it as the source) give
+            let exact_copy = exact.clone();
+            let of_exact = |source: &Graph| {
+                gather(
+                    source,
+                    &exact,
+                    &layer,
+                    &o,
+                    &calib,
+                    &sample,
+                    &mut Resumes::default(),
+                    false,
+                )
+                .unwrap()
+            };
+            let (one, two) = (of_exact(&exact), of_exact(&exact_copy));
+            same(&format!("{} input, progressive false", layer.name), &one.x, &two.x);
+            same(&format!("{} output, progressive false", layer.name), &one.y, &two.y);
+            match (&one.block, &two.block) {
+                (Some((ta, ra)), Some((tb, rb))) => {
+                    same(&format!("{} block end, progressive false", layer.name), ta, tb);
+                    for (sa, sb) in ra.steps.iter().zip(&rb.steps) {
+                        if let (RowStep::Add(xa), RowStep::Add(xb)) = (sa, sb) {
+                            same(&format!("{} residual, progressive false", layer.name), xa, xb);
+                        }
+                    }
+                }
+                (None, None) => {}
+                _ => panic!("{}: a block with one run and not with two", layer.name),
+            }
             // a budget no cut fits: nothing kept, every run from the images, the same rows
             let z = gather(&graph, &exact, &layer, &o, &calib, &sample, &mut no_room, more).unwrap();
             assert_eq!((no_room.source.kept(), no_room.exact.kept()), (0, 0));

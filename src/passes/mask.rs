@@ -87,7 +87,9 @@ pub struct Options {
     /// With `max_accuracy_drop`: the fraction of the validation images (`--val`, spread evenly:
     /// with 0.5 every second one, [`confirm_split`]) held out of every choice the pass makes and
     /// measured once at the end; with `max_expected_drop`, likewise the fraction of the measured
-    /// calibration images. Every step before chooses on the other images, so the kept model's
+    /// calibration images, when one image of that share weighs at most half the budget
+    /// ([`confirms_expected_drop`]: 200/budget images, 400 for 0.5; otherwise a note says the
+    /// target is unconfirmed). Every step before chooses on the other images, so the kept model's
     /// drop there is biased low (each trial that happens to look good on them is kept); when
     /// the kept model misses the target on the held-out images, LUT layers are restored (first
     /// those prune put back, latest first; then most damage per operation saved first) until it

@@ -34,7 +34,9 @@
 //! looks good there, so the kept model's drop on them is biased low. The kept model is measured
 //! once on the held-out images and, while its drop there exceeds the budget, its LUT layers are
 //! restored — first those prune put back, latest first, then most damage per operation saved
-//! first — each measured there ([`Confirmation`]).
+//! first — each measured there ([`Confirmation`]). With `max_expected_drop` it holds out a
+//! fraction of the measured calibration images the same way, when one image there weighs at
+//! most half the budget ([`confirms_expected_drop`]: 400 images for 0.5).
 //! `max_accuracy_drop`, `target_reduction` or `max_expected_drop`, when given, take precedence
 //! over `min_logit_cosine` (the default pipeline's target).
 //!
@@ -198,12 +200,13 @@ impl Mask {
                 None => (&kept, logit_images.clone()),
             };
             let n = meter.n_samples() + meter.held_out_images().map_or(0, |h| h.0);
-            if read.expected_drop_se > drop / 4.0 || n < o.measured_samples() {
+            let unconfirmed = o.confirm > 0.0 && report.confirmation.is_none();
+            if read.expected_drop_se > drop / 4.0 || n < o.measured_samples() || unconfirmed {
                 cx.notes.push(format!(
-                    "mask: the expected drop is read on {on}, with a standard error of {:.2} points for the kept model ({margin} of them added before holding it to the {drop}-point budget){}; more calibration images narrow it (the last quarter of --calib is held out, at most {})",
+                    "mask: the expected drop is read on {on}, with a standard error of {:.2} points for the kept model ({margin} of them added before holding it to the {drop}-point budget){}; more images measured narrow it (the mask measures the calibration images held out of learning, the last quarter of --calib, at most mask.samples = {})",
                     read.expected_drop_se,
                     match (&report.confirmation, o.confirm > 0.0) {
-                        (None, true) => ", not confirmed on a held-out share (too few images: one would weigh more than half the budget there)",
+                        (None, true) => ", not confirmed on a held-out share (too few images: one would weigh more than half the budget there; 200/budget needed)",
                         _ => "",
                     },
                     o.measured_samples()
@@ -240,7 +243,7 @@ fn check_ranges(o: &Options) -> Result<()> {
     }
     if !(0.0..1.0).contains(&o.confirm) {
         return Err(Error::Input(format!(
-            "mask.confirm = {}: must be within 0..1 (the fraction of --val held out to confirm; 0 = off)",
+            "mask.confirm = {}: must be within 0..1 (the fraction of --val, or of the measured calibration images, held out to confirm; 0 = off)",
             o.confirm
         )));
     }
@@ -299,7 +302,7 @@ fn measured_on(meter: &Meter, logit_images: &str) -> String {
         (Goal::Accuracy(_), Some(v), None) => format!("{} validation images (logits on {logit_images})", v.n()),
         (Goal::ExpectedDrop { .. }, ..) => match meter.held_out_images() {
             Some((n, _)) => format!(
-                "{} of the {logit_images} ({n} more held out to confirm)",
+                "{} of the {logit_images} (the other {n} held out to confirm)",
                 meter.n_samples()
             ),
             None => logit_images.to_string(),

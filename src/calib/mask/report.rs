@@ -94,16 +94,19 @@ pub struct MaskReport {
     /// the model kept (unless `confirmation` restored layers after it: [`MaskReport::kept`]).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub refined: Vec<PathPoint>,
-    /// With `confirm`: the model the steps above chose, measured on the held-out validation
-    /// images, and what that changed.
+    /// With `confirm`: the model the steps above chose, measured on the held-out images
+    /// (validation images, or for an expected-drop target calibration images), and what that
+    /// changed.
     pub confirmation: Option<Confirmation>,
     /// The point of the model written, [`MaskReport::kept`], for readers of the JSON report.
     pub kept_point: Option<PathPoint>,
 }
 
-/// The held-out check of an accuracy target (`confirm`). Every point above has its accuracy
-/// measured on the other validation images (their count in `measured_on`); these points on the
-/// held-out ones (their logit measures, as every point's, on the calibration images).
+/// The held-out check of an accuracy or expected-drop target (`confirm`). Every point above is
+/// measured on the images the steps chose on (their count in `measured_on`); these points on the
+/// held-out ones: for an accuracy target their accuracy on the held-out validation images (their
+/// logit measures, as every point's, on the calibration images chosen on), for an expected-drop
+/// target their logit measures on the held-out calibration images.
 #[derive(Clone, Debug, Serialize)]
 pub struct Confirmation {
     /// Images held out: validation images for an accuracy target, calibration images (measured
@@ -111,16 +114,16 @@ pub struct Confirmation {
     pub images: usize,
     /// The exact model's accuracy on them, when they are labelled.
     pub exact_accuracy: Option<f64>,
-    /// The model the steps above kept, then one point per layer restored because the drop on
-    /// these images exceeded the budget (`restored` names it); the last is the model kept.
+    /// The model the steps above kept, then one point per layer restored because the target
+    /// was missed on these images (`restored` names it); the last is the model kept.
     pub points: Vec<PathPoint>,
-    /// When layers were restored: the model kept, measured on the validation images the rest
-    /// chose on (what [`MaskReport::kept`] returns then).
+    /// When layers were restored: the model kept, measured on the images the rest chose on
+    /// (what [`MaskReport::kept`] returns then).
     pub chosen_on: Option<PathPoint>,
 }
 
 impl MaskReport {
-    /// The point of the model kept, on the validation images the pass chose on: after a
+    /// The point of the model kept, on the images the pass chose on: after a
     /// confirmation that restored layers, that model; else the last refine step (a layer
     /// refined, or the model relearned after them), else the last layer put back as lookups
     /// after relearning, else the relearned model when reported, else the last layer prune put
