@@ -989,7 +989,26 @@ mod resume_tests {
     fn same(what: &str, a: &[f32], b: &[f32]) {
         assert_eq!(a.len(), b.len(), "{what}: lengths");
         if let Some(i) = (0..a.len()).find(|&i| a[i].to_bits() != b[i].to_bits()) {
-            panic!("{what}: value {i} is {} resumed, {} run from the images", a[i], b[i]);
+            panic!("{what}: value {i} is {} one way, {} the other", a[i], b[i]);
+        }
+    }
+
+    /// The same rows, bit for bit: input, exact output, and the block's end and residuals.
+    fn same_data(what: &str, a: &Data, b: &Data) {
+        assert_eq!((a.rows, a.d), (b.rows, b.d), "{what}");
+        same(&format!("{what} input"), &a.x, &b.x);
+        same(&format!("{what} output"), &a.y, &b.y);
+        match (&a.block, &b.block) {
+            (Some((ta, ra)), Some((tb, rb))) => {
+                same(&format!("{what} block end"), ta, tb);
+                for (sa, sb) in ra.steps.iter().zip(&rb.steps) {
+                    if let (RowStep::Add(xa), RowStep::Add(xb)) = (sa, sb) {
+                        same(&format!("{what} residual"), xa, xb);
+                    }
+                }
+            }
+            (None, None) => {}
+            _ => panic!("{what}: a block one way and not the other"),
         }
     }
 
@@ -1042,9 +1061,9 @@ mod resume_tests {
             let more = li + 1 < n_layers;
             let a = gather(&graph, &exact, &layer, &o, &calib, &sample, &mut resumes, more).unwrap();
             // from the images, with nothing kept
-            let fresh = |sample: &Sample| {
+            let fresh = |source: &Graph, sample: &Sample| {
                 gather(
-                    &graph,
+                    source,
                     &exact,
                     &layer,
                     &o,
@@ -1055,38 +1074,15 @@ mod resume_tests {
                 )
                 .unwrap()
             };
-            let b = fresh(&sample);
+            let b = fresh(&graph, &sample);
             // `progressive: false` (the exact graph as the source): the one run that serves both
             // gives what two runs (a copy of it as the source) give
-            let exact_copy = exact.clone();
-            let of_exact = |source: &Graph| {
-                gather(
-                    source,
-                    &exact,
-                    &layer,
-                    &o,
-                    &calib,
-                    &sample,
-                    &mut Resumes::default(),
-                    false,
-                )
-                .unwrap()
-            };
-            let (one, two) = (of_exact(&exact), of_exact(&exact_copy));
-            same(&format!("{} input, progressive false", layer.name), &one.x, &two.x);
-            same(&format!("{} output, progressive false", layer.name), &one.y, &two.y);
-            match (&one.block, &two.block) {
-                (Some((ta, ra)), Some((tb, rb))) => {
-                    same(&format!("{} block end, progressive false", layer.name), ta, tb);
-                    for (sa, sb) in ra.steps.iter().zip(&rb.steps) {
-                        if let (RowStep::Add(xa), RowStep::Add(xb)) = (sa, sb) {
-                            same(&format!("{} residual, progressive false", layer.name), xa, xb);
-                        }
-                    }
-                }
-                (None, None) => {}
-                _ => panic!("{}: a block with one run and not with two", layer.name),
-            }
+            let one = fresh(&exact, &sample);
+            same_data(
+                &format!("{}, progressive false:", layer.name),
+                &one,
+                &fresh(&exact.clone(), &sample),
+            );
             // a budget no cut fits: nothing kept, every run from the images, the same rows
             let z = gather(&graph, &exact, &layer, &o, &calib, &sample, &mut no_room, more).unwrap();
             assert_eq!((no_room.source.kept(), no_room.exact.kept()), (0, 0));
@@ -1099,24 +1095,12 @@ mod resume_tests {
                 assert!(resumes.source.kept() >= sample.images.len(), "{}", layer.name);
                 assert!(resumes.exact.kept() >= sample.images.len(), "{}", layer.name);
             }
-            assert_eq!((a.rows, a.d), (b.rows, b.d));
-            same(&format!("{} input", layer.name), &a.x, &b.x);
-            same(&format!("{} output", layer.name), &a.y, &b.y);
-            let (ea, eb) = (a.block.as_ref(), b.block.as_ref());
-            assert_eq!(ea.is_some(), eb.is_some(), "{}", layer.name);
-            if let (Some((ta, ra)), Some((tb, rb))) = (ea, eb) {
-                same(&format!("{} block end", layer.name), ta, tb);
-                for (sa, sb) in ra.steps.iter().zip(&rb.steps) {
-                    if let (RowStep::Add(xa), RowStep::Add(xb)) = (sa, sb) {
-                        same(&format!("{} residual", layer.name), xa, xb);
-                    }
-                }
-            }
+            same_data(&format!("{}, resumed:", layer.name), &a, &b);
             // with every image drawn, the order they run in does not change the rows
             if sample.images.len() == order.len() {
                 let reversed: Vec<usize> = order.iter().rev().copied().collect();
                 let sample = Sample::new(&mut Rng::new(li as u64), &reversed, layer.rows_per_image, o.max_rows);
-                let c = fresh(&sample);
+                let c = fresh(&graph, &sample);
                 same(&format!("{} input, images reversed", layer.name), &c.x, &b.x);
                 same(&format!("{} output, images reversed", layer.name), &c.y, &b.y);
                 all_images += 1;

@@ -77,6 +77,7 @@ impl Mask {
             return Ok(());
         }
         let (samples, logit_images) = measured_images(cx, o)?;
+        let n_measured = samples.shape()[0];
         check_targets(o, cx.val.is_some())?;
         let names: Vec<&str> = luts
             .iter()
@@ -180,48 +181,57 @@ impl Mask {
             kept_point: None,
         };
         report.kept_point = Some(report.kept().clone());
-        // the last measure of the kept model: on the held-out images when there are some
-        let kept_se = match &report.confirmation {
-            Some(c) => c
-                .points
-                .last()
-                .and_then(|p| p.drop_se)
-                .map(|se| (se, c.images, " held-out")),
-            None => report.kept().drop_se.map(|se| (se, meter.n_val(), "")),
-        };
-        let kept = report.kept().clone();
-        if let Goal::ExpectedDrop { drop, margin, .. } = meter.goal {
-            // the last reading of the kept model: on the held-out images when there are some
-            let (read, on) = match &report.confirmation {
-                Some(c) => (
-                    c.points.last().unwrap_or(&kept),
-                    format!("{} held-out calibration images", c.images),
-                ),
-                None => (&kept, logit_images.clone()),
-            };
-            let n = meter.n_samples() + meter.held_out_images().map_or(0, |h| h.0);
-            let unconfirmed = o.confirm > 0.0 && report.confirmation.is_none();
-            if read.expected_drop_se > drop / 4.0 || n < o.measured_samples() || unconfirmed {
-                cx.notes.push(format!(
-                    "mask: the expected drop is read on {on}, with a standard error of {:.2} points for the kept model ({margin} of them added before holding it to the {drop}-point budget){}; more images measured narrow it (the mask measures the calibration images held out of learning, the last quarter of --calib, at most mask.samples = {})",
-                    read.expected_drop_se,
-                    match (&report.confirmation, o.confirm > 0.0) {
-                        (None, true) => ", not confirmed on a held-out share (too few images: one would weigh more than half the budget there; 200/budget needed)",
-                        _ => "",
-                    },
-                    o.measured_samples()
-                ));
-            }
-        }
+        cx.notes
+            .extend(reading_notes(&report, &meter, o, &logit_images, n_measured));
         cx.mask = Some(report);
-        if let (Goal::Accuracy(budget), Some((se, n, held))) = (meter.goal, kept_se) {
-            if se > budget / 2.0 {
-                cx.notes.push(format!(
-                    "mask: the accuracy drop is measured on {n}{held} validation images, with a standard error of {se:.2} points for the kept model: the {budget}-point budget may not hold on new images (more validation images narrow it)"
-                ));
-            }
-        }
         Ok(())
+    }
+}
+
+/// Notes on how well the kept model's last reading (on the held-out images when it was
+/// confirmed) pins the budget: a standard error large against it, an expected drop measured on
+/// fewer images than `samples` asks for or not confirmed.
+fn reading_notes(
+    report: &MaskReport,
+    meter: &Meter,
+    o: &Options,
+    logit_images: &str,
+    n_measured: usize,
+) -> Vec<String> {
+    let kept = report.kept();
+    let (last, held) = match &report.confirmation {
+        Some(c) => (c.points.last().unwrap_or(kept), Some(c.images)),
+        None => (kept, None),
+    };
+    match meter.goal {
+        Goal::Accuracy(budget) => {
+            let (n, on) = held.map_or((meter.n_val(), ""), |n| (n, " held-out"));
+            last.drop_se
+                .filter(|&se| se > budget / 2.0)
+                .map(|se| format!(
+                    "mask: the accuracy drop is measured on {n}{on} validation images, with a standard error of {se:.2} points for the kept model: the {budget}-point budget may not hold on new images (more validation images narrow it)"
+                ))
+                .into_iter()
+                .collect()
+        }
+        Goal::ExpectedDrop { drop, margin, .. } => {
+            let on = held.map_or(logit_images.to_string(), |n| format!("{n} held-out calibration images"));
+            let unconfirmed = o.confirm > 0.0 && held.is_none();
+            let se = last.expected_drop_se;
+            if se <= drop / 4.0 && n_measured >= o.measured_samples() && !unconfirmed {
+                return Vec::new();
+            }
+            vec![format!(
+                "mask: the expected drop is read on {on}, with a standard error of {se:.2} points for the kept model ({margin} of them added before holding it to the {drop}-point budget){}; more images measured narrow it (the mask measures the calibration images held out of learning, the last quarter of --calib, at most mask.samples = {})",
+                if unconfirmed {
+                    ", not confirmed on a held-out share (too few images: one would weigh more than half the budget there; 200/budget needed)"
+                } else {
+                    ""
+                },
+                o.measured_samples()
+            )]
+        }
+        _ => Vec::new(),
     }
 }
 
