@@ -260,10 +260,10 @@ fn expected_drop_target_confirms_on_held_out_calibration_images() {
     let (out, m) = compile(
         &g,
         &calib,
-        "      max_expected_drop: 10.0\n      expected_drop_margin: 0\n",
+        "      max_expected_drop: 10.0\n      expected_drop_margin: 0\n      samples: 750\n",
     );
-    // 3000 images: the last quarter (750) held out of learning, every second one of those
-    // held out of the choices as well
+    // 3000 images: the last quarter (750) held out of learning and measured, every second one
+    // of those held out of the choices as well
     let c = m.confirmation.as_ref().expect("an expected-drop target is confirmed");
     assert_eq!((c.images, c.exact_accuracy), (375, None));
     assert!(
@@ -314,16 +314,84 @@ fn expected_drop_target_confirms_on_held_out_calibration_images() {
     let (_, m) = compile(
         &g,
         &calib,
-        "      max_expected_drop: 10.0\n      expected_drop_margin: 1.5\n",
+        "      max_expected_drop: 10.0\n      expected_drop_margin: 1.5\n      samples: 750\n",
     );
     let bound = |p: &tabconv::passes::mask::PathPoint| p.expected_drop + 1.5 * p.expected_drop_se;
     assert_eq!(m.path.len(), 2, "{:?}", m.path);
     assert!(m.path[0].expected_drop <= 10.0 && bound(&m.path[0]) > 10.0 && bound(&m.path[1]) <= 10.0);
     assert!(m.target.contains("1.5 standard error(s) of margin"), "{}", m.target);
     // with confirm 0 every measured image is chosen on and nothing is confirmed
-    let (_, m) = compile(&g, &calib, "      max_expected_drop: 10.0\n      confirm: 0\n");
+    let (_, m) = compile(
+        &g,
+        &calib,
+        "      max_expected_drop: 10.0\n      confirm: 0\n      samples: 750\n",
+    );
     assert!(m.confirmation.is_none());
     assert_eq!(m.measured_on, "750 held-out calibration images");
+}
+
+/// With fewer than four times `samples` calibration images (here the default 1024 of 3000),
+/// the mask measures the last 1024: the 750 held out of learning and the 274 learned on just
+/// before them. The confirmation holds out 512 of them, all among the 750 no table saw
+/// (spread evenly through them), and the readings reported are the compiled model's on the
+/// images so chosen.
+#[test]
+fn a_small_calibration_set_lends_the_mask_images_learned_on() {
+    let (g, calib) = two_layers();
+    let (mut out, m) = compile(&g, &calib, "      max_expected_drop: 10.0\n");
+    assert_eq!(
+        m.measured_on,
+        "512 of the 1024 calibration images, 274 of them also learned on (the other 512 held out to confirm)"
+    );
+    let c = m.confirmation.as_ref().expect("confirmed");
+    assert_eq!(c.images, 512);
+    // images 1976..2250 were learned on, 2250..3000 not; 512 of the 750 held out, image
+    // 2250 + j when ⌊(j + 1)·512/750⌋ > ⌊j·512/750⌋
+    let held: Vec<usize> = (0..750usize)
+        .filter(|j| (j + 1) * 512 / 750 > j * 512 / 750)
+        .map(|j| 2250 + j)
+        .collect();
+    let chosen: Vec<usize> = (1976..3000).filter(|i| !held.contains(i)).collect();
+    assert_eq!((held.len(), chosen.len()), (512, 512));
+    tabconv::ir::infer::infer_graph(&mut out).unwrap();
+    let logits = |g: &Graph, x: &ArrayD<f32>| as_f32(&run(g, vec![Tensor::F32(x.clone())]).unwrap()[0]);
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-6 * (1.0 + b.abs());
+    for (rows, p) in [(&held, c.points.last().unwrap()), (&chosen, m.kept())] {
+        let x = calib.select(ndarray::Axis(0), rows);
+        let (drop, se) = expected_drop(&logits(&g, &x), &logits(&out, &x));
+        assert!(
+            close(p.expected_drop, drop) && close(p.expected_drop_se, se),
+            "reported {} ± {}, computed {drop} ± {se}",
+            p.expected_drop,
+            p.expected_drop_se
+        );
+    }
+}
+
+/// A holdout longer than the images measured (set by a caller, or sized for another mask
+/// pass): the last ones are measured, those no table saw, and the count learned on follows.
+#[test]
+fn the_last_held_out_images_are_measured() {
+    let (g, calib) = two_layers();
+    let mut g = g.clone();
+    let mut cx = PassCx {
+        calib: Some(calib.slice_axis(ndarray::Axis(0), (0..2250).into()).to_owned()),
+        holdout: Some(calib.clone()),
+        holdout_learned: 2500,
+        ..Default::default()
+    };
+    let report = run_pipeline(
+        &mut g,
+        &pipeline("      max_expected_drop: 10.0\n      samples: 1000\n"),
+        &mut cx,
+        |_, _| Ok(()),
+    )
+    .unwrap();
+    // images 2000..3000 measured, the first 500 of them learned on; the 500 unseen confirm
+    assert_eq!(
+        report.mask.unwrap().measured_on,
+        "500 of the 1000 calibration images, 500 of them also learned on (the other 500 held out to confirm)"
+    );
 }
 
 #[test]

@@ -42,11 +42,16 @@ pub struct Options {
     pub target_reduction: Option<f64>,
     pub keep_exact: Vec<String>,
     pub force_lut: Vec<String>,
-    /// Calibration images the logit measures (cosine, expected drop) are taken on; when the
-    /// pipeline learns tables they are held out of learning (the last quarter of `--calib`, at
-    /// most this many). 0 = by the target: 1024 for `max_expected_drop` without labels (the
-    /// drop it reads on 256 images varies by about 0.4 points from one set to the next), 256
-    /// otherwise ([`Options::measured_samples`]).
+    /// Calibration images the logit measures (cosine, expected drop) are taken on, at most.
+    /// When the pipeline learns tables they are the last quarter of `--calib` (at most this
+    /// many), held out of learning; for an expected-drop target that confirms
+    /// ([`Options::confirms_on`]), a set smaller than four times this many lends the measures
+    /// the images learned on just before that quarter, up to this many, and the confirmation
+    /// holds the images no table saw out first. Without a `lut` pass, the first this many of
+    /// `--calib`. 0 = by the target:
+    /// 1024 for `max_expected_drop` without labels (the drop it reads on 256 images varies by
+    /// about 0.4 points from one set to the next), 256 otherwise
+    /// ([`Options::measured_samples`]).
     pub samples: usize,
     /// Relearn the remaining tables after the choice (progressive calibration through it).
     pub relearn: bool,
@@ -141,6 +146,19 @@ impl Options {
             0 => 256,
             n => n,
         }
+    }
+
+    /// Whether the target is an expected drop that confirms on a held-out share of `measured`
+    /// images ([`confirms_expected_drop`]). Only then does a calibration set too small to hold
+    /// out `measured_samples` images lend the measures images learned on: the images no step
+    /// chose on, those no table saw first, then guard the budget. The other targets, and an
+    /// expected drop measured on too few images to confirm, measure the held-out images alone.
+    pub fn confirms_on(&self, measured: usize) -> bool {
+        self.max_accuracy_drop.is_none()
+            && self.target_reduction.is_none()
+            && self
+                .max_expected_drop
+                .is_some_and(|d| confirms_expected_drop(measured, self.confirm, d))
     }
 }
 

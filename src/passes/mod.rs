@@ -25,11 +25,18 @@ use ndarray::ArrayD;
 #[derive(Default)]
 pub struct PassCx {
     pub calib: Option<ArrayD<f32>>,
-    /// Calibration images held out from [`PassCx::calib`] (so from every table and codebook
-    /// learned): the `mask` pass measures on them. Measured on the images the tables were
-    /// fitted to, an approximated model looks better than it is on new images (on the
-    /// ResNet-18/16 fixture the logit cosine read 0.9982 there and 0.9967 on unseen images).
+    /// The calibration images the `mask` pass measures on: held out from [`PassCx::calib`]
+    /// (so from every table and codebook learned), but for the first
+    /// [`PassCx::holdout_learned`]. Measured on the images the tables were fitted to, an
+    /// approximated model looks better than it is on new images (on the ResNet-18/16 fixture
+    /// the logit cosine read 0.9982 there and 0.9967 on unseen images).
     pub holdout: Option<ArrayD<f32>>,
+    /// How many of [`PassCx::holdout`]'s images, its first ones, are also in
+    /// [`PassCx::calib`]: for an expected-drop target that confirms, a calibration set too
+    /// small to hold out as many images as the mask measures lends it the images learned on
+    /// last (`manager::split_holdout`); the confirmation then holds the images no table saw out
+    /// first.
+    pub holdout_learned: usize,
     pub seed: u64,
     pub notes: Vec<String>,
     /// What passes recorded about the graph for later passes (the `lut` pass's replaced

@@ -339,6 +339,27 @@ fn split_rows(n: usize, fraction: f64) -> Option<(Vec<usize>, Vec<usize>)> {
     (!chosen.is_empty() && !held.is_empty()).then_some((chosen, held))
 }
 
+/// [`split_rows`] for measured images whose first `learned` were also learned on: as many held
+/// out to confirm, the images no table saw first (spread evenly through them), then images
+/// learned on (likewise). Images learned on read a model's loss lower than new ones, so the
+/// confirmation should see as few of them as it can.
+fn split_fresh_first(n: usize, learned: usize, fraction: f64) -> Option<(Vec<usize>, Vec<usize>)> {
+    let (chosen, held) = split_rows(n, fraction)?;
+    if learned == 0 || learned >= n {
+        return Some((chosen, held));
+    }
+    let (h, fresh) = (held.len(), n - learned);
+    let hf = h.min(fresh);
+    let out: Vec<bool> = spread(learned, h - hf).into_iter().chain(spread(fresh, hf)).collect();
+    let (held, chosen): (Vec<usize>, Vec<usize>) = (0..n).partition(|&i| out[i]);
+    Some((chosen, held))
+}
+
+/// `h ≤ n` of `n` flags set, spread evenly: flag `j` when `⌊(j + 1)·h/n⌋ > ⌊j·h/n⌋`.
+fn spread(n: usize, h: usize) -> Vec<bool> {
+    (0..n).map(|j| (j + 1) * h / n > j * h / n).collect()
+}
+
 /// Which validation images are held out to confirm an accuracy target (`true`), for `n` images
 /// and a `fraction` of them: image `i` when `⌊(i + 1)·fraction⌋ > ⌊i·fraction⌋`, spread evenly
 /// through the set (0.5: every second image, the first kept for choosing), so a set sorted by
@@ -354,6 +375,7 @@ impl Meter {
         goal: Goal,
         exact: &Graph,
         samples: ArrayD<f32>,
+        learned: usize,
         val: Option<(ArrayD<f32>, Vec<i64>)>,
         confirm: f64,
     ) -> Result<Meter> {
@@ -371,7 +393,7 @@ impl Meter {
         };
         // an expected-drop target confirms on a share of the measured images, as an accuracy
         // target does on the validation images
-        let (samples, held_logits) = match (goal, split_rows(samples.shape()[0], confirm)) {
+        let (samples, held_logits) = match (goal, split_fresh_first(samples.shape()[0], learned, confirm)) {
             (Goal::ExpectedDrop { drop, .. }, Some((chosen, held))) if weighs_little(held.len(), drop) => {
                 let held = samples.select(Axis(0), &held);
                 let reference = logits(exact, &held)?;
@@ -526,6 +548,41 @@ mod tests {
         let q = ArrayD::from_shape_vec(vec![1, 3], vec![0.1f32, 0.2, 0.7]).unwrap();
         let (drop, se) = expected_drop(&p, &q);
         assert!((drop - 30.0).abs() < 1e-4 && se == 0.0, "{drop} {se}");
+    }
+
+    /// Measured images that mix images learned on (first) with images no table saw: the
+    /// confirmation holds out as many as without the mix, the unseen ones first; without a mix
+    /// (none or all learned on) the split is the plain one.
+    #[test]
+    fn confirmation_holds_out_the_images_no_table_saw_first() {
+        // the README's case with 1024 calibration images: 768 learned on, 256 not
+        let (chosen, held) = split_fresh_first(1024, 768, 0.5).unwrap();
+        assert_eq!((chosen.len(), held.len()), (512, 512));
+        assert!((768..1024).all(|i| held.contains(&i)), "every unseen image held out");
+        assert!(chosen.iter().all(|&i| i < 768));
+        // the learned ones held out are spread through them: every third
+        let learned_held: Vec<usize> = held.iter().copied().filter(|&i| i < 768).collect();
+        assert_eq!(learned_held.len(), 256);
+        assert!(learned_held.windows(2).all(|w| w[1] - w[0] == 3), "{learned_held:?}");
+        // more unseen images than held out: only unseen ones, spread through them
+        let (chosen, held) = split_fresh_first(1024, 100, 0.5).unwrap();
+        assert_eq!(held.len(), 512);
+        assert!(held.iter().all(|&i| i >= 100) && (0..100).all(|i| chosen.contains(&i)));
+        assert!(held.windows(2).all(|w| (1..=2).contains(&(w[1] - w[0]))));
+        // no mix: the plain split, every second image
+        for learned in [0, 1024, 2000] {
+            assert_eq!(split_fresh_first(1024, learned, 0.5), split_rows(1024, 0.5));
+        }
+        assert_eq!(split_fresh_first(7, 3, 0.0), None);
+        // the held-out count never depends on the mix
+        for (n, l, f) in [(9usize, 4usize, 0.5), (1000, 999, 0.3), (5, 1, 0.8)] {
+            let (c, h) = split_fresh_first(n, l, f).unwrap();
+            let (c0, h0) = split_rows(n, f).unwrap();
+            assert_eq!((c.len(), h.len()), (c0.len(), h0.len()), "{n} {l} {f}");
+            let mut all: Vec<usize> = c.iter().chain(&h).copied().collect();
+            all.sort_unstable();
+            assert_eq!(all, (0..n).collect::<Vec<_>>());
+        }
     }
 
     /// An expected-drop target confirms on a held-out share only where one image there weighs

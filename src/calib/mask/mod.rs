@@ -42,7 +42,11 @@
 //!
 //! The calibration images measured on are [`PassCx::holdout`] when the compile set some aside
 //! (it does when the pipeline learns tables before masking), so the tables were not fitted to
-//! them; otherwise the first `samples` of [`PassCx::calib`] (`Options::measured_samples`).
+//! them — except, for an expected-drop target that confirms ([`Options::confirms_on`]) and a
+//! set smaller than four times `samples`, the images learned on just before the held-out
+//! quarter of `--calib` that it lends the measures ([`PassCx::holdout_learned`]; the
+//! confirmation holds the unseen ones out first); otherwise the first `samples` of
+//! [`PassCx::calib`] (`Options::measured_samples`).
 
 mod meter;
 mod refine;
@@ -76,7 +80,7 @@ impl Mask {
                 .push("mask: no LUT layers to mask (run the lut pass first)".into());
             return Ok(());
         }
-        let (samples, logit_images) = measured_images(cx, o)?;
+        let (samples, logit_images, learned) = measured_images(cx, o)?;
         let n_measured = samples.shape()[0];
         check_targets(o, cx.val.is_some())?;
         let names: Vec<&str> = luts
@@ -92,7 +96,7 @@ impl Mask {
         // the exact reference: every layer restored
         let mut exact = with_exact(graph, record, &luts)?;
         crate::ir::infer::infer_graph(&mut exact)?;
-        let meter = Meter::new(Goal::of(o), &exact, samples, cx.val.clone(), o.confirm)?;
+        let meter = Meter::new(Goal::of(o), &exact, samples, learned, cx.val.clone(), o.confirm)?;
         if let (Goal::Accuracy(_), true, None) = (meter.goal, o.confirm > 0.0, &meter.held_out) {
             cx.notes.push(format!(
                 "mask: confirm {} of {} validation images leaves no image to hold out or none to choose on: everything is chosen on all of them, unconfirmed",
@@ -215,14 +219,16 @@ fn reading_notes(
                 .collect()
         }
         Goal::ExpectedDrop { drop, margin, .. } => {
-            let on = held.map_or(logit_images.to_string(), |n| format!("{n} held-out calibration images"));
+            let on = held.map_or(logit_images.to_string(), |n| {
+                format!("{n} calibration images held out to confirm")
+            });
             let unconfirmed = o.confirm > 0.0 && held.is_none();
             let se = last.expected_drop_se;
             if se <= drop / 4.0 && n_measured >= o.measured_samples() && !unconfirmed {
                 return Vec::new();
             }
             vec![format!(
-                "mask: the expected drop is read on {on}, with a standard error of {se:.2} points for the kept model ({margin} of them added before holding it to the {drop}-point budget){}; more images measured narrow it (the mask measures the calibration images held out of learning, the last quarter of --calib, at most mask.samples = {})",
+                "mask: the expected drop is read on {on}, with a standard error of {se:.2} points for the kept model ({margin} of them added before holding it to the {drop}-point budget){}; more images measured narrow it (the mask measures up to mask.samples = {} calibration images: the last quarter of --calib, held out of learning, and when that is too few to confirm on, the images learned on last)",
                 if unconfirmed {
                     ", not confirmed on a held-out share (too few images: one would weigh more than half the budget there; 200/budget needed)"
                 } else {
@@ -275,28 +281,32 @@ fn check_targets(o: &Options, has_val: bool) -> Result<()> {
 }
 
 /// The images the logit measures are taken on — held-out calibration images when the compile
-/// set some aside, else the ones learned on, at most `samples` — and how the report names them.
-fn measured_images(cx: &PassCx, o: &Options) -> Result<(ArrayD<f32>, String)> {
+/// set some aside, else the ones learned on, at most `samples` —, how the report names them,
+/// and how many of them (the first) were also learned on when the held-out ones are a mix
+/// ([`PassCx::holdout_learned`]; 0 otherwise).
+fn measured_images(cx: &PassCx, o: &Options) -> Result<(ArrayD<f32>, String, usize)> {
     let held_out = cx.holdout.is_some();
     let calib = cx
         .holdout
         .as_ref()
         .or(cx.calib.as_ref())
         .ok_or_else(|| Error::Input("the mask pass measures on --calib images".into()))?;
-    let samples = calib.select(
-        Axis(0),
-        &(0..calib.shape()[0].min(o.measured_samples().max(1))).collect::<Vec<_>>(),
-    );
-    let logit_images = format!(
-        "{} {} images",
-        samples.shape()[0],
-        if held_out {
-            "held-out calibration"
-        } else {
-            "calibration (learned on)"
-        }
-    );
-    Ok((samples, logit_images))
+    let len = calib.shape()[0];
+    let n = len.min(o.measured_samples().max(1));
+    // held-out images: the last (those learned on come first); else the first of --calib
+    let first = if held_out { len - n } else { 0 };
+    let samples = calib.select(Axis(0), &(first..first + n).collect::<Vec<_>>());
+    let learned = if held_out {
+        cx.holdout_learned.saturating_sub(first).min(n)
+    } else {
+        0
+    };
+    let logit_images = match (held_out, learned) {
+        (false, _) => format!("{n} calibration images (learned on)"),
+        (true, 0) => format!("{n} held-out calibration images"),
+        (true, l) => format!("{n} calibration images, {l} of them also learned on"),
+    };
+    Ok((samples, logit_images, learned))
 }
 
 /// How the report names the images the target is measured on: for an accuracy target the
