@@ -409,3 +409,47 @@ fn default_pipeline_calibrates_on_many_images_in_process() {
         assert_eq!(y.shape(), &[4, 10], "{name}");
     }
 }
+
+/// A graph of a fixed batch above one keeps no activations between its layers (its images may
+/// mix within a batch), so no calibration run resumes: every layer reports none resumed and a
+/// note says so. With a symbolic batch the second layer's run resumes from the first's cut.
+#[test]
+fn calibration_runs_resume_only_where_activations_can_be_kept() {
+    use tabconv::passes::{manager::run_pipeline, pipeline::Pipeline, PassCx};
+    let mut rng = tabconv::pq::rng::Rng::new(9);
+    let calib = ArrayD::from_shape_fn(IxDyn(&[64, 8]), |_| rng.next_f64() as f32);
+    let pipeline = Pipeline::parse(
+        "name: t\npasses:\n  - lut:\n      min_macs: 0\n      learn: none\n      fc_subspace: 4\n",
+        "test",
+    )
+    .unwrap();
+    for (lead, resumes) in [(Dim::Known(2), false), (Dim::Batch(1), true)] {
+        let mut g = Graph::new();
+        let x = g.add_node("x", Op::Input, &[]);
+        g.node_mut(x).outputs[0].fact = Some(Fact::new(DType::F32, vec![lead, Dim::Known(8)]));
+        g.inputs.push(x);
+        let mut h = tabconv::ir::Outlet::new(x, 0);
+        for (i, m) in [8usize, 4].into_iter().enumerate() {
+            let w = ArrayD::from_shape_fn(IxDyn(&[8, m]), |_| rng.next_f64() as f32 - 0.5);
+            let wc = g.add_const(&format!("w{i}"), Tensor::F32(w));
+            h = g.add_op(&format!("mm{i}"), Op::MatMul, &[h, wc]);
+        }
+        g.outputs.push(("y".into(), h));
+        tabconv::ir::infer::infer_graph(&mut g).unwrap();
+        let mut cx = PassCx {
+            calib: Some(calib.clone()),
+            ..Default::default()
+        };
+        let report = run_pipeline(&mut g, &pipeline, &mut cx, |_, _| Ok(())).unwrap();
+        let layers = &report.lut_layers;
+        assert_eq!(layers.len(), 2, "{lead:?}");
+        assert!(layers.iter().all(|l| l.images == 64), "{lead:?}");
+        assert_eq!(layers[0].images_resumed, 0, "nothing before the first layer");
+        assert_eq!(layers[1].images_resumed, if resumes { 64 } else { 0 }, "{lead:?}");
+        let noted = report
+            .notes
+            .iter()
+            .any(|n| n.starts_with("lut: no calibration run resumed"));
+        assert_eq!(noted, !resumes, "{lead:?}: {:?}", report.notes);
+    }
+}

@@ -210,6 +210,7 @@ pub fn collect(
         }
     }
     *resume = runs.finish();
+    resume.last_resumed = resumed.min(sample.images.len());
     Ok(out)
 }
 

@@ -14,7 +14,9 @@
 //! values stay valid in the graph the next layer sees (checked by node name; a mismatch runs
 //! from the images). A cut is kept only when every value of it is `f32` with the images' batch
 //! dimension leading and all of them fit in [`BUDGET`] bytes; otherwise the next run starts
-//! from the images. Images past the kept ones run from the images too.
+//! from the images. Images past the kept ones run from the images too. The compile report
+//! counts, per layer, the images whose run resumed (`images_resumed`), and a note says when no
+//! layer's did.
 //!
 //! A resumed run computes what a run from the images computes, with the same kernels: on the
 //! ResNet-18/16 fixture every collected value is bit-identical (tested through the `lut`
@@ -46,6 +48,9 @@ pub struct Resume {
     data: Vec<ArrayD<f32>>,
     n: usize,
     budget: usize,
+    /// Of the images the last run collected rows from, how many it resumed from a cut
+    /// (the rest ran from the images), for the compile report.
+    pub last_resumed: usize,
 }
 
 impl Default for Resume {
@@ -80,6 +85,7 @@ impl Resume {
             data: Vec::new(),
             n: 0,
             budget,
+            last_resumed: 0,
         }
     }
 
@@ -270,6 +276,7 @@ impl Runs {
             data: self.next_data,
             n: self.total,
             budget: self.budget,
+            last_resumed: 0,
         }
     }
 }

@@ -231,6 +231,11 @@ pub struct LayerReport {
     pub seconds_collect: f64,
     pub seconds_learn: f64,
     pub seconds_refit: f64,
+    /// Calibration images the rows come from, and how many of them the run of the graph
+    /// approximated so far resumed from the previous layer's kept activations
+    /// ([`calib::resume`]); the others ran through the whole prefix.
+    pub images: usize,
+    pub images_resumed: usize,
     /// What gradient learning did, when it ran.
     pub learn: Option<LearnReport>,
 }
@@ -311,6 +316,10 @@ struct Data {
     /// For `learn: block`: the exact activation at the end of the block (`rows × m`) and the
     /// row-wise ops that lead there.
     block: Option<(Vec<f32>, RowEpilogue)>,
+    /// The images the rows come from, and how many of them the run of the approximated graph
+    /// resumed from the previous layer's kept activations.
+    images: usize,
+    resumed: usize,
 }
 
 /// Where a pass's calibration runs resume ([`calib::resume`]): in the graph approximated so
@@ -387,12 +396,19 @@ fn gather(
         let bias = e.bias.unwrap_or_default();
         (target, RowEpilogue { bias, steps })
     });
+    let resumed = if std::ptr::eq(source, exact) {
+        resumes.exact.last_resumed
+    } else {
+        resumes.source.last_resumed
+    };
     Ok(Data {
         x,
         d,
         y,
         rows: sample.rows.len(),
         block,
+        images: sample.images.len(),
+        resumed,
     })
 }
 
@@ -518,6 +534,7 @@ struct Fitted {
 /// Fit codebooks and tables for one layer, learn them if asked, quantize, and measure.
 fn fit_layer(layer: &Layer, data: Data, o: &Options, cx: &mut PassCx, li: usize, start: Instant) -> Result<Fitted> {
     let (rows, d, m, k) = (data.rows, data.d, layer.w.shape()[1], o.k);
+    let (data_images, data_resumed) = (data.images, data.resumed);
     let t_collect = start.elapsed().as_secs_f64();
     let s = subspace(layer, o).clamp(1, d);
     let sub = Subspaces { d, s };
@@ -635,6 +652,8 @@ fn fit_layer(layer: &Layer, data: Data, o: &Options, cx: &mut PassCx, li: usize,
         seconds_collect: t_collect,
         seconds_learn: t_learn - t_collect,
         seconds_refit: t_refit - t_learn,
+        images: data_images,
+        images_resumed: data_resumed,
         learn,
     };
     Ok(Fitted {
@@ -769,6 +788,8 @@ impl Pass for Lut {
         // every layer's images are a prefix of one order, so its runs resume from the last's
         let order = calib::order(&mut Rng::derive(cx.seed, &[0x0bde7]), n_images, o.max_rows);
         let mut resumes = Resumes::default();
+        // images of the layers after the first whose runs resumed (0 for all: a note)
+        let mut resumed = 0;
         for (li, layer) in layers.into_iter().enumerate() {
             cx.check_cancel()?;
             bar.set_message(layer.name.clone());
@@ -786,12 +807,19 @@ impl Pass for Lut {
             let r = &mut fitted.report;
             r.seconds = start.elapsed().as_secs_f64();
             let report = r.clone();
+            resumed += if li > 0 { report.images_resumed } else { 0 };
             let (lut_name, exact_layer) = rewrite(graph, &layer, fitted)?;
             cx.say(&bar, || progress_line(&report, li, n_layers));
             let record = cx.analyses.lut.get_or_insert_with(|| LutLayers::new(o.clone()));
             record.replaced(lut_name, exact_layer, report);
         }
         bar.finish_and_clear();
+        if n_layers > 1 && resumed == 0 {
+            cx.notes.push(format!(
+                "lut: no calibration run resumed from the previous layer's kept activations (kept only when they are f32 with the images' batch dimension leading and fit {} MiB), so every layer ran its images through the whole prefix: calibration time grows with the square of the depth",
+                calib::resume::BUDGET >> 20
+            ));
+        }
         graph.remove_dead();
         if o.global_epochs > 0 {
             let go = crate::calib::global::Options {
@@ -1090,6 +1118,10 @@ mod resume_tests {
             if kept.0 > 0 && kept.1 > 0 {
                 resumed += 1;
             }
+            // the images counted as resumed: those of the sample the kept cut covered
+            assert_eq!(a.images, sample.images.len());
+            assert_eq!(a.resumed, kept.0.min(sample.images.len()), "{}", layer.name);
+            assert_eq!((b.resumed, z.resumed), (0, 0), "{}", layer.name);
             // past every layer but the last, both graphs keep a cut for at least the layer's images
             if more {
                 assert!(resumes.source.kept() >= sample.images.len(), "{}", layer.name);
