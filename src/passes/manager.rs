@@ -12,14 +12,15 @@ use std::collections::BTreeSet;
 use std::time::Instant;
 
 /// When the pipeline learns tables and then masks, the last quarter of the calibration images
-/// (at most [`super::mask::Options::measured_samples`]: 1024 for the default unlabelled target,
+/// (at most [`super::mask::Options::measured_samples`]: 4096 for the default unlabelled target,
 /// 256 for the others) is held out from learning and the mask measures on them
-/// ([`PassCx::holdout`]). For an expected-drop target that confirms on a held-out share
-/// ([`super::mask::Options::confirms_on`]) on the last `measured_samples` images but not on
-/// the quarter alone, the mask measures those: the held-out quarter and the images learned on
-/// just before it ([`PassCx::holdout_learned`] of them, first). With fewer than 16 images
-/// everything is used for both. Returns the images to learn on, those to measure on and how
-/// many of the latter were also learned on.
+/// ([`PassCx::holdout`]). For an expected-drop target that the quarter is too few to confirm
+/// on a held-out share ([`super::mask::Options::confirms_on`]) but
+/// [`super::mask::LEND_TO`] images are not, the mask measures the last `LEND_TO` (at most
+/// `measured_samples`): the held-out quarter and the images learned on just before it
+/// ([`PassCx::holdout_learned`] of them, first). With fewer than 16 images everything is used
+/// for both. Returns the images to learn on, those to measure on and how many of the latter
+/// were also learned on.
 ///
 /// Why: with 1024 images the quarter is 256, and the unlabelled expected drop read on 256
 /// images varied by 0.38 points between sets of 256 (the README demo's ResNet-18/16), so every
@@ -40,8 +41,9 @@ fn split_holdout(x: ArrayD<f32>, pipeline: &Pipeline) -> (ArrayD<f32>, Option<Ar
     };
     let samples = mask.measured_samples().max(1);
     let h = (n / 4).min(samples);
-    let measured = if mask.confirms_on(n.min(samples)) {
-        n.min(samples)
+    let lent = n.min(samples).min(super::mask::LEND_TO);
+    let measured = if !mask.confirms_on(h) && lent > h && mask.confirms_on(lent) {
+        lent
     } else {
         h
     };
@@ -179,10 +181,11 @@ mod tests {
         x.outer_iter().map(|r| r[[0]] as usize).collect()
     }
 
-    /// The default pipeline (unlabelled target, 1024 measured, confirmed) learns on the first
-    /// three quarters and measures the last 1024 images: with 4096 or more none of them
-    /// learned on, with 1024 the 768 learned on lend it theirs; other targets, and one that
-    /// would not confirm, measure the held-out quarter alone.
+    /// The default pipeline (unlabelled target, up to 4096 measured, confirmed) learns on the
+    /// first three quarters and measures the last quarter, at most 4096 images, when that is
+    /// enough to confirm (3200 images or more); with fewer the images learned on just before
+    /// it are lent up to 1024 in all. Other targets, and one that would not confirm, measure
+    /// the held-out quarter alone.
     #[test]
     fn small_calibration_sets_lend_the_mask_images_learned_on() {
         let default = Pipeline::find("tabconv").unwrap();
@@ -197,6 +200,12 @@ mod tests {
         let (fit, held, learned) = split_holdout(images(2000), &default);
         assert_eq!((fit.shape()[0], learned), (1500, 524));
         assert_eq!(firsts(&held.unwrap()), (976..2000).collect::<Vec<_>>());
+        // the quarter confirms alone: measured alone, up to 4096
+        let (fit, held, learned) = split_holdout(images(3200), &default);
+        assert_eq!((fit.shape()[0], held.unwrap().shape()[0], learned), (2400, 800, 0));
+        let (fit, held, learned) = split_holdout(images(60000), &default);
+        assert_eq!(firsts(&held.unwrap()), (55904..60000).collect::<Vec<_>>());
+        assert_eq!((fit.shape()[0], learned), (55904, 0));
         // fewer than 16 images: everything for both
         let (fit, held, learned) = split_holdout(images(15), &default);
         assert!(fit.shape()[0] == 15 && held.is_none() && learned == 0);

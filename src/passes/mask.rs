@@ -44,13 +44,13 @@ pub struct Options {
     pub force_lut: Vec<String>,
     /// Calibration images the logit measures (cosine, expected drop) are taken on, at most.
     /// When the pipeline learns tables they are the last quarter of `--calib` (at most this
-    /// many), held out of learning; for an expected-drop target that confirms
-    /// ([`Options::confirms_on`]), a set smaller than four times this many lends the measures
-    /// the images learned on just before that quarter, up to this many, and the confirmation
-    /// holds the images no table saw out first. Without a `lut` pass, the first this many of
-    /// `--calib`. 0 = by the target:
-    /// 1024 for `max_expected_drop` without labels (the drop it reads on 256 images varies by
-    /// about 0.4 points from one set to the next), 256 otherwise
+    /// many), held out of learning; for an expected-drop target whose confirmation
+    /// ([`Options::confirms_on`]) that quarter is too small for but [`LEND_TO`] images are
+    /// not, the images learned on just before the quarter are lent up to that many, and the
+    /// confirmation holds the images no table saw out first. Without a `lut` pass, the first
+    /// this many of `--calib`. 0 = by the target: 4096 for `max_expected_drop` without labels
+    /// (the drop it reads on 256 images varies by about 0.4 points from one set to the next;
+    /// the more images, the less margin and the more layers stay lookups), 256 otherwise
     /// ([`Options::measured_samples`]).
     pub samples: usize,
     /// Relearn the remaining tables after the choice (progressive calibration through it).
@@ -132,16 +132,17 @@ impl Default for Options {
 }
 
 impl Options {
-    /// The images the logit measures are taken on at most: `samples`, or when it is 0 1024 for
-    /// an unlabelled `max_expected_drop` target (its readings are the noisiest) and 256 for the
-    /// others (an accuracy target is held to `--val`; the logits only rank layers).
+    /// The images the logit measures are taken on at most: `samples`, or when it is 0 4096 for
+    /// an unlabelled `max_expected_drop` target (its readings are the noisiest, and the budget
+    /// is held to them) and 256 for the others (an accuracy target is held to `--val`; the
+    /// logits only rank layers).
     pub fn measured_samples(&self) -> usize {
         match self.samples {
             0 if self.max_accuracy_drop.is_none()
                 && self.target_reduction.is_none()
                 && self.max_expected_drop.is_some() =>
             {
-                1024
+                4096
             }
             0 => 256,
             n => n,
@@ -149,10 +150,11 @@ impl Options {
     }
 
     /// Whether the target is an expected drop that confirms on a held-out share of `measured`
-    /// images ([`confirms_expected_drop`]). Only then does a calibration set too small to hold
-    /// out `measured_samples` images lend the measures images learned on: the images no step
-    /// chose on, those no table saw first, then guard the budget. The other targets, and an
-    /// expected drop measured on too few images to confirm, measure the held-out images alone.
+    /// images ([`confirms_expected_drop`]). Only for such a target, when the held-out quarter
+    /// of `--calib` is too few to confirm on and [`LEND_TO`] images are not, does the compile
+    /// lend the measures images learned on: the images no step chose on, those no table saw
+    /// first, then guard the budget. The other targets, and an expected drop that cannot
+    /// confirm on `LEND_TO` images either, measure the held-out images alone.
     pub fn confirms_on(&self, measured: usize) -> bool {
         self.max_accuracy_drop.is_none()
             && self.target_reduction.is_none()
@@ -161,6 +163,12 @@ impl Options {
                 .is_some_and(|d| confirms_expected_drop(measured, self.confirm, d))
     }
 }
+
+/// How many images a calibration set whose held-out quarter is too few to confirm an
+/// expected-drop target lends the mask, images learned on included (see `manager`'s
+/// `split_holdout`): the setting measured (docs/results_learned.md, "Measuring small
+/// calibration sets"), enough to confirm a budget of 0.4 points or more.
+pub const LEND_TO: usize = 1024;
 
 pub struct Mask(pub Options);
 

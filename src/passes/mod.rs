@@ -32,9 +32,9 @@ pub struct PassCx {
     /// the logit cosine read 0.9982 there and 0.9967 on unseen images).
     pub holdout: Option<ArrayD<f32>>,
     /// How many of [`PassCx::holdout`]'s images, its first ones, are also in
-    /// [`PassCx::calib`]: for an expected-drop target that confirms, a calibration set too
-    /// small to hold out as many images as the mask measures lends it the images learned on
-    /// last (`manager::split_holdout`); the confirmation then holds the images no table saw out
+    /// [`PassCx::calib`]: for an expected-drop target, a calibration set whose held-out quarter
+    /// is too few to confirm on lends the mask the images learned on last
+    /// (`manager::split_holdout`); the confirmation then holds the images no table saw out
     /// first.
     pub holdout_learned: usize,
     pub seed: u64,

@@ -586,7 +586,7 @@ mod tests {
     }
 
     /// An expected-drop target confirms on a held-out share only where one image there weighs
-    /// at most half the budget; by default it measures 1024 images, the other targets 256.
+    /// at most half the budget; by default it measures up to 4096 images, the other targets 256.
     #[test]
     fn expected_drop_targets_measure_more_images_and_confirm_where_one_image_weighs_little() {
         // 512 held out: one image is 0.195 points; 400: exactly 0.25; 399 and 128: more
@@ -602,7 +602,7 @@ mod tests {
             o.measured_samples()
         };
         assert_eq!(o(|_| {}), 256);
-        assert_eq!(o(|o| o.max_expected_drop = Some(0.5)), 1024);
+        assert_eq!(o(|o| o.max_expected_drop = Some(0.5)), 4096);
         assert_eq!(
             o(|o| {
                 o.max_expected_drop = Some(0.5);

@@ -42,9 +42,9 @@
 //!
 //! The calibration images measured on are [`PassCx::holdout`] when the compile set some aside
 //! (it does when the pipeline learns tables before masking), so the tables were not fitted to
-//! them — except, for an expected-drop target that confirms ([`Options::confirms_on`]) and a
-//! set smaller than four times `samples`, the images learned on just before the held-out
-//! quarter of `--calib` that it lends the measures ([`PassCx::holdout_learned`]; the
+//! them — except, for an expected-drop target whose held-out quarter of `--calib` is too few
+//! to confirm on ([`Options::confirms_on`]), the images learned on just before it that the
+//! compile lends the measures, up to `LEND_TO` in all ([`PassCx::holdout_learned`]; the
 //! confirmation holds the unseen ones out first); otherwise the first `samples` of
 //! [`PassCx::calib`] (`Options::measured_samples`).
 
@@ -81,7 +81,6 @@ impl Mask {
             return Ok(());
         }
         let (samples, logit_images, learned) = measured_images(cx, o)?;
-        let n_measured = samples.shape()[0];
         check_targets(o, cx.val.is_some())?;
         let names: Vec<&str> = luts
             .iter()
@@ -185,8 +184,7 @@ impl Mask {
             kept_point: None,
         };
         report.kept_point = Some(report.kept().clone());
-        cx.notes
-            .extend(reading_notes(&report, &meter, o, &logit_images, n_measured));
+        cx.notes.extend(reading_notes(&report, &meter, o, &logit_images));
         cx.mask = Some(report);
         Ok(())
     }
@@ -195,13 +193,7 @@ impl Mask {
 /// Notes on how well the kept model's last reading (on the held-out images when it was
 /// confirmed) pins the budget: a standard error large against it, an expected drop measured on
 /// fewer images than `samples` asks for or not confirmed.
-fn reading_notes(
-    report: &MaskReport,
-    meter: &Meter,
-    o: &Options,
-    logit_images: &str,
-    n_measured: usize,
-) -> Vec<String> {
+fn reading_notes(report: &MaskReport, meter: &Meter, o: &Options, logit_images: &str) -> Vec<String> {
     let kept = report.kept();
     let (last, held) = match &report.confirmation {
         Some(c) => (c.points.last().unwrap_or(kept), Some(c.images)),
@@ -224,11 +216,11 @@ fn reading_notes(
             });
             let unconfirmed = o.confirm > 0.0 && held.is_none();
             let se = last.expected_drop_se;
-            if se <= drop / 4.0 && n_measured >= o.measured_samples() && !unconfirmed {
+            if se <= drop / 4.0 && !unconfirmed {
                 return Vec::new();
             }
             vec![format!(
-                "mask: the expected drop is read on {on}, with a standard error of {se:.2} points for the kept model ({margin} of them added before holding it to the {drop}-point budget){}; more images measured narrow it (the mask measures up to mask.samples = {} calibration images: the last quarter of --calib, held out of learning, and when that is too few to confirm on, the images learned on last)",
+                "mask: the expected drop is read on {on}, with a standard error of {se:.2} points for the kept model ({margin} of them added before holding it to the {drop}-point budget){}; more images measured narrow it (the mask measures the last quarter of --calib, held out of learning, up to mask.samples = {} images; when that is too few to confirm on, the images learned on last are lent up to 1024 in all)",
                 if unconfirmed {
                     ", not confirmed on a held-out share (too few images: one would weigh more than half the budget there; 200/budget needed)"
                 } else {
