@@ -255,6 +255,10 @@ pub struct LearnReport {
 
 pub struct Lut(pub Options);
 
+/// The start of the note that no calibration run resumed (given once per compile: the `mask`
+/// pass's relearning runs the pass again).
+const NO_RESUME: &str = "lut: no calibration run resumed from the previous layer's kept activations";
+
 /// A MatMul the pass can replace: constant `[D, M]` weight, input rows of length D (an input
 /// `[N, …, D]` gives `rows_per_image` = the product of the middle dimensions: the token rows of
 /// a transformer's linear layers, the pixels of a conv).
@@ -814,9 +818,9 @@ impl Pass for Lut {
             record.replaced(lut_name, exact_layer, report);
         }
         bar.finish_and_clear();
-        if n_layers > 1 && resumed == 0 {
+        if n_layers > 1 && resumed == 0 && !cx.notes.iter().any(|n| n.starts_with(NO_RESUME)) {
             cx.notes.push(format!(
-                "lut: no calibration run resumed from the previous layer's kept activations (kept only when they are f32 with the images' batch dimension leading and fit {} MiB), so every layer ran its images through the whole prefix: calibration time grows with the square of the depth",
+                "{NO_RESUME} (kept only when they are f32 with the images' batch dimension leading and fit {} MiB), so every layer ran its images through the whole prefix: calibration time grows with the square of the depth",
                 calib::resume::BUDGET >> 20
             ));
         }

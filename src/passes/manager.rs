@@ -12,13 +12,13 @@ use std::collections::BTreeSet;
 use std::time::Instant;
 
 /// When the pipeline learns tables and then masks, the last quarter of the calibration images
-/// (at most [`super::mask::Options::measured_samples`]: 4096 for the default unlabelled target,
-/// 256 for the others) is held out from learning and the mask measures on them
+/// (at most [`super::mask::Options::measured_samples`]: up to 4096 for the default unlabelled
+/// target, 256 for the others) is held out from learning and the mask measures on them
 /// ([`PassCx::holdout`]). For an expected-drop target that the quarter is too few to confirm
-/// on a held-out share ([`super::mask::Options::confirms_on`]) but
-/// [`super::mask::LEND_TO`] images are not, the mask measures the last `LEND_TO` (at most
-/// `measured_samples`): the held-out quarter and the images learned on just before it
-/// ([`PassCx::holdout_learned`] of them, first). With fewer than 16 images everything is used
+/// on a held-out share ([`super::mask::Options::confirms_on`]) but the last
+/// `measured_samples` images are not, the mask measures the fewest last images that confirm,
+/// at least [`super::mask::LEND_TO`]: the held-out quarter and the images learned on just
+/// before it ([`PassCx::holdout_learned`] of them, first). With fewer than 16 images everything is used
 /// for both. Returns the images to learn on, those to measure on and how many of the latter
 /// were also learned on.
 ///
@@ -39,13 +39,23 @@ fn split_holdout(x: ArrayD<f32>, pipeline: &Pipeline) -> (ArrayD<f32>, Option<Ar
     let Some(mask) = mask.filter(|_| learns && n >= 16) else {
         return (x, None, 0);
     };
-    let samples = mask.measured_samples().max(1);
+    let samples = mask.measured_samples(x.len() / n).max(1);
     let h = (n / 4).min(samples);
-    let lent = n.min(samples).min(super::mask::LEND_TO);
-    let measured = if !mask.confirms_on(h) && lent > h && mask.confirms_on(lent) {
-        lent
-    } else {
+    let cap = n.min(samples);
+    let measured = if mask.confirms_on(h) || !mask.confirms_on(cap) {
         h
+    } else {
+        // the fewest images that confirm (more images hold more out), at least LEND_TO
+        let (mut lo, mut hi) = (h + 1, cap);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            if mask.confirms_on(mid) {
+                hi = mid;
+            } else {
+                lo = mid + 1;
+            }
+        }
+        hi.max(super::mask::LEND_TO).min(cap)
     };
     let fit = x.slice_axis(Axis(0), (0..n - h).into()).to_owned();
     let holdout = x.slice_axis(Axis(0), (n - measured..n).into()).to_owned();
@@ -184,8 +194,8 @@ mod tests {
     /// The default pipeline (unlabelled target, up to 4096 measured, confirmed) learns on the
     /// first three quarters and measures the last quarter, at most 4096 images, when that is
     /// enough to confirm (3200 images or more); with fewer the images learned on just before
-    /// it are lent up to 1024 in all. Other targets, and one that would not confirm, measure
-    /// the held-out quarter alone.
+    /// it are lent, the fewest that confirm and at least 1024 in all. Other targets, and one
+    /// that would not confirm, measure the held-out quarter alone.
     #[test]
     fn small_calibration_sets_lend_the_mask_images_learned_on() {
         let default = Pipeline::find("tabconv").unwrap();
@@ -206,6 +216,22 @@ mod tests {
         let (fit, held, learned) = split_holdout(images(60000), &default);
         assert_eq!(firsts(&held.unwrap()), (55904..60000).collect::<Vec<_>>());
         assert_eq!((fit.shape()[0], learned), (55904, 0));
+        // a budget of 0.2 points confirms on 2000 images (1000 held out): lent up to that
+        let tight = Pipeline::parse(
+            "name: t\npasses:\n  - lut:\n  - mask: {max_expected_drop: 0.2}\n",
+            "test",
+        )
+        .unwrap();
+        let (_, held, learned) = split_holdout(images(3000), &tight);
+        assert_eq!((held.unwrap().shape()[0], learned), (2000, 1250));
+        // an explicit mask.samples caps it: 1500 cannot confirm 0.2, so nothing is lent
+        let capped = Pipeline::parse(
+            "name: t\npasses:\n  - lut:\n  - mask: {max_expected_drop: 0.2, samples: 1500}\n",
+            "test",
+        )
+        .unwrap();
+        let (_, held, learned) = split_holdout(images(3000), &capped);
+        assert_eq!((held.unwrap().shape()[0], learned), (750, 0));
         // fewer than 16 images: everything for both
         let (fit, held, learned) = split_holdout(images(15), &default);
         assert!(fit.shape()[0] == 15 && held.is_none() && learned == 0);

@@ -45,13 +45,14 @@ pub struct Options {
     /// Calibration images the logit measures (cosine, expected drop) are taken on, at most.
     /// When the pipeline learns tables they are the last quarter of `--calib` (at most this
     /// many), held out of learning; for an expected-drop target whose confirmation
-    /// ([`Options::confirms_on`]) that quarter is too small for but [`LEND_TO`] images are
-    /// not, the images learned on just before the quarter are lent up to that many, and the
-    /// confirmation holds the images no table saw out first. Without a `lut` pass, the first
-    /// this many of `--calib`. 0 = by the target: 4096 for `max_expected_drop` without labels
-    /// (the drop it reads on 256 images varies by about 0.4 points from one set to the next;
-    /// the more images, the less margin and the more layers stay lookups), 256 otherwise
-    /// ([`Options::measured_samples`]).
+    /// ([`Options::confirms_on`]) that quarter is too small for but this many images are not,
+    /// the images learned on just before the quarter are lent, the fewest that confirm and at
+    /// least [`LEND_TO`] in all (at most this many), and the confirmation holds the images no
+    /// table saw out first. Without a `lut` pass, the first
+    /// this many of `--calib`. 0 = by the target: for `max_expected_drop` without labels 4096
+    /// small images, down to 1024 large ones (the drop it reads on 256 images varies by about
+    /// 0.4 points from one set to the next; the more images, the less margin and the more
+    /// layers stay lookups), 256 otherwise ([`Options::measured_samples`]).
     pub samples: usize,
     /// Relearn the remaining tables after the choice (progressive calibration through it).
     pub relearn: bool,
@@ -132,17 +133,19 @@ impl Default for Options {
 }
 
 impl Options {
-    /// The images the logit measures are taken on at most: `samples`, or when it is 0 4096 for
-    /// an unlabelled `max_expected_drop` target (its readings are the noisiest, and the budget
-    /// is held to them) and 256 for the others (an accuracy target is held to `--val`; the
-    /// logits only rank layers).
-    pub fn measured_samples(&self) -> usize {
+    /// The images the logit measures are taken on at most, for images of `image_values` values
+    /// each: `samples`, or when it is 0, for an unlabelled `max_expected_drop` target (its
+    /// readings are the noisiest, and the budget is held to them) as many as fit
+    /// [`MEASURE_BYTES`], at least 1024 and at most 4096 (4096 for 28×28 and 32×32×3 images,
+    /// 1024 from about 130×130×3: every step runs the model on them), and 256 for the others
+    /// (an accuracy target is held to `--val`; the logits only rank layers).
+    pub fn measured_samples(&self, image_values: usize) -> usize {
         match self.samples {
             0 if self.max_accuracy_drop.is_none()
                 && self.target_reduction.is_none()
                 && self.max_expected_drop.is_some() =>
             {
-                4096
+                (MEASURE_BYTES / (4 * image_values.max(1))).clamp(1024, 4096)
             }
             0 => 256,
             n => n,
@@ -151,10 +154,10 @@ impl Options {
 
     /// Whether the target is an expected drop that confirms on a held-out share of `measured`
     /// images ([`confirms_expected_drop`]). Only for such a target, when the held-out quarter
-    /// of `--calib` is too few to confirm on and [`LEND_TO`] images are not, does the compile
-    /// lend the measures images learned on: the images no step chose on, those no table saw
-    /// first, then guard the budget. The other targets, and an expected drop that cannot
-    /// confirm on `LEND_TO` images either, measure the held-out images alone.
+    /// of `--calib` is too few to confirm on and the last `measured_samples` images are not,
+    /// does the compile lend the measures images learned on (the fewest that confirm, at least
+    /// [`LEND_TO`]): the images no step chose on, those no table saw first, then guard the
+    /// budget. The other targets measure the held-out images alone.
     pub fn confirms_on(&self, measured: usize) -> bool {
         self.max_accuracy_drop.is_none()
             && self.target_reduction.is_none()
@@ -164,11 +167,15 @@ impl Options {
     }
 }
 
-/// How many images a calibration set whose held-out quarter is too few to confirm an
-/// expected-drop target lends the mask, images learned on included (see `manager`'s
-/// `split_holdout`): the setting measured (docs/results_learned.md, "Measuring small
-/// calibration sets"), enough to confirm a budget of 0.4 points or more.
+/// How many images at least a calibration set whose held-out quarter is too few to confirm
+/// an expected-drop target lends the mask, images learned on included (see `manager`'s
+/// `split_holdout`; more when the budget needs more to confirm): the setting measured
+/// (docs/results_learned.md, "Measuring small calibration sets").
 pub const LEND_TO: usize = 1024;
+
+/// Bytes of images the unlabelled target measures by default at most (beyond its first 1024
+/// images; [`Options::measured_samples`]).
+pub const MEASURE_BYTES: usize = 64 << 20;
 
 pub struct Mask(pub Options);
 

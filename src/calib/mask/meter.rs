@@ -599,10 +599,22 @@ mod tests {
         let o = |f: fn(&mut Options)| {
             let mut o = Options::default();
             f(&mut o);
-            o.measured_samples()
+            o.measured_samples(784)
         };
         assert_eq!(o(|_| {}), 256);
         assert_eq!(o(|o| o.max_expected_drop = Some(0.5)), 4096);
+        // 64 MiB of images: fewer large ones, never fewer than 1024
+        let big = |values: usize| {
+            let o = Options {
+                max_expected_drop: Some(0.5),
+                ..Options::default()
+            };
+            o.measured_samples(values)
+        };
+        assert_eq!(
+            (big(3 * 32 * 32), big(3 * 64 * 64), big(3 * 224 * 224)),
+            (4096, 1365, 1024)
+        );
         assert_eq!(
             o(|o| {
                 o.max_expected_drop = Some(0.5);

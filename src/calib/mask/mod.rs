@@ -80,7 +80,7 @@ impl Mask {
                 .push("mask: no LUT layers to mask (run the lut pass first)".into());
             return Ok(());
         }
-        let (samples, logit_images, learned) = measured_images(cx, o)?;
+        let (samples, logit_images, learned, measured_most) = measured_images(cx, o)?;
         check_targets(o, cx.val.is_some())?;
         let names: Vec<&str> = luts
             .iter()
@@ -184,16 +184,17 @@ impl Mask {
             kept_point: None,
         };
         report.kept_point = Some(report.kept().clone());
-        cx.notes.extend(reading_notes(&report, &meter, o, &logit_images));
+        cx.notes
+            .extend(reading_notes(&report, &meter, o, &logit_images, measured_most));
         cx.mask = Some(report);
         Ok(())
     }
 }
 
 /// Notes on how well the kept model's last reading (on the held-out images when it was
-/// confirmed) pins the budget: a standard error large against it, an expected drop measured on
-/// fewer images than `samples` asks for or not confirmed.
-fn reading_notes(report: &MaskReport, meter: &Meter, o: &Options, logit_images: &str) -> Vec<String> {
+/// confirmed) pins the budget: a standard error large against it, an expected drop not
+/// confirmed. `samples`: the most images the target measures on these images.
+fn reading_notes(report: &MaskReport, meter: &Meter, o: &Options, logit_images: &str, samples: usize) -> Vec<String> {
     let kept = report.kept();
     let (last, held) = match &report.confirmation {
         Some(c) => (c.points.last().unwrap_or(kept), Some(c.images)),
@@ -220,13 +221,13 @@ fn reading_notes(report: &MaskReport, meter: &Meter, o: &Options, logit_images: 
                 return Vec::new();
             }
             vec![format!(
-                "mask: the expected drop is read on {on}, with a standard error of {se:.2} points for the kept model ({margin} of them added before holding it to the {drop}-point budget){}; more images measured narrow it (the mask measures the last quarter of --calib, held out of learning, up to mask.samples = {} images; when that is too few to confirm on, the images learned on last are lent up to 1024 in all)",
+                "mask: the expected drop is read on {on}, with a standard error of {se:.2} points for the kept model ({margin} of them added before holding it to the {drop}-point budget){}; more images measured narrow it (the mask measures the last quarter of --calib, held out of learning, up to {samples} images (mask.samples); when that is too few to confirm on, it borrows the images learned on last, at least {} in all)",
                 if unconfirmed {
                     ", not confirmed on a held-out share (too few images: one would weigh more than half the budget there; 200/budget needed)"
                 } else {
                     ""
                 },
-                o.measured_samples()
+                crate::passes::mask::LEND_TO
             )]
         }
         _ => Vec::new(),
@@ -274,9 +275,9 @@ fn check_targets(o: &Options, has_val: bool) -> Result<()> {
 
 /// The images the logit measures are taken on — held-out calibration images when the compile
 /// set some aside, else the ones learned on, at most `samples` —, how the report names them,
-/// and how many of them (the first) were also learned on when the held-out ones are a mix
-/// ([`PassCx::holdout_learned`]; 0 otherwise).
-fn measured_images(cx: &PassCx, o: &Options) -> Result<(ArrayD<f32>, String, usize)> {
+/// how many of them (the first) were also learned on when the held-out ones are a mix
+/// ([`PassCx::holdout_learned`]; 0 otherwise), and the most the target measures.
+fn measured_images(cx: &PassCx, o: &Options) -> Result<(ArrayD<f32>, String, usize, usize)> {
     let held_out = cx.holdout.is_some();
     let calib = cx
         .holdout
@@ -284,7 +285,9 @@ fn measured_images(cx: &PassCx, o: &Options) -> Result<(ArrayD<f32>, String, usi
         .or(cx.calib.as_ref())
         .ok_or_else(|| Error::Input("the mask pass measures on --calib images".into()))?;
     let len = calib.shape()[0];
-    let n = len.min(o.measured_samples().max(1));
+    let values = calib.len() / len.max(1);
+    let most = o.measured_samples(values).max(1);
+    let n = len.min(most);
     // held-out images: the last (those learned on come first); else the first of --calib
     let first = if held_out { len - n } else { 0 };
     let samples = calib.select(Axis(0), &(first..first + n).collect::<Vec<_>>());
@@ -298,7 +301,7 @@ fn measured_images(cx: &PassCx, o: &Options) -> Result<(ArrayD<f32>, String, usi
         (true, 0) => format!("{n} held-out calibration images"),
         (true, l) => format!("{n} calibration images, {l} of them also learned on"),
     };
-    Ok((samples, logit_images, learned))
+    Ok((samples, logit_images, learned, most))
 }
 
 /// How the report names the images the target is measured on: for an accuracy target the
