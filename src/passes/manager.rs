@@ -187,6 +187,15 @@ mod tests {
         Array::from_shape_fn(vec![n, 2], |ix| ix[0] as f32).into_dyn()
     }
 
+    /// `lut`, then `mask` with these options.
+    fn masking(options: &str) -> Pipeline {
+        Pipeline::parse(
+            &format!("name: t\npasses:\n  - lut:\n  - mask: {{{options}}}\n"),
+            "test",
+        )
+        .unwrap()
+    }
+
     fn firsts(x: &ArrayD<f32>) -> Vec<usize> {
         x.outer_iter().map(|r| r[[0]] as usize).collect()
     }
@@ -217,29 +226,17 @@ mod tests {
         assert_eq!(firsts(&held.unwrap()), (55904..60000).collect::<Vec<_>>());
         assert_eq!((fit.shape()[0], learned), (55904, 0));
         // a budget of 0.2 points confirms on 2000 images (1000 held out): lent up to that
-        let tight = Pipeline::parse(
-            "name: t\npasses:\n  - lut:\n  - mask: {max_expected_drop: 0.2}\n",
-            "test",
-        )
-        .unwrap();
+        let tight = masking("max_expected_drop: 0.2");
         let (_, held, learned) = split_holdout(images(3000), &tight);
         assert_eq!((held.unwrap().shape()[0], learned), (2000, 1250));
         // an explicit mask.samples caps it: 1500 cannot confirm 0.2, so nothing is lent
-        let capped = Pipeline::parse(
-            "name: t\npasses:\n  - lut:\n  - mask: {max_expected_drop: 0.2, samples: 1500}\n",
-            "test",
-        )
-        .unwrap();
+        let capped = masking("max_expected_drop: 0.2, samples: 1500");
         let (_, held, learned) = split_holdout(images(3000), &capped);
         assert_eq!((held.unwrap().shape()[0], learned), (750, 0));
         // fewer than 16 images: everything for both
         let (fit, held, learned) = split_holdout(images(15), &default);
         assert!(fit.shape()[0] == 15 && held.is_none() && learned == 0);
-        let accuracy = Pipeline::parse(
-            "name: t\npasses:\n  - lut:\n  - mask: {max_accuracy_drop: 0.5}\n",
-            "test",
-        )
-        .unwrap();
+        let accuracy = masking("max_accuracy_drop: 0.5");
         let (fit, held, learned) = split_holdout(images(1024), &accuracy);
         assert_eq!((fit.shape()[0], held.unwrap().shape()[0], learned), (768, 256, 0));
         // the other targets, and an expected drop on too few images to confirm, measure the
@@ -249,18 +246,10 @@ mod tests {
         assert_eq!((fit.shape()[0], learned), (384, 0));
         let (_, held, learned) = split_holdout(images(700), &default);
         assert_eq!((held.unwrap().shape()[0], learned), (175, 0));
-        let cosine = Pipeline::parse(
-            "name: t\npasses:\n  - lut:\n  - mask: {min_logit_cosine: 0.99, samples: 1024}\n",
-            "test",
-        )
-        .unwrap();
+        let cosine = masking("min_logit_cosine: 0.99, samples: 1024");
         let (_, held, learned) = split_holdout(images(1024), &cosine);
         assert_eq!((held.unwrap().shape()[0], learned), (256, 0));
-        let unconfirmed = Pipeline::parse(
-            "name: t\npasses:\n  - lut:\n  - mask: {max_expected_drop: 0.5, confirm: 0}\n",
-            "test",
-        )
-        .unwrap();
+        let unconfirmed = masking("max_expected_drop: 0.5, confirm: 0");
         let (_, held, learned) = split_holdout(images(1024), &unconfirmed);
         assert_eq!((held.unwrap().shape()[0], learned), (256, 0));
         // nothing learned: nothing held out

@@ -334,9 +334,14 @@ fn split_rows(n: usize, fraction: f64) -> Option<(Vec<usize>, Vec<usize>)> {
     if fraction <= 0.0 {
         return None;
     }
-    let out = confirm_split(n, fraction);
-    let (held, chosen): (Vec<usize>, Vec<usize>) = (0..n).partition(|&i| out[i]);
+    let (chosen, held) = chosen_and_held(&confirm_split(n, fraction));
     (!chosen.is_empty() && !held.is_empty()).then_some((chosen, held))
+}
+
+/// The rows not flagged (chosen on) and those flagged (held out).
+fn chosen_and_held(held: &[bool]) -> (Vec<usize>, Vec<usize>) {
+    let (h, c): (Vec<usize>, Vec<usize>) = (0..held.len()).partition(|&i| held[i]);
+    (c, h)
 }
 
 /// [`split_rows`] for measured images whose first `learned` were also learned on: as many held
@@ -351,8 +356,7 @@ fn split_fresh_first(n: usize, learned: usize, fraction: f64) -> Option<(Vec<usi
     let (h, fresh) = (held.len(), n - learned);
     let hf = h.min(fresh);
     let out: Vec<bool> = spread(learned, h - hf).into_iter().chain(spread(fresh, hf)).collect();
-    let (held, chosen): (Vec<usize>, Vec<usize>) = (0..n).partition(|&i| out[i]);
-    Some((chosen, held))
+    Some(chosen_and_held(&out))
 }
 
 /// `h ≤ n` of `n` flags set, spread evenly: flag `j` when `⌊(j + 1)·h/n⌋ > ⌊j·h/n⌋`.
@@ -604,13 +608,11 @@ mod tests {
         assert_eq!(o(|_| {}), 256);
         assert_eq!(o(|o| o.max_expected_drop = Some(0.5)), 4096);
         // 64 MiB of images: fewer large ones, never fewer than 1024
-        let big = |values: usize| {
-            let o = Options {
-                max_expected_drop: Some(0.5),
-                ..Options::default()
-            };
-            o.measured_samples(values)
+        let unlabelled = Options {
+            max_expected_drop: Some(0.5),
+            ..Options::default()
         };
+        let big = |values: usize| unlabelled.measured_samples(values);
         assert_eq!(
             (big(3 * 32 * 32), big(3 * 64 * 64), big(3 * 224 * 224)),
             (4096, 1365, 1024)
