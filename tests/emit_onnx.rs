@@ -16,19 +16,22 @@ fn compile_cli(model: &str, out: &Path, args: &[&str]) {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
+/// The default pipeline's masking off: every layer stays lookups.
+const ALL_LUT: [&str; 6] = [
+    "--set",
+    "mask.min_logit_cosine=0",
+    "--set",
+    "mask.max_expected_drop=null",
+    "--set",
+    "mask.restore_unprofitable=false",
+];
+
 fn compile(out: &Path, extra: &[&str]) {
     let calib = fixture("data/mnist_calib.npy");
     let args = [
         &["--calib", calib.to_str().unwrap()][..],
         // every layer as lookups: conv (im2col rows) and fc layers, argmin and tree encoders
-        &[
-            "--set",
-            "mask.min_logit_cosine=0",
-            "--set",
-            "mask.max_expected_drop=null",
-            "--set",
-            "mask.restore_unprofitable=false",
-        ],
+        &ALL_LUT,
         extra,
     ]
     .concat();
@@ -39,8 +42,13 @@ fn compile(out: &Path, extra: &[&str]) {
 fn lowered_model_runs_in_tract_with_the_interpreters_outputs() {
     let dir = tempfile::tempdir().unwrap();
     let x = npy("expected/lenet5_input.npy");
-    // fc_subspace 3 does not divide fc1's 400 inputs: the last codebook is zero-padded
-    for extra in [&[][..], &["--set", "lut.fc_subspace=3"][..]] {
+    // fc_subspace 3 does not divide fc1's 400 inputs: the last codebook is zero-padded;
+    // pixel codebooks (conv2): the padded input's pixels encoded, their codes gathered per tap
+    for extra in [
+        &[][..],
+        &["--set", "lut.fc_subspace=3"][..],
+        &["--set", "lut.pixel_subspace=3"][..],
+    ] {
         let (tcv, onnx) = (dir.path().join("m.tcv"), dir.path().join("m.onnx"));
         compile(&tcv, extra);
         compile(&onnx, &[extra, &["--emit", "onnx"]].concat());
@@ -64,6 +72,53 @@ fn lowered_model_runs_in_tract_with_the_interpreters_outputs() {
         let top1 = |a: &ndarray::ArrayD<f32>| tabconv::model::argmax_rows(a);
         assert_eq!(top1(&ours), top1(theirs), "{extra:?}: same top-1");
     }
+}
+
+/// Pixel codebooks on padded 3×3 convolutions (ResNet-18/16, every layer as lookups): the
+/// lowered model pads the input, encodes its pixels (the padding's read the all-zero pixel's
+/// codes, as the interpreter's taps outside the image do) and gathers them per tap; tract runs
+/// it with the interpreter's outputs on the `.tcv`.
+#[test]
+fn lowered_pixel_codebooks_run_in_tract_with_the_interpreters_outputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let calib = fixture("data/fmnist_calib.npy");
+    let args = [
+        &[
+            "--calib",
+            calib.to_str().unwrap(),
+            "--set",
+            "lut.pixel_subspace=8",
+            "--set",
+            "lut.learn=none",
+            "--set",
+            "lut.max_rows=2048",
+        ][..],
+        &ALL_LUT,
+    ]
+    .concat();
+    let (tcv, onnx) = (dir.path().join("r.tcv"), dir.path().join("r.onnx"));
+    compile_cli("models/resnet18_fmnist.onnx", &tcv, &args);
+    compile_cli(
+        "models/resnet18_fmnist.onnx",
+        &onnx,
+        &[&args[..], &["--emit", "onnx"]].concat(),
+    );
+    let back = tabconv::onnx::tcv::read_tcv(&tcv).unwrap();
+    let pixel = back
+        .g
+        .node_indices()
+        .filter(|&n| matches!(&back.node(n).op, tabconv::ir::op::Op::PqEncode(p) if p.pixel))
+        .count();
+    assert!(
+        pixel >= 10,
+        "the 3×3 layers of 16+ channels get pixel codebooks ({pixel})"
+    );
+    let x = npy("data/fmnist_test.npy");
+    let x = x.slice(ndarray::s![..32, .., .., ..]).to_owned().into_dyn();
+    let ours = as_f32(&run_ours(&tcv, std::slice::from_ref(&x)).unwrap()[0]);
+    let theirs = &run_tract(&onnx, std::slice::from_ref(&x))[0];
+    let e = rel_err(&ours, theirs);
+    assert!(e <= 1e-4, "tract on the lowered model vs the interpreter: {e:e}");
 }
 
 /// A transformer's GELU, fused by `fuse-transformer` into `Gelu` (standard only from opset 20),

@@ -134,6 +134,11 @@ impl Unit {
         let Op::PqEncode(pe) = &graph.node(enc_node).op else {
             return Ok(None);
         };
+        if pe.pixel {
+            return Err(stop(
+                "the global stage does not learn pixel codebooks (lut.pixel_subspace)".into(),
+            ));
+        }
         if pe.nhwc || ins.len() != 4 {
             return Ok(None);
         }
@@ -262,6 +267,7 @@ impl Unit {
             target: &[],
             epilogue: empty,
             act_scale: self.act_scale,
+            shared: None,
         }
     }
 

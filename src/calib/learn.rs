@@ -69,6 +69,10 @@ pub struct Problem<'a> {
     /// The int8 argmin encoder's input scale: the hard forward encodes as it does
     /// ([`crate::interp::kernels::encode_i8`]), so learning keeps what the int8 codes do best.
     pub act_scale: Option<f32>,
+    /// Codebooks `c` and `c'` with `c % g == c' % g` share their encoder (pixel codebooks: one
+    /// per channel group, serving every tap): their prototypes or thresholds start equal, and
+    /// each step moves them all by their summed gradient, so they stay equal. None: all apart.
+    pub shared: Option<usize>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -126,12 +130,18 @@ pub fn learn(p: &Problem, enc: &mut Encoding, tables: &mut [f32], o: &Options, s
         Encoding::Argmin { protos } => protos.len(),
         Encoding::Tree { thresholds, .. } => thresholds.len(),
     });
-    let per_param_e = encoder_lr(p, enc, &scale_x, o.lr);
+    let mut per_param_e = encoder_lr(p, enc, &scale_x, o.lr);
+    if let Some(g) = p.shared {
+        tie(&mut per_param_e, c_n, g, true);
+    }
     let mut steps = 0;
     for epoch in 1..=o.epochs {
         shuffle(&mut train, &mut rng);
         for batch in train.chunks(o.batch) {
-            let (g_t, g_e) = gradients(p, enc, tables, &temps, batch, qx);
+            let (g_t, mut g_e) = gradients(p, enc, tables, &temps, batch, qx);
+            if let Some(g) = p.shared {
+                tie(&mut g_e, c_n, g, false);
+            }
             steps += 1;
             adam_t.step(tables, &g_t, |_| o.lr * scale_t);
             match enc {
@@ -154,6 +164,23 @@ pub fn learn(p: &Problem, enc: &mut Encoding, tables: &mut [f32], o: &Options, s
         after,
         best_epoch,
         steps,
+    }
+}
+
+/// Per-codebook values `v` (`c_n` equal blocks) of codebooks that share their encoder
+/// ([`Problem::shared`]: `c % groups`) replaced by their sum (`mean`: their mean), the same
+/// value in every copy.
+fn tie(v: &mut [f32], c_n: usize, groups: usize, mean: bool) {
+    let per = v.len() / c_n.max(1);
+    let copies = c_n.div_ceil(groups.max(1)).max(1);
+    for q in 0..groups.min(c_n) {
+        for j in 0..per {
+            let mut acc: f64 = (q..c_n).step_by(groups).map(|c| v[c * per + j] as f64).sum();
+            if mean {
+                acc /= copies as f64;
+            }
+            (q..c_n).step_by(groups).for_each(|c| v[c * per + j] = acc as f32);
+        }
     }
 }
 
@@ -722,6 +749,7 @@ mod tests {
                 target: &self.target,
                 epilogue: &self.ep,
                 act_scale: None,
+                shared: None,
             }
         }
     }
@@ -1033,6 +1061,7 @@ mod tests {
             target: &target,
             epilogue: &ep,
             act_scale: None,
+            shared: None,
         };
         let protos: Vec<f32> = (0..sub.count() * k * sub.s)
             .map(|_| rng.next_f64() as f32 - 0.5)
@@ -1074,5 +1103,74 @@ mod tests {
         let all = Options { patience: 0, ..still };
         let (mut enc, mut t) = (Encoding::Argmin { protos: protos.clone() }, tables.clone());
         assert_eq!(learn(&p, &mut enc, &mut t, &all, 42).steps, o.epochs * per_epoch);
+    }
+
+    /// Codebooks that share their encoder (`shared`, pixel codebooks' taps) start equal and end
+    /// equal, bit for bit, while learning still lowers the error; the same start without
+    /// sharing drifts apart (so the check can fail), for prototypes and tree thresholds.
+    #[test]
+    fn shared_codebooks_move_together() {
+        let (k, rows) = (8, 1500);
+        let (xs, _, ep, sub, m) = problem(k, rows, 5);
+        let mut rng = Rng::new(9);
+        let w: Vec<f32> = (0..sub.d * m).map(|_| rng.next_f64() as f32 - 0.5).collect();
+        let target: Vec<f32> = (0..rows * m)
+            .map(|i| {
+                let (r, j) = (i / m, i % m);
+                let v: f32 = (0..sub.d)
+                    .map(|q| xs[q / sub.s][r * sub.s + q % sub.s] * w[q * m + j])
+                    .sum();
+                (v + ep.bias[j]).max(0.0)
+            })
+            .collect();
+        let per = k * sub.s;
+        let one: Vec<f32> = (0..per).map(|_| rng.next_f64() as f32 - 0.5).collect();
+        let thr: Vec<f32> = (0..k - 1).map(|i| i as f32 / k as f32 - 0.4).collect();
+        let depth = k.trailing_zeros() as usize;
+        let o = Options {
+            epochs: 6,
+            patience: 0,
+            lr: 0.02,
+            temperature: 1.0,
+            batch: 128,
+        };
+        for tree in [false, true] {
+            let start = match tree {
+                false => Encoding::Argmin { protos: one.repeat(2) },
+                true => Encoding::Tree {
+                    dims: (0..depth).map(|l| l % sub.s).collect::<Vec<_>>().repeat(2),
+                    thresholds: thr.repeat(2),
+                },
+            };
+            let halves = |e: &Encoding| match e {
+                Encoding::Argmin { protos } => (protos[..per].to_vec(), protos[per..].to_vec()),
+                Encoding::Tree { thresholds, .. } => (thresholds[..k - 1].to_vec(), thresholds[k - 1..].to_vec()),
+            };
+            for shared in [Some(1), None] {
+                let p = Problem {
+                    xs: &xs,
+                    rows,
+                    sub,
+                    k,
+                    m,
+                    target: &target,
+                    epilogue: &ep,
+                    act_scale: None,
+                    shared,
+                };
+                let (mut enc, mut t) = (start.clone(), vec![0f32; sub.count() * k * m]);
+                let out = learn(&p, &mut enc, &mut t, &o, 7);
+                assert!(
+                    out.best_epoch > 0 && out.after < out.before,
+                    "tree {tree}, {shared:?}: {out:?}"
+                );
+                let (a, b) = halves(&enc);
+                assert_ne!(a, halves(&start).0, "tree {tree}, {shared:?}: the encoder moved");
+                match shared {
+                    Some(_) => assert_eq!(a, b, "tree {tree}: shared codebooks stay equal"),
+                    None => assert_ne!(a, b, "tree {tree}: codebooks apart drift apart"),
+                }
+            }
+        }
     }
 }

@@ -770,6 +770,9 @@ fn cached<'c, T: std::any::Any + Send + Sync>(
 }
 
 fn pq_encode(p: &crate::ir::op::PqEncode, args: &[Arc<Tensor>], cache: Option<&Cache>) -> Result<Tensor> {
+    if p.pixel {
+        return pq_encode_pixels(p, args, cache);
+    }
     let x = f32_std(&args[0])?;
     let (rows, mut shape, hint) = match &p.window {
         Some(w) => {
@@ -858,6 +861,115 @@ fn pq_encode(p: &crate::ir::op::PqEncode, args: &[Arc<Tensor>], cache: Option<&C
     *shape.last_mut().unwrap() = sub.count();
     Ok(Tensor::U8(
         ArrayD::from_shape_vec(IxDyn(&shape), codes).expect("codes size"),
+    ))
+}
+
+/// The int8 pixel encoder's codebooks for prototypes `protos` `[⌈ch/s⌉, K, s]`.
+fn pixel_quant(
+    p: &crate::ir::op::PqEncode,
+    protos: &Tensor,
+    act_scale: f32,
+    ch: usize,
+) -> Result<super::kernels::encode_pixel::PixelQuant> {
+    use super::kernels::encode_i8::{valid_act_scale, Quant};
+    let (s, ps) = (p.subspace, protos.shape());
+    let c_n = ch.div_ceil(s.max(1));
+    if ps.len() != 3 || ps[0] != c_n || ps[2] != s || !(1..=256).contains(&ps[1]) {
+        bail!("prototypes {ps:?} do not fit {c_n} pixel codebooks of {s} channels");
+    }
+    if !valid_act_scale(act_scale) || s > 64 {
+        bail!("the int8 encoder needs a positive normal act_scale and a subspace of at most 64 values, got {act_scale} and {s}");
+    }
+    let quant = Quant::new(&f32_std(protos)?, ps[1], s, act_scale);
+    Ok(super::kernels::encode_pixel::PixelQuant::new(quant, ch, s, ps[1]))
+}
+
+/// Pixel codebooks (`PqEncode::pixel`): every input pixel encoded once (the same op over a 1×1
+/// window, so the same kernels and codebook cache; the int8 encoder on channels-last inputs by
+/// [`encode_pixel`](super::kernels::encode_pixel)), an all-zero pixel for the taps outside the
+/// image, then each output pixel's codes gathered tap by tap.
+fn pq_encode_pixels(p: &crate::ir::op::PqEncode, args: &[Arc<Tensor>], cache: Option<&Cache>) -> Result<Tensor> {
+    use crate::ir::op::{Padding, Window};
+    let Some(w) = &p.window else {
+        bail!("pixel codebooks need a window")
+    };
+    let s4 = shape4(&args[0], "PQEncode")?;
+    let (n, [h, wd], ch) = match p.nhwc {
+        true => (s4[0], [s4[1], s4[2]], s4[3]),
+        false => (s4[0], [s4[2], s4[3]], s4[1]),
+    };
+    let geo = w.resolve([h, wd])?;
+    let one = crate::ir::op::PqEncode {
+        window: Some(Window {
+            kernel: [1, 1],
+            strides: [1, 1],
+            dilations: [1, 1],
+            padding: Padding::Explicit([0; 4]),
+            ceil_mode: false,
+        }),
+        pixel: false,
+        ..p.clone()
+    };
+    let (codes, zero) = match (p.act_scale, p.nhwc, p.encoder) {
+        // the int8 encoder on channels-last pixels: its own kernels
+        (Some(a), true, Encoder::Argmin) => {
+            let mut slot = None;
+            let pq = cached(cache, || pixel_quant(p, &args[1], a, ch), &mut slot)?;
+            let run = |x: &[f32], rows: usize| {
+                let mut codes = vec![0u8; rows * ch.div_ceil(p.subspace.max(1))];
+                pq.encode(super::kernels::Simd::detect(), x, &mut codes);
+                codes
+            };
+            (run(&f32_std(&args[0])?, n * h * wd), run(&vec![0.0; ch], 1))
+        }
+        _ => {
+            let u8s = |t: Tensor| match t {
+                Tensor::U8(a) => Ok(a.into_raw_vec_and_offset().0),
+                t => Err(crate::error::Error::Other(format!(
+                    "codes must be u8, got {}",
+                    t.dtype()
+                ))),
+            };
+            let zero_shape: &[usize] = if p.nhwc { &[1, 1, 1, ch] } else { &[1, ch, 1, 1] };
+            let mut zargs = args.to_vec();
+            zargs[0] = Arc::new(Tensor::f32(zero_shape, vec![0.0; ch])?);
+            (
+                u8s(pq_encode(&one, args, cache)?)?,
+                u8s(pq_encode(&one, &zargs, cache)?)?,
+            )
+        }
+    };
+    let g = zero.len();
+    let [kh, kw] = w.kernel;
+    let [oh, ow] = geo.out;
+    let row = kh * kw * g;
+    let mut out = vec![0u8; n * oh * ow * row];
+    // each output pixel's tap sources, as the same for every image (None: outside the image)
+    let at = |o: usize, k: usize, a: usize, len: usize| {
+        (o * w.strides[a] + k * w.dilations[a])
+            .checked_sub(geo.pads[a])
+            .filter(|&v| v < len)
+    };
+    let sources: Vec<Option<usize>> = (0..oh * ow)
+        .flat_map(|pix| (0..kh * kw).map(move |t| (pix, t)))
+        .map(|(pix, t)| Some(at(pix / ow, t / kw, 0, h)? * wd + at(pix % ow, t % kw, 1, wd)?))
+        .collect();
+    // 8 codebooks (64 channels in codebooks of 8): one 8-byte move per tap
+    let copy = |dst: &mut [u8], src: &[u8]| match g {
+        8 => dst.copy_from_slice(&u64::from_ne_bytes(src.try_into().expect("8 codes")).to_ne_bytes()),
+        _ => dst.copy_from_slice(src),
+    };
+    for (img, o) in out.chunks_mut(oh * ow * row.max(1)).enumerate() {
+        let src = &codes[img * h * wd * g..(img + 1) * h * wd * g];
+        for (dst, from) in o.chunks_exact_mut(g.max(1)).zip(&sources) {
+            match from {
+                Some(p) => copy(dst, &src[p * g..(p + 1) * g]),
+                None => copy(dst, &zero),
+            }
+        }
+    }
+    Ok(Tensor::U8(
+        ArrayD::from_shape_vec(IxDyn(&[n, oh * ow, row]), out).expect("codes size"),
     ))
 }
 
@@ -1116,6 +1228,133 @@ pub fn matmul_op(a: &ArrayD<f32>, b: &ArrayD<f32>) -> Result<ArrayD<f32>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Pixel codebooks: the codes of every tap of every output pixel are the codes of the
+    /// input pixel there, computed here from the same encoder over a 1×1 window on the input
+    /// zero-padded by hand, so taps outside the image read an all-zero pixel; the channels-last
+    /// input gives the same codes. Odd sizes, strides, dilation, a channel count the codebooks
+    /// do not divide (7 in codebooks of 3), whole 4-byte words (8 in codebooks of 4: the int8
+    /// pixel kernels run), both encoders and the int8 one.
+    #[test]
+    fn pixel_codebooks_gather_each_pixels_codes_per_tap() {
+        for (c, s) in [(7, 3), (8, 4)] {
+            pixel_codebooks_case(c, s);
+        }
+    }
+
+    fn pixel_codebooks_case(c: usize, s: usize) {
+        use crate::ir::op::{Padding, PqEncode, Window};
+        let (n, h, w, k): (usize, usize, usize, usize) = (2, 5, 6, 16);
+        let g = c.div_ceil(s);
+        let x: Vec<f32> = (0..n * c * h * w)
+            .map(|i| ((i * 2654435761usize) % 1000) as f32 / 250.0 - 1.0)
+            .collect();
+        let x = Tensor::f32(&[n, c, h, w], x).unwrap();
+        let protos: Vec<f32> = (0..g * k * s)
+            .map(|i| ((i * 40503) % 997) as f32 / 250.0 - 2.0)
+            .collect();
+        let protos = Arc::new(Tensor::f32(&[g, k, s], protos).unwrap());
+        let depth = 4;
+        let dims = Arc::new(Tensor::I64(
+            ArrayD::from_shape_vec(IxDyn(&[g, depth]), (0..g * depth).map(|i| (i % s) as i64).collect()).unwrap(),
+        ));
+        let thr = Arc::new(Tensor::f32(&[g, 15], (0..g * 15).map(|i| (i % 7) as f32 / 4.0 - 0.75).collect()).unwrap());
+        for (win, pads) in [
+            (([3, 3], [1, 1], [1, 1]), [1, 1, 1, 1]),
+            (([3, 2], [2, 1], [1, 2]), [0, 2, 1, 0]),
+        ] {
+            let window = Window {
+                kernel: win.0,
+                strides: win.1,
+                dilations: win.2,
+                padding: Padding::Explicit(pads),
+                ceil_mode: false,
+            };
+            // the int8 encoder too: channels-last pixels take its own kernels (`encode_pixel`),
+            // which the reference here (the generic path, NCHW) must agree with exactly
+            for (encoder, act_scale) in [
+                (Encoder::Argmin, None),
+                (Encoder::Argmin, Some(0.025f32)),
+                (Encoder::Tree, None),
+            ] {
+                let params: Vec<Arc<Tensor>> = match encoder {
+                    Encoder::Argmin => vec![protos.clone()],
+                    Encoder::Tree => vec![dims.clone(), thr.clone()],
+                };
+                let op = |window: Window, pixel, nhwc| {
+                    Op::PqEncode(PqEncode {
+                        subspace: s,
+                        encoder,
+                        window: Some(window),
+                        nhwc,
+                        act_scale,
+                        pixel,
+                    })
+                };
+                let with = |x: Tensor, op: &Op| {
+                    let args = [vec![Arc::new(x)], params.clone()].concat();
+                    match eval_op(op, args).unwrap().remove(0) {
+                        Tensor::U8(a) => a,
+                        t => panic!("codes of type {}", t.dtype()),
+                    }
+                };
+                let codes = with(x.clone(), &op(window.clone(), true, false));
+                let distinct: std::collections::BTreeSet<u8> = codes.iter().copied().collect();
+                assert!(
+                    distinct.len() >= 4,
+                    "{encoder:?} {act_scale:?}: the codes vary ({distinct:?})"
+                );
+                // the reference: every pixel of the padded input encoded, then gathered
+                let (hp, wp) = (h + pads[0] + pads[2], w + pads[1] + pads[3]);
+                let xs = x.as_f32().unwrap();
+                let padded = ArrayD::from_shape_fn(IxDyn(&[n, c, hp, wp]), |i| {
+                    let (y, xx) = (i[2].checked_sub(pads[0]), i[3].checked_sub(pads[1]));
+                    match (y.filter(|&y| y < h), xx.filter(|&v| v < w)) {
+                        (Some(y), Some(v)) => xs[[i[0], i[1], y, v]],
+                        _ => 0.0,
+                    }
+                });
+                let one = Window {
+                    kernel: [1, 1],
+                    strides: [1, 1],
+                    dilations: [1, 1],
+                    padding: Padding::Explicit([0; 4]),
+                    ceil_mode: false,
+                };
+                let all = with(Tensor::F32(padded), &op(one, false, false));
+                let geo = window.resolve([h, w]).unwrap();
+                let [oh, ow] = geo.out;
+                let [kh, kw] = window.kernel;
+                assert_eq!(codes.shape(), [n, oh * ow, kh * kw * g]);
+                for img in 0..n {
+                    for (oy, ox) in (0..oh).flat_map(|y| (0..ow).map(move |x| (y, x))) {
+                        for (i, j) in (0..kh).flat_map(|i| (0..kw).map(move |j| (i, j))) {
+                            let y = oy * window.strides[0] + i * window.dilations[0];
+                            let xx = ox * window.strides[1] + j * window.dilations[1];
+                            for q in 0..g {
+                                assert_eq!(
+                                    codes[[img, oy * ow + ox, (i * kw + j) * g + q]],
+                                    all[[img, y * wp + xx, q]],
+                                    "{encoder:?} {win:?}: image {img}, pixel ({oy}, {ox}), tap ({i}, {j}), codebook {q}"
+                                );
+                            }
+                        }
+                    }
+                }
+                let nhwc = Tensor::F32(
+                    xs.view()
+                        .permuted_axes(vec![0, 2, 3, 1])
+                        .as_standard_layout()
+                        .into_owned(),
+                );
+                assert_eq!(
+                    with(nhwc, &op(window.clone(), true, true)),
+                    codes,
+                    "channels-last: the same codes"
+                );
+            }
+        }
+    }
 
     /// A `LutMatMul` node with a cache builds its kernels' table layouts once and reuses them:
     /// few rows (the row-wise kernel's `[c][k][m]` tables), then many (the VNNI kernel's quads,

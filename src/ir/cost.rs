@@ -102,8 +102,13 @@ pub fn node_cost(graph: &Graph, n: NodeIndex) -> Cost {
             c.exact_macs = out.saturating_mul(a.last().map(|d| d.bind(1).max(0) as u64).unwrap_or(0));
         }
         Op::PqEncode(p) => {
-            // out = rows · C
+            // out = rows · C; pixel codebooks encode each input pixel once, the rows gather
+            // its codes: as if out were pixels · codebooks
             let shape = fact(1).and_then(|f| f.concrete_shape()).unwrap_or_default();
+            let out = match p.pixel {
+                true => elems(fact(0)).div_ceil(p.subspace.max(1) as u64),
+                false => out,
+            };
             match p.encoder {
                 Encoder::Argmin => {
                     let k = shape.get(1).copied().unwrap_or(0) as u64;

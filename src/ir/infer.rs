@@ -295,7 +295,13 @@ fn infer_op_unchecked(op: &Op, ins: &[Fact]) -> Result<Vec<Fact>> {
                 .last()
                 .and_then(|d| d.known())
                 .ok_or_else(|| Error::Other("row length must be known".into()))?;
-            let c = (d as usize).div_ceil(p.subspace.max(1)) as i64;
+            // pixel codebooks: the row of one output pixel is `taps` pixels of `d / taps` channels
+            let taps = match (&p.window, p.pixel) {
+                (Some(w), true) => (w.kernel[0] * w.kernel[1]) as i64,
+                (None, true) => return err("pixel codebooks need a window"),
+                _ => 1,
+            };
+            let c = ((d / taps) as usize).div_ceil(p.subspace.max(1)) as i64;
             let shape_of = |i: usize| ins.get(i).and_then(|f| f.concrete_shape());
             match p.encoder {
                 Encoder::Argmin => {
@@ -327,7 +333,7 @@ fn infer_op_unchecked(op: &Op, ins: &[Fact]) -> Result<Vec<Fact>> {
                 }
             }
             let mut shape = x.shape.clone();
-            *shape.last_mut().expect("rank ≥ 1") = Dim::Known(c);
+            *shape.last_mut().expect("rank ≥ 1") = Dim::Known(taps * c);
             Fact::new(DType::U8, shape)
         }
         Op::LutMatMul { .. } => {

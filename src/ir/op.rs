@@ -247,6 +247,13 @@ pub struct PqEncode {
     pub nhwc: bool,
     /// Argmin only: the input scale of the int8 encoder (`encode_i8`), None for the f32 one.
     pub act_scale: Option<f32>,
+    /// With a window: *pixel codebooks*. Each codebook covers `subspace` channels of one input
+    /// pixel and serves every tap of the window: prototypes `[⌈C/subspace⌉, K, subspace]`, every
+    /// input pixel encoded once, and the codes `[N, oh·ow, kh·kw·⌈C/subspace⌉]` gathered per
+    /// output pixel in tap-major order `(i, j, codebook)`; a tap outside the image reads the codes
+    /// of an all-zero pixel. Encoding costs `K·C` per input pixel instead of `K·C·kh·kw` per
+    /// output pixel.
+    pub pixel: bool,
 }
 
 impl Op {
@@ -347,6 +354,9 @@ impl Op {
                 }
                 if let Some(a) = p.act_scale {
                     s += &format!(" int8 act_scale={a:e}");
+                }
+                if p.pixel {
+                    s += " pixel";
                 }
                 s
             }

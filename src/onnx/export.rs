@@ -15,7 +15,7 @@ pub const TABCONV_DOMAIN: &str = "ai.tabconv";
 /// `LutMatMul` epilogue, version 4 `Gelu` (standard only from ONNX opset 20), version 5
 /// `PQEncode`'s `act_scale` (the int8 argmin encoder), version 6 `NhwcConv`'s `activation_max`
 /// (a fused `Clip(0, max)`).
-pub const TABCONV_OPSET: i64 = 6;
+pub const TABCONV_OPSET: i64 = 7;
 
 /// What the exported model is for.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -440,6 +440,9 @@ fn write_node(
                 a.extend(window_attrs(win, true));
                 if p.nhwc {
                     a.push(attr_s("layout", "NHWC"));
+                }
+                if p.pixel {
+                    a.push(attr_i("pixel", 1));
                 }
             }
             w.node(name, "PQEncode", TABCONV_DOMAIN, ins, out, a)

@@ -741,12 +741,31 @@ impl Importer {
                         Some(v)
                     }
                 };
+                let pixel = match a.has("pixel") {
+                    false => false,
+                    true if self.tabconv_opset < 7 => {
+                        return Err(Error::Other(format!(
+                            "attribute 'pixel' needs {TABCONV_DOMAIN} opset 7, the file declares {}",
+                            self.tabconv_opset
+                        )))
+                    }
+                    true => match a.int("pixel", 0) {
+                        0 => false,
+                        1 if window.is_some() => true,
+                        v => {
+                            return Err(Error::Other(format!(
+                                "pixel must be 0 or 1, and 1 only with kernel_shape, got {v}"
+                            )))
+                        }
+                    },
+                };
                 Op::PqEncode(PqEncode {
                     subspace: subspace as usize,
                     encoder,
                     window,
                     nhwc,
                     act_scale,
+                    pixel,
                 })
             }
             "LutMatMul" => {

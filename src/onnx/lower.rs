@@ -158,6 +158,9 @@ impl Lowered {
     /// `PQEncode` → the rows, then the encoder; int64 codes under the node's output name.
     fn pq_encode(&mut self, graph: &Graph, ir: NodeIndex, p: &PqEncode, n: &pb::NodeProto) -> Result<()> {
         self.prefix = n.name.clone();
+        if p.pixel {
+            return self.pq_encode_pixels(graph, ir, p, n);
+        }
         let x_fact = graph
             .fact(graph.inputs_of(ir)[0])
             .ok_or_else(|| Error::Other("input without shape".into()))?;
@@ -198,16 +201,67 @@ impl Lowered {
             rows
         };
         let x4 = self.reshape(&rows, &[-1, c_n as i64, 1, s as i64], None);
-        let codes = match p.encoder {
-            Encoder::Argmin => match p.act_scale {
-                Some(a) => self.argmin_i8(graph, ir, &x4, c_n, s, a)?,
-                None => self.argmin(graph, ir, &x4, c_n, s)?,
-            },
-            Encoder::Tree => self.tree(graph, ir, &x4, c_n, s)?,
-        };
+        let codes = self.encoder(graph, ir, p, &x4, c_n)?;
         let target = reshape_target(graph, Outlet::new(ir, 0))?;
         self.reshape(&codes, &target, Some(&n.output[0]));
         Ok(())
+    }
+
+    /// Pixel codebooks: the input zero-padded as the window pads it, every pixel of that
+    /// encoded (the padding's pixels are the all-zero pixel the taps outside the image read),
+    /// then each output pixel's codes gathered tap by tap with constant indices.
+    fn pq_encode_pixels(&mut self, graph: &Graph, ir: NodeIndex, p: &PqEncode, n: &pb::NodeProto) -> Result<()> {
+        let win = p
+            .window
+            .as_ref()
+            .ok_or_else(|| Error::Other("pixel codebooks need a window".into()))?;
+        let x_fact = graph
+            .fact(graph.inputs_of(ir)[0])
+            .ok_or_else(|| Error::Other("input without shape".into()))?;
+        let [cin, h, w] = [1, 2, 3].map(|i| x_fact.shape.get(i).and_then(|d| d.known()).unwrap_or(0).max(0) as usize);
+        if !cin.is_multiple_of(p.subspace.max(1)) {
+            return Err(Error::Other(format!(
+                "pixel codebooks of {} channels do not divide the {cin} channels",
+                p.subspace
+            )));
+        }
+        let geo = win.resolve([h, w])?;
+        let [top, left, bottom, right] = geo.pads.map(|v| v as i64);
+        let (hp, wp) = (h + geo.pads[0] + geo.pads[2], w + geo.pads[1] + geo.pads[3]);
+        let pads = self.i64s(&[0, 0, top, left, 0, 0, bottom, right]);
+        let padded = self.op("Pad", &[&n.input[0], &pads], vec![], None);
+        let nhwc = self.op("Transpose", &[&padded], vec![attr_ints("perm", &[0, 2, 3, 1])], None);
+        let (g, s) = (cin.div_ceil(p.subspace.max(1)), p.subspace);
+        let x4 = self.reshape(&nhwc, &[-1, g as i64, 1, s as i64], None);
+        let codes = self.encoder(graph, ir, p, &x4, g)?;
+        let codes = self.reshape(&codes, &[-1, (hp * wp) as i64, g as i64], None);
+        let ([kh, kw], [oh, ow]) = (win.kernel, geo.out);
+        let mut idx = Vec::with_capacity(oh * ow * kh * kw);
+        for (oy, ox) in (0..oh).flat_map(|y| (0..ow).map(move |x| (y, x))) {
+            for (i, j) in (0..kh).flat_map(|i| (0..kw).map(move |j| (i, j))) {
+                let y = oy * win.strides[0] + i * win.dilations[0];
+                idx.push((y * wp + ox * win.strides[1] + j * win.dilations[1]) as i64);
+            }
+        }
+        let idx = self.init(&Tensor::I64(
+            ArrayD::from_shape_vec(IxDyn(&[oh * ow, kh * kw]), idx).expect("size"),
+        ));
+        let taps = self.op("Gather", &[&codes, &idx], vec![attr_i("axis", 1)], None);
+        let target = reshape_target(graph, Outlet::new(ir, 0))?;
+        self.reshape(&taps, &target, Some(&n.output[0]));
+        Ok(())
+    }
+
+    /// `p`'s encoder on `x4` (`[R, C, 1, S]`, `c_n` codebooks): int64 codes `[R, C]`.
+    fn encoder(&mut self, graph: &Graph, ir: NodeIndex, p: &PqEncode, x4: &str, c_n: usize) -> Result<String> {
+        let s = p.subspace;
+        match p.encoder {
+            Encoder::Argmin => match p.act_scale {
+                Some(a) => self.argmin_i8(graph, ir, x4, c_n, s, a),
+                None => self.argmin(graph, ir, x4, c_n, s),
+            },
+            Encoder::Tree => self.tree(graph, ir, x4, c_n, s),
+        }
     }
 
     /// Nearest prototype: `argmin_k ‖p_k‖² − 2 x·p_k` per codebook; `x4` is `[R, C, 1, S]`.

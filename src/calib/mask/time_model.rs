@@ -48,6 +48,12 @@ pub struct TimeModel {
     pub encode_mac_i8: f64,
     /// An argmin multiply-add of an encoder that gathers its rows.
     pub encode_mac_gather: f64,
+    /// An argmin multiply-add of pixel codebooks (`PqEncode::pixel`: the f32 encoder over each
+    /// input pixel's channels, then the codes gathered per tap; measured on AMD Zen 4, batch
+    /// 64 in sub-batches of 16, ResNet-18 w64's 64-channel layers with 8-channel codebooks:
+    /// 13 G/s at stride 1, 20 G/s at stride 2, where that machine's direct convolution runs
+    /// ≈ 55 G/s).
+    pub encode_mac_pixel: f64,
     /// A hash-tree comparison of an encoder that gathers its rows.
     pub compare: f64,
     /// A hash-tree comparison in the pixel-lane kernel of convolutions, per filled lane at
@@ -74,6 +80,7 @@ impl Default for TimeModel {
             encode_mac: 2.75,
             encode_mac_i8: 1.3,
             encode_mac_gather: 14.0,
+            encode_mac_pixel: 4.0,
             compare: 55.0,
             compare_conv: 16.0,
             lookup: 0.45,
@@ -126,6 +133,9 @@ impl TimeModel {
         let Some(w) = &enc.window else {
             return self.encode_mac_gather;
         };
+        if enc.pixel {
+            return self.encode_mac_pixel;
+        }
         let [kh, kw] = w.kernel;
         let s = enc.subspace;
         if enc.encoder != Encoder::Argmin || !(s == kh * kw || (s == kw && kh > 1)) {
@@ -221,6 +231,7 @@ mod tests {
             window,
             nhwc: false,
             act_scale: None,
+            pixel: false,
         };
         // 160 codebooks of 5 values (d = 800), 1000 rows, 48 outputs, depth 4
         let c = cost::Cost {
@@ -270,6 +281,7 @@ mod tests {
             window: Some(w3.clone()),
             nhwc: true,
             act_scale,
+            pixel: false,
         };
         let c = cost::Cost {
             encode_macs: 1000,

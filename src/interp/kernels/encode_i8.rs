@@ -112,6 +112,11 @@ impl Quant {
         &self.hn
     }
 
+    /// `1/act_scale`, as [`quantize`] takes it.
+    pub fn inv(&self) -> f32 {
+        self.inv
+    }
+
     /// The code of codebook `c` for one row's subvector `x` (`s` values; shorter: the rest read
     /// as 0).
     pub fn nearest(&self, c: usize, x: &[f32]) -> u8 {
@@ -692,7 +697,22 @@ unsafe fn nearest_scalar<const P: usize>(
 }
 
 /// Whether the CPU has AVX-512 VNNI (and BW), read once.
-fn vnni() -> bool {
+/// [`quantize`] of every value of `px` into `out` (`px.len()` rounded up to 16 bytes), at
+/// `level`: the same bytes at every level.
+pub(crate) fn quantize_into(level: Simd, px: &[f32], inv: f32, out: &mut [u8]) {
+    assert!(out.len() >= px.len().div_ceil(CL) * CL);
+    match level {
+        // SAFETY: AVX-512F detected (the level); `out` holds `px.len()` rounded up to 16 bytes.
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx512 => unsafe { x86::quantize_avx512(px, inv, out) },
+        // SAFETY: AVX2 detected (the level); as above.
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx2 => unsafe { x86::quantize_avx2(px, inv, out) },
+        _ => out.iter_mut().zip(px).for_each(|(o, &v)| *o = quantize(v, inv)),
+    }
+}
+
+pub(crate) fn vnni() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         static V: std::sync::OnceLock<bool> = std::sync::OnceLock::new();

@@ -6,6 +6,7 @@ pub mod direct;
 pub mod elementwise;
 pub mod encode;
 pub mod encode_i8;
+pub mod encode_pixel;
 pub mod gemm;
 pub mod im2col;
 pub mod lut;
