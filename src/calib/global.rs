@@ -136,7 +136,7 @@ impl Unit {
         };
         if pe.pixel {
             return Err(stop(
-                "the global stage does not learn pixel codebooks (lut.pixel_subspace)".into(),
+                "the global stage does not learn pixel codebooks (lut.pixel_subspace): it runs without them or not at all".into(),
             ));
         }
         if pe.nhwc || ins.len() != 4 {

@@ -898,6 +898,9 @@ fn pq_encode_pixels(p: &crate::ir::op::PqEncode, args: &[Arc<Tensor>], cache: Op
         true => (s4[0], [s4[1], s4[2]], s4[3]),
         false => (s4[0], [s4[2], s4[3]], s4[1]),
     };
+    if ch == 0 {
+        bail!("pixel codebooks need at least one input channel");
+    }
     let geo = w.resolve([h, wd])?;
     let one = crate::ir::op::PqEncode {
         window: Some(Window {
@@ -944,16 +947,17 @@ fn pq_encode_pixels(p: &crate::ir::op::PqEncode, args: &[Arc<Tensor>], cache: Op
     let [oh, ow] = geo.out;
     let row = kh * kw * g;
     let mut out = vec![0u8; n * oh * ow * row];
-    // each output pixel's tap sources, as the same for every image (None: outside the image)
-    let at = |o: usize, k: usize, a: usize, len: usize| {
-        (o * w.strides[a] + k * w.dilations[a])
-            .checked_sub(geo.pads[a])
-            .filter(|&v| v < len)
+    // each output row's and column's tap sources, the same for every image (None: outside)
+    let axis = |a: usize, n_out: usize, k: usize, len: usize| -> Vec<Option<usize>> {
+        (0..n_out * k)
+            .map(|ot| {
+                (ot / k * w.strides[a] + ot % k * w.dilations[a])
+                    .checked_sub(geo.pads[a])
+                    .filter(|&v| v < len)
+            })
+            .collect()
     };
-    let sources: Vec<Option<usize>> = (0..oh * ow)
-        .flat_map(|pix| (0..kh * kw).map(move |t| (pix, t)))
-        .map(|(pix, t)| Some(at(pix / ow, t / kw, 0, h)? * wd + at(pix % ow, t % kw, 1, wd)?))
-        .collect();
+    let (ys, xs) = (axis(0, oh, kh, h), axis(1, ow, kw, wd));
     // 8 codebooks (64 channels in codebooks of 8): one 8-byte move per tap
     let copy = |dst: &mut [u8], src: &[u8]| match g {
         8 => dst.copy_from_slice(&u64::from_ne_bytes(src.try_into().expect("8 codes")).to_ne_bytes()),
@@ -961,10 +965,13 @@ fn pq_encode_pixels(p: &crate::ir::op::PqEncode, args: &[Arc<Tensor>], cache: Op
     };
     for (img, o) in out.chunks_mut(oh * ow * row.max(1)).enumerate() {
         let src = &codes[img * h * wd * g..(img + 1) * h * wd * g];
-        for (dst, from) in o.chunks_exact_mut(g.max(1)).zip(&sources) {
-            match from {
-                Some(p) => copy(dst, &src[p * g..(p + 1) * g]),
-                None => copy(dst, &zero),
+        for (pix, r) in o.chunks_exact_mut(row.max(1)).enumerate() {
+            let (oy, ox) = (pix / ow, pix % ow);
+            for (t, dst) in r.chunks_exact_mut(g.max(1)).enumerate() {
+                match (ys[oy * kh + t / kw], xs[ox * kw + t % kw]) {
+                    (Some(y), Some(x)) => copy(dst, &src[(y * wd + x) * g..(y * wd + x + 1) * g]),
+                    _ => copy(dst, &zero),
+                }
             }
         }
     }
@@ -1239,6 +1246,34 @@ mod tests {
     fn pixel_codebooks_gather_each_pixels_codes_per_tap() {
         for (c, s) in [(7, 3), (8, 4)] {
             pixel_codebooks_case(c, s);
+        }
+    }
+
+    /// A pixel-codebook encoder over an input with no channels (a crafted file's constant) is
+    /// an error, not a panic, at every encoder.
+    #[test]
+    fn pixel_codebooks_refuse_an_input_without_channels() {
+        use crate::ir::op::{Padding, PqEncode, Window};
+        let window = Window {
+            kernel: [3, 3],
+            strides: [1, 1],
+            dilations: [1, 1],
+            padding: Padding::Explicit([1; 4]),
+            ceil_mode: false,
+        };
+        for act_scale in [None, Some(0.02)] {
+            let op = Op::PqEncode(PqEncode {
+                subspace: 4,
+                encoder: Encoder::Argmin,
+                window: Some(window.clone()),
+                nhwc: true,
+                act_scale,
+                pixel: true,
+            });
+            let x = Arc::new(Tensor::f32(&[1, 3, 3, 0], vec![]).unwrap());
+            let protos = Arc::new(Tensor::f32(&[0, 16, 4], vec![]).unwrap());
+            let e = eval_op(&op, vec![x, protos]).unwrap_err();
+            assert!(e.to_string().contains("input channel"), "{act_scale:?}: {e}");
         }
     }
 

@@ -105,9 +105,12 @@ pub fn node_cost(graph: &Graph, n: NodeIndex) -> Cost {
             // out = rows · C; pixel codebooks encode each input pixel once, the rows gather
             // its codes: as if out were pixels · codebooks
             let shape = fact(1).and_then(|f| f.concrete_shape()).unwrap_or_default();
-            let out = match p.pixel {
-                true => elems(fact(0)).div_ceil(p.subspace.max(1) as u64),
-                false => out,
+            let out = match (p.pixel, fact(0).map(|f| f.shape.as_slice())) {
+                (true, Some(x @ [_, _, _, _])) => {
+                    let ch = x[if p.nhwc { 3 } else { 1 }].bind(1).max(0) as u64;
+                    (elems(fact(0)) / ch.max(1)).saturating_mul(ch.div_ceil(p.subspace.max(1) as u64))
+                }
+                _ => out,
             };
             match p.encoder {
                 Encoder::Argmin => {

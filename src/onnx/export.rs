@@ -14,7 +14,7 @@ pub const TABCONV_DOMAIN: &str = "ai.tabconv";
 /// Version 2 added `PQEncode`'s `layout` attribute (channels-last input), version 3 the fused
 /// `LutMatMul` epilogue, version 4 `Gelu` (standard only from ONNX opset 20), version 5
 /// `PQEncode`'s `act_scale` (the int8 argmin encoder), version 6 `NhwcConv`'s `activation_max`
-/// (a fused `Clip(0, max)`).
+/// (a fused `Clip(0, max)`), version 7 `PQEncode`'s `pixel` (pixel codebooks).
 pub const TABCONV_OPSET: i64 = 7;
 
 /// What the exported model is for.

@@ -219,6 +219,11 @@ impl Lowered {
             .fact(graph.inputs_of(ir)[0])
             .ok_or_else(|| Error::Other("input without shape".into()))?;
         let [cin, h, w] = [1, 2, 3].map(|i| x_fact.shape.get(i).and_then(|d| d.known()).unwrap_or(0).max(0) as usize);
+        if win.ceil_mode {
+            return Err(Error::Other(
+                "pixel codebooks with ceil_mode have no standard form".into(),
+            ));
+        }
         if !cin.is_multiple_of(p.subspace.max(1)) {
             return Err(Error::Other(format!(
                 "pixel codebooks of {} channels do not divide the {cin} channels",

@@ -54,6 +54,9 @@ pub struct TimeModel {
     /// 13 G/s at stride 1, 20 G/s at stride 2, where that machine's direct convolution runs
     /// ≈ 55 G/s).
     pub encode_mac_pixel: f64,
+    /// The same in the int8 pixel kernel (`encode_pixel`, with `act_scale`): 26 G/s at stride
+    /// 1, 31 G/s at stride 2 on the same layers, gathering included.
+    pub encode_mac_pixel_i8: f64,
     /// A hash-tree comparison of an encoder that gathers its rows.
     pub compare: f64,
     /// A hash-tree comparison in the pixel-lane kernel of convolutions, per filled lane at
@@ -81,6 +84,7 @@ impl Default for TimeModel {
             encode_mac_i8: 1.3,
             encode_mac_gather: 14.0,
             encode_mac_pixel: 4.0,
+            encode_mac_pixel_i8: 2.0,
             compare: 55.0,
             compare_conv: 16.0,
             lookup: 0.45,
@@ -134,7 +138,10 @@ impl TimeModel {
             return self.encode_mac_gather;
         };
         if enc.pixel {
-            return self.encode_mac_pixel;
+            return match enc.act_scale {
+                Some(_) => self.encode_mac_pixel_i8,
+                None => self.encode_mac_pixel,
+            };
         }
         let [kh, kw] = w.kernel;
         let s = enc.subspace;

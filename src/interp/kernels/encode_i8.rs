@@ -696,7 +696,6 @@ unsafe fn nearest_scalar<const P: usize>(
     }
 }
 
-/// Whether the CPU has AVX-512 VNNI (and BW), read once.
 /// [`quantize`] of every value of `px` into `out` (`px.len()` rounded up to 16 bytes), at
 /// `level`: the same bytes at every level.
 pub(crate) fn quantize_into(level: Simd, px: &[f32], inv: f32, out: &mut [u8]) {
@@ -712,6 +711,7 @@ pub(crate) fn quantize_into(level: Simd, px: &[f32], inv: f32, out: &mut [u8]) {
     }
 }
 
+/// Whether the CPU has AVX-512 VNNI (and BW), read once.
 pub(crate) fn vnni() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
