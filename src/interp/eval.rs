@@ -889,7 +889,7 @@ fn pixel_quant(
 /// [`encode_pixel`](super::kernels::encode_pixel)), an all-zero pixel for the taps outside the
 /// image, then each output pixel's codes gathered tap by tap.
 fn pq_encode_pixels(p: &crate::ir::op::PqEncode, args: &[Arc<Tensor>], cache: Option<&Cache>) -> Result<Tensor> {
-    use crate::ir::op::{Padding, Window};
+    use crate::ir::op::Window;
     let Some(w) = &p.window else {
         bail!("pixel codebooks need a window")
     };
@@ -903,13 +903,7 @@ fn pq_encode_pixels(p: &crate::ir::op::PqEncode, args: &[Arc<Tensor>], cache: Op
     }
     let geo = w.resolve([h, wd])?;
     let one = crate::ir::op::PqEncode {
-        window: Some(Window {
-            kernel: [1, 1],
-            strides: [1, 1],
-            dilations: [1, 1],
-            padding: Padding::Explicit([0; 4]),
-            ceil_mode: false,
-        }),
+        window: Some(Window::pointwise()),
         pixel: false,
         ..p.clone()
     };
@@ -1249,18 +1243,28 @@ mod tests {
         }
     }
 
+    /// A window of explicit pads, without ceil mode.
+    fn test_window(
+        kernel: [usize; 2],
+        strides: [usize; 2],
+        dilations: [usize; 2],
+        pads: [usize; 4],
+    ) -> crate::ir::op::Window {
+        crate::ir::op::Window {
+            kernel,
+            strides,
+            dilations,
+            padding: crate::ir::op::Padding::Explicit(pads),
+            ceil_mode: false,
+        }
+    }
+
     /// A pixel-codebook encoder over an input with no channels (a crafted file's constant) is
     /// an error, not a panic, at every encoder.
     #[test]
     fn pixel_codebooks_refuse_an_input_without_channels() {
-        use crate::ir::op::{Padding, PqEncode, Window};
-        let window = Window {
-            kernel: [3, 3],
-            strides: [1, 1],
-            dilations: [1, 1],
-            padding: Padding::Explicit([1; 4]),
-            ceil_mode: false,
-        };
+        use crate::ir::op::PqEncode;
+        let window = test_window([3, 3], [1, 1], [1, 1], [1; 4]);
         for act_scale in [None, Some(0.02)] {
             let op = Op::PqEncode(PqEncode {
                 subspace: 4,
@@ -1278,7 +1282,7 @@ mod tests {
     }
 
     fn pixel_codebooks_case(c: usize, s: usize) {
-        use crate::ir::op::{Padding, PqEncode, Window};
+        use crate::ir::op::{PqEncode, Window};
         let (n, h, w, k): (usize, usize, usize, usize) = (2, 5, 6, 16);
         let g = c.div_ceil(s);
         let x: Vec<f32> = (0..n * c * h * w)
@@ -1298,13 +1302,7 @@ mod tests {
             (([3, 3], [1, 1], [1, 1]), [1, 1, 1, 1]),
             (([3, 2], [2, 1], [1, 2]), [0, 2, 1, 0]),
         ] {
-            let window = Window {
-                kernel: win.0,
-                strides: win.1,
-                dilations: win.2,
-                padding: Padding::Explicit(pads),
-                ceil_mode: false,
-            };
+            let window = test_window(win.0, win.1, win.2, pads);
             // the int8 encoder too: channels-last pixels take its own kernels (`encode_pixel`),
             // which the reference here (the generic path, NCHW) must agree with exactly
             for (encoder, act_scale) in [
@@ -1349,13 +1347,7 @@ mod tests {
                         _ => 0.0,
                     }
                 });
-                let one = Window {
-                    kernel: [1, 1],
-                    strides: [1, 1],
-                    dilations: [1, 1],
-                    padding: Padding::Explicit([0; 4]),
-                    ceil_mode: false,
-                };
+                let one = Window::pointwise();
                 let all = with(Tensor::F32(padded), &op(one, false, false));
                 let geo = window.resolve([h, w]).unwrap();
                 let [oh, ow] = geo.out;

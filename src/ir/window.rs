@@ -16,6 +16,17 @@ pub struct Geometry {
 pub const WINDOW_LIMIT: usize = i32::MAX as usize;
 
 impl Window {
+    /// A 1×1 window of stride 1 without padding: one row per pixel.
+    pub fn pointwise() -> Window {
+        Window {
+            kernel: [1, 1],
+            strides: [1, 1],
+            dilations: [1, 1],
+            padding: Padding::Explicit([0; 4]),
+            ceil_mode: false,
+        }
+    }
+
     /// Effective (dilated) kernel extent along axis `i` (saturating: [`Window::resolve`] rejects
     /// an extent that does not fit).
     pub fn extent(&self, i: usize) -> usize {

@@ -219,9 +219,9 @@ impl Lowered {
             .fact(graph.inputs_of(ir)[0])
             .ok_or_else(|| Error::Other("input without shape".into()))?;
         let [cin, h, w] = [1, 2, 3].map(|i| x_fact.shape.get(i).and_then(|d| d.known()).unwrap_or(0).max(0) as usize);
-        if win.ceil_mode {
+        if win.ceil_mode || cin == 0 {
             return Err(Error::Other(
-                "pixel codebooks with ceil_mode have no standard form".into(),
+                "pixel codebooks with ceil_mode or without input channels have no standard form".into(),
             ));
         }
         if !cin.is_multiple_of(p.subspace.max(1)) {
@@ -241,16 +241,13 @@ impl Lowered {
         let codes = self.encoder(graph, ir, p, &x4, g)?;
         let codes = self.reshape(&codes, &[-1, (hp * wp) as i64, g as i64], None);
         let ([kh, kw], [oh, ow]) = (win.kernel, geo.out);
-        let mut idx = Vec::with_capacity(oh * ow * kh * kw);
-        for (oy, ox) in (0..oh).flat_map(|y| (0..ow).map(move |x| (y, x))) {
-            for (i, j) in (0..kh).flat_map(|i| (0..kw).map(move |j| (i, j))) {
-                let y = oy * win.strides[0] + i * win.dilations[0];
-                idx.push((y * wp + ox * win.strides[1] + j * win.dilations[1]) as i64);
-            }
-        }
-        let idx = self.init(&Tensor::I64(
-            ArrayD::from_shape_vec(IxDyn(&[oh * ow, kh * kw]), idx).expect("size"),
-        ));
+        // per output pixel and tap, the padded input pixel it reads
+        let idx = ArrayD::from_shape_fn(IxDyn(&[oh * ow, kh * kw]), |ix| {
+            let ((oy, ox), (i, j)) = ((ix[0] / ow, ix[0] % ow), (ix[1] / kw, ix[1] % kw));
+            let y = oy * win.strides[0] + i * win.dilations[0];
+            (y * wp + ox * win.strides[1] + j * win.dilations[1]) as i64
+        });
+        let idx = self.init(&Tensor::I64(idx));
         let taps = self.op("Gather", &[&codes, &idx], vec![attr_i("axis", 1)], None);
         let target = reshape_target(graph, Outlet::new(ir, 0))?;
         self.reshape(&taps, &target, Some(&n.output[0]));

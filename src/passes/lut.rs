@@ -485,8 +485,8 @@ fn pixel_codebooks(layer: &Layer, o: &Options, d: usize) -> Option<(usize, usize
 
 /// Pixel codebooks serve convolutions at least this share of whose taps read the image: on
 /// ResNet-18 w64 (MNIST) they fit the 3×3 layers on 7×7 and 4×4 maps (82 % and 69 % inside)
-/// with 0–15 % less output error than one codebook per channel, those on 2×2 maps (44 %)
-/// with 3–60 % more (taps on padding all read one code, and leave fewer codebooks informative).
+/// with up to 14 % less output error than one codebook per channel (one equal), those on 2×2
+/// maps (44 %) with 3–56 % more (taps on padding all read one code, and leave fewer codebooks informative).
 const PIXEL_INSIDE: f64 = 0.6;
 
 /// The share of `win`'s taps over its output pixels on an `hw` input that fall inside it.

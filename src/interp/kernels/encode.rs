@@ -2413,13 +2413,7 @@ mod tests {
         }
         let (n, h, w, c, k) = (2usize, 3usize, 7usize, 40usize, 16usize);
         let x: Vec<f32> = (0..n * h * w * c).map(|_| rng.next_f64() as f32 - 0.5).collect();
-        let win = Window {
-            kernel: [1, 1],
-            strides: [1, 1],
-            dilations: [1, 1],
-            padding: Padding::Explicit([0; 4]),
-            ceil_mode: false,
-        };
+        let win = Window::pointwise();
         let geo = win.resolve([h, w]).unwrap();
         let sub = Subspaces { d: c, s: 4 };
         let protos: Vec<f32> = (0..c * k).map(|_| rng.next_f64() as f32 - 0.5).collect();
