@@ -1153,3 +1153,142 @@ fn refine_makes_argmin_lookups_tree_lookups_where_the_target_holds() {
     assert!(m.refined.is_empty());
     assert_eq!(encoders(&out), [Argmin, Argmin]);
 }
+
+/// LeNet-5 through the default pipeline's rewrites, `lut` (argmin) and a `mask` pass with
+/// these options; the compiled graph and the mask report.
+fn lenet_masked(mask: &str) -> (Graph, tabconv::passes::mask::MaskReport) {
+    let mut g = tabconv::onnx::load_model(&fixture("models/lenet5.onnx")).unwrap();
+    let text = format!(
+        "name: t\npasses:\n  - fold-batchnorm:\n  - gemm-to-matmul:\n  - conv-to-im2col:\n  - constant-fold:\n  - lut:\n      encoder: argmin\n  - mask:\n      min_logit_cosine: 0.5\n      relearn: false\n      restore_unprofitable: false\n{mask}  - dead-code:\n"
+    );
+    let p = Pipeline::parse(&text, "test").unwrap();
+    let mut cx = PassCx {
+        calib: Some(npy("data/mnist_calib.npy")),
+        ..Default::default()
+    };
+    let report = run_pipeline(&mut g, &p, &mut cx, |_, _| Ok(())).unwrap();
+    (g, report.mask.expect("mask ran"))
+}
+
+/// `refine_pixel` fits the convolutions left as argmin lookups over window codebooks again
+/// over pixel codebooks where they fit, and keeps each whose model still meets the target and
+/// whose lookups the time model prices no slower: on LeNet-5 with 3 channels per codebook,
+/// conv2 (6 input channels) becomes pixel lookups (each input value encoded once, not once per
+/// tap) and the model removes more arithmetic; conv1 (one channel) and the fully connected
+/// layers are left as they were; a time model pricing pixel encoding far above the window's
+/// keeps conv2 as it was; off by default.
+#[test]
+fn refine_makes_window_lookups_pixel_lookups_where_they_fit() {
+    let pixel = |g: &Graph| -> Vec<String> {
+        g.topo_order()
+            .unwrap()
+            .into_iter()
+            .filter(|&n| matches!(&g.node(n).op, Op::PqEncode(p) if p.pixel))
+            .map(|n| g.node(n).name.clone())
+            .collect()
+    };
+    let conv2 = "/conv2/Conv/matmul";
+    let (out, m) = lenet_masked("      refine_pixel: 3\n");
+    let steps: Vec<_> = m.refined.iter().map(|p| p.restored.clone().unwrap()).collect();
+    assert_eq!(
+        steps,
+        [format!("{conv2} as lookups over pixel codebooks of 3 channels")]
+    );
+    assert_eq!(pixel(&out), [format!("{conv2}/pq_encode")]);
+    let d = choice_in(&m, conv2);
+    assert_eq!(d.chosen, "lut", "{d:?}");
+    assert!(d.why.contains("pixel codebooks"), "{}", d.why);
+    let start = &m.path[m.chosen_point];
+    let r = |p: &tabconv::passes::mask::PathPoint| p.reduction_everything_counted;
+    assert!(r(start) < r(&m.refined[0]), "{start:?} {:?}", m.refined[0]);
+    assert!(m.kept().logit_cosine >= 0.5, "{:?}", m.kept());
+    for l in m.layers.iter().filter(|d| d.layer != conv2) {
+        assert!(!l.why.contains("refine"), "{l:?}");
+    }
+    // what the layer encodes: each of its input values once, K multiply-adds each
+    let enc = out.find(&format!("{conv2}/pq_encode")).unwrap();
+    let input = out.fact(out.inputs_of(enc)[0]).unwrap().shape.clone();
+    let values: u64 = input[1..].iter().map(|d| d.known().unwrap() as u64).product();
+    assert_eq!(d.lut_cost.encode_macs, values * 16, "{d:?}");
+    // priced slower than the window codebooks: kept as it was
+    let slow =
+        "      refine_pixel: 3\n      time_model:\n        encode_mac_pixel: 1000\n        encode_mac_pixel_i8: 1000\n";
+    let (out, m) = lenet_masked(slow);
+    assert!(m.refined.is_empty(), "{:?}", m.refined);
+    assert!(pixel(&out).is_empty());
+    // off by default
+    let (out, m) = lenet_masked("");
+    assert!(m.refined.is_empty() && pixel(&out).is_empty());
+}
+
+/// `confirm` undoes the refine steps' changes before it restores layers, latest first: the
+/// tree lookups `refine_encoder` makes here get every image chosen on right but lose one held
+/// out (1 point of 100, twice the budget), so the confirmation puts the refined layers back to
+/// their argmin lookups, latest first, until none is lost there, and restores no layer.
+#[test]
+fn confirm_undoes_refine_steps_first() {
+    let (g, cx, calib) = approximated();
+    let exact_model = with_exact(&g, &cx, &["easy", "hard"]);
+    let exact = predictions(&exact_model, &calib);
+    let argmin = predictions(&g, &calib);
+    let loose = "      relearn: false\n      restore_unprofitable: false\n      refine_encoder: true\n";
+    // the two refine steps' models, fitted as in the run below (the fits do not depend on the
+    // target): both layers trees, and `easy` alone (a target between the two steps' cosines)
+    let val = (
+        calib.slice(ndarray::s![..500, ..]).to_owned().into_dyn(),
+        exact[..500].to_vec(),
+    );
+    let (both, m, _) = mask_only(&g, cx, val.clone(), &format!("      min_logit_cosine: 0.5\n{loose}"));
+    assert_eq!(m.refined.len(), 2, "{:?}", m.refined);
+    let mid = (m.refined[0].logit_cosine + m.refined[1].logit_cosine) / 2.0;
+    let (g1, cx1, _) = approximated();
+    let (easy, m1, _) = mask_only(&g1, cx1, val, &format!("      min_logit_cosine: {mid}\n{loose}"));
+    assert_eq!(m1.refined.len(), 1, "{:?}", m1.refined);
+    let (both_p, easy_p) = (predictions(&both, &calib), predictions(&easy, &calib));
+    let all: Vec<usize> = (0..exact.len())
+        .filter(|&i| argmin[i] == exact[i] && both_p[i] == exact[i] && easy_p[i] == exact[i])
+        .collect();
+    let lost: Vec<usize> = (0..exact.len())
+        .filter(|&i| argmin[i] == exact[i] && both_p[i] != exact[i])
+        .collect();
+    assert!(all.len() >= 199 && !lost.is_empty(), "the constructed case needs both");
+    // image 1 (held out) is the one the trees lose; the others every model gets right
+    let mut rows = vec![all[0], lost[0]];
+    rows.extend(&all[1..199]);
+    let labels: Vec<i64> = rows.iter().map(|&i| exact[i]).collect();
+    let x = calib.select(ndarray::Axis(0), &rows);
+    let (g2, cx2, _) = approximated();
+    let (got, m, _) = mask_only(
+        &g2,
+        cx2,
+        (x.clone(), labels),
+        &format!("      max_accuracy_drop: 0.5\n{loose}"),
+    );
+    assert_eq!(
+        m.refined.len(),
+        2,
+        "both trees kept on the images chosen on: {:?}",
+        m.refined
+    );
+    let c = m.confirmation.as_ref().expect("confirmed");
+    assert_eq!(c.points[0].correct, Some(99), "{:?}", c.points);
+    let last = c.points.last().unwrap();
+    assert_eq!(last.correct, Some(100), "{:?}", c.points);
+    // each step after the first undoes one refine change, `hard`'s (the latest) first
+    let steps: Vec<&str> = c.points[1..].iter().map(|p| p.restored.as_deref().unwrap()).collect();
+    let want = ["hard as before refine", "easy as before refine"];
+    assert_eq!(steps, want[..steps.len()], "{:?}", c.points);
+    // `easy`'s tree alone loses the image or not: the undoing stops where none is lost
+    assert_eq!(steps.len(), if easy_p[lost[0]] == exact[lost[0]] { 1 } else { 2 });
+    for d in &m.layers {
+        assert_eq!(d.chosen, "lut", "no layer restored: {d:?}");
+        let undone = steps.iter().any(|s| s.starts_with(d.layer.as_str()));
+        assert_eq!(d.why.contains("undone to confirm"), undone, "{d:?}");
+    }
+    // the model written is the one confirmed
+    let pred = predictions(&got, &x);
+    assert_eq!(pred[1], exact[lost[0]]);
+    let undone_all = steps.len() == 2;
+    let reference = if undone_all { &g } else { &easy };
+    assert_eq!(pred, predictions(reference, &x));
+}

@@ -316,7 +316,7 @@ fn print_summary(done: &Compiled) {
             );
             if let (Some(last), Some(chosen_on)) = (c.points.last(), &c.chosen_on) {
                 eprintln!(
-                    "  after restoring {} layer(s) to confirm: reduction {:.1}%, {}; on the images chosen on: {}",
+                    "  after {} step(s) to confirm (refine's changes undone, then layers restored): reduction {:.1}%, {}; on the images chosen on: {}",
                     c.points.len() - 1,
                     pct(last),
                     on_held_out(last),

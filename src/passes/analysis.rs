@@ -44,6 +44,12 @@ impl LutLayers {
         self.reports.push(report);
     }
 
+    /// Adds what `other` recorded (a `lut` run over single layers) to this record.
+    pub fn absorb(&mut self, other: LutLayers) {
+        self.exact.extend(other.exact);
+        self.reports.extend(other.reports);
+    }
+
     /// The `LutMatMul` nodes of this record still in `graph` (a later pass may have restored or
     /// removed some), by name in sorted order.
     pub fn live(&self, graph: &Graph) -> Vec<String> {

@@ -138,8 +138,14 @@ pub struct LayerOverride {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encoder: Option<EncoderChoice>,
     /// Values per codebook for this layer, whatever its kind (conv, fully connected, tokens).
+    /// Window codebooks: the layer takes no pixel codebooks unless the entry also sets
+    /// `pixel_subspace`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subspace: Option<usize>,
+    /// Channels per pixel codebook for this layer (0 = window codebooks), as
+    /// [`Options::pixel_subspace`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pixel_subspace: Option<usize>,
 }
 
 impl Options {
@@ -154,6 +160,9 @@ impl Options {
             if let Some(s) = l.subspace {
                 (o.subspace, o.fc_subspace, o.token_subspace) = (s, s, s);
                 o.pixel_subspace = 0;
+            }
+            if let Some(g) = l.pixel_subspace {
+                o.pixel_subspace = g;
             }
         }
         o
@@ -481,6 +490,20 @@ fn pixel_codebooks(layer: &Layer, o: &Options, d: usize) -> Option<(usize, usize
     let g = o.pixel_subspace;
     let fits = g > 0 && taps > 1 && d.is_multiple_of(taps) && (d / taps).is_multiple_of(g);
     (fits && layer.inside >= PIXEL_INSIDE).then_some((taps, g))
+}
+
+/// Whether the MatMul named `layer` in `graph` would take pixel codebooks of `g` channels
+/// (a conv larger than 1×1 whose Im2Col only it reads, `g` dividing its channels, taps mostly
+/// inside the image): what the `mask` pass's `refine_pixel` asks before fitting one.
+pub fn pixel_fits(graph: &Graph, layer: &str, g: usize) -> bool {
+    let o = Options {
+        pixel_subspace: g,
+        ..Options::default()
+    };
+    graph
+        .find(layer)
+        .and_then(|n| describe(graph, n))
+        .is_some_and(|l| pixel_codebooks(&l, &o, l.w.shape()[0]).is_some())
 }
 
 /// Pixel codebooks serve convolutions at least this share of whose taps read the image: on

@@ -87,6 +87,14 @@ pub struct Options {
     /// so when the target still holds and `time_model` prices the new lookups no slower. One
     /// `lut` fit and one measure per layer tried.
     pub refine_encoder: bool,
+    /// After the rest, first of the refine steps (0 = off): each layer left as argmin lookups
+    /// over window codebooks that pixel codebooks of this many channels fit (`lut`'s
+    /// `pixel_subspace`: a conv larger than 1×1 whose taps mostly read the image), most
+    /// encoding operations first, fitted again with them (each input pixel encoded once,
+    /// not once per tap) through the model as it stands, and kept so when the target still
+    /// holds and `time_model` prices the new lookups no slower. One `lut` fit and one measure
+    /// per layer tried. Layers made pixel lookups are not tried with the tree encoder.
+    pub refine_pixel: usize,
     /// Cost of one encoding multiply-add, comparison, lookup-add and output value of the
     /// lookups relative to one exact multiply-add, used by `restore_unprofitable`.
     pub time_model: TimeModel,
@@ -126,6 +134,7 @@ impl Default for Options {
             prune: true,
             refine_subspace: 0,
             refine_encoder: false,
+            refine_pixel: 0,
             time_model: TimeModel::default(),
             confirm: 0.5,
         }

@@ -26,8 +26,9 @@
 //! first lookups, into the relearned model (relearning refits the layers after a restored one on
 //! its exact output, which often leaves room under the target). Then, when
 //! asked, refine steps fit single layers again through the model as it stands and keep each
-//! change that leaves the target met: `refine_encoder` (argmin lookups → hash-tree lookups),
-//! then `refine_subspace` (exact layers → lookups over smaller codebooks).
+//! change that leaves the target met: `refine_pixel` (argmin lookups → lookups over pixel
+//! codebooks), `refine_encoder` (argmin lookups → hash-tree lookups), then `refine_subspace`
+//! (exact layers → lookups over smaller codebooks).
 //! `keep_exact` / `force_lut` (node names, `*` wildcards) override the choice.
 //! With `max_accuracy_drop`, `confirm` (0.5 by default) holds a fraction of the validation
 //! images out of all of that: every step chooses on the others, and a step is taken when it
@@ -144,10 +145,11 @@ impl Mask {
         }
         let current = again.model.expect("prune with a relearned model keeps one");
         let kept = again.points.last().or(final_point.as_ref()).unwrap_or(chosen);
-        let (mut current, mut refined, choices) = match (o.refine_encoder || o.refine_subspace > 0) && meter.met(kept) {
-            true => self.refine(current, &luts, &mut decisions, record, &meter, cx)?,
-            false => (current, Vec::new(), Vec::new()),
+        let steps = match (o.refine_pixel > 0 || o.refine_encoder || o.refine_subspace > 0) && meter.met(kept) {
+            true => self.refine(current.clone(), &luts, &mut decisions, record, &meter, cx)?,
+            false => refine::Refined::default(),
         };
+        let (mut current, mut refined, choices) = (steps.model.unwrap_or(current), steps.points, steps.choices);
         if let Some(last) = refined.last().cloned() {
             // the refined layers' new lookups were fitted through the others as they stood;
             // relearn all of them through the final mix
@@ -166,7 +168,15 @@ impl Mask {
             .chain(pruned.layers.iter().rev())
             .copied()
             .collect();
-        let confirmation = self.confirm(&mut current, cx, record, &luts, &meter, &mut decisions, &undo)?;
+        let confirmation = self.confirm(
+            &mut current,
+            cx,
+            record,
+            &luts,
+            &meter,
+            &mut decisions,
+            (steps.steps, &undo),
+        )?;
         *graph = current;
         let mut report = MaskReport {
             metric: meter.goal.metric().into(),

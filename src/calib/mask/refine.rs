@@ -19,7 +19,9 @@ impl Mask {
         self.0.lut.clone().unwrap_or_else(|| record.options.clone())
     }
 
-    /// With `refine_encoder`: each layer left as argmin lookups, most encoding operations
+    /// With `refine_pixel`: each layer left as argmin lookups over window codebooks, most
+    /// encoding operations first, fitted again over pixel codebooks where they fit, kept as
+    /// below. With `refine_encoder`: each layer left as argmin lookups, most encoding operations
     /// first, fitted again by the `lut` pass alone with the hash-tree encoder (comparisons only)
     /// through the model as it stands, and kept so when the target still holds and `time_model`
     /// does not price the new lookups slower than the old. Then, with `refine_subspace`: each
@@ -35,7 +37,7 @@ impl Mask {
         record: &LutLayers,
         meter: &Meter,
         cx: &mut PassCx,
-    ) -> Result<(Graph, Vec<PathPoint>, Vec<crate::passes::lut::LayerOverride>)> {
+    ) -> Result<Refined> {
         let o = &self.0;
         // the record of the model as it stands: relearning's when it ran, else the lut pass's
         let relearned = cx.analyses.lut.take();
@@ -50,17 +52,25 @@ impl Mask {
             })
             .collect();
         let mut trials: Vec<(usize, Variant)> = Vec::new();
-        if o.refine_encoder {
-            // the argmin LUT layers, most encoding operations first
-            let mut argmin: Vec<usize> = (0..decisions.len())
-                .filter(|&i| decisions[i].chosen == "lut" && decisions[i].lut_cost.encode_macs > 0)
-                .filter(|&i| lut_names[i].is_some())
-                .collect();
-            argmin.sort_by(|&a, &b| {
-                let e = |i: usize| decisions[i].lut_cost.encode_macs;
-                e(b).cmp(&e(a)).then(a.cmp(&b))
+        // the argmin LUT layers, most encoding operations first
+        let mut argmin: Vec<usize> = (0..decisions.len())
+            .filter(|&i| decisions[i].chosen == "lut" && decisions[i].lut_cost.encode_macs > 0)
+            .filter(|&i| lut_names[i].is_some())
+            .collect();
+        argmin.sort_by(|&a, &b| {
+            let e = |i: usize| decisions[i].lut_cost.encode_macs;
+            e(b).cmp(&e(a)).then(a.cmp(&b))
+        });
+        if o.refine_pixel > 0 {
+            // the convolutions over window codebooks (`try_variant` asks whether pixel
+            // codebooks fit)
+            let window = argmin.iter().filter(|&&i| {
+                decisions[i].kind == "conv" && lut_names[i].as_deref().is_some_and(|n| !pixel_lookups(&current, n))
             });
-            trials.extend(argmin.into_iter().map(|i| (i, Variant::Tree)));
+            trials.extend(window.map(|&i| (i, Variant::Pixel(o.refine_pixel))));
+        }
+        if o.refine_encoder {
+            trials.extend(argmin.iter().map(|&i| (i, Variant::Tree)));
         }
         if o.refine_subspace > 0 {
             // the layers left exact for their damage: not by `decide_first` (by override or for
@@ -75,20 +85,45 @@ impl Mask {
             let order = most_saved_first(left, decisions);
             trials.extend(order.into_iter().map(|i| (i, Variant::Subspace(o.refine_subspace))));
         }
-        let (mut points, mut choices) = (Vec::new(), Vec::new());
+        let mut out = Refined::default();
         let bar = crate::cli::progress(trials.len(), "mask refine");
+        let mut made_pixel = Vec::new();
+        let mut fits = Vec::new();
         for (i, v) in trials {
             bar.inc(1);
-            if let Some((g, p, name)) =
+            if matches!(v, Variant::Tree) && made_pixel.contains(&i) {
+                continue;
+            }
+            let before = (current.clone(), decisions[i].clone());
+            if let Some((g, p, name, fit)) =
                 self.try_variant(&current, i, v, &lut_names, &records, decisions, record, meter, cx, &bar)?
             {
                 (current, lut_names[i]) = (g, Some(name));
-                points.push(p);
-                choices.push(v.layer_override(&decisions[i].layer));
+                if matches!(v, Variant::Pixel(_)) {
+                    made_pixel.push(i);
+                }
+                out.points.push(p);
+                out.choices.push(v.layer_override(&decisions[i].layer));
+                out.steps.push(RefineStep {
+                    before: before.0,
+                    layer: i,
+                    decision: before.1,
+                    what: v.describe(),
+                });
+                fits.push(fit);
             }
         }
         bar.finish_and_clear();
-        Ok((current, points, choices))
+        // the record of the refined model: the one it started from with the refined layers'
+        // fits added, so later steps (relearning, the confirmation) find every layer's lookups
+        drop(records);
+        let mut rec = relearned.unwrap_or_else(|| LutLayers::new(self.lut_options(record)));
+        for f in fits {
+            rec.absorb(f);
+        }
+        cx.analyses.lut = Some(rec);
+        out.model = Some(current);
+        Ok(out)
     }
 
     /// One refine trial: layer `i` of `current` (exact, or lookups `lut_names[i]`, put back
@@ -108,7 +143,7 @@ impl Mask {
         meter: &Meter,
         cx: &mut PassCx,
         bar: &indicatif::ProgressBar,
-    ) -> Result<Option<(Graph, PathPoint, String)>> {
+    ) -> Result<Option<(Graph, PathPoint, String, LutLayers)>> {
         cx.check_cancel()?;
         let o = &self.0;
         let layer = decisions[i].layer.clone();
@@ -138,16 +173,21 @@ impl Mask {
         }
         // (restores leave their nodes without facts; the lut pass reads the layers' shapes)
         crate::ir::infer::infer_graph(&mut trial)?;
+        if let Variant::Pixel(g) = v {
+            if !crate::passes::lut::pixel_fits(&trial, &layer, g) {
+                cx.say(bar, || {
+                    format!("  mask: refine left {layer} as it was: pixel codebooks of {g} channels do not fit it (a conv larger than 1x1, {g} dividing its channels, at least 60 % of its taps on the image)")
+                });
+                return Ok(None);
+            }
+        }
         // the record this run makes names the layer's new lookups (the first run's, set aside
         // by `run`, stays the report's)
         cx.analyses.lut = None;
         Lut(opts).run(&mut trial, cx)?;
         let fitted = cx.analyses.lut.take();
-        let lut_name = fitted
-            .as_ref()
-            .and_then(|r| r.live_lut_of(&trial, &layer))
-            .map(str::to_string);
-        let Some(lut_name) = lut_name else {
+        let found = fitted.and_then(|r| r.live_lut_of(&trial, &layer).map(str::to_string).map(|n| (n, r)));
+        let Some((lut_name, fitted)) = found else {
             cx.say(bar, || {
                 format!("  mask: refine left {layer} as it was: the lut pass kept it exact {what} (its options, e.g. min_macs)")
             });
@@ -169,16 +209,16 @@ impl Mask {
         if !meter.met(&point) {
             cx.say(bar, || {
                 format!(
-                    "  mask: refine left {layer} as it was: {what} the target is not met (logit cosine {:.5})",
-                    point.logit_cosine
+                    "  mask: refine left {layer} as it was: {what} the target is not met ({})",
+                    readings(&point)
                 )
             });
             return Ok(None);
         }
         cx.say(bar, || {
             format!(
-                "  mask: refine made {layer} lookups {what}: logit cosine {:.5}, {:.1} % removed",
-                point.logit_cosine,
+                "  mask: refine made {layer} lookups {what}: {}, {:.1} % removed",
+                readings(&point),
                 100.0 * point.reduction_everything_counted
             )
         });
@@ -186,8 +226,28 @@ impl Mask {
         d.chosen = "lut";
         d.why = format!("kept as LUT {what} by refine, the target still met ({})", d.why);
         (d.lut_cost, d.est_speedup, d.ops_saved) = (cost, est, ops_saved);
-        Ok(Some((trial, point, lut_name)))
+        Ok(Some((trial, point, lut_name, fitted)))
     }
+}
+
+/// What the refine steps made: the model (`None` when they did not run), a point per layer
+/// changed, the per-layer choices for the `lut` pass's `layers`, and how to undo each change.
+#[derive(Default)]
+pub(super) struct Refined {
+    pub(super) model: Option<Graph>,
+    pub(super) points: Vec<PathPoint>,
+    pub(super) choices: Vec<crate::passes::lut::LayerOverride>,
+    pub(super) steps: Vec<RefineStep>,
+}
+
+/// One change a refine step kept: the model and the layer's decision before it.
+pub(super) struct RefineStep {
+    pub(super) before: Graph,
+    /// The layer's index in the decisions.
+    pub(super) layer: usize,
+    pub(super) decision: LayerDecision,
+    /// What the step fitted the layer as ([`Variant::describe`]).
+    pub(super) what: String,
 }
 
 /// Each layer of `order` (decision indices) tried back as lookups: `trial(i, decisions, model)`
@@ -248,6 +308,19 @@ pub(super) struct Back {
     pub(super) layers: Vec<usize>,
 }
 
+/// A point's readings for a progress line: its accuracy (with labels), logit cosine and
+/// expected drop.
+pub(super) fn readings(p: &PathPoint) -> String {
+    let acc = p
+        .accuracy
+        .map(|a| format!("accuracy {:.2} %, ", 100.0 * a))
+        .unwrap_or_default();
+    format!(
+        "{acc}logit cosine {:.5}, expected drop {:.2} points",
+        p.logit_cosine, p.expected_drop
+    )
+}
+
 /// The line of a refine trial whose lookups the time model prices slower than the old ones.
 pub(super) fn slower_line(layer: &str, what: &str, est: f64, old_est: f64) -> String {
     format!(
@@ -264,6 +337,16 @@ pub(super) enum Variant {
     Subspace(usize),
     /// The hash-tree encoder.
     Tree,
+    /// Pixel codebooks of this many channels.
+    Pixel(usize),
+}
+
+/// Whether `LutMatMul` node `lut` of `graph` reads the codes of pixel codebooks.
+fn pixel_lookups(graph: &Graph, lut: &str) -> bool {
+    graph.find(lut).is_some_and(|n| {
+        let codes = graph.inputs_of(n)[0];
+        matches!(&graph.node(codes.node).op, crate::ir::Op::PqEncode(p) if p.pixel)
+    })
 }
 
 impl Variant {
@@ -272,10 +355,12 @@ impl Variant {
             name: layer.to_string(),
             encoder: None,
             subspace: None,
+            pixel_subspace: None,
         };
         match self {
             Variant::Subspace(s) => l.subspace = Some(s),
             Variant::Tree => l.encoder = Some(crate::passes::lut::EncoderChoice::Tree),
+            Variant::Pixel(g) => l.pixel_subspace = Some(g),
         }
         l
     }
@@ -283,6 +368,7 @@ impl Variant {
         match self {
             Variant::Subspace(s) => format!("over codebooks of {s}"),
             Variant::Tree => "with the tree encoder".into(),
+            Variant::Pixel(g) => format!("over pixel codebooks of {g} channels"),
         }
     }
 }

@@ -2,6 +2,7 @@
 
 use super::exact_in;
 use super::meter::{best_point, Goal, Meter};
+use super::refine::RefineStep;
 use super::report::{Confirmation, LayerDecision, PathPoint, RELEARNED_AFTER_REFINING, RELEARNED_AGAIN};
 use super::walk::{confirm_order, named};
 use crate::error::Result;
@@ -80,8 +81,9 @@ pub(super) enum Stage<'a> {
 impl Mask {
     /// With images held out to confirm (`confirm`: validation images for an accuracy target,
     /// measured calibration images for an expected-drop one): the model as chosen measured on
-    /// them and, while it misses the target there, its LUT layers restored one at a time — first
-    /// those in `undo` (the layers prune put back, latest first: the decisions made closest to
+    /// them and, while it misses the target there, the refine steps' changes undone, latest
+    /// first (each layer back as it was before, `refined`), then its LUT layers restored one at
+    /// a time — first those in `undo` (the layers prune put back, latest first: the decisions made closest to
     /// the budget), then the others most damage per operation saved first (`force_lut` layers
     /// stay) — each measured on them; the
     /// model is left at the first point that meets the budget there. Then, when layers were
@@ -97,13 +99,44 @@ impl Mask {
         luts: &[String],
         meter: &Meter,
         decisions: &mut [LayerDecision],
-        undo: &[usize],
+        (refined, undo): (Vec<RefineStep>, &[usize]),
     ) -> Result<Option<Confirmation>> {
         let Some((n_held, kind)) = meter.held_out_images() else {
             return Ok(None);
         };
         let mut points = vec![meter.measure_held_out(current, None)?];
-        // the model as chosen and the restores made, to go back to the best point
+        // the refine steps' changes first, latest first: each layer back as it was before
+        let mut undone = 0;
+        for step in refined.into_iter().rev() {
+            cx.check_cancel()?;
+            let was = points.last().expect("starts with one point").clone();
+            if meter.met_held_out(&was) {
+                break;
+            }
+            let layer = step.decision.layer.clone();
+            *current = step.before;
+            let p = meter.measure_held_out(current, Some(format!("{layer} as before refine")))?;
+            cx.say(&indicatif::ProgressBar::hidden(), || {
+                format!(
+                    "  mask: put {layer} back as before refine ({}) to confirm: {} on the held-out images, {:.1} % removed",
+                    step.what,
+                    held_reading(meter, &p),
+                    100.0 * p.reduction_everything_counted
+                )
+            });
+            let d = &mut decisions[step.layer];
+            *d = step.decision;
+            d.why = format!(
+                "{} (refined {} and undone to confirm: on the {n_held} held-out {kind} images {})",
+                d.why,
+                step.what,
+                held_reading(meter, &was)
+            );
+            points.push(p);
+            undone += 1;
+        }
+        // the model as chosen (or as before refine) and the restores made, to go back to the
+        // best point
         let (start, mut restores) = (current.clone(), Vec::new());
         // the record of the model as it stands: the last relearn's when one ran, else the lut
         // pass's (set back by `run`)
@@ -151,7 +184,8 @@ impl Mask {
         cx.analyses.lut = relearned;
         if !meter.met_held_out(points.last().expect("one point")) {
             // as in the walk: a restore can make the model worse, so keep the best point there
-            let best = best_point(&points, |p| meter.met_held_out(p), |p| meter.quality(p));
+            // (from the model the restores started on: refine's undone changes stay undone)
+            let best = best_point(&points[undone..], |p| meter.met_held_out(p), |p| meter.quality(p));
             cx.notes.push(format!(
                 "mask: on the {n_held} held-out {kind} images the model misses the target ({}) with every layer confirm could restore restored (force_lut, or lookups no lut record names, keep the rest); kept the best of those points ({} restored)",
                 meter.goal.target(),
@@ -165,11 +199,11 @@ impl Mask {
                 decisions[*i].chosen = "lut";
                 decisions[*i].why = format!("kept as LUT: restoring it to confirm did not help ({why})");
             }
-            points.truncate(best + 1);
+            points.truncate(undone + best + 1);
         }
         let chosen_on = match points.len() {
             1 => None,
-            n => Some(meter.measure(current, Some(format!("(after restoring {} to confirm)", n - 1)))?),
+            n => Some(meter.measure(current, Some(format!("(after {} step(s) to confirm)", n - 1)))?),
         };
         if let Some(p) = chosen_on.as_ref().filter(|p| !meter.met(p)) {
             cx.notes.push(format!(

@@ -87,11 +87,13 @@ pub struct MaskReport {
     /// the last is the model the refine steps start from.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub pruned_after_relearning: Vec<PathPoint>,
-    /// With `refine_encoder` / `refine_subspace`: a point per layer refitted (argmin lookups made
-    /// tree lookups, exact layers made lookups over smaller codebooks), each meeting the target,
+    /// With `refine_pixel` / `refine_encoder` / `refine_subspace`: a point per layer refitted
+    /// (argmin lookups made pixel-codebook or tree lookups, exact layers made lookups over
+    /// smaller codebooks), each meeting the target,
     /// in order, then (with `relearn`, when it is kept: no worse, target met) one for the model
     /// relearned through the final mix, `restored` "(relearned after refining)"; the last is
-    /// the model kept (unless `confirmation` restored layers after it: [`MaskReport::kept`]).
+    /// the model kept (unless `confirmation` undid changes or restored layers after it:
+    /// [`MaskReport::kept`]).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub refined: Vec<PathPoint>,
     /// With `confirm`: the model the steps above chose, measured on the held-out images
@@ -114,8 +116,9 @@ pub struct Confirmation {
     pub images: usize,
     /// The exact model's accuracy on them, when they are labelled.
     pub exact_accuracy: Option<f64>,
-    /// The model the steps above kept, then one point per layer restored because the target
-    /// was missed on these images (`restored` names it); the last is the model kept.
+    /// The model the steps above kept, then one point per refine change undone and per layer
+    /// restored because the target was missed on these images (`restored` names it); the last
+    /// is the model kept.
     pub points: Vec<PathPoint>,
     /// When layers were restored: the model kept, measured on the images the rest chose on
     /// (what [`MaskReport::kept`] returns then).
@@ -124,7 +127,7 @@ pub struct Confirmation {
 
 impl MaskReport {
     /// The point of the model kept, on the images the pass chose on: after a
-    /// confirmation that restored layers, that model; else the last refine step (a layer
+    /// confirmation that undid refine changes or restored layers, that model; else the last refine step (a layer
     /// refined, or the model relearned after them), else the last layer put back as lookups
     /// after relearning, else the relearned model when reported, else the last layer prune put
     /// back as lookups, else the walk's choice.

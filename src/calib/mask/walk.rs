@@ -147,15 +147,10 @@ impl Mask {
                 }
             }
             cx.say(bar, || {
-                let acc = point
-                    .accuracy
-                    .map(|a| format!("accuracy {:.2} %, ", 100.0 * a))
-                    .unwrap_or_default();
                 format!(
-                    "  mask: restored {} (rank {rank}): {acc}logit cosine {:.5}, expected drop {:.2} points, {:.1} % removed",
+                    "  mask: restored {} (rank {rank}): {}, {:.1} % removed",
                     decisions[i].layer,
-                    point.logit_cosine,
-                    point.expected_drop,
+                    super::refine::readings(&point),
                     100.0 * point.reduction_everything_counted
                 )
             });

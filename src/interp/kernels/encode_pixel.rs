@@ -74,6 +74,17 @@ impl PixelQuant {
             }
             return;
         }
+        // bands of pixels across the team, each worth a hand-off (≥ 128 Ki multiply-adds);
+        // a pixel's codes do not depend on the band it is in
+        let band = (1usize << 17).div_ceil(d * K).max(1);
+        super::team::for_chunks(codes, band * self.c_n, |t, out| {
+            self.encode_rows(level, &x[t * band * d..], out)
+        });
+    }
+
+    /// The kernels' codes of the pixels `codes` holds, from the start of `x`.
+    fn encode_rows(&self, level: Simd, x: &[f32], codes: &mut [u8]) {
+        let d = self.c_n * self.s;
         let mut xq = vec![0u8; d.div_ceil(16) * 16];
         for (row, out) in x.chunks_exact(d).zip(codes.chunks_exact_mut(self.c_n)) {
             quantize_into(level, row, self.quant.inv(), &mut xq);
@@ -187,12 +198,14 @@ mod tests {
     use super::*;
     use crate::pq::rng::Rng;
 
-    /// Every level gives the reference's codes ([`Quant::nearest`] per codebook), on inputs
-    /// with negatives, zeros, values past the 127 clamp and NaN, for codebooks of 4 and 8
+    /// Every level, on one thread and on two (300 pixels of 64 channels are three bands),
+    /// gives the reference's codes ([`Quant::nearest`] per codebook), on inputs with
+    /// negatives, zeros, values past the 127 clamp and NaN, for codebooks of 4 and 8
     /// channels; codes vary.
     #[test]
     fn every_level_gives_the_reference_codes() {
         let mut rng = Rng::new(3);
+        let pools = [1, 2].map(|t| rayon::ThreadPoolBuilder::new().num_threads(t).build().unwrap());
         for (d, s) in [(64, 8), (48, 4), (32, 16), (56, 8), (24, 4)] {
             let protos: Vec<f32> = (0..(d / s) * K * s)
                 .map(|_| rng.next_f64() as f32 * 3.0 - 0.5)
@@ -209,9 +222,12 @@ mod tests {
             let distinct: std::collections::BTreeSet<u8> = want.iter().copied().collect();
             assert!(distinct.len() >= 8, "{d}/{s}: codes vary ({distinct:?})");
             for level in Simd::available() {
-                let mut got = vec![0u8; want.len()];
-                pq.encode(level, &x, &mut got);
-                assert_eq!(got, want, "{d}/{s} at {}", level.name());
+                for pool in &pools {
+                    let mut got = vec![0u8; want.len()];
+                    pool.install(|| pq.encode(level, &x, &mut got));
+                    let threads = pool.current_num_threads();
+                    assert_eq!(got, want, "{d}/{s} at {}, {threads} threads", level.name());
+                }
             }
         }
     }
