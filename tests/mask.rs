@@ -1157,9 +1157,14 @@ fn refine_makes_argmin_lookups_tree_lookups_where_the_target_holds() {
 /// LeNet-5 through the default pipeline's rewrites, `lut` (argmin) and a `mask` pass with
 /// these options; the compiled graph and the mask report.
 fn lenet_masked(mask: &str) -> (Graph, tabconv::passes::mask::MaskReport) {
+    lenet_masked_with("      encoder: argmin\n", mask)
+}
+
+/// [`lenet_masked`] with these `lut` options.
+fn lenet_masked_with(lut: &str, mask: &str) -> (Graph, tabconv::passes::mask::MaskReport) {
     let mut g = tabconv::onnx::load_model(&fixture("models/lenet5.onnx")).unwrap();
     let text = format!(
-        "name: t\npasses:\n  - fold-batchnorm:\n  - gemm-to-matmul:\n  - conv-to-im2col:\n  - constant-fold:\n  - lut:\n      encoder: argmin\n  - mask:\n      min_logit_cosine: 0.5\n      relearn: false\n      restore_unprofitable: false\n{mask}  - dead-code:\n"
+        "name: t\npasses:\n  - fold-batchnorm:\n  - gemm-to-matmul:\n  - conv-to-im2col:\n  - constant-fold:\n  - lut:\n{lut}  - mask:\n      min_logit_cosine: 0.5\n      relearn: false\n      restore_unprofitable: false\n{mask}  - dead-code:\n"
     );
     let p = Pipeline::parse(&text, "test").unwrap();
     let mut cx = PassCx {
@@ -1175,8 +1180,9 @@ fn lenet_masked(mask: &str) -> (Graph, tabconv::passes::mask::MaskReport) {
 /// whose lookups the time model prices no slower: on LeNet-5 with 3 channels per codebook,
 /// conv2 (6 input channels) becomes pixel lookups (each input value encoded once, not once per
 /// tap) and the model removes more arithmetic; conv1 (one channel) and the fully connected
-/// layers are left as they were; a time model pricing pixel encoding far above the window's
-/// keeps conv2 as it was; off by default.
+/// layers are left as they were; the refit keeps the user's `lut.layers` entry for the layer;
+/// a time model pricing pixel encoding far above the window's keeps conv2 as it was; off by
+/// default.
 #[test]
 fn refine_makes_window_lookups_pixel_lookups_where_they_fit() {
     let pixel = |g: &Graph| -> Vec<String> {
@@ -1210,6 +1216,19 @@ fn refine_makes_window_lookups_pixel_lookups_where_they_fit() {
     let input = out.fact(out.inputs_of(enc)[0]).unwrap().shape.clone();
     let values: u64 = input[1..].iter().map(|d| d.known().unwrap() as u64).product();
     assert_eq!(d.lut_cost.encode_macs, values * 16, "{d:?}");
+    // the refit keeps the user's own entry for the layer: `auto` would give conv2 (16 outputs,
+    // fewer than 4·K) the tree encoder, the entry keeps it argmin, and so does its pixel refit
+    let (out, m) = lenet_masked_with(
+        "      encoder: auto\n      layers: [{name: '/conv2/*', encoder: argmin}]\n",
+        "      refine_pixel: 3\n",
+    );
+    assert_eq!(m.refined.len(), 1, "{:?}", m.refined);
+    let enc = out.find(&format!("{conv2}/pq_encode")).unwrap();
+    assert!(
+        matches!(&out.node(enc).op, Op::PqEncode(p) if p.pixel && p.encoder == tabconv::ir::op::Encoder::Argmin),
+        "{:?}",
+        out.node(enc).op
+    );
     // priced slower than the window codebooks: kept as it was
     let slow =
         "      refine_pixel: 3\n      time_model:\n        encode_mac_pixel: 1000\n        encode_mac_pixel_i8: 1000\n";

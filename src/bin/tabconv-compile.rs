@@ -315,9 +315,21 @@ fn print_summary(done: &Compiled) {
                 on_held_out(&c.points[0])
             );
             if let (Some(last), Some(chosen_on)) = (c.points.last(), &c.chosen_on) {
+                let undone = c.points[1..]
+                    .iter()
+                    .filter(|p| {
+                        p.restored.as_deref().is_some_and(|r| {
+                            r.ends_with(tabconv::passes::mask::UNDO_REFINE) || r == tabconv::passes::mask::UNDO_RELEARN
+                        })
+                    })
+                    .count();
+                let what = match (undone, c.points.len() - 1 - undone) {
+                    (0, r) => format!("restoring {r} layer(s)"),
+                    (u, 0) => format!("undoing {u} refine step(s)"),
+                    (u, r) => format!("undoing {u} refine step(s) and restoring {r} layer(s)"),
+                };
                 eprintln!(
-                    "  after {} step(s) to confirm (refine's changes undone, then layers restored): reduction {:.1}%, {}; on the images chosen on: {}",
-                    c.points.len() - 1,
+                    "  after {what} to confirm: reduction {:.1}%, {}; on the images chosen on: {}",
                     pct(last),
                     on_held_out(last),
                     measured(chosen_on)

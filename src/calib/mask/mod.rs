@@ -68,7 +68,10 @@ use refine::Back;
 use relearn::Stage;
 
 pub use meter::{best_point, confirm_split, confirms_expected_drop, drop_standard_error, within_drop, DROP_TOLERANCE};
-pub use report::{Confirmation, LayerDecision, MaskReport, PathPoint, RELEARNED_AFTER_REFINING, RELEARNED_AGAIN};
+pub use report::{
+    Confirmation, LayerDecision, MaskReport, PathPoint, RELEARNED_AFTER_REFINING, RELEARNED_AGAIN, UNDO_REFINE,
+    UNDO_RELEARN,
+};
 pub use time_model::TimeModel;
 
 impl Mask {
@@ -150,13 +153,19 @@ impl Mask {
             false => refine::Refined::default(),
         };
         let (mut current, mut refined, choices) = (steps.model.unwrap_or(current), steps.points, steps.choices);
+        let mut refine_steps = steps.steps;
         if let Some(last) = refined.last().cloned() {
             // the refined layers' new lookups were fitted through the others as they stood;
             // relearn all of them through the final mix
             if let Some((g, p)) =
                 self.relearn(&exact, &last, &decisions, record, &meter, cx, Stage::Refined(&choices))?
             {
-                current = g;
+                // the confirmation undoes the relearning first: a step of its own
+                refine_steps.push(refine::RefineStep {
+                    before: std::mem::replace(&mut current, g),
+                    change: None,
+                    what: "relearned after refining".into(),
+                });
                 refined.push(p);
             }
         }
@@ -175,7 +184,7 @@ impl Mask {
             &luts,
             &meter,
             &mut decisions,
-            (steps.steps, &undo),
+            (refine_steps, &undo),
         )?;
         *graph = current;
         let mut report = MaskReport {

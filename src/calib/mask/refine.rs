@@ -103,11 +103,11 @@ impl Mask {
                     made_pixel.push(i);
                 }
                 out.points.push(p);
-                out.choices.push(v.layer_override(&decisions[i].layer));
+                out.choices
+                    .push(v.layer_override(&decisions[i].layer, &self.lut_options(record).layers));
                 out.steps.push(RefineStep {
                     before: before.0,
-                    layer: i,
-                    decision: before.1,
+                    change: Some((i, before.1)),
                     what: v.describe(),
                 });
                 fits.push(fit);
@@ -149,7 +149,8 @@ impl Mask {
         let layer = decisions[i].layer.clone();
         let was_lut = decisions[i].chosen == "lut";
         let mut opts = self.lut_options(record);
-        opts.layers.push(v.layer_override(&layer));
+        let entry = v.layer_override(&layer, &opts.layers);
+        opts.layers.push(entry);
         // this layer alone: no global stage over every LUT layer
         opts.global_epochs = 0;
         let others = decisions.iter().filter(|d| d.chosen == "exact" && d.layer != layer);
@@ -240,13 +241,12 @@ pub(super) struct Refined {
     pub(super) steps: Vec<RefineStep>,
 }
 
-/// One change a refine step kept: the model and the layer's decision before it.
+/// One change a refine step kept (or the relearning after them): the model before it and,
+/// for a layer refitted, its index in the decisions and its decision before.
 pub(super) struct RefineStep {
     pub(super) before: Graph,
-    /// The layer's index in the decisions.
-    pub(super) layer: usize,
-    pub(super) decision: LayerDecision,
-    /// What the step fitted the layer as ([`Variant::describe`]).
+    pub(super) change: Option<(usize, LayerDecision)>,
+    /// What the step fitted the layer as ([`Variant::describe`]), or "relearned after refining".
     pub(super) what: String,
 }
 
@@ -350,13 +350,25 @@ fn pixel_lookups(graph: &Graph, lut: &str) -> bool {
 }
 
 impl Variant {
-    pub(super) fn layer_override(self, layer: &str) -> crate::passes::lut::LayerOverride {
-        let mut l = crate::passes::lut::LayerOverride {
-            name: layer.to_string(),
-            encoder: None,
-            subspace: None,
-            pixel_subspace: None,
-        };
+    /// The `lut.layers` entry for `layer` fitted as this: the last of `entries` matching it
+    /// (the user's settings for it), with this variant's setting changed.
+    pub(super) fn layer_override(
+        self,
+        layer: &str,
+        entries: &[crate::passes::lut::LayerOverride],
+    ) -> crate::passes::lut::LayerOverride {
+        let mut l = entries
+            .iter()
+            .rev()
+            .find(|l| crate::passes::glob_match(&l.name, layer))
+            .cloned()
+            .unwrap_or(crate::passes::lut::LayerOverride {
+                name: String::new(),
+                encoder: None,
+                subspace: None,
+                pixel_subspace: None,
+            });
+        l.name = layer.to_string();
         match self {
             Variant::Subspace(s) => l.subspace = Some(s),
             Variant::Tree => l.encoder = Some(crate::passes::lut::EncoderChoice::Tree),

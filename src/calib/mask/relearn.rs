@@ -3,7 +3,9 @@
 use super::exact_in;
 use super::meter::{best_point, Goal, Meter};
 use super::refine::RefineStep;
-use super::report::{Confirmation, LayerDecision, PathPoint, RELEARNED_AFTER_REFINING, RELEARNED_AGAIN};
+use super::report::{
+    Confirmation, LayerDecision, PathPoint, RELEARNED_AFTER_REFINING, RELEARNED_AGAIN, UNDO_REFINE, UNDO_RELEARN,
+};
 use super::walk::{confirm_order, named};
 use crate::error::Result;
 use crate::ir::Graph;
@@ -113,9 +115,22 @@ impl Mask {
             if meter.met_held_out(&was) {
                 break;
             }
-            let layer = step.decision.layer.clone();
             *current = step.before;
-            let p = meter.measure_held_out(current, Some(format!("{layer} as before refine")))?;
+            let Some((i, decision)) = step.change else {
+                // the relearning after refining, undone alone
+                let p = meter.measure_held_out(current, Some(UNDO_RELEARN.into()))?;
+                cx.say(&indicatif::ProgressBar::hidden(), || {
+                    format!(
+                        "  mask: undid the relearning after refining to confirm: {} on the held-out images",
+                        held_reading(meter, &p)
+                    )
+                });
+                points.push(p);
+                undone += 1;
+                continue;
+            };
+            let layer = decision.layer.clone();
+            let p = meter.measure_held_out(current, Some(format!("{layer}{UNDO_REFINE}")))?;
             cx.say(&indicatif::ProgressBar::hidden(), || {
                 format!(
                     "  mask: put {layer} back as before refine ({}) to confirm: {} on the held-out images, {:.1} % removed",
@@ -124,8 +139,8 @@ impl Mask {
                     100.0 * p.reduction_everything_counted
                 )
             });
-            let d = &mut decisions[step.layer];
-            *d = step.decision;
+            let d = &mut decisions[i];
+            *d = decision;
             d.why = format!(
                 "{} (refined {} and undone to confirm: on the {n_held} held-out {kind} images {})",
                 d.why,
@@ -207,7 +222,7 @@ impl Mask {
         };
         if let Some(p) = chosen_on.as_ref().filter(|p| !meter.met(p)) {
             cx.notes.push(format!(
-                "mask: after the restores to confirm, the model misses the target on the {kind} images chosen on ({})",
+                "mask: after the steps to confirm, the model misses the target on the {kind} images chosen on ({})",
                 reading(meter.goal, p, meter.exact_correct().map(|c| meter.accuracy(c)))
             ));
         }

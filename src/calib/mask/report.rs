@@ -7,6 +7,13 @@ use serde::Serialize;
 /// them ([`MaskReport::refined`]).
 pub const RELEARNED_AFTER_REFINING: &str = "(relearned after refining)";
 
+/// The `restored` label of a confirmation point (suffix, after the layer's name) where a
+/// refine step's change was undone: the layer back as it was before.
+pub const UNDO_REFINE: &str = " as before refine";
+
+/// The `restored` label of a confirmation point where the relearning after refining was undone.
+pub const UNDO_RELEARN: &str = "(refined model, not relearned)";
+
 /// The `restored` label of a point of [`MaskReport::pruned_after_relearning`] that is the model
 /// relearned after the layers before it were put back (`relearn_rounds`).
 pub const RELEARNED_AGAIN: &str = "(relearned again)";
