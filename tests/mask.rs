@@ -1162,9 +1162,14 @@ fn lenet_masked(mask: &str) -> (Graph, tabconv::passes::mask::MaskReport) {
 
 /// [`lenet_masked`] with these `lut` options.
 fn lenet_masked_with(lut: &str, mask: &str) -> (Graph, tabconv::passes::mask::MaskReport) {
+    lenet_target(lut, &format!("      min_logit_cosine: 0.5\n{mask}"))
+}
+
+/// [`lenet_masked_with`] with the mask's target among `mask`.
+fn lenet_target(lut: &str, mask: &str) -> (Graph, tabconv::passes::mask::MaskReport) {
     let mut g = tabconv::onnx::load_model(&fixture("models/lenet5.onnx")).unwrap();
     let text = format!(
-        "name: t\npasses:\n  - fold-batchnorm:\n  - gemm-to-matmul:\n  - conv-to-im2col:\n  - constant-fold:\n  - lut:\n{lut}  - mask:\n      min_logit_cosine: 0.5\n      relearn: false\n      restore_unprofitable: false\n{mask}  - dead-code:\n"
+        "name: t\npasses:\n  - fold-batchnorm:\n  - gemm-to-matmul:\n  - conv-to-im2col:\n  - constant-fold:\n  - lut:\n{lut}  - mask:\n      relearn: false\n      restore_unprofitable: false\n{mask}  - dead-code:\n"
     );
     let p = Pipeline::parse(&text, "test").unwrap();
     let mut cx = PassCx {
@@ -1310,4 +1315,51 @@ fn confirm_undoes_refine_steps_first() {
     let undone_all = steps.len() == 2;
     let reference = if undone_all { &g } else { &easy };
     assert_eq!(pred, predictions(reference, &x));
+}
+
+/// `refine_window` fits the layers left exact for their damage whose lookups were over pixel
+/// codebooks again over window codebooks: LeNet-5's conv2 over one 6-channel pixel codebook
+/// per tap reads a lower logit cosine alone than over its window codebooks, so under a target
+/// between the two (the other layers kept exact) the walk restores it and refine makes it
+/// window lookups; without the option it stays exact.
+#[test]
+fn refine_makes_exact_pixel_layers_window_lookups() {
+    let conv2 = "/conv2/Conv/matmul";
+    let others = "      keep_exact: ['/conv1/*', '/fc*']\n";
+    let alone = |pixel: usize| {
+        let (_, m) = lenet_masked_with(
+            &format!("      encoder: argmin\n      pixel_subspace: {pixel}\n"),
+            others,
+        );
+        choice_in(&m, conv2).logit_cosine_alone
+    };
+    let (pixel, window) = (alone(6), alone(0));
+    assert!(
+        pixel < window,
+        "the case needs window codebooks to fit better: {pixel} {window}"
+    );
+    let target = format!("      min_logit_cosine: {}\n{others}", (pixel + window) / 2.0);
+    let lut = "      encoder: argmin\n      pixel_subspace: 6\n";
+    let (out, m) = lenet_target(lut, &format!("{target}      refine_window: true\n"));
+    let steps: Vec<_> = m.refined.iter().map(|p| p.restored.clone().unwrap()).collect();
+    assert_eq!(
+        steps,
+        [format!("{conv2} as lookups over window codebooks")],
+        "{:?}",
+        m.path
+    );
+    let d = choice_in(&m, conv2);
+    assert_eq!(d.chosen, "lut", "{d:?}");
+    let enc = out.find(&format!("{conv2}/pq_encode")).expect("conv2 as lookups");
+    assert!(
+        matches!(&out.node(enc).op, Op::PqEncode(p) if !p.pixel),
+        "{:?}",
+        out.node(enc).op
+    );
+    assert!(m.kept().logit_cosine >= (pixel + window) / 2.0, "{:?}", m.kept());
+    // without the option the walk's restore stays
+    let (out, m) = lenet_target(lut, &target);
+    assert!(m.refined.is_empty(), "{:?}", m.refined);
+    assert_eq!(choice_in(&m, conv2).chosen, "exact");
+    assert!(out.find(&format!("{conv2}/pq_encode")).is_none());
 }

@@ -148,7 +148,9 @@ impl Mask {
         }
         let current = again.model.expect("prune with a relearned model keeps one");
         let kept = again.points.last().or(final_point.as_ref()).unwrap_or(chosen);
-        let steps = match (o.refine_pixel > 0 || o.refine_encoder || o.refine_subspace > 0) && meter.met(kept) {
+        let steps = match (o.refine_pixel > 0 || o.refine_window || o.refine_encoder || o.refine_subspace > 0)
+            && meter.met(kept)
+        {
             true => self.refine(current.clone(), &luts, &mut decisions, record, &meter, cx)?,
             false => refine::Refined::default(),
         };

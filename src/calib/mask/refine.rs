@@ -21,7 +21,10 @@ impl Mask {
 
     /// With `refine_pixel`: each layer left as argmin lookups over window codebooks, most
     /// encoding operations first, fitted again over pixel codebooks where they fit, kept as
-    /// below. With `refine_encoder`: each layer left as argmin lookups, most encoding operations
+    /// below. With `refine_window`: each layer left exact for its damage whose lookups were over
+    /// pixel codebooks, most operations saved first, fitted again over window codebooks, kept as
+    /// with `refine_subspace` (which then skips the layers it made lookups). With
+    /// `refine_encoder`: each layer left as argmin lookups, most encoding operations
     /// first, fitted again by the `lut` pass alone with the hash-tree encoder (comparisons only)
     /// through the model as it stands, and kept so when the target still holds and `time_model`
     /// does not price the new lookups slower than the old. Then, with `refine_subspace`: each
@@ -72,18 +75,25 @@ impl Mask {
         if o.refine_encoder {
             trials.extend(argmin.iter().map(|&i| (i, Variant::Tree)));
         }
+        // the layers left exact for their damage: not by `decide_first` (by override or for
+        // speed); the encoder trials above leave exact layers as they are
+        let left: Vec<usize> = (0..decisions.len())
+            .filter(|&i| {
+                let d = &decisions[i];
+                let for_speed = o.restore_unprofitable && unprofitable(d.ops_saved, d.est_speedup);
+                d.chosen == "exact" && !for_speed && !named(&o.keep_exact, &d.layer, &luts[i])
+            })
+            .collect();
+        let left = most_saved_first(left, decisions);
+        if o.refine_window {
+            // those whose lookups were over pixel codebooks
+            let pixel = left
+                .iter()
+                .filter(|&&i| record.report_of(&decisions[i].layer).is_some_and(|r| r.pixel));
+            trials.extend(pixel.map(|&i| (i, Variant::Window)));
+        }
         if o.refine_subspace > 0 {
-            // the layers left exact for their damage: not by `decide_first` (by override or for
-            // speed); the encoder trials above leave exact layers as they are
-            let left: Vec<usize> = (0..decisions.len())
-                .filter(|&i| {
-                    let d = &decisions[i];
-                    let for_speed = o.restore_unprofitable && unprofitable(d.ops_saved, d.est_speedup);
-                    d.chosen == "exact" && !for_speed && !named(&o.keep_exact, &d.layer, &luts[i])
-                })
-                .collect();
-            let order = most_saved_first(left, decisions);
-            trials.extend(order.into_iter().map(|i| (i, Variant::Subspace(o.refine_subspace))));
+            trials.extend(left.iter().map(|&i| (i, Variant::Subspace(o.refine_subspace))));
         }
         let mut out = Refined::default();
         let bar = crate::cli::progress(trials.len(), "mask refine");
@@ -91,7 +101,9 @@ impl Mask {
         let mut fits = Vec::new();
         for (i, v) in trials {
             bar.inc(1);
-            if matches!(v, Variant::Tree) && made_pixel.contains(&i) {
+            if matches!(v, Variant::Tree) && made_pixel.contains(&i)
+                || matches!(v, Variant::Subspace(_)) && decisions[i].chosen == "lut"
+            {
                 continue;
             }
             let before = (current.clone(), decisions[i].clone());
@@ -339,6 +351,8 @@ pub(super) enum Variant {
     Tree,
     /// Pixel codebooks of this many channels.
     Pixel(usize),
+    /// Window codebooks (no pixel codebooks).
+    Window,
 }
 
 /// Whether `LutMatMul` node `lut` of `graph` reads the codes of pixel codebooks.
@@ -373,6 +387,7 @@ impl Variant {
             Variant::Subspace(s) => l.subspace = Some(s),
             Variant::Tree => l.encoder = Some(crate::passes::lut::EncoderChoice::Tree),
             Variant::Pixel(g) => l.pixel_subspace = Some(g),
+            Variant::Window => l.pixel_subspace = Some(0),
         }
         l
     }
@@ -381,6 +396,7 @@ impl Variant {
             Variant::Subspace(s) => format!("over codebooks of {s}"),
             Variant::Tree => "with the tree encoder".into(),
             Variant::Pixel(g) => format!("over pixel codebooks of {g} channels"),
+            Variant::Window => "over window codebooks".into(),
         }
     }
 }
