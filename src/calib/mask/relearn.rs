@@ -107,49 +107,7 @@ impl Mask {
             return Ok(None);
         };
         let mut points = vec![meter.measure_held_out(current, None)?];
-        // the refine steps' changes first, latest first: each layer back as it was before
-        let mut undone = 0;
-        for step in refined.into_iter().rev() {
-            cx.check_cancel()?;
-            let was = points.last().expect("starts with one point").clone();
-            if meter.met_held_out(&was) {
-                break;
-            }
-            *current = step.before;
-            let Some((i, decision)) = step.change else {
-                // the relearning after refining, undone alone
-                let p = meter.measure_held_out(current, Some(UNDO_RELEARN.into()))?;
-                cx.say(&indicatif::ProgressBar::hidden(), || {
-                    format!(
-                        "  mask: undid the relearning after refining to confirm: {} on the held-out images",
-                        held_reading(meter, &p)
-                    )
-                });
-                points.push(p);
-                undone += 1;
-                continue;
-            };
-            let layer = decision.layer.clone();
-            let p = meter.measure_held_out(current, Some(format!("{layer}{UNDO_REFINE}")))?;
-            cx.say(&indicatif::ProgressBar::hidden(), || {
-                format!(
-                    "  mask: put {layer} back as before refine ({}) to confirm: {} on the held-out images, {:.1} % removed",
-                    step.what,
-                    held_reading(meter, &p),
-                    100.0 * p.reduction_everything_counted
-                )
-            });
-            let d = &mut decisions[i];
-            *d = decision;
-            d.why = format!(
-                "{} (refined {} and undone to confirm: on the {n_held} held-out {kind} images {})",
-                d.why,
-                step.what,
-                held_reading(meter, &was)
-            );
-            points.push(p);
-            undone += 1;
-        }
+        let undone = undo_refined(current, cx, meter, decisions, refined, &mut points, (n_held, kind))?;
         // the model as chosen (or as before refine) and the restores made, to go back to the
         // best point
         let (start, mut restores) = (current.clone(), Vec::new());
@@ -177,14 +135,7 @@ impl Mask {
             restore(current, name, ex)?;
             restores.push((name.to_string(), ex.clone(), i, decisions[i].why.clone()));
             let p = meter.measure_held_out(current, Some(d.layer.clone()))?;
-            cx.say(&bar, || {
-                format!(
-                    "  mask: restored {} to confirm: {} on the held-out images, {:.1} % removed",
-                    d.layer,
-                    held_reading(meter, &p),
-                    100.0 * p.reduction_everything_counted
-                )
-            });
+            cx.say(&bar, || held_line(meter, &format!("restored {}", d.layer), &p));
             let d = &mut decisions[i];
             d.chosen = "exact";
             d.why = format!(
@@ -233,6 +184,64 @@ impl Mask {
             chosen_on,
         }))
     }
+}
+
+/// The confirmation's first steps: while the model misses the target on the held-out images,
+/// the refine steps' changes undone, latest first (each layer back as it was before, its
+/// decision with it), each measured there (`points`). Returns how many were undone.
+fn undo_refined(
+    current: &mut Graph,
+    cx: &mut PassCx,
+    meter: &Meter,
+    decisions: &mut [LayerDecision],
+    refined: Vec<RefineStep>,
+    points: &mut Vec<PathPoint>,
+    (n_held, kind): (usize, &str),
+) -> Result<usize> {
+    let mut undone = 0;
+    for step in refined.into_iter().rev() {
+        cx.check_cancel()?;
+        let was = points.last().expect("starts with one point").clone();
+        if meter.met_held_out(&was) {
+            break;
+        }
+        *current = step.before;
+        let Some((i, decision)) = step.change else {
+            // the relearning after refining, undone alone
+            let p = meter.measure_held_out(current, Some(UNDO_RELEARN.into()))?;
+            cx.say(&indicatif::ProgressBar::hidden(), || {
+                held_line(meter, "undid the relearning after refining", &p)
+            });
+            points.push(p);
+            undone += 1;
+            continue;
+        };
+        let layer = decision.layer.clone();
+        let p = meter.measure_held_out(current, Some(format!("{layer}{UNDO_REFINE}")))?;
+        cx.say(&indicatif::ProgressBar::hidden(), || {
+            held_line(meter, &format!("put {layer} back as before refine ({})", step.what), &p)
+        });
+        let d = &mut decisions[i];
+        *d = decision;
+        d.why = format!(
+            "{} (refined {} and undone to confirm: on the {n_held} held-out {kind} images {})",
+            d.why,
+            step.what,
+            held_reading(meter, &was)
+        );
+        points.push(p);
+        undone += 1;
+    }
+    Ok(undone)
+}
+
+/// The progress line of a confirmation step: what it did, and its point on the held-out images.
+fn held_line(meter: &Meter, did: &str, p: &PathPoint) -> String {
+    format!(
+        "  mask: {did} to confirm: {} on the held-out images, {:.1} % removed",
+        held_reading(meter, p),
+        100.0 * p.reduction_everything_counted
+    )
 }
 
 /// What a point measured on the held-out images reads on the target's metric, for a note.

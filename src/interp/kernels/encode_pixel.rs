@@ -198,7 +198,8 @@ mod tests {
     use super::*;
     use crate::pq::rng::Rng;
 
-    /// Every level, on one thread and on two (300 pixels of 64 channels are three bands),
+    /// Every level, on one thread and on two (300 pixels of 64 channels are three bands; they
+    /// run inline when another test holds the team),
     /// gives the reference's codes ([`Quant::nearest`] per codebook), on inputs with
     /// negatives, zeros, values past the 127 clamp and NaN, for codebooks of 4 and 8
     /// channels; codes vary.
