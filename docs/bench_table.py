@@ -64,7 +64,7 @@ print("Machines differ (some have AVX-512, some only AVX2): the kernels pick AVX
       "docs/BENCHMARKS-avx2.md (AVX2 only) are the last runs on each kind of machine.\n")
 
 print("## Against ONNX Runtime\n")
-print("`default` is `passes/tabconv.yaml` (masking to a logit cosine of 0.995 and at most 0.5 "
+print("`default` is `passes/tabconv.yaml` (pixel codebooks of 4 channels where they fit, masking to a logit cosine of 0.995 and at most 0.5 "
       "points of top-1 accuracy expected lost, unlabelled, read on the fixtures' 1024 calibration images: "
       "every step chooses on 512 of them, all learned on, and the kept model is confirmed on the other 512, "
       "among them the 256 held out of learning; exact layers as "

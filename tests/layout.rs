@@ -84,10 +84,16 @@ fn images(n: usize, seed: u64) -> ArrayD<f32> {
     .unwrap()
 }
 
+/// The residual net as lookups over per-channel window codebooks, with or without the layout pass.
 fn compile(layout: bool) -> Graph {
+    compile_with(layout, 0)
+}
+
+/// [`compile`] with pixel codebooks of `pixel` channels (0: per-channel window codebooks).
+fn compile_with(layout: bool, pixel: usize) -> Graph {
     let mut g = residual_net();
     let text = format!(
-        "name: t\npasses:\n  - conv-to-im2col:\n  - constant-fold:\n  - lut:\n      encoder: argmin\n      subspace: 0\n{}  - dead-code:\n",
+        "name: t\npasses:\n  - conv-to-im2col:\n  - constant-fold:\n  - lut:\n      encoder: argmin\n      subspace: 0\n      pixel_subspace: {pixel}\n{}  - dead-code:\n",
         if layout { "  - channels-last:\n" } else { "" }
     );
     let mut cx = PassCx {
@@ -177,6 +183,33 @@ fn channels_last_keeps_every_bit_and_drops_transposes() {
     assert_eq!(c, b);
 
     insta::assert_snapshot!("residual_after_channels_last", dump_without_hashes(&cl));
+}
+
+/// Pixel codebooks (the `lut` default): channels-last gives the same bits, with no transpose,
+/// and each pixel encoder reads the channels-last activation.
+#[test]
+fn channels_last_keeps_the_bits_of_pixel_codebooks() {
+    let (plain, cl) = (compile_with(false, 4), compile_with(true, 4));
+    let pixel = |g: &Graph| count(g, |op| matches!(op, Op::PqEncode(p) if p.pixel));
+    assert!(pixel(&cl) > 0, "{}", dump(&cl).unwrap());
+    assert_eq!(pixel(&cl), pixel(&plain));
+    assert_eq!(
+        pixel(&cl),
+        count(&cl, |op| matches!(op, Op::PqEncode(p) if p.pixel && p.nhwc)),
+        "every pixel encoder reads channels-last input"
+    );
+    assert_eq!(
+        count(&cl, |op| matches!(op, Op::Transpose { .. })),
+        0,
+        "{}",
+        dump(&cl).unwrap()
+    );
+    for (n, seed) in [(5, 2), (1, 3)] {
+        let x = images(n, seed);
+        let a = as_f32(&run(&plain, vec![Tensor::F32(x.clone())]).unwrap()[0]);
+        let b = as_f32(&run(&cl, vec![Tensor::F32(x)]).unwrap()[0]);
+        assert_eq!(a, b, "{n} image(s): same codes, same lookups, same bits");
+    }
 }
 
 /// Exact convolutions: every conv runs channels-last with its `Relu` and residual `Add` fused,

@@ -1321,7 +1321,7 @@ fn confirm_undoes_refine_steps_first() {
 /// codebooks again over window codebooks: LeNet-5's conv2 over one 6-channel pixel codebook
 /// per tap reads a lower logit cosine alone than over its window codebooks, so under a target
 /// between the two (the other layers kept exact) the walk restores it and refine makes it
-/// window lookups; without the option it stays exact.
+/// window lookups; with the option off it stays exact.
 #[test]
 fn refine_makes_exact_pixel_layers_window_lookups() {
     let conv2 = "/conv2/Conv/matmul";
@@ -1357,8 +1357,8 @@ fn refine_makes_exact_pixel_layers_window_lookups() {
         out.node(enc).op
     );
     assert!(m.kept().logit_cosine >= (pixel + window) / 2.0, "{:?}", m.kept());
-    // without the option the walk's restore stays
-    let (out, m) = lenet_target(lut, &target);
+    // without the option (on by default) the walk's restore stays
+    let (out, m) = lenet_target(lut, &format!("{target}      refine_window: false\n"));
     assert!(m.refined.is_empty(), "{:?}", m.refined);
     assert_eq!(choice_in(&m, conv2).chosen, "exact");
     assert!(out.find(&format!("{conv2}/pq_encode")).is_none());

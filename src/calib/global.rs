@@ -136,7 +136,7 @@ impl Unit {
         };
         if pe.pixel {
             return Err(stop(
-                "the global stage does not learn pixel codebooks (lut.pixel_subspace): it runs without them or not at all".into(),
+                "it does not learn pixel codebooks: set lut.pixel_subspace=0 (per-channel codebooks) to run it".into(),
             ));
         }
         if pe.nhwc || ins.len() != 4 {

@@ -54,7 +54,7 @@ pub struct Options {
     /// per kernel row (`kw`) for windows larger than 3×3.
     pub subspace: usize,
     /// Channels per *pixel codebook* for convolutions larger than 1×1 whose channels it divides
-    /// (0 = off): each codebook covers that many channels of one input pixel and serves every
+    /// (4 by default; 0 = off): each codebook covers that many channels of one input pixel and serves every
     /// tap of the window, so each pixel is encoded once (`K·C` multiply-adds per input pixel
     /// instead of `K·C·kh·kw` per output pixel) at `kh·kw·C / pixel_subspace` lookups per
     /// output; only layers whose taps mostly read the image take them. Gradient learning moves
@@ -181,7 +181,7 @@ impl Default for Options {
     fn default() -> Options {
         Options {
             subspace: 0,
-            pixel_subspace: 0,
+            pixel_subspace: 4,
             fc_subspace: 4,
             token_subspace: 0,
             k: 16,

@@ -96,10 +96,10 @@ pub struct Options {
     /// holds and `time_model` prices the new lookups no slower. One `lut` fit and one measure
     /// per layer tried. Layers made pixel lookups are not tried with the tree encoder.
     pub refine_pixel: usize,
-    /// With `lut.pixel_subspace`: after the rest, before `refine_subspace`, each layer left exact
-    /// for its damage whose lookups were over pixel codebooks, most operations saved first,
-    /// fitted again over window codebooks (one per input channel's window) through the model
-    /// as it stands, and kept so when the target still holds (and, with
+    /// On by default. With `lut.pixel_subspace`: after the rest, before `refine_subspace`, each
+    /// layer left exact for its damage whose lookups were over pixel codebooks, most operations
+    /// saved first, fitted again over window codebooks (one per input channel's window) through
+    /// the model as it stands, and kept so when the target still holds (and, with
     /// `restore_unprofitable`, its lookups would not run slower than the exact layer). One
     /// `lut` fit and one measure per layer tried.
     pub refine_window: bool,
@@ -143,7 +143,7 @@ impl Default for Options {
             refine_subspace: 0,
             refine_encoder: false,
             refine_pixel: 0,
-            refine_window: false,
+            refine_window: true,
             time_model: TimeModel::default(),
             confirm: 0.5,
         }
