@@ -306,3 +306,25 @@ fn pixel_codebooks_encode_each_pixel_once() {
     reads_back_the_same(&g, &bytes);
     assert_eq!(bytes, compile_lenet(&["lut.pixel_subspace=3"], 0).1, "deterministic");
 }
+
+/// The global stage does not learn pixel codebooks: with them it is skipped, and the note says
+/// how to run it.
+#[test]
+fn global_stage_skips_pixel_codebooks_with_a_note() {
+    let mut g = tabconv::onnx::load_model(&fixture("models/lenet5.onnx")).unwrap();
+    let text = "name: t\npasses:\n  - fold-batchnorm:\n  - gemm-to-matmul:\n  - conv-to-im2col:\n  - constant-fold:\n  - lut:\n      encoder: argmin\n      pixel_subspace: 3\n      global_epochs: 1\n      global_images: 64\n  - dead-code:\n";
+    let p = Pipeline::parse(text, "t").unwrap();
+    let mut cx = PassCx {
+        calib: Some(npy("data/mnist_calib.npy")),
+        ..Default::default()
+    };
+    run_pipeline(&mut g, &p, &mut cx, |_, _| Ok(())).unwrap();
+    assert!(cx.global.is_none(), "no global stage ran");
+    let note = cx.notes.iter().find(|n| n.contains("global stage skipped"));
+    assert_eq!(
+        note.map(String::as_str),
+        Some("lut: global stage skipped: it does not learn pixel codebooks: set lut.pixel_subspace=0 (per-channel codebooks) to run it"),
+        "{:?}",
+        cx.notes
+    );
+}

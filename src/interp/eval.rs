@@ -937,6 +937,14 @@ fn pq_encode_pixels(p: &crate::ir::op::PqEncode, args: &[Arc<Tensor>], cache: Op
         }
     };
     let [oh, ow] = geo.out;
+    // the gathered codes (and the per-axis tap tables) within the tensor limit: a crafted window
+    // (large pads and kernel on a small map) must not overflow or allocate without bound
+    crate::limits::check_shape(
+        &[n, oh, ow, w.kernel[0], w.kernel[1], zero.len()],
+        1,
+        "PQEncode pixel codes",
+    )?;
+    crate::limits::check_shape(&[oh.max(ow), w.kernel[0].max(w.kernel[1])], 16, "PQEncode tap tables")?;
     let row = w.kernel[0] * w.kernel[1] * zero.len();
     let out = gather_taps(&codes, &zero, n, [h, wd], w, &geo);
     Ok(Tensor::U8(
@@ -1302,10 +1310,11 @@ mod tests {
     /// zero-padded by hand, so taps outside the image read an all-zero pixel; the channels-last
     /// input gives the same codes. Odd sizes, strides, dilation, a channel count the codebooks
     /// do not divide (7 in codebooks of 3), whole 4-byte words (8 in codebooks of 4: the int8
-    /// pixel kernels run), both encoders and the int8 one.
+    /// pixel kernels run), both encoders and the int8 one; 1 to 16 codebooks per pixel, so kernel
+    /// rows of 3 to 128 bytes of codes (the gather's fixed-size moves).
     #[test]
     fn pixel_codebooks_gather_each_pixels_codes_per_tap() {
-        for (c, s) in [(7, 3), (8, 4), (4, 4), (16, 4), (64, 4)] {
+        for (c, s) in [(7, 3), (8, 4), (4, 4), (16, 4), (32, 4), (64, 4)] {
             pixel_codebooks_case(c, s);
         }
     }
@@ -1368,6 +1377,10 @@ mod tests {
         for (win, pads) in [
             (([3, 3], [1, 1], [1, 1]), [1, 1, 1, 1]),
             (([3, 2], [2, 1], [1, 2]), [0, 2, 1, 0]),
+            // strided runs, whole kernel rows in the padding, a kernel wider than the image
+            (([3, 3], [2, 2], [1, 1]), [1, 1, 1, 1]),
+            (([3, 3], [1, 1], [1, 1]), [2, 2, 2, 2]),
+            (([1, 8], [1, 1], [1, 1]), [0, 1, 0, 1]),
         ] {
             let window = test_window(win.0, win.1, win.2, pads);
             // the int8 encoder too: channels-last pixels take its own kernels (`encode_pixel`),

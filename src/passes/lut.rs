@@ -150,20 +150,28 @@ pub struct LayerOverride {
 
 impl Options {
     /// The options `layer` (a MatMul node name) is fitted with: these, with the last matching
-    /// entry of `layers` applied.
+    /// entry of `layers` applied. An entry's `subspace`, or a pass-wide `subspace` above 0, asks
+    /// for window codebooks: pixel codebooks then only where the entry itself gives
+    /// `pixel_subspace` (so `--set lut.subspace=3` still means what it did before pixel
+    /// codebooks became the default).
     pub fn for_layer(&self, layer: &str) -> Options {
         let mut o = self.clone();
+        let (mut window_given, mut pixel_given) = (false, false);
         if let Some(l) = self.layers.iter().rev().find(|l| super::glob_match(&l.name, layer)) {
             if let Some(e) = l.encoder {
                 o.encoder = e;
             }
             if let Some(s) = l.subspace {
                 (o.subspace, o.fc_subspace, o.token_subspace) = (s, s, s);
-                o.pixel_subspace = 0;
+                window_given = true;
             }
             if let Some(g) = l.pixel_subspace {
                 o.pixel_subspace = g;
+                pixel_given = true;
             }
+        }
+        if (window_given || o.subspace > 0) && !pixel_given {
+            o.pixel_subspace = 0;
         }
         o
     }
@@ -1059,7 +1067,11 @@ impl Pass for Lut {
                     cx.global = Some(r);
                 }
                 Ok(None) => {}
-                Err(e) => cx.notes.push(format!("lut: global stage skipped: {e}")),
+                Err(e) => {
+                    let why = e.to_string();
+                    let why = why.strip_prefix("global stage: ").unwrap_or(&why);
+                    cx.notes.push(format!("lut: global stage skipped: {why}"))
+                }
             }
             crate::ir::infer::infer_graph(graph)?;
         }
@@ -1181,7 +1193,38 @@ fn transpose_blocks(t: &[f32], c: usize, rows: usize, cols: usize) -> Vec<f32> {
 
 #[cfg(test)]
 mod tests {
-    use super::int8_act_scale;
+    use super::{int8_act_scale, LayerOverride, Options};
+
+    /// Pixel codebooks (4 by default) give way to window codebooks wherever a `subspace` is
+    /// asked for (pass-wide above 0, or in the layer's entry, 0 included), unless the entry
+    /// itself gives `pixel_subspace`.
+    #[test]
+    fn a_subspace_asks_for_window_codebooks() {
+        let entry = |subspace, pixel_subspace| LayerOverride {
+            name: "/a*".into(),
+            encoder: None,
+            subspace,
+            pixel_subspace,
+        };
+        let with = |subspace, layers: Vec<LayerOverride>| Options {
+            subspace,
+            layers,
+            ..Options::default()
+        };
+        let pixel = |o: Options, layer: &str| o.for_layer(layer).pixel_subspace;
+        assert_eq!(pixel(Options::default(), "/a"), 4);
+        assert_eq!(pixel(with(3, vec![]), "/a"), 0, "pass-wide subspace");
+        assert_eq!(pixel(with(0, vec![entry(Some(0), None)]), "/a"), 0, "entry subspace 0");
+        assert_eq!(pixel(with(0, vec![entry(Some(0), None)]), "/b"), 4, "other layers");
+        assert_eq!(
+            pixel(with(3, vec![entry(None, Some(8))]), "/a"),
+            8,
+            "entry pixel_subspace"
+        );
+        assert_eq!(pixel(with(0, vec![entry(Some(9), Some(0))]), "/a"), 0);
+        let o = with(3, vec![entry(Some(9), Some(8))]).for_layer("/a");
+        assert_eq!((o.subspace, o.pixel_subspace), (9, 8), "both given: both kept");
+    }
 
     /// The int8 encoder's scale: the 99.99th percentile over 127; none for negative or
     /// non-finite inputs, or where the scale would not be a normal float (tiny inputs).
