@@ -1304,6 +1304,7 @@ fn confirm_undoes_refine_steps_first() {
     assert_eq!(steps, want[..steps.len()], "{:?}", c.points);
     // `easy`'s tree alone loses the image or not: the undoing stops where none is lost
     assert_eq!(steps.len(), if easy_p[lost[0]] == exact[lost[0]] { 1 } else { 2 });
+    assert_eq!(c.undone, steps.len(), "every step undid a refine change");
     for d in &m.layers {
         assert_eq!(d.chosen, "lut", "no layer restored: {d:?}");
         let undone = steps.iter().any(|s| s.starts_with(d.layer.as_str()));

@@ -295,7 +295,7 @@ fn print_summary(done: &Compiled) {
         if let Some(r) = m.refined.last() {
             let relearned = r.restored.as_deref() == Some(tabconv::passes::mask::RELEARNED_AFTER_REFINING);
             eprintln!(
-                "  after refining ({} layer(s) refitted: tree encoders, smaller codebooks{}): reduction {:.1}%, {}",
+                "  after refining ({} layer(s) refitted{}): reduction {:.1}%, {}",
                 m.refined.len() - usize::from(relearned),
                 if relearned { "; then relearned" } else { "" },
                 pct(r),
@@ -315,15 +315,7 @@ fn print_summary(done: &Compiled) {
                 on_held_out(&c.points[0])
             );
             if let (Some(last), Some(chosen_on)) = (c.points.last(), &c.chosen_on) {
-                let undone = c.points[1..]
-                    .iter()
-                    .filter(|p| {
-                        p.restored.as_deref().is_some_and(|r| {
-                            r.ends_with(tabconv::passes::mask::UNDO_REFINE) || r == tabconv::passes::mask::UNDO_RELEARN
-                        })
-                    })
-                    .count();
-                let what = match (undone, c.points.len() - 1 - undone) {
+                let what = match (c.undone, c.points.len() - 1 - c.undone) {
                     (0, r) => format!("restoring {r} layer(s)"),
                     (u, 0) => format!("undoing {u} refine step(s)"),
                     (u, r) => format!("undoing {u} refine step(s) and restoring {r} layer(s)"),

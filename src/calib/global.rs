@@ -116,8 +116,9 @@ struct UnitFwd {
     in_shape: Vec<usize>,
 }
 
+/// Why the stage cannot run (its one caller, the `lut` pass, notes it as skipped).
 fn stop(what: String) -> Error {
-    Error::Other(format!("global stage: {what}"))
+    Error::Other(what)
 }
 
 fn f32_of(t: &Tensor) -> Result<&ArrayD<f32>> {

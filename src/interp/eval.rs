@@ -936,23 +936,10 @@ fn pq_encode_pixels(p: &crate::ir::op::PqEncode, args: &[Arc<Tensor>], cache: Op
             )
         }
     };
-    let [oh, ow] = geo.out;
-    // the gathered codes (and the per-axis tap tables) within the tensor limit: a crafted window
-    // (large pads and kernel on a small map) must not overflow or allocate without bound
-    crate::limits::check_shape(
-        &[n, oh, ow, w.kernel[0], w.kernel[1], zero.len()],
-        1,
-        "PQEncode pixel codes",
-    )?;
-    crate::limits::check_shape(&[oh.max(ow), w.kernel[0].max(w.kernel[1])], 16, "PQEncode tap tables")?;
-    let row = w.kernel[0] * w.kernel[1] * zero.len();
-    let out = gather_taps(&codes, &zero, n, [h, wd], w, &geo);
-    Ok(Tensor::U8(
-        ArrayD::from_shape_vec(IxDyn(&[n, oh * ow, row]), out).expect("codes size"),
-    ))
+    gather_taps(&codes, &zero, n, [h, wd], w, &geo)
 }
 
-/// Each output pixel's codes, tap by tap (`[n][oh·ow][kh·kw][g]`), from the codes of the input
+/// Each output pixel's codes, tap by tap (`[n, oh·ow, kh·kw·g]`), from the codes of the input
 /// pixels `codes` (`[n][h·w][g]`; `zero`: the `g` codes of an all-zero pixel, for taps outside
 /// the image). A kernel row whose taps all read the image is one run of `kw·g` input codes when
 /// the window is not dilated along x: it is copied whole ([`copy_codes`]), so the gather costs a
@@ -966,14 +953,21 @@ fn gather_taps(
     [h, wd]: [usize; 2],
     w: &crate::ir::op::Window,
     geo: &crate::ir::window::Geometry,
-) -> Vec<u8> {
+) -> Result<Tensor> {
     let g = zero.len();
     let [kh, kw] = w.kernel;
     let [oh, ow] = geo.out;
+    // the codes (and the per-axis tap tables) within the tensor limit: a crafted window (large
+    // pads and kernel on a small map) must not overflow or allocate without bound
+    crate::limits::check_shape(&[n, oh, ow, kh, kw, g], 1, "PQEncode pixel codes")?;
+    crate::limits::check_shape(&[oh.max(ow), kh.max(kw)], 16, "PQEncode tap tables")?;
     let row = kh * kw * g;
     let mut out = vec![0u8; n * oh * ow * row];
+    let shape = [n, oh * ow, row];
     if row == 0 {
-        return out;
+        return Ok(Tensor::U8(
+            ArrayD::from_shape_vec(IxDyn(&shape), out).expect("codes size"),
+        ));
     }
     // each output row's and column's tap sources, the same for every image (None: outside)
     let axis = |a: usize, n_out: usize, k: usize, len: usize| -> Vec<Option<usize>> {
@@ -1017,7 +1011,9 @@ fn gather_taps(
             }
         }
     }
-    out
+    Ok(Tensor::U8(
+        ArrayD::from_shape_vec(IxDyn(&shape), out).expect("codes size"),
+    ))
 }
 
 /// `dst.copy_from_slice(src)` for the few bytes of a tap's or a kernel row's codes, in fixed-size

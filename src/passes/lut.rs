@@ -1067,11 +1067,7 @@ impl Pass for Lut {
                     cx.global = Some(r);
                 }
                 Ok(None) => {}
-                Err(e) => {
-                    let why = e.to_string();
-                    let why = why.strip_prefix("global stage: ").unwrap_or(&why);
-                    cx.notes.push(format!("lut: global stage skipped: {why}"))
-                }
+                Err(e) => cx.notes.push(format!("lut: global stage skipped: {e}")),
             }
             crate::ir::infer::infer_graph(graph)?;
         }

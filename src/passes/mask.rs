@@ -15,8 +15,7 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::calib::mask::{
     best_point, confirm_split, confirms_expected_drop, drop_standard_error, within_drop, Confirmation, LayerDecision,
-    MaskReport, PathPoint, TimeModel, DROP_TOLERANCE, RELEARNED_AFTER_REFINING, RELEARNED_AGAIN, UNDO_REFINE,
-    UNDO_RELEARN,
+    MaskReport, PathPoint, TimeModel, DROP_TOLERANCE, RELEARNED_AFTER_REFINING, RELEARNED_AGAIN,
 };
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

@@ -68,10 +68,7 @@ use refine::Back;
 use relearn::Stage;
 
 pub use meter::{best_point, confirm_split, confirms_expected_drop, drop_standard_error, within_drop, DROP_TOLERANCE};
-pub use report::{
-    Confirmation, LayerDecision, MaskReport, PathPoint, RELEARNED_AFTER_REFINING, RELEARNED_AGAIN, UNDO_REFINE,
-    UNDO_RELEARN,
-};
+pub use report::{Confirmation, LayerDecision, MaskReport, PathPoint, RELEARNED_AFTER_REFINING, RELEARNED_AGAIN};
 pub use time_model::TimeModel;
 
 impl Mask {

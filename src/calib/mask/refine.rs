@@ -1,4 +1,5 @@
-//! The refine steps: single layers fitted again (tree encoders, smaller codebooks).
+//! The refine steps: single layers fitted again (pixel or window codebooks, tree encoders,
+//! smaller codebooks).
 
 use super::exact_in;
 use super::meter::Meter;
@@ -94,6 +95,13 @@ impl Mask {
         }
         if o.refine_subspace > 0 {
             trials.extend(left.iter().map(|&i| (i, Variant::Subspace(o.refine_subspace))));
+        }
+        if trials.is_empty() {
+            // nothing to refit (e.g. `refine_window` on a model without pixel codebooks): the
+            // model and the records stay as they are
+            drop(records);
+            cx.analyses.lut = relearned;
+            return Ok(Refined::default());
         }
         let mut out = Refined::default();
         let bar = crate::cli::progress(trials.len(), "mask refine");

@@ -181,6 +181,7 @@ impl Mask {
             images: n_held,
             exact_accuracy: meter.held_out.as_ref().map(|h| h.accuracy(h.exact_correct())),
             points,
+            undone,
             chosen_on,
         }))
     }

@@ -9,10 +9,10 @@ pub const RELEARNED_AFTER_REFINING: &str = "(relearned after refining)";
 
 /// The `restored` label of a confirmation point (suffix, after the layer's name) where a
 /// refine step's change was undone: the layer back as it was before.
-pub const UNDO_REFINE: &str = " as before refine";
+pub(super) const UNDO_REFINE: &str = " as before refine";
 
 /// The `restored` label of a confirmation point where the relearning after refining was undone.
-pub const UNDO_RELEARN: &str = "(refined model, not relearned)";
+pub(super) const UNDO_RELEARN: &str = "(refined model, not relearned)";
 
 /// The `restored` label of a point of [`MaskReport::pruned_after_relearning`] that is the model
 /// relearned after the layers before it were put back (`relearn_rounds`).
@@ -127,6 +127,9 @@ pub struct Confirmation {
     /// restored because the target was missed on these images (`restored` names it); the last
     /// is the model kept.
     pub points: Vec<PathPoint>,
+    /// How many of the points after the first undid refine steps (they come first; the rest
+    /// restored layers).
+    pub undone: usize,
     /// When layers were restored: the model kept, measured on the images the rest chose on
     /// (what [`MaskReport::kept`] returns then).
     pub chosen_on: Option<PathPoint>,
