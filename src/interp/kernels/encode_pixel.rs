@@ -1,11 +1,19 @@
 //! The int8 encoder of pixel codebooks (`PqEncode` with `pixel` and `act_scale` on a
-//! channels-last input): each pixel's channels are one row, quantized once as
+//! channels-last input): each pixel's channels are one row, quantized as
 //! [`encode_i8`](super::encode_i8) quantizes (7-bit inputs, int8 prototypes, exact integer
-//! distances, so every level gives the codes of [`Quant::nearest`]), and each codebook's
-//! 16 prototypes sit in the lanes of one vector: per 4 channels of a codebook one `vpdpbusd`
-//! (AVX-512 VNNI) or `vpmaddubsw` + `vpmaddwd` over two 8-lane halves (AVX2) against the
-//! broadcast input word, then the argmin as the maximum over the lanes of
-//! `(hn-less dot << 4) | (15 − k)` (the largest `dot − hn`, ties to the lowest `k`).
+//! distances, so every level gives the codes of [`Quant::nearest`]), 16 pixels at once.
+//! The argmin is the maximum over the prototypes of `(dot − hn) << 4 | (15 − k)` (the largest
+//! `dot − hn`, ties to the lowest `k`).
+//!
+//! The kernels put pixels in the lanes (`tile_vnni`: 16 per register, AVX-512 VNNI;
+//! `tile_avx2`: 8): the pixels' input words are transposed in registers so one
+//! register holds one word of every pixel, each prototype word is broadcast, and the running
+//! maximum needs no reduction across lanes; the codes are transposed (or packed) back. Per
+//! pixel, codebook and prototype that is one `vpdpbusd` (or `vpmaddubsw` + `vpmaddwd`), a
+//! shift, an or and a max over 16 (8) pixels. The earlier kernels put a codebook's 16
+//! prototypes in the lanes and reduced across them for every pixel (`row_vnni`,
+//! `row_avx2`, kept for codebooks of 12 or more than 16 channels): on ResNet-18 w64
+//! the pixel-lane kernel took the int8 pixel encoders from 16 % to 7 % of a 64-image run.
 //! Codebooks of 4, 8, … channels that tile the pixel and `K = 16` take the kernels; other
 //! shapes the reference.
 
@@ -14,6 +22,9 @@ use super::Simd;
 
 /// Prototypes per codebook the kernels serve.
 const K: usize = 16;
+
+/// Pixels quantized at once, and in the lanes of `tile_vnni`.
+const TILE: usize = 16;
 
 /// A layer's pixel codebooks in the kernels' layout.
 pub struct PixelQuant {
@@ -76,29 +87,72 @@ impl PixelQuant {
         }
         // bands of pixels across the team, each worth a hand-off (≥ 128 Ki multiply-adds);
         // a pixel's codes do not depend on the band it is in
-        let band = (1usize << 17).div_ceil(d * K).max(1);
+        let band = (1usize << 17).div_ceil(d * K).next_multiple_of(TILE);
         super::team::for_chunks(codes, band * self.c_n, |t, out| {
             self.encode_rows(level, &x[t * band * d..], out)
         });
     }
 
-    /// The kernels' codes of the pixels `codes` holds, from the start of `x`.
+    /// The kernels' codes of the pixels `codes` holds, from the start of `x`: tiles of
+    /// [`TILE`] pixels quantized at once, then at AVX-512 VNNI (codebooks of 4, 8 or 16
+    /// channels) the pixels in the lanes ([`x86::tile_vnni`]), else one pixel at a time.
     fn encode_rows(&self, level: Simd, x: &[f32], codes: &mut [u8]) {
         let d = self.c_n * self.s;
-        let mut xq = vec![0u8; d.div_ceil(16) * 16];
-        for (row, out) in x.chunks_exact(d).zip(codes.chunks_exact_mut(self.c_n)) {
-            quantize_into(level, row, self.quant.inv(), &mut xq);
-            match level {
-                // SAFETY: AVX-512 VNNI and BW detected; `xq` holds the `c_n·s` row bytes and
-                // the layout `c_n·s/4` words of 16 lanes.
+        let mut xq = vec![0u8; (TILE * d).div_ceil(16) * 16];
+        for (rows, out) in x.chunks(TILE * d).zip(codes.chunks_mut(TILE * self.c_n)) {
+            let n = out.len() / self.c_n;
+            quantize_into(level, &rows[..n * d], self.quant.inv(), &mut xq);
+            match (level, self.s / 4) {
+                // SAFETY: AVX-512 VNNI and BW detected; `xq` holds `TILE` rows of `d` bytes (the
+                // first `n` this tile's), the layout `c_n·s/4` words of 16 lanes, `out` `n` rows.
                 #[cfg(target_arch = "x86_64")]
-                Simd::Avx512 if vnni() => unsafe { x86::row_vnni(&xq, &self.words, &self.neg_hn, self.s / 4, out) },
-                // SAFETY: AVX2 detected (the level, or AVX-512 without VNNI); as above.
+                (Simd::Avx512, 1) if vnni() => unsafe {
+                    x86::tile_vnni::<1>(&xq, d, n, &self.words, &self.neg_hn, out)
+                },
                 #[cfg(target_arch = "x86_64")]
-                _ => unsafe { x86::row_avx2(&xq, &self.words, &self.neg_hn, self.s / 4, out) },
-                #[cfg(not(target_arch = "x86_64"))]
-                _ => unreachable!("no SIMD level off x86-64"),
+                (Simd::Avx512, 2) if vnni() => unsafe {
+                    x86::tile_vnni::<2>(&xq, d, n, &self.words, &self.neg_hn, out)
+                },
+                #[cfg(target_arch = "x86_64")]
+                (Simd::Avx512, 4) if vnni() => unsafe {
+                    x86::tile_vnni::<4>(&xq, d, n, &self.words, &self.neg_hn, out)
+                },
+                // SAFETY: AVX2 detected (the level, or AVX-512 without VNNI); as above, 8 pixels
+                // at a time.
+                #[cfg(target_arch = "x86_64")]
+                (Simd::Avx2 | Simd::Avx512, w @ (1 | 2 | 4)) => {
+                    for (i, out) in out.chunks_mut(8 * self.c_n).enumerate() {
+                        let (xq, n) = (&xq[8 * i * d..], out.len() / self.c_n);
+                        unsafe {
+                            match w {
+                                1 => x86::tile_avx2::<1>(xq, d, n, &self.words, &self.neg_hn, out),
+                                2 => x86::tile_avx2::<2>(xq, d, n, &self.words, &self.neg_hn, out),
+                                _ => x86::tile_avx2::<4>(xq, d, n, &self.words, &self.neg_hn, out),
+                            }
+                        }
+                    }
+                }
+                _ => {
+                    for (xq, out) in xq.chunks_exact(d).zip(out.chunks_exact_mut(self.c_n)) {
+                        self.row(level, xq, out)
+                    }
+                }
             }
+        }
+    }
+
+    /// One quantized pixel's codes, one codebook after another.
+    fn row(&self, level: Simd, xq: &[u8], out: &mut [u8]) {
+        match level {
+            // SAFETY: AVX-512 VNNI and BW detected; `xq` holds the `c_n·s` row bytes and
+            // the layout `c_n·s/4` words of 16 lanes.
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx512 if vnni() => unsafe { x86::row_vnni(xq, &self.words, &self.neg_hn, self.s / 4, out) },
+            // SAFETY: AVX2 detected (the level, or AVX-512 without VNNI); as above.
+            #[cfg(target_arch = "x86_64")]
+            _ => unsafe { x86::row_avx2(xq, &self.words, &self.neg_hn, self.s / 4, out) },
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => unreachable!("no SIMD level off x86-64"),
         }
     }
 }
@@ -157,6 +211,195 @@ mod x86 {
         }
     }
 
+    /// The codes of `rows ≤ 16` pixels (quantized, `d` bytes apart in `xq`, which holds 16
+    /// such rows) in the lanes: per chunk of 16 input words (`16 / W` codebooks of `W` words)
+    /// the 16 pixels' words are transposed so each register holds one word of every pixel,
+    /// then per codebook and prototype `k` one `vpdpbusd` against the broadcast prototype
+    /// word (per word of the codebook) and a running maximum of the key
+    /// `(dot − hn) << 4 | (15 − k)`, as [`row_vnni`] keys the lanes; the chunk's codes are
+    /// transposed back and stored as bytes, a pixel's run at a time.
+    ///
+    /// # Safety
+    /// AVX-512F, BW and VNNI; `xq` holds `16·d` bytes, `d = out.len() / rows · 4·W`; `words`
+    /// and `neg_hn` as [`row_vnni`] with `wpc = W`, which divides 16.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn tile_vnni<const W: usize>(
+        xq: &[u8],
+        d: usize,
+        rows: usize,
+        words: &[i32],
+        neg_hn: &[i32],
+        out: &mut [u8],
+    ) {
+        let c_n = d / (4 * W);
+        debug_assert!(xq.len() >= 16 * d && out.len() == rows * c_n && rows <= 16 && 16 % W == 0);
+        let (x, wd, h) = (xq.as_ptr(), words.as_ptr(), neg_hn.as_ptr());
+        let fifteen = _mm512_set1_epi32(15);
+        let mut c0 = 0;
+        while c0 < c_n {
+            let cn = (16 / W).min(c_n - c0);
+            let mut t = [_mm512_setzero_si512(); 16];
+            let wmask = ((1u32 << (cn * W)) - 1) as __mmask16;
+            for (p, t) in t.iter_mut().enumerate() {
+                *t = _mm512_maskz_loadu_epi32(wmask, x.add(p * d + 4 * W * c0).cast());
+            }
+            transpose16(&mut t);
+            let mut codes = [_mm512_setzero_si512(); 16];
+            for (q, code) in codes.iter_mut().enumerate().take(cn) {
+                let c = c0 + q;
+                let mut best = _mm512_set1_epi32(i32::MIN);
+                for k in 0..16 {
+                    let mut acc = _mm512_set1_epi32(*h.add(16 * c + k));
+                    for j in 0..W {
+                        let pw = _mm512_set1_epi32(*wd.add(16 * (c * W + j) + k));
+                        acc = _mm512_dpbusd_epi32(acc, t[q * W + j], pw);
+                    }
+                    let key = _mm512_or_si512(_mm512_slli_epi32(acc, 4), _mm512_set1_epi32(15 - k as i32));
+                    best = _mm512_max_epi32(best, key);
+                }
+                *code = _mm512_andnot_si512(best, fifteen);
+            }
+            transpose16(&mut codes);
+            let omask = ((1u32 << cn) - 1) as __mmask16;
+            for (p, code) in codes.iter().enumerate().take(rows) {
+                _mm512_mask_cvtepi32_storeu_epi8(out.as_mut_ptr().add(p * c_n + c0).cast(), omask, *code);
+            }
+            c0 += cn;
+        }
+    }
+
+    /// Transposes 16 registers of 16 words: word `w` of register `p` becomes word `p` of
+    /// register `w` (32-bit interleaves, then 64-bit, then two rounds of 128-bit blocks).
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn transpose16(r: &mut [__m512i; 16]) {
+        let mut t = [_mm512_setzero_si512(); 16];
+        for i in 0..8 {
+            t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+            t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+        }
+        // u[g][m]: block L holds word 4L + m of rows 4g .. 4g + 4
+        let mut u = [[_mm512_setzero_si512(); 4]; 4];
+        for (g, u) in u.iter_mut().enumerate() {
+            let t = &t[4 * g..4 * g + 4];
+            u[0] = _mm512_unpacklo_epi64(t[0], t[2]);
+            u[1] = _mm512_unpackhi_epi64(t[0], t[2]);
+            u[2] = _mm512_unpacklo_epi64(t[1], t[3]);
+            u[3] = _mm512_unpackhi_epi64(t[1], t[3]);
+        }
+        for m in 0..4 {
+            let v0 = _mm512_shuffle_i32x4::<0b01_00_01_00>(u[0][m], u[1][m]);
+            let v1 = _mm512_shuffle_i32x4::<0b11_10_11_10>(u[0][m], u[1][m]);
+            let v2 = _mm512_shuffle_i32x4::<0b01_00_01_00>(u[2][m], u[3][m]);
+            let v3 = _mm512_shuffle_i32x4::<0b11_10_11_10>(u[2][m], u[3][m]);
+            r[m] = _mm512_shuffle_i32x4::<0b10_00_10_00>(v0, v2);
+            r[4 + m] = _mm512_shuffle_i32x4::<0b11_01_11_01>(v0, v2);
+            r[8 + m] = _mm512_shuffle_i32x4::<0b10_00_10_00>(v1, v3);
+            r[12 + m] = _mm512_shuffle_i32x4::<0b11_01_11_01>(v1, v3);
+        }
+    }
+
+    /// [`tile_vnni`] at AVX2: 8 pixels in the lanes, chunks of 8 input words, per prototype
+    /// `vpmaddubsw` + `vpmaddwd` as [`row_avx2`]; the codes of 4 codebooks are packed into
+    /// the bytes of one word per pixel, and a pixel's 8 codes stored as one 64-bit move.
+    ///
+    /// # Safety
+    /// AVX2; `xq` holds `8·d` bytes, `d = out.len() / rows · 4·W`, `rows ≤ 8`; `words` and
+    /// `neg_hn` as [`row_vnni`] with `wpc = W`, which divides 8.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn tile_avx2<const W: usize>(
+        xq: &[u8],
+        d: usize,
+        rows: usize,
+        words: &[i32],
+        neg_hn: &[i32],
+        out: &mut [u8],
+    ) {
+        let c_n = d / (4 * W);
+        debug_assert!(xq.len() >= 8 * d && out.len() == rows * c_n && rows <= 8 && 8 % W == 0);
+        let (x, wd, h) = (xq.as_ptr(), words.as_ptr(), neg_hn.as_ptr());
+        let (fifteen, ones) = (_mm256_set1_epi32(15), _mm256_set1_epi16(1));
+        let mut c0 = 0;
+        while c0 < c_n {
+            let cn = (8 / W).min(c_n - c0);
+            let mut t = [_mm256_setzero_si256(); 8];
+            let nw = cn * W;
+            for (p, t) in t.iter_mut().enumerate() {
+                let at = x.add(p * d + 4 * W * c0);
+                *t = match nw {
+                    8 => _mm256_loadu_si256(at.cast()),
+                    _ => _mm256_maskload_epi32(at.cast(), _mm256_cmpgt_epi32(_mm256_set1_epi32(nw as i32), LANES8)),
+                };
+            }
+            transpose8(&mut t);
+            let mut codes = [_mm256_setzero_si256(); 8];
+            for (q, code) in codes.iter_mut().enumerate().take(cn) {
+                let c = c0 + q;
+                let mut best = _mm256_set1_epi32(i32::MIN);
+                for k in 0..16 {
+                    let mut acc = _mm256_set1_epi32(*h.add(16 * c + k));
+                    for j in 0..W {
+                        let pw = _mm256_set1_epi32(*wd.add(16 * (c * W + j) + k));
+                        let prod = _mm256_maddubs_epi16(t[q * W + j], pw);
+                        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(prod, ones));
+                    }
+                    let key = _mm256_or_si256(_mm256_slli_epi32(acc, 4), _mm256_set1_epi32(15 - k as i32));
+                    best = _mm256_max_epi32(best, key);
+                }
+                *code = _mm256_andnot_si256(best, fifteen);
+            }
+            // bytes q of codebooks 4h + q in word h of each pixel, then per pixel its two words
+            let pack = |c: &[__m256i]| {
+                let lo = _mm256_or_si256(c[0], _mm256_slli_epi32(c[1], 8));
+                let hi = _mm256_or_si256(_mm256_slli_epi32(c[2], 16), _mm256_slli_epi32(c[3], 24));
+                _mm256_or_si256(lo, hi)
+            };
+            let (w0, w1) = (pack(&codes[..4]), pack(&codes[4..]));
+            let mut px = [0u64; 8];
+            // 64-bit lanes: pixels 0, 1, 4, 5 from the low interleave, 2, 3, 6, 7 from the high
+            _mm256_storeu_si256(px.as_mut_ptr().cast(), _mm256_unpacklo_epi32(w0, w1));
+            _mm256_storeu_si256(px.as_mut_ptr().add(4).cast(), _mm256_unpackhi_epi32(w0, w1));
+            for (p, at) in [0, 1, 4, 5, 2, 3, 6, 7].into_iter().enumerate() {
+                if p < rows {
+                    let bytes = px[at].to_le_bytes();
+                    let dst = &mut out[p * c_n + c0..][..cn];
+                    match cn {
+                        8 => dst.copy_from_slice(&bytes),
+                        _ => dst.copy_from_slice(&bytes[..cn]),
+                    }
+                }
+            }
+            c0 += cn;
+        }
+    }
+
+    /// Lane indices, for the partial loads of [`tile_avx2`].
+    const LANES8: __m256i = unsafe { std::mem::transmute([0i32, 1, 2, 3, 4, 5, 6, 7]) };
+
+    /// Transposes 8 registers of 8 words (as [`transpose16`], with one round of 128-bit halves).
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn transpose8(r: &mut [__m256i; 8]) {
+        let mut t = [_mm256_setzero_si256(); 8];
+        for i in 0..4 {
+            t[2 * i] = _mm256_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+            t[2 * i + 1] = _mm256_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+        }
+        // u[g][m]: half L holds word 4L + m of rows 4g .. 4g + 4
+        let mut u = [[_mm256_setzero_si256(); 4]; 2];
+        for (g, u) in u.iter_mut().enumerate() {
+            let t = &t[4 * g..4 * g + 4];
+            u[0] = _mm256_unpacklo_epi64(t[0], t[2]);
+            u[1] = _mm256_unpackhi_epi64(t[0], t[2]);
+            u[2] = _mm256_unpacklo_epi64(t[1], t[3]);
+            u[3] = _mm256_unpackhi_epi64(t[1], t[3]);
+        }
+        for m in 0..4 {
+            r[m] = _mm256_permute2x128_si256::<0x20>(u[0][m], u[1][m]);
+            r[4 + m] = _mm256_permute2x128_si256::<0x31>(u[0][m], u[1][m]);
+        }
+    }
+
     /// [`row_vnni`] at AVX2: the 16 lanes as two halves of 8; `vpmaddubsw` adds two
     /// products of at most 127·127 per 16-bit lane, below `i16::MAX`, so no saturation.
     ///
@@ -201,13 +444,23 @@ mod tests {
     /// Every level, on one thread and on two (300 pixels of 64 channels are three bands; they
     /// run inline when another test holds the team),
     /// gives the reference's codes ([`Quant::nearest`] per codebook), on inputs with
-    /// negatives, zeros, values past the 127 clamp and NaN, for codebooks of 4 and 8
-    /// channels; codes vary.
+    /// negatives, zeros, values past the 127 clamp and NaN, for codebooks of 4, 8 and 16
+    /// channels (the pixel-lane kernels: whole and partial chunks of codebooks, a partial
+    /// last tile of pixels) and of 12 (the per-pixel kernels); codes vary.
     #[test]
     fn every_level_gives_the_reference_codes() {
         let mut rng = Rng::new(3);
         let pools = [1, 2].map(|t| rayon::ThreadPoolBuilder::new().num_threads(t).build().unwrap());
-        for (d, s) in [(64, 8), (48, 4), (32, 16), (56, 8), (24, 4)] {
+        for (d, s) in [
+            (64, 8),
+            (48, 4),
+            (32, 16),
+            (56, 8),
+            (24, 4),
+            (80, 4),
+            (128, 4),
+            (96, 16),
+        ] {
             let protos: Vec<f32> = (0..(d / s) * K * s)
                 .map(|_| rng.next_f64() as f32 * 3.0 - 0.5)
                 .collect();
