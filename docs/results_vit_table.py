@@ -166,9 +166,10 @@ ANALYSIS = """What the numbers show:
   encoding is nearly free in the count) bring the block layers to 0.11–0.20: {k256}.
 - **256 codes for 2 values** (`lut.k=256`, `lut.token_subspace=2`) quantize each 2-value
   subspace finely enough that the block layers' error falls to 0.03–0.08, and masking keeps
-  nearly all of them as lookups: {k256s2}. On MNIST the patch
-  embedding (49 values of one channel) and the 10-class head stay exact, on Fashion-MNIST also
-  the first block's attention layers: they cost the most accuracy per operation saved. "Everything counted" stays far below "lookups only" because a
+  nearly all of them as lookups: {k256s2}. The layers left
+  exact are the patch embedding (49 values of one channel), the 10-class head and some of the
+  first blocks' attention and MLP layers (the lists below): they cost the most accuracy per
+  operation saved. "Everything counted" stays far below "lookups only" because a
   2-value codebook does one lookup-add per 2 multiply-adds it replaces, and the attention
   MatMuls stay exact.
 - **The price is size and time.** The tables and prototypes are {size} times the weights they replace

@@ -946,8 +946,8 @@ fn pq_encode_pixels(p: &crate::ir::op::PqEncode, args: &[Arc<Tensor>], cache: Op
 /// few vector moves per output pixel rather than a `memcpy` call per tap (with one call per
 /// tap, ResNet-18/16's eight pixel encoders took 9.3 ms of a 64-image run, more than the exact
 /// convolutions they replace; 5.2 ms with the runs, Intel AVX-512, one thread). The copies
-/// are listed once (source and length), then replayed per image: on ResNet-18 w64 that took
-/// the gather from 5.0 to 4.0 % of the run.
+/// are listed once per call (source and length), then replayed per image: on ResNet-18 w64
+/// that took the gather from 5.0 to 4.0 % of a 64-image run.
 fn gather_taps(
     codes: &[u8],
     zero: &[u8],

@@ -1307,6 +1307,7 @@ unsafe fn row_c1_channels(
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::Layout;
+    use crate::interp::kernels::lane_mask256;
     use std::arch::x86_64::*;
 
     /// The activation of a whole-vector store ([`whole512`], [`whole256`]): none, ReLU, or
@@ -2638,12 +2639,6 @@ mod x86 {
                 lanes.store(p, s, lay);
             }
         }
-    }
-
-    #[inline(always)]
-    unsafe fn lane_mask256(n: usize) -> __m256i {
-        let idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-        _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), idx)
     }
 }
 

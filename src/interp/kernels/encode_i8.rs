@@ -735,8 +735,7 @@ mod x86 {
     /// # Safety
     /// AVX-512F; as [`quantize_avx512`].
     pub(super) unsafe fn quantize512(px: &[f32], inv: f32, out: &mut [u8]) {
-        static BW: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        match *BW.get_or_init(|| std::arch::is_x86_feature_detected!("avx512bw")) {
+        match std::arch::is_x86_feature_detected!("avx512bw") {
             true => quantize_avx512bw(px, inv, out),
             false => quantize_avx512(px, inv, out),
         }
@@ -1030,8 +1029,8 @@ mod tests {
     }
 
     /// `quantize_into` gives the bytes of [`quantize`] at every level, for runs from 1 to 200
-    /// values (the 64-value packs, their 16-value tail and a partial last vector), at every
-    /// start of a 64-byte block.
+    /// values (the 64-value packs, their 16-value tail and a partial last vector), from three
+    /// offsets (0, 1 and 63 values in).
     #[test]
     fn quantize_into_matches_the_reference_at_every_level() {
         let levels = crate::interp::kernels::levels_checked("quantize_into_matches_the_reference_at_every_level");

@@ -9,8 +9,8 @@
 //! `tile_avx2`: 8): the pixels' input words are transposed in registers so one
 //! register holds one word of every pixel, each prototype word is broadcast, and the running
 //! maximum needs no reduction across lanes; the codes are transposed (or packed) back. Per
-//! pixel, codebook and prototype that is one `vpdpbusd` (or `vpmaddubsw` + `vpmaddwd`), a
-//! shift, an or and a max over 16 (8) pixels. The earlier kernels put a codebook's 16
+//! codebook and prototype that is one `vpdpbusd` (or `vpmaddubsw` + `vpmaddwd`) per 4
+//! channels, a shift, an or and a max, over 16 (8) pixels at once. The earlier kernels put a codebook's 16
 //! prototypes in the lanes and reduced across them for every pixel (`row_vnni`,
 //! `row_avx2`, kept for codebooks of 12 or more than 16 channels): on ResNet-18 w64
 //! the pixel-lane kernel took the int8 pixel encoders from 16 % to 7 % of a 64-image run.
@@ -94,8 +94,9 @@ impl PixelQuant {
     }
 
     /// The kernels' codes of the pixels `codes` holds, from the start of `x`: tiles of
-    /// [`TILE`] pixels quantized at once, then at AVX-512 VNNI (codebooks of 4, 8 or 16
-    /// channels) the pixels in the lanes ([`x86::tile_vnni`]), else one pixel at a time.
+    /// [`TILE`] pixels quantized at once, then for codebooks of 4, 8 or 16 channels the pixels
+    /// in the lanes (`tile_vnni` at AVX-512 VNNI, else `tile_avx2` on each half of the tile),
+    /// for other codebooks one pixel at a time.
     fn encode_rows(&self, level: Simd, x: &[f32], codes: &mut [u8]) {
         let d = self.c_n * self.s;
         let mut xq = vec![0u8; (TILE * d).div_ceil(16) * 16];
@@ -159,6 +160,7 @@ impl PixelQuant {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
+    use crate::interp::kernels::{lane_mask256, transpose16_epi32, transpose8_epi32};
     use std::arch::x86_64::*;
 
     /// One pixel's codes: per codebook the 16 prototypes' `dot − hn` in the lanes, then the
@@ -238,12 +240,11 @@ mod x86 {
         let mut c0 = 0;
         while c0 < c_n {
             let cn = (16 / W).min(c_n - c0);
-            let mut t = [_mm512_setzero_si512(); 16];
             let wmask = ((1u32 << (cn * W)) - 1) as __mmask16;
-            for (p, t) in t.iter_mut().enumerate() {
-                *t = _mm512_maskz_loadu_epi32(wmask, x.add(p * d + 4 * W * c0).cast());
-            }
-            transpose16(&mut t);
+            let t = transpose16_epi32(std::array::from_fn(|p| {
+                // SAFETY: row p's words c0·W .. (c0 + cn)·W lie in `xq`.
+                unsafe { _mm512_maskz_loadu_epi32(wmask, x.add(p * d + 4 * W * c0).cast()) }
+            }));
             let mut codes = [_mm512_setzero_si512(); 16];
             for (q, code) in codes.iter_mut().enumerate().take(cn) {
                 let c = c0 + q;
@@ -259,7 +260,7 @@ mod x86 {
                 }
                 *code = _mm512_andnot_si512(best, fifteen);
             }
-            transpose16(&mut codes);
+            let codes = transpose16_epi32(codes);
             let omask = ((1u32 << cn) - 1) as __mmask16;
             for (p, code) in codes.iter().enumerate().take(rows) {
                 _mm512_mask_cvtepi32_storeu_epi8(out.as_mut_ptr().add(p * c_n + c0).cast(), omask, *code);
@@ -268,40 +269,10 @@ mod x86 {
         }
     }
 
-    /// Transposes 16 registers of 16 words: word `w` of register `p` becomes word `p` of
-    /// register `w` (32-bit interleaves, then 64-bit, then two rounds of 128-bit blocks).
-    #[target_feature(enable = "avx512f")]
-    #[inline]
-    unsafe fn transpose16(r: &mut [__m512i; 16]) {
-        let mut t = [_mm512_setzero_si512(); 16];
-        for i in 0..8 {
-            t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-            t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-        }
-        // u[g][m]: block L holds word 4L + m of rows 4g .. 4g + 4
-        let mut u = [[_mm512_setzero_si512(); 4]; 4];
-        for (g, u) in u.iter_mut().enumerate() {
-            let t = &t[4 * g..4 * g + 4];
-            u[0] = _mm512_unpacklo_epi64(t[0], t[2]);
-            u[1] = _mm512_unpackhi_epi64(t[0], t[2]);
-            u[2] = _mm512_unpacklo_epi64(t[1], t[3]);
-            u[3] = _mm512_unpackhi_epi64(t[1], t[3]);
-        }
-        for m in 0..4 {
-            let v0 = _mm512_shuffle_i32x4::<0b01_00_01_00>(u[0][m], u[1][m]);
-            let v1 = _mm512_shuffle_i32x4::<0b11_10_11_10>(u[0][m], u[1][m]);
-            let v2 = _mm512_shuffle_i32x4::<0b01_00_01_00>(u[2][m], u[3][m]);
-            let v3 = _mm512_shuffle_i32x4::<0b11_10_11_10>(u[2][m], u[3][m]);
-            r[m] = _mm512_shuffle_i32x4::<0b10_00_10_00>(v0, v2);
-            r[4 + m] = _mm512_shuffle_i32x4::<0b11_01_11_01>(v0, v2);
-            r[8 + m] = _mm512_shuffle_i32x4::<0b10_00_10_00>(v1, v3);
-            r[12 + m] = _mm512_shuffle_i32x4::<0b11_01_11_01>(v1, v3);
-        }
-    }
-
     /// [`tile_vnni`] at AVX2: 8 pixels in the lanes, chunks of 8 input words, per prototype
     /// `vpmaddubsw` + `vpmaddwd` as [`row_avx2`]; the codes of 4 codebooks are packed into
-    /// the bytes of one word per pixel, and a pixel's 8 codes stored as one 64-bit move.
+    /// the bytes of one word per pixel, a pixel's (up to) 8 codes into one 64-bit value, of
+    /// which the chunk's codebooks are stored.
     ///
     /// # Safety
     /// AVX2; `xq` holds `8·d` bytes, `d = out.len() / rows · 4·W`, `rows ≤ 8`; `words` and
@@ -322,16 +293,17 @@ mod x86 {
         let mut c0 = 0;
         while c0 < c_n {
             let cn = (8 / W).min(c_n - c0);
-            let mut t = [_mm256_setzero_si256(); 8];
             let nw = cn * W;
-            for (p, t) in t.iter_mut().enumerate() {
-                let at = x.add(p * d + 4 * W * c0);
-                *t = match nw {
-                    8 => _mm256_loadu_si256(at.cast()),
-                    _ => _mm256_maskload_epi32(at.cast(), _mm256_cmpgt_epi32(_mm256_set1_epi32(nw as i32), LANES8)),
-                };
-            }
-            transpose8(&mut t);
+            let t = transpose8_epi32(std::array::from_fn(|p| {
+                // SAFETY: row p's words c0·W .. (c0 + cn)·W lie in `xq`.
+                unsafe {
+                    let at = x.add(p * d + 4 * W * c0);
+                    match nw {
+                        8 => _mm256_loadu_si256(at.cast()),
+                        _ => _mm256_maskload_epi32(at.cast(), lane_mask256(nw)),
+                    }
+                }
+            }));
             let mut codes = [_mm256_setzero_si256(); 8];
             for (q, code) in codes.iter_mut().enumerate().take(cn) {
                 let c = c0 + q;
@@ -370,33 +342,6 @@ mod x86 {
                 }
             }
             c0 += cn;
-        }
-    }
-
-    /// Lane indices, for the partial loads of [`tile_avx2`].
-    const LANES8: __m256i = unsafe { std::mem::transmute([0i32, 1, 2, 3, 4, 5, 6, 7]) };
-
-    /// Transposes 8 registers of 8 words (as [`transpose16`], with one round of 128-bit halves).
-    #[target_feature(enable = "avx2")]
-    #[inline]
-    unsafe fn transpose8(r: &mut [__m256i; 8]) {
-        let mut t = [_mm256_setzero_si256(); 8];
-        for i in 0..4 {
-            t[2 * i] = _mm256_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-            t[2 * i + 1] = _mm256_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-        }
-        // u[g][m]: half L holds word 4L + m of rows 4g .. 4g + 4
-        let mut u = [[_mm256_setzero_si256(); 4]; 2];
-        for (g, u) in u.iter_mut().enumerate() {
-            let t = &t[4 * g..4 * g + 4];
-            u[0] = _mm256_unpacklo_epi64(t[0], t[2]);
-            u[1] = _mm256_unpackhi_epi64(t[0], t[2]);
-            u[2] = _mm256_unpacklo_epi64(t[1], t[3]);
-            u[3] = _mm256_unpackhi_epi64(t[1], t[3]);
-        }
-        for m in 0..4 {
-            r[m] = _mm256_permute2x128_si256::<0x20>(u[0][m], u[1][m]);
-            r[4 + m] = _mm256_permute2x128_si256::<0x31>(u[0][m], u[1][m]);
         }
     }
 
@@ -446,7 +391,8 @@ mod tests {
     /// gives the reference's codes ([`Quant::nearest`] per codebook), on inputs with
     /// negatives, zeros, values past the 127 clamp and NaN, for codebooks of 4, 8 and 16
     /// channels (the pixel-lane kernels: whole and partial chunks of codebooks, a partial
-    /// last tile of pixels) and of 12 (the per-pixel kernels); codes vary.
+    /// last tile of pixels) and of 12 and 32 (the per-pixel kernels); codes vary, and a
+    /// prototype equal to an earlier one never wins (ties go to the lower index).
     #[test]
     fn every_level_gives_the_reference_codes() {
         let mut rng = Rng::new(3);
@@ -455,15 +401,21 @@ mod tests {
             (64, 8),
             (48, 4),
             (32, 16),
+            (48, 12),
+            (64, 32),
             (56, 8),
             (24, 4),
             (80, 4),
             (128, 4),
             (96, 16),
         ] {
-            let protos: Vec<f32> = (0..(d / s) * K * s)
+            let mut protos: Vec<f32> = (0..(d / s) * K * s)
                 .map(|_| rng.next_f64() as f32 * 3.0 - 0.5)
                 .collect();
+            // prototype 5 of every codebook is prototype 2 again: a tie, to the lower index
+            for c in 0..d / s {
+                protos.copy_within((c * K + 2) * s..(c * K + 3) * s, (c * K + 5) * s);
+            }
             let rows = 300;
             let mut x: Vec<f32> = (0..rows * d).map(|_| rng.next_f64() as f32 * 2.5 - 0.3).collect();
             x[5] = f32::NAN;
@@ -475,6 +427,10 @@ mod tests {
             pq.encode(Simd::Scalar, &x, &mut want);
             let distinct: std::collections::BTreeSet<u8> = want.iter().copied().collect();
             assert!(distinct.len() >= 8, "{d}/{s}: codes vary ({distinct:?})");
+            assert!(
+                distinct.contains(&2) && !distinct.contains(&5),
+                "{d}/{s}: ties ({distinct:?})"
+            );
             for level in Simd::available() {
                 for pool in &pools {
                     let mut got = vec![0u8; want.len()];

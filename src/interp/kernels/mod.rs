@@ -51,6 +51,17 @@ pub(crate) unsafe fn transpose8_epi32(r: [std::arch::x86_64::__m256i; 8]) -> [st
     })
 }
 
+/// The 8-lane mask of the first `n` 32-bit lanes (all set: −1), for `vpmaskmovd` / `vmaskmovps`.
+///
+/// # Safety
+/// AVX2; inlined into its callers (functions with AVX2), as the kernels' lane helpers are.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) unsafe fn lane_mask256(n: usize) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))
+}
+
 /// A 16×16 transpose of 32-bit values in AVX-512 registers: `r[i]` lane `j` becomes lane `i` of
 /// the result's register `j` (unpack pairs, then pairs of pairs, then 128-bit lanes).
 ///
