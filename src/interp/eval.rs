@@ -947,7 +947,9 @@ fn pq_encode_pixels(p: &crate::ir::op::PqEncode, args: &[Arc<Tensor>], cache: Op
 /// tap, ResNet-18/16's eight pixel encoders took 9.3 ms of a 64-image run, more than the exact
 /// convolutions they replace; 5.2 ms with the runs, Intel AVX-512, one thread). The copies
 /// are listed once per call (source and length), then replayed per image: on ResNet-18 w64
-/// that took the gather from 5.0 to 4.0 % of a 64-image run.
+/// the gather went from 5.0 to 4.0 % of a 64-image run (`perf`, two separate runs). The list
+/// is built on every call (it depends on the input's size, so it is not kept with the node):
+/// at batch 1 that is one entry built per copy made.
 fn gather_taps(
     codes: &[u8],
     zero: &[u8],
@@ -963,6 +965,8 @@ fn gather_taps(
     // pads and kernel on a small map) must not overflow or allocate without bound
     crate::limits::check_shape(&[n, oh, ow, kh, kw, g], 1, "PQEncode pixel codes")?;
     crate::limits::check_shape(&[oh.max(ow), kh.max(kw)], 16, "PQEncode tap tables")?;
+    // the copy list (16 bytes per tap at most), bounded also when there are no images
+    crate::limits::check_shape(&[oh, ow, kh, kw], 16, "PQEncode gather plan")?;
     let row = kh * kw * g;
     let mut out = vec![0u8; n * oh * ow * row];
     let shape = [n, oh * ow, row];
@@ -1363,6 +1367,26 @@ mod tests {
             let e = eval_op(&op, vec![x, protos]).unwrap_err();
             assert!(e.to_string().contains("input channel"), "{act_scale:?}: {e}");
         }
+    }
+
+    /// A crafted window over no images (huge padding on a 1×1 map: 20 001² output pixels) is
+    /// a clear error before the gather lists its copies, not a 6 GB list built for nothing.
+    #[test]
+    fn pixel_codebooks_bound_the_gather_plan() {
+        use crate::ir::op::PqEncode;
+        let window = test_window([1, 1], [1, 1], [1, 1], [10_000; 4]);
+        let op = Op::PqEncode(PqEncode {
+            subspace: 4,
+            encoder: Encoder::Argmin,
+            window: Some(window),
+            nhwc: true,
+            act_scale: None,
+            pixel: true,
+        });
+        let x = Arc::new(Tensor::f32(&[0, 1, 1, 4], vec![]).unwrap());
+        let protos = Arc::new(Tensor::f32(&[1, 16, 4], vec![0.5; 64]).unwrap());
+        let e = eval_op(&op, vec![x, protos]).unwrap_err();
+        assert!(e.to_string().contains("PQEncode gather plan"), "{e}");
     }
 
     fn pixel_codebooks_case(c: usize, s: usize) {

@@ -26,6 +26,9 @@ const K: usize = 16;
 /// Pixels quantized at once, and in the lanes of `tile_vnni`.
 const TILE: usize = 16;
 
+/// A pixel-lane kernel: `(xq, d, rows, words, neg_hn, out)`, as `x86::tile_vnni` takes them.
+type TileKernel = unsafe fn(&[u8], usize, usize, &[i32], &[i32], &mut [u8]);
+
 /// A layer's pixel codebooks in the kernels' layout.
 pub struct PixelQuant {
     quant: Quant,
@@ -99,46 +102,51 @@ impl PixelQuant {
     /// for other codebooks one pixel at a time.
     fn encode_rows(&self, level: Simd, x: &[f32], codes: &mut [u8]) {
         let d = self.c_n * self.s;
-        let mut xq = vec![0u8; (TILE * d).div_ceil(16) * 16];
+        let tile = self.tile_kernel(level);
+        let mut xq = vec![0u8; TILE * d];
         for (rows, out) in x.chunks(TILE * d).zip(codes.chunks_mut(TILE * self.c_n)) {
             let n = out.len() / self.c_n;
             quantize_into(level, &rows[..n * d], self.quant.inv(), &mut xq);
-            match (level, self.s / 4) {
-                // SAFETY: AVX-512 VNNI and BW detected; `xq` holds `TILE` rows of `d` bytes (the
-                // first `n` this tile's), the layout `c_n·s/4` words of 16 lanes, `out` `n` rows.
-                #[cfg(target_arch = "x86_64")]
-                (Simd::Avx512, 1) if vnni() => unsafe {
-                    x86::tile_vnni::<1>(&xq, d, n, &self.words, &self.neg_hn, out)
-                },
-                #[cfg(target_arch = "x86_64")]
-                (Simd::Avx512, 2) if vnni() => unsafe {
-                    x86::tile_vnni::<2>(&xq, d, n, &self.words, &self.neg_hn, out)
-                },
-                #[cfg(target_arch = "x86_64")]
-                (Simd::Avx512, 4) if vnni() => unsafe {
-                    x86::tile_vnni::<4>(&xq, d, n, &self.words, &self.neg_hn, out)
-                },
-                // SAFETY: AVX2 detected (the level, or AVX-512 without VNNI); as above, 8 pixels
-                // at a time.
-                #[cfg(target_arch = "x86_64")]
-                (Simd::Avx2 | Simd::Avx512, w @ (1 | 2 | 4)) => {
-                    for (i, out) in out.chunks_mut(8 * self.c_n).enumerate() {
-                        let (xq, n) = (&xq[8 * i * d..], out.len() / self.c_n);
-                        unsafe {
-                            match w {
-                                1 => x86::tile_avx2::<1>(xq, d, n, &self.words, &self.neg_hn, out),
-                                2 => x86::tile_avx2::<2>(xq, d, n, &self.words, &self.neg_hn, out),
-                                _ => x86::tile_avx2::<4>(xq, d, n, &self.words, &self.neg_hn, out),
-                            }
-                        }
+            match tile {
+                Some((kernel, lanes)) => {
+                    for (xq, out) in xq.chunks(lanes * d).zip(out.chunks_mut(lanes * self.c_n)) {
+                        // SAFETY: the level's features detected (`tile_kernel`); `xq` holds
+                        // `lanes` rows of `d` bytes (the first `out.len() / c_n` this tile's),
+                        // the layout `c_n·s/4` words of 16 lanes.
+                        unsafe { kernel(xq, d, out.len() / self.c_n, &self.words, &self.neg_hn, out) }
                     }
                 }
-                _ => {
+                None => {
                     for (xq, out) in xq.chunks_exact(d).zip(out.chunks_exact_mut(self.c_n)) {
                         self.row(level, xq, out)
                     }
                 }
             }
+        }
+    }
+
+    /// The pixel-lane kernel for `level` and these codebooks, with the pixels it takes at once:
+    /// `tile_vnni` (16) at AVX-512 VNNI, else `tile_avx2` (8), for codebooks of 4, 8 or 16
+    /// channels; none otherwise.
+    fn tile_kernel(&self, level: Simd) -> Option<(TileKernel, usize)> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let vnni = level == Simd::Avx512 && vnni();
+            let kernel: TileKernel = match (vnni, level, self.s / 4) {
+                (true, _, 1) => x86::tile_vnni::<1>,
+                (true, _, 2) => x86::tile_vnni::<2>,
+                (true, _, 4) => x86::tile_vnni::<4>,
+                (false, Simd::Avx2 | Simd::Avx512, 1) => x86::tile_avx2::<1>,
+                (false, Simd::Avx2 | Simd::Avx512, 2) => x86::tile_avx2::<2>,
+                (false, Simd::Avx2 | Simd::Avx512, 4) => x86::tile_avx2::<4>,
+                _ => return None,
+            };
+            Some((kernel, if vnni { 16 } else { 8 }))
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = level;
+            None
         }
     }
 
