@@ -945,11 +945,10 @@ fn pq_encode_pixels(p: &crate::ir::op::PqEncode, args: &[Arc<Tensor>], cache: Op
 /// the window is not dilated along x: it is copied whole ([`copy_codes`]), so the gather costs a
 /// few vector moves per output pixel rather than a `memcpy` call per tap (with one call per
 /// tap, ResNet-18/16's eight pixel encoders took 9.3 ms of a 64-image run, more than the exact
-/// convolutions they replace; 5.2 ms with the runs, Intel AVX-512, one thread). The copies
-/// are listed once per call (source and length), then replayed per image: on ResNet-18 w64
-/// the gather went from 5.0 to 4.0 % of a 64-image run (`perf`, two separate runs). The list
-/// is built on every call (it depends on the input's size, so it is not kept with the node):
-/// at batch 1 that is one entry built per copy made.
+/// convolutions they replace; 5.2 ms with the runs, Intel AVX-512, one thread). The copies are
+/// worked out from two small per-axis tap tables as they are made (a list of them, built per
+/// call, cost as much as the copies at batch 1), and bands of output rows are split across the
+/// team: at batch 1 the gather was a single-threaded 9 % of ResNet-18/16's run.
 fn gather_taps(
     codes: &[u8],
     zero: &[u8],
@@ -965,12 +964,10 @@ fn gather_taps(
     // pads and kernel on a small map) must not overflow or allocate without bound
     crate::limits::check_shape(&[n, oh, ow, kh, kw, g], 1, "PQEncode pixel codes")?;
     crate::limits::check_shape(&[oh.max(ow), kh.max(kw)], 16, "PQEncode tap tables")?;
-    // the copy list (16 bytes per tap at most), bounded also when there are no images
-    crate::limits::check_shape(&[oh, ow, kh, kw], 16, "PQEncode gather plan")?;
     let row = kh * kw * g;
     let mut out = vec![0u8; n * oh * ow * row];
     let shape = [n, oh * ow, row];
-    if row == 0 {
+    if row == 0 || out.is_empty() {
         return Ok(Tensor::U8(
             ArrayD::from_shape_vec(IxDyn(&shape), out).expect("codes size"),
         ));
@@ -996,40 +993,83 @@ fn gather_taps(
             }
         })
         .collect();
-    // one image's copies in order, the same for every image: (first input code or ZERO, length)
-    // per kernel row that is one run, else per tap
-    const ZERO: usize = usize::MAX;
-    let mut copies = Vec::with_capacity(oh * ow * kh);
-    for oy in 0..oh {
-        for ox in 0..ow {
-            for &y in &ys[oy * kh..(oy + 1) * kh] {
-                match (y, runs[ox]) {
-                    (None, _) => copies.push((ZERO, kw * g)),
-                    (Some(y), Some(x0)) => copies.push(((y * wd + x0) * g, kw * g)),
-                    (Some(y), None) => copies.extend(xs[ox * kw..(ox + 1) * kw].iter().map(|x| match x {
-                        Some(x) => ((y * wd + x) * g, g),
-                        None => (ZERO, g),
-                    })),
+    let zeros = zero.repeat(kw);
+    let t = Taps {
+        g,
+        kw,
+        kh,
+        wd,
+        ys: &ys,
+        xs: &xs,
+        runs: &runs,
+        zero,
+        zeros: &zeros,
+    };
+    // bands of about 1024 copies (a few microseconds), each worth a hand-off
+    let band = 1024usize.div_ceil(ow * kh);
+    super::kernels::team::for_bands(&mut out, oh, ow * row, band, |img, oy0, dst| {
+        let src = &codes[img * h * wd * g..(img + 1) * h * wd * g];
+        // the usual runs (3 taps of 4-32 codes) copied in moves of a known size
+        match kw * g {
+            12 => t.rows::<12>(src, oy0, dst),
+            24 => t.rows::<24>(src, oy0, dst),
+            48 => t.rows::<48>(src, oy0, dst),
+            96 => t.rows::<96>(src, oy0, dst),
+            _ => t.rows::<0>(src, oy0, dst),
+        }
+    });
+    Ok(Tensor::U8(
+        ArrayD::from_shape_vec(IxDyn(&shape), out).expect("codes size"),
+    ))
+}
+
+/// The tap tables of [`gather_taps`].
+struct Taps<'a> {
+    g: usize,
+    kw: usize,
+    kh: usize,
+    /// the input's width
+    wd: usize,
+    /// per output row, its `kh` input rows (None: outside)
+    ys: &'a [Option<usize>],
+    /// per output column, its `kw` input columns
+    xs: &'a [Option<usize>],
+    /// per output column, its first input column when its taps are one run inside the image
+    runs: &'a [Option<usize>],
+    zero: &'a [u8],
+    /// `kw` zero pixels
+    zeros: &'a [u8],
+}
+
+impl Taps<'_> {
+    /// The codes of output rows `oy0..` of one image (`dst`, whole rows) from its input pixels'
+    /// codes `src`; `R`: the length of a kernel row's run (`kw·g`) when known, else 0.
+    #[inline(always)]
+    fn rows<const R: usize>(&self, src: &[u8], oy0: usize, dst: &mut [u8]) {
+        let (g, kw, kh, wd) = (self.g, self.kw, self.kh, self.wd);
+        let run = if R > 0 { R } else { kw * g };
+        let row = kh * run;
+        let copy = |d: &mut [u8], s: &[u8]| match R {
+            0 => copy_codes(d, &s[..d.len()]),
+            _ => d[..R].copy_from_slice(&s[..R]),
+        };
+        for (o, oy) in dst.chunks_exact_mut(row * self.runs.len()).zip(oy0..) {
+            let ys = &self.ys[oy * kh..(oy + 1) * kh];
+            for ((px, r), xs) in o.chunks_exact_mut(row).zip(self.runs).zip(self.xs.chunks_exact(kw)) {
+                for (d, y) in px.chunks_exact_mut(run).zip(ys) {
+                    match (*y, *r) {
+                        (None, _) => copy(d, self.zeros),
+                        (Some(y), Some(x0)) => copy(d, &src[(y * wd + x0) * g..]),
+                        (Some(y), None) => {
+                            for (d, x) in d.chunks_exact_mut(g).zip(xs) {
+                                copy_codes(d, x.map_or(self.zero, |x| &src[(y * wd + x) * g..][..g]))
+                            }
+                        }
+                    }
                 }
             }
         }
     }
-    let zeros = zero.repeat(kw);
-    for (img, o) in out.chunks_mut(oh * ow * row).enumerate() {
-        let src = &codes[img * h * wd * g..(img + 1) * h * wd * g];
-        let mut at = 0;
-        for &(from, len) in &copies {
-            let dst = &mut o[at..at + len];
-            match from {
-                ZERO => copy_codes(dst, &zeros[..len]),
-                _ => copy_codes(dst, &src[from..from + len]),
-            }
-            at += len;
-        }
-    }
-    Ok(Tensor::U8(
-        ArrayD::from_shape_vec(IxDyn(&shape), out).expect("codes size"),
-    ))
 }
 
 /// `dst.copy_from_slice(src)` for the few bytes of a tap's or a kernel row's codes, in fixed-size
@@ -1322,13 +1362,16 @@ mod tests {
     /// zero-padded by hand, so taps outside the image read an all-zero pixel; the channels-last
     /// input gives the same codes. Odd sizes, strides, dilation, a channel count the codebooks
     /// do not divide (7 in codebooks of 3), whole 4-byte words (8 in codebooks of 4: the int8
-    /// pixel kernels run), both encoders and the int8 one; 1 to 16 codebooks per pixel, so kernel
-    /// rows of 3 to 128 bytes of codes (the gather's fixed-size moves).
+    /// pixel kernels run), both encoders and the int8 one; 1 to 32 codebooks per pixel, so kernel
+    /// rows of 3 to 256 bytes of codes (the gather's fixed-size moves: 12, 24, 48 and 96 bytes).
+    /// On two threads a 40×37 map is gathered in bands of output rows (9 rows of a 3×3 window).
     #[test]
     fn pixel_codebooks_gather_each_pixels_codes_per_tap() {
-        for (c, s) in [(7, 3), (8, 4), (4, 4), (16, 4), (32, 4), (64, 4)] {
-            pixel_codebooks_case(c, s);
+        for (c, s) in [(7, 3), (8, 4), (4, 4), (16, 4), (32, 4), (64, 4), (128, 4)] {
+            pixel_codebooks_case(c, s, [5, 6]);
         }
+        let two = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        two.install(|| pixel_codebooks_case(16, 4, [40, 37]));
     }
 
     /// A window of explicit pads, without ceil mode.
@@ -1369,10 +1412,11 @@ mod tests {
         }
     }
 
-    /// A crafted window over no images (huge padding on a 1×1 map: 20 001² output pixels) is
-    /// a clear error before the gather lists its copies, not a 6 GB list built for nothing.
+    /// A crafted window over no images (huge padding on a 1×1 map: 20 001² output pixels)
+    /// gives its empty codes at once: nothing is listed or allocated per output pixel (a copy
+    /// list built per call once took 6 GB and 19 s here).
     #[test]
-    fn pixel_codebooks_bound_the_gather_plan() {
+    fn pixel_codebooks_over_no_images() {
         use crate::ir::op::PqEncode;
         let window = test_window([1, 1], [1, 1], [1, 1], [10_000; 4]);
         let op = Op::PqEncode(PqEncode {
@@ -1385,13 +1429,13 @@ mod tests {
         });
         let x = Arc::new(Tensor::f32(&[0, 1, 1, 4], vec![]).unwrap());
         let protos = Arc::new(Tensor::f32(&[1, 16, 4], vec![0.5; 64]).unwrap());
-        let e = eval_op(&op, vec![x, protos]).unwrap_err();
-        assert!(e.to_string().contains("PQEncode gather plan"), "{e}");
+        let codes = eval_op(&op, vec![x, protos]).unwrap();
+        assert_eq!(codes[0].shape(), &[0, 20_001 * 20_001, 1]);
     }
 
-    fn pixel_codebooks_case(c: usize, s: usize) {
+    fn pixel_codebooks_case(c: usize, s: usize, [h, w]: [usize; 2]) {
         use crate::ir::op::{PqEncode, Window};
-        let (n, h, w, k): (usize, usize, usize, usize) = (2, 5, 6, 16);
+        let (n, k): (usize, usize) = (2, 16);
         let g = c.div_ceil(s);
         let x: Vec<f32> = (0..n * c * h * w)
             .map(|i| ((i * 2654435761usize) % 1000) as f32 / 250.0 - 1.0)
