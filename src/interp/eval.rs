@@ -827,24 +827,7 @@ fn pq_encode(p: &crate::ir::op::PqEncode, args: &[Arc<Tensor>], cache: Option<&C
                 Ok(encode::prepare(sub, &cb, hint))
             }
             Encoder::Tree => {
-                if args.len() < 3 {
-                    bail!("expects 3 inputs, got {}", args.len());
-                }
-                let depth = args[1].shape().get(1).copied().unwrap_or(0);
-                if args[1].shape() != [c_n, depth] || args[2].len() != c_n * ((1usize << depth.min(8)) - 1) || depth > 8
-                {
-                    bail!(
-                        "tree tensors {:?} / {:?} do not fit {c_n} codebooks",
-                        args[1].shape(),
-                        args[2].shape()
-                    );
-                }
-                let dims: Vec<usize> = args[1]
-                    .to_i64_vec()?
-                    .into_iter()
-                    .map(|v| v.clamp(0, p.subspace as i64 - 1) as usize)
-                    .collect();
-                let thresholds = f32_std(&args[2])?;
+                let (depth, dims, thresholds) = tree_params(p, args, c_n)?;
                 let cb = encode::Codebooks::Tree {
                     depth,
                     dims: &dims,
@@ -862,6 +845,32 @@ fn pq_encode(p: &crate::ir::op::PqEncode, args: &[Arc<Tensor>], cache: Option<&C
     Ok(Tensor::U8(
         ArrayD::from_shape_vec(IxDyn(&shape), codes).expect("codes size"),
     ))
+}
+
+/// A tree `PQEncode`'s depth, split channels (`args[1]`: `[c_n, depth]`, clamped into the
+/// codebook) and thresholds (`args[2]`: `c_n · (2^depth − 1)` values), checked.
+fn tree_params<'a>(
+    p: &crate::ir::op::PqEncode,
+    args: &'a [Arc<Tensor>],
+    c_n: usize,
+) -> Result<(usize, Vec<usize>, std::borrow::Cow<'a, [f32]>)> {
+    if args.len() < 3 {
+        bail!("expects 3 inputs, got {}", args.len());
+    }
+    let depth = args[1].shape().get(1).copied().unwrap_or(0);
+    if args[1].shape() != [c_n, depth] || args[2].len() != c_n * ((1usize << depth.min(8)) - 1) || depth > 8 {
+        bail!(
+            "tree tensors {:?} / {:?} do not fit {c_n} codebooks",
+            args[1].shape(),
+            args[2].shape()
+        );
+    }
+    let dims: Vec<usize> = args[1]
+        .to_i64_vec()?
+        .into_iter()
+        .map(|v| v.clamp(0, p.subspace as i64 - 1) as usize)
+        .collect();
+    Ok((depth, dims, f32_std(&args[2])?))
 }
 
 /// The int8 pixel encoder's codebooks for prototypes `protos` `[⌈ch/s⌉, K, s]`.
@@ -907,14 +916,38 @@ fn pq_encode_pixels(p: &crate::ir::op::PqEncode, args: &[Arc<Tensor>], cache: Op
         pixel: false,
         ..p.clone()
     };
+    use super::kernels::{encode_pixel_tree::PixelTree, Simd};
+    let level = Simd::detect();
+    // the tree encoder on channels-last pixels at AVX-512: its own kernel where it serves the
+    // trees (the node's cache then holds them), else the window encoder's path below
+    let depth = args.get(1).and_then(|t| t.shape().get(1).copied()).unwrap_or(0);
+    let tree = match (p.nhwc, p.encoder) {
+        (true, Encoder::Tree) if PixelTree::serves(level) && PixelTree::fits(ch, p.subspace, depth) => {
+            let mut slot = None;
+            let build = || -> Result<PixelTree> {
+                let (depth, dims, thresholds) = tree_params(p, args, ch / p.subspace)?;
+                PixelTree::new(ch, p.subspace, depth, &dims, &thresholds)
+                    .ok_or_else(|| crate::error::Error::Other("pixel trees do not fit their kernel".into()))
+            };
+            let t = cached(cache, build, &mut slot)?;
+            let run = |x: &[f32], rows: usize| {
+                let mut codes = vec![0u8; rows * t.codebooks()];
+                t.encode(level, x, &mut codes);
+                codes
+            };
+            Some((run(&f32_std(&args[0])?, n * h * wd), run(&vec![0.0; ch], 1)))
+        }
+        _ => None,
+    };
     let (codes, zero) = match (p.act_scale, p.nhwc, p.encoder) {
+        _ if tree.is_some() => tree.expect("some"),
         // the int8 encoder on channels-last pixels: its own kernels
         (Some(a), true, Encoder::Argmin) => {
             let mut slot = None;
             let pq = cached(cache, || pixel_quant(p, &args[1], a, ch), &mut slot)?;
             let run = |x: &[f32], rows: usize| {
                 let mut codes = vec![0u8; rows * ch.div_ceil(p.subspace.max(1))];
-                pq.encode(super::kernels::Simd::detect(), x, &mut codes);
+                pq.encode(level, x, &mut codes);
                 codes
             };
             (run(&f32_std(&args[0])?, n * h * wd), run(&vec![0.0; ch], 1))
@@ -994,6 +1027,10 @@ fn gather_taps(
         })
         .collect();
     let zeros = zero.repeat(kw);
+    // the interior columns: runs, one stride apart
+    let lo = runs.iter().position(Option::is_some).unwrap_or(ow);
+    let at = |ox: usize| runs[lo].map(|x0| x0 + (ox - lo) * w.strides[1]);
+    let hi = (lo..ow).find(|&ox| runs[ox] != at(ox)).unwrap_or(ow);
     let t = Taps {
         g,
         kw,
@@ -1002,6 +1039,7 @@ fn gather_taps(
         ys: &ys,
         xs: &xs,
         runs: &runs,
+        interior: (lo, hi),
         zero,
         zeros: &zeros,
     };
@@ -1036,6 +1074,8 @@ struct Taps<'a> {
     xs: &'a [Option<usize>],
     /// per output column, its first input column when its taps are one run inside the image
     runs: &'a [Option<usize>],
+    /// the interior columns `lo..hi`: each has a run, evenly spaced
+    interior: (usize, usize),
     zero: &'a [u8],
     /// `kw` zero pixels
     zeros: &'a [u8],
@@ -1053,11 +1093,33 @@ impl Taps<'_> {
             0 => copy_codes(d, &s[..d.len()]),
             _ => d[..R].copy_from_slice(&s[..R]),
         };
-        for (o, oy) in dst.chunks_exact_mut(row * self.runs.len()).zip(oy0..) {
+        let ow = self.runs.len();
+        for (o, oy) in dst.chunks_exact_mut(row * ow).zip(oy0..) {
             let ys = &self.ys[oy * kh..(oy + 1) * kh];
-            for ((px, r), xs) in o.chunks_exact_mut(row).zip(self.runs).zip(self.xs.chunks_exact(kw)) {
+            // a row whose kernel rows all read the image: its interior pixels by `interior`
+            let (lo, hi) = match ys.iter().all(Option::is_some) {
+                true if R > 0 && kh == 3 => self.interior,
+                _ => (0, 0),
+            };
+            if hi > lo {
+                let x0 = self.runs[lo].expect("interior pixels have runs");
+                let starts: [usize; 3] = std::array::from_fn(|k| (ys[k].expect("inside") * wd + x0) * g);
+                let step = (self.runs[lo + 1..hi].first()).map_or(0, |x1| (x1.expect("a run") - x0) * g);
+                // every run lies in this image's codes: its last pixel's, at
+                // `(y·wd + x)·g .. (y·wd + x + kw)·g` with `x + kw ≤ wd` and `y < h`
+                assert!(starts.iter().all(|s| s + (hi - lo - 1) * step + R <= src.len()));
+                // SAFETY: the reads as just checked; `o` holds the `hi - lo` pixels from `lo`.
+                unsafe { interior::<R, 3>(src.as_ptr(), starts, step, o[lo * row..hi * row].as_mut_ptr(), hi - lo) };
+            }
+            let edges = (0..lo).chain(hi.max(lo)..ow);
+            for ox in edges {
+                let (px, r, xs) = (
+                    &mut o[ox * row..(ox + 1) * row],
+                    self.runs[ox],
+                    &self.xs[ox * kw..(ox + 1) * kw],
+                );
                 for (d, y) in px.chunks_exact_mut(run).zip(ys) {
-                    match (*y, *r) {
+                    match (*y, r) {
                         (None, _) => copy(d, self.zeros),
                         (Some(y), Some(x0)) => copy(d, &src[(y * wd + x0) * g..]),
                         (Some(y), None) => {
@@ -1068,6 +1130,27 @@ impl Taps<'_> {
                     }
                 }
             }
+        }
+    }
+}
+
+/// `n` output pixels' codes, `KH` runs of `R` bytes each: pixel `i`'s kernel row `k` from
+/// `src + starts[k] + i·step`, to `dst + (i·KH + k)·R`.
+///
+/// # Safety
+/// Every run read lies in one allocation with `src`, and `dst` holds `n·KH·R` bytes apart from it.
+#[inline(always)]
+unsafe fn interior<const R: usize, const KH: usize>(
+    src: *const u8,
+    starts: [usize; KH],
+    step: usize,
+    dst: *mut u8,
+    n: usize,
+) {
+    for i in 0..n {
+        for (k, s) in starts.iter().enumerate() {
+            // SAFETY: forwarded from the caller.
+            unsafe { std::ptr::copy_nonoverlapping(src.add(s + i * step), dst.add((i * KH + k) * R), R) };
         }
     }
 }

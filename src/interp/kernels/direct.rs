@@ -1264,7 +1264,14 @@ unsafe fn row_c1_channels(
         };
         match (simd, lanes) {
             (Simd::Avx512, 32) => {
-                let x0 = x86::px512::<12, 2>(&a, lay, 0, ow);
+                // equal tiles of at most 12 pixels where the width allows (14 = 7 + 7, not
+                // 12 + 1 + 1: single pixels wait on their chains of dependent multiply-adds)
+                let x0 = match ow / ow.div_ceil(12) {
+                    10 => x86::px512::<10, 2>(&a, lay, 0, ow),
+                    7 => x86::px512::<7, 2>(&a, lay, 0, ow),
+                    6 => x86::px512::<6, 2>(&a, lay, 0, ow),
+                    _ => x86::px512::<12, 2>(&a, lay, 0, ow),
+                };
                 let x0 = x86::px512::<4, 2>(&a, lay, x0, ow);
                 x86::px512::<1, 2>(&a, lay, x0, ow);
             }
@@ -2696,6 +2703,11 @@ mod tests {
             (2, 1, [9, 30], 16, 3, 2, 1, [1; 4], false),
             (1, 1, [15, 15], 64, 7, 2, 1, [3; 4], false),
             (2, 1, [6, 11], 40, 3, 1, 2, [2, 1, 2, 0], false),
+            // one input channel over 32-lane blocks in equal tiles: rows of 14 = 7 + 7 (a
+            // stride-2 stem), 13 = 6 + 6 + 1, 20 = 10 + 10
+            (2, 1, [5, 28], 64, 3, 2, 1, [1; 4], false),
+            (1, 1, [3, 13], 40, 3, 1, 1, [1; 4], false),
+            (1, 1, [3, 20], 64, 3, 1, 1, [1; 4], false),
             (2, 8, [7, 9], 70, 3, 1, 2, [2; 4], false),
             (1, 4, [1, 1], 24, 3, 1, 1, [1; 4], false),
             // fewer pixels than a tile (1–9): several 32-lane blocks at once, a 16-lane last one

@@ -7,6 +7,7 @@ pub mod elementwise;
 pub mod encode;
 pub mod encode_i8;
 pub mod encode_pixel;
+pub mod encode_pixel_tree;
 pub mod gemm;
 pub mod im2col;
 pub mod lut;
