@@ -918,11 +918,11 @@ fn pq_encode_pixels(p: &crate::ir::op::PqEncode, args: &[Arc<Tensor>], cache: Op
     };
     use super::kernels::{encode_pixel_tree::PixelTree, Simd};
     let level = Simd::detect();
-    // the tree encoder on channels-last pixels at AVX-512: its own kernel where it serves the
-    // trees (the node's cache then holds them), else the window encoder's path below
+    // the tree encoder on channels-last pixels: its own kernel where it serves the level and
+    // the trees (the node's cache then holds them), else the window encoder's path below
     let depth = args.get(1).and_then(|t| t.shape().get(1).copied()).unwrap_or(0);
     let tree = match (p.nhwc, p.encoder) {
-        (true, Encoder::Tree) if PixelTree::serves(level) && PixelTree::fits(ch, p.subspace, depth) => {
+        (true, Encoder::Tree) if PixelTree::fits(level, ch, p.subspace, depth) => {
             let mut slot = None;
             let build = || -> Result<PixelTree> {
                 let (depth, dims, thresholds) = tree_params(p, args, ch / p.subspace)?;
