@@ -918,11 +918,26 @@ fn pq_encode_pixels(p: &crate::ir::op::PqEncode, args: &[Arc<Tensor>], cache: Op
     };
     use super::kernels::{encode_pixel_tree::PixelTree, Simd};
     let level = Simd::detect();
-    // the tree encoder on channels-last pixels: its own kernel where it serves the level and
-    // the trees (the node's cache then holds them), else the window encoder's path below
+    // the codes of every input pixel and of an all-zero one, `c_n` a pixel, by `encode`
+    let both = |c_n: usize, encode: &dyn Fn(&[f32], &mut [u8])| -> Result<(Vec<u8>, Vec<u8>)> {
+        let run = |x: &[f32], rows: usize| {
+            let mut codes = vec![0u8; rows * c_n];
+            encode(x, &mut codes);
+            codes
+        };
+        Ok((run(&f32_std(&args[0])?, n * h * wd), run(&vec![0.0; ch], 1)))
+    };
     let depth = args.get(1).and_then(|t| t.shape().get(1).copied()).unwrap_or(0);
-    let tree = match (p.nhwc, p.encoder) {
-        (true, Encoder::Tree) if PixelTree::fits(level, ch, p.subspace, depth) => {
+    let (codes, zero) = match (p.act_scale, p.nhwc, p.encoder) {
+        // the int8 encoder on channels-last pixels: its own kernels
+        (Some(a), true, Encoder::Argmin) => {
+            let mut slot = None;
+            let pq = cached(cache, || pixel_quant(p, &args[1], a, ch), &mut slot)?;
+            both(ch.div_ceil(p.subspace.max(1)), &|x, codes| pq.encode(level, x, codes))?
+        }
+        // the tree encoder on channels-last pixels: its own kernel where it serves the level and
+        // the trees, else the window encoder's path below
+        (_, true, Encoder::Tree) if PixelTree::fits(level, ch, p.subspace, depth) => {
             let mut slot = None;
             let build = || -> Result<PixelTree> {
                 let (depth, dims, thresholds) = tree_params(p, args, ch / p.subspace)?;
@@ -930,27 +945,7 @@ fn pq_encode_pixels(p: &crate::ir::op::PqEncode, args: &[Arc<Tensor>], cache: Op
                     .ok_or_else(|| crate::error::Error::Other("pixel trees do not fit their kernel".into()))
             };
             let t = cached(cache, build, &mut slot)?;
-            let run = |x: &[f32], rows: usize| {
-                let mut codes = vec![0u8; rows * t.codebooks()];
-                t.encode(level, x, &mut codes);
-                codes
-            };
-            Some((run(&f32_std(&args[0])?, n * h * wd), run(&vec![0.0; ch], 1)))
-        }
-        _ => None,
-    };
-    let (codes, zero) = match (p.act_scale, p.nhwc, p.encoder) {
-        _ if tree.is_some() => tree.expect("some"),
-        // the int8 encoder on channels-last pixels: its own kernels
-        (Some(a), true, Encoder::Argmin) => {
-            let mut slot = None;
-            let pq = cached(cache, || pixel_quant(p, &args[1], a, ch), &mut slot)?;
-            let run = |x: &[f32], rows: usize| {
-                let mut codes = vec![0u8; rows * ch.div_ceil(p.subspace.max(1))];
-                pq.encode(level, x, &mut codes);
-                codes
-            };
-            (run(&f32_std(&args[0])?, n * h * wd), run(&vec![0.0; ch], 1))
+            both(t.codebooks(), &|x, codes| t.encode(level, x, codes))?
         }
         _ => {
             let u8s = |t: Tensor| match t {
@@ -1000,7 +995,7 @@ fn gather_taps(
     let row = kh * kw * g;
     let mut out = vec![0u8; n * oh * ow * row];
     let shape = [n, oh * ow, row];
-    if row == 0 || out.is_empty() {
+    if out.is_empty() {
         return Ok(Tensor::U8(
             ArrayD::from_shape_vec(IxDyn(&shape), out).expect("codes size"),
         ));
@@ -1036,6 +1031,7 @@ fn gather_taps(
         kw,
         kh,
         wd,
+        sx: w.strides[1],
         ys: &ys,
         xs: &xs,
         runs: &runs,
@@ -1066,15 +1062,16 @@ struct Taps<'a> {
     g: usize,
     kw: usize,
     kh: usize,
-    /// the input's width
+    /// the input's width, the window's stride along it
     wd: usize,
+    sx: usize,
     /// per output row, its `kh` input rows (None: outside)
     ys: &'a [Option<usize>],
     /// per output column, its `kw` input columns
     xs: &'a [Option<usize>],
     /// per output column, its first input column when its taps are one run inside the image
     runs: &'a [Option<usize>],
-    /// the interior columns `lo..hi`: each has a run, evenly spaced
+    /// the interior columns `lo..hi`: each has a run, `sx` input columns after the last
     interior: (usize, usize),
     zero: &'a [u8],
     /// `kw` zero pixels
@@ -1104,7 +1101,7 @@ impl Taps<'_> {
             if hi > lo {
                 let x0 = self.runs[lo].expect("interior pixels have runs");
                 let starts: [usize; 3] = std::array::from_fn(|k| (ys[k].expect("inside") * wd + x0) * g);
-                let step = (self.runs[lo + 1..hi].first()).map_or(0, |x1| (x1.expect("a run") - x0) * g);
+                let step = self.sx * g;
                 // every run lies in this image's codes: its last pixel's, at
                 // `(y·wd + x)·g .. (y·wd + x + kw)·g` with `x + kw ≤ wd` and `y < h`
                 assert!(starts.iter().all(|s| s + (hi - lo - 1) * step + R <= src.len()));

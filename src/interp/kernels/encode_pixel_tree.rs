@@ -15,6 +15,9 @@
 
 use super::Simd;
 
+/// A pixel-lane kernel: `(trees, x, out)`, as `x86::tile512` takes them.
+type TileKernel = unsafe fn(&PixelTree, &[f32], &mut [u8]);
+
 /// A layer's hash-tree pixel codebooks in the kernel's layout.
 pub struct PixelTree {
     /// Codebooks, channels per codebook, tree depth.
@@ -32,13 +35,11 @@ impl PixelTree {
     /// (`dims`: `[c][depth]`, each below `s`; `thresholds`: `[c][2^depth − 1]`), when the kernel
     /// at AVX-512 serves them ([`fits`](Self::fits)).
     pub fn new(d: usize, s: usize, depth: usize, dims: &[usize], thresholds: &[f32]) -> Option<PixelTree> {
-        let c_n = d.checked_div(s)?;
-        let nodes = (1usize << depth.min(4)) - 1;
-        if !Self::fits(Simd::Avx512, d, s, depth)
-            || dims.len() != c_n * depth
-            || thresholds.len() != c_n * nodes
-            || dims.iter().any(|&v| v >= s)
-        {
+        if !Self::fits(Simd::Avx512, d, s, depth) {
+            return None;
+        }
+        let (c_n, nodes) = (d / s, (1usize << depth) - 1);
+        if dims.len() != c_n * depth || thresholds.len() != c_n * nodes || dims.iter().any(|&v| v >= s) {
             return None;
         }
         let mut padded = vec![0f32; c_n * 16];
@@ -80,7 +81,7 @@ impl PixelTree {
             "the pixel tree kernel does not serve {level:?} here"
         );
         assert!(self.c_n > 0 && codes.len().is_multiple_of(self.c_n) && x.len() == codes.len() / self.c_n * d);
-        let lanes = if level == Simd::Avx512 { 16 } else { 8 };
+        let (kernel, lanes) = self.tile_kernel(level);
         // bands of at least 512 pixels' codebooks (a few microseconds) across the team; a
         // pixel's codes do not depend on its band
         let band = 512usize.div_ceil(self.c_n).next_multiple_of(16);
@@ -89,25 +90,31 @@ impl PixelTree {
             for (x, out) in x.chunks(lanes * d).zip(out.chunks_mut(lanes * self.c_n)) {
                 // SAFETY: the level's features detected by the caller (`fits`); `x` holds the
                 // `out.len() / c_n ≤ lanes` pixels' rows of `d` channels, and the trees fit.
-                #[cfg(target_arch = "x86_64")]
-                unsafe {
-                    match (level, self.depth) {
-                        (Simd::Avx512, 0) => x86::tile512::<0>(self, x, out),
-                        (Simd::Avx512, 1) => x86::tile512::<1>(self, x, out),
-                        (Simd::Avx512, 2) => x86::tile512::<2>(self, x, out),
-                        (Simd::Avx512, 3) => x86::tile512::<3>(self, x, out),
-                        (Simd::Avx512, _) => x86::tile512::<4>(self, x, out),
-                        (_, 0) => x86::tile256::<0>(self, x, out),
-                        (_, 1) => x86::tile256::<1>(self, x, out),
-                        (_, 2) => x86::tile256::<2>(self, x, out),
-                        (_, 3) => x86::tile256::<3>(self, x, out),
-                        (_, _) => x86::tile256::<4>(self, x, out),
-                    }
-                };
-                #[cfg(not(target_arch = "x86_64"))]
-                let _ = (x, out);
+                unsafe { kernel(self, x, out) }
             }
         });
+    }
+
+    /// The kernel for `level` and this depth, with the pixels it takes at once.
+    fn tile_kernel(&self, level: Simd) -> (TileKernel, usize) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let kernel: TileKernel = match (level, self.depth) {
+                (Simd::Avx512, 0) => x86::tile512::<0>,
+                (Simd::Avx512, 1) => x86::tile512::<1>,
+                (Simd::Avx512, 2) => x86::tile512::<2>,
+                (Simd::Avx512, 3) => x86::tile512::<3>,
+                (Simd::Avx512, _) => x86::tile512::<4>,
+                (_, 0) => x86::tile256::<0>,
+                (_, 1) => x86::tile256::<1>,
+                (_, 2) => x86::tile256::<2>,
+                (_, 3) => x86::tile256::<3>,
+                (_, _) => x86::tile256::<4>,
+            };
+            (kernel, if level == Simd::Avx512 { 16 } else { 8 })
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!("`fits` serves no level off x86-64 ({level:?})")
     }
 
     /// The reference codes: [`crate::pq::tree::encode`] per pixel and codebook.
