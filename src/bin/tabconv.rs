@@ -449,7 +449,7 @@ fn bench(
             let per = runs as f64;
             for (op, s, n) in p {
                 println!(
-                    "  {op:<20} {:>9.2} ms/run {:>6.1}% {:>6} calls",
+                    "  {op:<20} {:>9.3} ms/run {:>6.1}% {:>6} calls",
                     s * 1e3 / per,
                     100.0 * s / total,
                     n / runs
@@ -458,7 +458,7 @@ fn bench(
             println!("  slowest nodes:");
             for (name, op, s, _) in nodes.iter().take(60) {
                 println!(
-                    "    {:<56} {op:<12} {:>9.3} ms/run {:>6.1}%",
+                    "    {:<56} {op:<12} {:>9.4} ms/run {:>6.1}%",
                     name,
                     s * 1e3 / per,
                     100.0 * s / total

@@ -199,7 +199,13 @@ pub fn eval_op_cached(op: &Op, mut args: Vec<Arc<Tensor>>, cache: Option<&Cache>
                         let mut y = Vec::with_capacity(rows * m);
                         let quads = lut::wants_quads(k).then(|| tables.quads.get_or_init(|| lut::quad_tables(t, c, m)));
                         let quads = quads.map(|q| &q[..]);
-                        lut::lut_i8_then(
+                        let affine = lut::Affine {
+                            scale: epi.scale,
+                            offset: epi.offset,
+                            residual: epi.residual,
+                            relu: epi.relu,
+                        };
+                        lut::lut_i8_affine(
                             codes,
                             rows,
                             c,
@@ -207,11 +213,12 @@ pub fn eval_op_cached(op: &Op, mut args: Vec<Arc<Tensor>>, cache: Option<&Cache>
                             quads,
                             m,
                             k,
+                            affine,
                             y.spare_capacity_mut(),
                             |r0, acc, out| epi.apply(r0, acc, out),
                         );
-                        // SAFETY: `lut_i8_then` hands every block of the first `rows · m` values to
-                        // the epilogue, which writes each of them.
+                        // SAFETY: `lut_i8_affine` writes every one of the first `rows · m` values,
+                        // or hands every block of them to the epilogue, which writes each.
                         unsafe { y.set_len(rows * m) };
                         y
                     }
@@ -698,7 +705,14 @@ impl LutEpilogue<'_> {
         ) {
             assert_eq!(yr.len(), ar.len(), "one sum per output");
             let (scale, offset) = (&scale[..yr.len()], &offset[..yr.len()]);
-            let act = |y: f32| if relu { y.max(0.0) } else { y };
+            // ReLU as `lut::Affine` has it: +0 for zeros of either sign and NaN
+            let act = |y: f32| {
+                if relu && y.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) {
+                    0.0
+                } else {
+                    y
+                }
+            };
             match residual {
                 Some(r) => {
                     let r = &r[..yr.len()];
@@ -1644,7 +1658,8 @@ mod tests {
                     let sum: i32 = (0..c)
                         .map(|ci| t[(ci * m + mi) * k + codes[r * c + ci] as usize] as i32)
                         .sum();
-                    (sc[mi] * sum as f32 + of[mi]).max(0.0).to_bits()
+                    let y = sc[mi] * sum as f32 + of[mi];
+                    if y > 0.0 { y } else { 0.0 }.to_bits()
                 })
                 .collect();
             let codes = Arc::new(Tensor::U8(ArrayD::from_shape_vec(IxDyn(&[rows, c]), codes).unwrap()));
@@ -1663,7 +1678,11 @@ mod tests {
         let (rows, m, r0) = (7, 37, 3);
         let v = |i: usize, k: usize| (((i * 7919 + k * 104_729) % 2001) as f32 - 1000.0) / 37.0;
         let scale: Vec<f32> = (0..m).map(|i| v(i, 1) / 50.0).collect();
-        let offset: Vec<f32> = (0..m).map(|i| v(i, 2)).collect();
+        let mut offset: Vec<f32> = (0..m).map(|i| v(i, 2)).collect();
+        // zeros of both signs: a negative zero out of the sums (0 · negative sum − 0) that the
+        // ReLU makes +0
+        let mut scale = scale;
+        (scale[1], offset[1], scale[2], offset[2]) = (0.0, -0.0, -0.0, 0.0);
         let residual: Vec<f32> = (0..(r0 + rows) * m).map(|i| v(i, 3)).collect();
         let sums: Vec<i32> = (0..rows * m).map(|i| v(i, 4) as i32 * 13).collect();
         let sums_f32: Vec<f32> = (0..rows * m).map(|i| v(i, 5) * 3.1).collect();
@@ -1683,8 +1702,8 @@ mod tests {
                             if let Some(r) = res {
                                 y += r[r0 * m + i];
                             }
-                            if relu {
-                                y = y.max(0.0);
+                            if relu && y.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) {
+                                y = 0.0;
                             }
                             y
                         })

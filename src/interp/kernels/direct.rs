@@ -521,15 +521,50 @@ pub fn conv_nhwc(
         // SAFETY: every group's tiles (so every pixel) were computed above.
         return Ok((unsafe { out.finish(pixels * m) }, [n, oh, ow, m]));
     }
-    let xdata = pad_input(x, xshape, &frame);
-    let xdata: &[f32] = &xdata;
     let tiles = pixels.div_ceil(r);
     // Weights larger than the input (a deep layer at batch 1: 590 KB of 3×3×128×128 against
     // 18 KB of padded 4×4 map): each thread takes a share of the output channel blocks, so it
     // reads only those weights; split by tiles, every thread streams all of them through its
     // L2 (on a 512 KB L2 the layer ran slower on two threads than on one).
-    let weighty = wts.data.len() > xdata.len() && nb.is_multiple_of(threads);
-    if threads > 1 && big && tiles >= threads && !weighty {
+    let input_len = if padded { n * image } else { x.len() };
+    let weighty = wts.data.len() > input_len && nb.is_multiple_of(threads);
+    let by_tiles = threads > 1 && big && tiles >= threads && !weighty;
+    if padded && n == 1 && threads > 1 && big && (by_tiles || nb > 1) {
+        // One image on the team: each task pads the rows its tiles read (all of them when it
+        // takes a share of the channel blocks) into its thread's scratch, so there is no
+        // padding before the loop (on one thread, or in a loop of its own) and each thread
+        // reads its padded rows from its own cache.
+        let (per, parts) = match by_tiles {
+            true => (tiles.div_ceil(threads), tiles.div_ceil(tiles.div_ceil(threads))),
+            false => (tiles, threads.min(nb)),
+        };
+        let extent = conv.window.extent(0);
+        super::team::for_each(parts, |k| {
+            let (t, blocks) = match by_tiles {
+                true => ((k * per, ((k + 1) * per).min(tiles)), 0..nb),
+                false => ((0, tiles), k * nb / parts..(k + 1) * nb / parts),
+            };
+            // the padded rows of output rows y0..=y1
+            let (y0, y1) = (t.0 * r / ow, ((t.1 * r).min(pixels) - 1) / ow);
+            let rows = y0 * sh..(y1 * sh + extent).min(frame.hp);
+            PAD_SCRATCH.with_borrow_mut(|scratch| {
+                // rows outside `rows` keep earlier values, which this task's tiles never read
+                if scratch.len() < image {
+                    scratch.resize(image, 0.0);
+                }
+                let dst = &mut scratch[rows.start * frame.wp * c..rows.end * frame.wp * c];
+                // SAFETY: `MaybeUninit<f32>` has `f32`'s layout; only floats are written.
+                let dst = unsafe { &mut *(dst as *mut [f32] as *mut [std::mem::MaybeUninit<f32>]) };
+                frame.write_rows(x, [h, w, c], rows.start, dst);
+                run(&scratch[..image], 0, (0, pixels), t, blocks);
+            });
+        });
+        // SAFETY: every tile (so every pixel) of every channel block was computed above.
+        return Ok((unsafe { out.finish(pixels * m) }, [n, oh, ow, m]));
+    }
+    let xdata = pad_input(x, xshape, &frame);
+    let xdata: &[f32] = &xdata;
+    if by_tiles {
         // One run of consecutive tiles per thread: on a Zen 1 at batch 1 (ResNet-18/16's layer1,
         // 32×32 pixels, 16 channels) tasks of 8 tiles claimed in turn took 0.077 ms on two
         // threads and halves 0.062 (0.115 ms on one); each thread reads only its part of the map.
@@ -2737,7 +2772,8 @@ mod tests {
             // rows split into unequal tiles (17 = 6 + 6 + 5; 15 = 8 + 7), both edges padded or not
             (1, 20, [3, 17], 20, 3, 1, 1, [1; 4], true),
             (1, 48, [5, 30], 48, 3, 2, 1, [0, 1, 1, 0], true),
-            // batch 1, a padded image large enough to be padded by row bands on the threads
+            // batch 1, a padded image whose tiles split across the threads, each task padding
+            // the rows it reads (a 4×4 map below: its channel blocks split, each task padding all)
             (1, 32, [20, 19], 24, 3, 1, 1, [1, 2, 1, 0], false),
             // raster tiles of 8 at AVX-512 (fewer pixels computed than tiles of 10): a 4×4 map
             // at batch 1 (two full tiles), 12 pixels (a full tile and a partial one)
@@ -2761,6 +2797,7 @@ mod tests {
             (24, 40, [1, 1], 64, 3, 1, 1, [1; 4], false),
         ];
         let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+        let two = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
         // outputs above the cap the epilogue cases use, over all cases (the cap must bite)
         let mut capped = 0;
         for &(n, c, [h, w], m, k, s, d, pads, dw) in cases {
@@ -2784,11 +2821,14 @@ mod tests {
             assert_eq!(scalar.len(), want.len());
             let err = scalar.iter().zip(&want).fold(0f32, |e, (a, b)| e.max((a - b).abs()));
             assert!(err < 1e-4, "case c={c} m={m} k={k}: {err}");
-            // one thread splits the batch into other groups and tasks: the same bits
-            let (alone, _) = one
-                .install(|| conv_nhwc(&xn, [n, h, w, c], &packed, &cv, Epilogue::default(), Simd::Scalar))
-                .unwrap();
-            assert!(alone.iter().zip(&scalar).all(|(a, b)| a.to_bits() == b.to_bits()));
+            // one thread splits the batch into other groups and tasks, two threads pad a single
+            // image's rows in each task: the same bits
+            for pool in [&one, &two] {
+                let (alone, _) = pool
+                    .install(|| conv_nhwc(&xn, [n, h, w, c], &packed, &cv, Epilogue::default(), Simd::Scalar))
+                    .unwrap();
+                assert!(alone.iter().zip(&scalar).all(|(a, b)| a.to_bits() == b.to_bits()));
+            }
             let res: Vec<f32> = (0..scalar.len()).map(|_| rng.next_f64() as f32 - 0.5).collect();
             capped += scalar.iter().filter(|&&v| v > 0.3).count();
             for &level in &levels {
@@ -2800,7 +2840,10 @@ mod tests {
                         relu,
                         relu_max: cap,
                     };
-                    let (got, _) = conv_nhwc(&xn, [n, h, w, c], &packed, &cv, epi, level).unwrap();
+                    // (on two threads, whatever the machine: batch 1 padded in the tasks)
+                    let (got, _) = two
+                        .install(|| conv_nhwc(&xn, [n, h, w, c], &packed, &cv, epi, level))
+                        .unwrap();
                     // The unfused graph: Add, then Relu (or Clip(0, cap), which needs `relu`).
                     let expect: Vec<f32> = scalar
                         .iter()

@@ -47,6 +47,22 @@ use std::ops::Range;
 /// groups of 6 end with a narrower one).
 const COL_TILE: usize = 64;
 
+/// Lookups from which a call of one block of rows splits its outputs across the team.
+const SPLIT_COLS_WORK: usize = 1 << 18;
+
+/// Outputs per task when `m` outputs split across the team: [`COL_TILE`]s, two per thread,
+/// where `m` holds that many; else one share per thread in multiples of 16 (every kernel's
+/// output groups divide 16).
+fn col_tile(m: usize) -> usize {
+    let threads = super::team::threads().max(1);
+    let tile = m.div_ceil(2 * threads);
+    if tile >= COL_TILE {
+        tile.next_multiple_of(COL_TILE)
+    } else {
+        m.div_ceil(threads).next_multiple_of(16)
+    }
+}
+
 /// Rows per parallel task (fixed, so that results and scheduling do not depend on thread count).
 const PAR_ROWS: usize = 256;
 /// Rows per block of the scalar kernels: `m` accumulators of this many rows stay in L1.
@@ -202,7 +218,7 @@ pub fn lut_i8_then<T: Send>(
     if call.split_cols(rows) {
         // Split the outputs instead of the rows: every task reads only its part of the tables,
         // once for all rows. Exact integer sums: the same result.
-        let tile = m.div_ceil(2 * super::team::threads()).next_multiple_of(COL_TILE);
+        let tile = col_tile(m);
         let mut sums = vec![0i32; rows * m];
         col_tiles(rows, m, tile, &mut sums, |cols, res| {
             TASK.with_borrow_mut(|(scratch, _)| call.block_cols(codes, 0, cols, res, scratch))
@@ -225,6 +241,89 @@ pub fn lut_i8_then<T: Send>(
     } else {
         super::team::for_chunks(out, call.par_rows * m, task);
     }
+}
+
+/// The affine epilogue of a lookup layer: output `j` of row `i` is
+/// `act(scale[j] · sum + offset[j] + residual[i·m + j])` (the residual when given), with
+/// `act` ReLU (`y > 0 ? y : +0`, NaN to 0) or nothing; each operation rounded separately, in
+/// this order, on every path and SIMD level.
+#[derive(Clone, Copy)]
+pub struct Affine<'a> {
+    pub scale: &'a [f32],
+    pub offset: &'a [f32],
+    pub residual: Option<&'a [f32]>,
+    pub relu: bool,
+}
+
+impl Affine<'_> {
+    /// Output `j` of row `i` from its sum.
+    #[inline(always)]
+    pub fn one(&self, i: usize, j: usize, sum: f32) -> f32 {
+        let m = self.scale.len();
+        let mut y = self.scale[j] * sum + self.offset[j];
+        if let Some(r) = self.residual {
+            y += r[i * m + j];
+        }
+        match self.relu && y.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) {
+            true => 0.0,
+            false => y,
+        }
+    }
+}
+
+/// [`lut_i8_then`] whose epilogue is `affine` (`epilogue` is the same function over a block of
+/// sums): the VNNI kernel applies it to its sums while it transposes them into rows, with no
+/// `rows × m` array of i32 sums written and read back (on ResNet-18/16 at batch 1 storing the
+/// sums and the epilogue's pass over them took a quarter of the time); the other kernels call
+/// `epilogue`.
+#[allow(clippy::too_many_arguments)]
+pub fn lut_i8_affine(
+    codes: &[u8],
+    rows: usize,
+    c: usize,
+    tables: &[i8],
+    quads: Option<&[i8]>,
+    m: usize,
+    k: usize,
+    affine: Affine,
+    out: &mut [std::mem::MaybeUninit<f32>],
+    epilogue: impl Fn(usize, &[i32], &mut [std::mem::MaybeUninit<f32>]) + Sync,
+) {
+    check_shapes(codes.len(), rows, c, tables.len(), m, k, out.len());
+    assert!(
+        affine.scale.len() == m && affine.offset.len() == m,
+        "lut: one scale and offset per output"
+    );
+    assert!(
+        affine.residual.is_none_or(|r| r.len() == rows * m),
+        "lut: the residual is not rows × m"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if let Some(call) = Call::new(LutKernel::detect(), rows, c, tables, quads, m, k) {
+        if call.kernel == LutKernel::Vnni && !call.split_cols(rows) {
+            let task = |bi: usize, out: &mut [std::mem::MaybeUninit<f32>]| {
+                TASK.with_borrow_mut(|(scratch, _)| {
+                    let quads = call.quads.as_deref().expect("built for the VNNI kernel");
+                    let r0 = bi * call.par_rows;
+                    let nr = out.len() / m;
+                    // SAFETY: `Call::new` asserted `kernel.supported()` (AVX2, AVX-512F/BW, VBMI,
+                    // VNNI); the shapes were checked above.
+                    unsafe {
+                        x86::vnni_affine(&codes[r0 * c..(r0 + nr) * c], nr, c, quads, m, affine, r0, out, scratch)
+                    }
+                })
+            };
+            if rows * c * m < super::PAR_WORK {
+                out.chunks_mut(call.par_rows * m)
+                    .enumerate()
+                    .for_each(|(bi, out)| task(bi, out));
+            } else {
+                super::team::for_chunks(out, call.par_rows * m, task);
+            }
+            return;
+        }
+    }
+    lut_i8_then(codes, rows, c, tables, quads, m, k, out, epilogue)
 }
 
 /// One lookup call's kernel, tables and split into parallel blocks of rows.
@@ -316,7 +415,7 @@ impl<'a> Call<'a> {
     }
 
     /// Whether [`Call::block_cols`] takes column ranges other than all outputs (the 16-entry
-    /// SIMD kernels; ranges start at multiples of [`COL_TILE`]).
+    /// SIMD kernels; ranges start at multiples of 16).
     fn takes_col_ranges(&self) -> bool {
         self.kernel != LutKernel::Scalar && self.k == 16
     }
@@ -329,8 +428,8 @@ impl<'a> Call<'a> {
         let (c, m) = (self.c, self.m);
         super::team::threads() > 1
             && self.takes_col_ranges()
-            && m >= 2 * COL_TILE
-            && rows * c * m >= 1 << 20
+            && col_tile(m) < m
+            && rows * c * m >= SPLIT_COLS_WORK
             && rows <= self.par_rows
     }
 
@@ -338,7 +437,7 @@ impl<'a> Call<'a> {
     /// cols.len()`, every value written); `cols` is every output unless [`Call::takes_col_ranges`].
     fn block_cols(&self, codes: &[u8], bi: usize, cols: Range<usize>, out: &mut [i32], scratch: &mut Scratch) {
         let (c, m) = (self.c, self.m);
-        assert!(cols == (0..m) || (self.takes_col_ranges() && cols.start.is_multiple_of(COL_TILE) && cols.end <= m));
+        assert!(cols == (0..m) || (self.takes_col_ranges() && cols.start.is_multiple_of(16) && cols.end <= m));
         let r0 = bi * self.par_rows;
         let nr = out.len() / cols.len();
         let codes = &codes[r0 * c..(r0 + nr) * c];
@@ -460,8 +559,13 @@ pub fn lut_i8_rowwise_at(
         return;
     }
     // Split the outputs, not the rows, across threads when there is enough work.
-    let tile = if rows * c * m >= 1 << 18 && super::team::threads() > 1 {
-        128.min(m)
+    let tile = if rows * c * m >= SPLIT_COLS_WORK && super::team::threads() > 1 {
+        // whole 128-output register tiles where there are two of them
+        if m >= 256 {
+            128
+        } else {
+            col_tile(m)
+        }
     } else {
         m
     };
@@ -1777,9 +1881,59 @@ mod x86 {
         out: &mut [i32],
         s: &mut Scratch,
     ) {
+        assert!(out.len() == nr * cols.len());
+        // SAFETY: forwarded from the caller.
+        unsafe { vnni_sums(codes, nr, c, quads, m, cols.clone(), s) };
+        for (acc, out) in s.acc.chunks_exact(cols.len() * QR).zip(out.chunks_mut(QR * cols.len())) {
+            // SAFETY: the caller guarantees AVX-512F.
+            unsafe { store_rows512(acc, QR, cols.len(), out.len() / cols.len(), out) };
+        }
+    }
+
+    /// [`vnni_i8`] over every output with the epilogue `affine` applied to the sums as they are
+    /// stored (`r0`: the first row's index in the residual; `out`: `nr × m`, every value
+    /// written).
+    ///
+    /// # Safety
+    /// As [`vnni_i8`].
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn vnni_affine(
+        codes: &[u8],
+        nr: usize,
+        c: usize,
+        quads: &[i8],
+        m: usize,
+        affine: super::Affine,
+        r0: usize,
+        out: &mut [std::mem::MaybeUninit<f32>],
+        s: &mut Scratch,
+    ) {
+        assert!(out.len() == nr * m);
+        // SAFETY: forwarded from the caller.
+        unsafe { vnni_sums(codes, nr, c, quads, m, 0..m, s) };
+        for (b, (acc, out)) in s.acc.chunks_exact(m * QR).zip(out.chunks_mut(QR * m)).enumerate() {
+            // SAFETY: the caller guarantees AVX-512F.
+            unsafe { store_affine512(acc, m, out.len() / m, affine, r0 + b * QR, out) };
+        }
+    }
+
+    /// The sums of `nr` rows (`codes`: `nr × c`) for outputs `cols` into `s.acc`: per block of
+    /// [`QR`] rows, `[cols.len()][QR]` i32.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2, AVX-512F/BW, VBMI and VNNI.
+    unsafe fn vnni_sums(
+        codes: &[u8],
+        nr: usize,
+        c: usize,
+        quads: &[i8],
+        m: usize,
+        cols: Range<usize>,
+        s: &mut Scratch,
+    ) {
         super::check_codes(codes, 16);
         let (q, mw) = (c.div_ceil(4), cols.len());
-        assert!(codes.len() == nr * c && quads.len() == q * m * 64 && out.len() == nr * mw && cols.end <= m);
+        assert!(codes.len() == nr * c && quads.len() == q * m * 64 && cols.end <= m);
         let nsb = nr.div_ceil(QR);
         let Scratch { acc, packed, .. } = s;
         // every byte is overwritten by `pack_quads`
@@ -1816,9 +1970,70 @@ mod x86 {
                 }
             }
         }
-        for (acc, out) in acc.chunks_exact(mw * QR).zip(out.chunks_mut(QR * mw)) {
-            // SAFETY: the caller guarantees AVX-512F.
-            unsafe { store_rows512(acc, QR, mw, out.len() / mw, out) };
+    }
+
+    /// [`store_rows512`] of one block's sums (`acc`: `[m][QR]`) as `nb` rows of `m` outputs
+    /// (row `i` of the block is row `r0 + i` of the residual) through `affine`: per 16 rows
+    /// and 16 outputs one transpose, then the epilogue on whole rows of 16 (the same separately
+    /// rounded operations as [`super::Affine::one`], which does the rows and outputs past the
+    /// last whole tile).
+    ///
+    /// # Safety
+    /// AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn store_affine512(
+        acc: &[i32],
+        m: usize,
+        nb: usize,
+        affine: super::Affine,
+        r0: usize,
+        out: &mut [std::mem::MaybeUninit<f32>],
+    ) {
+        assert!(nb <= QR && acc.len() == m * QR && out.len() == nb * m);
+        assert!(affine.scale.len() == m && affine.offset.len() == m);
+        if let Some(r) = affine.residual {
+            assert!(r.len() >= (r0 + nb) * m);
+        }
+        let (r16, m16) = (nb / 16 * 16, m / 16 * 16);
+        let zero = _mm512_setzero_ps();
+        for i0 in (0..r16).step_by(16) {
+            for m0 in (0..m16).step_by(16) {
+                // SAFETY: output m0 + i's rows i0 .. i0 + 16 lie in acc.
+                let v: [__m512i; 16] =
+                    std::array::from_fn(|i| unsafe { _mm512_loadu_si512(acc.as_ptr().add((m0 + i) * QR + i0).cast()) });
+                // SAFETY: AVX-512F; the scale and offset hold outputs m0 .. m0 + 16.
+                let (t, scale, offset) = unsafe {
+                    (
+                        crate::interp::kernels::transpose16_epi32(v),
+                        _mm512_loadu_ps(affine.scale.as_ptr().add(m0)),
+                        _mm512_loadu_ps(affine.offset.as_ptr().add(m0)),
+                    )
+                };
+                for (q, w) in t.into_iter().enumerate() {
+                    let mut y = _mm512_add_ps(_mm512_mul_ps(scale, _mm512_cvtepi32_ps(w)), offset);
+                    if let Some(r) = affine.residual {
+                        // SAFETY: row r0 + i0 + q's outputs m0 .. m0 + 16 lie in the residual.
+                        y = _mm512_add_ps(y, unsafe { _mm512_loadu_ps(r.as_ptr().add((r0 + i0 + q) * m + m0)) });
+                    }
+                    if affine.relu {
+                        // max(y, 0) returns its second operand when y is NaN or either zero
+                        y = _mm512_max_ps(y, zero);
+                    }
+                    let d = &mut out[(i0 + q) * m + m0..][..16];
+                    // SAFETY: d is 16 floats.
+                    unsafe { _mm512_storeu_ps(d.as_mut_ptr().cast(), y) };
+                }
+            }
+            for j in m16..m {
+                for i in i0..i0 + 16 {
+                    out[i * m + j].write(affine.one(r0 + i, j, acc[j * QR + i] as f32));
+                }
+            }
+        }
+        for i in r16..nb {
+            for j in 0..m {
+                out[i * m + j].write(affine.one(r0 + i, j, acc[j * QR + i] as f32));
+            }
         }
     }
 }
@@ -1975,7 +2190,15 @@ mod tests {
     fn then_splits_outputs_when_rows_are_few() {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
         let mut rng = Rng(12);
-        for (rows, c, m) in [(64, 256, 512), (40, 300, 200), (1, 1024, 1030), (64, 64, 64)] {
+        // m = 64 and 48 split into tiles of 32 (+ 16) outputs, the others into COL_TILEs
+        for (rows, c, m) in [
+            (64, 256, 512),
+            (40, 300, 200),
+            (1, 1024, 1030),
+            (64, 64, 64),
+            (49, 144, 64),
+            (64, 96, 48),
+        ] {
             let codes = random_codes(&mut rng, rows * c, 16);
             let tables = tables_i8(&mut rng, c * m * 16, Fill::Random);
             let want = naive_i8(&codes, rows, c, &tables, m, 16);
@@ -1990,6 +2213,82 @@ mod tests {
             });
             let want: Vec<i64> = want.iter().map(|&v| v as i64 + 1).collect();
             assert_eq!(got, want, "rows={rows} c={c} m={m}");
+        }
+    }
+
+    /// `lut_i8_affine` (on a VNNI CPU the kernel applies the epilogue as it stores its sums)
+    /// gives the bits of `Affine::one` over the exact sums: outputs and rows past whole tiles
+    /// of 16, several blocks of 64 rows and tasks, a residual from the right row, zeros of both
+    /// signs through the ReLU, one and two threads.
+    #[test]
+    fn affine_epilogue_gives_the_bits_of_its_scalar_form() {
+        let mut rng = Rng(21);
+        let val = |rng: &mut Rng| (rng.below(2001) as f32 - 1000.0) / 333.0;
+        for threads in [1, 2] {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            for (rows, c, m) in [
+                (1, 36, 16),
+                (15, 20, 16),
+                (49, 144, 64),
+                (64, 9, 20),
+                (100, 72, 48),
+                (300, 36, 70),
+                (1024, 36, 16),
+            ] {
+                let codes = random_codes(&mut rng, rows * c, 16);
+                let tables = tables_i8(&mut rng, c * m * 16, Fill::Random);
+                let sums = naive_i8(&codes, rows, c, &tables, m, 16);
+                let mut scale: Vec<f32> = (0..m).map(|_| val(&mut rng) / 100.0).collect();
+                let mut offset: Vec<f32> = (0..m).map(|_| val(&mut rng)).collect();
+                (scale[0], offset[0], scale[1], offset[1]) = (0.0, -0.0, -0.0, -0.0);
+                let residual: Vec<f32> = (0..rows * m).map(|_| val(&mut rng)).collect();
+                for relu in [false, true] {
+                    for res in [None, Some(&residual[..])] {
+                        let affine = Affine {
+                            scale: &scale,
+                            offset: &offset,
+                            residual: res,
+                            relu,
+                        };
+                        let want: Vec<u32> = (0..rows * m)
+                            .map(|i| affine.one(i / m, i % m, sums[i] as f32).to_bits())
+                            .collect();
+                        let mut y: Vec<f32> = Vec::with_capacity(rows * m);
+                        pool.install(|| {
+                            lut_i8_affine(
+                                &codes,
+                                rows,
+                                c,
+                                &tables,
+                                None,
+                                m,
+                                16,
+                                affine,
+                                y.spare_capacity_mut(),
+                                |r0, s, out| {
+                                    for (i, (o, &v)) in out.iter_mut().zip(s).enumerate() {
+                                        let at = r0 * m + i;
+                                        o.write(affine.one(at / m, at % m, v as f32));
+                                    }
+                                },
+                            )
+                        });
+                        // SAFETY: lut_i8_affine writes every value (else `want` differs).
+                        unsafe { y.set_len(rows * m) };
+                        let got: Vec<u32> = y.iter().map(|v| v.to_bits()).collect();
+                        if let Some(i) = (0..got.len()).find(|&i| got[i] != want[i]) {
+                            panic!(
+                                "{threads} threads rows={rows} c={c} m={m} relu={relu} residual={}: row {} output {}: {} != {}",
+                                res.is_some(),
+                                i / m,
+                                i % m,
+                                f32::from_bits(got[i]),
+                                f32::from_bits(want[i])
+                            );
+                        }
+                    }
+                }
+            }
         }
     }
 

@@ -14,7 +14,7 @@
 //! runs its loop in order.
 
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -47,7 +47,9 @@ struct Team {
     busy: AtomicBool,
     /// The slot's epoch, which helpers spin on.
     epoch: AtomicUsize,
-    next: AtomicUsize,
+    /// The tasks not yet claimed, `lo..hi` packed as `hi << 32 | lo`: the caller claims from
+    /// the front, the helpers from the back.
+    claim: AtomicU64,
     done: AtomicUsize,
     /// Helpers inside the current job (joined under the slot's lock, while the job is open).
     joined: AtomicUsize,
@@ -62,7 +64,7 @@ fn team() -> &'static Team {
     TEAM.get_or_init(|| Team {
         busy: AtomicBool::new(false),
         epoch: AtomicUsize::new(0),
-        next: AtomicUsize::new(0),
+        claim: AtomicU64::new(0),
         done: AtomicUsize::new(0),
         joined: AtomicUsize::new(0),
         panicked: AtomicBool::new(false),
@@ -78,7 +80,7 @@ fn team() -> &'static Team {
 pub fn for_each(n: usize, f: impl Fn(usize) + Sync) {
     let threads = threads();
     let t = team();
-    let inline = n < 2 || threads < 2 || t.busy.load(Ordering::Relaxed);
+    let inline = n < 2 || threads < 2 || n > u32::MAX as usize || t.busy.load(Ordering::Relaxed);
     if inline || !t.ensure(threads - 1) || t.busy.swap(true, Ordering::Acquire) {
         (0..n).for_each(f);
         return;
@@ -89,7 +91,7 @@ pub fn for_each(n: usize, f: impl Fn(usize) + Sync) {
     let body = Body(unsafe { std::mem::transmute::<&(dyn Fn(usize) + Sync), &'static (dyn Fn(usize) + Sync)>(body) });
     {
         let mut slot = t.slot.lock().unwrap_or_else(|e| e.into_inner());
-        t.next.store(0, Ordering::Relaxed);
+        t.claim.store((n as u64) << 32, Ordering::Relaxed);
         t.done.store(0, Ordering::Relaxed);
         slot.epoch += 1;
         slot.job = Some(Job {
@@ -102,7 +104,7 @@ pub fn for_each(n: usize, f: impl Fn(usize) + Sync) {
             t.wake.notify_all();
         }
     }
-    let mine = t.work(&f, n);
+    let mine = t.work(&f, n, false);
     wait_until(|| t.done.load(Ordering::Acquire) >= n);
     t.slot.lock().unwrap_or_else(|e| e.into_inner()).job = None;
     wait_until(|| t.joined.load(Ordering::Acquire) == 0);
@@ -197,17 +199,42 @@ pub fn alone<R>(f: impl FnOnce() -> R) -> R {
 impl Team {
     /// Claim and run tasks until none is left. Every task claimed is counted done, even one
     /// that panics (the caller waits for the count); the first panic's payload is returned.
-    fn work(&self, f: &(dyn Fn(usize) + Sync), n: usize) -> Option<Box<dyn std::any::Any + Send>> {
+    fn work(&self, f: &(dyn Fn(usize) + Sync), n: usize, from_back: bool) -> Option<Box<dyn std::any::Any + Send>> {
         let mut first = None;
         loop {
-            let i = self.next.fetch_add(1, Ordering::Relaxed);
-            if i >= n {
+            let Some(i) = self.claim_one(from_back) else {
                 return first;
-            }
+            };
+            debug_assert!(i < n);
             let r = catch_unwind(AssertUnwindSafe(|| f(i)));
             self.done.fetch_add(1, Ordering::Release);
             if let Err(p) = r {
                 first.get_or_insert(p);
+            }
+        }
+    }
+
+    /// The next unclaimed task from the front (the caller) or the back (a helper), if any.
+    /// From both ends, each thread runs a contiguous share of the tasks, the caller the first:
+    /// loops that split an image's rows the same way leave each band's data in the cache of
+    /// the core that wrote it (a claimed-in-turn order sends it between the cores).
+    fn claim_one(&self, from_back: bool) -> Option<usize> {
+        let mut s = self.claim.load(Ordering::Relaxed);
+        loop {
+            let (lo, hi) = (s & 0xffff_ffff, s >> 32);
+            if lo >= hi {
+                return None;
+            }
+            let (next, i) = match from_back {
+                false => (s + 1, lo),
+                true => (s - (1 << 32), hi - 1),
+            };
+            match self
+                .claim
+                .compare_exchange_weak(s, next, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => return Some(i as usize),
+                Err(now) => s = now,
             }
         }
     }
@@ -270,7 +297,7 @@ impl Team {
             if let Some((body, n)) = job {
                 // SAFETY: the caller keeps the body alive until `joined` is back to 0.
                 let f = unsafe { &*body.0 };
-                if self.work(f, n).is_some() {
+                if self.work(f, n, true).is_some() {
                     self.panicked.store(true, Ordering::Relaxed);
                 }
                 self.joined.fetch_sub(1, Ordering::Release);
@@ -307,6 +334,38 @@ mod tests {
                 }
             });
         }
+    }
+
+    /// With two threads each runs one contiguous share of the tasks, the caller's from task 0
+    /// (the caller claims from the front, the helper from the back).
+    #[test]
+    fn the_caller_runs_the_first_tasks_and_the_helper_the_last() {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        let n = 48;
+        // other tests may hold the team for a while: try until a helper takes part
+        for _ in 0..200 {
+            let on_helper: Vec<AtomicBool> = (0..n).map(|_| AtomicBool::new(false)).collect();
+            pool.install(|| {
+                for_each(n, |i| {
+                    std::thread::sleep(std::time::Duration::from_micros(20));
+                    let helper = std::thread::current()
+                        .name()
+                        .is_some_and(|t| t.starts_with("tabconv-team"));
+                    on_helper[i].store(helper, Ordering::Relaxed);
+                })
+            });
+            let on_helper: Vec<bool> = on_helper.iter().map(|h| h.load(Ordering::Relaxed)).collect();
+            let first = on_helper.iter().position(|&h| h).unwrap_or(n);
+            if first < n {
+                // (a caller descheduled for the whole loop may run none)
+                assert!(
+                    on_helper[first..].iter().all(|&h| h),
+                    "not one share each: {on_helper:?}"
+                );
+                return;
+            }
+        }
+        panic!("no task ran on a helper");
     }
 
     #[test]
