@@ -675,8 +675,9 @@ fn conv_nhwc(c: &crate::ir::op::Conv, mut args: Vec<Arc<Tensor>>, cache: Option<
     Tensor::f32(&shape, out)
 }
 
-/// A `LutMatMul`'s epilogue: `y = scale·sum + offset`, then `+ residual` and `max(·, 0)` when
-/// fused (the same operations, in the same order, as the separate `Add` and `Relu` nodes).
+/// A `LutMatMul`'s epilogue: `y = scale·sum + offset`, then `+ residual` and the ReLU
+/// ([`super::kernels::relu`]) when fused (the same operations, in the same order, as the
+/// separate `Add` and `Relu` nodes).
 struct LutEpilogue<'a> {
     scale: &'a [f32],
     offset: &'a [f32],
@@ -705,14 +706,7 @@ impl LutEpilogue<'_> {
         ) {
             assert_eq!(yr.len(), ar.len(), "one sum per output");
             let (scale, offset) = (&scale[..yr.len()], &offset[..yr.len()]);
-            // ReLU as `lut::Affine` has it: +0 for zeros of either sign and NaN
-            let act = |y: f32| {
-                if relu && y.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) {
-                    0.0
-                } else {
-                    y
-                }
-            };
+            let act = |y: f32| if relu { super::kernels::relu(y) } else { y };
             match residual {
                 Some(r) => {
                     let r = &r[..yr.len()];

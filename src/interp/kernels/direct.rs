@@ -253,7 +253,7 @@ impl Layout {
     #[inline(always)]
     fn act(&self, v: f32) -> f32 {
         match self.relu_cap {
-            Some(cap) => v.max(0.0).min(cap),
+            Some(cap) => super::relu(v).min(cap),
             None => v,
         }
     }
@@ -2849,7 +2849,7 @@ mod tests {
                         .iter()
                         .zip(&res)
                         .map(|(&v, &r)| if add { v + r } else { v })
-                        .map(|v| if relu { v.max(0.0) } else { v })
+                        .map(|v| if relu { crate::interp::kernels::relu(v) } else { v })
                         .map(|v| match cap {
                             Some(cap) if relu => v.min(cap),
                             _ => v,

@@ -209,12 +209,22 @@ pub fn lut_i8_then<T: Send>(
     epilogue: impl Fn(usize, &[i32], &mut [T]) + Sync,
 ) {
     check_shapes(codes.len(), rows, c, tables.len(), m, k, out.len());
-    let Some(call) = Call::new(LutKernel::detect(), rows, c, tables, quads, m, k) else {
-        if !out.is_empty() {
-            epilogue(0, &vec![0; out.len()], out);
-        }
-        return;
-    };
+    match Call::new(LutKernel::detect(), rows, c, tables, quads, m, k) {
+        Some(call) => then_with(&call, codes, rows, out, epilogue),
+        None if !out.is_empty() => epilogue(0, &vec![0; out.len()], out),
+        None => {}
+    }
+}
+
+/// [`lut_i8_then`] with its call made.
+fn then_with<T: Send>(
+    call: &Call,
+    codes: &[u8],
+    rows: usize,
+    out: &mut [T],
+    epilogue: impl Fn(usize, &[i32], &mut [T]) + Sync,
+) {
+    let (c, m) = (call.c, call.m);
     if call.split_cols(rows) {
         // Split the outputs instead of the rows: every task reads only its part of the tables,
         // once for all rows. Exact integer sums: the same result.
@@ -264,8 +274,8 @@ impl Affine<'_> {
         if let Some(r) = self.residual {
             y += r[i * m + j];
         }
-        match self.relu && y.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) {
-            true => 0.0,
+        match self.relu {
+            true => super::relu(y),
             false => y,
         }
     }
@@ -298,8 +308,14 @@ pub fn lut_i8_affine(
         affine.residual.is_none_or(|r| r.len() == rows * m),
         "lut: the residual is not rows × m"
     );
+    let Some(call) = Call::new(LutKernel::detect(), rows, c, tables, quads, m, k) else {
+        if !out.is_empty() {
+            epilogue(0, &vec![0; out.len()], out);
+        }
+        return;
+    };
     #[cfg(target_arch = "x86_64")]
-    if let Some(call) = Call::new(LutKernel::detect(), rows, c, tables, quads, m, k) {
+    {
         if call.kernel == LutKernel::Vnni && !call.split_cols(rows) {
             let task = |bi: usize, out: &mut [std::mem::MaybeUninit<f32>]| {
                 TASK.with_borrow_mut(|(scratch, _)| {
@@ -323,7 +339,7 @@ pub fn lut_i8_affine(
             return;
         }
     }
-    lut_i8_then(codes, rows, c, tables, quads, m, k, out, epilogue)
+    then_with(&call, codes, rows, out, epilogue)
 }
 
 /// One lookup call's kernel, tables and split into parallel blocks of rows.
@@ -564,7 +580,7 @@ pub fn lut_i8_rowwise_at(
         if m >= 256 {
             128
         } else {
-            col_tile(m)
+            col_tile(m).min(m)
         }
     } else {
         m

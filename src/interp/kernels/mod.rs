@@ -116,6 +116,18 @@ pub(crate) unsafe fn transpose16_epi32(r: [std::arch::x86_64::__m512i; 16]) -> [
 /// 1 takes (LeNet's layers are each under 0.2 M multiply-adds).
 pub const PAR_WORK: usize = 1 << 18;
 
+/// ReLU as every kernel computes it: `v` when `v > 0`, else `+0` (NaN and zeros of either sign
+/// included), which is what `vmaxps(v, 0)` returns; `f32::max` leaves the sign of a zero
+/// unspecified, so paths and SIMD levels could differ on it.
+#[inline(always)]
+pub fn relu(v: f32) -> f32 {
+    if v > 0.0 {
+        v
+    } else {
+        0.0
+    }
+}
+
 /// The least number of chunks of `per_chunk` work each a parallel job should take (rayon's
 /// `with_min_len`), so no job holds less than [`PAR_WORK`] and a small call is not split at all.
 pub fn min_chunks(per_chunk: usize) -> usize {

@@ -215,7 +215,8 @@ impl Team {
     }
 
     /// The next unclaimed task from the front (the caller) or the back (a helper), if any.
-    /// From both ends, each thread runs a contiguous share of the tasks, the caller the first:
+    /// From both ends, two threads each run a contiguous share of the tasks, the caller the
+    /// first (with more, the helpers interleave among themselves in the back part):
     /// loops that split an image's rows the same way leave each band's data in the cache of
     /// the core that wrote it (a claimed-in-turn order sends it between the cores).
     fn claim_one(&self, from_back: bool) -> Option<usize> {
