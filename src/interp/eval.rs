@@ -161,7 +161,7 @@ pub fn eval_op_cached(op: &Op, mut args: Vec<Arc<Tensor>>, cache: Option<&Cache>
                     bail!("the residual has {} values, the output {}", r.len(), rows * m);
                 }
             }
-            let epi = LutEpilogue {
+            let epi = lut::Affine {
                 scale: &scale[..m],
                 offset: &offset[..m],
                 residual: residual.as_deref(),
@@ -199,26 +199,8 @@ pub fn eval_op_cached(op: &Op, mut args: Vec<Arc<Tensor>>, cache: Option<&Cache>
                         let mut y = Vec::with_capacity(rows * m);
                         let quads = lut::wants_quads(k).then(|| tables.quads.get_or_init(|| lut::quad_tables(t, c, m)));
                         let quads = quads.map(|q| &q[..]);
-                        let affine = lut::Affine {
-                            scale: epi.scale,
-                            offset: epi.offset,
-                            residual: epi.residual,
-                            relu: epi.relu,
-                        };
-                        lut::lut_i8_affine(
-                            codes,
-                            rows,
-                            c,
-                            t,
-                            quads,
-                            m,
-                            k,
-                            affine,
-                            y.spare_capacity_mut(),
-                            |r0, acc, out| epi.apply(r0, acc, out),
-                        );
-                        // SAFETY: `lut_i8_affine` writes every one of the first `rows · m` values,
-                        // or hands every block of them to the epilogue, which writes each.
+                        lut::lut_i8_affine(codes, rows, c, t, quads, m, k, epi, y.spare_capacity_mut());
+                        // SAFETY: `lut_i8_affine` writes every one of the first `rows · m` values.
                         unsafe { y.set_len(rows * m) };
                         y
                     }
@@ -673,80 +655,6 @@ fn conv_nhwc(c: &crate::ir::op::Conv, mut args: Vec<Arc<Tensor>>, cache: Option<
     let simd = super::kernels::Simd::detect();
     let (out, shape) = direct::conv_nhwc(&x, [n, h, w, ch], &prep.weights, &prep.conv, epi, simd)?;
     Tensor::f32(&shape, out)
-}
-
-/// A `LutMatMul`'s epilogue: `y = scale·sum + offset`, then `+ residual` and the ReLU
-/// ([`super::kernels::relu`]) when fused (the same operations, in the same order, as the
-/// separate `Add` and `Relu` nodes).
-struct LutEpilogue<'a> {
-    scale: &'a [f32],
-    offset: &'a [f32],
-    residual: Option<&'a [f32]>,
-    relu: bool,
-}
-
-impl LutEpilogue<'_> {
-    /// Rows `r0 ..` of sums → their outputs, every value of `out` written (it may be
-    /// uninitialised). One pass per row, compiled for the widest SIMD level: the same separately
-    /// rounded multiply and adds on every level (the compiler does not fuse them).
-    fn apply<S: LutSum>(&self, r0: usize, sums: &[S], out: &mut [std::mem::MaybeUninit<f32>]) {
-        super::kernels::encode::dispatch_simd!(self.apply_at(r0, sums, out))
-    }
-
-    #[inline(always)]
-    fn apply_at<S: LutSum>(&self, r0: usize, sums: &[S], out: &mut [std::mem::MaybeUninit<f32>]) {
-        let m = self.scale.len().max(1);
-        #[inline(always)]
-        fn row<S: LutSum>(
-            yr: &mut [std::mem::MaybeUninit<f32>],
-            ar: &[S],
-            (scale, offset): (&[f32], &[f32]),
-            residual: Option<&[f32]>,
-            relu: bool,
-        ) {
-            assert_eq!(yr.len(), ar.len(), "one sum per output");
-            let (scale, offset) = (&scale[..yr.len()], &offset[..yr.len()]);
-            let act = |y: f32| if relu { super::kernels::relu(y) } else { y };
-            match residual {
-                Some(r) => {
-                    let r = &r[..yr.len()];
-                    for i in 0..yr.len() {
-                        yr[i].write(act(scale[i] * ar[i].to_f32() + offset[i] + r[i]));
-                    }
-                }
-                None => {
-                    for i in 0..yr.len() {
-                        yr[i].write(act(scale[i] * ar[i].to_f32() + offset[i]));
-                    }
-                }
-            }
-        }
-        for (ri, (yr, ar)) in out.chunks_mut(m).zip(sums.chunks(m)).enumerate() {
-            let base = (r0 + ri) * m;
-            let residual = self.residual.map(|r| &r[base..base + yr.len()]);
-            match self.relu {
-                true => row(yr, ar, (self.scale, self.offset), residual, true),
-                false => row(yr, ar, (self.scale, self.offset), residual, false),
-            }
-        }
-    }
-}
-
-/// What a lookup kernel sums into: i32 (int8 tables) or f32.
-trait LutSum: Copy {
-    fn to_f32(self) -> f32;
-}
-impl LutSum for i32 {
-    #[inline(always)]
-    fn to_f32(self) -> f32 {
-        self as f32
-    }
-}
-impl LutSum for f32 {
-    #[inline(always)]
-    fn to_f32(self) -> f32 {
-        self
-    }
 }
 
 /// A `LutMatMul` node's int8 tables in the layouts its kernels read, each built on first use
@@ -1671,11 +1579,10 @@ mod tests {
     fn lut_epilogue_computes_scale_offset_residual_relu_in_order() {
         let (rows, m, r0) = (7, 37, 3);
         let v = |i: usize, k: usize| (((i * 7919 + k * 104_729) % 2001) as f32 - 1000.0) / 37.0;
-        let scale: Vec<f32> = (0..m).map(|i| v(i, 1) / 50.0).collect();
+        let mut scale: Vec<f32> = (0..m).map(|i| v(i, 1) / 50.0).collect();
         let mut offset: Vec<f32> = (0..m).map(|i| v(i, 2)).collect();
         // zeros of both signs: a negative zero out of the sums (0 · negative sum − 0) that the
         // ReLU makes +0
-        let mut scale = scale;
         (scale[1], offset[1], scale[2], offset[2]) = (0.0, -0.0, -0.0, 0.0);
         let residual: Vec<f32> = (0..(r0 + rows) * m).map(|i| v(i, 3)).collect();
         let sums: Vec<i32> = (0..rows * m).map(|i| v(i, 4) as i32 * 13).collect();
@@ -1683,7 +1590,7 @@ mod tests {
         let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
         for relu in [false, true] {
             for res in [None, Some(&residual[..])] {
-                let epi = LutEpilogue {
+                let epi = lut::Affine {
                     scale: &scale,
                     offset: &offset,
                     residual: res,

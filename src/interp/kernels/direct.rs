@@ -528,22 +528,30 @@ pub fn conv_nhwc(
     // L2 (on a 512 KB L2 the layer ran slower on two threads than on one).
     let input_len = if padded { n * image } else { x.len() };
     let weighty = wts.data.len() > input_len && nb.is_multiple_of(threads);
+    // The team's tasks. By tiles: one run of consecutive tiles per thread (on a Zen 1 at batch
+    // 1, ResNet-18/16's layer1, 32×32 pixels, 16 channels, tasks of 8 tiles claimed in turn took
+    // 0.077 ms on two threads and halves 0.062, 0.115 ms on one; each thread reads only its
+    // part of the map). Fewer tiles than threads (a deep layer at batch 1), or weights larger
+    // than the input: shares of the output channel blocks. Else one task of everything.
     let by_tiles = threads > 1 && big && tiles >= threads && !weighty;
-    if padded && n == 1 && threads > 1 && big && (by_tiles || nb > 1) {
+    let per = tiles.div_ceil(threads);
+    let parts = match by_tiles {
+        true => tiles.div_ceil(per),
+        false if threads > 1 && big && nb > 1 => threads.min(nb),
+        false => 1,
+    };
+    let task = |k: usize| match by_tiles {
+        true => ((k * per, ((k + 1) * per).min(tiles)), 0..nb),
+        false => ((0, tiles), k * nb / parts..(k + 1) * nb / parts),
+    };
+    if padded && n == 1 && parts > 1 {
         // One image on the team: each task pads the rows its tiles read (all of them when it
         // takes a share of the channel blocks) into its thread's scratch, so there is no
         // padding before the loop (on one thread, or in a loop of its own) and each thread
         // reads its padded rows from its own cache.
-        let (per, parts) = match by_tiles {
-            true => (tiles.div_ceil(threads), tiles.div_ceil(tiles.div_ceil(threads))),
-            false => (tiles, threads.min(nb)),
-        };
         let extent = conv.window.extent(0);
         super::team::for_each(parts, |k| {
-            let (t, blocks) = match by_tiles {
-                true => ((k * per, ((k + 1) * per).min(tiles)), 0..nb),
-                false => ((0, tiles), k * nb / parts..(k + 1) * nb / parts),
-            };
+            let (t, blocks) = task(k);
             // the padded rows of output rows y0..=y1
             let (y0, y1) = (t.0 * r / ow, ((t.1 * r).min(pixels) - 1) / ow);
             let rows = y0 * sh..(y1 * sh + extent).min(frame.hp);
@@ -559,28 +567,12 @@ pub fn conv_nhwc(
                 run(&scratch[..image], 0, (0, pixels), t, blocks);
             });
         });
-        // SAFETY: every tile (so every pixel) of every channel block was computed above.
-        return Ok((unsafe { out.finish(pixels * m) }, [n, oh, ow, m]));
-    }
-    let xdata = pad_input(x, xshape, &frame);
-    let xdata: &[f32] = &xdata;
-    if by_tiles {
-        // One run of consecutive tiles per thread: on a Zen 1 at batch 1 (ResNet-18/16's layer1,
-        // 32×32 pixels, 16 channels) tasks of 8 tiles claimed in turn took 0.077 ms on two
-        // threads and halves 0.062 (0.115 ms on one); each thread reads only its part of the map.
-        let per = tiles.div_ceil(threads);
-        super::team::for_each(tiles.div_ceil(per), |k| {
-            run(xdata, 0, (0, pixels), (k * per, ((k + 1) * per).min(tiles)), 0..nb)
-        });
-    } else if threads > 1 && big && nb > 1 {
-        // fewer tiles than threads (a deep layer at batch 1), or weights larger than the
-        // input: split the output channel blocks
-        let parts = threads.min(nb);
-        super::team::for_each(parts, |p| {
-            run(xdata, 0, (0, pixels), (0, tiles), p * nb / parts..(p + 1) * nb / parts)
-        });
     } else {
-        run(xdata, 0, (0, pixels), (0, tiles), 0..nb);
+        let xdata = pad_input(x, xshape, &frame);
+        super::team::for_each(parts, |k| {
+            let (t, blocks) = task(k);
+            run(&xdata, 0, (0, pixels), t, blocks)
+        });
     }
     // SAFETY: every tile (so every pixel) was computed above.
     Ok((unsafe { out.finish(pixels * m) }, [n, oh, ow, m]))
@@ -2824,10 +2816,10 @@ mod tests {
             // one thread splits the batch into other groups and tasks, two threads pad a single
             // image's rows in each task: the same bits
             for pool in [&one, &two] {
-                let (alone, _) = pool
+                let (got, _) = pool
                     .install(|| conv_nhwc(&xn, [n, h, w, c], &packed, &cv, Epilogue::default(), Simd::Scalar))
                     .unwrap();
-                assert!(alone.iter().zip(&scalar).all(|(a, b)| a.to_bits() == b.to_bits()));
+                assert!(got.iter().zip(&scalar).all(|(a, b)| a.to_bits() == b.to_bits()));
             }
             let res: Vec<f32> = (0..scalar.len()).map(|_| rng.next_f64() as f32 - 0.5).collect();
             capped += scalar.iter().filter(|&&v| v > 0.3).count();

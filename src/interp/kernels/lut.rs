@@ -224,7 +224,7 @@ fn then_with<T: Send>(
     out: &mut [T],
     epilogue: impl Fn(usize, &[i32], &mut [T]) + Sync,
 ) {
-    let (c, m) = (call.c, call.m);
+    let m = call.m;
     if call.split_cols(rows) {
         // Split the outputs instead of the rows: every task reads only its part of the tables,
         // once for all rows. Exact integer sums: the same result.
@@ -236,21 +236,13 @@ fn then_with<T: Send>(
         epilogue(0, &sums, out);
         return;
     }
-    let task = |bi: usize, out: &mut [T]| {
+    call.each_block(rows, out, |bi, out| {
         TASK.with_borrow_mut(|(scratch, sums)| {
             sums.resize(out.len(), 0);
             call.block(codes, bi, sums, scratch);
             epilogue(bi * call.par_rows, sums, out);
         })
-    };
-    if rows * c * m < super::PAR_WORK {
-        // too little to hand over
-        out.chunks_mut(call.par_rows * m)
-            .enumerate()
-            .for_each(|(bi, out)| task(bi, out));
-    } else {
-        super::team::for_chunks(out, call.par_rows * m, task);
-    }
+    });
 }
 
 /// The affine epilogue of a lookup layer: output `j` of row `i` is
@@ -279,13 +271,76 @@ impl Affine<'_> {
             false => y,
         }
     }
+
+    /// Rows `r0 ..` of sums → their outputs, every value of `out` written (it may be
+    /// uninitialised): [`Affine::one`] in one pass per row, compiled for the widest SIMD level
+    /// (the same separately rounded multiply and adds on every level: the compiler does not
+    /// fuse them).
+    pub fn apply<S: LutSum>(&self, r0: usize, sums: &[S], out: &mut [std::mem::MaybeUninit<f32>]) {
+        super::encode::dispatch_simd!(self.apply_at(r0, sums, out))
+    }
+
+    #[inline(always)]
+    fn apply_at<S: LutSum>(&self, r0: usize, sums: &[S], out: &mut [std::mem::MaybeUninit<f32>]) {
+        let m = self.scale.len().max(1);
+        #[inline(always)]
+        fn row<S: LutSum>(
+            yr: &mut [std::mem::MaybeUninit<f32>],
+            ar: &[S],
+            (scale, offset): (&[f32], &[f32]),
+            residual: Option<&[f32]>,
+            relu: bool,
+        ) {
+            assert_eq!(yr.len(), ar.len(), "one sum per output");
+            let (scale, offset) = (&scale[..yr.len()], &offset[..yr.len()]);
+            let act = |y: f32| if relu { super::relu(y) } else { y };
+            match residual {
+                Some(r) => {
+                    let r = &r[..yr.len()];
+                    for i in 0..yr.len() {
+                        yr[i].write(act(scale[i] * ar[i].to_f32() + offset[i] + r[i]));
+                    }
+                }
+                None => {
+                    for i in 0..yr.len() {
+                        yr[i].write(act(scale[i] * ar[i].to_f32() + offset[i]));
+                    }
+                }
+            }
+        }
+        for (ri, (yr, ar)) in out.chunks_mut(m).zip(sums.chunks(m)).enumerate() {
+            let base = (r0 + ri) * m;
+            let residual = self.residual.map(|r| &r[base..base + yr.len()]);
+            match self.relu {
+                true => row(yr, ar, (self.scale, self.offset), residual, true),
+                false => row(yr, ar, (self.scale, self.offset), residual, false),
+            }
+        }
+    }
 }
 
-/// [`lut_i8_then`] whose epilogue is `affine` (`epilogue` is the same function over a block of
-/// sums): the VNNI kernel applies it to its sums while it transposes them into rows, with no
-/// `rows × m` array of i32 sums written and read back (on ResNet-18/16 at batch 1 storing the
-/// sums and the epilogue's pass over them took a quarter of the time); the other kernels call
-/// `epilogue`.
+/// What a lookup kernel sums into: i32 (int8 tables) or f32.
+pub trait LutSum: Copy {
+    fn to_f32(self) -> f32;
+}
+impl LutSum for i32 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self as f32
+    }
+}
+impl LutSum for f32 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
+/// [`lut_i8_then`] with `affine` as its epilogue, writing every output: the VNNI kernel applies
+/// it to its sums while it transposes them into rows, with no `rows × m` array of i32 sums
+/// written and read back (on ResNet-18/16 at batch 1 storing the sums and the epilogue's pass
+/// over them took a quarter of the time); the other kernels hand each block of sums to
+/// [`Affine::apply`].
 #[allow(clippy::too_many_arguments)]
 pub fn lut_i8_affine(
     codes: &[u8],
@@ -297,7 +352,6 @@ pub fn lut_i8_affine(
     k: usize,
     affine: Affine,
     out: &mut [std::mem::MaybeUninit<f32>],
-    epilogue: impl Fn(usize, &[i32], &mut [std::mem::MaybeUninit<f32>]) + Sync,
 ) {
     check_shapes(codes.len(), rows, c, tables.len(), m, k, out.len());
     assert!(
@@ -308,6 +362,7 @@ pub fn lut_i8_affine(
         affine.residual.is_none_or(|r| r.len() == rows * m),
         "lut: the residual is not rows × m"
     );
+    let epilogue = |r0: usize, sums: &[i32], out: &mut [std::mem::MaybeUninit<f32>]| affine.apply(r0, sums, out);
     let Some(call) = Call::new(LutKernel::detect(), rows, c, tables, quads, m, k) else {
         if !out.is_empty() {
             epilogue(0, &vec![0; out.len()], out);
@@ -315,29 +370,18 @@ pub fn lut_i8_affine(
         return;
     };
     #[cfg(target_arch = "x86_64")]
-    {
-        if call.kernel == LutKernel::Vnni && !call.split_cols(rows) {
-            let task = |bi: usize, out: &mut [std::mem::MaybeUninit<f32>]| {
-                TASK.with_borrow_mut(|(scratch, _)| {
-                    let quads = call.quads.as_deref().expect("built for the VNNI kernel");
-                    let r0 = bi * call.par_rows;
-                    let nr = out.len() / m;
-                    // SAFETY: `Call::new` asserted `kernel.supported()` (AVX2, AVX-512F/BW, VBMI,
-                    // VNNI); the shapes were checked above.
-                    unsafe {
-                        x86::vnni_affine(&codes[r0 * c..(r0 + nr) * c], nr, c, quads, m, affine, r0, out, scratch)
-                    }
-                })
-            };
-            if rows * c * m < super::PAR_WORK {
-                out.chunks_mut(call.par_rows * m)
-                    .enumerate()
-                    .for_each(|(bi, out)| task(bi, out));
-            } else {
-                super::team::for_chunks(out, call.par_rows * m, task);
-            }
-            return;
-        }
+    if call.kernel == LutKernel::Vnni && !call.split_cols(rows) {
+        call.each_block(rows, out, |bi, out| {
+            TASK.with_borrow_mut(|(scratch, _)| {
+                let quads = call.quads.as_deref().expect("built for the VNNI kernel");
+                let r0 = bi * call.par_rows;
+                let nr = out.len() / m;
+                // SAFETY: `Call::new` asserted `kernel.supported()` (AVX2, AVX-512F/BW, VBMI,
+                // VNNI); the shapes were checked above.
+                unsafe { x86::vnni_affine(&codes[r0 * c..(r0 + nr) * c], nr, c, quads, m, affine, r0, out, scratch) }
+            })
+        });
+        return;
     }
     then_with(&call, codes, rows, out, epilogue)
 }
@@ -423,6 +467,18 @@ impl<'a> Call<'a> {
             quads,
             par_rows,
         })
+    }
+
+    /// `task(bi, out)` for every block `bi` of rows (`out`: its outputs), on the team when the
+    /// call is worth a hand-off, else in order on this thread.
+    fn each_block<T: Send>(&self, rows: usize, out: &mut [T], task: impl Fn(usize, &mut [T]) + Sync) {
+        let chunk = self.par_rows * self.m;
+        if rows * self.c * self.m < super::PAR_WORK {
+            // too little to hand over
+            out.chunks_mut(chunk).enumerate().for_each(|(bi, out)| task(bi, out));
+        } else {
+            super::team::for_chunks(out, chunk, task);
+        }
     }
 
     /// The sums of block `bi` of rows into `out` (`rows_in_block × m`, every value written).
@@ -2232,8 +2288,8 @@ mod tests {
         }
     }
 
-    /// `lut_i8_affine` (on a VNNI CPU the kernel applies the epilogue as it stores its sums)
-    /// gives the bits of `Affine::one` over the exact sums: outputs and rows past whole tiles
+    /// `lut_i8_affine` (on a VNNI CPU the kernel applies the epilogue as it stores its sums,
+    /// elsewhere `Affine::apply` per block) gives the bits of `Affine::one` over the exact sums: outputs and rows past whole tiles
     /// of 16, several blocks of 64 rows and tasks, a residual from the right row, zeros of both
     /// signs through the ReLU, one and two threads.
     #[test]
@@ -2271,23 +2327,7 @@ mod tests {
                             .collect();
                         let mut y: Vec<f32> = Vec::with_capacity(rows * m);
                         pool.install(|| {
-                            lut_i8_affine(
-                                &codes,
-                                rows,
-                                c,
-                                &tables,
-                                None,
-                                m,
-                                16,
-                                affine,
-                                y.spare_capacity_mut(),
-                                |r0, s, out| {
-                                    for (i, (o, &v)) in out.iter_mut().zip(s).enumerate() {
-                                        let at = r0 * m + i;
-                                        o.write(affine.one(at / m, at % m, v as f32));
-                                    }
-                                },
-                            )
+                            lut_i8_affine(&codes, rows, c, &tables, None, m, 16, affine, y.spare_capacity_mut())
                         });
                         // SAFETY: lut_i8_affine writes every value (else `want` differs).
                         unsafe { y.set_len(rows * m) };

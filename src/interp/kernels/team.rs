@@ -30,7 +30,6 @@ unsafe impl Send for Body {}
 
 struct Job {
     body: Body,
-    n: usize,
     /// Helpers `0..helpers` take part (the caller's pool may be smaller than the team).
     helpers: usize,
 }
@@ -96,7 +95,6 @@ pub fn for_each(n: usize, f: impl Fn(usize) + Sync) {
         slot.epoch += 1;
         slot.job = Some(Job {
             body,
-            n,
             helpers: threads - 1,
         });
         t.epoch.store(slot.epoch, Ordering::Release);
@@ -104,7 +102,7 @@ pub fn for_each(n: usize, f: impl Fn(usize) + Sync) {
             t.wake.notify_all();
         }
     }
-    let mine = t.work(&f, n, false);
+    let mine = t.work(&f, false);
     wait_until(|| t.done.load(Ordering::Acquire) >= n);
     t.slot.lock().unwrap_or_else(|e| e.into_inner()).job = None;
     wait_until(|| t.joined.load(Ordering::Acquire) == 0);
@@ -199,13 +197,12 @@ pub fn alone<R>(f: impl FnOnce() -> R) -> R {
 impl Team {
     /// Claim and run tasks until none is left. Every task claimed is counted done, even one
     /// that panics (the caller waits for the count); the first panic's payload is returned.
-    fn work(&self, f: &(dyn Fn(usize) + Sync), n: usize, from_back: bool) -> Option<Box<dyn std::any::Any + Send>> {
+    fn work(&self, f: &(dyn Fn(usize) + Sync), from_back: bool) -> Option<Box<dyn std::any::Any + Send>> {
         let mut first = None;
         loop {
             let Some(i) = self.claim_one(from_back) else {
                 return first;
             };
-            debug_assert!(i < n);
             let r = catch_unwind(AssertUnwindSafe(|| f(i)));
             self.done.fetch_add(1, Ordering::Release);
             if let Err(p) = r {
@@ -290,15 +287,15 @@ impl Team {
                 match &slot.job {
                     Some(j) if id < j.helpers => {
                         self.joined.fetch_add(1, Ordering::Relaxed);
-                        Some((j.body, j.n))
+                        Some(j.body)
                     }
                     _ => None,
                 }
             };
-            if let Some((body, n)) = job {
+            if let Some(body) = job {
                 // SAFETY: the caller keeps the body alive until `joined` is back to 0.
                 let f = unsafe { &*body.0 };
-                if self.work(f, n, true).is_some() {
+                if self.work(f, true).is_some() {
                     self.panicked.store(true, Ordering::Relaxed);
                 }
                 self.joined.fetch_sub(1, Ordering::Release);
@@ -310,7 +307,6 @@ impl Team {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::AtomicU64;
 
     #[test]
     fn every_index_runs_once_at_every_pool_size() {
