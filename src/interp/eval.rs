@@ -8,6 +8,7 @@ use crate::ir::op::{Encoder, Gemm, Op};
 use crate::ir::tensor::dispatch;
 use crate::ir::{DType, Tensor};
 use ndarray::{ArrayD, IxDyn};
+use std::mem::MaybeUninit;
 use std::sync::Arc;
 
 /// Take ownership of a tensor, copying only if it is still shared.
@@ -909,12 +910,20 @@ fn gather_taps(
     crate::limits::check_shape(&[n, oh, ow, kh, kw, g], 1, "PQEncode pixel codes")?;
     crate::limits::check_shape(&[oh.max(ow), kh.max(kw)], 16, "PQEncode tap tables")?;
     let row = kh * kw * g;
-    let mut out = vec![0u8; n * oh * ow * row];
+    let len = n * oh * ow * row;
     let shape = [n, oh * ow, row];
-    if out.is_empty() {
+    if len == 0 {
         return Ok(Tensor::U8(
-            ArrayD::from_shape_vec(IxDyn(&shape), out).expect("codes size"),
+            ArrayD::from_shape_vec(IxDyn(&shape), Vec::new()).expect("codes size"),
         ));
+    }
+    // every byte is written below (`Taps::rows`), so the codes need no zeroing (which took a
+    // fifth of the gather on ResNet-18 w64); debug builds (the tests) fill them first with a
+    // value no code of 16 prototypes takes, so a byte left unwritten shows
+    let mut out = Vec::with_capacity(len);
+    if cfg!(debug_assertions) {
+        out.resize(len, UNWRITTEN);
+        out.clear();
     }
     // each output row's and column's tap sources, the same for every image (None: outside)
     let axis = |a: usize, n_out: usize, k: usize, len: usize| -> Vec<Option<usize>> {
@@ -957,21 +966,33 @@ fn gather_taps(
     };
     // bands of about 1024 copies (a few microseconds), each worth a hand-off
     let band = 1024usize.div_ceil(ow * kh);
-    super::kernels::team::for_bands(&mut out, oh, ow * row, band, |img, oy0, dst| {
-        let src = &codes[img * h * wd * g..(img + 1) * h * wd * g];
-        // the usual runs (3 taps of 4-32 codes) copied in moves of a known size
-        match kw * g {
-            12 => t.rows::<12>(src, oy0, dst),
-            24 => t.rows::<24>(src, oy0, dst),
-            48 => t.rows::<48>(src, oy0, dst),
-            96 => t.rows::<96>(src, oy0, dst),
-            _ => t.rows::<0>(src, oy0, dst),
-        }
-    });
+    super::kernels::team::for_bands(
+        &mut out.spare_capacity_mut()[..len],
+        oh,
+        ow * row,
+        band,
+        |img, oy0, dst| {
+            let src = &codes[img * h * wd * g..(img + 1) * h * wd * g];
+            // the usual runs (3 taps of 4-32 codes) copied in moves of a known size
+            match kw * g {
+                12 => t.rows::<12>(src, oy0, dst),
+                24 => t.rows::<24>(src, oy0, dst),
+                48 => t.rows::<48>(src, oy0, dst),
+                96 => t.rows::<96>(src, oy0, dst),
+                _ => t.rows::<0>(src, oy0, dst),
+            }
+        },
+    );
+    // SAFETY: `for_bands` hands out every row of every image, and `Taps::rows` writes each byte
+    // of its rows (every kernel row of every output pixel: a run, a zero run, or tap by tap).
+    unsafe { out.set_len(len) };
     Ok(Tensor::U8(
         ArrayD::from_shape_vec(IxDyn(&shape), out).expect("codes size"),
     ))
 }
+
+/// What a debug build's gather fills its codes with before writing them.
+const UNWRITTEN: u8 = 0xA5;
 
 /// The tap tables of [`gather_taps`].
 struct Taps<'a> {
@@ -998,13 +1019,13 @@ impl Taps<'_> {
     /// The codes of output rows `oy0..` of one image (`dst`, whole rows) from its input pixels'
     /// codes `src`; `R`: the length of a kernel row's run (`kw·g`) when known, else 0.
     #[inline(always)]
-    fn rows<const R: usize>(&self, src: &[u8], oy0: usize, dst: &mut [u8]) {
+    fn rows<const R: usize>(&self, src: &[u8], oy0: usize, dst: &mut [MaybeUninit<u8>]) {
         let (g, kw, kh, wd) = (self.g, self.kw, self.kh, self.wd);
         let run = if R > 0 { R } else { kw * g };
         let row = kh * run;
-        let copy = |d: &mut [u8], s: &[u8]| match R {
+        let copy = |d: &mut [MaybeUninit<u8>], s: &[u8]| match R {
             0 => copy_codes(d, &s[..d.len()]),
-            _ => d[..R].copy_from_slice(&s[..R]),
+            _ => copy_codes(&mut d[..R], &s[..R]),
         };
         let ow = self.runs.len();
         for (o, oy) in dst.chunks_exact_mut(row * ow).zip(oy0..) {
@@ -1022,7 +1043,15 @@ impl Taps<'_> {
                 // `(y·wd + x)·g .. (y·wd + x + kw)·g` with `x + kw ≤ wd` and `y < h`
                 assert!(starts.iter().all(|s| s + (hi - lo - 1) * step + R <= src.len()));
                 // SAFETY: the reads as just checked; `o` holds the `hi - lo` pixels from `lo`.
-                unsafe { interior::<R, 3>(src.as_ptr(), starts, step, o[lo * row..hi * row].as_mut_ptr(), hi - lo) };
+                unsafe {
+                    interior::<R, 3>(
+                        src.as_ptr(),
+                        starts,
+                        step,
+                        o[lo * row..hi * row].as_mut_ptr().cast(),
+                        hi - lo,
+                    )
+                };
             }
             let edges = (0..lo).chain(hi.max(lo)..ow);
             for ox in edges {
@@ -1071,15 +1100,21 @@ unsafe fn interior<const R: usize, const KH: usize>(
 /// `dst.copy_from_slice(src)` for the few bytes of a tap's or a kernel row's codes, in fixed-size
 /// moves (two overlapping ones when the length is not a multiple) instead of a `memcpy` call.
 #[inline(always)]
-fn copy_codes(dst: &mut [u8], src: &[u8]) {
+fn copy_codes(dst: &mut [MaybeUninit<u8>], src: &[u8]) {
     let n = dst.len();
     assert_eq!(n, src.len(), "as many codes as places");
     #[inline(always)]
-    fn mv<const B: usize>(dst: &mut [u8], src: &[u8], at: usize) {
-        dst[at..at + B].copy_from_slice(&src[at..at + B]);
+    fn mv<const B: usize>(dst: &mut [MaybeUninit<u8>], src: &[u8], at: usize) {
+        let (d, s) = (&mut dst[at..at + B], &src[at..at + B]);
+        // SAFETY: both slices hold `B` bytes (checked by the indexing), in distinct buffers.
+        unsafe { std::ptr::copy_nonoverlapping(s.as_ptr(), d.as_mut_ptr().cast::<u8>(), B) };
     }
     match n {
-        0..4 => dst.copy_from_slice(src),
+        0..4 => {
+            for (d, &s) in dst.iter_mut().zip(src) {
+                d.write(s);
+            }
+        }
         4..8 => {
             mv::<4>(dst, src, 0);
             mv::<4>(dst, src, n - 4);
