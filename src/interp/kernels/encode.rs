@@ -1196,12 +1196,13 @@ mod x86 {
     }
 
     /// [`super::argmin_tile`] of every codebook at once, for 16 prototypes of `S` values per
-    /// codebook (`c_n` codebooks tiling the row): per codebook the 16 prototypes' sums in 16
-    /// registers (the same products and sums, in the same order), then the argmin in four
-    /// chains of four prototypes merged pairwise, the later chain taken only when strictly
-    /// nearer. A chain keeps the first of its nearest prototypes below infinity (NaN and
-    /// infinite distances never win, as in the sequential scan), so the merges give the
-    /// sequential scan's code; its chains are four compares long instead of sixteen. The codes
+    /// codebook (`c_n` codebooks tiling the row): the argmin in four chains of four prototypes
+    /// (chain `q`: prototypes `4q .. 4q + 4` in order), advanced together one prototype per
+    /// step (four independent sums per step, the same products and sums in the same order as
+    /// the portable tile), then merged pairwise, the later chain taken only when strictly
+    /// nearer. A chain keeps the first of its nearest prototypes below +∞ (NaN and +∞ distances
+    /// never win, −∞ does, as in the sequential scan), so the merges give the sequential
+    /// scan's code; its chains are four compares long instead of sixteen. The codes
     /// of 16 codebooks are transposed in registers and stored a row's run at a time (`out`:
     /// `rows` rows of `c_n` codes). On ResNet-18 w64's 1×1 `layer4` encoders (16 rows, 128
     /// codebooks of 4 values) one codebook per call took about 9 µs.
@@ -1228,12 +1229,10 @@ mod x86 {
             for (q, code) in codes.iter_mut().enumerate().take(cn) {
                 let c = c0 + q;
                 let x: [__m512; S] = std::array::from_fn(|j| _mm512_loadu_ps(xp.add(c * S + j).cast()));
-                // chain q takes prototypes 4q .. 4q + 4 in order; each step advances the four
-                // chains by one prototype, whose sums are four independent runs of multiply-adds
                 let mut best = [(inf, _mm512_setzero_si512()); 4];
                 for step in 0..4 {
-                    for (q, (best_d, best_k)) in best.iter_mut().enumerate() {
-                        let kk = 4 * q + step;
+                    for (chain, (best_d, best_k)) in best.iter_mut().enumerate() {
+                        let kk = 4 * chain + step;
                         let p = pp.add((c * 16 + kk) * S);
                         let mut acc = _mm512_setzero_ps();
                         for (j, x) in x.iter().enumerate() {
@@ -1345,8 +1344,8 @@ mod x86 {
                 let x = |j: usize| _mm256_loadu_ps(xp.add(c * S + j).cast::<f32>().add(8 * h));
                 let mut best = [(_mm256_set1_ps(f32::INFINITY), _mm256_setzero_ps()); 4];
                 for step in 0..4 {
-                    for (q, (best_d, best_k)) in best.iter_mut().enumerate() {
-                        let kk = 4 * q + step;
+                    for (chain, (best_d, best_k)) in best.iter_mut().enumerate() {
+                        let kk = 4 * chain + step;
                         let p = pp.add((c * 16 + kk) * S);
                         let mut acc = _mm256_setzero_ps();
                         for j in 0..S {
@@ -1970,7 +1969,8 @@ mod tests {
 
     /// The every-codebook tile kernels (16 prototypes of 4 values) give the portable tile's codes
     /// for each codebook and row: ties within a chain of four prototypes and across chains
-    /// (prototype 13 repeats 1, 7 repeats 6), infinite and NaN distances (`odd_prototypes`,
+    /// (prototype 7 repeats 4 in one chain; 5 repeats 1 and 15 repeats 10, settled by the first
+    /// merges; 13 repeats 2, by the last), infinite and NaN distances (`odd_prototypes`,
     /// and special inputs), rows short of a whole tile, codebooks past a group of 16.
     #[cfg(target_arch = "x86_64")]
     #[test]
@@ -1983,18 +1983,20 @@ mod tests {
             Simd::name,
         );
         let (k, s) = (16usize, 4usize);
+        // (first, repeat): none of them a prototype `odd_prototypes` changes
+        const TIES: [(usize, usize); 4] = [(4, 7), (1, 5), (10, 15), (2, 13)];
         let mut rng = Rng::new(44);
         let special = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 3e38, -3e38, -0.0, 0.0];
         for c_n in [1usize, 3, 16, 21] {
             let sub = Subspaces { d: c_n * s, s };
-            let (protos, norms) = tie_codebooks(&mut rng, c_n, k, s, &[(1, 13), (6, 7)]);
+            let (protos, norms) = tie_codebooks(&mut rng, c_n, k, s, &TIES);
             for t in 0..6 {
                 let xt: Vec<[f32; LANES]> = (0..sub.d)
                     .map(|j| {
                         std::array::from_fn(|l| match (l + j + t) % 5 {
                             0 if t > 0 => special[(l + j + t) % special.len()],
-                            // lanes 5 and 6: prototypes 1 and 6 of their codebook (ties)
-                            _ if l == 5 || l == 6 => protos[((j / s) * k + [1, 6][l - 5]) * s + j % s],
+                            // lanes 4-7: the first prototype of each tie, of their codebook
+                            _ if (4..8).contains(&l) => protos[((j / s) * k + TIES[l - 4].0) * s + j % s],
                             _ => rng.next_f64() as f32 - 0.5,
                         })
                     })
