@@ -881,7 +881,13 @@ fn pq_encode_pixels(p: &crate::ir::op::PqEncode, args: &[Arc<Tensor>], cache: Op
             )
         }
     };
-    gather_taps(&codes, &zero, n, [h, wd], w, &geo)
+    let px = PixelCodes {
+        codes: &codes,
+        zero: &zero,
+        n,
+        hw: [h, wd],
+    };
+    gather_taps(px, w, &geo)
 }
 
 /// Each output pixel's codes, tap by tap (`[n, oh·ow, kh·kw·g]`), from the codes of the input
@@ -894,14 +900,13 @@ fn pq_encode_pixels(p: &crate::ir::op::PqEncode, args: &[Arc<Tensor>], cache: Op
 /// worked out from two small per-axis tap tables as they are made (a list of them, built per
 /// call, cost as much as the copies at batch 1), and bands of output rows are split across the
 /// team: at batch 1 the gather was a single-threaded 9 % of ResNet-18/16's run.
-fn gather_taps(
-    codes: &[u8],
-    zero: &[u8],
-    n: usize,
-    [h, wd]: [usize; 2],
-    w: &crate::ir::op::Window,
-    geo: &crate::ir::window::Geometry,
-) -> Result<Tensor> {
+fn gather_taps(px: PixelCodes, w: &crate::ir::op::Window, geo: &crate::ir::window::Geometry) -> Result<Tensor> {
+    let PixelCodes {
+        codes,
+        zero,
+        n,
+        hw: [h, wd],
+    } = px;
     let g = zero.len();
     let [kh, kw] = w.kernel;
     let [oh, ow] = geo.out;
@@ -924,6 +929,13 @@ fn gather_taps(
     if cfg!(debug_assertions) {
         out.resize(len, UNWRITTEN);
         out.clear();
+    }
+    if gather_padded(&px, w, geo, &mut out.spare_capacity_mut()[..len]) {
+        // SAFETY: `gather_padded` wrote every byte of the first `len` when it returns true.
+        unsafe { out.set_len(len) };
+        return Ok(Tensor::U8(
+            ArrayD::from_shape_vec(IxDyn(&shape), out).expect("codes size"),
+        ));
     }
     // each output row's and column's tap sources, the same for every image (None: outside)
     let axis = |a: usize, n_out: usize, k: usize, len: usize| -> Vec<Option<usize>> {
@@ -989,6 +1001,117 @@ fn gather_taps(
     Ok(Tensor::U8(
         ArrayD::from_shape_vec(IxDyn(&shape), out).expect("codes size"),
     ))
+}
+
+/// The codes of every input pixel of `n` images of `hw` pixels (`codes`: `[n][h·w][g]`), and
+/// those of an all-zero pixel (`zero`: `g`), for the taps outside the image.
+#[derive(Clone, Copy)]
+struct PixelCodes<'a> {
+    codes: &'a [u8],
+    zero: &'a [u8],
+    n: usize,
+    hw: [usize; 2],
+}
+
+/// [`gather_taps`] through padded images: each image's pixel codes copied once into an image
+/// bordered with the zero pixel's codes, so that every kernel row of every output pixel is one
+/// run of `kw·g` codes inside it and no tap needs a test (on small maps most output pixels
+/// touch the border: 12 of a 4×4 map's 16, where the tap-by-tap path branches per tap). For
+/// windows not dilated along x whose padded image is no larger than the codes gathered from
+/// it (so the copy costs at most as much as the gather); false, writing nothing, otherwise.
+/// Writes every byte of `out` (`[n][oh·ow][kh·kw·g]`) when it returns true.
+fn gather_padded(
+    px: &PixelCodes,
+    w: &crate::ir::op::Window,
+    geo: &crate::ir::window::Geometry,
+    out: &mut [MaybeUninit<u8>],
+) -> bool {
+    let &PixelCodes {
+        codes,
+        zero,
+        n,
+        hw: [h, wd],
+    } = px;
+    let g = zero.len();
+    let ([kh, kw], [oh, ow], [sy, sx], dy) = (w.kernel, geo.out, w.strides, w.dilations[0]);
+    let (pt, pl) = (geo.pads[0], geo.pads[1]);
+    let sizes_fit = n * oh * ow * kh * kw * g == out.len() && codes.len() == n * h * wd * g;
+    if w.dilations[1] != 1 || h * wd * g == 0 || !sizes_fit {
+        return false;
+    }
+    // the padded extents: the image and every tap (a crafted window's strides, dilations and
+    // pads may overflow them: then the tap tables' path; once the size test passes, every
+    // product below is at most the gathered codes' count, which the caller checked)
+    let extent = |img: usize, pad: usize, taps: [usize; 3]| -> Option<usize> {
+        let [n_out, stride, reach] = taps;
+        let last = (n_out - 1).checked_mul(stride)?.checked_add(reach)?;
+        Some(pad.checked_add(img)?.max(last))
+    };
+    let (Some(hp), Some(wp)) = (
+        extent(h, pt, [oh, sy, (kh - 1).saturating_mul(dy).saturating_add(1)]),
+        extent(wd, pl, [ow, sx, kw]),
+    ) else {
+        return false;
+    };
+    let per_image = oh * ow * kh * kw * g;
+    if hp
+        .checked_mul(wp)
+        .and_then(|v| v.checked_mul(g))
+        .is_none_or(|v| v > per_image)
+    {
+        return false;
+    }
+    let row_bytes = wp * g;
+    let zeros = zero.repeat(wp);
+    let mut padded = Vec::with_capacity(n * hp * row_bytes);
+    for src in codes.chunks_exact(h * wd * g) {
+        for y in 0..hp {
+            match y.checked_sub(pt).filter(|&iy| iy < h) {
+                Some(iy) => {
+                    padded.extend_from_slice(&zeros[..pl * g]);
+                    padded.extend_from_slice(&src[iy * wd * g..(iy + 1) * wd * g]);
+                    padded.extend_from_slice(&zeros[(pl + wd) * g..]);
+                }
+                None => padded.extend_from_slice(&zeros),
+            }
+        }
+    }
+    let (run, row) = (kw * g, kh * kw * g);
+    let band = 1024usize.div_ceil(ow * kh);
+    super::kernels::team::for_bands(out, oh, ow * row, band, |img, oy0, dst| {
+        let pi = &padded[img * hp * row_bytes..(img + 1) * hp * row_bytes];
+        for (o, oy) in dst.chunks_exact_mut(ow * row).zip(oy0..) {
+            let starts = |k: usize| (oy * sy + k * dy) * row_bytes;
+            // every run lies in this image: its last, at `starts(kh - 1) + (ow - 1)·sx·g`,
+            // ends by `hp·wp·g` as `hp` and `wp` were sized
+            assert!(starts(kh - 1) + (ow - 1) * sx * g + run <= pi.len());
+            match (kh, run) {
+                // SAFETY (each arm): the runs read as just checked; `o` holds the row's `ow`
+                // pixels of `kh` runs each.
+                (3, 12) => unsafe {
+                    interior::<12, 3>(pi.as_ptr(), [0, 1, 2].map(starts), sx * g, o.as_mut_ptr().cast(), ow)
+                },
+                (3, 24) => unsafe {
+                    interior::<24, 3>(pi.as_ptr(), [0, 1, 2].map(starts), sx * g, o.as_mut_ptr().cast(), ow)
+                },
+                (3, 48) => unsafe {
+                    interior::<48, 3>(pi.as_ptr(), [0, 1, 2].map(starts), sx * g, o.as_mut_ptr().cast(), ow)
+                },
+                (3, 96) => unsafe {
+                    interior::<96, 3>(pi.as_ptr(), [0, 1, 2].map(starts), sx * g, o.as_mut_ptr().cast(), ow)
+                },
+                _ => {
+                    for (ox, px) in o.chunks_exact_mut(row).enumerate() {
+                        for (k, d) in px.chunks_exact_mut(run).enumerate() {
+                            let at = starts(k) + ox * sx * g;
+                            copy_codes(d, &pi[at..at + run]);
+                        }
+                    }
+                }
+            }
+        }
+    });
+    true
 }
 
 /// What a debug build's gather fills its codes with before writing them.
@@ -1394,8 +1517,10 @@ mod tests {
     /// input gives the same codes. Odd sizes, strides, dilation, a channel count the codebooks
     /// do not divide (7 in codebooks of 3), whole 4-byte words (8 in codebooks of 4: the int8
     /// pixel kernels run), both encoders and the int8 one; 1 to 32 codebooks per pixel, so kernel
-    /// rows of 3 to 256 bytes of codes (the gather's fixed-size moves: 12, 24, 48 and 96 bytes).
-    /// On two threads a 40×37 map is gathered in bands of output rows (9 rows of a 3×3 window).
+    /// rows of 3 to 256 bytes of codes (the gather's fixed-size moves: 12, 24, 48 and 96 bytes);
+    /// through padded images, and through the tap tables where x is dilated or the padded image
+    /// would hold more codes than are gathered. On two threads a 40×37 map is gathered in bands
+    /// of output rows (9 rows of a 3×3 window).
     #[test]
     fn pixel_codebooks_gather_each_pixels_codes_per_tap() {
         for (c, s) in [(7, 3), (8, 4), (4, 4), (16, 4), (32, 4), (64, 4), (128, 4)] {
@@ -1488,6 +1613,11 @@ mod tests {
             (([3, 3], [2, 2], [1, 1]), [1, 1, 1, 1]),
             (([3, 3], [1, 1], [1, 1]), [2, 2, 2, 2]),
             (([1, 8], [1, 1], [1, 1]), [0, 1, 0, 1]),
+            // dilated along y only (padded images), strided along x only
+            (([3, 3], [1, 2], [2, 1]), [2, 1, 2, 1]),
+            // strides longer than the kernel: the padded image holds more codes than are
+            // gathered from it, so the tap tables' path
+            (([2, 2], [3, 3], [1, 1]), [1, 1, 1, 1]),
         ] {
             let window = test_window(win.0, win.1, win.2, pads);
             // the int8 encoder too: channels-last pixels take its own kernels (`encode_pixel`),
