@@ -899,7 +899,8 @@ fn pq_encode_pixels(p: &crate::ir::op::PqEncode, args: &[Arc<Tensor>], cache: Op
 /// convolutions they replace; 5.2 ms with the runs, Intel AVX-512, one thread). The copies are
 /// worked out from two small per-axis tap tables as they are made (a list of them, built per
 /// call, cost as much as the copies at batch 1), and bands of output rows are split across the
-/// team: at batch 1 the gather was a single-threaded 9 % of ResNet-18/16's run.
+/// team: at batch 1 the gather was a single-threaded 9 % of ResNet-18/16's run. Most windows
+/// take [`gather_padded`] instead, where no tap is tested.
 fn gather_taps(px: PixelCodes, w: &crate::ir::op::Window, geo: &crate::ir::window::Geometry) -> Result<Tensor> {
     let PixelCodes {
         codes,
@@ -922,7 +923,7 @@ fn gather_taps(px: PixelCodes, w: &crate::ir::op::Window, geo: &crate::ir::windo
             ArrayD::from_shape_vec(IxDyn(&shape), Vec::new()).expect("codes size"),
         ));
     }
-    // every byte is written below (`Taps::rows`), so the codes need no zeroing (which took a
+    // every byte is written below (`gather_padded`, or `Taps::rows`), so the codes need no zeroing (which took a
     // fifth of the gather on ResNet-18 w64); debug builds (the tests) fill them first with a
     // value no code of 16 prototypes takes, so a byte left unwritten shows
     let mut out = Vec::with_capacity(len);
@@ -1517,10 +1518,11 @@ mod tests {
     /// input gives the same codes. Odd sizes, strides, dilation, a channel count the codebooks
     /// do not divide (7 in codebooks of 3), whole 4-byte words (8 in codebooks of 4: the int8
     /// pixel kernels run), both encoders and the int8 one; 1 to 32 codebooks per pixel, so kernel
-    /// rows of 3 to 256 bytes of codes (the gather's fixed-size moves: 12, 24, 48 and 96 bytes);
-    /// through padded images, and through the tap tables where x is dilated or the padded image
-    /// would hold more codes than are gathered. On two threads a 40×37 map is gathered in bands
-    /// of output rows (9 rows of a 3×3 window).
+    /// rows of 3 to 256 bytes of codes (the gather's fixed-size moves: 12, 24, 48 and 96 bytes,
+    /// on both paths); through padded images, and through the tap tables where x is dilated or
+    /// the padded image would hold more codes than are gathered (strides longer than the
+    /// kernel). On two threads a 40×37 map is gathered in bands of output rows (9 rows of a 3×3
+    /// window).
     #[test]
     fn pixel_codebooks_gather_each_pixels_codes_per_tap() {
         for (c, s) in [(7, 3), (8, 4), (4, 4), (16, 4), (32, 4), (64, 4), (128, 4)] {
@@ -1616,8 +1618,10 @@ mod tests {
             // dilated along y only (padded images), strided along x only
             (([3, 3], [1, 2], [2, 1]), [2, 1, 2, 1]),
             // strides longer than the kernel: the padded image holds more codes than are
-            // gathered from it, so the tap tables' path
+            // gathered from it, so the tap tables' path (3×3: its runs of 12-96 bytes, and on
+            // the 40×37 map its interior rows)
             (([2, 2], [3, 3], [1, 1]), [1, 1, 1, 1]),
+            (([3, 3], [4, 4], [1, 1]), [1, 1, 1, 1]),
         ] {
             let window = test_window(win.0, win.1, win.2, pads);
             // the int8 encoder too: channels-last pixels take its own kernels (`encode_pixel`),
