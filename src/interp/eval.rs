@@ -902,15 +902,7 @@ fn pq_encode_pixels(p: &crate::ir::op::PqEncode, args: &[Arc<Tensor>], cache: Op
 /// team: at batch 1 the gather was a single-threaded 9 % of ResNet-18/16's run. Most windows
 /// take [`gather_padded`] instead, where no tap is tested.
 fn gather_taps(px: PixelCodes, w: &crate::ir::op::Window, geo: &crate::ir::window::Geometry) -> Result<Tensor> {
-    let PixelCodes {
-        codes,
-        zero,
-        n,
-        hw: [h, wd],
-    } = px;
-    let g = zero.len();
-    let [kh, kw] = w.kernel;
-    let [oh, ow] = geo.out;
+    let (n, g, [kh, kw], [oh, ow]) = (px.n, px.zero.len(), w.kernel, geo.out);
     // the codes (and the per-axis tap tables) within the tensor limit: a crafted window (large
     // pads and kernel on a small map) must not overflow or allocate without bound
     crate::limits::check_shape(&[n, oh, ow, kh, kw, g], 1, "PQEncode pixel codes")?;
@@ -931,13 +923,34 @@ fn gather_taps(px: PixelCodes, w: &crate::ir::op::Window, geo: &crate::ir::windo
         out.resize(len, UNWRITTEN);
         out.clear();
     }
-    if gather_padded(&px, w, geo, &mut out.spare_capacity_mut()[..len]) {
-        // SAFETY: `gather_padded` wrote every byte of the first `len` when it returns true.
-        unsafe { out.set_len(len) };
-        return Ok(Tensor::U8(
-            ArrayD::from_shape_vec(IxDyn(&shape), out).expect("codes size"),
-        ));
+    let dst = &mut out.spare_capacity_mut()[..len];
+    if !gather_padded(&px, w, geo, dst) {
+        gather_tables(&px, w, geo, dst);
     }
+    // SAFETY: `gather_padded` (when it returns true) or `gather_tables` wrote every byte of the
+    // first `len`.
+    unsafe { out.set_len(len) };
+    Ok(Tensor::U8(
+        ArrayD::from_shape_vec(IxDyn(&shape), out).expect("codes size"),
+    ))
+}
+
+/// [`gather_taps`] through per-axis tap tables, into `out` (`[n][oh·ow][kh·kw·g]`, every byte
+/// written).
+fn gather_tables(
+    px: &PixelCodes,
+    w: &crate::ir::op::Window,
+    geo: &crate::ir::window::Geometry,
+    out: &mut [MaybeUninit<u8>],
+) {
+    let &PixelCodes {
+        codes,
+        zero,
+        hw: [h, wd],
+        ..
+    } = px;
+    let (g, [kh, kw], [oh, ow]) = (zero.len(), w.kernel, geo.out);
+    let row = kh * kw * g;
     // each output row's and column's tap sources, the same for every image (None: outside)
     let axis = |a: usize, n_out: usize, k: usize, len: usize| -> Vec<Option<usize>> {
         (0..n_out * k)
@@ -979,29 +992,11 @@ fn gather_taps(px: PixelCodes, w: &crate::ir::op::Window, geo: &crate::ir::windo
     };
     // bands of about 1024 copies (a few microseconds), each worth a hand-off
     let band = 1024usize.div_ceil(ow * kh);
-    super::kernels::team::for_bands(
-        &mut out.spare_capacity_mut()[..len],
-        oh,
-        ow * row,
-        band,
-        |img, oy0, dst| {
-            let src = &codes[img * h * wd * g..(img + 1) * h * wd * g];
-            // the usual runs (3 taps of 4-32 codes) copied in moves of a known size
-            match kw * g {
-                12 => t.rows::<12>(src, oy0, dst),
-                24 => t.rows::<24>(src, oy0, dst),
-                48 => t.rows::<48>(src, oy0, dst),
-                96 => t.rows::<96>(src, oy0, dst),
-                _ => t.rows::<0>(src, oy0, dst),
-            }
-        },
-    );
-    // SAFETY: `for_bands` hands out every row of every image, and `Taps::rows` writes each byte
-    // of its rows (every kernel row of every output pixel: a run, a zero run, or tap by tap).
-    unsafe { out.set_len(len) };
-    Ok(Tensor::U8(
-        ArrayD::from_shape_vec(IxDyn(&shape), out).expect("codes size"),
-    ))
+    // `for_bands` hands out every row of every image, and `Taps::rows` writes each byte of its
+    // rows (every kernel row of every output pixel: a run, a zero run, or tap by tap)
+    super::kernels::team::for_bands(out, oh, ow * row, band, |img, oy0, dst| {
+        gather_rows(&t, kw * g, &codes[img * h * wd * g..(img + 1) * h * wd * g], oy0, dst)
+    });
 }
 
 /// The codes of every input pixel of `n` images of `hw` pixels (`codes`: `[n][h·w][g]`), and
@@ -1077,42 +1072,82 @@ fn gather_padded(
             }
         }
     }
-    let (run, row) = (kw * g, kh * kw * g);
+    let p = Padded {
+        run: kw * g,
+        g,
+        kh,
+        ow,
+        sx,
+        sy,
+        dy,
+        row_bytes,
+    };
+    let (row, image) = (kh * kw * g, hp * row_bytes);
     let band = 1024usize.div_ceil(ow * kh);
     super::kernels::team::for_bands(out, oh, ow * row, band, |img, oy0, dst| {
-        let pi = &padded[img * hp * row_bytes..(img + 1) * hp * row_bytes];
-        for (o, oy) in dst.chunks_exact_mut(ow * row).zip(oy0..) {
-            let starts = |k: usize| (oy * sy + k * dy) * row_bytes;
+        gather_rows(&p, kw * g, &padded[img * image..(img + 1) * image], oy0, dst)
+    });
+    true
+}
+
+/// A gather's copies of whole output rows of one image, from that image's codes.
+trait GatherRows {
+    /// Output rows `oy0..` (`dst`, whole rows, every byte written) from `src`; `R`: the length
+    /// of a kernel row's run (`kw·g`) when known, else 0.
+    fn rows<const R: usize>(&self, src: &[u8], oy0: usize, dst: &mut [MaybeUninit<u8>]);
+}
+
+/// `t.rows` with the usual runs (3 taps of 4-32 codes, `run` bytes) copied in moves of a known
+/// size.
+#[inline(always)]
+fn gather_rows(t: &impl GatherRows, run: usize, src: &[u8], oy0: usize, dst: &mut [MaybeUninit<u8>]) {
+    match run {
+        12 => t.rows::<12>(src, oy0, dst),
+        24 => t.rows::<24>(src, oy0, dst),
+        48 => t.rows::<48>(src, oy0, dst),
+        96 => t.rows::<96>(src, oy0, dst),
+        _ => t.rows::<0>(src, oy0, dst),
+    }
+}
+
+/// The geometry of [`gather_padded`]'s copies: codes per kernel row's run (`kw·g`) and per
+/// pixel, kernel rows, output width, strides, the dilation along y, bytes per padded row.
+struct Padded {
+    run: usize,
+    g: usize,
+    kh: usize,
+    ow: usize,
+    sx: usize,
+    sy: usize,
+    dy: usize,
+    row_bytes: usize,
+}
+
+impl GatherRows for Padded {
+    /// The codes of output rows `oy0..` of one image (`dst`, whole rows) from its padded image
+    /// `src`, every byte written; `R`: the run's length (`kw·g`) when known, else 0.
+    #[inline(always)]
+    fn rows<const R: usize>(&self, src: &[u8], oy0: usize, dst: &mut [MaybeUninit<u8>]) {
+        let (run, kh, ow, step) = (self.run, self.kh, self.ow, self.sx * self.g);
+        for (o, oy) in dst.chunks_exact_mut(ow * kh * run).zip(oy0..) {
+            let starts = |k: usize| (oy * self.sy + k * self.dy) * self.row_bytes;
             // every run lies in this image: its last, at `starts(kh - 1) + (ow - 1)·sx·g`,
             // ends by `hp·wp·g` as `hp` and `wp` were sized
-            assert!(starts(kh - 1) + (ow - 1) * sx * g + run <= pi.len());
-            match (kh, run) {
-                // SAFETY (each arm): the runs read as just checked; `o` holds the row's `ow`
-                // pixels of `kh` runs each.
-                (3, 12) => unsafe {
-                    interior::<12, 3>(pi.as_ptr(), [0, 1, 2].map(starts), sx * g, o.as_mut_ptr().cast(), ow)
-                },
-                (3, 24) => unsafe {
-                    interior::<24, 3>(pi.as_ptr(), [0, 1, 2].map(starts), sx * g, o.as_mut_ptr().cast(), ow)
-                },
-                (3, 48) => unsafe {
-                    interior::<48, 3>(pi.as_ptr(), [0, 1, 2].map(starts), sx * g, o.as_mut_ptr().cast(), ow)
-                },
-                (3, 96) => unsafe {
-                    interior::<96, 3>(pi.as_ptr(), [0, 1, 2].map(starts), sx * g, o.as_mut_ptr().cast(), ow)
-                },
-                _ => {
-                    for (ox, px) in o.chunks_exact_mut(row).enumerate() {
-                        for (k, d) in px.chunks_exact_mut(run).enumerate() {
-                            let at = starts(k) + ox * sx * g;
-                            copy_codes(d, &pi[at..at + run]);
-                        }
-                    }
+            assert!(starts(kh - 1) + (ow - 1) * step + run <= src.len());
+            if R > 0 && kh == 3 {
+                // SAFETY: the runs read as just checked; `o` holds the row's `ow` pixels of
+                // 3 runs of `R` bytes.
+                unsafe { interior::<R, 3>(src.as_ptr(), [0, 1, 2].map(starts), step, o.as_mut_ptr().cast(), ow) };
+                continue;
+            }
+            for (ox, px) in o.chunks_exact_mut(kh * run).enumerate() {
+                for (k, d) in px.chunks_exact_mut(run).enumerate() {
+                    let at = starts(k) + ox * step;
+                    copy_codes(d, &src[at..at + run]);
                 }
             }
         }
-    });
-    true
+    }
 }
 
 /// What a debug build's gather fills its codes with before writing them.
@@ -1139,7 +1174,7 @@ struct Taps<'a> {
     zeros: &'a [u8],
 }
 
-impl Taps<'_> {
+impl GatherRows for Taps<'_> {
     /// The codes of output rows `oy0..` of one image (`dst`, whole rows) from its input pixels'
     /// codes `src`; `R`: the length of a kernel row's run (`kw·g`) when known, else 0.
     #[inline(always)]
