@@ -870,22 +870,24 @@ fn only_a_kept_relearned_model_is_reported() {
 /// fully connected layers through the exact convolutions, and at a logit-cosine target near 0.97
 /// the walk misses the target, relearning meets it and a convolution goes back as lookups. There
 /// the written model has that layer as lookups, the last point is the one kept and meets the
-/// target, and the layer's decision says why. With `relearn_rounds`, at 0.968–0.97 the tables
+/// target, and the layer's decision says why. With `relearn_rounds`, at 0.97 the tables
 /// are relearned again after `conv1` went back: a relearned point follows a put-back, meets the
-/// target, and appears only when rounds are allowed. (Seed 2: which layer goes back where
-/// depends on the calibration images drawn; seeds 1–5 show the same events at 0.964–0.97.)
+/// target, and appears only when rounds are allowed. (Seed 11: which layer goes back where
+/// depends on the calibration images drawn and on the trees fitted to them; with the trees'
+/// output-aware splits seeds 1, 6 and 8 put `conv2` back at 0.966–0.970 without relearning
+/// again, seed 11 both at 0.970, the other seeds of 0–11 neither at 0.960–0.980.)
 #[test]
 fn prune_runs_again_after_relearning() {
     let calib = npy("data/mnist_calib.npy");
     let (mut seen, mut rounds_seen) = (0, 0);
-    for (target, rounds) in [0.966, 0.969, 0.97, 0.971].into_iter().flat_map(|t| [(t, 0), (t, 2)]) {
+    for (target, rounds) in [0.968, 0.969, 0.97, 0.971].into_iter().flat_map(|t| [(t, 0), (t, 2)]) {
         let mut g = tabconv::onnx::load_model(&fixture("models/lenet5.onnx")).unwrap();
         let text = format!(
             "name: t\npasses:\n  - fold-batchnorm:\n  - gemm-to-matmul:\n  - conv-to-im2col:\n  - constant-fold:\n  - lut:\n      max_rows: 2048\n      learn: none\n  - mask:\n      min_logit_cosine: {target}\n      restore_unprofitable: false\n      relearn_rounds: {rounds}\n      force_lut: ['/fc*']\n"
         );
         let mut cx = PassCx {
             calib: Some(calib.clone()),
-            seed: 2,
+            seed: 11,
             ..Default::default()
         };
         let report = run_pipeline(&mut g, &Pipeline::parse(&text, "t").unwrap(), &mut cx, |_, _| Ok(())).unwrap();

@@ -40,6 +40,17 @@ pub enum EncoderChoice {
     Auto,
 }
 
+/// Where a hash tree measures the squared error its splits reduce.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TreeSplits {
+    /// On the layer's output: the error `(x − μ)ᵀ A (x − μ)` of a bucket's subvectors in the
+    /// metric `A = Σ W Wᵀ` of the weight rows they meet (every tap's, for pixel codebooks).
+    Output,
+    /// On the subvectors themselves (MADDNESS).
+    Input,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TableType {
@@ -71,6 +82,13 @@ pub struct Options {
     /// `argmin`, `tree`, or `auto`: argmin where its `K·S` MACs per codebook are small next to
     /// the layer's own work (`M ≥ 4·K` outputs), the comparison-only tree elsewhere.
     pub encoder: EncoderChoice,
+    /// `output` or `input`: where the hash trees' splits measure the error they reduce. On
+    /// the output, a split goes where it moves the layer's result most, not where the inputs
+    /// spread most (`input`, MADDNESS's criterion); the encoder's work is the same. `output`
+    /// applies to window codebooks of layers past the stem (a layer reading the model's input
+    /// keeps `input`: there it lowered the layer's error and cost ResNet-18/16 1.5 points of
+    /// accuracy), not to pixel codebooks (no gain measured).
+    pub tree_splits: TreeSplits,
     /// The int8 argmin encoder (7-bit inputs, int8 prototypes, exact integer distances) for the
     /// convolutions its channel-lane kernel serves: one codebook per input channel, kernel
     /// width ≤ 4, `k = 16`, inputs non-negative on every calibration row (after a ReLU).
@@ -194,6 +212,7 @@ impl Default for Options {
             token_subspace: 0,
             k: 16,
             encoder: EncoderChoice::Auto,
+            tree_splits: TreeSplits::Output,
             int8_encoder: true,
             refit: true,
             ridge: 0.1,
@@ -305,6 +324,9 @@ struct Layer {
     /// than padding (1 without a window or a known input size).
     inside: f64,
     rows_per_image: usize,
+    /// Its rows are the model's input, only moved, padded or scaled on the way (the stem):
+    /// its trees split on the input's error (`TreeSplits`).
+    stem: bool,
 }
 
 fn eligible(graph: &Graph, min_macs: u64) -> Result<Vec<Layer>> {
@@ -353,7 +375,34 @@ fn describe(graph: &Graph, n: NodeIndex) -> Option<Layer> {
         conv,
         inside,
         rows_per_image,
+        stem: from_model_input(graph, ins[0]),
     })
+}
+
+/// Whether `o` is the model's input, reached through ops that only move, pad or scale its
+/// values (Im2Col, Pad, reshapes, Transpose, Cast, arithmetic with a constant).
+fn from_model_input(graph: &Graph, mut o: Outlet) -> bool {
+    for _ in 0..64 {
+        let ins = graph.inputs_of(o.node);
+        o = match &graph.node(o.node).op {
+            Op::Input => return true,
+            Op::Im2Col(_)
+            | Op::Pad { .. }
+            | Op::Reshape { .. }
+            | Op::Flatten { .. }
+            | Op::Squeeze { .. }
+            | Op::Unsqueeze { .. }
+            | Op::Transpose { .. }
+            | Op::Cast { .. } => ins[0],
+            Op::Binary(_) if ins.len() == 2 => match (graph.const_value(ins[0]), graph.const_value(ins[1])) {
+                (None, Some(_)) => ins[0],
+                (Some(_), None) => ins[1],
+                _ => return false,
+            },
+            _ => return false,
+        };
+    }
+    false
 }
 
 /// One layer's calibration data.
@@ -588,13 +637,41 @@ fn tap_major(w: &[f32], d: usize, taps: usize, m: usize) -> Vec<f32> {
     out
 }
 
+/// Per codebook of `sub` (over pixels of `taps` taps, or over whole rows when `taps` is 1), the
+/// factor `L` of the metric `A = LᵀL = Σ_tap W_tap W_tapᵀ` its tree splits in: `W_tap` the
+/// rows of the `d × m` weight `w` (row layout `(c, tap)`) that its values meet at each tap,
+/// so a bucket's error in it is the squared error its spread puts on the layer's output.
+/// None (the subvectors' own error) where the weight rows are all zero or not finite.
+fn split_metrics(w: &[f32], m: usize, sub: Subspaces, taps: usize) -> Vec<Option<Vec<f32>>> {
+    let s = sub.s;
+    (0..sub.count())
+        .into_par_iter()
+        .map(|c| {
+            let cols: Vec<usize> = sub.range(c).collect();
+            let mut a = vec![0f64; s * s];
+            for t in 0..taps {
+                let row = |i: usize| &w[(cols[i] * taps + t) * m..(cols[i] * taps + t + 1) * m];
+                for i in 0..cols.len() {
+                    for j in 0..=i {
+                        let v: f64 = row(i).iter().zip(row(j)).map(|(&x, &y)| x as f64 * y as f64).sum();
+                        a[i * s + j] += v;
+                    }
+                }
+            }
+            tree::metric_factor(&mut a, s)
+        })
+        .collect()
+}
+
 /// Codebooks fitted to the rows (k-means++ or a hash tree per codebook, in parallel, each
 /// with its own RNG stream), and the codebooks that saw fewer distinct rows than `k`.
+#[allow(clippy::too_many_arguments)]
 fn fit_codebooks(
     xs: &[Vec<f32>],
     sub: Subspaces,
     k: usize,
     encoder: Encoder,
+    metrics: &[Option<Vec<f32>>],
     o: &Options,
     seed: u64,
     li: usize,
@@ -613,7 +690,10 @@ fn fit_codebooks(
                 (km.centroids, vec![], vec![], km.distinct)
             }
             Encoder::Tree => {
-                let t = tree::learn(data, s, depth);
+                let t = match metrics.get(c).and_then(Option::as_ref) {
+                    Some(l) => tree::learn_in(data, s, depth, &tree::map_rows(data, s, l), s),
+                    None => tree::learn(data, s, depth),
+                };
                 (t.prototypes, t.dims, t.thresholds, None)
             }
         })
@@ -709,8 +789,14 @@ fn fit_layer(layer: &Layer, data: Data, o: &Options, cx: &mut PassCx, li: usize,
     let xs: Vec<Vec<f32>> = (0..sub.count())
         .map(|c| pq::gather_subspace(&x, enc_rows, sub, c))
         .collect();
+    let w = layer.w.as_standard_layout();
+    let w = w.as_slice().expect("standard layout");
+    let metrics = match (encoder, o.tree_splits, pixel) {
+        (Encoder::Tree, TreeSplits::Output, None) if !layer.stem => split_metrics(w, m, sub, taps),
+        _ => Vec::new(),
+    };
     // 1. codebooks
-    let (mut enc, protos, few) = fit_codebooks(&xs, sub, k, encoder, o, cx.seed, li);
+    let (mut enc, protos, few) = fit_codebooks(&xs, sub, k, encoder, &metrics, o, cx.seed, li);
     if !few.is_empty() {
         cx.notes.push(format!(
             "lut: {}: {} codebook(s) had fewer distinct calibration rows than k={k} (codebook:distinct {})",
@@ -732,8 +818,6 @@ fn fit_layer(layer: &Layer, data: Data, o: &Options, cx: &mut PassCx, li: usize,
     };
     let t_learn = start.elapsed().as_secs_f64();
     // 2. tables `[c][k][m]`: prototype · W, then ridge refit against the exact outputs
-    let w = layer.w.as_standard_layout();
-    let w = w.as_slice().expect("standard layout");
     let plain = match pixel {
         // every tap's codebooks are the pixel codebooks, over the weight rows in tap-major order
         Some((taps, _)) => pq::plain_tables(

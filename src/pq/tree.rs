@@ -2,7 +2,9 @@
 //! `log2 K` per codebook with **one split dimension per level** (shared by all nodes of that
 //! level) and **one threshold per node**. Encoding a subvector costs `depth` comparisons instead
 //! of `K·S` multiply-adds. Learned greedily: at each level pick the dimension whose best
-//! per-bucket splits reduce the total squared error most.
+//! per-bucket splits reduce the total squared error most. MADDNESS measures that error on the
+//! subvectors themselves; [`learn_in`] measures it in a metric given as a linear map of them,
+//! e.g. the layer's weight rows, so the splits go where they move the layer's *output* most.
 
 /// A learned tree for one codebook.
 #[derive(Clone, Debug, PartialEq)]
@@ -34,92 +36,240 @@ fn sse(sum: &[f64], sum2: &[f64], n: usize) -> f64 {
     sum.iter().zip(sum2).map(|(s, q)| q - s * s / n as f64).sum()
 }
 
-/// Best threshold splitting `rows` on dimension `dim`: `(loss after split, threshold)`.
-fn best_split(data: &[f32], s: usize, rows: &[usize], dim: usize) -> (f64, f32) {
-    let n = rows.len();
-    let mut order = rows.to_vec();
-    order.sort_by(|&a, &b| data[a * s + dim].total_cmp(&data[b * s + dim]).then(a.cmp(&b)));
-    let (mut tot, mut tot2) = (vec![0f64; s], vec![0f64; s]);
-    for &r in &order {
-        for j in 0..s {
-            let v = data[r * s + j] as f64;
-            tot[j] += v;
-            tot2[j] += v * v;
-        }
-    }
-    let mut best = (sse(&tot, &tot2, n), f32::INFINITY);
-    let (mut l, mut l2) = (vec![0f64; s], vec![0f64; s]);
-    for (i, &r) in order.iter().enumerate().take(n.saturating_sub(1)) {
-        for j in 0..s {
-            let v = data[r * s + j] as f64;
-            l[j] += v;
-            l2[j] += v * v;
-        }
-        let (a, b) = (data[r * s + dim], data[order[i + 1] * s + dim]);
-        if a == b {
-            continue; // cannot separate equal values
-        }
-        let nr = (n - i - 1) as f64;
-        let right: f64 = (0..s).map(|j| (tot2[j] - l2[j]) - (tot[j] - l[j]).powi(2) / nr).sum();
-        let loss = sse(&l, &l2, i + 1) + right;
-        if loss < best.0 {
-            best = (loss, a + (b - a) / 2.0);
-        }
-    }
-    best
+/// Running sums of `z` rows per bucket (`t` values each).
+struct Sums {
+    t: usize,
+    sum: Vec<f64>,
+    sum2: Vec<f64>,
+    n: Vec<usize>,
 }
 
-/// Learn a tree of `depth` levels on `n × s` rows.
-pub fn learn(data: &[f32], s: usize, depth: usize) -> Tree {
-    let n = data.len() / s;
-    let mut buckets: Vec<Vec<usize>> = vec![(0..n).collect()];
-    let mut dims = Vec::with_capacity(depth);
-    let mut thresholds = Vec::with_capacity((1 << depth) - 1);
-    for _ in 0..depth {
-        let mut best: Option<(f64, usize, Vec<f32>)> = None;
-        for dim in 0..s {
-            let mut loss = 0.0;
-            let mut thr = Vec::with_capacity(buckets.len());
-            for b in &buckets {
-                let (l, t) = best_split(data, s, b, dim);
-                loss += l;
-                thr.push(t);
-            }
-            if best.as_ref().is_none_or(|(bl, _, _)| loss < *bl) {
-                best = Some((loss, dim, thr));
-            }
+impl Sums {
+    fn new(buckets: usize, t: usize) -> Sums {
+        Sums {
+            t,
+            sum: vec![0.0; buckets * t],
+            sum2: vec![0.0; buckets * t],
+            n: vec![0; buckets],
         }
-        let (_, dim, thr) = best.expect("s > 0");
-        let mut next = Vec::with_capacity(buckets.len() * 2);
-        for (b, &t) in buckets.iter().zip(&thr) {
-            let (left, right): (Vec<usize>, Vec<usize>) = b.iter().partition(|&&r| data[r * s + dim] <= t);
-            next.push(left);
-            next.push(right);
-        }
-        dims.push(dim);
-        thresholds.extend(thr);
-        buckets = next;
     }
-    // Leaf prototypes: mean of the leaf's rows (empty leaves get the global mean).
-    let mean_of = |rows: &[usize]| -> Vec<f32> {
-        let mut m = vec![0f64; s];
-        for &r in rows {
-            for j in 0..s {
-                m[j] += data[r * s + j] as f64;
+    fn add(&mut self, b: usize, z: &[f32]) {
+        let t = self.t;
+        for ((s, q), &v) in self.sum[b * t..(b + 1) * t]
+            .iter_mut()
+            .zip(&mut self.sum2[b * t..(b + 1) * t])
+            .zip(z)
+        {
+            *s += v as f64;
+            *q += v as f64 * v as f64;
+        }
+        self.n[b] += 1;
+    }
+    fn sse(&self, b: usize) -> f64 {
+        let t = self.t;
+        sse(&self.sum[b * t..(b + 1) * t], &self.sum2[b * t..(b + 1) * t], self.n[b])
+    }
+    /// The squared error of bucket `b` of `all` less the rows `self` holds of it.
+    fn sse_rest(&self, all: &Sums, b: usize) -> f64 {
+        let (t, nr) = (self.t, all.n[b] - self.n[b]);
+        if nr == 0 {
+            return 0.0;
+        }
+        (b * t..(b + 1) * t)
+            .map(|i| (all.sum2[i] - self.sum2[i]) - (all.sum[i] - self.sum[i]).powi(2) / nr as f64)
+            .sum()
+    }
+}
+
+/// Each bucket's best threshold on dimension `dim` of `data` (`s` wide), the squared error
+/// measured on the rows of `z` (`t` wide): the summed error after the splits and the
+/// thresholds (∞ for a bucket no split improves). `order` holds the rows sorted by their value
+/// on `dim`, `leaf` each row's bucket: one pass over the rows serves every bucket, a split
+/// falling between two consecutive distinct values of the bucket (the first of the best).
+#[allow(clippy::too_many_arguments)]
+fn best_splits(
+    data: &[f32],
+    s: usize,
+    z: &[f32],
+    t: usize,
+    order: &[u32],
+    leaf: &[u32],
+    buckets: usize,
+    dim: usize,
+) -> (f64, Vec<f32>) {
+    let mut all = Sums::new(buckets, t);
+    for (r, &b) in leaf.iter().enumerate() {
+        all.add(b as usize, &z[r * t..(r + 1) * t]);
+    }
+    let mut best: Vec<(f64, f32)> = (0..buckets).map(|b| (all.sse(b), f32::INFINITY)).collect();
+    let mut left = Sums::new(buckets, t);
+    let mut prev: Vec<Option<f32>> = vec![None; buckets];
+    for &r in order {
+        let (r, b) = (r as usize, leaf[r as usize] as usize);
+        let v = data[r * s + dim];
+        if let Some(pv) = prev[b].filter(|&pv| pv != v) {
+            // split between the bucket's rows so far and the rest
+            let loss = left.sse(b) + left.sse_rest(&all, b);
+            if loss < best[b].0 {
+                best[b] = (loss, pv + (v - pv) / 2.0);
             }
         }
-        m.iter().map(|v| (v / rows.len().max(1) as f64) as f32).collect()
-    };
-    let global = mean_of(&(0..n).collect::<Vec<_>>());
-    let prototypes = buckets
-        .iter()
-        .flat_map(|b| if b.is_empty() { global.clone() } else { mean_of(b) })
+        left.add(b, &z[r * t..(r + 1) * t]);
+        prev[b] = Some(v);
+    }
+    (best.iter().map(|b| b.0).sum(), best.iter().map(|b| b.1).collect())
+}
+
+/// Learn a tree of `depth` levels on `n × s` rows, the squared error measured on the rows
+/// themselves (MADDNESS).
+pub fn learn(data: &[f32], s: usize, depth: usize) -> Tree {
+    learn_in(data, s, depth, data, s)
+}
+
+/// Partial trees kept at each level of [`learn_in`]'s search (MADDNESS's greedy tree is a beam
+/// of one; a level's best split can leave the next levels worse off than its runner-up).
+pub const BEAM: usize = 4;
+
+/// The first levels of a tree during the search, with the bucket of each row.
+struct Partial {
+    dims: Vec<usize>,
+    thresholds: Vec<f32>,
+    leaf: Vec<u32>,
+}
+
+/// Learn a tree of `depth` levels on `n × s` rows, splitting on their values but measuring the
+/// squared error of each bucket on the matching rows of `z` (`n × t`): with `z = L x` for
+/// `A = LᵀL`, the error `(x − μ)ᵀ A (x − μ)` of the metric `A`. A beam search over the split
+/// dimensions: at each level, every kept partial tree is extended by each dimension (with each
+/// bucket's best threshold on it) and the [`BEAM`] extensions of lowest error are kept
+/// (ties to the earlier partial tree, then the lower dimension); the tree of lowest error wins.
+pub fn learn_in(data: &[f32], s: usize, depth: usize, z: &[f32], t: usize) -> Tree {
+    let n = data.len() / s;
+    debug_assert_eq!(z.len(), n * t);
+    let order: Vec<Vec<u32>> = (0..s)
+        .map(|dim| {
+            let mut o: Vec<u32> = (0..n as u32).collect();
+            o.sort_by(|&a, &b| {
+                let (a, b) = (a as usize, b as usize);
+                data[a * s + dim].total_cmp(&data[b * s + dim]).then(a.cmp(&b))
+            });
+            o
+        })
+        .collect();
+    let mut beam = vec![Partial {
+        dims: Vec::with_capacity(depth),
+        thresholds: Vec::with_capacity((1 << depth) - 1),
+        leaf: vec![0; n],
+    }];
+    for level in 0..depth {
+        // every extension (loss, partial tree, dimension, thresholds per bucket)
+        let mut ext: Vec<(f64, usize, usize, Vec<f32>)> = Vec::with_capacity(beam.len() * s);
+        for (pi, p) in beam.iter().enumerate() {
+            for (dim, o) in order.iter().enumerate() {
+                let (loss, thr) = best_splits(data, s, z, t, o, &p.leaf, 1 << level, dim);
+                ext.push((loss, pi, dim, thr));
+            }
+        }
+        ext.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+        // extensions of equal error are nearly always the same partition reached two ways
+        ext.dedup_by(|a, b| a.0 == b.0);
+        beam = ext
+            .into_iter()
+            .take(BEAM)
+            .map(|(_, pi, dim, thr)| {
+                let p = &beam[pi];
+                let leaf = (p.leaf.iter().enumerate())
+                    .map(|(r, &b)| 2 * b + (data[r * s + dim] > thr[b as usize]) as u32)
+                    .collect();
+                let mut dims = p.dims.clone();
+                dims.push(dim);
+                let mut thresholds = p.thresholds.clone();
+                thresholds.extend(thr);
+                Partial { dims, thresholds, leaf }
+            })
+            .collect();
+    }
+    let Partial { dims, thresholds, leaf } = beam.into_iter().next().expect("s > 0");
+    // Leaf prototypes: mean of the leaf's rows (empty leaves get the global mean).
+    let k = 1usize << depth;
+    let (mut sum, mut count) = (vec![0f64; (k + 1) * s], vec![0usize; k + 1]);
+    for (r, &b) in leaf.iter().enumerate() {
+        for slot in [b as usize, k] {
+            for j in 0..s {
+                sum[slot * s + j] += data[r * s + j] as f64;
+            }
+            count[slot] += 1;
+        }
+    }
+    let prototypes = (0..k)
+        .flat_map(|b| {
+            let slot = if count[b] == 0 { k } else { b };
+            (0..s)
+                .map(|j| (sum[slot * s + j] / count[slot].max(1) as f64) as f32)
+                .collect::<Vec<_>>()
+        })
         .collect();
     Tree {
         dims,
         thresholds,
         prototypes,
     }
+}
+
+/// `L` (`s × s`, row-major, upper triangular) with `A = LᵀL` for the symmetric `s × s` matrix
+/// whose lower triangle `a` holds (overwritten), after adding `10⁻⁴` of its mean diagonal to
+/// the diagonal (so a singular `A`, e.g. a padded subspace's zero rows, still factors); None
+/// when its trace is not positive and finite.
+pub fn metric_factor(a: &mut [f64], s: usize) -> Option<Vec<f32>> {
+    let trace: f64 = (0..s).map(|i| a[i * s + i]).sum();
+    if !(trace > 0.0 && trace.is_finite()) {
+        return None;
+    }
+    for i in 0..s {
+        a[i * s + i] += 1e-4 * trace / s as f64;
+    }
+    // Cholesky: A = R Rᵀ, R lower triangular, in place
+    for j in 0..s {
+        let mut d = a[j * s + j];
+        for p in 0..j {
+            d -= a[j * s + p] * a[j * s + p];
+        }
+        if d <= 0.0 {
+            return None;
+        }
+        let d = d.sqrt();
+        a[j * s + j] = d;
+        for i in j + 1..s {
+            let mut v = a[i * s + j];
+            for p in 0..j {
+                v -= a[i * s + p] * a[j * s + p];
+            }
+            a[i * s + j] = v / d;
+        }
+    }
+    // L = Rᵀ
+    let mut l = vec![0f32; s * s];
+    for i in 0..s {
+        for j in 0..=i {
+            l[j * s + i] = a[i * s + j] as f32;
+        }
+    }
+    Some(l)
+}
+
+/// The rows `x` (`n × s`) mapped by `L` (`s × s`, row-major): `z = L x` per row.
+pub fn map_rows(x: &[f32], s: usize, l: &[f32]) -> Vec<f32> {
+    let mut z = vec![0f32; x.len()];
+    for (zr, xr) in z.chunks_mut(s).zip(x.chunks(s)) {
+        for (i, zi) in zr.iter_mut().enumerate() {
+            *zi = l[i * s..(i + 1) * s]
+                .iter()
+                .zip(xr)
+                .map(|(&a, &b)| a as f64 * b as f64)
+                .sum::<f64>() as f32;
+        }
+    }
+    z
 }
 
 #[cfg(test)]
@@ -146,6 +296,105 @@ mod tests {
             }
             assert_eq!(encode(row, &t.dims, &t.thresholds), lo);
         }
+    }
+
+    #[test]
+    fn metric_factor_maps_rows_to_their_norm_in_the_metric() {
+        let mut rng = Rng::new(9);
+        for (s, m) in [(1, 3), (4, 16), (5, 2), (9, 32)] {
+            // A = W Wᵀ (lower triangle), W s × m; with m < s, A is singular (the jitter)
+            let w: Vec<f64> = (0..s * m).map(|_| rng.next_f64() - 0.5).collect();
+            let a_full: Vec<f64> = (0..s * s)
+                .map(|ij| (0..m).map(|k| w[(ij / s) * m + k] * w[(ij % s) * m + k]).sum())
+                .collect();
+            let mut a: Vec<f64> = (0..s * s)
+                .map(|ij| if ij % s <= ij / s { a_full[ij] } else { 0.0 })
+                .collect();
+            let l = metric_factor(&mut a, s).expect("positive trace");
+            let trace: f64 = (0..s).map(|i| a_full[i * s + i]).sum();
+            let x: Vec<f32> = (0..s * 7).map(|_| rng.next_f64() as f32 * 4.0 - 2.0).collect();
+            for (row, z) in x.chunks(s).zip(map_rows(&x, s, &l).chunks(s)) {
+                let q: f64 = (0..s * s)
+                    .map(|ij| row[ij / s] as f64 * a_full[ij] * row[ij % s] as f64)
+                    .sum::<f64>()
+                    + 1e-4 * trace / s as f64 * row.iter().map(|v| (*v as f64).powi(2)).sum::<f64>();
+                let n: f64 = z.iter().map(|v| (*v as f64).powi(2)).sum();
+                assert!(
+                    (n - q).abs() <= 1e-4 * q.max(1e-3),
+                    "s {s} m {m}: |Lx|² {n} against xᵀAx {q}"
+                );
+            }
+            // L is upper triangular
+            assert!((0..s).all(|i| (0..i).all(|j| l[i * s + j] == 0.0)));
+        }
+        assert_eq!(metric_factor(&mut [0.0; 4], 2), None);
+        assert_eq!(metric_factor(&mut [f64::NAN, 0.0, 0.0, 1.0], 2), None);
+    }
+
+    #[test]
+    fn best_splits_are_each_buckets_best_threshold() {
+        // values on a coarse grid (many ties), rows in 3 buckets, the error on 2 other values
+        let mut rng = Rng::new(5);
+        let (n, s, t, buckets) = (300, 3, 2, 3);
+        let data: Vec<f32> = (0..n * s).map(|_| (rng.next_f64() * 8.0).floor() as f32).collect();
+        let z: Vec<f32> = (0..n * t).map(|_| rng.next_f64() as f32 * 2.0 - 1.0).collect();
+        let leaf: Vec<u32> = (0..n).map(|_| (rng.next_f64() * buckets as f64) as u32).collect();
+        let err = |rows: &[usize]| -> f64 {
+            (0..t)
+                .map(|j| {
+                    let m = rows.iter().map(|&r| z[r * t + j] as f64).sum::<f64>() / rows.len().max(1) as f64;
+                    rows.iter().map(|&r| (z[r * t + j] as f64 - m).powi(2)).sum::<f64>()
+                })
+                .sum()
+        };
+        for dim in 0..s {
+            let mut order: Vec<u32> = (0..n as u32).collect();
+            order.sort_by(|&a, &b| {
+                data[a as usize * s + dim]
+                    .total_cmp(&data[b as usize * s + dim])
+                    .then(a.cmp(&b))
+            });
+            let (loss, thr) = best_splits(&data, s, &z, t, &order, &leaf, buckets, dim);
+            let mut want_loss = 0.0;
+            for b in 0..buckets as u32 {
+                let rows: Vec<usize> = (0..n).filter(|&r| leaf[r] == b).collect();
+                let mut values: Vec<f32> = rows.iter().map(|&r| data[r * s + dim]).collect();
+                values.sort_by(f32::total_cmp);
+                values.dedup();
+                // every threshold between consecutive distinct values, the first of the best
+                let mut best = (err(&rows), f32::INFINITY);
+                for w in values.windows(2) {
+                    let th = w[0] + (w[1] - w[0]) / 2.0;
+                    let (l, r): (Vec<usize>, Vec<usize>) = rows.iter().partition(|&&r| data[r * s + dim] <= th);
+                    let e = err(&l) + err(&r);
+                    if e < best.0 - 1e-9 {
+                        best = (e, th);
+                    }
+                }
+                assert_eq!(thr[b as usize], best.1, "dim {dim} bucket {b}");
+                want_loss += best.0;
+            }
+            assert!(
+                (loss - want_loss).abs() < 1e-6 * want_loss,
+                "dim {dim}: {loss} against {want_loss}"
+            );
+        }
+    }
+
+    #[test]
+    fn output_splits_follow_the_metric() {
+        // 2-D rows spread widely along x0 and narrowly along x1; a metric that only sees x1
+        // (the weight ignores x0; its jitter weighs x0's spread 10⁴ times less) must split on
+        // x1, the plain error on x0
+        let mut rng = Rng::new(3);
+        let data: Vec<f32> = (0..2000)
+            .flat_map(|_| [rng.next_f64() as f32 * 10.0, rng.next_f64() as f32])
+            .collect();
+        assert_eq!(learn(&data, 2, 2).dims, vec![0, 0]);
+        let mut a = vec![0.0, 0.0, 0.0, 1.0]; // A = diag(0, 1)
+        let l = metric_factor(&mut a, 2).unwrap();
+        let t = learn_in(&data, 2, 2, &map_rows(&data, 2, &l), 2);
+        assert_eq!(t.dims, vec![1, 1]);
     }
 
     #[test]
