@@ -872,10 +872,11 @@ fn only_a_kept_relearned_model_is_reported() {
 /// the written model has that layer as lookups, the last point is the one kept and meets the
 /// target, and the layer's decision says why. With `relearn_rounds`, at 0.97 the tables
 /// are relearned again after `conv1` went back: a relearned point follows a put-back, meets the
-/// target, and appears only when rounds are allowed. (Seed 11: which layer goes back where
+/// target, and appears only when rounds are allowed. (Seed 8: which layer goes back where
 /// depends on the calibration images drawn and on the trees fitted to them; with the trees'
-/// output-aware splits seeds 1, 6 and 8 put `conv2` back at 0.966–0.970 without relearning
-/// again, seed 11 both at 0.970, the other seeds of 0–11 neither at 0.960–0.980.)
+/// output-aware splits and beam search, seeds 0, 8 and 12 relearn again after a put-back at
+/// 0.968–0.970, seeds 3, 5 and 15 only put layers back, at 0.966–0.972, the other seeds of
+/// 0–15 neither, at 0.962–0.976 in steps of 0.002.)
 #[test]
 fn prune_runs_again_after_relearning() {
     let calib = npy("data/mnist_calib.npy");
@@ -887,7 +888,7 @@ fn prune_runs_again_after_relearning() {
         );
         let mut cx = PassCx {
             calib: Some(calib.clone()),
-            seed: 11,
+            seed: 8,
             ..Default::default()
         };
         let report = run_pipeline(&mut g, &Pipeline::parse(&text, "t").unwrap(), &mut cx, |_, _| Ok(())).unwrap();

@@ -1,10 +1,12 @@
 //! MADDNESS-style hash-tree encoder (Blalock & Guttag, 2021): a balanced binary tree of depth
 //! `log2 K` per codebook with **one split dimension per level** (shared by all nodes of that
 //! level) and **one threshold per node**. Encoding a subvector costs `depth` comparisons instead
-//! of `K·S` multiply-adds. Learned greedily: at each level pick the dimension whose best
-//! per-bucket splits reduce the total squared error most. MADDNESS measures that error on the
-//! subvectors themselves; [`learn_in`] measures it in a metric given as a linear map of them,
-//! e.g. the layer's weight rows, so the splits go where they move the layer's *output* most.
+//! of `K·S` multiply-adds. MADDNESS learns it greedily: at each level the dimension whose best
+//! per-bucket splits reduce the total squared error most. Here a beam search over the levels
+//! keeps the runners-up too ([`learn_in`], never worse than the greedy tree), and the error can
+//! be measured in a metric given as a linear map of the subvectors (MADDNESS measures it on the
+//! subvectors themselves), e.g. the layer's weight rows, so the splits go where they move the
+//! layer's *output* most.
 
 /// A learned tree for one codebook.
 #[derive(Clone, Debug, PartialEq)]
@@ -81,26 +83,29 @@ impl Sums {
     }
 }
 
+/// Each row's bucket and the sums of each bucket's rows of `z` (`t` wide).
+struct Buckets<'a> {
+    leaf: &'a [u32],
+    all: Sums,
+}
+
+impl Buckets<'_> {
+    fn new<'a>(leaf: &'a [u32], buckets: usize, z: &[f32], t: usize) -> Buckets<'a> {
+        let mut all = Sums::new(buckets, t);
+        for (r, &b) in leaf.iter().enumerate() {
+            all.add(b as usize, &z[r * t..(r + 1) * t]);
+        }
+        Buckets { leaf, all }
+    }
+}
+
 /// Each bucket's best threshold on dimension `dim` of `data` (`s` wide), the squared error
 /// measured on the rows of `z` (`t` wide): the summed error after the splits and the
 /// thresholds (∞ for a bucket no split improves). `order` holds the rows sorted by their value
-/// on `dim`, `leaf` each row's bucket: one pass over the rows serves every bucket, a split
-/// falling between two consecutive distinct values of the bucket (the first of the best).
-#[allow(clippy::too_many_arguments)]
-fn best_splits(
-    data: &[f32],
-    s: usize,
-    z: &[f32],
-    t: usize,
-    order: &[u32],
-    leaf: &[u32],
-    buckets: usize,
-    dim: usize,
-) -> (f64, Vec<f32>) {
-    let mut all = Sums::new(buckets, t);
-    for (r, &b) in leaf.iter().enumerate() {
-        all.add(b as usize, &z[r * t..(r + 1) * t]);
-    }
+/// on `dim`: one pass over the rows serves every bucket, a split falling between two
+/// consecutive distinct values of the bucket (the first of the best).
+fn best_splits(data: &[f32], s: usize, z: &[f32], order: &[u32], bk: &Buckets, dim: usize) -> (f64, Vec<f32>) {
+    let (all, leaf, buckets, t) = (&bk.all, bk.leaf, bk.all.n.len(), bk.all.t);
     let mut best: Vec<(f64, f32)> = (0..buckets).map(|b| (all.sse(b), f32::INFINITY)).collect();
     let mut left = Sums::new(buckets, t);
     let mut prev: Vec<Option<f32>> = vec![None; buckets];
@@ -109,7 +114,7 @@ fn best_splits(
         let v = data[r * s + dim];
         if let Some(pv) = prev[b].filter(|&pv| pv != v) {
             // split between the bucket's rows so far and the rest
-            let loss = left.sse(b) + left.sse_rest(&all, b);
+            let loss = left.sse(b) + left.sse_rest(all, b);
             if loss < best[b].0 {
                 best[b] = (loss, pv + (v - pv) / 2.0);
             }
@@ -121,7 +126,7 @@ fn best_splits(
 }
 
 /// Learn a tree of `depth` levels on `n × s` rows, the squared error measured on the rows
-/// themselves (MADDNESS).
+/// themselves (MADDNESS's criterion, with [`learn_in`]'s beam search).
 pub fn learn(data: &[f32], s: usize, depth: usize) -> Tree {
     learn_in(data, s, depth, data, s)
 }
@@ -130,8 +135,9 @@ pub fn learn(data: &[f32], s: usize, depth: usize) -> Tree {
 /// of one; a level's best split can leave the next levels worse off than its runner-up).
 pub const BEAM: usize = 4;
 
-/// The first levels of a tree during the search, with the bucket of each row.
+/// The first levels of a tree during the search, with their error and the bucket of each row.
 struct Partial {
+    loss: f64,
     dims: Vec<usize>,
     thresholds: Vec<f32>,
     leaf: Vec<u32>,
@@ -142,7 +148,8 @@ struct Partial {
 /// `A = LᵀL`, the error `(x − μ)ᵀ A (x − μ)` of the metric `A`. A beam search over the split
 /// dimensions: at each level, every kept partial tree is extended by each dimension (with each
 /// bucket's best threshold on it) and the [`BEAM`] extensions of lowest error are kept
-/// (ties to the earlier partial tree, then the lower dimension); the tree of lowest error wins.
+/// (ties to the earlier partial tree, then the lower dimension), the greedy tree's always
+/// among them; the tree of lowest error wins, so it is never worse than the greedy one.
 pub fn learn_in(data: &[f32], s: usize, depth: usize, z: &[f32], t: usize) -> Tree {
     let n = data.len() / s;
     debug_assert_eq!(z.len(), n * t);
@@ -157,26 +164,39 @@ pub fn learn_in(data: &[f32], s: usize, depth: usize, z: &[f32], t: usize) -> Tr
         })
         .collect();
     let mut beam = vec![Partial {
+        loss: f64::INFINITY,
         dims: Vec::with_capacity(depth),
         thresholds: Vec::with_capacity((1 << depth) - 1),
         leaf: vec![0; n],
     }];
+    // the partial tree in the beam that the greedy search would have grown
+    let mut greedy = 0;
     for level in 0..depth {
         // every extension (loss, partial tree, dimension, thresholds per bucket)
         let mut ext: Vec<(f64, usize, usize, Vec<f32>)> = Vec::with_capacity(beam.len() * s);
         for (pi, p) in beam.iter().enumerate() {
+            let bk = Buckets::new(&p.leaf, 1 << level, z, t);
             for (dim, o) in order.iter().enumerate() {
-                let (loss, thr) = best_splits(data, s, z, t, o, &p.leaf, 1 << level, dim);
+                let (loss, thr) = best_splits(data, s, z, o, &bk, dim);
                 ext.push((loss, pi, dim, thr));
             }
         }
         ext.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+        let greedy_next = ext.iter().find(|e| e.1 == greedy).expect("s > 0").clone();
         // extensions of equal error are nearly always the same partition reached two ways
         ext.dedup_by(|a, b| a.0 == b.0);
+        ext.truncate(BEAM);
+        greedy = match ext.iter().position(|e| (e.1, e.2) == (greedy_next.1, greedy_next.2)) {
+            Some(i) => i,
+            None => {
+                ext.truncate(BEAM - 1);
+                ext.push(greedy_next);
+                ext.len() - 1
+            }
+        };
         beam = ext
             .into_iter()
-            .take(BEAM)
-            .map(|(_, pi, dim, thr)| {
+            .map(|(loss, pi, dim, thr)| {
                 let p = &beam[pi];
                 let leaf = (p.leaf.iter().enumerate())
                     .map(|(r, &b)| 2 * b + (data[r * s + dim] > thr[b as usize]) as u32)
@@ -185,11 +205,20 @@ pub fn learn_in(data: &[f32], s: usize, depth: usize, z: &[f32], t: usize) -> Tr
                 dims.push(dim);
                 let mut thresholds = p.thresholds.clone();
                 thresholds.extend(thr);
-                Partial { dims, thresholds, leaf }
+                Partial {
+                    loss,
+                    dims,
+                    thresholds,
+                    leaf,
+                }
             })
             .collect();
     }
-    let Partial { dims, thresholds, leaf } = beam.into_iter().next().expect("s > 0");
+    // the lowest error, ties to the earlier (the greedy tree may come last)
+    let best = (1..beam.len()).fold(0, |b, i| if beam[i].loss < beam[b].loss { i } else { b });
+    let Partial {
+        dims, thresholds, leaf, ..
+    } = beam.swap_remove(best);
     // Leaf prototypes: mean of the leaf's rows (empty leaves get the global mean).
     let k = 1usize << depth;
     let (mut sum, mut count) = (vec![0f64; (k + 1) * s], vec![0usize; k + 1]);
@@ -354,7 +383,7 @@ mod tests {
                     .total_cmp(&data[b as usize * s + dim])
                     .then(a.cmp(&b))
             });
-            let (loss, thr) = best_splits(&data, s, &z, t, &order, &leaf, buckets, dim);
+            let (loss, thr) = best_splits(&data, s, &z, &order, &Buckets::new(&leaf, buckets, &z, t), dim);
             let mut want_loss = 0.0;
             for b in 0..buckets as u32 {
                 let rows: Vec<usize> = (0..n).filter(|&r| leaf[r] == b).collect();
@@ -381,10 +410,83 @@ mod tests {
         }
     }
 
+    /// The greedy tree (MADDNESS's): each level's dimension the best for the tree so far.
+    fn greedy_loss(data: &[f32], s: usize, depth: usize) -> f64 {
+        let n = data.len() / s;
+        let mut leaf = vec![0u32; n];
+        let mut loss = 0.0;
+        for level in 0..depth {
+            let bk = Buckets::new(&leaf, 1 << level, data, s);
+            let (l, dim, thr) = (0..s)
+                .map(|dim| {
+                    let mut o: Vec<u32> = (0..n as u32).collect();
+                    o.sort_by(|&a, &b| {
+                        data[a as usize * s + dim]
+                            .total_cmp(&data[b as usize * s + dim])
+                            .then(a.cmp(&b))
+                    });
+                    let (l, thr) = best_splits(data, s, data, &o, &bk, dim);
+                    (l, dim, thr)
+                })
+                .fold(None, |b: Option<(f64, usize, Vec<f32>)>, c| match b {
+                    Some(b) if b.0 <= c.0 => Some(b),
+                    _ => Some(c),
+                })
+                .unwrap();
+            leaf = (0..n)
+                .map(|r| 2 * leaf[r] + (data[r * s + dim] > thr[leaf[r] as usize]) as u32)
+                .collect();
+            loss = l;
+        }
+        loss
+    }
+
+    #[test]
+    fn the_beam_is_never_worse_than_the_greedy_tree() {
+        let mut worse_greedy = 0;
+        for seed in 0..12 {
+            // correlated, skewed values, where a level's best split often misleads the next
+            let mut rng = Rng::new(seed);
+            let s = 5;
+            let data: Vec<f32> = (0..800)
+                .flat_map(|_| {
+                    let a = rng.next_f64() as f32;
+                    let b = (rng.next_f64() as f32).powi(3);
+                    let c = rng.next_f64() as f32;
+                    [a, a + 0.3 * b, b * 4.0, c * c, a * c]
+                })
+                .collect();
+            let t = learn(&data, s, 4);
+            // the tree's error: per leaf and dimension Σv² − (Σv)²/n
+            let mut beam_loss = 0.0;
+            for l in 0..16 {
+                let rows: Vec<&[f32]> = data
+                    .chunks(s)
+                    .filter(|r| encode(r, &t.dims, &t.thresholds) == l)
+                    .collect();
+                for j in 0..s {
+                    let sum: f64 = rows.iter().map(|r| r[j] as f64).sum();
+                    let sq: f64 = rows.iter().map(|r| (r[j] as f64).powi(2)).sum();
+                    beam_loss += sq - sum * sum / rows.len().max(1) as f64;
+                }
+            }
+            let g = greedy_loss(&data, s, 4);
+            assert!(
+                beam_loss <= g * (1.0 + 1e-9),
+                "seed {seed}: beam {beam_loss} greedy {g}"
+            );
+            worse_greedy += usize::from(beam_loss < g * (1.0 - 1e-6));
+        }
+        assert!(
+            worse_greedy > 0,
+            "the beam never found a better tree than the greedy one"
+        );
+    }
+
     #[test]
     fn output_splits_follow_the_metric() {
         // 2-D rows spread widely along x0 and narrowly along x1; a metric that only sees x1
-        // (the weight ignores x0; its jitter weighs x0's spread 10⁴ times less) must split on
+        // (the weight ignores x0; its jitter weighs x0's spread 2·10⁴ times less) must split on
         // x1, the plain error on x0
         let mut rng = Rng::new(3);
         let data: Vec<f32> = (0..2000)
