@@ -124,9 +124,37 @@ def test_lowered_onnx_runs_in_onnx_runtime_as_the_tcv_in_tabconv(tmp_path):
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     lowered = session.run(None, {session.get_inputs()[0].name: x})[0]
     ours = tabconv.load(tcv).run(x)
-    assert rel_err(lowered, ours) <= 1e-4
-    assert np.array_equal(lowered.argmax(1), ours.argmax(1))
+    # ONNX Runtime's MatMul sums the f32 argmin distances in another order than tabconv's
+    # encoder, so an image whose two nearest prototypes are within rounding of each other may
+    # take the other code: images may differ only there (ties read from the lowered graph)
+    scale = max(np.abs(ours).max(), 1.0)
+    differ = np.nonzero(np.abs(lowered - ours).max(1) > 1e-4 * scale)[0]
+    assert len(differ) <= 2, differ
+    if len(differ):
+        gaps = argmin_gaps(onnx_path, x[differ])
+        assert all(g <= 1e-6 for g in gaps), gaps
+    same = np.setdiff1d(np.arange(len(x)), differ)
+    assert rel_err(lowered[same], ours[same]) <= 1e-4
+    assert np.array_equal(lowered[same].argmax(1), ours[same].argmax(1))
     assert (lowered.argmax(1) == y).mean() > 0.9
+
+
+def argmin_gaps(onnx_path, x):
+    """Per image, the smallest gap between the two nearest prototypes of any `ArgMin` of the
+    lowered graph, relative to the largest distance of that `ArgMin`."""
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    m = onnx.load(str(onnx_path))
+    dist = [n.input[0] for n in m.graph.node if n.op_type == "ArgMin"]
+    for name in dist:
+        m.graph.output.append(onnx.ValueInfoProto(name=name))
+    s = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    gaps = []
+    for img in x:
+        outs = s.run(dist, {s.get_inputs()[0].name: img[None]})
+        rel = [np.diff(np.sort(d, axis=-1)[..., :2], axis=-1).min() / max(np.abs(d).max(), 1.0) for d in outs]
+        gaps.append(float(min(rel)))
+    return gaps
 
 
 def test_compile_report_is_the_clis_and_counts_the_layers(lut_tcv, tmp_path):
