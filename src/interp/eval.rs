@@ -1074,10 +1074,9 @@ fn gather_padded(
     }
     let p = Padded {
         run: kw * g,
-        g,
         kh,
         ow,
-        sx,
+        step: sx * g,
         sy,
         dy,
         row_bytes,
@@ -1110,14 +1109,14 @@ fn gather_rows(t: &impl GatherRows, run: usize, src: &[u8], oy0: usize, dst: &mu
     }
 }
 
-/// The geometry of [`gather_padded`]'s copies: codes per kernel row's run (`kw·g`) and per
-/// pixel, kernel rows, output width, strides, the dilation along y, bytes per padded row.
+/// The geometry of [`gather_padded`]'s copies: codes per kernel row's run (`kw·g`), kernel
+/// rows, output width, codes between neighbouring output pixels' runs (`sx·g`), the stride and
+/// dilation along y, bytes per padded row.
 struct Padded {
     run: usize,
-    g: usize,
     kh: usize,
     ow: usize,
-    sx: usize,
+    step: usize,
     sy: usize,
     dy: usize,
     row_bytes: usize,
@@ -1128,7 +1127,7 @@ impl GatherRows for Padded {
     /// `src`, every byte written; `R`: the run's length (`kw·g`) when known, else 0.
     #[inline(always)]
     fn rows<const R: usize>(&self, src: &[u8], oy0: usize, dst: &mut [MaybeUninit<u8>]) {
-        let (run, kh, ow, step) = (self.run, self.kh, self.ow, self.sx * self.g);
+        let (run, kh, ow, step) = (self.run, self.kh, self.ow, self.step);
         for (o, oy) in dst.chunks_exact_mut(ow * kh * run).zip(oy0..) {
             let starts = |k: usize| (oy * self.sy + k * self.dy) * self.row_bytes;
             // every run lies in this image: its last, at `starts(kh - 1) + (ow - 1)·sx·g`,
