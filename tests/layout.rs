@@ -396,3 +396,60 @@ fn int8_encoders_lower_to_standard_onnx() {
         );
     }
 }
+
+/// Argmin codebooks fitted in the output metric (the default `argmin_metric`) carry their norms
+/// as a third `PQEncode` input: through the layout pass, a `.tcv` round trip (which needs
+/// ai.tabconv opset 8) and the lowering to standard ONNX (tract on it gives the interpreter's
+/// outputs), the codes stay those of the norms.
+#[test]
+fn metric_encoders_keep_their_norms_everywhere() {
+    for layout in [false, true] {
+        let g = compile(layout);
+        let with_norms = g
+            .topo_order()
+            .unwrap()
+            .into_iter()
+            .filter(|&n| matches!(g.node(n).op, Op::PqEncode(_)) && g.inputs_of(n).len() == 3)
+            .count();
+        // c and d (1×1 convs over 16 channels, 4 per codebook) and fc; a reads the image (the
+        // stem) and b has the int8 encoder
+        assert_eq!(with_norms, 3, "layout {layout}: {}", dump(&g).unwrap());
+        let x = images(5, 8);
+        let ours = as_f32(&run(&g, vec![Tensor::F32(x.clone())]).unwrap()[0]);
+        let dir = tempfile::tempdir().unwrap();
+        if !layout {
+            let p = dir.path().join("m.onnx");
+            std::fs::write(&p, tabconv::onnx::lower::encode(&g, "").unwrap()).unwrap();
+            let e = rel_err(&ours, &run_tract(&p, std::slice::from_ref(&x))[0]);
+            assert!(e <= 1e-5, "tract on the lowered model vs the interpreter: {e:e}");
+        }
+        let t = dir.path().join("m.tcv");
+        tcv::write_tcv(&g, "", &t).unwrap();
+        let back = tcv::read_tcv(&t).unwrap();
+        assert_eq!(dump(&back).unwrap(), dump(&g).unwrap());
+        assert_eq!(as_f32(&run(&back, vec![Tensor::F32(x)]).unwrap()[0]), ours);
+        let mut proto = tabconv::onnx::proto::read_model_proto(&t).unwrap();
+        for o in proto.opset_import.iter_mut().filter(|o| o.domain == "ai.tabconv") {
+            o.version = 7;
+        }
+        std::fs::write(&t, prost::Message::encode_to_vec(&proto)).unwrap();
+        let e = tcv::read_tcv(&t).unwrap_err().to_string();
+        assert!(e.contains("norms (a third input) need ai.tabconv opset 8"), "{e}");
+        // norms of the wrong shape (the same number of values) are named as such
+        for o in proto.opset_import.iter_mut().filter(|o| o.domain == "ai.tabconv") {
+            o.version = 8;
+        }
+        let norms = proto
+            .graph
+            .as_mut()
+            .unwrap()
+            .initializer
+            .iter_mut()
+            .find(|t| t.name.ends_with("/norms"));
+        let norms = norms.expect("norms are stored");
+        norms.dims.reverse();
+        std::fs::write(&t, prost::Message::encode_to_vec(&proto)).unwrap();
+        let e = tcv::read_tcv(&t).unwrap_err().to_string();
+        assert!(e.contains("norms must be [") && e.contains("pq_encode"), "{e}");
+    }
+}

@@ -308,17 +308,22 @@ fn pixel_codebooks_encode_each_pixel_once() {
 }
 
 /// The global stage does not learn pixel codebooks: with them it is skipped, and the note says
-/// how to run it.
+/// how to run it. Nor argmin codebooks with norms: with it on, the `lut` pass fits them on
+/// their inputs.
 #[test]
 fn global_stage_skips_pixel_codebooks_with_a_note() {
-    let mut g = tabconv::onnx::load_model(&fixture("models/lenet5.onnx")).unwrap();
-    let text = "name: t\npasses:\n  - fold-batchnorm:\n  - gemm-to-matmul:\n  - conv-to-im2col:\n  - constant-fold:\n  - lut:\n      encoder: argmin\n      pixel_subspace: 3\n      global_epochs: 1\n      global_images: 64\n  - dead-code:\n";
-    let p = Pipeline::parse(text, "t").unwrap();
-    let mut cx = PassCx {
-        calib: Some(npy("data/mnist_calib.npy")),
-        ..Default::default()
+    let run = |pixel: usize| {
+        let mut g = tabconv::onnx::load_model(&fixture("models/lenet5.onnx")).unwrap();
+        let text = format!("name: t\npasses:\n  - fold-batchnorm:\n  - gemm-to-matmul:\n  - conv-to-im2col:\n  - constant-fold:\n  - lut:\n      encoder: argmin\n      pixel_subspace: {pixel}\n      global_epochs: 1\n      global_images: 64\n  - dead-code:\n");
+        let p = Pipeline::parse(&text, "t").unwrap();
+        let mut cx = PassCx {
+            calib: Some(npy("data/mnist_calib.npy")),
+            ..Default::default()
+        };
+        run_pipeline(&mut g, &p, &mut cx, |_, _| Ok(())).unwrap();
+        (g, cx)
     };
-    run_pipeline(&mut g, &p, &mut cx, |_, _| Ok(())).unwrap();
+    let (_, cx) = run(3);
     assert!(cx.global.is_none(), "no global stage ran");
     let note = cx.notes.iter().find(|n| n.contains("global stage skipped"));
     assert_eq!(
@@ -326,5 +331,67 @@ fn global_stage_skips_pixel_codebooks_with_a_note() {
         Some("lut: global stage skipped: it does not learn pixel codebooks: set lut.pixel_subspace=0 (per-channel codebooks) to run it"),
         "{:?}",
         cx.notes
+    );
+    // nor argmin codebooks with norms: with the stage on, they are fitted on their inputs
+    let (g, cx) = run(0);
+    assert!(cx.global.is_some(), "the global stage ran: {:?}", cx.notes);
+    assert!(
+        g.g.node_weights().all(|n| !n.name.ends_with("/norms")),
+        "no norms: {}",
+        dump(&g).unwrap()
+    );
+}
+
+/// `argmin_metric: output` clusters each codebook's subvectors in the metric of the weight rows
+/// they meet and encodes the nearest prototype in it (prototypes `A p` with norms `pᵀAp`, a
+/// third `PQEncode` input): on a layer whose weight rows differ in scale by 100×, the layer's
+/// output error on new rows is far below that of clustering the subvectors themselves
+/// (`input`), which spends its prototypes on the values that barely move the output.
+#[test]
+fn argmin_in_the_output_metric_lowers_the_output_error() {
+    let mut rng = Rng::new(6);
+    // rows of W scaled 5, 1, 0.2, 0.05 within each codebook of 4
+    let w: Vec<f32> = (0..40)
+        .map(|i| (rng.next_f64() as f32 - 0.5) * [5.0, 1.0, 0.2, 0.05][(i / 5) % 4])
+        .collect();
+    let rows = |rng: &mut Rng, n: usize| {
+        ArrayD::from_shape_vec(IxDyn(&[n, 8]), (0..n * 8).map(|_| rng.next_f64() as f32).collect()).unwrap()
+    };
+    let (calib, test) = (rows(&mut rng, 4000), rows(&mut rng, 1000));
+    // behind a Relu: a layer reading the model's input (the stem) keeps the input metric
+    let after_relu = || {
+        let mut g = Graph::new();
+        let x = g.add_node("x", Op::Input, &[]);
+        g.node_mut(x).outputs[0].fact = Some(Fact::new(DType::F32, vec![Dim::Batch(1), Dim::Known(8)]));
+        g.inputs.push(x);
+        let r = g.add_op("relu", Op::Unary(tabconv::ir::op::Unary::Relu), &[Outlet::new(x, 0)]);
+        let wc = g.add_const("w", Tensor::f32(&[8, 5], w.clone()).unwrap());
+        let y = g.add_op("layer", Op::MatMul, &[r, wc]);
+        g.outputs.push(("y".into(), y));
+        tabconv::ir::infer::infer_graph(&mut g).unwrap();
+        g
+    };
+    let exact = as_f32(&run(&after_relu(), vec![Tensor::F32(test.clone())]).unwrap()[0]);
+    let error = |metric: &str| {
+        let mut g = after_relu();
+        let p = lut_pipeline(&format!("      tables: f32\n      argmin_metric: {metric}\n"));
+        let mut cx = PassCx {
+            calib: Some(calib.clone()),
+            ..Default::default()
+        };
+        run_pipeline(&mut g, &p, &mut cx, |_, _| Ok(())).unwrap();
+        let enc = g.find("layer/pq_encode").expect("the layer became lookups");
+        let norms = g.find("layer/norms");
+        assert_eq!(g.inputs_of(enc).len(), 2 + norms.is_some() as usize);
+        assert_eq!(norms.is_some(), metric == "output", "norms only in the output metric");
+        let got = as_f32(&run(&g, vec![Tensor::F32(test.clone())]).unwrap()[0]);
+        let sq = |it: &mut dyn Iterator<Item = f32>| it.map(|v| v as f64 * v as f64).sum::<f64>();
+        (sq(&mut got.iter().zip(&exact).map(|(a, b)| a - b)) / sq(&mut exact.iter().copied())).sqrt()
+    };
+    let (input, output) = (error("input"), error("output"));
+    eprintln!("output relative error: input metric {input:.4}, output metric {output:.4}");
+    assert!(
+        output < 0.7 * input,
+        "output metric {output} against input metric {input}"
     );
 }

@@ -140,6 +140,12 @@ impl Unit {
                 "it does not learn pixel codebooks: set lut.pixel_subspace=0 (per-channel codebooks) to run it".into(),
             ));
         }
+        let eins = graph.inputs_of(enc_node);
+        if pe.encoder == Encoder::Argmin && eins.len() > 2 {
+            return Err(stop(
+                "it does not learn argmin codebooks fitted in a metric: set lut.argmin_metric=input to run it".into(),
+            ));
+        }
         if pe.nhwc || ins.len() != 4 {
             return Ok(None);
         }
@@ -167,7 +173,6 @@ impl Unit {
                 }
             }
         }
-        let eins = graph.inputs_of(enc_node);
         let s = pe.subspace;
         let enc = match (pe.encoder, eins.len()) {
             (Encoder::Argmin, 2) => Encoding::Argmin {

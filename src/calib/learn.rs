@@ -818,10 +818,10 @@ mod tests {
             d: c.sub.count() * c.sub.s,
             s: c.sub.s,
         };
-        crate::interp::kernels::encode::encode_argmin(&x, c.rows, sub, 16, &protos, None, &mut f32_codes);
+        crate::interp::kernels::encode::encode_argmin(&x, c.rows, sub, 16, &protos, None, None, &mut f32_codes);
         // a coarse scale, so that the two encoders disagree on some rows
         let scale = 0.05;
-        crate::interp::kernels::encode::encode_argmin(&x, c.rows, sub, 16, &protos, Some(scale), &mut int8_codes);
+        crate::interp::kernels::encode::encode_argmin(&x, c.rows, sub, 16, &protos, None, Some(scale), &mut int8_codes);
         assert_ne!(f32_codes, int8_codes, "the case must tell the encoders apart");
         p.act_scale = Some(scale);
         assert_eq!(hard_codes(&p, &enc, &rows), int8_codes);

@@ -736,10 +736,12 @@ fn pq_encode(p: &crate::ir::op::PqEncode, args: &[Arc<Tensor>], cache: Option<&C
                         bail!("the int8 encoder needs a positive normal act_scale and a subspace of at most 64 values, got {a} and {}", p.subspace);
                     }
                 }
+                let norms = argmin_norms(args, c_n, ps[1])?;
                 let cb = encode::Codebooks::Argmin {
                     k: ps[1],
                     protos: &protos,
                     act_scale: p.act_scale,
+                    norms: norms.as_deref(),
                 };
                 Ok(encode::prepare(sub, &cb, hint))
             }
@@ -762,6 +764,18 @@ fn pq_encode(p: &crate::ir::op::PqEncode, args: &[Arc<Tensor>], cache: Option<&C
     Ok(Tensor::U8(
         ArrayD::from_shape_vec(IxDyn(&shape), codes).expect("codes size"),
     ))
+}
+
+/// An argmin `PQEncode`'s optional norms (`args[2]`, `[c_n, k]`: the code is
+/// `argmin_k norms[c][k] − 2 x·p_k`), checked.
+fn argmin_norms(args: &[Arc<Tensor>], c_n: usize, k: usize) -> Result<Option<Vec<f32>>> {
+    let Some(t) = args.get(2) else {
+        return Ok(None);
+    };
+    if t.shape() != [c_n, k] {
+        bail!("norms {:?} do not fit {c_n} codebooks of {k} prototypes", t.shape());
+    }
+    Ok(Some(f32_std(t)?.into_owned()))
 }
 
 /// A tree `PQEncode`'s depth, split channels (`args[1]`: `[c_n, depth]`, clamped into the
@@ -790,15 +804,15 @@ fn tree_params<'a>(
     Ok((depth, dims, f32_std(&args[2])?))
 }
 
-/// The int8 pixel encoder's codebooks for prototypes `protos` `[⌈ch/s⌉, K, s]`.
+/// The int8 pixel encoder's codebooks for prototypes `args[1]` `[⌈ch/s⌉, K, s]` (and norms `args[2]`, if any).
 fn pixel_quant(
     p: &crate::ir::op::PqEncode,
-    protos: &Tensor,
+    args: &[Arc<Tensor>],
     act_scale: f32,
     ch: usize,
 ) -> Result<super::kernels::encode_pixel::PixelQuant> {
     use super::kernels::encode_i8::{valid_act_scale, Quant};
-    let (s, ps) = (p.subspace, protos.shape());
+    let (s, ps) = (p.subspace, args[1].shape());
     let c_n = ch.div_ceil(s.max(1));
     if ps.len() != 3 || ps[0] != c_n || ps[2] != s || !(1..=256).contains(&ps[1]) {
         bail!("prototypes {ps:?} do not fit {c_n} pixel codebooks of {s} channels");
@@ -806,7 +820,8 @@ fn pixel_quant(
     if !valid_act_scale(act_scale) || s > 64 {
         bail!("the int8 encoder needs a positive normal act_scale and a subspace of at most 64 values, got {act_scale} and {s}");
     }
-    let quant = Quant::new(&f32_std(protos)?, ps[1], s, act_scale);
+    let norms = argmin_norms(args, c_n, ps[1])?;
+    let quant = Quant::with_norms(&f32_std(&args[1])?, norms.as_deref(), ps[1], s, act_scale);
     Ok(super::kernels::encode_pixel::PixelQuant::new(quant, ch, s, ps[1]))
 }
 
@@ -849,7 +864,7 @@ fn pq_encode_pixels(p: &crate::ir::op::PqEncode, args: &[Arc<Tensor>], cache: Op
         // the int8 encoder on channels-last pixels: its own kernels
         (Some(a), true, Encoder::Argmin) => {
             let mut slot = None;
-            let pq = cached(cache, || pixel_quant(p, &args[1], a, ch), &mut slot)?;
+            let pq = cached(cache, || pixel_quant(p, args, a, ch), &mut slot)?;
             both(ch.div_ceil(p.subspace.max(1)), &|x, codes| pq.encode(level, x, codes))?
         }
         // the tree encoder on channels-last pixels: its own kernel where it serves the level and

@@ -117,7 +117,8 @@ pub fn node_cost(graph: &Graph, n: NodeIndex) -> Cost {
                     let k = shape.get(1).copied().unwrap_or(0) as u64;
                     c.encode_macs = product([out, k, p.subspace as u64]);
                     c.encode_compares = out.saturating_mul(k);
-                    c.prototype_bytes = bytes(1);
+                    // the prototypes, and their norms where given
+                    c.prototype_bytes = bytes(1).saturating_add(bytes(2));
                 }
                 Encoder::Tree => {
                     c.encode_compares = out.saturating_mul(shape.get(1).copied().unwrap_or(0) as u64);

@@ -307,7 +307,17 @@ fn infer_op_unchecked(op: &Op, ins: &[Fact]) -> Result<Vec<Fact>> {
                 Encoder::Argmin => {
                     need(2)?;
                     match shape_of(1).as_deref() {
-                        Some(&[pc, k, s]) if pc as i64 == c && s == p.subspace && (1..=256).contains(&k) => {}
+                        Some(&[pc, k, s]) if pc as i64 == c && s == p.subspace && (1..=256).contains(&k) => {
+                            // optional norms `[C, K]`
+                            if ins.len() > 3 {
+                                return err(format!("an argmin encoder takes at most 3 inputs, got {}", ins.len()));
+                            }
+                            match (ins.len(), shape_of(2).as_deref()) {
+                                (2, _) => {}
+                                (_, Some(&[nc, nk])) if nc as i64 == c && nk == k => {}
+                                (_, other) => return err(format!("norms must be [{c}, {k}], got {other:?}")),
+                            }
+                        }
                         other => {
                             return err(format!(
                                 "prototypes must be [{c}, K≤256, {}], got {other:?}",

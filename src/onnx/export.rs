@@ -14,8 +14,9 @@ pub const TABCONV_DOMAIN: &str = "ai.tabconv";
 /// Version 2 added `PQEncode`'s `layout` attribute (channels-last input), version 3 the fused
 /// `LutMatMul` epilogue, version 4 `Gelu` (standard only from ONNX opset 20), version 5
 /// `PQEncode`'s `act_scale` (the int8 argmin encoder), version 6 `NhwcConv`'s `activation_max`
-/// (a fused `Clip(0, max)`), version 7 `PQEncode`'s `pixel` (pixel codebooks).
-pub const TABCONV_OPSET: i64 = 7;
+/// (a fused `Clip(0, max)`), version 7 `PQEncode`'s `pixel` (pixel codebooks), version 8 the
+/// argmin `PQEncode`'s optional `norms` input (codebooks fitted in the output's metric).
+pub const TABCONV_OPSET: i64 = 8;
 
 /// What the exported model is for.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]

@@ -759,6 +759,12 @@ impl Importer {
                         }
                     },
                 };
+                if encoder == Encoder::Argmin && node.input.len() > 2 && self.tabconv_opset < 8 {
+                    return Err(Error::Other(format!(
+                        "an argmin encoder's norms (a third input) need {TABCONV_DOMAIN} opset 8, the file declares {}",
+                        self.tabconv_opset
+                    )));
+                }
                 Op::PqEncode(PqEncode {
                     subspace: subspace as usize,
                     encoder,

@@ -91,6 +91,21 @@ fn const_input(graph: &Graph, n: NodeIndex, i: usize) -> Result<&Tensor> {
     }
 }
 
+/// An argmin encoder's norms (its optional third input, `[c_n, k]`).
+fn given_norms(graph: &Graph, n: NodeIndex, c_n: usize, k: usize) -> Result<Option<Vec<f32>>> {
+    if graph.inputs_of(n).len() < 3 {
+        return Ok(None);
+    }
+    let t = const_input(graph, n, 2)?;
+    if t.shape() != [c_n, k] {
+        return Err(Error::Other(format!(
+            "norms {:?} do not fit {c_n} codebooks of {k}",
+            t.shape()
+        )));
+    }
+    Ok(Some(t.as_f32()?.iter().copied().collect()))
+}
+
 /// An output's shape for `Reshape`: the batch dimension as −1.
 fn reshape_target(graph: &Graph, o: Outlet) -> Result<Vec<i64>> {
     let f = graph
@@ -266,17 +281,22 @@ impl Lowered {
         }
     }
 
-    /// Nearest prototype: `argmin_k ‖p_k‖² − 2 x·p_k` per codebook; `x4` is `[R, C, 1, S]`.
+    /// Nearest prototype: `argmin_k ‖p_k‖² − 2 x·p_k` per codebook (the encoder's norms in place
+    /// of `‖p_k‖²` when it has them); `x4` is `[R, C, 1, S]`.
     fn argmin(&mut self, graph: &Graph, ir: NodeIndex, x4: &str, c_n: usize, s: usize) -> Result<String> {
         let protos = const_input(graph, ir, 1)?.as_f32()?.as_standard_layout().into_owned();
         let k = protos.shape()[1];
         let pv = protos.as_slice().expect("standard layout");
         let mut pt = vec![0f32; c_n * s * k];
+        let given = given_norms(graph, ir, c_n, k)?;
         let mut norms = vec![0f32; c_n * k];
         for c in 0..c_n {
             for j in 0..k {
                 let p = &pv[(c * k + j) * s..][..s];
-                norms[c * k + j] = p.iter().fold(0f32, |a, &v| v.mul_add(v, a));
+                norms[c * k + j] = match &given {
+                    Some(n) => n[c * k + j],
+                    None => p.iter().fold(0f32, |a, &v| v.mul_add(v, a)),
+                };
                 for (i, &v) in p.iter().enumerate() {
                     pt[(c * s + i) * k + j] = v;
                 }
@@ -322,7 +342,8 @@ impl Lowered {
             )));
         }
         let protos = p.as_f32()?.iter().copied().collect::<Vec<f32>>();
-        let q = Quant::new(&protos, k, s, act_scale);
+        let norms = given_norms(graph, ir, c_n, k)?;
+        let q = Quant::with_norms(&protos, norms.as_deref(), k, s, act_scale);
         let mut pt = vec![0f32; c_n * s * k];
         for c in 0..c_n {
             for j in 0..k {

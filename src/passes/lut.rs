@@ -24,7 +24,7 @@ use crate::error::{Error, Result};
 use crate::interp::kernels::encode::{encode_argmin, encode_tree};
 use crate::ir::op::{Encoder, Op, PqEncode, Window};
 use crate::ir::{Graph, Outlet, Tensor};
-use crate::pq::{self, kmeans, quant, refit, rng::Rng, tree, Subspaces};
+use crate::pq::{self, kmeans, metric, quant, refit, rng::Rng, tree, Subspaces};
 use ndarray::{ArrayD, IxDyn};
 use petgraph::stable_graph::NodeIndex;
 use rayon::prelude::*;
@@ -40,13 +40,14 @@ pub enum EncoderChoice {
     Auto,
 }
 
-/// Where a hash tree measures the squared error its splits reduce.
+/// Where an encoder's fitting measures the squared error it reduces (a hash tree's splits,
+/// k-means' clusters).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum TreeSplits {
-    /// On the layer's output: the error `(x − μ)ᵀ A (x − μ)` of a bucket's subvectors in the
-    /// metric `A = W Wᵀ` of the weight rows they meet (window codebooks past the stem; the
-    /// others keep `Input`).
+pub enum Metric {
+    /// On the layer's output: the error `(x − μ)ᵀ A (x − μ)` of a bucket's or cluster's
+    /// subvectors in the metric `A = W Wᵀ` of the weight rows they meet (window codebooks past
+    /// the stem; the others keep `Input`).
     Output,
     /// On the subvectors themselves (MADDNESS's criterion).
     Input,
@@ -89,7 +90,15 @@ pub struct Options {
     /// applies to window codebooks of layers past the stem (a layer reading the model's input
     /// keeps `input`: there it lowered the layer's error and cost ResNet-18/16 0.3–2.3 points
     /// of accuracy over three seeds), not to pixel codebooks (no gain measured).
-    pub tree_splits: TreeSplits,
+    pub tree_splits: Metric,
+    /// `output` or `input`: where k-means measures the argmin codebooks' error. On the output,
+    /// each codebook clusters its subvectors in the metric `A = W Wᵀ` of the weight rows they
+    /// meet and encodes the nearest prototype in it, as `argmin_k pᵀAp − 2 x·Ap` (the same
+    /// work as the Euclidean argmin, with the norms `pᵀAp` stored beside the prototypes `A p`).
+    /// It applies where `tree_splits` would (window codebooks past the stem) and to the f32
+    /// encoder only: the int8 encoder's layers keep `input`, and so does every layer when the
+    /// global stage runs (`global_epochs`; it learns argmin codebooks only in the Euclidean form).
+    pub argmin_metric: Metric,
     /// The int8 argmin encoder (7-bit inputs, int8 prototypes, exact integer distances) for the
     /// convolutions its channel-lane kernel serves: one codebook per input channel, kernel
     /// width ≤ 4, `k = 16`, inputs non-negative on every calibration row (after a ReLU).
@@ -213,7 +222,8 @@ impl Default for Options {
             token_subspace: 0,
             k: 16,
             encoder: EncoderChoice::Auto,
-            tree_splits: TreeSplits::Output,
+            tree_splits: Metric::Output,
+            argmin_metric: Metric::Output,
             int8_encoder: true,
             refit: true,
             ridge: 0.1,
@@ -326,7 +336,7 @@ struct Layer {
     inside: f64,
     rows_per_image: usize,
     /// Its rows are the model's input, only moved, padded or scaled on the way (the stem):
-    /// its trees split on the input's error (`TreeSplits`).
+    /// its trees split and its k-means clusters on the input's error ([`Metric`]).
     stem: bool,
 }
 
@@ -639,7 +649,7 @@ fn tap_major(w: &[f32], d: usize, taps: usize, m: usize) -> Vec<f32> {
 }
 
 /// Per codebook of `sub` (window codebooks over the rows of the `d × m` weight `w`), the
-/// factor `L` of the metric `A = LᵀL = W_c W_cᵀ` its tree splits in, `W_c` the weight rows
+/// factor `L` of the metric `A = LᵀL = W_c W_cᵀ` its tree splits or k-means clusters in, `W_c` the weight rows
 /// its values meet: a bucket's error in it is the squared error its spread puts on the
 /// layer's output. None (the subvectors' own error) where those rows are all zero or not
 /// finite.
@@ -656,13 +666,15 @@ fn split_metrics(w: &[f32], m: usize, sub: Subspaces) -> Vec<Option<Vec<f32>>> {
                     a[i * s + j] = ri.iter().zip(*rj).map(|(&x, &y)| x as f64 * y as f64).sum();
                 }
             }
-            tree::metric_factor(&mut a, s)
+            metric::metric_factor(&mut a, s)
         })
         .collect()
 }
 
 /// Codebooks fitted to the rows (k-means++ or a hash tree per codebook, in parallel, each
-/// with its own RNG stream), and the codebooks that saw fewer distinct rows than `k`.
+/// with its own RNG stream, in the codebook's metric where `metrics` gives one: see
+/// [`metric`]), the subvectors' prototypes (for argmin in a metric, its prototypes mapped back),
+/// and the codebooks that saw fewer distinct rows than `k`.
 #[allow(clippy::too_many_arguments)]
 fn fit_codebooks(
     xs: &[Vec<f32>],
@@ -684,12 +696,17 @@ fn fit_codebooks(
         .map(|(c, data)| match encoder {
             Encoder::Argmin => {
                 let mut rng = Rng::derive(seed, &[li as u64, 2, c as u64]);
-                let km = kmeans::kmeans(data, s, k, o.kmeans_iters, &mut rng);
+                // in a metric: clusters of the mapped rows, prototypes `[k][s]` in its space
+                let mapped = metrics
+                    .get(c)
+                    .and_then(Option::as_ref)
+                    .map(|l| metric::map_rows(data, s, l));
+                let km = kmeans::kmeans(mapped.as_deref().unwrap_or(data), s, k, o.kmeans_iters, &mut rng);
                 (km.centroids, vec![], vec![], km.distinct)
             }
             Encoder::Tree => {
                 let t = match metrics.get(c).and_then(Option::as_ref) {
-                    Some(l) => tree::learn_in(data, s, depth, &tree::map_rows(data, s, l), s),
+                    Some(l) => tree::learn_in(data, s, depth, &metric::map_rows(data, s, l), s),
                     None => tree::learn(data, s, depth),
                 };
                 (t.prototypes, t.dims, t.thresholds, None)
@@ -701,6 +718,15 @@ fn fit_codebooks(
         .enumerate()
         .filter_map(|(c, l)| l.3.map(|d| format!("{c}:{d}")))
         .collect();
+    // the subvectors' prototypes, for the plain tables (argmin in a metric: from its space)
+    let plain: Vec<f32> = learned
+        .iter()
+        .enumerate()
+        .flat_map(|(c, l)| match (encoder, metrics.get(c).and_then(Option::as_ref)) {
+            (Encoder::Argmin, Some(m)) => metric::unmap_rows(&l.0, s, m),
+            _ => l.0.clone(),
+        })
+        .collect();
     let protos: Vec<f32> = learned.iter().flat_map(|l| l.0.iter().copied()).collect();
     let enc = match encoder {
         Encoder::Argmin => Encoding::Argmin { protos: protos.clone() },
@@ -709,20 +735,56 @@ fn fit_codebooks(
             thresholds: learned.iter().flat_map(|l| l.2.iter().copied()).collect(),
         },
     };
-    (enc, protos, few)
+    (enc, plain, few)
 }
 
-/// Codes `rows × c` of the rows under `enc` (`act_scale`: the int8 argmin encoder's), as the
-/// interpreter's encoder computes them.
-fn encode_rows(x: &[f32], rows: usize, sub: Subspaces, k: usize, enc: &Encoding, act_scale: Option<f32>) -> Vec<u8> {
+/// Codes `rows × c` of the rows under `enc` (`act_scale`: the int8 argmin encoder's; argmin
+/// prototypes in the spaces of `metrics` when it is not empty), as the interpreter's encoder
+/// computes them.
+#[allow(clippy::too_many_arguments)]
+fn encode_rows(
+    x: &[f32],
+    rows: usize,
+    sub: Subspaces,
+    k: usize,
+    enc: &Encoding,
+    metrics: &[Option<Vec<f32>>],
+    act_scale: Option<f32>,
+) -> Vec<u8> {
     let mut codes = vec![0u8; rows * sub.count()];
     match enc {
-        Encoding::Argmin { protos } => encode_argmin(x, rows, sub, k, protos, act_scale, &mut codes),
+        Encoding::Argmin { protos } if !metrics.is_empty() => {
+            let (q, norms) = encoder_form(protos, sub, k, metrics);
+            encode_argmin(x, rows, sub, k, &q, Some(&norms), act_scale, &mut codes)
+        }
+        Encoding::Argmin { protos } => encode_argmin(x, rows, sub, k, protos, None, act_scale, &mut codes),
         Encoding::Tree { dims, thresholds } => {
             encode_tree(x, rows, sub, k.trailing_zeros() as usize, dims, thresholds, &mut codes)
         }
     }
     codes
+}
+
+/// Argmin prototypes `protos` (`[c][k][s]`) in the spaces of `metrics` as the encoder reads
+/// the subvectors: prototypes and norms ([`metric::encoder_form`]; a codebook without a metric:
+/// its own prototypes and their squared norms).
+fn encoder_form(protos: &[f32], sub: Subspaces, k: usize, metrics: &[Option<Vec<f32>>]) -> (Vec<f32>, Vec<f32>) {
+    let s = sub.s;
+    let (mut q, mut norms) = (Vec::with_capacity(protos.len()), Vec::with_capacity(protos.len() / s));
+    for (c, cb) in protos.chunks(k * s).enumerate() {
+        match metrics.get(c).and_then(Option::as_ref) {
+            Some(l) => {
+                let (qc, nc) = metric::encoder_form(cb, s, l);
+                q.extend(qc);
+                norms.extend(nc);
+            }
+            None => {
+                q.extend_from_slice(cb);
+                norms.extend(cb.chunks(s).map(|p| p.iter().map(|v| v * v).sum::<f32>()));
+            }
+        }
+    }
+    (q, norms)
 }
 
 /// The int8 encoder's input scale for calibration inputs `x`: their 99.99th percentile over
@@ -748,6 +810,9 @@ fn int8_act_scale(x: &[f32]) -> Option<f32> {
 struct Fitted {
     encoder: Encoder,
     enc: Encoding,
+    /// Argmin norms `[c][k]` ([`Codebooks::Argmin`](crate::interp::kernels::encode::Codebooks)),
+    /// where the codebooks were fitted in a metric.
+    norms: Option<Vec<f32>>,
     act_scale: Option<f32>,
     /// `[c][m][k]`
     tables: Tensor,
@@ -789,20 +854,6 @@ fn fit_layer(layer: &Layer, data: Data, o: &Options, cx: &mut PassCx, li: usize,
         .collect();
     let w = layer.w.as_standard_layout();
     let w = w.as_slice().expect("standard layout");
-    let metrics = match (encoder, o.tree_splits, pixel) {
-        (Encoder::Tree, TreeSplits::Output, None) if !layer.stem => split_metrics(w, m, sub),
-        _ => Vec::new(),
-    };
-    // 1. codebooks
-    let (mut enc, protos, few) = fit_codebooks(&xs, sub, k, encoder, &metrics, o, cx.seed, li);
-    if !few.is_empty() {
-        cx.notes.push(format!(
-            "lut: {}: {} codebook(s) had fewer distinct calibration rows than k={k} (codebook:distinct {})",
-            layer.name,
-            few.len(),
-            few.iter().take(8).cloned().collect::<Vec<_>>().join(", ")
-        ));
-    }
     let act_scale = match (encoder, layer.window) {
         // the int8 pixel kernels (`encode_pixel`): 16 prototypes, codebooks of whole words
         _ if pixel.is_some() => match encoder {
@@ -814,6 +865,32 @@ fn fit_layer(layer: &Layer, data: Data, o: &Options, cx: &mut PassCx, li: usize,
         }
         _ => None,
     };
+    // the metric of each codebook's output error, where the codebooks fit in it
+    let metrics = match (encoder, pixel) {
+        (_, Some(_)) => Vec::new(),
+        _ if layer.stem => Vec::new(),
+        (Encoder::Tree, None) if o.tree_splits == Metric::Output => split_metrics(w, m, sub),
+        // (the global stage learns argmin codebooks only in the Euclidean form)
+        (Encoder::Argmin, None) if o.argmin_metric == Metric::Output && act_scale.is_none() && o.global_epochs == 0 => {
+            split_metrics(w, m, sub)
+        }
+        _ => Vec::new(),
+    };
+    // argmin codebooks in a metric (some codebook has one): encoded and learned in its space
+    let argmin_metrics: &[Option<Vec<f32>>] = match encoder {
+        Encoder::Argmin if metrics.iter().any(Option::is_some) => &metrics,
+        _ => &[],
+    };
+    // 1. codebooks
+    let (mut enc, protos, few) = fit_codebooks(&xs, sub, k, encoder, &metrics, o, cx.seed, li);
+    if !few.is_empty() {
+        cx.notes.push(format!(
+            "lut: {}: {} codebook(s) had fewer distinct calibration rows than k={k} (codebook:distinct {})",
+            layer.name,
+            few.len(),
+            few.iter().take(8).cloned().collect::<Vec<_>>().join(", ")
+        ));
+    }
     let t_learn = start.elapsed().as_secs_f64();
     // 2. tables `[c][k][m]`: prototype · W, then ridge refit against the exact outputs
     let plain = match pixel {
@@ -829,7 +906,7 @@ fn fit_layer(layer: &Layer, data: Data, o: &Options, cx: &mut PassCx, li: usize,
     };
     let mut t_ckm = transpose_blocks(&plain, c_n, m, k);
     if o.refit {
-        let codes = encode_rows(&x, enc_rows, sub, k, &enc, act_scale);
+        let codes = encode_rows(&x, enc_rows, sub, k, &enc, argmin_metrics, act_scale);
         refit::ridge_refit(&codes, rows, c_n, k, &data.y, m, o.ridge, o.refit_iters, &mut t_ckm);
     }
     let t_refit = start.elapsed().as_secs_f64();
@@ -849,6 +926,15 @@ fn fit_layer(layer: &Layer, data: Data, o: &Options, cx: &mut PassCx, li: usize,
                 let lxs = (0..c_n).map(|c| pq::gather_subspace(&x, rows, lsub, c)).collect();
                 enc = per_tap(&enc, taps);
                 (lsub, std::borrow::Cow::Owned(lxs), Some(sub.count()))
+            }
+            // argmin codebooks in a metric learn in its space
+            None if !argmin_metrics.is_empty() => {
+                let lxs = xs
+                    .iter()
+                    .zip(argmin_metrics)
+                    .map(|(x, l)| l.as_ref().map_or_else(|| x.clone(), |l| metric::map_rows(x, s, l)))
+                    .collect();
+                (sub, std::borrow::Cow::Owned(lxs), None)
             }
             None => (sub, std::borrow::Cow::Borrowed(&xs), None),
         };
@@ -894,7 +980,7 @@ fn fit_layer(layer: &Layer, data: Data, o: &Options, cx: &mut PassCx, li: usize,
         }
         TableType::F32 => (Tensor::f32(&[c_n, m, k], t_cmk)?, vec![1.0; m], vec![0.0; m], 0.0),
     };
-    let codes = encode_rows(&x, enc_rows, sub, k, &enc, act_scale);
+    let codes = encode_rows(&x, enc_rows, sub, k, &enc, argmin_metrics, act_scale);
     let args = [
         Tensor::U8(ArrayD::from_shape_vec(IxDyn(&[rows, c_n]), codes).expect("size")),
         tables.clone(),
@@ -933,9 +1019,18 @@ fn fit_layer(layer: &Layer, data: Data, o: &Options, cx: &mut PassCx, li: usize,
         images_resumed: data_resumed,
         learn,
     };
+    // argmin codebooks in a metric: as the encoder reads the subvectors
+    let (enc, norms) = match enc {
+        Encoding::Argmin { protos } if !argmin_metrics.is_empty() => {
+            let (q, norms) = encoder_form(&protos, sub, k, argmin_metrics);
+            (Encoding::Argmin { protos: q }, Some(norms))
+        }
+        enc => (enc, None),
+    };
     Ok(Fitted {
         encoder,
         enc,
+        norms,
         act_scale,
         tables,
         scale,
@@ -980,6 +1075,10 @@ fn rewrite(graph: &mut Graph, layer: &Layer, f: Fitted) -> Result<(String, Exact
         Encoding::Argmin { protos } => {
             let t = Tensor::f32(&[c_n, k, s], protos)?;
             enc_args.push(graph.add_const(&format!("{name}/prototypes"), t));
+            if let Some(norms) = f.norms {
+                let t = Tensor::f32(&[c_n, k], norms)?;
+                enc_args.push(graph.add_const(&format!("{name}/norms"), t));
+            }
         }
         Encoding::Tree { dims, thresholds } => {
             let depth = k.trailing_zeros() as usize;

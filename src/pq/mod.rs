@@ -3,6 +3,7 @@
 //! quantizing them to int8. Pure numerics over slices; the `lut` pass drives it.
 
 pub mod kmeans;
+pub mod metric;
 pub mod quant;
 pub mod refit;
 pub mod rng;

@@ -245,65 +245,10 @@ pub fn learn_in(data: &[f32], s: usize, depth: usize, z: &[f32], t: usize) -> Tr
     }
 }
 
-/// `L` (`s × s`, row-major, upper triangular) with `A = LᵀL` for the symmetric `s × s` matrix
-/// whose lower triangle `a` holds (overwritten), after adding `10⁻⁴` of its mean diagonal to
-/// the diagonal (so a singular `A`, e.g. a padded subspace's zero rows, still factors); None
-/// when its trace is not positive and finite.
-pub fn metric_factor(a: &mut [f64], s: usize) -> Option<Vec<f32>> {
-    let trace: f64 = (0..s).map(|i| a[i * s + i]).sum();
-    if !(trace > 0.0 && trace.is_finite()) {
-        return None;
-    }
-    for i in 0..s {
-        a[i * s + i] += 1e-4 * trace / s as f64;
-    }
-    // Cholesky: A = R Rᵀ, R lower triangular, in place
-    for j in 0..s {
-        let mut d = a[j * s + j];
-        for p in 0..j {
-            d -= a[j * s + p] * a[j * s + p];
-        }
-        if d <= 0.0 {
-            return None;
-        }
-        let d = d.sqrt();
-        a[j * s + j] = d;
-        for i in j + 1..s {
-            let mut v = a[i * s + j];
-            for p in 0..j {
-                v -= a[i * s + p] * a[j * s + p];
-            }
-            a[i * s + j] = v / d;
-        }
-    }
-    // L = Rᵀ
-    let mut l = vec![0f32; s * s];
-    for i in 0..s {
-        for j in 0..=i {
-            l[j * s + i] = a[i * s + j] as f32;
-        }
-    }
-    Some(l)
-}
-
-/// The rows `x` (`n × s`) mapped by `L` (`s × s`, row-major): `z = L x` per row.
-pub fn map_rows(x: &[f32], s: usize, l: &[f32]) -> Vec<f32> {
-    let mut z = vec![0f32; x.len()];
-    for (zr, xr) in z.chunks_mut(s).zip(x.chunks(s)) {
-        for (i, zi) in zr.iter_mut().enumerate() {
-            *zi = l[i * s..(i + 1) * s]
-                .iter()
-                .zip(xr)
-                .map(|(&a, &b)| a as f64 * b as f64)
-                .sum::<f64>() as f32;
-        }
-    }
-    z
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pq::metric::{map_rows, metric_factor};
     use crate::pq::rng::Rng;
 
     #[test]
@@ -325,39 +270,6 @@ mod tests {
             }
             assert_eq!(encode(row, &t.dims, &t.thresholds), lo);
         }
-    }
-
-    #[test]
-    fn metric_factor_maps_rows_to_their_norm_in_the_metric() {
-        let mut rng = Rng::new(9);
-        for (s, m) in [(1, 3), (4, 16), (5, 2), (9, 32)] {
-            // A = W Wᵀ (lower triangle), W s × m; with m < s, A is singular (the jitter)
-            let w: Vec<f64> = (0..s * m).map(|_| rng.next_f64() - 0.5).collect();
-            let a_full: Vec<f64> = (0..s * s)
-                .map(|ij| (0..m).map(|k| w[(ij / s) * m + k] * w[(ij % s) * m + k]).sum())
-                .collect();
-            let mut a: Vec<f64> = (0..s * s)
-                .map(|ij| if ij % s <= ij / s { a_full[ij] } else { 0.0 })
-                .collect();
-            let l = metric_factor(&mut a, s).expect("positive trace");
-            let trace: f64 = (0..s).map(|i| a_full[i * s + i]).sum();
-            let x: Vec<f32> = (0..s * 7).map(|_| rng.next_f64() as f32 * 4.0 - 2.0).collect();
-            for (row, z) in x.chunks(s).zip(map_rows(&x, s, &l).chunks(s)) {
-                let q: f64 = (0..s * s)
-                    .map(|ij| row[ij / s] as f64 * a_full[ij] * row[ij % s] as f64)
-                    .sum::<f64>()
-                    + 1e-4 * trace / s as f64 * row.iter().map(|v| (*v as f64).powi(2)).sum::<f64>();
-                let n: f64 = z.iter().map(|v| (*v as f64).powi(2)).sum();
-                assert!(
-                    (n - q).abs() <= 1e-4 * q.max(1e-3),
-                    "s {s} m {m}: |Lx|² {n} against xᵀAx {q}"
-                );
-            }
-            // L is upper triangular
-            assert!((0..s).all(|i| (0..i).all(|j| l[i * s + j] == 0.0)));
-        }
-        assert_eq!(metric_factor(&mut [0.0; 4], 2), None);
-        assert_eq!(metric_factor(&mut [f64::NAN, 0.0, 0.0, 1.0], 2), None);
     }
 
     #[test]

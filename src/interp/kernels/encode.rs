@@ -222,10 +222,14 @@ impl Rows<'_> {
 /// The codebooks of one layer.
 pub enum Codebooks<'a> {
     /// `protos`: `[c][k][s]`; with `act_scale`, the int8 encoder of [`super::encode_i8`].
+    /// `norms` (`[c][k]`): the code is `argmin_k norms[k] − 2 x·p_k`; None: `norms[k] = ‖p_k‖²`
+    /// (the nearest prototype). Given, they let the prototypes and norms of a metric
+    /// `(x − p)ᵀA(x − p)` be encoded as `A p` and `pᵀAp`.
     Argmin {
         k: usize,
         protos: &'a [f32],
         act_scale: Option<f32>,
+        norms: Option<&'a [f32]>,
     },
     /// `dims`: `[c][depth]` split offsets within each subspace; `thresholds`: `[c][2^depth − 1]`
     /// in heap order.
@@ -334,13 +338,22 @@ pub type ChannelHint = (usize, usize, usize);
 pub fn prepare(sub: Subspaces, cb: &Codebooks, hint: Option<ChannelHint>) -> Prepared {
     let c_n = sub.count();
     let kind = match cb {
-        Codebooks::Argmin { k, protos, act_scale } => {
+        Codebooks::Argmin {
+            k,
+            protos,
+            act_scale,
+            norms,
+        } => {
             assert_eq!(protos.len(), c_n * k * sub.s);
+            assert!(norms.is_none_or(|n| n.len() == c_n * k));
             Kind::Argmin {
                 k: *k,
                 pt: protos.to_vec(),
-                norms: protos.chunks(sub.s).map(|p| p.iter().map(|v| v * v).sum()).collect(),
-                quant: act_scale.map(|a| Quant::new(protos, *k, sub.s, a)),
+                norms: match norms {
+                    Some(n) => n.to_vec(),
+                    None => protos.chunks(sub.s).map(|p| p.iter().map(|v| v * v).sum()).collect(),
+                },
+                quant: act_scale.map(|a| Quant::with_norms(protos, *norms, *k, sub.s, a)),
             }
         }
         Codebooks::Tree {
@@ -1824,13 +1837,16 @@ fn tree_tile(xt: &[[f32; LANES]], sub: Subspaces, c: usize, depth: usize, dims: 
     idx
 }
 
-/// Convenience: argmin encoding of row-major rows (`act_scale`: the int8 encoder's input scale).
+/// Convenience: argmin encoding of row-major rows (`act_scale`: the int8 encoder's input scale;
+/// `norms`: see [`Codebooks::Argmin`]).
+#[allow(clippy::too_many_arguments)]
 pub fn encode_argmin(
     x: &[f32],
     rows: usize,
     sub: Subspaces,
     k: usize,
     protos: &[f32],
+    norms: Option<&[f32]>,
     act_scale: Option<f32>,
     codes: &mut [u8],
 ) {
@@ -1838,7 +1854,12 @@ pub fn encode_argmin(
     encode(
         &Rows::Matrix { x, d: sub.d },
         sub,
-        &Codebooks::Argmin { k, protos, act_scale },
+        &Codebooks::Argmin {
+            k,
+            protos,
+            act_scale,
+            norms,
+        },
         codes,
     )
 }
@@ -1873,10 +1894,18 @@ mod tests {
     use crate::ir::op::Padding;
     use crate::pq::rng::Rng;
 
+    /// The nearest prototype, and with norms given the least `norms[k] − 2 x·p_k` (what a
+    /// metric's prototypes encode as), whichever kernel this CPU takes.
     #[test]
     fn argmin_matches_brute_force() {
         let mut rng = Rng::new(11);
-        for &(rows, d, s, k) in &[(700usize, 20usize, 9usize, 16usize), (33, 8, 4, 256), (5, 3, 4, 16)] {
+        let cases = [
+            (700usize, 20usize, 9usize, 16usize),
+            (33, 8, 4, 256),
+            (5, 3, 4, 16),
+            (300, 64, 4, 16),
+        ];
+        for (&(rows, d, s, k), with_norms) in cases.iter().flat_map(|c| [(c, false), (c, true)]) {
             let sub = Subspaces { d, s };
             let c_n = sub.count();
             let x: Vec<f32> = (0..rows * d).map(|_| rng.next_f64() as f32 * 2.0 - 1.0).collect();
@@ -1887,18 +1916,21 @@ mod tests {
                     protos[((c_n - 1) * k + kk) * s + j] = 0.0;
                 }
             }
+            // norms unrelated to the prototypes' own
+            let norms: Vec<f32> = (0..c_n * k).map(|_| rng.next_f64() as f32 * 3.0 - 1.0).collect();
+            let norms = with_norms.then_some(&norms[..]);
             let mut codes = vec![0u8; rows * c_n];
-            encode_argmin(&x, rows, sub, k, &protos, None, &mut codes);
+            encode_argmin(&x, rows, sub, k, &protos, norms, None, &mut codes);
             for r in 0..rows {
                 for c in 0..c_n {
                     let xr = &x[r * d..(r + 1) * d];
                     let dist = |j: usize| -> f64 {
-                        (0..s)
-                            .map(|t| {
-                                let xv = xr.get(c * s + t).copied().filter(|_| c * s + t < d).unwrap_or(0.0) as f64;
-                                (xv - protos[(c * k + j) * s + t] as f64).powi(2)
-                            })
-                            .sum()
+                        let xv = |t: usize| xr.get(c * s + t).copied().filter(|_| c * s + t < d).unwrap_or(0.0) as f64;
+                        let p = |t: usize| protos[(c * k + j) * s + t] as f64;
+                        match norms {
+                            Some(n) => n[c * k + j] as f64 - 2.0 * (0..s).map(|t| xv(t) * p(t)).sum::<f64>(),
+                            None => (0..s).map(|t| (xv(t) - p(t)).powi(2)).sum(),
+                        }
                     };
                     let got = codes[r * c_n + c] as usize;
                     let best = (0..k).map(dist).fold(f64::INFINITY, f64::min);
@@ -2107,6 +2139,7 @@ mod tests {
                 k: 16,
                 protos: &protos,
                 act_scale: None,
+                norms: None,
             };
             let pr = prepare(sub, &cb, None).row_protos.unwrap();
             let mut xt = vec![[0f32; LANES]; sub.d];
@@ -2181,6 +2214,7 @@ mod tests {
                         k: 16,
                         protos: &protos,
                         act_scale: None,
+                        norms: None,
                     },
                     None,
                 );
@@ -2243,6 +2277,7 @@ mod tests {
                     k,
                     protos: &protos,
                     act_scale: None,
+                    norms: None,
                 };
                 let prepared = prepare(sub, &cb, None);
                 assert_eq!(prepared.row_protos.is_some(), k == 16 && row_path);
@@ -2409,7 +2444,7 @@ mod tests {
             ([17, 17, 5, 6], [2, 3], [1, 3], [1, 1], [0, 4, 1, 5], 6, 16),
             ([16, 9, 2, 2], [2, 2], [2, 2], [1, 1], [0, 0, 0, 0], 4, 16),
         ];
-        for &(shape, kernel, strides, dilations, pads, s, k) in cases {
+        for (ci, &(shape, kernel, strides, dilations, pads, s, k)) in cases.iter().enumerate() {
             let win = Window {
                 kernel,
                 strides,
@@ -2426,6 +2461,9 @@ mod tests {
             let sub = Subspaces { d, s };
             let c_n = sub.count();
             let protos: Vec<f32> = (0..c_n * k * s).map(|_| rng.next_f64() as f32 - 0.3).collect();
+            // every other case with norms of its own (a metric's encoder)
+            let norms: Vec<f32> = (0..c_n * k).map(|_| rng.next_f64() as f32).collect();
+            let norms = (ci % 2 == 1).then_some(&norms[..]);
             let nchw = Rows::Conv {
                 x: &x,
                 shape,
@@ -2443,6 +2481,7 @@ mod tests {
                 k,
                 protos: &protos,
                 act_scale: None,
+                norms,
             };
             let mut a = vec![0u8; nchw.count() * c_n];
             let mut b = vec![0u8; nchw.count() * c_n];
@@ -2580,6 +2619,7 @@ mod tests {
                     k,
                     protos: &protos,
                     act_scale: None,
+                    norms: None,
                 },
                 Some((c, kk, kk)),
             );
@@ -2638,6 +2678,7 @@ mod tests {
             k,
             protos: &protos,
             act_scale: None,
+            norms: None,
         };
         let rows = n * h * w;
         let mut a = vec![0u8; rows * sub.count()];
@@ -2897,7 +2938,7 @@ mod tests {
         let n_rows = rows.len() / d;
         let mut a = vec![0u8; n_rows * c_n];
         let mut b = vec![0u8; n_rows * c_n];
-        encode_argmin(rows.as_slice().unwrap(), n_rows, sub, k, &protos, None, &mut a);
+        encode_argmin(rows.as_slice().unwrap(), n_rows, sub, k, &protos, None, None, &mut a);
         encode(
             &Rows::Conv {
                 x: &x,
@@ -2910,6 +2951,7 @@ mod tests {
                 k,
                 protos: &protos,
                 act_scale: None,
+                norms: None,
             },
             &mut b,
         );

@@ -65,14 +65,37 @@ pub struct Quant {
 impl Quant {
     /// Quantize prototypes `[c][k][s]` for inputs scaled by `act_scale` ([`valid_act_scale`]).
     pub fn new(protos: &[f32], k: usize, s: usize, act_scale: f32) -> Quant {
+        Quant::with_norms(protos, None, k, s, act_scale)
+    }
+
+    /// [`Quant::new`] for the codes `argmin_k norms[c][k] − 2 x·p_k` when `norms` (`[c][k]`) is
+    /// given: `hn[c][k] = round((norms[c][k] − low) / (2·act_scale·sp))`, `low` the least finite
+    /// norm of the codebook (0 if none; taking it off changes no code), `sp` read as 1 when the
+    /// prototypes are all 0, clamped as above (non-finite values read as `2²³`).
+    pub fn with_norms(protos: &[f32], norms: Option<&[f32]>, k: usize, s: usize, act_scale: f32) -> Quant {
         assert!(valid_act_scale(act_scale), "act_scale {act_scale}");
         assert!(k > 0 && s > 0 && protos.len().is_multiple_of(k * s));
+        assert!(norms.is_none_or(|n| n.len() * s == protos.len()));
         let mut pq = Vec::with_capacity(protos.len());
         let mut hn = Vec::with_capacity(protos.len() / s);
-        for cb in protos.chunks(k * s) {
+        for (c, cb) in protos.chunks(k * s).enumerate() {
             let max = cb.iter().fold(0f32, |m, v| m.max(v.abs()));
             let sp = max / QMAX;
-            for p in cb.chunks(s) {
+            let given = norms.map(|n| &n[c * k..(c + 1) * k]);
+            // the least finite norm (0 if none); prototypes all 0: the norms alone decide
+            let low = given.map_or(0.0, |n| {
+                let m = n
+                    .iter()
+                    .filter(|v| v.is_finite())
+                    .fold(f64::INFINITY, |m, &v| m.min(v as f64));
+                if m.is_finite() {
+                    m
+                } else {
+                    0.0
+                }
+            });
+            let unit = if sp > 0.0 { sp as f64 } else { 1.0 };
+            for (kk, p) in cb.chunks(s).enumerate() {
                 let q: Vec<i8> = p
                     .iter()
                     .map(|&v| {
@@ -83,8 +106,13 @@ impl Quant {
                         }
                     })
                     .collect();
-                let sq: i64 = q.iter().map(|&v| v as i64 * v as i64).sum();
-                let h = (sp as f64 * sq as f64 / (2.0 * act_scale as f64)).round();
+                let h = match given {
+                    Some(n) => ((n[kk] as f64 - low) / (2.0 * act_scale as f64 * unit)).round(),
+                    None => {
+                        let sq: i64 = q.iter().map(|&v| v as i64 * v as i64).sum();
+                        (sp as f64 * sq as f64 / (2.0 * act_scale as f64)).round()
+                    }
+                };
                 hn.push(if h.is_finite() {
                     h.clamp(0.0, HN_MAX) as i32
                 } else {
@@ -1094,7 +1122,7 @@ mod tests {
                 .collect();
             // the generic path (matrix rows) is the reference too
             let mut b = vec![0u8; want.len()];
-            encode_argmin(rows, n_rows, sub, K, &protos, Some(act_scale), &mut b);
+            encode_argmin(rows, n_rows, sub, K, &protos, None, Some(act_scale), &mut b);
             assert_eq!(b, want, "{shape:?} matrix rows");
             let xh = crate::interp::kernels::to_nhwc(&x, shape);
             let nhwc = Rows::ConvNhwc {
@@ -1117,6 +1145,7 @@ mod tests {
                 k: K,
                 protos: &protos,
                 act_scale: Some(act_scale),
+                norms: None,
             };
             let prepared = prepare(sub, &cb, Some((c, win.kernel[0], win.kernel[1])));
             let mut got = vec![0u8; want.len()];
@@ -1137,8 +1166,8 @@ mod tests {
             .collect();
         let protos: Vec<f32> = (0..c_n * K * s).map(|_| rng.next_f64() as f32 * 0.8).collect();
         let (mut a, mut b) = (vec![0u8; rows * c_n], vec![0u8; rows * c_n]);
-        encode_argmin(&x, rows, sub, K, &protos, None, &mut a);
-        encode_argmin(&x, rows, sub, K, &protos, Some(0.8 / 127.0), &mut b);
+        encode_argmin(&x, rows, sub, K, &protos, None, None, &mut a);
+        encode_argmin(&x, rows, sub, K, &protos, None, Some(0.8 / 127.0), &mut b);
         let dist = |r: usize, c: usize, k: usize| -> f32 {
             let xv = &x[r * sub.d + c * s..][..s];
             let p = &protos[(c * K + k) * s..][..s];
@@ -1156,6 +1185,60 @@ mod tests {
             }
         }
         eprintln!("{differ} of {} codes differ", rows * c_n);
+        assert!(differ * 50 < rows * c_n, "{differ} of {} codes differ", rows * c_n);
+    }
+
+    /// Given norms (a metric's encoder) replace the prototypes' own: the half norms follow the
+    /// documented formula, the kernels give the reference's codes, and those agree with the f32
+    /// `argmin norms − 2 x·p` up to near ties.
+    #[test]
+    fn norms_replace_the_prototypes_own() {
+        let mut rng = Rng::new(8);
+        let (rows, s, c_n) = (2000, 9, 4);
+        let sub = Subspaces { d: s * c_n, s };
+        let x: Vec<f32> = (0..rows * sub.d)
+            .map(|_| (rng.next_f64() as f32 - 0.2).max(0.0))
+            .collect();
+        let protos: Vec<f32> = (0..c_n * K * s).map(|_| rng.next_f64() as f32 * 0.8 - 0.2).collect();
+        let norms: Vec<f32> = (0..c_n * K).map(|_| rng.next_f64() as f32 * 2.0 - 0.5).collect();
+        let act_scale = 0.8 / 127.0;
+        let q = Quant::with_norms(&protos, Some(&norms), K, s, act_scale);
+        for c in 0..c_n {
+            let sp = protos[c * K * s..(c + 1) * K * s]
+                .iter()
+                .fold(0f32, |m, v| m.max(v.abs()))
+                / 127.0;
+            let low = norms[c * K..(c + 1) * K].iter().fold(f32::INFINITY, |m, &v| m.min(v)) as f64;
+            for k in 0..K {
+                let want = ((norms[c * K + k] as f64 - low) / (2.0 * act_scale as f64 * sp as f64)).round();
+                assert_eq!(q.half_norms()[c * K + k], want as i32, "codebook {c} prototype {k}");
+            }
+        }
+        let (mut a, mut b) = (vec![0u8; rows * c_n], vec![0u8; rows * c_n]);
+        encode_argmin(&x, rows, sub, K, &protos, Some(&norms), None, &mut a);
+        encode_argmin(&x, rows, sub, K, &protos, Some(&norms), Some(act_scale), &mut b);
+        let dist = |r: usize, c: usize, k: usize| -> f32 {
+            let xv = &x[r * sub.d + c * s..][..s];
+            let p = &protos[(c * K + k) * s..][..s];
+            norms[c * K + k] - 2.0 * xv.iter().zip(p).map(|(u, v)| u * v).sum::<f32>()
+        };
+        let mut differ = 0;
+        for r in 0..rows {
+            for c in 0..c_n {
+                let want = q.nearest(c, &x[r * sub.d + c * s..][..s]);
+                assert_eq!(
+                    b[r * c_n + c],
+                    want,
+                    "row {r} codebook {c}: kernel against the reference"
+                );
+                let (ka, kb) = (a[r * c_n + c] as usize, b[r * c_n + c] as usize);
+                if ka != kb {
+                    differ += 1;
+                    let (da, db) = (dist(r, c, ka), dist(r, c, kb));
+                    assert!(db - da < 0.05, "row {r} codebook {c}: {da} vs {db}");
+                }
+            }
+        }
         assert!(differ * 50 < rows * c_n, "{differ} of {} codes differ", rows * c_n);
     }
 
@@ -1470,6 +1553,7 @@ mod tests {
                 k: K,
                 protos: &protos,
                 act_scale: None,
+                norms: None,
             };
             let prepared = prepare(sub, &cb, Some((c, 3, 3)));
             line += &format!(
