@@ -89,11 +89,12 @@ fn compile(layout: bool) -> Graph {
     compile_with(layout, 0)
 }
 
-/// [`compile`] with pixel codebooks of `pixel` channels (0: per-channel window codebooks).
+/// [`compile`] with pixel codebooks of `pixel` channels (0: per-channel window codebooks), the
+/// f32 encoders' codebooks fitted in the output's metric (with norms).
 fn compile_with(layout: bool, pixel: usize) -> Graph {
     let mut g = residual_net();
     let text = format!(
-        "name: t\npasses:\n  - conv-to-im2col:\n  - constant-fold:\n  - lut:\n      encoder: argmin\n      subspace: 0\n      pixel_subspace: {pixel}\n{}  - dead-code:\n",
+        "name: t\npasses:\n  - conv-to-im2col:\n  - constant-fold:\n  - lut:\n      encoder: argmin\n      subspace: 0\n      pixel_subspace: {pixel}\n      argmin_metric: output\n{}  - dead-code:\n",
         if layout { "  - channels-last:\n" } else { "" }
     );
     let mut cx = PassCx {
@@ -397,7 +398,7 @@ fn int8_encoders_lower_to_standard_onnx() {
     }
 }
 
-/// Argmin codebooks fitted in the output metric (the default `argmin_metric`) carry their norms
+/// Argmin codebooks fitted in the output metric (`argmin_metric: output`) carry their norms
 /// as a third `PQEncode` input: through the layout pass, a `.tcv` round trip (which needs
 /// ai.tabconv opset 8) and the lowering to standard ONNX (tract on it gives the interpreter's
 /// outputs), the codes stay those of the norms.

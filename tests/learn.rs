@@ -57,7 +57,7 @@ fn the_whole_network_backward_pass_matches_finite_differences() {
         .slice(s![..256, .., .., ..])
         .to_owned()
         .into_dyn();
-    let (g, _) = lenet_all_lut("none", "      max_rows: 2048\n      argmin_metric: input\n", &calib);
+    let (g, _) = lenet_all_lut("none", "      max_rows: 2048\n", &calib);
     let exact = tabconv::onnx::load_model(&fixture("models/lenet5.onnx")).unwrap();
     let images = calib.slice(s![..8, .., .., ..]).to_owned().into_dyn();
     let checks = global::check_gradients(&g, &exact, &images, 0.1, 1e-3).unwrap();
@@ -77,7 +77,7 @@ fn a_lut_layer_the_stage_cannot_train_stops_the_gradient_with_an_error() {
         .slice(s![..64, .., .., ..])
         .to_owned()
         .into_dyn();
-    let (mut g, _) = lenet_all_lut("none", "      max_rows: 1024\n      argmin_metric: input\n", &calib);
+    let (mut g, _) = lenet_all_lut("none", "      max_rows: 1024\n", &calib);
     let exact = tabconv::onnx::load_model(&fixture("models/lenet5.onnx")).unwrap();
     let images = calib.slice(s![..4, .., .., ..]).to_owned().into_dyn();
     assert_eq!(
@@ -95,15 +95,15 @@ fn a_lut_layer_the_stage_cannot_train_stops_the_gradient_with_an_error() {
     );
 }
 
-/// Argmin codebooks fitted in the output's metric (the `lut` default without the global stage)
-/// carry norms the stage does not learn: it stops with an error naming the option.
+/// Argmin codebooks fitted in the output's metric (`argmin_metric: output`, without the global
+/// stage) carry norms the stage does not learn: it stops with an error naming the option.
 #[test]
 fn the_stage_refuses_argmin_codebooks_with_norms() {
     let calib = npy("data/mnist_calib.npy")
         .slice(s![..64, .., .., ..])
         .to_owned()
         .into_dyn();
-    let (g, _) = lenet_all_lut("none", "      max_rows: 1024\n", &calib);
+    let (g, _) = lenet_all_lut("none", "      max_rows: 1024\n      argmin_metric: output\n", &calib);
     let exact = tabconv::onnx::load_model(&fixture("models/lenet5.onnx")).unwrap();
     let images = calib.slice(s![..4, .., .., ..]).to_owned().into_dyn();
     let e = global::check_gradients(&g, &exact, &images, 1.0, 1e-3)
@@ -131,7 +131,7 @@ fn the_backward_pass_through_a_transformer_encoder_matches_finite_differences() 
     for model in ["models/vit_mnist.onnx", "models/vit_mnist_dynamo.onnx"] {
         let (g, _) = all_lut(
             model,
-            "      kmeans_iters: 4\n      learn: none\n      max_rows: 1024\n      argmin_metric: input\n",
+            "      kmeans_iters: 4\n      learn: none\n      max_rows: 1024\n",
             &calib,
         );
         let exact = tabconv::onnx::load_model(&fixture(model)).unwrap();

@@ -314,7 +314,7 @@ fn pixel_codebooks_encode_each_pixel_once() {
 fn global_stage_skips_pixel_codebooks_with_a_note() {
     let run = |pixel: usize| {
         let mut g = tabconv::onnx::load_model(&fixture("models/lenet5.onnx")).unwrap();
-        let text = format!("name: t\npasses:\n  - fold-batchnorm:\n  - gemm-to-matmul:\n  - conv-to-im2col:\n  - constant-fold:\n  - lut:\n      encoder: argmin\n      pixel_subspace: {pixel}\n      global_epochs: 1\n      global_images: 64\n  - dead-code:\n");
+        let text = format!("name: t\npasses:\n  - fold-batchnorm:\n  - gemm-to-matmul:\n  - conv-to-im2col:\n  - constant-fold:\n  - lut:\n      encoder: argmin\n      pixel_subspace: {pixel}\n      argmin_metric: output\n      global_epochs: 1\n      global_images: 64\n  - dead-code:\n");
         let p = Pipeline::parse(&text, "t").unwrap();
         let mut cx = PassCx {
             calib: Some(npy("data/mnist_calib.npy")),

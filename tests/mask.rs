@@ -42,12 +42,9 @@ fn two_layers() -> (Graph, ArrayD<f32>) {
     (g, ArrayD::from_shape_vec(IxDyn(&[3000, 8]), v).unwrap())
 }
 
-/// `lut` then `mask` with `mask`'s options (YAML lines). The scenarios here (which layer is
-/// restored, put back or refined, by how much a target is missed) were built with codebooks
-/// clustered on the layers' inputs: `argmin_metric: input` keeps them.
 fn pipeline(mask: &str) -> Pipeline {
     let text = format!(
-        "name: t\npasses:\n  - lut:\n      encoder: argmin\n      fc_subspace: 4\n      refit: false\n      argmin_metric: input\n  - mask:\n      relearn: false\n      restore_unprofitable: false\n{mask}  - dead-code:\n"
+        "name: t\npasses:\n  - lut:\n      encoder: argmin\n      fc_subspace: 4\n      refit: false\n  - mask:\n      relearn: false\n      restore_unprofitable: false\n{mask}  - dead-code:\n"
     );
     Pipeline::parse(&text, "test").unwrap()
 }
@@ -477,7 +474,7 @@ fn approximated() -> (Graph, PassCx, ArrayD<f32>) {
         ..Default::default()
     };
     let p = Pipeline::parse(
-        "name: t\npasses:\n  - lut:\n      encoder: argmin\n      fc_subspace: 4\n      refit: false\n      argmin_metric: input\n",
+        "name: t\npasses:\n  - lut:\n      encoder: argmin\n      fc_subspace: 4\n      refit: false\n",
         "t",
     )
     .unwrap();
@@ -831,7 +828,7 @@ fn only_a_kept_relearned_model_is_reported() {
     let greedy = with_exact(&g, &cx, &["easy"]);
     let mut relearned = with_exact(&g, &cx, &["easy", "hard"]);
     let relearn = Pipeline::parse(
-        "name: t\npasses:\n  - lut:\n      encoder: argmin\n      fc_subspace: 4\n      refit: false\n      argmin_metric: input\n      keep_exact: [easy]\n",
+        "name: t\npasses:\n  - lut:\n      encoder: argmin\n      fc_subspace: 4\n      refit: false\n      keep_exact: [easy]\n",
         "t",
     )
     .unwrap();
@@ -887,7 +884,7 @@ fn prune_runs_again_after_relearning() {
     for (target, rounds) in [0.968, 0.969, 0.97, 0.971].into_iter().flat_map(|t| [(t, 0), (t, 2)]) {
         let mut g = tabconv::onnx::load_model(&fixture("models/lenet5.onnx")).unwrap();
         let text = format!(
-            "name: t\npasses:\n  - fold-batchnorm:\n  - gemm-to-matmul:\n  - conv-to-im2col:\n  - constant-fold:\n  - lut:\n      max_rows: 2048\n      learn: none\n      argmin_metric: input\n  - mask:\n      min_logit_cosine: {target}\n      restore_unprofitable: false\n      relearn_rounds: {rounds}\n      force_lut: ['/fc*']\n"
+            "name: t\npasses:\n  - fold-batchnorm:\n  - gemm-to-matmul:\n  - conv-to-im2col:\n  - constant-fold:\n  - lut:\n      max_rows: 2048\n      learn: none\n  - mask:\n      min_logit_cosine: {target}\n      restore_unprofitable: false\n      relearn_rounds: {rounds}\n      force_lut: ['/fc*']\n"
         );
         let mut cx = PassCx {
             calib: Some(calib.clone()),
