@@ -401,7 +401,7 @@ fn int8_encoders_lower_to_standard_onnx() {
 /// Argmin codebooks fitted in the output metric (`argmin_metric: output`) carry their norms
 /// as a third `PQEncode` input: through the layout pass, a `.tcv` round trip (which needs
 /// ai.tabconv opset 8) and the lowering to standard ONNX (tract on it gives the interpreter's
-/// outputs), the codes stay those of the norms.
+/// outputs; b's int8 encoder lowers with its norms too), the codes stay those of the norms.
 #[test]
 fn metric_encoders_keep_their_norms_everywhere() {
     for layout in [false, true] {
@@ -412,9 +412,9 @@ fn metric_encoders_keep_their_norms_everywhere() {
             .into_iter()
             .filter(|&n| matches!(g.node(n).op, Op::PqEncode(_)) && g.inputs_of(n).len() == 3)
             .count();
-        // c and d (1×1 convs over 16 channels, 4 per codebook) and fc; a reads the image (the
-        // stem) and b has the int8 encoder
-        assert_eq!(with_norms, 3, "layout {layout}: {}", dump(&g).unwrap());
+        // b (the int8 encoder), c and d (1×1 convs over 16 channels, 4 per codebook) and fc;
+        // not a, which reads the image (the stem)
+        assert_eq!(with_norms, 4, "layout {layout}: {}", dump(&g).unwrap());
         let x = images(5, 8);
         let ours = as_f32(&run(&g, vec![Tensor::F32(x.clone())]).unwrap()[0]);
         let dir = tempfile::tempdir().unwrap();
@@ -436,7 +436,7 @@ fn metric_encoders_keep_their_norms_everywhere() {
         std::fs::write(&t, prost::Message::encode_to_vec(&proto)).unwrap();
         let e = tcv::read_tcv(&t).unwrap_err().to_string();
         assert!(e.contains("norms (a third input) need ai.tabconv opset 8"), "{e}");
-        // norms of the wrong shape (the same number of values) are named as such
+        // norms of the wrong shape (the same number of values, transposed) are named as such
         for o in proto.opset_import.iter_mut().filter(|o| o.domain == "ai.tabconv") {
             o.version = 8;
         }
@@ -446,7 +446,7 @@ fn metric_encoders_keep_their_norms_everywhere() {
             .unwrap()
             .initializer
             .iter_mut()
-            .find(|t| t.name.ends_with("/norms"));
+            .find(|t| t.name.ends_with("/norms") && t.dims[0] != t.dims[1]);
         let norms = norms.expect("norms are stored");
         norms.dims.reverse();
         std::fs::write(&t, prost::Message::encode_to_vec(&proto)).unwrap();

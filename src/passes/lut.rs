@@ -95,9 +95,10 @@ pub struct Options {
     /// each codebook clusters its subvectors in the metric `A = W Wᵀ` of the weight rows they
     /// meet and encodes the nearest prototype in it, as `argmin_k pᵀAp − 2 x·Ap` (the same
     /// work as the Euclidean argmin, with the norms `pᵀAp` stored beside the prototypes `A p`).
-    /// It applies where `tree_splits` would (window codebooks past the stem) and to the f32
-    /// encoder only: the int8 encoder's layers keep `input`, and so does every layer when the
-    /// global stage runs (`global_epochs`; it learns argmin codebooks only in the Euclidean form).
+    /// It applies where `tree_splits` would (window codebooks past the stem), with the f32 and
+    /// the int8 encoder (whose codes learning then does not mirror: it learns on the f32 ones),
+    /// and not when the global stage runs (`global_epochs`; it learns argmin codebooks only in
+    /// the Euclidean form).
     /// Not the default: on the fixtures the layers it reaches gained little, and through masking
     /// it removed less arithmetic at the same budget on most seeds measured (docs/RESULTS.md).
     pub argmin_metric: Metric,
@@ -873,7 +874,7 @@ fn fit_layer(layer: &Layer, data: Data, o: &Options, cx: &mut PassCx, li: usize,
         _ if layer.stem => Vec::new(),
         (Encoder::Tree, None) if o.tree_splits == Metric::Output => split_metrics(w, m, sub),
         // (the global stage learns argmin codebooks only in the Euclidean form)
-        (Encoder::Argmin, None) if o.argmin_metric == Metric::Output && act_scale.is_none() && o.global_epochs == 0 => {
+        (Encoder::Argmin, None) if o.argmin_metric == Metric::Output && o.global_epochs == 0 => {
             split_metrics(w, m, sub)
         }
         _ => Vec::new(),
@@ -948,7 +949,9 @@ fn fit_layer(layer: &Layer, data: Data, o: &Options, cx: &mut PassCx, li: usize,
             m,
             target,
             epilogue,
-            act_scale,
+            // in a metric's space learning takes the f32 codes, not the int8 encoder's (the
+            // final codes and the measured error are the int8 encoder's)
+            act_scale: act_scale.filter(|_| argmin_metrics.is_empty()),
             shared: groups,
         };
         let lo = learn::Options {
