@@ -110,5 +110,10 @@ done
 for m in "$fx"/models/static_legacy.onnx "$fx"/zoo/shufflenet_like.onnx "$fx"/zoo/squeezenet_like.onnx; do
     "$compile" "$m" -o "$t/$(basename "$m" .onnx)_exact.tcv" --pipeline exact 2>/dev/null
 done
+# argmin codebooks with norms (fitted in the output's metric: a third PQEncode input), which
+# only layers past the stem get (the single-layer graphs above are all stems)
+# shellcheck disable=SC2086
+"$compile" "$fx/zoo/shufflenet_like.onnx" -o "$t/shufflenet_like_metric.tcv" --calib "$fx/zoo/shufflenet_like.in0.npy" \
+    $quick --set lut.encoder=argmin --set lut.argmin_metric=output --set lut.learn=none 2>/dev/null
 echo "seed corpora in $c:"
 for d in "$c"/*; do echo "  $(basename "$d"): $(ls "$d" | wc -l) files"; done
