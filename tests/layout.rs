@@ -90,7 +90,7 @@ fn compile(layout: bool) -> Graph {
 }
 
 /// [`compile`] with pixel codebooks of `pixel` channels (0: per-channel window codebooks), the
-/// f32 encoders' codebooks fitted in the output's metric (with norms).
+/// argmin codebooks past the stem fitted in the output's metric (with norms).
 fn compile_with(layout: bool, pixel: usize) -> Graph {
     let mut g = residual_net();
     let text = format!(

@@ -315,7 +315,8 @@ fn infer_op_unchecked(op: &Op, ins: &[Fact]) -> Result<Vec<Fact>> {
                             match (ins.len(), shape_of(2).as_deref()) {
                                 (2, _) => {}
                                 (_, Some(&[nc, nk])) if nc as i64 == c && nk == k => {}
-                                (_, other) => return err(format!("norms must be [{c}, {k}], got {other:?}")),
+                                (_, Some(other)) => return err(format!("norms must be [{c}, {k}], got {other:?}")),
+                                (_, None) => return err(format!("norms must be a [{c}, {k}] tensor of known shape")),
                             }
                         }
                         other => {

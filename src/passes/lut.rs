@@ -21,7 +21,7 @@ use crate::calib::global::Schedule;
 use crate::calib::learn::{self, Encoding, RowEpilogue, RowStep};
 use crate::calib::{self, Layout, Resume, Sample};
 use crate::error::{Error, Result};
-use crate::interp::kernels::encode::{encode_argmin, encode_tree};
+use crate::interp::kernels::encode::{encode_argmin, encode_tree, squared_norms};
 use crate::ir::op::{Encoder, Op, PqEncode, Window};
 use crate::ir::{Graph, Outlet, Tensor};
 use crate::pq::{self, kmeans, metric, quant, refit, rng::Rng, tree, Subspaces};
@@ -651,33 +651,11 @@ fn tap_major(w: &[f32], d: usize, taps: usize, m: usize) -> Vec<f32> {
     out
 }
 
-/// Per codebook of `sub` (window codebooks over the rows of the `d × m` weight `w`), the
-/// factor `L` of the metric `A = LᵀL = W_c W_cᵀ` its tree splits or k-means clusters in, `W_c` the weight rows
-/// its values meet: a bucket's error in it is the squared error its spread puts on the
-/// layer's output. None (the subvectors' own error) where those rows are all zero or not
-/// finite.
-fn split_metrics(w: &[f32], m: usize, sub: Subspaces) -> Vec<Option<Vec<f32>>> {
-    let s = sub.s;
-    (0..sub.count())
-        .into_par_iter()
-        .map(|c| {
-            let rows: Vec<&[f32]> = sub.range(c).map(|r| &w[r * m..(r + 1) * m]).collect();
-            // the lower triangle; a padded codebook's missing rows stay 0
-            let mut a = vec![0f64; s * s];
-            for (i, ri) in rows.iter().enumerate() {
-                for (j, rj) in rows[..=i].iter().enumerate() {
-                    a[i * s + j] = ri.iter().zip(*rj).map(|(&x, &y)| x as f64 * y as f64).sum();
-                }
-            }
-            metric::metric_factor(&mut a, s)
-        })
-        .collect()
-}
-
-/// Codebooks fitted to the rows (k-means++ or a hash tree per codebook, in parallel, each
-/// with its own RNG stream, in the codebook's metric where `metrics` gives one: see
-/// [`metric`]), the subvectors' prototypes (for argmin in a metric, its prototypes mapped back),
-/// and the codebooks that saw fewer distinct rows than `k`.
+/// Codebooks fitted to each codebook's rows `xs` (k-means++ or a hash tree per codebook, in
+/// parallel, each with its own RNG stream, in the codebook's metric where `metrics` gives one:
+/// see [`metric`]; argmin codebooks get their rows already mapped into it), the subvectors'
+/// prototypes (for argmin in a metric, its prototypes mapped back), and the codebooks that saw
+/// fewer distinct rows than `k`.
 #[allow(clippy::too_many_arguments)]
 fn fit_codebooks(
     xs: &[Vec<f32>],
@@ -699,12 +677,7 @@ fn fit_codebooks(
         .map(|(c, data)| match encoder {
             Encoder::Argmin => {
                 let mut rng = Rng::derive(seed, &[li as u64, 2, c as u64]);
-                // in a metric: clusters of the mapped rows, prototypes `[k][s]` in its space
-                let mapped = metrics
-                    .get(c)
-                    .and_then(Option::as_ref)
-                    .map(|l| metric::map_rows(data, s, l));
-                let km = kmeans::kmeans(mapped.as_deref().unwrap_or(data), s, k, o.kmeans_iters, &mut rng);
+                let km = kmeans::kmeans(data, s, k, o.kmeans_iters, &mut rng);
                 (km.centroids, vec![], vec![], km.distinct)
             }
             Encoder::Tree => {
@@ -783,7 +756,7 @@ fn encoder_form(protos: &[f32], sub: Subspaces, k: usize, metrics: &[Option<Vec<
             }
             None => {
                 q.extend_from_slice(cb);
-                norms.extend(cb.chunks(s).map(|p| p.iter().map(|v| v * v).sum::<f32>()));
+                norms.extend(squared_norms(cb, s));
             }
         }
     }
@@ -872,10 +845,10 @@ fn fit_layer(layer: &Layer, data: Data, o: &Options, cx: &mut PassCx, li: usize,
     let metrics = match (encoder, pixel) {
         (_, Some(_)) => Vec::new(),
         _ if layer.stem => Vec::new(),
-        (Encoder::Tree, None) if o.tree_splits == Metric::Output => split_metrics(w, m, sub),
+        (Encoder::Tree, None) if o.tree_splits == Metric::Output => metric::output_metrics(w, m, sub),
         // (the global stage learns argmin codebooks only in the Euclidean form)
         (Encoder::Argmin, None) if o.argmin_metric == Metric::Output && o.global_epochs == 0 => {
-            split_metrics(w, m, sub)
+            metric::output_metrics(w, m, sub)
         }
         _ => Vec::new(),
     };
@@ -884,8 +857,16 @@ fn fit_layer(layer: &Layer, data: Data, o: &Options, cx: &mut PassCx, li: usize,
         Encoder::Argmin if metrics.iter().any(Option::is_some) => &metrics,
         _ => &[],
     };
+    // argmin codebooks in a metric fit and learn on their rows mapped into it
+    let mapped: Option<Vec<Vec<f32>>> = (!argmin_metrics.is_empty()).then(|| {
+        xs.par_iter()
+            .zip(argmin_metrics)
+            .map(|(x, l)| l.as_ref().map_or_else(|| x.clone(), |l| metric::map_rows(x, s, l)))
+            .collect()
+    });
+    let fit_rows = mapped.as_ref().unwrap_or(&xs);
     // 1. codebooks
-    let (mut enc, protos, few) = fit_codebooks(&xs, sub, k, encoder, &metrics, o, cx.seed, li);
+    let (mut enc, protos, few) = fit_codebooks(fit_rows, sub, k, encoder, &metrics, o, cx.seed, li);
     if !few.is_empty() {
         cx.notes.push(format!(
             "lut: {}: {} codebook(s) had fewer distinct calibration rows than k={k} (codebook:distinct {})",
@@ -930,16 +911,8 @@ fn fit_layer(layer: &Layer, data: Data, o: &Options, cx: &mut PassCx, li: usize,
                 enc = per_tap(&enc, taps);
                 (lsub, std::borrow::Cow::Owned(lxs), Some(sub.count()))
             }
-            // argmin codebooks in a metric learn in its space
-            None if !argmin_metrics.is_empty() => {
-                let lxs = xs
-                    .iter()
-                    .zip(argmin_metrics)
-                    .map(|(x, l)| l.as_ref().map_or_else(|| x.clone(), |l| metric::map_rows(x, s, l)))
-                    .collect();
-                (sub, std::borrow::Cow::Owned(lxs), None)
-            }
-            None => (sub, std::borrow::Cow::Borrowed(&xs), None),
+            // (argmin codebooks in a metric: their rows mapped into it)
+            None => (sub, std::borrow::Cow::Borrowed(fit_rows), None),
         };
         let problem = learn::Problem {
             xs: &lxs,

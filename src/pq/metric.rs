@@ -6,6 +6,9 @@
 //! `argmin_k ‖L(x − p_k)‖² = argmin_k pₖᵀApₖ − 2 x·(A pₖ)`, a Euclidean argmin's work with the
 //! prototypes `A pₖ` and the norms `pₖᵀApₖ` ([`encoder_form`]).
 
+use super::Subspaces;
+use rayon::prelude::*;
+
 /// `L` (`s × s`, row-major, upper triangular) with `A = LᵀL` for the symmetric `s × s` matrix
 /// whose lower triangle `a` holds (overwritten), after adding `10⁻⁴` of its mean diagonal to
 /// the diagonal (so a singular `A`, e.g. a padded subspace's zero rows, still factors); None
@@ -67,8 +70,8 @@ pub fn map_rows(x: &[f32], s: usize, l: &[f32]) -> Vec<f32> {
 /// A cluster's mean there is the mean of its subvectors.
 pub fn unmap_rows(z: &[f32], s: usize, l: &[f32]) -> Vec<f32> {
     let mut x = vec![0f32; z.len()];
+    let mut acc = vec![0f64; s];
     for (xr, zr) in x.chunks_mut(s).zip(z.chunks(s)) {
-        let mut acc = vec![0f64; s];
         for i in (0..s).rev() {
             let mut v = zr[i] as f64;
             for j in i + 1..s {
@@ -96,6 +99,29 @@ pub fn encoder_form(z: &[f32], s: usize, l: &[f32]) -> (Vec<f32>, Vec<f32>) {
         .map(|r| r.iter().map(|&v| v as f64 * v as f64).sum::<f64>() as f32)
         .collect();
     (q, norms)
+}
+
+/// Per codebook of `sub` (window codebooks over the rows of the `d × m` weight `w`), the
+/// factor `L` of the metric `A = LᵀL = W_c W_cᵀ`, `W_c` the weight rows its values meet: a
+/// bucket's or cluster's error in it is the squared error its spread puts on the layer's
+/// output. None (the subvectors' own error) where those rows are all zero or not
+/// finite.
+pub fn output_metrics(w: &[f32], m: usize, sub: Subspaces) -> Vec<Option<Vec<f32>>> {
+    let s = sub.s;
+    (0..sub.count())
+        .into_par_iter()
+        .map(|c| {
+            let rows: Vec<&[f32]> = sub.range(c).map(|r| &w[r * m..(r + 1) * m]).collect();
+            // the lower triangle; a padded codebook's missing rows stay 0
+            let mut a = vec![0f64; s * s];
+            for (i, ri) in rows.iter().enumerate() {
+                for (j, rj) in rows[..=i].iter().enumerate() {
+                    a[i * s + j] = ri.iter().zip(*rj).map(|(&x, &y)| x as f64 * y as f64).sum();
+                }
+            }
+            metric_factor(&mut a, s)
+        })
+        .collect()
 }
 
 #[cfg(test)]

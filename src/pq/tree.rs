@@ -125,6 +125,16 @@ fn best_splits(data: &[f32], s: usize, z: &[f32], order: &[u32], bk: &Buckets, d
     (best.iter().map(|b| b.0).sum(), best.iter().map(|b| b.1).collect())
 }
 
+/// The rows of `data` (`s` wide) sorted by their value on `dim`, ties in row order.
+fn sorted_on(data: &[f32], s: usize, dim: usize) -> Vec<u32> {
+    let mut o: Vec<u32> = (0..(data.len() / s) as u32).collect();
+    o.sort_by(|&a, &b| {
+        let (a, b) = (a as usize, b as usize);
+        data[a * s + dim].total_cmp(&data[b * s + dim]).then(a.cmp(&b))
+    });
+    o
+}
+
 /// Learn a tree of `depth` levels on `n × s` rows, the squared error measured on the rows
 /// themselves (MADDNESS's criterion, with [`learn_in`]'s beam search).
 pub fn learn(data: &[f32], s: usize, depth: usize) -> Tree {
@@ -153,16 +163,7 @@ struct Partial {
 pub fn learn_in(data: &[f32], s: usize, depth: usize, z: &[f32], t: usize) -> Tree {
     let n = data.len() / s;
     debug_assert_eq!(z.len(), n * t);
-    let order: Vec<Vec<u32>> = (0..s)
-        .map(|dim| {
-            let mut o: Vec<u32> = (0..n as u32).collect();
-            o.sort_by(|&a, &b| {
-                let (a, b) = (a as usize, b as usize);
-                data[a * s + dim].total_cmp(&data[b * s + dim]).then(a.cmp(&b))
-            });
-            o
-        })
-        .collect();
+    let order: Vec<Vec<u32>> = (0..s).map(|dim| sorted_on(data, s, dim)).collect();
     let mut beam = vec![Partial {
         loss: f64::INFINITY,
         dims: Vec::with_capacity(depth),
@@ -289,12 +290,7 @@ mod tests {
                 .sum()
         };
         for dim in 0..s {
-            let mut order: Vec<u32> = (0..n as u32).collect();
-            order.sort_by(|&a, &b| {
-                data[a as usize * s + dim]
-                    .total_cmp(&data[b as usize * s + dim])
-                    .then(a.cmp(&b))
-            });
+            let order = sorted_on(&data, s, dim);
             let (loss, thr) = best_splits(&data, s, &z, &order, &Buckets::new(&leaf, buckets, &z, t), dim);
             let mut want_loss = 0.0;
             for b in 0..buckets as u32 {
@@ -331,13 +327,7 @@ mod tests {
             let bk = Buckets::new(&leaf, 1 << level, data, s);
             let (l, dim, thr) = (0..s)
                 .map(|dim| {
-                    let mut o: Vec<u32> = (0..n as u32).collect();
-                    o.sort_by(|&a, &b| {
-                        data[a as usize * s + dim]
-                            .total_cmp(&data[b as usize * s + dim])
-                            .then(a.cmp(&b))
-                    });
-                    let (l, thr) = best_splits(data, s, data, &o, &bk, dim);
+                    let (l, thr) = best_splits(data, s, data, &sorted_on(data, s, dim), &bk, dim);
                     (l, dim, thr)
                 })
                 .fold(None, |b: Option<(f64, usize, Vec<f32>)>, c| match b {

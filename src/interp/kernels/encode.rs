@@ -351,7 +351,7 @@ pub fn prepare(sub: Subspaces, cb: &Codebooks, hint: Option<ChannelHint>) -> Pre
                 pt: protos.to_vec(),
                 norms: match norms {
                     Some(n) => n.to_vec(),
-                    None => protos.chunks(sub.s).map(|p| p.iter().map(|v| v * v).sum()).collect(),
+                    None => squared_norms(protos, sub.s),
                 },
                 quant: act_scale.map(|a| Quant::with_norms(protos, *norms, *k, sub.s, a)),
             }
@@ -1835,6 +1835,12 @@ fn tree_tile(xt: &[[f32; LANES]], sub: Subspaces, c: usize, depth: usize, dims: 
         }
     }
     idx
+}
+
+/// Each prototype's `‖p‖²` (`protos` `[c][k][s]`): the f32 encoder's norms when none are given,
+/// a plain sum of products in subspace order.
+pub fn squared_norms(protos: &[f32], s: usize) -> Vec<f32> {
+    protos.chunks(s).map(|p| p.iter().map(|v| v * v).sum()).collect()
 }
 
 /// Convenience: argmin encoding of row-major rows (`act_scale`: the int8 encoder's input scale;

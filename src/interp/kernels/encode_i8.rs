@@ -1104,7 +1104,7 @@ mod tests {
         // pools kept across the cases: each thread's scratch then holds the previous case's
         // values (its buffers only grow), which must never leak into the codes
         let pools = [1, 2].map(|t| rayon::ThreadPoolBuilder::new().num_threads(t).build().unwrap());
-        for (shape, win) in cases {
+        for (ci, (shape, win)) in cases.into_iter().enumerate() {
             let [n, c, h, w] = shape;
             let act_scale = 0.03;
             let x = inputs(&mut rng, n * c * h * w, act_scale);
@@ -1112,7 +1112,10 @@ mod tests {
             let s = win.kernel[0] * win.kernel[1];
             let sub = Subspaces { d: c * s, s };
             let protos: Vec<f32> = (0..c * K * s).map(|_| rng.next_f64() as f32 * 3.0 - 0.5).collect();
-            let q = Quant::new(&protos, K, s, act_scale);
+            // every other case with norms of its own (a metric's encoder)
+            let norms: Vec<f32> = (0..c * K).map(|_| rng.next_f64() as f32 * 4.0).collect();
+            let norms = (ci % 2 == 1).then_some(&norms[..]);
+            let q = Quant::with_norms(&protos, norms, K, s, act_scale);
             let rows = im2col_rows(&x, shape, &win).unwrap();
             let rows = rows.as_slice().unwrap();
             let n_rows = rows.len() / sub.d;
@@ -1122,7 +1125,7 @@ mod tests {
                 .collect();
             // the generic path (matrix rows) is the reference too
             let mut b = vec![0u8; want.len()];
-            encode_argmin(rows, n_rows, sub, K, &protos, None, Some(act_scale), &mut b);
+            encode_argmin(rows, n_rows, sub, K, &protos, norms, Some(act_scale), &mut b);
             assert_eq!(b, want, "{shape:?} matrix rows");
             let xh = crate::interp::kernels::to_nhwc(&x, shape);
             let nhwc = Rows::ConvNhwc {
@@ -1145,7 +1148,7 @@ mod tests {
                 k: K,
                 protos: &protos,
                 act_scale: Some(act_scale),
-                norms: None,
+                norms,
             };
             let prepared = prepare(sub, &cb, Some((c, win.kernel[0], win.kernel[1])));
             let mut got = vec![0u8; want.len()];
