@@ -1,10 +1,12 @@
 //! Calibration: what the `lut` pass learns from. Running a graph (exact, or approximated up to
 //! the layer being learned) over sampled calibration images and collecting the sampled rows
 //! of its values ([`collect`]), finding what follows a layer up to the end of its block
-//! ([`epilogue`]), and learning a layer's codebooks and tables by gradient descent
-//! ([`learn`]). The `lut` pass only decides which layers to replace and rewrites the graph.
+//! ([`epilogue`]), fitting a layer's codebooks and tables ([`fit`]) and learning them by
+//! gradient descent ([`learn`]). The `lut` pass only decides which layers to replace and how
+//! (a [`fit::Plan`]), and rewrites the graph.
 
 pub mod epilogue;
+pub mod fit;
 pub mod global;
 pub mod grad;
 pub mod learn;
