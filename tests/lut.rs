@@ -395,3 +395,34 @@ fn argmin_in_the_output_metric_lowers_the_output_error() {
         "output metric {output} against input metric {input}"
     );
 }
+
+/// `compensate`: LeNet-5's `conv2` and fully connected layers kept exact after `conv1` as
+/// lookups (fitted, not learned) have their weights refit on the approximated activations
+/// where rows held out of the fit gain, so the logits on unseen images come closer to the exact
+/// model's; the same inputs give the same bytes.
+#[test]
+fn compensated_exact_layers_follow_the_exact_model_more_closely() {
+    let opts = ["lut.keep_exact=[\"/conv2*\", \"/fc*\"]", "lut.learn=none"];
+    let exact = tabconv::onnx::load_model(&fixture("models/lenet5.onnx")).unwrap();
+    let x = npy("data/mnist_test.npy");
+    let logits = |g: &Graph| as_f32(&run(g, vec![Tensor::F32(x.clone())]).unwrap()[0]);
+    let want = logits(&exact);
+    let error = |g: &Graph| {
+        let got = logits(g);
+        let sq = |it: &mut dyn Iterator<Item = f32>| it.map(|v| v as f64 * v as f64).sum::<f64>();
+        (sq(&mut got.iter().zip(&want).map(|(a, b)| a - b)) / sq(&mut want.iter().copied())).sqrt()
+    };
+    let (plain, _) = compile_lenet(&opts, 0);
+    let with = [&opts[..], &["lut.compensate=true"]].concat();
+    let (comp, a) = compile_lenet(&with, 0);
+    let (_, b) = compile_lenet(&with, 0);
+    assert_eq!(a, b, "deterministic");
+    let text = dump(&comp).unwrap();
+    assert_eq!(text.matches("LutMatMul(").count(), 1, "only conv1 as lookups");
+    assert_eq!(dump(&plain).unwrap().matches("/compensated").count(), 0);
+    assert!(text.contains("/conv2/Conv/matmul/compensated"), "conv2 refit:\n{text}");
+    assert!(text.contains("/conv2/Conv/matmul/compensated_bias"), "with its bias");
+    let (e_plain, e_comp) = (error(&plain), error(&comp));
+    eprintln!("logits' relative error: {e_plain:.4} plain, {e_comp:.4} compensated");
+    assert!(e_comp < 0.97 * e_plain, "{e_comp} against {e_plain}");
+}

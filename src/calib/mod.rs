@@ -5,6 +5,7 @@
 //! gradient descent ([`learn`]). The `lut` pass only decides which layers to replace and how
 //! (a [`fit::Plan`]), and rewrites the graph.
 
+pub mod compensate;
 pub mod epilogue;
 pub mod fit;
 pub mod global;

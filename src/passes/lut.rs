@@ -155,6 +155,13 @@ pub struct Options {
     /// How the global stage's step size moves over its steps from `global_lr`: `cosine`
     /// (down to zero along a half cosine) or `constant`.
     pub global_schedule: Schedule,
+    /// Refit the weight (and bias) of each layer kept exact (`keep_exact`, and the layers the
+    /// `mask` pass restores, when it relearns) that follows a replaced layer, by ridge
+    /// regression from the approximated activations it reads to the exact model's output
+    /// ([`calib::compensate`]), kept where it lowers the error on held-out rows.
+    pub compensate: bool,
+    /// Ridge strength of `compensate`, relative to the mean diagonal of the inputs' Gram matrix.
+    pub compensate_ridge: f32,
 }
 
 /// One entry of [`Options::layers`].
@@ -247,6 +254,8 @@ impl Default for Options {
             global_batch: 32,
             global_images: 2048,
             global_schedule: Schedule::Cosine,
+            compensate: false,
+            compensate_ridge: 0.01,
         }
     }
 }
@@ -569,27 +578,11 @@ fn rewrite(graph: &mut Graph, layer: &Layer, f: Fitted) -> Result<(String, Exact
     // A constant bias Add right after the MatMul folds into the (exact, f32) offset.
     let mut out_value = mm_out;
     let mut offset = f.offset;
-    if let [(add, _)] = graph.consumers(mm_out)[..] {
-        let add_ins = graph.inputs_of(add);
-        let other = if add_ins[0] == mm_out {
-            add_ins.get(1)
-        } else {
-            add_ins.first()
-        };
-        if let (Op::Binary(crate::ir::op::Binary::Add), Some(b)) =
-            (&graph.node(add).op, other.and_then(|o| graph.const_value(*o)))
-        {
-            if b.shape() == [m] && !graph.outputs.iter().any(|(_, o)| *o == mm_out) {
-                offset.iter_mut().zip(b.to_f32_vec()).for_each(|(o, v)| *o += v);
-                out_value = Outlet::new(add, 0);
-                let bias_node = other.expect("matched above").node;
-                exact_layer.bias = Some((
-                    graph.node(add).name.clone(),
-                    graph.node(bias_node).name.clone(),
-                    b.clone(),
-                ));
-            }
-        }
+    if let Some((add, port, b)) = bias_add(graph, mm_out, m) {
+        offset.iter_mut().zip(b.to_f32_vec()).for_each(|(o, v)| *o += v);
+        out_value = Outlet::new(add, 0);
+        let bias_node = graph.inputs_of(add)[port].node;
+        exact_layer.bias = Some((graph.node(add).name.clone(), graph.node(bias_node).name.clone(), b));
     }
     let tc = graph.add_const(&format!("{name}/tables"), f.tables);
     let sc = graph.add_const(&format!("{name}/scale"), Tensor::f32(&[m], f.scale)?);
@@ -604,6 +597,94 @@ fn rewrite(graph: &mut Graph, layer: &Layer, f: Fitted) -> Result<(String, Exact
     graph.remove_dead();
     crate::ir::infer::infer_graph(graph)?;
     Ok((lut_name, exact_layer))
+}
+
+/// The constant bias Add right after MatMul output `mm_out` (`m` outputs), if there is one
+/// and the MatMul's output is not a graph output: `(Add node, the bias's input port, bias)`.
+fn bias_add(graph: &Graph, mm_out: Outlet, m: usize) -> Option<(NodeIndex, usize, std::sync::Arc<Tensor>)> {
+    let [(add, _)] = graph.consumers(mm_out)[..] else {
+        return None;
+    };
+    let add_ins = graph.inputs_of(add);
+    let port = if add_ins[0] == mm_out { 1 } else { 0 };
+    let b = add_ins.get(port).and_then(|o| graph.const_value(*o))?;
+    let fits = matches!(graph.node(add).op, Op::Binary(crate::ir::op::Binary::Add))
+        && b.shape() == [m]
+        && !graph.outputs.iter().any(|(_, o)| *o == mm_out);
+    fits.then(|| (add, port, b.clone()))
+}
+
+/// What compensating a kept layer reads besides the graph.
+struct Compensate<'a> {
+    exact: &'a Graph,
+    calib: &'a ArrayD<f32>,
+    order: &'a [usize],
+}
+
+impl Lut {
+    /// `lut.compensate`: refit the weight (and bias) of `layer`, kept exact, from the
+    /// activations the replaced layers before it give to the exact model's output.
+    #[allow(clippy::too_many_arguments)]
+    fn compensate(
+        &self,
+        graph: &mut Graph,
+        c: &Compensate,
+        layer: &Layer,
+        ci: usize,
+        resumes: &mut Resumes,
+        cx: &mut PassCx,
+        bar: &indicatif::ProgressBar,
+    ) -> Result<()> {
+        let o = &self.0;
+        let t0 = Instant::now();
+        let mut rng = Rng::derive(cx.seed, &[0xc0, ci as u64]);
+        let sample = Sample::new(&mut rng, c.order, layer.rows_per_image, o.max_rows);
+        let lo = Options {
+            learn: LearnMode::None,
+            ..o.for_layer(&layer.name)
+        };
+        let p = plan(layer, &lo);
+        let data = gather(graph, c.exact, &p, &lo, c.calib, &sample, resumes, true)?;
+        let (d, m) = (layer.w.shape()[0], layer.w.shape()[1]);
+        let mm_out = Outlet::new(layer.node, 0);
+        let bias = bias_add(graph, mm_out, m);
+        let refit = crate::calib::compensate::refit_weight(
+            &data.x,
+            data.rows,
+            d,
+            &data.y,
+            m,
+            p.w,
+            o.compensate_ridge,
+            bias.is_some(),
+        );
+        let name = layer.name.clone();
+        match refit {
+            Some(r) => {
+                let w = graph.add_const(&format!("{name}/compensated"), Tensor::f32(&[d, m], r.w)?);
+                graph.set_input(layer.node, 1, w);
+                if let Some((add, port, b)) = bias {
+                    let nb: Vec<f32> = b.to_f32_vec().iter().zip(&r.shift).map(|(b, s)| b + s).collect();
+                    let bc = graph.add_const(&format!("{name}/compensated_bias"), Tensor::f32(&[m], nb)?);
+                    graph.set_input(add, port, bc);
+                }
+                graph.remove_dead();
+                crate::ir::infer::infer_graph(graph)?;
+                cx.say(bar, || {
+                    format!(
+                        "  lut: {name} kept exact, compensated: held-out rel err {:.4} → {:.4}, {:.2} s",
+                        r.before,
+                        r.after,
+                        t0.elapsed().as_secs_f64()
+                    )
+                });
+            }
+            None => cx.say(bar, || {
+                format!("  lut: {name} kept exact, not compensated (no held-out gain)")
+            }),
+        }
+        Ok(())
+    }
 }
 
 impl Pass for Lut {
@@ -626,26 +707,39 @@ impl Pass for Lut {
         }
         let record = cx.analyses.lut.get_or_insert_with(|| LutLayers::new(o.clone()));
         record.options = o.clone();
-        let layers: Vec<Layer> = eligible(graph, o.min_macs)?
-            .into_iter()
-            .filter(|l| !o.keep_exact.iter().any(|g| super::glob_match(g, &l.name)))
-            .collect();
+        let kept = |name: &str| o.keep_exact.iter().any(|g| super::glob_match(g, name));
+        let all = eligible(graph, o.min_macs)?;
         let n_images = calib.shape().first().copied().unwrap_or(0);
         if n_images == 0 {
             return Err(Error::Input("lut: the calibration set holds no images".into()));
         }
-        let (bar, n_layers) = (crate::cli::progress(layers.len(), "lut"), layers.len());
+        let n_layers = all.iter().filter(|l| !kept(&l.name)).count();
+        let bar = crate::cli::progress(n_layers, "lut");
         // every layer's images are a prefix of one order, so its runs resume from the last's
         let order = calib::order(&mut Rng::derive(cx.seed, &[0x0bde7]), n_images, o.max_rows);
         let mut resumes = Resumes::default();
         // images of the layers after the first whose runs resumed (0 for all: a note)
         let mut resumed = 0;
-        for (li, layer) in layers.into_iter().enumerate() {
+        // replaced layers so far, and layers kept exact that compensate
+        let (mut li, mut ci) = (0, 0);
+        for layer in all {
             cx.check_cancel()?;
-            bar.set_message(layer.name.clone());
-            bar.inc(1);
             // Earlier rewrites may have replaced this layer's producer: re-read its input.
             let layer = describe(graph, layer.node).expect("a layer stays eligible until it is replaced");
+            if kept(&layer.name) {
+                if o.compensate && o.progressive && li > 0 {
+                    let c = Compensate {
+                        exact: &exact,
+                        calib: &calib,
+                        order: &order,
+                    };
+                    self.compensate(graph, &c, &layer, ci, &mut resumes, cx, &bar)?;
+                    ci += 1;
+                }
+                continue;
+            }
+            bar.set_message(layer.name.clone());
+            bar.inc(1);
             let start = Instant::now();
             let mut rng = Rng::derive(cx.seed, &[li as u64, 1]);
             let sample = Sample::new(&mut rng, &order, layer.rows_per_image, o.max_rows);
@@ -663,6 +757,7 @@ impl Pass for Lut {
             cx.say(&bar, || progress_line(&report, li, n_layers));
             let record = cx.analyses.lut.get_or_insert_with(|| LutLayers::new(o.clone()));
             record.replaced(lut_name, exact_layer, report);
+            li += 1;
         }
         bar.finish_and_clear();
         if n_layers > 1 && resumed == 0 && !cx.notes.iter().any(|n| n.starts_with(NO_RESUME)) {
@@ -761,6 +856,12 @@ fn check_options(o: &Options) -> Result<()> {
         return Err(Error::Input(format!(
             "lut.layers: the entry for {:?} sets subspace 0: give at least 1 value per codebook",
             l.name
+        )));
+    }
+    if !(o.compensate_ridge.is_finite() && o.compensate_ridge >= 0.0) {
+        return Err(Error::Input(format!(
+            "lut.compensate_ridge = {}: must be finite and ≥ 0",
+            o.compensate_ridge
         )));
     }
     if o.max_rows == 0 || o.fc_subspace == 0 || !o.ridge.is_finite() || o.ridge < 0.0 {
