@@ -1,15 +1,15 @@
 //! Fitting one layer's lookups, for the `lut` pass (which decides what each layer gets, in a
-//! [`Plan`], and rewrites the graph): its calibration rows ([`gather`]), codebooks (k-means++ or MADDNESS hash trees, in the
-//! output's metric where asked: [`metric`]), tables `prototype · W` refit by ridge least
-//! squares against the exact outputs, gradient learning ([`learn`]), int8 quantization, and the
-//! error measured on the calibration rows.
+//! [`Plan`], and rewrites the graph): its calibration rows ([`gather`]), codebooks (k-means++
+//! or MADDNESS hash trees, in the output's metric where asked: [`metric`]), tables
+//! `prototype · W` refit by ridge least squares against the exact outputs, gradient learning
+//! ([`learn`]), int8 quantization, and the error measured on the calibration rows.
 
 use crate::calib::epilogue::{self, Step};
 use crate::calib::learn::{self, Encoding, RowEpilogue, RowStep};
 use crate::calib::{self, Layout, Resume, Sample};
 use crate::error::Result;
 use crate::interp::kernels::encode::{encode_argmin, encode_tree, squared_norms};
-use crate::ir::op::{Encoder, Op};
+use crate::ir::op::{Encoder, Op, Window};
 use crate::ir::{Graph, Outlet, Tensor};
 use crate::passes::lut::{EncoderChoice, LayerReport, LearnMode, LearnReport, Metric, Options, TableType};
 use crate::passes::PassCx;
@@ -256,13 +256,18 @@ pub fn gather(
     })
 }
 
+/// The Im2Col producing a layer's `rows`, as its input and window, if one does (a conv).
+pub fn im2col_of(graph: &Graph, rows: Outlet) -> Option<(Outlet, &Window)> {
+    match &graph.node(rows.node).op {
+        Op::Im2Col(win) => Some((graph.inputs_of(rows.node)[0], win)),
+        _ => None,
+    }
+}
+
 /// The activation MatMul `n`'s rows come from: its Im2Col's input for a conv, else its input.
 fn activation(graph: &Graph, n: NodeIndex) -> Outlet {
     let rows = graph.inputs_of(n)[0];
-    match graph.node(rows.node).op {
-        Op::Im2Col(_) => graph.inputs_of(rows.node)[0],
-        _ => rows,
-    }
+    im2col_of(graph, rows).map_or(rows, |(input, _)| input)
 }
 
 /// A fitted (and maybe learned) layer, ready to replace the MatMul.

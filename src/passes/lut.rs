@@ -16,7 +16,7 @@
 
 use super::analysis::LutLayers;
 use super::{Pass, PassCx};
-use crate::calib::fit::{fit_layer, gather, Fitted, Plan, Resumes};
+use crate::calib::fit::{fit_layer, gather, im2col_of, Fitted, Plan, Resumes};
 use crate::calib::global::Schedule;
 use crate::calib::learn::{self, Encoding};
 use crate::calib::{self, Sample};
@@ -426,14 +426,6 @@ fn from_model_input(graph: &Graph, mut o: Outlet) -> bool {
         };
     }
     false
-}
-
-/// The Im2Col producing a layer's `rows`, as its input and window, if one does (a conv).
-fn im2col_of(graph: &Graph, rows: Outlet) -> Option<(Outlet, &Window)> {
-    match &graph.node(rows.node).op {
-        Op::Im2Col(win) => Some((graph.inputs_of(rows.node)[0], win)),
-        _ => None,
-    }
 }
 
 /// Values per codebook for `layer` (before clamping to the row length).
