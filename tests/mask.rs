@@ -1248,6 +1248,52 @@ fn refine_makes_window_lookups_pixel_lookups_where_they_fit() {
     assert!(m.refined.is_empty() && pixel(&out).is_empty());
 }
 
+/// `coarsen_pixel` fits the layers left as lookups over pixel codebooks of fewer channels
+/// again over pixel codebooks of that many: LeNet-5's conv2 over 3-channel codebooks (two per
+/// tap) becomes one 6-channel codebook per tap, half the lookups and the same encoding work,
+/// and the model removes more arithmetic; under a target between the two fits' logit cosines it
+/// stays as it was; off by default.
+#[test]
+fn coarsen_halves_the_lookups_of_pixel_layers() {
+    let conv2 = "/conv2/Conv/matmul";
+    let lut = "      encoder: argmin\n      pixel_subspace: 3\n";
+    let others = "      keep_exact: ['/conv1/*', '/fc*']\n";
+    let channels = |g: &Graph| -> Option<usize> {
+        let enc = g.find(&format!("{conv2}/pq_encode"))?;
+        match &g.node(enc).op {
+            Op::PqEncode(p) if p.pixel => Some(p.subspace),
+            _ => None,
+        }
+    };
+    let (out, before) = lenet_target(lut, &format!("      min_logit_cosine: 0.5\n{others}"));
+    assert_eq!(channels(&out), Some(3));
+    assert!(before.refined.is_empty(), "off by default: {:?}", before.refined);
+    let (out, m) = lenet_target(
+        lut,
+        &format!("      min_logit_cosine: 0.5\n{others}      coarsen_pixel: 6\n"),
+    );
+    let steps: Vec<_> = m.refined.iter().map(|p| p.restored.clone().unwrap()).collect();
+    assert_eq!(
+        steps,
+        [format!("{conv2} as lookups over pixel codebooks of 6 channels")]
+    );
+    assert_eq!(channels(&out), Some(6));
+    let (old, new) = (choice_in(&before, conv2), choice_in(&m, conv2));
+    assert_eq!(new.chosen, "lut", "{new:?}");
+    assert_eq!(2 * new.lut_cost.lookups, old.lut_cost.lookups, "{old:?} {new:?}");
+    assert_eq!(new.lut_cost.encode_macs, old.lut_cost.encode_macs, "{old:?} {new:?}");
+    let r = |p: &tabconv::passes::mask::PathPoint| p.reduction_everything_counted;
+    assert!(r(before.kept()) < r(m.kept()), "{:?} {:?}", before.kept(), m.kept());
+    // a target the coarser codebooks miss: conv2 stays over 3 channels
+    let (c3, c6) = (before.kept().logit_cosine, m.refined[0].logit_cosine);
+    assert!(c6 < c3, "the case needs the finer codebooks to fit better: {c3} {c6}");
+    let target = format!("      min_logit_cosine: {}\n{others}", (c3 + c6) / 2.0);
+    let (out, m) = lenet_target(lut, &format!("{target}      coarsen_pixel: 6\n"));
+    assert!(m.refined.is_empty(), "{:?}", m.refined);
+    assert_eq!(channels(&out), Some(3));
+    assert_eq!(choice_in(&m, conv2).chosen, "lut");
+}
+
 /// `confirm` undoes the refine steps' changes before it restores layers, latest first: the
 /// tree lookups `refine_encoder` makes here get every image chosen on right but lose one held
 /// out (1 point of 100, twice the budget), so the confirmation puts the refined layers back to

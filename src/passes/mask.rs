@@ -95,6 +95,14 @@ pub struct Options {
     /// holds and `time_model` prices the new lookups no slower. One `lut` fit and one measure
     /// per layer tried. Layers made pixel lookups are not tried with the tree encoder.
     pub refine_pixel: usize,
+    /// After `refine_pixel` (0 = off): each layer left as lookups over pixel codebooks of fewer
+    /// channels than this, most lookups first, fitted again over pixel codebooks of this many
+    /// channels through the model as it stands (`K·C` encoding multiply-adds per input pixel as
+    /// before, half the lookups from 4 to 8 channels), and kept so when the target still holds
+    /// and `time_model` prices the new lookups no slower. Spends what is left of the budget on
+    /// fewer operations: the lookups of the 4-channel codebooks bound what a wide ResNet's
+    /// masked model can remove. One `lut` fit and one measure per layer tried.
+    pub coarsen_pixel: usize,
     /// On by default. With `lut.pixel_subspace`: after the rest, before `refine_subspace`, each
     /// layer left exact for its damage whose lookups were over pixel codebooks, most operations
     /// saved first, fitted again over window codebooks (one per input channel's window) through
@@ -142,6 +150,7 @@ impl Default for Options {
             refine_subspace: 0,
             refine_encoder: false,
             refine_pixel: 0,
+            coarsen_pixel: 0,
             refine_window: true,
             time_model: TimeModel::default(),
             confirm: 0.5,

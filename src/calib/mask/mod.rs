@@ -27,7 +27,8 @@
 //! its exact output, which often leaves room under the target). Then, when
 //! asked, refine steps fit single layers again through the model as it stands and keep each
 //! change that leaves the target met: `refine_pixel` (argmin lookups → lookups over pixel
-//! codebooks), `refine_encoder` (argmin lookups → hash-tree lookups), then `refine_subspace`
+//! codebooks), `coarsen_pixel` (pixel lookups → pixel lookups over more channels, fewer
+//! lookups), `refine_encoder` (argmin lookups → hash-tree lookups), then `refine_subspace`
 //! (exact layers → lookups over smaller codebooks).
 //! `keep_exact` / `force_lut` (node names, `*` wildcards) override the choice.
 //! With `max_accuracy_drop`, `confirm` (0.5 by default) holds a fraction of the validation
@@ -145,7 +146,11 @@ impl Mask {
         }
         let current = again.model.expect("prune with a relearned model keeps one");
         let kept = again.points.last().or(final_point.as_ref()).unwrap_or(chosen);
-        let steps = match (o.refine_pixel > 0 || o.refine_window || o.refine_encoder || o.refine_subspace > 0)
+        let steps = match (o.refine_pixel > 0
+            || o.coarsen_pixel > 0
+            || o.refine_window
+            || o.refine_encoder
+            || o.refine_subspace > 0)
             && meter.met(kept)
         {
             true => self.refine(current.clone(), &luts, &mut decisions, record, &meter, cx)?,

@@ -22,7 +22,9 @@ impl Mask {
 
     /// With `refine_pixel`: each layer left as argmin lookups over window codebooks, most
     /// encoding operations first, fitted again over pixel codebooks where they fit, kept as
-    /// below. With `refine_window`: each layer left exact for its damage whose lookups were over
+    /// below. With `coarsen_pixel`: each layer left as lookups over pixel codebooks of fewer
+    /// channels, most lookups first, fitted again over pixel codebooks of that many channels,
+    /// kept as below. With `refine_window`: each layer left exact for its damage whose lookups were over
     /// pixel codebooks, most operations saved first, fitted again over window codebooks, kept as
     /// with `refine_subspace` (which then skips the layers it made lookups). With
     /// `refine_encoder`: each layer left as argmin lookups, most encoding operations
@@ -69,9 +71,25 @@ impl Mask {
             // the convolutions over window codebooks (`try_variant` asks whether pixel
             // codebooks fit)
             let window = argmin.iter().filter(|&&i| {
-                decisions[i].kind == "conv" && lut_names[i].as_deref().is_some_and(|n| !pixel_lookups(&current, n))
+                let over_pixels = |n: &str| pixel_channels(&current, n).is_some();
+                decisions[i].kind == "conv" && lut_names[i].as_deref().is_some_and(|n| !over_pixels(n))
             });
             trials.extend(window.map(|&i| (i, Variant::Pixel(o.refine_pixel))));
+        }
+        if o.coarsen_pixel > 0 {
+            // the layers over pixel codebooks of fewer channels, most lookups first
+            let mut pixel: Vec<usize> = (0..decisions.len())
+                .filter(|&i| decisions[i].chosen == "lut")
+                .filter(|&i| {
+                    let channels = lut_names[i].as_deref().and_then(|n| pixel_channels(&current, n));
+                    channels.is_some_and(|c| c < o.coarsen_pixel)
+                })
+                .collect();
+            pixel.sort_by(|&a, &b| {
+                let l = |i: usize| decisions[i].lut_cost.lookups;
+                l(b).cmp(&l(a)).then(a.cmp(&b))
+            });
+            trials.extend(pixel.into_iter().map(|i| (i, Variant::Pixel(o.coarsen_pixel))));
         }
         if o.refine_encoder {
             trials.extend(argmin.iter().map(|&i| (i, Variant::Tree)));
@@ -363,12 +381,15 @@ pub(super) enum Variant {
     Window,
 }
 
-/// Whether `LutMatMul` node `lut` of `graph` reads the codes of pixel codebooks.
-fn pixel_lookups(graph: &Graph, lut: &str) -> bool {
-    graph.find(lut).is_some_and(|n| {
-        let codes = graph.inputs_of(n)[0];
-        matches!(&graph.node(codes.node).op, crate::ir::Op::PqEncode(p) if p.pixel)
-    })
+/// The channels per codebook when `LutMatMul` node `lut` of `graph` reads the codes of pixel
+/// codebooks, `None` when it does not.
+fn pixel_channels(graph: &Graph, lut: &str) -> Option<usize> {
+    let n = graph.find(lut)?;
+    let codes = graph.inputs_of(n)[0];
+    match &graph.node(codes.node).op {
+        crate::ir::Op::PqEncode(p) if p.pixel => Some(p.subspace),
+        _ => None,
+    }
 }
 
 impl Variant {
