@@ -5,6 +5,7 @@
 //! only where it lowers the error on rows held out of the fit.
 
 use crate::interp::kernels::gemm::{matmul, Mat};
+use crate::pq::metric::cholesky;
 use rayon::prelude::*;
 
 /// A refit weight, the shift for the bias, and the relative error on the held-out rows.
@@ -128,22 +129,10 @@ fn product(x: &[f32], n: usize, d: usize, w: &[f32], m: usize) -> Vec<f32> {
 }
 
 /// Solve `A X = B` for symmetric positive definite `A` (`d × d`, overwritten by its Cholesky
-/// factor) and `B` `d × m`; None when `A` is not positive definite.
+/// factor, [`cholesky`]) and `B` `d × m`; None when `A` is not positive definite.
 fn cholesky_solve(a: &mut [f64], d: usize, b: &[f32], m: usize) -> Option<Vec<f64>> {
-    for j in 0..d {
-        let row_j = &mut a[j * d..(j + 1) * d];
-        let s = row_j[j] - row_j[..j].iter().map(|v| v * v).sum::<f64>();
-        if s.is_nan() || s <= 0.0 {
-            return None;
-        }
-        let dj = s.sqrt();
-        row_j[j] = dj;
-        let row_j: Vec<f64> = row_j[..j].to_vec();
-        // rows below: a[i][j] = (a[i][j] − Σ_p a[i][p] a[j][p]) / dj
-        a[(j + 1) * d..].par_chunks_mut(d).for_each(|row_i| {
-            let dot: f64 = row_i[..j].iter().zip(&row_j).map(|(u, v)| u * v).sum();
-            row_i[j] = (row_i[j] - dot) / dj;
-        });
+    if !cholesky(a, d) {
+        return None;
     }
     // forward then back substitution, each column of B on its own
     let a = &*a;

@@ -21,24 +21,8 @@ pub fn metric_factor(a: &mut [f64], s: usize) -> Option<Vec<f32>> {
     for i in 0..s {
         a[i * s + i] += 1e-4 * trace / s as f64;
     }
-    // Cholesky: A = R Rᵀ, R lower triangular, in place
-    for j in 0..s {
-        let mut d = a[j * s + j];
-        for p in 0..j {
-            d -= a[j * s + p] * a[j * s + p];
-        }
-        if d <= 0.0 {
-            return None;
-        }
-        let d = d.sqrt();
-        a[j * s + j] = d;
-        for i in j + 1..s {
-            let mut v = a[i * s + j];
-            for p in 0..j {
-                v -= a[i * s + p] * a[j * s + p];
-            }
-            a[i * s + j] = v / d;
-        }
+    if !cholesky(a, s) {
+        return None;
     }
     // L = Rᵀ
     let mut l = vec![0f32; s * s];
@@ -48,6 +32,43 @@ pub fn metric_factor(a: &mut [f64], s: usize) -> Option<Vec<f32>> {
         }
     }
     Some(l)
+}
+
+/// From this size on, [`cholesky`] computes the rows below each pivot in parallel.
+const PAR_ROWS: usize = 64;
+
+/// Cholesky in place: the lower triangle of the symmetric positive definite `d × d` matrix `a`
+/// (row-major) becomes `R`, lower triangular, with `A = R Rᵀ` (the strict upper triangle is
+/// left as it was). False when a pivot is not positive (or NaN): `A` is not positive definite.
+/// Each entry subtracts its products in the order of their index, whether the rows run in
+/// parallel or not, so the factor is the same bits either way.
+pub fn cholesky(a: &mut [f64], d: usize) -> bool {
+    for j in 0..d {
+        let (upto, below) = a.split_at_mut((j + 1) * d);
+        let row_j = &mut upto[j * d..];
+        let mut pivot = row_j[j];
+        for v in &row_j[..j] {
+            pivot -= v * v;
+        }
+        if pivot.is_nan() || pivot <= 0.0 {
+            return false;
+        }
+        let dj = pivot.sqrt();
+        row_j[j] = dj;
+        let row_j = &*row_j;
+        let update = |row_i: &mut [f64]| {
+            let mut v = row_i[j];
+            for p in 0..j {
+                v -= row_i[p] * row_j[p];
+            }
+            row_i[j] = v / dj;
+        };
+        match d >= PAR_ROWS {
+            true => below.par_chunks_mut(d).for_each(update),
+            false => below.chunks_mut(d).for_each(update),
+        }
+    }
+    true
 }
 
 /// The rows `x` (`n × s`) mapped by `L` (`s × s`, row-major): `z = L x` per row.

@@ -71,8 +71,10 @@ impl Mask {
             // the convolutions over window codebooks (`try_variant` asks whether pixel
             // codebooks fit)
             let window = argmin.iter().filter(|&&i| {
-                let over_pixels = |n: &str| pixel_channels(&current, n).is_some();
-                decisions[i].kind == "conv" && lut_names[i].as_deref().is_some_and(|n| !over_pixels(n))
+                decisions[i].kind == "conv"
+                    && lut_names[i]
+                        .as_deref()
+                        .is_some_and(|n| pixel_channels(&current, n).is_none())
             });
             trials.extend(window.map(|&i| (i, Variant::Pixel(o.refine_pixel))));
         }
