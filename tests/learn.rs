@@ -36,6 +36,11 @@ fn lenet_all_lut(learn: &str, extra: &str, calib: &ArrayD<f32>) -> (Graph, tabco
     )
 }
 
+/// The first `n` images of a fixture `.npy`.
+fn first_images(path: &str, n: usize) -> ArrayD<f32> {
+    npy(path).slice(s![..n, .., .., ..]).to_owned().into_dyn()
+}
+
 /// Every layer's analytic gradient is non-zero and within `tol` (relative) of its finite
 /// difference.
 fn assert_gradients_match(checks: &[(f64, f64)], tol: f64, what: &str) {
@@ -51,19 +56,56 @@ fn assert_gradients_match(checks: &[(f64, f64)], tol: f64, what: &str) {
     }
 }
 
-#[test]
-fn the_whole_network_backward_pass_matches_finite_differences() {
+/// LeNet-5 with every layer as lookups (fitted, `lut` options `extra`): the whole network's
+/// backward pass against finite differences, one check per LUT layer. Returns the model.
+fn lenet_backward_checks(extra: &str, what: &str) -> Graph {
     let calib = npy("data/mnist_calib.npy")
         .slice(s![..256, .., .., ..])
         .to_owned()
         .into_dyn();
-    let (g, _) = lenet_all_lut("none", "      max_rows: 2048\n", &calib);
+    let (g, _) = lenet_all_lut("none", &format!("      max_rows: 2048\n{extra}"), &calib);
     let exact = tabconv::onnx::load_model(&fixture("models/lenet5.onnx")).unwrap();
     let images = calib.slice(s![..8, .., .., ..]).to_owned().into_dyn();
     let checks = global::check_gradients(&g, &exact, &images, 0.1, 1e-3).unwrap();
     // conv1, conv2 (through ReLU, MaxPool, Im2Col and the next encoders), fc1, fc2, fc3
     assert_eq!(checks.len(), 5);
-    assert_gradients_match(&checks, 0.03, "LeNet-5");
+    assert_gradients_match(&checks, 0.03, what);
+    g
+}
+
+#[test]
+fn the_whole_network_backward_pass_matches_finite_differences() {
+    lenet_backward_checks("", "LeNet-5");
+}
+
+/// The same through pixel codebooks (conv2 over 2 groups of 3 channels, shared by its 25
+/// taps): conv1's gradient reaches it through conv2's encoder, scattered back from the
+/// tap-major rows.
+#[test]
+fn the_backward_pass_through_pixel_codebooks_matches_finite_differences() {
+    let g = lenet_backward_checks("      pixel_subspace: 3\n", "LeNet-5, pixel codebooks");
+    let enc = g.find("/conv2/Conv/matmul/pq_encode").expect("conv2's encoder");
+    assert!(
+        matches!(&g.node(enc).op, tabconv::ir::Op::PqEncode(p) if p.pixel),
+        "conv2 over pixel codebooks"
+    );
+    // and the stage's forward pass (tap-major rows, every tap's copy of the codebooks) gives
+    // the interpreter's outputs
+    let images = first_images("data/mnist_calib.npy", 16);
+    let ours = global::stage_forward(&g, &images)
+        .unwrap()
+        .expect("trainable LUT layers");
+    let interp = tabconv::interp::run(&g, vec![tabconv::ir::Tensor::F32(images)]).unwrap();
+    let interp = interp[0].as_f32().unwrap();
+    let worst = ours
+        .iter()
+        .zip(interp.iter())
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        worst <= 1e-3,
+        "the stage's outputs differ from the interpreter's by {worst}"
+    );
 }
 
 /// A LUT layer the stage cannot train (its codes have a second reader) on the only path from
@@ -411,10 +453,7 @@ fn calibration_runs_the_exact_convolutions_on_direct_kernels_with_the_same_value
     assert_eq!(count(quick.graph(), is_im2col), 1);
     let direct = count(quick.graph(), |op| matches!(op, Op::Conv(c) if c.nhwc));
     assert_eq!(direct, 19);
-    let x = npy("data/fmnist_calib.npy")
-        .slice(s![..16, .., .., ..])
-        .to_owned()
-        .into_dyn();
+    let x = first_images("data/fmnist_calib.npy", 16);
     let slow = Plan::for_outlets(&g, &wanted)
         .unwrap()
         .run(vec![Tensor::F32(x.clone())])

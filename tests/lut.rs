@@ -307,14 +307,14 @@ fn pixel_codebooks_encode_each_pixel_once() {
     assert_eq!(bytes, compile_lenet(&["lut.pixel_subspace=3"], 0).1, "deterministic");
 }
 
-/// The global stage does not learn pixel codebooks: with them it is skipped, and the note says
-/// how to run it. Nor argmin codebooks with norms: with it on, the `lut` pass fits them on
-/// their inputs.
+/// The global stage learns pixel codebooks: each group's prototypes, shared by every tap, move
+/// together and are stored once. And argmin codebooks with norms it does not learn: with it
+/// on, the `lut` pass fits them on their inputs.
 #[test]
-fn global_stage_skips_pixel_codebooks_with_a_note() {
-    let run = |pixel: usize| {
+fn global_stage_learns_pixel_codebooks() {
+    let run = |pixel: usize, epochs: usize| {
         let mut g = tabconv::onnx::load_model(&fixture("models/lenet5.onnx")).unwrap();
-        let text = format!("name: t\npasses:\n  - fold-batchnorm:\n  - gemm-to-matmul:\n  - conv-to-im2col:\n  - constant-fold:\n  - lut:\n      encoder: argmin\n      pixel_subspace: {pixel}\n      argmin_metric: output\n      global_epochs: 1\n      global_images: 64\n  - dead-code:\n");
+        let text = format!("name: t\npasses:\n  - fold-batchnorm:\n  - gemm-to-matmul:\n  - conv-to-im2col:\n  - constant-fold:\n  - lut:\n      encoder: argmin\n      learn: none\n      pixel_subspace: {pixel}\n      argmin_metric: output\n      global_epochs: {epochs}\n      global_images: 512\n  - dead-code:\n");
         let p = Pipeline::parse(&text, "t").unwrap();
         let mut cx = PassCx {
             calib: Some(npy("data/mnist_calib.npy")),
@@ -323,17 +323,26 @@ fn global_stage_skips_pixel_codebooks_with_a_note() {
         run_pipeline(&mut g, &p, &mut cx, |_, _| Ok(())).unwrap();
         (g, cx)
     };
-    let (_, cx) = run(3);
-    assert!(cx.global.is_none(), "no global stage ran");
-    let note = cx.notes.iter().find(|n| n.contains("global stage skipped"));
-    assert_eq!(
-        note.map(String::as_str),
-        Some("lut: global stage skipped: it does not learn pixel codebooks: set lut.pixel_subspace=0 (per-channel codebooks) to run it"),
+    // conv2's prototypes: 6 channels in pixel codebooks of 3, one copy for its 25 taps
+    let protos = |g: &Graph| {
+        let enc = g.find("/conv2/Conv/matmul/pq_encode").expect("conv2's encoder");
+        let p = g.const_value(g.inputs_of(enc)[1]).expect("constant prototypes").clone();
+        assert_eq!(p.shape(), &[2, 16, 3]);
+        p.to_f32_vec()
+    };
+    let (fitted, _) = run(3, 0);
+    let (g, cx) = run(3, 2);
+    let r = cx.global.as_ref().expect("the global stage ran");
+    assert!(
+        !cx.notes.iter().any(|n| n.contains("global stage skipped")),
         "{:?}",
         cx.notes
     );
+    assert!(r.kl_after < r.kl_before && r.best_epoch > 0, "it learned: {r:?}");
+    assert_ne!(protos(&g), protos(&fitted), "conv2's pixel prototypes moved");
+    assert_eq!(dump(&g).unwrap(), dump(&run(3, 2).0).unwrap(), "deterministic");
     // nor argmin codebooks with norms: with the stage on, they are fitted on their inputs
-    let (g, cx) = run(0);
+    let (g, cx) = run(0, 1);
     assert!(cx.global.is_some(), "the global stage ran: {:?}", cx.notes);
     assert!(
         g.g.node_weights().all(|n| !n.name.ends_with("/norms")),

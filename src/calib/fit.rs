@@ -490,7 +490,7 @@ fn learn_layer(
 }
 
 /// Pixel codebooks' encoder as every tap's codebooks (`taps` copies, tap-major).
-fn per_tap(enc: &Encoding, taps: usize) -> Encoding {
+pub(crate) fn per_tap(enc: &Encoding, taps: usize) -> Encoding {
     match enc {
         Encoding::Argmin { protos } => Encoding::Argmin {
             protos: protos.repeat(taps),
@@ -503,7 +503,7 @@ fn per_tap(enc: &Encoding, taps: usize) -> Encoding {
 }
 
 /// The first `g` codebooks of `enc` (the inverse of [`per_tap`] once the copies are equal).
-fn first_codebooks(enc: &Encoding, g: usize, k: usize, s: usize) -> Encoding {
+pub(crate) fn first_codebooks(enc: &Encoding, g: usize, k: usize, s: usize) -> Encoding {
     match enc {
         Encoding::Argmin { protos } => Encoding::Argmin {
             protos: protos[..g * k * s].to_vec(),

@@ -3,7 +3,8 @@
 //! Every LUT layer (`PqEncode` → `LutMatMul`) becomes trainable at once — its tables (float,
 //! int8 fake-quantized in the forward pass, straight-through), its per-output offset, and its
 //! encoder (prototypes or tree thresholds, straight-through soft assignment as in
-//! [`super::learn`]) — and they are learned together by Adam on minibatches of calibration
+//! [`super::learn`]; pixel codebooks as every tap's copy of each group's encoder, moved
+//! together) — and they are learned together by Adam on minibatches of calibration
 //! images, against the KL divergence between the exact model's output distribution and the
 //! approximated one's. Gradients flow backward through the ops between LUT layers: exact
 //! `Im2Col` + `MatMul` layers and pooling here, the elementwise, shape and transformer ops
@@ -18,6 +19,7 @@
 //! while agreement fell 89.45 → 88.67 % and test accuracy 85.26 → 83.95 %). Same inputs and
 //! seed → the same parameters, at any thread count.
 
+use super::fit;
 use super::grad;
 use super::learn::{self, Adam, Encoding, Problem, RowEpilogue};
 use crate::error::{Error, Result};
@@ -84,6 +86,11 @@ struct Unit {
     /// The encoder's data input (an image for a windowed encoder, else rows).
     input: Outlet,
     window: Option<Window>,
+    /// Pixel codebooks: the number of channel groups `G`. The unit then holds one codebook per
+    /// tap and group (`c = tap·G + g`, the codes' order), rows in tap-major order, and each
+    /// group's copies move by their summed gradient, so they stay equal (as in
+    /// [`learn::Problem::shared`]).
+    groups: Option<usize>,
     sub: Subspaces,
     k: usize,
     m: usize,
@@ -135,11 +142,6 @@ impl Unit {
         let Op::PqEncode(pe) = &graph.node(enc_node).op else {
             return Ok(None);
         };
-        if pe.pixel {
-            return Err(stop(
-                "it does not learn pixel codebooks: set lut.pixel_subspace=0 (per-channel codebooks) to run it".into(),
-            ));
-        }
         let eins = graph.inputs_of(enc_node);
         if pe.encoder == Encoder::Argmin && eins.len() > 2 {
             return Err(stop(
@@ -174,6 +176,15 @@ impl Unit {
             }
         }
         let s = pe.subspace;
+        // pixel codebooks: every tap's copy of each group's encoder
+        let taps = match (&pe.window, pe.pixel) {
+            (Some(w), true) => w.kernel[0] * w.kernel[1],
+            (None, true) => return Ok(None),
+            (_, false) => 1,
+        };
+        if taps == 0 || c_n % taps != 0 {
+            return Ok(None);
+        }
         let enc = match (pe.encoder, eins.len()) {
             (Encoder::Argmin, 2) => Encoding::Argmin {
                 protos: cv(eins[1])?.to_f32_vec(),
@@ -184,6 +195,7 @@ impl Unit {
             },
             _ => return Ok(None),
         };
+        let enc = if pe.pixel { fit::per_tap(&enc, taps) } else { enc };
         let fits = match &enc {
             Encoding::Argmin { protos } => protos.len() == c_n * k * s,
             Encoding::Tree { dims, thresholds } => {
@@ -199,6 +211,7 @@ impl Unit {
             lut_node: lut,
             input: eins[0],
             window: pe.window.clone(),
+            groups: pe.pixel.then_some(c_n / taps),
             sub: Subspaces { d: c_n * s, s },
             k,
             m,
@@ -231,7 +244,7 @@ impl Unit {
                 let &[n, c, h, wd] = x.shape() else {
                     return Err(stop("a windowed encoder needs an NCHW input".into()));
                 };
-                let map = maps.get(w, c, [h, wd])?;
+                let map = maps.get(w, c, [h, wd], self.groups.is_some())?;
                 let d = c * w.kernel[0] * w.kernel[1];
                 let p = map.len() / d;
                 let per = c * h * wd;
@@ -454,6 +467,9 @@ impl Unit {
         self.lr_e = (0..self.enc_params().len())
             .map(|i| lr * learn::rms(&xs[i / per_c]).max(1e-12))
             .collect();
+        if let Some(g) = self.groups {
+            learn::tie(&mut self.lr_e, self.sub.count(), g, true);
+        }
         self.adam = [
             Adam::new(self.tables.len()),
             Adam::new(self.m),
@@ -464,6 +480,16 @@ impl Unit {
 
     /// One Adam step, the step sizes scaled by `f` (the schedule's factor).
     fn step(&mut self, gt: &[f32], goff: &[f32], ge: &[f32], f: f32) {
+        let tied;
+        let ge = match self.groups {
+            Some(g) => {
+                let mut v = ge.to_vec();
+                learn::tie(&mut v, self.sub.count(), g, false);
+                tied = v;
+                &tied[..]
+            }
+            None => ge,
+        };
         let (lt, le) = (f * self.lr_t, &self.lr_e);
         self.adam[0].step(&mut self.tables, gt, |_| lt);
         self.adam[1].step(&mut self.offset, goff, |_| lt);
@@ -497,17 +523,20 @@ impl Unit {
         set(graph, ins[2], Tensor::f32(&[m], q.scale).expect("size"));
         set(graph, ins[3], Tensor::f32(&[m], offset).expect("size"));
         let eins = graph.inputs_of(self.enc_node);
-        match &self.enc {
+        // pixel codebooks: the first tap's copies (all equal)
+        let (enc, c_e) = match self.groups {
+            Some(g) => (fit::first_codebooks(&self.enc, g, k, self.sub.s), g),
+            None => (self.enc.clone(), c_n),
+        };
+        match enc {
             Encoding::Argmin { protos } => set(
                 graph,
                 eins[1],
-                Tensor::f32(&[c_n, k, self.sub.s], protos.clone()).expect("size"),
+                Tensor::f32(&[c_e, k, self.sub.s], protos).expect("size"),
             ),
-            Encoding::Tree { thresholds, .. } => set(
-                graph,
-                eins[2],
-                Tensor::f32(&[c_n, k - 1], thresholds.clone()).expect("size"),
-            ),
+            Encoding::Tree { thresholds, .. } => {
+                set(graph, eins[2], Tensor::f32(&[c_e, k - 1], thresholds).expect("size"))
+            }
         }
     }
 }
@@ -515,15 +544,33 @@ impl Unit {
 /// Window maps by window and image shape, built once per training run (every minibatch has the
 /// same shapes).
 #[derive(Default)]
-struct Maps(HashMap<(String, usize, [usize; 2]), Arc<Vec<u32>>>);
+struct Maps(HashMap<MapKey, Arc<Vec<u32>>>);
+
+/// A window map's window (as text), channels, image size and row order (tap-major or not).
+type MapKey = (String, usize, [usize; 2], bool);
 
 impl Maps {
-    fn get(&mut self, w: &Window, c: usize, hw: [usize; 2]) -> Result<Arc<Vec<u32>>> {
-        let key = (format!("{w:?}"), c, hw);
+    /// `tap_major`: each row's values in the order `(tap, channel)` (pixel codebooks) instead of
+    /// `Im2Col`'s `(channel, tap)`.
+    fn get(&mut self, w: &Window, c: usize, hw: [usize; 2], tap_major: bool) -> Result<Arc<Vec<u32>>> {
+        let key = (format!("{w:?}"), c, hw, tap_major);
         if let Some(m) = self.0.get(&key) {
             return Ok(m.clone());
         }
-        let m = Arc::new(window_map(w, c, hw)?);
+        let mut m = window_map(w, c, hw)?;
+        if tap_major {
+            let taps = w.kernel[0] * w.kernel[1];
+            let d = c * taps;
+            for row in m.chunks_mut(d.max(1)) {
+                let by_channel = row.to_vec();
+                for ci in 0..c {
+                    for t in 0..taps {
+                        row[t * c + ci] = by_channel[ci * taps + t];
+                    }
+                }
+            }
+        }
+        let m = Arc::new(m);
         self.0.insert(key, m.clone());
         Ok(m)
     }
@@ -716,12 +763,12 @@ impl<'g> Net<'g> {
             match &node.op {
                 Op::Im2Col(w) => {
                     let xs = x(0)?.shape().to_vec();
-                    let map = self.maps.get(w, xs[1], [xs[2], xs[3]])?;
+                    let map = self.maps.get(w, xs[1], [xs[2], xs[3]], false)?;
                     add_grad(&mut grads, ins[0], scatter_rows(&gy, &map, &xs, None));
                 }
                 Op::Pool(p) if !p.nhwc => {
                     let xv = x(0)?;
-                    let map = self.maps.get(&p.window, 1, [xv.shape()[2], xv.shape()[3]])?;
+                    let map = self.maps.get(&p.window, 1, [xv.shape()[2], xv.shape()[3]], false)?;
                     let gx = pool_backward(&node.op, p.kind.clone(), &p.window, &map, xv, &gy)?;
                     add_grad(&mut grads, ins[0], gx);
                 }
@@ -1062,4 +1109,15 @@ pub fn check_gradients(
         out.push((goff.get(j).copied().unwrap_or(0.0) as f64, numeric));
     }
     Ok(out)
+}
+
+/// The model's output on `images` as the stage computes it (every LUT layer in Rust on its
+/// rows, hard codes), for tests to hold against the interpreter's. `None` when it has no
+/// trainable LUT layer.
+pub fn stage_forward(graph: &Graph, images: &ArrayD<f32>) -> Result<Option<ArrayD<f32>>> {
+    let Some(mut net) = Net::new(graph)? else {
+        return Ok(None);
+    };
+    let (vals, _) = net.forward(images.clone())?;
+    Ok(Some(f32_of(&vals[&net.output])?.clone()))
 }

@@ -170,7 +170,7 @@ pub fn learn(p: &Problem, enc: &mut Encoding, tables: &mut [f32], o: &Options, s
 /// Per-codebook values `v` (`c_n` equal blocks) of codebooks that share their encoder
 /// ([`Problem::shared`]: `c % groups`) replaced by their sum (`mean`: their mean), the same
 /// value in every copy.
-fn tie(v: &mut [f32], c_n: usize, groups: usize, mean: bool) {
+pub(crate) fn tie(v: &mut [f32], c_n: usize, groups: usize, mean: bool) {
     let per = v.len() / c_n.max(1);
     let copies = c_n.div_ceil(groups.max(1)).max(1);
     for q in 0..groups.min(c_n) {
