@@ -59,10 +59,7 @@ fn assert_gradients_match(checks: &[(f64, f64)], tol: f64, what: &str) {
 /// LeNet-5 with every layer as lookups (fitted, `lut` options `extra`): the whole network's
 /// backward pass against finite differences, one check per LUT layer. Returns the model.
 fn lenet_backward_checks(extra: &str, what: &str) -> Graph {
-    let calib = npy("data/mnist_calib.npy")
-        .slice(s![..256, .., .., ..])
-        .to_owned()
-        .into_dyn();
+    let calib = first_images("data/mnist_calib.npy", 256);
     let (g, _) = lenet_all_lut("none", &format!("      max_rows: 2048\n{extra}"), &calib);
     let exact = tabconv::onnx::load_model(&fixture("models/lenet5.onnx")).unwrap();
     let images = calib.slice(s![..8, .., .., ..]).to_owned().into_dyn();

@@ -417,6 +417,11 @@ impl Unit {
             ge.extend(b);
             gxs.push(c);
         }
+        // pixel codebooks: a group's encoder is one parameter read by every tap's copy, so its
+        // gradient is the copies' sum, in every copy
+        if let Some(g) = self.groups {
+            learn::tie(&mut ge, c_n, g, false);
+        }
         let dx = want_dx.then(|| self.input_grad(f, &gxs, n));
         (gt, g_off, ge, dx)
     }
@@ -480,16 +485,6 @@ impl Unit {
 
     /// One Adam step, the step sizes scaled by `f` (the schedule's factor).
     fn step(&mut self, gt: &[f32], goff: &[f32], ge: &[f32], f: f32) {
-        let tied;
-        let ge = match self.groups {
-            Some(g) => {
-                let mut v = ge.to_vec();
-                learn::tie(&mut v, self.sub.count(), g, false);
-                tied = v;
-                &tied[..]
-            }
-            None => ge,
-        };
         let (lt, le) = (f * self.lr_t, &self.lr_e);
         self.adam[0].step(&mut self.tables, gt, |_| lt);
         self.adam[1].step(&mut self.offset, goff, |_| lt);
@@ -560,9 +555,9 @@ impl Maps {
         let mut m = window_map(w, c, hw)?;
         if tap_major {
             let taps = w.kernel[0] * w.kernel[1];
-            let d = c * taps;
-            for row in m.chunks_mut(d.max(1)) {
-                let by_channel = row.to_vec();
+            let mut by_channel = vec![0u32; c * taps];
+            for row in m.chunks_mut(by_channel.len().max(1)) {
+                by_channel.copy_from_slice(row);
                 for ci in 0..c {
                     for t in 0..taps {
                         row[t * c + ci] = by_channel[ci * taps + t];

@@ -63,9 +63,10 @@ pub fn cholesky(a: &mut [f64], d: usize) -> bool {
             }
             row_i[j] = v / dj;
         };
-        match d >= PAR_ROWS {
-            true => below.par_chunks_mut(d).for_each(update),
-            false => below.chunks_mut(d).for_each(update),
+        if d >= PAR_ROWS {
+            below.par_chunks_mut(d).for_each(update);
+        } else {
+            below.chunks_mut(d).for_each(update);
         }
     }
     true
