@@ -464,3 +464,24 @@ fn calibration_runs_the_exact_convolutions_on_direct_kernels_with_the_same_value
         assert!(worst <= 1e-4 * scale.max(1.0), "{worst} against values up to {scale}");
     }
 }
+
+/// The residual model (ResNet-18/16: folded BatchNorm, residual Adds, MaxPool, global average
+/// pooling, the tree encoder over pixel codebooks): the whole backward pass against finite
+/// differences, one check per LUT layer.
+#[test]
+fn the_backward_pass_through_a_residual_network_matches_finite_differences() {
+    let calib = first_images("data/fmnist_calib.npy", 128);
+    let (g, _) = all_lut(
+        "models/resnet18_fmnist.onnx",
+        "      kmeans_iters: 4\n      learn: none\n      max_rows: 1024\n      encoder: tree\n",
+        &calib,
+    );
+    let exact = tabconv::onnx::load_model(&fixture("models/resnet18_fmnist.onnx")).unwrap();
+    let images = calib.slice(s![..4, .., .., ..]).to_owned().into_dyn();
+    // a step of 1e-2: the first layers' gradients are small (2e-4), and a smaller step leaves
+    // their difference quotient to the f32 loss's rounding (5-8 % off at 1e-3)
+    let checks = global::check_gradients(&g, &exact, &images, 1.0, 1e-2).unwrap();
+    // the stem, 16 convolutions in 8 residual blocks, 3 downsampling 1×1 convolutions, the head
+    assert_eq!(checks.len(), 21);
+    assert_gradients_match(&checks, 0.05, "ResNet-18/16");
+}

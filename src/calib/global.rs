@@ -385,14 +385,8 @@ impl Unit {
                         .zip(&g[i * m..(i + 1) * m])
                         .for_each(|(a, b)| *a += b);
                 }
-                let (a, sig) = learn::soft(&p, &self.enc, &self.temps, c, &all);
-                let mut h = vec![0f32; n * k];
-                {
-                    let gv = ndarray::ArrayView2::from_shape((n, m), &g).expect("shape");
-                    let tv = ndarray::ArrayView2::from_shape((k, m), &f.tq[c * k * m..(c + 1) * k * m]).expect("shape");
-                    let mut hv = ndarray::ArrayViewMut2::from_shape((n, k), &mut h).expect("shape");
-                    ndarray::linalg::general_mat_mul(1.0, &gv, &tv.t(), 0.0, &mut hv);
-                }
+                let (a, sig) = learn::soft_for_backward(&p, &self.enc, &self.temps, c, &all);
+                let h = learn::assignment_grad(&self.enc, &g, n, m, k, &f.tq[c * k * m..(c + 1) * k * m]);
                 let mut gx = if want_dx { vec![0f32; n * s] } else { Vec::new() };
                 let ge = match &self.enc {
                     Encoding::Argmin { protos } => {

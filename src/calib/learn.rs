@@ -23,6 +23,7 @@
 //! fit. Results are bit-identical for the same inputs and seed at any thread count: codebooks
 //! are processed in parallel but every sum runs in a fixed order.
 
+use crate::interp::kernels::elementwise::exp;
 use crate::interp::kernels::encode_i8::{quantize, valid_act_scale, Quant};
 use crate::pq::rng::Rng;
 use crate::pq::Subspaces;
@@ -487,6 +488,19 @@ pub(crate) fn temperatures(p: &Problem, enc: &Encoding, tau: f32) -> Vec<f32> {
     per_c.concat()
 }
 
+/// `1 / (1 + e^−z)` through the interpreter's branch-free `exp` (a loop of it vectorises, where
+/// libm's `expf` is a call per value), 0 below `1e-30` (a node whose threshold could not split
+/// holds +∞: its σ is 0, and no subnormal number slows what follows).
+#[inline(always)]
+fn sigmoid(z: f32) -> f32 {
+    let y = 1.0 / (1.0 + exp(-z));
+    if y < 1e-30 {
+        0.0
+    } else {
+        y
+    }
+}
+
 /// The subvectors `s` wide of `rows` (shuffled minibatch rows, scattered through `x`), copied
 /// side by side. A copy loop this small keeps many of their cache misses in flight; the
 /// arithmetic over each row (`k·s` multiply-adds) let the processor wait for them one row at a
@@ -513,13 +527,13 @@ fn gather_rows(x: &[f32], s: usize, rows: &[usize]) -> Vec<f32> {
 }
 
 /// Soft assignment of `n` rows to the `k` codes of codebook `c`, `n × k`, plus what the
-/// backward pass needs (tree: node probabilities `n × (k − 1)`).
+/// backward pass needs (tree: node probabilities, node-major `(k − 1) × n`: [`tree_sig`]).
 pub(crate) fn soft(p: &Problem, enc: &Encoding, temps: &[f32], c: usize, rows: &[usize]) -> (Vec<f32>, Vec<f32>) {
     let (s, k) = (p.sub.s, p.k);
     let mut a = vec![0f32; rows.len() * k];
-    let xg = gather_rows(&p.xs[c], s, rows);
     match enc {
         Encoding::Argmin { protos } => {
+            let xg = gather_rows(&p.xs[c], s, rows);
             let t = temps[c];
             // prototypes `[tap][k]`: each row's k squared distances add up tap by tap in lanes
             // (each lane in the order of a sum over the taps, so the same bits)
@@ -536,46 +550,66 @@ pub(crate) fn soft(p: &Problem, enc: &Encoding, temps: &[f32], c: usize, rows: &
                 ar.iter_mut().for_each(|v| *v = -*v / t);
                 let mx = ar.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 let mut sum = 0.0;
-                ar.iter_mut().for_each(|v| {
-                    *v = (*v - mx).exp();
-                    sum += *v;
-                });
+                ar.iter_mut().for_each(|v| *v = exp(*v - mx));
+                ar.iter().for_each(|v| sum += v);
                 ar.iter_mut().for_each(|v| *v /= sum);
             }
             (a, Vec::new())
         }
         Encoding::Tree { dims, thresholds } => {
-            let depth = k.trailing_zeros() as usize;
-            let mut sig = vec![0f32; rows.len() * (k - 1)];
-            // per node (heap order): its split dimension, threshold and temperature
-            let nodes: Vec<(usize, f32, f32)> = (0..k - 1)
-                .map(|node| {
-                    let l = tree_level(node);
-                    (
-                        dims[c * depth + l],
-                        thresholds[c * (k - 1) + node],
-                        temps[c * depth + l],
-                    )
-                })
-                .collect();
-            // reach probability of every node (leaves at k − 1..), reused per row
-            let mut reach = vec![0f32; 2 * k - 1];
-            for (i, x) in xg.chunks_exact(s).enumerate() {
-                let sr = &mut sig[i * (k - 1)..(i + 1) * (k - 1)];
-                reach[0] = 1.0;
-                for (node, (&(d, th, t), sg_out)) in nodes.iter().zip(sr.iter_mut()).enumerate() {
-                    let z = (x[d] - th) / t;
-                    let sg = 1.0 / (1.0 + (-z).exp());
-                    *sg_out = sg;
-                    let pr = reach[node];
-                    reach[2 * node + 1] = pr * (1.0 - sg);
-                    reach[2 * node + 2] = pr * sg;
+            let n = rows.len();
+            let sig = tree_sig(p, dims, thresholds, temps, c, rows);
+            let reach = tree_reach(k, n, &sig);
+            for (leaf, col) in reach[(k - 1) * n..].chunks_exact(n.max(1)).enumerate() {
+                for (i, &v) in col.iter().enumerate() {
+                    a[i * k + leaf] = v;
                 }
-                a[i * k..(i + 1) * k].copy_from_slice(&reach[k - 1..]);
             }
             (a, sig)
         }
     }
+}
+
+/// The tree's node probabilities `σ((x_dim − θ)/t)` of codebook `c` for `rows`, node-major
+/// (`(k − 1) × n`, heap order), so every loop runs along the rows and vectorizes.
+fn tree_sig(p: &Problem, dims: &[usize], thresholds: &[f32], temps: &[f32], c: usize, rows: &[usize]) -> Vec<f32> {
+    let (s, k, n) = (p.sub.s, p.k, rows.len());
+    let depth = k.trailing_zeros() as usize;
+    let x = &p.xs[c];
+    // the value each level splits on, per row
+    let cols: Vec<Vec<f32>> = (0..depth)
+        .map(|l| {
+            let d = dims[c * depth + l];
+            rows.iter().map(|&r| x[r * s + d]).collect()
+        })
+        .collect();
+    let mut sig = vec![0f32; (k - 1) * n];
+    for (node, out) in sig.chunks_exact_mut(n.max(1)).enumerate().take(k - 1) {
+        let l = tree_level(node);
+        let (th, t) = (thresholds[c * (k - 1) + node], temps[c * depth + l]);
+        out.iter_mut()
+            .zip(&cols[l])
+            .for_each(|(o, &v)| *o = sigmoid((v - th) / t));
+    }
+    sig
+}
+
+/// Reach probability of every tree node (heap order, leaves at `k − 1..`), node-major
+/// (`(2k − 1) × n`), from the node probabilities `sig` ([`tree_sig`]).
+fn tree_reach(k: usize, n: usize, sig: &[f32]) -> Vec<f32> {
+    let mut reach = vec![0f32; (2 * k - 1) * n];
+    reach[..n].fill(1.0);
+    for node in 0..k - 1 {
+        let (head, tail) = reach.split_at_mut((2 * node + 1) * n);
+        let pr = &head[node * n..(node + 1) * n];
+        let (left, right) = tail[..2 * n].split_at_mut(n);
+        let sg = &sig[node * n..(node + 1) * n];
+        for i in 0..n {
+            left[i] = pr[i] * (1.0 - sg[i]);
+            right[i] = pr[i] * sg[i];
+        }
+    }
+    reach
 }
 
 /// Gradients of the minibatch loss w.r.t. the tables and the encoder's parameters.
@@ -617,14 +651,8 @@ fn gradients(
                     .for_each(|(a, b)| *a += b);
             }
             // encoder: d loss / d soft assignment = g · T_cᵀ
-            let (a, sig) = soft(p, enc, temps, c, rows);
-            let mut h = vec![0f32; n * k];
-            {
-                let gv = ArrayView2::from_shape((n, m), &g).expect("shape");
-                let tv = ArrayView2::from_shape((k, m), &tq[c * k * m..(c + 1) * k * m]).expect("shape");
-                let mut hv = ArrayViewMut2::from_shape((n, k), &mut h).expect("shape");
-                ndarray::linalg::general_mat_mul(1.0, &gv, &tv.t(), 0.0, &mut hv);
-            }
+            let (a, sig) = soft_for_backward(p, enc, temps, c, rows);
+            let h = assignment_grad(enc, &g, n, m, k, &tq[c * k * m..(c + 1) * k * m]);
             let ge = match enc {
                 Encoding::Argmin { protos } => argmin_backward(p, protos, temps[c], c, rows, &a, &h, None),
                 Encoding::Tree { .. } => {
@@ -637,6 +665,42 @@ fn gradients(
         .collect();
     let (gt, ge): (Vec<Vec<f32>>, Vec<Vec<f32>>) = per_c.into_iter().unzip();
     (gt.concat(), ge.concat())
+}
+
+/// What the encoder's backward pass reads of the soft assignment of codebook `c`: the argmin
+/// encoder's `n × k` assignment, or the tree's node-major node probabilities (its leaf
+/// probabilities, which only a soft forward needs, are left empty).
+pub(crate) fn soft_for_backward(
+    p: &Problem,
+    enc: &Encoding,
+    temps: &[f32],
+    c: usize,
+    rows: &[usize],
+) -> (Vec<f32>, Vec<f32>) {
+    match enc {
+        Encoding::Argmin { .. } => soft(p, enc, temps, c, rows),
+        Encoding::Tree { dims, thresholds } => (Vec::new(), tree_sig(p, dims, thresholds, temps, c, rows)),
+    }
+}
+
+/// `h = d loss / d soft assignment = g · T_cᵀ` of one codebook (`g`: `n × m` output gradient,
+/// `t`: its `k × m` tables), laid out as the encoder's backward pass reads it: `n × k` for
+/// [`argmin_backward`], `k × n` (leaf-major) for [`tree_backward`].
+pub(crate) fn assignment_grad(enc: &Encoding, g: &[f32], n: usize, m: usize, k: usize, t: &[f32]) -> Vec<f32> {
+    let mut h = vec![0f32; n * k];
+    let gv = ArrayView2::from_shape((n, m), g).expect("shape");
+    let tv = ArrayView2::from_shape((k, m), t).expect("shape");
+    match enc {
+        Encoding::Argmin { .. } => {
+            let mut hv = ArrayViewMut2::from_shape((n, k), &mut h).expect("shape");
+            ndarray::linalg::general_mat_mul(1.0, &gv, &tv.t(), 0.0, &mut hv);
+        }
+        Encoding::Tree { .. } => {
+            let mut hv = ArrayViewMut2::from_shape((k, n), &mut h).expect("shape");
+            ndarray::linalg::general_mat_mul(1.0, &tv, &gv.t(), 0.0, &mut hv);
+        }
+    }
+    h
 }
 
 /// Prototype gradient of codebook `c` (`k × s`) from `h = d loss / d soft assignment`, and when
@@ -684,39 +748,63 @@ fn tree_level(node: usize) -> usize {
 }
 
 /// Threshold gradient of one codebook (`k − 1`, heap order) from its node probabilities `sig`
-/// (`n × (k − 1)`) and `h = d loss / d leaf probability` (`n × k`); `temps` per level. When
-/// `gx` is given (`n × s`, with the codebook's split dimension per level in `dims`), also the
-/// gradient w.r.t. the rows' subvectors: `dσ/dx = −dσ/dθ`.
+/// (node-major, `(k − 1) × n`: [`soft`]'s second output) and `h = d loss / d leaf probability`
+/// (leaf-major, `k × n`: [`assignment_grad`]); `temps` per level. When `gx` is given (`n × s`,
+/// with the codebook's split dimension per level in `dims`), also the gradient w.r.t. the rows'
+/// subvectors: `dσ/dx = −dσ/dθ`. Node-major, every loop runs along the rows; each threshold's
+/// sum over the rows is kept in 8 fixed lanes, so its bits do not depend on the vector width.
 pub(crate) fn tree_backward(
     k: usize,
     temps: &[f32],
     n: usize,
     sig: &[f32],
     h: &[f32],
-    mut gx: Option<(&mut [f32], &[usize], usize)>,
+    gx: Option<(&mut [f32], &[usize], usize)>,
 ) -> Vec<f32> {
     let mut gth = vec![0f32; k - 1];
-    let mut v = vec![0f32; 2 * k - 1]; // value of each node (heap order, leaves at k − 1..)
-    let mut reach = vec![0f32; 2 * k - 1];
-    for i in 0..n {
-        let sr = &sig[i * (k - 1)..(i + 1) * (k - 1)];
-        reach[0] = 1.0;
-        for node in 0..k - 1 {
-            reach[2 * node + 1] = reach[node] * (1.0 - sr[node]);
-            reach[2 * node + 2] = reach[node] * sr[node];
+    if n == 0 {
+        return gth;
+    }
+    let reach = tree_reach(k, n, sig);
+    // value of each node (heap order, leaves at k − 1..): the expected `h` below it
+    let mut v = vec![0f32; (2 * k - 1) * n];
+    v[(k - 1) * n..].copy_from_slice(&h[..k * n]);
+    let mut d = vec![0f32; n];
+    // the input gradient per level (each level splits on one dimension), scattered at the end
+    let depth = k.trailing_zeros() as usize;
+    let mut gcol = vec![0f32; if gx.is_some() { depth * n } else { 0 }];
+    for node in (0..k - 1).rev() {
+        let (head, tail) = v.split_at_mut((2 * node + 1) * n);
+        let (l, r) = tail[..2 * n].split_at(n);
+        let vn = &mut head[node * n..(node + 1) * n];
+        let (sg, pr) = (&sig[node * n..(node + 1) * n], &reach[node * n..(node + 1) * n]);
+        let level = tree_level(node);
+        let t = temps[level];
+        for i in 0..n {
+            vn[i] = sg[i] * r[i] + (1.0 - sg[i]) * l[i];
         }
-        v[k - 1..].copy_from_slice(&h[i * k..(i + 1) * k]);
-        for node in (0..k - 1).rev() {
-            let (l, r) = (v[2 * node + 1], v[2 * node + 2]);
-            let sg = sr[node];
-            v[node] = sg * r + (1.0 - sg) * l;
-            let level = tree_level(node);
-            let t = temps[level];
+        for i in 0..n {
             // d loss / d σ = reach · (V_right − V_left); d σ / d θ = −σ(1 − σ)/t
-            let d = reach[node] * (r - l) * sg * (1.0 - sg) / t;
-            gth[node] -= d;
-            if let Some((gx, dims, s)) = gx.as_mut() {
-                gx[i * *s + dims[level]] += d;
+            d[i] = pr[i] * (r[i] - l[i]) * sg[i] * (1.0 - sg[i]) / t;
+        }
+        let mut lanes = [0f32; 8];
+        let mut chunks = d.chunks_exact(8);
+        for ch in &mut chunks {
+            lanes.iter_mut().zip(ch).for_each(|(a, b)| *a += b);
+        }
+        lanes.iter_mut().zip(chunks.remainder()).for_each(|(a, b)| *a += b);
+        gth[node] -= lanes.iter().sum::<f32>();
+        if !gcol.is_empty() {
+            gcol[level * n..(level + 1) * n]
+                .iter_mut()
+                .zip(&d)
+                .for_each(|(a, b)| *a += b);
+        }
+    }
+    if let Some((gx, dims, s)) = gx {
+        for (col, &dim) in gcol.chunks_exact(n).zip(dims) {
+            for (i, &g) in col.iter().enumerate() {
+                gx[i * s + dim] += g;
             }
         }
     }
@@ -754,6 +842,59 @@ mod tests {
         }
     }
 
+    /// The node-major backward pass of the tree gives the per-row walk's threshold and input
+    /// gradients (the walk it replaced: each row's reach down the tree, then its values back up).
+    #[test]
+    fn tree_backward_matches_the_per_row_walk() {
+        let (k, n, s) = (16usize, 37usize, 4usize);
+        let mut rng = Rng::new(3);
+        let sig_rows: Vec<f32> = (0..n * (k - 1)).map(|_| rng.next_f64() as f32).collect();
+        let h_rows: Vec<f32> = (0..n * k).map(|_| rng.next_f64() as f32 - 0.5).collect();
+        let temps = [0.3f32, 0.5, 0.7, 0.9];
+        let dims = [1usize, 3, 1, 0]; // a dimension split at two levels
+        let (mut want_th, mut want_x) = (vec![0f32; k - 1], vec![0f32; n * s]);
+        let (mut v, mut reach) = (vec![0f32; 2 * k - 1], vec![0f32; 2 * k - 1]);
+        for i in 0..n {
+            let sr = &sig_rows[i * (k - 1)..(i + 1) * (k - 1)];
+            reach[0] = 1.0;
+            for node in 0..k - 1 {
+                reach[2 * node + 1] = reach[node] * (1.0 - sr[node]);
+                reach[2 * node + 2] = reach[node] * sr[node];
+            }
+            v[k - 1..].copy_from_slice(&h_rows[i * k..(i + 1) * k]);
+            for node in (0..k - 1).rev() {
+                let (l, r, sg) = (v[2 * node + 1], v[2 * node + 2], sr[node]);
+                v[node] = sg * r + (1.0 - sg) * l;
+                let level = tree_level(node);
+                let d = reach[node] * (r - l) * sg * (1.0 - sg) / temps[level];
+                want_th[node] -= d;
+                want_x[i * s + dims[level]] += d;
+            }
+        }
+        // the same values node-major (`sig`) and leaf-major (`h`)
+        let sig: Vec<f32> = (0..(k - 1) * n).map(|j| sig_rows[(j % n) * (k - 1) + j / n]).collect();
+        let h: Vec<f32> = (0..k * n).map(|j| h_rows[(j % n) * k + j / n]).collect();
+        let mut gx = vec![0f32; n * s];
+        let gth = tree_backward(k, &temps, n, &sig, &h, Some((&mut gx, &dims, s)));
+        let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(a, b)| (a - b).abs() <= 1e-5 * (1.0 + b.abs()));
+        assert!(close(&gth, &want_th), "{gth:?} vs {want_th:?}");
+        assert!(close(&gx, &want_x), "{gx:?} vs {want_x:?}");
+        assert!(
+            want_x.iter().filter(|v| **v != 0.0).count() >= 3 * n,
+            "three dimensions get gradient"
+        );
+    }
+
+    /// The sigmoid saturates to exact 0 and 1.
+    #[test]
+    fn sigmoid_saturates() {
+        assert_eq!(sigmoid(f32::NEG_INFINITY), 0.0);
+        assert_eq!(sigmoid(-80.0), 0.0);
+        assert_eq!(sigmoid(f32::INFINITY), 1.0);
+        assert_eq!(sigmoid(0.0), 0.5);
+        assert!((sigmoid(1.0) - 0.731_058_6).abs() < 1e-7);
+    }
+
     /// The soft assignment's distances, added up tap by tap for all prototypes side by side,
     /// are bit for bit the per-prototype sums of squared differences (then `−d/t`, softmax).
     #[test]
@@ -781,7 +922,7 @@ mod tests {
                 let mx = want.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 let mut sum = 0.0;
                 want.iter_mut().for_each(|v| {
-                    *v = (*v - mx).exp();
+                    *v = exp(*v - mx);
                     sum += *v;
                 });
                 want.iter_mut().for_each(|v| *v /= sum);
