@@ -251,6 +251,22 @@ fn cpu_seconds(pid: libc::pid_t) -> Option<f64> {
     Some(ticks / hz)
 }
 
+/// The built-in `all-lut` pipeline is the default one without its masking pass: the same passes
+/// in the same order, the same `lut` options.
+#[test]
+fn all_lut_is_the_default_pipeline_without_masking() {
+    let default = Pipeline::find("tabconv").unwrap();
+    let all_lut = Pipeline::find("all-lut").unwrap();
+    let unmasked: Vec<_> = default
+        .passes
+        .iter()
+        .filter(|p| !matches!(p, tabconv::passes::pipeline::PassSpec::Mask(_)))
+        .cloned()
+        .collect();
+    assert_eq!(unmasked.len() + 1, default.passes.len(), "the default masks once");
+    assert_eq!(all_lut.passes, unmasked);
+}
+
 /// `--list-passes` lists every option of the built-in pipelines in a form `--set` takes back.
 #[test]
 fn list_passes_prints_what_set_accepts() {

@@ -20,6 +20,7 @@ use std::path::Path;
 pub const BUILTIN: &[(&str, &str)] = &[
     ("exact", include_str!("../../passes/exact.yaml")),
     ("tabconv", include_str!("../../passes/tabconv.yaml")),
+    ("all-lut", include_str!("../../passes/all-lut.yaml")),
 ];
 
 /// Options of passes that take none (still rejects unknown keys).
