@@ -42,7 +42,7 @@ def compile(
     """Compile an ONNX model into a .tcv, as tabconv-compile does; returns the JSON report of
     `tabconv-compile --report` as a dict.
 
-    pipeline: a built-in pipeline name (tabconv, exact) or a pipeline YAML file.
+    pipeline: a built-in pipeline name (tabconv, exact, all-lut) or a pipeline YAML file.
     set: pass options, {"mask.min_logit_cosine": 0.99} or ["mask.min_logit_cosine=0.99"].
     calib: calibration images (pipelines that learn tables need them).
     val, val_labels: labelled validation images (set={"mask.max_accuracy_drop": 0.5}).

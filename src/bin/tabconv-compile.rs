@@ -37,7 +37,7 @@ struct Args {
     /// value in that pipeline), then exit
     #[arg(long)]
     list_passes: bool,
-    /// A built-in pipeline name (exact, tabconv) or a pipeline YAML file
+    /// A built-in pipeline name (tabconv, exact, all-lut) or a pipeline YAML file
     #[arg(long, default_value = "tabconv")]
     pipeline: String,
     /// Override a pass option: PASS.PARAM=VALUE (repeatable)

@@ -337,7 +337,7 @@ impl Unit {
         let all: Vec<usize> = (0..p.rows).collect();
         let mut z = vec![0f32; p.rows * m];
         for c in 0..self.sub.count() {
-            let (a, _) = learn::soft(p, &self.enc, &self.temps, c, &all);
+            let a = learn::soft(p, &self.enc, &self.temps, c, &all);
             for i in 0..p.rows {
                 for kk in 0..k {
                     let w = a[i * k + kk];

@@ -526,9 +526,9 @@ fn gather_rows(x: &[f32], s: usize, rows: &[usize]) -> Vec<f32> {
     out
 }
 
-/// Soft assignment of `n` rows to the `k` codes of codebook `c`, `n × k`, plus what the
-/// backward pass needs (tree: node probabilities, node-major `(k − 1) × n`: [`tree_sig`]).
-pub(crate) fn soft(p: &Problem, enc: &Encoding, temps: &[f32], c: usize, rows: &[usize]) -> (Vec<f32>, Vec<f32>) {
+/// Soft assignment of `n` rows to the `k` codes of codebook `c`, `n × k` (the backward passes
+/// read [`soft_for_backward`]).
+pub(crate) fn soft(p: &Problem, enc: &Encoding, temps: &[f32], c: usize, rows: &[usize]) -> Vec<f32> {
     let (s, k) = (p.sub.s, p.k);
     let mut a = vec![0f32; rows.len() * k];
     match enc {
@@ -554,7 +554,7 @@ pub(crate) fn soft(p: &Problem, enc: &Encoding, temps: &[f32], c: usize, rows: &
                 ar.iter().for_each(|v| sum += v);
                 ar.iter_mut().for_each(|v| *v /= sum);
             }
-            (a, Vec::new())
+            a
         }
         Encoding::Tree { dims, thresholds } => {
             let n = rows.len();
@@ -565,7 +565,7 @@ pub(crate) fn soft(p: &Problem, enc: &Encoding, temps: &[f32], c: usize, rows: &
                     a[i * k + leaf] = v;
                 }
             }
-            (a, sig)
+            a
         }
     }
 }
@@ -678,7 +678,7 @@ pub(crate) fn soft_for_backward(
     rows: &[usize],
 ) -> (Vec<f32>, Vec<f32>) {
     match enc {
-        Encoding::Argmin { .. } => soft(p, enc, temps, c, rows),
+        Encoding::Argmin { .. } => (soft(p, enc, temps, c, rows), Vec::new()),
         Encoding::Tree { dims, thresholds } => (Vec::new(), tree_sig(p, dims, thresholds, temps, c, rows)),
     }
 }
@@ -748,7 +748,7 @@ fn tree_level(node: usize) -> usize {
 }
 
 /// Threshold gradient of one codebook (`k − 1`, heap order) from its node probabilities `sig`
-/// (node-major, `(k − 1) × n`: [`soft`]'s second output) and `h = d loss / d leaf probability`
+/// (node-major, `(k − 1) × n`: [`soft_for_backward`]'s second output) and `h = d loss / d leaf probability`
 /// (leaf-major, `k × n`: [`assignment_grad`]); `temps` per level. When `gx` is given (`n × s`,
 /// with the codebook's split dimension per level in `dims`), also the gradient w.r.t. the rows'
 /// subvectors: `dσ/dx = −dσ/dθ`. Node-major, every loop runs along the rows; each threshold's
@@ -910,7 +910,7 @@ mod tests {
         let temps: Vec<f32> = (0..c.sub.count()).map(|i| 0.3 + i as f32).collect();
         let rows: Vec<usize> = (0..c.rows).rev().step_by(3).collect();
         for cb in 0..c.sub.count() {
-            let (a, _) = soft(&p, &enc, &temps, cb, &rows);
+            let a = soft(&p, &enc, &temps, cb, &rows);
             for (i, &r) in rows.iter().enumerate() {
                 let x = &c.xs[cb][r * s..(r + 1) * s];
                 let mut want: Vec<f32> = (0..k)
@@ -1013,7 +1013,7 @@ mod tests {
         let (k, m) = (p.k, p.m);
         let mut total = 0f64;
         for c in 0..p.sub.count() {
-            let (a, _) = soft(p, enc, temps, c, rows);
+            let a = soft(p, enc, temps, c, rows);
             for i in 0..rows.len() {
                 for kk in 0..k {
                     for j in 0..m {

@@ -68,7 +68,7 @@ pub struct Options {
     /// tap of the window, so each pixel is encoded once (`K·C` multiply-adds per input pixel
     /// instead of `K·C·kh·kw` per output pixel) at `kh·kw·C / pixel_subspace` lookups per
     /// output; only layers whose taps mostly read the image take them. Gradient learning moves
-    /// every tap's copy of a codebook together; the global stage does not run with them.
+    /// every tap's copy of a codebook together, and so does the global stage.
     /// A layer with its own `subspace` in `layers` keeps window codebooks.
     pub pixel_subspace: usize,
     /// Values per codebook for fully connected layers.
