@@ -465,8 +465,8 @@ fn calibration_runs_the_exact_convolutions_on_direct_kernels_with_the_same_value
     }
 }
 
-/// The residual model (ResNet-18/16: folded BatchNorm, residual Adds, MaxPool, global average
-/// pooling, the tree encoder over pixel codebooks): the whole backward pass against finite
+/// The residual model (ResNet-18/16: folded BatchNorm, residual Adds, downsampling 1×1
+/// convolutions, global average pooling, the tree encoder over pixel codebooks): the whole backward pass against finite
 /// differences, one check per LUT layer.
 #[test]
 fn the_backward_pass_through_a_residual_network_matches_finite_differences() {

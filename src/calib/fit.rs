@@ -516,10 +516,11 @@ pub(crate) fn first_codebooks(enc: &Encoding, g: usize, k: usize, s: usize) -> E
 }
 
 /// Im2Col rows `rows × d` (row layout `(c, tap)`) as the `rows · taps` pixels they hold
-/// (`(row, tap)` order, `d / taps` channels each): what pixel codebooks encode.
-fn pixel_rows(x: &[f32], rows: usize, d: usize, taps: usize) -> Vec<f32> {
+/// (`(row, tap)` order, `d / taps` channels each): what pixel codebooks encode. Values or, for
+/// the global stage, the window map's source indices.
+pub(crate) fn pixel_rows<T: Copy + Default + Send + Sync>(x: &[T], rows: usize, d: usize, taps: usize) -> Vec<T> {
     let ch = d / taps;
-    let mut out = vec![0f32; rows * d];
+    let mut out = vec![T::default(); rows * d];
     out.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(o, r)| {
         for c in 0..ch {
             for t in 0..taps {

@@ -385,16 +385,17 @@ impl Unit {
                         .zip(&g[i * m..(i + 1) * m])
                         .for_each(|(a, b)| *a += b);
                 }
-                let (a, sig) = learn::soft_for_backward(&p, &self.enc, &self.temps, c, &all);
                 let h = learn::assignment_grad(&self.enc, &g, n, m, k, &f.tq[c * k * m..(c + 1) * k * m]);
                 let mut gx = if want_dx { vec![0f32; n * s] } else { Vec::new() };
                 let ge = match &self.enc {
                     Encoding::Argmin { protos } => {
+                        let a = learn::soft(&p, &self.enc, &self.temps, c, &all);
                         let gxo = want_dx.then_some(&mut gx[..]);
                         learn::argmin_backward(&p, protos, self.temps[c], c, &all, &a, &h, gxo)
                     }
-                    Encoding::Tree { dims, .. } => {
+                    Encoding::Tree { dims, thresholds } => {
                         let depth = k.trailing_zeros() as usize;
+                        let sig = learn::tree_sig(&p, dims, thresholds, &self.temps, c, &all);
                         let dc = &dims[c * depth..(c + 1) * depth];
                         let gxo = want_dx.then_some((&mut gx[..], dc, s));
                         learn::tree_backward(k, &self.temps[c * depth..(c + 1) * depth], n, &sig, &h, gxo)
@@ -548,16 +549,8 @@ impl Maps {
         }
         let mut m = window_map(w, c, hw)?;
         if tap_major {
-            let taps = w.kernel[0] * w.kernel[1];
-            let mut by_channel = vec![0u32; c * taps];
-            for row in m.chunks_mut(by_channel.len().max(1)) {
-                by_channel.copy_from_slice(row);
-                for ci in 0..c {
-                    for t in 0..taps {
-                        row[t * c + ci] = by_channel[ci * taps + t];
-                    }
-                }
-            }
+            let (taps, d) = (w.kernel[0] * w.kernel[1], c * w.kernel[0] * w.kernel[1]);
+            m = fit::pixel_rows(&m, m.len() / d.max(1), d, taps);
         }
         let m = Arc::new(m);
         self.0.insert(key, m.clone());

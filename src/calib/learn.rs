@@ -526,8 +526,8 @@ fn gather_rows(x: &[f32], s: usize, rows: &[usize]) -> Vec<f32> {
     out
 }
 
-/// Soft assignment of `n` rows to the `k` codes of codebook `c`, `n × k` (the backward passes
-/// read [`soft_for_backward`]).
+/// Soft assignment of `n` rows to the `k` codes of codebook `c`, `n × k` (the tree's backward
+/// pass reads its node probabilities, [`tree_sig`]).
 pub(crate) fn soft(p: &Problem, enc: &Encoding, temps: &[f32], c: usize, rows: &[usize]) -> Vec<f32> {
     let (s, k) = (p.sub.s, p.k);
     let mut a = vec![0f32; rows.len() * k];
@@ -572,7 +572,14 @@ pub(crate) fn soft(p: &Problem, enc: &Encoding, temps: &[f32], c: usize, rows: &
 
 /// The tree's node probabilities `σ((x_dim − θ)/t)` of codebook `c` for `rows`, node-major
 /// (`(k − 1) × n`, heap order), so every loop runs along the rows and vectorizes.
-fn tree_sig(p: &Problem, dims: &[usize], thresholds: &[f32], temps: &[f32], c: usize, rows: &[usize]) -> Vec<f32> {
+pub(crate) fn tree_sig(
+    p: &Problem,
+    dims: &[usize],
+    thresholds: &[f32],
+    temps: &[f32],
+    c: usize,
+    rows: &[usize],
+) -> Vec<f32> {
     let (s, k, n) = (p.sub.s, p.k, rows.len());
     let depth = k.trailing_zeros() as usize;
     let x = &p.xs[c];
@@ -651,12 +658,15 @@ fn gradients(
                     .for_each(|(a, b)| *a += b);
             }
             // encoder: d loss / d soft assignment = g · T_cᵀ
-            let (a, sig) = soft_for_backward(p, enc, temps, c, rows);
             let h = assignment_grad(enc, &g, n, m, k, &tq[c * k * m..(c + 1) * k * m]);
             let ge = match enc {
-                Encoding::Argmin { protos } => argmin_backward(p, protos, temps[c], c, rows, &a, &h, None),
-                Encoding::Tree { .. } => {
+                Encoding::Argmin { protos } => {
+                    let a = soft(p, enc, temps, c, rows);
+                    argmin_backward(p, protos, temps[c], c, rows, &a, &h, None)
+                }
+                Encoding::Tree { dims, thresholds } => {
                     let depth = k.trailing_zeros() as usize;
+                    let sig = tree_sig(p, dims, thresholds, temps, c, rows);
                     tree_backward(k, &temps[c * depth..(c + 1) * depth], n, &sig, &h, None)
                 }
             };
@@ -665,22 +675,6 @@ fn gradients(
         .collect();
     let (gt, ge): (Vec<Vec<f32>>, Vec<Vec<f32>>) = per_c.into_iter().unzip();
     (gt.concat(), ge.concat())
-}
-
-/// What the encoder's backward pass reads of the soft assignment of codebook `c`: the argmin
-/// encoder's `n × k` assignment, or the tree's node-major node probabilities (its leaf
-/// probabilities, which only a soft forward needs, are left empty).
-pub(crate) fn soft_for_backward(
-    p: &Problem,
-    enc: &Encoding,
-    temps: &[f32],
-    c: usize,
-    rows: &[usize],
-) -> (Vec<f32>, Vec<f32>) {
-    match enc {
-        Encoding::Argmin { .. } => (soft(p, enc, temps, c, rows), Vec::new()),
-        Encoding::Tree { dims, thresholds } => (Vec::new(), tree_sig(p, dims, thresholds, temps, c, rows)),
-    }
 }
 
 /// `h = d loss / d soft assignment = g · T_cᵀ` of one codebook (`g`: `n × m` output gradient,
@@ -748,7 +742,7 @@ fn tree_level(node: usize) -> usize {
 }
 
 /// Threshold gradient of one codebook (`k − 1`, heap order) from its node probabilities `sig`
-/// (node-major, `(k − 1) × n`: [`soft_for_backward`]'s second output) and `h = d loss / d leaf probability`
+/// (node-major, `(k − 1) × n`: [`tree_sig`]) and `h = d loss / d leaf probability`
 /// (leaf-major, `k × n`: [`assignment_grad`]); `temps` per level. When `gx` is given (`n × s`,
 /// with the codebook's split dimension per level in `dims`), also the gradient w.r.t. the rows'
 /// subvectors: `dσ/dx = −dσ/dθ`. Node-major, every loop runs along the rows; each threshold's
@@ -787,6 +781,8 @@ pub(crate) fn tree_backward(
             // d loss / d σ = reach · (V_right − V_left); d σ / d θ = −σ(1 − σ)/t
             d[i] = pr[i] * (r[i] - l[i]) * sg[i] * (1.0 - sg[i]) / t;
         }
+        // 8 lanes added in order at the end (not `lane_sum`'s pairwise halving, which would
+        // change the learned bits of the runs measured in docs/RESULTS.md)
         let mut lanes = [0f32; 8];
         let mut chunks = d.chunks_exact(8);
         for ch in &mut chunks {
