@@ -825,9 +825,11 @@ fn note_unmatched(graph: &Graph, o: &Options, notes: &mut Vec<String>) -> Result
     ];
     for (list, patterns) in lists {
         for p in super::unmatched(patterns, &names) {
-            notes.push(format!(
-                "lut: the {list} entry {p:?} names no layer this pass could replace"
-            ));
+            // once, though the mask pass's relearning runs this pass again
+            let note = format!("lut: the {list} entry {p:?} names no layer this pass could replace");
+            if !notes.contains(&note) {
+                notes.push(note);
+            }
         }
     }
     Ok(())

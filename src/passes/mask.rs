@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::calib::mask::{
     best_point, confirm_split, confirms_expected_drop, drop_standard_error, within_drop, Confirmation, LayerDecision,
-    MaskReport, PathPoint, TimeModel, DROP_TOLERANCE, RELEARNED_AFTER_REFINING, RELEARNED_AGAIN,
+    MaskReport, PathPoint, TimeModel, DROP_TOLERANCE, RELEARNED_AFTER_REFINING, RELEARNED_AGAIN, RELEARNED_PREFIX,
 };
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -61,6 +61,16 @@ pub struct Options {
     /// many times, while the relearned model is no worse and layers come back (each time one
     /// more `lut` run and one more measure per layer still exact). 0 = relearn once.
     pub relearn_rounds: usize,
+    /// With `relearn`, when the greedy walk meets the target: instead of prune's put-backs and
+    /// one relearning of the walk's choice, search the walk's restores for the shortest prefix
+    /// whose relearned model meets the target, by bisection (about log2 of the restores `lut`
+    /// runs, each with its global stage when `lut` has one, and one measure each); the layers
+    /// after that prefix stay lookups. The walk ranks layers by their damage through lookups
+    /// fitted to the all-LUT model; relearning through the mix (and a global stage, which
+    /// co-adapts the lookups so that restoring one alone helps little) needs fewer restores.
+    /// When no shorter prefix meets the target, the usual prune and relearning follow. Off by
+    /// default (its `lut` runs cost compile time).
+    pub relearn_path: bool,
     /// Options for relearning and refining (default: those the `lut` pass ran with).
     pub lut: Option<super::lut::Options>,
     /// Restore layers whose lookups take longer than the exact layer (encoding counted, by
@@ -144,6 +154,7 @@ impl Default for Options {
             samples: 0,
             relearn: true,
             relearn_rounds: 2,
+            relearn_path: false,
             lut: None,
             restore_unprofitable: true,
             prune: true,

@@ -69,7 +69,9 @@ use refine::Back;
 use relearn::Stage;
 
 pub use meter::{best_point, confirm_split, confirms_expected_drop, drop_standard_error, within_drop, DROP_TOLERANCE};
-pub use report::{Confirmation, LayerDecision, MaskReport, PathPoint, RELEARNED_AFTER_REFINING, RELEARNED_AGAIN};
+pub use report::{
+    Confirmation, LayerDecision, MaskReport, PathPoint, RELEARNED_AFTER_REFINING, RELEARNED_AGAIN, RELEARNED_PREFIX,
+};
 pub use time_model::TimeModel;
 
 impl Mask {
@@ -111,13 +113,24 @@ impl Mask {
         self.decide_first(&mut current, record, &luts, &mut decisions)?;
         let walk = self.walk(current, cx, record, &luts, &meter, &mut decisions, &bar)?;
         bar.finish_and_clear();
-        let pruned = self.prune(None, graph, cx, record, &luts, &meter, &mut decisions, &walk)?;
+        // relearn_path: the shortest prefix of the walk's restores that meets the target once
+        // relearned replaces prune's put-backs and the relearning of the walk's choice
+        let searched = self.relearn_path(&exact, &walk, &mut decisions, record, &meter, cx)?;
+        let (pruned, current, final_point) = match searched.kept {
+            Some((relearned, p)) => (Back::default(), relearned, Some(p)),
+            None => {
+                let pruned = self.prune(None, graph, cx, record, &luts, &meter, &mut decisions, &walk)?;
+                let chosen = pruned.points.last().unwrap_or(&walk.path[walk.chosen_point]);
+                match self.relearn(&exact, chosen, &decisions, record, &meter, cx, Stage::Chosen)? {
+                    Some((relearned, p)) => (pruned, relearned, Some(p)),
+                    None => {
+                        let model = pruned.model.clone().unwrap_or_else(|| walk.graph.clone());
+                        (pruned, model, None)
+                    }
+                }
+            }
+        };
         let chosen = pruned.points.last().unwrap_or(&walk.path[walk.chosen_point]);
-        let (current, final_point) =
-            match self.relearn(&exact, chosen, &decisions, record, &meter, cx, Stage::Chosen)? {
-                Some((relearned, p)) => (relearned, Some(p)),
-                None => (pruned.model.unwrap_or_else(|| walk.graph.clone()), None),
-            };
         let mut again = match &final_point {
             Some(p) if meter.met(p) => {
                 self.prune(Some(current), graph, cx, record, &luts, &meter, &mut decisions, &walk)?
@@ -200,6 +213,7 @@ impl Mask {
             path: walk.path,
             chosen_point: walk.chosen_point,
             pruned: pruned.points,
+            relearned_path: searched.probes,
             final_point,
             pruned_after_relearning: again.points,
             refined,

@@ -4,9 +4,10 @@ use super::exact_in;
 use super::meter::{best_point, Goal, Meter};
 use super::refine::RefineStep;
 use super::report::{
-    Confirmation, LayerDecision, PathPoint, RELEARNED_AFTER_REFINING, RELEARNED_AGAIN, UNDO_REFINE, UNDO_RELEARN,
+    Confirmation, LayerDecision, PathPoint, RELEARNED_AFTER_REFINING, RELEARNED_AGAIN, RELEARNED_PREFIX, UNDO_REFINE,
+    UNDO_RELEARN,
 };
-use super::walk::{confirm_order, named};
+use super::walk::{confirm_order, named, Walk};
 use crate::error::Result;
 use crate::ir::Graph;
 use crate::passes::analysis::LutLayers;
@@ -67,6 +68,99 @@ impl Mask {
         ));
         Ok(None)
     }
+}
+
+impl Mask {
+    /// With `relearn_path` (and `relearn`), when the walk's chosen point meets the target: the
+    /// shortest prefix of the walk's restores whose relearned model meets it, found by bisection
+    /// over the prefix length (0 up to the restores made). Each probe relearns the tables with
+    /// that prefix (and the layers decided exact before the walk) kept exact — one `lut` run,
+    /// its global stage included — and measures the model (`probes`, in order). The walk ranks
+    /// layers by their damage through lookups fitted to the all-LUT prefix; a global stage
+    /// co-adapts the lookups, and relearning through a mix refits the layers after a restore,
+    /// so fewer restores often meet the target once relearned. Returns the probes and, when one
+    /// with fewer restores than the walk's met the target, the shortest such model and its
+    /// point; the restores after that prefix are then decided as lookups (the lut record of
+    /// that probe left in `cx`). Assumes the relearned quality grows with the
+    /// prefix, as bisection does: a prefix it skips may meet the target too.
+    pub(super) fn relearn_path(
+        &self,
+        exact: &Graph,
+        walk: &Walk,
+        decisions: &mut [LayerDecision],
+        record: &LutLayers,
+        meter: &Meter,
+        cx: &mut PassCx,
+    ) -> Result<PathSearch> {
+        let o = &self.0;
+        let restores = walk.restored.len();
+        if !(o.relearn && o.relearn_path) || restores == 0 || !meter.met(&walk.path[walk.chosen_point]) {
+            return Ok(PathSearch::default());
+        }
+        // layers exact before the walk: overrides, and (restore_unprofitable) those priced slower
+        let before: Vec<String> = decisions
+            .iter()
+            .enumerate()
+            .filter(|(i, d)| d.chosen == "exact" && !walk.restored.contains(i))
+            .map(|(_, d)| d.layer.clone())
+            .collect();
+        let prior = cx.analyses.lut.take();
+        let (mut lo, mut hi) = (0, restores);
+        let (mut probes, mut best) = (Vec::new(), None);
+        let bar = crate::cli::progress(restores.ilog2() as usize + 1, "mask relearn_path");
+        while lo < hi {
+            cx.check_cancel()?;
+            bar.inc(1);
+            let mid = (lo + hi) / 2;
+            let mut opts = self.lut_options(record);
+            opts.keep_exact.extend(before.iter().cloned());
+            opts.keep_exact
+                .extend(walk.restored[..mid].iter().map(|&i| decisions[i].layer.clone()));
+            let mut relearned = exact.clone();
+            cx.analyses.lut = None;
+            Lut(opts).run(&mut relearned, cx)?;
+            let p = meter.measure(&relearned, Some(format!("{RELEARNED_PREFIX}{mid})")))?;
+            cx.say(&bar, || {
+                format!(
+                    "  mask: relearned with the walk's first {mid} of {restores} restores: {}, {:.1} % removed",
+                    super::refine::readings(&p),
+                    100.0 * p.reduction_everything_counted
+                )
+            });
+            probes.push(p.clone());
+            if meter.met(&p) {
+                hi = mid;
+                best = Some((relearned, p, mid, cx.analyses.lut.take()));
+            } else {
+                lo = mid + 1;
+            }
+        }
+        bar.finish_and_clear();
+        let Some((graph, point, prefix, rec)) = best else {
+            cx.analyses.lut = prior;
+            return Ok(PathSearch { probes, kept: None });
+        };
+        cx.analyses.lut = rec;
+        for &i in &walk.restored[prefix..] {
+            let d = &mut decisions[i];
+            d.chosen = "lut";
+            d.why = format!(
+                "kept as LUT: relearned with the walk's first {prefix} of {restores} restores, the target holds without restoring it (relearn_path; the walk had {})",
+                d.why.trim_start_matches("restored: ")
+            );
+        }
+        Ok(PathSearch {
+            probes,
+            kept: Some((graph, point)),
+        })
+    }
+}
+
+/// What [`Mask::relearn_path`] found: a point per probe, and the model kept with its point.
+#[derive(Default)]
+pub(super) struct PathSearch {
+    pub(super) probes: Vec<PathPoint>,
+    pub(super) kept: Option<(Graph, PathPoint)>,
 }
 
 /// Which model [`Mask::relearn`] relearns.

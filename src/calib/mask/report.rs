@@ -18,6 +18,10 @@ pub(super) const UNDO_RELEARN: &str = "(refined model, not relearned)";
 /// relearned after the layers before it were put back (`relearn_rounds`).
 pub const RELEARNED_AGAIN: &str = "(relearned again)";
 
+/// The `restored` label (prefix, before the number of restores kept) of a point of
+/// [`MaskReport::relearned_path`]: the model relearned with the walk's first restores.
+pub const RELEARNED_PREFIX: &str = "(relearned with the walk's first restores: ";
+
 /// One point of the greedy path: after restoring `restored` layers.
 #[derive(Clone, Debug, Serialize)]
 pub struct PathPoint {
@@ -85,7 +89,12 @@ pub struct MaskReport {
     /// the last is the model relearning starts from.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub pruned: Vec<PathPoint>,
-    /// The model after relearning its tables, when it was kept (it replaced the chosen point).
+    /// With `relearn_path`: one point per prefix of the walk's restores relearned, in the order
+    /// the bisection tried them (labelled [`RELEARNED_PREFIX`] and the prefix's length).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub relearned_path: Vec<PathPoint>,
+    /// The model after relearning its tables, when it was kept (it replaced the chosen point;
+    /// with `relearn_path`, the shortest prefix's relearned model that met the target).
     /// `None` without relearning or when relearning did not help (the chosen point was kept).
     pub final_point: Option<PathPoint>,
     /// With `prune`, after a relearned model was kept: a point per layer the walk restored that
