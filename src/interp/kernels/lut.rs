@@ -32,7 +32,8 @@
 //! - Row-wise ([`lut_i8_rowwise`], [`lut_i8_rowwise_then`]), over `[c][k][m]` tables: for each row
 //!   and codebook, the `m` entries its code selects are added, vectorized over outputs. It beats
 //!   the kernels above for few rows at any `k`, at `k == 256` for any number of rows when
-//!   `m ≥ 16`, and at `k == 16` with `m ≥ 16` on CPUs whose best shuffle kernel is `Avx2` ([`prefer_rowwise`],
+//!   `m ≥ 16`, at any other `k` but 16 (e.g. 64) when `m ≥ 16` (the shuffle kernels take
+//!   `k == 16` only, so the alternative is `Scalar`), and at `k == 16` with `m ≥ 16` on CPUs whose best shuffle kernel is `Avx2` ([`prefer_rowwise`],
 //!   measured): the interpreter's `LutMatMul` picks by that. Its loop takes output tiles outside
 //!   and rows inside, so a tile's table columns stay in cache across the rows of a block.
 //!
@@ -684,6 +685,13 @@ const ROWWISE_PAR_ROWS: usize = 64;
 ///   row-wise at AVX-512 and 57 G at AVX2 against 36 G for the VBMI kernel and 5 G for the
 ///   scalar one. Below 16 outputs the row-wise kernel is scalar (2 G at m = 8) and the VBMI
 ///   kernel wins (12 G);
+/// - for any other `k` but 16 (e.g. `lut.k = 64`: 64 codes, the tree encoder of depth 6) when
+///   `m ≥ 16`: no shuffle kernel takes it, and the scalar kernel gathers every entry. Measured
+///   on Zen 4 (`lut_throughput`, c = m = 64, one thread) at `k = 64`: 64 G lookups/s row-wise
+///   at AVX-512 and 61 G at AVX2 against 3.3 G for the scalar kernel (at `k = 16` the VNNI
+///   kernel does 101 G); NIN every layer as lookups at K = 64, batch 64: its lookups took
+///   8.7 ms against 3.2 ms at K = 16, the whole model 15.7 against 9.4 ms (1.19× and 1.98×
+///   ONNX Runtime on the original);
 /// - for `k = 16` and `m ≥ 16` when the best shuffle kernel is the AVX2 one (an AVX2-only CPU, or
 ///   `TABCONV_SIMD=avx2`). Its `vpshufb` pairs need two shuffles, two blends, two
 ///   `vpmaddubsw` and two adds per 64 lookups and output (with 2 outputs per block instead of
@@ -698,7 +706,8 @@ pub fn prefer_rowwise(rows: usize, k: usize, m: usize) -> bool {
     let vbmi = matches!(best, LutKernel::Avx512 | LutKernel::Vnni) && vbmi_supported();
     #[cfg(not(target_arch = "x86_64"))]
     let vbmi = false;
-    rows <= ROWWISE_MAX_ROWS || (k == 256 && (m >= 16 || !vbmi)) || (k == 16 && m >= 16 && best == LutKernel::Avx2)
+    // from 16 outputs: every k but 16 (k = 256 included), and k = 16 where AVX2 is the best
+    rows <= ROWWISE_MAX_ROWS || (k == 256 && !vbmi) || (m >= 16 && (k != 16 || best == LutKernel::Avx2))
 }
 
 /// [`lut_i8_rowwise`] with an epilogue, parallel over blocks of rows: each block's i32 sums are
@@ -2167,7 +2176,7 @@ mod tests {
     }
 
     /// The row-wise kernel (few rows, `[c][k][m]` tables) equals the naive sum exactly: i16
-    /// flushes past 256 codebooks, extreme tables, K = 16 and 256, the parallel output tiles.
+    /// flushes past 256 codebooks, extreme tables, K = 16, 64 and 256, the parallel output tiles.
     #[test]
     fn rowwise_matches_naive() {
         let levels = crate::interp::kernels::levels_checked("rowwise_matches_naive");
@@ -2186,6 +2195,8 @@ mod tests {
             (65, 7, 90, 256, Fill::Min),
             (4, 40, 112, 16, Fill::Random), // AVX2 word tiles of 3 registers and a 16-output tail
             (3, 270, 96, 16, Fill::Max),    // ... of 3 registers, two flushes, prefetched
+            (100, 50, 48, 64, Fill::Random), // K = 64 runs row-wise at any number of rows
+            (70, 300, 33, 64, Fill::Max),
         ];
         for (rows, c, m, k, fill) in cases {
             let codes = random_codes(&mut rng, rows * c, k);
@@ -2578,7 +2589,7 @@ mod tests {
         let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
         println!("rows={rows} c={c} m={m}, median of {runs} runs");
         println!("lookups/s: wall {threads} threads | wall 1 thread | CPU time 1 thread");
-        for k in [16, 256] {
+        for k in [16, 64, 256] {
             let codes = random_codes(&mut rng, rows * c, k);
             let tables = tables_i8(&mut rng, c * m * k, Fill::Random);
             let mut out = vec![0i32; rows * m];
