@@ -1509,3 +1509,52 @@ fn refine_makes_exact_pixel_layers_window_lookups() {
     assert_eq!(choice_in(&m, conv2).chosen, "exact");
     assert!(out.find(&format!("{conv2}/pq_encode")).is_none());
 }
+
+/// `refine_k` fits the layers the path left exact again with more prototypes per codebook and
+/// keeps each whose model still meets the target. The two-layer model's inputs are 64 distinct
+/// 4-value vectors per codebook: 16 prototypes cannot hold them, 64 can. At a logit cosine of
+/// 0.997 the path restores both layers and prune puts neither back; with `refine_k: 64`,
+/// `easy` over 64 codes meets the target and stays lookups (prototypes and tables of 64 entries
+/// per codebook), `hard` (whose inputs are not 64 vectors) does not and stays exact, and the
+/// kept model is the refined one. Without `refine_k` both stay exact.
+#[test]
+fn refine_makes_exact_layers_lookups_with_more_codes() {
+    let (g, cx, calib) = approximated();
+    let val_x = calib.slice(ndarray::s![..500, ..]).to_owned().into_dyn();
+    let exact = with_exact(&g, &cx, &["easy", "hard"]);
+    let labels = predictions(&exact, &val_x);
+    let options = "      min_logit_cosine: 0.997\n      relearn: false\n      restore_unprofitable: false\n";
+    let (g0, cx0, _) = approximated();
+    let (_, plain, _) = mask_only(&g0, cx0, (val_x.clone(), labels.clone()), options);
+    assert!(plain.refined.is_empty(), "{:?}", plain.refined);
+    assert_eq!(
+        plain.kept().reduction_everything_counted,
+        0.0,
+        "both exact without refine_k"
+    );
+    let (out, m, _) = mask_only(&g, cx, (val_x, labels), &format!("{options}      refine_k: 64\n"));
+    assert_eq!(m.path.len(), 3, "both layers restored: {:?}", m.path);
+    let refined: Vec<_> = m.refined.iter().map(|p| p.restored.clone().unwrap()).collect();
+    assert_eq!(refined, ["easy as lookups with 64 codes per codebook"]);
+    assert_eq!(
+        m.kept().restored,
+        m.refined[0].restored,
+        "the refined model is the one kept"
+    );
+    assert!(m.kept().logit_cosine >= 0.997, "{:?}", m.kept());
+    let (easy, hard) = (choice_in(&m, "easy"), choice_in(&m, "hard"));
+    assert_eq!(easy.chosen, "lut", "{}", easy.why);
+    assert!(easy.why.contains("64 codes"), "{}", easy.why);
+    assert_eq!(hard.chosen, "exact", "{}", hard.why);
+    // easy's prototypes [c][k][s] and tables [c][m][k] hold 64 entries per codebook
+    let shapes = |name: &str| -> Vec<Vec<usize>> {
+        let n = out.find(name).expect("present");
+        out.inputs_of(n)
+            .into_iter()
+            .filter_map(|i| out.const_value(i).map(|t| t.shape().to_vec()))
+            .collect()
+    };
+    assert_eq!(shapes("easy/pq_encode")[0], [2, 64, 4]);
+    assert_eq!(shapes("easy/lut")[0], [2, 8, 64]);
+    assert!(out.find("hard").is_some_and(|n| matches!(out.node(n).op, Op::MatMul)));
+}

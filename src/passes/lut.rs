@@ -181,6 +181,9 @@ pub struct LayerOverride {
     /// [`Options::pixel_subspace`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pixel_subspace: Option<usize>,
+    /// Prototypes per codebook for this layer, as [`Options::k`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub k: Option<usize>,
 }
 
 impl Options {
@@ -203,6 +206,9 @@ impl Options {
             if let Some(g) = l.pixel_subspace {
                 o.pixel_subspace = g;
                 pixel_given = true;
+            }
+            if let Some(k) = l.k {
+                o.k = k;
             }
         }
         if (window_given || o.subspace > 0) && !pixel_given {
@@ -846,6 +852,15 @@ fn check_options(o: &Options) -> Result<()> {
             o.k
         )));
     }
+    if let Some(l) = o.layers.iter().find(|l| {
+        l.k.is_some_and(|k| !(2..=256).contains(&k) || (tree_somewhere && !k.is_power_of_two()))
+    }) {
+        return Err(Error::Input(format!(
+            "lut.layers: the entry for {:?} sets k = {}: must be 2..=256 (a power of two for the tree encoder)",
+            l.name,
+            l.k.unwrap_or(0)
+        )));
+    }
     if let Some(l) = o.layers.iter().find(|l| l.subspace == Some(0)) {
         return Err(Error::Input(format!(
             "lut.layers: the entry for {:?} sets subspace 0: give at least 1 value per codebook",
@@ -907,6 +922,31 @@ fn progress_line(r: &LayerReport, li: usize, n: usize) -> String {
 mod tests {
     use super::{LayerOverride, Options};
 
+    /// A layer's entry sets its prototypes per codebook; an entry's `k` is checked as the
+    /// pass-wide one (a power of two for the tree encoder).
+    #[test]
+    fn a_layer_entry_sets_k() {
+        let entry = |k| LayerOverride {
+            name: "/a*".into(),
+            encoder: None,
+            subspace: None,
+            pixel_subspace: None,
+            k: Some(k),
+        };
+        let o = Options {
+            layers: vec![entry(64)],
+            ..Options::default()
+        };
+        assert_eq!((o.for_layer("/a/b").k, o.for_layer("/c").k), (64, 16));
+        assert!(super::check_options(&o).is_ok());
+        let e = super::check_options(&Options {
+            layers: vec![entry(48)],
+            ..Options::default()
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("\"/a*\" sets k = 48"), "{e}");
+    }
+
     /// Pixel codebooks (4 by default) give way to window codebooks wherever a `subspace` is
     /// asked for (pass-wide above 0, or in the layer's entry, 0 included), unless the entry
     /// itself gives `pixel_subspace`.
@@ -917,6 +957,7 @@ mod tests {
             encoder: None,
             subspace,
             pixel_subspace,
+            k: None,
         };
         let with = |subspace, layers: Vec<LayerOverride>| Options {
             subspace,

@@ -120,6 +120,13 @@ pub struct Options {
     /// `restore_unprofitable`, its lookups would not run slower than the exact layer). One
     /// `lut` fit and one measure per layer tried.
     pub refine_window: bool,
+    /// After the rest, before `refine_subspace` (0 = off): each layer left exact for its damage,
+    /// most operations saved first, fitted again with this many prototypes per codebook (`lut`'s
+    /// `k`, e.g. 64: the same lookups, tables 4× as large, the tree one level deeper) through
+    /// the model as it stands, and kept as lookups when the target still holds (and, with
+    /// `restore_unprofitable`, `time_model` does not price them above the exact layer). One `lut`
+    /// fit and one measure per layer tried.
+    pub refine_k: usize,
     /// Cost of one encoding multiply-add, comparison, lookup-add and output value of the
     /// lookups relative to one exact multiply-add, used by `restore_unprofitable`.
     pub time_model: TimeModel,
@@ -163,6 +170,7 @@ impl Default for Options {
             refine_pixel: 0,
             coarsen_pixel: 0,
             refine_window: true,
+            refine_k: 0,
             time_model: TimeModel::default(),
             confirm: 0.5,
         }

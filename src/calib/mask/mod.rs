@@ -28,8 +28,9 @@
 //! asked, refine steps fit single layers again through the model as it stands and keep each
 //! change that leaves the target met: `refine_pixel` (argmin lookups → lookups over pixel
 //! codebooks), `coarsen_pixel` (pixel lookups → pixel lookups over more channels, fewer
-//! lookups), `refine_encoder` (argmin lookups → hash-tree lookups), then `refine_subspace`
-//! (exact layers → lookups over smaller codebooks).
+//! lookups), `refine_encoder` (argmin lookups → hash-tree lookups), `refine_window`,
+//! `refine_k` (exact layers → lookups with more prototypes per codebook), then
+//! `refine_subspace` (exact layers → lookups over smaller codebooks).
 //! `keep_exact` / `force_lut` (node names, `*` wildcards) override the choice.
 //! With `max_accuracy_drop`, `confirm` (0.5 by default) holds a fraction of the validation
 //! images out of all of that: every step chooses on the others, and a step is taken when it
@@ -163,6 +164,7 @@ impl Mask {
             || o.coarsen_pixel > 0
             || o.refine_window
             || o.refine_encoder
+            || o.refine_k > 0
             || o.refine_subspace > 0)
             && meter.met(kept)
         {

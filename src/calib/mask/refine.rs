@@ -30,11 +30,13 @@ impl Mask {
     /// `refine_encoder`: each layer left as argmin lookups, most encoding operations
     /// first, fitted again by the `lut` pass alone with the hash-tree encoder (comparisons only)
     /// through the model as it stands, and kept so when the target still holds and `time_model`
-    /// does not price the new lookups slower than the old. Then, with `refine_subspace`: each
-    /// layer left exact for its damage (not for speed, not by `keep_exact`), most operations
-    /// saved first, fitted again over codebooks of `refine_subspace` values, and kept as
-    /// lookups when the target still holds and (with `restore_unprofitable`) `time_model` does
-    /// not price them above the exact layer. One `lut` fit and one measure per layer tried.
+    /// does not price the new lookups slower than the old. Then, with `refine_k`, and after it
+    /// with `refine_subspace` (each skipping the layers made lookups before it): each layer left
+    /// exact for its damage (not for speed, not by `keep_exact`), most operations saved first,
+    /// fitted again with `refine_k` prototypes per codebook, or over codebooks of
+    /// `refine_subspace` values, and kept as lookups when the target still holds and (with
+    /// `restore_unprofitable`) `time_model` does not price them above the exact layer. One
+    /// `lut` fit and one measure per layer tried.
     pub(super) fn refine(
         &self,
         mut current: Graph,
@@ -113,6 +115,9 @@ impl Mask {
                 .filter(|&&i| record.report_of(&decisions[i].layer).is_some_and(|r| r.pixel));
             trials.extend(pixel.map(|&i| (i, Variant::Window)));
         }
+        if o.refine_k > 0 {
+            trials.extend(left.iter().map(|&i| (i, Variant::Codes(o.refine_k))));
+        }
         if o.refine_subspace > 0 {
             trials.extend(left.iter().map(|&i| (i, Variant::Subspace(o.refine_subspace))));
         }
@@ -130,7 +135,7 @@ impl Mask {
         for (i, v) in trials {
             bar.inc(1);
             if matches!(v, Variant::Tree) && made_pixel.contains(&i)
-                || matches!(v, Variant::Subspace(_)) && decisions[i].chosen == "lut"
+                || matches!(v, Variant::Subspace(_) | Variant::Codes(_)) && decisions[i].chosen == "lut"
             {
                 continue;
             }
@@ -381,6 +386,8 @@ pub(super) enum Variant {
     Pixel(usize),
     /// Window codebooks (no pixel codebooks).
     Window,
+    /// This many prototypes per codebook.
+    Codes(usize),
 }
 
 /// The channels per codebook when `LutMatMul` node `lut` of `graph` reads the codes of pixel
@@ -412,6 +419,7 @@ impl Variant {
                 encoder: None,
                 subspace: None,
                 pixel_subspace: None,
+                k: None,
             });
         l.name = layer.to_string();
         match self {
@@ -419,6 +427,7 @@ impl Variant {
             Variant::Tree => l.encoder = Some(crate::passes::lut::EncoderChoice::Tree),
             Variant::Pixel(g) => l.pixel_subspace = Some(g),
             Variant::Window => l.pixel_subspace = Some(0),
+            Variant::Codes(k) => l.k = Some(k),
         }
         l
     }
@@ -428,6 +437,7 @@ impl Variant {
             Variant::Tree => "with the tree encoder".into(),
             Variant::Pixel(g) => format!("over pixel codebooks of {g} channels"),
             Variant::Window => "over window codebooks".into(),
+            Variant::Codes(k) => format!("with {k} codes per codebook"),
         }
     }
 }
