@@ -992,6 +992,16 @@ fn relearn_path_keeps_the_shortest_relearned_prefix() {
             assert!(p.logit_cosine < 0.985, "a shorter prefix met the target: {p:?}");
         }
     }
+    // the kept prefix is a boundary: the one just shorter was probed and missed
+    if kept > 0 {
+        assert!(
+            m.relearned_path
+                .iter()
+                .any(|p| prefix(p) == kept - 1 && p.logit_cosine < 0.985),
+            "{:?}",
+            m.relearned_path
+        );
+    }
     // bisection: at most ceil(log2(restores + 1)) probes, each prefix once
     assert!(m.relearned_path.len() <= (usize::BITS - restores.leading_zeros()) as usize);
     let f = m
@@ -1557,4 +1567,56 @@ fn refine_makes_exact_layers_lookups_with_more_codes() {
     assert_eq!(shapes("easy/pq_encode")[0], [2, 64, 4]);
     assert_eq!(shapes("easy/lut")[0], [2, 8, 64]);
     assert!(out.find("hard").is_some_and(|n| matches!(out.node(n).op, Op::MatMul)));
+}
+
+/// The time model prices lookups with more than 16 prototypes and fewer than 16 outputs at the
+/// scalar kernel's rate (`lookup_scalar`), which `LutMatMul` runs there: the two-layer model's
+/// layers (8 and 4 outputs) at 64 codes are estimated slower with the default price than
+/// with `lookup_scalar` set to the row-wise price, and at 16 codes the price does not apply.
+#[test]
+fn few_outputs_at_64_codes_are_priced_as_the_scalar_kernel() {
+    let (g, calib) = two_layers();
+    let est = |k: usize, scalar: Option<f64>| -> Vec<f64> {
+        let mut g = g.clone();
+        let tm = scalar.map_or(String::new(), |s| {
+            format!("      time_model:\n        lookup_scalar: {s}\n")
+        });
+        let text = format!(
+            "name: t\npasses:\n  - lut:\n      encoder: argmin\n      fc_subspace: 4\n      refit: false\n      learn: none\n      k: {k}\n  - mask:\n      min_logit_cosine: 0.0\n      relearn: false\n      restore_unprofitable: false\n{tm}"
+        );
+        let mut cx = PassCx {
+            calib: Some(calib.clone()),
+            ..Default::default()
+        };
+        let report = run_pipeline(&mut g, &Pipeline::parse(&text, "t").unwrap(), &mut cx, |_, _| Ok(())).unwrap();
+        report
+            .mask
+            .expect("mask ran")
+            .layers
+            .iter()
+            .map(|d| d.est_speedup)
+            .collect()
+    };
+    let (scalar, rowwise) = (est(64, None), est(64, Some(3.3)));
+    assert_eq!(scalar.len(), 2);
+    for (s, r) in scalar.iter().zip(&rowwise) {
+        assert!(s < r, "{scalar:?} vs {rowwise:?}");
+    }
+    assert_eq!(est(16, None), est(16, Some(3.3)), "16 codes run a shuffle kernel");
+}
+
+/// `refine_k` must be 0 or a power of two in 2..=256: the mask pass says so before it
+/// measures anything (not from a refit of some layer after the walk).
+#[test]
+fn refine_k_is_checked_up_front() {
+    let (mut g, mut cx, _) = approximated();
+    for k in [1, 48, 512] {
+        let p = Pipeline::parse(
+            &format!("name: t\npasses:\n  - mask:\n      min_logit_cosine: 0.99\n      refine_k: {k}\n"),
+            "t",
+        )
+        .unwrap();
+        let e = run_pipeline(&mut g, &p, &mut cx, |_, _| Ok(())).unwrap_err();
+        assert!(e.to_string().contains(&format!("mask.refine_k = {k}")), "{e}");
+    }
 }

@@ -119,7 +119,8 @@ pub struct Options {
     /// Layers (MatMul node names, `*` wildcards allowed) to leave exact.
     pub keep_exact: Vec<String>,
     /// Per-layer settings over the ones above: for each layer, the last entry whose `name`
-    /// matches it (`*` wildcards allowed) sets its encoder and/or values per codebook. The
+    /// matches it (`*` wildcards allowed) sets its encoder, values per codebook, channels per
+    /// pixel codebook and prototypes per codebook (each optional). The
     /// `mask` pass's refine steps record their per-layer choices here, so a later run of the
     /// pass (relearning) fits each layer as it was chosen.
     pub layers: Vec<LayerOverride>,

@@ -122,7 +122,7 @@ pub struct Options {
     pub refine_window: bool,
     /// After the rest, before `refine_subspace` (0 = off): each layer left exact for its damage,
     /// most operations saved first, fitted again with this many prototypes per codebook (`lut`'s
-    /// `k`, e.g. 64: the same lookups, tables 4× as large, the tree one level deeper) through
+    /// `k`, e.g. 64: the same lookups, tables 4× as large, the tree two levels deeper) through
     /// the model as it stands, and kept as lookups when the target still holds (and, with
     /// `restore_unprofitable`, `time_model` does not price them above the exact layer). One `lut`
     /// fit and one measure per layer tried.

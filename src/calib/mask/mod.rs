@@ -24,7 +24,9 @@
 //! kept (and reported as `final_point`) unless it is worse on the target's metric; with `prune`,
 //! the layers the walk restored that are still exact are then tried back once more, as their
 //! first lookups, into the relearned model (relearning refits the layers after a restored one on
-//! its exact output, which often leaves room under the target). Then, when
+//! its exact output, which often leaves room under the target). With `relearn_path`, those two
+//! steps give way, when it finds one, to the shortest prefix of the walk's restores whose
+//! relearned model meets the target (a bisection, one `lut` run per probe). Then, when
 //! asked, refine steps fit single layers again through the model as it stands and keep each
 //! change that leaves the target met: `refine_pixel` (argmin lookups → lookups over pixel
 //! codebooks), `coarsen_pixel` (pixel lookups → pixel lookups over more channels, fewer
@@ -288,6 +290,12 @@ fn check_ranges(o: &Options) -> Result<()> {
                 range.end()
             )));
         }
+    }
+    if o.refine_k != 0 && !(o.refine_k.is_power_of_two() && (2..=256).contains(&o.refine_k)) {
+        return Err(Error::Input(format!(
+            "mask.refine_k = {}: must be 0 (off) or a power of two in 2..=256 (the tree encoder's prototypes)",
+            o.refine_k
+        )));
     }
     if !(0.0..1.0).contains(&o.confirm) {
         return Err(Error::Input(format!(

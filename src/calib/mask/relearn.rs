@@ -73,7 +73,8 @@ impl Mask {
 impl Mask {
     /// With `relearn_path` (and `relearn`), when the walk's chosen point meets the target: the
     /// shortest prefix of the walk's restores whose relearned model meets it, found by bisection
-    /// over the prefix length (0 up to the restores made). Each probe relearns the tables with
+    /// over the prefix lengths shorter than the walk's (0 up to one less than the restores made;
+    /// the walk's own choice is relearned by the usual step when no shorter prefix meets it). Each probe relearns the tables with
     /// that prefix (and the layers decided exact before the walk) kept exact — one `lut` run,
     /// its global stage included — and measures the model (`probes`, in order). The walk ranks
     /// layers by their damage through lookups fitted to the all-LUT prefix; a global stage
@@ -81,7 +82,7 @@ impl Mask {
     /// so fewer restores often meet the target once relearned. Returns the probes and, when one
     /// with fewer restores than the walk's met the target, the shortest such model and its
     /// point; the restores after that prefix are then decided as lookups (the lut record of
-    /// that probe left in `cx`). Assumes the relearned quality grows with the
+    /// that probe, and its global stage's report, left in `cx`). Assumes the relearned quality grows with the
     /// prefix, as bisection does: a prefix it skips may meet the target too.
     pub(super) fn relearn_path(
         &self,
@@ -104,7 +105,7 @@ impl Mask {
             .filter(|(i, d)| d.chosen == "exact" && !walk.restored.contains(i))
             .map(|(_, d)| d.layer.clone())
             .collect();
-        let prior = cx.analyses.lut.take();
+        let (prior, prior_global) = (cx.analyses.lut.take(), cx.global.take());
         let (mut lo, mut hi) = (0, restores);
         let (mut probes, mut best) = (Vec::new(), None);
         let bar = crate::cli::progress(restores.ilog2() as usize + 1, "mask relearn_path");
@@ -128,19 +129,21 @@ impl Mask {
                 )
             });
             probes.push(p.clone());
+            // each probe's record and global stage: the kept one's stay
+            let (rec, global) = (cx.analyses.lut.take(), cx.global.take());
             if meter.met(&p) {
                 hi = mid;
-                best = Some((relearned, p, mid, cx.analyses.lut.take()));
+                best = Some((relearned, p, mid, rec, global));
             } else {
                 lo = mid + 1;
             }
         }
         bar.finish_and_clear();
-        let Some((graph, point, prefix, rec)) = best else {
-            cx.analyses.lut = prior;
+        let Some((graph, point, prefix, rec, global)) = best else {
+            (cx.analyses.lut, cx.global) = (prior, prior_global);
             return Ok(PathSearch { probes, kept: None });
         };
-        cx.analyses.lut = rec;
+        (cx.analyses.lut, cx.global) = (rec, global.or(prior_global));
         for &i in &walk.restored[prefix..] {
             let d = &mut decisions[i];
             d.chosen = "lut";

@@ -103,8 +103,9 @@ pub struct MaskReport {
     /// the last is the model the refine steps start from.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub pruned_after_relearning: Vec<PathPoint>,
-    /// With `refine_pixel` / `refine_encoder` / `refine_subspace`: a point per layer refitted
-    /// (argmin lookups made pixel-codebook or tree lookups, exact layers made lookups over
+    /// With `refine_pixel` / `coarsen_pixel` / `refine_encoder` / `refine_window` / `refine_k` /
+    /// `refine_subspace`: a point per layer refitted (argmin lookups made pixel-codebook or tree
+    /// lookups, exact layers made lookups over window codebooks, with more prototypes or over
     /// smaller codebooks), each meeting the target,
     /// in order, then (with `relearn`, when it is kept: no worse, target met) one for the model
     /// relearned through the final mix, `restored` "(relearned after refining)"; the last is

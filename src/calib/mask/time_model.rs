@@ -69,6 +69,11 @@ pub struct TimeModel {
     /// K = 64, batch 64, ran at about 24 G lookups/s on Zen 4, 2.3–3.2 of that machine's exact
     /// multiply-adds per lookup, within this price).
     pub lookup_k256: f64,
+    /// A lookup-add of the scalar kernel: more than 16 prototypes (but not 256) and fewer than
+    /// 16 outputs, where neither the row-wise kernel's vectors nor a shuffle kernel apply
+    /// (`lut_throughput` on Zen 4: 3.3 G lookups/s, where direct convolutions run at 55–78 G
+    /// multiply-adds/s).
+    pub lookup_scalar: f64,
     /// An output value of the lookups (rows × outputs).
     pub output: f64,
     /// The images per run the lookups will see: from 16 images up, the tree kernel of
@@ -91,6 +96,7 @@ impl Default for TimeModel {
             compare_conv: 16.0,
             lookup: 0.45,
             lookup_k256: 3.3,
+            lookup_scalar: 20.0,
             output: 40.0,
             batch: 1,
         }
@@ -193,10 +199,11 @@ pub(super) fn layer_cost_as(
     };
     let mut enc_op = enc_op.clone();
     // prototypes per codebook: the tables are [C, M, K]
-    let k = graph
+    let shape = graph
         .const_value(graph.inputs_of(node)[1])
-        .and_then(|t| t.shape().get(2).copied())
-        .unwrap_or(16);
+        .map(|t| t.shape().to_vec())
+        .unwrap_or_default();
+    let (m, k) = (shape.get(1).copied().unwrap_or(16), shape.get(2).copied().unwrap_or(16));
     let mut c = cost::node_cost(graph, node);
     let mut e = cost::node_cost(graph, enc);
     if as_tree && e.encode_macs > 0 {
@@ -216,7 +223,12 @@ pub(super) fn layer_cost_as(
         };
         w.resolve(hw).ok().map(|g| g.out[1])
     });
-    let est = exact_macs as f64 / tm.time(&c, &enc_op, d, k, ow).max(1.0);
+    let mut t = tm.time(&c, &enc_op, d, k, ow);
+    if k > 16 && k != 256 && m < 16 {
+        // the scalar kernel (`interp::kernels::lut::prefer_rowwise`)
+        t += (tm.lookup_scalar - tm.lookup_k256) * c.lookups as f64;
+    }
+    let est = exact_macs as f64 / t.max(1.0);
     Ok((c, est))
 }
 
