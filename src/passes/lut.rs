@@ -842,20 +842,28 @@ fn note_unmatched(graph: &Graph, o: &Options, notes: &mut Vec<String>) -> Result
     Ok(())
 }
 
+/// Whether `k` prototypes per codebook are possible: 2..=256, a power of two for the tree
+/// encoder (`tree`: some layer may take it).
+pub(crate) fn k_fits(k: usize, tree: bool) -> bool {
+    (2..=256).contains(&k) && (!tree || k.is_power_of_two())
+}
+
 fn check_options(o: &Options) -> Result<()> {
     let tree_somewhere = o.encoder != EncoderChoice::Argmin
         || o.layers
             .iter()
             .any(|l| l.encoder.is_some_and(|e| e != EncoderChoice::Argmin));
-    if !(2..=256).contains(&o.k) || (tree_somewhere && !o.k.is_power_of_two()) {
+    if !k_fits(o.k, tree_somewhere) {
         return Err(Error::Input(format!(
             "lut.k = {}: must be 2..=256 (a power of two for the tree encoder)",
             o.k
         )));
     }
-    if let Some(l) = o.layers.iter().find(|l| {
-        l.k.is_some_and(|k| !(2..=256).contains(&k) || (tree_somewhere && !k.is_power_of_two()))
-    }) {
+    if let Some(l) = o
+        .layers
+        .iter()
+        .find(|l| l.k.is_some_and(|k| !k_fits(k, tree_somewhere)))
+    {
         return Err(Error::Input(format!(
             "lut.layers: the entry for {:?} sets k = {}: must be 2..=256 (a power of two for the tree encoder)",
             l.name,

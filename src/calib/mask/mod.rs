@@ -122,12 +122,12 @@ impl Mask {
         let (pruned, current, final_point) = match searched.kept {
             Some((relearned, p)) => (Back::default(), relearned, Some(p)),
             None => {
-                let pruned = self.prune(None, graph, cx, record, &luts, &meter, &mut decisions, &walk)?;
+                let mut pruned = self.prune(None, graph, cx, record, &luts, &meter, &mut decisions, &walk)?;
                 let chosen = pruned.points.last().unwrap_or(&walk.path[walk.chosen_point]);
                 match self.relearn(&exact, chosen, &decisions, record, &meter, cx, Stage::Chosen)? {
                     Some((relearned, p)) => (pruned, relearned, Some(p)),
                     None => {
-                        let model = pruned.model.clone().unwrap_or_else(|| walk.graph.clone());
+                        let model = pruned.model.take().unwrap_or_else(|| walk.graph.clone());
                         (pruned, model, None)
                     }
                 }
@@ -291,7 +291,7 @@ fn check_ranges(o: &Options) -> Result<()> {
             )));
         }
     }
-    if o.refine_k != 0 && !(o.refine_k.is_power_of_two() && (2..=256).contains(&o.refine_k)) {
+    if o.refine_k != 0 && !crate::passes::lut::k_fits(o.refine_k, true) {
         return Err(Error::Input(format!(
             "mask.refine_k = {}: must be 0 (off) or a power of two in 2..=256 (the tree encoder's prototypes)",
             o.refine_k

@@ -74,16 +74,17 @@ impl Mask {
     /// With `relearn_path` (and `relearn`), when the walk's chosen point meets the target: the
     /// shortest prefix of the walk's restores whose relearned model meets it, found by bisection
     /// over the prefix lengths shorter than the walk's (0 up to one less than the restores made;
-    /// the walk's own choice is relearned by the usual step when no shorter prefix meets it). Each probe relearns the tables with
-    /// that prefix (and the layers decided exact before the walk) kept exact — one `lut` run,
-    /// its global stage included — and measures the model (`probes`, in order). The walk ranks
-    /// layers by their damage through lookups fitted to the all-LUT prefix; a global stage
-    /// co-adapts the lookups, and relearning through a mix refits the layers after a restore,
-    /// so fewer restores often meet the target once relearned. Returns the probes and, when one
-    /// with fewer restores than the walk's met the target, the shortest such model and its
-    /// point; the restores after that prefix are then decided as lookups (the lut record of
-    /// that probe, and its global stage's report, left in `cx`). Assumes the relearned quality grows with the
-    /// prefix, as bisection does: a prefix it skips may meet the target too.
+    /// the walk's own choice is relearned by the usual step when no shorter prefix meets it).
+    /// Each probe relearns the tables with that prefix (and the layers decided exact before the
+    /// walk) kept exact — one `lut` run, its global stage included — and measures the model
+    /// (`probes`, in order). The walk ranks layers by their damage through lookups fitted to the
+    /// all-LUT prefix; a global stage co-adapts the lookups, and relearning through a mix refits
+    /// the layers after a restore, so fewer restores often meet the target once relearned.
+    /// Returns the probes and, when one with fewer restores than the walk's met the target, the
+    /// shortest such model and its point; the restores after that prefix are then decided as
+    /// lookups (the lut record of that probe, and its global stage's report, left in `cx`).
+    /// Assumes the relearned quality grows with the prefix, as bisection does: a prefix it
+    /// skips may meet the target too.
     pub(super) fn relearn_path(
         &self,
         exact: &Graph,

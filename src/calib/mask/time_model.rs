@@ -109,13 +109,13 @@ const LANES: usize = 16;
 impl TimeModel {
     /// Estimated time of `c` in exact multiply-adds. An argmin encoder's comparisons are part of
     /// its per-multiply-add rate; `compare_conv` (convolutions) and `compare` (gathered rows)
-    /// price the hash tree's; `lookup` (`lookup_k256` for more than 16 prototypes) prices a
-    /// lookup-add and `output` each output value the lookups produce (packing, the sums'
+    /// price the hash tree's; [`TimeModel::lookup_price`] prices a lookup-add (by the kernel
+    /// that runs it) and `output` each output value the lookups produce (packing, the sums'
     /// transpose, the epilogue: these dominate layers of few codebooks). `enc` is the layer's
-    /// encoder, `d` its row length, `k` its prototypes per codebook and `ow` the width of a
+    /// encoder, `d` its row length, `k` its prototypes per codebook, `m` its outputs and `ow` the width of a
     /// convolution's output rows when known: below `batch` 16 the tree kernel fills one 16-lane
     /// vector per 16 pixels of an output row, so rows narrower than 16 pay for the empty lanes.
-    pub fn time(&self, c: &cost::Cost, enc: &PqEncode, d: usize, k: usize, ow: Option<usize>) -> f64 {
+    pub fn time(&self, c: &cost::Cost, enc: &PqEncode, d: usize, k: usize, m: usize, ow: Option<usize>) -> f64 {
         let compares = if c.encode_macs > 0 {
             0.0
         } else {
@@ -134,7 +134,20 @@ impl TimeModel {
             } else {
                 self.compare
             } * compares
-            + (if k > 16 { self.lookup_k256 } else { self.lookup } + self.output / codebooks) * c.lookups as f64
+            + (self.lookup_price(k, m) + self.output / codebooks) * c.lookups as f64
+    }
+
+    /// The price of one lookup-add at `k` prototypes per codebook and `m` outputs, by the
+    /// kernel `LutMatMul` runs there (`interp::kernels::lut::prefer_rowwise`, from its rules
+    /// that do not depend on the CPU, so the same model gives the same `.tcv` everywhere): the
+    /// shuffle kernels at 16, the row-wise (or at 256 the VBMI) kernel above 16 from 16
+    /// outputs, the scalar kernel above 16 (but not 256) below 16 outputs.
+    pub fn lookup_price(&self, k: usize, m: usize) -> f64 {
+        match k {
+            0..=16 => self.lookup,
+            _ if k == 256 || m >= 16 => self.lookup_k256,
+            _ => self.lookup_scalar,
+        }
     }
 }
 
@@ -223,12 +236,7 @@ pub(super) fn layer_cost_as(
         };
         w.resolve(hw).ok().map(|g| g.out[1])
     });
-    let mut t = tm.time(&c, &enc_op, d, k, ow);
-    if k > 16 && k != 256 && m < 16 {
-        // the scalar kernel (`interp::kernels::lut::prefer_rowwise`)
-        t += (tm.lookup_scalar - tm.lookup_k256) * c.lookups as f64;
-    }
-    let est = exact_macs as f64 / t.max(1.0);
+    let est = exact_macs as f64 / tm.time(&c, &enc_op, d, k, m, ow).max(1.0);
     Ok((c, est))
 }
 
@@ -262,7 +270,7 @@ mod tests {
             ..Default::default()
         };
         let lookups = (tm.lookup + tm.output / 160.0) * c.lookups as f64;
-        let conv = tm.time(&c, &tree(Some(window.clone())), 800, 16, Some(32));
+        let conv = tm.time(&c, &tree(Some(window.clone())), 800, 16, 48, Some(32));
         assert!(
             (conv - (7.0 + tm.compare_conv * 640_000.0 + lookups)).abs() < 1e-6,
             "{conv}"
@@ -272,21 +280,27 @@ mod tests {
         let mut strided = window.clone();
         strided.strides = [2, 2];
         for (w, ow, pad) in [(&window, 7, 16.0 / 7.0), (&window, 20, 1.6), (&strided, 32, 4.0)] {
-            let narrow = tm.time(&c, &tree(Some(w.clone())), 800, 16, Some(ow));
+            let narrow = tm.time(&c, &tree(Some(w.clone())), 800, 16, 48, Some(ow));
             let want = 7.0 + tm.compare_conv * pad * 640_000.0 + lookups;
             assert!((narrow - want).abs() < 1e-6, "{ow}: {narrow} vs {want}");
         }
         // priced for batch 64, the image lanes are full at any width (not at any stride)
         let tm64 = TimeModel { batch: 64, ..tm };
         for (w, ow, pad) in [(&window, 7, 1.0), (&strided, 3, 4.0)] {
-            let narrow = tm64.time(&c, &tree(Some(w.clone())), 800, 16, Some(ow));
+            let narrow = tm64.time(&c, &tree(Some(w.clone())), 800, 16, 48, Some(ow));
             let want = 7.0 + tm.compare_conv * pad * 640_000.0 + lookups;
             assert!((narrow - want).abs() < 1e-6, "{ow}: {narrow} vs {want}");
         }
-        let fc = tm.time(&c, &tree(None), 800, 16, None);
+        let fc = tm.time(&c, &tree(None), 800, 16, 48, None);
         assert!((fc - (7.0 + tm.compare * 640_000.0 + lookups)).abs() < 1e-6, "{fc}");
         // 256 prototypes: the wide tables' rate
-        let wide = tm.time(&c, &tree(None), 800, 256, None);
+        let wide = tm.time(&c, &tree(None), 800, 256, 48, None);
+        // the kernel behind each price: shuffles at 16, row-wise or VBMI above, scalar for few
+        // outputs above 16 but not 256
+        assert_eq!(
+            [(16, 8), (64, 16), (64, 15), (256, 8)].map(|(k, m)| tm.lookup_price(k, m)),
+            [tm.lookup, tm.lookup_k256, tm.lookup_scalar, tm.lookup_k256]
+        );
         let lookups256 = (tm.lookup_k256 + tm.output / 160.0) * c.lookups as f64;
         assert!(
             (wide - (7.0 + tm.compare * 640_000.0 + lookups256)).abs() < 1e-6,
@@ -310,7 +324,7 @@ mod tests {
             ..Default::default()
         };
         // 8 channels (d = 72): 16-lane vectors half full, twice the rate per multiply-add
-        assert!((tm.time(&c, &argmin(None), 72, 16, Some(7)) - 2.0 * tm.encode_mac * 1000.0).abs() < 1e-6);
-        assert!((tm.time(&c, &argmin(Some(0.1)), 72, 16, Some(7)) - 2.0 * tm.encode_mac_i8 * 1000.0).abs() < 1e-6);
+        assert!((tm.time(&c, &argmin(None), 72, 16, 48, Some(7)) - 2.0 * tm.encode_mac * 1000.0).abs() < 1e-6);
+        assert!((tm.time(&c, &argmin(Some(0.1)), 72, 16, 48, Some(7)) - 2.0 * tm.encode_mac_i8 * 1000.0).abs() < 1e-6);
     }
 }
