@@ -138,14 +138,16 @@ impl TimeModel {
     }
 
     /// The price of one lookup-add at `k` prototypes per codebook and `m` outputs, by the
-    /// kernel `LutMatMul` runs there (`interp::kernels::lut::prefer_rowwise`, from its rules
-    /// that do not depend on the CPU, so the same model gives the same `.tcv` everywhere): the
-    /// shuffle kernels at 16, the row-wise (or at 256 the VBMI) kernel above 16 from 16
-    /// outputs, the scalar kernel above 16 (but not 256) below 16 outputs.
+    /// kernel `LutMatMul` runs there (`interp::kernels::lut::rowwise_by_shape`, the rule of
+    /// `prefer_rowwise` that does not depend on the CPU, so the same model gives the same
+    /// `.tcv` everywhere): the shuffle kernels at 16, the row-wise (or at 256 the VBMI) kernel
+    /// above 16 from 16 outputs, the scalar kernel above 16 (but not 256) below 16 outputs.
+    /// Fewer than 16 prototypes (which the shuffle kernels do not take) are priced as 16: not
+    /// measured.
     pub fn lookup_price(&self, k: usize, m: usize) -> f64 {
         match k {
             0..=16 => self.lookup,
-            _ if k == 256 || m >= 16 => self.lookup_k256,
+            _ if k == 256 || crate::interp::kernels::lut::rowwise_by_shape(k, m) => self.lookup_k256,
             _ => self.lookup_scalar,
         }
     }
@@ -214,8 +216,7 @@ pub(super) fn layer_cost_as(
     // prototypes per codebook: the tables are [C, M, K]
     let shape = graph
         .const_value(graph.inputs_of(node)[1])
-        .map(|t| t.shape().to_vec())
-        .unwrap_or_default();
+        .map_or(&[][..], |t| t.shape());
     let (m, k) = (shape.get(1).copied().unwrap_or(16), shape.get(2).copied().unwrap_or(16));
     let mut c = cost::node_cost(graph, node);
     let mut e = cost::node_cost(graph, enc);

@@ -706,8 +706,15 @@ pub fn prefer_rowwise(rows: usize, k: usize, m: usize) -> bool {
     let vbmi = matches!(best, LutKernel::Avx512 | LutKernel::Vnni) && vbmi_supported();
     #[cfg(not(target_arch = "x86_64"))]
     let vbmi = false;
-    // from 16 outputs: every k but 16 (k = 256 included), and k = 16 where AVX2 is the best
-    rows <= ROWWISE_MAX_ROWS || (k == 256 && !vbmi) || (m >= 16 && (k != 16 || best == LutKernel::Avx2))
+    // and k = 16 from 16 outputs where AVX2 is the best
+    rows <= ROWWISE_MAX_ROWS || (k == 256 && !vbmi) || rowwise_by_shape(k, m) || (m >= 16 && best == LutKernel::Avx2)
+}
+
+/// The part of [`prefer_rowwise`] that depends on the layer's shape alone (not on the CPU or
+/// the batch), which `mask`'s time model prices by: from 16 outputs, every `k` but 16 (256
+/// included).
+pub fn rowwise_by_shape(k: usize, m: usize) -> bool {
+    m >= 16 && k != 16
 }
 
 /// [`lut_i8_rowwise`] with an epilogue, parallel over blocks of rows: each block's i32 sums are
