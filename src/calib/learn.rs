@@ -594,15 +594,41 @@ pub(crate) fn tree_sig(
     for (node, out) in sig.chunks_exact_mut(n.max(1)).enumerate().take(k - 1) {
         let l = tree_level(node);
         let (th, t) = (thresholds[c * (k - 1) + node], temps[c * depth + l]);
-        out.iter_mut()
-            .zip(&cols[l])
-            .for_each(|(o, &v)| *o = sigmoid((v - th) / t));
+        sigmoids(out, &cols[l], th, t);
     }
     sig
 }
 
+/// `out[i] = σ((v[i] − th)/t)`. Compiled for AVX2 too, where the machine has it (8 lanes
+/// instead of the baseline build's 4): the same adds, products, divisions and selects at any
+/// width (no fused multiply-adds), so the same bits.
+fn sigmoids(out: &mut [f32], v: &[f32], th: f32, t: f32) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2 (checked above)
+        return unsafe { sigmoids_avx2(out, v, th, t) };
+    }
+    sigmoids_any(out, v, th, t)
+}
+
+/// [`sigmoids`] compiled for AVX2.
+///
+/// # Safety
+/// The CPU has AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn sigmoids_avx2(out: &mut [f32], v: &[f32], th: f32, t: f32) {
+    sigmoids_any(out, v, th, t)
+}
+
+#[inline(always)]
+fn sigmoids_any(out: &mut [f32], v: &[f32], th: f32, t: f32) {
+    out.iter_mut().zip(v).for_each(|(o, &v)| *o = sigmoid((v - th) / t));
+}
+
 /// Reach probability of every tree node (heap order, leaves at `k − 1..`), node-major
 /// (`(2k − 1) × n`), from the node probabilities `sig` ([`tree_sig`]).
+#[inline(always)]
 fn tree_reach(k: usize, n: usize, sig: &[f32]) -> Vec<f32> {
     let mut reach = vec![0f32; (2 * k - 1) * n];
     reach[..n].fill(1.0);
@@ -747,6 +773,7 @@ fn tree_level(node: usize) -> usize {
 /// with the codebook's split dimension per level in `dims`), also the gradient w.r.t. the rows'
 /// subvectors: `dσ/dx = −dσ/dθ`. Node-major, every loop runs along the rows; each threshold's
 /// sum over the rows is kept in 8 fixed lanes, so its bits do not depend on the vector width.
+/// Compiled for AVX2 too, where the machine has it, with the same bits (as [`sigmoids`]).
 pub(crate) fn tree_backward(
     k: usize,
     temps: &[f32],
@@ -755,47 +782,102 @@ pub(crate) fn tree_backward(
     h: &[f32],
     gx: Option<(&mut [f32], &[usize], usize)>,
 ) -> Vec<f32> {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2 (checked above)
+        return unsafe { tree_backward_avx2(k, temps, n, sig, h, gx) };
+    }
+    tree_backward_any(k, temps, n, sig, h, gx)
+}
+
+/// [`tree_backward`] compiled for AVX2.
+///
+/// # Safety
+/// The CPU has AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn tree_backward_avx2(k: usize, temps: &[f32], n: usize, sig: &[f32], h: &[f32], gx: Gx) -> Vec<f32> {
+    tree_backward_any(k, temps, n, sig, h, gx)
+}
+
+/// The input gradient's buffer `n × s`, with the split dimension per level.
+type Gx<'a> = Option<(&'a mut [f32], &'a [usize], usize)>;
+
+#[inline(always)]
+fn tree_backward_any(k: usize, temps: &[f32], n: usize, sig: &[f32], h: &[f32], gx: Gx) -> Vec<f32> {
+    // rows in tiles (a multiple of 8), so each tile's reach and node values stay in cache
+    // (a whole minibatch's are (2k − 1)·n values each: 3 MB at k = 64 and 6272 rows)
+    const TILE: usize = 512;
     let mut gth = vec![0f32; k - 1];
     if n == 0 {
         return gth;
     }
-    let reach = tree_reach(k, n, sig);
-    // value of each node (heap order, leaves at k − 1..): the expected `h` below it
-    let mut v = vec![0f32; (2 * k - 1) * n];
-    v[(k - 1) * n..].copy_from_slice(&h[..k * n]);
-    let mut d = vec![0f32; n];
+    // each threshold's sum in 8 lanes over the rows in order, across tiles, added at the end
+    // (not `lane_sum`'s pairwise halving, which would change the learned bits of the runs
+    // measured in docs/RESULTS.md)
+    let mut lanes = vec![[0f32; 8]; k - 1];
     // the input gradient per level (each level splits on one dimension), scattered at the end
     let depth = k.trailing_zeros() as usize;
     let mut gcol = vec![0f32; if gx.is_some() { depth * n } else { 0 }];
-    for node in (0..k - 1).rev() {
-        let (head, tail) = v.split_at_mut((2 * node + 1) * n);
-        let (l, r) = tail[..2 * n].split_at(n);
-        let vn = &mut head[node * n..(node + 1) * n];
-        let (sg, pr) = (&sig[node * n..(node + 1) * n], &reach[node * n..(node + 1) * n]);
-        let level = tree_level(node);
-        let t = temps[level];
-        for i in 0..n {
-            vn[i] = sg[i] * r[i] + (1.0 - sg[i]) * l[i];
+    let tile = TILE.min(n);
+    let (mut reach, mut v, mut d) = (
+        vec![0f32; (2 * k - 1) * tile],
+        vec![0f32; (2 * k - 1) * tile],
+        vec![0f32; tile],
+    );
+    for start in (0..n).step_by(TILE) {
+        let nt = TILE.min(n - start);
+        let rows = start..start + nt;
+        // reach probability of every node (heap order, leaves at k − 1..)
+        reach[..nt].fill(1.0);
+        for node in 0..k - 1 {
+            let (head, tail) = reach.split_at_mut((2 * node + 1) * tile);
+            let pr = &head[node * tile..node * tile + nt];
+            let (left, right) = tail[..2 * tile].split_at_mut(tile);
+            let sg = &sig[node * n..(node + 1) * n][rows.clone()];
+            for i in 0..nt {
+                left[i] = pr[i] * (1.0 - sg[i]);
+                right[i] = pr[i] * sg[i];
+            }
         }
-        for i in 0..n {
-            // d loss / d σ = reach · (V_right − V_left); d σ / d θ = −σ(1 − σ)/t
-            d[i] = pr[i] * (r[i] - l[i]) * sg[i] * (1.0 - sg[i]) / t;
+        // value of each node: the expected `h` below it
+        for leaf in 0..k {
+            v[(k - 1 + leaf) * tile..(k - 1 + leaf) * tile + nt]
+                .copy_from_slice(&h[leaf * n..(leaf + 1) * n][rows.clone()]);
         }
-        // 8 lanes added in order at the end (not `lane_sum`'s pairwise halving, which would
-        // change the learned bits of the runs measured in docs/RESULTS.md)
-        let mut lanes = [0f32; 8];
-        let mut chunks = d.chunks_exact(8);
-        for ch in &mut chunks {
-            lanes.iter_mut().zip(ch).for_each(|(a, b)| *a += b);
+        for node in (0..k - 1).rev() {
+            let (head, tail) = v.split_at_mut((2 * node + 1) * tile);
+            let (l, r) = tail[..2 * tile].split_at(tile);
+            let vn = &mut head[node * tile..node * tile + nt];
+            let sg = &sig[node * n..(node + 1) * n][rows.clone()];
+            let pr = &reach[node * tile..node * tile + nt];
+            let level = tree_level(node);
+            let t = temps[level];
+            for i in 0..nt {
+                vn[i] = sg[i] * r[i] + (1.0 - sg[i]) * l[i];
+            }
+            let d = &mut d[..nt];
+            for i in 0..nt {
+                // d loss / d σ = reach · (V_right − V_left); d σ / d θ = −σ(1 − σ)/t
+                d[i] = pr[i] * (r[i] - l[i]) * sg[i] * (1.0 - sg[i]) / t;
+            }
+            let lanes = &mut lanes[node];
+            let mut chunks = d.chunks_exact(8);
+            for ch in &mut chunks {
+                lanes.iter_mut().zip(ch).for_each(|(a, b)| *a += b);
+            }
+            // only the last tile can leave a remainder
+            lanes.iter_mut().zip(chunks.remainder()).for_each(|(a, b)| *a += b);
+            if !gcol.is_empty() {
+                gcol[level * n..(level + 1) * n][rows.clone()]
+                    .iter_mut()
+                    .zip(d.iter())
+                    .for_each(|(a, b)| *a += b);
+            }
         }
-        lanes.iter_mut().zip(chunks.remainder()).for_each(|(a, b)| *a += b);
-        gth[node] -= lanes.iter().sum::<f32>();
-        if !gcol.is_empty() {
-            gcol[level * n..(level + 1) * n]
-                .iter_mut()
-                .zip(&d)
-                .for_each(|(a, b)| *a += b);
-        }
+    }
+    for (g, lanes) in gth.iter_mut().zip(&lanes) {
+        *g -= lanes.iter().sum::<f32>();
     }
     if let Some((gx, dims, s)) = gx {
         for (col, &dim) in gcol.chunks_exact(n).zip(dims) {
@@ -879,6 +961,83 @@ mod tests {
             want_x.iter().filter(|v| **v != 0.0).count() >= 3 * n,
             "three dimensions get gradient"
         );
+    }
+
+    /// The tree's soft assignment compiled for AVX2 gives the bits of the baseline build
+    /// (sigmoids of every magnitude, saturated ones and ±∞ included; the backward pass with a
+    /// row count that leaves a remainder of every vector width).
+    #[test]
+    fn the_trees_avx2_build_gives_the_same_bits() {
+        let (k, n, s) = (64usize, 103usize, 4usize);
+        let mut rng = Rng::new(5);
+        let mut v: Vec<f32> = (0..n).map(|_| (rng.next_f64() as f32 - 0.5) * 40.0).collect();
+        v[..3].copy_from_slice(&[f32::INFINITY, f32::NEG_INFINITY, 0.0]);
+        let (mut a, mut b) = (vec![0f32; n], vec![0f32; n]);
+        sigmoids(&mut a, &v, 0.25, 0.1);
+        sigmoids_any(&mut b, &v, 0.25, 0.1);
+        assert_eq!(
+            a.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            b.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+        );
+        assert!(a.contains(&0.0) && a.contains(&1.0), "saturated values checked");
+        let sig: Vec<f32> = (0..(k - 1) * n).map(|_| rng.next_f64() as f32).collect();
+        let h: Vec<f32> = (0..k * n).map(|_| rng.next_f64() as f32 - 0.5).collect();
+        let temps = [0.3f32, 0.5, 0.7, 0.9, 0.2, 0.1];
+        let dims = [1usize, 3, 1, 0, 2, 3];
+        let (mut gx_a, mut gx_b) = (vec![0f32; n * s], vec![0f32; n * s]);
+        let ga = tree_backward(k, &temps, n, &sig, &h, Some((&mut gx_a, &dims, s)));
+        let gb = tree_backward_any(k, &temps, n, &sig, &h, Some((&mut gx_b, &dims, s)));
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&ga), bits(&gb));
+        assert_eq!(bits(&gx_a), bits(&gx_b));
+        assert!(
+            ga.iter().all(|g| *g != 0.0),
+            "every threshold has a gradient to compare"
+        );
+    }
+
+    /// The backward pass before it ran in tiles of rows: every node over all rows at once.
+    fn tree_backward_untiled(k: usize, temps: &[f32], n: usize, sig: &[f32], h: &[f32]) -> Vec<f32> {
+        let mut gth = vec![0f32; k - 1];
+        let reach = tree_reach(k, n, sig);
+        let mut v = vec![0f32; (2 * k - 1) * n];
+        v[(k - 1) * n..].copy_from_slice(&h[..k * n]);
+        let mut d = vec![0f32; n];
+        for node in (0..k - 1).rev() {
+            let (head, tail) = v.split_at_mut((2 * node + 1) * n);
+            let (l, r) = tail[..2 * n].split_at(n);
+            let vn = &mut head[node * n..(node + 1) * n];
+            let (sg, pr) = (&sig[node * n..(node + 1) * n], &reach[node * n..(node + 1) * n]);
+            let t = temps[tree_level(node)];
+            for i in 0..n {
+                vn[i] = sg[i] * r[i] + (1.0 - sg[i]) * l[i];
+                d[i] = pr[i] * (r[i] - l[i]) * sg[i] * (1.0 - sg[i]) / t;
+            }
+            let mut lanes = [0f32; 8];
+            let mut chunks = d.chunks_exact(8);
+            for ch in &mut chunks {
+                lanes.iter_mut().zip(ch).for_each(|(a, b)| *a += b);
+            }
+            lanes.iter_mut().zip(chunks.remainder()).for_each(|(a, b)| *a += b);
+            gth[node] -= lanes.iter().sum::<f32>();
+        }
+        gth
+    }
+
+    /// Rows in tiles give the bits of the whole minibatch at once (three tiles, the last
+    /// leaving a remainder of the 8 lanes).
+    #[test]
+    fn the_tiled_tree_backward_gives_the_untiled_bits() {
+        let (k, n) = (32usize, 1100usize);
+        let mut rng = Rng::new(9);
+        let sig: Vec<f32> = (0..(k - 1) * n).map(|_| rng.next_f64() as f32).collect();
+        let h: Vec<f32> = (0..k * n).map(|_| rng.next_f64() as f32 - 0.5).collect();
+        let temps = [0.3f32, 0.5, 0.7, 0.9, 0.2];
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        let want = tree_backward_untiled(k, &temps, n, &sig, &h);
+        assert_eq!(bits(&tree_backward_any(k, &temps, n, &sig, &h, None)), bits(&want));
+        assert_eq!(bits(&tree_backward(k, &temps, n, &sig, &h, None)), bits(&want));
+        assert!(want.iter().all(|g| *g != 0.0));
     }
 
     /// The sigmoid saturates to exact 0 and 1.
