@@ -628,21 +628,28 @@ fn sigmoids_any(out: &mut [f32], v: &[f32], th: f32, t: f32) {
 
 /// Reach probability of every tree node (heap order, leaves at `k − 1..`), node-major
 /// (`(2k − 1) × n`), from the node probabilities `sig` ([`tree_sig`]).
-#[inline(always)]
 fn tree_reach(k: usize, n: usize, sig: &[f32]) -> Vec<f32> {
     let mut reach = vec![0f32; (2 * k - 1) * n];
-    reach[..n].fill(1.0);
+    tree_reach_into(k, sig, n, 0..n, &mut reach, n);
+    reach
+}
+
+/// [`tree_reach`] of the rows `rows` of `sig` (node-major, `n` rows a node) into `reach`
+/// (node-major, `stride` rows a node, the first `rows.len()` of each written).
+#[inline(always)]
+fn tree_reach_into(k: usize, sig: &[f32], n: usize, rows: std::ops::Range<usize>, reach: &mut [f32], stride: usize) {
+    let nt = rows.len();
+    reach[..nt].fill(1.0);
     for node in 0..k - 1 {
-        let (head, tail) = reach.split_at_mut((2 * node + 1) * n);
-        let pr = &head[node * n..(node + 1) * n];
-        let (left, right) = tail[..2 * n].split_at_mut(n);
-        let sg = &sig[node * n..(node + 1) * n];
-        for i in 0..n {
+        let (head, tail) = reach.split_at_mut((2 * node + 1) * stride);
+        let pr = &head[node * stride..node * stride + nt];
+        let (left, right) = tail[..2 * stride].split_at_mut(stride);
+        let sg = &sig[node * n..(node + 1) * n][rows.clone()];
+        for i in 0..nt {
             left[i] = pr[i] * (1.0 - sg[i]);
             right[i] = pr[i] * sg[i];
         }
     }
-    reach
 }
 
 /// Gradients of the minibatch loss w.r.t. the tables and the encoder's parameters.
@@ -774,14 +781,7 @@ fn tree_level(node: usize) -> usize {
 /// subvectors: `dσ/dx = −dσ/dθ`. Node-major, every loop runs along the rows; each threshold's
 /// sum over the rows is kept in 8 fixed lanes, so its bits do not depend on the vector width.
 /// Compiled for AVX2 too, where the machine has it, with the same bits (as [`sigmoids`]).
-pub(crate) fn tree_backward(
-    k: usize,
-    temps: &[f32],
-    n: usize,
-    sig: &[f32],
-    h: &[f32],
-    gx: Option<(&mut [f32], &[usize], usize)>,
-) -> Vec<f32> {
+pub(crate) fn tree_backward(k: usize, temps: &[f32], n: usize, sig: &[f32], h: &[f32], gx: Gx) -> Vec<f32> {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU has AVX2 (checked above)
@@ -828,18 +828,7 @@ fn tree_backward_any(k: usize, temps: &[f32], n: usize, sig: &[f32], h: &[f32], 
     for start in (0..n).step_by(TILE) {
         let nt = TILE.min(n - start);
         let rows = start..start + nt;
-        // reach probability of every node (heap order, leaves at k − 1..)
-        reach[..nt].fill(1.0);
-        for node in 0..k - 1 {
-            let (head, tail) = reach.split_at_mut((2 * node + 1) * tile);
-            let pr = &head[node * tile..node * tile + nt];
-            let (left, right) = tail[..2 * tile].split_at_mut(tile);
-            let sg = &sig[node * n..(node + 1) * n][rows.clone()];
-            for i in 0..nt {
-                left[i] = pr[i] * (1.0 - sg[i]);
-                right[i] = pr[i] * sg[i];
-            }
-        }
+        tree_reach_into(k, sig, n, rows.clone(), &mut reach, tile);
         // value of each node: the expected `h` below it
         for leaf in 0..k {
             v[(k - 1 + leaf) * tile..(k - 1 + leaf) * tile + nt]
