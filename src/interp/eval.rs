@@ -198,7 +198,8 @@ pub fn eval_op_cached(op: &Op, mut args: Vec<Arc<Tensor>>, cache: Option<&Cache>
                         // the epilogue runs on each block of sums while it is in cache, and
                         // writes every output value: `y` needs no zeroing
                         let mut y = Vec::with_capacity(rows * m);
-                        let quads = lut::wants_quads(k).then(|| tables.quads.get_or_init(|| lut::quad_tables(t, c, m)));
+                        let quads =
+                            lut::wants_quads(k).then(|| tables.quads.get_or_init(|| lut::quad_tables(t, c, m, k)));
                         let quads = quads.map(|q| &q[..]);
                         lut::lut_i8_affine(codes, rows, c, t, quads, m, k, epi, y.spare_capacity_mut());
                         // SAFETY: `lut_i8_affine` writes every one of the first `rows · m` values.

@@ -2449,6 +2449,10 @@ mod tests {
             ([16, 16, 7, 7], [3, 3], [1, 1], [2, 2], [3, 1, 0, 4], 9, 16),
             ([17, 17, 5, 6], [2, 3], [1, 3], [1, 1], [0, 4, 1, 5], 6, 16),
             ([16, 9, 2, 2], [2, 2], [2, 2], [1, 1], [0, 0, 0, 0], 4, 16),
+            // 3-value codebooks (one kernel row of one channel): 60 and 51 codebooks, pixel
+            // and image lanes
+            ([2, 20, 9, 18], [3, 3], [1, 1], [1, 1], [1, 1, 1, 1], 3, 16),
+            ([17, 17, 5, 6], [3, 3], [1, 1], [1, 1], [1, 1, 1, 1], 3, 16),
         ];
         for (ci, &(shape, kernel, strides, dilations, pads, s, k)) in cases.iter().enumerate() {
             let win = Window {
@@ -2528,7 +2532,7 @@ mod tests {
                     }
                 }
             }
-            // the tree encoder reads channels-last rows too (K = 4, 16, 64 and 256), NaN and
+            // the tree encoder reads channels-last rows too (K = 2 to 256), NaN and
             // infinities among the values (NaN goes left, as `x > t` is false)
             let mut xn = x.clone();
             for (i, v) in xn.iter_mut().enumerate() {
@@ -2552,7 +2556,7 @@ mod tests {
                 win: &win,
                 geo,
             };
-            for depth in [2, 4, 6, 8] {
+            for depth in 1..=8 {
                 let dims: Vec<usize> = (0..c_n * depth).map(|i| (i * 7 + depth) % s).collect();
                 let thr: Vec<f32> = (0..c_n * ((1 << depth) - 1))
                     .map(|_| rng.next_f64() as f32 - 0.3)

@@ -26,14 +26,21 @@
 //!   accumulators in registers; codes are packed by 16×16 dword transposes, sums written by
 //!   16×16 transposes. Measured (Zen 5, c = m = 64, one thread): 120–150 G lookups/s against
 //!   85–95 G for `Avx512`.
+//! - `Vnni` at `k == 64`: the codes of 32 rows × 2 codebooks fill one register (word `i`: row
+//!   `i`'s two codes, the second plus 64) and the two codebooks' 64-entry tables for one output
+//!   two more: one `vpermi2b` looks up 64 entries, `vpmaddubsw` (ones × entries) adds each
+//!   row's two into a 16-bit lane and `vpaddw` accumulates (widened to i32 every 254
+//!   codebooks). Measured (Zen 4, one thread, `lut_throughput`): 64 G lookups/s at c = m = 64
+//!   like the row-wise kernel, 40 against 31 G at c = 48, m = 16; ResNet-18/16's lookups over
+//!   3-value codebooks at batch 64 took 16–19 ms against 39 ms row-wise.
 //! - `Avx512` at `k == 256`, when the CPU has AVX-512 VBMI: two merge-masked `vpermi2b` look up 64
 //!   codes in a 256-entry table held in four registers, the pairs summed as above (`lut_k256.rs`).
 //!   `Vnni` runs it too at `k == 256`; `Avx2` falls back to `Scalar`.
 //! - Row-wise ([`lut_i8_rowwise`], [`lut_i8_rowwise_then`]), over `[c][k][m]` tables: for each row
 //!   and codebook, the `m` entries its code selects are added, vectorized over outputs. It beats
 //!   the kernels above for few rows at any `k`, at `k == 256` for any number of rows when
-//!   `m ≥ 16`, at any other `k` but 16 (e.g. 64) when `m ≥ 16` (the shuffle kernels take
-//!   `k == 16` only, so the alternative is `Scalar`), and at `k == 16` with `m ≥ 16` on CPUs whose best shuffle kernel is `Avx2` ([`prefer_rowwise`],
+//!   `m ≥ 16`, at any other `k` but 16 (e.g. 64 without the VNNI kernel) when `m ≥ 16` (the
+//!   shuffle kernels take `k == 16` only, so the alternative is `Scalar`), and at `k == 16` with `m ≥ 16` on CPUs whose best shuffle kernel is `Avx2` ([`prefer_rowwise`],
 //!   measured): the interpreter's `LutMatMul` picks by that. Its loop takes output tiles outside
 //!   and rows inside, so a tile's table columns stay in cache across the rows of a block.
 //!
@@ -379,7 +386,20 @@ pub fn lut_i8_affine(
                 let nr = out.len() / m;
                 // SAFETY: `Call::new` asserted `kernel.supported()` (AVX2, AVX-512F/BW, VBMI,
                 // VNNI); the shapes were checked above.
-                unsafe { x86::vnni_affine(&codes[r0 * c..(r0 + nr) * c], nr, c, quads, m, affine, r0, out, scratch) }
+                unsafe {
+                    x86::vnni_affine(
+                        &codes[r0 * c..(r0 + nr) * c],
+                        nr,
+                        c,
+                        quads,
+                        m,
+                        k,
+                        affine,
+                        r0,
+                        out,
+                        scratch,
+                    )
+                }
             })
         });
         return;
@@ -426,6 +446,8 @@ impl<'a> Call<'a> {
         let kernel = match k {
             16 => kernel,
             #[cfg(target_arch = "x86_64")]
+            64 if kernel == LutKernel::Vnni => kernel,
+            #[cfg(target_arch = "x86_64")]
             256 if kernel == LutKernel::Vnni => LutKernel::Avx512,
             #[cfg(target_arch = "x86_64")]
             256 if kernel == LutKernel::Avx512 && vbmi_supported() => kernel,
@@ -434,10 +456,10 @@ impl<'a> Call<'a> {
         #[cfg(target_arch = "x86_64")]
         let quads = (kernel == LutKernel::Vnni).then(|| match quads {
             Some(q) => {
-                assert_eq!(q.len(), c.div_ceil(4) * m * 64, "lut: quad tables do not fit");
+                assert_eq!(q.len(), vnni_tables_len(c, m, k), "lut: quad tables do not fit");
                 std::borrow::Cow::Borrowed(q)
             }
-            None => std::borrow::Cow::Owned(quad_tables(tables, c, m)),
+            None => std::borrow::Cow::Owned(quad_tables(tables, c, m, k)),
         });
         #[cfg(not(target_arch = "x86_64"))]
         let _ = quads;
@@ -490,7 +512,7 @@ impl<'a> Call<'a> {
     /// Whether [`Call::block_cols`] takes column ranges other than all outputs (the 16-entry
     /// SIMD kernels; ranges start at multiples of 16).
     fn takes_col_ranges(&self) -> bool {
-        self.kernel != LutKernel::Scalar && self.k == 16
+        self.kernel != LutKernel::Scalar && (self.k == 16 || self.k == 64)
     }
 
     /// Whether `rows` rows are better split across threads by outputs than by rows: with more
@@ -555,7 +577,7 @@ impl<'a> Call<'a> {
                 let quads = self.quads.as_deref().expect("built for the VNNI kernel");
                 // SAFETY: `Call::new` asserted `kernel.supported()`: AVX2, AVX-512F/BW, VBMI
                 // and VNNI.
-                unsafe { x86::vnni_i8(codes, nr, c, quads, m, cols, out, scratch) }
+                unsafe { x86::vnni_i8(codes, nr, c, quads, m, self.k, cols, out, scratch) }
             }
             #[cfg(not(target_arch = "x86_64"))]
             _ => unreachable!("SIMD kernels are x86_64 only"),
@@ -563,24 +585,42 @@ impl<'a> Call<'a> {
     }
 }
 
-/// `[c][m][16]` tables → the VNNI kernel's `[⌈c/4⌉][m][4][16]`: the 16-entry tables of four
-/// consecutive codebooks of one output side by side, one 64-byte `vpermb` register (codebooks
-/// past `c`: zeros).
-pub fn quad_tables(tables: &[i8], c: usize, m: usize) -> Vec<i8> {
-    assert_eq!(Some(tables.len()), c.checked_mul(m).and_then(|x| x.checked_mul(16)));
-    let mut q = vec![0i8; c.div_ceil(4) * m * 64];
+/// `[c][m][k]` tables → the VNNI kernel's layout. At 16 codes `[⌈c/4⌉][m][4][16]`: the tables
+/// of four consecutive codebooks of one output side by side, one 64-byte `vpermb` register. At
+/// 64 codes `[⌈c/2⌉][m][2][64]`: two codebooks' tables, the 128 entries one `vpermi2b` reads.
+/// Codebooks past `c`: zeros.
+pub fn quad_tables(tables: &[i8], c: usize, m: usize, k: usize) -> Vec<i8> {
+    assert!(k == 16 || k == 64, "VNNI tables of {k} codes");
+    assert_eq!(Some(tables.len()), c.checked_mul(m).and_then(|x| x.checked_mul(k)));
+    let per = vnni_group(k);
+    let mut q = vec![0i8; vnni_tables_len(c, m, k)];
     for ci in 0..c {
-        let (g, j) = (ci / 4, ci % 4);
+        let (g, j) = (ci / per, ci % per);
         for mi in 0..m {
-            q[(g * m + mi) * 64 + 16 * j..][..16].copy_from_slice(&tables[(ci * m + mi) * 16..][..16]);
+            q[(g * m + mi) * per * k + k * j..][..k].copy_from_slice(&tables[(ci * m + mi) * k..][..k]);
         }
     }
     q
 }
 
+/// Codebooks whose tables one shuffle of the VNNI kernel reads: 4 at 16 codes (`vpermb`), 2 at
+/// 64 (`vpermi2b`).
+fn vnni_group(k: usize) -> usize {
+    if k == 16 {
+        4
+    } else {
+        2
+    }
+}
+
+/// Length of [`quad_tables`]' result.
+fn vnni_tables_len(c: usize, m: usize, k: usize) -> usize {
+    c.div_ceil(vnni_group(k)) * vnni_group(k) * m * k
+}
+
 /// Whether [`lut_i8_then`] at `k` runs the VNNI kernel, which reads [`quad_tables`].
 pub fn wants_quads(k: usize) -> bool {
-    k == 16 && LutKernel::detect() == LutKernel::Vnni
+    (k == 16 || k == 64) && LutKernel::detect() == LutKernel::Vnni
 }
 
 /// `[c][m][k]` tables → `[c][k][m]`, each entry stored as `entry + 128` (`u8`): the layout of
@@ -686,7 +726,8 @@ const ROWWISE_PAR_ROWS: usize = 64;
 ///   scalar one. Below 16 outputs the row-wise kernel is scalar (2 G at m = 8) and the VBMI
 ///   kernel wins (12 G);
 /// - for any other `k` but 16 (e.g. `lut.k = 64`: 64 codes, the tree encoder of depth 6) when
-///   `m ≥ 16`: no shuffle kernel takes it, and the scalar kernel gathers every entry. Measured
+///   `m ≥ 16`, except `k = 64` on a CPU with the VNNI kernel: no other shuffle kernel takes it,
+///   and the scalar kernel gathers every entry. Measured
 ///   on Zen 4 (`lut_throughput`, c = m = 64, one thread) at `k = 64`: 64 G lookups/s row-wise
 ///   at AVX-512 and 61 G at AVX2 against 3.3 G for the scalar kernel (at `k = 16` the VNNI
 ///   kernel does 101 G); NIN every layer as lookups at K = 64, batch 64: its lookups took
@@ -707,12 +748,17 @@ pub fn prefer_rowwise(rows: usize, k: usize, m: usize) -> bool {
     #[cfg(not(target_arch = "x86_64"))]
     let vbmi = false;
     // and k = 16 from 16 outputs where AVX2 is the best
-    rows <= ROWWISE_MAX_ROWS || (k == 256 && !vbmi) || rowwise_by_shape(k, m) || (m >= 16 && best == LutKernel::Avx2)
+    let vnni64 = k == 64 && best == LutKernel::Vnni;
+    rows <= ROWWISE_MAX_ROWS
+        || (k == 256 && !vbmi)
+        || (rowwise_by_shape(k, m) && !vnni64)
+        || (m >= 16 && best == LutKernel::Avx2)
 }
 
 /// The part of [`prefer_rowwise`] that depends on the layer's shape alone (not on the CPU or
 /// the batch), which `mask`'s time model prices by: from 16 outputs, every `k` but 16 (256
-/// included).
+/// included). At `k = 64` a CPU with the VNNI kernel runs that instead (faster: the time model
+/// prices the portable choice).
 pub fn rowwise_by_shape(k: usize, m: usize) -> bool {
     m >= 16 && k != 16
 }
@@ -1878,20 +1924,25 @@ mod x86 {
     /// Outputs per register tile of the VNNI kernel: 6 × 4 i32 accumulators, 4 code registers,
     /// the table register and the ones.
     const QNB: usize = 6;
+    /// The same at 64 codes ([`pair_block`]): 8 × 2 accumulators of 16-bit sums, 2 code and 2
+    /// table registers, the ones.
+    const QNB64: usize = 8;
 
-    /// Packs a block of `nb <= 64` rows (`codes`: `nb × c`) for [`quad_block`]: per group `g` of
-    /// four codebooks, 256 bytes, row `r`'s four codes at bytes `4r .. 4r + 4`, codebook `4g + j`
-    /// plus `16 j` (its table's place in the 64-entry register). Missing rows and codebooks: code
-    /// 0 (missing codebooks' tables are zeros; missing rows' sums are dropped). Per 16 rows and
-    /// 16 groups (64 codebooks): one in-register 16×16 transpose of their 4-code words.
+    /// Packs a block of `nb <= 64` rows (`codes`: `nb × c`) for [`quad_block`] and
+    /// [`quad_block64`]: per group `g` of four codebooks, 256 bytes, row `r`'s four codes at
+    /// bytes `4r .. 4r + 4`, codebook `4g + j` ORed with byte `j` of `offsets` (its table's place
+    /// among the registers a shuffle reads: [`OFFSETS16`], [`OFFSETS64`]). Missing rows and
+    /// codebooks: code 0 (missing codebooks' tables are zeros; missing rows' sums are dropped).
+    /// Per 16 rows and 16 groups (64 codebooks): one in-register 16×16 transpose of their
+    /// 4-code words.
     ///
     /// # Safety
     /// AVX-512F/BW.
     #[target_feature(enable = "avx512f,avx512bw")]
-    unsafe fn pack_quads(codes: &[u8], nb: usize, c: usize, dst: &mut [u8]) {
+    unsafe fn pack_quads(codes: &[u8], nb: usize, c: usize, offsets: i32, dst: &mut [u8]) {
         let q = c.div_ceil(4);
         assert!(nb <= QR && codes.len() == nb * c && dst.len() == q * 256);
-        let offsets = _mm512_set1_epi32(0x3020_1000);
+        let offsets = _mm512_set1_epi32(offsets);
         for rg in 0..QR / 16 {
             let r0 = rg * 16;
             for g0 in (0..q).step_by(16) {
@@ -1913,6 +1964,93 @@ mod x86 {
                     let d = &mut dst[(g0 + j) * 256 + rg * 64..][..64];
                     // SAFETY: d is 64 bytes.
                     unsafe { _mm512_storeu_si512(d.as_mut_ptr().cast(), _mm512_or_si512(v, offsets)) };
+                }
+            }
+        }
+    }
+
+    /// Codebook `4g + j`'s code plus `16 j` at 16 codes: its table's place in the 64-byte
+    /// register of four tables.
+    const OFFSETS16: i32 = 0x3020_1000;
+    /// At 64 codes: codebooks `4g` and `4g + 1` share a pair of registers (128 entries,
+    /// `vpermi2b`), as do `4g + 2` and `4g + 3`; the second one's code plus 64.
+    const OFFSETS64: i32 = 0x4000_4000;
+
+    /// [`quad_block`] at 64 codes over `hp` pairs of codebooks (`packed`: per pair 128 bytes,
+    /// rows 0–31 then 32–63, row `i`'s two codes as word `i`, the second plus 64; `t`: per
+    /// output the pair's two 64-entry tables, `t_step` bytes between pairs): per 32 rows one
+    /// `vpermi2b` looks up both codebooks of every row in their 128 entries, `vpmaddubsw`
+    /// (ones × entries) adds each row's two into a 16-bit lane, `vpaddw` accumulates — 64
+    /// lookups per shuffle, every byte used. At most [`PAIRS_PER_FLUSH`] pairs are summed in 16
+    /// bits (|Σ| ≤ 127 · 256 < 2¹⁵) before they are widened into `acc` (`[NB][64]` i32): exact.
+    ///
+    /// # Safety
+    /// AVX-512F/BW, VBMI; `packed` holds at least `hp · 128` bytes and `t + h·t_step + 128·NB`
+    /// is readable for every `h < hp`.
+    #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vbmi")]
+    unsafe fn pair_block<const NB: usize>(packed: &[u8], hp: usize, t: *const i8, t_step: usize, acc: &mut [i32]) {
+        assert!(packed.len() >= hp * 128 && acc.len() == NB * QR);
+        let ones = _mm512_set1_epi8(1);
+        let p = packed.as_ptr();
+        acc.fill(0);
+        for h0 in (0..hp).step_by(PAIRS_PER_FLUSH) {
+            let mut a = [[_mm512_setzero_si512(); 2]; NB];
+            for h in h0..(h0 + PAIRS_PER_FLUSH).min(hp) {
+                // SAFETY: h < hp and packed holds hp · 128 bytes; the caller guarantees the tables.
+                unsafe {
+                    let x: [__m512i; 2] = std::array::from_fn(|i| _mm512_loadu_si512(p.add(h * 128 + i * 64).cast()));
+                    let th = t.add(h * t_step);
+                    for (n, an) in a.iter_mut().enumerate() {
+                        let lo = _mm512_loadu_si512(th.add(128 * n).cast());
+                        let up = _mm512_loadu_si512(th.add(128 * n + 64).cast());
+                        for (v, x) in an.iter_mut().zip(x) {
+                            let e = _mm512_permutex2var_epi8(lo, x, up);
+                            *v = _mm512_add_epi16(*v, _mm512_maddubs_epi16(ones, e));
+                        }
+                    }
+                }
+            }
+            for (n, an) in a.iter().enumerate() {
+                for (half, v) in an.iter().enumerate() {
+                    let words = [_mm512_castsi512_si256(*v), _mm512_extracti64x4_epi64::<1>(*v)];
+                    for (i, w) in words.into_iter().enumerate() {
+                        // SAFETY: acc holds NB · 64 i32.
+                        unsafe {
+                            let d = acc.as_mut_ptr().add(n * QR + half * 32 + i * 16).cast::<__m512i>();
+                            _mm512_storeu_si512(d, _mm512_add_epi32(_mm512_loadu_si512(d), _mm512_cvtepi16_epi32(w)));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Pairs of codebooks [`pair_block`] sums in 16 bits before widening them.
+    const PAIRS_PER_FLUSH: usize = 127;
+
+    /// Rewrites blocks packed by [`pack_quads`] with [`OFFSETS64`] (per group of four
+    /// codebooks, 16 rows × 4 codes per register) into [`pair_block`]'s layout: per group the
+    /// first pair's rows 0–31 and 32–63, then the second pair's (one 16-bit two-register
+    /// permute per 32 rows and pair).
+    ///
+    /// # Safety
+    /// AVX-512F/BW.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn quads_to_pairs(packed: &mut [u8]) {
+        let even = _mm512_set_epi16(
+            62, 60, 58, 56, 54, 52, 50, 48, 46, 44, 42, 40, 38, 36, 34, 32, 30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10,
+            8, 6, 4, 2, 0,
+        );
+        let odd = _mm512_add_epi16(even, _mm512_set1_epi16(1));
+        for g in packed.chunks_exact_mut(256) {
+            let p = g.as_mut_ptr();
+            // SAFETY: g is 256 bytes.
+            unsafe {
+                let r: [__m512i; 4] = std::array::from_fn(|i| _mm512_loadu_si512(p.add(64 * i).cast()));
+                for half in 0..2 {
+                    let (a, b) = (r[2 * half], r[2 * half + 1]);
+                    _mm512_storeu_si512(p.add(64 * half).cast(), _mm512_permutex2var_epi16(a, even, b));
+                    _mm512_storeu_si512(p.add(128 + 64 * half).cast(), _mm512_permutex2var_epi16(a, odd, b));
                 }
             }
         }
@@ -1965,13 +2103,14 @@ mod x86 {
         c: usize,
         quads: &[i8],
         m: usize,
+        k: usize,
         cols: Range<usize>,
         out: &mut [i32],
         s: &mut Scratch,
     ) {
         assert!(out.len() == nr * cols.len());
         // SAFETY: forwarded from the caller.
-        unsafe { vnni_sums(codes, nr, c, quads, m, cols.clone(), s) };
+        unsafe { vnni_sums(codes, nr, c, quads, m, k, cols.clone(), s) };
         for (acc, out) in s.acc.chunks_exact(cols.len() * QR).zip(out.chunks_mut(QR * cols.len())) {
             // SAFETY: the caller guarantees AVX-512F.
             unsafe { store_rows512(acc, QR, cols.len(), out.len() / cols.len(), out) };
@@ -1991,6 +2130,7 @@ mod x86 {
         c: usize,
         quads: &[i8],
         m: usize,
+        k: usize,
         affine: super::Affine,
         r0: usize,
         out: &mut [std::mem::MaybeUninit<f32>],
@@ -1998,7 +2138,7 @@ mod x86 {
     ) {
         assert!(out.len() == nr * m);
         // SAFETY: forwarded from the caller.
-        unsafe { vnni_sums(codes, nr, c, quads, m, 0..m, s) };
+        unsafe { vnni_sums(codes, nr, c, quads, m, k, 0..m, s) };
         for (b, (acc, out)) in s.acc.chunks_exact(m * QR).zip(out.chunks_mut(QR * m)).enumerate() {
             // SAFETY: the caller guarantees AVX-512F.
             unsafe { store_affine512(acc, m, out.len() / m, affine, r0 + b * QR, out) };
@@ -2010,33 +2150,42 @@ mod x86 {
     ///
     /// # Safety
     /// The CPU must support AVX2, AVX-512F/BW, VBMI and VNNI.
+    #[allow(clippy::too_many_arguments)]
     unsafe fn vnni_sums(
         codes: &[u8],
         nr: usize,
         c: usize,
         quads: &[i8],
         m: usize,
+        k: usize,
         cols: Range<usize>,
         s: &mut Scratch,
     ) {
-        super::check_codes(codes, 16);
+        assert!(k == 16 || k == 64, "the VNNI kernel takes 16 or 64 codes");
+        super::check_codes(codes, k);
         let (q, mw) = (c.div_ceil(4), cols.len());
-        assert!(codes.len() == nr * c && quads.len() == q * m * 64 && cols.end <= m);
+        assert!(codes.len() == nr * c && quads.len() == super::vnni_tables_len(c, m, k) && cols.end <= m);
         let nsb = nr.div_ceil(QR);
         let Scratch { acc, packed, .. } = s;
         // every byte is overwritten by `pack_quads`
         packed.resize(nsb * q * 256, 0);
+        let offsets = if k == 16 { OFFSETS16 } else { OFFSETS64 };
         for (sb, dst) in packed.chunks_exact_mut(q * 256).take(nsb).enumerate() {
             let nb = (nr - sb * QR).min(QR);
             // SAFETY: the caller guarantees AVX-512F/BW.
-            unsafe { pack_quads(&codes[sb * QR * c..(sb * QR + nb) * c], nb, c, dst) };
+            unsafe { pack_quads(&codes[sb * QR * c..(sb * QR + nb) * c], nb, c, offsets, dst) };
         }
-        // every value is overwritten by `quad_block`
+        if k == 64 {
+            // SAFETY: the caller guarantees AVX-512F/BW.
+            unsafe { quads_to_pairs(packed) };
+        }
+        // every value is overwritten by `quad_block` (`pair_block`)
         acc.resize(nsb * mw * QR, 0);
-        let step = m * 64;
-        for mi0 in cols.clone().step_by(QNB) {
-            let (nbo, a0) = ((cols.end - mi0).min(QNB), mi0 - cols.start);
-            let t = quads[mi0 * 64..].as_ptr();
+        let (hp, per) = (c.div_ceil(2), super::vnni_group(k));
+        let (step, tile) = (m * per * k, if k == 16 { QNB } else { QNB64 });
+        for mi0 in cols.clone().step_by(tile) {
+            let (nbo, a0) = ((cols.end - mi0).min(tile), mi0 - cols.start);
+            let t = quads[mi0 * per * k..].as_ptr();
             for (packed, acc) in packed
                 .chunks_exact(q * 256)
                 .zip(acc.chunks_exact_mut(mw * QR))
@@ -2044,15 +2193,23 @@ mod x86 {
             {
                 let acc = &mut acc[a0 * QR..(a0 + nbo) * QR];
                 // SAFETY: the caller guarantees the instruction sets; group g of outputs
-                // mi0 .. mi0 + nbo is at (g·m + mi0)·64, within quads.
+                // mi0 .. mi0 + nbo is at (g·m + mi0)·4k, within quads.
                 unsafe {
-                    match nbo {
-                        6 => quad_block::<6>(packed, q, t, step, acc),
-                        5 => quad_block::<5>(packed, q, t, step, acc),
-                        4 => quad_block::<4>(packed, q, t, step, acc),
-                        3 => quad_block::<3>(packed, q, t, step, acc),
-                        2 => quad_block::<2>(packed, q, t, step, acc),
-                        1 => quad_block::<1>(packed, q, t, step, acc),
+                    match (k, nbo) {
+                        (16, 6) => quad_block::<6>(packed, q, t, step, acc),
+                        (16, 5) => quad_block::<5>(packed, q, t, step, acc),
+                        (16, 4) => quad_block::<4>(packed, q, t, step, acc),
+                        (16, 3) => quad_block::<3>(packed, q, t, step, acc),
+                        (16, 2) => quad_block::<2>(packed, q, t, step, acc),
+                        (16, 1) => quad_block::<1>(packed, q, t, step, acc),
+                        (_, 8) => pair_block::<8>(packed, hp, t, step, acc),
+                        (_, 7) => pair_block::<7>(packed, hp, t, step, acc),
+                        (_, 6) => pair_block::<6>(packed, hp, t, step, acc),
+                        (_, 5) => pair_block::<5>(packed, hp, t, step, acc),
+                        (_, 4) => pair_block::<4>(packed, hp, t, step, acc),
+                        (_, 3) => pair_block::<3>(packed, hp, t, step, acc),
+                        (_, 2) => pair_block::<2>(packed, hp, t, step, acc),
+                        (_, 1) => pair_block::<1>(packed, hp, t, step, acc),
                         _ => unreachable!(),
                     }
                 }
@@ -2269,6 +2426,27 @@ mod tests {
                         _ => Fill::Random,
                     };
                     check_all_kernels(&kernels, &mut rng, rows, c, m, 16, fill);
+                }
+            }
+        }
+    }
+
+    /// At 64 codes (the VNNI kernel's pairs of codebooks, where the CPU has it): odd and even
+    /// codebook counts, 16-bit sums flushed past 254 codebooks, partial output tiles of 8, rows
+    /// past whole blocks of 64, extreme tables.
+    #[test]
+    fn i8_kernels_match_naive_k64() {
+        let kernels = kernels_checked("i8_kernels_match_naive_k64");
+        let mut rng = Rng(64);
+        for rows in [1, 33, 64, 65, 200] {
+            for c in [1, 2, 3, 5, 48, 254, 255, 300, 513] {
+                for m in [1, 7, 8, 9, 16, 33] {
+                    let fill = match rng.below(4) {
+                        0 => Fill::Min,
+                        1 => Fill::Max,
+                        _ => Fill::Random,
+                    };
+                    check_all_kernels(&kernels, &mut rng, rows, c, m, 64, fill);
                 }
             }
         }
@@ -2640,6 +2818,43 @@ mod tests {
         println!("MAC/s:\n  f32 GEMM {rows}x{kk}x{m}  {r}");
         #[cfg(target_arch = "x86_64")]
         shuffle_limits();
+        // k = 64 at the shapes of ResNet-18/16's layers over 3-value codebooks (a sub-batch of
+        // 16 images) and NIN's, one thread
+        println!("k=64, ResNet-18/16 3-value codebook and NIN shapes, lookups/s, CPU time 1 thread:");
+        for (rows, c, m) in [
+            (16 * 1024, 48, 16),
+            (16 * 256, 96, 32),
+            (16 * 64, 192, 64),
+            (16 * 16, 384, 128),
+            (16 * 784, 48, 96),
+            (16 * 784, 24, 96),
+            (16 * 196, 10, 10),
+        ] {
+            let lookups = (rows * c * m) as f64;
+            let codes = random_codes(&mut rng, rows * c, 64);
+            let tables = tables_i8(&mut rng, c * m * 64, Fill::Random);
+            let tt = transpose_tables(&tables, c, m, 64);
+            let mut out = vec![0i32; rows * m];
+            let mut line = format!("  rows={rows:<5} c={c:<3} m={m:<3}");
+            for kernel in LutKernel::available() {
+                let t = one.install(|| {
+                    median_secs(runs, true, || {
+                        lut_i8_with(kernel, &codes, rows, c, &tables, m, 64, std::hint::black_box(&mut out))
+                    })
+                });
+                line += &format!(" | {} {:.1} G", kernel.name(), lookups / t / 1e9);
+            }
+            for level in Simd::available() {
+                let t = one.install(|| {
+                    median_secs(runs, true, || {
+                        let o = std::hint::black_box(&mut out);
+                        lut_i8_rowwise_then(level, &codes, rows, c, &tt, m, 64, o, |_, s, o| o.copy_from_slice(s))
+                    })
+                });
+                line += &format!(" | rowwise {} {:.1} G", level.name(), lookups / t / 1e9);
+            }
+            println!("{line}");
+        }
         // k = 256 at the shapes of the ResNet-18 fixture's layers (rows at batch 8), one thread
         println!("k=256, ResNet-18 fixture shapes at batch 8, lookups/s, CPU time 1 thread:");
         for (rows, c, m) in [

@@ -21,13 +21,15 @@ use std::cell::RefCell;
 pub(super) struct PixelTree {
     depth: usize,
     kernel: [usize; 2],
-    /// The thresholds of each codebook, `th_stride` apart: the first 16 are one vector (unused
-    /// lanes: +inf), the node of levels 0–3 picked by a permute; deeper levels (up to depth 8,
-    /// K = 256) permute or gather theirs.
+    /// The thresholds of each codebook, `th_stride` apart, and 16 values past the last: the
+    /// first 16 are one vector (unused lanes: +inf), the node of levels 0–3 picked by a permute
+    /// (at AVX-512 from 16 values loaded at the level's first node); deeper levels (up to depth
+    /// 8, K = 256) permute or gather theirs.
     th: Vec<f32>,
     th_stride: usize,
     /// Per codebook and level: the window column compared, as (channel, i, j), or None when it
-    /// lies past the last subspace's end (it reads as 0).
+    /// lies past the last subspace's end (it reads as 0). Codebooks past the last, to a
+    /// multiple of [`TREES`], repeat the last one's.
     taps: Vec<Option<(usize, usize, usize)>>,
 }
 
@@ -44,13 +46,19 @@ pub(super) fn pixel_tree(
     let c_n = sub.count();
     let nodes = (1 << depth) - 1;
     let th_stride = (nodes + 1).max(16);
-    let mut th = vec![f32::INFINITY; c_n * th_stride];
-    for c in 0..c_n {
+    // codebooks past the last, to a multiple of TREES (the AVX-512 kernel walks them without
+    // storing their codes): copies of the last one
+    let c_pad = c_n.next_multiple_of(TREES);
+    let last = |c: usize| c.min(c_n.saturating_sub(1));
+    // (16 more at the end: the kernels load 16 thresholds from each level's first node)
+    let mut th = vec![f32::INFINITY; c_pad * th_stride + 16];
+    for c in 0..c_n.min(c_pad) {
         th[c * th_stride..c * th_stride + nodes].copy_from_slice(&thr[c * nodes..(c + 1) * nodes]);
     }
-    let taps = (0..c_n * depth)
+    let taps = (0..c_pad * depth)
         .map(|cl| {
-            let col = (cl / depth) * sub.s + dims[cl];
+            let (c, lev) = (last(cl / depth), cl % depth);
+            let col = c * sub.s + dims[c * depth + lev];
             (col < sub.d).then(|| (col / (kh * kw), col / kw % kh, col % kw))
         })
         .collect();
@@ -62,6 +70,9 @@ pub(super) fn pixel_tree(
         taps,
     })
 }
+
+/// Trees the AVX-512 row kernel walks together.
+const TREES: usize = 8;
 
 /// Planar scratch per band: about this many bytes of input rows at most (plus one zero row;
 /// a band has at least one output row's input rows, whatever their size).
@@ -104,7 +115,11 @@ pub(super) fn tree_nhwc(level: Simd, rows: &Rows, pt: &PixelTree, c_n: usize, co
         return false;
     }
     // the kernels index the per-row tap starts (one per codebook and level) unchecked
-    assert_eq!(pt.taps.len(), c_n * pt.depth, "hash trees for {c_n} codebooks");
+    assert_eq!(
+        pt.taps.len(),
+        c_n.next_multiple_of(TREES) * pt.depth,
+        "hash trees for {c_n} codebooks"
+    );
     if n >= IMAGES && ow < 16 && image_lanes(level, rows, pt, c_n, codes) {
         return true;
     }
@@ -391,7 +406,7 @@ impl Job<'_> {
             at.extend(self.taps.iter().map(|&(i, o)| row_at[i] + o));
             let row = &mut out[k * row_codes..(k + 1) * row_codes];
             // SAFETY: the caller detected `level` (AVX-512F, or AVX2); `at` has an entry per
-            // codebook and level (`taps`, `c_n · depth` of them: asserted in `tree_nhwc`), each
+            // codebook and level (`taps`, the codebooks padded to a multiple of `TREES`: asserted in `tree_nhwc`), each
             // the start of a planar row in `planes` (the zero row included) plus the tap's
             // offset, and a tap's lanes end within its plane: the offset is the plane's start
             // plus at most `(kw − 1)·dw / sw`, and `x0 + 16 ≤ ow` rounded up to 16, their sum
@@ -470,7 +485,7 @@ impl Job<'_> {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::PixelTree;
+    use super::{PixelTree, TREES};
     use std::arch::x86_64::*;
 
     /// `vals`' even lanes, then its odd lanes.
@@ -494,7 +509,8 @@ mod x86 {
     /// `16 · ow` virtual pixels (pixel `x` of image `l` at `16·x + l`).
     ///
     /// # Safety
-    /// AVX-512F; `at` has `c_n · depth` entries, each the start of a tap's values in `planes`
+    /// AVX-512F; `at` has an entry per codebook and level, the codebooks padded to a multiple
+    /// of [`TREES`] as [`PixelTree::taps`] is, each the start of a tap's values in `planes`
     /// from which `ow` rounded up to 16 values stay within its plane (`qw`).
     #[target_feature(enable = "avx512f,avx2,fma")]
     pub(super) unsafe fn row_avx512(
@@ -505,38 +521,67 @@ mod x86 {
         at: &[usize],
         out: &mut [u8],
     ) {
-        let depth = pt.depth;
-        let p = planes.as_ptr();
+        let f = match pt.depth {
+            0 => row512::<0>,
+            1 => row512::<1>,
+            2 => row512::<2>,
+            3 => row512::<3>,
+            4 => row512::<4>,
+            5 => row512::<5>,
+            6 => row512::<6>,
+            7 => row512::<7>,
+            8 => row512::<8>,
+            d => unreachable!("trees of depth {d} are not built"),
+        };
+        f(pt, ow, c_n, planes, at, out)
+    }
+
+    /// [`row_avx512`] for trees of `D` levels (each level's threshold pick known at compile
+    /// time): per 16 pixels and 16 codebooks, eight trees walked together (independent
+    /// dependency chains); codebooks past the last repeat it and are not stored.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn row512<const D: usize>(
+        pt: &PixelTree,
+        ow: usize,
+        c_n: usize,
+        planes: &[f32],
+        at: &[usize],
+        out: &mut [u8],
+    ) {
+        assert!(pt.depth == D && pt.th_stride == (1 << D).max(16) && at.len() >= c_n.next_multiple_of(TREES) * D);
+        assert!(pt.th.len() >= c_n.next_multiple_of(TREES) * pt.th_stride + 16);
+        let (p, ths) = (planes.as_ptr(), (1 << D).max(16));
         let mut tile = [0u8; 256];
+        let one = _mm512_set1_epi32(1);
         for x0 in (0..ow).step_by(16) {
             let lanes = (ow - x0).min(16);
+            let px = p.add(x0);
             for c0 in (0..c_n).step_by(16) {
                 let cw = (c_n - c0).min(16);
-                // words[q] lane l: the codes of codebooks c0 + 4q .. c0 + 4q + 4 of pixel l;
-                // four trees walked together (independent dependency chains), codebooks past
-                // the last repeat it and are not stored
+                // words[q] lane l: the codes of codebooks c0 + 4q .. c0 + 4q + 4 of pixel l
                 let mut words = [_mm512_setzero_si512(); 4];
-                for (q, word) in words.iter_mut().enumerate().take(cw.div_ceil(4)) {
-                    let cs: [usize; 4] = std::array::from_fn(|r| (c0 + 4 * q + r).min(c_n - 1));
-                    let thc: [*const f32; 4] = std::array::from_fn(|r| pt.th.as_ptr().add(cs[r] * pt.th_stride));
-                    let thv: [__m512; 4] = std::array::from_fn(|r| _mm512_loadu_ps(thc[r]));
-                    let mut idx = [_mm512_setzero_si512(); 4];
-                    for lev in 0..depth {
-                        let first = _mm512_set1_epi32((1 << lev) - 1);
-                        for r in 0..4 {
-                            let cl = cs[r] * depth + lev;
-                            let xv = _mm512_loadu_ps(p.add(*at.get_unchecked(cl) + x0));
-                            let node = _mm512_add_epi32(idx[r], first);
-                            let t = level_threshold512(thc[r], thv[r], lev, idx[r], node);
+                for h in 0..cw.div_ceil(TREES) {
+                    // the group's taps and thresholds (codebooks past the last are padded)
+                    let c = c0 + TREES * h;
+                    let taps = at.as_ptr().add(c * D);
+                    let th = pt.th.as_ptr().add(c * ths);
+                    let mut idx = [_mm512_setzero_si512(); TREES];
+                    for lev in 0..D {
+                        for r in 0..TREES {
+                            let xv = _mm512_loadu_ps(px.add(*taps.add(r * D + lev)));
+                            let t = level_threshold::<D>(th.add(r * ths), lev, idx[r]);
                             let gt = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(xv, t);
                             let twice = _mm512_add_epi32(idx[r], idx[r]);
-                            idx[r] = _mm512_mask_add_epi32(twice, gt, twice, _mm512_set1_epi32(1));
+                            idx[r] = _mm512_mask_add_epi32(twice, gt, twice, one);
                         }
                     }
-                    *word = _mm512_or_si512(
-                        _mm512_or_si512(idx[0], _mm512_slli_epi32::<8>(idx[1])),
-                        _mm512_or_si512(_mm512_slli_epi32::<16>(idx[2]), _mm512_slli_epi32::<24>(idx[3])),
-                    );
+                    for q in 0..TREES / 4 {
+                        let i = &idx[4 * q..];
+                        words[2 * h + q] = _mm512_or_si512(
+                            _mm512_or_si512(i[0], _mm512_slli_epi32::<8>(i[1])),
+                            _mm512_or_si512(_mm512_slli_epi32::<16>(i[2]), _mm512_slli_epi32::<24>(i[3])),
+                        );
+                    }
                 }
                 // 4×4 dword transpose in each 128-bit lane k: register i holds pixel 4k + i's
                 // 16 codes
@@ -558,6 +603,41 @@ mod x86 {
         }
     }
 
+    /// The threshold of each lane's node at level `lev` of a `D`-level tree (`idx`: the node's
+    /// index within the level; `thc` the tree's thresholds, 16 values readable from each level's
+    /// first node). Level 0 broadcasts its one threshold, levels 1–4 permute 16 values loaded
+    /// at the level's first node, level 5 two registers (`vpermt2ps`), levels 6 and 7 pairs of
+    /// them blended on bits 5 and 6 of `idx` — the permutes keep a gather's latency out of each
+    /// level's dependency on the previous one.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    #[inline]
+    unsafe fn level_threshold<const D: usize>(thc: *const f32, lev: usize, idx: __m512i) -> __m512 {
+        let base = thc.add((1 << lev) - 1);
+        // 32 thresholds from base + 32·q, picked by bits 0–4 of idx
+        let pair = |q: usize| {
+            _mm512_permutex2var_ps(
+                _mm512_loadu_ps(base.add(32 * q)),
+                idx,
+                _mm512_loadu_ps(base.add(32 * q + 16)),
+            )
+        };
+        match lev {
+            0 => _mm512_set1_ps(*thc),
+            1..=4 => _mm512_permutexvar_ps(idx, _mm512_loadu_ps(base)),
+            5 => pair(0),
+            _ => {
+                let b5 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(32));
+                let lo = _mm512_mask_blend_ps(b5, pair(0), pair(1));
+                if lev == 6 {
+                    return lo;
+                }
+                let hi = _mm512_mask_blend_ps(b5, pair(2), pair(3));
+                let b6 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(64));
+                _mm512_mask_blend_ps(b6, lo, hi)
+            }
+        }
+    }
+
     /// Writes the codes of `lanes` pixels × `cw` codebooks from `tile` (the four transposed
     /// registers, `reg_bytes` each: pixel `4k + i` at 16-byte lane `k` of register `i`) to `out`
     /// (pixel `l` at `l · c_n`).
@@ -571,42 +651,6 @@ mod x86 {
             } else {
                 dst[..cw].copy_from_slice(&src[..cw]);
             }
-        }
-    }
-
-    /// The threshold of each lane's node at level `lev` (`idx`: its index within the level, `node`
-    /// its index in the tree, `thv` the tree's first 16 thresholds, `thc` all of them, `th_stride`
-    /// readable). Levels 0–3 permute `thv`; deeper levels permute the level's own thresholds, which
-    /// start at node `2^lev − 1`: one register at level 4, two at level 5 (`vpermt2ps`), four and
-    /// eight at levels 6 and 7 (pairs, then blends on bits 5 and 6 of `idx`) — the permutes keep
-    /// the gather latency out of each level's dependency on the previous one.
-    #[target_feature(enable = "avx512f,avx2,fma")]
-    #[inline]
-    unsafe fn level_threshold512(thc: *const f32, thv: __m512, lev: usize, idx: __m512i, node: __m512i) -> __m512 {
-        let base = thc.add((1 << lev) - 1);
-        // 32 thresholds from base + 32·q, picked by bits 0–4 of idx
-        let pair = |q: usize| {
-            _mm512_permutex2var_ps(
-                _mm512_loadu_ps(base.add(32 * q)),
-                idx,
-                _mm512_loadu_ps(base.add(32 * q + 16)),
-            )
-        };
-        match lev {
-            0..4 => _mm512_permutexvar_ps(node, thv),
-            4 => _mm512_permutexvar_ps(idx, _mm512_loadu_ps(base)),
-            5 => pair(0),
-            6 | 7 => {
-                let b5 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(32));
-                let lo = _mm512_mask_blend_ps(b5, pair(0), pair(1));
-                if lev == 6 {
-                    return lo;
-                }
-                let hi = _mm512_mask_blend_ps(b5, pair(2), pair(3));
-                let b6 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(64));
-                _mm512_mask_blend_ps(b6, lo, hi)
-            }
-            _ => _mm512_i32gather_ps::<4>(node, thc),
         }
     }
 
