@@ -702,13 +702,16 @@ fn pq_encode(p: &crate::ir::op::PqEncode, args: &[Arc<Tensor>], cache: Option<&C
                 ([s4[2], s4[3]], s4[1])
             };
             let geo = w.resolve(hw)?;
-            let (x, shape, win) = (&x[..], s4, w);
-            let rows = if p.nhwc {
+            // one channel: NCHW is channels-last already, and the channels-last kernels apply
+            let nhwc = p.nhwc || channels == 1;
+            let (x, win) = (&x[..], w);
+            let rows = if nhwc {
+                let shape = [s4[0], hw[0], hw[1], channels];
                 encode::Rows::ConvNhwc { x, shape, win, geo }
             } else {
-                encode::Rows::Conv { x, shape, win, geo }
+                encode::Rows::Conv { x, shape: s4, win, geo }
             };
-            let hint = p.nhwc.then_some((channels, w.kernel[0], w.kernel[1]));
+            let hint = nhwc.then_some((channels, w.kernel[0], w.kernel[1]));
             (rows, vec![s4[0], geo.out[0] * geo.out[1], 0], hint)
         }
         None => {

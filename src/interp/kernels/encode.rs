@@ -2453,6 +2453,9 @@ mod tests {
             // and image lanes
             ([2, 20, 9, 18], [3, 3], [1, 1], [1, 1], [1, 1, 1, 1], 3, 16),
             ([17, 17, 5, 6], [3, 3], [1, 1], [1, 1], [1, 1, 1, 1], 3, 16),
+            // one channel (a stem: the interpreter reads its NCHW input as channels-last)
+            ([2, 1, 12, 20], [5, 5], [1, 1], [1, 1], [2, 2, 2, 2], 5, 16),
+            ([17, 1, 9, 9], [3, 3], [1, 1], [1, 1], [1, 1, 1, 1], 3, 16),
         ];
         for (ci, &(shape, kernel, strides, dilations, pads, s, k)) in cases.iter().enumerate() {
             let win = Window {

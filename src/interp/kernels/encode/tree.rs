@@ -406,8 +406,9 @@ impl Job<'_> {
             at.extend(self.taps.iter().map(|&(i, o)| row_at[i] + o));
             let row = &mut out[k * row_codes..(k + 1) * row_codes];
             // SAFETY: the caller detected `level` (AVX-512F, or AVX2); `at` has an entry per
-            // codebook and level (`taps`, the codebooks padded to a multiple of `TREES`: asserted in `tree_nhwc`), each
-            // the start of a planar row in `planes` (the zero row included) plus the tap's
+            // codebook and level (`taps`, the codebooks padded to a multiple of `TREES`:
+            // asserted in `tree_nhwc`), each the start of a planar row in `planes` (the zero row
+            // included) plus the tap's
             // offset, and a tap's lanes end within its plane: the offset is the plane's start
             // plus at most `(kw − 1)·dw / sw`, and `x0 + 16 ≤ ow` rounded up to 16, their sum
             // below `qw`.
