@@ -8,8 +8,9 @@
 //! they are one contiguous load (the column phase `u mod stride` splits strided windows so
 //! that consecutive pixels stay consecutive). The copy is a 16×16 in-register transpose per
 //! 16 pixels and 16 channels at AVX-512. Each node's threshold comes from a permute of the
-//! codebook's thresholds (`level_threshold512`), and the codes of 16 codebooks are assembled
-//! in registers and written as 16-byte runs per pixel.
+//! codebook's thresholds (`level_threshold`), and the codes of 16 codebooks are assembled
+//! in registers and written as 16-byte runs per pixel. The AVX-512 row kernel is compiled per
+//! tree depth and walks 8 trees at a time (independent dependency chains).
 //!
 //! Same comparisons as [`super::tree_tile`] (`x > t`, `NaN` goes left, values outside the
 //! image are 0), so the same codes at every level and on any thread count.
