@@ -40,8 +40,8 @@
 //! - Row-wise ([`lut_i8_rowwise`], [`lut_i8_rowwise_then`]), over `[c][k][m]` tables: for each row
 //!   and codebook, the `m` entries its code selects are added, vectorized over outputs. It beats
 //!   the kernels above for few rows at any `k`, at `k == 256` for any number of rows when
-//!   `m ≥ 16`, at any other `k` but 16 (e.g. 64 without the VNNI kernel) when `m ≥ 16` (the
-//!   shuffle kernels take `k == 16` only, so the alternative is `Scalar`), and at `k == 16` with `m ≥ 16` on CPUs whose best shuffle kernel is `Avx2` ([`prefer_rowwise`],
+//!   `m ≥ 16`, at any other `k` but 16 (e.g. 64 without the VNNI kernel) when `m ≥ 16` (no
+//!   other shuffle kernel takes it, so the alternative is `Scalar`), and at `k == 16` with `m ≥ 16` on CPUs whose best shuffle kernel is `Avx2` ([`prefer_rowwise`],
 //!   measured): the interpreter's `LutMatMul` picks by that. Its loop takes output tiles outside
 //!   and rows inside, so a tile's table columns stay in cache across the rows of a block.
 //!
@@ -92,7 +92,9 @@ pub enum LutKernel {
     Avx512,
     /// AVX-512 VBMI + VNNI, `k == 16`: `vpermb` looks up 16 rows × 4 codebooks in one
     /// 64-entry register (the 4 codebooks' tables of one output) and `vpdpbusd` adds the 4
-    /// codebooks of each row straight into i32; `k == 256` as [`LutKernel::Avx512`].
+    /// codebooks of each row straight into i32; `k == 64`: `vpermi2b` looks up 32 rows × 2
+    /// codebooks in their 128 entries, `vpmaddubsw` adds each row's two; `k == 256` as
+    /// [`LutKernel::Avx512`].
     Vnni,
 }
 
@@ -178,7 +180,8 @@ pub fn lut_i8(codes: &[u8], rows: usize, c: usize, tables: &[i8], m: usize, k: u
 }
 
 /// int8 tables → exact i32 sums with an explicit kernel. The SIMD kernels need `k == 16` (and
-/// `Avx512` with VBMI `k == 256`); for any other `k` they fall back to `Scalar`. Panics if `kernel` is not supported by this CPU (pick it
+/// `Vnni` also `k == 64`, `Avx512` with VBMI `k == 256`); for any other `k` they fall back to
+/// `Scalar`. Panics if `kernel` is not supported by this CPU (pick it
 /// from [`LutKernel::available`]) or a code is `>= k`.
 #[allow(clippy::too_many_arguments)]
 pub fn lut_i8_with(
@@ -510,8 +513,8 @@ impl<'a> Call<'a> {
         self.block_cols(codes, bi, 0..self.m, out, scratch)
     }
 
-    /// Whether [`Call::block_cols`] takes column ranges other than all outputs (the 16-entry
-    /// SIMD kernels; ranges start at multiples of 16).
+    /// Whether [`Call::block_cols`] takes column ranges other than all outputs (the SIMD
+    /// kernels at 16 and 64 codes; ranges start at multiples of 16).
     fn takes_col_ranges(&self) -> bool {
         self.kernel != LutKernel::Scalar && (self.k == 16 || self.k == 64)
     }
@@ -1298,7 +1301,7 @@ mod k256;
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    //! `k == 16` shuffle kernels.
+    //! `k == 16` shuffle kernels (and the VNNI kernel's `k == 64` form, [`pair_block`]).
     //!
     //! Packed layout of a block of `R` rows (R = 32 for AVX2, 64 for AVX-512): for every codebook
     //! pair `j` (codebooks `2j`, `2j+1`), `R` bytes; byte `b` holds a code of codebook `2j` in its
@@ -1930,7 +1933,7 @@ mod x86 {
     const QNB64: usize = 8;
 
     /// Packs a block of `nb <= 64` rows (`codes`: `nb × c`) for [`quad_block`] and
-    /// [`quad_block64`]: per group `g` of four codebooks, 256 bytes, row `r`'s four codes at
+    /// [`pair_block`] (after [`quads_to_pairs`]): per group `g` of four codebooks, 256 bytes, row `r`'s four codes at
     /// bytes `4r .. 4r + 4`, codebook `4g + j` ORed with byte `j` of `offsets` (its table's place
     /// among the registers a shuffle reads: [`OFFSETS16`], [`OFFSETS64`]). Missing rows and
     /// codebooks: code 0 (missing codebooks' tables are zeros; missing rows' sums are dropped).
@@ -2028,6 +2031,8 @@ mod x86 {
 
     /// Pairs of codebooks [`pair_block`] sums in 16 bits before widening them.
     const PAIRS_PER_FLUSH: usize = 127;
+    // a pair's sum lies in [−256, 254]: PAIRS_PER_FLUSH of them fit an i16
+    const _: () = assert!(PAIRS_PER_FLUSH * 256 <= i16::MAX as usize);
 
     /// Rewrites blocks packed by [`pack_quads`] with [`OFFSETS64`] (per group of four
     /// codebooks, 16 rows × 4 codes per register) into [`pair_block`]'s layout: per group the
@@ -2194,7 +2199,8 @@ mod x86 {
             {
                 let acc = &mut acc[a0 * QR..(a0 + nbo) * QR];
                 // SAFETY: the caller guarantees the instruction sets; group g of outputs
-                // mi0 .. mi0 + nbo is at (g·m + mi0)·4k, within quads.
+                // mi0 .. mi0 + nbo is at (g·m + mi0)·per·k (per: codebooks per group), within
+                // quads.
                 unsafe {
                     match (k, nbo) {
                         (16, 6) => quad_block::<6>(packed, q, t, step, acc),
@@ -2454,26 +2460,27 @@ mod tests {
     }
 
     /// With fewer row blocks than threads, `lut_i8_then` splits the outputs across threads
-    /// (column tiles, a partial last one) and hands the epilogue the same sums.
+    /// (column tiles, a partial last one) and hands the epilogue the same sums, at 16 and 64 codes.
     #[test]
     fn then_splits_outputs_when_rows_are_few() {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
         let mut rng = Rng(12);
         // m = 64 and 48 split into tiles of 32 (+ 16) outputs, the others into COL_TILEs
-        for (rows, c, m) in [
+        let cases = [
             (64, 256, 512),
             (40, 300, 200),
             (1, 1024, 1030),
             (64, 64, 64),
             (49, 144, 64),
             (64, 96, 48),
-        ] {
-            let codes = random_codes(&mut rng, rows * c, 16);
-            let tables = tables_i8(&mut rng, c * m * 16, Fill::Random);
-            let want = naive_i8(&codes, rows, c, &tables, m, 16);
+        ];
+        for (k, (rows, c, m)) in [16, 64].into_iter().flat_map(|k| cases.map(|cs| (k, cs))) {
+            let codes = random_codes(&mut rng, rows * c, k);
+            let tables = tables_i8(&mut rng, c * m * k, Fill::Random);
+            let want = naive_i8(&codes, rows, c, &tables, m, k);
             let mut got = vec![0i64; rows * m];
             pool.install(|| {
-                lut_i8_then(&codes, rows, c, &tables, None, m, 16, &mut got, |r0, sums, out| {
+                lut_i8_then(&codes, rows, c, &tables, None, m, k, &mut got, |r0, sums, out| {
                     assert_eq!(r0, 0, "one block");
                     for (o, &v) in out.iter_mut().zip(sums) {
                         *o = v as i64 + 1;
@@ -2481,12 +2488,13 @@ mod tests {
                 })
             });
             let want: Vec<i64> = want.iter().map(|&v| v as i64 + 1).collect();
-            assert_eq!(got, want, "rows={rows} c={c} m={m}");
+            assert_eq!(got, want, "k={k} rows={rows} c={c} m={m}");
         }
     }
 
     /// `lut_i8_affine` (on a VNNI CPU the kernel applies the epilogue as it stores its sums,
-    /// elsewhere `Affine::apply` per block) gives the bits of `Affine::one` over the exact sums: outputs and rows past whole tiles
+    /// elsewhere `Affine::apply` per block) gives the bits of `Affine::one` over the exact sums,
+    /// at 16 and 64 codes: outputs and rows past whole tiles
     /// of 16, several blocks of 64 rows and tasks, a residual from the right row, zeros of both
     /// signs through the ReLU, one and two threads.
     #[test]
@@ -2495,7 +2503,7 @@ mod tests {
         let val = |rng: &mut Rng| (rng.below(2001) as f32 - 1000.0) / 333.0;
         for threads in [1, 2] {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-            for (rows, c, m) in [
+            let cases = [
                 (1, 36, 16),
                 (15, 20, 16),
                 (49, 144, 64),
@@ -2503,10 +2511,11 @@ mod tests {
                 (100, 72, 48),
                 (300, 36, 70),
                 (1024, 36, 16),
-            ] {
-                let codes = random_codes(&mut rng, rows * c, 16);
-                let tables = tables_i8(&mut rng, c * m * 16, Fill::Random);
-                let sums = naive_i8(&codes, rows, c, &tables, m, 16);
+            ];
+            for (k, (rows, c, m)) in [16, 64].into_iter().flat_map(|k| cases.map(|cs| (k, cs))) {
+                let codes = random_codes(&mut rng, rows * c, k);
+                let tables = tables_i8(&mut rng, c * m * k, Fill::Random);
+                let sums = naive_i8(&codes, rows, c, &tables, m, k);
                 let mut scale: Vec<f32> = (0..m).map(|_| val(&mut rng) / 100.0).collect();
                 let mut offset: Vec<f32> = (0..m).map(|_| val(&mut rng)).collect();
                 (scale[0], offset[0], scale[1], offset[1]) = (0.0, -0.0, -0.0, -0.0);
@@ -2524,14 +2533,14 @@ mod tests {
                             .collect();
                         let mut y: Vec<f32> = Vec::with_capacity(rows * m);
                         pool.install(|| {
-                            lut_i8_affine(&codes, rows, c, &tables, None, m, 16, affine, y.spare_capacity_mut())
+                            lut_i8_affine(&codes, rows, c, &tables, None, m, k, affine, y.spare_capacity_mut())
                         });
                         // SAFETY: lut_i8_affine writes every value (else `want` differs).
                         unsafe { y.set_len(rows * m) };
                         let got: Vec<u32> = y.iter().map(|v| v.to_bits()).collect();
                         if let Some(i) = (0..got.len()).find(|&i| got[i] != want[i]) {
                             panic!(
-                                "{threads} threads rows={rows} c={c} m={m} relu={relu} residual={}: row {} output {}: {} != {}",
+                                "{threads} threads k={k} rows={rows} c={c} m={m} relu={relu} residual={}: row {} output {}: {} != {}",
                                 res.is_some(),
                                 i / m,
                                 i % m,

@@ -20,6 +20,8 @@ use std::cell::RefCell;
 
 /// A conv's hash trees as [`tree_nhwc`] reads them, built once per node.
 pub(super) struct PixelTree {
+    /// Codebooks (before the padding of `taps` and `th`).
+    c_n: usize,
     depth: usize,
     kernel: [usize; 2],
     /// The thresholds of each codebook, `th_stride` apart, and 16 values past the last: the
@@ -48,7 +50,7 @@ pub(super) fn pixel_tree(
     let nodes = (1 << depth) - 1;
     let th_stride = (nodes + 1).max(16);
     // codebooks past the last, to a multiple of TREES (the AVX-512 kernel walks them without
-    // storing their codes): copies of the last one
+    // storing their codes): the last one's taps, thresholds +inf
     let c_pad = c_n.next_multiple_of(TREES);
     let last = |c: usize| c.min(c_n.saturating_sub(1));
     // (16 more at the end: the kernels load 16 thresholds from each level's first node)
@@ -64,6 +66,7 @@ pub(super) fn pixel_tree(
         })
         .collect();
     Some(PixelTree {
+        c_n,
         depth,
         kernel: [kh, kw],
         th,
@@ -116,11 +119,8 @@ pub(super) fn tree_nhwc(level: Simd, rows: &Rows, pt: &PixelTree, c_n: usize, co
         return false;
     }
     // the kernels index the per-row tap starts (one per codebook and level) unchecked
-    assert_eq!(
-        pt.taps.len(),
-        c_n.next_multiple_of(TREES) * pt.depth,
-        "hash trees for {c_n} codebooks"
-    );
+    assert_eq!(pt.c_n, c_n, "hash trees for {} codebooks, not {c_n}", pt.c_n);
+    assert_eq!(pt.taps.len(), c_n.next_multiple_of(TREES) * pt.depth);
     if n >= IMAGES && ow < 16 && image_lanes(level, rows, pt, c_n, codes) {
         return true;
     }
