@@ -30,8 +30,8 @@
 //!   `i`'s two codes, the second plus 64) and the two codebooks' 64-entry tables for one output
 //!   two more: one `vpermi2b` looks up 64 entries, `vpmaddubsw` (ones × entries) adds each
 //!   row's two into a 16-bit lane and `vpaddw` accumulates (widened to i32 every 254
-//!   codebooks). Measured (Zen 4, one thread, `lut_throughput`, two runs): 57–64 G lookups/s
-//!   at c = m = 64 like the row-wise kernel, 27–40 against 21–31 G at c = 48, m = 16; the
+//!   codebooks). Measured (Zen 4, one thread, `lut_throughput`, two runs): 60–64 G lookups/s
+//!   at c = m = 64 like the row-wise kernel, 27–41 against 21–31 G at c = 48, m = 16; the
 //!   lookups of ResNet-18/16 over 3-value codebooks at batch 64 took 16–19 ms against 39 ms
 //!   row-wise.
 //! - `Avx512` at `k == 256`, when the CPU has AVX-512 VBMI: two merge-masked `vpermi2b` look up 64
