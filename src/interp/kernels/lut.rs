@@ -2831,7 +2831,7 @@ mod tests {
         // k = 64 at the shapes of ResNet-18/16's layers over 3-value codebooks (a sub-batch of
         // 16 images) and NIN's, one thread
         println!("k=64, ResNet-18/16 3-value codebook and NIN shapes, lookups/s, CPU time 1 thread:");
-        for (rows, c, m) in [
+        let k64 = [
             (16 * 1024, 48, 16),
             (16 * 256, 96, 32),
             (16 * 64, 192, 64),
@@ -2839,52 +2839,35 @@ mod tests {
             (16 * 784, 48, 96),
             (16 * 784, 24, 96),
             (16 * 196, 10, 10),
-        ] {
-            let lookups = (rows * c * m) as f64;
-            let codes = random_codes(&mut rng, rows * c, 64);
-            let tables = tables_i8(&mut rng, c * m * 64, Fill::Random);
-            let tt = transpose_tables(&tables, c, m, 64);
-            let mut out = vec![0i32; rows * m];
-            let mut line = format!("  rows={rows:<5} c={c:<3} m={m:<3}");
-            for kernel in LutKernel::available() {
-                let t = one.install(|| {
-                    median_secs(runs, true, || {
-                        lut_i8_with(kernel, &codes, rows, c, &tables, m, 64, std::hint::black_box(&mut out))
-                    })
-                });
-                line += &format!(" | {} {:.1} G", kernel.name(), lookups / t / 1e9);
-            }
-            for level in Simd::available() {
-                let t = one.install(|| {
-                    median_secs(runs, true, || {
-                        let o = std::hint::black_box(&mut out);
-                        lut_i8_rowwise_then(level, &codes, rows, c, &tt, m, 64, o, |_, s, o| o.copy_from_slice(s))
-                    })
-                });
-                line += &format!(" | rowwise {} {:.1} G", level.name(), lookups / t / 1e9);
-            }
-            println!("{line}");
-        }
+        ];
+        shape_rates(64, &k64, runs, &one, &mut rng);
         // k = 256 at the shapes of the ResNet-18 fixture's layers (rows at batch 8), one thread
         println!("k=256, ResNet-18 fixture shapes at batch 8, lookups/s, CPU time 1 thread:");
-        for (rows, c, m) in [
+        let k256 = [
             (8 * 784, 16, 16),
             (8 * 196, 32, 32),
             (8 * 49, 64, 64),
             (8 * 16, 128, 128),
             (16384, 2, 16),
             (16384, 8, 8),
-        ] {
+        ];
+        shape_rates(256, &k256, runs, &one, &mut rng);
+    }
+
+    /// One line per `(rows, c, m)` shape at `k` codes: every lookup kernel's and every SIMD
+    /// level's row-wise lookups per second, one thread (CPU time).
+    fn shape_rates(k: usize, shapes: &[(usize, usize, usize)], runs: usize, one: &rayon::ThreadPool, rng: &mut Rng) {
+        for &(rows, c, m) in shapes {
             let lookups = (rows * c * m) as f64;
-            let codes = random_codes(&mut rng, rows * c, 256);
-            let tables = tables_i8(&mut rng, c * m * 256, Fill::Random);
-            let tt = transpose_tables(&tables, c, m, 256);
+            let codes = random_codes(rng, rows * c, k);
+            let tables = tables_i8(rng, c * m * k, Fill::Random);
+            let tt = transpose_tables(&tables, c, m, k);
             let mut out = vec![0i32; rows * m];
             let mut line = format!("  rows={rows:<5} c={c:<3} m={m:<3}");
             for kernel in LutKernel::available() {
                 let t = one.install(|| {
                     median_secs(runs, true, || {
-                        lut_i8_with(kernel, &codes, rows, c, &tables, m, 256, std::hint::black_box(&mut out))
+                        lut_i8_with(kernel, &codes, rows, c, &tables, m, k, std::hint::black_box(&mut out))
                     })
                 });
                 line += &format!(" | {} {:.1} G", kernel.name(), lookups / t / 1e9);
@@ -2893,7 +2876,7 @@ mod tests {
                 let t = one.install(|| {
                     median_secs(runs, true, || {
                         let o = std::hint::black_box(&mut out);
-                        lut_i8_rowwise_then(level, &codes, rows, c, &tt, m, 256, o, |_, s, o| o.copy_from_slice(s))
+                        lut_i8_rowwise_then(level, &codes, rows, c, &tt, m, k, o, |_, s, o| o.copy_from_slice(s))
                     })
                 });
                 line += &format!(" | rowwise {} {:.1} G", level.name(), lookups / t / 1e9);

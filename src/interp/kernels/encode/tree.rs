@@ -55,7 +55,7 @@ pub(super) fn pixel_tree(
     let last = |c: usize| c.min(c_n.saturating_sub(1));
     // (16 more at the end: the kernels load 16 thresholds from each level's first node)
     let mut th = vec![f32::INFINITY; c_pad * th_stride + 16];
-    for c in 0..c_n.min(c_pad) {
+    for c in 0..c_n {
         th[c * th_stride..c * th_stride + nodes].copy_from_slice(&thr[c * nodes..(c + 1) * nodes]);
     }
     let taps = (0..c_pad * depth)
