@@ -938,8 +938,7 @@ mod x86 {
                     _mm512_i32gather_ps::<4>(*i, base.cast())
                 };
                 let gt = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(x, t);
-                let twice = _mm512_add_epi32(*i, *i);
-                *i = _mm512_mask_add_epi32(twice, gt, twice, one);
+                *i = crate::interp::kernels::tree_step(*i, gt, one);
             }
         }
         idx.map(|i| {
@@ -2453,6 +2452,13 @@ mod tests {
             // and image lanes
             ([2, 20, 9, 18], [3, 3], [1, 1], [1, 1], [1, 1, 1, 1], 3, 16),
             ([17, 17, 5, 6], [3, 3], [1, 1], [1, 1], [1, 1, 1, 1], 3, 16),
+            // fewer images on narrow rows: two or four output rows per vector at AVX-512 (a
+            // last vector with fewer rows, strided, 1-pixel rows)
+            ([1, 24, 8, 8], [3, 3], [1, 1], [1, 1], [1, 1, 1, 1], 3, 16),
+            ([2, 20, 4, 4], [3, 3], [1, 1], [1, 1], [1, 1, 1, 1], 3, 16),
+            ([1, 12, 7, 3], [3, 3], [1, 1], [1, 1], [1, 1, 1, 1], 3, 16),
+            ([3, 16, 13, 11], [3, 3], [2, 2], [1, 1], [1, 1, 1, 1], 9, 16),
+            ([1, 18, 5, 1], [3, 3], [1, 1], [1, 1], [1, 1, 1, 1], 9, 16),
             // one channel (a stem: the interpreter reads its NCHW input as channels-last)
             ([2, 1, 12, 20], [5, 5], [1, 1], [1, 1], [2, 2, 2, 2], 5, 16),
             ([17, 1, 9, 9], [3, 3], [1, 1], [1, 1], [1, 1, 1, 1], 3, 16),

@@ -170,8 +170,7 @@ mod x86 {
                     let xv = _mm512_castsi512_ps(v[c * s + t.dims[c * D + l] - ch0]);
                     let node = _mm512_add_epi32(idx, _mm512_set1_epi32((1 << l) - 1));
                     let gt = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(xv, _mm512_permutexvar_ps(node, thr));
-                    let twice = _mm512_add_epi32(idx, idx);
-                    idx = _mm512_mask_add_epi32(twice, gt, twice, one);
+                    idx = crate::interp::kernels::tree_step(idx, gt, one);
                 }
                 codes[c % 16] = idx;
                 if c % 16 == 15 || c + 1 == c_n {

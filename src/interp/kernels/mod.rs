@@ -63,6 +63,36 @@ pub(crate) unsafe fn lane_mask256(n: usize) -> std::arch::x86_64::__m256i {
     _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))
 }
 
+/// `2·idx + 1` in the lanes `gt` selects, `2·idx` elsewhere: a hash tree's step to the next
+/// level. One masked `vpaddd` after the doubling; written out because LLVM turns the
+/// intrinsic (`_mm512_mask_add_epi32(twice, gt, twice, one)`) into a mask-to-vector
+/// `vpternlogd`, a shift and an OR — three instructions instead of one in the trees' innermost
+/// loop (measured on the window tree encoder: see docs/RESULTS.md, seventeenth session).
+///
+/// # Safety
+/// AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub(crate) unsafe fn tree_step(
+    idx: std::arch::x86_64::__m512i,
+    gt: std::arch::x86_64::__mmask16,
+    one: std::arch::x86_64::__m512i,
+) -> std::arch::x86_64::__m512i {
+    let mut r = std::arch::x86_64::_mm512_add_epi32(idx, idx);
+    // SAFETY: AVX-512F (the caller); registers only.
+    unsafe {
+        std::arch::asm!(
+            "vpaddd {r}{{{k}}}, {r}, {one}",
+            r = inout(zmm_reg) r,
+            k = in(kreg) gt,
+            one = in(zmm_reg) one,
+            options(pure, nomem, nostack, preserves_flags),
+        );
+    }
+    r
+}
+
 /// A 16×16 transpose of 32-bit values in AVX-512 registers: `r[i]` lane `j` becomes lane `i` of
 /// the result's register `j` (unpack pairs, then pairs of pairs, then 128-bit lanes).
 ///

@@ -4,19 +4,24 @@
 //! Every lane of a tile compares the same window column of its own pixel, so the tile's values
 //! of one column are `lanes` pixels of one channel. A channels-last image holds those `C`
 //! values apart; each band of input rows is therefore first copied into a planar layout —
-//! per (input row, channel, column phase) the row's values with the padding as zeros — where
-//! they are one contiguous load (the column phase `u mod stride` splits strided windows so
-//! that consecutive pixels stay consecutive). The copy is a 16×16 in-register transpose per
-//! 16 pixels and 16 channels at AVX-512. Each node's threshold comes from a permute of the
-//! codebook's thresholds (`level_threshold`), and the codes of 16 codebooks are assembled
-//! in registers and written as 16-byte runs per pixel. The AVX-512 row kernel is compiled per
-//! tree depth and walks 8 trees at a time (independent dependency chains).
+//! per (padded input row, channel, column phase) the row's values with the padding as zeros —
+//! where they are one contiguous load (the column phase `u mod stride` splits strided windows
+//! so that consecutive pixels stay consecutive). The copy is a 16×16 in-register transpose per
+//! 16 pixels and 16 channels at AVX-512. A tap's values for the next output row are then the
+//! same number of planar rows further on, so one table of tap starts serves every row. Each
+//! node's threshold comes from a permute of the codebook's thresholds (`level_threshold`),
+//! and the codes of 16 codebooks are assembled in registers and written as 16-byte runs per
+//! pixel. The AVX-512 row kernel is compiled per tree depth and walks 8 trees at a time
+//! (independent dependency chains); rows of at most 8 or 4 pixels (the 8×8 and 4×4 maps of a
+//! CIFAR-style network) fill its 16 lanes with 2 or 4 output rows, one load per row. Batches of
+//! 16 images or more fill them with images instead ([`image_lanes`]).
 //!
 //! Same comparisons as [`super::tree_tile`] (`x > t`, `NaN` goes left, values outside the
 //! image are 0), so the same codes at every level and on any thread count.
 
 use super::{Rows, Simd};
 use std::cell::RefCell;
+use std::sync::Arc;
 
 /// A conv's hash trees as [`tree_nhwc`] reads them, built once per node.
 pub(super) struct PixelTree {
@@ -34,6 +39,29 @@ pub(super) struct PixelTree {
     /// lies past the last subspace's end (it reads as 0). Codebooks past the last, to a
     /// multiple of [`TREES`], repeat the last one's.
     taps: Vec<Option<(usize, usize, usize)>>,
+    /// The last [`Job::shifted`] table built and what it depends on (the planar row width,
+    /// column stride, column and row dilations and channels): a layer's calls share their
+    /// shapes, and at batch 1 building it took 6 % of a ResNet-18/16's run.
+    shifted: std::sync::Mutex<Option<([usize; 5], Shifted)>>,
+}
+
+/// A [`Job::shifted`] table, shared by the calls of one shape.
+type Shifted = Option<Arc<Vec<usize>>>;
+
+impl PixelTree {
+    /// [`Job::shifted`] for `key`: the cached table, or `build`'s (then cached).
+    fn shifted(&self, key: [usize; 5], build: impl FnOnce() -> Option<Vec<usize>>) -> Shifted {
+        // a poisoned lock only means another call panicked while building: rebuild
+        let mut cache = self.shifted.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((k, table)) = &*cache {
+            if *k == key {
+                return table.clone();
+            }
+        }
+        let table = build().map(Arc::new);
+        *cache = Some((key, table.clone()));
+        table
+    }
 }
 
 pub(super) fn pixel_tree(
@@ -72,6 +100,7 @@ pub(super) fn pixel_tree(
         th,
         th_stride,
         taps,
+        shifted: std::sync::Mutex::new(None),
     })
 }
 
@@ -91,9 +120,6 @@ struct Scratch {
     /// pixels of a row ([`Job::fill_row`]).
     xt: Vec<[f32; 16]>,
     stage: Vec<f32>,
-    /// Per kernel row of the output row (and one more for missing taps): where its planar
-    /// input row starts.
-    row_at: Vec<usize>,
     /// Per codebook and level: where its tap's values start in `planes` for the current output
     /// row (its kernel row's start plus the tap's offset), so the kernels load without lookups.
     at: Vec<usize>,
@@ -135,19 +161,32 @@ pub(super) fn tree_nhwc(level: Simd, rows: &Rows, pt: &PixelTree, c_n: usize, co
         2 => qw.max((w.next_multiple_of(16) + pl) / 2 + 1),
         _ => qw,
     };
-    // per codebook and level: the kernel row of its tap (`kh`: none, it reads the zero row)
-    // and the offset of the first lane's value within a planar input row
-    let taps = pt
-        .taps
-        .iter()
-        .map(|t| match *t {
-            Some((ch, i, j)) => {
-                let u = j * dw;
-                (i, (ch * sw + u % sw) * qw + u / sw)
-            }
-            None => (win.kernel[0], 0),
-        })
-        .collect();
+    let row_len = c_in * sw * qw;
+    // the offset of a tap's first lane's value within a planar input row
+    let offset = |ch: usize, j: usize| {
+        let u = j * dw;
+        (ch * sw + u % sw) * qw + u / sw
+    };
+    // per codebook and level, when every tap reads the image (the usual case): its start from
+    // the planar row of the output row's kernel row 0
+    let shifted = pt.shifted([qw, sw, dw, win.dilations[0], c_in], || {
+        pt.taps
+            .iter()
+            .map(|t| t.map(|(ch, i, j)| i * win.dilations[0] * row_len + offset(ch, j)))
+            .collect()
+    });
+    // else the kernel row of each tap (`kh`: none, it reads the zero row) and its offset
+    let taps = match shifted {
+        Some(_) => Vec::new(),
+        None => pt
+            .taps
+            .iter()
+            .map(|t| match *t {
+                Some((ch, i, j)) => (i, offset(ch, j)),
+                None => (win.kernel[0], 0),
+            })
+            .collect(),
+    };
     let job = Job {
         x,
         hwc: [h, w, c_in],
@@ -157,8 +196,9 @@ pub(super) fn tree_nhwc(level: Simd, rows: &Rows, pt: &PixelTree, c_n: usize, co
         pads: [geo.pads[0], pl],
         out: geo.out,
         qw,
-        row_len: c_in * sw * qw,
+        row_len,
         taps,
+        shifted,
         pt,
         c_n,
     };
@@ -168,7 +208,9 @@ pub(super) fn tree_nhwc(level: Simd, rows: &Rows, pt: &PixelTree, c_n: usize, co
     let per_row = win.strides[0];
     let fit = (BAND_BYTES / (4 * job.row_len).max(1)).saturating_sub(fixed) / per_row + 1;
     let spread = (n * oh).div_ceil(2 * super::super::team::threads()).max(1);
-    let band = fit.min(spread).clamp(1, oh);
+    // whole vectors of rows where a vector holds several (narrow rows at AVX-512)
+    let per = 16 / job.lanes(level);
+    let band = fit.min(spread).next_multiple_of(per).clamp(1, oh);
     let row_codes = ow * c_n;
     super::super::team::for_bands(codes, oh, row_codes, band, |img, r0, out| {
         SCRATCH.with_borrow_mut(|s| job.band(level, img, r0, out, s))
@@ -231,8 +273,8 @@ fn image_lanes(level: Simd, rows: &Rows, pt: &PixelTree, c_n: usize, codes: &mut
         SCRATCH.with_borrow_mut(|s| {
             let images = out.len() / per_image;
             let Scratch { planes, xt, stage, .. } = s;
-            planes.clear();
             planes.resize(size, 0.0);
+            planes.fill(0.0);
             // the 16 images' channels of one pixel (images past the batch's last: zeros)
             stage.clear();
             stage.resize(IMAGES * c, 0.0);
@@ -263,25 +305,42 @@ fn image_lanes(level: Simd, rows: &Rows, pt: &PixelTree, c_n: usize, codes: &mut
                     }
                 }
             }
-            s.at.resize(taps.len(), 0);
             s.row_codes.resize(IMAGES * ow * c_n, 0);
+            // without taps past the last subspace (which read the zero row), every tap's start
+            // moves by the same `sh` padded rows from one output row to the next: one table of
+            // starts for row 0, read from the row's offset into the planes
+            let shifts = taps.iter().all(|&(ri, _)| ri != usize::MAX);
+            if shifts {
+                s.at.clear();
+                s.at.extend(taps.iter().map(|&(ri, start)| start + ri * qw * IMAGES));
+            }
             for y in 0..oh {
-                for (a, &(ri, start)) in s.at.iter_mut().zip(&taps) {
-                    *a = if ri == usize::MAX {
-                        start
-                    } else {
-                        start + (y * sh + ri) * qw * IMAGES
-                    };
-                }
+                let base = if shifts {
+                    y * sh * qw * IMAGES
+                } else {
+                    s.at.clear();
+                    s.at.extend(taps.iter().map(|&(ri, start)| {
+                        if ri == usize::MAX {
+                            start
+                        } else {
+                            start + (y * sh + ri) * qw * IMAGES
+                        }
+                    }));
+                    0
+                };
+                let planes = &planes[base..];
                 // SAFETY: the caller detected `level` (AVX-512F, or AVX2); `at` has an entry per
-                // codebook and level (asserted in `tree_nhwc`), each a tap's start in its
-                // plane row (row `y·sh + i·dh < hp`, column `(j·dw)/sw`) or the zero row, from
-                // which the `16·ow` virtual pixels read stay within the plane row
-                // (`(j·dw)/sw + ow ≤ qw`) or the zero row (`16·ow` values).
+                // codebook and level (asserted in `tree_nhwc`), each, from `planes` (offset by
+                // `base`), a tap's start in its plane row (row `y·sh + i·dh < hp`, column
+                // `(j·dw)/sw`) or the zero row, from which the `16·ow` virtual pixels read stay
+                // within the plane row (`(j·dw)/sw + ow ≤ qw`) or the zero row (`16·ow` values).
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
                     match level {
-                        Simd::Avx512 => x86::row_avx512(pt, IMAGES * ow, c_n, planes, &s.at, &mut s.row_codes),
+                        Simd::Avx512 => {
+                            let g = x86::Lanes::ROW;
+                            x86::row_avx512(pt, IMAGES * ow, g, c_n, planes, &s.at, &mut s.row_codes)
+                        }
                         _ => x86::row_avx2(pt, IMAGES * ow, c_n, planes, &s.at, &mut s.row_codes),
                     }
                 }
@@ -343,81 +402,101 @@ struct Job<'a> {
     /// Values per planar input row: `C · stride_x · qw`.
     row_len: usize,
     /// Per codebook and level: the kernel row of its tap (`kh` when it reads zeros) and its
-    /// offset within a planar input row.
+    /// offset within a planar input row (empty when `shifted` is given).
     taps: Vec<(usize, usize)>,
+    /// When no tap reads zeros: per codebook and level, its start from the planar row of the
+    /// output row's kernel row 0 (`i·dh·row_len` plus its offset), so that rows whose kernel
+    /// rows all lie in the image need no table of their own.
+    shifted: Shifted,
     pt: &'a PixelTree,
     c_n: usize,
 }
 
 impl Job<'_> {
+    /// Pixel lanes per output row in a vector of the row kernel: 16, or at AVX-512 8 or 4 for
+    /// rows of at most 8 or 4 pixels (two or four output rows per vector, whose taps are the
+    /// same number of planar rows apart: possible when no tap reads the zero row).
+    fn lanes(&self, level: Simd) -> usize {
+        match self.out[1] {
+            _ if level != Simd::Avx512 || self.shifted.is_none() => 16,
+            0..=4 => 4,
+            5..=8 => 8,
+            _ => 16,
+        }
+    }
+
     /// Codes of output rows `ya ..` of image `img` (`out`: whole rows).
     fn band(&self, level: Simd, img: usize, ya: usize, out: &mut [u8], s: &mut Scratch) {
         let [h, w, c_in] = self.hwc;
-        let sh = self.strides[0];
-        let yb = ya + out.len() / (self.out[1] * self.c_n);
-        let top = (ya * sh) as isize - self.pads[0] as isize;
-        let bottom = ((yb - 1) * sh + (self.kernel[0] - 1) * self.dilations[0]) as isize - self.pads[0] as isize;
-        let lo = top.clamp(0, h as isize) as usize;
-        let hi = (bottom + 1).clamp(0, h as isize) as usize;
-        let nrows = hi.max(lo) - lo;
-        // the band's rows, then one zero row (padding rows and missing taps read it)
+        let (sh, kh, dh) = (self.strides[0], self.kernel[0], self.dilations[0]);
+        let (ow, row_len) = (self.out[1], self.row_len);
+        let row_codes = ow * self.c_n;
+        let yb = ya + out.len() / row_codes;
+        let lanes = self.lanes(level);
+        let per = 16 / lanes;
+        // the padded rows (top padding included) from `ya·sh` to the last one a window of the
+        // band's rows reads, rounded up to whole vectors of `per` rows, then one zero row
+        // (taps past the last subspace read it); rows outside the image stay zero
+        let p0 = ya * sh;
+        let np = (ya + (yb - ya).next_multiple_of(per) - 1) * sh + (kh - 1) * dh + 1 - p0;
         let Scratch {
-            planes,
-            xt,
-            stage,
-            row_at,
-            at,
-            ..
+            planes, xt, stage, at, ..
         } = s;
-        planes.clear();
-        planes.resize((nrows + 1) * self.row_len, 0.0);
+        // (`fill`: a memset; `resize` alone zeroes through a loop of 16-byte stores)
+        planes.resize((np + 1) * row_len, 0.0);
+        planes.fill(0.0);
         let image = &self.x[img * h * w * c_in..(img + 1) * h * w * c_in];
-        let top_pad = self.pads[0];
-        let read = read_by_windows(hi + top_pad, ya..yb, sh, self.kernel[0], self.dilations[0]);
-        for r in 0..nrows {
-            if !read[lo + r + top_pad] {
-                // its planes stay zero, unread (a 1×1 stride-2 conv reads every other row)
+        let top = self.pads[0];
+        let read = read_by_windows(p0 + np, ya..yb, sh, kh, dh);
+        for r in 0..np {
+            let pr = p0 + r;
+            // rows no window reads stay zero (a 1×1 stride-2 conv reads every other row)
+            if !read[pr] || pr < top || pr - top >= h {
                 continue;
             }
-            let src = &image[(lo + r) * w * c_in..(lo + r + 1) * w * c_in];
-            self.fill_row(
-                level,
-                src,
-                &mut planes[r * self.row_len..(r + 1) * self.row_len],
-                xt,
-                stage,
-            );
+            let iy = pr - top;
+            let src = &image[iy * w * c_in..(iy + 1) * w * c_in];
+            self.fill_row(level, src, &mut planes[r * row_len..(r + 1) * row_len], xt, stage);
         }
-        let zero_row = nrows * self.row_len;
-        let (kh, dh) = (self.kernel[0], self.dilations[0]);
-        let row_codes = self.out[1] * self.c_n;
-        row_at.clear();
-        row_at.resize(kh + 1, zero_row);
-        for (k, y) in (ya..yb).enumerate() {
-            let y0 = (y * sh) as isize - self.pads[0] as isize;
-            for (i, start) in row_at[..kh].iter_mut().enumerate() {
-                let iy = y0 + (i * dh) as isize;
-                *start = if iy >= lo as isize && iy < hi as isize {
-                    (iy as usize - lo) * self.row_len
-                } else {
-                    zero_row
-                };
-            }
-            at.clear();
-            at.extend(self.taps.iter().map(|&(i, o)| row_at[i] + o));
-            let row = &mut out[k * row_codes..(k + 1) * row_codes];
+        let zero_row = np * row_len;
+        for y in (ya..yb).step_by(per) {
+            let rows = (yb - y).min(per);
+            // output row y's kernel row i reads planar row (y − ya)·sh + i·dh
+            let base = (y - ya) * sh * row_len;
+            let (base, at): (usize, &[usize]) = match &self.shifted {
+                Some(rel) => (base, &rel[..]),
+                None => {
+                    at.clear();
+                    at.extend(
+                        self.taps
+                            .iter()
+                            .map(|&(i, o)| if i < kh { base + i * dh * row_len + o } else { zero_row }),
+                    );
+                    (0, at)
+                }
+            };
+            let codes = &mut out[(y - ya) * row_codes..(y - ya + rows) * row_codes];
             // SAFETY: the caller detected `level` (AVX-512F, or AVX2); `at` has an entry per
             // codebook and level (`taps`, the codebooks padded to a multiple of `TREES`:
-            // asserted in `tree_nhwc`), each the start of a planar row in `planes` (the zero row
-            // included) plus the tap's
-            // offset, and a tap's lanes end within its plane: the offset is the plane's start
-            // plus at most `(kw − 1)·dw / sw`, and `x0 + 16 ≤ ow` rounded up to 16, their sum
-            // below `qw`.
+            // asserted in `tree_nhwc`), each, from `planes` offset by `base`, the start of a
+            // planar row (the zero row included, read by one row per vector only) plus the
+            // tap's offset, and a tap's lanes end within its plane: the offset is the plane's
+            // start plus at most `(kw − 1)·dw / sw`, and `x0 + 16 ≤ ow` rounded up to 16 (or
+            // `lanes ≥ ow`), their sum below `qw`; the `per` rows of a vector are `sh` planar
+            // rows apart, all within the `np` rows.
             #[cfg(target_arch = "x86_64")]
             unsafe {
+                let planes = &planes[base..];
                 match level {
-                    Simd::Avx512 => x86::row_avx512(self.pt, self.out[1], self.c_n, planes, at, row),
-                    _ => x86::row_avx2(self.pt, self.out[1], self.c_n, planes, at, row),
+                    Simd::Avx512 => {
+                        let g = x86::Lanes {
+                            lanes,
+                            rows,
+                            stride: sh * row_len,
+                        };
+                        x86::row_avx512(self.pt, ow, g, self.c_n, planes, at, codes)
+                    }
+                    _ => x86::row_avx2(self.pt, ow, self.c_n, planes, at, codes),
                 }
             }
         }
@@ -453,11 +532,15 @@ impl Job<'_> {
                         // column (ix0 + pl) / 2 (+ 1 for the second phase when ix0 + pl is
                         // odd); qw ≥ (w rounded up to 16 + pl) / 2 + 1: they fit
                         let u = ix0 + pl;
-                        // SAFETY: AVX-512F detected.
-                        let d = unsafe { x86::deinterleave2_avx512(vals) };
                         let (p0, p1) = ((ch * 2 + u % 2) * qw + u / 2, (ch * 2 + 1 - u % 2) * qw + u.div_ceil(2));
-                        dst[p0..p0 + 8].copy_from_slice(&d[..8]);
-                        dst[p1..p1 + 8].copy_from_slice(&d[8..]);
+                        let (a, b) = dst.split_at_mut(p0.max(p1));
+                        let (even, odd) = if p0 < p1 {
+                            (&mut a[p0..p0 + 8], &mut b[..8])
+                        } else {
+                            (&mut b[..8], &mut a[p1..p1 + 8])
+                        };
+                        // SAFETY: AVX-512F detected.
+                        unsafe { x86::deinterleave2_avx512(vals, even, odd) };
                     } else {
                         for (l, &v) in vals[..n].iter().enumerate() {
                             let u = ix0 + l + pl;
@@ -490,61 +573,115 @@ mod x86 {
     use super::{PixelTree, TREES};
     use std::arch::x86_64::*;
 
-    /// `vals`' even lanes, then its odd lanes.
+    /// `vals`' even lanes into `even`, its odd lanes into `odd` (8 values each), stored from
+    /// the register halves (a copy through a 16-value array stalled on store forwarding:
+    /// 30 % of the band's time at batch 1).
     ///
     /// # Safety
     /// AVX-512F.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn deinterleave2_avx512(vals: &[f32; 16]) -> [f32; 16] {
+    pub(super) unsafe fn deinterleave2_avx512(vals: &[f32; 16], even: &mut [f32], odd: &mut [f32]) {
+        assert!(even.len() >= 8 && odd.len() >= 8);
         let idx = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
-        let mut out = [0.0; 16];
-        _mm512_storeu_ps(
-            out.as_mut_ptr(),
-            _mm512_permutexvar_ps(idx, _mm512_loadu_ps(vals.as_ptr())),
-        );
-        out
+        let d = _mm512_castps_pd(_mm512_permutexvar_ps(idx, _mm512_loadu_ps(vals.as_ptr())));
+        _mm256_storeu_pd(even.as_mut_ptr().cast(), _mm512_castpd512_pd256(d));
+        _mm256_storeu_pd(odd.as_mut_ptr().cast(), _mm512_extractf64x4_pd::<1>(d));
     }
 
-    /// Codes of one output row (`out`: `ow × c_n`) from the planar band `planes`; `at[cl]` is
-    /// where the values of codebook and level `cl`'s tap start for this row (in its kernel
-    /// row's planar input row, or in the zero row). The image-lane variant passes rows of
-    /// `16 · ow` virtual pixels (pixel `x` of image `l` at `16·x + l`).
+    /// How the 16 lanes of a vector map to output pixels: `lanes` consecutive pixels of each
+    /// of `16 / lanes` output rows (16: one row; 8 or 4: rows of at most that many pixels),
+    /// `stride` values apart in the planes; `rows` of them are stored (the last vector of a
+    /// band may hold fewer).
+    #[derive(Clone, Copy)]
+    pub(super) struct Lanes {
+        pub lanes: usize,
+        pub rows: usize,
+        pub stride: usize,
+    }
+
+    impl Lanes {
+        /// One row per vector.
+        pub const ROW: Lanes = Lanes {
+            lanes: 16,
+            rows: 1,
+            stride: 0,
+        };
+    }
+
+    /// Codes of one output row (`out`: `ow × c_n`), or of `g.rows` rows of at most `g.lanes`
+    /// pixels, from the planar band `planes`; `at[cl]` is where the values of codebook and
+    /// level `cl`'s tap start for this (first) row (in its kernel row's planar input row, or in
+    /// the zero row). The image-lane variant passes rows of `16 · ow` virtual pixels (pixel `x`
+    /// of image `l` at `16·x + l`).
     ///
     /// # Safety
     /// AVX-512F; `at` has an entry per codebook and level, the codebooks padded to a multiple
     /// of [`TREES`] as [`PixelTree::taps`] is, each the start of a tap's values in `planes`
-    /// from which `ow` rounded up to 16 values stay within its plane (`qw`).
+    /// from which `ow` rounded up to 16 values stay within its plane (`qw`); with several rows
+    /// per vector (`g.lanes < 16`, `ow ≤ g.lanes`), the same `g.stride`, `2·g.stride`, … further
+    /// on, for every row of the vector (`16 / g.lanes`), also in `planes`.
     #[target_feature(enable = "avx512f,avx2,fma")]
     pub(super) unsafe fn row_avx512(
         pt: &PixelTree,
         ow: usize,
+        g: Lanes,
         c_n: usize,
         planes: &[f32],
         at: &[usize],
         out: &mut [u8],
     ) {
-        let f = match pt.depth {
-            0 => row512::<0>,
-            1 => row512::<1>,
-            2 => row512::<2>,
-            3 => row512::<3>,
-            4 => row512::<4>,
-            5 => row512::<5>,
-            6 => row512::<6>,
-            7 => row512::<7>,
-            8 => row512::<8>,
-            d => unreachable!("trees of depth {d} are not built"),
+        macro_rules! by_depth {
+            ($l:literal) => {
+                match pt.depth {
+                    0 => row512::<0, $l>,
+                    1 => row512::<1, $l>,
+                    2 => row512::<2, $l>,
+                    3 => row512::<3, $l>,
+                    4 => row512::<4, $l>,
+                    5 => row512::<5, $l>,
+                    6 => row512::<6, $l>,
+                    7 => row512::<7, $l>,
+                    8 => row512::<8, $l>,
+                    d => unreachable!("trees of depth {d} are not built"),
+                }
+            };
+        }
+        let f = match g.lanes {
+            16 => by_depth!(16),
+            8 => by_depth!(8),
+            4 => by_depth!(4),
+            l => unreachable!("{l} lanes per row"),
         };
-        f(pt, ow, c_n, planes, at, out)
+        f(pt, ow, g, c_n, planes, at, out)
+    }
+
+    /// 16 values: `L` from each of `16 / L` rows `stride` apart.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    #[inline]
+    unsafe fn load_lanes<const L: usize>(p: *const f32, stride: usize) -> __m512 {
+        match L {
+            16 => _mm512_loadu_ps(p),
+            8 => _mm512_castpd_ps(_mm512_insertf64x4::<1>(
+                _mm512_castps_pd(_mm512_castps256_ps512(_mm256_loadu_ps(p))),
+                _mm256_castps_pd(_mm256_loadu_ps(p.add(stride))),
+            )),
+            _ => {
+                let v = _mm512_castps128_ps512(_mm_loadu_ps(p));
+                let v = _mm512_insertf32x4::<1>(v, _mm_loadu_ps(p.add(stride)));
+                let v = _mm512_insertf32x4::<2>(v, _mm_loadu_ps(p.add(2 * stride)));
+                _mm512_insertf32x4::<3>(v, _mm_loadu_ps(p.add(3 * stride)))
+            }
+        }
     }
 
     /// [`row_avx512`] for trees of `D` levels (each level's threshold pick known at compile
-    /// time): per 16 pixels and 16 codebooks, eight trees walked together (independent
-    /// dependency chains); codebooks past the last repeat it and are not stored.
+    /// time) and `L` lanes per row: per 16 pixels and 16 codebooks, eight trees walked together
+    /// (independent dependency chains); codebooks past the last repeat it and are not stored.
     #[target_feature(enable = "avx512f,avx2,fma")]
-    unsafe fn row512<const D: usize>(
+    unsafe fn row512<const D: usize, const L: usize>(
         pt: &PixelTree,
         ow: usize,
+        g: Lanes,
         c_n: usize,
         planes: &[f32],
         at: &[usize],
@@ -552,6 +689,7 @@ mod x86 {
     ) {
         assert!(pt.depth == D && pt.th_stride == (1 << D).max(16) && at.len() >= c_n.next_multiple_of(TREES) * D);
         assert!(pt.th.len() >= c_n.next_multiple_of(TREES) * pt.th_stride + 16);
+        assert!(g.lanes == L && (L == 16 || (ow <= L && g.rows <= 16 / L)) && out.len() >= ow * c_n * g.rows);
         let (p, ths) = (planes.as_ptr(), (1 << D).max(16));
         let mut tile = [0u8; 256];
         let one = _mm512_set1_epi32(1);
@@ -570,11 +708,10 @@ mod x86 {
                     let mut idx = [_mm512_setzero_si512(); TREES];
                     for lev in 0..D {
                         for r in 0..TREES {
-                            let xv = _mm512_loadu_ps(px.add(*taps.add(r * D + lev)));
+                            let xv = load_lanes::<L>(px.add(*taps.add(r * D + lev)), g.stride);
                             let t = level_threshold::<D>(th.add(r * ths), lev, idx[r]);
                             let gt = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(xv, t);
-                            let twice = _mm512_add_epi32(idx[r], idx[r]);
-                            idx[r] = _mm512_mask_add_epi32(twice, gt, twice, one);
+                            idx[r] = crate::interp::kernels::tree_step(idx[r], gt, one);
                         }
                     }
                     for q in 0..TREES / 4 {
@@ -600,7 +737,18 @@ mod x86 {
                 for (i, r) in regs.into_iter().enumerate() {
                     _mm512_storeu_si512(tile.as_mut_ptr().add(64 * i).cast(), r);
                 }
-                store_codes(&tile, 64, lanes, cw, &mut out[(x0 * c_n + c0)..], c_n);
+                if L == 16 {
+                    store_codes(&tile, 64, lanes, cw, &mut out[(x0 * c_n + c0)..], c_n);
+                } else {
+                    // lane q·L + x: pixel x of the vector's row q, row-major in `out`
+                    for q in 0..g.rows {
+                        for x in 0..ow {
+                            let l = q * L + x;
+                            let src = &tile[(l % 4) * 64 + (l / 4) * 16..][..cw];
+                            out[(q * ow + x) * c_n + c0..][..cw].copy_from_slice(src);
+                        }
+                    }
+                }
             }
         }
     }
