@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Regenerates docs/BENCHMARKS-avx512.md (Intel), docs/BENCHMARKS-avx512-amd.md (AMD) or, on a
-# machine without AVX-512, docs/BENCHMARKS-avx2.md
+# Regenerates docs/BENCHMARKS-avx512.md (Intel), docs/BENCHMARKS-avx512-amd.md (AMD Zen 4),
+# docs/BENCHMARKS-avx512-zen5.md (AMD Zen 5) or, on a machine without AVX-512,
+# docs/BENCHMARKS-avx2.md
 # (not part of CI: it times things).
 # Usage: [REUSE=1] docs/bench.sh [OUT_DIR]
 # Needs the Rust toolchain and the committed fixtures; for the ONNX Runtime columns, python3 with
@@ -73,9 +74,14 @@ for spec in "${models[@]}"; do
   done
 done
 # one file per kind of machine, so that a run on one does not replace another's: AVX-512 on
-# Intel, AVX-512 on AMD (Zen 4 runs 512-bit instructions as two 256-bit halves), AVX2 only
+# Intel, AVX-512 on AMD Zen 4 (512-bit instructions as two 256-bit halves), on Zen 5 (CPU
+# family 26: full-width 512-bit units), AVX2 only
 doc=docs/BENCHMARKS-avx512.md
-grep -qw AuthenticAMD /proc/cpuinfo && doc=docs/BENCHMARKS-avx512-amd.md
+if grep -qw AuthenticAMD /proc/cpuinfo; then
+  doc=docs/BENCHMARKS-avx512-amd.md
+  family=$(grep -m1 '^cpu family' /proc/cpuinfo | grep -oE '[0-9]+$')
+  [ "${family:-0}" -ge 26 ] && doc=docs/BENCHMARKS-avx512-zen5.md
+fi
 grep -qw avx512f /proc/cpuinfo || doc=docs/BENCHMARKS-avx2.md
 python3 docs/bench_table.py "$out" "${models[@]}" > "$doc"
 cat "$doc"

@@ -2406,6 +2406,79 @@ mod tests {
         conv_case([2, 3, 7, 6], odd);
     }
 
+    /// The conv rows of `x` (NCHW `shape`) read as NCHW and, from `xh` (the same values
+    /// channels-last), as NHWC.
+    fn both_layouts<'a>(
+        x: &'a [f32],
+        xh: &'a [f32],
+        shape: [usize; 4],
+        win: &'a Window,
+        geo: crate::ir::window::Geometry,
+    ) -> (Rows<'a>, Rows<'a>) {
+        let [n, c, h, w] = shape;
+        let nhwc = Rows::ConvNhwc {
+            x: xh,
+            shape: [n, h, w, c],
+            win,
+            geo,
+        };
+        (Rows::Conv { x, shape, win, geo }, nhwc)
+    }
+
+    /// Thresholds for `c_n` random trees of `depth` levels.
+    fn random_thresholds(rng: &mut Rng, c_n: usize, depth: usize) -> Vec<f32> {
+        (0..c_n * ((1 << depth) - 1))
+            .map(|_| rng.next_f64() as f32 - 0.3)
+            .collect()
+    }
+
+    /// One layer's prepared trees on inputs of two widths, in turns: the table of tap starts
+    /// the pixel-lane tree kernel caches per shape is rebuilt for each (a table kept across a
+    /// change of width would read the wrong columns).
+    #[test]
+    fn one_tree_encodes_two_widths() {
+        let levels = crate::interp::kernels::levels_checked("one_tree_encodes_two_widths");
+        let mut rng = Rng::new(5);
+        let (c, kernel, s, depth) = (8, [3, 3], 3, 6);
+        let win = Window {
+            kernel,
+            strides: [1, 1],
+            dilations: [1, 1],
+            padding: Padding::Explicit([1, 1, 1, 1]),
+            ceil_mode: false,
+        };
+        let sub = Subspaces { d: c * 9, s };
+        let c_n = sub.count();
+        let dims: Vec<usize> = (0..c_n * depth).map(|i| (i * 5 + 1) % s).collect();
+        let thr = random_thresholds(&mut rng, c_n, depth);
+        let tree = Codebooks::Tree {
+            depth,
+            dims: &dims,
+            thresholds: &thr,
+        };
+        let prepared = prepare(sub, &tree, Some((c, kernel[0], kernel[1])));
+        let pt = prepared.pixel_tree.as_ref().expect("a pixel-lane tree");
+        for (turn, w) in [9, 21, 9, 4].into_iter().enumerate() {
+            let shape = [1, c, 6, w];
+            let x: Vec<f32> = (0..shape.iter().product())
+                .map(|_| rng.next_f64() as f32 - 0.3)
+                .collect();
+            let xh = crate::interp::kernels::to_nhwc(&x, shape);
+            let geo = win.resolve([shape[2], shape[3]]).unwrap();
+            let (nchw, nhwc) = both_layouts(&x, &xh, shape, &win, geo);
+            let mut want = vec![0u8; nchw.count() * c_n];
+            encode(&nchw, sub, &tree, &mut want);
+            for &lv in &levels {
+                let mut got = vec![255u8; want.len()];
+                if tree_nhwc(lv, &nhwc, pt, c_n, &mut got) {
+                    assert_eq!(got, want, "width {w} (turn {turn}) at {lv:?}");
+                } else {
+                    assert_eq!(lv, Simd::Scalar, "the pixel-lane tree runs at {lv:?}");
+                }
+            }
+        }
+    }
+
     /// Channels-last rows give the same codes as NCHW rows, through the channel-lane kernel
     /// (one codebook per channel, or per channel and kernel row) and the generic gather alike,
     /// with channel counts that are not a multiple of 16, strides, dilations, padding, K = 16/32.
@@ -2553,23 +2626,10 @@ mod tests {
                 }
             }
             let xnh = crate::interp::kernels::to_nhwc(&xn, shape);
-            let nchw = Rows::Conv {
-                x: &xn,
-                shape,
-                win: &win,
-                geo,
-            };
-            let nhwc = Rows::ConvNhwc {
-                x: &xnh,
-                shape: [n, h, w, c],
-                win: &win,
-                geo,
-            };
+            let (nchw, nhwc) = both_layouts(&xn, &xnh, shape, &win, geo);
             for depth in 1..=8 {
                 let dims: Vec<usize> = (0..c_n * depth).map(|i| (i * 7 + depth) % s).collect();
-                let thr: Vec<f32> = (0..c_n * ((1 << depth) - 1))
-                    .map(|_| rng.next_f64() as f32 - 0.3)
-                    .collect();
+                let thr = random_thresholds(&mut rng, c_n, depth);
                 let tree = Codebooks::Tree {
                     depth,
                     dims: &dims,

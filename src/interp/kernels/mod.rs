@@ -67,7 +67,7 @@ pub(crate) unsafe fn lane_mask256(n: usize) -> std::arch::x86_64::__m256i {
 /// level. One masked `vpaddd` after the doubling; written out because LLVM turns the
 /// intrinsic (`_mm512_mask_add_epi32(twice, gt, twice, one)`) into a mask-to-vector
 /// `vpternlogd`, a shift and an OR — three instructions instead of one in the trees' innermost
-/// loop (measured on the window tree encoder: see docs/RESULTS.md, seventeenth session).
+/// loop (docs/RESULTS.md, "Zen 5, and the window tree encoder's steps").
 ///
 /// # Safety
 /// AVX-512F.

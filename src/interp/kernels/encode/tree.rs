@@ -8,12 +8,14 @@
 //! where they are one contiguous load (the column phase `u mod stride` splits strided windows
 //! so that consecutive pixels stay consecutive). The copy is a 16×16 in-register transpose per
 //! 16 pixels and 16 channels at AVX-512. A tap's values for the next output row are then the
-//! same number of planar rows further on, so one table of tap starts serves every row. Each
+//! same number of planar rows further on, so one table of tap starts serves every row (unless
+//! a tap lies past the last subspace and reads the zero row: then one table per row). Each
 //! node's threshold comes from a permute of the codebook's thresholds (`level_threshold`),
 //! and the codes of 16 codebooks are assembled in registers and written as 16-byte runs per
 //! pixel. The AVX-512 row kernel is compiled per tree depth and walks 8 trees at a time
 //! (independent dependency chains); rows of at most 8 or 4 pixels (the 8×8 and 4×4 maps of a
-//! CIFAR-style network) fill its 16 lanes with 2 or 4 output rows, one load per row. Batches of
+//! CIFAR-style network) fill its 16 lanes with 2 or 4 output rows, one load per row, where one
+//! table serves every row. Batches of
 //! 16 images or more fill them with images instead ([`image_lanes`]).
 //!
 //! Same comparisons as [`super::tree_tile`] (`x > t`, `NaN` goes left, values outside the
@@ -39,7 +41,7 @@ pub(super) struct PixelTree {
     /// lies past the last subspace's end (it reads as 0). Codebooks past the last, to a
     /// multiple of [`TREES`], repeat the last one's.
     taps: Vec<Option<(usize, usize, usize)>>,
-    /// The last [`Job::shifted`] table built and what it depends on (the planar row width,
+    /// The last [`Job::shifted`] table built and what it depends on (the width of one plane,
     /// column stride, column and row dilations and channels): a layer's calls share their
     /// shapes, and at batch 1 building it took 6 % of a ResNet-18/16's run.
     shifted: std::sync::Mutex<Option<([usize; 5], Shifted)>>,
@@ -114,14 +116,17 @@ const BAND_BYTES: usize = 256 << 10;
 /// A thread's buffers for its bands, reused across bands and calls.
 #[derive(Default)]
 struct Scratch {
-    /// The band's planar input rows, then the zero row.
+    /// The band's planar padded input rows (rounded up to whole vectors of rows), then the
+    /// zero row.
     planes: Vec<f32>,
     /// 16 pixels' channels transposed (`[channel][pixel]`) and a zero-padded copy of the last
     /// pixels of a row ([`Job::fill_row`]).
     xt: Vec<[f32; 16]>,
     stage: Vec<f32>,
     /// Per codebook and level: where its tap's values start in `planes` for the current output
-    /// row (its kernel row's start plus the tap's offset), so the kernels load without lookups.
+    /// row (its kernel row's start plus the tap's offset), so the kernels load without lookups;
+    /// unused where one table serves every row (`Job::shifted`; the image-lane variant's starts
+    /// of row 0, read from each row's base offset).
     at: Vec<usize>,
     /// The image-lane variant's codes of one output row, `16 · ow` virtual pixels.
     row_codes: Vec<u8>,
@@ -167,8 +172,8 @@ pub(super) fn tree_nhwc(level: Simd, rows: &Rows, pt: &PixelTree, c_n: usize, co
         let u = j * dw;
         (ch * sw + u % sw) * qw + u / sw
     };
-    // per codebook and level, when every tap reads the image (the usual case): its start from
-    // the planar row of the output row's kernel row 0
+    // per codebook and level, when no tap lies past the last subspace (the usual case): its
+    // start from the planar row of the output row's kernel row 0
     let shifted = pt.shifted([qw, sw, dw, win.dilations[0], c_in], || {
         pt.taps
             .iter()
@@ -404,9 +409,9 @@ struct Job<'a> {
     /// Per codebook and level: the kernel row of its tap (`kh` when it reads zeros) and its
     /// offset within a planar input row (empty when `shifted` is given).
     taps: Vec<(usize, usize)>,
-    /// When no tap reads zeros: per codebook and level, its start from the planar row of the
-    /// output row's kernel row 0 (`i·dh·row_len` plus its offset), so that rows whose kernel
-    /// rows all lie in the image need no table of their own.
+    /// When no tap lies past the last subspace (none reads the zero row): per codebook and
+    /// level, its start from the planar row of the output row's kernel row 0 (`i·dh·row_len`
+    /// plus its offset), which every output row reads from its own base offset.
     shifted: Shifted,
     pt: &'a PixelTree,
     c_n: usize,
