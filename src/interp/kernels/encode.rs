@@ -920,7 +920,6 @@ mod x86 {
     ) -> [[u32; LANES]; G] {
         let nodes = (1 << depth) - 1;
         let mut idx = [_mm512_setzero_si512(); G];
-        let one = _mm512_set1_epi32(1);
         for lev in 0..depth {
             for (i, &c) in idx.iter_mut().zip(&cs) {
                 let col = c * sub.s + dims[c * depth + lev];
@@ -938,7 +937,7 @@ mod x86 {
                     _mm512_i32gather_ps::<4>(*i, base.cast())
                 };
                 let gt = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(x, t);
-                *i = crate::interp::kernels::tree_step(*i, gt, one);
+                *i = crate::interp::kernels::tree_step(*i, gt);
             }
         }
         idx.map(|i| {

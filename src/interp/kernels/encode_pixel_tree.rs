@@ -148,7 +148,6 @@ mod x86 {
         let d = c_n * s;
         let rows = out.len() / c_n;
         assert!(rows <= 16 && x.len() == rows * d && t.dims.len() == c_n * D && t.thresholds.len() == c_n * 16);
-        let one = _mm512_set1_epi32(1);
         let mut codes = [_mm512_setzero_si512(); 16];
         for ch0 in (0..d).step_by(16) {
             // the 16 pixels' channels ch0 .. ch0 + 16 (those past d read as 0), one per register
@@ -170,7 +169,7 @@ mod x86 {
                     let xv = _mm512_castsi512_ps(v[c * s + t.dims[c * D + l] - ch0]);
                     let node = _mm512_add_epi32(idx, _mm512_set1_epi32((1 << l) - 1));
                     let gt = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(xv, _mm512_permutexvar_ps(node, thr));
-                    idx = crate::interp::kernels::tree_step(idx, gt, one);
+                    idx = crate::interp::kernels::tree_step(idx, gt);
                 }
                 codes[c % 16] = idx;
                 if c % 16 == 15 || c + 1 == c_n {

@@ -77,9 +77,9 @@ pub(crate) unsafe fn lane_mask256(n: usize) -> std::arch::x86_64::__m256i {
 pub(crate) unsafe fn tree_step(
     idx: std::arch::x86_64::__m512i,
     gt: std::arch::x86_64::__mmask16,
-    one: std::arch::x86_64::__m512i,
 ) -> std::arch::x86_64::__m512i {
-    let mut r = std::arch::x86_64::_mm512_add_epi32(idx, idx);
+    use std::arch::x86_64::*;
+    let (mut r, one) = (_mm512_add_epi32(idx, idx), _mm512_set1_epi32(1));
     // SAFETY: AVX-512F (the caller); registers only.
     unsafe {
         std::arch::asm!(

@@ -15,8 +15,8 @@
 //! pixel. The AVX-512 row kernel is compiled per tree depth and walks 8 trees at a time
 //! (independent dependency chains); rows of at most 8 or 4 pixels (the 8×8 and 4×4 maps of a
 //! CIFAR-style network) fill its 16 lanes with 2 or 4 output rows, one load per row, where one
-//! table serves every row. Batches of
-//! 16 images or more fill them with images instead ([`image_lanes`]).
+//! table serves every row. Batches of 16 images or more fill them with images instead
+//! ([`image_lanes`]).
 //!
 //! Same comparisons as [`super::tree_tile`] (`x > t`, `NaN` goes left, values outside the
 //! image are 0), so the same codes at every level and on any thread count.
@@ -43,7 +43,8 @@ pub(super) struct PixelTree {
     taps: Vec<Option<(usize, usize, usize)>>,
     /// The last [`Job::shifted`] table built and what it depends on (the width of one plane,
     /// column stride, column and row dilations and channels): a layer's calls share their
-    /// shapes, and at batch 1 building it took 6 % of a ResNet-18/16's run.
+    /// shapes, and at batch 1 rebuilding it per call showed as 6 % of a ResNet-18/16 run's
+    /// profile samples (`Vec` collection).
     shifted: std::sync::Mutex<Option<([usize; 5], Shifted)>>,
 }
 
@@ -278,8 +279,7 @@ fn image_lanes(level: Simd, rows: &Rows, pt: &PixelTree, c_n: usize, codes: &mut
         SCRATCH.with_borrow_mut(|s| {
             let images = out.len() / per_image;
             let Scratch { planes, xt, stage, .. } = s;
-            planes.resize(size, 0.0);
-            planes.fill(0.0);
+            zeroed(planes, size);
             // the 16 images' channels of one pixel (images past the batch's last: zeros)
             stage.clear();
             stage.resize(IMAGES * c, 0.0);
@@ -360,6 +360,13 @@ fn image_lanes(level: Simd, rows: &Rows, pt: &PixelTree, c_n: usize, codes: &mut
         })
     });
     true
+}
+
+/// `v` as `n` zeros (`fill` is a `memset`; `resize` alone zeroes new values through a loop of
+/// 16-byte stores).
+fn zeroed(v: &mut Vec<f32>, n: usize) {
+    v.resize(n, 0.0);
+    v.fill(0.0);
 }
 
 /// Per padded position `0..len` (rows or columns, the padding before the input included),
@@ -447,9 +454,7 @@ impl Job<'_> {
         let Scratch {
             planes, xt, stage, at, ..
         } = s;
-        // (`fill`: a memset; `resize` alone zeroes through a loop of 16-byte stores)
-        planes.resize((np + 1) * row_len, 0.0);
-        planes.fill(0.0);
+        zeroed(planes, (np + 1) * row_len);
         let image = &self.x[img * h * w * c_in..(img + 1) * h * w * c_in];
         let top = self.pads[0];
         let read = read_by_windows(p0 + np, ya..yb, sh, kh, dh);
@@ -579,8 +584,9 @@ mod x86 {
     use std::arch::x86_64::*;
 
     /// `vals`' even lanes into `even`, its odd lanes into `odd` (8 values each), stored from
-    /// the register halves (a copy through a 16-value array stalled on store forwarding:
-    /// 30 % of the band's time at batch 1).
+    /// the register halves (through a 16-value array, 30 % of the band's profile samples at
+    /// batch 1 sat on the loads right after its store: a store-forwarding stall, by the look
+    /// of it).
     ///
     /// # Safety
     /// AVX-512F.
@@ -697,7 +703,6 @@ mod x86 {
         assert!(g.lanes == L && (L == 16 || (ow <= L && g.rows <= 16 / L)) && out.len() >= ow * c_n * g.rows);
         let (p, ths) = (planes.as_ptr(), (1 << D).max(16));
         let mut tile = [0u8; 256];
-        let one = _mm512_set1_epi32(1);
         for x0 in (0..ow).step_by(16) {
             let lanes = (ow - x0).min(16);
             let px = p.add(x0);
@@ -716,7 +721,7 @@ mod x86 {
                             let xv = load_lanes::<L>(px.add(*taps.add(r * D + lev)), g.stride);
                             let t = level_threshold::<D>(th.add(r * ths), lev, idx[r]);
                             let gt = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(xv, t);
-                            idx[r] = crate::interp::kernels::tree_step(idx[r], gt, one);
+                            idx[r] = crate::interp::kernels::tree_step(idx[r], gt);
                         }
                     }
                     for q in 0..TREES / 4 {
@@ -742,17 +747,10 @@ mod x86 {
                 for (i, r) in regs.into_iter().enumerate() {
                     _mm512_storeu_si512(tile.as_mut_ptr().add(64 * i).cast(), r);
                 }
-                if L == 16 {
-                    store_codes(&tile, 64, lanes, cw, &mut out[(x0 * c_n + c0)..], c_n);
-                } else {
-                    // lane q·L + x: pixel x of the vector's row q, row-major in `out`
-                    for q in 0..g.rows {
-                        for x in 0..ow {
-                            let l = q * L + x;
-                            let src = &tile[(l % 4) * 64 + (l / 4) * 16..][..cw];
-                            out[(q * ow + x) * c_n + c0..][..cw].copy_from_slice(src);
-                        }
-                    }
+                // lanes q·L .. q·L + lanes: pixels x0 .. of the vector's row q (one row at L = 16)
+                for q in 0..g.rows {
+                    let out = &mut out[((q * ow) + x0) * c_n + c0..];
+                    store_codes(&tile, 64, q * L, lanes, cw, out, c_n);
                 }
             }
         }
@@ -794,12 +792,13 @@ mod x86 {
     }
 
     /// Writes the codes of `lanes` pixels × `cw` codebooks from `tile` (the four transposed
-    /// registers, `reg_bytes` each: pixel `4k + i` at 16-byte lane `k` of register `i`) to `out`
-    /// (pixel `l` at `l · c_n`).
+    /// registers, `reg_bytes` each: lane `4k + i` at 16-byte lane `k` of register `i`), from
+    /// lane `first` on, to `out` (pixel `l` at `l · c_n`).
     #[inline(always)]
-    fn store_codes(tile: &[u8], reg_bytes: usize, lanes: usize, cw: usize, out: &mut [u8], c_n: usize) {
+    fn store_codes(tile: &[u8], reg_bytes: usize, first: usize, lanes: usize, cw: usize, out: &mut [u8], c_n: usize) {
         for l in 0..lanes {
-            let src = &tile[(l % 4) * reg_bytes + (l / 4) * 16..][..16];
+            let t = first + l;
+            let src = &tile[(t % 4) * reg_bytes + (t / 4) * 16..][..16];
             let dst = &mut out[l * c_n..];
             if cw == 16 {
                 dst[..16].copy_from_slice(src);
@@ -873,7 +872,7 @@ mod x86 {
                 for (i, r) in regs.into_iter().enumerate() {
                     _mm256_storeu_si256(tile.as_mut_ptr().add(32 * i).cast(), r);
                 }
-                store_codes(&tile, 32, lanes, cw, &mut out[(x0 * c_n + c0)..], c_n);
+                store_codes(&tile, 32, 0, lanes, cw, &mut out[(x0 * c_n + c0)..], c_n);
             }
         }
     }
