@@ -854,34 +854,48 @@ fn pq_encode_pixels(p: &crate::ir::op::PqEncode, args: &[Arc<Tensor>], cache: Op
     };
     use super::kernels::{encode_pixel_tree::PixelTree, Simd};
     let level = Simd::detect();
-    // the codes of every input pixel and of an all-zero one, `c_n` a pixel, by `encode`
-    let both = |c_n: usize, encode: &dyn Fn(&[f32], &mut [u8])| -> Result<(Vec<u8>, Vec<u8>)> {
-        let run = |x: &[f32], rows: usize| {
-            let mut codes = vec![0u8; rows * c_n];
-            encode(x, &mut codes);
-            codes
-        };
-        Ok((run(&f32_std(&args[0])?, n * h * wd), run(&vec![0.0; ch], 1)))
+    // the codes of `rows` pixels `x`, `c_n` a pixel, by `encode`
+    let run = |c_n: usize, x: &[f32], rows: usize, encode: &dyn Fn(&[f32], &mut [u8])| {
+        let mut codes = vec![0u8; rows * c_n];
+        encode(x, &mut codes);
+        codes
     };
     let depth = args.get(1).and_then(|t| t.shape().get(1).copied()).unwrap_or(0);
-    let (codes, zero) = match (p.act_scale, p.nhwc, p.encoder) {
+    // the codes of every input pixel, and those of an all-zero pixel: for the two kernels below,
+    // encoded once, with the kernel, and kept in the node's cache
+    let (mut quant_slot, mut tree_slot) = (None, None);
+    let (codes, zero): (_, std::borrow::Cow<[u8]>) = match (p.act_scale, p.nhwc, p.encoder) {
         // the int8 encoder on channels-last pixels: its own kernels
         (Some(a), true, Encoder::Argmin) => {
-            let mut slot = None;
-            let pq = cached(cache, || pixel_quant(p, args, a, ch), &mut slot)?;
-            both(ch.div_ceil(p.subspace.max(1)), &|x, codes| pq.encode(level, x, codes))?
+            let c_n = ch.div_ceil(p.subspace.max(1));
+            let build = || -> Result<_> {
+                let pq = pixel_quant(p, args, a, ch)?;
+                let zero = run(c_n, &vec![0.0; ch], 1, &|x, codes| pq.encode(level, x, codes));
+                Ok((pq, zero))
+            };
+            let (pq, zero) = cached(cache, build, &mut quant_slot)?;
+            let x = f32_std(&args[0])?;
+            (
+                run(c_n, &x, n * h * wd, &|x, codes| pq.encode(level, x, codes)),
+                zero.into(),
+            )
         }
         // the tree encoder on channels-last pixels: its own kernel where it serves the level and
         // the trees, else the window encoder's path below
         (_, true, Encoder::Tree) if PixelTree::fits(level, ch, p.subspace, depth) => {
-            let mut slot = None;
-            let build = || -> Result<PixelTree> {
+            let build = || -> Result<_> {
                 let (depth, dims, thresholds) = tree_params(p, args, ch / p.subspace)?;
-                PixelTree::new(ch, p.subspace, depth, &dims, &thresholds)
-                    .ok_or_else(|| crate::error::Error::Other("pixel trees do not fit their kernel".into()))
+                let t = PixelTree::new(ch, p.subspace, depth, &dims, &thresholds)
+                    .ok_or_else(|| crate::error::Error::Other("pixel trees do not fit their kernel".into()))?;
+                let zero = run(t.codebooks(), &vec![0.0; ch], 1, &|x, codes| t.encode(level, x, codes));
+                Ok((t, zero))
             };
-            let t = cached(cache, build, &mut slot)?;
-            both(t.codebooks(), &|x, codes| t.encode(level, x, codes))?
+            let (t, zero) = cached(cache, build, &mut tree_slot)?;
+            let x = f32_std(&args[0])?;
+            (
+                run(t.codebooks(), &x, n * h * wd, &|x, codes| t.encode(level, x, codes)),
+                zero.into(),
+            )
         }
         _ => {
             let u8s = |t: Tensor| match t {
@@ -896,7 +910,7 @@ fn pq_encode_pixels(p: &crate::ir::op::PqEncode, args: &[Arc<Tensor>], cache: Op
             zargs[0] = Arc::new(Tensor::f32(zero_shape, vec![0.0; ch])?);
             (
                 u8s(pq_encode(&one, args, cache)?)?,
-                u8s(pq_encode(&one, &zargs, cache)?)?,
+                u8s(pq_encode(&one, &zargs, cache)?)?.into(),
             )
         }
     };
@@ -1698,13 +1712,14 @@ mod tests {
                         pixel,
                     })
                 };
-                let with = |x: Tensor, op: &Op| {
+                let cached_with = |x: Tensor, op: &Op, cache: Option<&Cache>| {
                     let args = [vec![Arc::new(x)], params.clone()].concat();
-                    match eval_op(op, args).unwrap().remove(0) {
+                    match eval_op_cached(op, args, cache).unwrap().remove(0) {
                         Tensor::U8(a) => a,
                         t => panic!("codes of type {}", t.dtype()),
                     }
                 };
+                let with = |x: Tensor, op: &Op| cached_with(x, op, None);
                 let codes = with(x.clone(), &op(window.clone(), true, false));
                 let distinct: std::collections::BTreeSet<u8> = codes.iter().copied().collect();
                 assert!(
@@ -1749,10 +1764,17 @@ mod tests {
                         .into_owned(),
                 );
                 assert_eq!(
-                    with(nhwc, &op(window.clone(), true, true)),
+                    with(nhwc.clone(), &op(window.clone(), true, true)),
                     codes,
                     "channels-last: the same codes"
                 );
+                // through a node's cache, which keeps the kernels and the zero pixel's codes
+                // across runs: the same codes, built and reused
+                let cache = Cache::new();
+                for run in 0..2 {
+                    let got = cached_with(nhwc.clone(), &op(window.clone(), true, true), Some(&cache));
+                    assert_eq!(got, codes, "{encoder:?} {act_scale:?} {win:?}: cached, run {run}");
+                }
             }
         }
     }
