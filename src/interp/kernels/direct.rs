@@ -357,33 +357,18 @@ pub fn conv_nhwc(
     };
     #[cfg(target_arch = "x86_64")]
     if c == 1 && !wts.depthwise && simd >= Simd::Avx2 {
-        // One input channel (a network's first layer), a whole output row per call. At most 8
-        // outputs, stride 1: vectorized over output pixels; otherwise over output channels
-        // with each input value broadcast (no offset table, no transposition).
-        let narrow = m <= 8 && sw == 1 && dw == 1;
-        let xdata = pad_input(x, xshape, &frame);
-        let xdata: &[f32] = &xdata;
-        let rows_out = n * oh;
-        let row_work = ow * m * wts.kernel[0] * wts.kernel[1];
-        let per = (1usize << 14).div_ceil(row_work).max(1);
-        for_tasks(rows_out.div_ceil(per), rows_out * row_work, |t| {
-            for row in t * per..((t + 1) * per).min(rows_out) {
-                let (img, y) = (row / oh, row % oh);
-                let src = (img * frame.hp + y * sh) * frame.wp;
-                // SAFETY: the level was detected (AVX-512F, or AVX2 and FMA); the row's windows
-                // lie in the padded image and `out` holds `ow × m` floats at the row's offset
-                // (rows are disjoint).
-                unsafe {
-                    let dst = outp.get().add(row * ow * m);
-                    match (simd, narrow) {
-                        (Simd::Avx512, true) => x86::row_c1_avx512(xdata, src, frame.wp, dh, ow, wts, &lay, dst),
-                        (_, true) => x86::row_c1_avx2(xdata, src, frame.wp, dh, ow, wts, &lay, dst),
-                        (_, false) => row_c1_channels(simd, xdata, src, sw, ow, wts, &lay, dst),
-                    }
-                };
-            }
-        });
-        // SAFETY: every row of every image was computed above.
+        one_channel_rows(
+            simd,
+            &pad_input(x, xshape, &frame),
+            n,
+            &frame,
+            conv,
+            [oh, ow],
+            wts,
+            &lay,
+            outp,
+        );
+        // SAFETY: every row of every image was computed.
         return Ok((unsafe { out.finish(pixels * m) }, [n, oh, ow, m]));
     }
     // the level's tile; a raster of pixels takes 8 instead of 10 where that computes fewer
@@ -1252,6 +1237,48 @@ fn depthwise3_rows(
                     _ => x86::dw3_row_avx2(&g, ow, wts, lay, dst),
                 }
             }
+        }
+    });
+}
+
+/// A convolution of one input channel (a network's first layer) over `n` images padded into
+/// `frame` (`xdata`), a whole output row per call: with at most 8 outputs at stride 1,
+/// vectorized over output pixels; otherwise over output channels with each input value
+/// broadcast (no offset table, no transposition). Writes every output row.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+fn one_channel_rows(
+    simd: Simd,
+    xdata: &[f32],
+    n: usize,
+    frame: &Frame,
+    conv: &Conv,
+    [oh, ow]: [usize; 2],
+    wts: &NhwcWeights,
+    lay: &Layout,
+    outp: SendPtr,
+) {
+    let ([sh, sw], [dh, dw]) = (conv.window.strides, conv.window.dilations);
+    let m = lay.m;
+    let narrow = m <= 8 && sw == 1 && dw == 1;
+    let rows_out = n * oh;
+    let row_work = ow * m * wts.kernel[0] * wts.kernel[1];
+    let per = (1usize << 14).div_ceil(row_work).max(1);
+    for_tasks(rows_out.div_ceil(per), rows_out * row_work, |t| {
+        for row in t * per..((t + 1) * per).min(rows_out) {
+            let (img, y) = (row / oh, row % oh);
+            let src = (img * frame.hp + y * sh) * frame.wp;
+            // SAFETY: the level was detected (AVX-512F, or AVX2 and FMA); the row's windows
+            // lie in the padded image and `out` holds `ow × m` floats at the row's offset
+            // (rows are disjoint).
+            unsafe {
+                let dst = outp.get().add(row * ow * m);
+                match (simd, narrow) {
+                    (Simd::Avx512, true) => x86::row_c1_avx512(xdata, src, frame.wp, dh, ow, wts, lay, dst),
+                    (_, true) => x86::row_c1_avx2(xdata, src, frame.wp, dh, ow, wts, lay, dst),
+                    (_, false) => row_c1_channels(simd, xdata, src, sw, ow, wts, lay, dst),
+                }
+            };
         }
     });
 }
