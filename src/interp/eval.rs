@@ -56,52 +56,7 @@ pub fn eval_op_cached(op: &Op, mut args: Vec<Arc<Tensor>>, cache: Option<&Cache>
         }
         Op::Conv(c) => {
             arity(2, &args)?;
-            if c.relu {
-                bail!("a fused ReLU needs the channels-last Conv");
-            }
-            let xs = shape4(&args[0], "Conv")?;
-            let w = &args[1];
-            let ws = w.shape();
-            if ws.len() != 4 || ws[1] * c.group != xs[1] || !ws[0].is_multiple_of(c.group) {
-                bail!("weight {:?} with group {} does not fit input {:?}", ws, c.group, xs);
-            }
-            let bias = args.get(2).map(|b| f32_std(b)).transpose()?;
-            if bias.as_ref().is_some_and(|b| b.len() != ws[0]) {
-                bail!("bias has {} values for {} output channels", bias.unwrap().len(), ws[0]);
-            }
-            let wdata = f32_std(w)?;
-            // What the node prepares once per input size: the kernel without taps that only ever
-            // see padding (e.g. a 3×3 conv on a 1×1 input; a smaller kernel with adjusted padding
-            // computes the same outputs) and the weights packed for the blocked GEMM.
-            let hw = [xs[2], xs[3]];
-            let build = || -> Result<ConvPrep> {
-                let (conv, weights) = match crate::ir::window::pruned_weights(c, hw, &wdata, ws)? {
-                    Some((small, sliced)) => (small, Some(sliced)),
-                    None => (c.clone(), None),
-                };
-                let packed = conv::pack_weights(weights.as_deref().unwrap_or(&wdata), ws[0], &conv, xs[1]);
-                Ok(ConvPrep {
-                    hw,
-                    conv,
-                    weights,
-                    packed,
-                })
-            };
-            let mut slot = None;
-            let mut prep: &ConvPrep = cached(cache, build, &mut slot)?;
-            let mut fresh = None;
-            if prep.hw != hw {
-                prep = fresh.insert(build()?);
-            }
-            Tensor::F32(conv::conv2d(
-                &f32_std(&args[0])?,
-                xs,
-                prep.weights.as_deref().unwrap_or(&wdata),
-                ws[0],
-                bias.as_deref(),
-                &prep.conv,
-                prep.packed.as_deref(),
-            )?)
+            conv_nchw(c, &args, cache)?
         }
         Op::Split { axis, sizes } => {
             arity(1, &args)?;
@@ -129,100 +84,7 @@ pub fn eval_op_cached(op: &Op, mut args: Vec<Arc<Tensor>>, cache: Option<&Cache>
             arity(2, &args)?;
             pq_encode(p, &args, cache)?
         }
-        Op::LutMatMul { relu } => {
-            if !(4..=5).contains(&args.len()) {
-                bail!("LutMatMul needs 4 or 5 inputs, got {}", args.len());
-            }
-            let Tensor::U8(codes) = &*args[0] else {
-                bail!("codes must be u8")
-            };
-            let codes = codes.as_standard_layout();
-            let ts = args[1].shape().to_vec();
-            let &[c, m, k] = ts.as_slice() else {
-                bail!("tables must be [C, M, K], got {ts:?}")
-            };
-            if args[0].shape().last() != Some(&c) || args[2].len() != m || args[3].len() != m {
-                bail!(
-                    "codes {:?}, tables {ts:?}, scale {:?} and offset {:?} do not fit together",
-                    args[0].shape(),
-                    args[2].shape(),
-                    args[3].shape()
-                );
-            }
-            let rows = codes.len() / c.max(1);
-            let codes = codes.as_slice().unwrap();
-            if k <= 256 && codes.iter().fold(0u8, |a, &v| a.max(v)) as usize >= k {
-                let bad = codes.iter().find(|&&v| v as usize >= k).expect("the max is one");
-                bail!("code {bad} out of range for {k} prototypes");
-            }
-            let (scale, offset) = (f32_std(&args[2])?, f32_std(&args[3])?);
-            let residual = args.get(4).map(|r| f32_std(r)).transpose()?;
-            if let Some(r) = &residual {
-                if r.len() != rows * m {
-                    bail!("the residual has {} values, the output {}", r.len(), rows * m);
-                }
-            }
-            let epi = lut::Affine {
-                scale: &scale[..m],
-                offset: &offset[..m],
-                residual: residual.as_deref(),
-                relu: *relu,
-            };
-            let y = match &*args[1] {
-                Tensor::I8(t) => {
-                    let t = t.as_standard_layout();
-                    let t = t.as_slice().unwrap();
-                    // the tables in the layouts the kernels read, built once per node
-                    let mut slot = None;
-                    let tables: &LutTables = cached(cache, || Ok(LutTables::default()), &mut slot)?;
-                    if lut::prefer_rowwise(rows, k, m) {
-                        let tt = tables.rowwise.get_or_init(|| lut::transpose_tables(t, c, m, k));
-                        let mut y = Vec::with_capacity(rows * m);
-                        let level = super::kernels::Simd::detect();
-                        lut::lut_i8_rowwise_then(
-                            level,
-                            codes,
-                            rows,
-                            c,
-                            tt,
-                            m,
-                            k,
-                            y.spare_capacity_mut(),
-                            |r0, acc, out| epi.apply(r0, acc, out),
-                        );
-                        // SAFETY: `lut_i8_rowwise_then` hands every block of the first `rows · m`
-                        // values to the epilogue, which writes each of them.
-                        unsafe { y.set_len(rows * m) };
-                        y
-                    } else {
-                        // the epilogue runs on each block of sums while it is in cache, and
-                        // writes every output value: `y` needs no zeroing
-                        let mut y = Vec::with_capacity(rows * m);
-                        let quads =
-                            lut::wants_quads(k).then(|| tables.quads.get_or_init(|| lut::quad_tables(t, c, m, k)));
-                        let quads = quads.map(|q| &q[..]);
-                        lut::lut_i8_affine(codes, rows, c, t, quads, m, k, epi, y.spare_capacity_mut());
-                        // SAFETY: `lut_i8_affine` writes every one of the first `rows · m` values.
-                        unsafe { y.set_len(rows * m) };
-                        y
-                    }
-                }
-                Tensor::F32(t) => {
-                    let t = t.as_standard_layout();
-                    let mut sums = vec![0f32; rows * m];
-                    lut::lut_f32(codes, rows, c, t.as_slice().unwrap(), m, k, &mut sums);
-                    let mut y = Vec::with_capacity(rows * m);
-                    epi.apply(0, &sums, y.spare_capacity_mut());
-                    // SAFETY: the epilogue wrote every one of the `rows · m` values.
-                    unsafe { y.set_len(rows * m) };
-                    y
-                }
-                t => bail!("tables must be i8 or f32, got {}", t.dtype()),
-            };
-            let mut shape = args[0].shape().to_vec();
-            *shape.last_mut().unwrap() = m;
-            Tensor::F32(ArrayD::from_shape_vec(IxDyn(&shape), y).expect("output size"))
-        }
+        Op::LutMatMul { relu } => lut_matmul(*relu, &args, cache)?,
         Op::BatchNorm { epsilon } => {
             arity(5, &args)?;
             let p: Vec<Vec<f32>> = args[1..5]
@@ -665,6 +527,156 @@ fn conv_nhwc(c: &crate::ir::op::Conv, mut args: Vec<Arc<Tensor>>, cache: Option<
 struct LutTables {
     rowwise: std::sync::OnceLock<Vec<u8>>,
     quads: std::sync::OnceLock<Vec<i8>>,
+}
+
+/// An NCHW `Conv` (`args`: input, weight, optional bias) through the blocked GEMM, the weights
+/// packed (and taps that only ever see padding pruned) once per input size in the node's cache.
+fn conv_nchw(c: &crate::ir::op::Conv, args: &[Arc<Tensor>], cache: Option<&Cache>) -> Result<Tensor> {
+    if c.relu {
+        bail!("a fused ReLU needs the channels-last Conv");
+    }
+    let xs = shape4(&args[0], "Conv")?;
+    let w = &args[1];
+    let ws = w.shape();
+    if ws.len() != 4 || ws[1] * c.group != xs[1] || !ws[0].is_multiple_of(c.group) {
+        bail!("weight {:?} with group {} does not fit input {:?}", ws, c.group, xs);
+    }
+    let bias = args.get(2).map(|b| f32_std(b)).transpose()?;
+    if bias.as_ref().is_some_and(|b| b.len() != ws[0]) {
+        bail!("bias has {} values for {} output channels", bias.unwrap().len(), ws[0]);
+    }
+    let wdata = f32_std(w)?;
+    // What the node prepares once per input size: the kernel without taps that only ever
+    // see padding (e.g. a 3×3 conv on a 1×1 input; a smaller kernel with adjusted padding
+    // computes the same outputs) and the weights packed for the blocked GEMM.
+    let hw = [xs[2], xs[3]];
+    let build = || -> Result<ConvPrep> {
+        let (conv, weights) = match crate::ir::window::pruned_weights(c, hw, &wdata, ws)? {
+            Some((small, sliced)) => (small, Some(sliced)),
+            None => (c.clone(), None),
+        };
+        let packed = conv::pack_weights(weights.as_deref().unwrap_or(&wdata), ws[0], &conv, xs[1]);
+        Ok(ConvPrep {
+            hw,
+            conv,
+            weights,
+            packed,
+        })
+    };
+    let mut slot = None;
+    let mut prep: &ConvPrep = cached(cache, build, &mut slot)?;
+    let mut fresh = None;
+    if prep.hw != hw {
+        prep = fresh.insert(build()?);
+    }
+    Ok(Tensor::F32(conv::conv2d(
+        &f32_std(&args[0])?,
+        xs,
+        prep.weights.as_deref().unwrap_or(&wdata),
+        ws[0],
+        bias.as_deref(),
+        &prep.conv,
+        prep.packed.as_deref(),
+    )?))
+}
+
+/// `LutMatMul`: the sums of each row's table entries (`args`: codes `[.., C]` u8, tables
+/// `[C, M, K]` i8 or f32, scale and offset `[M]`, an optional residual), through the affine
+/// epilogue (and the ReLU when `relu`); the i8 tables' kernel layouts kept in the node's cache.
+fn lut_matmul(relu: bool, args: &[Arc<Tensor>], cache: Option<&Cache>) -> Result<Tensor> {
+    if !(4..=5).contains(&args.len()) {
+        bail!("LutMatMul needs 4 or 5 inputs, got {}", args.len());
+    }
+    let Tensor::U8(codes) = &*args[0] else {
+        bail!("codes must be u8")
+    };
+    let codes = codes.as_standard_layout();
+    let ts = args[1].shape().to_vec();
+    let &[c, m, k] = ts.as_slice() else {
+        bail!("tables must be [C, M, K], got {ts:?}")
+    };
+    if args[0].shape().last() != Some(&c) || args[2].len() != m || args[3].len() != m {
+        bail!(
+            "codes {:?}, tables {ts:?}, scale {:?} and offset {:?} do not fit together",
+            args[0].shape(),
+            args[2].shape(),
+            args[3].shape()
+        );
+    }
+    let rows = codes.len() / c.max(1);
+    let codes = codes.as_slice().unwrap();
+    if k <= 256 && codes.iter().fold(0u8, |a, &v| a.max(v)) as usize >= k {
+        let bad = codes.iter().find(|&&v| v as usize >= k).expect("the max is one");
+        bail!("code {bad} out of range for {k} prototypes");
+    }
+    let (scale, offset) = (f32_std(&args[2])?, f32_std(&args[3])?);
+    let residual = args.get(4).map(|r| f32_std(r)).transpose()?;
+    if let Some(r) = &residual {
+        if r.len() != rows * m {
+            bail!("the residual has {} values, the output {}", r.len(), rows * m);
+        }
+    }
+    let epi = lut::Affine {
+        scale: &scale[..m],
+        offset: &offset[..m],
+        residual: residual.as_deref(),
+        relu,
+    };
+    let y = match &*args[1] {
+        Tensor::I8(t) => {
+            let t = t.as_standard_layout();
+            let t = t.as_slice().unwrap();
+            // the tables in the layouts the kernels read, built once per node
+            let mut slot = None;
+            let tables: &LutTables = cached(cache, || Ok(LutTables::default()), &mut slot)?;
+            if lut::prefer_rowwise(rows, k, m) {
+                let tt = tables.rowwise.get_or_init(|| lut::transpose_tables(t, c, m, k));
+                let mut y = Vec::with_capacity(rows * m);
+                let level = super::kernels::Simd::detect();
+                lut::lut_i8_rowwise_then(
+                    level,
+                    codes,
+                    rows,
+                    c,
+                    tt,
+                    m,
+                    k,
+                    y.spare_capacity_mut(),
+                    |r0, acc, out| epi.apply(r0, acc, out),
+                );
+                // SAFETY: `lut_i8_rowwise_then` hands every block of the first `rows · m`
+                // values to the epilogue, which writes each of them.
+                unsafe { y.set_len(rows * m) };
+                y
+            } else {
+                // the epilogue runs on each block of sums while it is in cache, and
+                // writes every output value: `y` needs no zeroing
+                let mut y = Vec::with_capacity(rows * m);
+                let quads = lut::wants_quads(k).then(|| tables.quads.get_or_init(|| lut::quad_tables(t, c, m, k)));
+                let quads = quads.map(|q| &q[..]);
+                lut::lut_i8_affine(codes, rows, c, t, quads, m, k, epi, y.spare_capacity_mut());
+                // SAFETY: `lut_i8_affine` writes every one of the first `rows · m` values.
+                unsafe { y.set_len(rows * m) };
+                y
+            }
+        }
+        Tensor::F32(t) => {
+            let t = t.as_standard_layout();
+            let mut sums = vec![0f32; rows * m];
+            lut::lut_f32(codes, rows, c, t.as_slice().unwrap(), m, k, &mut sums);
+            let mut y = Vec::with_capacity(rows * m);
+            epi.apply(0, &sums, y.spare_capacity_mut());
+            // SAFETY: the epilogue wrote every one of the `rows · m` values.
+            unsafe { y.set_len(rows * m) };
+            y
+        }
+        t => bail!("tables must be i8 or f32, got {}", t.dtype()),
+    };
+    let mut shape = args[0].shape().to_vec();
+    *shape.last_mut().unwrap() = m;
+    Ok(Tensor::F32(
+        ArrayD::from_shape_vec(IxDyn(&shape), y).expect("output size"),
+    ))
 }
 
 /// Get (or build on first use) a node's cached state of type `T`; without a cache, build it.
