@@ -874,8 +874,15 @@ fn pq_encode_pixels(p: &crate::ir::op::PqEncode, args: &[Arc<Tensor>], cache: Op
     };
     let depth = args.get(1).and_then(|t| t.shape().get(1).copied()).unwrap_or(0);
     // the codes of every input pixel, and those of an all-zero pixel: for the two kernels below,
-    // encoded once, with the kernel, and kept in the node's cache
+    // the zero pixel's encoded once with the prepared kernel and kept beside it (in the node's
+    // cache, when it has one), with the channel count they were prepared for
     let (mut quant_slot, mut tree_slot) = (None, None);
+    let same_channels = |built: usize| -> Result<()> {
+        if built != ch {
+            bail!("the node's encoder was prepared for {built} input channels, this input has {ch}");
+        }
+        Ok(())
+    };
     let (codes, zero): (_, std::borrow::Cow<[u8]>) = match (p.act_scale, p.nhwc, p.encoder) {
         // the int8 encoder on channels-last pixels: its own kernels
         (Some(a), true, Encoder::Argmin) => {
@@ -883,9 +890,10 @@ fn pq_encode_pixels(p: &crate::ir::op::PqEncode, args: &[Arc<Tensor>], cache: Op
             let build = || -> Result<_> {
                 let pq = pixel_quant(p, args, a, ch)?;
                 let zero = run(c_n, &vec![0.0; ch], 1, &|x, codes| pq.encode(level, x, codes));
-                Ok((pq, zero))
+                Ok((pq, zero, ch))
             };
-            let (pq, zero) = cached(cache, build, &mut quant_slot)?;
+            let (pq, zero, built) = cached(cache, build, &mut quant_slot)?;
+            same_channels(*built)?;
             let x = f32_std(&args[0])?;
             (
                 run(c_n, &x, n * h * wd, &|x, codes| pq.encode(level, x, codes)),
@@ -900,9 +908,10 @@ fn pq_encode_pixels(p: &crate::ir::op::PqEncode, args: &[Arc<Tensor>], cache: Op
                 let t = PixelTree::new(ch, p.subspace, depth, &dims, &thresholds)
                     .ok_or_else(|| crate::error::Error::Other("pixel trees do not fit their kernel".into()))?;
                 let zero = run(t.codebooks(), &vec![0.0; ch], 1, &|x, codes| t.encode(level, x, codes));
-                Ok((t, zero))
+                Ok((t, zero, ch))
             };
-            let (t, zero) = cached(cache, build, &mut tree_slot)?;
+            let (t, zero, built) = cached(cache, build, &mut tree_slot)?;
+            same_channels(*built)?;
             let x = f32_std(&args[0])?;
             (
                 run(t.codebooks(), &x, n * h * wd, &|x, codes| t.encode(level, x, codes)),
@@ -1781,11 +1790,27 @@ mod tests {
                     "channels-last: the same codes"
                 );
                 // through a node's cache, which keeps the kernels and the zero pixel's codes
-                // across runs: the same codes, built and reused
+                // across runs: built on another input (the negated one), then reused, each
+                // run's codes those of the uncached encoder
                 let cache = Cache::new();
-                for run in 0..2 {
-                    let got = cached_with(nhwc.clone(), &op(window.clone(), true, true), Some(&cache));
-                    assert_eq!(got, codes, "{encoder:?} {act_scale:?} {win:?}: cached, run {run}");
+                let Tensor::F32(a) = &nhwc else { unreachable!() };
+                let negated = Tensor::F32(a.mapv(|v| -v));
+                let nhwc_op = op(window.clone(), true, true);
+                let first = cached_with(negated.clone(), &nhwc_op, Some(&cache));
+                assert_eq!(
+                    first,
+                    with(negated, &nhwc_op),
+                    "{encoder:?} {act_scale:?} {win:?}: cached, built"
+                );
+                let again = cached_with(nhwc.clone(), &nhwc_op, Some(&cache));
+                assert_eq!(again, codes, "{encoder:?} {act_scale:?} {win:?}: cached, reused");
+                // the int8 kernels' cache refuses an input of another channel count (an
+                // error, not a stale kernel's panic)
+                if act_scale.is_some() && encoder == Encoder::Argmin {
+                    let wider = Arc::new(Tensor::f32(&[n, h, w, c + 1], vec![0.5; n * h * w * (c + 1)]).unwrap());
+                    let args = [vec![wider], params.clone()].concat();
+                    let e = eval_op_cached(&nhwc_op, args, Some(&cache)).unwrap_err();
+                    assert!(e.to_string().contains("prepared for"), "{e}");
                 }
             }
         }

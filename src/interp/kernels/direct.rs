@@ -1244,7 +1244,8 @@ fn depthwise3_rows(
 /// A convolution of one input channel (a network's first layer) over `n` images padded into
 /// `frame` (`xdata`), a whole output row per call: with at most 8 outputs at stride 1,
 /// vectorized over output pixels; otherwise over output channels with each input value
-/// broadcast (no offset table, no transposition). Writes every output row.
+/// broadcast (no offset table, no transposition). Writes every output row through `outp`
+/// (`n · oh · ow · m` floats); `simd` must be a level this CPU has (AVX2 and FMA at least).
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 fn one_channel_rows(
@@ -1268,9 +1269,9 @@ fn one_channel_rows(
         for row in t * per..((t + 1) * per).min(rows_out) {
             let (img, y) = (row / oh, row % oh);
             let src = (img * frame.hp + y * sh) * frame.wp;
-            // SAFETY: the level was detected (AVX-512F, or AVX2 and FMA); the row's windows
-            // lie in the padded image and `out` holds `ow × m` floats at the row's offset
-            // (rows are disjoint).
+            // SAFETY: the caller detected the level (AVX-512F, or AVX2 and FMA); the row's
+            // windows lie in the padded image and `outp` holds `ow × m` floats at the row's
+            // offset (rows are disjoint).
             unsafe {
                 let dst = outp.get().add(row * ow * m);
                 match (simd, narrow) {
