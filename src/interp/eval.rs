@@ -841,6 +841,57 @@ fn pixel_quant(
     Ok(super::kernels::encode_pixel::PixelQuant::new(quant, ch, s, ps[1]))
 }
 
+/// A pixel encoder of [`pq_encode_pixels`] (the int8 or the tree kernel), prepared once per
+/// node: with its codebooks per pixel, the codes of an all-zero pixel (for taps in the
+/// padding) encoded by it, and the input channels it was prepared for.
+struct PixelEncoder<E> {
+    enc: E,
+    codebooks: usize,
+    zero: Vec<u8>,
+    ch: usize,
+}
+
+impl<E: Send + Sync + 'static> PixelEncoder<E> {
+    /// The codes of the `rows` pixels `x` (`ch` channels each) and those of an all-zero pixel,
+    /// by `encode` with the encoder `build` prepares (with its codebooks per pixel): built once
+    /// and kept in the node's cache when it has one. An input of another channel count than the
+    /// cached encoder was prepared for is an error.
+    #[allow(clippy::too_many_arguments)]
+    fn codes<'c>(
+        cache: Option<&'c Cache>,
+        slot: &'c mut Option<Self>,
+        x: &[f32],
+        rows: usize,
+        ch: usize,
+        build: impl FnOnce() -> Result<(E, usize)>,
+        encode: impl Fn(&E, &[f32], &mut [u8]),
+    ) -> Result<(Vec<u8>, &'c [u8])> {
+        let run = |enc: &E, c_n: usize, x: &[f32], rows: usize| {
+            let mut codes = vec![0u8; rows * c_n];
+            encode(enc, x, &mut codes);
+            codes
+        };
+        let prepare = || -> Result<Self> {
+            let (enc, codebooks) = build()?;
+            let zero = run(&enc, codebooks, &vec![0.0; ch], 1);
+            Ok(PixelEncoder {
+                enc,
+                codebooks,
+                zero,
+                ch,
+            })
+        };
+        let pe = cached(cache, prepare, slot)?;
+        if pe.ch != ch {
+            bail!(
+                "the node's encoder was prepared for {} input channels, this input has {ch}",
+                pe.ch
+            );
+        }
+        Ok((run(&pe.enc, pe.codebooks, x, rows), &pe.zero))
+    }
+}
+
 /// Pixel codebooks (`PqEncode::pixel`): every input pixel encoded once (the same op over a 1×1
 /// window, so the same kernels and codebook cache; the int8 encoder on channels-last inputs by
 /// [`encode_pixel`](super::kernels::encode_pixel)), an all-zero pixel for the taps outside the
@@ -866,39 +917,18 @@ fn pq_encode_pixels(p: &crate::ir::op::PqEncode, args: &[Arc<Tensor>], cache: Op
     };
     use super::kernels::{encode_pixel_tree::PixelTree, Simd};
     let level = Simd::detect();
-    // the codes of `rows` pixels `x`, `c_n` a pixel, by `encode`
-    let run = |c_n: usize, x: &[f32], rows: usize, encode: &dyn Fn(&[f32], &mut [u8])| {
-        let mut codes = vec![0u8; rows * c_n];
-        encode(x, &mut codes);
-        codes
-    };
     let depth = args.get(1).and_then(|t| t.shape().get(1).copied()).unwrap_or(0);
-    // the codes of every input pixel, and those of an all-zero pixel: for the two kernels below,
-    // the zero pixel's encoded once with the prepared kernel and kept beside it (in the node's
-    // cache, when it has one), with the channel count they were prepared for
+    let rows = n * h * wd;
     let (mut quant_slot, mut tree_slot) = (None, None);
-    let same_channels = |built: usize| -> Result<()> {
-        if built != ch {
-            bail!("the node's encoder was prepared for {built} input channels, this input has {ch}");
-        }
-        Ok(())
-    };
     let (codes, zero): (_, std::borrow::Cow<[u8]>) = match (p.act_scale, p.nhwc, p.encoder) {
         // the int8 encoder on channels-last pixels: its own kernels
         (Some(a), true, Encoder::Argmin) => {
-            let c_n = ch.div_ceil(p.subspace.max(1));
-            let build = || -> Result<_> {
-                let pq = pixel_quant(p, args, a, ch)?;
-                let zero = run(c_n, &vec![0.0; ch], 1, &|x, codes| pq.encode(level, x, codes));
-                Ok((pq, zero, ch))
-            };
-            let (pq, zero, built) = cached(cache, build, &mut quant_slot)?;
-            same_channels(*built)?;
+            let build = || Ok((pixel_quant(p, args, a, ch)?, ch.div_ceil(p.subspace.max(1))));
+            let encode =
+                |pq: &super::kernels::encode_pixel::PixelQuant, x: &[f32], c: &mut [u8]| pq.encode(level, x, c);
             let x = f32_std(&args[0])?;
-            (
-                run(c_n, &x, n * h * wd, &|x, codes| pq.encode(level, x, codes)),
-                zero.into(),
-            )
+            let (codes, zero) = PixelEncoder::codes(cache, &mut quant_slot, &x, rows, ch, build, encode)?;
+            (codes, zero.into())
         }
         // the tree encoder on channels-last pixels: its own kernel where it serves the level and
         // the trees, else the window encoder's path below
@@ -907,16 +937,13 @@ fn pq_encode_pixels(p: &crate::ir::op::PqEncode, args: &[Arc<Tensor>], cache: Op
                 let (depth, dims, thresholds) = tree_params(p, args, ch / p.subspace)?;
                 let t = PixelTree::new(ch, p.subspace, depth, &dims, &thresholds)
                     .ok_or_else(|| crate::error::Error::Other("pixel trees do not fit their kernel".into()))?;
-                let zero = run(t.codebooks(), &vec![0.0; ch], 1, &|x, codes| t.encode(level, x, codes));
-                Ok((t, zero, ch))
+                let c_n = t.codebooks();
+                Ok((t, c_n))
             };
-            let (t, zero, built) = cached(cache, build, &mut tree_slot)?;
-            same_channels(*built)?;
+            let encode = |t: &PixelTree, x: &[f32], c: &mut [u8]| t.encode(level, x, c);
             let x = f32_std(&args[0])?;
-            (
-                run(t.codebooks(), &x, n * h * wd, &|x, codes| t.encode(level, x, codes)),
-                zero.into(),
-            )
+            let (codes, zero) = PixelEncoder::codes(cache, &mut tree_slot, &x, rows, ch, build, encode)?;
+            (codes, zero.into())
         }
         _ => {
             let u8s = |t: Tensor| match t {
