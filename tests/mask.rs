@@ -42,9 +42,11 @@ fn two_layers() -> (Graph, ArrayD<f32>) {
     (g, ArrayD::from_shape_vec(IxDyn(&[3000, 8]), v).unwrap())
 }
 
+/// The masking scenarios below were set up (their layers' damage, the targets between them) on
+/// codebooks fitted on every calibration row: `hold_out: false` keeps those fits.
 fn pipeline(mask: &str) -> Pipeline {
     let text = format!(
-        "name: t\npasses:\n  - lut:\n      encoder: argmin\n      fc_subspace: 4\n      refit: false\n  - mask:\n      relearn: false\n      restore_unprofitable: false\n{mask}  - dead-code:\n"
+        "name: t\npasses:\n  - lut:\n      encoder: argmin\n      fc_subspace: 4\n      refit: false\n      hold_out: false\n  - mask:\n      relearn: false\n      restore_unprofitable: false\n{mask}  - dead-code:\n"
     );
     Pipeline::parse(&text, "test").unwrap()
 }
@@ -473,8 +475,9 @@ fn approximated() -> (Graph, PassCx, ArrayD<f32>) {
         calib: Some(calib.clone()),
         ..Default::default()
     };
+    // (fitted on every row, as [`pipeline`])
     let p = Pipeline::parse(
-        "name: t\npasses:\n  - lut:\n      encoder: argmin\n      fc_subspace: 4\n      refit: false\n",
+        "name: t\npasses:\n  - lut:\n      encoder: argmin\n      fc_subspace: 4\n      refit: false\n      hold_out: false\n",
         "t",
     )
     .unwrap();
@@ -828,7 +831,7 @@ fn only_a_kept_relearned_model_is_reported() {
     let greedy = with_exact(&g, &cx, &["easy"]);
     let mut relearned = with_exact(&g, &cx, &["easy", "hard"]);
     let relearn = Pipeline::parse(
-        "name: t\npasses:\n  - lut:\n      encoder: argmin\n      fc_subspace: 4\n      refit: false\n      keep_exact: [easy]\n",
+        "name: t\npasses:\n  - lut:\n      encoder: argmin\n      fc_subspace: 4\n      refit: false\n      hold_out: false\n      keep_exact: [easy]\n",
         "t",
     )
     .unwrap();
@@ -884,7 +887,7 @@ fn prune_runs_again_after_relearning() {
     for (target, rounds) in [0.968, 0.969, 0.97, 0.971].into_iter().flat_map(|t| [(t, 0), (t, 2)]) {
         let mut g = tabconv::onnx::load_model(&fixture("models/lenet5.onnx")).unwrap();
         let text = format!(
-            "name: t\npasses:\n  - fold-batchnorm:\n  - gemm-to-matmul:\n  - conv-to-im2col:\n  - constant-fold:\n  - lut:\n      max_rows: 2048\n      learn: none\n  - mask:\n      min_logit_cosine: {target}\n      restore_unprofitable: false\n      relearn_rounds: {rounds}\n      force_lut: ['/fc*']\n"
+            "name: t\npasses:\n  - fold-batchnorm:\n  - gemm-to-matmul:\n  - conv-to-im2col:\n  - constant-fold:\n  - lut:\n      max_rows: 2048\n      learn: none\n      hold_out: false\n  - mask:\n      min_logit_cosine: {target}\n      restore_unprofitable: false\n      relearn_rounds: {rounds}\n      force_lut: ['/fc*']\n"
         );
         let mut cx = PassCx {
             calib: Some(calib.clone()),

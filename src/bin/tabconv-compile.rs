@@ -195,8 +195,8 @@ fn print_summary(done: &Compiled) {
     }
     if !report.lut_layers.is_empty() {
         eprintln!(
-            "  {:<40} {:>5} {:>6} {:>5} {:>3} {:>4} {:>9} {:>8} {:>7}  learned (held-out error of its objective)",
-            "lut layer", "D", "M", "C", "S", "K", "rel err", "cosine", "sec"
+            "  {:<40} {:>5} {:>6} {:>5} {:>3} {:>4} {:>9} {:>8} {:>6} {:>7}  learned (held-out error of its objective)",
+            "lut layer", "D", "M", "C", "S", "K", "rel err", "cosine", "ridge", "sec"
         );
         for l in &report.lut_layers {
             let learned = match &l.learn {
@@ -207,8 +207,8 @@ fn print_summary(done: &Compiled) {
                 None => "-".into(),
             };
             eprintln!(
-                "  {:<40} {:>5} {:>6} {:>5} {:>3} {:>4} {:>9.4} {:>8.5} {:>7.2}  {learned}",
-                l.node, l.d, l.m, l.codebooks, l.subspace, l.k, l.output_rel_error, l.output_cosine, l.seconds
+                "  {:<40} {:>5} {:>6} {:>5} {:>3} {:>4} {:>9.4} {:>8.5} {:>6} {:>7.2}  {learned}",
+                l.node, l.d, l.m, l.codebooks, l.subspace, l.k, l.output_rel_error, l.output_cosine, l.ridge, l.seconds
             );
         }
     }

@@ -35,6 +35,62 @@ pub struct Data {
     /// resumed from the previous layer's kept activations.
     pub images: usize,
     pub resumed: usize,
+    /// Per row, the image it comes from (its rank among the images by index).
+    pub row_images: Vec<u32>,
+}
+
+impl Data {
+    /// The rows of one image in eight (drawn by `seed`; with fewer than 8 images, one row in
+    /// eight) moved after the others, in order otherwise, and how many they are. The layer is
+    /// fitted on the others and its learning judged on them: rows of images the codebooks and
+    /// the tables' refit never saw (neighbouring pixels of one image are alike, so rows drawn
+    /// one by one would measure the fit on near-copies of its own rows). None held out (0)
+    /// below 16 rows.
+    fn hold_out(mut self, seed: u64) -> (Data, usize) {
+        let rows = self.rows;
+        if rows < 16 {
+            return (self, 0);
+        }
+        let mut rng = Rng::derive(seed, &[0x401d]);
+        let n_img = self.row_images.iter().max().map_or(0, |&i| i as usize + 1);
+        let held: Vec<bool> = if n_img >= 8 {
+            let mut img = vec![false; n_img];
+            for i in rng.sample_indices(n_img, n_img / 8) {
+                img[i] = true;
+            }
+            self.row_images.iter().map(|&i| img[i as usize]).collect()
+        } else {
+            let mut row = vec![false; rows];
+            for r in rng.sample_indices(rows, rows / 8) {
+                row[r] = true;
+            }
+            row
+        };
+        let order: Vec<usize> = (0..rows)
+            .filter(|&r| !held[r])
+            .chain((0..rows).filter(|&r| held[r]))
+            .collect();
+        let n_held = rows - held.iter().filter(|&&h| !h).count();
+        let permute = |v: &mut Vec<f32>| {
+            let w = v.len() / rows;
+            *v = order
+                .iter()
+                .flat_map(|&r| v[r * w..(r + 1) * w].iter().copied())
+                .collect();
+        };
+        permute(&mut self.x);
+        permute(&mut self.y);
+        if let Some((target, epi)) = &mut self.block {
+            permute(target);
+            for step in &mut epi.steps {
+                if let RowStep::Add(v) = step {
+                    permute(v);
+                }
+            }
+        }
+        self.row_images = order.iter().map(|&r| self.row_images[r]).collect();
+        (self, n_held)
+    }
 }
 
 /// What the `lut` pass decided for one layer: the weight its lookups replace and how its rows
@@ -253,6 +309,11 @@ pub fn gather(
         block,
         images: sample.images.len(),
         resumed,
+        row_images: sample
+            .rows
+            .iter()
+            .map(|&r| (r / sample.rows_per_image) as u32)
+            .collect(),
     })
 }
 
@@ -288,6 +349,12 @@ pub struct Fitted {
 /// Fit codebooks and tables for one layer, learn them if asked, quantize, and measure.
 pub fn fit_layer(p: &Plan, data: Data, o: &Options, cx: &mut PassCx, li: usize, start: Instant) -> Result<Fitted> {
     let (rows, m, k) = (data.rows, p.m, o.k);
+    // codebooks and tables fitted on `fit_n` rows, learning judged on the rest
+    let (data, held) = match o.holds_out() {
+        true => data.hold_out(Rng::derive(cx.seed, &[li as u64, 5]).next_u64()),
+        false => (data, 0),
+    };
+    let fit_n = rows - held;
     let t_collect = start.elapsed().as_secs_f64();
     let sp = split(p, &data, o);
     let (sub, c_n) = (sp.sub, sp.lookups());
@@ -303,7 +370,9 @@ pub fn fit_layer(p: &Plan, data: Data, o: &Options, cx: &mut PassCx, li: usize, 
     });
     let fit_rows = mapped.as_ref().unwrap_or(&xs);
     // 1. codebooks
-    let (mut enc, protos, few) = fit_codebooks(fit_rows, sub, k, sp.encoder, &sp.metrics, o, cx.seed, li);
+    let fit_n_enc = fit_n * (sp.enc_rows / rows.max(1));
+    let fit_prefix: Vec<&[f32]> = fit_rows.iter().map(|x| &x[..fit_n_enc * sub.s]).collect();
+    let (mut enc, protos, few) = fit_codebooks(&fit_prefix, sub, k, sp.encoder, &sp.metrics, o, cx.seed, li);
     if !few.is_empty() {
         cx.notes.push(format!(
             "lut: {}: {} codebook(s) had fewer distinct calibration rows than k={k} (codebook:distinct {})",
@@ -314,12 +383,12 @@ pub fn fit_layer(p: &Plan, data: Data, o: &Options, cx: &mut PassCx, li: usize, 
     }
     let t_learn = start.elapsed().as_secs_f64();
     // 2. tables `[c][k][m]`: prototype · W, then ridge refit against the exact outputs
-    let mut t_ckm = start_tables(p, &sp, &enc, &protos, &data, o);
+    let (mut t_ckm, ridge) = start_tables(p, &sp, &enc, &protos, &data, fit_n, o);
     let t_refit = start.elapsed().as_secs_f64();
     // 3. gradient learning against the layer's output or its block's end
     let learn = (o.learn != LearnMode::None).then(|| {
         let seed = Rng::derive(cx.seed, &[li as u64, 3]).next_u64();
-        learn_layer(&sp, fit_rows, &data, o, m, &mut enc, &mut t_ckm, seed)
+        learn_layer(&sp, fit_rows, &data, held, o, m, &mut enc, &mut t_ckm, seed)
     });
     // 4. quantize, and measure the layer output on its calibration rows
     let t_cmk = transpose_blocks(&t_ckm, c_n, k, m);
@@ -355,6 +424,8 @@ pub fn fit_layer(p: &Plan, data: Data, o: &Options, cx: &mut PassCx, li: usize, 
         encoder: sp.encoder,
         act_scale: sp.act_scale,
         rows,
+        rows_held_out: held,
+        ridge,
         output_rel_error: rel,
         output_cosine: cos,
         table_quant_rel_error: qerr,
@@ -388,8 +459,17 @@ pub fn fit_layer(p: &Plan, data: Data, o: &Options, cx: &mut PassCx, li: usize, 
 
 /// The tables `[c][k][m]` the layer starts from: each prototype (`protos`: the subvectors'
 /// prototypes) times the weight rows it meets, refit by ridge least squares against the exact
-/// outputs when asked (on the codes of `enc`).
-fn start_tables(p: &Plan, sp: &Split, enc: &Encoding, protos: &[f32], data: &Data, o: &Options) -> Vec<f32> {
+/// outputs of the first `fit_n` rows when asked (on the codes of `enc`), at the ridge strength
+/// (returned) that does best on the rows after them ([`Options::ridge_steps`]).
+fn start_tables(
+    p: &Plan,
+    sp: &Split,
+    enc: &Encoding,
+    protos: &[f32],
+    data: &Data,
+    fit_n: usize,
+    o: &Options,
+) -> (Vec<f32>, f32) {
     let (d, m, k, s) = (data.d, p.m, o.k, sp.sub.s);
     let plain = match p.pixel {
         // every tap's codebooks are the pixel codebooks, over the weight rows in tap-major order
@@ -404,31 +484,48 @@ fn start_tables(p: &Plan, sp: &Split, enc: &Encoding, protos: &[f32], data: &Dat
     };
     let c_n = sp.lookups();
     let mut t_ckm = transpose_blocks(&plain, c_n, m, k);
+    let mut ridge = o.ridge;
     if o.refit {
         let codes = sp.encode(enc, k);
-        refit::ridge_refit(
-            &codes,
-            data.rows,
-            c_n,
-            k,
-            &data.y,
-            m,
-            o.ridge,
-            o.refit_iters,
-            &mut t_ckm,
-        );
+        let (fit_codes, fit_y) = (&codes[..fit_n * c_n], &data.y[..fit_n * m]);
+        if o.ridge_strengths() > 1 && fit_n < data.rows {
+            let lambdas: Vec<f32> = (0..o.ridge_strengths())
+                .map(|i| o.ridge * 4f32.powi(i as i32))
+                .collect();
+            let held = refit::Held {
+                codes: &codes[fit_n * c_n..],
+                y: &data.y[fit_n * m..],
+            };
+            let (i, _) = refit::ridge_refit_select(
+                fit_codes,
+                fit_n,
+                c_n,
+                k,
+                fit_y,
+                m,
+                &lambdas,
+                o.refit_iters,
+                held,
+                &mut t_ckm,
+            );
+            ridge = lambdas[i];
+        } else {
+            refit::ridge_refit(fit_codes, fit_n, c_n, k, fit_y, m, o.ridge, o.refit_iters, &mut t_ckm);
+        }
     }
-    t_ckm
+    (t_ckm, ridge)
 }
 
 /// Gradient learning of the layer's codebooks `enc` and tables `t_ckm` ([`learn`]) against its
-/// output or its block's end, from the rows the codebooks were fitted on (`fit_rows`: in their
-/// metric's space where they have one).
+/// output or its block's end, from the layer's rows (`fit_rows`: in their codebooks' metric's
+/// space where they have one): trained on the rows the codebooks and tables were fitted on,
+/// judged on the last `held` rows, held out of that fit ([`Data::hold_out`]).
 #[allow(clippy::too_many_arguments)]
 fn learn_layer(
     sp: &Split,
     fit_rows: &[Vec<f32>],
     data: &Data,
+    held: usize,
     o: &Options,
     m: usize,
     enc: &mut Encoding,
@@ -467,6 +564,7 @@ fn learn_layer(
         // final codes and the measured error are the int8 encoder's)
         act_scale: sp.act_scale.filter(|_| sp.argmin_metrics().is_empty()),
         shared: groups,
+        held_out: held,
     };
     let lo = learn::Options {
         epochs: o.epochs,
@@ -551,7 +649,7 @@ fn tap_major(w: &[f32], d: usize, taps: usize, m: usize) -> Vec<f32> {
 /// fewer distinct rows than `k`.
 #[allow(clippy::too_many_arguments)]
 fn fit_codebooks(
-    xs: &[Vec<f32>],
+    xs: &[&[f32]],
     sub: Subspaces,
     k: usize,
     encoder: Encoder,
@@ -705,7 +803,73 @@ fn transpose_blocks(t: &[f32], c: usize, rows: usize, cols: usize) -> Vec<f32> {
 
 #[cfg(test)]
 mod tests {
-    use super::int8_act_scale;
+    use super::{int8_act_scale, Data};
+    use crate::calib::learn::{RowEpilogue, RowStep};
+
+    /// Rows of 40 images (3 to 9 rows each), every value naming its row.
+    fn tagged(rows_of: &[usize]) -> Data {
+        let row_images: Vec<u32> = rows_of
+            .iter()
+            .enumerate()
+            .flat_map(|(i, &n)| vec![i as u32; n])
+            .collect();
+        let rows = row_images.len();
+        let val = |w: usize, tag: f32| -> Vec<f32> { (0..rows * w).map(|i| (i / w) as f32 + tag).collect() };
+        Data {
+            x: val(3, 0.0),
+            d: 3,
+            y: val(2, 0.25),
+            rows,
+            block: Some((
+                val(2, 0.5),
+                RowEpilogue {
+                    bias: vec![1.0, 2.0],
+                    steps: vec![RowStep::Relu, RowStep::Add(val(2, 0.75))],
+                },
+            )),
+            images: rows_of.len(),
+            resumed: 0,
+            row_images,
+        }
+    }
+
+    /// Held-out rows are whole images (about one in eight), moved after the others; every
+    /// row-wise array moves with them, the others keep their order; the same seed draws the same.
+    #[test]
+    fn held_out_rows_are_whole_images_moved_last_with_every_array() {
+        let rows_of: Vec<usize> = (0..40).map(|i| 3 + i % 7).collect();
+        let (d, held) = tagged(&rows_of).hold_out(9);
+        let n_img_held = d.row_images[d.rows - held..]
+            .iter()
+            .collect::<std::collections::BTreeSet<_>>()
+            .len();
+        assert_eq!(n_img_held, 5, "40 images: 5 held out");
+        // the row each position now holds, read from x; the others agree
+        let src: Vec<usize> = (0..d.rows).map(|r| d.x[r * 3] as usize).collect();
+        for (r, &s) in src.iter().enumerate() {
+            assert_eq!(d.x[r * 3 + 2], s as f32);
+            assert_eq!(d.y[r * 2 + 1], s as f32 + 0.25);
+            let (t, e) = d.block.as_ref().unwrap();
+            assert_eq!(t[r * 2], s as f32 + 0.5);
+            let RowStep::Add(v) = &e.steps[1] else { panic!("step") };
+            assert_eq!(v[r * 2 + 1], s as f32 + 0.75);
+        }
+        let original = tagged(&rows_of).row_images;
+        assert!(src.iter().enumerate().all(|(r, &s)| d.row_images[r] == original[s]));
+        // no image on both sides; each side in the original order
+        let (fit, hold) = src.split_at(d.rows - held);
+        let held_imgs: Vec<u32> = hold.iter().map(|&s| original[s]).collect();
+        assert!(fit.iter().all(|&s| !held_imgs.contains(&original[s])));
+        assert!(fit.windows(2).all(|w| w[0] < w[1]) && hold.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(src.len(), original.len());
+        let (again, held_again) = tagged(&rows_of).hold_out(9);
+        assert_eq!((again.x, held_again), (d.x.clone(), held));
+        assert_ne!(tagged(&rows_of).hold_out(10).0.x, d.x, "another seed, other images");
+        // fewer than 8 images: rows one by one; fewer than 16 rows: none
+        let (few, h) = tagged(&[10, 10, 10]).hold_out(1);
+        assert_eq!((h, few.rows), (3, 30));
+        assert_eq!(tagged(&[5, 5, 5]).hold_out(1).1, 0);
+    }
 
     /// The int8 encoder's scale: the 99.99th percentile over 127; none for negative or
     /// non-finite inputs, or where the scale would not be a normal float (tiny inputs).

@@ -287,6 +287,7 @@ impl Unit {
             epilogue: empty,
             act_scale: self.act_scale,
             shared: None,
+            held_out: 0,
         }
     }
 
