@@ -1407,6 +1407,49 @@ mod tests {
     /// Codebooks that share their encoder (`shared`, pixel codebooks' taps) start equal and end
     /// equal, bit for bit, while learning still lowers the error; the same start without
     /// sharing drifts apart (so the check can fail), for prototypes and tree thresholds.
+    /// With `held_out`, the last rows judge learning: the error reported before learning is
+    /// the start's error on exactly those rows (not on a random draw), and none of them is
+    /// trained on (a step on them alone would lower it).
+    #[test]
+    fn the_last_rows_are_the_held_out_ones() {
+        let (xs, target, epi, sub, m) = problem(16, 400, 3);
+        let k = 16;
+        let p = Problem {
+            xs: &xs,
+            rows: 400,
+            sub,
+            k,
+            m,
+            target: &target,
+            epilogue: &epi,
+            act_scale: None,
+            shared: None,
+            held_out: 50,
+        };
+        let mut rng = Rng::new(5);
+        let protos: Vec<f32> = (0..sub.count() * k * sub.s)
+            .map(|_| rng.next_f64() as f32 - 0.5)
+            .collect();
+        let mut enc = Encoding::Argmin { protos };
+        let mut t: Vec<f32> = (0..sub.count() * k * m)
+            .map(|_| 0.1 * (rng.next_f64() as f32 - 0.5))
+            .collect();
+        let last: Vec<usize> = (350..400).collect();
+        let first: Vec<usize> = (0..50).collect();
+        let (on_last, on_first) = (error(&p, &enc, &t, &last, None), error(&p, &enc, &t, &first, None));
+        assert_ne!(on_last, on_first);
+        let o = Options {
+            epochs: 1,
+            patience: 0,
+            lr: 0.01,
+            temperature: 1.0,
+            batch: 64,
+        };
+        let out = learn(&p, &mut enc, &mut t, &o, 1);
+        assert_eq!(out.before, on_last);
+        assert_eq!(out.steps, 350usize.div_ceil(64), "350 rows trained on");
+    }
+
     #[test]
     fn shared_codebooks_move_together() {
         let (k, rows) = (8, 1500);

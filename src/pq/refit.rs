@@ -161,7 +161,10 @@ pub fn ridge_refit_select(
             e += ((a - b) as f64).powi(2);
             n += (*b as f64).powi(2);
         }
-        let err = (e / n.max(1e-30)).sqrt();
+        // (a non-finite error ranks last)
+        let err = Some((e / n.max(1e-30)).sqrt())
+            .filter(|v| v.is_finite())
+            .unwrap_or(f64::INFINITY);
         if best.as_ref().is_none_or(|b| err < b.0) {
             best = Some((err, i, t.to_vec()));
         }
