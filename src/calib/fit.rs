@@ -70,7 +70,7 @@ impl Data {
             .filter(|&r| !held[r])
             .chain((0..rows).filter(|&r| held[r]))
             .collect();
-        let n_held = rows - held.iter().filter(|&&h| !h).count();
+        let n_held = held.iter().filter(|&&h| h).count();
         let permute = |v: &mut Vec<f32>| {
             let w = v.len() / rows;
             *v = order
@@ -806,7 +806,7 @@ mod tests {
     use super::{int8_act_scale, Data};
     use crate::calib::learn::{RowEpilogue, RowStep};
 
-    /// Rows of 40 images (3 to 9 rows each), every value naming its row.
+    /// `rows_of[i]` rows of image `i`, every value naming its row.
     fn tagged(rows_of: &[usize]) -> Data {
         let row_images: Vec<u32> = rows_of
             .iter()

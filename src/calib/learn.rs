@@ -18,11 +18,12 @@
 //!   times the mean gap between the nearest and the second nearest prototype, or the mean
 //!   distance of a row's value to its node's threshold.
 //!
-//! Some rows are held out ([`Problem::held_out`]: the `lut` pass holds out the rows of one
-//! calibration image in eight, which the codebooks and the tables' refit never saw); the
-//! parameters kept are those of the epoch (or the start) with the lowest held-out error, so
-//! learning never makes a layer worse on rows it did not fit. Results are bit-identical for the same inputs and seed at any thread count: codebooks
-//! are processed in parallel but every sum runs in a fixed order.
+//! Some rows are held out ([`Problem::held_out`]: with `lut.hold_out`, the rows of one
+//! calibration image in eight, which the codebooks and the tables' refit never saw; otherwise
+//! one row in eight of those fitted on); the parameters kept are those of the epoch (or the
+//! start) with the lowest held-out error, so learning never makes a layer worse on its
+//! held-out rows. Results are bit-identical for the same inputs and seed at any thread count:
+//! codebooks are processed in parallel but every sum runs in a fixed order.
 
 use crate::interp::kernels::elementwise::exp;
 use crate::interp::kernels::encode_i8::{quantize, valid_act_scale, Quant};
@@ -1404,12 +1405,9 @@ mod tests {
         assert_eq!(learn(&p, &mut enc, &mut t, &all, 42).steps, o.epochs * per_epoch);
     }
 
-    /// Codebooks that share their encoder (`shared`, pixel codebooks' taps) start equal and end
-    /// equal, bit for bit, while learning still lowers the error; the same start without
-    /// sharing drifts apart (so the check can fail), for prototypes and tree thresholds.
     /// With `held_out`, the last rows judge learning: the error reported before learning is
-    /// the start's error on exactly those rows (not on a random draw), and none of them is
-    /// trained on (a step on them alone would lower it).
+    /// the start's error on exactly those rows (not on a random draw), and the other rows are
+    /// the ones trained on (as many minibatch steps as they fill).
     #[test]
     fn the_last_rows_are_the_held_out_ones() {
         let (xs, target, epi, sub, m) = problem(16, 400, 3);
@@ -1450,6 +1448,9 @@ mod tests {
         assert_eq!(out.steps, 350usize.div_ceil(64), "350 rows trained on");
     }
 
+    /// Codebooks that share their encoder (`shared`, pixel codebooks' taps) start equal and end
+    /// equal, bit for bit, while learning still lowers the error; the same start without
+    /// sharing drifts apart (so the check can fail), for prototypes and tree thresholds.
     #[test]
     fn shared_codebooks_move_together() {
         let (k, rows) = (8, 1500);
