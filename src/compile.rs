@@ -64,6 +64,9 @@ pub struct Compiled {
     pub output: PathBuf,
     pub output_bytes: usize,
     pub pipeline_yaml: String,
+    /// The job's seed: with the model, the pipeline and the images, all a rerun needs to
+    /// give the same bytes.
+    pub seed: u64,
     pub report: CompileReport,
     /// Per image, of the model as loaded and as compiled.
     pub cost_before: Cost,
@@ -85,6 +88,7 @@ impl Compiled {
             "output": self.output,
             "output_bytes": self.output_bytes,
             "pipeline_yaml": self.pipeline_yaml,
+            "seed": self.seed,
             "report": self.report,
             "cost_before": self.cost_before,
             "cost_after": self.cost_after,
@@ -147,6 +151,7 @@ pub fn compile(mut job: Job, after_each: impl FnMut(&str, &Graph) -> Result<()>)
         output: job.output,
         output_bytes: bytes.len(),
         pipeline_yaml,
+        seed: job.seed,
         report,
         cost_before,
         cost_after: cost::graph_cost(&graph),

@@ -69,6 +69,8 @@ fn compile_writes_report_and_tcv_runs_in_tabconv() {
         report.to_str().unwrap(),
         "--dump-after",
         "conv-to-im2col",
+        "--seed",
+        "7",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(
@@ -83,6 +85,7 @@ fn compile_writes_report_and_tcv_runs_in_tabconv() {
         "exact passes keep the MACs"
     );
     assert_eq!(r["report"]["macs_before"], 416520);
+    assert_eq!(r["seed"], 7, "the report names the seed a rerun needs");
 
     let bin = env!("CARGO_BIN_EXE_tabconv");
     let v = Command::new(bin)

@@ -4,7 +4,7 @@
 
 use super::fact::{dims_product, Dim, Fact};
 use super::graph::Graph;
-use super::op::{Binary, Encoder, Op};
+use super::op::{Binary, Conv, Encoder, Op, PqEncode};
 use super::tensor::DType;
 use crate::error::{Error, Result};
 
@@ -153,6 +153,205 @@ fn nhwc_conv(c: &crate::ir::op::Conv, x: &Fact, w: &Fact) -> Result<Fact> {
     ))
 }
 
+/// A `Conv`'s output fact: NCHW, or channels-last with its fused bias, ReLU and residual.
+fn conv(c: &Conv, ins: &[Fact]) -> Result<Fact> {
+    need(ins, 2)?;
+    let (x, w) = (&ins[0], &ins[1]);
+    if c.nhwc {
+        let out = nhwc_conv(c, x, w)?;
+        if let Some(b) = ins.get(2) {
+            if b.rank() != 1 || b.shape[0] != out.shape[3] {
+                return err(format!(
+                    "bias {} does not fit {} output channels",
+                    b.shape_string(),
+                    out.shape[3]
+                ));
+            }
+        }
+        if let Some(r) = ins.get(3) {
+            if r.shape != out.shape {
+                return err(format!(
+                    "residual {} does not match the output {}",
+                    r.shape_string(),
+                    out.shape_string()
+                ));
+            }
+        }
+        return Ok(out);
+    }
+    if c.relu || ins.len() > 3 {
+        return err("a fused ReLU or residual needs the channels-last Conv");
+    }
+    let hw = spatial(x, "Conv")?;
+    let ws = w.concrete_shape().unwrap_or_default();
+    if ws.len() != 4 || ws.contains(&0) {
+        return err(format!(
+            "weight must be 4-D with no empty dimension, got {}",
+            w.shape_string()
+        ));
+    }
+    if [ws[2], ws[3]] != c.window.kernel {
+        return err(format!(
+            "kernel_shape {:?} does not match weight {}",
+            c.window.kernel,
+            w.shape_string()
+        ));
+    }
+    if c.group == 0 || !ws[0].is_multiple_of(c.group) {
+        return err(format!(
+            "{} output channels do not split into {} groups",
+            ws[0], c.group
+        ));
+    }
+    if let Some(b) = ins.get(2) {
+        if b.concrete_shape() != Some(vec![ws[0]]) {
+            return err(format!(
+                "bias {} does not match {} output channels",
+                b.shape_string(),
+                ws[0]
+            ));
+        }
+    }
+    let wc = (ws[1] as i64)
+        .checked_mul(c.group as i64)
+        .ok_or_else(|| Error::Other("channel count overflows".into()))?;
+    if x.shape[1] != Dim::Known(wc) {
+        return err(format!(
+            "input has {} channels but weight {} with group {} expects {wc}",
+            x.shape[1],
+            w.shape_string(),
+            c.group
+        ));
+    }
+    let g = c.window.resolve(hw)?;
+    Ok(Fact::new(
+        DType::F32,
+        vec![
+            x.shape[0],
+            w.shape[0],
+            Dim::Known(g.out[0] as i64),
+            Dim::Known(g.out[1] as i64),
+        ],
+    ))
+}
+
+/// A `PqEncode`'s codes: one per codebook (per tap and channel group for pixel codebooks) and
+/// row, after checking the encoder's parameters against the rows it reads.
+fn pq_encode(p: &PqEncode, ins: &[Fact]) -> Result<Fact> {
+    need(ins, 1)?;
+    let rows_fact;
+    let x = match &p.window {
+        Some(w) => {
+            let mut x = ins[0].clone();
+            if p.nhwc {
+                if x.rank() != 4 {
+                    return err(format!("an NHWC input must have rank 4, got {}", x.shape_string()));
+                }
+                let [n, h, w, c] = [0, 1, 2, 3].map(|i| x.shape[i]);
+                x.shape = vec![n, c, h, w];
+            }
+            rows_fact = infer_op(&Op::Im2Col(w.clone()), &[x])?.remove(0);
+            &rows_fact
+        }
+        None => &ins[0],
+    };
+    let d = x
+        .shape
+        .last()
+        .and_then(|d| d.known())
+        .ok_or_else(|| Error::Other("row length must be known".into()))?;
+    // pixel codebooks: the row of one output pixel is `taps` pixels of `d / taps` channels
+    let taps = match (&p.window, p.pixel) {
+        (Some(w), true) => (w.kernel[0] * w.kernel[1]) as i64,
+        (None, true) => return err("pixel codebooks need a window"),
+        _ => 1,
+    };
+    let c = ((d / taps) as usize).div_ceil(p.subspace.max(1)) as i64;
+    let shape_of = |i: usize| ins.get(i).and_then(|f| f.concrete_shape());
+    match p.encoder {
+        Encoder::Argmin => {
+            need(ins, 2)?;
+            match shape_of(1).as_deref() {
+                Some(&[pc, k, s]) if pc as i64 == c && s == p.subspace && (1..=256).contains(&k) => {
+                    // optional norms `[C, K]`
+                    if ins.len() > 3 {
+                        return err(format!("an argmin encoder takes at most 3 inputs, got {}", ins.len()));
+                    }
+                    match (ins.len(), shape_of(2).as_deref()) {
+                        (2, _) => {}
+                        (_, Some(&[nc, nk])) if nc as i64 == c && nk == k => {}
+                        (_, Some(other)) => return err(format!("norms must be [{c}, {k}], got {other:?}")),
+                        (_, None) => return err(format!("norms must be a [{c}, {k}] tensor of known shape")),
+                    }
+                }
+                other => {
+                    return err(format!(
+                        "prototypes must be [{c}, K≤256, {}], got {other:?}",
+                        p.subspace
+                    ))
+                }
+            }
+        }
+        Encoder::Tree => {
+            need(ins, 3)?;
+            match (shape_of(1).as_deref(), shape_of(2).as_deref()) {
+                (Some(&[dc, depth]), Some(&[tc, nodes]))
+                    if dc as i64 == c && tc as i64 == c && (1..=8).contains(&depth) && nodes == (1 << depth) - 1 => {}
+                other => {
+                    return err(format!(
+                        "tree must be split dims [{c}, depth≤8] and thresholds [{c}, 2^depth−1], got {other:?}"
+                    ))
+                }
+            }
+        }
+    }
+    let mut shape = x.shape.clone();
+    *shape.last_mut().expect("rank ≥ 1") = Dim::Known(taps * c);
+    Ok(Fact::new(DType::U8, shape))
+}
+
+/// A `LutMatMul`'s output: `M` values per row of codes, after checking tables, scale, offset
+/// and the optional residual.
+fn lut_matmul(ins: &[Fact]) -> Result<Fact> {
+    if !(4..=5).contains(&ins.len()) {
+        return err(format!("needs 4 or 5 inputs, got {}", ins.len()));
+    }
+    let (codes, t) = (&ins[0], &ins[1]);
+    if codes.dtype != DType::U8 {
+        return err(format!("codes must be u8, got {}", codes.dtype));
+    }
+    let ts = t.concrete_shape().unwrap_or_default();
+    let c = codes.shape.last().and_then(|d| d.known());
+    let ok = ts.len() == 3
+        && Some(ts[0] as i64) == c
+        && (1..=256).contains(&ts[2])
+        && matches!(t.dtype, DType::I8 | DType::F32);
+    if !ok {
+        return err(format!(
+            "tables must be i8 or f32 [C={c:?}, M, K≤256], got {}",
+            t.shape_string()
+        ));
+    }
+    for (i, what) in [(2, "scale"), (3, "offset")] {
+        if ins[i].concrete_shape() != Some(vec![ts[1]]) || ins[i].dtype != DType::F32 {
+            return err(format!("{what} must be f32 [{}], got {}", ts[1], ins[i].shape_string()));
+        }
+    }
+    let mut shape = codes.shape.clone();
+    *shape.last_mut().expect("rank ≥ 1") = Dim::Known(ts[1] as i64);
+    if let Some(r) = ins.get(4) {
+        let n = |s: &[Dim]| s.iter().map(|d| d.known()).product::<Option<i64>>();
+        if r.dtype != DType::F32 || n(&r.shape).zip(n(&shape)).is_some_and(|(a, b)| a != b) {
+            return err(format!(
+                "the residual must be f32 with as many values as the output, got {} {}",
+                r.dtype,
+                r.shape_string()
+            ));
+        }
+    }
+    Ok(Fact::new(DType::F32, shape))
+}
+
 fn same(f: &Fact) -> Fact {
     Fact::new(f.dtype, f.shape.clone())
 }
@@ -167,98 +366,20 @@ pub fn infer_op(op: &Op, ins: &[Fact]) -> Result<Vec<Fact>> {
     Ok(out)
 }
 
+fn need(ins: &[Fact], n: usize) -> Result<()> {
+    if ins.len() < n {
+        return err(format!("expects at least {n} inputs, got {}", ins.len()));
+    }
+    Ok(())
+}
+
 fn infer_op_unchecked(op: &Op, ins: &[Fact]) -> Result<Vec<Fact>> {
-    let need = |n: usize| -> Result<()> {
-        if ins.len() < n {
-            return err(format!("expects at least {n} inputs, got {}", ins.len()));
-        }
-        Ok(())
-    };
     let f = match op {
         Op::Input => return err("Input facts are declared, not inferred"),
         Op::Const(t) => Fact::of_tensor(t),
-        Op::Conv(c) => {
-            need(2)?;
-            let (x, w) = (&ins[0], &ins[1]);
-            if c.nhwc {
-                let out = nhwc_conv(c, x, w)?;
-                if let Some(b) = ins.get(2) {
-                    if b.rank() != 1 || b.shape[0] != out.shape[3] {
-                        return err(format!(
-                            "bias {} does not fit {} output channels",
-                            b.shape_string(),
-                            out.shape[3]
-                        ));
-                    }
-                }
-                if let Some(r) = ins.get(3) {
-                    if r.shape != out.shape {
-                        return err(format!(
-                            "residual {} does not match the output {}",
-                            r.shape_string(),
-                            out.shape_string()
-                        ));
-                    }
-                }
-                return Ok(vec![out]);
-            }
-            if c.relu || ins.len() > 3 {
-                return err("a fused ReLU or residual needs the channels-last Conv");
-            }
-            let hw = spatial(x, "Conv")?;
-            let ws = w.concrete_shape().unwrap_or_default();
-            if ws.len() != 4 || ws.contains(&0) {
-                return err(format!(
-                    "weight must be 4-D with no empty dimension, got {}",
-                    w.shape_string()
-                ));
-            }
-            if [ws[2], ws[3]] != c.window.kernel {
-                return err(format!(
-                    "kernel_shape {:?} does not match weight {}",
-                    c.window.kernel,
-                    w.shape_string()
-                ));
-            }
-            if c.group == 0 || !ws[0].is_multiple_of(c.group) {
-                return err(format!(
-                    "{} output channels do not split into {} groups",
-                    ws[0], c.group
-                ));
-            }
-            if let Some(b) = ins.get(2) {
-                if b.concrete_shape() != Some(vec![ws[0]]) {
-                    return err(format!(
-                        "bias {} does not match {} output channels",
-                        b.shape_string(),
-                        ws[0]
-                    ));
-                }
-            }
-            let wc = (ws[1] as i64)
-                .checked_mul(c.group as i64)
-                .ok_or_else(|| Error::Other("channel count overflows".into()))?;
-            if x.shape[1] != Dim::Known(wc) {
-                return err(format!(
-                    "input has {} channels but weight {} with group {} expects {wc}",
-                    x.shape[1],
-                    w.shape_string(),
-                    c.group
-                ));
-            }
-            let g = c.window.resolve(hw)?;
-            Fact::new(
-                DType::F32,
-                vec![
-                    x.shape[0],
-                    w.shape[0],
-                    Dim::Known(g.out[0] as i64),
-                    Dim::Known(g.out[1] as i64),
-                ],
-            )
-        }
+        Op::Conv(c) => conv(c, ins)?,
         Op::Im2Col(w) => {
-            need(1)?;
+            need(ins, 1)?;
             let x = &ins[0];
             let g = w.resolve(spatial(x, "Im2Col")?)?;
             let c = x.shape[1]
@@ -272,122 +393,10 @@ fn infer_op_unchecked(op: &Op, ins: &[Fact]) -> Result<Vec<Fact>> {
             let rows = (g.out[0] as i64).checked_mul(g.out[1] as i64).ok_or_else(overflow)?;
             Fact::new(DType::F32, vec![x.shape[0], Dim::Known(rows), Dim::Known(cols)])
         }
-        Op::PqEncode(p) => {
-            need(1)?;
-            let rows_fact;
-            let x = match &p.window {
-                Some(w) => {
-                    let mut x = ins[0].clone();
-                    if p.nhwc {
-                        if x.rank() != 4 {
-                            return err(format!("an NHWC input must have rank 4, got {}", x.shape_string()));
-                        }
-                        let [n, h, w, c] = [0, 1, 2, 3].map(|i| x.shape[i]);
-                        x.shape = vec![n, c, h, w];
-                    }
-                    rows_fact = infer_op(&Op::Im2Col(w.clone()), &[x])?.remove(0);
-                    &rows_fact
-                }
-                None => &ins[0],
-            };
-            let d = x
-                .shape
-                .last()
-                .and_then(|d| d.known())
-                .ok_or_else(|| Error::Other("row length must be known".into()))?;
-            // pixel codebooks: the row of one output pixel is `taps` pixels of `d / taps` channels
-            let taps = match (&p.window, p.pixel) {
-                (Some(w), true) => (w.kernel[0] * w.kernel[1]) as i64,
-                (None, true) => return err("pixel codebooks need a window"),
-                _ => 1,
-            };
-            let c = ((d / taps) as usize).div_ceil(p.subspace.max(1)) as i64;
-            let shape_of = |i: usize| ins.get(i).and_then(|f| f.concrete_shape());
-            match p.encoder {
-                Encoder::Argmin => {
-                    need(2)?;
-                    match shape_of(1).as_deref() {
-                        Some(&[pc, k, s]) if pc as i64 == c && s == p.subspace && (1..=256).contains(&k) => {
-                            // optional norms `[C, K]`
-                            if ins.len() > 3 {
-                                return err(format!("an argmin encoder takes at most 3 inputs, got {}", ins.len()));
-                            }
-                            match (ins.len(), shape_of(2).as_deref()) {
-                                (2, _) => {}
-                                (_, Some(&[nc, nk])) if nc as i64 == c && nk == k => {}
-                                (_, Some(other)) => return err(format!("norms must be [{c}, {k}], got {other:?}")),
-                                (_, None) => return err(format!("norms must be a [{c}, {k}] tensor of known shape")),
-                            }
-                        }
-                        other => {
-                            return err(format!(
-                                "prototypes must be [{c}, K≤256, {}], got {other:?}",
-                                p.subspace
-                            ))
-                        }
-                    }
-                }
-                Encoder::Tree => {
-                    need(3)?;
-                    match (shape_of(1).as_deref(), shape_of(2).as_deref()) {
-                        (Some(&[dc, depth]), Some(&[tc, nodes]))
-                            if dc as i64 == c
-                                && tc as i64 == c
-                                && (1..=8).contains(&depth)
-                                && nodes == (1 << depth) - 1 => {}
-                        other => {
-                            return err(format!(
-                                "tree must be split dims [{c}, depth≤8] and thresholds [{c}, 2^depth−1], got {other:?}"
-                            ))
-                        }
-                    }
-                }
-            }
-            let mut shape = x.shape.clone();
-            *shape.last_mut().expect("rank ≥ 1") = Dim::Known(taps * c);
-            Fact::new(DType::U8, shape)
-        }
-        Op::LutMatMul { .. } => {
-            if !(4..=5).contains(&ins.len()) {
-                return err(format!("needs 4 or 5 inputs, got {}", ins.len()));
-            }
-            let (codes, t) = (&ins[0], &ins[1]);
-            if codes.dtype != DType::U8 {
-                return err(format!("codes must be u8, got {}", codes.dtype));
-            }
-            let ts = t.concrete_shape().unwrap_or_default();
-            let c = codes.shape.last().and_then(|d| d.known());
-            let ok = ts.len() == 3
-                && Some(ts[0] as i64) == c
-                && (1..=256).contains(&ts[2])
-                && matches!(t.dtype, DType::I8 | DType::F32);
-            if !ok {
-                return err(format!(
-                    "tables must be i8 or f32 [C={c:?}, M, K≤256], got {}",
-                    t.shape_string()
-                ));
-            }
-            for (i, what) in [(2, "scale"), (3, "offset")] {
-                if ins[i].concrete_shape() != Some(vec![ts[1]]) || ins[i].dtype != DType::F32 {
-                    return err(format!("{what} must be f32 [{}], got {}", ts[1], ins[i].shape_string()));
-                }
-            }
-            let mut shape = codes.shape.clone();
-            *shape.last_mut().expect("rank ≥ 1") = Dim::Known(ts[1] as i64);
-            if let Some(r) = ins.get(4) {
-                let n = |s: &[Dim]| s.iter().map(|d| d.known()).product::<Option<i64>>();
-                if r.dtype != DType::F32 || n(&r.shape).zip(n(&shape)).is_some_and(|(a, b)| a != b) {
-                    return err(format!(
-                        "the residual must be f32 with as many values as the output, got {} {}",
-                        r.dtype,
-                        r.shape_string()
-                    ));
-                }
-            }
-            Fact::new(DType::F32, shape)
-        }
+        Op::PqEncode(p) => pq_encode(p, ins)?,
+        Op::LutMatMul { .. } => lut_matmul(ins)?,
         Op::BatchNorm { .. } => {
-            need(5)?;
+            need(ins, 5)?;
             let c = ins[0].shape.get(1).copied();
             for p in &ins[1..5] {
                 if p.rank() != 1 || Some(p.shape[0]) != c {
@@ -402,11 +411,11 @@ fn infer_op_unchecked(op: &Op, ins: &[Fact]) -> Result<Vec<Fact>> {
             same(&ins[0])
         }
         Op::Unary(_) => {
-            need(1)?;
+            need(ins, 1)?;
             same(&ins[0])
         }
         Op::Lrn { size, .. } => {
-            need(1)?;
+            need(ins, 1)?;
             if *size == 0 {
                 return err("size must be at least 1");
             }
@@ -419,12 +428,12 @@ fn infer_op_unchecked(op: &Op, ins: &[Fact]) -> Result<Vec<Fact>> {
             same(&ins[0])
         }
         Op::Softmax { axis, .. } => {
-            need(1)?;
+            need(ins, 1)?;
             norm_axis(*axis, ins[0].rank())?;
             same(&ins[0])
         }
         Op::Binary(b) => {
-            need(2)?;
+            need(ins, 2)?;
             if ins[0].dtype != ins[1].dtype {
                 return err(format!("operand types differ: {} vs {}", ins[0].dtype, ins[1].dtype));
             }
@@ -433,7 +442,7 @@ fn infer_op_unchecked(op: &Op, ins: &[Fact]) -> Result<Vec<Fact>> {
             f
         }
         Op::Equal => {
-            need(2)?;
+            need(ins, 2)?;
             if ins[0].dtype != ins[1].dtype {
                 return err(format!("operand types differ: {} vs {}", ins[0].dtype, ins[1].dtype));
             }
@@ -442,7 +451,7 @@ fn infer_op_unchecked(op: &Op, ins: &[Fact]) -> Result<Vec<Fact>> {
             f
         }
         Op::Where => {
-            need(3)?;
+            need(ins, 3)?;
             if ins[0].dtype != DType::Bool {
                 return err(format!("the condition must be bool, got {}", ins[0].dtype));
             }
@@ -455,7 +464,7 @@ fn infer_op_unchecked(op: &Op, ins: &[Fact]) -> Result<Vec<Fact>> {
             f
         }
         Op::Expand => {
-            need(2)?;
+            need(ins, 2)?;
             if ins[1].rank() != 1 || !matches!(ins[1].dtype, DType::I64 | DType::I32) {
                 return err(format!(
                     "the shape must be a 1-D integer tensor, got {} {}",
@@ -473,7 +482,7 @@ fn infer_op_unchecked(op: &Op, ins: &[Fact]) -> Result<Vec<Fact>> {
             Fact::new(ins[0].dtype, broadcast(&ins[0].shape, &target)?)
         }
         Op::LayerNorm { axis, .. } => {
-            need(2)?;
+            need(ins, 2)?;
             let a = norm_axis(*axis, ins[0].rank())?;
             if ins[0].dtype != DType::F32 {
                 return err(format!("expects f32, got {}", ins[0].dtype));
@@ -497,7 +506,7 @@ fn infer_op_unchecked(op: &Op, ins: &[Fact]) -> Result<Vec<Fact>> {
             same(&ins[0])
         }
         Op::Sum => {
-            need(1)?;
+            need(ins, 1)?;
             let mut shape = ins[0].shape.clone();
             for i in &ins[1..] {
                 shape = broadcast(&shape, &i.shape)?;
@@ -505,7 +514,7 @@ fn infer_op_unchecked(op: &Op, ins: &[Fact]) -> Result<Vec<Fact>> {
             Fact::new(ins[0].dtype, shape)
         }
         Op::Pool(p) if p.nhwc => {
-            need(1)?;
+            need(ins, 1)?;
             let s = &ins[0].shape;
             let hw = spatial_nhwc(&ins[0], "pooling")?;
             let g = p.window.resolve(hw)?;
@@ -515,7 +524,7 @@ fn infer_op_unchecked(op: &Op, ins: &[Fact]) -> Result<Vec<Fact>> {
             )
         }
         Op::Pool(p) => {
-            need(1)?;
+            need(ins, 1)?;
             let g = p.window.resolve(spatial(&ins[0], "pooling")?)?;
             let s = &ins[0].shape;
             Fact::new(
@@ -524,7 +533,7 @@ fn infer_op_unchecked(op: &Op, ins: &[Fact]) -> Result<Vec<Fact>> {
             )
         }
         Op::GlobalPool { .. } => {
-            need(1)?;
+            need(ins, 1)?;
             let s = &ins[0].shape;
             if s.len() < 3 {
                 return err("global pooling needs an N×C×spatial input");
@@ -540,7 +549,7 @@ fn infer_op_unchecked(op: &Op, ins: &[Fact]) -> Result<Vec<Fact>> {
             Fact::new(DType::F32, out)
         }
         Op::Concat { axis } => {
-            need(1)?;
+            need(ins, 1)?;
             let a = norm_axis(*axis, ins[0].rank())?;
             let mut shape = ins[0].shape.clone();
             for i in &ins[1..] {
@@ -566,7 +575,7 @@ fn infer_op_unchecked(op: &Op, ins: &[Fact]) -> Result<Vec<Fact>> {
             f
         }
         Op::Flatten { axis } => {
-            need(1)?;
+            need(ins, 1)?;
             let r = ins[0].rank();
             let a = if *axis < 0 {
                 (*axis + r as i64) as usize
@@ -580,7 +589,7 @@ fn infer_op_unchecked(op: &Op, ins: &[Fact]) -> Result<Vec<Fact>> {
             Fact::new(ins[0].dtype, vec![product_dim(&s[..a])?, product_dim(&s[a..])?])
         }
         Op::Reshape { allowzero } => {
-            need(2)?;
+            need(ins, 2)?;
             let target = ins[1]
                 .value
                 .clone()
@@ -592,7 +601,7 @@ fn infer_op_unchecked(op: &Op, ins: &[Fact]) -> Result<Vec<Fact>> {
             f
         }
         Op::Transpose { perm } => {
-            need(1)?;
+            need(ins, 1)?;
             let r = ins[0].rank();
             let p: Vec<usize> = perm.clone().unwrap_or_else(|| (0..r).rev().collect());
             let mut sorted = p.clone();
@@ -603,7 +612,7 @@ fn infer_op_unchecked(op: &Op, ins: &[Fact]) -> Result<Vec<Fact>> {
             Fact::new(ins[0].dtype, p.iter().map(|&i| ins[0].shape[i]).collect())
         }
         Op::Squeeze { axes } => {
-            need(1)?;
+            need(ins, 1)?;
             let s = &ins[0].shape;
             let drop: Vec<usize> = match axes {
                 Some(a) => a.iter().map(|&x| norm_axis(x, s.len())).collect::<Result<_>>()?,
@@ -626,7 +635,7 @@ fn infer_op_unchecked(op: &Op, ins: &[Fact]) -> Result<Vec<Fact>> {
             f
         }
         Op::Unsqueeze { axes } => {
-            need(1)?;
+            need(ins, 1)?;
             let r = ins[0].rank() + axes.len();
             let mut norm: Vec<usize> = axes.iter().map(|&a| norm_axis(a, r)).collect::<Result<_>>()?;
             norm.sort();
@@ -639,7 +648,7 @@ fn infer_op_unchecked(op: &Op, ins: &[Fact]) -> Result<Vec<Fact>> {
             f
         }
         Op::Gemm(g) => {
-            need(2)?;
+            need(ins, 2)?;
             let (a, b) = (&ins[0], &ins[1]);
             if a.rank() != 2 || b.rank() != 2 {
                 return err(format!(
@@ -668,11 +677,11 @@ fn infer_op_unchecked(op: &Op, ins: &[Fact]) -> Result<Vec<Fact>> {
             Fact::new(DType::F32, out)
         }
         Op::MatMul => {
-            need(2)?;
+            need(ins, 2)?;
             Fact::new(DType::F32, matmul_shape(&ins[0].shape, &ins[1].shape)?)
         }
         Op::ReduceMean { axes, keepdims } => {
-            need(1)?;
+            need(ins, 1)?;
             let s = &ins[0].shape;
             let red: Vec<usize> = match axes {
                 Some(a) => a.iter().map(|&x| norm_axis(x, s.len())).collect::<Result<_>>()?,
@@ -693,7 +702,7 @@ fn infer_op_unchecked(op: &Op, ins: &[Fact]) -> Result<Vec<Fact>> {
             Fact::new(ins[0].dtype, shape)
         }
         Op::Pad { pads, .. } => {
-            need(1)?;
+            need(ins, 1)?;
             let s = &ins[0].shape;
             if pads.len() != 2 * s.len() {
                 return err(format!("{} pads for a rank-{} input", pads.len(), s.len()));
@@ -710,7 +719,7 @@ fn infer_op_unchecked(op: &Op, ins: &[Fact]) -> Result<Vec<Fact>> {
             Fact::new(ins[0].dtype, out)
         }
         Op::Split { axis, sizes } => {
-            need(1)?;
+            need(ins, 1)?;
             if ins[0].rank() == 0 {
                 return err("cannot split a rank-0 tensor");
             }
@@ -741,7 +750,7 @@ fn infer_op_unchecked(op: &Op, ins: &[Fact]) -> Result<Vec<Fact>> {
             axes,
             steps,
         } => {
-            need(1)?;
+            need(ins, 1)?;
             let mut shape = ins[0].shape.clone();
             let mut value = ins[0].value.clone();
             for (i, &ax) in axes.iter().enumerate() {
@@ -764,7 +773,7 @@ fn infer_op_unchecked(op: &Op, ins: &[Fact]) -> Result<Vec<Fact>> {
             f
         }
         Op::Shape { start, end } => {
-            need(1)?;
+            need(ins, 1)?;
             let r = ins[0].rank() as i64;
             let clamp = |v: i64| (if v < 0 { v + r } else { v }).clamp(0, r) as usize;
             let (s, e) = (clamp(*start), clamp(end.unwrap_or(r)));
@@ -774,7 +783,7 @@ fn infer_op_unchecked(op: &Op, ins: &[Fact]) -> Result<Vec<Fact>> {
             f
         }
         Op::Gather { axis } => {
-            need(2)?;
+            need(ins, 2)?;
             let (d, idx) = (&ins[0], &ins[1]);
             if d.rank() == 0 {
                 return err("cannot gather from a rank-0 tensor");
@@ -797,7 +806,7 @@ fn infer_op_unchecked(op: &Op, ins: &[Fact]) -> Result<Vec<Fact>> {
             f
         }
         Op::Cast { to } => {
-            need(1)?;
+            need(ins, 1)?;
             let mut f = Fact::new(*to, ins[0].shape.clone());
             if *to != DType::F32 && ins[0].dtype != DType::F32 {
                 f.value = ins[0].value.clone();
@@ -805,7 +814,7 @@ fn infer_op_unchecked(op: &Op, ins: &[Fact]) -> Result<Vec<Fact>> {
             f
         }
         Op::ConstantOfShape { value } => {
-            need(1)?;
+            need(ins, 1)?;
             let shape = ins[0]
                 .value
                 .clone()
