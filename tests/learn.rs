@@ -212,11 +212,7 @@ fn learned_layers_reconstruct_their_blocks_better_and_compile_deterministically(
             >= 2
     );
     // same inputs and seed on one thread: the same model, bit for bit
-    let (g2, _) = rayon::ThreadPoolBuilder::new()
-        .num_threads(1)
-        .build()
-        .unwrap()
-        .install(|| lenet_all_lut("block", "      epochs: 4\n", &calib));
+    let (g2, _) = on_one_thread(|| lenet_all_lut("block", "      epochs: 4\n", &calib));
     assert_eq!(dump_with_hashes(&g1), dump_with_hashes(&g2));
 }
 
@@ -495,7 +491,8 @@ fn the_backward_pass_through_a_residual_network_matches_finite_differences() {
 #[test]
 fn at_64_codes_layers_choose_their_ridge_on_held_out_images() {
     let calib = npy("data/mnist_calib.npy");
-    let (g1, report) = lenet_all_lut("block", "      k: 64\n      epochs: 2\n", &calib);
+    let k64 = "      k: 64\n      epochs: 2\n";
+    let (g1, report) = lenet_all_lut("block", k64, &calib);
     let strengths = [0.1f32, 0.4, 1.6, 6.4];
     for l in &report.lut_layers {
         assert!(
@@ -519,11 +516,7 @@ fn at_64_codes_layers_choose_their_ridge_on_held_out_images() {
         "{:?}",
         report.lut_layers.iter().map(|l| l.ridge).collect::<Vec<_>>()
     );
-    let (g2, _) = rayon::ThreadPoolBuilder::new()
-        .num_threads(1)
-        .build()
-        .unwrap()
-        .install(|| lenet_all_lut("block", "      k: 64\n      epochs: 2\n", &calib));
+    let (g2, _) = on_one_thread(|| lenet_all_lut("block", k64, &calib));
     assert_eq!(dump_with_hashes(&g1), dump_with_hashes(&g2));
     let (_, off) = lenet_all_lut("none", "      k: 64\n      hold_out: false\n", &calib);
     assert!(
@@ -536,4 +529,13 @@ fn at_64_codes_layers_choose_their_ridge_on_held_out_images() {
             .map(|l| (l.rows_held_out, l.ridge))
             .collect::<Vec<_>>()
     );
+}
+
+/// `f` run on a rayon pool of one thread (determinism checks: the same model at any count).
+fn on_one_thread<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap()
+        .install(f)
 }

@@ -370,7 +370,7 @@ pub fn fit_layer(p: &Plan, data: Data, o: &Options, cx: &mut PassCx, li: usize, 
     });
     let fit_rows = mapped.as_ref().unwrap_or(&xs);
     // 1. codebooks
-    let fit_n_enc = fit_n * (sp.enc_rows / rows.max(1));
+    let fit_n_enc = fit_n * sp.taps;
     let fit_prefix: Vec<&[f32]> = fit_rows.iter().map(|x| &x[..fit_n_enc * sub.s]).collect();
     let (mut enc, protos, few) = fit_codebooks(&fit_prefix, sub, k, sp.encoder, &sp.metrics, o, cx.seed, li);
     if !few.is_empty() {
@@ -487,7 +487,14 @@ fn start_tables(
     let mut ridge = o.ridge;
     if o.refit {
         let codes = sp.encode(enc, k);
-        let (fit_codes, fit_y) = (&codes[..fit_n * c_n], &data.y[..fit_n * m]);
+        let fit = refit::Fit {
+            codes: &codes[..fit_n * c_n],
+            rows: fit_n,
+            c: c_n,
+            k,
+            y: &data.y[..fit_n * m],
+            m,
+        };
         if o.ridge_strengths() > 1 && fit_n < data.rows {
             let lambdas: Vec<f32> = (0..o.ridge_strengths())
                 .map(|i| o.ridge * 4f32.powi(i as i32))
@@ -496,21 +503,10 @@ fn start_tables(
                 codes: &codes[fit_n * c_n..],
                 y: &data.y[fit_n * m..],
             };
-            let (i, _) = refit::ridge_refit_select(
-                fit_codes,
-                fit_n,
-                c_n,
-                k,
-                fit_y,
-                m,
-                &lambdas,
-                o.refit_iters,
-                held,
-                &mut t_ckm,
-            );
+            let (i, _) = refit::ridge_refit_select(&fit, &lambdas, o.refit_iters, held, &mut t_ckm);
             ridge = lambdas[i];
         } else {
-            refit::ridge_refit(fit_codes, fit_n, c_n, k, fit_y, m, o.ridge, o.refit_iters, &mut t_ckm);
+            refit::ridge_refit(&fit, o.ridge, o.refit_iters, &mut t_ckm);
         }
     }
     (t_ckm, ridge)

@@ -100,22 +100,22 @@ fn col_dots(a: &[f32], b: &[f32], m: usize) -> Vec<f64> {
     d
 }
 
+/// The rows a refit fits: their codes (`rows × c`, codes `< k`) and the exact outputs
+/// `y` (`rows × m`).
+pub struct Fit<'a> {
+    pub codes: &'a [u8],
+    pub rows: usize,
+    pub c: usize,
+    pub k: usize,
+    pub y: &'a [f32],
+    pub m: usize,
+}
+
 /// Refit tables in place. `t` is `[(c·k)][m]` (row = codebook entry), starting at `T₀`.
 /// `lambda` is relative to the average entry frequency (`rows / k`).
-#[allow(clippy::too_many_arguments)]
-pub fn ridge_refit(
-    codes: &[u8],
-    rows: usize,
-    c: usize,
-    k: usize,
-    y: &[f32],
-    m: usize,
-    lambda: f32,
-    iters: usize,
-    t: &mut [f32],
-) {
+pub fn ridge_refit(fit: &Fit, lambda: f32, iters: usize, t: &mut [f32]) {
     let t0 = t.to_vec();
-    ridge_refit_from(codes, rows, c, k, y, m, lambda, iters, &t0, t);
+    ridge_refit_from(fit, lambda, iters, &t0, t);
 }
 
 /// The held-out rows a refit is judged on: their codes (`rows × c`) and exact outputs
@@ -123,6 +123,16 @@ pub fn ridge_refit(
 pub struct Held<'a> {
     pub codes: &'a [u8],
     pub y: &'a [f32],
+}
+
+/// Relative RMS error `‖a − b‖ / ‖b‖`.
+fn rel_error(a: &[f32], b: &[f32]) -> f64 {
+    let (mut e, mut n) = (0f64, 0f64);
+    for (a, b) in a.iter().zip(b) {
+        e += ((a - b) as f64).powi(2);
+        n += (*b as f64).powi(2);
+    }
+    (e / n.max(1e-30)).sqrt()
 }
 
 /// [`ridge_refit`] at each strength of `lambdas`, strongest first, each solve after the first
@@ -134,19 +144,8 @@ pub struct Held<'a> {
 /// layers' refits fit their rows' noise unless the prior holds them (on the ResNet-18/16 at
 /// 16 384 rows, the block errors on held-out images read 1–56 % above those on the rows fitted
 /// on, median 14 %).
-#[allow(clippy::too_many_arguments)]
-pub fn ridge_refit_select(
-    codes: &[u8],
-    rows: usize,
-    c: usize,
-    k: usize,
-    y: &[f32],
-    m: usize,
-    lambdas: &[f32],
-    iters: usize,
-    held: Held,
-    t: &mut [f32],
-) -> (usize, f64) {
+pub fn ridge_refit_select(fit: &Fit, lambdas: &[f32], iters: usize, held: Held, t: &mut [f32]) -> (usize, f64) {
+    let (c, k, m) = (fit.c, fit.k, fit.m);
     let prior = t.to_vec();
     let n_held = held.y.len() / m.max(1);
     let mut out = vec![0f32; n_held * m];
@@ -154,15 +153,10 @@ pub fn ridge_refit_select(
     let mut order: Vec<usize> = (0..lambdas.len()).collect();
     order.sort_by(|&a, &b| lambdas[b].total_cmp(&lambdas[a]));
     for i in order {
-        ridge_refit_from(codes, rows, c, k, y, m, lambdas[i], iters, &prior, t);
+        ridge_refit_from(fit, lambdas[i], iters, &prior, t);
         a_times(held.codes, c, k, t, m, &mut out);
-        let (mut e, mut n) = (0f64, 0f64);
-        for (a, b) in out.iter().zip(held.y) {
-            e += ((a - b) as f64).powi(2);
-            n += (*b as f64).powi(2);
-        }
         // (a non-finite error ranks last)
-        let err = Some((e / n.max(1e-30)).sqrt())
+        let err = Some(rel_error(&out, held.y))
             .filter(|v| v.is_finite())
             .unwrap_or(f64::INFINITY);
         if best.as_ref().is_none_or(|b| err < b.0) {
@@ -179,19 +173,15 @@ pub fn ridge_refit_select(
 }
 
 /// [`ridge_refit`] towards the tables `t0`, starting from `t`'s.
-#[allow(clippy::too_many_arguments)]
-fn ridge_refit_from(
-    codes: &[u8],
-    rows: usize,
-    c: usize,
-    k: usize,
-    y: &[f32],
-    m: usize,
-    lambda: f32,
-    iters: usize,
-    t0: &[f32],
-    t: &mut [f32],
-) {
+fn ridge_refit_from(fit: &Fit, lambda: f32, iters: usize, t0: &[f32], t: &mut [f32]) {
+    let &Fit {
+        codes,
+        rows,
+        c,
+        k,
+        y,
+        m,
+    } = fit;
     let lam = lambda * rows as f32 / k as f32;
     let n = c * k * m;
     let mut at = vec![0f32; rows * m];
@@ -305,22 +295,24 @@ mod tests {
         let prior: Vec<f32> = truth.iter().map(|t| 0.7 * t).collect();
         let lambdas = [0.01, 0.1, 1.0, 10.0];
         let (fit_codes, fit_y) = (&codes[..rows * c], &y[..rows * m]);
+        let fit = Fit {
+            codes: fit_codes,
+            rows,
+            c,
+            k,
+            y: fit_y,
+            m,
+        };
         let held_err = |t: &[f32]| {
             let mut out = vec![0f32; held * m];
             a_times(&codes[rows * c..], c, k, t, m, &mut out);
-            let e: f64 = out
-                .iter()
-                .zip(&y[rows * m..])
-                .map(|(a, b)| ((a - b) as f64).powi(2))
-                .sum();
-            let n: f64 = y[rows * m..].iter().map(|b| (*b as f64).powi(2)).sum();
-            (e / n).sqrt()
+            rel_error(&out, &y[rows * m..])
         };
         let alone: Vec<f64> = lambdas
             .iter()
             .map(|&l| {
                 let mut t = prior.clone();
-                ridge_refit(fit_codes, rows, c, k, fit_y, m, l, 20, &mut t);
+                ridge_refit(&fit, l, 20, &mut t);
                 held_err(&t)
             })
             .collect();
@@ -329,7 +321,7 @@ mod tests {
             codes: &codes[rows * c..],
             y: &y[rows * m..],
         };
-        let (i, err) = ridge_refit_select(fit_codes, rows, c, k, fit_y, m, &lambdas, 20, h, &mut t);
+        let (i, err) = ridge_refit_select(&fit, &lambdas, 20, h, &mut t);
         assert!(
             (held_err(&t) - err).abs() < 1e-9,
             "the tables kept are the ones measured"
@@ -354,7 +346,15 @@ mod tests {
         let mut y = vec![0f32; rows * m];
         a_times(&codes, c, k, &truth, m, &mut y);
         let mut t = vec![0f32; c * k * m];
-        ridge_refit(&codes, rows, c, k, &y, m, 1e-6, 60, &mut t);
+        let fit = Fit {
+            codes: &codes,
+            rows,
+            c,
+            k,
+            y: &y,
+            m,
+        };
+        ridge_refit(&fit, 1e-6, 60, &mut t);
         let mut fit = vec![0f32; rows * m];
         a_times(&codes, c, k, &t, m, &mut fit);
         let err: f32 = fit.iter().zip(&y).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
