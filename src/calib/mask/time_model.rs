@@ -68,13 +68,14 @@ pub struct TimeModel {
     /// `vpermi2b` and row-wise kernels; other K, e.g. 64, the row-wise kernel: NIN's layers at
     /// K = 64, batch 64, ran at about 24 G lookups/s on Zen 4, 2.3–3.2 of that machine's exact
     /// multiply-adds per lookup, within this price). CPUs with AVX-512 VBMI and VNNI run K = 64
-    /// in a shuffle kernel 1–2.4× faster than row-wise; the price stays the portable kernel's
-    /// (conservative there: it restores more layers than the time would).
+    /// and 128 in a shuffle kernel 1–2.4× faster than row-wise; the price stays the portable
+    /// kernel's (conservative there: it restores more layers than the time would).
     pub lookup_k256: f64,
     /// A lookup-add of the scalar kernel: more than 16 prototypes (but not 256) and fewer than
-    /// 16 outputs, where neither the row-wise kernel's vectors nor a shuffle kernel apply
-    /// (`lut_throughput` on Zen 4: 3.3 G lookups/s, where direct convolutions run at 55–78 G
-    /// multiply-adds/s).
+    /// 16 outputs, where neither the row-wise kernel's vectors nor, on most CPUs, a shuffle
+    /// kernel apply (AVX-512 VBMI and VNNI CPUs run 64 and 128 in one: the price stays the
+    /// portable kernel's; `lut_throughput` on Zen 4: 3.3 G lookups/s, where direct convolutions
+    /// run at 55–78 G multiply-adds/s).
     pub lookup_scalar: f64,
     /// An output value of the lookups (rows × outputs).
     pub output: f64,

@@ -30,10 +30,16 @@
 //!   `i`'s two codes, the second plus 64) and the two codebooks' 64-entry tables for one output
 //!   two more: one `vpermi2b` looks up 64 entries, `vpmaddubsw` (ones × entries) adds each
 //!   row's two into a 16-bit lane and `vpaddw` accumulates (widened to i32 every 254
-//!   codebooks). Measured (Zen 4, one thread, `lut_throughput`, two runs): 60–64 G lookups/s
-//!   at c = m = 64 like the row-wise kernel, 27–41 against 21–31 G at c = 48, m = 16; the
-//!   lookups of ResNet-18/16 over 3-value codebooks at batch 64 took 16–19 ms against 39 ms
-//!   row-wise.
+//!   codebooks). Measured with 8 outputs of one block of rows per register tile (Zen 4, one
+//!   thread, `lut_throughput`, two runs): 60–64 G lookups/s at c = m = 64 like the row-wise
+//!   kernel, 27–41 against 21–31 G at c = 48, m = 16; the lookups of ResNet-18/16 over
+//!   3-value codebooks at batch 64 took 16–19 ms against 39 ms row-wise. Since, calls of more
+//!   than one block take 4 outputs of two blocks per tile, sharing each load of the tables.
+//! - `Vnni` at `k == 128`: the same pairs of codebooks, but each codebook's 128-entry table
+//!   fills the two registers of a `vpermi2b`: two merge-masked `vpermi2b` per 32 rows look up
+//!   the first codebook into the even bytes and the second into the odd ones, then as at 64
+//!   codes. ResNet-18/16 at 128 codes, batch 64, one thread (Zen 5, the host busy): lookups
+//!   25–28 ms against 37–50 ms row-wise.
 //! - `Avx512` at `k == 256`, when the CPU has AVX-512 VBMI: two merge-masked `vpermi2b` look up 64
 //!   codes in a 256-entry table held in four registers, the pairs summed as above (`lut_k256.rs`).
 //!   `Vnni` runs it too at `k == 256`; `Avx2` falls back to `Scalar`.
@@ -93,8 +99,8 @@ pub enum LutKernel {
     /// AVX-512 VBMI + VNNI, `k == 16`: `vpermb` looks up 16 rows × 4 codebooks in one
     /// 64-entry register (the 4 codebooks' tables of one output) and `vpdpbusd` adds the 4
     /// codebooks of each row straight into i32; `k == 64`: `vpermi2b` looks up 32 rows × 2
-    /// codebooks in their 128 entries, `vpmaddubsw` adds each row's two; `k == 256` as
-    /// [`LutKernel::Avx512`].
+    /// codebooks in their 128 entries, `vpmaddubsw` adds each row's two; `k == 128`: two
+    /// merge-masked `vpermi2b`, one per codebook; `k == 256` as [`LutKernel::Avx512`].
     Vnni,
 }
 
@@ -180,7 +186,7 @@ pub fn lut_i8(codes: &[u8], rows: usize, c: usize, tables: &[i8], m: usize, k: u
 }
 
 /// int8 tables → exact i32 sums with an explicit kernel. The SIMD kernels need `k == 16` (and
-/// `Vnni` also `k == 64`, `Avx512` with VBMI `k == 256`); for any other `k` they fall back to
+/// `Vnni` also `k == 64` and `128`, `Avx512` with VBMI `k == 256`); for any other `k` they fall back to
 /// `Scalar`. Panics if `kernel` is not supported by this CPU (pick it
 /// from [`LutKernel::available`]) or a code is `>= k`.
 #[allow(clippy::too_many_arguments)]
@@ -450,7 +456,7 @@ impl<'a> Call<'a> {
         let kernel = match k {
             16 => kernel,
             #[cfg(target_arch = "x86_64")]
-            64 if kernel == LutKernel::Vnni => kernel,
+            64 | 128 if kernel == LutKernel::Vnni => kernel,
             #[cfg(target_arch = "x86_64")]
             256 if kernel == LutKernel::Vnni => LutKernel::Avx512,
             #[cfg(target_arch = "x86_64")]
@@ -514,9 +520,9 @@ impl<'a> Call<'a> {
     }
 
     /// Whether [`Call::block_cols`] takes column ranges other than all outputs (the SIMD
-    /// kernels at 16 and 64 codes; ranges start at multiples of 16).
+    /// kernels at 16, 64 and 128 codes; ranges start at multiples of 16).
     fn takes_col_ranges(&self) -> bool {
-        self.kernel != LutKernel::Scalar && (self.k == 16 || self.k == 64)
+        self.kernel != LutKernel::Scalar && matches!(self.k, 16 | 64 | 128)
     }
 
     /// Whether `rows` rows are better split across threads by outputs than by rows: with more
@@ -591,10 +597,11 @@ impl<'a> Call<'a> {
 
 /// `[c][m][k]` tables → the VNNI kernel's layout. At 16 codes `[⌈c/4⌉][m][4][16]`: the tables
 /// of four consecutive codebooks of one output side by side, one 64-byte `vpermb` register. At
-/// 64 codes `[⌈c/2⌉][m][2][64]`: two codebooks' tables, the 128 entries one `vpermi2b` reads.
-/// Codebooks past `c`: zeros.
+/// 64 codes `[⌈c/2⌉][m][2][64]`: two codebooks' tables, the 128 entries one `vpermi2b` reads;
+/// at 128 codes `[⌈c/2⌉][m][2][128]`, one `vpermi2b`'s entries per codebook. Codebooks past
+/// `c`: zeros.
 pub fn quad_tables(tables: &[i8], c: usize, m: usize, k: usize) -> Vec<i8> {
-    assert!(k == 16 || k == 64, "VNNI tables of {k} codes");
+    assert!(matches!(k, 16 | 64 | 128), "VNNI tables of {k} codes");
     assert_eq!(Some(tables.len()), c.checked_mul(m).and_then(|x| x.checked_mul(k)));
     let per = vnni_group(k);
     let mut q = vec![0i8; vnni_tables_len(c, m, k)];
@@ -608,7 +615,7 @@ pub fn quad_tables(tables: &[i8], c: usize, m: usize, k: usize) -> Vec<i8> {
 }
 
 /// Codebooks whose tables one shuffle of the VNNI kernel reads: 4 at 16 codes (`vpermb`), 2 at
-/// 64 (`vpermi2b`).
+/// 64 (`vpermi2b`); at 128 the two codebooks a pair of merge-masked `vpermi2b` reads.
 fn vnni_group(k: usize) -> usize {
     if k == 16 {
         4
@@ -624,7 +631,7 @@ fn vnni_tables_len(c: usize, m: usize, k: usize) -> usize {
 
 /// Whether [`lut_i8_then`] at `k` runs the VNNI kernel, which reads [`quad_tables`].
 pub fn wants_quads(k: usize) -> bool {
-    (k == 16 || k == 64) && LutKernel::detect() == LutKernel::Vnni
+    matches!(k, 16 | 64 | 128) && LutKernel::detect() == LutKernel::Vnni
 }
 
 /// `[c][m][k]` tables → `[c][k][m]`, each entry stored as `entry + 128` (`u8`): the layout of
@@ -730,9 +737,8 @@ const ROWWISE_PAR_ROWS: usize = 64;
 ///   scalar one. Below 16 outputs the row-wise kernel is scalar (2 G at m = 8) and the VBMI
 ///   kernel wins (12 G);
 /// - for any other `k` but 16 (e.g. `lut.k = 64`: 64 codes, the tree encoder of depth 6) when
-///   `m ≥ 16`, except `k = 64` on a CPU with the VNNI kernel: no other shuffle kernel takes it,
-///   and the scalar kernel gathers every entry. Measured
-///   on Zen 4 (`lut_throughput`, c = m = 64, one thread) at `k = 64`: 64 G lookups/s row-wise
+///   `m ≥ 16` (no other shuffle kernel takes it), except `k = 64` and `128` on a CPU with the
+///   VNNI kernel. The scalar kernel gathers every entry: measured on Zen 4 (`lut_throughput`, c = m = 64, one thread) at `k = 64`: 64 G lookups/s row-wise
 ///   at AVX-512 and 61 G at AVX2 against 3.3 G for the scalar kernel (at `k = 16` the VNNI
 ///   kernel does 101 G); NIN every layer as lookups at K = 64, batch 64: its lookups took
 ///   8.7 ms against 3.2 ms at K = 16, the whole model 15.7 against 9.4 ms (1.19× and 1.98×
@@ -752,17 +758,17 @@ pub fn prefer_rowwise(rows: usize, k: usize, m: usize) -> bool {
     #[cfg(not(target_arch = "x86_64"))]
     let vbmi = false;
     // and k = 16 from 16 outputs where AVX2 is the best
-    let vnni64 = k == 64 && best == LutKernel::Vnni;
+    let vnni = matches!(k, 64 | 128) && best == LutKernel::Vnni;
     rows <= ROWWISE_MAX_ROWS
         || (k == 256 && !vbmi)
-        || (rowwise_by_shape(k, m) && !vnni64)
+        || (rowwise_by_shape(k, m) && !vnni)
         || (m >= 16 && best == LutKernel::Avx2)
 }
 
 /// The part of [`prefer_rowwise`] that depends on the layer's shape alone (not on the CPU or
 /// the batch), which `mask`'s time model prices by: from 16 outputs, every `k` but 16 (256
-/// included). At `k = 64` a CPU with the VNNI kernel runs that instead (faster: the time model
-/// prices the portable choice).
+/// included). At `k = 64` and `128` a CPU with the VNNI kernel runs that instead (faster: the
+/// time model prices the portable choice).
 pub fn rowwise_by_shape(k: usize, m: usize) -> bool {
     m >= 16 && k != 16
 }
@@ -1301,7 +1307,7 @@ mod k256;
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    //! `k == 16` shuffle kernels (and the VNNI kernel's `k == 64` form, [`pair_block`]).
+    //! `k == 16` shuffle kernels (and the VNNI kernel's `k == 64` and `128` forms, [`pair_block`]).
     //!
     //! Packed layout of a block of `R` rows (R = 32 for AVX2, 64 for AVX-512): for every codebook
     //! pair `j` (codebooks `2j`, `2j+1`), `R` bytes; byte `b` holds a code of codebook `2j` in its
@@ -1928,14 +1934,29 @@ mod x86 {
     /// Outputs per register tile of the VNNI kernel: 6 × 4 i32 accumulators, 4 code registers,
     /// the table register and the ones.
     const QNB: usize = 6;
-    /// The same at 64 codes ([`pair_block`]): 8 × 2 accumulators of 16-bit sums, 2 code and 2
-    /// table registers, the ones.
-    const QNB64: usize = 8;
+    /// The same at 64 codes ([`pair_block`]) when a call has two blocks of rows or more, taken
+    /// two at a time: 4 × 4 accumulators of 16-bit sums, 4 code and 2 table registers, the
+    /// ones. Measured on ResNet-18/16 at 64 codes, batch 64, one thread (Zen 5, the host
+    /// busy): lookups 13.9–17.2 ms against 15.4–18.4 with [`QNB_ONE`], NIN's 3.7–4.8 against
+    /// 4.3–5.2.
+    const QNB64: usize = 4;
+    /// The same at 128 codes: 2 × 4 accumulators, 4 code and 4 table registers, the ones.
+    /// Measured on ResNet-18/16 at 128 codes, batch 64, one thread (Zen 5, the host busy):
+    /// lookups 25–28 ms against 35–40 with [`QNB_ONE`], 37–50 row-wise.
+    const QNB128: usize = 2;
+    /// Outputs per register tile of [`pair_block`] when a call has one block of rows (few rows,
+    /// or outputs split across threads), at 64 and 128 codes: the tables are read once per call
+    /// anyway, and wider tiles read the codes fewer times (8 × 2 accumulators, 2 code and up to
+    /// 4 table registers, the ones).
+    const QNB_ONE: usize = 8;
+    /// Codebook `4g + j`'s code at 128 codes: as it is (each codebook has its own pair of
+    /// registers).
+    const OFFSETS128: i32 = 0;
 
     /// Packs a block of `nb <= 64` rows (`codes`: `nb × c`) for [`quad_block`] and
     /// [`pair_block`] (after [`quads_to_pairs`]): per group `g` of four codebooks, 256 bytes, row `r`'s four codes at
     /// bytes `4r .. 4r + 4`, codebook `4g + j` ORed with byte `j` of `offsets` (its table's place
-    /// among the registers a shuffle reads: [`OFFSETS16`], [`OFFSETS64`]). Missing rows and
+    /// among the registers a shuffle reads: [`OFFSETS16`], [`OFFSETS64`], [`OFFSETS128`]). Missing rows and
     /// codebooks: code 0 (missing codebooks' tables are zeros; missing rows' sums are dropped).
     /// Per 16 rows and 16 groups (64 codebooks): one in-register 16×16 transpose of their
     /// 4-code words.
@@ -1980,47 +2001,84 @@ mod x86 {
     /// `vpermi2b`), as do `4g + 2` and `4g + 3`; the second one's code plus 64.
     const OFFSETS64: i32 = 0x4000_4000;
 
-    /// [`quad_block`] at 64 codes over `hp` pairs of codebooks (`packed`: per pair 128 bytes,
-    /// rows 0–31 then 32–63, row `i`'s two codes as word `i`, the second plus 64; `t`: per
-    /// output the pair's two 64-entry tables, `t_step` bytes between pairs): per 32 rows one
-    /// `vpermi2b` looks up both codebooks of every row in their 128 entries, `vpmaddubsw`
-    /// (ones × entries) adds each row's two into a 16-bit lane, `vpaddw` accumulates — 64
-    /// lookups per shuffle, every byte used. At most [`PAIRS_PER_FLUSH`] pairs are summed in 16
-    /// bits (|Σ| ≤ 127 · 256 < 2¹⁵) before they are widened into `acc` (`[NB][64]` i32): exact.
+    /// [`quad_block`] at `K` = 64 or 128 codes over `hp` pairs of codebooks (`packed`: per
+    /// pair 128 bytes, rows 0–31 then 32–63, row `i`'s two codes as word `i`, at 64 codes the
+    /// second plus 64; `t`: per output the pair's two `K`-entry tables, `t_step` bytes between
+    /// pairs). At 64 codes, per 32 rows one `vpermi2b` looks up both codebooks of every row in
+    /// their 128 entries — 64 lookups per shuffle, every byte used. At 128 codes each
+    /// codebook's table fills the two registers a `vpermi2b` reads: one looks up the first
+    /// codebook into the even bytes (merge-masked, the odd bytes keep their codes), a second the
+    /// other codebook into the odd bytes. Then `vpmaddubsw` (ones × entries) adds each row's
+    /// two into a 16-bit lane and `vpaddw` accumulates. At most [`PAIRS_PER_FLUSH`] pairs are
+    /// summed in 16 bits (|Σ| ≤ 127 · 256 < 2¹⁵) before they are widened into `acc`
+    /// (`[NB][64]` i32 per block): exact. `B` (1 or 2) blocks of 64 rows share each load of
+    /// the tables, which a block reads whole (`K / 64` bytes per lookup): two halve that
+    /// traffic, which bounds the kernel once the tables outgrow L1.
     ///
     /// # Safety
-    /// AVX-512F/BW, VBMI; `packed` holds at least `hp · 128` bytes and `t + h·t_step + 128·NB`
-    /// is readable for every `h < hp`.
+    /// AVX-512F/BW, VBMI; every block of `packed` holds at least `hp · 128` bytes and
+    /// `t + h·t_step + 2·K·NB` is readable for every `h < hp` (codes `≥ K` would read the wrong
+    /// entries, never out of bounds).
     #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vbmi")]
-    unsafe fn pair_block<const NB: usize>(packed: &[u8], hp: usize, t: *const i8, t_step: usize, acc: &mut [i32]) {
-        assert!(packed.len() >= hp * 128 && acc.len() == NB * QR);
+    unsafe fn pair_block<const NB: usize, const K: usize, const B: usize>(
+        packed: [&[u8]; B],
+        hp: usize,
+        t: *const i8,
+        t_step: usize,
+        acc: [&mut [i32]; B],
+    ) {
+        const EVEN: __mmask64 = 0x5555_5555_5555_5555;
+        assert!((K == 64 || K == 128) && (B == 1 || B == 2));
+        assert!(packed.iter().all(|p| p.len() >= hp * 128) && acc.iter().all(|a| a.len() == NB * QR));
         let ones = _mm512_set1_epi8(1);
-        let p = packed.as_ptr();
-        acc.fill(0);
+        let mut acc = acc;
+        acc.iter_mut().for_each(|a| a.fill(0));
         for h0 in (0..hp).step_by(PAIRS_PER_FLUSH) {
-            let mut a = [[_mm512_setzero_si512(); 2]; NB];
+            // a[n][2b + half]: output n, block b, rows 32·half .. 32·half + 32
+            let mut a = [[_mm512_setzero_si512(); 4]; NB];
             for h in h0..(h0 + PAIRS_PER_FLUSH).min(hp) {
-                // SAFETY: h < hp and packed holds hp · 128 bytes; the caller guarantees the tables.
+                // SAFETY: h < hp and every packed block holds hp · 128 bytes; the caller
+                // guarantees the tables.
                 unsafe {
-                    let x: [__m512i; 2] = std::array::from_fn(|i| _mm512_loadu_si512(p.add(h * 128 + i * 64).cast()));
+                    let x: [__m512i; 4] = std::array::from_fn(|i| {
+                        if i < 2 * B {
+                            _mm512_loadu_si512(packed[i / 2].as_ptr().add(h * 128 + (i % 2) * 64).cast())
+                        } else {
+                            _mm512_setzero_si512()
+                        }
+                    });
                     let th = t.add(h * t_step);
                     for (n, an) in a.iter_mut().enumerate() {
-                        let lo = _mm512_loadu_si512(th.add(128 * n).cast());
-                        let up = _mm512_loadu_si512(th.add(128 * n + 64).cast());
-                        for (v, x) in an.iter_mut().zip(x) {
-                            let e = _mm512_permutex2var_epi8(lo, x, up);
+                        let tn = th.add(2 * K * n);
+                        let r: [__m512i; 4] = std::array::from_fn(|i| {
+                            if i < 2 * K / 64 {
+                                _mm512_loadu_si512(tn.add(64 * i).cast())
+                            } else {
+                                _mm512_setzero_si512()
+                            }
+                        });
+                        for (v, x) in an.iter_mut().zip(x).take(2 * B) {
+                            let e = if K == 64 {
+                                _mm512_permutex2var_epi8(r[0], x, r[1])
+                            } else {
+                                // mask2: the bytes outside the mask keep idx's (Intel's
+                                // definition; not `a`'s, as Rust's doc says)
+                                let e = _mm512_mask2_permutex2var_epi8(r[0], x, EVEN, r[1]);
+                                _mm512_mask2_permutex2var_epi8(r[2], e, !EVEN, r[3])
+                            };
                             *v = _mm512_add_epi16(*v, _mm512_maddubs_epi16(ones, e));
                         }
                     }
                 }
             }
             for (n, an) in a.iter().enumerate() {
-                for (half, v) in an.iter().enumerate() {
+                for (i2, v) in an.iter().enumerate().take(2 * B) {
+                    let (b, half) = (i2 / 2, i2 % 2);
                     let words = [_mm512_castsi512_si256(*v), _mm512_extracti64x4_epi64::<1>(*v)];
                     for (i, w) in words.into_iter().enumerate() {
-                        // SAFETY: acc holds NB · 64 i32.
+                        // SAFETY: acc[b] holds NB · 64 i32.
                         unsafe {
-                            let d = acc.as_mut_ptr().add(n * QR + half * 32 + i * 16).cast::<__m512i>();
+                            let d = acc[b].as_mut_ptr().add(n * QR + half * 32 + i * 16).cast::<__m512i>();
                             _mm512_storeu_si512(d, _mm512_add_epi32(_mm512_loadu_si512(d), _mm512_cvtepi16_epi32(w)));
                         }
                     }
@@ -2034,7 +2092,7 @@ mod x86 {
     // a pair's sum lies in [−256, 254]: PAIRS_PER_FLUSH of them fit an i16
     const _: () = assert!(PAIRS_PER_FLUSH * 256 <= i16::MAX as usize);
 
-    /// Rewrites blocks packed by [`pack_quads`] with [`OFFSETS64`] (per group of four
+    /// Rewrites blocks packed by [`pack_quads`] with [`OFFSETS64`] or [`OFFSETS128`] (per group of four
     /// codebooks, 16 rows × 4 codes per register) into [`pair_block`]'s layout: per group the
     /// first pair's rows 0–31 and 32–63, then the second pair's (one 16-bit two-register
     /// permute per 32 rows and pair).
@@ -2097,8 +2155,9 @@ mod x86 {
     }
 
     /// VNNI kernel over `nr` rows and outputs `cols` (`codes`: `nr × c`, `quads`: the
-    /// [`super::quad_tables`], `out`: `nr × cols.len()`): exact i32 sums (each `vpdpbusd` adds
-    /// four table entries to a 32-bit lane; |sum| ≤ 128·c fits, `Call::new` checks `c`).
+    /// [`super::quad_tables`], `out`: `nr × cols.len()`): exact i32 sums (at 16 codes each
+    /// `vpdpbusd` adds four table entries to a 32-bit lane, at 64 and 128 [`pair_block`] widens
+    /// its 16-bit sums; |sum| ≤ 128·c fits, `Call::new` checks `c`).
     ///
     /// # Safety
     /// The CPU must support AVX2, AVX-512F/BW, VBMI and VNNI.
@@ -2167,7 +2226,7 @@ mod x86 {
         cols: Range<usize>,
         s: &mut Scratch,
     ) {
-        assert!(k == 16 || k == 64, "the VNNI kernel takes 16 or 64 codes");
+        assert!(matches!(k, 16 | 64 | 128), "the VNNI kernel takes 16, 64 or 128 codes");
         super::check_codes(codes, k);
         let (q, mw) = (c.div_ceil(4), cols.len());
         assert!(codes.len() == nr * c && quads.len() == super::vnni_tables_len(c, m, k) && cols.end <= m);
@@ -2175,51 +2234,104 @@ mod x86 {
         let Scratch { acc, packed, .. } = s;
         // every byte is overwritten by `pack_quads`
         packed.resize(nsb * q * 256, 0);
-        let offsets = if k == 16 { OFFSETS16 } else { OFFSETS64 };
+        let offsets = match k {
+            16 => OFFSETS16,
+            64 => OFFSETS64,
+            _ => OFFSETS128,
+        };
         for (sb, dst) in packed.chunks_exact_mut(q * 256).take(nsb).enumerate() {
             let nb = (nr - sb * QR).min(QR);
             // SAFETY: the caller guarantees AVX-512F/BW.
             unsafe { pack_quads(&codes[sb * QR * c..(sb * QR + nb) * c], nb, c, offsets, dst) };
         }
-        if k == 64 {
+        if k != 16 {
             // SAFETY: the caller guarantees AVX-512F/BW.
             unsafe { quads_to_pairs(packed) };
         }
         // every value is overwritten by `quad_block` (`pair_block`)
         acc.resize(nsb * mw * QR, 0);
         let (hp, per) = (c.div_ceil(2), super::vnni_group(k));
-        let (step, tile) = (m * per * k, if k == 16 { QNB } else { QNB64 });
+        let tile = match k {
+            16 => QNB,
+            _ if nsb == 1 => QNB_ONE,
+            64 => QNB64,
+            _ => QNB128,
+        };
+        let step = m * per * k;
         for mi0 in cols.clone().step_by(tile) {
             let (nbo, a0) = ((cols.end - mi0).min(tile), mi0 - cols.start);
             let t = quads[mi0 * per * k..].as_ptr();
-            for (packed, acc) in packed
+            let mut blocks = packed
                 .chunks_exact(q * 256)
                 .zip(acc.chunks_exact_mut(mw * QR))
                 .take(nsb)
-            {
-                let acc = &mut acc[a0 * QR..(a0 + nbo) * QR];
-                // SAFETY: the caller guarantees the instruction sets; group g of outputs
-                // mi0 .. mi0 + nbo is at (g·m + mi0)·per·k (per: codebooks per group), within
-                // quads.
-                unsafe {
-                    match (k, nbo) {
-                        (16, 6) => quad_block::<6>(packed, q, t, step, acc),
-                        (16, 5) => quad_block::<5>(packed, q, t, step, acc),
-                        (16, 4) => quad_block::<4>(packed, q, t, step, acc),
-                        (16, 3) => quad_block::<3>(packed, q, t, step, acc),
-                        (16, 2) => quad_block::<2>(packed, q, t, step, acc),
-                        (16, 1) => quad_block::<1>(packed, q, t, step, acc),
-                        (_, 8) => pair_block::<8>(packed, hp, t, step, acc),
-                        (_, 7) => pair_block::<7>(packed, hp, t, step, acc),
-                        (_, 6) => pair_block::<6>(packed, hp, t, step, acc),
-                        (_, 5) => pair_block::<5>(packed, hp, t, step, acc),
-                        (_, 4) => pair_block::<4>(packed, hp, t, step, acc),
-                        (_, 3) => pair_block::<3>(packed, hp, t, step, acc),
-                        (_, 2) => pair_block::<2>(packed, hp, t, step, acc),
-                        (_, 1) => pair_block::<1>(packed, hp, t, step, acc),
-                        _ => unreachable!(),
+                .map(|(p, acc)| (p, &mut acc[a0 * QR..(a0 + nbo) * QR]));
+            if k == 16 {
+                for (packed, acc) in blocks {
+                    // SAFETY: the caller guarantees the instruction sets; group g of outputs
+                    // mi0 .. mi0 + nbo is at (g·m + mi0)·4·16, within quads.
+                    unsafe {
+                        match nbo {
+                            6 => quad_block::<6>(packed, q, t, step, acc),
+                            5 => quad_block::<5>(packed, q, t, step, acc),
+                            4 => quad_block::<4>(packed, q, t, step, acc),
+                            3 => quad_block::<3>(packed, q, t, step, acc),
+                            2 => quad_block::<2>(packed, q, t, step, acc),
+                            1 => quad_block::<1>(packed, q, t, step, acc),
+                            _ => unreachable!(),
+                        }
                     }
                 }
+                continue;
+            }
+            // two blocks at a time (a last one alone)
+            while let Some((p0, acc0)) = blocks.next() {
+                // SAFETY: the caller guarantees the instruction sets; pair h of outputs
+                // mi0 .. mi0 + nbo is at (h·m + mi0)·2·k, within quads.
+                unsafe {
+                    match blocks.next() {
+                        Some((p1, acc1)) => pair_call::<2>(k, nbo, [p0, p1], hp, t, step, [acc0, acc1]),
+                        None => pair_call::<1>(k, nbo, [p0], hp, t, step, [acc0]),
+                    }
+                }
+            }
+        }
+    }
+
+    /// [`pair_block`] at `k` codes for `nbo ≤ QNB_ONE` outputs.
+    ///
+    /// # Safety
+    /// As [`pair_block`].
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn pair_call<const B: usize>(
+        k: usize,
+        nbo: usize,
+        packed: [&[u8]; B],
+        hp: usize,
+        t: *const i8,
+        step: usize,
+        acc: [&mut [i32]; B],
+    ) {
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            match (k, nbo) {
+                (64, 8) => pair_block::<8, 64, B>(packed, hp, t, step, acc),
+                (64, 7) => pair_block::<7, 64, B>(packed, hp, t, step, acc),
+                (64, 6) => pair_block::<6, 64, B>(packed, hp, t, step, acc),
+                (64, 5) => pair_block::<5, 64, B>(packed, hp, t, step, acc),
+                (64, 4) => pair_block::<4, 64, B>(packed, hp, t, step, acc),
+                (64, 3) => pair_block::<3, 64, B>(packed, hp, t, step, acc),
+                (64, 2) => pair_block::<2, 64, B>(packed, hp, t, step, acc),
+                (64, 1) => pair_block::<1, 64, B>(packed, hp, t, step, acc),
+                (128, 8) => pair_block::<8, 128, B>(packed, hp, t, step, acc),
+                (128, 7) => pair_block::<7, 128, B>(packed, hp, t, step, acc),
+                (128, 6) => pair_block::<6, 128, B>(packed, hp, t, step, acc),
+                (128, 5) => pair_block::<5, 128, B>(packed, hp, t, step, acc),
+                (128, 4) => pair_block::<4, 128, B>(packed, hp, t, step, acc),
+                (128, 3) => pair_block::<3, 128, B>(packed, hp, t, step, acc),
+                (128, 2) => pair_block::<2, 128, B>(packed, hp, t, step, acc),
+                (128, 1) => pair_block::<1, 128, B>(packed, hp, t, step, acc),
+                _ => unreachable!(),
             }
         }
     }
@@ -2438,29 +2550,40 @@ mod tests {
         }
     }
 
-    /// At 64 codes (the VNNI kernel's pairs of codebooks, where the CPU has it): odd and even
-    /// codebook counts, 16-bit sums flushed past 254 codebooks, partial output tiles of 8, rows
-    /// past whole blocks of 64, extreme tables.
+    /// At 64 and 128 codes (the VNNI kernel's pairs of codebooks, where the CPU has it): odd
+    /// and even codebook counts, 16-bit sums flushed past 254 codebooks, partial output tiles,
+    /// rows past whole blocks of 64, extreme tables; on one thread, tasks of 256 rows, whose
+    /// blocks of 64 rows the kernel takes two at a time, and a last one of three blocks (the
+    /// third alone).
     #[test]
-    fn i8_kernels_match_naive_k64() {
-        let kernels = kernels_checked("i8_kernels_match_naive_k64");
+    fn i8_kernels_match_naive_k64_k128() {
+        let kernels = kernels_checked("i8_kernels_match_naive_k64_k128");
         let mut rng = Rng(64);
-        for rows in [1, 33, 64, 65, 200] {
-            for c in [1, 2, 3, 5, 48, 254, 255, 300, 513] {
-                for m in [1, 7, 8, 9, 16, 33] {
-                    let fill = match rng.below(4) {
-                        0 => Fill::Min,
-                        1 => Fill::Max,
-                        _ => Fill::Random,
-                    };
-                    check_all_kernels(&kernels, &mut rng, rows, c, m, 64, fill);
+        let fill = |rng: &mut Rng| match rng.below(4) {
+            0 => Fill::Min,
+            1 => Fill::Max,
+            _ => Fill::Random,
+        };
+        for k in [64, 128] {
+            for rows in [1, 33, 64, 65, 200] {
+                for c in [1, 2, 3, 5, 48, 254, 255, 300, 513] {
+                    for m in [1, 7, 8, 9, 16, 33] {
+                        let f = fill(&mut rng);
+                        check_all_kernels(&kernels, &mut rng, rows, c, m, k, f);
+                    }
                 }
+            }
+            let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+            for (c, m) in [(3, 5), (48, 16), (255, 9)] {
+                let f = fill(&mut rng);
+                one.install(|| check_all_kernels(&kernels, &mut rng, 700, c, m, k, f));
             }
         }
     }
 
     /// With fewer row blocks than threads, `lut_i8_then` splits the outputs across threads
-    /// (column tiles, a partial last one) and hands the epilogue the same sums, at 16 and 64 codes.
+    /// (column tiles, a partial last one) and hands the epilogue the same sums, at 16, 64 and
+    /// 128 codes.
     #[test]
     fn then_splits_outputs_when_rows_are_few() {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
@@ -2474,7 +2597,7 @@ mod tests {
             (49, 144, 64),
             (64, 96, 48),
         ];
-        for (k, (rows, c, m)) in [16, 64].into_iter().flat_map(|k| cases.map(|cs| (k, cs))) {
+        for (k, (rows, c, m)) in [16, 64, 128].into_iter().flat_map(|k| cases.map(|cs| (k, cs))) {
             let codes = random_codes(&mut rng, rows * c, k);
             let tables = tables_i8(&mut rng, c * m * k, Fill::Random);
             let want = naive_i8(&codes, rows, c, &tables, m, k);
@@ -2494,7 +2617,7 @@ mod tests {
 
     /// `lut_i8_affine` (on a VNNI CPU the kernel applies the epilogue as it stores its sums,
     /// elsewhere `Affine::apply` per block) gives the bits of `Affine::one` over the exact sums,
-    /// at 16 and 64 codes: outputs and rows past whole tiles
+    /// at 16, 64 and 128 codes: outputs and rows past whole tiles
     /// of 16, several blocks of 64 rows and tasks, a residual from the right row, zeros of both
     /// signs through the ReLU, one and two threads.
     #[test]
@@ -2512,7 +2635,7 @@ mod tests {
                 (300, 36, 70),
                 (1024, 36, 16),
             ];
-            for (k, (rows, c, m)) in [16, 64].into_iter().flat_map(|k| cases.map(|cs| (k, cs))) {
+            for (k, (rows, c, m)) in [16, 64, 128].into_iter().flat_map(|k| cases.map(|cs| (k, cs))) {
                 let codes = random_codes(&mut rng, rows * c, k);
                 let tables = tables_i8(&mut rng, c * m * k, Fill::Random);
                 let sums = naive_i8(&codes, rows, c, &tables, m, k);
@@ -2784,7 +2907,7 @@ mod tests {
         let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
         println!("rows={rows} c={c} m={m}, median of {runs} runs");
         println!("lookups/s: wall {threads} threads | wall 1 thread | CPU time 1 thread");
-        for k in [16, 64, 256] {
+        for k in [16, 64, 128, 256] {
             let codes = random_codes(&mut rng, rows * c, k);
             let tables = tables_i8(&mut rng, c * m * k, Fill::Random);
             let mut out = vec![0i32; rows * m];
@@ -2841,6 +2964,8 @@ mod tests {
             (16 * 196, 10, 10),
         ];
         shape_rates(64, &k64, runs, &one, &mut rng);
+        println!("k=128, the same shapes:");
+        shape_rates(128, &k64, runs, &one, &mut rng);
         // k = 256 at the shapes of the ResNet-18 fixture's layers (rows at batch 8), one thread
         println!("k=256, ResNet-18 fixture shapes at batch 8, lookups/s, CPU time 1 thread:");
         let k256 = [
