@@ -355,9 +355,9 @@ mod tests {
             m,
         };
         ridge_refit(&fit, 1e-6, 60, &mut t);
-        let mut fit = vec![0f32; rows * m];
-        a_times(&codes, c, k, &t, m, &mut fit);
-        let err: f32 = fit.iter().zip(&y).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        let mut got = vec![0f32; rows * m];
+        a_times(&codes, c, k, &t, m, &mut got);
+        let err: f32 = got.iter().zip(&y).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
         assert!(err < 1e-3, "max error {err}");
     }
 }

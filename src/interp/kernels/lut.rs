@@ -38,8 +38,8 @@
 //! - `Vnni` at `k == 128`: the same pairs of codebooks, but each codebook's 128-entry table
 //!   fills the two registers of a `vpermi2b`: two merge-masked `vpermi2b` per 32 rows look up
 //!   the first codebook into the even bytes and the second into the odd ones, then as at 64
-//!   codes. ResNet-18/16 at 128 codes, batch 64, one thread (Zen 5, the host busy): lookups
-//!   25–28 ms against 37–50 ms row-wise.
+//!   codes. ResNet-18/16 at 128 codes, batch 64, one thread (Zen 5, the host busy, three
+//!   alternated rounds): lookups 18.2–20.2 ms against 35.6–38.3 ms row-wise.
 //! - `Avx512` at `k == 256`, when the CPU has AVX-512 VBMI: two merge-masked `vpermi2b` look up 64
 //!   codes in a 256-entry table held in four registers, the pairs summed as above (`lut_k256.rs`).
 //!   `Vnni` runs it too at `k == 256`; `Avx2` falls back to `Scalar`.
@@ -186,8 +186,8 @@ pub fn lut_i8(codes: &[u8], rows: usize, c: usize, tables: &[i8], m: usize, k: u
 }
 
 /// int8 tables → exact i32 sums with an explicit kernel. The SIMD kernels need `k == 16` (and
-/// `Vnni` also `k == 64` and `128`, `Avx512` with VBMI `k == 256`); for any other `k` they fall back to
-/// `Scalar`. Panics if `kernel` is not supported by this CPU (pick it
+/// `Vnni` also `k == 64` and `128`, `Avx512` with VBMI `k == 256`); for any other `k` they fall
+/// back to `Scalar`. Panics if `kernel` is not supported by this CPU (pick it
 /// from [`LutKernel::available`]) or a code is `>= k`.
 #[allow(clippy::too_many_arguments)]
 pub fn lut_i8_with(
@@ -738,8 +738,8 @@ const ROWWISE_PAR_ROWS: usize = 64;
 ///   kernel wins (12 G);
 /// - for any other `k` but 16 (e.g. `lut.k = 64`: 64 codes, the tree encoder of depth 6) when
 ///   `m ≥ 16` (no other shuffle kernel takes it), except `k = 64` and `128` on a CPU with the
-///   VNNI kernel. The scalar kernel gathers every entry: measured on Zen 4 (`lut_throughput`, c = m = 64, one thread) at `k = 64`: 64 G lookups/s row-wise
-///   at AVX-512 and 61 G at AVX2 against 3.3 G for the scalar kernel (at `k = 16` the VNNI
+///   VNNI kernel. The scalar kernel gathers every entry: measured on Zen 4 (`lut_throughput`,
+///   c = m = 64, one thread) at `k = 64`: 64 G lookups/s row-wise at AVX-512 and 61 G at AVX2 against 3.3 G for the scalar kernel (at `k = 16` the VNNI
 ///   kernel does 101 G); NIN every layer as lookups at K = 64, batch 64: its lookups took
 ///   8.7 ms against 3.2 ms at K = 16, the whole model 15.7 against 9.4 ms (1.19× and 1.98×
 ///   ONNX Runtime on the original);
@@ -1941,8 +1941,9 @@ mod x86 {
     /// 4.3–5.2.
     const QNB64: usize = 4;
     /// The same at 128 codes: 2 × 4 accumulators, 4 code and 4 table registers, the ones.
-    /// Measured on ResNet-18/16 at 128 codes, batch 64, one thread (Zen 5, the host busy):
-    /// lookups 25–28 ms against 35–40 with [`QNB_ONE`], 37–50 row-wise.
+    /// Measured on ResNet-18/16 at 128 codes, batch 64, one thread (Zen 5, the host busy, three
+    /// alternated rounds): lookups 22.5–29.2 ms against 31.0–40.9 with [`QNB_ONE`] outputs of
+    /// one block, 36.6–50.3 row-wise.
     const QNB128: usize = 2;
     /// Outputs per register tile of [`pair_block`] when a call has one block of rows (few rows,
     /// or outputs split across threads), at 64 and 128 codes: the tables are read once per call
@@ -1956,8 +1957,8 @@ mod x86 {
     /// Packs a block of `nb <= 64` rows (`codes`: `nb × c`) for [`quad_block`] and
     /// [`pair_block`] (after [`quads_to_pairs`]): per group `g` of four codebooks, 256 bytes, row `r`'s four codes at
     /// bytes `4r .. 4r + 4`, codebook `4g + j` ORed with byte `j` of `offsets` (its table's place
-    /// among the registers a shuffle reads: [`OFFSETS16`], [`OFFSETS64`], [`OFFSETS128`]). Missing rows and
-    /// codebooks: code 0 (missing codebooks' tables are zeros; missing rows' sums are dropped).
+    /// among the registers a shuffle reads: [`OFFSETS16`], [`OFFSETS64`], [`OFFSETS128`]).
+    /// Missing rows and codebooks: code 0 (missing codebooks' tables are zeros; missing rows' sums are dropped).
     /// Per 16 rows and 16 groups (64 codebooks): one in-register 16×16 transpose of their
     /// 4-code words.
     ///
@@ -2025,13 +2026,12 @@ mod x86 {
         hp: usize,
         t: *const i8,
         t_step: usize,
-        acc: [&mut [i32]; B],
+        mut acc: [&mut [i32]; B],
     ) {
         const EVEN: __mmask64 = 0x5555_5555_5555_5555;
         assert!((K == 64 || K == 128) && (B == 1 || B == 2));
         assert!(packed.iter().all(|p| p.len() >= hp * 128) && acc.iter().all(|a| a.len() == NB * QR));
         let ones = _mm512_set1_epi8(1);
-        let mut acc = acc;
         acc.iter_mut().for_each(|a| a.fill(0));
         for h0 in (0..hp).step_by(PAIRS_PER_FLUSH) {
             // a[n][2b + half]: output n, block b, rows 32·half .. 32·half + 32
@@ -2092,8 +2092,8 @@ mod x86 {
     // a pair's sum lies in [−256, 254]: PAIRS_PER_FLUSH of them fit an i16
     const _: () = assert!(PAIRS_PER_FLUSH * 256 <= i16::MAX as usize);
 
-    /// Rewrites blocks packed by [`pack_quads`] with [`OFFSETS64`] or [`OFFSETS128`] (per group of four
-    /// codebooks, 16 rows × 4 codes per register) into [`pair_block`]'s layout: per group the
+    /// Rewrites blocks packed by [`pack_quads`] with [`OFFSETS64`] or [`OFFSETS128`] (per group
+    /// of four codebooks, 16 rows × 4 codes per register) into [`pair_block`]'s layout: per group the
     /// first pair's rows 0–31 and 32–63, then the second pair's (one 16-bit two-register
     /// permute per 32 rows and pair).
     ///
