@@ -18,7 +18,7 @@ T=target/release
 echo "== kernel microbenchmarks (1 thread)" | tee "$out/kernels.txt"
 # the #[ignore]d tests are these measurements (speed is measured here, never asserted in tests)
 RAYON_NUM_THREADS=1 cargo test --release --features tract --lib -- --ignored --nocapture \
-  lut_throughput encode_throughput quantized_encode_throughput nearest_throughput nearest2_throughput packed_throughput direct_throughput depthwise_throughput --test-threads=1 2>&1 \
+  lut_throughput encode_throughput tree_encode_throughput quantized_encode_throughput nearest_throughput nearest2_throughput packed_throughput direct_throughput depthwise_throughput --test-threads=1 2>&1 \
   | sed -E 's/^test [^ ]+ \.\.\. //' | grep -vE '^(running|ok|Compiling|Finished|Running|$)|test result' \
   | grep -vE '^ +(Compiling|Finished|Running)' | tee -a "$out/kernels.txt"
 

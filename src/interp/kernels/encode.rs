@@ -2726,6 +2726,63 @@ mod tests {
         }
     }
 
+    /// Throughput of the pixel-lane hash-tree encoder on ResNet-18/16's 3×3 shapes with 3-value
+    /// codebooks (a sub-batch of 16 images), per tree depth (6: 64 codes, 7: 128): ns per tree
+    /// level and 16 pixels. Run by hand and by `docs/bench.sh`.
+    #[test]
+    #[ignore]
+    fn tree_encode_throughput() {
+        let mut rng = Rng::new(4);
+        for &(n, c, hw, stride) in &[
+            (16usize, 16usize, 32usize, 1usize),
+            (16, 32, 16, 1),
+            (16, 64, 8, 1),
+            (16, 16, 32, 2),
+        ] {
+            for depth in [6usize, 7] {
+                let win = Window {
+                    kernel: [3, 3],
+                    strides: [stride, stride],
+                    dilations: [1, 1],
+                    padding: Padding::Explicit([1; 4]),
+                    ceil_mode: false,
+                };
+                let sub = Subspaces { d: c * 9, s: 3 };
+                let c_n = sub.count();
+                let dims: Vec<usize> = (0..c_n * depth).map(|i| (i * 5 + 1) % 3).collect();
+                let thr = random_thresholds(&mut rng, c_n, depth);
+                let tree = Codebooks::Tree {
+                    depth,
+                    dims: &dims,
+                    thresholds: &thr,
+                };
+                let prepared = prepare(sub, &tree, Some((c, 3, 3)));
+                let x: Vec<f32> = (0..n * c * hw * hw).map(|_| rng.next_f64() as f32 - 0.3).collect();
+                let geo = win.resolve([hw, hw]).unwrap();
+                let rows = Rows::ConvNhwc {
+                    x: &x,
+                    shape: [n, hw, hw, c],
+                    win: &win,
+                    geo,
+                };
+                let mut codes = vec![0u8; rows.count() * c_n];
+                encode_prepared(&rows, &prepared, &mut codes);
+                let reps = 40;
+                let t = std::time::Instant::now();
+                for _ in 0..reps {
+                    encode_prepared(&rows, &prepared, &mut codes);
+                }
+                let secs = t.elapsed().as_secs_f64() / reps as f64;
+                let steps = (rows.count() * c_n * depth) as f64 / 16.0;
+                eprintln!(
+                    "tree n={n} c={c} hw={hw} s={stride} depth {depth}: {:.3} ms, {:.2} ns per level and 16 pixels",
+                    secs * 1e3,
+                    secs * 1e9 / steps
+                );
+            }
+        }
+    }
+
     /// The in-register 16 × 16 transpose of contiguous rows puts every value where the scalar
     /// fill does, whole blocks and the columns after them; and the 1×1 channels-last rows it
     /// serves give the codes of the same rows as a matrix.

@@ -22,6 +22,7 @@
 //! image are 0), so the same codes at every level and on any thread count.
 
 use super::{Rows, Simd};
+use crate::interp::kernels::aligned::AlignedF32;
 use std::cell::RefCell;
 use std::sync::Arc;
 
@@ -31,12 +32,17 @@ pub(super) struct PixelTree {
     c_n: usize,
     depth: usize,
     kernel: [usize; 2],
-    /// The thresholds of each codebook, `th_stride` apart, and 16 values past the last: the
-    /// first 16 are one vector (unused lanes: +inf), the node of levels 0–3 picked by a permute
-    /// (at AVX-512 from 16 values loaded at the level's first node); deeper levels (up to depth
-    /// 8, K = 256) permute or gather theirs.
+    /// The thresholds of each codebook in node order, `th_stride` apart, and 16 values past
+    /// the last, for the AVX2 kernel: the first 16 are one vector (unused lanes: +inf), the node
+    /// of levels 0–3 picked by a permute; deeper levels (up to depth 8, K = 256) gather theirs.
     th: Vec<f32>,
     th_stride: usize,
+    /// The same thresholds for the AVX-512 kernel, each level on its own 64-byte lines
+    /// ([`level_at`]: 16 values for each of levels 0–4, then 32, 64, 128), `th_lines` apart:
+    /// every vector load of a level's thresholds is aligned (loads from each level's first
+    /// node in `th` straddled two cache lines).
+    th512: AlignedF32,
+    th_lines: usize,
     /// Per codebook and level: the window column compared, as (channel, i, j), or None when it
     /// lies past the last subspace's end (it reads as 0). Codebooks past the last, to a
     /// multiple of [`TREES`], repeat the last one's.
@@ -84,7 +90,7 @@ pub(super) fn pixel_tree(
     // storing their codes): the last one's taps, thresholds +inf
     let c_pad = c_n.next_multiple_of(TREES);
     let last = |c: usize| c.min(c_n.saturating_sub(1));
-    // (16 more at the end: the kernels load 16 thresholds from each level's first node)
+    // (16 more at the end: the AVX2 kernel loads 16 thresholds from a tree's first node)
     let mut th = vec![f32::INFINITY; c_pad * th_stride + 16];
     for c in 0..c_n {
         th[c * th_stride..c * th_stride + nodes].copy_from_slice(&thr[c * nodes..(c + 1) * nodes]);
@@ -96,15 +102,36 @@ pub(super) fn pixel_tree(
             (col < sub.d).then(|| (col / (kh * kw), col / kw % kh, col % kw))
         })
         .collect();
+    let th_lines = level_at(depth).max(16);
+    let mut th512 = AlignedF32::zeros(c_pad * th_lines);
+    th512.fill(f32::INFINITY);
+    for c in 0..c_n {
+        for lev in 0..depth {
+            let (first, dst) = ((1 << lev) - 1, c * th_lines + level_at(lev));
+            th512[dst..dst + (1 << lev)].copy_from_slice(&thr[c * nodes + first..][..1 << lev]);
+        }
+    }
     Some(PixelTree {
         c_n,
         depth,
         kernel: [kh, kw],
         th,
         th_stride,
+        th512,
+        th_lines,
         taps,
         shifted: std::sync::Mutex::new(None),
     })
+}
+
+/// Where level `lev`'s thresholds start among a tree's in [`PixelTree::th512`] (also the
+/// values that levels `0 .. lev` take): 16 for each level up to 4, then the level's nodes.
+const fn level_at(lev: usize) -> usize {
+    if lev <= 5 {
+        16 * lev
+    } else {
+        80 + (1 << lev) - 32
+    }
 }
 
 /// Trees the AVX-512 row kernel walks together.
@@ -580,8 +607,12 @@ impl Job<'_> {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{PixelTree, TREES};
+    use super::{level_at, PixelTree, TREES};
+    use seq_macro::seq;
     use std::arch::x86_64::*;
+
+    // the row kernel's unrolled loops (`seq!`) walk this many trees and at most 8 levels
+    const _: () = assert!(TREES == 8);
 
     /// `vals`' even lanes into `even`, its odd lanes into `odd` (8 values each), stored from
     /// the register halves (through a 16-value array, 30 % of the band's profile samples at
@@ -688,6 +719,8 @@ mod x86 {
     /// [`row_avx512`] for trees of `D` levels (each level's threshold pick known at compile
     /// time) and `L` lanes per row: per 16 pixels and 16 codebooks, eight trees walked together
     /// (independent dependency chains); codebooks past the last repeat it and are not stored.
+    // `seq!` writes the first tree's offsets as `0 * D` and `0 * ths`
+    #[allow(clippy::erasing_op, clippy::identity_op)]
     #[target_feature(enable = "avx512f,avx2,fma")]
     unsafe fn row512<const D: usize, const L: usize>(
         pt: &PixelTree,
@@ -698,10 +731,10 @@ mod x86 {
         at: &[usize],
         out: &mut [u8],
     ) {
-        assert!(pt.depth == D && pt.th_stride == (1 << D).max(16) && at.len() >= c_n.next_multiple_of(TREES) * D);
-        assert!(pt.th.len() >= c_n.next_multiple_of(TREES) * pt.th_stride + 16);
+        assert!(pt.depth == D && pt.th_lines == level_at(D).max(16) && at.len() >= c_n.next_multiple_of(TREES) * D);
+        assert!(pt.th512.len() >= c_n.next_multiple_of(TREES) * pt.th_lines);
         assert!(g.lanes == L && (L == 16 || (ow <= L && g.rows <= 16 / L)) && out.len() >= ow * c_n * g.rows);
-        let (p, ths) = (planes.as_ptr(), (1 << D).max(16));
+        let (p, ths) = (planes.as_ptr(), level_at(D).max(16));
         let mut tile = [0u8; 256];
         for x0 in (0..ow).step_by(16) {
             let lanes = (ow - x0).min(16);
@@ -714,16 +747,20 @@ mod x86 {
                     // the group's taps and thresholds (codebooks past the last are padded)
                     let c = c0 + TREES * h;
                     let taps = at.as_ptr().add(c * D);
-                    let th = pt.th.as_ptr().add(c * ths);
+                    let th = pt.th512.as_ptr().add(c * ths);
                     let mut idx = [_mm512_setzero_si512(); TREES];
-                    for lev in 0..D {
-                        for r in 0..TREES {
-                            let xv = load_lanes::<L>(px.add(*taps.add(r * D + lev)), g.stride);
-                            let t = level_threshold::<D>(th.add(r * ths), lev, idx[r]);
-                            let gt = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(xv, t);
-                            idx[r] = crate::interp::kernels::tree_step(idx[r], gt);
+                    // unrolled by hand (levels and trees constants): as loops, LLVM kept `idx`
+                    // on the stack, a store and a reload in every step's dependency chain
+                    seq!(LEV in 0..8 {
+                        if LEV < D {
+                            seq!(R in 0..8 {
+                                let xv = load_lanes::<L>(px.add(*taps.add(R * D + LEV)), g.stride);
+                                let t = level_threshold::<D>(th.add(R * ths), LEV, idx[R]);
+                                let gt = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(xv, t);
+                                idx[R] = crate::interp::kernels::tree_step(idx[R], gt);
+                            });
                         }
-                    }
+                    });
                     for q in 0..TREES / 4 {
                         let i = &idx[4 * q..];
                         words[2 * h + q] = _mm512_or_si512(
@@ -757,26 +794,26 @@ mod x86 {
     }
 
     /// The threshold of each lane's node at level `lev` of a `D`-level tree (`idx`: the node's
-    /// index within the level; `thc` the tree's thresholds, 16 values readable from each level's
-    /// first node). Level 0 broadcasts its one threshold, levels 1–4 permute 16 values loaded
-    /// at the level's first node, level 5 two registers (`vpermt2ps`), levels 6 and 7 pairs of
-    /// them blended on bits 5 and 6 of `idx` — the permutes keep a gather's latency out of each
-    /// level's dependency on the previous one.
+    /// index within the level; `thc` the tree's thresholds as [`PixelTree::th512`] lays them
+    /// out, each level from a 64-byte boundary). Level 0 broadcasts its one threshold, levels
+    /// 1–4 permute the level's 16 values, level 5 two registers (`vpermt2ps`), levels 6 and 7
+    /// pairs of them blended on bits 5 and 6 of `idx` — the permutes keep a gather's latency
+    /// out of each level's dependency on the previous one.
     #[target_feature(enable = "avx512f,avx2,fma")]
     #[inline]
     unsafe fn level_threshold<const D: usize>(thc: *const f32, lev: usize, idx: __m512i) -> __m512 {
-        let base = thc.add((1 << lev) - 1);
+        let base = thc.add(level_at(lev));
         // 32 thresholds from base + 32·q, picked by bits 0–4 of idx
         let pair = |q: usize| {
             _mm512_permutex2var_ps(
-                _mm512_loadu_ps(base.add(32 * q)),
+                _mm512_load_ps(base.add(32 * q)),
                 idx,
-                _mm512_loadu_ps(base.add(32 * q + 16)),
+                _mm512_load_ps(base.add(32 * q + 16)),
             )
         };
         match lev {
             0 => _mm512_set1_ps(*thc),
-            1..=4 => _mm512_permutexvar_ps(idx, _mm512_loadu_ps(base)),
+            1..=4 => _mm512_permutexvar_ps(idx, _mm512_load_ps(base)),
             5 => pair(0),
             _ => {
                 let b5 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(32));
