@@ -28,13 +28,14 @@ use std::sync::Arc;
 
 /// A conv's hash trees as [`tree_nhwc`] reads them, built once per node.
 pub(super) struct PixelTree {
-    /// Codebooks (before the padding of `taps` and `th`).
+    /// Codebooks (before the padding of `taps` and `th512`).
     c_n: usize,
     depth: usize,
     kernel: [usize; 2],
-    /// The thresholds of each codebook in node order, `th_stride` apart, and 16 values past
-    /// the last, for the AVX2 kernel: the first 16 are one vector (unused lanes: +inf), the node
-    /// of levels 0–3 picked by a permute; deeper levels (up to depth 8, K = 256) gather theirs.
+    /// The thresholds of each codebook in node order, `th_stride` apart, for the AVX2 kernel
+    /// (which reads the codebooks up to the last only): the first 16 are one vector (unused
+    /// lanes: +inf), the node of levels 0–3 picked by a permute; deeper levels (up to depth 8,
+    /// K = 256) gather theirs.
     th: Vec<f32>,
     th_stride: usize,
     /// The same thresholds for the AVX-512 kernel, each level on its own 64-byte lines
@@ -90,8 +91,7 @@ pub(super) fn pixel_tree(
     // storing their codes): the last one's taps, thresholds +inf
     let c_pad = c_n.next_multiple_of(TREES);
     let last = |c: usize| c.min(c_n.saturating_sub(1));
-    // (16 more at the end: the AVX2 kernel loads 16 thresholds from a tree's first node)
-    let mut th = vec![f32::INFINITY; c_pad * th_stride + 16];
+    let mut th = vec![f32::INFINITY; c_n * th_stride];
     for c in 0..c_n {
         th[c * th_stride..c * th_stride + nodes].copy_from_slice(&thr[c * nodes..(c + 1) * nodes]);
     }
@@ -853,6 +853,8 @@ mod x86 {
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn row_avx2(pt: &PixelTree, ow: usize, c_n: usize, planes: &[f32], at: &[usize], out: &mut [u8]) {
         let depth = pt.depth;
+        // every codebook's first 16 thresholds and its nodes lie in `th`
+        assert!(pt.th_stride >= 16.max(1 << depth) && pt.th.len() >= c_n * pt.th_stride);
         let p = planes.as_ptr();
         let mut tile = [0u8; 128];
         for x0 in (0..ow).step_by(8) {
