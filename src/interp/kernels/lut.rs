@@ -1937,8 +1937,8 @@ mod x86 {
     /// The same at 64 codes ([`pair_block`]) when a call has two blocks of rows or more, taken
     /// two at a time: 4 × 4 accumulators of 16-bit sums, 4 code and 2 table registers, the
     /// ones. Measured on ResNet-18/16 at 64 codes, batch 64, one thread (Zen 5, the host
-    /// busy): lookups 13.9–17.2 ms against 15.4–18.4 with [`QNB_ONE`], NIN's 3.7–4.8 against
-    /// 4.3–5.2.
+    /// busy, three alternated rounds): lookups 13.6–15.5 ms against 13.3–18.1 with
+    /// [`QNB_ONE`] outputs of one block (within the noise), NIN's 2.9–4.1 against 3.3–4.7.
     const QNB64: usize = 4;
     /// The same at 128 codes: 2 × 4 accumulators, 4 code and 4 table registers, the ones.
     /// Measured on ResNet-18/16 at 128 codes, batch 64, one thread (Zen 5, the host busy, three
@@ -2312,28 +2312,28 @@ mod x86 {
         step: usize,
         acc: [&mut [i32]; B],
     ) {
-        // SAFETY: forwarded from the caller.
-        unsafe {
-            match (k, nbo) {
-                (64, 8) => pair_block::<8, 64, B>(packed, hp, t, step, acc),
-                (64, 7) => pair_block::<7, 64, B>(packed, hp, t, step, acc),
-                (64, 6) => pair_block::<6, 64, B>(packed, hp, t, step, acc),
-                (64, 5) => pair_block::<5, 64, B>(packed, hp, t, step, acc),
-                (64, 4) => pair_block::<4, 64, B>(packed, hp, t, step, acc),
-                (64, 3) => pair_block::<3, 64, B>(packed, hp, t, step, acc),
-                (64, 2) => pair_block::<2, 64, B>(packed, hp, t, step, acc),
-                (64, 1) => pair_block::<1, 64, B>(packed, hp, t, step, acc),
-                (128, 8) => pair_block::<8, 128, B>(packed, hp, t, step, acc),
-                (128, 7) => pair_block::<7, 128, B>(packed, hp, t, step, acc),
-                (128, 6) => pair_block::<6, 128, B>(packed, hp, t, step, acc),
-                (128, 5) => pair_block::<5, 128, B>(packed, hp, t, step, acc),
-                (128, 4) => pair_block::<4, 128, B>(packed, hp, t, step, acc),
-                (128, 3) => pair_block::<3, 128, B>(packed, hp, t, step, acc),
-                (128, 2) => pair_block::<2, 128, B>(packed, hp, t, step, acc),
-                (128, 1) => pair_block::<1, 128, B>(packed, hp, t, step, acc),
-                _ => unreachable!(),
-            }
+        macro_rules! by_outputs {
+            ($k:literal) => {
+                match nbo {
+                    8 => pair_block::<8, $k, B>,
+                    7 => pair_block::<7, $k, B>,
+                    6 => pair_block::<6, $k, B>,
+                    5 => pair_block::<5, $k, B>,
+                    4 => pair_block::<4, $k, B>,
+                    3 => pair_block::<3, $k, B>,
+                    2 => pair_block::<2, $k, B>,
+                    1 => pair_block::<1, $k, B>,
+                    n => unreachable!("{n} outputs per tile"),
+                }
+            };
         }
+        let f = match k {
+            64 => by_outputs!(64),
+            128 => by_outputs!(128),
+            k => unreachable!("pairs of codebooks of {k} codes"),
+        };
+        // SAFETY: forwarded from the caller.
+        unsafe { f(packed, hp, t, step, acc) }
     }
 
     /// [`store_rows512`] of one block's sums (`acc`: `[m][QR]`) as `nb` rows of `m` outputs

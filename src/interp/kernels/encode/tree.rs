@@ -28,22 +28,16 @@ use std::sync::Arc;
 
 /// A conv's hash trees as [`tree_nhwc`] reads them, built once per node.
 pub(super) struct PixelTree {
-    /// Codebooks (before the padding of `taps` and `th512`).
+    /// Codebooks (before the padding of `taps` and `th`).
     c_n: usize,
     depth: usize,
     kernel: [usize; 2],
-    /// The thresholds of each codebook in node order, `th_stride` apart, for the AVX2 kernel
-    /// (which reads the codebooks up to the last only): the first 16 are one vector (unused
-    /// lanes: +inf), the node of levels 0–3 picked by a permute; deeper levels (up to depth 8,
-    /// K = 256) gather theirs.
-    th: Vec<f32>,
-    th_stride: usize,
-    /// The same thresholds for the AVX-512 kernel, each level on its own 64-byte lines
-    /// ([`level_at`]: 16 values for each of levels 0–4, then 32, 64, 128), `th_lines` apart:
+    /// The thresholds of each codebook, `th_stride` apart, each level on its own 64-byte lines
+    /// ([`level_at`]: 16 values for each of levels 0–4, then 32, 64, 128; unused values +inf):
     /// every vector load of a level's thresholds is aligned (loads from each level's first
-    /// node in `th` straddled two cache lines).
-    th512: AlignedF32,
-    th_lines: usize,
+    /// node in node order straddled two cache lines).
+    th: AlignedF32,
+    th_stride: usize,
     /// Per codebook and level: the window column compared, as (channel, i, j), or None when it
     /// lies past the last subspace's end (it reads as 0). Codebooks past the last, to a
     /// multiple of [`TREES`], repeat the last one's.
@@ -86,15 +80,10 @@ pub(super) fn pixel_tree(
     }
     let c_n = sub.count();
     let nodes = (1 << depth) - 1;
-    let th_stride = (nodes + 1).max(16);
     // codebooks past the last, to a multiple of TREES (the AVX-512 kernel walks them without
     // storing their codes): the last one's taps, thresholds +inf
     let c_pad = c_n.next_multiple_of(TREES);
     let last = |c: usize| c.min(c_n.saturating_sub(1));
-    let mut th = vec![f32::INFINITY; c_n * th_stride];
-    for c in 0..c_n {
-        th[c * th_stride..c * th_stride + nodes].copy_from_slice(&thr[c * nodes..(c + 1) * nodes]);
-    }
     let taps = (0..c_pad * depth)
         .map(|cl| {
             let (c, lev) = (last(cl / depth), cl % depth);
@@ -102,13 +91,13 @@ pub(super) fn pixel_tree(
             (col < sub.d).then(|| (col / (kh * kw), col / kw % kh, col % kw))
         })
         .collect();
-    let th_lines = level_at(depth).max(16);
-    let mut th512 = AlignedF32::zeros(c_pad * th_lines);
-    th512.fill(f32::INFINITY);
+    let th_stride = level_at(depth).max(16);
+    let mut th = AlignedF32::zeros(c_pad * th_stride);
+    th.fill(f32::INFINITY);
     for c in 0..c_n {
         for lev in 0..depth {
-            let (first, dst) = ((1 << lev) - 1, c * th_lines + level_at(lev));
-            th512[dst..dst + (1 << lev)].copy_from_slice(&thr[c * nodes + first..][..1 << lev]);
+            let (first, dst) = ((1 << lev) - 1, c * th_stride + level_at(lev));
+            th[dst..dst + (1 << lev)].copy_from_slice(&thr[c * nodes + first..][..1 << lev]);
         }
     }
     Some(PixelTree {
@@ -117,14 +106,12 @@ pub(super) fn pixel_tree(
         kernel: [kh, kw],
         th,
         th_stride,
-        th512,
-        th_lines,
         taps,
         shifted: std::sync::Mutex::new(None),
     })
 }
 
-/// Where level `lev`'s thresholds start among a tree's in [`PixelTree::th512`] (also the
+/// Where level `lev`'s thresholds start among a tree's in [`PixelTree::th`] (also the
 /// values that levels `0 .. lev` take): 16 for each level up to 4, then the level's nodes.
 const fn level_at(lev: usize) -> usize {
     if lev <= 5 {
@@ -731,8 +718,8 @@ mod x86 {
         at: &[usize],
         out: &mut [u8],
     ) {
-        assert!(pt.depth == D && pt.th_lines == level_at(D).max(16) && at.len() >= c_n.next_multiple_of(TREES) * D);
-        assert!(pt.th512.len() >= c_n.next_multiple_of(TREES) * pt.th_lines);
+        assert!(pt.depth == D && pt.th_stride == level_at(D).max(16) && at.len() >= c_n.next_multiple_of(TREES) * D);
+        assert!(pt.th.len() >= c_n.next_multiple_of(TREES) * pt.th_stride);
         assert!(g.lanes == L && (L == 16 || (ow <= L && g.rows <= 16 / L)) && out.len() >= ow * c_n * g.rows);
         let (p, ths) = (planes.as_ptr(), level_at(D).max(16));
         let mut tile = [0u8; 256];
@@ -747,7 +734,7 @@ mod x86 {
                     // the group's taps and thresholds (codebooks past the last are padded)
                     let c = c0 + TREES * h;
                     let taps = at.as_ptr().add(c * D);
-                    let th = pt.th512.as_ptr().add(c * ths);
+                    let th = pt.th.as_ptr().add(c * ths);
                     let mut idx = [_mm512_setzero_si512(); TREES];
                     // unrolled by hand (levels and trees constants): as loops, LLVM kept `idx`
                     // on the stack, a store and a reload in every step's dependency chain
@@ -794,7 +781,7 @@ mod x86 {
     }
 
     /// The threshold of each lane's node at level `lev` of a `D`-level tree (`idx`: the node's
-    /// index within the level; `thc` the tree's thresholds as [`PixelTree::th512`] lays them
+    /// index within the level; `thc` the tree's thresholds as [`PixelTree::th`] lays them
     /// out, each level from a 64-byte boundary). Level 0 broadcasts its one threshold, levels
     /// 1–4 permute the level's 16 values, level 5 two registers (`vpermt2ps`), levels 6 and 7
     /// pairs of them blended on bits 5 and 6 of `idx` — the permutes keep a gather's latency
@@ -845,16 +832,16 @@ mod x86 {
         }
     }
 
-    /// [`row_avx512`] at AVX2: 8 pixels at a time, the thresholds of levels 0–2 from one 8-lane
-    /// permute, level 3's from two and a blend, deeper levels' gathered.
+    /// [`row_avx512`] at AVX2: 8 pixels at a time, the thresholds of levels 0–3 from one 8-lane
+    /// permute of the level's values, deeper levels' gathered.
     ///
     /// # Safety
     /// AVX2 and FMA; as [`row_avx512`].
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn row_avx2(pt: &PixelTree, ow: usize, c_n: usize, planes: &[f32], at: &[usize], out: &mut [u8]) {
         let depth = pt.depth;
-        // every codebook's first 16 thresholds and its nodes lie in `th`
-        assert!(pt.th_stride >= 16.max(1 << depth) && pt.th.len() >= c_n * pt.th_stride);
+        // every codebook's levels lie in `th`, each level from a 64-byte boundary
+        assert!(pt.th_stride == level_at(depth).max(16) && pt.th.len() >= c_n * pt.th_stride);
         let p = planes.as_ptr();
         let mut tile = [0u8; 128];
         for x0 in (0..ow).step_by(8) {
@@ -865,28 +852,18 @@ mod x86 {
                 for (q, word) in words.iter_mut().enumerate().take(cw.div_ceil(4)) {
                     let cs: [usize; 4] = std::array::from_fn(|r| (c0 + 4 * q + r).min(c_n - 1));
                     let th: [*const f32; 4] = std::array::from_fn(|r| pt.th.as_ptr().add(cs[r] * pt.th_stride));
-                    let lo: [__m256; 4] = std::array::from_fn(|r| _mm256_loadu_ps(th[r]));
-                    let hi: [__m256; 4] = std::array::from_fn(|r| _mm256_loadu_ps(th[r].add(8)));
                     let mut idx = [_mm256_setzero_si256(); 4];
                     for lev in 0..depth {
-                        let first = _mm256_set1_epi32((1 << lev) - 1);
                         for r in 0..4 {
                             let cl = cs[r] * depth + lev;
                             let xv = _mm256_loadu_ps(p.add(*at.get_unchecked(cl) + x0));
-                            let node = _mm256_add_epi32(idx[r], first);
-                            // the node's threshold: levels 0..2 (nodes 0..6) from `lo` alone,
-                            // level 3 (nodes 7..14) from `lo` or `hi`, deeper levels' gathered
-                            let t = if lev < 3 {
-                                _mm256_permutevar8x32_ps(lo[r], node)
-                            } else if lev == 3 {
-                                let high = _mm256_castsi256_ps(_mm256_cmpgt_epi32(node, _mm256_set1_epi32(7)));
-                                _mm256_blendv_ps(
-                                    _mm256_permutevar8x32_ps(lo[r], node),
-                                    _mm256_permutevar8x32_ps(hi[r], node),
-                                    high,
-                                )
+                            // the node's threshold (`idx`: its index within the level): levels
+                            // 0..3 (at most 8 nodes) from one permute, deeper levels' gathered
+                            let tl = th[r].add(level_at(lev));
+                            let t = if lev <= 3 {
+                                _mm256_permutevar8x32_ps(_mm256_load_ps(tl), idx[r])
                             } else {
-                                _mm256_i32gather_ps::<4>(th[r], node)
+                                _mm256_i32gather_ps::<4>(tl, idx[r])
                             };
                             // greater: all ones (−1), so 2·idx − mask adds the bit
                             let gt = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GT_OQ>(xv, t));
