@@ -696,6 +696,77 @@ fn held_out_images_confirm_the_choice() {
     assert!(m.layers.iter().all(|d| d.chosen == "lut"), "{:?}", m.layers);
 }
 
+/// `confirm_give_back`: after confirm restored both layers to win back a held-out image, the
+/// first restored is tried as lookups again and left so, since restoring the second alone wins
+/// it back. The image and its label are picked so: the exact model and the model with only the
+/// second layer exact (in greedy order) get it right, the lookups and the model with only the
+/// first exact get it wrong. Without the option both stay exact.
+#[test]
+fn confirm_gives_back_a_restore_the_target_holds_without() {
+    let (g, cx, calib, _, _, agree) = disagreeing();
+    let options = "      max_accuracy_drop: 0.5\n      relearn: false\n      restore_unprofitable: false\n";
+    // the greedy order ranks layers on logits of calibration images, not on `--val`
+    let labels: Vec<i64> = predictions(&g, &calib)[..200].to_vec();
+    let x = calib.slice(ndarray::s![..200, ..]).to_owned().into_dyn();
+    let (_, m, _) = mask_only(&g, cx, (x, labels), options);
+    let mut greedy: Vec<&tabconv::passes::mask::LayerDecision> = m.layers.iter().collect();
+    greedy.sort_by(|a, b| b.damage_per_mop_saved.total_cmp(&a.damage_per_mop_saved));
+    let (first, second) = (greedy[0].layer.clone(), greedy[1].layer.clone());
+    let (g, cx, _) = approximated();
+    let p = |layers: &[&str]| predictions(&with_exact(&g, &cx, layers), &calib);
+    let (exact, lut) = (p(&[&first, &second]), predictions(&g, &calib));
+    let (first_only, second_only) = (p(&[&first]), p(&[&second]));
+    let i = (0..exact.len())
+        .find(|&i| second_only[i] == exact[i] && first_only[i] != exact[i] && lut[i] != exact[i])
+        .expect("the constructed case needs an image only the second layer's restore wins back");
+    // image 1 (held out) is that one; the rest every model gets right
+    let mut rows = vec![agree[0], i];
+    rows.extend(
+        agree
+            .iter()
+            .filter(|&&a| first_only[a] == exact[a] && second_only[a] == exact[a])
+            .skip(1)
+            .take(198),
+    );
+    assert_eq!(rows.len(), 200);
+    let labels: Vec<i64> = rows.iter().map(|&r| exact[r]).collect();
+    let x = calib.select(ndarray::Axis(0), &rows);
+    let reference = with_exact(&g, &cx, &[&second]);
+    let (got, m, _) = mask_only(
+        &g,
+        cx,
+        (x.clone(), labels.clone()),
+        &format!("{options}      confirm_give_back: true\n"),
+    );
+    let c = m.confirmation.as_ref().expect("confirmed");
+    let steps: Vec<&str> = c.points.iter().map(|p| p.restored.as_deref().unwrap_or("")).collect();
+    let back = format!("{first} given back");
+    assert_eq!(
+        steps,
+        ["", first.as_str(), second.as_str(), back.as_str()],
+        "{:?}",
+        c.points
+    );
+    assert_eq!((c.undone, c.given_back), (0, 1));
+    let correct: Vec<Option<usize>> = c.points.iter().map(|p| p.correct).collect();
+    assert_eq!(correct, [Some(99), Some(99), Some(100), Some(100)], "{:?}", c.points);
+    let d = |m: &tabconv::passes::mask::MaskReport, l: &str| m.layers.iter().find(|d| d.layer == l).unwrap().clone();
+    assert_eq!(d(&m, &second).chosen, "exact");
+    let given = d(&m, &first);
+    assert!(
+        given.chosen == "lut" && given.why.starts_with("restored to confirm, then given back"),
+        "{given:?}"
+    );
+    // the model written is the one with only the second layer exact
+    assert_eq!(predictions(&got, &x), predictions(&reference, &x));
+    // without the option both stay exact
+    let (g2, cx2, _) = approximated();
+    let (_, m2, _) = mask_only(&g2, cx2, (x, labels), options);
+    let c2 = m2.confirmation.as_ref().unwrap();
+    assert_eq!((c2.points.len(), c2.given_back), (3, 0), "{:?}", c2.points);
+    assert!(m2.layers.iter().all(|d| d.chosen == "exact"), "{:?}", m2.layers);
+}
+
 /// When no point of the greedy path meets the target, the best one seen is kept, not the last:
 /// here restoring `easy` (the only layer `force_lut` leaves to restore) loses images.
 #[test]

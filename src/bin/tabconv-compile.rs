@@ -315,11 +315,14 @@ fn print_summary(done: &Compiled) {
                 on_held_out(&c.points[0])
             );
             if let (Some(last), Some(chosen_on)) = (c.points.last(), &c.chosen_on) {
-                let what = match (c.undone, c.points.len() - 1 - c.undone) {
+                let mut what = match (c.undone, c.points.len() - 1 - c.undone - c.given_back) {
                     (0, r) => format!("restoring {r} layer(s)"),
                     (u, 0) => format!("undoing {u} refine step(s)"),
                     (u, r) => format!("undoing {u} refine step(s) and restoring {r} layer(s)"),
                 };
+                if c.given_back > 0 {
+                    what += &format!(", then giving {} of them back as lookups,", c.given_back);
+                }
                 eprintln!(
                     "  after {what} to confirm: reduction {:.1}%, {}; on the images chosen on: {}",
                     pct(last),

@@ -146,6 +146,11 @@ pub struct Options {
     /// 0 = off (everything measured on all the images, as before 2026-12-02 for an accuracy
     /// target and 2026-12-04 for an expected drop).
     pub confirm: f64,
+    /// With `confirm`, after layers were restored until the target held on the held-out images:
+    /// each restored before the last, most operations saved first, tried as lookups again and
+    /// left so where the target still holds there. Those images then chose too, so their
+    /// reading is biased low like the others'. Default off.
+    pub confirm_give_back: bool,
 }
 
 impl Default for Options {
@@ -173,6 +178,7 @@ impl Default for Options {
             refine_k: 0,
             time_model: TimeModel::default(),
             confirm: 0.5,
+            confirm_give_back: false,
         }
     }
 }

@@ -53,6 +53,7 @@
 //! confirmation holds the unseen ones out first); otherwise the first `samples` of
 //! [`PassCx::calib`] (`Options::measured_samples`).
 
+mod confirm;
 mod meter;
 mod refine;
 mod relearn;

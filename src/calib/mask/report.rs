@@ -14,6 +14,10 @@ pub(super) const UNDO_REFINE: &str = " as before refine";
 /// The `restored` label of a confirmation point where the relearning after refining was undone.
 pub(super) const UNDO_RELEARN: &str = "(refined model, not relearned)";
 
+/// The `restored` label of a confirmation point (suffix, after the layer's name) where a layer
+/// restored to confirm was given back as lookups (`confirm_give_back`).
+pub(super) const GIVEN_BACK: &str = " given back";
+
 /// The `restored` label of a point of [`MaskReport::pruned_after_relearning`] that is the model
 /// relearned after the layers before it were put back (`relearn_rounds`).
 pub const RELEARNED_AGAIN: &str = "(relearned again)";
@@ -134,12 +138,15 @@ pub struct Confirmation {
     /// The exact model's accuracy on them, when they are labelled.
     pub exact_accuracy: Option<f64>,
     /// The model the steps above kept, then one point per refine change undone and per layer
-    /// restored because the target was missed on these images (`restored` names it); the last
-    /// is the model kept.
+    /// restored because the target was missed on these images (`restored` names it), then
+    /// (`confirm_give_back`) one per restored layer given back as lookups; the last is the model
+    /// kept.
     pub points: Vec<PathPoint>,
-    /// How many of the points after the first undid refine steps (they come first; the rest
-    /// restored layers).
+    /// How many of the points after the first undid refine steps (they come first; then those
+    /// that restored layers).
     pub undone: usize,
+    /// How many of the last points gave a restored layer back as lookups (`confirm_give_back`).
+    pub given_back: usize,
     /// When layers were restored: the model kept, measured on the images the rest chose on
     /// (what [`MaskReport::kept`] returns then).
     pub chosen_on: Option<PathPoint>,
