@@ -5,7 +5,7 @@ use super::exact_in;
 use super::meter::{best_point, Goal, Meter};
 use super::refine::RefineStep;
 use super::report::{Confirmation, LayerDecision, PathPoint, GIVEN_BACK, UNDO_REFINE, UNDO_RELEARN};
-use super::walk::{confirm_order, named};
+use super::walk::{confirm_order, most_saved_first, named};
 use crate::error::Result;
 use crate::ir::Graph;
 use crate::passes::analysis::LutLayers;
@@ -105,7 +105,16 @@ impl Mask {
             && restores.len() > 1
             && meter.met_held_out(points.last().expect("one point"))
         {
-            true => self.give_back(current, &start, &restores, meter, decisions, &mut points, cx)?,
+            true => self.give_back(
+                current,
+                &start,
+                &restores,
+                meter,
+                decisions,
+                &mut points,
+                cx,
+                (n_held, kind),
+            )?,
             false => 0,
         };
         let chosen_on = match points.len() {
@@ -135,12 +144,13 @@ type Restore = (String, ExactLayer, usize, String);
 
 impl Mask {
     /// `confirm_give_back`, after restores made the model meet the target on the held-out images:
-    /// each layer restored before the last, most operations saved first, tried as lookups again
-    /// (the model rebuilt from `start` with the other restores kept) and left so when the target
-    /// still holds there. The greedy order restores layers that barely move the held-out reading
-    /// (on the ResNet-18/16 one restore lowered it); this takes them back. It chooses on the held-out
-    /// images, so their reading of the model kept is biased low as the others' is: only the test
-    /// set tells. Returns how many were given back (their points pushed on `points`).
+    /// each layer restored before the last, most operations saved first (ties in graph order),
+    /// tried as lookups again (the model rebuilt from `start` with the other restores kept) and
+    /// left so when the target still holds there. The fixed order restores layers that barely
+    /// move the held-out reading (on the ResNet-18/16 one restore lowered it); this takes them
+    /// back. It chooses on the held-out images, so their reading of the model kept is biased low
+    /// as the others' is: only a test set tells. Returns how many were given back (their points
+    /// pushed on `points`).
     #[allow(clippy::too_many_arguments)]
     fn give_back(
         &self,
@@ -151,20 +161,24 @@ impl Mask {
         decisions: &mut [LayerDecision],
         points: &mut Vec<PathPoint>,
         cx: &mut PassCx,
+        (n_held, kind): (usize, &str),
     ) -> Result<usize> {
         let mut kept = vec![true; restores.len()];
-        let mut order: Vec<usize> = (0..restores.len() - 1).collect();
-        order.sort_by_key(|&r| std::cmp::Reverse(decisions[restores[r].2].ops_saved));
+        let tried: Vec<usize> = restores[..restores.len() - 1].iter().map(|r| r.2).collect();
         let mut given = 0;
-        for r in order {
+        for i in most_saved_first(tried, decisions) {
+            let r = restores
+                .iter()
+                .position(|x| x.2 == i)
+                .expect("one restore per decision");
             cx.check_cancel()?;
             kept[r] = false;
             let mut g = start.clone();
             for ((name, ex, ..), _) in restores.iter().zip(&kept).filter(|(_, &k)| k) {
                 restore(&mut g, name, ex)?;
             }
-            let (_, _, i, why) = &restores[r];
-            let layer = decisions[*i].layer.clone();
+            let why = &restores[r].3;
+            let layer = decisions[i].layer.clone();
             let p = meter.measure_held_out(&g, Some(format!("{layer}{GIVEN_BACK}")))?;
             let met = meter.met_held_out(&p);
             cx.say(&indicatif::ProgressBar::hidden(), || {
@@ -175,10 +189,10 @@ impl Mask {
                 kept[r] = true;
                 continue;
             }
-            let d = &mut decisions[*i];
+            let d = &mut decisions[i];
             d.chosen = "lut";
             d.why = format!(
-                "restored to confirm, then given back: on the held-out images {} without it ({why})",
+                "restored to confirm, then given back: on the {n_held} held-out {kind} images {} without it ({why})",
                 held_reading(meter, &p)
             );
             *current = g;

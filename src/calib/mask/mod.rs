@@ -39,7 +39,9 @@
 //! looks good there, so the kept model's drop on them is biased low. The kept model is measured
 //! once on the held-out images and, while its drop there exceeds the budget, its LUT layers are
 //! restored — first those prune put back, latest first, then most damage per operation saved
-//! first — each measured there ([`Confirmation`]). With `max_expected_drop` it holds out a
+//! first — each measured there ([`Confirmation`]); with `confirm_give_back`, each layer restored
+//! before the last is then tried as lookups again and left so where the target still holds
+//! there. With `max_expected_drop` it holds out a
 //! fraction of the measured calibration images the same way, when one image there weighs at
 //! most half the budget ([`confirms_expected_drop`]: 400 images for 0.5).
 //! `max_accuracy_drop`, `target_reduction` or `max_expected_drop`, when given, take precedence
