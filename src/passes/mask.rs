@@ -149,7 +149,9 @@ pub struct Options {
     /// With `confirm`, after layers were restored until the target held on the held-out images:
     /// each restored before the last, most operations saved first, tried as lookups again and
     /// left so where the target still holds there. Those images then chose too, so their
-    /// reading is biased low like the others'. Default off.
+    /// reading is biased low like the others'. For held-out sets of thousands of images: on the
+    /// README demo's 512 it took seed 0 from a 0.18- to a 0.70-point loss on the test set.
+    /// Default off.
     pub confirm_give_back: bool,
 }
 
