@@ -67,7 +67,12 @@ impl Mask {
             let ex = exact_in(&records, name)?;
             let was = points.last().expect("one point").clone();
             restore(current, name, ex)?;
-            restores.push((name.to_string(), ex.clone(), i, decisions[i].why.clone()));
+            restores.push(Restore {
+                lut: name.to_string(),
+                exact: ex.clone(),
+                decision: i,
+                why: decisions[i].why.clone(),
+            });
             let p = meter.measure_held_out(current, Some(d.layer.clone()))?;
             cx.say(&bar, || held_line(meter, &format!("restored {}", d.layer), &p));
             let d = &mut decisions[i];
@@ -91,21 +96,16 @@ impl Mask {
                 meter.goal.target(),
                 best
             ));
-            *current = start.clone();
-            for (name, ex, ..) in &restores[..best] {
-                restore(current, name, ex)?;
-            }
-            for (_, _, i, why) in &restores[best..] {
-                decisions[*i].chosen = "lut";
-                decisions[*i].why = format!("kept as LUT: restoring it to confirm did not help ({why})");
+            *current = rebuilt(&start, &restores, |r| r < best)?;
+            for r in &restores[best..] {
+                decisions[r.decision].chosen = "lut";
+                decisions[r.decision].why = format!("kept as LUT: restoring it to confirm did not help ({})", r.why);
             }
             points.truncate(undone + best + 1);
         }
-        let given_back = match self.0.confirm_give_back
-            && restores.len() > 1
-            && meter.met_held_out(points.last().expect("one point"))
-        {
-            true => self.give_back(
+        let mut given_back = 0;
+        if self.0.confirm_give_back && restores.len() > 1 && meter.met_held_out(points.last().expect("one point")) {
+            given_back = self.give_back(
                 current,
                 &start,
                 &restores,
@@ -114,9 +114,8 @@ impl Mask {
                 &mut points,
                 cx,
                 (n_held, kind),
-            )?,
-            false => 0,
-        };
+            )?;
+        }
         let chosen_on = match points.len() {
             1 => None,
             n => Some(meter.measure(current, Some(format!("(after {} step(s) to confirm)", n - 1)))?),
@@ -138,9 +137,26 @@ impl Mask {
     }
 }
 
-/// A layer `confirm` restored: its LUT node's name, the exact layer put in its place, its
-/// decision's index, and the decision's reason before.
-type Restore = (String, ExactLayer, usize, String);
+/// A layer `confirm` restored.
+struct Restore {
+    /// Its `LutMatMul` node's name.
+    lut: String,
+    /// The exact layer put in its place.
+    exact: ExactLayer,
+    /// Its decision's index.
+    decision: usize,
+    /// The decision's reason before it was restored.
+    why: String,
+}
+
+/// `start` with the restores `keep` names (by their index in `restores`) made again, in order.
+fn rebuilt(start: &Graph, restores: &[Restore], keep: impl Fn(usize) -> bool) -> Result<Graph> {
+    let mut g = start.clone();
+    for (_, r) in restores.iter().enumerate().filter(|(i, _)| keep(*i)) {
+        restore(&mut g, &r.lut, &r.exact)?;
+    }
+    Ok(g)
+}
 
 impl Mask {
     /// `confirm_give_back`, after restores made the model meet the target on the held-out images:
@@ -164,20 +180,17 @@ impl Mask {
         (n_held, kind): (usize, &str),
     ) -> Result<usize> {
         let mut kept = vec![true; restores.len()];
-        let tried: Vec<usize> = restores[..restores.len() - 1].iter().map(|r| r.2).collect();
+        let tried: Vec<usize> = restores[..restores.len() - 1].iter().map(|r| r.decision).collect();
         let mut given = 0;
         for i in most_saved_first(tried, decisions) {
             let r = restores
                 .iter()
-                .position(|x| x.2 == i)
+                .position(|x| x.decision == i)
                 .expect("one restore per decision");
             cx.check_cancel()?;
             kept[r] = false;
-            let mut g = start.clone();
-            for ((name, ex, ..), _) in restores.iter().zip(&kept).filter(|(_, &k)| k) {
-                restore(&mut g, name, ex)?;
-            }
-            let why = &restores[r].3;
+            let g = rebuilt(start, restores, |j| kept[j])?;
+            let why = &restores[r].why;
             let layer = decisions[i].layer.clone();
             let p = meter.measure_held_out(&g, Some(format!("{layer}{GIVEN_BACK}")))?;
             let met = meter.met_held_out(&p);
